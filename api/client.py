@@ -1,0 +1,144 @@
+"""Typed async HTTP client for the Orzbob Cloud API, used by the CLI, the gateway and the runner."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from api import schemas
+
+M = TypeVar("M", bound=BaseModel)
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class ApiError(Exception):
+    """A problem+json answer (or a transport failure) with the one line to show the user."""
+
+    def __init__(self, status: int, code: str, detail: str, body: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.body = body or {}
+
+
+class ApiUnreachable(ApiError):
+    def __init__(self, url: str, cause: Exception) -> None:
+        super().__init__(0, "unreachable", f"cannot reach the Orzbob Cloud API at {url}: {cause}")
+
+
+class ApiClient:
+    """One client per base URL and bearer token (API token, service token or runner token)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Accept": "application/json", "User-Agent": "orzbob-cloud"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    async def __aenter__(self) -> ApiClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, *, json: Any = None,
+                      params: dict[str, Any] | None = None) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, json=json, params=params)
+        except httpx.TransportError as exc:
+            raise ApiUnreachable(self.base_url, exc) from exc
+        if response.status_code >= 400:
+            raise _error_from(response)
+        return response
+
+    async def _get(self, model: type[M], path: str, params: dict[str, Any] | None = None) -> M:
+        return model.model_validate((await self.request("GET", path, params=params)).json())
+
+    async def _send(self, model: type[M], method: str, path: str, body: BaseModel | None = None) -> M:
+        payload = body.model_dump(mode="json", exclude_none=True) if body is not None else None
+        return model.model_validate((await self.request(method, path, json=payload)).json())
+
+    # -- public API ------------------------------------------------------------------------------
+
+    async def me(self) -> schemas.Me:
+        return await self._get(schemas.Me, "/v1/me")
+
+    async def create_instance(self, body: schemas.InstanceCreate) -> schemas.Instance:
+        return await self._send(schemas.Instance, "POST", "/v1/instances", body)
+
+    async def list_instances(self) -> schemas.InstanceList:
+        return await self._get(schemas.InstanceList, "/v1/instances")
+
+    async def get_instance(self, session_id: str) -> schemas.Instance:
+        return await self._get(schemas.Instance, f"/v1/instances/{session_id}")
+
+    async def instance_status(self, session_id: str) -> schemas.InstanceStatus:
+        return await self._get(schemas.InstanceStatus, f"/v1/instances/{session_id}/status")
+
+    async def delete_instance(self, session_id: str) -> schemas.Instance:
+        return await self._send(schemas.Instance, "DELETE", f"/v1/instances/{session_id}")
+
+    async def stop_instance(self, session_id: str) -> schemas.Instance:
+        return await self._send(schemas.Instance, "POST", f"/v1/instances/{session_id}/stop")
+
+    async def start_instance(self, session_id: str) -> schemas.Instance:
+        return await self._send(schemas.Instance, "POST", f"/v1/instances/{session_id}/start")
+
+    async def attach(self, session_id: str, body: schemas.AttachRequest) -> schemas.AttachGrant:
+        return await self._send(schemas.AttachGrant, "POST", f"/v1/instances/{session_id}/attach", body)
+
+    async def logs(self, session_id: str) -> schemas.InstanceLogs:
+        return await self._get(schemas.InstanceLogs, f"/v1/instances/{session_id}/logs")
+
+    async def create_secret(self, body: schemas.SecretCreate) -> schemas.Secret:
+        return await self._send(schemas.Secret, "POST", "/v1/secrets", body)
+
+    async def list_secrets(self) -> schemas.SecretList:
+        return await self._get(schemas.SecretList, "/v1/secrets")
+
+    async def delete_secret(self, name: str) -> None:
+        await self.request("DELETE", f"/v1/secrets/{name}")
+
+    # -- internal API (runner and gateway) -------------------------------------------------------
+
+    async def heartbeat(self, session_id: str, body: schemas.Heartbeat) -> schemas.HeartbeatReply:
+        return await self._send(
+            schemas.HeartbeatReply, "POST", f"/internal/v1/instances/{session_id}/heartbeat", body
+        )
+
+    async def authorize(self, body: schemas.AuthorizeRequest) -> schemas.AuthorizeReply:
+        return await self._send(schemas.AuthorizeReply, "POST", "/internal/v1/authorize", body)
+
+    async def attach_event(self, body: schemas.AttachEventIn) -> None:
+        await self.request("POST", "/internal/v1/attach-events", json=body.model_dump(mode="json"))
+
+
+def _error_from(response: httpx.Response) -> ApiError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    detail = schemas.problem_detail(body) if body else f"HTTP {response.status_code}"
+    return ApiError(response.status_code, str(body.get("code", "http_error")), detail, body)

@@ -1,0 +1,123 @@
+"""Typed API errors. Each carries its HTTP status and a stable code; one handler renders problem+json."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class OrzError(Exception):
+    """Root of every error the API shows to a caller.
+
+    ``detail`` is what the user reads; ``internal`` is for logs only and never leaves the process.
+    """
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str | None = None, *, internal: str | None = None, **extra: Any) -> None:
+        self.detail = detail or self.title
+        self.internal = internal
+        self.extra = extra
+        super().__init__(self.detail)
+
+    def to_problem(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": f"https://orz.cloud/problems/{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        if instance:
+            body["instance"] = instance
+        body.update(self.extra)
+        return body
+
+
+class BadRequest(OrzError):
+    status = 400
+    code = "bad_request"
+    title = "Bad request"
+
+
+class ValidationFailed(OrzError):
+    status = 422
+    code = "validation_failed"
+    title = "Request body is not valid"
+
+
+class Unauthorized(OrzError):
+    status = 401
+    code = "unauthorized"
+    title = "Authentication required"
+
+
+class Forbidden(OrzError):
+    status = 403
+    code = "forbidden"
+    title = "Not allowed"
+
+
+class NotFound(OrzError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class MethodNotAllowed(OrzError):
+    status = 405
+    code = "method_not_allowed"
+    title = "Method not allowed"
+
+
+class Conflict(OrzError):
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+    title = "The session cannot do that in its current state"
+
+
+class PayloadTooLarge(OrzError):
+    status = 413
+    code = "payload_too_large"
+    title = "Request body too large"
+
+
+class UnsupportedMediaType(OrzError):
+    status = 415
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class QuotaExceeded(OrzError):
+    status = 429
+    code = "quota_exceeded"
+    title = "Active session quota reached"
+
+
+class ProviderError(OrzError):
+    status = 503
+    code = "provider_unavailable"
+    title = "Compute provider unavailable"
+
+
+class NotReady(OrzError):
+    status = 503
+    code = "not_ready"
+    title = "Service not ready"
+
+
+class SchemaNotAtHead(RuntimeError):
+    """Raised at start-up when the database schema is not at the latest migration."""
+
+
+STATUS_TO_ERROR: dict[int, type[OrzError]] = {
+    cls.status: cls
+    for cls in (BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, PayloadTooLarge,
+                UnsupportedMediaType, QuotaExceeded)
+}

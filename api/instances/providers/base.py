@@ -1,0 +1,87 @@
+"""The compute provider interface: what the API asks of local processes or Kubernetes.
+
+A provider turns a ComputeSpec into running compute for one session and back. It keeps no state of
+its own that matters: everything needed to find the compute again (a pid, a pod name, a PVC) goes into
+the ``ProviderState`` dict it returns, which the API persists on the instance row. A restarted API,
+or a provider whose templates changed, can therefore always clean up what an earlier one made.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ProviderState = dict[str, Any]
+ComputePhase = Literal["absent", "pending", "running", "stopped", "failed"]
+
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    """Everything a provider needs to run one session's runner."""
+
+    session_id: str
+    org_id: str
+    user_id: str
+    tier: str
+    resources: Mapping[str, str]
+    repo_url: str | None
+    branch: str | None
+    program: str | None
+    task: str | None
+    api_url: str
+    gateway_public_key: str
+    heartbeat_interval_s: int
+    # Secret material: never logged, never put on a command line or in a manifest in clear.
+    runner_token: str = field(repr=False)
+    secret_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class ComputeStatus:
+    phase: ComputePhase
+    message: str | None = None
+
+
+class ProviderFailure(Exception):
+    """The provider could not do what was asked; ``reason`` is safe to show the user."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Provider(abc.ABC):
+    name: str = "base"
+
+    @abc.abstractmethod
+    async def create(self, spec: ComputeSpec) -> ProviderState:
+        """Make the session's lasting resources (workspace) and start its compute."""
+
+    @abc.abstractmethod
+    async def start(self, spec: ComputeSpec, state: ProviderState) -> ProviderState:
+        """Start compute again for a stopped session, on the workspace it kept."""
+
+    @abc.abstractmethod
+    async def stop(self, session_id: str, state: ProviderState) -> ProviderState:
+        """Release compute; keep the workspace. Stopping stopped compute is not an error."""
+
+    @abc.abstractmethod
+    async def delete(self, session_id: str, state: ProviderState) -> None:
+        """Remove everything the session had. Deleting what is already gone is not an error."""
+
+    @abc.abstractmethod
+    async def status(self, session_id: str, state: ProviderState) -> ComputeStatus:
+        """What the compute is doing now."""
+
+    @abc.abstractmethod
+    async def list(self) -> dict[str, ComputeStatus]:
+        """Every session this provider holds compute or workspace for, by session id."""
+
+    async def read_log(self, session_id: str, state: ProviderState, limit: int = 65536) -> str:
+        """The runner's log (init output), newest ``limit`` characters; empty when unknown."""
+        return ""
+
+    async def close(self) -> None:  # noqa: B027  (optional hook, nothing to release by default)
+        """Release clients and watches held by the provider."""

@@ -1,0 +1,61 @@
+"""An in-memory provider for component tests and API benchmarks.
+
+It stands in for real compute (local processes or Kubernetes pods): it records what it was asked and
+keeps a phase per session, and can be told to fail, but it runs nothing. No runner ever heartbeats, so
+sessions stay ``starting`` unless a test posts heartbeats itself.
+"""
+
+from __future__ import annotations
+
+from api.instances.providers.base import (
+    ComputeSpec,
+    ComputeStatus,
+    Provider,
+    ProviderFailure,
+    ProviderState,
+)
+
+
+class FakeProvider(Provider):
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.phases: dict[str, str] = {}
+        self.specs: dict[str, ComputeSpec] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.fail_next: str | None = None
+
+    def _maybe_fail(self, op: str, session_id: str) -> None:
+        self.calls.append((op, session_id))
+        if self.fail_next:
+            reason, self.fail_next = self.fail_next, None
+            raise ProviderFailure(reason)
+
+    async def create(self, spec: ComputeSpec) -> ProviderState:
+        self._maybe_fail("create", spec.session_id)
+        self.phases[spec.session_id] = "running"
+        self.specs[spec.session_id] = spec
+        return {"fake": True, "generation": 1}
+
+    async def start(self, spec: ComputeSpec, state: ProviderState) -> ProviderState:
+        self._maybe_fail("start", spec.session_id)
+        self.phases[spec.session_id] = "running"
+        self.specs[spec.session_id] = spec
+        return {**state, "generation": int(state.get("generation", 0)) + 1}
+
+    async def stop(self, session_id: str, state: ProviderState) -> ProviderState:
+        self._maybe_fail("stop", session_id)
+        if session_id in self.phases:
+            self.phases[session_id] = "stopped"
+        return state
+
+    async def delete(self, session_id: str, state: ProviderState) -> None:
+        self._maybe_fail("delete", session_id)
+        self.phases.pop(session_id, None)
+        self.specs.pop(session_id, None)
+
+    async def status(self, session_id: str, state: ProviderState) -> ComputeStatus:
+        return ComputeStatus(phase=self.phases.get(session_id, "absent"))  # type: ignore[arg-type]
+
+    async def list(self) -> dict[str, ComputeStatus]:
+        return {sid: ComputeStatus(phase=p) for sid, p in self.phases.items()}  # type: ignore[arg-type]
