@@ -7,8 +7,8 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-API_TOKEN_PREFIX = "orz_"
-RUNNER_TOKEN_PREFIX = "orzr_"
+API_TOKEN_PREFIX = "orz_"  # noqa: S105  (a public marker, not a secret)
+RUNNER_TOKEN_PREFIX = "orzr_"  # noqa: S105
 # Characters of the token (after its kind prefix) stored in clear for lookup.
 LOOKUP_CHARS = 8
 
