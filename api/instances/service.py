@@ -209,6 +209,36 @@ class InstanceService:
         """Mark a session failed and release its compute (heartbeats lost, fatal runner error)."""
         return await self._fail(inst, actor, reason)
 
+    async def suspend_for_shutdown(self, reason: str) -> list[str]:
+        """Stop every active session (the embedded server is going down); returns their ids."""
+        async with self.sessions() as db:
+            rows = list(await db.scalars(select(Instance).where(
+                Instance.state.in_([State.STARTING.value, State.RUNNING.value, State.UNHEALTHY.value]))))
+        stopped = []
+        for row in rows:
+            try:
+                await self.stop_instance(row, "system", reason)
+                stopped.append(row.id)
+            except InvalidTransition:
+                continue
+        return stopped
+
+    async def resume_after_shutdown(self, reason: str) -> list[str]:
+        """Start again the sessions that suspend_for_shutdown stopped."""
+        async with self.sessions() as db:
+            rows = list(await db.scalars(select(Instance).where(
+                Instance.state == State.STOPPED.value, Instance.reason == reason)))
+        resumed = []
+        for row in rows:
+            async with self.sessions() as db:
+                org = await db.get(Org, row.org_id)
+                try:
+                    await self._start_row(db, row, org.plan if org else "free", "system")
+                    resumed.append(row.id)
+                except (QuotaExceeded, InvalidTransition, ProviderError) as exc:
+                    log.warning("session %s not resumed: %s", row.id, exc)
+        return resumed
+
     # ----------------------------------------------------------------------------- runner side
 
     async def record_heartbeat(self, session_id: str, runner_token: str, hb: schemas.Heartbeat
