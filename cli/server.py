@@ -124,7 +124,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
 
 
 def _client_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104  # nosec B104  # compares, binds nothing
 
 
 async def _ensure_login(sessions: Any, settings: Settings) -> tuple[Path, bool]:

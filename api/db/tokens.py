@@ -7,8 +7,8 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-API_TOKEN_PREFIX = "orz_"  # noqa: S105  (a public marker, not a secret)
-RUNNER_TOKEN_PREFIX = "orzr_"  # noqa: S105
+API_TOKEN_PREFIX = "orz_"  # noqa: S105  # nosec B105  # a public marker, not a secret
+RUNNER_TOKEN_PREFIX = "orzr_"  # noqa: S105  # nosec B105  # a public marker, not a secret
 # Characters of the token (after its kind prefix) stored in clear for lookup.
 LOOKUP_CHARS = 8
 
