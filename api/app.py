@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ def create_app(
 
     @app.after_server_stop
     async def close_resources(app: Sanic, _loop: Any = None) -> None:
+        metrics.process_exited()
         state: AppState | None = app.ctx.state
         if state is None:
             return
@@ -157,8 +159,8 @@ def create_app(
     @app.on_response
     async def finish_request(request: Request, response: HTTPResponse) -> None:
         elapsed = time.perf_counter() - getattr(request.ctx, "started", time.perf_counter())
-        route_name = request.route.path if request.route else "unmatched"
-        metrics.HTTP_DURATION.labels(route=route_name, method=request.method, status=response.status).observe(elapsed)
+        metrics.HTTP_DURATION.labels(route=route_label(request), method=request.method,
+                                     status=response.status).observe(elapsed)
         response.headers["X-Request-Id"] = getattr(request.ctx, "request_id", "")
         log.info(
             "%s %s %s", request.method, request.path, response.status,
@@ -168,6 +170,17 @@ def create_app(
         )
 
     return app
+
+
+_ROUTE_PARAM = re.compile(r"<(\w+)(?::[^>]*)?>")
+
+
+def route_label(request: Request) -> str:
+    """The matched route as its template (`/v1/instances/{id}`): bounded label values, and the same
+    spelling as the OpenAPI document. Requests that match no route share one label."""
+    if not request.route:
+        return "unmatched"
+    return "/" + _ROUTE_PARAM.sub(r"{\1}", request.route.path).lstrip("/")
 
 
 def _count_transition(row: Any, _from: Any, to: Any) -> None:

@@ -1,10 +1,39 @@
-"""Prometheus metrics of the API process (all names start with `orz_`)."""
+"""Prometheus metrics of the API process (all names start with `orz_`).
+
+Multiprocess-safe: when PROMETHEUS_MULTIPROC_DIR is set before this module is imported (several API
+workers, each its own process), prometheus-client keeps every value in files under that directory and
+``exposition()`` merges all workers' files, so any worker can answer a scrape with the totals. The
+directory must be empty when the first worker starts (the supervisor wipes it).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """The text format for /metrics: this process's registry, or every worker's values merged."""
+    if multiprocess_dir():
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+    return generate_latest(registry)
+
+
+def process_exited(pid: int | None = None) -> None:
+    """Drop a stopped worker's live gauges (multiprocess mode only)."""
+    if multiprocess_dir():
+        multiprocess.mark_process_dead(pid or os.getpid())
+
 
 HTTP_DURATION = Histogram(
     "orz_http_request_duration_seconds", "API request duration by route and status",
@@ -12,11 +41,17 @@ HTTP_DURATION = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 SESSION_CREATIONS = Counter(
-    "orz_session_creations_total", "Session create requests by result", ["result"], registry=REGISTRY
+    "orz_session_creations_total", "Session create requests by result (created, quota, invalid, "
+    "provider_error, error)", ["result"], registry=REGISTRY
+)
+SESSION_WAKES = Counter(
+    "orz_session_wakes_total", "Stopped sessions started by an attach (wake on connect) by result "
+    "(started, quota, provider_error, error)", ["result"], registry=REGISTRY
 )
 SESSION_TRANSITIONS = Counter(
     "orz_session_transitions_total", "Lifecycle transitions by target state", ["to_state"], registry=REGISTRY
 )
 SESSIONS_BY_STATE = Gauge(
-    "orz_sessions", "Sessions by lifecycle state (refreshed on scrape)", ["state"], registry=REGISTRY
+    "orz_sessions", "Sessions by lifecycle state (refreshed on scrape)", ["state"], registry=REGISTRY,
+    multiprocess_mode="mostrecent",  # the worker that answered the last scrape counted the database
 )

@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api import schemas
+from api import metrics, schemas
 from api.auth import Principal
 from api.db import tokens
 from api.db.base import utcnow
@@ -319,7 +319,7 @@ class InstanceService:
             if state == State.STOPPED and not req.wake:
                 raise Conflict(f"session {inst.id} is stopped; start it with `orz cloud start {inst.id}`")
         if state == State.STOPPED:
-            inst = await self._start_row(inst, plan, f"user:{user.id}", kind="woke")
+            inst = await self._wake(inst, plan, user.id)
             state = State(inst.state)
         mode = "ro" if req.readonly else "rw"
         route = None
@@ -329,6 +329,22 @@ class InstanceService:
         return schemas.AuthorizeReply(
             session_id=inst.id, user_id=user.id, state=state.value, mode=mode, route=route, message=message
         )
+
+    async def _wake(self, inst: Instance, plan: str, user_id: str) -> Instance:
+        """Start a stopped session because someone attaches to it (wake on connect), counted by result."""
+        try:
+            woken = await self._start_row(inst, plan, f"user:{user_id}", kind="woke")
+        except QuotaExceeded:
+            metrics.SESSION_WAKES.labels(result="quota").inc()
+            raise
+        except ProviderError:
+            metrics.SESSION_WAKES.labels(result="provider_error").inc()
+            raise
+        except Exception:
+            metrics.SESSION_WAKES.labels(result="error").inc()
+            raise
+        metrics.SESSION_WAKES.labels(result="started").inc()
+        return woken
 
     async def record_attach_event(self, ev: schemas.AttachEventIn) -> None:
         async with self.sessions() as db:

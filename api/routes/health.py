@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 from sqlalchemy import func, select, text
@@ -51,7 +51,7 @@ async def prometheus_metrics(request: Request) -> HTTPResponse:
     counts = dict(rows)
     for s in State:
         metrics.SESSIONS_BY_STATE.labels(state=s.value).set(counts.get(s.value, 0))
-    return HTTPResponse(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    return HTTPResponse(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/v1/openapi.json")

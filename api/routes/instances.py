@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sanic import Blueprint, HTTPResponse, Request
 
-from api import schemas
+from api import metrics, schemas
+from api.errors import OrzError, ProviderError, QuotaExceeded
 from api.http import parse_body, respond
 from api.instances.views import event_view, instance_view
 from api.openapi import route
@@ -17,11 +18,27 @@ TAG = "instances"
 @route(bp, "POST", "/v1/instances", summary="Create a session", tag=TAG, request=schemas.InstanceCreate,
        responses={201: schemas.Instance}, errors=(429, 503), body_required=False)
 async def create_instance(request: Request) -> HTTPResponse:
-    who = await principal(request)
-    body = parse_body(request, schemas.InstanceCreate, allow_empty=True)
-    row = await state(request).instances.create(who, body)
+    who = await principal(request)  # an unauthenticated request is not counted as a create attempt
+    try:
+        body = parse_body(request, schemas.InstanceCreate, allow_empty=True)
+        row = await state(request).instances.create(who, body)
+    except Exception as exc:
+        metrics.SESSION_CREATIONS.labels(result=creation_result(exc)).inc()
+        raise
+    metrics.SESSION_CREATIONS.labels(result="created").inc()
     request.ctx.session_id = row.id
     return respond(instance_view(state(request).settings, row), status=201)
+
+
+def creation_result(exc: BaseException) -> str:
+    """The `result` label of a failed create: the caller's fault, the plan's limit, or ours."""
+    if isinstance(exc, QuotaExceeded):
+        return "quota"
+    if isinstance(exc, ProviderError):
+        return "provider_error"
+    if isinstance(exc, OrzError) and exc.status < 500:
+        return "invalid"
+    return "error"
 
 
 @route(bp, "GET", "/v1/instances", summary="List your org's sessions with the quota",
