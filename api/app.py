@@ -154,7 +154,8 @@ def create_app(
         request.ctx.started = time.perf_counter()
         incoming = request.headers.get("x-request-id", "")
         request.ctx.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
-        orz_log.bind(request_id=request.ctx.request_id)
+        session_id = request.match_info.get("id") if "/instances/" in request.path else None
+        orz_log.new_context(request_id=request.ctx.request_id, session_id=session_id)
 
     @app.on_response
     async def finish_request(request: Request, response: HTTPResponse) -> None:
@@ -162,11 +163,13 @@ def create_app(
         metrics.HTTP_DURATION.labels(route=route_label(request), method=request.method,
                                      status=response.status).observe(elapsed)
         response.headers["X-Request-Id"] = getattr(request.ctx, "request_id", "")
+        orz_log.bind(user_id=getattr(request.ctx, "user_id", None),
+                     session_id=getattr(request.ctx, "session_id", None))
         log.info(
             "%s %s %s", request.method, request.path, response.status,
-            extra={"event": "access", "status": response.status, "duration_ms": round(elapsed * 1000, 2),
-                   "user_id": getattr(request.ctx, "user_id", None),
-                   "session_id": getattr(request.ctx, "session_id", None)},
+            extra={"event": "access", "method": request.method, "route": route_label(request),
+                   "status": response.status, "duration_ms": round(elapsed * 1000, 2),
+                   "remote": request.remote_addr or request.ip},
         )
 
     return app

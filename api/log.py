@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -14,6 +15,21 @@ log_context: ContextVar[dict[str, str]] = ContextVar("orz_log_context", default=
 
 _STD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
+# Last line of defence, not the policy (the policy is: never log a credential). Anything shaped like
+# one of our credentials is cut to what is safe to show: a token's kind and lookup prefix, nothing of
+# a JWT or a bearer header's value.
+_TOKEN = re.compile(r"\b(orzr?_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]{8,}")
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
+
+
+def redact(text: str) -> str:
+    if "_" not in text and "eyJ" not in text and "earer" not in text:
+        return text  # the common case: nothing to look at
+    text = _TOKEN.sub(r"\1...", text)
+    text = _JWT.sub("<jwt>", text)
+    return _BEARER.sub(r"\1 <redacted>", text)
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -21,20 +37,30 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         entry.update(log_context.get())
         for key, value in vars(record).items():
-            if key not in _STD_ATTRS and not key.startswith("_"):
-                entry[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
+            if key in _STD_ATTRS or key.startswith("_"):
+                continue
+            if value is None and key in entry:
+                continue  # an empty `extra` does not hide an id bound to the context
+            entry[key] = redact(value) if isinstance(value, str) else (
+                value if isinstance(value, int | float | bool | None) else redact(str(value)))
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, ensure_ascii=False)
 
 
-def bind(**ids: str) -> None:
+def bind(**ids: str | None) -> None:
     """Add ids (request_id, session_id, user_id, conn_id) to every log line of the current task."""
     log_context.set({**log_context.get(), **{k: v for k, v in ids.items() if v}})
+
+
+def new_context(**ids: str | None) -> None:
+    """Start a fresh set of ids: one task serves every request of a keep-alive connection, so the
+    ids of the previous request must not carry over to the next one."""
+    log_context.set({k: v for k, v in ids.items() if v})
 
 
 def configure(level: str = "INFO", json_lines: bool = True, stream: Any = None) -> None:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from sanic import Request
 
+from api import log as orz_log
 from api.auth import Principal, authenticate_api_token, bearer_token, check_service_token
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ async def principal(request: Request) -> Principal:
     who = await authenticate_api_token(st.sessions, bearer_token(request.headers.get("authorization")),
                                        st.principals)
     request.ctx.user_id = who.user_id
+    orz_log.bind(user_id=who.user_id)  # every later line of this request names the caller
     return who
 
 

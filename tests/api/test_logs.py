@@ -1,0 +1,145 @@
+"""JSON logs: every line of a full API flow over real HTTP is one JSON object carrying the request id
+(and the session and user ids where they apply), and no credential the flow handled shows up in any
+log line, at any level."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from sanic import Sanic
+
+from api import log as orz_log
+from api.instances.providers.fake import FakeProvider
+from api.serve import ApiServer
+from tests.conftest import make_tenant
+
+SERVICE_TOKEN = "svc-test-token-0123456789"
+CLIENT_LOGGERS = {"httpx", "httpcore"}
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLEEXAMPLEEXAMPLEEXAMPLEEXAMPLEEXAMPLE runner"
+
+
+@contextmanager
+def captured_logs(level: int) -> Iterator[io.StringIO]:
+    """Everything any logger emits, through the production JSON formatter, on the root handler."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(orz_log.JsonFormatter())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield buf
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+@pytest.fixture
+async def server(app: Sanic) -> AsyncIterator[str]:
+    srv = await ApiServer.start(app, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{srv.port}"
+    finally:
+        await srv.stop()
+
+
+async def full_flow(base: str, sessions, provider: FakeProvider) -> dict[str, str]:
+    """Drive every kind of request once (and the usual mistakes); returns the credentials it handled."""
+    t = await make_tenant(sessions, "acme")
+    user = {"Authorization": f"Bearer {t.token}"}
+    service = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+    # One client, so requests share keep-alive connections as real clients do.
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        sid = (await http.post("/v1/instances", json={"task": "fix the bug"}, headers=user)).json()["id"]
+        runner_token = provider.specs[sid].runner_token
+        runner = {"Authorization": f"Bearer {runner_token}"}
+        beat = await http.post(f"/internal/v1/instances/{sid}/heartbeat", headers=runner, json={
+            "host_key": HOST_KEY, "ssh_host": "127.0.0.1", "ssh_port": 40022, "init_status": "none"})
+        assert beat.status_code == 200
+        for path in ("/v1/instances", f"/v1/instances/{sid}", f"/v1/instances/{sid}/status",
+                     f"/v1/instances/{sid}/logs", "/v1/me"):
+            assert (await http.get(path, headers=user)).status_code == 200, path
+        reply = await http.post("/internal/v1/authorize", headers=service, json={
+            "session_id": sid, "user_id": t.user_id, "method": "certificate", "source_address": "127.0.0.1"})
+        assert reply.status_code == 200 and reply.json()["route"]
+        assert (await http.post("/internal/v1/attach-events", headers=service, json={
+            "session_id": sid, "user_id": t.user_id, "event": "attached", "connection_id": "c-1",
+            "source_address": "127.0.0.1"})).status_code in (200, 204)
+        assert (await http.post(f"/v1/instances/{sid}/stop", headers=user)).status_code == 200
+        assert (await http.post(f"/v1/instances/{sid}/start", headers=user)).status_code == 200
+        second = (await http.post("/v1/instances", json={}, headers=user)).json()["id"]
+        assert (await http.post("/v1/instances", json={}, headers=user)).status_code == 429
+        # Mistakes: a wrong token that looks real, a bad body, an unknown session and endpoint.
+        fake = {"Authorization": "Bearer orz_" + "Q" * 43}
+        assert (await http.get("/v1/instances", headers=fake)).status_code == 401
+        assert (await http.post("/v1/instances", content=b"{not json", headers=user)).status_code == 400
+        assert (await http.get("/v1/instances/nope-000000", headers=user)).status_code == 404
+        assert (await http.get("/v2/nothing")).status_code == 404
+        provider.fail_next = "the provider fell over"
+        assert (await http.delete(f"/v1/instances/{second}", headers=user)).status_code in (200, 503)
+        assert (await http.delete(f"/v1/instances/{sid}", headers=user)).status_code == 200
+        for path in ("/healthz", "/readyz", "/metrics", "/v1/openapi.json"):
+            assert (await http.get(path)).status_code == 200, path
+    return {"api token": t.token, "runner token": runner_token, "service token": SERVICE_TOKEN,
+            "wrong token": fake["Authorization"].split()[1]}
+
+
+async def test_every_line_of_a_full_flow_is_json_with_a_request_id(server, sessions, provider):
+    with captured_logs(logging.INFO) as buf:
+        await full_flow(server, sessions, provider)
+    lines = buf.getvalue().splitlines()
+    entries = [json.loads(line) for line in lines]  # every line parses
+    # The test's own HTTP client logs into the same process; only the server's lines are judged.
+    entries = [e for e in entries if e["logger"].split(".")[0] not in CLIENT_LOGGERS]
+    assert len(entries) >= 20
+    assert all(isinstance(e, dict) and e.get("request_id") for e in entries), [
+        e for e in entries if not e.get("request_id")]
+    access = [e for e in entries if e.get("event") == "access"]
+    assert len(access) >= 20 and all({"method", "route", "status", "duration_ms"} <= e.keys() for e in access)
+    # The caller and the session are named where they are known, never left over from another request.
+    by_route = {(e["method"], e["route"], e["status"]): e for e in access}
+    get_one = by_route[("GET", "/v1/instances/{id}", 200)]
+    assert get_one["user_id"] and get_one["session_id"]
+    assert by_route[("POST", "/v1/instances", 201)]["session_id"]
+    for anonymous in (("GET", "/healthz", 200), ("GET", "/metrics", 200), ("GET", "unmatched", 404)):
+        assert "user_id" not in by_route[anonymous] and "session_id" not in by_route[anonymous], anonymous
+    # One request id per request: the access lines' ids are all different.
+    assert len({e["request_id"] for e in access}) == len(access)
+
+
+async def test_no_credential_appears_in_any_log_line(server, sessions, provider):
+    # DEBUG on the root logger: every library's chatter is searched too, not just ours.
+    with captured_logs(logging.DEBUG) as buf:
+        creds = await full_flow(server, sessions, provider)
+    text = buf.getvalue()
+    assert text
+    for what, value in creds.items():
+        assert value not in text, f"the {what} appears in the logs"
+        # A token's public kind and lookup prefix may appear; nothing past it.
+        assert value[:20] not in text, f"more than the prefix of the {what} appears in the logs"
+
+
+def test_formatter_redacts_credential_shaped_text():
+    record = logging.makeLogRecord({"msg": "got %s and %s then Bearer abcdefgh12345678", "args": (
+        "orz_ABCDEFGHijklmnopqrstuvwxyz0123456789", "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ1In0.c2ln"),
+        "levelno": logging.INFO, "levelname": "INFO", "token": "orzr_ABCDEFGHijklmnopqrstu"})
+    entry = json.loads(orz_log.JsonFormatter().format(record))
+    assert entry["msg"] == "got orz_ABCDEFGH... and <jwt> then Bearer <redacted>"
+    assert entry["token"] == "orzr_ABCDEFGH..."
+    # Ordinary words with underscores are left alone.
+    plain = logging.makeLogRecord({"msg": "session_id orz_short and snake_case_words", "levelname": "INFO"})
+    assert json.loads(orz_log.JsonFormatter().format(plain))["msg"] == "session_id orz_short and snake_case_words"
+
+
+def test_new_context_drops_the_previous_requests_ids():
+    orz_log.new_context(request_id="r1", session_id="s1")
+    orz_log.bind(user_id="u1")
+    orz_log.new_context(request_id="r2")
+    assert orz_log.log_context.get() == {"request_id": "r2"}
