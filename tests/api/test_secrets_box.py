@@ -178,3 +178,8 @@ def test_file_backed_box_picks_up_a_rotated_key(tmp_path: Path) -> None:
     sealed = writer.seal_values({"KEY": VALUE}, ROW)
     # The long-running reader has never seen the new key id: it reloads the file instead of failing.
     assert reader.open_values(sealed, ROW) == {"KEY": VALUE}
+
+
+def test_blank_key_file_setting_means_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORZ_SECRETS_KEY_FILE", "")
+    assert Settings(data_dir=tmp_path).secrets_key_file is None
