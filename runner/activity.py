@@ -75,13 +75,11 @@ class HeartbeatLoop:
     async def _run(self) -> None:
         backoff = 0.5
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.activity.changed.wait(), self.interval_s)
+            await _wait(self.activity.changed, self.interval_s)
             self.activity.changed.clear()
             while not await self.send_once():
                 # The API is down or refusing: retry sooner than the interval, but not in a tight loop.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.activity.changed.wait(), backoff)
+                await _wait(self.activity.changed, backoff)
                 self.activity.changed.clear()
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
             backoff = 0.5
@@ -116,3 +114,14 @@ class HeartbeatLoop:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait for the event or the time, whichever comes first.
+
+    asyncio.timeout rather than wait_for: on 3.11 wait_for can swallow a cancellation that arrives
+    as the event fires, which left this loop running after stop().
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()

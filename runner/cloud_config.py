@@ -292,6 +292,8 @@ def _line_for(lines: Mapping[tuple[str | int, ...], int], loc: tuple[Any, ...]) 
 def _dotted(loc: tuple[Any, ...]) -> str:
     text = ""
     for part in loc:
+        if part == "[key]":  # pydantic's marker for "the key itself is bad"; the path already names it
+            continue
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
 
@@ -303,4 +305,6 @@ def _message(err: Any) -> str:
     if kind == "missing":
         return "required key is missing"
     msg = str(err["msg"])
+    if "[key]" in err["loc"]:
+        msg = f"invalid name: {msg}"
     return msg.removeprefix("Value error, ")

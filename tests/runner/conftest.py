@@ -118,7 +118,8 @@ class RunningRunner:
         done, _ = await asyncio.wait({waiter, self.task}, return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
             waiter.cancel()
-            raise AssertionError(f"runner exited with {self.task.result()}: {self.runner.activity.fatal_error}")
+            fatal = self.runner.activity.fatal_error
+            raise AssertionError(f"runner exited with {self.task.result()}: {fatal}")
         return waiter.result()
 
     async def connect(self, username: str = "rw", key: asyncssh.SSHKey | None = None,

@@ -56,7 +56,8 @@ class FakeApi:
                     return body
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"no matching heartbeat in {timeout}s; got {self.bodies(session_id)[-3:]}")
+                last = self.bodies(session_id)[-3:]
+                raise AssertionError(f"no matching heartbeat in {timeout}s; got {last}")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
