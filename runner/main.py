@@ -95,7 +95,10 @@ class Runner:
             await self._shutdown()
             await heartbeats.stop()
             self.activity.program_running = False
-            await heartbeats.flush()
+            # The last word is best effort: a down API must not hold up a stop past its grace time.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    await heartbeats.flush()
             await client.aclose()
         return code
 

@@ -38,8 +38,12 @@ def image_kind(image: str) -> str:
 
 def _postgres_bin() -> Path | None:
     found = shutil.which("postgres")
-    if found and shutil.which("initdb"):
-        return Path(found).parent
+    if found:
+        # Resolve symlinks (e.g. /usr/local/bin/postgres → /usr/lib/postgresql/15/bin/postgres) so
+        # initdb and createdb come from the same installation.
+        bindir = Path(found).resolve().parent
+        if (bindir / "initdb").exists():
+            return bindir
     dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2] or 0)
                   if p.split("/")[-2].isdigit() else 0)
     for d in reversed(dirs):
@@ -143,8 +147,9 @@ class ServiceManager:
         if db == "postgres" or bindir is None:
             return
         prefix = self._drop_root(svc.name, root)
+        createdb = str(bindir / "createdb") if (bindir / "createdb").exists() else "createdb"
         proc = await asyncio.create_subprocess_exec(
-            *prefix, str(bindir / "createdb"), "-h", str(root / "run"), "-p", str(svc.port), "-U", user,
+            *prefix, createdb, "-h", str(root / "run"), "-p", str(svc.port), "-U", user,
             "--", db, env=self._proc_env(), stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
