@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api import log as orz_log
 from api import metrics
+from api.auth import PrincipalCache
 from api.credentials.secrets_box import SecretsBox
 from api.db.engine import create_engine, session_factory
 from api.db.migrate import ensure_at_head
@@ -38,6 +39,7 @@ class AppState:
     sessions: async_sessionmaker[AsyncSession]
     provider: Provider
     instances: InstanceService
+    principals: PrincipalCache
     secrets: SecretService | None = None
 
 
@@ -139,7 +141,8 @@ def create_app(
             secret_env=secret_env or secret_svc,
         )
         svc.on_transition.append(_count_transition)
-        app.ctx.state = AppState(settings, engine, sessions, prov, svc, secret_svc)
+        app.ctx.state = AppState(settings, engine, sessions, prov, svc, PrincipalCache(settings.auth_cache_ttl_s),
+                                 secrets=secret_svc)
 
     @app.after_server_stop
     async def close_resources(app: Sanic, _loop: Any = None) -> None:
