@@ -40,7 +40,8 @@ def test_names_are_unique_across_sessions() -> None:
 def test_per_kind_names_differ_where_kinds_share_a_namespace_index() -> None:
     # The PVC and the Secret are different kinds and could share a name, but distinct names read better.
     for session_id in IDS:
-        assert len({names.pvc_name(session_id), names.secret_name(session_id), names.pod_name(session_id)}) == 3
+        built = {names.pvc_name(session_id), names.secret_name(session_id), names.pod_name(session_id)}
+        assert len(built) == 3
 
 
 def test_no_collision_between_one_sessions_pvc_and_anothers_pod() -> None:
