@@ -74,6 +74,7 @@ class FakeCluster:
         self._rv = itertools.count(100)
         self.closing = False
         self.expire_watches_before = 0
+        self.auto_run = False
 
     def next_rv(self) -> int:
         return next(self._rv)
@@ -186,7 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
             meta.update(uid=str(uuid.uuid4()), namespace=ns, resourceVersion=str(self.cluster.next_rv()),
                         creationTimestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
             if plural == "pods":
-                obj["status"] = {"phase": "Pending"}
+                # With auto_run, a pod is Running at once (a stand-in kubelet for scripted checks).
+                obj["status"] = ({"phase": "Running", "podIP": "10.244.0.7"} if self.cluster.auto_run
+                                 else {"phase": "Pending"})
             self.cluster.objects[key] = obj
             self.cluster.record(plural, "ADDED", obj)
         self._send(201, obj)
@@ -289,8 +292,9 @@ class _Server(ThreadingHTTPServer):
 class FakeApiServer:
     """Start with ``with FakeApiServer() as server:``; ``server.url`` is the base URL for the client."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, auto_run: bool = False) -> None:
         self.cluster = FakeCluster()
+        self.cluster.auto_run = auto_run
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.cluster = self.cluster
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
