@@ -219,7 +219,7 @@ async def test_unreachable_api_fails_clearly() -> None:
     try:
         with pytest.raises(ProviderFailure, match=r"could not be reached|did not answer"):
             await prov.create(make_spec(SID))
-        with pytest.raises(ProviderFailure, match="unavailable"):
+        with pytest.raises(ProviderFailure, match=r"could not watch session pods: .*could not be reached"):
             await prov.status(SID, {})
     finally:
         await prov.close()
@@ -231,3 +231,12 @@ async def test_bad_spec_fails_before_any_object_exists(provider: KubernetesProvi
     with pytest.raises(ProviderFailure, match=r"resources\.cpu"):
         await provider.create(make_spec(SID, resources={"cpu": "many"}))
     assert server.cluster.requests == []
+
+
+async def test_status_reports_a_forbidden_watch_quickly(provider: KubernetesProvider,
+                                                        server: FakeApiServer) -> None:
+    server.fail("GET", "pods", 403, 'pods is forbidden: User "x" cannot list', times=100)
+    started = time.monotonic()
+    with pytest.raises(ProviderFailure, match="not allowed"):
+        await provider.status(SID, {})
+    assert time.monotonic() - started < 2.0

@@ -18,6 +18,8 @@ from kubernetes import watch
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
+from api.instances.providers.kubernetes.errors import failure
+
 log = logging.getLogger(__name__)
 
 Pod = dict[str, Any]
@@ -35,6 +37,9 @@ class PodCache:
         self._pods: dict[str, Pod] = {}
         self._lock = threading.Lock()
         self._synced = threading.Event()
+        # Set after the first list attempt, success or not, so callers never wait out a broken API.
+        self._settled = threading.Event()
+        self.last_error: str | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._watch: watch.Watch | None = None
@@ -57,7 +62,8 @@ class PodCache:
         return self._synced.is_set()
 
     def wait_synced(self, timeout: float) -> bool:
-        return self._synced.wait(timeout)
+        self._settled.wait(timeout)
+        return self._synced.is_set()
 
     # ----------------------------------------------------------------------------------------- writes
 
@@ -105,15 +111,17 @@ class PodCache:
                 version = self._relist()
                 while not self._stopping.is_set():
                     version = self._watch_once(version)
-            except ApiException as exc:
-                # 410 Gone: our resourceVersion is too old; anything else: the API is unwell. Relist.
-                if not self._stopping.is_set():
-                    log.warning("pod watch in %s ended with HTTP %s; listing again", self._namespace,
-                                exc.status)
             except Exception as exc:
-                if not self._stopping.is_set():
-                    log.warning("pod watch in %s failed (%s); listing again", self._namespace,
-                                type(exc).__name__)
+                # 410 Gone: our resourceVersion is too old; anything else: the API is unwell. Relist.
+                if self._stopping.is_set():
+                    pass
+                elif isinstance(exc, ApiException) and exc.status == 410:
+                    log.info("pod watch: resourceVersion expired; listing again")
+                else:
+                    self.last_error = failure(exc, "watch session pods", self._namespace).reason
+                    log.warning("pod watch: %s; listing again", self.last_error)
+            finally:
+                self._settled.set()
             self._stopping.wait(self._backoff_s)
 
     def _relist(self) -> str:
@@ -126,7 +134,9 @@ class PodCache:
         with self._lock:
             self._pods = pods
         self.lists += 1
+        self.last_error = None
         self._synced.set()
+        self._settled.set()
         return str(body.get("metadata", {}).get("resourceVersion") or "")
 
     def _watch_once(self, version: str) -> str:

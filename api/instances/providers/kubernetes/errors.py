@@ -71,12 +71,12 @@ def failure(exc: BaseException, action: str, namespace: str, secrets: Iterable[s
         if status == 0 or status >= 500:
             return ProviderFailure(f"could not {action}: the Kubernetes API is unavailable (HTTP {status})")
         return ProviderFailure(f"could not {action}: the Kubernetes API answered HTTP {status}")
-    if isinstance(exc, urllib3.exceptions.TimeoutError | socket.timeout | TimeoutError):
+    cause = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason else exc
+    # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: test for it first.
+    if isinstance(cause, urllib3.exceptions.NewConnectionError | ConnectionError):
+        return ProviderFailure(f"could not {action}: the Kubernetes API could not be reached")
+    if isinstance(cause, urllib3.exceptions.TimeoutError | socket.timeout | TimeoutError):
         return ProviderFailure(f"could not {action}: the Kubernetes API did not answer in time")
-    if isinstance(exc, urllib3.exceptions.MaxRetryError) and isinstance(
-        exc.reason, urllib3.exceptions.TimeoutError
-    ):
-        return ProviderFailure(f"could not {action}: the Kubernetes API did not answer in time")
-    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+    if isinstance(cause, urllib3.exceptions.HTTPError | OSError):
         return ProviderFailure(f"could not {action}: the Kubernetes API could not be reached")
     return ProviderFailure(f"could not {action}: unexpected error ({type(exc).__name__})")

@@ -213,7 +213,7 @@ class KubernetesProvider(Provider):
 
     async def status(self, session_id: str, state: ProviderState) -> ComputeStatus:
         if not await self._synced():
-            raise ProviderFailure("could not read session status: the Kubernetes API is unavailable")
+            raise ProviderFailure(self.cache.last_error or "could not watch session pods: no answer yet")
         pod = self.cache.get(str(state.get("pod") or names.pod_name(session_id)))
         return compute_status(pod, stopped=bool(state.get("stopped")))
 
@@ -229,7 +229,7 @@ class KubernetesProvider(Provider):
         roots = await self._call("list sessions", self._core.list_namespaced_config_map, self.ns,
                                  label_selector=names.managed_selector(), _preload_content=False)
         if not await self._synced():
-            raise ProviderFailure("could not list sessions: the Kubernetes API is unavailable")
+            raise ProviderFailure(self.cache.last_error or "could not watch session pods: no answer yet")
         pods = {p["metadata"].get("labels", {}).get(names.SESSION_LABEL): p for p in self.cache.pods()}
         result: dict[str, ComputeStatus] = {}
         for item in _json(roots).get("items") or []:
