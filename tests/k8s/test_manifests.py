@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import re
 from typing import Any
 
 import pytest
@@ -155,9 +156,11 @@ def test_resources_from_tier_and_override() -> None:
     ({"services": [{"name": "db"}]}, "services.db.image"),
     ({"services": [{"name": "db", "image": "x:1", "health": {"command": 3}}]}, "services.db.health.command"),
     ({"services": [{"name": f"s{i}", "image": "x:1"} for i in range(6)]}, "at most 5"),
+    ({"secret_env": {"NOT VALID": "x"}}, "secret env names"),
+    ({"session_id": "Not_A_Session"}, "runner spec is not valid (session_id)"),
 ])
 def test_bad_specs_raise_manifest_errors(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(ManifestError, match=message.replace(".", r"\.")):
+    with pytest.raises(ManifestError, match=re.escape(message)):
         manifests.build(make_spec(**kwargs), CONFIG)
 
 

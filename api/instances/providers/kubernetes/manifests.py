@@ -20,9 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from api.instances.providers.base import ComputeSpec
 from api.instances.providers.kubernetes import names, resources, sidecars
-from api.schemas import RunnerSpec
+from api.schemas import ENV_NAME_RE, RunnerSpec
 from api.settings import Settings
 
 RUNNER_SSH_PORT = 2222
@@ -108,6 +110,9 @@ def root_config_map(spec: ComputeSpec, config: ClusterConfig) -> dict[str, Any]:
 def secret(spec: ComputeSpec, config: ClusterConfig, owner_uid: str | None = None) -> dict[str, Any]:
     if TOKEN_ENV in spec.secret_env:
         raise ManifestError(f"secret env may not set {TOKEN_ENV}")
+    bad = sorted(k for k in spec.secret_env if not ENV_NAME_RE.match(k))
+    if bad:
+        raise ManifestError(f"secret env names must be letters, digits and '_': {', '.join(bad)[:200]}")
     values = {TOKEN_ENV: spec.runner_token, **spec.secret_env}
     return {
         "apiVersion": "v1",
@@ -192,6 +197,11 @@ def _runner_container(spec: ComputeSpec, config: ClusterConfig) -> dict[str, Any
         limits = resources.requirements(spec.tier, spec.resources)
     except resources.ResourceError as exc:
         raise ManifestError(str(exc)) from exc
+    try:
+        spec_json = runner_spec(spec).model_dump_json()
+    except ValidationError as exc:
+        fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
+        raise ManifestError(f"the runner spec is not valid ({fields})") from None
     return {
         "name": "runner",
         "image": config.runner_image,
@@ -199,7 +209,7 @@ def _runner_container(spec: ComputeSpec, config: ClusterConfig) -> dict[str, Any
         "command": ["orz", "runner"],
         "ports": [{"name": "ssh", "containerPort": RUNNER_SSH_PORT, "protocol": "TCP"}],
         "env": [
-            {"name": "ORZ_RUNNER_SPEC", "value": runner_spec(spec).model_dump_json()},
+            {"name": "ORZ_RUNNER_SPEC", "value": spec_json},
             {"name": "HOME", "value": HOME},
         ],
         # The runner token and secret values arrive from the Secret, never inline in the Pod.
