@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     k8s_storage_class: str = ""
     k8s_workspace_size: str = "10Gi"
     k8s_gateway_selector: str = "app.kubernetes.io/component=gateway"
+    # Labels of the control-plane namespace the gateway runs in (NetworkPolicy namespaceSelector).
+    k8s_gateway_namespace_selector: str = "kubernetes.io/metadata.name=orz-system"
 
     # Logging
     log_level: str = "INFO"
