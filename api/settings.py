@@ -115,7 +115,8 @@ class Settings(BaseSettings):
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite+aiosqlite:///{self.data_dir / 'orz.db'}")
         if not self.public_api_url:
-            host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host  # noqa: S104  # nosec B104  # compares, binds nothing
+            wildcard = self.api_host in ("0.0.0.0", "::")  # noqa: S104  # nosec B104  # compared, not bound
+            host = "127.0.0.1" if wildcard else self.api_host
             object.__setattr__(self, "public_api_url", f"http://{host}:{self.api_port}")
         if not self.public_ssh_host:
             object.__setattr__(self, "public_ssh_host", self.ssh_host)

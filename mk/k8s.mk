@@ -18,6 +18,7 @@ helm-lint: $(HELM)
 	$(HELM) lint --strict $(CHART)
 	$(HELM) lint --strict $(CHART) -f tests/k8s/values-test.yaml
 	$(HELM) lint --strict $(CHART) -f hack/kind-values.yaml
+	$(HELM) lint --strict $(CHART) -f tests/k8s/values-observability.yaml
 
 ## k8s-validate: builders, provider (fake API server), chart rendering and Dockerfiles, all offline
 k8s-validate: $(HELM)

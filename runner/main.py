@@ -137,7 +137,7 @@ class Runner:
 
     async def _start_endpoint(self) -> None:
         hooks = SessionHooks(
-            workspace=self.workspace, shell=self.shell, tmux=self.tmux, activity=self.activity,
+            workspace=self.workspace, shell=self.shell, tmux=self.tmux, activity=self.activity,  # nosec B604  # shell= is a path
             env=lambda: dict(self.session_env), ensure_program=self._ensure_program, ready=self.ready,
             on_attach=lambda: self.config.setup.onAttach if self.config else None,
             on_attach_timeout_s=cloud_config.ON_ATTACH_TIMEOUT_S,
@@ -162,7 +162,7 @@ class Runner:
         self.activity.poke()
         try:
             await workspace.run_init(command, self.workspace, self.init_log, env=self.session_env,
-                                     shell=self.shell, timeout_s=cloud_config.INIT_TIMEOUT_S)
+                                     shell=self.shell, timeout_s=cloud_config.INIT_TIMEOUT_S)  # nosec B604  # shell= is a path
         except InitError:
             self.activity.init_status = "failed"
             raise

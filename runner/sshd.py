@@ -120,7 +120,7 @@ class _Connection(asyncssh.SSHServer):
             return False
         if is_loopback(listen_host):
             return True
-        if listen_host not in ("", "*", "0.0.0.0", "::"):  # noqa: S104  (rewritten to loopback below)
+        if listen_host not in ("", "*", "0.0.0.0", "::"):  # noqa: S104  # nosec B104  # rewritten to loopback below
             log.info("refused remote forward on %s:%s", listen_host, listen_port)
             return False
         # "All interfaces" becomes loopback; the client still sees the address it asked for.

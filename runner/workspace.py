@@ -18,7 +18,7 @@ from runner.errors import CloneError, InitError
 log = logging.getLogger(__name__)
 
 INIT_MARKER = ".orz-init-done"
-GIT_TOKEN_ENV = "GIT_TOKEN"  # noqa: S105  (a variable name, not a secret)
+GIT_TOKEN_ENV = "GIT_TOKEN"  # noqa: S105  # nosec B105  # a variable name, not a secret
 CLONE_TIMEOUT_S = 600.0
 
 

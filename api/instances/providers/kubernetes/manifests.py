@@ -32,7 +32,7 @@ RUNNER_UID = 1000
 WORKSPACE = "/workspace"
 HOME = "/home/orz"
 STATE_DIR = "/run/orz"
-TOKEN_ENV = "ORZ_RUNNER_TOKEN"  # noqa: S105  (a variable name, not a value)
+TOKEN_ENV = "ORZ_RUNNER_TOKEN"  # noqa: S105  # nosec B105  # a variable name, not a value
 
 
 class ManifestError(ValueError):
@@ -172,7 +172,7 @@ def runner_spec(spec: ComputeSpec) -> RunnerSpec:
         gateway_public_key=spec.gateway_public_key,
         heartbeat_interval_s=spec.heartbeat_interval_s,
         secret_env=sorted(spec.secret_env),
-        ssh_host="0.0.0.0",  # noqa: S104  (the NetworkPolicy, not the bind address, limits who connects)
+        ssh_host="0.0.0.0",  # noqa: S104  # nosec B104  # the NetworkPolicy, not the bind address, limits who connects
         ssh_port=RUNNER_SSH_PORT,
         workspace=WORKSPACE,
         state_dir=STATE_DIR,
@@ -223,7 +223,7 @@ def _runner_container(spec: ComputeSpec, config: ClusterConfig) -> dict[str, Any
         "securityContext": container_security(read_only_root=True),
         "volumeMounts": [
             {"name": "workspace", "mountPath": WORKSPACE},
-            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108  (an emptyDir, private to the pod)
+            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108  # nosec B108  # an emptyDir, private to the pod
             {"name": "home", "mountPath": HOME},
             {"name": "state", "mountPath": STATE_DIR},
         ],

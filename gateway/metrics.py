@@ -1,0 +1,104 @@
+"""Prometheus metrics of the gateway (names start with `orz_`), served on their own port.
+
+The gateway's public ports face the internet; /metrics is on a separate listener
+(settings.gateway_metrics_port, bound to the web door's host) that only the cluster reaches.
+
+Attach results: ``ok`` (bridged to the runner), ``rejected`` (the user's side: not their session, no
+such session, quota, stopped and not woken), ``error`` (ours: API unreachable, runner did not answer,
+start failed). The attach SLO counts ok / (ok + error).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Literal
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+Door = Literal["ssh", "web"]
+DOORS: tuple[Door, ...] = ("ssh", "web")
+ATTACH_RESULTS = ("ok", "rejected", "error")
+
+ACTIVE_SESSIONS = Gauge(
+    "orz_active_sessions", "Client connections bridged to a session right now, by door", ["door"],
+    registry=REGISTRY,
+)
+ATTACHES = Counter(
+    "orz_attaches_total", "Attach attempts past authentication by door and result (ok, rejected, error)",
+    ["door", "result"], registry=REGISTRY,
+)
+ATTACH_LATENCY = Histogram(
+    "orz_attach_latency_seconds", "From authentication to an open bridge to the runner (wake-ups included)",
+    ["door"], registry=REGISTRY,
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+)
+AUTH_FAILURES = Counter(
+    "orz_auth_failures_total", "Refused credentials by method (certificate, jwt, websocket) and reason",
+    ["method", "reason"], registry=REGISTRY,
+)
+BYTES_PROXIED = Counter(
+    "orz_bytes_proxied_total", "Bytes relayed between clients and runners (in: from the client)",
+    ["direction"], registry=REGISTRY,
+)
+
+# Every series a dashboard or alert divides by exists from the start, at zero, so a fresh gateway
+# shows 0 rather than "no data" and ratios are defined.
+for _door in DOORS:
+    ACTIVE_SESSIONS.labels(door=_door)
+    for _result in ATTACH_RESULTS:
+        ATTACHES.labels(door=_door, result=_result)
+for _direction in ("in", "out"):
+    BYTES_PROXIED.labels(direction=_direction)
+
+
+def attached(door: Door, latency_s: float) -> None:
+    ATTACHES.labels(door=door, result="ok").inc()
+    ATTACH_LATENCY.labels(door=door).observe(max(0.0, latency_s))
+    ACTIVE_SESSIONS.labels(door=door).inc()
+
+
+def detached(door: Door, bytes_in: int, bytes_out: int) -> None:
+    ACTIVE_SESSIONS.labels(door=door).dec()
+    BYTES_PROXIED.labels(direction="in").inc(max(0, bytes_in))
+    BYTES_PROXIED.labels(direction="out").inc(max(0, bytes_out))
+
+
+def attach_failed(door: Door, *, ours: bool) -> None:
+    ATTACHES.labels(door=door, result="error" if ours else "rejected").inc()
+
+
+def auth_failed(method: str, reason: str) -> None:
+    AUTH_FAILURES.labels(method=method, reason=reason).inc()
+
+
+@dataclass
+class MetricsServer:
+    """The /metrics listener (prometheus-client's threaded HTTP server); ``port`` is the real one."""
+
+    httpd: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_port)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> MetricsServer:
+    """Start /metrics on host:port (0: any free port) in a daemon thread: a scrape never waits on the
+    event loop that carries the users' bytes, and a busy loop never fails a scrape."""
+    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    server = MetricsServer(httpd, thread)
+    log.info("gateway metrics on http://%s:%d/metrics", host, server.port)
+    return server
