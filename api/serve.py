@@ -24,14 +24,11 @@ class ApiServer:
 
     @classmethod
     async def start(cls, app: Sanic, host: str, port: int) -> ApiServer:
-        if port == 0:
-            # Sanic reads port 0 as "its default, 8000": bind the ephemeral port here and hand it over.
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, 0))
-            server = await app.create_server(sock=sock, return_asyncio_server=True, access_log=False)
-        else:
-            server = await app.create_server(host=host, port=port, return_asyncio_server=True, access_log=False)
+        # Sanic reads port 0 as "use 8000"; bind the socket ourselves so 0 means any free port.
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    reuse_port=False, backlog=1024)
+        sock.setblocking(False)
+        server = await app.create_server(sock=sock, return_asyncio_server=True, access_log=False)
         assert server is not None
         await server.startup()
         await server.before_start()
