@@ -58,6 +58,32 @@ for _direction in ("in", "out"):
     BYTES_PROXIED.labels(direction=_direction)
 
 
+# Refusal codes that are the platform's fault (the attach SLO counts them); every other refusal is
+# the user's side: no such session, not theirs, quota, a stopped session they did not wake...
+PLATFORM_CODES = frozenset({
+    "unavailable", "start_timeout", "session_failed", "upstream_unavailable",
+    "provider_unavailable", "not_ready", "internal_error",
+})
+# Bounded `reason` labels for refused credentials, found in the line the user is shown.
+_CREDENTIAL_REASONS = (
+    ("expired", "expired"), ("not yet valid", "not_yet_valid"), ("is not for session", "wrong_session"),
+    ("not signed by", "untrusted_ca"), ("signature", "bad_signature"), ("does not name a user", "invalid"),
+    ("lifetime is too long", "invalid"), ("misconfigured", "gateway_config"),
+)
+
+
+def is_platform_failure(code: str) -> bool:
+    return code in PLATFORM_CODES
+
+
+def credential_reason(line: str) -> str:
+    """A reason label for a refused credential, from its (fixed) user-facing line."""
+    for needle, reason in _CREDENTIAL_REASONS:
+        if needle in line:
+            return reason
+    return "invalid"
+
+
 def attached(door: Door, latency_s: float) -> None:
     ATTACHES.labels(door=door, result="ok").inc()
     ATTACH_LATENCY.labels(door=door).observe(max(0.0, latency_s))
@@ -70,8 +96,8 @@ def detached(door: Door, bytes_in: int, bytes_out: int) -> None:
     BYTES_PROXIED.labels(direction="out").inc(max(0, bytes_out))
 
 
-def attach_failed(door: Door, *, ours: bool) -> None:
-    ATTACHES.labels(door=door, result="error" if ours else "rejected").inc()
+def attach_failed(door: Door, code: str) -> None:
+    ATTACHES.labels(door=door, result="error" if is_platform_failure(code) else "rejected").inc()
 
 
 def auth_failed(method: str, reason: str) -> None:

@@ -51,8 +51,11 @@ run_bandit() {
   echo "-- bandit"
   # -r . with the excludes from pyproject; all severities count, so a finding is fixed or carries a
   # `# nosec BXXX  # reason` comment where it is accepted.
+  # Its "nosec encountered, but no failed test" warnings are noise: on a line with several string
+  # literals only one is flagged, yet each is reported. Findings go to stdout and are kept.
   "$venv/bin/bandit" -c pyproject.toml -r . -q -f custom \
-    --msg-template '{relpath}:{line}: {test_id} [{severity}/{confidence}] {msg}'
+    --msg-template '{relpath}:{line}: {test_id} [{severity}/{confidence}] {msg}' \
+    2> >(grep -v 'nosec encountered (B[0-9]*), but no failed test' >&2 || true)
   echo "bandit: ok"
 }
 
