@@ -311,7 +311,7 @@ class InstanceService:
             return failed
         async with self.sessions() as db:
             org = await db.get(Org, failed.org_id)
-            return await self._start_row(db, failed, org.plan if org else "free", actor, kind="retrying")
+        return await self._start_row(failed, org.plan if org else "free", actor, kind="retrying")
 
     async def release_compute(self, session_id: str, actor: str, reason: str, *, delete: bool) -> bool:
         """Stop (or delete) compute the database says should not run; False when the row moved on."""
