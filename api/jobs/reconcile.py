@@ -4,8 +4,10 @@
   workspace once (per RETRY_WINDOW); a second loss inside the window leaves it failed.
 - A session stuck in ``pending``/``starting`` past ``start_timeout_s`` is retried once, then failed;
   one stuck in ``stopping``/``deleting`` has its stop/delete retried.
-- Compute without a live session row (no row, or the row is stopped, failed or deleted) is stopped, or
-  deleted when the row is gone for good.
+- Compute without a live session row is released: a deleted session's compute and workspace are
+  deleted; compute of a stopped or failed session, or with no row at all (an orphan), is stopped
+  (pods/processes gone, workspace kept). An orphan's workspace is kept on purpose: a missing row can
+  mean a restored or mistaken database, and deleting users' files on that guess cannot be undone.
 
 The provider is listed *before* the rows are read: rows are committed before compute is created, so
 compute seen in the listing always has its row visible to the later read (no false orphans).
@@ -113,9 +115,9 @@ class Reconciler:
                              listed_at: datetime, report: ReconcileReport) -> None:
         """Compute the provider holds: is there still a session that wants it?"""
         if row is None:
-            reason = "orphan: no session row"
-            if await self.service.release_compute(session_id, ACTOR, reason, delete=True):
-                self._note(report.orphans_deleted, session_id, "orphan_deleted")
+            if status.phase in LIVE_PHASES and await self.service.release_compute(
+                    session_id, ACTOR, "orphan: no session row", delete=False):
+                self._note(report.orphans_stopped, session_id, "orphan_stopped")
             return
         state = State(row.state)
         if row.state_changed_at >= listed_at:

@@ -75,13 +75,15 @@ async def test_vanished_compute_is_marked_and_restarted_once_then_failed(
 
 
 @both_databases
-async def test_orphan_compute_is_deleted(world: World, sched: LifecycleScheduler) -> None:
+async def test_orphan_compute_is_removed_and_its_workspace_kept(world: World, sched: LifecycleScheduler) -> None:
     kept = await world.new_running()
     world.provider.phases["ghost-abc123"] = "running"
+    world.provider.phases["ghost-def456"] = "stopped"  # a workspace only: nothing runs, nothing to release
     report = await reconcile(sched)
-    assert report.orphans_deleted == ["ghost-abc123"]
-    assert "ghost-abc123" not in world.provider.phases
-    assert ("delete", "ghost-abc123") in world.provider.calls
+    assert report.orphans_stopped == ["ghost-abc123"]
+    assert world.provider.phases["ghost-abc123"] == "stopped"
+    assert ("stop", "ghost-abc123") in world.provider.calls
+    assert not any(sid == "ghost-def456" for _op, sid in world.provider.calls)
     assert world.provider.phases[kept.id] == "running"
     assert (await world.row(kept.id)).state == "running"
 
@@ -173,5 +175,5 @@ async def test_provider_errors_leave_the_rest_of_the_pass_running(world: World, 
     world.provider.phases["ghost-bbbbbb"] = "running"
     world.provider.fail_next = "api server timeout"
     report = await reconcile(sched)
-    assert report.errors == ["ghost-aaaaaa"] and report.orphans_deleted == ["ghost-bbbbbb"]
-    assert (await reconcile(sched)).orphans_deleted == ["ghost-aaaaaa"]
+    assert report.errors == ["ghost-aaaaaa"] and report.orphans_stopped == ["ghost-bbbbbb"]
+    assert (await reconcile(sched)).orphans_stopped == ["ghost-aaaaaa"]
