@@ -2,10 +2,11 @@
 
 The lease is one ``scheduler_leases`` row (name, holder, expires_at). A replica takes it with a
 conditional UPDATE that only matches when the row is its own or has expired, and creates the row with
-an INSERT whose primary key makes a second creator fail. Both are atomic on SQLite (one writer) and on
-PostgreSQL (the UPDATE re-checks its WHERE clause after waiting for a concurrent writer's row lock), so
-two replicas can never both believe they hold an unexpired lease. A holder that dies simply stops
-renewing; another replica takes over once ``expires_at`` has passed.
+an INSERT ... ON CONFLICT DO NOTHING, whose primary key lets only one creator succeed. Both are atomic
+on SQLite (one writer) and on PostgreSQL (the UPDATE re-checks its WHERE clause after waiting for a
+concurrent writer's row lock), so two replicas can never both believe they hold an unexpired lease.
+A holder that dies simply stops renewing; another replica takes over once ``expires_at`` has passed.
+Replicas compare against their own clocks, so keep them in sync (NTP); skew eats into the lease.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import socket
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.db.base import utcnow
@@ -32,6 +34,11 @@ Clock = Callable[[], datetime]
 def default_holder_id() -> str:
     """Unique per process and readable in the table: host, pid and a random suffix."""
     return f"{socket.gethostname()[:80]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _insert_for(db: AsyncSession) -> Callable[..., Any]:
+    """The dialect's INSERT, which has ON CONFLICT DO NOTHING on both supported databases."""
+    return postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 class Lease:
@@ -77,15 +84,12 @@ class Lease:
             if result.rowcount == 1:  # type: ignore[attr-defined]
                 await db.commit()
                 return self._set(until)
-            await db.rollback()
-            # No row matched: either someone else holds it, or nobody ever created it.
-            db.add(SchedulerLease(name=self.name, holder=self.holder, expires_at=until))
-            try:
-                await db.commit()
-            except IntegrityError:
-                await db.rollback()
-                return self._set(None)
-            return self._set(until)
+            # No row matched: either someone else holds it, or nobody ever created it. ON CONFLICT DO
+            # NOTHING lets exactly one creator win without an error in the server log on every tick.
+            insert = _insert_for(db)(SchedulerLease).values(name=self.name, holder=self.holder, expires_at=until)
+            created = await db.execute(insert.on_conflict_do_nothing(index_elements=["name"]))
+            await db.commit()
+            return self._set(until if created.rowcount == 1 else None)  # type: ignore[attr-defined]
 
     async def release(self) -> None:
         """Give the lease up now (clean shutdown) so another replica need not wait for it to expire."""
