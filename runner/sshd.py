@@ -167,7 +167,7 @@ class Endpoint:
     def _sftp(self, chan: asyncssh.SSHServerChannel) -> asyncssh.SFTPServer:
         if chan.get_extra_info("username") != "rw":
             chan.exit(1)  # a read-only attach may look, not copy files in or out
-        return asyncssh.SFTPServer(chan, chroot=os.fsencode(self.hooks.workspace))
+        return _WorkspaceSFTP(chan, chroot=os.fsencode(self.hooks.workspace))
 
     async def _handle(self, process: asyncssh.SSHServerProcess) -> None:
         try:
@@ -288,6 +288,15 @@ class Endpoint:
         finally:
             with contextlib.suppress(Exception):
                 proc.stdin.close()
+
+
+class _WorkspaceSFTP(asyncssh.SFTPServer):
+    """SFTP rooted at the workspace, ending with an exit status as OpenSSH's sftp-server does."""
+
+    def exit(self) -> None:
+        # OpenSSH's scp (sftp mode) treats a channel closed without exit-status as a failure.
+        with contextlib.suppress(Exception):
+            self.channel.exit(0)
 
 
 class _PtyBridge:
