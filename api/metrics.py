@@ -8,9 +8,23 @@ directory must be empty when the first worker starts (the supervisor wipes it).
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+)
+
+log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -27,6 +41,36 @@ def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
     return generate_latest(registry)
+
+
+@dataclass
+class MetricsServer:
+    """A /metrics listener of its own (prometheus-client's threaded HTTP server)."""
+
+    httpd: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_port)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve(host: str, port: int, what: str) -> MetricsServer:
+    """Serve this process's metrics on host:port in a daemon thread, for processes with no HTTP server
+    of their own (`orz scheduler`)."""
+    registry = REGISTRY
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    server = MetricsServer(httpd, thread)
+    log.info("%s metrics on http://%s:%d/metrics", what, host, server.port)
+    return server
 
 
 def process_exited(pid: int | None = None) -> None:
@@ -58,6 +102,10 @@ SESSIONS_BY_STATE = Gauge(
 SCHEDULER_JOB_RUNS = Counter(
     "orz_scheduler_job_runs_total", "Scheduler job runs by job and result (ok, error, standby)",
     ["job", "result"], registry=REGISTRY,
+)
+SCHEDULER_JOB_DURATION = Histogram(
+    "orz_scheduler_job_duration_seconds", "Duration of the scheduler jobs' passes (as leader) by job",
+    ["job"], registry=REGISTRY, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 SCHEDULER_LEADER = Gauge(
     "orz_scheduler_leader", "1 while this replica holds the scheduler lease", registry=REGISTRY

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     retention_s: int = Field(default=7 * 24 * 3600, ge=60)
     start_timeout_s: int = Field(default=600, ge=5)
     scheduler_lease_s: int = Field(default=30, ge=2)
+    # `orz scheduler` serves /metrics on api_host at this port (0: off; the embedded server shows the
+    # scheduler's metrics on the API's /metrics instead).
+    scheduler_metrics_port: int = Field(default=0, ge=0, le=65535)
     run_scheduler: bool = True
 
     # Plans: how many active sessions each plan allows.

@@ -82,9 +82,17 @@ def scheduler_cmd() -> None:
     _configure_logging(settings)
 
     async def main() -> None:
+        from api import metrics
         from api.jobs.scheduler import run
 
-        await run(settings, stop=wait_for_signal())
+        # The scheduler has no HTTP server of its own: its metrics get a listener when asked for.
+        server = (metrics.serve(settings.api_host, settings.scheduler_metrics_port, "scheduler")
+                  if settings.scheduler_metrics_port else None)
+        try:
+            await run(settings, stop=wait_for_signal())
+        finally:
+            if server is not None:
+                server.close()
 
     _run(main)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -105,6 +106,7 @@ class LifecycleScheduler:
                 if self._stopping or not await self.tick():
                     metrics.SCHEDULER_JOB_RUNS.labels(job=name, result="standby").inc()
                     return None
+                started = time.perf_counter()
                 try:
                     result = await self.jobs[name](self.lease.held)
                 except Exception:
@@ -112,6 +114,8 @@ class LifecycleScheduler:
                     log.exception("scheduler job %s failed", name)
                     metrics.SCHEDULER_JOB_RUNS.labels(job=name, result="error").inc()
                     return None
+                finally:
+                    metrics.SCHEDULER_JOB_DURATION.labels(job=name).observe(time.perf_counter() - started)
                 self.runs[name] += 1
                 metrics.SCHEDULER_JOB_RUNS.labels(job=name, result="ok").inc()
                 return result

@@ -172,7 +172,9 @@ def test_network_policies(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     policies = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in objs
                 if o["kind"] == "NetworkPolicy"}
     assert {"api", "gateway", "scheduler"} <= set(policies)
-    assert policies["scheduler"]["spec"].get("ingress") is None  # nothing may connect
+    # Nothing may connect but a scraper to the metrics port.
+    assert [r["ports"] for r in policies["scheduler"]["spec"].get("ingress", [])] in (
+        [], [[{"protocol": "TCP", "port": 9103}]])
     if name == "default":
         (rule,) = policies["postgresql"]["spec"]["ingress"]
         assert rule["ports"] == [{"protocol": "TCP", "port": 5432}]

@@ -21,8 +21,6 @@ from tests.k8s.helm import CHART, helm
 VALUES_OBS = Path(__file__).with_name("values-observability.yaml")
 VALUES_TEST = Path(__file__).with_name("values-test.yaml")
 RELEASE_NS = "orz-system"
-# Lifecycle metrics owned by the scheduler (api/jobs); the dashboard shows them when they exist.
-OPTIONAL_METRICS = {"orz_session_reaps_total"}
 
 
 def render(*extra: str) -> list[dict[str, Any]]:
@@ -92,9 +90,14 @@ def test_defaults_have_the_dashboard_and_metrics_service_but_no_crds_or_daemonse
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
     names = {o["metadata"]["name"] for o in of_kind(objs, "Service")}
     assert "orz-orzbob-cloud-gateway-metrics" in names
-    off = render("--set", "monitoring.dashboard.enabled=false", "--set", "monitoring.gatewayMetricsPort=0")
+    assert "orz-orzbob-cloud-scheduler-metrics" in names
+    off = render("--set", "monitoring.dashboard.enabled=false", "--set", "monitoring.gatewayMetricsPort=0",
+                 "--set", "monitoring.schedulerMetricsPort=0")
     assert not [o for o in of_kind(off, "ConfigMap") if "orzbob-cloud.json" in o.get("data", {})]
-    assert "orz-orzbob-cloud-gateway-metrics" not in {o["metadata"]["name"] for o in of_kind(off, "Service")}
+    assert not {"orz-orzbob-cloud-gateway-metrics", "orz-orzbob-cloud-scheduler-metrics"} & {
+        o["metadata"]["name"] for o in of_kind(off, "Service")}
+    (policy,) = [o for o in of_kind(off, "NetworkPolicy") if o["metadata"]["name"].endswith("-scheduler")]
+    assert "ingress" not in policy["spec"]  # no metrics port: nothing may connect at all
 
 
 def test_gateway_metrics_stay_off_the_public_load_balancer(everything) -> None:
@@ -113,9 +116,18 @@ def test_gateway_metrics_stay_off_the_public_load_balancer(everything) -> None:
 
 def test_network_policy_limits_scrapers_to_the_monitoring_namespace() -> None:
     objs = render("-f", str(VALUES_TEST))
-    (policy,) = [o for o in of_kind(objs, "NetworkPolicy") if o["metadata"]["name"] == "orz-gateway"]
-    rule = next(r for r in policy["spec"]["ingress"] if r["ports"] == [{"protocol": "TCP", "port": 9102}])
-    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    policies = {o["metadata"]["name"]: o for o in of_kind(objs, "NetworkPolicy")}
+    for name, port in (("orz-gateway", 9102), ("orz-scheduler", 9103)):
+        rule = next(r for r in policies[name]["spec"]["ingress"] if r["ports"] == [{"protocol": "TCP", "port": port}])
+        assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+def test_scheduler_serves_metrics_on_its_port(everything) -> None:
+    (deploy,) = [d for d in of_kind(everything, "Deployment") if d["metadata"]["name"].endswith("-scheduler")]
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9103, "protocol": "TCP"}]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ORZ_SCHEDULER_METRICS_PORT"] == "9103" and env["ORZ_API_HOST"] == "0.0.0.0"
 
 
 def test_service_monitor_scrapes_the_api_and_the_gateway_ports(everything) -> None:
@@ -131,8 +143,9 @@ def test_service_monitor_scrapes_the_api_and_the_gateway_ports(everything) -> No
     ports = {p["name"] for s in selected for p in s["spec"]["ports"]}
     assert {e["port"] for e in spec["endpoints"]} == {"http", "metrics"} <= ports
     assert all(e["path"] == "/metrics" for e in spec["endpoints"])
-    # Only the API and the gateway's metrics Service: never the public gateway or PostgreSQL.
-    assert {s["metadata"]["name"] for s in selected} == {"orz-orzbob-cloud-api", "orz-orzbob-cloud-gateway-metrics"}
+    # Only the API and the metrics Services: never the public gateway or PostgreSQL.
+    assert {s["metadata"]["name"] for s in selected} == {
+        "orz-orzbob-cloud-api", "orz-orzbob-cloud-gateway-metrics", "orz-orzbob-cloud-scheduler-metrics"}
 
 
 def test_prometheus_rules_are_well_formed_multiwindow_burn_rate_alerts(everything) -> None:
@@ -162,7 +175,7 @@ def test_prometheus_rules_are_well_formed_multiwindow_burn_rate_alerts(everythin
         assert fast["annotations"]["summary"] and fast["annotations"]["description"]
     attach_ratio = next(r for r in rules if r.get("record") == "orz:attach_errors:ratio_rate5m")
     assert 'orz_attaches_total{result="error"}' in attach_ratio["expr"]
-    assert {"OrzApiDown", "OrzGatewayDown"} <= set(alerts)
+    assert {"OrzApiDown", "OrzGatewayDown", "OrzSchedulerNoLeader", "OrzSchedulerJobFailing"} <= set(alerts)
 
 
 def test_dashboard_queries_use_exported_metrics_and_cover_the_slos() -> None:
@@ -171,7 +184,7 @@ def test_dashboard_queries_use_exported_metrics_and_cover_the_slos() -> None:
     panels = [p for p in dash["panels"] if p["type"] != "row"]
     titles = {p["title"] for p in panels}
     assert {"Sessions by state", "Attach success ratio", "Attach latency", "API error ratio"} <= titles
-    known = exported_series() | OPTIONAL_METRICS
+    known = exported_series()
     ids = set()
     for p in panels:
         assert p["id"] not in ids

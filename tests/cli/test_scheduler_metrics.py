@@ -1,0 +1,58 @@
+"""`orz scheduler` alone (as in its own pod) serves its metrics on ORZ_SCHEDULER_METRICS_PORT, and its
+log lines are JSON."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.db import migrate
+from tests.support import ROOT, free_port, orz_env, wait_until
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return {}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_scheduler_serves_its_metrics(tmp_path):
+    db = f"sqlite+aiosqlite:///{tmp_path / 'orz.db'}"
+    migrate.upgrade(db)
+    port = free_port()
+    env = orz_env(tmp_path / "home", ORZ_PROVIDER="fake", ORZ_DATABASE_URL=db, ORZ_DATA_DIR=str(tmp_path / "data"),
+                  ORZ_SCHEDULER_METRICS_PORT=str(port), ORZ_REAP_INTERVAL_S="1", ORZ_API_HOST="127.0.0.1")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "scheduler"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        reap_ok = ("orz_scheduler_job_runs_total", (("job", "reap"), ("result", "ok")))
+
+        def reaped_or_exited() -> dict | None:
+            if proc.poll() is not None:
+                return {"exited": 1.0}
+            samples = scrape(port)
+            return samples if samples.get(reap_ok) else None
+
+        samples = wait_until(reaped_or_exited, timeout=30, what="a reap pass on /metrics")
+        assert proc.poll() is None
+        assert samples[("orz_scheduler_leader", ())] == 1
+        assert samples[("orz_scheduler_job_duration_seconds_count", (("job", "reap"),))] >= 1
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            _out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and all(json.loads(line)["level"] for line in lines), err
