@@ -1,12 +1,13 @@
 """JSON logs: every line of a full API flow over real HTTP is one JSON object carrying the request id
-(and the session and user ids where they apply), and no credential the flow handled shows up in any
-log line, at any level."""
+(and the session and user ids where they apply), and no credential or secret value the flow handled
+shows up in any log line, at any level."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
@@ -55,9 +56,27 @@ async def full_flow(base: str, sessions, provider: FakeProvider) -> dict[str, st
     t = await make_tenant(sessions, "acme")
     user = {"Authorization": f"Bearer {t.token}"}
     service = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+    # Values that look like nothing the redacting formatter knows: only not logging them keeps them out.
+    secret_values = {"first secret": "sk-live-" + secrets.token_hex(16), "second secret": secrets.token_hex(20),
+                     "replaced secret": "hunter2-" + secrets.token_hex(8)}
     # One client, so requests share keep-alive connections as real clients do.
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
-        sid = (await http.post("/v1/instances", json={"task": "fix the bug"}, headers=user)).json()["id"]
+        created = await http.post("/v1/secrets", headers=user, json={"name": "model-keys", "data": {
+            "MODEL_API_KEY": secret_values["first secret"], "DB_PASSWORD": secret_values["second secret"]}})
+        assert created.status_code == 201, created.text
+        assert secret_values["first secret"] not in created.text
+        replaced = await http.put("/v1/secrets/model-keys", headers=user, json={"data": {
+            "MODEL_API_KEY": secret_values["replaced secret"], "DB_PASSWORD": secret_values["second secret"]}})
+        assert replaced.status_code == 200, replaced.text
+        # A bad request carrying a value: the error names the problem, not the value.
+        bad = await http.post("/v1/secrets", headers=user, json={"name": "x", "data": {
+            "not a name": secret_values["first secret"]}})
+        assert bad.status_code in (400, 422) and secret_values["first secret"] not in bad.text
+        sid = (await http.post("/v1/instances", json={"task": "fix the bug", "secrets": ["model-keys"]},
+                               headers=user)).json()["id"]
+        # The values did flow: into the session's environment, and nowhere else.
+        assert provider.specs[sid].secret_env["MODEL_API_KEY"] == secret_values["replaced secret"]
+        assert (await http.get("/v1/secrets/model-keys", headers=user)).status_code == 200
         runner_token = provider.specs[sid].runner_token
         runner = {"Authorization": f"Bearer {runner_token}"}
         beat = await http.post(f"/internal/v1/instances/{sid}/heartbeat", headers=runner, json={
@@ -87,8 +106,9 @@ async def full_flow(base: str, sessions, provider: FakeProvider) -> dict[str, st
         assert (await http.delete(f"/v1/instances/{sid}", headers=user)).status_code == 200
         for path in ("/healthz", "/readyz", "/metrics", "/v1/openapi.json"):
             assert (await http.get(path)).status_code == 200, path
+        assert (await http.delete("/v1/secrets/model-keys", headers=user)).status_code == 204
     return {"api token": t.token, "runner token": runner_token, "service token": SERVICE_TOKEN,
-            "wrong token": fake["Authorization"].split()[1]}
+            "wrong token": fake["Authorization"].split()[1], **secret_values}
 
 
 async def test_every_line_of_a_full_flow_is_json_with_a_request_id(server, sessions, provider):
@@ -123,7 +143,7 @@ async def test_no_credential_appears_in_any_log_line(server, sessions, provider)
     for what, value in creds.items():
         assert value not in text, f"the {what} appears in the logs"
         # A token's public kind and lookup prefix may appear; nothing past it.
-        assert value[:20] not in text, f"more than the prefix of the {what} appears in the logs"
+        assert value[:16] not in text, f"more than the prefix of the {what} appears in the logs"
 
 
 def test_formatter_redacts_credential_shaped_text():
