@@ -52,6 +52,7 @@ BYTES_PROXIED = Counter(
 # shows 0 rather than "no data" and ratios are defined.
 for _door in DOORS:
     ACTIVE_SESSIONS.labels(door=_door)
+    ATTACH_LATENCY.labels(door=_door)
     for _result in ATTACH_RESULTS:
         ATTACHES.labels(door=_door, result=_result)
 for _direction in ("in", "out"):
