@@ -14,9 +14,10 @@ dev: setup  ## run the whole platform on the embedded default (SQLite + local se
 test: setup  ## the whole test suite (SQLite and, when reachable, PostgreSQL)
 	$(VENV)/pytest $(PYTEST_ARGS)
 
-lint: setup
+lint: setup  ## ruff, import contracts, then actionlint, bandit and pip-audit (hack/lint.sh)
 	$(VENV)/ruff check .
 	$(VENV)/lint-imports
+	./hack/lint.sh
 
 bench: setup
 	$(VENV)/python bench/api.py
