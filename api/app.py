@@ -124,6 +124,7 @@ def create_app(
     app.config.KEEP_ALIVE_TIMEOUT = 75
     app.config.ACCESS_LOG = False
     app.ctx.openapi = None
+    app.ctx.extra_metrics = []  # registries of services sharing this process (orz server adds the gateway's)
     app.ctx.state = None
     app.blueprint([health.bp, me.bp, instances.bp, internal.bp])
     for extra in _optional_blueprints():

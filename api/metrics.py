@@ -34,13 +34,16 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
-def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
-    """The text format for /metrics: this process's registry, or every worker's values merged."""
+def exposition(*extra: CollectorRegistry) -> bytes:
+    """The text format for /metrics: this process's registry (or every worker's values merged), then
+    ``extra`` registries of other services sharing the process (`orz server` runs the gateway too)."""
     if multiprocess_dir():
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
-        return generate_latest(merged)
-    return generate_latest(registry)
+        own = generate_latest(merged)
+    else:
+        own = generate_latest(REGISTRY)
+    return own + b"".join(generate_latest(registry) for registry in extra)
 
 
 @dataclass

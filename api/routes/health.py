@@ -51,7 +51,9 @@ async def prometheus_metrics(request: Request) -> HTTPResponse:
     counts = dict(rows)
     for s in State:
         metrics.SESSIONS_BY_STATE.labels(state=s.value).set(counts.get(s.value, 0))
-    return HTTPResponse(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+    # Other services running in this process (the embedded server) add their registries here.
+    extra = getattr(request.app.ctx, "extra_metrics", ())
+    return HTTPResponse(metrics.exposition(*extra), content_type=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/v1/openapi.json")

@@ -137,3 +137,14 @@ def test_multiprocess_mode_merges_every_workers_values(tmp_path: Path):
                  route="/v1/instances", method="POST", status="201") == 2
     # "mostrecent": the last writer's value, not a per-process series or a sum.
     assert value(samples, "orz_sessions", state="running") == 3
+
+
+async def test_registries_of_services_sharing_the_process_are_exposed_too(app, sessions):
+    from prometheus_client import CollectorRegistry, Counter
+
+    other = CollectorRegistry()
+    Counter("orz_other_service_events", "a service embedded in the same process", registry=other).inc(3)
+    app.ctx.extra_metrics.append(other)
+    samples = await scrape(app)
+    assert value(samples, "orz_other_service_events_total") == 3
+    assert ("orz_sessions", (("state", "running"),)) in samples
