@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -33,6 +34,13 @@ def main() -> None:
         orz(standalone_mode=True)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        # Last resort: a bug still ends in one line; ORZ_DEBUG=1 shows the traceback for a report.
+        if os.environ.get("ORZ_DEBUG"):
+            raise
+        detail = " ".join(str(exc).split()) or "no detail"
+        click.echo(f"orz: internal error: {type(exc).__name__}: {detail} (ORZ_DEBUG=1 shows more)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
