@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 from sanic import HTTPResponse, Request
 from sanic.response import json as json_response
 
-from api.errors import BadRequest, ValidationFailed
+from api.errors import BadRequest, PayloadTooLarge, ValidationFailed
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -17,6 +17,9 @@ M = TypeVar("M", bound=BaseModel)
 def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -> M:
     """Parse and validate a JSON body; any content type is read as JSON (curl -d sends a form type)."""
     raw = request.body or b""
+    # Sanic's own limit only applies to its HTTP server; check again so ASGI deployments get it too.
+    if len(raw) > request.app.config.REQUEST_MAX_SIZE:
+        raise PayloadTooLarge("request body is too large")
     if not raw.strip():
         if allow_empty:
             return model()

@@ -160,7 +160,7 @@ class InstanceService:
     async def start(self, who: Principal, session_id: str, *, actor: str | None = None) -> Instance:
         async with self.sessions() as db:
             inst = await self._owned(db, who, session_id)
-            return await self._start_row(db, inst, who.plan, actor or who.actor)
+        return await self._start_row(inst, who.plan, actor or who.actor)
 
     async def stop(self, who: Principal, session_id: str) -> Instance:
         async with self.sessions() as db:
@@ -232,11 +232,11 @@ class InstanceService:
         for row in rows:
             async with self.sessions() as db:
                 org = await db.get(Org, row.org_id)
-                try:
-                    await self._start_row(db, row, org.plan if org else "free", "system")
-                    resumed.append(row.id)
-                except (QuotaExceeded, InvalidTransition, ProviderError) as exc:
-                    log.warning("session %s not resumed: %s", row.id, exc)
+            try:
+                await self._start_row(row, org.plan if org else "free", "system")
+                resumed.append(row.id)
+            except (QuotaExceeded, InvalidTransition, ProviderError) as exc:
+                log.warning("session %s not resumed: %s", row.id, exc)
         return resumed
 
     # ----------------------------------------------------------------------------- runner side
@@ -315,7 +315,7 @@ class InstanceService:
             if state == State.STOPPED:
                 if not req.wake:
                     raise Conflict(f"session {inst.id} is stopped; start it with `orz cloud start {inst.id}`")
-                inst = await self._start_row(db, inst, plan, f"user:{user.id}", kind="woke")
+                inst = await self._start_row(inst, plan, f"user:{user.id}", kind="woke")
                 state = State(inst.state)
         mode = "ro" if req.readonly else "rw"
         route = None
@@ -373,23 +373,22 @@ class InstanceService:
                 limit=limit, current=active, plan=plan,
             )
 
-    async def _start_row(self, db: AsyncSession, inst: Instance, plan: str, actor: str,
-                         kind: str = "starting") -> Instance:
+    async def _start_row(self, inst: Instance, plan: str, actor: str, kind: str = "starting") -> Instance:
         state = State(inst.state)
         if state in ACTIVE_STATES:
             return inst
         if state not in STARTABLE_STATES:
             check_transition(state, State.STARTING)
-        await db.rollback()
         runner_token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
-        secret_env = await self._secret_env(db, inst.org_id, inst.user_id, inst.spec.get("secrets", []))
-        await db.rollback()
-        await self._lock_org_and_check_quota(db, inst.org_id, plan, exclude=inst.id)
-        inst = await self._transition(
-            db, inst, State.STARTING, actor, kind, "waking on connect" if kind == "woke" else None,
-            runner_token_prefix=runner_token.prefix, runner_token_hash=runner_token.digest,
-            route_host=None, route_port=None, runner_host_key=None, reason=None, stopped_at=None,
-        )
+        async with self.sessions() as db:
+            secret_env = await self._secret_env(db, inst.org_id, inst.user_id, inst.spec.get("secrets", []))
+        async with self.sessions() as db:
+            await self._lock_org_and_check_quota(db, inst.org_id, plan, exclude=inst.id)
+            inst = await self._transition(
+                db, inst, State.STARTING, actor, kind, "waking on connect" if kind == "woke" else None,
+                runner_token_prefix=runner_token.prefix, runner_token_hash=runner_token.digest,
+                route_host=None, route_port=None, runner_host_key=None, reason=None, stopped_at=None,
+            )
         return await self._launch(inst, actor, runner_token.value, secret_env, fresh=False)
 
     async def _launch(self, inst: Instance, actor: str, runner_token: str, secret_env: dict[str, str],
