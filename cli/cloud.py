@@ -112,7 +112,7 @@ def _load_validator():  # type: ignore[no-untyped-def]
         return importlib.import_module("runner.cloud_config")
     except ModuleNotFoundError as exc:
         if exc.name in ("runner", "runner.cloud_config"):
-            raise CliError("orz cloud validate needs the runner package (runner.cloud_config), "
+            raise CliError("validate needs the runner package (runner.cloud_config), "
                            "which this installation does not include") from None
         raise
 

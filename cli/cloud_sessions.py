@@ -81,6 +81,7 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
                        "after orz cloud ssh-config --write)")
             return None
         grant, cert = await attaching.fetch_certificate(api, inst.id)
+        _note(f"attaching to {inst.id}; detach with Ctrl-b d, come back with: orz cloud attach {inst.id}")
         return attaching.attach_command(grant, cert)
 
 

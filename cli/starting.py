@@ -26,16 +26,21 @@ class LogFollower:
     def update(self, text: str) -> None:
         if not text or text == self.shown:
             return
-        if text.startswith(self.shown):
-            new = text[len(self.shown):]
-        else:
-            # The tail moved: continue after the last thing we showed, if it is still in the window.
-            anchor = self.shown[-512:]
-            at = text.rfind(anchor) if anchor else -1
-            new = text[at + len(anchor):] if at >= 0 else text
+        new = text[len(self.shown):] if text.startswith(self.shown) else _after_overlap(self.shown, text)
         self.shown = text
         if new:
             self.emit(new.rstrip("\n"))
+
+
+def _after_overlap(old: str, new: str) -> str:
+    """The part of new after its longest run of leading lines that ends old (the tail window moved)."""
+    old_lines, new_lines = old.splitlines(keepends=True), new.splitlines(keepends=True)
+    if new_lines:
+        for i, line in enumerate(old_lines):
+            overlap = old_lines[i:]
+            if line == new_lines[0] and new_lines[:len(overlap)] == overlap:
+                return "".join(new_lines[len(overlap):])
+    return new
 
 
 async def wait_until_running(api: ApiClient, session_id: str, emit: Callable[[str], None], *,
