@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api import log as orz_log
 from api import metrics
+from api.auth import PrincipalCache
 from api.db.engine import create_engine, session_factory
 from api.db.migrate import ensure_at_head
 from api.errors import STATUS_TO_ERROR, OrzError
@@ -36,6 +37,7 @@ class AppState:
     sessions: async_sessionmaker[AsyncSession]
     provider: Provider
     instances: InstanceService
+    principals: PrincipalCache
 
 
 def make_provider(settings: Settings) -> Provider:
@@ -134,7 +136,7 @@ def create_app(
             settings, sessions, prov, gateway_public_key=gateway_public_key(settings), secret_env=secret_env
         )
         svc.on_transition.append(_count_transition)
-        app.ctx.state = AppState(settings, engine, sessions, prov, svc)
+        app.ctx.state = AppState(settings, engine, sessions, prov, svc, PrincipalCache(settings.auth_cache_ttl_s))
 
     @app.after_server_stop
     async def close_resources(app: Sanic, _loop: Any = None) -> None:

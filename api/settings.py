@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     # How clients and runners reach the API; derived from host/port when empty.
     public_api_url: str = ""
     max_request_bytes: int = Field(default=256 * 1024, gt=0)
-    api_workers: int = Field(default=1, ge=1)
+    # How long a verified API token is trusted without asking the database again (0 disables).
+    auth_cache_ttl_s: float = Field(default=5.0, ge=0, le=60)
 
     # Gateway
     ssh_host: str = "127.0.0.1"

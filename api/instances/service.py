@@ -124,11 +124,13 @@ class InstanceService:
             secret_env = await self._secret_env(db, who.org_id, who.user_id, req.secrets)
             await db.rollback()
             for attempt in range(ID_ATTEMPTS):
+                # Created and moved to starting in one transaction (both events are written): the
+                # provider is asked right after, outside the transaction.
                 inst = Instance(
                     id=new_session_id(req.repo_url),
                     org_id=who.org_id,
                     user_id=who.user_id,
-                    state=State.PENDING.value,
+                    state=check_transition(State.PENDING, State.STARTING).value,
                     tier=req.tier,
                     program=req.program,
                     repo_url=req.repo_url,
@@ -148,6 +150,7 @@ class InstanceService:
                     db.add(inst)
                     db.add(self._event(inst, who.actor, "created", None, State.PENDING,
                                        f"tier {req.tier}" + (f", repo {req.repo_url}" if req.repo_url else "")))
+                    db.add(self._event(inst, who.actor, "starting", State.PENDING, State.STARTING, None))
                     await db.commit()
                     break
                 except IntegrityError:
@@ -155,6 +158,7 @@ class InstanceService:
                     await db.rollback()
                     if attempt == ID_ATTEMPTS - 1:
                         raise
+        await self._notify(inst, State.PENDING, State.STARTING)
         return await self._launch(inst, who.actor, runner_token.value, secret_env, fresh=True)
 
     async def start(self, who: Principal, session_id: str, *, actor: str | None = None) -> Instance:
@@ -312,11 +316,11 @@ class InstanceService:
             state = State(inst.state)
             if state == State.FAILED:
                 raise SessionFailed(f"session {inst.id} failed: {inst.reason or 'unknown reason'}")
-            if state == State.STOPPED:
-                if not req.wake:
-                    raise Conflict(f"session {inst.id} is stopped; start it with `orz cloud start {inst.id}`")
-                inst = await self._start_row(inst, plan, f"user:{user.id}", kind="woke")
-                state = State(inst.state)
+            if state == State.STOPPED and not req.wake:
+                raise Conflict(f"session {inst.id} is stopped; start it with `orz cloud start {inst.id}`")
+        if state == State.STOPPED:
+            inst = await self._start_row(inst, plan, f"user:{user.id}", kind="woke")
+            state = State(inst.state)
         mode = "ro" if req.readonly else "rw"
         route = None
         if state in ATTACHABLE_STATES and inst.route_host and inst.route_port and inst.runner_host_key:
@@ -393,9 +397,6 @@ class InstanceService:
 
     async def _launch(self, inst: Instance, actor: str, runner_token: str, secret_env: dict[str, str],
                       *, fresh: bool) -> Instance:
-        if fresh:
-            async with self.sessions() as db:
-                inst = await self._transition(db, inst, State.STARTING, actor, "starting", None)
         spec = self._compute_spec(inst, runner_token, secret_env)
         try:
             if fresh:
@@ -452,11 +453,14 @@ class InstanceService:
         await db.commit()
         row = await db.get(Instance, inst.id, populate_existing=True)
         assert row is not None
+        await self._notify(row, current, target)
+        return row
+
+    async def _notify(self, row: Instance, current: State, target: State) -> None:
         for listener in self.on_transition:
             outcome = listener(row, current, target)
             if asyncio.iscoroutine(outcome):
                 await outcome
-        return row
 
     def _event(self, inst: Instance, actor: str, kind: str, from_state: State | None,
                to_state: State | None, message: str | None) -> Event:
