@@ -316,8 +316,10 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         if up.exit_signal is not None:
             signal, core, msg, lang = up.exit_signal
             chan.exit_with_signal(signal, core, msg, lang)
+        elif up.exit_status is not None:
+            chan.exit(up.exit_status)
         else:
-            chan.exit(up.exit_status if up.exit_status is not None else 255)
+            chan.close()  # mirror the runner: no status was sent, so none is invented
 
     def pause_client(self) -> None:
         if self._chan is not None:

@@ -82,10 +82,6 @@ class ClientConnection(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername")
         self.source = str(peer[0]) if peer else "?"
         self.gw.connections.add(self)
-        if self.gw.limiter.blocked(self.source):
-            log.info("conn %s from %s refused: rate limited", self.id, self.source)
-            conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
-                            "too many failed authentications; try again later")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gw.connections.discard(self)
@@ -104,6 +100,12 @@ class ClientConnection(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self.session_id = username
+        if self.gw.limiter.blocked(self.source):
+            # Refuse after the handshake so the client can show why (a raw close reads as garbage).
+            log.info("conn %s from %s refused: rate limited", self.id, self.source)
+            wait = self.gw.limiter.retry_after(self.source)
+            self._banner(f"too many failed authentications from your address; try again in {wait} s")
+            self._hang_up_now()
         return True
 
     def public_key_auth_supported(self) -> bool:
@@ -173,9 +175,12 @@ class ClientConnection(asyncssh.SSHServer):
         self._banner(f"{exc.line}; get a new one with `orz cloud attach {self.session_id[:32]}`")
         if self.gw.limiter.record_failure(self.source):
             self._banner("too many failed authentications; try again later")
-            if self.conn is not None:
-                self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
-                                     "too many failed authentications")
+            self._hang_up_now()
+
+    def _hang_up_now(self) -> None:
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                 "too many failed authentications")
 
     def _banner(self, line: str) -> None:
         if line in self._banners or self.conn is None:
@@ -188,13 +193,14 @@ class ClientConnection(asyncssh.SSHServer):
         self.attachment = Attachment()
         if self.refusal is not None:
             self.attachment.refuse(self.refusal)
-            asyncio.get_running_loop().call_later(REFUSED_LINGER_S, self._hang_up)
+            asyncio.get_running_loop().call_later(REFUSED_LINGER_S, self._hang_up, self.refusal.line)
             return
         self.gw.spawn(self._attach())
 
-    def _hang_up(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
+    def _hang_up(self, line: str) -> None:
+        """Clients without a session channel (ssh -N) still read the reason in the disconnect."""
+        if self.conn is not None and not self.conn.is_closed():
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"orz: {line}")
 
     async def _attach(self) -> None:
         assert self.attachment is not None and self.principal is not None and self.reply is not None
@@ -207,7 +213,7 @@ class ClientConnection(asyncssh.SSHServer):
         except (AttachRefused, UpstreamUnavailable) as exc:
             log.info("conn %s: attach to %s failed: %s", self.id, self.session_id, exc.internal or exc.line)
             self.attachment.refuse(exc)
-            asyncio.get_running_loop().call_later(REFUSED_LINGER_S, self._hang_up)
+            asyncio.get_running_loop().call_later(REFUSED_LINGER_S, self._hang_up, exc.line)
             return
         if self.conn is None or self.conn.is_closed():
             upstream.close()

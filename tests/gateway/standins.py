@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,14 @@ class _RunnerServer(asyncssh.SSHServer):
         return _loopback(listen_host)
 
 
+class _SftpServer(asyncssh.SFTPServer):
+    """asyncssh closes an sftp channel without an exit status; sshd sends 0 (scp checks it)."""
+
+    def exit(self) -> None:
+        with contextlib.suppress(OSError):
+            self.channel.exit(0)
+
+
 @dataclass
 class FakeRunner:
     gateway_key: asyncssh.SSHKey
@@ -164,6 +173,8 @@ class FakeRunner:
     host_key: asyncssh.SSHKey = field(default_factory=lambda: asyncssh.generate_private_key("ssh-ed25519"))
     acceptor: asyncssh.SSHAcceptor | None = None
     term_sizes: list[tuple[int, int]] = field(default_factory=list)
+    usernames: list[str] = field(default_factory=list)
+    signals: list[str] = field(default_factory=list)
 
     @property
     def route(self) -> dict[str, Any]:
@@ -175,7 +186,7 @@ class FakeRunner:
         self.acceptor = await asyncssh.listen(
             "127.0.0.1", 0, server_factory=lambda: _RunnerServer(self), server_host_keys=[self.host_key],
             process_factory=self._process, encoding=None, line_editor=False, config=None,
-            sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(self.workspace).encode()),
+            sftp_factory=lambda chan: _SftpServer(chan, chroot=str(self.workspace).encode()),
             allow_scp=True, agent_forwarding=False,
         )
 
@@ -185,6 +196,7 @@ class FakeRunner:
             await self.acceptor.wait_closed()
 
     async def _process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        self.usernames.append(process.get_extra_info("username"))
         if process.get_terminal_type() and process.command is None:
             await self._tmux_like(process)
         else:
@@ -192,18 +204,24 @@ class FakeRunner:
 
     async def _tmux_like(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         """The 'program' of the session says hi, then echoes what is typed (in upper case for 'ping')."""
-        process.stdout.write(b"hi\r\n")
-        with contextlib.suppress(asyncssh.BreakReceived, asyncssh.SignalReceived,
-                                 asyncssh.TerminalSizeChanged):
-            while True:
-                try:
-                    data = await process.stdin.read(4096)
-                except asyncssh.TerminalSizeChanged as change:
-                    self.term_sizes.append((change.width, change.height))
-                    process.stdout.write(f"size {change.width}x{change.height}\r\n".encode())
-                    continue
-                if not data:
-                    break
+        readonly = process.get_extra_info("username") == "ro"
+        process.stdout.write(b"hi (read-only)\r\n" if readonly else b"hi\r\n")
+        while True:
+            try:
+                data = await process.stdin.read(4096)
+            except asyncssh.TerminalSizeChanged as change:
+                self.term_sizes.append((change.width, change.height))
+                process.stdout.write(f"size {change.width}x{change.height}\r\n".encode())
+                continue
+            except asyncssh.SignalReceived as sig:
+                self.signals.append(sig.signal)
+                continue
+            except asyncssh.BreakReceived:
+                self.signals.append("break")
+                continue
+            if not data:
+                break
+            if not readonly:
                 process.stdout.write(b"pong\r\n" if data.strip() == b"ping" else data)
         process.exit(0)
 
@@ -229,4 +247,8 @@ class FakeRunner:
         await asyncio.gather(pump_out(proc.stdout, process.stdout), pump_out(proc.stderr, process.stderr))
         status = await proc.wait()
         feeder.cancel()
-        process.exit(status if status >= 0 else 128 - status)
+        if status < 0:
+            name = signal.Signals(-status).name.removeprefix("SIG")
+            process.exit_with_signal(name, False, f"killed by {name}")
+        else:
+            process.exit(status)
