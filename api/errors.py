@@ -82,6 +82,11 @@ class InvalidTransition(Conflict):
     title = "The session cannot do that in its current state"
 
 
+class SessionFailed(Conflict):
+    code = "session_failed"
+    title = "The session failed"
+
+
 class PayloadTooLarge(OrzError):
     status = 413
     code = "payload_too_large"

@@ -1,0 +1,107 @@
+"""Operator actions behind `orz admin`: orgs, users, tokens and the embedded default's bootstrap."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.db import tokens
+from api.db.models import ApiToken, Org, User
+from api.errors import BadRequest, Conflict, NotFound
+
+PLANS = ("free", "pro", "team")
+ORG_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,189}$")
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    org: Org
+    user: User
+    token: str | None
+
+
+async def create_org(sessions: async_sessionmaker[AsyncSession], name: str, plan: str = "free") -> Org:
+    if not ORG_NAME_RE.match(name):
+        raise BadRequest("org names are 1-63 characters of a-z, 0-9 and '-'")
+    if plan not in PLANS:
+        raise BadRequest(f"plan must be one of {', '.join(PLANS)}")
+    async with sessions() as db:
+        org = Org(name=name, plan=plan)
+        db.add(org)
+        try:
+            await db.commit()
+        except IntegrityError:
+            raise Conflict(f"org {name} already exists") from None
+        return org
+
+
+async def set_plan(sessions: async_sessionmaker[AsyncSession], name: str, plan: str) -> Org:
+    if plan not in PLANS:
+        raise BadRequest(f"plan must be one of {', '.join(PLANS)}")
+    async with sessions() as db:
+        org = await db.scalar(select(Org).where(Org.name == name))
+        if org is None:
+            raise NotFound(f"no such org: {name}")
+        org.plan = plan
+        await db.commit()
+        return org
+
+
+async def create_user(sessions: async_sessionmaker[AsyncSession], email: str, org_name: str,
+                      *, is_admin: bool = False) -> User:
+    email = email.strip().lower()
+    if not EMAIL_RE.match(email):
+        raise BadRequest(f"not an email address: {email}")
+    async with sessions() as db:
+        org = await db.scalar(select(Org).where(Org.name == org_name))
+        if org is None:
+            raise NotFound(f"no such org: {org_name}")
+        user = User(email=email, org_id=org.id, is_admin=is_admin)
+        db.add(user)
+        try:
+            await db.commit()
+        except IntegrityError:
+            raise Conflict(f"user {email} already exists") from None
+        return user
+
+
+async def set_user_active(sessions: async_sessionmaker[AsyncSession], email: str, active: bool) -> User:
+    async with sessions() as db:
+        user = await db.scalar(select(User).where(User.email == email.strip().lower()))
+        if user is None:
+            raise NotFound(f"no such user: {email}")
+        user.is_active = active
+        await db.commit()
+        return user
+
+
+async def create_token(sessions: async_sessionmaker[AsyncSession], email: str, name: str = "default") -> str:
+    """Mint an API token for a user and return it; only its prefix and hash are stored."""
+    async with sessions() as db:
+        user = await db.scalar(select(User).where(User.email == email.strip().lower()))
+        if user is None:
+            raise NotFound(f"no such user: {email}")
+        issued = tokens.issue(tokens.API_TOKEN_PREFIX)
+        db.add(ApiToken(user_id=user.id, name=name[:64], prefix=issued.prefix, token_hash=issued.digest))
+        await db.commit()
+        return issued.value
+
+
+async def bootstrap(sessions: async_sessionmaker[AsyncSession], org_name: str = "default",
+                    email: str = "admin@localhost") -> Bootstrap:
+    """First start of the embedded default: an admin org, user and token, once."""
+    async with sessions() as db:
+        existing = await db.scalar(select(User).where(User.email == email))
+        if existing is not None:
+            org = await db.get(Org, existing.org_id)
+            assert org is not None
+            return Bootstrap(org=org, user=existing, token=None)
+    org = await create_org(sessions, org_name, "free")
+    user = await create_user(sessions, email, org_name, is_admin=True)
+    token = await create_token(sessions, email, name="orz-server")
+    return Bootstrap(org=org, user=user, token=token)

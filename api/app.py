@@ -1,0 +1,186 @@
+"""The Sanic application: wiring of settings, database, provider, services, routes and errors."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sanic import HTTPResponse, Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.handlers import ErrorHandler
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from api import log as orz_log
+from api import metrics
+from api.db.engine import create_engine, session_factory
+from api.db.migrate import ensure_at_head
+from api.errors import STATUS_TO_ERROR, OrzError
+from api.instances.providers.base import Provider
+from api.instances.service import InstanceService, SecretEnvSource
+from api.routes import health, instances, internal, me
+from api.settings import Settings
+
+log = logging.getLogger(__name__)
+_app_numbers = itertools.count(1)
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    provider: Provider
+    instances: InstanceService
+
+
+def make_provider(settings: Settings) -> Provider:
+    if settings.provider == "fake":
+        from api.instances.providers.fake import FakeProvider
+
+        return FakeProvider()
+    if settings.provider == "local":
+        from api.instances.providers.local import LocalProvider
+
+        return LocalProvider(settings)
+    from api.instances.providers.kubernetes.provider import KubernetesProvider
+
+    return KubernetesProvider(settings)
+
+
+def gateway_public_key(settings: Settings) -> str:
+    """The public half of the gateway's client key, which runners are told to trust."""
+    if settings.gateway_public_key:
+        return settings.gateway_public_key.strip()
+    key_file = settings.gateway_client_key_file or settings.keys_dir / "gateway_client_ed25519"
+    pub = Path(f"{key_file}.pub")
+    return pub.read_text().strip() if pub.exists() else ""
+
+
+class ProblemHandler(ErrorHandler):
+    """Every error leaves as application/problem+json; unexpected ones as a bare 500."""
+
+    def default(self, request: Request, exception: Exception) -> HTTPResponse:
+        if isinstance(exception, OrzError):
+            error = exception
+        elif isinstance(exception, SanicException):
+            status = int(getattr(exception, "status_code", 500) or 500)
+            cls = STATUS_TO_ERROR.get(status)
+            error = cls(_sanic_detail(status, exception)) if cls else OrzError()
+        else:
+            log.error("unhandled error on %s %s", request.method, request.path, exc_info=exception)
+            error = OrzError("internal error; it has been logged")
+        if error.internal:
+            log.warning("%s: %s", error.code, error.internal)
+        body = error.to_problem(instance=request.path)
+        headers = {"X-Request-Id": getattr(request.ctx, "request_id", "")}
+        if error.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="orzbob-cloud"'
+        if error.status == 405:
+            allowed = getattr(exception, "allowed_methods", None) or getattr(exception, "headers", {}).get("Allow")
+            if allowed:
+                headers["Allow"] = allowed if isinstance(allowed, str) else ", ".join(sorted(allowed))
+        return HTTPResponse(
+            _json_dumps(body), status=error.status, headers=headers, content_type="application/problem+json"
+        )
+
+
+def _sanic_detail(status: int, exc: SanicException) -> str:
+    if status == 404:
+        return "no such endpoint"
+    if status == 413:
+        return "request body is too large"
+    if status == 405:
+        return "method not allowed on this endpoint"
+    return str(exc) or "bad request"
+
+
+def _json_dumps(body: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(body)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    provider: Provider | None = None,
+    secret_env: SecretEnvSource | None = None,
+    name: str | None = None,
+) -> Sanic:
+    app = Sanic(name or f"orz_api_{next(_app_numbers)}", error_handler=ProblemHandler(), configure_logging=False)
+    app.config.REQUEST_MAX_SIZE = settings.max_request_bytes
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.config.KEEP_ALIVE_TIMEOUT = 75
+    app.config.ACCESS_LOG = False
+    app.ctx.openapi = None
+    app.ctx.state = None
+    app.blueprint([health.bp, me.bp, instances.bp, internal.bp])
+    for extra in _optional_blueprints():
+        app.blueprint(extra)
+
+    @app.before_server_start
+    async def open_resources(app: Sanic, _loop: Any = None) -> None:
+        if settings.require_schema_head:
+            await ensure_at_head(settings.database_url)
+        engine = create_engine(settings.database_url)
+        sessions = session_factory(engine)
+        prov = provider or make_provider(settings)
+        svc = InstanceService(
+            settings, sessions, prov, gateway_public_key=gateway_public_key(settings), secret_env=secret_env
+        )
+        svc.on_transition.append(_count_transition)
+        app.ctx.state = AppState(settings, engine, sessions, prov, svc)
+
+    @app.after_server_stop
+    async def close_resources(app: Sanic, _loop: Any = None) -> None:
+        state: AppState | None = app.ctx.state
+        if state is None:
+            return
+        if provider is None:
+            await state.provider.close()
+        await state.engine.dispose()
+
+    @app.on_request
+    async def start_request(request: Request) -> None:
+        request.ctx.started = time.perf_counter()
+        incoming = request.headers.get("x-request-id", "")
+        request.ctx.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+        orz_log.bind(request_id=request.ctx.request_id)
+
+    @app.on_response
+    async def finish_request(request: Request, response: HTTPResponse) -> None:
+        elapsed = time.perf_counter() - getattr(request.ctx, "started", time.perf_counter())
+        route_name = request.route.path if request.route else "unmatched"
+        metrics.HTTP_DURATION.labels(route=route_name, method=request.method, status=response.status).observe(elapsed)
+        response.headers["X-Request-Id"] = getattr(request.ctx, "request_id", "")
+        log.info(
+            "%s %s %s", request.method, request.path, response.status,
+            extra={"event": "access", "status": response.status, "duration_ms": round(elapsed * 1000, 2),
+                   "user_id": getattr(request.ctx, "user_id", None),
+                   "session_id": getattr(request.ctx, "session_id", None)},
+        )
+
+    return app
+
+
+def _count_transition(row: Any, _from: Any, to: Any) -> None:
+    metrics.SESSION_TRANSITIONS.labels(to_state=str(to.value)).inc()
+
+
+def _optional_blueprints() -> list[Any]:
+    """Blueprints of features that live in their own modules (attach, secrets) when present."""
+    found = []
+    for module_name in ("api.routes.attach", "api.routes.secrets"):
+        try:
+            module = __import__(module_name, fromlist=["bp"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        found.append(module.bp)
+    return found

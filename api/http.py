@@ -1,0 +1,60 @@
+"""Request parsing and response rendering shared by every route."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from sanic import HTTPResponse, Request
+from sanic.response import json as json_response
+
+from api.errors import BadRequest, PayloadTooLarge, ValidationFailed
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -> M:
+    """Parse and validate a JSON body; any content type is read as JSON (curl -d sends a form type)."""
+    raw = request.body or b""
+    # Sanic's own limit only applies to its HTTP server; check again so ASGI deployments get it too.
+    if len(raw) > request.app.config.REQUEST_MAX_SIZE:
+        raise PayloadTooLarge("request body is too large")
+    if not raw.strip():
+        if allow_empty:
+            return model()
+        raise BadRequest("a JSON object body is required")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed(_describe(exc), errors=_errors(exc)) from None
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"field": ".".join(str(p) for p in err["loc"]) or "(body)", "message": err["msg"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def _describe(exc: ValidationError) -> str:
+    errs = _errors(exc)
+    first = errs[0]
+    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"{first['field']}: {first['message']}{more}"
+
+
+def respond(model: BaseModel, status: int = 200) -> HTTPResponse:
+    return HTTPResponse(
+        model.model_dump_json(), status=status, content_type="application/json"
+    )
+
+
+def respond_json(data: Any, status: int = 200) -> HTTPResponse:
+    return json_response(data, status=status)

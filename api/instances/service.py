@@ -1,0 +1,500 @@
+"""Instance lifecycle: the only place that touches the provider and the database together.
+
+Every state change goes through ``_transition``, a conditional UPDATE (``WHERE state = <expected>``)
+that also writes the audit event, so two concurrent requests can never both move the same session.
+Provider calls happen outside database transactions; a failed provider call leaves the session in
+``failed`` with a reason the user can read, and never leaves compute running without a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api import schemas
+from api.auth import Principal
+from api.db import tokens
+from api.db.base import utcnow
+from api.db.models import Event, Instance, Org, UsedJti, User
+from api.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    InvalidTransition,
+    NotFound,
+    ProviderError,
+    QuotaExceeded,
+    SessionFailed,
+    Unauthorized,
+)
+from api.instances.ids import new_session_id
+from api.instances.providers.base import ComputeSpec, Provider, ProviderFailure
+from api.instances.states import (
+    ACTIVE_STATES,
+    ATTACHABLE_STATES,
+    GONE_STATES,
+    STARTABLE_STATES,
+    State,
+    check_transition,
+)
+from api.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+ID_ATTEMPTS = 5
+
+
+class SecretEnvSource(Protocol):
+    """Resolves the secret names a create request lists into environment values (see api/secrets)."""
+
+    async def env_for(self, db: AsyncSession, org_id: str, user_id: str, names: Sequence[str]) -> dict[str, str]:
+        ...
+
+
+class InstanceService:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        provider: Provider,
+        *,
+        gateway_public_key: str = "",
+        secret_env: SecretEnvSource | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.provider = provider
+        self.gateway_public_key = gateway_public_key
+        self.secret_env = secret_env
+        self.now = clock
+        # Listeners notified after every committed transition (metrics, tests).
+        self.on_transition: list[Callable[[Instance, State, State], Awaitable[None] | None]] = []
+
+    # ------------------------------------------------------------------------------------ queries
+
+    async def get(self, who: Principal, session_id: str) -> Instance:
+        async with self.sessions() as db:
+            return await self._owned(db, who, session_id)
+
+    async def list(self, who: Principal) -> list[Instance]:
+        async with self.sessions() as db:
+            rows = await db.scalars(
+                select(Instance)
+                .where(Instance.org_id == who.org_id, Instance.state != State.DELETED.value)
+                .order_by(Instance.created_at.desc(), Instance.id)
+            )
+            return list(rows)
+
+    async def events(self, who: Principal, session_id: str, limit: int = 20) -> list[Event]:
+        async with self.sessions() as db:
+            await self._owned(db, who, session_id)
+            rows = await db.scalars(
+                select(Event)
+                .where(Event.instance_id == session_id, Event.org_id == who.org_id)
+                .order_by(Event.id.desc())
+                .limit(limit)
+            )
+            return list(reversed(list(rows)))
+
+    async def quota(self, org_id: str, plan: str) -> schemas.Quota:
+        async with self.sessions() as db:
+            active = await self._count_active(db, org_id)
+        return schemas.Quota(limit=self.settings.quota_for(plan), active=active, plan=plan)
+
+    async def read_log(self, who: Principal, session_id: str) -> str:
+        inst = await self.get(who, session_id)
+        return await self.provider.read_log(inst.id, inst.provider_state or {})
+
+    # ---------------------------------------------------------------------------------- lifecycle
+
+    async def create(self, who: Principal, req: schemas.InstanceCreate) -> Instance:
+        idle = self._bounded_idle_timeout(who, req.idle_timeout_s)
+        runner_token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
+        async with self.sessions() as db:
+            # Resolve secrets first: a missing name fails the create before anything exists.
+            secret_env = await self._secret_env(db, who.org_id, who.user_id, req.secrets)
+            await db.rollback()
+            for attempt in range(ID_ATTEMPTS):
+                inst = Instance(
+                    id=new_session_id(req.repo_url),
+                    org_id=who.org_id,
+                    user_id=who.user_id,
+                    state=State.PENDING.value,
+                    tier=req.tier,
+                    program=req.program,
+                    repo_url=req.repo_url,
+                    branch=req.branch,
+                    task=req.task,
+                    spec={"secrets": list(req.secrets), "idle_timeout_s": idle},
+                    provider=self.provider.name,
+                    provider_state={},
+                    runner_token_prefix=runner_token.prefix,
+                    runner_token_hash=runner_token.digest,
+                    created_at=self.now(),
+                    updated_at=self.now(),
+                    state_changed_at=self.now(),
+                )
+                try:
+                    await self._lock_org_and_check_quota(db, who.org_id, who.plan)
+                    db.add(inst)
+                    db.add(self._event(inst, who.actor, "created", None, State.PENDING,
+                                       f"tier {req.tier}" + (f", repo {req.repo_url}" if req.repo_url else "")))
+                    await db.commit()
+                    break
+                except IntegrityError:
+                    # A session id collision (6 random characters): try another id.
+                    await db.rollback()
+                    if attempt == ID_ATTEMPTS - 1:
+                        raise
+        return await self._launch(inst, who.actor, runner_token.value, secret_env, fresh=True)
+
+    async def start(self, who: Principal, session_id: str, *, actor: str | None = None) -> Instance:
+        async with self.sessions() as db:
+            inst = await self._owned(db, who, session_id)
+        return await self._start_row(inst, who.plan, actor or who.actor)
+
+    async def stop(self, who: Principal, session_id: str) -> Instance:
+        async with self.sessions() as db:
+            inst = await self._owned(db, who, session_id)
+        return await self.stop_instance(inst, who.actor, reason="stopped by user")
+
+    async def delete(self, who: Principal, session_id: str) -> Instance:
+        async with self.sessions() as db:
+            inst = await self._owned(db, who, session_id)
+        return await self.delete_instance(inst, who.actor)
+
+    async def stop_instance(self, inst: Instance, actor: str, reason: str) -> Instance:
+        """Release compute and keep the workspace (users, the idle reaper)."""
+        if inst.state == State.STOPPED.value:
+            return inst
+        async with self.sessions() as db:
+            inst = await self._transition(db, inst, State.STOPPING, actor, "stopping", reason)
+        try:
+            provider_state = await self.provider.stop(inst.id, inst.provider_state or {})
+        except ProviderFailure as exc:
+            return await self._fail(inst, actor, f"could not stop: {exc.reason}")
+        async with self.sessions() as db:
+            return await self._transition(
+                db, inst, State.STOPPED, actor, "stopped", reason,
+                provider_state=provider_state, stopped_at=self.now(), attached_clients=0,
+                route_host=None, route_port=None, runner_host_key=None,
+                runner_token_prefix=None, runner_token_hash=None, reason=reason,
+            )
+
+    async def delete_instance(self, inst: Instance, actor: str) -> Instance:
+        """Remove compute and workspace; the row stays as `deleted` for the audit trail."""
+        async with self.sessions() as db:
+            inst = await self._transition(db, inst, State.DELETING, actor, "deleting", None)
+        try:
+            await self.provider.delete(inst.id, inst.provider_state or {})
+        except ProviderFailure as exc:
+            return await self._fail(inst, actor, f"could not delete: {exc.reason}")
+        async with self.sessions() as db:
+            return await self._transition(
+                db, inst, State.DELETED, actor, "deleted", None, deleted_at=self.now(),
+                attached_clients=0, route_host=None, route_port=None, runner_host_key=None,
+                runner_token_prefix=None, runner_token_hash=None,
+            )
+
+    async def fail_instance(self, inst: Instance, actor: str, reason: str) -> Instance:
+        """Mark a session failed and release its compute (heartbeats lost, fatal runner error)."""
+        return await self._fail(inst, actor, reason)
+
+    async def suspend_for_shutdown(self, reason: str) -> list[str]:
+        """Stop every active session (the embedded server is going down); returns their ids."""
+        async with self.sessions() as db:
+            rows = list(await db.scalars(select(Instance).where(
+                Instance.state.in_([State.STARTING.value, State.RUNNING.value, State.UNHEALTHY.value]))))
+        stopped = []
+        for row in rows:
+            try:
+                await self.stop_instance(row, "system", reason)
+                stopped.append(row.id)
+            except InvalidTransition:
+                continue
+        return stopped
+
+    async def resume_after_shutdown(self, reason: str) -> list[str]:
+        """Start again the sessions that suspend_for_shutdown stopped."""
+        async with self.sessions() as db:
+            rows = list(await db.scalars(select(Instance).where(
+                Instance.state == State.STOPPED.value, Instance.reason == reason)))
+        resumed = []
+        for row in rows:
+            async with self.sessions() as db:
+                org = await db.get(Org, row.org_id)
+            try:
+                await self._start_row(row, org.plan if org else "free", "system")
+                resumed.append(row.id)
+            except (QuotaExceeded, InvalidTransition, ProviderError) as exc:
+                log.warning("session %s not resumed: %s", row.id, exc)
+        return resumed
+
+    # ----------------------------------------------------------------------------- runner side
+
+    async def record_heartbeat(self, session_id: str, runner_token: str, hb: schemas.Heartbeat
+                               ) -> schemas.HeartbeatReply:
+        async with self.sessions() as db:
+            inst = await db.get(Instance, session_id)
+            if (
+                inst is None
+                or not inst.runner_token_hash
+                or not tokens.looks_like(runner_token, tokens.RUNNER_TOKEN_PREFIX)
+                or not tokens.matches(runner_token, inst.runner_token_hash)
+            ):
+                raise Unauthorized("invalid runner token")
+            now = self.now()
+            values: dict[str, Any] = {
+                "last_heartbeat_at": now,
+                "attached_clients": hb.attached_clients,
+                "init_status": hb.init_status,
+            }
+            if hb.host_key and hb.ssh_port:
+                values.update(route_host=hb.ssh_host, route_port=hb.ssh_port, runner_host_key=hb.host_key)
+            activity = [t for t in (hb.last_input_at, hb.last_output_at) if t is not None]
+            if hb.attached_clients > 0:
+                activity.append(now)
+            latest = max(activity, default=None)
+            if latest is not None:
+                latest = min(latest, now)  # a runner clock ahead of ours must not postpone reaping
+                if inst.last_activity_at is None or latest > inst.last_activity_at:
+                    values["last_activity_at"] = latest
+            await db.execute(update(Instance).where(Instance.id == inst.id).values(**values))
+            await db.commit()
+            await db.refresh(inst)
+        state = State(inst.state)
+        if hb.fatal_error:
+            if state not in GONE_STATES and state not in (State.FAILED, State.STOPPED):
+                inst = await self._fail(inst, "runner", hb.fatal_error)
+        elif state in (State.STARTING, State.UNHEALTHY) and inst.runner_host_key and hb.init_status in (
+            "succeeded", "none"
+        ):
+            async with self.sessions() as db:
+                try:
+                    inst = await self._transition(
+                        db, inst, State.RUNNING, "runner", "running",
+                        "runner is up" if state == State.STARTING else "heartbeats resumed",
+                        started_at=self.now() if state == State.STARTING else inst.started_at, reason=None,
+                    )
+                except InvalidTransition:
+                    await db.rollback()
+        return schemas.HeartbeatReply(state=inst.state, heartbeat_interval_s=self.settings.heartbeat_interval_s)
+
+    # ---------------------------------------------------------------------------- gateway side
+
+    async def authorize(self, req: schemas.AuthorizeRequest) -> schemas.AuthorizeReply:
+        """May this user attach now, and where is the runner? Wakes a stopped session if asked."""
+        no_such = NotFound(f"no such session: {req.session_id}")
+        async with self.sessions() as db:
+            user = await db.get(User, req.user_id)
+            inst = await db.get(Instance, req.session_id)
+            if user is None:
+                raise Unauthorized("unknown user")
+            if not user.is_active:
+                raise Forbidden("your account is disabled")
+            if inst is None or inst.org_id != user.org_id or State(inst.state) in GONE_STATES:
+                raise no_such
+            if inst.user_id != user.id and not user.is_admin:
+                raise Forbidden(f"session {inst.id} belongs to someone else in your org")
+            if req.jti:
+                await self._spend_jti(db, req.jti, req.jti_expires_at)
+            org = await db.get(Org, user.org_id)
+            plan = org.plan if org else "free"
+            state = State(inst.state)
+            if state == State.FAILED:
+                raise SessionFailed(f"session {inst.id} failed: {inst.reason or 'unknown reason'}")
+            if state == State.STOPPED:
+                if not req.wake:
+                    raise Conflict(f"session {inst.id} is stopped; start it with `orz cloud start {inst.id}`")
+                inst = await self._start_row(inst, plan, f"user:{user.id}", kind="woke")
+                state = State(inst.state)
+        mode = "ro" if req.readonly else "rw"
+        route = None
+        if state in ATTACHABLE_STATES and inst.route_host and inst.route_port and inst.runner_host_key:
+            route = schemas.Route(host=inst.route_host, port=inst.route_port, host_key=inst.runner_host_key)
+        message = None if route else f"session {inst.id} is {state.value}"
+        return schemas.AuthorizeReply(
+            session_id=inst.id, user_id=user.id, state=state.value, mode=mode, route=route, message=message
+        )
+
+    async def record_attach_event(self, ev: schemas.AttachEventIn) -> None:
+        async with self.sessions() as db:
+            inst = await db.get(Instance, ev.session_id)
+            if inst is None:
+                raise NotFound(f"no such session: {ev.session_id}")
+            now = self.now()
+            await db.execute(update(Instance).where(Instance.id == inst.id).values(last_activity_at=now))
+            detail = f"from {ev.source_address or 'unknown'}"
+            if ev.event == "detached":
+                detail += f", {ev.duration_s:.0f}s, {ev.bytes_in} bytes in, {ev.bytes_out} bytes out"
+            db.add(Event(instance_id=inst.id, org_id=inst.org_id, at=now, actor=f"user:{ev.user_id}",
+                         kind=ev.event, from_state=None, to_state=None, message=detail))
+            await db.commit()
+
+    # --------------------------------------------------------------------------------- helpers
+
+    async def _owned(self, db: AsyncSession, who: Principal, session_id: str) -> Instance:
+        inst = None
+        if schemas.SESSION_ID_RE.match(session_id):
+            inst = await db.get(Instance, session_id)
+        # Another org's session is indistinguishable from one that does not exist.
+        if inst is None or inst.org_id != who.org_id or inst.state == State.DELETED.value:
+            raise NotFound(f"no such session: {session_id}")
+        return inst
+
+    async def _count_active(self, db: AsyncSession, org_id: str, exclude: str | None = None) -> int:
+        q = select(func.count()).select_from(Instance).where(
+            Instance.org_id == org_id, Instance.state.in_([s.value for s in ACTIVE_STATES])
+        )
+        if exclude:
+            q = q.where(Instance.id != exclude)
+        return int(await db.scalar(q) or 0)
+
+    async def _lock_org_and_check_quota(self, db: AsyncSession, org_id: str, plan: str,
+                                        exclude: str | None = None) -> None:
+        # The UPDATE takes the org row's write lock (PostgreSQL) or the database write lock (SQLite)
+        # before counting, so concurrent creates for one org are serialized and cannot both pass.
+        await db.execute(update(Org).where(Org.id == org_id).values(quota_serial=Org.quota_serial + 1))
+        limit = self.settings.quota_for(plan)
+        active = await self._count_active(db, org_id, exclude=exclude)
+        if active >= limit:
+            raise QuotaExceeded(
+                f"your {plan} plan allows {limit} active sessions and {active} are active; "
+                "stop or kill one first",
+                limit=limit, current=active, plan=plan,
+            )
+
+    async def _start_row(self, inst: Instance, plan: str, actor: str, kind: str = "starting") -> Instance:
+        state = State(inst.state)
+        if state in ACTIVE_STATES:
+            return inst
+        if state not in STARTABLE_STATES:
+            check_transition(state, State.STARTING)
+        runner_token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
+        async with self.sessions() as db:
+            secret_env = await self._secret_env(db, inst.org_id, inst.user_id, inst.spec.get("secrets", []))
+        async with self.sessions() as db:
+            await self._lock_org_and_check_quota(db, inst.org_id, plan, exclude=inst.id)
+            inst = await self._transition(
+                db, inst, State.STARTING, actor, kind, "waking on connect" if kind == "woke" else None,
+                runner_token_prefix=runner_token.prefix, runner_token_hash=runner_token.digest,
+                route_host=None, route_port=None, runner_host_key=None, reason=None, stopped_at=None,
+            )
+        return await self._launch(inst, actor, runner_token.value, secret_env, fresh=False)
+
+    async def _launch(self, inst: Instance, actor: str, runner_token: str, secret_env: dict[str, str],
+                      *, fresh: bool) -> Instance:
+        if fresh:
+            async with self.sessions() as db:
+                inst = await self._transition(db, inst, State.STARTING, actor, "starting", None)
+        spec = self._compute_spec(inst, runner_token, secret_env)
+        try:
+            if fresh:
+                provider_state = await self.provider.create(spec)
+            else:
+                provider_state = await self.provider.start(spec, inst.provider_state or {})
+        except ProviderFailure as exc:
+            failed = await self._fail(inst, actor, exc.reason)
+            raise ProviderError(f"session {inst.id} could not start: {exc.reason}",
+                                instance_id=failed.id) from exc
+        async with self.sessions() as db:
+            await db.execute(
+                update(Instance).where(Instance.id == inst.id).values(provider_state=provider_state)
+            )
+            await db.commit()
+            fresh_row = await db.get(Instance, inst.id)
+            assert fresh_row is not None
+            return fresh_row
+
+    async def _fail(self, inst: Instance, actor: str, reason: str) -> Instance:
+        log.warning("session %s failed: %s", inst.id, reason)
+        try:
+            await self.provider.stop(inst.id, inst.provider_state or {})
+        except ProviderFailure as exc:
+            log.warning("session %s: could not release compute after failure: %s", inst.id, exc.reason)
+        async with self.sessions() as db:
+            current = await db.get(Instance, inst.id)
+            if current is None or State(current.state) in (State.FAILED, State.DELETED):
+                return current or inst
+            return await self._transition(
+                db, current, State.FAILED, actor, "failed", reason, reason=reason,
+                attached_clients=0, route_host=None, route_port=None, runner_host_key=None,
+                runner_token_prefix=None, runner_token_hash=None,
+            )
+
+    async def _transition(self, db: AsyncSession, inst: Instance, target: State, actor: str, kind: str,
+                          message: str | None, **values: Any) -> Instance:
+        current = State(inst.state)
+        check_transition(current, target)
+        now = self.now()
+        result = await db.execute(
+            update(Instance)
+            .where(Instance.id == inst.id, Instance.state == current.value)
+            .values(state=target.value, state_changed_at=now, updated_at=now, **values)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            await db.rollback()
+            fresh = await db.get(Instance, inst.id, populate_existing=True)
+            raise InvalidTransition(
+                f"session {inst.id} changed state meanwhile (now {fresh.state if fresh else 'gone'})",
+                current_state=fresh.state if fresh else None,
+            )
+        db.add(self._event(inst, actor, kind, current, target, message))
+        await db.commit()
+        row = await db.get(Instance, inst.id, populate_existing=True)
+        assert row is not None
+        for listener in self.on_transition:
+            outcome = listener(row, current, target)
+            if asyncio.iscoroutine(outcome):
+                await outcome
+        return row
+
+    def _event(self, inst: Instance, actor: str, kind: str, from_state: State | None,
+               to_state: State | None, message: str | None) -> Event:
+        return Event(
+            instance_id=inst.id, org_id=inst.org_id, at=self.now(), actor=actor, kind=kind,
+            from_state=from_state.value if from_state else None,
+            to_state=to_state.value if to_state else None, message=message,
+        )
+
+    async def _spend_jti(self, db: AsyncSession, jti: str, expires_at: datetime | None) -> None:
+        db.add(UsedJti(jti=jti, expires_at=expires_at or self.now()))
+        try:
+            await db.flush()
+        except IntegrityError as exc:
+            await db.rollback()
+            raise Unauthorized("this attach token was already used; ask for a new one") from exc
+        await db.commit()
+
+    async def _secret_env(self, db: AsyncSession, org_id: str, user_id: str, names: Sequence[str]
+                          ) -> dict[str, str]:
+        if not names:
+            return {}
+        if self.secret_env is None:
+            raise BadRequest(f"unknown secret: {names[0]}")
+        return await self.secret_env.env_for(db, org_id, user_id, names)
+
+    def _bounded_idle_timeout(self, who: Principal, requested: int | None) -> int | None:
+        plan_limit = self.settings.idle_timeout_s or self.settings.plan_idle_timeout_s
+        if requested is not None and requested > plan_limit:
+            raise BadRequest(f"idle_timeout_s may be at most {plan_limit} on the {who.plan} plan")
+        return requested
+
+    def _compute_spec(self, inst: Instance, runner_token: str, secret_env: dict[str, str]) -> ComputeSpec:
+        return ComputeSpec(
+            session_id=inst.id, org_id=inst.org_id, user_id=inst.user_id, tier=inst.tier,
+            resources=schemas.TIER_RESOURCES[inst.tier], repo_url=inst.repo_url, branch=inst.branch,
+            program=inst.program, task=inst.task, api_url=self.settings.public_api_url,
+            gateway_public_key=self.gateway_public_key,
+            heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            runner_token=runner_token, secret_env=secret_env,
+        )

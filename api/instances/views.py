@@ -1,0 +1,48 @@
+"""How an instance row is shown to users: the public schema, with the ssh line and attach URL."""
+
+from __future__ import annotations
+
+from api import schemas
+from api.db.models import Event, Instance
+from api.settings import Settings
+
+
+def ssh_command(settings: Settings, session_id: str) -> str:
+    port = "" if settings.public_ssh_port == 22 else f"-p {settings.public_ssh_port} "
+    return f"ssh {port}{session_id}@{settings.public_ssh_host}"
+
+
+def attach_url(settings: Settings, session_id: str) -> str:
+    base = settings.public_web_url or f"ws://{settings.gateway_web_host}:{settings.gateway_web_port}"
+    base = base.replace("https://", "wss://").replace("http://", "ws://").rstrip("/")
+    return f"{base}/v1/instances/{session_id}/attach"
+
+
+def instance_view(settings: Settings, row: Instance) -> schemas.Instance:
+    return schemas.Instance(
+        id=row.id,
+        status=row.state,  # type: ignore[arg-type]
+        reason=row.reason,
+        tier=row.tier,  # type: ignore[arg-type]
+        program=row.program,
+        repo_url=row.repo_url,
+        branch=row.branch,
+        task=row.task,
+        secrets=list((row.spec or {}).get("secrets", [])),
+        attach_url=attach_url(settings, row.id),
+        ssh=ssh_command(settings, row.id),
+        attached_clients=row.attached_clients,
+        idle_timeout_s=(row.spec or {}).get("idle_timeout_s"),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        started_at=row.started_at,
+        stopped_at=row.stopped_at,
+        last_activity_at=row.last_activity_at,
+    )
+
+
+def event_view(row: Event) -> schemas.InstanceEvent:
+    return schemas.InstanceEvent(
+        at=row.at, actor=row.actor, kind=row.kind, from_state=row.from_state, to_state=row.to_state,
+        message=row.message,
+    )

@@ -1,0 +1,29 @@
+"""What a handler needs from the request: the app's services and the authenticated caller."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sanic import Request
+
+from api.auth import Principal, authenticate_api_token, bearer_token, check_service_token
+
+if TYPE_CHECKING:
+    from api.app import AppState
+
+
+def state(request: Request) -> AppState:
+    return request.app.ctx.state  # type: ignore[no-any-return]
+
+
+async def principal(request: Request) -> Principal:
+    who = await authenticate_api_token(state(request).sessions, bearer_token(request.headers.get("authorization")))
+    request.ctx.user_id = who.user_id
+    return who
+
+
+def require_service(request: Request) -> None:
+    check_service_token(
+        state(request).settings.service_token.get_secret_value(),
+        bearer_token(request.headers.get("authorization")),
+    )

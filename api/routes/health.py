@@ -1,0 +1,62 @@
+"""Liveness, readiness, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sanic import Blueprint, HTTPResponse, Request
+from sanic.response import json as json_response
+from sqlalchemy import func, select, text
+
+from api import metrics, schemas
+from api.db.models import Instance
+from api.http import respond
+from api.instances.states import State
+from api.openapi import build_document, route
+from api.routes.deps import state
+
+bp = Blueprint("health")
+TAG = "health"
+
+
+def package_version() -> str:
+    try:
+        return version("orzbob-cloud")
+    except PackageNotFoundError:
+        return "0.0.0+local"
+
+
+@route(bp, "GET", "/healthz", summary="The process is alive", tag=TAG, responses={200: schemas.Health},
+       security=None)
+async def healthz(request: Request) -> HTTPResponse:
+    return respond(schemas.Health(status="ok"))
+
+
+@route(bp, "GET", "/readyz", summary="The database answers", tag=TAG,
+       responses={200: schemas.Health, 503: schemas.Health}, security=None)
+async def readyz(request: Request) -> HTTPResponse:
+    try:
+        async with state(request).sessions() as db:
+            await db.execute(text("SELECT 1"))
+    except Exception as exc:
+        return respond(schemas.Health(status="unavailable", checks={"database": type(exc).__name__}), 503)
+    return respond(schemas.Health(status="ok", checks={"database": "ok"}))
+
+
+@bp.get("/metrics")
+async def prometheus_metrics(request: Request) -> HTTPResponse:
+    async with state(request).sessions() as db:
+        rows = (await db.execute(select(Instance.state, func.count()).group_by(Instance.state))).all()
+    counts = dict(rows)
+    for s in State:
+        metrics.SESSIONS_BY_STATE.labels(state=s.value).set(counts.get(s.value, 0))
+    return HTTPResponse(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST)
+
+
+@bp.get("/v1/openapi.json")
+async def openapi_document(request: Request) -> HTTPResponse:
+    doc = request.app.ctx.openapi
+    if doc is None:
+        doc = request.app.ctx.openapi = build_document(package_version())
+    return json_response(doc)

@@ -1,0 +1,88 @@
+"""/v1/instances: create, list, inspect, stop, start and delete sessions."""
+
+from __future__ import annotations
+
+from sanic import Blueprint, HTTPResponse, Request
+
+from api import schemas
+from api.http import parse_body, respond
+from api.instances.views import event_view, instance_view
+from api.openapi import route
+from api.routes.deps import principal, state
+
+bp = Blueprint("instances")
+TAG = "instances"
+
+
+@route(bp, "POST", "/v1/instances", summary="Create a session", tag=TAG, request=schemas.InstanceCreate,
+       responses={201: schemas.Instance}, errors=(429, 503))
+async def create_instance(request: Request) -> HTTPResponse:
+    who = await principal(request)
+    body = parse_body(request, schemas.InstanceCreate, allow_empty=True)
+    row = await state(request).instances.create(who, body)
+    request.ctx.session_id = row.id
+    return respond(instance_view(state(request).settings, row), status=201)
+
+
+@route(bp, "GET", "/v1/instances", summary="List your org's sessions with the quota",
+       tag=TAG, responses={200: schemas.InstanceList})
+async def list_instances(request: Request) -> HTTPResponse:
+    who = await principal(request)
+    svc = state(request).instances
+    rows = await svc.list(who)
+    quota = await svc.quota(who.org_id, who.plan)
+    settings = state(request).settings
+    return respond(schemas.InstanceList(instances=[instance_view(settings, r) for r in rows], quota=quota))
+
+
+@route(bp, "GET", "/v1/instances/{id}", summary="Get a session", tag=TAG,
+       responses={200: schemas.Instance}, errors=(404,))
+async def get_instance(request: Request, id: str) -> HTTPResponse:
+    who = await principal(request)
+    row = await state(request).instances.get(who, id)
+    return respond(instance_view(state(request).settings, row))
+
+
+@route(bp, "DELETE", "/v1/instances/{id}", summary="Kill a session: compute and workspace", tag=TAG,
+       responses={200: schemas.Instance}, errors=(404, 409, 503))
+async def delete_instance(request: Request, id: str) -> HTTPResponse:
+    who = await principal(request)
+    row = await state(request).instances.delete(who, id)
+    return respond(instance_view(state(request).settings, row))
+
+
+@route(bp, "POST", "/v1/instances/{id}/stop", summary="Stop a session, keeping its workspace", tag=TAG,
+       responses={200: schemas.Instance}, errors=(404, 409, 503))
+async def stop_instance(request: Request, id: str) -> HTTPResponse:
+    who = await principal(request)
+    row = await state(request).instances.stop(who, id)
+    return respond(instance_view(state(request).settings, row))
+
+
+@route(bp, "POST", "/v1/instances/{id}/start", summary="Start a stopped session", tag=TAG,
+       responses={200: schemas.Instance}, errors=(404, 409, 429, 503))
+async def start_instance(request: Request, id: str) -> HTTPResponse:
+    who = await principal(request)
+    row = await state(request).instances.start(who, id)
+    return respond(instance_view(state(request).settings, row))
+
+
+@route(bp, "GET", "/v1/instances/{id}/status", summary="A session with its latest events", tag=TAG,
+       responses={200: schemas.InstanceStatus}, errors=(404,))
+async def instance_status(request: Request, id: str) -> HTTPResponse:
+    who = await principal(request)
+    svc = state(request).instances
+    row = await svc.get(who, id)
+    events = await svc.events(who, id)
+    return respond(schemas.InstanceStatus(instance=instance_view(state(request).settings, row),
+                                          events=[event_view(e) for e in events]))
+
+
+@route(bp, "GET", "/v1/instances/{id}/logs", summary="The session's init log and events", tag=TAG,
+       responses={200: schemas.InstanceLogs}, errors=(404,))
+async def instance_logs(request: Request, id: str) -> HTTPResponse:
+    who = await principal(request)
+    svc = state(request).instances
+    init_log = await svc.read_log(who, id)
+    events = await svc.events(who, id, limit=100)
+    return respond(schemas.InstanceLogs(id=id, init_log=init_log, events=[event_view(e) for e in events]))

@@ -1,0 +1,43 @@
+"""/internal/v1: the runner's heartbeats and the gateway's authorize and attach events."""
+
+from __future__ import annotations
+
+from sanic import Blueprint, HTTPResponse, Request
+
+from api import schemas
+from api.auth import bearer_token
+from api.http import parse_body, respond
+from api.openapi import route
+from api.routes.deps import require_service, state
+
+bp = Blueprint("internal")
+TAG = "internal"
+
+
+@route(bp, "POST", "/internal/v1/instances/{id}/heartbeat", summary="Runner heartbeat", tag=TAG,
+       request=schemas.Heartbeat, responses={200: schemas.HeartbeatReply}, security="runner_token")
+async def heartbeat(request: Request, id: str) -> HTTPResponse:
+    token = bearer_token(request.headers.get("authorization"))
+    body = parse_body(request, schemas.Heartbeat)
+    request.ctx.session_id = id
+    reply = await state(request).instances.record_heartbeat(id, token, body)
+    return respond(reply)
+
+
+@route(bp, "POST", "/internal/v1/authorize", summary="Gateway: may this user attach, and where", tag=TAG,
+       request=schemas.AuthorizeRequest, responses={200: schemas.AuthorizeReply},
+       errors=(403, 404, 409, 429, 503), security="service_token")
+async def authorize(request: Request) -> HTTPResponse:
+    require_service(request)
+    body = parse_body(request, schemas.AuthorizeRequest)
+    request.ctx.session_id = body.session_id
+    return respond(await state(request).instances.authorize(body))
+
+
+@route(bp, "POST", "/internal/v1/attach-events", summary="Gateway: a client attached or detached", tag=TAG,
+       request=schemas.AttachEventIn, responses={204: None}, errors=(404,), security="service_token")
+async def attach_event(request: Request) -> HTTPResponse:
+    require_service(request)
+    body = parse_body(request, schemas.AttachEventIn)
+    await state(request).instances.record_attach_event(body)
+    return HTTPResponse(status=204)

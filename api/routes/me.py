@@ -1,0 +1,23 @@
+"""/v1/me: who the token belongs to, their org, plan and quota use."""
+
+from __future__ import annotations
+
+from sanic import Blueprint, HTTPResponse, Request
+
+from api import schemas
+from api.http import respond
+from api.openapi import route
+from api.routes.deps import principal, state
+
+bp = Blueprint("me")
+
+
+@route(bp, "GET", "/v1/me", summary="The caller, their org and quota", tag="me", responses={200: schemas.Me})
+async def me(request: Request) -> HTTPResponse:
+    who = await principal(request)
+    quota = await state(request).instances.quota(who.org_id, who.plan)
+    return respond(schemas.Me(
+        user=schemas.MeUser(id=who.user_id, email=who.email, is_admin=who.is_admin),
+        org=schemas.MeOrg(id=who.org_id, name=who.org_name, plan=who.plan),
+        quota=quota,
+    ))

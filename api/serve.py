@@ -1,0 +1,38 @@
+"""Serve the Sanic app inside an existing event loop, so `orz server` can run it beside the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from sanic import Sanic
+from sanic.server.async_server import AsyncioServer
+
+
+class ApiServer:
+    """A started API listener; ``port`` is the real one when 0 was asked for."""
+
+    def __init__(self, app: Sanic, server: AsyncioServer) -> None:
+        self.app = app
+        self._server = server
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        sock: socket.socket = self._server.server.sockets[0]  # type: ignore[union-attr]
+        return int(sock.getsockname()[1])
+
+    @classmethod
+    async def start(cls, app: Sanic, host: str, port: int) -> ApiServer:
+        server = await app.create_server(host=host, port=port, return_asyncio_server=True, access_log=False)
+        assert server is not None
+        await server.startup()
+        await server.before_start()
+        await server.after_start()
+        return cls(app, server)
+
+    async def stop(self) -> None:
+        await self._server.before_stop()
+        self._server.close()
+        await self._server.wait_closed()
+        await self._server.after_stop()

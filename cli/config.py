@@ -1,0 +1,63 @@
+"""The CLI's own files: the token file (`~/.config/orzbob/token.json`, mode 0600) and key directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_API_URL = "http://127.0.0.1:8080"
+
+
+def config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "orzbob"
+
+
+def token_path() -> Path:
+    return config_dir() / "token.json"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    api_url: str
+    api_token: str
+
+
+def load_credentials() -> Credentials | None:
+    """The saved login, with ORZBOB_API_URL taking precedence for the URL."""
+    path = token_path()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    token = data.get("api_token") if isinstance(data, dict) else None
+    if not token:
+        return None
+    url = os.environ.get("ORZBOB_API_URL") or data.get("api_url") or DEFAULT_API_URL
+    return Credentials(api_url=str(url).rstrip("/"), api_token=str(token))
+
+
+def save_credentials(creds: Credentials) -> Path:
+    """Write the token file atomically, readable only by its owner."""
+    path = token_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"api_url": creds.api_url, "api_token": creds.api_token}, fh)
+        fh.write("\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def forget_credentials() -> bool:
+    try:
+        token_path().unlink()
+        return True
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,166 @@
+"""`orz server`: the embedded default. API, gateway, scheduler and local sessions in one process tree."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from api import admin
+from api.app import create_app
+from api.db import migrate
+from api.serve import ApiServer
+from api.settings import Settings
+from cli.config import Credentials, load_credentials, save_credentials, token_path
+
+log = logging.getLogger(__name__)
+# Sessions the server stopped on its way down carry this reason and are started again on the next start.
+SHUTDOWN_REASON = "orz server stopped"
+
+
+@dataclass
+class RunningServer:
+    settings: Settings
+    api_port: int
+    ssh_port: int | None
+    token_file: Path
+    new_token: bool
+    resumed: list[str] = field(default_factory=list)
+
+    def banner(self) -> str:
+        lines = [
+            f"Orzbob Cloud is running (data in {self.settings.data_dir}).",
+            f"  API  {self.settings.public_api_url}",
+        ]
+        if self.ssh_port:
+            lines.append(f"  SSH  {self.settings.public_ssh_host} port {self.ssh_port}")
+        lines.append(f"  CLI login saved in {self.token_file}" + (" (new admin token)" if self.new_token else ""))
+        if self.resumed:
+            lines.append(f"  Resumed {len(self.resumed)} session(s): {', '.join(self.resumed)}")
+        lines += [
+            "",
+            "Next, in another terminal:",
+            "  orz cloud new --repo <git-url> --branch main    # start a session and attach",
+            "  orz cloud list                                  # your sessions",
+            "  orz cloud attach <session-id>                   # attach again later",
+            "",
+            "Press Ctrl-C to stop; running sessions resume on the next start.",
+        ]
+        return "\n".join(lines)
+
+
+def _secret_file(path: Path, make: Any) -> str:
+    """Read a secret kept in the data dir, creating it (mode 0600) on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    return value
+
+
+def ensure_ed25519_key(path: Path) -> str:
+    """Create an Ed25519 key pair at path / path.pub unless present; return the public key line."""
+    pub = Path(f"{path}.pub")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = asyncssh.generate_private_key("ssh-ed25519", comment="orz-gateway")
+        key.write_private_key(str(path))
+        os.chmod(path, 0o600)
+        key.write_public_key(str(pub))
+    return pub.read_text().strip()
+
+
+def embedded_settings(settings: Settings) -> Settings:
+    """Fill in what the embedded default generates for itself: service token and gateway client key."""
+    keys = settings.keys_dir
+    update: dict[str, Any] = {}
+    if not settings.service_token.get_secret_value():
+        update["service_token"] = _secret_file(keys / "service_token", lambda: secrets.token_urlsafe(32))
+    client_key = settings.gateway_client_key_file or keys / "gateway_client_ed25519"
+    update["gateway_client_key_file"] = client_key
+    if not settings.gateway_public_key:
+        update["gateway_public_key"] = ensure_ed25519_key(client_key)
+    return settings.model_copy(update=update)
+
+
+@contextlib.asynccontextmanager
+async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings = embedded_settings(settings)
+    await asyncio.to_thread(migrate.upgrade, settings.database_url)
+
+    app = create_app(settings)
+    api = await ApiServer.start(app, settings.api_host, settings.api_port)
+    if settings.api_port == 0:
+        settings = settings.model_copy(update={"api_port": api.port, "public_api_url": f"http://{_client_host(settings.api_host)}:{api.port}"})
+    state = app.ctx.state
+    state.settings = settings
+    state.instances.settings = settings
+
+    stack = contextlib.AsyncExitStack()
+    try:
+        token_file, new_token = await _ensure_login(state.sessions, settings)
+        ssh_port = await stack.enter_async_context(_optional_gateway(settings))
+        await stack.enter_async_context(_optional_scheduler(settings))
+        resumed = await state.instances.resume_after_shutdown(SHUTDOWN_REASON)
+        yield RunningServer(settings, api.port, ssh_port, token_file, new_token, resumed)
+    finally:
+        try:
+            await state.instances.suspend_for_shutdown(SHUTDOWN_REASON)
+        finally:
+            await stack.aclose()
+            await api.stop()
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+
+
+async def _ensure_login(sessions: Any, settings: Settings) -> tuple[Path, bool]:
+    """On first start create the admin org/user/token and save the CLI login; keep an existing login."""
+    boot = await admin.bootstrap(sessions)
+    existing = load_credentials()
+    token = boot.token
+    if token is None and existing is not None and existing.api_url == settings.public_api_url:
+        return token_path(), False
+    if token is None:
+        token = await admin.create_token(sessions, boot.user.email, name="orz-server")
+    save_credentials(Credentials(api_url=settings.public_api_url, api_token=token))
+    return token_path(), True
+
+
+@contextlib.asynccontextmanager
+async def _optional_gateway(settings: Settings) -> AsyncIterator[int | None]:
+    try:
+        from gateway.server import serve
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("gateway.server",):
+            raise
+        yield None
+        return
+    async with serve(settings) as listener:
+        yield listener.port
+
+
+@contextlib.asynccontextmanager
+async def _optional_scheduler(settings: Settings) -> AsyncIterator[None]:
+    try:
+        from api.jobs.scheduler import running_scheduler
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("api.jobs.scheduler",):
+            raise
+        yield None
+        return
+    async with running_scheduler(settings):
+        yield None

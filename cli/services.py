@@ -1,0 +1,122 @@
+"""`orz api|gateway|runner|scheduler|server`: run one service (containers) or all of them (embedded)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import click
+
+from api import log as orz_log
+from api.settings import Settings, load_settings
+from cli.errors import CliError
+
+
+def _configure_logging(settings: Settings) -> None:
+    orz_log.configure(settings.log_level, settings.log_json)
+
+
+async def wait_for_signal() -> None:
+    """Return on SIGINT or SIGTERM, so callers can shut down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _run(coro_factory) -> None:  # type: ignore[no-untyped-def]
+    try:
+        asyncio.run(coro_factory())
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+
+
+@click.command("api")
+@click.option("--host", default=None, help="Listen address (ORZ_API_HOST).")
+@click.option("--port", type=int, default=None, help="Listen port (ORZ_API_PORT).")
+def api_cmd(host: str | None, port: int | None) -> None:
+    """Run the API alone (for containers; the database must be migrated)."""
+    settings = load_settings(api_host=host, api_port=port)
+    _configure_logging(settings)
+
+    async def main() -> None:
+        from api.app import create_app
+        from api.serve import ApiServer
+
+        server = await ApiServer.start(create_app(settings), settings.api_host, settings.api_port)
+        try:
+            await wait_for_signal()
+        finally:
+            await server.stop()
+
+    _run(main)
+
+
+@click.command("gateway")
+@click.option("--ssh-port", type=int, default=None, help="SSH listen port (ORZ_SSH_PORT).")
+def gateway_cmd(ssh_port: int | None) -> None:
+    """Run the SSH (and WebSocket) gateway alone."""
+    settings = load_settings(ssh_port=ssh_port)
+    _configure_logging(settings)
+
+    async def main() -> None:
+        from gateway.server import run
+
+        await run(settings, stop=wait_for_signal())
+
+    _run(main)
+
+
+@click.command("scheduler")
+def scheduler_cmd() -> None:
+    """Run the scheduler jobs alone (idle reaper, reconciler, purge); one replica acts at a time."""
+    settings = load_settings()
+    _configure_logging(settings)
+
+    async def main() -> None:
+        from api.jobs.scheduler import run
+
+        await run(settings, stop=wait_for_signal())
+
+    _run(main)
+
+
+@click.command("runner")
+def runner_cmd() -> None:
+    """Run a session's runner (started by a provider, configured by ORZ_RUNNER_SPEC)."""
+    from runner.main import main
+
+    main()
+
+
+@click.command("server")
+@click.option("--host", default=None, help="Address for the API and SSH listeners (default 127.0.0.1).")
+@click.option("--api-port", type=int, default=None, help="API port (default 8080).")
+@click.option("--ssh-port", type=int, default=None, help="SSH gateway port (default 2222).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the database, keys and workspaces live (default ~/.local/share/orzbob).")
+def server_cmd(host: str | None, api_port: int | None, ssh_port: int | None, data_dir: Path | None) -> None:
+    """Run the whole platform on this machine: API, gateway, scheduler and local sessions."""
+    from cli.server import run_server
+
+    settings = load_settings(api_host=host, ssh_host=host, api_port=api_port, ssh_port=ssh_port, data_dir=data_dir)
+    _configure_logging(settings)
+
+    async def main() -> None:
+        async with run_server(settings) as running:
+            click.echo(running.banner())
+            await wait_for_signal()
+            click.echo("orz server: stopping sessions and services...", err=True)
+
+    _run(main)
+
+
+COMMANDS = [api_cmd, gateway_cmd, scheduler_cmd, runner_cmd, server_cmd]

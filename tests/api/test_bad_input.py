@@ -1,0 +1,81 @@
+"""Every bad request is a 4xx application/problem+json answer, and nothing is created by it."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from api.db.models import Instance
+from tests.conftest import make_tenant
+
+BAD_BODIES = [
+    (b"{not json", 400),
+    (b"[1, 2]", 400),
+    (b'"a string"', 400),
+    (b"\xff\xfe", 400),
+    (b'{"tier": "huge"}', 422),
+    (b'{"tier": 3}', 422),
+    (b'{"surprise": true}', 422),
+    (b'{"repo_url": "--upload-pack=touch /tmp/x"}', 422),
+    (b'{"repo_url": "https://x/y.git", "branch": "../../etc"}', 422),
+    (b'{"repo_url": "https://x/y.git", "branch": "-b"}', 422),
+    (b'{"secrets": "not-a-list"}', 422),
+    (b'{"secrets": ["UPPER CASE"]}', 422),
+    (b'{"idle_timeout_s": -5}', 422),
+    (b'{"program": ""}', 422),
+]
+
+
+@pytest.mark.parametrize(("body", "status"), BAD_BODIES)
+async def test_bad_create_bodies_are_problems_and_create_nothing(app, sessions, body, status):
+    t = await make_tenant(sessions, "acme")
+    _, resp = await app.asgi_client.post("/v1/instances", content=body, headers=t.headers)
+    assert resp.status == status
+    assert resp.headers["content-type"] == "application/problem+json"
+    assert resp.json["status"] == status and resp.json["detail"]
+    async with sessions() as db:
+        assert await db.scalar(select(func.count()).select_from(Instance)) == 0
+
+
+async def test_validation_problem_names_the_field(app, sessions):
+    t = await make_tenant(sessions, "acme")
+    _, resp = await app.asgi_client.post("/v1/instances", json={"tier": "huge"}, headers=t.headers)
+    assert resp.json["detail"].startswith("tier:")
+    assert resp.json["errors"][0]["field"] == "tier"
+
+
+async def test_oversize_body_is_413(app, sessions):
+    t = await make_tenant(sessions, "acme")
+    _, resp = await app.asgi_client.post(
+        "/v1/instances", content=b'{"task": "' + b"x" * (300 * 1024) + b'"}', headers=t.headers
+    )
+    assert resp.status == 413
+    assert resp.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("bad_id", ["UPPER", "a" * 40, "-lead", "x%2F..%2Fy", "%00", "with.dot"])
+async def test_bad_ids_are_404(app, sessions, bad_id):
+    t = await make_tenant(sessions, "acme")
+    _, resp = await app.asgi_client.get(f"/v1/instances/{bad_id}", headers=t.headers)
+    assert resp.status == 404
+    assert resp.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Basic abc", "Bearer orz_short", "Bearer orz_" + "A" * 43, "Bearer " + "x" * 5000],
+)
+async def test_missing_or_wrong_tokens_are_401(app, sessions, authorization):
+    await make_tenant(sessions, "acme")
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    _, resp = await app.asgi_client.get("/v1/instances", headers=headers)
+    assert resp.status == 401
+    assert resp.headers["content-type"] == "application/problem+json"
+    assert resp.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_unknown_route_and_method_are_problems(app):
+    _, resp = await app.asgi_client.get("/v1/nothing-here")
+    assert resp.status == 404 and resp.headers["content-type"] == "application/problem+json"
+    _, resp = await app.asgi_client.patch("/v1/instances")
+    assert resp.status == 405 and resp.headers["content-type"] == "application/problem+json"

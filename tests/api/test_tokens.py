@@ -1,0 +1,48 @@
+"""API tokens: shown once, stored as prefix + SHA-256, revocable, and disabled users are locked out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+from api import admin
+from api.db import tokens
+from api.db.models import ApiToken
+from tests.conftest import make_tenant
+
+
+async def test_token_is_stored_hashed_never_in_clear(app, sessions, settings):
+    t = await make_tenant(sessions, "acme")
+    assert t.token.startswith("orz_") and len(t.token) > 40
+    async with sessions() as db:
+        row = (await db.scalars(select(ApiToken))).one()
+    assert row.token_hash == tokens.digest(t.token) and t.token not in (row.prefix, row.token_hash)
+    db_file = settings.database_url.split("///", 1)[1]
+    for path in (Path(db_file), Path(db_file + "-wal")):
+        if path.exists():
+            assert t.token.encode() not in path.read_bytes()
+
+
+async def test_wrong_token_with_right_prefix_is_refused(app, sessions):
+    t = await make_tenant(sessions, "acme")
+    forged = t.token[:-4] + ("AAAA" if not t.token.endswith("AAAA") else "BBBB")
+    _, resp = await app.asgi_client.get("/v1/me", headers={"Authorization": f"Bearer {forged}"})
+    assert resp.status == 401
+
+
+async def test_revoked_token_is_refused(app, sessions):
+    t = await make_tenant(sessions, "acme")
+    async with sessions() as db:
+        await db.execute(update(ApiToken).values(revoked_at=datetime.now(UTC)))
+        await db.commit()
+    _, resp = await app.asgi_client.get("/v1/me", headers=t.headers)
+    assert resp.status == 401 and resp.json["detail"] == "invalid or revoked API token"
+
+
+async def test_disabled_user_is_refused(app, sessions):
+    t = await make_tenant(sessions, "acme")
+    await admin.set_user_active(sessions, t.email, False)
+    _, resp = await app.asgi_client.get("/v1/me", headers=t.headers)
+    assert resp.status == 401 and resp.json["detail"] == "this account is disabled"
