@@ -7,7 +7,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Literal
 
 import asyncssh
@@ -256,12 +256,23 @@ class Gateway:
         self.api = api or ApiClient(settings.public_api_url, settings.service_token.get_secret_value())
         self.router = Router(self.api, start_timeout_s=settings.start_timeout_s)
         self.limiter = auth.FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
-        self.anchors = auth.load_trust_anchors(settings)
+        self._anchors: auth.TrustAnchors | None = None
         self.host_key = keys.load_or_create(keys.host_key_path(settings), "orz-gateway-host")
         self.client_key = keys.load_or_create(keys.client_key_path(settings), "orz-gateway-client")
         self.connections: set[ClientConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+
+    @property
+    def anchors(self) -> auth.TrustAnchors:
+        """The CA and JWT public keys; read on first use, since the API may create them after we start."""
+        if self._anchors is None:
+            try:
+                self._anchors = auth.load_trust_anchors(self.settings)
+            except FileNotFoundError as exc:
+                log.error("gateway cannot verify credentials yet: %s is missing", exc.filename)
+                raise CredentialRejected("Orzbob Cloud cannot verify credentials right now") from exc
+        return self._anchors
 
     def spawn(self, coro: object) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -301,11 +312,21 @@ class Gateway:
         await self.api.aclose()
 
 
-async def run(settings: Settings) -> None:
-    """Serve until cancelled (the entry point `orz gateway` and `orz server` call)."""
+@contextlib.asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[Gateway]:
+    """A started gateway (``.port`` is the bound SSH port), closed on exit."""
     gateway = Gateway(settings)
     await gateway.start()
     try:
-        await asyncio.Event().wait()
+        yield gateway
     finally:
         await gateway.close()
+
+
+async def run(settings: Settings, stop: Awaitable[object] | None = None) -> None:
+    """Serve until `stop` completes, or until cancelled (`orz gateway`)."""
+    async with serve(settings):
+        if stop is None:
+            await asyncio.Event().wait()
+        else:
+            await stop
