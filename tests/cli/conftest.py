@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -50,18 +49,6 @@ class LiveApi:
         return self.call(self.app.ctx.state.instances.record_heartbeat(session_id, spec.runner_token, body))
 
 
-async def _start_on_free_port(app: Sanic) -> ApiServer:
-    """ApiServer.start, but on a socket bound to port 0: Sanic's create_server turns port 0 into 8000."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = await app.create_server(sock=sock, return_asyncio_server=True, access_log=False)
-    assert server is not None
-    await server.startup()
-    await server.before_start()
-    await server.after_start()
-    return ApiServer(app, server)
-
-
 def _has_route(module: str) -> bool:
     try:
         __import__(module)
@@ -84,7 +71,7 @@ def live_api(settings: Settings) -> Iterator[LiveApi]:
     thread.start()
     server: ApiServer | None = None
     try:
-        server = asyncio.run_coroutine_threadsafe(_start_on_free_port(app), loop).result(15)
+        server = asyncio.run_coroutine_threadsafe(ApiServer.start(app, "127.0.0.1", 0), loop).result(15)
         yield LiveApi(url=f"http://127.0.0.1:{server.port}", app=app, provider=provider, loop=loop)
     finally:
         if server is not None:
