@@ -81,7 +81,7 @@ async def list_cmd(as_json: bool) -> None:
         table.add_column(column, overflow="fold" if column == "KEYS" else "ellipsis")
     for secret in listing.secrets:
         table.add_row(secret.name, secret.scope, ", ".join(secret.keys), output.relative(secret.updated_at))
-    output.stdout().print(table)
+    output.print_table(table)
 
 
 @secrets.command("delete")

@@ -95,12 +95,11 @@ async def list_cmd(as_json: bool) -> None:
     if as_json:
         click.echo(output.to_json(listing))
         return
-    out = output.stdout()
     if listing.instances:
-        out.print(output.instances_table(listing.instances))
+        output.print_table(output.instances_table(listing.instances))
     else:
-        out.print("no sessions; start one with: orz cloud new")
-    out.print(output.quota_line(listing.quota))
+        click.echo("no sessions; start one with: orz cloud new")
+    click.echo(output.quota_line(listing.quota))
 
 
 @click.command("attach")

@@ -29,6 +29,15 @@ def stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def print_table(table: Table) -> None:
+    """Print a table without rich's trailing padding (cleaner to paste, grep and diff)."""
+    console = stdout()
+    with console.capture() as captured:
+        console.print(table)
+    for line in captured.get().splitlines():
+        console.file.write(line.rstrip() + "\n")
+
+
 def relative(at: datetime | None, now: datetime | None = None) -> str:
     """'just now', '5m ago', '3h ago', '2d ago'; '-' for never. At most 8 characters."""
     if at is None:

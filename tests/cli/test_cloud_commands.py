@@ -98,7 +98,7 @@ def test_new_defaults_to_this_repo_and_list_fits_80_columns(orz: Orz, live_api: 
     table = orz("cloud", "list")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.rstrip("\n").splitlines()
-    assert all(len(line) <= 80 for line in lines), lines
+    assert all(len(line) <= 80 and line == line.rstrip() for line in lines), lines
     assert lines[0].split() == ["ID", "STATUS", "TIER", "CREATED", "LAST", "ACTIVE"]
     assert any(line.startswith(sid) and "starting" in line and "medium" in line for line in lines)
     assert lines[-1] == "2 of 2 active sessions (free plan)"
@@ -133,6 +133,8 @@ def test_stop_start_kill_and_no_such_session(orz: Orz, live_api: LiveApi, logged
     assert started.returncode == 0 and "starting" in started.stdout, started.stderr
     status = orz("cloud", "status", sid)
     assert status.returncode == 0 and "events:" in status.stdout and "stopped -> starting" in status.stdout
+    logs = orz("cloud", "logs", sid)
+    assert logs.returncode == 0, logs.stderr
     killed = orz("cloud", "kill", sid)
     assert killed.returncode == 0 and "killed" in killed.stdout, killed.stderr
     assert_one_error_line(orz("cloud", "kill", sid), f"no such session: {sid}")
