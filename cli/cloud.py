@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cli import attach as attaching
-from cli import cloud_secrets, cloud_sessions, output, ssh_config
+from cli import cloud_secrets, cloud_sessions, keys, output, ssh_config
 from cli.config import DEFAULT_API_URL, forget_credentials, load_credentials, token_path
 from cli.connect import client, cloud_command
 from cli.errors import CliError
@@ -81,6 +81,7 @@ def ssh_config_cmd(write: bool) -> None:
                        err=True)
             click.echo(f"#   Include {ssh_config.orz_ssh_config_path()}   (or run with --write)", err=True)
             return
+        keys.ensure_key_pair()  # the config names it; make it now rather than on the first connection
         target = ssh_config.write_main_config()
         user_config = ssh_config.user_ssh_config_path()
         changed = ssh_config.install_include(user_config, target)

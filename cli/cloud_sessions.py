@@ -74,7 +74,12 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
         where = f" from {inst.repo_url}" + (f" ({inst.branch})" if inst.branch else "") if inst.repo_url else ""
         click.echo(f"session {inst.id} created{where}, {inst.tier} tier, {inst.status}")
         if wait:
-            inst = await wait_until_running(api, inst.id, _note, timeout_s=wait_s)
+            try:
+                inst = await wait_until_running(api, inst.id, _note, timeout_s=wait_s)
+            except asyncio.CancelledError:  # Ctrl-C: the session keeps starting without us
+                _note(f"stopped waiting; session {inst.id} is still there: orz cloud attach {inst.id} "
+                      f"(or orz cloud kill {inst.id})")
+                raise
             click.echo(f"session {inst.id} is running")
         if no_attach:
             click.echo(f"attach with: orz cloud attach {inst.id}   (or ssh {inst.id}{ssh_config.HOST_SUFFIX} "
