@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     idle_timeout_s: int | None = Field(default=None, ge=10)
     reap_interval_s: int = Field(default=60, ge=1)
     heartbeat_interval_s: int = Field(default=20, ge=1)
+    # A session silent this long (no heartbeat) is failed and its compute released; unhealthy comes first.
+    heartbeat_fail_s: int = Field(default=600, ge=10)
     retention_s: int = Field(default=7 * 24 * 3600, ge=60)
     start_timeout_s: int = Field(default=600, ge=5)
     scheduler_lease_s: int = Field(default=30, ge=2)
