@@ -15,7 +15,7 @@ import asyncssh
 from api.client import ApiClient
 from api.schemas import AttachEventIn, AuthorizeReply
 from api.settings import Settings
-from gateway import auth, keys
+from gateway import auth, keys, metrics
 from gateway.bridge import (
     CIPHERS,
     Attachment,
@@ -47,7 +47,7 @@ class GatewayConnection(asyncssh.SSHServerConnection):
         # asyncssh checks the CA (validate_ca_key), validity, principal and the client's signature.
         if not await super().validate_public_key(username, key_data, msg, signature):
             if msg:
-                owner.failed(CredentialRejected("certificate signature not valid"))
+                owner.failed(CredentialRejected("certificate signature not valid"), "certificate")
             return False
         if not msg:
             return True  # a query: the client signs next
@@ -68,6 +68,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.refusal: AttachRefused | None = None
         self.attachment: Attachment | None = None
         self.attached_at: float | None = None
+        self.auth_done_at: float | None = None
         self._banners: set[str] = set()
 
     @property
@@ -93,8 +94,13 @@ class ClientConnection(asyncssh.SSHServer):
                 session_id=self.session_id, user_id=self.principal.user_id, event="detached",
                 connection_id=self.id, source_address=self.source, bytes_in=c.bytes_in,
                 bytes_out=c.bytes_out, duration_s=max(0.0, time.monotonic() - self.attached_at))))
-            log.info("conn %s detached from %s (in %d B, out %d B)", self.id, self.session_id,
-                     c.bytes_in, c.bytes_out)
+            duration = max(0.0, time.monotonic() - self.attached_at)
+            metrics.detached("ssh", c.bytes_in, c.bytes_out)
+            log.info("conn %s detached from %s after %.1f s (in %d B, out %d B)", self.id, self.session_id,
+                     duration, c.bytes_in, c.bytes_out,
+                     extra={"event": "detached", "conn_id": self.id, "session_id": self.session_id,
+                            "user_id": self.principal.user_id, "source": self.source,
+                            "duration_s": round(duration, 3), "bytes_in": c.bytes_in, "bytes_out": c.bytes_out})
 
     # -- authentication ------------------------------------------------------------------------------
 
@@ -103,6 +109,7 @@ class ClientConnection(asyncssh.SSHServer):
         if self.gw.limiter.blocked(self.source):
             # Refuse after the handshake so the client can show why (a raw close reads as garbage).
             log.info("conn %s from %s refused: rate limited", self.id, self.source)
+            metrics.auth_failed("any", "rate_limited")
             wait = self.gw.limiter.retry_after(self.source)
             self._banner(f"too many failed authentications from your address; try again in {wait} s")
             self._hang_up_now()
@@ -138,7 +145,7 @@ class ClientConnection(asyncssh.SSHServer):
         try:
             principal = auth.check_jwt(token, username, self.gw.anchors)
         except CredentialRejected as exc:
-            self.failed(exc)
+            self.failed(exc, "jwt")
             return False
         return await self.authorize(username, principal)
 
@@ -151,7 +158,7 @@ class ClientConnection(asyncssh.SSHServer):
         try:
             return auth.check_certificate(key_data, username, self.gw.anchors)
         except CredentialRejected as exc:
-            self.failed(exc)
+            self.failed(exc, "certificate")
             return None
 
     async def authorize(self, username: str, principal: auth.Principal) -> bool:
@@ -170,8 +177,9 @@ class ClientConnection(asyncssh.SSHServer):
         self.principal = principal
         return True
 
-    def failed(self, exc: CredentialRejected) -> None:
+    def failed(self, exc: CredentialRejected, method: str) -> None:
         log.info("conn %s from %s: credential rejected: %s", self.id, self.source, exc.line)
+        metrics.auth_failed(method, metrics.credential_reason(exc.line))
         self._banner(f"{exc.line}; get a new one with `orz cloud attach {self.session_id[:32]}`")
         if self.gw.limiter.record_failure(self.source):
             self._banner("too many failed authentications; try again later")
@@ -191,7 +199,9 @@ class ClientConnection(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self.attachment = Attachment()
+        self.auth_done_at = time.monotonic()
         if self.refusal is not None:
+            metrics.attach_failed("ssh", self.refusal.code)
             self.attachment.refuse(self.refusal)
             asyncio.get_running_loop().call_later(REFUSED_LINGER_S, self._hang_up, self.refusal.line)
             return
@@ -212,6 +222,7 @@ class ClientConnection(asyncssh.SSHServer):
             upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key)
         except (AttachRefused, UpstreamUnavailable) as exc:
             log.info("conn %s: attach to %s failed: %s", self.id, self.session_id, exc.internal or exc.line)
+            metrics.attach_failed("ssh", exc.code)
             self.attachment.refuse(exc)
             asyncio.get_running_loop().call_later(REFUSED_LINGER_S, self._hang_up, exc.line)
             return
@@ -220,7 +231,10 @@ class ClientConnection(asyncssh.SSHServer):
             return
         self.attachment.set_upstream(upstream)
         self.attached_at = time.monotonic()
-        log.info("conn %s from %s attached to %s (%s)", self.id, self.source, self.session_id, reply.mode)
+        metrics.attached("ssh", self.attached_at - (self.auth_done_at or self.attached_at))
+        log.info("conn %s from %s attached to %s (%s)", self.id, self.source, self.session_id, reply.mode,
+                 extra={"event": "attached", "conn_id": self.id, "session_id": self.session_id,
+                        "user_id": self.principal.user_id, "source": self.source, "mode": reply.mode})
         await self.gw.router.report(AttachEventIn(
             session_id=self.session_id, user_id=self.principal.user_id, event="attached",
             connection_id=self.id, source_address=self.source))
@@ -262,6 +276,7 @@ class Gateway:
         self.connections: set[ClientConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        self.metrics_server: metrics.MetricsServer | None = None
 
     @property
     def anchors(self) -> auth.TrustAnchors:
@@ -292,6 +307,9 @@ class Gateway:
         self._server = await loop.create_server(lambda: GatewayConnection(loop, options),
                                                 self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
+        if self.settings.gateway_metrics_port:
+            # Beside the web door's address, never on the public SSH listener.
+            self.metrics_server = metrics.serve(self.settings.gateway_web_host, self.settings.gateway_metrics_port)
 
     @property
     def port(self) -> int:
@@ -299,6 +317,9 @@ class Gateway:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         if self._server is not None:
             self._server.close()
         for client in list(self.connections):

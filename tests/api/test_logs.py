@@ -11,6 +11,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
+import asyncssh
 import httpx
 import pytest
 from sanic import Sanic
@@ -78,6 +79,12 @@ async def full_flow(base: str, sessions, provider: FakeProvider) -> dict[str, st
         assert provider.specs[sid].secret_env["MODEL_API_KEY"] == secret_values["replaced secret"]
         assert (await http.get("/v1/secrets/model-keys", headers=user)).status_code == 200
         runner_token = provider.specs[sid].runner_token
+        # Attach credentials: a 5-minute certificate and a single-use JWT, both secrets while they live.
+        user_key = asyncssh.generate_private_key("ssh-ed25519")
+        grant = await http.post(f"/v1/instances/{sid}/attach", headers=user, json={
+            "public_key": user_key.export_public_key().decode()})
+        assert grant.status_code == 200, grant.text
+        attach_token, certificate = grant.json()["token"], grant.json()["certificate"]
         runner = {"Authorization": f"Bearer {runner_token}"}
         beat = await http.post(f"/internal/v1/instances/{sid}/heartbeat", headers=runner, json={
             "host_key": HOST_KEY, "ssh_host": "127.0.0.1", "ssh_port": 40022, "init_status": "none"})
@@ -108,7 +115,8 @@ async def full_flow(base: str, sessions, provider: FakeProvider) -> dict[str, st
             assert (await http.get(path)).status_code == 200, path
         assert (await http.delete("/v1/secrets/model-keys", headers=user)).status_code == 204
     return {"api token": t.token, "runner token": runner_token, "service token": SERVICE_TOKEN,
-            "wrong token": fake["Authorization"].split()[1], **secret_values}
+            "wrong token": fake["Authorization"].split()[1], "attach token": attach_token,
+            "certificate": certificate.split()[1], **secret_values}
 
 
 async def test_every_line_of_a_full_flow_is_json_with_a_request_id(server, sessions, provider):

@@ -20,6 +20,7 @@ from api.settings import Settings
 from gateway import keys
 from gateway.server import Gateway
 from tests.gateway.standins import FakeApi, FakeRunner, FakeSession
+from tests.support import free_port
 
 SERVICE_TOKEN = "svc-test-token"
 SESSION = "demo-1"
@@ -127,7 +128,7 @@ async def run(*args: str, env: dict[str, str] | None = None, stdin: bytes = b"",
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     settings = Settings(data_dir=tmp_path / "data", ssh_port=0, service_token=SERVICE_TOKEN,
-                        auth_fail_limit=5, auth_fail_window_s=60)
+                        auth_fail_limit=5, auth_fail_window_s=60, gateway_metrics_port=free_port())
     ca = ssh_ca.load_or_create_ca(settings)
     jwt_key = attach_jwt.load_or_create_signing_key(settings)
     api = FakeApi(SERVICE_TOKEN)
