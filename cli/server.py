@@ -114,6 +114,11 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     try:
         token_file, new_token = await _ensure_login(state.sessions, settings)
         ssh_port = await stack.enter_async_context(_optional_gateway(settings))
+        if ssh_port is not None:
+            # One process, one scrape: the API's /metrics also shows the embedded gateway's.
+            from gateway import metrics as gateway_metrics
+
+            app.ctx.extra_metrics.append(gateway_metrics.REGISTRY)
         # The scheduler shares the API's provider: one set of watches and pid files, one view of compute.
         await stack.enter_async_context(_optional_scheduler(settings, state.provider, state.instances.secret_env))
         resumed = await state.instances.resume_after_shutdown(SHUTDOWN_REASON)

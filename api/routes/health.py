@@ -46,6 +46,9 @@ async def readyz(request: Request) -> HTTPResponse:
 
 @bp.get("/metrics")
 async def prometheus_metrics(request: Request) -> HTTPResponse:
+    if request.app.ctx.state is None:
+        # The listener accepts connections while the app is still opening its database.
+        return HTTPResponse("starting\n", status=503, content_type="text/plain")
     async with state(request).sessions() as db:
         rows = (await db.execute(select(Instance.state, func.count()).group_by(Instance.state))).all()
     counts = dict(rows)

@@ -1,5 +1,5 @@
-"""`orz scheduler` alone (as in its own pod) serves its metrics on ORZ_SCHEDULER_METRICS_PORT, and its
-log lines are JSON."""
+"""Metrics endpoints of the services as `orz` runs them: `orz scheduler` alone (as in its own pod) on
+ORZ_SCHEDULER_METRICS_PORT with JSON log lines, and `orz server` with everything on the API's /metrics."""
 
 from __future__ import annotations
 
@@ -17,9 +17,13 @@ from tests.support import ROOT, free_port, orz_env, wait_until
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        resp = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
     except httpx.HTTPError:
         return {}
+    if resp.status_code == 503:
+        return {}  # still starting
+    assert resp.status_code == 200, resp.text
+    text = resp.text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for f in text_string_to_metric_families(text) for s in f.samples}
 
@@ -56,3 +60,34 @@ def test_scheduler_serves_its_metrics(tmp_path):
     assert proc.returncode == 0, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines and all(json.loads(line)["level"] for line in lines), err
+
+
+def test_embedded_server_shows_api_scheduler_and_gateway_metrics_on_one_endpoint(tmp_path):
+    api_port, ssh_port = free_port(), free_port()
+    env = orz_env(tmp_path / "home", ORZ_PROVIDER="fake")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
+         "--data-dir", str(tmp_path / "data")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        def scraped() -> dict | None:
+            if proc.poll() is not None:
+                return {"exited": 1.0}
+            samples = scrape(api_port)
+            # The gateway's series, and the in-process scheduler holding its lease.
+            ready = ("orz_active_sessions", (("door", "ssh"),)) in samples and samples.get(
+                ("orz_scheduler_leader", ())) == 1
+            return samples if ready else None
+
+        samples = wait_until(scraped, timeout=60, what="orz server /metrics")
+        assert proc.poll() is None
+        assert ("orz_sessions", (("state", "running"),)) in samples  # the API's
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            _out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _out, err = proc.communicate()
+    assert proc.returncode == 0, err
