@@ -50,4 +50,4 @@ def exec_ssh(argv: list[str]) -> None:
     ssh_config.known_hosts_path().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvp(argv[0], argv)  # noqa: S606 - argv list, no shell
+    os.execvp(argv[0], argv)  # noqa: S606  # nosec B606  # an argv list for ssh, no shell

@@ -148,4 +148,3 @@ async def test_registries_of_services_sharing_the_process_are_exposed_too(app, s
     samples = await scrape(app)
     assert value(samples, "orz_other_service_events_total") == 3
     assert ("orz_sessions", (("state", "running"),)) in samples
-
