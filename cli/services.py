@@ -102,6 +102,10 @@ def runner_cmd() -> None:
     """Run a session's runner (started by a provider, configured by ORZ_RUNNER_SPEC)."""
     from runner.main import main
 
+    # In a pod the runner's stderr is the container log: JSON like every other service. (The runner's
+    # own basicConfig then leaves this handler alone; `python -m runner`, used by the local provider,
+    # keeps plain lines in the runner.log users read.)
+    _configure_logging(load_settings())
     main()
 
 
