@@ -86,7 +86,9 @@ async def test_create_stop_start_runs_init_once_and_shows_the_program(
             data = path.read_bytes()
             assert b"secret-value-xyz" not in data and b"rt-secret-token" not in data, path
 
+    child = provider._children[state["pid"]]
     stopped = await provider.stop("sess-a", state)
+    assert child.returncode == 0  # a clean SIGTERM shutdown
     assert (await provider.status("sess-a", stopped)).phase == "stopped"
     assert process_start_time(state["pid"]) is None
     assert not (await tmux.pane_state()).exists

@@ -66,6 +66,14 @@ async def test_secrets_reach_the_program_env_but_not_the_runner_token(
     assert "[pg://u:pw1@x][k2][none]" in screen
 
 
+async def test_clone_failure_is_fatal(make_repo: MakeRepo, start_runner: StartRunner,
+                                     fake_api: FakeApi) -> None:
+    handle = await start_runner(make_repo({"README": "x"}), branch="no-such-branch")
+    assert await asyncio.wait_for(handle.task, 15) == 2
+    fatal = fake_api.bodies()[-1]["fatal_error"]
+    assert fatal.startswith("git clone of file://") and "no-such-branch" in fatal
+
+
 @pytest.mark.parametrize(
     ("config", "expected"),
     [

@@ -197,6 +197,7 @@ class LocalProvider(Provider):
     def _reap(self) -> None:
         for pid, proc in list(self._children.items()):
             if proc.poll() is not None:
+                log.info("runner pid %s exited with %s", pid, proc.returncode)
                 del self._children[pid]
 
     async def _kill_tmux(self, base: Path) -> None:
