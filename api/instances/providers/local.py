@@ -38,6 +38,10 @@ PID_FILE = "provider.json"
 RUNNER_LOG = "runner.log"
 INIT_LOG = "state/init.log"
 FATAL_FILE = "state/fatal_error"
+# The runner writes this once its sidecars, tmux server and endpoint are gone; it then only sends
+# its last heartbeat. Waiting for its exit past that point would deadlock an API that stops a
+# runner while handling that heartbeat (a fatal error), so stop() takes it as "compute released".
+RELEASED_FILE = "state/released"
 _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME")
 
 
@@ -93,7 +97,7 @@ class LocalProvider(Provider):
         if pid and self._alive(state):
             # The runner is a process-group leader: its sidecars and helpers get the signal too.
             _killpg(int(pid), signal.SIGTERM)
-            if not await self._wait_gone(state, STOP_GRACE_S):
+            if not await self._wait_released(base, state, STOP_GRACE_S):
                 log.warning("runner of %s ignored SIGTERM, killing it", session_id)
                 _killpg(int(pid), signal.SIGKILL)
                 await self._wait_gone(state, 5.0)
@@ -158,6 +162,7 @@ class LocalProvider(Provider):
             "PYTHONUNBUFFERED": "1",
         })
         (base / FATAL_FILE).unlink(missing_ok=True)
+        (base / RELEASED_FILE).unlink(missing_ok=True)
         with (base / RUNNER_LOG).open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "runner"], cwd=base, env=env, stdin=subprocess.DEVNULL,
@@ -184,6 +189,16 @@ class LocalProvider(Provider):
         self._reap()
         now = process_start_time(int(pid))
         return now is not None and (started is None or now == started)
+
+    async def _wait_released(self, base: Path, state: ProviderState, seconds: float) -> bool:
+        """Wait until the runner has exited or says it released everything (see RELEASED_FILE)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self._alive(state) and not (base / RELEASED_FILE).exists():
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def _wait_gone(self, state: ProviderState, seconds: float) -> bool:
         loop = asyncio.get_running_loop()
