@@ -73,3 +73,13 @@ async def test_output_moves_window_activity_with_nobody_attached(tmux: Tmux, sho
     await wait_for_pane(tmux, "b")
     later = (await tmux.pane_state()).last_output_at
     assert first is not None and later is not None and later > first
+
+
+def test_program_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("runner.tmux.shutil.which", lambda name: "/usr/bin/claude" if name == "claude" else None)
+    assert program_argv(None, "fix the bug", "/bin/zsh") == ["claude", "fix the bug"]
+    assert program_argv(None, None, "/bin/zsh") == ["claude"]
+    assert program_argv("aider --yes", "the task", "/bin/zsh") == [
+        "/bin/zsh", "-c", 'aider --yes "$@"', "orz-program", "the task"]
+    monkeypatch.setattr("runner.tmux.shutil.which", lambda name: None)
+    assert program_argv(None, "t", "/bin/zsh") == ["/bin/zsh", "-l"]
