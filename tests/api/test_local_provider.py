@@ -94,11 +94,11 @@ async def test_create_stop_start_runs_init_once_and_shows_the_program(
             data = path.read_bytes()
             assert b"secret-value-xyz" not in data and b"rt-secret-token" not in data, path
 
-    child = provider._children[state["pid"]]
     stopped = await provider.stop("sess-a", state)
     # stop() returns once the runner has released everything; it exits right after its last heartbeat
     await wait_gone(state["pid"])
-    assert child.wait() == 0  # a clean SIGTERM shutdown
+    await provider.status("sess-a", stopped)  # reaps
+    assert provider.exit_codes[state["pid"]] == 0  # a clean SIGTERM shutdown
     assert (await provider.status("sess-a", stopped)).phase == "stopped"
     assert fake_api.bodies("sess-a")[-1].get("ssh_port") is None  # the last word withdraws the route
     assert not (await tmux.pane_state()).exists
