@@ -182,32 +182,13 @@ class InstanceService:
             return inst
         async with self.sessions() as db:
             inst = await self._transition(db, inst, State.STOPPING, actor, "stopping", reason)
-        try:
-            provider_state = await self.provider.stop(inst.id, inst.provider_state or {})
-        except ProviderFailure as exc:
-            return await self._fail(inst, actor, f"could not stop: {exc.reason}")
-        async with self.sessions() as db:
-            return await self._transition(
-                db, inst, State.STOPPED, actor, "stopped", reason,
-                provider_state=provider_state, stopped_at=self.now(), attached_clients=0,
-                route_host=None, route_port=None, runner_host_key=None,
-                runner_token_prefix=None, runner_token_hash=None, reason=reason,
-            )
+        return await self.complete_stop(inst, actor, reason)
 
-    async def delete_instance(self, inst: Instance, actor: str) -> Instance:
+    async def delete_instance(self, inst: Instance, actor: str, reason: str | None = None) -> Instance:
         """Remove compute and workspace; the row stays as `deleted` for the audit trail."""
         async with self.sessions() as db:
-            inst = await self._transition(db, inst, State.DELETING, actor, "deleting", None)
-        try:
-            await self.provider.delete(inst.id, inst.provider_state or {})
-        except ProviderFailure as exc:
-            return await self._fail(inst, actor, f"could not delete: {exc.reason}")
-        async with self.sessions() as db:
-            return await self._transition(
-                db, inst, State.DELETED, actor, "deleted", None, deleted_at=self.now(),
-                attached_clients=0, route_host=None, route_port=None, runner_host_key=None,
-                runner_token_prefix=None, runner_token_hash=None,
-            )
+            inst = await self._transition(db, inst, State.DELETING, actor, "deleting", reason)
+        return await self.complete_delete(inst, actor)
 
     async def fail_instance(self, inst: Instance, actor: str, reason: str) -> Instance:
         """Mark a session failed and release its compute (heartbeats lost, fatal runner error)."""
@@ -299,9 +280,7 @@ class InstanceService:
 
     async def delete_expired(self, inst: Instance, actor: str, reason: str) -> Instance:
         """Delete a stopped or failed session whose retention ran out; the event says why."""
-        async with self.sessions() as db:
-            inst = await self._transition(db, inst, State.DELETING, actor, "deleting", reason)
-        return await self.complete_delete(inst, actor)
+        return await self.delete_instance(inst, actor, reason)
 
     async def mark_unhealthy(self, inst: Instance, actor: str, reason: str) -> Instance:
         """A running session stopped reporting; heartbeats that resume bring it back to running."""

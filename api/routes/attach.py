@@ -1,0 +1,78 @@
+"""POST /v1/instances/{id}/attach: short-lived SSH certificate and attach JWT for one session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncssh
+from cryptography.hazmat.primitives.asymmetric import ec
+from sanic import Blueprint, HTTPResponse, Request
+
+from api import schemas
+from api.credentials import jwt as attach_jwt
+from api.credentials import ssh_ca
+from api.errors import BadRequest, Forbidden
+from api.http import parse_body, respond
+from api.instances.views import attach_url, ssh_command
+from api.openapi import route
+from api.routes.deps import principal, state
+from api.settings import Settings
+
+bp = Blueprint("attach")
+TAG = "instances"
+
+
+@dataclass(frozen=True)
+class AttachKeys:
+    ca: asyncssh.SSHKey
+    jwt: ec.EllipticCurvePrivateKey
+
+
+def attach_keys(request: Request) -> AttachKeys:
+    """The CA and JWT signing keys, loaded (or generated) once per app."""
+    keys: AttachKeys | None = getattr(request.app.ctx, "attach_keys", None)
+    if keys is None:
+        settings: Settings = state(request).settings
+        keys = AttachKeys(ca=ssh_ca.load_or_create_ca(settings),
+                          jwt=attach_jwt.load_or_create_signing_key(settings))
+        request.app.ctx.attach_keys = keys
+    return keys
+
+
+def _utc(ts: int) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+@route(bp, "POST", "/v1/instances/{id}/attach", summary="Get short-lived attach credentials", tag=TAG,
+       request=schemas.AttachRequest, responses={200: schemas.AttachGrant}, errors=(400, 403, 404),
+       body_required=False)
+async def attach(request: Request, id: str) -> HTTPResponse:
+    who = await principal(request)
+    body = parse_body(request, schemas.AttachRequest, allow_empty=True)
+    st = state(request)
+    row = await st.instances.get(who, id)  # another org's session is a 404
+    request.ctx.session_id = row.id
+    if row.user_id != who.user_id and not who.is_admin:
+        raise Forbidden(f"session {row.id} belongs to someone else in your org")
+    settings = st.settings
+    keys = attach_keys(request)
+    cert: ssh_ca.SignedCertificate | None = None
+    if body.public_key:
+        try:
+            cert = ssh_ca.sign_user_certificate(
+                keys.ca, body.public_key, session_id=row.id, user_id=who.user_id, ttl_s=settings.cert_ttl_s,
+                permit_port_forwarding=settings.permit_port_forwarding, readonly=body.readonly,
+            )
+        except ssh_ca.CertificateError as exc:
+            raise BadRequest(str(exc)) from exc
+    token = attach_jwt.issue(keys.jwt, user_id=who.user_id, session_id=row.id,
+                             ttl_s=settings.attach_token_ttl_s, readonly=body.readonly)
+    return respond(schemas.AttachGrant(
+        id=row.id, status=row.state, user=who.user_id,  # type: ignore[arg-type]
+        certificate=cert.text if cert else None,
+        certificate_expires_at=_utc(cert.valid_before) if cert else None,
+        token=token.token, token_expires_at=_utc(token.expires_at),
+        ssh=ssh_command(settings, row.id), ssh_host=settings.public_ssh_host, ssh_port=settings.public_ssh_port,
+        attach_url=f"{attach_url(settings, row.id)}?token={token.token}", readonly=body.readonly,
+    ))

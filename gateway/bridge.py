@@ -1,0 +1,429 @@
+"""Bridge one client connection's channels to its session's runner over one upstream SSH connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from api.schemas import Route
+from gateway.errors import AttachRefused, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+# asyncssh's AES-GCM is far cheaper per packet than its ChaCha20 (DESIGN.md 4).
+CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+ENV_ALLOWED = ("TERM", "LANG")
+KEEPALIVE_S = 30
+UPSTREAM_CONNECT_TIMEOUT_S = 15
+
+
+def allowed_env(env: dict[str, str]) -> dict[str, str]:
+    """Only locale and terminal variables cross to the runner."""
+    return {k: v for k, v in env.items() if k in ENV_ALLOWED or k.startswith("LC_")}
+
+
+@dataclass
+class Counters:
+    bytes_in: int = 0  # client -> session
+    bytes_out: int = 0  # session -> client
+
+
+async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey, *,
+                           agent_path: str | None = None) -> asyncssh.SSHClientConnection:
+    """Open the one internal connection, pinning the runner's host key (no other key is trusted)."""
+    try:
+        host_key = asyncssh.import_public_key(route.host_key)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise UpstreamUnavailable("session is not reachable right now", internal="bad host key") from exc
+    try:
+        return await asyncssh.connect(
+            route.host, route.port, username=mode, client_keys=[client_key],
+            known_hosts=([host_key], [], []), config=None, agent_path=agent_path,
+            agent_forwarding=agent_path is not None, preferred_auth="publickey", password=None,
+            kbdint_auth=False, encryption_algs=CIPHERS, compression_algs=None,
+            keepalive_interval=KEEPALIVE_S, connect_timeout=UPSTREAM_CONNECT_TIMEOUT_S,
+        )
+    except (TimeoutError, OSError, asyncssh.Error) as exc:
+        raise UpstreamUnavailable("session is not reachable right now", internal=repr(exc)) from exc
+
+
+class Attachment:
+    """Per client connection: the upstream connection (once ready), counters and progress lines."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ready: asyncio.Future[asyncssh.SSHClientConnection] = loop.create_future()
+        self.counters = Counters()
+        self.progress_lines: list[str] = []
+        self._progress_listeners: list[Callable[[str], None]] = []
+
+    def progress(self, line: str) -> None:
+        self.progress_lines.append(line)
+        for listener in list(self._progress_listeners):
+            listener(line)
+
+    def on_progress(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        for line in self.progress_lines:
+            listener(line)
+        self._progress_listeners.append(listener)
+        return lambda: self._progress_listeners.remove(listener)
+
+    def set_upstream(self, conn: asyncssh.SSHClientConnection) -> None:
+        if not self._ready.done():
+            self._ready.set_result(conn)
+        else:
+            conn.close()
+
+    def refuse(self, error: AttachRefused | UpstreamUnavailable) -> None:
+        if not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()  # mark retrieved: not every connection opens a channel
+
+    async def upstream(self) -> asyncssh.SSHClientConnection:
+        return await asyncio.shield(self._ready)
+
+    def upstream_now(self) -> asyncssh.SSHClientConnection | None:
+        if self._ready.done() and not self._ready.cancelled() and self._ready.exception() is None:
+            return self._ready.result()
+        return None
+
+    def close(self) -> None:
+        conn = self.upstream_now()
+        if conn is not None:
+            conn.close()
+        elif not self._ready.done():
+            self._ready.cancel()
+
+
+class _Coalescer:
+    """Batch writes made in one event-loop turn into one channel write (fewer, fuller SSH packets)."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self._parts: list[bytes] = []
+        self._scheduled = False
+
+    def add(self, data: bytes) -> None:
+        self._parts.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._parts:
+            data = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
+            self._parts.clear()
+            self._write(data)
+
+
+class _UpstreamSession(asyncssh.SSHClientSession[bytes]):
+    """Runner side of a bridged session: relays output, exit status and signals to the client."""
+
+    def __init__(self, down: BridgeSession) -> None:
+        self._down = down
+        self.exit_status: int | None = None
+        self.exit_signal: tuple[str, bool, str, str] | None = None
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._down.from_upstream(data, datatype)
+
+    def eof_received(self) -> bool:
+        self._down.upstream_eof()
+        return True
+
+    def exit_status_received(self, status: int) -> None:
+        self.exit_status = status
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self.exit_signal = (signal, core_dumped, msg, lang)
+
+    def pause_writing(self) -> None:
+        self._down.pause_client()
+
+    def resume_writing(self) -> None:
+        self._down.resume_client()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._down.upstream_closed(self)
+
+
+class BridgeSession(asyncssh.SSHServerSession[bytes]):
+    """Client side of a bridged session (shell, exec, sftp/scp): opens its twin on the runner."""
+
+    def __init__(self, attachment: Attachment, *, readonly: bool) -> None:
+        self._attachment = attachment
+        self._readonly = readonly
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._up: asyncssh.SSHClientChannel[bytes] | None = None
+        self._pending: list[bytes] = []
+        self._pending_eof = False
+        self._pty = False
+        self._command: str | None = None
+        self._subsystem: str | None = None
+        self._out: _Coalescer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop_progress: Callable[[], None] | None = None
+
+    # -- requests from the client -----------------------------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+        self._chan = chan
+        self._out = _Coalescer(self._write_out)
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
+                      term_modes: dict[int, int]) -> bool:
+        self._pty = True
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        if self._readonly:
+            return False
+        self._command = command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        if self._readonly or subsystem != "sftp":
+            return False
+        self._subsystem = subsystem
+        return True
+
+    def session_started(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._open_upstream())
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._attachment.counters.bytes_in += len(data)
+        if self._up is not None:
+            self._up.write(data)
+        else:
+            self._pending.append(data)
+
+    def eof_received(self) -> bool:
+        if self._up is not None:
+            self._up.write_eof()
+        else:
+            self._pending_eof = True
+        return True  # keep our half open: output may still come back
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if self._up is not None:
+            self._up.change_terminal_size(width, height, pixwidth, pixheight)
+
+    def signal_received(self, signal: str) -> None:
+        if self._up is not None:
+            self._up.send_signal(signal)
+
+    def break_received(self, msec: int) -> bool:
+        if self._up is None:
+            return False
+        self._up.send_break(msec)
+        return True
+
+    def pause_writing(self) -> None:
+        if self._up is not None:
+            self._up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._up is not None:
+            self._up.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._stop_progress:
+            self._stop_progress()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._up is not None:
+            self._up.close()
+
+    # -- upstream ---------------------------------------------------------------------------------
+
+    async def _open_upstream(self) -> None:
+        chan = self._chan
+        assert chan is not None
+        if not self._attachment.upstream_now():
+            self._stop_progress = self._attachment.on_progress(self._say)
+        try:
+            conn = await self._attachment.upstream()
+            self._stop_progress_now()
+            term: dict[str, Any] = {"request_pty": False}
+            if self._pty:
+                term = {"request_pty": "force", "term_type": chan.get_terminal_type(),
+                        "term_size": chan.get_terminal_size(), "term_modes": chan.get_terminal_modes()}
+            self._up, _ = await conn.create_session(
+                lambda: _UpstreamSession(self), self._command, subsystem=self._subsystem,
+                env=allowed_env(dict(chan.get_environment())), encoding=None, **term,
+            )
+        except (AttachRefused, UpstreamUnavailable) as exc:
+            self._fail(exc.line)
+            return
+        except (asyncssh.Error, OSError) as exc:
+            log.info("upstream session refused: %r", exc)
+            self._fail("the session refused this request")
+            return
+        for data in self._pending:
+            self._up.write(data)
+        self._pending.clear()
+        if self._pending_eof:
+            self._up.write_eof()
+
+    def _stop_progress_now(self) -> None:
+        if self._stop_progress:
+            self._stop_progress()
+            self._stop_progress = None
+
+    def _say(self, line: str) -> None:
+        if self._chan is not None:
+            self._chan.write_stderr(f"orz: {line}\r\n".encode() if self._pty else f"orz: {line}\n".encode())
+
+    def _fail(self, line: str) -> None:
+        self._stop_progress_now()
+        self._say(line)
+        if self._chan is not None:
+            self._chan.exit(1)
+
+    def _write_out(self, data: bytes) -> None:
+        if self._chan is not None:
+            self._chan.write(data)
+
+    def from_upstream(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._attachment.counters.bytes_out += len(data)
+        assert self._out is not None and self._chan is not None
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self._out.flush()  # keep stdout written before this stderr ahead of it
+            self._chan.write_stderr(data)
+        else:
+            self._out.add(data)
+
+    def upstream_eof(self) -> None:
+        if self._out is not None and self._chan is not None:
+            self._out.flush()
+            self._chan.write_eof()
+
+    def upstream_closed(self, up: _UpstreamSession) -> None:
+        chan = self._chan
+        if chan is None:
+            return
+        if self._out is not None:
+            self._out.flush()
+        if up.exit_signal is not None:
+            signal, core, msg, lang = up.exit_signal
+            chan.exit_with_signal(signal, core, msg, lang)
+        elif up.exit_status is not None:
+            chan.exit(up.exit_status)
+        else:
+            chan.close()  # mirror the runner: no status was sent, so none is invented
+
+    def pause_client(self) -> None:
+        if self._chan is not None:
+            self._chan.pause_reading()
+
+    def resume_client(self) -> None:
+        if self._chan is not None:
+            self._chan.resume_reading()
+
+
+class Pipe(asyncssh.SSHTCPSession[bytes]):
+    """One end of a TCP relay between a client channel and a runner channel."""
+
+    def __init__(self, counters: Counters, outbound: bool) -> None:
+        self.peer: Pipe | None = None
+        self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self._pending: list[bytes] = []
+        self._eof = False
+        self._counters = counters
+        self._outbound = outbound  # True when this end faces the client
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]
+        self._chan = chan
+        for data in self._pending:
+            chan.write(data)
+        self._pending.clear()
+        if self._eof:
+            chan.write_eof()
+
+    def send(self, data: bytes) -> None:
+        if self._outbound:
+            self._counters.bytes_out += len(data)
+        else:
+            self._counters.bytes_in += len(data)
+        if self._chan is None:
+            self._pending.append(data)
+        else:
+            self._chan.write(data)
+
+    def send_eof(self) -> None:
+        if self._chan is None:
+            self._eof = True
+        else:
+            self._chan.write_eof()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self.peer is not None:
+            self.peer.send(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is not None:
+            self.peer.send_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer._chan is not None:
+            self.peer._chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer._chan is not None:
+            self.peer._chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer._chan is not None:
+            self.peer._chan.close()
+
+
+def pipe_pair(counters: Counters) -> tuple[Pipe, Pipe]:
+    """(client-facing end, runner-facing end), linked to each other."""
+    client_end, runner_end = Pipe(counters, outbound=True), Pipe(counters, outbound=False)
+    client_end.peer, runner_end.peer = runner_end, client_end
+    return client_end, runner_end
+
+
+async def open_direct(attachment: Attachment, dest_host: str, dest_port: int,
+                      orig_host: str, orig_port: int) -> Pipe:
+    """ssh -L / -D / VS Code: open the same destination inside the session (the runner allows loopback)."""
+    conn = await attachment.upstream()
+    client_end, runner_end = pipe_pair(attachment.counters)
+    try:
+        await conn.create_connection(lambda: runner_end, dest_host, dest_port, orig_host, orig_port)
+    except asyncssh.ChannelOpenError:
+        raise
+    except (asyncssh.Error, OSError) as exc:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "session unreachable") from exc
+    return client_end
+
+
+async def open_remote_listener(attachment: Attachment, client_conn: asyncssh.SSHServerConnection,
+                               listen_host: str, listen_port: int) -> asyncssh.SSHListener:
+    """ssh -R: ask the runner to listen in the session and relay each connection back to the client."""
+    conn = await attachment.upstream()
+    port_box: list[int] = [listen_port]
+
+    def accepted(orig_host: str, orig_port: int) -> Awaitable[Pipe]:
+        return _relay_back(orig_host, orig_port)
+
+    async def _relay_back(orig_host: str, orig_port: int) -> Pipe:
+        client_end, runner_end = pipe_pair(attachment.counters)
+        await client_conn.create_connection(lambda: client_end, listen_host, port_box[0],
+                                            orig_host, orig_port)
+        return runner_end
+
+    listener = await conn.create_server(accepted, listen_host, listen_port)  # type: ignore[arg-type]
+    port_box[0] = listener.get_port() if listen_port == 0 else listen_port
+    return listener
+

@@ -1,0 +1,40 @@
+"""Typed gateway errors. Each carries the one line the SSH user reads; internals go to logs only."""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Root of the gateway's errors; ``line`` is safe to show the connecting user."""
+
+    code: str = "gateway_error"
+
+    def __init__(self, line: str, *, internal: str | None = None) -> None:
+        super().__init__(line)
+        self.line = line
+        self.internal = internal
+
+
+class CredentialRejected(GatewayError):
+    """The certificate or token failed local verification (signature, expiry, session)."""
+
+    code = "credential_rejected"
+
+
+class AttachRefused(GatewayError):
+    """The API refused the attach (no such session, not yours, failed, quota...)."""
+
+    def __init__(self, line: str, *, code: str = "refused", internal: str | None = None) -> None:
+        super().__init__(line, internal=internal)
+        self.code = code
+
+
+class RateLimited(GatewayError):
+    """Too many failed authentications from one source address."""
+
+    code = "rate_limited"
+
+
+class UpstreamUnavailable(GatewayError):
+    """The session's runner could not be reached or rejected the gateway."""
+
+    code = "upstream_unavailable"

@@ -1,0 +1,332 @@
+"""The SSH front door: `ssh <session-id>@host` with a certificate or an attach JWT, bridged to the runner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Literal
+
+import asyncssh
+
+from api.client import ApiClient
+from api.schemas import AttachEventIn, AuthorizeReply
+from api.settings import Settings
+from gateway import auth, keys
+from gateway.bridge import (
+    CIPHERS,
+    Attachment,
+    BridgeSession,
+    Pipe,
+    connect_upstream,
+    open_direct,
+    open_remote_listener,
+)
+from gateway.errors import AttachRefused, CredentialRejected, UpstreamUnavailable
+from gateway.routing import Router
+
+log = logging.getLogger(__name__)
+
+LOGIN_TIMEOUT_S = 30
+# After a refusal line was shown, give the client a moment to read it, then hang up.
+REFUSED_LINGER_S = 5
+
+
+class GatewayConnection(asyncssh.SSHServerConnection):
+    """asyncssh's server connection, plus our certificate checks (key id, principals, extensions)."""
+
+    async def validate_public_key(self, username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+        owner = self.get_owner()
+        assert isinstance(owner, ClientConnection)
+        principal = owner.precheck_certificate(username, key_data)
+        if principal is None:
+            return False
+        # asyncssh checks the CA (validate_ca_key), validity, principal and the client's signature.
+        if not await super().validate_public_key(username, key_data, msg, signature):
+            if msg:
+                owner.failed(CredentialRejected("certificate signature not valid"))
+            return False
+        if not msg:
+            return True  # a query: the client signs next
+        return await owner.authorize(username, principal)
+
+
+class ClientConnection(asyncssh.SSHServer):
+    """One client connection: authentication, then the bridge to its session's runner."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.source = "?"
+        self.id = secrets.token_hex(6)
+        self.session_id = ""
+        self.principal: auth.Principal | None = None
+        self.reply: AuthorizeReply | None = None
+        self.refusal: AttachRefused | None = None
+        self.attachment: Attachment | None = None
+        self.attached_at: float | None = None
+        self._banners: set[str] = set()
+
+    @property
+    def readonly(self) -> bool:
+        ro_reply = self.reply is not None and self.reply.mode == "ro"
+        return bool(ro_reply or (self.principal and self.principal.readonly))
+
+    # -- connection lifecycle ------------------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:  # type: ignore[override]
+        self.conn = conn
+        peer = conn.get_extra_info("peername")
+        self.source = str(peer[0]) if peer else "?"
+        self.gw.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gw.connections.discard(self)
+        if self.attachment is not None:
+            self.attachment.close()
+        if self.attached_at is not None and self.principal is not None and self.attachment is not None:
+            c = self.attachment.counters
+            self.gw.spawn(self.gw.router.report(AttachEventIn(
+                session_id=self.session_id, user_id=self.principal.user_id, event="detached",
+                connection_id=self.id, source_address=self.source, bytes_in=c.bytes_in,
+                bytes_out=c.bytes_out, duration_s=max(0.0, time.monotonic() - self.attached_at))))
+            log.info("conn %s detached from %s (in %d B, out %d B)", self.id, self.session_id,
+                     c.bytes_in, c.bytes_out)
+
+    # -- authentication ------------------------------------------------------------------------------
+
+    def begin_auth(self, username: str) -> bool:
+        self.session_id = username
+        if self.gw.limiter.blocked(self.source):
+            # Refuse after the handshake so the client can show why (a raw close reads as garbage).
+            log.info("conn %s from %s refused: rate limited", self.id, self.source)
+            wait = self.gw.limiter.retry_after(self.source)
+            self._banner(f"too many failed authentications from your address; try again in {wait} s")
+            self._hang_up_now()
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return False  # bare keys never: only certificates from the platform CA
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return key.public_data == self.gw.anchors.ca_key.public_data
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        return await self._check_token(username, password)
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> tuple[str, str, str, list]:
+        return ("Orzbob Cloud", "Paste the attach token from `orz cloud attach`.", "", [("Token: ", False)])
+
+    async def validate_kbdint_response(self, username: str, responses: list[str]) -> bool:
+        return len(responses) == 1 and await self._check_token(username, responses[0])
+
+    async def _check_token(self, username: str, token: str) -> bool:
+        if self.gw.limiter.blocked(self.source):
+            return False
+        try:
+            principal = auth.check_jwt(token, username, self.gw.anchors)
+        except CredentialRejected as exc:
+            self.failed(exc)
+            return False
+        return await self.authorize(username, principal)
+
+    def precheck_certificate(self, username: str, key_data: bytes) -> auth.Principal | None:
+        """Our checks on an offered certificate; None for bare keys (ignored, not counted)."""
+        if not auth.is_certificate(key_data):
+            return None
+        if self.gw.limiter.blocked(self.source):
+            return None
+        try:
+            return auth.check_certificate(key_data, username, self.gw.anchors)
+        except CredentialRejected as exc:
+            self.failed(exc)
+            return None
+
+    async def authorize(self, username: str, principal: auth.Principal) -> bool:
+        """Ask the API; a refusal still completes auth so the client sees its one line (never a route)."""
+        if not auth.valid_session_id(username):
+            self.refusal = AttachRefused("no such session", code="not_found")
+        else:
+            try:
+                self.reply = await self.gw.router.authorize(username, principal, source=self.source)
+            except AttachRefused as exc:
+                log.info("conn %s from %s: attach to %s refused (%s)",
+                         self.id, self.source, username, exc.code)
+                self.refusal = exc
+        if self.refusal is not None and self.gw.limiter.record_failure(self.source):
+            self._banner("too many failed authentications; try again later")
+        self.principal = principal
+        return True
+
+    def failed(self, exc: CredentialRejected) -> None:
+        log.info("conn %s from %s: credential rejected: %s", self.id, self.source, exc.line)
+        self._banner(f"{exc.line}; get a new one with `orz cloud attach {self.session_id[:32]}`")
+        if self.gw.limiter.record_failure(self.source):
+            self._banner("too many failed authentications; try again later")
+            self._hang_up_now()
+
+    def _hang_up_now(self) -> None:
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                 "too many failed authentications")
+
+    def _banner(self, line: str) -> None:
+        if line in self._banners or self.conn is None:
+            return
+        self._banners.add(line)
+        with contextlib.suppress(OSError):  # auth already over
+            self.conn.send_auth_banner(f"orz: {line}\r\n")
+
+    def auth_completed(self) -> None:
+        self.attachment = Attachment()
+        if self.refusal is not None:
+            self.attachment.refuse(self.refusal)
+            asyncio.get_running_loop().call_later(REFUSED_LINGER_S, self._hang_up, self.refusal.line)
+            return
+        self.gw.spawn(self._attach())
+
+    def _hang_up(self, line: str) -> None:
+        """Clients without a session channel (ssh -N) still read the reason in the disconnect."""
+        if self.conn is not None and not self.conn.is_closed():
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"orz: {line}")
+
+    async def _attach(self) -> None:
+        assert self.attachment is not None and self.principal is not None and self.reply is not None
+        try:
+            reply = await self.gw.router.until_running(self.session_id, self.principal, self.reply,
+                                                       source=self.source, progress=self.attachment.progress)
+            assert reply.route is not None
+            self.reply = reply
+            upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key)
+        except (AttachRefused, UpstreamUnavailable) as exc:
+            log.info("conn %s: attach to %s failed: %s", self.id, self.session_id, exc.internal or exc.line)
+            self.attachment.refuse(exc)
+            asyncio.get_running_loop().call_later(REFUSED_LINGER_S, self._hang_up, exc.line)
+            return
+        if self.conn is None or self.conn.is_closed():
+            upstream.close()
+            return
+        self.attachment.set_upstream(upstream)
+        self.attached_at = time.monotonic()
+        log.info("conn %s from %s attached to %s (%s)", self.id, self.source, self.session_id, reply.mode)
+        await self.gw.router.report(AttachEventIn(
+            session_id=self.session_id, user_id=self.principal.user_id, event="attached",
+            connection_id=self.id, source_address=self.source))
+        await upstream.wait_closed()
+        # The runner went away: the client has nothing left to talk to.
+        if self.conn is not None:
+            self.conn.close()
+
+    # -- channels ------------------------------------------------------------------------------------
+
+    def session_requested(self) -> BridgeSession:
+        assert self.attachment is not None
+        return BridgeSession(self.attachment, readonly=self.readonly)
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> Awaitable[Pipe]:
+        if self.attachment is None or self.readonly or self.refusal is not None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "not permitted")
+        return open_direct(self.attachment, dest_host, dest_port, orig_host, orig_port)
+
+    def server_requested(self, listen_host: str,
+                         listen_port: int) -> Literal[False] | Awaitable[asyncssh.SSHListener]:
+        if self.attachment is None or self.readonly or self.refusal is not None or self.conn is None:
+            return False
+        return open_remote_listener(self.attachment, self.conn, listen_host, listen_port)
+
+
+class Gateway:
+    """The listening SSH gateway: one process serves many client connections."""
+
+    def __init__(self, settings: Settings, *, api: ApiClient | None = None) -> None:
+        self.settings = settings
+        self.api = api or ApiClient(settings.public_api_url, settings.service_token.get_secret_value())
+        self.router = Router(self.api, start_timeout_s=settings.start_timeout_s)
+        self.limiter = auth.FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
+        self._anchors: auth.TrustAnchors | None = None
+        self.host_key = keys.load_or_create(keys.host_key_path(settings), "orz-gateway-host")
+        self.client_key = keys.load_or_create(keys.client_key_path(settings), "orz-gateway-client")
+        self.connections: set[ClientConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def anchors(self) -> auth.TrustAnchors:
+        """The CA and JWT public keys; read on first use, since the API may create them after we start."""
+        if self._anchors is None:
+            try:
+                self._anchors = auth.load_trust_anchors(self.settings)
+            except FileNotFoundError as exc:
+                log.error("gateway cannot verify credentials yet: %s is missing", exc.filename)
+                raise CredentialRejected("Orzbob Cloud cannot verify credentials right now") from exc
+        return self._anchors
+
+    def spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        options = await asyncssh.SSHServerConnectionOptions.construct(
+            server_factory=lambda: ClientConnection(self), server_host_keys=[self.host_key],
+            encryption_algs=CIPHERS, compression_algs=None, line_editor=False, encoding=None,
+            agent_forwarding=False, x11_forwarding=False, allow_scp=False, config=None,
+            login_timeout=LOGIN_TIMEOUT_S, keepalive_interval=60, keepalive_count_max=3,
+            server_version="OrzbobCloud",
+        )
+        loop = asyncio.get_running_loop()
+        # Our own listener so connections use GatewayConnection (asyncssh.listen has no class hook).
+        self._server = await loop.create_server(lambda: GatewayConnection(loop, options),
+                                                self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
+        log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.connections):
+            if client.conn is not None:
+                client.conn.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.api.aclose()
+
+
+@contextlib.asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[Gateway]:
+    """A started gateway (``.port`` is the bound SSH port), closed on exit."""
+    gateway = Gateway(settings)
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.close()
+
+
+async def run(settings: Settings, stop: Awaitable[object] | None = None) -> None:
+    """Serve until `stop` completes, or until cancelled (`orz gateway`)."""
+    async with serve(settings):
+        if stop is None:
+            await asyncio.Event().wait()
+        else:
+            await stop

@@ -1,0 +1,73 @@
+"""POST /v1/instances/{id}/attach over HTTP: certificate, JWT, ssh line, and who may ask."""
+
+from __future__ import annotations
+
+import asyncssh
+from cryptography.hazmat.primitives import serialization
+from sanic import Sanic
+
+from api.credentials import jwt as attach_jwt
+from api.settings import Settings
+from tests.conftest import make_tenant
+
+REPO = "https://example.com/acme/widgets.git"
+
+
+async def _session(app: Sanic, headers: dict[str, str]) -> str:
+    _, resp = await app.asgi_client.post("/v1/instances", json={"repo_url": REPO}, headers=headers)
+    assert resp.status == 201, resp.json
+    return str(resp.json["id"])
+
+
+async def test_attach_grants_certificate_and_token(app: Sanic, sessions, settings: Settings) -> None:
+    t = await make_tenant(sessions, "acme")
+    sid = await _session(app, t.headers)
+    user_key = asyncssh.generate_private_key("ssh-ed25519")
+    _, resp = await app.asgi_client.post(f"/v1/instances/{sid}/attach", headers=t.headers,
+                                         json={"public_key": user_key.export_public_key().decode()})
+    assert resp.status == 200, resp.json
+    grant = resp.json
+    cert = asyncssh.import_certificate(grant["certificate"])
+    assert cert.principals == [sid]
+    assert cert.key.public_data == user_key.public_data
+    ca_pub = asyncssh.read_public_key(settings.keys_dir / "ssh_ca.pub")
+    assert cert.signing_key.public_data == ca_pub.public_data
+    pub = serialization.load_pem_public_key((settings.keys_dir / "jwt_es256.pem.pub").read_bytes())
+    claims = attach_jwt.verify(grant["token"], pub, session_id=sid)  # type: ignore[arg-type]
+    assert claims.user_id == t.user_id == grant["user"]
+    assert grant["ssh"] == f"ssh -p 2222 {sid}@127.0.0.1" and grant["ssh_port"] == 2222
+    assert grant["attach_url"].endswith(f"/v1/instances/{sid}/attach?token={grant['token']}")
+    assert grant["readonly"] is False
+
+
+async def test_attach_token_only_and_readonly(app: Sanic, sessions) -> None:
+    t = await make_tenant(sessions, "acme")
+    sid = await _session(app, t.headers)
+    _, resp = await app.asgi_client.post(f"/v1/instances/{sid}/attach", headers=t.headers,
+                                         json={"readonly": True})
+    assert resp.status == 200 and resp.json["certificate"] is None and resp.json["readonly"] is True
+
+
+async def test_attach_rejects_bad_key_and_strangers(app: Sanic, sessions) -> None:
+    t = await make_tenant(sessions, "acme")
+    sid = await _session(app, t.headers)
+    _, resp = await app.asgi_client.post(f"/v1/instances/{sid}/attach", headers=t.headers,
+                                         json={"public_key": "ssh-ed25519 garbage"})
+    assert resp.status == 400 and resp.json["code"] == "bad_request"
+    other = await make_tenant(sessions, "globex")
+    _, resp = await app.asgi_client.post(f"/v1/instances/{sid}/attach", headers=other.headers, json={})
+    assert resp.status == 404
+    _, resp = await app.asgi_client.post(f"/v1/instances/{sid}/attach", json={})
+    assert resp.status == 401
+
+
+async def test_attach_someone_elses_session_in_the_org_is_forbidden(app: Sanic, sessions) -> None:
+    from api import admin
+
+    t = await make_tenant(sessions, "acme")
+    sid = await _session(app, t.headers)
+    await admin.create_user(sessions, "peer@acme.example", "acme")
+    peer_token = await admin.create_token(sessions, "peer@acme.example")
+    _, resp = await app.asgi_client.post(f"/v1/instances/{sid}/attach", json={},
+                                         headers={"Authorization": f"Bearer {peer_token}"})
+    assert resp.status == 403 and "someone else" in resp.json["detail"]

@@ -1,0 +1,153 @@
+"""A real gateway on a free port, in front of the API and runner stand-ins, driven by real OpenSSH."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from api.credentials import jwt as attach_jwt
+from api.credentials import ssh_ca
+from api.settings import Settings
+from gateway import keys
+from gateway.server import Gateway
+from tests.gateway.standins import FakeApi, FakeRunner, FakeSession
+
+SERVICE_TOKEN = "svc-test-token"
+SESSION = "demo-1"
+USER = "usr_alice"
+
+pytestmark = pytest.mark.integration
+
+if not shutil.which("ssh"):
+    pytest.skip("OpenSSH client not installed", allow_module_level=True)
+
+
+@dataclass
+class SshResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+@dataclass
+class Env:
+    tmp: Path
+    settings: Settings
+    ca: asyncssh.SSHKey
+    jwt_key: ec.EllipticCurvePrivateKey
+    api: FakeApi
+    runner: FakeRunner
+    gateway: Gateway
+    known_hosts: Path
+
+    @property
+    def port(self) -> int:
+        return self.gateway.port
+
+    def user_key(self, name: str = "id") -> Path:
+        path = self.tmp / name
+        if not path.exists():
+            key = asyncssh.generate_private_key("ssh-ed25519")
+            key.write_private_key(path)
+            path.chmod(0o600)
+            key.write_public_key(path.with_suffix(".pub"))
+        return path
+
+    def certificate(self, session_id: str = SESSION, user_id: str = USER, *, ttl_s: int = 300,
+                    now: float | None = None, ca: asyncssh.SSHKey | None = None, readonly: bool = False,
+                    name: str = "id") -> Path:
+        key = self.user_key(name)
+        signed = ssh_ca.sign_user_certificate(ca or self.ca, key.with_suffix(".pub").read_text(),
+                                              session_id=session_id, user_id=user_id, ttl_s=ttl_s, now=now,
+                                              readonly=readonly)
+        cert = self.tmp / f"{name}-cert.pub"
+        cert.write_text(signed.text + "\n")
+        return cert
+
+    def token(self, session_id: str = SESSION, user_id: str = USER, **kw: object) -> str:
+        return attach_jwt.issue(self.jwt_key, user_id=user_id, session_id=session_id,
+                                ttl_s=int(kw.pop("ttl_s", 120)), **kw).token  # type: ignore[arg-type]
+
+    def base_args(self) -> list[str]:
+        return ["ssh", "-F", "/dev/null", "-p", str(self.port),
+                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "GlobalKnownHostsFile=/dev/null", "-o", "IgnoreUnknown=ObscureKeystrokeTiming",
+                "-o", "ObscureKeystrokeTiming=no", "-o", "IdentityAgent=none", "-o", "ConnectTimeout=10"]
+
+    def cert_args(self, cert: Path | None = None, name: str = "id") -> list[str]:
+        cert = cert or self.certificate(name=name)
+        return ["-i", str(self.user_key(name)), "-o", f"CertificateFile={cert}", "-o", "IdentitiesOnly=yes",
+                "-o", "PreferredAuthentications=publickey", "-o", "BatchMode=yes"]
+
+    def password_env(self, token: str) -> dict[str, str]:
+        askpass = self.tmp / "askpass.sh"
+        (self.tmp / "token").write_text(token)
+        askpass.write_text(f"#!/bin/sh\ncat {self.tmp / 'token'}\n")
+        askpass.chmod(stat.S_IRWXU)
+        return {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
+
+    def token_args(self, method: str = "password") -> list[str]:
+        return ["-o", f"PreferredAuthentications={method}", "-o", "NumberOfPasswordPrompts=1",
+                "-o", "PubkeyAuthentication=no"]
+
+    async def ssh(self, *args: str, env: dict[str, str] | None = None, stdin: bytes = b"",
+                  timeout: float = 15, session_id: str = SESSION) -> SshResult:
+        return await run(*self.base_args(), *args, env=env, stdin=stdin, timeout=timeout,
+                         target=f"{session_id}@127.0.0.1")
+
+
+async def run(*args: str, env: dict[str, str] | None = None, stdin: bytes = b"", timeout: float = 15,
+              target: str | None = None) -> SshResult:
+    """Run a client binary to completion; `target` goes right after the options."""
+    argv = list(args)
+    if target is not None:
+        split = argv.index("--") if "--" in argv else len(argv)
+        argv = [*argv[:split], target, *argv[split + 1:]]
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return SshResult(proc.returncode or 0, out, err)
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    settings = Settings(data_dir=tmp_path / "data", ssh_port=0, service_token=SERVICE_TOKEN,
+                        auth_fail_limit=5, auth_fail_window_s=60)
+    ca = ssh_ca.load_or_create_ca(settings)
+    jwt_key = attach_jwt.load_or_create_signing_key(settings)
+    api = FakeApi(SERVICE_TOKEN)
+    await api.start()
+    settings = settings.model_copy(update={"public_api_url": api.url})
+    client_key = keys.load_or_create(keys.client_key_path(settings), "gw")
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    runner = FakeRunner(client_key, workspace)
+    await runner.start()
+    api.sessions[SESSION] = FakeSession(owner=USER, route=runner.route)
+    gateway = Gateway(settings)
+    gateway.router.poll_interval_s = 0.2
+    await gateway.start()
+    known_hosts = tmp_path / "known_hosts"
+    host_pub = gateway.host_key.export_public_key().decode().strip()
+    known_hosts.write_text(f"[127.0.0.1]:{gateway.port} {host_pub}\n")
+    try:
+        yield Env(tmp_path, settings, ca, jwt_key, api, runner, gateway, known_hosts)
+    finally:
+        await gateway.close()
+        await runner.close()
+        await api.close()

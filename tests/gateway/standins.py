@@ -1,0 +1,254 @@
+"""Test stand-ins, each for a piece the gateway talks to over the network.
+
+- ``FakeApi`` stands in for the API's internal routes (``POST /internal/v1/authorize`` and
+  ``POST /internal/v1/attach-events``) until they are on main: a real HTTP server (asyncio streams)
+  that checks the service token and answers with the contract's JSON or problem+json.
+- ``FakeRunner`` stands in for the runner's internal SSH endpoint (runner/sshd.py, not yet committed on
+  the runner branch): a real asyncssh server that accepts only the gateway's client key with user
+  "rw"/"ro". A pty shell prints "hi" then echoes; exec runs ``sh -c``; sftp/scp serve a directory;
+  direct-tcpip and tcpip-forward are allowed to loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+
+@dataclass
+class FakeSession:
+    owner: str
+    state: str = "running"
+    route: dict[str, Any] | None = None
+    wake_polls: int = 0  # authorize calls a stopped session needs before it runs
+    reason: str | None = None
+
+
+@dataclass
+class FakeApi:
+    service_token: str
+    sessions: dict[str, FakeSession] = field(default_factory=dict)
+    disabled_users: set[str] = field(default_factory=set)
+    used_jti: set[str] = field(default_factory=set)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    authorize_calls: list[dict[str, Any]] = field(default_factory=list)
+    server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                request_line = await reader.readline()
+                if not request_line:
+                    return
+                method, path, _ = request_line.decode().split(" ", 2)
+                headers: dict[str, str] = {}
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                status, payload = self._route(method, path, headers, body)
+                data = b"" if payload is None else json.dumps(payload).encode()
+                ctype = "application/problem+json" if status >= 400 else "application/json"
+                writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\n"
+                             f"content-length: {len(data)}\r\n\r\n".encode() + data)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            return
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    @staticmethod
+    def _problem(status: int, code: str, detail: str) -> tuple[int, dict[str, Any]]:
+        return status, {"type": f"https://orz.cloud/problems/{code}", "title": code, "status": status,
+                        "code": code, "detail": detail}
+
+    def _route(self, method: str, path: str, headers: dict[str, str],
+               body: bytes) -> tuple[int, dict[str, Any] | None]:
+        if headers.get("authorization") != f"Bearer {self.service_token}":
+            return self._problem(401, "unauthorized", "bad service token")
+        data = json.loads(body or b"{}")
+        if method == "POST" and path == "/internal/v1/attach-events":
+            self.events.append(data)
+            return 204, None
+        if method == "POST" and path == "/internal/v1/authorize":
+            self.authorize_calls.append(data)
+            return self._authorize(data)
+        return self._problem(404, "not_found", "no route")
+
+    def _authorize(self, req: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        sid, user = req["session_id"], req["user_id"]
+        if user in self.disabled_users:
+            return self._problem(403, "forbidden", "your account is disabled")
+        if req.get("jti"):
+            if req["jti"] in self.used_jti:
+                return self._problem(401, "unauthorized", "this attach token was already used")
+            self.used_jti.add(req["jti"])
+        session = self.sessions.get(sid)
+        if session is None or session.owner != user:
+            # Never reveal that someone else's session exists.
+            return self._problem(404, "not_found", f"no such session: {sid}")
+        if session.state == "failed":
+            return self._problem(409, "session_failed", f"session failed: {session.reason}")
+        if session.state == "stopped":
+            session.state = "starting"
+        elif session.state == "starting":
+            session.wake_polls -= 1
+            if session.wake_polls <= 0:
+                session.state = "running"
+        reply: dict[str, Any] = {"session_id": sid, "user_id": user, "state": session.state,
+                                 "mode": "ro" if req.get("readonly") else "rw"}
+        if session.state == "running":
+            reply["route"] = session.route
+        else:
+            reply["message"] = f"session {sid} is {session.state}: starting it..."
+        return 200, reply
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _RunnerServer(asyncssh.SSHServer):
+    def __init__(self, runner: FakeRunner) -> None:
+        self.runner = runner
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return username in ("rw", "ro") and key.public_data == self.runner.gateway_key.public_data
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
+        return _loopback(dest_host)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return _loopback(listen_host)
+
+
+class _SftpServer(asyncssh.SFTPServer):
+    """asyncssh closes an sftp channel without an exit status; sshd sends 0 (scp checks it)."""
+
+    def exit(self) -> None:
+        with contextlib.suppress(OSError):
+            self.channel.exit(0)
+
+
+@dataclass
+class FakeRunner:
+    gateway_key: asyncssh.SSHKey
+    workspace: Path
+    host_key: asyncssh.SSHKey = field(default_factory=lambda: asyncssh.generate_private_key("ssh-ed25519"))
+    acceptor: asyncssh.SSHAcceptor | None = None
+    term_sizes: list[tuple[int, int]] = field(default_factory=list)
+    usernames: list[str] = field(default_factory=list)
+    signals: list[str] = field(default_factory=list)
+
+    @property
+    def route(self) -> dict[str, Any]:
+        assert self.acceptor is not None
+        return {"host": "127.0.0.1", "port": self.acceptor.get_port(),
+                "host_key": self.host_key.export_public_key().decode().strip()}
+
+    async def start(self) -> None:
+        self.acceptor = await asyncssh.listen(
+            "127.0.0.1", 0, server_factory=lambda: _RunnerServer(self), server_host_keys=[self.host_key],
+            process_factory=self._process, encoding=None, line_editor=False, config=None,
+            sftp_factory=lambda chan: _SftpServer(chan, chroot=str(self.workspace).encode()),
+            allow_scp=True, agent_forwarding=False,
+        )
+
+    async def close(self) -> None:
+        if self.acceptor is not None:
+            self.acceptor.close()
+            await self.acceptor.wait_closed()
+
+    async def _process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        self.usernames.append(process.get_extra_info("username"))
+        if process.get_terminal_type() and process.command is None:
+            await self._tmux_like(process)
+        else:
+            await self._command(process)
+
+    async def _tmux_like(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        """The 'program' of the session says hi, then echoes what is typed (in upper case for 'ping')."""
+        readonly = process.get_extra_info("username") == "ro"
+        process.stdout.write(b"hi (read-only)\r\n" if readonly else b"hi\r\n")
+        while True:
+            try:
+                data = await process.stdin.read(4096)
+            except asyncssh.TerminalSizeChanged as change:
+                self.term_sizes.append((change.width, change.height))
+                process.stdout.write(f"size {change.width}x{change.height}\r\n".encode())
+                continue
+            except asyncssh.SignalReceived as sig:
+                self.signals.append(sig.signal)
+                continue
+            except asyncssh.BreakReceived:
+                self.signals.append("break")
+                continue
+            if not data:
+                break
+            if not readonly:
+                process.stdout.write(b"pong\r\n" if data.strip() == b"ping" else data)
+        process.exit(0)
+
+    async def _command(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        cmd = process.command or os.environ.get("SHELL", "/bin/sh")
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", cmd, cwd=self.workspace, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdin and proc.stdout and proc.stderr
+
+        async def pump_in() -> None:
+            while data := await process.stdin.read(65536):
+                proc.stdin.write(data)  # type: ignore[union-attr]
+                await proc.stdin.drain()  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+
+        async def pump_out(src: asyncio.StreamReader, dst: asyncssh.SSHWriter[bytes]) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+
+        feeder = asyncio.create_task(pump_in())
+        await asyncio.gather(pump_out(proc.stdout, process.stdout), pump_out(proc.stderr, process.stderr))
+        status = await proc.wait()
+        feeder.cancel()
+        if status < 0:
+            name = signal.Signals(-status).name.removeprefix("SIG")
+            process.exit_with_signal(name, False, f"killed by {name}")
+        else:
+            process.exit(status)

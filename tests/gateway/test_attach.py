@@ -1,0 +1,55 @@
+"""The attach path with real OpenSSH clients: shell with a pty, exec, and the credentials accepted."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.gateway.conftest import SESSION, USER, Env
+
+
+async def test_tty_shell_shows_program_output(env: Env) -> None:
+    result = await env.ssh("-tt", *env.cert_args(), stdin=b"ping\n")
+    assert b"hi" in result.stdout, result
+    assert b"pong" in result.stdout
+    kinds = [e["event"] for e in env.api.events]
+    assert kinds[0] == "attached"
+    await asyncio.sleep(0.3)
+    assert [e["event"] for e in env.api.events] == ["attached", "detached"]
+    assert env.api.events[1]["bytes_out"] > 0 and env.api.events[1]["user_id"] == USER
+
+
+async def test_exec_exit_status_and_streams_apart(env: Env) -> None:
+    result = await env.ssh(*env.cert_args(), "--", "sh -c 'echo out; echo err >&2; exit 3'")
+    assert result.returncode == 3
+    assert result.stdout == b"out\n"
+    assert b"err\n" in result.stderr and b"out" not in result.stderr
+
+
+async def test_exec_stdin_and_binary_roundtrip(env: Env) -> None:
+    payload = bytes(range(256)) * 1000
+    result = await env.ssh(*env.cert_args(), "--", "cat", stdin=payload)
+    assert result.returncode == 0 and result.stdout == payload
+
+
+async def test_jwt_as_password(env: Env) -> None:
+    result = await env.ssh(*env.token_args(), "--", "echo via-jwt", env=env.password_env(env.token()))
+    assert result.returncode == 0, result
+    assert result.stdout == b"via-jwt\n"
+    call = env.api.authorize_calls[-1]
+    assert call["method"] == "jwt" and call["jti"] and call["user_id"] == USER
+
+
+async def test_jwt_as_keyboard_interactive(env: Env) -> None:
+    result = await env.ssh(*env.token_args("keyboard-interactive"), "--", "echo kbd",
+                           env=env.password_env(env.token()))
+    assert result.returncode == 0 and result.stdout == b"kbd\n", result
+
+
+async def test_stopped_session_wakes_with_progress(env: Env) -> None:
+    env.api.sessions[SESSION].state = "stopped"
+    env.api.sessions[SESSION].wake_polls = 2
+    result = await env.ssh(*env.cert_args(), "--", "echo awake")
+    assert result.returncode == 0, result
+    assert result.stdout == b"awake\n"
+    assert b"starting it..." in result.stderr
+    assert env.api.authorize_calls[-1].get("jti") is None  # polls never replay a token
