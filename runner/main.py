@@ -219,6 +219,8 @@ def main() -> None:
     if not settings.runner_spec:
         sys.exit("orz runner: ORZ_RUNNER_SPEC is not set (the provider passes the runner spec as JSON)")
     spec = RunnerSpec.model_validate_json(settings.runner_spec)
+    if not spec.advertise_host and settings.runner_advertise_host:
+        spec = spec.model_copy(update={"advertise_host": settings.runner_advertise_host})
     sys.exit(asyncio.run(_amain(spec, settings.runner_token.get_secret_value())))
 
 
