@@ -38,12 +38,12 @@ def exposition(*extra: CollectorRegistry) -> bytes:
     """The text format for /metrics: this process's registry (or every worker's values merged), then
     ``extra`` registries of other services sharing the process (`orz server` runs the gateway too)."""
     if multiprocess_dir():
+        # The files hold every metric of every process, whichever registry it was declared in:
+        # ``extra`` is already part of them.
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
-        own = generate_latest(merged)
-    else:
-        own = generate_latest(REGISTRY)
-    return own + b"".join(generate_latest(registry) for registry in extra)
+        return generate_latest(merged)
+    return generate_latest(REGISTRY) + b"".join(generate_latest(registry) for registry in extra)
 
 
 @dataclass

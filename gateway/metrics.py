@@ -28,7 +28,7 @@ ATTACH_RESULTS = ("ok", "rejected", "error")
 
 ACTIVE_SESSIONS = Gauge(
     "orz_active_sessions", "Client connections bridged to a session right now, by door", ["door"],
-    registry=REGISTRY,
+    registry=REGISTRY, multiprocess_mode="livesum",  # summed over live processes if ever several
 )
 ATTACHES = Counter(
     "orz_attaches_total", "Attach attempts past authentication by door and result (ok, rejected, error)",

@@ -114,12 +114,15 @@ from api import metrics
 metrics.SESSION_CREATIONS.labels(result="created").inc(int(sys.argv[1]))
 metrics.HTTP_DURATION.labels(route="/v1/instances", method="POST", status="201").observe(0.01)
 metrics.SESSIONS_BY_STATE.labels(state="running").set(int(sys.argv[1]))
+from gateway import metrics as gateway_metrics  # a service sharing the process (orz server)
+gateway_metrics.ATTACHES.labels(door="ssh", result="ok").inc()
 """
 
 SCRAPER = """
 from api import metrics
+from gateway import metrics as gateway_metrics
 import sys
-sys.stdout.write(metrics.exposition().decode())
+sys.stdout.write(metrics.exposition(gateway_metrics.REGISTRY).decode())
 """
 
 
@@ -137,6 +140,9 @@ def test_multiprocess_mode_merges_every_workers_values(tmp_path: Path):
                  route="/v1/instances", method="POST", status="201") == 2
     # "mostrecent": the last writer's value, not a per-process series or a sum.
     assert value(samples, "orz_sessions", state="running") == 3
+    # Another registry of the process is in the files already: counted once, not repeated.
+    assert out.count('orz_attaches_total{door="ssh",result="ok"}') == 1
+    assert value(samples, "orz_attaches_total", door="ssh", result="ok") == 2
 
 
 async def test_registries_of_services_sharing_the_process_are_exposed_too(app, sessions):
