@@ -160,3 +160,11 @@ def test_plain_ssh_to_id_orz_also_after_the_certificate_expired(platform: Platfo
     detach(child)
     assert cert_file.read_bytes() != expired_text
     assert platform.orz("cloud", "kill", sid).returncode == 0
+
+
+def test_smoke_script_ping_pong(platform: Platform) -> None:
+    """hack/smoke.py, the operator's check of a running platform, passes against `orz server`."""
+    out = subprocess.run([sys.executable, str(ROOT / "hack" / "smoke.py")], env=platform.env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=180, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "smoke: ping -> pong" in out.stdout and "smoke: OK" in out.stdout
