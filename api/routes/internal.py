@@ -6,6 +6,7 @@ import asyncio
 
 from sanic import Blueprint, HTTPResponse, Request
 
+from api import log as orz_log
 from api import schemas
 from api.auth import bearer_token
 from api.http import parse_body, respond
@@ -33,7 +34,8 @@ async def heartbeat(request: Request, id: str) -> HTTPResponse:
 async def authorize(request: Request) -> HTTPResponse:
     require_service(request)
     body = parse_body(request, schemas.AuthorizeRequest)
-    request.ctx.session_id = body.session_id
+    request.ctx.session_id, request.ctx.user_id = body.session_id, body.user_id
+    orz_log.bind(session_id=body.session_id, user_id=body.user_id)  # for every line while deciding
     return respond(await state(request).instances.authorize(body))
 
 
@@ -42,5 +44,7 @@ async def authorize(request: Request) -> HTTPResponse:
 async def attach_event(request: Request) -> HTTPResponse:
     require_service(request)
     body = parse_body(request, schemas.AttachEventIn)
+    request.ctx.session_id, request.ctx.user_id = body.session_id, body.user_id
+    orz_log.bind(session_id=body.session_id, user_id=body.user_id)
     await asyncio.shield(state(request).instances.record_attach_event(body))
     return HTTPResponse(status=204)

@@ -136,6 +136,9 @@ async def test_every_line_of_a_full_flow_is_json_with_a_request_id(server, sessi
     get_one = by_route[("GET", "/v1/instances/{id}", 200)]
     assert get_one["user_id"] and get_one["session_id"]
     assert by_route[("POST", "/v1/instances", 201)]["session_id"]
+    # The gateway's calls name the end user and the session they are about.
+    for internal in (("POST", "/internal/v1/authorize", 200), ("POST", "/internal/v1/attach-events", 204)):
+        assert by_route[internal]["session_id"] and by_route[internal]["user_id"], internal
     for anonymous in (("GET", "/healthz", 200), ("GET", "/metrics", 200), ("GET", "unmatched", 404)):
         assert "user_id" not in by_route[anonymous] and "session_id" not in by_route[anonymous], anonymous
     # One request id per request: the access lines' ids are all different.
