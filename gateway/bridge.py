@@ -101,21 +101,29 @@ class Attachment:
 
 
 class _Coalescer:
-    """Batch writes made in one event-loop turn into one channel write (fewer, fuller SSH packets)."""
+    """Batch writes made in one event-loop turn into one channel write (fewer, fuller SSH packets).
+
+    The first write of a turn goes out at once (a lone keystroke echo pays no extra loop turn); the
+    rest of that turn's writes are joined and sent when the turn ends. Measured: without batching,
+    bulk output through the gateway drops to about half.
+    """
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self._write = write
         self._parts: list[bytes] = []
-        self._scheduled = False
+        self._turn_open = False
 
     def add(self, data: bytes) -> None:
-        self._parts.append(data)
-        if not self._scheduled:
-            self._scheduled = True
+        if not self._turn_open:
+            self._turn_open = True
             asyncio.get_running_loop().call_soon(self.flush)
+            self._write(data)
+        else:
+            self._parts.append(data)
 
     def flush(self) -> None:
-        self._scheduled = False
+        """Send what the turn batched; the next write starts a new turn."""
+        self._turn_open = False
         if self._parts:
             data = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
             self._parts.clear()
