@@ -11,6 +11,7 @@ from typing import Any
 import asyncssh
 
 from api.schemas import Route
+from gateway.cork import CorkedTunnel
 from gateway.errors import AttachRefused, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey,
             agent_forwarding=agent_path is not None, preferred_auth="publickey", password=None,
             kbdint_auth=False, encryption_algs=CIPHERS, compression_algs=None,
             keepalive_interval=KEEPALIVE_S, connect_timeout=UPSTREAM_CONNECT_TIMEOUT_S,
+            tunnel=CorkedTunnel(),
         )
     except (TimeoutError, OSError, asyncssh.Error) as exc:
         raise UpstreamUnavailable("session is not reachable right now", internal=repr(exc)) from exc

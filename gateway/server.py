@@ -25,6 +25,7 @@ from gateway.bridge import (
     open_direct,
     open_remote_listener,
 )
+from gateway.cork import CorkProtocol
 from gateway.errors import AttachRefused, CredentialRejected, UpstreamUnavailable
 from gateway.routing import Router
 
@@ -289,7 +290,7 @@ class Gateway:
         )
         loop = asyncio.get_running_loop()
         # Our own listener so connections use GatewayConnection (asyncssh.listen has no class hook).
-        self._server = await loop.create_server(lambda: GatewayConnection(loop, options),
+        self._server = await loop.create_server(lambda: CorkProtocol(GatewayConnection(loop, options)),
                                                 self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
 
