@@ -17,12 +17,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api import log as orz_log
 from api import metrics
+from api.auth import PrincipalCache
+from api.credentials.secrets_box import SecretsBox
 from api.db.engine import create_engine, session_factory
 from api.db.migrate import ensure_at_head
 from api.errors import STATUS_TO_ERROR, OrzError
 from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
 from api.routes import health, instances, internal, me
+from api.secrets.service import SecretService
 from api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ class AppState:
     sessions: async_sessionmaker[AsyncSession]
     provider: Provider
     instances: InstanceService
+    principals: PrincipalCache
+    secrets: SecretService | None = None
 
 
 def make_provider(settings: Settings) -> Provider:
@@ -130,11 +135,14 @@ def create_app(
         engine = create_engine(settings.database_url)
         sessions = session_factory(engine)
         prov = provider or make_provider(settings)
+        secret_svc = SecretService(sessions, SecretsBox.from_settings(settings))
         svc = InstanceService(
-            settings, sessions, prov, gateway_public_key=gateway_public_key(settings), secret_env=secret_env
+            settings, sessions, prov, gateway_public_key=gateway_public_key(settings),
+            secret_env=secret_env or secret_svc,
         )
         svc.on_transition.append(_count_transition)
-        app.ctx.state = AppState(settings, engine, sessions, prov, svc)
+        app.ctx.state = AppState(settings, engine, sessions, prov, svc, PrincipalCache(settings.auth_cache_ttl_s),
+                                 secrets=secret_svc)
 
     @app.after_server_stop
     async def close_resources(app: Sanic, _loop: Any = None) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,6 +36,36 @@ class Principal:
         return f"user:{self.user_id}"
 
 
+class PrincipalCache:
+    """Recently verified API tokens, so a burst of requests does not re-run the token query each time.
+
+    Keyed by the token's SHA-256, never the token. Entries live ``ttl_s`` seconds: revoking a token or
+    disabling a user takes effect on the API within that time (attach authorization is never cached).
+    """
+
+    def __init__(self, ttl_s: float = 5.0, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+
+    def get(self, token_digest: str) -> Principal | None:
+        hit = self._entries.get(token_digest)
+        if hit is None:
+            return None
+        if hit[0] < time.monotonic():
+            self._entries.pop(token_digest, None)
+            return None
+        return hit[1]
+
+    def put(self, token_digest: str, who: Principal) -> None:
+        if self.ttl_s <= 0:
+            return
+        self._entries[token_digest] = (time.monotonic() + self.ttl_s, who)
+        self._entries.move_to_end(token_digest)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
 def bearer_token(authorization: str | None) -> str:
     if not authorization:
         raise Unauthorized("missing Authorization: Bearer <token> header")
@@ -43,10 +75,14 @@ def bearer_token(authorization: str | None) -> str:
     return value.strip()
 
 
-async def authenticate_api_token(sessions: async_sessionmaker[AsyncSession], value: str) -> Principal:
+async def authenticate_api_token(sessions: async_sessionmaker[AsyncSession], value: str,
+                                 cache: PrincipalCache | None = None) -> Principal:
     invalid = Unauthorized("invalid or revoked API token")
     if not tokens.looks_like(value, tokens.API_TOKEN_PREFIX):
         raise invalid
+    token_digest = tokens.digest(value)
+    if cache is not None and (cached := cache.get(token_digest)) is not None:
+        return cached
     async with sessions() as db:
         row = (
             await db.execute(
@@ -71,10 +107,13 @@ async def authenticate_api_token(sessions: async_sessionmaker[AsyncSession], val
         if token.last_used_at is None or now - token.last_used_at > LAST_USED_GRANULARITY:
             await db.execute(update(ApiToken).where(ApiToken.id == token.id).values(last_used_at=now))
             await db.commit()
-        return Principal(
+        who = Principal(
             user_id=user.id, email=user.email, is_admin=user.is_admin,
             org_id=org.id, org_name=org.name, plan=org.plan,
         )
+    if cache is not None:
+        cache.put(token_digest, who)
+    return who
 
 
 def check_service_token(expected: str, presented: str) -> None:

@@ -117,6 +117,21 @@ class NotReady(OrzError):
     title = "Service not ready"
 
 
+class SecretsKeyError(OrzError):
+    """The secrets key-encryption keys are missing or malformed; details name key ids, never key bytes."""
+
+    status = 500
+    code = "secrets_key_error"
+    title = "Secrets encryption is misconfigured"
+
+
+class SecretUnreadable(SecretsKeyError):
+    """A stored secret does not decrypt: its key id is not configured, or the row was altered."""
+
+    code = "secret_unreadable"
+    title = "A stored secret cannot be decrypted"
+
+
 class SchemaNotAtHead(RuntimeError):
     """Raised at start-up when the database schema is not at the latest migration."""
 

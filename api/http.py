@@ -26,8 +26,12 @@ def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -
         raise BadRequest("a JSON object body is required")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        # The codec's message quotes the offending byte, which may be part of a secret value.
+        raise BadRequest("body is not valid UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        # Only the reason and position: exc.doc (the input) is never echoed.
+        raise BadRequest(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     try:

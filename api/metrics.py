@@ -20,3 +20,17 @@ SESSION_TRANSITIONS = Counter(
 SESSIONS_BY_STATE = Gauge(
     "orz_sessions", "Sessions by lifecycle state (refreshed on scrape)", ["state"], registry=REGISTRY
 )
+SCHEDULER_JOB_RUNS = Counter(
+    "orz_scheduler_job_runs_total", "Scheduler job runs by job and result (ok, error, standby)",
+    ["job", "result"], registry=REGISTRY,
+)
+SCHEDULER_LEADER = Gauge(
+    "orz_scheduler_leader", "1 while this replica holds the scheduler lease", registry=REGISTRY
+)
+SESSION_REAPS = Counter(
+    "orz_session_reaps_total", "Lifecycle actions of the idle reaper (idle_stop, unhealthy, heartbeat_fail, "
+    "retention_delete)", ["action"], registry=REGISTRY,
+)
+RECONCILE_ACTIONS = Counter(
+    "orz_reconcile_actions_total", "Repairs made by the reconciler by action", ["action"], registry=REGISTRY
+)

@@ -33,6 +33,7 @@ class Operation:
     errors: tuple[int, ...]
     security: Security
     content_type: str = "application/json"
+    body_required: bool = True
 
 
 @dataclass
@@ -55,12 +56,14 @@ def route(
     errors: tuple[int, ...] = (),
     security: Security = "api_token",
     content_type: str = "application/json",
+    body_required: bool = True,
 ) -> Callable[[F], F]:
     """Register a handler on ``bp`` and describe it in the OpenAPI document, from one declaration."""
     auth_errors = (401,) if security else ()
     body_errors = (400, 413, 422) if request else ()
     op = Operation(method.upper(), path, summary, tag, request, responses,
-                   tuple(sorted(set(errors) | set(auth_errors) | set(body_errors))), security, content_type)
+                   tuple(sorted(set(errors) | set(auth_errors) | set(body_errors))), security, content_type,
+                   body_required)
     REGISTRY.operations.append(op)
     sanic_path = path.replace("{", "<").replace("}", ">")
 
@@ -99,7 +102,7 @@ def build_document(version: str) -> dict[str, Any]:
             item["security"] = [{op.security: []}]
         if op.request:
             item["requestBody"] = {
-                "required": True,
+                "required": op.body_required,
                 "content": {"application/json": {"schema": {"$ref": _ref(op.request)}}},
             }
         for status, model in op.responses.items():

@@ -24,7 +24,11 @@ class ApiServer:
 
     @classmethod
     async def start(cls, app: Sanic, host: str, port: int) -> ApiServer:
-        server = await app.create_server(host=host, port=port, return_asyncio_server=True, access_log=False)
+        # Sanic reads port 0 as "use 8000"; bind the socket ourselves so 0 means any free port.
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    reuse_port=False, backlog=1024)
+        sock.setblocking(False)
+        server = await app.create_server(sock=sock, return_asyncio_server=True, access_log=False)
         assert server is not None
         await server.startup()
         await server.before_start()

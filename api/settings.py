@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PlanName = Literal["free", "pro", "team"]
@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     # How clients and runners reach the API; derived from host/port when empty.
     public_api_url: str = ""
     max_request_bytes: int = Field(default=256 * 1024, gt=0)
-    api_workers: int = Field(default=1, ge=1)
+    # How long a verified API token is trusted without asking the database again (0 disables).
+    auth_cache_ttl_s: float = Field(default=5.0, ge=0, le=60)
 
     # Gateway
     ssh_host: str = "127.0.0.1"
@@ -74,6 +75,8 @@ class Settings(BaseSettings):
     idle_timeout_s: int | None = Field(default=None, ge=10)
     reap_interval_s: int = Field(default=60, ge=1)
     heartbeat_interval_s: int = Field(default=20, ge=1)
+    # A session silent this long (no heartbeat) is failed and its compute released; unhealthy comes first.
+    heartbeat_fail_s: int = Field(default=600, ge=10)
     retention_s: int = Field(default=7 * 24 * 3600, ge=60)
     start_timeout_s: int = Field(default=600, ge=5)
     scheduler_lease_s: int = Field(default=30, ge=2)
@@ -95,10 +98,18 @@ class Settings(BaseSettings):
     k8s_storage_class: str = ""
     k8s_workspace_size: str = "10Gi"
     k8s_gateway_selector: str = "app.kubernetes.io/component=gateway"
+    # Labels of the control-plane namespace the gateway runs in (NetworkPolicy namespaceSelector).
+    k8s_gateway_namespace_selector: str = "kubernetes.io/metadata.name=orz-system"
 
     # Logging
     log_level: str = "INFO"
     log_json: bool = True
+
+    @field_validator("secrets_key_file", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object) -> object:
+        # ORZ_SECRETS_KEY_FILE="" (a blank Helm value) means "not set", not the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:

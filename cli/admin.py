@@ -7,8 +7,11 @@ import asyncio
 import click
 
 from api import admin as ops
+from api.credentials.secrets_box import SecretsBox
+from api.credentials.secrets_keys import key_file_path, prepend_new_key
 from api.db import migrate
 from api.db.engine import create_engine, session_factory
+from api.secrets.rotate import key_usage, rotate_all
 from api.settings import Settings, load_settings
 from cli.errors import CliError, run_async
 
@@ -117,3 +120,38 @@ async def create_token(database_url: str | None, email: str, name: str) -> None:
     """Mint an API token for a user. It is printed once and cannot be shown again."""
     token = await _with_db(_settings(database_url), lambda s: ops.create_token(s, email, name))
     click.echo(token)
+
+
+@admin.command("rotate-secrets-key")
+@database_option
+@click.option("--generate", is_flag=True,
+              help="First put a newly generated key in front of the key file (keys held in a file only).")
+@run_async
+async def rotate_secrets_key(database_url: str | None, generate: bool) -> None:
+    """Re-encrypt every stored secret under the current (first) secrets key, while the API keeps serving.
+
+    With ORZ_SECRETS_KEY: put the new key first (new:...,old:...), roll that out to every replica,
+    run this, then drop the old entry once it is no longer listed as in use.
+    """
+    settings = _settings(database_url)
+    if generate:
+        path = key_file_path(settings)
+        if path is None:
+            raise CliError("--generate needs the keys in a file; with ORZ_SECRETS_KEY put the new key first "
+                           "(new:...,old:...), roll it out, then run this without --generate")
+        if not path.exists():
+            raise CliError(f"no secrets key file at {path}: there is nothing to rotate from")
+        click.echo(f"added key {prepend_new_key(path)} in front of {path}")
+    box = SecretsBox.from_settings(settings)
+    report = await _with_db(settings, lambda s: rotate_all(s, box))
+    usage = await _with_db(settings, key_usage)
+    click.echo(f"{report.rotated} secrets re-encrypted under key {report.key_id}")
+    old = {kid: n for kid, n in usage.items() if kid != report.key_id}
+    if old:
+        click.echo("still under older keys: " + ", ".join(f"{kid} ({n})" for kid, n in sorted(old.items())))
+    else:
+        click.echo("no secret uses an older key: older keys may be removed from the configuration")
+    if report.failed:
+        for secret_id, why in report.failed:
+            click.echo(f"  {secret_id}: {why}", err=True)
+        raise CliError(f"{len(report.failed)} secrets could not be re-encrypted; they keep their old key")

@@ -112,7 +112,8 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     try:
         token_file, new_token = await _ensure_login(state.sessions, settings)
         ssh_port = await stack.enter_async_context(_optional_gateway(settings))
-        await stack.enter_async_context(_optional_scheduler(settings))
+        # The scheduler shares the API's provider: one set of watches and pid files, one view of compute.
+        await stack.enter_async_context(_optional_scheduler(settings, state.provider, state.instances.secret_env))
         resumed = await state.instances.resume_after_shutdown(SHUTDOWN_REASON)
         yield RunningServer(settings, api.port, ssh_port, token_file, new_token, resumed)
     finally:
@@ -154,7 +155,7 @@ async def _optional_gateway(settings: Settings) -> AsyncIterator[int | None]:
 
 
 @contextlib.asynccontextmanager
-async def _optional_scheduler(settings: Settings) -> AsyncIterator[None]:
+async def _optional_scheduler(settings: Settings, provider: Any, secret_env: Any) -> AsyncIterator[None]:
     try:
         from api.jobs.scheduler import running_scheduler
     except ModuleNotFoundError as exc:
@@ -162,5 +163,5 @@ async def _optional_scheduler(settings: Settings) -> AsyncIterator[None]:
             raise
         yield None
         return
-    async with running_scheduler(settings):
+    async with running_scheduler(settings, provider=provider, secret_env=secret_env):
         yield None

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -124,11 +124,13 @@ class InstanceService:
             secret_env = await self._secret_env(db, who.org_id, who.user_id, req.secrets)
             await db.rollback()
             for attempt in range(ID_ATTEMPTS):
+                # Created and moved to starting in one transaction (both events are written): the
+                # provider is asked right after, outside the transaction.
                 inst = Instance(
                     id=new_session_id(req.repo_url),
                     org_id=who.org_id,
                     user_id=who.user_id,
-                    state=State.PENDING.value,
+                    state=check_transition(State.PENDING, State.STARTING).value,
                     tier=req.tier,
                     program=req.program,
                     repo_url=req.repo_url,
@@ -148,6 +150,7 @@ class InstanceService:
                     db.add(inst)
                     db.add(self._event(inst, who.actor, "created", None, State.PENDING,
                                        f"tier {req.tier}" + (f", repo {req.repo_url}" if req.repo_url else "")))
+                    db.add(self._event(inst, who.actor, "starting", State.PENDING, State.STARTING, None))
                     await db.commit()
                     break
                 except IntegrityError:
@@ -155,6 +158,7 @@ class InstanceService:
                     await db.rollback()
                     if attempt == ID_ATTEMPTS - 1:
                         raise
+        await self._notify(inst, State.PENDING, State.STARTING)
         return await self._launch(inst, who.actor, runner_token.value, secret_env, fresh=True)
 
     async def start(self, who: Principal, session_id: str, *, actor: str | None = None) -> Instance:
@@ -239,6 +243,101 @@ class InstanceService:
                 log.warning("session %s not resumed: %s", row.id, exc)
         return resumed
 
+    # ---------------------------------------------------------------------------- scheduler side
+    # Called by api/jobs (the idle reaper and the reconciler); every change writes an event.
+
+    async def stop_if_idle(self, inst: Instance, idle_since: datetime, actor: str, reason: str,
+                           detail: str | None = None) -> Instance | None:
+        """Stop a session unless it showed activity after ``idle_since``; None when it did."""
+        async with self.sessions() as db:
+            # The guard UPDATE takes the row's write lock first, so a heartbeat that reports activity
+            # either lands before it (and the guard fails) or waits until the session is stopping.
+            guard = await db.execute(
+                update(Instance)
+                .where(
+                    Instance.id == inst.id,
+                    Instance.state == inst.state,
+                    Instance.attached_clients == 0,
+                    or_(Instance.last_activity_at.is_(None), Instance.last_activity_at <= idle_since),
+                    or_(Instance.started_at.is_(None), Instance.started_at <= idle_since),
+                    Instance.state_changed_at <= idle_since,
+                )
+                .values(updated_at=self.now())
+            )
+            if guard.rowcount != 1:  # type: ignore[attr-defined]
+                await db.rollback()
+                return None
+            inst = await self._transition(db, inst, State.STOPPING, actor, "stopping", detail or reason)
+        return await self.complete_stop(inst, actor, reason)
+
+    async def complete_stop(self, inst: Instance, actor: str, reason: str) -> Instance:
+        """Finish a stop: release compute of a ``stopping`` session and mark it stopped (retries too)."""
+        try:
+            provider_state = await self.provider.stop(inst.id, inst.provider_state or {})
+        except ProviderFailure as exc:
+            return await self._fail(inst, actor, f"could not stop: {exc.reason}")
+        async with self.sessions() as db:
+            return await self._transition(
+                db, inst, State.STOPPED, actor, "stopped", reason,
+                provider_state=provider_state, stopped_at=self.now(), attached_clients=0,
+                route_host=None, route_port=None, runner_host_key=None,
+                runner_token_prefix=None, runner_token_hash=None, reason=reason,
+            )
+
+    async def complete_delete(self, inst: Instance, actor: str) -> Instance:
+        """Finish a delete of a ``deleting`` session (a retry after a crash or a lost request)."""
+        try:
+            await self.provider.delete(inst.id, inst.provider_state or {})
+        except ProviderFailure as exc:
+            return await self._fail(inst, actor, f"could not delete: {exc.reason}")
+        async with self.sessions() as db:
+            return await self._transition(
+                db, inst, State.DELETED, actor, "deleted", None, deleted_at=self.now(),
+                attached_clients=0, route_host=None, route_port=None, runner_host_key=None,
+                runner_token_prefix=None, runner_token_hash=None,
+            )
+
+    async def delete_expired(self, inst: Instance, actor: str, reason: str) -> Instance:
+        """Delete a stopped or failed session whose retention ran out; the event says why."""
+        async with self.sessions() as db:
+            inst = await self._transition(db, inst, State.DELETING, actor, "deleting", reason)
+        return await self.complete_delete(inst, actor)
+
+    async def mark_unhealthy(self, inst: Instance, actor: str, reason: str) -> Instance:
+        """A running session stopped reporting; heartbeats that resume bring it back to running."""
+        async with self.sessions() as db:
+            return await self._transition(db, inst, State.UNHEALTHY, actor, "unhealthy", reason, reason=reason)
+
+    async def restart_instance(self, inst: Instance, actor: str, reason: str) -> Instance:
+        """Fail a session (releasing what is left of its compute) and start it again on its workspace."""
+        failed = await self._fail(inst, actor, reason)
+        if failed.state != State.FAILED.value:
+            return failed
+        async with self.sessions() as db:
+            org = await db.get(Org, failed.org_id)
+        return await self._start_row(failed, org.plan if org else "free", actor, kind="retrying")
+
+    async def release_compute(self, session_id: str, actor: str, reason: str, *, delete: bool) -> bool:
+        """Stop (or delete) compute the database says should not run; False when the row moved on."""
+        async with self.sessions() as db:
+            row = await db.get(Instance, session_id)
+        if row is not None and State(row.state) not in (State.STOPPED, State.FAILED, State.DELETED):
+            return False  # started again meanwhile: that compute is wanted now
+        provider_state = (row.provider_state or {}) if row is not None else {}
+        try:
+            if delete:
+                await self.provider.delete(session_id, provider_state)
+            else:
+                await self.provider.stop(session_id, provider_state)
+        except ProviderFailure as exc:
+            raise ProviderError(f"could not release compute of {session_id}: {exc.reason}") from exc
+        if row is not None:
+            async with self.sessions() as db:
+                db.add(self._event(row, actor, "compute_deleted" if delete else "compute_stopped",
+                                   None, None, reason))
+                await db.commit()
+        return True
+
     # ----------------------------------------------------------------------------- runner side
 
     async def record_heartbeat(self, session_id: str, runner_token: str, hb: schemas.Heartbeat
@@ -312,11 +411,11 @@ class InstanceService:
             state = State(inst.state)
             if state == State.FAILED:
                 raise SessionFailed(f"session {inst.id} failed: {inst.reason or 'unknown reason'}")
-            if state == State.STOPPED:
-                if not req.wake:
-                    raise Conflict(f"session {inst.id} is stopped; start it with `orz cloud start {inst.id}`")
-                inst = await self._start_row(inst, plan, f"user:{user.id}", kind="woke")
-                state = State(inst.state)
+            if state == State.STOPPED and not req.wake:
+                raise Conflict(f"session {inst.id} is stopped; start it with `orz cloud start {inst.id}`")
+        if state == State.STOPPED:
+            inst = await self._start_row(inst, plan, f"user:{user.id}", kind="woke")
+            state = State(inst.state)
         mode = "ro" if req.readonly else "rw"
         route = None
         if state in ATTACHABLE_STATES and inst.route_host and inst.route_port and inst.runner_host_key:
@@ -393,9 +492,6 @@ class InstanceService:
 
     async def _launch(self, inst: Instance, actor: str, runner_token: str, secret_env: dict[str, str],
                       *, fresh: bool) -> Instance:
-        if fresh:
-            async with self.sessions() as db:
-                inst = await self._transition(db, inst, State.STARTING, actor, "starting", None)
         spec = self._compute_spec(inst, runner_token, secret_env)
         try:
             if fresh:
@@ -452,11 +548,14 @@ class InstanceService:
         await db.commit()
         row = await db.get(Instance, inst.id, populate_existing=True)
         assert row is not None
+        await self._notify(row, current, target)
+        return row
+
+    async def _notify(self, row: Instance, current: State, target: State) -> None:
         for listener in self.on_transition:
             outcome = listener(row, current, target)
             if asyncio.iscoroutine(outcome):
                 await outcome
-        return row
 
     def _event(self, inst: Instance, actor: str, kind: str, from_state: State | None,
                to_state: State | None, message: str | None) -> Event:

@@ -17,7 +17,9 @@ def state(request: Request) -> AppState:
 
 
 async def principal(request: Request) -> Principal:
-    who = await authenticate_api_token(state(request).sessions, bearer_token(request.headers.get("authorization")))
+    st = state(request)
+    who = await authenticate_api_token(st.sessions, bearer_token(request.headers.get("authorization")),
+                                       st.principals)
     request.ctx.user_id = who.user_id
     return who
 

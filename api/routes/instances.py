@@ -15,7 +15,7 @@ TAG = "instances"
 
 
 @route(bp, "POST", "/v1/instances", summary="Create a session", tag=TAG, request=schemas.InstanceCreate,
-       responses={201: schemas.Instance}, errors=(429, 503))
+       responses={201: schemas.Instance}, errors=(429, 503), body_required=False)
 async def create_instance(request: Request) -> HTTPResponse:
     who = await principal(request)
     body = parse_body(request, schemas.InstanceCreate, allow_empty=True)

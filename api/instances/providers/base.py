@@ -9,7 +9,7 @@ or a provider whose templates changed, can therefore always clean up what an ear
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +36,8 @@ class ComputeSpec:
     # Secret material: never logged, never put on a command line or in a manifest in clear.
     runner_token: str = field(repr=False)
     secret_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Sidecars from ``.orz/cloud.yaml`` ``services:`` as plain data: [{name, image, env, ports, health}].
+    services: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The Kubernetes provider: pure manifest builders (``manifests``), names, and the client (``provider``)."""

@@ -1,0 +1,139 @@
+"""Sidecar containers for the ``services:`` of ``.orz/cloud.yaml``, passed in as plain data."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.instances.providers.kubernetes.names import DNS1123_LABEL_RE
+from api.instances.providers.kubernetes.resources import SIDECAR_RESOURCES
+from api.schemas import ENV_NAME_RE
+
+MAX_SERVICES = 5
+RESERVED_NAMES = frozenset({"runner"})
+_DURATION_RE = re.compile(r"^(\d+)(s|m)?$")
+
+
+class ServiceError(ValueError):
+    """A service definition that cannot become a container; the message names the path."""
+
+
+def _seconds(value: object, path: str, default: int) -> int:
+    if value is None:
+        return default
+    match = _DURATION_RE.match(str(value).strip())
+    if not match:
+        raise ServiceError(f"{path}: {value!r} is not a duration like 10, '10s' or '1m'")
+    seconds = int(match.group(1)) * (60 if match.group(2) == "m" else 1)
+    if seconds < 1:
+        raise ServiceError(f"{path}: must be at least 1 second")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Health:
+    command: tuple[str, ...]
+    interval_s: int = 10
+    timeout_s: int = 5
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    image: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    ports: tuple[int, ...] = ()
+    health: Health | None = None
+
+
+def _health(raw: Any, path: str) -> Health | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or "command" not in raw:
+        raise ServiceError(f"{path}: needs a command")
+    command = raw["command"]
+    if isinstance(command, str):
+        argv: tuple[str, ...] = ("sh", "-c", command)
+    elif isinstance(command, Sequence) and command and all(isinstance(c, str) for c in command):
+        argv = tuple(command)
+    else:
+        raise ServiceError(f"{path}.command: must be a string or a list of strings")
+    retries = raw.get("retries", 3)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 1:
+        raise ServiceError(f"{path}.retries: must be a whole number of at least 1")
+    return Health(
+        command=argv,
+        interval_s=_seconds(raw.get("interval"), f"{path}.interval", 10),
+        timeout_s=_seconds(raw.get("timeout"), f"{path}.timeout", 5),
+        retries=retries,
+    )
+
+
+def parse_services(
+    raw: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]], reserved_ports: Sequence[int] = ()
+) -> list[Service]:
+    """Accepts ``{name: {image, ...}}`` (as in cloud.yaml) or a list of ``{name, image, ...}``."""
+    items = [{"name": k, **v} for k, v in raw.items()] if isinstance(raw, Mapping) else list(raw)
+    if len(items) > MAX_SERVICES:
+        raise ServiceError(f"services: at most {MAX_SERVICES} are allowed")
+    services: list[Service] = []
+    seen_ports: set[int] = set(reserved_ports)
+    for item in items:
+        name = str(item.get("name", ""))
+        path = f"services.{name or '?'}"
+        # Container names share the pod with "runner" and must be DNS labels.
+        if not DNS1123_LABEL_RE.match(name) or len(name) > 50 or name in RESERVED_NAMES:
+            raise ServiceError(f"{path}: name must be a lowercase DNS label (a-z, 0-9, '-') and not 'runner'")
+        image = item.get("image")
+        if not isinstance(image, str) or not image or any(c.isspace() for c in image):
+            raise ServiceError(f"{path}.image: required, a container image reference")
+        env = item.get("env") or {}
+        if not isinstance(env, Mapping) or not all(ENV_NAME_RE.match(str(k)) for k in env):
+            raise ServiceError(f"{path}.env: must map variable names to values")
+        ports: list[int] = []
+        for port in item.get("ports") or []:
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                raise ServiceError(f"{path}.ports: {port!r} is not a port number")
+            if port in seen_ports:
+                raise ServiceError(f"{path}.ports: {port} is taken by another service or the runner")
+            seen_ports.add(port)
+            ports.append(port)
+        services.append(Service(
+            name=name, image=image, env={str(k): str(v) for k, v in env.items()}, ports=tuple(ports),
+            health=_health(item.get("health"), f"{path}.health"),
+        ))
+    if len({s.name for s in services}) != len(services):
+        raise ServiceError("services: names must be unique")
+    return services
+
+
+def container(service: Service, security_context: Mapping[str, Any]) -> dict[str, Any]:
+    """One sidecar container; the runner reaches it on localhost at its ports."""
+    body: dict[str, Any] = {
+        "name": service.name,
+        "image": service.image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": [{"name": k, "value": v} for k, v in sorted(service.env.items())],
+        "ports": [{"name": f"p{p}", "containerPort": p, "protocol": "TCP"} for p in service.ports],
+        "resources": copy.deepcopy(SIDECAR_RESOURCES),
+        "securityContext": dict(security_context),
+    }
+    if service.health:
+        probe = {
+            "exec": {"command": list(service.health.command)},
+            "periodSeconds": service.health.interval_s,
+            "timeoutSeconds": service.health.timeout_s,
+            "failureThreshold": service.health.retries,
+        }
+        body["readinessProbe"] = {**probe, "exec": {"command": list(service.health.command)}}
+        # Liveness waits longer before acting so a slow first start is not killed in a loop.
+        body["livenessProbe"] = {
+            **probe,
+            "exec": {"command": list(service.health.command)},
+            "initialDelaySeconds": service.health.interval_s * service.health.retries,
+        }
+    return body

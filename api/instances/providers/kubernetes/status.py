@@ -1,0 +1,62 @@
+"""What a Pod's status means for a session: a pure mapping from the Pod object to a ComputeStatus."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from api.instances.providers.base import ComputeStatus
+
+# Waiting reasons that will not fix themselves without a change from the user or an operator.
+_FATAL_WAITING = {
+    "ErrImagePull": "the image could not be pulled",
+    "ImagePullBackOff": "the image could not be pulled",
+    "InvalidImageName": "the image name is not valid",
+    "CreateContainerConfigError": "the container configuration is invalid",
+    "CreateContainerError": "the container could not be created",
+    "CrashLoopBackOff": "a container keeps crashing",
+}
+
+
+def _container_problem(pod: Mapping[str, Any]) -> str | None:
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason in _FATAL_WAITING:
+            return f"{cs.get('name', 'container')}: {_FATAL_WAITING[reason]} ({reason})"
+    return None
+
+
+def _unschedulable(pod: Mapping[str, Any]) -> str | None:
+    for cond in pod.get("status", {}).get("conditions") or []:
+        if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False",
+                                                                           "Unschedulable"):
+            return "waiting for cluster capacity"
+    return None
+
+
+def pod_ip(pod: Mapping[str, Any] | None) -> str | None:
+    return (pod or {}).get("status", {}).get("podIP") or None
+
+
+def compute_status(pod: Mapping[str, Any] | None, stopped: bool) -> ComputeStatus:
+    """``stopped`` says the provider stopped this session on purpose (its workspace is kept)."""
+    if pod is None:
+        return ComputeStatus("stopped") if stopped else ComputeStatus("absent", "no pod")
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        return ComputeStatus("stopped", "stopping")
+    phase = pod.get("status", {}).get("phase") or "Pending"
+    if phase == "Running":
+        problem = _container_problem(pod)
+        return ComputeStatus("failed", problem) if problem else ComputeStatus("running")
+    if phase == "Pending":
+        problem = _container_problem(pod)
+        if problem:
+            return ComputeStatus("failed", problem)
+        return ComputeStatus("pending", _unschedulable(pod) or "starting")
+    if phase == "Succeeded":
+        return ComputeStatus("stopped", "the runner exited")
+    if phase == "Failed":
+        reason = pod.get("status", {}).get("reason") or "the pod failed"
+        return ComputeStatus("failed", str(reason)[:200])
+    return ComputeStatus("pending", "the node is not reporting")

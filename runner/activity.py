@@ -1,0 +1,127 @@
+"""What the runner tells the API: its state, and the heartbeat loop that sends it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from api.client import ApiClient, ApiError
+from api.schemas import Heartbeat, InitStatus
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 60.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Activity:
+    """The runner's reportable state; every component writes its part here."""
+
+    host_key: str | None = None
+    ssh_host: str | None = None
+    ssh_port: int | None = None
+    connections: int = 0
+    last_input_at: datetime | None = None
+    last_output_at: datetime | None = None
+    init_status: InitStatus = "pending"
+    program_running: bool = False
+    program_exit_code: int | None = None
+    fatal_error: str | None = None
+    init_log_tail: str | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def note_input(self) -> None:
+        self.last_input_at = utcnow()
+
+    def poke(self) -> None:
+        """Something notable happened: send a heartbeat now rather than at the next tick."""
+        self.changed.set()
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            host_key=self.host_key, ssh_host=self.ssh_host, ssh_port=self.ssh_port or None,
+            attached_clients=self.connections, last_input_at=self.last_input_at,
+            last_output_at=self.last_output_at, init_status=self.init_status,
+            program_running=self.program_running, program_exit_code=self.program_exit_code,
+            fatal_error=self.fatal_error[:4096] if self.fatal_error else None,
+            init_log_tail=self.init_log_tail[-65536:] if self.init_log_tail else None,
+        )
+
+
+class HeartbeatLoop:
+    """POST a heartbeat every interval and on every poke; back off while the API is unreachable."""
+
+    def __init__(self, client: ApiClient, session_id: str, activity: Activity, interval_s: float,
+                 refresh: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.activity = activity
+        self.interval_s = max(0.2, float(interval_s))
+        self._refresh = refresh
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="heartbeat")
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            await _wait(self.activity.changed, self.interval_s)
+            self.activity.changed.clear()
+            while not await self.send_once():
+                # The API is down or refusing: retry sooner than the interval, but not in a tight loop.
+                await _wait(self.activity.changed, backoff)
+                self.activity.changed.clear()
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            backoff = 0.5
+
+    async def send_once(self) -> bool:
+        if self._refresh is not None:
+            try:
+                await self._refresh()
+            except Exception:
+                log.exception("could not refresh activity before a heartbeat")
+        try:
+            reply = await self.client.heartbeat(self.session_id, self.activity.heartbeat())
+        except ApiError as exc:
+            log.warning("heartbeat failed: %s", exc.detail)
+            return False
+        self.sent += 1
+        if reply.heartbeat_interval_s > 0:
+            self.interval_s = float(reply.heartbeat_interval_s)
+        return True
+
+    async def flush(self, attempts: int = 3) -> bool:
+        """Send the current state now, retrying briefly (used for the last word before exit)."""
+        for attempt in range(attempts):
+            if await self.send_once():
+                return True
+            await asyncio.sleep(0.3 * (attempt + 1))
+        return False
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait for the event or the time, whichever comes first.
+
+    asyncio.timeout rather than wait_for: on 3.11 wait_for can swallow a cancellation that arrives
+    as the event fires, which left this loop running after stop().
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()

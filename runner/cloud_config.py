@@ -1,0 +1,310 @@
+"""``.orz/cloud.yaml``: parse with line numbers (ruamel.yaml), validate (pydantic), resolve secret refs.
+
+The same ``load``/``validate_file`` API serves the runner, ``orz cloud validate`` and the Kubernetes
+PodSpec builder. Every problem is reported as ``<file>:<line>: <key.path>: <message>``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from runner.errors import CloudConfigError
+
+CONFIG_PATH = ".orz/cloud.yaml"
+MAX_SERVICES = 5
+INIT_TIMEOUT_S = 300.0
+ON_ATTACH_TIMEOUT_S = 30.0
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+_SERVICE_NAME = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+_SECRET_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Kubernetes resource.Quantity: a decimal number with a binary-SI, decimal-SI or exponent suffix.
+_QUANTITY = re.compile(r"^\+?(?:\d+(?:\.\d*)?|\.\d+)(?:Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?$")
+_SUFFIX = {
+    "": 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": 10**3, "M": 10**6,
+    "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+    "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def quantity_value(text: str) -> Decimal:
+    """The numeric value of a Kubernetes quantity (``500m`` → 0.5, ``4Gi`` → 4294967296)."""
+    if not _QUANTITY.match(text):
+        raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 2, 4Gi)")
+    number = re.match(r"^\+?[\d.]+", text)
+    assert number is not None
+    suffix = text[number.end():]
+    try:
+        base = Decimal(number.group().lstrip("+"))
+        if suffix[:1] in ("e", "E"):
+            return base * (Decimal(10) ** int(suffix[1:]))
+        return base * Decimal(_SUFFIX[suffix])
+    except (InvalidOperation, KeyError) as exc:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity") from exc
+
+
+def _quantity(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("expected a Kubernetes quantity such as 500m, 2 or 4Gi")
+    text = str(value)
+    if quantity_value(text) <= 0:
+        raise ValueError(f"{text!r} must be greater than zero")
+    return text
+
+
+def _scalar_str(value: Any) -> Any:
+    # YAML reads `PORT: 5432` as a number; env values are strings in the end.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+def _duration(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5s, 500ms or 1m")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value.strip())
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError("expected a duration such as 5s, 500ms or 1m")
+
+
+Quantity = Annotated[str, BeforeValidator(_quantity)]
+EnvValue = Annotated[str, BeforeValidator(_scalar_str)]
+EnvName = Annotated[str, Field(pattern=_ENV_NAME)]
+Duration = Annotated[float, BeforeValidator(_duration), Field(gt=0, le=3600)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Setup(_Model):
+    init: str | None = None
+    onAttach: str | None = None  # the file's key, camelCase
+
+
+class Health(_Model):
+    command: str
+    interval: Duration = 5.0
+    timeout: Duration = 5.0
+    retries: Annotated[int, Field(ge=1, le=100)] = 3
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _join_argv(cls, value: Any) -> Any:
+        # Accept the exec form (`[pg_isready, -U, postgres]`) as well as a shell line.
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return shlex.join(value)
+        return value
+
+
+class Service(_Model):
+    image: Annotated[str, Field(min_length=1, max_length=512)]
+    env: dict[EnvName, EnvValue] = Field(default_factory=dict)
+    ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], Field(max_length=16)] = Field(
+        default_factory=list
+    )
+    health: Health | None = None
+
+
+class Resources(_Model):
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+    gpu: Annotated[int, Field(ge=0, le=16)] | None = None
+
+
+class CloudConfig(_Model):
+    version: Literal["1.0"]
+    setup: Setup = Field(default_factory=Setup)
+    services: dict[Annotated[str, Field(pattern=_SERVICE_NAME)], Service] = Field(default_factory=dict)
+    env: dict[EnvName, EnvValue] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+
+    _path: str = PrivateAttr(default=CONFIG_PATH)
+    _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        # `version: 1.0` unquoted is a float in YAML.
+        return "1.0" if value == 1.0 and not isinstance(value, bool) else value
+
+    @field_validator("services")
+    @classmethod
+    def _at_most_five(cls, value: dict[str, Service]) -> dict[str, Service]:
+        if len(value) > MAX_SERVICES:
+            raise ValueError(f"at most {MAX_SERVICES} services are allowed, found {len(value)}")
+        return value
+
+    def line_of(self, *loc: str | int) -> int:
+        """The line of the deepest known key on ``loc`` (1 when unknown)."""
+        return _line_for(self._lines, loc)
+
+    def problem(self, loc: tuple[str | int, ...], message: str) -> str:
+        return f"{self._path}:{self.line_of(*loc)}: {_dotted(loc)}: {message}"
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def load(text: str, path: str = CONFIG_PATH) -> CloudConfig:
+    """Parse and validate the text of a cloud.yaml; raise CloudConfigError naming path and line."""
+    try:
+        tree = YAML(typ="rt").load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        reason = exc.problem or exc.context or "invalid YAML"
+        raise CloudConfigError([f"{path}:{line}: invalid YAML: {reason}"]) from None
+    except YAMLError as exc:
+        raise CloudConfigError([f"{path}:1: invalid YAML: {exc}"]) from None
+    if not isinstance(tree, CommentedMap):
+        raise CloudConfigError([f'{path}:1: (top level): expected a mapping with `version: "1.0"`'])
+    lines: dict[tuple[str | int, ...], int] = {}
+    data = _plain(tree, (), lines)
+    try:
+        config = CloudConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            where = _dotted(loc) or "(top level)"
+            problems.append(f"{path}:{_line_for(lines, loc)}: {where}: {_message(err)}")
+        raise CloudConfigError(problems) from None
+    config._path = path
+    config._lines = lines
+    return config
+
+
+def validate_file(path: Path | str) -> CloudConfig:
+    """Load one file; a missing or unreadable file is a CloudConfigError too."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CloudConfigError([f"{path}:1: cannot read: {exc}"]) from None
+    return load(text, str(path))
+
+
+def find(workspace: Path) -> CloudConfig | None:
+    """The workspace's config, or None when the repo has no ``.orz/cloud.yaml``."""
+    file = workspace / CONFIG_PATH
+    if not file.exists():
+        return None
+    return load(_read(file), CONFIG_PATH)
+
+
+def _read(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CloudConfigError([f"{CONFIG_PATH}:1: cannot read: {exc}"]) from None
+
+
+# -------------------------------------------------------------------------------------------- secrets
+
+
+def resolve_env(config: CloudConfig, secrets: Mapping[str, str]) -> dict[str, str]:
+    """The top-level ``env`` with ``${NAME}`` replaced from the session's secret env only."""
+    return _resolve(config, ("env",), config.env, secrets)
+
+
+def resolve_service_env(config: CloudConfig, name: str, secrets: Mapping[str, str]) -> dict[str, str]:
+    return _resolve(config, ("services", name, "env"), config.services[name].env, secrets)
+
+
+def _resolve(config: CloudConfig, base: tuple[str, ...], env: Mapping[str, str],
+             secrets: Mapping[str, str]) -> dict[str, str]:
+    problems: list[str] = []
+    out: dict[str, str] = {}
+
+    for key, value in env.items():
+        def sub(match: re.Match[str], key: str = key) -> str:
+            name = match.group(1)
+            if name not in secrets:
+                problems.append(config.problem(
+                    (*base, key), f"${{{name}}} is not one of this session's secrets"))
+                return ""
+            return secrets[name]
+
+        out[key] = _SECRET_REF.sub(sub, value)
+    if problems:
+        raise CloudConfigError(problems)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _plain(node: Any, loc: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int]) -> Any:
+    """ruamel's round-trip tree as plain dicts and lists, recording each key's 1-based line."""
+    if isinstance(node, CommentedMap):
+        out: dict[Any, Any] = {}
+        for key, value in node.items():
+            key_loc = (*loc, str(key))
+            lines[key_loc] = node.lc.key(key)[0] + 1
+            out[str(key) if not isinstance(key, str) else key] = _plain(value, key_loc, lines)
+        return out
+    if isinstance(node, CommentedSeq):
+        items = []
+        for i, value in enumerate(node):
+            lines[(*loc, i)] = node.lc.item(i)[0] + 1
+            items.append(_plain(value, (*loc, i), lines))
+        return items
+    if isinstance(node, str):
+        return str(node)  # ruamel's scalar string subclasses → plain str
+    return node
+
+
+def _line_for(lines: Mapping[tuple[str | int, ...], int], loc: tuple[Any, ...]) -> int:
+    for end in range(len(loc), 0, -1):
+        line = lines.get(tuple(loc[:end]))
+        if line is not None:
+            return line
+    return 1
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if part == "[key]":  # pydantic's marker for "the key itself is bad"; the path already names it
+            continue
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _message(err: Any) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    if "[key]" in err["loc"]:
+        msg = f"invalid name: {msg}"
+    return msg.removeprefix("Value error, ")

@@ -1,0 +1,230 @@
+"""The runner's start sequence: clone, validate, endpoint, sidecars, init, tmux; then heartbeat until told
+to stop. ``orz runner`` and ``python -m runner`` call ``main()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+import shutil
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from api.client import ApiClient
+from api.schemas import RunnerSpec
+from api.settings import load_settings
+from runner import cloud_config, workspace
+from runner.activity import Activity, HeartbeatLoop
+from runner.cloud_config import CloudConfig
+from runner.errors import InitError, RunnerError
+from runner.services import ServiceManager
+from runner.sshd import Endpoint, SessionHooks
+from runner.tmux import Tmux, program_argv
+
+log = logging.getLogger(__name__)
+
+FATAL_FILE = "fatal_error"
+# Written once sidecars, tmux and the endpoint are gone: the provider need not wait for our exit.
+RELEASED_FILE = "released"
+INIT_LOG = "init.log"
+# Variables of the runner's own environment a session inherits; ORZ_* (the runner token) never.
+_INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME", "TMPDIR")
+_MAX_UNIX_PATH = 100
+EXIT_OK, EXIT_FATAL = 0, 2
+
+
+def login_shell() -> str:
+    """The user's login shell, else bash, else sh."""
+    with contextlib.suppress(KeyError):
+        shell = pwd.getpwuid(os.getuid()).pw_shell
+        if shell and os.access(shell, os.X_OK) and not shell.endswith(("nologin", "false")):
+            return shell
+    return shutil.which("bash") or "/bin/sh"
+
+
+class Runner:
+    """One session's runner; ``run`` returns the process exit code."""
+
+    def __init__(self, spec: RunnerSpec, token: str, environ: Mapping[str, str]) -> None:
+        self.spec = spec
+        self.token = token
+        self.workspace = Path(spec.workspace).resolve()
+        self.state_dir = Path(spec.state_dir).resolve()
+        self.secrets = {name: environ[name] for name in spec.secret_env if name in environ}
+        self.shell = login_shell()
+        self.base_env = {k: v for k, v in environ.items() if k in _INHERIT or k.startswith("LC_")}
+        self.base_env.setdefault("PATH", os.defpath)
+        self.base_env["SHELL"] = self.shell
+        self.base_env["ORZ_SESSION_ID"] = spec.session_id
+        self.session_env: dict[str, str] = {**self.base_env, **self.secrets}
+        self.config: CloudConfig | None = None
+        self.activity = Activity()
+        self.tmux = Tmux(self.state_dir / "tmux.sock")
+        self.ready = asyncio.Event()
+        self.services = ServiceManager(self.state_dir, self.base_env)
+        self.endpoint: Endpoint | None = None
+        self.program = program_argv(spec.program, spec.task, self.shell)
+
+    @property
+    def init_log(self) -> Path:
+        return self.state_dir / INIT_LOG
+
+    async def run(self, stop: asyncio.Event) -> int:
+        client = ApiClient(self.spec.api_url, self.token)
+        heartbeats = HeartbeatLoop(client, self.spec.session_id, self.activity,
+                                   self.spec.heartbeat_interval_s, refresh=self._refresh)
+        heartbeats.start()
+        code = EXIT_OK
+        try:
+            starting = asyncio.create_task(self._start())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            await stop.wait()
+        except RunnerError as exc:
+            code = EXIT_FATAL
+            self._fatal(str(exc))
+        finally:
+            stopping.cancel()
+            await self._shutdown()
+            await heartbeats.stop()
+            self.activity.program_running = False
+            await self._last_word(heartbeats)
+            await client.aclose()
+        return code
+
+    async def _last_word(self, heartbeats: HeartbeatLoop) -> None:
+        """Send the final state (fatal error, program stopped), best effort, within a few seconds.
+
+        Everything is released by now (and RELEASED_FILE says so, so the provider does not wait for
+        this process): the API may stop us while handling this very request, and we keep the
+        connection open for its reply rather than cut the request short by exiting on SIGTERM.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3.0):
+                await heartbeats.flush()
+
+    def _fatal(self, message: str) -> None:
+        log.error("fatal: %s", message)
+        self.activity.fatal_error = message
+        self.activity.init_log_tail = workspace.tail(self.init_log) or None
+        with contextlib.suppress(OSError):
+            (self.state_dir / FATAL_FILE).write_text(message + "\n", encoding="utf-8")
+
+    async def _start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / FATAL_FILE).unlink(missing_ok=True)
+        (self.state_dir / RELEASED_FILE).unlink(missing_ok=True)
+        if len(str(self.tmux.socket)) > _MAX_UNIX_PATH:
+            raise RunnerError(f"state dir path too long for a unix socket: {self.state_dir}")
+        if self.spec.repo_url:
+            await workspace.clone(self.spec.repo_url, self.spec.branch, self.workspace,
+                                  env=self.base_env, token=self.secrets.get(workspace.GIT_TOKEN_ENV))
+        self.config = cloud_config.find(self.workspace)
+        if self.config is not None:
+            # Resolve every ${SECRET} before anything starts, so a bad ref fails fast and leaves nothing.
+            self.session_env.update(cloud_config.resolve_env(self.config, self.secrets))
+            for name in self.config.services:
+                cloud_config.resolve_service_env(self.config, name, self.secrets)
+
+        await self._start_endpoint()
+        if self.config is not None and self.config.services:
+            await self.services.start_all(self.config, self.secrets)
+        await self._run_init()
+        await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
+        self.activity.program_running = True
+        self.ready.set()
+        self.activity.poke()
+        log.info("session %s is ready", self.spec.session_id)
+
+    async def _start_endpoint(self) -> None:
+        hooks = SessionHooks(
+            workspace=self.workspace, shell=self.shell, tmux=self.tmux, activity=self.activity,
+            env=lambda: dict(self.session_env), ensure_program=self._ensure_program, ready=self.ready,
+            on_attach=lambda: self.config.setup.onAttach if self.config else None,
+            on_attach_timeout_s=cloud_config.ON_ATTACH_TIMEOUT_S,
+        )
+        self.endpoint = Endpoint(hooks, self.spec.gateway_public_key, self.spec.ssh_host, self.spec.ssh_port)
+        port = await self.endpoint.start()
+        self.activity.host_key = self.endpoint.host_public_key
+        self.activity.ssh_host = self.spec.advertise_host or self.spec.ssh_host
+        self.activity.ssh_port = port
+        self.activity.poke()
+        log.info("internal SSH endpoint on %s:%s", self.spec.ssh_host, port)
+
+    async def _run_init(self) -> None:
+        command = self.config.setup.init if self.config else None
+        if not command:
+            self.activity.init_status = "none"
+            return
+        if workspace.init_done(self.workspace):
+            self.activity.init_status = "succeeded"
+            return
+        self.activity.init_status = "running"
+        self.activity.poke()
+        try:
+            await workspace.run_init(command, self.workspace, self.init_log, env=self.session_env,
+                                     shell=self.shell, timeout_s=cloud_config.INIT_TIMEOUT_S)
+        except InitError:
+            self.activity.init_status = "failed"
+            raise
+        finally:
+            self.activity.init_log_tail = workspace.tail(self.init_log) or None
+        self.activity.init_status = "succeeded"
+        self.activity.poke()
+
+    async def _ensure_program(self) -> None:
+        await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
+
+    async def _refresh(self) -> None:
+        """Read the pane's output time and the program's state just before each heartbeat."""
+        if not self.ready.is_set():
+            return
+        pane = await self.tmux.pane_state()
+        if pane.last_output_at and (self.activity.last_output_at is None
+                                    or pane.last_output_at > self.activity.last_output_at):
+            self.activity.last_output_at = pane.last_output_at
+        self.activity.program_running = pane.exists and not pane.dead
+        self.activity.program_exit_code = pane.exit_code
+
+    async def _shutdown(self) -> None:
+        self.ready.set()  # release attaches still waiting for a start that will not come
+        if self.endpoint is not None:
+            with contextlib.suppress(Exception):
+                await self.endpoint.close()
+            # The endpoint is closed: the last heartbeat must not advertise it as a route.
+            self.activity.host_key = self.activity.ssh_host = self.activity.ssh_port = None
+        with contextlib.suppress(Exception):
+            await self.services.stop_all()
+        with contextlib.suppress(Exception):
+            await self.tmux.kill_server()
+        with contextlib.suppress(OSError):
+            (self.state_dir / RELEASED_FILE).write_text("ok\n", encoding="utf-8")
+
+
+def main() -> None:
+    """Entry point: read ORZ_RUNNER_SPEC / ORZ_RUNNER_TOKEN, run until SIGTERM, exit 0 (2 on fatal)."""
+    settings = load_settings()
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.runner_spec:
+        sys.exit("orz runner: ORZ_RUNNER_SPEC is not set (the provider passes the runner spec as JSON)")
+    spec = RunnerSpec.model_validate_json(settings.runner_spec)
+    sys.exit(asyncio.run(_amain(spec, settings.runner_token.get_secret_value())))
+
+
+async def _amain(spec: RunnerSpec, token: str) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return await Runner(spec, token, os.environ).run(stop)

@@ -1,0 +1,121 @@
+"""Run a program on a fresh pseudo-terminal and move raw bytes between it and an SSH channel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import pty
+import signal
+import struct
+import termios
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+
+def _set_winsize(fd: int, cols: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", max(rows, 1), max(cols, 1), 0, 0))
+
+
+def _controlling_tty() -> None:
+    # Runs in the child after setsid (start_new_session): make the pty its controlling terminal,
+    # so job control, ^C and SIGWINCH behave as under sshd.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class PtyChild:
+    """One program on its own pty; output is pushed to ``on_output`` as it arrives."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, master: int,
+                 on_output: Callable[[bytes], None]) -> None:
+        self.proc = proc
+        self.master = master
+        self._on_output = on_output
+        self._eof = asyncio.Event()
+        asyncio.get_running_loop().add_reader(master, self._readable)
+
+    @classmethod
+    async def spawn(cls, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], cols: int, rows: int,
+                    on_output: Callable[[bytes], None]) -> PtyChild:
+        master, slave = pty.openpty()
+        try:
+            _set_winsize(master, cols, rows)
+            os.set_blocking(master, False)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=cwd, env=dict(env), stdin=slave, stdout=slave, stderr=slave,
+                start_new_session=True, preexec_fn=_controlling_tty,
+            )
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            # Only the child keeps the slave open, so the master reads EIO once it is gone.
+            os.close(slave)
+        return cls(proc, master, on_output)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            data = b""
+        if data:
+            self._on_output(data)
+        else:
+            asyncio.get_running_loop().remove_reader(self.master)
+            self._eof.set()
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.master, view):]
+            except BlockingIOError:
+                # The pty's input queue is full (a paste into a busy program): let it drain.
+                os.set_blocking(self.master, True)
+                try:
+                    view = view[os.write(self.master, view):]
+                finally:
+                    os.set_blocking(self.master, False)
+            except OSError:
+                return
+
+    def resize(self, cols: int, rows: int) -> None:
+        with contextlib.suppress(OSError):
+            _set_winsize(self.master, cols, rows)
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signum)
+
+    async def wait(self, time_limit: float | None = None) -> int:
+        """Wait for exit and for the last output to be read; kill the program on timeout."""
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), time_limit)
+        except TimeoutError:
+            self.signal(signal.SIGKILL)
+            code = await self.proc.wait()
+            raise
+        finally:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._eof.wait(), 2.0)
+            self.close()
+        return code
+
+    def close(self) -> None:
+        if self.master >= 0:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.master)
+            os.close(self.master)
+            self.master = -1
+            self._eof.set()
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.signal(signal.SIGHUP)
+            self.signal(signal.SIGKILL)

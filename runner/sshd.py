@@ -1,0 +1,393 @@
+"""The runner's internal SSH endpoint: only the gateway's key gets in; user "rw" or "ro" is the mode.
+
+A shell with a pty runs ``setup.onAttach`` and attaches to tmux; a shell or exec without a pty is a
+plain command in the workspace; sftp and scp work on the workspace; port forwarding stays on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from runner.activity import Activity
+from runner.ptyproc import PtyChild
+from runner.tmux import Tmux
+
+log = logging.getLogger(__name__)
+
+MODES = ("rw", "ro")
+ENV_ALLOW = ("TERM", "LANG")
+ENV_ALLOW_PREFIX = "LC_"
+# AES-GCM first: ChaCha20 costs several times more per packet in asyncssh (DESIGN.md section 4).
+ENCRYPTION_ALGS = [
+    "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr",
+    "chacha20-poly1305@openssh.com",
+]
+READY_TIMEOUT_S = 600.0
+
+
+@dataclass
+class SessionHooks:
+    """What the endpoint needs from the rest of the runner."""
+
+    workspace: Path
+    shell: str
+    tmux: Tmux
+    activity: Activity
+    env: Callable[[], dict[str, str]]
+    ensure_program: Callable[[], Awaitable[None]]
+    ready: asyncio.Event
+    on_attach: Callable[[], str | None] = lambda: None
+    on_attach_timeout_s: float = 30.0
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def client_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The part of the client's environment a session may see: TERM, LANG and LC_*."""
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        if isinstance(key, bytes) or isinstance(value, bytes):
+            key = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+            value = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        if key in ENV_ALLOW or key.startswith(ENV_ALLOW_PREFIX):
+            out[key] = value
+    return out
+
+
+class _Connection(asyncssh.SSHServer):
+    """Per-connection policy: public-key auth with the gateway key, loopback-only forwarding."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.username = ""
+        self.counted = False
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted:
+            self.endpoint.hooks.activity.connections -= 1
+            self.counted = False
+
+    def begin_auth(self, username: str) -> bool:
+        self.username = username
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        ok = username in MODES and key.public_data == self.endpoint.gateway_key.public_data
+        if not ok:
+            log.warning("refused SSH key %s for user %r", key.get_fingerprint(), username)
+        return ok
+
+    def auth_completed(self) -> None:
+        self.counted = True
+        self.endpoint.hooks.activity.connections += 1
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> bool:
+        if self.username != "rw" or not is_loopback(dest_host):
+            log.info("refused direct-tcpip to %s:%s", dest_host, dest_port)
+            return False
+        return True
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool | Awaitable[asyncssh.SSHListener]:
+        if self.username != "rw" or self.conn is None:
+            return False
+        if is_loopback(listen_host):
+            return True
+        if listen_host not in ("", "*", "0.0.0.0", "::"):  # noqa: S104  (rewritten to loopback below)
+            log.info("refused remote forward on %s:%s", listen_host, listen_port)
+            return False
+        # "All interfaces" becomes loopback; the client still sees the address it asked for.
+        return self.conn.forward_local_port("127.0.0.1", listen_port, listen_host, listen_port)
+
+
+class Endpoint:
+    """The asyncssh server; ``start`` generates the host key and binds (port 0 = any free port)."""
+
+    def __init__(self, hooks: SessionHooks, gateway_public_key: str, host: str, port: int) -> None:
+        self.hooks = hooks
+        self.gateway_key = asyncssh.import_public_key(gateway_public_key)
+        self.host = host
+        self.port = port
+        self.host_key = asyncssh.generate_private_key("ssh-ed25519")
+        self._server: asyncssh.SSHAcceptor | None = None
+        self._children: set[Callable[[], None]] = set()
+
+    @property
+    def host_public_key(self) -> str:
+        return self.host_key.export_public_key("openssh").decode().strip()
+
+    async def start(self) -> int:
+        self._server = await asyncssh.create_server(
+            lambda: _Connection(self), self.host, self.port,
+            server_host_keys=[self.host_key], process_factory=self._handle, sftp_factory=self._sftp,
+            allow_scp=True, encoding=None, line_editor=False, compression_algs=["none"],
+            encryption_algs=ENCRYPTION_ALGS, agent_forwarding=True, x11_forwarding=False,
+            password_auth=False, kbdint_auth=False, login_timeout=30, keepalive_interval=30,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        for kill in list(self._children):
+            kill()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def _sftp(self, chan: asyncssh.SSHServerChannel) -> asyncssh.SFTPServer:
+        if chan.get_extra_info("username") != "rw":
+            chan.exit(1)  # a read-only attach may look, not copy files in or out
+        return _WorkspaceSFTP(chan, chroot=os.fsencode(self.hooks.workspace))
+
+    async def _handle(self, process: asyncssh.SSHServerProcess) -> None:
+        try:
+            await self._dispatch(process)
+        except Exception:
+            log.exception("session channel failed")
+            with contextlib.suppress(Exception):
+                process.exit(255)
+
+    async def _dispatch(self, process: asyncssh.SSHServerProcess) -> None:
+        readonly = process.get_extra_info("username") != "rw"
+        term = process.get_terminal_type()
+        command = process.command
+        if process.subsystem:
+            _fail(process, f"subsystem {process.subsystem} is not supported")
+            return
+        if readonly and (command is not None or term is None):
+            _fail(process, "a read-only attach only gets the interactive terminal")
+            return
+        env = self.hooks.env()
+        env.update(client_env(process.env))
+        agent = process.channel.get_agent_path()
+        if agent:
+            env["SSH_AUTH_SOCK"] = agent
+        if term is not None:
+            env["TERM"] = term
+            if command is None:
+                await self._attach(process, env, readonly)
+            else:
+                await self._pty_command(process, env, [self.hooks.shell, "-c", command])
+        else:
+            argv = [self.hooks.shell, "-c", command] if command is not None else [self.hooks.shell, "-l"]
+            await self._pipe_command(process, env, argv)
+
+    async def _attach(self, process: asyncssh.SSHServerProcess, env: dict[str, str], readonly: bool) -> None:
+        bridge = _PtyBridge(process, self.hooks.activity, readonly)
+        try:
+            if not self.hooks.ready.is_set():
+                process.stdout.write(b"[orz] the session is starting...\r\n")
+                await asyncio.wait_for(self.hooks.ready.wait(), READY_TIMEOUT_S)
+            fatal = self.hooks.activity.fatal_error
+            if fatal:
+                _fail(process, fatal)
+                return
+            hook = self.hooks.on_attach()
+            if hook:
+                bridge.input_enabled = not readonly
+                try:
+                    code = await bridge.run([self.hooks.shell, "-c", hook], self.hooks.workspace, env,
+                                            time_limit=self.hooks.on_attach_timeout_s)
+                    if code != 0:
+                        process.stdout.write(f"[orz] setup.onAttach exited with {code}\r\n".encode())
+                except TimeoutError:
+                    process.stdout.write(
+                        f"[orz] setup.onAttach timed out after {self.hooks.on_attach_timeout_s:.0f}s\r\n"
+                        .encode())
+                bridge.input_enabled = True
+            await self.hooks.ensure_program()
+            env.pop("TMUX", None)
+            code = await bridge.run(self.hooks.tmux.attach_argv(readonly), self.hooks.workspace, env)
+            process.exit(code)
+        finally:
+            bridge.close()
+
+    async def _pty_command(self, process: asyncssh.SSHServerProcess, env: dict[str, str],
+                           argv: list[str]) -> None:
+        bridge = _PtyBridge(process, self.hooks.activity, readonly=False)
+        try:
+            code = await bridge.run(argv, self.hooks.workspace, env)
+            _exit(process, code)
+        finally:
+            bridge.close()
+
+    async def _pipe_command(self, process: asyncssh.SSHServerProcess, env: dict[str, str],
+                            argv: list[str]) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=self.hooks.workspace, env=env, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        )
+
+        def kill() -> None:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+        self._children.add(kill)
+        watcher = asyncio.create_task(_kill_when_closed(process, kill))
+        feeder = asyncio.create_task(self._feed(process, proc))
+        try:
+            await asyncio.gather(_copy(proc.stdout, process.stdout), _copy(proc.stderr, process.stderr))
+            code = await proc.wait()
+            _exit(process, code)
+        finally:
+            feeder.cancel()
+            watcher.cancel()
+            kill()
+            self._children.discard(kill)
+
+    async def _feed(self, process: asyncssh.SSHServerProcess, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdin is not None
+        try:
+            while True:
+                try:
+                    data = await process.stdin.read(65536)
+                except asyncssh.SignalReceived as exc:
+                    with contextlib.suppress(ProcessLookupError, ValueError, AttributeError):
+                        proc.send_signal(getattr(signal, f"SIG{exc.signal}"))
+                    continue
+                except (asyncssh.BreakReceived, asyncssh.TerminalSizeChanged):
+                    continue
+                if not data:
+                    break
+                self.hooks.activity.note_input()
+                proc.stdin.write(data)
+                await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError, asyncssh.DisconnectError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                proc.stdin.close()
+
+
+class _WorkspaceSFTP(asyncssh.SFTPServer):
+    """SFTP rooted at the workspace, ending with an exit status as OpenSSH's sftp-server does."""
+
+    def exit(self) -> None:
+        # OpenSSH's scp (sftp mode) treats a channel closed without exit-status as a failure.
+        with contextlib.suppress(Exception):
+            self.channel.exit(0)
+
+
+class _PtyBridge:
+    """Feeds one SSH channel's input to whichever pty program currently runs on it."""
+
+    def __init__(self, process: asyncssh.SSHServerProcess, activity: Activity, readonly: bool) -> None:
+        self.process = process
+        self.activity = activity
+        self.readonly = readonly
+        self.input_enabled = True
+        cols, rows, _, _ = process.get_terminal_size()
+        self.cols, self.rows = cols or 80, rows or 24
+        self.child: PtyChild | None = None
+        self._pump = asyncio.create_task(self._read_input())
+        self._watch = asyncio.create_task(_kill_when_closed(process, self._kill_child))
+
+    async def run(self, argv: list[str], cwd: Path, env: Mapping[str, str],
+                  time_limit: float | None = None) -> int:
+        self.child = await PtyChild.spawn(argv, cwd=cwd, env=env, cols=self.cols, rows=self.rows,
+                                          on_output=self._output)
+        try:
+            return await self.child.wait(time_limit)
+        finally:
+            self.child = None
+
+    def _output(self, data: bytes) -> None:
+        try:
+            self.process.stdout.write(data)
+        except (BrokenPipeError, OSError, asyncssh.Error):
+            self._kill_child()
+
+    def _kill_child(self) -> None:
+        if self.child is not None:
+            self.child.kill()
+
+    async def _read_input(self) -> None:
+        while True:
+            try:
+                data = await self.process.stdin.read(65536)
+            except asyncssh.TerminalSizeChanged as exc:
+                self.cols, self.rows = exc.width, exc.height
+                if self.child is not None:
+                    self.child.resize(exc.width, exc.height)
+                continue
+            except asyncssh.SignalReceived as exc:
+                if self.child is not None and not self.readonly:
+                    with contextlib.suppress(AttributeError):
+                        self.child.signal(getattr(signal, f"SIG{exc.signal}"))
+                continue
+            except asyncssh.BreakReceived:
+                continue
+            except (asyncssh.Error, BrokenPipeError, ConnectionError):
+                data = b""
+            if not data:
+                # The client hung up (a pty session has no other EOF): take its program down too.
+                self._kill_child()
+                return
+            if self.input_enabled and self.child is not None:
+                self.activity.note_input()
+                self.child.write(data)
+
+    def close(self) -> None:
+        self._pump.cancel()
+        self._watch.cancel()
+        self._kill_child()
+
+
+async def _kill_when_closed(process: asyncssh.SSHServerProcess, kill: Callable[[], None]) -> None:
+    await process.channel.wait_closed()
+    kill()
+
+
+async def _copy(reader: asyncio.StreamReader | None, writer: asyncssh.SSHWriter) -> None:
+    if reader is None:
+        return
+    while chunk := await reader.read(65536):
+        try:
+            writer.write(chunk)
+            await writer.drain()
+        except (BrokenPipeError, OSError, asyncssh.Error):
+            return
+
+
+def _exit(process: asyncssh.SSHServerProcess, code: int) -> None:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            process.exit_with_signal(signal.Signals(-code).name.removeprefix("SIG"))
+            return
+    process.exit(code & 0xFF if code >= 0 else 255)
+
+
+def _fail(process: asyncssh.SSHServerProcess, message: str) -> None:
+    process.stderr.write(f"orz: {message}\r\n".encode())
+    process.exit(1)

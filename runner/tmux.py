@@ -1,0 +1,119 @@
+"""The tmux CLI behind one small class: one server per session on its own socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from runner.errors import TmuxError
+
+log = logging.getLogger(__name__)
+
+SESSION = "main"
+_CONF = "set-option -g remain-on-exit on\nset-option -g history-limit 50000\n"
+
+
+@dataclass(frozen=True)
+class PaneState:
+    exists: bool
+    dead: bool = False
+    exit_code: int | None = None
+    last_output_at: datetime | None = None
+    clients: int = 0
+
+
+def program_argv(program: str | None, task: str | None, shell: str) -> list[str]:
+    """What the session runs: the requested program, else claude when installed, else a login shell.
+
+    The task is handed over as the program's first argument through ``"$@"``, never pasted into a
+    shell line, so its text cannot be interpreted by the shell.
+    """
+    if program:
+        if task:
+            return [shell, "-c", f'{program} "$@"', "orz-program", task]
+        return [shell, "-c", program]
+    if shutil.which("claude"):
+        return ["claude", task] if task else ["claude"]
+    return [shell, "-l"]
+
+
+class Tmux:
+    """tmux -S <socket> ..., with the session ``main`` running the program."""
+
+    def __init__(self, socket: Path, binary: str = "tmux") -> None:
+        self.socket = socket
+        self.binary = binary
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.binary, "-S", str(self.socket), *args]
+
+    async def run(self, *args: str, env: Mapping[str, str] | None = None, check: bool = True) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *self.argv(*args), env=dict(env) if env is not None else None,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        if check and proc.returncode != 0:
+            raise TmuxError(f"tmux {args[0]} failed: {err.decode('utf-8', 'replace').strip()}")
+        return out.decode("utf-8", "replace")
+
+    async def start(self, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str],
+                    width: int = 200, height: int = 50) -> None:
+        """Create the session running ``argv`` (kept on exit so its status can be read)."""
+        # The server inherits ``env``: that is how secrets and cloud.yaml env reach the program
+        # without touching a command line. remain-on-exit (set in the config the server starts
+        # with, so even a program that exits at once keeps its pane) gives us the exit status.
+        conf = self.socket.with_name("tmux.conf")
+        conf.write_text(_CONF, encoding="utf-8")
+        await self.run(
+            "-f", str(conf), "new-session", "-d", "-s", SESSION, "-x", str(width), "-y", str(height),
+            "-c", str(cwd), "--", *argv, env=env,
+        )
+
+    async def ensure(self, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str]) -> None:
+        """Recreate the program when it exited, or the session when it is gone."""
+        state = await self.pane_state()
+        if not state.exists:
+            if self.socket.exists():
+                log.info("tmux session gone, recreating it")
+            await self.start(argv, cwd=cwd, env=env)
+        elif state.dead:
+            log.info("program exited with %s, restarting it", state.exit_code)
+            await self.run("respawn-pane", "-k", "-t", SESSION, "-c", str(cwd), "--", *argv, env=env)
+
+    async def pane_state(self) -> PaneState:
+        if not self.socket.exists():
+            return PaneState(exists=False)
+        fmt = "#{pane_dead}\t#{pane_dead_status}\t#{window_activity}\t#{session_attached}"
+        proc = await asyncio.create_subprocess_exec(
+            *self.argv("display-message", "-p", "-t", SESSION, fmt),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            return PaneState(exists=False)
+        dead, status, activity, attached = ([*out.decode().strip().split("\t"), "", "", "", ""])[:4]
+        return PaneState(
+            exists=True,
+            dead=dead == "1",
+            exit_code=int(status) if dead == "1" and status.lstrip("-").isdigit() else None,
+            # window_activity moves on every byte the pane writes, attached or not (1 s resolution).
+            last_output_at=datetime.fromtimestamp(int(activity), UTC) if activity.isdigit() else None,
+            clients=int(attached) if attached.isdigit() else 0,
+        )
+
+    async def capture(self) -> str:
+        """The visible text of the program's pane."""
+        return await self.run("capture-pane", "-p", "-t", SESSION)
+
+    def attach_argv(self, readonly: bool) -> list[str]:
+        return self.argv("attach-session", *(["-r"] if readonly else []), "-t", SESSION)
+
+    async def kill_server(self) -> None:
+        if self.socket.exists():
+            await self.run("kill-server", check=False)

@@ -1,0 +1,165 @@
+"""The session's workspace: clone the repository at its branch, and run ``setup.init`` exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from runner.errors import CloneError, InitError
+
+log = logging.getLogger(__name__)
+
+INIT_MARKER = ".orz-init-done"
+GIT_TOKEN_ENV = "GIT_TOKEN"  # noqa: S105  (a variable name, not a secret)
+CLONE_TIMEOUT_S = 600.0
+
+
+def git_env(base: Mapping[str, str], repo_url: str, token: str | None) -> dict[str, str]:
+    """Environment for git: no prompts, and the token (if any) as an HTTP header for this host only.
+
+    The header travels in GIT_CONFIG_* variables, so it is never written to .git/config, never on
+    a command line, and never in git's own output.
+    """
+    env = dict(base)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env.pop("GIT_ASKPASS", None)
+    parts = urlsplit(repo_url)
+    if token and parts.scheme in ("http", "https") and parts.hostname:
+        basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
+        origin = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}/"
+        env["GIT_CONFIG_COUNT"] = "1"
+        env["GIT_CONFIG_KEY_0"] = f"http.{origin}.extraHeader"
+        env["GIT_CONFIG_VALUE_0"] = f"Authorization: Basic {basic}"
+    return env
+
+
+async def clone(repo_url: str, branch: str | None, dest: Path, *, env: Mapping[str, str],
+                token: str | None = None, shallow: bool = True) -> bool:
+    """Clone into ``dest`` unless it already holds a checkout; True when a clone happened."""
+    if (dest / ".git").exists():
+        log.info("workspace already cloned, keeping it")
+        return False
+    _mkdir(dest)
+    args = ["git", "clone", "--quiet", "--no-tags"]
+    if shallow:
+        args += ["--depth", "1"]
+    if branch:
+        args += ["--branch", branch, "--single-branch"]
+    # "--" stops option parsing: a URL or path can never be read as a git option.
+    args += ["--", repo_url, str(dest)]
+    log.info("cloning %s (branch %s)", _safe_url(repo_url), branch or "default")
+    proc = await asyncio.create_subprocess_exec(
+        *args, env=git_env(env, repo_url, token), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), CLONE_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise CloneError(f"git clone of {_safe_url(repo_url)} timed out") from None
+    if proc.returncode != 0:
+        detail = err.decode("utf-8", "replace").strip().splitlines()
+        reason = _redact(detail[-1] if detail else f"exit status {proc.returncode}", token)
+        raise CloneError(f"git clone of {_safe_url(repo_url)} failed: {reason}")
+    _exclude_marker(dest)
+    return True
+
+
+def _mkdir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _exclude_marker(dest: Path) -> None:
+    # Keep the init marker out of `git status` without touching the repo's own .gitignore.
+    exclude = dest / ".git" / "info" / "exclude"
+    with contextlib.suppress(OSError):
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        with exclude.open("a", encoding="utf-8") as fh:
+            fh.write(f"\n/{INIT_MARKER}\n")
+
+
+def _safe_url(url: str) -> str:
+    """The URL without any user:password part."""
+    parts = urlsplit(url)
+    if parts.password or parts.username:
+        return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+    return url
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+# ---------------------------------------------------------------------------------------------- init
+
+
+@dataclass(frozen=True)
+class InitResult:
+    ran: bool
+    exit_code: int | None = None
+
+
+def init_done(workspace: Path) -> bool:
+    return (workspace / INIT_MARKER).exists()
+
+
+async def run_init(command: str, workspace: Path, log_path: Path, *, env: Mapping[str, str],
+                   shell: str = "/bin/bash", timeout_s: float = 300.0) -> InitResult:
+    """Run ``setup.init`` once per workspace; its output goes to ``log_path``.
+
+    The marker is written only on success, so a failed or interrupted init runs again next start.
+    """
+    if init_done(workspace):
+        return InitResult(ran=False)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as out:
+        out.write(f"$ {command}\n".encode())
+        out.flush()
+        proc = await asyncio.create_subprocess_exec(
+            shell, "-c", command, cwd=workspace, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+            stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            code = await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            _kill_group(proc.pid)
+            await proc.wait()
+            out.write(f"\n[orz] setup.init timed out after {timeout_s:.0f}s\n".encode())
+            raise InitError(f"setup.init timed out after {timeout_s:.0f}s") from None
+        except asyncio.CancelledError:
+            _kill_group(proc.pid)
+            raise
+        finally:
+            # Whatever init left in the background must not outlive it.
+            _kill_group(proc.pid)
+    if code != 0:
+        raise InitError(f"setup.init failed with exit status {code}")
+    (workspace / INIT_MARKER).write_text("ok\n", encoding="utf-8")
+    return InitResult(ran=True, exit_code=code)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def tail(path: Path, limit: int = 65536) -> str:
+    """The last ``limit`` characters of a text file; empty when it does not exist."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - limit * 4))
+            data = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return data[-limit:]

@@ -1,0 +1,179 @@
+"""The reconciler with a fake clock and the FakeProvider: vanished compute, orphans, stuck transitions."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api import schemas
+from api.db.models import Instance
+from api.instances.providers.fake import FakeProvider
+from api.instances.service import InstanceService
+from api.jobs.reconcile import ReconcileReport
+from api.jobs.scheduler import LifecycleScheduler
+from api.settings import Settings
+from tests.api.lifecycle_support import FakeClock, World, principal
+from tests.conftest import both_databases
+
+
+@pytest.fixture
+async def world(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> World:
+    clock, provider = FakeClock(), FakeProvider()
+    service = InstanceService(settings, sessions, provider, clock=clock)
+    return World(await principal(sessions, "acme"), service, provider, clock)
+
+
+@pytest.fixture
+def sched(settings: Settings, sessions: async_sessionmaker[AsyncSession], world: World) -> LifecycleScheduler:
+    return LifecycleScheduler(settings, sessions, world.provider, clock=world.clock)
+
+
+async def reconcile(sched: LifecycleScheduler) -> ReconcileReport:
+    report = await sched.run_job("reconcile")
+    assert isinstance(report, ReconcileReport), "this replica should lead"
+    return report
+
+
+async def force_state(world: World, session_id: str, state: str, age_s: float) -> None:
+    """Put a row in a state as if a request had crashed half-way, ``age_s`` ago."""
+    async with world.service.sessions() as db:
+        await db.execute(update(Instance).where(Instance.id == session_id).values(
+            state=state, state_changed_at=world.clock() - timedelta(seconds=age_s)))
+        await db.commit()
+
+
+@both_databases
+async def test_vanished_compute_is_marked_and_restarted_once_then_failed(
+        world: World, sched: LifecycleScheduler) -> None:
+    inst = await world.new_running()
+    world.clock.advance(5)
+    world.provider.phases.pop(inst.id)  # the pod / process disappears behind the API's back
+
+    report = await reconcile(sched)
+    assert report.restarted == [inst.id]
+    row = await world.row(inst.id)
+    assert row.state == "starting"
+    assert world.provider.calls[-1] == ("start", inst.id)
+    events = await world.events(inst.id)
+    failed = [e for e in events if e.to_state == "failed"]
+    assert failed[-1].actor == "scheduler" and "compute vanished" in (failed[-1].message or "")
+    assert events[-1].kind == "retrying" and events[-1].to_state == "starting"
+
+    # Back up, then it vanishes again within the hour: no second restart.
+    await world.heartbeat(inst.id)
+    assert (await world.row(inst.id)).state == "running"
+    world.clock.advance(minutes=10)
+    await world.heartbeat(inst.id)
+    world.provider.phases[inst.id] = "failed"
+    report = await reconcile(sched)
+    assert report.failed == [inst.id] and report.restarted == []
+    row = await world.row(inst.id)
+    assert row.state == "failed" and "compute vanished" in (row.reason or "") and "giving up" in (row.reason or "")
+
+
+@both_databases
+async def test_orphan_compute_is_removed_and_its_workspace_kept(world: World, sched: LifecycleScheduler) -> None:
+    kept = await world.new_running()
+    world.provider.phases["ghost-abc123"] = "running"
+    world.provider.phases["ghost-def456"] = "stopped"  # a workspace only: nothing runs, nothing to release
+    report = await reconcile(sched)
+    assert report.orphans_stopped == ["ghost-abc123"]
+    assert world.provider.phases["ghost-abc123"] == "stopped"
+    assert ("stop", "ghost-abc123") in world.provider.calls
+    assert not any(sid == "ghost-def456" for _op, sid in world.provider.calls)
+    assert world.provider.phases[kept.id] == "running"
+    assert (await world.row(kept.id)).state == "running"
+
+
+async def test_compute_of_stopped_and_deleted_sessions_is_released(world: World, sched: LifecycleScheduler) -> None:
+    stopped = await world.new_running()
+    await world.service.stop(world.who, stopped.id)
+    deleted = await world.new_running()
+    await world.service.delete(world.who, deleted.id)
+    # Something restarted them behind the API's back (a crashed stop, a stray controller).
+    world.provider.phases[stopped.id] = "running"
+    world.provider.phases[deleted.id] = "running"
+    world.clock.advance(5)
+    report = await reconcile(sched)
+    assert report.orphans_stopped == [stopped.id]
+    assert report.orphans_deleted == [deleted.id]
+    assert world.provider.phases[stopped.id] == "stopped"  # workspace kept
+    assert deleted.id not in world.provider.phases
+    assert (await world.row(stopped.id)).state == "stopped"
+    kinds = [e.kind for e in await world.events(stopped.id)]
+    assert kinds[-1] == "compute_stopped"
+
+
+async def test_a_stopped_session_with_stopped_compute_is_left_alone(world: World, sched: LifecycleScheduler) -> None:
+    inst = await world.new_running()
+    await world.service.stop(world.who, inst.id)
+    world.clock.advance(minutes=5)
+    calls = len(world.provider.calls)
+    report = await reconcile(sched)
+    assert report == ReconcileReport()
+    assert len(world.provider.calls) == calls
+
+
+async def test_stuck_starting_is_retried_once_then_failed(world: World, sched: LifecycleScheduler,
+                                                          settings: Settings) -> None:
+    created = await world.service.create(world.who, schemas.InstanceCreate())
+    assert created.state == "starting"  # the FakeProvider's runner never reports
+    world.clock.advance(settings.start_timeout_s - 5)
+    assert await reconcile(sched) == ReconcileReport()
+
+    world.clock.advance(10)
+    report = await reconcile(sched)
+    assert report.restarted == [created.id]
+    assert (await world.row(created.id)).state == "starting"
+
+    world.clock.advance(settings.start_timeout_s + 5)
+    report = await reconcile(sched)
+    assert report.failed == [created.id]
+    row = await world.row(created.id)
+    assert row.state == "failed" and "did not start within" in (row.reason or "")
+    assert world.provider.phases[created.id] == "stopped"
+
+
+async def test_a_young_starting_session_without_compute_is_not_touched(
+        world: World, sched: LifecycleScheduler) -> None:
+    created = await world.service.create(world.who, schemas.InstanceCreate())
+    world.provider.phases.pop(created.id)  # e.g. provider.create still in flight on another replica
+    world.clock.advance(30)
+    assert await reconcile(sched) == ReconcileReport()
+    assert (await world.row(created.id)).state == "starting"
+
+
+async def test_stuck_stopping_and_deleting_are_finished(world: World, sched: LifecycleScheduler,
+                                                        settings: Settings) -> None:
+    stopping = await world.new_running()
+    deleting = await world.new_running()
+    await force_state(world, stopping.id, "stopping", settings.start_timeout_s + 1)
+    await force_state(world, deleting.id, "deleting", settings.start_timeout_s + 1)
+    report = await reconcile(sched)
+    assert sorted(report.finished) == sorted([stopping.id, deleting.id])
+    assert (await world.row(stopping.id)).state == "stopped"
+    assert world.provider.phases[stopping.id] == "stopped"
+    assert (await world.row(deleting.id)).state == "deleted"
+    assert deleting.id not in world.provider.phases
+
+
+async def test_rows_that_changed_after_the_listing_wait_for_the_next_pass(
+        world: World, sched: LifecycleScheduler) -> None:
+    inst = await world.new_running()
+    world.provider.phases.pop(inst.id)
+    # state_changed_at == the listing time: judged on the next pass, not this one.
+    assert await reconcile(sched) == ReconcileReport()
+    world.clock.advance(1)
+    assert (await reconcile(sched)).restarted == [inst.id]
+
+
+async def test_provider_errors_leave_the_rest_of_the_pass_running(world: World, sched: LifecycleScheduler) -> None:
+    world.provider.phases["ghost-aaaaaa"] = "running"
+    world.provider.phases["ghost-bbbbbb"] = "running"
+    world.provider.fail_next = "api server timeout"
+    report = await reconcile(sched)
+    assert report.errors == ["ghost-aaaaaa"] and report.orphans_stopped == ["ghost-bbbbbb"]
+    assert (await reconcile(sched)).orphans_stopped == ["ghost-aaaaaa"]

@@ -1,0 +1,155 @@
+"""The local provider with real runner child processes (real git, tmux, asyncssh) and a fake heartbeat API."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from api.instances.providers.base import ComputeSpec
+from api.instances.providers.local import LocalProvider, process_start_time
+from api.settings import Settings
+from runner.tmux import Tmux
+from tests.runner import conftest as runner_fixtures
+from tests.runner.fake_api import FakeApi
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(40)]
+
+# Shared fixtures from the runner tests (bare repos, the gateway key, the fake heartbeat API).
+short_tmp = runner_fixtures.short_tmp
+make_repo = runner_fixtures.make_repo
+gateway_key = runner_fixtures.gateway_key
+fake_api = runner_fixtures.fake_api
+
+CONFIG = 'version: "1.0"\nsetup:\n  init: echo ran >> init-runs.txt\n'
+
+
+@pytest.fixture
+async def provider(short_tmp: Path) -> AsyncIterator[LocalProvider]:
+    p = LocalProvider(Settings(data_dir=short_tmp / "data", log_level="DEBUG"))
+    try:
+        yield p
+    finally:
+        # Whatever a test left behind: stop every runner and its tmux server.
+        for sid in (await p.list()):
+            await p.stop(sid, {})
+        await p.close()
+
+
+def compute_spec(sid: str, fake_api: FakeApi, gateway_key: runner_fixtures.GatewayKey, repo: str | None, *,
+                 secrets: dict[str, str] | None = None,
+                 program: str = runner_fixtures.HI_PROGRAM) -> ComputeSpec:
+    return ComputeSpec(
+        session_id=sid, org_id="o1", user_id="u1", tier="small", resources={"cpu": "2"}, repo_url=repo,
+        branch="main", program=program, task=None, api_url=fake_api.url,
+        gateway_public_key=gateway_key.public, heartbeat_interval_s=1, runner_token="rt-secret-token",
+        secret_env=secrets or {},
+    )
+
+
+async def wait_gone(pid: int, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if process_start_time(pid) is None:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"runner {pid} still running")
+
+
+async def ready(fake_api: FakeApi, sid: str, after: int = 0) -> dict:
+    """The first heartbeat after the ``after``-th saying the endpoint is up and the program runs."""
+    for _ in range(300):
+        for body in fake_api.bodies(sid)[after:]:
+            if body.get("ssh_port") and body.get("program_running"):
+                return body
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no ready heartbeat after #{after}: {fake_api.bodies(sid)[-2:]}")
+
+
+async def test_create_stop_start_runs_init_once_and_shows_the_program(
+        provider: LocalProvider, make_repo, fake_api: FakeApi, gateway_key) -> None:
+    repo = make_repo({".orz/cloud.yaml": CONFIG, "README": "hello\n"})
+    spec = compute_spec("sess-a", fake_api, gateway_key, repo, secrets={"API_KEY": "secret-value-xyz"})
+    state = await provider.create(spec)
+    assert (await provider.status("sess-a", state)).phase == "running"
+    first = await ready(fake_api, "sess-a")
+    assert first["init_status"] == "succeeded"
+    base = provider.session_dir("sess-a")
+    ws = base / "workspace"
+    assert (ws / "README").read_text() == "hello\n"
+    tmux = Tmux(base / "state" / "tmux.sock")
+    for _ in range(30):
+        if "hi" in await tmux.capture():
+            break
+        await asyncio.sleep(0.1)
+    assert "hi" in await tmux.capture()
+
+    # secrets reach the runner only through its environment
+    cmdline = Path(f"/proc/{state['pid']}/cmdline").read_bytes()
+    assert b"secret-value-xyz" not in cmdline and b"rt-secret-token" not in cmdline
+    for path in base.rglob("*"):
+        if path.is_file() and not path.is_socket():
+            data = path.read_bytes()
+            assert b"secret-value-xyz" not in data and b"rt-secret-token" not in data, path
+
+    stopped = await provider.stop("sess-a", state)
+    # stop() returns once the runner has released everything; it exits right after its last heartbeat
+    await wait_gone(state["pid"])
+    await provider.status("sess-a", stopped)  # reaps
+    assert provider.exit_codes[state["pid"]] == 0  # a clean SIGTERM shutdown
+    assert (await provider.status("sess-a", stopped)).phase == "stopped"
+    assert fake_api.bodies("sess-a")[-1].get("ssh_port") is None  # the last word withdraws the route
+    assert not (await tmux.pane_state()).exists
+    assert ws.is_dir()
+
+    seen = len(fake_api.bodies("sess-a"))
+    state2 = await provider.start(spec, stopped)
+    again = await ready(fake_api, "sess-a", after=seen)
+    assert again["init_status"] == "succeeded"
+    assert (ws / "init-runs.txt").read_text() == "ran\n"  # init ran exactly once across stop/start
+    assert (ws / ".orz-init-done").exists()
+    assert "init log" in await provider.read_log("sess-a", state2)
+    assert set(await provider.list()) == {"sess-a"}
+
+    await provider.delete("sess-a", state2)
+    assert not base.exists()
+    assert (await provider.status("sess-a", state2)).phase == "absent"
+    await wait_gone(state2["pid"])
+
+
+async def test_a_restarted_api_adopts_running_runners(
+        provider: LocalProvider, short_tmp: Path, fake_api: FakeApi, gateway_key) -> None:
+    state = await provider.create(compute_spec("sess-b", fake_api, gateway_key, None))
+    await ready(fake_api, "sess-b")
+    fresh = LocalProvider(Settings(data_dir=short_tmp / "data"))
+    assert (await fresh.status("sess-b", state)).phase == "running"
+    assert (await fresh.list())["sess-b"].phase == "running"
+    # a reused pid with another start time is not ours
+    assert (await fresh.status("sess-b", {**state, "start_time": 1})).phase == "stopped"
+    await fresh.stop("sess-b", state)
+    await wait_gone(state["pid"])
+    assert (await provider.status("sess-b", state)).phase == "stopped"
+
+
+async def test_bad_config_fails_with_the_reason_and_leaves_nothing(
+        provider: LocalProvider, make_repo, fake_api: FakeApi, gateway_key) -> None:
+    repo = make_repo({".orz/cloud.yaml": "version: '1.0'\nresources:\n  cpu: 2\n  memory: 4Gb\n"})
+    state = await provider.create(compute_spec("sess-c", fake_api, gateway_key, repo))
+    fatal = await fake_api.wait_for(lambda b: b.get("fatal_error"), timeout=15, session_id="sess-c")
+    assert fatal["fatal_error"].startswith(".orz/cloud.yaml:4: resources.memory:")
+    for _ in range(100):
+        status = await provider.status("sess-c", state)
+        if status.phase != "running":
+            break
+        await asyncio.sleep(0.05)
+    assert status.phase == "failed" and status.message and "resources.memory" in status.message
+    assert process_start_time(state["pid"]) is None
+    assert not (provider.session_dir("sess-c") / "state" / "tmux.sock").exists()
+    assert "resources.memory" in await provider.read_log("sess-c", state)
+
+
+def test_process_start_time_of_this_process() -> None:
+    assert process_start_time(os.getpid()) is not None
+    assert process_start_time(2**22 + 12345) is None

@@ -1,0 +1,185 @@
+"""The secrets box and its keys: AES-256-GCM, key ids, associated data, fail-closed errors."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from api.credentials.secrets_box import RowBinding, Sealed, SecretsBox
+from api.credentials.secrets_keys import (
+    KeyRing,
+    fingerprint_id,
+    load_or_create_key_file,
+    parse_keyring,
+    prepend_new_key,
+)
+from api.errors import SecretsKeyError, SecretUnreadable
+from api.settings import Settings
+
+VALUE = "sk-test-never-shown-4f1c2a"
+ROW = RowBinding(org_id="org_1", scope="usr_1", name="anthropic")
+
+
+def b64key(seed: int) -> str:
+    return base64.b64encode(bytes([seed]) * 32).decode()
+
+
+def box_with(*entries: str) -> SecretsBox:
+    return SecretsBox(parse_keyring(",".join(entries), "test"))
+
+
+def test_round_trip_and_fresh_nonce() -> None:
+    box = box_with(f"k1:{b64key(1)}")
+    first = box.seal_values({"KEY": VALUE}, ROW)
+    second = box.seal_values({"KEY": VALUE}, ROW)
+    assert first.key_id == "k1"
+    assert len(first.nonce) == 12
+    assert first.nonce != second.nonce and first.ciphertext != second.ciphertext
+    assert VALUE.encode() not in first.ciphertext
+    assert box.open_values(first, ROW) == {"KEY": VALUE}
+
+
+def test_unknown_key_id_fails_closed_naming_it() -> None:
+    sealed = box_with(f"old:{b64key(1)}").seal_values({"KEY": VALUE}, ROW)
+    with pytest.raises(SecretUnreadable) as caught:
+        box_with(f"new:{b64key(2)}").open_values(sealed, ROW)
+    err = caught.value
+    assert "'old'" in err.detail and "anthropic" in err.detail
+    assert err.status == 500 and err.code == "secret_unreadable"
+    assert VALUE not in str(err) and b64key(1) not in str(err) and b64key(1) not in (err.internal or "")
+
+
+def test_same_key_id_with_another_key_fails_authentication() -> None:
+    sealed = box_with(f"k1:{b64key(1)}").seal_values({"KEY": VALUE}, ROW)
+    with pytest.raises(SecretUnreadable, match="failed authentication under key id 'k1'"):
+        box_with(f"k1:{b64key(9)}").open_values(sealed, ROW)
+
+
+@pytest.mark.parametrize("field", ["ciphertext", "nonce", "key_id"])
+def test_tampered_row_fails_closed(field: str) -> None:
+    box = box_with(f"k1:{b64key(1)}", f"k2:{b64key(2)}")
+    sealed = box.seal_values({"KEY": VALUE}, ROW)
+    if field == "ciphertext":
+        flipped = bytes([sealed.ciphertext[0] ^ 1]) + sealed.ciphertext[1:]
+        bad = Sealed(sealed.key_id, sealed.nonce, flipped)
+    elif field == "nonce":
+        bad = Sealed(sealed.key_id, bytes(12), sealed.ciphertext)
+    else:  # a key id edited in the database: the other key exists but the data is bound to k1
+        bad = Sealed("k2", sealed.nonce, sealed.ciphertext)
+    with pytest.raises(SecretUnreadable) as caught:
+        box.open_values(bad, ROW)
+    assert VALUE not in str(caught.value)
+
+
+@pytest.mark.parametrize("other", [
+    RowBinding("org_2", "usr_1", "anthropic"),
+    RowBinding("org_1", "org", "anthropic"),
+    RowBinding("org_1", "usr_1", "github"),
+])
+def test_ciphertext_moved_to_another_row_fails(other: RowBinding) -> None:
+    box = box_with(f"k1:{b64key(1)}")
+    sealed = box.seal_values({"KEY": VALUE}, ROW)
+    with pytest.raises(SecretUnreadable, match="failed authentication"):
+        box.open_values(sealed, other)
+
+
+def test_malformed_nonce_is_a_typed_error() -> None:
+    box = box_with(f"k1:{b64key(1)}")
+    sealed = box.seal_values({"KEY": VALUE}, ROW)
+    with pytest.raises(SecretUnreadable, match="malformed nonce"):
+        box.open_values(Sealed("k1", b"short", sealed.ciphertext), ROW)
+
+
+def test_keyring_order_first_is_current_and_old_keys_still_open() -> None:
+    old_box = box_with(f"old:{b64key(1)}")
+    sealed = old_box.seal_values({"KEY": VALUE}, ROW)
+    both = box_with(f"new:{b64key(2)}", f"old:{b64key(1)}")
+    assert both.current_key_id == "new"
+    assert both.open_values(sealed, ROW) == {"KEY": VALUE}
+    assert both.seal_values({"KEY": VALUE}, ROW).key_id == "new"
+
+
+def test_bare_key_gets_a_stable_fingerprint_id() -> None:
+    ring = parse_keyring(b64key(3), "ORZ_SECRETS_KEY")
+    assert ring.current_id == fingerprint_id(bytes([3]) * 32)
+    assert ring.current_id == parse_keyring(b64key(3) + "\n", "x").current_id
+    assert b64key(3) not in repr(ring)
+
+
+def test_urlsafe_and_newline_separated_entries() -> None:
+    key = bytes([0xFB]) * 32
+    ring = parse_keyring(f"a:{base64.urlsafe_b64encode(key).decode()}\n# comment\nb:{b64key(4)}\n", "file")
+    assert ring.ids == ["a", "b"] and ring.key("a") == key
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "holds no key"),
+    ("k1:not base64!!", "key id 'k1': the key is not valid base64"),
+    (f"k1:{base64.b64encode(b'short').decode()}", "must decode to 32 bytes, not 5"),
+    (f"bad id:{b64key(1)}", "entry 1: key ids are"),
+    (f"k1:{b64key(1)},k1:{b64key(2)}", "key id 'k1' appears twice"),
+])
+def test_malformed_keys_are_rejected_without_echoing_them(text: str, message: str) -> None:
+    with pytest.raises(SecretsKeyError, match=message) as caught:
+        parse_keyring(text, "ORZ_SECRETS_KEY")
+    assert b64key(1) not in str(caught.value) and b64key(2) not in str(caught.value)
+
+
+def test_settings_inline_key(tmp_path: Path) -> None:
+    box = SecretsBox.from_settings(Settings(data_dir=tmp_path, secrets_key=f"prod:{b64key(5)}"))  # type: ignore[arg-type]
+    assert box.current_key_id == "prod"
+    assert not (tmp_path / "keys").exists()
+
+
+def test_settings_key_and_file_together_is_an_error(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, secrets_key=b64key(5), secrets_key_file=tmp_path / "k")  # type: ignore[arg-type]
+    with pytest.raises(SecretsKeyError, match="not both"):
+        SecretsBox.from_settings(settings)
+
+
+def test_settings_missing_key_file_fails_at_start(tmp_path: Path) -> None:
+    with pytest.raises(SecretsKeyError, match="does not exist"):
+        SecretsBox.from_settings(Settings(data_dir=tmp_path, secrets_key_file=tmp_path / "nope.key"))
+
+
+def test_embedded_default_generates_key_file_on_first_use(tmp_path: Path) -> None:
+    box = SecretsBox.from_settings(Settings(data_dir=tmp_path))
+    path = tmp_path / "keys" / "secrets.key"
+    assert not path.exists()  # building the box writes nothing
+    sealed = box.seal_values({"KEY": VALUE}, ROW)
+    assert path.exists()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # A second process with the same data dir reads the same key.
+    again = SecretsBox.from_settings(Settings(data_dir=tmp_path))
+    assert again.open_values(sealed, ROW) == {"KEY": VALUE}
+    assert [p.name for p in path.parent.iterdir()] == ["secrets.key"]  # no temp files left
+
+
+def test_concurrent_first_use_agrees_on_one_key(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "secrets.key"
+    rings: list[KeyRing] = [load_or_create_key_file(path) for _ in range(3)]
+    assert len({r.current_id for r in rings}) == 1
+
+
+def test_file_backed_box_picks_up_a_rotated_key(tmp_path: Path) -> None:
+    path = tmp_path / "secrets.key"
+    path.write_text(f"k1:{b64key(1)}\n")
+    os.chmod(path, 0o600)
+    reader = SecretsBox.from_settings(Settings(data_dir=tmp_path, secrets_key_file=path))
+    assert reader.current_key_id == "k1"
+    new_id = prepend_new_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    writer = SecretsBox.from_settings(Settings(data_dir=tmp_path, secrets_key_file=path))
+    assert writer.current_key_id == new_id and writer.ring.ids == [new_id, "k1"]
+    sealed = writer.seal_values({"KEY": VALUE}, ROW)
+    # The long-running reader has never seen the new key id: it reloads the file instead of failing.
+    assert reader.open_values(sealed, ROW) == {"KEY": VALUE}
+
+
+def test_blank_key_file_setting_means_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORZ_SECRETS_KEY_FILE", "")
+    assert Settings(data_dir=tmp_path).secrets_key_file is None

@@ -1,0 +1,204 @@
+"""The Helm chart lints strictly, renders, and every rendered object validates (kubernetes-validate)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.k8s.conftest import validate_strict
+from tests.k8s.helm import CHART, helm
+
+VALUES_TEST = Path(__file__).with_name("values-test.yaml")
+VALUES_KIND = CHART.parents[1] / "hack" / "kind-values.yaml"
+RELEASE_NS = "orz-system"
+VALUE_SETS = {"default": [], "values-test": ["-f", str(VALUES_TEST)], "kind": ["-f", str(VALUES_KIND)]}
+
+
+def render(*extra: str) -> list[dict[str, Any]]:
+    done = helm("template", "orz", str(CHART), "--namespace", RELEASE_NS, *extra)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=list(VALUE_SETS))
+def rendered(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    yield request.param, render(*VALUE_SETS[request.param])
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def component(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (obj,) = [o for o in objs if o["kind"] == kind
+              and o["metadata"]["labels"]["app.kubernetes.io/component"] == name]
+    return obj
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS))
+def test_helm_lint_strict(values: str) -> None:
+    done = helm("lint", "--strict", str(CHART), *VALUE_SETS[values])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_rendered_object_validates(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objs = rendered
+    assert len(objs) >= 15
+    for obj in objs:
+        validate_strict(obj)
+
+
+def test_replicas_and_disruption_budgets(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objs = rendered
+    for name in ("api", "gateway"):
+        deploy = component(objs, "Deployment", name)
+        assert deploy["spec"]["replicas"] >= 2
+        pdb = component(objs, "PodDisruptionBudget", name)
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= \
+            deploy["spec"]["template"]["metadata"]["labels"].items()
+    component(objs, "Deployment", "scheduler")
+
+
+def test_gateway_service_is_a_load_balancer_on_22(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    name, objs = rendered
+    svc = component(objs, "Service", "gateway")
+    # kind has no load balancer controller: its values use a NodePort.
+    assert svc["spec"]["type"] == ("NodePort" if name == "kind" else "LoadBalancer")
+    ssh = next(p for p in svc["spec"]["ports"] if p["name"] == "ssh")
+    assert ssh["port"] == 22 and ssh["targetPort"] == "ssh"
+    container = component(objs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "ssh", "containerPort": 2222, "protocol": "TCP"} in container["ports"]
+
+
+def test_pods_are_locked_down(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objs = rendered
+    for obj in objs:
+        if obj["kind"] not in ("Deployment", "StatefulSet", "Job"):
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        # Only the pods that drive the Kubernetes provider get a service-account token.
+        wants_token = obj["metadata"]["labels"]["app.kubernetes.io/component"] in ("api", "scheduler")
+        assert pod["automountServiceAccountToken"] is wants_token, obj["metadata"]["name"]
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert c["resources"]["requests"], c["name"]
+
+
+def test_probes_on_healthz_and_readyz(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objs = rendered
+    for name in ("api", "gateway"):
+        c = component(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_env_names_are_settings_fields(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    from api.settings import Settings
+
+    fields = {f"ORZ_{name.upper()}" for name in Settings.model_fields}
+    _, objs = rendered
+    for obj in objs:
+        if obj["kind"] not in ("Deployment", "Job"):
+            continue
+        for c in obj["spec"]["template"]["spec"]["containers"]:
+            for env in c.get("env", []):
+                # ORZ_DB_PASSWORD only feeds $(ORZ_DB_PASSWORD) in ORZ_DATABASE_URL.
+                assert env["name"] in fields | {"ORZ_DB_PASSWORD"}, env["name"]
+
+
+def test_rbac_is_limited_to_the_sessions_namespace(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    name, objs = rendered
+    sessions_ns = "agents" if name == "values-test" else "orz-sessions"
+    assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    (role,) = by_kind(objs, "Role").values()
+    (binding,) = by_kind(objs, "RoleBinding").values()
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == sessions_ns
+    allowed = {"pods", "pods/log", "configmaps", "secrets", "persistentvolumeclaims", "networkpolicies"}
+    for rule in role["rules"]:
+        assert set(rule["resources"]) <= allowed
+        assert "*" not in rule["verbs"] and "escalate" not in rule["verbs"]
+    subjects = {s["name"] for s in binding["subjects"]}
+    accounts = {component(objs, "ServiceAccount", c)["metadata"]["name"] for c in ("api", "scheduler")}
+    assert subjects == accounts
+
+
+def test_migrations_job_is_a_hook_running_admin_migrate(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    name, objs = rendered
+    job = component(objs, "Job", "migrations")
+    hooks = job["metadata"]["annotations"]["helm.sh/hook"].split(",")
+    assert "pre-upgrade" in hooks
+    # External database: before install; bundled PostgreSQL only exists after install.
+    assert ("pre-install" if name == "values-test" else "post-install") in hooks
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["admin", "migrate"]
+
+
+def test_bundled_postgres_vs_external_database() -> None:
+    default = render()
+    assert component(default, "StatefulSet", "postgresql")
+    env = component(default, "Deployment", "api")["spec"]["template"]["spec"]["containers"][0]["env"]
+    url = next(e for e in env if e["name"] == "ORZ_DATABASE_URL")
+    assert url["value"].startswith("postgresql+asyncpg://orz:$(ORZ_DB_PASSWORD)@")
+    external = render("-f", str(VALUES_TEST))
+    assert not by_kind(external, "StatefulSet")
+    env = component(external, "Deployment", "api")["spec"]["template"]["spec"]["containers"][0]["env"]
+    url = next(e for e in env if e["name"] == "ORZ_DATABASE_URL")
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "orz-database", "key": "url"}
+    inline = render("--set", "databaseUrl=postgresql+asyncpg://u:p@db:5432/orz")
+    assert not by_kind(inline, "StatefulSet")
+
+
+def test_existing_secret_replaces_the_generated_one() -> None:
+    assert by_kind(render(), "Secret")
+    objs = render("-f", str(VALUES_TEST))
+    assert not by_kind(objs, "Secret")
+    volumes = component(objs, "Deployment", "api")["spec"]["template"]["spec"]["volumes"]
+    keys = next(v for v in volumes if v["name"] == "keys")
+    assert keys["secret"]["secretName"] == "orz-keys"
+
+
+def test_network_policies(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    name, objs = rendered
+    policies = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in objs
+                if o["kind"] == "NetworkPolicy"}
+    assert {"api", "gateway", "scheduler"} <= set(policies)
+    assert policies["scheduler"]["spec"].get("ingress") is None  # nothing may connect
+    if name == "default":
+        (rule,) = policies["postgresql"]["spec"]["ingress"]
+        assert rule["ports"] == [{"protocol": "TCP", "port": 5432}]
+
+
+Rendered = tuple[str, list[dict[str, Any]]]
+
+
+def test_gateway_selector_setting_matches_the_gateway_pods(rendered: Rendered) -> None:
+    _, objs = rendered
+    gateway = component(objs, "Deployment", "gateway")
+    env = {e["name"]: e.get("value") for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    wanted = dict(term.split("=", 1) for term in env["ORZ_K8S_GATEWAY_SELECTOR"].split(","))
+    assert wanted.items() <= gateway["spec"]["template"]["metadata"]["labels"].items()
+    assert env["ORZ_K8S_GATEWAY_NAMESPACE_SELECTOR"] == f"kubernetes.io/metadata.name={RELEASE_NS}"
+
+
+@pytest.mark.parametrize("bad", [
+    ["--set", "bogus=1"], ["--set", "api.bogus=1"], ["--set", "api.replicas=1"],
+    ["--set", "gateway.service.extra=1"], ["--set", "sessions.namespace=Bad_NS"],
+])
+def test_schema_rejects_unknown_keys_and_bad_values(bad: list[str]) -> None:
+    done = helm("template", "orz", str(CHART), *bad)
+    assert done.returncode != 0
+    assert "schema" in done.stderr, done.stderr
+
+
+def test_no_database_configured_fails_clearly() -> None:
+    done = helm("template", "orz", str(CHART), "--set", "postgresql.enabled=false")
+    assert done.returncode != 0
+    assert "databaseUrl" in done.stderr

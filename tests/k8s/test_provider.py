@@ -1,0 +1,242 @@
+"""KubernetesProvider against a FAKE Kubernetes API server (tests/k8s/fake_apiserver.py).
+
+There is no cluster here: a small in-process HTTP server stands in for the API server, implementing
+the REST paths the provider uses, so the official ``kubernetes`` client runs over real HTTP. Pods do
+not run; tests move them between phases. The same provider runs against kind in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from kubernetes import client as k8s
+
+from api.instances.providers.base import ComputeStatus, ProviderFailure
+from api.instances.providers.kubernetes import names
+from api.instances.providers.kubernetes.provider import KubernetesProvider
+from api.settings import Settings
+from tests.k8s.conftest import make_spec
+from tests.k8s.fake_apiserver import FakeApiServer
+
+NS = "orz-sessions"
+SID = "brave-otter-42"
+
+
+@pytest.fixture
+def server() -> Iterator[FakeApiServer]:
+    with FakeApiServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def provider(server: FakeApiServer) -> AsyncIterator[KubernetesProvider]:
+    configuration = k8s.Configuration(host=server.url)
+    api = k8s.ApiClient(configuration)
+    prov = KubernetesProvider(Settings(k8s_namespace=NS), api, request_timeout_s=2.0, watch_timeout_s=1,
+                              sync_timeout_s=3.0, terminate_wait_s=1.0)
+    try:
+        yield prov
+    finally:
+        await prov.close()
+        api.close()
+
+
+async def eventually(check: Callable[[], object], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def wait_status(provider: KubernetesProvider, state: dict, phase: str) -> ComputeStatus:
+    deadline = time.monotonic() + 3.0
+    while True:
+        status = await provider.status(SID, state)
+        if status.phase == phase or time.monotonic() > deadline:
+            assert status.phase == phase, status
+            return status
+        await asyncio.sleep(0.02)
+
+
+async def test_create_makes_all_objects_owned_by_the_root(provider: KubernetesProvider,
+                                                         server: FakeApiServer) -> None:
+    state = await provider.create(make_spec(SID, secret_env={"GITHUB_TOKEN": "ghp_x"}))
+    assert state == {"namespace": NS, "root": "orz-brave-otter-42", "pod": "orz-brave-otter-42",
+                     "pvc": "orz-brave-otter-42-ws", "secret": "orz-brave-otter-42-env",
+                     "networkpolicy": "orz-brave-otter-42", "generation": 1, "stopped": False}
+    root = server.get("configmaps", NS, state["root"])
+    assert root is not None
+    owned = [("pods", state["pod"]), ("secrets", state["secret"]), ("persistentvolumeclaims", state["pvc"]),
+             ("networkpolicies", state["networkpolicy"])]
+    for plural, name in owned:
+        obj = server.get(plural, NS, name)
+        assert obj is not None, plural
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == root["metadata"]["uid"]
+    # Right after create the cache already knows the pod: no "absent" blip.
+    assert (await provider.status(SID, state)).phase == "pending"
+
+
+async def test_create_is_idempotent(provider: KubernetesProvider, server: FakeApiServer) -> None:
+    spec = make_spec(SID)
+    first = await provider.create(spec)
+    second = await provider.create(spec)
+    assert first == second
+    assert server.names("pods", NS) == ["orz-brave-otter-42"]
+    assert server.count("POST", "pods") == 2  # the second one got 409 and was accepted
+
+
+async def test_status_follows_the_watch_without_polling(provider: KubernetesProvider,
+                                                        server: FakeApiServer) -> None:
+    state = await provider.create(make_spec(SID))
+    server.set_pod_phase(NS, state["pod"], "Running", ip="10.1.2.3")
+    await wait_status(provider, state, "running")
+    gets_before = server.count("GET", "pods")
+    for _ in range(20):
+        assert (await provider.status(SID, state)).phase == "running"
+    # The watch may reconnect meanwhile (every second here), but the polls make no requests of their own.
+    assert server.count("GET", "pods") - gets_before <= 1
+    assert await provider.route(SID, state) == ("10.1.2.3", 2222)
+
+
+async def test_stop_keeps_workspace_and_secret_then_start_recreates_the_pod(
+    provider: KubernetesProvider, server: FakeApiServer
+) -> None:
+    spec = make_spec(SID)
+    state = await provider.create(spec)
+    stopped = await provider.stop(SID, state)
+    assert stopped["stopped"] is True
+    assert server.get("pods", NS, state["pod"]) is None
+    assert server.get("persistentvolumeclaims", NS, state["pvc"]) is not None
+    assert server.get("secrets", NS, state["secret"]) is not None
+    assert (await provider.status(SID, stopped)).phase == "stopped"
+    assert await provider.stop(SID, stopped) == stopped  # stopping twice is fine
+
+    started = await provider.start(spec, stopped)
+    assert started["generation"] == 2 and started["stopped"] is False
+    pod = server.get("pods", NS, state["pod"])
+    assert pod is not None
+    assert pod["metadata"]["annotations"][names.GENERATION_ANNOTATION] == "2"
+    assert server.names("persistentvolumeclaims", NS) == [state["pvc"]]
+
+
+async def test_start_refreshes_the_secret(provider: KubernetesProvider, server: FakeApiServer) -> None:
+    state = await provider.stop(SID, await provider.create(make_spec(SID)))
+    before = server.get("secrets", NS, state["secret"])
+    await provider.start(make_spec(SID, secret_env={"NEW": "value"}), state)
+    after = server.get("secrets", NS, state["secret"])
+    assert before is not None and after is not None
+    assert "NEW" in after["data"] and "NEW" not in before["data"]
+
+
+async def test_delete_removes_everything_and_tolerates_missing(provider: KubernetesProvider,
+                                                               server: FakeApiServer) -> None:
+    state = await provider.create(make_spec(SID))
+    await provider.delete(SID, state)
+    for plural in ("pods", "configmaps", "secrets", "persistentvolumeclaims", "networkpolicies"):
+        assert server.names(plural, NS) == [], plural
+    await provider.delete(SID, state)  # already gone: not an error
+    await provider.delete("never-existed", {})
+
+
+async def test_deleting_the_root_garbage_collects_the_rest(provider: KubernetesProvider,
+                                                           server: FakeApiServer) -> None:
+    state = await provider.create(make_spec(SID))
+    await asyncio.to_thread(k8s.CoreV1Api(provider._api).delete_namespaced_config_map, state["root"], NS)
+    for plural in ("pods", "secrets", "persistentvolumeclaims", "networkpolicies"):
+        assert server.names(plural, NS) == [], plural
+
+
+async def test_list_by_label(provider: KubernetesProvider, server: FakeApiServer) -> None:
+    a = await provider.create(make_spec("alpha"))
+    await provider.stop("alpha", a)
+    b = await provider.create(make_spec("beta"))
+    server.set_pod_phase(NS, b["pod"], "Running", ip="10.0.0.9")
+    await eventually(lambda: (provider.cache.get(b["pod"]) or {}).get("status", {}).get("phase") == "Running")
+    listed = await provider.list()
+    assert listed == {"alpha": ComputeStatus("stopped"), "beta": ComputeStatus("running")}
+
+
+async def test_watch_recovers_from_410_gone(provider: KubernetesProvider, server: FakeApiServer) -> None:
+    state = await provider.create(make_spec(SID))
+    await provider.status(SID, state)
+    lists = provider.cache.lists
+    server.expire_watches()
+    # The watch times out every 2 s; on resuming from an expired version it must list again.
+    await eventually(lambda: provider.cache.lists > lists, timeout=6.0)
+    server.set_pod_phase(NS, state["pod"], "Running", ip="10.0.0.1")
+    await wait_status(provider, state, "running")
+
+
+@pytest.mark.parametrize(("status", "message", "expected"), [
+    (409, "conflict", "conflicts with a change"),
+    (403, 'pods "x" is forbidden: User "system:serviceaccount:a:b" cannot create', "not allowed"),
+    (403, "pods is forbidden: exceeded quota: sessions-quota, requested: limits.cpu=2",
+     "quota 'sessions-quota'"),
+    (500, "etcd down", "unavailable (HTTP 500)"),
+    (503, "try later", "unavailable (HTTP 503)"),
+])
+async def test_api_errors_become_clear_reasons(provider: KubernetesProvider, server: FakeApiServer,
+                                               status: int, message: str, expected: str) -> None:
+    # 409 on a create is "already exists" and fine; a conflict on replace is the real error.
+    method = "PUT" if status == 409 else "POST"
+    if status == 409:
+        server.fail("POST", "secrets", 409, "already exists")
+    server.fail(method, "secrets", status, message)
+    spec = make_spec(SID)
+    with pytest.raises(ProviderFailure) as info:
+        await provider.create(spec)
+    assert expected in info.value.reason
+    assert spec.runner_token not in info.value.reason
+    assert "Bearer" not in info.value.reason
+
+
+async def test_rejected_object_reason_hides_secret_values(provider: KubernetesProvider,
+                                                          server: FakeApiServer) -> None:
+    spec = make_spec(SID, secret_env={"API_KEY": "sk-very-secret"})
+    leak = f"Pod is invalid: env value sk-very-secret and token {spec.runner_token}"
+    server.fail("POST", "pods", 422, leak)
+    with pytest.raises(ProviderFailure) as info:
+        await provider.create(spec)
+    assert "rejected" in info.value.reason
+    assert "sk-very-secret" not in info.value.reason and spec.runner_token not in info.value.reason
+
+
+async def test_timeouts_become_clear_reasons(provider: KubernetesProvider, server: FakeApiServer) -> None:
+    server.fail("POST", "configmaps", 500, "slow", delay_s=3.0)
+    with pytest.raises(ProviderFailure, match="did not answer in time"):
+        await provider.create(make_spec(SID))
+
+
+async def test_unreachable_api_fails_clearly() -> None:
+    with FakeApiServer() as srv:
+        url = srv.url
+    api = k8s.ApiClient(k8s.Configuration(host=url))
+    prov = KubernetesProvider(Settings(), api, request_timeout_s=1.0, sync_timeout_s=0.5)
+    try:
+        with pytest.raises(ProviderFailure, match=r"could not be reached|did not answer"):
+            await prov.create(make_spec(SID))
+        with pytest.raises(ProviderFailure, match=r"could not watch session pods: .*could not be reached"):
+            await prov.status(SID, {})
+    finally:
+        await prov.close()
+        api.close()
+
+
+async def test_bad_spec_fails_before_any_object_exists(provider: KubernetesProvider,
+                                                       server: FakeApiServer) -> None:
+    with pytest.raises(ProviderFailure, match=r"resources\.cpu"):
+        await provider.create(make_spec(SID, resources={"cpu": "many"}))
+    assert server.cluster.requests == []
+
+
+async def test_status_reports_a_forbidden_watch_quickly(provider: KubernetesProvider,
+                                                        server: FakeApiServer) -> None:
+    server.fail("GET", "pods", 403, 'pods is forbidden: User "x" cannot list', times=100)
+    started = time.monotonic()
+    with pytest.raises(ProviderFailure, match="not allowed"):
+        await provider.status(SID, {})
+    assert time.monotonic() - started < 2.0

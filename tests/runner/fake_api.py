@@ -1,0 +1,101 @@
+"""A stand-in for the API's internal heartbeat route (``POST /internal/v1/instances/{id}/heartbeat``).
+
+It is a few lines of asyncio HTTP/1.1 on 127.0.0.1:0 that records every heartbeat body and answers
+with a HeartbeatReply, so runner tests (in-process or as a child of the LocalProvider) can watch what
+a runner reports without the database. The lead's integration test covers the real route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class FakeApi:
+    interval_s: int = 1
+    heartbeats: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    fail: bool = False
+    _server: asyncio.Server | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _conns: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def start(self) -> FakeApi:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._conns):
+                writer.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    def bodies(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        return [b for sid, b, _ in self.heartbeats if session_id is None or sid == session_id]
+
+    async def wait_for(self, predicate: Any, timeout: float = 15.0,
+                       session_id: str | None = None) -> dict[str, Any]:
+        """The first heartbeat (old or new) that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for body in self.bodies(session_id):
+                if predicate(body):
+                    return body
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                last = self.bodies(session_id)[-3:]
+                raise AssertionError(f"no matching heartbeat in {timeout}s; got {last}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._conns.add(writer)
+        try:
+            while True:
+                request_line = await reader.readline()
+                if not request_line:
+                    return
+                method, path, _ = request_line.decode().split(" ", 2)
+                headers: dict[str, str] = {}
+                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    key, _, value = line.decode().partition(":")
+                    headers[key.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                status, reply = self._handle(method, path, headers, body)
+                payload = json.dumps(reply).encode()
+                writer.write(
+                    f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+                )
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            return
+        finally:
+            self._conns.discard(writer)
+            writer.close()
+
+    def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        parts = path.strip("/").split("/")
+        if self.fail:
+            return 503, {"title": "down", "status": 503, "detail": "down", "code": "down", "type": "x"}
+        if method == "POST" and parts[:3] == ["internal", "v1", "instances"] and parts[-1] == "heartbeat":
+            self.tokens.append(headers.get("authorization", ""))
+            self.heartbeats.append((parts[3], json.loads(body or b"{}"), time.monotonic()))
+            self._changed.set()
+            return 200, {"state": "running", "heartbeat_interval_s": self.interval_s}
+        return 404, {"title": "not found", "status": 404, "detail": "no route", "code": "not_found",
+                     "type": "about:blank"}

@@ -1,0 +1,85 @@
+"""tmux behind one module: the pane runs the program, its output time moves, a dead program comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from runner.tmux import Tmux, program_argv
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
+ENV = {"PATH": os.environ["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8"}
+
+
+@pytest.fixture
+async def tmux(short_tmp: Path) -> AsyncIterator[Tmux]:
+    t = Tmux(short_tmp / "tmux.sock")
+    try:
+        yield t
+    finally:
+        await t.kill_server()
+
+
+async def wait_for_pane(tmux: Tmux, text: str, timeout: float = 5.0) -> str:
+    for _ in range(int(timeout / 0.1)):
+        screen = await tmux.capture()
+        if text in screen:
+            return screen
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{text!r} not in pane: {screen!r}")
+
+
+async def test_pane_shows_program_output(tmux: Tmux, short_tmp: Path) -> None:
+    argv = program_argv("bash -c 'echo hi; sleep infinity'", None, "/bin/bash")
+    await tmux.start(argv, cwd=short_tmp, env=ENV)
+    await wait_for_pane(tmux, "hi")
+    state = await tmux.pane_state()
+    assert state.exists and not state.dead and state.clients == 0
+
+
+async def test_task_is_the_first_argument_never_shell_text(tmux: Tmux, short_tmp: Path) -> None:
+    task = "fix it; touch /tmp/should-not-exist-$$ `id`"
+    argv = program_argv("bash -c 'printf \"task=%s\\n\" \"$1\"; sleep 30' --", task, "/bin/bash")
+    await tmux.start(argv, cwd=short_tmp, env=ENV)
+    await wait_for_pane(tmux, "task=fix it; touch")
+    assert not list(Path("/tmp").glob("should-not-exist-*"))
+
+
+async def test_program_exit_is_seen_and_the_program_restarts(tmux: Tmux, short_tmp: Path) -> None:
+    argv = program_argv("bash -c 'echo run >> runs.txt; exit 4'", None, "/bin/bash")
+    await tmux.start(argv, cwd=short_tmp, env=ENV)
+    for _ in range(50):
+        state = await tmux.pane_state()
+        if state.dead and state.exit_code is not None:  # tmux may mark the pane dead a moment first
+            break
+        await asyncio.sleep(0.1)
+    assert state.dead and state.exit_code == 4
+    await tmux.ensure(argv, cwd=short_tmp, env=ENV)
+    await asyncio.sleep(0.5)
+    assert (short_tmp / "runs.txt").read_text() == "run\nrun\n"
+    await tmux.kill_server()
+    assert not (await tmux.pane_state()).exists
+    await tmux.ensure(argv, cwd=short_tmp, env=ENV)
+    assert (await tmux.pane_state()).exists
+
+
+async def test_output_moves_window_activity_with_nobody_attached(tmux: Tmux, short_tmp: Path) -> None:
+    await tmux.start(["bash", "-c", "echo a; sleep 1.2; echo b; sleep infinity"], cwd=short_tmp, env=ENV)
+    first = (await tmux.pane_state()).last_output_at
+    await wait_for_pane(tmux, "b")
+    later = (await tmux.pane_state()).last_output_at
+    assert first is not None and later is not None and later > first
+
+
+def test_program_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("runner.tmux.shutil.which", lambda name: "/usr/bin/claude" if name == "claude" else None)
+    assert program_argv(None, "fix the bug", "/bin/zsh") == ["claude", "fix the bug"]
+    assert program_argv(None, None, "/bin/zsh") == ["claude"]
+    assert program_argv("aider --yes", "the task", "/bin/zsh") == [
+        "/bin/zsh", "-c", 'aider --yes "$@"', "orz-program", "the task"]
+    monkeypatch.setattr("runner.tmux.shutil.which", lambda name: None)
+    assert program_argv(None, "t", "/bin/zsh") == ["/bin/zsh", "-l"]

@@ -1,0 +1,76 @@
+"""Cloning (real git, bare repo fixtures) and the run-once init."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+
+from runner.errors import CloneError, InitError
+from runner.workspace import INIT_MARKER, clone, git_env, init_done, run_init
+from tests.runner.conftest import MakeRepo, git
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
+ENV = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+async def test_clone_checks_out_the_branch_shallow(make_repo: MakeRepo, short_tmp: Path) -> None:
+    url = make_repo({"README": "main\n"}, extra_branches={"feature/x": {"FEATURE": "yes\n"}})
+    dest = short_tmp / "ws"
+    assert await clone(url, "feature/x", dest, env=ENV)
+    assert (dest / "FEATURE").read_text() == "yes\n"
+    assert git("rev-parse", "--abbrev-ref", "HEAD", cwd=dest).strip() == "feature/x"
+    assert git("rev-list", "--count", "HEAD", cwd=dest).strip() == "1"  # shallow
+    # a second start keeps the checkout (and whatever the user changed in it)
+    (dest / "mine.txt").write_text("local work")
+    assert not await clone(url, "feature/x", dest, env=ENV)
+    assert (dest / "mine.txt").exists()
+
+
+async def test_clone_of_missing_branch_is_a_clone_error(make_repo: MakeRepo, short_tmp: Path) -> None:
+    url = make_repo({"README": "x"})
+    with pytest.raises(CloneError, match=r"git clone of file://.* failed"):
+        await clone(url, "nope", short_tmp / "ws", env=ENV)
+
+
+def test_git_token_travels_as_a_scoped_header_in_env_only() -> None:
+    env = git_env(ENV, "https://github.com/o/r.git", "tok-123")
+    assert env["GIT_CONFIG_COUNT"] == "1"
+    assert env["GIT_CONFIG_KEY_0"] == "http.https://github.com/.extraHeader"
+    basic = base64.b64encode(b"x-access-token:tok-123").decode()
+    assert env["GIT_CONFIG_VALUE_0"] == f"Authorization: Basic {basic}"
+    assert env["GIT_TERMINAL_PROMPT"] == "0"
+    assert "GIT_CONFIG_COUNT" not in git_env(ENV, "file:///tmp/r.git", "tok-123")
+
+
+async def test_git_token_is_not_written_to_git_config(make_repo: MakeRepo, short_tmp: Path) -> None:
+    url = make_repo({"README": "x"})
+    dest = short_tmp / "ws"
+    await clone(url, "main", dest, env=ENV, token="tok-SECRET-456")
+    for path in (dest / ".git").rglob("*"):
+        if path.is_file():
+            assert b"tok-SECRET-456" not in path.read_bytes(), path
+
+
+async def test_init_runs_once_and_logs(short_tmp: Path) -> None:
+    ws, log = short_tmp / "ws", short_tmp / "state" / "init.log"
+    ws.mkdir()
+    first = await run_init("echo ran >> count.txt; echo init-output", ws, log, env=ENV)
+    second = await run_init("echo ran >> count.txt", ws, log, env=ENV)
+    assert first.ran and not second.ran
+    assert (ws / "count.txt").read_text() == "ran\n"
+    assert init_done(ws) and (ws / INIT_MARKER).exists()
+    assert "init-output" in log.read_text()
+
+
+async def test_failed_or_slow_init_is_an_error_and_runs_again(short_tmp: Path) -> None:
+    ws, log = short_tmp / "ws", short_tmp / "init.log"
+    ws.mkdir()
+    with pytest.raises(InitError, match="exit status 3"):
+        await run_init("echo broken; exit 3", ws, log, env=ENV)
+    assert not init_done(ws)
+    with pytest.raises(InitError, match="timed out"):
+        await run_init("sleep 30", ws, log, env=ENV, timeout_s=0.5)
+    assert "broken" in log.read_text()
