@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Literal
 
 import asyncssh
@@ -16,17 +19,11 @@ from api.client import ApiClient
 from api.schemas import AttachEventIn, AuthorizeReply
 from api.settings import Settings
 from gateway import auth, keys
-from gateway.bridge import (
-    CIPHERS,
-    Attachment,
-    BridgeSession,
-    Pipe,
-    connect_upstream,
-    open_direct,
-    open_remote_listener,
-)
+from gateway.agent import AgentRelay
+from gateway.bridge import CIPHERS, Attachment, BridgeSession, connect_upstream
 from gateway.cork import CorkProtocol
 from gateway.errors import AttachRefused, CredentialRejected, UpstreamUnavailable
+from gateway.forwarding import Pipe, open_direct, open_remote_listener
 from gateway.routing import Router
 
 log = logging.getLogger(__name__)
@@ -70,6 +67,8 @@ class ClientConnection(asyncssh.SSHServer):
         self.attachment: Attachment | None = None
         self.attached_at: float | None = None
         self._banners: set[str] = set()
+        # Where the runner's agent requests land; relayed to the client's agent only if it asked (ssh -A).
+        self.agent = AgentRelay(str(gateway.runtime_dir / f"agent-{self.id}"), self._client_agent_path)
 
     @property
     def readonly(self) -> bool:
@@ -86,6 +85,7 @@ class ClientConnection(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gw.connections.discard(self)
+        self.agent.close()
         if self.attachment is not None:
             self.attachment.close()
         if self.attached_at is not None and self.principal is not None and self.attachment is not None:
@@ -210,7 +210,9 @@ class ClientConnection(asyncssh.SSHServer):
                                                        source=self.source, progress=self.attachment.progress)
             assert reply.route is not None
             self.reply = reply
-            upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key)
+            await self.agent.start()
+            upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key,
+                                              agent_path=self.agent.path)
         except (AttachRefused, UpstreamUnavailable) as exc:
             log.info("conn %s: attach to %s failed: %s", self.id, self.session_id, exc.internal or exc.line)
             self.attachment.refuse(exc)
@@ -235,6 +237,9 @@ class ClientConnection(asyncssh.SSHServer):
     def session_requested(self) -> BridgeSession:
         assert self.attachment is not None
         return BridgeSession(self.attachment, readonly=self.readonly)
+
+    def _client_agent_path(self) -> str | None:
+        return self.conn.get_agent_path() if self.conn is not None else None
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Awaitable[Pipe]:
@@ -263,6 +268,7 @@ class Gateway:
         self.connections: set[ClientConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="orz-gw-"))  # 0700: agent links live here
 
     @property
     def anchors(self) -> auth.TrustAnchors:
@@ -284,7 +290,7 @@ class Gateway:
         options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: ClientConnection(self), server_host_keys=[self.host_key],
             encryption_algs=CIPHERS, compression_algs=None, line_editor=False, encoding=None,
-            agent_forwarding=False, x11_forwarding=False, allow_scp=False, config=None,
+            agent_forwarding=True, x11_forwarding=False, allow_scp=False, config=None,
             login_timeout=LOGIN_TIMEOUT_S, keepalive_interval=60, keepalive_count_max=3,
             server_version="OrzbobCloud",
         )
@@ -311,6 +317,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.api.aclose()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager

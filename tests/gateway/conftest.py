@@ -78,11 +78,12 @@ class Env:
         return attach_jwt.issue(self.jwt_key, user_id=user_id, session_id=session_id,
                                 ttl_s=int(kw.pop("ttl_s", 120)), **kw).token  # type: ignore[arg-type]
 
-    def base_args(self) -> list[str]:
+    def base_args(self, identity_agent: str = "none") -> list[str]:
         return ["ssh", "-F", "/dev/null", "-p", str(self.port),
                 "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", "IgnoreUnknown=ObscureKeystrokeTiming",
-                "-o", "ObscureKeystrokeTiming=no", "-o", "IdentityAgent=none", "-o", "ConnectTimeout=10"]
+                "-o", "ObscureKeystrokeTiming=no", "-o", f"IdentityAgent={identity_agent}",
+                "-o", "ConnectTimeout=10"]
 
     def cert_args(self, cert: Path | None = None, name: str = "id") -> list[str]:
         cert = cert or self.certificate(name=name)

@@ -77,3 +77,29 @@ async def test_sftp_through_real_runner(e2e: Env) -> None:
     assert result.returncode == 0, result
     assert (e2e.tmp / "back.bin").read_bytes() == data
     assert (e2e.runner.workspace / "up.bin").read_bytes() == data
+
+
+async def test_agent_forwarding_only_when_asked(e2e: Env) -> None:
+    sock = e2e.tmp / "agent.sock"
+    agent = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", str(sock),
+                                                 stdout=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.05)
+        key = e2e.user_key("agentkey")
+        added = await run("ssh-add", str(key), env={**os.environ, "SSH_AUTH_SOCK": str(sock)})
+        assert added.returncode == 0, added
+        fingerprint = (await run("ssh-keygen", "-lf", str(key))).stdout.split()[1]
+        # IdentityAgent=none would hide the agent from ssh itself (and cancel -A): point it at ours.
+        argv = [*e2e.base_args(identity_agent=str(sock)), "-A", *e2e.cert_args(), f"{SESSION}@127.0.0.1",
+                "ssh-add -l"]
+        forwarded = await run(*argv)
+        assert forwarded.returncode == 0, forwarded
+        assert fingerprint in forwarded.stdout
+        plain = await e2e.ssh(*e2e.cert_args(), "--", "ssh-add -l")
+        assert plain.returncode != 0 and fingerprint not in plain.stdout
+    finally:
+        agent.kill()
+        await agent.wait()
