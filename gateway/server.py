@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import asyncssh
+from pydantic import SecretStr
 
 from api.client import ApiClient
 from api.schemas import AttachEventIn, AuthorizeReply
@@ -254,12 +255,17 @@ class ClientConnection(asyncssh.SSHServer):
         return open_remote_listener(self.attachment, self.conn, listen_host, listen_port)
 
 
+def _secret(value: SecretStr | str) -> str:
+    # Settings built with model_copy(update=...) skip validation, so a plain str can arrive here.
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
 class Gateway:
     """The listening SSH gateway: one process serves many client connections."""
 
     def __init__(self, settings: Settings, *, api: ApiClient | None = None) -> None:
         self.settings = settings
-        self.api = api or ApiClient(settings.public_api_url, settings.service_token.get_secret_value())
+        self.api = api or ApiClient(settings.public_api_url, _secret(settings.service_token))
         self.router = Router(self.api, start_timeout_s=settings.start_timeout_s)
         self.limiter = auth.FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
         self._anchors: auth.TrustAnchors | None = None
