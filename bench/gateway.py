@@ -75,9 +75,15 @@ async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None)
     await gw.start()
     print(json.dumps({"port": gw.port}), flush=True)
     try:
-        await asyncio.Event().wait()
+        await _until_sigterm()
     finally:
         await gw.close()
+
+
+async def _until_sigterm() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
 
 
 class _IdleRunner(asyncssh.SSHServer):
@@ -105,7 +111,8 @@ async def serve_idle_runner(host_key_file: Path) -> None:
                                      encoding=None, line_editor=False, config=None,
                                      encryption_algs=["aes128-gcm@openssh.com"])
     print(json.dumps({"port": acceptor.get_port()}), flush=True)
-    await acceptor.wait_closed()
+    await _until_sigterm()
+    acceptor.close()
 
 
 # ------------------------------------------------------------------------------------- orchestration
@@ -192,12 +199,12 @@ class Target:
         return ["ssh", *self.args, *options, self.dest, command]
 
 
-def common_args(port: int, known_hosts: Path) -> list[str]:
+def common_args(port: int, known_hosts: Path, cipher_args: list[str]) -> list[str]:
     return ["-F", "/dev/null", "-p", str(port), "-o", f"UserKnownHostsFile={known_hosts}",
             "-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
             "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "IgnoreUnknown=ObscureKeystrokeTiming",
             "-o", "ObscureKeystrokeTiming=no", "-o", "Compression=no", "-o", "LogLevel=ERROR",
-            "-o", "ControlMaster=no"]
+            "-o", "ControlMaster=no", *cipher_args]
 
 
 class EchoProbe:
@@ -358,11 +365,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         known = work / "known_hosts"
         known.write_text(f"[127.0.0.1]:{sshd.port} {sshd_pub}\n"
                          f"[127.0.0.1]:{gw.port} {gw_host.export_public_key().decode().strip()}\n")
-        direct = Target("direct", [*common_args(sshd.port, known), "-i", str(work / "id")],
+        # Same cipher on both sides unless asked otherwise: the gateway offers AES-GCM only, while
+        # OpenSSH would pick ChaCha20-Poly1305 with sshd, which is not the gateway's doing.
+        ciphers = [] if args.client_default_ciphers else ["-o", "Ciphers=aes128-gcm@openssh.com"]
+        direct = Target("direct", [*common_args(sshd.port, known, ciphers), "-i", str(work / "id")],
                         f"{getpass.getuser()}@127.0.0.1")
-        via = Target("gateway", [*common_args(gw.port, known), "-i", str(work / "id"),
+        via = Target("gateway", [*common_args(gw.port, known, ciphers), "-i", str(work / "id"),
                                  "-o", f"CertificateFile={work / 'id-cert.pub'}"], f"{SESSION}@127.0.0.1")
-        report: dict[str, Any] = {"bytes": args.bytes, "samples": args.samples,
+        report: dict[str, Any] = {"bytes": args.bytes, "samples": args.samples, "client_ciphers": ciphers[1:],
                                   "gateway_loop": "uvloop" if args.uvloop else "asyncio"}
         for name, lat in (await echo_latency([direct, via], args.samples)).items():
             report[f"{name}_echo_p50_ms"] = statistics.median(lat) * 1000
@@ -404,12 +414,13 @@ def cli() -> None:
     parser.add_argument("--serve-gateway", nargs=4, metavar=("DATA_DIR", "HOST", "PORT", "HOST_KEY"))
     parser.add_argument("--upstream-user")
     parser.add_argument("--uvloop", action="store_true", help="run the gateway on uvloop (default asyncio)")
+    parser.add_argument("--client-default-ciphers", action="store_true",
+                        help="let ssh pick its default cipher per side (default: aes128-gcm on both)")
     parser.add_argument("--serve-idle-runner", metavar="HOST_KEY_FILE")
     args = parser.parse_args()
     if args.serve_gateway:
         data_dir, host, port, host_key = args.serve_gateway
         with contextlib.suppress(KeyboardInterrupt):
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             if args.uvloop:
                 import uvloop
 
@@ -418,7 +429,6 @@ def cli() -> None:
                                       args.upstream_user))
         return
     if args.serve_idle_runner:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         asyncio.run(serve_idle_runner(Path(args.serve_idle_runner)))
         return
     report = asyncio.run(main(args))
