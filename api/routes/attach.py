@@ -45,7 +45,8 @@ def _utc(ts: int) -> datetime:
 
 
 @route(bp, "POST", "/v1/instances/{id}/attach", summary="Get short-lived attach credentials", tag=TAG,
-       request=schemas.AttachRequest, responses={200: schemas.AttachGrant}, errors=(400, 403, 404))
+       request=schemas.AttachRequest, responses={200: schemas.AttachGrant}, errors=(400, 403, 404),
+       body_required=False)
 async def attach(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     body = parse_body(request, schemas.AttachRequest, allow_empty=True)
