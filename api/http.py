@@ -35,7 +35,8 @@ def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     try:
-        return model.model_validate(data)
+        # Strict: "true" is not a boolean and "5" is not a number; JSON mode still reads ISO datetimes.
+        return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise ValidationFailed(_describe(exc), errors=_errors(exc)) from None
 

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     # Runner (read inside a session; the provider sets these). The spec is schemas.RunnerSpec as JSON.
     runner_spec: str = ""
     runner_token: SecretStr = SecretStr("")
+    # Address the runner reports for its SSH endpoint when the spec names none (a pod's IP).
+    runner_advertise_host: str = ""
 
     # Kubernetes provider
     k8s_namespace: str = "orz-sessions"

@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 
 import click
 
-from cli import admin, services
+from cli import services
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Imports `orz admin` (SQLAlchemy, Alembic: ~0.7 s) only when it runs, because ssh runs
+    `orz cloud _refresh-cert` on every `ssh <id>.orz` connection and must start fast."""
+
+    lazy = {"admin": ("cli.admin", "admin")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, attr = self.lazy[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="orzbob-cloud", prog_name="orz")
 def orz() -> None:
     """Orzbob Cloud: AI coding agents in cloud tmux sessions you attach to over SSH."""
 
 
-orz.add_command(admin.admin)
 for command in services.COMMANDS:
     orz.add_command(command)
 
@@ -33,6 +50,13 @@ def main() -> None:
         orz(standalone_mode=True)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        # Last resort: a bug still ends in one line; ORZ_DEBUG=1 shows the traceback for a report.
+        if os.environ.get("ORZ_DEBUG"):
+            raise
+        detail = " ".join(str(exc).split()) or "no detail"
+        click.echo(f"orz: internal error: {type(exc).__name__}: {detail} (ORZ_DEBUG=1 shows more)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+from pydantic import SecretStr
 
 from api import admin
 from api.app import create_app
@@ -86,7 +87,8 @@ def embedded_settings(settings: Settings) -> Settings:
     keys = settings.keys_dir
     update: dict[str, Any] = {}
     if not settings.service_token.get_secret_value():
-        update["service_token"] = _secret_file(keys / "service_token", lambda: secrets.token_urlsafe(32))
+        # model_copy does not validate, so wrap it as the field's type (the gateway calls get_secret_value).
+        update["service_token"] = SecretStr(_secret_file(keys / "service_token", lambda: secrets.token_urlsafe(32)))
     client_key = settings.gateway_client_key_file or keys / "gateway_client_ed25519"
     update["gateway_client_key_file"] = client_key
     if not settings.gateway_public_key:

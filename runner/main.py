@@ -115,7 +115,7 @@ class Runner:
     def _fatal(self, message: str) -> None:
         log.error("fatal: %s", message)
         self.activity.fatal_error = message
-        self.activity.init_log_tail = workspace.tail(self.init_log) or None
+        self.activity.set_init_log(workspace.tail(self.init_log))
         with contextlib.suppress(OSError):
             (self.state_dir / FATAL_FILE).write_text(message + "\n", encoding="utf-8")
 
@@ -178,7 +178,7 @@ class Runner:
             self.activity.init_status = "failed"
             raise
         finally:
-            self.activity.init_log_tail = workspace.tail(self.init_log) or None
+            self.activity.set_init_log(workspace.tail(self.init_log))
         self.activity.init_status = "succeeded"
         self.activity.poke()
 
@@ -219,6 +219,8 @@ def main() -> None:
     if not settings.runner_spec:
         sys.exit("orz runner: ORZ_RUNNER_SPEC is not set (the provider passes the runner spec as JSON)")
     spec = RunnerSpec.model_validate_json(settings.runner_spec)
+    if not spec.advertise_host and settings.runner_advertise_host:
+        spec = spec.model_copy(update={"advertise_host": settings.runner_advertise_host})
     sys.exit(asyncio.run(_amain(spec, settings.runner_token.get_secret_value())))
 
 

@@ -101,6 +101,8 @@ def test_runner_container_contract() -> None:
     assert runner["envFrom"] == [{"secretRef": {"name": names.secret_name(spec.session_id)}}]
     env = {e["name"]: e.get("value") for e in runner["env"]}
     runner_spec = json.loads(env["ORZ_RUNNER_SPEC"])
+    advertise = next(e for e in runner["env"] if e["name"] == "ORZ_RUNNER_ADVERTISE_HOST")
+    assert advertise["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert runner_spec["session_id"] == spec.session_id
     assert runner_spec["secret_env"] == ["GITHUB_TOKEN"]
     assert runner_spec["ssh_port"] == 2222 and runner_spec["workspace"] == "/workspace"

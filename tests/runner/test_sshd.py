@@ -85,6 +85,16 @@ async def test_exec_keeps_exit_status_and_stderr_apart(session) -> None:
         assert in_pty.exit_status == 0 and b"/dev/pts/" in in_pty.stdout
 
 
+async def test_big_output_through_a_pty_arrives_whole(session) -> None:
+    async with await session.connect() as conn:
+        # ~4 MB through the pty: reading pauses while the client lags, and nothing is lost
+        result = await conn.run("head -c 3000000 /dev/zero | base64 -w 0; echo; echo END",
+                                term_type="dumb", check=False)
+        assert result.exit_status == 0
+        body = result.stdout.replace(b"\r\n", b"\n")
+        assert body.endswith(b"\nEND\n") and body.count(b"A") == 4000000
+
+
 async def test_sftp_put_get_round_trip(session, short_tmp) -> None:
     local = short_tmp / "up.bin"
     payload = bytes(range(256)) * 1000

@@ -38,8 +38,8 @@ RUNNER_LOG = "runner.log"
 INIT_LOG = "state/init.log"
 FATAL_FILE = "state/fatal_error"
 # The runner writes this once its sidecars, tmux server and endpoint are gone; it then only sends
-# its last heartbeat. Waiting for its exit past that point would deadlock an API that stops a
-# runner while handling that heartbeat (a fatal error), so stop() takes it as "compute released".
+# its last heartbeat. After a fatal error the API stops the runner while handling that very
+# heartbeat, so waiting for the exit would deadlock: there stop() takes this as "compute released".
 RELEASED_FILE = "state/released"
 _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME")
 
@@ -210,10 +210,10 @@ class LocalProvider(Provider):
         return now is not None and (started is None or now == started)
 
     async def _wait_released(self, base: Path, state: ProviderState, seconds: float) -> bool:
-        """Wait until the runner has exited or says it released everything (see RELEASED_FILE)."""
+        """Wait until the runner has exited, or (after a fatal error) released everything."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while self._alive(state) and not (base / RELEASED_FILE).exists():
+        while self._alive(state) and not ((base / FATAL_FILE).exists() and (base / RELEASED_FILE).exists()):
             if loop.time() > deadline:
                 return False
             await asyncio.sleep(0.05)

@@ -211,6 +211,8 @@ def _runner_container(spec: ComputeSpec, config: ClusterConfig) -> dict[str, Any
         "env": [
             {"name": "ORZ_RUNNER_SPEC", "value": spec_json},
             {"name": "HOME", "value": HOME},
+            # The gateway dials the pod IP, which is only known once the Pod is scheduled.
+            {"name": "ORZ_RUNNER_ADVERTISE_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         ],
         # The runner token and secret values arrive from the Secret, never inline in the Pod.
         "envFrom": [{"secretRef": {"name": names.secret_name(spec.session_id)}}],

@@ -1,0 +1,53 @@
+"""Attaching: get a certificate for the user's key from the API, then exec the system `ssh`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from api import schemas
+from api.client import ApiClient
+from cli import keys, ssh_config
+from cli.errors import CliError
+
+
+def check_session_id(session_id: str) -> str:
+    if not schemas.SESSION_ID_RE.match(session_id):
+        raise CliError(f"not a session id: {session_id!r} (ids are a-z, 0-9 and '-', at most 32 characters)")
+    return session_id
+
+
+async def fetch_certificate(api: ApiClient, session_id: str, *, readonly: bool = False
+                            ) -> tuple[schemas.AttachGrant, Path]:
+    """POST attach with our public key; store the certificate and the session's ssh_config block."""
+    pair = keys.ensure_key_pair()
+    grant = await api.attach(session_id, schemas.AttachRequest(public_key=pair.public_line(), readonly=readonly))
+    if not grant.certificate:
+        raise CliError(f"the API gave no SSH certificate for {session_id}; is its SSH CA configured?")
+    cert = keys.save_certificate(session_id, grant.certificate, readonly)
+    if not readonly:
+        ssh_config.write_host_file(session_id, grant.ssh_host, grant.ssh_port, cert)
+    return grant, cert
+
+
+def is_fresh(session_id: str) -> bool:
+    """True when the session's certificate has >= 60 s left and its ssh_config block exists."""
+    host_file = ssh_config.hosts_dir() / f"{session_id}.conf"
+    return host_file.exists() and not keys.needs_refresh(session_id)
+
+
+def attach_command(grant: schemas.AttachGrant, cert: Path) -> list[str]:
+    return ssh_config.attach_argv(grant.id, grant.ssh_host, grant.ssh_port, keys.key_pair().private, cert,
+                                  ssh_config.known_hosts_path())
+
+
+def exec_ssh(argv: list[str]) -> None:
+    """Replace this process with `ssh` so the terminal belongs to it alone (no relay in between)."""
+    if shutil.which(argv[0]) is None:
+        raise CliError(f"`{argv[0]}` not found; install an OpenSSH client (e.g. apt install openssh-client)")
+    ssh_config.known_hosts_path().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(argv[0], argv)  # noqa: S606 - argv list, no shell

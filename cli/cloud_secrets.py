@@ -1,0 +1,96 @@
+"""`orz cloud secrets create|list|delete`: named sets of environment variables for sessions.
+
+Values go to the API and nowhere else: never printed, never logged, and not echoed by `list`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+from pydantic import ValidationError
+
+from api import schemas
+from cli import output
+from cli.connect import client, cloud_command
+from cli.errors import CliError
+
+
+def parse_pairs(pairs: tuple[str, ...], from_env: tuple[str, ...]) -> dict[str, str]:
+    """`K=V` words (split at the first '=') plus variables copied from this environment."""
+    data: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            # Do not echo the word: it may be a value typed without its KEY=.
+            raise CliError("--data wants KEY=VALUE (one of the words has no KEY= before its value)")
+        data[key] = value
+    for key in from_env:
+        if key not in os.environ:
+            raise CliError(f"--from-env {key}: no such environment variable")
+        data[key] = os.environ[key]
+    if not data:
+        raise CliError("give at least one --data KEY=VALUE or --from-env KEY")
+    return data
+
+
+@click.group("secrets")
+def secrets() -> None:
+    """Secrets: environment variables for your sessions (values are never shown)."""
+
+
+@secrets.command("create")
+@click.argument("name")
+@click.option("--data", "pairs", multiple=True, metavar="KEY=VALUE", help="A variable (repeat for more).")
+@click.option("--from-env", multiple=True, metavar="KEY",
+              help="Copy KEY's value from this environment (keeps it out of shell history).")
+@click.option("--scope", type=click.Choice(["user", "org"]), default="user", show_default=True,
+              help="user: only you; org: everyone in your org.")
+@cloud_command
+async def create(name: str, pairs: tuple[str, ...], from_env: tuple[str, ...], scope: str) -> None:
+    """Create a secret NAME from KEY=VALUE pairs."""
+    try:
+        body = schemas.SecretCreate(name=name, data=parse_pairs(pairs, from_env), scope=scope)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        # pydantic's message may quote the input (a value); name the field and the rule only.
+        where = ".".join(str(p) for p in err["loc"][:2]) or "secret"
+        raise CliError(f"invalid secret {where}: {err['type'].replace('_', ' ')}") from None
+    async with client() as api:
+        secret = await api.create_secret(body)
+    click.echo(f"secret {secret.name} created ({secret.scope} scope; keys: {', '.join(secret.keys)})")
+
+
+@secrets.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's SecretList (names and keys only).")
+@cloud_command
+async def list_cmd(as_json: bool) -> None:
+    """Your secrets and the org's shared ones (names and keys, no values)."""
+    async with client() as api:
+        listing = await api.list_secrets()
+    if as_json:
+        click.echo(output.to_json(listing))
+        return
+    if not listing.secrets:
+        click.echo("no secrets; create one with: orz cloud secrets create NAME --data KEY=VALUE")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold")
+    for column in ("NAME", "SCOPE", "KEYS", "UPDATED"):
+        table.add_column(column, overflow="fold" if column == "KEYS" else "ellipsis")
+    for secret in listing.secrets:
+        table.add_row(secret.name, secret.scope, ", ".join(secret.keys), output.relative(secret.updated_at))
+    output.print_table(table)
+
+
+@secrets.command("delete")
+@click.argument("name")
+@cloud_command
+async def delete(name: str) -> None:
+    """Delete a secret (sessions already running keep the values they started with)."""
+    if not schemas.SECRET_NAME_RE.match(name):
+        raise CliError(f"not a secret name: {name[:64]!r}")
+    async with client() as api:
+        await api.delete_secret(name)
+    click.echo(f"secret {name} deleted")

@@ -1,0 +1,196 @@
+"""`orz cloud new|list|attach|kill|stop|start|logs|status`: the session commands."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+from pydantic import ValidationError
+
+from api import schemas
+from cli import attach as attaching
+from cli import keys, output, ssh_config
+from cli.connect import client, cloud_command
+from cli.errors import CliError
+from cli.repo import current_repo
+from cli.starting import LogFollower, wait_until_running
+
+session_id_arg = click.argument("session_id", metavar="ID", callback=lambda _c, _p, v: attaching.check_session_id(v))
+
+
+def _note(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _split_names(value: str | None) -> list[str]:
+    return [name.strip() for name in (value or "").split(",") if name.strip()]
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "request"
+    return f"{where}: {err['msg']}"
+
+
+@click.command("new")
+@click.argument("task", required=False)
+@click.option("--repo", help="Git URL to clone (default: this directory's origin).")
+@click.option("--branch", help="Branch to check out (default: this directory's branch when --repo is not given).")
+@click.option("--tier", type=click.Choice(["small", "medium", "large"]), default="small", show_default=True,
+              help="small 2 CPU/4Gi, medium 4/8Gi, large 8/16Gi.")
+@click.option("--program", help="The command run in the tmux session (default: the platform's agent).")
+@click.option("--secrets", "secret_names", metavar="NAME,...", help="Secrets to expose as environment variables.")
+@click.option("--no-attach", is_flag=True, help="Create the session and return without attaching.")
+@click.option("--wait/--no-wait", default=None,
+              help="Wait until the session runs (default: wait unless --no-attach).")
+@click.option("--timeout", type=click.IntRange(1), default=600, show_default=True, help="Seconds to wait for it.")
+def new(task: str | None, repo: str | None, branch: str | None, tier: str, program: str | None,
+        secret_names: str | None, no_attach: bool, wait: bool | None, timeout: int) -> None:
+    """Start a new session (and attach to it once it runs)."""
+    argv = _new(task, repo, branch, tier, program, secret_names, no_attach,
+                (not no_attach) if wait is None else wait, timeout)
+    if argv:
+        attaching.exec_ssh(argv)
+
+
+@cloud_command
+async def _new(task: str | None, repo: str | None, branch: str | None, tier: str, program: str | None,
+               secret_names: str | None, no_attach: bool, wait: bool, wait_s: int) -> list[str] | None:
+    api = client()  # first, so "not logged in" comes before anything else
+    if repo is None:
+        here = current_repo()
+        if here.url:
+            repo, branch = here.url, branch or here.branch
+        else:
+            _note("no git origin in this directory: the session starts with an empty workspace")
+    try:
+        body = schemas.InstanceCreate(tier=tier, program=program, repo_url=repo, branch=branch,  # type: ignore[arg-type]
+                                      secrets=_split_names(secret_names), task=task)
+    except ValidationError as exc:
+        await api.aclose()
+        raise CliError(_first_error(exc)) from None
+    async with api:
+        inst = await api.create_instance(body)
+        where = f" from {inst.repo_url}" + (f" ({inst.branch})" if inst.branch else "") if inst.repo_url else ""
+        click.echo(f"session {inst.id} created{where}, {inst.tier} tier, {inst.status}")
+        if wait:
+            try:
+                inst = await wait_until_running(api, inst.id, _note, timeout_s=wait_s)
+            except asyncio.CancelledError:  # Ctrl-C: the session keeps starting without us
+                _note(f"stopped waiting; session {inst.id} is still there: orz cloud attach {inst.id} "
+                      f"(or orz cloud kill {inst.id})")
+                raise
+            click.echo(f"session {inst.id} is running")
+        if no_attach:
+            click.echo(f"attach with: orz cloud attach {inst.id}   (or ssh {inst.id}{ssh_config.HOST_SUFFIX} "
+                       "after orz cloud ssh-config --write)")
+            return None
+        grant, cert = await attaching.fetch_certificate(api, inst.id)
+        _note(f"attaching to {inst.id}; detach with Ctrl-b d, come back with: orz cloud attach {inst.id}")
+        return attaching.attach_command(grant, cert)
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's InstanceList as JSON (see docs/cli.md).")
+@cloud_command
+async def list_cmd(as_json: bool) -> None:
+    """Your org's sessions and your plan's quota."""
+    async with client() as api:
+        listing = await api.list_instances()
+    if as_json:
+        click.echo(output.to_json(listing))
+        return
+    if listing.instances:
+        output.print_table(output.instances_table(listing.instances))
+    else:
+        click.echo("no sessions; start one with: orz cloud new")
+    click.echo(output.quota_line(listing.quota))
+
+
+@click.command("attach")
+@session_id_arg
+@click.option("--readonly", is_flag=True, help="Watch without typing (a read-only tmux client).")
+def attach(session_id: str, readonly: bool) -> None:
+    """Attach to a session's tmux over SSH (a fresh certificate, then the system ssh)."""
+    attaching.exec_ssh(_attach(session_id, readonly))
+
+
+@cloud_command
+async def _attach(session_id: str, readonly: bool) -> list[str]:
+    async with client() as api:
+        grant, cert = await attaching.fetch_certificate(api, session_id, readonly=readonly)
+    mode = " read-only" if readonly else ""
+    _note(f"attaching{mode} to {session_id} ({grant.status}); detach with Ctrl-b d")
+    return attaching.attach_command(grant, cert)
+
+
+@click.command("kill")
+@session_id_arg
+@cloud_command
+async def kill(session_id: str) -> None:
+    """Delete a session: its compute and its workspace."""
+    async with client() as api:
+        inst = await api.delete_instance(session_id)
+    keys.forget_session(session_id)
+    ssh_config.forget_host(session_id)
+    click.echo(f"session {inst.id} killed ({inst.status})")
+
+
+@click.command("stop")
+@session_id_arg
+@cloud_command
+async def stop(session_id: str) -> None:
+    """Stop a session: compute released, workspace kept."""
+    async with client() as api:
+        inst = await api.stop_instance(session_id)
+    click.echo(f"session {inst.id} {inst.status}; start it again with: orz cloud start {inst.id}")
+
+
+@click.command("start")
+@session_id_arg
+@cloud_command
+async def start(session_id: str) -> None:
+    """Start a stopped session on its kept workspace."""
+    async with client() as api:
+        inst = await api.start_instance(session_id)
+    click.echo(f"session {inst.id} {inst.status}")
+
+
+@click.command("logs")
+@session_id_arg
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the session goes away.")
+@cloud_command
+async def logs(session_id: str, follow: bool) -> None:
+    """The session's init log (setup.init output)."""
+    follower = LogFollower(click.echo)
+    async with client() as api:
+        while True:
+            follower.update((await api.logs(session_id)).init_log)
+            if not follow:
+                return
+            inst = await api.get_instance(session_id)
+            if inst.status in ("deleting", "deleted"):
+                return
+            await asyncio.sleep(1.0)
+
+
+@click.command("status")
+@session_id_arg
+@click.option("--json", "as_json", is_flag=True, help="Print the API's InstanceStatus as JSON.")
+@cloud_command
+async def status(session_id: str, as_json: bool) -> None:
+    """A session's details and its latest events."""
+    async with client() as api:
+        st = await api.instance_status(session_id)
+    if as_json:
+        click.echo(output.to_json(st))
+        return
+    for name, value in output.describe(st.instance):
+        click.echo(f"{name + ':':<13}{value}")
+    if st.events:
+        click.echo("events:")
+        for event in st.events[-10:]:
+            click.echo(f"  {output.event_line(event)}")
+
+
+COMMANDS = [new, list_cmd, attach, kill, stop, start, logs, status]

@@ -1,0 +1,102 @@
+"""How `orz cloud` shows things: session tables (80 columns), quota line, --json, progress lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from api import schemas
+
+STATUS_STYLE = {
+    "running": "green", "starting": "yellow", "pending": "yellow", "unhealthy": "red", "failed": "red",
+    "stopping": "dim", "stopped": "dim", "deleting": "dim", "deleted": "dim",
+}
+# Terminals narrower than this still get an 80-column table (the terminal wraps); wider ones no more.
+TABLE_WIDTH = 80
+
+
+def stdout() -> Console:
+    return Console(highlight=False, soft_wrap=True, width=TABLE_WIDTH if not sys.stdout.isatty() else None)
+
+
+def stderr() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_table(table: Table) -> None:
+    """Print a table without rich's trailing padding (cleaner to paste, grep and diff)."""
+    console = stdout()
+    with console.capture() as captured:
+        console.print(table)
+    for line in captured.get().splitlines():
+        console.file.write(line.rstrip() + "\n")
+
+
+def relative(at: datetime | None, now: datetime | None = None) -> str:
+    """'just now', '5m ago', '3h ago', '2d ago'; '-' for never. At most 8 characters."""
+    if at is None:
+        return "-"
+    now = now or datetime.now(UTC)
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    seconds = int((now - at).total_seconds())
+    if seconds < 60:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{min(seconds // size, 9999)}{unit} ago"
+    return "just now"
+
+
+def last_active(inst: schemas.Instance) -> datetime | None:
+    return inst.last_activity_at or inst.started_at
+
+
+def instances_table(instances: list[schemas.Instance], now: datetime | None = None) -> Table:
+    """id (<= 32), status (<= 9), tier (<= 6), created and last active (<= 8 each): 73 + gaps <= 80."""
+    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), show_edge=False, header_style="bold")
+    table.add_column("ID", no_wrap=True, max_width=32)
+    table.add_column("STATUS", no_wrap=True)
+    table.add_column("TIER", no_wrap=True)
+    table.add_column("CREATED", no_wrap=True)
+    table.add_column("LAST ACTIVE", no_wrap=True)
+    for inst in instances:
+        table.add_row(inst.id, f"[{STATUS_STYLE.get(inst.status, '')}]{inst.status}[/]", inst.tier,
+                      relative(inst.created_at, now), relative(last_active(inst), now))
+    return table
+
+
+def quota_line(quota: schemas.Quota) -> str:
+    noun = "session" if quota.limit == 1 else "sessions"
+    return f"{quota.active} of {quota.limit} active {noun} ({quota.plan} plan)"
+
+
+def to_json(model: BaseModel) -> str:
+    """The documented --json form: the API's schema, fields in schema order, times in RFC 3339 UTC."""
+    return json.dumps(model.model_dump(mode="json"), indent=2)
+
+
+def event_line(event: schemas.InstanceEvent) -> str:
+    at = event.at.astimezone(UTC).strftime("%H:%M:%S")
+    change = f"{event.from_state or '-'} -> {event.to_state}" if event.to_state else event.kind
+    message = f"  {event.message}" if event.message else ""
+    return f"{at}  {change}{message}"
+
+
+def describe(inst: schemas.Instance) -> list[tuple[str, Any]]:
+    """The fields `orz cloud status` shows, in order."""
+    rows: list[tuple[str, Any]] = [
+        ("id", inst.id), ("status", inst.status + (f" ({inst.reason})" if inst.reason else "")),
+        ("tier", inst.tier), ("repo", inst.repo_url or "-"), ("branch", inst.branch or "-"),
+        ("program", inst.program or "-"), ("created", inst.created_at.astimezone(UTC).isoformat()),
+        ("last active", relative(last_active(inst))), ("attached", inst.attached_clients), ("ssh", inst.ssh),
+    ]
+    if inst.secrets:
+        rows.append(("secrets", ", ".join(inst.secrets)))
+    return rows

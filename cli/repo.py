@@ -1,0 +1,41 @@
+"""The current directory's git origin and branch, the defaults of `orz cloud new`."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RepoInfo:
+    url: str | None
+    branch: str | None
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    out = done.stdout.strip()
+    return out if done.returncode == 0 and out else None
+
+
+def as_clone_url(remote: str, cwd: Path) -> str:
+    """A remote as the API accepts it: local paths become file:// URLs (the API refuses bare paths)."""
+    if "://" in remote or ("@" in remote and ":" in remote):
+        return remote
+    path = Path(remote)
+    if not path.is_absolute():
+        path = (cwd / path).resolve()
+    return path.as_uri()
+
+
+def current_repo(cwd: Path | None = None) -> RepoInfo:
+    """origin's URL and the checked-out branch (None for each when absent or detached)."""
+    where = cwd or Path.cwd()
+    origin = _git(where, "remote", "get-url", "origin")
+    branch = _git(where, "symbolic-ref", "--quiet", "--short", "HEAD")
+    return RepoInfo(url=as_clone_url(origin, where) if origin else None, branch=branch)

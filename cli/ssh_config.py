@@ -1,0 +1,176 @@
+"""OpenSSH configuration and command lines for reaching sessions through the gateway.
+
+How `ssh <id>.orz` works with no flags (OpenSSH reads its config top to bottom, running `Match exec`
+commands as it meets them):
+
+    Host *.orz                      key, known_hosts, IdentitiesOnly (shared by every session)
+    Match host *.orz exec "orz cloud _refresh-cert %n"
+        Include hosts/*.conf        per-session blocks: HostName, Port, User <id>, CertificateFile
+
+`_refresh-cert` fetches a certificate when the session's one has < 60 s left (or is missing or
+expired) and (re)writes `hosts/<id>.conf` before ssh evaluates the Include glob, so even a session
+created after `ssh-config` ran works on the first try. The gateway's host key is pinned trust-on-first-
+use in ~/.config/orzbob/known_hosts (StrictHostKeyChecking accept-new): a changed key is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import cli
+from cli.config import config_dir
+from cli.keys import key_pair, write_private_file
+
+HOST_SUFFIX = ".orz"
+BEGIN_MARK = "# >>> orzbob cloud >>>"
+END_MARK = "# <<< orzbob cloud <<<"
+
+
+def known_hosts_path() -> Path:
+    return config_dir() / "known_hosts"
+
+
+def orz_ssh_config_path() -> Path:
+    return config_dir() / "ssh_config"
+
+
+def hosts_dir() -> Path:
+    return config_dir() / "hosts"
+
+
+def user_ssh_config_path() -> Path:
+    return Path.home() / ".ssh" / "config"
+
+
+def session_from_host(host: str) -> str:
+    """`abc.orz` -> `abc` (the id is validated by the caller)."""
+    return host[: -len(HOST_SUFFIX)] if host.endswith(HOST_SUFFIX) else host
+
+
+def config_path_arg(path: Path | str) -> str:
+    """A path as an ssh_config argument: `%` escaped (ssh expands tokens) and quoted if it has spaces."""
+    text = str(path).replace("%", "%%")
+    if '"' in text:
+        raise ValueError(f"cannot use a path containing '\"' in ssh options: {text}")
+    return f'"{text}"' if any(c.isspace() for c in text) else text
+
+
+def orz_command() -> list[str]:
+    """How `ssh` can run this same `orz` again (for `Match exec`), without relying on PATH or cwd."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is not None and argv0.name == "orz" and argv0.exists():
+        return [str(argv0.resolve())]
+    root = Path(cli.__file__).resolve().parent.parent
+    # `env PYTHONPATH=...` so a source checkout (not pip-installed) is found from any directory.
+    return ["env", f"PYTHONPATH={root}", sys.executable, "-m", "cli"]
+
+
+def refresh_exec_line(command: list[str]) -> str:
+    """The `Match exec` line; ssh hands its argument to the user's shell, so every word is quoted."""
+    words = " ".join(shlex.quote(w) for w in [*command, "cloud", "_refresh-cert"])
+    if '"' in words:
+        raise ValueError("the orz command path contains '\"', which ssh_config cannot quote")
+    return f'Match host *{HOST_SUFFIX} exec "{words.replace("%", "%%")} %n"'
+
+
+def render_main_config(command: list[str] | None = None) -> str:
+    keys = key_pair()
+    return "\n".join([
+        "# Written by `orz cloud ssh-config`; regenerate it rather than editing it.",
+        f"# `ssh <session-id>{HOST_SUFFIX}` reaches a session through the Orzbob Cloud gateway.",
+        f"Host *{HOST_SUFFIX}",
+        f"    IdentityFile {config_path_arg(keys.private)}",
+        "    IdentitiesOnly yes",
+        "    PasswordAuthentication no",
+        "    KbdInteractiveAuthentication no",
+        f"    UserKnownHostsFile {config_path_arg(known_hosts_path())}",
+        "    StrictHostKeyChecking accept-new",
+        "    ServerAliveInterval 30",
+        refresh_exec_line(command or orz_command()),
+        f"    Include {config_path_arg(hosts_dir())}/*.conf",
+        "",
+    ])
+
+
+def render_host_block(session_id: str, host: str, port: int, cert: Path) -> str:
+    return "\n".join([
+        f"Host {session_id}{HOST_SUFFIX}",
+        f"    HostName {host}",
+        f"    Port {port}",
+        f"    User {session_id}",
+        f"    CertificateFile {config_path_arg(cert)}",
+        "",
+    ])
+
+
+def write_host_file(session_id: str, host: str, port: int, cert: Path) -> Path:
+    path = hosts_dir() / f"{session_id}.conf"
+    text = render_host_block(session_id, host, port, cert)
+    if not path.exists() or path.read_text() != text:
+        write_private_file(path, text.encode())
+    return path
+
+
+def forget_host(session_id: str) -> None:
+    (hosts_dir() / f"{session_id}.conf").unlink(missing_ok=True)
+
+
+def write_main_config(command: list[str] | None = None) -> Path:
+    path = orz_ssh_config_path()
+    write_private_file(path, render_main_config(command).encode())
+    hosts_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def include_block(target: Path) -> str:
+    return f"{BEGIN_MARK}\nInclude {config_path_arg(target)}\n{END_MARK}\n"
+
+
+def install_include(user_config: Path, target: Path) -> bool:
+    """Add an Include of target at the top of ~/.ssh/config once; True if the file changed.
+
+    At the top because an Include placed after a `Host` line would only apply inside that block.
+    """
+    try:
+        current = user_config.read_text()
+    except FileNotFoundError:
+        current = ""
+    if BEGIN_MARK in current:
+        return False
+    user_config.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    new = include_block(target) + ("\n" + current if current else "")
+    mode = _existing_mode(user_config)
+    tmp = user_config.with_name(f".{user_config.name}.orz.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(new)
+    os.replace(tmp, user_config)
+    return True
+
+
+def _existing_mode(path: Path) -> int:
+    """Keep an existing file's permissions; a new ~/.ssh/config gets 0600 (ssh refuses lax ones)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return 0o600
+
+
+def attach_argv(session_id: str, host: str, port: int, key: Path, cert: Path, known_hosts: Path,
+                *, ssh: str = "ssh") -> list[str]:
+    """The `ssh` command line for an interactive attach with a certificate (no shell involved)."""
+    return [
+        ssh,
+        "-i", str(key).replace("%", "%%"),
+        "-o", f"CertificateFile={config_path_arg(cert)}",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "PasswordAuthentication=no",
+        "-o", "KbdInteractiveAuthentication=no",
+        "-o", f"UserKnownHostsFile={config_path_arg(known_hosts)}",
+        "-o", "StrictHostKeyChecking=accept-new",
+        "-p", str(port),
+        "-t", f"{session_id}@{host}",
+    ]

@@ -1,0 +1,72 @@
+"""Progress while a session starts: state changes, events and the init log, until running or failed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from api import schemas
+from api.client import ApiClient, ApiError
+from cli.errors import CliError
+from cli.output import event_line
+
+POLL_INTERVAL_S = 0.5
+GIVE_UP_STATES = {"stopping", "stopped", "deleting", "deleted"}
+
+
+class LogFollower:
+    """Prints only the new part of a log the API returns whole (or as a moving tail)."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self.emit = emit
+        self.shown = ""
+
+    def update(self, text: str) -> None:
+        if not text or text == self.shown:
+            return
+        new = text[len(self.shown):] if text.startswith(self.shown) else _after_overlap(self.shown, text)
+        self.shown = text
+        if new:
+            self.emit(new.rstrip("\n"))
+
+
+def _after_overlap(old: str, new: str) -> str:
+    """The part of new after its longest run of leading lines that ends old (the tail window moved)."""
+    old_lines, new_lines = old.splitlines(keepends=True), new.splitlines(keepends=True)
+    if new_lines:
+        for i, line in enumerate(old_lines):
+            overlap = old_lines[i:]
+            if line == new_lines[0] and new_lines[:len(overlap)] == overlap:
+                return "".join(new_lines[len(overlap):])
+    return new
+
+
+async def wait_until_running(api: ApiClient, session_id: str, emit: Callable[[str], None], *,
+                             timeout_s: float, interval_s: float = POLL_INTERVAL_S) -> schemas.Instance:
+    """Poll status (and the init log) until the session runs; fail with one line otherwise."""
+    deadline = time.monotonic() + timeout_s
+    seen: set[tuple[object, ...]] = set()
+    log = LogFollower(emit)
+    while True:
+        status = await api.instance_status(session_id)
+        for event in status.events:
+            key = (event.at, event.kind, event.to_state, event.message)
+            if key not in seen:
+                seen.add(key)
+                emit(event_line(event))
+        inst = status.instance
+        with contextlib.suppress(ApiError):  # the init log is a nicety; the state is what matters
+            log.update((await api.logs(session_id)).init_log)
+        if inst.status == "running":
+            return inst
+        if inst.status == "failed":
+            raise CliError(f"session {session_id} failed: {inst.reason or 'no reason given'}; "
+                           f"see orz cloud logs {session_id}")
+        if inst.status in GIVE_UP_STATES:
+            raise CliError(f"session {session_id} is {inst.status}; it will not start on its own")
+        if time.monotonic() >= deadline:
+            raise CliError(f"session {session_id} is still {inst.status} after {timeout_s:g} s; "
+                           f"check orz cloud status {session_id}")
+        await asyncio.sleep(interval_s)

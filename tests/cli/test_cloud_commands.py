@@ -1,0 +1,191 @@
+"""`orz cloud` end to end: the real command (a subprocess) against a real API server (FakeProvider)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from tests.cli.conftest import LiveApi, Orz
+from tests.conftest import Tenant
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("orz: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def create(orz: Orz, *args: str, cwd: Path | None = None) -> str:
+    done = orz("cloud", "new", "--no-attach", *args, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("session "), done.stdout
+    return first.split()[1]
+
+
+def test_login_whoami_logout(orz: Orz, live_api: LiveApi, home: Path) -> None:
+    tenant = live_api.tenant("acme")
+    done = orz("cloud", "login", "--token", tenant.token, "--api-url", live_api.url)
+    assert done.returncode == 0, done.stderr
+    assert f"as {tenant.email}" in done.stdout
+    assert tenant.token not in done.stdout + done.stderr
+    token_file = home / ".config" / "orzbob" / "token.json"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert json.loads(token_file.read_text()) == {"api_url": live_api.url, "api_token": tenant.token}
+
+    who = orz("cloud", "whoami")
+    assert who.returncode == 0, who.stderr
+    assert tenant.email in who.stdout and "org acme" in who.stdout
+    assert "0 of 2 active sessions (free plan)" in who.stdout
+    assert json.loads(orz("cloud", "whoami", "--json").stdout)["user"]["email"] == tenant.email
+
+    assert orz("cloud", "logout").returncode == 0
+    assert not token_file.exists()
+    assert_one_error_line(orz("cloud", "whoami"), "not logged in; run orz cloud login --token")
+
+
+def test_login_with_a_wrong_token_saves_nothing(orz: Orz, live_api: LiveApi, home: Path) -> None:
+    done = orz("cloud", "login", "--token", "orz_not-a-real-token", "--api-url", live_api.url)
+    assert_one_error_line(done, "refused your token")
+    assert "orz_not-a-real-token" not in done.stderr
+    assert not (home / ".config" / "orzbob" / "token.json").exists()
+    assert_one_error_line(orz("cloud", "login", "--api-url", live_api.url), "--token")
+
+
+def test_not_logged_in_and_unreachable_api(orz: Orz, home: Path) -> None:
+    for args in (["list"], ["new", "--no-attach"], ["kill", "abc"], ["attach", "abc"], ["secrets", "list"]):
+        assert_one_error_line(orz("cloud", *args), "not logged in")
+    port = free_port()  # nothing listens there
+    done = orz("cloud", "login", "--token", "orz_x", "--api-url", f"http://127.0.0.1:{port}")
+    assert_one_error_line(done, "cannot reach the Orzbob Cloud API", str(port))
+    config = home / ".config" / "orzbob"
+    config.mkdir(parents=True)
+    (config / "token.json").write_text(json.dumps({"api_url": f"http://127.0.0.1:{port}", "api_token": "orz_x"}))
+    assert_one_error_line(orz("cloud", "list"), "cannot reach", f"127.0.0.1:{port}")
+    assert_one_error_line(orz("cloud", "list", ORZBOB_API_URL=f"http://127.0.0.1:{free_port()}"), "cannot reach")
+
+
+def test_new_defaults_to_this_repo_and_list_fits_80_columns(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                           tmp_path: Path) -> None:
+    origin = tmp_path / "origin.git"
+    work = tmp_path / "work"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    subprocess.run(["git", "init", "-q", "-b", "feature-x", str(work)], check=True)
+    subprocess.run(["git", "-C", str(work), "remote", "add", "origin", str(origin)], check=True)
+
+    sid = create(orz, "fix the bug", "--tier", "medium", cwd=work)
+    spec = live_api.provider.specs[sid]
+    assert (spec.repo_url, spec.branch, spec.tier, spec.task) == (origin.as_uri(), "feature-x", "medium",
+                                                                  "fix the bug")
+    other = create(orz, "--repo", "https://example.com/r.git", "--branch", "main", cwd=tmp_path)
+    assert live_api.provider.specs[other].repo_url == "https://example.com/r.git"
+
+    table = orz("cloud", "list")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.rstrip("\n").splitlines()
+    assert all(len(line) <= 80 and line == line.rstrip() for line in lines), lines
+    assert lines[0].split() == ["ID", "STATUS", "TIER", "CREATED", "LAST", "ACTIVE"]
+    assert any(line.startswith(sid) and "starting" in line and "medium" in line for line in lines)
+    assert lines[-1] == "2 of 2 active sessions (free plan)"
+
+    listing = json.loads(orz("cloud", "list", "--json").stdout)
+    assert set(listing) == {"instances", "quota"}
+    assert listing["quota"] == {"limit": 2, "active": 2, "plan": "free"}
+    first = next(i for i in listing["instances"] if i["id"] == sid)
+    for field in ("id", "status", "tier", "repo_url", "branch", "task", "ssh", "attach_url", "created_at",
+                  "updated_at", "last_activity_at", "attached_clients", "secrets"):
+        assert field in first
+    assert first["created_at"].endswith("Z")
+
+
+def test_quota_error_shows_limit_and_count(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                           tmp_path: Path) -> None:
+    repo = ("--repo", "https://example.com/r.git")
+    create(orz, *repo)
+    create(orz, *repo)
+    assert_one_error_line(orz("cloud", "new", "--no-attach", *repo),
+                          "quota reached: 2 of 2 active sessions on the free plan")
+
+
+def test_stop_start_kill_and_no_such_session(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                             tmp_path: Path) -> None:
+    sid = create(orz, cwd=tmp_path)
+    live_api.heartbeat(sid)
+    stopped = orz("cloud", "stop", sid)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"session {sid} stopped" in stopped.stdout
+    started = orz("cloud", "start", sid)
+    assert started.returncode == 0 and "starting" in started.stdout, started.stderr
+    status = orz("cloud", "status", sid)
+    assert status.returncode == 0 and "events:" in status.stdout and "stopped -> starting" in status.stdout
+    logs = orz("cloud", "logs", sid)
+    assert logs.returncode == 0, logs.stderr
+    killed = orz("cloud", "kill", sid)
+    assert killed.returncode == 0 and "killed" in killed.stdout, killed.stderr
+    assert_one_error_line(orz("cloud", "kill", sid), f"no such session: {sid}")
+    assert_one_error_line(orz("cloud", "status", "nope"), "no such session: nope")
+    assert_one_error_line(orz("cloud", "stop", "Bad_ID"), "not a session id")
+
+
+def test_new_waits_and_shows_progress(orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
+    """`--wait` polls until running, printing state changes; the 'runner' heartbeats from a thread."""
+    stop = threading.Event()
+
+    def runner() -> None:
+        while not stop.is_set():
+            for sid in list(live_api.provider.specs):
+                live_api.heartbeat(sid)
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=runner, daemon=True)
+    thread.start()
+    try:
+        done = orz("cloud", "new", "--no-attach", "--wait", cwd=tmp_path)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert done.returncode == 0, done.stderr
+    assert "is running" in done.stdout
+    assert "starting -> running" in done.stderr
+
+
+def test_wait_gives_up_with_one_line(orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
+    done = orz("cloud", "new", "--no-attach", "--wait", "--timeout", "1", cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("orz: session ")
+    assert "still starting after 1 s" in done.stderr
+
+
+def test_secrets_never_print_values(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    value = "s3cr3t-VALUE-do-not-show"
+    made = orz("cloud", "secrets", "create", "gh", "--data", f"GITHUB_TOKEN={value}", "--from-env", "EXTRA",
+               EXTRA=value + "-2")
+    assert made.returncode == 0, made.stderr
+    assert "keys: EXTRA, GITHUB_TOKEN" in made.stdout
+    listed = orz("cloud", "secrets", "list")
+    as_json = orz("cloud", "secrets", "list", "--json")
+    bad = orz("cloud", "secrets", "create", "gh", "--data", value)
+    deleted = orz("cloud", "secrets", "delete", "gh")
+    for done in (made, listed, as_json, bad, deleted):
+        assert value not in done.stdout + done.stderr
+    assert "gh" in listed.stdout and "GITHUB_TOKEN" in listed.stdout
+    assert json.loads(as_json.stdout)["secrets"][0]["keys"] == ["EXTRA", "GITHUB_TOKEN"]
+    assert_one_error_line(bad, "KEY=VALUE")
+    assert deleted.returncode == 0 and "deleted" in deleted.stdout
+    assert "no secrets" in orz("cloud", "secrets", "list").stdout
+    assert_one_error_line(orz("cloud", "secrets", "delete", "gh"), "no such secret")

@@ -1,0 +1,170 @@
+"""The quick start for real: `orz server` (API, gateway, local runner with tmux), then `orz cloud new`,
+type into the attached session through the real `ssh`, detach, re-attach, `ssh <id>.orz` (also with an
+expired certificate), list, kill. Driven through a terminal with pexpect.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import httpx
+import pexpect
+import pytest
+
+from tests.support import ROOT, free_port, orz_env, wait_until
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(any(shutil.which(b) is None for b in ("ssh", "tmux", "git")),
+                       reason="needs ssh, tmux and git"),
+    pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("gateway.server", "runner.main")),
+                       reason="needs the gateway and runner packages"),
+]
+DETACH = "\x02d"  # tmux prefix Ctrl-b, then d
+
+
+@dataclass
+class Platform:
+    home: Path
+    data: Path
+    env: dict[str, str]
+    terminal: TextIO  # everything the terminals showed, for reading after a failure
+
+    def orz(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli", *args], env=self.env, cwd=cwd or ROOT,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    def spawn(self, command: str, *args: str, cwd: Path | None = None) -> pexpect.spawn:
+        child = pexpect.spawn(command, list(args), env=self.env, cwd=str(cwd or ROOT), encoding="utf-8",
+                              timeout=20, dimensions=(24, 80))
+        child.logfile_read = self.terminal
+        return child
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    base = tmp_path_factory.mktemp("e2e")
+    home, data = base / "home", base / "data"
+    home.mkdir()
+    api_port, ssh_port = free_port(), free_port()
+    env = orz_env(home, ORZ_PROVIDER="local", ORZ_LOG_JSON="true", TERM="xterm")
+    with (base / "server.log").open("w") as server_log, (base / "terminal.log").open("w") as terminal:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
+             "--data-dir", str(data)],
+            env=env, cwd=ROOT, stdout=server_log, stderr=server_log,
+        )
+        try:
+            def healthy() -> bool:
+                if server.poll() is not None:
+                    raise RuntimeError(f"orz server exited; see {base / 'server.log'}")
+                try:
+                    return httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(healthy, timeout=60, what="orz server")
+            wait_until((home / ".config" / "orzbob" / "token.json").exists, timeout=10, what="the CLI login")
+            yield Platform(home=home, data=data, env=env, terminal=terminal)
+        finally:
+            if server.poll() is None:
+                server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def wait_for_tmux(child: pexpect.spawn) -> None:
+    """Type only once tmux has drawn its status line: keys sent during the handshake may be lost."""
+    child.expect(r"\[main\]")
+    time.sleep(0.3)
+
+
+def type_and_see(child: pexpect.spawn, word: str) -> None:
+    # Split the word in the command so the echo of what we type cannot match, only the output.
+    child.sendline(f"echo {word[:2]}''{word[2:]}")
+    child.expect(word)
+
+
+def detach(child: pexpect.spawn) -> None:
+    child.send(DETACH)
+    child.expect(r"detached")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_quick_start_new_type_detach_reattach_list_kill(platform: Platform) -> None:
+    # From a directory that is no git repo: an empty workspace, nothing cloned from the network.
+    child = platform.spawn(sys.executable, "-m", "cli", "cloud", "new", "--program", "bash", cwd=platform.home)
+    child.expect(r"session (\S+) created")
+    sid = child.match.group(1)
+    index = child.expect([r"attaching to", r"orz: .*"])
+    assert index == 0, child.after
+    wait_for_tmux(child)
+    type_and_see(child, "hello-e2e")
+    detach(child)
+
+    listed = platform.orz("cloud", "list")
+    assert any(line.startswith(sid) and "running" in line for line in listed.stdout.splitlines()), listed.stdout
+
+    again = platform.spawn(sys.executable, "-m", "cli", "cloud", "attach", sid)
+    again.expect("hello-e2e")  # the same tmux session: earlier output is still on screen
+    wait_for_tmux(again)
+    type_and_see(again, "again-e2e")
+    detach(again)
+
+    killed = platform.orz("cloud", "kill", sid)
+    assert killed.returncode == 0, killed.stderr
+    assert sid not in platform.orz("cloud", "list").stdout
+
+
+def test_plain_ssh_to_id_orz_also_after_the_certificate_expired(platform: Platform) -> None:
+    created = platform.orz("cloud", "new", "--program", "bash", "--no-attach", "--wait", cwd=platform.home)
+    assert created.returncode == 0, created.stderr
+    sid = created.stdout.split()[1]
+    assert platform.orz("cloud", "ssh-config", "--write").returncode == 0
+    user_config = platform.home / ".ssh" / "config"  # ssh reads the passwd home's config, so pass it
+
+    child = platform.spawn("ssh", "-F", str(user_config), f"{sid}.orz")
+    wait_for_tmux(child)
+    type_and_see(child, "plain-ssh")
+    detach(child)
+
+    # Replace the certificate by an expired one signed by the real CA: ssh must refresh it by itself.
+    import asyncssh
+
+    cert_file = platform.home / ".config" / "orzbob" / "certs" / f"{sid}-cert.pub"
+    ca = asyncssh.read_private_key(platform.data / "keys" / "ssh_ca")
+    user_key = asyncssh.read_public_key(platform.home / ".config" / "orzbob" / "id_ed25519.pub")
+    now = int(time.time())
+    expired = ca.generate_user_certificate(user_key, "user:expired", principals=[sid],
+                                           valid_after=now - 600, valid_before=now - 60)
+    expired_text = expired.export_certificate("openssh")
+    cert_file.write_bytes(expired_text)
+
+    child = platform.spawn("ssh", "-F", str(user_config), f"{sid}.orz")
+    wait_for_tmux(child)
+    type_and_see(child, "after-expiry")
+    detach(child)
+    assert cert_file.read_bytes() != expired_text
+    assert platform.orz("cloud", "kill", sid).returncode == 0
+
+
+def test_smoke_script_ping_pong(platform: Platform) -> None:
+    """hack/smoke.py, the operator's check of a running platform, passes against `orz server`."""
+    out = subprocess.run([sys.executable, str(ROOT / "hack" / "smoke.py")], env=platform.env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=180, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "smoke: ping -> pong" in out.stdout and "smoke: OK" in out.stdout

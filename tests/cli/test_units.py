@@ -1,0 +1,189 @@
+"""Pure pieces of `orz cloud`: table, argv, ssh_config text, keys, error lines, validate, top-level handler."""
+
+from __future__ import annotations
+
+import io
+import stat
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from api import schemas
+from api.client import ApiError, ApiUnreachable
+from cli import keys, main, output, ssh_config
+from cli.cloud_secrets import parse_pairs
+from cli.connect import api_message
+from cli.errors import CliError
+from cli.repo import as_clone_url, current_repo
+from cli.starting import LogFollower
+from tests.cli import stubs
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def instance(sid: str, status: str = "running", **extra: object) -> schemas.Instance:
+    base = dict(id=sid, status=status, tier="medium", attach_url="ws://x", ssh=f"ssh {sid}@h",
+                created_at=NOW - timedelta(days=3), updated_at=NOW)
+    return schemas.Instance.model_validate({**base, **extra})
+
+
+def render(table: object) -> list[str]:
+    console = Console(file=io.StringIO(), width=80, no_color=True)
+    console.print(table)
+    return console.file.getvalue().rstrip("\n").splitlines()  # type: ignore[attr-defined]
+
+
+def test_table_fits_80_columns_with_the_longest_ids_and_states() -> None:
+    rows = [instance("a" * 32, "unhealthy", last_activity_at=NOW - timedelta(minutes=5)),
+            instance("b" * 30 + "-9", "starting")]
+    lines = render(output.instances_table(rows, NOW))
+    assert max(len(line) for line in lines) <= 80
+    assert lines[1].split() == ["a" * 32, "unhealthy", "medium", "3d", "ago", "5m", "ago"]
+    assert lines[2].split()[-1] == "-"
+
+
+def test_relative_times_and_quota_line() -> None:
+    assert output.relative(None) == "-"
+    assert output.relative(NOW - timedelta(seconds=5), NOW) == "just now"
+    assert output.relative(NOW - timedelta(hours=2, minutes=5), NOW) == "2h ago"
+    assert output.relative((NOW - timedelta(days=400)).replace(tzinfo=None), NOW) == "400d ago"
+    quota = schemas.Quota(limit=2, active=2, plan="free")
+    assert output.quota_line(quota) == "2 of 2 active sessions (free plan)"
+
+
+def test_attach_argv_quotes_paths_for_ssh_option_parsing(tmp_path: Path) -> None:
+    odd = tmp_path / "my dir %h"
+    argv = ssh_config.attach_argv("abc", "gw.example", 2222, odd / "id", odd / "abc-cert.pub", odd / "kh")
+    assert argv[:3] == ["ssh", "-i", f"{tmp_path}/my dir %%h/id"]
+    assert f'CertificateFile="{tmp_path}/my dir %%h/abc-cert.pub"' in argv
+    assert argv[-4:] == ["-p", "2222", "-t", "abc@gw.example"]
+    with pytest.raises(ValueError, match="containing"):
+        ssh_config.config_path_arg('/tmp/a"b')
+
+
+def test_include_is_added_once_at_the_top_and_keeps_the_mode(tmp_path: Path) -> None:
+    user_config = tmp_path / ".ssh" / "config"
+    target = tmp_path / "orz config"
+    assert ssh_config.install_include(user_config, target)
+    assert stat.S_IMODE(user_config.stat().st_mode) == 0o600
+    assert user_config.read_text() == f'# >>> orzbob cloud >>>\nInclude "{target}"\n# <<< orzbob cloud <<<\n'
+    user_config.write_text("Host x\n" + user_config.read_text())
+    user_config.chmod(0o644)
+    assert not ssh_config.install_include(user_config, target)
+    other = tmp_path / "other"
+    other.write_text("Host y\n")
+    other.chmod(0o640)
+    assert ssh_config.install_include(other, target)
+    assert other.read_text().endswith("\nHost y\n") and stat.S_IMODE(other.stat().st_mode) == 0o640
+
+
+def test_main_config_and_refresh_line(home: Path) -> None:
+    text = ssh_config.render_main_config(["/opt/orz bin/orz"])
+    assert "Match host *.orz exec \"'/opt/orz bin/orz' cloud _refresh-cert %n\"" in text
+    assert f"    Include {home}/.config/orzbob/hosts/*.conf" in text
+    assert ssh_config.orz_command()[-2:] == ["-m", "cli"] or ssh_config.orz_command()[0].endswith("orz")
+    block = ssh_config.render_host_block("abc", "gw", 22, Path("/k/abc-cert.pub"))
+    assert block.splitlines() == ["Host abc.orz", "    HostName gw", "    Port 22", "    User abc",
+                                  "    CertificateFile /k/abc-cert.pub"]
+    assert ssh_config.session_from_host("abc.orz") == "abc"
+
+
+def test_key_pair_and_certificate_checks(home: Path) -> None:
+    pair = keys.ensure_key_pair()
+    assert stat.S_IMODE(pair.private.stat().st_mode) == 0o600
+    assert keys.ensure_key_pair().public_line() == pair.public_line()  # kept, not regenerated
+    public = pair.public_line()
+    assert keys.needs_refresh("abc")
+    cert, _ = stubs.sign(public, "abc", 300)
+    path = keys.save_certificate("abc", cert)
+    assert 250 < (keys.cert_seconds_left(path, "abc", public) or 0) <= 300
+    assert not keys.needs_refresh("abc")
+    assert keys.cert_seconds_left(path, "other", public) is None  # principal is another session
+    import asyncssh
+
+    stranger = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    assert keys.cert_seconds_left(path, "abc", stranger) is None  # certifies another key
+    keys.save_certificate("abc", stubs.sign(public, "abc", 30)[0])
+    assert keys.needs_refresh("abc")
+    path.write_text("garbage")
+    assert keys.cert_seconds_left(path, "abc", public) is None
+    keys.forget_session("abc")
+    assert not path.exists()
+
+
+def test_api_errors_become_one_actionable_line() -> None:
+    quota = ApiError(429, "quota_exceeded", "long detail", {"limit": 5, "current": 5, "plan": "pro"})
+    assert api_message(quota) == ("quota reached: 5 of 5 active sessions on the pro plan; stop or kill one first "
+                                  "(orz cloud list)")
+    assert "orz cloud login --token" in api_message(ApiError(401, "unauthorized", "invalid token"))
+    unreachable = api_message(ApiUnreachable("http://h:1", OSError("refused")))
+    assert unreachable.startswith("cannot reach the Orzbob Cloud API at http://h:1")
+    assert api_message(ApiError(404, "not_found", "no such session: x")) == "no such session: x"
+
+
+def test_secret_pairs() -> None:
+    assert parse_pairs(("A=1", "B=x=y", "C="), ()) == {"A": "1", "B": "x=y", "C": ""}
+    with pytest.raises(CliError) as err:
+        parse_pairs(("hunter2",), ())
+    assert "hunter2" not in err.value.format_message()
+    with pytest.raises(CliError):
+        parse_pairs((), ())
+
+
+def test_repo_defaults(tmp_path: Path) -> None:
+    assert as_clone_url("git@github.com:o/r.git", tmp_path) == "git@github.com:o/r.git"
+    assert as_clone_url("https://x/r", tmp_path) == "https://x/r"
+    assert as_clone_url("../r.git", tmp_path / "w") == (tmp_path / "r.git").as_uri()
+    assert current_repo(tmp_path).url is None
+
+
+def test_log_follower_prints_only_new_text() -> None:
+    seen: list[str] = []
+    follower = LogFollower(seen.append)
+    for text in ("a\n", "a\nb\n", "a\nb\n", "b\nc\n", "zzz"):
+        follower.update(text)
+    assert seen == ["a", "b", "c", "zzz"]
+
+
+def test_validate_needs_the_runner_package(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.main import orz
+
+    (tmp_path / ".orz").mkdir()
+    (tmp_path / ".orz" / "cloud.yaml").write_text('version: "1.0"\n')
+    monkeypatch.setitem(sys.modules, "runner.cloud_config", None)
+    result = CliRunner().invoke(orz, ["cloud", "validate", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "needs the runner package" in result.output
+    missing = CliRunner().invoke(orz, ["cloud", "validate", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "no such file" in missing.output
+
+
+def test_validate_with_the_runner_validator(home: Path, tmp_path: Path) -> None:
+    pytest.importorskip("runner.cloud_config")
+    from cli.main import orz
+
+    (tmp_path / ".orz").mkdir()
+    config = tmp_path / ".orz" / "cloud.yaml"
+    config.write_text('version: "1.0"\nsetup:\n  init: make\n')
+    ok = CliRunner().invoke(orz, ["cloud", "validate", str(tmp_path)])
+    assert ok.exit_code == 0 and "ok" in ok.output, ok.output
+    config.write_text('version: "1.0"\nsetup:\n  init: make\n  bogus: 1\n')
+    bad = CliRunner().invoke(orz, ["cloud", "validate", str(config)])
+    assert bad.exit_code == 1 and ":4:" in bad.output and "bogus" in bad.output
+
+
+def test_top_level_handler_prints_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+                                           ) -> None:
+    def broken(**_: object) -> None:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.delenv("ORZ_DEBUG", raising=False)
+    monkeypatch.setattr(main, "orz", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        main.main()
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "orz: internal error: RuntimeError: boom second line (ORZ_DEBUG=1 shows more)\n"
