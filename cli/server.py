@@ -114,6 +114,11 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     try:
         token_file, new_token = await _ensure_login(state.sessions, settings)
         ssh_port = await stack.enter_async_context(_optional_gateway(settings))
+        if ssh_port and settings.ssh_port == 0:
+            # Asked for any free port: the ssh lines the API shows must name the one we got.
+            settings = settings.model_copy(update={"ssh_port": ssh_port, "public_ssh_port": ssh_port})
+            state.settings = settings
+            state.instances.settings = settings
         # The scheduler shares the API's provider: one set of watches and pid files, one view of compute.
         await stack.enter_async_context(_optional_scheduler(settings, state.provider, state.instances.secret_env))
         resumed = await state.instances.resume_after_shutdown(SHUTDOWN_REASON)
