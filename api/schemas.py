@@ -10,7 +10,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 SESSION_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -142,7 +142,8 @@ class InstanceLogs(Response):
 class AttachRequest(Request):
     # An OpenSSH public key ("ssh-ed25519 AAAA... comment") to certify; omit it for a JWT only.
     public_key: Annotated[str, StringConstraints(min_length=1, max_length=16384)] | None = None
-    readonly: bool = False
+    # Strict: "readonly": "no" must be an error, not a silently coerced value.
+    readonly: StrictBool = False
 
 
 class AttachGrant(Response):

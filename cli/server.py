@@ -119,6 +119,11 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
             from gateway import metrics as gateway_metrics
 
             app.ctx.extra_metrics.append(gateway_metrics.REGISTRY)
+        if ssh_port and settings.ssh_port == 0:
+            # Asked for any free port: the ssh lines the API shows must name the one we got.
+            settings = settings.model_copy(update={"ssh_port": ssh_port, "public_ssh_port": ssh_port})
+            state.settings = settings
+            state.instances.settings = settings
         # The scheduler shares the API's provider: one set of watches and pid files, one view of compute.
         await stack.enter_async_context(_optional_scheduler(settings, state.provider, state.instances.secret_env))
         resumed = await state.instances.resume_after_shutdown(SHUTDOWN_REASON)

@@ -32,11 +32,21 @@ async def wait_for_signal() -> None:
 
 def _run(coro_factory) -> None:  # type: ignore[no-untyped-def]
     try:
+        _event_loop_policy()
         asyncio.run(coro_factory())
     except KeyboardInterrupt:
         pass
     except OSError as exc:
         raise CliError(str(exc)) from None
+
+
+def _event_loop_policy() -> None:
+    """uvloop when installed (it comes with Sanic): measurably lower echo latency through the gateway."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @click.command("api")

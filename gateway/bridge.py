@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
 
 from api.schemas import Route
+from gateway.cork import CorkedTunnel
 from gateway.errors import AttachRefused, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,11 @@ async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey,
     try:
         return await asyncssh.connect(
             route.host, route.port, username=mode, client_keys=[client_key],
-            known_hosts=([host_key], [], []), config=None, agent_path=agent_path,
-            agent_forwarding=agent_path is not None, preferred_auth="publickey", password=None,
+            known_hosts=([host_key], [], []), config=None, agent_path=None,
+            agent_forwarding=agent_path or False, preferred_auth="publickey", password=None,
             kbdint_auth=False, encryption_algs=CIPHERS, compression_algs=None,
             keepalive_interval=KEEPALIVE_S, connect_timeout=UPSTREAM_CONNECT_TIMEOUT_S,
+            tunnel=CorkedTunnel(),
         )
     except (TimeoutError, OSError, asyncssh.Error) as exc:
         raise UpstreamUnavailable("session is not reachable right now", internal=repr(exc)) from exc
@@ -101,21 +103,29 @@ class Attachment:
 
 
 class _Coalescer:
-    """Batch writes made in one event-loop turn into one channel write (fewer, fuller SSH packets)."""
+    """Batch writes made in one event-loop turn into one channel write (fewer, fuller SSH packets).
+
+    The first write of a turn goes out at once (a lone keystroke echo pays no extra loop turn); the
+    rest of that turn's writes are joined and sent when the turn ends. Measured: without batching,
+    bulk output through the gateway drops to about half.
+    """
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self._write = write
         self._parts: list[bytes] = []
-        self._scheduled = False
+        self._turn_open = False
 
     def add(self, data: bytes) -> None:
-        self._parts.append(data)
-        if not self._scheduled:
-            self._scheduled = True
+        if not self._turn_open:
+            self._turn_open = True
             asyncio.get_running_loop().call_soon(self.flush)
+            self._write(data)
+        else:
+            self._parts.append(data)
 
     def flush(self) -> None:
-        self._scheduled = False
+        """Send what the turn batched; the next write starts a new turn."""
+        self._turn_open = False
         if self._parts:
             data = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
             self._parts.clear()
@@ -328,102 +338,3 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
     def resume_client(self) -> None:
         if self._chan is not None:
             self._chan.resume_reading()
-
-
-class Pipe(asyncssh.SSHTCPSession[bytes]):
-    """One end of a TCP relay between a client channel and a runner channel."""
-
-    def __init__(self, counters: Counters, outbound: bool) -> None:
-        self.peer: Pipe | None = None
-        self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
-        self._pending: list[bytes] = []
-        self._eof = False
-        self._counters = counters
-        self._outbound = outbound  # True when this end faces the client
-
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]
-        self._chan = chan
-        for data in self._pending:
-            chan.write(data)
-        self._pending.clear()
-        if self._eof:
-            chan.write_eof()
-
-    def send(self, data: bytes) -> None:
-        if self._outbound:
-            self._counters.bytes_out += len(data)
-        else:
-            self._counters.bytes_in += len(data)
-        if self._chan is None:
-            self._pending.append(data)
-        else:
-            self._chan.write(data)
-
-    def send_eof(self) -> None:
-        if self._chan is None:
-            self._eof = True
-        else:
-            self._chan.write_eof()
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if self.peer is not None:
-            self.peer.send(data)
-
-    def eof_received(self) -> bool:
-        if self.peer is not None:
-            self.peer.send_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        if self.peer is not None and self.peer._chan is not None:
-            self.peer._chan.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and self.peer._chan is not None:
-            self.peer._chan.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer is not None and self.peer._chan is not None:
-            self.peer._chan.close()
-
-
-def pipe_pair(counters: Counters) -> tuple[Pipe, Pipe]:
-    """(client-facing end, runner-facing end), linked to each other."""
-    client_end, runner_end = Pipe(counters, outbound=True), Pipe(counters, outbound=False)
-    client_end.peer, runner_end.peer = runner_end, client_end
-    return client_end, runner_end
-
-
-async def open_direct(attachment: Attachment, dest_host: str, dest_port: int,
-                      orig_host: str, orig_port: int) -> Pipe:
-    """ssh -L / -D / VS Code: open the same destination inside the session (the runner allows loopback)."""
-    conn = await attachment.upstream()
-    client_end, runner_end = pipe_pair(attachment.counters)
-    try:
-        await conn.create_connection(lambda: runner_end, dest_host, dest_port, orig_host, orig_port)
-    except asyncssh.ChannelOpenError:
-        raise
-    except (asyncssh.Error, OSError) as exc:
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "session unreachable") from exc
-    return client_end
-
-
-async def open_remote_listener(attachment: Attachment, client_conn: asyncssh.SSHServerConnection,
-                               listen_host: str, listen_port: int) -> asyncssh.SSHListener:
-    """ssh -R: ask the runner to listen in the session and relay each connection back to the client."""
-    conn = await attachment.upstream()
-    port_box: list[int] = [listen_port]
-
-    def accepted(orig_host: str, orig_port: int) -> Awaitable[Pipe]:
-        return _relay_back(orig_host, orig_port)
-
-    async def _relay_back(orig_host: str, orig_port: int) -> Pipe:
-        client_end, runner_end = pipe_pair(attachment.counters)
-        await client_conn.create_connection(lambda: client_end, listen_host, port_box[0],
-                                            orig_host, orig_port)
-        return runner_end
-
-    listener = await conn.create_server(accepted, listen_host, listen_port)  # type: ignore[arg-type]
-    port_box[0] = listener.get_port() if listen_port == 0 else listen_port
-    return listener
-

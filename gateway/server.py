@@ -6,26 +6,25 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Literal
 
 import asyncssh
+from pydantic import SecretStr
 
 from api.client import ApiClient
 from api.schemas import AttachEventIn, AuthorizeReply
 from api.settings import Settings
 from gateway import auth, keys, metrics
-from gateway.bridge import (
-    CIPHERS,
-    Attachment,
-    BridgeSession,
-    Pipe,
-    connect_upstream,
-    open_direct,
-    open_remote_listener,
-)
+from gateway.agent import AgentRelay
+from gateway.bridge import CIPHERS, Attachment, BridgeSession, connect_upstream
+from gateway.cork import CorkProtocol
 from gateway.errors import AttachRefused, CredentialRejected, UpstreamUnavailable
+from gateway.forwarding import Pipe, open_direct, open_remote_listener
 from gateway.routing import Router
 
 log = logging.getLogger(__name__)
@@ -70,6 +69,8 @@ class ClientConnection(asyncssh.SSHServer):
         self.attached_at: float | None = None
         self.auth_done_at: float | None = None
         self._banners: set[str] = set()
+        # Where the runner's agent requests land; relayed to the client's agent only if it asked (ssh -A).
+        self.agent = AgentRelay(str(gateway.runtime_dir / f"agent-{self.id}"), self._client_agent_path)
 
     @property
     def readonly(self) -> bool:
@@ -86,6 +87,7 @@ class ClientConnection(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gw.connections.discard(self)
+        self.agent.close()
         if self.attachment is not None:
             self.attachment.close()
         if self.attached_at is not None and self.principal is not None and self.attachment is not None:
@@ -219,7 +221,9 @@ class ClientConnection(asyncssh.SSHServer):
                                                        source=self.source, progress=self.attachment.progress)
             assert reply.route is not None
             self.reply = reply
-            upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key)
+            await self.agent.start()
+            upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key,
+                                              agent_path=self.agent.path)
         except (AttachRefused, UpstreamUnavailable) as exc:
             log.info("conn %s: attach to %s failed: %s", self.id, self.session_id, exc.internal or exc.line)
             metrics.attach_failed("ssh", exc.code)
@@ -249,6 +253,9 @@ class ClientConnection(asyncssh.SSHServer):
         assert self.attachment is not None
         return BridgeSession(self.attachment, readonly=self.readonly)
 
+    def _client_agent_path(self) -> str | None:
+        return self.conn.get_agent_path() if self.conn is not None else None
+
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Awaitable[Pipe]:
         if self.attachment is None or self.readonly or self.refusal is not None:
@@ -262,12 +269,17 @@ class ClientConnection(asyncssh.SSHServer):
         return open_remote_listener(self.attachment, self.conn, listen_host, listen_port)
 
 
+def _secret(value: SecretStr | str) -> str:
+    # Settings built with model_copy(update=...) skip validation, so a plain str can arrive here.
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
 class Gateway:
     """The listening SSH gateway: one process serves many client connections."""
 
     def __init__(self, settings: Settings, *, api: ApiClient | None = None) -> None:
         self.settings = settings
-        self.api = api or ApiClient(settings.public_api_url, settings.service_token.get_secret_value())
+        self.api = api or ApiClient(settings.public_api_url, _secret(settings.service_token))
         self.router = Router(self.api, start_timeout_s=settings.start_timeout_s)
         self.limiter = auth.FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
         self._anchors: auth.TrustAnchors | None = None
@@ -277,6 +289,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.metrics_server: metrics.MetricsServer | None = None
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="orz-gw-"))  # 0700: agent links live here
 
     @property
     def anchors(self) -> auth.TrustAnchors:
@@ -298,13 +311,13 @@ class Gateway:
         options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: ClientConnection(self), server_host_keys=[self.host_key],
             encryption_algs=CIPHERS, compression_algs=None, line_editor=False, encoding=None,
-            agent_forwarding=False, x11_forwarding=False, allow_scp=False, config=None,
+            agent_forwarding=True, x11_forwarding=False, allow_scp=False, config=None,
             login_timeout=LOGIN_TIMEOUT_S, keepalive_interval=60, keepalive_count_max=3,
             server_version="OrzbobCloud",
         )
         loop = asyncio.get_running_loop()
         # Our own listener so connections use GatewayConnection (asyncssh.listen has no class hook).
-        self._server = await loop.create_server(lambda: GatewayConnection(loop, options),
+        self._server = await loop.create_server(lambda: CorkProtocol(GatewayConnection(loop, options)),
                                                 self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
         if self.settings.gateway_metrics_port:
@@ -331,6 +344,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.api.aclose()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager

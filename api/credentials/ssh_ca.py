@@ -103,7 +103,8 @@ def sign_user_certificate(
     user_key = parse_user_key(public_key)
     issued = int(time.time() if now is None else now)
     valid_after, valid_before = issued - BACKDATE_S, issued + ttl_s
-    options: dict[str, object] = {"permit-pty": True}
+    # Agent forwarding still needs the client's own `ssh -A`; the cert only stops it being refused.
+    options: dict[str, object] = {"permit-pty": True, "permit-agent-forwarding": True}
     if permit_port_forwarding:
         options["permit-port-forwarding"] = True
     if readonly:

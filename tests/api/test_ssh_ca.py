@@ -70,7 +70,8 @@ def test_certificate_fields(settings: Settings) -> None:
     assert cert.signing_key.public_data == ca.public_data
     assert signed.valid_after == int(now) - 30 and signed.valid_before == int(now) + 300
     assert cert.options.get("permit-pty") and cert.options.get("permit-port-forwarding")
-    assert "permit-agent-forwarding" not in cert.options
+    assert cert.options.get("permit-agent-forwarding")
+    assert "permit-X11-forwarding" not in cert.options and "permit-user-rc" not in cert.options
     assert b"readonly@orz.cloud" not in _extensions(signed.text)
     cert.validate(asyncssh.public_key.CERT_TYPE_USER, "demo-1")
     with pytest.raises(ValueError, match="principal"):

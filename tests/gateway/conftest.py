@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import stat
@@ -78,11 +79,12 @@ class Env:
         return attach_jwt.issue(self.jwt_key, user_id=user_id, session_id=session_id,
                                 ttl_s=int(kw.pop("ttl_s", 120)), **kw).token  # type: ignore[arg-type]
 
-    def base_args(self) -> list[str]:
+    def base_args(self, identity_agent: str = "none") -> list[str]:
         return ["ssh", "-F", "/dev/null", "-p", str(self.port),
                 "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", "IgnoreUnknown=ObscureKeystrokeTiming",
-                "-o", "ObscureKeystrokeTiming=no", "-o", "IdentityAgent=none", "-o", "ConnectTimeout=10"]
+                "-o", "ObscureKeystrokeTiming=no", "-o", f"IdentityAgent={identity_agent}",
+                "-o", "ConnectTimeout=10"]
 
     def cert_args(self, cert: Path | None = None, name: str = "id") -> list[str]:
         cert = cert or self.certificate(name=name)
@@ -127,6 +129,14 @@ async def run(*args: str, env: dict[str, str] | None = None, stdin: bytes = b"",
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async with gateway_env(tmp_path) as built:
+        yield built
+
+
+@contextlib.asynccontextmanager
+async def gateway_env(tmp_path: Path, client_key: asyncssh.SSHKey | None = None,
+                      route: dict[str, object] | None = None) -> AsyncIterator[Env]:
+    """Gateway + API stand-in; the runner stand-in unless a real runner's `route` is given."""
     settings = Settings(data_dir=tmp_path / "data", ssh_port=0, service_token=SERVICE_TOKEN,
                         auth_fail_limit=5, auth_fail_window_s=60, gateway_metrics_port=free_port())
     ca = ssh_ca.load_or_create_ca(settings)
@@ -134,12 +144,18 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     api = FakeApi(SERVICE_TOKEN)
     await api.start()
     settings = settings.model_copy(update={"public_api_url": api.url})
-    client_key = keys.load_or_create(keys.client_key_path(settings), "gw")
+    key_path = keys.client_key_path(settings)
+    if client_key is not None:
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        client_key.write_private_key(key_path)
+    client_key = keys.load_or_create(key_path, "gw")
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     runner = FakeRunner(client_key, workspace)
-    await runner.start()
-    api.sessions[SESSION] = FakeSession(owner=USER, route=runner.route)
+    if route is None:
+        await runner.start()
+        route = runner.route
+    api.sessions[SESSION] = FakeSession(owner=USER, route=route)
     gateway = Gateway(settings)
     gateway.router.poll_interval_s = 0.2
     await gateway.start()
@@ -150,5 +166,6 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         yield Env(tmp_path, settings, ca, jwt_key, api, runner, gateway, known_hosts)
     finally:
         await gateway.close()
-        await runner.close()
+        if runner.acceptor is not None:
+            await runner.close()
         await api.close()

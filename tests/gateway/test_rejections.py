@@ -144,3 +144,23 @@ async def test_failed_authentications_rate_limited(env: Env) -> None:
     assert result.returncode == 255 and result.stdout == b""
     assert b"too many failed authentications" in result.stderr
     assert env.gateway.limiter.blocked("127.0.0.1")
+
+
+async def test_unreachable_runner_says_so(env: Env) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    env.api.sessions[SESSION].route = {**env.runner.route, "port": closed_port}
+    result = await env.ssh(*env.cert_args(), "--", "echo in")
+    assert result.returncode == 1 and result.stdout == b""
+    assert b"orz: session is not reachable right now" in result.stderr
+
+
+async def test_wrong_runner_host_key_is_not_trusted(env: Env) -> None:
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    env.api.sessions[SESSION].route = {**env.runner.route, "host_key": other}
+    result = await env.ssh(*env.cert_args(), "--", "echo in")
+    assert result.returncode == 1 and result.stdout == b""
+    assert env.runner.usernames == []

@@ -1,0 +1,348 @@
+"""Gateway benchmark: through the gateway vs direct OpenSSH, side by side in one run (loopback only).
+
+Measures keystroke echo latency (p50/p99), bulk download throughput, connection setup time, and the
+gateway's RSS per idle attached session with N sessions held. The baseline is a private `sshd` on a free
+port with its own host key and config; the gateway bridges to that same sshd, so the ratio is the
+gateway's own cost. The API's authorize route is replaced by an in-process stub (the bench measures the
+SSH path, not the API), and the gateway logs in to sshd as the current user instead of "rw"/"ro".
+For the held-sessions figure the runner is a small asyncssh stand-in (sshd would fork per session).
+
+    python -m bench.gateway [--bytes 1G] [--sessions 1000] [--samples 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from api.credentials import jwt as attach_jwt
+from api.credentials import ssh_ca
+from api.settings import Settings
+
+SESSION = "bench"
+USER = "usr_bench"
+SSHD = "/usr/sbin/sshd"
+
+
+# ------------------------------------------------------------------------------------- orchestration
+
+
+class Child:
+    """A role of this script in its own process (so its RSS and CPU are its own)."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.gateway_roles", *args], stdout=subprocess.PIPE,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"child {args[0]} failed to start")
+        self.port = int(json.loads(line)["port"])
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Sshd:
+    """A private sshd on a free port: its own host key, config and authorized keys."""
+
+    def __init__(self, work: Path, authorized: list[str]) -> None:
+        if not Path(SSHD).exists():
+            raise SystemExit("sshd not found: apt-get install -y openssh-server")
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.host_key = asyncssh.generate_private_key("ssh-ed25519")
+        (work / "sshd_host").write_bytes(self.host_key.export_private_key())
+        (work / "sshd_host").chmod(0o600)
+        (work / "authorized_keys").write_text("\n".join(authorized) + "\n")
+        self.port = free_port()
+        config = work / "sshd_config"
+        config.write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {work / 'sshd_host'}",
+            f"AuthorizedKeysFile {work / 'authorized_keys'}", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
+            "PidFile none", "Compression no", "MaxStartups 100:30:200", "MaxSessions 100", "LogLevel ERROR",
+            "PrintMotd no", "PrintLastLog no", "Subsystem sftp internal-sftp",
+        ]) + "\n")
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        import socket
+
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("sshd did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+class Target:
+    """How an OpenSSH client reaches one side: direct sshd, or the gateway with a certificate."""
+
+    def __init__(self, name: str, args: list[str], dest: str) -> None:
+        self.name, self.args, self.dest = name, args, dest
+
+    def argv(self, *options: str, command: str) -> list[str]:
+        return ["ssh", *self.args, *options, self.dest, command]
+
+
+def common_args(port: int, known_hosts: Path, cipher_args: list[str]) -> list[str]:
+    return ["-F", "/dev/null", "-p", str(port), "-o", f"UserKnownHostsFile={known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "IgnoreUnknown=ObscureKeystrokeTiming",
+            "-o", "ObscureKeystrokeTiming=no", "-o", "Compression=no", "-o", "LogLevel=ERROR",
+            "-o", "ControlMaster=no", *cipher_args]
+
+
+class EchoProbe:
+    """One `ssh -tt ... cat`: type a byte, time until the remote pty echoes it back."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.samples: list[float] = []
+
+    async def start(self) -> None:
+        pipe = asyncio.subprocess.PIPE
+        self.proc = await asyncio.create_subprocess_exec(*self.target.argv("-tt", command="cat"), stdin=pipe,
+                                                         stdout=pipe, stderr=pipe)
+        await self.type(b"r")  # the pty is ready once the first echo comes back
+
+    async def type(self, ch: bytes) -> float:
+        proc = self.proc
+        assert proc.stdin and proc.stdout and proc.stderr
+        start = time.perf_counter()
+        proc.stdin.write(ch)
+        await proc.stdin.drain()
+        seen = b""
+        while ch not in seen:
+            chunk = await asyncio.wait_for(proc.stdout.read(256), 10)
+            if not chunk:
+                raise RuntimeError(f"{self.target.name}: ssh ended: {(await proc.stderr.read()).decode()[-300:]}")
+            seen += chunk
+        return time.perf_counter() - start
+
+    async def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await self.proc.wait()
+
+
+async def echo_latency(targets: list[Target], samples: int) -> dict[str, list[float]]:
+    """Interleave keystrokes across the targets so both see the same machine load."""
+    probes = [EchoProbe(t) for t in targets]
+    try:
+        for probe in probes:
+            await probe.start()
+        for i in range(samples):
+            for probe in probes:
+                probe.samples.append(await probe.type(b"x" if i % 64 else b"\n"))
+        return {p.target.name: p.samples for p in probes}
+    finally:
+        for probe in probes:
+            await probe.stop()
+
+
+def _drain(fd: int) -> tuple[int, float]:
+    """Read a pipe to EOF in a thread with big reads; time from the first byte (setup excluded)."""
+    first = os.read(fd, 1 << 20)
+    start = time.perf_counter()
+    got = len(first)
+    while chunk := os.read(fd, 1 << 20):
+        got += len(chunk)
+    return got, time.perf_counter() - start
+
+
+async def throughput(target: Target, nbytes: int) -> float:
+    """Download `nbytes` of zeros (no compression) and return bytes per second."""
+    proc = subprocess.Popen(target.argv(command=f"head -c {nbytes} /dev/zero"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, bufsize=0)
+    assert proc.stdout is not None
+    try:
+        got, elapsed = await asyncio.to_thread(_drain, proc.stdout.fileno())
+    finally:
+        proc.stdout.close()
+        proc.wait(10)
+    if got != nbytes:
+        raise RuntimeError(f"{target.name}: got {got} of {nbytes} bytes")
+    return nbytes / elapsed
+
+
+async def setup_time(target: Target, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(*target.argv(command="true"), stdin=asyncio.subprocess.DEVNULL)
+        if await proc.wait() != 0:
+            raise RuntimeError(f"{target.name}: ssh true failed")
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def hold_sessions(work: Path, n: int, client_key: asyncssh.SSHKey, cert: asyncssh.SSHCertificate,
+                        settings: Settings, uvloop: bool) -> dict[str, float]:
+    """Fresh gateway + idle runner; attach n pty sessions with asyncssh clients; measure gateway RSS."""
+    runner_key = work / "runner_host"
+    if not runner_key.exists():
+        asyncssh.generate_private_key("ssh-ed25519").write_private_key(runner_key)
+    runner = Child("--serve-idle-runner", str(runner_key))
+    runner_pub = asyncssh.read_private_key(runner_key).export_public_key().decode().strip()
+    gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(runner.port), runner_pub,
+               *(["--uvloop"] if uvloop else []))
+    host_key = asyncssh.read_private_key(settings.data_dir / "keys" / "gateway_host_ed25519")
+    known = ([host_key.convert_to_public()], [], [])
+    conns: list[asyncssh.SSHClientConnection] = []
+    try:
+        await asyncio.sleep(0.5)
+        base = gw.rss_kib()
+        sem = asyncio.Semaphore(50)
+
+        async def one() -> None:
+            async with sem:
+                conn = await asyncssh.connect("127.0.0.1", gw.port, username=SESSION,
+                                              client_keys=[(client_key, cert)], known_hosts=known, config=None,
+                                              agent_path=None, encryption_algs=["aes128-gcm@openssh.com"])
+                proc = await conn.create_process(term_type="xterm", encoding=None)
+                await asyncio.wait_for(proc.stdout.readuntil(b"ready"), 30)
+                conns.append(conn)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+        attach_s = time.perf_counter() - start
+        failures = [r for r in results if isinstance(r, BaseException)]
+        await asyncio.sleep(1.0)
+        held = gw.rss_kib()
+        return {"sessions": len(conns), "failed": len(failures), "attach_all_s": attach_s,
+                "rss_base_mib": base / 1024, "rss_held_mib": held / 1024,
+                "rss_per_session_kib": (held - base) / max(1, len(conns))}
+    finally:
+        for conn in conns:
+            conn.close()
+        gw.stop()
+        runner.stop()
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="orz-bench-"))
+    sshd: Sshd | None = None
+    gw: Child | None = None
+    try:
+        settings = Settings(data_dir=work / "gw")
+        ca = ssh_ca.load_or_create_ca(settings)
+        attach_jwt.load_or_create_signing_key(settings)
+        from gateway import keys as gw_keys
+
+        gw_client = gw_keys.load_or_create(gw_keys.client_key_path(settings), "bench-gw")
+        gw_host = gw_keys.load_or_create(gw_keys.host_key_path(settings), "bench-gw-host")
+        user = asyncssh.generate_private_key("ssh-ed25519")
+        user.write_private_key(work / "id")
+        (work / "id").chmod(0o600)
+        signed = ssh_ca.sign_user_certificate(ca, user.export_public_key().decode(), session_id=SESSION,
+                                              user_id=USER, ttl_s=3600)
+        (work / "id-cert.pub").write_text(signed.text + "\n")
+        sshd = Sshd(work, [user.export_public_key().decode().strip(),
+                           gw_client.export_public_key().decode().strip()])
+        sshd_pub = sshd.host_key.export_public_key().decode().strip()
+        gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(sshd.port), sshd_pub,
+                   "--upstream-user", getpass.getuser(), *(["--uvloop"] if args.uvloop else []))
+        known = work / "known_hosts"
+        known.write_text(f"[127.0.0.1]:{sshd.port} {sshd_pub}\n"
+                         f"[127.0.0.1]:{gw.port} {gw_host.export_public_key().decode().strip()}\n")
+        # Same cipher on both sides unless asked otherwise: the gateway offers AES-GCM only, while
+        # OpenSSH would pick ChaCha20-Poly1305 with sshd, which is not the gateway's doing.
+        ciphers = [] if args.client_default_ciphers else ["-o", "Ciphers=aes128-gcm@openssh.com"]
+        direct = Target("direct", [*common_args(sshd.port, known, ciphers), "-i", str(work / "id")],
+                        f"{getpass.getuser()}@127.0.0.1")
+        via = Target("gateway", [*common_args(gw.port, known, ciphers), "-i", str(work / "id"),
+                                 "-o", f"CertificateFile={work / 'id-cert.pub'}"], f"{SESSION}@127.0.0.1")
+        report: dict[str, Any] = {"bytes": args.bytes, "samples": args.samples, "client_ciphers": ciphers[1:],
+                                  "gateway_loop": "uvloop" if args.uvloop else "asyncio"}
+        for name, lat in (await echo_latency([direct, via], args.samples)).items():
+            report[f"{name}_echo_p50_ms"] = statistics.median(lat) * 1000
+            report[f"{name}_echo_p99_ms"] = pct(lat, 99) * 1000
+        for t in (direct, via):
+            report[f"{t.name}_throughput_mib_s"] = await throughput(t, args.bytes) / (1 << 20)
+        for t in (direct, via):
+            report[f"{t.name}_setup_ms"] = statistics.median(await setup_time(t, args.setup_runs)) * 1000
+        gw.stop()
+        gw = None
+        report["ratio_echo_p50"] = report["gateway_echo_p50_ms"] / report["direct_echo_p50_ms"]
+        report["ratio_echo_p99"] = report["gateway_echo_p99_ms"] / report["direct_echo_p99_ms"]
+        report["ratio_throughput"] = report["gateway_throughput_mib_s"] / report["direct_throughput_mib_s"]
+        report["ratio_setup"] = report["gateway_setup_ms"] / report["direct_setup_ms"]
+        if args.sessions:
+            cert = asyncssh.import_certificate(signed.text)
+            report["held"] = await hold_sessions(work, args.sessions, user, cert, settings, args.uvloop)
+        return report
+    finally:
+        if gw is not None:
+            gw.stop()
+        if sshd is not None:
+            sshd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bytes", type=parse_size, default=1 << 30, help="bulk transfer size (default 1G)")
+    parser.add_argument("--samples", type=int, default=300, help="keystrokes timed per side")
+    parser.add_argument("--setup-runs", type=int, default=10)
+    parser.add_argument("--sessions", type=int, default=1000, help="idle sessions held (0 skips)")
+    parser.add_argument("--uvloop", action="store_true", help="run the gateway on uvloop (default asyncio)")
+    parser.add_argument("--client-default-ciphers", action="store_true",
+                        help="let ssh pick its default cipher per side (default: aes128-gcm on both)")
+    args = parser.parse_args()
+    report = asyncio.run(main(args))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    cli()

@@ -1,0 +1,118 @@
+"""Processes the gateway benchmark starts: the gateway (with a stub API) and an idle runner stand-in.
+
+Each runs in its own process so its RSS and CPU are its own:
+    python -m bench.gateway_roles --serve-gateway DATA_DIR HOST PORT HOST_KEY [--upstream-user U] [--uvloop]
+    python -m bench.gateway_roles --serve-idle-runner HOST_KEY_FILE
+Each prints {"port": N} once listening and stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from api.schemas import AttachEventIn, AuthorizeReply, AuthorizeRequest, Route
+from api.settings import Settings
+
+
+class StubApi:
+    """Stands in for the API client: every authorize succeeds with a fixed route."""
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+
+    async def authorize(self, req: AuthorizeRequest) -> AuthorizeReply:
+        return AuthorizeReply(session_id=req.session_id, user_id=req.user_id, state="running", mode="rw",
+                              route=self.route)
+
+    async def attach_event(self, body: AttachEventIn) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None) -> None:
+    import gateway.server as gw_server
+
+    if upstream_user:
+        original = gw_server.connect_upstream
+
+        async def as_user(route: Route, mode: str, key: asyncssh.SSHKey, **kw: Any) -> Any:
+            return await original(route, upstream_user, key, **kw)
+
+        gw_server.connect_upstream = as_user  # type: ignore[assignment]
+    settings = Settings(data_dir=data_dir, ssh_port=0)
+    gw = gw_server.Gateway(settings, api=StubApi(route))  # type: ignore[arg-type]
+    await gw.start()
+    print(json.dumps({"port": gw.port}), flush=True)
+    try:
+        await _until_sigterm()
+    finally:
+        await gw.close()
+
+
+async def _until_sigterm() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+
+
+class _IdleRunner(asyncssh.SSHServer):
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return True  # bench only: loopback, throwaway process
+
+
+async def serve_idle_runner(host_key_file: Path) -> None:
+    """A runner stand-in whose pty shells print a prompt and then sit idle."""
+
+    async def shell(process: asyncssh.SSHServerProcess[bytes]) -> None:
+        process.stdout.write(b"ready\r\n")
+        while await process.stdin.read(4096):
+            pass
+        process.exit(0)
+
+    acceptor = await asyncssh.listen("127.0.0.1", 0, server_factory=_IdleRunner,
+                                     server_host_keys=[str(host_key_file)], process_factory=shell,
+                                     encoding=None, line_editor=False, config=None,
+                                     encryption_algs=["aes128-gcm@openssh.com"])
+    print(json.dumps({"port": acceptor.get_port()}), flush=True)
+    await _until_sigterm()
+    acceptor.close()
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--serve-gateway", nargs=4, metavar=("DATA_DIR", "HOST", "PORT", "HOST_KEY"))
+    parser.add_argument("--upstream-user")
+    parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--serve-idle-runner", metavar="HOST_KEY_FILE")
+    args = parser.parse_args()
+    if args.uvloop:
+        import uvloop
+
+        uvloop.install()
+    with contextlib.suppress(KeyboardInterrupt):
+        if args.serve_gateway:
+            data_dir, host, port, host_key = args.serve_gateway
+            asyncio.run(serve_gateway(Path(data_dir), Route(host=host, port=int(port), host_key=host_key),
+                                      args.upstream_user))
+        elif args.serve_idle_runner:
+            asyncio.run(serve_idle_runner(Path(args.serve_idle_runner)))
+
+
+if __name__ == "__main__":
+    cli()
