@@ -27,6 +27,7 @@ from gateway.bridge import (
 )
 from gateway.errors import AttachRefused, CredentialRejected, UpstreamUnavailable
 from gateway.routing import Router
+from gateway.web import WebDoor
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class ClientConnection(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername")
         self.source = str(peer[0]) if peer else "?"
+        if peer:  # SSH over the web door arrives from loopback: use the WebSocket client's address
+            self.source = self.gw.tunnel_sources.get((str(peer[0]), int(peer[1])), self.source)
         self.gw.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -262,6 +265,9 @@ class Gateway:
         self.connections: set[ClientConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        # (loopback address, port) of web-door SSH tunnels -> the WebSocket client's address.
+        self.tunnel_sources: dict[tuple[str, int], str] = {}
+        self.web: WebDoor | None = None
 
     @property
     def anchors(self) -> auth.TrustAnchors:
@@ -292,6 +298,8 @@ class Gateway:
         self._server = await loop.create_server(lambda: GatewayConnection(loop, options),
                                                 self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
+        self.web = WebDoor(self)
+        await self.web.start()
 
     @property
     def port(self) -> int:
@@ -299,6 +307,8 @@ class Gateway:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
+        if self.web is not None:
+            await self.web.close()
         if self._server is not None:
             self._server.close()
         for client in list(self.connections):

@@ -60,7 +60,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     with (base / "server.log").open("w") as server_log, (base / "terminal.log").open("w") as terminal:
         server = subprocess.Popen(
             [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
-             "--data-dir", str(data)],
+             "--web-port", "0", "--data-dir", str(data)],
             env=env, cwd=ROOT, stdout=server_log, stderr=server_log,
         )
         try:

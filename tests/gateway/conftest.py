@@ -126,7 +126,7 @@ async def run(*args: str, env: dict[str, str] | None = None, stdin: bytes = b"",
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    settings = Settings(data_dir=tmp_path / "data", ssh_port=0, service_token=SERVICE_TOKEN,
+    settings = Settings(data_dir=tmp_path / "data", ssh_port=0, gateway_web_port=0, service_token=SERVICE_TOKEN,
                         auth_fail_limit=5, auth_fail_window_s=60)
     ca = ssh_ca.load_or_create_ca(settings)
     jwt_key = attach_jwt.load_or_create_signing_key(settings)
