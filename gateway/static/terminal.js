@@ -119,7 +119,9 @@
   term.onBinary((d) => send(Uint8Array.from(d, (c) => c.charCodeAt(0))));
   term.onResize(({ cols, rows }) => send(JSON.stringify({ type: "resize", cols, rows })));
   window.addEventListener("resize", () => fit.fit());
-  // A phone waking from sleep or a laptop rejoining Wi-Fi: try again now instead of after the backoff.
+  // The browser knows the network went away long before a dead TCP connection times out: drop the socket
+  // now, and when it comes back (Wi-Fi rejoined, phone awake) reconnect at once instead of after the backoff.
+  window.addEventListener("offline", () => { if (ws) ws.close(4000, "network offline"); });
   window.addEventListener("online", () => { if (!ws) { attempt = 0; connect(); } });
   reconnectBtn.addEventListener("click", () => { attempt = 0; connect(); });
   document.getElementById("forget").addEventListener("click", () => {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, orz
 from tests.web_platform import NEEDS, WebPlatform, start_platform
 
 CHROMIUM = os.environ.get("ORZ_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -58,6 +58,40 @@ def test_browser_terminal_types_and_sees_ping(platform: WebPlatform) -> None:
             assert platform.api_token not in page.url
             page.screenshot(path=str(ARTIFACTS / "web-terminal.png"))
             assert not errors, errors
+        finally:
+            browser.close()
+    platform.kill(sid)
+
+
+def test_one_time_link_and_reconnect_after_a_network_blip(platform: WebPlatform) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    sid = platform.new_session("bash --norc --noprofile")
+    link = orz("cloud", "web", sid, env=platform.env)
+    assert link.returncode == 0, link.stderr
+    url = link.stdout.strip()
+    assert url.startswith(f"{platform.web_url}/s/{sid}#token=")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context()
+            page = context.new_page()
+            page.goto(url)
+            expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
+            assert "#" not in page.url  # the one-time token left the address bar
+            # No API token stored, so after a blip the page can only ask for one: it says so.
+            context.set_offline(True)
+            expect(page.locator("#status")).not_to_contain_text("connected", timeout=15000)
+            context.set_offline(False)
+            expect(page.locator("#login")).to_be_visible(timeout=20000)
+            # With an API token the page fetches a fresh attach token and is back.
+            page.fill("#api-token", platform.api_token)
+            page.click("#login button[type=submit]")
+            expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
+            context.set_offline(True)
+            expect(page.locator("#status")).to_contain_text("reconnecting", timeout=15000)
+            context.set_offline(False)
+            expect(page.locator("#status")).to_contain_text("connected", timeout=20000)
         finally:
             browser.close()
     platform.kill(sid)
