@@ -149,6 +149,7 @@ def create_app(
         state: AppState | None = app.ctx.state
         if state is None:
             return
+        await state.instances.wait_background()
         if provider is None:
             await state.provider.close()
         await state.engine.dispose()

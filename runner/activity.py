@@ -36,6 +36,8 @@ class Activity:
     program_exit_code: int | None = None
     fatal_error: str | None = None
     init_log_tail: str | None = None
+    # The log tail is sent until one heartbeat carrying it succeeds, not in every heartbeat.
+    init_log_sent: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def note_input(self) -> None:
@@ -45,6 +47,10 @@ class Activity:
         """Something notable happened: send a heartbeat now rather than at the next tick."""
         self.changed.set()
 
+    def set_init_log(self, text: str | None) -> None:
+        self.init_log_tail = text or None
+        self.init_log_sent = False
+
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(
             host_key=self.host_key, ssh_host=self.ssh_host, ssh_port=self.ssh_port or None,
@@ -52,7 +58,7 @@ class Activity:
             last_output_at=self.last_output_at, init_status=self.init_status,
             program_running=self.program_running, program_exit_code=self.program_exit_code,
             fatal_error=self.fatal_error[:4096] if self.fatal_error else None,
-            init_log_tail=self.init_log_tail[-65536:] if self.init_log_tail else None,
+            init_log_tail=self.init_log_tail[-65536:] if self.init_log_tail and not self.init_log_sent else None,
         )
 
 
@@ -90,12 +96,16 @@ class HeartbeatLoop:
                 await self._refresh()
             except Exception:
                 log.exception("could not refresh activity before a heartbeat")
+        body = self.activity.heartbeat()
         try:
-            reply = await self.client.heartbeat(self.session_id, self.activity.heartbeat())
+            reply = await self.client.heartbeat(self.session_id, body)
         except ApiError as exc:
             log.warning("heartbeat failed: %s", exc.detail)
             return False
         self.sent += 1
+        current = self.activity.init_log_tail
+        if body.init_log_tail is not None and current and body.init_log_tail == current[-65536:]:
+            self.activity.init_log_sent = True  # (unless the log changed while this one was in flight)
         if reply.heartbeat_interval_s > 0:
             self.interval_s = float(reply.heartbeat_interval_s)
         return True

@@ -29,6 +29,8 @@ from runner.tmux import Tmux, program_argv
 log = logging.getLogger(__name__)
 
 FATAL_FILE = "fatal_error"
+# Written once sidecars, tmux and the endpoint are gone: the provider need not wait for our exit.
+RELEASED_FILE = "released"
 INIT_LOG = "init.log"
 # Variables of the runner's own environment a session inherits; ORZ_* (the runner token) never.
 _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME", "TMPDIR")
@@ -95,17 +97,25 @@ class Runner:
             await self._shutdown()
             await heartbeats.stop()
             self.activity.program_running = False
-            # The last word is best effort: a down API must not hold up a stop past its grace time.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(3):
-                    await heartbeats.flush()
+            await self._last_word(heartbeats)
             await client.aclose()
         return code
+
+    async def _last_word(self, heartbeats: HeartbeatLoop) -> None:
+        """Send the final state (fatal error, program stopped), best effort, within a few seconds.
+
+        Everything is released by now (and RELEASED_FILE says so, so the provider does not wait for
+        this process): the API may stop us while handling this very request, and we keep the
+        connection open for its reply rather than cut the request short by exiting on SIGTERM.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3.0):
+                await heartbeats.flush()
 
     def _fatal(self, message: str) -> None:
         log.error("fatal: %s", message)
         self.activity.fatal_error = message
-        self.activity.init_log_tail = workspace.tail(self.init_log) or None
+        self.activity.set_init_log(workspace.tail(self.init_log))
         with contextlib.suppress(OSError):
             (self.state_dir / FATAL_FILE).write_text(message + "\n", encoding="utf-8")
 
@@ -113,6 +123,7 @@ class Runner:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.workspace.mkdir(parents=True, exist_ok=True)
         (self.state_dir / FATAL_FILE).unlink(missing_ok=True)
+        (self.state_dir / RELEASED_FILE).unlink(missing_ok=True)
         if len(str(self.tmux.socket)) > _MAX_UNIX_PATH:
             raise RunnerError(f"state dir path too long for a unix socket: {self.state_dir}")
         if self.spec.repo_url:
@@ -167,7 +178,7 @@ class Runner:
             self.activity.init_status = "failed"
             raise
         finally:
-            self.activity.init_log_tail = workspace.tail(self.init_log) or None
+            self.activity.set_init_log(workspace.tail(self.init_log))
         self.activity.init_status = "succeeded"
         self.activity.poke()
 
@@ -190,10 +201,14 @@ class Runner:
         if self.endpoint is not None:
             with contextlib.suppress(Exception):
                 await self.endpoint.close()
+            # The endpoint is closed: the last heartbeat must not advertise it as a route.
+            self.activity.host_key = self.activity.ssh_host = self.activity.ssh_port = None
         with contextlib.suppress(Exception):
             await self.services.stop_all()
         with contextlib.suppress(Exception):
             await self.tmux.kill_server()
+        with contextlib.suppress(OSError):
+            (self.state_dir / RELEASED_FILE).write_text("ok\n", encoding="utf-8")
 
 
 def main() -> None:

@@ -70,6 +70,14 @@ class PtyChild:
             asyncio.get_running_loop().remove_reader(self.master)
             self._eof.set()
 
+    def pause_reading(self) -> None:
+        if self.master >= 0 and not self._eof.is_set():
+            asyncio.get_running_loop().remove_reader(self.master)
+
+    def resume_reading(self) -> None:
+        if self.master >= 0 and not self._eof.is_set():
+            asyncio.get_running_loop().add_reader(self.master, self._readable)
+
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:

@@ -33,6 +33,8 @@ ENCRYPTION_ALGS = [
     "chacha20-poly1305@openssh.com",
 ]
 READY_TIMEOUT_S = 600.0
+# Stop reading a pty while this much output waits for a slow client (a `cat` of a big file).
+PTY_BACKLOG_BYTES = 256 * 1024
 
 
 @dataclass
@@ -310,6 +312,7 @@ class _PtyBridge:
         cols, rows, _, _ = process.get_terminal_size()
         self.cols, self.rows = cols or 80, rows or 24
         self.child: PtyChild | None = None
+        self._drain: asyncio.Task[None] | None = None
         self._pump = asyncio.create_task(self._read_input())
         self._watch = asyncio.create_task(_kill_when_closed(process, self._kill_child))
 
@@ -327,6 +330,16 @@ class _PtyBridge:
             self.process.stdout.write(data)
         except (BrokenPipeError, OSError, asyncssh.Error):
             self._kill_child()
+            return
+        child = self.child
+        if child is not None and self.process.channel.get_write_buffer_size() > PTY_BACKLOG_BYTES:
+            child.pause_reading()
+            self._drain = asyncio.create_task(self._resume_after_drain(child))
+
+    async def _resume_after_drain(self, child: PtyChild) -> None:
+        with contextlib.suppress(Exception):
+            await self.process.stdout.drain()
+        child.resume_reading()
 
     def _kill_child(self) -> None:
         if self.child is not None:

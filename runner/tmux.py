@@ -79,7 +79,8 @@ class Tmux:
         """Recreate the program when it exited, or the session when it is gone."""
         state = await self.pane_state()
         if not state.exists:
-            log.info("tmux session gone, recreating it")
+            if self.socket.exists():
+                log.info("tmux session gone, recreating it")
             await self.start(argv, cwd=cwd, env=env)
         elif state.dead:
             log.info("program exited with %s, restarting it", state.exit_code)

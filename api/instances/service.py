@@ -76,6 +76,7 @@ class InstanceService:
         self.gateway_public_key = gateway_public_key
         self.secret_env = secret_env
         self.now = clock
+        self._background: set[asyncio.Task[None]] = set()
         # Listeners notified after every committed transition (metrics, tests).
         self.on_transition: list[Callable[[Instance, State, State], Awaitable[None] | None]] = []
 
@@ -352,7 +353,9 @@ class InstanceService:
         state = State(inst.state)
         if hb.fatal_error:
             if state not in GONE_STATES and state not in (State.FAILED, State.STOPPED):
-                inst = await self._fail(inst, "runner", hb.fatal_error)
+                # The runner that reports a fatal error waits for this reply and then exits by itself;
+                # stopping its compute inline would kill the caller mid-request.
+                inst = await self._fail(inst, "runner", hb.fatal_error, release_later=True)
         elif state in (State.STARTING, State.UNHEALTHY) and inst.runner_host_key and hb.init_status in (
             "succeeded", "none"
         ):
@@ -490,21 +493,38 @@ class InstanceService:
             assert fresh_row is not None
             return fresh_row
 
-    async def _fail(self, inst: Instance, actor: str, reason: str) -> Instance:
+    async def _fail(self, inst: Instance, actor: str, reason: str, *, release_later: bool = False) -> Instance:
+        """Mark the session failed first, then release its compute (now, or in the background)."""
         log.warning("session %s failed: %s", inst.id, reason)
-        try:
-            await self.provider.stop(inst.id, inst.provider_state or {})
-        except ProviderFailure as exc:
-            log.warning("session %s: could not release compute after failure: %s", inst.id, exc.reason)
         async with self.sessions() as db:
             current = await db.get(Instance, inst.id)
             if current is None or State(current.state) in (State.FAILED, State.DELETED):
-                return current or inst
-            return await self._transition(
-                db, current, State.FAILED, actor, "failed", reason, reason=reason,
-                attached_clients=0, route_host=None, route_port=None, runner_host_key=None,
-                runner_token_prefix=None, runner_token_hash=None,
-            )
+                row = current or inst
+            else:
+                row = await self._transition(
+                    db, current, State.FAILED, actor, "failed", reason, reason=reason,
+                    attached_clients=0, route_host=None, route_port=None, runner_host_key=None,
+                    runner_token_prefix=None, runner_token_hash=None,
+                )
+        release = self._stop_compute_quietly(row.id, dict(row.provider_state or inst.provider_state or {}))
+        if release_later:
+            task = asyncio.get_running_loop().create_task(release)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        else:
+            await release
+        return row
+
+    async def _stop_compute_quietly(self, session_id: str, provider_state: dict[str, Any]) -> None:
+        try:
+            await self.provider.stop(session_id, provider_state)
+        except ProviderFailure as exc:
+            log.warning("session %s: could not release compute after failure: %s", session_id, exc.reason)
+
+    async def wait_background(self) -> None:
+        """Let background work (compute released after failures) finish; called on shutdown."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def _transition(self, db: AsyncSession, inst: Instance, target: State, actor: str, kind: str,
                           message: str | None, **values: Any) -> Instance:

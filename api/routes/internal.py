@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from sanic import Blueprint, HTTPResponse, Request
 
 from api import schemas
@@ -20,7 +22,8 @@ async def heartbeat(request: Request, id: str) -> HTTPResponse:
     token = bearer_token(request.headers.get("authorization"))
     body = parse_body(request, schemas.Heartbeat)
     request.ctx.session_id = id
-    reply = await state(request).instances.record_heartbeat(id, token, body)
+    # Shielded: a runner that exits right after sending must not cancel a half-done state change.
+    reply = await asyncio.shield(state(request).instances.record_heartbeat(id, token, body))
     return respond(reply)
 
 
@@ -39,5 +42,5 @@ async def authorize(request: Request) -> HTTPResponse:
 async def attach_event(request: Request) -> HTTPResponse:
     require_service(request)
     body = parse_body(request, schemas.AttachEventIn)
-    await state(request).instances.record_attach_event(body)
+    await asyncio.shield(state(request).instances.record_attach_event(body))
     return HTTPResponse(status=204)

@@ -68,6 +68,8 @@ async def test_fatal_error_fails_the_session_with_the_reason_and_releases_comput
     reason = ".orz/cloud.yaml:3: setup.bogus: unknown key"
     resp = await beat(app, sid, runner, fatal_error=reason)
     assert resp.json["state"] == "failed"
+    # Compute is released right after the reply (the runner is the caller and exits by itself).
+    await app.ctx.state.instances.wait_background()
     assert provider.phases[sid] == "stopped"
     _, got = await app.asgi_client.get(f"/v1/instances/{sid}", headers=t.headers)
     assert got.json["reason"] == reason

@@ -50,6 +50,14 @@ def compute_spec(sid: str, fake_api: FakeApi, gateway_key: runner_fixtures.Gatew
     )
 
 
+async def wait_gone(pid: int, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if process_start_time(pid) is None:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"runner {pid} still running")
+
+
 async def ready(fake_api: FakeApi, sid: str, after: int = 0) -> dict:
     """The first heartbeat after the ``after``-th saying the endpoint is up and the program runs."""
     for _ in range(300):
@@ -87,8 +95,11 @@ async def test_create_stop_start_runs_init_once_and_shows_the_program(
             assert b"secret-value-xyz" not in data and b"rt-secret-token" not in data, path
 
     stopped = await provider.stop("sess-a", state)
-    assert (await provider.status("sess-a", stopped)).phase == "stopped"
     assert process_start_time(state["pid"]) is None
+    await provider.status("sess-a", stopped)  # reaps
+    assert provider.exit_codes[state["pid"]] == 0  # a clean SIGTERM shutdown
+    assert (await provider.status("sess-a", stopped)).phase == "stopped"
+    assert fake_api.bodies("sess-a")[-1].get("ssh_port") is None  # the last word withdraws the route
     assert not (await tmux.pane_state()).exists
     assert ws.is_dir()
 
@@ -104,7 +115,7 @@ async def test_create_stop_start_runs_init_once_and_shows_the_program(
     await provider.delete("sess-a", state2)
     assert not base.exists()
     assert (await provider.status("sess-a", state2)).phase == "absent"
-    assert process_start_time(state2["pid"]) is None
+    await wait_gone(state2["pid"])
 
 
 async def test_a_restarted_api_adopts_running_runners(
@@ -117,6 +128,7 @@ async def test_a_restarted_api_adopts_running_runners(
     # a reused pid with another start time is not ours
     assert (await fresh.status("sess-b", {**state, "start_time": 1})).phase == "stopped"
     await fresh.stop("sess-b", state)
+    await wait_gone(state["pid"])
     assert (await provider.status("sess-b", state)).phase == "stopped"
 
 

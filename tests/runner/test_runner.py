@@ -21,7 +21,9 @@ async def test_heartbeats_report_endpoint_init_and_program(make_repo: MakeRepo, 
     ready = await handle.ready()
     assert ready["host_key"].startswith("ssh-ed25519 ")
     assert ready["ssh_host"] == "127.0.0.1" and ready["ssh_port"] > 0
-    assert ready["init_status"] == "succeeded" and "init-says-hello" in ready["init_log_tail"]
+    assert ready["init_status"] == "succeeded"
+    tails = [b["init_log_tail"] for b in fake_api.bodies() if b.get("init_log_tail")]
+    assert len(tails) == 1 and "init-says-hello" in tails[0]  # sent once, not in every heartbeat
     assert fake_api.tokens[0] == "Bearer runner-token-1"
     assert handle.runner.activity.fatal_error is None
     assert await handle.finish() == 0
@@ -64,6 +66,14 @@ async def test_secrets_reach_the_program_env_but_not_the_runner_token(
             break
         await asyncio.sleep(0.1)
     assert "[pg://u:pw1@x][k2][none]" in screen
+
+
+async def test_clone_failure_is_fatal(make_repo: MakeRepo, start_runner: StartRunner,
+                                     fake_api: FakeApi) -> None:
+    handle = await start_runner(make_repo({"README": "x"}), branch="no-such-branch")
+    assert await asyncio.wait_for(handle.task, 15) == 2
+    fatal = fake_api.bodies()[-1]["fatal_error"]
+    assert fatal.startswith("git clone of file://") and "no-such-branch" in fatal
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
+from pathlib import Path
 
 import asyncssh
 import pytest
 
+from runner.sshd import client_env, is_loopback
 from tests.runner.conftest import MakeRepo, StartRunner
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -27,6 +30,17 @@ async def read_until(stdout: asyncssh.SSHReader, needle: bytes, timeout: float =
         except TimeoutError:
             continue
     return seen
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses with a listening TCP socket on ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+    return found
 
 
 @pytest.fixture
@@ -69,6 +83,16 @@ async def test_exec_keeps_exit_status_and_stderr_apart(session) -> None:
         assert piped.stdout == b"from-stdin\ndone\n"
         in_pty = await conn.run("tty", term_type="xterm", check=False)
         assert in_pty.exit_status == 0 and b"/dev/pts/" in in_pty.stdout
+
+
+async def test_big_output_through_a_pty_arrives_whole(session) -> None:
+    async with await session.connect() as conn:
+        # ~4 MB through the pty: reading pauses while the client lags, and nothing is lost
+        result = await conn.run("head -c 3000000 /dev/zero | base64 -w 0; echo; echo END",
+                                term_type="dumb", check=False)
+        assert result.exit_status == 0
+        body = result.stdout.replace(b"\r\n", b"\n")
+        assert body.endswith(b"\nEND\n") and body.count(b"A") == 4000000
 
 
 async def test_sftp_put_get_round_trip(session, short_tmp) -> None:
@@ -115,6 +139,8 @@ async def test_remote_forward_listens_on_loopback(session) -> None:
         async with await session.connect() as conn:
             listener = await conn.forward_remote_port("", 0, "127.0.0.1", target_port)
             port = listener.get_port()
+            # asked for "all interfaces", bound on loopback only
+            assert listening_addresses(port) == {"127.0.0.1"}
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"hello\n")
             assert await reader.read() == b"via-R:hello\n"
@@ -147,3 +173,10 @@ async def test_only_the_gateway_key_and_modes_get_in(session) -> None:
     assert session.runner.activity.connections == 0
     async with await session.connect("rw"):
         assert session.runner.activity.connections == 1
+
+
+def test_loopback_and_env_policies() -> None:
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "localhost", "LOCALHOST"))
+    assert not any(is_loopback(h) for h in ("10.0.0.1", "0.0.0.0", "::", "example.com", "127.0.0.1.nip.io"))
+    assert client_env({"TERM": "xterm", "LANG": "C", "LC_ALL": "C", "PATH": "/evil", "LD_PRELOAD": "x"}) == {
+        "TERM": "xterm", "LANG": "C", "LC_ALL": "C"}

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +37,10 @@ PID_FILE = "provider.json"
 RUNNER_LOG = "runner.log"
 INIT_LOG = "state/init.log"
 FATAL_FILE = "state/fatal_error"
+# The runner writes this once its sidecars, tmux server and endpoint are gone; it then only sends
+# its last heartbeat. After a fatal error the API stops the runner while handling that very
+# heartbeat, so waiting for the exit would deadlock: there stop() takes this as "compute released".
+RELEASED_FILE = "state/released"
 _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME")
 
 
@@ -60,8 +63,12 @@ class LocalProvider(Provider):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.root = settings.sessions_dir
-        # Our own children, so their exit status gets collected (no zombies); adopted ones are polled.
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        # Runners we spawned and have not yet reaped (adopted ones are not our children).
+        self._children: set[int] = set()
+        # Runners stop() signalled: close() gives them a moment to finish their last heartbeat.
+        self._stopping: set[int] = set()
+        # Exit codes of reaped runners, by pid (for logs and tests).
+        self.exit_codes: dict[int, int] = {}
 
     def session_dir(self, session_id: str) -> Path:
         if not SESSION_ID_RE.match(session_id):
@@ -93,7 +100,9 @@ class LocalProvider(Provider):
         if pid and self._alive(state):
             # The runner is a process-group leader: its sidecars and helpers get the signal too.
             _killpg(int(pid), signal.SIGTERM)
-            if not await self._wait_gone(state, STOP_GRACE_S):
+            if int(pid) in self._children:
+                self._stopping.add(int(pid))
+            if not await self._wait_released(base, state, STOP_GRACE_S):
                 log.warning("runner of %s ignored SIGTERM, killing it", session_id)
                 _killpg(int(pid), signal.SIGKILL)
                 await self._wait_gone(state, 5.0)
@@ -103,8 +112,16 @@ class LocalProvider(Provider):
 
     async def delete(self, session_id: str, state: ProviderState) -> None:
         base = self.session_dir(session_id)
+        state = state or self._saved_state(base)
         await self.stop(session_id, state)
+        await self._wait_exit(state)
         await asyncio.to_thread(shutil.rmtree, base, True)
+
+    async def close(self) -> None:
+        """Let runners we stopped finish; running ones are left running (a restarted API adopts them)."""
+        for pid in list(self._stopping):
+            await self._wait_exit({"pid": pid, "start_time": None})
+        self._reap()
 
     async def status(self, session_id: str, state: ProviderState) -> ComputeStatus:
         self._reap()
@@ -158,16 +175,23 @@ class LocalProvider(Provider):
             "PYTHONUNBUFFERED": "1",
         })
         (base / FATAL_FILE).unlink(missing_ok=True)
-        with (base / RUNNER_LOG).open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "runner"], cwd=base, env=env, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-            )
-        self._children[proc.pid] = proc
-        started = process_start_time(proc.pid)
-        state: ProviderState = {"pid": proc.pid, "start_time": started, "dir": str(base)}
+        (base / RELEASED_FILE).unlink(missing_ok=True)
+        # posix_spawn rather than Popen: a runner outlives this API process by design, and a Popen
+        # object dropped while its child runs warns; we reap our children ourselves (see _reap).
+        # Python's own fds are close-on-exec, so the runner inherits only stdin/stdout/stderr.
+        # -P: the API's working directory must not shadow the runner package on sys.path.
+        pid = os.posix_spawn(sys.executable, [sys.executable, "-P", "-m", "runner"], env, setsid=True,
+                             file_actions=[
+                                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                 (os.POSIX_SPAWN_OPEN, 1, str(base / RUNNER_LOG),
+                                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                                 (os.POSIX_SPAWN_DUP2, 1, 2),
+                             ])
+        self._children.add(pid)
+        started = process_start_time(pid)
+        state: ProviderState = {"pid": pid, "start_time": started, "dir": str(base)}
         (base / PID_FILE).write_text(json.dumps(state), encoding="utf-8")
-        log.info("started runner for %s (pid %s)", spec.session_id, proc.pid)
+        log.info("started runner for %s (pid %s)", spec.session_id, pid)
         return state
 
     def _saved_state(self, base: Path) -> ProviderState:
@@ -185,6 +209,22 @@ class LocalProvider(Provider):
         now = process_start_time(int(pid))
         return now is not None and (started is None or now == started)
 
+    async def _wait_released(self, base: Path, state: ProviderState, seconds: float) -> bool:
+        """Wait until the runner has exited, or (after a fatal error) released everything."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self._alive(state) and not ((base / FATAL_FILE).exists() and (base / RELEASED_FILE).exists()):
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _wait_exit(self, state: ProviderState) -> None:
+        """Give a released runner a moment to send its last heartbeat and exit; then kill it."""
+        if state.get("pid") and not await self._wait_gone(state, 5.0):
+            _killpg(int(state["pid"]), signal.SIGKILL)
+            await self._wait_gone(state, 2.0)
+
     async def _wait_gone(self, state: ProviderState, seconds: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
@@ -195,9 +235,16 @@ class LocalProvider(Provider):
         return True
 
     def _reap(self) -> None:
-        for pid, proc in list(self._children.items()):
-            if proc.poll() is not None:
-                del self._children[pid]
+        for pid in list(self._children):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere
+                done, status = pid, 0
+            if done:
+                self.exit_codes[pid] = os.waitstatus_to_exitcode(status)
+                log.info("runner pid %s exited with %s", pid, self.exit_codes[pid])
+                self._children.discard(pid)
+                self._stopping.discard(pid)
 
     async def _kill_tmux(self, base: Path) -> None:
         # Fallback for a runner that died without cleaning up: its tmux server is not in its group.

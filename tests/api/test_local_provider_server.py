@@ -1,0 +1,113 @@
+"""`orz server` with the local provider: real API, real runners, real git and tmux, over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api.instances.providers.local import process_start_time
+from tests.runner import conftest as runner_fixtures
+from tests.support import ROOT, free_port, orz_env, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+short_tmp = runner_fixtures.short_tmp
+make_repo = runner_fixtures.make_repo
+
+
+class Server:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.api_port = free_port()
+        env = orz_env(tmp / "home", ORZ_PROVIDER="local", ORZ_HEARTBEAT_INTERVAL_S="2")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "server", "--api-port", str(self.api_port), "--ssh-port",
+             str(free_port()), "--data-dir", str(tmp / "data")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        token_file = tmp / "home" / ".config" / "orzbob" / "token.json"
+        wait_until(lambda: token_file.exists() or self.proc.poll() is not None, timeout=60, what="orz server")
+        assert self.proc.poll() is None, self.proc.communicate()
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30, headers={
+            "Authorization": f"Bearer {json.loads(token_file.read_text())['api_token']}"})
+
+    def get(self, sid: str) -> dict[str, Any]:
+        return self.http.get(f"/v1/instances/{sid}").json()
+
+    def wait_status(self, sid: str, *states: str, timeout: float = 30) -> dict[str, Any]:
+        wait_until(lambda: self.get(sid)["status"] in states, timeout=timeout, what=f"{sid} in {states}")
+        return self.get(sid)
+
+    def stop(self) -> tuple[str, str]:
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.communicate()
+
+
+@pytest.fixture
+def server(short_tmp: Path) -> Iterator[Server]:
+    srv = Server(short_tmp)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        # Anything a failing test left: runners are in their own process groups, so stop them by pid.
+        for pid_file in (short_tmp / "data" / "sessions").glob("*/provider.json"):
+            saved = json.loads(pid_file.read_text())
+            # only a process that is still the runner we started (same start time), never a reused pid
+            if saved.get("pid") and process_start_time(saved["pid"]) == saved.get("start_time"):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(saved["pid"], signal.SIGKILL)
+            sock = pid_file.parent / "state" / "tmux.sock"
+            subprocess.run(["tmux", "-S", str(sock), "kill-server"], capture_output=True, check=False)
+
+
+def test_session_lifecycle_through_the_api(server: Server, make_repo) -> None:
+    repo = make_repo({".orz/cloud.yaml": 'version: "1.0"\nsetup:\n  init: echo ran >> runs.txt; echo init-out\n'})
+    created = server.http.post("/v1/instances", json={
+        "repo_url": repo, "branch": "main", "program": runner_fixtures.HI_PROGRAM})
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
+    running = server.wait_status(sid, "running", "failed")
+    assert running["status"] == "running", running
+    logs = server.http.get(f"/v1/instances/{sid}/logs").json()
+    assert "init-out" in logs["init_log"]
+
+    assert server.http.post(f"/v1/instances/{sid}/stop").status_code == 200
+    server.wait_status(sid, "stopped")
+    assert server.http.post(f"/v1/instances/{sid}/start").status_code == 200
+    assert server.wait_status(sid, "running", "failed")["status"] == "running"
+    workspace = server.tmp / "data" / "sessions" / sid / "workspace"
+    assert (workspace / "runs.txt").read_text() == "ran\n"
+
+    assert server.http.delete(f"/v1/instances/{sid}").status_code in (200, 202)
+    wait_until(lambda: not workspace.parent.exists(), timeout=20, what="session dir removed")
+
+
+def test_bad_cloud_yaml_fails_the_session_with_path_and_line(server: Server, make_repo) -> None:
+    repo = make_repo({".orz/cloud.yaml": "version: '1.0'\nservices:\n  db:\n    image: postgres\n"
+                                         "    health:\n      command: x\n      retries: lots\n"})
+    sid = server.http.post("/v1/instances", json={"repo_url": repo, "branch": "main"}).json()["id"]
+    failed = server.wait_status(sid, "failed", "running")
+    assert failed["status"] == "failed"
+    assert failed["reason"].startswith(".orz/cloud.yaml:7: services.db.health.retries:")
+    # the API still answers promptly, and nothing of the session keeps running
+    assert server.http.get("/v1/instances").status_code == 200
+    pid = json.loads((server.tmp / "data" / "sessions" / sid / "provider.json").read_text())["pid"]
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+               .rsplit(")", 1)[1][:3], timeout=10, what="runner exit")
