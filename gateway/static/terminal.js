@@ -29,6 +29,8 @@
   let attempt = 0;
   let retryTimer = null;
   let ended = false;
+  let stopped = false; // ended or refused: wait for the Reconnect button, not for the network
+  let generation = 0; // a newer connect() supersedes one still waiting for its token
 
   function status(text, kind) {
     statusEl.textContent = `${sessionId}${readonly ? " (read-only)" : ""}: ${text}`;
@@ -62,13 +64,18 @@
 
   async function connect() {
     clearTimeout(retryTimer);
+    const mine = ++generation;
+    if (ws) { const old = ws; ws = null; old.close(1000, "reconnecting"); }
     reconnectBtn.hidden = true;
     ended = false;
+    stopped = false;
     status(attempt ? `reconnecting (attempt ${attempt + 1})...` : "connecting...", "warn");
     let token;
     try {
       token = await attachToken();
+      if (mine !== generation) return;
     } catch (err) {
+      if (mine !== generation) return;
       if (err.login) return askForApiToken(`${err.message}: paste a valid API token`);
       if (err.fatal) return stop(err.message);
       return retry(err.message);
@@ -81,6 +88,7 @@
     sock.binaryType = "arraybuffer";
     ws = sock;
     sock.onmessage = (ev) => {
+      if (ws !== sock) return;
       if (typeof ev.data !== "string") return term.write(new Uint8Array(ev.data));
       let msg;
       try { msg = JSON.parse(ev.data); } catch (e) { return; }
@@ -107,6 +115,7 @@
   }
 
   function stop(reason) {
+    stopped = true;
     status(`${reason} - press Reconnect to attach again`, "bad");
     reconnectBtn.hidden = false;
   }
@@ -121,8 +130,14 @@
   window.addEventListener("resize", () => fit.fit());
   // The browser knows the network went away long before a dead TCP connection times out: drop the socket
   // now, and when it comes back (Wi-Fi rejoined, phone awake) reconnect at once instead of after the backoff.
-  window.addEventListener("offline", () => { if (ws) ws.close(4000, "network offline"); });
-  window.addEventListener("online", () => { if (!ws) { attempt = 0; connect(); } });
+  window.addEventListener("offline", () => {
+    if (!ws) return;
+    const old = ws;
+    ws = null; // do not wait for a close handshake that cannot cross a dead network
+    old.close(4000, "network offline");
+    retry("network offline");
+  });
+  window.addEventListener("online", () => { if (!ws && !stopped) { attempt = 0; connect(); } });
   reconnectBtn.addEventListener("click", () => { attempt = 0; connect(); });
   document.getElementById("forget").addEventListener("click", () => {
     localStorage.removeItem(STORE_KEY);
