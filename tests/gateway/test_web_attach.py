@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pexpect
 import pytest
 from cryptography.hazmat.primitives import serialization
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from api.credentials import jwt as attach_jwt
+from tests.support import orz, wait_until
 from tests.web_platform import NEEDS, WebPlatform, screen_text, start_platform
 
 pytestmark = [pytest.mark.integration, NEEDS]
@@ -160,3 +162,46 @@ def test_no_token_in_the_server_log(platform: WebPlatform, sid: str) -> None:
     text = Path(platform.log).read_text()
     assert token[:-4] not in text
     assert "/v1/instances/" in text  # the path is logged, its query string is not
+
+
+async def test_browser_and_ssh_client_share_one_tmux_session(platform: WebPlatform, sid: str) -> None:
+    got = orz("cloud", "_refresh-cert", sid, env=platform.env)
+    assert got.returncode == 0, got.stderr
+    conf = platform.home / ".config" / "orzbob"
+    token = str(platform.grant(sid)["token"])
+    async with connect(ws_url(platform, sid, token), open_timeout=10) as ws:
+        screen = Screen(ws)
+        await screen.until("[main]")
+        child = pexpect.spawn("ssh", [
+            "-F", "/dev/null", "-p", str(platform.ssh_port), "-i", str(conf / "id_ed25519"),
+            "-o", f"CertificateFile={conf / 'certs' / (sid + '-cert.pub')}", "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={platform.home / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=accept-new", "-t", f"{sid}@127.0.0.1"],
+            env=platform.env, encoding="utf-8", timeout=15, dimensions=(24, 80))
+        try:
+            child.expect(r"\[main\]")
+            await asyncio.sleep(0.3)
+            child.sendline("echo from''-ssh")
+            await screen.until("from-ssh")  # typed over SSH, seen in the browser's stream
+            await screen.type("echo from''-web\r")
+            child.expect("from-web")  # and the other way round
+            child.send("\x02d")
+            child.expect(pexpect.EOF)
+        finally:
+            child.close(force=True)
+
+
+async def test_a_stopped_session_wakes_with_status_messages(platform: WebPlatform) -> None:
+    sid = platform.new_session(PROGRAM)
+    with platform.api() as api:
+        assert api.post(f"/v1/instances/{sid}/stop").status_code in (200, 202)
+        wait_until(lambda: api.get(f"/v1/instances/{sid}").json()["status"] == "stopped", timeout=20,
+                   what="stopped")
+    token = str(platform.grant(sid)["token"])
+    async with connect(ws_url(platform, sid, token), open_timeout=10) as ws:
+        screen = Screen(ws)
+        await screen.until("[main]", timeout=30)
+        statuses = [m for m in screen.control if m.get("type") == "status"]
+        assert statuses, screen.control
+        assert screen.control[-1] == {"type": "attached", "mode": "rw"}
+    platform.kill(sid)
