@@ -54,7 +54,7 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
         await _refuse(ws, exc.line)
         return
     readonly = reply.mode == "ro" or grant.principal.readonly
-    attached_at = time.monotonic()
+    attached_at: float | None = None
     try:
         async with upstream:
             stdin, stdout, _ = await upstream.open_session(
@@ -62,6 +62,7 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
                 env={"LANG": "C.UTF-8"})
             log.info("web %s from %s attached to %s (%s)", grant.id, grant.source, grant.session_id, reply.mode)
             await _send_json(ws, {"type": "attached", "mode": "ro" if readonly else "rw"})
+            attached_at = time.monotonic()
             await gw.router.report(AttachEventIn(
                 session_id=grant.session_id, user_id=grant.principal.user_id, event="attached",
                 connection_id=grant.id, source_address=grant.source))
@@ -77,12 +78,17 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
         log.info("web %s: session on %s refused: %r", grant.id, grant.session_id, exc)
         await _refuse(ws, "the session refused this request")
     finally:
-        await gw.router.report(AttachEventIn(
-            session_id=grant.session_id, user_id=grant.principal.user_id, event="detached",
-            connection_id=grant.id, source_address=grant.source, bytes_in=counters.bytes_in,
-            bytes_out=counters.bytes_out, duration_s=max(0.0, time.monotonic() - attached_at)))
-        log.info("web %s detached from %s (in %d B, out %d B)", grant.id, grant.session_id,
-                 counters.bytes_in, counters.bytes_out)
+        if attached_at is not None:
+            await _report_detached(gw, grant, counters, attached_at)
+
+
+async def _report_detached(gw: Gateway, grant: Grant, counters: Counters, attached_at: float) -> None:
+    await gw.router.report(AttachEventIn(
+        session_id=grant.session_id, user_id=grant.principal.user_id, event="detached",
+        connection_id=grant.id, source_address=grant.source, bytes_in=counters.bytes_in,
+        bytes_out=counters.bytes_out, duration_s=max(0.0, time.monotonic() - attached_at)))
+    log.info("web %s detached from %s (in %d B, out %d B)", grant.id, grant.session_id,
+             counters.bytes_in, counters.bytes_out)
 
 
 async def _session_to_ws(stdout: asyncssh.SSHReader[bytes], ws: ServerConnection, counters: Counters) -> None:

@@ -91,6 +91,12 @@ async def test_attach_sees_hi_types_and_the_token_is_single_use(platform: WebPla
         await screen.until("ping-web")
         assert {"type": "attached", "mode": "rw"} in screen.control
     assert await status_of(ws_url(platform, sid, token)) == 401  # replayed jti
+    # Attach and detach reached the API like an SSH client's.
+    with platform.api() as api:
+        def reported() -> bool:
+            kinds = [e["kind"] for e in api.get(f"/v1/instances/{sid}/status").json()["events"]]
+            return "attached" in kinds and "detached" in kinds
+        wait_until(reported, timeout=5, what="attach events")
 
 
 async def test_expired_forged_missing_and_foreign_tokens(platform: WebPlatform, sid: str) -> None:
