@@ -142,6 +142,8 @@ class WebDoor:
         The page sends its API token in the Authorization header (never a cookie), so another site cannot
         make a browser call this; the gateway forwards it to the API's attach route and keeps nothing.
         """
+        if self.gw.limiter.blocked(source):
+            return http.json_response(429, {"detail": "too many failed attempts from your address"})
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer ") or len(header) > 512:
             return http.json_response(401, {"detail": "an API token is required"})
@@ -153,6 +155,8 @@ class WebDoor:
             return http.json_response(503, {"detail": "Orzbob Cloud is unavailable right now"})
         except ApiError as exc:
             log.info("web token for %s from %s refused: %d %s", target.arg, source, exc.status, exc.code)
+            if exc.status == 401:  # guessing API tokens through the door counts like a bad attach token
+                self.gw.limiter.record_failure(source)
             status = exc.status if 400 <= exc.status < 500 else 502
             return http.json_response(status, {"detail": exc.detail})
         finally:
