@@ -299,7 +299,13 @@ class Gateway:
                                                 self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
         self.web = WebDoor(self)
-        await self.web.start()
+        try:
+            await self.web.start()
+        except OSError:
+            log.error("gateway web door cannot listen on %s:%d", self.settings.gateway_web_host,
+                      self.settings.gateway_web_port)
+            self._server.close()  # serve() never reaches its cleanup when start() fails
+            raise
 
     @property
     def port(self) -> int:
