@@ -46,7 +46,7 @@ def running_platform(base: Path, **settings: str) -> Iterator[Platform]:
     with (base / "server.log").open("w") as server_log, (base / "terminal.log").open("w") as terminal:
         server = subprocess.Popen(
             [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
-             "--data-dir", str(data)],
+             "--web-port", "0", "--data-dir", str(data)],
             env=env, cwd=ROOT, stdout=server_log, stderr=server_log,
         )
         try:
