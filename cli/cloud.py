@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cli import attach as attaching
-from cli import cloud_secrets, cloud_sessions, keys, output, ssh_config
+from cli import cloud_proxy, cloud_secrets, cloud_sessions, keys, output, ssh_config
 from cli.config import DEFAULT_API_URL, forget_credentials, load_credentials, token_path
 from cli.connect import client, cloud_command
 from cli.errors import CliError
@@ -72,17 +72,20 @@ async def whoami(as_json: bool) -> None:
 
 @cloud.command("ssh-config")
 @click.option("--write", is_flag=True, help="Write ~/.config/orzbob/ssh_config and Include it from ~/.ssh/config.")
-def ssh_config_cmd(write: bool) -> None:
+@click.option("--websocket", is_flag=True,
+              help="Reach the gateway over its WebSocket door (ProxyCommand orz cloud proxy), for networks "
+                   "where only HTTPS gets through.")
+def ssh_config_cmd(write: bool, websocket: bool) -> None:
     """Set up plain `ssh <id>.orz` (and VS Code Remote-SSH) with self-refreshing certificates."""
     try:
         if not write:
-            click.echo(ssh_config.render_main_config(), nl=False)
+            click.echo(ssh_config.render_main_config(websocket=websocket), nl=False)
             click.echo(f"# Save as {ssh_config.orz_ssh_config_path()} and add at the top of ~/.ssh/config:",
                        err=True)
             click.echo(f"#   Include {ssh_config.orz_ssh_config_path()}   (or run with --write)", err=True)
             return
         keys.ensure_key_pair()  # the config names it; make it now rather than on the first connection
-        target = ssh_config.write_main_config()
+        target = ssh_config.write_main_config(websocket=websocket)
         user_config = ssh_config.user_ssh_config_path()
         changed = ssh_config.install_include(user_config, target)
     except (OSError, ValueError) as exc:
@@ -136,6 +139,6 @@ def validate(path: Path) -> None:
     click.echo(f"{file}: ok ({len(services)} service{'s' if len(services) != 1 else ''})")
 
 
-for _command in cloud_sessions.COMMANDS:
+for _command in [*cloud_sessions.COMMANDS, *cloud_proxy.COMMANDS]:
     cloud.add_command(_command)
 cloud.add_command(cloud_secrets.secrets)

@@ -43,6 +43,7 @@ class RunningServer:
         ]
         if self.ssh_port:
             lines.append(f"  SSH  {self.settings.public_ssh_host} port {self.ssh_port}")
+            lines.append(f"  Web  {web_base(self.settings)}/s/<session-id>   (browser terminal, SSH over WebSocket)")
         lines.append(f"  CLI login saved in {self.token_file}" + (" (new admin token)" if self.new_token else ""))
         if self.resumed:
             lines.append(f"  Resumed {len(self.resumed)} session(s): {', '.join(self.resumed)}")
@@ -113,17 +114,21 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     stack = contextlib.AsyncExitStack()
     try:
         token_file, new_token = await _ensure_login(state.sessions, settings)
-        ssh_port = await stack.enter_async_context(_optional_gateway(settings))
+        ssh_port, web_port = await stack.enter_async_context(_optional_gateway(settings))
         if ssh_port is not None:
             # One process, one scrape: the API's /metrics also shows the embedded gateway's.
             from gateway import metrics as gateway_metrics
 
             app.ctx.extra_metrics.append(gateway_metrics.REGISTRY)
+        bound: dict[str, Any] = {}
+        # Asked for any free port: the ssh lines and attach URLs the API shows must name the ones we got.
         if ssh_port and settings.ssh_port == 0:
-            # Asked for any free port: the ssh lines the API shows must name the one we got.
-            settings = settings.model_copy(update={"ssh_port": ssh_port, "public_ssh_port": ssh_port})
-            state.settings = settings
-            state.instances.settings = settings
+            bound.update(ssh_port=ssh_port, public_ssh_port=ssh_port)
+        if web_port is not None and settings.gateway_web_port == 0:
+            bound.update(gateway_web_port=web_port)
+        if bound:
+            settings = settings.model_copy(update=bound)
+            state.settings = state.instances.settings = settings
         # The scheduler shares the API's provider: one set of watches and pid files, one view of compute.
         await stack.enter_async_context(_optional_scheduler(settings, state.provider, state.instances.secret_env))
         resumed = await state.instances.resume_after_shutdown(SHUTDOWN_REASON)
@@ -154,16 +159,24 @@ async def _ensure_login(sessions: Any, settings: Settings) -> tuple[Path, bool]:
 
 
 @contextlib.asynccontextmanager
-async def _optional_gateway(settings: Settings) -> AsyncIterator[int | None]:
+async def _optional_gateway(settings: Settings) -> AsyncIterator[tuple[int | None, int | None]]:
+    """(SSH port, web door port) of the started gateway, or Nones without the gateway package."""
     try:
         from gateway.server import serve
     except ModuleNotFoundError as exc:
         if exc.name not in ("gateway.server",):
             raise
-        yield None
+        yield None, None
         return
     async with serve(settings) as listener:
-        yield listener.port
+        yield listener.port, (listener.web.port if listener.web is not None else None)
+
+
+def web_base(settings: Settings) -> str:
+    """The browser's URL of the gateway's web door."""
+    if settings.public_web_url:
+        return settings.public_web_url.replace("wss://", "https://").replace("ws://", "http://").rstrip("/")
+    return f"http://{_client_host(settings.gateway_web_host)}:{settings.gateway_web_port}"
 
 
 @contextlib.asynccontextmanager

@@ -72,9 +72,10 @@ def api_cmd(host: str | None, port: int | None) -> None:
 
 @click.command("gateway")
 @click.option("--ssh-port", type=int, default=None, help="SSH listen port (ORZ_SSH_PORT).")
-def gateway_cmd(ssh_port: int | None) -> None:
+@click.option("--web-port", type=int, default=None, help="Web door port (ORZ_GATEWAY_WEB_PORT).")
+def gateway_cmd(ssh_port: int | None, web_port: int | None) -> None:
     """Run the SSH (and WebSocket) gateway alone."""
-    settings = load_settings(ssh_port=ssh_port)
+    settings = load_settings(ssh_port=ssh_port, gateway_web_port=web_port)
     _configure_logging(settings)
 
     async def main() -> None:
@@ -123,13 +124,16 @@ def runner_cmd() -> None:
 @click.option("--host", default=None, help="Address for the API and SSH listeners (default 127.0.0.1).")
 @click.option("--api-port", type=int, default=None, help="API port (default 8080).")
 @click.option("--ssh-port", type=int, default=None, help="SSH gateway port (default 2222).")
+@click.option("--web-port", type=int, default=None, help="Browser terminal / WebSocket port (default 8443).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the database, keys and workspaces live (default ~/.local/share/orzbob).")
-def server_cmd(host: str | None, api_port: int | None, ssh_port: int | None, data_dir: Path | None) -> None:
+def server_cmd(host: str | None, api_port: int | None, ssh_port: int | None, web_port: int | None,
+               data_dir: Path | None) -> None:
     """Run the whole platform on this machine: API, gateway, scheduler and local sessions."""
     from cli.server import run_server
 
-    settings = load_settings(api_host=host, ssh_host=host, api_port=api_port, ssh_port=ssh_port, data_dir=data_dir)
+    settings = load_settings(api_host=host, ssh_host=host, gateway_web_host=host, api_port=api_port,
+                             ssh_port=ssh_port, gateway_web_port=web_port, data_dir=data_dir)
     _configure_logging(settings)
 
     async def main() -> None:

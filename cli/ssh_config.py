@@ -76,8 +76,16 @@ def refresh_exec_line(command: list[str]) -> str:
     return f'Match host *{HOST_SUFFIX} exec "{words.replace("%", "%%")} %n"'
 
 
-def render_main_config(command: list[str] | None = None) -> str:
+def proxy_command_line(command: list[str]) -> str:
+    """`ProxyCommand` through the gateway's WebSocket door; %n is the name typed (<id>.orz)."""
+    words = " ".join(shlex.quote(w) for w in [*command, "cloud", "proxy"])
+    return f"    ProxyCommand {words.replace('%', '%%')} %n"
+
+
+def render_main_config(command: list[str] | None = None, *, websocket: bool = False) -> str:
     keys = key_pair()
+    command = command or orz_command()
+    proxy = [proxy_command_line(command)] if websocket else []
     return "\n".join([
         "# Written by `orz cloud ssh-config`; regenerate it rather than editing it.",
         f"# `ssh <session-id>{HOST_SUFFIX}` reaches a session through the Orzbob Cloud gateway.",
@@ -89,7 +97,8 @@ def render_main_config(command: list[str] | None = None) -> str:
         f"    UserKnownHostsFile {config_path_arg(known_hosts_path())}",
         "    StrictHostKeyChecking accept-new",
         "    ServerAliveInterval 30",
-        refresh_exec_line(command or orz_command()),
+        *proxy,
+        refresh_exec_line(command),
         f"    Include {config_path_arg(hosts_dir())}/*.conf",
         "",
     ])
@@ -118,9 +127,9 @@ def forget_host(session_id: str) -> None:
     (hosts_dir() / f"{session_id}.conf").unlink(missing_ok=True)
 
 
-def write_main_config(command: list[str] | None = None) -> Path:
+def write_main_config(command: list[str] | None = None, *, websocket: bool = False) -> Path:
     path = orz_ssh_config_path()
-    write_private_file(path, render_main_config(command).encode())
+    write_private_file(path, render_main_config(command, websocket=websocket).encode())
     hosts_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
 

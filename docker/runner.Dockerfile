@@ -25,20 +25,29 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # base image tag fixes the distribution release instead.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git tmux openssh-client ca-certificates locales \
+    && apt-get install -y --no-install-recommends git tmux openssh-client bash ca-certificates locales tini \
+       nodejs npm \
     && sed -i 's/^# *en_US.UTF-8/en_US.UTF-8/' /etc/locale.gen && locale-gen \
     && rm -rf /var/lib/apt/lists/*
+# The claude CLI is an npm package: baked in with --build-arg INSTALL_CLAUDE=1, else users install it
+# into their home (npm prefix below) from setup.init.
+ARG INSTALL_CLAUDE=0
+ARG CLAUDE_VERSION=latest
+# hadolint ignore=DL3016
+RUN if [ "$INSTALL_CLAUDE" = "1" ]; then npm install -g "@anthropic-ai/claude-code@${CLAUDE_VERSION}" && npm cache clean --force; fi
 # uid 1000 matches the session Pod's runAsUser and fsGroup, so the workspace volume is writable.
-RUN groupadd --gid 1000 orz \
-    && useradd --uid 1000 --gid orz --home-dir /home/orz --create-home --shell /bin/bash orz \
-    && install -d -o orz -g orz /workspace /run/orz
+RUN groupadd --gid 1000 orzbob \
+    && useradd --uid 1000 --gid orzbob --home-dir /home/orzbob --create-home --shell /bin/bash orzbob \
+    && install -d -o orzbob -g orzbob /workspace /run/orz
 COPY --from=build /opt/orz /opt/orz
-ENV PATH=/opt/orz/bin:$PATH \
+ENV PATH=/opt/orz/bin:/home/orzbob/.local/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     LANG=en_US.UTF-8 \
-    HOME=/home/orz
+    HOME=/home/orzbob \
+    NPM_CONFIG_PREFIX=/home/orzbob/.local
 WORKDIR /workspace
 USER 1000:1000
 EXPOSE 2222
-ENTRYPOINT ["orz", "runner"]
+# tmux's server daemonizes; tini as PID 1 reaps what it leaves behind.
+ENTRYPOINT ["tini", "--", "orz", "runner"]

@@ -26,6 +26,7 @@ from gateway.cork import CorkProtocol
 from gateway.errors import AttachRefused, CredentialRejected, UpstreamUnavailable
 from gateway.forwarding import Pipe, open_direct, open_remote_listener
 from gateway.routing import Router
+from gateway.web import WebDoor
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class ClientConnection(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername")
         self.source = str(peer[0]) if peer else "?"
+        if peer:  # SSH over the web door arrives from loopback: use the WebSocket client's address
+            self.source = self.gw.tunnel_sources.get((str(peer[0]), int(peer[1])), self.source)
         self.gw.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -290,6 +293,9 @@ class Gateway:
         self._server: asyncio.Server | None = None
         self.metrics_server: metrics.MetricsServer | None = None
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="orz-gw-"))  # 0700: agent links live here
+        # (loopback address, port) of web-door SSH tunnels -> the WebSocket client's address.
+        self.tunnel_sources: dict[tuple[str, int], str] = {}
+        self.web: WebDoor | None = None
 
     @property
     def anchors(self) -> auth.TrustAnchors:
@@ -320,9 +326,25 @@ class Gateway:
         self._server = await loop.create_server(lambda: CorkProtocol(GatewayConnection(loop, options)),
                                                 self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
+        self.web = WebDoor(self)
+        try:
+            await self.web.start()
+        except OSError:
+            log.error("gateway web door cannot listen on %s:%d", self.settings.gateway_web_host,
+                      self.settings.gateway_web_port)
+            self._server.close()  # serve() never reaches its cleanup when start() fails
+            raise
         if self.settings.gateway_metrics_port:
             # Beside the web door's address, never on the public SSH listener.
-            self.metrics_server = metrics.serve(self.settings.gateway_web_host, self.settings.gateway_metrics_port)
+            try:
+                self.metrics_server = metrics.serve(self.settings.gateway_web_host,
+                                                    self.settings.gateway_metrics_port)
+            except OSError:
+                log.error("gateway metrics cannot listen on %s:%d", self.settings.gateway_web_host,
+                          self.settings.gateway_metrics_port)
+                await self.web.close()
+                self._server.close()
+                raise
 
     @property
     def port(self) -> int:
@@ -333,6 +355,8 @@ class Gateway:
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
+        if self.web is not None:
+            await self.web.close()
         if self._server is not None:
             self._server.close()
         for client in list(self.connections):

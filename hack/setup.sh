@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 declare -A wanted=(
   [tmux]=tmux [ssh]=openssh-client [sftp]=openssh-client [scp]=openssh-client [git]=git
   [psql]=postgresql-client [pg_dump]=postgresql-client [curl]=curl [make]=make
+  # The browser terminal test drives Debian's chromium with playwright (never `playwright install`).
+  [chromium]=chromium
 )
 missing=()
 for cmd in "${!wanted[@]}"; do

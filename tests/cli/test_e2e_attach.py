@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TextIO
 
-import httpx
 import pexpect
 import pytest
 
-from tests.support import ROOT, free_port, orz_env, wait_until
+from tests.fullstack import Platform, running_platform
+from tests.support import ROOT
 
 pytestmark = [
     pytest.mark.integration,
@@ -32,57 +28,10 @@ pytestmark = [
 DETACH = "\x02d"  # tmux prefix Ctrl-b, then d
 
 
-@dataclass
-class Platform:
-    home: Path
-    data: Path
-    env: dict[str, str]
-    terminal: TextIO  # everything the terminals showed, for reading after a failure
-
-    def orz(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cli", *args], env=self.env, cwd=cwd or ROOT,
-                              capture_output=True, text=True, timeout=60, check=False)
-
-    def spawn(self, command: str, *args: str, cwd: Path | None = None) -> pexpect.spawn:
-        child = pexpect.spawn(command, list(args), env=self.env, cwd=str(cwd or ROOT), encoding="utf-8",
-                              timeout=20, dimensions=(24, 80))
-        child.logfile_read = self.terminal
-        return child
-
-
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    base = tmp_path_factory.mktemp("e2e")
-    home, data = base / "home", base / "data"
-    home.mkdir()
-    api_port, ssh_port = free_port(), free_port()
-    env = orz_env(home, ORZ_PROVIDER="local", ORZ_LOG_JSON="true", TERM="xterm")
-    with (base / "server.log").open("w") as server_log, (base / "terminal.log").open("w") as terminal:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
-             "--data-dir", str(data)],
-            env=env, cwd=ROOT, stdout=server_log, stderr=server_log,
-        )
-        try:
-            def healthy() -> bool:
-                if server.poll() is not None:
-                    raise RuntimeError(f"orz server exited; see {base / 'server.log'}")
-                try:
-                    return httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_until(healthy, timeout=60, what="orz server")
-            wait_until((home / ".config" / "orzbob" / "token.json").exists, timeout=10, what="the CLI login")
-            yield Platform(home=home, data=data, env=env, terminal=terminal)
-        finally:
-            if server.poll() is None:
-                server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+    with running_platform(tmp_path_factory.mktemp("e2e")) as running:
+        yield running
 
 
 def wait_for_tmux(child: pexpect.spawn) -> None:

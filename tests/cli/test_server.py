@@ -17,7 +17,7 @@ def start_server(tmp_path, api_port: int, ssh_port: int) -> subprocess.Popen[str
     env = orz_env(tmp_path / "home", ORZ_PROVIDER="fake")
     return subprocess.Popen(
         [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
-         "--data-dir", str(tmp_path / "data")],
+         "--web-port", "0", "--data-dir", str(tmp_path / "data")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
 

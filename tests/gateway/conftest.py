@@ -137,7 +137,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
 async def gateway_env(tmp_path: Path, client_key: asyncssh.SSHKey | None = None,
                       route: dict[str, object] | None = None) -> AsyncIterator[Env]:
     """Gateway + API stand-in; the runner stand-in unless a real runner's `route` is given."""
-    settings = Settings(data_dir=tmp_path / "data", ssh_port=0, service_token=SERVICE_TOKEN,
+    settings = Settings(data_dir=tmp_path / "data", ssh_port=0, gateway_web_port=0, service_token=SERVICE_TOKEN,
                         auth_fail_limit=5, auth_fail_window_s=60, gateway_metrics_port=free_port())
     ca = ssh_ca.load_or_create_ca(settings)
     jwt_key = attach_jwt.load_or_create_signing_key(settings)

@@ -60,11 +60,12 @@ def test_runner_image_contract() -> None:
     steps = instructions(ROOT / "docker" / "runner.Dockerfile")
     assert sum(1 for w, _ in steps if w == "FROM") >= 2  # multi-stage
     entry = [a for w, a in steps if w == "ENTRYPOINT"][-1]
-    assert entry == '["orz", "runner"]'
+    assert entry == '["tini", "--", "orz", "runner"]'  # tini reaps what tmux's daemonized server leaves
     installs = " ".join(a for w, a in steps if w == "RUN")
-    for package in ("git", "tmux", "openssh-client"):
+    for package in ("git", "tmux", "openssh-client", "bash", "nodejs", "npm", "tini"):
         assert re.search(rf"\b{package}\b", installs)
     assert [a for w, a in steps if w == "USER"][-1] == "1000:1000"  # the session Pod's runAsUser
+    assert "useradd --uid 1000 --gid orzbob" in installs and "/workspace" in installs
 
 
 def hadolint_binary() -> str | None:

@@ -84,7 +84,7 @@ def test_pod_security() -> None:
     runner = spec["containers"][0]
     assert runner["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m["name"] for m in runner["volumeMounts"]}
-    assert mounts["/workspace"] == "workspace" and mounts["/tmp"] == "tmp" and mounts["/home/orz"] == "home"
+    assert mounts["/workspace"] == "workspace" and mounts["/tmp"] == "tmp" and mounts["/home/orzbob"] == "home"
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == names.pvc_name("brave-otter-42")
     assert "emptyDir" in volumes["tmp"] and "emptyDir" in volumes["home"]

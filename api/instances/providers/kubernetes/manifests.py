@@ -30,7 +30,7 @@ from api.settings import Settings
 RUNNER_SSH_PORT = 2222
 RUNNER_UID = 1000
 WORKSPACE = "/workspace"
-HOME = "/home/orz"
+HOME = "/home/orzbob"
 STATE_DIR = "/run/orz"
 TOKEN_ENV = "ORZ_RUNNER_TOKEN"  # noqa: S105  # nosec B105  # a variable name, not a value
 

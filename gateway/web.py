@@ -1,0 +1,203 @@
+"""The web door: browser terminal page, WebSocket attach, and SSH over WebSocket, beside the SSH listener.
+
+Every check happens in ``process_request``, before the upgrade, so a bad credential is a plain HTTP
+status (401 missing/invalid/expired/replayed token, 403 another session's token or a foreign Origin)
+and the single-use ``jti`` is spent by the API's authorize call before any byte of the session flows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import jwt as pyjwt
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.http11 import Request, Response
+
+from api.client import ApiClient, ApiError, ApiUnreachable
+from api.schemas import AttachRequest, AuthorizeReply
+from gateway import auth, web_bridge
+from gateway import web_http as http
+from gateway.errors import AttachRefused, CredentialRejected
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+log = logging.getLogger(__name__)
+# websockets logs request lines at DEBUG, query string (and so the token) included: keep it at INFO.
+ws_log = logging.getLogger("gateway.web.ws")
+ws_log.setLevel(logging.INFO)
+
+# API refusal codes as HTTP statuses before the upgrade.
+REFUSAL_STATUS = {"unauthorized": 401, "forbidden": 403, "not_found": 404, "quota_exceeded": 429,
+                  "unavailable": 503, "session_failed": 409, "not_running": 409}
+MAX_FRAME = 1 << 20
+
+
+@dataclass
+class Grant:
+    """What process_request established for one upgraded connection."""
+
+    kind: str  # "attach" | "ssh"
+    session_id: str
+    principal: auth.Principal
+    reply: AuthorizeReply
+    source: str
+    id: str
+    cols: int = 80
+    rows: int = 24
+
+
+class WebDoor:
+    """The HTTP/WebSocket listener of one gateway."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.settings = gateway.settings
+        self.origins = http.configured_origins(self.settings.public_web_url)
+        # Weak: a handshake that fails after process_request never reaches the handler to pop its grant.
+        self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = weakref.WeakKeyDictionary()
+        self._server: Server | None = None
+
+    async def start(self) -> None:
+        self._server = await ws_serve(
+            self._handle, self.settings.gateway_web_host, self.settings.gateway_web_port,
+            process_request=self._process_request, server_header="OrzbobCloud", compression=None,
+            max_size=MAX_FRAME, logger=ws_log,
+        )
+        log.info("gateway web door listening on %s:%d", self.settings.gateway_web_host, self.port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    # -- before the upgrade ---------------------------------------------------------------------------
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        source = str(conn.remote_address[0]) if conn.remote_address else "?"
+        target = http.parse_target(request.path)
+        if target is None:
+            return http.text(404, "not found")
+        if target.kind == "health":
+            return http.text(200, "ok")
+        if target.kind == "static":
+            return http.static_file(target.arg)
+        if not http.origin_allowed(request, self.origins):
+            log.info("web %s from %s refused: origin not allowed", http.loggable_path(request.path), source)
+            return http.text(403, "origin not allowed")
+        if target.kind == "page":
+            return http.terminal_page(target.arg)
+        if target.kind == "token":
+            return await self._mint_token(request, target, source)
+        if not http.is_upgrade(request):
+            return http.text(426, "this URL takes a WebSocket")
+        try:
+            grant = await self._authenticate(target, source)
+        except _Refusal as exc:
+            log.info("web %s from %s refused: %d %s", http.loggable_path(request.path), source,
+                     exc.status, exc.line)
+            return http.text(exc.status, f"orz: {exc.line}")
+        self._grants[conn] = grant
+        return None
+
+    async def _authenticate(self, target: http.Target, source: str) -> Grant:
+        if self.gw.limiter.blocked(source):
+            raise _Refusal(429, "too many failed authentications from your address; try again later")
+        token = target.query.get("token", "")
+        if not token:
+            raise _Refusal(401, "an attach token is required (?token=...)")
+        try:
+            principal = auth.check_jwt(token, _claimed_session(token), self.gw.anchors)
+        except CredentialRejected as exc:
+            self.gw.limiter.record_failure(source)
+            raise _Refusal(401, exc.line) from None
+        if _claimed_session(token) != target.arg:
+            self.gw.limiter.record_failure(source)
+            raise _Refusal(403, f"attach token is not for session {target.arg}")
+        principal = dataclasses.replace(principal, method="websocket")
+        try:
+            reply = await self.gw.router.authorize(target.arg, principal, source=source)
+        except AttachRefused as exc:
+            status = REFUSAL_STATUS.get(exc.code, 409)
+            if status in (401, 403, 404):
+                self.gw.limiter.record_failure(source)
+            raise _Refusal(status, exc.line) from None
+        return Grant(target.kind, target.arg, principal, reply, source, secrets.token_hex(6),
+                     cols=_dimension(target.query.get("cols"), 80), rows=_dimension(target.query.get("rows"), 24))
+
+    async def _mint_token(self, request: Request, target: http.Target, source: str) -> Response:
+        """Same-origin token endpoint for the page: the user's API token in, a fresh attach token out.
+
+        The page sends its API token in the Authorization header (never a cookie), so another site cannot
+        make a browser call this; the gateway forwards it to the API's attach route and keeps nothing.
+        """
+        if self.gw.limiter.blocked(source):
+            return http.json_response(429, {"detail": "too many failed attempts from your address"})
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer ") or len(header) > 512:
+            return http.json_response(401, {"detail": "an API token is required"})
+        readonly = target.query.get("readonly", "") in ("1", "true")
+        api = ApiClient(self.settings.public_api_url, header.removeprefix("Bearer ").strip())
+        try:
+            grant = await api.attach(target.arg, AttachRequest(readonly=readonly))
+        except ApiUnreachable:
+            return http.json_response(503, {"detail": "Orzbob Cloud is unavailable right now"})
+        except ApiError as exc:
+            log.info("web token for %s from %s refused: %d %s", target.arg, source, exc.status, exc.code)
+            if exc.status == 401:  # guessing API tokens through the door counts like a bad attach token
+                self.gw.limiter.record_failure(source)
+            status = exc.status if 400 <= exc.status < 500 else 502
+            return http.json_response(status, {"detail": exc.detail})
+        finally:
+            await api.aclose()
+        return http.json_response(200, {"token": grant.token, "status": grant.status,
+                                        "expires_at": grant.token_expires_at.isoformat(),
+                                        "readonly": grant.readonly})
+
+    # -- after the upgrade ----------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        grant = self._grants.pop(ws, None)
+        if grant is None:  # process_request always sets it before an upgrade
+            await ws.close(1008, "not authorized")
+            return
+        if grant.kind == "ssh":
+            await web_bridge.tunnel(self.gw, ws, grant)
+        else:
+            await web_bridge.terminal(self.gw, ws, grant)
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, line: str) -> None:
+        super().__init__(line)
+        self.status = status
+        self.line = line
+
+
+def _claimed_session(token: str) -> str:
+    """The sid claim, unverified: only to pick the session check_jwt then verifies it against."""
+    try:
+        claims = pyjwt.decode(token, options={"verify_signature": False})
+    except pyjwt.PyJWTError:
+        return ""
+    sid = claims.get("sid") if isinstance(claims, dict) else None
+    return sid if isinstance(sid, str) and auth.valid_session_id(sid) else ""
+
+
+def _dimension(value: str | None, default: int) -> int:
+    try:
+        n = int(value or default)
+    except ValueError:
+        return default
+    return max(2, min(n, 1000))

@@ -1,0 +1,189 @@
+"""After the upgrade: a WebSocket bridged to the runner's tmux (terminal), or to our own SSH port (tunnel).
+
+Terminal protocol: binary frames are raw terminal bytes both ways; text frames are small JSON control
+messages. Browser -> gateway: ``{"type": "resize", "cols": C, "rows": R}``. Gateway -> browser:
+``{"type": "status", "message": ...}`` while a session wakes, ``{"type": "attached", "mode": "rw"|"ro"}``,
+``{"type": "error", "message": ...}`` before a refusal close, ``{"type": "exit", "status": N}`` at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from api.schemas import AttachEventIn
+from gateway.bridge import Counters, connect_upstream
+from gateway.errors import AttachRefused, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+    from gateway.web import Grant
+
+log = logging.getLogger(__name__)
+
+TERM = "xterm-256color"
+READ_CHUNK = 64 * 1024
+# Close codes the page understands: 1000 the session ended or detached; 4001 a refusal after the upgrade.
+CLOSE_REFUSED = 4001
+LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104
+
+
+async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
+    """The browser terminal: one upstream SSH session with a pty, i.e. onAttach, then tmux attach."""
+    counters = Counters()
+
+    def progress(line: str) -> None:
+        gw.spawn(_send_json(ws, {"type": "status", "message": line}))
+
+    try:
+        reply = await gw.router.until_running(grant.session_id, grant.principal, grant.reply,
+                                              source=grant.source, progress=progress)
+        assert reply.route is not None
+        upstream = await connect_upstream(reply.route, reply.mode, gw.client_key)
+    except (AttachRefused, UpstreamUnavailable) as exc:
+        log.info("web %s: attach to %s failed: %s", grant.id, grant.session_id, exc.internal or exc.line)
+        await _refuse(ws, exc.line)
+        return
+    readonly = reply.mode == "ro" or grant.principal.readonly
+    attached_at: float | None = None
+    try:
+        async with upstream:
+            stdin, stdout, _ = await upstream.open_session(
+                request_pty="force", term_type=TERM, term_size=(grant.cols, grant.rows), encoding=None,
+                env={"LANG": "C.UTF-8"})
+            log.info("web %s from %s attached to %s (%s)", grant.id, grant.source, grant.session_id, reply.mode)
+            await _send_json(ws, {"type": "attached", "mode": "ro" if readonly else "rw"})
+            attached_at = time.monotonic()
+            await gw.router.report(AttachEventIn(
+                session_id=grant.session_id, user_id=grant.principal.user_id, event="attached",
+                connection_id=grant.id, source_address=grant.source))
+            await _first_done(_session_to_ws(stdout, ws, counters),
+                              _ws_to_session(ws, stdin, counters, readonly=readonly))
+            stdin.channel.close()
+            await stdin.channel.wait_closed()
+            status = stdin.channel.get_exit_status()
+            with contextlib.suppress(ConnectionClosed):
+                await _send_json(ws, {"type": "exit", "status": status})
+                await ws.close(1000, "session ended")
+    except (asyncssh.Error, OSError) as exc:
+        log.info("web %s: session on %s refused: %r", grant.id, grant.session_id, exc)
+        await _refuse(ws, "the session refused this request")
+    finally:
+        if attached_at is not None:
+            await _report_detached(gw, grant, counters, attached_at)
+
+
+async def _report_detached(gw: Gateway, grant: Grant, counters: Counters, attached_at: float) -> None:
+    await gw.router.report(AttachEventIn(
+        session_id=grant.session_id, user_id=grant.principal.user_id, event="detached",
+        connection_id=grant.id, source_address=grant.source, bytes_in=counters.bytes_in,
+        bytes_out=counters.bytes_out, duration_s=max(0.0, time.monotonic() - attached_at)))
+    log.info("web %s detached from %s (in %d B, out %d B)", grant.id, grant.session_id,
+             counters.bytes_in, counters.bytes_out)
+
+
+async def _session_to_ws(stdout: asyncssh.SSHReader[bytes], ws: ServerConnection, counters: Counters) -> None:
+    while True:
+        data = await stdout.read(READ_CHUNK)
+        if not data:
+            return
+        counters.bytes_out += len(data)
+        await ws.send(data)
+
+
+async def _ws_to_session(ws: ServerConnection, stdin: asyncssh.SSHWriter[bytes], counters: Counters, *,
+                         readonly: bool) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        async for message in ws:
+            if isinstance(message, str):
+                _control(message, stdin.channel)
+            elif not readonly:  # tmux's read-only client would ignore keys too; do not even carry them
+                counters.bytes_in += len(message)
+                stdin.write(message)
+                await stdin.drain()
+
+
+def _control(message: str, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+    try:
+        msg = json.loads(message)
+    except ValueError:
+        return
+    if not isinstance(msg, dict) or msg.get("type") != "resize":
+        return  # unknown control messages are ignored so newer pages work with older gateways
+    cols, rows = msg.get("cols"), msg.get("rows")
+    if isinstance(cols, int) and isinstance(rows, int) and 2 <= cols <= 1000 and 2 <= rows <= 1000:
+        chan.change_terminal_size(cols, rows)
+
+
+async def tunnel(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
+    """SSH over WebSocket: binary frames to and from the gateway's own SSH listener on loopback."""
+    host = LOOPBACK.get(gw.settings.ssh_host, gw.settings.ssh_host)
+    try:
+        reader, writer = await asyncio.open_connection(host, gw.port)
+    except OSError as exc:
+        log.warning("web %s: ssh tunnel cannot reach %s:%d: %r", grant.id, host, gw.port, exc)
+        await _refuse(ws, "Orzbob Cloud is unavailable right now; try again shortly")
+        return
+    local = writer.get_extra_info("sockname")
+    # The SSH listener sees loopback; tell it the real client so rate limits and logs name the right one.
+    gw.tunnel_sources[(str(local[0]), int(local[1]))] = grant.source
+    log.info("web %s from %s: ssh tunnel for %s", grant.id, grant.source, grant.session_id)
+    try:
+        await _first_done(_tcp_to_ws(reader, ws), _ws_to_tcp(ws, writer))
+    finally:
+        gw.tunnel_sources.pop((str(local[0]), int(local[1])), None)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        with contextlib.suppress(ConnectionClosed):
+            await ws.close(1000, "ssh connection closed")
+
+
+async def _tcp_to_ws(reader: asyncio.StreamReader, ws: ServerConnection) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        while data := await reader.read(READ_CHUNK):
+            await ws.send(data)
+
+
+async def _ws_to_tcp(ws: ServerConnection, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionClosed, ConnectionError):
+        async for message in ws:
+            if isinstance(message, str):
+                return  # SSH is bytes only: a text frame is a confused client
+            writer.write(message)
+            await writer.drain()
+    with contextlib.suppress(OSError):
+        writer.write_eof()
+
+
+async def _first_done(*coros: Awaitable[None]) -> None:
+    """Run both directions; when one ends (a side closed), stop the other."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _send_json(ws: ServerConnection, payload: dict[str, Any]) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(json.dumps(payload))
+
+
+async def _refuse(ws: ServerConnection, line: str) -> None:
+    """The one-line reason, as a control message, in the terminal, and as the close reason."""
+    with contextlib.suppress(ConnectionClosed):
+        await _send_json(ws, {"type": "error", "message": line})
+        await ws.send(f"orz: {line}\r\n".encode())
+        await ws.close(CLOSE_REFUSED, line[:100])

@@ -1,0 +1,119 @@
+"""HTTP pieces of the web door: responses, origin checks, request paths, and the static files."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+SESSION_PART = r"(?P<sid>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
+ROUTES = {
+    "attach": re.compile(rf"^/v1/instances/{SESSION_PART}/attach$"),
+    "ssh": re.compile(rf"^/v1/instances/{SESSION_PART}/ssh$"),
+    "page": re.compile(rf"^/s/{SESSION_PART}$"),
+    "token": re.compile(rf"^/s/{SESSION_PART}/token$"),
+    "static": re.compile(r"^/static/(?P<file>[A-Za-z0-9_./-]{1,200})$"),
+    "health": re.compile(r"^/healthz$"),
+}
+CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+                 ".html": "text/html; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
+# The page loads only its own scripts and styles and talks only to this host (xterm.js sets inline styles).
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request asks for: a route name, the session id (or static file), and the query."""
+
+    kind: str
+    arg: str
+    query: dict[str, str]
+
+
+def parse_target(raw_path: str) -> Target | None:
+    parts = urlsplit(raw_path)
+    query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    for kind, pattern in ROUTES.items():
+        m = pattern.match(parts.path)
+        if m:
+            return Target(kind, m.groupdict().get("sid") or m.groupdict().get("file") or "", query)
+    return None
+
+
+def loggable_path(raw_path: str) -> str:
+    """The path without its query string: attach tokens ride in the query and never reach a log."""
+    return urlsplit(raw_path).path[:200]
+
+
+def response(status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8",
+             extra: dict[str, str] | None = None) -> Response:
+    headers = Headers()
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(body))
+    headers["Cache-Control"] = "no-store"
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Referrer-Policy"] = "no-referrer"
+    headers["Connection"] = "close"
+    for key, value in (extra or {}).items():
+        headers[key] = value
+    return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+def text(status: int, line: str) -> Response:
+    return response(status, (line + "\n").encode())
+
+
+def json_response(status: int, payload: dict[str, object]) -> Response:
+    return response(status, json.dumps(payload).encode(), "application/json")
+
+
+def is_upgrade(request: Request) -> bool:
+    upgrade = request.headers.get("Upgrade", "")
+    return upgrade.lower() == "websocket"
+
+
+def origin_allowed(request: Request, allowed: frozenset[str]) -> bool:
+    """Browsers always send Origin: accept this host's own origin and configured ones.
+
+    Clients that are not browsers (the CLI proxy, scripts) send none; they cannot be driven by a hostile
+    page, and the token in the URL is their credential.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    origin = origin.rstrip("/").lower()
+    host = request.headers.get("Host", "").lower()
+    return origin in allowed or origin in (f"http://{host}", f"https://{host}")
+
+
+def configured_origins(public_web_url: str) -> frozenset[str]:
+    """The public web URL as a browser origin (ws/wss mapped to http/https)."""
+    if not public_web_url:
+        return frozenset()
+    parts = urlsplit(public_web_url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return frozenset({f"{scheme}://{parts.netloc}".lower()})
+
+
+def static_file(name: str) -> Response:
+    """A file under gateway/static (no directory escapes; only known types)."""
+    path = (STATIC_DIR / name).resolve()
+    if STATIC_DIR not in path.parents or not path.is_file() or path.suffix not in CONTENT_TYPES:
+        return text(404, "not found")
+    # Vendored files are versioned by the package; a day of caching is safe and saves reloads on phones.
+    return response(200, path.read_bytes(), CONTENT_TYPES[path.suffix],
+                    {"Cache-Control": "public, max-age=86400"})
+
+
+def terminal_page(session_id: str) -> Response:
+    html = (STATIC_DIR / "terminal.html").read_text().replace("{{SESSION}}", session_id)
+    return response(200, html.encode(), CONTENT_TYPES[".html"],
+                    {"Content-Security-Policy": PAGE_CSP, "X-Frame-Options": "DENY"})

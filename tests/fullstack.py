@@ -1,0 +1,71 @@
+"""A whole platform for end-to-end tests: `orz server` (API, gateway, scheduler, local runners) as a
+real process with its own HOME, data dir and free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import httpx
+import pexpect
+
+from tests.support import ROOT, free_port, orz_env, wait_until
+
+
+@dataclass
+class Platform:
+    home: Path
+    data: Path
+    env: dict[str, str]
+    terminal: TextIO  # everything the terminals showed, for reading after a failure
+
+    def orz(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli", *args], env=self.env, cwd=cwd or ROOT,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    def spawn(self, command: str, *args: str, cwd: Path | None = None) -> pexpect.spawn:
+        child = pexpect.spawn(command, list(args), env=self.env, cwd=str(cwd or ROOT), encoding="utf-8",
+                              timeout=20, dimensions=(24, 80))
+        child.logfile_read = self.terminal
+        return child
+
+
+@contextlib.contextmanager
+def running_platform(base: Path, **settings: str) -> Iterator[Platform]:
+    """Start `orz server` under ``base``; ``settings`` are extra ORZ_* environment variables."""
+    home, data = base / "home", base / "data"
+    home.mkdir()
+    api_port, ssh_port = free_port(), free_port()
+    env = orz_env(home, ORZ_PROVIDER="local", ORZ_LOG_JSON="true", TERM="xterm", **settings)
+    with (base / "server.log").open("w") as server_log, (base / "terminal.log").open("w") as terminal:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
+             "--web-port", "0", "--data-dir", str(data)],
+            env=env, cwd=ROOT, stdout=server_log, stderr=server_log,
+        )
+        try:
+            def healthy() -> bool:
+                if server.poll() is not None:
+                    raise RuntimeError(f"orz server exited; see {base / 'server.log'}")
+                try:
+                    return httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(healthy, timeout=60, what="orz server")
+            wait_until((home / ".config" / "orzbob" / "token.json").exists, timeout=10, what="the CLI login")
+            yield Platform(home=home, data=data, env=env, terminal=terminal)
+        finally:
+            if server.poll() is None:
+                server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()

@@ -1,0 +1,97 @@
+"""Headless Debian chromium, driven by playwright, opens /s/<id>, types `echo ping` and sees `ping`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT, orz
+from tests.web_platform import NEEDS, WebPlatform, start_platform
+
+CHROMIUM = os.environ.get("ORZ_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = ROOT / "test-artifacts"
+
+pytestmark = [
+    pytest.mark.integration, NEEDS,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs chromium at {CHROMIUM} (hack/setup.sh)"),
+    pytest.mark.skipif(importlib.util.find_spec("playwright") is None, reason="needs the playwright package"),
+]
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebPlatform]:
+    yield from start_platform(tmp_path_factory.mktemp("browser"))
+
+
+def test_browser_terminal_types_and_sees_ping(platform: WebPlatform) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    sid = platform.new_session("echo hi from $(hostname -s 2>/dev/null || echo orz); exec bash --norc --noprofile")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 520})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{platform.web_url}/s/{sid}")
+            # First visit: no API token in this browser yet, so the page asks for one.
+            page.fill("#api-token", platform.api_token)
+            page.click("#login button[type=submit]")
+            # Locators, not wait_for_function: the page's CSP forbids the eval that one relies on.
+            expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
+            rows = page.locator(".xterm-rows")
+            rows.filter(has_text="[main]").wait_for(timeout=15000)
+            page.click(".xterm")
+            page.keyboard.type("echo ping\n", delay=10)
+            rows.locator("div", has_text=re.compile(r"^\s*ping\s*$")).first.wait_for(timeout=15000)
+            assert "ping" in rows.inner_text()
+            # The API token stays in this browser's storage, never in the URL.
+            assert page.evaluate("localStorage.getItem('orz.apiToken')") == platform.api_token
+            assert platform.api_token not in page.url
+            page.screenshot(path=str(ARTIFACTS / "web-terminal.png"))
+            assert not errors, errors
+        finally:
+            browser.close()
+    platform.kill(sid)
+
+
+def test_one_time_link_and_reconnect_after_a_network_blip(platform: WebPlatform) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    sid = platform.new_session("bash --norc --noprofile")
+    link = orz("cloud", "web", sid, env=platform.env)
+    assert link.returncode == 0, link.stderr
+    url = link.stdout.strip()
+    assert url.startswith(f"{platform.web_url}/s/{sid}#token=")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context()
+            page = context.new_page()
+            page.goto(url)
+            expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
+            assert "#" not in page.url  # the one-time token left the address bar
+            # No API token stored, so after a blip the page can only ask for one: it says so.
+            context.set_offline(True)
+            expect(page.locator("#status")).not_to_contain_text("connected", timeout=15000)
+            context.set_offline(False)
+            expect(page.locator("#login")).to_be_visible(timeout=20000)
+            # With an API token the page fetches a fresh attach token and is back.
+            page.fill("#api-token", platform.api_token)
+            page.click("#login button[type=submit]")
+            expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
+            context.set_offline(True)
+            expect(page.locator("#status")).to_contain_text("reconnecting", timeout=15000)
+            context.set_offline(False)
+            expect(page.locator("#status")).to_contain_text("connected", timeout=20000)
+        finally:
+            browser.close()
+    platform.kill(sid)

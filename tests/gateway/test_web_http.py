@@ -1,0 +1,49 @@
+"""The web door's HTTP helpers: routes, origin checks, log-safe paths, static files."""
+
+from __future__ import annotations
+
+from websockets.datastructures import Headers
+from websockets.http11 import Request
+
+from gateway import web_http as http
+
+
+def request(path: str = "/", **headers: str) -> Request:
+    h = Headers()
+    for key, value in headers.items():
+        h[key.replace("_", "-")] = value
+    return Request(path, h)
+
+
+def test_routes() -> None:
+    t = http.parse_target("/v1/instances/abc-1/attach?token=x.y.z&cols=100")
+    assert t is not None and (t.kind, t.arg, t.query["token"], t.query["cols"]) == ("attach", "abc-1", "x.y.z", "100")
+    assert http.parse_target("/v1/instances/abc/ssh?token=t").kind == "ssh"  # type: ignore[union-attr]
+    assert http.parse_target("/s/abc").kind == "page"  # type: ignore[union-attr]
+    assert http.parse_target("/s/abc/token").kind == "token"  # type: ignore[union-attr]
+    assert http.parse_target("/v1/instances/../attach") is None
+    assert http.parse_target("/s/<script>") is None
+    assert http.parse_target("/elsewhere") is None
+
+
+def test_loggable_path_drops_the_query() -> None:
+    assert http.loggable_path("/v1/instances/a/attach?token=secret") == "/v1/instances/a/attach"
+
+
+def test_origin_check() -> None:
+    allowed = http.configured_origins("wss://gw.example.com")
+    assert allowed == frozenset({"https://gw.example.com"})
+    assert http.origin_allowed(request(Host="127.0.0.1:8443"), allowed)  # not a browser: no Origin
+    assert http.origin_allowed(request(Host="127.0.0.1:8443", Origin="http://127.0.0.1:8443"), allowed)
+    assert http.origin_allowed(request(Host="10.0.0.5", Origin="https://gw.example.com"), allowed)
+    assert not http.origin_allowed(request(Host="127.0.0.1:8443", Origin="https://evil.example"), allowed)
+    assert not http.origin_allowed(request(Host="127.0.0.1:8443", Origin="null"), allowed)
+
+
+def test_static_files_stay_inside_the_static_dir() -> None:
+    assert http.static_file("vendor/xterm/xterm.js").status_code == 200
+    assert http.static_file("../web.py").status_code == 404
+    assert http.static_file("vendor/xterm/LICENSE").status_code == 404  # not a served type
+    page = http.terminal_page("abc-1")
+    assert b'data-session="abc-1"' in page.body
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
