@@ -21,7 +21,7 @@ from websockets.http11 import Request, Response
 
 from api.client import ApiClient, ApiError, ApiUnreachable
 from api.schemas import AttachRequest, AuthorizeReply
-from gateway import auth, web_bridge
+from gateway import auth, metrics, web_bridge
 from gateway import web_http as http
 from gateway.errors import AttachRefused, CredentialRejected
 
@@ -113,6 +113,7 @@ class WebDoor:
 
     async def _authenticate(self, target: http.Target, source: str) -> Grant:
         if self.gw.limiter.blocked(source):
+            metrics.auth_failed("websocket", "rate_limited")
             raise _Refusal(429, "too many failed authentications from your address; try again later")
         token = target.query.get("token", "")
         if not token:
@@ -121,14 +122,18 @@ class WebDoor:
             principal = auth.check_jwt(token, _claimed_session(token), self.gw.anchors)
         except CredentialRejected as exc:
             self.gw.limiter.record_failure(source)
+            metrics.auth_failed("websocket", metrics.credential_reason(exc.line))
             raise _Refusal(401, exc.line) from None
         if _claimed_session(token) != target.arg:
             self.gw.limiter.record_failure(source)
+            metrics.auth_failed("websocket", "wrong_session")
             raise _Refusal(403, f"attach token is not for session {target.arg}")
         principal = dataclasses.replace(principal, method="websocket")
         try:
             reply = await self.gw.router.authorize(target.arg, principal, source=source)
         except AttachRefused as exc:
+            if target.kind != "ssh":  # a tunnel's own SSH attach is counted by the SSH door
+                metrics.attach_failed("web", exc.code)
             status = REFUSAL_STATUS.get(exc.code, 409)
             if status in (401, 403, 404):
                 self.gw.limiter.record_failure(source)

@@ -21,6 +21,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from api.schemas import AttachEventIn
+from gateway import metrics
 from gateway.bridge import Counters, connect_upstream
 from gateway.errors import AttachRefused, UpstreamUnavailable
 
@@ -40,6 +41,7 @@ LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104
 async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
     """The browser terminal: one upstream SSH session with a pty, i.e. onAttach, then tmux attach."""
     counters = Counters()
+    authorized_at = time.monotonic()  # the credential was checked just before the upgrade
 
     def progress(line: str) -> None:
         gw.spawn(_send_json(ws, {"type": "status", "message": line}))
@@ -51,6 +53,7 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
         upstream = await connect_upstream(reply.route, reply.mode, gw.client_key)
     except (AttachRefused, UpstreamUnavailable) as exc:
         log.info("web %s: attach to %s failed: %s", grant.id, grant.session_id, exc.internal or exc.line)
+        metrics.attach_failed("web", exc.code)
         await _refuse(ws, exc.line)
         return
     readonly = reply.mode == "ro" or grant.principal.readonly
@@ -60,9 +63,12 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
             stdin, stdout, _ = await upstream.open_session(
                 request_pty="force", term_type=TERM, term_size=(grant.cols, grant.rows), encoding=None,
                 env={"LANG": "C.UTF-8"})
-            log.info("web %s from %s attached to %s (%s)", grant.id, grant.source, grant.session_id, reply.mode)
+            log.info("web %s from %s attached to %s (%s)", grant.id, grant.source, grant.session_id, reply.mode,
+                     extra={"event": "attached", "conn_id": grant.id, "session_id": grant.session_id,
+                            "user_id": grant.principal.user_id, "source": grant.source, "mode": reply.mode})
             await _send_json(ws, {"type": "attached", "mode": "ro" if readonly else "rw"})
             attached_at = time.monotonic()
+            metrics.attached("web", attached_at - authorized_at)
             await gw.router.report(AttachEventIn(
                 session_id=grant.session_id, user_id=grant.principal.user_id, event="attached",
                 connection_id=grant.id, source_address=grant.source))
@@ -76,9 +82,12 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
                 await ws.close(1000, "session ended")
     except (asyncssh.Error, OSError) as exc:
         log.info("web %s: session on %s refused: %r", grant.id, grant.session_id, exc)
+        if attached_at is None:
+            metrics.attach_failed("web", "upstream_unavailable")
         await _refuse(ws, "the session refused this request")
     finally:
         if attached_at is not None:
+            metrics.detached("web", counters.bytes_in, counters.bytes_out)
             await _report_detached(gw, grant, counters, attached_at)
 
 
@@ -87,8 +96,12 @@ async def _report_detached(gw: Gateway, grant: Grant, counters: Counters, attach
         session_id=grant.session_id, user_id=grant.principal.user_id, event="detached",
         connection_id=grant.id, source_address=grant.source, bytes_in=counters.bytes_in,
         bytes_out=counters.bytes_out, duration_s=max(0.0, time.monotonic() - attached_at)))
-    log.info("web %s detached from %s (in %d B, out %d B)", grant.id, grant.session_id,
-             counters.bytes_in, counters.bytes_out)
+    duration = max(0.0, time.monotonic() - attached_at)
+    log.info("web %s detached from %s after %.1f s (in %d B, out %d B)", grant.id, grant.session_id, duration,
+             counters.bytes_in, counters.bytes_out,
+             extra={"event": "detached", "conn_id": grant.id, "session_id": grant.session_id,
+                    "user_id": grant.principal.user_id, "source": grant.source, "duration_s": round(duration, 3),
+                    "bytes_in": counters.bytes_in, "bytes_out": counters.bytes_out})
 
 
 async def _session_to_ws(stdout: asyncssh.SSHReader[bytes], ws: ServerConnection, counters: Counters) -> None:
