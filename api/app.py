@@ -20,7 +20,7 @@ from api import log as orz_log
 from api import metrics
 from api.auth import PrincipalCache
 from api.credentials.secrets_box import SecretsBox
-from api.db.engine import create_engine, session_factory
+from api.db.engine import create_engine, read_session_factory, session_factory
 from api.db.migrate import ensure_at_head
 from api.errors import STATUS_TO_ERROR, OrzError
 from api.instances.providers.base import Provider
@@ -42,6 +42,7 @@ class AppState:
     instances: InstanceService
     principals: PrincipalCache
     secrets: SecretService | None = None
+    reads: async_sessionmaker[AsyncSession] | None = None
 
 
 def make_provider(settings: Settings) -> Provider:
@@ -136,15 +137,16 @@ def create_app(
             await ensure_at_head(settings.database_url)
         engine = create_engine(settings.database_url)
         sessions = session_factory(engine)
+        reads = read_session_factory(engine)
         prov = provider or make_provider(settings)
         secret_svc = SecretService(sessions, SecretsBox.from_settings(settings))
         svc = InstanceService(
             settings, sessions, prov, gateway_public_key=gateway_public_key(settings),
-            secret_env=secret_env or secret_svc,
+            secret_env=secret_env or secret_svc, read_sessions=reads,
         )
         svc.on_transition.append(_count_transition)
         app.ctx.state = AppState(settings, engine, sessions, prov, svc, PrincipalCache(settings.auth_cache_ttl_s),
-                                 secrets=secret_svc)
+                                 secrets=secret_svc, reads=reads)
 
     @app.after_server_stop
     async def close_resources(app: Sanic, _loop: Any = None) -> None:

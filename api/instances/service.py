@@ -69,9 +69,12 @@ class InstanceService:
         gateway_public_key: str = "",
         secret_env: SecretEnvSource | None = None,
         clock: Clock = utcnow,
+        read_sessions: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
+        # Plain lookups that need no transaction (one SELECT each) use these when given.
+        self.reads = read_sessions or sessions
         self.provider = provider
         self.gateway_public_key = gateway_public_key
         self.secret_env = secret_env
@@ -83,11 +86,11 @@ class InstanceService:
     # ------------------------------------------------------------------------------------ queries
 
     async def get(self, who: Principal, session_id: str) -> Instance:
-        async with self.sessions() as db:
+        async with self.reads() as db:
             return await self._owned(db, who, session_id)
 
     async def list(self, who: Principal) -> list[Instance]:
-        async with self.sessions() as db:
+        async with self.reads() as db:
             rows = await db.scalars(
                 select(Instance)
                 .where(Instance.org_id == who.org_id, Instance.state != State.DELETED.value)
@@ -96,7 +99,7 @@ class InstanceService:
             return list(rows)
 
     async def events(self, who: Principal, session_id: str, limit: int = 20) -> list[Event]:
-        async with self.sessions() as db:
+        async with self.reads() as db:
             await self._owned(db, who, session_id)
             rows = await db.scalars(
                 select(Event)
@@ -107,7 +110,7 @@ class InstanceService:
             return list(reversed(list(rows)))
 
     async def quota(self, org_id: str, plan: str) -> schemas.Quota:
-        async with self.sessions() as db:
+        async with self.reads() as db:
             active = await self._count_active(db, org_id)
         return schemas.Quota(limit=self.settings.quota_for(plan), active=active, plan=plan)
 
