@@ -33,14 +33,22 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # Few connections: each is a thread (aiosqlite) contending for the GIL and for SQLite's one write
+        # lock, whose busy wait sleeps; measured, 2-4 beat 32 on both throughput and tail latency.
+        # The overflow is for code that holds one session while opening another.
+        kwargs.setdefault("pool_size", 4)
+        kwargs.setdefault("max_overflow", 16)
         engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     # Pre-ping costs a round trip per checkout (measured here: ~1/3 of a primary-key read) but keeps a
     # database restart from failing one request per pooled connection; reliability wins for now.
     kwargs.setdefault("pool_pre_ping", True)
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 20)
+    # Overflow connections are closed when returned, so a burst above pool_size opens and closes a
+    # connection per request (measured: 1.1k instead of 1.8k req/s at 32 concurrent requests). Keep the
+    # steady-state pool large enough for the concurrency one API process sees.
+    kwargs.setdefault("pool_size", 32)
+    kwargs.setdefault("max_overflow", 8)
     return create_async_engine(url, **kwargs)
 
 
