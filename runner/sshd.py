@@ -301,6 +301,9 @@ class _WorkspaceSFTP(asyncssh.SFTPServer):
             self.channel.exit(0)
 
 
+TYPEAHEAD_MAX_BYTES = 64 * 1024
+
+
 class _PtyBridge:
     """Feeds one SSH channel's input to whichever pty program currently runs on it."""
 
@@ -312,6 +315,9 @@ class _PtyBridge:
         cols, rows, _, _ = process.get_terminal_size()
         self.cols, self.rows = cols or 80, rows or 24
         self.child: PtyChild | None = None
+        # Keys typed while no program runs yet (the handshake, tmux starting) go to the next one, as a
+        # terminal's typeahead would, instead of being dropped.
+        self._typeahead = bytearray()
         self._drain: asyncio.Task[None] | None = None
         self._pump = asyncio.create_task(self._read_input())
         self._watch = asyncio.create_task(_kill_when_closed(process, self._kill_child))
@@ -320,6 +326,9 @@ class _PtyBridge:
                   time_limit: float | None = None) -> int:
         self.child = await PtyChild.spawn(argv, cwd=cwd, env=env, cols=self.cols, rows=self.rows,
                                           on_output=self._output)
+        if self._typeahead:
+            self.child.write(bytes(self._typeahead))
+            self._typeahead.clear()
         try:
             return await self.child.wait(time_limit)
         finally:
@@ -367,9 +376,13 @@ class _PtyBridge:
                 # The client hung up (a pty session has no other EOF): take its program down too.
                 self._kill_child()
                 return
-            if self.input_enabled and self.child is not None:
-                self.activity.note_input()
+            if not self.input_enabled:
+                continue
+            self.activity.note_input()
+            if self.child is not None:
                 self.child.write(data)
+            elif len(self._typeahead) + len(data) <= TYPEAHEAD_MAX_BYTES:
+                self._typeahead += data
 
     def close(self) -> None:
         self._pump.cancel()

@@ -71,6 +71,16 @@ async def test_pty_shell_sees_program_output_and_typing_echoes(session) -> None:
         proc.close()
 
 
+async def test_keys_typed_before_tmux_attaches_are_not_lost(make_repo: MakeRepo, start_runner: StartRunner) -> None:
+    handle = await start_runner(make_repo({"README": "x\n"}), program="bash")
+    await handle.ready()
+    async with await handle.connect() as conn:
+        proc = await conn.create_process(term_type="xterm", term_size=(100, 30))
+        proc.stdin.write(b"echo typed-''ahead\r")  # at once: tmux is not attached yet
+        await read_until(proc.stdout, b"typed-ahead")
+        proc.close()
+
+
 async def test_exec_keeps_exit_status_and_stderr_apart(session) -> None:
     async with await session.connect() as conn:
         result = await conn.run("echo out; echo err >&2; pwd; exit 7", check=False)
