@@ -24,6 +24,10 @@ class Platform:
     data: Path
     env: dict[str, str]
     terminal: TextIO  # everything the terminals showed, for reading after a failure
+    api_port: int
+    ssh_port: int
+    web_port: int
+    log: Path  # the server's output
 
     def orz(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "cli", *args], env=self.env, cwd=cwd or ROOT,
@@ -41,12 +45,12 @@ def running_platform(base: Path, **settings: str) -> Iterator[Platform]:
     """Start `orz server` under ``base``; ``settings`` are extra ORZ_* environment variables."""
     home, data = base / "home", base / "data"
     home.mkdir()
-    api_port, ssh_port = free_port(), free_port()
+    api_port, ssh_port, web_port = free_port(), free_port(), free_port()
     env = orz_env(home, ORZ_PROVIDER="local", ORZ_LOG_JSON="true", TERM="xterm", **settings)
     with (base / "server.log").open("w") as server_log, (base / "terminal.log").open("w") as terminal:
         server = subprocess.Popen(
             [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
-             "--web-port", "0", "--data-dir", str(data)],
+             "--web-port", str(web_port), "--data-dir", str(data)],
             env=env, cwd=ROOT, stdout=server_log, stderr=server_log,
         )
         try:
@@ -54,13 +58,15 @@ def running_platform(base: Path, **settings: str) -> Iterator[Platform]:
                 if server.poll() is not None:
                     raise RuntimeError(f"orz server exited; see {base / 'server.log'}")
                 try:
-                    return httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=1).status_code == 200
+                    return all(httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+                               for port in (api_port, web_port))
                 except httpx.HTTPError:
                     return False
 
             wait_until(healthy, timeout=60, what="orz server")
             wait_until((home / ".config" / "orzbob" / "token.json").exists, timeout=10, what="the CLI login")
-            yield Platform(home=home, data=data, env=env, terminal=terminal)
+            yield Platform(home=home, data=data, env=env, terminal=terminal, api_port=api_port,
+                           ssh_port=ssh_port, web_port=web_port, log=base / "server.log")
         finally:
             if server.poll() is None:
                 server.send_signal(signal.SIGINT)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ROOT, free_port, orz_env, wait_until
+from tests.fullstack import running_platform
+from tests.support import wait_until
 
 NEEDS = pytest.mark.skipif(any(shutil.which(b) is None for b in ("ssh", "tmux", "git")),
                            reason="needs ssh, tmux and git")
@@ -68,49 +66,9 @@ class WebPlatform:
 
 
 def start_platform(base: Path) -> Iterator[WebPlatform]:
-    home, data = base / "home", base / "data"
-    home.mkdir()
-    api_port, ssh_port, web_port = free_port(), free_port(), free_port()
-    env = orz_env(home, ORZ_PROVIDER="local", ORZ_LOG_JSON="true", TERM="xterm")
-    log = base / "server.log"
-    with log.open("w") as server_log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
-             "--web-port", str(web_port), "--data-dir", str(data)],
-            env=env, cwd=ROOT, stdout=server_log, stderr=server_log,
-        )
-        try:
-            def healthy() -> bool:
-                if server.poll() is not None:
-                    raise RuntimeError(f"orz server exited; see {log}")
-                try:
-                    return (httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=1).status_code == 200
-                            and httpx.get(f"http://127.0.0.1:{web_port}/healthz", timeout=1).status_code == 200)
-                except httpx.HTTPError:
-                    return False
-
-            wait_until(healthy, timeout=60, what="orz server")
-            token_file = home / ".config" / "orzbob" / "token.json"
-            wait_until(token_file.exists, timeout=10, what="the CLI login")
-            import json
-
-            token = json.loads(token_file.read_text())["api_token"]
-            yield WebPlatform(home, data, env, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{web_port}",
-                              ssh_port, token, log)
-        finally:
-            if server.poll() is None:
-                server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-
-
-def wait_for(predicate: object, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise TimeoutError("condition not met")
+    """`orz server` (tests.fullstack) seen through the API and the web door."""
+    with running_platform(base) as platform:
+        token_file = platform.home / ".config" / "orzbob" / "token.json"
+        token = json.loads(token_file.read_text())["api_token"]
+        yield WebPlatform(platform.home, platform.data, platform.env, f"http://127.0.0.1:{platform.api_port}",
+                          f"http://127.0.0.1:{platform.web_port}", platform.ssh_port, token, platform.log)
