@@ -20,9 +20,9 @@ from api import log as orz_log
 from api import metrics
 from api.auth import PrincipalCache
 from api.credentials.secrets_box import SecretsBox
-from api.db.engine import create_engine, read_session_factory, session_factory
+from api.db.engine import create_engine, is_connection_failure, read_session_factory, session_factory
 from api.db.migrate import ensure_at_head
-from api.errors import STATUS_TO_ERROR, OrzError
+from api.errors import STATUS_TO_ERROR, DatabaseUnavailable, OrzError
 from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
 from api.routes import health, instances, internal, me
@@ -78,6 +78,9 @@ class ProblemHandler(ErrorHandler):
             status = int(getattr(exception, "status_code", 500) or 500)
             cls = STATUS_TO_ERROR.get(status)
             error = cls(_sanic_detail(status, exception)) if cls else OrzError()
+        elif is_connection_failure(exception):
+            error = DatabaseUnavailable("the database is unavailable; retry in a moment",
+                                        internal=f"{type(exception).__name__} on {request.method} {request.path}")
         else:
             log.error("unhandled error on %s %s", request.method, request.path, exc_info=exception)
             error = OrzError("internal error; it has been logged")
@@ -85,6 +88,8 @@ class ProblemHandler(ErrorHandler):
             log.warning("%s: %s", error.code, error.internal)
         body = error.to_problem(instance=request.path)
         headers = {"X-Request-Id": getattr(request.ctx, "request_id", "")}
+        if error.status == 503:
+            headers["Retry-After"] = "1"
         if error.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="orzbob-cloud"'
         if error.status == 405:

@@ -111,6 +111,14 @@ class ProviderError(OrzError):
     title = "Compute provider unavailable"
 
 
+class DatabaseUnavailable(OrzError):
+    """The database could not be reached or dropped the connection mid-request; safe to retry."""
+
+    status = 503
+    code = "database_unavailable"
+    title = "Database unavailable"
+
+
 class NotReady(OrzError):
     status = 503
     code = "not_ready"
