@@ -380,12 +380,3 @@ async def serve(settings: Settings) -> AsyncIterator[Gateway]:
         yield gateway
     finally:
         await gateway.close()
-
-
-async def run(settings: Settings, stop: Awaitable[object] | None = None) -> None:
-    """Serve until `stop` completes, or until cancelled (`orz gateway`)."""
-    async with serve(settings):
-        if stop is None:
-            await asyncio.Event().wait()
-        else:
-            await stop
