@@ -20,7 +20,7 @@ from api import log as orz_log
 from api import metrics
 from api.auth import PrincipalCache
 from api.credentials.secrets_box import SecretsBox
-from api.db.engine import create_engine, is_connection_failure, read_session_factory, session_factory
+from api.db.engine import autocommit_session_factory, create_engine, is_connection_failure, session_factory
 from api.db.migrate import ensure_at_head
 from api.errors import STATUS_TO_ERROR, DatabaseUnavailable, OrzError
 from api.instances.providers.base import Provider
@@ -42,7 +42,8 @@ class AppState:
     instances: InstanceService
     principals: PrincipalCache
     secrets: SecretService | None = None
-    reads: async_sessionmaker[AsyncSession] | None = None
+    # For single statements (reads, one-row updates): no BEGIN/COMMIT round trips.
+    autocommit: async_sessionmaker[AsyncSession] | None = None
 
 
 def make_provider(settings: Settings) -> Provider:
@@ -142,16 +143,16 @@ def create_app(
             await ensure_at_head(settings.database_url)
         engine = create_engine(settings.database_url)
         sessions = session_factory(engine)
-        reads = read_session_factory(engine)
+        autocommit = autocommit_session_factory(engine)
         prov = provider or make_provider(settings)
         secret_svc = SecretService(sessions, SecretsBox.from_settings(settings))
         svc = InstanceService(
             settings, sessions, prov, gateway_public_key=gateway_public_key(settings),
-            secret_env=secret_env or secret_svc, read_sessions=reads,
+            secret_env=secret_env or secret_svc, autocommit_sessions=autocommit,
         )
         svc.on_transition.append(_count_transition)
         app.ctx.state = AppState(settings, engine, sessions, prov, svc, PrincipalCache(settings.auth_cache_ttl_s),
-                                 secrets=secret_svc, reads=reads)
+                                 secrets=secret_svc, autocommit=autocommit)
 
     @app.after_server_stop
     async def close_resources(app: Sanic, _loop: Any = None) -> None:

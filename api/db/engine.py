@@ -96,6 +96,7 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-def read_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Sessions for single-statement reads: autocommit skips the BEGIN/ROLLBACK round trips."""
+def autocommit_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for work that is one statement (a read, a one-row UPDATE): autocommit makes each statement
+    its own transaction and skips the BEGIN and COMMIT/ROLLBACK round trips. Never for multi-statement work."""
     return async_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 ID_ATTEMPTS = 5
+# An UPDATE ... RETURNING(Instance) loads the new values even into an object the session already holds.
+_REFRESH = {"populate_existing": True, "synchronize_session": False}
 _INSTANCE_BY_ID = select(Instance.__table__).where(Instance.__table__.c.id == bindparam("id"))
 
 
@@ -70,12 +72,13 @@ class InstanceService:
         gateway_public_key: str = "",
         secret_env: SecretEnvSource | None = None,
         clock: Clock = utcnow,
-        read_sessions: async_sessionmaker[AsyncSession] | None = None,
+        autocommit_sessions: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
-        # Plain lookups that need no transaction (one SELECT each) use these when given.
-        self.reads = read_sessions or sessions
+        # Work that is one statement (lookups, a single-row UPDATE) needs no BEGIN/COMMIT round trips:
+        # on this machine each round trip costs ~100 us of the API's CPU.
+        self.autocommit = autocommit_sessions or sessions
         self.provider = provider
         self.gateway_public_key = gateway_public_key
         self.secret_env = secret_env
@@ -93,13 +96,13 @@ class InstanceService:
         bookkeeping measured ~40% of the cost of this one-row lookup."""
         found = None
         if schemas.SESSION_ID_RE.match(session_id):
-            async with self.reads() as db:
+            async with self.autocommit() as db:
                 row = (await db.execute(_INSTANCE_BY_ID, {"id": session_id})).first()
             found = Instance(**row._mapping) if row is not None else None
         return self._visible_to(who, session_id, found)
 
     async def list(self, who: Principal) -> list[Instance]:
-        async with self.reads() as db:
+        async with self.autocommit() as db:
             rows = await db.scalars(
                 select(Instance)
                 .where(Instance.org_id == who.org_id, Instance.state != State.DELETED.value)
@@ -108,7 +111,7 @@ class InstanceService:
             return list(rows)
 
     async def events(self, who: Principal, session_id: str, limit: int = 20) -> list[Event]:
-        async with self.reads() as db:
+        async with self.autocommit() as db:
             await self._owned(db, who, session_id)
             rows = await db.scalars(
                 select(Event)
@@ -119,7 +122,7 @@ class InstanceService:
             return list(reversed(list(rows)))
 
     async def quota(self, org_id: str, plan: str) -> schemas.Quota:
-        async with self.reads() as db:
+        async with self.autocommit() as db:
             active = await self._count_active(db, org_id)
         return schemas.Quota(limit=self.settings.quota_for(plan), active=active, plan=plan)
 
@@ -476,7 +479,8 @@ class InstanceService:
                                         exclude: str | None = None) -> None:
         # The UPDATE takes the org row's write lock (PostgreSQL) or the database write lock (SQLite)
         # before counting, so concurrent creates for one org are serialized and cannot both pass.
-        await db.execute(update(Org).where(Org.id == org_id).values(quota_serial=Org.quota_serial + 1))
+        await db.execute(update(Org).where(Org.id == org_id).values(quota_serial=Org.quota_serial + 1),
+                         execution_options={"synchronize_session": False})  # no Org objects are loaded here
         limit = self.settings.quota_for(plan)
         active = await self._count_active(db, org_id, exclude=exclude)
         if active >= limit:
@@ -516,13 +520,14 @@ class InstanceService:
             failed = await self._fail(inst, actor, exc.reason)
             raise ProviderError(f"session {inst.id} could not start: {exc.reason}",
                                 instance_id=failed.id) from exc
-        async with self.sessions() as db:
-            await db.execute(
+        async with self.autocommit() as db:
+            fresh_row = await db.scalar(
                 update(Instance).where(Instance.id == inst.id).values(provider_state=provider_state)
+                .returning(Instance), execution_options=_REFRESH,
             )
             await db.commit()
-            fresh_row = await db.get(Instance, inst.id)
-            assert fresh_row is not None
+            if fresh_row is None:
+                raise NotFound(f"no such session: {inst.id}")
             return fresh_row
 
     async def _fail(self, inst: Instance, actor: str, reason: str, *, release_later: bool = False) -> Instance:
@@ -563,12 +568,14 @@ class InstanceService:
         current = State(inst.state)
         check_transition(current, target)
         now = self.now()
-        result = await db.execute(
+        # RETURNING hands back the updated row in the same round trip as the conditional UPDATE.
+        row = await db.scalar(
             update(Instance)
             .where(Instance.id == inst.id, Instance.state == current.value)
             .values(state=target.value, state_changed_at=now, updated_at=now, **values)
+            .returning(Instance), execution_options=_REFRESH,
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
+        if row is None:
             await db.rollback()
             fresh = await db.get(Instance, inst.id, populate_existing=True)
             raise InvalidTransition(
@@ -577,8 +584,6 @@ class InstanceService:
             )
         db.add(self._event(inst, actor, kind, current, target, message))
         await db.commit()
-        row = await db.get(Instance, inst.id, populate_existing=True)
-        assert row is not None
         await self._notify(row, current, target)
         return row
 

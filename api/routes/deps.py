@@ -19,7 +19,7 @@ def state(request: Request) -> AppState:
 
 async def principal(request: Request) -> Principal:
     st = state(request)
-    who = await authenticate_api_token(st.reads or st.sessions, bearer_token(request.headers.get("authorization")),
+    who = await authenticate_api_token(st.autocommit or st.sessions, bearer_token(request.headers.get("authorization")),
                                        st.principals)
     request.ctx.user_id = who.user_id
     orz_log.bind(user_id=who.user_id)  # every later line of this request names the caller
