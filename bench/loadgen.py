@@ -7,8 +7,10 @@ keep-alive connections keeps the client's share small, and it runs in its own pr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -18,6 +20,8 @@ class LoadResult:
     errors: int
     seconds: float
     latencies_ms: list[float]
+    # The finite request supply ran out before the time was up (give the run more tenants).
+    exhausted: bool = False
 
     @property
     def rps(self) -> float:
@@ -34,6 +38,7 @@ class LoadResult:
             "requests": self.requests, "errors": self.errors, "rps": round(self.rps, 1),
             "p50_ms": round(self.pct(50), 2), "p99_ms": round(self.pct(99), 2),
             "mean_ms": round(statistics.fmean(self.latencies_ms), 2) if self.latencies_ms else float("nan"),
+            **({"exhausted": True} if self.exhausted else {}),
         }
 
 
@@ -50,10 +55,15 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def _worker(host: str, port: int, request: bytes, stop_at: float, ok: set[int], out: LoadResult) -> None:
+async def _worker(host: str, port: int, requests: Iterator[bytes], stop_at: float, ok: set[int],
+                  out: LoadResult) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while time.perf_counter() < stop_at:
+            request = next(requests, None)
+            if request is None:
+                out.exhausted = True
+                return
             t0 = time.perf_counter()
             writer.write(request)
             status = await _read_response(reader)
@@ -73,11 +83,13 @@ def build_request(method: str, path: str, host: str, token: str, body: bytes = b
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-async def run_load(host: str, port: int, request: bytes, *, concurrency: int, seconds: float,
+async def run_load(host: str, port: int, request: bytes | Iterator[bytes], *, concurrency: int, seconds: float,
                    ok: set[int]) -> LoadResult:
+    """Send `request` (one, repeated; or each of a finite supply once) on `concurrency` connections."""
+    requests = itertools.repeat(request) if isinstance(request, bytes) else request
     result = LoadResult(0, 0, 0.0, [])
     start = time.perf_counter()
     stop_at = start + seconds
-    await asyncio.gather(*[_worker(host, port, request, stop_at, ok, result) for _ in range(concurrency)])
+    await asyncio.gather(*[_worker(host, port, requests, stop_at, ok, result) for _ in range(concurrency)])
     result.seconds = time.perf_counter() - start
     return result
