@@ -6,7 +6,10 @@ Requests forbid unknown fields; responses may grow new fields (clients must igno
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -15,6 +18,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 SESSION_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 SECRET_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-_]{0,62}[a-z0-9])?$")
+# The repository file that prepares each session, and its `${NAME}` reference to a session secret.
+CLOUD_CONFIG_PATH = ".orz/cloud.yaml"
+SECRET_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 Tier = Literal["small", "medium", "large"]
 StateName = Literal[
@@ -221,6 +227,37 @@ class Health(Response):
 # -------------------------------------------------------------------------------------------- internal
 
 InitStatus = Literal["pending", "running", "succeeded", "failed", "none"]
+SidecarMode = Literal["local", "pod"]
+
+
+class SidecarHealth(Request):
+    command: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    # interval and timeout in seconds (500ms in .orz/cloud.yaml is 0.5)
+    interval: float = Field(default=5.0, gt=0, le=3600)
+    timeout: float = Field(default=5.0, gt=0, le=3600)
+    retries: int = Field(default=3, ge=1, le=100)
+
+
+class SidecarSpec(Request):
+    """One ``services:`` entry of .orz/cloud.yaml as the runner reports it (pod mode).
+
+    Env values keep their ``${NAME}`` secret references unresolved: they never carry a secret's value.
+    The bounds are structural only; the provider checks names, images and ports and says which is wrong.
+    """
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=63)]
+    image: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    env: Annotated[dict[EnvName, Annotated[str, StringConstraints(max_length=32768)]],
+                   Field(max_length=128)] = Field(default_factory=dict)
+    ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], Field(max_length=16)] = Field(
+        default_factory=list)
+    health: SidecarHealth | None = None
+
+
+def services_digest(services: Sequence[Mapping[str, Any]]) -> str:
+    """A stable digest of services as plain data (SidecarSpec dumps), to tell whether two sets are the same."""
+    text = json.dumps(list(services), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class RunnerSpec(Request):
@@ -242,6 +279,11 @@ class RunnerSpec(Request):
     advertise_host: str | None = None
     workspace: str
     state_dir: str
+    # Where the `services:` of .orz/cloud.yaml run: "local" processes the runner starts, or "pod"
+    # containers beside the runner (Kubernetes), which the runner reports and never starts itself.
+    sidecars: SidecarMode = "local"
+    # Pod mode: services_digest() of the services this Pod was built with.
+    pod_services_digest: str = ""
 
 
 class Heartbeat(Request):
@@ -259,6 +301,9 @@ class Heartbeat(Request):
     # Set when the runner cannot go on (bad .orz/cloud.yaml, clone failed): the session fails with it.
     fatal_error: Annotated[str, StringConstraints(max_length=4096)] | None = None
     init_log_tail: Annotated[str, StringConstraints(max_length=65536)] | None = None
+    # Pod mode, when .orz/cloud.yaml names other services than the Pod runs: the services it names. The
+    # API restarts the Pod with them; the runner starts nothing until then.
+    services: Annotated[list[SidecarSpec], Field(max_length=16)] | None = None
 
 
 class HeartbeatReply(Response):

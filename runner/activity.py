@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from api.client import ApiClient, ApiError
-from api.schemas import Heartbeat, InitStatus
+from api.schemas import Heartbeat, InitStatus, SidecarSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class Activity:
     init_log_tail: str | None = None
     # The log tail is sent until one heartbeat carrying it succeeds, not in every heartbeat.
     init_log_sent: bool = False
+    # Pod mode: services .orz/cloud.yaml names but the Pod lacks, sent with every heartbeat until restarted.
+    services: list[SidecarSpec] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def note_input(self) -> None:
@@ -59,6 +61,7 @@ class Activity:
             program_running=self.program_running, program_exit_code=self.program_exit_code,
             fatal_error=self.fatal_error[:4096] if self.fatal_error else None,
             init_log_tail=self.init_log_tail[-65536:] if self.init_log_tail and not self.init_log_sent else None,
+            services=self.services,
         )
 
 

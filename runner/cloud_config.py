@@ -26,16 +26,16 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from api.schemas import CLOUD_CONFIG_PATH, SECRET_REF_RE
 from runner.errors import CloudConfigError
 
-CONFIG_PATH = ".orz/cloud.yaml"
+CONFIG_PATH = CLOUD_CONFIG_PATH
 MAX_SERVICES = 5
 INIT_TIMEOUT_S = 300.0
 ON_ATTACH_TIMEOUT_S = 30.0
 
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 _SERVICE_NAME = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
-_SECRET_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Kubernetes resource.Quantity: a decimal number with a binary-SI, decimal-SI or exponent suffix.
 _QUANTITY = re.compile(r"^\+?(?:\d+(?:\.\d*)?|\.\d+)(?:Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?$")
 _SUFFIX = {
@@ -252,7 +252,7 @@ def _resolve(config: CloudConfig, base: tuple[str, ...], env: Mapping[str, str],
                 return ""
             return secrets[name]
 
-        out[key] = _SECRET_REF.sub(sub, value)
+        out[key] = SECRET_REF_RE.sub(sub, value)
     if problems:
         raise CloudConfigError(problems)
     return out

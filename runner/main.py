@@ -1,5 +1,9 @@
 """The runner's start sequence: clone, validate, endpoint, sidecars, init, tmux; then heartbeat until told
 to stop. ``orz runner`` and ``python -m runner`` call ``main()``.
+
+Sidecars run where the spec says: ``local`` processes this runner starts, or ``pod`` containers beside
+it. In pod mode a Pod built without the services .orz/cloud.yaml names gets them reported instead, and
+the runner starts nothing (no endpoint, no init) until the API has replaced the Pod with one that has them.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from api.client import ApiClient
-from api.schemas import RunnerSpec
+from api.schemas import RunnerSpec, services_digest
 from api.settings import load_settings
 from runner import cloud_config, workspace
 from runner.activity import Activity, HeartbeatLoop
 from runner.cloud_config import CloudConfig
 from runner.errors import InitError, RunnerError
-from runner.services import ServiceManager
+from runner.services import ServiceManager, pod_sidecars, wait_for_ports
 from runner.sshd import Endpoint, SessionHooks
 from runner.tmux import Tmux, program_argv
 
@@ -32,6 +36,8 @@ FATAL_FILE = "fatal_error"
 # Written once sidecars, tmux and the endpoint are gone: the provider need not wait for our exit.
 RELEASED_FILE = "released"
 INIT_LOG = "init.log"
+# Pod mode: a runner of this Pod got past the services check (the state dir lives as long as the Pod).
+POD_STARTED_FILE = "pod-started"
 # Variables of the runner's own environment a session inherits; ORZ_* (the runner token) never.
 _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME", "TMPDIR")
 _MAX_UNIX_PATH = 100
@@ -67,6 +73,7 @@ class Runner:
         self.tmux = Tmux(self.state_dir / "tmux.sock")
         self.ready = asyncio.Event()
         self.services = ServiceManager(self.state_dir, self.base_env)
+        self.pod_ports: list[int] = []  # pod mode: the sidecars' ports init waits for
         self.endpoint: Endpoint | None = None
         self.program = program_argv(spec.program, spec.task, self.shell)
 
@@ -135,16 +142,46 @@ class Runner:
             self.session_env.update(cloud_config.resolve_env(self.config, self.secrets))
             for name in self.config.services:
                 cloud_config.resolve_service_env(self.config, name, self.secrets)
+        if self.spec.sidecars == "pod" and not self._pod_runs_services():
+            return  # the API replaces this Pod with one that runs them; nothing starts here meanwhile
 
         await self._start_endpoint()
-        if self.config is not None and self.config.services:
-            await self.services.start_all(self.config, self.secrets)
+        await self._start_services()
         await self._run_init()
         await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
         self.activity.program_running = True
         self.ready.set()
         self.activity.poke()
         log.info("session %s is ready", self.spec.session_id)
+
+    def _pod_runs_services(self) -> bool:
+        """Pod mode: whether to go on with the services this Pod runs; if they are not the file's, report."""
+        wanted = pod_sidecars(self.config)
+        started = self.state_dir / POD_STARTED_FILE
+        if services_digest([s.model_dump(mode="json") for s in wanted]) == self.spec.pod_services_digest:
+            self.pod_ports = [port for s in wanted for port in s.ports]
+            started.touch()
+            return True
+        if started.exists():
+            # The container restarted in a Pod that ran, and the file changed since: replacing the Pod now
+            # would cut off whoever uses it, so the new services wait for the session's next start.
+            log.warning("the services in %s changed; they apply when the session starts again",
+                        cloud_config.CONFIG_PATH)
+            return True
+        self.activity.services = wanted
+        self.activity.poke()
+        log.info("this pod lacks the services in %s (%s): reported, waiting for the pod to be replaced",
+                 cloud_config.CONFIG_PATH, ", ".join(s.name for s in wanted) or "none")
+        return False
+
+    async def _start_services(self) -> None:
+        if self.spec.sidecars == "pod":
+            # The Pod starts its containers together, and init often needs the database already up.
+            closed = await wait_for_ports(self.pod_ports)
+            if closed:
+                log.warning("sidecar ports %s still closed; going on without them", closed)
+        elif self.config is not None and self.config.services:
+            await self.services.start_all(self.config, self.secrets)
 
     async def _start_endpoint(self) -> None:
         hooks = SessionHooks(

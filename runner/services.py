@@ -1,6 +1,7 @@
-"""Local sidecars for ``services:``: PostgreSQL and Redis from the binaries installed on this machine.
+"""Sidecars for ``services:``: local PostgreSQL and Redis from the installed binaries, or pod containers.
 
-In Kubernetes each service is a container of its image; locally we can only run what is installed,
+In Kubernetes each service is a container of its image beside the runner: the runner only reports
+the services (``pod_sidecars``) and waits for their ports. Locally we can only run what is installed,
 so any other image is a clear error. Data lives in the session's state dir, so a stop/start keeps it.
 """
 
@@ -14,17 +15,22 @@ import os
 import pwd
 import shutil
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from api.schemas import SidecarSpec
 from runner.cloud_config import CloudConfig, Health, Service, resolve_service_env
-from runner.errors import ServiceError
+from runner.errors import CloudConfigError, ServiceError
 from runner.workspace import tail
 
 log = logging.getLogger(__name__)
 
 STARTUP_DEADLINE_S = 30.0
+# Pod mode: how long init waits for the sidecars' ports (their images may still be pulling).
+POD_PORTS_DEADLINE_S = 300.0
 STOP_TIMEOUT_S = 10.0
 # postgres will not run as root; when the runner is root, sidecars run as this user.
 UNPRIVILEGED_USER = "nobody"
@@ -239,6 +245,47 @@ class ServiceManager:
                 raise ServiceError(f"service {svc.name!r} failed its health check "
                                    f"({health.command!r}) {failures} times")
             await asyncio.sleep(health.interval if failures > 1 else min(health.interval, 0.2))
+
+
+def pod_sidecars(config: CloudConfig | None) -> list[SidecarSpec]:
+    """The services as reported to the API in pod mode; env values keep their ``${SECRET}`` references."""
+    if config is None:
+        return []
+    reported = []
+    for name, service in config.services.items():
+        try:
+            reported.append(SidecarSpec(
+                name=name, image=service.image, env=dict(service.env), ports=list(service.ports),
+                health=service.health.model_dump() if service.health else None,
+            ))
+        except ValidationError as exc:
+            raise CloudConfigError([config.problem(("services", name, *err["loc"]), err["msg"])
+                                    for err in exc.errors()]) from None
+    return reported
+
+
+async def wait_for_ports(ports: Iterable[int], timeout_s: float = POD_PORTS_DEADLINE_S) -> list[int]:
+    """Wait until every port accepts connections on loopback; return those still closed at the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    closed = list(ports)
+    while closed:
+        closed = [port for port in closed if not await _accepts(port)]
+        if not closed or loop.time() >= deadline:
+            break
+        await asyncio.sleep(0.5)
+    return closed
+
+
+async def _accepts(port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def _default_health(kind: str, port: int) -> Health:

@@ -9,8 +9,9 @@ Provider calls happen outside database transactions; a failed provider call leav
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ from api.errors import (
     Forbidden,
     InvalidTransition,
     NotFound,
+    OrzError,
     ProviderError,
     QuotaExceeded,
     SessionFailed,
@@ -371,6 +373,8 @@ class InstanceService:
                 # The runner that reports a fatal error waits for this reply and then exits by itself;
                 # stopping its compute inline would kill the caller mid-request.
                 inst = await self._fail(inst, "runner", hb.fatal_error, release_later=True)
+        elif hb.services is not None:
+            inst = await self._take_services(inst, hb.services)
         elif state in (State.STARTING, State.UNHEALTHY) and inst.runner_host_key and hb.init_status in (
             "succeeded", "none"
         ):
@@ -384,6 +388,64 @@ class InstanceService:
                 except InvalidTransition:
                     await db.rollback()
         return schemas.HeartbeatReply(state=inst.state, heartbeat_interval_s=self.settings.heartbeat_interval_s)
+
+    async def _take_services(self, inst: Instance, services: Sequence[schemas.SidecarSpec]) -> Instance:
+        """A starting runner found other services in .orz/cloud.yaml than its Pod runs: restart with them.
+
+        They are kept in the instance's spec, so later starts (stop/start, wake, retries) have them from
+        the first Pod. Once per set: the same set reported again changes nothing, and the new runner
+        token silences the replaced Pod's runner. Bad services fail the session; nothing is restarted.
+        """
+        if not self.provider.runs_services or State(inst.state) != State.STARTING:
+            return inst
+        wanted = [s.model_dump(mode="json") for s in services]
+        if wanted == list((inst.spec or {}).get("services") or []):
+            return inst
+        try:
+            async with self.sessions() as db:
+                secret_env = await self._secret_env(db, inst.org_id, inst.user_id, (inst.spec or {}).get("secrets", []))
+            self.provider.check_services(wanted, secret_env)
+        except (OrzError, ProviderFailure) as exc:
+            reason = exc.reason if isinstance(exc, ProviderFailure) else exc.detail
+            # The caller is the runner of the Pod being released: reply first, then release.
+            return await self._fail(inst, "runner", reason, release_later=True)
+        token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
+        async with self.sessions() as db:
+            # Guarded by state and token: a stop, a delete or a concurrent report of this runner wins.
+            done = await db.execute(
+                update(Instance)
+                .where(Instance.id == inst.id, Instance.state == State.STARTING.value,
+                       Instance.runner_token_hash == inst.runner_token_hash)
+                .values(spec={**(inst.spec or {}), "services": wanted}, runner_token_prefix=token.prefix,
+                        runner_token_hash=token.digest, route_host=None, route_port=None,
+                        runner_host_key=None, updated_at=self.now())
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                await db.rollback()
+                return inst
+            names = ", ".join(s.name for s in services) or "none"
+            db.add(self._event(inst, "runner", "sidecars", None, None,
+                               f"restarting the pod with the services of {schemas.CLOUD_CONFIG_PATH}: {names}"))
+            await db.commit()
+            row = await db.get(Instance, inst.id, populate_existing=True)
+            assert row is not None
+        self._spawn(self._restart_with_services(row, token.value, secret_env))
+        return row
+
+    async def _restart_with_services(self, inst: Instance, runner_token: str, secret_env: dict[str, str]) -> None:
+        """Replace the compute (workspace kept) with compute that runs the services; still ``starting``."""
+        try:
+            await self.provider.stop(inst.id, inst.provider_state or {})
+        except ProviderFailure as exc:
+            await self._fail(inst, "system", f"could not restart with the services of "
+                                             f"{schemas.CLOUD_CONFIG_PATH}: {exc.reason}")
+            return
+        async with self.sessions() as db:
+            current = await db.get(Instance, inst.id)
+        if current is None or (current.state, current.runner_token_hash) != (inst.state, inst.runner_token_hash):
+            return  # stopped, deleted or failed meanwhile: that wins, nothing is started
+        with contextlib.suppress(ProviderError):  # raised after _launch failed the session with the reason
+            await self._launch(current, "system", runner_token, secret_env, fresh=False)
 
     # ---------------------------------------------------------------------------- gateway side
 
@@ -545,12 +607,22 @@ class InstanceService:
                 )
         release = self._stop_compute_quietly(row.id, dict(row.provider_state or inst.provider_state or {}))
         if release_later:
-            task = asyncio.get_running_loop().create_task(release)
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(release)
         else:
             await release
         return row
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run work after the reply; wait_background (and shutdown) sees it through."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._background.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("background work failed", exc_info=task.exception())
+
+        task.add_done_callback(done)
 
     async def _stop_compute_quietly(self, session_id: str, provider_state: dict[str, Any]) -> None:
         try:
@@ -632,4 +704,5 @@ class InstanceService:
             gateway_public_key=self.gateway_public_key,
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
             runner_token=runner_token, secret_env=secret_env,
+            services=list((inst.spec or {}).get("services") or []),
         )

@@ -2,19 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import kubernetes_validate
 import pytest
+from kubernetes import client as k8s
 
 from api.instances.providers.base import ComputeSpec
+from api.settings import Settings
+
+if TYPE_CHECKING:
+    from api.instances.providers.kubernetes.provider import KubernetesProvider
+    from tests.k8s.fake_apiserver import FakeApiServer
 
 # The Kubernetes version every generated object must validate against (strict: unknown fields fail).
 K8S_VERSION = "1.33.0"
 # Custom resources of the Prometheus Operator are not in the Kubernetes schema that kubernetes-validate
 # knows; these kinds alone skip it, and tests/k8s/test_observability.py checks them instead.
 CRD_KINDS = frozenset({("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")})
+# The sessions namespace of the provider tests against the fake API server.
+NS = "orz-sessions"
+
+
+@pytest.fixture
+def server() -> Iterator[FakeApiServer]:
+    """A fake Kubernetes API server (imported here: it imports this module for K8S_VERSION)."""
+    from tests.k8s.fake_apiserver import FakeApiServer
+
+    with FakeApiServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def provider(server: FakeApiServer) -> AsyncIterator[KubernetesProvider]:
+    """The KubernetesProvider on the fake server (in tests/k8s it stands in for the FakeProvider)."""
+    from api.instances.providers.kubernetes.provider import KubernetesProvider
+
+    api = k8s.ApiClient(k8s.Configuration(host=server.url))
+    prov = KubernetesProvider(Settings(k8s_namespace=NS), api, request_timeout_s=2.0, watch_timeout_s=1,
+                              sync_timeout_s=3.0, terminate_wait_s=1.0)
+    try:
+        yield prov
+    finally:
+        await prov.close()
+        api.close()
 
 
 def make_spec(

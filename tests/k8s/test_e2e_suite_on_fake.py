@@ -34,4 +34,4 @@ def test_e2e_suite_passes_against_the_fake_server(tmp_path: Path) -> None:
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=90, check=False,
         )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "1 passed" in done.stdout
+    assert "2 passed" in done.stdout

@@ -12,6 +12,7 @@ import pytest
 
 from api.instances.providers.kubernetes import manifests, names
 from api.instances.providers.kubernetes.manifests import ClusterConfig, ManifestError
+from api.schemas import services_digest
 from api.settings import Settings
 from tests.k8s.conftest import make_spec, validate_strict
 
@@ -136,6 +137,74 @@ def test_sidecar_probes_and_ports() -> None:
     assert "readinessProbe" not in mail and [p["containerPort"] for p in mail["ports"]] == [1025, 8025]
 
 
+def kubelet_env(container: dict[str, Any], secret: dict[str, str]) -> dict[str, str]:
+    """The env a container sees: secretKeyRefs read, then $(VAR) and $$ expanded as the kubelet does."""
+    env: dict[str, str] = {}
+    for var in container["env"]:
+        if "valueFrom" in var:
+            env[var["name"]] = secret[var["valueFrom"]["secretKeyRef"]["key"]]
+            continue
+        value, out, i = var["value"], "", 0
+        while i < len(value):
+            if value[i] == "$" and i + 1 < len(value):
+                if value[i + 1] == "$":
+                    out, i = out + "$", i + 2
+                    continue
+                end = value.find(")", i)
+                if value[i + 1] == "(" and end > 0:
+                    name = value[i + 2:end]
+                    out, i = out + env.get(name, f"$({name})"), end + 1
+                    continue
+            out, i = out + value[i], i + 1
+        env[var["name"]] = out
+    return env
+
+
+def test_secret_references_become_secret_key_refs_and_text_stays_as_written() -> None:
+    services = [{"name": "db", "image": "postgres:16", "ports": [5432], "env": {
+        "POSTGRES_PASSWORD": "${PG_PASSWORD}",
+        "DATABASE_URL": "pg://app:${PG_PASSWORD}@localhost/app?x=$(HOME)",
+        "LITERAL": "pa$word $(POSTGRES_PASSWORD) $$",
+    }}]
+    spec = make_spec(services=services, secret_env={"PG_PASSWORD": "s3cret", "OTHER": "other-value"})
+    pod = manifests.pod(spec, CONFIG)
+    validate_strict(pod)
+    db = pod["spec"]["containers"][1]
+    ref = {"secretKeyRef": {"name": names.secret_name(spec.session_id), "key": "PG_PASSWORD"}}
+    assert db["env"] == [
+        {"name": "ORZ_SECRET_PG_PASSWORD", "valueFrom": ref},
+        {"name": "DATABASE_URL", "value": "pg://app:$(ORZ_SECRET_PG_PASSWORD)@localhost/app?x=$$(HOME)"},
+        {"name": "LITERAL", "value": "pa$$word $$(POSTGRES_PASSWORD) $$$$"},
+        {"name": "POSTGRES_PASSWORD", "valueFrom": ref},
+    ]
+    # What the sidecar sees is what the local runner resolves: the secret substituted, all else verbatim.
+    seen = kubelet_env(db, {"PG_PASSWORD": "s3cret"})
+    assert seen["POSTGRES_PASSWORD"] == "s3cret"
+    assert seen["DATABASE_URL"] == "pg://app:s3cret@localhost/app?x=$(HOME)"
+    assert seen["LITERAL"] == "pa$word $(POSTGRES_PASSWORD) $$"
+    # No secret value in the Pod, and the sidecar gets neither the runner token nor unreferenced secrets.
+    assert "s3cret" not in json.dumps(pod) and "other-value" not in json.dumps(pod)
+    assert "envFrom" not in db
+
+
+def test_durations_in_seconds_as_the_runner_reports_them() -> None:
+    services = [{"name": "db", "image": "postgres:16", "env": {}, "ports": [5432],
+                 "health": {"command": "pg_isready", "interval": 0.5, "timeout": 2.0, "retries": 5}}]
+    db = manifests.pod(make_spec(services=services), CONFIG)["spec"]["containers"][1]
+    probe = db["readinessProbe"]
+    assert (probe["periodSeconds"], probe["timeoutSeconds"], probe["failureThreshold"]) == (1, 2, 5)
+    assert probe["exec"]["command"] == ["sh", "-c", "pg_isready"]
+
+
+def test_the_runner_spec_says_the_pod_runs_the_services() -> None:
+    services = [{"name": "db", "image": "postgres:16", "env": {}, "ports": [5432], "health": None}]
+    for given in ((), services):
+        runner = manifests.pod(make_spec(services=given), CONFIG)["spec"]["containers"][0]
+        runner_spec = json.loads(next(e["value"] for e in runner["env"] if e["name"] == "ORZ_RUNNER_SPEC"))
+        assert runner_spec["sidecars"] == "pod"
+        assert runner_spec["pod_services_digest"] == services_digest(list(given))
+
+
 def test_resources_from_tier_and_override() -> None:
     runner = manifests.pod(make_spec(tier="medium"), CONFIG)["spec"]["containers"][0]
     assert runner["resources"] == {"requests": {"cpu": "1000m", "memory": "8Gi"},
@@ -158,6 +227,12 @@ def test_resources_from_tier_and_override() -> None:
     ({"services": [{"name": "db"}]}, "services.db.image"),
     ({"services": [{"name": "db", "image": "x:1", "health": {"command": 3}}]}, "services.db.health.command"),
     ({"services": [{"name": f"s{i}", "image": "x:1"} for i in range(6)]}, "at most 5"),
+    ({"services": [{"name": "db", "image": "x:1", "env": {"A": "${NOPE}"}}]},
+     ".orz/cloud.yaml: services.db.env.A: ${NOPE} is not one of this session's secrets"),
+    ({"services": [{"name": "db", "image": "x:1", "env": {"ORZ_SECRET_K": "x", "B": "-${K}-"}}],
+      "secret_env": {"K": "v"}}, "services.db.env.ORZ_SECRET_K: names starting ORZ_SECRET_ are reserved"),
+    ({"services": [{"name": "db", "image": "x:1", "health": {"command": "x", "interval": 0}}]},
+     "services.db.health.interval: must be more than 0 seconds"),
     ({"secret_env": {"NOT VALID": "x"}}, "secret env names"),
     ({"session_id": "Not_A_Session"}, "runner spec is not valid (session_id)"),
 ])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from kubernetes import client as k8s
@@ -18,30 +18,10 @@ from api.instances.providers.base import ComputeStatus, ProviderFailure
 from api.instances.providers.kubernetes import names
 from api.instances.providers.kubernetes.provider import KubernetesProvider
 from api.settings import Settings
-from tests.k8s.conftest import make_spec
+from tests.k8s.conftest import NS, make_spec
 from tests.k8s.fake_apiserver import FakeApiServer
 
-NS = "orz-sessions"
 SID = "brave-otter-42"
-
-
-@pytest.fixture
-def server() -> Iterator[FakeApiServer]:
-    with FakeApiServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-async def provider(server: FakeApiServer) -> AsyncIterator[KubernetesProvider]:
-    configuration = k8s.Configuration(host=server.url)
-    api = k8s.ApiClient(configuration)
-    prov = KubernetesProvider(Settings(k8s_namespace=NS), api, request_timeout_s=2.0, watch_timeout_s=1,
-                              sync_timeout_s=3.0, terminate_wait_s=1.0)
-    try:
-        yield prov
-    finally:
-        await prov.close()
-        api.close()
 
 
 async def eventually(check: Callable[[], object], timeout: float = 3.0) -> None:

@@ -150,13 +150,13 @@ async def start_runner(short_tmp: Path, fake_api: FakeApi, gateway_key: GatewayK
     async def start(repo_url: str | None = None, *, branch: str | None = "main",
                     program: str | None = HI_PROGRAM, task: str | None = None,
                     secrets: dict[str, str] | None = None, name: str = "s1",
-                    extra_env: dict[str, str] | None = None) -> RunningRunner:
+                    extra_env: dict[str, str] | None = None, **spec_fields: Any) -> RunningRunner:
         base = short_tmp / name
         spec = RunnerSpec(
             session_id=name, api_url=fake_api.url, repo_url=repo_url, branch=branch, program=program,
             task=task, gateway_public_key=gateway_key.public, heartbeat_interval_s=1,
             secret_env=sorted(secrets or {}), workspace=str(base / "workspace"),
-            state_dir=str(base / "state"),
+            state_dir=str(base / "state"), **spec_fields,
         )
         environ = {"PATH": os.environ["PATH"], "HOME": str(short_tmp), "LANG": "C.UTF-8",
                    **(secrets or {}), **(extra_env or {})}

@@ -9,7 +9,7 @@ or a provider whose templates changed, can therefore always clean up what an ear
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,7 +36,8 @@ class ComputeSpec:
     # Secret material: never logged, never put on a command line or in a manifest in clear.
     runner_token: str = field(repr=False)
     secret_env: Mapping[str, str] = field(default_factory=dict, repr=False)
-    # Sidecars from ``.orz/cloud.yaml`` ``services:`` as plain data: [{name, image, env, ports, health}].
+    # Sidecars from ``.orz/cloud.yaml`` ``services:`` as plain data: [{name, image, env, ports, health}]
+    # (schemas.SidecarSpec dumps), env values with their ``${SECRET}`` references unresolved.
     services: Sequence[Mapping[str, Any]] = ()
 
 
@@ -56,6 +57,9 @@ class ProviderFailure(Exception):
 
 class Provider(abc.ABC):
     name: str = "base"
+    # True when the provider runs ``services:`` as containers beside the runner (ComputeSpec.services):
+    # its runners report the services they find, and the API restarts compute to add them.
+    runs_services: bool = False
 
     @abc.abstractmethod
     async def create(self, spec: ComputeSpec) -> ProviderState:
@@ -84,6 +88,10 @@ class Provider(abc.ABC):
     async def read_log(self, session_id: str, state: ProviderState, limit: int = 65536) -> str:
         """The runner's log (init output), newest ``limit`` characters; empty when unknown."""
         return ""
+
+    def check_services(self, services: Sequence[Mapping[str, Any]], secret_keys: Collection[str]) -> None:
+        """Raise ProviderFailure, naming the file and key, when these services cannot run (runs_services)."""
+        raise ProviderFailure(f"the {self.name} provider does not run services beside the runner")
 
     async def close(self) -> None:  # noqa: B027  (optional hook, nothing to release by default)
         """Release clients and watches held by the provider."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import copy
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from api.instances.providers.base import ComputeSpec
 from api.instances.providers.kubernetes import names, resources, sidecars
-from api.schemas import ENV_NAME_RE, RunnerSpec
+from api.schemas import CLOUD_CONFIG_PATH, ENV_NAME_RE, RunnerSpec, services_digest
 from api.settings import Settings
 
 RUNNER_SSH_PORT = 2222
@@ -176,7 +176,22 @@ def runner_spec(spec: ComputeSpec) -> RunnerSpec:
         ssh_port=RUNNER_SSH_PORT,
         workspace=WORKSPACE,
         state_dir=STATE_DIR,
+        # The Pod runs the services; the runner compares them with .orz/cloud.yaml and reports a difference.
+        sidecars="pod",
+        pod_services_digest=services_digest(sidecars.listed(spec.services)),
     )
+
+
+def sidecar_containers(services: sidecars.RawServices, session_id: str,
+                       secret_keys: Collection[str]) -> list[dict[str, Any]]:
+    """The services as containers beside the runner; ManifestError names .orz/cloud.yaml and the key."""
+    source = sidecars.SecretSource(names.secret_name(session_id), frozenset(secret_keys))
+    try:
+        parsed = sidecars.parse_services(services, reserved_ports=(RUNNER_SSH_PORT,))
+        # Sidecar images are the user's choice and may write anywhere in their own filesystem.
+        return [sidecars.container(s, container_security(False), source) for s in parsed]
+    except sidecars.ServiceError as exc:
+        raise ManifestError(f"{CLOUD_CONFIG_PATH}: {exc}") from None
 
 
 def container_security(read_only_root: bool) -> dict[str, Any]:
@@ -234,13 +249,9 @@ def _runner_container(spec: ComputeSpec, config: ClusterConfig) -> dict[str, Any
 
 def pod(spec: ComputeSpec, config: ClusterConfig, generation: int = 1,
         owner_uid: str | None = None) -> dict[str, Any]:
-    try:
-        parsed = sidecars.parse_services(spec.services, reserved_ports=(RUNNER_SSH_PORT,))
-    except sidecars.ServiceError as exc:
-        raise ManifestError(str(exc)) from exc
+    side = sidecar_containers(spec.services, spec.session_id, spec.secret_env)
     runner = _runner_container(spec, config)
-    # Sidecar images are the user's choice and may write anywhere in their own filesystem.
-    containers = [runner, *(sidecars.container(s, container_security(False)) for s in parsed)]
+    containers = [runner, *side]
     meta = _meta(spec, config, names.pod_name(spec.session_id), "runner", owner_uid)
     meta["annotations"] = {names.GENERATION_ANNOTATION: str(generation)}
     body: dict[str, Any] = {

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from kubernetes import client as k8s
@@ -53,6 +53,7 @@ def default_api_client() -> k8s.ApiClient:
 
 class KubernetesProvider(Provider):
     name = "kubernetes"
+    runs_services = True
 
     def __init__(self, settings: Settings, api_client: k8s.ApiClient | None = None, *,
                  request_timeout_s: float = 30.0, watch_timeout_s: int = 240, sync_timeout_s: float = 10.0,
@@ -177,6 +178,13 @@ class KubernetesProvider(Provider):
         log.info("kubernetes: session %s pod %s generation %s submitted", spec.session_id,
                  objects.pod["metadata"]["name"], generation)
         return self._state(spec, generation)
+
+    def check_services(self, services: Sequence[Mapping[str, Any]], secret_keys: Collection[str]) -> None:
+        try:
+            # The session id only names the Secret the references point at; it changes nothing checked.
+            manifests.sidecar_containers(services, "check", secret_keys)
+        except manifests.ManifestError as exc:
+            raise ProviderFailure(str(exc)) from None
 
     async def stop(self, session_id: str, state: ProviderState) -> ProviderState:
         pod = str(state.get("pod") or names.pod_name(session_id))

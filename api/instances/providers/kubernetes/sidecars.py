@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from api.instances.providers.kubernetes.names import DNS1123_LABEL_RE
 from api.instances.providers.kubernetes.resources import SIDECAR_RESOURCES
-from api.schemas import ENV_NAME_RE
+from api.schemas import ENV_NAME_RE, SECRET_REF_RE
 
 MAX_SERVICES = 5
 RESERVED_NAMES = frozenset({"runner"})
+# A value that embeds a secret in other text reads it from a helper variable of this prefix.
+SECRET_HELPER_PREFIX = "ORZ_SECRET_"  # noqa: S105  # nosec B105  # a name prefix, not a value
 _DURATION_RE = re.compile(r"^(\d+)(s|m)?$")
 
 
@@ -24,6 +27,11 @@ class ServiceError(ValueError):
 def _seconds(value: object, path: str, default: int) -> int:
     if value is None:
         return default
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # Seconds as the runner reports them (0.5 from "500ms"); probes count whole seconds, at least 1.
+        if value <= 0:
+            raise ServiceError(f"{path}: must be more than 0 seconds")
+        return max(1, math.ceil(value))
     match = _DURATION_RE.match(str(value).strip())
     if not match:
         raise ServiceError(f"{path}: {value!r} is not a duration like 10, '10s' or '1m'")
@@ -73,11 +81,17 @@ def _health(raw: Any, path: str) -> Health | None:
     )
 
 
-def parse_services(
-    raw: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]], reserved_ports: Sequence[int] = ()
-) -> list[Service]:
+RawServices = Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]]
+
+
+def listed(raw: RawServices) -> list[Mapping[str, Any]]:
+    """``{name: {image, ...}}`` (as in cloud.yaml) or a list of ``{name, image, ...}``, as the list."""
+    return [{"name": k, **v} for k, v in raw.items()] if isinstance(raw, Mapping) else list(raw)
+
+
+def parse_services(raw: RawServices, reserved_ports: Sequence[int] = ()) -> list[Service]:
     """Accepts ``{name: {image, ...}}`` (as in cloud.yaml) or a list of ``{name, image, ...}``."""
-    items = [{"name": k, **v} for k, v in raw.items()] if isinstance(raw, Mapping) else list(raw)
+    items = listed(raw)
     if len(items) > MAX_SERVICES:
         raise ServiceError(f"services: at most {MAX_SERVICES} are allowed")
     services: list[Service] = []
@@ -111,13 +125,56 @@ def parse_services(
     return services
 
 
-def container(service: Service, security_context: Mapping[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SecretSource:
+    """The session's Secret: ``${NAME}`` in a service's env reads its key NAME, never a copied value."""
+
+    name: str
+    keys: Collection[str]
+
+
+def _literal(text: str) -> str:
+    # The kubelet expands $(VAR) in env values and reads $$ as $: escaping every $ keeps text as written.
+    return text.replace("$", "$$")
+
+
+def env(service: Service, secret: SecretSource) -> list[dict[str, Any]]:
+    """The container env of one service: plain values as written, secret references as secretKeyRef."""
+    helpers: dict[str, dict[str, Any]] = {}
+    out: list[dict[str, Any]] = []
+    for key, value in sorted(service.env.items()):
+        parts = SECRET_REF_RE.split(value)  # literal, name, literal, name, ..., literal
+        for ref in parts[1::2]:
+            if ref not in secret.keys:
+                raise ServiceError(f"services.{service.name}.env.{key}: ${{{ref}}} is not one of this "
+                                   "session's secrets")
+        if len(parts) == 3 and parts[0] == parts[2] == "":
+            out.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": parts[1]}}})
+            continue
+        text = ""
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                text += _literal(part)
+                continue
+            # Text around a secret: the kubelet substitutes $(helper), defined from the Secret first.
+            helper = SECRET_HELPER_PREFIX + part
+            helpers[helper] = {"name": helper, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": part}}}
+            text += f"$({helper})"
+        out.append({"name": key, "value": text})
+    clash = sorted(set(helpers) & set(service.env))
+    if clash:
+        raise ServiceError(f"services.{service.name}.env.{clash[0]}: names starting {SECRET_HELPER_PREFIX} "
+                           "are reserved")
+    return [*(helpers[name] for name in sorted(helpers)), *out]
+
+
+def container(service: Service, security_context: Mapping[str, Any], secret: SecretSource) -> dict[str, Any]:
     """One sidecar container; the runner reaches it on localhost at its ports."""
     body: dict[str, Any] = {
         "name": service.name,
         "image": service.image,
         "imagePullPolicy": "IfNotPresent",
-        "env": [{"name": k, "value": v} for k, v in sorted(service.env.items())],
+        "env": env(service, secret),
         "ports": [{"name": f"p{p}", "containerPort": p, "protocol": "TCP"} for p in service.ports],
         "resources": copy.deepcopy(SIDECAR_RESOURCES),
         "securityContext": dict(security_context),
