@@ -22,7 +22,7 @@ from api.settings import Settings
 from gateway import auth, keys, metrics
 from gateway.agent import AgentRelay
 from gateway.bridge import CIPHERS, Attachment, BridgeSession, connect_upstream
-from gateway.cork import CorkProtocol
+from gateway.cork import CorkProtocol, WithoutFiller
 from gateway.errors import AttachRefused, CredentialRejected, UpstreamUnavailable
 from gateway.forwarding import Pipe, open_direct, open_remote_listener
 from gateway.routing import Router
@@ -35,7 +35,7 @@ LOGIN_TIMEOUT_S = 30
 REFUSED_LINGER_S = 5
 
 
-class GatewayConnection(asyncssh.SSHServerConnection):
+class GatewayConnection(WithoutFiller, asyncssh.SSHServerConnection):
     """asyncssh's server connection, plus our certificate checks (key id, principals, extensions)."""
 
     async def validate_public_key(self, username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:

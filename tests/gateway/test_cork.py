@@ -1,4 +1,6 @@
-"""CorkTransport: writes of one loop turn leave as one socket write, in order, bytes unchanged."""
+"""CorkTransport: a turn's first write leaves at once, the rest of the turn as one write; bytes unchanged.
+
+And the gateway sends OpenSSH clients no SSH_MSG_IGNORE filler (it negotiates AES-GCM only)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import asyncio
 from typing import Any
 
 from gateway.cork import CorkTransport
+from tests.gateway.conftest import Env
 
 
 class _Recorder(asyncio.Transport):
@@ -24,14 +27,26 @@ class _Recorder(asyncio.Transport):
         self.closed = True
 
 
-async def test_writes_of_one_turn_are_joined() -> None:
+async def test_first_write_of_a_turn_goes_out_at_once_the_rest_joined() -> None:
     inner = _Recorder()
     cork = CorkTransport(inner, asyncio.get_running_loop())
-    cork.write(b"ignore-packet")
-    cork.write(b"data-packet")
-    assert inner.writes == []
+    cork.write(b"keystroke")
+    assert inner.writes == [b"keystroke"]  # a lone echo waits for nothing
+    cork.write(b"bulk-1")
+    cork.write(b"bulk-2")
+    assert inner.writes == [b"keystroke"]
     await asyncio.sleep(0)
-    assert inner.writes == [b"ignore-packetdata-packet"]
-    cork.write(b"next")
+    assert inner.writes == [b"keystroke", b"bulk-1bulk-2"]
+    cork.write(b"next")  # a new turn
+    cork.write(b"last")
     cork.close()  # close flushes first
-    assert inner.writes[-1] == b"next" and inner.closed
+    assert inner.writes[-2:] == [b"next", b"last"] and inner.closed
+
+
+async def test_gateway_sends_the_client_no_ignore_filler(env: Env) -> None:
+    result = await env.ssh(*env.cert_args(), "-vvv", "-o", "Ciphers=aes128-gcm@openssh.com", "--",
+                           "sh -c 'echo one; echo two'")
+    assert result.returncode == 0 and result.stdout == b"one\ntwo\n"
+    log = result.stderr.decode()
+    assert "aes128-gcm@openssh.com" in log
+    assert "SSH2_MSG_IGNORE" not in log
