@@ -7,7 +7,7 @@ gateway's own cost. The API's authorize route is replaced by an in-process stub 
 SSH path, not the API), and the gateway logs in to sshd as the current user instead of "rw"/"ro".
 For the held-sessions figure the runner is a small asyncssh stand-in (sshd would fork per session).
 
-    python -m bench.gateway [--bytes 1G] [--sessions 1000] [--samples 300]
+    python -m bench.gateway [--bytes 1G] [--sessions 1000] [--samples 300] [--asyncio]
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ class Child:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         return 0
+
+    def cpu_s(self) -> float:
+        """User + system CPU time this process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -298,7 +303,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                  "-o", f"CertificateFile={work / 'id-cert.pub'}"], f"{SESSION}@127.0.0.1")
         report: dict[str, Any] = {"bytes": args.bytes, "samples": args.samples, "client_ciphers": ciphers[1:],
                                   "gateway_loop": "uvloop" if args.uvloop else "asyncio"}
-        for name, lat in (await echo_latency([direct, via], args.samples)).items():
+        cpu_before = gw.cpu_s()
+        echoes = await echo_latency([direct, via], args.samples)
+        # The gateway's own CPU per keystroke echo: steadier than latency on a shared machine.
+        report["gateway_cpu_us_per_echo"] = (gw.cpu_s() - cpu_before) / len(echoes["gateway"]) * 1e6
+        for name, lat in echoes.items():
             report[f"{name}_echo_p50_ms"] = statistics.median(lat) * 1000
             report[f"{name}_echo_p99_ms"] = pct(lat, 99) * 1000
         for t in (direct, via):
@@ -335,7 +344,8 @@ def cli() -> None:
     parser.add_argument("--samples", type=int, default=300, help="keystrokes timed per side")
     parser.add_argument("--setup-runs", type=int, default=10)
     parser.add_argument("--sessions", type=int, default=1000, help="idle sessions held (0 skips)")
-    parser.add_argument("--uvloop", action="store_true", help="run the gateway on uvloop (default asyncio)")
+    parser.add_argument("--asyncio", dest="uvloop", action="store_false",
+                        help="run the gateway on asyncio's own loop (default: uvloop, as `orz gateway` does)")
     parser.add_argument("--client-default-ciphers", action="store_true",
                         help="let ssh pick its default cipher per side (default: aes128-gcm on both)")
     args = parser.parse_args()

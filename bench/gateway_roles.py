@@ -52,6 +52,9 @@ async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None)
     settings = Settings(data_dir=data_dir, ssh_port=0)
     gw = gw_server.Gateway(settings, api=StubApi(route))  # type: ignore[arg-type]
     await gw.start()
+    from cli.services import freeze_startup_heap
+
+    freeze_startup_heap()  # as `orz gateway` does once started
     print(json.dumps({"port": gw.port}), flush=True)
     try:
         await _until_sigterm()

@@ -50,7 +50,7 @@ def _event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _freeze_startup_heap() -> None:
+def freeze_startup_heap() -> None:
     """Take everything alive once a service has started out of the garbage collector's view.
 
     Otherwise every full collection re-walks all modules, ORM mappers, routes and keys: measured on the
@@ -73,7 +73,7 @@ def api_cmd(host: str | None, port: int | None) -> None:
         from api.serve import ApiServer
 
         server = await ApiServer.start(create_app(settings), settings.api_host, settings.api_port)
-        _freeze_startup_heap()
+        freeze_startup_heap()
         try:
             await wait_for_signal()
         finally:
@@ -94,7 +94,7 @@ def gateway_cmd(ssh_port: int | None, web_port: int | None) -> None:
         from gateway.server import serve
 
         async with serve(settings):
-            _freeze_startup_heap()
+            freeze_startup_heap()
             await wait_for_signal()
 
     _run(main)
@@ -152,7 +152,7 @@ def server_cmd(host: str | None, api_port: int | None, ssh_port: int | None, web
 
     async def main() -> None:
         async with run_server(settings) as running:
-            _freeze_startup_heap()
+            freeze_startup_heap()
             click.echo(running.banner())
             await wait_for_signal()
             click.echo("orz server: stopping sessions and services...", err=True)
