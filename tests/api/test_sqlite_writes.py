@@ -243,3 +243,20 @@ def test_postgres_engines_are_not_gated():
 ])
 def test_which_statements_take_the_gate(statement: str, writes: bool) -> None:
     assert is_write(statement) is writes
+
+
+async def test_read_uncommitted_still_applies_and_is_undone_for_the_next_user(settings):
+    engine = create_engine(settings.database_url, pool_size=1, max_overflow=0)  # one connection, reused
+    try:
+        async with engine.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA read_uncommitted")).scalar() == 0
+        dirty = engine.execution_options(isolation_level="READ UNCOMMITTED")
+        async with dirty.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA read_uncommitted")).scalar() == 1
+        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        async with autocommit.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA read_uncommitted")).scalar() == 0
+        async with engine.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA read_uncommitted")).scalar() == 0
+    finally:
+        await engine.dispose()
