@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import re
@@ -176,14 +177,16 @@ def create_app(
     @app.on_response
     async def finish_request(request: Request, response: HTTPResponse) -> None:
         elapsed = time.perf_counter() - getattr(request.ctx, "started", time.perf_counter())
-        metrics.HTTP_DURATION.labels(route=route_label(request), method=request.method,
-                                     status=response.status).observe(elapsed)
+        route = route_label(request)
+        metrics.HTTP_DURATION.labels(route=route, method=request.method, status=response.status).observe(elapsed)
         response.headers["X-Request-Id"] = getattr(request.ctx, "request_id", "")
+        if not log.isEnabledFor(logging.INFO):
+            return  # the access line is built only when it will be written
         orz_log.bind(user_id=getattr(request.ctx, "user_id", None),
                      session_id=getattr(request.ctx, "session_id", None))
         log.info(
             "%s %s %s", request.method, request.path, response.status,
-            extra={"event": "access", "method": request.method, "route": route_label(request),
+            extra={"event": "access", "method": request.method, "route": route,
                    "status": response.status, "duration_ms": round(elapsed * 1000, 2),
                    "remote": request.remote_addr or request.ip},
         )
@@ -199,7 +202,12 @@ def route_label(request: Request) -> str:
     spelling as the OpenAPI document. Requests that match no route share one label."""
     if not request.route:
         return "unmatched"
-    return "/" + _ROUTE_PARAM.sub(r"{\1}", request.route.path).lstrip("/")
+    return _route_template(request.route.path)
+
+
+@functools.lru_cache(maxsize=256)
+def _route_template(path: str) -> str:
+    return "/" + _ROUTE_PARAM.sub(r"{\1}", path).lstrip("/")
 
 
 def _count_transition(row: Any, _from: Any, to: Any) -> None:
