@@ -59,7 +59,8 @@ def route(
     body_required: bool = True,
 ) -> Callable[[F], F]:
     """Register a handler on ``bp`` and describe it in the OpenAPI document, from one declaration."""
-    auth_errors = (401,) if security else ()
+    # Every authenticated route reads the database: when it is unreachable the answer is a retryable 503.
+    auth_errors = (401, 503) if security else ()
     body_errors = (400, 413, 422) if request else ()
     op = Operation(method.upper(), path, summary, tag, request, responses,
                    tuple(sorted(set(errors) | set(auth_errors) | set(body_errors))), security, content_type,

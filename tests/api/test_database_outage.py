@@ -78,6 +78,9 @@ async def test_database_outage_is_a_retryable_503_problem_without_connection_det
             assert resp.headers["retry-after"] == "1"
             assert resp.json()["code"] == "database_unavailable"
             assert database not in resp.text and "5432" not in resp.text
+        # The OpenAPI document says so (it is served without the database).
+        doc = (await api.get("/v1/openapi.json")).json()
+        assert "503" in doc["paths"]["/v1/instances"]["get"]["responses"]
     finally:
         await _pg_exec(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
     resp = await api.get("/v1/instances", headers=t.headers)
