@@ -15,7 +15,6 @@ cd "$(dirname "$0")/.."
 cluster="${KIND_CLUSTER:-orz-e2e}"
 release="${RELEASE:-orz}"
 release_ns="${RELEASE_NS:-orz-system}"
-sessions_ns="orz-sessions"
 python="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
 helm=".cache/bin/helm"
 kubeconfig=".cache/kind-${cluster}.kubeconfig"
@@ -46,7 +45,9 @@ up() {
 
 run_tests() {
   log "running tests/e2e"
-  KUBECONFIG="$kubeconfig" ORZ_E2E=1 ORZ_E2E_NAMESPACE="$sessions_ns" ORZ_E2E_RUNNER_IMAGE="$runner_image" \
+  # tests/e2e makes (and deletes) a namespace of its own: in the chart's sessions namespace the
+  # scheduler's reconciler would stop the test's Pods as orphans (the API has no rows for them).
+  KUBECONFIG="$kubeconfig" ORZ_E2E=1 ORZ_E2E_RUNNER_IMAGE="$runner_image" \
     ORZ_E2E_API_URL="http://${release}-orzbob-cloud-api.${release_ns}.svc:8080" \
     "$python" -m pytest -q -rs tests/e2e
   if [[ -f hack/smoke.py ]]; then
