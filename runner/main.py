@@ -134,8 +134,10 @@ class Runner:
         if len(str(self.tmux.socket)) > _MAX_UNIX_PATH:
             raise RunnerError(f"state dir path too long for a unix socket: {self.state_dir}")
         if self.spec.repo_url:
-            await workspace.clone(self.spec.repo_url, self.spec.branch, self.workspace,
-                                  env=self.base_env, token=self.secrets.get(workspace.GIT_TOKEN_ENV))
+            token = self.secrets.get(workspace.GIT_TOKEN_ENV)
+            if not await workspace.clone(self.spec.repo_url, self.spec.branch, self.workspace,
+                                         env=self.base_env, token=token):
+                await workspace.refresh(self.spec.repo_url, self.workspace, env=self.base_env, token=token)
         self.config = cloud_config.find(self.workspace)
         if self.config is not None:
             # Resolve every ${SECRET} before anything starts, so a bad ref fails fast and leaves nothing.

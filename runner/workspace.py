@@ -74,6 +74,54 @@ async def clone(repo_url: str, branch: str | None, dest: Path, *, env: Mapping[s
     return True
 
 
+async def refresh(repo_url: str, dest: Path, *, env: Mapping[str, str], token: str | None = None) -> bool:
+    """Bring a checkout whose setup never finished to its branch's current head; True when it moved.
+
+    A session that failed on its first start (a bad .orz/cloud.yaml, a failing init) keeps its clone;
+    the user fixes the repository and starts it again, and expects the fix. Only a checkout nobody has
+    touched moves: no uncommitted change and no local commit, so no one's work is ever lost.
+    """
+    if init_done(dest) or not (dest / ".git").exists():
+        return False
+    genv = git_env(env, repo_url, token)
+    try:
+        if await _git(dest, genv, "status", "--porcelain", "--untracked-files=normal"):
+            log.info("workspace has changes: keeping it as it is")
+            return False
+        if int(await _git(dest, genv, "rev-list", "--count", "@{upstream}..HEAD") or "0"):
+            log.info("workspace has local commits: keeping it as it is")
+            return False
+        before = await _git(dest, genv, "rev-parse", "HEAD")
+        await _git(dest, genv, "fetch", "--quiet", "--no-tags", "--depth", "1", "origin")
+        await _git(dest, genv, "reset", "--quiet", "--hard", "@{upstream}")
+        after = await _git(dest, genv, "rev-parse", "HEAD")
+    except CloneError as exc:
+        # The checkout is still usable: go on with it rather than fail the start.
+        log.warning("could not update the workspace from %s: %s", _safe_url(repo_url), _redact(str(exc), token))
+        return False
+    if after != before:
+        log.info("workspace updated to the branch's head %s", after[:12])
+    return after != before
+
+
+async def _git(dest: Path, env: Mapping[str, str], *args: str) -> str:
+    """Run ``git -C dest args`` and return its stdout; CloneError with git's last line when it fails."""
+    proc = await asyncio.create_subprocess_exec(
+        "git", "-C", str(dest), *args, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), CLONE_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise CloneError(f"git {args[0]} timed out") from None
+    if proc.returncode != 0:
+        detail = err.decode("utf-8", "replace").strip().splitlines()
+        raise CloneError(f"git {args[0]} failed: {detail[-1] if detail else proc.returncode}")
+    return out.decode("utf-8", "replace").strip()
+
+
 def _mkdir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,50 @@ async def test_bad_config_is_fatal_reported_and_leaves_nothing(
     if fatal.get("ssh_port"):
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", fatal["ssh_port"]), timeout=1):
             pass
+
+
+def _push_fix(url: str, files: dict[str, str]) -> None:
+    """Commit ``files`` in the working copy behind make_repo's bare repository and push them."""
+    from tests.runner.conftest import git
+
+    bare = Path(url.removeprefix("file://"))
+    src = bare.with_name(bare.name.replace("repo", "src").removesuffix(".git"))
+    for rel, text in files.items():
+        (src / rel).write_text(text)
+    git("commit", "--quiet", "-am", "fix", cwd=src)
+    git("push", "--quiet", str(bare), "main", cwd=src)
+
+
+BAD_INIT = 'version: "1.0"\nsetup:\n  init: exit 9\n'
+GOOD_INIT = 'version: "1.0"\nsetup:\n  init: echo fixed >> init-runs.txt\n'
+
+
+async def test_a_start_after_a_failed_first_start_picks_up_the_fixed_repository(
+        make_repo: MakeRepo, start_runner: StartRunner) -> None:
+    url = make_repo({".orz/cloud.yaml": BAD_INIT})
+    first = await start_runner(url)
+    assert await asyncio.wait_for(first.task, 15) == 2
+    _push_fix(url, {".orz/cloud.yaml": GOOD_INIT})
+
+    second = await start_runner(url)  # same session: same workspace
+    ready = await second.ready()
+    assert ready["init_status"] == "succeeded"
+    workspace = Path(second.runner.workspace)
+    assert (workspace / ".orz/cloud.yaml").read_text() == GOOD_INIT
+    assert (workspace / "init-runs.txt").read_text() == "fixed\n"
+    assert await second.finish() == 0
+
+
+async def test_a_workspace_someone_changed_is_never_reset(make_repo: MakeRepo, start_runner: StartRunner,
+                                                          fake_api: FakeApi) -> None:
+    url = make_repo({".orz/cloud.yaml": BAD_INIT, "notes.txt": "original\n"})
+    first = await start_runner(url)
+    assert await asyncio.wait_for(first.task, 15) == 2
+    workspace = Path(first.runner.workspace)
+    (workspace / "notes.txt").write_text("my unsaved work\n")
+    _push_fix(url, {".orz/cloud.yaml": GOOD_INIT})
+
+    second = await start_runner(url)
+    assert await asyncio.wait_for(second.task, 15) == 2  # still the old config: nothing was overwritten
+    assert (workspace / "notes.txt").read_text() == "my unsaved work\n"
+    assert "exit status 9" in fake_api.bodies()[-1]["fatal_error"]
