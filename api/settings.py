@@ -6,6 +6,7 @@ heavy, so the gateway, the runner and the CLI read their configuration from the 
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PlanName = Literal["free", "pro", "team"]
 ProviderName = Literal["local", "kubernetes", "fake"]
+
+
+def _split_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def default_data_dir() -> Path:
@@ -50,6 +55,9 @@ class Settings(BaseSettings):
     gateway_web_host: str = "127.0.0.1"
     gateway_web_port: int = Field(default=8443, ge=0, le=65535)
     public_web_url: str = ""
+    # Comma-separated addresses/CIDRs of the TLS proxies in front of the web door. Only from these is
+    # X-Forwarded-For believed, so rate limits and logs see the browser's address, not the proxy's.
+    gateway_web_trusted_proxies: str = ""
     gateway_metrics_port: int = Field(default=0, ge=0, le=65535)
     gateway_host_key_file: Path | None = None
     # The gateway's client key for its connections to runners; runners trust only its public half.
@@ -109,6 +117,20 @@ class Settings(BaseSettings):
     # Logging
     log_level: str = "INFO"
     log_json: bool = True
+
+    @field_validator("gateway_web_trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: str) -> str:
+        for entry in _split_list(value):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"not an IP address or CIDR: {entry!r}") from None
+        return value
+
+    def web_trusted_proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        entries = _split_list(self.gateway_web_trusted_proxies)
+        return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
 
     @field_validator("secrets_key_file", mode="before")
     @classmethod

@@ -60,6 +60,7 @@ class WebDoor:
         self.gw = gateway
         self.settings = gateway.settings
         self.origins = http.configured_origins(self.settings.public_web_url)
+        self.trusted_proxies = self.settings.web_trusted_proxies()
         # Weak: a handshake that fails after process_request never reaches the handler to pop its grant.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = weakref.WeakKeyDictionary()
         self._server: Server | None = None
@@ -85,7 +86,8 @@ class WebDoor:
     # -- before the upgrade ---------------------------------------------------------------------------
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        source = str(conn.remote_address[0]) if conn.remote_address else "?"
+        peer = str(conn.remote_address[0]) if conn.remote_address else "?"
+        source = http.client_address(peer, request.headers.get("X-Forwarded-For"), self.trusted_proxies)
         target = http.parse_target(request.path)
         if target is None:
             return http.text(404, "not found")

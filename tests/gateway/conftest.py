@@ -10,6 +10,7 @@ import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
@@ -135,10 +136,11 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
 
 @contextlib.asynccontextmanager
 async def gateway_env(tmp_path: Path, client_key: asyncssh.SSHKey | None = None,
-                      route: dict[str, object] | None = None) -> AsyncIterator[Env]:
+                      route: dict[str, object] | None = None, **settings_overrides: Any) -> AsyncIterator[Env]:
     """Gateway + API stand-in; the runner stand-in unless a real runner's `route` is given."""
     settings = Settings(data_dir=tmp_path / "data", ssh_port=0, gateway_web_port=0, service_token=SERVICE_TOKEN,
-                        auth_fail_limit=5, auth_fail_window_s=60, gateway_metrics_port=free_port())
+                        auth_fail_limit=5, auth_fail_window_s=60, gateway_metrics_port=free_port(),
+                        **settings_overrides)
     ca = ssh_ca.load_or_create_ca(settings)
     jwt_key = attach_jwt.load_or_create_signing_key(settings)
     api = FakeApi(SERVICE_TOKEN)

@@ -1,0 +1,68 @@
+"""The web door behind a TLS proxy: X-Forwarded-For is believed from trusted proxies only."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from api.settings import Settings
+from gateway import web_http as http
+from tests.gateway.conftest import SESSION, gateway_env
+
+PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32"))
+
+
+def test_a_peer_that_is_not_a_trusted_proxy_cannot_claim_another_address() -> None:
+    assert http.client_address("198.51.100.9", "203.0.113.7", PROXIES) == "198.51.100.9"
+    assert http.client_address("198.51.100.9", "203.0.113.7", ()) == "198.51.100.9"
+
+
+def test_behind_trusted_proxies_the_nearest_untrusted_address_counts() -> None:
+    assert http.client_address("10.1.2.3", "203.0.113.7", PROXIES) == "203.0.113.7"
+    # Entries left of the nearest untrusted one were written by the client and can be forged.
+    assert http.client_address("10.1.2.3", "1.2.3.4, 203.0.113.7, 10.9.9.9", PROXIES) == "203.0.113.7"
+    assert http.client_address("10.1.2.3", "2001:db8::1", PROXIES) == "2001:db8::1"
+    assert http.client_address("10.1.2.3", "10.4.4.4", PROXIES) == "10.1.2.3"  # only proxies: the peer
+    assert http.client_address("10.1.2.3", "203.0.113.7, not-an-ip", PROXIES) == "10.1.2.3"
+    assert http.client_address("10.1.2.3", None, PROXIES) == "10.1.2.3"
+
+
+def test_trusted_proxies_setting_rejects_what_is_not_an_address(tmp_path: Path) -> None:
+    ok = Settings(data_dir=tmp_path, gateway_web_trusted_proxies=" 10.0.0.0/8, 127.0.0.1 ,")
+    assert ok.web_trusted_proxies() == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32"))
+    with pytest.raises(ValidationError, match="not an IP address or CIDR: 'ingress'"):
+        Settings(data_dir=tmp_path, gateway_web_trusted_proxies="10.0.0.0/8,ingress")
+
+
+async def _refused_status(port: int, forwarded_for: str) -> int:
+    url = f"ws://127.0.0.1:{port}/v1/instances/{SESSION}/attach?token=not.a.jwt"
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url, additional_headers={"X-Forwarded-For": forwarded_for}, open_timeout=5):
+            pass
+    return refused.value.response.status_code
+
+
+async def test_failed_attempts_are_limited_per_browser_address_behind_a_trusted_proxy(tmp_path: Path) -> None:
+    async with gateway_env(tmp_path, gateway_web_trusted_proxies="127.0.0.1") as env:
+        assert env.gateway.web is not None
+        port = env.gateway.web.port
+        limit = env.settings.auth_fail_limit
+        assert [await _refused_status(port, "203.0.113.7") for _ in range(limit)] == [401] * limit
+        assert await _refused_status(port, "203.0.113.7") == 429
+        # Another browser behind the same proxy is not locked out with it.
+        assert await _refused_status(port, "203.0.113.8") == 401
+
+
+async def test_without_trusted_proxies_the_header_is_ignored(tmp_path: Path) -> None:
+    async with gateway_env(tmp_path) as env:
+        assert env.gateway.web is not None
+        port = env.gateway.web.port
+        limit = env.settings.auth_fail_limit
+        for n in range(limit):
+            assert await _refused_status(port, f"203.0.113.{n}") == 401  # a forged header changes nothing
+        assert await _refused_status(port, "203.0.113.99") == 429
