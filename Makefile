@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup dev test lint fmt bench clean
+.PHONY: setup dev test lint fmt bench bench-gateway clean
 
 setup:
 	@./hack/setup.sh
@@ -19,8 +19,12 @@ lint: setup  ## ruff, import contracts, then actionlint, bandit and pip-audit (h
 	$(VENV)/lint-imports
 	./hack/lint.sh
 
-bench: setup
-	$(VENV)/python bench/api.py
+bench: setup  ## API load on PostgreSQL (the production database) and on SQLite (the embedded default)
+	$(VENV)/python bench/api.py --database postgres
+	$(VENV)/python bench/api.py --database sqlite
+
+bench-gateway: setup  ## the SSH gateway against direct OpenSSH (needs sshd: apt-get install openssh-server)
+	$(VENV)/python -m bench.gateway
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache build *.egg-info
