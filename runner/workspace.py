@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -48,7 +48,7 @@ async def clone(repo_url: str, branch: str | None, dest: Path, *, env: Mapping[s
         log.info("workspace already cloned, keeping it")
         return False
     _mkdir(dest)
-    args = ["git", "clone", "--quiet", "--no-tags"]
+    args = ["clone", "--quiet", "--no-tags"]
     if shallow:
         args += ["--depth", "1"]
     if branch:
@@ -56,20 +56,7 @@ async def clone(repo_url: str, branch: str | None, dest: Path, *, env: Mapping[s
     # "--" stops option parsing: a URL or path can never be read as a git option.
     args += ["--", repo_url, str(dest)]
     log.info("cloning %s (branch %s)", _safe_url(repo_url), branch or "default")
-    proc = await asyncio.create_subprocess_exec(
-        *args, env=git_env(env, repo_url, token), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), CLONE_TIMEOUT_S)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise CloneError(f"git clone of {_safe_url(repo_url)} timed out") from None
-    if proc.returncode != 0:
-        detail = err.decode("utf-8", "replace").strip().splitlines()
-        reason = _redact(detail[-1] if detail else f"exit status {proc.returncode}", token)
-        raise CloneError(f"git clone of {_safe_url(repo_url)} failed: {reason}")
+    await _git(args, git_env(env, repo_url, token), what=f"git clone of {_safe_url(repo_url)}", token=token)
     _exclude_marker(dest)
     return True
 
@@ -84,30 +71,34 @@ async def refresh(repo_url: str, dest: Path, *, env: Mapping[str, str], token: s
     if init_done(dest) or not (dest / ".git").exists():
         return False
     genv = git_env(env, repo_url, token)
+
+    async def git(*args: str) -> str:
+        return await _git(["-C", str(dest), *args], genv, what=f"git {args[0]}", token=token)
+
     try:
-        if await _git(dest, genv, "status", "--porcelain", "--untracked-files=normal"):
+        if await git("status", "--porcelain", "--untracked-files=normal"):
             log.info("workspace has changes: keeping it as it is")
             return False
-        if int(await _git(dest, genv, "rev-list", "--count", "@{upstream}..HEAD") or "0"):
+        if int(await git("rev-list", "--count", "@{upstream}..HEAD") or "0"):
             log.info("workspace has local commits: keeping it as it is")
             return False
-        before = await _git(dest, genv, "rev-parse", "HEAD")
-        await _git(dest, genv, "fetch", "--quiet", "--no-tags", "--depth", "1", "origin")
-        await _git(dest, genv, "reset", "--quiet", "--hard", "@{upstream}")
-        after = await _git(dest, genv, "rev-parse", "HEAD")
+        before = await git("rev-parse", "HEAD")
+        await git("fetch", "--quiet", "--no-tags", "--depth", "1", "origin")
+        await git("reset", "--quiet", "--hard", "@{upstream}")
+        after = await git("rev-parse", "HEAD")
     except CloneError as exc:
         # The checkout is still usable: go on with it rather than fail the start.
-        log.warning("could not update the workspace from %s: %s", _safe_url(repo_url), _redact(str(exc), token))
+        log.warning("could not update the workspace from %s: %s", _safe_url(repo_url), exc)
         return False
     if after != before:
         log.info("workspace updated to the branch's head %s", after[:12])
     return after != before
 
 
-async def _git(dest: Path, env: Mapping[str, str], *args: str) -> str:
-    """Run ``git -C dest args`` and return its stdout; CloneError with git's last line when it fails."""
+async def _git(args: Sequence[str], env: Mapping[str, str], *, what: str, token: str | None = None) -> str:
+    """Run git and return its stdout; CloneError naming ``what`` with git's last line when it fails."""
     proc = await asyncio.create_subprocess_exec(
-        "git", "-C", str(dest), *args, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+        "git", *args, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -115,10 +106,11 @@ async def _git(dest: Path, env: Mapping[str, str], *args: str) -> str:
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise CloneError(f"git {args[0]} timed out") from None
+        raise CloneError(f"{what} timed out") from None
     if proc.returncode != 0:
         detail = err.decode("utf-8", "replace").strip().splitlines()
-        raise CloneError(f"git {args[0]} failed: {detail[-1] if detail else proc.returncode}")
+        reason = _redact(detail[-1] if detail else f"exit status {proc.returncode}", token)
+        raise CloneError(f"{what} failed: {reason}")
     return out.decode("utf-8", "replace").strip()
 
 
