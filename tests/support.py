@@ -1,14 +1,19 @@
-"""Helpers for tests that run real processes: free ports, waiting, and an `orz` subprocess."""
+"""Helpers for tests that run real processes: free ports, waiting, an `orz` subprocess, stopping one, and
+the HTTP loop of the JSON stand-ins (fake APIs) some tests serve."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,3 +54,42 @@ def orz(*args: str, env: dict[str, str], timeout: float = 60, check: bool = Fals
         input_text: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, check=check, input=input_text, cwd=ROOT)
+
+
+def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGINT, timeout: float = 30) -> tuple[str, str]:
+    """Ask a service process to stop (SIGINT, like Ctrl-C) and collect its output; kill it if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
+JsonRoute = Callable[[str, str, dict[str, str], bytes], tuple[int, Any]]
+
+
+async def serve_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     route: JsonRoute) -> None:
+    """Answer one keep-alive HTTP/1.1 connection of a stand-in: each request to ``route``, JSON back
+    (problem+json for 4xx/5xx, no body for None). Returns when the client goes away."""
+    try:
+        while True:
+            request_line = await reader.readline()
+            if not request_line:
+                return
+            method, path, _ = request_line.decode().split(" ", 2)
+            headers: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode().partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            status, payload = route(method, path, headers, body)
+            data = b"" if payload is None else json.dumps(payload).encode()
+            ctype = "application/problem+json" if status >= 400 else "application/json"
+            writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\n"
+                         f"content-length: {len(data)}\r\n\r\n".encode() + data)
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+        return

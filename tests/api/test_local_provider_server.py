@@ -17,7 +17,7 @@ import pytest
 
 from api.instances.providers.local import process_start_time
 from tests.runner import conftest as runner_fixtures
-from tests.support import ROOT, free_port, orz_env, wait_until
+from tests.support import ROOT, free_port, orz_env, stop_process, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -50,13 +50,7 @@ class Server:
 
     def stop(self) -> tuple[str, str]:
         self.http.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.communicate()
+        return stop_process(self.proc)
 
 
 @pytest.fixture

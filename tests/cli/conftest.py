@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,25 @@ class LiveApi:
 
     def tenant(self, org: str, plan: str = "free") -> Tenant:
         return self.call(make_tenant(self.app.ctx.state.sessions, org, plan))
+
+    @contextlib.contextmanager
+    def runners_heartbeating(self, interval_s: float = 0.3) -> Iterator[None]:
+        """Play every session's runner from a thread while the block runs (sessions become running)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.is_set():
+                for sid in list(self.provider.specs):
+                    self.heartbeat(sid)
+                time.sleep(interval_s)
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(5)
 
     def heartbeat(self, session_id: str, **fields: Any) -> schemas.HeartbeatReply:
         """Play the session's runner: one heartbeat with its runner token (makes it running)."""

@@ -11,8 +11,6 @@ import os
 import shutil
 import stat
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -77,23 +75,10 @@ def test_attach_execs_ssh_with_a_fresh_certificate(orz: Orz, live_api: LiveApi, 
 
 def test_new_waits_then_attaches(orz: Orz, live_api: LiveApi, logged_in: Tenant, home: Path,
                                  fake_ssh: tuple[Path, Path]) -> None:
-    stop = threading.Event()
-
-    def runner() -> None:
-        while not stop.is_set():
-            for sid in list(live_api.provider.specs):
-                live_api.heartbeat(sid)
-            time.sleep(0.3)
-
-    thread = threading.Thread(target=runner, daemon=True)
-    thread.start()
     bin_dir, out = fake_ssh
-    try:
+    with live_api.runners_heartbeating():
         done = orz("cloud", "new", "--repo", "https://example.com/r.git", "do it",
                    PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    finally:
-        stop.set()
-        thread.join(5)
     assert done.returncode == 0, done.stderr
     sid = done.stdout.split()[1]
     assert "-> running" in done.stderr and f"attaching to {sid}" in done.stderr

@@ -6,8 +6,6 @@ import json
 import socket
 import stat
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 from tests.cli.conftest import LiveApi, Orz
@@ -144,21 +142,8 @@ def test_stop_start_kill_and_no_such_session(orz: Orz, live_api: LiveApi, logged
 
 def test_new_waits_and_shows_progress(orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
     """`--wait` polls until running, printing state changes; the 'runner' heartbeats from a thread."""
-    stop = threading.Event()
-
-    def runner() -> None:
-        while not stop.is_set():
-            for sid in list(live_api.provider.specs):
-                live_api.heartbeat(sid)
-            time.sleep(0.3)
-
-    thread = threading.Thread(target=runner, daemon=True)
-    thread.start()
-    try:
+    with live_api.runners_heartbeating():
         done = orz("cloud", "new", "--no-attach", "--wait", cwd=tmp_path)
-    finally:
-        stop.set()
-        thread.join(5)
     assert done.returncode == 0, done.stderr
     assert "is running" in done.stdout
     assert "starting -> running" in done.stderr

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
 import stat
 import subprocess
 import sys
 
 import httpx
 
-from tests.support import ROOT, free_port, orz_env, wait_until
+from tests.support import ROOT, free_port, orz_env, stop_process, wait_until
 
 
 def start_server(tmp_path, api_port: int, ssh_port: int) -> subprocess.Popen[str]:
@@ -22,22 +21,12 @@ def start_server(tmp_path, api_port: int, ssh_port: int) -> subprocess.Popen[str
     )
 
 
-def stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        return proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.communicate()
-
-
 def test_first_start_bootstraps_login_and_prints_next_steps(tmp_path):
     api_port, ssh_port = free_port(), free_port()
     proc = start_server(tmp_path, api_port, ssh_port)
     try:
         wait_until(lambda: _healthy(api_port) or proc.poll() is not None, timeout=60, what="orz server")
-        assert proc.poll() is None, stop(proc)
+        assert proc.poll() is None, stop_process(proc)
         token_file = tmp_path / "home" / ".config" / "orzbob" / "token.json"
         wait_until(token_file.exists, timeout=10, what="token file")
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
@@ -49,7 +38,7 @@ def test_first_start_bootstraps_login_and_prints_next_steps(tmp_path):
                              headers={"Authorization": f"Bearer {login['api_token']}"})
         assert created.status_code == 201
     finally:
-        out, err = stop(proc)
+        out, err = stop_process(proc)
     assert proc.returncode == 0, err
     assert "orz cloud new" in out and "orz cloud list" in out and "orz cloud attach" in out
     assert login["api_token"] not in out + err  # the token goes to the file, never to the terminal or logs
@@ -66,7 +55,7 @@ def test_first_start_bootstraps_login_and_prints_next_steps(tmp_path):
 
         wait_until(lambda: statuses() == ["starting"], timeout=20, what="the stopped session to resume")
     finally:
-        out, err = stop(proc)
+        out, err = stop_process(proc)
     assert "Resumed 1 session" in out
 
 

@@ -12,7 +12,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.db import migrate
-from tests.support import ROOT, free_port, orz_env, wait_until
+from tests.support import ROOT, free_port, orz_env, stop_process, wait_until
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -50,13 +50,7 @@ def test_scheduler_serves_its_metrics(tmp_path):
         assert samples[("orz_scheduler_leader", ())] == 1
         assert samples[("orz_scheduler_job_duration_seconds_count", (("job", "reap"),))] >= 1
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            _out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _out, err = proc.communicate()
+        _out, err = stop_process(proc, signal.SIGTERM)
     assert proc.returncode == 0, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines and all(json.loads(line)["level"] for line in lines), err
@@ -83,11 +77,5 @@ def test_embedded_server_shows_api_scheduler_and_gateway_metrics_on_one_endpoint
         assert proc.poll() is None
         assert ("orz_sessions", (("state", "running"),)) in samples  # the API's
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            _out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _out, err = proc.communicate()
+        _out, err = stop_process(proc)
     assert proc.returncode == 0, err

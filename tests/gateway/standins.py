@@ -23,6 +23,8 @@ from typing import Any
 
 import asyncssh
 
+from tests.support import serve_json
+
 
 @dataclass
 class FakeSession:
@@ -62,23 +64,8 @@ class FakeApi:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         try:
-            while True:
-                request_line = await reader.readline()
-                if not request_line:
-                    return
-                method, path, _ = request_line.decode().split(" ", 2)
-                headers: dict[str, str] = {}
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.decode().partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                status, payload = self._route(method, path, headers, body)
-                data = b"" if payload is None else json.dumps(payload).encode()
-                ctype = "application/problem+json" if status >= 400 else "application/json"
-                writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\n"
-                             f"content-length: {len(data)}\r\n\r\n".encode() + data)
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            await serve_json(reader, writer, self._route)
+        except asyncio.CancelledError:
             return
         finally:
             self._writers.discard(writer)

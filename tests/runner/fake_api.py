@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.support import serve_json
+
 
 @dataclass
 class FakeApi:
@@ -65,25 +67,7 @@ class FakeApi:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)
         try:
-            while True:
-                request_line = await reader.readline()
-                if not request_line:
-                    return
-                method, path, _ = request_line.decode().split(" ", 2)
-                headers: dict[str, str] = {}
-                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    key, _, value = line.decode().partition(":")
-                    headers[key.strip().lower()] = value.strip()
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                status, reply = self._handle(method, path, headers, body)
-                payload = json.dumps(reply).encode()
-                writer.write(
-                    f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
-                )
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-            return
+            await serve_json(reader, writer, self._handle)
         finally:
             self._conns.discard(writer)
             writer.close()
