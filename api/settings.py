@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # The gateway's client key for its connections to runners; runners trust only its public half.
     gateway_client_key_file: Path | None = None
     gateway_public_key: str = ""
+    # Relay session bytes between client and runner without asyncssh's per-packet channel machinery
+    # (gateway/splice.py); off runs every packet through asyncssh, as a fallback and for comparison.
+    gateway_fast_path: bool = True
     # Failed authentications allowed per source address inside auth_fail_window_s.
     auth_fail_limit: int = Field(default=10, ge=1)
     auth_fail_window_s: int = Field(default=60, ge=1)

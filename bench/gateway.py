@@ -62,8 +62,13 @@ class Child:
 
     def cpu_s(self) -> float:
         """User + system CPU time this process has used so far."""
+        return sum(self.cpu_split_s())
+
+    def cpu_split_s(self) -> tuple[float, float]:
+        """(user, system) CPU time this process has used so far."""
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -272,6 +277,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="orz-bench-"))
     sshd: Sshd | None = None
     gw: Child | None = None
+    slow: Child | None = None
     try:
         settings = Settings(data_dir=work / "gw")
         ca = ssh_ca.load_or_create_ca(settings)
@@ -289,44 +295,66 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         sshd = Sshd(work, [user.export_public_key().decode().strip(),
                            gw_client.export_public_key().decode().strip()])
         sshd_pub = sshd.host_key.export_public_key().decode().strip()
-        gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(sshd.port), sshd_pub,
-                   "--upstream-user", getpass.getuser(), *(["--uvloop"] if args.uvloop else []))
+        sshd_port = sshd.port
+
+        def gateway_child(*extra: str) -> Child:
+            return Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(sshd_port), sshd_pub,
+                         "--upstream-user", getpass.getuser(), *(["--uvloop"] if args.uvloop else []), *extra)
+
+        gw = gateway_child()
+        # The same gateway with its fast path off (every packet through asyncssh's channels), for the
+        # fast path's own gain measured in the same run.
+        slow = gateway_child("--no-fast-path")
         known = work / "known_hosts"
-        known.write_text(f"[127.0.0.1]:{sshd.port} {sshd_pub}\n"
-                         f"[127.0.0.1]:{gw.port} {gw_host.export_public_key().decode().strip()}\n")
+        gw_pub = gw_host.export_public_key().decode().strip()
+        known.write_text(f"[127.0.0.1]:{sshd.port} {sshd_pub}\n[127.0.0.1]:{gw.port} {gw_pub}\n"
+                         f"[127.0.0.1]:{slow.port} {gw_pub}\n")
         # Same cipher on both sides unless asked otherwise: the gateway offers AES-GCM only, while
         # OpenSSH would pick ChaCha20-Poly1305 with sshd, which is not the gateway's doing.
         ciphers = [] if args.client_default_ciphers else ["-o", "Ciphers=aes128-gcm@openssh.com"]
         direct = Target("direct", [*common_args(sshd.port, known, ciphers), "-i", str(work / "id")],
                         f"{getpass.getuser()}@127.0.0.1")
-        via = Target("gateway", [*common_args(gw.port, known, ciphers), "-i", str(work / "id"),
-                                 "-o", f"CertificateFile={work / 'id-cert.pub'}"], f"{SESSION}@127.0.0.1")
+        cert_args = ["-i", str(work / "id"), "-o", f"CertificateFile={work / 'id-cert.pub'}"]
+        via = Target("gateway", [*common_args(gw.port, known, ciphers), *cert_args], f"{SESSION}@127.0.0.1")
+        via_slow = Target("gateway_asyncssh_path", [*common_args(slow.port, known, ciphers), *cert_args],
+                          f"{SESSION}@127.0.0.1")
         report: dict[str, Any] = {"bytes": args.bytes, "samples": args.samples, "client_ciphers": ciphers[1:],
                                   "gateway_loop": "uvloop" if args.uvloop else "asyncio"}
-        cpu_before = gw.cpu_s()
-        echoes = await echo_latency([direct, via], args.samples)
-        # The gateway's own CPU per keystroke echo: steadier than latency on a shared machine.
-        report["gateway_cpu_us_per_echo"] = (gw.cpu_s() - cpu_before) / len(echoes["gateway"]) * 1e6
+        cpu_before = {"gateway": gw.cpu_split_s(), "gateway_asyncssh_path": slow.cpu_split_s()}
+        echoes = await echo_latency([direct, via, via_slow], args.samples)
+        # The gateway's own CPU per keystroke echo: steadier than latency on a shared machine. System
+        # time is mostly the kernel's loopback TCP work for the gateway's two sends, the same either way.
+        for name, child in (("gateway", gw), ("gateway_asyncssh_path", slow)):
+            user, system = (after - before for after, before in zip(child.cpu_split_s(), cpu_before[name], strict=True))
+            report[f"{name}_cpu_us_per_echo"] = (user + system) / args.samples * 1e6
+            report[f"{name}_user_cpu_us_per_echo"] = user / args.samples * 1e6
         for name, lat in echoes.items():
             report[f"{name}_echo_p50_ms"] = statistics.median(lat) * 1000
             report[f"{name}_echo_p99_ms"] = pct(lat, 99) * 1000
-        for t in (direct, via):
+        for t in (direct, via, via_slow):
             report[f"{t.name}_throughput_mib_s"] = await throughput(t, args.bytes) / (1 << 20)
         for t in (direct, via):
             report[f"{t.name}_setup_ms"] = statistics.median(await setup_time(t, args.setup_runs)) * 1000
         gw.stop()
         gw = None
+        slow.stop()
+        slow = None
         report["ratio_echo_p50"] = report["gateway_echo_p50_ms"] / report["direct_echo_p50_ms"]
         report["ratio_echo_p99"] = report["gateway_echo_p99_ms"] / report["direct_echo_p99_ms"]
         report["ratio_throughput"] = report["gateway_throughput_mib_s"] / report["direct_throughput_mib_s"]
         report["ratio_setup"] = report["gateway_setup_ms"] / report["direct_setup_ms"]
+        report["asyncssh_path_ratio_echo_p50"] = report["gateway_asyncssh_path_echo_p50_ms"] / report[
+            "direct_echo_p50_ms"]
+        report["asyncssh_path_ratio_throughput"] = report["gateway_asyncssh_path_throughput_mib_s"] / report[
+            "direct_throughput_mib_s"]
         if args.sessions:
             cert = asyncssh.import_certificate(signed.text)
             report["held"] = await hold_sessions(work, args.sessions, user, cert, settings, args.uvloop)
         return report
     finally:
-        if gw is not None:
-            gw.stop()
+        for child in (gw, slow):
+            if child is not None:
+                child.stop()
         if sshd is not None:
             sshd.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 Each runs in its own process so its RSS and CPU are its own:
     python -m bench.gateway_roles --serve-gateway DATA_DIR HOST PORT HOST_KEY [--upstream-user U] [--uvloop]
+        [--no-fast-path]
     python -m bench.gateway_roles --serve-idle-runner HOST_KEY_FILE
 Each prints {"port": N} once listening and stops on SIGTERM.
 """
@@ -39,7 +40,7 @@ class StubApi:
         return None
 
 
-async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None) -> None:
+async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None, fast_path: bool = True) -> None:
     import gateway.server as gw_server
 
     if upstream_user:
@@ -49,7 +50,7 @@ async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None)
             return await original(route, upstream_user, key, **kw)
 
         gw_server.connect_upstream = as_user  # type: ignore[assignment]
-    settings = Settings(data_dir=data_dir, ssh_port=0)
+    settings = Settings(data_dir=data_dir, ssh_port=0, gateway_web_port=0, gateway_fast_path=fast_path)
     gw = gw_server.Gateway(settings, api=StubApi(route))  # type: ignore[arg-type]
     await gw.start()
     from cli.services import freeze_startup_heap
@@ -102,6 +103,8 @@ def cli() -> None:
     parser.add_argument("--serve-gateway", nargs=4, metavar=("DATA_DIR", "HOST", "PORT", "HOST_KEY"))
     parser.add_argument("--upstream-user")
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                        help="every packet through asyncssh's channels (gateway/splice.py off)")
     parser.add_argument("--serve-idle-runner", metavar="HOST_KEY_FILE")
     args = parser.parse_args()
     if args.uvloop:
@@ -112,7 +115,7 @@ def cli() -> None:
         if args.serve_gateway:
             data_dir, host, port, host_key = args.serve_gateway
             asyncio.run(serve_gateway(Path(data_dir), Route(host=host, port=int(port), host_key=host_key),
-                                      args.upstream_user))
+                                      args.upstream_user, args.fast_path))
         elif args.serve_idle_runner:
             asyncio.run(serve_idle_runner(Path(args.serve_idle_runner)))
 

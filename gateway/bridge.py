@@ -11,6 +11,7 @@ from typing import Any
 import asyncssh
 
 from api.schemas import Route
+from gateway import splice
 from gateway.cork import CorkedTunnel
 from gateway.errors import AttachRefused, UpstreamUnavailable
 
@@ -32,6 +33,12 @@ def allowed_env(env: dict[str, str]) -> dict[str, str]:
 class Counters:
     bytes_in: int = 0  # client -> session
     bytes_out: int = 0  # session -> client
+
+    def add_in(self, n: int) -> None:
+        self.bytes_in += n
+
+    def add_out(self, n: int) -> None:
+        self.bytes_out += n
 
 
 async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey, *,
@@ -123,6 +130,10 @@ class _Coalescer:
         else:
             self._parts.append(data)
 
+    def idle(self) -> bool:
+        """Nothing batched: a write now cannot overtake an earlier one."""
+        return not self._parts
+
     def flush(self) -> None:
         """Send what the turn batched; the next write starts a new turn."""
         self._turn_open = False
@@ -166,9 +177,10 @@ class _UpstreamSession(asyncssh.SSHClientSession[bytes]):
 class BridgeSession(asyncssh.SSHServerSession[bytes]):
     """Client side of a bridged session (shell, exec, sftp/scp): opens its twin on the runner."""
 
-    def __init__(self, attachment: Attachment, *, readonly: bool) -> None:
+    def __init__(self, attachment: Attachment, *, readonly: bool, fast_path: bool = True) -> None:
         self._attachment = attachment
         self._readonly = readonly
+        self._fast_path = fast_path
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._up: asyncssh.SSHClientChannel[bytes] | None = None
         self._pending: list[bytes] = []
@@ -250,6 +262,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             self._stop_progress()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        splice.unsplice(self._chan, self._up)
         if self._up is not None:
             self._up.close()
 
@@ -283,6 +296,12 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         self._pending.clear()
         if self._pending_eof:
             self._up.write_eof()
+        if self._fast_path:
+            # From here on the pair's steady-state data skips asyncssh's channel machinery (gateway.splice).
+            assert self._out is not None
+            counters = self._attachment.counters
+            splice.splice(chan, self._up, to_upstream=counters.add_in, to_client=counters.add_out,
+                          client_idle=self._out.idle)
 
     def _stop_progress_now(self) -> None:
         if self._stop_progress:
@@ -319,6 +338,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
 
     def upstream_closed(self, up: _UpstreamSession) -> None:
         chan = self._chan
+        splice.unsplice(chan, self._up)
         if chan is None:
             return
         if self._out is not None:

@@ -254,7 +254,8 @@ class ClientConnection(asyncssh.SSHServer):
 
     def session_requested(self) -> BridgeSession:
         assert self.attachment is not None
-        return BridgeSession(self.attachment, readonly=self.readonly)
+        return BridgeSession(self.attachment, readonly=self.readonly,
+                             fast_path=self.gw.settings.gateway_fast_path)
 
     def _client_agent_path(self) -> str | None:
         return self.conn.get_agent_path() if self.conn is not None else None

@@ -162,6 +162,7 @@ class FakeRunner:
     term_sizes: list[tuple[int, int]] = field(default_factory=list)
     usernames: list[str] = field(default_factory=list)
     signals: list[str] = field(default_factory=list)
+    rekey_bytes: int | None = None  # start a key exchange after this many bytes sent (asyncssh: 1 GiB)
 
     @property
     def route(self) -> dict[str, Any]:
@@ -175,6 +176,7 @@ class FakeRunner:
             process_factory=self._process, encoding=None, line_editor=False, config=None,
             sftp_factory=lambda chan: _SftpServer(chan, chroot=str(self.workspace).encode()),
             allow_scp=True, agent_forwarding=False,
+            **({"rekey_bytes": self.rekey_bytes} if self.rekey_bytes else {}),
         )
 
     async def close(self) -> None:

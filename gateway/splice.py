@@ -1,0 +1,282 @@
+"""The fast path for session bytes: CHANNEL_DATA relayed between the client's and the runner's connection.
+
+A keystroke echo crosses the gateway twice, and on each crossing asyncssh runs its whole per-packet
+machinery: packet parsing and dispatch, the channel's receive queue, the session callback, the other
+channel's send buffer, packet logging, a keepalive timer reset and a fresh AES-GCM context per packet.
+That costs more than the round trip through OpenSSH itself (bench/gateway.py). Here, once a bridged
+channel pair is in its steady state, a CHANNEL_DATA packet is decrypted, re-addressed and re-encrypted
+for the other connection directly, with the same flow-control, sequence-number and rekey bookkeeping
+asyncssh keeps. Everything else (other packet types, stderr, a paused or full channel, key exchange,
+a failed MAC, a malformed packet) is handed to asyncssh unchanged, at a packet boundary and in order,
+so the fast path never decides a protocol question of its own.
+
+It reads and updates asyncssh's connection and channel state, which is not public API: `compatible()`
+checks that the state it needs is there (the tests fail if the installed asyncssh lacks it), and when
+it is not, bridges run on asyncssh's own path as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST
+from asyncssh.encryption import GCMEncryption
+from asyncssh.packet import UInt32
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+log = logging.getLogger(__name__)
+
+_TAG = 16  # AES-GCM tag; the 4-byte packet length before it travels in the clear (associated data)
+_DATA = bytes([MSG_CHANNEL_DATA])
+# Connection and channel attributes the fast path reads or keeps up to date.
+_CONN_STATE = ("_inpbuf", "_recv_handler", "_recv_pkthdr", "_recv_encryption", "_recv_seq", "_recv_macsize",
+               "_max_recv_pktlen", "_decompressor", "_channels", "_reset_keepalive_timer", "_transport",
+               "_send_encryption", "_send_seq", "_send_blocksize", "_send_enchdrlen", "_compressor",
+               "_kex_complete", "_auth_complete", "_rekey_bytes", "_rekey_bytes_sent", "_rekey_seconds",
+               "_rekey_time")
+_CHAN_STATE = ("_recv_chan", "_send_chan", "_recv_state", "_send_state", "_recv_paused", "_recv_buf",
+               "_recv_window", "_init_recv_window", "_send_buf", "_send_window", "_send_pktsize", "_session")
+# Received data resets asyncssh's keepalive timer; doing it at most this often costs at worst one early
+# keepalive probe, and saves a timer cancel and re-arm per packet.
+_KEEPALIVE_RESET_EVERY_S = 1.0
+
+
+def compatible(conn: Any, *chans: Any) -> bool:
+    """Whether the installed asyncssh keeps the state this module relies on."""
+    return all(hasattr(conn, name) for name in _CONN_STATE) and all(
+        hasattr(chan, name) for chan in chans for name in _CHAN_STATE)
+
+
+class _Padding:
+    """Random padding bytes, drawn from the OS generator a few kilobytes at a time."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self._pos + n > len(self._pool):
+            self._pool, self._pos = os.urandom(4096), 0
+        self._pos += n
+        return self._pool[self._pos - n:self._pos]
+
+
+_padding = _Padding()
+
+
+@dataclass(slots=True, eq=False)
+class Leg:
+    """One direction of a bridged channel pair: data arriving on `src` leaves on `dst`."""
+
+    src: Any  # asyncssh channel on the receiving connection
+    dst: Any  # asyncssh channel on the other connection
+    out: FastPath  # the other connection's fast path, which sends on dst
+    counted: Callable[[int], None]  # bytes relayed here (the slow path counts in the session)
+    idle: Callable[[], bool]  # the bridge holds nothing of its own for dst, so nothing can be overtaken
+
+
+class _Sealer:
+    """An AESGCM context kept for one asyncssh GCM cipher (asyncssh builds a new one per packet)."""
+
+    __slots__ = ("aead", "cipher")
+
+    def __init__(self) -> None:
+        self.cipher: Any = None
+        self.aead: AESGCM | None = None
+
+    def get(self, cipher: Any) -> AESGCM:
+        """The context for `cipher`, made anew after a key exchange replaced the cipher."""
+        self.cipher, self.aead = cipher, AESGCM(cipher._key)
+        return self.aead
+
+
+class FastPath:
+    """Per asyncssh connection: relays its spliced channels' data, and sends data for the other side."""
+
+    def __init__(self, conn: Any, loop: Any) -> None:
+        self.conn = conn
+        self._loop = loop
+        self.legs: dict[int, Leg] = {}
+        self._open = _Sealer()
+        self._seal = _Sealer()
+        self._keepalive_reset_at = 0.0
+        self.relayed_packets = 0  # packets received and relayed here without asyncssh's data path
+
+    # -- wiring -----------------------------------------------------------------------------------
+
+    def add(self, leg: Leg) -> None:
+        self.legs[leg.src._recv_chan] = leg
+
+    def remove(self, chan: Any) -> None:
+        for number, leg in list(self.legs.items()):
+            if leg.src is chan or leg.dst is chan:
+                del self.legs[number]
+
+    # -- receiving --------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the socket: relay the steady-state data packets, hand everything else to asyncssh."""
+        conn = self.conn
+        if not self.legs or conn._recv_handler != conn._recv_pkthdr:
+            conn.data_received(data)  # mid-packet or busy with an async handler: asyncssh's turn
+            return
+        # At a packet boundary asyncssh's input buffer holds only whole-packet prefixes we left there.
+        buf = conn._inpbuf + data if conn._inpbuf else data
+        conn._inpbuf = b""
+        now = self._loop.time()
+        if now - self._keepalive_reset_at >= _KEEPALIVE_RESET_EVERY_S:
+            self._keepalive_reset_at = now
+            conn._reset_keepalive_timer()
+        # Data of consecutive packets for one leg leaves as one send (bulk: fewer, fuller packets).
+        batch_leg: Leg | None = None
+        batch: list[bytes] = []
+        pos, end_of_buf = 0, len(buf)
+        view = memoryview(buf)
+        while end_of_buf - pos >= 4:
+            if conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
+                break  # asyncssh is mid-way through something (an async handler, a close): give it the rest
+            pktlen = int.from_bytes(view[pos:pos + 4], "big")
+            end = pos + 4 + pktlen + _TAG
+            if pktlen > conn._max_recv_pktlen:
+                break  # asyncssh raises the protocol error
+            if end > end_of_buf:
+                conn._inpbuf = bytes(view[pos:])  # a partial packet: wait for the rest at this boundary
+                pos = end_of_buf
+                break
+            relayed = self._take_data(view, pos, end)
+            if relayed is None:
+                if batch_leg is not None:  # what was relayed so far leaves before asyncssh acts on this packet
+                    self._forward(batch_leg, batch)
+                    batch_leg, batch = None, []
+                conn.data_received(bytes(view[pos:end]))
+            else:
+                leg, payload = relayed
+                if leg is not batch_leg and batch_leg is not None:
+                    self._forward(batch_leg, batch)
+                    batch = []
+                batch_leg = leg
+                batch.append(payload)
+            pos = end
+        if batch_leg is not None:
+            self._forward(batch_leg, batch)
+        if pos < end_of_buf:
+            conn.data_received(bytes(view[pos:]))
+
+    def _take_data(self, view: memoryview, start: int, end: int) -> tuple[Leg, bytes] | None:
+        """The leg and data of a CHANNEL_DATA packet the fast path may relay now, having consumed it."""
+        conn = self.conn
+        enc = conn._recv_encryption
+        if type(enc) is not GCMEncryption or conn._decompressor is not None or conn._recv_macsize != _TAG:
+            return None
+        cipher = enc._cipher
+        opener = self._open
+        aead = opener.aead if cipher is opener.cipher else opener.get(cipher)
+        try:
+            plain = aead.decrypt(cipher._iv, view[start + 4:end], view[start:start + 4])
+        except InvalidTag:
+            return None  # asyncssh reports the MAC failure and disconnects
+        padlen = plain[0]
+        stop = len(plain) - padlen
+        if plain[1:2] != _DATA or stop < 10:
+            return None
+        leg = self.legs.get(int.from_bytes(plain[2:6], "big"))
+        if leg is None:
+            return None
+        src = leg.src
+        size = int.from_bytes(plain[6:10], "big")
+        # (asyncssh drops data on a channel it is closing: leave that to it.)
+        if (10 + size != stop or not 0 < size <= src._recv_window or src._recv_state != "open"
+                or src._send_state in ("close_pending", "closed") or src._recv_paused or src._recv_buf
+                or conn._channels.get(src._recv_chan) is not src or not leg.idle()):
+            return None
+        # Consumed: the same state asyncssh would leave after this packet.
+        cipher._update_iv()
+        conn._recv_seq = (conn._recv_seq + 1) & 0xFFFFFFFF
+        src._recv_window -= size
+        if src._recv_window < src._init_recv_window / 2:
+            src.send_packet(MSG_CHANNEL_WINDOW_ADJUST, UInt32(src._init_recv_window - src._recv_window))
+            src._recv_window = src._init_recv_window
+        self.relayed_packets += 1
+        return leg, plain[10:stop]
+
+    @staticmethod
+    def _forward(leg: Leg, parts: list[bytes]) -> None:
+        data = b"".join(parts) if len(parts) > 1 else parts[0]
+        if leg.out.send_data(leg.dst, data):
+            leg.counted(len(data))
+        else:
+            leg.src._session.data_received(data, None)  # exactly what asyncssh would have delivered
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def send_data(self, chan: Any, data: bytes) -> bool:
+        """Send `data` on `chan` as CHANNEL_DATA packets if nothing is queued ahead of it; False if not sent."""
+        conn = self.conn
+        enc = conn._send_encryption
+        size = len(data)
+        if (chan._send_state != "open" or chan._send_buf or size > chan._send_window
+                or type(enc) is not GCMEncryption or conn._compressor is not None or conn._transport is None
+                or not (conn._kex_complete and conn._auth_complete)
+                or conn._rekey_bytes_sent >= conn._rekey_bytes
+                or (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)):
+            return False  # asyncssh's path queues, defers during key exchange, or starts a rekey
+        cipher = enc._cipher
+        sealer = self._seal
+        aead = sealer.aead if cipher is sealer.cipher else sealer.get(cipher)
+        head = _DATA + UInt32(chan._send_chan)
+        step = chan._send_pktsize
+        blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen
+        transport = conn._transport
+        # The batch is already whole: skip the cork's end-of-turn flush (a loop turn and a poll per send).
+        write = getattr(transport, "write_now", transport.write)
+        for off in range(0, size, step):
+            part = data[off:off + step] if size > step else data
+            padlen = -(hdrlen + 9 + len(part)) % blocksize
+            if padlen < 4:
+                padlen += blocksize
+            packet = b"".join((bytes((padlen,)), head, UInt32(len(part)), part, _padding.take(padlen)))
+            header = UInt32(len(packet))
+            sealed = aead.encrypt(cipher._iv, packet, header)
+            cipher._update_iv()
+            with contextlib.suppress(ConnectionError):  # the connection is going; asyncssh ignores it too
+                write(header + sealed)
+            conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
+            conn._rekey_bytes_sent += len(packet)
+        chan._send_window -= size
+        return True
+
+
+def splice(client_chan: Any, upstream_chan: Any, *, to_upstream: Callable[[int], None],
+           to_client: Callable[[int], None], client_idle: Callable[[], bool]) -> bool:
+    """Relay the pair's data on the fast path from now on; False (asyncssh's path stays) if it cannot."""
+    down_conn, up_conn = client_chan.get_connection(), upstream_chan.get_connection()
+    down, up = getattr(down_conn, "fast_path", None), getattr(up_conn, "fast_path", None)
+    if not isinstance(down, FastPath) or not isinstance(up, FastPath):
+        return False
+    if not (compatible(down_conn, client_chan) and compatible(up_conn, upstream_chan)):
+        log.warning("gateway fast path off: this asyncssh keeps its connection state differently")
+        return False
+    down.add(Leg(client_chan, upstream_chan, up, to_upstream, _always))
+    up.add(Leg(upstream_chan, client_chan, down, to_client, client_idle))
+    return True
+
+
+def unsplice(client_chan: Any, upstream_chan: Any) -> None:
+    for chan in (client_chan, upstream_chan):
+        if chan is None:
+            continue
+        fast = getattr(chan.get_connection(), "fast_path", None)
+        if isinstance(fast, FastPath):
+            fast.remove(client_chan)
+            fast.remove(upstream_chan)
+
+
+def _always() -> bool:
+    return True

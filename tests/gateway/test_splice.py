@@ -1,0 +1,196 @@
+"""The gateway's fast path for session bytes (gateway/splice.py), through a real gateway.
+
+Each test checks what a user would see (echoes, exact bytes, order, exit status) and that the bytes
+really took the fast path (or, where asked, did not): a spy records the FastPath of every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from gateway import splice
+from tests.gateway.conftest import Env, gateway_env
+
+
+@pytest.fixture
+def fast_paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[splice.FastPath]]:
+    """Every FastPath the gateway creates (one per client and per upstream connection)."""
+    made: list[splice.FastPath] = []
+    original = splice.FastPath.__init__
+
+    def spy(self: splice.FastPath, *args: object) -> None:
+        original(self, *args)  # type: ignore[arg-type]
+        made.append(self)
+
+    monkeypatch.setattr(splice.FastPath, "__init__", spy)
+    yield made
+
+
+def relayed(paths: list[splice.FastPath], *, arriving_from: str = "") -> int:
+    """Packets relayed on the fast path; `arriving_from` "client" or "runner" picks one direction."""
+    sides = {"client": asyncssh.SSHServerConnection, "runner": asyncssh.SSHClientConnection}
+    return sum(p.relayed_packets for p in paths if not arriving_from or isinstance(p.conn, sides[arriving_from]))
+
+
+async def _client(env: Env) -> asyncssh.SSHClientConnection:
+    key = asyncssh.read_private_key(env.user_key())
+    cert = asyncssh.read_certificate(env.certificate())
+    return await asyncssh.connect("127.0.0.1", env.port, username="demo-1", client_keys=[(key, cert)],
+                                  known_hosts=str(env.known_hosts), config=None, agent_path=None,
+                                  encryption_algs=["aes128-gcm@openssh.com"])
+
+
+async def test_keystrokes_and_echoes_take_the_fast_path(env: Env, fast_paths: list[splice.FastPath]) -> None:
+    async with await _client(env) as conn:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
+        before = relayed(fast_paths)
+        for word in (b"one", b"two", b"ping"):
+            process.stdin.write(word)
+            expected = b"pong\r\n" if word == b"ping" else word
+            assert await asyncio.wait_for(process.stdout.readexactly(len(expected)), 5) == expected
+        # Each keystroke and each echo crossed the gateway on the fast path, once per direction.
+        assert relayed(fast_paths) - before >= 6
+        client_side = next(c for c in env.gateway.connections)
+        assert client_side.attachment is not None
+        assert client_side.attachment.counters.bytes_in == len(b"onetwoping")
+        process.stdin.write_eof()
+        await asyncio.wait_for(process.wait_closed(), 5)
+    assert process.exit_status == 0
+
+
+def _newkeys(stderr: bytes) -> int:
+    """Key exchanges the OpenSSH client completed (the first one included), from its -v log."""
+    return stderr.count(b"SSH2_MSG_NEWKEYS received")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "asyncssh-path"])
+async def test_bulk_both_ways_exact_across_client_rekeys(tmp_path: Path, fast_paths: list[splice.FastPath],
+                                                         fast: bool) -> None:
+    """8 MiB up and down, the client re-keying every 256 KiB: same bytes, in order, either path."""
+    data = os.urandom(8 << 20)
+    async with gateway_env(tmp_path, gateway_fast_path=fast) as env:
+        rekey = ["-v", "-o", "RekeyLimit=256K", "-o", "Ciphers=aes128-gcm@openssh.com"]
+        up = await env.ssh(*env.cert_args(), *rekey, "--", "cat > up.bin", stdin=data, timeout=60)
+        assert up.returncode == 0, up.stderr[-500:]
+        assert hashlib.sha256((env.runner.workspace / "up.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+        # Straight into a file: a reader on this test's event loop would hold the gateway back itself.
+        out = tmp_path / "down.bin"
+        with out.open("wb") as sink:
+            proc = await asyncio.create_subprocess_exec(
+                *env.base_args(), *env.cert_args(), *rekey, "demo-1@127.0.0.1", "cat up.bin; echo done >&2",
+                stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=asyncio.subprocess.PIPE)
+            _, down_err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0 and out.read_bytes() == data and b"\ndone\n" in down_err
+        assert _newkeys(up.stderr) > 10 and _newkeys(down_err) > 3  # key exchanges mid-stream, both ways
+    if fast:
+        # 32 KiB packets, 256 each way: most take the fast path, the rest wait out flow control and
+        # key exchanges on asyncssh's path.
+        assert relayed(fast_paths, arriving_from="client") > 200
+        assert relayed(fast_paths, arriving_from="runner") > 64
+    else:
+        assert relayed(fast_paths) == 0
+
+
+async def test_gateway_and_runner_rekeys_mid_stream(env: Env, fast_paths: list[splice.FastPath],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's own connections re-key (its send side starts it) and so does the runner."""
+    await env.runner.close()
+    env.runner.rekey_bytes = 200_000
+    await env.runner.start()
+    env.api.sessions["demo-1"].route = env.runner.route
+    original = splice.splice
+
+    def small_rekey_limit(client_chan: Any, upstream_chan: Any, **kw: Any) -> bool:
+        # Once authenticated (asyncssh re-reads its options at auth): both gateway connections re-key
+        # after 100 kB sent, so the fast path's send side must hand over to asyncssh to start them.
+        for chan in (client_chan, upstream_chan):
+            chan.get_connection()._rekey_bytes = 100_000
+        return original(client_chan, upstream_chan, **kw)
+
+    monkeypatch.setattr(splice, "splice", small_rekey_limit)
+    data = os.urandom(4 << 20)
+    result = await env.ssh(*env.cert_args(), "-v", "--", "cat > in.bin && cat in.bin", stdin=data, timeout=60)
+    assert result.returncode == 0 and result.stdout == data, result.stderr[-500:]
+    assert _newkeys(result.stderr) > 10  # key exchanges the gateway started with the client
+    # Between key exchanges the fast path carries data both ways (how much depends on timing).
+    assert relayed(fast_paths, arriving_from="client") > 0 and relayed(fast_paths, arriving_from="runner") > 0
+
+
+async def test_a_slow_reader_gets_every_byte_in_order(env: Env, fast_paths: list[splice.FastPath]) -> None:
+    """The client stops reading for a while: flow control holds the session back, nothing is lost."""
+    expected = b"".join(b"%d\n" % i for i in range(1, 200_001))
+    async with await _client(env) as conn:
+        process = await conn.create_process("seq 1 200000", encoding=None)
+        got = bytearray()
+        while chunk := await asyncio.wait_for(process.stdout.read(8192), 10):
+            got += chunk
+            if len(got) < 600_000:
+                await asyncio.sleep(0.002)  # a reader slower than the session, then a fast one
+        await process.wait_closed()
+    assert bytes(got) == expected and process.exit_status == 0
+    assert relayed(fast_paths, arriving_from="runner") > 0
+
+
+async def test_stdout_and_stderr_stay_apart_and_whole(env: Env) -> None:
+    script = "i=0; while [ $i -lt 2000 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done; exit 7"
+    result = await env.ssh(*env.cert_args(), "--", script, timeout=30)
+    assert result.returncode == 7
+    assert result.stdout == b"".join(b"out%d\n" % i for i in range(2000))
+    assert result.stderr == b"".join(b"err%d\n" % i for i in range(2000))
+
+
+async def test_packets_split_across_reads(env: Env, fast_paths: list[splice.FastPath],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """TCP may cut packets anywhere: the fast path waits for the rest at the packet boundary."""
+    whole = splice.FastPath.data_received
+
+    def in_pieces(self: splice.FastPath, data: bytes) -> None:
+        for i in range(0, len(data), 7):
+            whole(self, data[i:i + 7])
+
+    monkeypatch.setattr(splice.FastPath, "data_received", in_pieces)
+    data = os.urandom(300_000)
+    result = await env.ssh(*env.cert_args(), "--", "cat", stdin=data, timeout=60)
+    assert result.returncode == 0 and result.stdout == data
+    async with await _client(env) as conn:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
+        process.stdin.write(b"ping")
+        assert await asyncio.wait_for(process.stdout.readexactly(6), 5) == b"pong\r\n"
+    assert relayed(fast_paths, arriving_from="client") > 0 and relayed(fast_paths, arriving_from="runner") > 0
+
+
+async def test_a_tampered_packet_ends_the_connection(env: Env, fast_paths: list[splice.FastPath]) -> None:
+    """A packet that fails authentication is not relayed: asyncssh drops the connection."""
+    async with await _client(env) as conn:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
+        process.stdin.write(b"ping")
+        await asyncio.wait_for(process.stdout.readexactly(6), 5)
+        client_side = next(p for p in fast_paths if isinstance(p.conn, asyncssh.SSHServerConnection))
+        before = client_side.relayed_packets
+        forged = (64).to_bytes(4, "big") + os.urandom(64 + 16)  # right shape, wrong key
+        client_side.data_received(forged)
+        await asyncio.wait_for(conn.wait_closed(), 5)
+    assert client_side.relayed_packets == before
+    assert not env.gateway.connections
+
+
+async def test_without_the_state_it_needs_bridges_stay_on_asyncssh(env: Env, fast_paths: list[splice.FastPath],
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(splice, "_CONN_STATE", (*splice._CONN_STATE, "_renamed_in_a_future_asyncssh"))
+    data = os.urandom(200_000)
+    result = await env.ssh(*env.cert_args(), "--", "cat", stdin=data, timeout=30)
+    assert result.returncode == 0 and result.stdout == data
+    assert relayed(fast_paths) == 0
+    assert "fast path off" in caplog.text
