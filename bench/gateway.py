@@ -264,6 +264,7 @@ async def hold_sessions(work: Path, n: int, client_key: asyncssh.SSHKey, cert: a
         await asyncio.sleep(1.0)
         held = gw.rss_kib()
         return {"sessions": len(conns), "failed": len(failures), "attach_all_s": attach_s,
+                **({"first_failure": repr(failures[0])} if failures else {}),
                 "rss_base_mib": base / 1024, "rss_held_mib": held / 1024,
                 "rss_per_session_kib": (held - base) / max(1, len(conns))}
     finally:
@@ -325,9 +326,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # The gateway's own CPU per keystroke echo: steadier than latency on a shared machine. System
         # time is mostly the kernel's loopback TCP work for the gateway's two sends, the same either way.
         for name, child in (("gateway", gw), ("gateway_asyncssh_path", slow)):
-            user, system = (after - before for after, before in zip(child.cpu_split_s(), cpu_before[name], strict=True))
-            report[f"{name}_cpu_us_per_echo"] = (user + system) / args.samples * 1e6
-            report[f"{name}_user_cpu_us_per_echo"] = user / args.samples * 1e6
+            user_s, system_s = (now - then for now, then in zip(child.cpu_split_s(), cpu_before[name], strict=True))
+            report[f"{name}_cpu_us_per_echo"] = (user_s + system_s) / args.samples * 1e6
+            report[f"{name}_user_cpu_us_per_echo"] = user_s / args.samples * 1e6
         for name, lat in echoes.items():
             report[f"{name}_echo_p50_ms"] = statistics.median(lat) * 1000
             report[f"{name}_echo_p99_ms"] = pct(lat, 99) * 1000

@@ -17,7 +17,6 @@ it is not, bridges run on asyncssh's own path as before.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -35,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _TAG = 16  # AES-GCM tag; the 4-byte packet length before it travels in the clear (associated data)
 _DATA = bytes([MSG_CHANNEL_DATA])
+_PAD_LENGTHS = tuple(bytes((n,)) for n in range(256))
 # Connection and channel attributes the fast path reads or keeps up to date.
 _CONN_STATE = ("_inpbuf", "_recv_handler", "_recv_pkthdr", "_recv_encryption", "_recv_seq", "_recv_macsize",
                "_max_recv_pktlen", "_decompressor", "_channels", "_reset_keepalive_timer", "_transport",
@@ -124,8 +124,8 @@ class FastPath:
     def data_received(self, data: bytes) -> None:
         """Bytes from the socket: relay the steady-state data packets, hand everything else to asyncssh."""
         conn = self.conn
-        if not self.legs or conn._recv_handler != conn._recv_pkthdr:
-            conn.data_received(data)  # mid-packet or busy with an async handler: asyncssh's turn
+        if not self.legs or conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
+            conn.data_received(data)  # mid-packet, busy with an async handler or closing: asyncssh's turn
             return
         # At a packet boundary asyncssh's input buffer holds only whole-packet prefixes we left there.
         buf = conn._inpbuf + data if conn._inpbuf else data
@@ -140,8 +140,6 @@ class FastPath:
         pos, end_of_buf = 0, len(buf)
         view = memoryview(buf)
         while end_of_buf - pos >= 4:
-            if conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
-                break  # asyncssh is mid-way through something (an async handler, a close): give it the rest
             pktlen = int.from_bytes(view[pos:pos + 4], "big")
             end = pos + 4 + pktlen + _TAG
             if pktlen > conn._max_recv_pktlen:
@@ -156,6 +154,9 @@ class FastPath:
                     self._forward(batch_leg, batch)
                     batch_leg, batch = None, []
                 conn.data_received(bytes(view[pos:end]))
+                if conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
+                    pos = end
+                    break  # asyncssh is mid-way through something (an async handler, a close): its turn
             else:
                 leg, payload = relayed
                 if leg is not batch_leg and batch_leg is not None:
@@ -184,7 +185,7 @@ class FastPath:
             return None  # asyncssh reports the MAC failure and disconnects
         padlen = plain[0]
         stop = len(plain) - padlen
-        if plain[1:2] != _DATA or stop < 10:
+        if stop < 10 or plain[1] != MSG_CHANNEL_DATA:
             return None
         leg = self.legs.get(int.from_bytes(plain[2:6], "big"))
         if leg is None:
@@ -230,7 +231,7 @@ class FastPath:
         cipher = enc._cipher
         sealer = self._seal
         aead = sealer.aead if cipher is sealer.cipher else sealer.get(cipher)
-        head = _DATA + UInt32(chan._send_chan)
+        head = _DATA + chan._send_chan.to_bytes(4, "big")
         step = chan._send_pktsize
         blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen
         transport = conn._transport
@@ -241,12 +242,15 @@ class FastPath:
             padlen = -(hdrlen + 9 + len(part)) % blocksize
             if padlen < 4:
                 padlen += blocksize
-            packet = b"".join((bytes((padlen,)), head, UInt32(len(part)), part, _padding.take(padlen)))
-            header = UInt32(len(packet))
+            packet = b"".join((_PAD_LENGTHS[padlen], head, len(part).to_bytes(4, "big"), part,
+                               _padding.take(padlen)))
+            header = len(packet).to_bytes(4, "big")
             sealed = aead.encrypt(cipher._iv, packet, header)
             cipher._update_iv()
-            with contextlib.suppress(ConnectionError):  # the connection is going; asyncssh ignores it too
+            try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per packet)
                 write(header + sealed)
+            except ConnectionError:  # the connection is going; asyncssh ignores it too
+                pass
             conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
             conn._rekey_bytes_sent += len(packet)
         chan._send_window -= size
