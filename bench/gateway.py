@@ -7,7 +7,7 @@ gateway's own cost. The API's authorize route is replaced by an in-process stub 
 SSH path, not the API), and the gateway logs in to sshd as the current user instead of "rw"/"ro".
 For the held-sessions figure the runner is a small asyncssh stand-in (sshd would fork per session).
 
-    python -m bench.gateway [--bytes 1G] [--sessions 1000] [--samples 300] [--asyncio]
+    python -m bench.gateway [--bytes 1G] [--sessions 1000] [--samples 2000] [--asyncio]
 """
 
 from __future__ import annotations
@@ -142,7 +142,15 @@ def common_args(port: int, known_hosts: Path, cipher_args: list[str]) -> list[st
 
 
 class EchoProbe:
-    """One `ssh -tt ... cat`: type a byte, time until the remote pty echoes it back."""
+    """One `ssh -tt` to a `cat` on a raw, non-echoing pty: type a byte, time until cat's echo of it is back.
+
+    Raw mode matters: on a cooked pty the terminal echoes each key and cat repeats the whole line after
+    a newline, so some reads find a key that was already there and time nothing (measured: 15-25% of
+    samples at 20-60 us on every target). Here every key comes back exactly once, through the program,
+    as in an editor or tmux.
+    """
+
+    COMMAND = "stty raw -echo && printf ready && exec cat"
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -150,9 +158,10 @@ class EchoProbe:
 
     async def start(self) -> None:
         pipe = asyncio.subprocess.PIPE
-        self.proc = await asyncio.create_subprocess_exec(*self.target.argv("-tt", command="cat"), stdin=pipe,
-                                                         stdout=pipe, stderr=pipe)
-        await self.type(b"r")  # the pty is ready once the first echo comes back
+        self.proc = await asyncio.create_subprocess_exec(*self.target.argv("-tt", command=self.COMMAND),
+                                                         stdin=pipe, stdout=pipe, stderr=pipe)
+        assert self.proc.stdout is not None
+        await asyncio.wait_for(self.proc.stdout.readuntil(b"ready"), 30)
 
     async def type(self, ch: bytes) -> float:
         proc = self.proc
@@ -160,13 +169,12 @@ class EchoProbe:
         start = time.perf_counter()
         proc.stdin.write(ch)
         await proc.stdin.drain()
-        seen = b""
-        while ch not in seen:
-            chunk = await asyncio.wait_for(proc.stdout.read(256), 10)
-            if not chunk:
-                raise RuntimeError(f"{self.target.name}: ssh ended: {(await proc.stderr.read()).decode()[-300:]}")
-            seen += chunk
-        return time.perf_counter() - start
+        echo = await asyncio.wait_for(proc.stdout.read(256), 10)
+        elapsed = time.perf_counter() - start
+        if echo != ch:
+            tail = (await proc.stderr.read()).decode()[-300:] if not echo else ""
+            raise RuntimeError(f"{self.target.name}: typed {ch!r}, got {echo!r} {tail}")
+        return elapsed
 
     async def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -177,12 +185,13 @@ class EchoProbe:
 async def echo_latency(targets: list[Target], samples: int) -> dict[str, list[float]]:
     """Interleave keystrokes across the targets so both see the same machine load."""
     probes = [EchoProbe(t) for t in targets]
+    keys = [bytes((c,)) for c in range(ord("a"), ord("z") + 1)]
     try:
         for probe in probes:
             await probe.start()
         for i in range(samples):
             for probe in probes:
-                probe.samples.append(await probe.type(b"x" if i % 64 else b"\n"))
+                probe.samples.append(await probe.type(keys[i % len(keys)]))
         return {p.target.name: p.samples for p in probes}
     finally:
         for probe in probes:
@@ -370,7 +379,7 @@ def parse_size(text: str) -> int:
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bytes", type=parse_size, default=1 << 30, help="bulk transfer size (default 1G)")
-    parser.add_argument("--samples", type=int, default=300, help="keystrokes timed per side")
+    parser.add_argument("--samples", type=int, default=2000, help="keystrokes timed per side")
     parser.add_argument("--setup-runs", type=int, default=10)
     parser.add_argument("--sessions", type=int, default=1000, help="idle sessions held (0 skips)")
     parser.add_argument("--asyncio", dest="uvloop", action="store_false",
