@@ -6,19 +6,21 @@ from collections.abc import Awaitable
 
 import asyncssh
 
+from gateway import splice
 from gateway.bridge import Attachment, Counters
 
 
 class Pipe(asyncssh.SSHTCPSession[bytes]):
     """One end of a TCP relay between a client channel and a runner channel."""
 
-    def __init__(self, counters: Counters, outbound: bool) -> None:
+    def __init__(self, counters: Counters, outbound: bool, *, fast_path: bool = True) -> None:
         self.peer: Pipe | None = None
         self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self._pending: list[bytes] = []
         self._eof = False
         self._counters = counters
         self._outbound = outbound  # True when this end faces the client
+        self._fast_path = fast_path
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]
         self._chan = chan
@@ -27,6 +29,12 @@ class Pipe(asyncssh.SSHTCPSession[bytes]):
         self._pending.clear()
         if self._eof:
             chan.write_eof()
+        peer = self.peer
+        if self._fast_path and peer is not None and peer._chan is not None and not peer._pending:
+            # Both ends are open and nothing waits: the pair's data can skip asyncssh's channels.
+            client_chan, runner_chan = (chan, peer._chan) if self._outbound else (peer._chan, chan)
+            splice.splice(client_chan, runner_chan, to_upstream=self._counters.add_in,
+                          to_client=self._counters.add_out, client_idle=_nothing_queued)
 
     def send(self, data: bytes) -> None:
         if self._outbound:
@@ -62,22 +70,29 @@ class Pipe(asyncssh.SSHTCPSession[bytes]):
             self.peer._chan.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None:
+            splice.unsplice(self._chan, self.peer._chan)
         if self.peer is not None and self.peer._chan is not None:
             self.peer._chan.close()
 
 
-def pipe_pair(counters: Counters) -> tuple[Pipe, Pipe]:
+def _nothing_queued() -> bool:
+    return True  # a Pipe writes straight to its channel: it never holds data back
+
+
+def pipe_pair(counters: Counters, *, fast_path: bool = True) -> tuple[Pipe, Pipe]:
     """(client-facing end, runner-facing end), linked to each other."""
-    client_end, runner_end = Pipe(counters, outbound=True), Pipe(counters, outbound=False)
+    client_end = Pipe(counters, outbound=True, fast_path=fast_path)
+    runner_end = Pipe(counters, outbound=False, fast_path=fast_path)
     client_end.peer, runner_end.peer = runner_end, client_end
     return client_end, runner_end
 
 
 async def open_direct(attachment: Attachment, dest_host: str, dest_port: int,
-                      orig_host: str, orig_port: int) -> Pipe:
+                      orig_host: str, orig_port: int, *, fast_path: bool = True) -> Pipe:
     """ssh -L / -D / VS Code: open the same destination inside the session (the runner allows loopback)."""
     conn = await attachment.upstream()
-    client_end, runner_end = pipe_pair(attachment.counters)
+    client_end, runner_end = pipe_pair(attachment.counters, fast_path=fast_path)
     try:
         await conn.create_connection(lambda: runner_end, dest_host, dest_port, orig_host, orig_port)
     except asyncssh.ChannelOpenError:
@@ -88,7 +103,7 @@ async def open_direct(attachment: Attachment, dest_host: str, dest_port: int,
 
 
 async def open_remote_listener(attachment: Attachment, client_conn: asyncssh.SSHServerConnection,
-                               listen_host: str, listen_port: int) -> asyncssh.SSHListener:
+                               listen_host: str, listen_port: int, *, fast_path: bool = True) -> asyncssh.SSHListener:
     """ssh -R: ask the runner to listen in the session and relay each connection back to the client."""
     conn = await attachment.upstream()
     port_box: list[int] = [listen_port]
@@ -97,7 +112,7 @@ async def open_remote_listener(attachment: Attachment, client_conn: asyncssh.SSH
         return _relay_back(orig_host, orig_port)
 
     async def _relay_back(orig_host: str, orig_port: int) -> Pipe:
-        client_end, runner_end = pipe_pair(attachment.counters)
+        client_end, runner_end = pipe_pair(attachment.counters, fast_path=fast_path)
         await client_conn.create_connection(lambda: client_end, listen_host, port_box[0],
                                             orig_host, orig_port)
         return runner_end

@@ -105,7 +105,14 @@ class ClientConnection(asyncssh.SSHServer):
                      duration, c.bytes_in, c.bytes_out,
                      extra={"event": "detached", "conn_id": self.id, "session_id": self.session_id,
                             "user_id": self.principal.user_id, "source": self.source,
-                            "duration_s": round(duration, 3), "bytes_in": c.bytes_in, "bytes_out": c.bytes_out})
+                            "duration_s": round(duration, 3), "bytes_in": c.bytes_in, "bytes_out": c.bytes_out,
+                            "fast_path_packets": self._fast_path_packets()})
+
+    def _fast_path_packets(self) -> int:
+        """Packets this connection relayed on the fast path, both ways (0 means asyncssh carried all)."""
+        upstream = self.attachment.upstream_now() if self.attachment is not None else None
+        paths = (getattr(conn, "fast_path", None) for conn in (self.conn, upstream))
+        return sum(path.relayed_packets for path in paths if path is not None)
 
     # -- authentication ------------------------------------------------------------------------------
 
@@ -264,13 +271,15 @@ class ClientConnection(asyncssh.SSHServer):
                              orig_port: int) -> Awaitable[Pipe]:
         if self.attachment is None or self.readonly or self.refusal is not None:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "not permitted")
-        return open_direct(self.attachment, dest_host, dest_port, orig_host, orig_port)
+        return open_direct(self.attachment, dest_host, dest_port, orig_host, orig_port,
+                           fast_path=self.gw.settings.gateway_fast_path)
 
     def server_requested(self, listen_host: str,
                          listen_port: int) -> Literal[False] | Awaitable[asyncssh.SSHListener]:
         if self.attachment is None or self.readonly or self.refusal is not None or self.conn is None:
             return False
-        return open_remote_listener(self.attachment, self.conn, listen_host, listen_port)
+        return open_remote_listener(self.attachment, self.conn, listen_host, listen_port,
+                                    fast_path=self.gw.settings.gateway_fast_path)
 
 
 def _secret(value: SecretStr | str) -> str:

@@ -18,6 +18,7 @@ import pytest
 
 from gateway import splice
 from tests.gateway.conftest import Env, gateway_env
+from tests.support import free_port
 
 
 @pytest.fixture
@@ -48,7 +49,9 @@ async def _client(env: Env) -> asyncssh.SSHClientConnection:
                                   encryption_algs=["aes128-gcm@openssh.com"])
 
 
-async def test_keystrokes_and_echoes_take_the_fast_path(env: Env, fast_paths: list[splice.FastPath]) -> None:
+async def test_keystrokes_and_echoes_take_the_fast_path(env: Env, fast_paths: list[splice.FastPath],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="gateway.server")
     async with await _client(env) as conn:
         process = await conn.create_process(term_type="xterm", encoding=None)
         await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
@@ -65,6 +68,13 @@ async def test_keystrokes_and_echoes_take_the_fast_path(env: Env, fast_paths: li
         process.stdin.write_eof()
         await asyncio.wait_for(process.wait_closed(), 5)
     assert process.exit_status == 0
+    # The detach log line says how much the fast path carried (operators see when it is off).
+    for _ in range(50):
+        detached = [r for r in caplog.records if getattr(r, "event", None) == "detached"]
+        if detached:
+            break
+        await asyncio.sleep(0.1)
+    assert detached and detached[0].fast_path_packets == relayed(fast_paths) >= 6
 
 
 def _newkeys(stderr: bytes) -> int:
@@ -194,3 +204,45 @@ async def test_without_the_state_it_needs_bridges_stay_on_asyncssh(env: Env, fas
     assert result.returncode == 0 and result.stdout == data
     assert relayed(fast_paths) == 0
     assert "fast path off" in caplog.text
+
+
+async def test_forwarded_tcp_takes_the_fast_path_both_ways(env: Env, fast_paths: list[splice.FastPath]) -> None:
+    """ssh -L (VS Code's path into the session): 2 MB through a loopback echo service, exact."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    service = await asyncio.start_server(echo, "127.0.0.1", 0)
+    local = free_port()
+    remote = service.sockets[0].getsockname()[1]
+    argv = [*env.base_args(), *env.cert_args(), "-N", "-o", "ExitOnForwardFailure=yes",
+            "-L", f"{local}:127.0.0.1:{remote}", "demo-1@127.0.0.1"]
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(80):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", local)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        data = os.urandom(2 << 20)
+
+        async def send() -> None:
+            writer.write(data)
+            await writer.drain()
+            writer.write_eof()
+
+        sender = asyncio.create_task(send())
+        got = await asyncio.wait_for(reader.readexactly(len(data)), 30)
+        await sender
+        writer.close()
+        assert got == data
+    finally:
+        proc.terminate()
+        await proc.wait()
+        service.close()
+        await service.wait_closed()
+    assert relayed(fast_paths, arriving_from="client") > 0 and relayed(fast_paths, arriving_from="runner") > 0
