@@ -38,7 +38,7 @@ _PAD_LENGTHS = tuple(bytes((n,)) for n in range(256))
 # Connection and channel attributes the fast path reads or keeps up to date.
 _CONN_STATE = ("_inpbuf", "_recv_handler", "_recv_pkthdr", "_recv_encryption", "_recv_seq", "_recv_macsize",
                "_max_recv_pktlen", "_decompressor", "_channels", "_reset_keepalive_timer", "_transport",
-               "_send_encryption", "_send_seq", "_send_blocksize", "_send_enchdrlen", "_compressor",
+               "internal_error", "_send_encryption", "_send_seq", "_send_blocksize", "_send_enchdrlen", "_compressor",
                "_kex_complete", "_auth_complete", "_rekey_bytes", "_rekey_bytes_sent", "_rekey_seconds",
                "_rekey_time")
 _CHAN_STATE = ("_recv_chan", "_send_chan", "_recv_state", "_send_state", "_recv_paused", "_recv_buf",
@@ -138,6 +138,15 @@ class FastPath:
         if not self.legs or conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
             conn.data_received(data)  # mid-packet, busy with an async handler or closing: asyncssh's turn
             return
+        try:
+            self._relay(conn, data)
+        except Exception:
+            # A bug here must not go unseen, nor take more than this connection with it: close it the
+            # way asyncssh closes a connection whose input it failed to process.
+            log.exception("gateway fast path failed; closing the connection")
+            conn.internal_error()
+
+    def _relay(self, conn: Any, data: bytes) -> None:
         # At a packet boundary asyncssh's input buffer holds only whole-packet prefixes we left there.
         buf = conn._inpbuf + data if conn._inpbuf else data
         conn._inpbuf = b""

@@ -246,3 +246,24 @@ async def test_forwarded_tcp_takes_the_fast_path_both_ways(env: Env, fast_paths:
         service.close()
         await service.wait_closed()
     assert relayed(fast_paths, arriving_from="client") > 0 and relayed(fast_paths, arriving_from="runner") > 0
+
+
+async def test_an_error_on_the_fast_path_closes_only_that_connection(env: Env, monkeypatch: pytest.MonkeyPatch,
+                                                                     fast_paths: list[splice.FastPath],
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """As asyncssh does with an error while it reads: that connection is closed (logged), the gateway serves on."""
+    async with await _client(env) as conn:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
+
+        def broken(self: splice.FastPath, chan: Any, data: bytes) -> bool:
+            raise RuntimeError("a bug on the fast path")
+
+        monkeypatch.setattr(splice.FastPath, "send_data", broken)
+        process.stdin.write(b"ping")
+        await asyncio.wait_for(conn.wait_closed(), 5)
+    monkeypatch.undo()
+    failures = [r for r in caplog.records if r.name == "gateway.splice" and r.levelname == "ERROR"]
+    assert failures and "a bug on the fast path" in (failures[0].exc_text or "")
+    result = await env.ssh(*env.cert_args(), "--", "echo still here")
+    assert result.returncode == 0 and result.stdout == b"still here\n"
