@@ -41,7 +41,7 @@ _CONN_STATE = ("_inpbuf", "_recv_handler", "_recv_pkthdr", "_recv_encryption", "
                "internal_error", "_send_encryption", "_send_seq", "_send_blocksize", "_send_enchdrlen", "_compressor",
                "_kex_complete", "_auth_complete", "_rekey_bytes", "_rekey_bytes_sent", "_rekey_seconds",
                "_rekey_time")
-_CHAN_STATE = ("_recv_chan", "_send_chan", "_recv_state", "_send_state", "_recv_paused", "_recv_buf",
+_CHAN_STATE = ("_conn", "_recv_chan", "_send_chan", "_recv_state", "_send_state", "_recv_paused", "_recv_buf",
                "_recv_window", "_init_recv_window", "_send_buf", "_send_window", "_send_pktsize", "_session")
 # Received data resets asyncssh's keepalive timer; doing it at most this often costs at worst one early
 # keepalive probe, and saves a timer cancel and re-arm per packet.
@@ -293,10 +293,10 @@ def splice(client_chan: Any, upstream_chan: Any, *, to_upstream: Callable[[int],
 
 
 def unsplice(client_chan: Any, upstream_chan: Any) -> None:
+    """Forget the pair on both connections; either channel may already be closed (or None)."""
     for chan in (client_chan, upstream_chan):
-        if chan is None:
-            continue
-        fast = getattr(chan.get_connection(), "fast_path", None)
+        # A closed channel has let go of its connection (get_connection() would assert): nothing to do.
+        fast = getattr(getattr(chan, "_conn", None), "fast_path", None)
         if isinstance(fast, FastPath):
             fast.remove(client_chan)
             fast.remove(upstream_chan)

@@ -206,8 +206,10 @@ async def test_without_the_state_it_needs_bridges_stay_on_asyncssh(env: Env, fas
     assert "fast path off" in caplog.text
 
 
-async def test_forwarded_tcp_takes_the_fast_path_both_ways(env: Env, fast_paths: list[splice.FastPath]) -> None:
+async def test_forwarded_tcp_takes_the_fast_path_both_ways(env: Env, fast_paths: list[splice.FastPath],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     """ssh -L (VS Code's path into the session): 2 MB through a loopback echo service, exact."""
+    caplog.set_level("DEBUG", logger="asyncssh")
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while chunk := await reader.read(65536):
@@ -246,6 +248,12 @@ async def test_forwarded_tcp_takes_the_fast_path_both_ways(env: Env, fast_paths:
         service.close()
         await service.wait_closed()
     assert relayed(fast_paths, arriving_from="client") > 0 and relayed(fast_paths, arriving_from="runner") > 0
+    for _ in range(50):
+        if not env.gateway.connections:
+            break
+        await asyncio.sleep(0.1)
+    assert all(not p.legs for p in fast_paths)  # both ends of the tunnel let go of it
+    assert "Uncaught exception" not in caplog.text
 
 
 async def test_an_error_on_the_fast_path_closes_only_that_connection(env: Env, monkeypatch: pytest.MonkeyPatch,
@@ -267,3 +275,22 @@ async def test_an_error_on_the_fast_path_closes_only_that_connection(env: Env, m
     assert failures and "a bug on the fast path" in (failures[0].exc_text or "")
     result = await env.ssh(*env.cert_args(), "--", "echo still here")
     assert result.returncode == 0 and result.stdout == b"still here\n"
+
+
+async def test_sessions_close_cleanly_whichever_side_ends_first(
+        env: Env, fast_paths: list[splice.FastPath], caplog: pytest.LogCaptureFixture) -> None:
+    """The runner's side ends first (exec), then the client's; or the client hangs up first (shell)."""
+    caplog.set_level("DEBUG", logger="asyncssh")
+    async with await _client(env) as conn:
+        result = await conn.run("echo done", check=False, encoding=None)
+        assert result.stdout == b"done\n" and result.exit_status == 0
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
+        process.close()
+        await asyncio.wait_for(process.wait_closed(), 5)
+    for _ in range(50):
+        if not env.gateway.connections:
+            break
+        await asyncio.sleep(0.1)
+    assert all(not p.legs for p in fast_paths)
+    assert "Uncaught exception" not in caplog.text
