@@ -33,8 +33,9 @@ class Pipe(asyncssh.SSHTCPSession[bytes]):
         if self._fast_path and peer is not None and peer._chan is not None and not peer._pending:
             # Both ends are open and nothing waits: the pair's data can skip asyncssh's channels.
             client_chan, runner_chan = (chan, peer._chan) if self._outbound else (peer._chan, chan)
+            # A Pipe writes straight to its channel, so it never holds data back (no client_idle).
             splice.splice(client_chan, runner_chan, to_upstream=self._counters.add_in,
-                          to_client=self._counters.add_out, client_idle=_nothing_queued)
+                          to_client=self._counters.add_out)
 
     def send(self, data: bytes) -> None:
         if self._outbound:
@@ -74,10 +75,6 @@ class Pipe(asyncssh.SSHTCPSession[bytes]):
             splice.unsplice(self._chan, self.peer._chan)
         if self.peer is not None and self.peer._chan is not None:
             self.peer._chan.close()
-
-
-def _nothing_queued() -> bool:
-    return True  # a Pipe writes straight to its channel: it never holds data back
 
 
 def pipe_pair(counters: Counters, *, fast_path: bool = True) -> tuple[Pipe, Pipe]:

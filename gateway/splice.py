@@ -43,12 +43,10 @@ _CONN_STATE = ("_inpbuf", "_recv_handler", "_recv_pkthdr", "_recv_encryption", "
                "_rekey_time")
 _CHAN_STATE = ("_conn", "_recv_chan", "_send_chan", "_recv_state", "_send_state", "_recv_paused", "_recv_buf",
                "_recv_window", "_init_recv_window", "_send_buf", "_send_window", "_send_pktsize", "_session")
+_GCM_STATE = ("_key", "_iv", "_update_iv")
 # Received data resets asyncssh's keepalive timer; doing it at most this often costs at worst one early
 # keepalive probe, and saves a timer cancel and re-arm per packet.
 _KEEPALIVE_RESET_EVERY_S = 1.0
-
-
-_GCM_STATE = ("_key", "_iv", "_update_iv")
 
 
 def _has(obj: Any, names: tuple[str, ...]) -> bool:
@@ -278,8 +276,11 @@ class FastPath:
 
 
 def splice(client_chan: Any, upstream_chan: Any, *, to_upstream: Callable[[int], None],
-           to_client: Callable[[int], None], client_idle: Callable[[], bool]) -> bool:
-    """Relay the pair's data on the fast path from now on; False (asyncssh's path stays) if it cannot."""
+           to_client: Callable[[int], None], client_idle: Callable[[], bool] | None = None) -> bool:
+    """Relay the pair's data on the fast path from now on; False (asyncssh's path stays) if it cannot.
+
+    `client_idle` says whether the bridge holds nothing back for the client; without it, nothing ever is.
+    """
     down_conn, up_conn = client_chan.get_connection(), upstream_chan.get_connection()
     down, up = getattr(down_conn, "fast_path", None), getattr(up_conn, "fast_path", None)
     if not isinstance(down, FastPath) or not isinstance(up, FastPath):
@@ -288,7 +289,7 @@ def splice(client_chan: Any, upstream_chan: Any, *, to_upstream: Callable[[int],
         log.warning("gateway fast path off: this asyncssh keeps its connection state differently")
         return False
     down.add(Leg(client_chan, upstream_chan, up, to_upstream, _always))
-    up.add(Leg(upstream_chan, client_chan, down, to_client, client_idle))
+    up.add(Leg(upstream_chan, client_chan, down, to_client, client_idle or _always))
     return True
 
 
