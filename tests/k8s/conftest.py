@@ -11,13 +11,12 @@ from kubernetes import client as k8s
 
 from api.instances.providers.base import ComputeSpec
 from api.settings import Settings
+from rehearsal.kinds import K8S_VERSION
 
 if TYPE_CHECKING:
     from api.instances.providers.kubernetes.provider import KubernetesProvider
     from tests.k8s.fake_apiserver import FakeApiServer
 
-# The Kubernetes version every generated object must validate against (strict: unknown fields fail).
-K8S_VERSION = "1.33.0"
 # Custom resources of the Prometheus Operator are not in the Kubernetes schema that kubernetes-validate
 # knows; these kinds alone skip it, and tests/k8s/test_observability.py checks them instead.
 CRD_KINDS = frozenset({("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")})

@@ -85,20 +85,25 @@ async def test_status_follows_the_watch_without_polling(provider: KubernetesProv
 async def test_stop_keeps_workspace_and_secret_then_start_recreates_the_pod(
     provider: KubernetesProvider, server: FakeApiServer
 ) -> None:
+    server.store.pod_termination_s = 1.0  # the stand-in kubelet takes a second to stop the containers
     spec = make_spec(SID)
     state = await provider.create(spec)
+    old_uid = server.get("pods", NS, state["pod"])["metadata"]["uid"]
     stopped = await provider.stop(SID, state)
     assert stopped["stopped"] is True
-    assert server.get("pods", NS, state["pod"]) is None
+    terminating = server.get("pods", NS, state["pod"])
+    assert terminating is not None and terminating["metadata"]["deletionTimestamp"]
     assert server.get("persistentvolumeclaims", NS, state["pvc"]) is not None
     assert server.get("secrets", NS, state["secret"]) is not None
     assert (await provider.status(SID, stopped)).phase == "stopped"
     assert await provider.stop(SID, stopped) == stopped  # stopping twice is fine
 
+    # Started while the old pod still terminates: the provider waits for it to go, then makes a new one.
     started = await provider.start(spec, stopped)
     assert started["generation"] == 2 and started["stopped"] is False
     pod = server.get("pods", NS, state["pod"])
-    assert pod is not None
+    assert pod is not None and not pod["metadata"].get("deletionTimestamp")
+    assert pod["metadata"]["uid"] != old_uid
     assert pod["metadata"]["annotations"][names.GENERATION_ANNOTATION] == "2"
     assert server.names("persistentvolumeclaims", NS) == [state["pvc"]]
 
@@ -117,7 +122,8 @@ async def test_delete_removes_everything_and_tolerates_missing(provider: Kuberne
     state = await provider.create(make_spec(SID))
     await provider.delete(SID, state)
     for plural in ("pods", "configmaps", "secrets", "persistentvolumeclaims", "networkpolicies"):
-        assert server.names(plural, NS) == [], plural
+        # The pod goes once its grace period ends; everything else at once.
+        assert server.wait_for(lambda plural=plural: server.names(plural, NS) == [], 5), plural
     await provider.delete(SID, state)  # already gone: not an error
     await provider.delete("never-existed", {})
 
@@ -126,8 +132,9 @@ async def test_deleting_the_root_garbage_collects_the_rest(provider: KubernetesP
                                                            server: FakeApiServer) -> None:
     state = await provider.create(make_spec(SID))
     await asyncio.to_thread(k8s.CoreV1Api(provider._api).delete_namespaced_config_map, state["root"], NS)
+    # Garbage collection is asynchronous, as in a cluster: the dependents go soon after, not at once.
     for plural in ("pods", "secrets", "persistentvolumeclaims", "networkpolicies"):
-        assert server.names(plural, NS) == [], plural
+        assert server.wait_for(lambda plural=plural: server.names(plural, NS) == [], 5), plural
 
 
 async def test_list_by_label(provider: KubernetesProvider, server: FakeApiServer) -> None:

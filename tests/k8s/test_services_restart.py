@@ -167,7 +167,7 @@ async def test_services_reach_the_pod_with_one_restart_and_stay_across_stop_star
 
     # Stop/start: the Pod has the sidecars from its first start, so its runner goes straight on.
     await service.stop(who, sid)
-    assert server.get("pods", NS, names.pod_name(sid)) is None
+    assert server.wait_for(lambda: server.get("pods", NS, names.pod_name(sid)) is None)  # after its grace period
     assert (await service.start(who, sid)).state == "starting"
     assert list(containers(server, sid)) == ["runner", "db", "cache"]
     assert runner_goes_on(the_runner(server, sid)[1], report)
@@ -206,7 +206,7 @@ async def test_bad_services_fail_the_session_with_the_key_and_make_nothing(
     assert inst.reason is not None and inst.reason.startswith(reason), inst.reason
     assert "services" not in inst.spec
     # The Pod is released; nothing new was made; the workspace and the Secret stay, as for any failure.
-    assert server.get("pods", NS, names.pod_name(sid)) is None
+    assert server.wait_for(lambda: server.get("pods", NS, names.pod_name(sid)) is None)  # after its grace period
     assert server.count("POST", "pods") == 1
     assert server.names("persistentvolumeclaims", NS) == [names.pvc_name(sid)]
     assert server.names("secrets", NS) == [names.secret_name(sid)]
