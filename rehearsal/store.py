@@ -366,6 +366,12 @@ class Store:
         merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
         return self.replace(plural, namespace, name, merged, subresource)
 
+    def apply(self, plural: str, namespace: str, name: str, body: Obj, subresource: str = "") -> Obj:
+        """Server-side apply as far as one field manager needs it: create, or merge into what is there."""
+        if self.find(plural, namespace, name) is None and not subresource:
+            return self.create(plural, namespace, {**body, "metadata": {**body.get("metadata", {}), "name": name}})
+        return self.patch(plural, namespace, name, body, subresource)
+
     def delete(self, plural: str, namespace: str, name: str, *, grace_s: int | None = None,
                propagation: str = "Background") -> Obj:
         """Begin deleting; returns the object as it now is (with deletionTimestamp while it lingers)."""
