@@ -1,0 +1,660 @@
+"""A kubelet that runs every Pod of the rehearsal's API server as real processes on this machine.
+
+For each Pod: its own network namespace and address (``rehearsal.network``); each volume made on disk
+(Secret and ConfigMap files with their modes and the Pod's fsGroup, emptyDirs, PVCs kept across Pods, the
+service-account token when automounted); init containers in order, then the containers, each through
+``rehearsal.container_init`` with the rendered command, args and environment (``value``, ``secretKeyRef``,
+``configMapKeyRef``, ``fieldRef``, ``envFrom``, ``$(VAR)``), its user and read-only root; startup,
+readiness and liveness probes (HTTP, TCP, exec) as declared; restarts by restartPolicy with a short
+CrashLoopBackOff; status, conditions and podIP written back. Deleting a Pod sends SIGTERM to each
+container's PID 1, waits for the grace period, then SIGKILL, and only then removes the Pod.
+
+What it does not do: pull images (``rehearsal.images`` maps ours to this checkout), enforce resource
+limits or NetworkPolicies, or schedule across nodes (one node).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rehearsal import images
+from rehearsal.network import Network
+from rehearsal.store import ApiError, Obj, Store, now_rfc3339
+
+log = logging.getLogger("rehearsal.kubelet")
+NODE = "rehearsal-node"
+TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # noqa: S105  # a path, not a secret
+MAX_BACKOFF_S = 10.0  # a real kubelet caps CrashLoopBackOff at 300 s; a rehearsal cannot wait that long
+
+
+class ContainerConfigError(Exception):
+    """The container cannot be created yet (a missing Secret key, a root user with runAsNonRoot...)."""
+
+
+@dataclass
+class ServiceAccountTokens:
+    """Tokens the kubelet mounts, by the identity they stand for (the API server's authenticator reads it)."""
+
+    by_token: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def issue(self, namespace: str, account: str) -> str:
+        token = f"rehearsal-{secrets.token_urlsafe(24)}"
+        self.by_token[token] = (namespace, account)
+        return token
+
+
+@dataclass
+class Cluster:
+    """What every pod worker needs to know about the rehearsal's cluster."""
+
+    store: Store
+    network: Network
+    workdir: Path
+    api_host: str
+    api_port: int
+    ca_file: Path
+    tokens: ServiceAccountTokens
+    logs: dict[tuple[str, str, str], Path]
+    cluster_domain: str = "cluster.local"
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) references to variables defined before; $$ escapes."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
+
+
+def _field(pod: Obj, path: str) -> str:
+    node: Any = pod
+    for part in re.findall(r"[^.\[\]']+", path):
+        node = node.get(part) if isinstance(node, dict) else None
+    return "" if node is None else str(node)
+
+
+class Container:
+    """One running container: its process (the `unshare` that holds the namespaces) and its PID 1."""
+
+    def __init__(self, spec: Obj, process: subprocess.Popen[bytes], log_path: Path, env: dict[str, str],
+                 uid: int, gid: int) -> None:
+        self.spec = spec
+        self.process = process
+        self.log_path = log_path
+        self.env = env
+        self.uid, self.gid = uid, gid
+        self.started_at = now_rfc3339()
+        self.started_mono = time.monotonic()
+        self.ready = False
+        self.started = not spec.get("startupProbe")
+        self.probe_due: dict[str, float] = {}
+        self.failures: dict[str, int] = {}
+
+    def init_pid(self) -> int | None:
+        """The host pid of the container's PID 1 (the child `unshare --fork` made)."""
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+            if children:
+                return int(children[0])
+        return None
+
+    def signal(self, signum: int) -> None:
+        pid = self.init_pid()
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(pid if pid else self.process.pid, signum)
+
+    def exec(self, argv: list[str], timeout_s: float) -> subprocess.CompletedProcess[bytes] | None:
+        """Run a command in the container's namespaces as its user (probes and `kubectl exec`)."""
+        pid = self.init_pid()
+        if pid is None:
+            return None
+        cmd = ["nsenter", "-t", str(pid), "-m", "-n", "-p", "-r", "-w", "-S", str(self.uid), "-G", str(self.gid),
+               "--", "env", "-i", *(f"{k}={v}" for k, v in self.env.items()), *argv]
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(cmd, 124, b"", b"timed out")
+
+
+class PodWorker:
+    """Runs one Pod from admission to removal, in a thread of its own."""
+
+    def __init__(self, cluster: Cluster, pod: Obj) -> None:
+        self.c = cluster
+        self.ns = pod["metadata"]["namespace"]
+        self.name = pod["metadata"]["name"]
+        self.uid = pod["metadata"]["uid"]
+        self.pod = pod
+        self.dir = cluster.workdir / "pods" / self.uid
+        self.ip = ""
+        self.containers: dict[str, Container] = {}
+        self.restarts: dict[str, int] = {}
+        self.last_state: dict[str, Obj] = {}
+        self.waiting: dict[str, Obj] = {}
+        self.terminated: dict[str, Obj] = {}
+        self.initialized = False
+        self.phase = "Pending"
+        self.backoff_until: dict[str, float] = {}
+        self.skipped: str | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"pod-{self.name}", daemon=True)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def _run(self) -> None:
+        try:
+            self._admit()
+            while not self._stop.is_set():
+                current = self.c.store.find("pods", self.ns, self.name)
+                if current is None or current["metadata"]["uid"] != self.uid:
+                    self._kill_all(grace_s=0)  # force-deleted
+                    break
+                self.pod = current
+                if current["metadata"].get("deletionTimestamp"):
+                    self._terminate(int(current["metadata"].get("deletionGracePeriodSeconds") or 0))
+                    break
+                if self.phase in ("Succeeded", "Failed"):
+                    self._stop.wait(0.5)
+                    continue
+                self._step()
+                self._report()
+                self._stop.wait(0.25)
+        except Exception:  # a kubelet bug shows as a failed pod, never a silent hang
+            log.exception("pod %s/%s", self.ns, self.name)
+            self.phase = "Failed"
+            with contextlib.suppress(Exception):
+                self._report(reason="KubeletError")
+        finally:
+            self._cleanup()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._kill_all(grace_s=0)
+        self.thread.join(10)
+
+    def _admit(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        spec = self.pod["spec"]
+        spec_with_node = {**self.pod, "spec": {**spec, "nodeName": NODE}}
+        with contextlib.suppress(ApiError):
+            self.pod = self.c.store.replace("pods", self.ns, self.name, spec_with_node)
+        self.ip = self.c.network.attach(self.uid).address
+        self.hosts = self.dir / "hosts"
+        self.write_hosts()
+
+    def write_hosts(self) -> None:
+        """Service names of every namespace -> cluster IPs (what cluster DNS would answer)."""
+        lines = ["127.0.0.1 localhost", f"{self.ip} {self.name}"]
+        services, _, _ = self.c.store.list("services", None)
+        for svc in services:
+            address = (svc.get("spec") or {}).get("clusterIP")
+            if not address or address == "None":
+                continue
+            name, ns = svc["metadata"]["name"], svc["metadata"]["namespace"]
+            names = [f"{name}.{ns}.svc.{self.c.cluster_domain}", f"{name}.{ns}.svc", f"{name}.{ns}"]
+            if ns == self.ns:
+                names.append(name)
+            lines.append(f"{address} {' '.join(names)}")
+        text = "\n".join(lines) + "\n"
+        if not self.hosts.exists() or self.hosts.read_text() != text:
+            # Rewritten in place: the containers see the file through a bind mount of this inode.
+            with self.hosts.open("w") as f:
+                f.write(text)
+
+    # ---------------------------------------------------------------------------------- one step
+
+    def _step(self) -> None:
+        self.write_hosts()
+        spec = self.pod["spec"]
+        if not self.initialized:
+            for init in spec.get("initContainers") or []:
+                name = init["name"]
+                if self.terminated.get(name, {}).get("exitCode") == 0:
+                    continue
+                running = self.containers.get(name)
+                if running is None:
+                    self._maybe_start(init)
+                    return
+                code = running.process.poll()
+                if code is None:
+                    return
+                self._exited(init, code)
+                if code != 0 and spec.get("restartPolicy") == "Never":
+                    self.phase = "Failed"
+                return
+            self.initialized = True
+        for container in spec["containers"]:
+            name = container["name"]
+            running = self.containers.get(name)
+            if running is None:
+                if self.terminated.get(name) and not self._should_restart(self.terminated[name]["exitCode"]):
+                    continue
+                self._maybe_start(container)
+                continue
+            code = running.process.poll()
+            if code is not None:
+                self._exited(container, code)
+                continue
+            self._probe(running)
+        if self.skipped:
+            self.phase = "Pending"
+        elif all(c["name"] in self.terminated and c["name"] not in self.containers and
+                 not self._should_restart(self.terminated[c["name"]]["exitCode"]) for c in spec["containers"]):
+            failed = any(self.terminated[c["name"]]["exitCode"] != 0 for c in spec["containers"])
+            self.phase = "Failed" if failed else "Succeeded"
+        elif self.containers:
+            self.phase = "Running"
+
+    def _should_restart(self, code: int) -> bool:
+        policy = self.pod["spec"].get("restartPolicy", "Always")
+        return policy == "Always" or (policy == "OnFailure" and code != 0)
+
+    def _exited(self, container: Obj, code: int) -> None:
+        name = container["name"]
+        running = self.containers.pop(name)
+        state = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                 "startedAt": running.started_at, "finishedAt": now_rfc3339()}
+        self.terminated[name] = state
+        self.last_state[name] = {"terminated": state}
+        if name in self._init_names():
+            restart = code != 0 and self.pod["spec"].get("restartPolicy", "Always") != "Never"
+        else:
+            restart = self._should_restart(code)
+        if restart:
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            delay = min(MAX_BACKOFF_S, 0.5 * 2 ** min(self.restarts[name], 6))
+            self.backoff_until[name] = time.monotonic() + delay
+            self.waiting[name] = {"reason": "CrashLoopBackOff",
+                                  "message": f"back-off {delay:.0f}s restarting failed container={name}"}
+            log.info("pod %s/%s container %s exited %s; restarting", self.ns, self.name, name, code)
+
+    def _init_names(self) -> set[str]:
+        return {c["name"] for c in self.pod["spec"].get("initContainers") or []}
+
+    def _maybe_start(self, container: Obj) -> None:
+        name = container["name"]
+        if time.monotonic() < self.backoff_until.get(name, 0):
+            return
+        try:
+            self.containers[name] = self._start(container)
+            self.waiting.pop(name, None)
+            if name not in self._init_names():
+                self.terminated.pop(name, None)
+        except images.ImageNotRunnable as exc:
+            self.skipped = str(exc)
+            self.waiting[name] = {"reason": "ImageNotRunnable", "message": str(exc)}
+        except ContainerConfigError as exc:
+            self.waiting[name] = {"reason": "CreateContainerConfigError", "message": str(exc)}
+            self.backoff_until[name] = time.monotonic() + 1.0
+
+    # ---------------------------------------------------------------------------- the container
+
+    def _security(self, container: Obj, image: images.ImageConfig) -> tuple[int, int, list[int], Obj]:
+        pod_sc = self.pod["spec"].get("securityContext") or {}
+        sc = {**pod_sc, **(container.get("securityContext") or {})}
+        uid = int(sc.get("runAsUser", image.uid))
+        gid = int(sc.get("runAsGroup", image.gid if "runAsUser" not in sc else uid))
+        if sc.get("runAsNonRoot") and uid == 0:
+            raise ContainerConfigError("container has runAsNonRoot and image will run as root")
+        groups = [gid, *([int(pod_sc["fsGroup"])] if "fsGroup" in pod_sc else []),
+                  *(int(g) for g in pod_sc.get("supplementalGroups") or [])]
+        return uid, gid, sorted(set(groups)), sc
+
+    def _env(self, container: Obj, image: images.ImageConfig, uid: int) -> dict[str, str]:
+        env: dict[str, str] = {}
+        env.update(image.env)
+        home = next((u[3] for u in image.users if u[1] == uid), "/root" if uid == 0 else "/")
+        env.setdefault("HOME", home)
+        env["HOSTNAME"] = self.name
+        env["KUBERNETES_SERVICE_HOST"] = self.c.api_host
+        env["KUBERNETES_SERVICE_PORT"] = str(self.c.api_port)
+        defined: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            prefix = source.get("prefix", "")
+            if "secretRef" in source:
+                data = self._secret(source["secretRef"]["name"], optional=source["secretRef"].get("optional", False))
+            else:
+                data = self._config_map(source["configMapRef"]["name"],
+                                        optional=source["configMapRef"].get("optional", False))
+            defined.update({prefix + k: v for k, v in data.items()})
+        for var in container.get("env") or []:
+            name = var["name"]
+            if "value" in var:
+                defined[name] = _expand(str(var["value"]), defined)
+                continue
+            ref = var.get("valueFrom") or {}
+            if "secretKeyRef" in ref:
+                r = ref["secretKeyRef"]
+                value = self._secret(r["name"], optional=r.get("optional", False)).get(r["key"])
+                if value is None and not r.get("optional", False):
+                    raise ContainerConfigError(f'couldn\'t find key {r["key"]} in Secret {self.ns}/{r["name"]}')
+            elif "configMapKeyRef" in ref:
+                r = ref["configMapKeyRef"]
+                value = self._config_map(r["name"], optional=r.get("optional", False)).get(r["key"])
+                if value is None and not r.get("optional", False):
+                    raise ContainerConfigError(f'couldn\'t find key {r["key"]} in ConfigMap {self.ns}/{r["name"]}')
+            elif "fieldRef" in ref:
+                path = ref["fieldRef"]["fieldPath"]
+                value = {"status.podIP": self.ip, "status.hostIP": "10.244.0.1", "spec.nodeName": NODE}.get(
+                    path, _field(self.pod, path))
+            elif "resourceFieldRef" in ref:
+                value = _field(container.get("resources") or {}, ref["resourceFieldRef"]["resource"])
+            else:
+                value = None
+            if value is not None:
+                defined[name] = value
+        env.update(defined)
+        return env
+
+    def _secret(self, name: str, optional: bool) -> dict[str, str]:
+        obj = self.c.store.find("secrets", self.ns, name)
+        if obj is None:
+            if optional:
+                return {}
+            raise ContainerConfigError(f'secret "{name}" not found')
+        return {k: base64.b64decode(v).decode(errors="replace") for k, v in (obj.get("data") or {}).items()}
+
+    def _config_map(self, name: str, optional: bool) -> dict[str, str]:
+        obj = self.c.store.find("configmaps", self.ns, name)
+        if obj is None:
+            if optional:
+                return {}
+            raise ContainerConfigError(f'configmap "{name}" not found')
+        return dict(obj.get("data") or {})
+
+    def _volumes(self, fs_group: int | None) -> dict[str, Path]:
+        """Each volume of the Pod on disk, by name."""
+        result: dict[str, Path] = {}
+        for volume in self.pod["spec"].get("volumes") or []:
+            name = volume["name"]
+            path = self.dir / "volumes" / name
+            if "emptyDir" in volume:
+                if not path.exists():
+                    path.mkdir(parents=True)
+                    path.chmod(0o777)
+            elif "secret" in volume or "configMap" in volume:
+                kind = "secret" if "secret" in volume else "configMap"
+                source = volume[kind]
+                ref_name = source["secretName"] if kind == "secret" else source["name"]
+                optional = bool(source.get("optional", False))
+                data = self._secret(ref_name, optional) if kind == "secret" else self._config_map(ref_name, optional)
+                self._write_files(path, data, source.get("items"), int(source.get("defaultMode", 0o644)), fs_group)
+            elif "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                if self.c.store.find("persistentvolumeclaims", self.ns, claim) is None:
+                    raise ContainerConfigError(f'persistentvolumeclaim "{claim}" not found')
+                path = self.c.workdir / "volumes" / self.ns / claim
+                if not path.exists():
+                    path.mkdir(parents=True)
+                    if fs_group is not None:
+                        os.chown(path, 0, fs_group)
+                        path.chmod(0o2775)
+            elif "projected" in volume or "hostPath" in volume:
+                raise images.ImageNotRunnable(f"volume {name}: projected/hostPath volumes are not rehearsed")
+            else:
+                raise ContainerConfigError(f"volume {name}: a kind the rehearsal does not know")
+            result[name] = path
+        return result
+
+    @staticmethod
+    def _write_files(path: Path, data: dict[str, str], items: list[Obj] | None, mode: int,
+                     fs_group: int | None) -> None:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        path.chmod(0o755)
+        wanted = items or [{"key": k, "path": k} for k in data]
+        for item in wanted:
+            if item["key"] not in data:
+                raise ContainerConfigError(f'couldn\'t find key {item["key"]} in the volume\'s source')
+            target = path / item["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(data[item["key"]])
+            os.chown(target, 0, fs_group if fs_group is not None else 0)
+            target.chmod(int(item.get("mode", mode)))
+
+    def _token_volume(self, fs_group: int | None) -> Path | None:
+        spec = self.pod["spec"]
+        account = spec.get("serviceAccountName") or "default"
+        sa = self.c.store.find("serviceaccounts", self.ns, account) or {}
+        automount = spec.get("automountServiceAccountToken", sa.get("automountServiceAccountToken", True))
+        if not automount:
+            return None
+        path = self.dir / "volumes" / "kube-api-access"
+        token = self.c.tokens.issue(self.ns, account)
+        self._write_files(path, {"token": token, "ca.crt": self.c.ca_file.read_text(), "namespace": self.ns},
+                          None, 0o644, fs_group)
+        return path
+
+    def _start(self, container: Obj) -> Container:
+        name = container["name"]
+        image = images.resolve(container["image"])
+        uid, gid, groups, sc = self._security(container, image)
+        fs_group = (self.pod["spec"].get("securityContext") or {}).get("fsGroup")
+        volumes = self._volumes(fs_group)
+        env = self._env(container, image, uid)
+        mounts = []
+        for mount in container.get("volumeMounts") or []:
+            if mount["name"] not in volumes:
+                raise ContainerConfigError(f'volume "{mount["name"]}" is not declared by the Pod')
+            source = volumes[mount["name"]]
+            if mount.get("subPath"):
+                source = source / mount["subPath"]
+            mounts.append({"source": str(source), "target": mount["mountPath"],
+                           "readonly": bool(mount.get("readOnly", False))})
+        token = self._token_volume(fs_group)
+        if token is not None:
+            mounts.append({"source": str(token), "target": TOKEN_DIR, "readonly": True})
+        command = container.get("command") or image.entrypoint
+        args = container.get("args") if "args" in container else ([] if container.get("command") else image.cmd)
+        argv = [_expand(a, env) for a in [*command, *args]]
+        config = {
+            "base": str(self.dir / "rootfs" / name), "users": image.users, "dirs": image.dirs,
+            "binds": image.binds, "mounts": mounts, "hosts": str(self.hosts),
+            "readonly_root": bool(sc.get("readOnlyRootFilesystem", False)),
+            "workdir": container.get("workingDir") or image.workdir, "uid": uid, "gid": gid, "groups": groups,
+            "no_new_privs": sc.get("allowPrivilegeEscalation") is False, "env": env, "argv": argv,
+            "tini": images.have_tini_stand_in(argv),
+        }
+        config_path = self.dir / f"{name}.json"
+        config_path.write_text(json.dumps(config))
+        config_path.chmod(0o600)
+        log_path = self.dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        netns = self.c.network.pods[self.uid].namespace
+        with log_path.open("ab") as out:
+            process = subprocess.Popen(
+                ["ip", "netns", "exec", netns, "unshare", "--mount", "--pid", "--fork", "--kill-child",
+                 sys.executable, "-m", "rehearsal.container_init", str(config_path)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(images.ROOT)}, start_new_session=True)
+        self.c.logs[(self.ns, self.name, name)] = log_path
+        log.info("pod %s/%s: started %s (%s)", self.ns, self.name, name, " ".join(argv))
+        return Container(container, process, log_path, env, uid, gid)
+
+    # ----------------------------------------------------------------------------------- probes
+
+    def _probe(self, running: Container) -> None:
+        spec = running.spec
+        now = time.monotonic()
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            probe = spec.get(kind)
+            if probe is None:
+                if kind == "readinessProbe":
+                    running.ready = running.started
+                continue
+            if kind != "startupProbe" and not running.started:
+                continue
+            if kind == "startupProbe" and running.started:
+                continue
+            due = running.probe_due.setdefault(kind, running.started_mono + int(probe.get("initialDelaySeconds", 0)))
+            if now < due:
+                continue
+            running.probe_due[kind] = now + int(probe.get("periodSeconds", 10))
+            ok = self._run_probe(running, probe)
+            failures = 0 if ok else running.failures.get(kind, 0) + 1
+            running.failures[kind] = failures
+            threshold = int(probe.get("failureThreshold", 3))
+            if kind == "readinessProbe":
+                running.ready = ok if ok else (running.ready and failures < threshold)
+            elif kind == "startupProbe" and ok:
+                running.started = True
+            elif not ok and failures >= threshold:
+                log.info("pod %s/%s: %s of %s failed %s times: restarting", self.ns, self.name, kind,
+                         spec["name"], failures)
+                running.signal(signal.SIGKILL)
+
+    def _run_probe(self, running: Container, probe: Obj) -> bool:
+        timeout = float(probe.get("timeoutSeconds", 1))
+        if "exec" in probe:
+            done = running.exec(list(probe["exec"]["command"]), timeout)
+            return done is not None and done.returncode == 0
+        if "httpGet" in probe:
+            get = probe["httpGet"]
+            port = self._port(running.spec, get["port"])
+            try:
+                conn = http.client.HTTPConnection(self.ip, port, timeout=timeout)
+                conn.request("GET", get.get("path", "/"))
+                status = conn.getresponse().status
+                conn.close()
+                return 200 <= status < 400
+            except (OSError, http.client.HTTPException):
+                return False
+        if "tcpSocket" in probe:
+            try:
+                with socket.create_connection((self.ip, self._port(running.spec, probe["tcpSocket"]["port"])),
+                                              timeout=timeout):
+                    return True
+            except OSError:
+                return False
+        return False
+
+    @staticmethod
+    def _port(container: Obj, port: int | str) -> int:
+        if isinstance(port, int) or str(port).isdigit():
+            return int(port)
+        for declared in container.get("ports") or []:
+            if declared.get("name") == port:
+                return int(declared["containerPort"])
+        raise ValueError(f"no container port named {port}")
+
+    # ---------------------------------------------------------------------------------- status
+
+    def _report(self, reason: str | None = None) -> None:
+        spec = self.pod["spec"]
+        statuses = []
+        for container in spec["containers"]:
+            name = container["name"]
+            running = self.containers.get(name)
+            if running is not None:
+                state: Obj = {"running": {"startedAt": running.started_at}}
+            elif name in self.waiting:
+                state = {"waiting": self.waiting[name]}
+            elif name in self.terminated:
+                state = {"terminated": self.terminated[name]}
+            else:
+                state = {"waiting": {"reason": "ContainerCreating"}}
+            statuses.append({"name": name, "image": container["image"], "imageID": "",
+                             "containerID": f"rehearsal://{self.uid[:8]}-{name}",
+                             "ready": bool(running and running.ready), "started": bool(running and running.started),
+                             "restartCount": self.restarts.get(name, 0), "state": state,
+                             **({"lastState": self.last_state[name]} if name in self.last_state else {})})
+        ready = all(s["ready"] for s in statuses) and self.phase == "Running"
+        conditions = [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Initialized", "status": "True" if self.initialized else "False"},
+            {"type": "ContainersReady", "status": "True" if ready else "False"},
+            {"type": "Ready", "status": "True" if ready else "False"},
+        ]
+        status: Obj = {"phase": self.phase, "conditions": conditions, "containerStatuses": statuses,
+                       "podIP": self.ip, "podIPs": [{"ip": self.ip}] if self.ip else [], "hostIP": "10.244.0.1",
+                       "startTime": (self.pod.get("status") or {}).get("startTime") or now_rfc3339(),
+                       "qosClass": "Burstable"}
+        if reason or self.skipped:
+            status["reason"] = reason or "ImageNotRunnable"
+            status["message"] = self.skipped or reason
+        if (self.pod.get("status") or {}) == status:
+            return
+        with contextlib.suppress(ApiError):
+            self.pod = self.c.store.replace("pods", self.ns, self.name, {**self.pod, "status": status}, "status")
+
+    # ------------------------------------------------------------------------------ termination
+
+    def _terminate(self, grace_s: int) -> None:
+        self._kill_all(grace_s)
+        self.c.store.finish_pod_deletion(self.ns, self.name)
+
+    def _kill_all(self, grace_s: int) -> None:
+        running = list(self.containers.values())
+        for container in running:
+            container.signal(signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
+        deadline = time.monotonic() + grace_s
+        for container in running:
+            while container.process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if container.process.poll() is None:
+                container.signal(signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(container.process.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    container.process.wait(5)
+        self.containers.clear()
+
+    def _cleanup(self) -> None:
+        self.c.network.detach(self.uid)
+        shutil.rmtree(self.dir / "rootfs", ignore_errors=True)
+
+
+class Kubelet:
+    """Starts a PodWorker for every Pod the store holds; stops them all on ``stop``."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.c = cluster
+        self.workers: dict[str, PodWorker] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rehearsal-kubelet", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        seen = 0
+        while not self._stop.is_set():
+            seen = self.c.store.wait_for_change(seen, 0.5)
+            pods, _, _ = self.c.store.list("pods", None)
+            for pod in pods:
+                uid = pod["metadata"]["uid"]
+                if uid not in self.workers and not pod["metadata"].get("deletionTimestamp"):
+                    worker = PodWorker(self.c, pod)
+                    self.workers[uid] = worker
+                    worker.thread.start()
+                elif uid not in self.workers:
+                    # Deleted before it ever ran: nothing to stop.
+                    self.c.store.finish_pod_deletion(pod["metadata"]["namespace"], pod["metadata"]["name"])
+
+    def worker(self, namespace: str, name: str) -> PodWorker | None:
+        for worker in self.workers.values():
+            if (worker.ns, worker.name) == (namespace, name) and worker.thread.is_alive():
+                return worker
+        return None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for worker in list(self.workers.values()):
+            worker.stop()
