@@ -132,11 +132,10 @@ class Controllers:
     def _set_status(self, obj: Obj, plural: str, status: Obj) -> None:
         if obj.get("status") == status:
             return
-        try:
+        # A conflict means it changed meanwhile: the next pass sees the new version.
+        with contextlib.suppress(ApiError):
             self.store.replace(plural, obj["metadata"]["namespace"], obj["metadata"]["name"],
                                {**obj, "status": status}, "status")
-        except ApiError:
-            pass  # changed meanwhile: the next pass sees the new version
 
     @staticmethod
     def _condition(kind: str, status: bool, reason: str, message: str = "") -> Obj:
