@@ -1,6 +1,6 @@
 """Inside a new mount and PID namespace (and the Pod's network namespace): build the container, then run it.
 
-The kubelet starts ``ip netns exec <pod> unshare --mount --pid --fork --kill-child python -m
+The kubelet starts ``nsenter --net=<pod's namespace> unshare --mount --pid --fork --kill-child python -m
 rehearsal.container_init <config.json>``. This builds the container's root filesystem as an overlay over the
 host's root (so the image's directories and users can be added without touching the host), with a fresh
 /proc, /tmp and /run, every volume at its mountPath with its readOnly flag, the Pod's /etc/hosts, and the

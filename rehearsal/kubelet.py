@@ -479,7 +479,7 @@ class PodWorker:
         netns = self.c.network.pods[self.uid].namespace
         with log_path.open("ab") as out:
             process = subprocess.Popen(
-                ["ip", "netns", "exec", netns, "unshare", "--mount", "--pid", "--fork", "--kill-child",
+                ["nsenter", f"--net={netns}", "unshare", "--mount", "--pid", "--fork", "--kill-child",
                  sys.executable, "-m", "rehearsal.container_init", str(config_path)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(images.ROOT)}, start_new_session=True)

@@ -1,12 +1,13 @@
 """The rehearsal's cluster network on one machine: a bridge, a network namespace per Pod, Services.
 
-Pods get their own network namespace (``ip netns``) with a veth on the bridge ``orzr0`` and an address
-from the pod range, so every container binds its ports as in a cluster (two API replicas both listen on
-0.0.0.0:8080). Service cluster IPs are extra addresses on the bridge where a round-robin TCP forwarder
-sends each connection to a Ready endpoint; LoadBalancer Services also get an address of their own from the
-load-balancer range, listening on the Service's port, which is what users connect to. Names resolve through
-an /etc/hosts per Pod (the kubelet writes it) instead of cluster DNS. Nothing here is routed off the
-machine: the bridge has no uplink and forwarding stays off.
+Pods get their own network namespace, held by a pause process as in Kubernetes (no name under
+/run/netns that another program's ``ip -all netns delete`` could take away), with a veth on the bridge
+``orzr0`` and an address from the pod range, so every container binds its ports as in a cluster (two API
+replicas both listen on 0.0.0.0:8080). Service cluster IPs are extra addresses on the bridge where a
+round-robin TCP forwarder sends each connection to a Ready endpoint; LoadBalancer Services also get an
+address of their own from the load-balancer range, listening on the Service's port, which is what users
+connect to. Names resolve through an /etc/hosts per Pod (the kubelet writes it) instead of cluster DNS.
+Nothing here is routed off the machine: the bridge has no uplink and forwarding stays off.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import contextlib
 import ipaddress
 import itertools
 import logging
+import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -43,9 +46,27 @@ class NetworkError(RuntimeError):
 
 @dataclass
 class PodNetwork:
-    namespace: str
+    pause: subprocess.Popen[bytes]
     address: str
     host_veth: str
+
+    @property
+    def namespace(self) -> str:
+        """The network namespace as a path for `nsenter --net=`."""
+        return f"/proc/{self.pause.pid}/ns/net"
+
+
+def _die_with_parent() -> None:
+    """Runs in the pause process before exec: it dies with the rehearsal, never outlives it."""
+    import ctypes
+    import signal as signals
+
+    ctypes.CDLL(None).prctl(1, signals.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def in_pod(pod: PodNetwork, *args: str) -> None:
+    subprocess.run(["nsenter", f"--net={pod.namespace}", "ip", *args], capture_output=True, text=True,
+                   check=True, timeout=30)
 
 
 @dataclass
@@ -83,31 +104,33 @@ class Network:
     def attach(self, pod_uid: str) -> PodNetwork:
         with self._lock:
             n = next(self._counter)
-            netns, veth, address = f"{self.prefix}-{n}", f"{self.prefix}{n}h", next(self._addresses)
-        ip("netns", "add", netns)
-        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+            veth, address = f"{self.prefix}{n}h", next(self._addresses)
+        pause = subprocess.Popen(["unshare", "--net", "--", "sleep", "infinity"], preexec_fn=_die_with_parent,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pod = PodNetwork(pause, address, veth)
+        # unshare has made the namespace once /proc/<pid>/ns/net differs from ours.
+        deadline = time.monotonic() + 5
+        while os.readlink(pod.namespace) == os.readlink("/proc/self/ns/net") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", str(pause.pid))
         ip("link", "set", veth, "master", BRIDGE, "up")
-        ip("-n", netns, "addr", "add", f"{address}/{POD_CIDR.prefixlen}", "dev", "eth0")
-        ip("-n", netns, "link", "set", "eth0", "up")
-        ip("-n", netns, "link", "set", "lo", "up")
-        ip("-n", netns, "route", "add", "default", "via", GATEWAY_IP)
-        pod = PodNetwork(netns, address, veth)
+        in_pod(pod, "addr", "add", f"{address}/{POD_CIDR.prefixlen}", "dev", "eth0")
+        in_pod(pod, "link", "set", "eth0", "up")
+        in_pod(pod, "link", "set", "lo", "up")
+        in_pod(pod, "route", "add", "default", "via", GATEWAY_IP)
         self.pods[pod_uid] = pod
         return pod
 
     def detach(self, pod_uid: str) -> None:
         pod = self.pods.pop(pod_uid, None)
         if pod is not None:
-            ip("netns", "del", pod.namespace, check=False)
             ip("link", "del", pod.host_veth, check=False)
+            pod.pause.kill()
+            pod.pause.wait(5)
 
     def close(self) -> None:
         for uid in list(self.pods):
             self.detach(uid)
-        listed = ip("netns", "list", check=False).stdout.split()
-        for name in listed:
-            if name.startswith(f"{self.prefix}-"):
-                ip("netns", "del", name, check=False)
         ip("link", "del", BRIDGE, check=False)
         self._extra_addresses.clear()
 

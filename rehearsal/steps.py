@@ -1,0 +1,435 @@
+"""What a platform engineer and a user do with the chart, as timed steps against the rehearsal cluster.
+
+Each step passes or fails on what a person would see: helm's exit status, Pods Ready, a session that
+reaches `running`, the bytes `ssh` prints, a file that comes back from scp with the same checksum.
+Later steps need earlier ones; once one fails, the steps that depend on it are reported as not run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rehearsal.cluster import RehearsalCluster
+from rehearsal.network import GATEWAY_IP
+
+ROOT = Path(__file__).resolve().parents[1]
+NS = "orz-system"
+SESSIONS_NS = "orz-sessions"
+RELEASE = "orz"
+CHART = ROOT / "charts" / "orzbob-cloud"
+VALUES = ROOT / "hack" / "rehearsal-values.yaml"
+# Load-balancer addresses the values file names (users connect to these).
+GATEWAY_LB = "10.97.0.10"
+API_LB = "10.97.0.11"
+LB_ADDRESSES = {f"{NS}/{RELEASE}-orzbob-cloud-gateway": GATEWAY_LB, f"ingress:{NS}/{RELEASE}-orzbob-cloud-api": API_LB}
+SELECTOR = "app.kubernetes.io/instance=" + RELEASE + ",app.kubernetes.io/component="
+
+
+class StepFailed(Exception):
+    """The step's check did not hold; the message says what was seen."""
+
+
+@dataclass
+class Context:
+    cluster: RehearsalCluster
+    workdir: Path
+    home: Path
+    api_url: str = f"http://{API_LB}"
+    token: str = ""
+    session: str = ""
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------- user's tools
+
+    def env(self) -> dict[str, str]:
+        return {"HOME": str(self.home), "XDG_CONFIG_HOME": str(self.home / ".config"),
+                "ORZBOB_API_URL": self.api_url, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                "LANG": "C.UTF-8"}
+
+    def orz(self, *args: str, timeout_s: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([str(Path(sys.executable).parent / "orz"), *args], env=self.env(), text=True,
+                              capture_output=True, timeout=timeout_s, check=False, stdin=subprocess.DEVNULL)
+        if check and done.returncode != 0:
+            raise StepFailed(f"orz {' '.join(args)} exited {done.returncode}: {(done.stderr or done.stdout)[-600:]}")
+        return done
+
+    def ssh(self, *args: str, host: str | None = None, port: int | None = None, timeout_s: float = 90,
+            check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Plain OpenSSH with the config `orz cloud ssh-config --write` made (-F: ssh ignores $HOME)."""
+        override = [*(["-o", f"HostName={host}"] if host else []), *(["-o", f"Port={port}"] if port else [])]
+        argv = ["ssh", "-F", str(self.home / ".ssh" / "config"), "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+                *override, *args]
+        done = subprocess.run(argv, env=self.env(), text=True, capture_output=True, timeout=timeout_s, check=False,
+                              input=stdin)
+        if check and done.returncode != 0:
+            raise StepFailed(f"ssh {' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-600:]}")
+        return done
+
+    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        with httpx.Client(base_url=self.api_url, timeout=30,
+                          headers={"Authorization": f"Bearer {self.token}"}) as client:
+            return client.request(method, path, **kwargs)
+
+    def session_state(self) -> str:
+        reply = self.api("GET", f"/v1/instances/{self.session}")
+        return str(reply.json().get("status")) if reply.status_code == 200 else f"HTTP {reply.status_code}"
+
+    def wait(self, what: str, check: Callable[[], bool], timeout_s: float, detail: Callable[[], str] = lambda: ""
+             ) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.5)
+        raise StepFailed(f"{what}: not within {timeout_s:.0f} s {detail()}".rstrip())
+
+    # ----------------------------------------------------------------------------- cluster views
+
+    def component_pods(self, component: str, ready: bool = True) -> list[dict]:
+        pods = self.cluster.ready_pods if ready else self.cluster.pods
+        return pods(NS, SELECTOR + component)
+
+    def pod_summary(self) -> str:
+        lines = []
+        for ns in (NS, SESSIONS_NS):
+            for pod in self.cluster.pods(ns):
+                statuses = pod.get("status", {}).get("containerStatuses") or []
+                states = ", ".join(f"{s['name']}:{next(iter(s['state']))}"
+                                   f"{'/ready' if s.get('ready') else ''} x{s.get('restartCount', 0)}"
+                                   for s in statuses)
+                lines.append(f"    {pod['metadata']['name']}: {pod.get('status', {}).get('phase')} [{states}]")
+                for status in statuses:
+                    if not status.get("ready"):
+                        tail = self.cluster.log(pod, status["name"]).strip().splitlines()[-3:]
+                        lines.extend(f"      | {line[:220]}" for line in tail)
+        return "\n" + "\n".join(lines) if lines else ""
+
+
+# ------------------------------------------------------------------------------------ the steps
+
+def helm_install(ctx: Context) -> None:
+    done = ctx.cluster.helm("install", RELEASE, str(CHART), "-n", NS, "--create-namespace", "-f", str(VALUES),
+                            "--wait", "--timeout", "240s", timeout_s=400)
+    if done.returncode != 0:
+        raise StepFailed(f"helm install --wait: {done.stderr.strip()[-800:]}{ctx.pod_summary()}")
+
+
+def control_plane_ready(ctx: Context) -> None:
+    want = {"api": 2, "gateway": 2, "scheduler": 1, "postgresql": 1}
+    ctx.wait("every control-plane replica Ready",
+             lambda: all(len(ctx.component_pods(c)) >= n for c, n in want.items()), 120,
+             lambda: str({c: len(ctx.component_pods(c)) for c in want}) + ctx.pod_summary())
+
+
+def bootstrap_user(ctx: Context) -> None:
+    """`kubectl exec deploy/api -- orz admin ...`: an org, a user, an API token."""
+    api_pod = ctx.component_pods("api")[0]
+    for argv in (["orz", "admin", "create-org", "acme", "--plan", "pro"],
+                 ["orz", "admin", "create-user", "dev@acme.test", "--org", "acme"]):
+        done = ctx.cluster.exec_in(api_pod, "api", argv)
+        if done.returncode != 0:
+            raise StepFailed(f"{' '.join(argv)}: {done.stderr.decode()[-400:]}")
+    done = ctx.cluster.exec_in(api_pod, "api", ["orz", "admin", "create-token", "dev@acme.test"])
+    token = next((w for w in done.stdout.decode().split() if w.startswith("orz_")), "")
+    if done.returncode != 0 or not token:
+        raise StepFailed(f"create-token printed no token: {done.stderr.decode()[-400:]}")
+    ctx.token = token
+    ctx.orz("cloud", "login", "--token", token, "--api-url", ctx.api_url)
+    ctx.orz("cloud", "ssh-config", "--write")
+
+
+def internal_routes_stay_inside(ctx: Context) -> None:
+    """The public edge (the ingress) serves /v1 and never /internal; service tokens never cross it."""
+    public = ctx.api("GET", "/v1/me")
+    if public.status_code != 200:
+        raise StepFailed(f"GET /v1/me through the ingress answered {public.status_code}")
+    internal = ctx.api("POST", "/internal/v1/authorize", json={})
+    if internal.status_code != 404:
+        raise StepFailed(f"/internal/v1/authorize through the public ingress answered {internal.status_code}, not 404")
+
+
+def make_repo(ctx: Context) -> None:
+    """A git repository with .orz/cloud.yaml, served by git daemon on the bridge (as a forge would be)."""
+    base = ctx.workdir / "git"
+    work = base / "work"
+    shutil.rmtree(base, ignore_errors=True)
+    (work / ".orz").mkdir(parents=True)
+    (work / ".orz" / "cloud.yaml").write_text(
+        'version: "1.0"\nsetup:\n  init: echo init-ran > .init-marker\n')
+    (work / "README.md").write_text("rehearsal fixture\n")
+    git = ["git", "-c", "user.name=Rehearsal", "-c", "user.email=r@example.test"]
+    subprocess.run([*git, "init", "-q", "-b", "main", str(work)], check=True)
+    subprocess.run([*git, "-C", str(work), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-qm", "fixture"], check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(base / "fixture.git")], check=True)
+    daemon = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={base}",
+                               f"--listen={GATEWAY_IP}", "--port=9418", str(base)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ctx.facts["git_daemon"] = daemon
+    ctx.facts["repo"] = f"git://{GATEWAY_IP}/fixture.git"
+
+
+def create_session(ctx: Context) -> None:
+    ctx.orz("cloud", "secrets", "create", "rehearsal", "--data", "REHEARSAL_SECRET=s3cr3t-value")
+    done = ctx.orz("cloud", "new", "--repo", ctx.facts["repo"], "--branch", "main", "--secrets", "rehearsal",
+                   "--program", "bash", "--no-attach", "--no-wait", "rehearsal task")
+    words = done.stdout.split()
+    ctx.session = words[words.index("session") + 1] if "session" in words else ""
+    if not ctx.session:
+        raise StepFailed(f"orz cloud new printed no session id: {done.stdout[-300:]}")
+    ctx.wait("the session running", lambda: ctx.session_state() == "running", 180,
+             lambda: f"(status {ctx.session_state()}){ctx.pod_summary()}")
+
+
+def ssh_each_gateway(ctx: Context) -> None:
+    """Plain ssh through every gateway replica, with the certificate `orz` fetched for it."""
+    gateways = ctx.component_pods("gateway")
+    if len(gateways) < 2:
+        raise StepFailed(f"{len(gateways)} gateway replicas Ready, 2 expected")
+    for pod in gateways:
+        address = pod["status"]["podIP"]
+        done = ctx.ssh(f"{ctx.session}.orz", "cat .init-marker; echo secret=$REHEARSAL_SECRET; hostname",
+                       host=address, port=2222)
+        if "init-ran" not in done.stdout or "secret=s3cr3t-value" not in done.stdout:
+            raise StepFailed(f"through gateway {address}: {done.stdout!r}")
+    # And the way users are told to connect: the API's ssh line, through the load balancer.
+    reply = ctx.api("GET", f"/v1/instances/{ctx.session}").json()
+    if GATEWAY_LB not in str(reply.get("ssh")):
+        raise StepFailed(f"the API tells users {reply.get('ssh')!r}, not the load balancer {GATEWAY_LB}")
+    done = ctx.ssh(f"{ctx.session}.orz", "echo via-lb")
+    if "via-lb" not in done.stdout:
+        raise StepFailed(f"through the load balancer: {done.stdout!r}")
+
+
+def scp_round_trip(ctx: Context) -> None:
+    local = ctx.workdir / "payload.bin"
+    local.write_bytes(os.urandom(2 * 1024 * 1024))
+    back = ctx.workdir / "payload.back"
+    base = ["scp", "-F", str(ctx.home / ".ssh" / "config"), "-o", "BatchMode=yes"]
+    for argv in ([*base, str(local), f"{ctx.session}.orz:payload.bin"],
+                 [*base, f"{ctx.session}.orz:payload.bin", str(back)]):
+        done = subprocess.run(argv, env=ctx.env(), capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise StepFailed(f"{' '.join(argv[:1] + argv[-2:])}: {done.stderr.strip()[-400:]}")
+    if hashlib.sha256(local.read_bytes()).digest() != hashlib.sha256(back.read_bytes()).digest():
+        raise StepFailed("the file that came back differs from the one sent")
+
+
+def local_forward(ctx: Context) -> None:
+    """`ssh -L` to a server listening on the session's loopback."""
+    ctx.ssh(f"{ctx.session}.orz", "nohup python3 -m http.server 8765 --bind 127.0.0.1 >/dev/null 2>&1 &")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    forward = subprocess.Popen(["ssh", "-F", str(ctx.home / ".ssh" / "config"), "-o", "BatchMode=yes", "-N",
+                                "-L", f"127.0.0.1:{port}:127.0.0.1:8765", f"{ctx.session}.orz"], env=ctx.env(),
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        def served() -> bool:
+            try:
+                return "README.md" in httpx.get(f"http://127.0.0.1:{port}/", timeout=3).text
+            except httpx.HTTPError:
+                return False
+        ctx.wait("a page through -L", served, 30)
+    finally:
+        forward.terminate()
+        forward.wait(5)
+
+
+def web_attach(ctx: Context) -> None:
+    """The browser terminal's WebSocket through the gateway's web port, with an attach token."""
+    import asyncio
+
+    import websockets
+
+    grant = ctx.api("POST", f"/v1/instances/{ctx.session}/attach", json={"readonly": False})
+    if grant.status_code != 200:
+        raise StepFailed(f"POST attach answered {grant.status_code}: {grant.text[:300]}")
+    url = grant.json()["attach_url"]
+    if GATEWAY_LB not in url:
+        raise StepFailed(f"attach_url {url!r} does not name the gateway's load balancer")
+
+    async def talk() -> str:
+        seen = b""
+        async with websockets.connect(url, open_timeout=20) as ws:
+            await ws.send(b"echo web-$((6*7))\r")
+            deadline = time.monotonic() + 20
+            while b"web-42" not in seen and time.monotonic() < deadline:
+                frame = await asyncio.wait_for(ws.recv(), 20)
+                seen += frame if isinstance(frame, bytes) else frame.encode()
+        return seen.decode(errors="replace")
+
+    text = asyncio.run(talk())
+    if "web-42" not in text:
+        raise StepFailed(f"the web terminal did not echo: {text[-300:]!r}")
+
+
+def stop_and_wake(ctx: Context) -> None:
+    ctx.orz("cloud", "stop", ctx.session)
+    ctx.wait("the session stopped", lambda: ctx.session_state() == "stopped", 120)
+    pods = ctx.cluster.pods(SESSIONS_NS)
+    if any(p["metadata"]["labels"].get("orz.cloud/session") == ctx.session for p in pods):
+        raise StepFailed("the stopped session still has a Pod")
+    # Wake on connect: plain ssh starts it again, and the workspace is the one it had.
+    done = ctx.ssh(f"{ctx.session}.orz", "sha256sum payload.bin; cat .init-marker", timeout_s=240)
+    want = hashlib.sha256((ctx.workdir / "payload.bin").read_bytes()).hexdigest()
+    if want not in done.stdout or "init-ran" not in done.stdout:
+        raise StepFailed(f"after wake the workspace differs: {done.stdout!r}")
+
+
+def kill_gateway_and_api(ctx: Context) -> None:
+    """kill -9 of one gateway and one API replica while a user works; the next connection still works."""
+    gateway = ctx.component_pods("gateway")[0]
+    api = ctx.component_pods("api")[0]
+    ctx.cluster.kill_container(gateway, "gateway")
+    ctx.cluster.kill_container(api, "api")
+    for _attempt in range(3):
+        done = ctx.ssh(f"{ctx.session}.orz", "echo still-here", check=False)
+        listed = ctx.orz("cloud", "list", check=False)
+        if "still-here" in done.stdout and listed.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        raise StepFailed(f"after the kills: ssh {done.stderr.strip()[-200:]!r}, list {listed.stderr[-200:]!r}")
+    ctx.wait("the killed replicas back Ready", lambda: len(ctx.component_pods("gateway")) == 2 and
+             len(ctx.component_pods("api")) == 2, 120, ctx.pod_summary)
+
+
+def scheduler_lease_moves(ctx: Context) -> None:
+    """Delete the scheduler's Pod: its replacement takes the lease and the reaper runs again."""
+    old = ctx.component_pods("scheduler")[0]
+    holder_before = lease_holder(ctx)
+    ctx.cluster.store.delete("pods", NS, old["metadata"]["name"])
+    ctx.wait("a new scheduler Ready", lambda: any(p["metadata"]["uid"] != old["metadata"]["uid"]
+                                                  for p in ctx.component_pods("scheduler")), 120, ctx.pod_summary)
+    ctx.wait("the lease held by the new scheduler", lambda: lease_holder(ctx) not in ("", holder_before), 90,
+             lambda: f"(holder {lease_holder(ctx)!r}, before {holder_before!r})")
+
+
+def lease_holder(ctx: Context) -> str:
+    """The scheduler lease's holder, read with psql in the PostgreSQL Pod."""
+    pg = ctx.cluster.ready_pods(NS, SELECTOR + "postgresql")
+    if not pg:
+        return ""
+    done = ctx.cluster.exec_in(pg[0], "postgresql", ["psql", "-h", "/var/run/postgresql", "-U", "orz", "-d", "orz",
+                                                     "-Atc", "SELECT holder FROM scheduler_leases"])
+    return done.stdout.decode().strip() if done.returncode == 0 else ""
+
+
+def helm_upgrade(ctx: Context) -> None:
+    done = ctx.cluster.helm("upgrade", RELEASE, str(CHART), "-n", NS, "-f", str(VALUES), "--set",
+                            "config.logLevel=DEBUG", "--wait", "--timeout", "240s", timeout_s=400)
+    if done.returncode != 0:
+        raise StepFailed(f"helm upgrade --wait: {done.stderr.strip()[-800:]}{ctx.pod_summary()}")
+    api = ctx.component_pods("api")
+    if not api or any(_env(p, "api", "ORZ_LOG_LEVEL") != "DEBUG" for p in api):
+        raise StepFailed("the API Pods do not run the upgraded values")
+    done = ctx.ssh(f"{ctx.session}.orz", "echo after-upgrade")
+    if "after-upgrade" not in done.stdout:
+        raise StepFailed(f"after the upgrade: {done.stdout!r}")
+
+
+def helm_rollback(ctx: Context) -> None:
+    done = ctx.cluster.helm("rollback", RELEASE, "1", "-n", NS, "--wait", "--timeout", "240s", timeout_s=400)
+    if done.returncode != 0:
+        raise StepFailed(f"helm rollback --wait: {done.stderr.strip()[-800:]}{ctx.pod_summary()}")
+    api = ctx.component_pods("api")
+    if not api or any(_env(p, "api", "ORZ_LOG_LEVEL") == "DEBUG" for p in api):
+        raise StepFailed("the API Pods still run the upgraded values")
+    done = ctx.ssh(f"{ctx.session}.orz", "echo after-rollback")
+    if "after-rollback" not in done.stdout:
+        raise StepFailed(f"after the rollback: {done.stdout!r}")
+    ctx.orz("cloud", "list")
+
+
+def kill_session(ctx: Context) -> None:
+    ctx.orz("cloud", "kill", ctx.session)
+    ctx.wait("the session's objects gone", lambda: not any(
+        o["metadata"].get("labels", {}).get("orz.cloud/session") == ctx.session
+        for plural in ("pods", "persistentvolumeclaims", "secrets", "configmaps")
+        for o in ctx.cluster.store.list(plural, SESSIONS_NS)[0]), 120)
+
+
+def _env(pod: dict, container: str, name: str) -> str | None:
+    for c in pod["spec"]["containers"]:
+        if c["name"] == container:
+            for var in c.get("env") or []:
+                if var["name"] == name:
+                    return var.get("value")
+    return None
+
+
+Step = tuple[str, Callable[[Context], None]]
+STEPS: list[Step] = [
+    ("helm install --wait", helm_install),
+    ("control plane Ready (2 api, 2 gateway, scheduler, postgresql)", control_plane_ready),
+    ("bootstrap org, user and token (kubectl exec)", bootstrap_user),
+    ("public ingress serves /v1, never /internal", internal_routes_stay_inside),
+    ("git fixture served", make_repo),
+    ("orz cloud new -> running", create_session),
+    ("ssh through each gateway replica and the load balancer", ssh_each_gateway),
+    ("scp up and down, same checksum", scp_round_trip),
+    ("ssh -L to the session's loopback", local_forward),
+    ("web terminal attach", web_attach),
+    ("stop, then wake by ssh with the workspace intact", stop_and_wake),
+    ("kill -9 a gateway and an API replica, reconnect", kill_gateway_and_api),
+    ("scheduler Pod deleted, lease moves", scheduler_lease_moves),
+    ("helm upgrade --wait with changed values", helm_upgrade),
+    ("helm rollback --wait to revision 1", helm_rollback),
+    ("orz cloud kill removes the session's objects", kill_session),
+]
+# CI's shorter profile leaves out what repeats a path already shown.
+CI_SKIP = {"ssh -L to the session's loopback"}
+
+
+def run(workdir: Path, helm: Path, profile: str = "full", out: Callable[[str], None] = print) -> int:
+    """Run the steps; print one line each and a summary; the number of failed steps."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    home = workdir / "user"
+    home.mkdir(parents=True)
+    results: list[tuple[str, bool, float, str]] = []
+    with RehearsalCluster(workdir / "cluster", helm, LB_ADDRESSES) as cluster:
+        ctx = Context(cluster=cluster, workdir=workdir, home=home)
+        failed = False
+        try:
+            for name, fn in STEPS:
+                if profile == "ci" and name in CI_SKIP:
+                    continue
+                if failed:
+                    results.append((name, False, 0.0, "not run: an earlier step failed"))
+                    out(f"SKIP  {name}")
+                    continue
+                started = time.monotonic()
+                try:
+                    fn(ctx)
+                    results.append((name, True, time.monotonic() - started, ""))
+                    out(f"PASS  {name} ({time.monotonic() - started:.1f} s)")
+                except (StepFailed, subprocess.TimeoutExpired, httpx.HTTPError, RuntimeError, OSError) as exc:
+                    failed = True
+                    results.append((name, False, time.monotonic() - started, str(exc)))
+                    out(f"FAIL  {name} ({time.monotonic() - started:.1f} s)\n      {exc}")
+        finally:
+            daemon = ctx.facts.get("git_daemon")
+            if daemon is not None:
+                daemon.terminate()
+                daemon.wait(5)
+            if cluster.authorizer.denials:
+                out("RBAC denials seen: " + "; ".join(sorted(set(cluster.authorizer.denials))[:5]))
+    passed = sum(1 for r in results if r[1])
+    out(f"rehearsal: {passed}/{len(results)} steps passed")
+    (workdir / "report.json").write_text(json.dumps([{"step": n, "passed": p, "seconds": round(s, 1), "detail": d}
+                                                     for n, p, s, d in results], indent=2))
+    return len(results) - passed
