@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # Credentials
     ssh_ca_key_file: Path | None = None
     jwt_key_file: Path | None = None
+    # The gateway's trust anchors: the public halves of the two keys above (an OpenSSH line, a PEM public
+    # key or a PEM certificate). Unset: the .pub file beside the private key path (the embedded default).
+    ssh_ca_public_key_file: Path | None = None
+    jwt_public_key_file: Path | None = None
     cert_ttl_s: int = Field(default=300, ge=10, le=3600)
     attach_token_ttl_s: int = Field(default=120, ge=5, le=600)
     permit_port_forwarding: bool = True
@@ -135,10 +139,10 @@ class Settings(BaseSettings):
         entries = _split_list(self.gateway_web_trusted_proxies)
         return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
 
-    @field_validator("secrets_key_file", mode="before")
+    @field_validator("secrets_key_file", "ssh_ca_public_key_file", "jwt_public_key_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:
-        # ORZ_SECRETS_KEY_FILE="" (a blank Helm value) means "not set", not the current directory.
+        # ORZ_..._FILE="" (a blank Helm value) means "not set", not the current directory.
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
