@@ -18,7 +18,7 @@ from sanic.handlers import ErrorHandler
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api import log as orz_log
-from api import metrics
+from api import metrics, public_keys
 from api.auth import PrincipalCache
 from api.credentials.secrets_box import SecretsBox
 from api.db.engine import autocommit_session_factory, create_engine, is_connection_failure, session_factory
@@ -62,12 +62,13 @@ def make_provider(settings: Settings) -> Provider:
 
 
 def gateway_public_key(settings: Settings) -> str:
-    """The public half of the gateway's client key, which runners are told to trust."""
-    if settings.gateway_public_key:
-        return settings.gateway_public_key.strip()
+    """The public half of the gateway's client key, which runners are told to trust, as the one OpenSSH
+    line a runner reads, whatever form it was configured in (the chart's is a PEM certificate)."""
+    if settings.gateway_public_key.strip():
+        return public_keys.to_openssh_line(settings.gateway_public_key, source="ORZ_GATEWAY_PUBLIC_KEY")
     key_file = settings.gateway_client_key_file or settings.keys_dir / "gateway_client_ed25519"
     pub = Path(f"{key_file}.pub")
-    return pub.read_text().strip() if pub.exists() else ""
+    return public_keys.to_openssh_line(pub.read_bytes(), source=str(pub)) if pub.exists() else ""
 
 
 class ProblemHandler(ErrorHandler):

@@ -147,7 +147,6 @@ seccompProfile:
     secretKeyRef:
       name: {{ include "orz.secretName" . }}
       key: gateway-public-key
-      optional: true
 {{- range $name, $value := .Values.config.extraEnv }}
 - name: {{ $name }}
   value: {{ $value | quote }}
