@@ -7,21 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.k8s.conftest import CRD_KINDS, validate_strict
-from tests.k8s.helm import CHART, helm
+from tests.k8s.helm import CHART, RELEASE_NS, VALUES_MINIMAL, helm, render, template
 
 VALUES_TEST = Path(__file__).with_name("values-test.yaml")
 VALUES_KIND = CHART.parents[1] / "hack" / "kind-values.yaml"
-RELEASE_NS = "orz-system"
 VALUE_SETS = {"default": [], "values-test": ["-f", str(VALUES_TEST)], "kind": ["-f", str(VALUES_KIND)]}
-
-
-def render(*extra: str) -> list[dict[str, Any]]:
-    done = helm("template", "orz", str(CHART), "--namespace", RELEASE_NS, *extra)
-    assert done.returncode == 0, done.stderr
-    return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
 @pytest.fixture(scope="module", params=list(VALUE_SETS))
@@ -41,7 +33,7 @@ def component(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any
 
 @pytest.mark.parametrize("values", list(VALUE_SETS))
 def test_helm_lint_strict(values: str) -> None:
-    done = helm("lint", "--strict", str(CHART), *VALUE_SETS[values])
+    done = helm("lint", "--strict", str(CHART), "-f", str(VALUES_MINIMAL), *VALUE_SETS[values])
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -197,12 +189,34 @@ def test_gateway_selector_setting_matches_the_gateway_pods(rendered: Rendered) -
     ["--set", "gateway.service.extra=1"], ["--set", "sessions.namespace=Bad_NS"],
 ])
 def test_schema_rejects_unknown_keys_and_bad_values(bad: list[str]) -> None:
-    done = helm("template", "orz", str(CHART), *bad)
+    done = template(*bad)
     assert done.returncode != 0
     assert "schema" in done.stderr, done.stderr
 
 
 def test_no_database_configured_fails_clearly() -> None:
-    done = helm("template", "orz", str(CHART), "--set", "postgresql.enabled=false")
+    done = template("--set", "postgresql.enabled=false")
     assert done.returncode != 0
     assert "databaseUrl" in done.stderr
+
+
+@pytest.mark.parametrize("values", [[], ["--set", "config.publicSshHost="], ["--set", "config.publicSshHost=a b"]])
+def test_public_ssh_host_is_required(values: list[str]) -> None:
+    done = helm("template", "orz", str(CHART), *values)
+    assert done.returncode != 0
+    assert "/config/publicSshHost" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("port", [22, 2200])
+def test_notes_show_the_ssh_line_the_api_gives_users(port: int, tmp_path: Path) -> None:
+    from api.instances.views import ssh_command
+    from tests.k8s.chart_pod import container_env, settings_from
+
+    values = ["-f", str(VALUES_MINIMAL), "--set", f"config.publicSshPort={port}"]
+    done = helm("install", "orz", str(CHART), "--namespace", RELEASE_NS, "--dry-run=client", *values)
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    objs = render("--set", f"config.publicSshPort={port}")
+    api = settings_from(container_env(objs, "api", tmp_path), data_dir=tmp_path / "data")
+    assert f"  {ssh_command(api, '<session-id>')}\n" in notes
+    assert api.public_ssh_host == "ssh.orz.example.com"

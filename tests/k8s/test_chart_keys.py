@@ -23,7 +23,7 @@ from gateway.server import serve
 from runner.activity import Activity
 from runner.sshd import Endpoint, SessionHooks
 from tests.k8s.chart_pod import container_env, rendered_secret, settings_from
-from tests.k8s.test_chart import render
+from tests.k8s.helm import render
 
 SID = "brave-otter-42"
 
