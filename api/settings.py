@@ -39,8 +39,12 @@ class Settings(BaseSettings):
     # API
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
-    # How clients and runners reach the API; derived from host/port when empty.
+    # How users' CLIs reach the API; derived from host/port when empty.
     public_api_url: str = ""
+    # How the gateway (authorize, attach events, the web door's token requests) and runners (heartbeats,
+    # log upload) reach the API: an in-cluster address, so /internal never crosses the public edge.
+    # Empty: public_api_url (the embedded default, where both are the same loopback address).
+    internal_api_url: str = ""
     max_request_bytes: int = Field(default=256 * 1024, gt=0)
     # How long a verified API token is trusted without asking the database again (0 disables).
     auth_cache_ttl_s: float = Field(default=5.0, ge=0, le=60)
@@ -154,6 +158,8 @@ class Settings(BaseSettings):
             wildcard = self.api_host in ("0.0.0.0", "::")  # noqa: S104  # nosec B104  # compared, not bound
             host = "127.0.0.1" if wildcard else self.api_host
             object.__setattr__(self, "public_api_url", f"http://{host}:{self.api_port}")
+        if not self.internal_api_url:
+            object.__setattr__(self, "internal_api_url", self.public_api_url)
         if not self.public_ssh_host:
             object.__setattr__(self, "public_ssh_host", self.ssh_host)
         if not self.public_ssh_port:

@@ -106,7 +106,11 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     app = create_app(settings)
     api = await ApiServer.start(app, settings.api_host, settings.api_port)
     if settings.api_port == 0:
-        settings = settings.model_copy(update={"api_port": api.port, "public_api_url": f"http://{_client_host(settings.api_host)}:{api.port}"})
+        url = f"http://{_client_host(settings.api_host)}:{api.port}"
+        bound_url: dict[str, Any] = {"api_port": api.port, "public_api_url": url}
+        if settings.internal_api_url == settings.public_api_url:  # not set apart: it follows the port too
+            bound_url["internal_api_url"] = url
+        settings = settings.model_copy(update=bound_url)
     state = app.ctx.state
     state.settings = settings
     state.instances.settings = settings

@@ -315,7 +315,7 @@ class Gateway:
 
     def __init__(self, settings: Settings, *, api: ApiClient | None = None) -> None:
         self.settings = settings
-        self.api = api or ApiClient(settings.public_api_url, _secret(settings.service_token))
+        self.api = api or ApiClient(settings.internal_api_url, _secret(settings.service_token))
         self.router = Router(self.api, start_timeout_s=settings.start_timeout_s)
         self.limiter = auth.FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
         self._anchors: auth.TrustAnchors | None = None

@@ -161,7 +161,7 @@ class WebDoor:
         if not header.startswith("Bearer ") or len(header) > 512:
             return http.json_response(401, {"detail": "an API token is required"})
         readonly = target.query.get("readonly", "") in ("1", "true")
-        api = ApiClient(self.settings.public_api_url, header.removeprefix("Bearer ").strip())
+        api = ApiClient(self.settings.internal_api_url, header.removeprefix("Bearer ").strip())
         try:
             grant = await api.attach(target.arg, AttachRequest(readonly=readonly))
         except ApiUnreachable:

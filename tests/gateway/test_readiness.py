@@ -17,6 +17,7 @@ from api.settings import Settings
 from gateway import metrics
 from gateway.server import serve
 from tests.gateway.conftest import gateway_env
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +112,13 @@ async def test_attach_without_anchors_is_our_failure_not_the_users(tmp_path: Pat
                                            "Sec-WebSocket-Version": "13"})
         assert resp.status_code == 503 and "cannot verify credentials right now" in resp.text
         assert attach_errors("web") == web_errors + 1
+
+
+async def test_gateway_calls_the_api_on_its_internal_url(tmp_path: Path) -> None:
+    # The public URL answers nothing (a closed port): authorize and attach events go the internal way.
+    closed = f"http://127.0.0.1:{free_port()}"
+    async with gateway_env(tmp_path, public_api_url=closed) as env:
+        assert env.settings.internal_api_url == env.api.url != env.settings.public_api_url
+        result = await env.ssh(*env.cert_args(), "--", "echo inside")
+        assert (result.returncode, result.stdout) == (0, b"inside\n"), result
+        assert env.api.authorize_calls and env.api.events[0]["event"] == "attached"

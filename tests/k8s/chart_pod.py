@@ -14,8 +14,9 @@ from api.settings import Settings
 
 
 def rendered_secret(objs: list[dict[str, Any]]) -> dict[str, bytes]:
-    (secret,) = [o for o in objs if o["kind"] == "Secret"]
-    return {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    """The chart's keys Secret; empty with secrets.existingSecret (then nothing of it is resolved)."""
+    found = [o for o in objs if o["kind"] == "Secret"]
+    return {k: base64.b64decode(v) for k, v in found[0]["data"].items()} if found else {}
 
 
 def container_env(objs: list[dict[str, Any]], component: str, root: Path,
@@ -35,14 +36,15 @@ def container_env(objs: list[dict[str, Any]], component: str, root: Path,
         target = root / mount["name"]
         target.mkdir(parents=True)
         for item in volume["secret"].get("items") or [{"key": k, "path": k} for k in secret]:
-            (target / item["path"]).write_bytes(secret[item["key"]])
-            (target / item["path"]).chmod(0o400)
+            if item["key"] in secret:
+                (target / item["path"]).write_bytes(secret[item["key"]])
+                (target / item["path"]).chmod(0o400)
         mounts[mount["mountPath"]] = str(target)
     env: dict[str, str] = {}
     for entry in c.get("env", []):
         if "value" in entry:
             value = entry["value"]
-        elif "secretKeyRef" in entry.get("valueFrom", {}):
+        elif entry.get("valueFrom", {}).get("secretKeyRef", {}).get("key") in secret:
             value = secret[entry["valueFrom"]["secretKeyRef"]["key"]].decode()
         else:
             continue

@@ -220,3 +220,52 @@ def test_notes_show_the_ssh_line_the_api_gives_users(port: int, tmp_path: Path) 
     api = settings_from(container_env(objs, "api", tmp_path), data_dir=tmp_path / "data")
     assert f"  {ssh_command(api, '<session-id>')}\n" in notes
     assert api.public_ssh_host == "ssh.orz.example.com"
+
+
+def _ingress_route(ingress: dict[str, Any], host: str, path: str) -> tuple[str, int] | None:
+    """Where an ingress controller sends host+path under these rules (Exact, then longest Prefix)."""
+    best: tuple[int, tuple[str, int]] | None = None
+    for rule in ingress["spec"]["rules"]:
+        if rule.get("host", host) != host:
+            continue
+        for p in rule["http"]["paths"]:
+            backend = p["backend"]["service"]
+            target = (backend["name"], backend["port"]["number"])
+            if p["pathType"] == "Exact" and path == p["path"]:
+                return target
+            prefix = p["path"].rstrip("/")
+            matches = p["pathType"] == "Prefix" and (path == prefix or path.startswith(prefix + "/"))
+            if matches and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), target)
+    return best[1] if best else None
+
+
+def test_ingress_routes_public_paths_never_internal() -> None:
+    assert not by_kind(render(), "Ingress")  # off by default
+    objs = render("-f", str(VALUES_TEST))
+    (ingress,) = by_kind(objs, "Ingress").values()
+    validate_strict(ingress)
+    api_svc = component(objs, "Service", "api")
+    target = (api_svc["metadata"]["name"], api_svc["spec"]["ports"][0]["port"])
+    for path in ("/v1/instances", "/v1/instances/x/attach", "/v1/me", "/healthz"):
+        assert _ingress_route(ingress, "api.orz.example.com", path) == target, path
+    for path in ("/internal/v1/authorize", "/internal/v1/heartbeat", "/metrics", "/readyz", "/v1x"):
+        assert _ingress_route(ingress, "api.orz.example.com", path) is None, path
+    assert ingress["spec"]["tls"] == [{"secretName": "orz-api-tls", "hosts": ["api.orz.example.com"]}]
+
+
+@pytest.mark.parametrize("values", ["default", "values-test"])
+def test_internal_traffic_uses_the_in_cluster_api_service(values: str, tmp_path: Path) -> None:
+    from tests.k8s.chart_pod import container_env, settings_from
+
+    objs = render(*VALUE_SETS[values])
+    api_svc = component(objs, "Service", "api")
+    in_cluster = f"http://{api_svc['metadata']['name']}.{RELEASE_NS}.svc:{api_svc['spec']['ports'][0]['port']}"
+    public = "https://api.orz.example.com" if values == "values-test" else None
+    for name in ("api", "gateway", "scheduler"):
+        settings = settings_from(container_env(objs, name, tmp_path / name), data_dir=tmp_path / "data")
+        assert settings.internal_api_url == in_cluster, name
+        if public:
+            assert settings.public_api_url == public, name
+        else:
+            assert settings.public_api_url != in_cluster, name
