@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     database_url: str = ""
     # Fail fast instead of serving from a schema the code does not match.
     require_schema_head: bool = True
+    # How long `orz api` and `orz scheduler` wait (not ready, logging why) for the database schema to
+    # reach this code's head (or a compatible newer one) before giving up; 0 refuses at once.
+    schema_wait_s: int = Field(default=300, ge=0)
+    # How long `orz admin migrate` waits for the database to answer.
+    db_wait_s: int = Field(default=120, ge=0)
 
     # API
     api_host: str = "127.0.0.1"
