@@ -25,7 +25,8 @@ def container_env(objs: list[dict[str, Any]], component: str, root: Path,
     (deploy,) = [o for o in objs if o["kind"] == "Deployment"
                  and o["metadata"]["labels"]["app.kubernetes.io/component"] == component]
     pod = deploy["spec"]["template"]["spec"]
-    (c,) = [c for c in pod["containers"] if container in (None, c["name"])]
+    candidates = pod["containers"] if container is None else [*pod.get("initContainers", []), *pod["containers"]]
+    (c,) = [c for c in candidates if container in (None, c["name"])]
     secret = rendered_secret(objs)
     mounts: dict[str, str] = {}
     volumes = {v["name"]: v for v in pod["volumes"]}

@@ -125,14 +125,44 @@ def test_rbac_is_limited_to_the_sessions_namespace(rendered: tuple[str, list[dic
     assert subjects == accounts
 
 
-def test_migrations_job_is_a_hook_running_admin_migrate(rendered: tuple[str, list[dict[str, Any]]]) -> None:
-    name, objs = rendered
-    job = component(objs, "Job", "migrations")
-    hooks = job["metadata"]["annotations"]["helm.sh/hook"].split(",")
-    assert "pre-upgrade" in hooks
-    # External database: before install; bundled PostgreSQL only exists after install.
-    assert ("pre-install" if name == "values-test" else "post-install") in hooks
-    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["admin", "migrate"]
+def test_no_hooks_migrations_are_the_api_pods_init_container(rendered: Rendered) -> None:
+    _, objs = rendered
+    assert not by_kind(objs, "Job")
+    assert not [o for o in objs if "helm.sh/hook" in o["metadata"].get("annotations", {})]
+    pod = component(objs, "Deployment", "api")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["migrate"]
+    off = render("--set", "migrations.enabled=false")
+    assert "initContainers" not in component(off, "Deployment", "api")["spec"]["template"]["spec"]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("empty_database_url", ["postgres"], indirect=True)
+def test_two_api_pods_migrate_at_once_then_start(empty_database_url: str, tmp_path: Path) -> None:
+    """The rendered init container's command and env, run twice at once as two API Pods would."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from api.db import migrate
+    from tests.k8s.chart_pod import container_env, settings_from
+    from tests.support import orz_env
+
+    objs = render("--set", f"databaseUrl={empty_database_url}")
+    pod = component(objs, "Deployment", "api")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    procs = []
+    for i in range(2):
+        env = container_env(objs, "api", tmp_path / f"pod{i}", container="migrate")
+        env["ORZ_DATA_DIR"] = str(tmp_path / f"pod{i}" / "data")
+        procs.append(subprocess.Popen([sys.executable, "-m", "cli", *init["args"]], text=True,
+                                      env=orz_env(tmp_path / f"pod{i}", **env), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert f"database at revision {migrate.head_revision(empty_database_url)}" in out
+    api = settings_from(container_env(objs, "api", tmp_path / "api"), data_dir=tmp_path / "data")
+    asyncio.run(migrate.ensure_at_head(api.database_url))
 
 
 def test_bundled_postgres_vs_external_database() -> None:
