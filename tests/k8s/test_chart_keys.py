@@ -6,6 +6,7 @@ Rendered with the real helm; the Secret's values are written where the Deploymen
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 from typing import Any, cast
@@ -86,3 +87,24 @@ async def test_runner_accepts_the_gateway_with_the_charts_public_key(objs: list[
                                    client_keys=[asyncssh.generate_private_key("ssh-ed25519")])
     finally:
         await endpoint.close()
+
+
+def test_keys_given_in_values_get_their_own_public_halves(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    def pem(key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> str:
+        fmt = (serialization.PrivateFormat.PKCS8 if isinstance(key, ed25519.Ed25519PrivateKey)
+               else serialization.PrivateFormat.TraditionalOpenSSL)
+        return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()).decode()
+
+    ca, signer = ed25519.Ed25519PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())
+    values = tmp_path / "keys.yaml"
+    values.write_text(f"secrets:\n  sshCaKey: {json.dumps(pem(ca))}\n  jwtKey: {json.dumps(pem(signer))}\n")
+    secret = rendered_secret(render("-f", str(values)))
+    assert secret["ssh-ca-key"].decode() == pem(ca)
+    ca_line = ca.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    assert to_openssh_line(secret["ssh-ca-public-key"]).encode() == ca_line
+    jwt_line = signer.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                serialization.PublicFormat.OpenSSH)
+    assert to_openssh_line(secret["jwt-public-key"]).encode() == jwt_line
