@@ -111,11 +111,14 @@ def test_every_migration_says_whether_it_is_expand_only() -> None:
         assert isinstance(migrate.expand_only(script), bool)
 
 
-def _migrate_process(url: str, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+def _migrate_process(url: str, tmp_path: Path, *args: str, stderr: Path | None = None) -> subprocess.Popen[str]:
     env = orz_env(tmp_path / "home", ORZ_DATABASE_URL=url, ORZ_DATA_DIR=str(tmp_path / "data"),
                   ORZ_LOG_JSON="false")
-    return subprocess.Popen([sys.executable, "-m", "cli", "admin", "migrate", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", "cli", "admin", "migrate", *args]
+    if stderr is None:
+        return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with stderr.open("w") as err:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
 
 
 @pytest.mark.postgres
@@ -127,20 +130,23 @@ async def test_concurrent_migrates_take_turns(empty_database_url: str, tmp_path:
         async with engine.connect() as holder:  # another Pod's migrate, mid-run
             await holder.execute(text(f"SELECT pg_advisory_lock({migrate.LOCK_SQL})"), {"k": migrate.LOCK_KEY})
             await holder.commit()
-            procs = [_migrate_process(url, tmp_path / str(i)) for i in range(2)]
-            await asyncio.sleep(3)
+            logs = [tmp_path / f"migrate-{i}.log" for i in range(2)]
+            procs = [_migrate_process(url, tmp_path / str(i), stderr=logs[i]) for i in range(2)]
+            waiting = "another `orz admin migrate` is running on this database; waiting"
+            for log in logs:
+                await asyncio.to_thread(wait_until, lambda log=log: waiting in log.read_text(), 90,
+                                        0.1, "migrate to wait for the lock")
             assert all(p.poll() is None for p in procs), "migrate ran while another held the lock"
             assert await migrate.current_revision(url) is None
             await holder.execute(text(f"SELECT pg_advisory_unlock({migrate.LOCK_SQL})"), {"k": migrate.LOCK_KEY})
             await holder.commit()
-        outs = [p.communicate(timeout=120) for p in procs]
+        outs = [p.communicate(timeout=120)[0] for p in procs]
     finally:
         await engine.dispose()
     head = migrate.head_revision(url)
-    for proc, (out, err) in zip(procs, outs, strict=True):
-        assert proc.returncode == 0, err
+    for proc, out, log in zip(procs, outs, logs, strict=True):
+        assert proc.returncode == 0, log.read_text()
         assert f"database at revision {head}" in out
-        assert "another `orz admin migrate` is running on this database; waiting" in err
     await migrate.ensure_at_head(url)
 
 
