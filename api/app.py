@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import logging
@@ -18,12 +19,12 @@ from sanic.handlers import ErrorHandler
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api import log as orz_log
-from api import metrics
+from api import metrics, public_keys
 from api.auth import PrincipalCache
 from api.credentials.secrets_box import SecretsBox
 from api.db.engine import autocommit_session_factory, create_engine, is_connection_failure, session_factory
-from api.db.migrate import ensure_at_head
-from api.errors import STATUS_TO_ERROR, DatabaseUnavailable, OrzError
+from api.db.migrate import ensure_at_head, wait_for_schema
+from api.errors import STATUS_TO_ERROR, DatabaseUnavailable, OrzError, SchemaNotAtHead
 from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
 from api.routes import health, instances, internal, me
@@ -62,12 +63,13 @@ def make_provider(settings: Settings) -> Provider:
 
 
 def gateway_public_key(settings: Settings) -> str:
-    """The public half of the gateway's client key, which runners are told to trust."""
-    if settings.gateway_public_key:
-        return settings.gateway_public_key.strip()
+    """The public half of the gateway's client key, which runners are told to trust, as the one OpenSSH
+    line a runner reads, whatever form it was configured in (the chart's is a PEM certificate)."""
+    if settings.gateway_public_key.strip():
+        return public_keys.to_openssh_line(settings.gateway_public_key, source="ORZ_GATEWAY_PUBLIC_KEY")
     key_file = settings.gateway_client_key_file or settings.keys_dir / "gateway_client_ed25519"
     pub = Path(f"{key_file}.pub")
-    return pub.read_text().strip() if pub.exists() else ""
+    return public_keys.to_openssh_line(pub.read_bytes(), source=str(pub)) if pub.exists() else ""
 
 
 class ProblemHandler(ErrorHandler):
@@ -138,10 +140,37 @@ def create_app(
     for extra in _optional_blueprints():
         app.blueprint(extra)
 
+    app.ctx.schema_problem = None  # why the API is not ready yet, while it waits for the schema
+    app.ctx.gave_up = asyncio.Event()  # set when the wait for the schema ran out (`orz api` exits)
+
     @app.before_server_start
     async def open_resources(app: Sanic, _loop: Any = None) -> None:
         if settings.require_schema_head:
-            await ensure_at_head(settings.database_url)
+            try:
+                await ensure_at_head(settings.database_url)
+            except Exception as exc:
+                waitable = isinstance(exc, SchemaNotAtHead) or is_connection_failure(exc)
+                if not waitable or settings.schema_wait_s <= 0:
+                    raise
+                # Serve /healthz (alive) and a 503 /readyz meanwhile: waiting is not a crash loop.
+                app.ctx.schema_problem = str(exc) or type(exc).__name__
+                app.ctx.opening = asyncio.get_running_loop().create_task(_open_when_ready(app))
+                return
+        _open(app)
+
+    async def _open_when_ready(app: Sanic) -> None:
+        try:
+            await wait_for_schema(settings.database_url, settings.schema_wait_s)
+        except Exception as exc:
+            log.error("gave up waiting for the database schema after %d s: %s", settings.schema_wait_s, exc)
+            app.ctx.schema_problem = str(exc) or type(exc).__name__
+            app.ctx.gave_up.set()
+            return
+        _open(app)
+        app.ctx.schema_problem = None
+        log.info("database schema ready: serving")
+
+    def _open(app: Sanic) -> None:
         engine = create_engine(settings.database_url)
         sessions = session_factory(engine)
         autocommit = autocommit_session_factory(engine)
@@ -158,6 +187,9 @@ def create_app(
     @app.after_server_stop
     async def close_resources(app: Sanic, _loop: Any = None) -> None:
         metrics.process_exited()
+        opening: asyncio.Task[None] | None = getattr(app.ctx, "opening", None)
+        if opening is not None:
+            opening.cancel()
         state: AppState | None = app.ctx.state
         if state is None:
             return

@@ -35,12 +35,21 @@ class Settings(BaseSettings):
     database_url: str = ""
     # Fail fast instead of serving from a schema the code does not match.
     require_schema_head: bool = True
+    # How long `orz api` and `orz scheduler` wait (not ready, logging why) for the database schema to
+    # reach this code's head (or a compatible newer one) before giving up; 0 refuses at once.
+    schema_wait_s: int = Field(default=300, ge=0)
+    # How long `orz admin migrate` waits for the database to answer.
+    db_wait_s: int = Field(default=120, ge=0)
 
     # API
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
-    # How clients and runners reach the API; derived from host/port when empty.
+    # How users' CLIs reach the API; derived from host/port when empty.
     public_api_url: str = ""
+    # How the gateway (authorize, attach events, the web door's token requests) and runners (heartbeats,
+    # log upload) reach the API: an in-cluster address, so /internal never crosses the public edge.
+    # Empty: public_api_url (the embedded default, where both are the same loopback address).
+    internal_api_url: str = ""
     max_request_bytes: int = Field(default=256 * 1024, gt=0)
     # How long a verified API token is trusted without asking the database again (0 disables).
     auth_cache_ttl_s: float = Field(default=5.0, ge=0, le=60)
@@ -75,6 +84,10 @@ class Settings(BaseSettings):
     # Credentials
     ssh_ca_key_file: Path | None = None
     jwt_key_file: Path | None = None
+    # The gateway's trust anchors: the public halves of the two keys above (an OpenSSH line, a PEM public
+    # key or a PEM certificate). Unset: the .pub file beside the private key path (the embedded default).
+    ssh_ca_public_key_file: Path | None = None
+    jwt_public_key_file: Path | None = None
     cert_ttl_s: int = Field(default=300, ge=10, le=3600)
     attach_token_ttl_s: int = Field(default=120, ge=5, le=600)
     permit_port_forwarding: bool = True
@@ -135,10 +148,10 @@ class Settings(BaseSettings):
         entries = _split_list(self.gateway_web_trusted_proxies)
         return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
 
-    @field_validator("secrets_key_file", mode="before")
+    @field_validator("secrets_key_file", "ssh_ca_public_key_file", "jwt_public_key_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:
-        # ORZ_SECRETS_KEY_FILE="" (a blank Helm value) means "not set", not the current directory.
+        # ORZ_..._FILE="" (a blank Helm value) means "not set", not the current directory.
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
@@ -150,6 +163,8 @@ class Settings(BaseSettings):
             wildcard = self.api_host in ("0.0.0.0", "::")  # noqa: S104  # nosec B104  # compared, not bound
             host = "127.0.0.1" if wildcard else self.api_host
             object.__setattr__(self, "public_api_url", f"http://{host}:{self.api_port}")
+        if not self.internal_api_url:
+            object.__setattr__(self, "internal_api_url", self.public_api_url)
         if not self.public_ssh_host:
             object.__setattr__(self, "public_ssh_host", self.ssh_host)
         if not self.public_ssh_port:

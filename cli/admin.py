@@ -7,6 +7,7 @@ import asyncio
 import click
 
 from api import admin as ops
+from api import log as orz_log
 from api.credentials.secrets_box import SecretsBox
 from api.credentials.secrets_keys import key_file_path, prepend_new_key
 from api.db import migrate
@@ -39,19 +40,30 @@ def admin() -> None:
 
 @admin.command()
 @database_option
-@click.option("--revision", default="head", show_default=True, help="Target revision (e.g. -1 to step back).")
-def migrate_cmd(database_url: str | None, revision: str) -> None:
-    """Upgrade (or downgrade) the database schema."""
+@click.option("--revision", default="head", show_default=True,
+              help="Target revision: head, an older one to roll back to, -1 to step back, base.")
+@click.option("--wait", "wait_s", type=float, default=None,
+              help="Seconds to wait for the database to answer (ORZ_DB_WAIT_S, default 120).")
+def migrate_cmd(database_url: str | None, revision: str, wait_s: float | None) -> None:
+    """Upgrade (or roll back) the database schema; safe to run from several places at once.
+
+    Waits for the database, takes a lock (PostgreSQL) so concurrent runs take turns, and does nothing
+    when the schema is already at this version's head or ahead of it and compatible."""
     settings = _settings(database_url)
+    orz_log.configure(settings.log_level, settings.log_json)
     try:
-        if revision.startswith("-") or revision == "base":
-            migrate.downgrade(settings.database_url, revision)
-        else:
-            migrate.upgrade(settings.database_url, revision)
-        current = asyncio.run(migrate.current_revision(settings.database_url))
+        result = asyncio.run(migrate.migrate(settings.database_url, revision=revision,
+                                             wait_s=settings.db_wait_s if wait_s is None else wait_s))
+    except migrate.MigrationError as exc:
+        raise CliError(str(exc)) from None
     except Exception as exc:
         raise CliError(f"migration failed: {exc}") from None
-    click.echo(f"database at revision {current or 'base'}")
+    if result.action == "ahead":
+        head = migrate.head_revision(settings.database_url)
+        click.echo(f"database at revision {result.after}, ahead of this version's {head} and compatible "
+                   "with it: nothing to do")
+    else:
+        click.echo(f"database at revision {result.after or 'base'}")
 
 
 migrate_cmd.name = "migrate"

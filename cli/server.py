@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -101,12 +100,18 @@ def embedded_settings(settings: Settings) -> Settings:
 async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings = embedded_settings(settings)
-    await asyncio.to_thread(migrate.upgrade, settings.database_url)
+    # Records which versions may run on the schema too, so going back to an older `orz` works when
+    # the newer one only added to it.
+    await migrate.migrate(settings.database_url, wait_s=settings.db_wait_s)
 
     app = create_app(settings)
     api = await ApiServer.start(app, settings.api_host, settings.api_port)
     if settings.api_port == 0:
-        settings = settings.model_copy(update={"api_port": api.port, "public_api_url": f"http://{_client_host(settings.api_host)}:{api.port}"})
+        url = f"http://{_client_host(settings.api_host)}:{api.port}"
+        bound_url: dict[str, Any] = {"api_port": api.port, "public_api_url": url}
+        if settings.internal_api_url == settings.public_api_url:  # not set apart: it follows the port too
+            bound_url["internal_api_url"] = url
+        settings = settings.model_copy(update=bound_url)
     state = app.ctx.state
     state.settings = settings
     state.instances.settings = settings

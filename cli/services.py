@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from api import log as orz_log
+from api.errors import SchemaNotAtHead
 from api.settings import Settings, load_settings
 from cli.errors import CliError
 
@@ -37,7 +38,7 @@ def _run(coro_factory) -> None:  # type: ignore[no-untyped-def]
         asyncio.run(coro_factory())
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
+    except (OSError, SchemaNotAtHead) as exc:
         raise CliError(str(exc)) from None
 
 
@@ -72,12 +73,19 @@ def api_cmd(host: str | None, port: int | None) -> None:
         from api.app import create_app
         from api.serve import ApiServer
 
-        server = await ApiServer.start(create_app(settings), settings.api_host, settings.api_port)
+        app = create_app(settings)
+        server = await ApiServer.start(app, settings.api_host, settings.api_port)
         freeze_startup_heap()
+        signalled = asyncio.ensure_future(wait_for_signal())
+        gave_up = asyncio.ensure_future(app.ctx.gave_up.wait())
         try:
-            await wait_for_signal()
+            await asyncio.wait({signalled, gave_up}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for waiter in (signalled, gave_up):
+                waiter.cancel()
             await server.stop()
+        if gave_up.done() and not gave_up.cancelled():
+            raise CliError(str(app.ctx.schema_problem))
 
     _run(main)
 

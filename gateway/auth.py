@@ -1,6 +1,6 @@
 """Local credential checks (CA-signed certificate, ES256 JWT) and the failed-auth limiter.
 
-The gateway holds only public keys: the CA's OpenSSH public key and the JWT signer's PEM public key.
+The gateway holds only public keys: the CA's and the JWT signer's (any form api.public_keys reads).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import asyncssh
 import jwt as pyjwt
 from asyncssh.packet import PacketDecodeError, SSHPacket
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from api import public_keys
 from api.schemas import SESSION_ID_RE
 from api.settings import Settings
 from gateway.errors import CredentialRejected
@@ -51,21 +51,27 @@ class TrustAnchors:
 
 
 def ca_public_path(settings: Settings) -> Path:
+    if settings.ssh_ca_public_key_file:
+        return settings.ssh_ca_public_key_file
     private = settings.ssh_ca_key_file or settings.keys_dir / "ssh_ca"
     return private.with_name(private.name + ".pub")
 
 
 def jwt_public_path(settings: Settings) -> Path:
+    if settings.jwt_public_key_file:
+        return settings.jwt_public_key_file
     private = settings.jwt_key_file or settings.keys_dir / "jwt_es256.pem"
     return private.with_name(private.name + ".pub")
 
 
 def load_trust_anchors(settings: Settings) -> TrustAnchors:
-    """Read the public keys the API wrote beside its private keys."""
-    ca_key = asyncssh.read_public_key(ca_public_path(settings))
-    pub = serialization.load_pem_public_key(jwt_public_path(settings).read_bytes())
-    if not isinstance(pub, ec.EllipticCurvePublicKey):
-        raise CredentialRejected("misconfigured gateway", internal="JWT public key is not EC")
+    """Read the CA and JWT public keys (OSError when a file cannot be read, PublicKeyError when wrong)."""
+    ca_key = asyncssh.import_public_key(public_keys.openssh_line(public_keys.read_public_key(
+        ca_public_path(settings))))
+    path = jwt_public_path(settings)
+    pub = public_keys.read_public_key(path)
+    if not isinstance(pub, ec.EllipticCurvePublicKey) or pub.curve.name != "secp256r1":
+        raise public_keys.PublicKeyError(f"{path} is not a P-256 EC public key (the JWT signer's)")
     return TrustAnchors(ca_key=ca_key, jwt_public_key=pub, jwt_max_ttl_s=settings.attach_token_ttl_s)
 
 

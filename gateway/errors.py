@@ -20,6 +20,12 @@ class CredentialRejected(GatewayError):
     code = "credential_rejected"
 
 
+class CredentialsUnavailable(GatewayError):
+    """The gateway cannot check credentials (its trust anchors did not load): our failure, not the user's."""
+
+    code = "credentials_unavailable"
+
+
 class AttachRefused(GatewayError):
     """The API refused the attach (no such session, not yours, failed, quota...)."""
 

@@ -5,7 +5,8 @@ The gateway's public ports face the internet; /metrics is on a separate listener
 
 Attach results: ``ok`` (bridged to the runner), ``rejected`` (the user's side: not their session, no
 such session, quota, stopped and not woken), ``error`` (ours: API unreachable, runner did not answer,
-start failed). The attach SLO counts ok / (ok + error).
+start failed, or the gateway could not load its trust anchors to check the credential at all; that
+one is counted once per connection, before authentication). The attach SLO counts ok / (ok + error).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ for _direction in ("in", "out"):
 # the user's side: no such session, not theirs, quota, a stopped session they did not wake...
 PLATFORM_CODES = frozenset({
     "unavailable", "start_timeout", "session_failed", "upstream_unavailable",
-    "provider_unavailable", "not_ready", "internal_error",
+    "provider_unavailable", "not_ready", "internal_error", "credentials_unavailable",
 })
 # Bounded `reason` labels for refused credentials, found in the line the user is shown.
 _CREDENTIAL_REASONS = (

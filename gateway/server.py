@@ -17,13 +17,14 @@ import asyncssh
 from pydantic import SecretStr
 
 from api.client import ApiClient
+from api.public_keys import PublicKeyError
 from api.schemas import AttachEventIn, AuthorizeReply
 from api.settings import Settings
 from gateway import auth, keys, metrics
 from gateway.agent import AgentRelay
 from gateway.bridge import CIPHERS, Attachment, BridgeSession, connect_upstream
 from gateway.cork import CorkProtocol, WithoutFiller
-from gateway.errors import AttachRefused, CredentialRejected, UpstreamUnavailable
+from gateway.errors import AttachRefused, CredentialRejected, CredentialsUnavailable, UpstreamUnavailable
 from gateway.forwarding import Pipe, open_direct, open_remote_listener
 from gateway.routing import Router
 from gateway.web import WebDoor
@@ -70,6 +71,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.attached_at: float | None = None
         self.auth_done_at: float | None = None
         self._banners: set[str] = set()
+        self._unavailable_counted = False
         # Where the runner's agent requests land; relayed to the client's agent only if it asked (ssh -A).
         self.agent = AgentRelay(str(gateway.runtime_dir / f"agent-{self.id}"), self._client_agent_path)
 
@@ -156,6 +158,9 @@ class ClientConnection(asyncssh.SSHServer):
             return False
         try:
             principal = auth.check_jwt(token, username, self.gw.anchors)
+        except CredentialsUnavailable as exc:
+            self.unavailable(exc)
+            return False
         except CredentialRejected as exc:
             self.failed(exc, "jwt")
             return False
@@ -169,6 +174,9 @@ class ClientConnection(asyncssh.SSHServer):
             return None
         try:
             return auth.check_certificate(key_data, username, self.gw.anchors)
+        except CredentialsUnavailable as exc:
+            self.unavailable(exc)
+            return None
         except CredentialRejected as exc:
             self.failed(exc, "certificate")
             return None
@@ -196,6 +204,15 @@ class ClientConnection(asyncssh.SSHServer):
         if self.gw.limiter.record_failure(self.source):
             self._banner("too many failed authentications; try again later")
             self._hang_up_now()
+
+    def unavailable(self, exc: CredentialsUnavailable) -> None:
+        """We cannot check any credential: a failed attach of ours (the SLO's), never held against the user."""
+        if not self._unavailable_counted:
+            self._unavailable_counted = True
+            log.warning("conn %s from %s: attach to %s failed: %s", self.id, self.source, self.session_id,
+                        exc.internal)
+            metrics.attach_failed("ssh", exc.code)
+        self._banner(f"{exc.line}; try again in a moment")
 
     def _hang_up_now(self) -> None:
         if self.conn is not None:
@@ -282,6 +299,12 @@ class ClientConnection(asyncssh.SSHServer):
                                     fast_path=self.gw.settings.gateway_fast_path)
 
 
+def _anchor_problem(exc: OSError | PublicKeyError) -> str:
+    if isinstance(exc, OSError):
+        return f"{exc.filename or 'a trust anchor file'}: {exc.strerror or type(exc).__name__}"
+    return str(exc)
+
+
 def _secret(value: SecretStr | str) -> str:
     # Settings built with model_copy(update=...) skip validation, so a plain str can arrive here.
     return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
@@ -292,10 +315,11 @@ class Gateway:
 
     def __init__(self, settings: Settings, *, api: ApiClient | None = None) -> None:
         self.settings = settings
-        self.api = api or ApiClient(settings.public_api_url, _secret(settings.service_token))
+        self.api = api or ApiClient(settings.internal_api_url, _secret(settings.service_token))
         self.router = Router(self.api, start_timeout_s=settings.start_timeout_s)
         self.limiter = auth.FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
         self._anchors: auth.TrustAnchors | None = None
+        self._anchor_problem: str | None = None
         self.host_key = keys.load_or_create(keys.host_key_path(settings), "orz-gateway-host")
         self.client_key = keys.load_or_create(keys.client_key_path(settings), "orz-gateway-client")
         self.connections: set[ClientConnection] = set()
@@ -313,10 +337,27 @@ class Gateway:
         if self._anchors is None:
             try:
                 self._anchors = auth.load_trust_anchors(self.settings)
-            except FileNotFoundError as exc:
-                log.error("gateway cannot verify credentials yet: %s is missing", exc.filename)
-                raise CredentialRejected("Orzbob Cloud cannot verify credentials right now") from exc
+            except (OSError, PublicKeyError) as exc:
+                problem = _anchor_problem(exc)
+                if problem != self._anchor_problem:  # once per distinct problem, not once per probe
+                    log.error("gateway cannot verify credentials: %s", problem)
+                    self._anchor_problem = problem
+                raise CredentialsUnavailable("Orzbob Cloud cannot verify credentials right now",
+                                             internal=problem) from exc
+            if self._anchor_problem is not None:
+                log.info("gateway trust anchors loaded")
+                self._anchor_problem = None
         return self._anchors
+
+    def readiness(self) -> str | None:
+        """None when this gateway can take attaches; else one line saying why not (no key material)."""
+        if self._server is None or not self._server.is_serving():
+            return "SSH listener is not up"
+        try:
+            self.anchors  # noqa: B018  # loads them, or says why it cannot
+        except CredentialsUnavailable as exc:
+            return f"trust anchors not loaded: {exc.internal}"
+        return None
 
     def spawn(self, coro: object) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]

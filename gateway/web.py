@@ -23,7 +23,7 @@ from api.client import ApiClient, ApiError, ApiUnreachable
 from api.schemas import AttachRequest, AuthorizeReply
 from gateway import auth, metrics, web_bridge
 from gateway import web_http as http
-from gateway.errors import AttachRefused, CredentialRejected
+from gateway.errors import AttachRefused, CredentialRejected, CredentialsUnavailable
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -93,6 +93,9 @@ class WebDoor:
             return http.text(404, "not found")
         if target.kind == "health":
             return http.text(200, "ok")
+        if target.kind == "ready":
+            problem = self.gw.readiness()
+            return http.text(200, "ok") if problem is None else http.text(503, f"not ready: {problem}")
         if target.kind == "static":
             return http.static_file(target.arg)
         if not http.origin_allowed(request, self.origins):
@@ -122,6 +125,9 @@ class WebDoor:
             raise _Refusal(401, "an attach token is required (?token=...)")
         try:
             principal = auth.check_jwt(token, _claimed_session(token), self.gw.anchors)
+        except CredentialsUnavailable as exc:
+            metrics.attach_failed("web", exc.code)
+            raise _Refusal(503, exc.line) from None
         except CredentialRejected as exc:
             self.gw.limiter.record_failure(source)
             metrics.auth_failed("websocket", metrics.credential_reason(exc.line))
@@ -155,7 +161,7 @@ class WebDoor:
         if not header.startswith("Bearer ") or len(header) > 512:
             return http.json_response(401, {"detail": "an API token is required"})
         readonly = target.query.get("readonly", "") in ("1", "true")
-        api = ApiClient(self.settings.public_api_url, header.removeprefix("Bearer ").strip())
+        api = ApiClient(self.settings.internal_api_url, header.removeprefix("Bearer ").strip())
         try:
             grant = await api.attach(target.arg, AttachRequest(readonly=readonly))
         except ApiUnreachable:

@@ -22,6 +22,7 @@ ROUTES = {
     "token": re.compile(rf"^/s/{SESSION_PART}/token$"),
     "static": re.compile(r"^/static/(?P<file>[A-Za-z0-9_./-]{1,200})$"),
     "health": re.compile(r"^/healthz$"),
+    "ready": re.compile(r"^/readyz$"),
 }
 CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".html": "text/html; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}

@@ -16,6 +16,10 @@ revision: str = ${repr(up_revision)}
 down_revision: str | None = ${repr(down_revision)}
 branch_labels: str | Sequence[str] | None = ${repr(branch_labels)}
 depends_on: str | Sequence[str] | None = ${repr(depends_on)}
+# Required. True when code written for the previous revision keeps working on this schema (only new
+# tables, nullable or defaulted columns, new indexes): then a rollback or a rolling upgrade may run that
+# code on it. False for anything that removes, renames or tightens (api/db/migrate.py).
+expand_only: bool = False
 
 
 def upgrade() -> None:

@@ -13,12 +13,12 @@ $(HELM): hack/get-helm.sh
 
 helm: $(HELM)
 
-## helm-lint: helm lint --strict with the default, test and kind values
+## helm-lint: helm lint --strict with the minimal (only the required config.publicSshHost), test and kind values
 helm-lint: $(HELM)
-	$(HELM) lint --strict $(CHART)
+	$(HELM) lint --strict $(CHART) -f tests/k8s/values-minimal.yaml
 	$(HELM) lint --strict $(CHART) -f tests/k8s/values-test.yaml
 	$(HELM) lint --strict $(CHART) -f hack/kind-values.yaml
-	$(HELM) lint --strict $(CHART) -f tests/k8s/values-observability.yaml
+	$(HELM) lint --strict $(CHART) -f tests/k8s/values-minimal.yaml -f tests/k8s/values-observability.yaml
 
 ## k8s-validate: builders, provider (fake API server), chart rendering and Dockerfiles, all offline
 k8s-validate: $(HELM)

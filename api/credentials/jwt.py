@@ -51,20 +51,22 @@ def public_key_path(private_path: Path) -> Path:
 
 
 def load_or_create_signing_key(settings: Settings) -> ec.EllipticCurvePrivateKey:
-    """Read the P-256 signing key, generating it and its .pub (PEM SubjectPublicKeyInfo) if missing."""
+    """Read the P-256 signing key, generating it and its .pub (PEM SubjectPublicKeyInfo) if missing.
+
+    A key we did not generate is only read: it may sit on a read-only mount (a Kubernetes Secret), and
+    whoever provided it provides its public half too (ORZ_JWT_PUBLIC_KEY_FILE)."""
     path = jwt_key_path(settings)
     if path.exists():
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
             raise TokenError(f"{path} is not a P-256 EC private key")
-    else:
-        key = ec.generate_private_key(ec.SECP256R1())
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        write_private(path, pem)
-    pub = public_key_path(path)
-    if not pub.exists():
-        write_public(pub, public_pem(key))
+        return key
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    write_private(path, pem)
+    # The embedded gateway reads this file: write it with the key it belongs to.
+    write_public(public_key_path(path), public_pem(key))
     return key
 
 

@@ -159,3 +159,15 @@ class SchedulerLease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SchemaCompat(Base):
+    """Code heads that may run on the schema at ``schema_revision`` (written by `orz admin migrate`).
+
+    Rows of another revision than the current one mean nothing: a migration that stopped half-way
+    leaves rows that no longer apply, and the start check ignores them."""
+
+    __tablename__ = "schema_compat"
+
+    schema_revision: Mapped[str] = mapped_column(String(64), primary_key=True)
+    head: Mapped[str] = mapped_column(String(64), primary_key=True)

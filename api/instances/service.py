@@ -700,7 +700,7 @@ class InstanceService:
         return ComputeSpec(
             session_id=inst.id, org_id=inst.org_id, user_id=inst.user_id, tier=inst.tier,
             resources=schemas.TIER_RESOURCES[inst.tier], repo_url=inst.repo_url, branch=inst.branch,
-            program=inst.program, task=inst.task, api_url=self.settings.public_api_url,
+            program=inst.program, task=inst.task, api_url=self.settings.internal_api_url,
             gateway_public_key=self.gateway_public_key,
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
             runner_token=runner_token, secret_env=secret_env,

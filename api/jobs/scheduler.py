@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api import metrics
 from api.db.base import utcnow
 from api.db.engine import create_engine, session_factory
-from api.db.migrate import ensure_at_head
+from api.db.migrate import wait_for_schema
 from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
 from api.jobs.lease import Lease
@@ -217,6 +217,7 @@ async def running_scheduler(
 async def run(settings: Settings, stop: Awaitable[object], *, provider: Provider | None = None) -> None:
     """`orz scheduler`: run the jobs until ``stop`` completes (SIGTERM), then hand the lease over."""
     if settings.require_schema_head:
-        await ensure_at_head(settings.database_url)
+        # Wait (bounded) for `orz admin migrate` rather than crash-looping on a schema not yet there.
+        await wait_for_schema(settings.database_url, settings.schema_wait_s)
     async with _scheduler(settings, clock=utcnow, provider=provider, secret_env=None):
         await stop

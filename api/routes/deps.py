@@ -8,13 +8,18 @@ from sanic import Request
 
 from api import log as orz_log
 from api.auth import Principal, authenticate_api_token, bearer_token, check_service_token
+from api.errors import NotReady
 
 if TYPE_CHECKING:
     from api.app import AppState
 
 
 def state(request: Request) -> AppState:
-    return request.app.ctx.state  # type: ignore[no-any-return]
+    st: AppState | None = request.app.ctx.state
+    if st is None:  # still waiting for the database schema (api/app.py)
+        raise NotReady("the API is starting; try again in a moment",
+                       internal=f"not ready: {getattr(request.app.ctx, 'schema_problem', None)}")
+    return st
 
 
 async def principal(request: Request) -> Principal:

@@ -36,6 +36,9 @@ async def healthz(request: Request) -> HTTPResponse:
 @route(bp, "GET", "/readyz", summary="The database answers", tag=TAG,
        responses={200: schemas.Health, 503: schemas.Health}, security=None)
 async def readyz(request: Request) -> HTTPResponse:
+    if request.app.ctx.state is None:  # waiting for the schema: alive, not ready
+        problem = getattr(request.app.ctx, "schema_problem", None) or "starting"
+        return respond(schemas.Health(status="unavailable", checks={"schema": problem[:300]}), 503)
     try:
         async with state(request).sessions() as db:
             await db.execute(text("SELECT 1"))

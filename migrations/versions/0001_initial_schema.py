@@ -15,6 +15,8 @@ revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+# Nothing ran before it: no older code could use this schema.
+expand_only: bool = False
 
 
 def upgrade() -> None:

@@ -30,6 +30,7 @@ from api.serve import ApiServer
 from api.settings import Settings
 from tests.api.lifecycle_support import principal
 from tests.runner import conftest as runner_fixtures
+from tests.support import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -83,8 +84,10 @@ async def stack(short_tmp: Path, database_url: str, gateway_key: runner_fixtures
     provider = LocalProvider(settings)
     app = create_app(settings, provider=provider)
     server = await ApiServer.start(app, "127.0.0.1", 0)
+    # The users' URL answers nothing here: runners must heartbeat on the internal one.
     settings = settings.model_copy(update={"api_port": server.port,
-                                           "public_api_url": f"http://127.0.0.1:{server.port}"})
+                                           "public_api_url": f"http://127.0.0.1:{free_port()}",
+                                           "internal_api_url": f"http://127.0.0.1:{server.port}"})
     state = app.ctx.state
     state.settings = settings
     state.instances.settings = settings

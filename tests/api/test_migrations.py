@@ -64,7 +64,7 @@ def test_models_match_migrations(empty_database_url):
 
 
 async def test_app_refuses_an_unmigrated_database_and_names_the_command(empty_database_url, tmp_path):
-    settings = Settings(data_dir=tmp_path, database_url=empty_database_url, provider="fake")
+    settings = Settings(data_dir=tmp_path, database_url=empty_database_url, provider="fake", schema_wait_s=0)
     with pytest.raises(SchemaNotAtHead, match="orz admin migrate"):
         await migrate.ensure_at_head(settings.database_url)
     app = create_app(settings)

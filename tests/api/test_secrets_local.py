@@ -39,7 +39,7 @@ def settings(settings: Settings, short_tmp: Path, fake_api: FakeApi,
              gateway_key: runner_fixtures.GatewayKey) -> Settings:
     # Runners heartbeat to the fake API; the data dir is short because tmux sockets live under it.
     return settings.model_copy(update={
-        "data_dir": short_tmp / "data", "provider": "local", "public_api_url": fake_api.url,
+        "data_dir": short_tmp / "data", "provider": "local", "internal_api_url": fake_api.url,
         "gateway_public_key": gateway_key.public, "heartbeat_interval_s": 1, "require_schema_head": False,
     })
 

@@ -162,7 +162,7 @@ async def test_session_whose_repo_has_a_service(provider: KubernetesProvider, na
     the repo's .orz/cloud.yaml), replaces the Pod once with the sidecar on the same workspace, and keeps
     it across stop/start."""
     monkeypatch.setitem(schemas.TIER_RESOURCES, "small", SMALL)
-    service = InstanceService(settings.model_copy(update={"public_api_url": API_URL}), sessions, provider,
+    service = InstanceService(settings.model_copy(update={"internal_api_url": API_URL}), sessions, provider,
                               gateway_public_key=GATEWAY_KEY)
     who = await principal(sessions, "e2e")
     core = k8s.CoreV1Api(provider._api)

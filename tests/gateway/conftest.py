@@ -145,7 +145,7 @@ async def gateway_env(tmp_path: Path, client_key: asyncssh.SSHKey | None = None,
     jwt_key = attach_jwt.load_or_create_signing_key(settings)
     api = FakeApi(SERVICE_TOKEN)
     await api.start()
-    settings = settings.model_copy(update={"public_api_url": api.url})
+    settings = settings.model_copy(update={"internal_api_url": api.url})
     key_path = keys.client_key_path(settings)
     if client_key is not None:
         key_path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,12 +6,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "orzbob-cloud"
 HELM = ROOT / ".cache" / "bin" / "helm"
+RELEASE_NS = "orz-system"
+# The least an install needs (config.publicSshHost is required); later -f/--set arguments override it.
+VALUES_MINIMAL = Path(__file__).with_name("values-minimal.yaml")
 
 
 def helm_binary() -> Path:
@@ -32,3 +37,14 @@ def helm(*args: str) -> subprocess.CompletedProcess[str]:
                           check=False, env={**os.environ, "HELM_CACHE_HOME": str(ROOT / ".cache" / "helm"),
                                             "HELM_CONFIG_HOME": str(ROOT / ".cache" / "helm"),
                                             "HELM_DATA_HOME": str(ROOT / ".cache" / "helm")})
+
+
+def template(*extra: str) -> subprocess.CompletedProcess[str]:
+    """`helm template` of the chart as release `orz` in RELEASE_NS, on top of the minimal values."""
+    return helm("template", "orz", str(CHART), "--namespace", RELEASE_NS, "-f", str(VALUES_MINIMAL), *extra)
+
+
+def render(*extra: str) -> list[dict[str, Any]]:
+    done = template(*extra)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]

@@ -7,21 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.k8s.conftest import CRD_KINDS, validate_strict
-from tests.k8s.helm import CHART, helm
+from tests.k8s.helm import CHART, RELEASE_NS, VALUES_MINIMAL, helm, render, template
 
 VALUES_TEST = Path(__file__).with_name("values-test.yaml")
 VALUES_KIND = CHART.parents[1] / "hack" / "kind-values.yaml"
-RELEASE_NS = "orz-system"
 VALUE_SETS = {"default": [], "values-test": ["-f", str(VALUES_TEST)], "kind": ["-f", str(VALUES_KIND)]}
-
-
-def render(*extra: str) -> list[dict[str, Any]]:
-    done = helm("template", "orz", str(CHART), "--namespace", RELEASE_NS, *extra)
-    assert done.returncode == 0, done.stderr
-    return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
 @pytest.fixture(scope="module", params=list(VALUE_SETS))
@@ -41,7 +33,7 @@ def component(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any
 
 @pytest.mark.parametrize("values", list(VALUE_SETS))
 def test_helm_lint_strict(values: str) -> None:
-    done = helm("lint", "--strict", str(CHART), *VALUE_SETS[values])
+    done = helm("lint", "--strict", str(CHART), "-f", str(VALUES_MINIMAL), *VALUE_SETS[values])
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -133,14 +125,44 @@ def test_rbac_is_limited_to_the_sessions_namespace(rendered: tuple[str, list[dic
     assert subjects == accounts
 
 
-def test_migrations_job_is_a_hook_running_admin_migrate(rendered: tuple[str, list[dict[str, Any]]]) -> None:
-    name, objs = rendered
-    job = component(objs, "Job", "migrations")
-    hooks = job["metadata"]["annotations"]["helm.sh/hook"].split(",")
-    assert "pre-upgrade" in hooks
-    # External database: before install; bundled PostgreSQL only exists after install.
-    assert ("pre-install" if name == "values-test" else "post-install") in hooks
-    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["admin", "migrate"]
+def test_no_hooks_migrations_are_the_api_pods_init_container(rendered: Rendered) -> None:
+    _, objs = rendered
+    assert not by_kind(objs, "Job")
+    assert not [o for o in objs if "helm.sh/hook" in o["metadata"].get("annotations", {})]
+    pod = component(objs, "Deployment", "api")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["migrate"]
+    off = render("--set", "migrations.enabled=false")
+    assert "initContainers" not in component(off, "Deployment", "api")["spec"]["template"]["spec"]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("empty_database_url", ["postgres"], indirect=True)
+def test_two_api_pods_migrate_at_once_then_start(empty_database_url: str, tmp_path: Path) -> None:
+    """The rendered init container's command and env, run twice at once as two API Pods would."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from api.db import migrate
+    from tests.k8s.chart_pod import container_env, settings_from
+    from tests.support import orz_env
+
+    objs = render("--set", f"databaseUrl={empty_database_url}")
+    pod = component(objs, "Deployment", "api")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    procs = []
+    for i in range(2):
+        env = container_env(objs, "api", tmp_path / f"pod{i}", container="migrate")
+        env["ORZ_DATA_DIR"] = str(tmp_path / f"pod{i}" / "data")
+        procs.append(subprocess.Popen([sys.executable, "-m", "cli", *init["args"]], text=True,
+                                      env=orz_env(tmp_path / f"pod{i}", **env), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert f"database at revision {migrate.head_revision(empty_database_url)}" in out
+    api = settings_from(container_env(objs, "api", tmp_path / "api"), data_dir=tmp_path / "data")
+    asyncio.run(migrate.ensure_at_head(api.database_url))
 
 
 def test_bundled_postgres_vs_external_database() -> None:
@@ -197,12 +219,83 @@ def test_gateway_selector_setting_matches_the_gateway_pods(rendered: Rendered) -
     ["--set", "gateway.service.extra=1"], ["--set", "sessions.namespace=Bad_NS"],
 ])
 def test_schema_rejects_unknown_keys_and_bad_values(bad: list[str]) -> None:
-    done = helm("template", "orz", str(CHART), *bad)
+    done = template(*bad)
     assert done.returncode != 0
     assert "schema" in done.stderr, done.stderr
 
 
 def test_no_database_configured_fails_clearly() -> None:
-    done = helm("template", "orz", str(CHART), "--set", "postgresql.enabled=false")
+    done = template("--set", "postgresql.enabled=false")
     assert done.returncode != 0
     assert "databaseUrl" in done.stderr
+
+
+@pytest.mark.parametrize("values", [[], ["--set", "config.publicSshHost="], ["--set", "config.publicSshHost=a b"]])
+def test_public_ssh_host_is_required(values: list[str]) -> None:
+    done = helm("template", "orz", str(CHART), *values)
+    assert done.returncode != 0
+    assert "/config/publicSshHost" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("port", [22, 2200])
+def test_notes_show_the_ssh_line_the_api_gives_users(port: int, tmp_path: Path) -> None:
+    from api.instances.views import ssh_command
+    from tests.k8s.chart_pod import container_env, settings_from
+
+    values = ["-f", str(VALUES_MINIMAL), "--set", f"config.publicSshPort={port}"]
+    done = helm("install", "orz", str(CHART), "--namespace", RELEASE_NS, "--dry-run=client", *values)
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    objs = render("--set", f"config.publicSshPort={port}")
+    api = settings_from(container_env(objs, "api", tmp_path), data_dir=tmp_path / "data")
+    assert f"  {ssh_command(api, '<session-id>')}\n" in notes
+    assert api.public_ssh_host == "ssh.orz.example.com"
+
+
+def _ingress_route(ingress: dict[str, Any], host: str, path: str) -> tuple[str, int] | None:
+    """Where an ingress controller sends host+path under these rules (Exact, then longest Prefix)."""
+    best: tuple[int, tuple[str, int]] | None = None
+    for rule in ingress["spec"]["rules"]:
+        if rule.get("host", host) != host:
+            continue
+        for p in rule["http"]["paths"]:
+            backend = p["backend"]["service"]
+            target = (backend["name"], backend["port"]["number"])
+            if p["pathType"] == "Exact" and path == p["path"]:
+                return target
+            prefix = p["path"].rstrip("/")
+            matches = p["pathType"] == "Prefix" and (path == prefix or path.startswith(prefix + "/"))
+            if matches and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), target)
+    return best[1] if best else None
+
+
+def test_ingress_routes_public_paths_never_internal() -> None:
+    assert not by_kind(render(), "Ingress")  # off by default
+    objs = render("-f", str(VALUES_TEST))
+    (ingress,) = by_kind(objs, "Ingress").values()
+    validate_strict(ingress)
+    api_svc = component(objs, "Service", "api")
+    target = (api_svc["metadata"]["name"], api_svc["spec"]["ports"][0]["port"])
+    for path in ("/v1/instances", "/v1/instances/x/attach", "/v1/me", "/healthz"):
+        assert _ingress_route(ingress, "api.orz.example.com", path) == target, path
+    for path in ("/internal/v1/authorize", "/internal/v1/heartbeat", "/metrics", "/readyz", "/v1x"):
+        assert _ingress_route(ingress, "api.orz.example.com", path) is None, path
+    assert ingress["spec"]["tls"] == [{"secretName": "orz-api-tls", "hosts": ["api.orz.example.com"]}]
+
+
+@pytest.mark.parametrize("values", ["default", "values-test"])
+def test_internal_traffic_uses_the_in_cluster_api_service(values: str, tmp_path: Path) -> None:
+    from tests.k8s.chart_pod import container_env, settings_from
+
+    objs = render(*VALUE_SETS[values])
+    api_svc = component(objs, "Service", "api")
+    in_cluster = f"http://{api_svc['metadata']['name']}.{RELEASE_NS}.svc:{api_svc['spec']['ports'][0]['port']}"
+    public = "https://api.orz.example.com" if values == "values-test" else None
+    for name in ("api", "gateway", "scheduler"):
+        settings = settings_from(container_env(objs, name, tmp_path / name), data_dir=tmp_path / "data")
+        assert settings.internal_api_url == in_cluster, name
+        if public:
+            assert settings.public_api_url == public, name
+        else:
+            assert settings.public_api_url != in_cluster, name

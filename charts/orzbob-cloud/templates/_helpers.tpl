@@ -25,6 +25,11 @@
 {{- default (printf "%s-keys" (include "orz.fullname" .)) .Values.secrets.existingSecret }}
 {{- end }}
 
+{{/* The API Service's in-cluster URL: every internal call goes here, never through an ingress. */}}
+{{- define "orz.internalApiUrl" -}}
+{{- printf "http://%s.%s.svc:%d" (include "orz.component" (dict "root" . "component" "api")) .Release.Namespace (int .Values.api.service.port) }}
+{{- end }}
+
 {{- define "orz.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
@@ -105,8 +110,13 @@ seccompProfile:
   value: "0.0.0.0"
 - name: ORZ_API_PORT
   value: {{ .Values.api.port | quote }}
+{{- with .Values.config.publicApiUrl }}
 - name: ORZ_PUBLIC_API_URL
-  value: {{ default (printf "http://%s.%s.svc:%d" (include "orz.component" (dict "root" . "component" "api")) .Release.Namespace (int .Values.api.service.port)) .Values.config.publicApiUrl | quote }}
+  value: {{ . | quote }}
+{{- end }}
+# Gateway -> API (authorize, attach events) and runners -> API (heartbeats, logs) stay in the cluster.
+- name: ORZ_INTERNAL_API_URL
+  value: {{ include "orz.internalApiUrl" . | quote }}
 {{- with .Values.config.publicSshHost }}
 - name: ORZ_PUBLIC_SSH_HOST
   value: {{ . | quote }}
@@ -147,7 +157,6 @@ seccompProfile:
     secretKeyRef:
       name: {{ include "orz.secretName" . }}
       key: gateway-public-key
-      optional: true
 {{- range $name, $value := .Values.config.extraEnv }}
 - name: {{ $name }}
   value: {{ $value | quote }}
