@@ -116,6 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             kind, namespace, name, sub, query = route
             fault = self.store.take_fault(method, kind.plural)
+            if self.server.api.trace is not None:
+                self.server.api.trace.append(f"{method} {self.path}")
             if fault:
                 if fault.delay_s:
                     threading.Event().wait(fault.delay_s)
@@ -123,7 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
             verb = self._verb(method, name, query)
             authorize = self.server.api.authorizer
             if authorize is not None:
-                token = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+                scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+                token = token.strip() if scheme.lower() == "bearer" else ""
                 authorize(verb, kind.group, kind.plural, sub, namespace or "", name, token)
             getattr(self, f"_{method.lower()}")(kind, namespace, name, sub, query, body)
         except ApiError as error:
@@ -202,8 +205,9 @@ class _Handler(BaseHTTPRequestHandler):
             since = int(_first(query, "resourceVersion") or 0)
             timeout = float(_first(query, "timeoutSeconds") or 1800)
             bookmarks = _first(query, "allowWatchBookmarks") in ("true", "1")
+            initial = _first(query, "sendInitialEvents") in ("true", "1")
             self._watch(self.store.watch(kind.plural, ns, selector, since, timeout, bookmarks,
-                                         self.server.api.bookmark_every_s))
+                                         self.server.api.bookmark_every_s, initial_events=initial))
             return
         items, rv, more = self.store.list(kind.plural, ns, selector, _first(query, "fieldSelector") or "",
                                           int(_first(query, "limit") or 0), _first(query, "continue") or "")
@@ -250,6 +254,7 @@ class FakeApiServer:
                  tls_dir: Path | None = None, store: Store | None = None, authorizer: Authorizer | None = None,
                  bookmark_every_s: float = 5.0) -> None:
         self.store = store or Store(auto_run=auto_run)
+        self.trace: list[str] | None = None  # every request line, when a caller wants to see them
         self.authorizer = authorizer
         self.bookmark_every_s = bookmark_every_s
         # (namespace, pod, container) -> log file, filled in by the kubelet.

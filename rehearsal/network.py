@@ -175,6 +175,10 @@ class ServiceProxies:
             for server in self._servers.values():
                 server.close()
             self._servers.clear()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)

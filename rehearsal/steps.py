@@ -66,12 +66,11 @@ class Context:
             raise StepFailed(f"orz {' '.join(args)} exited {done.returncode}: {(done.stderr or done.stdout)[-600:]}")
         return done
 
-    def ssh(self, *args: str, host: str | None = None, port: int | None = None, timeout_s: float = 90,
-            check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def ssh(self, *args: str, timeout_s: float = 90, check: bool = True, stdin: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
         """Plain OpenSSH with the config `orz cloud ssh-config --write` made (-F: ssh ignores $HOME)."""
-        override = [*(["-o", f"HostName={host}"] if host else []), *(["-o", f"Port={port}"] if port else [])]
         argv = ["ssh", "-F", str(self.home / ".ssh" / "config"), "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
-                *override, *args]
+                *args]
         done = subprocess.run(argv, env=self.env(), text=True, capture_output=True, timeout=timeout_s, check=False,
                               input=stdin)
         if check and done.returncode != 0:
@@ -199,12 +198,20 @@ def ssh_each_gateway(ctx: Context) -> None:
     gateways = ctx.component_pods("gateway")
     if len(gateways) < 2:
         raise StepFailed(f"{len(gateways)} gateway replicas Ready, 2 expected")
+    # What ssh's `Match exec` runs: a fresh certificate for the session and its ssh_config block.
+    ctx.orz("cloud", "_refresh-cert", f"{ctx.session}.orz")
+    config = ctx.home / ".config" / "orzbob"
+    block = (config / "hosts" / f"{ctx.session}.conf").read_text().split()
+    certificate = block[block.index("CertificateFile") + 1]
     for pod in gateways:
         address = pod["status"]["podIP"]
-        done = ctx.ssh(f"{ctx.session}.orz", "cat .init-marker; echo secret=$REHEARSAL_SECRET; hostname",
-                       host=address, port=2222)
+        argv = ["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i",
+                str(config / "id_ed25519"), "-o", f"CertificateFile={certificate}", "-o",
+                f"UserKnownHostsFile={config / 'known_hosts'}", "-o", "StrictHostKeyChecking=accept-new",
+                "-p", "2222", f"{ctx.session}@{address}", "cat .init-marker; echo secret=$REHEARSAL_SECRET"]
+        done = subprocess.run(argv, env=ctx.env(), text=True, capture_output=True, timeout=60, check=False)
         if "init-ran" not in done.stdout or "secret=s3cr3t-value" not in done.stdout:
-            raise StepFailed(f"through gateway {address}: {done.stdout!r}")
+            raise StepFailed(f"through gateway {address}: {done.stdout!r} {done.stderr.strip()[-300:]!r}")
     # And the way users are told to connect: the API's ssh line, through the load balancer.
     reply = ctx.api("GET", f"/v1/instances/{ctx.session}").json()
     if GATEWAY_LB not in str(reply.get("ssh")):
@@ -264,11 +271,18 @@ def web_attach(ctx: Context) -> None:
 
     async def talk() -> str:
         seen = b""
-        async with websockets.connect(url, open_timeout=20) as ws:
+        async with websockets.connect(url, open_timeout=30) as ws:
+            # Keys go once the gateway says the terminal is attached (the page waits for it too).
+            while True:
+                frame = await asyncio.wait_for(ws.recv(), 60)
+                if isinstance(frame, str) and json.loads(frame).get("type") == "attached":
+                    break
+                if isinstance(frame, str) and json.loads(frame).get("type") == "error":
+                    return frame
             await ws.send(b"echo web-$((6*7))\r")
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 60
             while b"web-42" not in seen and time.monotonic() < deadline:
-                frame = await asyncio.wait_for(ws.recv(), 20)
+                frame = await asyncio.wait_for(ws.recv(), 60)
                 seen += frame if isinstance(frame, bytes) else frame.encode()
         return seen.decode(errors="replace")
 
@@ -419,8 +433,9 @@ def run(workdir: Path, helm: Path, profile: str = "full", out: Callable[[str], N
                     out(f"PASS  {name} ({time.monotonic() - started:.1f} s)")
                 except (StepFailed, subprocess.TimeoutExpired, httpx.HTTPError, RuntimeError, OSError) as exc:
                     failed = True
-                    results.append((name, False, time.monotonic() - started, str(exc)))
-                    out(f"FAIL  {name} ({time.monotonic() - started:.1f} s)\n      {exc}")
+                    reason = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
+                    results.append((name, False, time.monotonic() - started, reason))
+                    out(f"FAIL  {name} ({time.monotonic() - started:.1f} s)\n      {reason}")
         finally:
             daemon = ctx.facts.get("git_daemon")
             if daemon is not None:

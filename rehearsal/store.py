@@ -516,8 +516,12 @@ class Store:
     # ------------------------------------------------------------------------------------ watches
 
     def watch(self, plural: str, namespace: str | None, label_selector: str, since: int, timeout_s: float,
-              bookmarks: bool = False, bookmark_every_s: float = 5.0) -> Iterator[Obj]:
-        """Events after `since` until the timeout; an ERROR 410 event when `since` is compacted away."""
+              bookmarks: bool = False, bookmark_every_s: float = 5.0, initial_events: bool = False
+              ) -> Iterator[Obj]:
+        """Events after `since` until the timeout; an ERROR 410 event when `since` is compacted away.
+
+        With `initial_events` (a watch-list request, sendInitialEvents=true), every current object comes
+        first as ADDED, then a BOOKMARK annotated ``k8s.io/initial-events-end``, as client-go expects."""
         kind = self._kind(plural)
         try:
             wanted = selectors.parse(label_selector)
@@ -525,6 +529,14 @@ class Store:
             raise ApiError(400, str(exc)) from None
         deadline = time.monotonic() + timeout_s
         next_bookmark = time.monotonic() + bookmark_every_s
+        if initial_events:
+            items, rv, _ = self.list(plural, namespace, label_selector)
+            for item in items:
+                yield {"type": "ADDED", "object": item}
+            yield {"type": "BOOKMARK", "object": {
+                "kind": kind.kind, "apiVersion": kind.api_version,
+                "metadata": {"resourceVersion": rv, "annotations": {"k8s.io/initial-events-end": "true"}}}}
+            since = int(rv)
         with self.cond:
             if since and since < self.expire_watches_before:
                 yield {"type": "ERROR", "object": status_body(410, "Expired",
