@@ -104,6 +104,7 @@ def build_root(config: dict[str, Any]) -> Path:
     for mount in config["mounts"]:
         mount_bind(mount["source"], inside(root, mount["target"]), bool(mount["readonly"]))
     mount_bind(config["hosts"], inside(root, "/etc/hosts"), readonly=True)
+    mount_bind(config["resolv"], inside(root, "/etc/resolv.conf"), readonly=True)
     if config["readonly_root"]:
         sh("mount", "-o", "remount,bind,ro", str(root))
     return root

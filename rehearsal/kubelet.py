@@ -196,6 +196,12 @@ class PodWorker:
         self.ip = self.c.network.attach(self.uid).address
         self.hosts = self.dir / "hosts"
         self.write_hosts()
+        # Cluster DNS is /etc/hosts here; the nameserver is the bridge, where nothing answers on port 53,
+        # so any other name fails at once (ICMP unreachable) instead of waiting out the host's resolver.
+        self.resolv = self.dir / "resolv.conf"
+        domain = self.c.cluster_domain
+        self.resolv.write_text(f"search {self.ns}.svc.{domain} svc.{domain} {domain}\n"
+                               f"nameserver {self.c.api_host}\noptions ndots:5 timeout:1 attempts:1\n")
 
     def write_hosts(self) -> None:
         """Service names of every namespace -> cluster IPs (what cluster DNS would answer)."""
@@ -465,7 +471,7 @@ class PodWorker:
         argv = [_expand(a, env) for a in [*command, *args]]
         config = {
             "base": str(self.dir / "rootfs" / name), "users": image.users, "dirs": image.dirs,
-            "binds": image.binds, "mounts": mounts, "hosts": str(self.hosts),
+            "binds": image.binds, "mounts": mounts, "hosts": str(self.hosts), "resolv": str(self.resolv),
             "readonly_root": bool(sc.get("readOnlyRootFilesystem", False)),
             "workdir": container.get("workingDir") or image.workdir, "uid": uid, "gid": gid, "groups": groups,
             "no_new_privs": sc.get("allowPrivilegeEscalation") is False, "env": env, "argv": argv,

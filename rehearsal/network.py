@@ -254,7 +254,8 @@ class ServiceProxies:
             except OSError:
                 writer.close()
                 return
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            with contextlib.suppress(asyncio.CancelledError):  # shutdown: the connection just ends
+                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
         return await asyncio.start_server(handle, address, port, reuse_address=True)
 
@@ -341,6 +342,7 @@ class IngressController:
                 writer.close()
                 return
             up_writer.write(forwarded.encode("latin-1"))
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            with contextlib.suppress(asyncio.CancelledError):  # shutdown: the connection just ends
+                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
         return await asyncio.start_server(handle, address, 80, reuse_address=True)
