@@ -184,7 +184,7 @@ def make_repo(ctx: Context) -> None:
 def create_session(ctx: Context) -> None:
     ctx.orz("cloud", "secrets", "create", "rehearsal", "--data", "REHEARSAL_SECRET=s3cr3t-value")
     done = ctx.orz("cloud", "new", "--repo", ctx.facts["repo"], "--branch", "main", "--secrets", "rehearsal",
-                   "--program", "bash", "--no-attach", "--no-wait", "rehearsal task")
+                   "--program", "bash", "--no-attach", "--no-wait")
     words = done.stdout.split()
     ctx.session = words[words.index("session") + 1] if "session" in words else ""
     if not ctx.session:
