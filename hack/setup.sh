@@ -11,6 +11,9 @@ declare -A wanted=(
   [psql]=postgresql-client [pg_dump]=postgresql-client [curl]=curl [make]=make
   # The browser terminal test drives Debian's chromium with playwright (never `playwright install`).
   [chromium]=chromium
+  # make rehearse: pod network and mount namespaces (iproute2, util-linux) and PostgreSQL's own binaries
+  # for the chart's bundled database (the rehearsal runs images that are not ours from local binaries).
+  [ip]=iproute2 [nsenter]=util-linux [unshare]=util-linux [pg_ctlcluster]=postgresql
 )
 missing=()
 for cmd in "${!wanted[@]}"; do

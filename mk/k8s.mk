@@ -6,7 +6,7 @@ HELM ?= .cache/bin/helm
 CHART ?= charts/orzbob-cloud
 KIND_CLUSTER ?= orz-e2e
 
-.PHONY: helm helm-lint k8s-validate lint-dockerfiles kind-up kind-down e2e-kind
+.PHONY: helm helm-lint k8s-validate lint-dockerfiles kind-up kind-down e2e-kind rehearse
 
 $(HELM): hack/get-helm.sh
 	PYTHON=$(PYTHON) hack/get-helm.sh $(HELM)
@@ -38,3 +38,8 @@ kind-down:
 ## e2e-kind: kind up, tests/e2e (+ hack/smoke.py), kind down
 e2e-kind:
 	KIND_CLUSTER=$(KIND_CLUSTER) PYTHON=$(PYTHON) hack/e2e-kind.sh
+
+## rehearse: the chart's whole life on this machine, no cluster (rehearsal/; root). PROFILE=ci is shorter.
+REHEARSAL_PROFILE ?= full
+rehearse: $(HELM)
+	$(PYTHON) -m rehearsal --profile $(REHEARSAL_PROFILE) --helm $(HELM)
