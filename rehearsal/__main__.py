@@ -7,6 +7,7 @@ exits non-zero when a step failed. See charts/orzbob-cloud/README.md ("The rehea
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import sys
 from pathlib import Path
@@ -25,7 +26,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
-    failures = run(args.workdir, args.helm, args.profile)
+    # One rehearsal at a time per machine: they share the bridge and its addresses.
+    with open("/run/lock/orz-rehearsal.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        failures = run(args.workdir, args.helm, args.profile)
     return 1 if failures else 0
 
 

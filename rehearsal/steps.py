@@ -119,6 +119,15 @@ class Context:
 
 # ------------------------------------------------------------------------------------ the steps
 
+def install_needs_ssh_host(ctx: Context) -> None:
+    """Without config.publicSshHost users would be told to ssh to an address they cannot reach: refused."""
+    done = ctx.cluster.helm("install", RELEASE, str(CHART), "-n", NS, "--create-namespace", "--dry-run=server",
+                            "-f", str(VALUES), "--set", "config.publicSshHost=", timeout_s=120)
+    if done.returncode == 0 or "publicSshHost" not in done.stderr:
+        raise StepFailed(f"helm accepted the chart without config.publicSshHost (exit {done.returncode}) "
+                         f"{done.stderr.strip()[-300:]}")
+
+
 def helm_install(ctx: Context) -> None:
     done = ctx.cluster.helm("install", RELEASE, str(CHART), "-n", NS, "--create-namespace", "-f", str(VALUES),
                             "--wait", "--timeout", "240s", timeout_s=400)
@@ -388,6 +397,7 @@ def _env(pod: dict, container: str, name: str) -> str | None:
 
 Step = tuple[str, Callable[[Context], None]]
 STEPS: list[Step] = [
+    ("helm install without config.publicSshHost is refused", install_needs_ssh_host),
     ("helm install --wait", helm_install),
     ("control plane Ready (2 api, 2 gateway, scheduler, postgresql)", control_plane_ready),
     ("bootstrap org, user and token (kubectl exec)", bootstrap_user),
