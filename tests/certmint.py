@@ -1,4 +1,5 @@
-"""Mint OpenSSH v01 certificates with any field wrong, for tests of the gateway's certificate checks.
+"""Certificates for tests: good ones from the product's CA code (``issued``), and OpenSSH v01
+certificates with any field wrong (``mint``), for tests of the gateway's certificate checks.
 
 The product's CA (api/credentials/ssh_ca.py) can only issue correct certificates; attackers and broken
 clients are not so polite. This encodes the certificate by hand (PROTOCOL.certkeys) so a test can set
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 
 import asyncssh
 from asyncssh.packet import String, UInt32, UInt64
+
+from api.credentials import ssh_ca
 
 USER, HOST = 1, 2
 
@@ -56,3 +59,14 @@ def mint(ca: asyncssh.SSHKey, spec: CertSpec | None = None, *, user_key: asyncss
     if spec.corrupt_signature:
         signature = signature[:-1] + bytes([signature[-1] ^ 1])
     return body + String(signature)
+
+
+CA = asyncssh.generate_private_key("ssh-ed25519")
+
+
+def issued(public_key: str, session_id: str, seconds_left: int) -> str:
+    """A good certificate line from the product's CA code with `seconds_left` to live (<= 0: expired)."""
+    ttl = max(seconds_left, 60)
+    signed = ssh_ca.sign_user_certificate(CA, public_key, session_id=session_id, user_id="test", ttl_s=ttl,
+                                          now=time.time() + seconds_left - ttl)
+    return signed.text

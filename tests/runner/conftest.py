@@ -160,6 +160,7 @@ async def start_runner(short_tmp: Path, fake_api: FakeApi, gateway_key: GatewayK
         )
         environ = {"PATH": os.environ["PATH"], "HOME": str(short_tmp), "LANG": "C.UTF-8",
                    **(secrets or {}), **(extra_env or {})}
+        fake_api.expect(name, "runner-token-1")
         runner = Runner(spec, "runner-token-1", environ)
         stop = asyncio.Event()
         handle = RunningRunner(runner, stop, asyncio.create_task(runner.run(stop)), fake_api, gateway_key)
