@@ -32,6 +32,8 @@ class CertSpec:
     critical_options: dict[str, bytes] = field(default_factory=dict)
     extensions: dict[str, bytes] = field(default_factory=lambda: {"permit-pty": b""})
     corrupt_signature: bool = False
+    # For key types that cannot be generated here (FIDO "sk-" keys): the algorithm and raw key fields.
+    raw_key: tuple[bytes, bytes] | None = None
 
 
 def _options(values: dict[str, bytes]) -> bytes:
@@ -40,14 +42,19 @@ def _options(values: dict[str, bytes]) -> bytes:
 
 
 def mint(ca: asyncssh.SSHKey, spec: CertSpec | None = None, *, user_key: asyncssh.SSHKey | None = None) -> bytes:
-    """The certificate blob (as sent in SSH public key auth) for an Ed25519 user key, signed by `ca`."""
+    """The certificate blob (as sent in SSH public key auth) for a user key (Ed25519 unless given),
+    signed by `ca`."""
     spec = spec or CertSpec()
     now = int(time.time())
-    key = (user_key or asyncssh.generate_private_key("ssh-ed25519")).convert_to_public()
-    algorithm = b"ssh-ed25519-cert-v01@openssh.com"
+    if spec.raw_key is not None:
+        key_type, key_fields = spec.raw_key
+    else:
+        key = (user_key or asyncssh.generate_private_key("ssh-ed25519")).convert_to_public()
+        key_type = key.algorithm
+        key_fields = key.public_data[len(String(key_type)):]  # the key's fields without its type name
+    algorithm = key_type.removesuffix(b"@openssh.com") + b"-cert-v01@openssh.com"
     body = b"".join((
-        String(algorithm), String(os.urandom(32)),
-        key.public_data[len(String(b"ssh-ed25519")):],  # the key's fields without its own type name
+        String(algorithm), String(os.urandom(32)), key_fields,
         UInt64(1), UInt32(spec.cert_type), String(spec.key_id),
         String(b"".join(String(p) for p in spec.principals)),
         UInt64(now - 30 if spec.valid_after is None else spec.valid_after),

@@ -16,13 +16,23 @@ from pathlib import Path
 import asyncssh
 import jwt as pyjwt
 import pytest
+from asyncssh.packet import String
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from api.credentials import jwt as attach_jwt
 from api.credentials import ssh_ca
 from api.settings import Settings
-from gateway.auth import TrustAnchors, check_certificate, check_jwt, load_trust_anchors
+from gateway.auth import (
+    FailureLimiter,
+    TrustAnchors,
+    check_certificate,
+    check_jwt,
+    is_certificate,
+    load_trust_anchors,
+    parse_certificate,
+    valid_session_id,
+)
 from gateway.errors import CredentialRejected
 from tests.certmint import HOST, CertSpec, mint
 
@@ -271,3 +281,124 @@ def test_token_not_yet_valid_is_refused(jwt_key, anchors):
 @pytest.mark.parametrize("token", ["", "   ", "x" * 4097])
 def test_empty_or_oversized_token_is_refused(anchors, token):
     assert token_refused(token, anchors) == "attach token is not valid"
+
+
+# -- parsing every key type, and what is not a certificate ----------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ecdsa-sha2-nistp256", "ssh-rsa"])
+def test_certificates_for_other_key_types_are_read_and_accepted(ca, anchors, kind):
+    user_key = asyncssh.generate_private_key(kind, **({"key_size": 2048} if kind == "ssh-rsa" else {}))
+    blob = mint(ca, CertSpec(principals=[SESSION, "other-1"]), user_key=user_key)
+    assert check_certificate(blob, SESSION, anchors).user_id == USER
+    assert check_certificate(blob, "other-1", anchors).user_id == USER
+
+
+@pytest.mark.parametrize("key_type, fields", [
+    # FIDO keys cannot be made here: their public fields, as OpenSSH encodes them.
+    (b"sk-ssh-ed25519@openssh.com", [b"\x01" * 32, b"ssh:"]),
+    (b"sk-ecdsa-sha2-nistp256@openssh.com", [b"nistp256", b"\x04" + b"\x02" * 64, b"ssh:"]),
+])
+def test_security_key_certificates_are_parsed_field_by_field(ca, key_type, fields):
+    blob = mint(ca, CertSpec(principals=["a-1", "b-2"], key_id="user:usr_x",
+                             extensions={"permit-pty": b"", "readonly@orz.cloud": b""},
+                             raw_key=(key_type, b"".join(String(f) for f in fields))))
+    fields_read = parse_certificate(blob)
+    assert fields_read.principals == ("a-1", "b-2") and fields_read.key_id == "user:usr_x"
+    assert fields_read.extensions == {b"permit-pty", b"readonly@orz.cloud"}
+    assert fields_read.signing_key == ca.public_data and fields_read.cert_type == 1
+
+
+def test_a_certificate_of_an_unknown_key_type_is_refused(ca, anchors):
+    blob = mint(ca, CertSpec(raw_key=(b"ssh-dss", String(b"p") + String(b"q") + String(b"g") + String(b"y"))))
+    assert refused(blob, anchors) == "unsupported certificate key type"
+
+
+def test_is_certificate_tells_certificates_from_keys_and_garbage(ca):
+    assert is_certificate(mint(ca))
+    assert not is_certificate(asyncssh.generate_private_key("ssh-ed25519").convert_to_public().public_data)
+    assert not is_certificate(b"\x00\x00\x00\xffshort")
+    assert not is_certificate(b"")
+
+
+@pytest.mark.parametrize("name, ok", [("demo-1", True), ("a" * 32, True), ("Demo-1", False), ("a" * 33, False),
+                                      ("demo_1", False), ("", False), ("demo-1;id", False)])
+def test_valid_session_id(name, ok):
+    assert valid_session_id(name) is ok
+
+
+def test_trust_anchors_refuse_a_jwt_key_that_is_not_ec(tmp_path: Path, ca):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "ssh_ca.pub").write_bytes(ca.export_public_key("openssh"))
+    rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    (keys / "jwt_es256.pem.pub").write_bytes(rsa.export_public_key("pkcs8-pem"))
+    with pytest.raises(CredentialRejected) as err:
+        load_trust_anchors(Settings(data_dir=tmp_path))
+    assert (err.value.line, err.value.internal) == ("misconfigured gateway", "JWT public key is not EC")
+
+
+# -- token edge cases ------------------------------------------------------------------------------
+
+
+def test_the_largest_token_accepted_is_4096_characters(jwt_key, anchors):
+    sizes = {}
+    for pad in range(2600, 3200):
+        token = pyjwt.encode(claims(pad="a" * pad), jwt_key, algorithm="ES256")
+        sizes.setdefault(len(token), token)
+    at_limit = sizes[4096]
+    assert check_jwt(at_limit, SESSION, anchors).user_id == USER
+    over = min(n for n in sizes if n > 4096)
+    assert token_refused(sizes[over], anchors) == "attach token is not valid"  # valid, but too large
+
+
+def test_clock_skew_of_a_few_seconds_is_tolerated(jwt_key, anchors):
+    now = int(time.time())
+    late = pyjwt.encode(claims(iat=now - 100, nbf=now - 100, exp=now - 3), jwt_key, algorithm="ES256")
+    assert check_jwt(late, SESSION, anchors).user_id == USER
+    early = pyjwt.encode(claims(iat=now + 3, nbf=now + 3, exp=now + 60), jwt_key, algorithm="ES256")
+    assert check_jwt(early, SESSION, anchors).user_id == USER
+
+
+def test_a_token_without_ro_is_read_write(jwt_key, anchors):
+    assert check_jwt(pyjwt.encode(claims(), jwt_key, algorithm="ES256"), SESSION, anchors).readonly is False
+
+
+# -- the failed-authentication limiter -------------------------------------------------------------
+
+
+def test_limiter_blocks_a_source_after_the_limit_within_the_window():
+    limiter = FailureLimiter(limit=3, window_s=60)
+    assert not limiter.record_failure("1.2.3.4", now=100)
+    assert not limiter.record_failure("1.2.3.4", now=101)
+    assert not limiter.blocked("1.2.3.4", now=101)
+    assert limiter.record_failure("1.2.3.4", now=102)  # the third failure blocks
+    assert limiter.blocked("1.2.3.4", now=102) and not limiter.blocked("5.6.7.8", now=102)
+    # Blocked until the oldest failure leaves the window: retry after (100 + 60) - 102 = 58 s (+1 rounding).
+    assert limiter.retry_after("1.2.3.4", now=102) == 59
+    assert limiter.retry_after("5.6.7.8", now=102) == 0
+    assert limiter.blocked("1.2.3.4", now=159.5)
+    assert not limiter.blocked("1.2.3.4", now=160)  # exactly one window after the first failure
+    assert limiter.retry_after("1.2.3.4", now=161.9) == 1  # the second failure expires within the second
+
+
+def test_limiter_window_slides_and_forgets_quiet_sources():
+    limiter = FailureLimiter(limit=2, window_s=10)
+    limiter.record_failure("a", now=0)
+    assert not limiter.record_failure("a", now=10)  # the first one has left the window
+    assert limiter.record_failure("a", now=15)
+    assert not limiter.blocked("a", now=25) and limiter.retry_after("a", now=30) == 0
+    assert "a" not in limiter._failures  # nothing kept for a source that went quiet
+
+
+def test_limiter_memory_is_bounded_under_an_address_spray():
+    limiter = FailureLimiter(limit=2, window_s=60)
+    limiter.MAX_TRACKED = 20
+    for i in range(19):
+        limiter.record_failure(f"10.0.0.{i}", now=1)
+    assert len(limiter._failures) == 19
+    limiter.record_failure("10.0.0.19", now=1)
+    assert len(limiter._failures) == 20  # at the bound, nothing forgotten yet
+    limiter.record_failure("10.0.1.0", now=2)  # over it: the stalest tenth goes
+    assert len(limiter._failures) == 19 and "10.0.0.0" not in limiter._failures and "10.0.0.1" not in limiter._failures
+    assert "10.0.0.2" in limiter._failures and limiter.record_failure("10.0.1.0", now=3)
