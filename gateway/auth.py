@@ -14,6 +14,7 @@ from pathlib import Path
 import asyncssh
 import jwt as pyjwt
 from asyncssh.packet import PacketDecodeError, SSHPacket
+from asyncssh.public_key import decode_ssh_certificate
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from api import public_keys
@@ -30,6 +31,8 @@ JWT_AUDIENCE = "orz-gateway"
 JWT_REQUIRED = ["exp", "iat", "iss", "aud", "sub", "sid", "jti"]
 CLOCK_SKEW_S = 5
 MAX_JWT_LEN = 4096
+# The API backdates valid_after by this much (api/credentials/ssh_ca.py BACKDATE_S) to absorb clock skew.
+CERT_BACKDATE_S = 30
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class TrustAnchors:
     ca_key: asyncssh.SSHKey
     jwt_public_key: ec.EllipticCurvePublicKey
     jwt_max_ttl_s: int
+    cert_max_ttl_s: int
 
 
 def ca_public_path(settings: Settings) -> Path:
@@ -72,7 +76,8 @@ def load_trust_anchors(settings: Settings) -> TrustAnchors:
     pub = public_keys.read_public_key(path)
     if not isinstance(pub, ec.EllipticCurvePublicKey) or pub.curve.name != "secp256r1":
         raise public_keys.PublicKeyError(f"{path} is not a P-256 EC public key (the JWT signer's)")
-    return TrustAnchors(ca_key=ca_key, jwt_public_key=pub, jwt_max_ttl_s=settings.attach_token_ttl_s)
+    return TrustAnchors(ca_key=ca_key, jwt_public_key=pub, jwt_max_ttl_s=settings.attach_token_ttl_s,
+                        cert_max_ttl_s=settings.cert_ttl_s)
 
 
 def valid_session_id(username: str) -> bool:
@@ -86,6 +91,7 @@ class CertFields:
     principals: tuple[str, ...]
     valid_after: int
     valid_before: int
+    critical_options: tuple[bytes, ...]
     extensions: frozenset[bytes]
     signing_key: bytes
 
@@ -114,7 +120,11 @@ def parse_certificate(blob: bytes) -> CertFields:
         while names:
             principals.append(names.get_string().decode("utf-8"))
         valid_after, valid_before = packet.get_uint64(), packet.get_uint64()
-        packet.get_string()  # critical options: asyncssh enforces the ones it knows
+        crit = SSHPacket(packet.get_string())
+        critical_options = []
+        while crit:
+            critical_options.append(crit.get_string())
+            crit.get_string()
         ext = SSHPacket(packet.get_string())
         extensions = set()
         while ext:
@@ -125,15 +135,14 @@ def parse_certificate(blob: bytes) -> CertFields:
     except (PacketDecodeError, UnicodeDecodeError) as exc:
         raise CredentialRejected("malformed certificate") from exc
     return CertFields(cert_type, key_id, tuple(principals), valid_after, valid_before,
-                      frozenset(extensions), signing_key)
+                      tuple(critical_options), frozenset(extensions), signing_key)
 
 
 def _skip_public_key(packet: SSHPacket, algorithm: bytes) -> None:
     # The number of fields of the certified key depends on its type.
     counts = {b"ssh-ed25519": 1, b"ssh-rsa": 2, b"ecdsa-sha2": 2, b"sk-ssh-ed25519": 2, b"sk-ecdsa": 3}
-    base = algorithm.removesuffix(b"-cert-v01@openssh.com").removesuffix(b"@openssh.com")
     for prefix, count in counts.items():
-        if base.startswith(prefix):
+        if algorithm.startswith(prefix):
             for _ in range(count):
                 packet.get_string()
             return
@@ -148,6 +157,12 @@ def check_certificate(blob: bytes, username: str, anchors: TrustAnchors,
         raise CredentialRejected("certificate not signed by Orzbob Cloud")
     if fields.cert_type != CERT_TYPE_USER:
         raise CredentialRejected("not a user certificate")
+    # The platform CA issues none; OpenSSH requires refusing any critical option not enforced, and
+    # force-command or source-address would not be (the runner runs what the client asks, the web door
+    # tunnels arrive from loopback).
+    if fields.critical_options:
+        raise CredentialRejected("certificate has critical options the gateway does not enforce")
+    _verify_signature(blob)
     # A cert with no principals would be valid for every user name in OpenSSH: never accept one.
     if not fields.principals or username not in fields.principals:
         raise CredentialRejected(f"certificate is not for session {username}")
@@ -156,10 +171,20 @@ def check_certificate(blob: bytes, username: str, anchors: TrustAnchors,
         raise CredentialRejected("certificate not yet valid (check your clock)")
     if t >= fields.valid_before:
         raise CredentialRejected("certificate expired")
+    if fields.valid_before - fields.valid_after > anchors.cert_max_ttl_s + CERT_BACKDATE_S + CLOCK_SKEW_S:
+        raise CredentialRejected("certificate lifetime is too long")
     if not fields.key_id.startswith(KEY_ID_PREFIX) or len(fields.key_id) <= len(KEY_ID_PREFIX):
         raise CredentialRejected("certificate does not name a user")
     return Principal(user_id=fields.key_id[len(KEY_ID_PREFIX):], method="certificate",
                      readonly=READONLY_EXTENSION in fields.extensions)
+
+
+def _verify_signature(blob: bytes) -> None:
+    """The CA's signature over the certificate (asyncssh's decoder checks it)."""
+    try:
+        decode_ssh_certificate(blob)
+    except asyncssh.KeyImportError as exc:
+        raise CredentialRejected("certificate signature not valid") from exc
 
 
 def check_jwt(token: str, username: str, anchors: TrustAnchors) -> Principal:

@@ -28,6 +28,21 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# promtool (the alert rule tests, tests/k8s/test_observability.py) comes from Debian's prometheus
+# package, but only the binary: installing the package would start a Prometheus daemon where there is
+# no systemd (its postinst runs the init script). promtool is one static binary, so take it out.
+promtool=.cache/bin/promtool
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$promtool" ]; then
+  echo "setup: taking promtool from Debian's prometheus package" >&2
+  work=$(mktemp -d)
+  ( cd "$work" && { apt-get download prometheus >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get download prometheus >/dev/null; }; } )
+  mkdir -p "$(dirname "$promtool")"
+  dpkg-deb --fsys-tarfile "$work"/prometheus_*.deb | tar -xO ./usr/bin/promtool > "$promtool.tmp"
+  chmod 0755 "$promtool.tmp" && mv "$promtool.tmp" "$promtool"
+  rm -rf "$work"
+fi
+
 python=${PYTHON:-python3}
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "setup: Python >= 3.11 is required (found $("$python" --version 2>&1))" >&2

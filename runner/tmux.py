@@ -15,6 +15,9 @@ from runner.errors import TmuxError
 log = logging.getLogger(__name__)
 
 SESSION = "main"
+# How long pane_state waits for tmux to reap a dead program and publish its exit status.
+REAP_POLLS = 20
+REAP_POLL_S = 0.05
 _CONF = "set-option -g remain-on-exit on\nset-option -g history-limit 50000\n"
 
 
@@ -87,17 +90,34 @@ class Tmux:
             await self.run("respawn-pane", "-k", "-t", SESSION, "-c", str(cwd), "--", *argv, env=env)
 
     async def pane_state(self) -> PaneState:
+        state, signal = await self._read_pane()
+        if state.dead and state.exit_code is None and signal is None:
+            # The pane's program is gone but tmux has not reaped it yet. tmux 3.3 sometimes misses the
+            # SIGCHLD of a program that exits right after it starts: the pane stays dead with no status
+            # and the process a zombie until another child of the tmux server exits. A short background
+            # job is such a child (tmux reaps every exited child when one signals), so start one and
+            # read again until the status is there.
+            await self.run("run-shell", "-b", "true", check=False)
+            for _ in range(REAP_POLLS):
+                await asyncio.sleep(REAP_POLL_S)
+                state, signal = await self._read_pane()
+                if not state.dead or state.exit_code is not None or signal is not None:
+                    break
+        return state
+
+    async def _read_pane(self) -> tuple[PaneState, str | None]:
+        """The pane's state and, for a program killed by a signal, the signal number."""
         if not self.socket.exists():
-            return PaneState(exists=False)
-        fmt = "#{pane_dead}\t#{pane_dead_status}\t#{window_activity}\t#{session_attached}"
+            return PaneState(exists=False), None
+        fmt = "#{pane_dead}\t#{pane_dead_status}\t#{window_activity}\t#{session_attached}\t#{pane_dead_signal}"
         proc = await asyncio.create_subprocess_exec(
             *self.argv("display-message", "-p", "-t", SESSION, fmt),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         out, _ = await proc.communicate()
         if proc.returncode != 0:
-            return PaneState(exists=False)
-        dead, status, activity, attached = ([*out.decode().strip().split("\t"), "", "", "", ""])[:4]
+            return PaneState(exists=False), None
+        dead, status, activity, attached, signal = ([*out.decode().strip("\n").split("\t"), "", "", "", "", ""])[:5]
         return PaneState(
             exists=True,
             dead=dead == "1",
@@ -105,7 +125,7 @@ class Tmux:
             # window_activity moves on every byte the pane writes, attached or not (1 s resolution).
             last_output_at=datetime.fromtimestamp(int(activity), UTC) if activity.isdigit() else None,
             clients=int(attached) if attached.isdigit() else 0,
-        )
+        ), (signal if dead == "1" and signal.isdigit() else None)
 
     async def capture(self) -> str:
         """The visible text of the program's pane."""

@@ -39,13 +39,17 @@ async def test_create_returns_session_with_ssh_line_and_attach_url(app, sessions
     assert resp.status == 200 and resp.json["id"] == sid
 
 
-async def test_curl_style_body_without_json_content_type_is_accepted(app, sessions):
+async def test_curl_style_body_without_json_content_type_is_accepted(app, sessions, provider: FakeProvider):
     t = await make_tenant(sessions, "acme")
     _, resp = await app.asgi_client.post(
-        "/v1/instances", content=json.dumps({"repo_url": REPO, "branch": "main"}),
+        "/v1/instances", content=json.dumps({"repo_url": REPO, "branch": "dev", "tier": "large"}),
         headers={**t.headers, "content-type": "application/x-www-form-urlencoded"},
     )
+    # Not just accepted: the body was read (an empty body is a valid create too, with other values).
     assert resp.status == 201, resp.json
+    assert (resp.json["repo_url"], resp.json["branch"], resp.json["tier"]) == (REPO, "dev", "large")
+    spec = provider.specs[resp.json["id"]]
+    assert (spec.repo_url, spec.branch, spec.tier) == (REPO, "dev", "large")
 
 
 async def test_stop_start_delete_walk_the_lifecycle_and_write_events(app, sessions, provider: FakeProvider):

@@ -8,7 +8,7 @@ from sanic import Sanic
 from sqlalchemy import select
 
 from api import admin
-from api.db.models import Event, Instance
+from api.db.models import Event, Instance, UsedJti
 from api.instances.providers.fake import FakeProvider
 from tests.conftest import Tenant, make_tenant
 
@@ -107,6 +107,22 @@ async def test_authorize_refusals_are_clear_and_leak_nothing(app, sessions, prov
         headers={"Authorization": "Bearer wrong"},
     )
     assert resp.status == 401
+
+
+async def test_a_teammate_may_not_attach_but_an_org_admin_may(app, sessions, provider):
+    t = await make_tenant(sessions, "acme")
+    teammate = await admin.create_user(sessions, "bob@acme.example", "acme")
+    org_admin = await admin.create_user(sessions, "root@acme.example", "acme", is_admin=True)
+    sid, _ = await new_session(app, t, provider)
+    exp = (datetime.now(UTC) + timedelta(minutes=2)).isoformat()
+    resp = await authorize(app, session_id=sid, user_id=teammate.id, method="jwt", jti="bobs-jti",
+                           jti_expires_at=exp)
+    assert resp.status == 403 and resp.json["detail"] == f"session {sid} belongs to someone else in your org"
+    # The refusal came before the token was spent: its jti is still unused.
+    async with sessions() as db:
+        assert await db.get(UsedJti, "bobs-jti") is None
+    resp = await authorize(app, session_id=sid, user_id=org_admin.id, method="certificate")
+    assert resp.status == 200 and resp.json["user_id"] == org_admin.id
 
 
 async def test_jwt_ids_are_single_use(app, sessions, provider):

@@ -42,6 +42,7 @@ async def provider(short_tmp: Path) -> AsyncIterator[LocalProvider]:
 def compute_spec(sid: str, fake_api: FakeApi, gateway_key: runner_fixtures.GatewayKey, repo: str | None, *,
                  secrets: dict[str, str] | None = None,
                  program: str = runner_fixtures.HI_PROGRAM) -> ComputeSpec:
+    fake_api.expect(sid, "rt-secret-token")
     return ComputeSpec(
         session_id=sid, org_id="o1", user_id="u1", tier="small", resources={"cpu": "2"}, repo_url=repo,
         branch="main", program=program, task=None, api_url=fake_api.url,

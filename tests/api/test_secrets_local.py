@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.app import create_app
 from api.db.models import Instance
+from api.instances.providers.base import ComputeSpec, ProviderState
 from api.instances.providers.local import LocalProvider
 from api.settings import Settings
 from runner.tmux import Tmux
@@ -44,9 +45,26 @@ def settings(settings: Settings, short_tmp: Path, fake_api: FakeApi,
     })
 
 
+class TellingProvider(LocalProvider):
+    """The local provider, telling the stand-in API each runner token the service issues (as the real
+    API knows the tokens it stores), before the runner can send its first heartbeat."""
+
+    def __init__(self, settings: Settings, api: FakeApi) -> None:
+        super().__init__(settings)
+        self.api = api
+
+    async def create(self, spec: ComputeSpec) -> ProviderState:
+        self.api.expect(spec.session_id, spec.runner_token)
+        return await super().create(spec)
+
+    async def start(self, spec: ComputeSpec, state: ProviderState) -> ProviderState:
+        self.api.expect(spec.session_id, spec.runner_token)
+        return await super().start(spec, state)
+
+
 @pytest.fixture
-async def local(settings: Settings) -> AsyncIterator[LocalProvider]:
-    provider = LocalProvider(settings)
+async def local(settings: Settings, fake_api: FakeApi) -> AsyncIterator[LocalProvider]:
+    provider = TellingProvider(settings, fake_api)
     try:
         yield provider
     finally:

@@ -22,12 +22,11 @@ from api.app import create_app
 from api.instances.providers.fake import FakeProvider
 from api.serve import ApiServer
 from api.settings import Settings
-from tests.cli import stubs
 from tests.conftest import Tenant, make_tenant
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
-GATEWAY_PORT = 2222  # what the stub attach route hands out; nothing listens there in these tests
+GATEWAY_PORT = 2222  # the default ssh_port the attach route hands out; nothing listens there in these tests
 
 
 @dataclass
@@ -70,23 +69,10 @@ class LiveApi:
         return self.call(self.app.ctx.state.instances.record_heartbeat(session_id, spec.runner_token, body))
 
 
-def _has_route(module: str) -> bool:
-    try:
-        __import__(module)
-    except ModuleNotFoundError:
-        return False
-    return True
-
-
 @pytest.fixture
 def live_api(settings: Settings) -> Iterator[LiveApi]:
     provider = FakeProvider()
     app = create_app(settings, provider=provider)
-    # Attach and secrets come from other branches; until merged, contract-following stubs stand in.
-    if not _has_route("api.routes.attach"):
-        app.blueprint(stubs.attach_blueprint(GATEWAY_PORT))
-    if not _has_route("api.routes.secrets"):
-        app.blueprint(stubs.secrets_blueprint())
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="live-api", daemon=True)
     thread.start()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cli.keys import cert_seconds_left
-from tests.cli import stubs
+from tests import certmint
 from tests.cli.conftest import GATEWAY_PORT, LiveApi, Orz
 from tests.cli.test_cloud_commands import create
 from tests.conftest import Tenant
@@ -129,13 +129,13 @@ def test_ssh_config_makes_plain_ssh_work_and_refreshes_expired_certs(orz: Orz, l
     resolve()  # still fresh: no new certificate
     assert cert.read_text() == issued
 
-    expired, _ = stubs.sign(public, sid, -5)
+    expired = certmint.issued(public, sid, -5)
     cert.write_text(expired + "\n")
     assert cert_seconds_left(cert, sid, public) is not None and cert_seconds_left(cert, sid, public) < 0
     assert resolve()["certificatefile"] == str(cert)
     assert (cert_seconds_left(cert, sid, public) or 0) > 200
 
-    short, _ = stubs.sign(public, sid, 30)  # < 60 s left: refreshed before it can die mid-handshake
+    short = certmint.issued(public, sid, 30)  # < 60 s left: refreshed before it can die mid-handshake
     cert.write_text(short + "\n")
     resolve()
     assert (cert_seconds_left(cert, sid, public) or 0) > 200

@@ -20,7 +20,7 @@ from cli.connect import api_message
 from cli.errors import CliError
 from cli.repo import as_clone_url, current_repo
 from cli.starting import LogFollower
-from tests.cli import stubs
+from tests import certmint
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -98,7 +98,7 @@ def test_key_pair_and_certificate_checks(home: Path) -> None:
     assert keys.ensure_key_pair().public_line() == pair.public_line()  # kept, not regenerated
     public = pair.public_line()
     assert keys.needs_refresh("abc")
-    cert, _ = stubs.sign(public, "abc", 300)
+    cert = certmint.issued(public, "abc", 300)
     path = keys.save_certificate("abc", cert)
     assert 250 < (keys.cert_seconds_left(path, "abc", public) or 0) <= 300
     assert not keys.needs_refresh("abc")
@@ -107,7 +107,7 @@ def test_key_pair_and_certificate_checks(home: Path) -> None:
 
     stranger = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
     assert keys.cert_seconds_left(path, "abc", stranger) is None  # certifies another key
-    keys.save_certificate("abc", stubs.sign(public, "abc", 30)[0])
+    keys.save_certificate("abc", certmint.issued(public, "abc", 30))
     assert keys.needs_refresh("abc")
     path.write_text("garbage")
     assert keys.cert_seconds_left(path, "abc", public) is None

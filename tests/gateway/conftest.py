@@ -27,6 +27,7 @@ from tests.support import free_port
 SERVICE_TOKEN = "svc-test-token"
 SESSION = "demo-1"
 USER = "usr_alice"
+TEAMMATE = "usr_carol"  # alice's colleague in the same org
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +144,7 @@ async def gateway_env(tmp_path: Path, client_key: asyncssh.SSHKey | None = None,
                         **settings_overrides)
     ca = ssh_ca.load_or_create_ca(settings)
     jwt_key = attach_jwt.load_or_create_signing_key(settings)
-    api = FakeApi(SERVICE_TOKEN)
+    api = FakeApi(SERVICE_TOKEN, users={USER: "acme", TEAMMATE: "acme", "usr_bob": "bobs-org"})
     await api.start()
     settings = settings.model_copy(update={"internal_api_url": api.url})
     key_path = keys.client_key_path(settings)

@@ -1,8 +1,10 @@
 """Test stand-ins, each for a piece the gateway talks to over the network.
 
 - ``FakeApi`` stands in for the API's internal routes (``POST /internal/v1/authorize`` and
-  ``POST /internal/v1/attach-events``) until they are on main: a real HTTP server (asyncio streams)
-  that checks the service token and answers with the contract's JSON or problem+json.
+  ``POST /internal/v1/attach-events``): a real HTTP server (asyncio streams) that checks the service
+  token and answers with the contract's JSON or problem+json. It lets gateway tests set a session's
+  state directly (failed, stopped, slow to start); test_api_contract.py keeps it honest against the
+  real API.
 - ``FakeRunner`` stands in for the runner's internal SSH endpoint (runner/sshd.py, not yet committed on
   the runner branch): a real asyncssh server that accepts only the gateway's client key with user
   "rw"/"ro". A pty shell prints "hi" then echoes; exec runs ``sh -c``; sftp/scp serve a directory;
@@ -37,7 +39,12 @@ class FakeSession:
 
 @dataclass
 class FakeApi:
+    """The API's authorize rules, in the real API's order and words (tests/gateway/test_api_contract.py
+    runs the same cases against both). Users belong to orgs; a session's org is its owner's."""
+
     service_token: str
+    users: dict[str, str] = field(default_factory=dict)  # user id -> org
+    admins: set[str] = field(default_factory=set)
     sessions: dict[str, FakeSession] = field(default_factory=dict)
     disabled_users: set[str] = field(default_factory=set)
     used_jti: set[str] = field(default_factory=set)
@@ -78,10 +85,15 @@ class FakeApi:
 
     def _route(self, method: str, path: str, headers: dict[str, str],
                body: bytes) -> tuple[int, dict[str, Any] | None]:
-        if headers.get("authorization") != f"Bearer {self.service_token}":
-            return self._problem(401, "unauthorized", "bad service token")
+        auth = headers.get("authorization")
+        if auth is None:
+            return self._problem(401, "unauthorized", "missing Authorization: Bearer <token> header")
+        if auth != f"Bearer {self.service_token}":
+            return self._problem(401, "unauthorized", "invalid service token")
         data = json.loads(body or b"{}")
         if method == "POST" and path == "/internal/v1/attach-events":
+            if data.get("session_id") not in self.sessions:
+                return self._problem(404, "not_found", f"no such session: {data.get('session_id')}")
             self.events.append(data)
             return 204, None
         if method == "POST" and path == "/internal/v1/authorize":
@@ -91,18 +103,24 @@ class FakeApi:
 
     def _authorize(self, req: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         sid, user = req["session_id"], req["user_id"]
+        if user not in self.users:
+            return self._problem(401, "unauthorized", "unknown user")
         if user in self.disabled_users:
             return self._problem(403, "forbidden", "your account is disabled")
-        if req.get("jti"):
-            if req["jti"] in self.used_jti:
-                return self._problem(401, "unauthorized", "this attach token was already used")
-            self.used_jti.add(req["jti"])
         session = self.sessions.get(sid)
-        if session is None or session.owner != user:
-            # Never reveal that someone else's session exists.
+        if session is None or self.users.get(session.owner) != self.users[user] or session.state == "deleted":
+            # Another org's session is indistinguishable from one that does not exist.
             return self._problem(404, "not_found", f"no such session: {sid}")
+        if session.owner != user and user not in self.admins:
+            return self._problem(403, "forbidden", f"session {sid} belongs to someone else in your org")
+        if req.get("jti"):  # spent only once the user may attach at all
+            if req["jti"] in self.used_jti:
+                return self._problem(401, "unauthorized", "this attach token was already used; ask for a new one")
+            self.used_jti.add(req["jti"])
         if session.state == "failed":
-            return self._problem(409, "session_failed", f"session failed: {session.reason}")
+            return self._problem(409, "session_failed", f"session {sid} failed: {session.reason or 'unknown reason'}")
+        if session.state == "stopped" and req.get("wake") is False:
+            return self._problem(409, "conflict", f"session {sid} is stopped; start it with `orz cloud start {sid}`")
         if session.state == "stopped":
             session.state = "starting"
         elif session.state == "starting":
@@ -111,10 +129,10 @@ class FakeApi:
                 session.state = "running"
         reply: dict[str, Any] = {"session_id": sid, "user_id": user, "state": session.state,
                                  "mode": "ro" if req.get("readonly") else "rw"}
-        if session.state == "running":
+        if session.state == "running" and session.route:
             reply["route"] = session.route
         else:
-            reply["message"] = f"session {sid} is {session.state}: starting it..."
+            reply["message"] = f"session {sid} is {session.state}"
         return 200, reply
 
 

@@ -51,5 +51,5 @@ async def test_stopped_session_wakes_with_progress(env: Env) -> None:
     result = await env.ssh(*env.cert_args(), "--", "echo awake")
     assert result.returncode == 0, result
     assert result.stdout == b"awake\n"
-    assert b"starting it..." in result.stderr
+    assert f"session {SESSION} is starting".encode() in result.stderr
     assert env.api.authorize_calls[-1].get("jti") is None  # polls never replay a token

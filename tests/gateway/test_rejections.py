@@ -13,7 +13,7 @@ import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from api.credentials import jwt as attach_jwt
-from tests.gateway.conftest import SESSION, USER, Env
+from tests.gateway.conftest import SESSION, TEAMMATE, USER, Env
 from tests.gateway.standins import FakeSession
 
 
@@ -126,12 +126,20 @@ async def test_someone_elses_session_looks_missing(env: Env) -> None:
     assert b"orz: no such session: nope" in missing.stderr
 
 
+async def test_a_teammates_session_is_refused_with_why(env: Env) -> None:
+    env.api.sessions["carols"] = FakeSession(owner=TEAMMATE, route=env.runner.route)
+    result = await env.ssh(*env.cert_args(env.certificate(session_id="carols")), "--", "echo in",
+                           session_id="carols")
+    assert result.returncode == 1 and b"orz: session carols belongs to someone else in your org" in result.stderr
+    assert b"in\n" not in result.stdout
+
+
 async def test_failed_session_says_why(env: Env) -> None:
     env.api.sessions[SESSION].state = "failed"
     env.api.sessions[SESSION].reason = "clone failed: repository not found"
     result = await env.ssh("-tt", *env.cert_args())
     assert result.returncode == 1
-    assert b"orz: session failed: clone failed: repository not found" in result.stderr
+    assert f"orz: session {SESSION} failed: clone failed: repository not found".encode() in result.stderr
 
 
 async def test_failed_authentications_rate_limited(env: Env) -> None:

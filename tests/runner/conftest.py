@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import subprocess
@@ -160,6 +159,7 @@ async def start_runner(short_tmp: Path, fake_api: FakeApi, gateway_key: GatewayK
         )
         environ = {"PATH": os.environ["PATH"], "HOME": str(short_tmp), "LANG": "C.UTF-8",
                    **(secrets or {}), **(extra_env or {})}
+        fake_api.expect(name, "runner-token-1")
         runner = Runner(spec, "runner-token-1", environ)
         stop = asyncio.Event()
         handle = RunningRunner(runner, stop, asyncio.create_task(runner.run(stop)), fake_api, gateway_key)
@@ -169,10 +169,18 @@ async def start_runner(short_tmp: Path, fake_api: FakeApi, gateway_key: GatewayK
     try:
         yield start
     finally:
+        # A runner that crashes or hangs on stop is a failure of the test, reported after every runner
+        # is cleaned up (a test that cancelled its runner on purpose is the one exception).
+        problems = []
         for handle in started:
             handle.stop.set()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(handle.task, 20)
-            # Belt and braces: whatever happened above, no tmux server outlives the test.
+            if not handle.task.cancelled():
+                try:
+                    await asyncio.wait_for(handle.task, 20)
+                except Exception as exc:  # collected, then failed on below
+                    problems.append(f"runner {handle.spec.session_id} did not stop cleanly: {exc!r}")
+            # Whatever happened above, no tmux server outlives the test.
             subprocess.run(["tmux", "-S", str(handle.runner.tmux.socket), "kill-server"],
                            capture_output=True, check=False)
+        if problems:
+            pytest.fail("; ".join(problems))

@@ -1,14 +1,17 @@
 """A stand-in for the API's internal heartbeat route (``POST /internal/v1/instances/{id}/heartbeat``).
 
-It is a few lines of asyncio HTTP/1.1 on 127.0.0.1:0 that records every heartbeat body and answers
-with a HeartbeatReply, so runner tests (in-process or as a child of the LocalProvider) can watch what
-a runner reports without the database. The lead's integration test covers the real route.
+It is a few lines of asyncio HTTP/1.1 on 127.0.0.1:0 that records every accepted heartbeat body and
+answers with a HeartbeatReply, so runner tests (in-process or as a child of the LocalProvider) can watch
+what a runner reports without the database. Like the real route it takes only the runner token it was
+told for that session (``expect``) and answers 401 otherwise; tests/runner/test_api_contract.py runs the
+same requests against the real API.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,6 +25,8 @@ class FakeApi:
     interval_s: int = 1
     heartbeats: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
+    runner_tokens: dict[str, str] = field(default_factory=dict)  # session id -> its runner token
+    rejected: list[str] = field(default_factory=list)  # session ids of refused heartbeats
     fail: bool = False
     _server: asyncio.Server | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -44,6 +49,10 @@ class FakeApi:
                 writer.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+
+    def expect(self, session_id: str, runner_token: str) -> None:
+        """Accept heartbeats for ``session_id`` with this token (the API's record of the token it issued)."""
+        self.runner_tokens[session_id] = runner_token
 
     def bodies(self, session_id: str | None = None) -> list[dict[str, Any]]:
         return [b for sid, b, _ in self.heartbeats if session_id is None or sid == session_id]
@@ -77,9 +86,23 @@ class FakeApi:
         if self.fail:
             return 503, {"title": "down", "status": 503, "detail": "down", "code": "down", "type": "x"}
         if method == "POST" and parts[:3] == ["internal", "v1", "instances"] and parts[-1] == "heartbeat":
-            self.tokens.append(headers.get("authorization", ""))
-            self.heartbeats.append((parts[3], json.loads(body or b"{}"), time.monotonic()))
+            sid, auth = parts[3], headers.get("authorization")
+            if not auth:
+                return self._unauthorized(sid, "missing Authorization: Bearer <token> header")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return self._unauthorized(sid, "the Authorization header must be 'Bearer <token>'")
+            expected = self.runner_tokens.get(sid)
+            if expected is None or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+                return self._unauthorized(sid, "invalid runner token")
+            self.tokens.append(auth)
+            self.heartbeats.append((sid, json.loads(body or b"{}"), time.monotonic()))
             self._changed.set()
             return 200, {"state": "running", "heartbeat_interval_s": self.interval_s}
         return 404, {"title": "not found", "status": 404, "detail": "no route", "code": "not_found",
                      "type": "about:blank"}
+
+    def _unauthorized(self, session_id: str, detail: str) -> tuple[int, Any]:
+        self.rejected.append(session_id)
+        return 401, {"type": "https://orz.cloud/problems/unauthorized", "title": "Authentication required",
+                     "status": 401, "code": "unauthorized", "detail": detail}
