@@ -308,8 +308,12 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             self._stop_progress()
             self._stop_progress = None
 
+    def _writable(self) -> bool:
+        """The client's channel still takes output: after a hang-up asyncssh raises BrokenPipeError."""
+        return self._chan is not None and not self._chan.is_closing()
+
     def _say(self, line: str) -> None:
-        if self._chan is not None:
+        if self._chan is not None and self._writable():
             self._chan.write_stderr(f"orz: {line}\r\n".encode() if self._pty else f"orz: {line}\n".encode())
 
     def _fail(self, line: str) -> None:
@@ -319,7 +323,8 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             self._chan.exit(1)
 
     def _write_out(self, data: bytes) -> None:
-        if self._chan is not None:
+        # Also runs from the coalescer's end-of-turn callback, which may come after the client hung up.
+        if self._chan is not None and self._writable():
             self._chan.write(data)
 
     def from_upstream(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -327,14 +332,16 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         assert self._out is not None and self._chan is not None
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
             self._out.flush()  # keep stdout written before this stderr ahead of it
-            self._chan.write_stderr(data)
+            if self._writable():
+                self._chan.write_stderr(data)
         else:
             self._out.add(data)
 
     def upstream_eof(self) -> None:
         if self._out is not None and self._chan is not None:
             self._out.flush()
-            self._chan.write_eof()
+            if self._writable():
+                self._chan.write_eof()
 
     def upstream_closed(self, up: _UpstreamSession) -> None:
         chan = self._chan

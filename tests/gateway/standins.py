@@ -163,6 +163,7 @@ class FakeRunner:
     usernames: list[str] = field(default_factory=list)
     signals: list[str] = field(default_factory=list)
     rekey_bytes: int | None = None  # start a key exchange after this many bytes sent (asyncssh: 1 GiB)
+    commands_running: int = 0  # exec'd commands not yet reaped
 
     @property
     def route(self) -> dict[str, Any]:
@@ -215,10 +216,17 @@ class FakeRunner:
         process.exit(0)
 
     async def _command(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        self.commands_running += 1
+        try:
+            await self._run_command(process)
+        finally:
+            self.commands_running -= 1
+
+    async def _run_command(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         cmd = process.command or os.environ.get("SHELL", "/bin/sh")
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", cmd, cwd=self.workspace, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )
         assert proc.stdin and proc.stdout and proc.stderr
 
@@ -229,13 +237,21 @@ class FakeRunner:
             proc.stdin.close()  # type: ignore[union-attr]
 
         async def pump_out(src: asyncio.StreamReader, dst: asyncssh.SSHWriter[bytes]) -> None:
-            while data := await src.read(65536):
-                dst.write(data)
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+            except (OSError, asyncssh.Error):  # the channel closed under a write or a drain
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the client is gone: end the command and its children
+                while await src.read(65536):
+                    pass  # to the pipe's end, so it closes
 
         feeder = asyncio.create_task(pump_in())
         await asyncio.gather(pump_out(proc.stdout, process.stdout), pump_out(proc.stderr, process.stderr))
         status = await proc.wait()
         feeder.cancel()
+        if process.channel.is_closing():
+            return
         if status < 0:
             name = signal.Signals(-status).name.removeprefix("SIG")
             process.exit_with_signal(name, False, f"killed by {name}")

@@ -1,0 +1,120 @@
+"""Malformed packets and abrupt hang-ups at the gateway: only that connection ends, quietly, nothing is lost.
+
+Packets are sealed with the gateway's own receive keys (tests/gateway/packets.py), so they pass the
+AES-GCM check and reach the fast path (gateway/splice.py) and asyncssh's parser as a hostile client's
+would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+import asyncssh
+import pytest
+
+from gateway import splice
+from tests.gateway.conftest import Env
+from tests.gateway.packets import Sealer, channel_data
+
+
+@pytest.fixture
+def fast_paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[splice.FastPath]]:
+    made: list[splice.FastPath] = []
+    original = splice.FastPath.__init__
+
+    def spy(self: splice.FastPath, *args: object) -> None:
+        original(self, *args)  # type: ignore[arg-type]
+        made.append(self)
+
+    monkeypatch.setattr(splice.FastPath, "__init__", spy)
+    yield made
+
+
+async def client(env: Env) -> asyncssh.SSHClientConnection:
+    key = asyncssh.read_private_key(env.user_key())
+    cert = asyncssh.read_certificate(env.certificate())
+    return await asyncssh.connect("127.0.0.1", env.port, username="demo-1", client_keys=[(key, cert)],
+                                  known_hosts=str(env.known_hosts), config=None, agent_path=None,
+                                  encryption_algs=["aes128-gcm@openssh.com"])
+
+
+async def spliced(paths: list[splice.FastPath], conn: asyncssh.SSHClientConnection) -> splice.FastPath:
+    """The gateway's fast path for this client once a channel of it is spliced."""
+    local_port = conn.get_extra_info("sockname")[1]
+    for _ in range(100):
+        for path in paths:
+            peer = path.conn.get_extra_info("peername")
+            if isinstance(path.conn, asyncssh.SSHServerConnection) and peer and peer[1] == local_port and path.legs:
+                return path
+        await asyncio.sleep(0.05)
+    raise AssertionError("no spliced channel for this client")
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def wait_for(predicate: object, what: str, timeout: float = 10) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_zero_length_packet_closes_quietly_and_keeps_the_batched_data(
+        env: Env, fast_paths: list[splice.FastPath], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with await client(env) as conn:
+        process = await conn.create_process("cat > got.bin", encoding=None)
+        path = await spliced(fast_paths, conn)
+        channel = next(iter(path.legs))
+        sealer = Sealer(path.conn)
+        # One read: a data packet the fast path batches, then a zero-length packet with a valid tag.
+        path.data_received(sealer.payload(channel_data(channel, b"batched before the bad packet"))
+                           + sealer.seal(b"", length=0))
+        await asyncio.wait_for(conn.wait_closed(), 10)
+        process.close()
+    got = env.runner.workspace / "got.bin"
+    await wait_for(lambda: got.exists() and got.read_bytes() == b"batched before the bad packet", "the data")
+    assert not errors(caplog), [r.getMessage() for r in errors(caplog)]
+    result = await env.ssh(*env.cert_args(), "--", "echo still here")
+    assert result.returncode == 0 and result.stdout == b"still here\n"
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["exec", "pty"])
+async def test_clients_killed_mid_output_leave_no_errors(env: Env, caplog: pytest.LogCaptureFixture,
+                                                         tty: bool) -> None:
+    """Clients SIGKILLed while the session floods them: the gateway logs no ERROR and serves on."""
+    caplog.set_level(logging.DEBUG)
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        for _ in range(20):
+            argv = [*env.base_args(), *env.cert_args(), *(["-tt"] if tty else []), "demo-1@127.0.0.1",
+                    "yes flooding-the-client"]
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            assert proc.stdout is not None
+            seen = b""
+            while len(seen) < 200_000:
+                chunk = await asyncio.wait_for(proc.stdout.read(65536), 15)
+                assert chunk, "the session's output stopped early"
+                seen += chunk
+            proc.kill()
+            await asyncio.wait_for(proc.stdout.read(), 15)  # drained: the pipe can report its end
+            await asyncio.wait_for(proc.wait(), 15)
+        await wait_for(lambda: not env.gateway.connections, "the gateway to let go of the clients")
+        await wait_for(lambda: not env.runner.commands_running, "the runner to end the floods")
+        await asyncio.sleep(0.2)  # callbacks already scheduled for the closed channels run now
+    finally:
+        loop.set_exception_handler(previous)
+    assert not unhandled, [str(c.get("exception") or c.get("message")) for c in unhandled]
+    assert not errors(caplog), [r.getMessage() for r in errors(caplog)]
+    result = await env.ssh(*env.cert_args(), "--", "echo still here")
+    assert result.returncode == 0 and result.stdout == b"still here\n"
