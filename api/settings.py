@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # Relay session bytes between client and runner without asyncssh's per-packet channel machinery
     # (gateway/splice.py); off runs every packet through asyncssh, as a fallback and for comparison.
     gateway_fast_path: bool = True
+    # How often each gateway asks the API which live attachments must end (user disabled, session
+    # deleted, access revoked): one request per gateway per interval (gateway/revocation.py).
+    gateway_access_check_s: float = Field(default=1.0, ge=0.1, le=60)
     # Failed authentications allowed per source address inside auth_fail_window_s.
     auth_fail_limit: int = Field(default=10, ge=1)
     auth_fail_window_s: int = Field(default=60, ge=1)

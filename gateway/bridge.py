@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,12 +64,15 @@ async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey,
 class Attachment:
     """Per client connection: the upstream connection (once ready), counters and progress lines."""
 
-    def __init__(self) -> None:
+    def __init__(self, reauthorize: Callable[[], Awaitable[None]] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[asyncssh.SSHClientConnection] = loop.create_future()
         self.counters = Counters()
         self.progress_lines: list[str] = []
         self._progress_listeners: list[Callable[[str], None]] = []
+        # Asks the API again whether this user may still reach the session; raises AttachRefused if not.
+        self._reauthorize = reauthorize
+        self.sessions: set[BridgeSession] = set()  # open session channels, for a revocation to close
 
     def progress(self, line: str) -> None:
         self.progress_lines.append(line)
@@ -95,6 +98,18 @@ class Attachment:
 
     async def upstream(self) -> asyncssh.SSHClientConnection:
         return await asyncio.shield(self._ready)
+
+    async def for_new_channel(self) -> asyncssh.SSHClientConnection:
+        """The upstream connection for a channel the client opens, once the API says yes again.
+
+        Every channel open is re-authorized (a disabled user's live connection opens nothing new); the
+        API call runs while the upstream connection is still being set up, so a first attach waits
+        for the slower of the two, not both.
+        """
+        if self._reauthorize is None:
+            return await self.upstream()
+        conn, _ = await asyncio.gather(self.upstream(), self._reauthorize())
+        return conn
 
     def upstream_now(self) -> asyncssh.SSHClientConnection | None:
         if self._ready.done() and not self._ready.cancelled() and self._ready.exception() is None:
@@ -197,6 +212,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         self._chan = chan
         self._out = _Coalescer(self._write_out)
+        self._attachment.sessions.add(self)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
                       term_modes: dict[int, int]) -> bool:
@@ -258,6 +274,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             self._up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._attachment.sessions.discard(self)
         if self._stop_progress:
             self._stop_progress()
         if self._task is not None and not self._task.done():
@@ -274,7 +291,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         if not self._attachment.upstream_now():
             self._stop_progress = self._attachment.on_progress(self._say)
         try:
-            conn = await self._attachment.upstream()
+            conn = await self._attachment.for_new_channel()
             self._stop_progress_now()
             term: dict[str, Any] = {"request_pty": False}
             if self._pty:
@@ -321,6 +338,14 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         self._say(line)
         if self._chan is not None:
             self._chan.exit(1)
+
+    def revoke(self, line: str) -> None:
+        """Access was withdrawn: the user reads why, then the channel (and its runner twin) closes."""
+        if self._out is not None:
+            self._out.flush()
+        self._fail(line)
+        if self._up is not None:
+            self._up.close()
 
     def _write_out(self, data: bytes) -> None:
         # Also runs from the coalescer's end-of-turn callback, which may come after the client hung up.

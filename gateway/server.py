@@ -25,6 +25,7 @@ from gateway.bridge import CIPHERS, Attachment, BridgeSession, connect_upstream
 from gateway.cork import CorkProtocol, WithoutFiller
 from gateway.errors import AttachRefused, CredentialRejected, UpstreamUnavailable
 from gateway.forwarding import Pipe, open_direct, open_remote_listener
+from gateway.revocation import AccessWatch, Revocable
 from gateway.routing import Router
 from gateway.web import WebDoor
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 LOGIN_TIMEOUT_S = 30
 # After a refusal line was shown, give the client a moment to read it, then hang up.
 REFUSED_LINGER_S = 5
+# API answers to a channel's re-authorization that withdraw the whole connection, not just that channel.
+WITHDRAWN_CODES = frozenset({"forbidden", "not_found", "unauthorized"})
 
 
 class GatewayConnection(WithoutFiller, asyncssh.SSHServerConnection):
@@ -69,6 +72,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.attachment: Attachment | None = None
         self.attached_at: float | None = None
         self.auth_done_at: float | None = None
+        self.revoked: str | None = None  # why access was withdrawn while connected
         self._banners: set[str] = set()
         # Where the runner's agent requests land; relayed to the client's agent only if it asked (ssh -A).
         self.agent = AgentRelay(str(gateway.runtime_dir / f"agent-{self.id}"), self._client_agent_path)
@@ -210,7 +214,7 @@ class ClientConnection(asyncssh.SSHServer):
             self.conn.send_auth_banner(f"orz: {line}\r\n")
 
     def auth_completed(self) -> None:
-        self.attachment = Attachment()
+        self.attachment = Attachment(reauthorize=self._reauthorize)
         self.auth_done_at = time.monotonic()
         if self.refusal is not None:
             metrics.attach_failed("ssh", self.refusal.code)
@@ -218,6 +222,42 @@ class ClientConnection(asyncssh.SSHServer):
             asyncio.get_running_loop().call_later(REFUSED_LINGER_S, self._hang_up, self.refusal.line)
             return
         self.gw.spawn(self._attach())
+
+    # -- while connected ---------------------------------------------------------------------------
+
+    def live(self) -> tuple[str, str] | None:
+        """(session id, user id) of an allowed attachment, for the gateway's access watch."""
+        if self.principal is None or self.refusal is not None or self.revoked is not None:
+            return None
+        if self.attachment is None or self.conn is None or self.conn.is_closed():
+            return None
+        return self.session_id, self.principal.user_id
+
+    async def _reauthorize(self) -> None:
+        """Before any new channel: the API must still say yes (the user may be disabled since)."""
+        if self.revoked is not None:
+            raise AttachRefused(self.revoked, code="revoked")
+        assert self.principal is not None
+        try:
+            await self.gw.router.authorize(self.session_id, self.principal, source=self.source, first=False,
+                                           wake=False)
+        except AttachRefused as exc:
+            log.info("conn %s: new channel to %s refused (%s)", self.id, self.session_id, exc.code)
+            if exc.code in WITHDRAWN_CODES:
+                self.revoke(exc.line)
+            raise
+
+    def revoke(self, reason: str) -> None:
+        """Access withdrawn: every open session shows the reason, then the connection closes."""
+        if self.revoked is not None:
+            return
+        self.revoked = reason
+        log.info("conn %s from %s: access to %s withdrawn: %s", self.id, self.source, self.session_id, reason)
+        metrics.revoked("ssh")
+        if self.attachment is not None:
+            for session in list(self.attachment.sessions):
+                session.revoke(reason)
+        self._hang_up(reason)
 
     def _hang_up(self, line: str) -> None:
         """Clients without a session channel (ssh -N) still read the reason in the disconnect."""
@@ -299,6 +339,8 @@ class Gateway:
         self.host_key = keys.load_or_create(keys.host_key_path(settings), "orz-gateway-host")
         self.client_key = keys.load_or_create(keys.client_key_path(settings), "orz-gateway-client")
         self.connections: set[ClientConnection] = set()
+        self.web_terminals: set[Revocable] = set()  # browser terminals, for the access watch
+        self.access_watch = AccessWatch(self.api, settings.gateway_access_check_s)
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.metrics_server: metrics.MetricsServer | None = None
@@ -336,6 +378,7 @@ class Gateway:
         self._server = await loop.create_server(lambda: CorkProtocol(GatewayConnection(loop, options)),
                                                 self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
+        self.spawn(self.access_watch.run(self._revocables))
         self.web = WebDoor(self)
         try:
             await self.web.start()
@@ -355,6 +398,9 @@ class Gateway:
                 await self.web.close()
                 self._server.close()
                 raise
+
+    def _revocables(self) -> list[Revocable]:
+        return [*self.connections, *self.web_terminals]
 
     @property
     def port(self) -> int:

@@ -72,8 +72,13 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
             await gw.router.report(AttachEventIn(
                 session_id=grant.session_id, user_id=grant.principal.user_id, event="attached",
                 connection_id=grant.id, source_address=grant.source))
-            await _first_done(_session_to_ws(stdout, ws, counters),
-                              _ws_to_session(ws, stdin, counters, readonly=readonly))
+            live = _LiveTerminal(gw, ws, grant)
+            gw.web_terminals.add(live)
+            try:
+                await _first_done(_session_to_ws(stdout, ws, counters),
+                                  _ws_to_session(ws, stdin, counters, readonly=readonly))
+            finally:
+                gw.web_terminals.discard(live)
             stdin.channel.close()
             await stdin.channel.wait_closed()
             status = stdin.channel.get_exit_status()
@@ -89,6 +94,23 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
         if attached_at is not None:
             metrics.detached("web", counters.bytes_in, counters.bytes_out)
             await _report_detached(gw, grant, counters, attached_at)
+
+
+class _LiveTerminal:
+    """A browser terminal as the gateway's access watch sees it (gateway/revocation.py)."""
+
+    def __init__(self, gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
+        self.gw, self.ws, self.grant = gw, ws, grant
+        self.revoked = False
+
+    def live(self) -> tuple[str, str] | None:
+        return None if self.revoked else (self.grant.session_id, self.grant.principal.user_id)
+
+    def revoke(self, reason: str) -> None:
+        self.revoked = True
+        log.info("web %s: access to %s withdrawn: %s", self.grant.id, self.grant.session_id, reason)
+        metrics.revoked("web")
+        self.gw.spawn(_refuse(self.ws, reason))  # closing the WebSocket ends the bridge
 
 
 async def _report_detached(gw: Gateway, grant: Grant, counters: Counters, attached_at: float) -> None:

@@ -1,7 +1,7 @@
 """Test stand-ins, each for a piece the gateway talks to over the network.
 
-- ``FakeApi`` stands in for the API's internal routes (``POST /internal/v1/authorize`` and
-  ``POST /internal/v1/attach-events``) until they are on main: a real HTTP server (asyncio streams)
+- ``FakeApi`` stands in for the API's internal routes (``POST /internal/v1/authorize``,
+  ``/internal/v1/access-check`` and ``/internal/v1/attach-events``): a real HTTP server (asyncio streams)
   that checks the service token and answers with the contract's JSON or problem+json.
 - ``FakeRunner`` stands in for the runner's internal SSH endpoint (runner/sshd.py, not yet committed on
   the runner branch): a real asyncssh server that accepts only the gateway's client key with user
@@ -43,6 +43,7 @@ class FakeApi:
     used_jti: set[str] = field(default_factory=set)
     events: list[dict[str, Any]] = field(default_factory=list)
     authorize_calls: list[dict[str, Any]] = field(default_factory=list)
+    access_checks: int = 0  # POST /internal/v1/access-check calls
     server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -84,10 +85,22 @@ class FakeApi:
         if method == "POST" and path == "/internal/v1/attach-events":
             self.events.append(data)
             return 204, None
+        if method == "POST" and path == "/internal/v1/access-check":
+            self.access_checks += 1
+            return 200, {"revoked": [r for r in map(self._revocation, data["attachments"]) if r]}
         if method == "POST" and path == "/internal/v1/authorize":
             self.authorize_calls.append(data)
             return self._authorize(data)
         return self._problem(404, "not_found", "no route")
+
+    def _revocation(self, live: dict[str, str]) -> dict[str, str] | None:
+        sid, user = live["session_id"], live["user_id"]
+        reason = None
+        if user in self.disabled_users:
+            reason = "your account is disabled"
+        elif sid not in self.sessions:
+            reason = f"session {sid} was deleted"
+        return {"session_id": sid, "user_id": user, "reason": reason} if reason else None
 
     def _authorize(self, req: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         sid, user = req["session_id"], req["user_id"]
