@@ -11,14 +11,13 @@ from typing import Any
 import asyncssh
 
 from api.schemas import Route
+from api.settings import ssh_algorithms
 from gateway import splice
 from gateway.cork import CorkedTunnel
 from gateway.errors import AttachRefused, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
-# asyncssh's AES-GCM is far cheaper per packet than its ChaCha20 (DESIGN.md 4).
-CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 ENV_ALLOWED = ("TERM", "LANG")
 KEEPALIVE_S = 30
 UPSTREAM_CONNECT_TIMEOUT_S = 15
@@ -53,7 +52,7 @@ async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey,
             route.host, route.port, username=mode, client_keys=[client_key],
             known_hosts=([host_key], [], []), config=None, agent_path=None,
             agent_forwarding=agent_path or False, preferred_auth="publickey", password=None,
-            kbdint_auth=False, encryption_algs=CIPHERS, compression_algs=None,
+            kbdint_auth=False, **ssh_algorithms(), compression_algs=None,
             keepalive_interval=KEEPALIVE_S, connect_timeout=UPSTREAM_CONNECT_TIMEOUT_S,
             tunnel=CorkedTunnel(),
         )

@@ -11,29 +11,31 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import asyncssh
 from pydantic import SecretStr
 
 from api.client import ApiClient
 from api.schemas import AttachEventIn, AuthorizeReply
-from api.settings import Settings
+from api.settings import Settings, ssh_algorithms
 from gateway import auth, keys, metrics
 from gateway.agent import AgentRelay
-from gateway.bridge import CIPHERS, Attachment, BridgeSession, connect_upstream
-from gateway.cork import CorkProtocol, WithoutFiller
+from gateway.bridge import Attachment, BridgeSession, connect_upstream
+from gateway.cork import WithoutFiller
 from gateway.errors import AttachRefused, CredentialRejected, UpstreamUnavailable
 from gateway.forwarding import Pipe, open_direct, open_remote_listener
+from gateway.preauth import AdmittedProtocol, PreauthLimiter
 from gateway.revocation import AccessWatch, Revocable
 from gateway.routing import Router
 from gateway.web import WebDoor
 
 log = logging.getLogger(__name__)
 
-LOGIN_TIMEOUT_S = 30
 # After a refusal line was shown, give the client a moment to read it, then hang up.
 REFUSED_LINGER_S = 5
+# After a revocation closed the sessions, the connection itself goes this much later.
+REVOKED_LINGER_S = 0.5
 # API answers to a channel's re-authorization that withdraw the whole connection, not just that channel.
 WITHDRAWN_CODES = frozenset({"forbidden", "not_found", "unauthorized"})
 
@@ -86,10 +88,7 @@ class ClientConnection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:  # type: ignore[override]
         self.conn = conn
-        peer = conn.get_extra_info("peername")
-        self.source = str(peer[0]) if peer else "?"
-        if peer:  # SSH over the web door arrives from loopback: use the WebSocket client's address
-            self.source = self.gw.tunnel_sources.get((str(peer[0]), int(peer[1])), self.source)
+        self.source = self.gw.source_of(conn.get_extra_info("peername"))
         self.gw.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -214,6 +213,9 @@ class ClientConnection(asyncssh.SSHServer):
             self.conn.send_auth_banner(f"orz: {line}\r\n")
 
     def auth_completed(self) -> None:
+        done = getattr(self.conn, "preauth_done", None)
+        if done is not None:
+            done()  # authenticated: no longer counts against the pre-auth limits
         self.attachment = Attachment(reauthorize=self._reauthorize)
         self.auth_done_at = time.monotonic()
         if self.refusal is not None:
@@ -257,7 +259,9 @@ class ClientConnection(asyncssh.SSHServer):
         if self.attachment is not None:
             for session in list(self.attachment.sessions):
                 session.revoke(reason)
-        self._hang_up(reason)
+        # The sessions' lines and exit statuses first; a ControlMaster relays them to its mux clients
+        # only while its connection lives. New channels are refused meanwhile (self.revoked).
+        asyncio.get_running_loop().call_later(REVOKED_LINGER_S, self._hang_up, reason)
 
     def _hang_up(self, line: str) -> None:
         """Clients without a session channel (ssh -N) still read the reason in the disconnect."""
@@ -335,6 +339,7 @@ class Gateway:
         self.api = api or ApiClient(settings.public_api_url, _secret(settings.service_token))
         self.router = Router(self.api, start_timeout_s=settings.start_timeout_s)
         self.limiter = auth.FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
+        self.preauth = PreauthLimiter(settings.gateway_preauth_per_source, settings.gateway_preauth_total)
         self._anchors: auth.TrustAnchors | None = None
         self.host_key = keys.load_or_create(keys.host_key_path(settings), "orz-gateway-host")
         self.client_key = keys.load_or_create(keys.client_key_path(settings), "orz-gateway-client")
@@ -368,15 +373,16 @@ class Gateway:
     async def start(self) -> None:
         options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: ClientConnection(self), server_host_keys=[self.host_key],
-            encryption_algs=CIPHERS, compression_algs=None, line_editor=False, encoding=None,
+            **ssh_algorithms(), compression_algs=None, line_editor=False, encoding=None,
             agent_forwarding=True, x11_forwarding=False, allow_scp=False, config=None,
-            login_timeout=LOGIN_TIMEOUT_S, keepalive_interval=60, keepalive_count_max=3,
+            login_timeout=self.settings.gateway_login_timeout_s, keepalive_interval=60, keepalive_count_max=3,
             server_version="OrzbobCloud",
         )
         loop = asyncio.get_running_loop()
         # Our own listener so connections use GatewayConnection (asyncssh.listen has no class hook).
-        self._server = await loop.create_server(lambda: CorkProtocol(GatewayConnection(loop, options)),
-                                                self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
+        self._server = await loop.create_server(
+            lambda: AdmittedProtocol(GatewayConnection(loop, options), self.preauth, self.source_of),
+            self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
         self.spawn(self.access_watch.run(self._revocables))
         self.web = WebDoor(self)
@@ -398,6 +404,12 @@ class Gateway:
                 await self.web.close()
                 self._server.close()
                 raise
+
+    def source_of(self, peer: tuple[Any, ...] | None) -> str:
+        """The client's address; for SSH over the web door, the WebSocket client's, not loopback."""
+        if not peer:
+            return "?"
+        return self.tunnel_sources.get((str(peer[0]), int(peer[1])), str(peer[0]))
 
     def _revocables(self) -> list[Revocable]:
         return [*self.connections, *self.web_terminals]

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
@@ -162,20 +163,30 @@ def _control(message: str, chan: asyncssh.SSHClientChannel[bytes]) -> None:
 async def tunnel(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
     """SSH over WebSocket: binary frames to and from the gateway's own SSH listener on loopback."""
     host = LOOPBACK.get(gw.settings.ssh_host, gw.settings.ssh_host)
+    # The SSH listener sees loopback; tell it the real client so limits and logs name the right one. The
+    # local address is bound and registered before connecting: the listener looks it up on accept.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    local: tuple[str, int] | None = None
     try:
-        reader, writer = await asyncio.open_connection(host, gw.port)
+        sock.bind((host, 0))
+        bound = sock.getsockname()
+        local = (str(bound[0]), int(bound[1]))
+        gw.tunnel_sources[local] = grant.source
+        await asyncio.get_running_loop().sock_connect(sock, (host, gw.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
     except OSError as exc:
+        sock.close()
+        if local is not None:
+            gw.tunnel_sources.pop(local, None)
         log.warning("web %s: ssh tunnel cannot reach %s:%d: %r", grant.id, host, gw.port, exc)
         await _refuse(ws, "Orzbob Cloud is unavailable right now; try again shortly")
         return
-    local = writer.get_extra_info("sockname")
-    # The SSH listener sees loopback; tell it the real client so rate limits and logs name the right one.
-    gw.tunnel_sources[(str(local[0]), int(local[1]))] = grant.source
     log.info("web %s from %s: ssh tunnel for %s", grant.id, grant.source, grant.session_id)
     try:
         await _first_done(_tcp_to_ws(reader, ws), _ws_to_tcp(ws, writer))
     finally:
-        gw.tunnel_sources.pop((str(local[0]), int(local[1])), None)
+        gw.tunnel_sources.pop(local, None)
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
