@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import splice
-from tests.gateway.conftest import SESSION, Env, gateway_env
+from tests.gateway.conftest import Env, asyncssh_client, gateway_env
 from tests.gateway.packets import BLOCK, Sealer, channel_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -73,14 +73,6 @@ class Harness:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-async def _client(env: Env) -> asyncssh.SSHClientConnection:
-    key = asyncssh.read_private_key(env.user_key())
-    cert = asyncssh.read_certificate(env.certificate())
-    return await asyncssh.connect("127.0.0.1", env.port, username=SESSION, client_keys=[(key, cert)],
-                                  known_hosts=str(env.known_hosts), config=None, agent_path=None,
-                                  encryption_algs=["aes128-gcm@openssh.com"], keepalive_interval=0)
-
-
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     loop = asyncio.new_event_loop()
@@ -100,7 +92,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         cm = gateway_env(tmp_path_factory.mktemp("fuzz"), gateway_access_check_s=60)
         env = await cm.__aenter__()
         stack.append(cm)
-        conn = await _client(env)
+        conn = await asyncssh_client(env, keepalive_interval=0)
         stack.append(conn)
         bystander = await conn.create_process("cat", encoding=None)
         return Harness(loop, env, bystander, records, unhandled)
@@ -189,7 +181,7 @@ async def _spliced_path(env: Env, conn: asyncssh.SSHClientConnection) -> splice.
 
 async def _example(env: Env, sequence: list[tuple[str, dict[str, Any]]], cuts: list[int],
                    window_left: int | None) -> None:
-    conn = await _client(env)
+    conn = await asyncssh_client(env, keepalive_interval=0)
     try:
         await conn.create_process("cat", encoding=None)
         path = await _spliced_path(env, conn)
@@ -246,7 +238,7 @@ def test_crafted_packets_never_escape_or_spill_over(harness: Harness, sequence: 
 def test_the_fuzz_reached_the_fast_path_and_asyncssh(harness: Harness) -> None:
     """The examples above are not all refused at the door: some relayed data, some went to asyncssh."""
     async def probe() -> tuple[int, bool]:
-        conn = await _client(harness.env)
+        conn = await asyncssh_client(harness.env, keepalive_interval=0)
         try:
             await conn.create_process("cat", encoding=None)
             path = await _spliced_path(harness.env, conn)

@@ -9,35 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 
 import asyncssh
 import pytest
 
 from gateway import splice
-from tests.gateway.conftest import Env
+from tests.gateway.conftest import Env, asyncssh_client, eventually
 from tests.gateway.packets import Sealer, channel_data
-
-
-@pytest.fixture
-def fast_paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[splice.FastPath]]:
-    made: list[splice.FastPath] = []
-    original = splice.FastPath.__init__
-
-    def spy(self: splice.FastPath, *args: object) -> None:
-        original(self, *args)  # type: ignore[arg-type]
-        made.append(self)
-
-    monkeypatch.setattr(splice.FastPath, "__init__", spy)
-    yield made
-
-
-async def client(env: Env) -> asyncssh.SSHClientConnection:
-    key = asyncssh.read_private_key(env.user_key())
-    cert = asyncssh.read_certificate(env.certificate())
-    return await asyncssh.connect("127.0.0.1", env.port, username="demo-1", client_keys=[(key, cert)],
-                                  known_hosts=str(env.known_hosts), config=None, agent_path=None,
-                                  encryption_algs=["aes128-gcm@openssh.com"])
 
 
 async def spliced(paths: list[splice.FastPath], conn: asyncssh.SSHClientConnection) -> splice.FastPath:
@@ -56,18 +34,10 @@ def errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def wait_for(predicate: object, what: str, timeout: float = 10) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_zero_length_packet_closes_quietly_and_keeps_the_batched_data(
         env: Env, fast_paths: list[splice.FastPath], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    async with await client(env) as conn:
+    async with await asyncssh_client(env) as conn:
         process = await conn.create_process("cat > got.bin", encoding=None)
         path = await spliced(fast_paths, conn)
         channel = next(iter(path.legs))
@@ -78,7 +48,7 @@ async def test_zero_length_packet_closes_quietly_and_keeps_the_batched_data(
         await asyncio.wait_for(conn.wait_closed(), 10)
         process.close()
     got = env.runner.workspace / "got.bin"
-    await wait_for(lambda: got.exists() and got.read_bytes() == b"batched before the bad packet", "the data")
+    await eventually(lambda: got.exists() and got.read_bytes() == b"batched before the bad packet", "the data")
     assert not errors(caplog), [r.getMessage() for r in errors(caplog)]
     result = await env.ssh(*env.cert_args(), "--", "echo still here")
     assert result.returncode == 0 and result.stdout == b"still here\n"
@@ -109,8 +79,8 @@ async def test_clients_killed_mid_output_leave_no_errors(env: Env, caplog: pytes
             proc.kill()
             await asyncio.wait_for(proc.stdout.read(), 15)  # drained: the pipe can report its end
             await asyncio.wait_for(proc.wait(), 15)
-        await wait_for(lambda: not env.gateway.connections, "the gateway to let go of the clients")
-        await wait_for(lambda: not env.runner.commands_running, "the runner to end the floods")
+        await eventually(lambda: not env.gateway.connections, "the gateway to let go of the clients")
+        await eventually(lambda: not env.runner.commands_running, "the runner to end the floods")
         await asyncio.sleep(0.2)  # callbacks already scheduled for the closed channels run now
     finally:
         loop.set_exception_handler(previous)

@@ -10,16 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway.conftest import SESSION, USER, Env, gateway_env
+from tests.gateway.conftest import SESSION, USER, Env, eventually, gateway_env
 from tests.gateway.standins import FakeSession
-
-
-async def _wait(predicate: object, what: str, timeout: float = 10) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_a_new_channel_on_a_live_connection_is_reauthorized(tmp_path: Path) -> None:
@@ -32,7 +24,7 @@ async def test_a_new_channel_on_a_live_connection_is_reauthorized(tmp_path: Path
             *env.base_args(), *env.cert_args(), "-M", "-S", str(control), "-N", f"{SESSION}@127.0.0.1",
             stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         try:
-            await _wait(control.exists, "the control socket")
+            await eventually(control.exists, "the control socket")
             first = await env.ssh(*mux, "--", "echo first")
             assert first.returncode == 0 and first.stdout == b"first\n", first
             env.api.disabled_users.add(USER)
