@@ -157,3 +157,16 @@ async def test_asyncssh_client_with_its_defaults_gets_in(env: Env) -> None:
                                 client_keys=None, preferred_auth="password") as conn:
         result = await conn.run("echo defaults", check=True)
     assert result.stdout == "defaults\n"
+
+
+async def test_a_connection_that_never_logs_in_is_closed_and_frees_its_place(tmp_path: Path) -> None:
+    async with gateway_env(tmp_path, gateway_login_timeout_s=1, gateway_preauth_per_source=1) as env:
+        reader, writer = await _hold_unauthenticated(env.port, "127.0.0.1")
+        assert (await _first_line(reader)).startswith(b"SSH-2.0-")
+        # It never sends its version: the login timeout closes it (well before this test's own limit).
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert env.gateway.preauth.pending() == 0
+        served = await env.ssh(*env.cert_args(), "--", "echo served")
+        assert served.returncode == 0 and served.stdout == b"served\n", served
