@@ -88,3 +88,28 @@ async def test_clients_killed_mid_output_leave_no_errors(env: Env, caplog: pytes
     assert not errors(caplog), [r.getMessage() for r in errors(caplog)]
     result = await env.ssh(*env.cert_args(), "--", "echo still here")
     assert result.returncode == 0 and result.stdout == b"still here\n"
+
+
+async def test_output_batched_as_the_client_hangs_up_is_dropped_quietly(env: Env) -> None:
+    """The deterministic core of the case above: output batched for the end of a loop turn, and the
+    client's channel closing within that same turn. The batch must not be written to the closed channel."""
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        async with await asyncssh_client(env) as conn:
+            await conn.create_process("cat", encoding=None)
+            await eventually(lambda: any(c.attachment and c.attachment.sessions for c in env.gateway.connections),
+                             "the bridged session")
+            client = next(c for c in env.gateway.connections if c.attachment and c.attachment.sessions)
+            assert client.attachment is not None
+            bridge = next(iter(client.attachment.sessions))
+            bridge.from_upstream(b"goes out at once", None)
+            bridge.from_upstream(b"batched for the end of this turn", None)
+            assert bridge._chan is not None
+            bridge._chan.close()  # the client is gone before the turn ends
+            await asyncio.sleep(0.1)
+    finally:
+        loop.set_exception_handler(previous)
+    assert not unhandled, [str(c.get("exception") or c.get("message")) for c in unhandled]
