@@ -18,7 +18,7 @@ from pydantic import SecretStr
 
 from api.client import ApiClient
 from api.schemas import AttachEventIn, AuthorizeReply
-from api.settings import Settings, ssh_algorithms
+from api.settings import SSH_SIGNATURE_ALGS, Settings, ssh_algorithms
 from gateway import auth, keys, metrics
 from gateway.agent import AgentRelay
 from gateway.bridge import Attachment, BridgeSession, connect_upstream
@@ -32,6 +32,7 @@ from gateway.web import WebDoor
 
 log = logging.getLogger(__name__)
 
+SIGNATURE_ALGS = frozenset(alg.encode() for alg in SSH_SIGNATURE_ALGS)
 # After a refusal line was shown, give the client a moment to read it, then hang up.
 REFUSED_LINGER_S = 5
 # After a revocation closed the sessions, the connection itself goes this much later.
@@ -49,6 +50,10 @@ class GatewayConnection(WithoutFiller, asyncssh.SSHServerConnection):
         principal = owner.precheck_certificate(username, key_data)
         if principal is None:
             return False
+        if msg and _signature_algorithm(signature) not in SIGNATURE_ALGS:
+            # asyncssh's signature_algs only advertises (server-sig-algs); it would verify ssh-rsa (SHA-1).
+            owner.failed(CredentialRejected("signature algorithm not accepted (SHA-1)"), "certificate")
+            return False
         # asyncssh checks the CA (validate_ca_key), validity, principal and the client's signature.
         if not await super().validate_public_key(username, key_data, msg, signature):
             if msg:
@@ -57,6 +62,14 @@ class GatewayConnection(WithoutFiller, asyncssh.SSHServerConnection):
         if not msg:
             return True  # a query: the client signs next
         return await owner.authorize(username, principal)
+
+
+def _signature_algorithm(signature: bytes) -> bytes:
+    """The algorithm name an SSH signature blob starts with (RFC 4253 6.6); b"" if malformed."""
+    try:
+        return asyncssh.packet.SSHPacket(signature).get_string()
+    except asyncssh.packet.PacketDecodeError:
+        return b""
 
 
 class ClientConnection(asyncssh.SSHServer):

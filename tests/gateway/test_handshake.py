@@ -170,3 +170,24 @@ async def test_a_connection_that_never_logs_in_is_closed_and_frees_its_place(tmp
         assert env.gateway.preauth.pending() == 0
         served = await env.ssh(*env.cert_args(), "--", "echo served")
         assert served.returncode == 0 and served.stdout == b"served\n", served
+
+
+@pytest.mark.parametrize("algs", [["rsa-sha2-256"], ["ssh-rsa"]], ids=["rsa-sha2", "ssh-rsa-sha1"])
+async def test_rsa_certificates_sign_with_sha2_only(env: Env, algs: list[str]) -> None:
+    import asyncssh
+
+    from api.credentials import ssh_ca
+
+    key = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    signed = ssh_ca.sign_user_certificate(env.ca, key.export_public_key().decode(), session_id=SESSION,
+                                          user_id="usr_alice", ttl_s=300)
+    cert = asyncssh.import_certificate(signed.text)
+    connecting = asyncssh.connect("127.0.0.1", env.port, username=SESSION, client_keys=[(key, cert)],
+                                  known_hosts=str(env.known_hosts), config=None, agent_path=None,
+                                  signature_algs=algs, preferred_auth="publickey")
+    if algs == ["ssh-rsa"]:
+        with pytest.raises(asyncssh.PermissionDenied):
+            await connecting
+        return
+    async with connecting as conn:
+        assert (await conn.run("echo sha2", check=True)).stdout == "sha2\n"
