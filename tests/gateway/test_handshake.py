@@ -63,6 +63,7 @@ async def test_gateway_offers_nothing_ssh_audit_flags(env: Env) -> None:
     assert [a["algorithm"] for a in report["enc"]] == ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 
 
+@pytest.mark.skipif(not shutil.which("tmux") or not shutil.which("git"), reason="the real runner needs tmux and git")
 async def test_runner_endpoint_offers_nothing_ssh_audit_flags(make_repo: MakeRepo,  # noqa: F811
                                                               start_runner: StartRunner) -> None:  # noqa: F811
     handle = await start_runner(make_repo({"README": "x\n"}))
