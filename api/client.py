@@ -129,6 +129,9 @@ class ApiClient:
     async def authorize(self, body: schemas.AuthorizeRequest) -> schemas.AuthorizeReply:
         return await self._send(schemas.AuthorizeReply, "POST", "/internal/v1/authorize", body)
 
+    async def check_access(self, body: schemas.AccessCheck) -> schemas.AccessCheckReply:
+        return await self._send(schemas.AccessCheckReply, "POST", "/internal/v1/access-check", body)
+
     async def attach_event(self, body: schemas.AttachEventIn) -> None:
         await self.request("POST", "/internal/v1/attach-events", json=body.model_dump(mode="json"))
 

@@ -353,6 +353,33 @@ class AttachEventIn(Request):
     duration_s: float = Field(default=0.0, ge=0)
 
 
+class LiveAttachment(Request):
+    """A user attached to a session through a gateway, right now."""
+
+    session_id: str = Field(max_length=64)
+    user_id: str = Field(max_length=64)
+
+
+# One gateway asks about its live attachments in chunks of at most this many.
+ACCESS_CHECK_MAX = 1000
+
+
+class AccessCheck(Request):
+    """Gateway → API: which of these live attachments are no longer allowed?"""
+
+    attachments: list[LiveAttachment] = Field(max_length=ACCESS_CHECK_MAX)
+
+
+class RevokedAttachment(Response):
+    session_id: str
+    user_id: str
+    reason: str  # the one line the attached user reads before the gateway hangs up
+
+
+class AccessCheckReply(Response):
+    revoked: list[RevokedAttachment]
+
+
 def problem_detail(body: dict[str, Any]) -> str:
     """The one line a client shows for a problem+json body."""
     return str(body.get("detail") or body.get("title") or "request failed")

@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     # Relay session bytes between client and runner without asyncssh's per-packet channel machinery
     # (gateway/splice.py); off runs every packet through asyncssh, as a fallback and for comparison.
     gateway_fast_path: bool = True
+    # How often each gateway asks the API which live attachments must end (user disabled, session
+    # deleted, access revoked): one request per gateway per interval (gateway/revocation.py).
+    gateway_access_check_s: float = Field(default=1.0, ge=0.1, le=60)
+    # Connections still in the handshake or authenticating, per source address and in all (beyond these,
+    # new TCP connections are refused at once: key exchanges cost CPU before anyone has authenticated).
+    gateway_preauth_per_source: int = Field(default=10, ge=1)
+    gateway_preauth_total: int = Field(default=256, ge=1)
+    # A connection that has not authenticated within this many seconds is closed.
+    gateway_login_timeout_s: int = Field(default=20, ge=1, le=120)
     # Failed authentications allowed per source address inside auth_fail_window_s.
     auth_fail_limit: int = Field(default=10, ge=1)
     auth_fail_window_s: int = Field(default=60, ge=1)
@@ -181,6 +190,40 @@ class Settings(BaseSettings):
 
     def quota_for(self, plan: str) -> int:
         return {"free": self.quota_free, "pro": self.quota_pro, "team": self.quota_team}.get(plan, 0)
+
+
+# The SSH algorithms the gateway and the runner negotiate, best first (issue 17). Key exchange: only
+# curve25519 and its post-quantum hybrids (no finite-field DH groups, no group exchange: their cost per
+# handshake made a DoS cheap). Ciphers: AEAD only (DESIGN.md 4). No SHA-1 anywhere. With AEAD ciphers no
+# MAC is used, but the MAC list is still sent, so it holds only SHA-2 encrypt-then-MAC. Entries this
+# asyncssh cannot do (sntrup761 needs liboqs) are left out when offered (ssh_algorithms()).
+SSH_KEX_ALGS = ("mlkem768x25519-sha256", "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com",
+                "curve25519-sha256", "curve25519-sha256@libssh.org")
+# ChaCha20 is left out: clients pick by their own order (OpenSSH lists ChaCha20 first), and it would cost
+# ~9x per packet and the gateway's fast path (gateway/splice.py, AES-GCM only).
+SSH_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+SSH_MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
+# Host key and user-auth signatures: Ed25519, ECDSA and RSA with SHA-2 only (never ssh-rsa, i.e. SHA-1).
+SSH_SIGNATURE_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                      "rsa-sha2-512", "rsa-sha2-256", "sk-ssh-ed25519@openssh.com",
+                      "sk-ecdsa-sha2-nistp256@openssh.com")
+
+
+def ssh_algorithms() -> dict[str, list[str]]:
+    """asyncssh connection options for the policy above, minus what the installed asyncssh lacks."""
+    import asyncssh  # here, not at module level: the API imports this module and needs no SSH stack
+
+    def usable(wanted: tuple[str, ...], known: list[bytes]) -> list[str]:
+        have = {alg.decode() for alg in known}
+        return [alg for alg in wanted if alg in have]
+
+    return {
+        "kex_algs": usable(SSH_KEX_ALGS, asyncssh.kex.get_kex_algs()),
+        "encryption_algs": usable(SSH_CIPHERS, asyncssh.encryption.get_encryption_algs()),
+        "mac_algs": usable(SSH_MACS, asyncssh.mac.get_mac_algs()),
+        # Certificates are signed with these too: an ssh-rsa (SHA-1) signed certificate is refused.
+        "signature_algs": usable(SSH_SIGNATURE_ALGS, asyncssh.public_key.get_public_key_algs()),
+    }
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
 
 from api.schemas import Route
+from api.settings import ssh_algorithms
 from gateway import splice
 from gateway.cork import CorkedTunnel
 from gateway.errors import AttachRefused, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
-# asyncssh's AES-GCM is far cheaper per packet than its ChaCha20 (DESIGN.md 4).
-CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 ENV_ALLOWED = ("TERM", "LANG")
 KEEPALIVE_S = 30
 UPSTREAM_CONNECT_TIMEOUT_S = 15
@@ -53,7 +52,7 @@ async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey,
             route.host, route.port, username=mode, client_keys=[client_key],
             known_hosts=([host_key], [], []), config=None, agent_path=None,
             agent_forwarding=agent_path or False, preferred_auth="publickey", password=None,
-            kbdint_auth=False, encryption_algs=CIPHERS, compression_algs=None,
+            kbdint_auth=False, **ssh_algorithms(), compression_algs=None,
             keepalive_interval=KEEPALIVE_S, connect_timeout=UPSTREAM_CONNECT_TIMEOUT_S,
             tunnel=CorkedTunnel(),
         )
@@ -64,12 +63,15 @@ async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey,
 class Attachment:
     """Per client connection: the upstream connection (once ready), counters and progress lines."""
 
-    def __init__(self) -> None:
+    def __init__(self, reauthorize: Callable[[], Awaitable[None]] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[asyncssh.SSHClientConnection] = loop.create_future()
         self.counters = Counters()
         self.progress_lines: list[str] = []
         self._progress_listeners: list[Callable[[str], None]] = []
+        # Asks the API again whether this user may still reach the session; raises AttachRefused if not.
+        self._reauthorize = reauthorize
+        self.sessions: set[BridgeSession] = set()  # open session channels, for a revocation to close
 
     def progress(self, line: str) -> None:
         self.progress_lines.append(line)
@@ -95,6 +97,18 @@ class Attachment:
 
     async def upstream(self) -> asyncssh.SSHClientConnection:
         return await asyncio.shield(self._ready)
+
+    async def for_new_channel(self) -> asyncssh.SSHClientConnection:
+        """The upstream connection for a channel the client opens, once the API says yes again.
+
+        Every channel open is re-authorized (a disabled user's live connection opens nothing new); the
+        API call runs while the upstream connection is still being set up, so a first attach waits
+        for the slower of the two, not both.
+        """
+        if self._reauthorize is None:
+            return await self.upstream()
+        conn, _ = await asyncio.gather(self.upstream(), self._reauthorize())
+        return conn
 
     def upstream_now(self) -> asyncssh.SSHClientConnection | None:
         if self._ready.done() and not self._ready.cancelled() and self._ready.exception() is None:
@@ -197,6 +211,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         self._chan = chan
         self._out = _Coalescer(self._write_out)
+        self._attachment.sessions.add(self)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
                       term_modes: dict[int, int]) -> bool:
@@ -258,6 +273,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             self._up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._attachment.sessions.discard(self)
         if self._stop_progress:
             self._stop_progress()
         if self._task is not None and not self._task.done():
@@ -274,7 +290,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         if not self._attachment.upstream_now():
             self._stop_progress = self._attachment.on_progress(self._say)
         try:
-            conn = await self._attachment.upstream()
+            conn = await self._attachment.for_new_channel()
             self._stop_progress_now()
             term: dict[str, Any] = {"request_pty": False}
             if self._pty:
@@ -308,8 +324,12 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             self._stop_progress()
             self._stop_progress = None
 
+    def _writable(self) -> bool:
+        """The client's channel still takes output: after a hang-up asyncssh raises BrokenPipeError."""
+        return self._chan is not None and not self._chan.is_closing()
+
     def _say(self, line: str) -> None:
-        if self._chan is not None:
+        if self._chan is not None and self._writable():
             self._chan.write_stderr(f"orz: {line}\r\n".encode() if self._pty else f"orz: {line}\n".encode())
 
     def _fail(self, line: str) -> None:
@@ -318,8 +338,17 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         if self._chan is not None:
             self._chan.exit(1)
 
+    def revoke(self, line: str) -> None:
+        """Access was withdrawn: the user reads why, then the channel (and its runner twin) closes."""
+        if self._out is not None:
+            self._out.flush()
+        self._fail(line)
+        if self._up is not None:
+            self._up.close()
+
     def _write_out(self, data: bytes) -> None:
-        if self._chan is not None:
+        # Also runs from the coalescer's end-of-turn callback, which may come after the client hung up.
+        if self._chan is not None and self._writable():
             self._chan.write(data)
 
     def from_upstream(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -327,14 +356,16 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         assert self._out is not None and self._chan is not None
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
             self._out.flush()  # keep stdout written before this stderr ahead of it
-            self._chan.write_stderr(data)
+            if self._writable():
+                self._chan.write_stderr(data)
         else:
             self._out.add(data)
 
     def upstream_eof(self) -> None:
         if self._out is not None and self._chan is not None:
             self._out.flush()
-            self._chan.write_eof()
+            if self._writable():
+                self._chan.write_eof()
 
     def upstream_closed(self, up: _UpstreamSession) -> None:
         chan = self._chan

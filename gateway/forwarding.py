@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from typing import Literal
 
 import asyncssh
 
 from gateway import splice
 from gateway.bridge import Attachment, Counters
+from gateway.errors import AttachRefused, UpstreamUnavailable
 
 
 class Pipe(asyncssh.SSHTCPSession[bytes]):
@@ -88,7 +90,10 @@ def pipe_pair(counters: Counters, *, fast_path: bool = True) -> tuple[Pipe, Pipe
 async def open_direct(attachment: Attachment, dest_host: str, dest_port: int,
                       orig_host: str, orig_port: int, *, fast_path: bool = True) -> Pipe:
     """ssh -L / -D / VS Code: open the same destination inside the session (the runner allows loopback)."""
-    conn = await attachment.upstream()
+    try:
+        conn = await attachment.for_new_channel()
+    except (AttachRefused, UpstreamUnavailable) as exc:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"orz: {exc.line}") from exc
     client_end, runner_end = pipe_pair(attachment.counters, fast_path=fast_path)
     try:
         await conn.create_connection(lambda: runner_end, dest_host, dest_port, orig_host, orig_port)
@@ -100,9 +105,13 @@ async def open_direct(attachment: Attachment, dest_host: str, dest_port: int,
 
 
 async def open_remote_listener(attachment: Attachment, client_conn: asyncssh.SSHServerConnection,
-                               listen_host: str, listen_port: int, *, fast_path: bool = True) -> asyncssh.SSHListener:
+                               listen_host: str, listen_port: int, *,
+                               fast_path: bool = True) -> asyncssh.SSHListener | Literal[False]:
     """ssh -R: ask the runner to listen in the session and relay each connection back to the client."""
-    conn = await attachment.upstream()
+    try:
+        conn = await attachment.for_new_channel()
+    except (AttachRefused, UpstreamUnavailable):
+        return False  # the client's request fails; asyncssh handles only OSError from here
     port_box: list[int] = [listen_port]
 
     def accepted(orig_host: str, orig_port: int) -> Awaitable[Pipe]:

@@ -48,6 +48,14 @@ BYTES_PROXIED = Counter(
     "orz_bytes_proxied_total", "Bytes relayed between clients and runners (in: from the client)",
     ["direction"], registry=REGISTRY,
 )
+REVOKED = Counter(
+    "orz_attachments_revoked_total", "Live attachments ended because access was withdrawn, by door",
+    ["door"], registry=REGISTRY,
+)
+PREAUTH_REFUSED = Counter(
+    "orz_preauth_refused_total", "SSH connections refused before authentication by limit (source, total)",
+    ["limit"], registry=REGISTRY,
+)
 
 # Every series a dashboard or alert divides by exists from the start, at zero, so a fresh gateway
 # shows 0 rather than "no data" and ratios are defined.
@@ -104,6 +112,14 @@ def attach_failed(door: Door, code: str) -> None:
 
 def auth_failed(method: str, reason: str) -> None:
     AUTH_FAILURES.labels(method=method, reason=reason).inc()
+
+
+def revoked(door: Door) -> None:
+    REVOKED.labels(door=door).inc()
+
+
+def preauth_refused(limit: Literal["source", "total"]) -> None:
+    PREAUTH_REFUSED.labels(limit=limit).inc()
 
 
 @dataclass

@@ -35,7 +35,7 @@ class Router:
         self.start_timeout_s = start_timeout_s
 
     async def authorize(self, session_id: str, principal: Principal, *, source: str | None,
-                        first: bool = True) -> AuthorizeReply:
+                        first: bool = True, wake: bool = True) -> AuthorizeReply:
         """One authorize call; API refusals become AttachRefused with the line to show."""
         request = AuthorizeRequest(
             session_id=session_id, user_id=principal.user_id, method=principal.method,  # type: ignore[arg-type]
@@ -43,7 +43,7 @@ class Router:
             jti=principal.jti if first else None,
             jti_expires_at=(datetime.fromtimestamp(principal.expires_at, UTC)
                             if first and principal.expires_at else None),
-            readonly=principal.readonly, source_address=source, wake=True,
+            readonly=principal.readonly, source_address=source, wake=wake,
         )
         try:
             reply = await self.api.authorize(request)

@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import asyncssh
 from pydantic import SecretStr
@@ -19,21 +19,27 @@ from pydantic import SecretStr
 from api.client import ApiClient
 from api.public_keys import PublicKeyError
 from api.schemas import AttachEventIn, AuthorizeReply
-from api.settings import Settings
+from api.settings import SSH_SIGNATURE_ALGS, Settings, ssh_algorithms
 from gateway import auth, keys, metrics
 from gateway.agent import AgentRelay
-from gateway.bridge import CIPHERS, Attachment, BridgeSession, connect_upstream
-from gateway.cork import CorkProtocol, WithoutFiller
+from gateway.bridge import Attachment, BridgeSession, connect_upstream
+from gateway.cork import WithoutFiller
 from gateway.errors import AttachRefused, CredentialRejected, CredentialsUnavailable, UpstreamUnavailable
 from gateway.forwarding import Pipe, open_direct, open_remote_listener
+from gateway.preauth import AdmittedProtocol, PreauthLimiter
+from gateway.revocation import AccessWatch, Revocable
 from gateway.routing import Router
 from gateway.web import WebDoor
 
 log = logging.getLogger(__name__)
 
-LOGIN_TIMEOUT_S = 30
+SIGNATURE_ALGS = frozenset(alg.encode() for alg in SSH_SIGNATURE_ALGS)
 # After a refusal line was shown, give the client a moment to read it, then hang up.
 REFUSED_LINGER_S = 5
+# After a revocation closed the sessions, the connection itself goes this much later.
+REVOKED_LINGER_S = 0.5
+# API answers to a channel's re-authorization that withdraw the whole connection, not just that channel.
+WITHDRAWN_CODES = frozenset({"forbidden", "not_found", "unauthorized"})
 
 
 class GatewayConnection(WithoutFiller, asyncssh.SSHServerConnection):
@@ -45,6 +51,10 @@ class GatewayConnection(WithoutFiller, asyncssh.SSHServerConnection):
         principal = owner.precheck_certificate(username, key_data)
         if principal is None:
             return False
+        if msg and _signature_algorithm(signature) not in SIGNATURE_ALGS:
+            # asyncssh's signature_algs only advertises (server-sig-algs); it would verify ssh-rsa (SHA-1).
+            owner.failed(CredentialRejected("signature algorithm not accepted (SHA-1)"), "certificate")
+            return False
         # asyncssh checks the CA (validate_ca_key), validity, principal and the client's signature.
         if not await super().validate_public_key(username, key_data, msg, signature):
             if msg:
@@ -53,6 +63,14 @@ class GatewayConnection(WithoutFiller, asyncssh.SSHServerConnection):
         if not msg:
             return True  # a query: the client signs next
         return await owner.authorize(username, principal)
+
+
+def _signature_algorithm(signature: bytes) -> bytes:
+    """The algorithm name an SSH signature blob starts with (RFC 4253 6.6); b"" if malformed."""
+    try:
+        return asyncssh.packet.SSHPacket(signature).get_string()
+    except asyncssh.packet.PacketDecodeError:
+        return b""
 
 
 class ClientConnection(asyncssh.SSHServer):
@@ -70,6 +88,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.attachment: Attachment | None = None
         self.attached_at: float | None = None
         self.auth_done_at: float | None = None
+        self.revoked: str | None = None  # why access was withdrawn while connected
         self._banners: set[str] = set()
         self._unavailable_counted = False
         # Where the runner's agent requests land; relayed to the client's agent only if it asked (ssh -A).
@@ -84,10 +103,7 @@ class ClientConnection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:  # type: ignore[override]
         self.conn = conn
-        peer = conn.get_extra_info("peername")
-        self.source = str(peer[0]) if peer else "?"
-        if peer:  # SSH over the web door arrives from loopback: use the WebSocket client's address
-            self.source = self.gw.tunnel_sources.get((str(peer[0]), int(peer[1])), self.source)
+        self.source = self.gw.source_of(conn.get_extra_info("peername"))
         self.gw.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -227,7 +243,10 @@ class ClientConnection(asyncssh.SSHServer):
             self.conn.send_auth_banner(f"orz: {line}\r\n")
 
     def auth_completed(self) -> None:
-        self.attachment = Attachment()
+        done = getattr(self.conn, "preauth_done", None)
+        if done is not None:
+            done()  # authenticated: no longer counts against the pre-auth limits
+        self.attachment = Attachment(reauthorize=self._reauthorize)
         self.auth_done_at = time.monotonic()
         if self.refusal is not None:
             metrics.attach_failed("ssh", self.refusal.code)
@@ -235,6 +254,44 @@ class ClientConnection(asyncssh.SSHServer):
             asyncio.get_running_loop().call_later(REFUSED_LINGER_S, self._hang_up, self.refusal.line)
             return
         self.gw.spawn(self._attach())
+
+    # -- while connected ---------------------------------------------------------------------------
+
+    def live(self) -> tuple[str, str] | None:
+        """(session id, user id) of an allowed attachment, for the gateway's access watch."""
+        if self.principal is None or self.refusal is not None or self.revoked is not None:
+            return None
+        if self.attachment is None or self.conn is None or self.conn.is_closed():
+            return None
+        return self.session_id, self.principal.user_id
+
+    async def _reauthorize(self) -> None:
+        """Before any new channel: the API must still say yes (the user may be disabled since)."""
+        if self.revoked is not None:
+            raise AttachRefused(self.revoked, code="revoked")
+        assert self.principal is not None
+        try:
+            await self.gw.router.authorize(self.session_id, self.principal, source=self.source, first=False,
+                                           wake=False)
+        except AttachRefused as exc:
+            log.info("conn %s: new channel to %s refused (%s)", self.id, self.session_id, exc.code)
+            if exc.code in WITHDRAWN_CODES:
+                self.revoke(exc.line)
+            raise
+
+    def revoke(self, reason: str) -> None:
+        """Access withdrawn: every open session shows the reason, then the connection closes."""
+        if self.revoked is not None:
+            return
+        self.revoked = reason
+        log.info("conn %s from %s: access to %s withdrawn: %s", self.id, self.source, self.session_id, reason)
+        metrics.revoked("ssh")
+        if self.attachment is not None:
+            for session in list(self.attachment.sessions):
+                session.revoke(reason)
+        # The sessions' lines and exit statuses first; a ControlMaster relays them to its mux clients
+        # only while its connection lives. New channels are refused meanwhile (self.revoked).
+        asyncio.get_running_loop().call_later(REVOKED_LINGER_S, self._hang_up, reason)
 
     def _hang_up(self, line: str) -> None:
         """Clients without a session channel (ssh -N) still read the reason in the disconnect."""
@@ -318,11 +375,14 @@ class Gateway:
         self.api = api or ApiClient(settings.internal_api_url, _secret(settings.service_token))
         self.router = Router(self.api, start_timeout_s=settings.start_timeout_s)
         self.limiter = auth.FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
+        self.preauth = PreauthLimiter(settings.gateway_preauth_per_source, settings.gateway_preauth_total)
         self._anchors: auth.TrustAnchors | None = None
         self._anchor_problem: str | None = None
         self.host_key = keys.load_or_create(keys.host_key_path(settings), "orz-gateway-host")
         self.client_key = keys.load_or_create(keys.client_key_path(settings), "orz-gateway-client")
         self.connections: set[ClientConnection] = set()
+        self.web_terminals: set[Revocable] = set()  # browser terminals, for the access watch
+        self.access_watch = AccessWatch(self.api, settings.gateway_access_check_s)
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.metrics_server: metrics.MetricsServer | None = None
@@ -367,16 +427,18 @@ class Gateway:
     async def start(self) -> None:
         options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: ClientConnection(self), server_host_keys=[self.host_key],
-            encryption_algs=CIPHERS, compression_algs=None, line_editor=False, encoding=None,
+            **ssh_algorithms(), compression_algs=None, line_editor=False, encoding=None,
             agent_forwarding=True, x11_forwarding=False, allow_scp=False, config=None,
-            login_timeout=LOGIN_TIMEOUT_S, keepalive_interval=60, keepalive_count_max=3,
+            login_timeout=self.settings.gateway_login_timeout_s, keepalive_interval=60, keepalive_count_max=3,
             server_version="OrzbobCloud",
         )
         loop = asyncio.get_running_loop()
         # Our own listener so connections use GatewayConnection (asyncssh.listen has no class hook).
-        self._server = await loop.create_server(lambda: CorkProtocol(GatewayConnection(loop, options)),
-                                                self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
+        self._server = await loop.create_server(
+            lambda: AdmittedProtocol(GatewayConnection(loop, options), self.preauth, self.source_of),
+            self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
+        self.spawn(self.access_watch.run(self._revocables))
         self.web = WebDoor(self)
         try:
             await self.web.start()
@@ -396,6 +458,15 @@ class Gateway:
                 await self.web.close()
                 self._server.close()
                 raise
+
+    def source_of(self, peer: tuple[Any, ...] | None) -> str:
+        """The client's address; for SSH over the web door, the WebSocket client's, not loopback."""
+        if not peer:
+            return "?"
+        return self.tunnel_sources.get((str(peer[0]), int(peer[1])), str(peer[0]))
+
+    def _revocables(self) -> list[Revocable]:
+        return [*self.connections, *self.web_terminals]
 
     @property
     def port(self) -> int:

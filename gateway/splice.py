@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 log = logging.getLogger(__name__)
 
 _TAG = 16  # AES-GCM tag; the 4-byte packet length before it travels in the clear (associated data)
+_BLOCK = 16  # AES-GCM's block: what follows the length is a whole number of blocks (RFC 5647)
+_MIN_PAD = 4  # RFC 4253 6: at least four bytes of padding
 _DATA = bytes([MSG_CHANNEL_DATA])
 _PAD_LENGTHS = tuple(bytes((n,)) for n in range(256))
 # Connection and channel attributes the fast path reads or keeps up to date.
@@ -194,6 +196,8 @@ class FastPath:
         enc = conn._recv_encryption
         if type(enc) is not GCMEncryption or conn._decompressor is not None or conn._recv_macsize != _TAG:
             return None
+        if (end - start - 4 - _TAG) % _BLOCK:
+            return None  # malformed (a zero-length packet too): asyncssh refuses it and disconnects
         cipher = enc._cipher
         opener = self._open
         aead = opener.aead if cipher is opener.cipher else opener.get(cipher)
@@ -201,9 +205,11 @@ class FastPath:
             plain = aead.decrypt(cipher._iv, view[start + 4:end], view[start:start + 4])
         except InvalidTag:
             return None  # asyncssh reports the MAC failure and disconnects
+        if not plain:
+            return None  # a zero-length packet with a valid tag: not ours to judge
         padlen = plain[0]
         stop = len(plain) - padlen
-        if stop < 10 or plain[1] != MSG_CHANNEL_DATA:
+        if padlen < _MIN_PAD or stop < 10 or plain[1] != MSG_CHANNEL_DATA:
             return None
         leg = self.legs.get(int.from_bytes(plain[2:6], "big"))
         if leg is None:

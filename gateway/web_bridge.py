@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
@@ -72,8 +73,13 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
             await gw.router.report(AttachEventIn(
                 session_id=grant.session_id, user_id=grant.principal.user_id, event="attached",
                 connection_id=grant.id, source_address=grant.source))
-            await _first_done(_session_to_ws(stdout, ws, counters),
-                              _ws_to_session(ws, stdin, counters, readonly=readonly))
+            live = _LiveTerminal(gw, ws, grant)
+            gw.web_terminals.add(live)
+            try:
+                await _first_done(_session_to_ws(stdout, ws, counters),
+                                  _ws_to_session(ws, stdin, counters, readonly=readonly))
+            finally:
+                gw.web_terminals.discard(live)
             stdin.channel.close()
             await stdin.channel.wait_closed()
             status = stdin.channel.get_exit_status()
@@ -89,6 +95,23 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
         if attached_at is not None:
             metrics.detached("web", counters.bytes_in, counters.bytes_out)
             await _report_detached(gw, grant, counters, attached_at)
+
+
+class _LiveTerminal:
+    """A browser terminal as the gateway's access watch sees it (gateway/revocation.py)."""
+
+    def __init__(self, gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
+        self.gw, self.ws, self.grant = gw, ws, grant
+        self.revoked = False
+
+    def live(self) -> tuple[str, str] | None:
+        return None if self.revoked else (self.grant.session_id, self.grant.principal.user_id)
+
+    def revoke(self, reason: str) -> None:
+        self.revoked = True
+        log.info("web %s: access to %s withdrawn: %s", self.grant.id, self.grant.session_id, reason)
+        metrics.revoked("web")
+        self.gw.spawn(_refuse(self.ws, reason))  # closing the WebSocket ends the bridge
 
 
 async def _report_detached(gw: Gateway, grant: Grant, counters: Counters, attached_at: float) -> None:
@@ -140,20 +163,30 @@ def _control(message: str, chan: asyncssh.SSHClientChannel[bytes]) -> None:
 async def tunnel(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
     """SSH over WebSocket: binary frames to and from the gateway's own SSH listener on loopback."""
     host = LOOPBACK.get(gw.settings.ssh_host, gw.settings.ssh_host)
+    # The SSH listener sees loopback; tell it the real client so limits and logs name the right one. The
+    # local address is bound and registered before connecting: the listener looks it up on accept.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    local: tuple[str, int] | None = None
     try:
-        reader, writer = await asyncio.open_connection(host, gw.port)
+        sock.bind((host, 0))
+        bound = sock.getsockname()
+        local = (str(bound[0]), int(bound[1]))
+        gw.tunnel_sources[local] = grant.source
+        await asyncio.get_running_loop().sock_connect(sock, (host, gw.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
     except OSError as exc:
+        sock.close()
+        if local is not None:
+            gw.tunnel_sources.pop(local, None)
         log.warning("web %s: ssh tunnel cannot reach %s:%d: %r", grant.id, host, gw.port, exc)
         await _refuse(ws, "Orzbob Cloud is unavailable right now; try again shortly")
         return
-    local = writer.get_extra_info("sockname")
-    # The SSH listener sees loopback; tell it the real client so rate limits and logs name the right one.
-    gw.tunnel_sources[(str(local[0]), int(local[1]))] = grant.source
     log.info("web %s from %s: ssh tunnel for %s", grant.id, grant.source, grant.session_id)
     try:
         await _first_done(_tcp_to_ws(reader, ws), _ws_to_tcp(ws, writer))
     finally:
-        gw.tunnel_sources.pop((str(local[0]), int(local[1])), None)
+        gw.tunnel_sources.pop(local, None)
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import asyncssh
 
+from api.settings import ssh_algorithms
 from runner.activity import Activity
 from runner.ptyproc import PtyChild
 from runner.tmux import Tmux
@@ -27,11 +28,8 @@ log = logging.getLogger(__name__)
 MODES = ("rw", "ro")
 ENV_ALLOW = ("TERM", "LANG")
 ENV_ALLOW_PREFIX = "LC_"
-# AES-GCM first: ChaCha20 costs several times more per packet in asyncssh (DESIGN.md section 4).
-ENCRYPTION_ALGS = [
-    "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr",
-    "chacha20-poly1305@openssh.com",
-]
+# Only the gateway connects, and an unauthenticated peer may not hold a handshake open for long.
+LOGIN_TIMEOUT_S = 15
 READY_TIMEOUT_S = 600.0
 # Stop reading a pty while this much output waits for a slow client (a `cat` of a big file).
 PTY_BACKLOG_BYTES = 256 * 1024
@@ -150,8 +148,8 @@ class Endpoint:
             lambda: _Connection(self), self.host, self.port,
             server_host_keys=[self.host_key], process_factory=self._handle, sftp_factory=self._sftp,
             allow_scp=True, encoding=None, line_editor=False, compression_algs=["none"],
-            encryption_algs=ENCRYPTION_ALGS, agent_forwarding=True, x11_forwarding=False,
-            password_auth=False, kbdint_auth=False, login_timeout=30, keepalive_interval=30,
+            **ssh_algorithms(), agent_forwarding=True, x11_forwarding=False,  # the shared policy (issue 17)
+            password_auth=False, kbdint_auth=False, login_timeout=LOGIN_TIMEOUT_S, keepalive_interval=30,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port

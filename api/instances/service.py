@@ -27,7 +27,6 @@ from api.db.models import Event, Instance, Org, UsedJti, User
 from api.errors import (
     BadRequest,
     Conflict,
-    Forbidden,
     InvalidTransition,
     NotFound,
     OrzError,
@@ -36,6 +35,7 @@ from api.errors import (
     SessionFailed,
     Unauthorized,
 )
+from api.instances import access
 from api.instances.ids import new_session_id
 from api.instances.providers.base import ComputeSpec, Provider, ProviderFailure
 from api.instances.states import (
@@ -451,18 +451,13 @@ class InstanceService:
 
     async def authorize(self, req: schemas.AuthorizeRequest) -> schemas.AuthorizeReply:
         """May this user attach now, and where is the runner? Wakes a stopped session if asked."""
-        no_such = NotFound(f"no such session: {req.session_id}")
         async with self.sessions() as db:
             user = await db.get(User, req.user_id)
             inst = await db.get(Instance, req.session_id)
-            if user is None:
-                raise Unauthorized("unknown user")
-            if not user.is_active:
-                raise Forbidden("your account is disabled")
-            if inst is None or inst.org_id != user.org_id or State(inst.state) in GONE_STATES:
-                raise no_such
-            if inst.user_id != user.id and not user.is_admin:
-                raise Forbidden(f"session {inst.id} belongs to someone else in your org")
+            refused = access.refusal(user, inst, req.session_id)
+            if refused is not None:
+                raise refused
+            assert user is not None and inst is not None
             if req.jti:
                 await self._spend_jti(db, req.jti, req.jti_expires_at)
             org = await db.get(Org, user.org_id)
@@ -499,6 +494,13 @@ class InstanceService:
             raise
         metrics.SESSION_WAKES.labels(result="started").inc()
         return woken
+
+    async def check_access(self, req: schemas.AccessCheck) -> schemas.AccessCheckReply:
+        """Which of a gateway's live attachments must end now (user disabled, session gone, access revoked)."""
+        if not req.attachments:
+            return schemas.AccessCheckReply(revoked=[])
+        async with self.sessions() as db:
+            return schemas.AccessCheckReply(revoked=await access.revoked(db, req.attachments))
 
     async def record_attach_event(self, ev: schemas.AttachEventIn) -> None:
         async with self.sessions() as db:

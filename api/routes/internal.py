@@ -48,3 +48,11 @@ async def attach_event(request: Request) -> HTTPResponse:
     orz_log.bind(session_id=body.session_id, user_id=body.user_id)
     await asyncio.shield(state(request).instances.record_attach_event(body))
     return HTTPResponse(status=204)
+
+
+@route(bp, "POST", "/internal/v1/access-check", summary="Gateway: which live attachments must end now",
+       tag=TAG, request=schemas.AccessCheck, responses={200: schemas.AccessCheckReply}, security="service_token")
+async def access_check(request: Request) -> HTTPResponse:
+    require_service(request)
+    body = parse_body(request, schemas.AccessCheck)
+    return respond(await state(request).instances.check_access(body))

@@ -7,7 +7,7 @@ import contextlib
 import os
 import shutil
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from api.credentials import jwt as attach_jwt
 from api.credentials import ssh_ca
 from api.settings import Settings
-from gateway import keys
+from gateway import keys, splice
 from gateway.server import Gateway
 from tests.gateway.standins import FakeApi, FakeRunner, FakeSession
 from tests.support import free_port
@@ -172,3 +172,35 @@ async def gateway_env(tmp_path: Path, client_key: asyncssh.SSHKey | None = None,
         if runner.acceptor is not None:
             await runner.close()
         await api.close()
+
+
+@pytest.fixture
+def fast_paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[splice.FastPath]]:
+    """Every FastPath the gateway creates (one per client and per upstream connection)."""
+    made: list[splice.FastPath] = []
+    original = splice.FastPath.__init__
+
+    def spy(self: splice.FastPath, *args: object) -> None:
+        original(self, *args)  # type: ignore[arg-type]
+        made.append(self)
+
+    monkeypatch.setattr(splice.FastPath, "__init__", spy)
+    yield made
+
+
+async def asyncssh_client(env: Env, **options: Any) -> asyncssh.SSHClientConnection:
+    """An asyncssh client with the test user's certificate, on AES-GCM (the fast path's cipher)."""
+    key = asyncssh.read_private_key(env.user_key())
+    cert = asyncssh.read_certificate(env.certificate())
+    return await asyncssh.connect("127.0.0.1", env.port, username=SESSION, client_keys=[(key, cert)],
+                                  known_hosts=str(env.known_hosts), config=None, agent_path=None,
+                                  encryption_algs=["aes128-gcm@openssh.com"], **options)
+
+
+async def eventually(predicate: Callable[[], object], what: str, timeout: float = 10) -> None:
+    """Wait until `predicate()` holds, polling; fail naming `what` after `timeout` seconds."""
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

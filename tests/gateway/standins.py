@@ -1,10 +1,10 @@
 """Test stand-ins, each for a piece the gateway talks to over the network.
 
-- ``FakeApi`` stands in for the API's internal routes (``POST /internal/v1/authorize`` and
-  ``POST /internal/v1/attach-events``): a real HTTP server (asyncio streams) that checks the service
-  token and answers with the contract's JSON or problem+json. It lets gateway tests set a session's
-  state directly (failed, stopped, slow to start); test_api_contract.py keeps it honest against the
-  real API.
+- ``FakeApi`` stands in for the API's internal routes (``POST /internal/v1/authorize``,
+  ``/internal/v1/access-check`` and ``/internal/v1/attach-events``): a real HTTP server (asyncio streams)
+  that checks the service token and answers with the contract's JSON or problem+json. It lets gateway
+  tests set a session's state directly (failed, stopped, slow to start); test_api_contract.py keeps it
+  honest against the real API.
 - ``FakeRunner`` stands in for the runner's internal SSH endpoint (runner/sshd.py, not yet committed on
   the runner branch): a real asyncssh server that accepts only the gateway's client key with user
   "rw"/"ro". A pty shell prints "hi" then echoes; exec runs ``sh -c``; sftp/scp serve a directory;
@@ -50,6 +50,7 @@ class FakeApi:
     used_jti: set[str] = field(default_factory=set)
     events: list[dict[str, Any]] = field(default_factory=list)
     authorize_calls: list[dict[str, Any]] = field(default_factory=list)
+    access_checks: int = 0  # POST /internal/v1/access-check calls
     server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -96,10 +97,22 @@ class FakeApi:
                 return self._problem(404, "not_found", f"no such session: {data.get('session_id')}")
             self.events.append(data)
             return 204, None
+        if method == "POST" and path == "/internal/v1/access-check":
+            self.access_checks += 1
+            return 200, {"revoked": [r for r in map(self._revocation, data["attachments"]) if r]}
         if method == "POST" and path == "/internal/v1/authorize":
             self.authorize_calls.append(data)
             return self._authorize(data)
         return self._problem(404, "not_found", "no route")
+
+    def _revocation(self, live: dict[str, str]) -> dict[str, str] | None:
+        sid, user = live["session_id"], live["user_id"]
+        reason = None
+        if user in self.disabled_users:
+            reason = "your account is disabled"
+        elif sid not in self.sessions:
+            reason = f"session {sid} was deleted"
+        return {"session_id": sid, "user_id": user, "reason": reason} if reason else None
 
     def _authorize(self, req: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         sid, user = req["session_id"], req["user_id"]
@@ -181,6 +194,7 @@ class FakeRunner:
     usernames: list[str] = field(default_factory=list)
     signals: list[str] = field(default_factory=list)
     rekey_bytes: int | None = None  # start a key exchange after this many bytes sent (asyncssh: 1 GiB)
+    commands_running: int = 0  # exec'd commands not yet reaped
 
     @property
     def route(self) -> dict[str, Any]:
@@ -233,10 +247,17 @@ class FakeRunner:
         process.exit(0)
 
     async def _command(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        self.commands_running += 1
+        try:
+            await self._run_command(process)
+        finally:
+            self.commands_running -= 1
+
+    async def _run_command(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         cmd = process.command or os.environ.get("SHELL", "/bin/sh")
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", cmd, cwd=self.workspace, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )
         assert proc.stdin and proc.stdout and proc.stderr
 
@@ -247,13 +268,21 @@ class FakeRunner:
             proc.stdin.close()  # type: ignore[union-attr]
 
         async def pump_out(src: asyncio.StreamReader, dst: asyncssh.SSHWriter[bytes]) -> None:
-            while data := await src.read(65536):
-                dst.write(data)
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+            except (OSError, asyncssh.Error):  # the channel closed under a write or a drain
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the client is gone: end the command and its children
+                while await src.read(65536):
+                    pass  # to the pipe's end, so it closes
 
         feeder = asyncio.create_task(pump_in())
         await asyncio.gather(pump_out(proc.stdout, process.stdout), pump_out(proc.stderr, process.stderr))
         status = await proc.wait()
         feeder.cancel()
+        if process.channel.is_closing():
+            return
         if status < 0:
             name = signal.Signals(-status).name.removeprefix("SIG")
             process.exit_with_signal(name, False, f"killed by {name}")

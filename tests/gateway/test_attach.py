@@ -35,8 +35,10 @@ async def test_jwt_as_password(env: Env) -> None:
     result = await env.ssh(*env.token_args(), "--", "echo via-jwt", env=env.password_env(env.token()))
     assert result.returncode == 0, result
     assert result.stdout == b"via-jwt\n"
-    call = env.api.authorize_calls[-1]
+    call = env.api.authorize_calls[0]
     assert call["method"] == "jwt" and call["jti"] and call["user_id"] == USER
+    # The session channel was re-authorized without replaying the single-use token.
+    assert len(env.api.authorize_calls) == 2 and env.api.authorize_calls[1].get("jti") is None
 
 
 async def test_jwt_as_keyboard_interactive(env: Env) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +16,8 @@ import asyncssh
 import pytest
 
 from gateway import splice
-from tests.gateway.conftest import Env, gateway_env
+from tests.gateway.conftest import Env, asyncssh_client, gateway_env
 from tests.support import free_port
-
-
-@pytest.fixture
-def fast_paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[splice.FastPath]]:
-    """Every FastPath the gateway creates (one per client and per upstream connection)."""
-    made: list[splice.FastPath] = []
-    original = splice.FastPath.__init__
-
-    def spy(self: splice.FastPath, *args: object) -> None:
-        original(self, *args)  # type: ignore[arg-type]
-        made.append(self)
-
-    monkeypatch.setattr(splice.FastPath, "__init__", spy)
-    yield made
 
 
 def relayed(paths: list[splice.FastPath], *, arriving_from: str = "") -> int:
@@ -41,18 +26,10 @@ def relayed(paths: list[splice.FastPath], *, arriving_from: str = "") -> int:
     return sum(p.relayed_packets for p in paths if not arriving_from or isinstance(p.conn, sides[arriving_from]))
 
 
-async def _client(env: Env) -> asyncssh.SSHClientConnection:
-    key = asyncssh.read_private_key(env.user_key())
-    cert = asyncssh.read_certificate(env.certificate())
-    return await asyncssh.connect("127.0.0.1", env.port, username="demo-1", client_keys=[(key, cert)],
-                                  known_hosts=str(env.known_hosts), config=None, agent_path=None,
-                                  encryption_algs=["aes128-gcm@openssh.com"])
-
-
 async def test_keystrokes_and_echoes_take_the_fast_path(env: Env, fast_paths: list[splice.FastPath],
                                                         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="gateway.server")
-    async with await _client(env) as conn:
+    async with await asyncssh_client(env) as conn:
         process = await conn.create_process(term_type="xterm", encoding=None)
         await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
         before = relayed(fast_paths)
@@ -138,7 +115,7 @@ async def test_gateway_and_runner_rekeys_mid_stream(env: Env, fast_paths: list[s
 async def test_a_slow_reader_gets_every_byte_in_order(env: Env, fast_paths: list[splice.FastPath]) -> None:
     """The client stops reading for a while: flow control holds the session back, nothing is lost."""
     expected = b"".join(b"%d\n" % i for i in range(1, 200_001))
-    async with await _client(env) as conn:
+    async with await asyncssh_client(env) as conn:
         process = await conn.create_process("seq 1 200000", encoding=None)
         got = bytearray()
         while chunk := await asyncio.wait_for(process.stdout.read(8192), 10):
@@ -171,7 +148,7 @@ async def test_packets_split_across_reads(env: Env, fast_paths: list[splice.Fast
     data = os.urandom(300_000)
     result = await env.ssh(*env.cert_args(), "--", "cat", stdin=data, timeout=60)
     assert result.returncode == 0 and result.stdout == data
-    async with await _client(env) as conn:
+    async with await asyncssh_client(env) as conn:
         process = await conn.create_process(term_type="xterm", encoding=None)
         await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
         process.stdin.write(b"ping")
@@ -181,7 +158,7 @@ async def test_packets_split_across_reads(env: Env, fast_paths: list[splice.Fast
 
 async def test_a_tampered_packet_ends_the_connection(env: Env, fast_paths: list[splice.FastPath]) -> None:
     """A packet that fails authentication is not relayed: asyncssh drops the connection."""
-    async with await _client(env) as conn:
+    async with await asyncssh_client(env) as conn:
         process = await conn.create_process(term_type="xterm", encoding=None)
         await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
         process.stdin.write(b"ping")
@@ -260,7 +237,7 @@ async def test_an_error_on_the_fast_path_closes_only_that_connection(env: Env, m
                                                                      fast_paths: list[splice.FastPath],
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """As asyncssh does with an error while it reads: that connection is closed (logged), the gateway serves on."""
-    async with await _client(env) as conn:
+    async with await asyncssh_client(env) as conn:
         process = await conn.create_process(term_type="xterm", encoding=None)
         await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
 
@@ -281,7 +258,7 @@ async def test_sessions_close_cleanly_whichever_side_ends_first(
         env: Env, fast_paths: list[splice.FastPath], caplog: pytest.LogCaptureFixture) -> None:
     """The runner's side ends first (exec), then the client's; or the client hangs up first (shell)."""
     caplog.set_level("DEBUG", logger="asyncssh")
-    async with await _client(env) as conn:
+    async with await asyncssh_client(env) as conn:
         result = await conn.run("echo done", check=False, encoding=None)
         assert result.stdout == b"done\n" and result.exit_status == 0
         process = await conn.create_process(term_type="xterm", encoding=None)

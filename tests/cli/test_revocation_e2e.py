@@ -1,0 +1,101 @@
+"""`orz admin disable-user` ends the user's live attachments on every gateway replica, for real.
+
+`orz server` (API, gateway, local runner with tmux) plus a second `orz gateway` process in front of the
+same API; the real `ssh` attached to the session's tmux through each gateway; then the operator disables
+the user. Both terminals show the reason and end, and a new exec on the ControlMaster connection is refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pexpect
+import pytest
+
+from tests.fullstack import Platform, running_platform
+from tests.support import ROOT, free_port, wait_until
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(any(shutil.which(b) is None for b in ("ssh", "tmux", "git")),
+                       reason="needs ssh, tmux and git"),
+    pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("gateway.server", "runner.main")),
+                       reason="needs the gateway and runner packages"),
+]
+REASON = "orz: your account is disabled"
+
+
+@pytest.fixture
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    # A short base: the session's tmux socket path must fit a unix socket name.
+    with running_platform(tmp_path_factory.mktemp("rv")) as running:
+        yield running
+
+
+@pytest.fixture
+def second_gateway(platform: Platform) -> Iterator[int]:
+    """Another gateway replica: its own process, the same API, keys and service token."""
+    keys = platform.data / "keys"
+    ssh_port, web_port = free_port(), free_port()
+    env = {**platform.env, "ORZ_DATA_DIR": str(platform.data),
+           "ORZ_PUBLIC_API_URL": f"http://127.0.0.1:{platform.api_port}",
+           "ORZ_SERVICE_TOKEN": (keys / "service_token").read_text().strip(),
+           "ORZ_GATEWAY_CLIENT_KEY_FILE": str(keys / "gateway_client_ed25519")}
+    log_path = platform.log.parent / "gateway2.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "gateway", "--ssh-port", str(ssh_port),
+                                 "--web-port", str(web_port)], env=env, cwd=ROOT, stdout=log, stderr=log)
+        try:
+            def healthy() -> bool:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"orz gateway exited; see {log_path}")
+                try:
+                    return httpx.get(f"http://127.0.0.1:{web_port}/healthz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(healthy, timeout=30, what="the second gateway")
+            yield ssh_port
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+def test_disabling_a_user_cuts_their_terminals_on_every_gateway(platform: Platform, second_gateway: int) -> None:
+    created = platform.orz("cloud", "new", "--program", "bash", "--no-attach", "--wait", cwd=platform.home)
+    assert created.returncode == 0, created.stderr
+    sid = created.stdout.split()[1]
+    assert platform.orz("cloud", "ssh-config", "--write").returncode == 0
+    config = str(platform.home / ".ssh" / "config")
+    control = platform.home / "ctl"
+
+    first = platform.spawn("ssh", "-F", config, f"{sid}.orz")
+    second = platform.spawn("ssh", "-F", config, "-p", str(second_gateway), "-o", "ControlMaster=yes",
+                            "-o", f"ControlPath={control}", f"{sid}.orz")
+    for child in (first, second):
+        child.expect(r"\[main\]")  # tmux drew its status line: attached
+    time.sleep(0.3)
+    first.sendline("echo typed''-before")
+    first.expect("typed-before")
+
+    database = f"sqlite+aiosqlite:///{platform.data / 'orz.db'}"
+    disabled = platform.orz("admin", "disable-user", "--database-url", database, "admin@localhost")
+    assert disabled.returncode == 0, disabled.stderr
+    # Within 5 s (the access watch polls every second) both terminals show why, and end.
+    for child in (first, second):
+        child.expect(REASON, timeout=5)
+        child.expect(pexpect.EOF, timeout=5)
+        child.close()
+        assert child.exitstatus != 0 or child.signalstatus is not None
+
+    again = subprocess.run(["ssh", "-F", config, "-p", str(second_gateway), "-o", f"ControlPath={control}",
+                            "-o", "ControlMaster=no", "-o", "BatchMode=yes", f"{sid}.orz", "echo after"],
+                           env=platform.env, capture_output=True, text=True, timeout=30, check=False)
+    assert again.returncode != 0 and "after" not in again.stdout
+    assert "your account is disabled" in again.stderr, again.stderr

@@ -1,0 +1,100 @@
+"""Withdrawn access ends live attachments: each channel open asks the API again, and every gateway's
+access watch cuts connections of disabled users and deleted sessions (gateway/revocation.py).
+Real OpenSSH clients through a real gateway; the API and runner are the stand-ins of standins.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.gateway.conftest import SESSION, USER, Env, eventually, gateway_env
+from tests.gateway.standins import FakeSession
+
+
+async def test_a_new_channel_on_a_live_connection_is_reauthorized(tmp_path: Path) -> None:
+    """ControlMaster: the second exec rides the first connection, and is refused once the user is disabled."""
+    # No access watch in this test (an hour apart): only the channel-open check can refuse.
+    async with gateway_env(tmp_path, gateway_access_check_s=60) as env:
+        control = tmp_path / "ctl"
+        mux = ["-S", str(control), "-o", "ControlMaster=no"]
+        master = await asyncio.create_subprocess_exec(
+            *env.base_args(), *env.cert_args(), "-M", "-S", str(control), "-N", f"{SESSION}@127.0.0.1",
+            stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            await eventually(control.exists, "the control socket")
+            first = await env.ssh(*mux, "--", "echo first")
+            assert first.returncode == 0 and first.stdout == b"first\n", first
+            env.api.disabled_users.add(USER)
+            second = await env.ssh(*mux, "--", "echo second")
+            assert second.returncode != 0 and b"second" not in second.stdout
+            assert b"orz: your account is disabled" in second.stderr, second.stderr
+            # The whole connection goes with it: the master exits.
+            await asyncio.wait_for(master.wait(), 10)
+        finally:
+            if master.returncode is None:
+                master.kill()
+                await master.wait()
+
+
+async def _attach(env: Env, session: str, cert: Path, name: str) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        *env.base_args(), "-tt", *env.cert_args(cert, name=name), f"{session}@127.0.0.1",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdout is not None
+    await asyncio.wait_for(proc.stdout.readuntil(b"hi\r\n"), 15)
+    return proc
+
+
+@pytest.mark.parametrize("withdraw", ["disable-user", "delete-session"])
+async def test_live_pty_ends_with_the_reason_and_others_stay(tmp_path: Path, withdraw: str) -> None:
+    async with gateway_env(tmp_path, gateway_access_check_s=0.2) as env:
+        env.api.sessions["demo-2"] = FakeSession(owner="usr_bob", route=env.runner.route)
+        alice = await _attach(env, SESSION, env.certificate(), "id")
+        bob = await _attach(env, "demo-2", env.certificate("demo-2", "usr_bob", name="bob"), "bob")
+        try:
+            if withdraw == "disable-user":
+                env.api.disabled_users.add(USER)
+                reason = b"orz: your account is disabled"
+            else:
+                del env.api.sessions[SESSION]
+                reason = b"orz: session demo-1 was deleted"
+            assert alice.stdout is not None and bob.stdin is not None and bob.stdout is not None
+            shown = await asyncio.wait_for(alice.stdout.read(), 10)  # to the end: the client was cut
+            assert reason in shown, shown
+            assert await asyncio.wait_for(alice.wait(), 10) != 0
+            # Bob, on the same gateway, types on.
+            bob.stdin.write(b"ping\r")
+            assert b"pong" in await asyncio.wait_for(bob.stdout.readuntil(b"pong"), 10)
+            assert bob.returncode is None
+        finally:
+            for proc in (alice, bob):
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
+    assert env.api.access_checks > 0
+
+
+async def test_a_browser_terminal_ends_with_the_reason(tmp_path: Path) -> None:
+    async with gateway_env(tmp_path, gateway_access_check_s=0.2) as env:
+        assert env.gateway.web is not None
+        url = f"ws://127.0.0.1:{env.gateway.web.port}/v1/instances/{SESSION}/attach?token={env.token()}"
+        async with connect(url) as ws:
+            seen, control = b"", []
+            while b"hi" not in seen:
+                msg = await asyncio.wait_for(ws.recv(), 10)
+                if isinstance(msg, bytes):
+                    seen += msg
+            env.api.disabled_users.add(USER)
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    msg = await asyncio.wait_for(ws.recv(), 10)
+                    if isinstance(msg, str):
+                        control.append(json.loads(msg))
+            assert {"type": "error", "message": "your account is disabled"} in control
+            assert ws.close_code == 4001 and ws.close_reason == "your account is disabled"
