@@ -95,12 +95,25 @@ class ProblemHandler(ErrorHandler):
         if error.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="orzbob-cloud"'
         if error.status == 405:
-            allowed = getattr(exception, "allowed_methods", None) or getattr(exception, "headers", {}).get("Allow")
+            # Sanic names the methods for some paths only (not for two routes on one dynamic path).
+            allowed = getattr(exception, "allowed_methods", None) or allowed_methods(request)
             if allowed:
-                headers["Allow"] = allowed if isinstance(allowed, str) else ", ".join(sorted(allowed))
+                headers["Allow"] = ", ".join(sorted(allowed))
         return HTTPResponse(
             _json_dumps(body), status=error.status, headers=headers, content_type="application/problem+json"
         )
+
+
+def allowed_methods(request: Request) -> set[str]:
+    """The methods the app's routes serve on this request's path (for a 405's Allow header)."""
+    parts = request.path.strip("/").split("/")
+    found: set[str] = set()
+    for r in request.app.router.routes:
+        if len(r.parts) == len(parts) and all(
+            want.startswith("<") or want == got for want, got in zip(r.parts, parts, strict=True)
+        ):
+            found |= set(r.methods)
+    return found
 
 
 def _sanic_detail(status: int, exc: SanicException) -> str:

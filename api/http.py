@@ -20,12 +20,15 @@ def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -
     # Sanic's own limit only applies to its HTTP server; check again so ASGI deployments get it too.
     if len(raw) > request.app.config.REQUEST_MAX_SIZE:
         raise PayloadTooLarge("request body is too large")
+    if not raw and allow_empty:
+        return model()
     if not raw.strip():
-        if allow_empty:
-            return model()
+        # Whitespace is not "no body": it is a body that is not JSON.
         raise BadRequest("a JSON object body is required")
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise BadRequest("body is not valid JSON: nested too deeply") from None
     except UnicodeDecodeError:
         # The codec's message quotes the offending byte, which may be part of a secret value.
         raise BadRequest("body is not valid UTF-8 JSON") from None
@@ -38,12 +41,18 @@ def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -
         # Strict: "true" is not a boolean and "5" is not a number; JSON mode still reads ISO datetimes.
         return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
+        invalid = [e for e in exc.errors(include_url=False, include_input=False) if e["type"] == "json_invalid"]
+        if invalid:
+            # What the stricter parser refuses (nesting past its limit, lone surrogates) is bad JSON too.
+            raise BadRequest(f"body is not valid JSON: {invalid[0]['ctx']['error']}") from None
         raise ValidationFailed(_describe(exc), errors=_errors(exc)) from None
 
 
 def _errors(exc: ValidationError) -> list[dict[str, Any]]:
     return [
-        {"field": ".".join(str(p) for p in err["loc"]) or "(body)", "message": err["msg"]}
+        # A control character deep in a field (a dict value, a list item) names its path below the field.
+        {"field": (".".join(str(p) for p in err["loc"]) + err.get("ctx", {}).get("path", "")) or "(body)",
+         "message": err["msg"]}
         for err in exc.errors(include_url=False, include_input=False)
     ]
 
