@@ -10,6 +10,7 @@ from sanic import HTTPResponse, Request
 from sanic.response import json as json_response
 
 from api.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from api.schemas import describe_validation, validation_errors
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -45,23 +46,7 @@ def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -
         if invalid:
             # What the stricter parser refuses (nesting past its limit, lone surrogates) is bad JSON too.
             raise BadRequest(f"body is not valid JSON: {invalid[0]['ctx']['error']}") from None
-        raise ValidationFailed(_describe(exc), errors=_errors(exc)) from None
-
-
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
-    return [
-        # A control character deep in a field (a dict value, a list item) names its path below the field.
-        {"field": (".".join(str(p) for p in err["loc"]) + err.get("ctx", {}).get("path", "")) or "(body)",
-         "message": err["msg"]}
-        for err in exc.errors(include_url=False, include_input=False)
-    ]
-
-
-def _describe(exc: ValidationError) -> str:
-    errs = _errors(exc)
-    first = errs[0]
-    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-    return f"{first['field']}: {first['message']}{more}"
+        raise ValidationFailed(describe_validation(exc), errors=validation_errors(exc)) from None
 
 
 def respond(model: BaseModel, status: int = 200) -> HTTPResponse:

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     StrictBool,
     StringConstraints,
+    ValidationError,
     ValidationInfo,
     field_validator,
 )
@@ -59,6 +60,12 @@ _CONTROL_RULES: dict[str, tuple[str, str]] = {
 _CONTROL_RES = {rule: re.compile(f"[{refused}]") for rule, (refused, _) in _CONTROL_RULES.items()}
 CONTROL_PATTERNS = {rule: f"^[^{refused}]*$" for rule, (refused, _) in _CONTROL_RULES.items()}
 ControlRule = Literal["line", "text", "log"]
+
+
+def scrub_controls(text: str, rule: ControlRule = "log") -> str:
+    """``text`` with every character the rule refuses replaced by U+FFFD: for output a sender does not
+    control (a command's log, an exception message) that must still be reported."""
+    return _CONTROL_RES[rule].sub("\ufffd", text)
 
 
 def _refuse_controls(value: Any, rule: ControlRule, path: str = "") -> None:
@@ -466,6 +473,23 @@ class AttachEventIn(Request):
     bytes_in: int = Field(default=0, ge=0)
     bytes_out: int = Field(default=0, ge=0)
     duration_s: float = Field(default=0.0, ge=0)
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """Field and message of each error, never the input (it may be a secret)."""
+    return [
+        # A control character deep in a field (a dict value, a list item) names its path below the field.
+        {"field": (".".join(str(p) for p in err["loc"]) + str(err.get("ctx", {}).get("path", ""))) or "(body)",
+         "message": err["msg"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """One line: the first error's field and message, and how many more there are."""
+    errs = validation_errors(exc)
+    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"{errs[0]['field']}: {errs[0]['message']}{more}"
 
 
 def problem_detail(body: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from pydantic import ValidationError
 from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -582,6 +583,11 @@ class InstanceService:
             failed = await self._fail(inst, actor, exc.reason)
             raise ProviderError(f"session {inst.id} could not start: {exc.reason}",
                                 instance_id=failed.id) from exc
+        except ValidationError as exc:
+            # A row written before today's rules (a NUL in the task) makes a spec no runner accepts.
+            reason = f"the session's stored spec is not valid: {schemas.describe_validation(exc)}"
+            failed = await self._fail(inst, actor, reason)
+            raise SessionFailed(f"session {inst.id} could not start: {reason}", instance_id=failed.id) from exc
         async with self.autocommit() as db:
             fresh_row = await db.scalar(
                 update(Instance).where(Instance.id == inst.id).values(provider_state=provider_state)
