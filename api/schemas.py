@@ -34,6 +34,9 @@ CLOUD_CONFIG_PATH = ".orz/cloud.yaml"
 SECRET_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 Tier = Literal["small", "medium", "large"]
+# member: their own sessions only; admin: every session of their org (docs/security.md, "Roles").
+Role = Literal["member", "admin"]
+ROLES: tuple[Role, ...] = ("member", "admin")
 StateName = Literal[
     "pending", "starting", "running", "unhealthy", "stopping", "stopped", "failed", "deleting", "deleted"
 ]
@@ -282,6 +285,8 @@ class AttachGrant(Response):
 class MeUser(Response):
     id: str
     email: str
+    role: Role = "member"
+    # Kept for clients older than roles: true exactly when role is "admin".
     is_admin: bool
 
 

@@ -47,7 +47,8 @@ class User(Base):
     email: Mapped[str] = mapped_column(String(254), unique=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), index=True)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
-    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # "member": sees and manages only their own sessions; "admin": all of the org's (docs/security.md).
+    role: Mapped[str] = mapped_column(String(16), default="member", server_default="member")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -56,6 +56,7 @@ ID_ATTEMPTS = 5
 # An UPDATE ... RETURNING(Instance) loads the new values even into an object the session already holds.
 _REFRESH = {"populate_existing": True, "synchronize_session": False}
 _INSTANCE_BY_ID = select(Instance.__table__).where(Instance.__table__.c.id == bindparam("id"))
+_NOT_YOURS = "session {id} belongs to someone else in your org; only its owner and org admins may use it"
 
 
 class SecretEnvSource(Protocol):
@@ -105,12 +106,12 @@ class InstanceService:
         return self._visible_to(who, session_id, found)
 
     async def list(self, who: Principal) -> list[Instance]:
+        """A member's own sessions; an admin's whole org."""
+        query = select(Instance).where(Instance.org_id == who.org_id, Instance.state != State.DELETED.value)
+        if not who.is_admin:
+            query = query.where(Instance.user_id == who.user_id)
         async with self.autocommit() as db:
-            rows = await db.scalars(
-                select(Instance)
-                .where(Instance.org_id == who.org_id, Instance.state != State.DELETED.value)
-                .order_by(Instance.created_at.desc(), Instance.id)
-            )
+            rows = await db.scalars(query.order_by(Instance.created_at.desc(), Instance.id))
             return list(rows)
 
     async def events(self, who: Principal, session_id: str, limit: int = 20) -> list[Event]:
@@ -462,8 +463,8 @@ class InstanceService:
                 raise Forbidden("your account is disabled")
             if inst is None or inst.org_id != user.org_id or State(inst.state) in GONE_STATES:
                 raise no_such
-            if inst.user_id != user.id and not user.is_admin:
-                raise Forbidden(f"session {inst.id} belongs to someone else in your org")
+            if inst.user_id != user.id and user.role != "admin":
+                raise Forbidden(_NOT_YOURS.format(id=inst.id))
             if req.jti:
                 await self._spend_jti(db, req.jti, req.jti_expires_at)
             org = await db.get(Org, user.org_id)
@@ -501,6 +502,14 @@ class InstanceService:
         metrics.SESSION_WAKES.labels(result="started").inc()
         return woken
 
+    async def record_attach_grant(self, who: Principal, inst: Instance, *, readonly: bool,
+                                  certificate: bool) -> None:
+        """Audit: who was handed attach credentials for this session (the gateway reports the attach)."""
+        what = ("certificate and token" if certificate else "token") + (", read-only" if readonly else "")
+        async with self.sessions() as db:
+            db.add(self._event(inst, who.actor, "attach_granted", None, None, f"{what} for {who.email}"))
+            await db.commit()
+
     async def record_attach_event(self, ev: schemas.AttachEventIn) -> None:
         async with self.sessions() as db:
             inst = await db.get(Instance, ev.session_id)
@@ -525,9 +534,13 @@ class InstanceService:
 
     @staticmethod
     def _visible_to(who: Principal, session_id: str, inst: Instance | None) -> Instance:
-        # Another org's session is indistinguishable from one that does not exist.
+        # Another org's session is indistinguishable from one that does not exist. A colleague's is a
+        # 403, as attach (API and gateway) has always answered: inside an org session ids are shared
+        # knowledge, and "someone else's" tells the user whom to ask instead of "it does not exist".
         if inst is None or inst.org_id != who.org_id or inst.state == State.DELETED.value:
             raise NotFound(f"no such session: {session_id}")
+        if inst.user_id != who.user_id and not who.is_admin:
+            raise Forbidden(_NOT_YOURS.format(id=inst.id))
         return inst
 
     async def _count_active(self, db: AsyncSession, org_id: str, exclude: str | None = None) -> int:
