@@ -116,6 +116,22 @@ def allowed_methods(request: Request) -> set[str]:
     return found
 
 
+def create_metrics_app(api: Sanic) -> Sanic:
+    """/metrics of ``api``'s process for its own listener (settings.api_metrics_port).
+
+    The public port does not serve it: it shows how many sessions exist and the request mix, and a
+    scraper reaches the metrics port inside the cluster only (chart: a ClusterIP Service of its own).
+    """
+    app = Sanic(f"{api.name}_metrics", error_handler=ProblemHandler(), configure_logging=False)
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.config.ACCESS_LOG = False
+    # Sanic's TouchUp rewrites its shared HTTP class once per process; a second app doing it again fails.
+    app.config.TOUCHUP = False
+    app.ctx.api = api
+    app.blueprint(health.metrics_bp)
+    return app
+
+
 def _sanic_detail(status: int, exc: SanicException) -> str:
     if status == 404:
         return "no such endpoint"

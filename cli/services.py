@@ -69,14 +69,19 @@ def api_cmd(host: str | None, port: int | None) -> None:
     _configure_logging(settings)
 
     async def main() -> None:
-        from api.app import create_app
+        from api.app import create_app, create_metrics_app
         from api.serve import ApiServer
 
-        server = await ApiServer.start(create_app(settings), settings.api_host, settings.api_port)
+        app = create_app(settings)
+        server = await ApiServer.start(app, settings.api_host, settings.api_port)
+        metrics = (await ApiServer.start(create_metrics_app(app), settings.api_host, settings.api_metrics_port)
+                   if settings.api_metrics_port else None)
         freeze_startup_heap()
         try:
             await wait_for_signal()
         finally:
+            if metrics is not None:
+                await metrics.stop()
             await server.stop()
 
     _run(main)
