@@ -80,11 +80,16 @@ def _check_role(role: str) -> None:
 async def set_role(sessions: async_sessionmaker[AsyncSession], email: str, role: str) -> User:
     """Make a user an org admin or a member; the API sees it within its token cache's lifetime."""
     _check_role(role)
+    return await _update_user(sessions, email, role=role)
+
+
+async def _update_user(sessions: async_sessionmaker[AsyncSession], email: str, **values: object) -> User:
     async with sessions() as db:
         user = await db.scalar(select(User).where(User.email == email.strip().lower()))
         if user is None:
             raise NotFound(f"no such user: {email}")
-        user.role = role
+        for name, value in values.items():
+            setattr(user, name, value)
         await db.commit()
         return user
 
