@@ -90,13 +90,13 @@ async def test_property_based_run_finds_no_server_errors_or_schema_violations(ap
             f"http://127.0.0.1:{server.port}/v1/openapi.json", "--mode", "all",
             "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                         "response_schema_conformance,negative_data_rejection",
-            "--max-examples", "15", "--workers", "1", "--seed", "20261205", "--generation-database", "none",
+            "--max-examples", "15", "--workers", "2", "--seed", "20261205", "--generation-database", "none",
             "--report", "json", "--report-json-path", str(report), "--suppress-health-check", "all",
         ]
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                     cwd=tmp_path)
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout=80)
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout=84)
         finally:
             if proc.returncode is None:  # timed out: leave no fuzzer behind
                 proc.kill()
@@ -107,7 +107,7 @@ async def test_property_based_run_finds_no_server_errors_or_schema_violations(ap
     assert report.exists(), text[-4000:]
     run = json.loads(report.read_text())
     # Not one failed check (a 5xx, an undocumented status, content type or body) and no errored case.
-    assert run["failures"] == [] and run["errors"] == [], json.dumps(run["failures"] or run["errors"])[:6000]
+    assert run["failures"] == [] and run["errors"] == [], text[-8000:]
     cases = run["test_cases"]
     assert cases["with_failures"] == 0 and cases["errored"] == 0 and cases["generated"] >= 400, cases
     assert run["complete"] is True and run["exit_code"] == 0 and proc.returncode == 0, text[-4000:]

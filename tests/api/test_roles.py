@@ -153,3 +153,11 @@ def test_admin_cli_creates_users_with_a_role_and_changes_it(database_url: str, t
     assert out.returncode != 0 and "owner" in out.stderr
     out = orz("set-role", "nobody@acme.example", "member")
     assert out.returncode != 0 and "no such user" in out.stderr
+
+
+async def test_the_document_lists_the_403_of_every_session_route(app: Sanic) -> None:
+    _, resp = await app.asgi_client.get("/v1/openapi.json")
+    for path, item in resp.json["paths"].items():
+        if path.startswith("/v1/instances/{id}"):
+            for method, op in item.items():
+                assert "403" in op["responses"], (method, path)
