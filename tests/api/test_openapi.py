@@ -48,10 +48,25 @@ def _server_errors() -> float:
                if sample.name.endswith("_count") and sample.labels.get("status", "").startswith("5"))
 
 
+# Every string field of the request bodies (where schemathesis finds one, in any operation).
+CONTROL_FIELDS = ("task", "program", "repo_url", "branch", "secrets[*]", "name", "public_key", "fatal_error",
+                  "init_log_tail", "session_id", "user_id", "source_address", "connection_id")
+CONTROL_BINDINGS = "\n".join(f'"body.{f}" = {{ dictionary = "controls", probability = 0.25 }}' for f in CONTROL_FIELDS)
+
+
 def _schemathesis_config(path: Path, user_token: str, session_id: str, runner_token: str) -> None:
     """Every operation gets the credential it needs, so none is only ever answered with a 401."""
     path.write_text(f"""
 headers = {{ Authorization = "Bearer {user_token}" }}
+
+# Strings with the control characters an audit broke the API with (a NUL byte was a 500 on
+# PostgreSQL), mixed into every string the run generates: positive data where the document allows
+# them, negative data (which must be refused) where it does not.
+[dictionaries.controls]
+values = ["fix \\u0000 it", "\\u0000", "red \\u001b[31m", "ma\\u0085in", "two\\nlines", "tab\\there", "\\u007f"]
+
+[parameters]
+{CONTROL_BINDINGS}
 
 # An over-long string (negative data) can make the body larger than max_request_bytes: the documented
 # 413 rejects it as surely as a 422.
