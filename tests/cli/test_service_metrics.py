@@ -1,5 +1,6 @@
 """Metrics endpoints of the services as `orz` runs them: `orz scheduler` alone (as in its own pod) on
-ORZ_SCHEDULER_METRICS_PORT with JSON log lines, and `orz server` with everything on the API's /metrics."""
+ORZ_SCHEDULER_METRICS_PORT with JSON log lines, `orz api` on ORZ_API_METRICS_PORT only, and `orz server` with
+everything on its metrics port."""
 
 from __future__ import annotations
 
