@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api.db import tokens
 from api.db.models import ApiToken, Org, User
 from api.errors import BadRequest, Conflict, NotFound
+from api.schemas import ROLES
 
 PLANS = ("free", "pro", "team")
 ORG_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -53,20 +54,43 @@ async def set_plan(sessions: async_sessionmaker[AsyncSession], name: str, plan: 
 
 
 async def create_user(sessions: async_sessionmaker[AsyncSession], email: str, org_name: str,
-                      *, is_admin: bool = False) -> User:
+                      *, role: str = "member") -> User:
     email = email.strip().lower()
     if not EMAIL_RE.match(email):
         raise BadRequest(f"not an email address: {email}")
+    _check_role(role)
     async with sessions() as db:
         org = await db.scalar(select(Org).where(Org.name == org_name))
         if org is None:
             raise NotFound(f"no such org: {org_name}")
-        user = User(email=email, org_id=org.id, is_admin=is_admin)
+        user = User(email=email, org_id=org.id, role=role)
         db.add(user)
         try:
             await db.commit()
         except IntegrityError:
             raise Conflict(f"user {email} already exists") from None
+        return user
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise BadRequest(f"role must be one of {', '.join(ROLES)}")
+
+
+async def set_role(sessions: async_sessionmaker[AsyncSession], email: str, role: str) -> User:
+    """Make a user an org admin or a member; the API sees it within its token cache's lifetime."""
+    _check_role(role)
+    return await _update_user(sessions, email, role=role)
+
+
+async def _update_user(sessions: async_sessionmaker[AsyncSession], email: str, **values: object) -> User:
+    async with sessions() as db:
+        user = await db.scalar(select(User).where(User.email == email.strip().lower()))
+        if user is None:
+            raise NotFound(f"no such user: {email}")
+        for name, value in values.items():
+            setattr(user, name, value)
+        await db.commit()
         return user
 
 
@@ -102,6 +126,6 @@ async def bootstrap(sessions: async_sessionmaker[AsyncSession], org_name: str = 
             assert org is not None
             return Bootstrap(org=org, user=existing, token=None)
     org = await create_org(sessions, org_name, "free")
-    user = await create_user(sessions, email, org_name, is_admin=True)
+    user = await create_user(sessions, email, org_name, role="admin")
     token = await create_token(sessions, email, name="orz-server")
     return Bootstrap(org=org, user=user, token=token)

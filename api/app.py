@@ -97,12 +97,41 @@ class ProblemHandler(ErrorHandler):
         if error.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="orzbob-cloud"'
         if error.status == 405:
-            allowed = getattr(exception, "allowed_methods", None) or getattr(exception, "headers", {}).get("Allow")
+            # Sanic names the methods for some paths only (not for two routes on one dynamic path).
+            allowed = getattr(exception, "allowed_methods", None) or allowed_methods(request)
             if allowed:
-                headers["Allow"] = allowed if isinstance(allowed, str) else ", ".join(sorted(allowed))
+                headers["Allow"] = ", ".join(sorted(allowed))
         return HTTPResponse(
             _json_dumps(body), status=error.status, headers=headers, content_type="application/problem+json"
         )
+
+
+def allowed_methods(request: Request) -> set[str]:
+    """The methods the app's routes serve on this request's path (for a 405's Allow header)."""
+    parts = request.path.strip("/").split("/")
+    found: set[str] = set()
+    for r in request.app.router.routes:
+        if len(r.parts) == len(parts) and all(
+            want.startswith("<") or want == got for want, got in zip(r.parts, parts, strict=True)
+        ):
+            found |= set(r.methods)
+    return found
+
+
+def create_metrics_app(api: Sanic) -> Sanic:
+    """/metrics of ``api``'s process for its own listener (settings.api_metrics_port).
+
+    The public port does not serve it: it shows how many sessions exist and the request mix, and a
+    scraper reaches the metrics port inside the cluster only (chart: a ClusterIP Service of its own).
+    """
+    app = Sanic(f"{api.name}_metrics", error_handler=ProblemHandler(), configure_logging=False)
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.config.ACCESS_LOG = False
+    # Sanic's TouchUp rewrites its shared HTTP class once per process; a second app doing it again fails.
+    app.config.TOUCHUP = False
+    app.ctx.api = api
+    app.blueprint(health.metrics_bp)
+    return app
 
 
 def _sanic_detail(status: int, exc: SanicException) -> str:

@@ -20,7 +20,7 @@ from api.errors import Unauthorized
 # mapped objects cost more than the query itself.
 _TOKEN_LOOKUP = (
     select(ApiToken.id.label("token_id"), ApiToken.token_hash, ApiToken.revoked_at, ApiToken.expires_at,
-           ApiToken.last_used_at, User.id.label("user_id"), User.email, User.is_admin, User.is_active,
+           ApiToken.last_used_at, User.id.label("user_id"), User.email, User.role, User.is_active,
            Org.id.label("org_id"), Org.name.label("org_name"), Org.plan)
     .join(User, User.id == ApiToken.user_id)
     .join(Org, Org.id == User.org_id)
@@ -37,13 +37,19 @@ class Principal:
 
     user_id: str
     email: str
-    is_admin: bool
+    role: str
     org_id: str
     org_name: str
     plan: str
 
     @property
+    def is_admin(self) -> bool:
+        """Org admins see and manage every session of their org; members only their own."""
+        return self.role == "admin"
+
+    @property
     def actor(self) -> str:
+        """How audit events name this caller: the user id, which (unlike an email) never changes."""
         return f"user:{self.user_id}"
 
 
@@ -111,7 +117,7 @@ async def authenticate_api_token(sessions: async_sessionmaker[AsyncSession], val
             await db.execute(update(ApiToken).where(ApiToken.id == row.token_id).values(last_used_at=now))
             await db.commit()
         who = Principal(
-            user_id=row.user_id, email=row.email, is_admin=row.is_admin,
+            user_id=row.user_id, email=row.email, role=row.role,
             org_id=row.org_id, org_name=row.org_name, plan=row.plan,
         )
     if cache is not None:

@@ -10,6 +10,7 @@ from sanic import HTTPResponse, Request
 from sanic.response import json as json_response
 
 from api.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from api.schemas import describe_validation, validation_errors
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -20,12 +21,15 @@ def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -
     # Sanic's own limit only applies to its HTTP server; check again so ASGI deployments get it too.
     if len(raw) > request.app.config.REQUEST_MAX_SIZE:
         raise PayloadTooLarge("request body is too large")
+    if not raw and allow_empty:
+        return model()
     if not raw.strip():
-        if allow_empty:
-            return model()
+        # Whitespace is not "no body": it is a body that is not JSON.
         raise BadRequest("a JSON object body is required")
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise BadRequest("body is not valid JSON: nested too deeply") from None
     except UnicodeDecodeError:
         # The codec's message quotes the offending byte, which may be part of a secret value.
         raise BadRequest("body is not valid UTF-8 JSON") from None
@@ -38,21 +42,11 @@ def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -
         # Strict: "true" is not a boolean and "5" is not a number; JSON mode still reads ISO datetimes.
         return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
-        raise ValidationFailed(_describe(exc), errors=_errors(exc)) from None
-
-
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
-    return [
-        {"field": ".".join(str(p) for p in err["loc"]) or "(body)", "message": err["msg"]}
-        for err in exc.errors(include_url=False, include_input=False)
-    ]
-
-
-def _describe(exc: ValidationError) -> str:
-    errs = _errors(exc)
-    first = errs[0]
-    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-    return f"{first['field']}: {first['message']}{more}"
+        invalid = [e for e in exc.errors(include_url=False, include_input=False) if e["type"] == "json_invalid"]
+        if invalid:
+            # What the stricter parser refuses (nesting past its limit, lone surrogates) is bad JSON too.
+            raise BadRequest(f"body is not valid JSON: {invalid[0]['ctx']['error']}") from None
+        raise ValidationFailed(describe_validation(exc), errors=validation_errors(exc)) from None
 
 
 def respond(model: BaseModel, status: int = 200) -> HTTPResponse:

@@ -11,9 +11,20 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 SESSION_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -23,6 +34,9 @@ CLOUD_CONFIG_PATH = ".orz/cloud.yaml"
 SECRET_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 Tier = Literal["small", "medium", "large"]
+# member: their own sessions only; admin: every session of their org (docs/security.md, "Roles").
+Role = Literal["member", "admin"]
+ROLES: tuple[Role, ...] = ("member", "admin")
 StateName = Literal[
     "pending", "starting", "running", "unhealthy", "stopping", "stopped", "failed", "deleting", "deleted"
 ]
@@ -31,6 +45,54 @@ TIER_RESOURCES: dict[str, dict[str, str]] = {
     "medium": {"cpu": "4", "memory": "8Gi"},
     "large": {"cpu": "8", "memory": "16Gi"},
 }
+
+
+# Control characters a request string may carry, per field. Everything stored goes through the database
+# (PostgreSQL text cannot hold NUL) and into argv/env of the runner (no NUL there either); names and
+# one-line values carry no control character at all. The same ranges, as JSON-schema patterns, go into
+# the OpenAPI document so clients and fuzzers know them.
+_C0_C1 = "\\x00-\\x1f\\x7f-\\x9f"
+_CONTROL_RULES: dict[str, tuple[str, str]] = {
+    # rule: (what is refused, as a regex class body; what to call the allowed content in messages)
+    "line": (_C0_C1, "one line of text with no control characters"),
+    "text": ("\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f",
+             "text whose only control characters are tab, newline and carriage return"),
+    "log": ("\\x00", "text without NUL characters"),
+}
+# Lone surrogates (no UTF-8 for them) are refused by every rule. A JSON body cannot bring one: the
+# parser refuses it first (400), so the documented patterns leave them out (regex engines of other
+# languages cannot even write them).
+_CONTROL_RES = {rule: re.compile(f"[{refused}\\ud800-\\udfff]") for rule, (refused, _) in _CONTROL_RULES.items()}
+CONTROL_PATTERNS = {rule: f"^[^{refused}]*$" for rule, (refused, _) in _CONTROL_RULES.items()}
+ControlRule = Literal["line", "text", "log"]
+
+
+def scrub_controls(text: str, rule: ControlRule = "log") -> str:
+    """``text`` with every character the rule refuses replaced by U+FFFD: for output a sender does not
+    control (a command's log, an exception message) that must still be reported."""
+    return _CONTROL_RES[rule].sub("\ufffd", text)
+
+
+def _refuse_controls(value: Any, rule: ControlRule, path: str = "") -> None:
+    """Raise for the first character of ``value`` (a string, or strings inside lists and dicts) the rule
+    refuses. The error names the character, its position and the path below the field (``.KEY``,
+    ``.0``), never the value: it may be a secret."""
+    if isinstance(value, str):
+        bad = _CONTROL_RES[rule].search(value)
+        if bad is not None:
+            raise PydanticCustomError(
+                "control_character", "contains {char} at position {pos}; it must be {allowed}",
+                {"char": f"U+{ord(bad.group()):04X}", "pos": bad.start(), "allowed": _CONTROL_RULES[rule][1],
+                 "path": path},
+            )
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _refuse_controls(item, rule, f"{path}.{i}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            # Keys are names: never a control character, whatever the values may carry.
+            _refuse_controls(key, "line", f"{path}.[key]")
+            _refuse_controls(item, rule, f"{path}.{key}")  # the key passed: safe to name
 
 
 def _valid_session_id(value: str) -> str:
@@ -55,24 +117,74 @@ def _valid_branch(value: str) -> str:
     return value
 
 
-_REPO_URL_RE = re.compile(r"^(?:(?:https?|ssh|git|file)://\S+|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:\S+)$")
+# The branch rule of _valid_branch as a JSON-schema (ECMA) pattern, for the OpenAPI document;
+# tests check that the two agree.
+BRANCH_PATTERN = (
+    r"^(?![-/.])(?!.*(?:\.\.|//|@\{))(?!.*(?:[/.]|\.lock)$)"
+    r"[^\x00-\x20~^:?*\[\\\x7f-\x9f]+$"
+)
+_URL_CHAR = r"[^\s\x00-\x1f\x7f-\x9f]"
+# Enforced and documented as is: ECMA and Python read it the same way.
+REPO_URL_PATTERN = (
+    rf"^(?:(?:https?|ssh|git|file)://{_URL_CHAR}+|[A-Za-z0-9._][A-Za-z0-9._-]*@[A-Za-z0-9.-]+:{_URL_CHAR}+)$"
+)
+_REPO_URL_RE = re.compile(REPO_URL_PATTERN)
 
 
 def _valid_repo_url(value: str) -> str:
-    if not _REPO_URL_RE.match(value) or value.startswith("-"):
+    if not _REPO_URL_RE.fullmatch(value):
         raise ValueError("repo_url must be an https://, ssh://, git://, file:// or user@host:path URL")
     return value
 
 
-SessionId = Annotated[str, StringConstraints(min_length=1, max_length=32), AfterValidator(_valid_session_id)]
-Branch = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_valid_branch)]
-RepoUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048), AfterValidator(_valid_repo_url)]
+SessionId = Annotated[str, StringConstraints(min_length=1, max_length=32), AfterValidator(_valid_session_id),
+                      Field(json_schema_extra={"pattern": SESSION_ID_RE.pattern})]
+Branch = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_valid_branch),
+                   Field(json_schema_extra={"pattern": BRANCH_PATTERN})]
+RepoUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048), AfterValidator(_valid_repo_url),
+                    Field(json_schema_extra={"pattern": REPO_URL_PATTERN})]
 SecretName = Annotated[str, StringConstraints(pattern=SECRET_NAME_RE.pattern, min_length=1, max_length=64)]
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_RE.pattern)]
 
 
+def _document_controls(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Put each field's control-character rule into the JSON schema as a pattern (where no stricter
+    pattern is there already), and close dicts whose keys have a pattern."""
+    rules: Mapping[str, ControlRule] = getattr(model, "control_rules", {})
+    for name, prop in schema.get("properties", {}).items():
+        _pattern_strings(prop, CONTROL_PATTERNS[rules.get(name, "line")])
+
+
+def _pattern_strings(node: dict[str, Any], pattern: str) -> None:
+    if node.get("type") == "string" and "enum" not in node and "const" not in node:
+        node.setdefault("pattern", pattern)
+    for sub in node.get("anyOf", []):
+        _pattern_strings(sub, pattern)
+    if isinstance(node.get("items"), dict):
+        _pattern_strings(node["items"], pattern)
+    if "patternProperties" in node:
+        node.setdefault("additionalProperties", False)
+        for sub in node["patternProperties"].values():
+            _pattern_strings(sub, pattern)
+    elif isinstance(node.get("additionalProperties"), dict):
+        _pattern_strings(node["additionalProperties"], pattern)
+
+
 class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    """Base of every request body: unknown fields and control characters a field cannot carry are errors.
+
+    Every string field is one line without control characters unless ``control_rules`` names it:
+    "text" also allows tab, newline and carriage return; "log" refuses only NUL (runner output).
+    """
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, json_schema_extra=_document_controls)
+    control_rules: ClassVar[Mapping[str, ControlRule]] = {}
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_control_characters(cls, value: Any, info: ValidationInfo) -> Any:
+        _refuse_controls(value, cls.control_rules.get(info.field_name or "", "line"))
+        return value
 
 
 class Response(BaseModel):
@@ -83,6 +195,8 @@ class Response(BaseModel):
 
 
 class InstanceCreate(Request):
+    # A task is prose; a program may be a small shell script. Names, URLs and branches are one line.
+    control_rules = {"task": "text", "program": "text"}
     tier: Tier = "small"
     program: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
     repo_url: RepoUrl | None = None
@@ -146,6 +260,9 @@ class InstanceLogs(Response):
 
 
 class AttachRequest(Request):
+    # The contents of a .pub file end in a newline (and RFC 4716 keys span lines).
+    control_rules = {"public_key": "text"}
+
     # An OpenSSH public key ("ssh-ed25519 AAAA... comment") to certify; omit it for a JWT only.
     public_key: Annotated[str, StringConstraints(min_length=1, max_length=16384)] | None = None
     # Strict: "readonly": "no" must be an error, not a silently coerced value.
@@ -170,6 +287,8 @@ class AttachGrant(Response):
 class MeUser(Response):
     id: str
     email: str
+    role: Role = "member"
+    # Kept for clients older than roles: true exactly when role is "admin".
     is_admin: bool
 
 
@@ -186,6 +305,8 @@ class Me(Response):
 
 
 class SecretCreate(Request):
+    # Values may be PEM keys or JSON documents; names and keys never carry control characters.
+    control_rules = {"data": "text"}
     name: SecretName
     data: Annotated[dict[EnvName, Annotated[str, StringConstraints(max_length=65536)]],
                     Field(min_length=1, max_length=64)]
@@ -194,6 +315,7 @@ class SecretCreate(Request):
 
 
 class SecretReplace(Request):
+    control_rules = {"data": "text"}
     data: Annotated[dict[EnvName, Annotated[str, StringConstraints(max_length=65536)]],
                     Field(min_length=1, max_length=64)]
 
@@ -245,6 +367,8 @@ class SidecarSpec(Request):
     The bounds are structural only; the provider checks names, images and ports and says which is wrong.
     """
 
+    control_rules = {"env": "text"}
+
     name: Annotated[str, StringConstraints(min_length=1, max_length=63)]
     image: Annotated[str, StringConstraints(min_length=1, max_length=512)]
     env: Annotated[dict[EnvName, Annotated[str, StringConstraints(max_length=32768)]],
@@ -262,6 +386,8 @@ def services_digest(services: Sequence[Mapping[str, Any]]) -> str:
 
 class RunnerSpec(Request):
     """What a runner is told to run; the provider hands it over as ORZ_RUNNER_SPEC (JSON)."""
+
+    control_rules = {"task": "text", "program": "text"}
 
     session_id: SessionId
     api_url: str
@@ -288,6 +414,9 @@ class RunnerSpec(Request):
 
 class Heartbeat(Request):
     """Runner → API, every heartbeat interval and on every notable change."""
+
+    # Output of the session's own commands: escape sequences are fine, NUL cannot be stored.
+    control_rules = {"fatal_error": "log", "init_log_tail": "log"}
 
     host_key: str | None = None
     ssh_host: str | None = None
@@ -378,6 +507,23 @@ class RevokedAttachment(Response):
 
 class AccessCheckReply(Response):
     revoked: list[RevokedAttachment]
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """Field and message of each error, never the input (it may be a secret)."""
+    return [
+        # A control character deep in a field (a dict value, a list item) names its path below the field.
+        {"field": (".".join(str(p) for p in err["loc"]) + str(err.get("ctx", {}).get("path", ""))) or "(body)",
+         "message": err["msg"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """One line: the first error's field and message, and how many more there are."""
+    errs = validation_errors(exc)
+    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"{errs[0]['field']}: {errs[0]['message']}{more}"
 
 
 def problem_detail(body: dict[str, Any]) -> str:

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # API
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
+    # `orz api` and `orz server` serve /metrics on api_host at this port, never on api_port (0: off;
+    # the chart sets 9101). The embedded server's listener shows its scheduler and gateway too.
+    api_metrics_port: int = Field(default=0, ge=0, le=65535)
     # How users' CLIs reach the API; derived from host/port when empty.
     public_api_url: str = ""
     # How the gateway (authorize, attach events, the web door's token requests) and runners (heartbeats,
@@ -114,7 +117,7 @@ class Settings(BaseSettings):
     start_timeout_s: int = Field(default=600, ge=5)
     scheduler_lease_s: int = Field(default=30, ge=2)
     # `orz scheduler` serves /metrics on api_host at this port (0: off; the embedded server shows the
-    # scheduler's metrics on the API's /metrics instead).
+    # scheduler's metrics on the API's metrics port instead).
     scheduler_metrics_port: int = Field(default=0, ge=0, le=65535)
     run_scheduler: bool = True
 

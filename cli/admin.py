@@ -12,6 +12,7 @@ from api.credentials.secrets_box import SecretsBox
 from api.credentials.secrets_keys import key_file_path, prepend_new_key
 from api.db import migrate
 from api.db.engine import create_engine, session_factory
+from api.schemas import ROLES
 from api.secrets.rotate import key_usage, rotate_all
 from api.settings import Settings, load_settings
 from cli.errors import CliError, run_async
@@ -95,12 +96,24 @@ async def set_plan(database_url: str | None, name: str, plan: str) -> None:
 @database_option
 @click.argument("email")
 @click.option("--org", "org_name", required=True, help="The org the user belongs to.")
-@click.option("--admin", "is_admin", is_flag=True, help="Org admin: may attach to the org's sessions.")
+@click.option("--role", type=click.Choice(ROLES), default="member", show_default=True,
+              help="member: sees and manages only their own sessions; admin: all of the org's.")
 @run_async
-async def create_user(database_url: str | None, email: str, org_name: str, is_admin: bool) -> None:
+async def create_user(database_url: str | None, email: str, org_name: str, role: str) -> None:
     """Create a user in an org."""
-    user = await _with_db(_settings(database_url), lambda s: ops.create_user(s, email, org_name, is_admin=is_admin))
-    click.echo(f"created user {user.email}")
+    user = await _with_db(_settings(database_url), lambda s: ops.create_user(s, email, org_name, role=role))
+    click.echo(f"created user {user.email} ({user.role})")
+
+
+@admin.command("set-role")
+@database_option
+@click.argument("email")
+@click.argument("role", type=click.Choice(ROLES))
+@run_async
+async def set_role(database_url: str | None, email: str, role: str) -> None:
+    """Make a user an org admin (all of the org's sessions) or a member (only their own)."""
+    user = await _with_db(_settings(database_url), lambda s: ops.set_role(s, email, role))
+    click.echo(f"{user.email} is now {user.role}")
 
 
 @admin.command("disable-user")

@@ -26,12 +26,6 @@ def _split_names(value: str | None) -> list[str]:
     return [name.strip() for name in (value or "").split(",") if name.strip()]
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "request"
-    return f"{where}: {err['msg']}"
-
-
 @click.command("new")
 @click.argument("task", required=False)
 @click.option("--repo", help="Git URL to clone (default: this directory's origin).")
@@ -68,7 +62,7 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
                                       secrets=_split_names(secret_names), task=task)
     except ValidationError as exc:
         await api.aclose()
-        raise CliError(_first_error(exc)) from None
+        raise CliError(schemas.describe_validation(exc)) from None
     async with api:
         inst = await api.create_instance(body)
         where = f" from {inst.repo_url}" + (f" ({inst.branch})" if inst.branch else "") if inst.repo_url else ""

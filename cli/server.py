@@ -15,7 +15,7 @@ import asyncssh
 from pydantic import SecretStr
 
 from api import admin
-from api.app import create_app
+from api.app import create_app, create_metrics_app
 from api.db import migrate
 from api.serve import ApiServer
 from api.settings import Settings
@@ -34,6 +34,7 @@ class RunningServer:
     token_file: Path
     new_token: bool
     resumed: list[str] = field(default_factory=list)
+    metrics_port: int | None = None
 
     def banner(self) -> str:
         lines = [
@@ -43,6 +44,8 @@ class RunningServer:
         if self.ssh_port:
             lines.append(f"  SSH  {self.settings.public_ssh_host} port {self.ssh_port}")
             lines.append(f"  Web  {web_base(self.settings)}/s/<session-id>   (browser terminal, SSH over WebSocket)")
+        if self.metrics_port:
+            lines.append(f"  Metrics  http://{_client_host(self.settings.api_host)}:{self.metrics_port}/metrics")
         lines.append(f"  CLI login saved in {self.token_file}" + (" (new admin token)" if self.new_token else ""))
         if self.resumed:
             lines.append(f"  Resumed {len(self.resumed)} session(s): {', '.join(self.resumed)}")
@@ -118,10 +121,16 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
 
     stack = contextlib.AsyncExitStack()
     try:
+        metrics_port = None
+        if settings.api_metrics_port:
+            # Not on the API's port: on a listener of its own (ORZ_API_METRICS_PORT), as `orz api` does.
+            metrics = await ApiServer.start(create_metrics_app(app), settings.api_host, settings.api_metrics_port)
+            stack.push_async_callback(metrics.stop)
+            metrics_port = metrics.port
         token_file, new_token = await _ensure_login(state.sessions, settings)
         ssh_port, web_port = await stack.enter_async_context(_optional_gateway(settings))
         if ssh_port is not None:
-            # One process, one scrape: the API's /metrics also shows the embedded gateway's.
+            # One process, one scrape: the API's metrics also show the embedded gateway's.
             from gateway import metrics as gateway_metrics
 
             app.ctx.extra_metrics.append(gateway_metrics.REGISTRY)
@@ -137,7 +146,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
         # The scheduler shares the API's provider: one set of watches and pid files, one view of compute.
         await stack.enter_async_context(_optional_scheduler(settings, state.provider, state.instances.secret_env))
         resumed = await state.instances.resume_after_shutdown(SHUTDOWN_REASON)
-        yield RunningServer(settings, api.port, ssh_port, token_file, new_token, resumed)
+        yield RunningServer(settings, api.port, ssh_port, token_file, new_token, resumed, metrics_port)
     finally:
         try:
             await state.instances.suspend_for_shutdown(SHUTDOWN_REASON)

@@ -70,11 +70,13 @@ def api_cmd(host: str | None, port: int | None) -> None:
     _configure_logging(settings)
 
     async def main() -> None:
-        from api.app import create_app
+        from api.app import create_app, create_metrics_app
         from api.serve import ApiServer
 
         app = create_app(settings)
         server = await ApiServer.start(app, settings.api_host, settings.api_port)
+        metrics = (await ApiServer.start(create_metrics_app(app), settings.api_host, settings.api_metrics_port)
+                   if settings.api_metrics_port else None)
         freeze_startup_heap()
         signalled = asyncio.ensure_future(wait_for_signal())
         gave_up = asyncio.ensure_future(app.ctx.gave_up.wait())
@@ -83,6 +85,8 @@ def api_cmd(host: str | None, port: int | None) -> None:
         finally:
             for waiter in (signalled, gave_up):
                 waiter.cancel()
+            if metrics is not None:
+                await metrics.stop()
             await server.stop()
         if gave_up.done() and not gave_up.cancelled():
             raise CliError(str(app.ctx.schema_problem))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from api.client import ApiClient, ApiError
-from api.schemas import Heartbeat, InitStatus, SidecarSpec
+from api.schemas import Heartbeat, InitStatus, SidecarSpec, scrub_controls
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,10 @@ class Activity:
             attached_clients=self.connections, last_input_at=self.last_input_at,
             last_output_at=self.last_output_at, init_status=self.init_status,
             program_running=self.program_running, program_exit_code=self.program_exit_code,
-            fatal_error=self.fatal_error[:4096] if self.fatal_error else None,
-            init_log_tail=self.init_log_tail[-65536:] if self.init_log_tail and not self.init_log_sent else None,
+            # Output of commands may hold NUL, which the API refuses: the report must still get through.
+            fatal_error=scrub_controls(self.fatal_error[:4096]) if self.fatal_error else None,
+            init_log_tail=(scrub_controls(self.init_log_tail[-65536:])
+                           if self.init_log_tail and not self.init_log_sent else None),
             services=self.services,
         )
 
@@ -107,7 +109,7 @@ class HeartbeatLoop:
             return False
         self.sent += 1
         current = self.activity.init_log_tail
-        if body.init_log_tail is not None and current and body.init_log_tail == current[-65536:]:
+        if body.init_log_tail is not None and current and body.init_log_tail == scrub_controls(current[-65536:]):
             self.activity.init_log_sent = True  # (unless the log changed while this one was in flight)
         if reply.heartbeat_interval_s > 0:
             self.interval_s = float(reply.heartbeat_interval_s)

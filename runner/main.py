@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import pwd
@@ -19,8 +20,10 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from api.client import ApiClient
-from api.schemas import RunnerSpec, services_digest
+from api.schemas import SESSION_ID_RE, RunnerSpec, describe_validation, services_digest
 from api.settings import load_settings
 from runner import cloud_config, workspace
 from runner.activity import Activity, HeartbeatLoop
@@ -99,6 +102,12 @@ class Runner:
         except RunnerError as exc:
             code = EXIT_FATAL
             self._fatal(str(exc))
+        except Exception as exc:
+            # Anything else (an OSError, bad data such as "embedded null byte") must still end the
+            # session with its reason, not leave it `starting` until heartbeats are missed.
+            log.exception("runner failed")
+            code = EXIT_FATAL
+            self._fatal(f"the runner failed: {type(exc).__name__}: {exc}")
         finally:
             stopping.cancel()
             await self._shutdown()
@@ -257,10 +266,45 @@ def main() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.runner_spec:
         sys.exit("orz runner: ORZ_RUNNER_SPEC is not set (the provider passes the runner spec as JSON)")
-    spec = RunnerSpec.model_validate_json(settings.runner_spec)
+    try:
+        spec = RunnerSpec.model_validate_json(settings.runner_spec)
+    except ValidationError as exc:
+        reason = f"the runner spec is not valid: {describe_validation(exc)}"
+        log.error("%s", reason)
+        report_unstartable(settings.runner_spec, settings.runner_token.get_secret_value(), reason)
+        sys.exit(EXIT_FATAL)
     if not spec.advertise_host and settings.runner_advertise_host:
         spec = spec.model_copy(update={"advertise_host": settings.runner_advertise_host})
     sys.exit(asyncio.run(_amain(spec, settings.runner_token.get_secret_value())))
+
+
+def report_unstartable(raw_spec: str, token: str, reason: str) -> None:
+    """A spec this runner cannot use still names its session, API and state dir: leave the reason where
+    the provider looks (fatal_error) and fail the session on the API with it (one last heartbeat)."""
+    try:
+        fields = json.loads(raw_spec)
+    except ValueError:
+        return
+    if not isinstance(fields, dict):
+        return
+    state_dir, session_id, api_url = (fields.get(k) for k in ("state_dir", "session_id", "api_url"))
+    if isinstance(state_dir, str) and state_dir and "\x00" not in state_dir:
+        with contextlib.suppress(OSError):
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            (Path(state_dir) / FATAL_FILE).write_text(reason + "\n", encoding="utf-8")
+            (Path(state_dir) / RELEASED_FILE).write_text("ok\n", encoding="utf-8")
+    if isinstance(session_id, str) and SESSION_ID_RE.match(session_id) and isinstance(api_url, str):
+        asyncio.run(_last_heartbeat(api_url, token, session_id, reason))
+
+
+async def _last_heartbeat(api_url: str, token: str, session_id: str, reason: str) -> None:
+    activity = Activity()
+    activity.fatal_error = reason
+    try:
+        async with ApiClient(api_url, token) as client:
+            await HeartbeatLoop(client, session_id, activity, 1).flush()
+    except Exception:  # best effort: the provider's fatal_error file still says why
+        log.exception("could not report the invalid spec to %s", api_url)
 
 
 async def _amain(spec: RunnerSpec, token: str) -> int:

@@ -65,9 +65,9 @@ class WebPlatform:
             api.delete(f"/v1/instances/{sid}")
 
 
-def start_platform(base: Path) -> Iterator[WebPlatform]:
-    """`orz server` (tests.fullstack) seen through the API and the web door."""
-    with running_platform(base) as platform:
+def start_platform(base: Path, **settings: str) -> Iterator[WebPlatform]:
+    """`orz server` (tests.fullstack) seen through the API and the web door; ``settings``: ORZ_* variables."""
+    with running_platform(base, **settings) as platform:
         token_file = platform.home / ".config" / "orzbob" / "token.json"
         token = json.loads(token_file.read_text())["api_token"]
         yield WebPlatform(platform.home, platform.data, platform.env, f"http://127.0.0.1:{platform.api_port}",

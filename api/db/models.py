@@ -17,7 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, validates
 
 from api.db.base import Base, UTCDateTime, utcnow
 
@@ -47,8 +47,17 @@ class User(Base):
     email: Mapped[str] = mapped_column(String(254), unique=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), index=True)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # "member": sees and manages only their own sessions; "admin": all of the org's (docs/security.md).
+    role: Mapped[str] = mapped_column(String(16), default="member", server_default="member")
+    # The previous release's admin flag, kept in step with `role` while its code may run on this schema
+    # (migration 0003 is expand-only); nothing of this release reads it.
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    @validates("role")
+    def _keep_is_admin_in_step(self, _key: str, role: str) -> str:
+        self.is_admin = role == "admin"
+        return role
 
 
 class ApiToken(Base):

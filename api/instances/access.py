@@ -21,7 +21,7 @@ def refusal(user: User | None, inst: Instance | None, session_id: str) -> OrzErr
         return Forbidden("your account is disabled")
     if inst is None or inst.org_id != user.org_id or State(inst.state) in GONE_STATES:
         return NotFound(f"no such session: {session_id}")
-    if inst.user_id != user.id and not user.is_admin:
+    if inst.user_id != user.id and user.role != "admin":
         return Forbidden(f"session {inst.id} belongs to someone else in your org")
     return None
 

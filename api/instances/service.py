@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from pydantic import ValidationError
 from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -27,6 +28,7 @@ from api.db.models import Event, Instance, Org, UsedJti, User
 from api.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
     InvalidTransition,
     NotFound,
     OrzError,
@@ -55,6 +57,7 @@ ID_ATTEMPTS = 5
 # An UPDATE ... RETURNING(Instance) loads the new values even into an object the session already holds.
 _REFRESH = {"populate_existing": True, "synchronize_session": False}
 _INSTANCE_BY_ID = select(Instance.__table__).where(Instance.__table__.c.id == bindparam("id"))
+_NOT_YOURS = "session {id} belongs to someone else in your org; only its owner and org admins may use it"
 
 
 class SecretEnvSource(Protocol):
@@ -104,12 +107,12 @@ class InstanceService:
         return self._visible_to(who, session_id, found)
 
     async def list(self, who: Principal) -> list[Instance]:
+        """A member's own sessions; an admin's whole org."""
+        query = select(Instance).where(Instance.org_id == who.org_id, Instance.state != State.DELETED.value)
+        if not who.is_admin:
+            query = query.where(Instance.user_id == who.user_id)
         async with self.autocommit() as db:
-            rows = await db.scalars(
-                select(Instance)
-                .where(Instance.org_id == who.org_id, Instance.state != State.DELETED.value)
-                .order_by(Instance.created_at.desc(), Instance.id)
-            )
+            rows = await db.scalars(query.order_by(Instance.created_at.desc(), Instance.id))
             return list(rows)
 
     async def events(self, who: Principal, session_id: str, limit: int = 20) -> list[Event]:
@@ -502,6 +505,14 @@ class InstanceService:
         async with self.sessions() as db:
             return schemas.AccessCheckReply(revoked=await access.revoked(db, req.attachments))
 
+    async def record_attach_grant(self, who: Principal, inst: Instance, *, readonly: bool,
+                                  certificate: bool) -> None:
+        """Audit: who was handed attach credentials for this session (the gateway reports the attach)."""
+        what = ("certificate and token" if certificate else "token") + (", read-only" if readonly else "")
+        async with self.sessions() as db:
+            db.add(self._event(inst, who.actor, "attach_granted", None, None, f"{what} for {who.email}"))
+            await db.commit()
+
     async def record_attach_event(self, ev: schemas.AttachEventIn) -> None:
         async with self.sessions() as db:
             inst = await db.get(Instance, ev.session_id)
@@ -526,9 +537,13 @@ class InstanceService:
 
     @staticmethod
     def _visible_to(who: Principal, session_id: str, inst: Instance | None) -> Instance:
-        # Another org's session is indistinguishable from one that does not exist.
+        # Another org's session is indistinguishable from one that does not exist. A colleague's is a
+        # 403, as attach (API and gateway) has always answered: inside an org session ids are shared
+        # knowledge, and "someone else's" tells the user whom to ask instead of "it does not exist".
         if inst is None or inst.org_id != who.org_id or inst.state == State.DELETED.value:
             raise NotFound(f"no such session: {session_id}")
+        if inst.user_id != who.user_id and not who.is_admin:
+            raise Forbidden(_NOT_YOURS.format(id=inst.id))
         return inst
 
     async def _count_active(self, db: AsyncSession, org_id: str, exclude: str | None = None) -> int:
@@ -584,6 +599,11 @@ class InstanceService:
             failed = await self._fail(inst, actor, exc.reason)
             raise ProviderError(f"session {inst.id} could not start: {exc.reason}",
                                 instance_id=failed.id) from exc
+        except ValidationError as exc:
+            # A row written before today's rules (a NUL in the task) makes a spec no runner accepts.
+            reason = f"the session's stored spec is not valid: {schemas.describe_validation(exc)}"
+            failed = await self._fail(inst, actor, reason)
+            raise SessionFailed(f"session {inst.id} could not start: {reason}", instance_id=failed.id) from exc
         async with self.autocommit() as db:
             fresh_row = await db.scalar(
                 update(Instance).where(Instance.id == inst.id).values(provider_state=provider_state)

@@ -17,6 +17,8 @@ from api.openapi import build_document, route
 from api.routes.deps import state
 
 bp = Blueprint("health")
+# Only on the metrics listener (create_metrics_app), never on the public port.
+metrics_bp = Blueprint("metrics")
 TAG = "health"
 
 
@@ -47,18 +49,20 @@ async def readyz(request: Request) -> HTTPResponse:
     return respond(schemas.Health(status="ok", checks={"database": "ok"}))
 
 
-@bp.get("/metrics")
+@metrics_bp.get("/metrics")
 async def prometheus_metrics(request: Request) -> HTTPResponse:
-    if request.app.ctx.state is None:
-        # The listener accepts connections while the app is still opening its database.
+    api = request.app.ctx.api  # the API app whose process this listener reports on
+    st = api.ctx.state
+    if st is None:
+        # The listener accepts connections while the API is still opening its database.
         return HTTPResponse("starting\n", status=503, content_type="text/plain")
-    async with state(request).sessions() as db:
+    async with st.sessions() as db:
         rows = (await db.execute(select(Instance.state, func.count()).group_by(Instance.state))).all()
     counts = dict(rows)
     for s in State:
         metrics.SESSIONS_BY_STATE.labels(state=s.value).set(counts.get(s.value, 0))
     # Other services running in this process (the embedded server) add their registries here.
-    extra = getattr(request.app.ctx, "extra_metrics", ())
+    extra = getattr(api.ctx, "extra_metrics", ())
     return HTTPResponse(metrics.exposition(*extra), content_type=CONTENT_TYPE_LATEST)
 
 

@@ -53,7 +53,7 @@ async def list_instances(request: Request) -> HTTPResponse:
 
 
 @route(bp, "GET", "/v1/instances/{id}", summary="Get a session", tag=TAG,
-       responses={200: schemas.Instance}, errors=(404,))
+       responses={200: schemas.Instance}, errors=(403, 404))
 async def get_instance(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     row = await state(request).instances.get(who, id)
@@ -61,7 +61,7 @@ async def get_instance(request: Request, id: str) -> HTTPResponse:
 
 
 @route(bp, "DELETE", "/v1/instances/{id}", summary="Kill a session: compute and workspace", tag=TAG,
-       responses={200: schemas.Instance}, errors=(404, 409, 503))
+       responses={200: schemas.Instance}, errors=(403, 404, 409, 503))
 async def delete_instance(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     row = await state(request).instances.delete(who, id)
@@ -69,7 +69,7 @@ async def delete_instance(request: Request, id: str) -> HTTPResponse:
 
 
 @route(bp, "POST", "/v1/instances/{id}/stop", summary="Stop a session, keeping its workspace", tag=TAG,
-       responses={200: schemas.Instance}, errors=(404, 409, 503))
+       responses={200: schemas.Instance}, errors=(403, 404, 409, 503))
 async def stop_instance(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     row = await state(request).instances.stop(who, id)
@@ -77,7 +77,7 @@ async def stop_instance(request: Request, id: str) -> HTTPResponse:
 
 
 @route(bp, "POST", "/v1/instances/{id}/start", summary="Start a stopped session", tag=TAG,
-       responses={200: schemas.Instance}, errors=(404, 409, 429, 503))
+       responses={200: schemas.Instance}, errors=(400, 403, 404, 409, 429, 503))
 async def start_instance(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     row = await state(request).instances.start(who, id)
@@ -85,7 +85,7 @@ async def start_instance(request: Request, id: str) -> HTTPResponse:
 
 
 @route(bp, "GET", "/v1/instances/{id}/status", summary="A session with its latest events", tag=TAG,
-       responses={200: schemas.InstanceStatus}, errors=(404,))
+       responses={200: schemas.InstanceStatus}, errors=(403, 404))
 async def instance_status(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     svc = state(request).instances
@@ -96,7 +96,7 @@ async def instance_status(request: Request, id: str) -> HTTPResponse:
 
 
 @route(bp, "GET", "/v1/instances/{id}/logs", summary="The session's init log and events", tag=TAG,
-       responses={200: schemas.InstanceLogs}, errors=(404,))
+       responses={200: schemas.InstanceLogs}, errors=(403, 404))
 async def instance_logs(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     svc = state(request).instances

@@ -30,7 +30,7 @@ async def heartbeat(request: Request, id: str) -> HTTPResponse:
 
 @route(bp, "POST", "/internal/v1/authorize", summary="Gateway: may this user attach, and where", tag=TAG,
        request=schemas.AuthorizeRequest, responses={200: schemas.AuthorizeReply},
-       errors=(403, 404, 409, 429, 503), security="service_token")
+       errors=(400, 403, 404, 409, 429, 503), security="service_token")
 async def authorize(request: Request) -> HTTPResponse:
     require_service(request)
     body = parse_body(request, schemas.AuthorizeRequest)

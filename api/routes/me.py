@@ -17,7 +17,8 @@ async def me(request: Request) -> HTTPResponse:
     who = await principal(request)
     quota = await state(request).instances.quota(who.org_id, who.plan)
     return respond(schemas.Me(
-        user=schemas.MeUser(id=who.user_id, email=who.email, is_admin=who.is_admin),
+        user=schemas.MeUser(id=who.user_id, email=who.email, role=who.role,  # type: ignore[arg-type]
+                            is_admin=who.is_admin),
         org=schemas.MeOrg(id=who.org_id, name=who.org_name, plan=who.plan),
         quota=quota,
     ))

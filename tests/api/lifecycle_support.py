@@ -74,5 +74,5 @@ async def principal(sessions: async_sessionmaker[AsyncSession], org: str, plan: 
     async with sessions() as db:
         org_row = await db.scalar(select(Org).where(Org.name == org))
         assert org_row is not None
-    return Principal(user_id=tenant.user_id, email=tenant.email, is_admin=False, org_id=org_row.id,
+    return Principal(user_id=tenant.user_id, email=tenant.email, role="member", org_id=org_row.id,
                      org_name=org, plan=plan)

@@ -44,7 +44,7 @@ def test_service_token_must_match_exactly_and_an_unset_one_refuses_everyone():
 
 
 def who(n: int = 1) -> api_auth.Principal:
-    return api_auth.Principal(user_id=f"usr_{n}", email=f"{n}@x.example", is_admin=False, org_id="org_1",
+    return api_auth.Principal(user_id=f"usr_{n}", email=f"{n}@x.example", role="member", org_id="org_1",
                               org_name="x", plan="free")
 
 

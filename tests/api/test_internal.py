@@ -112,7 +112,7 @@ async def test_authorize_refusals_are_clear_and_leak_nothing(app, sessions, prov
 async def test_a_teammate_may_not_attach_but_an_org_admin_may(app, sessions, provider):
     t = await make_tenant(sessions, "acme")
     teammate = await admin.create_user(sessions, "bob@acme.example", "acme")
-    org_admin = await admin.create_user(sessions, "root@acme.example", "acme", is_admin=True)
+    org_admin = await admin.create_user(sessions, "root@acme.example", "acme", role="admin")
     sid, _ = await new_session(app, t, provider)
     exp = (datetime.now(UTC) + timedelta(minutes=2)).isoformat()
     resp = await authorize(app, session_id=sid, user_id=teammate.id, method="jwt", jti="bobs-jti",

@@ -15,12 +15,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from api import schemas
 from api.app import create_app
 from api.auth import Principal
 from api.db.models import Event, Instance
+from api.errors import SessionFailed
 from api.instances.providers.local import LocalProvider, process_start_time
 from api.instances.service import InstanceService
 from api.jobs.reap_idle import ReapReport
@@ -174,3 +175,20 @@ async def test_a_killed_runner_is_marked_within_one_reconcile_pass(stack: Stack,
     assert restarted.provider_state["pid"] != pid
     assert (workspace / "notes.txt").read_text() == "still here\n"
     assert (workspace / "init-runs.txt").read_text() == "ran\n"
+
+
+async def test_a_stored_spec_no_runner_accepts_fails_the_start_with_its_reason(stack: Stack) -> None:
+    """Old data the API now refuses (a NUL in the task, written before the rule): starting the session
+    fails it at once with the reason and frees its quota, instead of a runner dying without a word."""
+    created = await stack.service.create(stack.who, schemas.InstanceCreate(program=runner_fixtures.HI_PROGRAM))
+    await stack.wait_state(created.id, "running")
+    await stack.service.stop(stack.who, created.id)
+    async with stack.service.sessions() as db:  # SQLite stores what PostgreSQL would refuse
+        await db.execute(update(Instance).where(Instance.id == created.id).values(task="fix\x00this"))
+        await db.commit()
+    with pytest.raises(SessionFailed, match=r"task: contains U\+0000"):
+        await stack.service.start(stack.who, created.id)
+    failed = await stack.row(created.id)
+    assert failed.state == "failed"
+    assert (failed.reason or "").startswith("the session's stored spec is not valid: task: contains U+0000")
+    assert (await stack.service.quota(stack.who.org_id, stack.who.plan)).active == 0

@@ -111,7 +111,7 @@ async def full_flow(base: str, sessions, provider: FakeProvider) -> dict[str, st
         provider.fail_next = "the provider fell over"
         assert (await http.delete(f"/v1/instances/{second}", headers=user)).status_code in (200, 503)
         assert (await http.delete(f"/v1/instances/{sid}", headers=user)).status_code == 200
-        for path in ("/healthz", "/readyz", "/metrics", "/v1/openapi.json"):
+        for path in ("/healthz", "/readyz", "/v1/openapi.json"):
             assert (await http.get(path)).status_code == 200, path
         assert (await http.delete("/v1/secrets/model-keys", headers=user)).status_code == 204
     return {"api token": t.token, "runner token": runner_token, "service token": SERVICE_TOKEN,
@@ -139,7 +139,7 @@ async def test_every_line_of_a_full_flow_is_json_with_a_request_id(server, sessi
     # The gateway's calls name the end user and the session they are about.
     for internal in (("POST", "/internal/v1/authorize", 200), ("POST", "/internal/v1/attach-events", 204)):
         assert by_route[internal]["session_id"] and by_route[internal]["user_id"], internal
-    for anonymous in (("GET", "/healthz", 200), ("GET", "/metrics", 200), ("GET", "unmatched", 404)):
+    for anonymous in (("GET", "/healthz", 200), ("GET", "/readyz", 200), ("GET", "unmatched", 404)):
         assert "user_id" not in by_route[anonymous] and "session_id" not in by_route[anonymous], anonymous
     # One request id per request: the access lines' ids are all different.
     assert len({e["request_id"] for e in access}) == len(access)

@@ -11,6 +11,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from sanic import Sanic
 
+from api.app import create_metrics_app
 from api.instances.providers.fake import FakeProvider
 from tests.conftest import make_tenant
 from tests.support import ROOT
@@ -19,8 +20,11 @@ SERVICE = {"Authorization": "Bearer svc-test-token-0123456789"}
 
 
 async def scrape(app: Sanic) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics as {(name, sorted labels): value}."""
-    _, resp = await app.asgi_client.get("/metrics")
+    """Every sample of the metrics listener's /metrics as {(name, sorted labels): value}."""
+    await app.asgi_client.get("/healthz")  # the API app has opened its database
+    _, resp = await create_metrics_app(app).asgi_client.get("/metrics")
+    # The test client stopped the API app after its request; close the connection the scrape opened.
+    await app.ctx.state.engine.dispose()
     assert resp.status == 200
     assert resp.headers["content-type"].startswith("text/plain")
     samples = {}

@@ -81,3 +81,51 @@ def test_admin_migrate_command(empty_database_url, tmp_path):
     out = subprocess.run([sys.executable, "-m", "cli", "admin", "create-org", "acme"], env=env,
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0 and "created org acme (free)" in out.stdout
+
+
+async def _sql(url: str, *statements: str) -> list[tuple]:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    params = {"now": datetime(2026, 12, 5, 12, tzinfo=UTC)}
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            rows: list[tuple] = []
+            for statement in statements:
+                result = await conn.execute(text(statement), params if ":now" in statement else {})
+                if result.returns_rows:
+                    rows = [tuple(r) for r in result]
+            return rows
+    finally:
+        await engine.dispose()
+
+
+@both_databases
+def test_roles_migration_keeps_admins_and_everything_hanging_off_users(empty_database_url):
+    """0003 fills role from is_admin and keeps is_admin for the previous release's code; back and forth,
+    no user, token or session is lost on the way."""
+    url = empty_database_url
+    migrate.upgrade(url, "0001")
+    asyncio.run(_sql(
+        url,
+        "INSERT INTO orgs (id, name, plan, quota_serial, created_at) VALUES ('org_1', 'acme', 'team', 0, :now)",
+        "INSERT INTO users (id, email, org_id, is_active, is_admin, created_at) VALUES "
+        "('usr_a', 'a@x', 'org_1', true, true, :now), ('usr_m', 'm@x', 'org_1', true, false, :now)",
+        "INSERT INTO api_tokens (id, user_id, name, prefix, token_hash, created_at) VALUES "
+        "('tok_1', 'usr_m', 'default', 'orz_abc', 'h', :now)",
+    ))
+    migrate.upgrade(url)
+    assert asyncio.run(_sql(url, "SELECT id, role FROM users ORDER BY id")) == [
+        ("usr_a", "admin"), ("usr_m", "member")]
+    assert asyncio.run(_sql(url, "SELECT id FROM api_tokens")) == [("tok_1",)]
+    asyncio.run(_sql(url, "INSERT INTO users (id, email, org_id, is_active, is_admin, created_at) VALUES "
+                          "('usr_n', 'n@x', 'org_1', true, false, :now)"))
+    assert asyncio.run(_sql(url, "SELECT role FROM users WHERE id = 'usr_n'")) == [("member",)]
+    migrate.downgrade(url, "0001")
+    assert asyncio.run(_sql(url, "SELECT id, is_admin FROM users ORDER BY id")) == [
+        ("usr_a", True), ("usr_m", False), ("usr_n", False)]
+    assert asyncio.run(_sql(url, "SELECT id FROM api_tokens")) == [("tok_1",)]
+    migrate.upgrade(url)
+    assert asyncio.run(_sql(url, "SELECT role FROM users WHERE id = 'usr_a'")) == [("admin",)]

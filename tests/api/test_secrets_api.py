@@ -52,7 +52,7 @@ class Client:
 
 async def admin_tenant(sessions: Sessions, org: str) -> Tenant:
     email = f"admin@{org}.example"
-    user = await admin.create_user(sessions, email, org, is_admin=True)
+    user = await admin.create_user(sessions, email, org, role="admin")
     token = await admin.create_token(sessions, email)
     return Tenant(org=org, email=email, token=token, user_id=user.id)
 

@@ -33,14 +33,14 @@ def box(text: str) -> SecretsBox:
     return SecretsBox(parse_keyring(text, "test"))
 
 
-async def principal(sessions: Sessions, org: str, *, is_admin: bool = False) -> Principal:
+async def principal(sessions: Sessions, org: str, *, role: str = "member") -> Principal:
     tenant = await make_tenant(sessions, org)
     async with sessions() as db:
         from api.db.models import Org
 
         org_row = await db.scalar(select(Org).where(Org.name == org))
         assert org_row is not None
-    return Principal(user_id=tenant.user_id, email=tenant.email, is_admin=is_admin, org_id=org_row.id,
+    return Principal(user_id=tenant.user_id, email=tenant.email, role=role, org_id=org_row.id,
                      org_name=org, plan="free")
 
 
@@ -48,7 +48,7 @@ async def seed(sessions: Sessions, svc: SecretService, count: int) -> dict[tuple
     """Secrets over two orgs and both scopes; returns what each should decrypt to."""
     expected = {}
     for org in ("acme", "globex"):
-        who = await principal(sessions, org, is_admin=True)
+        who = await principal(sessions, org, role="admin")
         for i in range(count):
             scope = "org" if i % 3 == 0 else "user"
             data = {f"KEY_{i}": os.urandom(8).hex(), "SHARED_NAME": f"{org}-{i}"}

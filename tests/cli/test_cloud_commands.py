@@ -120,6 +120,18 @@ def test_quota_error_shows_limit_and_count(orz: Orz, live_api: LiveApi, logged_i
                           "quota reached: 2 of 2 active sessions on the free plan")
 
 
+def test_control_characters_are_one_readable_line(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    repo = ("--repo", "https://example.com/r.git")
+    assert_one_error_line(orz("cloud", "new", "--no-attach", *repo, "--program", "vim\x1b[1m"),
+                          "program: contains U+001B at position 3; it must be text whose only control characters "
+                          "are tab, newline and carriage return")
+    assert_one_error_line(orz("cloud", "new", "--no-attach", *repo, "fix\x07it"),
+                          "task: contains U+0007 at position 3; it must be text whose only control characters "
+                          "are tab, newline and carriage return")
+    listed = orz("cloud", "list", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout)["instances"] == []  # nothing was created
+
+
 def test_stop_start_kill_and_no_such_session(orz: Orz, live_api: LiveApi, logged_in: Tenant,
                                              tmp_path: Path) -> None:
     sid = create(orz, cwd=tmp_path)

@@ -1,5 +1,6 @@
 """Metrics endpoints of the services as `orz` runs them: `orz scheduler` alone (as in its own pod) on
-ORZ_SCHEDULER_METRICS_PORT with JSON log lines, and `orz server` with everything on the API's /metrics."""
+ORZ_SCHEDULER_METRICS_PORT with JSON log lines, `orz api` on ORZ_API_METRICS_PORT only, and `orz server` with
+everything on its metrics port."""
 
 from __future__ import annotations
 
@@ -56,9 +57,33 @@ def test_scheduler_serves_its_metrics(tmp_path):
     assert lines and all(json.loads(line)["level"] for line in lines), err
 
 
+def test_api_serves_metrics_on_its_metrics_port_only(tmp_path):
+    """/metrics shows how many sessions exist and the request mix: not on the public port, token or not."""
+    db = f"sqlite+aiosqlite:///{tmp_path / 'orz.db'}"
+    migrate.upgrade(db)
+    api_port, metrics_port = free_port(), free_port()
+    env = orz_env(tmp_path / "home", ORZ_PROVIDER="fake", ORZ_DATABASE_URL=db, ORZ_DATA_DIR=str(tmp_path / "data"),
+                  ORZ_API_HOST="127.0.0.1", ORZ_API_PORT=str(api_port), ORZ_API_METRICS_PORT=str(metrics_port))
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "api"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        samples = wait_until(lambda: {"exited": 1.0} if proc.poll() is not None else scrape(metrics_port),
+                             timeout=30, what="the API's metrics port")
+        assert proc.poll() is None
+        assert ("orz_sessions", (("state", "running"),)) in samples
+        public = httpx.get(f"http://127.0.0.1:{api_port}/metrics", timeout=5)
+        assert public.status_code == 404 and public.headers["content-type"] == "application/problem+json"
+        assert httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=5).status_code == 200
+        # The metrics listener serves nothing else.
+        assert httpx.get(f"http://127.0.0.1:{metrics_port}/v1/instances", timeout=5).status_code == 404
+    finally:
+        _out, err = stop_process(proc, signal.SIGTERM)
+    assert proc.returncode == 0, err
+
+
 def test_embedded_server_shows_api_scheduler_and_gateway_metrics_on_one_endpoint(tmp_path):
-    api_port, ssh_port = free_port(), free_port()
-    env = orz_env(tmp_path / "home", ORZ_PROVIDER="fake")
+    api_port, ssh_port, metrics_port = free_port(), free_port(), free_port()
+    env = orz_env(tmp_path / "home", ORZ_PROVIDER="fake", ORZ_API_METRICS_PORT=str(metrics_port))
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
          "--data-dir", str(tmp_path / "data")],
@@ -67,7 +92,7 @@ def test_embedded_server_shows_api_scheduler_and_gateway_metrics_on_one_endpoint
         def scraped() -> dict | None:
             if proc.poll() is not None:
                 return {"exited": 1.0}
-            samples = scrape(api_port)
+            samples = scrape(metrics_port)
             # The gateway's series, and the in-process scheduler holding its lease.
             ready = ("orz_active_sessions", (("door", "ssh"),)) in samples and samples.get(
                 ("orz_scheduler_leader", ())) == 1
@@ -76,6 +101,8 @@ def test_embedded_server_shows_api_scheduler_and_gateway_metrics_on_one_endpoint
         samples = wait_until(scraped, timeout=60, what="orz server /metrics")
         assert proc.poll() is None
         assert ("orz_sessions", (("state", "running"),)) in samples  # the API's
+        # ... and only there: the API's public port does not serve them.
+        assert httpx.get(f"http://127.0.0.1:{api_port}/metrics", timeout=5).status_code == 404
     finally:
         _out, err = stop_process(proc)
     assert proc.returncode == 0, err

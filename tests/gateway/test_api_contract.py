@@ -62,7 +62,7 @@ async def test_authorize_and_attach_events_answer_alike(app: Sanic, sessions: An
     # The real world: an org with an owner, a teammate, an admin and a disabled user; another org.
     alice = await make_tenant(sessions, "acme", plan="pro")
     carol = await admin.create_user(sessions, "carol@acme.example", "acme")
-    root = await admin.create_user(sessions, "root@acme.example", "acme", is_admin=True)
+    root = await admin.create_user(sessions, "root@acme.example", "acme", role="admin")
     dave = await admin.create_user(sessions, "dave@acme.example", "acme")
     await admin.set_user_active(sessions, dave.email, False)
     mallory = await make_tenant(sessions, "evil")

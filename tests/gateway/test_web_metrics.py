@@ -14,6 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from tests.gateway.test_web_attach import Screen, ws_url
+from tests.support import free_port
 from tests.web_platform import NEEDS, WebPlatform, start_platform
 
 pytestmark = [pytest.mark.integration, NEEDS]
@@ -23,12 +24,13 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebPlatform]:
-    yield from start_platform(tmp_path_factory.mktemp("webmetrics"))
+    yield from start_platform(tmp_path_factory.mktemp("webmetrics"), ORZ_API_METRICS_PORT=str(free_port()))
 
 
 async def scrape(platform: WebPlatform) -> Samples:
-    # orz server: the API's /metrics carries the embedded gateway's metrics too.
-    async with httpx.AsyncClient(base_url=platform.api_url, timeout=5) as http:
+    # orz server: the API's metrics listener carries the embedded gateway's metrics too.
+    metrics_url = f"http://127.0.0.1:{platform.env['ORZ_API_METRICS_PORT']}"
+    async with httpx.AsyncClient(base_url=metrics_url, timeout=5) as http:
         text = (await http.get("/metrics")).text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for f in text_string_to_metric_families(text) for s in f.samples}

@@ -89,11 +89,14 @@ def test_defaults_have_the_dashboard_and_metrics_service_but_no_crds_or_daemonse
     names = {o["metadata"]["name"] for o in of_kind(objs, "Service")}
     assert "orz-orzbob-cloud-gateway-metrics" in names
     assert "orz-orzbob-cloud-scheduler-metrics" in names
+    assert "orz-orzbob-cloud-api-metrics" in names
     off = render("--set", "monitoring.dashboard.enabled=false", "--set", "monitoring.gatewayMetricsPort=0",
-                 "--set", "monitoring.schedulerMetricsPort=0")
+                 "--set", "monitoring.schedulerMetricsPort=0", "--set", "monitoring.apiMetricsPort=0")
     assert not [o for o in of_kind(off, "ConfigMap") if "orzbob-cloud.json" in o.get("data", {})]
-    assert not {"orz-orzbob-cloud-gateway-metrics", "orz-orzbob-cloud-scheduler-metrics"} & {
-        o["metadata"]["name"] for o in of_kind(off, "Service")}
+    assert not {"orz-orzbob-cloud-gateway-metrics", "orz-orzbob-cloud-scheduler-metrics",
+                "orz-orzbob-cloud-api-metrics"} & {o["metadata"]["name"] for o in of_kind(off, "Service")}
+    (api,) = [d for d in of_kind(off, "Deployment") if d["metadata"]["name"].endswith("-api")]
+    assert "ORZ_API_METRICS_PORT" not in {e["name"] for e in api["spec"]["template"]["spec"]["containers"][0]["env"]}
     (policy,) = [o for o in of_kind(off, "NetworkPolicy") if o["metadata"]["name"].endswith("-scheduler")]
     assert "ingress" not in policy["spec"]  # no metrics port: nothing may connect at all
 
@@ -112,10 +115,26 @@ def test_gateway_metrics_stay_off_the_public_load_balancer(everything) -> None:
     assert env["ORZ_GATEWAY_METRICS_PORT"] == "9102"
 
 
+def test_api_metrics_stay_off_the_api_service_and_the_ingress(everything) -> None:
+    services = {o["metadata"]["name"]: o for o in of_kind(everything, "Service")}
+    public = services["orz-orzbob-cloud-api"]
+    assert {p["name"] for p in public["spec"]["ports"]} == {"http"}
+    metrics_svc = services["orz-orzbob-cloud-api-metrics"]
+    assert metrics_svc["spec"]["type"] == "ClusterIP"
+    assert metrics_svc["spec"]["selector"] == public["spec"]["selector"]
+    assert metrics_svc["spec"]["ports"] == [{"name": "metrics", "port": 9101, "targetPort": "metrics",
+                                             "protocol": "TCP"}]
+    (deploy,) = [d for d in of_kind(everything, "Deployment") if d["metadata"]["name"] == "orz-orzbob-cloud-api"]
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "metrics", "containerPort": 9101, "protocol": "TCP"} in container["ports"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ORZ_API_METRICS_PORT"] == "9101"
+
+
 def test_network_policy_limits_scrapers_to_the_monitoring_namespace() -> None:
     objs = render("-f", str(VALUES_TEST))
     policies = {o["metadata"]["name"]: o for o in of_kind(objs, "NetworkPolicy")}
-    for name, port in (("orz-gateway", 9102), ("orz-scheduler", 9103)):
+    for name, port in (("orz-api", 9101), ("orz-gateway", 9102), ("orz-scheduler", 9103)):
         rule = next(r for r in policies[name]["spec"]["ingress"] if r["ports"] == [{"protocol": "TCP", "port": port}])
         assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
@@ -139,11 +158,11 @@ def test_service_monitor_scrapes_the_api_and_the_gateway_ports(everything) -> No
         if all(labels.get(e["key"]) in e["values"] for e in spec["selector"]["matchExpressions"]):
             selected.append(svc)
     ports = {p["name"] for s in selected for p in s["spec"]["ports"]}
-    assert {e["port"] for e in spec["endpoints"]} == {"http", "metrics"} <= ports
+    assert {e["port"] for e in spec["endpoints"]} == {"metrics"} <= ports
     assert all(e["path"] == "/metrics" for e in spec["endpoints"])
-    # Only the API and the metrics Services: never the public gateway or PostgreSQL.
+    # Only the metrics Services: never the API's or the gateway's public Service, or PostgreSQL.
     assert {s["metadata"]["name"] for s in selected} == {
-        "orz-orzbob-cloud-api", "orz-orzbob-cloud-gateway-metrics", "orz-orzbob-cloud-scheduler-metrics"}
+        "orz-orzbob-cloud-api-metrics", "orz-orzbob-cloud-gateway-metrics", "orz-orzbob-cloud-scheduler-metrics"}
 
 
 def test_prometheus_rules_are_well_formed_multiwindow_burn_rate_alerts(everything) -> None:
