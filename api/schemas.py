@@ -55,6 +55,9 @@ def _valid_branch(value: str) -> str:
     return value
 
 
+# A route (and a runner's ssh_host) that names a unix socket instead of a TCP host: a sandboxed local runner.
+UNIX_ROUTE_PREFIX = "unix:"
+
 _REPO_URL_RE = re.compile(r"^(?:(?:https?|ssh|git|file)://\S+|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:\S+)$")
 
 

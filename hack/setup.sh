@@ -11,6 +11,8 @@ declare -A wanted=(
   [psql]=postgresql-client [pg_dump]=postgresql-client [curl]=curl [make]=make
   # The browser terminal test drives Debian's chromium with playwright (never `playwright install`).
   [chromium]=chromium
+  # The local provider's session sandbox: bubblewrap for the namespaces, slirp4netns for its network.
+  [bwrap]=bubblewrap [slirp4netns]=slirp4netns [setpriv]=util-linux
 )
 missing=()
 for cmd in "${!wanted[@]}"; do

@@ -354,7 +354,12 @@ class InstanceService:
                 "attached_clients": hb.attached_clients,
                 "init_status": hb.init_status,
             }
-            if hb.host_key and hb.ssh_port:
+            socket = self.provider.runner_socket(session_id)
+            if hb.host_key and socket and (hb.ssh_host or "").startswith(schemas.UNIX_ROUTE_PREFIX):
+                # The path is the provider's, never the runner's: a session cannot point routes elsewhere.
+                values.update(route_host=schemas.UNIX_ROUTE_PREFIX + socket, route_port=0,
+                              runner_host_key=hb.host_key)
+            elif hb.host_key and hb.ssh_port and not socket:
                 values.update(route_host=hb.ssh_host, route_port=hb.ssh_port, runner_host_key=hb.host_key)
             activity = [t for t in (hb.last_input_at, hb.last_output_at) if t is not None]
             if hb.attached_clients > 0:
@@ -477,7 +482,8 @@ class InstanceService:
             state = State(inst.state)
         mode = "ro" if req.readonly else "rw"
         route = None
-        if state in ATTACHABLE_STATES and inst.route_host and inst.route_port and inst.runner_host_key:
+        if (state in ATTACHABLE_STATES and inst.route_host and inst.route_port is not None
+                and inst.runner_host_key):
             route = schemas.Route(host=inst.route_host, port=inst.route_port, host_key=inst.runner_host_key)
         message = None if route else f"session {inst.id} is {state.value}"
         return schemas.AuthorizeReply(
