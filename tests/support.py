@@ -46,7 +46,7 @@ def orz_env(home: Path, **extra: str) -> dict[str, str]:
         "PYTHONPATH": str(ROOT),
         "ORZ_LOG_JSON": "true",
         # Test repositories are bare repos under /tmp (see tests/conftest.py).
-        "ORZ_REPO_FILE_DIRS": os.environ.get("ORZ_REPO_FILE_DIRS", "/tmp"),  # noqa: S108  # nosec B108
+        "ORZ_REPO_FILE_DIRS": os.environ.get("ORZ_REPO_FILE_DIRS", "/tmp"),  # nosec B108
     }
     env.update(extra)
     return env
