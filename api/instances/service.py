@@ -36,6 +36,7 @@ from api.errors import (
     SessionFailed,
     Unauthorized,
 )
+from api.instances import repo_policy
 from api.instances.ids import new_session_id
 from api.instances.providers.base import ComputeSpec, Provider, ProviderFailure
 from api.instances.states import (
@@ -75,8 +76,11 @@ class InstanceService:
         secret_env: SecretEnvSource | None = None,
         clock: Clock = utcnow,
         autocommit_sessions: async_sessionmaker[AsyncSession] | None = None,
+        resolve_host: repo_policy.Resolver = repo_policy.system_resolver,
     ) -> None:
         self.settings = settings
+        # DNS for the repo_url rule (tests pass a fixed table instead of the network).
+        self.resolve_host = resolve_host
         self.sessions = sessions
         # Work that is one statement (lookups, a single-row UPDATE) needs no BEGIN/COMMIT round trips:
         # on this machine each round trip costs ~100 us of the API's CPU.
@@ -136,6 +140,9 @@ class InstanceService:
 
     async def create(self, who: Principal, req: schemas.InstanceCreate) -> Instance:
         idle = self._bounded_idle_timeout(who, req.idle_timeout_s)
+        if req.repo_url:
+            # Before anything exists: a refused URL leaves no row, no event, no compute.
+            await repo_policy.check_repo_url(req.repo_url, self.settings, self.resolve_host)
         runner_token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
         async with self.sessions() as db:
             # Resolve secrets first: a missing name fails the create before anything exists.
