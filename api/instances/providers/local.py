@@ -89,6 +89,8 @@ class LocalProvider(Provider):
 
     async def create(self, spec: ComputeSpec) -> ProviderState:
         base = self.session_dir(spec.session_id)
+        if self.sandboxed:
+            sandbox.find_tools()  # refuse before anything is made
         if self._alive(self._saved_state(base)):
             raise ProviderFailure(f"session {spec.session_id} already has a running runner")
         (base / "workspace").mkdir(parents=True, exist_ok=True)
