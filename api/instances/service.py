@@ -33,6 +33,7 @@ from api.errors import (
     OrzError,
     ProviderError,
     QuotaExceeded,
+    SandboxRequired,
     SessionFailed,
     Unauthorized,
 )
@@ -143,6 +144,7 @@ class InstanceService:
         if req.repo_url:
             # Before anything exists: a refused URL leaves no row, no event, no compute.
             await repo_policy.check_repo_url(req.repo_url, self.settings, self.resolve_host)
+        await self._require_isolation()
         runner_token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
         async with self.sessions() as db:
             # Resolve secrets first: a missing name fails the create before anything exists.
@@ -571,6 +573,7 @@ class InstanceService:
             return inst
         if state not in STARTABLE_STATES:
             check_transition(state, State.STARTING)
+        await self._require_isolation()
         runner_token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
         async with self.sessions() as db:
             secret_env = await self._secret_env(db, inst.org_id, inst.user_id, inst.spec.get("secrets", []))
@@ -582,6 +585,17 @@ class InstanceService:
                 route_host=None, route_port=None, runner_host_key=None, reason=None, stopped_at=None,
             )
         return await self._launch(inst, actor, runner_token.value, secret_env, fresh=False)
+
+    async def _require_isolation(self) -> None:
+        """Without isolation between sessions (ORZ_SANDBOX=off), only a single-org server may start any."""
+        if self.provider.isolates_sessions:
+            return
+        async with self.autocommit() as db:
+            orgs = await db.scalar(select(func.count()).select_from(Org))
+        if (orgs or 0) > 1:
+            raise SandboxRequired(
+                f"this server has {orgs} orgs and runs sessions without the sandbox (ORZ_SANDBOX=off); "
+                "an admin must turn the sandbox on before sessions can start")
 
     async def _launch(self, inst: Instance, actor: str, runner_token: str, secret_env: dict[str, str],
                       *, fresh: bool) -> Instance:

@@ -89,6 +89,11 @@ class Provider(abc.ABC):
         """The runner's log (init output), newest ``limit`` characters; empty when unknown."""
         return ""
 
+    @property
+    def isolates_sessions(self) -> bool:
+        """False when sessions of different orgs could reach each other (the local provider, sandbox off)."""
+        return True
+
     def runner_socket(self, session_id: str) -> str | None:
         """The unix socket the session's runner endpoint listens on (the only route accepted), or None: TCP."""
         return None

@@ -71,10 +71,18 @@ class LocalProvider(Provider):
         self._stopping: set[int] = set()
         # Exit codes of reaped runners, by pid (for logs and tests).
         self.exit_codes: dict[int, int] = {}
+        if not self.sandboxed:
+            log.warning("ORZ_SANDBOX=off: sessions run unsandboxed as the server's own user and can read its "
+                        "data dir, keys and each other's workspaces; for one developer only (sessions are "
+                        "refused while more than one org exists)")
 
     @property
     def sandboxed(self) -> bool:
         return self.settings.sandbox == "on"
+
+    @property
+    def isolates_sessions(self) -> bool:
+        return self.sandboxed
 
     def runner_socket(self, session_id: str) -> str | None:
         """Sandboxed runners serve their endpoint on this unix socket only (the sandbox has its own network)."""
