@@ -1,6 +1,6 @@
 """The per-session launcher: starts bwrap, networks its namespace, relays host ports, forwards SIGTERM.
 
-Run by the local provider as ``python -P -m api.instances.providers.sandbox_launch PLAN_JSON`` (the plan
+Run by the local provider as ``python -I -S .../sandbox_launch.py PLAN_JSON`` (the plan
 from ``sandbox.launcher_plan``; the runner's environment, secrets included, is this process's own).
 Standard library only: it starts for every session. It lives as long as the sandbox and exits with the
 runner's exit code. Because bwrap runs with --die-with-parent and slirp4netns with an exit fd held here,
