@@ -75,3 +75,32 @@ def test_create_org_warns_when_the_sandbox_is_off(empty_database_url: str, tmp_p
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0 and "created org beta" in out.stdout, out.stderr
     assert ("ORZ_SANDBOX=off" in out.stderr) == (sandbox == "off"), out.stderr
+
+
+class SocketFake(FakeProvider):
+    """Stands in for the sandboxed local provider: runners serve on a unix socket the provider names."""
+
+    def runner_socket(self, session_id: str) -> str | None:
+        return f"/srv/orz/sessions/{session_id}/state/ssh.sock"
+
+
+async def test_a_sandboxed_runner_cannot_choose_its_route(
+        settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> None:
+    provider = SocketFake()
+    service = InstanceService(settings, sessions, provider, gateway_public_key=KEY)
+    acme = await principal(sessions, "acme")
+    inst = await service.create(acme, schemas.InstanceCreate(program="bash"))
+    token = provider.specs[inst.id].runner_token
+    host_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBfakefakefakefakefakefakefakefakefakefakefake"
+    for spoof in ({"ssh_host": "127.0.0.1", "ssh_port": 2222},  # another session's TCP port
+                  {"ssh_host": "unix:/srv/orz/sessions/other-1/state/ssh.sock"}):  # or its socket
+        await service.record_heartbeat(inst.id, token, schemas.Heartbeat(host_key=host_key, **spoof))
+        async with sessions() as db:
+            row = await db.get(Instance, inst.id)
+            assert row is not None
+            assert row.route_host in (None, f"unix:{provider.runner_socket(inst.id)}"), row.route_host
+    async with sessions() as db:
+        row = await db.get(Instance, inst.id)
+        assert row is not None and row.route_host == f"unix:{provider.runner_socket(inst.id)}"
+        assert row.route_port == 0
+    await service.wait_background()
