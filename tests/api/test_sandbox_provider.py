@@ -92,7 +92,7 @@ echo "procs $(ls -d /proc/[0-9]* | wc -l)"
 echo "environ-hits $(cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c {SECRET_A})"
 echo "tmp $(ls -A /tmp | tr '\\n' ' ')"
 echo "sessions $(ls -A {data / 'sessions'} | tr '\\n' ' ')"
-touch /tmp/marker-$ORZ_SESSION_ID
+touch /tmp/marker-$ORZ_SESSION_ID-{SECRET_A}
 {checks}
 {conns}
 nohup sleep {sleep_s} >/dev/null 2>&1 &
@@ -153,7 +153,7 @@ async def test_two_sessions_see_nothing_of_each_other_or_the_server(
     assert "environ-hits 0" not in seen_a  # ... though A's own processes have it (the probe works)
     assert "marker-" not in seen_b[3]  # a private /tmp: A's marker is not there
     assert seen_b[4].split() == ["sessions", "sbx-b"]  # the data dir shows only its own session
-    assert not list(Path("/tmp").glob("marker-sbx-*"))
+    assert not list(Path("/tmp").glob(f"marker-sbx-*-{SECRET_A}"))  # nor on the host
     for path in (data / "keys" / "ssh_ca", data / "orz.db", data / "sessions" / "sbx-a" / "workspace" / "README"):
         assert f"hidden {path}" in seen_b
     allowed, denied = host_ports

@@ -118,7 +118,8 @@ class LocalProvider(Provider):
         state = state or self._saved_state(base)
         pid = state.get("pid")
         if pid and self._alive(state):
-            # The runner is a process-group leader: its sidecars and helpers get the signal too.
+            # The runner (or, sandboxed, its launcher, which passes it on) is a process-group leader:
+            # its sidecars and helpers get the signal too.
             _killpg(int(pid), signal.SIGTERM)
             if int(pid) in self._children:
                 self._stopping.add(int(pid))
@@ -126,6 +127,8 @@ class LocalProvider(Provider):
                 log.warning("runner of %s ignored SIGTERM, killing it", session_id)
                 _killpg(int(pid), signal.SIGKILL)
                 await self._wait_gone(state, 5.0)
+                if self.sandboxed:  # the killed launcher could not remove them itself
+                    await asyncio.to_thread(sandbox_launch.remove_cgroups, _cgroup_name(session_id))
         await self._kill_tmux(base)
         self._reap()
         return {**state, "pid": None, "start_time": None}
@@ -135,6 +138,8 @@ class LocalProvider(Provider):
         state = state or self._saved_state(base)
         await self.stop(session_id, state)
         await self._wait_exit(state)
+        if self.sandboxed:
+            await asyncio.to_thread(sandbox_launch.remove_cgroups, _cgroup_name(session_id))
         await asyncio.to_thread(shutil.rmtree, base, True)
 
     async def close(self) -> None:
@@ -254,7 +259,7 @@ class LocalProvider(Provider):
             hidden=[self.settings.data_dir])
         plan = sandbox.launcher_plan(
             bwrap=bwrap, command=sandbox.command_prefix(uid, gid, root) + argv, tools=tools,
-            relay_ports=relay, cgroup_name=f"orz-{spec.session_id}" if root else None,
+            relay_ports=relay, cgroup_name=_cgroup_name(spec.session_id) if root else None,
             limits=sandbox.cgroup_limits(self.settings, spec.resources), socket=paths.socket)
         # -I -S: the launcher needs only the standard library; skipping site-packages saves ~0.1 s a start.
         launcher = [sys.executable, "-I", "-S", sandbox_launch.__file__, json.dumps(plan)]
@@ -346,6 +351,10 @@ class LocalProvider(Provider):
 def _killpg(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signum)
+
+
+def _cgroup_name(session_id: str) -> str:
+    return f"orz-{session_id}"
 
 
 def _chown_tree(top: Path, uid: int, gid: int) -> None:

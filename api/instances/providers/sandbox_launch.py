@@ -78,6 +78,15 @@ def leave_cgroups(groups: list[Path]) -> None:
                 time.sleep(0.02)  # the kernel is still killing what was left in the namespace
 
 
+def remove_cgroups(name: str) -> None:
+    """Remove a session's cgroups left by a launcher that was killed (the server calls this; best effort)."""
+    for controller in ("pids", "memory", "cpu"):
+        own = _own_cgroup(controller)
+        if own is not None:
+            with contextlib.suppress(OSError):
+                (CGROUP_ROOT / controller / own.lstrip("/") / name).rmdir()
+
+
 # -- namespaces ------------------------------------------------------------------------------------
 
 def _setns(path: str, nstype: int) -> None:
