@@ -71,7 +71,12 @@ class LocalProvider(Provider):
         self._stopping: set[int] = set()
         # Exit codes of reaped runners, by pid (for logs and tests).
         self.exit_codes: dict[int, int] = {}
-        if not self.sandboxed:
+        if self.sandboxed:
+            try:
+                sandbox.find_tools()
+            except sandbox.SandboxUnavailable as exc:
+                log.error("%s", exc.reason)  # said at start; every create fails with the same reason
+        else:
             log.warning("ORZ_SANDBOX=off: sessions run unsandboxed as the server's own user and can read its "
                         "data dir, keys and each other's workspaces; for one developer only (sessions are "
                         "refused while more than one org exists)")
