@@ -247,8 +247,8 @@ class LocalProvider(Provider):
         for name, text in sandbox.etc_files(uid, gid, paths.home, [repo] if repo else []).items():
             (paths.etc / name).write_text(text, encoding="utf-8")
             (paths.etc / name).chmod(0o644)
+        base.chmod(0o700)  # only the server (and the gateway) reach the session's files from outside
         if sandbox.runs_as_root():
-            base.chmod(0o700)  # only the server (and the gateway) reach the session's files from outside
             for top in paths.writable():
                 _chown_tree(top, uid, gid)
         runner_env = {k: v for k, v in env.items() if k not in ("HOME", "USER", "LOGNAME")}
