@@ -144,20 +144,16 @@ async def main() -> None:
         url = make_repo(root)
         gw_key = asyncssh.generate_private_key("ssh-ed25519")
         key = gw_key.export_public_key().decode().strip()
-        for mode in modes:
-            provider = LocalProvider(Settings(data_dir=root / f"data-{mode}", log_level="WARNING", sandbox=mode,
-                                              repo_file_dirs=str(root)))
+        providers = {mode: LocalProvider(Settings(data_dir=root / f"data-{mode}", log_level="WARNING",
+                                                  sandbox=mode, repo_file_dirs=str(root))) for mode in modes}
+        for mode, provider in providers.items():
             await one_run(provider, api, url, key, 999)  # warm-up: imports, page cache
             runs[mode] = []
         for i in range(args.n):  # interleaved, so both modes see the same machine load
-            for mode in modes:
-                provider = LocalProvider(Settings(data_dir=root / f"data-{mode}", log_level="WARNING",
-                                                  sandbox=mode, repo_file_dirs=str(root)))
+            for mode, provider in providers.items():
                 runs[mode].append(await one_run(provider, api, url, key, i))
         if args.echo:
-            for mode in modes:
-                provider = LocalProvider(Settings(data_dir=root / f"data-{mode}", log_level="WARNING",
-                                                  sandbox=mode, repo_file_dirs=str(root)))
+            for mode, provider in providers.items():
                 echoes[mode] = await echo_latency(provider, api, url, gw_key, args.echo)
         bases = [baseline(root, url, i) for i in range(args.n)]
     finally:

@@ -232,8 +232,9 @@ def cgroup_limits(settings: Settings, resources: Mapping[str, str]) -> dict[str,
     memory = parse_memory(resources.get("memory"))
     if memory:
         limits["memory.limit_in_bytes"] = memory
+    text = resources.get("cpu", "") or "0"
     try:
-        cpu = float(resources.get("cpu", "") or 0)
+        cpu = float(text[:-1]) / 1000 if text.endswith("m") else float(text)  # "500m": Kubernetes millicores
     except ValueError:
         cpu = 0.0
     if cpu > 0:
