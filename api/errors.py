@@ -87,6 +87,11 @@ class SessionFailed(Conflict):
     title = "The session failed"
 
 
+class SandboxRequired(Conflict):
+    code = "sandbox_required"
+    title = "Sessions need the sandbox on this server"
+
+
 class PayloadTooLarge(OrzError):
     status = 413
     code = "payload_too_large"

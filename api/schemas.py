@@ -117,6 +117,9 @@ def _valid_branch(value: str) -> str:
     return value
 
 
+# A route (and a runner's ssh_host) that names a unix socket instead of a TCP host: a sandboxed local runner.
+UNIX_ROUTE_PREFIX = "unix:"
+
 # The branch rule of _valid_branch as a JSON-schema (ECMA) pattern, for the OpenAPI document;
 # tests check that the two agree.
 BRANCH_PATTERN = (

@@ -133,6 +133,22 @@ class Settings(BaseSettings):
     # Address the runner reports for its SSH endpoint when the spec names none (a pod's IP).
     runner_advertise_host: str = ""
 
+    # Local provider sandbox (bubblewrap): "off" runs runners as plain processes, for one developer only
+    # (refused when more than one org exists).
+    sandbox: Literal["on", "off"] = "on"
+    # When the server runs as root each session gets its own uid from [base, base + count).
+    sandbox_uid_base: int = Field(default=200000, ge=1000)
+    sandbox_uid_count: int = Field(default=10000, ge=1)
+    # Comma-separated host loopback ports a session may reach (relayed into its network namespace).
+    sandbox_allow_host_ports: str = ""
+    # Processes per session (cgroup v1 pids controller; needs root).
+    sandbox_pids_max: int = Field(default=2048, ge=16)
+
+    # Repository URLs: hosts or CIDRs that may be loopback/link-local/private and still be cloned,
+    # and the directories file:// repositories may come from (never the data dir). Comma-separated.
+    repo_allow_hosts: str = ""
+    repo_file_dirs: str = ""
+
     # Kubernetes provider
     k8s_namespace: str = "orz-sessions"
     k8s_runner_image: str = "ghcr.io/orzbob/orzbob-cloud-runner:latest"
@@ -159,6 +175,31 @@ class Settings(BaseSettings):
     def web_trusted_proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         entries = _split_list(self.gateway_web_trusted_proxies)
         return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+    @field_validator("sandbox_allow_host_ports")
+    @classmethod
+    def _ports_are_ports(cls, value: str) -> str:
+        for entry in _split_list(value):
+            if not entry.isdigit() or not 0 < int(entry) < 65536:
+                raise ValueError(f"not a TCP port: {entry!r}")
+        return value
+
+    def sandbox_host_ports(self) -> tuple[int, ...]:
+        return tuple(int(entry) for entry in _split_list(self.sandbox_allow_host_ports))
+
+    @field_validator("repo_allow_hosts")
+    @classmethod
+    def _hosts_are_names_or_networks(cls, value: str) -> str:
+        for entry in _split_list(value):
+            if not entry.replace(".", "").replace("-", "").replace(":", "").replace("/", "").isalnum():
+                raise ValueError(f"not a host name, address or CIDR: {entry!r}")
+        return value
+
+    def repo_allowed_hosts(self) -> tuple[str, ...]:
+        return tuple(entry.lower() for entry in _split_list(self.repo_allow_hosts))
+
+    def repo_allowed_file_dirs(self) -> tuple[Path, ...]:
+        return tuple(Path(entry).resolve() for entry in _split_list(self.repo_file_dirs))
 
     @field_validator("secrets_key_file", "ssh_ca_public_key_file", "jwt_public_key_file", mode="before")
     @classmethod

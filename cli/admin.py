@@ -77,8 +77,13 @@ migrate_cmd.name = "migrate"
 @run_async
 async def create_org(database_url: str | None, name: str, plan: str) -> None:
     """Create an org on a plan."""
-    org = await _with_db(_settings(database_url), lambda s: ops.create_org(s, name, plan))
+    settings = _settings(database_url)
+    org = await _with_db(settings, lambda s: ops.create_org(s, name, plan))
     click.echo(f"created org {org.name} ({org.plan})")
+    if settings.provider == "local" and settings.sandbox == "off":
+        click.echo("warning: ORZ_SANDBOX=off: sessions are not isolated from each other or from the server's "
+                   "data dir; with more than one org the server refuses to start sessions until the sandbox "
+                   "is on (see docs/security.md)", err=True)
 
 
 @admin.command("set-plan")

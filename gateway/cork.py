@@ -16,6 +16,7 @@ import asyncssh
 from asyncssh.constants import MSG_IGNORE
 from asyncssh.packet import String
 
+from api.schemas import UNIX_ROUTE_PREFIX
 from gateway.splice import FastPath
 
 _FILLER = String(b"")
@@ -158,7 +159,11 @@ class CorkedTunnel:
         conn = session_factory()
         # asyncssh.connect has no hook for the connection class; the subclass adds send_packet and fast_path.
         conn.__class__ = GatewayClientConnection
-        transport, _ = await loop.create_connection(lambda: CorkProtocol(conn), host, port)
+        if host.startswith(UNIX_ROUTE_PREFIX):  # a sandboxed local runner: its socket, not TCP
+            transport, _ = await loop.create_unix_connection(lambda: CorkProtocol(conn),
+                                                             host[len(UNIX_ROUTE_PREFIX):])
+        else:
+            transport, _ = await loop.create_connection(lambda: CorkProtocol(conn), host, port)
         return transport, conn
 
     def close(self) -> None:

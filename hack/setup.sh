@@ -14,6 +14,8 @@ declare -A wanted=(
   # make rehearse: pod network and mount namespaces (iproute2, util-linux) and PostgreSQL's own binaries
   # for the chart's bundled database (the rehearsal runs images that are not ours from local binaries).
   [ip]=iproute2 [nsenter]=util-linux [unshare]=util-linux [pg_ctlcluster]=postgresql
+  # The local provider's session sandbox: bubblewrap for the namespaces, slirp4netns for its network.
+  [bwrap]=bubblewrap [slirp4netns]=slirp4netns [setpriv]=util-linux
 )
 missing=()
 for cmd in "${!wanted[@]}"; do

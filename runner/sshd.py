@@ -12,12 +12,15 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
+from api.schemas import UNIX_ROUTE_PREFIX
 from api.settings import ssh_algorithms
 from runner.activity import Activity
 from runner.ptyproc import PtyChild
@@ -144,13 +147,28 @@ class Endpoint:
         return self.host_key.export_public_key("openssh").decode().strip()
 
     async def start(self) -> int:
+        """Listen; the TCP port bound, or 0 on a unix socket (``unix:PATH``, owner-only)."""
+        where: dict[str, Any] = {"host": self.host, "port": self.port}
+        if self.host.startswith(UNIX_ROUTE_PREFIX):
+            path = self.host[len(UNIX_ROUTE_PREFIX):]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            where = {"sock": sock}
         self._server = await asyncssh.create_server(
-            lambda: _Connection(self), self.host, self.port,
+            lambda: _Connection(self), **where,
             server_host_keys=[self.host_key], process_factory=self._handle, sftp_factory=self._sftp,
             allow_scp=True, encoding=None, line_editor=False, compression_algs=["none"],
             **ssh_algorithms(), agent_forwarding=True, x11_forwarding=False,  # the shared policy (issue 17)
             password_auth=False, kbdint_auth=False, login_timeout=LOGIN_TIMEOUT_S, keepalive_interval=30,
         )
+        if "sock" in where:
+            return 0
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -26,6 +26,9 @@ POSTGRES_ADMIN_URL = os.environ.get("ORZ_TEST_POSTGRES_URL", "postgresql://root@
 POSTGRES_REQUIRED = "ORZ_TEST_POSTGRES_URL" in os.environ
 
 Sanic.test_mode = True
+# The tests' git repositories are bare repos under /tmp (tests/runner/conftest.py make_repo): the admin
+# setting that lets sessions clone file:// repositories from there, for every server a test starts.
+os.environ.setdefault("ORZ_REPO_FILE_DIRS", "/tmp")  # nosec B108
 
 
 async def _pg_exec(sql: str) -> None:

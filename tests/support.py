@@ -45,6 +45,8 @@ def orz_env(home: Path, **extra: str) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "PYTHONPATH": str(ROOT),
         "ORZ_LOG_JSON": "true",
+        # Test repositories are bare repos under /tmp (see tests/conftest.py).
+        "ORZ_REPO_FILE_DIRS": os.environ.get("ORZ_REPO_FILE_DIRS", "/tmp"),  # nosec B108
     }
     env.update(extra)
     return env

@@ -34,10 +34,11 @@ from api.errors import (
     OrzError,
     ProviderError,
     QuotaExceeded,
+    SandboxRequired,
     SessionFailed,
     Unauthorized,
 )
-from api.instances import access
+from api.instances import access, repo_policy
 from api.instances.ids import new_session_id
 from api.instances.providers.base import ComputeSpec, Provider, ProviderFailure
 from api.instances.states import (
@@ -78,8 +79,11 @@ class InstanceService:
         secret_env: SecretEnvSource | None = None,
         clock: Clock = utcnow,
         autocommit_sessions: async_sessionmaker[AsyncSession] | None = None,
+        resolve_host: repo_policy.Resolver = repo_policy.system_resolver,
     ) -> None:
         self.settings = settings
+        # DNS for the repo_url rule (tests pass a fixed table instead of the network).
+        self.resolve_host = resolve_host
         self.sessions = sessions
         # Work that is one statement (lookups, a single-row UPDATE) needs no BEGIN/COMMIT round trips:
         # on this machine each round trip costs ~100 us of the API's CPU.
@@ -139,6 +143,10 @@ class InstanceService:
 
     async def create(self, who: Principal, req: schemas.InstanceCreate) -> Instance:
         idle = self._bounded_idle_timeout(who, req.idle_timeout_s)
+        if req.repo_url:
+            # Before anything exists: a refused URL leaves no row, no event, no compute.
+            await repo_policy.check_repo_url(req.repo_url, self.settings, self.resolve_host)
+        await self._require_isolation()
         runner_token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
         async with self.sessions() as db:
             # Resolve secrets first: a missing name fails the create before anything exists.
@@ -357,7 +365,12 @@ class InstanceService:
                 "attached_clients": hb.attached_clients,
                 "init_status": hb.init_status,
             }
-            if hb.host_key and hb.ssh_port:
+            socket = self.provider.runner_socket(session_id)
+            if hb.host_key and socket and (hb.ssh_host or "").startswith(schemas.UNIX_ROUTE_PREFIX):
+                # The path is the provider's, never the runner's: a session cannot point routes elsewhere.
+                values.update(route_host=schemas.UNIX_ROUTE_PREFIX + socket, route_port=0,
+                              runner_host_key=hb.host_key)
+            elif hb.host_key and hb.ssh_port and not socket:
                 values.update(route_host=hb.ssh_host, route_port=hb.ssh_port, runner_host_key=hb.host_key)
             activity = [t for t in (hb.last_input_at, hb.last_output_at) if t is not None]
             if hb.attached_clients > 0:
@@ -475,7 +488,8 @@ class InstanceService:
             state = State(inst.state)
         mode = "ro" if req.readonly else "rw"
         route = None
-        if state in ATTACHABLE_STATES and inst.route_host and inst.route_port and inst.runner_host_key:
+        if (state in ATTACHABLE_STATES and inst.route_host and inst.route_port is not None
+                and inst.runner_host_key):
             route = schemas.Route(host=inst.route_host, port=inst.route_port, host_key=inst.runner_host_key)
         message = None if route else f"session {inst.id} is {state.value}"
         return schemas.AuthorizeReply(
@@ -575,6 +589,7 @@ class InstanceService:
             return inst
         if state not in STARTABLE_STATES:
             check_transition(state, State.STARTING)
+        await self._require_isolation()
         runner_token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
         async with self.sessions() as db:
             secret_env = await self._secret_env(db, inst.org_id, inst.user_id, inst.spec.get("secrets", []))
@@ -586,6 +601,17 @@ class InstanceService:
                 route_host=None, route_port=None, runner_host_key=None, reason=None, stopped_at=None,
             )
         return await self._launch(inst, actor, runner_token.value, secret_env, fresh=False)
+
+    async def _require_isolation(self) -> None:
+        """Without isolation between sessions (ORZ_SANDBOX=off), only a single-org server may start any."""
+        if self.provider.isolates_sessions:
+            return
+        async with self.autocommit() as db:
+            orgs = await db.scalar(select(func.count()).select_from(Org))
+        if (orgs or 0) > 1:
+            raise SandboxRequired(
+                f"this server has {orgs} orgs and runs sessions without the sandbox (ORZ_SANDBOX=off); "
+                "an admin must turn the sandbox on before sessions can start")
 
     async def _launch(self, inst: Instance, actor: str, runner_token: str, secret_env: dict[str, str],
                       *, fresh: bool) -> Instance:

@@ -62,7 +62,7 @@ class Stack:
         deadline = loop.time() + timeout
         while True:
             row = await self.row(session_id)
-            if row.state == state and (state != "running" or row.route_port):
+            if row.state == state and (state != "running" or row.route_host):
                 return row
             if loop.time() > deadline:
                 raise AssertionError(f"{session_id} is {row.state} ({row.reason}), not {state}:\n"

@@ -29,7 +29,7 @@ CONFIG = 'version: "1.0"\nsetup:\n  init: echo ran >> init-runs.txt\n'
 
 @pytest.fixture
 async def provider(short_tmp: Path) -> AsyncIterator[LocalProvider]:
-    p = LocalProvider(Settings(data_dir=short_tmp / "data", log_level="DEBUG"))
+    p = LocalProvider(Settings(data_dir=short_tmp / "data", log_level="DEBUG", repo_file_dirs=str(short_tmp)))
     try:
         yield p
     finally:
@@ -63,7 +63,7 @@ async def ready(fake_api: FakeApi, sid: str, after: int = 0) -> dict:
     """The first heartbeat after the ``after``-th saying the endpoint is up and the program runs."""
     for _ in range(300):
         for body in fake_api.bodies(sid)[after:]:
-            if body.get("ssh_port") and body.get("program_running"):
+            if body.get("host_key") and body.get("program_running"):
                 return body
         await asyncio.sleep(0.05)
     raise AssertionError(f"no ready heartbeat after #{after}: {fake_api.bodies(sid)[-2:]}")
@@ -100,7 +100,7 @@ async def test_create_stop_start_runs_init_once_and_shows_the_program(
     await provider.status("sess-a", stopped)  # reaps
     assert provider.exit_codes[state["pid"]] == 0  # a clean SIGTERM shutdown
     assert (await provider.status("sess-a", stopped)).phase == "stopped"
-    assert fake_api.bodies("sess-a")[-1].get("ssh_port") is None  # the last word withdraws the route
+    assert fake_api.bodies("sess-a")[-1].get("ssh_host") is None  # the last word withdraws the route
     assert not (await tmux.pane_state()).exists
     assert ws.is_dir()
 
@@ -123,7 +123,7 @@ async def test_a_restarted_api_adopts_running_runners(
         provider: LocalProvider, short_tmp: Path, fake_api: FakeApi, gateway_key) -> None:
     state = await provider.create(compute_spec("sess-b", fake_api, gateway_key, None))
     await ready(fake_api, "sess-b")
-    fresh = LocalProvider(Settings(data_dir=short_tmp / "data"))
+    fresh = LocalProvider(Settings(data_dir=short_tmp / "data", repo_file_dirs=str(short_tmp)))
     assert (await fresh.status("sess-b", state)).phase == "running"
     assert (await fresh.list())["sess-b"].phase == "running"
     # a reused pid with another start time is not ours

@@ -89,6 +89,15 @@ class Provider(abc.ABC):
         """The runner's log (init output), newest ``limit`` characters; empty when unknown."""
         return ""
 
+    @property
+    def isolates_sessions(self) -> bool:
+        """False when sessions of different orgs could reach each other (the local provider, sandbox off)."""
+        return True
+
+    def runner_socket(self, session_id: str) -> str | None:
+        """The unix socket the session's runner endpoint listens on (the only route accepted), or None: TCP."""
+        return None
+
     def check_services(self, services: Sequence[Mapping[str, Any]], secret_keys: Collection[str]) -> None:
         """Raise ProviderFailure, naming the file and key, when these services cannot run (runs_services)."""
         raise ProviderFailure(f"the {self.name} provider does not run services beside the runner")

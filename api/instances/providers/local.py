@@ -20,6 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
+from api.instances import repo_policy
+from api.instances.providers import sandbox, sandbox_launch
 from api.instances.providers.base import (
     ComputeSpec,
     ComputeStatus,
@@ -27,7 +29,7 @@ from api.instances.providers.base import (
     ProviderFailure,
     ProviderState,
 )
-from api.schemas import SESSION_ID_RE, RunnerSpec
+from api.schemas import SESSION_ID_RE, UNIX_ROUTE_PREFIX, RunnerSpec
 from api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,27 @@ class LocalProvider(Provider):
         self._stopping: set[int] = set()
         # Exit codes of reaped runners, by pid (for logs and tests).
         self.exit_codes: dict[int, int] = {}
+        if self.sandboxed:
+            try:
+                sandbox.find_tools()
+            except sandbox.SandboxUnavailable as exc:
+                log.error("%s", exc.reason)  # said at start; every create fails with the same reason
+        else:
+            log.warning("ORZ_SANDBOX=off: sessions run unsandboxed as the server's own user and can read its "
+                        "data dir, keys and each other's workspaces; for one developer only (sessions are "
+                        "refused while more than one org exists)")
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.settings.sandbox == "on"
+
+    @property
+    def isolates_sessions(self) -> bool:
+        return self.sandboxed
+
+    def runner_socket(self, session_id: str) -> str | None:
+        """Sandboxed runners serve their endpoint on this unix socket only (the sandbox has its own network)."""
+        return str(sandbox.SessionPaths(self.session_dir(session_id)).socket) if self.sandboxed else None
 
     def session_dir(self, session_id: str) -> Path:
         if not SESSION_ID_RE.match(session_id):
@@ -79,6 +102,8 @@ class LocalProvider(Provider):
 
     async def create(self, spec: ComputeSpec) -> ProviderState:
         base = self.session_dir(spec.session_id)
+        if self.sandboxed:
+            sandbox.find_tools()  # refuse before anything is made
         if self._alive(self._saved_state(base)):
             raise ProviderFailure(f"session {spec.session_id} already has a running runner")
         (base / "workspace").mkdir(parents=True, exist_ok=True)
@@ -98,7 +123,8 @@ class LocalProvider(Provider):
         state = state or self._saved_state(base)
         pid = state.get("pid")
         if pid and self._alive(state):
-            # The runner is a process-group leader: its sidecars and helpers get the signal too.
+            # The runner (or, sandboxed, its launcher, which passes it on) is a process-group leader:
+            # its sidecars and helpers get the signal too.
             _killpg(int(pid), signal.SIGTERM)
             if int(pid) in self._children:
                 self._stopping.add(int(pid))
@@ -106,6 +132,8 @@ class LocalProvider(Provider):
                 log.warning("runner of %s ignored SIGTERM, killing it", session_id)
                 _killpg(int(pid), signal.SIGKILL)
                 await self._wait_gone(state, 5.0)
+                if self.sandboxed:  # the killed launcher could not remove them itself
+                    await asyncio.to_thread(sandbox_launch.remove_cgroups, _cgroup_name(session_id))
         await self._kill_tmux(base)
         self._reap()
         return {**state, "pid": None, "start_time": None}
@@ -115,6 +143,8 @@ class LocalProvider(Provider):
         state = state or self._saved_state(base)
         await self.stop(session_id, state)
         await self._wait_exit(state)
+        if self.sandboxed:
+            await asyncio.to_thread(sandbox_launch.remove_cgroups, _cgroup_name(session_id))
         await asyncio.to_thread(shutil.rmtree, base, True)
 
     async def close(self) -> None:
@@ -156,11 +186,14 @@ class LocalProvider(Provider):
     # -- helpers ---------------------------------------------------------------------------------
 
     def _spawn(self, spec: ComputeSpec, base: Path) -> ProviderState:
+        tools = sandbox.find_tools() if self.sandboxed else None  # before anything is made or started
+        socket = self.runner_socket(spec.session_id)
         runner_spec = RunnerSpec(
             session_id=spec.session_id, api_url=spec.api_url, repo_url=spec.repo_url, branch=spec.branch,
             program=spec.program, task=spec.task, gateway_public_key=spec.gateway_public_key,
             heartbeat_interval_s=spec.heartbeat_interval_s, secret_env=sorted(spec.secret_env),
-            ssh_host="127.0.0.1", ssh_port=0, workspace=str(base / "workspace"),
+            ssh_host=UNIX_ROUTE_PREFIX + socket if socket else "127.0.0.1", ssh_port=0,
+            workspace=str(base / "workspace"),
             state_dir=str(base / "state"),
         )
         env = {k: os.environ[k] for k in _INHERIT if k in os.environ}
@@ -176,11 +209,15 @@ class LocalProvider(Provider):
         })
         (base / FATAL_FILE).unlink(missing_ok=True)
         (base / RELEASED_FILE).unlink(missing_ok=True)
+        argv = [sys.executable, "-P", "-m", "runner"]
+        extra: ProviderState = {}
+        if tools is not None:
+            argv, extra, env = self._sandboxed(spec, base, tools, argv, env)
         # posix_spawn rather than Popen: a runner outlives this API process by design, and a Popen
         # object dropped while its child runs warns; we reap our children ourselves (see _reap).
         # Python's own fds are close-on-exec, so the runner inherits only stdin/stdout/stderr.
         # -P: the API's working directory must not shadow the runner package on sys.path.
-        pid = os.posix_spawn(sys.executable, [sys.executable, "-P", "-m", "runner"], env, setsid=True,
+        pid = os.posix_spawn(argv[0], argv, env, setsid=True,
                              file_actions=[
                                  (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                                  (os.POSIX_SPAWN_OPEN, 1, str(base / RUNNER_LOG),
@@ -189,10 +226,69 @@ class LocalProvider(Provider):
                              ])
         self._children.add(pid)
         started = process_start_time(pid)
-        state: ProviderState = {"pid": pid, "start_time": started, "dir": str(base)}
+        state: ProviderState = {"pid": pid, "start_time": started, "dir": str(base), **extra}
         (base / PID_FILE).write_text(json.dumps(state), encoding="utf-8")
         log.info("started runner for %s (pid %s)", spec.session_id, pid)
         return state
+
+    def _sandboxed(self, spec: ComputeSpec, base: Path, tools: sandbox.Tools, argv: list[str],
+                   env: dict[str, str]) -> tuple[list[str], ProviderState, dict[str, str]]:
+        """The launcher's argv, the state to keep (the session's uid) and the runner's environment."""
+        paths = sandbox.SessionPaths(base)
+        saved = self._saved_state(base)
+        if sandbox.runs_as_root():
+            uid = saved.get("uid") or sandbox.pick_uid(self.settings, self._taken_uids(base))
+            gid = uid
+        else:
+            uid, gid = os.getuid(), os.getgid()
+        paths.home.mkdir(exist_ok=True)
+        paths.etc.mkdir(mode=0o700, exist_ok=True)
+        repo = self._file_repo(spec.repo_url)
+        for name, text in sandbox.etc_files(uid, gid, paths.home, [repo] if repo else []).items():
+            (paths.etc / name).write_text(text, encoding="utf-8")
+            (paths.etc / name).chmod(0o644)
+        base.chmod(0o700)  # only the server (and the gateway) reach the session's files from outside
+        if sandbox.runs_as_root():
+            for top in paths.writable():
+                _chown_tree(top, uid, gid)
+        runner_env = {k: v for k, v in env.items() if k not in ("HOME", "USER", "LOGNAME")}
+        runner_env.update(HOME=str(paths.home), USER="orz", LOGNAME="orz")
+        relay = set(self.settings.sandbox_host_ports())
+        api_port = sandbox.loopback_port(spec.api_url)
+        if api_port is not None:
+            relay.add(api_port)  # heartbeats: the one host service every runner must reach
+        root = sandbox.runs_as_root()
+        bwrap = sandbox.bwrap_argv(
+            tools, paths, session_id=spec.session_id, uid=uid, gid=gid, as_root=root,
+            extra_ro=sandbox.python_roots(_runner_import_root()) + ([repo] if repo else []),
+            hidden=[self.settings.data_dir])
+        plan = sandbox.launcher_plan(
+            bwrap=bwrap, command=sandbox.command_prefix(uid, gid, root) + argv, tools=tools,
+            relay_ports=relay, cgroup_name=_cgroup_name(spec.session_id) if root else None,
+            limits=sandbox.cgroup_limits(self.settings, spec.resources), socket=paths.socket)
+        # -I -S: the launcher needs only the standard library; skipping site-packages saves ~0.1 s a start.
+        launcher = [sys.executable, "-I", "-S", sandbox_launch.__file__, json.dumps(plan)]
+        return launcher, {"uid": uid}, runner_env
+
+    def _file_repo(self, repo_url: str | None) -> Path | None:
+        """An allowed file:// repository's directory (shown read-only in the sandbox); None otherwise."""
+        path = repo_policy.file_repo_path(repo_url or "")
+        if path is None or not path.is_dir():
+            return None
+        try:
+            repo_policy.check_file_url(path, self.settings)
+        except repo_policy.RepoUrlRefused:
+            return None  # the API refuses these; a row from before the rule just fails to clone
+        return path
+
+    def _taken_uids(self, own: Path) -> set[int]:
+        taken = set()
+        for entry in self.root.iterdir():
+            if entry != own and entry.is_dir():
+                uid = self._saved_state(entry).get("uid")
+                if isinstance(uid, int):
+                    taken.add(uid)
+        return taken
 
     def _saved_state(self, base: Path) -> ProviderState:
         try:
@@ -260,6 +356,20 @@ class LocalProvider(Provider):
 def _killpg(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signum)
+
+
+def _cgroup_name(session_id: str) -> str:
+    return f"orz-{session_id}"
+
+
+def _chown_tree(top: Path, uid: int, gid: int) -> None:
+    """Hand a session's directory to its uid (new ones are empty; a workspace from before the sandbox is not)."""
+    if top.lstat().st_uid == uid:
+        return
+    os.chown(top, uid, gid)
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
 def _runner_import_root() -> str:

@@ -1,0 +1,106 @@
+"""Which repository URLs a session may clone: the same rule for every provider.
+
+Refused unless an admin allows them: hosts that are (or resolve to) loopback, link-local, private or
+otherwise non-public addresses (``ORZ_REPO_ALLOW_HOSTS``), and ``file://`` paths outside the directories
+in ``ORZ_REPO_FILE_DIRS`` or inside the server's data dir (never allowed). Nothing is ever connected to
+here, and every refusal of a host reads the same, so the answer tells nothing about open ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from api.errors import ValidationFailed
+from api.settings import Settings
+
+Resolver = Callable[[str], Awaitable[list[str]]]
+RESOLVE_TIMEOUT_S = 3.0
+_SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@(?P<host>[A-Za-z0-9.-]+):")
+
+HOST_REFUSED = ("repo_url points to a loopback, link-local or private address; "
+                "an admin can allow the host with ORZ_REPO_ALLOW_HOSTS")
+FILE_REFUSED = ("file:// repositories are allowed only from the directories an admin names in "
+                "ORZ_REPO_FILE_DIRS, and never from the server's data directory")
+
+
+class RepoUrlRefused(ValidationFailed):
+    code = "repo_url_refused"
+
+
+async def system_resolver(host: str) -> list[str]:
+    """Every address ``host`` resolves to (empty when it does not resolve: the clone reports that)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_S)
+    except (OSError, TimeoutError, UnicodeError):
+        return []
+    return [str(info[4][0]) for info in infos]
+
+
+def repo_host(url: str) -> str | None:
+    """The host a repository URL connects to; None for file:// URLs."""
+    if url.startswith("file://"):
+        return None
+    scp = _SCP_LIKE.match(url)
+    if scp:
+        return scp.group("host").lower()
+    return (urlsplit(url).hostname or "").lower()
+
+
+def file_repo_path(url: str) -> Path | None:
+    """The resolved local path of a file:// URL, else None."""
+    if not url.startswith("file://"):
+        return None
+    return Path(unquote(urlsplit(url).path) or "/").resolve()
+
+
+def _not_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def _allowed(host: str, addresses: list[str], settings: Settings) -> bool:
+    allowed = settings.repo_allowed_hosts()
+    if host in allowed:
+        return True
+    networks = []
+    for entry in allowed:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            continue
+    return bool(addresses) and all(
+        any(ipaddress.ip_address(a.split("%", 1)[0]) in net for net in networks) for a in addresses)
+
+
+def check_file_url(path: Path, settings: Settings) -> None:
+    data_dir = settings.data_dir.resolve()
+    inside = any(path.is_relative_to(d) for d in settings.repo_allowed_file_dirs())
+    if not inside or path.is_relative_to(data_dir):
+        raise RepoUrlRefused(FILE_REFUSED)
+
+
+async def check_repo_url(url: str, settings: Settings, resolve: Resolver = system_resolver) -> None:
+    """Raise RepoUrlRefused (422) unless this URL may be cloned by a session."""
+    path = file_repo_path(url)
+    if path is not None:
+        check_file_url(path, settings)
+        return
+    host = repo_host(url) or ""
+    try:
+        addresses = [str(ipaddress.ip_address(host.strip("[]")))]
+    except ValueError:
+        if host == "localhost" or host.endswith(".localhost"):
+            addresses = ["127.0.0.1"]
+        else:
+            addresses = await resolve(host)
+    if any(_not_public(a) for a in addresses) and not _allowed(host, addresses, settings):
+        raise RepoUrlRefused(HOST_REFUSED)

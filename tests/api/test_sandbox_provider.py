@@ -1,0 +1,206 @@
+"""The local provider's sandbox with real bwrap, slirp4netns and runners: what one session can reach.
+
+Each session runs a probe as its `setup.init` (a shell script from its repository, so exactly what a
+user's code could run) and writes what it saw into its workspace; the test reads that from outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from api.instances.providers.local import LocalProvider, process_start_time
+from api.instances.providers.sandbox import SandboxUnavailable
+from api.settings import Settings
+from tests.api.test_local_provider import compute_spec, ready
+from tests.runner import conftest as runner_fixtures
+from tests.runner.fake_api import FakeApi
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(90),
+    pytest.mark.skipif(any(shutil.which(t) is None for t in ("bwrap", "slirp4netns", "tmux", "git")),
+                       reason="needs bwrap, slirp4netns, tmux and git (hack/setup.sh installs them)"),
+]
+
+short_tmp = runner_fixtures.short_tmp
+make_repo = runner_fixtures.make_repo
+gateway_key = runner_fixtures.gateway_key
+fake_api = runner_fixtures.fake_api
+
+SECRET_A = "value-of-a-" + "".join(random.choices("abcdefghij", k=12))  # nosec B311
+
+
+@pytest.fixture
+def host_ports() -> Iterator[tuple[int, int]]:
+    """Two TCP listeners on the host's loopback: the first is allowed into sessions, the second is not."""
+    servers = [subprocess.Popen(["python3", "-c", PY_LISTENER], stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    try:
+        ports = tuple(int(s.stdout.readline()) for s in servers)  # type: ignore[union-attr]
+        yield ports  # type: ignore[misc]
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()
+            s.stdout.close()  # type: ignore[union-attr]
+
+
+PY_LISTENER = """
+import socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(b"hello-from-host\\n"); c.close()
+"""
+
+
+@pytest.fixture
+async def provider(short_tmp: Path, host_ports: tuple[int, int]) -> AsyncIterator[LocalProvider]:
+    data = short_tmp / "data"
+    (data / "keys").mkdir(parents=True)
+    (data / "keys" / "ssh_ca").write_text("PRIVATE-CA-KEY\n")
+    (data / "orz.db").write_text("DATABASE\n")
+    p = LocalProvider(Settings(data_dir=data, repo_file_dirs=str(short_tmp), log_level="DEBUG",
+                               sandbox_allow_host_ports=str(host_ports[0])))
+    try:
+        yield p
+    finally:
+        for sid in (await p.list()):
+            await p.stop(sid, {})
+        await p.close()
+
+
+def probe(data: Path, other: str, ports: tuple[int, ...], sleep_s: int) -> str:
+    """The shell script a session runs: each line is one fact the test checks."""
+    checks = "\n".join(
+        f'[ -r "{path}" ] && echo "readable {path}" || echo "hidden {path}"'
+        for path in (data / "keys" / "ssh_ca", data / "orz.db", data / "sessions" / other / "workspace" / "README"))
+    conns = "\n".join(
+        f'(exec 3<>/dev/tcp/127.0.0.1/{port} && head -1 <&3) >/dev/null 2>&1 '
+        f'&& echo "port {port} open" || echo "port {port} closed"' for port in ports)
+    return f"""set -u
+echo "uid $(id -u)"
+echo "procs $(ls -d /proc/[0-9]* | wc -l)"
+echo "environ-hits $(cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c {SECRET_A})"
+echo "tmp $(ls -A /tmp | tr '\\n' ' ')"
+echo "sessions $(ls -A {data / 'sessions'} | tr '\\n' ' ')"
+touch /tmp/marker-$ORZ_SESSION_ID-{SECRET_A}
+{checks}
+{conns}
+nohup sleep {sleep_s} >/dev/null 2>&1 &
+setsid sleep {sleep_s + 1} >/dev/null 2>&1 </dev/null &
+( ( sleep {sleep_s + 2} >/dev/null 2>&1 </dev/null & ) & )
+echo done
+"""
+
+
+def config(script: str) -> dict[str, str]:
+    return {".orz/cloud.yaml": 'version: "1.0"\nsetup:\n  init: bash .orz/probe.sh > probe.txt 2>&1\n',
+            ".orz/probe.sh": script, "README": "private to this session\n"}
+
+
+def leftovers(sleep_s: int) -> list[str]:
+    """Host processes still running any of the probe's sleeps."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and process_start_time(int(pid)) is not None:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if any(f"sleep {sleep_s + i}" in cmd for i in range(3)):
+                found.append(f"{pid}: {cmd}")
+    return found
+
+
+async def no_leftovers(sleep_s: int) -> list[str]:
+    for _ in range(40):  # the kernel ends a namespace's processes asynchronously
+        if not (left := leftovers(sleep_s)):
+            return []
+        await asyncio.sleep(0.05)
+    return left
+
+
+async def test_two_sessions_see_nothing_of_each_other_or_the_server(
+        provider: LocalProvider, make_repo, fake_api: FakeApi, gateway_key, short_tmp: Path,
+        host_ports: tuple[int, int]) -> None:
+    data = short_tmp / "data"
+    sleep_a, sleep_b = (random.randrange(40000, 50000) * 3 for _ in range(2))  # nosec B311
+    ports = (*host_ports, 5432)
+    spec_a = compute_spec("sbx-a", fake_api, gateway_key, make_repo(config(probe(data, "sbx-b", ports, sleep_a))),
+                          secrets={"A_SECRET": SECRET_A})
+    state_a = await provider.create(spec_a)
+    await ready(fake_api, "sbx-a")
+    spec_b = compute_spec("sbx-b", fake_api, gateway_key, make_repo(config(probe(data, "sbx-a", ports, sleep_b))))
+    state_b = await provider.create(spec_b)
+    await ready(fake_api, "sbx-b")
+    seen_a = (provider.session_dir("sbx-a") / "workspace" / "probe.txt").read_text().splitlines()
+    seen_b = (provider.session_dir("sbx-b") / "workspace" / "probe.txt").read_text().splitlines()
+    assert seen_b[-1] == "done", seen_b
+
+    uid_a, uid_b = (int(s[0].split()[1]) for s in (seen_a, seen_b))
+    assert 0 not in (uid_a, uid_b) and uid_a != uid_b
+    assert int(seen_b[1].split()[1]) < 20  # its own processes only, not the host's
+    assert "environ-hits 0" in seen_b  # A's secret is not visible from B
+    assert "environ-hits 0" not in seen_a  # ... though A's own processes have it (the probe works)
+    assert "marker-" not in seen_b[3]  # a private /tmp: A's marker is not there
+    assert seen_b[4].split() == ["sessions", "sbx-b"]  # the data dir shows only its own session
+    assert not list(Path("/tmp").glob(f"marker-sbx-*-{SECRET_A}"))  # nor on the host
+    for path in (data / "keys" / "ssh_ca", data / "orz.db", data / "sessions" / "sbx-a" / "workspace" / "README"):
+        assert f"hidden {path}" in seen_b
+    allowed, denied = host_ports
+    assert f"port {allowed} open" in seen_b  # ORZ_SANDBOX_ALLOW_HOST_PORTS
+    assert f"port {denied} closed" in seen_b and "port 5432 closed" in seen_b
+
+    # cgroup v1: the session's pids limit is set on its own group
+    launcher_groups = Path(f"/proc/{state_b['pid']}/cgroup").read_text()
+    assert "orz-sbx-b" in launcher_groups
+    pids_dir = next(line.split(":")[2] for line in launcher_groups.splitlines() if ":pids:" in line)
+    assert Path(f"/sys/fs/cgroup/pids{pids_dir}/pids.max").read_text().strip() == str(
+        provider.settings.sandbox_pids_max)
+
+    # stop ends every process the session started, however it was detached
+    assert leftovers(sleep_b), "the probe's background processes should be running before the stop"
+    await provider.stop("sbx-b", state_b)
+    assert await no_leftovers(sleep_b) == []
+    # kill (delete) too
+    assert leftovers(sleep_a)
+    await provider.delete("sbx-a", state_a)
+    assert await no_leftovers(sleep_a) == []
+
+
+async def test_a_session_owns_only_its_directories(
+        provider: LocalProvider, fake_api: FakeApi, gateway_key, short_tmp: Path) -> None:
+    state = await provider.create(compute_spec("sbx-c", fake_api, gateway_key, None))
+    await ready(fake_api, "sbx-c")
+    base = provider.session_dir("sbx-c")
+    assert base.stat().st_mode & 0o077 == 0  # the session dir is the server's; only its parts are the session's
+    uid = state["uid"]
+    for part in ("workspace", "state", "home"):
+        assert (base / part).stat().st_uid == uid
+    assert (base / "state" / "ssh.sock").is_socket()
+    assert (base / "state" / "ssh.sock").stat().st_mode & 0o077 == 0
+    # a restart keeps the uid, so files written before stay the session's
+    stopped = await provider.stop("sbx-c", state)
+    again = await provider.start(compute_spec("sbx-c", fake_api, gateway_key, None), stopped)
+    assert again["uid"] == uid
+
+
+async def test_without_bwrap_sessions_do_not_start(
+        short_tmp: Path, fake_api: FakeApi, gateway_key, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = short_tmp / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    provider = LocalProvider(Settings(data_dir=short_tmp / "data"))
+    with pytest.raises(SandboxUnavailable) as refused:
+        await provider.create(compute_spec("sbx-d", fake_api, gateway_key, None))
+    assert "bubblewrap" in refused.value.reason and "ORZ_SANDBOX=off" in refused.value.reason
+    assert (await provider.list()) == {}  # nothing made

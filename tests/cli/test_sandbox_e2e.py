@@ -1,0 +1,206 @@
+"""Issue 16 end to end: `orz server` with two orgs on one machine; each breach is tried from inside a session
+over plain ssh and refused, and forwarding, sftp and scp still work inside the sandbox."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fullstack import Platform, running_platform
+from tests.support import free_port, orz_env, wait_until
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(any(shutil.which(b) is None for b in ("ssh", "scp", "sftp", "tmux", "git", "bwrap")),
+                       reason="needs ssh, scp, sftp, tmux, git and bwrap"),
+]
+SECRET_A = "a-secret-" + "".join(random.choices("klmnopqrst", k=12))
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    with running_platform(tmp_path_factory.mktemp("sbx")) as running:
+        yield running
+
+
+class User:
+    """One org's developer: their own HOME, `orz` login and ssh config."""
+
+    def __init__(self, platform: Platform, env: dict[str, str]) -> None:
+        self.platform = platform
+        self.env = env
+        self.home = Path(env["HOME"])
+
+    def orz(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli", *args], env=self.env, cwd=self.home,
+                              capture_output=True, text=True, timeout=90, check=False)
+
+    def new(self, *args: str) -> str:
+        created = self.orz("cloud", "new", "--program", "bash", "--no-attach", "--wait", *args)
+        assert created.returncode == 0, created.stderr
+        assert self.orz("cloud", "ssh-config", "--write").returncode == 0
+        return created.stdout.split()[1]
+
+    def ssh_args(self, sid: str, *options: str) -> list[str]:
+        return ["ssh", "-F", str(self.home / ".ssh" / "config"), "-o", "BatchMode=yes", *options, f"{sid}.orz"]
+
+    def ssh(self, sid: str, command: str, *options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.ssh_args(sid, *options), command], env=self.env, capture_output=True,
+                              text=True, timeout=90, check=False)
+
+
+@pytest.fixture(scope="module")
+def alice(platform: Platform) -> User:
+    return User(platform, platform.env)
+
+
+@pytest.fixture(scope="module")
+def bob(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> User:
+    """A user of a second org, made with `orz admin` against the server's database."""
+    db = ["--database-url", f"sqlite+aiosqlite:///{platform.data / 'orz.db'}"]
+    for args in (("create-org", "beta"), ("create-user", "bob@beta.example", "--org", "beta")):
+        done = platform.orz("admin", *args, *db)
+        assert done.returncode == 0, done.stderr
+    made = platform.orz("admin", "create-token", "bob@beta.example", *db)
+    token = re.search(r"orz_\S+", made.stdout)
+    assert token, made.stdout + made.stderr
+    home = tmp_path_factory.mktemp("bob")
+    env = orz_env(home, TERM="xterm")
+    user = User(platform, env)
+    login = user.orz("cloud", "login", "--token", token.group(0), "--api-url",
+                     f"http://127.0.0.1:{platform.api_port}")
+    assert login.returncode == 0, login.stderr
+    return user
+
+
+def host_processes(pattern: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if pattern in line and " Z" not in line and "ps -eo" not in line]
+
+
+def test_a_second_org_cannot_reach_the_first_or_the_server(platform: Platform, alice: User, bob: User) -> None:
+    assert alice.orz("cloud", "secrets", "create", "asecret", "--data", f"A_SECRET={SECRET_A}").returncode == 0
+    sid_a = alice.new("--secrets", "asecret")
+    wrote = alice.ssh(sid_a, "echo private-to-a > private.txt && printenv A_SECRET")
+    assert wrote.returncode == 0 and wrote.stdout.strip() == SECRET_A, wrote.stderr  # secrets work inside
+    sid_b = bob.new()
+
+    data = platform.data
+    targets = [data / "keys" / "ssh_ca", data / "keys" / "jwt_es256.pem", data / "keys" / "secrets.key",
+               data / "orz.db", data / "sessions" / sid_a / "workspace" / "private.txt"]
+    assert all(path.exists() for path in targets)  # they exist on the host...
+    script = "; ".join(f"cat {path} >/dev/null 2>&1 && echo READ {path}" for path in targets)
+    script += (f"; echo hits $(cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c {SECRET_A})"
+               "; echo procs $(ls -d /proc/[0-9]* | wc -l); echo uid $(id -u)")
+    probed = bob.ssh(sid_b, script)
+    assert probed.returncode == 0, probed.stderr
+    assert "READ" not in probed.stdout, probed.stdout  # ...but not from B's session
+    facts = dict(line.split(" ", 1) for line in probed.stdout.splitlines())
+    assert facts["hits"] == "0" and int(facts["procs"]) < 20 and facts["uid"] != "0"
+    uid_a = alice.ssh(sid_a, "id -u").stdout.strip()
+    assert uid_a not in ("0", facts["uid"])
+
+    # A clone of A's workspace by path is refused by the API, with a readable reason.
+    cloned = bob.orz("cloud", "new", "--repo", f"file://{data}/sessions/{sid_a}/workspace", "--no-attach")
+    assert cloned.returncode != 0 and "ORZ_REPO_FILE_DIRS" in cloned.stderr, cloned.stderr
+    assert alice.orz("cloud", "kill", sid_a).returncode == 0
+
+
+def test_stop_and_kill_end_every_process_of_the_session(bob: User) -> None:
+    sid = bob.new()
+    for action in ("stop", "kill"):
+        n = random.randrange(100000, 200000) * 10  # n, n + 1 and n + 2 share the prefix n // 10
+        started = bob.ssh(sid, f"nohup sleep {n} >/dev/null 2>&1 & setsid sleep {n + 1} >/dev/null 2>&1 </dev/null &"
+                               f" ( ( sleep {n + 2} >/dev/null 2>&1 </dev/null & ) & ); echo started")
+        assert started.stdout.strip() == "started", started.stderr
+        wait_until(lambda n=n: len(host_processes(f"sleep {n // 10}")) >= 3, timeout=10, what="the detached sleeps")
+        done = bob.orz("cloud", action, sid)
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda n=n: not host_processes(f"sleep {n // 10}"), timeout=15,
+                   what=f"no process left after {action}")
+        if action == "stop":
+            woke = bob.ssh(sid, "echo awake")  # wake on connect, inside the sandbox
+            assert woke.stdout.strip() == "awake", woke.stderr
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"hello-from-the-laptop")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def laptop_http() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_forwarding_sftp_and_scp_work_inside_the_sandbox(bob: User, tmp_path: Path) -> None:
+    sid = bob.new()
+    # scp up, sftp down
+    local = tmp_path / "up.txt"
+    local.write_text("through scp\n")
+    up = subprocess.run(["scp", "-F", str(bob.home / ".ssh" / "config"), "-o", "BatchMode=yes", str(local),
+                         f"{sid}.orz:copied.txt"], env=bob.env, capture_output=True, text=True, timeout=60)
+    assert up.returncode == 0, up.stderr
+    batch = tmp_path / "batch"
+    batch.write_text(f"get copied.txt {tmp_path / 'down.txt'}\n")
+    down = subprocess.run(["sftp", "-F", str(bob.home / ".ssh" / "config"), "-o", "BatchMode=yes", "-b",
+                           str(batch), f"{sid}.orz"], env=bob.env, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert (tmp_path / "down.txt").read_text() == "through scp\n"
+
+    # -L: a server on the session's own loopback, reached from the laptop
+    port = random.randrange(20000, 30000)
+    served = bob.ssh(sid, f"setsid python3 -m http.server {port} --bind 127.0.0.1 >/dev/null 2>&1 </dev/null & "
+                          f"for i in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && break; "
+                          "sleep 0.1; done; echo up")
+    assert served.stdout.strip() == "up", served.stderr
+    local_port = free_port()
+    tunnel = subprocess.Popen([*bob.ssh_args(sid, "-N", "-o", "ExitOnForwardFailure=yes", "-L",
+                                             f"{local_port}:127.0.0.1:{port}")], env=bob.env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def listing() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return "copied.txt" in httpx.get(f"http://127.0.0.1:{local_port}/", timeout=2).text
+            return False
+        wait_until(listing, timeout=30, what="the -L forward")
+    finally:
+        tunnel.terminate()
+        tunnel.wait(10)
+
+    # -R: the laptop's server, reached from inside the session's loopback
+    with laptop_http() as laptop_port:
+        remote_port = random.randrange(30000, 40000)
+        fetched = bob.ssh(sid, f"curl -s http://127.0.0.1:{remote_port}/", "-o", "ExitOnForwardFailure=yes",
+                          "-R", f"{remote_port}:127.0.0.1:{laptop_port}")
+    assert fetched.stdout == "hello-from-the-laptop", fetched.stderr
+
+    # the session cannot reach the host's other loopback services (the laptop server is on this host too)
+    with laptop_http() as host_port:
+        direct = bob.ssh(sid, f"curl -s -m 3 http://127.0.0.1:{host_port}/ || echo unreachable")
+    assert direct.stdout.strip() == "unreachable"
+    assert bob.orz("cloud", "kill", sid).returncode == 0
