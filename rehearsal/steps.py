@@ -164,9 +164,10 @@ def internal_routes_stay_inside(ctx: Context) -> None:
     public = ctx.api("GET", "/v1/me")
     if public.status_code != 200:
         raise StepFailed(f"GET /v1/me through the ingress answered {public.status_code}")
-    internal = ctx.api("POST", "/internal/v1/authorize", json={})
-    if internal.status_code != 404:
-        raise StepFailed(f"/internal/v1/authorize through the public ingress answered {internal.status_code}, not 404")
+    for method, path in (("POST", "/internal/v1/authorize"), ("GET", "/metrics")):
+        answer = ctx.api(method, path, json={} if method == "POST" else None)
+        if answer.status_code != 404:
+            raise StepFailed(f"{path} through the public ingress answered {answer.status_code}, not 404")
 
 
 def make_repo(ctx: Context) -> None:
@@ -401,7 +402,7 @@ STEPS: list[Step] = [
     ("helm install --wait", helm_install),
     ("control plane Ready (2 api, 2 gateway, scheduler, postgresql)", control_plane_ready),
     ("bootstrap org, user and token (kubectl exec)", bootstrap_user),
-    ("public ingress serves /v1, never /internal", internal_routes_stay_inside),
+    ("public ingress serves /v1, never /internal or /metrics", internal_routes_stay_inside),
     ("git fixture served", make_repo),
     ("orz cloud new -> running", create_session),
     ("ssh through each gateway replica and the load balancer", ssh_each_gateway),
