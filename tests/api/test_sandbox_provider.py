@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from api.instances.providers import sandbox
 from api.instances.providers.local import LocalProvider, process_start_time
 from api.instances.providers.sandbox import SandboxUnavailable
 from api.settings import Settings
@@ -224,3 +225,19 @@ async def test_without_bwrap_sessions_do_not_start(
         await provider.create(compute_spec("sbx-d", fake_api, gateway_key, None))
     assert "bubblewrap" in refused.value.reason and "ORZ_SANDBOX=off" in refused.value.reason
     assert (await provider.list()) == {}  # nothing made
+
+
+async def test_a_sandbox_without_network_fails_the_session_with_the_reason(
+        short_tmp: Path, fake_api: FakeApi, gateway_key, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = sandbox.Tools(bwrap=shutil.which("bwrap") or "bwrap", slirp4netns=shutil.which("false") or "false")
+    monkeypatch.setattr(sandbox, "find_tools", lambda: broken)
+    provider = LocalProvider(Settings(data_dir=short_tmp / "data"))
+    state = await provider.create(compute_spec("sbx-e", fake_api, gateway_key, None))
+    for _ in range(200):
+        status = await provider.status("sbx-e", state)
+        if status.phase != "running":
+            break
+        await asyncio.sleep(0.05)
+    assert status.phase == "failed" and status.message and "slirp4netns" in status.message
+    assert fake_api.bodies("sbx-e") == []  # the runner never got to talk to the API
+    await provider.delete("sbx-e", state)

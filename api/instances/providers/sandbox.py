@@ -28,6 +28,7 @@ SYSTEM_DIRS = ("/usr", "/etc", "/opt")
 TOP_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SOCKET_NAME = "ssh.sock"
 NETWORK_READY_NAME = "network-ready"
+FATAL_NAME = "fatal_error"  # the runner's own (runner/main.py FATAL_FILE): the provider reads it
 ETC_FILES = ("passwd", "group", "resolv.conf", "gitconfig")
 # slirp4netns's DNS forwarder: the host's resolver may be on its loopback, which the session cannot reach.
 SLIRP_DNS = "10.0.2.3"
@@ -255,4 +256,5 @@ def launcher_plan(*, bwrap: list[str], command: list[str], tools: Tools, relay_p
         "bwrap": bwrap, "command": command, "slirp4netns": tools.slirp4netns,
         "relay_ports": sorted(set(relay_ports)), "cgroup": cgroup_name, "limits": dict(limits),
         "socket": str(paths.socket), "network_ready_file": str(paths.network_ready),
+        "fatal_file": str(paths.state / FATAL_NAME),
     }

@@ -37,6 +37,13 @@ def log(message: str) -> None:
     print(f"sandbox: {message}", file=sys.stderr, flush=True)
 
 
+def fail(plan: dict[str, Any], reason: str) -> None:
+    """Log, and leave the reason where the provider reports a failed session from (the runner's fatal file)."""
+    log(reason)
+    with contextlib.suppress(OSError):
+        Path(plan["fatal_file"]).write_text(reason + "\n", encoding="utf-8")
+
+
 # -- cgroups (v1) ----------------------------------------------------------------------------------
 
 def _own_cgroup(controller: str) -> str | None:
@@ -241,7 +248,7 @@ async def run(plan: dict[str, Any]) -> int:
         info = json.loads(await loop.run_in_executor(None, _read_all, info_r) or b"{}")
         child_pid = info.get("child-pid")
         if not child_pid:
-            log("bwrap did not start the sandbox")
+            fail(plan, "the session sandbox did not start (bwrap failed; see the runner log)")
             return await bwrap.wait() or 2
         join_userns = os.geteuid() != 0
         ports = list(plan["relay_ports"])
@@ -263,7 +270,7 @@ async def run(plan: dict[str, Any]) -> int:
         except TimeoutError:
             ready = b""
         if not ready:
-            log("slirp4netns could not give the session a network")
+            fail(plan, "the session sandbox got no network (slirp4netns failed; see the runner log)")
             bwrap.send_signal(signal.SIGKILL)
             await bwrap.wait()
             return 2
