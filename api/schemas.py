@@ -406,6 +406,9 @@ class RunnerSpec(Request):
     ssh_host: str = "127.0.0.1"
     ssh_port: int = 0
     advertise_host: str | None = None
+    # Sandboxed local runners start while their network is still being set up (their start-up overlaps
+    # it); the sandbox's launcher creates this file once the network and the API relay are up.
+    network_ready_file: str | None = None
     workspace: str
     state_dir: str
     # Where the `services:` of .orz/cloud.yaml run: "local" processes the runner starts, or "pod"

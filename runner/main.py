@@ -17,6 +17,7 @@ import pwd
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -45,6 +46,7 @@ POD_STARTED_FILE = "pod-started"
 _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME", "TMPDIR")
 _MAX_UNIX_PATH = 100
 EXIT_OK, EXIT_FATAL = 0, 2
+NETWORK_READY_TIMEOUT_S = 15.0
 
 
 def login_shell() -> str:
@@ -275,6 +277,11 @@ def main() -> None:
         sys.exit(EXIT_FATAL)
     if not spec.advertise_host and settings.runner_advertise_host:
         spec = spec.model_copy(update={"advertise_host": settings.runner_advertise_host})
+    if spec.network_ready_file and not _network_ready(spec.network_ready_file):
+        message = f"the session sandbox's network did not come up in {NETWORK_READY_TIMEOUT_S:.0f} s"
+        with contextlib.suppress(OSError):  # the provider reports the session failed with this reason
+            (Path(spec.state_dir) / FATAL_FILE).write_text(message + "\n", encoding="utf-8")
+        sys.exit(f"orz runner: {message}")
     sys.exit(asyncio.run(_amain(spec, settings.runner_token.get_secret_value())))
 
 
@@ -313,3 +320,13 @@ async def _amain(spec: RunnerSpec, token: str) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     return await Runner(spec, token, os.environ).run(stop)
+
+
+def _network_ready(marker: str) -> bool:
+    """Wait for the launcher's marker (the runner's imports overlapped the sandbox's network set-up)."""
+    deadline = time.monotonic() + NETWORK_READY_TIMEOUT_S
+    while not os.path.exists(marker):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from api.instances.providers import sandbox
 from api.instances.providers.local import LocalProvider, process_start_time
 from api.instances.providers.sandbox import SandboxUnavailable
 from api.settings import Settings
@@ -95,9 +96,13 @@ echo "sessions $(ls -A {data / 'sessions'} | tr '\\n' ' ')"
 touch /tmp/marker-$ORZ_SESSION_ID-{SECRET_A}
 {checks}
 {conns}
-nohup sleep {sleep_s} >/dev/null 2>&1 &
+# Detached so that they outlive init (the runner ends init's process group when it is done).
+setsid nohup sleep {sleep_s} >/dev/null 2>&1 </dev/null &
 setsid sleep {sleep_s + 1} >/dev/null 2>&1 </dev/null &
-( ( sleep {sleep_s + 2} >/dev/null 2>&1 </dev/null & ) & )
+( ( setsid sleep {sleep_s + 2} >/dev/null 2>&1 </dev/null & ) & )
+for i in $(seq 250); do  # until all three have left init's process group (they run sleep by then)
+  [ "$(grep -lx sleep /proc/[0-9]*/comm 2>/dev/null | wc -l)" -ge 3 ] && break; sleep 0.02
+done
 echo done
 """
 
@@ -121,12 +126,28 @@ def leftovers(sleep_s: int) -> list[str]:
     return found
 
 
+async def all_three_running(sleep_s: int) -> bool:
+    for _ in range(100):  # the probe's background shells may still be on their way to exec sleep
+        if len(leftovers(sleep_s)) == 3:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def no_leftovers(sleep_s: int) -> list[str]:
     for _ in range(40):  # the kernel ends a namespace's processes asynchronously
         if not (left := leftovers(sleep_s)):
             return []
         await asyncio.sleep(0.05)
     return left
+
+
+async def started(provider: LocalProvider, fake_api: FakeApi, sid: str) -> None:
+    """Wait for the ready heartbeat; on a timeout, show the runner's log."""
+    try:
+        await ready(fake_api, sid)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{await provider.read_log(sid, {})}") from None
 
 
 async def test_two_sessions_see_nothing_of_each_other_or_the_server(
@@ -138,10 +159,10 @@ async def test_two_sessions_see_nothing_of_each_other_or_the_server(
     spec_a = compute_spec("sbx-a", fake_api, gateway_key, make_repo(config(probe(data, "sbx-b", ports, sleep_a))),
                           secrets={"A_SECRET": SECRET_A})
     state_a = await provider.create(spec_a)
-    await ready(fake_api, "sbx-a")
+    await started(provider, fake_api, "sbx-a")
     spec_b = compute_spec("sbx-b", fake_api, gateway_key, make_repo(config(probe(data, "sbx-a", ports, sleep_b))))
     state_b = await provider.create(spec_b)
-    await ready(fake_api, "sbx-b")
+    await started(provider, fake_api, "sbx-b")
     seen_a = (provider.session_dir("sbx-a") / "workspace" / "probe.txt").read_text().splitlines()
     seen_b = (provider.session_dir("sbx-b") / "workspace" / "probe.txt").read_text().splitlines()
     assert seen_b[-1] == "done", seen_b
@@ -168,11 +189,11 @@ async def test_two_sessions_see_nothing_of_each_other_or_the_server(
         provider.settings.sandbox_pids_max)
 
     # stop ends every process the session started, however it was detached
-    assert leftovers(sleep_b), "the probe's background processes should be running before the stop"
+    assert await all_three_running(sleep_b), leftovers(sleep_b)  # running before the stop
     await provider.stop("sbx-b", state_b)
     assert await no_leftovers(sleep_b) == []
     # kill (delete) too
-    assert leftovers(sleep_a)
+    assert await all_three_running(sleep_a), leftovers(sleep_a)
     await provider.delete("sbx-a", state_a)
     assert await no_leftovers(sleep_a) == []
 
@@ -204,3 +225,19 @@ async def test_without_bwrap_sessions_do_not_start(
         await provider.create(compute_spec("sbx-d", fake_api, gateway_key, None))
     assert "bubblewrap" in refused.value.reason and "ORZ_SANDBOX=off" in refused.value.reason
     assert (await provider.list()) == {}  # nothing made
+
+
+async def test_a_sandbox_without_network_fails_the_session_with_the_reason(
+        short_tmp: Path, fake_api: FakeApi, gateway_key, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = sandbox.Tools(bwrap=shutil.which("bwrap") or "bwrap", slirp4netns=shutil.which("false") or "false")
+    monkeypatch.setattr(sandbox, "find_tools", lambda: broken)
+    provider = LocalProvider(Settings(data_dir=short_tmp / "data"))
+    state = await provider.create(compute_spec("sbx-e", fake_api, gateway_key, None))
+    for _ in range(200):
+        status = await provider.status("sbx-e", state)
+        if status.phase != "running":
+            break
+        await asyncio.sleep(0.05)
+    assert status.phase == "failed" and status.message and "slirp4netns" in status.message
+    assert fake_api.bodies("sbx-e") == []  # the runner never got to talk to the API
+    await provider.delete("sbx-e", state)

@@ -193,6 +193,7 @@ class LocalProvider(Provider):
             program=spec.program, task=spec.task, gateway_public_key=spec.gateway_public_key,
             heartbeat_interval_s=spec.heartbeat_interval_s, secret_env=sorted(spec.secret_env),
             ssh_host=UNIX_ROUTE_PREFIX + socket if socket else "127.0.0.1", ssh_port=0,
+            network_ready_file=str(sandbox.SessionPaths(base).network_ready) if socket else None,
             workspace=str(base / "workspace"),
             state_dir=str(base / "state"),
         )
@@ -265,7 +266,7 @@ class LocalProvider(Provider):
         plan = sandbox.launcher_plan(
             bwrap=bwrap, command=sandbox.command_prefix(uid, gid, root) + argv, tools=tools,
             relay_ports=relay, cgroup_name=_cgroup_name(spec.session_id) if root else None,
-            limits=sandbox.cgroup_limits(self.settings, spec.resources), socket=paths.socket)
+            limits=sandbox.cgroup_limits(self.settings, spec.resources), paths=paths)
         # -I -S: the launcher needs only the standard library; skipping site-packages saves ~0.1 s a start.
         launcher = [sys.executable, "-I", "-S", sandbox_launch.__file__, json.dumps(plan)]
         return launcher, {"uid": uid}, runner_env

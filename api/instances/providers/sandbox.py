@@ -27,6 +27,8 @@ from api.settings import Settings
 SYSTEM_DIRS = ("/usr", "/etc", "/opt")
 TOP_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SOCKET_NAME = "ssh.sock"
+NETWORK_READY_NAME = "network-ready"
+FATAL_NAME = "fatal_error"  # the runner's own (runner/main.py FATAL_FILE): the provider reads it
 ETC_FILES = ("passwd", "group", "resolv.conf", "gitconfig")
 # slirp4netns's DNS forwarder: the host's resolver may be on its loopback, which the session cannot reach.
 SLIRP_DNS = "10.0.2.3"
@@ -81,6 +83,10 @@ class SessionPaths:
     @property
     def socket(self) -> Path:
         return self.state / SOCKET_NAME
+
+    @property
+    def network_ready(self) -> Path:
+        return self.state / NETWORK_READY_NAME
 
     def writable(self) -> tuple[Path, ...]:
         return (self.workspace, self.state, self.home)
@@ -150,7 +156,7 @@ def _parents(path: Path, made: set[Path], bound: list[Path]) -> list[str]:
 
 def bwrap_argv(tools: Tools, paths: SessionPaths, *, session_id: str, uid: int, gid: int, as_root: bool,
                extra_ro: list[Path], hidden: Iterable[Path]) -> list[str]:
-    """bwrap's options (the launcher adds --info-fd/--block-fd and the command from ``command_prefix``).
+    """bwrap's options (the launcher adds --info-fd and the command from ``command_prefix``).
 
     As root, bwrap makes the namespaces without a user namespace (one would map the session to host
     root) and the command starts through setpriv as the session's uid with no capabilities left.
@@ -244,10 +250,11 @@ def cgroup_limits(settings: Settings, resources: Mapping[str, str]) -> dict[str,
 
 
 def launcher_plan(*, bwrap: list[str], command: list[str], tools: Tools, relay_ports: Iterable[int],
-                  cgroup_name: str | None, limits: Mapping[str, int], socket: Path) -> dict[str, Any]:
+                  cgroup_name: str | None, limits: Mapping[str, int], paths: SessionPaths) -> dict[str, Any]:
     """The JSON the launcher reads from its argv (no secrets: those come in its environment)."""
     return {
         "bwrap": bwrap, "command": command, "slirp4netns": tools.slirp4netns,
         "relay_ports": sorted(set(relay_ports)), "cgroup": cgroup_name, "limits": dict(limits),
-        "socket": str(socket),
+        "socket": str(paths.socket), "network_ready_file": str(paths.network_ready),
+        "fatal_file": str(paths.state / FATAL_NAME),
     }

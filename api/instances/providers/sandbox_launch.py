@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,8 @@ from typing import Any
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS = 0x8913
+IFF_UP = 0x1
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 READY_TIMEOUT_S = 10.0
 _RELAY_CHUNK = 65536
@@ -31,6 +35,13 @@ _RELAY_CHUNK = 65536
 def log(message: str) -> None:
     # stderr is the session's runner.log (the provider opened it).
     print(f"sandbox: {message}", file=sys.stderr, flush=True)
+
+
+def fail(plan: dict[str, Any], reason: str) -> None:
+    """Log, and leave the reason where the provider reports a failed session from (the runner's fatal file)."""
+    log(reason)
+    with contextlib.suppress(OSError):
+        Path(plan["fatal_file"]).write_text(reason + "\n", encoding="utf-8")
 
 
 # -- cgroups (v1) ----------------------------------------------------------------------------------
@@ -100,6 +111,20 @@ def _setns(path: str, nstype: int) -> None:
         os.close(fd)
 
 
+def _loopback_up() -> bool:
+    """Whether this namespace's lo is up with 127.0.0.1 (bwrap's last step in configuring it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = struct.pack("16sH14s", b"lo", 0, b"")
+        flags = struct.unpack("16sH14s", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, ifreq))[1]
+        if not flags & IFF_UP:
+            return False
+        try:
+            sock.bind(("127.0.0.1", 0))
+        except OSError:
+            return False
+    return True
+
+
 def listen_in_namespace(pid: int, ports: list[int], join_userns: bool) -> list[socket.socket]:
     """Listening sockets on 127.0.0.1:<port> inside the sandbox's network namespace (made by a forked child).
 
@@ -114,14 +139,10 @@ def listen_in_namespace(pid: int, ports: list[int], join_userns: bool) -> list[s
             if join_userns:
                 _setns(f"/proc/{pid}/ns/user", CLONE_NEWUSER)
             _setns(f"/proc/{pid}/ns/net", CLONE_NEWNET)
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            for _ in range(300):
-                try:
-                    probe.bind(("127.0.0.1", 0))
+            for _ in range(500):
+                if _loopback_up():
                     break
-                except OSError:
-                    time.sleep(0.01)  # loopback not up yet
-            probe.close()
+                time.sleep(0.01)  # bwrap is still configuring it
             made = []
             for port in ports:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -196,37 +217,38 @@ async def run(plan: dict[str, Any]) -> int:
     groups = enter_cgroups(plan["cgroup"], plan["limits"]) if plan.get("cgroup") else []
     with contextlib.suppress(FileNotFoundError):
         os.unlink(plan["socket"])  # a stale endpoint socket from the last run
+    ready_file = plan["network_ready_file"]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(ready_file)  # from the last run
     info_r, info_w = os.pipe()
-    block_r, block_w = os.pipe()
     slirp = None
     exit_r, exit_w = os.pipe()
-    stopping = started = False
+    stopping = False
     child_pid: int | None = None
     bwrap: asyncio.subprocess.Process | None = None
 
     def forward(signum: int) -> None:
         nonlocal stopping
         stopping = True
-        runner = _first_child(child_pid) if child_pid and started else None
+        runner = _first_child(child_pid) if child_pid else None
         with contextlib.suppress(ProcessLookupError):
             if runner is not None:
                 os.kill(runner, signum)  # the runner shuts its session down, then its namespace ends
             elif bwrap is not None:
-                bwrap.send_signal(signal.SIGKILL)  # nothing of the session ran yet
+                bwrap.send_signal(signal.SIGKILL)  # the runner is not even started yet
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, forward, signum)
     bwrap = await asyncio.create_subprocess_exec(
-        *plan["bwrap"], "--info-fd", str(info_w), "--block-fd", str(block_r), "--", *plan["command"],
-        pass_fds=(info_w, block_r), start_new_session=True, stdin=asyncio.subprocess.DEVNULL)
-    for fd in (info_w, block_r):
-        os.close(fd)
+        *plan["bwrap"], "--info-fd", str(info_w), "--", *plan["command"],
+        pass_fds=(info_w,), start_new_session=True, stdin=asyncio.subprocess.DEVNULL)
+    os.close(info_w)
     servers: list[asyncio.Server] = []
     try:
         info = json.loads(await loop.run_in_executor(None, _read_all, info_r) or b"{}")
         child_pid = info.get("child-pid")
         if not child_pid:
-            log("bwrap did not start the sandbox")
+            fail(plan, "the session sandbox did not start (bwrap failed; see the runner log)")
             return await bwrap.wait() or 2
         join_userns = os.geteuid() != 0
         ports = list(plan["relay_ports"])
@@ -248,18 +270,14 @@ async def run(plan: dict[str, Any]) -> int:
         except TimeoutError:
             ready = b""
         if not ready:
-            log("slirp4netns could not give the session a network")
+            fail(plan, "the session sandbox got no network (slirp4netns failed; see the runner log)")
             bwrap.send_signal(signal.SIGKILL)
             await bwrap.wait()
             return 2
-        if stopping:
-            bwrap.send_signal(signal.SIGKILL)
-        else:
-            started = True
-            os.write(block_w, b"1")  # the runner starts now, with its network up
+        # The runner has been importing meanwhile; it waits for this before it heartbeats or clones.
+        os.close(os.open(ready_file, os.O_WRONLY | os.O_CREAT, 0o644))
         return await bwrap.wait()
     finally:
-        os.close(block_w)
         for server in servers:
             server.close()
         os.close(exit_w)  # slirp4netns exits when this closes
