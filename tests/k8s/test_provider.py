@@ -236,7 +236,7 @@ async def test_start_fails_clearly_while_the_old_pod_will_not_go(provider: Kuber
     stopped = await provider.stop(SID, await provider.create(spec))
     old_uid = server.get("pods", NS, stopped["pod"])["metadata"]["uid"]
     with pytest.raises(ProviderFailure, match="previous pod is still shutting down"):
-        await provider.start(spec, stopped)
+        await asyncio.wait_for(provider.start(spec, stopped), 15)  # a provider that waited forever fails here
     lingering = server.get("pods", NS, stopped["pod"])
     assert lingering["metadata"]["uid"] == old_uid and lingering["metadata"]["deletionTimestamp"]
     # Once it is gone, the same start succeeds.
