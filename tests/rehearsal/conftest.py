@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
 
 from rehearsal.apiserver import FakeApiServer
 from rehearsal.store import Store
 
 NS = "team"
+
+
+def status_of(call: Callable[[], Any]) -> int:
+    """The HTTP status `call` fails with (200 when it succeeds)."""
+    try:
+        call()
+    except ApiException as exc:
+        return int(exc.status)
+    return 200
 
 
 @pytest.fixture

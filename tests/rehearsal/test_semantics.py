@@ -17,7 +17,7 @@ from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
 from rehearsal.apiserver import FakeApiServer
-from tests.rehearsal.conftest import NS
+from tests.rehearsal.conftest import NS, status_of
 
 Body = dict[str, Any]
 
@@ -32,15 +32,6 @@ def pod(name: str, **meta: Any) -> Body:
 
 def owned_by(owner: Any) -> list[Body]:
     return [{"apiVersion": "v1", "kind": "ConfigMap", "name": owner.metadata.name, "uid": owner.metadata.uid}]
-
-
-def status_of(call: Callable[[], Any]) -> int:
-    """The HTTP status `call` fails with (200 when it succeeds)."""
-    try:
-        call()
-    except ApiException as exc:
-        return int(exc.status)
-    return 200
 
 
 def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
