@@ -202,15 +202,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         selector = _first(query, "labelSelector") or ""
         if self._verb("GET", name, query) == "watch":
-            since = int(_first(query, "resourceVersion") or 0)
-            timeout = float(_first(query, "timeoutSeconds") or 1800)
+            since = _number(query, "resourceVersion", int)
+            timeout = _number(query, "timeoutSeconds", float) or 1800
             bookmarks = _first(query, "allowWatchBookmarks") in ("true", "1")
             initial = _first(query, "sendInitialEvents") in ("true", "1")
             self._watch(self.store.watch(kind.plural, ns, selector, since, timeout, bookmarks,
                                          self.server.api.bookmark_every_s, initial_events=initial))
             return
         items, rv, more = self.store.list(kind.plural, ns, selector, _first(query, "fieldSelector") or "",
-                                          int(_first(query, "limit") or 0), _first(query, "continue") or "")
+                                          _number(query, "limit", int), _first(query, "continue") or "")
         metadata: Obj = {"resourceVersion": rv}
         if more:
             metadata["continue"] = more
@@ -237,6 +237,14 @@ class _Handler(BaseHTTPRequestHandler):
 def _first(query: dict[str, list[str]], key: str) -> str | None:
     values = query.get(key)
     return values[0] if values else None
+
+
+def _number(query: dict[str, list[str]], key: str, kind: Callable[[str], Any]) -> Any:
+    """A numeric query parameter (0 when absent); 400 when it is not a number."""
+    try:
+        return kind(_first(query, key) or 0)
+    except ValueError:
+        raise ApiError(400, f"{key} must be a number") from None
 
 
 class _Server(ThreadingHTTPServer):
@@ -305,7 +313,10 @@ class FakeApiServer:
     def discovery(self, path: str) -> Obj:
         if path == "version":
             major, minor, _ = K8S_VERSION.split(".")
-            return {"major": major, "minor": minor, "gitVersion": f"v{K8S_VERSION}", "platform": "linux/amd64"}
+            # Every field the real server sends: the official Python client refuses a VersionInfo without them.
+            return {"major": major, "minor": minor, "gitVersion": f"v{K8S_VERSION}", "gitCommit": "rehearsal",
+                    "gitTreeState": "clean", "buildDate": "1970-01-01T00:00:00Z", "goVersion": "go1.24",
+                    "compiler": "gc", "platform": "linux/amd64"}
         if path == "api":
             return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
         if path == "apis":

@@ -83,7 +83,9 @@ def _expand(value: str, env: dict[str, str]) -> str:
 
 def _field(pod: Obj, path: str) -> str:
     node: Any = pod
-    for part in re.findall(r"[^.\[\]']+", path):
+    # A subscript keeps its dots: metadata.labels['app.kubernetes.io/name'] names one label.
+    for quoted, plain in re.findall(r"\['([^']*)'\]|([^.\[\]]+)", path):
+        part = quoted or plain
         node = node.get(part) if isinstance(node, dict) else None
     return "" if node is None else str(node)
 

@@ -9,6 +9,10 @@ Labels = Mapping[str, str]
 Requirement = Callable[[Labels], bool]
 
 _SET = re.compile(r"^\s*([^\s!=(),]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
+# A label key (optional DNS-subdomain prefix and a name) and a label value, as the API server checks them.
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_KEY = re.compile(rf"([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}")
+_VALUE = re.compile(rf"({_NAME})?")
 
 
 class SelectorError(ValueError):
@@ -32,28 +36,36 @@ def _split_terms(selector: str) -> list[str]:
     return [t.strip() for t in terms if t.strip()]
 
 
+def _checked(term: str, key: str, values: set[str] | None = None) -> str:
+    """`key` when it and `values` are valid label keys and values, else SelectorError naming the term."""
+    if not _KEY.fullmatch(key) or any(not _VALUE.fullmatch(v) for v in values or ()):
+        raise SelectorError(f"unable to parse requirement: {term!r}: invalid label key or value")
+    return key
+
+
 def _term(term: str) -> Requirement:
     found = _SET.match(term)
     if found:
         key, op, raw = found.groups()
         values = {v.strip() for v in raw.split(",") if v.strip()}
+        if not values:
+            raise SelectorError(f"unable to parse requirement: {term!r}: for 'in', 'notin' operators, "
+                                "values set can't be empty")
+        _checked(term, key, values)
         if op == "in":
             return lambda labels: labels.get(key) in values
         return lambda labels: labels.get(key) not in values
     if term.startswith("!"):
-        key = term[1:].strip()
+        key = _checked(term, term[1:].strip())
         return lambda labels: key not in labels
     for op in ("!=", "==", "="):
         if op in term:
             key, value = (part.strip() for part in term.split(op, 1))
-            if not key:
-                raise SelectorError(f"unable to parse requirement: {term!r}")
+            _checked(term, key, {value})
             if op == "!=":
                 return lambda labels: labels.get(key) != value
             return lambda labels: labels.get(key) == value
-    key = term.strip()
-    if not re.fullmatch(r"[A-Za-z0-9._/-]+", key):
-        raise SelectorError(f"unable to parse requirement: {term!r}")
+    key = _checked(term, term.strip())
     return lambda labels: key in labels
 
 

@@ -299,6 +299,8 @@ class Store:
     def _field_predicate(selector: str) -> Callable[[Obj], bool]:
         terms = []
         for term in filter(None, (t.strip() for t in (selector or "").split(","))):
+            if "=" not in term or not term.split("=", 1)[0].rstrip("!"):
+                raise ApiError(400, f"invalid field selector: {term!r}: expected field=value or field!=value")
             negate = "!=" in term
             path, value = term.split("!=" if negate else "=", 1)
             value = value.lstrip("=")
@@ -356,15 +358,22 @@ class Store:
             self._stamp(updated)
             self.objects[(plural, ns, name)] = updated
             self._record(plural, "MODIFIED", updated)
-            if updated["metadata"].get("deletionTimestamp") and not updated["metadata"].get("finalizers"):
+            # As the real registry: an update that drops the last finalizer completes a deletion, unless a
+            # grace period still runs (a terminating pod goes when its kubelet, or pod_termination_s, says).
+            meta = updated["metadata"]
+            if meta.get("deletionTimestamp") and not meta.get("finalizers") and \
+                    not meta.get("deletionGracePeriodSeconds"):
                 self._remove(plural, ns, name)
             return copy.deepcopy(updated)
 
     def patch(self, plural: str, namespace: str, name: str, patch: Obj, subresource: str = "") -> Obj:
-        current = self.get(plural, namespace, name)
-        merged = merge_patch(current, patch)
-        merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        return self.replace(plural, namespace, name, merged, subresource)
+        with self.cond:  # read and write as one step: a patch never conflicts with a write in between
+            current = self.get(plural, namespace, name)
+            merged = merge_patch(current, patch)
+            # A patch that names a resourceVersion is a precondition (409 when stale), as on a real server.
+            sent_rv = ((patch or {}).get("metadata") or {}).get("resourceVersion") if isinstance(patch, dict) else None
+            merged["metadata"]["resourceVersion"] = sent_rv or current["metadata"]["resourceVersion"]
+            return self.replace(plural, namespace, name, merged, subresource)
 
     def apply(self, plural: str, namespace: str, name: str, body: Obj, subresource: str = "") -> Obj:
         """Server-side apply as far as one field manager needs it: create, or merge into what is there."""
@@ -521,14 +530,27 @@ class Store:
         """Events after `since` until the timeout; an ERROR 410 event when `since` is compacted away.
 
         With `initial_events` (a watch-list request, sendInitialEvents=true), every current object comes
-        first as ADDED, then a BOOKMARK annotated ``k8s.io/initial-events-end``, as client-go expects."""
+        first as ADDED, then a BOOKMARK annotated ``k8s.io/initial-events-end``, as client-go expects.
+        A bad kind or selector raises ApiError here, before any event, so the HTTP layer answers 400."""
         kind = self._kind(plural)
         try:
             wanted = selectors.parse(label_selector)
         except selectors.SelectorError as exc:
             raise ApiError(400, str(exc)) from None
+        return self._events(kind, plural, namespace, label_selector, wanted, since, timeout_s, bookmarks,
+                            bookmark_every_s, initial_events)
+
+    def _events(self, kind: Kind, plural: str, namespace: str | None, label_selector: str,
+                wanted: selectors.Requirement, since: int, timeout_s: float, bookmarks: bool,
+                bookmark_every_s: float, initial_events: bool) -> Iterator[Obj]:
         deadline = time.monotonic() + timeout_s
         next_bookmark = time.monotonic() + bookmark_every_s
+        if not since and not initial_events:
+            # A watch from no resourceVersion ("0" or unset) starts with the current objects as ADDED.
+            items, rv, _ = self.list(plural, namespace, label_selector)
+            for item in items:
+                yield {"type": "ADDED", "object": item}
+            since = int(rv)
         if initial_events:
             items, rv, _ = self.list(plural, namespace, label_selector)
             for item in items:

@@ -227,3 +227,43 @@ async def test_status_reports_a_forbidden_watch_quickly(provider: KubernetesProv
     with pytest.raises(ProviderFailure, match="not allowed"):
         await provider.status(SID, {})
     assert time.monotonic() - started < 2.0
+
+
+async def test_start_fails_clearly_while_the_old_pod_will_not_go(provider: KubernetesProvider,
+                                                                 server: FakeApiServer) -> None:
+    server.store.pod_termination_s = 60.0  # the old pod outlives the provider's wait (1 s here)
+    spec = make_spec(SID)
+    stopped = await provider.stop(SID, await provider.create(spec))
+    old_uid = server.get("pods", NS, stopped["pod"])["metadata"]["uid"]
+    with pytest.raises(ProviderFailure, match="previous pod is still shutting down"):
+        await asyncio.wait_for(provider.start(spec, stopped), 15)  # a provider that waited forever fails here
+    lingering = server.get("pods", NS, stopped["pod"])
+    assert lingering["metadata"]["uid"] == old_uid and lingering["metadata"]["deletionTimestamp"]
+    # Once it is gone, the same start succeeds.
+    server.store.pod_termination_s = 0.0
+    assert server.wait_for(lambda: server.get("pods", NS, stopped["pod"]) is None, 5)
+    started = await provider.start(spec, stopped)
+    assert server.get("pods", NS, started["pod"])["metadata"]["uid"] != old_uid
+
+
+async def test_start_replaces_a_secret_another_writer_changed(provider: KubernetesProvider,
+                                                              server: FakeApiServer) -> None:
+    state = await provider.stop(SID, await provider.create(make_spec(SID, secret_env={"OLD": "1"})))
+    # Someone else writes the Secret meanwhile: the provider's copy has no resourceVersion, so its replace
+    # is unconditional (no 409) and its content wins.
+    other = k8s.CoreV1Api(provider._api)
+    await asyncio.to_thread(other.patch_namespaced_secret, state["secret"], NS, {"data": {"EXTRA": "eA=="}})
+    await provider.start(make_spec(SID, secret_env={"NEW": "value"}), state)
+    after = server.get("secrets", NS, state["secret"])
+    assert after is not None and "NEW" in after["data"]
+    assert "EXTRA" not in after["data"] and "OLD" not in after["data"]
+
+
+async def test_a_conflict_replacing_the_secret_fails_clearly_and_leaves_no_pod(provider: KubernetesProvider,
+                                                                              server: FakeApiServer) -> None:
+    state = await provider.stop(SID, await provider.create(make_spec(SID)))
+    assert server.wait_for(lambda: server.get("pods", NS, state["pod"]) is None, 5)
+    server.fail("PUT", "secrets", 409, 'Operation cannot be fulfilled on secrets "x": the object has been modified')
+    with pytest.raises(ProviderFailure, match="could not store the session's secrets: it conflicts"):
+        await provider.start(make_spec(SID), state)
+    assert server.get("pods", NS, state["pod"]) is None  # nothing started on a half-written Secret
