@@ -226,9 +226,11 @@ def ssh_each_gateway(ctx: Context) -> None:
     reply = ctx.api("GET", f"/v1/instances/{ctx.session}").json()
     if GATEWAY_LB not in str(reply.get("ssh")):
         raise StepFailed(f"the API tells users {reply.get('ssh')!r}, not the load balancer {GATEWAY_LB}")
-    done = ctx.ssh(f"{ctx.session}.orz", "echo via-lb")
-    if "via-lb" not in done.stdout:
-        raise StepFailed(f"through the load balancer: {done.stdout!r}")
+    # git works in the workspace (a volume whose root is root's, as on a cluster).
+    done = ctx.ssh(f"{ctx.session}.orz", "git status --short --branch && echo via-lb", check=False)
+    if "via-lb" not in done.stdout or "## main" not in done.stdout:
+        raise StepFailed(f"git status in the workspace, through the load balancer: {done.stdout!r} "
+                         f"{done.stderr.strip()[-300:]!r}")
 
 
 def scp_round_trip(ctx: Context) -> None:
@@ -405,7 +407,7 @@ STEPS: list[Step] = [
     ("public ingress serves /v1, never /internal or /metrics", internal_routes_stay_inside),
     ("git fixture served", make_repo),
     ("orz cloud new -> running", create_session),
-    ("ssh through each gateway replica and the load balancer", ssh_each_gateway),
+    ("ssh through each gateway replica and the load balancer; git works", ssh_each_gateway),
     ("scp up and down, same checksum", scp_round_trip),
     ("ssh -L to the session's loopback", local_forward),
     ("web terminal attach", web_attach),

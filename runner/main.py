@@ -144,6 +144,7 @@ class Runner:
         (self.state_dir / RELEASED_FILE).unlink(missing_ok=True)
         if len(str(self.tmux.socket)) > _MAX_UNIX_PATH:
             raise RunnerError(f"state dir path too long for a unix socket: {self.state_dir}")
+        await workspace.trust(self.workspace, self.base_env)
         if self.spec.repo_url:
             token = self.secrets.get(workspace.GIT_TOKEN_ENV)
             if not await workspace.clone(self.spec.repo_url, self.spec.branch, self.workspace,

@@ -114,6 +114,22 @@ async def _git(args: Sequence[str], env: Mapping[str, str], *, what: str, token:
     return out.decode("utf-8", "replace").strip()
 
 
+async def trust(dest: Path, env: Mapping[str, str]) -> None:
+    """Let git work in a workspace whose top directory belongs to someone else.
+
+    A Kubernetes volume's root belongs to root (the Pod's fsGroup only makes it writable), and git refuses
+    such a repository ("detected dubious ownership"): the runner's refresh and the user's own `git status`
+    would fail. The workspace is listed in the session user's global safe.directory once."""
+    if (await asyncio.to_thread(os.stat, dest)).st_uid == os.geteuid():
+        return
+    try:
+        listed = (await _git(["config", "--global", "--get-all", "safe.directory"], env, what="git config")).split()
+    except CloneError:
+        listed = []  # none listed yet (git exits 1)
+    if str(dest) not in listed:
+        await _git(["config", "--global", "--add", "safe.directory", str(dest)], env, what="git config")
+
+
 def _mkdir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
