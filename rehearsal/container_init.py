@@ -114,7 +114,7 @@ def play_tini(argv: list[str], env: dict[str, str]) -> None:
     """PID 1 that forwards signals to its one child and reaps every orphan (tini's job)."""
     child = os.fork()
     if child == 0:
-        os.execvpe(argv[0], argv, env)  # noqa: S606  # the container's command, an argv list
+        os.execvpe(argv[0], argv, env)  # noqa: S606  # nosec B606  # the container's command, an argv list
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, lambda s, _f: os.kill(child, s))
     while True:
@@ -143,7 +143,7 @@ def main() -> None:
     if config["tini"]:
         play_tini(argv[argv.index("--") + 1:] if "--" in argv else argv[1:], env)
     try:
-        os.execvpe(argv[0], argv, env)  # noqa: S606  # the container's command, an argv list
+        os.execvpe(argv[0], argv, env)  # noqa: S606  # nosec B606  # the container's command, an argv list
     except OSError as exc:
         print(f"container init: cannot run {argv[0]}: {exc}", file=sys.stderr, flush=True)
         sys.exit(127)

@@ -40,7 +40,7 @@ from rehearsal.store import ApiError, Obj, Store, now_rfc3339
 
 log = logging.getLogger("rehearsal.kubelet")
 NODE = "rehearsal-node"
-TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # noqa: S105  # a path, not a secret
+TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # noqa: S105  # nosec B105  # a path, not a secret
 MAX_BACKOFF_S = 10.0  # a real kubelet caps CrashLoopBackOff at 300 s; a rehearsal cannot wait that long
 
 

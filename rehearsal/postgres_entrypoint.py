@@ -39,7 +39,7 @@ def main() -> None:
     argv = sys.argv[1:] or ["postgres"]
     if argv[0] == "postgres":
         argv = [*argv, "-D", str(data), "-c", "listen_addresses=*", "-c", "unix_socket_directories=/var/run/postgresql"]
-    os.execvp(argv[0], argv)  # noqa: S606  # the image's command, an argv list
+    os.execvp(argv[0], argv)  # noqa: S606  # nosec B606  # the image's command, an argv list
 
 
 if __name__ == "__main__":

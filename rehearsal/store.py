@@ -259,7 +259,8 @@ class Store:
             return None
 
     def list(self, plural: str, namespace: str | None, label_selector: str = "", field_selector: str = "",
-             limit: int = 0, continue_token: str = "") -> tuple[list[Obj], str, str]:
+             limit: int = 0, continue_token: str = "",  # nosec B107  # a list's paging cursor, not a secret
+             ) -> tuple[list[Obj], str, str]:
         """Items (sorted by namespace and name), the list's resourceVersion and a continue token."""
         kind = self._kind(plural)
         try:
