@@ -16,6 +16,7 @@ from api.credentials.secrets_keys import (
     load_or_create_key_file,
     parse_keyring,
     prepend_new_key,
+    read_key_file,
 )
 from api.errors import SecretsKeyError, SecretUnreadable
 from api.settings import Settings
@@ -183,3 +184,40 @@ def test_file_backed_box_picks_up_a_rotated_key(tmp_path: Path) -> None:
 def test_blank_key_file_setting_means_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORZ_SECRETS_KEY_FILE", "")
     assert Settings(data_dir=tmp_path).secrets_key_file is None
+
+
+def test_bare_key_id_never_changes() -> None:
+    # Rows store this id: a change would make every secret sealed under a bare key unreadable.
+    assert fingerprint_id(bytes([7]) * 32) == "ka7d476e376b4"
+
+
+def test_key_file_readable_by_others_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "secrets.key"
+    path.write_text(f"k1:{b64key(1)}\n")
+    for mode, warned in ((0o600, False), (0o400, False), (0o700, False), (0o640, True), (0o604, True)):
+        path.chmod(mode)
+        caplog.clear()
+        assert read_key_file(path).current_id == "k1"
+        assert ("readable by other users" in caplog.text) is warned, oct(mode)
+        if warned:
+            assert str(path) in caplog.text
+
+
+def test_unreadable_secrets_name_the_secret_and_key_id_for_the_response() -> None:
+    box = box_with(f"k1:{b64key(1)}")
+    sealed = box.seal_values({"A": "b"}, ROW)
+    failures = [
+        Sealed("k9", sealed.nonce, sealed.ciphertext),  # unknown key id
+        Sealed("k1", b"short", sealed.ciphertext),  # malformed nonce
+        Sealed("k1", sealed.nonce, sealed.ciphertext[:-1] + bytes([sealed.ciphertext[-1] ^ 1])),  # tampered
+    ]
+    for bad in failures:
+        with pytest.raises(SecretUnreadable) as err:
+            box.open_values(bad, ROW)
+        assert (err.value.extra["secret"], err.value.extra["key_id"]) == ("anthropic", bad.key_id)
+        assert VALUE not in str(err.value)
+    not_a_dict = box.seal(b'["a"]', ROW)
+    with pytest.raises(SecretUnreadable) as err:
+        box.open_values(not_a_dict, ROW)
+    assert str(err.value) == "secret 'anthropic' decrypted to an unexpected shape"
+    assert (err.value.extra["secret"], err.value.extra["key_id"]) == ("anthropic", "k1")
