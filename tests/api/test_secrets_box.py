@@ -249,6 +249,9 @@ def test_settings_name_the_variable_or_file_that_holds_a_bad_key(tmp_path: Path)
         read_key_file(tmp_path / "missing.key")
     assert str(err.value) == f"secrets key file {tmp_path / 'missing.key'} does not exist"
     with pytest.raises(SecretsKeyError) as err:
+        read_key_file(tmp_path)  # a directory: unreadable as a file
+    assert str(err.value) == f"secrets key file {tmp_path} cannot be read: Is a directory"
+    with pytest.raises(SecretsKeyError) as err:
         SecretsBox.from_settings(Settings(data_dir=tmp_path, secrets_key=b64key(1),  # type: ignore[arg-type]
                                           secrets_key_file=bad))
     assert str(err.value) == "set ORZ_SECRETS_KEY or ORZ_SECRETS_KEY_FILE, not both"
