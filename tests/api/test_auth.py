@@ -62,9 +62,13 @@ def test_cache_returns_entries_until_their_ttl(monkeypatch):
 
 
 def test_cache_with_zero_ttl_keeps_nothing_and_stays_bounded():
+    assert (PrincipalCache().ttl_s, PrincipalCache().max_entries) == (5.0, 10_000)  # docs/security.md: 5 s
     off = PrincipalCache(ttl_s=0)
     off.put("d1", who(1))
-    assert off.get("d1") is None and not off._entries
+    assert not off._entries and off.get("d1") is None
+    short = PrincipalCache(ttl_s=1)
+    short.put("d1", who(1))
+    assert short.get("d1") == who(1)
     cache = PrincipalCache(ttl_s=60, max_entries=2)
     cache.put("d1", who(1))
     cache.put("d2", who(2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from sanic import Sanic
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from api import admin
 from api.db.models import Event, Instance, UsedJti
@@ -159,3 +159,55 @@ async def test_attach_events_are_recorded(app, sessions, provider):
     _, status = await app.asgi_client.get(f"/v1/instances/{sid}/status", headers=t.headers)
     last = status.json["events"][-1]
     assert last["kind"] == "detached" and "203.0.113.9" in last["message"]
+
+
+async def test_a_spent_jti_is_kept_until_its_token_would_expire(app, sessions, provider):
+    t = await make_tenant(sessions, "acme")
+    sid, _ = await new_session(app, t, provider)
+    exp = (datetime.now(UTC) + timedelta(minutes=2)).replace(microsecond=0)
+    body = {"session_id": sid, "user_id": t.user_id, "method": "jwt", "jti": "j-exp", "jti_expires_at": exp.isoformat()}
+    assert (await authorize(app, **body)).status == 200
+    no_exp = {"session_id": sid, "user_id": t.user_id, "method": "jwt", "jti": "j-no-exp"}
+    assert (await authorize(app, **no_exp)).status == 200
+    async with sessions() as db:
+        assert (await db.get(UsedJti, "j-exp")).expires_at == exp  # the purge deletes it after this
+        kept = (await db.get(UsedJti, "j-no-exp")).expires_at
+    assert abs((kept - datetime.now(UTC)).total_seconds()) < 30
+
+
+async def test_route_only_for_an_attachable_session_with_its_whole_endpoint(app, sessions, provider):
+    t = await make_tenant(sessions, "acme")
+    sid, runner = await new_session(app, t, provider)
+    # The endpoint is reported but init still runs: starting, so no route yet.
+    await beat(app, sid, runner, host_key=HOST_KEY, ssh_host="10.0.0.5", ssh_port=2222, init_status="running")
+    resp = await authorize(app, session_id=sid, user_id=t.user_id, method="certificate")
+    assert resp.json["state"] == "starting" and resp.json["route"] is None
+    assert resp.json["message"] == f"session {sid} is starting"
+    for missing in ("route_host", "route_port", "runner_host_key"):
+        async with sessions() as db:
+            endpoint = {"route_host": "10.0.0.5", "route_port": 2222, "runner_host_key": HOST_KEY, missing: None}
+            await db.execute(update(Instance).where(Instance.id == sid).values(state="running", **endpoint))
+            await db.commit()
+        resp = await authorize(app, session_id=sid, user_id=t.user_id, method="certificate")
+        assert resp.json["state"] == "running" and resp.json["route"] is None, missing
+
+
+async def test_a_failed_session_without_a_reason_says_so(app, sessions, provider):
+    t = await make_tenant(sessions, "acme")
+    sid, _ = await new_session(app, t, provider)
+    async with sessions() as db:
+        await db.execute(update(Instance).where(Instance.id == sid).values(state="failed", reason=None))
+        await db.commit()
+    resp = await authorize(app, session_id=sid, user_id=t.user_id, method="certificate")
+    assert resp.status == 409 and resp.json["detail"] == f"session {sid} failed: unknown reason"
+
+
+async def test_waking_uses_the_orgs_plan_and_names_who_woke_it(app, sessions, provider):
+    t = await make_tenant(sessions, "acme", plan="pro")  # pro: 5 active; free would allow only 2
+    sids = [(await new_session(app, t, provider))[0] for _ in range(3)]
+    await app.asgi_client.post(f"/v1/instances/{sids[0]}/stop", headers=t.headers)
+    resp = await authorize(app, session_id=sids[0], user_id=t.user_id, method="certificate")
+    assert resp.status == 200 and resp.json["state"] == "starting"
+    async with sessions() as db:
+        woke = (await db.scalars(select(Event).where(Event.instance_id == sids[0], Event.kind == "woke"))).one()
+    assert woke.actor == f"user:{t.user_id}"

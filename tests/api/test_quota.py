@@ -6,8 +6,10 @@ import asyncio
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from api.app import create_app
+from api.db.models import Org
 from api.instances.providers.fake import FakeProvider
 from api.serve import ApiServer
 from tests.conftest import both_databases, make_tenant
@@ -72,3 +74,31 @@ async def test_real_server_enforces_body_limit(server, sessions):
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", headers=t.headers) as http:
         resp = await http.post("/v1/instances", content=b"x" * (1024 * 1024))
         assert resp.status_code == 413
+
+
+async def test_the_quota_check_serializes_on_its_own_org_row_only(server, sessions):
+    a = await make_tenant(sessions, "acme")
+    b = await make_tenant(sessions, "bobco")
+
+    async def serials() -> dict[str, int]:
+        async with sessions() as db:
+            return {o.name: o.quota_serial for o in await db.scalars(select(Org))}
+
+    before = await serials()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", headers=a.headers) as http:
+        assert (await http.post("/v1/instances", json={})).status_code == 201
+    after = await serials()
+    assert after == {**before, "acme": before["acme"] + 1}
+    assert b.org == "bobco"
+
+
+async def test_quota_refusal_names_plan_limit_and_count(server, sessions):
+    t = await make_tenant(sessions, "acme")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", headers=t.headers) as http:
+        for _ in range(2):
+            await http.post("/v1/instances", json={})
+        refused = await http.post("/v1/instances", json={})
+    assert refused.status_code == 429
+    body = refused.json()
+    assert (body["limit"], body["current"], body["plan"]) == (2, 2, "free")
+    assert body["detail"] == "your free plan allows 2 active sessions and 2 are active; stop or kill one first"

@@ -16,6 +16,7 @@ from api.credentials.secrets_keys import (
     load_or_create_key_file,
     parse_keyring,
     prepend_new_key,
+    read_key_file,
 )
 from api.errors import SecretsKeyError, SecretUnreadable
 from api.settings import Settings
@@ -183,3 +184,107 @@ def test_file_backed_box_picks_up_a_rotated_key(tmp_path: Path) -> None:
 def test_blank_key_file_setting_means_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORZ_SECRETS_KEY_FILE", "")
     assert Settings(data_dir=tmp_path).secrets_key_file is None
+
+
+def test_bare_key_id_never_changes() -> None:
+    # Rows store this id: a change would make every secret sealed under a bare key unreadable.
+    assert fingerprint_id(bytes([7]) * 32) == "ka7d476e376b4"
+
+
+def test_key_file_readable_by_others_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "secrets.key"
+    path.write_text(f"k1:{b64key(1)}\n")
+    for mode, warned in ((0o600, False), (0o400, False), (0o700, False), (0o640, True), (0o604, True)):
+        path.chmod(mode)
+        caplog.clear()
+        assert read_key_file(path).current_id == "k1"
+        assert ("readable by other users" in caplog.text) is warned, oct(mode)
+        if warned:
+            assert str(path) in caplog.text
+
+
+def test_unreadable_secrets_name_the_secret_and_key_id_for_the_response() -> None:
+    box = box_with(f"k1:{b64key(1)}")
+    sealed = box.seal_values({"A": "b"}, ROW)
+    failures = [
+        Sealed("k9", sealed.nonce, sealed.ciphertext),  # unknown key id
+        Sealed("k1", b"short", sealed.ciphertext),  # malformed nonce
+        Sealed("k1", sealed.nonce, sealed.ciphertext[:-1] + bytes([sealed.ciphertext[-1] ^ 1])),  # tampered
+    ]
+    for bad in failures:
+        with pytest.raises(SecretUnreadable) as err:
+            box.open_values(bad, ROW)
+        assert (err.value.extra["secret"], err.value.extra["key_id"]) == ("anthropic", bad.key_id)
+        assert VALUE not in str(err.value)
+    not_a_dict = box.seal(b'["a"]', ROW)
+    with pytest.raises(SecretUnreadable) as err:
+        box.open_values(not_a_dict, ROW)
+    assert str(err.value) == "secret 'anthropic' decrypted to an unexpected shape"
+    assert (err.value.extra["secret"], err.value.extra["key_id"]) == ("anthropic", "k1")
+
+
+@pytest.mark.parametrize("text, source, line", [
+    (f"k1:{b64key(1)[:10]}!{b64key(1)[10:]}", "ORZ_SECRETS_KEY",
+     "ORZ_SECRETS_KEY, key id 'k1': the key is not valid base64"),
+    (f"a:b:{b64key(1)}", "ORZ_SECRETS_KEY", "ORZ_SECRETS_KEY, key id 'a': the key is not valid base64"),
+    ("bm90IGEga2V5", "somewhere", "somewhere, entry 1: the key must decode to 32 bytes, not 9"),
+])
+def test_malformed_key_entries_are_refused_naming_where(text: str, source: str, line: str) -> None:
+    with pytest.raises(SecretsKeyError) as err:
+        parse_keyring(text, source)
+    assert str(err.value) == line
+
+
+def test_settings_name_the_variable_or_file_that_holds_a_bad_key(tmp_path: Path) -> None:
+    with pytest.raises(SecretsKeyError) as err:
+        SecretsBox.from_settings(Settings(data_dir=tmp_path, secrets_key="nope"))  # type: ignore[arg-type]
+    assert str(err.value).startswith("ORZ_SECRETS_KEY, entry 1: ")
+    bad = tmp_path / "bad.key"
+    bad.write_text("nope\n")
+    bad.chmod(0o600)
+    with pytest.raises(SecretsKeyError) as err:
+        read_key_file(bad)
+    assert str(err.value).startswith(f"secrets key file {bad}, entry 1: ")
+    with pytest.raises(SecretsKeyError) as err:
+        read_key_file(tmp_path / "missing.key")
+    assert str(err.value) == f"secrets key file {tmp_path / 'missing.key'} does not exist"
+    with pytest.raises(SecretsKeyError) as err:
+        read_key_file(tmp_path)  # a directory: unreadable as a file
+    assert str(err.value) == f"secrets key file {tmp_path} cannot be read: Is a directory"
+    with pytest.raises(SecretsKeyError) as err:
+        SecretsBox.from_settings(Settings(data_dir=tmp_path, secrets_key=b64key(1),  # type: ignore[arg-type]
+                                          secrets_key_file=bad))
+    assert str(err.value) == "set ORZ_SECRETS_KEY or ORZ_SECRETS_KEY_FILE, not both"
+    with pytest.raises(ValueError) as verr:
+        SecretsBox()
+    assert str(verr.value) == "SecretsBox needs a key ring or a loader"
+
+
+def test_generated_key_file_in_new_or_existing_directories(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fresh = tmp_path / "new" / "secrets.key"
+    ring = load_or_create_key_file(fresh)
+    assert stat.S_IMODE(fresh.parent.stat().st_mode) == 0o700
+    # Said once, with the key id and where it is: the operator must back it up.
+    assert f"generated a new secrets key (id {ring.current_id}) in {fresh}; back it up" in caplog.text
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert load_or_create_key_file(existing / "secrets.key").current_id.startswith("k")
+
+
+def test_rotation_keeps_every_older_key(tmp_path: Path) -> None:
+    path = tmp_path / "secrets.key"
+    path.write_text(f"k1:{b64key(1)}\nk2:{b64key(2)}\n")
+    path.chmod(0o600)
+    new_id = prepend_new_key(path)
+    ring = read_key_file(path)
+    assert ring.ids[0] == new_id and list(ring.ids[1:]) == ["k1", "k2"]
+
+
+def test_a_failed_authentication_says_what_may_be_wrong() -> None:
+    box = box_with(f"k1:{b64key(1)}")
+    sealed = box.seal(b"x", ROW)
+    with pytest.raises(SecretUnreadable) as err:
+        box_with(f"k1:{b64key(2)}").open(sealed, ROW)
+    assert str(err.value) == (
+        "secret 'anthropic' failed authentication under key id 'k1': the key with that id is not the one it was "
+        "sealed with, or the stored row was altered")

@@ -125,3 +125,36 @@ def test_short_rsa_key_rejected(settings: Settings) -> None:
     weak = asyncssh.generate_private_key("ssh-rsa", key_size=1024).export_public_key().decode()
     with pytest.raises(ssh_ca.CertificateError, match="2048"):
         ssh_ca.sign_user_certificate(ca, weak, session_id="s", user_id="u", ttl_s=60)
+
+
+@pytest.mark.parametrize("bad, line", [
+    ("", "public_key must be one OpenSSH public key line"),
+    ("  \n ", "public_key must be one OpenSSH public key line"),
+    ("ssh-ed25519 AAAA\nssh-ed25519 BBBB", "public_key must be one OpenSSH public key line"),
+    ("-----BEGIN OPENSSH PRIVATE KEY-----", "that is a private key: send the .pub file's contents"),
+    ("ssh-dss AAAAB3NzaC1kc3MAAACBAP==", "unsupported public key type 'ssh-dss'"),
+    ("x" * 60 + " AAAA", f"unsupported public key type {'x' * 40!r}"),
+    ("ssh-ed25519 AAAAnotbase64", "public_key is not a valid OpenSSH public key"),
+])
+def test_bad_public_keys_are_refused_with_a_line_that_says_why(settings: Settings, bad: str, line: str) -> None:
+    ca = ssh_ca.load_or_create_ca(settings)
+    with pytest.raises(ssh_ca.CertificateError) as err:
+        ssh_ca.sign_user_certificate(ca, bad, session_id="s", user_id="u", ttl_s=60)
+    assert str(err.value) == line
+
+
+def test_rsa_keys_of_2048_bits_and_keys_with_comments_are_certified(settings: Settings) -> None:
+    ca = ssh_ca.load_or_create_ca(settings)
+    rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048).export_public_key().decode().strip()
+    signed = ssh_ca.sign_user_certificate(ca, rsa + " me@laptop", session_id="s", user_id="u", ttl_s=60)
+    assert signed.text.startswith("ssh-rsa-cert-v01@openssh.com ")
+
+
+def test_certificate_times_come_from_now_and_comments_name_ca_and_session(settings: Settings) -> None:
+    ca = ssh_ca.load_or_create_ca(settings)
+    signed = ssh_ca.sign_user_certificate(ca, _user_pub(), session_id="demo-1", user_id="u", ttl_s=60,
+                                          now=1_000_000.5)
+    assert (signed.valid_after, signed.valid_before) == (1_000_000 - 30, 1_000_000 + 60)
+    assert signed.text.endswith(" orz demo-1")
+    pub = (settings.keys_dir / "ssh_ca.pub").read_text().strip()
+    assert pub.endswith(" orz-user-ca") and ssh_ca.ca_public_line(ca) == pub

@@ -185,6 +185,7 @@ def test_trust_anchors_take_the_lifetimes_from_settings(tmp_path: Path, ca, jwt_
     loaded = load_trust_anchors(settings)
     assert (loaded.cert_max_ttl_s, loaded.jwt_max_ttl_s) == (600, 60)
     assert loaded.ca_key.public_data == ca.public_data
+    assert loaded.jwt_public_key.public_numbers() == jwt_key.public_key().public_numbers()
 
 
 # -- attach JWTs ----------------------------------------------------------------------------------
@@ -402,3 +403,10 @@ def test_limiter_memory_is_bounded_under_an_address_spray():
     limiter.record_failure("10.0.1.0", now=2)  # over it: the stalest tenth goes
     assert len(limiter._failures) == 19 and "10.0.0.0" not in limiter._failures and "10.0.0.1" not in limiter._failures
     assert "10.0.0.2" in limiter._failures and limiter.record_failure("10.0.1.0", now=3)
+
+
+def test_limiter_on_the_real_clock():
+    limiter = FailureLimiter(limit=2, window_s=60)
+    assert not limiter.record_failure("a")
+    assert limiter.record_failure("a") and limiter.blocked("a") and not limiter.blocked("b")
+    assert 59 <= limiter.retry_after("a") <= 61
