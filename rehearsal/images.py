@@ -109,11 +109,24 @@ def postgres_config() -> ImageConfig:
         dirs=[("/var/lib/postgresql", 70, 70, 0o755), ("/var/run/postgresql", 70, 70, 0o2777)])
 
 
+# Tags of our images that run other code than this checkout: tag -> a source tree (e.g. the next
+# release, made by rehearsal/versions.py). Its packages shadow the virtualenv's through PYTHONPATH.
+CODE_BY_TAG: dict[str, Path] = {}
+CODE_MOUNT = "/opt/orz-code"
+
+
 def resolve(image: str) -> ImageConfig:
     """The configuration to run `image` with, or ImageNotRunnable."""
     repository = image.rsplit("@", 1)[0]
-    repository = repository.rsplit(":", 1)[0] if ":" in repository.rsplit("/", 1)[-1] else repository
+    tag = ""
+    if ":" in repository.rsplit("/", 1)[-1]:
+        repository, tag = repository.rsplit(":", 1)
     name = repository.rsplit("/", 1)[-1]
+    if name in ("orzbob-cloud-runner", "orzbob-cloud") and tag in CODE_BY_TAG:
+        config = resolve(repository)
+        config.binds.append((str(CODE_BY_TAG[tag]), CODE_MOUNT))
+        config.env["PYTHONPATH"] = CODE_MOUNT
+        return config
     if name == "orzbob-cloud-runner":
         return from_dockerfile(ROOT / "docker" / "runner.Dockerfile")
     if name == "orzbob-cloud":

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from rehearsal import images, versions
 from rehearsal.cluster import RehearsalCluster
 from rehearsal.network import GATEWAY_IP
 
@@ -355,26 +356,52 @@ def lease_holder(ctx: Context) -> str:
     return done.stdout.decode().strip() if done.returncode == 0 else ""
 
 
+def schema_revision(ctx: Context) -> str:
+    pg = ctx.cluster.ready_pods(NS, SELECTOR + "postgresql")
+    done = ctx.cluster.exec_in(pg[0], "postgresql", ["psql", "-h", "/var/run/postgresql", "-U", "orz", "-d", "orz",
+                                                     "-Atc", "SELECT version_num FROM alembic_version"])
+    return done.stdout.decode().strip()
+
+
+def _image_tags(ctx: Context, component: str) -> set[str]:
+    return {c["image"].rsplit(":", 1)[-1] for p in ctx.component_pods(component) for c in p["spec"]["containers"]}
+
+
 def helm_upgrade(ctx: Context) -> None:
+    """The next release (one more expand-only migration) with changed values, rolled out with --wait."""
+    before = schema_revision(ctx)
     done = ctx.cluster.helm("upgrade", RELEASE, str(CHART), "-n", NS, "-f", str(VALUES), "--set",
-                            "config.logLevel=DEBUG", "--wait", "--timeout", "240s", timeout_s=400)
+                            "config.logLevel=DEBUG", "--set", f"image.tag={versions.NEXT_TAG}", "--wait",
+                            "--timeout", "240s", timeout_s=400)
     if done.returncode != 0:
         raise StepFailed(f"helm upgrade --wait: {done.stderr.strip()[-800:]}{ctx.pod_summary()}")
     api = ctx.component_pods("api")
-    if not api or any(_env(p, "api", "ORZ_LOG_LEVEL") != "DEBUG" for p in api):
-        raise StepFailed("the API Pods do not run the upgraded values")
+    if not api or any(_env(p, "api", "ORZ_LOG_LEVEL") != "DEBUG" for p in api) or \
+            _image_tags(ctx, "api") != {versions.NEXT_TAG}:
+        raise StepFailed("the API Pods do not run the upgraded release and values")
+    after = schema_revision(ctx)
+    if after != versions.NEXT_REVISION:
+        raise StepFailed(f"the upgrade's migration did not run: schema {before} -> {after}")
     done = ctx.ssh(f"{ctx.session}.orz", "echo after-upgrade")
     if "after-upgrade" not in done.stdout:
         raise StepFailed(f"after the upgrade: {done.stdout!r}")
 
 
 def helm_rollback(ctx: Context) -> None:
+    """Back to revision 1: the previous code runs, Ready and without restarts, on the newer schema."""
     done = ctx.cluster.helm("rollback", RELEASE, "1", "-n", NS, "--wait", "--timeout", "240s", timeout_s=400)
     if done.returncode != 0:
         raise StepFailed(f"helm rollback --wait: {done.stderr.strip()[-800:]}{ctx.pod_summary()}")
     api = ctx.component_pods("api")
-    if not api or any(_env(p, "api", "ORZ_LOG_LEVEL") == "DEBUG" for p in api):
-        raise StepFailed("the API Pods still run the upgraded values")
+    if not api or any(_env(p, "api", "ORZ_LOG_LEVEL") == "DEBUG" for p in api) or \
+            _image_tags(ctx, "api") != {"rehearsal"}:
+        raise StepFailed("the API Pods still run the upgraded release or values")
+    restarts = {p["metadata"]["name"]: s.get("restartCount", 0) for p in api
+                for s in p["status"].get("containerStatuses") or [] if s.get("restartCount")}
+    if restarts:
+        raise StepFailed(f"the previous release restarts on the newer schema: {restarts}{ctx.pod_summary()}")
+    if schema_revision(ctx) != versions.NEXT_REVISION:
+        raise StepFailed(f"the schema moved on rollback: {schema_revision(ctx)}")
     done = ctx.ssh(f"{ctx.session}.orz", "echo after-rollback")
     if "after-rollback" not in done.stdout:
         raise StepFailed(f"after the rollback: {done.stdout!r}")
@@ -414,8 +441,8 @@ STEPS: list[Step] = [
     ("stop, then wake by ssh with the workspace intact", stop_and_wake),
     ("kill -9 a gateway and an API replica, reconnect", kill_gateway_and_api),
     ("scheduler Pod deleted, lease moves", scheduler_lease_moves),
-    ("helm upgrade --wait with changed values", helm_upgrade),
-    ("helm rollback --wait to revision 1", helm_rollback),
+    ("helm upgrade --wait to the next release (one more migration) with changed values", helm_upgrade),
+    ("helm rollback --wait: the previous release runs on the newer schema", helm_rollback),
     ("orz cloud kill removes the session's objects", kill_session),
 ]
 # CI's shorter profile leaves out what repeats a path already shown.
@@ -430,6 +457,7 @@ def run(workdir: Path, helm: Path, profile: str = "full", out: Callable[[str], N
     results: list[tuple[str, bool, float, str]] = []
     with RehearsalCluster(workdir / "cluster", helm, LB_ADDRESSES) as cluster:
         ctx = Context(cluster=cluster, workdir=workdir, home=home)
+        images.CODE_BY_TAG[versions.NEXT_TAG] = versions.make_next_release(workdir / "next-release")
         failed = False
         try:
             for name, fn in STEPS:
