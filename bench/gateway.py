@@ -33,6 +33,7 @@ import asyncssh
 from api.credentials import jwt as attach_jwt
 from api.credentials import ssh_ca
 from api.settings import Settings
+from bench.gateway_roles import CERT_TTL_S
 
 SESSION = "bench"
 USER = "usr_bench"
@@ -300,7 +301,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         user.write_private_key(work / "id")
         (work / "id").chmod(0o600)
         signed = ssh_ca.sign_user_certificate(ca, user.export_public_key().decode(), session_id=SESSION,
-                                              user_id=USER, ttl_s=3600)
+                                              user_id=USER, ttl_s=CERT_TTL_S)
         (work / "id-cert.pub").write_text(signed.text + "\n")
         sshd = Sshd(work, [user.export_public_key().decode().strip(),
                            gw_client.export_public_key().decode().strip()])

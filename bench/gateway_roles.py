@@ -22,6 +22,10 @@ import asyncssh
 from api.schemas import AttachEventIn, AuthorizeReply, AuthorizeRequest, Route
 from api.settings import Settings
 
+# One certificate serves the whole run (which can outlast the default 5 minutes); the gateway refuses
+# certificates that live longer than its cert_ttl_s, so both sides use this lifetime.
+CERT_TTL_S = 3600
+
 
 class StubApi:
     """Stands in for the API client: every authorize succeeds with a fixed route."""
@@ -50,7 +54,8 @@ async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None,
             return await original(route, upstream_user, key, **kw)
 
         gw_server.connect_upstream = as_user  # type: ignore[assignment]
-    settings = Settings(data_dir=data_dir, ssh_port=0, gateway_web_port=0, gateway_fast_path=fast_path)
+    settings = Settings(data_dir=data_dir, ssh_port=0, gateway_web_port=0, gateway_fast_path=fast_path,
+                        cert_ttl_s=CERT_TTL_S)
     gw = gw_server.Gateway(settings, api=StubApi(route))  # type: ignore[arg-type]
     await gw.start()
     from cli.services import freeze_startup_heap
