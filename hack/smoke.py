@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +28,11 @@ PONG_PROGRAM = "bash -c 'echo ready; while read -r line; do [ \"$line\" = ping ]
 
 
 def orz(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120, check=False)
+    # Run outside any git checkout: `orz cloud new` would otherwise clone this checkout's origin, which
+    # the platform may rightly refuse (a local path, a private host). The smoke test needs no repository.
+    with tempfile.TemporaryDirectory(prefix="orz-smoke-") as nowhere:
+        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=nowhere,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120, check=False)
 
 
 def fail(message: str) -> None:
