@@ -50,6 +50,17 @@ _IMAGE_FILES: dict[str, tuple[list[tuple[str, int, int, str]], list[tuple[str, i
 }
 
 
+def _code_binds() -> list[tuple[str, str]]:
+    """This checkout, its virtualenv and its interpreter at their own paths: the virtualenv's scripts name
+    its interpreter by absolute path, and a container's private /tmp and /run would hide a checkout there."""
+    paths = [ROOT, VENV, Path(sys.base_prefix)]
+    kept: list[Path] = []
+    for path in paths:
+        if not any(path == k or k in path.parents for k in kept):
+            kept.append(path.resolve())
+    return [(str(p), str(p)) for p in kept]
+
+
 def _final_stage(text: str) -> list[tuple[str, str]]:
     """(instruction, argument) of the last stage, continuation lines joined."""
     joined = re.sub(r"\\\n", " ", text)
@@ -91,7 +102,7 @@ def from_dockerfile(path: Path) -> ImageConfig:
     config.env = env
     users, dirs = _IMAGE_FILES[path.name]
     config.users, config.dirs = list(users), list(dirs)
-    config.binds = [(str(VENV), "/opt/orz")]
+    config.binds = [(str(VENV), "/opt/orz"), *_code_binds()]
     return config
 
 
@@ -106,7 +117,8 @@ def postgres_config() -> ImageConfig:
         env={"PATH": f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
              "PGDATA": "/var/lib/postgresql/data", "PYTHONPATH": str(ROOT)},
         users=[("postgres", 70, 70, "/var/lib/postgresql")],
-        dirs=[("/var/lib/postgresql", 70, 70, 0o755), ("/var/run/postgresql", 70, 70, 0o2777)])
+        dirs=[("/var/lib/postgresql", 70, 70, 0o755), ("/var/run/postgresql", 70, 70, 0o2777)],
+        binds=_code_binds())
 
 
 # Tags of our images that run other code than this checkout: tag -> a source tree (e.g. the next
