@@ -99,10 +99,11 @@ def build_root(config: dict[str, Any]) -> Path:
         target.mkdir(parents=True, exist_ok=True)
         os.chown(target, uid, gid)
         target.chmod(mode)
-    for source, target in config["binds"]:
-        mount_bind(source, inside(root, target), readonly=True)
     for mount in config["mounts"]:
         mount_bind(mount["source"], inside(root, mount["target"]), bool(mount["readonly"]))
+    # The image's program last: a volume at /tmp (the chart's scratch space) must not hide a checkout there.
+    for source, target in config["binds"]:
+        mount_bind(source, inside(root, target), readonly=True)
     mount_bind(config["hosts"], inside(root, "/etc/hosts"), readonly=True)
     mount_bind(config["resolv"], inside(root, "/etc/resolv.conf"), readonly=True)
     if config["readonly_root"]:
