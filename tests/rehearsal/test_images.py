@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,11 @@ def test_the_api_image_config_is_the_dockerfiles() -> None:
     assert config.env["PATH"].startswith("/opt/orz/bin:/usr/local/sbin:")
     assert config.env["ORZ_DATA_DIR"] == "/var/lib/orz" and config.env["PYTHONUNBUFFERED"] == "1"
     assert "PIP_NO_CACHE_DIR" not in config.env
-    assert config.binds == [(str(images.VENV), "/opt/orz")]
+    # The image's program is this checkout's virtualenv; the checkout and its interpreter stay at their own
+    # paths, since the virtualenv's scripts name the interpreter by absolute path.
+    assert config.binds[0] == (str(images.VENV), "/opt/orz")
+    bound = {source for source, target in config.binds[1:] if source == target}
+    assert str(images.ROOT) in bound and str(Path(sys.base_prefix).resolve()) in bound
 
 
 def test_the_runner_image_config_is_the_dockerfiles() -> None:
