@@ -173,13 +173,19 @@ class Store:
 
     # -------------------------------------------------------------------------------------- verbs
 
-    def create(self, plural: str, namespace: str, body: Obj) -> Obj:
-        kind = self._kind(plural)
+    @staticmethod
+    def _own_copy(kind: Kind, body: Obj) -> Obj:
+        """The store's own copy of a request body, with its apiVersion and kind filled in."""
         if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict):
             raise ApiError(400, "the body is not an object with metadata")
         body = copy.deepcopy(body)
         body.setdefault("apiVersion", kind.api_version)
         body.setdefault("kind", kind.kind)
+        return body
+
+    def create(self, plural: str, namespace: str, body: Obj) -> Obj:
+        kind = self._kind(plural)
+        body = self._own_copy(kind, body)
         meta = body["metadata"]
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
@@ -317,11 +323,7 @@ class Store:
 
     def replace(self, plural: str, namespace: str, name: str, body: Obj, subresource: str = "") -> Obj:
         kind = self._kind(plural)
-        if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict):
-            raise ApiError(400, "the body is not an object with metadata")
-        body = copy.deepcopy(body)
-        body.setdefault("apiVersion", kind.api_version)
-        body.setdefault("kind", kind.kind)
+        body = self._own_copy(kind, body)
         if body["metadata"].get("name", name) != name:
             raise ApiError(400, "the name of the object does not match the name on the URL")
         body["metadata"]["name"] = name
