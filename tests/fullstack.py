@@ -4,6 +4,8 @@ real process with its own HOME, data dir and free ports."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +16,18 @@ from typing import TextIO
 
 import httpx
 import pexpect
+import pytest
 
 from tests.support import ROOT, free_port, orz_env, wait_until
+
+# Marks for tests that drive the whole platform with the real clients.
+FULLSTACK_MARKS = [
+    pytest.mark.integration,
+    pytest.mark.skipif(any(shutil.which(b) is None for b in ("ssh", "tmux", "git")),
+                       reason="needs ssh, tmux and git"),
+    pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("gateway.server", "runner.main")),
+                       reason="needs the gateway and runner packages"),
+]
 
 
 @dataclass

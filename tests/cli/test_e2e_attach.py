@@ -5,8 +5,6 @@ expired certificate), list, kill. Driven through a terminal with pexpect.
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 import subprocess
 import sys
 import time
@@ -15,16 +13,10 @@ from collections.abc import Iterator
 import pexpect
 import pytest
 
-from tests.fullstack import Platform, running_platform
+from tests.fullstack import FULLSTACK_MARKS, Platform, running_platform
 from tests.support import ROOT
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(any(shutil.which(b) is None for b in ("ssh", "tmux", "git")),
-                       reason="needs ssh, tmux and git"),
-    pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("gateway.server", "runner.main")),
-                       reason="needs the gateway and runner packages"),
-]
+pytestmark = FULLSTACK_MARKS
 DETACH = "\x02d"  # tmux prefix Ctrl-b, then d
 
 

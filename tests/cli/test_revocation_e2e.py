@@ -7,8 +7,6 @@ the user. Both terminals show the reason and end, and a new exec on the ControlM
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 import subprocess
 import sys
 import time
@@ -18,16 +16,10 @@ import httpx
 import pexpect
 import pytest
 
-from tests.fullstack import Platform, running_platform
+from tests.fullstack import FULLSTACK_MARKS, Platform, running_platform
 from tests.support import ROOT, free_port, wait_until
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(any(shutil.which(b) is None for b in ("ssh", "tmux", "git")),
-                       reason="needs ssh, tmux and git"),
-    pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("gateway.server", "runner.main")),
-                       reason="needs the gateway and runner packages"),
-]
+pytestmark = FULLSTACK_MARKS
 REASON = "orz: your account is disabled"
 
 
