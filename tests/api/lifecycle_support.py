@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -12,7 +14,9 @@ from api import schemas
 from api.auth import Principal
 from api.db.models import Event, Instance, Org
 from api.instances.providers.fake import FakeProvider
+from api.instances.providers.local import LocalProvider
 from api.instances.service import InstanceService
+from api.settings import Settings
 from tests.conftest import make_tenant
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBfakefakefakefakefakefakefakefakefakefakefake"
@@ -76,3 +80,15 @@ async def principal(sessions: async_sessionmaker[AsyncSession], org: str, plan: 
         assert org_row is not None
     return Principal(user_id=tenant.user_id, email=tenant.email, role="member", org_id=org_row.id,
                      org_name=org, plan=plan)
+
+
+@asynccontextmanager
+async def local_provider(settings: Settings) -> AsyncIterator[LocalProvider]:
+    """A LocalProvider that, whatever the test left behind, stops every runner (and its tmux) at the end."""
+    provider = LocalProvider(settings)
+    try:
+        yield provider
+    finally:
+        for sid in (await provider.list()):
+            await provider.stop(sid, {})
+        await provider.close()

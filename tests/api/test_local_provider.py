@@ -13,6 +13,7 @@ from api.instances.providers.base import ComputeSpec
 from api.instances.providers.local import LocalProvider, process_start_time
 from api.settings import Settings
 from runner.tmux import Tmux
+from tests.api.lifecycle_support import local_provider
 from tests.runner import conftest as runner_fixtures
 from tests.runner.fake_api import FakeApi
 
@@ -29,14 +30,9 @@ CONFIG = 'version: "1.0"\nsetup:\n  init: echo ran >> init-runs.txt\n'
 
 @pytest.fixture
 async def provider(short_tmp: Path) -> AsyncIterator[LocalProvider]:
-    p = LocalProvider(Settings(data_dir=short_tmp / "data", log_level="DEBUG", repo_file_dirs=str(short_tmp)))
-    try:
+    async with local_provider(Settings(data_dir=short_tmp / "data", log_level="DEBUG",
+                                       repo_file_dirs=str(short_tmp))) as p:
         yield p
-    finally:
-        # Whatever a test left behind: stop every runner and its tmux server.
-        for sid in (await p.list()):
-            await p.stop(sid, {})
-        await p.close()
 
 
 def compute_spec(sid: str, fake_api: FakeApi, gateway_key: runner_fixtures.GatewayKey, repo: str | None, *,

@@ -20,6 +20,7 @@ from api.instances.providers import sandbox
 from api.instances.providers.local import LocalProvider, process_start_time
 from api.instances.providers.sandbox import SandboxUnavailable
 from api.settings import Settings
+from tests.api.lifecycle_support import local_provider
 from tests.api.test_local_provider import compute_spec, ready
 from tests.runner import conftest as runner_fixtures
 from tests.runner.fake_api import FakeApi
@@ -69,14 +70,9 @@ async def provider(short_tmp: Path, host_ports: tuple[int, int]) -> AsyncIterato
     (data / "keys").mkdir(parents=True)
     (data / "keys" / "ssh_ca").write_text("PRIVATE-CA-KEY\n")
     (data / "orz.db").write_text("DATABASE\n")
-    p = LocalProvider(Settings(data_dir=data, repo_file_dirs=str(short_tmp), log_level="DEBUG",
-                               sandbox_allow_host_ports=str(host_ports[0])))
-    try:
+    async with local_provider(Settings(data_dir=data, repo_file_dirs=str(short_tmp), log_level="DEBUG",
+                                       sandbox_allow_host_ports=str(host_ports[0]))) as p:
         yield p
-    finally:
-        for sid in (await p.list()):
-            await p.stop(sid, {})
-        await p.close()
 
 
 def probe(data: Path, other: str, ports: tuple[int, ...], sleep_s: int) -> str:
