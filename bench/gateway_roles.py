@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncssh
 
-from api.schemas import AttachEventIn, AuthorizeReply, AuthorizeRequest, Route
+from api.schemas import AccessCheck, AccessCheckReply, AttachEventIn, AuthorizeReply, AuthorizeRequest, Route
 from api.settings import Settings
 
 # One certificate serves the whole run (which can outlast the default 5 minutes); the gateway refuses
@@ -28,7 +28,7 @@ CERT_TTL_S = 3600
 
 
 class StubApi:
-    """Stands in for the API client: every authorize succeeds with a fixed route."""
+    """Stands in for the API client: every authorize succeeds with a fixed route; no access is withdrawn."""
 
     def __init__(self, route: Route) -> None:
         self.route = route
@@ -39,6 +39,9 @@ class StubApi:
 
     async def attach_event(self, body: AttachEventIn) -> None:
         return None
+
+    async def check_access(self, body: AccessCheck) -> AccessCheckReply:
+        return AccessCheckReply(revoked=[])
 
     async def aclose(self) -> None:
         return None
@@ -54,8 +57,10 @@ async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None,
             return await original(route, upstream_user, key, **kw)
 
         gw_server.connect_upstream = as_user  # type: ignore[assignment]
+    # The held-sessions figure opens every session from one address at once, which the pre-auth limits
+    # (10 per source, 256 in all, like sshd's MaxStartups) would refuse: lift them for the benchmark.
     settings = Settings(data_dir=data_dir, ssh_port=0, gateway_web_port=0, gateway_fast_path=fast_path,
-                        cert_ttl_s=CERT_TTL_S)
+                        cert_ttl_s=CERT_TTL_S, gateway_preauth_per_source=100_000, gateway_preauth_total=100_000)
     gw = gw_server.Gateway(settings, api=StubApi(route))  # type: ignore[arg-type]
     await gw.start()
     from cli.services import freeze_startup_heap
