@@ -51,6 +51,8 @@ up() {
 run_tests() {
   log "the user steps on kind (rehearsal/steps.py, profile $profile)"
   local rc=0
+  # The steps install the release themselves: a kept cluster from an earlier run gives it back first.
+  KUBECONFIG="$kubeconfig" "$helm" uninstall orz --namespace orz-system --ignore-not-found --wait >/dev/null
   "$python" -m rehearsal --kubeconfig "$kubeconfig" --values hack/kind-values.yaml --helm "$helm" \
     --profile "$profile" --workdir .cache/e2e-kind || rc=$?
   log "running tests/e2e"

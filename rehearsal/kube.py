@@ -97,8 +97,13 @@ class KubeAccess:
     # ---------------------------------------------------------------------------------- writes
 
     def create(self, namespace: str, objects: list[Obj]) -> None:
+        """Create each object; one that already exists is left as it is (a rerun on a kept cluster)."""
         for obj in objects:
-            utils.create_from_dict(self.api_client, obj, namespace=namespace)
+            try:
+                utils.create_from_dict(self.api_client, obj, namespace=namespace)
+            except utils.FailToCreateError as failed:
+                if any(exc.status != 409 for exc in failed.api_exceptions):
+                    raise
 
     def delete_pod(self, namespace: str, name: str) -> None:
         with contextlib.suppress(ApiException):

@@ -156,3 +156,16 @@ def test_a_forward_to_a_closed_port_ends_the_connection(server: FakeApiServer, a
         assert exchange(forwarder.address, b"hello", 5) == b""
     finally:
         forwarder.close()
+
+
+def test_creating_objects_again_keeps_them_and_other_errors_still_fail(server: FakeApiServer,
+                                                                      access: KubeAccess) -> None:
+    """The steps' git server on a kept cluster: a second create finds it there; a bad object still fails."""
+    from kubernetes.utils import FailToCreateError
+
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fixture"}, "data": {"a": "1"}}
+    access.create(NS, [config_map])
+    access.create(NS, [{**config_map, "data": {"a": "2"}}])
+    assert server.store.get("configmaps", NS, "fixture")["data"] == {"a": "1"}
+    with pytest.raises(FailToCreateError):
+        access.create(NS, [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "Not_A_Name"}}])
