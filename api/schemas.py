@@ -345,6 +345,8 @@ class Problem(Response):
     status: int
     detail: str
     code: str
+    # `detail` again, for clients of the earlier Go API, which printed this field.
+    error: str
     instance: str | None = None
 
 
