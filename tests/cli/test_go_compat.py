@@ -17,7 +17,8 @@ def test_validate_takes_every_go_example_and_warns_of_ignored_keys(orz: Orz, hom
         assert done.stdout.startswith(f"{file}: ok")
     unknown = orz("cloud", "validate", str(FIXTURES / "unknown-keys.yaml"))
     assert "orz: warning: " in unknown.stderr
-    assert ":4: setup.onattach: unknown key, ignored (keys are case-sensitive: did you mean onAttach?)" in unknown.stderr
+    hint = ":4: setup.onattach: unknown key, ignored (keys are case-sensitive: did you mean onAttach?)"
+    assert hint in unknown.stderr
     assert ":5: cacheDirs: unknown key, ignored" in unknown.stderr
     many = orz("cloud", "validate", str(FIXTURES / "many-services.yaml"))
     assert "ok (6 services)" in many.stdout
