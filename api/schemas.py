@@ -230,6 +230,8 @@ class Instance(Response):
     branch: str | None = None
     task: str | None = None
     secrets: list[str] = Field(default_factory=list)
+    # http(s)://<gateway>/v1/instances/<id>/attach, the form the Go API and CLI used; the answers of create
+    # and get end in ?token=<single-use attach token> (docs/migrating-from-go.md).
     attach_url: str
     ssh: str
     attached_clients: int = 0
