@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import parse_qs, urlsplit
 
 import jwt as pyjwt
@@ -23,7 +24,8 @@ def claims_of(app: Sanic, attach_url: str) -> dict[str, object]:
 
 
 @both_databases
-async def test_created_and_fetched_sessions_carry_a_fresh_attach_token(app: Sanic, sessions) -> None:
+async def test_created_and_fetched_sessions_carry_a_fresh_attach_token(app: Sanic, sessions, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
     t = await make_tenant(sessions, "acme")
     _, created = await app.asgi_client.post("/v1/instances", json={}, headers=t.headers)
     assert created.status == 201
@@ -45,6 +47,9 @@ async def test_created_and_fetched_sessions_carry_a_fresh_attach_token(app: Sani
     other = await make_tenant(sessions, "globex")
     _, foreign = await app.asgi_client.get(f"/v1/instances/{sid}", headers=other.headers)
     assert foreign.status == 404 and "token=" not in foreign.text
+    for minted in (url, fetched.json["attach_url"]):
+        assert parse_qs(urlsplit(minted).query)["token"][0] not in caplog.text  # never logged
+    assert sid in caplog.text  # the requests were logged, the tokens were not
 
 
 @both_databases
