@@ -363,7 +363,8 @@ def web_attach(ctx: Context) -> None:
 
     async def talk() -> str:
         seen = b""
-        async with websockets.connect(url, open_timeout=30) as ws:
+        # The page's subprotocol: the gateway sends JSON control messages (`attached`) only with it.
+        async with websockets.connect(url, open_timeout=30, subprotocols=["orz.terminal.v1"]) as ws:
             # Keys go once the gateway says the terminal is attached (the page waits for it too).
             while True:
                 frame = await asyncio.wait_for(ws.recv(), 60)

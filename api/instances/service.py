@@ -165,7 +165,8 @@ class InstanceService:
                     repo_url=req.repo_url,
                     branch=req.branch,
                     task=req.task,
-                    spec={"secrets": list(req.secrets), "idle_timeout_s": idle},
+                    spec={"secrets": list(req.secrets), "idle_timeout_s": idle,
+                          "max_services": self.settings.services_for(who.plan)},
                     provider=self.provider.name,
                     provider_state={},
                     runner_token_prefix=runner_token.prefix,
@@ -420,7 +421,7 @@ class InstanceService:
         try:
             async with self.sessions() as db:
                 secret_env = await self._secret_env(db, inst.org_id, inst.user_id, (inst.spec or {}).get("secrets", []))
-            self.provider.check_services(wanted, secret_env)
+            self.provider.check_services(wanted, secret_env, self._max_services(inst))
         except (OrzError, ProviderFailure) as exc:
             reason = exc.reason if isinstance(exc, ProviderFailure) else exc.detail
             # The caller is the runner of the Pod being released: reply first, then release.
@@ -753,4 +754,10 @@ class InstanceService:
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
             runner_token=runner_token, secret_env=secret_env,
             services=list((inst.spec or {}).get("services") or []),
+            max_services=self._max_services(inst),
         )
+
+    def _max_services(self, inst: Instance) -> int:
+        """The plan's limit when the session was created (older rows: the free plan's)."""
+        value = (inst.spec or {}).get("max_services")
+        return value if isinstance(value, int) else self.settings.services_free

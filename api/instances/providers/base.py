@@ -13,6 +13,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from api.cloud_yaml import DEFAULT_MAX_SERVICES
+
 ProviderState = dict[str, Any]
 ComputePhase = Literal["absent", "pending", "running", "stopped", "failed"]
 
@@ -39,6 +41,8 @@ class ComputeSpec:
     # Sidecars from ``.orz/cloud.yaml`` ``services:`` as plain data: [{name, image, env, ports, health}]
     # (schemas.SidecarSpec dumps), env values with their ``${SECRET}`` references unresolved.
     services: Sequence[Mapping[str, Any]] = ()
+    # How many services the session's plan allows (settings.services_for at creation).
+    max_services: int = DEFAULT_MAX_SERVICES
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,8 @@ class Provider(abc.ABC):
         """The unix socket the session's runner endpoint listens on (the only route accepted), or None: TCP."""
         return None
 
-    def check_services(self, services: Sequence[Mapping[str, Any]], secret_keys: Collection[str]) -> None:
+    def check_services(self, services: Sequence[Mapping[str, Any]], secret_keys: Collection[str],
+                       max_services: int = DEFAULT_MAX_SERVICES) -> None:
         """Raise ProviderFailure, naming the file and key, when these services cannot run (runs_services)."""
         raise ProviderFailure(f"the {self.name} provider does not run services beside the runner")
 

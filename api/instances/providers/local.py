@@ -196,6 +196,7 @@ class LocalProvider(Provider):
             network_ready_file=str(sandbox.SessionPaths(base).network_ready) if socket else None,
             workspace=str(base / "workspace"),
             state_dir=str(base / "state"),
+            max_services=spec.max_services,
         )
         env = {k: os.environ[k] for k in _INHERIT if k in os.environ}
         env.setdefault("LANG", "C.UTF-8")
