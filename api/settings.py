@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     heartbeat_fail_s: int = Field(default=600, ge=10)
     retention_s: int = Field(default=7 * 24 * 3600, ge=60)
     start_timeout_s: int = Field(default=600, ge=5)
-    scheduler_lease_s: int = Field(default=30, ge=2)
+    scheduler_lease_s: int = Field(default=10, ge=2)
     # `orz scheduler` serves /metrics on api_host at this port (0: off; the embedded server shows the
     # scheduler's metrics on the API's metrics port instead).
     scheduler_metrics_port: int = Field(default=0, ge=0, le=65535)

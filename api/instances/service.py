@@ -95,6 +95,8 @@ class InstanceService:
         self._background: set[asyncio.Task[None]] = set()
         # Listeners notified after every committed transition (metrics, tests).
         self.on_transition: list[Callable[[Instance, State, State], Awaitable[None] | None]] = []
+        # The scheduler's leader check, run in each write's transaction before it writes (api/jobs/lease.py).
+        self.fence: Callable[[AsyncSession], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -333,6 +335,9 @@ class InstanceService:
         if row is not None and State(row.state) not in (State.STOPPED, State.FAILED, State.DELETED):
             return False  # started again meanwhile: that compute is wanted now
         provider_state = (row.provider_state or {}) if row is not None else {}
+        if self.fence is not None:
+            async with self.sessions() as db:
+                await self.fence(db)  # a deposed leader leaves the compute to the new one
         try:
             if delete:
                 await self.provider.delete(session_id, provider_state)
@@ -342,6 +347,8 @@ class InstanceService:
             raise ProviderError(f"could not release compute of {session_id}: {exc.reason}") from exc
         if row is not None:
             async with self.sessions() as db:
+                if self.fence is not None:
+                    await self.fence(db)
                 db.add(self._event(row, actor, "compute_deleted" if delete else "compute_stopped",
                                    None, None, reason))
                 await db.commit()
@@ -688,6 +695,8 @@ class InstanceService:
                           message: str | None, **values: Any) -> Instance:
         current = State(inst.state)
         check_transition(current, target)
+        if self.fence is not None:
+            await self.fence(db)
         now = self.now()
         # RETURNING hands back the updated row in the same round trip as the conditional UPDATE.
         row = await db.scalar(
