@@ -147,6 +147,48 @@ async def test_list_by_label(provider: KubernetesProvider, server: FakeApiServer
     assert listed == {"alpha": ComputeStatus("stopped"), "beta": ComputeStatus("running")}
 
 
+async def test_listing_sessions_costs_no_api_calls_once_watched(provider: KubernetesProvider,
+                                                                server: FakeApiServer) -> None:
+    """The reconciler lists every session each pass: from the watch caches, not a LIST per pass."""
+    states = {sid: await provider.create(make_spec(sid)) for sid in ("alpha", "beta", "gamma")}
+    await provider.stop("beta", states["beta"])
+    first = await provider.list()
+    pod_gets, map_gets = server.count("GET", "pods"), server.count("GET", "configmaps")
+    for _ in range(3):
+        assert await provider.list() == first
+    assert (server.count("GET", "pods"), server.count("GET", "configmaps")) == (pod_gets, map_gets)
+    # A change arrives by the watch: a root deleted elsewhere drops the session from the listing.
+    server.store.delete("configmaps", NS, states["gamma"]["root"])
+    await eventually(lambda: provider.roots.get(states["gamma"]["root"]) is None and
+                     provider.cache.get(states["gamma"]["pod"]) is None)  # its Pod is garbage-collected
+    assert set(await provider.list()) == {"alpha", "beta"}
+
+
+async def test_caches_list_in_pages_and_keep_only_what_they_read(server: FakeApiServer) -> None:
+    """10,000 sessions are never one LIST response, and a cached Pod holds its status, not its spec."""
+    from api.instances.providers.kubernetes.cache import PodCache
+
+    prov = KubernetesProvider(Settings(k8s_namespace=NS), k8s.ApiClient(k8s.Configuration(host=server.url)),
+                              request_timeout_s=2.0, watch_timeout_s=1, sync_timeout_s=3.0)
+    try:
+        states = [await prov.create(make_spec(f"s{i}")) for i in range(5)]
+    finally:
+        await prov.close()
+    server.set_pod_phase(NS, states[0]["pod"], "Running", ip="10.0.0.5")
+    cache = PodCache(k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=server.url))), NS,
+                     names.managed_selector(), page_size=2, watch_timeout_s=1)
+    cache.start()
+    try:
+        assert cache.wait_synced(5)
+        assert cache.pages == 3 and len(cache.items()) == 5
+        pod = cache.get(states[0]["pod"])
+        assert pod is not None and pod["status"]["phase"] == "Running" and pod["status"]["podIP"] == "10.0.0.5"
+        assert "env" not in str(pod) and "volumes" not in pod["spec"]
+        assert pod["metadata"]["annotations"][names.GENERATION_ANNOTATION] == "1"
+    finally:
+        cache.close()
+
+
 async def test_watch_recovers_from_410_gone(provider: KubernetesProvider, server: FakeApiServer) -> None:
     state = await provider.create(make_spec(SID))
     await provider.status(SID, state)

@@ -33,7 +33,7 @@ from api.instances.providers.base import (
     ProviderState,
 )
 from api.instances.providers.kubernetes import errors, manifests, names
-from api.instances.providers.kubernetes.cache import PodCache
+from api.instances.providers.kubernetes.cache import PodCache, RootCache
 from api.instances.providers.kubernetes.status import compute_status, pod_ip
 from api.settings import Settings
 
@@ -69,6 +69,9 @@ class KubernetesProvider(Provider):
         self._terminate_wait = terminate_wait_s
         self.cache = PodCache(self._core, self.config.namespace, names.managed_selector(),
                               watch_timeout_s=watch_timeout_s, request_timeout_s=request_timeout_s)
+        # The roots are only needed to list every session (the scheduler's reconciler): started by list().
+        self.roots = RootCache(self._core, self.config.namespace, names.managed_selector(),
+                               watch_timeout_s=watch_timeout_s, request_timeout_s=request_timeout_s)
 
     # ------------------------------------------------------------------------------------- plumbing
 
@@ -106,7 +109,9 @@ class KubernetesProvider(Provider):
             made = await self._call("read the session's root ConfigMap",
                                     self._core.read_namespaced_config_map, root["metadata"]["name"], self.ns,
                                     _preload_content=False)
-        return str(_json(made)["metadata"]["uid"])
+        body = _json(made)
+        self.roots.upsert(body)
+        return str(body["metadata"]["uid"])
 
     def _state(self, spec: ComputeSpec, generation: int, *, stopped: bool = False) -> ProviderState:
         sid = spec.session_id
@@ -214,6 +219,7 @@ class KubernetesProvider(Provider):
             await self._call(action, fn, name, ns, ok=(404,), propagation_policy="Background",
                              _preload_content=False)
         self.cache.discard(str(state.get("pod") or names.pod_name(session_id)))
+        self.roots.discard(str(state.get("root") or names.root_name(session_id)))
 
     async def _synced(self) -> bool:
         self._start_cache()
@@ -235,14 +241,15 @@ class KubernetesProvider(Provider):
         return (ip, manifests.RUNNER_SSH_PORT) if ip else None
 
     async def list(self) -> dict[str, ComputeStatus]:
-        """Sessions with a root ConfigMap (workspace kept) or a pod, by session id."""
-        roots = await self._call("list sessions", self._core.list_namespaced_config_map, self.ns,
-                                 label_selector=names.managed_selector(), _preload_content=False)
-        if not await self._synced():
-            raise ProviderFailure(self.cache.last_error or "could not watch session pods: no answer yet")
-        pods = {p["metadata"].get("labels", {}).get(names.SESSION_LABEL): p for p in self.cache.pods()}
+        """Sessions with a root ConfigMap (workspace kept) or a pod, by session id, from the watch caches."""
+        self.roots.start()
+        if not await self._synced() or not (self.roots.synced or
+                                            await asyncio.to_thread(self.roots.wait_synced, self._sync_timeout)):
+            raise ProviderFailure(self.cache.last_error or self.roots.last_error or
+                                  "could not watch the sessions: no answer yet")
+        pods = {p["metadata"].get("labels", {}).get(names.SESSION_LABEL): p for p in self.cache.items()}
         result: dict[str, ComputeStatus] = {}
-        for item in _json(roots).get("items") or []:
+        for item in self.roots.items():
             sid = (item.get("data") or {}).get("session") or item["metadata"]["labels"][names.SESSION_LABEL]
             result[sid] = compute_status(pods.pop(names.label_value(sid), None), stopped=True)
         # Pods without a root: orphans for the reconciler to see.
@@ -259,6 +266,7 @@ class KubernetesProvider(Provider):
 
     async def close(self) -> None:
         await asyncio.to_thread(self.cache.close)
+        await asyncio.to_thread(self.roots.close)
         if self._owns_client:
             self._api.close()
 
