@@ -60,7 +60,7 @@ class PrincipalCache:
     disabling a user takes effect on the API within that time (attach authorization is never cached).
     """
 
-    def __init__(self, ttl_s: float = 5.0, max_entries: int = 10_000) -> None:
+    def __init__(self, ttl_s: float = 1.0, max_entries: int = 10_000) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()

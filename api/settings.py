@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     internal_api_url: str = ""
     max_request_bytes: int = Field(default=256 * 1024, gt=0)
     # How long a verified API token is trusted without asking the database again (0 disables).
-    auth_cache_ttl_s: float = Field(default=5.0, ge=0, le=60)
+    auth_cache_ttl_s: float = Field(default=1.0, ge=0, le=60)
 
     # Gateway
     ssh_host: str = "127.0.0.1"
