@@ -132,6 +132,9 @@ class ApiClient:
     async def check_access(self, body: schemas.AccessCheck) -> schemas.AccessCheckReply:
         return await self._send(schemas.AccessCheckReply, "POST", "/internal/v1/access-check", body)
 
+    async def report_auth_failure(self, body: schemas.AuthFailureIn) -> schemas.AuthFailureReply:
+        return await self._send(schemas.AuthFailureReply, "POST", "/internal/v1/auth-failures", body)
+
     async def attach_event(self, body: schemas.AttachEventIn) -> None:
         await self.request("POST", "/internal/v1/attach-events", json=body.model_dump(mode="json"))
 

@@ -525,6 +525,20 @@ class AccessCheckReply(Response):
     revoked: list[RevokedAttachment]
 
 
+class AuthFailureIn(Request):
+    """Gateway → API: a client at this address failed to authenticate."""
+
+    source_address: str = Field(min_length=1, max_length=64)
+
+
+class AuthFailureReply(Response):
+    """The address's failures inside the window (every gateway's), and how long it must now wait (0: not)."""
+
+    failures: int
+    limit: int
+    retry_after_s: int
+
+
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
     """Field and message of each error, never the input (it may be a secret)."""
     return [

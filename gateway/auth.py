@@ -216,6 +216,7 @@ class FailureLimiter:
         self.limit = limit
         self.window_s = window_s
         self._failures: dict[str, deque[float]] = {}
+        self._blocked_until: dict[str, float] = {}  # source -> time.monotonic() (from the shared count)
 
     def _recent(self, source: str, now: float) -> deque[float] | None:
         q = self._failures.get(source)
@@ -229,13 +230,34 @@ class FailureLimiter:
         return q
 
     def blocked(self, source: str, now: float | None = None) -> bool:
-        q = self._recent(source, time.monotonic() if now is None else now)
+        t = time.monotonic() if now is None else now
+        if self._shared_block(source, t):
+            return True
+        q = self._recent(source, t)
         return q is not None and len(q) >= self.limit
 
     def retry_after(self, source: str, now: float | None = None) -> int:
         t = time.monotonic() if now is None else now
+        shared = self._shared_block(source, t)
         q = self._recent(source, t)
-        return 0 if not q else max(1, int(q[0] + self.window_s - t) + 1)
+        local = 0 if not q else max(1, int(q[0] + self.window_s - t) + 1)
+        return max(local, max(1, int(shared - t) + 1) if shared else 0)
+
+    def block_for(self, source: str, seconds: float, now: float | None = None) -> None:
+        """Refuse `source` for `seconds`: the count every replica shares says it reached the limit."""
+        t = time.monotonic() if now is None else now
+        if len(self._blocked_until) >= self.MAX_TRACKED:
+            self._blocked_until = {k: v for k, v in self._blocked_until.items() if v > t}
+        self._blocked_until[source] = max(self._blocked_until.get(source, 0.0), t + seconds)
+
+    def _shared_block(self, source: str, now: float) -> float:
+        until = self._blocked_until.get(source)
+        if until is None:
+            return 0.0
+        if until <= now:
+            del self._blocked_until[source]
+            return 0.0
+        return until
 
     def record_failure(self, source: str, now: float | None = None) -> bool:
         """Count one failure; True when the source is now blocked."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from api.client import ApiClient, ApiError, ApiUnreachable
-from api.schemas import AttachEventIn, AuthorizeReply, AuthorizeRequest
+from api.schemas import AttachEventIn, AuthFailureIn, AuthFailureReply, AuthorizeReply, AuthorizeRequest
 from gateway.auth import Principal
 from gateway.errors import AttachRefused
 
@@ -79,6 +79,14 @@ class Router:
             await asyncio.sleep(self.poll_interval_s)
             reply = await self.authorize(session_id, principal, source=source, first=False)
         return reply
+
+    async def report_failure(self, source: str) -> AuthFailureReply | None:
+        """Count a failed authentication where every replica sees it; None when the API cannot say."""
+        try:
+            return await self.api.report_auth_failure(AuthFailureIn(source_address=source))
+        except (ApiError, ApiUnreachable) as exc:
+            log.warning("failed authentication from %s not shared: %s", source, type(exc).__name__)
+            return None
 
     async def report(self, event: AttachEventIn) -> None:
         """Best effort: an attach must not fail because activity reporting did."""

@@ -208,7 +208,7 @@ class ClientConnection(asyncssh.SSHServer):
                 log.info("conn %s from %s: attach to %s refused (%s)",
                          self.id, self.source, username, exc.code)
                 self.refusal = exc
-        if self.refusal is not None and self.gw.limiter.record_failure(self.source):
+        if self.refusal is not None and self._count_failure():
             self._banner("too many failed authentications; try again later")
         self.principal = principal
         return True
@@ -217,9 +217,14 @@ class ClientConnection(asyncssh.SSHServer):
         log.info("conn %s from %s: credential rejected: %s", self.id, self.source, exc.line)
         metrics.auth_failed(method, metrics.credential_reason(exc.line))
         self._banner(f"{exc.line}; get a new one with `orz cloud attach {self.session_id[:32]}`")
-        if self.gw.limiter.record_failure(self.source):
+        if self._count_failure():
             self._banner("too many failed authentications; try again later")
             self._hang_up_now()
+
+    def _count_failure(self) -> bool:
+        """Count a failed authentication here and, in the background, where every replica sees it."""
+        self.gw.spawn(self.gw.share_failure(self.source))
+        return self.gw.limiter.record_failure(self.source)
 
     def unavailable(self, exc: CredentialsUnavailable) -> None:
         """We cannot check any credential: a failed attach of ours (the SLO's), never held against the user."""
@@ -418,6 +423,12 @@ class Gateway:
         except CredentialsUnavailable as exc:
             return f"trust anchors not loaded: {exc.internal}"
         return None
+
+    async def share_failure(self, source: str) -> None:
+        """Report a failed authentication to the API; at the shared limit, refuse the source here too."""
+        reply = await self.router.report_failure(source)
+        if reply is not None and reply.retry_after_s > 0:
+            self.limiter.block_for(source, reply.retry_after_s)
 
     def spawn(self, coro: object) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]

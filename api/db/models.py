@@ -152,6 +152,16 @@ class Secret(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
+class AuthFailure(Base):
+    """Failed authentications per source address and time bucket, shared by every gateway replica."""
+
+    __tablename__ = "auth_failures"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix time // bucket length
+    count: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class UsedJti(Base):
     """Attach-JWT ids already spent; kept until the token would have expired anyway."""
 

@@ -26,13 +26,13 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import case, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.db.base import utcnow
+from api.db.dialect import insert_for as _insert_for
+from api.db.dialect import is_postgres as _postgres
 from api.db.models import SchedulerLease
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,6 @@ class LeaseLost(Exception):
 def default_holder_id() -> str:
     """Unique per process and readable in the table: host, pid and a random suffix."""
     return f"{socket.gethostname()[:80]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _postgres(db: AsyncSession) -> bool:
-    return db.get_bind().dialect.name == "postgresql"
-
-
-def _insert_for(db: AsyncSession) -> Callable[..., Any]:
-    """The dialect's INSERT, which has ON CONFLICT DO NOTHING on both supported databases."""
-    return postgresql.insert if _postgres(db) else sqlite.insert
 
 
 class Lease:

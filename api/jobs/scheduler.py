@@ -72,7 +72,7 @@ class LifecycleScheduler:
         self.jobs: dict[str, JobFn] = {
             "reap": IdleReaper(self.service, settings).run_once,
             "reconcile": Reconciler(self.service, settings).run_once,
-            "purge": Purger(sessions, self.service.now).run_once,
+            "purge": Purger(sessions, self.service.now, settings).run_once,
         }
         # Passes this replica actually ran as leader, by job (for logs and tests).
         self.runs: Counter[str] = Counter()

@@ -6,8 +6,8 @@ import asyncio
 
 from sanic import Blueprint, HTTPResponse, Request
 
+from api import failed_auth, schemas
 from api import log as orz_log
-from api import schemas
 from api.auth import bearer_token
 from api.http import parse_body, respond
 from api.openapi import route
@@ -48,6 +48,15 @@ async def attach_event(request: Request) -> HTTPResponse:
     orz_log.bind(session_id=body.session_id, user_id=body.user_id)
     await asyncio.shield(state(request).instances.record_attach_event(body))
     return HTTPResponse(status=204)
+
+
+@route(bp, "POST", "/internal/v1/auth-failures", summary="Gateway: count a failed authentication, shared by replicas",
+       tag=TAG, request=schemas.AuthFailureIn, responses={200: schemas.AuthFailureReply}, security="service_token")
+async def auth_failure(request: Request) -> HTTPResponse:
+    require_service(request)
+    body = parse_body(request, schemas.AuthFailureIn)
+    st = state(request)
+    return respond(await failed_auth.record(st.sessions, body.source_address, st.settings))
 
 
 @route(bp, "POST", "/internal/v1/access-check", summary="Gateway: which live attachments must end now",

@@ -144,7 +144,8 @@ async def gateway_env(tmp_path: Path, client_key: asyncssh.SSHKey | None = None,
                         **settings_overrides)
     ca = ssh_ca.load_or_create_ca(settings)
     jwt_key = attach_jwt.load_or_create_signing_key(settings)
-    api = FakeApi(SERVICE_TOKEN, users={USER: "acme", TEAMMATE: "acme", "usr_bob": "bobs-org"})
+    api = FakeApi(SERVICE_TOKEN, users={USER: "acme", TEAMMATE: "acme", "usr_bob": "bobs-org"},
+                  auth_fail_limit=settings.auth_fail_limit, auth_fail_window_s=settings.auth_fail_window_s)
     await api.start()
     settings = settings.model_copy(update={"internal_api_url": api.url})
     key_path = keys.client_key_path(settings)

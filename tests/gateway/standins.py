@@ -1,7 +1,8 @@
 """Test stand-ins, each for a piece the gateway talks to over the network.
 
 - ``FakeApi`` stands in for the API's internal routes (``POST /internal/v1/authorize``,
-  ``/internal/v1/access-check`` and ``/internal/v1/attach-events``): a real HTTP server (asyncio streams)
+  ``/internal/v1/access-check``, ``/internal/v1/attach-events`` and ``/internal/v1/auth-failures``, whose
+  window it does not age: a test lasts less than one): a real HTTP server (asyncio streams)
   that checks the service token and answers with the contract's JSON or problem+json. It lets gateway
   tests set a session's state directly (failed, stopped, slow to start); test_api_contract.py keeps it
   honest against the real API.
@@ -51,6 +52,9 @@ class FakeApi:
     events: list[dict[str, Any]] = field(default_factory=list)
     authorize_calls: list[dict[str, Any]] = field(default_factory=list)
     access_checks: int = 0  # POST /internal/v1/access-check calls
+    auth_failures: dict[str, int] = field(default_factory=dict)  # source -> failures reported by any gateway
+    auth_fail_limit: int = 10
+    auth_fail_window_s: int = 60
     server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -97,6 +101,11 @@ class FakeApi:
                 return self._problem(404, "not_found", f"no such session: {data.get('session_id')}")
             self.events.append(data)
             return 204, None
+        if method == "POST" and path == "/internal/v1/auth-failures":
+            source = data["source_address"]
+            self.auth_failures[source] = failures = self.auth_failures.get(source, 0) + 1
+            return 200, {"failures": failures, "limit": self.auth_fail_limit,
+                         "retry_after_s": self.auth_fail_window_s if failures >= self.auth_fail_limit else 0}
         if method == "POST" and path == "/internal/v1/access-check":
             self.access_checks += 1
             return 200, {"revoked": [r for r in map(self._revocation, data["attachments"]) if r]}

@@ -117,6 +117,10 @@ async def test_authorize_and_attach_events_answer_alike(app: Sanic, sessions: An
         ("attach event, no such session", "/internal/v1/attach-events", {
             "session_id": "nope-123456", "user_id": alice.user_id, "event": "attached", "connection_id": "c1"},
          service),
+        ("a failed authentication", "/internal/v1/auth-failures", {"source_address": "192.0.2.7"}, service),
+        ("another from the same address", "/internal/v1/auth-failures", {"source_address": "192.0.2.7"}, service),
+        ("a failed authentication, no service token", "/internal/v1/auth-failures",
+         {"source_address": "192.0.2.7"}, {}),
     ]
     for name, path, body, headers in cases:
         real = await _real(app, path, body, headers)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 
 import asyncssh
 import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from api.credentials import jwt as attach_jwt
-from tests.gateway.conftest import SESSION, TEAMMATE, USER, Env
+from gateway.server import Gateway
+from tests.gateway.conftest import SESSION, TEAMMATE, USER, Env, run
 from tests.gateway.standins import FakeSession
+from tests.support import free_port
 
 
 def _b64(data: bytes) -> str:
@@ -152,6 +156,41 @@ async def test_failed_authentications_rate_limited(env: Env) -> None:
     assert result.returncode == 255 and result.stdout == b""
     assert b"too many failed authentications" in result.stderr
     assert env.gateway.limiter.blocked("127.0.0.1")
+
+
+async def test_failed_authentications_count_across_gateway_replicas(env: Env) -> None:
+    """One limit for all replicas: a source that used it up on one is refused by the next after one try."""
+    second = Gateway(env.settings.model_copy(update={"gateway_metrics_port": free_port()}))
+    await second.start()
+    try:
+        host_pub = second.host_key.export_public_key().decode().strip()
+        with env.known_hosts.open("a") as known:
+            known.write(f"[127.0.0.1]:{second.port} {host_pub}\n")
+        bad = pyjwt.encode(_claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256")
+        for _ in range(env.settings.auth_fail_limit):
+            code, _, _ = await _token_login(env, bad)
+            assert code == 255
+        await wait_for(lambda: env.api.auth_failures.get("127.0.0.1") == env.settings.auth_fail_limit)
+        assert not second.limiter.blocked("127.0.0.1"), "the second replica has seen nothing itself yet"
+        on_second = [str(second.port) if arg == str(env.port) else arg for arg in env.base_args()]
+        target = f"{SESSION}@127.0.0.1"
+        first_try = await run(*on_second, *env.token_args(), "--", "echo in", env=env.password_env(bad),
+                              target=target)
+        assert first_try.returncode == 255
+        await wait_for(lambda: second.limiter.blocked("127.0.0.1"))
+        # Now even a good credential from this address is turned away by the second replica.
+        result = await run(*on_second, *env.cert_args(), "--", "echo in", target=target)
+        assert result.returncode == 255 and result.stdout == b""
+        assert b"too many failed authentications" in result.stderr
+    finally:
+        await second.close()
+
+
+async def wait_for(check: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
 
 
 async def test_unreachable_runner_says_so(env: Env) -> None:
