@@ -1,7 +1,8 @@
 """The runner's internal SSH endpoint: only the gateway's key gets in; user "rw" or "ro" is the mode.
 
 A shell with a pty runs ``setup.onAttach`` and attaches to tmux; a shell or exec without a pty is a
-plain command in the workspace; sftp and scp work on the workspace; port forwarding stays on loopback.
+plain command in the workspace; sftp and scp see the paths commands see (runner/paths.py); port
+forwarding stays on loopback.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import asyncssh
 from api.schemas import UNIX_ROUTE_PREFIX
 from api.settings import ssh_algorithms
 from runner.activity import Activity
-from runner.ptyproc import PtyChild
+from runner.paths import SessionSFTP, expand_login_home
+from runner.ptyproc import PtyChild, hang_up, killpg
 from runner.tmux import Tmux
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ class SessionHooks:
     ready: asyncio.Event
     on_attach: Callable[[], str | None] = lambda: None
     on_attach_timeout_s: float = 30.0
+    login: str = ""  # the session id: the user name clients log in with (``~<login>`` is the home)
+
+    def home(self) -> Path:
+        return Path(self.env().get("HOME") or self.workspace)
 
 
 def is_loopback(host: str) -> bool:
@@ -113,9 +119,17 @@ class _Connection(asyncssh.SSHServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> bool:
-        if self.username != "rw" or not is_loopback(dest_host):
+        # Refused by policy, not by the destination: say so (OpenSSH prints "administratively prohibited"
+        # and the reason), as sshd does for a forward its PermitOpen refuses.
+        if self.username != "rw":
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "orz: a read-only attach cannot forward ports")
+        if not is_loopback(dest_host):
             log.info("refused direct-tcpip to %s:%s", dest_host, dest_port)
-            return False
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"orz: forwarding to {dest_host}:{dest_port} is not allowed; only loopback addresses in "
+                "the session (localhost, 127.0.0.1, ::1) can be forwarded to")
         return True
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool | Awaitable[asyncssh.SSHListener]:
@@ -185,7 +199,7 @@ class Endpoint:
     def _sftp(self, chan: asyncssh.SSHServerChannel) -> asyncssh.SFTPServer:
         if chan.get_extra_info("username") != "rw":
             chan.exit(1)  # a read-only attach may look, not copy files in or out
-        return _WorkspaceSFTP(chan, chroot=os.fsencode(self.hooks.workspace))
+        return SessionSFTP(chan, cwd=self.hooks.workspace, home=self.hooks.home(), login=self.hooks.login)
 
     async def _handle(self, process: asyncssh.SSHServerProcess) -> None:
         try:
@@ -207,6 +221,8 @@ class Endpoint:
             return
         env = self.hooks.env()
         env.update(client_env(process.env))
+        if command is not None:
+            command = expand_login_home(command, self.hooks.login, str(self.hooks.home()))
         agent = process.channel.get_agent_path()
         if agent:
             env["SSH_AUTH_SOCK"] = agent
@@ -268,11 +284,17 @@ class Endpoint:
 
         def kill() -> None:
             if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                killpg(proc.pid, signal.SIGKILL)
+
+        def client_gone() -> None:
+            # As under sshd: the command reads end-of-file and gets SIGHUP, and may still finish what it
+            # was doing (rsync --partial keeps the part it received); SIGKILL only after a grace period.
+            with contextlib.suppress(Exception):
+                proc.stdin.close()  # type: ignore[union-attr]
+            hang_up(proc)
 
         self._children.add(kill)
-        watcher = asyncio.create_task(_kill_when_closed(process, kill))
+        watcher = asyncio.create_task(_when_closed(process, client_gone))
         feeder = asyncio.create_task(self._feed(process, proc))
         try:
             await asyncio.gather(_copy(proc.stdout, process.stdout), _copy(proc.stderr, process.stderr))
@@ -308,15 +330,6 @@ class Endpoint:
                 proc.stdin.close()
 
 
-class _WorkspaceSFTP(asyncssh.SFTPServer):
-    """SFTP rooted at the workspace, ending with an exit status as OpenSSH's sftp-server does."""
-
-    def exit(self) -> None:
-        # OpenSSH's scp (sftp mode) treats a channel closed without exit-status as a failure.
-        with contextlib.suppress(Exception):
-            self.channel.exit(0)
-
-
 TYPEAHEAD_MAX_BYTES = 64 * 1024
 
 
@@ -336,7 +349,7 @@ class _PtyBridge:
         self._typeahead = bytearray()
         self._drain: asyncio.Task[None] | None = None
         self._pump = asyncio.create_task(self._read_input())
-        self._watch = asyncio.create_task(_kill_when_closed(process, self._kill_child))
+        self._watch = asyncio.create_task(_when_closed(process, self._hang_up_child))
 
     async def run(self, argv: list[str], cwd: Path, env: Mapping[str, str],
                   time_limit: float | None = None) -> int:
@@ -354,7 +367,7 @@ class _PtyBridge:
         try:
             self.process.stdout.write(data)
         except (BrokenPipeError, OSError, asyncssh.Error):
-            self._kill_child()
+            self._hang_up_child()
             return
         child = self.child
         if child is not None and self.process.channel.get_write_buffer_size() > PTY_BACKLOG_BYTES:
@@ -369,6 +382,10 @@ class _PtyBridge:
     def _kill_child(self) -> None:
         if self.child is not None:
             self.child.kill()
+
+    def _hang_up_child(self) -> None:
+        if self.child is not None:
+            self.child.hang_up()
 
     async def _read_input(self) -> None:
         while True:
@@ -389,8 +406,9 @@ class _PtyBridge:
             except (asyncssh.Error, BrokenPipeError, ConnectionError):
                 data = b""
             if not data:
-                # The client hung up (a pty session has no other EOF): take its program down too.
-                self._kill_child()
+                # End of input (``ssh -n -tt``, paramiko's stdin.close()) is not a hang-up: as under sshd
+                # the program runs on and its output and exit status still reach the client. A client
+                # that goes away closes the channel, and ``_watch`` takes the program down then.
                 return
             if not self.input_enabled:
                 continue
@@ -406,20 +424,25 @@ class _PtyBridge:
         self._kill_child()
 
 
-async def _kill_when_closed(process: asyncssh.SSHServerProcess, kill: Callable[[], None]) -> None:
+async def _when_closed(process: asyncssh.SSHServerProcess, then: Callable[[], None]) -> None:
     await process.channel.wait_closed()
-    kill()
+    then()
 
 
 async def _copy(reader: asyncio.StreamReader | None, writer: asyncssh.SSHWriter) -> None:
+    """Copy to the channel until the program closes its end; once the channel is gone, drain into the
+    void, so a program finishing up after a hang-up is not stuck on a full pipe."""
     if reader is None:
         return
+    open_ = True
     while chunk := await reader.read(65536):
+        if not open_:
+            continue
         try:
             writer.write(chunk)
             await writer.drain()
         except (BrokenPipeError, OSError, asyncssh.Error):
-            return
+            open_ = False
 
 
 def _exit(process: asyncssh.SSHServerProcess, code: int) -> None:
