@@ -3,14 +3,19 @@ secrets have their own modules."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import os
+import shlex
+import signal
+import sys
 from pathlib import Path
 
 import click
 
+from cli import agent, cloud_proxy, cloud_secrets, cloud_sessions, keys, output, ssh_config
 from cli import attach as attaching
-from cli import cloud_proxy, cloud_secrets, cloud_sessions, keys, output, ssh_config
 from cli.config import DEFAULT_API_URL, forget_credentials, load_credentials, token_path
 from cli.connect import client, cloud_command
 from cli.errors import CliError
@@ -109,6 +114,51 @@ def refresh_cert(host: str) -> None:
 async def _refresh(session_id: str) -> None:
     async with client() as api:
         await attaching.fetch_certificate(api, session_id)
+
+
+@cloud.command("agent", context_settings={"ignore_unknown_options": True})
+@click.option("-s", "--session", "sessions", multiple=True, required=True, metavar="SESSION_ID",
+              help="A session to hold a certificate for (repeat for more).")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+              help="Where to listen (default: ~/.config/orzbob/agent.<pid>.sock).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def agent_cmd(sessions: tuple[str, ...], socket_path: Path | None, command: tuple[str, ...]) -> None:
+    """An ssh-agent for automation: offers each session's certificate, always fresh.
+
+    With COMMAND (after --), run it with SSH_AUTH_SOCK set and exit with its status; without, print the
+    SSH_AUTH_SOCK line for a shell to eval and serve until interrupted. Ansible, Fabric, paramiko and
+    OpenSSH all use the agent: no certificate file to keep fresh.
+    """
+    ids = [attaching.check_session_id(s) for s in sessions]
+    code = _run_agent(ids, socket_path or agent.default_socket(), list(command))
+    raise SystemExit(code)
+
+
+@cloud_command
+async def _run_agent(session_ids: list[str], socket_path: Path, command: list[str]) -> int:
+    async def refresh(session_id: str) -> None:
+        async with client() as api:
+            await attaching.fetch_certificate(api, session_id)
+
+    holder = agent.CertificateAgent(session_ids, refresh)
+    await holder.prime()
+    server = await agent.listen(holder, socket_path)
+    try:
+        if command:
+            proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, "SSH_AUTH_SOCK": str(socket_path)})
+            return await proc.wait()
+        click.echo(f"SSH_AUTH_SOCK={shlex.quote(str(socket_path))}; export SSH_AUTH_SOCK;")
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        return 0
+    finally:
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)
 
 
 def _load_validator():  # type: ignore[no-untyped-def]

@@ -1,0 +1,137 @@
+"""docs/automation.md as written, against a whole platform (`orz server`): `orz cloud agent` with Ansible,
+Fabric, paramiko, ssh and rsync through the gateway, including a certificate that expired meanwhile."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fullstack import FULLSTACK_MARKS, Platform, running_platform
+from tests.support import ROOT
+
+pytestmark = [*FULLSTACK_MARKS, pytest.mark.timeout(300)]
+
+
+def doc_examples() -> dict[str, str]:
+    """The fenced blocks of docs/automation.md whose first line is ``# example: NAME``."""
+    text = (ROOT / "docs" / "automation.md").read_text(encoding="utf-8")
+    found = {}
+    for block in re.findall(r"```(?:sh|python)\n(.*?)```", text, re.S):
+        named = re.match(r"# example: (\w+)", block)
+        if named:
+            found[named[1]] = block
+    return found
+
+
+@dataclass
+class Automation:
+    platform: Platform
+    session_id: str
+    env: dict[str, str]
+    work: Path
+
+    @property
+    def session_dir(self) -> Path:
+        return self.platform.data / "sessions" / self.session_id
+
+    def run(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, env=self.env, cwd=self.work, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+
+    def example(self, name: str) -> subprocess.CompletedProcess[str]:
+        block = doc_examples()[name]
+        if name in ("fabric", "paramiko"):  # "run as: orz cloud agent -s "$ORZ_SESSION" -- python3 x.py"
+            script = self.work / ("deploy.py" if name == "fabric" else "check.py")
+            script.write_text(block, encoding="utf-8")
+            return self.run("orz", "cloud", "agent", "-s", self.session_id, "--", sys.executable, script.name)
+        return self.run("bash", "-euc", block)
+
+
+@pytest.fixture(scope="module")
+def automation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Automation]:
+    with running_platform(tmp_path_factory.mktemp("automation")) as platform:
+        created = platform.orz("cloud", "new", "--program", "bash", "--no-attach", "--wait", cwd=platform.home)
+        assert created.returncode == 0, created.stderr
+        session_id = created.stdout.split()[1]
+        known = platform.home / ".ssh" / "known_hosts"
+        known.parent.mkdir(mode=0o700)
+        scanned = subprocess.run(["ssh-keyscan", "-p", str(platform.ssh_port), "127.0.0.1"], capture_output=True,
+                                 text=True, timeout=30, check=True)
+        known.write_text(scanned.stdout)
+        # OpenSSH reads the passwd entry's home, not $HOME: point it at this user's known_hosts.
+        bin_dir = platform.home / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh -o UserKnownHostsFile="{known}" "$@"\n')
+        (bin_dir / "ssh").chmod(0o755)
+        work = platform.home / "work"
+        work.mkdir()
+        env = {**platform.env, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{platform.env['PATH']}",
+               "ORZ_SESSION": session_id, "ORZ_GATEWAY_HOST": "127.0.0.1",
+               "ORZ_GATEWAY_PORT": str(platform.ssh_port), "ANSIBLE_LOCAL_TEMP": str(work / ".ansible-local")}
+        yield Automation(platform, session_id, env, work)
+
+
+def expire_certificate(automation: Automation) -> bytes:
+    """Replace the session's certificate by one the real CA signed and that has expired."""
+    import asyncssh
+
+    home = automation.platform.home
+    cert_file = home / ".config" / "orzbob" / "certs" / f"{automation.session_id}-cert.pub"
+    ca = asyncssh.read_private_key(automation.platform.data / "keys" / "ssh_ca")
+    user_key = asyncssh.read_public_key(home / ".config" / "orzbob" / "id_ed25519.pub")
+    now = int(time.time())
+    expired = ca.generate_user_certificate(user_key, "user:expired", principals=[automation.session_id],
+                                           valid_after=now - 600, valid_before=now - 60)
+    text = expired.export_certificate("openssh")
+    cert_file.write_bytes(text)
+    return text
+
+
+def test_agent_offers_a_fresh_certificate_and_nothing_else(automation: Automation) -> None:
+    listed = automation.run("orz", "cloud", "agent", "-s", automation.session_id, "--", "ssh-add", "-L")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.startswith("ssh-ed25519-cert-v01@openssh.com ") and len(listed.stdout.splitlines()) == 1
+    added = automation.run("orz", "cloud", "agent", "-s", automation.session_id, "--", "ssh-add",
+                           str(automation.platform.home / ".config" / "orzbob" / "id_ed25519"))
+    assert added.returncode != 0  # the agent holds the user's key only; it takes no others
+
+    unknown = automation.run("orz", "cloud", "agent", "-s", "no-such-session", "--", "true")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("orz: "), unknown.stderr
+
+
+def test_paramiko_example_logs_in_through_the_agent_after_the_certificate_expired(automation: Automation) -> None:
+    expired = expire_certificate(automation)
+    done = automation.example("paramiko")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"files in the workspace: \d+ exit 0", done.stdout), done.stdout
+    cert_file = automation.platform.home / ".config" / "orzbob" / "certs" / f"{automation.session_id}-cert.pub"
+    assert cert_file.read_bytes() != expired
+
+
+def test_fabric_example_puts_to_the_path_pwd_printed(automation: Automation) -> None:
+    done = automation.example("fabric")
+    assert done.returncode == 0, done.stdout + done.stderr
+    workspace = automation.session_dir / "workspace"
+    assert done.stdout.strip().endswith(f"lines arrived in {workspace}"), done.stdout
+    assert (workspace / "deploy.py").read_text() == (automation.work / "deploy.py").read_text()
+
+
+def test_ansible_example_copies_to_the_home_and_leaves_the_workspace_clean(automation: Automation) -> None:
+    done = automation.example("ansible")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "CHANGED" in done.stdout, done.stdout
+    assert (automation.session_dir / "home" / "from-ansible.txt").read_text() == "deployed by ansible"
+    assert not list((automation.session_dir / "workspace").glob("~*"))
+
+
+def test_ci_example_rsync_and_ssh(automation: Automation) -> None:
+    done = automation.example("ci")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["built", str(automation.session_dir / "workspace")]
