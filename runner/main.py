@@ -147,6 +147,9 @@ class Runner:
         tmux_tmpdir = self.tmux.default_socket_dir()
         if tmux_tmpdir is not None:  # `tmux ls` / `tmux attach` in an ssh command find the session's server
             self.session_env["TMUX_TMPDIR"] = str(tmux_tmpdir)
+        else:
+            log.warning("state dir path too long for tmux's default socket: a plain `tmux ls` in the session "
+                        "will not find its server")
         await workspace.trust(self.workspace, self.base_env)
         if self.spec.repo_url:
             token = self.secrets.get(workspace.GIT_TOKEN_ENV)

@@ -91,8 +91,11 @@ class _Connection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        self.endpoint.connections.add(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.endpoint.connections.discard(self.conn)
         if self.counted:
             self.endpoint.hooks.activity.connections -= 1
             self.counted = False
@@ -155,6 +158,7 @@ class Endpoint:
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self._server: asyncssh.SSHAcceptor | None = None
         self._children: set[Callable[[], None]] = set()
+        self.connections: set[asyncssh.SSHServerConnection] = set()
 
     @property
     def host_public_key(self) -> str:
@@ -193,6 +197,12 @@ class Endpoint:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        # Closing the listener leaves connections open (asyncssh): end them too, and wait for them.
+        for conn in list(self.connections):
+            conn.close()
+        for conn in list(self.connections):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.wait_closed(), 5.0)
 
     # -- sessions ------------------------------------------------------------------------------
 

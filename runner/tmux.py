@@ -19,7 +19,7 @@ SESSION = "main"
 # How long pane_state waits for tmux to reap a dead program and publish its exit status.
 REAP_POLLS = 20
 REAP_POLL_S = 0.05
-MAX_SOCKET_PATH = 100  # sun_path is 108 bytes
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the final NUL
 _CONF = "set-option -g remain-on-exit on\nset-option -g history-limit 50000\n"
 
 
@@ -57,7 +57,7 @@ class Tmux:
     def default_socket_dir(self) -> Path | None:
         """A TMUX_TMPDIR whose default socket is this server's, so that a plain ``tmux ls`` or
         ``tmux attach`` run in the session finds it; None when that path is too long for a socket."""
-        tmpdir = self.socket.with_name("tmux-tmpdir")
+        tmpdir = self.socket.parent  # not a subdirectory: the socket path must stay short
         base = tmpdir / f"tmux-{os.getuid()}"  # tmux wants it the user's own, closed to others
         link = base / "default"
         if len(str(link.resolve(strict=False))) > MAX_SOCKET_PATH:

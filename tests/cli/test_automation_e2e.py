@@ -135,3 +135,19 @@ def test_ci_example_rsync_and_ssh(automation: Automation) -> None:
     done = automation.example("ci")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == ["built", str(automation.session_dir / "workspace")]
+
+
+def test_through_the_gateway_pty_eof_forward_refusal_and_tmux(automation: Automation) -> None:
+    """What the runner does for items 3, 5 and 6 reaches the user through the gateway unchanged."""
+    ssh = ["orz", "cloud", "agent", "-s", automation.session_id, "--", "ssh", "-p",
+           automation.env["ORZ_GATEWAY_PORT"]]
+    dest = f"{automation.session_id}@127.0.0.1"
+    eof = automation.run(*ssh, "-n", "-tt", dest, "sleep 0.2; echo x")
+    assert (eof.returncode, eof.stdout.replace("\r\n", "\n")) == (0, "x\n"), eof.stderr
+
+    refused = automation.run(*ssh, "-W", "192.0.2.1:80", dest)
+    assert refused.returncode == 255
+    assert "administratively prohibited" in refused.stderr and "only loopback" in refused.stderr, refused.stderr
+
+    tmux = automation.run(*ssh, dest, "tmux ls")
+    assert tmux.returncode == 0 and tmux.stdout.startswith("main:"), tmux.stdout + tmux.stderr
