@@ -156,6 +156,11 @@ async def test_the_path_pwd_prints_works_in_scp_sftp_and_legacy_scp(host: Host, 
                 sftp.put(str(local), f"{cwd}/{name}-abs")
                 return here, sftp.open(f"{cwd}/{name}-abs").read().decode()
 
+        # Legacy scp hands the path to the server as sshd's shell would see it: ~ is the home.
+        tilde = await run(host.scp("-O", str(local), f"{host.dest}:~/{name}-tilde"))
+        assert tilde.returncode == 0, tilde.stderr
+        assert Path(home, f"{name}-tilde").read_text() == "payload\n"
+
         here, text = await asyncio.to_thread(with_paramiko)
         assert (here, text) == (cwd, "payload\n")
         assert Path(home, f"{name}-home").read_text() == "payload\n"
