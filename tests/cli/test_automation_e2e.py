@@ -3,7 +3,9 @@ Fabric, paramiko, ssh and rsync through the gateway, including a certificate tha
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fullstack import FULLSTACK_MARKS, Platform, running_platform
-from tests.support import ROOT
+from tests.support import ROOT, wait_until
 
 pytestmark = [*FULLSTACK_MARKS, pytest.mark.timeout(300)]
 
@@ -151,3 +153,49 @@ def test_through_the_gateway_pty_eof_forward_refusal_and_tmux(automation: Automa
 
     tmux = automation.run(*ssh, dest, "tmux ls")
     assert tmux.returncode == 0 and tmux.stdout.startswith("main:"), tmux.stdout + tmux.stderr
+
+
+def test_rsync_partial_resumes_through_the_gateway(automation: Automation) -> None:
+    """The agent serving in the foreground (for `eval`), and a dropped connection through the gateway:
+    the runner's rsync keeps the part it received and the second run sends only the rest."""
+    served = subprocess.Popen(["orz", "cloud", "agent", "-s", automation.session_id], env=automation.env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert served.stdout is not None
+        line = served.stdout.readline()
+        sock = re.match(r"SSH_AUTH_SOCK=(\S+); export SSH_AUTH_SOCK;", line)
+        assert sock, line
+        env = {**automation.env, "SSH_AUTH_SOCK": sock[1]}
+        big = automation.work / "big.bin"
+        size = 16 * 1024 * 1024
+        big.write_bytes(os.urandom(size))
+        pid_file = automation.work / "ssh.pid"
+        wrapper = automation.work / "ssh-once"
+        wrapper.write_text(f'#!/bin/sh\necho $$ > {pid_file}\nexec ssh -p {automation.env["ORZ_GATEWAY_PORT"]} "$@"\n')
+        wrapper.chmod(0o755)
+        dest = automation.session_dir / "workspace" / "rsync-in"  # rsync makes it, as the session's user
+        target = f"{automation.session_id}@127.0.0.1:rsync-in/"
+        slow = subprocess.Popen(["rsync", "--partial", "--bwlimit=1500", "-e", str(wrapper), str(big), target],
+                                env=env, cwd=automation.work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: dest.is_dir() and sum(p.stat().st_size for p in dest.iterdir()) > 2 * 1024 * 1024, 30,
+                   what="the first 2 MB")
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        slow.wait(10)
+        wait_until(lambda: sorted(p.name for p in dest.iterdir()) == ["big.bin"], 10,
+                   what="the partial file under its own name")
+        kept = (dest / "big.bin").stat().st_size
+        assert 0 < kept < size
+
+        resumed = subprocess.run(["rsync", "--partial", "--stats", "-e", str(wrapper), str(big), target], env=env,
+                                 cwd=automation.work, capture_output=True, text=True, timeout=120, check=False)
+        assert resumed.returncode == 0, resumed.stderr
+        assert (dest / "big.bin").read_bytes() == big.read_bytes()
+        literal = int(re.search(r"Literal data: ([\d,]+)", resumed.stdout)[1].replace(",", ""))  # type: ignore[index]
+        assert literal <= size - kept + 1024 * 1024, (literal, kept)
+    finally:
+        served.send_signal(signal.SIGTERM)
+        code = served.wait(10)
+        if served.stdout is not None:
+            served.stdout.close()
+    assert code == 0
+    assert not Path(sock[1]).exists()
