@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib
 import os
+import re
 import shlex
 import signal
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from api import schemas
 from cli import agent, cloud_proxy, cloud_secrets, cloud_sessions, keys, output, ssh_config
 from cli import attach as attaching
 from cli.config import DEFAULT_API_URL, forget_credentials, load_credentials, token_path
@@ -114,6 +116,40 @@ def refresh_cert(host: str) -> None:
 async def _refresh(session_id: str) -> None:
     async with client() as api:
         await attaching.fetch_certificate(api, session_id)
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def _seconds(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([smh]?)", text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r}: give seconds, or a number with s, m or h (e.g. 30m)")
+    return int(match[1]) * _UNITS[match[2]]
+
+
+@cloud.command("cert")
+@click.argument("session_id")
+@click.option("--ttl", help="How long it lasts (e.g. 900, 30m, 2h); the server's cert_max_ttl_s is the limit.")
+@click.option("--readonly", is_flag=True, help="A read-only certificate (watch, do not type).")
+def cert_cmd(session_id: str, ttl: str | None, readonly: bool) -> None:
+    """Fetch a certificate for SESSION_ID into a file, for a tool that can only read one.
+
+    Prints the certificate's path, the key's and when it expires. Prefer `orz cloud agent`, which never
+    runs out; an admin decides how long a certificate may last (default: 5 minutes).
+    """
+    ttl_s = _seconds(ttl) if ttl else None
+    grant, path = _fetch_cert(attaching.check_session_id(session_id), readonly, ttl_s)
+    click.echo(f"certificate: {path}")
+    click.echo(f"key:         {keys.key_pair().private}")
+    expires = grant.certificate_expires_at
+    click.echo(f"expires:     {expires.strftime('%Y-%m-%dT%H:%M:%SZ') if expires else 'unknown'}")
+
+
+@cloud_command
+async def _fetch_cert(session_id: str, readonly: bool, ttl_s: int | None) -> tuple[schemas.AttachGrant, Path]:
+    async with client() as api:
+        return await attaching.fetch_certificate(api, session_id, readonly=readonly, ttl_s=ttl_s)
 
 
 @cloud.command("agent", context_settings={"ignore_unknown_options": True})

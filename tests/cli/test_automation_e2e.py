@@ -58,7 +58,8 @@ class Automation:
 
 @pytest.fixture(scope="module")
 def automation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Automation]:
-    with running_platform(tmp_path_factory.mktemp("automation")) as platform:
+    # An admin who lets certificates last up to 15 minutes (orz cloud cert --ttl).
+    with running_platform(tmp_path_factory.mktemp("automation"), ORZ_CERT_MAX_TTL_S="900") as platform:
         created = platform.orz("cloud", "new", "--program", "bash", "--no-attach", "--wait", cwd=platform.home)
         assert created.returncode == 0, created.stderr
         session_id = created.stdout.split()[1]
@@ -199,3 +200,25 @@ def test_rsync_partial_resumes_through_the_gateway(automation: Automation) -> No
             served.stdout.close()
     assert code == 0
     assert not Path(sock[1]).exists()
+
+
+def test_cert_file_lasts_as_long_as_asked_up_to_the_admins_limit(automation: Automation) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    done = automation.run("orz", "cloud", "cert", automation.session_id, "--ttl", "15m")
+    assert done.returncode == 0, done.stderr
+    fields = dict(line.split(":", 1) for line in done.stdout.splitlines())
+    cert_file, key_file = Path(fields["certificate"].strip()), Path(fields["key"].strip())
+    cert = serialization.load_ssh_public_identity(cert_file.read_bytes())
+    assert isinstance(cert, serialization.SSHCertificate)
+    assert cert.valid_before - cert.valid_after == 900 + 30  # backdated 30 s for clock skew
+
+    # The gateway takes it (its limit is the same setting), from the file alone: no agent, no refresh.
+    ssh = automation.run("ssh", "-F", "/dev/null", "-p", automation.env["ORZ_GATEWAY_PORT"], "-i", str(key_file),
+                         "-o", f"CertificateFile={cert_file}", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+                         "-o", "BatchMode=yes", f"{automation.session_id}@127.0.0.1", "echo from-the-file")
+    assert (ssh.returncode, ssh.stdout) == (0, "from-the-file\n"), ssh.stderr
+
+    too_long = automation.run("orz", "cloud", "cert", automation.session_id, "--ttl", "2h")
+    assert too_long.returncode == 1
+    assert "orz: a certificate may last at most 900 s on this server, not 7200 s" in too_long.stderr, too_long.stderr
