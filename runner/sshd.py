@@ -287,32 +287,47 @@ class Endpoint:
 
     async def _pipe_command(self, process: asyncssh.SSHServerProcess, env: dict[str, str],
                             argv: list[str]) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=self.hooks.workspace, env=env, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-        )
+        out_fd, out_reader, out_pipe = await _output_pipe()
+        err_fd, err_reader, err_pipe = await _output_pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=self.hooks.workspace, env=env, stdin=asyncio.subprocess.PIPE,
+                stdout=out_fd, stderr=err_fd, start_new_session=True,
+            )
+        except BaseException:
+            out_pipe.close()
+            err_pipe.close()
+            raise
+        finally:
+            os.close(out_fd)
+            os.close(err_fd)
 
         def kill() -> None:
             if proc.returncode is None:
                 killpg(proc.pid, signal.SIGKILL)
 
         def client_gone() -> None:
-            # As under sshd: the command reads end-of-file and gets SIGHUP, and may still finish what it
-            # was doing (rsync --partial keeps the part it received); SIGKILL only after a grace period.
+            # As sshd does: close our ends of the command's pipes (it reads end-of-file, and a write gets
+            # EPIPE) and send SIGHUP; it may still finish what it was doing (rsync --partial keeps the
+            # part it received). SIGKILL only if it still runs after a grace period.
             with contextlib.suppress(Exception):
                 proc.stdin.close()  # type: ignore[union-attr]
+            out_pipe.close()
+            err_pipe.close()
             hang_up(proc)
 
         self._children.add(kill)
         watcher = asyncio.create_task(_when_closed(process, client_gone))
         feeder = asyncio.create_task(self._feed(process, proc))
         try:
-            await asyncio.gather(_copy(proc.stdout, process.stdout), _copy(proc.stderr, process.stderr))
+            await asyncio.gather(_copy(out_reader, process.stdout), _copy(err_reader, process.stderr))
             code = await proc.wait()
             _exit(process, code)
         finally:
             feeder.cancel()
             watcher.cancel()
+            out_pipe.close()
+            err_pipe.close()
             kill()
             self._children.discard(kill)
 
@@ -439,20 +454,31 @@ async def _when_closed(process: asyncssh.SSHServerProcess, then: Callable[[], No
     then()
 
 
-async def _copy(reader: asyncio.StreamReader | None, writer: asyncssh.SSHWriter) -> None:
-    """Copy to the channel until the program closes its end; once the channel is gone, drain into the
-    void, so a program finishing up after a hang-up is not stuck on a full pipe."""
-    if reader is None:
-        return
-    open_ = True
+async def _output_pipe() -> tuple[int, asyncio.StreamReader, asyncio.ReadTransport]:
+    """A pipe for a command's stdout or stderr: (write end for the child, reader, read transport).
+
+    Ours rather than asyncio's PIPE so its read end can be closed while the command runs, as sshd closes
+    its end when the client goes away: a command still writing then gets EPIPE instead of blocking.
+    """
+    read_fd, write_fd = os.pipe()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(loop=loop)
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
+                                                    os.fdopen(read_fd, "rb", buffering=0))
+    except BaseException:
+        os.close(write_fd)
+        raise
+    return write_fd, reader, transport
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncssh.SSHWriter) -> None:
     while chunk := await reader.read(65536):
-        if not open_:
-            continue
         try:
             writer.write(chunk)
             await writer.drain()
         except (BrokenPipeError, OSError, asyncssh.Error):
-            open_ = False
+            return
 
 
 def _exit(process: asyncssh.SSHServerProcess, code: int) -> None:

@@ -258,6 +258,35 @@ async def test_rsync_partial_resumes_after_the_connection_drops(host: Host, shor
         subprocess.run(["rm", "-rf", str(dest_dir)], check=False)
 
 
+async def test_a_command_that_ignores_the_hang_up_still_ends_when_it_writes(host: Host, short_tmp: Path) -> None:
+    """Its output has nowhere to go once the client is gone: it gets EPIPE/SIGPIPE, as under sshd."""
+    pid_file = short_tmp / f"yes-{host.name}.pid"
+    client = await asyncio.create_subprocess_exec(
+        *host.ssh(host.dest, f"trap '' HUP; echo $$ > {pid_file}; exec yes"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        await asyncio.sleep(0.05)
+    pid = int(pid_file.read_text())
+    client.kill()
+    await client.wait()
+    for _ in range(60):  # well before the 5 s after which the runner would SIGKILL it
+        if not running(pid):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the command kept running after its client went away")
+
+
+def running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
 # -- item 6: a forward refused by policy says so ---------------------------------------------------------
 
 
