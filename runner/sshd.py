@@ -288,7 +288,12 @@ class Endpoint:
     async def _pipe_command(self, process: asyncssh.SSHServerProcess, env: dict[str, str],
                             argv: list[str]) -> None:
         out_fd, out_reader, out_pipe = await _output_pipe()
-        err_fd, err_reader, err_pipe = await _output_pipe()
+        try:
+            err_fd, err_reader, err_pipe = await _output_pipe()
+        except BaseException:
+            os.close(out_fd)
+            out_pipe.close()
+            raise
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=self.hooks.workspace, env=env, stdin=asyncio.subprocess.PIPE,
