@@ -130,8 +130,19 @@ def test_ansible_example_copies_to_the_home_and_leaves_the_workspace_clean(autom
     done = automation.example("ansible")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "CHANGED" in done.stdout, done.stdout
-    assert (automation.session_dir / "home" / "from-ansible.txt").read_text() == "deployed by ansible"
+    home = automation.session_dir / "home"
+    assert (home / "from-ansible.txt").read_text() == "deployed by ansible"
     assert not list((automation.session_dir / "workspace").glob("~*"))
+
+    # fetch by the absolute path the session's shell prints, over sftp and over scp
+    for method in ("sftp", "scp"):
+        fetched = automation.work / f"fetched-{method}.txt"
+        done = automation.run("orz", "cloud", "agent", "-s", automation.session_id, "--", "env",
+                              f"ANSIBLE_SSH_TRANSFER_METHOD={method}", "ansible", "-i", "inventory.ini", "sessions",
+                              "-m", "ansible.builtin.fetch",
+                              "-a", f"src={home}/from-ansible.txt dest={fetched} flat=yes")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert fetched.read_text() == "deployed by ansible"
 
 
 def test_ci_example_rsync_and_ssh(automation: Automation) -> None:
