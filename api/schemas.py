@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictInt,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -276,6 +277,8 @@ class AttachRequest(Request):
     public_key: Annotated[str, StringConstraints(min_length=1, max_length=16384)] | None = None
     # Strict: "readonly": "no" must be an error, not a silently coerced value.
     readonly: StrictBool = False
+    # A certificate lifetime other than the default, up to the server's cert_max_ttl_s (automation).
+    ttl_s: Annotated[StrictInt, Field(ge=10, le=86400)] | None = None
 
 
 class AttachGrant(Response):

@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     ssh_ca_public_key_file: Path | None = None
     jwt_public_key_file: Path | None = None
     cert_ttl_s: int = Field(default=300, ge=10, le=3600)
+    # The longest certificate a user may ask for (`orz cloud cert --ttl`, AttachRequest.ttl_s), for
+    # automation that can only read a certificate file; never below cert_ttl_s. Raising it makes a leaked
+    # certificate worth longer (the gateway still checks access on every connection). API and gateway.
+    cert_max_ttl_s: int = Field(default=300, ge=10, le=86400)
     attach_token_ttl_s: int = Field(default=120, ge=5, le=600)
     permit_port_forwarding: bool = True
     secrets_key: SecretStr = SecretStr("")
@@ -229,6 +233,11 @@ class Settings(BaseSettings):
         if not self.public_ssh_port:
             object.__setattr__(self, "public_ssh_port", self.ssh_port)
         return self
+
+    @property
+    def longest_cert_ttl_s(self) -> int:
+        """How long a certificate may live: what users may ask for, and what the gateway accepts."""
+        return max(self.cert_ttl_s, self.cert_max_ttl_s)
 
     @property
     def keys_dir(self) -> Path:

@@ -92,7 +92,7 @@ def free_port() -> int:
 class Sshd:
     """A private sshd on a free port: its own host key, config and authorized keys."""
 
-    def __init__(self, work: Path, authorized: list[str]) -> None:
+    def __init__(self, work: Path, authorized: list[str], extra_config: tuple[str, ...] = ()) -> None:
         if not Path(SSHD).exists():
             raise SystemExit("sshd not found: apt-get install -y openssh-server")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -107,7 +107,7 @@ class Sshd:
             f"AuthorizedKeysFile {work / 'authorized_keys'}", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
             "PidFile none", "Compression no", "MaxStartups 100:30:200", "MaxSessions 100", "LogLevel ERROR",
-            "PrintMotd no", "PrintLastLog no", "Subsystem sftp internal-sftp",
+            "PrintMotd no", "PrintLastLog no", "Subsystem sftp internal-sftp", *extra_config,
         ]) + "\n")
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

@@ -36,11 +36,12 @@ def session_from_id_or_url(value: str) -> str:
     return check_session_id(match.group(1))
 
 
-async def fetch_certificate(api: ApiClient, session_id: str, *, readonly: bool = False
-                            ) -> tuple[schemas.AttachGrant, Path]:
+async def fetch_certificate(api: ApiClient, session_id: str, *, readonly: bool = False,
+                            ttl_s: int | None = None) -> tuple[schemas.AttachGrant, Path]:
     """POST attach with our public key; store the certificate and the session's ssh_config block."""
     pair = keys.ensure_key_pair()
-    grant = await api.attach(session_id, schemas.AttachRequest(public_key=pair.public_line(), readonly=readonly))
+    grant = await api.attach(session_id, schemas.AttachRequest(public_key=pair.public_line(), readonly=readonly,
+                                                               ttl_s=ttl_s))
     if not grant.certificate:
         raise CliError(f"the API gave no SSH certificate for {session_id}; is its SSH CA configured?")
     cert = keys.save_certificate(session_id, grant.certificate, readonly)

@@ -77,7 +77,7 @@ def load_trust_anchors(settings: Settings) -> TrustAnchors:
     if not isinstance(pub, ec.EllipticCurvePublicKey) or pub.curve.name != "secp256r1":
         raise public_keys.PublicKeyError(f"{path} is not a P-256 EC public key (the JWT signer's)")
     return TrustAnchors(ca_key=ca_key, jwt_public_key=pub, jwt_max_ttl_s=settings.attach_token_ttl_s,
-                        cert_max_ttl_s=settings.cert_ttl_s)
+                        cert_max_ttl_s=settings.longest_cert_ttl_s)
 
 
 def valid_session_id(username: str) -> bool:

@@ -349,7 +349,8 @@ class ClientConnection(asyncssh.SSHServer):
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Awaitable[Pipe]:
         if self.attachment is None or self.readonly or self.refusal is not None:
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "not permitted")
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "orz: port forwarding is not permitted on this attach")
         return open_direct(self.attachment, dest_host, dest_port, orig_host, orig_port,
                            fast_path=self.gw.settings.gateway_fast_path)
 

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 # command -> Debian package that provides it
 declare -A wanted=(
   [tmux]=tmux [ssh]=openssh-client [sftp]=openssh-client [scp]=openssh-client [git]=git
+  # Automation clients' tests and docs/automation.md's CI example (rsync runs at both ends).
+  [rsync]=rsync
   [psql]=postgresql-client [pg_dump]=postgresql-client [curl]=curl [make]=make
   # The browser terminal test drives Debian's chromium with playwright (never `playwright install`).
   [chromium]=chromium

@@ -144,6 +144,12 @@ class Runner:
         (self.state_dir / RELEASED_FILE).unlink(missing_ok=True)
         if len(str(self.tmux.socket)) > _MAX_UNIX_PATH:
             raise RunnerError(f"state dir path too long for a unix socket: {self.state_dir}")
+        tmux_tmpdir = self.tmux.default_socket_dir()
+        if tmux_tmpdir is not None:  # `tmux ls` / `tmux attach` in an ssh command find the session's server
+            self.session_env["TMUX_TMPDIR"] = str(tmux_tmpdir)
+        else:
+            log.warning("state dir path too long for tmux's default socket: a plain `tmux ls` in the session "
+                        "will not find its server")
         await workspace.trust(self.workspace, self.base_env)
         if self.spec.repo_url:
             token = self.secrets.get(workspace.GIT_TOKEN_ENV)
@@ -214,7 +220,7 @@ class Runner:
             workspace=self.workspace, shell=self.shell, tmux=self.tmux, activity=self.activity,  # nosec B604  # shell= is a path
             env=lambda: dict(self.session_env), ensure_program=self._ensure_program, ready=self.ready,
             on_attach=lambda: self.config.setup.onAttach if self.config else None,
-            on_attach_timeout_s=cloud_config.ON_ATTACH_TIMEOUT_S,
+            on_attach_timeout_s=cloud_config.ON_ATTACH_TIMEOUT_S, login=self.spec.session_id,
         )
         self.endpoint = Endpoint(hooks, self.spec.gateway_public_key, self.spec.ssh_host, self.spec.ssh_port)
         port = await self.endpoint.start()

@@ -34,6 +34,7 @@ class PtyChild:
         self.master = master
         self._on_output = on_output
         self._eof = asyncio.Event()
+        self._hung_up = False
         asyncio.get_running_loop().add_reader(master, self._readable)
 
     @classmethod
@@ -98,8 +99,7 @@ class PtyChild:
             _set_winsize(self.master, cols, rows)
 
     def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signum)
+        killpg(self.proc.pid, signum)
 
     async def wait(self, time_limit: float | None = None) -> int:
         """Wait for exit and for the last output to be read; kill the program on timeout."""
@@ -127,3 +127,31 @@ class PtyChild:
         if self.proc.returncode is None:
             self.signal(signal.SIGHUP)
             self.signal(signal.SIGKILL)
+
+    def hang_up(self) -> None:
+        """The client went away: SIGHUP now, as sshd's closed pty would, and SIGKILL what is left later."""
+        if not self._hung_up:
+            self._hung_up = True
+            hang_up(self.proc)
+
+
+# How long a program has to exit after its client went away (rsync keeps its --partial file meanwhile).
+HANGUP_GRACE_S = 5.0
+
+
+def killpg(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signum)
+
+
+def hang_up(proc: asyncio.subprocess.Process, grace_s: float = HANGUP_GRACE_S) -> None:
+    """SIGHUP the process group ``proc`` leads; SIGKILL it after ``grace_s`` if the leader still runs."""
+    if proc.returncode is not None:
+        return
+    killpg(proc.pid, signal.SIGHUP)
+
+    def kill_if_running() -> None:
+        if proc.returncode is None:
+            killpg(proc.pid, signal.SIGKILL)
+
+    asyncio.get_running_loop().call_later(grace_s, kill_if_running)

@@ -1,7 +1,8 @@
 """The runner's internal SSH endpoint: only the gateway's key gets in; user "rw" or "ro" is the mode.
 
 A shell with a pty runs ``setup.onAttach`` and attaches to tmux; a shell or exec without a pty is a
-plain command in the workspace; sftp and scp work on the workspace; port forwarding stays on loopback.
+plain command in the workspace; sftp and scp see the paths commands see (runner/paths.py); port
+forwarding stays on loopback.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import asyncssh
 from api.schemas import UNIX_ROUTE_PREFIX
 from api.settings import ssh_algorithms
 from runner.activity import Activity
-from runner.ptyproc import PtyChild
+from runner.paths import SessionSFTP, expand_login_home
+from runner.ptyproc import PtyChild, hang_up, killpg
 from runner.tmux import Tmux
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ class SessionHooks:
     ready: asyncio.Event
     on_attach: Callable[[], str | None] = lambda: None
     on_attach_timeout_s: float = 30.0
+    login: str = ""  # the session id: the user name clients log in with (``~<login>`` is the home)
+
+    def home(self) -> Path:
+        return Path(self.env().get("HOME") or self.workspace)
 
 
 def is_loopback(host: str) -> bool:
@@ -85,8 +91,11 @@ class _Connection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        self.endpoint.connections.add(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.endpoint.connections.discard(self.conn)
         if self.counted:
             self.endpoint.hooks.activity.connections -= 1
             self.counted = False
@@ -113,9 +122,17 @@ class _Connection(asyncssh.SSHServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> bool:
-        if self.username != "rw" or not is_loopback(dest_host):
+        # Refused by policy, not by the destination: say so (OpenSSH prints "administratively prohibited"
+        # and the reason), as sshd does for a forward its PermitOpen refuses.
+        if self.username != "rw":
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "orz: a read-only attach cannot forward ports")
+        if not is_loopback(dest_host):
             log.info("refused direct-tcpip to %s:%s", dest_host, dest_port)
-            return False
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"orz: forwarding to {dest_host}:{dest_port} is not allowed; only loopback addresses in "
+                "the session (localhost, 127.0.0.1, ::1) can be forwarded to")
         return True
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool | Awaitable[asyncssh.SSHListener]:
@@ -141,6 +158,7 @@ class Endpoint:
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self._server: asyncssh.SSHAcceptor | None = None
         self._children: set[Callable[[], None]] = set()
+        self.connections: set[asyncssh.SSHServerConnection] = set()
 
     @property
     def host_public_key(self) -> str:
@@ -179,13 +197,19 @@ class Endpoint:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        # Closing the listener leaves connections open (asyncssh): end them too, and wait for them.
+        for conn in list(self.connections):
+            conn.close()
+        for conn in list(self.connections):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.wait_closed(), 5.0)
 
     # -- sessions ------------------------------------------------------------------------------
 
     def _sftp(self, chan: asyncssh.SSHServerChannel) -> asyncssh.SFTPServer:
         if chan.get_extra_info("username") != "rw":
             chan.exit(1)  # a read-only attach may look, not copy files in or out
-        return _WorkspaceSFTP(chan, chroot=os.fsencode(self.hooks.workspace))
+        return SessionSFTP(chan, cwd=self.hooks.workspace, home=self.hooks.home(), login=self.hooks.login)
 
     async def _handle(self, process: asyncssh.SSHServerProcess) -> None:
         try:
@@ -207,6 +231,8 @@ class Endpoint:
             return
         env = self.hooks.env()
         env.update(client_env(process.env))
+        if command is not None:
+            command = expand_login_home(command, self.hooks.login, str(self.hooks.home()))
         agent = process.channel.get_agent_path()
         if agent:
             env["SSH_AUTH_SOCK"] = agent
@@ -261,26 +287,52 @@ class Endpoint:
 
     async def _pipe_command(self, process: asyncssh.SSHServerProcess, env: dict[str, str],
                             argv: list[str]) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=self.hooks.workspace, env=env, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-        )
+        out_fd, out_reader, out_pipe = await _output_pipe()
+        try:
+            err_fd, err_reader, err_pipe = await _output_pipe()
+        except BaseException:
+            os.close(out_fd)
+            out_pipe.close()
+            raise
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=self.hooks.workspace, env=env, stdin=asyncio.subprocess.PIPE,
+                stdout=out_fd, stderr=err_fd, start_new_session=True,
+            )
+        except BaseException:
+            out_pipe.close()
+            err_pipe.close()
+            raise
+        finally:
+            os.close(out_fd)
+            os.close(err_fd)
 
         def kill() -> None:
             if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                killpg(proc.pid, signal.SIGKILL)
+
+        def client_gone() -> None:
+            # As sshd does: close our ends of the command's pipes (it reads end-of-file, and a write gets
+            # EPIPE) and send SIGHUP; it may still finish what it was doing (rsync --partial keeps the
+            # part it received). SIGKILL only if it still runs after a grace period.
+            with contextlib.suppress(Exception):
+                proc.stdin.close()  # type: ignore[union-attr]
+            out_pipe.close()
+            err_pipe.close()
+            hang_up(proc)
 
         self._children.add(kill)
-        watcher = asyncio.create_task(_kill_when_closed(process, kill))
+        watcher = asyncio.create_task(_when_closed(process, client_gone))
         feeder = asyncio.create_task(self._feed(process, proc))
         try:
-            await asyncio.gather(_copy(proc.stdout, process.stdout), _copy(proc.stderr, process.stderr))
+            await asyncio.gather(_copy(out_reader, process.stdout), _copy(err_reader, process.stderr))
             code = await proc.wait()
             _exit(process, code)
         finally:
             feeder.cancel()
             watcher.cancel()
+            out_pipe.close()
+            err_pipe.close()
             kill()
             self._children.discard(kill)
 
@@ -308,15 +360,6 @@ class Endpoint:
                 proc.stdin.close()
 
 
-class _WorkspaceSFTP(asyncssh.SFTPServer):
-    """SFTP rooted at the workspace, ending with an exit status as OpenSSH's sftp-server does."""
-
-    def exit(self) -> None:
-        # OpenSSH's scp (sftp mode) treats a channel closed without exit-status as a failure.
-        with contextlib.suppress(Exception):
-            self.channel.exit(0)
-
-
 TYPEAHEAD_MAX_BYTES = 64 * 1024
 
 
@@ -336,7 +379,7 @@ class _PtyBridge:
         self._typeahead = bytearray()
         self._drain: asyncio.Task[None] | None = None
         self._pump = asyncio.create_task(self._read_input())
-        self._watch = asyncio.create_task(_kill_when_closed(process, self._kill_child))
+        self._watch = asyncio.create_task(_when_closed(process, self._hang_up_child))
 
     async def run(self, argv: list[str], cwd: Path, env: Mapping[str, str],
                   time_limit: float | None = None) -> int:
@@ -354,7 +397,7 @@ class _PtyBridge:
         try:
             self.process.stdout.write(data)
         except (BrokenPipeError, OSError, asyncssh.Error):
-            self._kill_child()
+            self._hang_up_child()
             return
         child = self.child
         if child is not None and self.process.channel.get_write_buffer_size() > PTY_BACKLOG_BYTES:
@@ -369,6 +412,10 @@ class _PtyBridge:
     def _kill_child(self) -> None:
         if self.child is not None:
             self.child.kill()
+
+    def _hang_up_child(self) -> None:
+        if self.child is not None:
+            self.child.hang_up()
 
     async def _read_input(self) -> None:
         while True:
@@ -389,8 +436,9 @@ class _PtyBridge:
             except (asyncssh.Error, BrokenPipeError, ConnectionError):
                 data = b""
             if not data:
-                # The client hung up (a pty session has no other EOF): take its program down too.
-                self._kill_child()
+                # End of input (``ssh -n -tt``, paramiko's stdin.close()) is not a hang-up: as under sshd
+                # the program runs on and its output and exit status still reach the client. A client
+                # that goes away closes the channel, and ``_watch`` takes the program down then.
                 return
             if not self.input_enabled:
                 continue
@@ -406,14 +454,30 @@ class _PtyBridge:
         self._kill_child()
 
 
-async def _kill_when_closed(process: asyncssh.SSHServerProcess, kill: Callable[[], None]) -> None:
+async def _when_closed(process: asyncssh.SSHServerProcess, then: Callable[[], None]) -> None:
     await process.channel.wait_closed()
-    kill()
+    then()
 
 
-async def _copy(reader: asyncio.StreamReader | None, writer: asyncssh.SSHWriter) -> None:
-    if reader is None:
-        return
+async def _output_pipe() -> tuple[int, asyncio.StreamReader, asyncio.ReadTransport]:
+    """A pipe for a command's stdout or stderr: (write end for the child, reader, read transport).
+
+    Ours rather than asyncio's PIPE so its read end can be closed while the command runs, as sshd closes
+    its end when the client goes away: a command still writing then gets EPIPE instead of blocking.
+    """
+    read_fd, write_fd = os.pipe()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(loop=loop)
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
+                                                    os.fdopen(read_fd, "rb", buffering=0))
+    except BaseException:
+        os.close(write_fd)
+        raise
+    return write_fd, reader, transport
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncssh.SSHWriter) -> None:
     while chunk := await reader.read(65536):
         try:
             writer.write(chunk)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ SESSION = "main"
 # How long pane_state waits for tmux to reap a dead program and publish its exit status.
 REAP_POLLS = 20
 REAP_POLL_S = 0.05
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the final NUL
 _CONF = "set-option -g remain-on-exit on\nset-option -g history-limit 50000\n"
 
 
@@ -51,6 +53,21 @@ class Tmux:
     def __init__(self, socket: Path, binary: str = "tmux") -> None:
         self.socket = socket
         self.binary = binary
+
+    def default_socket_dir(self) -> Path | None:
+        """A TMUX_TMPDIR whose default socket is this server's, so that a plain ``tmux ls`` or
+        ``tmux attach`` run in the session finds it; None when that path is too long for a socket."""
+        tmpdir = self.socket.parent  # not a subdirectory: the socket path must stay short
+        base = tmpdir / f"tmux-{os.getuid()}"  # tmux wants it the user's own, closed to others
+        link = base / "default"
+        if len(str(link.resolve(strict=False))) > MAX_SOCKET_PATH:
+            return None
+        base.mkdir(parents=True, mode=0o700, exist_ok=True)
+        base.chmod(0o700)
+        if not (link.is_symlink() and os.readlink(link) == str(self.socket)):
+            link.unlink(missing_ok=True)
+            link.symlink_to(self.socket)
+        return tmpdir
 
     def argv(self, *args: str) -> list[str]:
         return [self.binary, "-S", str(self.socket), *args]

@@ -68,10 +68,16 @@ async def attach(request: Request, id: str) -> HTTPResponse:
     settings = st.settings
     keys = attach_keys(request)
     cert: ssh_ca.SignedCertificate | None = None
+    ttl_s = settings.cert_ttl_s
+    if body.ttl_s is not None:
+        if body.ttl_s > settings.longest_cert_ttl_s:
+            raise BadRequest(f"a certificate may last at most {settings.longest_cert_ttl_s} s on this server, "
+                             f"not {body.ttl_s} s (an admin sets the limit: cert_max_ttl_s)")
+        ttl_s = body.ttl_s
     if body.public_key:
         try:
             cert = ssh_ca.sign_user_certificate(
-                keys.ca, body.public_key, session_id=row.id, user_id=who.user_id, ttl_s=settings.cert_ttl_s,
+                keys.ca, body.public_key, session_id=row.id, user_id=who.user_id, ttl_s=ttl_s,
                 permit_port_forwarding=settings.permit_port_forwarding, readonly=body.readonly,
             )
         except ssh_ca.CertificateError as exc:

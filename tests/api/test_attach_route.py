@@ -6,7 +6,9 @@ import asyncssh
 from cryptography.hazmat.primitives import serialization
 from sanic import Sanic
 
+from api.app import create_app
 from api.credentials import jwt as attach_jwt
+from api.instances.providers.fake import FakeProvider
 from api.settings import Settings
 from tests.conftest import make_tenant
 
@@ -71,3 +73,32 @@ async def test_attach_someone_elses_session_in_the_org_is_forbidden(app: Sanic, 
     _, resp = await app.asgi_client.post(f"/v1/instances/{sid}/attach", json={},
                                          headers={"Authorization": f"Bearer {peer_token}"})
     assert resp.status == 403 and "someone else" in resp.json["detail"]
+
+
+async def test_attach_certificate_lifetime_up_to_the_admins_limit(app: Sanic, sessions, settings: Settings) -> None:
+    """Automation that reads a certificate file asks for a longer one (orz cloud cert --ttl), up to
+    cert_max_ttl_s; the default limit is the default lifetime, so nothing changes unless an admin says."""
+    t = await make_tenant(sessions, "acme")
+    sid = await _session(app, t.headers)
+    public = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+
+    async def ask(ttl_s: object, via: Sanic = app) -> tuple[int, dict]:
+        _, resp = await via.asgi_client.post(f"/v1/instances/{sid}/attach", headers=t.headers,
+                                             json={"public_key": public, "ttl_s": ttl_s})
+        return resp.status, resp.json
+
+    status, body = await ask(settings.cert_ttl_s + 1)
+    assert status == 400 and f"at most {settings.cert_ttl_s} s" in body["detail"], body
+    status, body = await ask(60)
+    assert status == 200 and lifetime(body) == 60 + 30  # 30 s backdated
+    assert (await ask("600"))[0] == 422  # strictly a number
+
+    raised = create_app(settings.model_copy(update={"cert_max_ttl_s": 3600}), provider=FakeProvider())
+    status, body = await ask(3600, via=raised)
+    assert status == 200 and lifetime(body) == 3600 + 30
+
+
+def lifetime(grant: dict) -> int:
+    cert = serialization.load_ssh_public_identity(grant["certificate"].encode())
+    assert isinstance(cert, serialization.SSHCertificate)
+    return cert.valid_before - cert.valid_after

@@ -184,6 +184,9 @@ def test_trust_anchors_take_the_lifetimes_from_settings(tmp_path: Path, ca, jwt_
     settings = Settings(data_dir=tmp_path, cert_ttl_s=600, attach_token_ttl_s=60)
     loaded = load_trust_anchors(settings)
     assert (loaded.cert_max_ttl_s, loaded.jwt_max_ttl_s) == (600, 60)
+    # Certificates users asked to last longer (orz cloud cert --ttl) up to the admin's cert_max_ttl_s.
+    longer = load_trust_anchors(Settings(data_dir=tmp_path, cert_ttl_s=300, cert_max_ttl_s=3600))
+    assert longer.cert_max_ttl_s == 3600
     assert loaded.ca_key.public_data == ca.public_data
     assert loaded.jwt_public_key.public_numbers() == jwt_key.public_key().public_numbers()
 

@@ -116,8 +116,10 @@ async def test_sftp_put_get_round_trip(session, short_tmp) -> None:
         await sftp.get("uploaded.bin", str(back))
         assert back.read_bytes() == payload
         assert "README" in await sftp.listdir(".")
-        # the workspace is the root: nothing above it is reachable
-        assert await sftp.realpath("..") == "/"
+        # the paths an exec sees (it starts in the workspace); outside the workspace and home, nothing
+        assert await sftp.realpath(".") == str(session.runner.workspace)
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.listdir("/etc")
 
 
 async def test_direct_tcpip_only_to_loopback(session) -> None:

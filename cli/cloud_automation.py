@@ -1,0 +1,100 @@
+"""`orz cloud cert` and `orz cloud agent`: credentials for automation (docs/automation.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from api import schemas
+from cli import agent, keys
+from cli import attach as attaching
+from cli.connect import client, cloud_command
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def _seconds(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([smh]?)", text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r}: give seconds, or a number with s, m or h (e.g. 30m)")
+    return int(match[1]) * _UNITS[match[2]]
+
+
+@click.command("cert")
+@click.argument("session_id")
+@click.option("--ttl", help="How long it lasts (e.g. 900, 30m, 2h); the server's cert_max_ttl_s is the limit.")
+@click.option("--readonly", is_flag=True, help="A read-only certificate (watch, do not type).")
+def cert_cmd(session_id: str, ttl: str | None, readonly: bool) -> None:
+    """Fetch a certificate for SESSION_ID into a file, for a tool that can only read one.
+
+    Prints the certificate's path, the key's and when it expires. Prefer `orz cloud agent`, which never
+    runs out; an admin decides how long a certificate may last (default: 5 minutes).
+    """
+    ttl_s = _seconds(ttl) if ttl else None
+    grant, path = _fetch_cert(attaching.check_session_id(session_id), readonly, ttl_s)
+    click.echo(f"certificate: {path}")
+    click.echo(f"key:         {keys.key_pair().private}")
+    expires = grant.certificate_expires_at
+    click.echo(f"expires:     {expires.strftime('%Y-%m-%dT%H:%M:%SZ') if expires else 'unknown'}")
+
+
+@cloud_command
+async def _fetch_cert(session_id: str, readonly: bool, ttl_s: int | None) -> tuple[schemas.AttachGrant, Path]:
+    async with client() as api:
+        return await attaching.fetch_certificate(api, session_id, readonly=readonly, ttl_s=ttl_s)
+
+
+@click.command("agent", context_settings={"ignore_unknown_options": True})
+@click.option("-s", "--session", "sessions", multiple=True, required=True, metavar="SESSION_ID",
+              help="A session to hold a certificate for (repeat for more).")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+              help="Where to listen (default: ~/.config/orzbob/agent.<pid>.sock).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def agent_cmd(sessions: tuple[str, ...], socket_path: Path | None, command: tuple[str, ...]) -> None:
+    """An ssh-agent for automation: offers each session's certificate, always fresh.
+
+    With COMMAND (after --), run it with SSH_AUTH_SOCK set and exit with its status; without, print the
+    SSH_AUTH_SOCK line for a shell to eval and serve until interrupted. Ansible, Fabric, paramiko and
+    OpenSSH all use the agent: no certificate file to keep fresh.
+    """
+    ids = [attaching.check_session_id(s) for s in sessions]
+    code = _run_agent(ids, socket_path or agent.default_socket(), list(command))
+    raise SystemExit(code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as shells say
+
+
+@cloud_command
+async def _run_agent(session_ids: list[str], socket_path: Path, command: list[str]) -> int:
+    async def refresh(session_id: str) -> None:
+        async with client() as api:
+            await attaching.fetch_certificate(api, session_id)
+
+    holder = agent.CertificateAgent(session_ids, refresh)
+    await holder.prime()
+    server = await agent.listen(holder, socket_path)
+    try:
+        if command:
+            proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, "SSH_AUTH_SOCK": str(socket_path)})
+            return await proc.wait()
+        click.echo(f"SSH_AUTH_SOCK={shlex.quote(str(socket_path))}; export SSH_AUTH_SOCK;")
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        return 0
+    finally:
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)
+
+
+COMMANDS = [cert_cmd, agent_cmd]
