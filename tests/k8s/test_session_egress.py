@@ -10,7 +10,7 @@ import pytest
 
 from api.instances.providers.kubernetes import manifests
 from tests.k8s.conftest import make_spec
-from tests.k8s.helm import CHART, RELEASE_NS, render
+from tests.k8s.helm import CHART, RELEASE_NS, render, template
 from tests.k8s.netpol import Cluster, Pod
 
 VALUES_TEST = Path(__file__).with_name("values-test.yaml")
@@ -168,3 +168,12 @@ def test_the_evaluator_refuses_an_except_outside_its_cidr() -> None:
                        "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}}]}]}}
     with pytest.raises(ValueError, match="not inside"):
         Cluster({}, [policy])
+
+
+def test_sessions_sharing_the_release_namespace_are_refused() -> None:
+    """The policy covers every Pod of the sessions namespace: there it would cover the control plane."""
+    done = template("--set", f"sessions.namespace={RELEASE_NS}")
+    assert done.returncode != 0
+    assert "a namespace of their own" in done.stderr
+    assert template("--set", f"sessions.namespace={RELEASE_NS}",
+                    "--set", "networkPolicy.sessionEgress.enabled=false").returncode == 0
