@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -19,15 +20,24 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
     start_http_server,
 )
+from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
 
+# No `*_created` series: one more series per counter and histogram child that no query here uses.
+disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, process_start_time_seconds...
+# (Linux /proc). Not in multiprocess mode: there they would describe whichever worker answered.
+if not os.environ.get(MULTIPROC_ENV):
+    ProcessCollector(registry=REGISTRY)
 
 
 def multiprocess_dir() -> str | None:
@@ -43,7 +53,23 @@ def exposition(*extra: CollectorRegistry) -> bytes:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
-    return generate_latest(REGISTRY) + b"".join(generate_latest(registry) for registry in extra)
+    return generate_latest(_FirstOfEachName((REGISTRY, *extra)))
+
+
+class _FirstOfEachName:
+    """Registries as one for the exposition, each metric family once: every service's registry has the
+    process_* collector, and one process has one set of process_* series."""
+
+    def __init__(self, registries: tuple[CollectorRegistry, ...]) -> None:
+        self.registries = registries
+
+    def collect(self) -> Iterator[Metric]:
+        seen: set[str] = set()
+        for registry in self.registries:
+            for family in registry.collect():
+                if family.name not in seen:
+                    seen.add(family.name)
+                    yield family
 
 
 @dataclass
@@ -103,12 +129,13 @@ SESSIONS_BY_STATE = Gauge(
     multiprocess_mode="mostrecent",  # the worker that answered the last scrape counted the database
 )
 SCHEDULER_JOB_RUNS = Counter(
-    "orz_scheduler_job_runs_total", "Scheduler job runs by job and result (ok, error, standby)",
-    ["job", "result"], registry=REGISTRY,
+    # `task`, not `job`: Prometheus keeps `job` for the scrape job and would rename ours exported_job.
+    "orz_scheduler_job_runs_total", "Scheduler job runs by task and result (ok, error, standby)",
+    ["task", "result"], registry=REGISTRY,
 )
 SCHEDULER_JOB_DURATION = Histogram(
-    "orz_scheduler_job_duration_seconds", "Duration of the scheduler jobs' passes (as leader) by job",
-    ["job"], registry=REGISTRY, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    "orz_scheduler_job_duration_seconds", "Duration of the scheduler jobs' passes (as leader) by task",
+    ["task"], registry=REGISTRY, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 SCHEDULER_LEADER = Gauge(
     "orz_scheduler_leader", "1 while this replica holds the scheduler lease", registry=REGISTRY

@@ -17,11 +17,21 @@ from dataclasses import dataclass
 from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 
 log = logging.getLogger(__name__)
 
+disable_created_metrics()  # no `*_created` series
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_* (CPU, memory, open fds, start time) of the gateway
 
 Door = Literal["ssh", "web"]
 DOORS: tuple[Door, ...] = ("ssh", "web")

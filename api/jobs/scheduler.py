@@ -109,7 +109,7 @@ class LifecycleScheduler:
         try:
             async with self._lock:
                 if self._stopping or not await self.tick():
-                    metrics.SCHEDULER_JOB_RUNS.labels(job=name, result="standby").inc()
+                    metrics.SCHEDULER_JOB_RUNS.labels(task=name, result="standby").inc()
                     return None
                 started = time.perf_counter()
                 try:
@@ -121,12 +121,12 @@ class LifecycleScheduler:
                 except Exception:
                     # A failed pass is logged and retried on the next tick; the scheduler keeps going.
                     log.exception("scheduler job %s failed", name)
-                    metrics.SCHEDULER_JOB_RUNS.labels(job=name, result="error").inc()
+                    metrics.SCHEDULER_JOB_RUNS.labels(task=name, result="error").inc()
                     return None
                 finally:
-                    metrics.SCHEDULER_JOB_DURATION.labels(job=name).observe(time.perf_counter() - started)
+                    metrics.SCHEDULER_JOB_DURATION.labels(task=name).observe(time.perf_counter() - started)
                 self.runs[name] += 1
-                metrics.SCHEDULER_JOB_RUNS.labels(job=name, result="ok").inc()
+                metrics.SCHEDULER_JOB_RUNS.labels(task=name, result="ok").inc()
                 return result
         finally:
             if task is not None:

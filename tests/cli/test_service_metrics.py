@@ -29,6 +29,15 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for f in text_string_to_metric_families(text) for s in f.samples}
 
 
+def assert_process_metrics_and_no_created(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
+    """process_* of the serving process are there; no `*_created` series; no label Prometheus owns."""
+    names = {name for name, _ in samples}
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds",
+            "process_open_fds"} <= names
+    assert not [n for n in names if n.endswith("_created")]
+    assert not [labels for _, labels in samples if {"job", "instance"} & {k for k, _ in labels}]
+
+
 def test_scheduler_serves_its_metrics(tmp_path):
     db = f"sqlite+aiosqlite:///{tmp_path / 'orz.db'}"
     migrate.upgrade(db)
@@ -38,7 +47,7 @@ def test_scheduler_serves_its_metrics(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "cli", "scheduler"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        reap_ok = ("orz_scheduler_job_runs_total", (("job", "reap"), ("result", "ok")))
+        reap_ok = ("orz_scheduler_job_runs_total", (("result", "ok"), ("task", "reap")))
 
         def reaped_or_exited() -> dict | None:
             if proc.poll() is not None:
@@ -49,7 +58,8 @@ def test_scheduler_serves_its_metrics(tmp_path):
         samples = wait_until(reaped_or_exited, timeout=30, what="a reap pass on /metrics")
         assert proc.poll() is None
         assert samples[("orz_scheduler_leader", ())] == 1
-        assert samples[("orz_scheduler_job_duration_seconds_count", (("job", "reap"),))] >= 1
+        assert samples[("orz_scheduler_job_duration_seconds_count", (("task", "reap"),))] >= 1
+        assert_process_metrics_and_no_created(samples)
     finally:
         _out, err = stop_process(proc, signal.SIGTERM)
     assert proc.returncode == 0, err
@@ -71,6 +81,7 @@ def test_api_serves_metrics_on_its_metrics_port_only(tmp_path):
                              timeout=30, what="the API's metrics port")
         assert proc.poll() is None
         assert ("orz_sessions", (("state", "running"),)) in samples
+        assert_process_metrics_and_no_created(samples)
         public = httpx.get(f"http://127.0.0.1:{api_port}/metrics", timeout=5)
         assert public.status_code == 404 and public.headers["content-type"] == "application/problem+json"
         assert httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=5).status_code == 200
@@ -101,6 +112,10 @@ def test_embedded_server_shows_api_scheduler_and_gateway_metrics_on_one_endpoint
         samples = wait_until(scraped, timeout=60, what="orz server /metrics")
         assert proc.poll() is None
         assert ("orz_sessions", (("state", "running"),)) in samples  # the API's
+        assert_process_metrics_and_no_created(samples)
+        # The API's and the gateway's registries both collect process_*: one process, one set of series.
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert text.count("# TYPE process_resident_memory_bytes ") == 1
         # ... and only there: the API's public port does not serve them.
         assert httpx.get(f"http://127.0.0.1:{api_port}/metrics", timeout=5).status_code == 404
     finally:

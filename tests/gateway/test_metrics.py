@@ -109,6 +109,9 @@ async def test_ssh_attach_moves_active_sessions_0_1_0_and_counts_the_attach(env:
     ssh = {"door": "ssh"}
     ok = {"door": "ssh", "result": "ok"}
     before = await wait_for_sample(port, "orz_active_sessions", ssh, 0)
+    # The gateway process's own resource series, and no `*_created` companions of the counters.
+    assert before[("process_resident_memory_bytes", ())] > 0
+    assert not [name for name, _ in before if name.endswith("_created")]
     attaches_before = before[("orz_attaches_total", tuple(sorted(ok.items())))]
     latency_before = before[("orz_attach_latency_seconds_count", (("door", "ssh"),))]
     bytes_before = before[("orz_bytes_proxied_total", (("direction", "out"),))]

@@ -76,7 +76,16 @@ def make_spec(
 
 
 def validate_strict(obj: Mapping[str, Any]) -> None:
-    """Fail the test with the object's kind/name and the schema error if ``obj`` is invalid."""
+    """Fail the test with the object's kind/name and the schema error if ``obj`` is invalid (an HTTPRoute
+    against tests/k8s/gateway_api.py's schema: kubernetes-validate has no Gateway API schemas)."""
+    if obj.get("apiVersion") == "gateway.networking.k8s.io/v1" and obj.get("kind") == "HTTPRoute":
+        from tests.k8s.gateway_api import RouteInvalid, validate_httproute
+
+        try:
+            validate_httproute(obj)
+        except RouteInvalid as exc:
+            pytest.fail(f"HTTPRoute/{obj['metadata'].get('name')} does not validate: {exc}")
+        return
     try:
         kubernetes_validate.validate(dict(obj), K8S_VERSION, strict=True)
     except kubernetes_validate.ValidationError as exc:

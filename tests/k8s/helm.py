@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -48,3 +49,31 @@ def render(*extra: str) -> list[dict[str, Any]]:
     done = template(*extra)
     assert done.returncode == 0, done.stderr
     return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+# The chart's secrets.* value for each key of the keys Secret.
+SECRET_VALUES = {
+    "ssh-ca-key": "sshCaKey", "jwt-key": "jwtKey", "secrets-key": "secretsKey", "service-token": "serviceToken",
+    "gateway-host-key": "gatewayHostKey", "gateway-client-key": "gatewayClientKey",
+    "ssh-ca-public-key": "sshCaPublicKey", "jwt-public-key": "jwtPublicKey",
+    "gateway-public-key": "gatewayPublicKey", "postgres-password": "postgresPassword",
+}
+
+
+def gitops_keys_secret(name: str = "orz-keys") -> dict[str, Any]:
+    """The Secret hack/gitops-keys-secret.sh prints (what a GitOps user seals and commits)."""
+    done = subprocess.run(["bash", str(ROOT / "hack" / "gitops-keys-secret.sh"), name, RELEASE_NS],
+                          capture_output=True, text=True, timeout=60, check=True)
+    secret: dict[str, Any] = yaml.safe_load(done.stdout)
+    return secret
+
+
+def gitops_values(secret: dict[str, Any], tmp: Path) -> list[str]:
+    """helm arguments giving every key of ``secret`` as an inline value, with secrets.generate=false."""
+    args = ["--set", "secrets.generate=false"]
+    tmp.mkdir(parents=True, exist_ok=True)
+    for key, value in secret["data"].items():
+        path = tmp / key
+        path.write_bytes(base64.b64decode(value))
+        args += ["--set-file", f"secrets.{SECRET_VALUES[key]}={path}"]
+    return args

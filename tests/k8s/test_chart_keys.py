@@ -24,13 +24,16 @@ from gateway.server import serve
 from runner.activity import Activity
 from runner.sshd import Endpoint, SessionHooks
 from tests.k8s.chart_pod import container_env, rendered_secret, settings_from
-from tests.k8s.helm import render
+from tests.k8s.helm import gitops_keys_secret, gitops_values, render
 
 SID = "brave-otter-42"
 
 
-@pytest.fixture(scope="module")
-def objs() -> list[dict[str, Any]]:
+@pytest.fixture(scope="module", params=["generated", "gitops"])
+def objs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The chart's own keys, and those of hack/gitops-keys-secret.sh given as values (nothing generated)."""
+    if request.param == "gitops":
+        return render(*gitops_values(gitops_keys_secret(), tmp_path_factory.mktemp("keys")))
     return render()
 
 

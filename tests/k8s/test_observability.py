@@ -267,9 +267,18 @@ CASES: dict[str, tuple[list[dict[str, str]], list[tuple[str, str, list[dict[str,
          {"series": 'orz_scheduler_leader{pod="b"}', "values": "1x30"}],
         [("15m", "OrzSchedulerNoLeader", [])]),
     "a job failing every minute": (
-        [{"series": 'orz_scheduler_job_runs_total{job="reap_idle",result="error"}', "values": "0+1x40"},
-         {"series": 'orz_scheduler_job_runs_total{job="purge",result="error"}', "values": "0x14 1x25"}],
-        [("35m", "OrzSchedulerJobFailing", fires({"severity": "ticket", "job": "reap_idle"}))]),
+        [{"series": 'orz_scheduler_job_runs_total{task="reap_idle",result="error"}', "values": "0+1x40"},
+         {"series": 'orz_scheduler_job_runs_total{task="purge",result="error"}', "values": "0x14 1x25"}],
+        [("35m", "OrzSchedulerJobFailing", fires({"severity": "ticket", "task": "reap_idle"}))]),
+    "a failing job on two scheduler replicas (scrape job and instance labels): one alert per task": (
+        [{"series": 'orz_scheduler_job_runs_total{job="orz-scheduler",instance="a",task="reap_idle",'
+                    'result="error"}', "values": "0+1x40"},
+         {"series": 'orz_scheduler_job_runs_total{job="orz-scheduler",instance="b",task="reap_idle",'
+                    'result="error"}', "values": "0+1x40"},
+         {"series": 'orz_scheduler_job_runs_total{job="orz-scheduler",instance="a",task="purge",'
+                    'result="error"}', "values": "0+1x40"}],
+        [("35m", "OrzSchedulerJobFailing", fires({"severity": "ticket", "task": "purge"},
+                                                 {"severity": "ticket", "task": "reap_idle"}))]),
 }
 
 
@@ -292,6 +301,15 @@ def targets_cases(objs: list[dict[str, Any]]) -> dict[str, tuple[list[dict[str, 
             [{"series": f'up{{job="{gw_job}",instance="a"}}', "values": "0x20"},
              {"series": f'up{{job="{api_job}",instance="a"}}', "values": "1x20"}],
             [("10m", "OrzGatewayDown", fires({"severity": "page"})), ("10m", "OrzApiDown", [])]),
+        # Targets that vanish from discovery leave no `up` series at all: absent() still fires.
+        "every API target gone (no up series left)": (
+            [{"series": f'up{{job="{api_job}",instance="a"}}', "values": "1x4 _x20"},
+             {"series": f'up{{job="{gw_job}",instance="a"}}', "values": "1x25"}],
+            [("3m", "OrzApiDown", []), ("15m", "OrzApiDown", fires({"severity": "page", "job": api_job})),
+             ("15m", "OrzGatewayDown", [])]),
+        "the gateway never discovered": (
+            [{"series": f'up{{job="{api_job}",instance="a"}}', "values": "1x20"}],
+            [("10m", "OrzGatewayDown", fires({"severity": "page", "job": gw_job})), ("10m", "OrzApiDown", [])]),
     }
 
 
@@ -429,3 +447,16 @@ def test_schema_rejects_unknown_keys_and_bad_values(bad: list[str]) -> None:
     done = template(*bad)
     assert done.returncode != 0
     assert "schema" in done.stderr, done.stderr
+
+
+def test_no_metric_has_a_label_prometheus_sets_on_every_target() -> None:
+    """A label named `job` or `instance` comes out as exported_job/exported_instance, and queries grouping
+    by it group by the scrape job instead: the scheduler's tasks are `task`."""
+    for registry in (api_metrics.REGISTRY, gateway_metrics.REGISTRY):
+        for collector in list(registry._collector_to_names):  # the metrics with no child yet too
+            assert not {"job", "instance"} & set(getattr(collector, "_labelnames", ())), collector
+    dash = (CHART / "dashboards" / "orzbob-cloud.json").read_text()
+    rules = (CHART / "templates" / "monitoring" / "prometheusrule.yaml").read_text()
+    for text in (dash, rules):
+        assert "by (job" not in text and "by (le, job" not in text and "exported_job" not in text
+    assert "sum by (task, result) (rate(orz_scheduler_job_runs_total" in dash

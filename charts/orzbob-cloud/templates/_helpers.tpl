@@ -191,3 +191,29 @@ seccompProfile:
         path: {{ . }}
 {{- end }}
 {{- end }}
+
+{{/* An Ingress's annotations: its own, then cert-manager's issuer when set (ingress.certManager). */}}
+{{- define "orz.ingressAnnotations" -}}
+{{- $cm := .root.Values.ingress.certManager }}
+{{- $a := merge (dict) (.annotations | default dict) }}
+{{- if $cm.clusterIssuer }}{{ $_ := set $a "cert-manager.io/cluster-issuer" $cm.clusterIssuer }}{{ end }}
+{{- if $cm.issuer }}{{ $_ := set $a "cert-manager.io/issuer" $cm.issuer }}{{ end }}
+{{- with $a }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* An Ingress's tls: as given, or with cert-manager one entry for its hosts in a Secret it fills. */}}
+{{- define "orz.ingressTls" -}}
+{{- $cm := .root.Values.ingress.certManager }}
+{{- $tls := .tls }}
+{{- if and (not $tls) (or $cm.clusterIssuer $cm.issuer) }}
+{{- if not .hosts }}{{ fail (printf "%s: cert-manager needs host names to ask a certificate for (set %s)" .what .hostsKey) }}{{ end }}
+{{- $tls = list (dict "secretName" (printf "%s-tls" .name) "hosts" .hosts) }}
+{{- end }}
+{{- with $tls }}
+tls:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}

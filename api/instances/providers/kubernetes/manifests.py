@@ -8,7 +8,8 @@ Object graph per session (all in the sessions namespace, all named from the sess
   background garbage collection only removes after the owner is gone.
 - Secret ``orz-<id>-env``: ``ORZ_RUNNER_TOKEN`` and the session's secret env, read via ``envFrom``.
 - PersistentVolumeClaim ``orz-<id>-ws``: ``/workspace``, kept when the session stops.
-- NetworkPolicy ``orz-<id>``: only gateway pods may reach the runner's SSH port; egress stays open.
+- NetworkPolicy ``orz-<id>``: only gateway pods may reach the runner's SSH port. Egress is the chart's
+  namespace-wide policy (charts/orzbob-cloud/templates/sessions/egress-networkpolicy.yaml).
 - Pod ``orz-<id>``: the runner and any sidecars. Stop deletes just this.
 """
 
@@ -148,7 +149,8 @@ def network_policy(spec: ComputeSpec, config: ClusterConfig, owner_uid: str | No
         "spec": {
             "podSelector": {"matchLabels": {**names.session_selector(spec.session_id),
                                             "app.kubernetes.io/component": "runner"}},
-            # Ingress only: listing Egress would close it, and the runner needs git hosts and the API.
+            # Ingress only: listing Egress here would close it. The chart's session-egress policy, one
+            # for the whole namespace, limits egress to DNS, the API pods and the internet.
             "policyTypes": ["Ingress"],
             "ingress": [{
                 "from": [{
