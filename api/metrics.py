@@ -130,7 +130,7 @@ SESSIONS_BY_STATE = Gauge(
 )
 SCHEDULER_JOB_RUNS = Counter(
     # `task`, not `job`: Prometheus keeps `job` for the scrape job and would rename ours exported_job.
-    "orz_scheduler_job_runs_total", "Scheduler job runs by task and result (ok, error, standby)",
+    "orz_scheduler_job_runs_total", "Scheduler job runs by task and result (ok, error, standby, fenced)",
     ["task", "result"], registry=REGISTRY,
 )
 SCHEDULER_JOB_DURATION = Histogram(

@@ -116,7 +116,7 @@ class LifecycleScheduler:
                     result = await self.jobs[name](self.lease.held)
                 except LeaseLost as lost:
                     log.warning("scheduler job %s stopped: %s", name, lost)
-                    metrics.SCHEDULER_JOB_RUNS.labels(job=name, result="fenced").inc()
+                    metrics.SCHEDULER_JOB_RUNS.labels(task=name, result="fenced").inc()
                     return None
                 except Exception:
                     # A failed pass is logged and retried on the next tick; the scheduler keeps going.
