@@ -16,6 +16,12 @@ from typing import Any, Literal
 from api.cloud_yaml import DEFAULT_MAX_SERVICES
 
 ProviderState = dict[str, Any]
+# What a session's compute is doing, as the reconciler (api/jobs/reconcile.py) reads it:
+# - "absent": nothing of the session's compute exists (no process or Pod; the workspace may or may not);
+# - "pending": asked for and coming up (image pull, scheduling, a process starting), not yet serving;
+# - "running": the runner process or Pod is up (the session is `running` once the runner's heartbeat says so);
+# - "stopped": released on purpose, the workspace kept (stop, idle reaping) or going away (terminating);
+# - "failed": it ran and will not recover without a change (crash loop, bad image, a Pod that failed).
 ComputePhase = Literal["absent", "pending", "running", "stopped", "failed"]
 
 
@@ -60,6 +66,22 @@ class ProviderFailure(Exception):
 
 
 class Provider(abc.ABC):
+    """Compute for sessions: local processes (LocalProvider), Kubernetes Pods (KubernetesProvider) or a
+    recording stand-in for tests (FakeProvider).
+
+    Required: ``create``, ``start``, ``stop``, ``delete``, ``status`` and ``list``. Optional (with
+    defaults here): ``read_log``, ``isolates_sessions``, ``runner_socket``, ``check_services`` (with
+    ``runs_services``) and ``close``. The gateway's route comes from the runner's heartbeat, not from here.
+
+    Call order for one session, all from InstanceService (and the reconciler for ``list``/``stop``/
+    ``delete`` of compute it finds unwanted): ``create`` once, with the ProviderState it returns saved on
+    the row before anything else happens; then any number of ``stop`` -> ``start`` cycles, each given the
+    last saved state; ``status`` at any time; finally ``delete``. Every call may be repeated after a crash
+    of the API between the call and the row's update, so each must be idempotent, and each must work from
+    the saved state alone (a restarted API has no memory of earlier calls). Failures the user should see
+    are raised as ProviderFailure with a reason safe to show.
+    """
+
     name: str = "base"
     # True when the provider runs ``services:`` as containers beside the runner (ComputeSpec.services):
     # its runners report the services they find, and the API restarts compute to add them.
