@@ -251,9 +251,18 @@ class InstanceEvent(Response):
     message: str | None = None
 
 
+class ProgramExit(Response):
+    """The session's program exited (and was not restarted since): when and why."""
+
+    at: datetime
+    message: str
+
+
 class InstanceStatus(Response):
     instance: Instance
     events: list[InstanceEvent]
+    # Set while the session's program has exited: attaching restarts it.
+    program_exit: ProgramExit | None = None
 
 
 class InstanceLogs(Response):
@@ -418,6 +427,19 @@ class RunnerSpec(Request):
     pod_services_digest: str = ""
 
 
+PROGRAM_EVENT_KINDS = ("program_exited", "program_restarted")
+
+
+class ProgramEvent(Request):
+    """Runner → API: the session's program exited or was restarted (recorded as a session event)."""
+
+    control_rules = {"message": "log"}
+
+    kind: Literal["program_exited", "program_restarted"]
+    exit_code: int | None = None
+    message: Annotated[str, StringConstraints(max_length=1024)]
+
+
 class Heartbeat(Request):
     """Runner → API, every heartbeat interval and on every notable change."""
 
@@ -439,6 +461,9 @@ class Heartbeat(Request):
     # Pod mode, when .orz/cloud.yaml names other services than the Pod runs: the services it names. The
     # API restarts the Pod with them; the runner starts nothing until then.
     services: Annotated[list[SidecarSpec], Field(max_length=16)] | None = None
+    # Program exits and restarts since the last heartbeat that got through (each sent once; absent when
+    # none, so an API of the previous release still takes the heartbeat).
+    program_events: Annotated[list[ProgramEvent], Field(max_length=16)] | None = None
 
 
 class HeartbeatReply(Response):

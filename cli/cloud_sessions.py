@@ -14,6 +14,7 @@ from cli.connect import client, cloud_command
 from cli.errors import CliError
 from cli.repo import current_repo
 from cli.starting import LogFollower, wait_until_running
+from runner.program import is_claude
 
 session_id_arg = click.argument("session_id", metavar="ID", callback=lambda _c, _p, v: attaching.check_session_id(v))
 
@@ -32,7 +33,8 @@ def _split_names(value: str | None) -> list[str]:
 @click.option("--branch", help="Branch to check out (default: this directory's branch when --repo is not given).")
 @click.option("--tier", type=click.Choice(["small", "medium", "large"]), default="small", show_default=True,
               help="small 2 CPU/4Gi, medium 4/8Gi, large 8/16Gi.")
-@click.option("--program", help="The command run in the tmux session (default: the platform's agent).")
+@click.option("--program", help="The command run in the tmux session (default: the platform's agent, claude). "
+              "It gets TASK in $ORZ_TASK and the file $ORZ_TASK_FILE; claude gets it as its prompt.")
 @click.option("--secrets", "secret_names", metavar="NAME,...", help="Secrets to expose as environment variables.")
 @click.option("--no-attach", is_flag=True, help="Create the session and return without attaching.")
 @click.option("--wait/--no-wait", default=None,
@@ -67,6 +69,9 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
         inst = await api.create_instance(body)
         where = f" from {inst.repo_url}" + (f" ({inst.branch})" if inst.branch else "") if inst.repo_url else ""
         click.echo(f"session {inst.id} created{where}, {inst.tier} tier, {inst.status}")
+        if task and program and not is_claude(program):
+            _note(f"the task reaches {program.split()[0]} as $ORZ_TASK and the file $ORZ_TASK_FILE, not as an "
+                  "argument (to pass it: --program '... \"$ORZ_TASK\"')")
         if wait:
             try:
                 inst = await wait_until_running(api, inst.id, _note, timeout_s=wait_s)
@@ -181,6 +186,8 @@ async def status(session_id: str, as_json: bool) -> None:
         return
     for name, value in output.describe(st.instance):
         click.echo(f"{name + ':':<13}{value}")
+    if st.program_exit is not None:
+        click.echo(f"{'program:':<13}{output.program_exit_line(st.program_exit, st.instance.id)}")
     if st.events:
         click.echo("events:")
         for event in st.events[-10:]:

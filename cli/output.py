@@ -89,6 +89,11 @@ def event_line(event: schemas.InstanceEvent) -> str:
     return f"{at}  {change}{message}"
 
 
+def program_exit_line(program_exit: schemas.ProgramExit, session_id: str) -> str:
+    at = program_exit.at.astimezone(UTC).strftime("%H:%M:%S")
+    return f"{program_exit.message} at {at}; attaching restarts it (orz cloud attach {session_id})"
+
+
 def describe(inst: schemas.Instance) -> list[tuple[str, Any]]:
     """The fields `orz cloud status` shows, in order."""
     rows: list[tuple[str, Any]] = [

@@ -130,6 +130,23 @@ class InstanceService:
             )
             return list(reversed(list(rows)))
 
+    async def program_exit(self, who: Principal, inst: Instance) -> schemas.ProgramExit | None:
+        """A running session's program exit, when its latest program event since it last started is an exit
+        (not a restart)."""
+        if inst.state != State.RUNNING.value:
+            return None
+        async with self.autocommit() as db:
+            last = await db.scalar(
+                select(Event)
+                .where(Event.instance_id == inst.id, Event.org_id == inst.org_id,
+                       or_(Event.kind.in_(schemas.PROGRAM_EVENT_KINDS), Event.to_state == State.STARTING.value))
+                .order_by(Event.id.desc())
+                .limit(1)
+            )
+        if last is None or last.kind != "program_exited":
+            return None
+        return schemas.ProgramExit(at=last.at, message=last.message or "the program exited")
+
     async def quota(self, org_id: str, plan: str) -> schemas.Quota:
         async with self.autocommit() as db:
             active = await self._count_active(db, org_id)
@@ -381,6 +398,8 @@ class InstanceService:
                 if inst.last_activity_at is None or latest > inst.last_activity_at:
                     values["last_activity_at"] = latest
             await db.execute(update(Instance).where(Instance.id == inst.id).values(**values))
+            for pe in hb.program_events or ():
+                db.add(self._event(inst, "runner", pe.kind, None, None, pe.message))
             await db.commit()
             await db.refresh(inst)
         state = State(inst.state)

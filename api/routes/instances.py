@@ -91,8 +91,9 @@ async def instance_status(request: Request, id: str) -> HTTPResponse:
     svc = state(request).instances
     row = await svc.get(who, id)
     events = await svc.events(who, id)
+    program_exit = await svc.program_exit(who, row)
     return respond(schemas.InstanceStatus(instance=instance_view(state(request).settings, row),
-                                          events=[event_view(e) for e in events]))
+                                          events=[event_view(e) for e in events], program_exit=program_exit))
 
 
 @route(bp, "GET", "/v1/instances/{id}/logs", summary="The session's init log and events", tag=TAG,

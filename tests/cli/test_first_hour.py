@@ -1,0 +1,56 @@
+"""A new user's first hour: what `orz cloud` tells them (real `orz` subprocess, real API, FakeProvider)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from api import schemas
+from tests.cli.conftest import LiveApi, Orz
+from tests.cli.test_cloud_commands import create
+from tests.conftest import Tenant
+
+EXIT_127 = "the program exited with code 127 (command not found; check --program)"
+
+
+def program_event(kind: str, message: str, exit_code: int | None = None) -> schemas.ProgramEvent:
+    return schemas.ProgramEvent(kind=kind, message=message, exit_code=exit_code)  # type: ignore[arg-type]
+
+
+def test_new_says_how_the_task_reaches_a_program(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                 tmp_path: Path) -> None:
+    done = orz("cloud", "new", "--no-attach", "--program", "bash", "say hello", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "the task reaches bash as $ORZ_TASK and the file $ORZ_TASK_FILE, not as an argument" in done.stderr
+    sid = done.stdout.split()[1]
+    assert live_api.provider.specs[sid].task == "say hello" and live_api.provider.specs[sid].program == "bash"
+    quiet = orz("cloud", "new", "--no-attach", "--program", "claude --model opus", "say hello", cwd=tmp_path)
+    assert quiet.returncode == 0 and "ORZ_TASK" not in quiet.stderr
+
+
+def test_status_says_why_the_program_exited_until_it_restarts(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                             tmp_path: Path) -> None:
+    sid = create(orz, "--program", "bash", "say hello", cwd=tmp_path)
+    live_api.heartbeat(sid)
+    live_api.heartbeat(sid, program_running=False, program_exit_code=127,
+                       program_events=[program_event("program_exited", EXIT_127, 127)])
+    status = orz("cloud", "status", sid)
+    assert status.returncode == 0, status.stderr
+    [line] = [x for x in status.stdout.splitlines() if x.startswith("program:") and "exited" in x]
+    assert EXIT_127 in line and f"attaching restarts it (orz cloud attach {sid})" in line
+    assert f"program_exited  {EXIT_127}" in status.stdout  # and among the events
+    as_json = json.loads(orz("cloud", "status", sid, "--json").stdout)
+    assert as_json["program_exit"]["message"] == EXIT_127
+
+    live_api.heartbeat(sid, program_running=True,
+                       program_events=[program_event("program_restarted", "the program was restarted for an attach")])
+    status = orz("cloud", "status", sid)
+    assert not [x for x in status.stdout.splitlines() if x.startswith("program:") and "exited" in x]
+    assert json.loads(orz("cloud", "status", sid, "--json").stdout)["program_exit"] is None
+
+    # An exit of an earlier run says nothing about the session once it started again.
+    live_api.heartbeat(sid, program_running=False, program_events=[program_event("program_exited", EXIT_127, 127)])
+    assert orz("cloud", "stop", sid).returncode == 0
+    assert orz("cloud", "start", sid).returncode == 0
+    live_api.heartbeat(sid)
+    assert json.loads(orz("cloud", "status", sid, "--json").stdout)["program_exit"] is None
