@@ -271,6 +271,12 @@ class InstanceLogs(Response):
     events: list[InstanceEvent] = Field(default_factory=list)
 
 
+class StartRequest(Request):
+    # Move the workspace to the branch's current head first, even when its setup succeeded before
+    # (uncommitted changes are stashed; local commits keep it as it is).
+    pull: StrictBool = False
+
+
 class AttachRequest(Request):
     # The contents of a .pub file end in a newline (and RFC 4716 keys span lines).
     control_rules = {"public_key": "text"}
@@ -425,6 +431,8 @@ class RunnerSpec(Request):
     sidecars: SidecarMode = "local"
     # Pod mode: services_digest() of the services this Pod was built with.
     pod_services_digest: str = ""
+    # `orz cloud start --pull`: update the workspace to the branch's head even after a successful setup.
+    pull: bool = False
 
 
 PROGRAM_EVENT_KINDS = ("program_exited", "program_restarted")

@@ -147,12 +147,16 @@ async def stop(session_id: str) -> None:
 
 @click.command("start")
 @session_id_arg
+@click.option("--pull", is_flag=True,
+              help="First move the workspace to the branch's current head (uncommitted changes are stashed).")
 @cloud_command
-async def start(session_id: str) -> None:
-    """Start a stopped session on its kept workspace."""
+async def start(session_id: str, pull: bool) -> None:
+    """Start a stopped (or failed) session on its kept workspace."""
     async with client() as api:
-        inst = await api.start_instance(session_id)
+        inst = await api.start_instance(session_id, pull=pull)
     click.echo(f"session {inst.id} {inst.status}")
+    if pull:
+        click.echo(f"what the update did is in its log: orz cloud logs {inst.id}")
 
 
 @click.command("logs")

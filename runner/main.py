@@ -155,7 +155,9 @@ class Runner:
             token = self.secrets.get(workspace.GIT_TOKEN_ENV)
             if not await workspace.clone(self.spec.repo_url, self.spec.branch, self.workspace,
                                          env=self.base_env, token=token):
-                await workspace.refresh(self.spec.repo_url, self.workspace, env=self.base_env, token=token)
+                done = await workspace.refresh(self.spec.repo_url, self.workspace, env=self.base_env, token=token,
+                                               pull=self.spec.pull)
+                workspace.note(self.init_log, done.notes)
         self.config = cloud_config.find(self.workspace)
         if self.config is not None:
             # Resolve every ${SECRET} before anything starts, so a bad ref fails fast and leaves nothing.

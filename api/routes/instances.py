@@ -77,10 +77,12 @@ async def stop_instance(request: Request, id: str) -> HTTPResponse:
 
 
 @route(bp, "POST", "/v1/instances/{id}/start", summary="Start a stopped session", tag=TAG,
-       responses={200: schemas.Instance}, errors=(400, 403, 404, 409, 429, 503))
+       request=schemas.StartRequest, responses={200: schemas.Instance}, errors=(400, 403, 404, 409, 429, 503),
+       body_required=False)
 async def start_instance(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
-    row = await state(request).instances.start(who, id)
+    body = parse_body(request, schemas.StartRequest, allow_empty=True)
+    row = await state(request).instances.start(who, id, pull=body.pull)
     return respond(instance_view(state(request).settings, row))
 
 

@@ -54,3 +54,23 @@ def test_status_says_why_the_program_exited_until_it_restarts(orz: Orz, live_api
     assert orz("cloud", "start", sid).returncode == 0
     live_api.heartbeat(sid)
     assert json.loads(orz("cloud", "status", sid, "--json").stdout)["program_exit"] is None
+
+
+def test_start_pull_reaches_the_runner_and_is_refused_while_running(orz: Orz, live_api: LiveApi,
+                                                                    logged_in: Tenant, tmp_path: Path) -> None:
+    sid = create(orz, "--repo", "https://example.com/acme/app.git", cwd=tmp_path)
+    live_api.heartbeat(sid)
+    refused = orz("cloud", "start", "--pull", sid)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (f"orz: session {sid} is running: --pull applies when it starts; run git pull "
+                                      "in it, or stop it and start it again with --pull")
+    assert orz("cloud", "stop", sid).returncode == 0
+    done = orz("cloud", "start", "--pull", sid)
+    assert done.returncode == 0, done.stderr
+    assert f"what the update did is in its log: orz cloud logs {sid}" in done.stdout
+    assert live_api.provider.specs[sid].pull is True
+    status = orz("cloud", "status", sid)
+    assert "stopped -> starting  updating the workspace to the branch's head (--pull)" in status.stdout
+    assert orz("cloud", "stop", sid).returncode == 0
+    assert orz("cloud", "start", sid).returncode == 0
+    assert live_api.provider.specs[sid].pull is False  # only when asked
