@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cli import attach as attaching
-from cli import cloud_proxy, cloud_secrets, cloud_sessions, keys, output, ssh_config
+from cli import cloud_proxy, cloud_secrets, cloud_sessions, cloud_token, keys, output, ssh_config
 from cli.config import DEFAULT_API_URL, forget_credentials, load_credentials, token_path
 from cli.connect import client, cloud_command
 from cli.errors import CliError
@@ -139,6 +139,6 @@ def validate(path: Path) -> None:
     click.echo(f"{file}: ok ({len(services)} service{'s' if len(services) != 1 else ''})")
 
 
-for _command in [*cloud_sessions.COMMANDS, *cloud_proxy.COMMANDS]:
+for _command in [*cloud_sessions.COMMANDS, *cloud_proxy.COMMANDS, *cloud_token.COMMANDS]:
     cloud.add_command(_command)
 cloud.add_command(cloud_secrets.secrets)

@@ -74,3 +74,19 @@ def test_start_pull_reaches_the_runner_and_is_refused_while_running(orz: Orz, li
     assert orz("cloud", "stop", sid).returncode == 0
     assert orz("cloud", "start", sid).returncode == 0
     assert live_api.provider.specs[sid].pull is False  # only when asked
+
+
+def test_token_prints_a_token_the_gateway_accepts(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                  tmp_path: Path) -> None:
+    from gateway import auth
+
+    sid = create(orz, cwd=tmp_path)
+    live_api.heartbeat(sid)
+    done = orz("cloud", "token", sid)
+    assert done.returncode == 0, done.stderr
+    [token] = done.stdout.splitlines()  # the token alone on stdout: `orz cloud token ID | ...` works
+    assert "single use, until " in done.stderr and "paste it at the Token: prompt of: ssh -p " in done.stderr
+    principal = auth.check_jwt(token, sid, auth.load_trust_anchors(live_api.app.ctx.state.settings))
+    assert principal.user_id == logged_in.user_id and principal.method == "jwt" and not principal.readonly
+    readonly = orz("cloud", "token", "--readonly", sid).stdout.strip()
+    assert auth.check_jwt(readonly, sid, auth.load_trust_anchors(live_api.app.ctx.state.settings)).readonly
