@@ -88,7 +88,7 @@ def test_a_port_in_use_is_named_with_its_flag_and_variable(tmp_path):
         taken.listen()
         api_port = taken.getsockname()[1]
         proc = start_server(tmp_path, api_port, ssh_port)
-        out, err = proc.communicate(timeout=60)
+        _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert err.strip() == (f"orz: port {api_port} (API) on 127.0.0.1 is already in use; choose another with "
                            f"--api-port PORT or ORZ_API_PORT=PORT (e.g. make dev ARGS='--api-port {api_port + 1}')")
