@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import click
 from pydantic import ValidationError
 
 from api import schemas
+from api.client import ApiError
 from cli import attach as attaching
 from cli import keys, output, ssh_config
 from cli.connect import client, cloud_command
 from cli.errors import CliError
-from cli.repo import current_repo
+from cli.repo import as_clone_url, current_repo, is_local_path, local_repo_refused
 from cli.starting import LogFollower, wait_until_running
 from runner.program import is_claude
 
@@ -43,6 +45,9 @@ def _split_names(value: str | None) -> list[str]:
 def new(task: str | None, repo: str | None, branch: str | None, tier: str, program: str | None,
         secret_names: str | None, no_attach: bool, wait: bool | None, timeout: int) -> None:
     """Start a new session (and attach to it once it runs)."""
+    if repo is not None and is_local_path(repo):
+        repo = as_clone_url(str(Path(repo).expanduser()), Path.cwd())
+        _note(f"the local repository is cloned from {repo}")
     argv = _new(task, repo, branch, tier, program, secret_names, no_attach,
                 (not no_attach) if wait is None else wait, timeout)
     if argv:
@@ -66,7 +71,12 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
         await api.aclose()
         raise CliError(schemas.describe_validation(exc)) from None
     async with api:
-        inst = await api.create_instance(body)
+        try:
+            inst = await api.create_instance(body)
+        except ApiError as exc:
+            if exc.body.get("code") == "repo_url_refused" and repo and repo.startswith("file://"):
+                raise CliError(local_repo_refused(repo)) from None
+            raise
         where = f" from {inst.repo_url}" + (f" ({inst.branch})" if inst.branch else "") if inst.repo_url else ""
         click.echo(f"session {inst.id} created{where}, {inst.tier} tier, {inst.status}")
         if task and program and not is_claude(program):
@@ -74,7 +84,8 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
                   "argument (to pass it: --program '... \"$ORZ_TASK\"')")
         if wait:
             try:
-                inst = await wait_until_running(api, inst.id, _note, timeout_s=wait_s)
+                with output.status_line(f"session {inst.id} is {inst.status}") as show:
+                    inst = await wait_until_running(api, inst.id, _note, timeout_s=wait_s, show=show)
             except asyncio.CancelledError:  # Ctrl-C: the session keeps starting without us
                 _note(f"stopped waiting; session {inst.id} is still there: orz cloud attach {inst.id} "
                       f"(or orz cloud kill {inst.id})")

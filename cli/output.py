@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +29,17 @@ def stdout() -> Console:
 
 def stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def status_line(first: str) -> Iterator[Callable[[str], None] | None]:
+    """A spinner line on a terminal's stderr that the caller updates (None when stderr is not a terminal:
+    logs and pipes get only the lines printed above it)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    with stderr().status(first) as live:
+        yield lambda text: live.update(text)
 
 
 def print_table(table: Table) -> None:

@@ -304,6 +304,7 @@ def main() -> None:
     settings = load_settings()
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     if not settings.runner_spec:
         sys.exit("orz runner: ORZ_RUNNER_SPEC is not set (the provider passes the runner spec as JSON)")
     try:
@@ -321,6 +322,14 @@ def main() -> None:
             (Path(spec.state_dir) / FATAL_FILE).write_text(message + "\n", encoding="utf-8")
         sys.exit(f"orz runner: {message}")
     sys.exit(asyncio.run(_amain(spec, settings.runner_token.get_secret_value())))
+
+
+def quiet_libraries() -> None:
+    """One line per heartbeat (httpx) and per SSH connection (asyncssh) is noise in a session's log (kept
+    with ORZ_LOG_LEVEL=debug)."""
+    if logging.getLogger().level > logging.DEBUG:
+        for name in ("httpx", "httpcore", "asyncssh"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def report_unstartable(raw_spec: str, token: str, reason: str) -> None:

@@ -90,3 +90,62 @@ def test_token_prints_a_token_the_gateway_accepts(orz: Orz, live_api: LiveApi, l
     assert principal.user_id == logged_in.user_id and principal.method == "jwt" and not principal.readonly
     readonly = orz("cloud", "token", "--readonly", sid).stdout.strip()
     assert auth.check_jwt(readonly, sid, auth.load_trust_anchors(live_api.app.ctx.state.settings)).readonly
+
+
+def _git_repo(path: Path) -> Path:
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+    subprocess.run(["git", "-C", str(path), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q",
+                    "--allow-empty", "-m", "one"], check=True)
+    return path
+
+
+def test_repo_may_be_a_local_path_and_a_refusal_says_how_to_allow_it(orz: Orz, live_api: LiveApi,
+                                                                      logged_in: Tenant, tmp_path: Path) -> None:
+    repo = _git_repo(tmp_path / "src" / "app")
+    svc = live_api.app.ctx.state.instances
+    svc.settings = svc.settings.model_copy(update={"repo_file_dirs": ""})
+    refused = orz("cloud", "new", "--no-attach", "--repo", "src/app", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1] == (
+        f"orz: the server does not clone {repo.as_uri()}: it clones local paths only from the directories its "
+        f"admin lists in ORZ_REPO_FILE_DIRS (never from its data directory). On your own orz server, start it "
+        f"with ORZ_REPO_FILE_DIRS={repo.parent} (e.g. ORZ_REPO_FILE_DIRS={repo.parent} make dev); otherwise "
+        "push the repository and pass its URL")
+
+    svc.settings = svc.settings.model_copy(update={"repo_file_dirs": str(repo.parent)})
+    done = orz("cloud", "new", "--no-attach", "--repo", "src/app", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"the local repository is cloned from {repo.as_uri()}" in done.stderr
+    sid = done.stdout.split()[1]
+    assert live_api.provider.specs[sid].repo_url == repo.as_uri()
+    # A URL is never taken for a path.
+    assert orz("cloud", "new", "--no-attach", "--repo", "https://example.com/a.git", cwd=tmp_path).returncode == 0
+
+
+def test_new_wait_shows_a_status_line_on_a_terminal_and_plain_lines_in_a_pipe(
+        orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
+    import sys
+    import threading
+    import time
+
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "cli", "cloud", "new", "--no-attach", "--wait"],
+                          env={**orz.env(), "TERM": "xterm"}, cwd=str(tmp_path), encoding="utf-8", timeout=20,
+                          dimensions=(24, 120))
+    child.expect(r"session (\S+) created")
+    sid = child.match.group(1)
+    child.expect(rf"session {sid} is starting \(\d+ s; Ctrl-C stops waiting\)")  # the live line
+    beat = threading.Thread(target=lambda: (time.sleep(0.5), live_api.heartbeat(sid)), daemon=True)
+    beat.start()
+    child.expect(f"session {sid} is running")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    # Not a terminal: no spinner, no control sequences, the same lines.
+    with live_api.runners_heartbeating():
+        piped = orz("cloud", "new", "--no-attach", "--wait", cwd=tmp_path)
+    assert piped.returncode == 0 and "\x1b[" not in piped.stderr + piped.stdout
+    assert "Ctrl-C stops waiting" not in piped.stderr
