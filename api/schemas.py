@@ -402,6 +402,11 @@ def services_digest(services: Sequence[Mapping[str, Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# Gateway -> runner, on each session channel: whether that channel's client forwarded its agent (ssh -A),
+# "yes" or "no" (absent: an older gateway). The runner sets SSH_AUTH_SOCK only for "yes".
+CLIENT_AGENT_ENV = "ORZ_CLIENT_AGENT"
+
+
 class RunnerSpec(Request):
     """What a runner is told to run; the provider hands it over as ORZ_RUNNER_SPEC (JSON)."""
 

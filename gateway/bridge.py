@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncssh
 
-from api.schemas import Route
+from api.schemas import CLIENT_AGENT_ENV, Route
 from api.settings import ssh_algorithms
 from gateway import splice
 from gateway.cork import CorkedTunnel
@@ -296,9 +296,13 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             if self._pty:
                 term = {"request_pty": "force", "term_type": chan.get_terminal_type(),
                         "term_size": chan.get_terminal_size(), "term_modes": chan.get_terminal_modes()}
+            env = allowed_env(dict(chan.get_environment()))
+            # The upstream connection always offers agent forwarding (for clients that ask); the runner sets
+            # SSH_AUTH_SOCK only for a client that did (ssh -A), else a session has a dead agent socket.
+            env[CLIENT_AGENT_ENV] = "yes" if chan.get_agent_path() else "no"
             self._up, _ = await conn.create_session(
                 lambda: _UpstreamSession(self), self._command, subsystem=self._subsystem,
-                env=allowed_env(dict(chan.get_environment())), encoding=None, **term,
+                env=env, encoding=None, **term,
             )
         except (AttachRefused, UpstreamUnavailable) as exc:
             self._fail(exc.line)

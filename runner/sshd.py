@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncssh
 
-from api.schemas import UNIX_ROUTE_PREFIX
+from api.schemas import CLIENT_AGENT_ENV, UNIX_ROUTE_PREFIX
 from api.settings import ssh_algorithms
 from runner.activity import Activity
 from runner.ptyproc import PtyChild
@@ -60,6 +60,11 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _env_value(env: Mapping[Any, Any], name: str) -> str | None:
+    value = env.get(name, env.get(name.encode()))
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def client_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -208,7 +213,7 @@ class Endpoint:
         env = self.hooks.env()
         env.update(client_env(process.env))
         agent = process.channel.get_agent_path()
-        if agent:
+        if agent and _env_value(process.env, CLIENT_AGENT_ENV) != "no":
             env["SSH_AUTH_SOCK"] = agent
         if term is not None:
             env["TERM"] = term
