@@ -23,6 +23,11 @@ KEEPALIVE_S = 30
 UPSTREAM_CONNECT_TIMEOUT_S = 15
 
 
+# Progress (a session waking) reads as information, like the runner's own "[orz] the session is starting...";
+# "orz: " starts the one line that says why something failed.
+PROGRESS_PREFIX = "[orz] "
+
+
 def allowed_env(env: dict[str, str]) -> dict[str, str]:
     """Only locale and terminal variables cross to the runner."""
     return {k: v for k, v in env.items() if k in ENV_ALLOWED or k.startswith("LC_")}
@@ -288,7 +293,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         chan = self._chan
         assert chan is not None
         if not self._attachment.upstream_now():
-            self._stop_progress = self._attachment.on_progress(self._say)
+            self._stop_progress = self._attachment.on_progress(self._progress)
         try:
             conn = await self._attachment.for_new_channel()
             self._stop_progress_now()
@@ -332,9 +337,14 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         """The client's channel still takes output: after a hang-up asyncssh raises BrokenPipeError."""
         return self._chan is not None and not self._chan.is_closing()
 
-    def _say(self, line: str) -> None:
+    def _say(self, line: str, prefix: str = "orz: ") -> None:
+        """A line on the client's stderr: "orz: " for why something failed, "[orz] " for progress."""
         if self._chan is not None and self._writable():
-            self._chan.write_stderr(f"orz: {line}\r\n".encode() if self._pty else f"orz: {line}\n".encode())
+            end = "\r\n" if self._pty else "\n"
+            self._chan.write_stderr(f"{prefix}{line}{end}".encode())
+
+    def _progress(self, line: str) -> None:
+        self._say(line, PROGRESS_PREFIX)
 
     def _fail(self, line: str) -> None:
         self._stop_progress_now()
