@@ -94,6 +94,7 @@ class _Connection(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.counted:
             self.endpoint.hooks.activity.connections -= 1
+            self.endpoint.hooks.activity.poke()  # `orz cloud list` shows who is attached now, not a beat later
             self.counted = False
 
     def begin_auth(self, username: str) -> bool:
@@ -115,6 +116,7 @@ class _Connection(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         self.counted = True
         self.endpoint.hooks.activity.connections += 1
+        self.endpoint.hooks.activity.poke()
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> bool:

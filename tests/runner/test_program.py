@@ -128,3 +128,18 @@ async def test_ctrl_c_reaches_the_program_not_the_pane(tmux: Tmux, short_tmp: Pa
         await wait_for_pane(other, "exited with code 130 (killed by signal INT)")
     finally:
         await other.kill_server()
+
+
+async def test_attached_clients_reach_the_api_at_once(start_runner: StartRunner, fake_api: FakeApi) -> None:
+    fake_api.interval_s = 60  # no periodic heartbeat would carry it within this test
+    handle = await start_runner(None, heartbeat_interval_s=60)
+    await handle.ready()
+    conn = await handle.connect()
+    await fake_api.wait_for(lambda b: b.get("attached_clients") == 1, timeout=3)
+    conn.close()
+    await conn.wait_closed()
+    for _ in range(30):
+        if fake_api.bodies()[-1].get("attached_clients", 0) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert fake_api.bodies()[-1].get("attached_clients", 0) == 0
