@@ -149,3 +149,21 @@ def test_new_wait_shows_a_status_line_on_a_terminal_and_plain_lines_in_a_pipe(
         piped = orz("cloud", "new", "--no-attach", "--wait", cwd=tmp_path)
     assert piped.returncode == 0 and "\x1b[" not in piped.stderr + piped.stdout
     assert "Ctrl-C stops waiting" not in piped.stderr
+
+
+def test_deleting_a_secret_in_use_says_which_sessions_and_asks_for_force(orz: Orz, live_api: LiveApi,
+                                                                         logged_in: Tenant, tmp_path: Path) -> None:
+    assert orz("cloud", "secrets", "create", "gh", "--data", "GITHUB_TOKEN=ghp_x").returncode == 0
+    assert orz("cloud", "secrets", "create", "spare", "--data", "K=v").returncode == 0
+    sid = create(orz, "--secrets", "gh", cwd=tmp_path)
+    live_api.heartbeat(sid)
+    refused = orz("cloud", "secrets", "delete", "gh")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"orz: secret gh is used by session {sid} (running), which cannot start again without it (a running "
+        "session keeps its values until it stops); kill them first, or delete it anyway with --force")
+    assert "gh" in orz("cloud", "secrets", "list").stdout  # still there
+    assert orz("cloud", "secrets", "delete", "spare").returncode == 0  # unused: no question asked
+    forced = orz("cloud", "secrets", "delete", "--force", "gh")
+    assert forced.returncode == 0 and "secret gh deleted" in forced.stdout
+    assert f"warning: session {sid} (running) will fail to start until it is created again" in forced.stderr
