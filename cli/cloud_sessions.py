@@ -12,13 +12,15 @@ from api import schemas
 from api.client import ApiError
 from cli import attach as attaching
 from cli import keys, output, ssh_config
+from cli.completion import complete_session_ids
 from cli.connect import client, cloud_command
-from cli.errors import CliError
+from cli.errors import EXIT_USAGE, CliError
 from cli.repo import as_clone_url, current_repo, is_local_path, local_repo_refused
 from cli.starting import LogFollower, wait_until_running
 from runner.program import is_claude
 
-session_id_arg = click.argument("session_id", metavar="ID", callback=lambda _c, _p, v: attaching.check_session_id(v))
+session_id_arg = click.argument("session_id", metavar="ID", callback=lambda _c, _p, v: attaching.check_session_id(v),
+                                shell_complete=complete_session_ids)
 
 
 def _note(message: str) -> None:
@@ -173,11 +175,17 @@ async def start(session_id: str, pull: bool) -> None:
 @click.command("logs")
 @session_id_arg
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the session goes away.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's InstanceLogs (init log and events) as JSON.")
 @cloud_command
-async def logs(session_id: str, follow: bool) -> None:
+async def logs(session_id: str, follow: bool, as_json: bool) -> None:
     """The session's init log (setup.init output)."""
+    if as_json and follow:
+        raise CliError("--json prints the log once; it does not go with --follow", EXIT_USAGE)
     follower = LogFollower(click.echo)
     async with client() as api:
+        if as_json:
+            click.echo(output.to_json(await api.logs(session_id)))
+            return
         while True:
             follower.update((await api.logs(session_id)).init_log)
             if not follow:

@@ -9,11 +9,13 @@ import click
 
 from api import schemas
 from cli import attach as attaching
+from cli.completion import complete_session_ids
 from cli.connect import client, cloud_command
 
 
 @click.command("token")
-@click.argument("session_id", metavar="ID", callback=lambda _c, _p, v: attaching.check_session_id(v))
+@click.argument("session_id", metavar="ID", callback=lambda _c, _p, v: attaching.check_session_id(v),
+                shell_complete=complete_session_ids)
 @click.option("--readonly", is_flag=True, help="A token that only watches.")
 def token(session_id: str, readonly: bool) -> None:
     """Print a one-time attach token (for ssh's Token: prompt); how to use it goes to stderr."""
