@@ -151,7 +151,10 @@ async def _git(args: Sequence[str], env: Mapping[str, str], *, what: str, token:
         raise CloneError(f"{what} timed out") from None
     if proc.returncode != 0:
         detail = err.decode("utf-8", "replace").strip().splitlines()
-        reason = _redact(detail[-1] if detail else f"exit status {proc.returncode}", token)
+        # git's "error:" line says what went wrong ("Untracked working tree file 'x' would be overwritten");
+        # the "fatal:" line after it often only that it stopped.
+        errors = [line for line in detail if line.startswith("error: ")]
+        reason = _redact((errors or detail or [f"exit status {proc.returncode}"])[-1 if not errors else 0], token)
         raise CloneError(f"{what} failed: {reason}")
     return out.decode("utf-8", "replace").strip()
 
