@@ -210,7 +210,7 @@ async def status(session_id: str, as_json: bool) -> None:
     for name, value in output.describe(st.instance):
         click.echo(f"{name + ':':<13}{value}")
     if st.program_exit is not None:
-        click.echo(f"{'program:':<13}{output.program_exit_line(st.program_exit, st.instance.id)}")
+        click.echo(f"{'exited:':<13}{output.program_exit_line(st.program_exit, st.instance.id)}")
     if st.events:
         click.echo("events:")
         for event in st.events[-10:]:

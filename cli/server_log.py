@@ -21,11 +21,16 @@ def log_path(settings: Settings) -> Path:
     return settings.data_dir / LOG_FILE
 
 
-class _TerminalFilter(logging.Filter):
+# Log records the services mark with one of these `event`s are worth a line on the terminal too.
+TERMINAL_EVENTS = frozenset({"attached", "detached", "revoked", "program"})
+
+
+class TerminalFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "event", None) == "access":
+        event = getattr(record, "event", None)
+        if event == "access":
             return False  # access lines are for the file (and a 5xx is logged again as an error)
-        return record.name == EVENTS.name or record.levelno >= logging.WARNING
+        return record.name == EVENTS.name or event in TERMINAL_EVENTS or record.levelno >= logging.WARNING
 
 
 class _HumanFormatter(logging.Formatter):
@@ -42,7 +47,7 @@ def configure(settings: Settings, terminal: TextIO | None = None) -> Path:
     orz_log.configure(settings.log_level, json_lines=True, stream=_open_log(path))
     screen = logging.StreamHandler(terminal or sys.stderr)
     screen.setFormatter(_HumanFormatter())
-    screen.addFilter(_TerminalFilter())
+    screen.addFilter(TerminalFilter())
     logging.getLogger().addHandler(screen)
     EVENTS.setLevel(logging.INFO)  # shown whatever ORZ_LOG_LEVEL says
     return path

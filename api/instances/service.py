@@ -405,6 +405,7 @@ class InstanceService:
             await db.execute(update(Instance).where(Instance.id == inst.id).values(**values))
             for pe in hb.program_events or ():
                 db.add(self._event(inst, "runner", pe.kind, None, None, pe.message))
+                log.info("session %s: %s", inst.id, pe.message, extra={"event": "program", "session_id": inst.id})
             await db.commit()
             await db.refresh(inst)
         state = State(inst.state)

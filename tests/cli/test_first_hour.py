@@ -36,7 +36,7 @@ def test_status_says_why_the_program_exited_until_it_restarts(orz: Orz, live_api
                        program_events=[program_event("program_exited", EXIT_127, 127)])
     status = orz("cloud", "status", sid)
     assert status.returncode == 0, status.stderr
-    [line] = [x for x in status.stdout.splitlines() if x.startswith("program:") and "exited" in x]
+    [line] = [x for x in status.stdout.splitlines() if x.startswith("exited:")]
     assert EXIT_127 in line and f"attaching restarts it (orz cloud attach {sid})" in line
     assert f"program_exited  {EXIT_127}" in status.stdout  # and among the events
     as_json = json.loads(orz("cloud", "status", sid, "--json").stdout)
@@ -45,7 +45,7 @@ def test_status_says_why_the_program_exited_until_it_restarts(orz: Orz, live_api
     live_api.heartbeat(sid, program_running=True,
                        program_events=[program_event("program_restarted", "the program was restarted for an attach")])
     status = orz("cloud", "status", sid)
-    assert not [x for x in status.stdout.splitlines() if x.startswith("program:") and "exited" in x]
+    assert not [x for x in status.stdout.splitlines() if x.startswith("exited:")]
     assert json.loads(orz("cloud", "status", sid, "--json").stdout)["program_exit"] is None
 
     # An exit of an earlier run says nothing about the session once it started again.

@@ -116,3 +116,24 @@ def _until_banner_end(proc: subprocess.Popen[str]) -> list[str]:
         if line.startswith("Press Ctrl-C"):
             break
     return lines
+
+
+def test_the_terminal_gets_events_and_problems_not_chatter():
+    import logging
+
+    from cli.server_log import EVENTS, TerminalFilter
+
+    def record(name: str, level: int, **extra: object) -> logging.LogRecord:
+        rec = logging.LogRecord(name, level, __file__, 1, "m", None, None)
+        rec.__dict__.update(extra)
+        return rec
+
+    shown = TerminalFilter().filter
+    assert not shown(record("api.app", logging.INFO, event="access"))
+    assert not shown(record("api.app", logging.ERROR, event="access"))  # the error itself is logged apart
+    assert not shown(record("sanic.root", logging.INFO))
+    assert not shown(record("alembic.runtime.migration", logging.INFO))
+    assert shown(record(EVENTS.name, logging.INFO))
+    assert shown(record("gateway.server", logging.INFO, event="attached"))
+    assert shown(record("api.instances.service", logging.INFO, event="program"))
+    assert shown(record("api.jobs.scheduler", logging.WARNING))
