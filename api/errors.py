@@ -28,6 +28,8 @@ class OrzError(Exception):
             "status": self.status,
             "detail": self.detail,
             "code": self.code,
+            # The same sentence under the name clients of the earlier Go API read (`{"error": "..."}`).
+            "error": self.detail,
         }
         if instance:
             body["instance"] = instance

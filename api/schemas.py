@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from api import cloud_yaml
+
 SESSION_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 SECRET_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-_]{0,62}[a-z0-9])?$")
@@ -148,6 +150,8 @@ RepoUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048), After
                     Field(json_schema_extra={"pattern": REPO_URL_PATTERN})]
 SecretName = Annotated[str, StringConstraints(pattern=SECRET_NAME_RE.pattern, min_length=1, max_length=64)]
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_RE.pattern)]
+# A service's env keys may be dotted (`discovery.type`): Kubernetes' rule, api/cloud_yaml.py.
+ServiceEnvKey = Annotated[str, StringConstraints(pattern=cloud_yaml.ENV_KEY_RE.pattern)]
 
 
 def _document_controls(schema: dict[str, Any], model: type[BaseModel]) -> None:
@@ -226,6 +230,8 @@ class Instance(Response):
     branch: str | None = None
     task: str | None = None
     secrets: list[str] = Field(default_factory=list)
+    # http(s)://<gateway>/v1/instances/<id>/attach, the form the Go API and CLI used; the answers of create
+    # and get end in ?token=<single-use attach token> (docs/migrating-from-go.md).
     attach_url: str
     ssh: str
     attached_clients: int = 0
@@ -356,6 +362,8 @@ class Problem(Response):
     status: int
     detail: str
     code: str
+    # `detail` again, for clients of the earlier Go API, which printed this field.
+    error: str
     instance: str | None = None
 
 
@@ -389,7 +397,7 @@ class SidecarSpec(Request):
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=63)]
     image: Annotated[str, StringConstraints(min_length=1, max_length=512)]
-    env: Annotated[dict[EnvName, Annotated[str, StringConstraints(max_length=32768)]],
+    env: Annotated[dict[ServiceEnvKey, Annotated[str, StringConstraints(max_length=32768)]],
                    Field(max_length=128)] = Field(default_factory=dict)
     ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], Field(max_length=16)] = Field(
         default_factory=list)
@@ -436,6 +444,8 @@ class RunnerSpec(Request):
     sidecars: SidecarMode = "local"
     # Pod mode: services_digest() of the services this Pod was built with.
     pod_services_digest: str = ""
+    # How many `services:` this session's plan allows (settings.services_for).
+    max_services: int = Field(default=cloud_yaml.DEFAULT_MAX_SERVICES, ge=0, le=cloud_yaml.SERVICES_CEILING)
     # `orz cloud start --pull`: update the workspace to the branch's head even after a successful setup.
     pull: bool = False
 
@@ -473,7 +483,7 @@ class Heartbeat(Request):
     init_log_tail: Annotated[str, StringConstraints(max_length=65536)] | None = None
     # Pod mode, when .orz/cloud.yaml names other services than the Pod runs: the services it names. The
     # API restarts the Pod with them; the runner starts nothing until then.
-    services: Annotated[list[SidecarSpec], Field(max_length=16)] | None = None
+    services: Annotated[list[SidecarSpec], Field(max_length=cloud_yaml.SERVICES_CEILING)] | None = None
     # Program exits and restarts since the last heartbeat that got through (each sent once; absent when
     # none, so an API of the previous release still takes the heartbeat).
     program_events: Annotated[list[ProgramEvent], Field(max_length=16)] | None = None

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from api.cloud_yaml import DEFAULT_MAX_SERVICES, SERVICES_CEILING
+
 PlanName = Literal["free", "pro", "team"]
 ProviderName = Literal["local", "kubernetes", "fake"]
 
@@ -115,7 +117,7 @@ class Settings(BaseSettings):
     heartbeat_fail_s: int = Field(default=600, ge=10)
     retention_s: int = Field(default=7 * 24 * 3600, ge=60)
     start_timeout_s: int = Field(default=600, ge=5)
-    scheduler_lease_s: int = Field(default=30, ge=2)
+    scheduler_lease_s: int = Field(default=10, ge=2)
     # `orz scheduler` serves /metrics on api_host at this port (0: off; the embedded server shows the
     # scheduler's metrics on the API's metrics port instead).
     scheduler_metrics_port: int = Field(default=0, ge=0, le=65535)
@@ -126,6 +128,10 @@ class Settings(BaseSettings):
     quota_pro: int = Field(default=5, ge=0)
     quota_team: int = Field(default=20, ge=0)
     plan_idle_timeout_s: int = Field(default=30 * 60, ge=10)
+    # Plans: how many `services:` of .orz/cloud.yaml one session may run (at most SERVICES_CEILING).
+    services_free: int = Field(default=DEFAULT_MAX_SERVICES, ge=0, le=SERVICES_CEILING)
+    services_pro: int = Field(default=10, ge=0, le=SERVICES_CEILING)
+    services_team: int = Field(default=SERVICES_CEILING, ge=0, le=SERVICES_CEILING)
 
     # Runner (read inside a session; the provider sets these). The spec is schemas.RunnerSpec as JSON.
     runner_spec: str = ""
@@ -234,6 +240,10 @@ class Settings(BaseSettings):
 
     def quota_for(self, plan: str) -> int:
         return {"free": self.quota_free, "pro": self.quota_pro, "team": self.quota_team}.get(plan, 0)
+
+    def services_for(self, plan: str) -> int:
+        """How many services one session of this plan may run (an unknown plan: the free plan's)."""
+        return {"pro": self.services_pro, "team": self.services_team}.get(plan, self.services_free)
 
 
 # The SSH algorithms the gateway and the runner negotiate, best first (issue 17). Key exchange: only

@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from api import schemas
 from api.client import ApiClient
 from cli import keys, ssh_config
 from cli.errors import CliError
 
+_ATTACH_PATH = re.compile(r"^(?:/.*)?/v1/instances/([^/]+)/attach/?$")
+
 
 def check_session_id(session_id: str) -> str:
     if not schemas.SESSION_ID_RE.match(session_id):
         raise CliError(f"not a session id: {session_id!r} (ids are a-z, 0-9 and '-', at most 32 characters)")
     return session_id
+
+
+def session_from_id_or_url(value: str) -> str:
+    """A session id, or the id in an attach URL (``http(s)://`` or ``ws(s)://host/v1/instances/<id>/attach``),
+    as the Go CLI's ``attach`` took either. The URL's token is not needed: we attach with a certificate."""
+    if "://" not in value:
+        return check_session_id(value)
+    parts = urlsplit(value)
+    match = _ATTACH_PATH.match(parts.path)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not match:
+        raise CliError(f"not an attach URL: {parts.scheme}://{parts.netloc}{parts.path} "
+                       "(expected .../v1/instances/<session-id>/attach)")
+    return check_session_id(match.group(1))
 
 
 async def fetch_certificate(api: ApiClient, session_id: str, *, readonly: bool = False

@@ -176,8 +176,12 @@ def _load_validator():  # type: ignore[no-untyped-def]
 
 @cloud.command("validate")
 @click.argument("path", type=click.Path(path_type=Path), default=".")
-def validate(path: Path) -> None:
-    """Check .orz/cloud.yaml (in PATH, a directory, or PATH itself) with the runner's validator."""
+@click.option("--secrets", "secret_names", metavar="NAME,...",
+              help="Check each ${KEY} the file uses against the keys of these secrets (asks the API).")
+def validate(path: Path, secret_names: str | None) -> None:
+    """Check .orz/cloud.yaml (in PATH, a directory, or PATH itself) with the runner's validator.
+
+    Keys this version does not know are warnings, as they were ignored by the Go version; errors exit 1."""
     file = path / ".orz" / "cloud.yaml" if path.is_dir() else path
     if not file.exists():
         raise CliError(f"{file}: no such file (a repo's config lives in .orz/cloud.yaml)")
@@ -188,8 +192,35 @@ def validate(path: Path) -> None:
         for problem in exc.problems:
             click.echo(f"orz: {problem}", err=True)
         raise click.exceptions.Exit(1) from None
-    services = getattr(config, "services", None) or {}
+    for warning in config.warnings:
+        click.echo(f"orz: warning: {warning}", err=True)
+    refs = sorted(validator.secret_refs(config))
+    names = [n.strip() for n in (secret_names or "").split(",") if n.strip()]
+    if names:
+        problems = validator.missing_secrets(config, _secret_keys(names))
+        for problem in problems:
+            click.echo(f"orz: {problem}", err=True)
+        if problems:
+            raise click.exceptions.Exit(1)
+    elif refs:
+        used = ", ".join(f"${{{ref}}}" for ref in refs)
+        click.echo(f"orz: note: the file uses {used}: start sessions with secrets that have these keys "
+                   "(orz cloud new --secrets NAME,...); check them with: orz cloud validate --secrets NAME,...",
+                   err=True)
+    services = config.services
     click.echo(f"{file}: ok ({len(services)} service{'s' if len(services) != 1 else ''})")
+
+
+@cloud_command
+async def _secret_keys(names: list[str]) -> frozenset[str]:
+    """The keys of the named secrets, as the session would see them; an unknown name is an error."""
+    async with client() as api:
+        listing = await api.list_secrets()
+    by_name = {s.name: s for s in listing.secrets}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise CliError(f"no secret named {unknown[0]} (orz cloud secrets list shows yours)")
+    return frozenset(key for n in names for key in by_name[n].keys)
 
 
 for _command in [*cloud_sessions.COMMANDS, *cloud_proxy.COMMANDS, *cloud_token.COMMANDS]:

@@ -35,7 +35,7 @@ def _split_names(value: str | None) -> list[str]:
 @click.argument("task", required=False)
 @click.option("--repo", help="Git URL to clone (default: this directory's origin).")
 @click.option("--branch", help="Branch to check out (default: this directory's branch when --repo is not given).")
-@click.option("--tier", type=click.Choice(["small", "medium", "large"]), default="small", show_default=True,
+@click.option("-t", "--tier", type=click.Choice(["small", "medium", "large"]), default="small", show_default=True,
               help="small 2 CPU/4Gi, medium 4/8Gi, large 8/16Gi.")
 @click.option("--program", help="The command run in the tmux session (default: the platform's agent, claude). "
               "It gets TASK in $ORZ_TASK and the file $ORZ_TASK_FILE; claude gets it as its prompt.")
@@ -120,10 +120,13 @@ async def list_cmd(as_json: bool) -> None:
 
 
 @click.command("attach")
-@session_id_arg
+@click.argument("session_id", metavar="ID|ATTACH_URL",
+                callback=lambda _c, _p, v: attaching.session_from_id_or_url(v))
 @click.option("--readonly", is_flag=True, help="Watch without typing (a read-only tmux client).")
 def attach(session_id: str, readonly: bool) -> None:
-    """Attach to a session's tmux over SSH (a fresh certificate, then the system ssh)."""
+    """Attach to a session's tmux over SSH (a fresh certificate, then the system ssh).
+
+    ATTACH_URL: a session's attach_url (as the Go CLI took it); the session id in it is what counts."""
     attaching.exec_ssh(_attach(session_id, readonly))
 
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
+# API tokens last until revoked. The Go CLI reads this same file and treats a missing `expires_at` as
+# expired, so the file names a time it will not reach; this CLI ignores the field.
+GO_CLI_EXPIRES_AT = "9999-12-31T23:59:59Z"
 
 
 def config_dir() -> Path:
@@ -48,7 +51,7 @@ def save_credentials(creds: Credentials) -> Path:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump({"api_url": creds.api_url, "api_token": creds.api_token}, fh)
+        json.dump({"api_url": creds.api_url, "api_token": creds.api_token, "expires_at": GO_CLI_EXPIRES_AT}, fh)
         fh.write("\n")
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)

@@ -69,6 +69,7 @@ class WebDoor:
         self._server = await ws_serve(
             self._handle, self.settings.gateway_web_host, self.settings.gateway_web_port,
             process_request=self._process_request, server_header="OrzbobCloud", compression=None,
+            select_subprotocol=web_bridge.select_subprotocol,
             max_size=MAX_FRAME, logger=ws_log,
         )
         log.info("gateway web door listening on %s:%d", self.settings.gateway_web_host, self.port)

@@ -1,9 +1,12 @@
 """After the upgrade: a WebSocket bridged to the runner's tmux (terminal), or to our own SSH port (tunnel).
 
 Terminal protocol: binary frames are raw terminal bytes both ways; text frames are small JSON control
-messages. Browser -> gateway: ``{"type": "resize", "cols": C, "rows": R}``. Gateway -> browser:
+messages. Browser -> gateway: ``{"type": "resize", "cols": C, "rows": R}``. Gateway -> browser, only to a
+client that asked for subprotocol ``orz.terminal.v1`` (the page does):
 ``{"type": "status", "message": ...}`` while a session wakes, ``{"type": "attached", "mode": "rw"|"ro"}``,
 ``{"type": "error", "message": ...}`` before a refusal close, ``{"type": "exit", "status": N}`` at the end.
+A client that did not ask (the Go CLI, which writes every frame it gets to the terminal) gets terminal
+bytes only: wake progress and refusals as ``orz: ...`` lines.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 from api.schemas import AttachEventIn
 from gateway import metrics
@@ -36,6 +40,8 @@ TERM = "xterm-256color"
 READ_CHUNK = 64 * 1024
 # Close codes the page understands: 1000 the session ended or detached; 4001 a refusal after the upgrade.
 CLOSE_REFUSED = 4001
+# The WebSocket subprotocol of clients that read the JSON control messages (gateway/static/terminal.js).
+CONTROL_PROTOCOL = "orz.terminal.v1"
 LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104  # nosec B104  # maps wildcards to loopback, binds nothing
 
 
@@ -43,9 +49,13 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
     """The browser terminal: one upstream SSH session with a pty, i.e. onAttach, then tmux attach."""
     counters = Counters()
     authorized_at = time.monotonic()  # the credential was checked just before the upgrade
+    control = wants_control(ws)
 
     def progress(line: str) -> None:
-        gw.spawn(_send_json(ws, {"type": "status", "message": line}))
+        if control:
+            gw.spawn(_send_json(ws, {"type": "status", "message": line}))
+        else:
+            gw.spawn(_send_line(ws, f"orz: {line}"))
 
     try:
         reply = await gw.router.until_running(grant.session_id, grant.principal, grant.reply,
@@ -55,7 +65,7 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
     except (AttachRefused, UpstreamUnavailable) as exc:
         log.info("web %s: attach to %s failed: %s", grant.id, grant.session_id, exc.internal or exc.line)
         metrics.attach_failed("web", exc.code)
-        await _refuse(ws, exc.line)
+        await _refuse(ws, exc.line, control=control)
         return
     readonly = reply.mode == "ro" or grant.principal.readonly
     attached_at: float | None = None
@@ -67,7 +77,8 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
             log.info("web %s from %s attached to %s (%s)", grant.id, grant.source, grant.session_id, reply.mode,
                      extra={"event": "attached", "conn_id": grant.id, "session_id": grant.session_id,
                             "user_id": grant.principal.user_id, "source": grant.source, "mode": reply.mode})
-            await _send_json(ws, {"type": "attached", "mode": "ro" if readonly else "rw"})
+            if control:
+                await _send_json(ws, {"type": "attached", "mode": "ro" if readonly else "rw"})
             attached_at = time.monotonic()
             metrics.attached("web", attached_at - authorized_at)
             await gw.router.report(AttachEventIn(
@@ -84,13 +95,14 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
             await stdin.channel.wait_closed()
             status = stdin.channel.get_exit_status()
             with contextlib.suppress(ConnectionClosed):
-                await _send_json(ws, {"type": "exit", "status": status})
+                if control:
+                    await _send_json(ws, {"type": "exit", "status": status})
                 await ws.close(1000, "session ended")
     except (asyncssh.Error, OSError) as exc:
         log.info("web %s: session on %s refused: %r", grant.id, grant.session_id, exc)
         if attached_at is None:
             metrics.attach_failed("web", "upstream_unavailable")
-        await _refuse(ws, "the session refused this request")
+        await _refuse(ws, "the session refused this request", control=control)
     finally:
         if attached_at is not None:
             metrics.detached("web", counters.bytes_in, counters.bytes_out)
@@ -111,7 +123,7 @@ class _LiveTerminal:
         self.revoked = True
         log.info("web %s: access to %s withdrawn: %s", self.grant.id, self.grant.session_id, reason)
         metrics.revoked("web")
-        self.gw.spawn(_refuse(self.ws, reason))  # closing the WebSocket ends the bridge
+        self.gw.spawn(_refuse(self.ws, reason, control=wants_control(self.ws)))  # closing it ends the bridge
 
 
 async def _report_detached(gw: Gateway, grant: Grant, counters: Counters, attached_at: float) -> None:
@@ -222,14 +234,31 @@ async def _first_done(*coros: Awaitable[None]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def wants_control(ws: ServerConnection) -> bool:
+    """Whether this client reads JSON control messages (it asked for CONTROL_PROTOCOL)."""
+    return ws.subprotocol == CONTROL_PROTOCOL
+
+
+def select_subprotocol(_ws: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Agree to CONTROL_PROTOCOL when offered; a client that offers none is served raw bytes only."""
+    return Subprotocol(CONTROL_PROTOCOL) if CONTROL_PROTOCOL in offered else None
+
+
+async def _send_line(ws: ServerConnection, line: str) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(f"{line}\r\n".encode())
+
+
 async def _send_json(ws: ServerConnection, payload: dict[str, Any]) -> None:
     with contextlib.suppress(ConnectionClosed):
         await ws.send(json.dumps(payload))
 
 
-async def _refuse(ws: ServerConnection, line: str) -> None:
-    """The one-line reason, as a control message, in the terminal, and as the close reason."""
+async def _refuse(ws: ServerConnection, line: str, *, control: bool = False) -> None:
+    """The one-line reason, as a control message (when the client reads them), in the terminal, and as
+    the close reason."""
     with contextlib.suppress(ConnectionClosed):
-        await _send_json(ws, {"type": "error", "message": line})
+        if control:
+            await _send_json(ws, {"type": "error", "message": line})
         await ws.send(f"orz: {line}\r\n".encode())
         await ws.close(CLOSE_REFUSED, line[:100])

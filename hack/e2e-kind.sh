@@ -1,31 +1,35 @@
 #!/usr/bin/env bash
-# A real cluster for people with Docker: kind + our images + the chart, then tests/e2e (and
-# hack/smoke.py when present) against it.
+# A real cluster for people with Docker: kind + our images, then the rehearsal's user steps (rehearsal/
+# steps.py: helm install, a session from a git fixture, ssh through each gateway replica, scp, -L, web
+# attach, stop and wake, kill -9 of replicas, the scheduler lease, helm upgrade and rollback, kill) on it,
+# then tests/e2e. Users reach the cluster through port-forwards (the steps start them), as on any cluster
+# this machine has no route to.
 #
-#   hack/e2e-kind.sh          up, test, down (the cluster is deleted even when a test fails)
-#   hack/e2e-kind.sh up       create the cluster, build and load images, install the chart; keep it
-#   hack/e2e-kind.sh test     run tests/e2e (and the smoke test) against a cluster made by `up`
+#   hack/e2e-kind.sh          up, test, down (the cluster is deleted even when a step fails)
+#   hack/e2e-kind.sh up       create the cluster, build and load the images; keep it
+#   hack/e2e-kind.sh test     the steps and tests/e2e against a cluster made by `up`
 #   hack/e2e-kind.sh down     delete the cluster
 #
-# Environment: KIND_CLUSTER (orz-e2e), RELEASE (orz), RELEASE_NS (orz-system), PYTHON (.venv/bin/python
-# or python3), KEEP_CLUSTER=1 to keep the cluster after a full run.
+# Environment: KIND_CLUSTER (orz-e2e), PYTHON (.venv/bin/python or python3), PROFILE (full or ci),
+# KEEP_CLUSTER=1 to keep the cluster after a full run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cluster="${KIND_CLUSTER:-orz-e2e}"
-release="${RELEASE:-orz}"
-release_ns="${RELEASE_NS:-orz-system}"
+profile="${PROFILE:-full}"
 python="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
 helm=".cache/bin/helm"
 kubeconfig=".cache/kind-${cluster}.kubeconfig"
+# Tags as hack/kind-values.yaml names them; the next release's tag is what the upgrade step sets.
 api_image="orzbob-cloud:e2e"
+next_image="orzbob-cloud:rehearsal-next"
 runner_image="orzbob-cloud-runner:e2e"
 
 log() { printf '==> %s\n' "$*" >&2; }
 need() { command -v "$1" >/dev/null || { echo "e2e-kind: needs $1 on PATH" >&2; exit 2; }; }
 
 up() {
-  need docker; need kind; need kubectl
+  need docker; need kind
   PYTHON="$python" hack/get-helm.sh "$helm"
   if ! kind get clusters | grep -qx "$cluster"; then
     log "creating kind cluster $cluster"
@@ -36,35 +40,28 @@ up() {
   log "building images"
   docker build -f docker/api.Dockerfile -t "$api_image" .
   docker build -f docker/runner.Dockerfile -t "$runner_image" .
+  # The next release: this checkout plus one expand-only migration (rehearsal/versions.py).
+  local next_context
+  next_context="$("$python" -m rehearsal.versions .cache/next-release-context)"
+  docker build -f docker/api.Dockerfile -t "$next_image" "$next_context"
   log "loading images into kind"
-  kind load docker-image --name "$cluster" "$api_image" "$runner_image"
-  log "installing the chart"
-  KUBECONFIG="$kubeconfig" "$helm" upgrade --install "$release" charts/orzbob-cloud \
-    --namespace "$release_ns" --create-namespace -f hack/kind-values.yaml --wait --timeout 10m
+  kind load docker-image --name "$cluster" "$api_image" "$next_image" "$runner_image"
 }
 
 run_tests() {
+  log "the user steps on kind (rehearsal/steps.py, profile $profile)"
+  local rc=0
+  # The steps install the release themselves: a kept cluster from an earlier run gives it back first.
+  KUBECONFIG="$kubeconfig" "$helm" uninstall orz --namespace orz-system --ignore-not-found --wait >/dev/null
+  "$python" -m rehearsal --kubeconfig "$kubeconfig" --values hack/kind-values.yaml --helm "$helm" \
+    --profile "$profile" --workdir .cache/e2e-kind || rc=$?
   log "running tests/e2e"
   # tests/e2e makes (and deletes) a namespace of its own: in the chart's sessions namespace the
   # scheduler's reconciler would stop the test's Pods as orphans (the API has no rows for them).
   KUBECONFIG="$kubeconfig" ORZ_E2E=1 ORZ_E2E_RUNNER_IMAGE="$runner_image" \
-    ORZ_E2E_API_URL="http://${release}-orzbob-cloud-api.${release_ns}.svc:8080" \
-    "$python" -m pytest -q -rs tests/e2e
-  if [[ -f hack/smoke.py ]]; then
-    log "running hack/smoke.py through port-forwards"
-    KUBECONFIG="$kubeconfig" kubectl -n "$release_ns" port-forward "svc/${release}-orzbob-cloud-api" 18080:8080 \
-      >/dev/null 2>&1 &
-    local pf_api=$!
-    KUBECONFIG="$kubeconfig" kubectl -n "$release_ns" port-forward "svc/${release}-orzbob-cloud-gateway" 12222:22 \
-      >/dev/null 2>&1 &
-    local pf_gw=$!
-    sleep 3
-    local rc=0
-    ORZBOB_API_URL=http://127.0.0.1:18080 ORZ_SMOKE_SSH_HOST=127.0.0.1 ORZ_SMOKE_SSH_PORT=12222 \
-      "$python" hack/smoke.py || rc=$?
-    kill "$pf_api" "$pf_gw" 2>/dev/null || true
-    return "$rc"
-  fi
+    ORZ_E2E_API_URL="http://orz-orzbob-cloud-api.orz-system.svc:8080" \
+    "$python" -m pytest -q -rs tests/e2e || rc=$?
+  return "$rc"
 }
 
 down() {

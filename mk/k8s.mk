@@ -28,18 +28,20 @@ k8s-validate: $(HELM)
 lint-dockerfiles:
 	PATH=$(dir $(PYTHON)):$$PATH hack/lint-dockerfiles.sh
 
-## kind-up: a kind cluster with our images and the chart installed (kept)
+## kind-up: a kind cluster with our images loaded (kept); `hack/e2e-kind.sh test` runs the steps on it
 kind-up:
 	KIND_CLUSTER=$(KIND_CLUSTER) PYTHON=$(PYTHON) hack/e2e-kind.sh up
 
 kind-down:
 	KIND_CLUSTER=$(KIND_CLUSTER) hack/e2e-kind.sh down
 
-## e2e-kind: kind up, tests/e2e (+ hack/smoke.py), kind down
+## e2e-kind: kind up, the rehearsal's user steps on kind (rehearsal/steps.py) and tests/e2e, kind down
 e2e-kind:
 	KIND_CLUSTER=$(KIND_CLUSTER) PYTHON=$(PYTHON) hack/e2e-kind.sh
 
-## rehearse: the chart's whole life on this machine, no cluster (rehearsal/; root). PROFILE=ci is shorter.
+## rehearse: the chart's whole life on this machine, no cluster (rehearsal/; root). PROFILE=ci is shorter;
+## REHEARSAL_ACCESS=api has users reach it only by port-forward through the API server, as on kind.
 REHEARSAL_PROFILE ?= full
+REHEARSAL_ACCESS ?= direct
 rehearse: $(HELM)
-	$(PYTHON) -m rehearsal --profile $(REHEARSAL_PROFILE) --helm $(HELM)
+	$(PYTHON) -m rehearsal --profile $(REHEARSAL_PROFILE) --access $(REHEARSAL_ACCESS) --helm $(HELM)

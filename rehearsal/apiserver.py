@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,9 @@ from rehearsal.store import ApiError, Fault, Obj, Store, status_body
 
 # (verb, group, plural, subresource, namespace, name, token) -> None or raises ApiError(403)
 Authorizer = Callable[[str, str, str, str, str, str, str], None]
+# (namespace, pod, container, argv) -> what the command printed and its exit status (the kubelet's exec)
+ExecHandler = Callable[[str, str, str, list[str]], "subprocess.CompletedProcess[bytes]"]
+STREAMS = ("exec", "portforward")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -122,7 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if fault.delay_s:
                     threading.Event().wait(fault.delay_s)
                 raise ApiError(fault.status, fault.message)
-            verb = self._verb(method, name, query)
+            verb = self._verb(method, name, query, sub)
             authorize = self.server.api.authorizer
             if authorize is not None:
                 scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
@@ -135,7 +139,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     @staticmethod
-    def _verb(method: str, name: str, query: dict[str, list[str]]) -> str:
+    def _verb(method: str, name: str, query: dict[str, list[str]], sub: str = "") -> str:
+        if sub in STREAMS:
+            return "create"  # what the API server checks for pods/exec and pods/portforward, GET or POST
         if method == "GET":
             if query.get("watch", ["false"])[0] in ("true", "1", "True"):
                 return "watch"
@@ -197,6 +203,9 @@ class _Handler(BaseHTTPRequestHandler):
         if name and sub == "log":
             self._send(200, self.server.api.pod_log(ns or "", name, query), "text/plain")
             return
+        if name and kind.plural == "pods" and sub in STREAMS:
+            self._stream(ns or "", name, sub, query)
+            return
         if name:
             self._send(200, self.store.get(kind.plural, ns or "", name))
             return
@@ -216,6 +225,50 @@ class _Handler(BaseHTTPRequestHandler):
             metadata["continue"] = more
         self._send(200, {"apiVersion": kind.api_version, "kind": f"{kind.kind}List", "metadata": metadata,
                          "items": items})
+
+    def _stream(self, ns: str, name: str, sub: str, query: dict[str, list[str]]) -> None:
+        """exec or port-forward over a WebSocket upgrade (rehearsal.streams)."""
+        from rehearsal import streams
+
+        pod = self.store.get("pods", ns, name)
+        key = self.headers.get("Sec-WebSocket-Key")
+        if (self.headers.get("Upgrade") or "").lower() != "websocket" or not key:
+            raise ApiError(400, f"pods/{sub} is served over WebSocket here (no SPDY)")
+        if sub == "exec":
+            containers = [c["name"] for c in pod["spec"]["containers"]]
+            container = _first(query, "container") or containers[0]
+            argv = query.get("command") or []
+            if container not in containers or not argv:
+                raise ApiError(400, f"exec needs a command and one of the containers {containers}")
+            if _first(query, "stdin") in ("true", "1"):
+                raise ApiError(400, "the rehearsal's exec takes no stdin")
+            run_exec = self.server.api.exec_handler
+            if run_exec is None:
+                raise ApiError(400, "no kubelet runs this pod's containers")
+        else:
+            ports = [int(p) for value in query.get("ports", []) for p in value.split(",") if p.strip().isdigit()]
+            ip = (pod.get("status") or {}).get("podIP")
+            if len(ports) != 1 or not ip:
+                raise ApiError(400, "port-forward takes one port, to a pod that has an IP")
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", streams.accept_key(key))
+        self.send_header("Sec-WebSocket-Protocol", streams.CHANNEL_PROTOCOL)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        try:
+            if sub == "exec":
+                try:
+                    done = run_exec(ns, name, container, argv)
+                except RuntimeError as exc:  # the container is not running (any more)
+                    done = subprocess.CompletedProcess(argv, 1, b"", f"{exc}\n".encode())
+                streams.exec_result(self.connection, done)
+            else:
+                streams.forward(self.connection, (ip, ports[0]), ports[0])
+        except OSError:
+            pass
 
     def _watch(self, events: Any) -> None:
         self.send_response(200)
@@ -264,6 +317,7 @@ class FakeApiServer:
         self.store = store or Store(auto_run=auto_run)
         self.trace: list[str] | None = None  # every request line, when a caller wants to see them
         self.authorizer = authorizer
+        self.exec_handler: ExecHandler | None = None  # set by whoever runs the pods (the rehearsal's kubelet)
         self.bookmark_every_s = bookmark_every_s
         # (namespace, pod, container) -> log file, filled in by the kubelet.
         self.logs: dict[tuple[str, str, str], Path] = {}
@@ -336,6 +390,9 @@ class FakeApiServer:
             if k.plural == "pods":
                 resources.append({"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod",
                                   "verbs": ["get"]})
+                resources.extend({"name": f"pods/{sub}", "singularName": "", "namespaced": True, "kind":
+                                  "PodExecOptions" if sub == "exec" else "PodPortForwardOptions",
+                                  "verbs": ["create", "get"]} for sub in STREAMS)
         if not resources:
             raise ApiError(404, "the server could not find the requested resource")
         return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,

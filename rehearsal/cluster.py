@@ -1,8 +1,9 @@
 """One machine playing a one-node cluster: API server (HTTPS, RBAC), controllers, kubelet, Services.
 
-``with RehearsalCluster(workdir) as cluster:`` brings it up; ``cluster.helm(...)`` runs the real helm
-against it; ``cluster.exec_in(...)`` is ``kubectl exec``; ``close`` stops every process and removes every
-namespace, address and mount it made.
+``with RehearsalCluster(workdir) as cluster:`` brings it up and writes ``cluster.kubeconfig`` for an
+administrator; ``close`` stops every process and removes every namespace, address and mount it made.
+The steps drive it through its API (``RehearsalAccess``, the same client code as on a real cluster),
+plus two things only this machine can do: kill -9 a container's process, and route to Pod IPs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from rehearsal.apiserver import FakeApiServer
 from rehearsal.controllers import Controllers, is_ready
+from rehearsal.kube import KubeAccess, container_port
 from rehearsal.kubelet import Cluster, Kubelet, PodWorker, ServiceAccountTokens
 from rehearsal.network import GATEWAY_IP, Network, ServiceProxies
 from rehearsal.rbac import Authorizer
@@ -55,6 +57,7 @@ class RehearsalCluster:
         cluster = Cluster(store=self.store, network=self.network, workdir=self.workdir, api_host=GATEWAY_IP,
                           api_port=API_PORT, ca_file=self.api.ca_file, tokens=self.tokens, logs=self.api.logs)
         self.kubelet = Kubelet(cluster)
+        self.api.exec_handler = self._exec
         self.proxies = ServiceProxies(self.store, self.network, self.lb_addresses)
         self.controllers.start()
         self.kubelet.start()
@@ -88,13 +91,6 @@ class RehearsalCluster:
 
     # ------------------------------------------------------------------------------------- helpers
 
-    def helm(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
-        cache = self.workdir / "helm"
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "HELM_CACHE_HOME": str(cache),
-               "HELM_CONFIG_HOME": str(cache), "HELM_DATA_HOME": str(cache)}
-        return subprocess.run([str(self.helm_binary), *args], capture_output=True, text=True, env=env,
-                              timeout=timeout_s, check=False)
-
     def pods(self, namespace: str, selector: str = "") -> list[Obj]:
         items, _, _ = self.store.list("pods", namespace, selector)
         return [p for p in items if not p["metadata"].get("deletionTimestamp")]
@@ -120,6 +116,11 @@ class RehearsalCluster:
             raise RuntimeError(f"container {container} of {pod['metadata']['name']} has no process")
         return done
 
+    def _exec(self, namespace: str, name: str, container: str, argv: list[str]
+              ) -> subprocess.CompletedProcess[bytes]:
+        """The API server's pods/exec: the kubelet runs it."""
+        return self.exec_in(self.store.get("pods", namespace, name), container, argv)
+
     def kill_container(self, pod: Obj, container: str) -> None:
         """kill -9 of the container's main process (the kubelet restarts it, as a runtime would)."""
         running = self.worker(pod).containers.get(container)
@@ -129,3 +130,30 @@ class RehearsalCluster:
     def log(self, pod: Obj, container: str) -> str:
         path = self.workdir / "pods" / pod["metadata"]["uid"] / "logs" / f"{container}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+class RehearsalAccess(KubeAccess):
+    """The rehearsal's cluster through its API, as an administrator with kubectl would see it.
+
+    Unless ``remote``, two things go past the API as only this machine can: kill -9 reaches a
+    container's own process (its Pod stays and restarts it), and Pod IPs are routed here (as on a node).
+    ``remote`` gives up both, as with kind: users arrive by port-forward and a kill deletes the Pod.
+    """
+
+    def __init__(self, cluster: RehearsalCluster, workdir: Path, *, remote: bool) -> None:
+        super().__init__(cluster.kubeconfig, cluster.helm_binary, workdir)
+        self.rehearsal = cluster
+        self.remote = remote
+        self.denials = cluster.authorizer.denials
+
+    def kill_container(self, pod: Obj, container: str) -> None:
+        if self.remote:
+            super().kill_container(pod, container)
+        else:
+            self.rehearsal.kill_container(pod, container)
+
+    def pod_endpoint(self, pod: Obj, port_name: str) -> tuple[str, int]:
+        port = container_port(pod, port_name)
+        if self.remote or port is None:
+            return super().pod_endpoint(pod, port_name)
+        return pod["status"]["podIP"], port

@@ -1,12 +1,19 @@
-"""What a platform engineer and a user do with the chart, as timed steps against the rehearsal cluster.
+"""What a platform engineer and a user do with the chart, as timed steps against a cluster.
 
 Each step passes or fails on what a person would see: helm's exit status, Pods Ready, a session that
 reaches `running`, the bytes `ssh` prints, a file that comes back from scp with the same checksum.
 Later steps need earlier ones; once one fails, the steps that depend on it are reported as not run.
+
+The steps see the cluster only through its Kubernetes API (rehearsal.kube.KubeAccess: helm, Pods,
+exec, logs, port-forward), so the same steps run on three targets:
+- ``direct``: the rehearsal's own cluster, users reaching its load-balancer addresses (``make rehearse``);
+- ``api``: the rehearsal's cluster, users reaching it only through port-forwards, as on kind;
+- a real cluster named by a kubeconfig (hack/e2e-kind.sh), users through port-forwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
+from kubernetes.client.rest import ApiException
 
 from rehearsal import images, versions
-from rehearsal.cluster import RehearsalCluster
-from rehearsal.network import GATEWAY_IP
+from rehearsal.kube import KubeAccess, PodForwarder
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "orz-system"
@@ -37,18 +45,70 @@ GATEWAY_LB = "10.97.0.10"
 API_LB = "10.97.0.11"
 LB_ADDRESSES = {f"{NS}/{RELEASE}-orzbob-cloud-gateway": GATEWAY_LB, f"ingress:{NS}/{RELEASE}-orzbob-cloud-api": API_LB}
 SELECTOR = "app.kubernetes.io/instance=" + RELEASE + ",app.kubernetes.io/component="
+# The git server the sessions clone from: a Pod and Service of the test's own (values allow its name).
+GIT_SERVICE = "git-fixture"
+GIT_HOST = f"{GIT_SERVICE}.{NS}.svc.cluster.local"
 
 
 class StepFailed(Exception):
     """The step's check did not hold; the message says what was seen."""
 
 
+class NotApplicable(Exception):
+    """The step cannot be shown on this target (the message says why); neither a pass nor a failure."""
+
+
+@dataclass
+class Edge:
+    """How users reach the platform on this target, and what the values tell them."""
+
+    api_url: str
+    ssh_host: str  # what the API's ssh line must name
+    web_host: str  # host:port an attach URL must name
+    values: list[str]  # helm's -f/--set arguments, the same for install and upgrade
+    image_tag: str  # the chart's image.tag in those values (the release the rollback returns to)
+    runner_image: str
+    public_ingress: bool  # the chart's Ingress is the users' way in (the ingress step applies)
+    forwarders: list[PodForwarder] = field(default_factory=list)
+
+    def close(self) -> None:
+        for forwarder in self.forwarders:
+            forwarder.close()
+
+
+def values_file_edge(values: Path) -> tuple[str, str]:
+    """image.tag and runner.image of a values file."""
+    data = yaml.safe_load(values.read_text()) or {}
+    return str((data.get("image") or {}).get("tag", "")), str((data.get("runner") or {}).get("image", ""))
+
+
+def load_balancer_edge(values: Path = VALUES) -> Edge:
+    """The rehearsal's cluster as users meet it: the gateway's and the ingress's load-balancer addresses."""
+    tag, runner = values_file_edge(values)
+    return Edge(api_url=f"http://{API_LB}", ssh_host=GATEWAY_LB, web_host=f"{GATEWAY_LB}:443",
+                values=["-f", str(values)], image_tag=tag, runner_image=runner, public_ingress=True)
+
+
+def forwarded_edge(access: KubeAccess, values: Path) -> Edge:
+    """Users on this machine through port-forwards to Ready Pods (what kind and most clusters allow)."""
+    api = PodForwarder(access, NS, SELECTOR + "api", "http")
+    ssh = PodForwarder(access, NS, SELECTOR + "gateway", "ssh")
+    web = PodForwarder(access, NS, SELECTOR + "gateway", "web")
+    tag, runner = values_file_edge(values)
+    public = [f"config.publicApiUrl=http://127.0.0.1:{api.address[1]}", "config.publicSshHost=127.0.0.1",
+              f"config.publicSshPort={ssh.address[1]}", f"config.publicWebUrl=ws://127.0.0.1:{web.address[1]}"]
+    return Edge(api_url=f"http://127.0.0.1:{api.address[1]}", ssh_host="127.0.0.1",
+                web_host=f"127.0.0.1:{web.address[1]}",
+                values=["-f", str(values), *(arg for pair in public for arg in ("--set", pair))],
+                image_tag=tag, runner_image=runner, public_ingress=False, forwarders=[api, ssh, web])
+
+
 @dataclass
 class Context:
-    cluster: RehearsalCluster
+    cluster: KubeAccess
+    edge: Edge
     workdir: Path
     home: Path
-    api_url: str = f"http://{API_LB}"
     token: str = ""
     session: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
@@ -57,7 +117,7 @@ class Context:
 
     def env(self) -> dict[str, str]:
         return {"HOME": str(self.home), "XDG_CONFIG_HOME": str(self.home / ".config"),
-                "ORZBOB_API_URL": self.api_url, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                "ORZBOB_API_URL": self.edge.api_url, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                 "LANG": "C.UTF-8"}
 
     def orz(self, *args: str, timeout_s: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -79,7 +139,7 @@ class Context:
         return done
 
     def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        with httpx.Client(base_url=self.api_url, timeout=30,
+        with httpx.Client(base_url=self.edge.api_url, timeout=30,
                           headers={"Authorization": f"Bearer {self.token}"}) as client:
             return client.request(method, path, **kwargs)
 
@@ -123,14 +183,14 @@ class Context:
 def install_needs_ssh_host(ctx: Context) -> None:
     """Without config.publicSshHost users would be told to ssh to an address they cannot reach: refused."""
     done = ctx.cluster.helm("install", RELEASE, str(CHART), "-n", NS, "--create-namespace", "--dry-run=server",
-                            "-f", str(VALUES), "--set", "config.publicSshHost=", timeout_s=120)
+                            *ctx.edge.values, "--set", "config.publicSshHost=", timeout_s=120)
     if done.returncode == 0 or "publicSshHost" not in done.stderr:
         raise StepFailed(f"helm accepted the chart without config.publicSshHost (exit {done.returncode}) "
                          f"{done.stderr.strip()[-300:]}")
 
 
 def helm_install(ctx: Context) -> None:
-    done = ctx.cluster.helm("install", RELEASE, str(CHART), "-n", NS, "--create-namespace", "-f", str(VALUES),
+    done = ctx.cluster.helm("install", RELEASE, str(CHART), "-n", NS, "--create-namespace", *ctx.edge.values,
                             "--wait", "--timeout", "240s", timeout_s=400)
     if done.returncode != 0:
         raise StepFailed(f"helm install --wait: {done.stderr.strip()[-800:]}{ctx.pod_summary()}")
@@ -156,12 +216,14 @@ def bootstrap_user(ctx: Context) -> None:
     if done.returncode != 0 or not token:
         raise StepFailed(f"create-token printed no token: {done.stderr.decode()[-400:]}")
     ctx.token = token
-    ctx.orz("cloud", "login", "--token", token, "--api-url", ctx.api_url)
+    ctx.orz("cloud", "login", "--token", token, "--api-url", ctx.edge.api_url)
     ctx.orz("cloud", "ssh-config", "--write")
 
 
 def internal_routes_stay_inside(ctx: Context) -> None:
     """The public edge (the ingress) serves /v1 and never /internal; service tokens never cross it."""
+    if not ctx.edge.public_ingress:
+        raise NotApplicable("users reach the API by port-forward here; no ingress is the public edge")
     public = ctx.api("GET", "/v1/me")
     if public.status_code != 200:
         raise StepFailed(f"GET /v1/me through the ingress answered {public.status_code}")
@@ -171,25 +233,42 @@ def internal_routes_stay_inside(ctx: Context) -> None:
             raise StepFailed(f"{path} through the public ingress answered {answer.status_code}, not 404")
 
 
+GIT_SCRIPT = """set -e
+mkdir -p /srv/work/.orz /srv/git
+cd /srv/work
+printf 'version: "1.0"\\nsetup:\\n  init: echo init-ran > .init-marker\\n' > .orz/cloud.yaml
+echo 'rehearsal fixture' > README.md
+git init -q -b main .
+git add -A
+git -c user.name=Rehearsal -c user.email=r@example.test commit -qm fixture
+git clone -q --bare /srv/work /srv/git/fixture.git
+exec git daemon --reuseaddr --export-all --base-path=/srv/git --port=9418 /srv/git
+"""
+
+
+def git_server_objects(image: str) -> list[dict[str, Any]]:
+    """A Pod serving a fixture repository (.orz/cloud.yaml with an init) by git daemon, and its Service."""
+    labels = {"app.kubernetes.io/name": GIT_SERVICE}
+    restricted = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+                  "runAsUser": 1000, "runAsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": GIT_SERVICE, "labels": labels},
+           "spec": {"containers": [{
+               "name": "git", "image": image, "command": ["sh", "-c", GIT_SCRIPT],
+               "env": [{"name": "HOME", "value": "/srv"}], "ports": [{"name": "git", "containerPort": 9418}],
+               "readinessProbe": {"tcpSocket": {"port": 9418}, "periodSeconds": 1},
+               "securityContext": restricted, "volumeMounts": [{"name": "srv", "mountPath": "/srv"}]}],
+               "volumes": [{"name": "srv", "emptyDir": {}}]}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": GIT_SERVICE, "labels": labels},
+               "spec": {"selector": labels, "ports": [{"name": "git", "port": 9418, "targetPort": "git"}]}}
+    return [pod, service]
+
+
 def make_repo(ctx: Context) -> None:
-    """A git repository with .orz/cloud.yaml, served by git daemon on the bridge (as a forge would be)."""
-    base = ctx.workdir / "git"
-    work = base / "work"
-    shutil.rmtree(base, ignore_errors=True)
-    (work / ".orz").mkdir(parents=True)
-    (work / ".orz" / "cloud.yaml").write_text(
-        'version: "1.0"\nsetup:\n  init: echo init-ran > .init-marker\n')
-    (work / "README.md").write_text("rehearsal fixture\n")
-    git = ["git", "-c", "user.name=Rehearsal", "-c", "user.email=r@example.test"]
-    subprocess.run([*git, "init", "-q", "-b", "main", str(work)], check=True)
-    subprocess.run([*git, "-C", str(work), "add", "-A"], check=True)
-    subprocess.run([*git, "-C", str(work), "commit", "-qm", "fixture"], check=True)
-    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(base / "fixture.git")], check=True)
-    daemon = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={base}",
-                               f"--listen={GATEWAY_IP}", "--port=9418", str(base)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ctx.facts["git_daemon"] = daemon
-    ctx.facts["repo"] = f"git://{GATEWAY_IP}/fixture.git"
+    """A git server in the cluster (as a team's forge would be), allowed by name in the values."""
+    ctx.cluster.create(NS, git_server_objects(ctx.edge.runner_image))
+    ctx.wait("the git server Ready", lambda: bool(ctx.cluster.ready_pods(NS, f"app.kubernetes.io/name={GIT_SERVICE}")),
+             120, ctx.pod_summary)
+    ctx.facts["repo"] = f"git://{GIT_HOST}/fixture.git"
 
 
 def create_session(ctx: Context) -> None:
@@ -215,18 +294,18 @@ def ssh_each_gateway(ctx: Context) -> None:
     block = (config / "hosts" / f"{ctx.session}.conf").read_text().split()
     certificate = block[block.index("CertificateFile") + 1]
     for pod in gateways:
-        address = pod["status"]["podIP"]
+        address, port = ctx.cluster.pod_endpoint(pod, "ssh")
         argv = ["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i",
                 str(config / "id_ed25519"), "-o", f"CertificateFile={certificate}", "-o",
                 f"UserKnownHostsFile={config / 'known_hosts'}", "-o", "StrictHostKeyChecking=accept-new",
-                "-p", "2222", f"{ctx.session}@{address}", "cat .init-marker; echo secret=$REHEARSAL_SECRET"]
+                "-p", str(port), f"{ctx.session}@{address}", "cat .init-marker; echo secret=$REHEARSAL_SECRET"]
         done = subprocess.run(argv, env=ctx.env(), text=True, capture_output=True, timeout=60, check=False)
         if "init-ran" not in done.stdout or "secret=s3cr3t-value" not in done.stdout:
             raise StepFailed(f"through gateway {address}: {done.stdout!r} {done.stderr.strip()[-300:]!r}")
     # And the way users are told to connect: the API's ssh line, through the load balancer.
     reply = ctx.api("GET", f"/v1/instances/{ctx.session}").json()
-    if GATEWAY_LB not in str(reply.get("ssh")):
-        raise StepFailed(f"the API tells users {reply.get('ssh')!r}, not the load balancer {GATEWAY_LB}")
+    if ctx.edge.ssh_host not in str(reply.get("ssh")):
+        raise StepFailed(f"the API tells users {reply.get('ssh')!r}, not {ctx.edge.ssh_host}")
     # git works in the workspace (a volume whose root is root's, as on a cluster).
     done = ctx.ssh(f"{ctx.session}.orz", "git status --short --branch && echo via-lb", check=False)
     if "via-lb" not in done.stdout or "## main" not in done.stdout:
@@ -279,12 +358,13 @@ def web_attach(ctx: Context) -> None:
     if grant.status_code != 200:
         raise StepFailed(f"POST attach answered {grant.status_code}: {grant.text[:300]}")
     url = grant.json()["attach_url"]
-    if GATEWAY_LB not in url:
-        raise StepFailed(f"attach_url {url!r} does not name the gateway's load balancer")
+    if ctx.edge.web_host not in url:
+        raise StepFailed(f"attach_url {url!r} does not name the gateway's web address {ctx.edge.web_host}")
 
     async def talk() -> str:
         seen = b""
-        async with websockets.connect(url, open_timeout=30) as ws:
+        # The page's subprotocol: the gateway sends JSON control messages (`attached`) only with it.
+        async with websockets.connect(url, open_timeout=30, subprotocols=["orz.terminal.v1"]) as ws:
             # Keys go once the gateway says the terminal is attached (the page waits for it too).
             while True:
                 frame = await asyncio.wait_for(ws.recv(), 60)
@@ -339,7 +419,7 @@ def scheduler_lease_moves(ctx: Context) -> None:
     """Delete the scheduler's Pod: its replacement takes the lease and the reaper runs again."""
     old = ctx.component_pods("scheduler")[0]
     holder_before = lease_holder(ctx)
-    ctx.cluster.store.delete("pods", NS, old["metadata"]["name"])
+    ctx.cluster.delete_pod(NS, old["metadata"]["name"])
     ctx.wait("a new scheduler Ready", lambda: any(p["metadata"]["uid"] != old["metadata"]["uid"]
                                                   for p in ctx.component_pods("scheduler")), 120, ctx.pod_summary)
     ctx.wait("the lease held by the new scheduler", lambda: lease_holder(ctx) not in ("", holder_before), 90,
@@ -370,7 +450,7 @@ def _image_tags(ctx: Context, component: str) -> set[str]:
 def helm_upgrade(ctx: Context) -> None:
     """The next release (one more expand-only migration) with changed values, rolled out with --wait."""
     before = schema_revision(ctx)
-    done = ctx.cluster.helm("upgrade", RELEASE, str(CHART), "-n", NS, "-f", str(VALUES), "--set",
+    done = ctx.cluster.helm("upgrade", RELEASE, str(CHART), "-n", NS, *ctx.edge.values, "--set",
                             "config.logLevel=DEBUG", "--set", f"image.tag={versions.NEXT_TAG}", "--wait",
                             "--timeout", "240s", timeout_s=400)
     if done.returncode != 0:
@@ -394,7 +474,7 @@ def helm_rollback(ctx: Context) -> None:
         raise StepFailed(f"helm rollback --wait: {done.stderr.strip()[-800:]}{ctx.pod_summary()}")
     api = ctx.component_pods("api")
     if not api or any(_env(p, "api", "ORZ_LOG_LEVEL") == "DEBUG" for p in api) or \
-            _image_tags(ctx, "api") != {"rehearsal"}:
+            _image_tags(ctx, "api") != {ctx.edge.image_tag}:
         raise StepFailed("the API Pods still run the upgraded release or values")
     restarts = {p["metadata"]["name"]: s.get("restartCount", 0) for p in api
                 for s in p["status"].get("containerStatuses") or [] if s.get("restartCount")}
@@ -413,7 +493,7 @@ def kill_session(ctx: Context) -> None:
     ctx.wait("the session's objects gone", lambda: not any(
         o["metadata"].get("labels", {}).get("orz.cloud/session") == ctx.session
         for plural in ("pods", "persistentvolumeclaims", "secrets", "configmaps")
-        for o in ctx.cluster.store.list(plural, SESSIONS_NS)[0]), 120)
+        for o in ctx.cluster.objects(plural, SESSIONS_NS)), 120)
 
 
 def _env(pod: dict, container: str, name: str) -> str | None:
@@ -449,43 +529,64 @@ STEPS: list[Step] = [
 CI_SKIP = {"ssh -L to the session's loopback"}
 
 
-def run(workdir: Path, helm: Path, profile: str = "full", out: Callable[[str], None] = print) -> int:
-    """Run the steps; print one line each and a summary; the number of failed steps."""
+def run(workdir: Path, helm: Path, profile: str = "full", out: Callable[[str], None] = print, *,
+        access: str = "direct", kubeconfig: Path | None = None, values: Path = VALUES) -> int:
+    """Run the steps; print one line each and a summary; the number of failed steps.
+
+    With `kubeconfig` the steps run on that cluster (users through port-forwards); without it on the
+    rehearsal's own cluster, which users reach by its load balancers (`direct`) or by port-forward (`api`).
+    """
     shutil.rmtree(workdir, ignore_errors=True)
     home = workdir / "user"
     home.mkdir(parents=True)
-    results: list[tuple[str, bool, float, str]] = []
-    with RehearsalCluster(workdir / "cluster", helm, LB_ADDRESSES) as cluster:
-        ctx = Context(cluster=cluster, workdir=workdir, home=home)
-        images.CODE_BY_TAG[versions.NEXT_TAG] = versions.make_next_release(workdir / "next-release")
-        failed = False
-        try:
-            for name, fn in STEPS:
-                if profile == "ci" and name in CI_SKIP:
-                    continue
-                if failed:
-                    results.append((name, False, 0.0, "not run: an earlier step failed"))
-                    out(f"SKIP  {name}")
-                    continue
-                started = time.monotonic()
-                try:
-                    fn(ctx)
-                    results.append((name, True, time.monotonic() - started, ""))
-                    out(f"PASS  {name} ({time.monotonic() - started:.1f} s)")
-                except (StepFailed, subprocess.TimeoutExpired, httpx.HTTPError, RuntimeError, OSError) as exc:
-                    failed = True
-                    reason = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
-                    results.append((name, False, time.monotonic() - started, reason))
-                    out(f"FAIL  {name} ({time.monotonic() - started:.1f} s)\n      {reason}")
-        finally:
-            daemon = ctx.facts.get("git_daemon")
-            if daemon is not None:
-                daemon.terminate()
-                daemon.wait(5)
-            if cluster.authorizer.denials:
-                out("RBAC denials seen: " + "; ".join(sorted(set(cluster.authorizer.denials))[:5]))
-    passed = sum(1 for r in results if r[1])
-    out(f"rehearsal: {passed}/{len(results)} steps passed")
+    with contextlib.ExitStack() as stack:
+        if kubeconfig is not None:
+            cluster: KubeAccess = KubeAccess(kubeconfig, helm, workdir)
+        else:
+            from rehearsal.cluster import RehearsalAccess, RehearsalCluster
+
+            rehearsal = stack.enter_context(RehearsalCluster(workdir / "cluster", helm, LB_ADDRESSES))
+            images.CODE_BY_TAG[versions.NEXT_TAG] = versions.make_next_release(workdir / "next-release")
+            cluster = RehearsalAccess(rehearsal, workdir, remote=access == "api")
+        stack.callback(cluster.close)
+        edge = load_balancer_edge(values) if kubeconfig is None and access == "direct" else \
+            forwarded_edge(cluster, values)
+        stack.callback(edge.close)
+        ctx = Context(cluster=cluster, edge=edge, workdir=workdir, home=home)
+        results = _run_steps(ctx, profile, out)
+        if cluster.denials:
+            out("RBAC denials seen: " + "; ".join(sorted(set(cluster.denials))[:5]))
+    ran = [r for r in results if r[1] is not None]
+    passed = sum(1 for r in ran if r[1])
+    skipped = len(results) - len(ran)
+    out(f"rehearsal: {passed}/{len(ran)} steps passed" + (f" ({skipped} not applicable here)" if skipped else ""))
     (workdir / "report.json").write_text(json.dumps([{"step": n, "passed": p, "seconds": round(s, 1), "detail": d}
                                                      for n, p, s, d in results], indent=2))
-    return len(results) - passed
+    return len(ran) - passed
+
+
+def _run_steps(ctx: Context, profile: str, out: Callable[[str], None]) -> list[tuple[str, bool | None, float, str]]:
+    """(step, passed or None when not applicable, seconds, detail) for each step of the profile."""
+    results: list[tuple[str, bool | None, float, str]] = []
+    failed = False
+    for name, fn in STEPS:
+        if profile == "ci" and name in CI_SKIP:
+            continue
+        if failed:
+            results.append((name, False, 0.0, "not run: an earlier step failed"))
+            out(f"SKIP  {name}")
+            continue
+        started = time.monotonic()
+        try:
+            fn(ctx)
+            results.append((name, True, time.monotonic() - started, ""))
+            out(f"PASS  {name} ({time.monotonic() - started:.1f} s)")
+        except NotApplicable as why:
+            results.append((name, None, 0.0, str(why)))
+            out(f"N/A   {name} ({why})")
+        except (StepFailed, subprocess.TimeoutExpired, httpx.HTTPError, RuntimeError, OSError, ApiException) as exc:
+            failed = True
+            reason = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
+            results.append((name, False, time.monotonic() - started, reason))
+            out(f"FAIL  {name} ({time.monotonic() - started:.1f} s)\n      {reason}")
+    return results

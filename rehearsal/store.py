@@ -19,6 +19,7 @@ import copy
 import ipaddress
 import itertools
 import json
+import re
 import threading
 import time
 import uuid
@@ -40,6 +41,12 @@ STATUS_SUBRESOURCE = frozenset({"pods", "deployments", "replicasets", "statefuls
                                 "services", "persistentvolumeclaims", "namespaces", "poddisruptionbudgets",
                                 "ingresses"})
 MAX_EVENTS = 20_000
+# Object names the API server checks before anything else (apimachinery's validation of metadata.name).
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+LABEL_NAMED = frozenset({"namespaces", "services"})
+SUBDOMAIN_NAMED = frozenset({"pods", "configmaps", "secrets", "serviceaccounts", "persistentvolumeclaims",
+                             "deployments", "statefulsets", "daemonsets", "replicasets", "jobs"})
 
 
 class ApiError(Exception):
@@ -154,6 +161,12 @@ class Store:
         return PLURALS[plural]
 
     def _check(self, kind: Kind, body: Obj) -> None:
+        name = (body.get("metadata") or {}).get("name", "")
+        rule = DNS_LABEL if kind.plural in LABEL_NAMED else DNS_SUBDOMAIN if kind.plural in SUBDOMAIN_NAMED else None
+        if rule is not None and (len(name) > (63 if rule is DNS_LABEL else 253) or not rule.fullmatch(name)):
+            raise ApiError(422, f'{kind.kind} "{name}" is invalid: metadata.name: Invalid value: "{name}": a '
+                                f'lowercase RFC 1123 {"label" if rule is DNS_LABEL else "subdomain"} must consist '
+                                "of lower case alphanumeric characters, '-' or '.'")
         if not self.validate or not kind.validate:
             return
         try:

@@ -2,6 +2,10 @@
 
 The same ``load``/``validate_file`` API serves the runner, ``orz cloud validate`` and the Kubernetes
 PodSpec builder. Every problem is reported as ``<file>:<line>: <key.path>: <message>``.
+
+What the earlier Go version accepted still loads: no ``version`` (it means "1.0"), an empty file, and
+keys we do not know, which are warnings (``CloudConfig.warnings``, shown by ``orz cloud validate`` and
+written to the session's init log) rather than errors. The naming rules live in ``api/cloud_yaml.py``.
 """
 
 from __future__ import annotations
@@ -26,16 +30,13 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from api import cloud_yaml
 from api.schemas import CLOUD_CONFIG_PATH, SECRET_REF_RE
 from runner.errors import CloudConfigError
 
 CONFIG_PATH = CLOUD_CONFIG_PATH
-MAX_SERVICES = 5
 INIT_TIMEOUT_S = 300.0
 ON_ATTACH_TIMEOUT_S = 30.0
-
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
-_SERVICE_NAME = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 # Kubernetes resource.Quantity: a decimal number with a binary-SI, decimal-SI or exponent suffix.
 _QUANTITY = re.compile(r"^\+?(?:\d+(?:\.\d*)?|\.\d+)(?:Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?$")
 _SUFFIX = {
@@ -95,12 +96,14 @@ def _duration(value: Any) -> Any:
 
 Quantity = Annotated[str, BeforeValidator(_quantity)]
 EnvValue = Annotated[str, BeforeValidator(_scalar_str)]
-EnvName = Annotated[str, Field(pattern=_ENV_NAME)]
+EnvName = Annotated[str, Field(pattern=cloud_yaml.ENV_KEY_RE.pattern)]
+ServiceName = Annotated[str, Field(pattern=cloud_yaml.SERVICE_NAME_RE.pattern)]
 Duration = Annotated[float, BeforeValidator(_duration), Field(gt=0, le=3600)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are kept aside (model_extra) and reported as warnings, as the Go version ignored them.
+    model_config = ConfigDict(extra="allow", frozen=True)
 
 
 class Setup(_Model):
@@ -139,14 +142,15 @@ class Resources(_Model):
 
 
 class CloudConfig(_Model):
-    version: Literal["1.0"]
+    version: Literal["1.0"] = "1.0"  # no version means "1.0", as it did in the Go version
     setup: Setup = Field(default_factory=Setup)
-    services: dict[Annotated[str, Field(pattern=_SERVICE_NAME)], Service] = Field(default_factory=dict)
+    services: dict[ServiceName, Service] = Field(default_factory=dict)
     env: dict[EnvName, EnvValue] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
 
     _path: str = PrivateAttr(default=CONFIG_PATH)
     _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("version", mode="before")
     @classmethod
@@ -156,10 +160,19 @@ class CloudConfig(_Model):
 
     @field_validator("services")
     @classmethod
-    def _at_most_five(cls, value: dict[str, Service]) -> dict[str, Service]:
-        if len(value) > MAX_SERVICES:
-            raise ValueError(f"at most {MAX_SERVICES} services are allowed, found {len(value)}")
+    def _names_and_count(cls, value: dict[str, Service]) -> dict[str, Service]:
+        cloud_yaml.check_service_count(len(value), cloud_yaml.SERVICES_CEILING)
+        cloud_yaml.service_labels(list(value))  # two names for one container, or the runner's own name
         return value
+
+    @property
+    def warnings(self) -> list[str]:
+        """``<file>:<line>: <key.path>: unknown key ...`` for each key this version ignores."""
+        return list(self._warnings)
+
+    def service_label(self, name: str) -> str:
+        """The service's DNS-1123 name (its container, and its directory on the local provider)."""
+        return cloud_yaml.service_label(name)
 
     def line_of(self, *loc: str | int) -> int:
         """The line of the deepest known key on ``loc`` (1 when unknown)."""
@@ -172,8 +185,10 @@ class CloudConfig(_Model):
 # ------------------------------------------------------------------------------------------- loading
 
 
-def load(text: str, path: str = CONFIG_PATH) -> CloudConfig:
-    """Parse and validate the text of a cloud.yaml; raise CloudConfigError naming path and line."""
+def load(text: str, path: str = CONFIG_PATH, *, max_services: int | None = None) -> CloudConfig:
+    """Parse and validate the text of a cloud.yaml; raise CloudConfigError naming path and line.
+
+    ``max_services`` is the plan's limit (RunnerSpec.max_services); None checks only the ceiling."""
     try:
         tree = YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
@@ -183,6 +198,8 @@ def load(text: str, path: str = CONFIG_PATH) -> CloudConfig:
         raise CloudConfigError([f"{path}:{line}: invalid YAML: {reason}"]) from None
     except YAMLError as exc:
         raise CloudConfigError([f"{path}:1: invalid YAML: {exc}"]) from None
+    if tree is None:
+        tree = CommentedMap()  # an empty file (or only comments): nothing to prepare, as in the Go version
     if not isinstance(tree, CommentedMap):
         raise CloudConfigError([f'{path}:1: (top level): expected a mapping with `version: "1.0"`'])
     lines: dict[tuple[str | int, ...], int] = {}
@@ -198,7 +215,33 @@ def load(text: str, path: str = CONFIG_PATH) -> CloudConfig:
         raise CloudConfigError(problems) from None
     config._path = path
     config._lines = lines
+    if max_services is not None and len(config.services) > max_services:
+        raise CloudConfigError([config.problem(("services",), f"at most {max_services} services are allowed "
+                                               f"on this plan, found {len(config.services)}")])
+    unknown = sorted(_unknown_keys(config, ()), key=lambda found: config.line_of(*found[0]))
+    config._warnings = [config.problem(loc, message) for loc, message in unknown]
     return config
+
+
+def _unknown_keys(model: BaseModel, loc: tuple[str | int, ...]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Each key the model does not know, with a hint when it differs from a known key only in case."""
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    known = {name.lower(): name for name in type(model).model_fields}
+    for key in model.model_extra or {}:
+        hint = known.get(str(key).lower())
+        message = "unknown key, ignored"
+        if hint:
+            message += f" (keys are case-sensitive: did you mean {hint}?)"
+        found.append(((*loc, key), message))
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            found += _unknown_keys(value, (*loc, name))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, BaseModel):
+                    found += _unknown_keys(item, (*loc, name, key))
+    return found
 
 
 def validate_file(path: Path | str) -> CloudConfig:
@@ -211,12 +254,12 @@ def validate_file(path: Path | str) -> CloudConfig:
     return load(text, str(path))
 
 
-def find(workspace: Path) -> CloudConfig | None:
+def find(workspace: Path, *, max_services: int | None = None) -> CloudConfig | None:
     """The workspace's config, or None when the repo has no ``.orz/cloud.yaml``."""
     file = workspace / CONFIG_PATH
     if not file.exists():
         return None
-    return load(_read(file), CONFIG_PATH)
+    return load(_read(file), CONFIG_PATH, max_services=max_services)
 
 
 def _read(file: Path) -> str:
@@ -238,6 +281,24 @@ def resolve_service_env(config: CloudConfig, name: str, secrets: Mapping[str, st
     return _resolve(config, ("services", name, "env"), config.services[name].env, secrets)
 
 
+def secret_refs(config: CloudConfig) -> dict[str, list[tuple[str | int, ...]]]:
+    """Every ``${NAME}`` the file uses, with the key paths that use it."""
+    places: list[tuple[tuple[str | int, ...], str]] = [(("env", k), v) for k, v in config.env.items()]
+    for name, service in config.services.items():
+        places += [(("services", name, "env", k), v) for k, v in service.env.items()]
+    refs: dict[str, list[tuple[str | int, ...]]] = {}
+    for loc, value in places:
+        for ref in SECRET_REF_RE.findall(value):
+            refs.setdefault(ref, []).append(loc)
+    return refs
+
+
+def missing_secrets(config: CloudConfig, keys: set[str] | frozenset[str]) -> list[str]:
+    """A problem line for each ``${NAME}`` that none of the given secret keys provides."""
+    return [config.problem(loc, cloud_yaml.missing_secret(ref))
+            for ref, locs in secret_refs(config).items() if ref not in keys for loc in locs]
+
+
 def _resolve(config: CloudConfig, base: tuple[str, ...], env: Mapping[str, str],
              secrets: Mapping[str, str]) -> dict[str, str]:
     problems: list[str] = []
@@ -247,8 +308,7 @@ def _resolve(config: CloudConfig, base: tuple[str, ...], env: Mapping[str, str],
         def sub(match: re.Match[str], key: str = key) -> str:
             name = match.group(1)
             if name not in secrets:
-                problems.append(config.problem(
-                    (*base, key), f"${{{name}}} is not one of this session's secrets"))
+                problems.append(config.problem((*base, key), cloud_yaml.missing_secret(name)))
                 return ""
             return secrets[name]
 

@@ -158,8 +158,9 @@ class Runner:
                 done = await workspace.refresh(self.spec.repo_url, self.workspace, env=self.base_env, token=token,
                                                pull=self.spec.pull)
                 workspace.note(self.init_log, done.notes)
-        self.config = cloud_config.find(self.workspace)
+        self.config = cloud_config.find(self.workspace, max_services=self.spec.max_services)
         if self.config is not None:
+            self._warn(self.config.warnings)
             # Resolve every ${SECRET} before anything starts, so a bad ref fails fast and leaves nothing.
             self.session_env.update(cloud_config.resolve_env(self.config, self.secrets))
             for name in self.config.services:
@@ -176,6 +177,17 @@ class Runner:
         self.ready.set()
         self.activity.poke()
         log.info("session %s is ready", self.spec.session_id)
+
+    def _warn(self, warnings: list[str]) -> None:
+        """Keys this version ignores: in the runner's log and the init log, where `orz cloud logs` shows them."""
+        if not warnings:
+            return
+        self.init_log.parent.mkdir(parents=True, exist_ok=True)
+        with self.init_log.open("a", encoding="utf-8") as out:
+            for line in warnings:
+                log.warning("%s", line)
+                out.write(f"[orz] warning: {line}\n")
+        self.activity.set_init_log(workspace.tail(self.init_log))
 
     def _pod_runs_services(self) -> bool:
         """Pod mode: whether to go on with the services this Pod runs; if they are not the file's, report."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from api.cloud_yaml import service_label
 from api.schemas import SidecarSpec
 from runner.cloud_config import CloudConfig, Health, Service, resolve_service_env
 from runner.errors import CloudConfigError, ServiceError
@@ -79,11 +80,12 @@ class ServiceManager:
     async def start_all(self, config: CloudConfig, secrets: Mapping[str, str]) -> None:
         for name, service in config.services.items():
             env = resolve_service_env(config, name, secrets)
-            await self.start(name, service, env)
+            await self.start(name, service, env, label=config.service_label(name))
 
-    async def start(self, name: str, service: Service, env: Mapping[str, str]) -> None:
+    async def start(self, name: str, service: Service, env: Mapping[str, str], *, label: str | None = None) -> None:
         kind = image_kind(service.image)
-        root = self.state_dir / "services" / name
+        # The directory is named by the service's DNS label (`My_DB` → my-db), as its container would be.
+        root = self.state_dir / "services" / (label or service_label(name))
         root.mkdir(parents=True, exist_ok=True)
         if kind == "postgres":
             running = await self._postgres(name, service, env, root)
@@ -256,7 +258,8 @@ def pod_sidecars(config: CloudConfig | None) -> list[SidecarSpec]:
         try:
             reported.append(SidecarSpec(
                 name=name, image=service.image, env=dict(service.env), ports=list(service.ports),
-                health=service.health.model_dump() if service.health else None,
+                # Only the keys we know: unknown ones were warned about and stay out of the report.
+                health=service.health.model_dump(include=set(Health.model_fields)) if service.health else None,
             ))
         except ValidationError as exc:
             raise CloudConfigError([config.problem(("services", name, *err["loc"]), err["msg"])

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     ForeignKey,
     Index,
@@ -168,6 +169,8 @@ class SchedulerLease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Bumped at each change of holder; the leader's writes check it (api/jobs/lease.py, fence).
+    generation: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class SchemaCompat(Base):

@@ -95,6 +95,8 @@ class InstanceService:
         self._background: set[asyncio.Task[None]] = set()
         # Listeners notified after every committed transition (metrics, tests).
         self.on_transition: list[Callable[[Instance, State, State], Awaitable[None] | None]] = []
+        # The scheduler's leader check, run in each write's transaction before it writes (api/jobs/lease.py).
+        self.fence: Callable[[AsyncSession], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -182,7 +184,8 @@ class InstanceService:
                     repo_url=req.repo_url,
                     branch=req.branch,
                     task=req.task,
-                    spec={"secrets": list(req.secrets), "idle_timeout_s": idle},
+                    spec={"secrets": list(req.secrets), "idle_timeout_s": idle,
+                          "max_services": self.settings.services_for(who.plan)},
                     provider=self.provider.name,
                     provider_state={},
                     runner_token_prefix=runner_token.prefix,
@@ -354,6 +357,9 @@ class InstanceService:
         if row is not None and State(row.state) not in (State.STOPPED, State.FAILED, State.DELETED):
             return False  # started again meanwhile: that compute is wanted now
         provider_state = (row.provider_state or {}) if row is not None else {}
+        if self.fence is not None:
+            async with self.sessions() as db:
+                await self.fence(db)  # a deposed leader leaves the compute to the new one
         try:
             if delete:
                 await self.provider.delete(session_id, provider_state)
@@ -363,6 +369,8 @@ class InstanceService:
             raise ProviderError(f"could not release compute of {session_id}: {exc.reason}") from exc
         if row is not None:
             async with self.sessions() as db:
+                if self.fence is not None:
+                    await self.fence(db)
                 db.add(self._event(row, actor, "compute_deleted" if delete else "compute_stopped",
                                    None, None, reason))
                 await db.commit()
@@ -445,7 +453,7 @@ class InstanceService:
         try:
             async with self.sessions() as db:
                 secret_env = await self._secret_env(db, inst.org_id, inst.user_id, (inst.spec or {}).get("secrets", []))
-            self.provider.check_services(wanted, secret_env)
+            self.provider.check_services(wanted, secret_env, self._max_services(inst))
         except (OrzError, ProviderFailure) as exc:
             reason = exc.reason if isinstance(exc, ProviderFailure) else exc.detail
             # The caller is the runner of the Pod being released: reply first, then release.
@@ -713,6 +721,8 @@ class InstanceService:
                           message: str | None, **values: Any) -> Instance:
         current = State(inst.state)
         check_transition(current, target)
+        if self.fence is not None:
+            await self.fence(db)
         now = self.now()
         # RETURNING hands back the updated row in the same round trip as the conditional UPDATE.
         row = await db.scalar(
@@ -780,7 +790,13 @@ class InstanceService:
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
             runner_token=runner_token, secret_env=secret_env,
             services=list((inst.spec or {}).get("services") or []), pull=pull,
+            max_services=self._max_services(inst),
         )
+
+    def _max_services(self, inst: Instance) -> int:
+        """The plan's limit when the session was created (older rows: the free plan's)."""
+        value = (inst.spec or {}).get("max_services")
+        return value if isinstance(value, int) else self.settings.services_free
 
 
 def _start_message(kind: str, pull: bool) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from api import schemas
 from api.db.models import Event, Instance
 from api.settings import Settings
@@ -13,12 +15,22 @@ def ssh_command(settings: Settings, session_id: str) -> str:
 
 
 def attach_url(settings: Settings, session_id: str) -> str:
+    """The WebSocket terminal of a session on the gateway's web door (``ws://`` or ``wss://``)."""
     base = settings.public_web_url or f"ws://{settings.gateway_web_host}:{settings.gateway_web_port}"
     base = base.replace("https://", "wss://").replace("http://", "ws://").rstrip("/")
     return f"{base}/v1/instances/{session_id}/attach"
 
 
-def instance_view(settings: Settings, row: Instance) -> schemas.Instance:
+def session_attach_url(settings: Settings, session_id: str, token: str | None = None) -> str:
+    """The same endpoint as a session object shows it: ``http(s)://`` with ``?token=`` when one was minted.
+
+    The earlier Go API and its CLI used this form: the CLI turns ``https`` into ``wss`` and anything else
+    into ``ws``, so a ``wss://`` URL would reach a TLS port without TLS."""
+    url = attach_url(settings, session_id).replace("wss://", "https://", 1).replace("ws://", "http://", 1)
+    return f"{url}?token={quote(token, safe='')}" if token else url
+
+
+def instance_view(settings: Settings, row: Instance, attach_token: str | None = None) -> schemas.Instance:
     return schemas.Instance(
         id=row.id,
         status=row.state,  # type: ignore[arg-type]
@@ -29,7 +41,7 @@ def instance_view(settings: Settings, row: Instance) -> schemas.Instance:
         branch=row.branch,
         task=row.task,
         secrets=list((row.spec or {}).get("secrets", [])),
-        attach_url=attach_url(settings, row.id),
+        attach_url=session_attach_url(settings, row.id, attach_token),
         ssh=ssh_command(settings, row.id),
         attached_clients=row.attached_clients,
         idle_timeout_s=(row.spec or {}).get("idle_timeout_s"),

@@ -1,12 +1,20 @@
 """Leader lease in the database: exactly one scheduler replica acts at a time.
 
-The lease is one ``scheduler_leases`` row (name, holder, expires_at). A replica takes it with a
+The lease is one ``scheduler_leases`` row (name, holder, expires_at, generation). A replica takes it with a
 conditional UPDATE that only matches when the row is its own or has expired, and creates the row with
 an INSERT ... ON CONFLICT DO NOTHING, whose primary key lets only one creator succeed. Both are atomic
 on SQLite (one writer) and on PostgreSQL (the UPDATE re-checks its WHERE clause after waiting for a
 concurrent writer's row lock), so two replicas can never both believe they hold an unexpired lease.
-A holder that dies simply stops renewing; another replica takes over once ``expires_at`` has passed.
-Replicas compare against their own clocks, so keep them in sync (NTP); skew eats into the lease.
+
+Time is the database's: on PostgreSQL expiry is written and compared with the server's
+``clock_timestamp()``, so replicas whose clocks disagree still agree on who leads. A replica's own view
+("do I still hold it?") runs on its monotonic clock from the moment it *asked*, which is never later
+than the moment the database stamped, so it stops acting before anyone else may start. SQLite is one
+machine, whose clock is the database's.
+
+Each change of holder bumps ``generation``. The leader's writes are fenced: ``fence(db)`` in the same
+transaction checks that this holder still has the same generation, unexpired, and on PostgreSQL locks the
+row (FOR SHARE), so a takeover waits for that write to commit and a write by a deposed leader fails.
 """
 
 from __future__ import annotations
@@ -14,12 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -31,18 +40,29 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
 
 
+class LeaseLost(Exception):
+    """This replica no longer holds the lease it acted under: the write was fenced off."""
+
+
 def default_holder_id() -> str:
     """Unique per process and readable in the table: host, pid and a random suffix."""
     return f"{socket.gethostname()[:80]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _postgres(db: AsyncSession) -> bool:
+    return db.get_bind().dialect.name == "postgresql"
+
+
 def _insert_for(db: AsyncSession) -> Callable[..., Any]:
     """The dialect's INSERT, which has ON CONFLICT DO NOTHING on both supported databases."""
-    return postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return postgresql.insert if _postgres(db) else sqlite.insert
 
 
 class Lease:
-    """One named lease; ``acquire`` takes or renews it, ``held`` answers from memory."""
+    """One named lease; ``acquire`` takes or renews it, ``held`` answers from memory, ``fence`` guards writes.
+
+    ``clock`` replaces the database's clock (tests move time with it); by default the database decides.
+    """
 
     def __init__(
         self,
@@ -51,14 +71,16 @@ class Lease:
         name: str,
         duration_s: float,
         holder: str | None = None,
-        clock: Clock = utcnow,
+        clock: Clock | None = None,
     ) -> None:
         self.sessions = sessions
         self.name = name
         self.holder = holder or default_holder_id()
         self.duration = timedelta(seconds=duration_s)
-        self.now = clock
+        self.clock = clock
+        self.generation: int | None = None
         self._until: datetime | None = None
+        self._deadline: float | None = None  # time.monotonic() after which we no longer act
 
     @property
     def held_until(self) -> datetime | None:
@@ -66,30 +88,65 @@ class Lease:
 
     def held(self) -> bool:
         """True while the lease we last wrote has not expired (no database round trip)."""
-        return self._until is not None and self.now() < self._until
+        if self._until is None:
+            return False
+        if self.clock is not None:
+            return self.clock() < self._until
+        return self._deadline is not None and time.monotonic() < self._deadline
+
+    async def _now(self, db: AsyncSession) -> datetime:
+        if self.clock is not None:
+            return self.clock()
+        if _postgres(db):
+            stamped = await db.scalar(select(func.clock_timestamp()))
+            assert isinstance(stamped, datetime)
+            return stamped
+        return utcnow()
 
     async def acquire(self) -> bool:
         """Take the lease if it is free or expired, renew it if ours; True when we hold it now."""
-        now = self.now()
-        until = now + self.duration
+        asked = time.monotonic()
         async with self.sessions() as db:
-            result = await db.execute(
+            now = await self._now(db)
+            until = now + self.duration
+            taken = await db.scalar(
                 update(SchedulerLease)
                 .where(
                     SchedulerLease.name == self.name,
                     or_(SchedulerLease.holder == self.holder, SchedulerLease.expires_at <= now),
                 )
-                .values(holder=self.holder, expires_at=until)
+                .values(holder=self.holder, expires_at=until,
+                        generation=case((SchedulerLease.holder == self.holder, SchedulerLease.generation),
+                                        else_=SchedulerLease.generation + 1))
+                .returning(SchedulerLease.generation)
             )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
+            if taken is not None:
                 await db.commit()
-                return self._set(until)
+                return self._set(until, asked, int(taken))
             # No row matched: either someone else holds it, or nobody ever created it. ON CONFLICT DO
             # NOTHING lets exactly one creator win without an error in the server log on every tick.
-            insert = _insert_for(db)(SchedulerLease).values(name=self.name, holder=self.holder, expires_at=until)
+            insert = _insert_for(db)(SchedulerLease).values(name=self.name, holder=self.holder, expires_at=until,
+                                                            generation=1)
             created = await db.execute(insert.on_conflict_do_nothing(index_elements=["name"]))
             await db.commit()
-            return self._set(until if created.rowcount == 1 else None)  # type: ignore[attr-defined]
+            won = created.rowcount == 1  # type: ignore[attr-defined]
+            return self._set(until if won else None, asked, 1)
+
+    async def fence(self, db: AsyncSession) -> None:
+        """Raise LeaseLost unless this replica still holds the lease, same generation, by the database's time.
+
+        Call inside the transaction of a write made as leader, before the write.
+        """
+        if self.generation is None or not self.held():
+            raise LeaseLost(f"scheduler lease {self.name} is not held by {self.holder}")
+        check = select(SchedulerLease.generation).where(
+            SchedulerLease.name == self.name, SchedulerLease.holder == self.holder,
+            SchedulerLease.generation == self.generation, SchedulerLease.expires_at > await self._now(db))
+        if _postgres(db):
+            check = check.with_for_update(read=True)
+        if await db.scalar(check) is None:
+            self._set(None, 0.0, None)
+            raise LeaseLost(f"scheduler lease {self.name} moved on from {self.holder}")
 
     async def release(self) -> None:
         """Give the lease up now (clean shutdown) so another replica need not wait for it to expire."""
@@ -99,16 +156,18 @@ class Lease:
             await db.execute(
                 update(SchedulerLease)
                 .where(SchedulerLease.name == self.name, SchedulerLease.holder == self.holder)
-                .values(expires_at=self.now())
+                .values(expires_at=await self._now(db))
             )
             await db.commit()
-        self._set(None)
+        self._set(None, 0.0, None)
 
-    def _set(self, until: datetime | None) -> bool:
+    def _set(self, until: datetime | None, asked: float, generation: int | None) -> bool:
         was_held = self._until is not None
         self._until = until
+        self._deadline = asked + self.duration.total_seconds() if until is not None else None
+        self.generation = generation if until is not None else None
         if until is not None and not was_held:
-            log.info("scheduler lease %s taken by %s", self.name, self.holder)
+            log.info("scheduler lease %s taken by %s (generation %s)", self.name, self.holder, generation)
         elif until is None and was_held:
             log.info("scheduler lease %s lost by %s", self.name, self.holder)
         return until is not None

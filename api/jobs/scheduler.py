@@ -26,7 +26,7 @@ from api.db.engine import create_engine, session_factory
 from api.db.migrate import wait_for_schema
 from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
-from api.jobs.lease import Lease
+from api.jobs.lease import Lease, LeaseLost
 from api.jobs.purge import Purger
 from api.jobs.reap_idle import IdleReaper
 from api.jobs.reconcile import Reconciler
@@ -52,22 +52,27 @@ class LifecycleScheduler:
         sessions: async_sessionmaker[AsyncSession],
         provider: Provider,
         *,
-        clock: Clock = utcnow,
+        clock: Clock | None = None,
         holder: str | None = None,
         gateway_public_key: str = "",
         secret_env: SecretEnvSource | None = None,
     ) -> None:
+        """``clock``: a stand-in for time in tests; by default sessions age by this machine's clock and the
+        lease by the database's (so replicas with skewed clocks still agree on who leads)."""
         self.settings = settings
         self.service = InstanceService(
-            settings, sessions, provider, gateway_public_key=gateway_public_key, secret_env=secret_env, clock=clock
+            settings, sessions, provider, gateway_public_key=gateway_public_key, secret_env=secret_env,
+            clock=clock or utcnow,
         )
         self.service.on_transition.append(_count_transition)
         self.lease = Lease(sessions, name=LEASE_NAME, duration_s=settings.scheduler_lease_s, holder=holder,
                            clock=clock)
+        # Every state change the jobs make is fenced by the lease (a deposed leader's write fails).
+        self.service.fence = self.lease.fence
         self.jobs: dict[str, JobFn] = {
             "reap": IdleReaper(self.service, settings).run_once,
             "reconcile": Reconciler(self.service, settings).run_once,
-            "purge": Purger(sessions, clock).run_once,
+            "purge": Purger(sessions, self.service.now).run_once,
         }
         # Passes this replica actually ran as leader, by job (for logs and tests).
         self.runs: Counter[str] = Counter()
@@ -109,6 +114,10 @@ class LifecycleScheduler:
                 started = time.perf_counter()
                 try:
                     result = await self.jobs[name](self.lease.held)
+                except LeaseLost as lost:
+                    log.warning("scheduler job %s stopped: %s", name, lost)
+                    metrics.SCHEDULER_JOB_RUNS.labels(job=name, result="fenced").inc()
+                    return None
                 except Exception:
                     # A failed pass is logged and retried on the next tick; the scheduler keeps going.
                     log.exception("scheduler job %s failed", name)
@@ -175,7 +184,7 @@ def _count_transition(_row: object, _from: object, to: object) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _scheduler(settings: Settings, *, clock: Clock, provider: Provider | None,
+async def _scheduler(settings: Settings, *, clock: Clock | None, provider: Provider | None,
                      secret_env: SecretEnvSource | None) -> AsyncIterator[LifecycleScheduler]:
     # Imported here: api.app pulls in Sanic and the routes, which the jobs themselves do not need.
     from api.app import gateway_public_key, make_provider
@@ -201,7 +210,7 @@ async def _scheduler(settings: Settings, *, clock: Clock, provider: Provider | N
 async def running_scheduler(
     settings: Settings,
     *,
-    clock: Clock = utcnow,
+    clock: Clock | None = None,
     provider: Provider | None = None,
     secret_env: SecretEnvSource | None = None,
 ) -> AsyncIterator[LifecycleScheduler | None]:
@@ -219,5 +228,5 @@ async def run(settings: Settings, stop: Awaitable[object], *, provider: Provider
     if settings.require_schema_head:
         # Wait (bounded) for `orz admin migrate` rather than crash-looping on a schema not yet there.
         await wait_for_schema(settings.database_url, settings.schema_wait_s)
-    async with _scheduler(settings, clock=utcnow, provider=provider, secret_env=None):
+    async with _scheduler(settings, clock=None, provider=provider, secret_env=None):
         await stop

@@ -10,8 +10,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sanic import Blueprint, HTTPResponse, Request
 
 from api import schemas
+from api.auth import Principal
 from api.credentials import jwt as attach_jwt
 from api.credentials import ssh_ca
+from api.db.models import Instance
 from api.errors import BadRequest
 from api.http import parse_body, respond
 from api.instances.views import attach_url, ssh_command
@@ -38,6 +40,16 @@ def attach_keys(request: Request) -> AttachKeys:
                           jwt=attach_jwt.load_or_create_signing_key(settings))
         request.app.ctx.attach_keys = keys
     return keys
+
+
+def attach_token(request: Request, who: Principal, row: Instance) -> str:
+    """A fresh single-use attach token for a session object's ``attach_url`` (create and get).
+
+    Nothing is stored: the gateway verifies the signature and the API spends its ``jti`` on first use;
+    it lives ``attach_token_ttl_s`` (2 minutes by default). It is never logged."""
+    settings = state(request).settings
+    return attach_jwt.issue(attach_keys(request).jwt, user_id=who.user_id, session_id=row.id,
+                            ttl_s=settings.attach_token_ttl_s).token
 
 
 def _utc(ts: int) -> datetime:

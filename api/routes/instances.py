@@ -9,6 +9,7 @@ from api.errors import OrzError, ProviderError, QuotaExceeded
 from api.http import parse_body, respond
 from api.instances.views import event_view, instance_view
 from api.openapi import route
+from api.routes.attach import attach_token
 from api.routes.deps import principal, state
 
 bp = Blueprint("instances")
@@ -27,7 +28,8 @@ async def create_instance(request: Request) -> HTTPResponse:
         raise
     metrics.SESSION_CREATIONS.labels(result="created").inc()
     request.ctx.session_id = row.id
-    return respond(instance_view(state(request).settings, row), status=201)
+    # attach_url carries a fresh single-use token, as the Go API's did: its CLI attaches with it.
+    return respond(instance_view(state(request).settings, row, attach_token(request, who, row)), status=201)
 
 
 def creation_result(exc: BaseException) -> str:
@@ -57,7 +59,7 @@ async def list_instances(request: Request) -> HTTPResponse:
 async def get_instance(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     row = await state(request).instances.get(who, id)
-    return respond(instance_view(state(request).settings, row))
+    return respond(instance_view(state(request).settings, row, attach_token(request, who, row)))
 
 
 @route(bp, "DELETE", "/v1/instances/{id}", summary="Kill a session: compute and workspace", tag=TAG,

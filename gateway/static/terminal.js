@@ -84,7 +84,9 @@
     fit.fit();
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const query = new URLSearchParams({ token, cols: term.cols, rows: term.rows });
-    const sock = new WebSocket(`${scheme}//${location.host}/v1/instances/${encodeURIComponent(sessionId)}/attach?${query}`);
+    // The subprotocol asks for the JSON control messages below; clients without it get terminal bytes only.
+    const sock = new WebSocket(`${scheme}//${location.host}/v1/instances/${encodeURIComponent(sessionId)}/attach?${query}`,
+                               ["orz.terminal.v1"]);
     sock.binaryType = "arraybuffer";
     ws = sock;
     sock.onmessage = (ev) => {

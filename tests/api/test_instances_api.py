@@ -28,7 +28,7 @@ async def test_create_returns_session_with_ssh_line_and_attach_url(app, sessions
     assert sid.startswith("widgets-") and len(sid) <= 32
     assert body["status"] == "starting"
     assert body["ssh"] == f"ssh -p 2222 {sid}@127.0.0.1"
-    assert body["attach_url"].endswith(f"/v1/instances/{sid}/attach")
+    assert body["attach_url"].startswith(f"http://127.0.0.1:8443/v1/instances/{sid}/attach?token=")
     assert body["created_at"].endswith("Z")
     spec = provider.specs[sid]
     assert (spec.repo_url, spec.branch, spec.tier, spec.task) == (REPO, "main", "medium", "fix bug")

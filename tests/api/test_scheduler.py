@@ -14,8 +14,9 @@ from api.db.base import utcnow
 from api.db.models import Event, SchedulerLease, UsedJti
 from api.instances.providers.fake import FakeProvider
 from api.instances.service import InstanceService
+from api.jobs import lease as lease_mod
 from api.jobs import scheduler as scheduler_mod
-from api.jobs.lease import Lease
+from api.jobs.lease import Lease, LeaseLost
 from api.jobs.purge import PurgeReport
 from api.jobs.reap_idle import ReapReport
 from api.jobs.scheduler import LifecycleScheduler, running_scheduler
@@ -231,3 +232,58 @@ async def test_standby_replica_does_nothing(settings: Settings, sessions: async_
     sched = LifecycleScheduler(settings, sessions, provider, clock=clock)
     assert await sched.run_job("reconcile") is None
     assert provider.phases == {"ghost-zzzzzz": "running"}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("empty_database_url", ["postgres"], indirect=True)
+async def test_a_replica_whose_clock_runs_ahead_cannot_take_a_live_lease(
+        sessions: async_sessionmaker[AsyncSession], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease runs on the database's clock: a replica 20 s ahead waits for the real expiry like anyone."""
+    duration_s = 2
+    a = Lease(sessions, name="lifecycle", duration_s=duration_s, holder="a")
+    b = Lease(sessions, name="lifecycle", duration_s=duration_s, holder="b")
+    assert await a.acquire()
+    real_utcnow = lease_mod.utcnow
+    # b's machine is 20 s ahead of everyone else's.
+    monkeypatch.setattr(lease_mod, "utcnow", lambda: real_utcnow() + timedelta(seconds=20))
+    assert not await b.acquire(), "b took a lease that had not expired by the database's clock"
+    assert a.held() and not b.held()
+    await asyncio.sleep(duration_s + 0.3)  # a stopped renewing
+    assert not a.held(), "a must stop acting once its lease may have run out"
+    assert await b.acquire() and b.held()
+
+
+@both_databases
+async def test_a_deposed_leaders_writes_are_fenced(settings: Settings,
+                                                   sessions: async_sessionmaker[AsyncSession]) -> None:
+    """A leader that lost the lease (paused, partitioned) cannot change a session when it wakes up."""
+    clock, provider = FakeClock(), FakeProvider()
+    world = World(await principal(sessions, "acme"), InstanceService(settings, sessions, provider, clock=clock),
+                  provider, clock)
+    inst = await world.new_running()
+    old = LifecycleScheduler(settings, sessions, provider, clock=clock, holder="old-leader")
+    new = LifecycleScheduler(settings, sessions, provider, clock=clock, holder="new-leader")
+    assert await old.tick() and old.lease.generation == 1
+    # old pauses past its lease; new takes over; old resumes believing its stale view (a GC pause, a
+    # partition: it has not looked at the lease since).
+    clock.advance(settings.scheduler_lease_s + 1)
+    assert await new.tick() and new.lease.generation == 2
+    clock.advance(-settings.scheduler_lease_s)  # as old sees it: still inside its own lease
+    assert old.lease.held()
+    with pytest.raises(LeaseLost):
+        await old.service.stop_instance(inst, "scheduler", "idle")
+    assert (await world.row(inst.id)).state == "running"
+    assert [c for c in provider.calls if c[0] == "stop"] == []
+    # Fenced once, it knows: it stands by instead of acting on.
+    assert not old.lease.held() and await old.run_job("reap") is None
+    # The leader's own writes go through, and a replica that regains the lease later gets a new generation.
+    await new.service.stop_instance(inst, "scheduler", "idle")
+    assert (await world.row(inst.id)).state in ("stopping", "stopped")
+    clock.advance(2 * settings.scheduler_lease_s)
+    assert await old.tick() and old.lease.generation == 3
+
+
+def test_the_default_lease_hands_over_a_killed_leader_within_15_s() -> None:
+    """Failover after SIGKILL: the lease runs out, then the standby's next tick (every third of it)."""
+    lease_s = Settings().scheduler_lease_s
+    assert lease_s + max(1.0, lease_s / 3) < 15

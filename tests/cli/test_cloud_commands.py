@@ -44,7 +44,9 @@ def test_login_whoami_logout(orz: Orz, live_api: LiveApi, home: Path) -> None:
     assert tenant.token not in done.stdout + done.stderr
     token_file = home / ".config" / "orzbob" / "token.json"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    assert json.loads(token_file.read_text()) == {"api_url": live_api.url, "api_token": tenant.token}
+    # expires_at: the Go CLI, which reads the same file, refuses one without a future expiry.
+    assert json.loads(token_file.read_text()) == {"api_url": live_api.url, "api_token": tenant.token,
+                                                  "expires_at": "9999-12-31T23:59:59Z"}
 
     who = orz("cloud", "whoami")
     assert who.returncode == 0, who.stderr

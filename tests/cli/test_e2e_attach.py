@@ -5,6 +5,7 @@ expired certificate), list, kill. Driven through a terminal with pexpect.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -65,6 +66,14 @@ def test_quick_start_new_type_detach_reattach_list_kill(platform: Platform) -> N
     wait_for_tmux(again)
     type_and_see(again, "again-e2e")
     detach(again)
+
+    # An attach URL, as the Go CLI's `attach` took it, names the same session.
+    listing = json.loads(platform.orz("cloud", "list", "--json").stdout)
+    url = next(i["attach_url"] for i in listing["instances"] if i["id"] == sid)
+    by_url = platform.spawn(sys.executable, "-m", "cli", "cloud", "attach", url)
+    by_url.expect("again-e2e")
+    wait_for_tmux(by_url)
+    detach(by_url)
 
     killed = platform.orz("cloud", "kill", sid)
     assert killed.returncode == 0, killed.stderr

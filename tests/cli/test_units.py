@@ -172,8 +172,11 @@ def test_validate_with_the_runner_validator(home: Path, tmp_path: Path) -> None:
     ok = CliRunner().invoke(orz, ["cloud", "validate", str(tmp_path)])
     assert ok.exit_code == 0 and "ok" in ok.output, ok.output
     config.write_text('version: "1.0"\nsetup:\n  init: make\n  bogus: 1\n')
+    warned = CliRunner().invoke(orz, ["cloud", "validate", str(config)])
+    assert warned.exit_code == 0 and ":4: setup.bogus: unknown key, ignored" in warned.output, warned.output
+    config.write_text('version: "1.0"\nsetup:\n  init: make\nresources: {cpu: lots}\n')
     bad = CliRunner().invoke(orz, ["cloud", "validate", str(config)])
-    assert bad.exit_code == 1 and ":4:" in bad.output and "bogus" in bad.output
+    assert bad.exit_code == 1 and ":4:" in bad.output and "resources.cpu" in bad.output
 
 
 def test_top_level_handler_prints_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

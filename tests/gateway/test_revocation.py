@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 from tests.gateway.conftest import SESSION, USER, Env, eventually, gateway_env
 from tests.gateway.standins import FakeSession
@@ -84,7 +85,8 @@ async def test_a_browser_terminal_ends_with_the_reason(tmp_path: Path) -> None:
     async with gateway_env(tmp_path, gateway_access_check_s=0.2) as env:
         assert env.gateway.web is not None
         url = f"ws://127.0.0.1:{env.gateway.web.port}/v1/instances/{SESSION}/attach?token={env.token()}"
-        async with connect(url) as ws:
+        # As the page connects: with the subprotocol that asks for the JSON control messages.
+        async with connect(url, subprotocols=[Subprotocol("orz.terminal.v1")]) as ws:
             seen, control = b"", []
             while b"hi" not in seen:
                 msg = await asyncio.wait_for(ws.recv(), 10)

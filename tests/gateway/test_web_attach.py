@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import httpx
 import pexpect
@@ -14,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 from api.credentials import jwt as attach_jwt
 from tests.support import orz, wait_until
@@ -21,6 +23,7 @@ from tests.web_platform import NEEDS, WebPlatform, screen_text, start_platform
 
 pytestmark = [pytest.mark.integration, NEEDS]
 PROGRAM = "echo hi; exec bash --norc --noprofile"
+PAGE = [Subprotocol("orz.terminal.v1")]  # what the browser page asks for: the JSON control messages
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,7 @@ def signing_key(platform: WebPlatform):  # type: ignore[no-untyped-def]
 
 async def test_attach_sees_hi_types_and_the_token_is_single_use(platform: WebPlatform, sid: str) -> None:
     token = str(platform.grant(sid)["token"])
-    async with connect(ws_url(platform, sid, token, cols=80, rows=24), open_timeout=10) as ws:
+    async with connect(ws_url(platform, sid, token, cols=80, rows=24), open_timeout=10, subprotocols=PAGE) as ws:
         screen = Screen(ws)
         await screen.until("hi")
         await screen.until("[main]")  # tmux drew its status line: keys now reach the shell
@@ -132,7 +135,7 @@ async def test_resize_frame_resizes_the_tmux_window(platform: WebPlatform, sid: 
 async def test_readonly_cannot_type_but_sees_the_shared_session(platform: WebPlatform, sid: str) -> None:
     ro_token = str(platform.grant(sid, readonly=True)["token"])
     rw_token = str(platform.grant(sid)["token"])
-    async with connect(ws_url(platform, sid, ro_token), open_timeout=10) as ro_ws, \
+    async with connect(ws_url(platform, sid, ro_token), open_timeout=10, subprotocols=PAGE) as ro_ws, \
             connect(ws_url(platform, sid, rw_token), open_timeout=10) as rw_ws:
         ro, rw = Screen(ro_ws), Screen(rw_ws)
         await ro.until("[main]")
@@ -210,10 +213,56 @@ async def test_a_stopped_session_wakes_with_status_messages(platform: WebPlatfor
         wait_until(lambda: api.get(f"/v1/instances/{sid}").json()["status"] == "stopped", timeout=20,
                    what="stopped")
     token = str(platform.grant(sid)["token"])
-    async with connect(ws_url(platform, sid, token), open_timeout=10) as ws:
+    async with connect(ws_url(platform, sid, token), open_timeout=10, subprotocols=PAGE) as ws:
         screen = Screen(ws)
         await screen.until("[main]", timeout=30)
         statuses = [m for m in screen.control if m.get("type") == "status"]
         assert statuses, screen.control
         assert screen.control[-1] == {"type": "attached", "mode": "rw"}
+    platform.kill(sid)
+
+
+def go_client_url(attach_url: str) -> str:
+    """What the Go CLI does with a session's attach_url: take `token`, http(s) -> ws(s), re-add `?token=`."""
+    parts = urlsplit(attach_url)
+    token = parse_qs(parts.query)["token"][0]
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return urlunsplit((scheme, parts.netloc, parts.path, "", "")) + f"?token={token}"
+
+
+async def test_the_go_cli_attaches_with_the_session_objects_attach_url(platform: WebPlatform) -> None:
+    with platform.api() as api:
+        created = api.post("/v1/instances", json={"program": PROGRAM})
+        assert created.status_code == 201, created.text
+        body = created.json()
+        sid = body["id"]
+        assert body["attach_url"].startswith(f"{platform.web_url}/v1/instances/{sid}/attach?token=")
+        # Like the Go CLI: no subprotocol, no Origin, no cols/rows, raw keystrokes in binary frames, and
+        # every frame it gets written to the terminal as it is. The session is still starting.
+        async with connect(go_client_url(body["attach_url"]), open_timeout=10) as ws:
+            screen = Screen(ws)
+            await screen.until("[main]", timeout=30)
+            await screen.type("echo pi''ng-go\r")
+            await screen.until("ping-go")
+            assert screen.control == []  # no JSON in the Go user's terminal
+        assert await status_of(go_client_url(body["attach_url"])) == 401  # the token worked once
+        again = api.get(f"/v1/instances/{sid}").json()["attach_url"]  # `attach <id>` asks for the session
+        assert again != body["attach_url"]
+        async with connect(go_client_url(again), open_timeout=10) as ws:
+            await Screen(ws).until("[main]")
+    platform.kill(sid)
+
+
+async def test_a_go_cli_waking_a_stopped_session_sees_progress_as_terminal_lines(platform: WebPlatform) -> None:
+    sid = platform.new_session(PROGRAM)
+    with platform.api() as api:
+        assert api.post(f"/v1/instances/{sid}/stop").status_code in (200, 202)
+        wait_until(lambda: api.get(f"/v1/instances/{sid}").json()["status"] == "stopped", timeout=20,
+                   what="stopped")
+        url = go_client_url(api.get(f"/v1/instances/{sid}").json()["attach_url"])
+    async with connect(url, open_timeout=10) as ws:
+        screen = Screen(ws)
+        await screen.until("[main]", timeout=30)
+        assert screen.control == []
+        assert b"orz: " in screen.data  # the wake's progress, as lines the Go CLI prints as they come
     platform.kill(sid)

@@ -185,10 +185,9 @@ def sidecar(name: str, **fields: Any) -> schemas.SidecarSpec:
     ([sidecar("db", ports=[2222])], ".orz/cloud.yaml: services.db.ports: 2222 is taken by another service or "
                                     "the runner"),
     ([sidecar("db", image="postgres 16")], ".orz/cloud.yaml: services.db.image: required, a container image"),
-    ([sidecar("runner")], ".orz/cloud.yaml: services.runner: name must be a lowercase DNS label"),
+    ([sidecar("runner")], ".orz/cloud.yaml: services.runner: 'runner' is the session's own container"),
     ([sidecar("a", ports=[5432]), sidecar("b", ports=[5432])], ".orz/cloud.yaml: services.b.ports: 5432 is taken"),
-    ([sidecar("db"), sidecar("db")], ".orz/cloud.yaml: services: names must be unique"),
-    ([sidecar(f"s{i}") for i in range(6)], ".orz/cloud.yaml: services: at most 5 are allowed"),
+    ([sidecar("db"), sidecar("db")], ".orz/cloud.yaml: services.db: services 'db' and 'db' both become"),
     ([sidecar("db", env={"X": "${NOPE}"})], ".orz/cloud.yaml: services.db.env.X: ${NOPE} is not one of this "
                                             "session's secrets"),
     ([sidecar("db", env={"X": "${ORZ_RUNNER_TOKEN}"})], ".orz/cloud.yaml: services.db.env.X: "
@@ -210,3 +209,29 @@ async def test_bad_services_fail_the_session_with_the_key_and_make_nothing(
     assert server.count("POST", "pods") == 1
     assert server.names("persistentvolumeclaims", NS) == [names.pvc_name(sid)]
     assert server.names("secrets", NS) == [names.secret_name(sid)]
+
+
+@pytest.mark.parametrize(("plan", "allowed"), [("free", False), ("team", True)])
+async def test_the_service_limit_is_the_plans_and_go_style_names_run_as_dns_labels(
+        service: InstanceService, server: FakeApiServer, sessions: async_sessionmaker[AsyncSession],
+        plan: str, allowed: bool) -> None:
+    who = await principal(sessions, f"org-{plan}", plan=plan)
+    sid = await new_session(service, who)
+    token, spec = the_runner(server, sid)
+    assert spec.max_services == (5 if plan == "free" else 16)
+    report = [sidecar(f"Svc_{i}", env={"discovery.type": "single-node"}) for i in range(6)]
+    reply = await service.record_heartbeat(sid, token, schemas.Heartbeat(services=report))
+    await service.wait_background()
+    inst = await row(service, sid)
+    if not allowed:
+        assert reply.state == "failed"
+        assert inst.reason == ".orz/cloud.yaml: services: at most 5 are allowed on this plan, found 6"
+        return
+    assert reply.state == "starting" and inst.reason is None
+    assert server.wait_for(lambda: server.count("POST", "pods") == 2)
+    pod = server.get("pods", NS, names.pod_name(sid))
+    assert pod is not None
+    validate_strict(pod)
+    sidecars = pod["spec"]["containers"][1:]
+    assert [c["name"] for c in sidecars] == [f"svc-{i}" for i in range(6)]
+    assert sidecars[0]["env"] == [{"name": "discovery.type", "value": "single-node"}]

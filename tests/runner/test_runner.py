@@ -81,7 +81,8 @@ async def test_clone_failure_is_fatal(make_repo: MakeRepo, start_runner: StartRu
     ("config", "expected"),
     [
         ("version: '1.0'\nsetup: [\n  - a\n b: c\n", ".orz/cloud.yaml:3: invalid YAML"),
-        ("version: '1.0'\nsetup:\n  init: x\n  bogus: 1\n", ".orz/cloud.yaml:4: setup.bogus: unknown key"),
+        ("services:\n  my_db:\n    image: redis\n  My-DB:\n    image: redis\n",
+         ".orz/cloud.yaml:1: services: services 'my_db' and 'My-DB' both become container name 'my-db'"),
         ("version: '1.0'\nservices:\n" + "".join(f"  s{i}:\n    image: redis\n" for i in range(6)),
          ".orz/cloud.yaml:2: services: at most 5 services"),
         ("version: '1.0'\nresources:\n  memory: lots\n", ".orz/cloud.yaml:3: resources.memory:"),

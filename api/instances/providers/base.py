@@ -13,6 +13,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from api.cloud_yaml import DEFAULT_MAX_SERVICES
+
 ProviderState = dict[str, Any]
 ComputePhase = Literal["absent", "pending", "running", "stopped", "failed"]
 
@@ -41,6 +43,8 @@ class ComputeSpec:
     services: Sequence[Mapping[str, Any]] = ()
     # `orz cloud start --pull`: the runner moves the workspace to the branch's head first.
     pull: bool = False
+    # How many services the session's plan allows (settings.services_for at creation).
+    max_services: int = DEFAULT_MAX_SERVICES
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,8 @@ class Provider(abc.ABC):
         """The unix socket the session's runner endpoint listens on (the only route accepted), or None: TCP."""
         return None
 
-    def check_services(self, services: Sequence[Mapping[str, Any]], secret_keys: Collection[str]) -> None:
+    def check_services(self, services: Sequence[Mapping[str, Any]], secret_keys: Collection[str],
+                       max_services: int = DEFAULT_MAX_SERVICES) -> None:
         """Raise ProviderFailure, naming the file and key, when these services cannot run (runs_services)."""
         raise ProviderFailure(f"the {self.name} provider does not run services beside the runner")
 

@@ -198,7 +198,8 @@ class LocalProvider(Provider):
             ssh_host=UNIX_ROUTE_PREFIX + socket if socket else "127.0.0.1", ssh_port=0,
             network_ready_file=str(sandbox.SessionPaths(base).network_ready) if socket else None,
             workspace=str(base / "workspace"),
-            state_dir=str(base / "state"), pull=spec.pull,
+            state_dir=str(base / "state"),
+            max_services=spec.max_services, pull=spec.pull,
         )
         env = {k: os.environ[k] for k in _INHERIT if k in os.environ}
         env.setdefault("LANG", "C.UTF-8")

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from api.cloud_yaml import DEFAULT_MAX_SERVICES
 from api.instances.providers.base import ComputeSpec
 from api.instances.providers.kubernetes import names, resources, sidecars
 from api.schemas import CLOUD_CONFIG_PATH, ENV_NAME_RE, RunnerSpec, services_digest
@@ -180,15 +181,16 @@ def runner_spec(spec: ComputeSpec) -> RunnerSpec:
         sidecars="pod",
         pod_services_digest=services_digest(sidecars.listed(spec.services)),
         pull=spec.pull,
+        max_services=spec.max_services,
     )
 
 
-def sidecar_containers(services: sidecars.RawServices, session_id: str,
-                       secret_keys: Collection[str]) -> list[dict[str, Any]]:
+def sidecar_containers(services: sidecars.RawServices, session_id: str, secret_keys: Collection[str],
+                       max_services: int = DEFAULT_MAX_SERVICES) -> list[dict[str, Any]]:
     """The services as containers beside the runner; ManifestError names .orz/cloud.yaml and the key."""
     source = sidecars.SecretSource(names.secret_name(session_id), frozenset(secret_keys))
     try:
-        parsed = sidecars.parse_services(services, reserved_ports=(RUNNER_SSH_PORT,))
+        parsed = sidecars.parse_services(services, reserved_ports=(RUNNER_SSH_PORT,), max_services=max_services)
         # Sidecar images are the user's choice and may write anywhere in their own filesystem.
         return [sidecars.container(s, container_security(False), source) for s in parsed]
     except sidecars.ServiceError as exc:
@@ -250,7 +252,7 @@ def _runner_container(spec: ComputeSpec, config: ClusterConfig) -> dict[str, Any
 
 def pod(spec: ComputeSpec, config: ClusterConfig, generation: int = 1,
         owner_uid: str | None = None) -> dict[str, Any]:
-    side = sidecar_containers(spec.services, spec.session_id, spec.secret_env)
+    side = sidecar_containers(spec.services, spec.session_id, spec.secret_env, spec.max_services)
     runner = _runner_container(spec, config)
     containers = [runner, *side]
     meta = _meta(spec, config, names.pod_name(spec.session_id), "runner", owner_uid)

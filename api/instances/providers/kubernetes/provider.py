@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+from api.cloud_yaml import DEFAULT_MAX_SERVICES
 from api.instances.providers.base import (
     ComputeSpec,
     ComputeStatus,
@@ -179,10 +180,11 @@ class KubernetesProvider(Provider):
                  objects.pod["metadata"]["name"], generation)
         return self._state(spec, generation)
 
-    def check_services(self, services: Sequence[Mapping[str, Any]], secret_keys: Collection[str]) -> None:
+    def check_services(self, services: Sequence[Mapping[str, Any]], secret_keys: Collection[str],
+                       max_services: int = DEFAULT_MAX_SERVICES) -> None:
         try:
             # The session id only names the Secret the references point at; it changes nothing checked.
-            manifests.sidecar_containers(services, "check", secret_keys)
+            manifests.sidecar_containers(services, "check", secret_keys, max_services)
         except manifests.ManifestError as exc:
             raise ProviderFailure(str(exc)) from None
 

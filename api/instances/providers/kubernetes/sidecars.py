@@ -9,12 +9,10 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.instances.providers.kubernetes.names import DNS1123_LABEL_RE
+from api import cloud_yaml
 from api.instances.providers.kubernetes.resources import SIDECAR_RESOURCES
-from api.schemas import ENV_NAME_RE, SECRET_REF_RE
+from api.schemas import SECRET_REF_RE
 
-MAX_SERVICES = 5
-RESERVED_NAMES = frozenset({"runner"})
 # A value that embeds a secret in other text reads it from a helper variable of this prefix.
 SECRET_HELPER_PREFIX = "ORZ_SECRET_"  # noqa: S105  # nosec B105  # a name prefix, not a value
 _DURATION_RE = re.compile(r"^(\d+)(s|m)?$")
@@ -51,7 +49,8 @@ class Health:
 
 @dataclass(frozen=True)
 class Service:
-    name: str
+    name: str  # as written in .orz/cloud.yaml (`My_DB`)
+    label: str  # its container name, a DNS-1123 label (`my-db`)
     image: str
     env: Mapping[str, str] = field(default_factory=dict)
     ports: tuple[int, ...] = ()
@@ -89,25 +88,33 @@ def listed(raw: RawServices) -> list[Mapping[str, Any]]:
     return [{"name": k, **v} for k, v in raw.items()] if isinstance(raw, Mapping) else list(raw)
 
 
-def parse_services(raw: RawServices, reserved_ports: Sequence[int] = ()) -> list[Service]:
+def parse_services(raw: RawServices, reserved_ports: Sequence[int] = (),
+                   max_services: int = cloud_yaml.DEFAULT_MAX_SERVICES) -> list[Service]:
     """Accepts ``{name: {image, ...}}`` (as in cloud.yaml) or a list of ``{name, image, ...}``."""
     items = listed(raw)
-    if len(items) > MAX_SERVICES:
-        raise ServiceError(f"services: at most {MAX_SERVICES} are allowed")
+    if len(items) > max_services:
+        raise ServiceError(f"services: at most {max_services} are allowed on this plan, found {len(items)}")
     services: list[Service] = []
     seen_ports: set[int] = set(reserved_ports)
+    labels: dict[str, str] = {}
     for item in items:
         name = str(item.get("name", ""))
         path = f"services.{name or '?'}"
-        # Container names share the pod with "runner" and must be DNS labels.
-        if not DNS1123_LABEL_RE.match(name) or len(name) > 50 or name in RESERVED_NAMES:
-            raise ServiceError(f"{path}: name must be a lowercase DNS label (a-z, 0-9, '-') and not 'runner'")
+        # Container names share the pod with "runner" and must be DNS labels: `My_DB` runs as my-db.
+        try:
+            label = cloud_yaml.service_label(name)
+        except cloud_yaml.ServiceNameError as exc:
+            raise ServiceError(f"{path}: {exc}") from None
+        if label in labels:
+            raise ServiceError(f"{path}: services {labels[label]!r} and {name!r} both become container name "
+                               f"{label!r}; rename one")
+        labels[label] = name
         image = item.get("image")
         if not isinstance(image, str) or not image or any(c.isspace() for c in image):
             raise ServiceError(f"{path}.image: required, a container image reference")
         env = item.get("env") or {}
-        if not isinstance(env, Mapping) or not all(ENV_NAME_RE.match(str(k)) for k in env):
-            raise ServiceError(f"{path}.env: must map variable names to values")
+        if not isinstance(env, Mapping) or not all(cloud_yaml.ENV_KEY_RE.match(str(k)) for k in env):
+            raise ServiceError(f"{path}.env: must map variable names (letters, digits, '_', '.', '-') to values")
         ports: list[int] = []
         for port in item.get("ports") or []:
             if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
@@ -117,11 +124,9 @@ def parse_services(raw: RawServices, reserved_ports: Sequence[int] = ()) -> list
             seen_ports.add(port)
             ports.append(port)
         services.append(Service(
-            name=name, image=image, env={str(k): str(v) for k, v in env.items()}, ports=tuple(ports),
+            name=name, label=label, image=image, env={str(k): str(v) for k, v in env.items()}, ports=tuple(ports),
             health=_health(item.get("health"), f"{path}.health"),
         ))
-    if len({s.name for s in services}) != len(services):
-        raise ServiceError("services: names must be unique")
     return services
 
 
@@ -146,8 +151,7 @@ def env(service: Service, secret: SecretSource) -> list[dict[str, Any]]:
         parts = SECRET_REF_RE.split(value)  # literal, name, literal, name, ..., literal
         for ref in parts[1::2]:
             if ref not in secret.keys:
-                raise ServiceError(f"services.{service.name}.env.{key}: ${{{ref}}} is not one of this "
-                                   "session's secrets")
+                raise ServiceError(f"services.{service.name}.env.{key}: {cloud_yaml.missing_secret(ref)}")
         if len(parts) == 3 and parts[0] == parts[2] == "":
             out.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": parts[1]}}})
             continue
@@ -171,7 +175,7 @@ def env(service: Service, secret: SecretSource) -> list[dict[str, Any]]:
 def container(service: Service, security_context: Mapping[str, Any], secret: SecretSource) -> dict[str, Any]:
     """One sidecar container; the runner reaches it on localhost at its ports."""
     body: dict[str, Any] = {
-        "name": service.name,
+        "name": service.label,
         "image": service.image,
         "imagePullPolicy": "IfNotPresent",
         "env": env(service, secret),

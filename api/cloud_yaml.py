@@ -1,0 +1,72 @@
+"""The naming rules of ``.orz/cloud.yaml`` that the runner, ``orz cloud validate`` and the providers share.
+
+One home for what a service may be called, which env keys are accepted, how many services a session may
+have, and how a service name becomes a name Kubernetes (and the local provider's directories) accept.
+The file's full schema, with line numbers, is ``runner/cloud_config.py``; the API checks the services a
+runner reports with these same rules (``api/instances/providers/kubernetes/sidecars.py``).
+
+Names follow what the earlier Go version accepted where that can run safely: service names may have
+capitals, ``_`` and ``.`` (``My_DB``), and env keys may be dotted (``discovery.type``), as Elasticsearch's
+image reads its settings from such variables.
+"""
+
+from __future__ import annotations
+
+import re
+
+# A service name as written in the file: a letter or digit, then letters, digits, '_', '.', '-'.
+SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# What a container name (and the local provider's directory for a service) must be: a DNS-1123 label,
+# kept short enough that Kubernetes can derive names from it.
+SERVICE_LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?$")
+RESERVED_SERVICE_LABELS = frozenset({"runner"})
+# Env keys: Kubernetes' own rule for variable names (letters, digits, '_', '.', '-'; not a digit first).
+# Shell-style names are a subset; dotted ones reach the program's environment as written.
+ENV_KEY_RE = re.compile(r"^[-._A-Za-z][-._A-Za-z0-9]{0,127}$")
+# The most services any plan may allow: the runner reports at most this many (schemas.Heartbeat).
+SERVICES_CEILING = 16
+DEFAULT_MAX_SERVICES = 5
+
+
+class ServiceNameError(ValueError):
+    """A service name that cannot become a container name; the message says why."""
+
+
+def service_label(name: str) -> str:
+    """The DNS-1123 label for a service name: ``My_DB`` → ``my-db``; a valid label stays as it is."""
+    if not SERVICE_NAME_RE.match(name):
+        raise ServiceNameError("a service name starts with a letter or digit and has only letters, digits, "
+                               "'_', '.' and '-' (at most 63)")
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    label = re.sub(r"-{2,}", "-", label)
+    if not SERVICE_LABEL_RE.match(label):
+        raise ServiceNameError(f"{name!r} becomes {label!r} as a container name, which is not a DNS label of "
+                               "at most 50 characters")
+    if label in RESERVED_SERVICE_LABELS:
+        raise ServiceNameError(f"{label!r} is the session's own container; pick another name")
+    return label
+
+
+def service_labels(names: list[str]) -> dict[str, str]:
+    """Each name's label; two names that map to one label (``my_db`` and ``my-db``) are an error."""
+    labels: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name in names:
+        label = service_label(name)
+        if label in seen:
+            raise ServiceNameError(f"services {seen[label]!r} and {name!r} both become container name "
+                                   f"{label!r}; rename one")
+        seen[label] = name
+        labels[name] = label
+    return labels
+
+
+def check_service_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise ValueError(f"at most {limit} services are allowed on this plan, found {count}")
+
+
+def missing_secret(name: str) -> str:
+    """Why ``${NAME}`` cannot be resolved, and how to give the session a secret that has it."""
+    return (f"${{{name}}} is not one of this session's secrets; create one with the key {name} "
+            f"(orz cloud secrets create NAME --data {name}=...) and attach it: orz cloud new --secrets NAME")

@@ -1,0 +1,72 @@
+"""`orz cloud` for users of the Go CLI: its flags and arguments, and validate on the Go examples' files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tests.cli.conftest import LiveApi, Orz, Tenant
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "go_cloud_yaml"
+
+
+def test_validate_takes_every_go_example_and_warns_of_ignored_keys(orz: Orz, home: Path) -> None:
+    for file in sorted(FIXTURES.glob("*.yaml")):
+        done = orz("cloud", "validate", str(file))
+        assert done.returncode == 0, (file.name, done.stderr)
+        assert done.stdout.startswith(f"{file}: ok")
+    unknown = orz("cloud", "validate", str(FIXTURES / "unknown-keys.yaml"))
+    assert "orz: warning: " in unknown.stderr
+    hint = ":4: setup.onattach: unknown key, ignored (keys are case-sensitive: did you mean onAttach?)"
+    assert hint in unknown.stderr
+    assert ":5: cacheDirs: unknown key, ignored" in unknown.stderr
+    many = orz("cloud", "validate", str(FIXTURES / "many-services.yaml"))
+    assert "ok (6 services)" in many.stdout
+
+
+def test_validate_checks_secret_refs_against_the_secrets_given(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                               tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / ".orz").mkdir(parents=True)
+    shutil.copy(FIXTURES / "node-postgres-redis.yaml", repo / ".orz" / "cloud.yaml")
+    assert orz("cloud", "secrets", "create", "db", "--data", "DB_PASSWORD=pw").returncode == 0
+    assert orz("cloud", "secrets", "create", "other", "--data", "OTHER=x").returncode == 0
+
+    unchecked = orz("cloud", "validate", str(repo))
+    assert unchecked.returncode == 0
+    assert "uses ${DB_PASSWORD}" in unchecked.stderr and "--secrets" in unchecked.stderr
+
+    good = orz("cloud", "validate", str(repo), "--secrets", "db")
+    assert good.returncode == 0 and good.stderr == "", good.stderr
+
+    bad = orz("cloud", "validate", str(repo), "--secrets", "other")
+    assert bad.returncode == 1
+    lines = bad.stderr.splitlines()
+    assert len(lines) == 2  # env.DATABASE_URL and services.postgres.env.POSTGRES_PASSWORD
+    file = repo / ".orz" / "cloud.yaml"
+    assert lines[0].startswith(f"orz: {file}:24: env.DATABASE_URL: ${{DB_PASSWORD}} is not one of this session's")
+    assert lines[1].startswith(f"orz: {file}:12: services.postgres.env.POSTGRES_PASSWORD: ${{DB_PASSWORD}}")
+    assert all("orz cloud secrets create NAME --data DB_PASSWORD=..." in line
+               and "orz cloud new --secrets NAME" in line for line in lines)
+
+    unknown = orz("cloud", "validate", str(repo), "--secrets", "nope")
+    assert unknown.returncode == 1 and "no secret named nope" in unknown.stderr
+
+
+def test_new_takes_t_for_tier(orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
+    done = orz("cloud", "new", "-t", "medium", "--no-attach", "--no-wait", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "medium tier" in done.stdout
+
+
+def test_attach_names_what_is_wrong_with_an_attach_url_without_showing_its_token(orz: Orz, home: Path) -> None:
+    bad_scheme = orz("cloud", "attach", "ftp://h/v1/instances/abc/attach?token=SECRETTOKEN")
+    assert bad_scheme.returncode != 0 and "not an attach URL: ftp://h/v1/instances/abc/attach" in bad_scheme.stderr
+    bad_path = orz("cloud", "attach", "https://h/v1/other?token=SECRETTOKEN")
+    assert bad_path.returncode != 0 and "not an attach URL" in bad_path.stderr
+    bad_id = orz("cloud", "attach", "https://h/v1/instances/Not_An_Id/attach?token=SECRETTOKEN")
+    assert bad_id.returncode != 0 and "not a session id: 'Not_An_Id'" in bad_id.stderr
+    assert "SECRETTOKEN" not in bad_scheme.stderr + bad_path.stderr + bad_id.stderr
+    # A good URL gets as far as the login, like an id would.
+    good = orz("cloud", "attach", "https://h/v1/instances/abc-123/attach?token=SECRETTOKEN")
+    assert good.returncode != 0 and "not logged in" in good.stderr
