@@ -121,7 +121,7 @@ async def list_cmd(as_json: bool) -> None:
 
 @click.command("attach")
 @click.argument("session_id", metavar="ID|ATTACH_URL",
-                callback=lambda _c, _p, v: attaching.session_from_id_or_url(v))
+                callback=lambda _c, _p, v: attaching.session_from_id_or_url(v), shell_complete=complete_session_ids)
 @click.option("--readonly", is_flag=True, help="Watch without typing (a read-only tmux client).")
 def attach(session_id: str, readonly: bool) -> None:
     """Attach to a session's tmux over SSH (a fresh certificate, then the system ssh).
