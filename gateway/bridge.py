@@ -26,6 +26,17 @@ UPSTREAM_CONNECT_TIMEOUT_S = 15
 # Progress (a session waking) reads as information, like the runner's own "[orz] the session is starting...";
 # "orz: " starts the one line that says why something failed.
 PROGRESS_PREFIX = "[orz] "
+AGENT_SETUP_YIELDS = 5
+
+
+async def _client_agent(chan: asyncssh.SSHServerChannel[bytes]) -> bool:
+    """Whether the client forwarded its agent (ssh -A). asyncssh sets up the agent listener in a task of
+    its own after the request, which comes before the shell or exec request: let that task finish."""
+    for _ in range(AGENT_SETUP_YIELDS):
+        if chan.get_agent_path():
+            return True
+        await asyncio.sleep(0)
+    return bool(chan.get_agent_path())
 
 
 def allowed_env(env: dict[str, str]) -> dict[str, str]:
@@ -304,7 +315,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             env = allowed_env(dict(chan.get_environment()))
             # The upstream connection always offers agent forwarding (for clients that ask); the runner sets
             # SSH_AUTH_SOCK only for a client that did (ssh -A), else a session has a dead agent socket.
-            env[CLIENT_AGENT_ENV] = "yes" if chan.get_agent_path() else "no"
+            env[CLIENT_AGENT_ENV] = "yes" if await _client_agent(chan) else "no"
             self._up, _ = await conn.create_session(
                 lambda: _UpstreamSession(self), self._command, subsystem=self._subsystem,
                 env=env, encoding=None, **term,
