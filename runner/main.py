@@ -48,7 +48,7 @@ _MAX_UNIX_PATH = 100
 EXIT_OK, EXIT_FATAL = 0, 2
 NETWORK_READY_TIMEOUT_S = 15.0
 # How often the runner looks at the program's pane when tmux's pane-died hook has not fired.
-PROGRAM_CHECK_S = 3.0
+PROGRAM_CHECK_S = 5.0
 
 
 def login_shell() -> str:

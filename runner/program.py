@@ -21,6 +21,8 @@ import shutil
 import signal
 from pathlib import Path
 
+from runner.tmux import PANE_DIED
+
 TASK_ENV = "ORZ_TASK"
 TASK_FILE_ENV = "ORZ_TASK_FILE"
 TASK_FILE = "task.txt"
@@ -34,6 +36,10 @@ EXIT_REASONS: dict[int, str] = {
     126: "the command is not executable",
     127: "command not found; check --program",
 }
+
+# The pane's terminal stays open this long after the note: Linux may drop what a program wrote just before
+# its terminal closed, before tmux read it (seen with a program that fails at once: an empty dead pane).
+LINGER_S = 0.5
 
 # `trap :` (not `trap ''`): the wrapper outlives a Ctrl-C meant for the program, while the program, whose
 # handlers exec resets, still gets Ctrl-C as usual.
@@ -49,13 +55,17 @@ case $code in
 esac
 printf '\\n[orz] the program exited with code %s (%s): %s\\n' "$code" "$why" "$line"
 printf '[orz] attaching again restarts it (Ctrl-b d, then orz cloud attach %s)\\n' "$ORZ_SESSION_ID"
+sleep {linger}
+# tmux 3.3 sometimes does not notice its child's exit until another of its children exits (then the
+# pane-died hook the runner waits for never fires): a moment after this exit, wake the runner ourselves.
+( sleep 0.2; tmux wait-for -S {channel} ) </dev/null >/dev/null 2>&1 &
 exit "$code"
 """
 
 
 def _wrapper() -> str:
     cases = "\n".join(f"  {code}) why={shlex.quote(text)} ;;" for code, text in EXIT_REASONS.items())
-    return _WRAPPER.format(argv0=ARGV0, cases=cases)
+    return _WRAPPER.format(argv0=ARGV0, cases=cases, linger=LINGER_S, channel=PANE_DIED)
 
 
 def describe_exit(code: int | None) -> str:

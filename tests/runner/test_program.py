@@ -45,8 +45,8 @@ async def test_bash_with_a_task_is_an_interactive_shell_holding_the_task(tmux: T
     await tmux.start(program_argv("bash --norc", "say hello", "/bin/bash"), cwd=short_tmp, env=env)
     await asyncio.sleep(0.5)
     assert not (await tmux.pane_state()).dead
-    await tmux.run("send-keys", "-t", "main", 'echo "task=[$ORZ_TASK]"; cat "$ORZ_TASK_FILE"', "Enter")
-    screen = await wait_for_pane(tmux, "task=[say hello]")
+    await tmux.run("send-keys", "-t", "main", 'echo "task=[$ORZ_TASK]"; cat "$ORZ_TASK_FILE"; echo END', "Enter")
+    screen = await wait_for_pane(tmux, "\nEND")
     assert "task=[say hello]\nsay hello\n" in screen  # the variable, then the file
     assert oct((short_tmp / "state" / "task.txt").stat().st_mode & 0o777) == "0o600"
     await tmux.run("send-keys", "-t", "main", "exit 3", "Enter")
