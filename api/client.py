@@ -101,8 +101,9 @@ class ApiClient:
     async def stop_instance(self, session_id: str) -> schemas.Instance:
         return await self._send(schemas.Instance, "POST", f"/v1/instances/{session_id}/stop")
 
-    async def start_instance(self, session_id: str) -> schemas.Instance:
-        return await self._send(schemas.Instance, "POST", f"/v1/instances/{session_id}/start")
+    async def start_instance(self, session_id: str, *, pull: bool = False) -> schemas.Instance:
+        body = schemas.StartRequest(pull=True) if pull else None
+        return await self._send(schemas.Instance, "POST", f"/v1/instances/{session_id}/start", body)
 
     async def attach(self, session_id: str, body: schemas.AttachRequest) -> schemas.AttachGrant:
         return await self._send(schemas.AttachGrant, "POST", f"/v1/instances/{session_id}/attach", body)

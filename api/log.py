@@ -78,3 +78,5 @@ def configure(level: str = "INFO", json_lines: bool = True, stream: Any = None) 
         lg.handlers.clear()
         lg.propagate = True
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    # The runner's (and gateway's) API client: one line per request is the access log's job, not theirs.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

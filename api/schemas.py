@@ -258,15 +258,30 @@ class InstanceEvent(Response):
     message: str | None = None
 
 
+class ProgramExit(Response):
+    """The session's program exited (and was not restarted since): when and why."""
+
+    at: datetime
+    message: str
+
+
 class InstanceStatus(Response):
     instance: Instance
     events: list[InstanceEvent]
+    # Set while the session's program has exited: attaching restarts it.
+    program_exit: ProgramExit | None = None
 
 
 class InstanceLogs(Response):
     id: str
     init_log: str = ""
     events: list[InstanceEvent] = Field(default_factory=list)
+
+
+class StartRequest(Request):
+    # Move the workspace to the branch's current head first, even when its setup succeeded before
+    # (uncommitted changes are stashed; local commits keep it as it is).
+    pull: StrictBool = False
 
 
 class AttachRequest(Request):
@@ -398,6 +413,11 @@ def services_digest(services: Sequence[Mapping[str, Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# Gateway -> runner, on each session channel: whether that channel's client forwarded its agent (ssh -A),
+# "yes" or "no" (absent: an older gateway). The runner sets SSH_AUTH_SOCK only for "yes".
+CLIENT_AGENT_ENV = "ORZ_CLIENT_AGENT"
+
+
 class RunnerSpec(Request):
     """What a runner is told to run; the provider hands it over as ORZ_RUNNER_SPEC (JSON)."""
 
@@ -429,6 +449,21 @@ class RunnerSpec(Request):
     pod_services_digest: str = ""
     # How many `services:` this session's plan allows (settings.services_for).
     max_services: int = Field(default=cloud_yaml.DEFAULT_MAX_SERVICES, ge=0, le=cloud_yaml.SERVICES_CEILING)
+    # `orz cloud start --pull`: update the workspace to the branch's head even after a successful setup.
+    pull: bool = False
+
+
+PROGRAM_EVENT_KINDS = ("program_exited", "program_restarted")
+
+
+class ProgramEvent(Request):
+    """Runner → API: the session's program exited or was restarted (recorded as a session event)."""
+
+    control_rules = {"message": "log"}
+
+    kind: Literal["program_exited", "program_restarted"]
+    exit_code: int | None = None
+    message: Annotated[str, StringConstraints(max_length=1024)]
 
 
 class Heartbeat(Request):
@@ -452,6 +487,9 @@ class Heartbeat(Request):
     # Pod mode, when .orz/cloud.yaml names other services than the Pod runs: the services it names. The
     # API restarts the Pod with them; the runner starts nothing until then.
     services: Annotated[list[SidecarSpec], Field(max_length=cloud_yaml.SERVICES_CEILING)] | None = None
+    # Program exits and restarts since the last heartbeat that got through (each sent once; absent when
+    # none, so an API of the previous release still takes the heartbeat).
+    program_events: Annotated[list[ProgramEvent], Field(max_length=16)] | None = None
 
 
 class HeartbeatReply(Response):

@@ -183,7 +183,8 @@ def main() -> int:
         try:
             subprocess.run([sys.executable, "-m", "bench.k8s_scale", "--sessions", str(args.sessions), "--seed",
                             database_url], check=True, cwd=Path(__file__).resolve().parent.parent)
-            deadline = time.monotonic() + 600
+            # Making the objects takes the stand-in a while (about a minute per 20,000 sessions here).
+            deadline = time.monotonic() + max(600, args.sessions * 0.06)
             while not port_file.exists():
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("k8s_scale: the API server process did not start")

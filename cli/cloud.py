@@ -10,10 +10,19 @@ from pathlib import Path
 import click
 
 from cli import attach as attaching
-from cli import cloud_automation, cloud_proxy, cloud_secrets, cloud_sessions, keys, output, ssh_config
+from cli import (
+    cloud_automation,
+    cloud_proxy,
+    cloud_secrets,
+    cloud_sessions,
+    cloud_token,
+    keys,
+    output,
+    ssh_config,
+)
 from cli.config import DEFAULT_API_URL, forget_credentials, load_credentials, token_path
 from cli.connect import client, cloud_command
-from cli.errors import CliError
+from cli.errors import EXIT_USAGE, CliError
 from cli.login import FLOWS, login
 
 
@@ -32,12 +41,22 @@ def _default_api_url() -> str:
 
 @cloud.command("login")
 @click.option("--token", envvar="ORZBOB_TOKEN", help="An API token (orz_...), e.g. from orz admin create-token.")
+@click.option("--with-token", is_flag=True,
+              help="Read the token from standard input (keeps it out of shell history and ps).")
 @click.option("--api-url", help="The API's URL (default: ORZBOB_API_URL, the saved one, or http://127.0.0.1:8080).")
 @click.option("--method", type=click.Choice(sorted(FLOWS)), default="token", show_default=True,
               help="How to log in (more flows, e.g. device code, plug in here).")
-@cloud_command
-async def login_cmd(token: str | None, api_url: str | None, method: str) -> None:
+def login_cmd(token: str | None, with_token: bool, api_url: str | None, method: str) -> None:
     """Log in: check the token against the API and save it (mode 0600)."""
+    if with_token:
+        token = click.get_text_stream("stdin").read().strip()
+        if not token:
+            raise CliError("--with-token read no token from standard input", EXIT_USAGE)
+    _login(token, api_url, method)
+
+
+@cloud_command
+async def _login(token: str | None, api_url: str | None, method: str) -> None:
     url = (api_url or _default_api_url()).rstrip("/")
     flow = FLOWS[method](token)
     creds, me = await login(flow, url)
@@ -72,27 +91,70 @@ async def whoami(as_json: bool) -> None:
 
 @cloud.command("ssh-config")
 @click.option("--write", is_flag=True, help="Write ~/.config/orzbob/ssh_config and Include it from ~/.ssh/config.")
+@click.option("--remove", is_flag=True,
+              help="Undo --write: take the Include out of ~/.ssh/config and delete the generated files.")
+@click.option("--dry-run", is_flag=True, help="With --write or --remove: say what would change, change nothing.")
 @click.option("--websocket", is_flag=True,
               help="Reach the gateway over its WebSocket door (ProxyCommand orz cloud proxy), for networks "
                    "where only HTTPS gets through.")
-def ssh_config_cmd(write: bool, websocket: bool) -> None:
+def ssh_config_cmd(write: bool, remove: bool, dry_run: bool, websocket: bool) -> None:
     """Set up plain `ssh <id>.orz` (and VS Code Remote-SSH) with self-refreshing certificates."""
+    if write and remove:
+        raise click.UsageError("--write and --remove do opposite things; give one")
+    if dry_run and not (write or remove):
+        raise click.UsageError("--dry-run goes with --write or --remove (without them nothing is written anyway)")
     try:
-        if not write:
+        if remove:
+            _remove_ssh_config(dry_run)
+        elif write:
+            _write_ssh_config(websocket, dry_run)
+        else:
             click.echo(ssh_config.render_main_config(websocket=websocket), nl=False)
             click.echo(f"# Save as {ssh_config.orz_ssh_config_path()} and add at the top of ~/.ssh/config:",
                        err=True)
             click.echo(f"#   Include {ssh_config.orz_ssh_config_path()}   (or run with --write)", err=True)
-            return
-        keys.ensure_key_pair()  # the config names it; make it now rather than on the first connection
-        target = ssh_config.write_main_config(websocket=websocket)
-        user_config = ssh_config.user_ssh_config_path()
-        changed = ssh_config.install_include(user_config, target)
     except (OSError, ValueError) as exc:
         raise CliError(str(exc)) from None
+
+
+def _write_ssh_config(websocket: bool, dry_run: bool) -> None:
+    target = ssh_config.orz_ssh_config_path()
+    user_config = ssh_config.user_ssh_config_path()
+    if dry_run:
+        click.echo(f"would write {target}:")
+        click.echo(ssh_config.render_main_config(websocket=websocket), nl=False)
+        if ssh_config.with_include(ssh_config.read_user_config(user_config), target) is None:
+            click.echo(f"{user_config} already includes it")
+        else:
+            click.echo(f"would add at the top of {user_config}:")
+            click.echo(ssh_config.include_block(target), nl=False)
+        return
+    keys.ensure_key_pair()  # the config names it; make it now rather than on the first connection
+    target = ssh_config.write_main_config(websocket=websocket)
+    changed = ssh_config.install_include(user_config, target)
     click.echo(f"wrote {target}")
     click.echo(f"{'added an Include to' if changed else 'already included from'} {user_config}")
-    click.echo(f"now: ssh <session-id>{ssh_config.HOST_SUFFIX}")
+    click.echo(f"now: ssh <session-id>{ssh_config.HOST_SUFFIX}   (undo with: orz cloud ssh-config --remove)")
+
+
+def _remove_ssh_config(dry_run: bool) -> None:
+    user_config = ssh_config.user_ssh_config_path()
+    files = ssh_config.generated_files()
+    included = ssh_config.without_include(ssh_config.read_user_config(user_config)) is not None
+    would = "would " if dry_run else ""
+    if not included and not files:
+        click.echo("nothing to remove: ssh-config --write was not run (or was undone)")
+        return
+    if included:
+        if not dry_run:
+            ssh_config.remove_include(user_config)
+        click.echo(f"{would}remove the Orzbob Cloud Include block from {user_config} (the rest stays as it is)")
+    for path in files:
+        if not dry_run:
+            path.unlink(missing_ok=True)
+        click.echo(f"{would}delete {path}")
+    if not dry_run:
+        click.echo(f"ssh <session-id>{ssh_config.HOST_SUFFIX} no longer works; orz cloud attach still does")
 
 
 @cloud.command("_refresh-cert", hidden=True)
@@ -170,6 +232,7 @@ async def _secret_keys(names: list[str]) -> frozenset[str]:
     return frozenset(key for n in names for key in by_name[n].keys)
 
 
-for _command in [*cloud_sessions.COMMANDS, *cloud_proxy.COMMANDS, *cloud_automation.COMMANDS]:
+for _command in [*cloud_sessions.COMMANDS, *cloud_proxy.COMMANDS, *cloud_automation.COMMANDS,
+                 *cloud_token.COMMANDS]:
     cloud.add_command(_command)
 cloud.add_command(cloud_secrets.secrets)

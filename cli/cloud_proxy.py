@@ -15,6 +15,7 @@ from websockets.sync.client import ClientConnection, connect
 from api import schemas
 from cli import attach as attaching
 from cli import ssh_config
+from cli.completion import complete_session_ids
 from cli.connect import client, cloud_command
 from cli.errors import CliError
 
@@ -91,7 +92,8 @@ def proxy(host: str) -> None:
 
 
 @click.command("web")
-@click.argument("session_id", metavar="ID", callback=lambda _c, _p, v: attaching.check_session_id(v))
+@click.argument("session_id", metavar="ID", callback=lambda _c, _p, v: attaching.check_session_id(v),
+                shell_complete=complete_session_ids)
 @click.option("--readonly", is_flag=True, help="Watch without typing.")
 def web(session_id: str, readonly: bool) -> None:
     """Print a browser terminal link for a session (one-time: its token works once, for 2 minutes)."""

@@ -86,11 +86,25 @@ async def list_cmd(as_json: bool) -> None:
 
 @secrets.command("delete")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="Delete it even though sessions use it.")
 @cloud_command
-async def delete(name: str) -> None:
+async def delete(name: str, force: bool) -> None:
     """Delete a secret (sessions already running keep the values they started with)."""
     if not schemas.SECRET_NAME_RE.match(name):
         raise CliError(f"not a secret name: {name[:64]!r}")
     async with client() as api:
+        users = [i for i in (await api.list_instances()).instances if name in i.secrets and i.status != "deleted"]
+        if users and not force:
+            raise CliError(f"secret {name} is used by {_sessions(users)}, which cannot start again without it "
+                           "(a running session keeps its values until it stops); kill them first, or delete it "
+                           "anyway with --force")
         await api.delete_secret(name)
     click.echo(f"secret {name} deleted")
+    if users:
+        click.echo(f"warning: {_sessions(users)} will fail to start until it is created again", err=True)
+
+
+def _sessions(instances: list[schemas.Instance]) -> str:
+    shown = ", ".join(f"{i.id} ({i.status})" for i in instances[:5])
+    more = f" and {len(instances) - 5} more" if len(instances) > 5 else ""
+    return f"session{'s' if len(instances) > 1 else ''} {shown}{more}"

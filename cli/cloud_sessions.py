@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import click
 from pydantic import ValidationError
 
 from api import schemas
+from api.client import ApiError
 from cli import attach as attaching
 from cli import keys, output, ssh_config
+from cli.completion import complete_session_ids
 from cli.connect import client, cloud_command
-from cli.errors import CliError
-from cli.repo import current_repo
+from cli.errors import EXIT_USAGE, CliError
+from cli.repo import as_clone_url, current_repo, is_local_path, local_repo_refused
 from cli.starting import LogFollower, wait_until_running
+from runner.program import is_claude
 
-session_id_arg = click.argument("session_id", metavar="ID", callback=lambda _c, _p, v: attaching.check_session_id(v))
+session_id_arg = click.argument("session_id", metavar="ID", callback=lambda _c, _p, v: attaching.check_session_id(v),
+                                shell_complete=complete_session_ids)
 
 
 def _note(message: str) -> None:
@@ -32,7 +37,8 @@ def _split_names(value: str | None) -> list[str]:
 @click.option("--branch", help="Branch to check out (default: this directory's branch when --repo is not given).")
 @click.option("-t", "--tier", type=click.Choice(["small", "medium", "large"]), default="small", show_default=True,
               help="small 2 CPU/4Gi, medium 4/8Gi, large 8/16Gi.")
-@click.option("--program", help="The command run in the tmux session (default: the platform's agent).")
+@click.option("--program", help="The command run in the tmux session (default: the platform's agent, claude). "
+              "It gets TASK in $ORZ_TASK and the file $ORZ_TASK_FILE; claude gets it as its prompt.")
 @click.option("--secrets", "secret_names", metavar="NAME,...", help="Secrets to expose as environment variables.")
 @click.option("--no-attach", is_flag=True, help="Create the session and return without attaching.")
 @click.option("--wait/--no-wait", default=None,
@@ -41,6 +47,9 @@ def _split_names(value: str | None) -> list[str]:
 def new(task: str | None, repo: str | None, branch: str | None, tier: str, program: str | None,
         secret_names: str | None, no_attach: bool, wait: bool | None, timeout: int) -> None:
     """Start a new session (and attach to it once it runs)."""
+    if repo is not None and is_local_path(repo):
+        repo = as_clone_url(str(Path(repo).expanduser()), Path.cwd())
+        _note(f"the local repository is cloned from {repo}")
     argv = _new(task, repo, branch, tier, program, secret_names, no_attach,
                 (not no_attach) if wait is None else wait, timeout)
     if argv:
@@ -64,12 +73,21 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
         await api.aclose()
         raise CliError(schemas.describe_validation(exc)) from None
     async with api:
-        inst = await api.create_instance(body)
+        try:
+            inst = await api.create_instance(body)
+        except ApiError as exc:
+            if exc.body.get("code") == "repo_url_refused" and repo and repo.startswith("file://"):
+                raise CliError(local_repo_refused(repo)) from None
+            raise
         where = f" from {inst.repo_url}" + (f" ({inst.branch})" if inst.branch else "") if inst.repo_url else ""
         click.echo(f"session {inst.id} created{where}, {inst.tier} tier, {inst.status}")
+        if task and program and not is_claude(program):
+            _note(f"the task reaches {program.split()[0]} as $ORZ_TASK and the file $ORZ_TASK_FILE, not as an "
+                  "argument (to pass it: --program '... \"$ORZ_TASK\"')")
         if wait:
             try:
-                inst = await wait_until_running(api, inst.id, _note, timeout_s=wait_s)
+                with output.status_line(f"session {inst.id} is {inst.status}") as show:
+                    inst = await wait_until_running(api, inst.id, _note, timeout_s=wait_s, show=show)
             except asyncio.CancelledError:  # Ctrl-C: the session keeps starting without us
                 _note(f"stopped waiting; session {inst.id} is still there: orz cloud attach {inst.id} "
                       f"(or orz cloud kill {inst.id})")
@@ -103,7 +121,7 @@ async def list_cmd(as_json: bool) -> None:
 
 @click.command("attach")
 @click.argument("session_id", metavar="ID|ATTACH_URL",
-                callback=lambda _c, _p, v: attaching.session_from_id_or_url(v))
+                callback=lambda _c, _p, v: attaching.session_from_id_or_url(v), shell_complete=complete_session_ids)
 @click.option("--readonly", is_flag=True, help="Watch without typing (a read-only tmux client).")
 def attach(session_id: str, readonly: bool) -> None:
     """Attach to a session's tmux over SSH (a fresh certificate, then the system ssh).
@@ -145,22 +163,32 @@ async def stop(session_id: str) -> None:
 
 @click.command("start")
 @session_id_arg
+@click.option("--pull", is_flag=True,
+              help="First move the workspace to the branch's current head (uncommitted changes are stashed).")
 @cloud_command
-async def start(session_id: str) -> None:
-    """Start a stopped session on its kept workspace."""
+async def start(session_id: str, pull: bool) -> None:
+    """Start a stopped (or failed) session on its kept workspace."""
     async with client() as api:
-        inst = await api.start_instance(session_id)
+        inst = await api.start_instance(session_id, pull=pull)
     click.echo(f"session {inst.id} {inst.status}")
+    if pull:
+        click.echo(f"what the update did is in its log: orz cloud logs {inst.id}")
 
 
 @click.command("logs")
 @session_id_arg
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the session goes away.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's InstanceLogs (init log and events) as JSON.")
 @cloud_command
-async def logs(session_id: str, follow: bool) -> None:
+async def logs(session_id: str, follow: bool, as_json: bool) -> None:
     """The session's init log (setup.init output)."""
+    if as_json and follow:
+        raise CliError("--json prints the log once; it does not go with --follow", EXIT_USAGE)
     follower = LogFollower(click.echo)
     async with client() as api:
+        if as_json:
+            click.echo(output.to_json(await api.logs(session_id)))
+            return
         while True:
             follower.update((await api.logs(session_id)).init_log)
             if not follow:
@@ -184,6 +212,8 @@ async def status(session_id: str, as_json: bool) -> None:
         return
     for name, value in output.describe(st.instance):
         click.echo(f"{name + ':':<13}{value}")
+    if st.program_exit is not None:
+        click.echo(f"{'exited:':<13}{output.program_exit_line(st.program_exit, st.instance.id)}")
     if st.events:
         click.echo("events:")
         for event in st.events[-10:]:

@@ -4,26 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 from api.client import ApiClient, ApiError, ApiUnreachable
-from cli.config import Credentials, load_credentials
-from cli.errors import CliError
+from cli.config import DEFAULT_API_URL, Credentials, load_credentials
+from cli.errors import EXIT_AUTH, CliError, exit_code_for
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 LOGIN_HINT = "run orz cloud login --token <token>"
+TOKEN_ENV = "ORZBOB_TOKEN"  # noqa: S105  # nosec B105  # a variable name, not a secret
+
+
+def env_token() -> str | None:
+    """ORZBOB_TOKEN: a token for this command only (CI, scripts), ahead of the saved login."""
+    return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
 def require_credentials() -> Credentials:
+    token = env_token()
     try:
         creds = load_credentials()
     except ValueError as exc:
-        raise CliError(f"{exc}; {LOGIN_HINT}") from None
+        if token is None:
+            raise CliError(f"{exc}; {LOGIN_HINT}", EXIT_AUTH) from None
+        creds = None
+    if token is not None:
+        url = os.environ.get("ORZBOB_API_URL") or (creds.api_url if creds else DEFAULT_API_URL)
+        return Credentials(api_url=url.rstrip("/"), api_token=token)
     if creds is None:
-        raise CliError(f"not logged in; {LOGIN_HINT}")
+        raise CliError(f"not logged in; {LOGIN_HINT}", EXIT_AUTH)
     return creds
 
 
@@ -41,6 +54,8 @@ def api_message(exc: ApiError) -> str:
     if isinstance(exc, ApiUnreachable):
         return f"{exc.detail} (is the server running? the URL comes from ORZBOB_API_URL or orz cloud login)"
     if exc.status == 401:
+        if env_token() is not None:
+            return f"the API refused the token in {TOKEN_ENV} ({exc.detail}); check it, or unset it to use your login"
         return f"the API refused your token ({exc.detail}); {LOGIN_HINT}"
     body = exc.body
     if exc.status == 429 and "limit" in body and "current" in body:
@@ -58,7 +73,7 @@ def cloud_command(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
         try:
             return asyncio.run(fn(*args, **kwargs))
         except ApiError as exc:
-            raise CliError(one_line(api_message(exc))) from None
+            raise CliError(one_line(api_message(exc)), exit_code_for(exc.status)) from None
         except OSError as exc:
             raise CliError(one_line(str(exc))) from None
 

@@ -16,11 +16,28 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+# Exit codes (docs/cli.md): scripts tell "log in again" from "no such session" from a typo.
+EXIT_ERROR = 1  # anything else: the API refused, could not be reached, a session failed, Ctrl-C
+EXIT_USAGE = 2  # click's usage errors: unknown option, bad value
+EXIT_NOT_FOUND = 3  # no such session or secret (HTTP 404)
+EXIT_AUTH = 4  # not logged in, or the API refused the token (HTTP 401)
+EXIT_FORBIDDEN = 5  # logged in, but not allowed (HTTP 403: a colleague's session, an org-admin action)
+
+
 class CliError(click.ClickException):
-    """A user-facing error: printed as `orz: <message>`, exit code 1."""
+    """A user-facing error: printed as `orz: <message>`, exit code 1 unless given another."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
     def show(self, file: Any = None) -> None:
         click.echo(f"orz: {self.format_message()}", err=True)
+
+
+def exit_code_for(status: int) -> int:
+    """The exit code for an API answer's HTTP status."""
+    return {401: EXIT_AUTH, 403: EXIT_FORBIDDEN, 404: EXIT_NOT_FOUND}.get(status, EXIT_ERROR)
 
 
 def run_async(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
@@ -31,7 +48,7 @@ def run_async(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
         try:
             return asyncio.run(fn(*args, **kwargs))
         except ApiError as exc:
-            raise CliError(exc.detail) from None
+            raise CliError(exc.detail, exit_code_for(exc.status)) from None
         except OrzError as exc:
             raise CliError(exc.detail) from None
         except SchemaNotAtHead as exc:

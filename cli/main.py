@@ -47,7 +47,8 @@ else:
 
 def main() -> None:
     try:
-        orz(standalone_mode=True)
+        # prog_name: the same name (help, and completion's _ORZ_COMPLETE) for `orz` and `python -m cli`.
+        orz(prog_name="orz", standalone_mode=True)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:

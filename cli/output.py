@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +29,17 @@ def stdout() -> Console:
 
 def stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def status_line(first: str) -> Iterator[Callable[[str], None] | None]:
+    """A spinner line on a terminal's stderr that the caller updates (None when stderr is not a terminal:
+    logs and pipes get only the lines printed above it)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    with stderr().status(first) as live:
+        yield lambda text: live.update(text)
 
 
 def print_table(table: Table) -> None:
@@ -87,6 +100,11 @@ def event_line(event: schemas.InstanceEvent) -> str:
     change = f"{event.from_state or '-'} -> {event.to_state}" if event.to_state else event.kind
     message = f"  {event.message}" if event.message else ""
     return f"{at}  {change}{message}"
+
+
+def program_exit_line(program_exit: schemas.ProgramExit, session_id: str) -> str:
+    at = program_exit.at.astimezone(UTC).strftime("%H:%M:%S")
+    return f"{program_exit.message} at {at}; attaching restarts it (orz cloud attach {session_id})"
 
 
 def describe(inst: schemas.Instance) -> list[tuple[str, Any]]:

@@ -33,6 +33,22 @@ def as_clone_url(remote: str, cwd: Path) -> str:
     return path.as_uri()
 
 
+def is_local_path(repo: str) -> bool:
+    """`--repo ../app` or `--repo ~/src/app`: a directory here rather than a URL."""
+    if "://" in repo or ("@" in repo and ":" in repo.split("/", 1)[0]):
+        return False
+    return Path(repo).expanduser().exists()
+
+
+def local_repo_refused(url: str) -> str:
+    """Why the server refused a local repository, and how to allow it."""
+    parent = Path(url.removeprefix("file://")).parent
+    return (f"the server does not clone {url}: it clones local paths only from the directories its admin "
+            f"lists in ORZ_REPO_FILE_DIRS (never from its data directory). On your own orz server, start it "
+            f"with ORZ_REPO_FILE_DIRS={parent} (e.g. ORZ_REPO_FILE_DIRS={parent} make dev); otherwise push the "
+            "repository and pass its URL")
+
+
 def current_repo(cwd: Path | None = None) -> RepoInfo:
     """origin's URL and the checked-out branch (None for each when absent or detached)."""
     where = cwd or Path.cwd()

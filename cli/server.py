@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
+import shutil
+import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +24,8 @@ from api.db import migrate
 from api.serve import ApiServer
 from api.settings import Settings
 from cli.config import Credentials, load_credentials, save_credentials, token_path
+from cli.errors import CliError
+from cli.server_log import session_event
 
 log = logging.getLogger(__name__)
 # Sessions the server stopped on its way down carry this reason and are started again on the next start.
@@ -36,7 +42,7 @@ class RunningServer:
     resumed: list[str] = field(default_factory=list)
     metrics_port: int | None = None
 
-    def banner(self) -> str:
+    def banner(self, log_file: Path | None = None) -> str:
         lines = [
             f"Orzbob Cloud is running (data in {self.settings.data_dir}).",
             f"  API  {self.settings.public_api_url}",
@@ -47,11 +53,15 @@ class RunningServer:
         if self.metrics_port:
             lines.append(f"  Metrics  http://{_client_host(self.settings.api_host)}:{self.metrics_port}/metrics")
         lines.append(f"  CLI login saved in {self.token_file}" + (" (new admin token)" if self.new_token else ""))
+        if log_file is not None:
+            lines.append(f"  Logs {log_file}   (here: one line per session change, warnings and errors)")
         if self.resumed:
             lines.append(f"  Resumed {len(self.resumed)} session(s): {', '.join(self.resumed)}")
+        lines += ["", "Next, in another terminal:"]
+        path_step = path_hint()
+        if path_step:
+            lines.append(path_step)
         lines += [
-            "",
-            "Next, in another terminal:",
             "  orz cloud new --repo <git-url> --branch main    # start a session and attach",
             "  orz cloud list                                  # your sessions",
             "  orz cloud attach <session-id>                   # attach again later",
@@ -59,6 +69,50 @@ class RunningServer:
             "Press Ctrl-C to stop; running sessions resume on the next start.",
         ]
         return "\n".join(lines)
+
+
+def path_hint(path_env: str | None = None) -> str | None:
+    """The `export PATH=...` step when the `orz` beside this interpreter is not what the shell finds."""
+    here = Path(sys.executable).parent
+    found = shutil.which("orz", path=path_env if path_env is not None else os.environ.get("PATH", ""))
+    if not (here / "orz").exists() or (found and Path(found).parent.resolve() == here.resolve()):
+        return None
+    return f'  export PATH="{here}:$PATH"   # once per terminal: puts orz on your PATH'
+
+
+# The ports `orz server` listens on: the setting, its flag and its environment variable.
+PORTS = (("api_port", "API", "--api-port", "ORZ_API_PORT"),
+         ("ssh_port", "SSH gateway", "--ssh-port", "ORZ_SSH_PORT"),
+         ("gateway_web_port", "browser terminal", "--web-port", "ORZ_GATEWAY_WEB_PORT"),
+         ("api_metrics_port", "metrics", None, "ORZ_API_METRICS_PORT"))
+
+
+def check_ports(settings: Settings) -> None:
+    """Before anything starts: a port already taken is named with the flag and variable that change it."""
+    taken = []
+    for field_name, what, flag, env in PORTS:
+        port = getattr(settings, field_name)
+        host = settings.ssh_host if field_name == "ssh_port" else (
+            settings.gateway_web_host if field_name == "gateway_web_port" else settings.api_host)
+        if port and not _can_listen(host, port):
+            how = f"{flag} PORT or {env}=PORT" if flag else f"{env}=PORT"
+            example = f"make dev ARGS='{flag} {port + 1}'" if flag else f"{env}={port + 1} make dev"
+            taken.append(f"port {port} ({what}) on {host} is already in use; choose another with {how} "
+                         f"(e.g. {example})")
+    if taken:
+        raise CliError("; ".join(taken))
+
+
+def _can_listen(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners do
+            sock.bind((host, port))
+            sock.listen(1)
+    except OSError as exc:
+        return exc.errno not in (errno.EADDRINUSE, errno.EACCES)
+    return True
 
 
 def _secret_file(path: Path, make: Any) -> str:
@@ -118,6 +172,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     state = app.ctx.state
     state.settings = settings
     state.instances.settings = settings
+    state.instances.on_transition.append(session_event)
 
     stack = contextlib.AsyncExitStack()
     try:

@@ -156,16 +156,18 @@ def runner_cmd() -> None:
 def server_cmd(host: str | None, api_port: int | None, ssh_port: int | None, web_port: int | None,
                data_dir: Path | None) -> None:
     """Run the whole platform on this machine: API, gateway, scheduler and local sessions."""
-    from cli.server import run_server
+    from cli import server_log
+    from cli.server import check_ports, run_server
 
     settings = load_settings(api_host=host, ssh_host=host, gateway_web_host=host, api_port=api_port,
                              ssh_port=ssh_port, gateway_web_port=web_port, data_dir=data_dir)
-    _configure_logging(settings)
+    check_ports(settings)
+    logs = server_log.configure(settings)
 
     async def main() -> None:
         async with run_server(settings) as running:
             freeze_startup_heap()
-            click.echo(running.banner())
+            click.echo(running.banner(logs))
             await wait_for_signal()
             click.echo("orz server: stopping sessions and services...", err=True)
 

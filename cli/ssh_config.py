@@ -138,26 +138,70 @@ def include_block(target: Path) -> str:
     return f"{BEGIN_MARK}\nInclude {config_path_arg(target)}\n{END_MARK}\n"
 
 
-def install_include(user_config: Path, target: Path) -> bool:
-    """Add an Include of target at the top of ~/.ssh/config once; True if the file changed.
+def with_include(current: str, target: Path) -> str | None:
+    """~/.ssh/config's text with the Include of target at the top; None when it is there already.
 
     At the top because an Include placed after a `Host` line would only apply inside that block.
     """
-    try:
-        current = user_config.read_text()
-    except FileNotFoundError:
-        current = ""
     if BEGIN_MARK in current:
+        return None
+    return include_block(target) + ("\n" + current if current else "")
+
+
+def without_include(current: str) -> str | None:
+    """~/.ssh/config's text without our block (and the blank line with_include put after it); None if absent."""
+    start = current.find(BEGIN_MARK)
+    if start < 0:
+        return None
+    end = current.find(END_MARK, start)
+    end = len(current) if end < 0 else end + len(END_MARK)
+    rest = current[end:]
+    rest = rest[1:] if rest.startswith("\n") else rest
+    if start == 0 and rest.startswith("\n"):
+        rest = rest[1:]
+    return current[:start] + rest
+
+
+def read_user_config(user_config: Path) -> str:
+    try:
+        return user_config.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def install_include(user_config: Path, target: Path) -> bool:
+    """Add an Include of target at the top of ~/.ssh/config once; True if the file changed."""
+    new = with_include(read_user_config(user_config), target)
+    if new is None:
         return False
     user_config.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    new = include_block(target) + ("\n" + current if current else "")
-    mode = _existing_mode(user_config)
-    tmp = user_config.with_name(f".{user_config.name}.orz.tmp")
+    _replace_file(user_config, new)
+    return True
+
+
+def remove_include(user_config: Path) -> bool:
+    """Take our Include block out of ~/.ssh/config; True if the file changed (the rest is kept as it was)."""
+    new = without_include(read_user_config(user_config))
+    if new is None:
+        return False
+    _replace_file(user_config, new)
+    return True
+
+
+def generated_files() -> list[Path]:
+    """What `ssh-config --write` and `_refresh-cert` wrote under ~/.config/orzbob, for --remove."""
+    hosts = sorted(hosts_dir().glob("*.conf")) if hosts_dir().is_dir() else []
+    main = orz_ssh_config_path()
+    return [*([main] if main.exists() else []), *hosts]
+
+
+def _replace_file(path: Path, text: str) -> None:
+    mode = _existing_mode(path)
+    tmp = path.with_name(f".{path.name}.orz.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as fh:
-        fh.write(new)
-    os.replace(tmp, user_config)
-    return True
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def _existing_mode(path: Path) -> int:

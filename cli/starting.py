@@ -44,9 +44,13 @@ def _after_overlap(old: str, new: str) -> str:
 
 
 async def wait_until_running(api: ApiClient, session_id: str, emit: Callable[[str], None], *,
-                             timeout_s: float, interval_s: float = POLL_INTERVAL_S) -> schemas.Instance:
-    """Poll status (and the init log) until the session runs; fail with one line otherwise."""
-    deadline = time.monotonic() + timeout_s
+                             timeout_s: float, interval_s: float = POLL_INTERVAL_S,
+                             show: Callable[[str], None] | None = None) -> schemas.Instance:
+    """Poll status (and the init log) until the session runs; fail with one line otherwise.
+
+    ``show`` gets a one-line summary on every poll (the status line of a terminal)."""
+    started = time.monotonic()
+    deadline = started + timeout_s
     seen: set[tuple[object, ...]] = set()
     log = LogFollower(emit)
     while True:
@@ -57,6 +61,8 @@ async def wait_until_running(api: ApiClient, session_id: str, emit: Callable[[st
                 seen.add(key)
                 emit(event_line(event))
         inst = status.instance
+        if show is not None:
+            show(f"session {session_id} is {inst.status} ({time.monotonic() - started:.0f} s; Ctrl-C stops waiting)")
         with contextlib.suppress(ApiError):  # the init log is a nicety; the state is what matters
             log.update((await api.logs(session_id)).init_log)
         if inst.status == "running":

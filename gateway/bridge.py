@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncssh
 
-from api.schemas import Route
+from api.schemas import CLIENT_AGENT_ENV, Route
 from api.settings import ssh_algorithms
 from gateway import splice
 from gateway.cork import CorkedTunnel
@@ -21,6 +21,22 @@ log = logging.getLogger(__name__)
 ENV_ALLOWED = ("TERM", "LANG")
 KEEPALIVE_S = 30
 UPSTREAM_CONNECT_TIMEOUT_S = 15
+
+
+# Progress (a session waking) reads as information, like the runner's own "[orz] the session is starting...";
+# "orz: " starts the one line that says why something failed.
+PROGRESS_PREFIX = "[orz] "
+AGENT_SETUP_YIELDS = 5
+
+
+async def _client_agent(chan: asyncssh.SSHServerChannel[bytes]) -> bool:
+    """Whether the client forwarded its agent (ssh -A). asyncssh sets up the agent listener in a task of
+    its own after the request, which comes before the shell or exec request: let that task finish."""
+    for _ in range(AGENT_SETUP_YIELDS):
+        if chan.get_agent_path():
+            return True
+        await asyncio.sleep(0)
+    return bool(chan.get_agent_path())
 
 
 def allowed_env(env: dict[str, str]) -> dict[str, str]:
@@ -288,7 +304,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         chan = self._chan
         assert chan is not None
         if not self._attachment.upstream_now():
-            self._stop_progress = self._attachment.on_progress(self._say)
+            self._stop_progress = self._attachment.on_progress(self._progress)
         try:
             conn = await self._attachment.for_new_channel()
             self._stop_progress_now()
@@ -296,9 +312,13 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             if self._pty:
                 term = {"request_pty": "force", "term_type": chan.get_terminal_type(),
                         "term_size": chan.get_terminal_size(), "term_modes": chan.get_terminal_modes()}
+            env = allowed_env(dict(chan.get_environment()))
+            # The upstream connection always offers agent forwarding (for clients that ask); the runner sets
+            # SSH_AUTH_SOCK only for a client that did (ssh -A), else a session has a dead agent socket.
+            env[CLIENT_AGENT_ENV] = "yes" if await _client_agent(chan) else "no"
             self._up, _ = await conn.create_session(
                 lambda: _UpstreamSession(self), self._command, subsystem=self._subsystem,
-                env=allowed_env(dict(chan.get_environment())), encoding=None, **term,
+                env=env, encoding=None, **term,
             )
         except (AttachRefused, UpstreamUnavailable) as exc:
             self._fail(exc.line)
@@ -328,9 +348,14 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         """The client's channel still takes output: after a hang-up asyncssh raises BrokenPipeError."""
         return self._chan is not None and not self._chan.is_closing()
 
-    def _say(self, line: str) -> None:
+    def _say(self, line: str, prefix: str = "orz: ") -> None:
+        """A line on the client's stderr: "orz: " for why something failed, "[orz] " for progress."""
         if self._chan is not None and self._writable():
-            self._chan.write_stderr(f"orz: {line}\r\n".encode() if self._pty else f"orz: {line}\n".encode())
+            end = "\r\n" if self._pty else "\n"
+            self._chan.write_stderr(f"{prefix}{line}{end}".encode())
+
+    def _progress(self, line: str) -> None:
+        self._say(line, PROGRESS_PREFIX)
 
     def _fail(self, line: str) -> None:
         self._stop_progress_now()

@@ -65,6 +65,13 @@ class GatewayConnection(WithoutFiller, asyncssh.SSHServerConnection):
         return await owner.authorize(username, principal)
 
 
+def token_instruction(session_id: str) -> str:
+    """What the keyboard-interactive prompt says: the command that prints a token for this session."""
+    shown = session_id[:32] if auth.valid_session_id(session_id) else "<session-id>"
+    return (f"Paste a one-time attach token from `orz cloud token {shown}` "
+            f"(or let `orz cloud attach {shown}` sign you in with a certificate).")
+
+
 def _signature_algorithm(signature: bytes) -> bytes:
     """The algorithm name an SSH signature blob starts with (RFC 4253 6.6); b"" if malformed."""
     try:
@@ -164,7 +171,7 @@ class ClientConnection(asyncssh.SSHServer):
         return True
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> tuple[str, str, str, list]:
-        return ("Orzbob Cloud", "Paste the attach token from `orz cloud attach`.", "", [("Token: ", False)])
+        return ("Orzbob Cloud", token_instruction(username), "", [("Token: ", False)])
 
     async def validate_kbdint_response(self, username: str, responses: list[str]) -> bool:
         return len(responses) == 1 and await self._check_token(username, responses[0])
@@ -216,7 +223,8 @@ class ClientConnection(asyncssh.SSHServer):
     def failed(self, exc: CredentialRejected, method: str) -> None:
         log.info("conn %s from %s: credential rejected: %s", self.id, self.source, exc.line)
         metrics.auth_failed(method, metrics.credential_reason(exc.line))
-        self._banner(f"{exc.line}; get a new one with `orz cloud attach {self.session_id[:32]}`")
+        again = "token" if method == "jwt" else "attach"
+        self._banner(f"{exc.line}; get a new one with `orz cloud {again} {self.session_id[:32]}`")
         if self._count_failure():
             self._banner("too many failed authentications; try again later")
             self._hang_up_now()

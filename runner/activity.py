@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from api.client import ApiClient, ApiError
-from api.schemas import Heartbeat, InitStatus, SidecarSpec, scrub_controls
+from api.schemas import Heartbeat, InitStatus, ProgramEvent, SidecarSpec, scrub_controls
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class Activity:
     init_log_sent: bool = False
     # Pod mode: services .orz/cloud.yaml names but the Pod lacks, sent with every heartbeat until restarted.
     services: list[SidecarSpec] | None = None
+    # Program exits and restarts not yet delivered (a heartbeat carrying them got through: dropped).
+    program_events: list[ProgramEvent] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def note_input(self) -> None:
@@ -48,6 +50,12 @@ class Activity:
     def poke(self) -> None:
         """Something notable happened: send a heartbeat now rather than at the next tick."""
         self.changed.set()
+
+    def note_program(self, kind: str, message: str, exit_code: int | None = None) -> None:
+        """Queue a program exit or restart for the API's session events, and send it now."""
+        self.program_events = [*self.program_events, ProgramEvent.model_validate(
+            {"kind": kind, "exit_code": exit_code, "message": scrub_controls(message[:1024])})][-16:]
+        self.poke()
 
     def set_init_log(self, text: str | None) -> None:
         self.init_log_tail = text or None
@@ -64,6 +72,7 @@ class Activity:
             init_log_tail=(scrub_controls(self.init_log_tail[-65536:])
                            if self.init_log_tail and not self.init_log_sent else None),
             services=self.services,
+            program_events=list(self.program_events) or None,
         )
 
 
@@ -111,6 +120,8 @@ class HeartbeatLoop:
         current = self.activity.init_log_tail
         if body.init_log_tail is not None and current and body.init_log_tail == scrub_controls(current[-65536:]):
             self.activity.init_log_sent = True  # (unless the log changed while this one was in flight)
+        if body.program_events:
+            self.activity.program_events = [e for e in self.activity.program_events if e not in body.program_events]
         if reply.heartbeat_interval_s > 0:
             self.interval_s = float(reply.heartbeat_interval_s)
         return True

@@ -26,13 +26,13 @@ from pydantic import ValidationError
 from api.client import ApiClient
 from api.schemas import SESSION_ID_RE, RunnerSpec, describe_validation, services_digest
 from api.settings import load_settings
-from runner import cloud_config, workspace
+from runner import cloud_config, program, workspace
 from runner.activity import Activity, HeartbeatLoop
 from runner.cloud_config import CloudConfig
 from runner.errors import InitError, RunnerError
 from runner.services import ServiceManager, pod_sidecars, wait_for_ports
 from runner.sshd import Endpoint, SessionHooks
-from runner.tmux import Tmux, program_argv
+from runner.tmux import Tmux
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME", "TMPDIR")
 _MAX_UNIX_PATH = 100
 EXIT_OK, EXIT_FATAL = 0, 2
 NETWORK_READY_TIMEOUT_S = 15.0
+# How often the runner looks at the program's pane when tmux's pane-died hook has not fired.
+PROGRAM_CHECK_S = 5.0
 
 
 def login_shell() -> str:
@@ -80,7 +82,10 @@ class Runner:
         self.services = ServiceManager(self.state_dir, self.base_env)
         self.pod_ports: list[int] = []  # pod mode: the sidecars' ports init waits for
         self.endpoint: Endpoint | None = None
-        self.program = program_argv(spec.program, spec.task, self.shell)
+        self.program = program.program_argv(spec.program, spec.task, self.shell)
+        # Whether the pane's current program was seen dead and reported (one event per exit).
+        self._exit_reported = False
+        self._exit_watch: asyncio.Task[None] | None = None
 
     @property
     def init_log(self) -> Path:
@@ -151,11 +156,14 @@ class Runner:
             log.warning("state dir path too long for tmux's default socket: a plain `tmux ls` in the session "
                         "will not find its server")
         await workspace.trust(self.workspace, self.base_env)
+        self.session_env.update(program.task_env(self.spec.task, self.state_dir))
         if self.spec.repo_url:
             token = self.secrets.get(workspace.GIT_TOKEN_ENV)
             if not await workspace.clone(self.spec.repo_url, self.spec.branch, self.workspace,
                                          env=self.base_env, token=token):
-                await workspace.refresh(self.spec.repo_url, self.workspace, env=self.base_env, token=token)
+                done = await workspace.refresh(self.spec.repo_url, self.workspace, env=self.base_env, token=token,
+                                               pull=self.spec.pull)
+                workspace.note(self.init_log, done.notes)
         self.config = cloud_config.find(self.workspace, max_services=self.spec.max_services)
         if self.config is not None:
             self._warn(self.config.warnings)
@@ -171,6 +179,7 @@ class Runner:
         await self._run_init()
         await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
         self.activity.program_running = True
+        self._exit_watch = asyncio.create_task(self._watch_program_exits(), name="program-exits")
         self.ready.set()
         self.activity.poke()
         log.info("session %s is ready", self.spec.session_id)
@@ -252,7 +261,27 @@ class Runner:
         self.activity.poke()
 
     async def _ensure_program(self) -> None:
-        await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
+        if await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env) is not None:
+            self._exit_reported = False
+            self.activity.program_running = True
+            self.activity.program_exit_code = None
+            self.activity.note_program("program_restarted", "the program was restarted for an attach")
+
+    async def _watch_program_exits(self) -> None:
+        """Send a heartbeat (which reads and reports the exit) as soon as tmux says the program exited.
+
+        tmux's pane-died hook says so at once; as tmux 3.3 sometimes notices an exit only when another
+        of its children exits (see Tmux.pane_state), the pane is also looked at every few seconds."""
+        while True:
+            try:
+                async with asyncio.timeout(PROGRAM_CHECK_S):
+                    died = await self.tmux.wait_pane_died()
+                    if not died:
+                        await asyncio.sleep(1.0)  # no server right now (recreated on the next attach)
+            except TimeoutError:
+                died = not self._exit_reported and (await self.tmux.pane_state()).dead
+            if died:
+                self.activity.poke()
 
     async def _refresh(self) -> None:
         """Read the pane's output time and the program's state just before each heartbeat."""
@@ -264,9 +293,17 @@ class Runner:
             self.activity.last_output_at = pane.last_output_at
         self.activity.program_running = pane.exists and not pane.dead
         self.activity.program_exit_code = pane.exit_code
+        if pane.dead and not self._exit_reported:
+            self._exit_reported = True
+            self.activity.note_program("program_exited", f"the program {program.describe_exit(pane.exit_code)}",
+                                       exit_code=pane.exit_code)
 
     async def _shutdown(self) -> None:
         self.ready.set()  # release attaches still waiting for a start that will not come
+        if self._exit_watch is not None:
+            self._exit_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._exit_watch
         if self.endpoint is not None:
             with contextlib.suppress(Exception):
                 await self.endpoint.close()
@@ -285,6 +322,7 @@ def main() -> None:
     settings = load_settings()
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     if not settings.runner_spec:
         sys.exit("orz runner: ORZ_RUNNER_SPEC is not set (the provider passes the runner spec as JSON)")
     try:
@@ -302,6 +340,14 @@ def main() -> None:
             (Path(spec.state_dir) / FATAL_FILE).write_text(message + "\n", encoding="utf-8")
         sys.exit(f"orz runner: {message}")
     sys.exit(asyncio.run(_amain(spec, settings.runner_token.get_secret_value())))
+
+
+def quiet_libraries() -> None:
+    """One line per heartbeat (httpx) and per SSH connection (asyncssh) is noise in a session's log (kept
+    with ORZ_LOG_LEVEL=debug)."""
+    if logging.getLogger().level > logging.DEBUG:
+        for name in ("httpx", "httpcore", "asyncssh"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def report_unstartable(raw_spec: str, token: str, reason: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncssh
 
-from api.schemas import UNIX_ROUTE_PREFIX
+from api.schemas import CLIENT_AGENT_ENV, UNIX_ROUTE_PREFIX
 from api.settings import ssh_algorithms
 from runner.activity import Activity
 from runner.paths import SessionSFTP, expand_login_home
@@ -68,6 +68,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _env_value(env: Mapping[Any, Any], name: str) -> str | None:
+    value = env.get(name, env.get(name.encode()))
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 def client_env(env: Mapping[str, str]) -> dict[str, str]:
     """The part of the client's environment a session may see: TERM, LANG and LC_*."""
     out: dict[str, str] = {}
@@ -98,6 +103,7 @@ class _Connection(asyncssh.SSHServer):
             self.endpoint.connections.discard(self.conn)
         if self.counted:
             self.endpoint.hooks.activity.connections -= 1
+            self.endpoint.hooks.activity.poke()  # `orz cloud list` shows who is attached now, not a beat later
             self.counted = False
 
     def begin_auth(self, username: str) -> bool:
@@ -119,6 +125,7 @@ class _Connection(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         self.counted = True
         self.endpoint.hooks.activity.connections += 1
+        self.endpoint.hooks.activity.poke()
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> bool:
@@ -234,7 +241,7 @@ class Endpoint:
         if command is not None:
             command = expand_login_home(command, self.hooks.login, str(self.hooks.home()))
         agent = process.channel.get_agent_path()
-        if agent:
+        if agent and _env_value(process.env, CLIENT_AGENT_ENV) != "no":
             env["SSH_AUTH_SOCK"] = agent
         if term is not None:
             env["TERM"] = term

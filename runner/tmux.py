@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +20,10 @@ SESSION = "main"
 REAP_POLLS = 20
 REAP_POLL_S = 0.05
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the final NUL
-_CONF = "set-option -g remain-on-exit on\nset-option -g history-limit 50000\n"
+# tmux signals this channel when the program exits, so the runner reports the exit at once.
+PANE_DIED = "orz-pane-died"
+_CONF = ("set-option -g remain-on-exit on\nset-option -g history-limit 50000\n"
+         f'set-hook -g pane-died "wait-for -S {PANE_DIED}"\n')
 
 
 @dataclass(frozen=True)
@@ -30,21 +33,6 @@ class PaneState:
     exit_code: int | None = None
     last_output_at: datetime | None = None
     clients: int = 0
-
-
-def program_argv(program: str | None, task: str | None, shell: str) -> list[str]:
-    """What the session runs: the requested program, else claude when installed, else a login shell.
-
-    The task is handed over as the program's first argument through ``"$@"``, never pasted into a
-    shell line, so its text cannot be interpreted by the shell.
-    """
-    if program:
-        if task:
-            return [shell, "-c", f'{program} "$@"', "orz-program", task]
-        return [shell, "-c", program]
-    if shutil.which("claude"):
-        return ["claude", task] if task else ["claude"]
-    return [shell, "-l"]
 
 
 class Tmux:
@@ -95,16 +83,20 @@ class Tmux:
             "-c", str(cwd), "--", *argv, env=env,
         )
 
-    async def ensure(self, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str]) -> None:
-        """Recreate the program when it exited, or the session when it is gone."""
+    async def ensure(self, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str]) -> str | None:
+        """Recreate the program when it exited, or the session when it is gone; say which ("started",
+        "restarted") or None when it was running."""
         state = await self.pane_state()
         if not state.exists:
             if self.socket.exists():
                 log.info("tmux session gone, recreating it")
             await self.start(argv, cwd=cwd, env=env)
-        elif state.dead:
+            return "started"
+        if state.dead:
             log.info("program exited with %s, restarting it", state.exit_code)
             await self.run("respawn-pane", "-k", "-t", SESSION, "-c", str(cwd), "--", *argv, env=env)
+            return "restarted"
+        return None
 
     async def pane_state(self) -> PaneState:
         state, signal = await self._read_pane()
@@ -143,6 +135,23 @@ class Tmux:
             last_output_at=datetime.fromtimestamp(int(activity), UTC) if activity.isdigit() else None,
             clients=int(attached) if attached.isdigit() else 0,
         ), (signal if dead == "1" and signal.isdigit() else None)
+
+    async def wait_pane_died(self) -> bool:
+        """Block until the program exits (True; at once when it exited since the last call), or until
+        the tmux server is gone (False)."""
+        if not self.socket.exists():
+            return False
+        proc = await asyncio.create_subprocess_exec(
+            *self.argv("wait-for", PANE_DIED), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            return await proc.wait() == 0
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
 
     async def capture(self) -> str:
         """The visible text of the program's pane."""

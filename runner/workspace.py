@@ -61,38 +61,80 @@ async def clone(repo_url: str, branch: str | None, dest: Path, *, env: Mapping[s
     return True
 
 
-async def refresh(repo_url: str, dest: Path, *, env: Mapping[str, str], token: str | None = None) -> bool:
-    """Bring a checkout whose setup never finished to its branch's current head; True when it moved.
+@dataclass(frozen=True)
+class Refresh:
+    """What refresh did: whether HEAD moved, and lines for the user (the init log)."""
+
+    moved: bool = False
+    notes: tuple[str, ...] = ()
+
+
+STASH_IDENTITY = ("-c", "user.name=Orzbob Cloud", "-c", "user.email=orz@localhost")
+
+
+async def refresh(repo_url: str, dest: Path, *, env: Mapping[str, str], token: str | None = None,
+                  pull: bool = False) -> Refresh:
+    """Bring a checkout to its branch's current head when its setup never finished (or ``pull``).
 
     A session that failed on its first start (a bad .orz/cloud.yaml, a failing init) keeps its clone;
-    the user fixes the repository and starts it again, and expects the fix. Only a checkout nobody has
-    touched moves: no uncommitted change and no local commit, so no one's work is ever lost.
+    the user fixes the repository, pushes, starts it again, and expects the fix. No one's work is ever
+    lost: uncommitted changes are stashed first (with untracked files too while setup never finished:
+    they are most likely what the failed init left), untracked files are never overwritten (git reset
+    --keep refuses), and a checkout with commits of its own is kept as it is. Each step is a line in the
+    init log (``notes``).
     """
-    if init_done(dest) or not (dest / ".git").exists():
-        return False
+    if not (dest / ".git").exists() or (init_done(dest) and not pull):
+        return Refresh()
     genv = git_env(env, repo_url, token)
+    notes: list[str] = []
 
     async def git(*args: str) -> str:
         return await _git(["-C", str(dest), *args], genv, what=f"git {args[0]}", token=token)
 
     try:
-        if await git("status", "--porcelain", "--untracked-files=normal"):
-            log.info("workspace has changes: keeping it as it is")
-            return False
-        if int(await git("rev-list", "--count", "@{upstream}..HEAD") or "0"):
-            log.info("workspace has local commits: keeping it as it is")
-            return False
-        before = await git("rev-parse", "HEAD")
+        upstream = await git("rev-parse", "--abbrev-ref", "@{upstream}")
+        # Counted before the fetch: a shallow fetch of the new head does not connect it to older commits.
+        local_commits = await git("rev-list", "--count", "--max-count=1", "@{upstream}..HEAD") != "0"
         await git("fetch", "--quiet", "--no-tags", "--depth", "1", "origin")
-        await git("reset", "--quiet", "--hard", "@{upstream}")
+        before, head = await git("rev-parse", "HEAD"), await git("rev-parse", "@{upstream}")
+    except CloneError as exc:
+        return _not_updated(repo_url, exc, notes)
+    if before == head:
+        return Refresh(notes=(f"[orz] the workspace is at {upstream}'s head {head[:12]}",) if pull else ())
+    if local_commits:
+        return Refresh(notes=(
+            f"[orz] not updating the workspace to {upstream}'s head {head[:12]}: it has commits of its own; "
+            "kept as it is (merge them yourself, e.g. git pull --rebase)",))
+    untracked = not init_done(dest)
+    stashed = False
+    try:
+        if await git("status", "--porcelain", f"--untracked-files={'all' if untracked else 'no'}"):
+            label = f"orz: changes kept before updating to {upstream} {head[:12]}"
+            also = ["--include-untracked"] if untracked else []
+            await _git(["-C", str(dest), *STASH_IDENTITY, "stash", "push", *also, "--message", label],
+                       genv, what="git stash", token=token)
+            stashed = True
+            what = "uncommitted changes and untracked files were" if untracked else "uncommitted changes were"
+            notes.append(f"[orz] {what} stashed ('{label}'); get them back with: git stash pop")
+        await git("reset", "--quiet", "--keep", "@{upstream}")
         after = await git("rev-parse", "HEAD")
     except CloneError as exc:
-        # The checkout is still usable: go on with it rather than fail the start.
-        log.warning("could not update the workspace from %s: %s", _safe_url(repo_url), exc)
-        return False
-    if after != before:
-        log.info("workspace updated to the branch's head %s", after[:12])
-    return after != before
+        if stashed:
+            with contextlib.suppress(CloneError):
+                await git("stash", "pop", "--quiet")
+                notes.append("[orz] the stashed changes are back in place")
+        return _not_updated(repo_url, exc, notes)
+    notes.append(f"[orz] workspace updated to {upstream}'s head {after[:12]} (was {before[:12]})")
+    for line in notes:
+        log.info("%s", line.removeprefix("[orz] "))
+    return Refresh(moved=after != before, notes=tuple(notes))
+
+
+def _not_updated(repo_url: str, exc: CloneError, notes: list[str]) -> Refresh:
+    # The checkout is still usable: go on with it rather than fail the start.
+    log.warning("could not update the workspace from %s: %s", _safe_url(repo_url), exc)
+    return Refresh(notes=(*notes, f"[orz] could not update the workspace from {_safe_url(repo_url)} ({exc}); "
+                                  "going on with it as it is"))
 
 
 async def _git(args: Sequence[str], env: Mapping[str, str], *, what: str, token: str | None = None) -> str:
@@ -109,7 +151,10 @@ async def _git(args: Sequence[str], env: Mapping[str, str], *, what: str, token:
         raise CloneError(f"{what} timed out") from None
     if proc.returncode != 0:
         detail = err.decode("utf-8", "replace").strip().splitlines()
-        reason = _redact(detail[-1] if detail else f"exit status {proc.returncode}", token)
+        # git's "error:" line says what went wrong ("Untracked working tree file 'x' would be overwritten");
+        # the "fatal:" line after it often only that it stopped.
+        errors = [line for line in detail if line.startswith("error: ")]
+        reason = _redact((errors or detail or [f"exit status {proc.returncode}"])[-1 if not errors else 0], token)
         raise CloneError(f"{what} failed: {reason}")
     return out.decode("utf-8", "replace").strip()
 
@@ -219,3 +264,12 @@ def tail(path: Path, limit: int = 65536) -> str:
     except OSError:
         return ""
     return data[-limit:]
+
+
+def note(log_path: Path, lines: Sequence[str]) -> None:
+    """Add the runner's own lines ("[orz] ...") to the init log, which `orz cloud logs` shows."""
+    if not lines:
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a", encoding="utf-8") as out:
+        out.writelines(line + "\n" for line in lines)

@@ -39,7 +39,8 @@ class Platform:
     api_port: int
     ssh_port: int
     web_port: int
-    log: Path  # the server's output
+    log: Path  # the server's log file (JSON lines; the terminal's share is in `screen`)
+    screen: Path  # what `orz server` printed: the banner and one line per event
 
     def orz(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "cli", *args], env=self.env, cwd=cwd or ROOT,
@@ -59,7 +60,7 @@ def running_platform(base: Path, **settings: str) -> Iterator[Platform]:
     home.mkdir()
     api_port, ssh_port, web_port = free_port(), free_port(), free_port()
     env = orz_env(home, ORZ_PROVIDER="local", ORZ_LOG_JSON="true", TERM="xterm", **settings)
-    with (base / "server.log").open("w") as server_log, (base / "terminal.log").open("w") as terminal:
+    with (base / "server.out").open("w") as server_log, (base / "terminal.log").open("w") as terminal:
         server = subprocess.Popen(
             [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
              "--web-port", str(web_port), "--data-dir", str(data)],
@@ -68,7 +69,7 @@ def running_platform(base: Path, **settings: str) -> Iterator[Platform]:
         try:
             def healthy() -> bool:
                 if server.poll() is not None:
-                    raise RuntimeError(f"orz server exited; see {base / 'server.log'}")
+                    raise RuntimeError(f"orz server exited; see {base / 'server.out'}")
                 try:
                     return all(httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
                                for port in (api_port, web_port))
@@ -78,7 +79,8 @@ def running_platform(base: Path, **settings: str) -> Iterator[Platform]:
             wait_until(healthy, timeout=60, what="orz server")
             wait_until((home / ".config" / "orzbob" / "token.json").exists, timeout=10, what="the CLI login")
             yield Platform(home=home, data=data, env=env, terminal=terminal, api_port=api_port,
-                           ssh_port=ssh_port, web_port=web_port, log=base / "server.log")
+                           ssh_port=ssh_port, web_port=web_port, log=data / "logs" / "server.log",
+                           screen=base / "server.out")
         finally:
             if server.poll() is None:
                 server.send_signal(signal.SIGINT)

@@ -132,6 +132,23 @@ class InstanceService:
             )
             return list(reversed(list(rows)))
 
+    async def program_exit(self, who: Principal, inst: Instance) -> schemas.ProgramExit | None:
+        """A running session's program exit, when its latest program event since it last started is an exit
+        (not a restart)."""
+        if inst.state != State.RUNNING.value:
+            return None
+        async with self.autocommit() as db:
+            last = await db.scalar(
+                select(Event)
+                .where(Event.instance_id == inst.id, Event.org_id == inst.org_id,
+                       or_(Event.kind.in_(schemas.PROGRAM_EVENT_KINDS), Event.to_state == State.STARTING.value))
+                .order_by(Event.id.desc())
+                .limit(1)
+            )
+        if last is None or last.kind != "program_exited":
+            return None
+        return schemas.ProgramExit(at=last.at, message=last.message or "the program exited")
+
     async def quota(self, org_id: str, plan: str) -> schemas.Quota:
         async with self.autocommit() as db:
             active = await self._count_active(db, org_id)
@@ -193,10 +210,15 @@ class InstanceService:
         await self._notify(inst, State.PENDING, State.STARTING)
         return await self._launch(inst, who.actor, runner_token.value, secret_env, fresh=True)
 
-    async def start(self, who: Principal, session_id: str, *, actor: str | None = None) -> Instance:
+    async def start(self, who: Principal, session_id: str, *, actor: str | None = None,
+                    pull: bool = False) -> Instance:
         async with self.sessions() as db:
             inst = await self._owned(db, who, session_id)
-        return await self._start_row(inst, who.plan, actor or who.actor)
+        if pull and State(inst.state) in ACTIVE_STATES:
+            raise Conflict(f"session {inst.id} is {inst.state}: --pull applies when it starts; run git pull in "
+                           f"it, or stop it and start it again with --pull",
+                           current_state=inst.state)
+        return await self._start_row(inst, who.plan, actor or who.actor, pull=pull)
 
     async def stop(self, who: Principal, session_id: str) -> Instance:
         async with self.sessions() as db:
@@ -389,6 +411,9 @@ class InstanceService:
                 if inst.last_activity_at is None or latest > inst.last_activity_at:
                     values["last_activity_at"] = latest
             await db.execute(update(Instance).where(Instance.id == inst.id).values(**values))
+            for pe in hb.program_events or ():
+                db.add(self._event(inst, "runner", pe.kind, None, None, pe.message))
+                log.info("session %s: %s", inst.id, pe.message, extra={"event": "program", "session_id": inst.id})
             await db.commit()
             await db.refresh(inst)
         state = State(inst.state)
@@ -591,7 +616,8 @@ class InstanceService:
                 limit=limit, current=active, plan=plan,
             )
 
-    async def _start_row(self, inst: Instance, plan: str, actor: str, kind: str = "starting") -> Instance:
+    async def _start_row(self, inst: Instance, plan: str, actor: str, kind: str = "starting",
+                         *, pull: bool = False) -> Instance:
         state = State(inst.state)
         if state in ACTIVE_STATES:
             return inst
@@ -604,11 +630,11 @@ class InstanceService:
         async with self.sessions() as db:
             await self._lock_org_and_check_quota(db, inst.org_id, plan, exclude=inst.id)
             inst = await self._transition(
-                db, inst, State.STARTING, actor, kind, "waking on connect" if kind == "woke" else None,
+                db, inst, State.STARTING, actor, kind, _start_message(kind, pull),
                 runner_token_prefix=runner_token.prefix, runner_token_hash=runner_token.digest,
                 route_host=None, route_port=None, runner_host_key=None, reason=None, stopped_at=None,
             )
-        return await self._launch(inst, actor, runner_token.value, secret_env, fresh=False)
+        return await self._launch(inst, actor, runner_token.value, secret_env, fresh=False, pull=pull)
 
     async def _require_isolation(self) -> None:
         """Without isolation between sessions (ORZ_SANDBOX=off), only a single-org server may start any."""
@@ -622,8 +648,8 @@ class InstanceService:
                 "an admin must turn the sandbox on before sessions can start")
 
     async def _launch(self, inst: Instance, actor: str, runner_token: str, secret_env: dict[str, str],
-                      *, fresh: bool) -> Instance:
-        spec = self._compute_spec(inst, runner_token, secret_env)
+                      *, fresh: bool, pull: bool = False) -> Instance:
+        spec = self._compute_spec(inst, runner_token, secret_env, pull=pull)
         try:
             if fresh:
                 provider_state = await self.provider.create(spec)
@@ -754,7 +780,8 @@ class InstanceService:
             raise BadRequest(f"idle_timeout_s may be at most {plan_limit} on the {who.plan} plan")
         return requested
 
-    def _compute_spec(self, inst: Instance, runner_token: str, secret_env: dict[str, str]) -> ComputeSpec:
+    def _compute_spec(self, inst: Instance, runner_token: str, secret_env: dict[str, str],
+                      *, pull: bool = False) -> ComputeSpec:
         return ComputeSpec(
             session_id=inst.id, org_id=inst.org_id, user_id=inst.user_id, tier=inst.tier,
             resources=schemas.TIER_RESOURCES[inst.tier], repo_url=inst.repo_url, branch=inst.branch,
@@ -762,7 +789,7 @@ class InstanceService:
             gateway_public_key=self.gateway_public_key,
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
             runner_token=runner_token, secret_env=secret_env,
-            services=list((inst.spec or {}).get("services") or []),
+            services=list((inst.spec or {}).get("services") or []), pull=pull,
             max_services=self._max_services(inst),
         )
 
@@ -770,3 +797,9 @@ class InstanceService:
         """The plan's limit when the session was created (older rows: the free plan's)."""
         value = (inst.spec or {}).get("max_services")
         return value if isinstance(value, int) else self.settings.services_free
+
+
+def _start_message(kind: str, pull: bool) -> str | None:
+    if kind == "woke":
+        return "waking on connect"
+    return "updating the workspace to the branch's head (--pull)" if pull else None

@@ -79,10 +79,12 @@ async def stop_instance(request: Request, id: str) -> HTTPResponse:
 
 
 @route(bp, "POST", "/v1/instances/{id}/start", summary="Start a stopped session", tag=TAG,
-       responses={200: schemas.Instance}, errors=(400, 403, 404, 409, 429, 503))
+       request=schemas.StartRequest, responses={200: schemas.Instance}, errors=(400, 403, 404, 409, 429, 503),
+       body_required=False)
 async def start_instance(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
-    row = await state(request).instances.start(who, id)
+    body = parse_body(request, schemas.StartRequest, allow_empty=True)
+    row = await state(request).instances.start(who, id, pull=body.pull)
     return respond(instance_view(state(request).settings, row))
 
 
@@ -93,8 +95,9 @@ async def instance_status(request: Request, id: str) -> HTTPResponse:
     svc = state(request).instances
     row = await svc.get(who, id)
     events = await svc.events(who, id)
+    program_exit = await svc.program_exit(who, row)
     return respond(schemas.InstanceStatus(instance=instance_view(state(request).settings, row),
-                                          events=[event_view(e) for e in events]))
+                                          events=[event_view(e) for e in events], program_exit=program_exit))
 
 
 @route(bp, "GET", "/v1/instances/{id}/logs", summary="The session's init log and events", tag=TAG,

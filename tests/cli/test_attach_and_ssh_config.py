@@ -143,6 +143,6 @@ def test_ssh_config_makes_plain_ssh_work_and_refreshes_expired_certs(orz: Orz, l
 
 def test_refresh_cert_failure_is_one_line(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
     done = orz("cloud", "_refresh-cert", "nosuch.orz")
-    assert done.returncode == 1 and done.stderr.strip() == "orz: no such session: nosuch"
+    assert done.returncode == 3 and done.stderr.strip() == "orz: no such session: nosuch"  # 3: not found
     bad = orz("cloud", "_refresh-cert", "x;rm -rf.orz")
     assert bad.returncode == 1 and "not a session id" in bad.stderr

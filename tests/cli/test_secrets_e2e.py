@@ -41,7 +41,7 @@ def test_secret_reaches_the_attached_session_and_nothing_else(platform: Platform
     status = platform.orz("cloud", "status", sid, "--json")
     logs = platform.orz("cloud", "logs", sid)
     everything = created.stdout + created.stderr + listed.stdout + new.stdout + new.stderr + status.stdout + logs.stdout
-    server_log = (platform.data.parent / "server.log").read_text()
+    server_log = platform.log.read_text() + platform.screen.read_text()
     assert value not in everything
     assert value not in server_log
     runner_log = (platform.data / "sessions" / sid / "runner.log").read_text()

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 import stat
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import httpx
 
 from tests.support import ROOT, free_port, orz_env, stop_process, wait_until
 
 
-def start_server(tmp_path, api_port: int, ssh_port: int) -> subprocess.Popen[str]:
-    env = orz_env(tmp_path / "home", ORZ_PROVIDER="fake")
+def start_server(tmp_path, api_port: int, ssh_port: int, **extra_env: str) -> subprocess.Popen[str]:
+    env = orz_env(tmp_path / "home", ORZ_PROVIDER="fake", **extra_env)
     return subprocess.Popen(
         [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
          "--web-port", "0", "--data-dir", str(tmp_path / "data")],
@@ -42,6 +46,16 @@ def test_first_start_bootstraps_login_and_prints_next_steps(tmp_path):
     assert proc.returncode == 0, err
     assert "orz cloud new" in out and "orz cloud list" in out and "orz cloud attach" in out
     assert login["api_token"] not in out + err  # the token goes to the file, never to the terminal or logs
+    # The terminal: the banner, then one human line per event; the JSON lines are in the log file.
+    log_file = tmp_path / "data" / "logs" / "server.log"
+    assert f"  Logs {log_file}" in out
+    assert "export PATH" not in out  # orz is on this PATH already
+    assert not [line for line in err.splitlines() if line.startswith("{")], err
+    assert re.search(r"^\d\d:\d\d:\d\d  session [a-z0-9-]+: pending -> starting$", err, re.M), err
+    logged = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert any(e.get("event") == "access" and e.get("route") == "/v1/instances" for e in logged)
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+    assert login["api_token"] not in log_file.read_text()
 
     # A second start keeps the same login, and the session stopped by Ctrl-C is resumed.
     proc = start_server(tmp_path, api_port, ssh_port)
@@ -64,3 +78,62 @@ def _healthy(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_port_in_use_is_named_with_its_flag_and_variable(tmp_path):
+    ssh_port = free_port()
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        api_port = taken.getsockname()[1]
+        proc = start_server(tmp_path, api_port, ssh_port)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip() == (f"orz: port {api_port} (API) on 127.0.0.1 is already in use; choose another with "
+                           f"--api-port PORT or ORZ_API_PORT=PORT (e.g. make dev ARGS='--api-port {api_port + 1}')")
+    assert not (tmp_path / "data" / "orz.db").exists()  # refused before anything was made
+
+
+def test_the_banner_says_how_to_put_orz_on_the_path(tmp_path):
+    proc = start_server(tmp_path, free_port(), free_port(), PATH="/usr/bin:/bin")
+    banner: list[str] = []
+    reader = threading.Thread(target=lambda: banner.extend(_until_banner_end(proc)), daemon=True)
+    reader.start()
+    reader.join(60)
+    stop_process(proc)
+    out = "".join(banner)
+    assert f'  export PATH="{Path(sys.executable).parent}:$PATH"   # once per terminal' in out, out
+    steps = out.split("Next, in another terminal:")[1].splitlines()
+    assert steps[1].startswith("  export PATH=") and steps[2].startswith("  orz cloud new")
+
+
+def _until_banner_end(proc: subprocess.Popen[str]) -> list[str]:
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Press Ctrl-C"):
+            break
+    return lines
+
+
+def test_the_terminal_gets_events_and_problems_not_chatter():
+    import logging
+
+    from cli.server_log import EVENTS, TerminalFilter
+
+    def record(name: str, level: int, **extra: object) -> logging.LogRecord:
+        rec = logging.LogRecord(name, level, __file__, 1, "m", None, None)
+        rec.__dict__.update(extra)
+        return rec
+
+    shown = TerminalFilter().filter
+    assert not shown(record("api.app", logging.INFO, event="access"))
+    assert not shown(record("api.app", logging.ERROR, event="access"))  # the error itself is logged apart
+    assert not shown(record("sanic.root", logging.INFO))
+    assert not shown(record("alembic.runtime.migration", logging.INFO))
+    assert shown(record(EVENTS.name, logging.INFO))
+    assert shown(record("gateway.server", logging.INFO, event="attached"))
+    assert shown(record("api.instances.service", logging.INFO, event="program"))
+    assert shown(record("api.jobs.scheduler", logging.WARNING))

@@ -54,4 +54,8 @@ async def test_stopped_session_wakes_with_progress(env: Env) -> None:
     assert result.returncode == 0, result
     assert result.stdout == b"awake\n"
     assert f"session {SESSION} is starting".encode() in result.stderr
+    # Progress is not an error: it reads like the runner's "[orz] the session is starting...".
+    progress = [line for line in result.stderr.splitlines() if b"is starting" in line or b"is stopped" in line]
+    assert progress and all(line.startswith(b"[orz] session ") for line in progress), result.stderr
+    assert b"orz: " not in result.stderr
     assert env.api.authorize_calls[-1].get("jti") is None  # polls never replay a token

@@ -100,6 +100,13 @@ async def test_agent_forwarding_only_when_asked(e2e: Env) -> None:
         assert fingerprint in forwarded.stdout
         plain = await e2e.ssh(*e2e.cert_args(), "--", "ssh-add -l")
         assert plain.returncode != 0 and fingerprint not in plain.stdout
+        # Without -A the session has no agent socket at all (not one whose use fails with
+        # "communication with agent failed"); the runner builds one environment for commands and the pty.
+        unset = await e2e.ssh(*e2e.cert_args(), "--", 'echo "agent=${SSH_AUTH_SOCK-unset}"')
+        assert unset.stdout == b"agent=unset\n", unset
+        with_a = await run(*[*e2e.base_args(identity_agent=str(sock)), "-A", *e2e.cert_args(),
+                             f"{SESSION}@127.0.0.1", 'echo "agent=${SSH_AUTH_SOCK-unset}"'])
+        assert with_a.stdout.startswith(b"agent=/"), with_a
     finally:
         agent.kill()
         await agent.wait()

@@ -153,9 +153,9 @@ async def start_runner(short_tmp: Path, fake_api: FakeApi, gateway_key: GatewayK
         base = short_tmp / name
         spec = RunnerSpec(
             session_id=name, api_url=fake_api.url, repo_url=repo_url, branch=branch, program=program,
-            task=task, gateway_public_key=gateway_key.public, heartbeat_interval_s=1,
+            task=task, gateway_public_key=gateway_key.public,
             secret_env=sorted(secrets or {}), workspace=str(base / "workspace"),
-            state_dir=str(base / "state"), **spec_fields,
+            state_dir=str(base / "state"), **{"heartbeat_interval_s": 1, **spec_fields},
         )
         environ = {"PATH": os.environ["PATH"], "HOME": str(short_tmp), "LANG": "C.UTF-8",
                    **(secrets or {}), **(extra_env or {})}

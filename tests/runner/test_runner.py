@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runner.conftest import MakeRepo, StartRunner
+from tests.runner.conftest import MakeRepo, RunningRunner, StartRunner
 from tests.runner.fake_api import FakeApi
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -140,16 +140,92 @@ async def test_a_start_after_a_failed_first_start_picks_up_the_fixed_repository(
     assert await second.finish() == 0
 
 
-async def test_a_workspace_someone_changed_is_never_reset(make_repo: MakeRepo, start_runner: StartRunner,
-                                                          fake_api: FakeApi) -> None:
-    url = make_repo({".orz/cloud.yaml": BAD_INIT, "notes.txt": "original\n"})
+# The issue's case: a failing init that wrote files, so the checkout is no longer untouched.
+WRITING_BAD_INIT = 'version: "1.0"\nsetup:\n  init: echo half-done > build.log; exit 9\n'
+
+
+async def running(handle: RunningRunner) -> None:
+    """Wait until this runner (not an earlier one of the same session) has its program running."""
+    for _ in range(150):
+        if handle.runner.activity.program_running:
+            return
+        if handle.task.done():
+            raise AssertionError(f"runner exited: {handle.runner.activity.fatal_error}")
+        await asyncio.sleep(0.1)
+    raise AssertionError("the runner did not get ready")
+
+
+def stash_show(workspace: Path) -> str:
+    from tests.runner.conftest import git
+
+    return git("-C", str(workspace), "stash", "show", "--include-untracked", "-p", "stash@{0}")
+
+
+async def test_a_failed_init_that_wrote_files_still_picks_up_the_fix_and_keeps_every_edit(
+        make_repo: MakeRepo, start_runner: StartRunner, fake_api: FakeApi) -> None:
+    url = make_repo({".orz/cloud.yaml": WRITING_BAD_INIT, "notes.txt": "original\n"})
     first = await start_runner(url)
     assert await asyncio.wait_for(first.task, 15) == 2
     workspace = Path(first.runner.workspace)
+    assert (workspace / "build.log").exists()
     (workspace / "notes.txt").write_text("my unsaved work\n")
     _push_fix(url, {".orz/cloud.yaml": GOOD_INIT})
 
     second = await start_runner(url)
+    ready = await second.ready()
+    assert ready["init_status"] == "succeeded"  # the new init ran, not the old one again
+    assert (workspace / "init-runs.txt").read_text() == "fixed\n"
+    # Nothing is lost: the edit and the file the failed init wrote are in a named stash, and the log says so.
+    stashed = stash_show(workspace)
+    assert "+my unsaved work" in stashed and "+half-done" in stashed
+    log = (Path(second.runner.state_dir) / "init.log").read_text()
+    assert "[orz] uncommitted changes and untracked files were stashed" in log
+    assert "get them back with: git stash pop" in log
+    assert "[orz] workspace updated to origin/main's head" in log
+    assert await second.finish() == 0
+
+
+async def test_a_workspace_with_its_own_commits_is_kept_and_says_why(
+        make_repo: MakeRepo, start_runner: StartRunner, fake_api: FakeApi) -> None:
+    from tests.runner.conftest import git
+
+    url = make_repo({".orz/cloud.yaml": BAD_INIT, "notes.txt": "original\n"})
+    first = await start_runner(url)
+    assert await asyncio.wait_for(first.task, 15) == 2
+    workspace = Path(first.runner.workspace)
+    (workspace / "notes.txt").write_text("committed work\n")
+    git("-C", str(workspace), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-qam", "mine")
+    _push_fix(url, {".orz/cloud.yaml": GOOD_INIT})
+
+    second = await start_runner(url)
     assert await asyncio.wait_for(second.task, 15) == 2  # still the old config: nothing was overwritten
-    assert (workspace / "notes.txt").read_text() == "my unsaved work\n"
-    assert "exit status 9" in fake_api.bodies()[-1]["fatal_error"]
+    assert (workspace / "notes.txt").read_text() == "committed work\n"
+    fatal = fake_api.bodies()[-1]
+    assert "exit status 9" in fatal["fatal_error"]
+    assert "it has commits of its own; kept as it is" in fatal["init_log_tail"]
+
+
+async def test_start_with_pull_updates_a_workspace_whose_setup_succeeded(
+        make_repo: MakeRepo, start_runner: StartRunner) -> None:
+    url = make_repo({".orz/cloud.yaml": GOOD_INIT, "app.txt": "v1\n"})
+    first = await start_runner(url)
+    await first.ready()
+    assert await first.finish() == 0
+    workspace = Path(first.runner.workspace)
+    _push_fix(url, {"app.txt": "v2\n"})
+
+    plain = await start_runner(url)  # a plain start keeps a set-up workspace as it is
+    await running(plain)
+    assert (workspace / "app.txt").read_text() == "v1\n"
+    assert await plain.finish() == 0
+
+    (workspace / "app.txt").write_text("v1 and my edit\n")
+    pulled = await start_runner(url, pull=True)
+    await running(pulled)
+    assert (workspace / "app.txt").read_text() == "v2\n"
+    # What init made (untracked) stays; init ran once per workspace, not again; the edit is in the stash.
+    assert (workspace / "init-runs.txt").read_text() == "fixed\n"
+    assert "+v1 and my edit" in stash_show(workspace)
+    log = (Path(pulled.runner.state_dir) / "init.log").read_text()
+    assert "[orz] uncommitted changes were stashed" in log and "[orz] workspace updated to origin/main's head" in log
+    assert await pulled.finish() == 0

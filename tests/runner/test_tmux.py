@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.tmux import Tmux, program_argv
+from runner.program import program_argv
+from runner.tmux import Tmux
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
 ENV = {"PATH": os.environ["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8"}
@@ -41,10 +42,10 @@ async def test_pane_shows_program_output(tmux: Tmux, short_tmp: Path) -> None:
     assert state.exists and not state.dead and state.clients == 0
 
 
-async def test_task_is_the_first_argument_never_shell_text(tmux: Tmux, short_tmp: Path) -> None:
+async def test_a_program_asking_for_the_task_gets_it_never_as_shell_text(tmux: Tmux, short_tmp: Path) -> None:
     task = "fix it; touch /tmp/should-not-exist-$$ `id`"
-    argv = program_argv("bash -c 'printf \"task=%s\\n\" \"$1\"; sleep 30' --", task, "/bin/bash")
-    await tmux.start(argv, cwd=short_tmp, env=ENV)
+    argv = program_argv("bash -c 'printf \"task=%s\\n\" \"$1\"; sleep 30' -- \"$ORZ_TASK\"", task, "/bin/bash")
+    await tmux.start(argv, cwd=short_tmp, env={**ENV, "ORZ_TASK": task})
     await wait_for_pane(tmux, "task=fix it; touch")
     assert not list(Path("/tmp").glob("should-not-exist-*"))
 
@@ -77,10 +78,14 @@ async def test_output_moves_window_activity_with_nobody_attached(tmux: Tmux, sho
 
 
 def test_program_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("runner.tmux.shutil.which", lambda name: "/usr/bin/claude" if name == "claude" else None)
-    assert program_argv(None, "fix the bug", "/bin/zsh") == ["claude", "fix the bug"]
-    assert program_argv(None, None, "/bin/zsh") == ["claude"]
-    assert program_argv("aider --yes", "the task", "/bin/zsh") == [
-        "/bin/zsh", "-c", 'aider --yes "$@"', "orz-program", "the task"]
-    monkeypatch.setattr("runner.tmux.shutil.which", lambda name: None)
-    assert program_argv(None, "t", "/bin/zsh") == ["/bin/zsh", "-l"]
+    monkeypatch.setattr("runner.program.shutil.which", lambda name: "/usr/bin/claude" if name == "claude" else None)
+    # argv[5:]: the command line the user's shell runs, then its arguments (after the exit-note wrapper).
+    assert program_argv(None, "fix the bug", "/bin/zsh")[4:] == ["/bin/zsh", 'claude "$@"', "fix the bug"]
+    assert program_argv(None, None, "/bin/zsh")[4:] == ["/bin/zsh", "claude"]
+    assert program_argv("claude --model opus", "t", "/bin/zsh")[5:] == ['claude --model opus "$@"', "t"]
+    assert program_argv("/opt/bin/claude", "t", "/bin/zsh")[5:] == ['/opt/bin/claude "$@"', "t"]
+    # Any other program: the task is in $ORZ_TASK and $ORZ_TASK_FILE, never an argument.
+    assert program_argv("aider --yes", "the task", "/bin/zsh")[5:] == ["aider --yes"]
+    assert program_argv("bash", "say hello", "/bin/zsh")[5:] == ["bash"]
+    monkeypatch.setattr("runner.program.shutil.which", lambda name: None)
+    assert program_argv(None, "t", "/bin/zsh")[5:] == ["exec /bin/zsh -l"]

@@ -74,3 +74,29 @@ async def test_failed_or_slow_init_is_an_error_and_runs_again(short_tmp: Path) -
     with pytest.raises(InitError, match="timed out"):
         await run_init("sleep 30", ws, log, env=ENV, timeout_s=0.5)
     assert "broken" in log.read_text()
+
+
+async def test_pull_never_overwrites_an_untracked_file_the_new_head_adds(make_repo: MakeRepo,
+                                                                         short_tmp: Path) -> None:
+    from runner.workspace import refresh
+    from tests.runner.test_runner import _push_fix
+
+    url = make_repo({"app.txt": "v1\n"})
+    dest = short_tmp / "ws"
+    assert await clone(url, "main", dest, env=ENV)
+    (dest / INIT_MARKER).write_text("ok\n")  # setup succeeded: only --pull updates it
+    (dest / "app.txt").write_text("v1 and my edit\n")
+    (dest / "notes.md").write_text("my own notes\n")  # untracked here, and the new head adds it
+    bare = Path(url.removeprefix("file://"))
+    src = bare.with_name(bare.name.replace("repo", "src").removesuffix(".git"))
+    (src / "notes.md").write_text("the project's notes\n")
+    git("add", "notes.md", cwd=src)
+    _push_fix(url, {"app.txt": "v2\n"})
+
+    done = await refresh(url, dest, env=ENV, pull=True)
+    assert not done.moved
+    assert (dest / "notes.md").read_text() == "my own notes\n"
+    assert (dest / "app.txt").read_text() == "v1 and my edit\n"  # the stash was put back
+    assert any("could not update the workspace" in n and "notes.md" in n for n in done.notes), done.notes
+    assert "[orz] the stashed changes are back in place" in done.notes
+    assert git("stash", "list", cwd=dest).strip() == ""

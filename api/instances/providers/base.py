@@ -47,6 +47,8 @@ class ComputeSpec:
     # Sidecars from ``.orz/cloud.yaml`` ``services:`` as plain data: [{name, image, env, ports, health}]
     # (schemas.SidecarSpec dumps), env values with their ``${SECRET}`` references unresolved.
     services: Sequence[Mapping[str, Any]] = ()
+    # `orz cloud start --pull`: the runner moves the workspace to the branch's head first.
+    pull: bool = False
     # How many services the session's plan allows (settings.services_for at creation).
     max_services: int = DEFAULT_MAX_SERVICES
 

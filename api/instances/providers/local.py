@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -179,6 +180,8 @@ class LocalProvider(Provider):
         parts = []
         for title, rel in (("init log", INIT_LOG), ("runner log", RUNNER_LOG)):
             text = _tail(base / rel, limit)
+            if rel == RUNNER_LOG:
+                text = runner_log_for_users(text)
             if text:
                 parts.append(f"== {title} ==\n{text}")
         return "\n".join(parts)[-limit:]
@@ -196,7 +199,7 @@ class LocalProvider(Provider):
             network_ready_file=str(sandbox.SessionPaths(base).network_ready) if socket else None,
             workspace=str(base / "workspace"),
             state_dir=str(base / "state"),
-            max_services=spec.max_services,
+            max_services=spec.max_services, pull=spec.pull,
         )
         env = {k: os.environ[k] for k in _INHERIT if k in os.environ}
         env.setdefault("LANG", "C.UTF-8")
@@ -380,6 +383,24 @@ def _runner_import_root() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ProviderFailure("the runner package is not installed next to the API")
     return str(Path(next(iter(spec.submodule_search_locations))).resolve().parent)
+
+
+# The runner's routine lines ("2026-12-05 10:01:02,345 INFO httpx: HTTP Request: ...") and the sandbox's
+# network helper's hand-over lines; what is left (warnings, errors, tracebacks, a tool's own failure) is
+# what a user reading `orz cloud logs` needs. The whole file stays in the session directory.
+_ROUTINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO) |(sent|received) tapfd=\d+)")
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+
+
+def runner_log_for_users(text: str) -> str:
+    """The runner log without its routine lines (a routine record's continuation lines go with it)."""
+    kept, routine = [], False
+    for line in text.splitlines(keepends=True):
+        if _RECORD.match(line) or _ROUTINE.match(line):
+            routine = bool(_ROUTINE.match(line))
+        if not routine:
+            kept.append(line)
+    return "".join(kept)
 
 
 def _tail(path: Path, limit: int) -> str:

@@ -182,6 +182,7 @@ def runner_spec(spec: ComputeSpec) -> RunnerSpec:
         # The Pod runs the services; the runner compares them with .orz/cloud.yaml and reports a difference.
         sidecars="pod",
         pod_services_digest=services_digest(sidecars.listed(spec.services)),
+        pull=spec.pull,
         max_services=spec.max_services,
     )
 
