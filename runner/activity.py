@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from api.client import ApiClient, ApiError
-from api.schemas import Heartbeat, InitStatus, SidecarSpec, scrub_controls
+from api.schemas import AgentState, Heartbeat, InitStatus, SidecarSpec, WorkState, scrub_controls
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ class Activity:
     init_log_sent: bool = False
     # Pod mode: services .orz/cloud.yaml names but the Pod lacks, sent with every heartbeat until restarted.
     services: list[SidecarSpec] | None = None
+    agent_state: AgentState | None = None
+    agent_message: str | None = None
+    agent_exit_code: int | None = None
+    work: WorkState | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def note_input(self) -> None:
@@ -64,6 +68,8 @@ class Activity:
             init_log_tail=(scrub_controls(self.init_log_tail[-65536:])
                            if self.init_log_tail and not self.init_log_sent else None),
             services=self.services,
+            agent_state=self.agent_state, agent_message=self.agent_message, agent_exit_code=self.agent_exit_code,
+            work=self.work,
         )
 
 

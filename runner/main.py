@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from api.client import ApiClient
 from api.schemas import SESSION_ID_RE, RunnerSpec, describe_validation, services_digest
 from api.settings import load_settings
-from runner import cloud_config, workspace
+from runner import agent, cloud_config, work, workspace
 from runner.activity import Activity, HeartbeatLoop
 from runner.cloud_config import CloudConfig
 from runner.errors import InitError, RunnerError
@@ -47,6 +47,8 @@ _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME", "TMPDIR")
 _MAX_UNIX_PATH = 100
 EXIT_OK, EXIT_FATAL = 0, 2
 NETWORK_READY_TIMEOUT_S = 15.0
+AGENT_FILE_POLL_S = 0.5  # how often the state file orz-session writes is looked at (one stat)
+AGENT_PANE_POLL_S = 2.0  # how often the detector looks at the pane (one tmux call, a few /proc reads)
 
 
 def login_shell() -> str:
@@ -81,6 +83,10 @@ class Runner:
         self.pod_ports: list[int] = []  # pod mode: the sidecars' ports init waits for
         self.endpoint: Endpoint | None = None
         self.program = program_argv(spec.program, spec.task, self.shell)
+        self.agent_file = self.state_dir / agent.STATE_FILE
+        self.detector = agent.Detector(spec.needs_input_after_s, login_shell=self.program == [self.shell, "-l"])
+        self._pane_was_dead = False
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def init_log(self) -> Path:
@@ -163,6 +169,7 @@ class Runner:
             self.session_env.update(cloud_config.resolve_env(self.config, self.secrets))
             for name in self.config.services:
                 cloud_config.resolve_service_env(self.config, name, self.secrets)
+        self._install_agent_helpers()
         if self.spec.sidecars == "pod" and not self._pod_runs_services():
             return  # the API replaces this Pod with one that runs them; nothing starts here meanwhile
 
@@ -172,8 +179,71 @@ class Runner:
         await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
         self.activity.program_running = True
         self.ready.set()
+        self._watch = asyncio.create_task(self._watch_agent(), name="agent-watch")
         self.activity.poke()
         log.info("session %s is ready", self.spec.session_id)
+
+    def _install_agent_helpers(self) -> None:
+        """``orz-session`` on the session's PATH, and Claude Code hooks that call it in the user's settings."""
+        self.agent_file.unlink(missing_ok=True)  # a report of an earlier run says nothing about this one
+        bindir = agent.install_helper(self.state_dir)
+        self.session_env["PATH"] = f"{bindir}{os.pathsep}{self.session_env.get('PATH', os.defpath)}"
+        home = self.session_env.get("HOME")
+        if home:
+            agent.install_claude_hooks(Path(home), bindir / agent.HELPER)
+
+    async def _watch_agent(self) -> None:
+        """Follow the agent's state and the workspace's git state; a change is sent at once (poke)."""
+        loop = asyncio.get_running_loop()
+        last_mtime: float | None = None
+        next_pane = next_scan = 0.0
+        while True:
+            try:
+                now = loop.time()
+                try:
+                    mtime: float | None = self.agent_file.stat().st_mtime
+                except OSError:
+                    mtime = None
+                if mtime != last_mtime or now >= next_pane:
+                    last_mtime, next_pane = mtime, now + AGENT_PANE_POLL_S
+                    await self._observe_agent()
+                if now >= next_scan:
+                    next_scan = now + self.spec.work_scan_s
+                    scanned = await work.scan(self.workspace, self.base_env)
+                    if scanned is not None and _work_changed(self.activity.work, scanned):
+                        self.activity.work = scanned
+                        self.activity.poke()
+            except Exception:
+                log.exception("could not read the agent's state")
+            await asyncio.sleep(AGENT_FILE_POLL_S)
+
+    async def _observe_agent(self) -> None:
+        pane = await self.tmux.pane_state()
+        if not pane.exists:
+            return
+        if pane.dead:
+            self._pane_was_dead = True
+            report = agent.AgentReport("exited", None, pane.exit_code)
+        else:
+            if self._pane_was_dead:  # the program started again: what the last run reported is stale
+                self._pane_was_dead = False
+                self.agent_file.unlink(missing_ok=True)
+            report = agent.read_report(self.agent_file) or self.detector.judge(pane.pane_pid, pane.last_output_at)
+        current = (self.activity.agent_state, self.activity.agent_message, self.activity.agent_exit_code)
+        if (report.state, report.message, report.exit_code) != current:
+            log.info("agent state: %s%s", report.state, f" ({report.message})" if report.message else "")
+            self.activity.agent_state = report.state
+            self.activity.agent_message = report.message
+            self.activity.agent_exit_code = report.exit_code
+            self.activity.poke()
+
+    async def _save_work(self) -> None:
+        """Before the workspace may go away: commit what is uncommitted and push it to orz/<id> (bounded)."""
+        token = self.secrets.get(workspace.GIT_TOKEN_ENV)
+        env = workspace.git_env(self.base_env, self.spec.repo_url or "", token)
+        saved = await work.save_bounded(self.workspace, self.spec.session_id, env)
+        if saved is not None:
+            self.activity.work = saved
 
     def _warn(self, warnings: list[str]) -> None:
         """Keys this version ignores: in the runner's log and the init log, where `orz cloud logs` shows them."""
@@ -267,6 +337,10 @@ class Runner:
 
     async def _shutdown(self) -> None:
         self.ready.set()  # release attaches still waiting for a start that will not come
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch
         if self.endpoint is not None:
             with contextlib.suppress(Exception):
                 await self.endpoint.close()
@@ -276,8 +350,17 @@ class Runner:
             await self.services.stop_all()
         with contextlib.suppress(Exception):
             await self.tmux.kill_server()
+        try:
+            await self._save_work()  # after the program is gone: a consistent snapshot
+        except Exception:
+            log.exception("could not save the session's work")
         with contextlib.suppress(OSError):
             (self.state_dir / RELEASED_FILE).write_text("ok\n", encoding="utf-8")
+
+
+def _work_changed(old: object, new: object) -> bool:
+    fields = ("dirty_files", "unpushed_commits")
+    return old is None or any(getattr(old, f) != getattr(new, f) for f in fields)
 
 
 def main() -> None:

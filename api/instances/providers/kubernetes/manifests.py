@@ -183,6 +183,8 @@ def runner_spec(spec: ComputeSpec) -> RunnerSpec:
         sidecars="pod",
         pod_services_digest=services_digest(sidecars.listed(spec.services)),
         max_services=spec.max_services,
+        needs_input_after_s=spec.needs_input_after_s,
+        work_scan_s=spec.work_scan_s,
     )
 
 
