@@ -11,7 +11,7 @@ from api import schemas
 from cli import attach as attaching
 from cli import keys, output, ssh_config
 from cli.connect import client, cloud_command
-from cli.errors import CliError
+from cli.errors import CliError, UnsavedWork
 from cli.repo import current_repo
 from cli.starting import LogFollower, wait_until_running
 
@@ -123,10 +123,22 @@ async def _attach(session_id: str, readonly: bool) -> list[str]:
 
 @click.command("kill")
 @session_id_arg
+@click.option("--force", is_flag=True,
+              help="Kill even with unsaved work (a running session still pushes it to orz/<id> where it can).")
 @cloud_command
-async def kill(session_id: str) -> None:
-    """Delete a session: its compute and its workspace."""
+async def kill(session_id: str, force: bool) -> None:
+    """Delete a session: its compute and its workspace.
+
+    Refused (exit 3) while the workspace holds uncommitted files or unpushed commits that are not saved
+    to the session's WIP branch; --force kills anyway."""
     async with client() as api:
+        if not force:
+            current = await api.get_instance(session_id)
+            if output.at_risk(current.work):
+                assert current.work is not None
+                raise UnsavedWork(f"session {session_id} has unsaved work: {output.work_line(current.work)}; "
+                                  f"push it, or kill with --force (a running session pushes it to "
+                                  f"orz/{session_id} first where it can)")
         inst = await api.delete_instance(session_id)
     keys.forget_session(session_id)
     ssh_config.forget_host(session_id)

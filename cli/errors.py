@@ -23,6 +23,12 @@ class CliError(click.ClickException):
         click.echo(f"orz: {self.format_message()}", err=True)
 
 
+class UnsavedWork(CliError):
+    """`orz cloud kill` of a session whose workspace holds work the origin does not: exit 3."""
+
+    exit_code = 3
+
+
 def run_async(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
     """Run an async command body, mapping known errors to CliError."""
 
