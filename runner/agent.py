@@ -55,6 +55,18 @@ def clean_message(text: object) -> str | None:
     return scrub_controls(line, "line")[:AGENT_MESSAGE_MAX] or None
 
 
+def title_label(report: AgentReport) -> str:
+    """The agent's state as the terminal title shows it (tmux's set-titles-string reads @orz_agent)."""
+    if report.state == "exited":
+        return f"exited {report.exit_code}" if report.exit_code is not None else "exited"
+    return (report.state or "").replace("_", " ")
+
+
+def title_format(session_id: str) -> str:
+    """tmux set-titles-string: ``[needs input] <id> · Orzbob Cloud`` (ssh terminals and the browser page)."""
+    return f"#{{?@orz_agent,[#{{@orz_agent}}] ,}}{session_id} · Orzbob Cloud"
+
+
 def read_report(path: Path) -> AgentReport | None:
     """The last report ``orz-session state`` wrote; None when there is none (or it is unreadable)."""
     try:

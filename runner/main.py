@@ -177,6 +177,10 @@ class Runner:
         await self._start_services()
         await self._run_init()
         await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
+        # Attached terminals (ssh, the browser page) show the agent's state in their title.
+        await self.tmux.run("set-option", "-g", "set-titles", "on", check=False)
+        await self.tmux.run("set-option", "-g", "set-titles-string", agent.title_format(self.spec.session_id),
+                            check=False)
         self.activity.program_running = True
         self.ready.set()
         self._watch = asyncio.create_task(self._watch_agent(), name="agent-watch")
@@ -236,6 +240,7 @@ class Runner:
             self.activity.agent_message = report.message
             self.activity.agent_exit_code = report.exit_code
             self.activity.poke()
+            await self.tmux.run("set-option", "-g", "@orz_agent", agent.title_label(report), check=False)
 
     async def _save_work(self) -> None:
         """Before the workspace may go away: commit what is uncommitted and push it to orz/<id> (bounded)."""

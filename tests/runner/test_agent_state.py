@@ -24,6 +24,11 @@ async def test_orz_session_on_the_path_reports_needs_input_with_its_message(
     handle = await start_runner(None, program=program)
     body = await fake_api.wait_for(lambda b: b.get("agent_state") == "needs_input", timeout=10)
     assert body["agent_message"] == "approve the migration?"
+    # Attached terminals get it in their title (tmux set-titles; the browser page follows the title).
+    tmux = handle.runner.tmux
+    title_format = (await tmux.run("show-options", "-gv", "set-titles-string")).strip()
+    assert (await tmux.run("display-message", "-p", "-t", "main", title_format)).strip() == \
+        "[needs input] s1 · Orzbob Cloud"
     before = len(fake_api.bodies())
     await handle.runner.tmux.run("send-keys", "-t", "main", "yes", "Enter")
     body = await fake_api.wait_for(lambda b: b.get("agent_state") == "working"
