@@ -1,8 +1,9 @@
-"""`orz cloud new|list|attach|kill|stop|start|logs|status`: the session commands."""
+"""`orz cloud new|list|attach|kill|diff|stop|start|logs|status`: the session commands."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import click
 from pydantic import ValidationError
@@ -145,6 +146,33 @@ async def kill(session_id: str, force: bool) -> None:
     click.echo(f"session {inst.id} killed ({inst.status})")
 
 
+# Run by the session's shell in the workspace: what is uncommitted (untracked files by name), then the diff
+# against HEAD, then the commits no remote branch has.
+DIFF_COMMAND = ("git --no-pager status --short && git --no-pager diff HEAD{color} && "
+                "git --no-pager log --oneline HEAD --not --remotes --")
+
+
+@click.command("diff")
+@session_id_arg
+@click.option("--color/--no-color", default=None, help="Colour the diff (default: when stdout is a terminal).")
+def diff(session_id: str, color: bool | None) -> None:
+    """The workspace's changes: uncommitted files, their diff against HEAD, and unpushed commits.
+
+    Runs git in the session over SSH (a fresh certificate, then the system ssh); the session must run."""
+    colored = sys.stdout.isatty() if color is None else color
+    attaching.exec_ssh(_diff(session_id, colored))
+
+
+@cloud_command
+async def _diff(session_id: str, colored: bool) -> list[str]:
+    async with client() as api:
+        # A read-only certificate gets only the interactive terminal, no command.
+        grant, cert = await attaching.fetch_certificate(api, session_id)
+    argv = attaching.attach_command(grant, cert)
+    argv[argv.index("-t")] = "-T"  # a command, no terminal
+    return [*argv, DIFF_COMMAND.format(color=" --color=always" if colored else "")]
+
+
 @click.command("stop")
 @session_id_arg
 @cloud_command
@@ -202,4 +230,4 @@ async def status(session_id: str, as_json: bool) -> None:
             click.echo(f"  {output.event_line(event)}")
 
 
-COMMANDS = [new, list_cmd, attach, kill, stop, start, logs, status]
+COMMANDS = [new, list_cmd, attach, kill, diff, stop, start, logs, status]
