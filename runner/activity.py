@@ -15,6 +15,8 @@ from api.schemas import AgentState, Heartbeat, InitStatus, SidecarSpec, WorkStat
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
+# Heartbeat fields added for agent-aware sessions (#21), left out for an API that does not know them.
+AGENT_FIELDS = ("agent_state", "agent_message", "agent_exit_code", "work")
 
 
 def utcnow() -> datetime:
@@ -85,6 +87,7 @@ class HeartbeatLoop:
         self._refresh = refresh
         self._task: asyncio.Task[None] | None = None
         self.sent = 0
+        self.legacy_api = False  # the API refused the agent fields once: they are left out from then on
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="heartbeat")
@@ -108,9 +111,17 @@ class HeartbeatLoop:
             except Exception:
                 log.exception("could not refresh activity before a heartbeat")
         body = self.activity.heartbeat()
+        if self.legacy_api:
+            body = body.model_copy(update=dict.fromkeys(AGENT_FIELDS))
         try:
             reply = await self.client.heartbeat(self.session_id, body)
         except ApiError as exc:
+            if exc.status == 422 and not self.legacy_api and any(getattr(body, f) is not None for f in AGENT_FIELDS):
+                # An API of the previous release (a rolling upgrade) refuses fields it does not know: go on
+                # without the agent's state rather than lose the session's heartbeats.
+                log.warning("the API refused the agent state (%s); sending heartbeats without it", exc.detail)
+                self.legacy_api = True
+                return await self.send_once()
             log.warning("heartbeat failed: %s", exc.detail)
             return False
         self.sent += 1

@@ -147,3 +147,15 @@ async def test_an_origin_that_refuses_the_push_is_reported_and_the_stop_goes_on(
     assert await handle.finish() == 0
     last = fake_api.bodies()[-1]["work"]
     assert last.get("wip_branch") is None and "no pushes here" in last["wip_error"] and last["dirty_files"] == 1
+
+
+async def test_an_api_of_the_previous_release_still_gets_heartbeats(start_runner: StartRunner,
+                                                                    fake_api: FakeApi) -> None:
+    """A rolling upgrade: an API replica that does not know the agent fields refuses them (422)."""
+    fake_api.unknown_fields = frozenset({"agent_state", "agent_message", "agent_exit_code", "work"})
+    handle = await start_runner(None, program="bash -c 'orz-session state idle; sleep infinity'")
+    await handle.ready()
+    await asyncio.sleep(1.5)
+    assert handle.runner.activity.agent_state == "idle"
+    assert all("agent_state" not in b for b in fake_api.bodies())
+    assert fake_api.bodies()[-1]["program_running"] is True
