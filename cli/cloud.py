@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cli import attach as attaching
-from cli import cloud_automation, cloud_proxy, cloud_secrets, cloud_sessions, keys, output, ssh_config
+from cli import cloud_automation, cloud_proxy, cloud_secrets, cloud_sessions, cloud_watch, keys, output, ssh_config
 from cli.config import DEFAULT_API_URL, forget_credentials, load_credentials, token_path
 from cli.connect import client, cloud_command
 from cli.errors import CliError
@@ -170,6 +170,7 @@ async def _secret_keys(names: list[str]) -> frozenset[str]:
     return frozenset(key for n in names for key in by_name[n].keys)
 
 
-for _command in [*cloud_sessions.COMMANDS, *cloud_proxy.COMMANDS, *cloud_automation.COMMANDS]:
+for _command in [*cloud_sessions.COMMANDS, *cloud_watch.COMMANDS, *cloud_proxy.COMMANDS,
+                 *cloud_automation.COMMANDS]:
     cloud.add_command(_command)
 cloud.add_command(cloud_secrets.secrets)
