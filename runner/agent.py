@@ -115,7 +115,7 @@ def reading_tty(pid: int) -> bool:
         return False  # sleeping on something else (a child, a socket, a timer)
     with contextlib.suppress(OSError, IndexError):  # wchan hidden: syscall 0 is read(2) on x86-64
         return Path(f"/proc/{pid}/syscall").read_text().split()[0] == "0"
-    return True
+    return False  # cannot tell: better no alarm than a false one
 
 
 def process_name(pid: int) -> str:
@@ -144,7 +144,8 @@ class Detector:
         name = process_name(fg)
         if self.login_shell and fg == pane_pid and name in _SHELLS:
             return AgentReport("idle")
-        return AgentReport("needs_input", f"{name} is waiting for input (no output for {int(quiet_s)} s)")
+        # The message stays the same while the wait goes on: a changed message is a new event.
+        return AgentReport("needs_input", f"{name} is waiting for input (no output for {self.after_s:g} s)")
 
 
 # ------------------------------------------------------------------------------- helper and hooks

@@ -28,6 +28,7 @@ from api.schemas import SESSION_ID_RE, RunnerSpec, describe_validation, services
 from api.settings import load_settings
 from runner import agent, cloud_config, work, workspace
 from runner.activity import Activity, HeartbeatLoop
+from runner.agent_watch import AgentWatch
 from runner.cloud_config import CloudConfig
 from runner.errors import InitError, RunnerError
 from runner.services import ServiceManager, pod_sidecars, wait_for_ports
@@ -47,8 +48,6 @@ _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME", "TMPDIR")
 _MAX_UNIX_PATH = 100
 EXIT_OK, EXIT_FATAL = 0, 2
 NETWORK_READY_TIMEOUT_S = 15.0
-AGENT_FILE_POLL_S = 0.5  # how often the state file orz-session writes is looked at (one stat)
-AGENT_PANE_POLL_S = 2.0  # how often the detector looks at the pane (one tmux call, a few /proc reads)
 
 
 def login_shell() -> str:
@@ -84,9 +83,10 @@ class Runner:
         self.endpoint: Endpoint | None = None
         self.program = program_argv(spec.program, spec.task, self.shell)
         self.agent_file = self.state_dir / agent.STATE_FILE
-        self.detector = agent.Detector(spec.needs_input_after_s, login_shell=self.program == [self.shell, "-l"])
-        self._pane_was_dead = False
-        self._watch: asyncio.Task[None] | None = None
+        self.watch = AgentWatch(
+            tmux=self.tmux, activity=self.activity, state_file=self.agent_file,
+            detector=agent.Detector(spec.needs_input_after_s, login_shell=self.program == [self.shell, "-l"]),
+            workspace=self.workspace, env=self.base_env, work_scan_s=spec.work_scan_s)
 
     @property
     def init_log(self) -> Path:
@@ -183,7 +183,7 @@ class Runner:
                             check=False)
         self.activity.program_running = True
         self.ready.set()
-        self._watch = asyncio.create_task(self._watch_agent(), name="agent-watch")
+        self.watch.start()
         self.activity.poke()
         log.info("session %s is ready", self.spec.session_id)
 
@@ -195,52 +195,6 @@ class Runner:
         home = self.session_env.get("HOME")
         if home:
             agent.install_claude_hooks(Path(home), bindir / agent.HELPER)
-
-    async def _watch_agent(self) -> None:
-        """Follow the agent's state and the workspace's git state; a change is sent at once (poke)."""
-        loop = asyncio.get_running_loop()
-        last_mtime: float | None = None
-        next_pane = next_scan = 0.0
-        while True:
-            try:
-                now = loop.time()
-                try:
-                    mtime: float | None = self.agent_file.stat().st_mtime
-                except OSError:
-                    mtime = None
-                if mtime != last_mtime or now >= next_pane:
-                    last_mtime, next_pane = mtime, now + AGENT_PANE_POLL_S
-                    await self._observe_agent()
-                if now >= next_scan:
-                    next_scan = now + self.spec.work_scan_s
-                    scanned = await work.scan(self.workspace, self.base_env)
-                    if scanned is not None and _work_changed(self.activity.work, scanned):
-                        self.activity.work = scanned
-                        self.activity.poke()
-            except Exception:
-                log.exception("could not read the agent's state")
-            await asyncio.sleep(AGENT_FILE_POLL_S)
-
-    async def _observe_agent(self) -> None:
-        pane = await self.tmux.pane_state()
-        if not pane.exists:
-            return
-        if pane.dead:
-            self._pane_was_dead = True
-            report = agent.AgentReport("exited", None, pane.exit_code)
-        else:
-            if self._pane_was_dead:  # the program started again: what the last run reported is stale
-                self._pane_was_dead = False
-                self.agent_file.unlink(missing_ok=True)
-            report = agent.read_report(self.agent_file) or self.detector.judge(pane.pane_pid, pane.last_output_at)
-        current = (self.activity.agent_state, self.activity.agent_message, self.activity.agent_exit_code)
-        if (report.state, report.message, report.exit_code) != current:
-            log.info("agent state: %s%s", report.state, f" ({report.message})" if report.message else "")
-            self.activity.agent_state = report.state
-            self.activity.agent_message = report.message
-            self.activity.agent_exit_code = report.exit_code
-            self.activity.poke()
-            await self.tmux.run("set-option", "-g", "@orz_agent", agent.title_label(report), check=False)
 
     async def _save_work(self) -> None:
         """Before the workspace may go away: commit what is uncommitted and push it to orz/<id> (bounded)."""
@@ -342,30 +296,25 @@ class Runner:
 
     async def _shutdown(self) -> None:
         self.ready.set()  # release attaches still waiting for a start that will not come
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watch
+        with contextlib.suppress(Exception):
+            await self.watch.stop()
         if self.endpoint is not None:
             with contextlib.suppress(Exception):
                 await self.endpoint.close()
             # The endpoint is closed: the last heartbeat must not advertise it as a route.
             self.activity.host_key = self.activity.ssh_host = self.activity.ssh_port = None
         with contextlib.suppress(Exception):
-            await self.services.stop_all()
-        with contextlib.suppress(Exception):
             await self.tmux.kill_server()
         try:
-            await self._save_work()  # after the program is gone: a consistent snapshot
+            # After the program is gone (a consistent snapshot) and before the sidecars' own stop time,
+            # so the push fits in the provider's grace period.
+            await self._save_work()
         except Exception:
             log.exception("could not save the session's work")
+        with contextlib.suppress(Exception):
+            await self.services.stop_all()
         with contextlib.suppress(OSError):
             (self.state_dir / RELEASED_FILE).write_text("ok\n", encoding="utf-8")
-
-
-def _work_changed(old: object, new: object) -> bool:
-    fields = ("dirty_files", "unpushed_commits")
-    return old is None or any(getattr(old, f) != getattr(new, f) for f in fields)
 
 
 def main() -> None:

@@ -41,7 +41,10 @@ async def test_detector_flags_a_program_blocked_on_read_and_clears_on_output(
     program = "bash -c 'echo what is your name; read name; echo hello $name; sleep infinity'"
     handle = await start_runner(None, program=program, needs_input_after_s=1.5)
     body = await fake_api.wait_for(lambda b: b.get("agent_state") == "needs_input", timeout=15)
-    assert "bash is waiting for input" in body["agent_message"]
+    assert body["agent_message"] == "bash is waiting for input (no output for 1.5 s)"
+    await asyncio.sleep(3)  # still waiting: the same state, no new message (which would be a new event)
+    assert {b.get("agent_message") for b in fake_api.bodies() if b.get("agent_state") == "needs_input"} == {
+        body["agent_message"]}
     before = len(fake_api.bodies())
     await handle.runner.tmux.run("send-keys", "-t", "main", "ada", "Enter")
     body = await fake_api.wait_for(lambda b: b.get("agent_state") == "working"
