@@ -37,6 +37,10 @@ CLAUDE_HOOKS = {
 }
 # Kernel wait channels of a task sleeping in read(2) on a terminal (older kernels: n_tty_read).
 _TTY_WAITS = frozenset({"n_tty_read", "wait_woken"})
+# Sleeping in poll(2)/select(2), as readline and many prompts do before they read: a wait for the terminal
+# only when the process has no socket open (a quiet server polls its sockets, and is not asking anything).
+_POLL_WAITS = frozenset({"poll_schedule_timeout", "poll_schedule_timeout.constprop.0", "do_select",
+                         "do_sys_poll", "core_sys_select"})
 _SHELLS = frozenset({"bash", "sh", "dash", "zsh", "fish", "ksh"})
 
 
@@ -111,11 +115,22 @@ def reading_tty(pid: int) -> bool:
         wchan = ""
     if wchan in _TTY_WAITS:
         return True
+    if wchan in _POLL_WAITS:
+        return not _has_sockets(pid)
     if wchan and wchan != "0":
         return False  # sleeping on something else (a child, a socket, a timer)
     with contextlib.suppress(OSError, IndexError):  # wchan hidden: syscall 0 is read(2) on x86-64
         return Path(f"/proc/{pid}/syscall").read_text().split()[0] == "0"
     return False  # cannot tell: better no alarm than a false one
+
+
+def _has_sockets(pid: int) -> bool:
+    """Whether the process has a socket open (True when its fds cannot be read: no alarm then)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in fds)
+    except OSError:
+        return True
 
 
 def process_name(pid: int) -> str:
@@ -139,11 +154,13 @@ class Detector:
         if pane_pid is None or quiet_s < self.after_s:
             return AgentReport("working")
         fg = foreground_pid(pane_pid)
-        if fg is None or not reading_tty(fg):
+        if fg is None:
             return AgentReport("working")
         name = process_name(fg)
         if self.login_shell and fg == pane_pid and name in _SHELLS:
-            return AgentReport("idle")
+            return AgentReport("idle")  # the session's shell, with no job in the foreground: at its prompt
+        if not reading_tty(fg):
+            return AgentReport("working")
         # The message stays the same while the wait goes on: a changed message is a new event.
         return AgentReport("needs_input", f"{name} is waiting for input (no output for {self.after_s:g} s)")
 

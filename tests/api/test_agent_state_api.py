@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from tests.api.test_internal import beat, new_session
-from tests.conftest import make_tenant
+from tests.conftest import both_databases, make_tenant
 
 
+@both_databases
 async def test_agent_state_changes_show_on_the_session_and_are_recorded_once(app, sessions, provider):
     t = await make_tenant(sessions, "acme")
     sid, runner = await new_session(app, t, provider)

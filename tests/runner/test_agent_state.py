@@ -162,3 +162,25 @@ async def test_an_api_of_the_previous_release_still_gets_heartbeats(start_runner
     assert handle.runner.activity.agent_state == "idle"
     assert all("agent_state" not in b for b in fake_api.bodies())
     assert fake_api.bodies()[-1]["program_running"] is True
+
+
+async def test_a_login_shell_at_its_prompt_is_idle_and_a_program_it_runs_can_need_input(
+        start_runner: StartRunner, fake_api: FakeApi) -> None:
+    handle = await start_runner(None, program=None, needs_input_after_s=1)
+    if handle.runner.program[1:] != ["-l"]:
+        pytest.skip("claude is installed: the session runs it, not a login shell")
+    await fake_api.wait_for(lambda b: b.get("agent_state") == "idle", timeout=15)
+    before = len(fake_api.bodies())
+    await handle.runner.tmux.run("send-keys", "-t", "main", "python3 -c 'input(\"name? \")'", "Enter")
+    body = await fake_api.wait_for(lambda b: b.get("agent_state") == "needs_input"
+                                   and b in fake_api.bodies()[before:], timeout=15)
+    assert body["agent_message"].startswith("python3 is waiting for input")
+
+
+async def test_a_quiet_server_polling_its_socket_is_not_asking_anything(start_runner: StartRunner,
+                                                                        fake_api: FakeApi) -> None:
+    handle = await start_runner(None, program="python3 -m http.server --bind 127.0.0.1 0",
+                                needs_input_after_s=1)
+    await handle.ready()
+    await asyncio.sleep(4)
+    assert {b.get("agent_state") for b in fake_api.bodies()} <= {None, "working"}
