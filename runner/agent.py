@@ -193,13 +193,15 @@ def merge_claude_hooks(settings: dict[str, object], helper: str) -> dict[str, ob
     Ours are recognised by their command running orz-session: an older entry of ours is replaced (the
     helper may have moved), anything else is left in place and ours is added beside it.
     """
-    hooks = settings.get("hooks")
+    hooks = settings.get("hooks", {})
     if not isinstance(hooks, dict):
-        hooks = {}
+        return settings  # not the documented shape: the user's to fix, not ours to overwrite
     merged: dict[str, object] = {**settings, "hooks": dict(hooks)}
     for event, args in CLAUDE_HOOKS.items():
-        entries = hooks.get(event)
-        kept = [e for e in entries if not _ours(e)] if isinstance(entries, list) else []
+        entries = hooks.get(event, [])
+        if not isinstance(entries, list):
+            continue
+        kept = [e for e in entries if not _ours(e)]
         kept.append({"hooks": [{"type": "command", "command": f"{shlex.quote(helper)} {args}", "timeout": 10}]})
         merged["hooks"][event] = kept  # type: ignore[index]
     return merged

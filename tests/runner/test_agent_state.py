@@ -184,3 +184,12 @@ async def test_a_quiet_server_polling_its_socket_is_not_asking_anything(start_ru
     await handle.ready()
     await asyncio.sleep(4)
     assert {b.get("agent_state") for b in fake_api.bodies()} <= {None, "working"}
+
+
+def test_hooks_of_an_unexpected_shape_are_left_as_they_are() -> None:
+    odd = {"hooks": "see ~/my-hooks"}
+    assert agent.merge_claude_hooks(odd, "/x/orz-session") == odd
+    mixed = {"hooks": {"Stop": {"not": "a list"}}}
+    merged = agent.merge_claude_hooks(mixed, "/x/orz-session")
+    assert merged["hooks"]["Stop"] == {"not": "a list"}  # type: ignore[index]
+    assert "orz-session" in json.dumps(merged["hooks"]["Notification"])  # type: ignore[index]
