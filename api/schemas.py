@@ -242,6 +242,11 @@ class Instance(Response):
     started_at: datetime | None = None
     stopped_at: datetime | None = None
     last_activity_at: datetime | None = None
+    agent_state: AgentState | None = None
+    agent_message: str | None = None
+    agent_exit_code: int | None = None
+    agent_state_at: datetime | None = None
+    work: WorkState | None = None
 
 
 class InstanceList(Response):
@@ -378,6 +383,25 @@ class Health(Response):
 # -------------------------------------------------------------------------------------------- internal
 
 InitStatus = Literal["pending", "running", "succeeded", "failed", "none"]
+# What the session's agent is doing: reported by `orz-session state`, Claude Code hooks, or the runner's
+# detector (no output while the pane's foreground process waits on its terminal), and `exited` with a code.
+AgentState = Literal["working", "needs_input", "idle", "exited"]
+AGENT_MESSAGE_MAX = 1024
+
+
+class WorkState(BaseModel):
+    """The workspace's git state as the runner last saw it: what a delete without a push would lose."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    dirty_files: int = Field(default=0, ge=0)
+    unpushed_commits: int = Field(default=0, ge=0)
+    # Set once the runner pushed a WIP commit of everything to orz/<session id> on the origin.
+    wip_branch: Annotated[str, StringConstraints(max_length=255)] | None = None
+    wip_commit: Annotated[str, StringConstraints(max_length=64)] | None = None
+    # Why the WIP commit could not be pushed (no origin, no credentials, ...).
+    wip_error: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    scanned_at: datetime | None = None
 SidecarMode = Literal["local", "pod"]
 
 
@@ -451,6 +475,10 @@ class RunnerSpec(Request):
     max_services: int = Field(default=cloud_yaml.DEFAULT_MAX_SERVICES, ge=0, le=cloud_yaml.SERVICES_CEILING)
     # `orz cloud start --pull`: update the workspace to the branch's head even after a successful setup.
     pull: bool = False
+    # No pane output for this long while the foreground process waits on the terminal: needs_input.
+    needs_input_after_s: float = Field(default=60.0, gt=0)
+    # How often the workspace's git state (dirty files, unpushed commits) is read for heartbeats.
+    work_scan_s: float = Field(default=15.0, gt=0)
 
 
 PROGRAM_EVENT_KINDS = ("program_exited", "program_restarted")
@@ -490,6 +518,11 @@ class Heartbeat(Request):
     # Program exits and restarts since the last heartbeat that got through (each sent once; absent when
     # none, so an API of the previous release still takes the heartbeat).
     program_events: Annotated[list[ProgramEvent], Field(max_length=16)] | None = None
+    # The agent's state (None: not known yet); a change is recorded as an `agent` event.
+    agent_state: AgentState | None = None
+    agent_message: Annotated[str, StringConstraints(max_length=AGENT_MESSAGE_MAX)] | None = None
+    agent_exit_code: int | None = None
+    work: WorkState | None = None
 
 
 class HeartbeatReply(Response):

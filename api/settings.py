@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     idle_timeout_s: int | None = Field(default=None, ge=10)
     reap_interval_s: int = Field(default=60, ge=1)
     heartbeat_interval_s: int = Field(default=20, ge=1)
+    # The runner's needs_input detector: no pane output this long while the foreground process waits
+    # on the terminal (for programs that report nothing themselves).
+    needs_input_after_s: float = Field(default=60.0, gt=0)
+    # How often runners read the workspace's git state (dirty files, unpushed commits) for heartbeats.
+    work_scan_s: float = Field(default=15.0, gt=0)
     # A session silent this long (no heartbeat) is failed and its compute released; unhealthy comes first.
     heartbeat_fail_s: int = Field(default=600, ge=10)
     retention_s: int = Field(default=7 * 24 * 3600, ge=60)

@@ -16,6 +16,7 @@ from cli import (
     cloud_secrets,
     cloud_sessions,
     cloud_token,
+    cloud_watch,
     keys,
     output,
     ssh_config,
@@ -232,7 +233,7 @@ async def _secret_keys(names: list[str]) -> frozenset[str]:
     return frozenset(key for n in names for key in by_name[n].keys)
 
 
-for _command in [*cloud_sessions.COMMANDS, *cloud_proxy.COMMANDS, *cloud_automation.COMMANDS,
-                 *cloud_token.COMMANDS]:
+for _command in [*cloud_sessions.COMMANDS, *cloud_watch.COMMANDS, *cloud_proxy.COMMANDS,
+                 *cloud_automation.COMMANDS, *cloud_token.COMMANDS]:
     cloud.add_command(_command)
 cloud.add_command(cloud_secrets.secrets)

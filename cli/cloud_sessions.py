@@ -1,8 +1,9 @@
-"""`orz cloud new|list|attach|kill|stop|start|logs|status`: the session commands."""
+"""`orz cloud new|list|attach|kill|diff|stop|start|logs|status`: the session commands."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import click
@@ -14,7 +15,7 @@ from cli import attach as attaching
 from cli import keys, output, ssh_config
 from cli.completion import complete_session_ids
 from cli.connect import client, cloud_command
-from cli.errors import EXIT_USAGE, CliError
+from cli.errors import EXIT_USAGE, CliError, UnsavedWork
 from cli.repo import as_clone_url, current_repo, is_local_path, local_repo_refused
 from cli.starting import LogFollower, wait_until_running
 from runner.program import is_claude
@@ -141,14 +142,53 @@ async def _attach(session_id: str, readonly: bool) -> list[str]:
 
 @click.command("kill")
 @session_id_arg
+@click.option("--force", is_flag=True,
+              help="Kill even with unsaved work (a running session still pushes it to orz/<id> where it can).")
 @cloud_command
-async def kill(session_id: str) -> None:
-    """Delete a session: its compute and its workspace."""
+async def kill(session_id: str, force: bool) -> None:
+    """Delete a session: its compute and its workspace.
+
+    Refused (exit 3) while the workspace holds uncommitted files or unpushed commits that are not saved
+    to the session's WIP branch; --force kills anyway."""
     async with client() as api:
+        if not force:
+            current = await api.get_instance(session_id)
+            if output.at_risk(current.work):
+                assert current.work is not None
+                raise UnsavedWork(f"session {session_id} has unsaved work: {output.work_line(current.work)}; "
+                                  f"push it, or kill with --force (a running session pushes it to "
+                                  f"orz/{session_id} first where it can)")
         inst = await api.delete_instance(session_id)
     keys.forget_session(session_id)
     ssh_config.forget_host(session_id)
     click.echo(f"session {inst.id} killed ({inst.status})")
+
+
+# Run by the session's shell in the workspace: what is uncommitted (untracked files by name), then the diff
+# against HEAD, then the commits no remote branch has.
+DIFF_COMMAND = ("git --no-pager status --short && git --no-pager diff HEAD{color} && "
+                "git --no-pager log --oneline HEAD --not --remotes --")
+
+
+@click.command("diff")
+@session_id_arg
+@click.option("--color/--no-color", default=None, help="Colour the diff (default: when stdout is a terminal).")
+def diff(session_id: str, color: bool | None) -> None:
+    """The workspace's changes: uncommitted files, their diff against HEAD, and unpushed commits.
+
+    Runs git in the session over SSH (a fresh certificate, then the system ssh); the session must run."""
+    colored = sys.stdout.isatty() if color is None else color
+    attaching.exec_ssh(_diff(session_id, colored))
+
+
+@cloud_command
+async def _diff(session_id: str, colored: bool) -> list[str]:
+    async with client() as api:
+        # A read-only certificate gets only the interactive terminal, no command.
+        grant, cert = await attaching.fetch_certificate(api, session_id)
+    argv = attaching.attach_command(grant, cert)
+    argv[argv.index("-t")] = "-T"  # a command, no terminal
+    return [*argv, DIFF_COMMAND.format(color=" --color=always" if colored else "")]
 
 
 @click.command("stop")
@@ -220,4 +260,4 @@ async def status(session_id: str, as_json: bool) -> None:
             click.echo(f"  {output.event_line(event)}")
 
 
-COMMANDS = [new, list_cmd, attach, kill, stop, start, logs, status]
+COMMANDS = [new, list_cmd, attach, kill, diff, stop, start, logs, status]

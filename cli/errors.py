@@ -22,6 +22,7 @@ EXIT_USAGE = 2  # click's usage errors: unknown option, bad value
 EXIT_NOT_FOUND = 3  # no such session or secret (HTTP 404)
 EXIT_AUTH = 4  # not logged in, or the API refused the token (HTTP 401)
 EXIT_FORBIDDEN = 5  # logged in, but not allowed (HTTP 403: a colleague's session, an org-admin action)
+EXIT_UNSAVED_WORK = 6  # `kill` refused: the workspace holds changes or commits its origin does not (--force)
 
 
 class CliError(click.ClickException):
@@ -38,6 +39,13 @@ class CliError(click.ClickException):
 def exit_code_for(status: int) -> int:
     """The exit code for an API answer's HTTP status."""
     return {401: EXIT_AUTH, 403: EXIT_FORBIDDEN, 404: EXIT_NOT_FOUND}.get(status, EXIT_ERROR)
+
+
+class UnsavedWork(CliError):
+    """`orz cloud kill` of a session whose workspace holds work the origin does not."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_UNSAVED_WORK)
 
 
 def run_async(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:

@@ -71,17 +71,48 @@ def last_active(inst: schemas.Instance) -> datetime | None:
     return inst.last_activity_at or inst.started_at
 
 
+AGENT_LABELS = {"working": "working", "needs_input": "needs input", "idle": "idle"}
+
+
+def agent_label(inst: schemas.Instance) -> str:
+    """The agent's state in at most 11 characters (the list's AGENT column)."""
+    if inst.agent_state == "exited":
+        return f"exited {inst.agent_exit_code}" if inst.agent_exit_code is not None else "exited"
+    return AGENT_LABELS.get(inst.agent_state or "", "-")
+
+
+def at_risk(work: schemas.WorkState | None) -> bool:
+    """Work a delete would lose: uncommitted files or unpushed commits not saved to the WIP branch."""
+    return bool(work and (work.dirty_files or work.unpushed_commits) and not work.wip_commit)
+
+
+def work_line(work: schemas.WorkState) -> str:
+    files = f"{work.dirty_files} uncommitted file{'s' if work.dirty_files != 1 else ''}"
+    commits = f"{work.unpushed_commits} unpushed commit{'s' if work.unpushed_commits != 1 else ''}"
+    line = f"{files}, {commits}"
+    if work.wip_commit:
+        line += f"; saved to {work.wip_branch} ({work.wip_commit[:12]})"
+    elif work.wip_error:
+        line += f"; not saved: {work.wip_error}"
+    return line
+
+
 def instances_table(instances: list[schemas.Instance], now: datetime | None = None) -> Table:
-    """id (<= 32), status (<= 9), tier (<= 6), created and last active (<= 8 each): 73 + gaps <= 80."""
+    """id (<= 32), status (<= 9), agent (<= 11), tier (<= 6), last active (<= 11): 69 + gaps <= 80.
+
+    The creation time is in `status` and --json; the agent's state earned its column."""
     table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), show_edge=False, header_style="bold")
     table.add_column("ID", no_wrap=True, max_width=32)
     table.add_column("STATUS", no_wrap=True)
+    table.add_column("AGENT", no_wrap=True)
     table.add_column("TIER", no_wrap=True)
-    table.add_column("CREATED", no_wrap=True)
     table.add_column("LAST ACTIVE", no_wrap=True)
     for inst in instances:
-        table.add_row(inst.id, f"[{STATUS_STYLE.get(inst.status, '')}]{inst.status}[/]", inst.tier,
-                      relative(inst.created_at, now), relative(last_active(inst), now))
+        agent = agent_label(inst)
+        if inst.agent_state == "needs_input":
+            agent = f"[bold yellow]{agent}[/]"
+        table.add_row(inst.id, f"[{STATUS_STYLE.get(inst.status, '')}]{inst.status}[/]", agent, inst.tier,
+                      relative(last_active(inst), now))
     return table
 
 
@@ -117,4 +148,8 @@ def describe(inst: schemas.Instance) -> list[tuple[str, Any]]:
     ]
     if inst.secrets:
         rows.append(("secrets", ", ".join(inst.secrets)))
+    if inst.agent_state:
+        rows.append(("agent", agent_label(inst) + (f": {inst.agent_message}" if inst.agent_message else "")))
+    if inst.work:
+        rows.append(("work", work_line(inst.work)))
     return rows

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from api.client import ApiClient, ApiError
-from api.schemas import Heartbeat, InitStatus, ProgramEvent, SidecarSpec, scrub_controls
+from api.schemas import AgentState, Heartbeat, InitStatus, ProgramEvent, SidecarSpec, WorkState, scrub_controls
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
+# Heartbeat fields added for agent-aware sessions (#21), left out for an API that does not know them.
+AGENT_FIELDS = ("agent_state", "agent_message", "agent_exit_code", "work")
 
 
 def utcnow() -> datetime:
@@ -42,6 +44,10 @@ class Activity:
     services: list[SidecarSpec] | None = None
     # Program exits and restarts not yet delivered (a heartbeat carrying them got through: dropped).
     program_events: list[ProgramEvent] = field(default_factory=list)
+    agent_state: AgentState | None = None
+    agent_message: str | None = None
+    agent_exit_code: int | None = None
+    work: WorkState | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def note_input(self) -> None:
@@ -73,6 +79,8 @@ class Activity:
                            if self.init_log_tail and not self.init_log_sent else None),
             services=self.services,
             program_events=list(self.program_events) or None,
+            agent_state=self.agent_state, agent_message=self.agent_message, agent_exit_code=self.agent_exit_code,
+            work=self.work,
         )
 
 
@@ -88,6 +96,7 @@ class HeartbeatLoop:
         self._refresh = refresh
         self._task: asyncio.Task[None] | None = None
         self.sent = 0
+        self.legacy_api = False  # the API refused the agent fields once: they are left out from then on
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="heartbeat")
@@ -111,9 +120,17 @@ class HeartbeatLoop:
             except Exception:
                 log.exception("could not refresh activity before a heartbeat")
         body = self.activity.heartbeat()
+        if self.legacy_api:
+            body = body.model_copy(update=dict.fromkeys(AGENT_FIELDS))
         try:
             reply = await self.client.heartbeat(self.session_id, body)
         except ApiError as exc:
+            if exc.status == 422 and not self.legacy_api and any(getattr(body, f) is not None for f in AGENT_FIELDS):
+                # An API of the previous release (a rolling upgrade) refuses fields it does not know: go on
+                # without the agent's state rather than lose the session's heartbeats.
+                log.warning("the API refused the agent state (%s); sending heartbeats without it", exc.detail)
+                self.legacy_api = True
+                return await self.send_once()
             log.warning("heartbeat failed: %s", exc.detail)
             return False
         self.sent += 1

@@ -26,8 +26,9 @@ from pydantic import ValidationError
 from api.client import ApiClient
 from api.schemas import SESSION_ID_RE, RunnerSpec, describe_validation, services_digest
 from api.settings import load_settings
-from runner import cloud_config, program, workspace
+from runner import agent, cloud_config, program, work, workspace
 from runner.activity import Activity, HeartbeatLoop
+from runner.agent_watch import AgentWatch
 from runner.cloud_config import CloudConfig
 from runner.errors import InitError, RunnerError
 from runner.services import ServiceManager, pod_sidecars, wait_for_ports
@@ -86,6 +87,12 @@ class Runner:
         # Whether the pane's current program was seen dead and reported (one event per exit).
         self._exit_reported = False
         self._exit_watch: asyncio.Task[None] | None = None
+        self.agent_file = self.state_dir / agent.STATE_FILE
+        self.watch = AgentWatch(
+            tmux=self.tmux, activity=self.activity, state_file=self.agent_file,
+            detector=agent.Detector(spec.needs_input_after_s,
+                                    login_shell=program.runs_login_shell(spec.program, spec.task, self.shell)),
+            workspace=self.workspace, env=self.base_env, work_scan_s=spec.work_scan_s)
 
     @property
     def init_log(self) -> Path:
@@ -171,6 +178,7 @@ class Runner:
             self.session_env.update(cloud_config.resolve_env(self.config, self.secrets))
             for name in self.config.services:
                 cloud_config.resolve_service_env(self.config, name, self.secrets)
+        self._install_agent_helpers()
         if self.spec.sidecars == "pod" and not self._pod_runs_services():
             return  # the API replaces this Pod with one that runs them; nothing starts here meanwhile
 
@@ -178,11 +186,33 @@ class Runner:
         await self._start_services()
         await self._run_init()
         await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
+        # Attached terminals (ssh, the browser page) show the agent's state in their title.
+        await self.tmux.run("set-option", "-g", "set-titles", "on", check=False)
+        await self.tmux.run("set-option", "-g", "set-titles-string", agent.title_format(self.spec.session_id),
+                            check=False)
         self.activity.program_running = True
         self._exit_watch = asyncio.create_task(self._watch_program_exits(), name="program-exits")
         self.ready.set()
+        self.watch.start()
         self.activity.poke()
         log.info("session %s is ready", self.spec.session_id)
+
+    def _install_agent_helpers(self) -> None:
+        """``orz-session`` on the session's PATH, and Claude Code hooks that call it in the user's settings."""
+        self.agent_file.unlink(missing_ok=True)  # a report of an earlier run says nothing about this one
+        bindir = agent.install_helper(self.state_dir)
+        self.session_env["PATH"] = f"{bindir}{os.pathsep}{self.session_env.get('PATH', os.defpath)}"
+        home = self.session_env.get("HOME")
+        if home:
+            agent.install_claude_hooks(Path(home), bindir / agent.HELPER)
+
+    async def _save_work(self) -> None:
+        """Before the workspace may go away: commit what is uncommitted and push it to orz/<id> (bounded)."""
+        token = self.secrets.get(workspace.GIT_TOKEN_ENV)
+        env = workspace.git_env(self.base_env, self.spec.repo_url or "", token)
+        saved = await work.save_bounded(self.workspace, self.spec.session_id, env)
+        if saved is not None:
+            self.activity.work = saved
 
     def _warn(self, warnings: list[str]) -> None:
         """Keys this version ignores: in the runner's log and the init log, where `orz cloud logs` shows them."""
@@ -304,15 +334,23 @@ class Runner:
             self._exit_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._exit_watch
+        with contextlib.suppress(Exception):
+            await self.watch.stop()
         if self.endpoint is not None:
             with contextlib.suppress(Exception):
                 await self.endpoint.close()
             # The endpoint is closed: the last heartbeat must not advertise it as a route.
             self.activity.host_key = self.activity.ssh_host = self.activity.ssh_port = None
         with contextlib.suppress(Exception):
-            await self.services.stop_all()
-        with contextlib.suppress(Exception):
             await self.tmux.kill_server()
+        try:
+            # After the program is gone (a consistent snapshot) and before the sidecars' own stop time,
+            # so the push fits in the provider's grace period.
+            await self._save_work()
+        except Exception:
+            log.exception("could not save the session's work")
+        with contextlib.suppress(Exception):
+            await self.services.stop_all()
         with contextlib.suppress(OSError):
             (self.state_dir / RELEASED_FILE).write_text("ok\n", encoding="utf-8")
 

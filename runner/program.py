@@ -106,6 +106,11 @@ def command_line(program: str | None, task: str | None, shell: str) -> tuple[str
     return f"exec {shlex.quote(shell)} -l", []
 
 
+def runs_login_shell(program: str | None, task: str | None, shell: str) -> bool:
+    """The session's program is the user's login shell (its prompt means idle, not a question)."""
+    return command_line(program, task, shell)[0] == f"exec {shlex.quote(shell)} -l"
+
+
 def program_argv(program: str | None, task: str | None, shell: str) -> list[str]:
     """What tmux runs: the requested program, else claude when installed, else a login shell.
 

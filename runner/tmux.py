@@ -33,6 +33,7 @@ class PaneState:
     exit_code: int | None = None
     last_output_at: datetime | None = None
     clients: int = 0
+    pane_pid: int | None = None
 
 
 class Tmux:
@@ -118,7 +119,8 @@ class Tmux:
         """The pane's state and, for a program killed by a signal, the signal number."""
         if not self.socket.exists():
             return PaneState(exists=False), None
-        fmt = "#{pane_dead}\t#{pane_dead_status}\t#{window_activity}\t#{session_attached}\t#{pane_dead_signal}"
+        fmt = ("#{pane_dead}\t#{pane_dead_status}\t#{window_activity}\t#{session_attached}\t#{pane_dead_signal}"
+               "\t#{pane_pid}")
         proc = await asyncio.create_subprocess_exec(
             *self.argv("display-message", "-p", "-t", SESSION, fmt),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -126,7 +128,7 @@ class Tmux:
         out, _ = await proc.communicate()
         if proc.returncode != 0:
             return PaneState(exists=False), None
-        dead, status, activity, attached, signal = ([*out.decode().strip("\n").split("\t"), "", "", "", "", ""])[:5]
+        dead, status, activity, attached, signal, pid = ([*out.decode().strip("\n").split("\t"), *[""] * 6])[:6]
         return PaneState(
             exists=True,
             dead=dead == "1",
@@ -134,6 +136,7 @@ class Tmux:
             # window_activity moves on every byte the pane writes, attached or not (1 s resolution).
             last_output_at=datetime.fromtimestamp(int(activity), UTC) if activity.isdigit() else None,
             clients=int(attached) if attached.isdigit() else 0,
+            pane_pid=int(pid) if pid.isdigit() and dead != "1" else None,
         ), (signal if dead == "1" and signal.isdigit() else None)
 
     async def wait_pane_died(self) -> bool:

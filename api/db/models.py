@@ -112,6 +112,13 @@ class Instance(Base):
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_activity_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # What the agent in the session is doing (schemas.AgentState), as the runner last reported it.
+    agent_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    agent_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    agent_exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    agent_state_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The workspace's git state (schemas.WorkState as JSON): dirty files, unpushed commits, the WIP push.
+    work: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Event(Base):

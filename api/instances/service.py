@@ -410,6 +410,15 @@ class InstanceService:
                 latest = min(latest, now)  # a runner clock ahead of ours must not postpone reaping
                 if inst.last_activity_at is None or latest > inst.last_activity_at:
                     values["last_activity_at"] = latest
+            if hb.work is not None:
+                values["work"] = hb.work.model_dump(mode="json")
+            changed = self._agent_change(inst, hb)
+            if changed:
+                values.update(agent_state=hb.agent_state, agent_message=hb.agent_message,
+                              agent_exit_code=hb.agent_exit_code, agent_state_at=now)
+                # from/to hold agent states here (kind "agent"), not session states.
+                db.add(Event(instance_id=inst.id, org_id=inst.org_id, at=now, actor="runner", kind="agent",
+                             from_state=inst.agent_state, to_state=hb.agent_state, message=changed))
             await db.execute(update(Instance).where(Instance.id == inst.id).values(**values))
             for pe in hb.program_events or ():
                 db.add(self._event(inst, "runner", pe.kind, None, None, pe.message))
@@ -437,6 +446,18 @@ class InstanceService:
                 except InvalidTransition:
                     await db.rollback()
         return schemas.HeartbeatReply(state=inst.state, heartbeat_interval_s=self.settings.heartbeat_interval_s)
+
+    @staticmethod
+    def _agent_change(inst: Instance, hb: schemas.Heartbeat) -> str | None:
+        """The event message when the heartbeat changes the agent's state (or its message), else None."""
+        if hb.agent_state is None:
+            return None
+        if (hb.agent_state, hb.agent_message, hb.agent_exit_code) == (
+                inst.agent_state, inst.agent_message, inst.agent_exit_code):
+            return None
+        if hb.agent_state == "exited":
+            return f"exited with code {hb.agent_exit_code}" if hb.agent_exit_code is not None else "exited"
+        return f"{hb.agent_state}: {hb.agent_message}" if hb.agent_message else hb.agent_state
 
     async def _take_services(self, inst: Instance, services: Sequence[schemas.SidecarSpec]) -> Instance:
         """A starting runner found other services in .orz/cloud.yaml than its Pod runs: restart with them.
@@ -788,6 +809,7 @@ class InstanceService:
             program=inst.program, task=inst.task, api_url=self.settings.internal_api_url,
             gateway_public_key=self.gateway_public_key,
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            needs_input_after_s=self.settings.needs_input_after_s, work_scan_s=self.settings.work_scan_s,
             runner_token=runner_token, secret_env=secret_env,
             services=list((inst.spec or {}).get("services") or []), pull=pull,
             max_services=self._max_services(inst),

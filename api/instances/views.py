@@ -50,6 +50,11 @@ def instance_view(settings: Settings, row: Instance, attach_token: str | None = 
         started_at=row.started_at,
         stopped_at=row.stopped_at,
         last_activity_at=row.last_activity_at,
+        agent_state=row.agent_state,  # type: ignore[arg-type]
+        agent_message=row.agent_message,
+        agent_exit_code=row.agent_exit_code,
+        agent_state_at=row.agent_state_at,
+        work=schemas.WorkState.model_validate(row.work) if row.work else None,
     )
 
 

@@ -127,6 +127,8 @@
   }
 
   term.onData((d) => send(encoder.encode(d)));
+  // tmux sets the title to "[needs input] <id> · Orzbob Cloud" as the agent's state changes.
+  term.onTitleChange((title) => { if (title) document.title = title; });
   term.onBinary((d) => send(Uint8Array.from(d, (c) => c.charCodeAt(0))));
   term.onResize(({ cols, rows }) => send(JSON.stringify({ type: "resize", cols, rows })));
   window.addEventListener("resize", () => fit.fit());

@@ -75,9 +75,11 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(short_tmp: Path, database_url: str, gateway_key: runner_fixtures.GatewayKey
-                ) -> AsyncIterator[Stack]:
+async def stack(request: pytest.FixtureRequest, short_tmp: Path, database_url: str,
+                gateway_key: runner_fixtures.GatewayKey) -> AsyncIterator[Stack]:
+    # Indirect parametrization picks the sandbox ("on", the default, or "off").
     settings = Settings(
+        sandbox=getattr(request, "param", "on"),
         data_dir=short_tmp / "data", database_url=database_url, provider="local", api_port=0,
         heartbeat_interval_s=1, idle_timeout_s=IDLE_S, gateway_public_key=gateway_key.public, log_json=False,
         service_token="svc-test-token-0123456789",  # type: ignore[arg-type]

@@ -99,7 +99,7 @@ def test_new_defaults_to_this_repo_and_list_fits_80_columns(orz: Orz, live_api: 
     assert table.returncode == 0, table.stderr
     lines = table.stdout.rstrip("\n").splitlines()
     assert all(len(line) <= 80 and line == line.rstrip() for line in lines), lines
-    assert lines[0].split() == ["ID", "STATUS", "TIER", "CREATED", "LAST", "ACTIVE"]
+    assert lines[0].split() == ["ID", "STATUS", "AGENT", "TIER", "LAST", "ACTIVE"]
     assert any(line.startswith(sid) and "starting" in line and "medium" in line for line in lines)
     assert lines[-1] == "2 of 2 active sessions (free plan)"
 

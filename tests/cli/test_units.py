@@ -38,11 +38,12 @@ def render(table: object) -> list[str]:
 
 
 def test_table_fits_80_columns_with_the_longest_ids_and_states() -> None:
-    rows = [instance("a" * 32, "unhealthy", last_activity_at=NOW - timedelta(minutes=5)),
+    rows = [instance("a" * 32, "unhealthy", last_activity_at=NOW - timedelta(minutes=5),
+                     agent_state="needs_input", agent_message="a long question " * 10),
             instance("b" * 30 + "-9", "starting")]
     lines = render(output.instances_table(rows, NOW))
     assert max(len(line) for line in lines) <= 80
-    assert lines[1].split() == ["a" * 32, "unhealthy", "medium", "3d", "ago", "5m", "ago"]
+    assert lines[1].split() == ["a" * 32, "unhealthy", "needs", "input", "medium", "5m", "ago"]
     assert lines[2].split()[-1] == "-"
 
 

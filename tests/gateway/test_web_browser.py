@@ -53,6 +53,9 @@ def test_browser_terminal_types_and_sees_ping(platform: WebPlatform) -> None:
             page.keyboard.type("echo ping\n", delay=10)
             rows.locator("div", has_text=re.compile(r"^\s*ping\s*$")).first.wait_for(timeout=15000)
             assert "ping" in rows.inner_text()
+            # The page's title follows the agent's state (tmux set-titles through xterm.js).
+            expect(page).to_have_title(re.compile(rf"^\[(working|idle|needs input)\] {sid} · Orzbob Cloud$"),
+                                       timeout=15000)
             # The API token stays in this browser's storage, never in the URL.
             assert page.evaluate("localStorage.getItem('orz.apiToken')") == platform.api_token
             assert platform.api_token not in page.url

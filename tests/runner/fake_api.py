@@ -28,6 +28,8 @@ class FakeApi:
     runner_tokens: dict[str, str] = field(default_factory=dict)  # session id -> its runner token
     rejected: list[str] = field(default_factory=list)  # session ids of refused heartbeats
     fail: bool = False
+    # Fields an API of an earlier release does not know: a body with one is refused (422), as it would.
+    unknown_fields: frozenset[str] = frozenset()
     _server: asyncio.Server | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _conns: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -95,8 +97,13 @@ class FakeApi:
             expected = self.runner_tokens.get(sid)
             if expected is None or not hmac.compare_digest(token.strip().encode(), expected.encode()):
                 return self._unauthorized(sid, "invalid runner token")
+            parsed = json.loads(body or b"{}")
+            extra = sorted(self.unknown_fields & set(parsed))
+            if extra:
+                return 422, {"type": "about:blank", "title": "Invalid request", "status": 422,
+                             "code": "invalid_request", "detail": f"{extra[0]}: extra inputs are not permitted"}
             self.tokens.append(auth)
-            self.heartbeats.append((sid, json.loads(body or b"{}"), time.monotonic()))
+            self.heartbeats.append((sid, parsed, time.monotonic()))
             self._changed.set()
             return 200, {"state": "running", "heartbeat_interval_s": self.interval_s}
         return 404, {"title": "not found", "status": 404, "detail": "no route", "code": "not_found",

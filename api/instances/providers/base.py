@@ -51,6 +51,8 @@ class ComputeSpec:
     pull: bool = False
     # How many services the session's plan allows (settings.services_for at creation).
     max_services: int = DEFAULT_MAX_SERVICES
+    needs_input_after_s: float = 60.0
+    work_scan_s: float = 15.0
 
 
 @dataclass(frozen=True)

@@ -200,6 +200,7 @@ class LocalProvider(Provider):
             workspace=str(base / "workspace"),
             state_dir=str(base / "state"),
             max_services=spec.max_services, pull=spec.pull,
+            needs_input_after_s=spec.needs_input_after_s, work_scan_s=spec.work_scan_s,
         )
         env = {k: os.environ[k] for k in _INHERIT if k in os.environ}
         env.setdefault("LANG", "C.UTF-8")

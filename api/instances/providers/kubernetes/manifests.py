@@ -184,6 +184,8 @@ def runner_spec(spec: ComputeSpec) -> RunnerSpec:
         pod_services_digest=services_digest(sidecars.listed(spec.services)),
         pull=spec.pull,
         max_services=spec.max_services,
+        needs_input_after_s=spec.needs_input_after_s,
+        work_scan_s=spec.work_scan_s,
     )
 
 

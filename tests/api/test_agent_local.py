@@ -1,0 +1,74 @@
+"""Agent-aware sessions on the local provider: real API, runner processes, tmux and git with a bare origin."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from api import schemas
+from tests.api.test_lifecycle_local import Stack, gateway_key, make_repo, short_tmp, stack  # noqa: F401
+from tests.runner import conftest as runner_fixtures
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+async def wait_row(on: Stack, sid: str, predicate, timeout: float = 30):  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        row = await on.row(sid)
+        if predicate(row):
+            return row
+        assert loop.time() < deadline, f"{sid}: agent {row.agent_state} ({row.agent_message}), work {row.work}"
+        await asyncio.sleep(0.2)
+
+
+# Sandboxed runners see a file:// origin read-only (only the sandbox off lets them push to one); the
+# helper and the agent state work in both.
+@pytest.mark.parametrize("stack", ["off", "on"], indirect=True)
+async def test_needs_input_reaches_the_api_and_delete_pushes_the_work_first(stack: Stack, make_repo) -> None:  # noqa: F811
+    repo = make_repo({"README": "hello\n"})
+    program = ("bash -c 'echo draft > plan.md; "
+               "orz-session state needs-input --message \"which database?\"; read answer; sleep infinity'")
+    created = await stack.service.create(stack.who, schemas.InstanceCreate(repo_url=repo, branch="main",
+                                                                           program=program))
+    await stack.wait_state(created.id, "running")
+    row = await wait_row(stack, created.id, lambda r: r.agent_state == "needs_input")
+    assert row.agent_message == "which database?"
+    events = [(e.kind, e.to_state, e.message) for e in await stack.events(created.id) if e.kind == "agent"]
+    assert ("agent", "needs_input", "needs_input: which database?") in events
+
+    await stack.service.delete(stack.who, created.id)
+    if stack.settings.sandbox == "on":
+        return
+    bare = Path(repo.removeprefix("file://"))
+    shown = subprocess.run(["git", "show", f"orz/{created.id}:plan.md"], cwd=bare, capture_output=True, text=True,
+                           check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == "draft\n"
+    assert not stack.provider.session_dir(created.id).exists()
+
+
+@pytest.mark.parametrize("stack", ["off", "on"], indirect=True)
+async def test_the_reaper_stop_pushes_the_work_and_reports_it(stack: Stack, make_repo) -> None:  # noqa: F811
+    repo = make_repo({"README": "hello\n"})
+    created = await stack.service.create(stack.who, schemas.InstanceCreate(
+        repo_url=repo, branch="main", program=runner_fixtures.HI_PROGRAM))
+    await stack.wait_state(created.id, "running")
+    workspace = stack.provider.session_dir(created.id) / "workspace"
+    (workspace / "README").write_text("edited\n")
+    await stack.service.stop_instance(await stack.row(created.id), "scheduler", "idle")
+    row = await stack.row(created.id)
+    assert row.state == "stopped"
+    assert row.work and row.work["dirty_files"] == 1, row.work
+    if stack.settings.sandbox == "on":  # the origin is read-only in the sandbox: said, and kill will refuse
+        assert "Read-only file system" in row.work["wip_error"] and row.work["wip_branch"] is None
+        return
+    assert row.work.get("wip_error") is None and row.work["wip_branch"] == f"orz/{created.id}", row.work
+    bare = Path(repo.removeprefix("file://"))
+    assert subprocess.run(["git", "show", f"orz/{created.id}:README"], cwd=bare, capture_output=True, text=True,
+                          check=True).stdout == "edited\n"
+    assert (workspace / "README").read_text() == "edited\n"  # the kept workspace is untouched

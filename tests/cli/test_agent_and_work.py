@@ -1,0 +1,54 @@
+"""`orz cloud list/status` show what the agent is doing; `orz cloud kill` refuses to lose unsaved work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from api import schemas
+from tests.cli.conftest import LiveApi, Orz
+from tests.cli.test_cloud_commands import assert_one_error_line, create
+from tests.conftest import Tenant
+
+
+def test_list_and_status_show_the_agent_state(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                               tmp_path: Path) -> None:
+    sid = create(orz, cwd=tmp_path)
+    live_api.heartbeat(sid, agent_state="needs_input", agent_message="approve the migration?")
+    lines = orz("cloud", "list").stdout.splitlines()
+    row = next(line for line in lines if line.startswith(sid))
+    assert row.split()[1:3] == ["running", "needs"] and "needs input" in row and len(row) <= 80
+    listing = json.loads(orz("cloud", "list", "--json").stdout)
+    assert listing["instances"][0]["agent_state"] == "needs_input"
+    status = orz("cloud", "status", sid)
+    assert "agent:       needs input: approve the migration?" in status.stdout
+    assert "needs_input  needs_input: approve the migration?" in status.stdout  # the event
+    st = json.loads(orz("cloud", "status", sid, "--json").stdout)
+    assert st["instance"]["agent_message"] == "approve the migration?"
+    live_api.heartbeat(sid, agent_state="exited", agent_exit_code=3)
+    row = next(line for line in orz("cloud", "list").stdout.splitlines() if line.startswith(sid))
+    assert "exited 3" in row
+
+
+def test_kill_refuses_unsaved_work_unless_forced_or_saved(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                           tmp_path: Path) -> None:
+    sid = create(orz, cwd=tmp_path)
+    live_api.heartbeat(sid, work=schemas.WorkState(dirty_files=2, unpushed_commits=1))
+    refused = orz("cloud", "kill", sid)
+    assert refused.returncode == 6  # EXIT_UNSAVED_WORK (docs/cli.md)
+    assert_one_error_line(refused, f"session {sid} has unsaved work: 2 uncommitted files, 1 unpushed commit",
+                          "--force")
+    assert json.loads(orz("cloud", "status", sid, "--json").stdout)["instance"]["status"] == "running"
+    status = orz("cloud", "status", sid)
+    assert "work:        2 uncommitted files, 1 unpushed commit" in status.stdout
+
+    # Saved to the WIP branch: nothing is lost, the kill goes through.
+    live_api.heartbeat(sid, work=schemas.WorkState(dirty_files=2, unpushed_commits=1, wip_branch=f"orz/{sid}",
+                                                   wip_commit="a" * 40))
+    assert orz("cloud", "kill", sid).returncode == 0
+
+    other = create(orz, cwd=tmp_path)
+    live_api.heartbeat(other, work=schemas.WorkState(dirty_files=1, wip_error="remote: no pushes here"))
+    assert_one_error_line(orz("cloud", "kill", other), "not saved: remote: no pushes here")
+    forced = orz("cloud", "kill", other, "--force")
+    assert forced.returncode == 0 and "killed" in forced.stdout, forced.stderr

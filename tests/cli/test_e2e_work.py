@@ -1,0 +1,70 @@
+"""Never lose work, for real: `orz server` (API, gateway, local runners without the sandbox, so a file://
+origin takes pushes), `orz cloud diff` over the real ssh, `orz cloud kill` refusing and then --force
+pushing the WIP branch before the workspace goes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fullstack import FULLSTACK_MARKS, Platform, running_platform
+
+pytestmark = FULLSTACK_MARKS
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    with running_platform(tmp_path_factory.mktemp("work"), ORZ_SANDBOX="off", ORZ_WORK_SCAN_S="1",
+                          ORZ_HEARTBEAT_INTERVAL_S="1") as running:
+        yield running
+
+
+def bare_repo(base: Path) -> Path:
+    bare, src = base / "origin.git", base / "src"
+    env = {"GIT_CONFIG_GLOBAL": "/dev/null", "PATH": "/usr/bin:/bin"}
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True, env=env)
+    subprocess.run(["git", "init", "-q", "-b", "main", str(src)], check=True, env=env)
+    (src / "README").write_text("hello\n")
+    for args in (["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "first"],
+                 ["push", "-q", str(bare), "main"]):
+        subprocess.run(["git", "-C", str(src), *args], check=True, env=env)
+    return bare
+
+
+def wait_for(platform: Platform, sid: str, predicate, timeout: float = 30) -> dict:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        inst = json.loads(platform.orz("cloud", "status", sid, "--json").stdout)["instance"]
+        if predicate(inst):
+            return inst
+        assert time.monotonic() < deadline, inst
+        time.sleep(0.5)
+
+
+def test_diff_then_kill_refuses_then_force_pushes_the_wip_branch(platform: Platform, tmp_path: Path) -> None:
+    bare = bare_repo(tmp_path)
+    program = "bash -c 'echo changed > README; echo idea > notes.txt; sleep infinity'"
+    made = platform.orz("cloud", "new", "--no-attach", "--wait", "--repo", bare.as_uri(), "--branch", "main",
+                        "--program", program, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    sid = made.stdout.split()[1]
+    wait_for(platform, sid, lambda i: (i.get("work") or {}).get("dirty_files") == 2)
+
+    diff = platform.orz("cloud", "diff", sid)
+    assert diff.returncode == 0, diff.stderr
+    assert " M README" in diff.stdout and "?? notes.txt" in diff.stdout
+    assert "-hello" in diff.stdout and "+changed" in diff.stdout
+
+    refused = platform.orz("cloud", "kill", sid)
+    assert refused.returncode == 6  # EXIT_UNSAVED_WORK (docs/cli.md)
+    assert "has unsaved work: 2 uncommitted files, 0 unpushed commits" in refused.stderr
+    forced = platform.orz("cloud", "kill", sid, "--force")
+    assert forced.returncode == 0, forced.stderr
+    shown = subprocess.run(["git", "-C", str(bare), "show", f"orz/{sid}:notes.txt"], capture_output=True, text=True,
+                           check=False)
+    assert shown.stdout == "idea\n", shown.stderr
