@@ -104,6 +104,17 @@ def foreground_pid(pane_pid: int) -> int | None:
     return tpgid if tpgid > 0 else None
 
 
+def process_group(pgid: int) -> list[int]:
+    """Every process of a process group (one pass over /proc; the detector runs only after a quiet spell)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None and len(fields) > 2 and int(fields[2]) == pgid:
+                members.append(int(entry))
+    return members
+
+
 def parent_pid(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return int(fields[1]) if fields is not None and len(fields) > 1 else None
@@ -161,13 +172,17 @@ class Detector:
         fg = foreground_pid(pane_pid)
         if fg is None:
             return AgentReport("working")
-        name = process_name(fg)
-        if self.login_shell and name in _SHELLS and pane_pid in (fg, parent_pid(fg)):
+        # The program runs under a wrapper (runner/program.py) in the same process group unless it made its
+        # own: whoever of the foreground group sleeps reading the terminal is the one waiting.
+        readers = [pid for pid in process_group(fg) if reading_tty(pid)]
+        if not readers:
+            return AgentReport("working")
+        reader = max(readers)  # the most recently started: the innermost command
+        name = process_name(reader)
+        if self.login_shell and name in _SHELLS and pane_pid in (reader, parent_pid(reader)):
             # The session's shell (the pane's process, or its child under the program wrapper) with no job
             # in the foreground: at its prompt.
             return AgentReport("idle")
-        if not reading_tty(fg):
-            return AgentReport("working")
         # The message stays the same while the wait goes on: a changed message is a new event.
         return AgentReport("needs_input", f"{name} is waiting for input (no output for {self.after_s:g} s)")
 
