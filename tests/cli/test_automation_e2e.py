@@ -106,7 +106,7 @@ def test_agent_offers_a_fresh_certificate_and_nothing_else(automation: Automatio
     assert added.returncode != 0  # the agent holds the user's key only; it takes no others
 
     unknown = automation.run("orz", "cloud", "agent", "-s", "no-such-session", "--", "true")
-    assert unknown.returncode == 1 and unknown.stderr.startswith("orz: "), unknown.stderr
+    assert unknown.returncode == 3 and unknown.stderr.startswith("orz: "), unknown.stderr  # EXIT_NOT_FOUND
 
 
 def test_paramiko_example_logs_in_through_the_agent_after_the_certificate_expired(automation: Automation) -> None:

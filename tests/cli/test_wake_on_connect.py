@@ -79,4 +79,7 @@ def test_idle_session_is_stopped_and_ssh_wakes_it_on_the_same_workspace(platform
     assert status(platform, sid)["status"] == "running"
     events = json.loads(platform.orz("cloud", "status", sid, "--json").stdout)["events"]
     assert any(e["kind"] == "woke" for e in events)
-    assert platform.orz("cloud", "kill", sid).returncode == 0
+    # kept.txt was never committed: kill says so instead of throwing it away, --force does it anyway.
+    refused = platform.orz("cloud", "kill", sid)
+    assert refused.returncode == 6 and "unsaved work" in refused.stderr, refused.stderr
+    assert platform.orz("cloud", "kill", "--force", sid).returncode == 0
