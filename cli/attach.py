@@ -1,4 +1,5 @@
-"""Attaching: get a certificate for the user's key from the API, then exec the system `ssh`."""
+"""Attaching: get a certificate for the user's key from the API, then run the system `ssh` (again after a
+gateway restart: cli/reconnect.py)."""
 
 from __future__ import annotations
 

@@ -420,6 +420,7 @@ class Gateway:
         self.access_watch = AccessWatch(self.api, settings.gateway_access_check_s)
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        self._port: int | None = None
         self.metrics_server: metrics.MetricsServer | None = None
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="orz-gw-"))  # 0700: agent links live here
         # (loopback address, port) of web-door SSH tunnels -> the WebSocket client's address.
@@ -481,6 +482,7 @@ class Gateway:
         self._server = await loop.create_server(
             lambda: AdmittedProtocol(GatewayConnection(loop, options), self.preauth, self.source_of),
             self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
+        self._port = int(self._server.sockets[0].getsockname()[1])
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
         self.spawn(self.access_watch.run(self._revocables))
         self.web = WebDoor(self)
@@ -514,8 +516,9 @@ class Gateway:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        """The bound SSH port (kept after a drain closed the listener)."""
+        assert self._port is not None
+        return self._port
 
     def open_connections(self) -> int:
         """Client connections (SSH, web-door tunnels included) and browser terminals still open."""

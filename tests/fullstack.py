@@ -95,8 +95,9 @@ def running_platform(base: Path, **settings: str) -> Iterator[Platform]:
 def gateway_process(platform: Platform, ssh_port: int, web_port: int, name: str = "gateway2",
                     **settings: str) -> Iterator[subprocess.Popen[bytes]]:
     """Another gateway replica in front of the platform's API: `orz gateway` as its own process, with the
-    same keys and service token; ``settings`` are extra ORZ_* environment variables. Ready (its /readyz
-    answers 200) when yielded; on exit SIGTERM, and SIGKILL if it has not ended 30 s later."""
+    same keys and service token; ``settings`` are extra ORZ_* environment variables. Listening when
+    yielded (/healthz: its /readyz waits for the CA, which the API makes on the first attach); on exit
+    SIGTERM, and SIGKILL if it has not ended 30 s later."""
     keys = platform.data / "keys"
     env = {**platform.env, "ORZ_DATA_DIR": str(platform.data),
            "ORZ_PUBLIC_API_URL": f"http://127.0.0.1:{platform.api_port}",
@@ -107,15 +108,15 @@ def gateway_process(platform: Platform, ssh_port: int, web_port: int, name: str 
         proc = subprocess.Popen([sys.executable, "-m", "cli", "gateway", "--ssh-port", str(ssh_port),
                                  "--web-port", str(web_port)], env=env, cwd=ROOT, stdout=log, stderr=log)
         try:
-            def ready() -> bool:
+            def healthy() -> bool:
                 if proc.poll() is not None:
                     raise RuntimeError(f"orz gateway exited; see {log_path}")
                 try:
-                    return httpx.get(f"http://127.0.0.1:{web_port}/readyz", timeout=1).status_code == 200
+                    return httpx.get(f"http://127.0.0.1:{web_port}/healthz", timeout=1).status_code == 200
                 except httpx.HTTPError:
                     return False
 
-            wait_until(ready, timeout=30, what=f"the gateway {name}")
+            wait_until(healthy, timeout=30, what=f"the gateway {name}")
             yield proc
         finally:
             if proc.poll() is None:

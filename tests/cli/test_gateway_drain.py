@@ -79,6 +79,7 @@ def test_sigterm_drains_an_attached_terminal_and_the_session_keeps_running(platf
         child = platform.spawn("ssh", "-tt", "-F", config, f"{sid}.orz")
         wait_for_tmux(child)
         type_and_see(child, "before-drain")
+        assert readyz(web_port) == 200
 
         gateway.send_signal(signal.SIGTERM)
         child.expect(RESTARTING, timeout=10)  # the line in the user's terminal
