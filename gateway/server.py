@@ -39,6 +39,9 @@ SIGNATURE_ALGS = frozenset(alg.encode() for alg in SSH_SIGNATURE_ALGS)
 REFUSED_LINGER_S = 5
 # After a revocation closed the sessions, the connection itself goes this much later.
 REVOKED_LINGER_S = 0.5
+# At the end of a drain, between the line in the terminals and the disconnect (OpenSSH may drop output
+# that arrives with the connection's end).
+DRAIN_LAST_WORD_S = 0.5
 # API answers to a channel's re-authorization that withdraw the whole connection, not just that channel.
 WITHDRAWN_CODES = frozenset({"forbidden", "not_found", "unauthorized"})
 
@@ -311,19 +314,18 @@ class ClientConnection(asyncssh.SSHServer):
         """The gateway is shutting down: attached terminals read why; a connection not yet attached
         (still authenticating or waiting for its session) goes now, with the reason, to come back elsewhere."""
         if self.attachment is None or self.attached_at is None:
-            self._hang_up_restarting()
+            self.hang_up_restarting()
             return
         for session in list(self.attachment.sessions):
             session.notify(drain.terminal_notice(self.session_id))
 
-    def drain_deadline(self) -> None:
-        """The drain is over: terminals read that this connection ends now, then it ends with the reason."""
+    def drain_ending(self) -> None:
+        """The drain is over: terminals read that this connection ends now (hang_up_restarting follows)."""
         if self.attachment is not None and self.attached_at is not None:
             for session in list(self.attachment.sessions):
                 session.notify(drain.closing_notice(self.session_id))
-        self._hang_up_restarting()
 
-    def _hang_up_restarting(self) -> None:
+    def hang_up_restarting(self) -> None:
         if self.conn is not None and not self.conn.is_closed():
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, drain.disconnect_reason(self.session_id))
 
@@ -542,8 +544,12 @@ class Gateway:
         left = self.open_connections()
         log.info("gateway drain ended (%s): %d connections closed now", ended, left,
                  extra={"event": "drain_ended", "reason": ended, "connections": left})
+        if left:
+            for client in list(self.connections):
+                client.drain_ending()
+            await asyncio.sleep(DRAIN_LAST_WORD_S)  # terminals show the line before their connection goes
         for client in list(self.connections):
-            client.drain_deadline()
+            client.hang_up_restarting()
         for terminal in list(self.web_terminals):
             terminal.draining_ended()
         if left:
