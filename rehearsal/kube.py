@@ -13,6 +13,7 @@ afresh (round robin) per connection, so a replaced Pod is simply not picked agai
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import logging
 import os
@@ -108,6 +109,13 @@ class KubeAccess:
     def delete_pod(self, namespace: str, name: str) -> None:
         with contextlib.suppress(ApiException):
             self.core.delete_namespaced_pod(name, namespace)
+
+    def restart_deployment(self, namespace: str, name: str) -> None:
+        """`kubectl rollout restart`: a new annotation on the Pod template, so every Pod is replaced by a
+        rolling update as the Deployment's strategy allows."""
+        stamp = {"kubectl.kubernetes.io/restartedAt": datetime.datetime.now(datetime.UTC).isoformat()}
+        client.AppsV1Api(self.api_client).patch_namespaced_deployment(
+            name, namespace, {"spec": {"template": {"metadata": {"annotations": stamp}}}})
 
     def kill_container(self, pod: Obj, container: str) -> None:
         """The nearest a cluster's API comes to kill -9 of a container: delete its Pod with no grace."""
