@@ -131,3 +131,21 @@ def test_cloud_attach_reconnects_by_itself_after_a_gateway_restart(platform: Pla
             detach(child)  # a detach ends attach: no reconnect
             assert old.wait(timeout=30) == 0
     assert platform.orz("cloud", "kill", sid).returncode == 0
+
+
+def test_a_second_sigterm_ends_the_drain_now(platform: Platform) -> None:
+    sid = new_session(platform)
+    assert platform.orz("cloud", "ssh-config", "--write").returncode == 0
+    config = str(platform.home / ".ssh" / "config")
+    with gateway_process(platform, public_port(platform), free_port(), name="gw-e",
+                         ORZ_GATEWAY_DRAIN_S="600") as gateway:
+        child = platform.spawn("ssh", "-tt", "-F", config, f"{sid}.orz")
+        wait_for_tmux(child)
+        gateway.send_signal(signal.SIGTERM)
+        child.expect(RESTARTING, timeout=10)
+        gateway.send_signal(signal.SIGTERM)  # the operator (or the kubelet's SIGKILL) will not wait 600 s
+        child.expect(pexpect.EOF, timeout=30)
+        child.close()
+        assert child.exitstatus == 255
+        assert gateway.wait(timeout=30) == 0
+    assert platform.orz("cloud", "kill", sid).returncode == 0
