@@ -7,9 +7,13 @@ tests/cli/test_gateway_drain.py.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 from api.schemas import GATEWAY_RESTARTING
 from tests.gateway.conftest import Env, asyncssh_client, eventually
@@ -78,3 +82,34 @@ async def test_the_deadline_ends_connections_with_the_reason(env: Env) -> None:
         assert tunnel.returncode == 255
         assert f"orz: {GATEWAY_RESTARTING}; reconnect with `orz cloud attach demo-1`" in err.decode(), err
     await eventually(lambda: not env.gateway.connections, "the connections to go")
+
+
+async def test_a_browser_terminal_reads_the_line_then_ends_with_the_reason(env: Env) -> None:
+    assert env.gateway.web is not None
+    url = f"ws://127.0.0.1:{env.gateway.web.port}/v1/instances/demo-1/attach?token={env.token()}"
+    async with connect(url, subprotocols=[Subprotocol("orz.terminal.v1")]) as ws:
+        seen, control = b"", []
+        while b"hi" not in seen:
+            msg = await asyncio.wait_for(ws.recv(), 10)
+            if isinstance(msg, bytes):
+                seen += msg
+        stop = asyncio.get_running_loop().create_future()
+        draining = asyncio.ensure_future(env.gateway.drain(60, stop))
+        while GATEWAY_RESTARTING.encode() not in seen:  # the line, in the terminal
+            msg = await asyncio.wait_for(ws.recv(), 10)
+            if isinstance(msg, bytes):
+                seen += msg
+        await ws.send(b"ping\r")  # still working
+        while b"pong" not in seen:
+            msg = await asyncio.wait_for(ws.recv(), 10)
+            if isinstance(msg, bytes):
+                seen += msg
+        stop.set_result(None)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                msg = await asyncio.wait_for(ws.recv(), 10)
+                if isinstance(msg, str):
+                    control.append(json.loads(msg))
+        assert await asyncio.wait_for(draining, 5) == "signal"
+        assert ws.close_code == 4001 and GATEWAY_RESTARTING in (ws.close_reason or "")
+        assert any(GATEWAY_RESTARTING in str(c.get("message")) for c in control), control
