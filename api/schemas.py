@@ -30,6 +30,9 @@ from pydantic_core import PydanticCustomError
 from api import cloud_yaml
 
 SESSION_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+# In the line a draining gateway shows attached terminals and in its SSH disconnect message; `orz cloud
+# attach` reconnects when it reads this (gateway/drain.py, cli/reconnect.py).
+GATEWAY_RESTARTING = "this gateway is restarting"
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 SECRET_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-_]{0,62}[a-z0-9])?$")
 # The repository file that prepares each session, and its `${NAME}` reference to a session secret.

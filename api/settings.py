@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     gateway_preauth_total: int = Field(default=256, ge=1)
     # A connection that has not authenticated within this many seconds is closed.
     gateway_login_timeout_s: int = Field(default=20, ge=1, le=120)
+    # On SIGTERM `orz gateway` stops taking connections and tells attached users it is restarting; the
+    # connections it has keep running this many seconds at most, then end with a clean SSH disconnect.
+    # Keep it below the pod's terminationGracePeriodSeconds (the chart derives one from the other).
+    gateway_drain_s: float = Field(default=240.0, ge=0, le=3600)
     # Failed authentications allowed per source address inside auth_fail_window_s.
     auth_fail_limit: int = Field(default=10, ge=1)
     auth_fail_window_s: int = Field(default=60, ge=1)

@@ -1,4 +1,5 @@
-"""Attaching: get a certificate for the user's key from the API, then exec the system `ssh`."""
+"""Attaching: get a certificate for the user's key from the API, then run the system `ssh` (again after a
+gateway restart: cli/reconnect.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from api import schemas
 from api.client import ApiClient
-from cli import keys, ssh_config
+from cli import keys, reconnect, ssh_config
 from cli.errors import CliError
 
 _ATTACH_PATH = re.compile(r"^(?:/.*)?/v1/instances/([^/]+)/attach/?$")
@@ -61,11 +64,24 @@ def attach_command(grant: schemas.AttachGrant, cert: Path) -> list[str]:
                                   ssh_config.known_hosts_path())
 
 
-def exec_ssh(argv: list[str]) -> None:
-    """Replace this process with `ssh` so the terminal belongs to it alone (no relay in between)."""
+def run_attached(session_id: str, argv: list[str], fresh_argv: Callable[[], list[str]]) -> NoReturn:
+    """Run `ssh` in this terminal and exit with its status; after a gateway restart it runs again,
+    through the same address, with a fresh certificate from ``fresh_argv`` (cli/reconnect.py)."""
+    _check_ssh(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(reconnect.attach_until_done(session_id, argv, fresh_argv))
+
+
+def _check_ssh(argv: list[str]) -> None:
     if shutil.which(argv[0]) is None:
         raise CliError(f"`{argv[0]}` not found; install an OpenSSH client (e.g. apt install openssh-client)")
     ssh_config.known_hosts_path().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def exec_ssh(argv: list[str]) -> None:
+    """Replace this process with `ssh` so the terminal belongs to it alone (no relay in between)."""
+    _check_ssh(argv)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvp(argv[0], argv)  # noqa: S606  # nosec B606  # an argv list for ssh, no shell

@@ -51,15 +51,17 @@ def new(task: str | None, repo: str | None, branch: str | None, tier: str, progr
     if repo is not None and is_local_path(repo):
         repo = as_clone_url(str(Path(repo).expanduser()), Path.cwd())
         _note(f"the local repository is cloned from {repo}")
-    argv = _new(task, repo, branch, tier, program, secret_names, no_attach,
-                (not no_attach) if wait is None else wait, timeout)
-    if argv:
-        attaching.exec_ssh(argv)
+    attach_to = _new(task, repo, branch, tier, program, secret_names, no_attach,
+                     (not no_attach) if wait is None else wait, timeout)
+    if attach_to:
+        session_id, argv = attach_to
+        attaching.run_attached(session_id, argv, lambda: _attach_again(session_id, False))
 
 
 @cloud_command
 async def _new(task: str | None, repo: str | None, branch: str | None, tier: str, program: str | None,
-               secret_names: str | None, no_attach: bool, wait: bool, wait_s: int) -> list[str] | None:
+               secret_names: str | None, no_attach: bool, wait: bool, wait_s: int
+               ) -> tuple[str, list[str]] | None:
     api = client()  # first, so "not logged in" comes before anything else
     if repo is None:
         here = current_repo()
@@ -100,7 +102,7 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
             return None
         grant, cert = await attaching.fetch_certificate(api, inst.id)
         _note(f"attaching to {inst.id}; detach with Ctrl-b d, come back with: orz cloud attach {inst.id}")
-        return attaching.attach_command(grant, cert)
+        return inst.id, attaching.attach_command(grant, cert)
 
 
 @click.command("list")
@@ -128,7 +130,7 @@ def attach(session_id: str, readonly: bool) -> None:
     """Attach to a session's tmux over SSH (a fresh certificate, then the system ssh).
 
     ATTACH_URL: a session's attach_url (as the Go CLI took it); the session id in it is what counts."""
-    attaching.exec_ssh(_attach(session_id, readonly))
+    attaching.run_attached(session_id, _attach(session_id, readonly), lambda: _attach_again(session_id, readonly))
 
 
 @cloud_command
@@ -137,6 +139,14 @@ async def _attach(session_id: str, readonly: bool) -> list[str]:
         grant, cert = await attaching.fetch_certificate(api, session_id, readonly=readonly)
     mode = " read-only" if readonly else ""
     _note(f"attaching{mode} to {session_id} ({grant.status}); detach with Ctrl-b d")
+    return attaching.attach_command(grant, cert)
+
+
+@cloud_command
+async def _attach_again(session_id: str, readonly: bool) -> list[str]:
+    """After a gateway restart: a fresh certificate (the API also says no if the session is gone)."""
+    async with client() as api:
+        grant, cert = await attaching.fetch_certificate(api, session_id, readonly=readonly)
     return attaching.attach_command(grant, cert)
 
 

@@ -32,6 +32,27 @@ async def wait_for_signal() -> None:
             loop.remove_signal_handler(sig)
 
 
+class Signals:
+    """SIGINT/SIGTERM counted while in use, so a second one is never the default (abrupt) handler's."""
+
+    def __init__(self) -> None:
+        self._received = asyncio.Queue[int]()
+
+    def __enter__(self) -> Signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._received.put_nowait, sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    async def next(self) -> int:
+        return await self._received.get()
+
+
 def _run(coro_factory) -> None:  # type: ignore[no-untyped-def]
     try:
         _event_loop_policy()
@@ -98,16 +119,22 @@ def api_cmd(host: str | None, port: int | None) -> None:
 @click.option("--ssh-port", type=int, default=None, help="SSH listen port (ORZ_SSH_PORT).")
 @click.option("--web-port", type=int, default=None, help="Web door port (ORZ_GATEWAY_WEB_PORT).")
 def gateway_cmd(ssh_port: int | None, web_port: int | None) -> None:
-    """Run the SSH (and WebSocket) gateway alone."""
+    """Run the SSH (and WebSocket) gateway alone.
+
+    SIGTERM drains it: no new connections, attached users are told, open ones run on for at most
+    ORZ_GATEWAY_DRAIN_S seconds (a second SIGTERM or SIGINT ends that early)."""
     settings = load_settings(ssh_port=ssh_port, gateway_web_port=web_port)
     _configure_logging(settings)
 
     async def main() -> None:
         from gateway.server import serve
 
-        async with serve(settings):
-            freeze_startup_heap()
-            await wait_for_signal()
+        with Signals() as signals:
+            async with serve(settings) as gateway:
+                freeze_startup_heap()
+                await signals.next()
+                # Connections keep running through the drain; a second signal or the deadline ends it.
+                await gateway.drain(settings.gateway_drain_s, signals.next())
 
     _run(main)
 

@@ -363,6 +363,15 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         if self._chan is not None:
             self._chan.exit(1)
 
+    def notify(self, text: str) -> None:
+        """A line for a terminal (the gateway is draining). Only a pty shell or pty command shows it: an
+        exec or sftp channel's streams are data, and nothing is ever written into them."""
+        if not self._pty or self._subsystem is not None or self._chan is None or not self._writable():
+            return
+        if self._out is not None:
+            self._out.flush()  # after the output already on its way
+        self._chan.write_stderr(text.encode())
+
     def revoke(self, line: str) -> None:
         """Access was withdrawn: the user reads why, then the channel (and its runner twin) closes."""
         if self._out is not None:

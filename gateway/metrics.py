@@ -66,6 +66,11 @@ PREAUTH_REFUSED = Counter(
     "orz_preauth_refused_total", "SSH connections refused before authentication by limit (source, total)",
     ["limit"], registry=REGISTRY,
 )
+DRAINING = Gauge(
+    "orz_gateway_connections_draining",
+    "Client connections (SSH, and browser terminals) still open on a gateway that is shutting down",
+    registry=REGISTRY, multiprocess_mode="livesum",
+)
 
 # Every series a dashboard or alert divides by exists from the start, at zero, so a fresh gateway
 # shows 0 rather than "no data" and ratios are defined.
@@ -126,6 +131,10 @@ def auth_failed(method: str, reason: str) -> None:
 
 def revoked(door: Door) -> None:
     REVOKED.labels(door=door).inc()
+
+
+def draining(connections: int) -> None:
+    DRAINING.set(max(0, connections))
 
 
 def preauth_refused(limit: Literal["source", "total"]) -> None:

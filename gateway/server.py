@@ -20,7 +20,7 @@ from api.client import ApiClient
 from api.public_keys import PublicKeyError
 from api.schemas import AttachEventIn, AuthorizeReply
 from api.settings import SSH_SIGNATURE_ALGS, Settings, ssh_algorithms
-from gateway import auth, keys, metrics
+from gateway import auth, drain, keys, metrics
 from gateway.agent import AgentRelay
 from gateway.bridge import Attachment, BridgeSession, connect_upstream
 from gateway.cork import WithoutFiller
@@ -30,6 +30,7 @@ from gateway.preauth import AdmittedProtocol, PreauthLimiter
 from gateway.revocation import AccessWatch, Revocable
 from gateway.routing import Router
 from gateway.web import WebDoor
+from gateway.web_bridge import LiveTerminal
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ SIGNATURE_ALGS = frozenset(alg.encode() for alg in SSH_SIGNATURE_ALGS)
 REFUSED_LINGER_S = 5
 # After a revocation closed the sessions, the connection itself goes this much later.
 REVOKED_LINGER_S = 0.5
+# At the end of a drain, between the line in the terminals and the disconnect (OpenSSH may drop output
+# that arrives with the connection's end).
+DRAIN_LAST_WORD_S = 0.5
 # API answers to a channel's re-authorization that withdraw the whole connection, not just that channel.
 WITHDRAWN_CODES = frozenset({"forbidden", "not_found", "unauthorized"})
 
@@ -306,6 +310,25 @@ class ClientConnection(asyncssh.SSHServer):
         # only while its connection lives. New channels are refused meanwhile (self.revoked).
         asyncio.get_running_loop().call_later(REVOKED_LINGER_S, self._hang_up, reason)
 
+    def draining(self) -> None:
+        """The gateway is shutting down: attached terminals read why; a connection not yet attached
+        (still authenticating or waiting for its session) goes now, with the reason, to come back elsewhere."""
+        if self.attachment is None or self.attached_at is None:
+            self.hang_up_restarting()
+            return
+        for session in list(self.attachment.sessions):
+            session.notify(drain.terminal_notice(self.session_id))
+
+    def drain_ending(self) -> None:
+        """The drain is over: terminals read that this connection ends now (hang_up_restarting follows)."""
+        if self.attachment is not None and self.attached_at is not None:
+            for session in list(self.attachment.sessions):
+                session.notify(drain.closing_notice(self.session_id))
+
+    def hang_up_restarting(self) -> None:
+        if self.conn is not None and not self.conn.is_closed():
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, drain.disconnect_reason(self.session_id))
+
     def _hang_up(self, line: str) -> None:
         """Clients without a session channel (ssh -N) still read the reason in the disconnect."""
         if self.conn is not None and not self.conn.is_closed():
@@ -395,15 +418,17 @@ class Gateway:
         self.host_key = keys.load_or_create(keys.host_key_path(settings), "orz-gateway-host")
         self.client_key = keys.load_or_create(keys.client_key_path(settings), "orz-gateway-client")
         self.connections: set[ClientConnection] = set()
-        self.web_terminals: set[Revocable] = set()  # browser terminals, for the access watch
+        self.web_terminals: set[LiveTerminal] = set()  # browser terminals, for the access watch and drain
         self.access_watch = AccessWatch(self.api, settings.gateway_access_check_s)
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        self._port: int | None = None
         self.metrics_server: metrics.MetricsServer | None = None
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="orz-gw-"))  # 0700: agent links live here
         # (loopback address, port) of web-door SSH tunnels -> the WebSocket client's address.
         self.tunnel_sources: dict[tuple[str, int], str] = {}
         self.web: WebDoor | None = None
+        self.draining = False  # set by drain(): no new connections, /readyz answers 503
 
     @property
     def anchors(self) -> auth.TrustAnchors:
@@ -425,6 +450,8 @@ class Gateway:
 
     def readiness(self) -> str | None:
         """None when this gateway can take attaches; else one line saying why not (no key material)."""
+        if self.draining:
+            return "draining: this gateway is shutting down"
         if self._server is None or not self._server.is_serving():
             return "SSH listener is not up"
         try:
@@ -457,6 +484,7 @@ class Gateway:
         self._server = await loop.create_server(
             lambda: AdmittedProtocol(GatewayConnection(loop, options), self.preauth, self.source_of),
             self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
+        self._port = int(self._server.sockets[0].getsockname()[1])
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
         self.spawn(self.access_watch.run(self._revocables))
         self.web = WebDoor(self)
@@ -490,8 +518,43 @@ class Gateway:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        """The bound SSH port (kept after a drain closed the listener)."""
+        assert self._port is not None
+        return self._port
+
+    def open_connections(self) -> int:
+        """Client connections (SSH, web-door tunnels included) and browser terminals still open."""
+        return len(self.connections) + len(self.web_terminals)
+
+    async def drain(self, deadline_s: float, stop: Awaitable[object]) -> str:
+        """Stop taking connections, tell attached users, and let the open ones run until they end,
+        ``deadline_s`` passes or ``stop`` completes (a second signal); then disconnect what is left with
+        the reason. Returns why the wait ended (gateway.drain.wait_drained). close() follows."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()  # no new SSH connections; open ones keep their transports
+        log.info("gateway draining: %d connections open, up to %.0f s (a second signal ends it now)",
+                 self.open_connections(), deadline_s,
+                 extra={"event": "drain_started", "connections": self.open_connections()})
+        for client in list(self.connections):
+            client.draining()
+        for terminal in list(self.web_terminals):
+            terminal.draining()
+        ended = await drain.wait_drained(self.open_connections, deadline_s, stop)
+        left = self.open_connections()
+        log.info("gateway drain ended (%s): %d connections closed now", ended, left,
+                 extra={"event": "drain_ended", "reason": ended, "connections": left})
+        if left:
+            for client in list(self.connections):
+                client.drain_ending()
+            await asyncio.sleep(DRAIN_LAST_WORD_S)  # terminals show the line before their connection goes
+        for client in list(self.connections):
+            client.hang_up_restarting()
+        for terminal in list(self.web_terminals):
+            terminal.draining_ended()
+        if left:
+            await asyncio.sleep(0.2)  # let the disconnect messages leave before the transports close
+        return ended
 
     async def close(self) -> None:
         if self.metrics_server is not None:

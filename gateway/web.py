@@ -21,7 +21,7 @@ from websockets.http11 import Request, Response
 
 from api.client import ApiClient, ApiError, ApiUnreachable
 from api.schemas import AttachRequest, AuthorizeReply
-from gateway import auth, metrics, web_bridge
+from gateway import auth, drain, metrics, web_bridge
 from gateway import web_http as http
 from gateway.errors import AttachRefused, CredentialRejected, CredentialsUnavailable
 
@@ -99,6 +99,8 @@ class WebDoor:
             return http.text(200, "ok") if problem is None else http.text(503, f"not ready: {problem}")
         if target.kind == "static":
             return http.static_file(target.arg)
+        if self.gw.draining:  # shutting down: the Service sends new users to another replica
+            return http.text(503, drain.web_refusal())
         if not http.origin_allowed(request, self.origins):
             log.info("web %s from %s refused: origin not allowed", http.loggable_path(request.path), source)
             return http.text(403, "origin not allowed")

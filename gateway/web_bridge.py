@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from api.schemas import AttachEventIn
-from gateway import metrics
+from gateway import drain, metrics
 from gateway.bridge import Counters, connect_upstream
 from gateway.errors import AttachRefused, UpstreamUnavailable
 
@@ -84,7 +84,7 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
             await gw.router.report(AttachEventIn(
                 session_id=grant.session_id, user_id=grant.principal.user_id, event="attached",
                 connection_id=grant.id, source_address=grant.source))
-            live = _LiveTerminal(gw, ws, grant)
+            live = LiveTerminal(gw, ws, grant)
             gw.web_terminals.add(live)
             try:
                 await _first_done(_session_to_ws(stdout, ws, counters),
@@ -109,7 +109,7 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
             await _report_detached(gw, grant, counters, attached_at)
 
 
-class _LiveTerminal:
+class LiveTerminal:
     """A browser terminal as the gateway's access watch sees it (gateway/revocation.py)."""
 
     def __init__(self, gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
@@ -118,6 +118,13 @@ class _LiveTerminal:
 
     def live(self) -> tuple[str, str] | None:
         return None if self.revoked else (self.grant.session_id, self.grant.principal.user_id)
+
+    def draining(self) -> None:
+        """The gateway is shutting down: the terminal shows the line; the page keeps the session."""
+        self.gw.spawn(_send_raw(self.ws, drain.terminal_notice(self.grant.session_id).encode()))
+
+    def draining_ended(self) -> None:
+        self.gw.spawn(_refuse(self.ws, drain.web_refusal().removeprefix("orz: "), control=wants_control(self.ws)))
 
     def revoke(self, reason: str) -> None:
         self.revoked = True
@@ -247,6 +254,11 @@ def select_subprotocol(_ws: ServerConnection, offered: Sequence[Subprotocol]) ->
 async def _send_line(ws: ServerConnection, line: str) -> None:
     with contextlib.suppress(ConnectionClosed):
         await ws.send(f"{line}\r\n".encode())
+
+
+async def _send_raw(ws: ServerConnection, data: bytes) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(data)
 
 
 async def _send_json(ws: ServerConnection, payload: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ afresh (round robin) per connection, so a replaced Pod is simply not picked agai
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import logging
 import os
@@ -109,6 +110,13 @@ class KubeAccess:
         with contextlib.suppress(ApiException):
             self.core.delete_namespaced_pod(name, namespace)
 
+    def restart_deployment(self, namespace: str, name: str) -> None:
+        """`kubectl rollout restart`: a new annotation on the Pod template, so every Pod is replaced by a
+        rolling update as the Deployment's strategy allows."""
+        stamp = {"kubectl.kubernetes.io/restartedAt": datetime.datetime.now(datetime.UTC).isoformat()}
+        client.AppsV1Api(self.api_client).patch_namespaced_deployment(
+            name, namespace, {"spec": {"template": {"metadata": {"annotations": stamp}}}})
+
     def kill_container(self, pod: Obj, container: str) -> None:
         """The nearest a cluster's API comes to kill -9 of a container: delete its Pod with no grace."""
         with contextlib.suppress(ApiException):
@@ -120,7 +128,7 @@ class KubeAccess:
     def exec_in(self, pod: Obj, container: str, argv: list[str], timeout_s: float = 60
                 ) -> subprocess.CompletedProcess[bytes]:
         """`kubectl exec`: argv in the container, its output and exit status."""
-        ws = stream(self.core.connect_get_namespaced_pod_exec, pod["metadata"]["name"],
+        ws = stream(self._stream_core().connect_get_namespaced_pod_exec, pod["metadata"]["name"],
                     pod["metadata"]["namespace"], container=container, command=argv, stdin=False, stdout=True,
                     stderr=True, tty=False, _preload_content=False, binary=True)
         out, err = b"", b""
@@ -134,6 +142,12 @@ class KubeAccess:
             if ws.sock is not None:
                 ws.sock.shutdown()
         return subprocess.CompletedProcess(argv, code, out, err)
+
+    def _stream_core(self) -> client.CoreV1Api:
+        """A CoreV1Api on an ApiClient of its own, for one exec or port-forward: kubernetes.stream swaps its
+        client's call_api while it connects, which on the shared client would send other threads' calls
+        (a Pod list, another forwarder's connect) down the WebSocket path, or leave the swap in place."""
+        return client.CoreV1Api(client.ApiClient(configuration=self.api_client.configuration))
 
     def pod_endpoint(self, pod: Obj, port_name: str) -> tuple[str, int]:
         """Where this machine reaches one Pod's named port: a forwarder of its own to that Pod."""
@@ -149,7 +163,7 @@ class KubeAccess:
 
     def open_port(self, pod: Obj, port: int) -> Any:
         """A socket-like object connected to the Pod's port through the API server."""
-        forward = portforward(self.core.connect_get_namespaced_pod_portforward, pod["metadata"]["name"],
+        forward = portforward(self._stream_core().connect_get_namespaced_pod_portforward, pod["metadata"]["name"],
                               pod["metadata"]["namespace"], ports=str(port))
         return forward.socket(port)
 

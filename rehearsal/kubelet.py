@@ -609,9 +609,11 @@ class PodWorker:
 
     def _kill_all(self, grace_s: int) -> None:
         running = list(self.containers.values())
+        deadline = time.monotonic() + grace_s
+        if grace_s > 0:
+            self._pre_stop(deadline)
         for container in running:
             container.signal(signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
-        deadline = time.monotonic() + grace_s
         for container in running:
             while container.process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -622,6 +624,19 @@ class PodWorker:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     container.process.wait(5)
         self.containers.clear()
+
+    def _pre_stop(self, deadline: float) -> None:
+        """Each container's preStop exec hook, in turn, before its SIGTERM and inside the grace period (as
+        the kubelet runs them); a hook that fails is logged and the termination goes on."""
+        for spec in self.pod["spec"].get("containers") or []:
+            command = (((spec.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command")
+            container = self.containers.get(spec["name"])
+            if not command or container is None or container.process.poll() is not None:
+                continue
+            done = container.exec(list(command), max(1.0, deadline - time.monotonic()))
+            if done is None or done.returncode != 0:
+                log.warning("pod %s/%s: preStop hook of %s failed: %s", self.ns, self.name, spec["name"],
+                            "not running" if done is None else done.stderr.decode(errors="replace")[-200:])
 
     def _cleanup(self) -> None:
         self.c.network.detach(self.uid)

@@ -222,7 +222,7 @@ class ServiceProxies:
                 yield self.lb_addresses[key], int(port["port"])
 
     def endpoints(self, namespace: str, name: str, port: int) -> list[tuple[str, int]]:
-        """Ready pods behind a Service port, as (pod IP, target port)."""
+        """Ready pods behind a Service port that are not terminating, as (pod IP, target port)."""
         svc = self.store.find("services", namespace, name)
         if svc is None:
             return []
@@ -236,7 +236,9 @@ class ServiceProxies:
         for pod in pods:
             target = _target_port(service_port, pod)
             address = (pod.get("status") or {}).get("podIP")
-            if is_ready(pod) and target and address:
+            # A terminating Pod is no endpoint (EndpointSlice ready=false), Ready or not: no new connections.
+            terminating = bool(pod["metadata"].get("deletionTimestamp"))
+            if is_ready(pod) and not terminating and target and address:
                 result.append((address, target))
         return result
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -415,6 +416,65 @@ def kill_gateway_and_api(ctx: Context) -> None:
              len(ctx.component_pods("api")) == 2, 120, ctx.pod_summary)
 
 
+def rolling_restart_with_user_attached(ctx: Context) -> None:
+    """`kubectl rollout restart` of the gateways while a user works in `orz cloud attach`: the terminal
+    says the gateway restarts, attach reconnects by itself (through the same address, to a new replica)
+    and the user types on in the same tmux session."""
+    import pexpect
+
+    before = {p["metadata"]["name"] for p in ctx.component_pods("gateway", ready=False)}
+    transcript = io.StringIO()
+    child = pexpect.spawn(str(Path(sys.executable).parent / "orz"), ["cloud", "attach", ctx.session],
+                          env={**ctx.env(), "TERM": "xterm"}, encoding="utf-8", timeout=90, dimensions=(24, 100))
+    child.logfile_read = transcript
+
+    def seen() -> str:
+        return f"(terminal: {transcript.getvalue()[-600:]!r}){ctx.pod_summary()}"
+
+    def type_and_see(word: str, timeout_s: float) -> bool:
+        child.sendline(f"echo {word[:3]}''{word[3:]}")  # the echo of what is typed cannot match
+        try:
+            child.expect(word, timeout=timeout_s)
+        except (pexpect.TIMEOUT, pexpect.EOF):
+            return False
+        return True
+
+    waiting_for = "tmux's status line"
+    try:
+        try:
+            child.expect(r"\[main\]")  # attached
+            time.sleep(0.5)
+            if not type_and_see("before-restart", 30):
+                raise StepFailed(f"the attached terminal did not echo {seen()}")
+            ctx.cluster.restart_deployment(NS, f"{RELEASE}-orzbob-cloud-gateway")
+            waiting_for = "the draining gateway's line"
+            child.expect("this gateway is restarting", timeout=240)
+            waiting_for = "attach to reconnect"
+            child.expect(f"reconnecting to {ctx.session}", timeout=240)
+        except (pexpect.TIMEOUT, pexpect.EOF) as exc:
+            raise StepFailed(f"{type(exc).__name__} waiting for {waiting_for} {seen()}") from None
+        # The rollout ends when every old replica is gone, terminating ones included (their drains over).
+        def rolled() -> bool:
+            new = [p for p in ctx.component_pods("gateway") if p["metadata"]["name"] not in before]
+            return len(new) == 2 and not before & {p["metadata"]["name"] for p in ctx.cluster.objects("pods", NS)}
+
+        ctx.wait("the restarted gateways Ready and the old ones gone", rolled, 300, seen)
+        # attach may be reconnecting right now (the user's last replica only just went): keep typing.
+        if not any(type_and_see(f"after-restart-{n}", 15) for n in range(6)):
+            raise StepFailed(f"no echo in the terminal after the restart {seen()}")
+        child.send("\x02d")  # Ctrl-b d: a detach ends attach (no reconnect)
+        child.expect("detached", timeout=30)
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        child.close(force=True)
+    if child.exitstatus != 0:
+        raise StepFailed(f"orz cloud attach exited {child.exitstatus} after the detach {seen()}")
+    text = transcript.getvalue()
+    ctx.facts["gateway_restarts_seen"] = text.count("reconnecting to")
+    if ctx.session_state() != "running":
+        raise StepFailed(f"the session is {ctx.session_state()} after the restart")
+
+
 def scheduler_lease_moves(ctx: Context) -> None:
     """Delete the scheduler's Pod: its replacement takes the lease and the reaper runs again."""
     old = ctx.component_pods("scheduler")[0]
@@ -520,6 +580,8 @@ STEPS: list[Step] = [
     ("web terminal attach", web_attach),
     ("stop, then wake by ssh with the workspace intact", stop_and_wake),
     ("kill -9 a gateway and an API replica, reconnect", kill_gateway_and_api),
+    ("rolling restart of the gateways with a user attached: orz cloud attach reconnects",
+     rolling_restart_with_user_attached),
     ("scheduler Pod deleted, lease moves", scheduler_lease_moves),
     ("helm upgrade --wait to the next release (one more migration) with changed values", helm_upgrade),
     ("helm rollback --wait: the previous release runs on the newer schema", helm_rollback),

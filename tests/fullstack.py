@@ -89,3 +89,40 @@ def running_platform(base: Path, **settings: str) -> Iterator[Platform]:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+
+
+@contextlib.contextmanager
+def gateway_process(platform: Platform, ssh_port: int, web_port: int, name: str = "gateway2",
+                    **settings: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Another gateway replica in front of the platform's API: `orz gateway` as its own process, with the
+    same keys and service token; ``settings`` are extra ORZ_* environment variables. Listening when
+    yielded (/healthz: its /readyz waits for the CA, which the API makes on the first attach); on exit
+    SIGTERM, and SIGKILL if it has not ended 30 s later."""
+    keys = platform.data / "keys"
+    env = {**platform.env, "ORZ_DATA_DIR": str(platform.data),
+           "ORZ_PUBLIC_API_URL": f"http://127.0.0.1:{platform.api_port}",
+           "ORZ_SERVICE_TOKEN": (keys / "service_token").read_text().strip(),
+           "ORZ_GATEWAY_CLIENT_KEY_FILE": str(keys / "gateway_client_ed25519"), **settings}
+    log_path = platform.log.parent / f"{name}.log"
+    with log_path.open("a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "gateway", "--ssh-port", str(ssh_port),
+                                 "--web-port", str(web_port)], env=env, cwd=ROOT, stdout=log, stderr=log)
+        try:
+            def healthy() -> bool:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"orz gateway exited; see {log_path}")
+                try:
+                    return httpx.get(f"http://127.0.0.1:{web_port}/healthz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(healthy, timeout=30, what=f"the gateway {name}")
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

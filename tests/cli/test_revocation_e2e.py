@@ -8,16 +8,14 @@ the user. Both terminals show the reason and end, and a new exec on the ControlM
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
-import httpx
 import pexpect
 import pytest
 
-from tests.fullstack import FULLSTACK_MARKS, Platform, running_platform
-from tests.support import ROOT, free_port, wait_until
+from tests.fullstack import FULLSTACK_MARKS, Platform, gateway_process, running_platform
+from tests.support import free_port
 
 pytestmark = FULLSTACK_MARKS
 REASON = "orz: your account is disabled"
@@ -33,30 +31,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
 @pytest.fixture
 def second_gateway(platform: Platform) -> Iterator[int]:
     """Another gateway replica: its own process, the same API, keys and service token."""
-    keys = platform.data / "keys"
     ssh_port, web_port = free_port(), free_port()
-    env = {**platform.env, "ORZ_DATA_DIR": str(platform.data),
-           "ORZ_PUBLIC_API_URL": f"http://127.0.0.1:{platform.api_port}",
-           "ORZ_SERVICE_TOKEN": (keys / "service_token").read_text().strip(),
-           "ORZ_GATEWAY_CLIENT_KEY_FILE": str(keys / "gateway_client_ed25519")}
-    log_path = platform.log.parent / "gateway2.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "gateway", "--ssh-port", str(ssh_port),
-                                 "--web-port", str(web_port)], env=env, cwd=ROOT, stdout=log, stderr=log)
-        try:
-            def healthy() -> bool:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"orz gateway exited; see {log_path}")
-                try:
-                    return httpx.get(f"http://127.0.0.1:{web_port}/healthz", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_until(healthy, timeout=30, what="the second gateway")
-            yield ssh_port
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
+    with gateway_process(platform, ssh_port, web_port, ORZ_GATEWAY_DRAIN_S="5"):
+        yield ssh_port
 
 
 def test_disabling_a_user_cuts_their_terminals_on_every_gateway(platform: Platform, second_gateway: int) -> None:

@@ -214,7 +214,23 @@ def test_gateway_selector_setting_matches_the_gateway_pods(rendered: Rendered) -
     assert env["ORZ_K8S_GATEWAY_NAMESPACE_SELECTOR"] == f"kubernetes.io/metadata.name={RELEASE_NS}"
 
 
+@pytest.mark.parametrize("drain", [None, (0, 20), (10, 600)])
+def test_gateway_drain_fits_in_the_grace_period(drain: tuple[int, int] | None) -> None:
+    """The kubelet's grace period covers the preStop sleep, the gateway's drain and its close."""
+    values = [] if drain is None else ["--set", f"gateway.drain.preStopSeconds={drain[0]}",
+                                       "--set", f"gateway.drain.drainSeconds={drain[1]}"]
+    pod = component(render(*values), "Deployment", "gateway")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    drain_s = float(env["ORZ_GATEWAY_DRAIN_S"])
+    hook = container.get("lifecycle", {}).get("preStop")
+    pre_stop_s = 0 if hook is None else int(hook["exec"]["command"][-1].split("sleep(")[1].rstrip(")"))
+    assert (pre_stop_s, drain_s) == ((5, 240) if drain is None else drain)
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop_s + drain_s + 20
+
+
 @pytest.mark.parametrize("bad", [
+    ["--set", "gateway.drain.drainSeconds=-1"], ["--set", "gateway.drain.preStopSeconds=600"],
     ["--set", "bogus=1"], ["--set", "api.bogus=1"], ["--set", "api.replicas=1"],
     ["--set", "gateway.service.extra=1"], ["--set", "sessions.namespace=Bad_NS"],
 ])
