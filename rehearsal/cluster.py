@@ -145,6 +145,7 @@ class RehearsalAccess(KubeAccess):
         self.rehearsal = cluster
         self.remote = remote
         self.denials = cluster.authorizer.denials
+        self.reports_denials = True
 
     def kill_container(self, pod: Obj, container: str) -> None:
         if self.remote:

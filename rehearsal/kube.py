@@ -52,6 +52,7 @@ class KubeAccess:
         self.api_client = config.new_client_from_config(config_file=str(kubeconfig))
         self.core = client.CoreV1Api(self.api_client)
         self.denials: list[str] = []  # RBAC denials seen by the API server, where it can say (the rehearsal's)
+        self.reports_denials = False
         self._forwarders: list[PodForwarder] = []
 
     def close(self) -> None:
