@@ -120,6 +120,26 @@ class ApiClient:
     async def delete_secret(self, name: str) -> None:
         await self.request("DELETE", f"/v1/secrets/{name}")
 
+    # -- sign-in ---------------------------------------------------------------------------------
+
+    async def sign_in_providers(self) -> schemas.SignInProviders:
+        return await self._get(schemas.SignInProviders, "/v1/auth/providers")
+
+    async def start_device(self, provider: str | None = None) -> schemas.DeviceAuthorization:
+        body = schemas.DeviceAuthorizationRequest(provider=provider)  # type: ignore[arg-type]
+        return await self._send(schemas.DeviceAuthorization, "POST", "/v1/auth/device", body)
+
+    async def poll_device(self, device_code: str) -> schemas.TokenGrant:
+        body = schemas.TokenRequest(grant_type="urn:ietf:params:oauth:grant-type:device_code", device_code=device_code)
+        return await self._send(schemas.TokenGrant, "POST", "/v1/auth/token", body)
+
+    async def refresh(self, refresh_token: str) -> schemas.TokenGrant:
+        body = schemas.TokenRequest(grant_type="refresh_token", refresh_token=refresh_token)
+        return await self._send(schemas.TokenGrant, "POST", "/v1/auth/token", body)
+
+    async def revoke(self) -> None:
+        await self.request("POST", "/v1/auth/revoke")
+
     # -- internal API (runner and gateway) -------------------------------------------------------
 
     async def heartbeat(self, session_id: str, body: schemas.Heartbeat) -> schemas.HeartbeatReply:
