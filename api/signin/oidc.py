@@ -93,11 +93,11 @@ class OidcProvider:
 
     # -- id_token ----------------------------------------------------------------------------------
 
-    async def verify_id_token(self, token: str, *, nonce: str | None = None) -> Identity:
-        """Signature (JWKS), issuer, audience, expiry, nonce; the email only when the issuer verified it."""
+    async def verify_id_token(self, token: str, *, nonce: str | None = None) -> dict[str, Any]:
+        """The id_token's claims once its signature (JWKS), issuer, audience, expiry and nonce check out."""
         key, alg = await self._signing_key(token)
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token, key, algorithms=[alg], audience=self.client_id, issuer=self.issuer, leeway=self.skew_s,
                 options={"require": ["iss", "sub", "aud", "exp", "iat"]},
             )
@@ -114,6 +114,19 @@ class OidcProvider:
             raise InvalidIdToken("the id_token was issued to another client (azp)")
         if nonce is not None and claims.get("nonce") != nonce:
             raise InvalidIdToken("the id_token's nonce does not match this sign-in")
+        return claims
+
+    async def identity(self, id_token: str, access_token: str | None, *, nonce: str | None = None) -> Identity:
+        """Who signed in: the verified id_token's subject, and its email only when the issuer verified it.
+        Issuers that keep the email out of the id_token (OIDC Core 5.4) are asked at their UserInfo
+        endpoint, whose answer must name the same subject."""
+        claims = await self.verify_id_token(id_token, nonce=nonce)
+        if "email" not in claims and access_token:
+            info = await request_json(self._http, "GET", await self._endpoint("userinfo_endpoint"),
+                                      what="the userinfo", headers={"Authorization": f"Bearer {access_token}"})
+            if not isinstance(info, dict) or info.get("sub") != claims["sub"]:
+                raise InvalidIdToken("the userinfo answer is about another subject than the id_token")
+            claims = {**claims, "email": info.get("email"), "email_verified": info.get("email_verified")}
         email = claims.get("email")
         verified = claims.get("email_verified")
         if not isinstance(email, str) or not email:
@@ -153,7 +166,7 @@ class OidcProvider:
             if "error" not in body:
                 raise IdentityProviderError("the identity provider's token answer has no id_token")
             raise_device_error(body, interval=body.get("interval"))
-        return await self.verify_id_token(str(body["id_token"]))
+        return await self.identity(str(body["id_token"]), body.get("access_token"))
 
     async def authorization_url(self, *, redirect_uri: str, state: str, nonce: str, code_challenge: str) -> str:
         url = await self._endpoint("authorization_endpoint")
@@ -170,4 +183,4 @@ class OidcProvider:
                                  "redirect_uri": redirect_uri}))
         if "id_token" not in body:
             raise_device_error({"error": "invalid_grant"} if "error" in body else body)
-        return await self.verify_id_token(str(body["id_token"]), nonce=nonce)
+        return await self.identity(str(body["id_token"]), body.get("access_token"), nonce=nonce)
