@@ -132,7 +132,8 @@ async def login(flow: LoginFlow, api_url: str) -> tuple[Credentials, schemas.Me]
     async with ApiClient(api_url, got.token) as client:
         me = await client.me()
     creds = Credentials(api_url=api_url.rstrip("/"), api_token=got.token, expires_at=got.expires_at,
-                        refresh_token=got.refresh_token, source=got.source or me.source)
+                        refresh_token=got.refresh_token,
+                        source=got.source or (me.source if me.source != "token" else None))
     save_credentials(creds)
     return creds, me
 
