@@ -381,6 +381,25 @@ class TokenGrant(Response):
     source: str
 
 
+class BrowserSignInStart(Request):
+    """The gateway starts a browser sign-in that will come back to redirect_uri."""
+
+    redirect_uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+
+
+class BrowserSignInRedirect(Response):
+    """Where to send the browser, and the state to bind to it (an HttpOnly cookie) until it returns."""
+
+    authorization_url: str
+    state: str
+
+
+class BrowserSignInFinish(Request):
+    state: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    code: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    redirect_uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+
+
 class GoExchangeRequest(Request):
     """What the Go CLI's `orz login` sends: its GitHub token and who GitHub said it belongs to."""
 

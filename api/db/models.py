@@ -141,6 +141,22 @@ class DeviceGrant(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class SigninState(Base):
+    """A browser sign-in in progress (authorization code + PKCE): the state the provider sends back,
+    stored as a SHA-256, with the nonce and PKCE verifier sealed. Single use; gone once finished."""
+
+    __tablename__ = "signin_states"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("sst"))
+    state_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    redirect_uri: Mapped[str] = mapped_column(Text)
+    key_id: Mapped[str] = mapped_column(String(32))
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(16))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Instance(Base):
     """One session: its spec, lifecycle state, where its runner is and how it was last seen."""
 

@@ -12,7 +12,7 @@ from api.db.models import Org
 from api.errors import BadRequest
 from api.http import parse_body, respond
 from api.openapi import route
-from api.routes.deps import principal, state
+from api.routes.deps import principal, require_service, state
 from api.signin.service import SignInService, TokenPair
 
 bp = Blueprint("auth")
@@ -87,3 +87,22 @@ async def exchange(request: Request) -> HTTPResponse:
     assert org is not None
     return respond(schemas.GoExchange(token=pair.access_token, user=schemas.GoExchangeUser(
         id=user.id, login=pair.login or body.github_login, email=user.email, org_id=org.id, plan=org.plan)))
+
+
+@route(bp, "POST", "/internal/v1/signin/start", summary="Gateway: start a browser sign-in (code + PKCE)",
+       tag="internal", request=schemas.BrowserSignInStart, responses={200: schemas.BrowserSignInRedirect},
+       errors=(404, 502), security="service_token")
+async def browser_start(request: Request) -> HTTPResponse:
+    require_service(request)
+    body = parse_body(request, schemas.BrowserSignInStart)
+    url, signin_state = await _service(request).start_browser(body.redirect_uri)
+    return respond(schemas.BrowserSignInRedirect(authorization_url=url, state=signin_state))
+
+
+@route(bp, "POST", "/internal/v1/signin/finish", summary="Gateway: finish a browser sign-in: an API token",
+       tag="internal", request=schemas.BrowserSignInFinish, responses={200: schemas.TokenGrant},
+       errors=(403, 404, 502), security="service_token")
+async def browser_finish(request: Request) -> HTTPResponse:
+    require_service(request)
+    body = parse_body(request, schemas.BrowserSignInFinish)
+    return _grant(await _service(request).finish_browser(body.state, body.code, body.redirect_uri))

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import secrets
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.credentials.secrets_box import RowBinding, Sealed, SecretsBox
 from api.db import tokens
 from api.db.base import utcnow
-from api.db.models import ApiToken, DeviceGrant, RefreshToken, User, new_id
-from api.errors import ExpiredToken, InvalidGrant, SignInNotConfigured, SignInRefused, SlowDown
+from api.db.models import ApiToken, DeviceGrant, RefreshToken, SigninState, User, new_id
+from api.errors import BadRequest, ExpiredToken, InvalidGrant, SignInNotConfigured, SignInRefused, SlowDown
 from api.settings import Settings
 from api.signin import rules
 from api.signin.github import GitHubProvider
@@ -25,6 +29,8 @@ DEVICE_CODE_PREFIX = "orzd_"
 REFRESH_TOKEN_PREFIX = "orzrt_"  # noqa: S105  # nosec B105  # a public marker, not a secret
 # RFC 8628 3.5: each slow_down adds 5 seconds to the interval.
 SLOW_DOWN_STEP_S = 5
+# How long a person may take at the provider's sign-in page.
+BROWSER_STATE_TTL_S = 600
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,10 @@ class TokenPair:
     login: str | None = None
 
 
-def _binding(grant_id: str) -> RowBinding:
-    # The sealed provider device code is bound to its grant row: moved to another row it does not open.
-    return RowBinding(org_id="-", scope="device_grant", name=grant_id)
+def _binding(row_id: str) -> RowBinding:
+    # What is sealed (a provider's device code, a PKCE verifier and nonce) is bound to its row: moved to
+    # another row it does not open.
+    return RowBinding(org_id="-", scope="signin", name=row_id)
 
 
 class SignInService:
@@ -235,6 +242,58 @@ class SignInService:
             await db.commit()
             if family is not None:
                 await self._revoke_family(db, family)
+
+    # -- the browser: authorization code + PKCE -------------------------------------------------------
+
+    def allowed_redirect_uris(self) -> tuple[str, ...]:
+        """Where a browser sign-in may return: the web door's callback (never a caller's choice)."""
+        web = self.settings.public_web_url.rstrip("/") or \
+            f"http://{self.settings.gateway_web_host}:{self.settings.gateway_web_port}"
+        return (f"{web}/s/callback",)
+
+    def _oidc(self) -> OidcProvider:
+        found = self.providers.get("oidc")
+        if not isinstance(found, OidcProvider):
+            raise SignInNotConfigured("browser sign-in needs an OIDC provider (ORZ_OIDC_ISSUER)")
+        return found
+
+    async def start_browser(self, redirect_uri: str) -> tuple[str, str]:
+        """The provider's authorization URL and the state to bind to the browser (a cookie)."""
+        provider = self._oidc()
+        if redirect_uri not in self.allowed_redirect_uris():
+            raise BadRequest("redirect_uri is not this server's sign-in callback")
+        state, nonce, verifier = (secrets.token_urlsafe(32) for _ in range(3))
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        row_id = new_id("sst")
+        sealed = self.box.seal(json.dumps({"nonce": nonce, "verifier": verifier}).encode(), _binding(row_id))
+        async with self.sessions() as db:
+            db.add(SigninState(id=row_id, state_hash=tokens.digest(state), redirect_uri=redirect_uri,
+                               key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext,
+                               expires_at=utcnow() + timedelta(seconds=BROWSER_STATE_TTL_S)))
+            await db.commit()
+        url = await provider.authorization_url(redirect_uri=redirect_uri, state=state, nonce=nonce,
+                                               code_challenge=challenge)
+        return url, state
+
+    async def finish_browser(self, state: str, code: str, redirect_uri: str) -> TokenPair:
+        """Spend the state (single use), redeem the code with its PKCE verifier, check the nonce."""
+        provider = self._oidc()
+        async with self.sessions() as db:
+            row = await db.scalar(select(SigninState).where(SigninState.state_hash == tokens.digest(state)))
+            if row is None:
+                raise InvalidGrant("unknown or already used sign-in state")
+            claimed = await db.execute(delete(SigninState).where(SigninState.id == row.id))
+            await db.commit()
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                raise InvalidGrant("unknown or already used sign-in state")
+        if row.expires_at <= utcnow():
+            raise ExpiredToken("the sign-in took too long; start again")
+        if row.redirect_uri != redirect_uri:
+            raise InvalidGrant("the sign-in returned to another address than it started from")
+        secret = json.loads(self.box.open(Sealed(row.key_id, row.nonce, row.ciphertext), _binding(row.id)))
+        identity = await provider.redeem_code(code=code, code_verifier=secret["verifier"],
+                                              redirect_uri=redirect_uri, nonce=secret["nonce"])
+        return await self.sign_in(identity, refresh=False)
 
     async def exchange_github(self, github_token: str, github_id: int | None) -> TokenPair:
         """The Go CLI's login: a GitHub token (checked against GitHub's /user) for an API token. It has no

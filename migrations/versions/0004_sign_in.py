@@ -1,10 +1,10 @@
-"""sign-in: identities at providers, refresh tokens, device grants, pending users, token sources
+"""sign-in: identities at providers, refresh tokens, device grants, browser sign-in states, pending users, token sources
 
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-05 16:20:00
 
-Expand only: three new tables no older code reads, and nullable or defaulted columns older code does
+Expand only: four new tables no older code reads, and nullable or defaulted columns older code does
 not write (`users.approval_pending` has a server default; a pending user is also `is_active = false`,
 so code of the previous release keeps them out too; `api_tokens.source` is NULL for minted tokens).
 """
@@ -79,9 +79,24 @@ def upgrade() -> None:
         sa.UniqueConstraint("prefix", name=op.f("uq_device_grants_prefix")),
     )
     op.create_index(op.f("ix_device_grants_expires_at"), "device_grants", ["expires_at"], unique=False)
+    op.create_table(
+        "signin_states",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("state_hash", sa.String(length=64), nullable=False),
+        sa.Column("redirect_uri", sa.Text(), nullable=False),
+        sa.Column("key_id", sa.String(length=32), nullable=False),
+        sa.Column("nonce", sa.LargeBinary(length=16), nullable=False),
+        sa.Column("ciphertext", sa.LargeBinary(), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_signin_states")),
+        sa.UniqueConstraint("state_hash", name=op.f("uq_signin_states_state_hash")),
+    )
+    op.create_index(op.f("ix_signin_states_expires_at"), "signin_states", ["expires_at"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_table("signin_states")
     op.drop_table("device_grants")
     op.drop_table("refresh_tokens")
     op.drop_table("user_identities")

@@ -75,7 +75,7 @@ values = ["fix \\u0000 it", "\\u0000", "red \\u001b[31m", "ma\\u0085in", "two\\n
 expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
 
 [[operations]]
-include-path-regex = "^/internal/v1/(authorize|attach-events|access-check|auth-failures)$"
+include-path-regex = "^/internal/v1/(authorize|attach-events|access-check|auth-failures|signin/start|signin/finish)$"
 headers = {{ Authorization = "Bearer {SERVICE_TOKEN}" }}
 
 # Logging out revokes the token it presents: a token of its own, so the run's token stays valid.

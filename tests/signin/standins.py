@@ -1,7 +1,8 @@
 """Identity providers for the sign-in tests, served over real HTTP on loopback, each in its own thread.
 
 - `OidcStandIn` stands in for an OpenID Connect provider (Google, Keycloak, Okta, ...): discovery, JWKS,
-  RFC 8628 device authorization and a token endpoint, signing id_tokens with its own RSA key. The happy
+  RFC 8628 device authorization and a token endpoint (device and authorization-code grants, PKCE S256
+  checked), signing id_tokens with its own RSA key. The happy
   path also runs against nanoidp (tests/signin/nanoidp.py), a real provider; this one exists for what a
   real one will not do on request: tokens for another audience, expired ones, another issuer's, an
   unverified email, a forged signature, a discovery document naming another issuer.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import hashlib
 import json
 import secrets
 import threading
@@ -128,6 +130,7 @@ class OidcStandIn(ThreadedJsonServer):
     # Misbehaviour knobs: the discovery document's issuer, and the key id tokens are signed with.
     discovery_issuer: str | None = None
     devices: dict[str, Device] = field(default_factory=dict)
+    codes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ThreadedJsonServer.__init__(self)
@@ -159,6 +162,30 @@ class OidcStandIn(ThreadedJsonServer):
                 device.claims = token_args
                 return
         raise KeyError(user_code)
+
+    def authorize(self, authorization_url: str, *, code_challenge: str | None = None, **token_args: Any) -> str:
+        """The person signs in at the authorization URL; returns the code the browser brings back.
+        ``code_challenge`` replaces the one in the URL (a code obtained for somebody else's login)."""
+        query = {k: v[0] for k, v in parse_qs(urlsplit(authorization_url).query).items()}
+        assert query["response_type"] == "code" and query["client_id"] == self.client_id
+        assert query["code_challenge_method"] == "S256"
+        code = secrets.token_urlsafe(24)
+        token_args.setdefault("nonce", query["nonce"])
+        self.codes[code] = {"redirect_uri": query["redirect_uri"], "used": False,
+                            "challenge": code_challenge or query["code_challenge"], "token_args": token_args}
+        return code
+
+    def _redeem(self, form: dict[str, str]) -> tuple[int, Any]:
+        grant = self.codes.get(form.get("code", ""))
+        if grant is None or grant["used"] or grant["redirect_uri"] != form.get("redirect_uri"):
+            return 400, {"error": "invalid_grant"}
+        grant["used"] = True
+        verifier = form.get("code_verifier", "").encode()
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode()
+        if challenge != grant["challenge"]:
+            return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
+        return 200, {"access_token": secrets.token_urlsafe(16), "token_type": "Bearer",
+                     "id_token": self.id_token(**grant["token_args"])}
 
     def route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         url = urlsplit(path)
@@ -198,6 +225,8 @@ class OidcStandIn(ThreadedJsonServer):
             device.used = True
             return 200, {"access_token": secrets.token_urlsafe(16), "token_type": "Bearer", "expires_in": 300,
                          "id_token": self.id_token(**device.claims)}
+        if url.path == "/token" and form.get("grant_type") == "authorization_code":
+            return self._redeem(form)
         return 400, {"error": "unsupported_grant_type"}
 
 
