@@ -11,6 +11,7 @@ from sqlalchemy import select
 from api import admin
 from api.db.models import ApiToken, RefreshToken, User
 from api.settings import Settings
+from tests.conftest import both_databases
 from tests.signin.conftest import make_app, poll, signin_settings, start
 from tests.signin.standins import OidcStandIn
 
@@ -28,6 +29,7 @@ async def sign_in(app, oidc: OidcStandIn, **token_args):  # type: ignore[no-unty
     return started, await poll(app, started["device_code"])
 
 
+@both_databases
 async def test_device_sign_in_creates_the_user_and_gets_tokens(app, oidc, sessions, settings):
     started = await start(app)
     assert started["provider"] == "oidc" and started["user_code"] and started["interval"] == 1
@@ -50,11 +52,13 @@ async def test_device_sign_in_creates_the_user_and_gets_tokens(app, oidc, sessio
     async with sessions() as db:
         rows = [*(await db.scalars(select(ApiToken))), *(await db.scalars(select(RefreshToken)))]
     assert len(rows) == 2 and all(r.expires_at is not None for r in rows)
-    db_bytes = Path(settings.database_url.split("///", 1)[1]).read_bytes()
-    for value in (grant["access_token"], grant["refresh_token"], started["device_code"]):
-        assert value.encode() not in db_bytes
+    if settings.database_url.startswith("sqlite"):
+        db_bytes = Path(settings.database_url.split("///", 1)[1]).read_bytes()
+        for value in (grant["access_token"], grant["refresh_token"], started["device_code"]):
+            assert value.encode() not in db_bytes
 
 
+@both_databases
 async def test_the_device_code_is_single_use(app, oidc):
     started, done = await sign_in(app, oidc, email="ada@example.com")
     assert done.status == 200
@@ -136,6 +140,7 @@ async def refresh(app, value: str):  # type: ignore[no-untyped-def]
     return resp
 
 
+@both_databases
 async def test_refresh_rotates_and_a_replayed_refresh_token_revokes_the_sign_in(app, oidc):
     _, done = await sign_in(app, oidc, email="ada@example.com")
     first = done.json
