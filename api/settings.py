@@ -273,6 +273,17 @@ class Settings(BaseSettings):
             object.__setattr__(self, "public_ssh_port", self.ssh_port)
         return self
 
+    def web_base_url(self) -> str:
+        """The web door's address as a browser sees it (https://..., never ws://)."""
+        if self.public_web_url:
+            return self.public_web_url.replace("wss://", "https://").replace("ws://", "http://").rstrip("/")
+        wildcard = self.gateway_web_host in ("0.0.0.0", "::")  # noqa: S104  # nosec B104  # compared, not bound
+        return f"http://{'127.0.0.1' if wildcard else self.gateway_web_host}:{self.gateway_web_port}"
+
+    def signin_callback_url(self) -> str:
+        """Where the browser terminal's sign-in returns (the only redirect URI the API lets it use)."""
+        return f"{self.web_base_url()}/s/callback"
+
     def signin_domains(self) -> tuple[str, ...]:
         return tuple(d.lower().lstrip("@") for d in _split_list(self.signin_allowed_domains))
 

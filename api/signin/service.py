@@ -247,9 +247,7 @@ class SignInService:
 
     def allowed_redirect_uris(self) -> tuple[str, ...]:
         """Where a browser sign-in may return: the web door's callback (never a caller's choice)."""
-        web = self.settings.public_web_url.rstrip("/") or \
-            f"http://{self.settings.gateway_web_host}:{self.settings.gateway_web_port}"
-        return (f"{web}/s/callback",)
+        return (self.settings.signin_callback_url(),)
 
     def _oidc(self) -> OidcProvider:
         found = self.providers.get("oidc")
