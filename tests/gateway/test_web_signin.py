@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
+from tests.gateway.test_web_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.signin.standins import OidcStandIn
 from tests.web_platform import NEEDS, WebPlatform, start_platform
 
@@ -100,3 +103,35 @@ def test_sign_in_rules_apply_and_next_stays_on_this_door(platform: WebPlatform, 
     refused = web.get("/s/callback", params={"code": code, "state": state})
     assert refused.status_code == 403 and "ask an admin" in refused.text
     assert "orz_web" not in set_cookies(refused)
+
+
+def test_a_real_browser_signs_in_and_the_terminal_connects(platform: WebPlatform, idp: OidcStandIn):
+    """Headless chromium: the page offers Sign in, the provider sends it back, the terminal connects with
+    the cookie, and no script on the page can read the API token."""
+    chromium = Path(CHROMIUM)
+    if not chromium.exists() or importlib.util.find_spec("playwright") is None:
+        pytest.skip("needs chromium and playwright (hack/setup.sh)")
+    from playwright.sync_api import expect, sync_playwright
+
+    sid = platform.new_session("exec bash --norc --noprofile")
+    idp.browser_email = "admin@localhost"
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(f"{platform.web_url}/s/{sid}")
+                expect(page.locator("#status")).to_contain_text("sign in", timeout=15000)
+                page.click("#signin")
+                page.wait_for_url(f"{platform.web_url}/s/{sid}", timeout=15000)
+                expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
+                assert "orz_web" not in page.evaluate("document.cookie")  # HttpOnly
+                assert page.evaluate("localStorage.getItem('orz.apiToken')") is None
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        idp.browser_email = None
+        platform.kill(sid)

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -131,6 +131,8 @@ class OidcStandIn(ThreadedJsonServer):
     discovery_issuer: str | None = None
     devices: dict[str, Device] = field(default_factory=dict)
     codes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Who is signed in at the provider in the browser: GET /authorize then redirects straight back.
+    browser_email: str | None = None
 
     def __post_init__(self) -> None:
         ThreadedJsonServer.__init__(self)
@@ -198,6 +200,10 @@ class OidcStandIn(ThreadedJsonServer):
             }
         if url.path == "/jwks":
             return 200, self.jwks()
+        if url.path == "/authorize" and self.browser_email:
+            query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            code = self.authorize(f"{self.url}{path}", email=self.browser_email)
+            return 302, {"location": f"{query['redirect_uri']}?{urlencode({'code': code, 'state': query['state']})}"}
         if method != "POST":
             return 404, {"error": "not_found"}
         form = _form(body)
