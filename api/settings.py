@@ -129,6 +129,8 @@ class Settings(BaseSettings):
     signin_allowed_domains: str = ""
     # Comma-separated GitHub orgs; a GitHub sign-in must belong to one (empty: any account).
     signin_github_orgs: str = ""
+    # Comma-separated GitHub teams as org/team-slug; a GitHub sign-in must be on one (empty: no team rule).
+    signin_github_teams: str = ""
     # What a first sign-in of an unknown person does: "create" the user (in signin_org), leave them
     # "pending" until `orz admin approve EMAIL`, or "refuse" (only users an admin created get in).
     signin_new_users: Literal["create", "pending", "refuse"] = "pending"
@@ -289,6 +291,9 @@ class Settings(BaseSettings):
 
     def signin_orgs(self) -> tuple[str, ...]:
         return tuple(o.lower() for o in _split_list(self.signin_github_orgs))
+
+    def signin_teams(self) -> tuple[str, ...]:
+        return tuple(t.lower() for t in _split_list(self.signin_github_teams))
 
     @property
     def longest_cert_ttl_s(self) -> int:

@@ -26,6 +26,7 @@ class GitHubProvider:
         self.client_id = settings.github_client_id
         self._secret = settings.github_client_secret.get_secret_value()
         self.want_orgs = bool(settings.signin_orgs())
+        self.want_teams = bool(settings.signin_teams())
         self._http = http
 
     async def start_device(self) -> UpstreamDevice:
@@ -82,5 +83,12 @@ class GitHubProvider:
             listing = await self._get(token, "/user/orgs", "the user's orgs")
             orgs = tuple(str(o["login"]).lower() for o in listing if isinstance(o, dict) and o.get("login")) \
                 if isinstance(listing, list) else ()
+        teams: tuple[str, ...] | None = None
+        if self.want_teams:
+            listing = await self._get(token, "/user/teams", "the user's teams")
+            teams = tuple(f"{t['organization']['login']}/{t['slug']}".lower() for t in listing
+                          if isinstance(t, dict) and t.get("slug") and isinstance(t.get("organization"), dict)
+                          and t["organization"].get("login")) if isinstance(listing, list) else ()
         return Identity(provider_key=self.provider_key, source=self.source, subject=str(user["id"]),
-                        email=email.strip().lower(), login=str(user.get("login") or "") or None, orgs=orgs)
+                        email=email.strip().lower(), login=str(user.get("login") or "") or None, orgs=orgs,
+                        teams=teams)

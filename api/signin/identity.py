@@ -17,6 +17,8 @@ class Identity:
     login: str | None = None
     # GitHub org logins (lower case) when the provider was asked for them; None when not known.
     orgs: tuple[str, ...] | None = None
+    # GitHub teams as "org/team-slug" (lower case) when the rules need them; None when not known.
+    teams: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,10 @@ def check_rules(settings: Settings, identity: Identity) -> None:
     in_org = identity.orgs is not None and bool(set(identity.orgs) & set(orgs))
     if orgs and identity.provider_key == "github" and not in_org:
         raise SignInRefused(f"sign-in with GitHub is limited to members of {', '.join(orgs)}")
+    teams = settings.signin_teams()
+    on_team = identity.teams is not None and bool(set(identity.teams) & set(teams))
+    if teams and identity.provider_key == "github" and not on_team:
+        raise SignInRefused(f"sign-in with GitHub is limited to the teams {', '.join(teams)}")
 
 
 def _check_user(user: User) -> None:

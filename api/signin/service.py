@@ -105,6 +105,7 @@ class SignInService:
         grant_id = new_id("dev")
         sealed = self.box.seal(upstream.device_code.encode(), _binding(grant_id))
         async with self.sessions() as db:
+            await self._purge(db)
             db.add(DeviceGrant(id=grant_id, prefix=issued.prefix, token_hash=issued.digest, provider=provider.name,
                                key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext,
                                interval_s=max(1, upstream.interval),
@@ -114,6 +115,13 @@ class SignInService:
                            verification_uri=upstream.verification_uri,
                            verification_uri_complete=upstream.verification_uri_complete,
                            expires_in=expires_in, interval=max(1, upstream.interval), provider=provider.name)
+
+    async def _purge(self, db: AsyncSession) -> None:
+        """Sign-ins nobody finished, and redeemed device codes, once they have expired (each start
+        sweeps, so the tables hold at most the sign-ins of the last few minutes)."""
+        now = utcnow()
+        await db.execute(delete(DeviceGrant).where(DeviceGrant.expires_at < now))
+        await db.execute(delete(SigninState).where(SigninState.expires_at < now))
 
     async def poll_device(self, device_code: str) -> TokenPair:
         if not tokens.looks_like(device_code, DEVICE_CODE_PREFIX):
@@ -265,6 +273,7 @@ class SignInService:
         row_id = new_id("sst")
         sealed = self.box.seal(json.dumps({"nonce": nonce, "verifier": verifier}).encode(), _binding(row_id))
         async with self.sessions() as db:
+            await self._purge(db)
             db.add(SigninState(id=row_id, state_hash=tokens.digest(state), redirect_uri=redirect_uri,
                                key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext,
                                expires_at=utcnow() + timedelta(seconds=BROWSER_STATE_TTL_S)))

@@ -8,7 +8,7 @@
   unverified email, a forged signature, a discovery document naming another issuer.
 - `GitHubStandIn` stands in for GitHub (Enterprise, at its base URL): the device flow
   (/login/device/code, /login/oauth/access_token) and the REST API at <base>/api/v3 (/user,
-  /user/emails, /user/orgs).
+  /user/emails, /user/orgs, /user/teams).
 
 The person approving in the browser is played by `approve(user_code, ...)`.
 """
@@ -243,6 +243,7 @@ class GitHubAccount:
     email: str
     verified: bool = True
     orgs: tuple[str, ...] = ()
+    teams: tuple[str, ...] = ()  # "org/team-slug"
 
 
 @dataclass
@@ -284,6 +285,9 @@ class GitHubStandIn(ThreadedJsonServer):
                              {"email": account.email, "primary": True, "verified": account.verified}]
             if url.path == "/api/v3/user/orgs":
                 return 200, [{"login": org, "id": n} for n, org in enumerate(account.orgs)]
+            if url.path == "/api/v3/user/teams":
+                return 200, [{"slug": team.split("/")[1], "organization": {"login": team.split("/")[0]}}
+                             for team in account.teams]
             return 404, {"message": "Not Found"}
         form = _form(body)
         if form.get("client_id") != self.client_id:

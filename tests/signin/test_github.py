@@ -51,6 +51,17 @@ async def test_github_org_rule_and_unverified_email(settings, github: GitHubStan
     assert done.status == 403 and "no verified primary email" in done.json["detail"]
 
 
+async def test_github_team_rule(settings, github: GitHubStandIn):
+    app = make_app(signin_settings(settings, github=github, signin_github_teams="Acme/platform"))
+    for account, status in ((GitHubAccount(id=9, login="pat", email="pat@example.com", teams=("Acme/platform",)), 200),
+                            (GitHubAccount(id=10, login="sam", email="sam@example.com", teams=("acme/sales",)), 403)):
+        started = await start(app, "github")
+        github.approve(started["user_code"], account)
+        done = await poll(app, started["device_code"])
+        assert done.status == status, done.json
+    assert "teams acme/platform" in done.json["detail"]
+
+
 async def test_go_cli_exchange(settings, github: GitHubStandIn, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.DEBUG)
     app = make_app(signin_settings(settings, github=github))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from api import admin
-from api.db.models import ApiToken, RefreshToken, User
+from api.db.models import ApiToken, DeviceGrant, RefreshToken, User
 from api.settings import Settings
 from tests.conftest import both_databases
 from tests.signin.conftest import make_app, poll, signin_settings, start
@@ -30,7 +32,8 @@ async def sign_in(app, oidc: OidcStandIn, **token_args):  # type: ignore[no-unty
 
 
 @both_databases
-async def test_device_sign_in_creates_the_user_and_gets_tokens(app, oidc, sessions, settings):
+async def test_device_sign_in_creates_the_user_and_gets_tokens(app, oidc, sessions, settings, caplog):
+    caplog.set_level(logging.DEBUG)
     started = await start(app)
     assert started["provider"] == "oidc" and started["user_code"] and started["interval"] == 1
     assert started["verification_uri"] == f"{oidc.url}/device"
@@ -52,6 +55,9 @@ async def test_device_sign_in_creates_the_user_and_gets_tokens(app, oidc, sessio
     async with sessions() as db:
         rows = [*(await db.scalars(select(ApiToken))), *(await db.scalars(select(RefreshToken)))]
     assert len(rows) == 2 and all(r.expires_at is not None for r in rows)
+    for value in (grant["access_token"], grant["refresh_token"], started["device_code"],
+                  *[d for d in oidc.devices]):  # ours and the provider's device codes
+        assert value not in caplog.text
     if settings.database_url.startswith("sqlite"):
         db_bytes = Path(settings.database_url.split("///", 1)[1]).read_bytes()
         for value in (grant["access_token"], grant["refresh_token"], started["device_code"]):
@@ -67,6 +73,23 @@ async def test_the_device_code_is_single_use(app, oidc):
     assert "already used" in again.json["detail"]
     wrong = await poll(app, started["device_code"][:-3] + "AAA")
     assert wrong.status == 400 and wrong.json["code"] == "invalid_grant"
+
+
+async def test_expired_device_codes_are_refused_and_swept(app, oidc, sessions):
+    started = await start(app)
+    async with sessions() as db:
+        await db.execute(update(DeviceGrant).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        await db.commit()
+    expired = await poll(app, started["device_code"])
+    assert expired.status == 400 and expired.json["code"] == "expired_token"
+    stale = await start(app)
+    async with sessions() as db:
+        await db.execute(update(DeviceGrant).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        await db.commit()
+    await start(app)  # each start sweeps expired ones
+    async with sessions() as db:
+        assert len(list(await db.scalars(select(DeviceGrant)))) == 1
+    assert (await poll(app, stale["device_code"])).json["code"] == "invalid_grant"
 
 
 async def test_polling_faster_than_the_interval_is_slowed_down(app, oidc):
