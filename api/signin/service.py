@@ -10,14 +10,22 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import httpx
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.credentials.secrets_box import RowBinding, Sealed, SecretsBox
 from api.db import tokens
 from api.db.base import utcnow
 from api.db.models import ApiToken, DeviceGrant, RefreshToken, SigninState, User, new_id
-from api.errors import BadRequest, ExpiredToken, InvalidGrant, SignInNotConfigured, SignInRefused, SlowDown
+from api.errors import (
+    BadRequest,
+    ExpiredToken,
+    InvalidGrant,
+    NotReady,
+    SignInNotConfigured,
+    SignInRefused,
+    SlowDown,
+)
 from api.settings import Settings
 from api.signin import rules
 from api.signin.github import GitHubProvider
@@ -31,6 +39,8 @@ REFRESH_TOKEN_PREFIX = "orzrt_"  # noqa: S105  # nosec B105  # a public marker, 
 SLOW_DOWN_STEP_S = 5
 # How long a person may take at the provider's sign-in page.
 BROWSER_STATE_TTL_S = 600
+# Sign-ins in progress at once (the start routes take no credential): beyond this, new ones wait.
+MAX_PENDING = 10_000
 
 
 @dataclass(frozen=True)
@@ -99,13 +109,13 @@ class SignInService:
 
     async def start_device(self, provider_name: str | None) -> DeviceStart:
         provider = self.provider(provider_name)
+        await self._make_room()  # before the provider is asked for anything
         upstream = await provider.start_device()
         issued = tokens.issue(DEVICE_CODE_PREFIX)
         expires_in = max(1, min(upstream.expires_in, self.settings.signin_device_ttl_s))
         grant_id = new_id("dev")
         sealed = self.box.seal(upstream.device_code.encode(), _binding(grant_id))
         async with self.sessions() as db:
-            await self._purge(db)
             db.add(DeviceGrant(id=grant_id, prefix=issued.prefix, token_hash=issued.digest, provider=provider.name,
                                key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext,
                                interval_s=max(1, upstream.interval),
@@ -116,12 +126,24 @@ class SignInService:
                            verification_uri_complete=upstream.verification_uri_complete,
                            expires_in=expires_in, interval=max(1, upstream.interval), provider=provider.name)
 
+    async def _make_room(self) -> None:
+        async with self.sessions() as db:
+            await self._purge(db)
+            await db.commit()
+
     async def _purge(self, db: AsyncSession) -> None:
         """Sign-ins nobody finished, and redeemed device codes, once they have expired (each start
-        sweeps, so the tables hold at most the sign-ins of the last few minutes)."""
+        sweeps, so the tables hold at most the sign-ins of the last few minutes); refuses a new one
+        while MAX_PENDING are in progress (the start routes are open to anyone)."""
         now = utcnow()
         await db.execute(delete(DeviceGrant).where(DeviceGrant.expires_at < now))
         await db.execute(delete(SigninState).where(SigninState.expires_at < now))
+        pending = (await db.scalar(select(func.count()).select_from(DeviceGrant)) or 0) + \
+            (await db.scalar(select(func.count()).select_from(SigninState)) or 0)
+        if pending >= MAX_PENDING:
+            await db.commit()
+            raise NotReady("too many sign-ins in progress; try again in a minute",
+                           internal=f"{pending} sign-ins in progress (limit {MAX_PENDING})")
 
     async def poll_device(self, device_code: str) -> TokenPair:
         if not tokens.looks_like(device_code, DEVICE_CODE_PREFIX):
@@ -272,8 +294,8 @@ class SignInService:
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
         row_id = new_id("sst")
         sealed = self.box.seal(json.dumps({"nonce": nonce, "verifier": verifier}).encode(), _binding(row_id))
+        await self._make_room()
         async with self.sessions() as db:
-            await self._purge(db)
             db.add(SigninState(id=row_id, state_hash=tokens.digest(state), redirect_uri=redirect_uri,
                                key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext,
                                expires_at=utcnow() + timedelta(seconds=BROWSER_STATE_TTL_S)))

@@ -95,7 +95,14 @@ def test_device_login_waits_for_approval_then_an_admin_approves(orz: Orz, live_a
     assert not (home / ".config" / "orzbob" / "token.json").exists()
     approve = orz("admin", "approve", "ada@example.com", ORZ_DATABASE_URL=live_api.app.ctx.state.settings.database_url)
     assert approve.returncode == 0, approve.stderr
-    assert device_login(orz, live_api, nanoidp, DISPLAY="").returncode == 0
+    # Where a browser can be opened (BROWSER names one), login opens the verification page in it.
+    opened = home / "opened-url"
+    browser = home / "fake-browser"
+    browser.write_text(f"#!/bin/sh\necho \"$1\" > {opened}\n")
+    browser.chmod(0o755)
+    again = device_login(orz, live_api, nanoidp, DISPLAY="", BROWSER=str(browser))
+    assert again.returncode == 0, again.stderr
+    assert opened.read_text().strip().startswith(f"{nanoidp.url}/device?user_code=")
 
 
 def test_with_token_reads_standard_input(orz: Orz, live_api: LiveApi, home: Path) -> None:

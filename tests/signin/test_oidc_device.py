@@ -197,3 +197,15 @@ async def test_no_provider_configured_says_how_to_log_in(app, settings):
     assert listing.json == {"providers": []}
     _, listing = await app.asgi_client.get("/v1/auth/providers")
     assert listing.json == {"providers": ["oidc"]}
+
+
+async def test_sign_ins_in_progress_are_bounded(app, oidc, monkeypatch):
+    from api.signin import service
+
+    monkeypatch.setattr(service, "MAX_PENDING", 2)
+    await start(app)
+    await start(app)
+    asked = len(oidc.devices)
+    _, full = await app.asgi_client.post("/v1/auth/device", json={})
+    assert full.status == 503 and "too many sign-ins" in full.json["detail"]
+    assert len(oidc.devices) == asked  # the provider was not asked
