@@ -123,9 +123,6 @@ class DeviceLogin:
         raise CliError("the sign-in code expired before it was approved; run orz cloud login again")
 
 
-FLOWS: dict[str, type] = {TokenLogin.name: TokenLogin, DeviceLogin.name: DeviceLogin}
-
-
 async def login(flow: LoginFlow, api_url: str) -> tuple[Credentials, schemas.Me]:
     """Run the flow, check the token against /v1/me, and only then save it."""
     got = await flow.obtain_token(api_url)
