@@ -54,7 +54,7 @@ class User(Base):
     # (migration 0003 is expand-only); nothing of this release reads it.
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     # Signed in for the first time and waiting for `orz admin approve`; also is_active=False, so code of
-    # the previous release (which knows only is_active) keeps them out as well (migration 0006).
+    # the previous release (which knows only is_active) keeps them out as well (migration 0007).
     approval_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

@@ -1,7 +1,7 @@
 """sign-in: identities at providers, refresh tokens, device grants, browser sign-in states, pending users, token sources
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-05 16:20:00
 
 Expand only: four new tables no older code reads, and nullable or defaulted columns older code does
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006"
-down_revision: str | None = "0005"
+revision: str = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 expand_only: bool = True
