@@ -16,6 +16,7 @@ import pytest
 
 from api import admin
 from api.settings import Settings
+from cli.errors import exit_code_for
 from tests.cli.conftest import ROOT, LiveApi, Orz
 from tests.signin.conftest import signin_settings
 from tests.signin.nanoidp import CLIENT_ID, CLIENT_SECRET, NanoIdp
@@ -91,7 +92,7 @@ def test_device_login_waits_for_approval_then_an_admin_approves(orz: Orz, live_a
     live_api.call(admin.create_org(sessions, "default"))
     object.__setattr__(live_api.app.ctx.state.signin.settings, "signin_new_users", "pending")
     done = device_login(orz, live_api, nanoidp, DISPLAY="")
-    assert done.returncode == 1 and "waiting for an admin's approval" in done.stderr
+    assert done.returncode == exit_code_for(403) and "waiting for an admin's approval" in done.stderr
     assert not (home / ".config" / "orzbob" / "token.json").exists()
     approve = orz("admin", "approve", "ada@example.com", ORZ_DATABASE_URL=live_api.app.ctx.state.settings.database_url)
     assert approve.returncode == 0, approve.stderr
