@@ -104,6 +104,26 @@ async def set_user_active(sessions: async_sessionmaker[AsyncSession], email: str
         return user
 
 
+async def approve_user(sessions: async_sessionmaker[AsyncSession], email: str) -> User:
+    """Let a person whose first sign-in is waiting for approval in (they sign in again to get a token)."""
+    async with sessions() as db:
+        user = await db.scalar(select(User).where(User.email == email.strip().lower()))
+        if user is None:
+            raise NotFound(f"no such user: {email}")
+        if not user.approval_pending:
+            raise Conflict(f"{user.email} is not waiting for approval"
+                           + ("" if user.is_active else " (a disabled user: orz admin enable-user)"))
+        user.approval_pending = False
+        user.is_active = True
+        await db.commit()
+        return user
+
+
+async def pending_users(sessions: async_sessionmaker[AsyncSession]) -> list[User]:
+    async with sessions() as db:
+        return list(await db.scalars(select(User).where(User.approval_pending.is_(True)).order_by(User.created_at)))
+
+
 async def create_token(sessions: async_sessionmaker[AsyncSession], email: str, name: str = "default") -> str:
     """Mint an API token for a user and return it; only its prefix and hash are stored."""
     async with sessions() as db:

@@ -27,9 +27,10 @@ from api.db.migrate import ensure_at_head, wait_for_schema
 from api.errors import STATUS_TO_ERROR, DatabaseUnavailable, OrzError, SchemaNotAtHead
 from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
-from api.routes import health, instances, internal, me
+from api.routes import auth, health, instances, internal, me
 from api.secrets.service import SecretService
 from api.settings import Settings
+from api.signin.service import SignInService
 
 log = logging.getLogger(__name__)
 _app_numbers = itertools.count(1)
@@ -46,6 +47,7 @@ class AppState:
     secrets: SecretService | None = None
     # For single statements (reads, one-row updates): no BEGIN/COMMIT round trips.
     autocommit: async_sessionmaker[AsyncSession] | None = None
+    signin: SignInService | None = None
 
 
 def make_provider(settings: Settings) -> Provider:
@@ -165,7 +167,7 @@ def create_app(
     app.ctx.openapi = None
     app.ctx.extra_metrics = []  # registries of services sharing this process (orz server adds the gateway's)
     app.ctx.state = None
-    app.blueprint([health.bp, me.bp, instances.bp, internal.bp])
+    app.blueprint([health.bp, me.bp, instances.bp, internal.bp, auth.bp])
     for extra in _optional_blueprints():
         app.blueprint(extra)
 
@@ -204,14 +206,16 @@ def create_app(
         sessions = session_factory(engine)
         autocommit = autocommit_session_factory(engine)
         prov = provider or make_provider(settings)
-        secret_svc = SecretService(sessions, SecretsBox.from_settings(settings))
+        box = SecretsBox.from_settings(settings)
+        secret_svc = SecretService(sessions, box)
         svc = InstanceService(
             settings, sessions, prov, gateway_public_key=gateway_public_key(settings),
             secret_env=secret_env or secret_svc, autocommit_sessions=autocommit,
         )
         svc.on_transition.append(_count_transition)
         app.ctx.state = AppState(settings, engine, sessions, prov, svc, PrincipalCache(settings.auth_cache_ttl_s),
-                                 secrets=secret_svc, autocommit=autocommit)
+                                 secrets=secret_svc, autocommit=autocommit,
+                                 signin=SignInService(settings, sessions, box))
 
     @app.after_server_stop
     async def close_resources(app: Sanic, _loop: Any = None) -> None:
@@ -223,6 +227,8 @@ def create_app(
         if state is None:
             return
         await state.instances.wait_background()
+        if state.signin is not None:
+            await state.signin.aclose()
         if provider is None:
             await state.provider.close()
         await state.engine.dispose()

@@ -20,7 +20,7 @@ from api.errors import Unauthorized
 # mapped objects cost more than the query itself.
 _TOKEN_LOOKUP = (
     select(ApiToken.id.label("token_id"), ApiToken.token_hash, ApiToken.revoked_at, ApiToken.expires_at,
-           ApiToken.last_used_at, User.id.label("user_id"), User.email, User.role, User.is_active,
+           ApiToken.last_used_at, ApiToken.source, User.id.label("user_id"), User.email, User.role, User.is_active,
            Org.id.label("org_id"), Org.name.label("org_name"), Org.plan)
     .join(User, User.id == ApiToken.user_id)
     .join(Org, Org.id == User.org_id)
@@ -41,6 +41,8 @@ class Principal:
     org_id: str
     org_name: str
     plan: str
+    # How the token was obtained: "token" (minted by an admin), "github", "oidc:<name>".
+    source: str = "token"
 
     @property
     def is_admin(self) -> bool:
@@ -73,6 +75,10 @@ class PrincipalCache:
             self._entries.pop(token_digest, None)
             return None
         return hit[1]
+
+    def forget(self, token_digest: str) -> None:
+        """Drop a token at once (logout), instead of trusting it for the rest of ``ttl_s``."""
+        self._entries.pop(token_digest, None)
 
     def put(self, token_digest: str, who: Principal) -> None:
         if self.ttl_s <= 0:
@@ -118,7 +124,7 @@ async def authenticate_api_token(sessions: async_sessionmaker[AsyncSession], val
             await db.commit()
         who = Principal(
             user_id=row.user_id, email=row.email, role=row.role,
-            org_id=row.org_id, org_name=row.org_name, plan=row.plan,
+            org_id=row.org_id, org_name=row.org_name, plan=row.plan, source=row.source or "token",
         )
     if cache is not None:
         cache.put(token_digest, who)

@@ -120,6 +120,26 @@ class ApiClient:
     async def delete_secret(self, name: str) -> None:
         await self.request("DELETE", f"/v1/secrets/{name}")
 
+    # -- sign-in ---------------------------------------------------------------------------------
+
+    async def sign_in_providers(self) -> schemas.SignInProviders:
+        return await self._get(schemas.SignInProviders, "/v1/auth/providers")
+
+    async def start_device(self, provider: str | None = None) -> schemas.DeviceAuthorization:
+        body = schemas.DeviceAuthorizationRequest(provider=provider)  # type: ignore[arg-type]
+        return await self._send(schemas.DeviceAuthorization, "POST", "/v1/auth/device", body)
+
+    async def poll_device(self, device_code: str) -> schemas.TokenGrant:
+        body = schemas.TokenRequest(grant_type="urn:ietf:params:oauth:grant-type:device_code", device_code=device_code)
+        return await self._send(schemas.TokenGrant, "POST", "/v1/auth/token", body)
+
+    async def refresh(self, refresh_token: str) -> schemas.TokenGrant:
+        body = schemas.TokenRequest(grant_type="refresh_token", refresh_token=refresh_token)
+        return await self._send(schemas.TokenGrant, "POST", "/v1/auth/token", body)
+
+    async def revoke(self) -> None:
+        await self.request("POST", "/v1/auth/revoke")
+
     # -- internal API (runner and gateway) -------------------------------------------------------
 
     async def heartbeat(self, session_id: str, body: schemas.Heartbeat) -> schemas.HeartbeatReply:
@@ -135,6 +155,14 @@ class ApiClient:
 
     async def report_auth_failure(self, body: schemas.AuthFailureIn) -> schemas.AuthFailureReply:
         return await self._send(schemas.AuthFailureReply, "POST", "/internal/v1/auth-failures", body)
+
+    async def browser_signin_start(self, redirect_uri: str) -> schemas.BrowserSignInRedirect:
+        body = schemas.BrowserSignInStart(redirect_uri=redirect_uri)
+        return await self._send(schemas.BrowserSignInRedirect, "POST", "/internal/v1/signin/start", body)
+
+    async def browser_signin_finish(self, state: str, code: str, redirect_uri: str) -> schemas.TokenGrant:
+        body = schemas.BrowserSignInFinish(state=state, code=code, redirect_uri=redirect_uri)
+        return await self._send(schemas.TokenGrant, "POST", "/internal/v1/signin/finish", body)
 
     async def attach_event(self, body: schemas.AttachEventIn) -> None:
         await self.request("POST", "/internal/v1/attach-events", json=body.model_dump(mode="json"))

@@ -147,6 +147,67 @@ class SecretUnreadable(SecretsKeyError):
     title = "A stored secret cannot be decrypted"
 
 
+class SignInNotConfigured(NotFound):
+    code = "signin_not_configured"
+    title = "That sign-in method is not configured on this server"
+
+
+class SignInRefused(Forbidden):
+    """The identity is genuine but the server's rules keep it out (domain, org, disabled, no new users)."""
+
+    code = "signin_refused"
+    title = "Sign-in refused"
+
+
+class ApprovalPending(Forbidden):
+    code = "approval_pending"
+    title = "Waiting for an admin's approval"
+
+
+class InvalidIdToken(Unauthorized):
+    """An id_token (or a provider's answer) failed a check: signature, issuer, audience, expiry, nonce."""
+
+    code = "invalid_id_token"
+    title = "The identity provider's token was not accepted"
+
+
+class IdentityProviderError(OrzError):
+    status = 502
+    code = "identity_provider_error"
+    title = "The identity provider did not answer as expected"
+
+
+class OAuthError(BadRequest):
+    """RFC 6749 5.2 / RFC 8628 3.5 token-endpoint errors: ``code`` is the OAuth error code."""
+
+    title = "The grant was not accepted"
+
+
+class AuthorizationPending(OAuthError):
+    code = "authorization_pending"
+    title = "Waiting for you to approve the sign-in in the browser"
+
+
+class SlowDown(OAuthError):
+    code = "slow_down"
+    title = "Polling too fast"
+
+
+class ExpiredToken(OAuthError):
+    code = "expired_token"
+    title = "The sign-in code expired"
+
+
+class AccessDenied(OAuthError):
+    code = "access_denied"
+    title = "The sign-in was denied"
+
+
+class InvalidGrant(OAuthError):
+    code = "invalid_grant"
+    title = "The code or refresh token is invalid, expired or already used"
+
+
 class SchemaNotAtHead(RuntimeError):
     """Raised at start-up when the database schema is not at the latest migration."""
 

@@ -337,6 +337,94 @@ class Me(Response):
     user: MeUser
     org: MeOrg
     quota: Quota
+    # How the presented token was obtained: "token" (minted by an admin), "github", "oidc:<name>".
+    source: str = "token"
+
+
+# ------------------------------------------------------------------------------------------- sign-in
+
+SignInProviderName = Literal["oidc", "github"]
+
+
+class SignInProviders(Response):
+    """The identity providers this server signs people in with."""
+
+    providers: list[str]
+
+
+class DeviceAuthorizationRequest(Request):
+    provider: SignInProviderName | None = None
+
+
+class DeviceAuthorization(Response):
+    """An RFC 8628 device authorization: show the code and URL, then poll /v1/auth/token."""
+
+    device_code: str
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None = None
+    expires_in: int
+    interval: int
+    provider: str
+
+
+class TokenRequest(Request):
+    grant_type: Literal["urn:ietf:params:oauth:grant-type:device_code", "refresh_token"]
+    device_code: Annotated[str, StringConstraints(max_length=256)] | None = None
+    refresh_token: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
+class TokenGrant(Response):
+    """An API token (with its lifetime) and the refresh token that gets the next one."""
+
+    access_token: str
+    token_type: str = "Bearer"  # noqa: S105  # nosec B105  # the RFC 6750 scheme name
+    expires_in: int
+    refresh_token: str | None = None
+    source: str
+
+
+class BrowserSignInStart(Request):
+    """The gateway starts a browser sign-in that will come back to redirect_uri."""
+
+    redirect_uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+
+
+class BrowserSignInRedirect(Response):
+    """Where to send the browser, and the state to bind to it (an HttpOnly cookie) until it returns."""
+
+    authorization_url: str
+    state: str
+
+
+class BrowserSignInFinish(Request):
+    state: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    code: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    redirect_uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+
+
+class GoExchangeRequest(Request):
+    """What the Go CLI's `orz login` sends: its GitHub token and who GitHub said it belongs to."""
+
+    github_token: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    github_id: int | None = None
+    github_login: Annotated[str, StringConstraints(max_length=255)] | None = None
+    email: Annotated[str, StringConstraints(max_length=254)] | None = None
+
+
+class GoExchangeUser(Response):
+    id: str
+    login: str | None = None
+    email: str
+    org_id: str
+    plan: str
+
+
+class GoExchange(Response):
+    """The Go CLI's exchange answer: an API token and the user it belongs to."""
+
+    token: str
+    user: GoExchangeUser
 
 
 class SecretCreate(Request):

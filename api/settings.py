@@ -116,6 +116,38 @@ class Settings(BaseSettings):
     secrets_key: SecretStr = SecretStr("")
     secrets_key_file: Path | None = None
 
+    # Sign-in (docs/sign-in.md): identity providers, the rules that map an identity to a user, and the
+    # tokens a sign-in gets. An OIDC issuer is found by its discovery document; GitHub by its base URL
+    # (GitHub Enterprise: https://github.example.com; its REST API is then <base>/api/v3).
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_client_secret: SecretStr = SecretStr("")
+    oidc_scopes: str = "openid email profile"
+    # The name `orz cloud whoami` shows for the OIDC provider ("Google", "Keycloak", ...).
+    oidc_name: str = "oidc"
+    github_client_id: str = ""
+    github_client_secret: SecretStr = SecretStr("")
+    github_base_url: str = "https://github.com"
+    github_api_url: str = ""  # derived from github_base_url when empty
+    # Comma-separated: sign-ins must have a verified email in one of these domains (empty: any domain).
+    signin_allowed_domains: str = ""
+    # Comma-separated GitHub orgs; a GitHub sign-in must belong to one (empty: any account).
+    signin_github_orgs: str = ""
+    # Comma-separated GitHub teams as org/team-slug; a GitHub sign-in must be on one (empty: no team rule).
+    signin_github_teams: str = ""
+    # What a first sign-in of an unknown person does: "create" the user (in signin_org), leave them
+    # "pending" until `orz admin approve EMAIL`, or "refuse" (only users an admin created get in).
+    signin_new_users: Literal["create", "pending", "refuse"] = "pending"
+    signin_org: str = "default"
+    signin_token_ttl_s: int = Field(default=3600, ge=60, le=30 * 24 * 3600)
+    signin_refresh_ttl_s: int = Field(default=30 * 24 * 3600, ge=300)
+    # Bound on how long a `orz cloud login` may wait for the person to approve in the browser.
+    signin_device_ttl_s: int = Field(default=900, ge=30, le=3600)
+    # How long discovery documents and JWKS are kept before asking the provider again.
+    signin_metadata_ttl_s: int = Field(default=3600, ge=0)
+    # Seconds of clock skew allowed when checking an id_token's exp/iat/nbf.
+    signin_clock_skew_s: int = Field(default=60, ge=0, le=600)
+
     # Lifecycle
     provider: ProviderName = "local"
     idle_timeout_s: int | None = Field(default=None, ge=10)
@@ -237,11 +269,35 @@ class Settings(BaseSettings):
             object.__setattr__(self, "public_api_url", f"http://{host}:{self.api_port}")
         if not self.internal_api_url:
             object.__setattr__(self, "internal_api_url", self.public_api_url)
+        if not self.github_api_url:
+            base = self.github_base_url.rstrip("/")
+            api = "https://api.github.com" if base == "https://github.com" else f"{base}/api/v3"
+            object.__setattr__(self, "github_api_url", api)
         if not self.public_ssh_host:
             object.__setattr__(self, "public_ssh_host", self.ssh_host)
         if not self.public_ssh_port:
             object.__setattr__(self, "public_ssh_port", self.ssh_port)
         return self
+
+    def web_base_url(self) -> str:
+        """The web door's address as a browser sees it (https://..., never ws://)."""
+        if self.public_web_url:
+            return self.public_web_url.replace("wss://", "https://").replace("ws://", "http://").rstrip("/")
+        wildcard = self.gateway_web_host in ("0.0.0.0", "::")  # noqa: S104  # nosec B104  # compared, not bound
+        return f"http://{'127.0.0.1' if wildcard else self.gateway_web_host}:{self.gateway_web_port}"
+
+    def signin_callback_url(self) -> str:
+        """Where the browser terminal's sign-in returns (the only redirect URI the API lets it use)."""
+        return f"{self.web_base_url()}/s/callback"
+
+    def signin_domains(self) -> tuple[str, ...]:
+        return tuple(d.lower().lstrip("@") for d in _split_list(self.signin_allowed_domains))
+
+    def signin_orgs(self) -> tuple[str, ...]:
+        return tuple(o.lower() for o in _split_list(self.signin_github_orgs))
+
+    def signin_teams(self) -> tuple[str, ...]:
+        return tuple(t.lower() for t in _split_list(self.signin_github_teams))
 
     @property
     def longest_cert_ttl_s(self) -> int:

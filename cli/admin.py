@@ -141,6 +141,28 @@ async def enable_user(database_url: str | None, email: str) -> None:
     click.echo(f"enabled {user.email}")
 
 
+@admin.command("approve")
+@database_option
+@click.argument("email")
+@run_async
+async def approve(database_url: str | None, email: str) -> None:
+    """Let in a person whose first sign-in waits for approval (ORZ_SIGNIN_NEW_USERS=pending)."""
+    user = await _with_db(_settings(database_url), lambda s: ops.approve_user(s, email))
+    click.echo(f"approved {user.email}: their next orz cloud login signs them in")
+
+
+@admin.command("pending")
+@database_option
+@run_async
+async def pending(database_url: str | None) -> None:
+    """People whose first sign-in waits for `orz admin approve`."""
+    users = await _with_db(_settings(database_url), ops.pending_users)
+    for user in users:
+        click.echo(f"{user.email}\t{user.created_at:%Y-%m-%d %H:%M}")
+    if not users:
+        click.echo("nobody is waiting for approval", err=True)
+
+
 @admin.command("create-token")
 @database_option
 @click.argument("email")

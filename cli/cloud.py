@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from api.client import ApiClient, ApiError
 from cli import attach as attaching
 from cli import (
     cloud_automation,
@@ -24,7 +25,7 @@ from cli import (
 from cli.config import DEFAULT_API_URL, forget_credentials, load_credentials, token_path
 from cli.connect import client, cloud_command
 from cli.errors import EXIT_USAGE, CliError
-from cli.login import FLOWS, login
+from cli.login import DeviceLogin, TokenLogin, login
 
 
 @click.group("cloud")
@@ -43,31 +44,48 @@ def _default_api_url() -> str:
 @cloud.command("login")
 @click.option("--token", envvar="ORZBOB_TOKEN", help="An API token (orz_...), e.g. from orz admin create-token.")
 @click.option("--with-token", is_flag=True,
-              help="Read the token from standard input (keeps it out of shell history and ps).")
+              help="Read the token from standard input (keeps it out of shell history and ps; for CI).")
+@click.option("--provider", type=click.Choice(["oidc", "github"]), default=None,
+              help="The identity provider to sign in with (default: the server's first).")
+@click.option("--no-browser", is_flag=True, help="Only print the sign-in URL and code; do not open a browser.")
 @click.option("--api-url", help="The API's URL (default: ORZBOB_API_URL, the saved one, or http://127.0.0.1:8080).")
-@click.option("--method", type=click.Choice(sorted(FLOWS)), default="token", show_default=True,
-              help="How to log in (more flows, e.g. device code, plug in here).")
-def login_cmd(token: str | None, with_token: bool, api_url: str | None, method: str) -> None:
-    """Log in: check the token against the API and save it (mode 0600)."""
+def login_cmd(token: str | None, with_token: bool, provider: str | None, no_browser: bool,
+              api_url: str | None) -> None:
+    """Sign in: with no token, through the server's identity provider (a code to approve in the browser);
+    with --token/--with-token, check that token. The login is saved with mode 0600."""
     if with_token:
         token = click.get_text_stream("stdin").read().strip()
         if not token:
             raise CliError("--with-token read no token from standard input", EXIT_USAGE)
-    _login(token, api_url, method)
+    _login(token, provider, no_browser, api_url)
 
 
 @cloud_command
-async def _login(token: str | None, api_url: str | None, method: str) -> None:
+async def _login(token: str | None, provider: str | None, no_browser: bool, api_url: str | None) -> None:
     url = (api_url or _default_api_url()).rstrip("/")
-    flow = FLOWS[method](token)
+    flow: TokenLogin | DeviceLogin = TokenLogin(token) if token else DeviceLogin(provider, open_browser=not no_browser)
     creds, me = await login(flow, url)
-    click.echo(f"logged in to {creds.api_url} as {me.user.email} (org {me.org.name}, {me.org.plan} plan)")
+    via = f" via {creds.source}" if creds.source and creds.source != "token" else ""
+    click.echo(f"logged in to {creds.api_url} as {me.user.email}{via} (org {me.org.name}, {me.org.plan} plan)")
     click.echo(f"login saved in {token_path()}", err=True)
 
 
 @cloud.command("logout")
-def logout() -> None:
-    """Forget the saved login (the token itself stays valid until an admin revokes it)."""
+@cloud_command
+async def logout() -> None:
+    """Log out: revoke the token (and its refresh token) on the server, then forget it here."""
+    try:
+        saved = load_credentials()
+    except ValueError:
+        saved = None
+    if saved is not None:
+        try:
+            async with ApiClient(saved.api_url, saved.api_token) as api:
+                await api.revoke()
+        except ApiError as exc:
+            if exc.status != 401:  # an expired or revoked token has nothing left to revoke
+                click.echo(f"orz: warning: the server did not revoke the token ({exc.detail}); "
+                           "it is forgotten here", err=True)
     if forget_credentials():
         click.echo(f"logged out (removed {token_path()})")
     else:
@@ -78,7 +96,7 @@ def logout() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the API's Me object as JSON.")
 @cloud_command
 async def whoami(as_json: bool) -> None:
-    """Who you are logged in as, your org, plan and quota use."""
+    """Who you are logged in as, how (identity source), your org, plan and quota use."""
     async with client() as api:
         me = await api.me()
         url = api.base_url
@@ -86,7 +104,8 @@ async def whoami(as_json: bool) -> None:
         click.echo(output.to_json(me))
         return
     admin = ", org admin" if me.user.is_admin else ""
-    click.echo(f"{me.user.email} (org {me.org.name}{admin}) at {url}")
+    via = "an API token" if me.source == "token" else f"sign-in with {me.source}"
+    click.echo(f"{me.user.email} (org {me.org.name}{admin}) at {url}, via {via}")
     click.echo(output.quota_line(me.quota))
 
 

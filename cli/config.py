@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
-# API tokens last until revoked. The Go CLI reads this same file and treats a missing `expires_at` as
-# expired, so the file names a time it will not reach; this CLI ignores the field.
+# Minted API tokens last until revoked. The Go CLI reads this same file and treats a missing `expires_at`
+# as expired, so for those the file names a time it will not reach. A sign-in's token has a real expiry,
+# and a `refresh_token` this CLI uses to get the next one silently.
 GO_CLI_EXPIRES_AT = "9999-12-31T23:59:59Z"
 
 
@@ -26,6 +28,25 @@ def token_path() -> Path:
 class Credentials:
     api_url: str
     api_token: str
+    # Set for a sign-in's token (orz cloud login without a token); None: valid until revoked.
+    expires_at: datetime | None = None
+    refresh_token: str | None = None
+    source: str | None = None
+
+    def expires_within(self, seconds: float) -> bool:
+        if self.expires_at is None:
+            return False
+        return (self.expires_at - datetime.now(UTC)).total_seconds() < seconds
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value or value == GO_CLI_EXPIRES_AT:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def load_credentials() -> Credentials | None:
@@ -41,7 +62,10 @@ def load_credentials() -> Credentials | None:
     if not token:
         return None
     url = os.environ.get("ORZBOB_API_URL") or data.get("api_url") or DEFAULT_API_URL
-    return Credentials(api_url=str(url).rstrip("/"), api_token=str(token))
+    refresh = data.get("refresh_token")
+    return Credentials(api_url=str(url).rstrip("/"), api_token=str(token),
+                       expires_at=_parse_time(data.get("expires_at")), refresh_token=str(refresh) if refresh else None,
+                       source=str(data["source"]) if data.get("source") else None)
 
 
 def save_credentials(creds: Credentials) -> Path:
@@ -51,7 +75,14 @@ def save_credentials(creds: Credentials) -> Path:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump({"api_url": creds.api_url, "api_token": creds.api_token, "expires_at": GO_CLI_EXPIRES_AT}, fh)
+        expires = creds.expires_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if creds.expires_at else None
+        data: dict[str, str] = {"api_url": creds.api_url, "api_token": creds.api_token,
+                                "expires_at": expires or GO_CLI_EXPIRES_AT}
+        if creds.refresh_token:
+            data["refresh_token"] = creds.refresh_token
+        if creds.source:
+            data["source"] = creds.source
+        json.dump(data, fh)
         fh.write("\n")
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)

@@ -8,14 +8,17 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
+import httpx
+
 from api.client import ApiClient, ApiError, ApiUnreachable
 from cli.config import DEFAULT_API_URL, Credentials, load_credentials
 from cli.errors import EXIT_AUTH, CliError, exit_code_for
+from cli.login import REFRESH_MARGIN_S, refreshed
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-LOGIN_HINT = "run orz cloud login --token <token>"
+LOGIN_HINT = "run orz cloud login"
 TOKEN_ENV = "ORZBOB_TOKEN"  # noqa: S105  # nosec B105  # a variable name, not a secret
 
 
@@ -40,9 +43,29 @@ def require_credentials() -> Credentials:
     return creds
 
 
+class CliApiClient(ApiClient):
+    """The saved login's client: a sign-in token about to expire is refreshed before the next request."""
+
+    def __init__(self, creds: Credentials) -> None:
+        super().__init__(creds.api_url, creds.api_token)
+        self.creds = creds
+
+    async def request(self, method: str, path: str, *, json: Any = None,
+                      params: dict[str, Any] | None = None) -> httpx.Response:
+        if self.creds.refresh_token and self.creds.expires_within(REFRESH_MARGIN_S):
+            try:
+                self.creds = await refreshed(self.creds)
+            except ApiError as exc:
+                if isinstance(exc, ApiUnreachable) or exc.status >= 500:
+                    raise
+                raise CliError(f"your sign-in has expired and could not be renewed ({exc.detail}); "
+                               "run orz cloud login", EXIT_AUTH) from None
+            self._http.headers["Authorization"] = f"Bearer {self.creds.api_token}"
+        return await super().request(method, path, json=json, params=params)
+
+
 def client() -> ApiClient:
-    creds = require_credentials()
-    return ApiClient(creds.api_url, creds.api_token)
+    return CliApiClient(require_credentials())
 
 
 def one_line(text: str) -> str:

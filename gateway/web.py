@@ -24,6 +24,7 @@ from api.schemas import AttachRequest, AuthorizeReply
 from gateway import auth, drain, metrics, web_bridge
 from gateway import web_http as http
 from gateway.errors import AttachRefused, CredentialRejected, CredentialsUnavailable
+from gateway.web_signin import BrowserSignIn, cookie_token
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -61,6 +62,7 @@ class WebDoor:
         self.settings = gateway.settings
         self.origins = http.configured_origins(self.settings.public_web_url)
         self.trusted_proxies = self.settings.web_trusted_proxies()
+        self.signin = BrowserSignIn(gateway.api, self.settings.web_base_url())
         # Weak: a handshake that fails after process_request never reaches the handler to pop its grant.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = weakref.WeakKeyDictionary()
         self._server: Server | None = None
@@ -101,6 +103,11 @@ class WebDoor:
             return http.static_file(target.arg)
         if self.gw.draining:  # shutting down: the Service sends new users to another replica
             return http.text(503, drain.web_refusal())
+        # A top-level navigation (to the provider and back), protected by the state cookie, not Origin.
+        if target.kind == "login":
+            return await self.signin.login(request, target.query)
+        if target.kind == "callback":
+            return await self.signin.callback(request, target.query)
         if not http.origin_allowed(request, self.origins):
             log.info("web %s from %s refused: origin not allowed", http.loggable_path(request.path), source)
             return http.text(403, "origin not allowed")
@@ -161,8 +168,10 @@ class WebDoor:
         if self.gw.limiter.blocked(source):
             return http.json_response(429, {"detail": "too many failed attempts from your address"})
         header = request.headers.get("Authorization", "")
+        if not header and (signed_in := cookie_token(request)) is not None:
+            header = f"Bearer {signed_in}"  # the browser sign-in's cookie, with its CSRF header
         if not header.startswith("Bearer ") or len(header) > 512:
-            return http.json_response(401, {"detail": "an API token is required"})
+            return http.json_response(401, {"detail": "an API token is required", "signin": "/s/login"})
         readonly = target.query.get("readonly", "") in ("1", "true")
         api = ApiClient(self.settings.internal_api_url, header.removeprefix("Bearer ").strip())
         try:

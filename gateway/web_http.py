@@ -16,6 +16,9 @@ from websockets.http11 import Request, Response
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SESSION_PART = r"(?P<sid>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 ROUTES = {
+    # Before "page": these two are the browser sign-in's, not session ids.
+    "login": re.compile(r"^/s/login$"),
+    "callback": re.compile(r"^/s/callback$"),
     "attach": re.compile(rf"^/v1/instances/{SESSION_PART}/attach$"),
     "ssh": re.compile(rf"^/v1/instances/{SESSION_PART}/ssh$"),
     "page": re.compile(rf"^/s/{SESSION_PART}$"),

@@ -75,7 +75,8 @@ JsonRoute = Callable[[str, str, dict[str, str], bytes], tuple[int, Any]]
 async def serve_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      route: JsonRoute) -> None:
     """Answer one keep-alive HTTP/1.1 connection of a stand-in: each request to ``route``, JSON back
-    (problem+json for 4xx/5xx, no body for None). Returns when the client goes away."""
+    (problem+json for 4xx/5xx, no body for None; a 3xx's payload names its ``location``). Returns when
+    the client goes away."""
     try:
         while True:
             request_line = await reader.readline()
@@ -90,7 +91,9 @@ async def serve_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             status, payload = route(method, path, headers, body)
             data = b"" if payload is None else json.dumps(payload).encode()
             ctype = "application/problem+json" if status >= 400 else "application/json"
-            writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\n"
+            # A redirect's target: {"location": url} as the payload of a 3xx.
+            location = f"location: {payload['location']}\r\n" if 300 <= status < 400 else ""
+            writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\n{location}"
                          f"content-length: {len(data)}\r\n\r\n".encode() + data)
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError, ValueError):

@@ -53,6 +53,9 @@ class User(Base):
     # The previous release's admin flag, kept in step with `role` while its code may run on this schema
     # (migration 0003 is expand-only); nothing of this release reads it.
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Signed in for the first time and waiting for `orz admin approve`; also is_active=False, so code of
+    # the previous release (which knows only is_active) keeps them out as well (migration 0007).
+    approval_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     @validates("role")
@@ -74,6 +77,84 @@ class ApiToken(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # How the token was obtained: None for one an admin minted, else the identity provider of the
+    # sign-in ("github", "oidc:<name>"); `orz cloud whoami` shows it.
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class UserIdentity(Base):
+    """A person's account at an identity provider, linked to the user it signs in as."""
+
+    __tablename__ = "user_identities"
+    __table_args__ = (UniqueConstraint("provider", "subject", name="uq_user_identities_provider_subject"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("idn"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    # "github", or "oidc:" + the issuer URL: the same subject at two issuers is two identities.
+    provider: Mapped[str] = mapped_column(String(255))
+    subject: Mapped[str] = mapped_column(String(255))
+    email: Mapped[str | None] = mapped_column(String(254), nullable=True)
+    login: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_signin_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class RefreshToken(Base):
+    """Refresh tokens of signed-in CLIs: stored as prefix + SHA-256 like API tokens, single use (each
+    refresh rotates it), and a reused one revokes its whole family (RFC 9700 4.14.2)."""
+
+    __tablename__ = "refresh_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("rft"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    family_id: Mapped[str] = mapped_column(String(32), index=True)
+    # The API token issued with this refresh token; revoked with it on logout.
+    api_token_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class DeviceGrant(Base):
+    """One `orz cloud login` in progress (RFC 8628), brokered to the identity provider's own device flow.
+
+    The CLI holds the device code (stored here as prefix + SHA-256); the provider's device code, which
+    the API polls with, is sealed with the secrets key. Deleted once redeemed or expired."""
+
+    __tablename__ = "device_grants"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("dev"))
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    provider: Mapped[str] = mapped_column(String(32))
+    key_id: Mapped[str] = mapped_column(String(32))
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(16))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    interval_s: Mapped[int] = mapped_column(Integer, default=5)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    redeemed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SigninState(Base):
+    """A browser sign-in in progress (authorization code + PKCE): the state the provider sends back,
+    stored as a SHA-256, with the nonce and PKCE verifier sealed. Single use; gone once finished."""
+
+    __tablename__ = "signin_states"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("sst"))
+    state_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    redirect_uri: Mapped[str] = mapped_column(Text)
+    key_id: Mapped[str] = mapped_column(String(32))
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(16))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Instance(Base):

@@ -21,4 +21,5 @@ async def me(request: Request) -> HTTPResponse:
                             is_admin=who.is_admin),
         org=schemas.MeOrg(id=who.org_id, name=who.org_name, plan=who.plan),
         quota=quota,
+        source=who.source,
     ))

@@ -2,6 +2,8 @@
 // Credentials: a one-time attach token in the URL fragment (#token=...), or an API
 // token kept in this browser's localStorage, exchanged for a fresh attach token on every (re)connect via
 // the same-origin GET /s/<id>/token. A fragment never reaches a server, and it is wiped from the address bar.
+// Or the browser sign-in (/s/login, docs/sign-in.md): its API token sits in an HttpOnly cookie this script
+// cannot read; the token request proves it comes from this page with the orz_csrf cookie's value in a header.
 "use strict";
 (function () {
   const sessionId = document.body.dataset.session;
@@ -50,12 +52,15 @@
       return t;
     }
     const apiToken = localStorage.getItem(STORE_KEY);
-    if (!apiToken) return null;
+    const csrf = (document.cookie.match(/(?:^|;\s*)orz_csrf=([^;]+)/) || [])[1];
+    if (!apiToken && !csrf) return null;
+    const headers = apiToken ? { Authorization: `Bearer ${apiToken}` } : { "X-Orz-CSRF": csrf };
     const resp = await fetch(`/s/${encodeURIComponent(sessionId)}/token${readonly ? "?readonly=1" : ""}`,
-      { headers: { Authorization: `Bearer ${apiToken}` }, cache: "no-store", credentials: "omit" });
+      { headers, cache: "no-store", credentials: apiToken ? "omit" : "same-origin" });
     const body = await resp.json().catch(() => ({}));
     if (resp.status === 401) {
-      localStorage.removeItem(STORE_KEY);
+      if (apiToken) localStorage.removeItem(STORE_KEY);
+      else document.cookie = "orz_csrf=; Path=/s; Max-Age=0"; // the sign-in expired: offer it again
       throw Object.assign(new Error(body.detail || "API token refused"), { login: true });
     }
     if (!resp.ok) throw Object.assign(new Error(body.detail || `HTTP ${resp.status}`), { fatal: resp.status < 500 });
@@ -80,7 +85,7 @@
       if (err.fatal) return stop(err.message);
       return retry(err.message);
     }
-    if (!token) return askForApiToken("paste an API token to connect");
+    if (!token) return askForApiToken("sign in, or paste an API token, to connect");
     fit.fit();
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const query = new URLSearchParams({ token, cols: term.cols, rows: term.rows });

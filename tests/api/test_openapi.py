@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api import metrics
+from api import admin, metrics
 from api.openapi import build_document
 from api.serve import ApiServer
 from tests.conftest import POSTGRES_REQUIRED, make_tenant
@@ -54,7 +54,8 @@ CONTROL_FIELDS = ("task", "program", "repo_url", "branch", "secrets[*]", "name",
 CONTROL_BINDINGS = "\n".join(f'"body.{f}" = {{ dictionary = "controls", probability = 0.25 }}' for f in CONTROL_FIELDS)
 
 
-def _schemathesis_config(path: Path, user_token: str, session_id: str, runner_token: str) -> None:
+def _schemathesis_config(path: Path, user_token: str, session_id: str, runner_token: str,
+                         revoke_token: str) -> None:
     """Every operation gets the credential it needs, so none is only ever answered with a 401."""
     path.write_text(f"""
 headers = {{ Authorization = "Bearer {user_token}" }}
@@ -74,8 +75,13 @@ values = ["fix \\u0000 it", "\\u0000", "red \\u001b[31m", "ma\\u0085in", "two\\n
 expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
 
 [[operations]]
-include-path-regex = "^/internal/v1/(authorize|attach-events|access-check|auth-failures)$"
+include-path-regex = "^/internal/v1/(authorize|attach-events|access-check|auth-failures|signin/start|signin/finish)$"
 headers = {{ Authorization = "Bearer {SERVICE_TOKEN}" }}
+
+# Logging out revokes the token it presents: a token of its own, so the run's token stays valid.
+[[operations]]
+include-path = "/v1/auth/revoke"
+headers = {{ Authorization = "Bearer {revoke_token}" }}
 
 [[operations]]
 include-path = "/internal/v1/instances/{{id}}/heartbeat"
@@ -98,7 +104,8 @@ async def test_property_based_run_finds_no_server_errors_or_schema_violations(ap
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", headers=team.headers) as http:
             sid = (await http.post("/v1/instances", json={})).json()["id"]
         config = tmp_path / "schemathesis.toml"
-        _schemathesis_config(config, team.token, sid, provider.specs[sid].runner_token)
+        revoke_token = await admin.create_token(sessions, team.email, "fuzz-revoke")
+        _schemathesis_config(config, team.token, sid, provider.specs[sid].runner_token, revoke_token)
         report = tmp_path / "report.json"
         cmd = [
             str(SCHEMATHESIS), "--config-file", str(config), "run",

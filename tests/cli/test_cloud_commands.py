@@ -56,7 +56,7 @@ def test_login_whoami_logout(orz: Orz, live_api: LiveApi, home: Path) -> None:
 
     assert orz("cloud", "logout").returncode == 0
     assert not token_file.exists()
-    assert_one_error_line(orz("cloud", "whoami"), "not logged in; run orz cloud login --token")
+    assert_one_error_line(orz("cloud", "whoami"), "not logged in; run orz cloud login")
 
 
 def test_login_with_a_wrong_token_saves_nothing(orz: Orz, live_api: LiveApi, home: Path) -> None:
@@ -64,7 +64,7 @@ def test_login_with_a_wrong_token_saves_nothing(orz: Orz, live_api: LiveApi, hom
     assert_one_error_line(done, "refused your token")
     assert "orz_not-a-real-token" not in done.stderr
     assert not (home / ".config" / "orzbob" / "token.json").exists()
-    assert_one_error_line(orz("cloud", "login", "--api-url", live_api.url), "--token")
+    assert_one_error_line(orz("cloud", "login", "--api-url", live_api.url), "--with-token")
 
 
 def test_not_logged_in_and_unreachable_api(orz: Orz, home: Path) -> None:

@@ -120,7 +120,7 @@ def test_api_errors_become_one_actionable_line() -> None:
     quota = ApiError(429, "quota_exceeded", "long detail", {"limit": 5, "current": 5, "plan": "pro"})
     assert api_message(quota) == ("quota reached: 5 of 5 active sessions on the pro plan; stop or kill one first "
                                   "(orz cloud list)")
-    assert "orz cloud login --token" in api_message(ApiError(401, "unauthorized", "invalid token"))
+    assert "run orz cloud login" in api_message(ApiError(401, "unauthorized", "invalid token"))
     unreachable = api_message(ApiUnreachable("http://h:1", OSError("refused")))
     assert unreachable.startswith("cannot reach the Orzbob Cloud API at http://h:1")
     assert api_message(ApiError(404, "not_found", "no such session: x")) == "no such session: x"

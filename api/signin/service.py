@@ -1,0 +1,333 @@
+"""Sign-in as a service: device grants brokered to the provider, API and refresh tokens, revocation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+import httpx
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.credentials.secrets_box import RowBinding, Sealed, SecretsBox
+from api.db import tokens
+from api.db.base import utcnow
+from api.db.models import ApiToken, DeviceGrant, RefreshToken, SigninState, User, new_id
+from api.errors import (
+    BadRequest,
+    ExpiredToken,
+    InvalidGrant,
+    NotReady,
+    SignInNotConfigured,
+    SignInRefused,
+    SlowDown,
+)
+from api.settings import Settings
+from api.signin import rules
+from api.signin.github import GitHubProvider
+from api.signin.http import new_client
+from api.signin.identity import DeviceProvider, Identity
+from api.signin.oidc import OidcProvider
+
+DEVICE_CODE_PREFIX = "orzd_"
+REFRESH_TOKEN_PREFIX = "orzrt_"  # noqa: S105  # nosec B105  # a public marker, not a secret
+# RFC 8628 3.5: each slow_down adds 5 seconds to the interval.
+SLOW_DOWN_STEP_S = 5
+# How long a person may take at the provider's sign-in page.
+BROWSER_STATE_TTL_S = 600
+# Sign-ins in progress at once (the start routes take no credential): beyond this, new ones wait.
+MAX_PENDING = 10_000
+
+
+@dataclass(frozen=True)
+class DeviceStart:
+    device_code: str
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    expires_in: int
+    interval: int
+    provider: str
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    access_token: str
+    expires_in: int
+    refresh_token: str | None
+    source: str
+    user: User
+    login: str | None = None
+
+
+def _binding(row_id: str) -> RowBinding:
+    # What is sealed (a provider's device code, a PKCE verifier and nonce) is bound to its row: moved to
+    # another row it does not open.
+    return RowBinding(org_id="-", scope="signin", name=row_id)
+
+
+class SignInService:
+    def __init__(self, settings: Settings, sessions: async_sessionmaker[AsyncSession], box: SecretsBox,
+                 http: httpx.AsyncClient | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.box = box
+        self.http = http or new_client()
+        self.providers: dict[str, DeviceProvider] = {}
+        if settings.oidc_issuer and settings.oidc_client_id:
+            self.providers["oidc"] = OidcProvider(settings, self.http)
+        if settings.github_client_id:
+            self.providers["github"] = GitHubProvider(settings, self.http)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def provider(self, name: str | None) -> DeviceProvider:
+        if not self.providers:
+            raise SignInNotConfigured("this server has no identity provider configured; log in with a token "
+                                      "(orz cloud login --with-token) or see docs/sign-in.md")
+        if name is None:
+            return next(iter(self.providers.values()))
+        found = self.providers.get(name)
+        if found is None:
+            raise SignInNotConfigured(f"sign-in with {name} is not configured here "
+                                      f"(configured: {', '.join(self.providers)})")
+        return found
+
+    @property
+    def github(self) -> GitHubProvider:
+        found = self.providers.get("github")
+        if not isinstance(found, GitHubProvider):
+            raise SignInNotConfigured("sign-in with GitHub is not configured on this server")
+        return found
+
+    # -- the device grant --------------------------------------------------------------------------
+
+    async def start_device(self, provider_name: str | None) -> DeviceStart:
+        provider = self.provider(provider_name)
+        await self._make_room()  # before the provider is asked for anything
+        upstream = await provider.start_device()
+        issued = tokens.issue(DEVICE_CODE_PREFIX)
+        expires_in = max(1, min(upstream.expires_in, self.settings.signin_device_ttl_s))
+        grant_id = new_id("dev")
+        sealed = self.box.seal(upstream.device_code.encode(), _binding(grant_id))
+        async with self.sessions() as db:
+            db.add(DeviceGrant(id=grant_id, prefix=issued.prefix, token_hash=issued.digest, provider=provider.name,
+                               key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext,
+                               interval_s=max(1, upstream.interval),
+                               expires_at=utcnow() + timedelta(seconds=expires_in)))
+            await db.commit()
+        return DeviceStart(device_code=issued.value, user_code=upstream.user_code,
+                           verification_uri=upstream.verification_uri,
+                           verification_uri_complete=upstream.verification_uri_complete,
+                           expires_in=expires_in, interval=max(1, upstream.interval), provider=provider.name)
+
+    async def _make_room(self) -> None:
+        async with self.sessions() as db:
+            await self._purge(db)
+            await db.commit()
+
+    async def _purge(self, db: AsyncSession) -> None:
+        """Sign-ins nobody finished, and redeemed device codes, once they have expired (each start
+        sweeps, so the tables hold at most the sign-ins of the last few minutes); refuses a new one
+        while MAX_PENDING are in progress (the start routes are open to anyone)."""
+        now = utcnow()
+        await db.execute(delete(DeviceGrant).where(DeviceGrant.expires_at < now))
+        await db.execute(delete(SigninState).where(SigninState.expires_at < now))
+        pending = (await db.scalar(select(func.count()).select_from(DeviceGrant)) or 0) + \
+            (await db.scalar(select(func.count()).select_from(SigninState)) or 0)
+        if pending >= MAX_PENDING:
+            await db.commit()
+            raise NotReady("too many sign-ins in progress; try again in a minute",
+                           internal=f"{pending} sign-ins in progress (limit {MAX_PENDING})")
+
+    async def poll_device(self, device_code: str) -> TokenPair:
+        if not tokens.looks_like(device_code, DEVICE_CODE_PREFIX):
+            raise InvalidGrant("unknown device code")
+        now = utcnow()
+        async with self.sessions() as db:
+            grant = await db.scalar(select(DeviceGrant).where(DeviceGrant.prefix == tokens.lookup_prefix(device_code)))
+            if grant is None or not tokens.matches(device_code, grant.token_hash):
+                raise InvalidGrant("unknown device code")
+            if grant.redeemed_at is not None:
+                raise InvalidGrant("this device code was already used; run orz cloud login again")
+            if grant.expires_at <= now:
+                await db.delete(grant)
+                await db.commit()
+                raise ExpiredToken("the sign-in code expired before it was approved; run orz cloud login again")
+            if grant.next_poll_at is not None and now < grant.next_poll_at:
+                grant.interval_s += SLOW_DOWN_STEP_S
+                grant.next_poll_at = now + timedelta(seconds=grant.interval_s)
+                await db.commit()
+                raise SlowDown("polling too fast; wait longer between polls", interval=grant.interval_s)
+            grant.next_poll_at = now + timedelta(seconds=grant.interval_s)
+            await db.commit()
+            grant_id, provider_name = grant.id, grant.provider
+            upstream_code = self.box.open(Sealed(grant.key_id, grant.nonce, grant.ciphertext),
+                                          _binding(grant_id)).decode()
+        provider = self.provider(provider_name)
+        try:
+            identity = await provider.poll_device(upstream_code)
+        except SlowDown as exc:
+            await self._slow_down(grant_id)
+            raise SlowDown(exc.detail, interval=await self._interval(grant_id)) from None
+        async with self.sessions() as db:
+            # Single use: only the poll that flips redeemed_at gets the tokens.
+            claimed = await db.execute(update(DeviceGrant).where(DeviceGrant.id == grant_id,
+                                                                 DeviceGrant.redeemed_at.is_(None))
+                                       .values(redeemed_at=utcnow()))
+            await db.commit()
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                raise InvalidGrant("this device code was already used; run orz cloud login again")
+        return await self.sign_in(identity)
+
+    async def _slow_down(self, grant_id: str) -> None:
+        async with self.sessions() as db:
+            await db.execute(update(DeviceGrant).where(DeviceGrant.id == grant_id)
+                             .values(interval_s=DeviceGrant.interval_s + SLOW_DOWN_STEP_S))
+            await db.commit()
+
+    async def _interval(self, grant_id: str) -> int:
+        async with self.sessions() as db:
+            return int(await db.scalar(select(DeviceGrant.interval_s).where(DeviceGrant.id == grant_id)) or 5)
+
+    # -- tokens ------------------------------------------------------------------------------------
+
+    async def sign_in(self, identity: Identity, *, refresh: bool = True, ttl_s: int | None = None) -> TokenPair:
+        async with self.sessions() as db:
+            user = await rules.user_for(db, self.settings, identity)
+            pair = await self._issue(db, user, identity.source, family_id=new_id("fam") if refresh else None,
+                                     ttl_s=ttl_s)
+            return replace(pair, login=identity.login)
+
+    async def _issue(self, db: AsyncSession, user: User, source: str, *, family_id: str | None,
+                     ttl_s: int | None = None) -> TokenPair:
+        now = utcnow()
+        ttl = ttl_s or self.settings.signin_token_ttl_s
+        access = tokens.issue(tokens.API_TOKEN_PREFIX)
+        row = ApiToken(id=new_id("tok"), user_id=user.id, name=f"sign-in ({source})"[:64], prefix=access.prefix,
+                       token_hash=access.digest, expires_at=now + timedelta(seconds=ttl), source=source)
+        db.add(row)
+        refresh_value = None
+        if family_id is not None:
+            refresh = tokens.issue(REFRESH_TOKEN_PREFIX)
+            db.add(RefreshToken(user_id=user.id, family_id=family_id, api_token_id=row.id, prefix=refresh.prefix,
+                                token_hash=refresh.digest, source=source,
+                                expires_at=now + timedelta(seconds=self.settings.signin_refresh_ttl_s)))
+            refresh_value = refresh.value
+        await db.commit()
+        return TokenPair(access_token=access.value, expires_in=ttl, refresh_token=refresh_value, source=source,
+                         user=user)
+
+    async def refresh(self, value: str) -> TokenPair:
+        """A new API token and a new refresh token for a refresh token, which is spent. A spent one
+        presented again means it was copied: its whole family and their API tokens are revoked."""
+        invalid = InvalidGrant("the refresh token is invalid, expired or revoked; run orz cloud login again")
+        if not tokens.looks_like(value, REFRESH_TOKEN_PREFIX):
+            raise invalid
+        now = utcnow()
+        async with self.sessions() as db:
+            row = await db.scalar(select(RefreshToken).where(RefreshToken.prefix == tokens.lookup_prefix(value)))
+            if row is None or not tokens.matches(value, row.token_hash):
+                raise invalid
+            if row.used_at is not None:
+                await self._revoke_family(db, row.family_id)
+                raise InvalidGrant("this refresh token was already used; every token of its sign-in is revoked")
+            if row.revoked_at is not None or row.expires_at <= now:
+                raise invalid
+            claimed = await db.execute(update(RefreshToken).where(RefreshToken.id == row.id,
+                                                                  RefreshToken.used_at.is_(None)).values(used_at=now))
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                await db.rollback()
+                raise invalid
+            user = await db.get(User, row.user_id)
+            if user is None or not user.is_active:
+                await db.commit()
+                raise SignInRefused("this account is disabled")
+            return await self._issue(db, user, row.source or "refresh", family_id=row.family_id)
+
+    async def _revoke_family(self, db: AsyncSession, family_id: str) -> None:
+        now = utcnow()
+        token_ids = list(await db.scalars(select(RefreshToken.api_token_id).where(RefreshToken.family_id == family_id)))
+        await db.execute(update(RefreshToken).where(RefreshToken.family_id == family_id,
+                                                    RefreshToken.revoked_at.is_(None)).values(revoked_at=now))
+        ids = [t for t in token_ids if t]
+        if ids:
+            await db.execute(update(ApiToken).where(ApiToken.id.in_(ids), ApiToken.revoked_at.is_(None))
+                             .values(revoked_at=now))
+        await db.commit()
+
+    async def revoke(self, api_token: str) -> None:
+        """Logout: the presented API token and every token of its sign-in (its refresh token family)."""
+        async with self.sessions() as db:
+            row = await db.scalar(select(ApiToken).where(ApiToken.prefix == tokens.lookup_prefix(api_token)))
+            if row is None or not tokens.matches(api_token, row.token_hash):
+                return
+            family = await db.scalar(select(RefreshToken.family_id).where(RefreshToken.api_token_id == row.id))
+            row.revoked_at = row.revoked_at or utcnow()
+            await db.commit()
+            if family is not None:
+                await self._revoke_family(db, family)
+
+    # -- the browser: authorization code + PKCE -------------------------------------------------------
+
+    def allowed_redirect_uris(self) -> tuple[str, ...]:
+        """Where a browser sign-in may return: the web door's callback (never a caller's choice)."""
+        return (self.settings.signin_callback_url(),)
+
+    def _oidc(self) -> OidcProvider:
+        found = self.providers.get("oidc")
+        if not isinstance(found, OidcProvider):
+            raise SignInNotConfigured("browser sign-in needs an OIDC provider (ORZ_OIDC_ISSUER)")
+        return found
+
+    async def start_browser(self, redirect_uri: str) -> tuple[str, str]:
+        """The provider's authorization URL and the state to bind to the browser (a cookie)."""
+        provider = self._oidc()
+        if redirect_uri not in self.allowed_redirect_uris():
+            raise BadRequest("redirect_uri is not this server's sign-in callback")
+        state, nonce, verifier = (secrets.token_urlsafe(32) for _ in range(3))
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        row_id = new_id("sst")
+        sealed = self.box.seal(json.dumps({"nonce": nonce, "verifier": verifier}).encode(), _binding(row_id))
+        await self._make_room()
+        async with self.sessions() as db:
+            db.add(SigninState(id=row_id, state_hash=tokens.digest(state), redirect_uri=redirect_uri,
+                               key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext,
+                               expires_at=utcnow() + timedelta(seconds=BROWSER_STATE_TTL_S)))
+            await db.commit()
+        url = await provider.authorization_url(redirect_uri=redirect_uri, state=state, nonce=nonce,
+                                               code_challenge=challenge)
+        return url, state
+
+    async def finish_browser(self, state: str, code: str, redirect_uri: str) -> TokenPair:
+        """Spend the state (single use), redeem the code with its PKCE verifier, check the nonce."""
+        provider = self._oidc()
+        async with self.sessions() as db:
+            row = await db.scalar(select(SigninState).where(SigninState.state_hash == tokens.digest(state)))
+            if row is None:
+                raise InvalidGrant("unknown or already used sign-in state")
+            claimed = await db.execute(delete(SigninState).where(SigninState.id == row.id))
+            await db.commit()
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                raise InvalidGrant("unknown or already used sign-in state")
+        if row.expires_at <= utcnow():
+            raise ExpiredToken("the sign-in took too long; start again")
+        if row.redirect_uri != redirect_uri:
+            raise InvalidGrant("the sign-in returned to another address than it started from")
+        secret = json.loads(self.box.open(Sealed(row.key_id, row.nonce, row.ciphertext), _binding(row.id)))
+        identity = await provider.redeem_code(code=code, code_verifier=secret["verifier"],
+                                              redirect_uri=redirect_uri, nonce=secret["nonce"])
+        return await self.sign_in(identity, refresh=False)
+
+    async def exchange_github(self, github_token: str, github_id: int | None) -> TokenPair:
+        """The Go CLI's login: a GitHub token (checked against GitHub's /user) for an API token. It has no
+        refresh token, so the API token lives as long as a refresh token would."""
+        identity = await self.github.identity_from_token(github_token)
+        if github_id is not None and identity.subject != str(github_id):
+            raise InvalidGrant("the GitHub token belongs to another account than github_id")
+        return await self.sign_in(identity, refresh=False, ttl_s=self.settings.signin_refresh_ttl_s)

@@ -1,0 +1,126 @@
+"""The browser terminal's sign-in with the server's identity provider (docs/sign-in.md).
+
+`/s/login?next=/s/<id>` asks the API to start an authorization-code + PKCE sign-in and sends the browser
+to the provider, binding the API's `state` to this browser in an HttpOnly cookie (login CSRF).
+`/s/callback` checks that cookie against the returned `state` and has the API finish (single-use state,
+PKCE verifier, nonce, id_token checks). The API token it gets is kept in an HttpOnly, SameSite=Strict
+cookie scoped to /s, never visible to scripts; `/s/<id>/token` accepts it only with the `X-Orz-CSRF`
+header equal to the `orz_csrf` cookie (double submit), on top of the door's Origin check.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import secrets
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import quote
+
+from websockets.http11 import Request, Response
+
+from api.client import ApiClient, ApiError, ApiUnreachable
+from gateway import web_http as http
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "orz_web"
+CSRF_COOKIE = "orz_csrf"
+CSRF_HEADER = "X-Orz-CSRF"
+STATE_COOKIE = "orz_signin_state"
+NEXT_COOKIE = "orz_signin_next"
+STATE_TTL_S = 600
+# Where a sign-in may send the browser afterwards: a terminal page of this door, nothing else.
+NEXT_PATH = re.compile(r"^/s/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def cookies(request: Request) -> dict[str, str]:
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(request.headers.get("Cookie", ""))
+    except CookieError:
+        return {}
+    return {name: morsel.value for name, morsel in jar.items()}
+
+
+def _cookie(name: str, value: str, *, path: str, max_age: int, secure: bool, http_only: bool = True,
+            same_site: str = "Strict") -> str:
+    parts = [f"{name}={value}", f"Path={path}", f"Max-Age={max_age}", f"SameSite={same_site}"]
+    if http_only:
+        parts.append("HttpOnly")
+    if secure:
+        parts.append("Secure")
+    return "; ".join(parts)
+
+
+def _redirect(location: str, set_cookies: list[str]) -> Response:
+    response = http.response(302, extra={"Location": location})
+    for value in set_cookies:
+        response.headers["Set-Cookie"] = value  # websockets' Headers keeps every value of a repeated name
+    return response
+
+
+class BrowserSignIn:
+    def __init__(self, api: ApiClient, web_base_url: str) -> None:
+        self.api = api
+        self.callback_url = f"{web_base_url.rstrip('/')}/s/callback"
+        self.secure = web_base_url.startswith("https://")
+
+    async def login(self, request: Request, query: dict[str, str]) -> Response:
+        target = query.get("next", "")
+        if not NEXT_PATH.match(target):
+            return http.text(400, "orz: next must be a terminal page (/s/<session-id>)")
+        try:
+            started = await self.api.browser_signin_start(self.callback_url)
+        except ApiUnreachable:
+            return http.text(503, "orz: Orzbob Cloud is unavailable right now")
+        except ApiError as exc:
+            return http.text(exc.status if 400 <= exc.status < 500 else 502, f"orz: {exc.detail}")
+        # Lax, not Strict: the provider's redirect back is a cross-site top-level navigation.
+        return _redirect(started.authorization_url, [
+            _cookie(STATE_COOKIE, started.state, path="/s/callback", max_age=STATE_TTL_S, secure=self.secure,
+                    same_site="Lax"),
+            _cookie(NEXT_COOKIE, quote(target, safe="/"), path="/s/callback", max_age=STATE_TTL_S,
+                    secure=self.secure, same_site="Lax"),
+        ])
+
+    async def callback(self, request: Request, query: dict[str, str]) -> Response:
+        jar = cookies(request)
+        state, code = query.get("state", ""), query.get("code", "")
+        expected = jar.get(STATE_COOKIE, "")
+        if "error" in query:
+            return http.text(403, "orz: the identity provider did not sign you in")
+        if not state or not code or not expected or not hmac.compare_digest(state.encode(), expected.encode()):
+            return http.text(400, "orz: this sign-in was not started in this browser; start again")
+        try:
+            grant = await self.api.browser_signin_finish(state, code, self.callback_url)
+        except ApiUnreachable:
+            return http.text(503, "orz: Orzbob Cloud is unavailable right now")
+        except ApiError as exc:
+            log.info("web sign-in refused: %d %s", exc.status, exc.code)
+            return http.text(exc.status if 400 <= exc.status < 500 else 502, f"orz: {exc.detail}")
+        clear = [_cookie(name, "", path="/s/callback", max_age=0, secure=self.secure, same_site="Lax")
+                 for name in (STATE_COOKIE, NEXT_COOKIE)]
+        set_cookies = [
+            _cookie(SESSION_COOKIE, grant.access_token, path="/s", max_age=grant.expires_in, secure=self.secure),
+            _cookie(CSRF_COOKIE, secrets.token_urlsafe(24), path="/s", max_age=grant.expires_in,
+                    secure=self.secure, http_only=False),
+            *clear,
+        ]
+        target = jar.get(NEXT_COOKIE, "")
+        if NEXT_PATH.match(target):
+            return _redirect(target, set_cookies)
+        response = http.text(200, "orz: signed in; open your session's page (/s/<session-id>)")
+        for value in set_cookies:
+            response.headers["Set-Cookie"] = value
+        return response
+
+
+def cookie_token(request: Request) -> str | None:
+    """The signed-in browser's API token, when the request proves it comes from the page (CSRF header)."""
+    jar = cookies(request)
+    token, csrf = jar.get(SESSION_COOKIE), jar.get(CSRF_COOKIE)
+    sent = request.headers.get(CSRF_HEADER, "")
+    if not token or not csrf or not sent or not hmac.compare_digest(sent.encode(), csrf.encode()):
+        return None
+    return token

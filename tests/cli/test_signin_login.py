@@ -1,0 +1,114 @@
+"""`orz cloud login` with no token: the device grant through our API to nanoidp, a real OIDC provider;
+the token file, whoami, silent refresh and logout, as a user sees them."""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from api import admin
+from api.settings import Settings
+from cli.errors import exit_code_for
+from tests.cli.conftest import ROOT, LiveApi, Orz
+from tests.signin.conftest import signin_settings
+from tests.signin.nanoidp import CLIENT_ID, CLIENT_SECRET, NanoIdp
+
+
+@pytest.fixture
+def nanoidp(tmp_path: Path) -> Iterator[NanoIdp]:
+    idp = NanoIdp.start(tmp_path)
+    try:
+        yield idp
+    finally:
+        idp.stop()
+
+
+@pytest.fixture
+def settings(settings: Settings, nanoidp: NanoIdp) -> Settings:  # the live API's settings
+    return signin_settings(settings, oidc_issuer=nanoidp.url, oidc_client_id=CLIENT_ID,
+                           oidc_client_secret=CLIENT_SECRET, oidc_name="nanoidp")
+
+
+def device_login(orz: Orz, live_api: LiveApi, nanoidp: NanoIdp, *extra: str,
+                 **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `orz cloud login`, read the code it shows, approve it at the provider, wait for it to finish."""
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "cloud", "login", "--api-url", live_api.url, *extra],
+                            cwd=ROOT, env=orz.env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    match = re.search(r"open (\S+) and enter the code: (\S+)", first)
+    assert match, first
+    assert match.group(1) == f"{nanoidp.url}/device"
+    nanoidp.approve(match.group(2))
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, first + err)
+
+
+def test_device_login_whoami_refresh_logout(orz: Orz, live_api: LiveApi, nanoidp: NanoIdp, home: Path) -> None:
+    live_api.call(admin.create_org(live_api.app.ctx.state.sessions, "default"))
+    # No display and no BROWSER: nothing is opened, the URL and code are printed.
+    done = device_login(orz, live_api, nanoidp, DISPLAY="", BROWSER="")
+    assert done.returncode == 0, done.stderr
+    assert "logged in to" in done.stdout and "as ada@example.com via oidc:nanoidp" in done.stdout
+    token_file = home / ".config" / "orzbob" / "token.json"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    saved = json.loads(token_file.read_text())
+    assert saved["api_token"].startswith("orz_") and saved["refresh_token"].startswith("orzrt_")
+    assert saved["source"] == "oidc:nanoidp"
+    expires = datetime.fromisoformat(saved["expires_at"].replace("Z", "+00:00"))
+    assert timedelta(minutes=55) < expires - datetime.now(UTC) < timedelta(minutes=61)
+    for secret in (saved["api_token"], saved["refresh_token"]):
+        assert secret not in done.stdout + done.stderr
+
+    who = orz("cloud", "whoami")
+    assert who.returncode == 0 and "via sign-in with oidc:nanoidp" in who.stdout, who.stderr
+
+    # An expired token is refreshed without asking: the command works and the file holds new tokens.
+    saved["expires_at"] = "2020-01-01T00:00:00Z"
+    token_file.write_text(json.dumps(saved))
+    who = orz("cloud", "whoami")
+    assert who.returncode == 0 and "ada@example.com" in who.stdout, who.stderr
+    renewed = json.loads(token_file.read_text())
+    assert renewed["api_token"] != saved["api_token"] and renewed["refresh_token"] != saved["refresh_token"]
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+    # Logout revokes on the server: the token no longer works anywhere.
+    assert orz("cloud", "logout").returncode == 0 and not token_file.exists()
+    token_file.write_text(json.dumps({"api_url": live_api.url, "api_token": renewed["api_token"]}))
+    assert "refused your token" in orz("cloud", "whoami").stderr
+
+
+def test_device_login_waits_for_approval_then_an_admin_approves(orz: Orz, live_api: LiveApi, nanoidp: NanoIdp,
+                                                                 home: Path) -> None:
+    sessions = live_api.app.ctx.state.sessions
+    live_api.call(admin.create_org(sessions, "default"))
+    object.__setattr__(live_api.app.ctx.state.signin.settings, "signin_new_users", "pending")
+    done = device_login(orz, live_api, nanoidp, DISPLAY="")
+    assert done.returncode == exit_code_for(403) and "waiting for an admin's approval" in done.stderr
+    assert not (home / ".config" / "orzbob" / "token.json").exists()
+    approve = orz("admin", "approve", "ada@example.com", ORZ_DATABASE_URL=live_api.app.ctx.state.settings.database_url)
+    assert approve.returncode == 0, approve.stderr
+    # Where a browser can be opened (BROWSER names one), login opens the verification page in it.
+    opened = home / "opened-url"
+    browser = home / "fake-browser"
+    browser.write_text(f"#!/bin/sh\necho \"$1\" > {opened}\n")
+    browser.chmod(0o755)
+    again = device_login(orz, live_api, nanoidp, DISPLAY="", BROWSER=str(browser))
+    assert again.returncode == 0, again.stderr
+    assert opened.read_text().strip().startswith(f"{nanoidp.url}/device?user_code=")
+
+
+def test_with_token_reads_standard_input(orz: Orz, live_api: LiveApi, home: Path) -> None:
+    tenant = live_api.tenant("acme")
+    done = orz("cloud", "login", "--with-token", "--api-url", live_api.url, input=tenant.token + "\n")
+    assert done.returncode == 0 and f"as {tenant.email}" in done.stdout, done.stderr
+    assert "via" not in done.stdout
+    assert "via an API token" in orz("cloud", "whoami").stdout

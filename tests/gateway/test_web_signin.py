@@ -1,0 +1,137 @@
+"""The browser terminal signs in with the server's OIDC provider (authorization code + PKCE): a real
+`orz server`, its web door, and the stand-in provider (tests/signin/standins.py) over HTTP."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from tests.gateway.test_web_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.signin.standins import OidcStandIn
+from tests.web_platform import NEEDS, WebPlatform, start_platform
+
+pytestmark = [pytest.mark.integration, NEEDS]
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[OidcStandIn]:
+    server = OidcStandIn()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory, idp: OidcStandIn) -> Iterator[WebPlatform]:
+    yield from start_platform(tmp_path_factory.mktemp("signin"), ORZ_OIDC_ISSUER=idp.url,
+                              ORZ_OIDC_CLIENT_ID=idp.client_id, ORZ_OIDC_CLIENT_SECRET=idp.client_secret,
+                              ORZ_SIGNIN_NEW_USERS="refuse")
+
+
+def set_cookies(resp: httpx.Response) -> dict[str, str]:
+    """Each Set-Cookie line by cookie name (the whole line, attributes included)."""
+    return {line.split("=", 1)[0]: line for line in resp.headers.get_list("set-cookie")}
+
+
+def sign_in(platform: WebPlatform, idp: OidcStandIn, sid: str, email: str) -> httpx.Client:
+    web = httpx.Client(base_url=platform.web_url, timeout=10)
+    start = web.get("/s/login", params={"next": f"/s/{sid}"})
+    assert start.status_code == 302, start.text
+    location = start.headers["location"]
+    assert location.startswith(f"{idp.url}/authorize?")
+    state_line = set_cookies(start)["orz_signin_state"]
+    assert "HttpOnly" in state_line and "SameSite=Lax" in state_line and "Path=/s/callback" in state_line
+    code = idp.authorize(location, email=email)
+    state = parse_qs(urlsplit(location).query)["state"][0]
+    back = web.get("/s/callback", params={"code": code, "state": state})
+    assert back.status_code == 302, back.text
+    assert back.headers["location"] == f"/s/{sid}"
+    session_line = set_cookies(back)["orz_web"]
+    assert "HttpOnly" in session_line and "SameSite=Strict" in session_line and "Path=/s" in session_line
+    assert "HttpOnly" not in set_cookies(back)["orz_csrf"]  # the page reads it to prove where it runs
+    return web
+
+
+def test_the_browser_signs_in_and_gets_attach_tokens_with_its_cookie(platform: WebPlatform, idp: OidcStandIn):
+    sid = platform.new_session("sleep 600")
+    web = sign_in(platform, idp, sid, "admin@localhost")  # the server's admin, linked by verified email
+    csrf = web.cookies.get("orz_csrf")
+    assert csrf and web.cookies.get("orz_web", path="/s")
+    minted = web.get(f"/s/{sid}/token", headers={"X-Orz-CSRF": csrf})
+    assert minted.status_code == 200, minted.text
+    assert minted.json()["token"].count(".") == 2  # an attach JWT
+    # Without the CSRF header (what a form or image on another site could send): no token.
+    assert web.get(f"/s/{sid}/token").status_code == 401
+    assert web.get(f"/s/{sid}/token", headers={"X-Orz-CSRF": "guess"}).status_code == 401
+    # Another site's script: the door's Origin check refuses it first.
+    assert web.get(f"/s/{sid}/token", headers={"X-Orz-CSRF": csrf,
+                                               "Origin": "https://evil.example"}).status_code == 403
+    platform.kill(sid)
+
+
+def test_a_callback_this_browser_did_not_start_is_refused(platform: WebPlatform, idp: OidcStandIn):
+    victim = httpx.Client(base_url=platform.web_url, timeout=10)
+    attacker = httpx.Client(base_url=platform.web_url, timeout=10)
+    start = attacker.get("/s/login", params={"next": "/s/anything"})
+    location = start.headers["location"]
+    code = idp.authorize(location, email="admin@localhost")
+    state = parse_qs(urlsplit(location).query)["state"][0]
+    # Login CSRF: the attacker's callback URL opened in the victim's browser (no state cookie there).
+    forced = victim.get("/s/callback", params={"code": code, "state": state})
+    assert forced.status_code == 400 and "orz_web" not in set_cookies(forced)
+    # And the state the attacker's own browser holds is single use at the API.
+    assert attacker.get("/s/callback", params={"code": code, "state": state}).status_code == 302
+    replay = attacker.get("/s/callback", params={"code": code, "state": state},
+                          headers={"Cookie": f"orz_signin_state={state}"})
+    assert replay.status_code == 400 and "already used" in replay.text
+
+
+def test_sign_in_rules_apply_and_next_stays_on_this_door(platform: WebPlatform, idp: OidcStandIn):
+    web = httpx.Client(base_url=platform.web_url, timeout=10)
+    assert web.get("/s/login", params={"next": "https://evil.example/"}).status_code == 400
+    start = web.get("/s/login", params={"next": "/s/x"})
+    location = start.headers["location"]
+    code = idp.authorize(location, email="stranger@example.com")  # ORZ_SIGNIN_NEW_USERS=refuse
+    state = parse_qs(urlsplit(location).query)["state"][0]
+    refused = web.get("/s/callback", params={"code": code, "state": state})
+    assert refused.status_code == 403 and "ask an admin" in refused.text
+    assert "orz_web" not in set_cookies(refused)
+
+
+def test_a_real_browser_signs_in_and_the_terminal_connects(platform: WebPlatform, idp: OidcStandIn):
+    """Headless chromium: the page offers Sign in, the provider sends it back, the terminal connects with
+    the cookie, and no script on the page can read the API token."""
+    chromium = Path(CHROMIUM)
+    if not chromium.exists() or importlib.util.find_spec("playwright") is None:
+        pytest.skip("needs chromium and playwright (hack/setup.sh)")
+    from playwright.sync_api import expect, sync_playwright
+
+    sid = platform.new_session("exec bash --norc --noprofile")
+    idp.browser_email = "admin@localhost"
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(f"{platform.web_url}/s/{sid}")
+                expect(page.locator("#status")).to_contain_text("sign in", timeout=15000)
+                page.click("#signin")
+                page.wait_for_url(f"{platform.web_url}/s/{sid}", timeout=15000)
+                expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
+                assert "orz_web" not in page.evaluate("document.cookie")  # HttpOnly
+                assert page.evaluate("localStorage.getItem('orz.apiToken')") is None
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        idp.browser_email = None
+        platform.kill(sid)

@@ -1,0 +1,211 @@
+"""Device sign-in with an OIDC issuer, brokered by the API: what a person and an attacker would notice."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from api import admin
+from api.db.models import ApiToken, DeviceGrant, RefreshToken, User
+from api.settings import Settings
+from tests.conftest import both_databases
+from tests.signin.conftest import make_app, poll, signin_settings, start
+from tests.signin.standins import OidcStandIn
+
+pytestmark = pytest.mark.usefixtures("default_org")
+
+
+@pytest.fixture
+def app(settings: Settings, oidc: OidcStandIn):  # type: ignore[no-untyped-def]
+    return make_app(signin_settings(settings, oidc))
+
+
+async def sign_in(app, oidc: OidcStandIn, **token_args):  # type: ignore[no-untyped-def]
+    started = await start(app)
+    oidc.approve(started["user_code"], **token_args)
+    return started, await poll(app, started["device_code"])
+
+
+@both_databases
+async def test_device_sign_in_creates_the_user_and_gets_tokens(app, oidc, sessions, settings, caplog):
+    caplog.set_level(logging.DEBUG)
+    started = await start(app)
+    assert started["provider"] == "oidc" and started["user_code"] and started["interval"] == 1
+    assert started["verification_uri"] == f"{oidc.url}/device"
+    assert started["device_code"].startswith("orzd_")
+    pending = await poll(app, started["device_code"])
+    assert pending.status == 400 and pending.json["code"] == "authorization_pending"
+    assert pending.content_type == "application/problem+json"
+    time.sleep(1.05)  # the interval, so the next poll is not a slow_down
+    oidc.approve(started["user_code"], email="Ada@Example.com", preferred_username="ada")
+    done = await poll(app, started["device_code"])
+    assert done.status == 200, done.json
+    grant = done.json
+    assert grant["token_type"] == "Bearer" and grant["expires_in"] == 3600 and grant["source"] == "oidc:Test IdP"
+    assert grant["refresh_token"].startswith("orzrt_") and done.headers["cache-control"] == "no-store"
+    _, me = await app.asgi_client.get("/v1/me", headers={"Authorization": f"Bearer {grant['access_token']}"})
+    assert me.status == 200 and me.json["user"]["email"] == "ada@example.com"
+    assert me.json["org"]["name"] == "default" and me.json["source"] == "oidc:Test IdP"
+    # Both tokens are stored as hashes only.
+    async with sessions() as db:
+        rows = [*(await db.scalars(select(ApiToken))), *(await db.scalars(select(RefreshToken)))]
+    assert len(rows) == 2 and all(r.expires_at is not None for r in rows)
+    for value in (grant["access_token"], grant["refresh_token"], started["device_code"],
+                  *[d for d in oidc.devices]):  # ours and the provider's device codes
+        assert value not in caplog.text
+    if settings.database_url.startswith("sqlite"):
+        db_bytes = Path(settings.database_url.split("///", 1)[1]).read_bytes()
+        for value in (grant["access_token"], grant["refresh_token"], started["device_code"]):
+            assert value.encode() not in db_bytes
+
+
+@both_databases
+async def test_the_device_code_is_single_use(app, oidc):
+    started, done = await sign_in(app, oidc, email="ada@example.com")
+    assert done.status == 200
+    again = await poll(app, started["device_code"])
+    assert again.status == 400 and again.json["code"] == "invalid_grant"
+    assert "already used" in again.json["detail"]
+    wrong = await poll(app, started["device_code"][:-3] + "AAA")
+    assert wrong.status == 400 and wrong.json["code"] == "invalid_grant"
+
+
+async def test_expired_device_codes_are_refused_and_swept(app, oidc, sessions):
+    started = await start(app)
+    async with sessions() as db:
+        await db.execute(update(DeviceGrant).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        await db.commit()
+    expired = await poll(app, started["device_code"])
+    assert expired.status == 400 and expired.json["code"] == "expired_token"
+    stale = await start(app)
+    async with sessions() as db:
+        await db.execute(update(DeviceGrant).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        await db.commit()
+    await start(app)  # each start sweeps expired ones
+    async with sessions() as db:
+        assert len(list(await db.scalars(select(DeviceGrant)))) == 1
+    assert (await poll(app, stale["device_code"])).json["code"] == "invalid_grant"
+
+
+async def test_polling_faster_than_the_interval_is_slowed_down(app, oidc):
+    started = await start(app)
+    assert (await poll(app, started["device_code"])).json["code"] == "authorization_pending"
+    fast = await poll(app, started["device_code"])
+    assert fast.status == 400 and fast.json["code"] == "slow_down" and fast.json["interval"] == 6
+
+
+@pytest.mark.parametrize(("token_args", "status", "fragment"), [
+    ({"aud": "someone-else"}, 401, "another client"),
+    ({"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200}, 401, "expired"),
+    ({"iss": "https://evil.example"}, 401, "another issuer"),
+    ({"email_verified": False}, 403, "not verified"),
+    ({"email_verified": None}, 403, "not verified"),
+    ({"forged": True}, 401, "not valid"),
+    ({"aud": ["orz-test", "other"], "azp": "other"}, 401, "azp"),
+], ids=["wrong-audience", "expired", "issuer-mix-up", "unverified-email", "no-email-verified", "bad-signature",
+        "azp"])
+async def test_id_tokens_that_fail_a_check_sign_nobody_in(app, oidc, sessions, token_args, status, fragment):
+    _, done = await sign_in(app, oidc, email="mallory@example.com", **token_args)
+    assert done.status == status, done.json
+    assert done.content_type == "application/problem+json"
+    assert fragment in done.json["detail"]
+    async with sessions() as db:
+        assert (await db.scalar(select(User).where(User.email == "mallory@example.com"))) is None
+        assert list(await db.scalars(select(ApiToken))) == []
+
+
+async def test_a_discovery_document_naming_another_issuer_is_refused(settings, oidc):
+    oidc.discovery_issuer = "https://accounts.example.com"
+    app = make_app(signin_settings(settings, oidc))
+    _, resp = await app.asgi_client.post("/v1/auth/device", json={})
+    assert resp.status == 502 and "another issuer" in resp.json["detail"]
+
+
+async def test_allowed_domains_and_pending_approval(settings, oidc, sessions):
+    app = make_app(signin_settings(settings, oidc, signin_allowed_domains="example.com",
+                                   signin_new_users="pending"))
+    _, outside = await sign_in(app, oidc, email="eve@elsewhere.org")
+    assert outside.status == 403 and outside.json["code"] == "signin_refused"
+    assert "example.com" in outside.json["detail"]
+
+    _, first = await sign_in(app, oidc, email="bob@example.com")
+    assert first.status == 403 and first.json["code"] == "approval_pending"
+    assert "orz admin approve bob@example.com" in first.json["detail"]
+    assert [u.email for u in await admin.pending_users(sessions)] == ["bob@example.com"]
+    await admin.approve_user(sessions, "bob@example.com")
+    _, second = await sign_in(app, oidc, email="bob@example.com")
+    assert second.status == 200, second.json
+
+    await admin.set_user_active(sessions, "bob@example.com", False)
+    _, disabled = await sign_in(app, oidc, email="bob@example.com")
+    assert disabled.status == 403 and disabled.json["detail"] == "this account is disabled"
+
+
+async def test_refuse_lets_in_only_users_an_admin_created(settings, oidc, sessions):
+    app = make_app(signin_settings(settings, oidc, signin_new_users="refuse"))
+    _, stranger = await sign_in(app, oidc, email="stranger@example.com")
+    assert stranger.status == 403 and "ask an admin" in stranger.json["detail"]
+    await admin.create_user(sessions, "known@example.com", "default", role="admin")
+    _, known = await sign_in(app, oidc, email="known@example.com")
+    assert known.status == 200
+    _, me = await app.asgi_client.get("/v1/me", headers={"Authorization": f"Bearer {known.json['access_token']}"})
+    assert me.json["user"]["role"] == "admin"  # the existing user, linked by the verified email
+
+
+async def refresh(app, value: str):  # type: ignore[no-untyped-def]
+    _, resp = await app.asgi_client.post("/v1/auth/token", json={"grant_type": "refresh_token",
+                                                                 "refresh_token": value})
+    return resp
+
+
+@both_databases
+async def test_refresh_rotates_and_a_replayed_refresh_token_revokes_the_sign_in(app, oidc):
+    _, done = await sign_in(app, oidc, email="ada@example.com")
+    first = done.json
+    second = await refresh(app, first["refresh_token"])
+    assert second.status == 200 and second.json["refresh_token"] != first["refresh_token"]
+    assert second.json["source"] == "oidc:Test IdP"
+    replay = await refresh(app, first["refresh_token"])
+    assert replay.status == 400 and replay.json["code"] == "invalid_grant"
+    # The replay revoked everything of that sign-in: the newest tokens too.
+    assert (await refresh(app, second.json["refresh_token"])).status == 400
+    app.ctx.state.principals._entries.clear()  # the API trusts a verified token for up to 5 s
+    _, me = await app.asgi_client.get("/v1/me", headers={"Authorization": f"Bearer {second.json['access_token']}"})
+    assert me.status == 401
+
+
+async def test_revoke_ends_the_token_and_its_refresh_token_at_once(app, oidc):
+    _, done = await sign_in(app, oidc, email="ada@example.com")
+    headers = {"Authorization": f"Bearer {done.json['access_token']}"}
+    assert (await app.asgi_client.get("/v1/me", headers=headers))[1].status == 200
+    _, revoked = await app.asgi_client.post("/v1/auth/revoke", headers=headers)
+    assert revoked.status == 204
+    assert (await app.asgi_client.get("/v1/me", headers=headers))[1].status == 401
+    assert (await refresh(app, done.json["refresh_token"])).status == 400
+
+
+async def test_no_provider_configured_says_how_to_log_in(app, settings):
+    bare = make_app(settings)
+    _, resp = await bare.asgi_client.post("/v1/auth/device", json={})
+    assert resp.status == 404 and "--with-token" in resp.json["detail"]
+    _, listing = await bare.asgi_client.get("/v1/auth/providers")
+    assert listing.json == {"providers": []}
+    _, listing = await app.asgi_client.get("/v1/auth/providers")
+    assert listing.json == {"providers": ["oidc"]}
+
+
+async def test_sign_ins_in_progress_are_bounded(app, oidc, monkeypatch):
+    from api.signin import service
+
+    monkeypatch.setattr(service, "MAX_PENDING", 2)
+    await start(app)
+    await start(app)
+    asked = len(oidc.devices)
+    _, full = await app.asgi_client.post("/v1/auth/device", json={})
+    assert full.status == 503 and "too many sign-ins" in full.json["detail"]
+    assert len(oidc.devices) == asked  # the provider was not asked
