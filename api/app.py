@@ -27,7 +27,8 @@ from api.db.migrate import ensure_at_head, wait_for_schema
 from api.errors import STATUS_TO_ERROR, DatabaseUnavailable, OrzError, SchemaNotAtHead
 from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
-from api.routes import auth, health, instances, internal, me
+from api.routes import attach, auth, health, instances, internal, me
+from api.routes import secrets as secrets_routes
 from api.secrets.service import SecretService
 from api.settings import Settings
 from api.signin.service import SignInService
@@ -167,9 +168,7 @@ def create_app(
     app.ctx.openapi = None
     app.ctx.extra_metrics = []  # registries of services sharing this process (orz server adds the gateway's)
     app.ctx.state = None
-    app.blueprint([health.bp, me.bp, instances.bp, internal.bp, auth.bp])
-    for extra in _optional_blueprints():
-        app.blueprint(extra)
+    app.blueprint([health.bp, me.bp, instances.bp, internal.bp, auth.bp, attach.bp, secrets_routes.bp])
 
     app.ctx.schema_problem = None  # why the API is not ready yet, while it waits for the schema
     app.ctx.gave_up = asyncio.Event()  # set when the wait for the schema ran out (`orz api` exits)
@@ -279,17 +278,3 @@ def _route_template(path: str) -> str:
 
 def _count_transition(row: Any, _from: Any, to: Any) -> None:
     metrics.SESSION_TRANSITIONS.labels(to_state=str(to.value)).inc()
-
-
-def _optional_blueprints() -> list[Any]:
-    """Blueprints of features that live in their own modules (attach, secrets) when present."""
-    found = []
-    for module_name in ("api.routes.attach", "api.routes.secrets"):
-        try:
-            module = __import__(module_name, fromlist=["bp"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        found.append(module.bp)
-    return found

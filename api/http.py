@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 from sanic import HTTPResponse, Request
-from sanic.response import json as json_response
 
 from api.errors import BadRequest, PayloadTooLarge, ValidationFailed
 from api.schemas import describe_validation, validation_errors
@@ -54,6 +53,3 @@ def respond(model: BaseModel, status: int = 200) -> HTTPResponse:
         model.model_dump_json(), status=status, content_type="application/json"
     )
 
-
-def respond_json(data: Any, status: int = 200) -> HTTPResponse:
-    return json_response(data, status=status)

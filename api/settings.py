@@ -15,7 +15,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.cloud_yaml import DEFAULT_MAX_SERVICES, SERVICES_CEILING
 
-PlanName = Literal["free", "pro", "team"]
 ProviderName = Literal["local", "kubernetes", "fake"]
 
 

@@ -9,6 +9,7 @@ import sys
 import click
 
 from cli import services
+from cli.cloud import cloud
 
 
 class _LazyGroup(click.Group):
@@ -36,13 +37,7 @@ def orz() -> None:
 for command in services.COMMANDS:
     orz.add_command(command)
 
-try:
-    from cli.cloud import cloud
-except ModuleNotFoundError as exc:  # the user-facing commands live in their own module
-    if exc.name != "cli.cloud":
-        raise
-else:
-    orz.add_command(cloud)
+orz.add_command(cloud)
 
 
 def main() -> None:

@@ -183,8 +183,8 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
             stack.push_async_callback(metrics.stop)
             metrics_port = metrics.port
         token_file, new_token = await _ensure_login(state.sessions, settings)
-        ssh_port, web_port = await stack.enter_async_context(_optional_gateway(settings))
-        if ssh_port is not None:
+        ssh_port, web_port = await stack.enter_async_context(_gateway(settings))
+        if ssh_port:
             # One process, one scrape: the API's metrics also show the embedded gateway's.
             from gateway import metrics as gateway_metrics
 
@@ -199,7 +199,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
             settings = settings.model_copy(update=bound)
             state.settings = state.instances.settings = settings
         # The scheduler shares the API's provider: one set of watches and pid files, one view of compute.
-        await stack.enter_async_context(_optional_scheduler(settings, state.provider, state.instances.secret_env))
+        await stack.enter_async_context(_scheduler(settings, state.provider, state.instances.secret_env))
         resumed = await state.instances.resume_after_shutdown(SHUTDOWN_REASON)
         yield RunningServer(settings, api.port, ssh_port, token_file, new_token, resumed, metrics_port)
     finally:
@@ -228,15 +228,10 @@ async def _ensure_login(sessions: Any, settings: Settings) -> tuple[Path, bool]:
 
 
 @contextlib.asynccontextmanager
-async def _optional_gateway(settings: Settings) -> AsyncIterator[tuple[int | None, int | None]]:
-    """(SSH port, web door port) of the started gateway, or Nones without the gateway package."""
-    try:
-        from gateway.server import serve
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("gateway.server",):
-            raise
-        yield None, None
-        return
+async def _gateway(settings: Settings) -> AsyncIterator[tuple[int, int | None]]:
+    """(SSH port, web door port) of the started gateway."""
+    from gateway.server import serve  # here: the other `orz` commands need not import the gateway
+
     async with serve(settings) as listener:
         yield listener.port, (listener.web.port if listener.web is not None else None)
 
@@ -249,13 +244,8 @@ def web_base(settings: Settings) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _optional_scheduler(settings: Settings, provider: Any, secret_env: Any) -> AsyncIterator[None]:
-    try:
-        from api.jobs.scheduler import running_scheduler
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("api.jobs.scheduler",):
-            raise
-        yield None
-        return
+async def _scheduler(settings: Settings, provider: Any, secret_env: Any) -> AsyncIterator[None]:
+    from api.jobs.scheduler import running_scheduler
+
     async with running_scheduler(settings, provider=provider, secret_env=secret_env):
         yield None

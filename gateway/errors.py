@@ -34,12 +34,6 @@ class AttachRefused(GatewayError):
         self.code = code
 
 
-class RateLimited(GatewayError):
-    """Too many failed authentications from one source address."""
-
-    code = "rate_limited"
-
-
 class UpstreamUnavailable(GatewayError):
     """The session's runner could not be reached or rejected the gateway."""
 

@@ -467,9 +467,15 @@ class Gateway:
             self.limiter.block_for(source, reply.retry_after_s)
 
     def spawn(self, coro: object) -> None:
+        """Run a background task; a failure is logged when it happens, not at garbage collection."""
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("gateway background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def start(self) -> None:
         options = await asyncssh.SSHServerConnectionOptions.construct(

@@ -73,10 +73,6 @@ class Lease:
         self._until: datetime | None = None
         self._deadline: float | None = None  # time.monotonic() after which we no longer act
 
-    @property
-    def held_until(self) -> datetime | None:
-        return self._until
-
     def held(self) -> bool:
         """True while the lease we last wrote has not expired (no database round trip)."""
         if self._until is None:
