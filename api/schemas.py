@@ -531,6 +531,20 @@ def services_digest(services: Sequence[Mapping[str, Any]]) -> str:
 # Gateway -> runner, on each session channel: whether that channel's client forwarded its agent (ssh -A),
 # "yes" or "no" (absent: an older gateway). The runner sets SSH_AUTH_SOCK only for "yes".
 CLIENT_AGENT_ENV = "ORZ_CLIENT_AGENT"
+# The part of an SSH client's environment a session may see (the gateway passes it on, the runner sets it).
+CLIENT_ENV_NAMES = ("TERM", "LANG")
+CLIENT_ENV_PREFIX = "LC_"
+
+
+def client_env_allowed(name: str) -> bool:
+    return name in CLIENT_ENV_NAMES or name.startswith(CLIENT_ENV_PREFIX)
+
+
+# Files the runner writes in its state directory (RunnerSpec.state_dir) and the local provider reads.
+STATE_INIT_LOG = "init.log"
+STATE_FATAL_FILE = "fatal_error"
+# Written once sidecars, tmux and the endpoint are gone: the provider need not wait for the runner's exit.
+STATE_RELEASED_FILE = "released"
 
 
 class RunnerSpec(Request):

@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncssh
 
-from api.schemas import CLIENT_AGENT_ENV, Route
+from api.schemas import CLIENT_AGENT_ENV, Route, client_env_allowed
 from api.settings import ssh_algorithms
 from gateway import splice
 from gateway.cork import CorkedTunnel
@@ -18,7 +18,6 @@ from gateway.errors import AttachRefused, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
-ENV_ALLOWED = ("TERM", "LANG")
 KEEPALIVE_S = 30
 UPSTREAM_CONNECT_TIMEOUT_S = 15
 
@@ -41,7 +40,7 @@ async def _client_agent(chan: asyncssh.SSHServerChannel[bytes]) -> bool:
 
 def allowed_env(env: dict[str, str]) -> dict[str, str]:
     """Only locale and terminal variables cross to the runner."""
-    return {k: v for k, v in env.items() if k in ENV_ALLOWED or k.startswith("LC_")}
+    return {k: v for k, v in env.items() if client_env_allowed(k)}
 
 
 @dataclass

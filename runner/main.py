@@ -24,7 +24,15 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from api.client import ApiClient
-from api.schemas import SESSION_ID_RE, RunnerSpec, describe_validation, services_digest
+from api.schemas import (
+    SESSION_ID_RE,
+    STATE_FATAL_FILE,
+    STATE_INIT_LOG,
+    STATE_RELEASED_FILE,
+    RunnerSpec,
+    describe_validation,
+    services_digest,
+)
 from api.settings import load_settings
 from runner import agent, cloud_config, program, work, workspace
 from runner.activity import Activity, HeartbeatLoop
@@ -37,10 +45,6 @@ from runner.tmux import Tmux
 
 log = logging.getLogger(__name__)
 
-FATAL_FILE = "fatal_error"
-# Written once sidecars, tmux and the endpoint are gone: the provider need not wait for our exit.
-RELEASED_FILE = "released"
-INIT_LOG = "init.log"
 # Pod mode: a runner of this Pod got past the services check (the state dir lives as long as the Pod).
 POD_STARTED_FILE = "pod-started"
 # Variables of the runner's own environment a session inherits; ORZ_* (the runner token) never.
@@ -96,7 +100,7 @@ class Runner:
 
     @property
     def init_log(self) -> Path:
-        return self.state_dir / INIT_LOG
+        return self.state_dir / STATE_INIT_LOG
 
     async def run(self, stop: asyncio.Event) -> int:
         client = ApiClient(self.spec.api_url, self.token)
@@ -134,7 +138,7 @@ class Runner:
     async def _last_word(self, heartbeats: HeartbeatLoop) -> None:
         """Send the final state (fatal error, program stopped), best effort, within a few seconds.
 
-        Everything is released by now (and RELEASED_FILE says so, so the provider does not wait for
+        Everything is released by now (and STATE_RELEASED_FILE says so, so the provider does not wait for
         this process): the API may stop us while handling this very request, and we keep the
         connection open for its reply rather than cut the request short by exiting on SIGTERM.
         """
@@ -147,13 +151,13 @@ class Runner:
         self.activity.fatal_error = message
         self.activity.set_init_log(workspace.tail(self.init_log))
         with contextlib.suppress(OSError):
-            (self.state_dir / FATAL_FILE).write_text(message + "\n", encoding="utf-8")
+            (self.state_dir / STATE_FATAL_FILE).write_text(message + "\n", encoding="utf-8")
 
     async def _start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.workspace.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / FATAL_FILE).unlink(missing_ok=True)
-        (self.state_dir / RELEASED_FILE).unlink(missing_ok=True)
+        (self.state_dir / STATE_FATAL_FILE).unlink(missing_ok=True)
+        (self.state_dir / STATE_RELEASED_FILE).unlink(missing_ok=True)
         if len(str(self.tmux.socket)) > _MAX_UNIX_PATH:
             raise RunnerError(f"state dir path too long for a unix socket: {self.state_dir}")
         tmux_tmpdir = self.tmux.default_socket_dir()
@@ -352,7 +356,7 @@ class Runner:
         with contextlib.suppress(Exception):
             await self.services.stop_all()
         with contextlib.suppress(OSError):
-            (self.state_dir / RELEASED_FILE).write_text("ok\n", encoding="utf-8")
+            (self.state_dir / STATE_RELEASED_FILE).write_text("ok\n", encoding="utf-8")
 
 
 def main() -> None:
@@ -375,7 +379,7 @@ def main() -> None:
     if spec.network_ready_file and not _network_ready(spec.network_ready_file):
         message = f"the session sandbox's network did not come up in {NETWORK_READY_TIMEOUT_S:.0f} s"
         with contextlib.suppress(OSError):  # the provider reports the session failed with this reason
-            (Path(spec.state_dir) / FATAL_FILE).write_text(message + "\n", encoding="utf-8")
+            (Path(spec.state_dir) / STATE_FATAL_FILE).write_text(message + "\n", encoding="utf-8")
         sys.exit(f"orz runner: {message}")
     sys.exit(asyncio.run(_amain(spec, settings.runner_token.get_secret_value())))
 
@@ -401,8 +405,8 @@ def report_unstartable(raw_spec: str, token: str, reason: str) -> None:
     if isinstance(state_dir, str) and state_dir and "\x00" not in state_dir:
         with contextlib.suppress(OSError):
             Path(state_dir).mkdir(parents=True, exist_ok=True)
-            (Path(state_dir) / FATAL_FILE).write_text(reason + "\n", encoding="utf-8")
-            (Path(state_dir) / RELEASED_FILE).write_text("ok\n", encoding="utf-8")
+            (Path(state_dir) / STATE_FATAL_FILE).write_text(reason + "\n", encoding="utf-8")
+            (Path(state_dir) / STATE_RELEASED_FILE).write_text("ok\n", encoding="utf-8")
     if isinstance(session_id, str) and SESSION_ID_RE.match(session_id) and isinstance(api_url, str):
         asyncio.run(_last_heartbeat(api_url, token, session_id, reason))
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncssh
 
-from api.schemas import CLIENT_AGENT_ENV, UNIX_ROUTE_PREFIX
+from api.schemas import CLIENT_AGENT_ENV, UNIX_ROUTE_PREFIX, client_env_allowed
 from api.settings import ssh_algorithms
 from runner.activity import Activity
 from runner.paths import SessionSFTP, expand_login_home
@@ -31,8 +31,6 @@ from runner.tmux import Tmux
 log = logging.getLogger(__name__)
 
 MODES = ("rw", "ro")
-ENV_ALLOW = ("TERM", "LANG")
-ENV_ALLOW_PREFIX = "LC_"
 # Only the gateway connects, and an unauthenticated peer may not hold a handshake open for long.
 LOGIN_TIMEOUT_S = 15
 READY_TIMEOUT_S = 600.0
@@ -80,7 +78,7 @@ def client_env(env: Mapping[str, str]) -> dict[str, str]:
         if isinstance(key, bytes) or isinstance(value, bytes):
             key = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
             value = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        if key in ENV_ALLOW or key.startswith(ENV_ALLOW_PREFIX):
+        if client_env_allowed(key):
             out[key] = value
     return out
 

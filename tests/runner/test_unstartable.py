@@ -14,9 +14,9 @@ import pytest
 
 from api.app import create_app
 from api.instances.providers.fake import FakeProvider
+from api.schemas import STATE_FATAL_FILE as FATAL_FILE
 from api.serve import ApiServer
 from api.settings import Settings
-from runner.main import FATAL_FILE
 from tests.conftest import make_tenant
 from tests.runner.conftest import StartRunner
 from tests.runner.fake_api import FakeApi

@@ -30,7 +30,14 @@ from api.instances.providers.base import (
     ProviderFailure,
     ProviderState,
 )
-from api.schemas import SESSION_ID_RE, UNIX_ROUTE_PREFIX, RunnerSpec
+from api.schemas import (
+    SESSION_ID_RE,
+    STATE_FATAL_FILE,
+    STATE_INIT_LOG,
+    STATE_RELEASED_FILE,
+    UNIX_ROUTE_PREFIX,
+    RunnerSpec,
+)
 from api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,12 +45,12 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 15.0
 PID_FILE = "provider.json"
 RUNNER_LOG = "runner.log"
-INIT_LOG = "state/init.log"
-FATAL_FILE = "state/fatal_error"
+INIT_LOG = f"state/{STATE_INIT_LOG}"
+FATAL_FILE = f"state/{STATE_FATAL_FILE}"
 # The runner writes this once its sidecars, tmux server and endpoint are gone; it then only sends
 # its last heartbeat. After a fatal error the API stops the runner while handling that very
 # heartbeat, so waiting for the exit would deadlock: there stop() takes this as "compute released".
-RELEASED_FILE = "state/released"
+RELEASED_FILE = f"state/{STATE_RELEASED_FILE}"
 _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME")
 
 
