@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import os
-from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
 from api.client import ApiClient, ApiError, ApiUnreachable
 from cli.config import DEFAULT_API_URL, Credentials, load_credentials
-from cli.errors import EXIT_AUTH, CliError, exit_code_for
+from cli.errors import EXIT_AUTH, CliError, async_command
 from cli.login import REFRESH_MARGIN_S, refreshed
 
 P = ParamSpec("P")
@@ -88,16 +85,5 @@ def api_message(exc: ApiError) -> str:
     return exc.detail
 
 
-def cloud_command(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
-    """Run an async `orz cloud` command body; every known failure becomes `orz: <one line>`, exit 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return asyncio.run(fn(*args, **kwargs))
-        except ApiError as exc:
-            raise CliError(one_line(api_message(exc)), exit_code_for(exc.status)) from None
-        except OSError as exc:
-            raise CliError(one_line(str(exc))) from None
-
-    return wrapper
+# `orz cloud`: an API failure as the user should read it, on one line.
+cloud_command = async_command(api_message, one_line)

@@ -48,20 +48,28 @@ class UnsavedWork(CliError):
         super().__init__(message, EXIT_UNSAVED_WORK)
 
 
-def run_async(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
-    """Run an async command body, mapping known errors to CliError."""
+def async_command(describe: Callable[[ApiError], str] = lambda exc: exc.detail,
+                  tidy: Callable[[str], str] = lambda text: text,
+                  ) -> Callable[[Callable[P, Coroutine[Any, Any, T]]], Callable[P, T]]:
+    """A decorator that runs an async command body and turns every known failure into a CliError:
+    an API answer (``describe`` says it; its exit code by HTTP status), our typed errors, and OS errors."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return asyncio.run(fn(*args, **kwargs))
-        except ApiError as exc:
-            raise CliError(exc.detail, exit_code_for(exc.status)) from None
-        except OrzError as exc:
-            raise CliError(exc.detail) from None
-        except SchemaNotAtHead as exc:
-            raise CliError(str(exc)) from None
-        except OSError as exc:
-            raise CliError(str(exc)) from None
+    def decorate(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            try:
+                return asyncio.run(fn(*args, **kwargs))
+            except ApiError as exc:
+                raise CliError(tidy(describe(exc)), exit_code_for(exc.status)) from None
+            except OrzError as exc:
+                raise CliError(tidy(exc.detail)) from None
+            except (SchemaNotAtHead, OSError) as exc:
+                raise CliError(tidy(str(exc))) from None
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+# The operator's commands (orz admin, orz server): messages as the API and the database give them.
+run_async = async_command()
