@@ -84,6 +84,17 @@ def _signature_algorithm(signature: bytes) -> bytes:
         return b""
 
 
+class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Log lines of one client connection, each starting with its id and source address."""
+
+    def __init__(self, logger: logging.Logger, conn: ClientConnection) -> None:
+        super().__init__(logger, {})
+        self.conn = conn
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"conn {self.conn.id} from {self.conn.source}: {msg}", kwargs
+
+
 class ClientConnection(asyncssh.SSHServer):
     """One client connection: authentication, then the bridge to its session's runner."""
 
@@ -92,6 +103,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.conn: asyncssh.SSHServerConnection | None = None
         self.source = "?"
         self.id = secrets.token_hex(6)
+        self.log = ConnectionLog(log, self)
         self.session_id = ""
         self.principal: auth.Principal | None = None
         self.reply: AuthorizeReply | None = None
@@ -130,12 +142,12 @@ class ClientConnection(asyncssh.SSHServer):
                 bytes_out=c.bytes_out, duration_s=max(0.0, time.monotonic() - self.attached_at))))
             duration = max(0.0, time.monotonic() - self.attached_at)
             metrics.detached("ssh", c.bytes_in, c.bytes_out)
-            log.info("conn %s detached from %s after %.1f s (in %d B, out %d B)", self.id, self.session_id,
-                     duration, c.bytes_in, c.bytes_out,
-                     extra={"event": "detached", "conn_id": self.id, "session_id": self.session_id,
-                            "user_id": self.principal.user_id, "source": self.source,
-                            "duration_s": round(duration, 3), "bytes_in": c.bytes_in, "bytes_out": c.bytes_out,
-                            "fast_path_packets": self._fast_path_packets()})
+            self.log.info("detached from %s after %.1f s (in %d B, out %d B)", self.session_id,
+                          duration, c.bytes_in, c.bytes_out,
+                          extra={"event": "detached", "conn_id": self.id, "session_id": self.session_id,
+                                 "user_id": self.principal.user_id, "source": self.source,
+                                 "duration_s": round(duration, 3), "bytes_in": c.bytes_in,
+                                 "bytes_out": c.bytes_out, "fast_path_packets": self._fast_path_packets()})
 
     def _fast_path_packets(self) -> int:
         """Packets this connection relayed on the fast path, both ways (0 means asyncssh carried all)."""
@@ -149,7 +161,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.session_id = username
         if self.gw.limiter.blocked(self.source):
             # Refuse after the handshake so the client can show why (a raw close reads as garbage).
-            log.info("conn %s from %s refused: rate limited", self.id, self.source)
+            self.log.info("refused: rate limited")
             metrics.auth_failed("any", "rate_limited")
             wait = self.gw.limiter.retry_after(self.source)
             self._banner(f"too many failed authentications from your address; try again in {wait} s")
@@ -216,8 +228,7 @@ class ClientConnection(asyncssh.SSHServer):
             try:
                 self.reply = await self.gw.router.authorize(username, principal, source=self.source)
             except AttachRefused as exc:
-                log.info("conn %s from %s: attach to %s refused (%s)",
-                         self.id, self.source, username, exc.code)
+                self.log.info("attach to %s refused (%s)", username, exc.code)
                 self.refusal = exc
         if self.refusal is not None and self._count_failure():
             self._banner("too many failed authentications; try again later")
@@ -225,7 +236,7 @@ class ClientConnection(asyncssh.SSHServer):
         return True
 
     def failed(self, exc: CredentialRejected, method: str) -> None:
-        log.info("conn %s from %s: credential rejected: %s", self.id, self.source, exc.line)
+        self.log.info("credential rejected: %s", exc.line)
         metrics.auth_failed(method, metrics.credential_reason(exc.line))
         again = "token" if method == "jwt" else "attach"
         self._banner(f"{exc.line}; get a new one with `orz cloud {again} {self.session_id[:32]}`")
@@ -242,8 +253,7 @@ class ClientConnection(asyncssh.SSHServer):
         """We cannot check any credential: a failed attach of ours (the SLO's), never held against the user."""
         if not self._unavailable_counted:
             self._unavailable_counted = True
-            log.warning("conn %s from %s: attach to %s failed: %s", self.id, self.source, self.session_id,
-                        exc.internal)
+            self.log.warning("attach to %s failed: %s", self.session_id, exc.internal)
             metrics.attach_failed("ssh", exc.code)
         self._banner(f"{exc.line}; try again in a moment")
 
@@ -291,7 +301,7 @@ class ClientConnection(asyncssh.SSHServer):
             await self.gw.router.authorize(self.session_id, self.principal, source=self.source, first=False,
                                            wake=False)
         except AttachRefused as exc:
-            log.info("conn %s: new channel to %s refused (%s)", self.id, self.session_id, exc.code)
+            self.log.info("new channel to %s refused (%s)", self.session_id, exc.code)
             if exc.code in WITHDRAWN_CODES:
                 self.revoke(exc.line)
             raise
@@ -301,7 +311,7 @@ class ClientConnection(asyncssh.SSHServer):
         if self.revoked is not None:
             return
         self.revoked = reason
-        log.info("conn %s from %s: access to %s withdrawn: %s", self.id, self.source, self.session_id, reason)
+        self.log.info("access to %s withdrawn: %s", self.session_id, reason)
         metrics.revoked("ssh")
         if self.attachment is not None:
             for session in list(self.attachment.sessions):
@@ -345,7 +355,7 @@ class ClientConnection(asyncssh.SSHServer):
             upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key,
                                               agent_path=self.agent.path)
         except (AttachRefused, UpstreamUnavailable) as exc:
-            log.info("conn %s: attach to %s failed: %s", self.id, self.session_id, exc.internal or exc.line)
+            self.log.info("attach to %s failed: %s", self.session_id, exc.internal or exc.line)
             metrics.attach_failed("ssh", exc.code)
             self.attachment.refuse(exc)
             asyncio.get_running_loop().call_later(REFUSED_LINGER_S, self._hang_up, exc.line)
@@ -356,9 +366,9 @@ class ClientConnection(asyncssh.SSHServer):
         self.attachment.set_upstream(upstream)
         self.attached_at = time.monotonic()
         metrics.attached("ssh", self.attached_at - (self.auth_done_at or self.attached_at))
-        log.info("conn %s from %s attached to %s (%s)", self.id, self.source, self.session_id, reply.mode,
-                 extra={"event": "attached", "conn_id": self.id, "session_id": self.session_id,
-                        "user_id": self.principal.user_id, "source": self.source, "mode": reply.mode})
+        self.log.info("attached to %s (%s)", self.session_id, reply.mode,
+                      extra={"event": "attached", "conn_id": self.id, "session_id": self.session_id,
+                             "user_id": self.principal.user_id, "source": self.source, "mode": reply.mode})
         await self.gw.router.report(AttachEventIn(
             session_id=self.session_id, user_id=self.principal.user_id, event="attached",
             connection_id=self.id, source_address=self.source))
