@@ -36,7 +36,7 @@ CERT_BACKDATE_S = 30
 
 
 @dataclass(frozen=True)
-class Principal:
+class AttachCredential:
     """Who is attaching, established by a credential that passed local verification."""
 
     user_id: str
@@ -150,7 +150,7 @@ def _skip_public_key(packet: SSHPacket, algorithm: bytes) -> None:
 
 
 def check_certificate(blob: bytes, username: str, anchors: TrustAnchors,
-                      now: float | None = None) -> Principal:
+                      now: float | None = None) -> AttachCredential:
     """Accept a user cert signed by the platform CA for exactly this session, valid now."""
     fields = parse_certificate(blob)
     if not hmac.compare_digest(fields.signing_key, anchors.ca_key.public_data):
@@ -175,7 +175,7 @@ def check_certificate(blob: bytes, username: str, anchors: TrustAnchors,
         raise CredentialRejected("certificate lifetime is too long")
     if not fields.key_id.startswith(KEY_ID_PREFIX) or len(fields.key_id) <= len(KEY_ID_PREFIX):
         raise CredentialRejected("certificate does not name a user")
-    return Principal(user_id=fields.key_id[len(KEY_ID_PREFIX):], method="certificate",
+    return AttachCredential(user_id=fields.key_id[len(KEY_ID_PREFIX):], method="certificate",
                      readonly=READONLY_EXTENSION in fields.extensions)
 
 
@@ -187,7 +187,7 @@ def _verify_signature(blob: bytes) -> None:
         raise CredentialRejected("certificate signature not valid") from exc
 
 
-def check_jwt(token: str, username: str, anchors: TrustAnchors) -> Principal:
+def check_jwt(token: str, username: str, anchors: TrustAnchors) -> AttachCredential:
     """Verify an attach JWT locally: ES256 signature, expiry, issuer, audience, sid == username."""
     token = token.strip()
     if not token or len(token) > MAX_JWT_LEN:
@@ -203,7 +203,7 @@ def check_jwt(token: str, username: str, anchors: TrustAnchors) -> Principal:
         raise CredentialRejected(f"attach token is not for session {username}")
     if int(claims["exp"]) - int(claims["iat"]) > anchors.jwt_max_ttl_s + CLOCK_SKEW_S:
         raise CredentialRejected("attach token lifetime is too long")
-    return Principal(user_id=str(claims["sub"]), method="jwt", readonly=bool(claims.get("ro", False)),
+    return AttachCredential(user_id=str(claims["sub"]), method="jwt", readonly=bool(claims.get("ro", False)),
                      jti=str(claims["jti"]), expires_at=int(claims["exp"]))
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from api.client import ApiClient, ApiError, ApiUnreachable
 from api.schemas import AttachEventIn, AuthFailureIn, AuthFailureReply, AuthorizeReply, AuthorizeRequest
-from gateway.auth import Principal
+from gateway.auth import AttachCredential
 from gateway.errors import AttachRefused
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class Router:
         self.poll_interval_s = poll_interval_s
         self.start_timeout_s = start_timeout_s
 
-    async def authorize(self, session_id: str, principal: Principal, *, source: str | None,
+    async def authorize(self, session_id: str, principal: AttachCredential, *, source: str | None,
                         first: bool = True, wake: bool = True) -> AuthorizeReply:
         """One authorize call; API refusals become AttachRefused with the line to show."""
         request = AuthorizeRequest(
@@ -62,7 +62,7 @@ class Router:
             raise AttachRefused("no such session", code="not_found")
         return reply
 
-    async def until_running(self, session_id: str, principal: Principal, reply: AuthorizeReply, *,
+    async def until_running(self, session_id: str, principal: AttachCredential, reply: AuthorizeReply, *,
                             source: str | None, progress: Callable[[str], None]) -> AuthorizeReply:
         """Poll authorize while a stopped session wakes, reporting each new state as a progress line."""
         deadline = time.monotonic() + self.start_timeout_s

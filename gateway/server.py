@@ -105,7 +105,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.id = secrets.token_hex(6)
         self.log = ConnectionLog(log, self)
         self.session_id = ""
-        self.principal: auth.Principal | None = None
+        self.principal: auth.AttachCredential | None = None
         self.reply: AuthorizeReply | None = None
         self.refusal: AttachRefused | None = None
         self.attachment: Attachment | None = None
@@ -205,7 +205,7 @@ class ClientConnection(asyncssh.SSHServer):
             return False
         return await self.authorize(username, principal)
 
-    def precheck_certificate(self, username: str, key_data: bytes) -> auth.Principal | None:
+    def precheck_certificate(self, username: str, key_data: bytes) -> auth.AttachCredential | None:
         """Our checks on an offered certificate; None for bare keys (ignored, not counted)."""
         if not auth.is_certificate(key_data):
             return None
@@ -220,7 +220,7 @@ class ClientConnection(asyncssh.SSHServer):
             self.failed(exc, "certificate")
             return None
 
-    async def authorize(self, username: str, principal: auth.Principal) -> bool:
+    async def authorize(self, username: str, principal: auth.AttachCredential) -> bool:
         """Ask the API; a refusal still completes auth so the client sees its one line (never a route)."""
         if not auth.valid_session_id(username):
             self.refusal = AttachRefused("no such session", code="not_found")

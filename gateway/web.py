@@ -46,7 +46,7 @@ class Grant:
 
     kind: str  # "attach" | "ssh"
     session_id: str
-    principal: auth.Principal
+    principal: auth.AttachCredential
     reply: AuthorizeReply
     source: str
     id: str
