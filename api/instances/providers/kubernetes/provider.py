@@ -234,7 +234,8 @@ class KubernetesProvider(Provider):
         return compute_status(pod, stopped=bool(state.get("stopped")))
 
     async def route(self, session_id: str, state: ProviderState) -> tuple[str, int] | None:
-        """Where the gateway reaches the runner: the pod IP and the runner's SSH port."""
+        """The pod IP and the runner's SSH port, from the watch. The gateway does not ask this: its route is the
+        one the runner reports in its heartbeat. The e2e tests use it to see a Pod got an address."""
         if not await self._synced():
             return None
         ip = pod_ip(self.cache.get(str(state.get("pod") or names.pod_name(session_id))))
