@@ -112,7 +112,9 @@ class QuotaExceeded(OrzError):
     title = "Active session quota reached"
 
 
-class ProviderError(OrzError):
+class ComputeUnavailable(OrzError):
+    """The compute provider failed (its ProviderFailure, as an HTTP answer): 503, the user may retry."""
+
     status = 503
     code = "provider_unavailable"
     title = "Compute provider unavailable"

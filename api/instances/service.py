@@ -27,12 +27,12 @@ from api.db.base import utcnow
 from api.db.models import Event, Instance, Org, UsedJti, User
 from api.errors import (
     BadRequest,
+    ComputeUnavailable,
     Conflict,
     Forbidden,
     InvalidTransition,
     NotFound,
     OrzError,
-    ProviderError,
     QuotaExceeded,
     SandboxRequired,
     SessionFailed,
@@ -274,7 +274,7 @@ class InstanceService:
             try:
                 await self._start_row(row, org.plan if org else "free", "system")
                 resumed.append(row.id)
-            except (QuotaExceeded, InvalidTransition, ProviderError) as exc:
+            except (QuotaExceeded, InvalidTransition, ComputeUnavailable) as exc:
                 log.warning("session %s not resumed: %s", row.id, exc)
         return resumed
 
@@ -366,7 +366,7 @@ class InstanceService:
             else:
                 await self.provider.stop(session_id, provider_state)
         except ProviderFailure as exc:
-            raise ProviderError(f"could not release compute of {session_id}: {exc.reason}") from exc
+            raise ComputeUnavailable(f"could not release compute of {session_id}: {exc.reason}") from exc
         if row is not None:
             async with self.sessions() as db:
                 if self.fence is not None:
@@ -514,7 +514,7 @@ class InstanceService:
             current = await db.get(Instance, inst.id)
         if current is None or (current.state, current.runner_token_hash) != (inst.state, inst.runner_token_hash):
             return  # stopped, deleted or failed meanwhile: that wins, nothing is started
-        with contextlib.suppress(ProviderError):  # raised after _launch failed the session with the reason
+        with contextlib.suppress(ComputeUnavailable):  # raised after _launch failed the session with the reason
             await self._launch(current, "system", runner_token, secret_env, fresh=False)
 
     # ---------------------------------------------------------------------------- gateway side
@@ -557,7 +557,7 @@ class InstanceService:
         except QuotaExceeded:
             metrics.SESSION_WAKES.labels(result="quota").inc()
             raise
-        except ProviderError:
+        except ComputeUnavailable:
             metrics.SESSION_WAKES.labels(result="provider_error").inc()
             raise
         except Exception:
@@ -678,7 +678,7 @@ class InstanceService:
                 provider_state = await self.provider.start(spec, inst.provider_state or {})
         except ProviderFailure as exc:
             failed = await self._fail(inst, actor, exc.reason)
-            raise ProviderError(f"session {inst.id} could not start: {exc.reason}",
+            raise ComputeUnavailable(f"session {inst.id} could not start: {exc.reason}",
                                 instance_id=failed.id) from exc
         except ValidationError as exc:
             # A row written before today's rules (a NUL in the task) makes a spec no runner accepts.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sanic import Blueprint, HTTPResponse, Request
 
 from api import metrics, schemas
-from api.errors import OrzError, ProviderError, QuotaExceeded
+from api.errors import ComputeUnavailable, OrzError, QuotaExceeded
 from api.http import parse_body, respond
 from api.instances.views import event_view, instance_view
 from api.openapi import route
@@ -36,7 +36,7 @@ def creation_result(exc: BaseException) -> str:
     """The `result` label of a failed create: the caller's fault, the plan's limit, or ours."""
     if isinstance(exc, QuotaExceeded):
         return "quota"
-    if isinstance(exc, ProviderError):
+    if isinstance(exc, ComputeUnavailable):
         return "provider_error"
     if isinstance(exc, OrzError) and exc.status < 500:
         return "invalid"
