@@ -41,6 +41,8 @@ async def _git(workspace: Path, args: Sequence[str], env: Mapping[str, str], che
     except asyncio.CancelledError:  # the caller's time ran out: leave no git behind
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
+        # Reap it too: a process object dropped before its child is reaped leaves a zombie (and a warning).
+        await proc.wait()
         raise
     if check and proc.returncode != 0:
         lines = [ln.strip() for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
