@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,3 +127,26 @@ def gateway_process(platform: Platform, ssh_port: int, web_port: int, name: str 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+DETACH = "\x02d"  # tmux prefix Ctrl-b, then d
+
+
+def wait_for_tmux(child: pexpect.spawn) -> None:
+    """Type only once tmux has drawn its status line: keys sent during the handshake may be lost."""
+    child.expect(r"\[main\]")
+    time.sleep(0.3)
+
+
+def type_and_see(child: pexpect.spawn, word: str) -> None:
+    # Split the word in the command so the echo of what we type cannot match, only the output.
+    child.sendline(f"echo {word[:2]}''{word[2:]}")
+    child.expect(word)
+
+
+def detach(child: pexpect.spawn) -> None:
+    child.send(DETACH)
+    child.expect(r"detached")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

@@ -11,14 +11,12 @@ import sys
 import time
 from collections.abc import Iterator
 
-import pexpect
 import pytest
 
-from tests.fullstack import FULLSTACK_MARKS, Platform, running_platform
+from tests.fullstack import FULLSTACK_MARKS, Platform, detach, running_platform, type_and_see, wait_for_tmux
 from tests.support import ROOT
 
 pytestmark = FULLSTACK_MARKS
-DETACH = "\x02d"  # tmux prefix Ctrl-b, then d
 
 
 @pytest.fixture(scope="module")
@@ -27,24 +25,6 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         yield running
 
 
-def wait_for_tmux(child: pexpect.spawn) -> None:
-    """Type only once tmux has drawn its status line: keys sent during the handshake may be lost."""
-    child.expect(r"\[main\]")
-    time.sleep(0.3)
-
-
-def type_and_see(child: pexpect.spawn, word: str) -> None:
-    # Split the word in the command so the echo of what we type cannot match, only the output.
-    child.sendline(f"echo {word[:2]}''{word[2:]}")
-    child.expect(word)
-
-
-def detach(child: pexpect.spawn) -> None:
-    child.send(DETACH)
-    child.expect(r"detached")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
 
 
 def test_quick_start_new_type_detach_reattach_list_kill(platform: Platform) -> None:

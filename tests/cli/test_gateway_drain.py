@@ -12,19 +12,25 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import httpx
 import pexpect
 import pytest
 
-from tests.fullstack import FULLSTACK_MARKS, Platform, gateway_process, running_platform
+from tests.fullstack import (
+    FULLSTACK_MARKS,
+    Platform,
+    detach,
+    gateway_process,
+    running_platform,
+    type_and_see,
+    wait_for_tmux,
+)
 from tests.support import free_port, wait_until
 
 pytestmark = FULLSTACK_MARKS
 RESTARTING = "this gateway is restarting"
-DETACH = "\x02d"  # tmux prefix Ctrl-b, then d
 
 
 @pytest.fixture(scope="module")
@@ -45,24 +51,6 @@ def new_session(platform: Platform) -> str:
     return created.stdout.split()[1]
 
 
-def wait_for_tmux(child: pexpect.spawn) -> None:
-    """Type only once tmux has drawn its status line: keys sent during the handshake may be lost."""
-    child.expect(r"\[main\]")
-    time.sleep(0.3)
-
-
-def type_and_see(child: pexpect.spawn, word: str) -> None:
-    # Split the word in the command so the echo of what we type cannot match, only the output.
-    child.sendline(f"echo {word[:2]}''{word[2:]}")
-    child.expect(word)
-
-
-def detach(child: pexpect.spawn) -> None:
-    child.send(DETACH)
-    child.expect(r"detached")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
 
 
 def readyz(web_port: int) -> int:
