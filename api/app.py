@@ -29,9 +29,12 @@ from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
 from api.routes import attach, auth, health, instances, internal, me
 from api.routes import secrets as secrets_routes
+from api.routes import webhooks as webhooks_routes
 from api.secrets.service import SecretService
 from api.settings import Settings
 from api.signin.service import SignInService
+from api.webhooks.delivery import Deliverer
+from api.webhooks.service import WebhookService
 
 log = logging.getLogger(__name__)
 _app_numbers = itertools.count(1)
@@ -49,6 +52,7 @@ class AppState:
     # For single statements (reads, one-row updates): no BEGIN/COMMIT round trips.
     autocommit: async_sessionmaker[AsyncSession] | None = None
     signin: SignInService | None = None
+    webhooks: WebhookService | None = None
 
 
 def make_provider(settings: Settings) -> Provider:
@@ -168,7 +172,8 @@ def create_app(
     app.ctx.openapi = None
     app.ctx.extra_metrics = []  # registries of services sharing this process (orz server adds the gateway's)
     app.ctx.state = None
-    app.blueprint([health.bp, me.bp, instances.bp, internal.bp, auth.bp, attach.bp, secrets_routes.bp])
+    app.blueprint([health.bp, me.bp, instances.bp, internal.bp, auth.bp, attach.bp, secrets_routes.bp,
+                   webhooks_routes.bp])
 
     app.ctx.schema_problem = None  # why the API is not ready yet, while it waits for the schema
     app.ctx.gave_up = asyncio.Event()  # set when the wait for the schema ran out (`orz api` exits)
@@ -214,7 +219,9 @@ def create_app(
         svc.on_transition.append(_count_transition)
         app.ctx.state = AppState(settings, engine, sessions, prov, svc, PrincipalCache(settings.auth_cache_ttl_s),
                                  secrets=secret_svc, autocommit=autocommit,
-                                 signin=SignInService(settings, sessions, box))
+                                 signin=SignInService(settings, sessions, box),
+                                 # The API sends only test pings itself; the scheduler sends the rest.
+                                 webhooks=WebhookService(settings, sessions, box, Deliverer(settings, sessions, box)))
 
     @app.after_server_stop
     async def close_resources(app: Sanic, _loop: Any = None) -> None:
@@ -228,6 +235,8 @@ def create_app(
         await state.instances.wait_background()
         if state.signin is not None:
             await state.signin.aclose()
+        if state.webhooks is not None:
+            await state.webhooks.deliverer.stop()
         if provider is None:
             await state.provider.close()
         await state.engine.dispose()

@@ -455,6 +455,68 @@ class SecretList(Response):
     secrets: list[Secret]
 
 
+# What a webhook can be sent (docs/webhooks.md): an agent's state change, a session's, and the test ping.
+WebhookEvent = Literal["agent.needs_input", "agent.idle", "agent.exited", "agent.working",
+                       "session.running", "session.stopped", "session.failed", "session.deleted"]
+WEBHOOK_EVENTS: tuple[str, ...] = WebhookEvent.__args__  # type: ignore[attr-defined]
+DEFAULT_WEBHOOK_EVENTS: tuple[str, ...] = ("agent.needs_input", "agent.idle", "agent.exited", "session.failed")
+WebhookFormat = Literal["slack", "json"]
+
+
+class WebhookCreate(Request):
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    # "slack": Slack-compatible incoming-webhook JSON ({"text": ...}); "json": the event's fields.
+    format: WebhookFormat = "json"
+    events: Annotated[list[WebhookEvent], Field(min_length=1, max_length=len(WEBHOOK_EVENTS))] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS))
+    description: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+
+class Webhook(Response):
+    id: str
+    url: str
+    format: WebhookFormat
+    events: list[str]
+    description: str | None = None
+    created_at: datetime
+
+
+class WebhookCreated(Webhook):
+    # The signing secret: in this answer only, never again.
+    secret: str
+
+
+class WebhookList(Response):
+    webhooks: list[Webhook]
+
+
+class WebhookAttempt(Response):
+    at: datetime
+    attempt: int
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float | None = None
+
+
+class WebhookDelivery(Response):
+    id: str
+    webhook_id: str
+    event: str
+    session_id: str | None = None
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    status_code: int | None = None
+    error: str | None = None
+    created_at: datetime
+    next_attempt_at: datetime | None = None
+    finished_at: datetime | None = None
+    log: list[WebhookAttempt] = Field(default_factory=list)
+
+
+class WebhookDeliveryList(Response):
+    deliveries: list[WebhookDelivery]
+
+
 class Problem(Response):
     type: str
     title: str

@@ -199,6 +199,18 @@ class Settings(BaseSettings):
     repo_allow_hosts: str = ""
     repo_file_dirs: str = ""
 
+    # Webhooks (api/webhooks, docs/webhooks.md). Hosts or CIDRs a webhook may reach although they are
+    # loopback/link-local/private, and over plain http (every other URL must be https). Comma-separated.
+    webhook_allow_hosts: str = ""
+    # Attempts per delivery before it is given up, and the backoff between them: base * 2^(n-1) with
+    # jitter, at most max. Network errors, 5xx and 429 are retried; other answers end the delivery.
+    webhook_max_attempts: int = Field(default=8, ge=1, le=20)
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_retry_max_s: float = Field(default=900.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    # How often each scheduler replica looks for deliveries that are due.
+    webhook_poll_s: float = Field(default=2.0, gt=0)
+
     # Kubernetes provider
     k8s_namespace: str = "orz-sessions"
     k8s_runner_image: str = "ghcr.io/orzbob/orzbob-cloud-runner:latest"
@@ -237,7 +249,7 @@ class Settings(BaseSettings):
     def sandbox_host_ports(self) -> tuple[int, ...]:
         return tuple(int(entry) for entry in _split_list(self.sandbox_allow_host_ports))
 
-    @field_validator("repo_allow_hosts")
+    @field_validator("repo_allow_hosts", "webhook_allow_hosts")
     @classmethod
     def _hosts_are_names_or_networks(cls, value: str) -> str:
         for entry in _split_list(value):
@@ -247,6 +259,9 @@ class Settings(BaseSettings):
 
     def repo_allowed_hosts(self) -> tuple[str, ...]:
         return tuple(entry.lower() for entry in _split_list(self.repo_allow_hosts))
+
+    def webhook_allowed_hosts(self) -> tuple[str, ...]:
+        return tuple(entry.lower() for entry in _split_list(self.webhook_allow_hosts))
 
     def repo_allowed_file_dirs(self) -> tuple[Path, ...]:
         return tuple(Path(entry).resolve() for entry in _split_list(self.repo_file_dirs))

@@ -271,6 +271,54 @@ class SchedulerLease(Base):
     generation: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
+class Webhook(Base):
+    """A user's webhook: where their sessions' notable events are POSTed, signed with a sealed secret."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("wh"))
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(16))
+    # Event names (schemas.WebhookEvent) this webhook is sent.
+    events: Mapped[list[str]] = mapped_column(JSON, default=list)
+    description: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # The signing secret, sealed with the secrets key (api/credentials/secrets_box.py) and bound to this row.
+    key_id: Mapped[str] = mapped_column(String(32))
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(16))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event to send to one webhook: the outbox row (written in the event's transaction) and its log.
+
+    ``state`` is pending until a 2xx (delivered) or until the attempts run out or the receiver refuses
+    (failed). A replica sending it holds a claim (claimed_by, claimed_until); an expired claim (the
+    replica died) is taken over. ``log`` holds one entry per attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("whd"))
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    instance_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The exact request body, the same on every attempt (the receiver dedupes on the delivery id).
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    log: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
 class SchemaCompat(Base):
     """Code heads that may run on the schema at ``schema_revision`` (written by `orz admin migrate`).
 

@@ -67,8 +67,7 @@ def _not_public(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
-def _allowed(host: str, addresses: list[str], settings: Settings) -> bool:
-    allowed = settings.repo_allowed_hosts()
+def _allowed(host: str, addresses: list[str], allowed: tuple[str, ...]) -> bool:
     if host in allowed:
         return True
     networks = []
@@ -94,7 +93,15 @@ async def check_repo_url(url: str, settings: Settings, resolve: Resolver = syste
     if path is not None:
         check_file_url(path, settings)
         return
-    host = repo_host(url) or ""
+    _addresses, ok = await checked_addresses(repo_host(url) or "", settings.repo_allowed_hosts(), resolve)
+    if not ok:
+        raise RepoUrlRefused(HOST_REFUSED)
+
+
+async def checked_addresses(host: str, allowed: tuple[str, ...], resolve: Resolver = system_resolver
+                            ) -> tuple[list[str], bool]:
+    """The addresses ``host`` stands for, and whether the rule admits them: all public, or ``host`` (or
+    every address) in ``allowed`` (host names, addresses, CIDRs). Also the webhooks' rule (api/webhooks)."""
     try:
         addresses = [str(ipaddress.ip_address(host.strip("[]")))]
     except ValueError:
@@ -102,5 +109,5 @@ async def check_repo_url(url: str, settings: Settings, resolve: Resolver = syste
             addresses = ["127.0.0.1"]
         else:
             addresses = await resolve(host)
-    if any(_not_public(a) for a in addresses) and not _allowed(host, addresses, settings):
-        raise RepoUrlRefused(HOST_REFUSED)
+    ok = not any(_not_public(a) for a in addresses) or _allowed(host, addresses, allowed)
+    return addresses, ok

@@ -50,6 +50,7 @@ from api.instances.states import (
     check_transition,
 )
 from api.settings import Settings
+from api.webhooks import outbox as webhook_outbox
 
 log = logging.getLogger(__name__)
 
@@ -417,8 +418,11 @@ class InstanceService:
                 values.update(agent_state=hb.agent_state, agent_message=hb.agent_message,
                               agent_exit_code=hb.agent_exit_code, agent_state_at=now)
                 # from/to hold agent states here (kind "agent"), not session states.
-                db.add(Event(instance_id=inst.id, org_id=inst.org_id, at=now, actor="runner", kind="agent",
-                             from_state=inst.agent_state, to_state=hb.agent_state, message=changed))
+                event = Event(instance_id=inst.id, org_id=inst.org_id, at=now, actor="runner", kind="agent",
+                              from_state=inst.agent_state, to_state=hb.agent_state, message=changed)
+                db.add(event)
+                await webhook_outbox.enqueue(db, inst, event, agent_message=hb.agent_message,
+                                             exit_code=hb.agent_exit_code)
             await db.execute(update(Instance).where(Instance.id == inst.id).values(**values))
             for pe in hb.program_events or ():
                 db.add(self._event(inst, "runner", pe.kind, None, None, pe.message))
@@ -759,7 +763,9 @@ class InstanceService:
                 f"session {inst.id} changed state meanwhile (now {fresh.state if fresh else 'gone'})",
                 current_state=fresh.state if fresh else None,
             )
-        db.add(self._event(inst, actor, kind, current, target, message))
+        event = self._event(inst, actor, kind, current, target, message)
+        db.add(event)
+        await webhook_outbox.enqueue(db, row, event)  # in this transaction: committed with the event or not at all
         await db.commit()
         await self._notify(row, current, target)
         return row

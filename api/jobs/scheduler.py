@@ -1,5 +1,7 @@
 """The lifecycle scheduler: APScheduler (3.x) jobs that reap, reconcile and purge, led by one replica.
 
+Each replica also sends webhook deliveries (api/webhooks/delivery.py), leader or not.
+
 Every replica (each API process with ``run_scheduler``, each ``orz scheduler``) runs the same jobs; a job
 does nothing unless this replica holds the database lease (api/jobs/lease.py), renewed every third of
 a lease period and before each job. Jobs of one replica run one at a time, so the reaper and the
@@ -21,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api import metrics
+from api.credentials.secrets_box import SecretsBox
 from api.db.base import utcnow
 from api.db.engine import create_engine, session_factory
 from api.db.migrate import wait_for_schema
@@ -31,6 +34,7 @@ from api.jobs.purge import Purger
 from api.jobs.reap_idle import IdleReaper
 from api.jobs.reconcile import Reconciler
 from api.settings import Settings
+from api.webhooks.delivery import Deliverer
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,9 @@ class LifecycleScheduler:
             "reconcile": Reconciler(self.service, settings).run_once,
             "purge": Purger(sessions, self.service.now, settings).run_once,
         }
+        # Webhook deliveries run on every replica, outside the lease: rows are claimed one by one
+        # (api/webhooks/delivery.py), and a slow receiver must not hold up the reaper.
+        self.deliverer = Deliverer(settings, sessions, SecretsBox.from_settings(settings), holder=self.lease.holder)
         # Passes this replica actually ran as leader, by job (for logs and tests).
         self.runs: Counter[str] = Counter()
         self._lock = asyncio.Lock()
@@ -151,6 +158,7 @@ class LifecycleScheduler:
                     misfire_grace_time=PURGE_INTERVAL_S)
         aps.start()
         self._aps = aps
+        self.deliverer.start()
         log.info("scheduler started as %s (reap/reconcile every %d s, lease %d s)",
                  self.holder, reap_s, self.settings.scheduler_lease_s)
 
@@ -158,6 +166,7 @@ class LifecycleScheduler:
         """Stop scheduling, let a running pass finish, and give the lease up (``release=False``: a crash)."""
         self._stopping = True
         aps, self._aps = self._aps, None
+        deliveries = asyncio.get_running_loop().create_task(self.deliverer.stop(STOP_GRACE_S))
         if aps is not None and aps.running:
             aps.pause()
         if self._inflight:
@@ -171,6 +180,7 @@ class LifecycleScheduler:
                 if not aps.running:
                     break
                 await asyncio.sleep(0.01)
+        await deliveries
         if release:
             try:
                 await self.lease.release()

@@ -1,0 +1,279 @@
+"""Webhooks over HTTP with real receivers: signed deliveries, retries, the log, the URL rule, durability."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+
+import pytest
+from sanic import Sanic
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.credentials.secrets_box import SecretsBox
+from api.db.base import utcnow
+from api.db.engine import create_engine, session_factory
+from api.db.models import Webhook, WebhookDelivery
+from api.instances.providers.fake import FakeProvider
+from api.settings import Settings
+from api.webhooks.delivery import Deliverer
+from tests.api.test_internal import beat, new_session
+from tests.conftest import Tenant, both_databases, make_tenant
+from tests.webhook_receiver import Receiver
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Loopback receivers over http are allowed; retries come quickly (the rule's numbers, scaled down)."""
+    return settings.model_copy(update={
+        "require_schema_head": False, "webhook_allow_hosts": "127.0.0.1", "webhook_retry_base_s": 0.05,
+        "webhook_retry_max_s": 0.2, "webhook_max_attempts": 3, "webhook_poll_s": 0.05, "webhook_timeout_s": 2.0})
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+async def deliverer(settings: Settings, sessions: Sessions) -> AsyncIterator[Deliverer]:
+    d = Deliverer(settings, sessions, SecretsBox.from_settings(settings))
+    yield d
+    await d.stop()
+
+
+async def create_hook(app: Sanic, t: Tenant, url: str, **body: object) -> dict:
+    _, resp = await app.asgi_client.post("/v1/webhooks", json={"url": url, **body}, headers=t.headers)
+    assert resp.status == 201, resp.text
+    return resp.json
+
+
+async def drain(deliverer: Deliverer, sessions: Sessions, done: int, timeout: float = 15) -> list[WebhookDelivery]:
+    """Run delivery passes until ``done`` deliveries are finished (delivered or failed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        await deliverer.run_once()
+        async with sessions() as db:
+            rows = list(await db.scalars(select(WebhookDelivery).order_by(WebhookDelivery.created_at)))
+        if sum(r.state != "pending" for r in rows) >= done:
+            return rows
+        assert loop.time() < deadline, [(r.event, r.state, r.attempts, r.last_error) for r in rows]
+        await asyncio.sleep(0.05)
+
+
+@both_databases
+async def test_an_agent_needing_input_is_posted_signed_and_retried_after_a_500(
+        app: Sanic, sessions: Sessions, provider: FakeProvider, receiver: Receiver, deliverer: Deliverer) -> None:
+    t = await make_tenant(sessions, "acme")
+    hook = await create_hook(app, t, receiver.url, format="json")
+    receiver.secret = hook["secret"]
+    receiver.statuses = [500]
+    sid, runner = await new_session(app, t, provider)
+    assert (await beat(app, sid, runner, agent_state="working")).status == 200  # not asked for by default
+    assert (await beat(app, sid, runner, agent_state="needs_input", agent_message="which database?")).status == 200
+
+    [row] = await drain(deliverer, sessions, done=1)
+    assert row.state == "delivered" and row.attempts == 2
+    assert len(receiver.got) == 2 and all(r.verified for r in receiver.got)
+    first, second = receiver.got
+    assert first.body == second.body  # the same body, so the receiver can dedupe on the delivery id
+    assert second.headers["x-orz-delivery"] == row.id and second.headers["x-orz-event"] == "agent.needs_input"
+    payload = second.json
+    assert payload["event"] == "agent.needs_input" and payload["session"]["id"] == sid
+    assert payload["agent"] == {"state": "needs_input", "message": "which database?", "exit_code": None}
+    assert "needs your input: which database?" in payload["text"]
+
+    _, log = await app.asgi_client.get(f"/v1/webhooks/{hook['id']}/deliveries", headers=t.headers)
+    [entry] = log.json["deliveries"]
+    assert entry["state"] == "delivered" and entry["event"] == "agent.needs_input" and entry["status_code"] == 200
+    assert [(a["attempt"], a["status_code"]) for a in entry["log"]] == [(1, 500), (2, 200)]
+    assert "500" in entry["log"][0]["error"]
+
+
+@both_databases
+async def test_a_receiver_that_keeps_failing_is_given_up_after_the_last_attempt(
+        app: Sanic, sessions: Sessions, provider: FakeProvider, receiver: Receiver, deliverer: Deliverer) -> None:
+    t = await make_tenant(sessions, "acme")
+    hook = await create_hook(app, t, receiver.url, format="slack", events=["session.failed"])
+    receiver.secret = hook["secret"]
+    receiver.statuses = [503, 429, 502, 200]
+    sid, runner = await new_session(app, t, provider)
+    await beat(app, sid, runner, fatal_error="the runner could not clone the repository")
+
+    [row] = await drain(deliverer, sessions, done=1)
+    assert row.state == "failed" and row.attempts == 3 and len(receiver.got) == 3
+    assert "gave up after 3 attempts" in (row.last_error or "")
+    text = receiver.got[0].json["text"]
+    assert text.startswith(f"Session {sid}") and "failed: the runner could not clone" in text
+    _, log = await app.asgi_client.get(f"/v1/webhooks/{hook['id']}/deliveries", headers=t.headers)
+    assert [a["status_code"] for a in log.json["deliveries"][0]["log"]] == [503, 429, 502]
+
+
+async def test_a_refusing_receiver_is_not_retried(
+        app: Sanic, sessions: Sessions, provider: FakeProvider, receiver: Receiver, deliverer: Deliverer) -> None:
+    t = await make_tenant(sessions, "acme")
+    hook = await create_hook(app, t, receiver.url)
+    receiver.secret = hook["secret"]
+    receiver.statuses = [410]
+    _, resp = await app.asgi_client.post(f"/v1/webhooks/{hook['id']}/test", headers=t.headers)
+    assert resp.status == 200
+    assert resp.json["state"] == "failed" and resp.json["status_code"] == 410 and resp.json["attempts"] == 1
+    assert len(receiver.got) == 1 and receiver.got[0].verified
+    assert receiver.got[0].json["event"] == "webhook.test"
+
+
+@both_databases
+async def test_the_secret_is_shown_once_and_only_to_its_owner(
+        app: Sanic, sessions: Sessions, receiver: Receiver) -> None:
+    t = await make_tenant(sessions, "acme")
+    other = await make_tenant(sessions, "other")
+    hook = await create_hook(app, t, receiver.url, description="team channel")
+    secret = hook["secret"]
+    assert secret.startswith("whsec_") and len(secret) > 40
+    assert hook["events"] == ["agent.needs_input", "agent.idle", "agent.exited", "session.failed"]
+    receiver.secret = secret
+    for path in ("/v1/webhooks", f"/v1/webhooks/{hook['id']}", f"/v1/webhooks/{hook['id']}/deliveries"):
+        _, resp = await app.asgi_client.get(path, headers=t.headers)
+        assert resp.status == 200 and secret not in resp.text
+    _, ping = await app.asgi_client.post(f"/v1/webhooks/{hook['id']}/test", headers=t.headers)
+    assert ping.json["state"] == "delivered" and secret not in ping.text and receiver.got[0].verified
+    async with sessions() as db:
+        row = await db.scalar(select(Webhook))
+        assert row is not None and secret.encode() not in row.ciphertext
+    _, resp = await app.asgi_client.get(f"/v1/webhooks/{hook['id']}", headers=other.headers)
+    assert resp.status == 404
+    _, resp = await app.asgi_client.delete(f"/v1/webhooks/{hook['id']}", headers=other.headers)
+    assert resp.status == 404
+    _, resp = await app.asgi_client.delete(f"/v1/webhooks/{hook['id']}", headers=t.headers)
+    assert resp.status == 204
+    _, resp = await app.asgi_client.get("/v1/webhooks", headers=t.headers)
+    assert resp.json == {"webhooks": []}
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("https://10.1.2.3/hook", "private address"),
+    ("https://[::1]:8443/hook", "private address"),
+    ("https://127.0.0.2/hook", "private address"),  # loopback, but not the allowed 127.0.0.1
+    ("https://169.254.169.254/latest", "private address"),
+    ("http://hooks.slack.com/services/x", "must be https"),
+    ("ftp://example.com/x", "https:// URL"),
+    ("https://user:pw@example.com/x", "user name or password"),
+])
+async def test_webhook_urls_follow_the_private_address_rule(app: Sanic, sessions: Sessions, url: str,
+                                                          says: str) -> None:
+    t = await make_tenant(sessions, "acme")
+    _, resp = await app.asgi_client.post("/v1/webhooks", json={"url": url}, headers=t.headers)
+    assert resp.status == 422, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    assert resp.json["code"] == "webhook_url_refused" and says in resp.json["detail"]
+
+
+async def test_a_name_that_rebinds_to_a_private_address_is_refused_at_delivery(
+        settings: Settings, sessions: Sessions, receiver: Receiver) -> None:
+    """The table stands in for DNS that answered a public address at creation and a private one later."""
+    from api.auth import Principal
+    from api.webhooks.service import WebhookService
+    from api import schemas
+
+    answers = {"hooks.example.com": ["93.184.216.34"]}
+
+    async def resolve(host: str) -> list[str]:
+        return answers.get(host, [])
+
+    t = await make_tenant(sessions, "acme")
+    who = Principal(user_id=t.user_id, email=t.email, role="member", org_id=(await _org_id(sessions, t)),
+                    org_name="acme", plan="free")
+    box = SecretsBox.from_settings(settings)
+    d = Deliverer(settings, sessions, box, resolve=resolve)
+    svc = WebhookService(settings, sessions, box, d, resolve=resolve)
+    try:
+        created = await svc.create(who, schemas.WebhookCreate(url=f"https://hooks.example.com:{receiver.port}/x"))
+        answers["hooks.example.com"] = ["10.0.0.7"]
+        row = await svc.test(who, created.id)
+    finally:
+        await d.stop()
+    assert row.state == "failed" and row.attempts == 1 and "private address" in (row.last_error or "")
+    assert receiver.got == []
+
+
+async def _org_id(sessions: Sessions, t: Tenant) -> str:
+    from api.db.models import User
+
+    async with sessions() as db:
+        user = await db.get(User, t.user_id)
+        assert user is not None
+        return user.org_id
+
+
+@both_databases
+async def test_pending_deliveries_survive_a_restart_and_a_crashed_sender(
+        app: Sanic, settings: Settings, sessions: Sessions, provider: FakeProvider, receiver: Receiver) -> None:
+    """The receiver is down at first; the first sender 'dies' holding a claim; a new process delivers."""
+    t = await make_tenant(sessions, "acme")
+    hook = await create_hook(app, t, receiver.url, events=["agent.needs_input", "agent.idle"])
+    receiver.secret = hook["secret"]
+    receiver.stop()
+    sid, runner = await new_session(app, t, provider)
+    await beat(app, sid, runner, agent_state="needs_input", agent_message="one")
+    await beat(app, sid, runner, agent_state="idle")
+
+    box = SecretsBox.from_settings(settings)
+    first = Deliverer(settings, sessions, box)
+    assert await first.run_once() == 2  # connection refused: both wait for a retry
+    async with sessions() as db:
+        rows = list(await db.scalars(select(WebhookDelivery)))
+    assert {(r.state, r.attempts) for r in rows} == {("pending", 1)}
+    assert all("Connect" in (r.last_error or "") for r in rows)
+    # It claims them again when due, then its process dies before sending: the claim stays behind.
+    await asyncio.sleep(0.3)
+    assert len(await first.claim(10)) == 2
+    await first.stop()
+
+    receiver.start()
+    engine = create_engine(settings.database_url)  # a new process: its own connections
+    try:
+        fresh = session_factory(engine)
+        later = Deliverer(settings, fresh, box)
+        assert await later.run_once() == 0  # the dead sender's claim has not expired yet
+        async with fresh() as db:
+            await db.execute(update(WebhookDelivery).values(claimed_until=utcnow() - timedelta(seconds=1)))
+            await db.commit()
+        rows = await drain(later, fresh, done=2)
+        await later.stop()
+    finally:
+        await engine.dispose()
+    assert [(r.event, r.state, r.attempts) for r in rows] == [("agent.needs_input", "delivered", 2),
+                                                              ("agent.idle", "delivered", 2)]
+    assert sorted(r.json["event"] for r in receiver.got) == ["agent.idle", "agent.needs_input"]
+    assert all(r.verified for r in receiver.got)
+
+
+@both_databases
+async def test_two_senders_send_each_delivery_once(
+        app: Sanic, settings: Settings, sessions: Sessions, provider: FakeProvider, receiver: Receiver) -> None:
+    t = await make_tenant(sessions, "acme")
+    hook = await create_hook(app, t, receiver.url, events=["agent.needs_input", "agent.idle", "agent.working"])
+    receiver.secret = hook["secret"]
+    sid, runner = await new_session(app, t, provider)
+    for i in range(4):
+        await beat(app, sid, runner, agent_state="needs_input", agent_message=f"question {i}")
+        await beat(app, sid, runner, agent_state="working")
+    box = SecretsBox.from_settings(settings)
+    engines = [create_engine(settings.database_url) for _ in range(2)]
+    senders = [Deliverer(settings, session_factory(e), box) for e in engines]
+    try:
+        for _ in range(5):
+            await asyncio.gather(*(s.run_once(limit=3) for s in senders))
+    finally:
+        for s in senders:
+            await s.stop()
+        for e in engines:
+            await e.dispose()
+    ids = [r.headers["x-orz-delivery"] for r in receiver.got]
+    assert len(ids) == 8 and len(set(ids)) == 8

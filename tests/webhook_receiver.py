@@ -1,0 +1,83 @@
+"""A real HTTP receiver for webhook tests: a stdlib server on a free port that verifies signatures.
+
+It answers with the statuses it is given, in order (then 200), and keeps every request it got, with
+whether its signature verified under the secret it was told, the way docs/webhooks.md says to check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    verified: bool
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: int = 300) -> bool:
+    """The receiver's check from docs/webhooks.md: HMAC-SHA256 over "<timestamp>." + body, fresh timestamp."""
+    timestamp = headers.get("x-orz-timestamp", "")
+    given = headers.get("x-orz-signature", "")
+    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > tolerance_s:
+        return False
+    expected = "v1=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, given)
+
+
+@dataclass
+class Receiver:
+    statuses: list[int] = field(default_factory=list)
+    secret: str = ""
+    got: list[Received] = field(default_factory=list)
+    _server: ThreadingHTTPServer | None = None
+    _port: int = 0
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def start(self) -> Receiver:
+        """Listen on a free port, or again on the same one after ``stop``."""
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                receiver.got.append(Received(headers, body, verify(receiver.secret, headers, body)))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        self._port = int(self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
