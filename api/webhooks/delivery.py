@@ -130,10 +130,9 @@ class Deliverer:
         self._wake.set()
         task, self._task = self._task, None
         if task is not None:
-            try:
+            # On time-out wait_for cancels it: its claims expire and another replica sends those rows.
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(task, grace_s)
-            except TimeoutError:
-                pass  # cancelled by wait_for; its claims expire and another replica sends them
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from api import schemas
+from api.credentials.secrets_box import SecretsBox
+from api.webhooks.service import WebhookService
 from tests.api.test_lifecycle_local import Stack, gateway_key, make_repo, short_tmp, stack  # noqa: F401
 from tests.runner import conftest as runner_fixtures
+from tests.webhook_receiver import Receiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -72,3 +75,33 @@ async def test_the_reaper_stop_pushes_the_work_and_reports_it(stack: Stack, make
     assert subprocess.run(["git", "show", f"orz/{created.id}:README"], cwd=bare, capture_output=True, text=True,
                           check=True).stdout == "edited\n"
     assert (workspace / "README").read_text() == "edited\n"  # the kept workspace is untouched
+
+
+async def test_a_program_asking_for_input_reaches_the_users_webhook_signed(stack: Stack, make_repo) -> None:  # noqa: F811
+    """A real session (runner, tmux, the orz-session helper) to a real receiver, sent by the scheduler's sender."""
+    repo = make_repo({"README": "hello\n"})
+    allowed = stack.settings.model_copy(update={"webhook_allow_hosts": "127.0.0.1", "webhook_poll_s": 0.2})
+    sender = stack.sched.deliverer
+    sender.settings = allowed
+    box = SecretsBox.from_settings(allowed)
+    receiver = Receiver().start()
+    try:
+        hooks = WebhookService(allowed, stack.service.sessions, box, sender)
+        created = await hooks.create(stack.who, schemas.WebhookCreate(url=receiver.url, format="slack"))
+        receiver.secret = created.secret
+        sender.start()  # what LifecycleScheduler.start does on every scheduler replica
+        session = await stack.service.create(stack.who, schemas.InstanceCreate(
+            repo_url=repo, branch="main",
+            program="bash -c 'orz-session state needs-input --message hi; read answer; sleep infinity'"))
+        await stack.wait_state(session.id, "running")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not receiver.got:
+            assert loop.time() < deadline, "no delivery reached the receiver"
+            await asyncio.sleep(0.2)
+    finally:
+        receiver.stop()
+    [got] = receiver.got
+    assert got.verified and got.headers["x-orz-event"] == "agent.needs_input"
+    assert got.json == {"text": f"Session {session.id} ({Path(repo).name.removesuffix('.git')}@main) needs your "
+                                f"input: hi\norz cloud attach {session.id}"}

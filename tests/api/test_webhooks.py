@@ -11,6 +11,7 @@ from sanic import Sanic
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api import schemas
 from api.credentials.secrets_box import SecretsBox
 from api.db.base import utcnow
 from api.db.engine import create_engine, session_factory
@@ -18,6 +19,8 @@ from api.db.models import Webhook, WebhookDelivery
 from api.instances.providers.fake import FakeProvider
 from api.settings import Settings
 from api.webhooks.delivery import Deliverer
+from api.webhooks.service import WebhookService
+from tests.api.lifecycle_support import principal
 from tests.api.test_internal import beat, new_session
 from tests.conftest import Tenant, both_databases, make_tenant
 from tests.webhook_receiver import Receiver
@@ -177,18 +180,12 @@ async def test_webhook_urls_follow_the_private_address_rule(app: Sanic, sessions
 async def test_a_name_that_rebinds_to_a_private_address_is_refused_at_delivery(
         settings: Settings, sessions: Sessions, receiver: Receiver) -> None:
     """The table stands in for DNS that answered a public address at creation and a private one later."""
-    from api.auth import Principal
-    from api.webhooks.service import WebhookService
-    from api import schemas
-
     answers = {"hooks.example.com": ["93.184.216.34"]}
 
     async def resolve(host: str) -> list[str]:
         return answers.get(host, [])
 
-    t = await make_tenant(sessions, "acme")
-    who = Principal(user_id=t.user_id, email=t.email, role="member", org_id=(await _org_id(sessions, t)),
-                    org_name="acme", plan="free")
+    who = await principal(sessions, "acme")
     box = SecretsBox.from_settings(settings)
     d = Deliverer(settings, sessions, box, resolve=resolve)
     svc = WebhookService(settings, sessions, box, d, resolve=resolve)
@@ -200,15 +197,6 @@ async def test_a_name_that_rebinds_to_a_private_address_is_refused_at_delivery(
         await d.stop()
     assert row.state == "failed" and row.attempts == 1 and "private address" in (row.last_error or "")
     assert receiver.got == []
-
-
-async def _org_id(sessions: Sessions, t: Tenant) -> str:
-    from api.db.models import User
-
-    async with sessions() as db:
-        user = await db.get(User, t.user_id)
-        assert user is not None
-        return user.org_id
 
 
 @both_databases
