@@ -120,6 +120,22 @@ class ApiClient:
     async def delete_secret(self, name: str) -> None:
         await self.request("DELETE", f"/v1/secrets/{name}")
 
+    async def create_webhook(self, body: schemas.WebhookCreate) -> schemas.WebhookCreated:
+        return await self._send(schemas.WebhookCreated, "POST", "/v1/webhooks", body)
+
+    async def list_webhooks(self) -> schemas.WebhookList:
+        return await self._get(schemas.WebhookList, "/v1/webhooks")
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        await self.request("DELETE", f"/v1/webhooks/{webhook_id}")
+
+    async def test_webhook(self, webhook_id: str) -> schemas.WebhookDelivery:
+        return await self._send(schemas.WebhookDelivery, "POST", f"/v1/webhooks/{webhook_id}/test")
+
+    async def webhook_deliveries(self, webhook_id: str, limit: int = 20) -> schemas.WebhookDeliveryList:
+        return await self._get(schemas.WebhookDeliveryList, f"/v1/webhooks/{webhook_id}/deliveries",
+                               params={"limit": limit})
+
     # -- sign-in ---------------------------------------------------------------------------------
 
     async def sign_in_providers(self) -> schemas.SignInProviders:

@@ -18,6 +18,7 @@ from cli import (
     cloud_sessions,
     cloud_token,
     cloud_watch,
+    cloud_webhooks,
     keys,
     output,
     ssh_config,
@@ -256,3 +257,4 @@ for _command in [*cloud_sessions.COMMANDS, *cloud_watch.COMMANDS, *cloud_proxy.C
                  *cloud_automation.COMMANDS, *cloud_token.COMMANDS]:
     cloud.add_command(_command)
 cloud.add_command(cloud_secrets.secrets)
+cloud.add_command(cloud_webhooks.webhook)
