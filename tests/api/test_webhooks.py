@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 
+import httpx
 import pytest
 from sanic import Sanic
 from sqlalchemy import select, update
@@ -23,7 +24,7 @@ from api.webhooks.service import WebhookService
 from tests.api.lifecycle_support import principal
 from tests.api.test_internal import beat, new_session
 from tests.conftest import Tenant, both_databases, make_tenant
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import Receiver, self_signed
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -265,3 +266,32 @@ async def test_two_senders_send_each_delivery_once(
             await e.dispose()
     ids = [r.headers["x-orz-delivery"] for r in receiver.got]
     assert len(ids) == 8 and len(set(ids)) == 8
+
+
+async def test_https_goes_to_the_checked_address_and_verifies_the_urls_name(
+        settings: Settings, sessions: Sessions, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The table stands in for DNS; the certificate names hooks.example.com, the socket is 127.0.0.1."""
+    server_tls, client_tls = self_signed(tmp_path, "hooks.example.com")
+    receiver = Receiver(tls=server_tls).start()
+
+    async def resolve(host: str) -> list[str]:
+        return ["127.0.0.1"] if host in ("hooks.example.com", "other.example.com") else []
+
+    who = await principal(sessions, "acme")
+    box = SecretsBox.from_settings(settings)
+    d = Deliverer(settings, sessions, box, resolve=resolve, transport=httpx.AsyncHTTPTransport(verify=client_tls))
+    svc = WebhookService(settings, sessions, box, d, resolve=resolve)
+    try:
+        created = await svc.create(who, schemas.WebhookCreate(url=f"https://hooks.example.com:{receiver.port}/x"))
+        receiver.secret = created.secret
+        row = await svc.test(who, created.id)
+        # The same address under a name the certificate does not carry: TLS refuses it.
+        other = await svc.create(who, schemas.WebhookCreate(url=f"https://other.example.com:{receiver.port}/x"))
+        wrong = await svc.test(who, other.id)
+    finally:
+        await d.stop()
+        receiver.stop()
+    assert row.state == "delivered", row.last_error
+    assert wrong.state == "pending" and "certificate" in (wrong.last_error or "").lower(), wrong.last_error
+    [got] = receiver.got
+    assert got.verified and got.headers["host"] == f"hooks.example.com:{receiver.port}"
