@@ -234,7 +234,7 @@ class Deliverer:
         """Seconds before attempt ``attempt + 1``: exponential, capped, with half of it random (jitter)."""
         cap = self.settings.webhook_retry_max_s
         delay = min(cap, self.settings.webhook_retry_base_s * 2 ** (attempt - 1))
-        jittered = delay / 2 + random.uniform(0, delay / 2)  # nosec B311 (spreading retries, not a secret)
+        jittered = delay / 2 + random.uniform(0, delay / 2)  # nosec B311  # jitter, not a secret
         if retry_after_s is not None:
             jittered = max(jittered, min(cap, retry_after_s))
         return jittered

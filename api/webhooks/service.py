@@ -22,7 +22,7 @@ from api.webhooks.delivery import Deliverer, binding
 log = logging.getLogger(__name__)
 
 MAX_WEBHOOKS_PER_USER = 20
-SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix that makes leaked secrets recognisable, not a secret)
+SECRET_PREFIX = "whsec_"  # noqa: S105  # nosec B105  # a public marker, not a secret
 DELIVERY_LOG_LIMIT = 200
 
 
