@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 
@@ -18,6 +19,7 @@ from api.db.base import utcnow
 from api.db.engine import create_engine, session_factory
 from api.db.models import Webhook, WebhookDelivery
 from api.instances.providers.fake import FakeProvider
+from api.jobs.scheduler import LifecycleScheduler
 from api.settings import Settings
 from api.webhooks.delivery import Deliverer
 from api.webhooks.service import WebhookService
@@ -134,7 +136,8 @@ async def test_a_refusing_receiver_is_not_retried(
 
 @both_databases
 async def test_the_secret_is_shown_once_and_only_to_its_owner(
-        app: Sanic, sessions: Sessions, receiver: Receiver) -> None:
+        app: Sanic, sessions: Sessions, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     t = await make_tenant(sessions, "acme")
     other = await make_tenant(sessions, "other")
     hook = await create_hook(app, t, receiver.url, description="team channel")
@@ -158,6 +161,8 @@ async def test_the_secret_is_shown_once_and_only_to_its_owner(
     assert resp.status == 204
     _, resp = await app.asgi_client.get("/v1/webhooks", headers=t.headers)
     assert resp.json == {"webhooks": []}
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert hook["id"] in logged and secret not in logged
 
 
 @pytest.mark.parametrize(("url", "says"), [
@@ -295,3 +300,35 @@ async def test_https_goes_to_the_checked_address_and_verifies_the_urls_name(
     assert wrong.state == "pending" and "certificate" in (wrong.last_error or "").lower(), wrong.last_error
     [got] = receiver.got
     assert got.verified and got.headers["host"] == f"hooks.example.com:{receiver.port}"
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap(settings: Settings) -> None:
+    d = Deliverer(settings.model_copy(update={"webhook_retry_base_s": 1.0, "webhook_retry_max_s": 10.0}),
+                  None, None)  # type: ignore[arg-type]  # backoff reads only the settings
+    for attempt, full in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (9, 10.0)]:
+        waits = [d.backoff(attempt) for _ in range(200)]
+        assert all(full / 2 <= w <= full for w in waits), (attempt, min(waits), max(waits))
+        assert max(waits) - min(waits) > full / 10  # spread, so receivers are not hit in lockstep
+    assert d.backoff(1, retry_after_s=7) >= 7 and d.backoff(1, retry_after_s=3600) <= 10.0
+
+
+async def test_the_scheduler_sends_deliveries(settings: Settings, sessions: Sessions, app: Sanic,
+                                              provider: FakeProvider, receiver: Receiver) -> None:
+    t = await make_tenant(sessions, "acme")
+    hook = await create_hook(app, t, receiver.url)
+    receiver.secret = hook["secret"]
+    sched = LifecycleScheduler(settings, sessions, provider)
+    sched.start()
+    try:
+        sid, runner = await new_session(app, t, provider)
+        await beat(app, sid, runner, agent_state="exited", agent_exit_code=3)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not receiver.got:
+            assert loop.time() < deadline, "the scheduler sent nothing"
+            await asyncio.sleep(0.05)
+    finally:
+        await sched.stop()
+    assert receiver.got[0].verified
+    assert receiver.got[0].json["agent"] == {"state": "exited", "message": None, "exit_code": 3}
+    assert receiver.got[0].json["text"].endswith("the agent exited with code 3")
