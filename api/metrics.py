@@ -144,6 +144,10 @@ SESSION_REAPS = Counter(
     "orz_session_reaps_total", "Lifecycle actions of the idle reaper (idle_stop, unhealthy, heartbeat_fail, "
     "retention_delete)", ["action"], registry=REGISTRY,
 )
+WEBHOOK_ATTEMPTS = Counter(
+    "orz_webhook_attempts_total", "Webhook delivery attempts by outcome (delivered, retry, failed)", ["result"],
+    registry=REGISTRY,
+)
 RECONCILE_ACTIONS = Counter(
     "orz_reconcile_actions_total", "Repairs made by the reconciler by action", ["action"], registry=REGISTRY
 )

@@ -28,6 +28,7 @@ import httpx
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api import metrics
 from api.credentials.secrets_box import RowBinding, Sealed, SecretsBox
 from api.db.base import utcnow
 from api.db.dialect import is_postgres
@@ -224,6 +225,7 @@ class Deliverer:
         if not result.rowcount:  # type: ignore[attr-defined]
             log.warning("webhook %s delivery %s: claim lost before recording attempt %d", c.webhook_id, c.id, n)
         state = str(values.get("state", "pending"))
+        metrics.WEBHOOK_ATTEMPTS.labels(result="retry" if state == "pending" else state).inc()
         log.info("webhook %s delivery %s (%s): attempt %d -> %s%s", c.webhook_id, c.id, c.event, n,
                  outcome.status if outcome.status is not None else "no answer",
                  f" ({outcome.error})" if outcome.error else "",

@@ -13,7 +13,7 @@ from sanic import Sanic
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api import schemas
+from api import metrics, schemas
 from api.credentials.secrets_box import SecretsBox
 from api.db.base import utcnow
 from api.db.engine import create_engine, session_factory
@@ -57,6 +57,10 @@ async def create_hook(app: Sanic, t: Tenant, url: str, **body: object) -> dict:
     _, resp = await app.asgi_client.post("/v1/webhooks", json={"url": url, **body}, headers=t.headers)
     assert resp.status == 201, resp.text
     return resp.json
+
+
+def attempts(result: str) -> float:
+    return metrics.REGISTRY.get_sample_value("orz_webhook_attempts_total", {"result": result}) or 0.0
 
 
 async def drain(deliverer: Deliverer, sessions: Sessions, done: int, timeout: float = 15) -> list[WebhookDelivery]:
@@ -111,8 +115,10 @@ async def test_a_receiver_that_keeps_failing_is_given_up_after_the_last_attempt(
     receiver.statuses = [503, 429, 502, 200]
     sid, runner = await new_session(app, t, provider)
     await beat(app, sid, runner, fatal_error="the runner could not clone the repository")
+    before = {r: attempts(r) for r in ("retry", "failed")}
 
     [row] = await drain(deliverer, sessions, done=1)
+    assert {r: attempts(r) - before[r] for r in before} == {"retry": 2, "failed": 1}
     assert row.state == "failed" and row.attempts == 3 and len(receiver.got) == 3
     assert "gave up after 3 attempts" in (row.last_error or "")
     text = receiver.got[0].json["text"]
