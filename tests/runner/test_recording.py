@@ -157,3 +157,30 @@ def test_a_part_cut_off_mid_line_is_kept_aside_and_a_new_one_started(short_tmp: 
     assert read_cast(path) == ({"version": 2, "width": 80, "height": 24, "timestamp": 1000,
                                 "env": {"TERM": "xterm-256color"}}, [[0.0, "o", "fresh"]])
     assert (short_tmp / STATE_RECORDING_PREVIOUS).read_text(encoding="utf-8").endswith('"hal')
+
+
+async def test_attaching_and_detaching_a_terminal_keeps_the_recording_going(tmux: Tmux, short_tmp: Path) -> None:
+    import pexpect
+
+    program = "bash -c 'for i in $(seq 1 100); do echo tick-$i; sleep 0.1; done; sleep infinity'"
+    recorder = await record(tmux, short_tmp, program)
+    client = pexpect.spawn(tmux.binary, ["-S", str(tmux.socket), "attach-session", "-t", "main"],
+                           dimensions=(30, 100), env={**ENV, "TERM": "xterm"}, timeout=10)
+    try:
+        await asyncio.to_thread(client.expect, "tick-")
+        await wait_cast(short_tmp / STATE_RECORDING, "tick-5")
+        for _ in range(50):  # tmux sizes the window to the client (the status line takes a row)
+            _, events = read_cast(short_tmp / STATE_RECORDING)
+            if any(e[1] == "r" and e[2].startswith("100x") for e in events):
+                break
+            await asyncio.sleep(0.1)
+        assert any(e[1] == "r" and e[2].startswith("100x") for e in events), events
+        client.sendcontrol("b")
+        client.send("d")
+        await asyncio.to_thread(client.expect, pexpect.EOF)
+        events = await wait_cast(short_tmp / STATE_RECORDING, "tick-100", timeout=20)
+    finally:
+        client.close(force=True)
+        await recorder.stop()
+    text = output_of(events)
+    assert all(f"tick-{i}\r\n" in text for i in range(1, 101))  # nothing lost while a client came and went
