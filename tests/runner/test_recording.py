@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +40,6 @@ async def wait_cast(path: Path, text: str, timeout: float = 10.0) -> list[list[A
                 return events
         assert loop.time() < deadline, f"{text!r} not recorded in {path}"
         await asyncio.sleep(0.1)
-
-
-@pytest.fixture
-async def tmux(short_tmp: Path) -> AsyncIterator[Tmux]:
-    t = Tmux(short_tmp / "tmux.sock")
-    try:
-        yield t
-    finally:
-        await t.kill_server()
 
 
 async def record(tmux: Tmux, directory: Path, program: str, max_bytes: int = 1 << 20) -> Recorder:
