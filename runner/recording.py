@@ -36,6 +36,7 @@ FIFO = "recording.fifo"
 # leaves room for a few of those).
 READ_SIZE = 4096
 TERM = "xterm-256color"
+DRAIN_S = 0.1
 
 
 class CastFile:
@@ -156,7 +157,12 @@ class Recorder:
         os.mkfifo(self.fifo, 0o600)
         # Read and write: the FIFO then never reports end-of-file when a writer goes (a respawned pane).
         self._fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
-        self.cast.open(width, height)
+        try:
+            self.cast.open(width, height)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise
         asyncio.get_running_loop().add_reader(self._fd, self._readable)
         self.tmux.pane_pipe = f"exec cat >> {shlex.quote(str(self.fifo))}"
         self._resizes = asyncio.create_task(self._watch_resizes(), name="recording-resizes")
@@ -177,6 +183,7 @@ class Recorder:
                 await self._resizes
         if self._fd is None:
             return
+        await asyncio.sleep(DRAIN_S)  # tmux's cat writes what it still holds as the server goes
         asyncio.get_running_loop().remove_reader(self._fd)
         while self._read_once():
             pass
