@@ -44,11 +44,21 @@ async def create_org(sessions: async_sessionmaker[AsyncSession], name: str, plan
 async def set_plan(sessions: async_sessionmaker[AsyncSession], name: str, plan: str) -> Org:
     if plan not in PLANS:
         raise BadRequest(f"plan must be one of {', '.join(PLANS)}")
+    return await _update_org(sessions, name, plan=plan)
+
+
+async def set_recording(sessions: async_sessionmaker[AsyncSession], name: str, enabled: bool) -> Org:
+    """Turn the recording of the org's sessions on or off (from each session's next start on)."""
+    return await _update_org(sessions, name, recording_enabled=enabled)
+
+
+async def _update_org(sessions: async_sessionmaker[AsyncSession], name: str, **values: object) -> Org:
     async with sessions() as db:
         org = await db.scalar(select(Org).where(Org.name == name))
         if org is None:
             raise NotFound(f"no such org: {name}")
-        org.plan = plan
+        for field, value in values.items():
+            setattr(org, field, value)
         await db.commit()
         return org
 

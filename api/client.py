@@ -111,6 +111,11 @@ class ApiClient:
     async def logs(self, session_id: str) -> schemas.InstanceLogs:
         return await self._get(schemas.InstanceLogs, f"/v1/instances/{session_id}/logs")
 
+    async def recording(self, session_id: str, *, previous: bool = False) -> bytes:
+        """The session's pane recording as asciicast v2 bytes (``previous``: the part rotated out)."""
+        params = {"part": "previous"} if previous else None
+        return (await self.request("GET", f"/v1/instances/{session_id}/recording", params=params)).content
+
     async def create_secret(self, body: schemas.SecretCreate) -> schemas.Secret:
         return await self._send(schemas.Secret, "POST", "/v1/secrets", body)
 

@@ -107,7 +107,10 @@ def build_document(version: str) -> dict[str, Any]:
                 "content": {"application/json": {"schema": {"$ref": _ref(op.request)}}},
             }
         for status, model in op.responses.items():
-            if model is None:
+            if model is None and op.content_type != "application/json":  # a body that is not JSON
+                item["responses"][str(status)] = {
+                    "description": op.summary, "content": {op.content_type: {"schema": {"type": "string"}}}}
+            elif model is None:
                 item["responses"][str(status)] = {"description": "No content"}
             else:
                 item["responses"][str(status)] = {

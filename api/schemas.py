@@ -607,6 +607,13 @@ STATE_INIT_LOG = "init.log"
 STATE_FATAL_FILE = "fatal_error"
 # Written once sidecars, tmux and the endpoint are gone: the provider need not wait for the runner's exit.
 STATE_RELEASED_FILE = "released"
+# The agent pane's recording (asciicast v2) and the part it rotated out when it reached its size cap.
+STATE_RECORDING = "recording.cast"
+STATE_RECORDING_PREVIOUS = "recording.1.cast"
+RECORDING_CONTENT_TYPE = "application/x-asciicast"
+# The smallest cap a recording may have: a few of the largest events the runner writes (4 KiB of output,
+# JSON-escaped) must fit in one part.
+RECORDING_MIN_BYTES = 64 * 1024
 
 
 class RunnerSpec(Request):
@@ -646,6 +653,16 @@ class RunnerSpec(Request):
     needs_input_after_s: float = Field(default=60.0, gt=0)
     # How often the workspace's git state (dirty files, unpushed commits) is read for heartbeats.
     work_scan_s: float = Field(default=15.0, gt=0)
+    # Record the agent's pane as asciicast v2, each part at most this many bytes (the previous part is
+    # kept beside it); 0: do not record (the org turned recording off).
+    recording_max_bytes: int = Field(default=0, ge=0)
+
+    @field_validator("recording_max_bytes")
+    @classmethod
+    def _recording_cap(cls, value: int) -> int:
+        if 0 < value < RECORDING_MIN_BYTES:
+            raise ValueError(f"must be 0 (off) or at least {RECORDING_MIN_BYTES}")
+        return value
 
 
 PROGRAM_EVENT_KINDS = ("program_exited", "program_restarted")

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.cloud_yaml import DEFAULT_MAX_SERVICES, SERVICES_CEILING
+from api.schemas import RECORDING_MIN_BYTES
 
 ProviderName = Literal["local", "kubernetes", "fake"]
 
@@ -157,6 +158,9 @@ class Settings(BaseSettings):
     needs_input_after_s: float = Field(default=60.0, gt=0)
     # How often runners read the workspace's git state (dirty files, unpushed commits) for heartbeats.
     work_scan_s: float = Field(default=15.0, gt=0)
+    # Sessions record their agent's pane (unless their org turned it off): each part of a recording at
+    # most this many bytes, the previous part kept beside it (docs/security.md#recordings).
+    recording_max_bytes: int = Field(default=8 * 1024 * 1024, ge=RECORDING_MIN_BYTES)
     # A session silent this long (no heartbeat) is failed and its compute released; unhealthy comes first.
     heartbeat_fail_s: int = Field(default=600, ge=10)
     retention_s: int = Field(default=7 * 24 * 3600, ge=60)

@@ -97,6 +97,20 @@ async def set_plan(database_url: str | None, name: str, plan: str) -> None:
     click.echo(f"org {org.name} is now on {org.plan}")
 
 
+@admin.command("set-recording")
+@database_option
+@click.argument("name")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@run_async
+async def set_recording(database_url: str | None, name: str, state: str) -> None:
+    """Record the org's sessions' agent panes (on, the default) or not (off).
+
+    Applies from each session's next start; the API stops serving the org's recordings at once when off.
+    Recordings hold whatever the agent printed, secrets included (docs/security.md#recordings)."""
+    org = await _with_db(_settings(database_url), lambda s: ops.set_recording(s, name, state == "on"))
+    click.echo(f"recording is now {'on' if org.recording_enabled else 'off'} for org {org.name}")
+
+
 @admin.command("create-user")
 @database_option
 @click.argument("email")

@@ -14,6 +14,7 @@ from cli import attach as attaching
 from cli import (
     cloud_automation,
     cloud_proxy,
+    cloud_replay,
     cloud_secrets,
     cloud_sessions,
     cloud_token,
@@ -254,7 +255,7 @@ async def _secret_keys(names: list[str]) -> frozenset[str]:
 
 
 for _command in [*cloud_sessions.COMMANDS, *cloud_watch.COMMANDS, *cloud_proxy.COMMANDS,
-                 *cloud_automation.COMMANDS, *cloud_token.COMMANDS]:
+                 *cloud_automation.COMMANDS, *cloud_token.COMMANDS, *cloud_replay.COMMANDS]:
     cloud.add_command(_command)
 cloud.add_command(cloud_secrets.secrets)
 cloud.add_command(cloud_webhooks.webhook)

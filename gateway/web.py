@@ -20,7 +20,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
 
 from api.client import ApiClient, ApiError, ApiUnreachable
-from api.schemas import AttachRequest, AuthorizeReply
+from api.schemas import RECORDING_CONTENT_TYPE, AttachRequest, AuthorizeReply
 from gateway import auth, drain, metrics, web_bridge
 from gateway import web_http as http
 from gateway.errors import AttachRefused, CredentialRejected, CredentialsUnavailable
@@ -115,6 +115,10 @@ class WebDoor:
             return http.terminal_page(target.arg)
         if target.kind == "token":
             return await self._mint_token(request, target, source)
+        if target.kind == "replay":
+            return http.terminal_page(target.arg, "replay.html")
+        if target.kind == "recording":
+            return await self._recording(request, target, source)
         if not http.is_upgrade(request):
             return http.text(426, "this URL takes a WebSocket")
         try:
@@ -167,13 +171,11 @@ class WebDoor:
         """
         if self.gw.limiter.blocked(source):
             return http.json_response(429, {"detail": "too many failed attempts from your address"})
-        header = request.headers.get("Authorization", "")
-        if not header and (signed_in := cookie_token(request)) is not None:
-            header = f"Bearer {signed_in}"  # the browser sign-in's cookie, with its CSRF header
-        if not header.startswith("Bearer ") or len(header) > 512:
+        token = _forwarded_token(request)
+        if token is None:
             return http.json_response(401, {"detail": "an API token is required", "signin": "/s/login"})
         readonly = target.query.get("readonly", "") in ("1", "true")
-        api = ApiClient(self.settings.internal_api_url, header.removeprefix("Bearer ").strip())
+        api = ApiClient(self.settings.internal_api_url, token)
         try:
             grant = await api.attach(target.arg, AttachRequest(readonly=readonly))
         except ApiUnreachable:
@@ -189,6 +191,29 @@ class WebDoor:
         return http.json_response(200, {"token": grant.token, "status": grant.status,
                                         "expires_at": grant.token_expires_at.isoformat(),
                                         "readonly": grant.readonly})
+
+    async def _recording(self, request: Request, target: http.Target, source: str) -> Response:
+        """Same-origin recording endpoint for the replay page: the API's recording, with the user's API token
+        forwarded exactly as for ``/s/<id>/token`` (the gateway keeps nothing)."""
+        if self.gw.limiter.blocked(source):
+            return http.json_response(429, {"detail": "too many failed attempts from your address"})
+        token = _forwarded_token(request)
+        if token is None:
+            return http.json_response(401, {"detail": "an API token is required", "signin": "/s/login"})
+        previous = target.query.get("part", "") == "previous"
+        api = ApiClient(self.settings.internal_api_url, token)
+        try:
+            data = await api.recording(target.arg, previous=previous)
+        except ApiUnreachable:
+            return http.json_response(503, {"detail": "Orzbob Cloud is unavailable right now"})
+        except ApiError as exc:
+            log.info("web recording of %s from %s refused: %d %s", target.arg, source, exc.status, exc.code)
+            if exc.status == 401:
+                self.gw.limiter.record_failure(source)
+            return http.json_response(exc.status if 400 <= exc.status < 500 else 502, {"detail": exc.detail})
+        finally:
+            await api.aclose()
+        return http.response(200, data, RECORDING_CONTENT_TYPE, {"Cache-Control": "private, no-store"})
 
     # -- after the upgrade ----------------------------------------------------------------------------
 
@@ -208,6 +233,16 @@ class _Refusal(Exception):
         super().__init__(line)
         self.status = status
         self.line = line
+
+
+def _forwarded_token(request: Request) -> str | None:
+    """The API token the page sends (Authorization header, or the sign-in's cookie with its CSRF header)."""
+    header = request.headers.get("Authorization", "")
+    if not header and (signed_in := cookie_token(request)) is not None:
+        header = f"Bearer {signed_in}"
+    if not header.startswith("Bearer ") or len(header) > 512:
+        return None
+    return header.removeprefix("Bearer ").strip()
 
 
 def _claimed_session(token: str) -> str:

@@ -23,6 +23,8 @@ ROUTES = {
     "ssh": re.compile(rf"^/v1/instances/{SESSION_PART}/ssh$"),
     "page": re.compile(rf"^/s/{SESSION_PART}$"),
     "token": re.compile(rf"^/s/{SESSION_PART}/token$"),
+    "replay": re.compile(rf"^/s/{SESSION_PART}/replay$"),
+    "recording": re.compile(rf"^/s/{SESSION_PART}/recording$"),
     "static": re.compile(r"^/static/(?P<file>[A-Za-z0-9_./-]{1,200})$"),
     "health": re.compile(r"^/healthz$"),
     "ready": re.compile(r"^/readyz$"),
@@ -145,7 +147,8 @@ def static_file(name: str) -> Response:
                     {"Cache-Control": "public, max-age=86400"})
 
 
-def terminal_page(session_id: str) -> Response:
-    html = (STATIC_DIR / "terminal.html").read_text().replace("{{SESSION}}", session_id)
+def terminal_page(session_id: str, page: str = "terminal.html") -> Response:
+    """The browser terminal page (or ``page``: the replay page) for one session."""
+    html = (STATIC_DIR / page).read_text().replace("{{SESSION}}", session_id)
     return response(200, html.encode(), CONTENT_TYPES[".html"],
                     {"Content-Security-Policy": PAGE_CSP, "X-Frame-Options": "DENY"})

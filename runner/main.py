@@ -39,6 +39,7 @@ from runner.activity import Activity, HeartbeatLoop
 from runner.agent_watch import AgentWatch
 from runner.cloud_config import CloudConfig
 from runner.errors import InitError, RunnerError
+from runner.recording import Recorder
 from runner.services import ServiceManager, pod_sidecars, wait_for_ports
 from runner.sshd import Endpoint, SessionHooks
 from runner.tmux import Tmux
@@ -83,6 +84,8 @@ class Runner:
         self.config: CloudConfig | None = None
         self.activity = Activity()
         self.tmux = Tmux(self.state_dir / "tmux.sock")
+        self.recorder = (Recorder(self.tmux, self.state_dir, spec.recording_max_bytes)
+                         if spec.recording_max_bytes else None)
         self.ready = asyncio.Event()
         self.services = ServiceManager(self.state_dir, self.base_env)
         self.pod_ports: list[int] = []  # pod mode: the sidecars' ports init waits for
@@ -189,7 +192,10 @@ class Runner:
         await self._start_endpoint()
         await self._start_services()
         await self._run_init()
-        await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
+        await self._start_recording()
+        started = await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
+        if self.recorder is not None:
+            await self.recorder.pane_ready(started is not None)
         # Attached terminals (ssh, the browser page) show the agent's state in their title.
         await self.tmux.run("set-option", "-g", "set-titles", "on", check=False)
         await self.tmux.run("set-option", "-g", "set-titles-string", agent.title_format(self.spec.session_id),
@@ -200,6 +206,16 @@ class Runner:
         self.watch.start()
         self.activity.poke()
         log.info("session %s is ready", self.spec.session_id)
+
+    async def _start_recording(self) -> None:
+        """Record the pane from the program's first byte; a recording that cannot start is logged, not fatal."""
+        if self.recorder is None:
+            return
+        try:
+            await self.recorder.start(Tmux.WIDTH, Tmux.HEIGHT)
+        except OSError as exc:
+            log.warning("the session is not recorded: %s", exc)
+            self.recorder = None
 
     def _install_agent_helpers(self) -> None:
         """``orz-session`` on the session's PATH, and Claude Code hooks that call it in the user's settings."""
@@ -295,7 +311,10 @@ class Runner:
         self.activity.poke()
 
     async def _ensure_program(self) -> None:
-        if await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env) is not None:
+        started = await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
+        if started is not None:
+            if self.recorder is not None:
+                await self.recorder.pane_ready(started=True)
             self._exit_reported = False
             self.activity.program_running = True
             self.activity.program_exit_code = None
@@ -347,6 +366,9 @@ class Runner:
             self.activity.host_key = self.activity.ssh_host = self.activity.ssh_port = None
         with contextlib.suppress(Exception):
             await self.tmux.kill_server()
+        if self.recorder is not None:
+            with contextlib.suppress(Exception):
+                await self.recorder.stop()  # after tmux: what the pane printed last is in the recording
         try:
             # After the program is gone (a consistent snapshot) and before the sidecars' own stop time,
             # so the push fits in the provider's grace period.

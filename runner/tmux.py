@@ -22,8 +22,11 @@ REAP_POLL_S = 0.05
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the final NUL
 # tmux signals this channel when the program exits, so the runner reports the exit at once.
 PANE_DIED = "orz-pane-died"
+# ... and this one when the window changes size (a client attached or resized), for the recording.
+RESIZED = "orz-resized"
 _CONF = ("set-option -g remain-on-exit on\nset-option -g history-limit 50000\n"
-         f'set-hook -g pane-died "wait-for -S {PANE_DIED}"\n')
+         f'set-hook -g pane-died "wait-for -S {PANE_DIED}"\n'
+         f'set-hook -g window-resized "wait-for -S {RESIZED}"\n')
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,30 @@ class PaneState:
 class Tmux:
     """tmux -S <socket> ..., with the session ``main`` running the program."""
 
+    # The window's size until a client attaches (tmux then sizes it to the client).
+    WIDTH, HEIGHT = 200, 50
+
     def __init__(self, socket: Path, binary: str = "tmux") -> None:
         self.socket = socket
         self.binary = binary
+        # A shell command the pane's output is piped into from the program's first byte (the recording):
+        # given to tmux in the same call that starts the program, so nothing it prints is missed.
+        self.pane_pipe: str | None = None
+
+    def _then_pipe(self) -> list[str]:
+        """tmux command-sequence arguments that attach ``pane_pipe`` to the pane (none when unset)."""
+        return [";", "pipe-pane", "-O", "-t", SESSION, self.pane_pipe] if self.pane_pipe else []
+
+    async def pipe_pane(self) -> None:
+        """(Re)attach ``pane_pipe`` to the running pane, replacing any earlier pipe."""
+        if self.pane_pipe:
+            await self.run("pipe-pane", "-O", "-t", SESSION, self.pane_pipe, check=False)
+
+    async def pane_size(self) -> tuple[int, int] | None:
+        """The pane's width and height in cells, or None when there is no pane."""
+        out = await self.run("display-message", "-p", "-t", SESSION, "#{pane_width} #{pane_height}", check=False)
+        width, _, height = out.strip().partition(" ")
+        return (int(width), int(height)) if width.isdigit() and height.isdigit() else None
 
     def default_socket_dir(self) -> Path | None:
         """A TMUX_TMPDIR whose default socket is this server's, so that a plain ``tmux ls`` or
@@ -72,7 +96,7 @@ class Tmux:
         return out.decode("utf-8", "replace")
 
     async def start(self, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str],
-                    width: int = 200, height: int = 50) -> None:
+                    width: int = WIDTH, height: int = HEIGHT) -> None:
         """Create the session running ``argv`` (kept on exit so its status can be read)."""
         # The server inherits ``env``: that is how secrets and cloud.yaml env reach the program
         # without touching a command line. remain-on-exit (set in the config the server starts
@@ -81,7 +105,7 @@ class Tmux:
         conf.write_text(_CONF, encoding="utf-8")
         await self.run(
             "-f", str(conf), "new-session", "-d", "-s", SESSION, "-x", str(width), "-y", str(height),
-            "-c", str(cwd), "--", *argv, env=env,
+            "-c", str(cwd), "--", *argv, *self._then_pipe(), env=env,
         )
 
     async def ensure(self, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str]) -> str | None:
@@ -95,7 +119,8 @@ class Tmux:
             return "started"
         if state.dead:
             log.info("program exited with %s, restarting it", state.exit_code)
-            await self.run("respawn-pane", "-k", "-t", SESSION, "-c", str(cwd), "--", *argv, env=env)
+            await self.run("respawn-pane", "-k", "-t", SESSION, "-c", str(cwd), "--", *argv, *self._then_pipe(),
+                           env=env)
             return "restarted"
         return None
 
@@ -142,10 +167,15 @@ class Tmux:
     async def wait_pane_died(self) -> bool:
         """Block until the program exits (True; at once when it exited since the last call), or until
         the tmux server is gone (False)."""
+        return await self.wait_for(PANE_DIED)
+
+    async def wait_for(self, channel: str) -> bool:
+        """Block until tmux signals ``channel`` (True; at once when it was signalled since the last wait),
+        or until the tmux server is gone (False)."""
         if not self.socket.exists():
             return False
         proc = await asyncio.create_subprocess_exec(
-            *self.argv("wait-for", PANE_DIED), stdin=asyncio.subprocess.DEVNULL,
+            *self.argv("wait-for", channel), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )
         try:

@@ -36,6 +36,8 @@ class Org(Base):
     # Per-org overrides of the plan defaults; None means the plan's value.
     idle_timeout_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
     retention_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Whether the org's sessions record their agent's pane (docs/security.md#recordings); read at each start.
+    recording_enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
     # Bumped by every quota-checked create: the write takes the org's row lock, serializing creates.
     quota_serial: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

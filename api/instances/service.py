@@ -159,6 +159,25 @@ class InstanceService:
         inst = await self.get(who, session_id)
         return await self.provider.read_log(inst.id, inst.provider_state or {})
 
+    async def read_recording(self, who: Principal, session_id: str, *, previous: bool = False) -> bytes:
+        """The session's pane recording (asciicast v2), for whoever may see the session; NotFound says why not."""
+        inst = await self.get(who, session_id)
+        if not await self._recording_on(inst.org_id):
+            raise NotFound(f"session {inst.id} has no recording: recording is turned off for your org "
+                           "(an operator turns it on with `orz admin set-recording ORG on`)")
+        if not self.provider.serves_recordings:
+            raise NotFound(f"session {inst.id} has no recording here: the {self.provider.name} provider does "
+                           "not serve recordings")
+        data = await self.provider.read_recording(inst.id, inst.provider_state or {}, previous=previous)
+        if data is None:
+            what = "no earlier part (it has not reached its size cap)" if previous else "no recording yet"
+            raise NotFound(f"session {inst.id} has {what}")
+        return data
+
+    async def _recording_on(self, org_id: str) -> bool:
+        async with self.autocommit() as db:
+            return bool(await db.scalar(select(Org.recording_enabled).where(Org.id == org_id)))
+
     # ---------------------------------------------------------------------------------- lifecycle
 
     async def create(self, who: Principal, req: schemas.InstanceCreate) -> Instance:
@@ -674,7 +693,10 @@ class InstanceService:
 
     async def _launch(self, inst: Instance, actor: str, runner_token: str, secret_env: dict[str, str],
                       *, fresh: bool, pull: bool = False) -> Instance:
-        spec = self._compute_spec(inst, runner_token, secret_env, pull=pull)
+        # Where the API cannot serve recordings, nobody could read one: the runner is not asked to record.
+        recording = (self.settings.recording_max_bytes
+                     if self.provider.serves_recordings and await self._recording_on(inst.org_id) else 0)
+        spec = self._compute_spec(inst, runner_token, secret_env, pull=pull, recording_max_bytes=recording)
         try:
             if fresh:
                 provider_state = await self.provider.create(spec)
@@ -808,7 +830,7 @@ class InstanceService:
         return requested
 
     def _compute_spec(self, inst: Instance, runner_token: str, secret_env: dict[str, str],
-                      *, pull: bool = False) -> ComputeSpec:
+                      *, pull: bool = False, recording_max_bytes: int = 0) -> ComputeSpec:
         return ComputeSpec(
             session_id=inst.id, org_id=inst.org_id, user_id=inst.user_id, tier=inst.tier,
             resources=schemas.TIER_RESOURCES[inst.tier], repo_url=inst.repo_url, branch=inst.branch,
@@ -818,7 +840,7 @@ class InstanceService:
             needs_input_after_s=self.settings.needs_input_after_s, work_scan_s=self.settings.work_scan_s,
             runner_token=runner_token, secret_env=secret_env,
             services=list((inst.spec or {}).get("services") or []), pull=pull,
-            max_services=self._max_services(inst),
+            max_services=self._max_services(inst), recording_max_bytes=recording_max_bytes,
         )
 
     def _max_services(self, inst: Instance) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sanic import Blueprint, HTTPResponse, Request
 
 from api import metrics, schemas
-from api.errors import ComputeUnavailable, OrzError, QuotaExceeded
+from api.errors import BadRequest, ComputeUnavailable, OrzError, QuotaExceeded
 from api.http import parse_body, respond
 from api.instances.views import event_view, instance_view
 from api.openapi import route
@@ -108,3 +108,21 @@ async def instance_logs(request: Request, id: str) -> HTTPResponse:
     init_log = await svc.read_log(who, id)
     events = await svc.events(who, id, limit=100)
     return respond(schemas.InstanceLogs(id=id, init_log=init_log, events=[event_view(e) for e in events]))
+
+
+RECORDING_PARTS = ("current", "previous")
+
+
+@route(bp, "GET", "/v1/instances/{id}/recording",
+       summary="The agent pane's recording (asciicast v2; ?part=previous for the part rotated out)", tag=TAG,
+       responses={200: None}, errors=(400, 403, 404), content_type=schemas.RECORDING_CONTENT_TYPE)
+async def instance_recording(request: Request, id: str) -> HTTPResponse:
+    who = await principal(request)
+    part = request.args.get("part", "current")
+    if part not in RECORDING_PARTS:
+        raise BadRequest(f"part must be one of {', '.join(RECORDING_PARTS)}")
+    data = await state(request).instances.read_recording(who, id, previous=part == "previous")
+    # What the agent printed may be secret: never kept by a shared cache.
+    return HTTPResponse(data, content_type=schemas.RECORDING_CONTENT_TYPE,
+                        headers={"Cache-Control": "private, no-store",
+                                 "Content-Disposition": f'attachment; filename="{id}.cast"'})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,6 +96,44 @@ def test_one_time_link_and_reconnect_after_a_network_blip(platform: WebPlatform)
             expect(page.locator("#status")).to_contain_text("reconnecting", timeout=15000)
             context.set_offline(False)
             expect(page.locator("#status")).to_contain_text("connected", timeout=20000)
+        finally:
+            browser.close()
+    platform.kill(sid)
+
+
+def test_the_replay_page_plays_the_sessions_recording(platform: WebPlatform) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    sid = platform.new_session("bash -c 'echo replayed-in-browser-77; sleep 2.5; echo after-a-pause; sleep infinity'")
+    with platform.api() as api:  # the recording holds the later line once the program printed it
+        for _ in range(100):
+            got = api.get(f"/v1/instances/{sid}/recording")
+            if got.status_code == 200 and "after-a-pause" in got.text:
+                break
+            time.sleep(0.1)
+        assert "after-a-pause" in got.text, got.text
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 520})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{platform.web_url}/s/{sid}/replay")
+            page.fill("#api-token", platform.api_token)
+            page.click("#login button[type=submit]")
+            rows = page.locator(".xterm-rows")
+            rows.filter(has_text="replayed-in-browser-77").wait_for(timeout=15000)
+            # The 2.5 s pause is played, capped at the page's 2 s idle limit: not there at once.
+            assert "after-a-pause" not in rows.inner_text()
+            expect(page.locator("#status")).to_contain_text("end of the recording", timeout=15000)
+            assert "after-a-pause" in rows.inner_text()
+            page.screenshot(path=str(ARTIFACTS / "web-replay.png"))
+            assert not errors, errors
+            # A token the API refuses: the page says so and asks for another.
+            page.evaluate("localStorage.setItem('orz.apiToken', 'orz_not-a-valid-token')")
+            page.reload()
+            expect(page.locator("#status")).to_contain_text("replay:", timeout=15000)
+            expect(page.locator("#login")).to_be_visible(timeout=15000)
         finally:
             browser.close()
     platform.kill(sid)

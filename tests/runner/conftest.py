@@ -17,6 +17,7 @@ import pytest
 
 from api.schemas import RunnerSpec
 from runner.main import Runner
+from runner.tmux import Tmux
 from tests.runner.fake_api import FakeApi
 
 GIT_ENV = {
@@ -29,6 +30,16 @@ HI_PROGRAM = "bash -c 'echo hi; sleep infinity'"
 def git(*args: str, cwd: Path | None = None) -> str:
     return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV}, check=True,
                           capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+async def tmux(short_tmp: Path) -> AsyncIterator[Tmux]:
+    """A tmux server of its own on a short socket path, killed after the test."""
+    t = Tmux(short_tmp / "tmux.sock")
+    try:
+        yield t
+    finally:
+        await t.kill_server()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from tests.runner.test_tmux import wait_for_pane
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 ENV = {"PATH": os.environ["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8", "ORZ_SESSION_ID": "demo-1",
        "PS1": "$ "}
-
-
-@pytest.fixture
-async def tmux(short_tmp: Path) -> AsyncIterator[Tmux]:
-    t = Tmux(short_tmp / "tmux.sock")
-    try:
-        yield t
-    finally:
-        await t.kill_server()
 
 
 async def dead_state(tmux: Tmux) -> int | None:

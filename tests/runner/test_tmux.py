@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,6 @@ from runner.tmux import Tmux
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
 ENV = {"PATH": os.environ["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8"}
-
-
-@pytest.fixture
-async def tmux(short_tmp: Path) -> AsyncIterator[Tmux]:
-    t = Tmux(short_tmp / "tmux.sock")
-    try:
-        yield t
-    finally:
-        await t.kill_server()
 
 
 async def wait_for_pane(tmux: Tmux, text: str, timeout: float = 5.0) -> str:

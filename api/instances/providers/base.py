@@ -53,6 +53,8 @@ class ComputeSpec:
     max_services: int = DEFAULT_MAX_SERVICES
     needs_input_after_s: float = 60.0
     work_scan_s: float = 15.0
+    # Record the agent's pane in parts of at most this many bytes; 0: not recorded (the org said so).
+    recording_max_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,17 @@ class Provider(abc.ABC):
     async def read_log(self, session_id: str, state: ProviderState, limit: int = 65536) -> str:
         """The runner's log (init output), newest ``limit`` characters; empty when unknown."""
         return ""
+
+    @property
+    def serves_recordings(self) -> bool:
+        """True when ``read_recording`` can reach what the runners record."""
+        return False
+
+    async def read_recording(self, session_id: str, state: ProviderState, *, previous: bool = False
+                             ) -> bytes | None:
+        """The pane's recording (asciicast v2; ``previous``: the part rotated out), None when there is none
+        or this provider cannot reach it."""
+        return None
 
     @property
     def isolates_sessions(self) -> bool:

@@ -34,6 +34,8 @@ from api.schemas import (
     SESSION_ID_RE,
     STATE_FATAL_FILE,
     STATE_INIT_LOG,
+    STATE_RECORDING,
+    STATE_RECORDING_PREVIOUS,
     STATE_RELEASED_FILE,
     UNIX_ROUTE_PREFIX,
     RunnerSpec,
@@ -193,6 +195,20 @@ class LocalProvider(Provider):
                 parts.append(f"== {title} ==\n{text}")
         return "\n".join(parts)[-limit:]
 
+    @property
+    def serves_recordings(self) -> bool:
+        return True
+
+    async def read_recording(self, session_id: str, state: ProviderState, *, previous: bool = False
+                             ) -> bytes | None:
+        name = STATE_RECORDING_PREVIOUS if previous else STATE_RECORDING
+        path = self.session_dir(session_id) / "state" / name
+        try:
+            # At most the cap the runner was given (settings.recording_max_bytes): read whole.
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return None
+
     # -- helpers ---------------------------------------------------------------------------------
 
     def _spawn(self, spec: ComputeSpec, base: Path) -> ProviderState:
@@ -208,6 +224,7 @@ class LocalProvider(Provider):
             state_dir=str(base / "state"),
             max_services=spec.max_services, pull=spec.pull,
             needs_input_after_s=spec.needs_input_after_s, work_scan_s=spec.work_scan_s,
+            recording_max_bytes=spec.recording_max_bytes,
         )
         env = {k: os.environ[k] for k in _INHERIT if k in os.environ}
         env.setdefault("LANG", "C.UTF-8")

@@ -186,6 +186,7 @@ def runner_spec(spec: ComputeSpec) -> RunnerSpec:
         max_services=spec.max_services,
         needs_input_after_s=spec.needs_input_after_s,
         work_scan_s=spec.work_scan_s,
+        recording_max_bytes=spec.recording_max_bytes,
     )
 
 

@@ -1,0 +1,150 @@
+"""Recordings end to end on the local provider: a real API over HTTP, runner processes, tmux, and the CLI.
+
+The agent's pane is served as asciicast v2 to whoever may see the session (others: 404, a colleague:
+403), `orz cloud replay` plays and saves it, and an org with recording off records nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api import admin, schemas
+from tests.api.test_lifecycle_local import Stack, gateway_key, short_tmp, stack  # noqa: F401
+from tests.conftest import Tenant, make_tenant
+from tests.support import orz
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+TEXT = "recorded-text-4242"
+PROGRAM = f"bash -c 'echo {TEXT}; sleep 0.2; echo second-line; sleep infinity'"
+
+
+async def owner_of(on: Stack) -> Tenant:
+    """The stack's own user (org acme, the only org while sessions start: the sandbox-off stack needs that)."""
+    token = await admin.create_token(on.service.sessions, on.who.email)
+    return Tenant(org=on.who.org_name, email=on.who.email, token=token, user_id=on.who.user_id)
+
+
+def api_url(on: Stack) -> str:
+    return f"http://127.0.0.1:{on.settings.api_port}"
+
+
+async def create(on: Stack, tenant: Tenant, program: str = PROGRAM) -> str:
+    async with httpx.AsyncClient(base_url=api_url(on), headers=tenant.headers, timeout=10) as http:
+        created = await http.post("/v1/instances", json={"program": program})
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
+    await on.wait_state(sid, "running")
+    return sid
+
+
+async def fetch(on: Stack, sid: str, headers: dict[str, str], **params: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=api_url(on), headers=headers, timeout=10) as http:
+        return await http.get(f"/v1/instances/{sid}/recording", params=params)
+
+
+async def wait_recording(on: Stack, sid: str, tenant: Tenant, text: str, timeout: float = 20) -> httpx.Response:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        got = await fetch(on, sid, tenant.headers)
+        if got.status_code == 200 and text in got.text:
+            return got
+        assert loop.time() < deadline, f"{text!r} not in the recording: {got.status_code} {got.text[-500:]}"
+        await asyncio.sleep(0.2)
+
+
+def events(body: str) -> tuple[dict[str, Any], list[list[Any]]]:
+    header, *rest = [json.loads(line) for line in body.splitlines()]
+    return header, rest
+
+
+@pytest.mark.parametrize("stack", ["off", "on"], indirect=True)
+async def test_the_pane_is_served_as_asciicast_to_those_who_may_see_the_session(stack: Stack) -> None:  # noqa: F811
+    owner = await owner_of(stack)
+    sid = await create(stack, owner)
+    got = await wait_recording(stack, sid, owner, "second-line")
+    assert got.headers["content-type"] == schemas.RECORDING_CONTENT_TYPE
+    assert "no-store" in got.headers["cache-control"]
+    header, evs = events(got.text)
+    assert header["version"] == 2 and header["width"] > 0 and header["height"] > 0
+    output = [e for e in evs if e[1] == "o"]
+    text = "".join(e[2] for e in output)
+    assert text.index(TEXT) < text.index("second-line")
+    assert [e[0] for e in evs] == sorted(e[0] for e in evs)
+
+    # Another org: the session does not exist for them. A colleague: not theirs (403, as attach says).
+    stranger = await make_tenant(stack.service.sessions, "elsewhere")
+    refused = await fetch(stack, sid, stranger.headers)
+    assert refused.status_code == 404 and refused.headers["content-type"] == "application/problem+json"
+    assert TEXT not in refused.text
+    await admin.create_user(stack.service.sessions, "colleague@acme.example", owner.org)
+    colleague = await admin.create_token(stack.service.sessions, "colleague@acme.example")
+    assert (await fetch(stack, sid, {"Authorization": f"Bearer {colleague}"})).status_code == 403
+    assert (await fetch(stack, sid, {})).status_code == 401
+
+    previous = await fetch(stack, sid, owner.headers, part="previous")
+    assert previous.status_code == 404 and "no earlier part" in previous.json()["detail"]
+    bad = await fetch(stack, sid, owner.headers, part="all")
+    assert bad.status_code == 400 and "current, previous" in bad.json()["detail"]
+
+
+async def test_replay_plays_and_saves_the_recording_and_stop_start_appends(stack: Stack, short_tmp: Path) -> None:  # noqa: F811
+    owner = await owner_of(stack)
+    sid = await create(stack, owner)
+    await wait_recording(stack, sid, owner, "second-line")
+    env = {"PATH": os.environ["PATH"], "HOME": str(short_tmp), "ORZBOB_API_URL": api_url(stack),
+           "ORZBOB_TOKEN": owner.token}
+
+    played = await asyncio.to_thread(orz, "cloud", "replay", sid, "--speed", "100", env=env)
+    assert played.returncode == 0, played.stderr
+    assert TEXT in played.stdout and "second-line" in played.stdout
+    assert played.stdout.index(TEXT) < played.stdout.index("second-line")
+
+    saved = short_tmp / "session.cast"
+    done = await asyncio.to_thread(orz, "cloud", "replay", sid, "--output", str(saved), env=env)
+    assert done.returncode == 0, done.stderr
+    assert events(saved.read_text())[0]["version"] == 2 and TEXT in saved.read_text()
+    assert saved.stat().st_mode & 0o777 == 0o600
+
+    # Stopped and started again: the new run's output is appended, after a pause (capped on replay).
+    async with httpx.AsyncClient(base_url=api_url(stack), headers=owner.headers, timeout=10) as http:
+        assert (await http.post(f"/v1/instances/{sid}/stop")).status_code == 200
+        await stack.wait_state(sid, "stopped")
+        stopped = await fetch(stack, sid, owner.headers)
+        assert stopped.status_code == 200 and TEXT in stopped.text  # kept while the session is stopped
+        assert (await http.post(f"/v1/instances/{sid}/start")).status_code == 200
+    await stack.wait_state(sid, "running")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while (got := await fetch(stack, sid, owner.headers)).text.count("second-line") < 2:
+        assert loop.time() < deadline, got.text[-500:]
+        await asyncio.sleep(0.2)
+    header, evs = events(got.text)
+    assert header == events(saved.read_text())[0]  # the same part, appended to
+    times = [e[0] for e in evs]
+    assert times == sorted(times)
+
+    missing = await asyncio.to_thread(orz, "cloud", "replay", "no-such-session", env=env)
+    assert missing.returncode == 3 and "no such session" in missing.stderr
+
+
+async def test_an_org_with_recording_off_records_nothing_and_says_so(stack: Stack) -> None:  # noqa: F811
+    owner = await owner_of(stack)
+    await admin.set_recording(stack.service.sessions, owner.org, False)
+    sid = await create(stack, owner)
+    got = await fetch(stack, sid, owner.headers)
+    assert got.status_code == 404 and got.headers["content-type"] == "application/problem+json"
+    assert "recording is turned off for your org" in got.json()["detail"]
+    state_dir = stack.provider.session_dir(sid) / "state"
+    assert not (state_dir / schemas.STATE_RECORDING).exists()
+    assert not list(state_dir.glob("*.cast"))
+
+    # Turned on again: the API serves again, and the runner records from the session's next start.
+    await admin.set_recording(stack.service.sessions, owner.org, True)
+    assert "no recording yet" in (await fetch(stack, sid, owner.headers)).json()["detail"]
