@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from api.client import ApiClient, ApiError
+from api.client import ApiError
 from cli import attach as attaching
 from cli import (
     cloud_automation,
@@ -23,7 +23,7 @@ from cli import (
     ssh_config,
 )
 from cli.config import DEFAULT_API_URL, forget_credentials, load_credentials, token_path
-from cli.connect import client, cloud_command
+from cli.connect import CliApiClient, client, cloud_command
 from cli.errors import EXIT_USAGE, CliError
 from cli.login import DeviceLogin, TokenLogin, login
 
@@ -80,10 +80,14 @@ async def logout() -> None:
         saved = None
     if saved is not None:
         try:
-            async with ApiClient(saved.api_url, saved.api_token) as api:
+            # An expired sign-in token is renewed first: its refresh token stays valid on the server until
+            # revoked, and only a valid API token may revoke its sign-in.
+            async with CliApiClient(saved) as api:
                 await api.revoke()
+        except CliError:
+            pass  # the refresh token was already spent or revoked: nothing is left to revoke
         except ApiError as exc:
-            if exc.status != 401:  # an expired or revoked token has nothing left to revoke
+            if exc.status != 401:  # a revoked (or expired admin-minted) token has nothing left to revoke
                 click.echo(f"orz: warning: the server did not revoke the token ({exc.detail}); "
                            "it is forgotten here", err=True)
     if forget_credentials():
