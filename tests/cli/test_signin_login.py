@@ -8,6 +8,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -160,3 +161,35 @@ def test_login_beyond_the_sign_in_limit_says_when_to_try_again(orz: Orz, live_ap
     assert done.returncode == exit_code_for(429), (done.returncode, done.stderr)
     assert re.search(r"too many sign-in attempts from your address; try again in \d+ s", done.stderr), done.stderr
     assert "Traceback" not in done.stderr and not (home / ".config" / "orzbob" / "token.json").exists()
+
+
+def test_a_login_waiting_for_approval_waits_out_the_sign_in_limit(orz: Orz, live_api: LiveApi, nanoidp: NanoIdp,
+                                                                  home: Path) -> None:
+    """Others at the address used up its sign-ins while the person approves: the CLI's polls get 429,
+    it waits the Retry-After and carries on instead of failing the login."""
+    from api import metrics
+
+    live_api.call(admin.create_org(live_api.app.ctx.state.sessions, "default"))
+    settings = live_api.app.ctx.state.settings
+    object.__setattr__(settings, "signin_rate_limit", 2)
+    object.__setattr__(settings, "auth_fail_window_s", 6)  # 1 s buckets: the test waits seconds, not a minute
+
+    def refusals() -> float:
+        return metrics.REGISTRY.get_sample_value("orz_http_request_duration_seconds_count", {
+            "route": "/v1/auth/token", "method": "POST", "status": "429"}) or 0.0
+
+    before = refusals()
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "cloud", "login", "--api-url", live_api.url], cwd=ROOT,
+                            env=orz.env(DISPLAY="", BROWSER=""), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stderr is not None
+    match = re.search(r"enter the code: (\S+)", proc.stderr.readline())  # the start: one attempt
+    assert match
+    guess = httpx.post(f"{live_api.url}/v1/auth/token", json={"grant_type": "refresh_token",
+                                                              "refresh_token": "orzrt_guess"})
+    assert guess.status_code == 400  # the second: the address is at its limit now
+    time.sleep(1.5)  # the CLI polls (every second with nanoidp) into the 429
+    nanoidp.approve(match.group(1))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "as ada@example.com" in out, err
+    assert refusals() > before
