@@ -122,6 +122,7 @@ class Device:
     claims: dict[str, Any] | None = None  # set once approved
     used: bool = False
     last_poll: float = 0.0
+    denied: bool = False  # the person clicked Deny
 
 
 @dataclass
@@ -167,6 +168,10 @@ class OidcStandIn(ThreadedJsonServer):
                 device.claims = token_args
                 return
         raise KeyError(user_code)
+
+    def deny(self, user_code: str) -> None:
+        """The person signs in at the provider and refuses the device."""
+        next(d for d in self.devices.values() if d.user_code == user_code).denied = True
 
     def authorize(self, authorization_url: str, *, code_challenge: str | None = None, **token_args: Any) -> str:
         """The person signs in at the authorization URL; returns the code the browser brings back.
@@ -229,6 +234,8 @@ class OidcStandIn(ThreadedJsonServer):
                 device.last_poll = now
                 return 400, {"error": "slow_down"}
             device.last_poll = now
+            if device.denied:
+                return 400, {"error": "access_denied"}
             if device.claims is None:
                 return 400, {"error": "authorization_pending"}
             device.used = True

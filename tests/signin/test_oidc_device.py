@@ -245,3 +245,13 @@ async def test_a_browser_sign_in_that_took_too_long_is_refused(settings, oidc, s
         "state": started.json["state"], "code": code, "redirect_uri": callback})
     assert late.status == 400 and late.json["code"] == "expired_token" and "start again" in late.json["detail"]
     assert not oidc.codes[code]["used"]  # the provider was not asked to redeem it
+
+
+async def test_a_person_who_denies_the_device_gets_no_account(app, oidc, sessions):
+    started = await start(app)
+    oidc.deny(started["user_code"])
+    denied = await poll(app, started["device_code"])
+    assert denied.status == 400 and denied.json["code"] == "access_denied"
+    assert denied.content_type == "application/problem+json"
+    async with sessions() as db:
+        assert list(await db.scalars(select(User))) == [] and list(await db.scalars(select(ApiToken))) == []
