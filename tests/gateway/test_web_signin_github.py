@@ -22,12 +22,8 @@ ADMIN = GitHubAccount(id=1, login="admin", email="admin@localhost")
 
 @pytest.fixture(scope="module")
 def github() -> Iterator[GitHubStandIn]:
-    server = GitHubStandIn()
-    server.start()
-    try:
+    with GitHubStandIn().serving() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

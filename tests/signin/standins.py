@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import json
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
@@ -88,6 +90,15 @@ class ThreadedJsonServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[Self]:
+        """Served from a thread of its own while the block runs."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
     def stop(self) -> None:
         assert self.loop is not None and self._thread is not None
         asyncio.run_coroutine_threadsafe(self.stop_here(), self.loop).result(10)
@@ -106,6 +117,12 @@ def _basic(headers: dict[str, str]) -> tuple[str, str] | None:
         return None
     user, _, password = base64.b64decode(value[6:]).decode().partition(":")
     return user, password
+
+
+def _pkce_matches(form: dict[str, str], challenge: str) -> bool:
+    """RFC 7636 S256: the token request's code_verifier hashes to the authorization's code_challenge."""
+    verifier = form.get("code_verifier", "").encode()
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode() == challenge
 
 
 @functools.cache
@@ -190,9 +207,7 @@ class OidcStandIn(ThreadedJsonServer):
         if grant is None or grant["used"] or grant["redirect_uri"] != form.get("redirect_uri"):
             return 400, {"error": "invalid_grant"}
         grant["used"] = True
-        verifier = form.get("code_verifier", "").encode()
-        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode()
-        if challenge != grant["challenge"]:
+        if not _pkce_matches(form, grant["challenge"]):
             return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
         return 200, {"access_token": secrets.token_urlsafe(16), "token_type": "Bearer",
                      "id_token": self.id_token(**grant["token_args"])}
@@ -305,9 +320,7 @@ class GitHubStandIn(ThreadedJsonServer):
         if form.get("redirect_uri") and form["redirect_uri"] != grant["redirect_uri"]:
             return 200, {"error": "redirect_uri_mismatch"}
         grant["used"] = True
-        verifier = form.get("code_verifier", "").encode()
-        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode()
-        if challenge != grant["challenge"]:
+        if not _pkce_matches(form, grant["challenge"]):
             return 200, {"error": "bad_verification_code", "error_description": "PKCE verification failed"}
         return 200, {"access_token": self.token_for(grant["account"]), "token_type": "bearer",
                      "scope": "read:user,user:email,read:org"}
