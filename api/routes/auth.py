@@ -4,7 +4,8 @@ identity provider (device grant, id_token checks) and hands out API and refresh 
 Anyone may call the sign-in routes, so each client address gets ``signin_rate_limit`` attempts per
 ``auth_fail_window_s`` (counted by api/failed_auth.py in the database, shared by API replicas): starting
 a sign-in and the Go CLI's exchange always count, polls and refreshes and browser callbacks when refused
-(a poll still waiting for approval does not). Beyond the limit: 429 with Retry-After.
+(slow_down included; a poll at the interval still waiting for approval does not). Beyond the limit: 429
+with Retry-After.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from api.addresses import client_address
 from api.auth import bearer_token
 from api.db import tokens
 from api.db.models import Org
-from api.errors import AuthorizationPending, BadRequest, OrzError, SlowDown, TooManyAttempts
+from api.errors import AuthorizationPending, BadRequest, OrzError, TooManyAttempts
 from api.http import parse_body, respond
 from api.openapi import route
 from api.routes.deps import principal, require_service, state
@@ -57,7 +58,7 @@ async def _count_attempt(request: Request, address: str) -> None:
 
 async def _count_refusals(request: Request, address: str, attempt: Callable[[], Awaitable[TokenPair]]) -> TokenPair:
     """Run ``attempt`` unless ``address`` is at the limit; count it when it is refused (a guessed code or
-    token), not while a device sign-in waits for approval."""
+    token, a poll faster than the interval), not while a device sign-in waits for approval."""
     st = state(request)
     reply = await failed_auth.check(st.sessions, failed_auth.signin_source(address), st.settings,
                                     limit=st.settings.signin_rate_limit)
@@ -65,9 +66,9 @@ async def _count_refusals(request: Request, address: str, attempt: Callable[[], 
         raise _too_many(reply)
     try:
         return await attempt()
-    except (AuthorizationPending, SlowDown):
+    except AuthorizationPending:
         raise
-    except OrzError as exc:
+    except OrzError as exc:  # slow_down too: a client that keeps polling faster than asked is hammering
         if 400 <= exc.status < 500:
             await failed_auth.record(st.sessions, failed_auth.signin_source(address), st.settings,
                                      limit=st.settings.signin_rate_limit)

@@ -4,6 +4,8 @@ API replicas share it; beyond it 429 problem+json with Retry-After."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from api import failed_auth
@@ -50,11 +52,21 @@ async def test_device_starts_beyond_the_limit_are_refused_on_every_sign_in_route
     assert ("GET", "/api/v3/user") not in github.requests
 
 
-async def test_polls_waiting_for_approval_do_not_count_but_guesses_do(settings, oidc):
+async def test_polls_at_the_interval_do_not_count_but_polling_too_fast_does(settings, oidc):
     app = make_app(limited(settings, oidc))
     started = await start(app)  # one attempt
-    for _ in range(LIMIT + 2):  # waiting (and too fast) polls: a person taking their time
-        assert (await poll(app, started["device_code"])).json["code"] in ("authorization_pending", "slow_down")
+    for _ in range(LIMIT):  # a person taking their time, the CLI polling at the interval (1 s here)
+        assert (await poll(app, started["device_code"])).json["code"] == "authorization_pending"
+        await asyncio.sleep(1.05)
+    assert (await poll(app, started["device_code"])).json["code"] == "authorization_pending"
+    assert (await poll(app, started["device_code"])).json["code"] == "slow_down"  # two attempts
+    assert (await poll(app, started["device_code"])).json["code"] == "slow_down"  # three
+    assert_too_many(await poll(app, started["device_code"]))
+
+
+async def test_guessed_device_codes_and_refresh_tokens_count(settings, oidc):
+    app = make_app(limited(settings, oidc))
+    started = await start(app)  # one attempt
     assert (await poll(app, started["device_code"][:-4] + "AAAA")).json["code"] == "invalid_grant"
     _, bad_refresh = await app.asgi_client.post("/v1/auth/token", json={"grant_type": "refresh_token",
                                                                         "refresh_token": "orzrt_guess"})
