@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from api.client import ApiError
+from api.client import ApiClient, ApiError
 from cli import attach as attaching
 from cli import (
     cloud_automation,
@@ -22,7 +22,7 @@ from cli import (
     output,
     ssh_config,
 )
-from cli.config import DEFAULT_API_URL, forget_credentials, load_credentials, token_path
+from cli.config import DEFAULT_API_URL, Credentials, forget_credentials, load_credentials, token_path
 from cli.connect import CliApiClient, client, cloud_command
 from cli.errors import EXIT_USAGE, CliError
 from cli.login import DeviceLogin, TokenLogin, login
@@ -80,12 +80,7 @@ async def logout() -> None:
         saved = None
     if saved is not None:
         try:
-            # An expired sign-in token is renewed first: its refresh token stays valid on the server until
-            # revoked, and only a valid API token may revoke its sign-in.
-            async with CliApiClient(saved) as api:
-                await api.revoke()
-        except CliError:
-            pass  # the refresh token was already spent or revoked: nothing is left to revoke
+            await _revoke(saved)
         except ApiError as exc:
             if exc.status != 401:  # a revoked (or expired admin-minted) token has nothing left to revoke
                 click.echo(f"orz: warning: the server did not revoke the token ({exc.detail}); "
@@ -94,6 +89,19 @@ async def logout() -> None:
         click.echo(f"logged out (removed {token_path()})")
     else:
         click.echo("not logged in")
+
+
+async def _revoke(saved: Credentials) -> None:
+    """Revoke the saved login on the server. An expired sign-in token is renewed first: its refresh token
+    stays valid on the server until revoked, and only a valid API token may revoke its sign-in."""
+    try:
+        async with CliApiClient(saved) as api:
+            await api.revoke()
+            return
+    except CliError:
+        pass  # the refresh token is spent or revoked; the API token may still be good
+    async with ApiClient(saved.api_url, saved.api_token) as plain:
+        await plain.revoke()
 
 
 @cloud.command("whoami")
