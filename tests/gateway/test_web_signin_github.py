@@ -42,6 +42,11 @@ def platform(tmp_path_factory: pytest.TempPathFactory, github: GitHubStandIn) ->
 def test_the_browser_signs_in_with_github_and_gets_attach_tokens(platform: WebPlatform, github: GitHubStandIn):
     sid = platform.new_session("sleep 600")
     web = httpx.Client(base_url=platform.web_url, timeout=10)
+    unknown = web.get("/s/login", params={"next": f"/s/{sid}", "provider": "gitlab"})
+    assert unknown.status_code == 400 and "oidc, github" in unknown.text
+    oidc = web.get("/s/login", params={"next": f"/s/{sid}", "provider": "oidc"})  # not configured here
+    assert oidc.status_code == 404 and "not configured" in oidc.text
+    # GitHub is this server's only provider: the page's plain Sign in link uses it.
     start = web.get("/s/login", params={"next": f"/s/{sid}"})
     assert start.status_code == 302, start.text
     location = start.headers["location"]
