@@ -24,7 +24,7 @@ from api.auth import PrincipalCache
 from api.credentials.secrets_box import SecretsBox
 from api.db.engine import autocommit_session_factory, create_engine, is_connection_failure, session_factory
 from api.db.migrate import ensure_at_head, wait_for_schema
-from api.errors import STATUS_TO_ERROR, DatabaseUnavailable, OrzError, SchemaNotAtHead
+from api.errors import STATUS_TO_ERROR, DatabaseUnavailable, OrzError, SchemaNotAtHead, TooManyAttempts
 from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
 from api.routes import attach, auth, health, instances, internal, me
@@ -101,6 +101,8 @@ class ProblemHandler(ErrorHandler):
         headers = {"X-Request-Id": getattr(request.ctx, "request_id", "")}
         if error.status == 503:
             headers["Retry-After"] = "1"
+        if isinstance(error, TooManyAttempts):
+            headers["Retry-After"] = str(error.retry_after_s)
         if error.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="orzbob-cloud"'
         if error.status == 405:

@@ -177,12 +177,15 @@ class ApiClient:
     async def report_auth_failure(self, body: schemas.AuthFailureIn) -> schemas.AuthFailureReply:
         return await self._send(schemas.AuthFailureReply, "POST", "/internal/v1/auth-failures", body)
 
-    async def browser_signin_start(self, redirect_uri: str) -> schemas.BrowserSignInRedirect:
-        body = schemas.BrowserSignInStart(redirect_uri=redirect_uri)
+    async def browser_signin_start(self, redirect_uri: str, *, provider: schemas.SignInProviderName | None = None,
+                                   source_address: str | None = None) -> schemas.BrowserSignInRedirect:
+        body = schemas.BrowserSignInStart(redirect_uri=redirect_uri, provider=provider, source_address=source_address)
         return await self._send(schemas.BrowserSignInRedirect, "POST", "/internal/v1/signin/start", body)
 
-    async def browser_signin_finish(self, state: str, code: str, redirect_uri: str) -> schemas.TokenGrant:
-        body = schemas.BrowserSignInFinish(state=state, code=code, redirect_uri=redirect_uri)
+    async def browser_signin_finish(self, state: str, code: str, redirect_uri: str, *,
+                                    source_address: str | None = None) -> schemas.TokenGrant:
+        body = schemas.BrowserSignInFinish(state=state, code=code, redirect_uri=redirect_uri,
+                                           source_address=source_address)
         return await self._send(schemas.TokenGrant, "POST", "/internal/v1/signin/finish", body)
 
     async def attach_event(self, body: schemas.AttachEventIn) -> None:

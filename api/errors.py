@@ -112,6 +112,19 @@ class QuotaExceeded(OrzError):
     title = "Active session quota reached"
 
 
+class TooManyAttempts(OrzError):
+    """Too many sign-in attempts from one address (api/failed_auth.py); ``retry_after_s`` becomes the
+    Retry-After header and a field of the problem."""
+
+    status = 429
+    code = "rate_limited"
+    title = "Too many attempts"
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail, retry_after_s=max(1, retry_after_s))
+        self.retry_after_s = max(1, retry_after_s)
+
+
 class ComputeUnavailable(OrzError):
     """The compute provider failed (its ProviderFailure, as an HTTP answer): 503, the user may retry."""
 

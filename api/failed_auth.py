@@ -5,6 +5,9 @@ Counts go into time buckets (a sixth of the window each); the window is the last
 is forgotten between 5/6 and all of a window after it. A replica that sees a failure reports it and
 learns the shared count: at the limit it refuses that source for ``retry_after_s``. A source blocked on
 one replica gets one more try on each other replica before they know (the first failure there tells).
+
+The unauthenticated sign-in routes (api/routes/auth.py) count their attempts here too, under a source
+key of their own (``signin_source``) and their own limit, in the same window, table and purge.
 """
 
 from __future__ import annotations
@@ -27,33 +30,59 @@ def bucket_s(settings: Settings) -> int:
     return max(1, math.ceil(settings.auth_fail_window_s / BUCKETS_PER_WINDOW))
 
 
+SIGNIN_PREFIX = "signin:"
+
+
+def signin_source(address: str) -> str:
+    """The key sign-in attempts from `address` are counted under (apart from failed attach credentials)."""
+    return f"{SIGNIN_PREFIX}{address}"[:64]
+
+
 async def record(sessions: async_sessionmaker[AsyncSession], source: str, settings: Settings,
-                 now: float | None = None) -> schemas.AuthFailureReply:
-    """Count one failure from `source`; the failures inside the window and how long the source must wait."""
+                 now: float | None = None, *, limit: int | None = None) -> schemas.AuthFailureReply:
+    """Count one failure from `source`; the failures inside the window and how long the source must wait.
+    ``limit`` replaces ``auth_fail_limit`` (the sign-in routes' own limit)."""
     t = time.time() if now is None else now
-    size = bucket_s(settings)
-    current = int(t // size)
-    first = current - BUCKETS_PER_WINDOW + 1
+    current = int(t // bucket_s(settings))
     async with sessions() as db:
         insert = insert_for(db)(AuthFailure).values(source=source, bucket=current, count=1)
         await db.execute(insert.on_conflict_do_update(index_elements=["source", "bucket"],
                                                       set_={"count": AuthFailure.count + 1}))
-        buckets = (await db.execute(
-            select(AuthFailure.bucket, AuthFailure.count)
-            .where(AuthFailure.source == source, AuthFailure.bucket >= first)
-            .order_by(AuthFailure.bucket))).all()
+        buckets = await _window(db, source, settings, t)
         await db.commit()
-    failures = sum(int(count) for _, count in buckets)
+    return _reply(buckets, settings, t, settings.auth_fail_limit if limit is None else limit)
+
+
+async def check(sessions: async_sessionmaker[AsyncSession], source: str, settings: Settings,
+                now: float | None = None, *, limit: int | None = None) -> schemas.AuthFailureReply:
+    """What `record` would say without counting anything: is `source` at its limit, and for how long."""
+    t = time.time() if now is None else now
+    async with sessions() as db:
+        buckets = await _window(db, source, settings, t)
+    return _reply(buckets, settings, t, settings.auth_fail_limit if limit is None else limit)
+
+
+async def _window(db: AsyncSession, source: str, settings: Settings, t: float) -> list[tuple[int, int]]:
+    first = int(t // bucket_s(settings)) - BUCKETS_PER_WINDOW + 1
+    rows = (await db.execute(
+        select(AuthFailure.bucket, AuthFailure.count)
+        .where(AuthFailure.source == source, AuthFailure.bucket >= first)
+        .order_by(AuthFailure.bucket))).all()
+    return [(int(bucket), int(count)) for bucket, count in rows]
+
+
+def _reply(buckets: list[tuple[int, int]], settings: Settings, t: float, limit: int) -> schemas.AuthFailureReply:
+    failures = sum(count for _, count in buckets)
     retry_after = 0
-    if failures >= settings.auth_fail_limit:
+    if failures >= limit:
         # Until enough of the oldest buckets leave the window to bring the count under the limit.
         remaining = failures
         for bucket, count in buckets:
-            remaining -= int(count)
-            if remaining < settings.auth_fail_limit:
-                retry_after = max(1, math.ceil((bucket + BUCKETS_PER_WINDOW) * size - t))
+            remaining -= count
+            if remaining < limit:
+                retry_after = max(1, math.ceil((bucket + BUCKETS_PER_WINDOW) * bucket_s(settings) - t))
                 break
-    return schemas.AuthFailureReply(failures=failures, limit=settings.auth_fail_limit, retry_after_s=retry_after)
+    return schemas.AuthFailureReply(failures=failures, limit=limit, retry_after_s=retry_after)
 
 
 async def purge(db: AsyncSession, settings: Settings, now: float | None = None) -> int:

@@ -388,6 +388,10 @@ class BrowserSignInStart(Request):
     """The gateway starts a browser sign-in that will come back to redirect_uri."""
 
     redirect_uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    # None: the OIDC issuer when there is one, else GitHub's web flow.
+    provider: SignInProviderName | None = None
+    # The browser's address as the web door saw it: the sign-in limit counts attempts per address.
+    source_address: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
 
 
 class BrowserSignInRedirect(Response):
@@ -401,6 +405,7 @@ class BrowserSignInFinish(Request):
     state: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     code: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
     redirect_uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    source_address: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
 
 
 class GoExchangeRequest(Request):

@@ -147,6 +147,13 @@ class Settings(BaseSettings):
     signin_metadata_ttl_s: int = Field(default=3600, ge=0)
     # Seconds of clock skew allowed when checking an id_token's exp/iat/nbf.
     signin_clock_skew_s: int = Field(default=60, ge=0, le=600)
+    # Sign-in attempts per client address inside auth_fail_window_s on the routes anyone may call
+    # (starting a device or browser sign-in, the Go CLI's exchange, refused polls and refreshes); beyond
+    # it they answer 429 with Retry-After. Counted in the database, so every API replica shares it.
+    signin_rate_limit: int = Field(default=20, ge=1)
+    # Comma-separated addresses/CIDRs of the proxies (ingress) in front of the API: only from these is
+    # X-Forwarded-For believed, so the sign-in limit counts the client's address, not the proxy's.
+    api_trusted_proxies: str = ""
 
     # Lifecycle
     provider: ProviderName = "local"
@@ -228,7 +235,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
-    @field_validator("gateway_web_trusted_proxies")
+    @field_validator("gateway_web_trusted_proxies", "api_trusted_proxies")
     @classmethod
     def _proxies_are_networks(cls, value: str) -> str:
         for entry in _split_list(value):
@@ -241,6 +248,9 @@ class Settings(BaseSettings):
     def web_trusted_proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         entries = _split_list(self.gateway_web_trusted_proxies)
         return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+    def api_proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(entry, strict=False) for entry in _split_list(self.api_trusted_proxies))
 
     @field_validator("sandbox_allow_host_ports")
     @classmethod

@@ -24,8 +24,8 @@ from cli import (
     output,
     ssh_config,
 )
-from cli.config import DEFAULT_API_URL, forget_credentials, load_credentials, token_path
-from cli.connect import client, cloud_command
+from cli.config import DEFAULT_API_URL, Credentials, forget_credentials, load_credentials, token_path
+from cli.connect import CliApiClient, client, cloud_command
 from cli.errors import EXIT_USAGE, CliError
 from cli.login import DeviceLogin, TokenLogin, login
 
@@ -82,16 +82,28 @@ async def logout() -> None:
         saved = None
     if saved is not None:
         try:
-            async with ApiClient(saved.api_url, saved.api_token) as api:
-                await api.revoke()
+            await _revoke(saved)
         except ApiError as exc:
-            if exc.status != 401:  # an expired or revoked token has nothing left to revoke
+            if exc.status != 401:  # a revoked (or expired admin-minted) token has nothing left to revoke
                 click.echo(f"orz: warning: the server did not revoke the token ({exc.detail}); "
                            "it is forgotten here", err=True)
     if forget_credentials():
         click.echo(f"logged out (removed {token_path()})")
     else:
         click.echo("not logged in")
+
+
+async def _revoke(saved: Credentials) -> None:
+    """Revoke the saved login on the server. An expired sign-in token is renewed first: its refresh token
+    stays valid on the server until revoked, and only a valid API token may revoke its sign-in."""
+    try:
+        async with CliApiClient(saved) as api:
+            await api.revoke()
+            return
+    except CliError:
+        pass  # the refresh token is spent or revoked; the API token may still be good
+    async with ApiClient(saved.api_url, saved.api_token) as plain:
+        await plain.revoke()
 
 
 @cloud.command("whoami")

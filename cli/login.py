@@ -114,6 +114,10 @@ class DeviceLogin:
                 if exc.code == "slow_down":
                     interval = int(exc.body.get("interval") or interval + 5)
                     continue
+                if exc.code == "rate_limited":  # others at this address used up its sign-ins: wait, go on
+                    await asyncio.sleep(min(float(exc.body.get("retry_after_s") or interval),
+                                            max(0.0, deadline - time.monotonic())))
+                    continue
                 if spin:
                     click.echo("", err=True)
                 raise

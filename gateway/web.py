@@ -105,9 +105,9 @@ class WebDoor:
             return http.text(503, drain.web_refusal())
         # A top-level navigation (to the provider and back), protected by the state cookie, not Origin.
         if target.kind == "login":
-            return await self.signin.login(request, target.query)
+            return await self.signin.login(request, target.query, source)
         if target.kind == "callback":
-            return await self.signin.callback(request, target.query)
+            return await self.signin.callback(request, target.query, source)
         if not http.origin_allowed(request, self.origins):
             log.info("web %s from %s refused: origin not allowed", http.loggable_path(request.path), source)
             return http.text(403, "origin not allowed")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from dataclasses import dataclass
@@ -12,6 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+
+from api.addresses import client_address as client_address  # the door's callers read it here
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SESSION_PART = r"(?P<sid>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
@@ -99,33 +100,6 @@ def origin_allowed(request: Request, allowed: frozenset[str]) -> bool:
     origin = origin.rstrip("/").lower()
     host = request.headers.get("Host", "").lower()
     return origin in allowed or origin in (f"http://{host}", f"https://{host}")
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def client_address(peer: str, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:
-    """The browser's address: the peer, or, when the peer is a trusted proxy, the nearest address in
-    X-Forwarded-For that is not one (read from the right: entries left of it could be forged)."""
-    if not trusted or not forwarded_for or not _in(peer, trusted):
-        return peer
-    for entry in reversed(forwarded_for.split(",")):
-        entry = entry.strip()
-        try:
-            address = ipaddress.ip_address(entry)
-        except ValueError:
-            return peer  # a malformed chain proves nothing
-        if not _in(str(address), trusted):
-            return str(address)
-    return peer
-
-
-def _in(address: str, networks: tuple[Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
 
 
 def configured_origins(public_web_url: str) -> frozenset[str]:

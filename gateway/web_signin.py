@@ -1,11 +1,13 @@
 """The browser terminal's sign-in with the server's identity provider (docs/sign-in.md).
 
-`/s/login?next=/s/<id>` asks the API to start an authorization-code + PKCE sign-in and sends the browser
-to the provider, binding the API's `state` to this browser in an HttpOnly cookie (login CSRF).
+`/s/login?next=/s/<id>` (with `&provider=github` for GitHub's web flow when an OIDC issuer is configured
+too) asks the API to start an authorization-code + PKCE sign-in and sends the browser to the provider,
+binding the API's `state` to this browser in an HttpOnly cookie (login CSRF).
 `/s/callback` checks that cookie against the returned `state` and has the API finish (single-use state,
 PKCE verifier, nonce, id_token checks). The API token it gets is kept in an HttpOnly, SameSite=Strict
 cookie scoped to /s, never visible to scripts; `/s/<id>/token` accepts it only with the `X-Orz-CSRF`
-header equal to the `orz_csrf` cookie (double submit), on top of the door's Origin check.
+header equal to the `orz_csrf` cookie (double submit), on top of the door's Origin check. Both routes
+pass the browser's address on, so the API's per-address sign-in limit counts them (429, Retry-After).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ CSRF_HEADER = "X-Orz-CSRF"
 STATE_COOKIE = "orz_signin_state"
 NEXT_COOKIE = "orz_signin_next"
 STATE_TTL_S = 600
+PROVIDERS = ("oidc", "github")
 # Where a sign-in may send the browser afterwards: a terminal page of this door, nothing else.
 NEXT_PATH = re.compile(r"^/s/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -60,22 +63,35 @@ def _redirect(location: str, set_cookies: list[str]) -> Response:
     return response
 
 
+def _refused(exc: ApiError) -> Response:
+    """The API's refusal for the browser: its sentence, and Retry-After when it says how long to wait."""
+    response = http.text(exc.status if 400 <= exc.status < 500 else 502, f"orz: {exc.detail}")
+    retry_after = exc.body.get("retry_after_s")
+    if exc.status == 429 and isinstance(retry_after, int):
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
 class BrowserSignIn:
     def __init__(self, api: ApiClient, web_base_url: str) -> None:
         self.api = api
         self.callback_url = f"{web_base_url.rstrip('/')}/s/callback"
         self.secure = web_base_url.startswith("https://")
 
-    async def login(self, request: Request, query: dict[str, str]) -> Response:
+    async def login(self, request: Request, query: dict[str, str], source: str) -> Response:
         target = query.get("next", "")
         if not NEXT_PATH.match(target):
             return http.text(400, "orz: next must be a terminal page (/s/<session-id>)")
+        provider = query.get("provider") or None
+        if provider is not None and provider not in PROVIDERS:
+            return http.text(400, f"orz: provider must be one of {', '.join(PROVIDERS)}")
         try:
-            started = await self.api.browser_signin_start(self.callback_url)
+            started = await self.api.browser_signin_start(self.callback_url, provider=provider,
+                                                          source_address=source)
         except ApiUnreachable:
             return http.text(503, "orz: Orzbob Cloud is unavailable right now")
         except ApiError as exc:
-            return http.text(exc.status if 400 <= exc.status < 500 else 502, f"orz: {exc.detail}")
+            return _refused(exc)
         # Lax, not Strict: the provider's redirect back is a cross-site top-level navigation.
         return _redirect(started.authorization_url, [
             _cookie(STATE_COOKIE, started.state, path="/s/callback", max_age=STATE_TTL_S, secure=self.secure,
@@ -84,7 +100,7 @@ class BrowserSignIn:
                     secure=self.secure, same_site="Lax"),
         ])
 
-    async def callback(self, request: Request, query: dict[str, str]) -> Response:
+    async def callback(self, request: Request, query: dict[str, str], source: str) -> Response:
         jar = cookies(request)
         state, code = query.get("state", ""), query.get("code", "")
         expected = jar.get(STATE_COOKIE, "")
@@ -93,12 +109,12 @@ class BrowserSignIn:
         if not state or not code or not expected or not hmac.compare_digest(state.encode(), expected.encode()):
             return http.text(400, "orz: this sign-in was not started in this browser; start again")
         try:
-            grant = await self.api.browser_signin_finish(state, code, self.callback_url)
+            grant = await self.api.browser_signin_finish(state, code, self.callback_url, source_address=source)
         except ApiUnreachable:
             return http.text(503, "orz: Orzbob Cloud is unavailable right now")
         except ApiError as exc:
-            log.info("web sign-in refused: %d %s", exc.status, exc.code)
-            return http.text(exc.status if 400 <= exc.status < 500 else 502, f"orz: {exc.detail}")
+            log.info("web sign-in from %s refused: %d %s", source, exc.status, exc.code)
+            return _refused(exc)
         clear = [_cookie(name, "", path="/s/callback", max_age=0, secure=self.secure, same_site="Lax")
                  for name in (STATE_COOKIE, NEXT_COOKIE)]
         set_cookies = [

@@ -1,12 +1,14 @@
-"""GitHub OAuth apps (github.com or GitHub Enterprise at ORZ_GITHUB_BASE_URL): device flow and /user."""
+"""GitHub OAuth apps (github.com or GitHub Enterprise at ORZ_GITHUB_BASE_URL): the device flow, the web
+flow (authorization code with state and PKCE S256, for the browser terminal) and /user."""
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
-from api.errors import IdentityProviderError, InvalidIdToken, SignInRefused
+from api.errors import IdentityProviderError, InvalidGrant, InvalidIdToken, SignInRefused
 from api.settings import Settings
 from api.signin.http import raise_device_error, request_json
 from api.signin.identity import Identity, UpstreamDevice
@@ -50,6 +52,35 @@ class GitHubProvider:
                                   what="the GitHub access token", ok_statuses=(200, 400), data=form)
         if not isinstance(body, dict) or "access_token" not in body:
             raise_device_error(body if isinstance(body, dict) else {}, interval=(body or {}).get("interval"))
+        return await self.identity_from_token(str(body["access_token"]))
+
+    @property
+    def web_flow(self) -> bool:
+        """GitHub redeems a web flow's code only with the app's client secret."""
+        return bool(self._secret)
+
+    async def authorization_url(self, *, redirect_uri: str, state: str, nonce: str, code_challenge: str) -> str:
+        """GitHub's authorize page for the web flow; GitHub is not OIDC, so ``nonce`` has no use here (the
+        single-use state and PKCE bind the code to this sign-in)."""
+        del nonce
+        query = urlencode({"client_id": self.client_id, "redirect_uri": redirect_uri, "scope": SCOPES,
+                           "state": state, "code_challenge": code_challenge, "code_challenge_method": "S256",
+                           "allow_signup": "false"})
+        return f"{self.base_url}/login/oauth/authorize?{query}"
+
+    async def redeem_code(self, *, code: str, code_verifier: str, redirect_uri: str, nonce: str) -> Identity:
+        """The web flow's code (single use at GitHub, bound to the PKCE verifier) for a token, then who it is."""
+        del nonce
+        form = {"client_id": self.client_id, "client_secret": self._secret, "code": code,
+                "redirect_uri": redirect_uri, "code_verifier": code_verifier}
+        # GitHub answers 200 with {"error": "bad_verification_code"} for an unknown, used or expired code.
+        body = await request_json(self._http, "POST", f"{self.base_url}/login/oauth/access_token",
+                                  what="the GitHub access token", ok_statuses=(200, 400), data=form)
+        if not isinstance(body, dict) or "access_token" not in body:
+            error = str((body or {}).get("error") or "") if isinstance(body, dict) else ""
+            if error in ("bad_verification_code", "invalid_grant", "redirect_uri_mismatch"):
+                raise InvalidGrant("GitHub did not accept the sign-in code (unknown, expired or already used)")
+            raise IdentityProviderError(f"GitHub refused the sign-in code ({error[:64] or 'no error'})")
         return await self.identity_from_token(str(body["access_token"]))
 
     async def _get(self, token: str, path: str, what: str) -> Any:

@@ -279,21 +279,31 @@ class SignInService:
         """Where a browser sign-in may return: the web door's callback (never a caller's choice)."""
         return (self.settings.signin_callback_url(),)
 
-    def _oidc(self) -> OidcProvider:
-        found = self.providers.get("oidc")
-        if not isinstance(found, OidcProvider):
-            raise SignInNotConfigured("browser sign-in needs an OIDC provider (ORZ_OIDC_ISSUER)")
+    def _browser_provider(self, name: str | None) -> OidcProvider | GitHubProvider:
+        """Who signs a browser in: the one named, else the OIDC issuer, else GitHub (its web flow)."""
+        if name is None:
+            name = "oidc" if "oidc" in self.providers else "github" if "github" in self.providers else None
+        if name is None:
+            raise SignInNotConfigured("browser sign-in needs an identity provider (ORZ_OIDC_ISSUER or "
+                                      "ORZ_GITHUB_CLIENT_ID with ORZ_GITHUB_CLIENT_SECRET)")
+        found = self.provider(name)
+        if isinstance(found, GitHubProvider) and not found.web_flow:
+            raise SignInNotConfigured("browser sign-in with GitHub needs the OAuth app's client secret "
+                                      "(ORZ_GITHUB_CLIENT_SECRET)")
+        assert isinstance(found, OidcProvider | GitHubProvider)
         return found
 
-    async def start_browser(self, redirect_uri: str) -> tuple[str, str]:
+    async def start_browser(self, redirect_uri: str, provider_name: str | None = None) -> tuple[str, str]:
         """The provider's authorization URL and the state to bind to the browser (a cookie)."""
-        provider = self._oidc()
+        provider = self._browser_provider(provider_name)
         if redirect_uri not in self.allowed_redirect_uris():
             raise BadRequest("redirect_uri is not this server's sign-in callback")
         state, nonce, verifier = (secrets.token_urlsafe(32) for _ in range(3))
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
         row_id = new_id("sst")
-        sealed = self.box.seal(json.dumps({"nonce": nonce, "verifier": verifier}).encode(), _binding(row_id))
+        # Which provider started it is sealed with the verifier: the callback redeems the code there only.
+        secret = {"nonce": nonce, "verifier": verifier, "provider": provider.name}
+        sealed = self.box.seal(json.dumps(secret).encode(), _binding(row_id))
         await self._make_room()
         async with self.sessions() as db:
             db.add(SigninState(id=row_id, state_hash=tokens.digest(state), redirect_uri=redirect_uri,
@@ -305,8 +315,8 @@ class SignInService:
         return url, state
 
     async def finish_browser(self, state: str, code: str, redirect_uri: str) -> TokenPair:
-        """Spend the state (single use), redeem the code with its PKCE verifier, check the nonce."""
-        provider = self._oidc()
+        """Spend the state (single use), redeem the code with its PKCE verifier at the provider that started
+        the sign-in, check the nonce (OIDC)."""
         async with self.sessions() as db:
             row = await db.scalar(select(SigninState).where(SigninState.state_hash == tokens.digest(state)))
             if row is None:
@@ -320,6 +330,7 @@ class SignInService:
         if row.redirect_uri != redirect_uri:
             raise InvalidGrant("the sign-in returned to another address than it started from")
         secret = json.loads(self.box.open(Sealed(row.key_id, row.nonce, row.ciphertext), _binding(row.id)))
+        provider = self._browser_provider(secret.get("provider", "oidc"))  # sign-ins started before: OIDC
         identity = await provider.redeem_code(code=code, code_verifier=secret["verifier"],
                                               redirect_uri=redirect_uri, nonce=secret["nonce"])
         return await self.sign_in(identity, refresh=False)

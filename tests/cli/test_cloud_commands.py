@@ -8,6 +8,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+import httpx
+
 from tests.cli.conftest import LiveApi, Orz
 from tests.conftest import Tenant
 
@@ -188,3 +190,24 @@ def test_secrets_never_print_values(orz: Orz, live_api: LiveApi, logged_in: Tena
     assert deleted.returncode == 0 and "deleted" in deleted.stdout
     assert "no secrets" in orz("cloud", "secrets", "list").stdout
     assert_one_error_line(orz("cloud", "secrets", "delete", "gh"), "no such secret")
+
+
+def test_a_sign_in_that_cannot_be_renewed_asks_to_log_in_again(orz: Orz, live_api: LiveApi, home: Path) -> None:
+    """The saved sign-in expired and its refresh token is no good (revoked, used, expired): one line that
+    says what to do, the auth exit code, and logout still clears the file."""
+    from cli.errors import EXIT_AUTH
+
+    tenant = live_api.tenant("acme")
+    token_file = home / ".config" / "orzbob" / "token.json"
+    token_file.parent.mkdir(parents=True)
+    token_file.write_text(json.dumps({"api_url": live_api.url, "api_token": tenant.token,
+                                      "expires_at": "2020-01-01T00:00:00Z", "source": "oidc:Test",
+                                      "refresh_token": "orzrt_" + "x" * 43}))
+    who = orz("cloud", "whoami")
+    assert who.returncode == EXIT_AUTH
+    assert_one_error_line(who, "your sign-in has expired and could not be renewed", "run orz cloud login")
+    logout = orz("cloud", "logout")
+    assert logout.returncode == 0 and "warning" not in logout.stderr and not token_file.exists()
+    # The API token in the file was still good on the server: logout revoked it all the same.
+    refused = httpx.get(f"{live_api.url}/v1/me", headers={"Authorization": f"Bearer {tenant.token}"})
+    assert refused.status_code == 401

@@ -8,13 +8,18 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from sqlalchemy import select, update
 
 from api import admin
+from api.db.models import ApiToken, RefreshToken
 from api.settings import Settings
 from cli.errors import exit_code_for
 from tests.cli.conftest import ROOT, LiveApi, Orz
@@ -112,3 +117,79 @@ def test_with_token_reads_standard_input(orz: Orz, live_api: LiveApi, home: Path
     assert done.returncode == 0 and f"as {tenant.email}" in done.stdout, done.stderr
     assert "via" not in done.stdout
     assert "via an API token" in orz("cloud", "whoami").stdout
+
+
+async def _expire_api_tokens(live_api: LiveApi) -> None:
+    async with live_api.app.ctx.state.sessions() as db:
+        await db.execute(update(ApiToken).values(expires_at=datetime.now(UTC) - timedelta(minutes=1)))
+        await db.commit()
+    live_api.app.ctx.state.principals._entries.clear()  # the API trusts a verified token for up to 5 s
+
+
+async def _live_refresh_tokens(sessions: Any) -> list[RefreshToken]:
+    async with sessions() as db:
+        return list(await db.scalars(select(RefreshToken).where(RefreshToken.used_at.is_(None),
+                                                                RefreshToken.revoked_at.is_(None))))
+
+
+def test_logout_after_the_token_expired_still_ends_the_sign_in(orz: Orz, live_api: LiveApi, nanoidp: NanoIdp,
+                                                               home: Path) -> None:
+    """An expired API token cannot revoke itself, but its refresh token lives 30 days: logout renews it
+    first, so nothing of the sign-in stays usable on the server (a copied token file included)."""
+    sessions = live_api.app.ctx.state.sessions
+    live_api.call(admin.create_org(sessions, "default"))
+    assert device_login(orz, live_api, nanoidp, DISPLAY="", BROWSER="").returncode == 0
+    token_file = home / ".config" / "orzbob" / "token.json"
+    copied = json.loads(token_file.read_text())
+    live_api.call(_expire_api_tokens(live_api))
+    token_file.write_text(json.dumps({**copied, "expires_at": "2020-01-01T00:00:00Z"}))
+    assert len(live_api.call(_live_refresh_tokens(sessions))) == 1
+    out = orz("cloud", "logout")
+    assert out.returncode == 0 and "logged out" in out.stdout and "warning" not in out.stderr, out.stderr
+    assert live_api.call(_live_refresh_tokens(sessions)) == []
+    refused = httpx.post(f"{live_api.url}/v1/auth/token", json={"grant_type": "refresh_token",
+                                                                "refresh_token": copied["refresh_token"]})
+    assert refused.status_code == 400
+
+
+def test_login_beyond_the_sign_in_limit_says_when_to_try_again(orz: Orz, live_api: LiveApi, nanoidp: NanoIdp,
+                                                               home: Path) -> None:
+    live_api.call(admin.create_org(live_api.app.ctx.state.sessions, "default"))
+    object.__setattr__(live_api.app.ctx.state.settings, "signin_rate_limit", 1)
+    assert httpx.post(f"{live_api.url}/v1/auth/device", json={}).status_code == 200  # the one attempt
+    done = orz("cloud", "login", "--api-url", live_api.url, DISPLAY="", BROWSER="")
+    assert done.returncode == exit_code_for(429), (done.returncode, done.stderr)
+    assert re.search(r"too many sign-in attempts from your address; try again in \d+ s", done.stderr), done.stderr
+    assert "Traceback" not in done.stderr and not (home / ".config" / "orzbob" / "token.json").exists()
+
+
+def test_a_login_waiting_for_approval_waits_out_the_sign_in_limit(orz: Orz, live_api: LiveApi, nanoidp: NanoIdp,
+                                                                  home: Path) -> None:
+    """Others at the address used up its sign-ins while the person approves: the CLI's polls get 429,
+    it waits the Retry-After and carries on instead of failing the login."""
+    from api import metrics
+
+    live_api.call(admin.create_org(live_api.app.ctx.state.sessions, "default"))
+    settings = live_api.app.ctx.state.settings
+    object.__setattr__(settings, "signin_rate_limit", 2)
+    object.__setattr__(settings, "auth_fail_window_s", 6)  # 1 s buckets: the test waits seconds, not a minute
+
+    def refusals() -> float:
+        return metrics.REGISTRY.get_sample_value("orz_http_request_duration_seconds_count", {
+            "route": "/v1/auth/token", "method": "POST", "status": "429"}) or 0.0
+
+    before = refusals()
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "cloud", "login", "--api-url", live_api.url], cwd=ROOT,
+                            env=orz.env(DISPLAY="", BROWSER=""), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stderr is not None
+    match = re.search(r"enter the code: (\S+)", proc.stderr.readline())  # the start: one attempt
+    assert match
+    guess = httpx.post(f"{live_api.url}/v1/auth/token", json={"grant_type": "refresh_token",
+                                                              "refresh_token": "orzrt_guess"})
+    assert guess.status_code == 400  # the second: the address is at its limit now
+    time.sleep(1.5)  # the CLI polls (every second with nanoidp) into the 429
+    nanoidp.approve(match.group(1))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "as ada@example.com" in out, err
+    assert refusals() > before

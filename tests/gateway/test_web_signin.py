@@ -20,12 +20,8 @@ pytestmark = [pytest.mark.integration, NEEDS]
 
 @pytest.fixture(scope="module")
 def idp() -> Iterator[OidcStandIn]:
-    server = OidcStandIn()
-    server.start()
-    try:
+    with OidcStandIn().serving() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,11 @@
   real one will not do on request: tokens for another audience, expired ones, another issuer's, an
   unverified email, a forged signature, a discovery document naming another issuer.
 - `GitHubStandIn` stands in for GitHub (Enterprise, at its base URL): the device flow
-  (/login/device/code, /login/oauth/access_token) and the REST API at <base>/api/v3 (/user,
-  /user/emails, /user/orgs, /user/teams).
+  (/login/device/code, /login/oauth/access_token), the web flow (/login/oauth/authorize, then the code
+  at /login/oauth/access_token with the client secret, the registered callback and the PKCE verifier;
+  a code is single use and lives 10 minutes, and a refused one is GitHub's 200 with
+  `bad_verification_code`) and the REST API at <base>/api/v3 (/user, /user/emails, /user/orgs,
+  /user/teams).
 
 The person approving in the browser is played by `approve(user_code, ...)`.
 """
@@ -17,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import json
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
@@ -85,6 +90,15 @@ class ThreadedJsonServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[Self]:
+        """Served from a thread of its own while the block runs."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
     def stop(self) -> None:
         assert self.loop is not None and self._thread is not None
         asyncio.run_coroutine_threadsafe(self.stop_here(), self.loop).result(10)
@@ -105,6 +119,12 @@ def _basic(headers: dict[str, str]) -> tuple[str, str] | None:
     return user, password
 
 
+def _pkce_matches(form: dict[str, str], challenge: str) -> bool:
+    """RFC 7636 S256: the token request's code_verifier hashes to the authorization's code_challenge."""
+    verifier = form.get("code_verifier", "").encode()
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode() == challenge
+
+
 @functools.cache
 def _keys() -> tuple[rsa.RSAPrivateKey, rsa.RSAPrivateKey]:
     """The stand-in's signing key and a forger's, made once per test run (RSA generation is slow)."""
@@ -119,6 +139,7 @@ class Device:
     claims: dict[str, Any] | None = None  # set once approved
     used: bool = False
     last_poll: float = 0.0
+    denied: bool = False  # the person clicked Deny
 
 
 @dataclass
@@ -165,6 +186,10 @@ class OidcStandIn(ThreadedJsonServer):
                 return
         raise KeyError(user_code)
 
+    def deny(self, user_code: str) -> None:
+        """The person signs in at the provider and refuses the device."""
+        next(d for d in self.devices.values() if d.user_code == user_code).denied = True
+
     def authorize(self, authorization_url: str, *, code_challenge: str | None = None, **token_args: Any) -> str:
         """The person signs in at the authorization URL; returns the code the browser brings back.
         ``code_challenge`` replaces the one in the URL (a code obtained for somebody else's login)."""
@@ -182,9 +207,7 @@ class OidcStandIn(ThreadedJsonServer):
         if grant is None or grant["used"] or grant["redirect_uri"] != form.get("redirect_uri"):
             return 400, {"error": "invalid_grant"}
         grant["used"] = True
-        verifier = form.get("code_verifier", "").encode()
-        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode()
-        if challenge != grant["challenge"]:
+        if not _pkce_matches(form, grant["challenge"]):
             return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
         return 200, {"access_token": secrets.token_urlsafe(16), "token_type": "Bearer",
                      "id_token": self.id_token(**grant["token_args"])}
@@ -226,6 +249,8 @@ class OidcStandIn(ThreadedJsonServer):
                 device.last_poll = now
                 return 400, {"error": "slow_down"}
             device.last_poll = now
+            if device.denied:
+                return 400, {"error": "access_denied"}
             if device.claims is None:
                 return 400, {"error": "authorization_pending"}
             device.used = True
@@ -249,9 +274,15 @@ class GitHubAccount:
 @dataclass
 class GitHubStandIn(ThreadedJsonServer):
     client_id: str = "Iv1.standin"
+    client_secret: str = "standin-github-secret"  # a throwaway app of a throwaway GitHub
     interval: int = 1
     devices: dict[str, Device] = field(default_factory=dict)
     tokens: dict[str, GitHubAccount] = field(default_factory=dict)
+    codes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The OAuth app's registered callback URL: GitHub sends codes nowhere else.
+    callback_url: str = ""
+    # Who is signed in to GitHub in the browser: GET /login/oauth/authorize then redirects straight back.
+    browser_account: GitHubAccount | None = None
 
     def __post_init__(self) -> None:
         ThreadedJsonServer.__init__(self)
@@ -265,6 +296,34 @@ class GitHubStandIn(ThreadedJsonServer):
                 device.claims = {"account": account}
                 return
         raise KeyError(user_code)
+
+    def authorize(self, authorization_url: str, account: GitHubAccount, *, code_challenge: str | None = None) -> str:
+        """The person signs in at GitHub's authorize page and authorizes the app; returns the code the
+        browser brings back. ``code_challenge`` replaces the URL's (a code from somebody else's login)."""
+        query = {k: v[0] for k, v in parse_qs(urlsplit(authorization_url).query).items()}
+        assert urlsplit(authorization_url).path == "/login/oauth/authorize"
+        assert query["client_id"] == self.client_id and query["code_challenge_method"] == "S256"
+        assert query["state"]  # GitHub hands it back untouched; the API must check it
+        if self.callback_url:
+            assert query["redirect_uri"] == self.callback_url, "not the app's registered callback URL"
+        code = secrets.token_hex(10)
+        self.codes[code] = {"redirect_uri": query["redirect_uri"], "used": False, "account": account,
+                            "challenge": code_challenge or query["code_challenge"], "expires_at": time.time() + 600}
+        return code
+
+    def _redeem(self, form: dict[str, str]) -> tuple[int, Any]:
+        if form.get("client_secret") != self.client_secret:
+            return 200, {"error": "incorrect_client_credentials"}
+        grant = self.codes.get(form.get("code", ""))
+        if grant is None or grant["used"] or grant["expires_at"] < time.time():
+            return 200, {"error": "bad_verification_code"}
+        if form.get("redirect_uri") and form["redirect_uri"] != grant["redirect_uri"]:
+            return 200, {"error": "redirect_uri_mismatch"}
+        grant["used"] = True
+        if not _pkce_matches(form, grant["challenge"]):
+            return 200, {"error": "bad_verification_code", "error_description": "PKCE verification failed"}
+        return 200, {"access_token": self.token_for(grant["account"]), "token_type": "bearer",
+                     "scope": "read:user,user:email,read:org"}
 
     def token_for(self, account: GitHubAccount) -> str:
         """A token as a GitHub OAuth app (the Go CLI's) would have obtained it."""
@@ -289,9 +348,15 @@ class GitHubStandIn(ThreadedJsonServer):
                 return 200, [{"slug": team.split("/")[1], "organization": {"login": team.split("/")[0]}}
                              for team in account.teams]
             return 404, {"message": "Not Found"}
+        if url.path == "/login/oauth/authorize" and method == "GET" and self.browser_account is not None:
+            query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            code = self.authorize(f"{self.url}{path}", self.browser_account)
+            return 302, {"location": f"{query['redirect_uri']}?{urlencode({'code': code, 'state': query['state']})}"}
         form = _form(body)
         if form.get("client_id") != self.client_id:
             return 200, {"error": "incorrect_client_credentials"}
+        if url.path == "/login/oauth/access_token" and "code" in form:
+            return self._redeem(form)
         if url.path == "/login/device/code":
             code = secrets.token_hex(20)
             user_code = f"{secrets.token_hex(2).upper()}-{secrets.token_hex(2).upper()}"

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from api import admin
 from api.settings import Settings
 from tests.signin.conftest import make_app, poll, signin_settings, start
 from tests.signin.standins import GitHubAccount, GitHubStandIn
@@ -89,3 +90,13 @@ async def test_exchange_without_github_configured(settings):
     app = make_app(settings)
     _, resp = await app.asgi_client.post("/v1/auth/exchange", json={"github_token": "gho_x", "github_id": 1})
     assert resp.status == 404 and resp.json["code"] == "signin_not_configured"
+
+
+async def test_a_disabled_user_gets_no_token_from_the_go_clis_exchange(settings, github: GitHubStandIn, sessions):
+    app = make_app(signin_settings(settings, github=github))
+    gh_token = github.token_for(ADA)
+    _, first = await app.asgi_client.post("/v1/auth/exchange", json={"github_token": gh_token, "github_id": 4242})
+    assert first.status == 200, first.json
+    await admin.set_user_active(sessions, "ada@example.com", False)
+    _, again = await app.asgi_client.post("/v1/auth/exchange", json={"github_token": gh_token, "github_id": 4242})
+    assert again.status == 403 and again.json["error"] == "this account is disabled"

@@ -209,3 +209,49 @@ async def test_sign_ins_in_progress_are_bounded(app, oidc, monkeypatch):
     _, full = await app.asgi_client.post("/v1/auth/device", json={})
     assert full.status == 503 and "too many sign-ins" in full.json["detail"]
     assert len(oidc.devices) == asked  # the provider was not asked
+
+
+async def test_disabling_a_user_ends_their_sign_in_and_keeps_them_out(app, oidc, sessions):
+    """Disabled users stay out: the API token stops working, the refresh token renews nothing, and
+    signing in again (another device code) is refused."""
+    _, done = await sign_in(app, oidc, email="ada@example.com")
+    headers = {"Authorization": f"Bearer {done.json['access_token']}"}
+    assert (await app.asgi_client.get("/v1/me", headers=headers))[1].status == 200
+    await admin.set_user_active(sessions, "ada@example.com", False)
+    app.ctx.state.principals._entries.clear()  # the API trusts a verified token for up to 5 s
+    _, me = await app.asgi_client.get("/v1/me", headers=headers)
+    assert me.status == 401
+    renewed = await refresh(app, done.json["refresh_token"])
+    assert renewed.status == 403 and renewed.json["detail"] == "this account is disabled"
+    _, again = await sign_in(app, oidc, email="ada@example.com")
+    assert again.status == 403 and again.json["detail"] == "this account is disabled"
+    async with sessions() as db:  # and no token was issued for any of it
+        assert len(list(await db.scalars(select(ApiToken)))) == 1
+
+
+async def test_a_browser_sign_in_that_took_too_long_is_refused(settings, oidc, sessions):
+    from api.db.models import SigninState
+
+    app = make_app(signin_settings(settings, oidc, public_web_url="https://web.example.com"))
+    service = {"Authorization": "Bearer svc-test-token-0123456789"}
+    callback = "https://web.example.com/s/callback"
+    _, started = await app.asgi_client.post("/internal/v1/signin/start", headers=service,
+                                            json={"redirect_uri": callback})
+    code = oidc.authorize(started.json["authorization_url"], email="ada@example.com")
+    async with sessions() as db:
+        await db.execute(update(SigninState).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        await db.commit()
+    _, late = await app.asgi_client.post("/internal/v1/signin/finish", headers=service, json={
+        "state": started.json["state"], "code": code, "redirect_uri": callback})
+    assert late.status == 400 and late.json["code"] == "expired_token" and "start again" in late.json["detail"]
+    assert not oidc.codes[code]["used"]  # the provider was not asked to redeem it
+
+
+async def test_a_person_who_denies_the_device_gets_no_account(app, oidc, sessions):
+    started = await start(app)
+    oidc.deny(started["user_code"])
+    denied = await poll(app, started["device_code"])
+    assert denied.status == 400 and denied.json["code"] == "access_denied"
+    assert denied.content_type == "application/problem+json"
+    async with sessions() as db:
+        assert list(await db.scalars(select(User))) == [] and list(await db.scalars(select(ApiToken))) == []
