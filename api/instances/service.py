@@ -73,7 +73,7 @@ class InstanceService:
     def __init__(
         self,
         settings: Settings,
-        sessions: async_sessionmaker[AsyncSession],
+        db_sessions: async_sessionmaker[AsyncSession],
         provider: Provider,
         *,
         gateway_public_key: str = "",
@@ -85,10 +85,11 @@ class InstanceService:
         self.settings = settings
         # DNS for the repo_url rule (tests pass a fixed table instead of the network).
         self.resolve_host = resolve_host
-        self.sessions = sessions
+        # Database sessions (a sessionmaker), not the users' sessions this service manages.
+        self.db_sessions = db_sessions
         # Work that is one statement (lookups, a single-row UPDATE) needs no BEGIN/COMMIT round trips:
         # on this machine each round trip costs ~100 us of the API's CPU.
-        self.autocommit = autocommit_sessions or sessions
+        self.autocommit = autocommit_sessions or db_sessions
         self.provider = provider
         self.gateway_public_key = gateway_public_key
         self.secret_env = secret_env
@@ -187,7 +188,7 @@ class InstanceService:
             await repo_policy.check_repo_url(req.repo_url, self.settings, self.resolve_host)
         await self._require_isolation()
         runner_token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             # Resolve secrets first: a missing name fails the create before anything exists.
             secret_env = await self._secret_env(db, who.org_id, who.user_id, req.secrets)
             await db.rollback()
@@ -232,7 +233,7 @@ class InstanceService:
 
     async def start(self, who: Principal, session_id: str, *, actor: str | None = None,
                     pull: bool = False) -> Instance:
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             inst = await self._owned(db, who, session_id)
         if pull and State(inst.state) in ACTIVE_STATES:
             raise Conflict(f"session {inst.id} is {inst.state}: --pull applies when it starts; run git pull in "
@@ -241,12 +242,12 @@ class InstanceService:
         return await self._start_row(inst, who.plan, actor or who.actor, pull=pull)
 
     async def stop(self, who: Principal, session_id: str) -> Instance:
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             inst = await self._owned(db, who, session_id)
         return await self.stop_instance(inst, who.actor, reason="stopped by user")
 
     async def delete(self, who: Principal, session_id: str) -> Instance:
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             inst = await self._owned(db, who, session_id)
         return await self.delete_instance(inst, who.actor)
 
@@ -254,13 +255,13 @@ class InstanceService:
         """Release compute and keep the workspace (users, the idle reaper)."""
         if inst.state == State.STOPPED.value:
             return inst
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             inst = await self._transition(db, inst, State.STOPPING, actor, "stopping", reason)
         return await self.complete_stop(inst, actor, reason)
 
     async def delete_instance(self, inst: Instance, actor: str, reason: str | None = None) -> Instance:
         """Remove compute and workspace; the row stays as `deleted` for the audit trail."""
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             inst = await self._transition(db, inst, State.DELETING, actor, "deleting", reason)
         return await self.complete_delete(inst, actor)
 
@@ -270,7 +271,7 @@ class InstanceService:
 
     async def suspend_for_shutdown(self, reason: str) -> list[str]:
         """Stop every active session (the embedded server is going down); returns their ids."""
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             rows = list(await db.scalars(select(Instance).where(
                 Instance.state.in_([State.STARTING.value, State.RUNNING.value, State.UNHEALTHY.value]))))
         stopped = []
@@ -284,12 +285,12 @@ class InstanceService:
 
     async def resume_after_shutdown(self, reason: str) -> list[str]:
         """Start again the sessions that suspend_for_shutdown stopped."""
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             rows = list(await db.scalars(select(Instance).where(
                 Instance.state == State.STOPPED.value, Instance.reason == reason)))
         resumed = []
         for row in rows:
-            async with self.sessions() as db:
+            async with self.db_sessions() as db:
                 org = await db.get(Org, row.org_id)
             try:
                 await self._start_row(row, org.plan if org else "free", "system")
@@ -304,7 +305,7 @@ class InstanceService:
     async def stop_if_idle(self, inst: Instance, idle_since: datetime, actor: str, reason: str,
                            detail: str | None = None) -> Instance | None:
         """Stop a session unless it showed activity after ``idle_since``; None when it did."""
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             # The guard UPDATE takes the row's write lock first, so a heartbeat that reports activity
             # either lands before it (and the guard fails) or waits until the session is stopping.
             guard = await db.execute(
@@ -331,7 +332,7 @@ class InstanceService:
             provider_state = await self.provider.stop(inst.id, inst.provider_state or {})
         except ProviderFailure as exc:
             return await self._fail(inst, actor, f"could not stop: {exc.reason}")
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             return await self._transition(
                 db, inst, State.STOPPED, actor, "stopped", reason,
                 provider_state=provider_state, stopped_at=self.now(), attached_clients=0,
@@ -345,7 +346,7 @@ class InstanceService:
             await self.provider.delete(inst.id, inst.provider_state or {})
         except ProviderFailure as exc:
             return await self._fail(inst, actor, f"could not delete: {exc.reason}")
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             return await self._transition(
                 db, inst, State.DELETED, actor, "deleted", None, deleted_at=self.now(),
                 attached_clients=0, route_host=None, route_port=None, runner_host_key=None,
@@ -358,7 +359,7 @@ class InstanceService:
 
     async def mark_unhealthy(self, inst: Instance, actor: str, reason: str) -> Instance:
         """A running session stopped reporting; heartbeats that resume bring it back to running."""
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             return await self._transition(db, inst, State.UNHEALTHY, actor, "unhealthy", reason, reason=reason)
 
     async def restart_instance(self, inst: Instance, actor: str, reason: str) -> Instance:
@@ -366,19 +367,19 @@ class InstanceService:
         failed = await self._fail(inst, actor, reason)
         if failed.state != State.FAILED.value:
             return failed
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             org = await db.get(Org, failed.org_id)
         return await self._start_row(failed, org.plan if org else "free", actor, kind="retrying")
 
     async def release_compute(self, session_id: str, actor: str, reason: str, *, delete: bool) -> bool:
         """Stop (or delete) compute the database says should not run; False when the row moved on."""
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             row = await db.get(Instance, session_id)
         if row is not None and State(row.state) not in (State.STOPPED, State.FAILED, State.DELETED):
             return False  # started again meanwhile: that compute is wanted now
         provider_state = (row.provider_state or {}) if row is not None else {}
         if self.fence is not None:
-            async with self.sessions() as db:
+            async with self.db_sessions() as db:
                 await self.fence(db)  # a deposed leader leaves the compute to the new one
         try:
             if delete:
@@ -388,7 +389,7 @@ class InstanceService:
         except ProviderFailure as exc:
             raise ComputeUnavailable(f"could not release compute of {session_id}: {exc.reason}") from exc
         if row is not None:
-            async with self.sessions() as db:
+            async with self.db_sessions() as db:
                 if self.fence is not None:
                     await self.fence(db)
                 db.add(self._event(row, actor, "compute_deleted" if delete else "compute_stopped",
@@ -400,7 +401,7 @@ class InstanceService:
 
     async def record_heartbeat(self, session_id: str, runner_token: str, hb: schemas.Heartbeat
                                ) -> schemas.HeartbeatReply:
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             inst = await db.get(Instance, session_id)
             if (
                 inst is None
@@ -459,7 +460,7 @@ class InstanceService:
         elif state in (State.STARTING, State.UNHEALTHY) and inst.runner_host_key and hb.init_status in (
             "succeeded", "none"
         ):
-            async with self.sessions() as db:
+            async with self.db_sessions() as db:
                 try:
                     inst = await self._transition(
                         db, inst, State.RUNNING, "runner", "running",
@@ -495,7 +496,7 @@ class InstanceService:
         if wanted == list((inst.spec or {}).get("services") or []):
             return inst
         try:
-            async with self.sessions() as db:
+            async with self.db_sessions() as db:
                 secret_env = await self._secret_env(db, inst.org_id, inst.user_id, (inst.spec or {}).get("secrets", []))
             self.provider.check_services(wanted, secret_env, self._max_services(inst))
         except (OrzError, ProviderFailure) as exc:
@@ -503,7 +504,7 @@ class InstanceService:
             # The caller is the runner of the Pod being released: reply first, then release.
             return await self._fail(inst, "runner", reason, release_later=True)
         token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             # Guarded by state and token: a stop, a delete or a concurrent report of this runner wins.
             done = await db.execute(
                 update(Instance)
@@ -533,7 +534,7 @@ class InstanceService:
             await self._fail(inst, "system", f"could not restart with the services of "
                                              f"{schemas.CLOUD_CONFIG_PATH}: {exc.reason}")
             return
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             current = await db.get(Instance, inst.id)
         if current is None or (current.state, current.runner_token_hash) != (inst.state, inst.runner_token_hash):
             return  # stopped, deleted or failed meanwhile: that wins, nothing is started
@@ -544,7 +545,7 @@ class InstanceService:
 
     async def authorize(self, req: schemas.AuthorizeRequest) -> schemas.AuthorizeReply:
         """May this user attach now, and where is the runner? Wakes a stopped session if asked."""
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             user = await db.get(User, req.user_id)
             inst = await db.get(Instance, req.session_id)
             refused = access.refusal(user, inst, req.session_id)
@@ -593,19 +594,19 @@ class InstanceService:
         """Which of a gateway's live attachments must end now (user disabled, session gone, access revoked)."""
         if not req.attachments:
             return schemas.AccessCheckReply(revoked=[])
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             return schemas.AccessCheckReply(revoked=await access.revoked(db, req.attachments))
 
     async def record_attach_grant(self, who: Principal, inst: Instance, *, readonly: bool,
                                   certificate: bool) -> None:
         """Audit: who was handed attach credentials for this session (the gateway reports the attach)."""
         what = ("certificate and token" if certificate else "token") + (", read-only" if readonly else "")
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             db.add(self._event(inst, who.actor, "attach_granted", None, None, f"{what} for {who.email}"))
             await db.commit()
 
     async def record_attach_event(self, ev: schemas.AttachEventIn) -> None:
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             inst = await db.get(Instance, ev.session_id)
             if inst is None:
                 raise NotFound(f"no such session: {ev.session_id}")
@@ -669,9 +670,9 @@ class InstanceService:
             check_transition(state, State.STARTING)
         await self._require_isolation()
         runner_token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             secret_env = await self._secret_env(db, inst.org_id, inst.user_id, inst.spec.get("secrets", []))
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             await self._lock_org_and_check_quota(db, inst.org_id, plan, exclude=inst.id)
             inst = await self._transition(
                 db, inst, State.STARTING, actor, kind, _start_message(kind, pull),
@@ -724,7 +725,7 @@ class InstanceService:
     async def _fail(self, inst: Instance, actor: str, reason: str, *, release_later: bool = False) -> Instance:
         """Mark the session failed first, then release its compute (now, or in the background)."""
         log.warning("session %s failed: %s", inst.id, reason)
-        async with self.sessions() as db:
+        async with self.db_sessions() as db:
             current = await db.get(Instance, inst.id)
             if current is None or State(current.state) in (State.FAILED, State.DELETED):
                 row = current or inst

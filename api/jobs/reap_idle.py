@@ -75,7 +75,7 @@ class IdleReaper:
     async def run_once(self, keep_going: Callable[[], bool] = lambda: True) -> ReapReport:
         """Reap what is due now; stops early when ``keep_going`` says this replica lost the lease."""
         report = ReapReport()
-        async with self.service.sessions() as db:
+        async with self.service.db_sessions() as db:
             rows = (await db.execute(
                 select(Instance, Org)
                 .outerjoin(Org, Org.id == Instance.org_id)

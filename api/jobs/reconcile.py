@@ -77,7 +77,7 @@ class Reconciler:
     async def _rows(self, compute: dict[str, ComputeStatus]) -> dict[str, Instance]:
         """Rows the database holds active, plus the rows of any compute seen (looked up in bounded chunks:
         one IN list of 10,000 ids is slow everywhere and past 32,767 PostgreSQL's driver refuses it)."""
-        async with self.service.sessions() as db:
+        async with self.service.db_sessions() as db:
             rows = {row.id: row for row in await db.scalars(
                 select(Instance).where(Instance.state.in_([s.value for s in WATCHED_STATES])))}
             missing = [sid for sid in compute if sid not in rows]
@@ -145,7 +145,7 @@ class Reconciler:
 
     async def _retries_in_window(self, session_id: str) -> int:
         since = self.service.now() - RETRY_WINDOW
-        async with self.service.sessions() as db:
+        async with self.service.db_sessions() as db:
             count = await db.scalar(
                 select(func.count()).select_from(Event).where(
                     Event.instance_id == session_id, Event.actor == ACTOR, Event.kind == RETRY_KIND,

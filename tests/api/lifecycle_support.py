@@ -58,17 +58,17 @@ class World:
         return await self.service.record_heartbeat(session_id, token, schemas.Heartbeat(**body))  # type: ignore[arg-type]
 
     async def row(self, session_id: str) -> Instance:
-        async with self.service.sessions() as db:
+        async with self.service.db_sessions() as db:
             inst = await db.get(Instance, session_id)
             assert inst is not None
             return inst
 
     async def events(self, session_id: str) -> list[Event]:
-        async with self.service.sessions() as db:
+        async with self.service.db_sessions() as db:
             return list(await db.scalars(select(Event).where(Event.instance_id == session_id).order_by(Event.id)))
 
     async def set_org(self, **values: object) -> None:
-        async with self.service.sessions() as db:
+        async with self.service.db_sessions() as db:
             await db.execute(update(Org).where(Org.id == self.who.org_id).values(**values))
             await db.commit()
 

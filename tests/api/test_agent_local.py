@@ -86,7 +86,7 @@ async def test_a_program_asking_for_input_reaches_the_users_webhook_signed(stack
     box = SecretsBox.from_settings(allowed)
     receiver = Receiver().start()
     try:
-        hooks = WebhookService(allowed, stack.service.sessions, box, sender)
+        hooks = WebhookService(allowed, stack.service.db_sessions, box, sender)
         created = await hooks.create(stack.who, schemas.WebhookCreate(url=receiver.url, format="slack"))
         receiver.secret = created.secret
         sender.start()  # what LifecycleScheduler.start does on every scheduler replica

@@ -52,7 +52,7 @@ class Stack:
     who: Principal
 
     async def row(self, session_id: str) -> Instance:
-        async with self.service.sessions() as db:
+        async with self.service.db_sessions() as db:
             inst = await db.get(Instance, session_id)
             assert inst is not None
             return inst
@@ -70,7 +70,7 @@ class Stack:
             await asyncio.sleep(0.1)
 
     async def events(self, session_id: str) -> list[Event]:
-        async with self.service.sessions() as db:
+        async with self.service.db_sessions() as db:
             return list(await db.scalars(select(Event).where(Event.instance_id == session_id).order_by(Event.id)))
 
 
@@ -185,7 +185,7 @@ async def test_a_stored_spec_no_runner_accepts_fails_the_start_with_its_reason(s
     created = await stack.service.create(stack.who, schemas.InstanceCreate(program=runner_fixtures.HI_PROGRAM))
     await stack.wait_state(created.id, "running")
     await stack.service.stop(stack.who, created.id)
-    async with stack.service.sessions() as db:  # SQLite stores what PostgreSQL would refuse
+    async with stack.service.db_sessions() as db:  # SQLite stores what PostgreSQL would refuse
         await db.execute(update(Instance).where(Instance.id == created.id).values(task="fix\x00this"))
         await db.commit()
     with pytest.raises(SessionFailed, match=r"task: contains U\+0000"):

@@ -39,7 +39,7 @@ async def reconcile(sched: LifecycleScheduler) -> ReconcileReport:
 
 async def force_state(world: World, session_id: str, state: str, age_s: float) -> None:
     """Put a row in a state as if a request had crashed half-way, ``age_s`` ago."""
-    async with world.service.sessions() as db:
+    async with world.service.db_sessions() as db:
         await db.execute(update(Instance).where(Instance.id == session_id).values(
             state=state, state_changed_at=world.clock() - timedelta(seconds=age_s)))
         await db.commit()

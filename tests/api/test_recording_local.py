@@ -26,7 +26,7 @@ PROGRAM = f"bash -c 'echo {TEXT}; sleep 0.2; echo second-line; sleep infinity'"
 
 async def owner_of(on: Stack) -> Tenant:
     """The stack's own user (org acme, the only org while sessions start: the sandbox-off stack needs that)."""
-    token = await admin.create_token(on.service.sessions, on.who.email)
+    token = await admin.create_token(on.service.db_sessions, on.who.email)
     return Tenant(org=on.who.org_name, email=on.who.email, token=token, user_id=on.who.user_id)
 
 
@@ -79,12 +79,12 @@ async def test_the_pane_is_served_as_asciicast_to_those_who_may_see_the_session(
     assert [e[0] for e in evs] == sorted(e[0] for e in evs)
 
     # Another org: the session does not exist for them. A colleague: not theirs (403, as attach says).
-    stranger = await make_tenant(stack.service.sessions, "elsewhere")
+    stranger = await make_tenant(stack.service.db_sessions, "elsewhere")
     refused = await fetch(stack, sid, stranger.headers)
     assert refused.status_code == 404 and refused.headers["content-type"] == "application/problem+json"
     assert TEXT not in refused.text
-    await admin.create_user(stack.service.sessions, "colleague@acme.example", owner.org)
-    colleague = await admin.create_token(stack.service.sessions, "colleague@acme.example")
+    await admin.create_user(stack.service.db_sessions, "colleague@acme.example", owner.org)
+    colleague = await admin.create_token(stack.service.db_sessions, "colleague@acme.example")
     assert (await fetch(stack, sid, {"Authorization": f"Bearer {colleague}"})).status_code == 403
     assert (await fetch(stack, sid, {})).status_code == 401
 
@@ -136,7 +136,7 @@ async def test_replay_plays_and_saves_the_recording_and_stop_start_appends(stack
 
 async def test_an_org_with_recording_off_records_nothing_and_says_so(stack: Stack) -> None:  # noqa: F811
     owner = await owner_of(stack)
-    await admin.set_recording(stack.service.sessions, owner.org, False)
+    await admin.set_recording(stack.service.db_sessions, owner.org, False)
     sid = await create(stack, owner)
     got = await fetch(stack, sid, owner.headers)
     assert got.status_code == 404 and got.headers["content-type"] == "application/problem+json"
@@ -146,5 +146,5 @@ async def test_an_org_with_recording_off_records_nothing_and_says_so(stack: Stac
     assert not list(state_dir.glob("*.cast"))
 
     # Turned on again: the API serves again, and the runner records from the session's next start.
-    await admin.set_recording(stack.service.sessions, owner.org, True)
+    await admin.set_recording(stack.service.db_sessions, owner.org, True)
     assert "no recording yet" in (await fetch(stack, sid, owner.headers)).json()["detail"]

@@ -94,7 +94,7 @@ def containers(server: FakeApiServer, sid: str) -> dict[str, dict[str, Any]]:
 
 
 async def row(service: InstanceService, sid: str) -> Instance:
-    async with service.sessions() as db:
+    async with service.db_sessions() as db:
         inst = await db.get(Instance, sid)
         assert inst is not None
         return inst
