@@ -38,8 +38,8 @@ class WithoutFiller:
         return self.get_extra_info("send_cipher") in AEAD_CIPHERS  # type: ignore[attr-defined,no-any-return]
 
 
-class GatewayClientConnection(WithoutFiller, asyncssh.SSHClientConnection):
-    """The gateway's connection to a runner."""
+class RunnerSideConnection(WithoutFiller, asyncssh.SSHClientConnection):
+    """The runner side: the gateway's SSH client connection to a session's runner (the upstream)."""
 
 
 class CorkTransport(asyncio.Transport):
@@ -158,7 +158,7 @@ class CorkedTunnel:
         loop = asyncio.get_running_loop()
         conn = session_factory()
         # asyncssh.connect has no hook for the connection class; the subclass adds send_packet and fast_path.
-        conn.__class__ = GatewayClientConnection
+        conn.__class__ = RunnerSideConnection
         if host.startswith(UNIX_ROUTE_PREFIX):  # a sandboxed local runner: its socket, not TCP
             transport, _ = await loop.create_unix_connection(lambda: CorkProtocol(conn),
                                                              host[len(UNIX_ROUTE_PREFIX):])

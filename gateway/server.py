@@ -46,12 +46,13 @@ DRAIN_LAST_WORD_S = 0.5
 WITHDRAWN_CODES = frozenset({"forbidden", "not_found", "unauthorized"})
 
 
-class GatewayConnection(WithoutFiller, asyncssh.SSHServerConnection):
-    """asyncssh's server connection, plus our certificate checks (key id, principals, extensions)."""
+class ClientSideConnection(WithoutFiller, asyncssh.SSHServerConnection):
+    """The client side: asyncssh's server connection with a user's SSH client, plus our certificate checks
+    (key id, principals, extensions). Its owner, a ClientHandler, does the rest."""
 
     async def validate_public_key(self, username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
         owner = self.get_owner()
-        assert isinstance(owner, ClientConnection)
+        assert isinstance(owner, ClientHandler)
         principal = owner.precheck_certificate(username, key_data)
         if principal is None:
             return False
@@ -87,7 +88,7 @@ def _signature_algorithm(signature: bytes) -> bytes:
 class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Log lines of one client connection, each starting with its id and source address."""
 
-    def __init__(self, logger: logging.Logger, conn: ClientConnection) -> None:
+    def __init__(self, logger: logging.Logger, conn: ClientHandler) -> None:
         super().__init__(logger, {})
         self.conn = conn
 
@@ -95,8 +96,9 @@ class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"conn {self.conn.id} from {self.conn.source}: {msg}", kwargs
 
 
-class ClientConnection(asyncssh.SSHServer):
-    """One client connection: authentication, then the bridge to its session's runner."""
+class ClientHandler(asyncssh.SSHServer):
+    """asyncssh's callbacks for one ClientSideConnection: authentication, then the bridge to its session's
+    runner (over a RunnerSideConnection, gateway/cork.py)."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
@@ -427,7 +429,7 @@ class Gateway:
         self._anchor_problem: str | None = None
         self.host_key = keys.load_or_create(keys.host_key_path(settings), "orz-gateway-host")
         self.client_key = keys.load_or_create(keys.client_key_path(settings), "orz-gateway-client")
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ClientHandler] = set()
         self.web_terminals: set[LiveTerminal] = set()  # browser terminals, for the access watch and drain
         self.access_watch = AccessWatch(self.api, settings.gateway_access_check_s)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -489,16 +491,16 @@ class Gateway:
 
     async def start(self) -> None:
         options = await asyncssh.SSHServerConnectionOptions.construct(
-            server_factory=lambda: ClientConnection(self), server_host_keys=[self.host_key],
+            server_factory=lambda: ClientHandler(self), server_host_keys=[self.host_key],
             **ssh_algorithms(), compression_algs=None, line_editor=False, encoding=None,
             agent_forwarding=True, x11_forwarding=False, allow_scp=False, config=None,
             login_timeout=self.settings.gateway_login_timeout_s, keepalive_interval=60, keepalive_count_max=3,
             server_version="OrzbobCloud",
         )
         loop = asyncio.get_running_loop()
-        # Our own listener so connections use GatewayConnection (asyncssh.listen has no class hook).
+        # Our own listener so connections use ClientSideConnection (asyncssh.listen has no class hook).
         self._server = await loop.create_server(
-            lambda: AdmittedProtocol(GatewayConnection(loop, options), self.preauth, self.source_of),
+            lambda: AdmittedProtocol(ClientSideConnection(loop, options), self.preauth, self.source_of),
             self.settings.ssh_host, self.settings.ssh_port, backlog=1024)
         self._port = int(self._server.sockets[0].getsockname()[1])
         log.info("gateway listening on %s:%d", self.settings.ssh_host, self.port)
