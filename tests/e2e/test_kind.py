@@ -32,6 +32,7 @@ from api.settings import Settings
 from runner import cloud_config
 from runner.services import pod_sidecars
 from tests.api.lifecycle_support import principal
+from tests.k8s.conftest import pod_route
 
 pytestmark = [
     pytest.mark.e2e,
@@ -119,7 +120,7 @@ async def test_session_lifecycle(provider: KubernetesProvider, namespace: str) -
 
     try:
         await wait_for("the session pod to run", running)
-        assert await provider.route(sid, state) is not None
+        assert pod_route(provider, sid, state) is not None
 
         state = await provider.stop(sid, state)
         await wait_for("the pod to go away", pod_gone)

@@ -24,6 +24,16 @@ CRD_KINDS = frozenset({("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitor
 NS = "orz-sessions"
 
 
+def pod_route(provider: KubernetesProvider, session_id: str, state: Mapping[str, Any]) -> tuple[str, int] | None:
+    """The pod's IP and the runner's SSH port, from the provider's watch once it has seen the pod (the gateway
+    takes its route from the runner's heartbeat instead: this only shows a pod got an address)."""
+    from api.instances.providers.kubernetes import manifests, names
+    from api.instances.providers.kubernetes.status import pod_ip
+
+    ip = pod_ip(provider.cache.get(str(state.get("pod") or names.pod_name(session_id))))
+    return (ip, manifests.RUNNER_SSH_PORT) if ip else None
+
+
 @pytest.fixture
 def server() -> Iterator[FakeApiServer]:
     """A fake Kubernetes API server (imported here: it imports this module for K8S_VERSION)."""

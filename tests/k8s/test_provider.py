@@ -18,7 +18,7 @@ from api.instances.providers.base import ComputeStatus, ProviderFailure
 from api.instances.providers.kubernetes import names
 from api.instances.providers.kubernetes.provider import KubernetesProvider
 from api.settings import Settings
-from tests.k8s.conftest import NS, make_spec
+from tests.k8s.conftest import NS, make_spec, pod_route
 from tests.k8s.fake_apiserver import FakeApiServer
 
 SID = "brave-otter-42"
@@ -79,7 +79,7 @@ async def test_status_follows_the_watch_without_polling(provider: KubernetesProv
         assert (await provider.status(SID, state)).phase == "running"
     # The watch may reconnect meanwhile (every second here), but the polls make no requests of their own.
     assert server.count("GET", "pods") - gets_before <= 1
-    assert await provider.route(SID, state) == ("10.1.2.3", 2222)
+    assert pod_route(provider, SID, state) == ("10.1.2.3", 2222)
 
 
 async def test_stop_keeps_workspace_and_secret_then_start_recreates_the_pod(

@@ -34,7 +34,7 @@ from api.instances.providers.base import (
 )
 from api.instances.providers.kubernetes import errors, manifests, names
 from api.instances.providers.kubernetes.cache import PodCache, RootCache
-from api.instances.providers.kubernetes.status import compute_status, pod_ip
+from api.instances.providers.kubernetes.status import compute_status
 from api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -232,14 +232,6 @@ class KubernetesProvider(Provider):
             raise ProviderFailure(self.cache.last_error or "could not watch session pods: no answer yet")
         pod = self.cache.get(str(state.get("pod") or names.pod_name(session_id)))
         return compute_status(pod, stopped=bool(state.get("stopped")))
-
-    async def route(self, session_id: str, state: ProviderState) -> tuple[str, int] | None:
-        """The pod IP and the runner's SSH port, from the watch. The gateway does not ask this: its route is the
-        one the runner reports in its heartbeat. The e2e tests use it to see a Pod got an address."""
-        if not await self._synced():
-            return None
-        ip = pod_ip(self.cache.get(str(state.get("pod") or names.pod_name(session_id))))
-        return (ip, manifests.RUNNER_SSH_PORT) if ip else None
 
     async def list(self) -> dict[str, ComputeStatus]:
         """Sessions with a root ConfigMap (workspace kept) or a pod, by session id, from the watch caches."""
