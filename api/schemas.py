@@ -637,6 +637,8 @@ class RunnerSpec(Request):
     heartbeat_interval_s: int = 20
     # Names of environment variables that carry secrets (values come in the environment itself).
     secret_env: list[str] = Field(default_factory=list)
+    # The runner's own SSH endpoint, which only the gateway connects to: where it listens ("unix:<path>" for
+    # a socket; port 0: any free port). Not Settings.ssh_host/ssh_port, the gateway's listener for users.
     ssh_host: str = "127.0.0.1"
     ssh_port: int = 0
     advertise_host: str | None = None
@@ -690,6 +692,7 @@ class Heartbeat(Request):
     control_rules = {"fatal_error": "log", "init_log_tail": "log"}
 
     host_key: str | None = None
+    # Where the gateway reaches the runner's endpoint (RunnerSpec.ssh_host/advertise_host, the bound port).
     ssh_host: str | None = None
     ssh_port: int | None = Field(default=None, ge=1, le=65535)
     attached_clients: int = Field(default=0, ge=0)
