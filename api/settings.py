@@ -1,16 +1,22 @@
 """The one settings object for every Orzbob Cloud service, read from ``ORZ_*`` environment variables.
 
 It lives beside the API's contract modules (``schemas``, ``client``) and, like them, imports nothing
-heavy, so the gateway, the runner and the CLI read their configuration from the same place.
+heavy, so the gateway, the runner and the CLI read their configuration from the same place. Attribute
+access stays flat (``settings.ssh_port``); each setting carries a help text and the component it belongs
+to (``option``), from which ``python -m api.settings --markdown`` makes README's configuration table.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.cloud_yaml import DEFAULT_MAX_SERVICES, SERVICES_CEILING
@@ -27,213 +33,289 @@ def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "orzbob"
 
 
+# The components settings belong to, with their headings, in the order the configuration table shows them.
+Group = Literal["storage", "api", "gateway", "credentials", "sign-in", "sessions", "scheduler", "plans",
+                "repositories", "webhooks", "sandbox", "kubernetes", "runner", "logging"]
+GROUPS: dict[Group, str] = {
+    "storage": "Storage",
+    "api": "API",
+    "gateway": "Gateway",
+    "credentials": "Keys, certificates and tokens",
+    "sign-in": "Sign-in",
+    "sessions": "Sessions",
+    "scheduler": "Scheduler",
+    "plans": "Plans",
+    "repositories": "Repository URLs",
+    "webhooks": "Webhooks",
+    "sandbox": "Local provider sandbox",
+    "kubernetes": "Kubernetes provider",
+    "runner": "Runner (set by the provider, inside a session)",
+    "logging": "Logging",
+}
+
+
+def option(group: Group, default: Any = PydanticUndefined, doc: str = "", *, shown: str | None = None,
+           **field: Any) -> Any:
+    """A setting: pydantic's Field with its help text and component. ``shown``: the default as the
+    configuration table says it, when the value itself is derived or machine-specific."""
+    extra: dict[str, Any] = {"group": group}
+    if shown is not None:
+        extra["shown_default"] = shown
+    return Field(default, description=doc, json_schema_extra=extra, **field)
+
+
 class Settings(BaseSettings):
     """Deployment configuration. Frozen: build a new one (``model_copy(update=...)``) to change it."""
 
     model_config = SettingsConfigDict(env_prefix="ORZ_", frozen=True, extra="ignore")
 
-    # Where the embedded default keeps its database, keys and session workspaces.
-    data_dir: Path = Field(default_factory=default_data_dir)
-    database_url: str = ""
-    # Fail fast instead of serving from a schema the code does not match.
-    require_schema_head: bool = True
-    # How long `orz api` and `orz scheduler` wait (not ready, logging why) for the database schema to
-    # reach this code's head (or a compatible newer one) before giving up; 0 refuses at once.
-    schema_wait_s: int = Field(default=300, ge=0)
-    # How long `orz admin migrate` waits for the database to answer.
-    db_wait_s: int = Field(default=120, ge=0)
+    # Storage
+    data_dir: Path = option("storage", doc="database, keys and session workspaces of the embedded default",
+                            default_factory=default_data_dir, shown="`~/.local/share/orzbob`")
+    database_url: str = option("storage", "", "`postgresql://...` for PostgreSQL (asyncpg); empty: SQLite in the "
+                               "data dir", shown="SQLite in the data dir")
+    require_schema_head: bool = option("storage", True, "refuse to serve from a database schema this code does "
+                                       "not match (fail fast)")
+    schema_wait_s: int = option("storage", 300, "how long `orz api` and `orz scheduler` wait, not ready and logging "
+                                "why, for the schema to reach this code's head (or a compatible newer one); 0 "
+                                "refuses at once", ge=0)
+    db_wait_s: int = option("storage", 120, "how long `orz admin migrate` waits for the database to answer", ge=0)
 
     # API
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(default=8080, ge=0, le=65535)
-    # `orz api` and `orz server` serve /metrics on api_host at this port, never on api_port (0: off;
-    # the chart sets 9101). The embedded server's listener shows its scheduler and gateway too.
-    api_metrics_port: int = Field(default=0, ge=0, le=65535)
-    # How users' CLIs reach the API; derived from host/port when empty.
-    public_api_url: str = ""
-    # How the gateway (authorize, attach events, the web door's token requests) and runners (heartbeats,
-    # log upload) reach the API: an in-cluster address, so /internal never crosses the public edge.
-    # Empty: public_api_url (the embedded default, where both are the same loopback address).
-    internal_api_url: str = ""
-    max_request_bytes: int = Field(default=256 * 1024, gt=0)
-    # How long a verified API token is trusted without asking the database again (0 disables).
-    auth_cache_ttl_s: float = Field(default=1.0, ge=0, le=60)
+    api_host: str = option("api", "127.0.0.1", "address the API listens on")
+    api_port: int = option("api", 8080, "port the API listens on", ge=0, le=65535)
+    api_metrics_port: int = option("api", 0, "`orz api` and `orz server` serve /metrics on `ORZ_API_HOST` at "
+                                   "this port, never on `ORZ_API_PORT` (0: off; the chart sets 9101); the "
+                                   "embedded server's listener shows its scheduler and gateway too", ge=0, le=65535)
+    public_api_url: str = option("api", "", "how users' CLIs reach the API; empty: from `ORZ_API_HOST` and "
+                                 "`ORZ_API_PORT`", shown="from host and port")
+    internal_api_url: str = option("api", "", "how the gateway (authorize, attach events, the web door's token "
+                                   "requests) and runners (heartbeats, log upload) reach the API: an in-cluster "
+                                   "address, so /internal never crosses the public edge (the chart sets the "
+                                   "in-cluster Service)", shown="`ORZ_PUBLIC_API_URL`")
+    max_request_bytes: int = option("api", 256 * 1024, "largest request body the API accepts", gt=0)
+    auth_cache_ttl_s: float = option("api", 1.0, "how long a verified API token is trusted without asking the "
+                                     "database again (0 disables)", ge=0, le=60)
 
-    # Gateway
-    ssh_host: str = "127.0.0.1"
-    ssh_port: int = Field(default=2222, ge=0, le=65535)
-    # The host name users type after the @; defaults to ssh_host.
-    public_ssh_host: str = ""
-    # The port users connect to; defaults to ssh_port (it differs behind a load balancer).
-    public_ssh_port: int = Field(default=0, ge=0, le=65535)
-    gateway_web_host: str = "127.0.0.1"
-    gateway_web_port: int = Field(default=8443, ge=0, le=65535)
-    public_web_url: str = ""
-    # Comma-separated addresses/CIDRs of the TLS proxies in front of the web door. Only from these is
-    # X-Forwarded-For believed, so rate limits and logs see the browser's address, not the proxy's.
-    gateway_web_trusted_proxies: str = ""
-    gateway_metrics_port: int = Field(default=0, ge=0, le=65535)
-    gateway_host_key_file: Path | None = None
-    # The gateway's client key for its connections to runners; runners trust only its public half.
-    gateway_client_key_file: Path | None = None
-    gateway_public_key: str = ""
-    # Relay session bytes between client and runner without asyncssh's per-packet channel machinery
-    # (gateway/splice.py); off runs every packet through asyncssh, as a fallback and for comparison.
-    gateway_fast_path: bool = True
-    # How often each gateway asks the API which live attachments must end (user disabled, session
-    # deleted, access revoked): one request per gateway per interval (gateway/revocation.py).
-    gateway_access_check_s: float = Field(default=1.0, ge=0.1, le=60)
-    # Connections still in the handshake or authenticating, per source address and in all (beyond these,
-    # new TCP connections are refused at once: key exchanges cost CPU before anyone has authenticated).
-    gateway_preauth_per_source: int = Field(default=10, ge=1)
-    gateway_preauth_total: int = Field(default=256, ge=1)
-    # A connection that has not authenticated within this many seconds is closed.
-    gateway_login_timeout_s: int = Field(default=20, ge=1, le=120)
-    # On SIGTERM `orz gateway` stops taking connections and tells attached users it is restarting; the
-    # connections it has keep running this many seconds at most, then end with a clean SSH disconnect.
-    # Keep it below the pod's terminationGracePeriodSeconds (the chart derives one from the other).
-    gateway_drain_s: float = Field(default=240.0, ge=0, le=3600)
-    # Failed authentications allowed per source address inside auth_fail_window_s.
-    auth_fail_limit: int = Field(default=10, ge=1)
-    auth_fail_window_s: int = Field(default=60, ge=1)
-    # Service token the gateway presents to the API's internal routes.
-    service_token: SecretStr = SecretStr("")
+    # Gateway. ssh_host/ssh_port are the gateway's listener for users; a runner's own SSH endpoint is
+    # RunnerSpec.ssh_host/ssh_port (the names stay: they are the ORZ_SSH_* variables).
+    ssh_host: str = option("gateway", "127.0.0.1", "address the SSH gateway listens on for users")
+    ssh_port: int = option("gateway", 2222, "port the SSH gateway listens on for users", ge=0, le=65535)
+    public_ssh_host: str = option("gateway", "", "the host name users type after the @; empty: `ORZ_SSH_HOST`",
+                                  shown="`ORZ_SSH_HOST`")
+    public_ssh_port: int = option("gateway", 0, "the port users connect to (it differs behind a load balancer); "
+                                  "0: `ORZ_SSH_PORT`", ge=0, le=65535, shown="`ORZ_SSH_PORT`")
+    gateway_web_host: str = option("gateway", "127.0.0.1", "address the gateway's web door (browser terminal) "
+                                   "listens on")
+    gateway_web_port: int = option("gateway", 8443, "port of the web door", ge=0, le=65535)
+    public_web_url: str = option("gateway", "", "the web door's address as browsers see it (`https://...`); "
+                                 "empty: from `ORZ_GATEWAY_WEB_HOST` and `ORZ_GATEWAY_WEB_PORT`",
+                                 shown="from host and port")
+    gateway_web_trusted_proxies: str = option("gateway", "", "comma-separated addresses or CIDRs of the TLS "
+                                              "proxies in front of the web door; only from these is "
+                                              "X-Forwarded-For believed (rate limits and logs then see the "
+                                              "browser's address)")
+    gateway_metrics_port: int = option("gateway", 0, "`orz gateway` serves /metrics on `ORZ_GATEWAY_WEB_HOST` at "
+                                       "this port (0: off)", ge=0, le=65535)
+    gateway_host_key_file: Path | None = option("gateway", None, "the gateway's SSH host key; unset: "
+                                                "`gateway_host_ed25519` in the data dir's keys (generated)")
+    gateway_client_key_file: Path | None = option("gateway", None, "the gateway's client key for its "
+                                                  "connections to runners; runners trust only its public half")
+    gateway_public_key: str = option("gateway", "", "the public half of the gateway's client key, for the API "
+                                     "to hand to runners; unset: read from the key file", shown="from the key file")
+    gateway_fast_path: bool = option("gateway", True, "relay session bytes without asyncssh's per-packet channel "
+                                     "machinery (`gateway/splice.py`); `false` runs every packet through asyncssh, "
+                                     "as a fallback and for comparison")
+    gateway_access_check_s: float = option("gateway", 1.0, "how often each gateway asks the API which live "
+                                           "attachments must end (user disabled, session deleted, access "
+                                           "revoked): one request per gateway per interval", ge=0.1, le=60)
+    # Key exchanges cost CPU before anyone has authenticated: beyond these, new connections are refused at once.
+    gateway_preauth_per_source: int = option("gateway", 10, "connections still in the handshake or "
+                                             "authenticating, per source address", ge=1)
+    gateway_preauth_total: int = option("gateway", 256, "connections still in the handshake or authenticating, "
+                                        "in all", ge=1)
+    gateway_login_timeout_s: int = option("gateway", 20, "a connection not authenticated within this many "
+                                          "seconds is closed", ge=1, le=120)
+    gateway_drain_s: float = option("gateway", 240.0, "on SIGTERM the gateway stops taking connections, tells "
+                                    "attached users it is restarting, and lets open connections run this long at "
+                                    "most before a clean SSH disconnect; keep it below the pod's "
+                                    "terminationGracePeriodSeconds (the chart derives one from the other)",
+                                    ge=0, le=3600)
+    auth_fail_limit: int = option("gateway", 10, "failed authentications allowed per source address inside "
+                                  "`ORZ_AUTH_FAIL_WINDOW_S`", ge=1)
+    auth_fail_window_s: int = option("gateway", 60, "the window of `ORZ_AUTH_FAIL_LIMIT`, in seconds", ge=1)
+    service_token: SecretStr = option("gateway", SecretStr(""), "the token the gateway presents to the API's "
+                                      "internal routes", shown="generated")
 
     # Credentials
-    ssh_ca_key_file: Path | None = None
-    jwt_key_file: Path | None = None
-    # The gateway's trust anchors: the public halves of the two keys above (an OpenSSH line, a PEM public
-    # key or a PEM certificate). Unset: the .pub file beside the private key path (the embedded default).
-    ssh_ca_public_key_file: Path | None = None
-    jwt_public_key_file: Path | None = None
-    cert_ttl_s: int = Field(default=300, ge=10, le=3600)
-    # The longest certificate a user may ask for (`orz cloud cert --ttl`, AttachRequest.ttl_s), for
-    # automation that can only read a certificate file; never below cert_ttl_s. Raising it makes a leaked
-    # certificate worth longer (the gateway still checks access on every connection). API and gateway.
-    cert_max_ttl_s: int = Field(default=300, ge=10, le=86400)
-    attach_token_ttl_s: int = Field(default=120, ge=5, le=600)
-    permit_port_forwarding: bool = True
-    secrets_key: SecretStr = SecretStr("")
-    secrets_key_file: Path | None = None
+    ssh_ca_key_file: Path | None = option("credentials", None, "the SSH CA's private key, which signs users' "
+                                          "certificates; unset: `ssh_ca` in the data dir's keys (generated)")
+    jwt_key_file: Path | None = option("credentials", None, "the ES256 key that signs attach tokens; unset: "
+                                       "`jwt_es256.pem` in the data dir's keys (generated)")
+    ssh_ca_public_key_file: Path | None = option("credentials", None, "the gateway's trust anchor for "
+                                                 "certificates: an OpenSSH line, a PEM public key or a PEM "
+                                                 "certificate", shown="`.pub` beside the private key")
+    jwt_public_key_file: Path | None = option("credentials", None, "the gateway's trust anchor for attach "
+                                              "tokens, in the same forms", shown="`.pub` beside the private key")
+    cert_ttl_s: int = option("credentials", 300, "lifetime of the SSH certificates `orz cloud attach` gets",
+                             ge=10, le=3600)
+    cert_max_ttl_s: int = option("credentials", 300, "the longest certificate a user may ask for (`orz cloud "
+                                 "cert --ttl`), for automation that can only read a certificate file; never below "
+                                 "`ORZ_CERT_TTL_S`; raising it makes a leaked certificate worth longer (the gateway "
+                                 "still checks access on every connection)", ge=10, le=86400)
+    attach_token_ttl_s: int = option("credentials", 120, "lifetime of one-time attach tokens (JWT)", ge=5, le=600)
+    permit_port_forwarding: bool = option("credentials", True, "certificates allow port forwarding into the "
+                                          "session")
+    secrets_key: SecretStr = option("credentials", SecretStr(""), "key(s) encrypting stored secrets: "
+                                    "`kid:base64` (or bare base64) entries separated by commas, the first one "
+                                    "current (api/credentials/secrets_keys.py; not with `ORZ_SECRETS_KEY_FILE`)")
+    secrets_key_file: Path | None = option("credentials", None, "a file holding the `ORZ_SECRETS_KEY` entries; unset "
+                                           "(and no `ORZ_SECRETS_KEY`): a key file generated in the data dir's keys")
 
-    # Sign-in (docs/sign-in.md): identity providers, the rules that map an identity to a user, and the
-    # tokens a sign-in gets. An OIDC issuer is found by its discovery document; GitHub by its base URL
-    # (GitHub Enterprise: https://github.example.com; its REST API is then <base>/api/v3).
-    oidc_issuer: str = ""
-    oidc_client_id: str = ""
-    oidc_client_secret: SecretStr = SecretStr("")
-    oidc_scopes: str = "openid email profile"
-    # The name `orz cloud whoami` shows for the OIDC provider ("Google", "Keycloak", ...).
-    oidc_name: str = "oidc"
-    github_client_id: str = ""
-    github_client_secret: SecretStr = SecretStr("")
-    github_base_url: str = "https://github.com"
-    github_api_url: str = ""  # derived from github_base_url when empty
-    # Comma-separated: sign-ins must have a verified email in one of these domains (empty: any domain).
-    signin_allowed_domains: str = ""
-    # Comma-separated GitHub orgs; a GitHub sign-in must belong to one (empty: any account).
-    signin_github_orgs: str = ""
-    # Comma-separated GitHub teams as org/team-slug; a GitHub sign-in must be on one (empty: no team rule).
-    signin_github_teams: str = ""
-    # What a first sign-in of an unknown person does: "create" the user (in signin_org), leave them
-    # "pending" until `orz admin approve EMAIL`, or "refuse" (only users an admin created get in).
-    signin_new_users: Literal["create", "pending", "refuse"] = "pending"
-    signin_org: str = "default"
-    signin_token_ttl_s: int = Field(default=3600, ge=60, le=30 * 24 * 3600)
-    signin_refresh_ttl_s: int = Field(default=30 * 24 * 3600, ge=300)
-    # Bound on how long a `orz cloud login` may wait for the person to approve in the browser.
-    signin_device_ttl_s: int = Field(default=900, ge=30, le=3600)
-    # How long discovery documents and JWKS are kept before asking the provider again.
-    signin_metadata_ttl_s: int = Field(default=3600, ge=0)
-    # Seconds of clock skew allowed when checking an id_token's exp/iat/nbf.
-    signin_clock_skew_s: int = Field(default=60, ge=0, le=600)
-    # Sign-in attempts per client address inside auth_fail_window_s on the routes anyone may call
-    # (starting a device or browser sign-in, the Go CLI's exchange, refused polls and refreshes); beyond
-    # it they answer 429 with Retry-After. Counted in the database, so every API replica shares it.
-    signin_rate_limit: int = Field(default=20, ge=1)
-    # Comma-separated addresses/CIDRs of the proxies (ingress) in front of the API: only from these is
-    # X-Forwarded-For believed, so the sign-in limit counts the client's address, not the proxy's.
-    api_trusted_proxies: str = ""
+    # Sign-in (docs/sign-in.md). An OIDC issuer is found by its discovery document; GitHub by its base URL.
+    oidc_issuer: str = option("sign-in", "", "the OIDC issuer people sign in with (empty: no OIDC sign-in)")
+    oidc_client_id: str = option("sign-in", "", "the API's OAuth client id at the OIDC issuer")
+    oidc_client_secret: SecretStr = option("sign-in", SecretStr(""), "the API's OAuth client secret at the OIDC "
+                                           "issuer")
+    oidc_scopes: str = option("sign-in", "openid email profile", "scopes asked of the OIDC issuer")
+    oidc_name: str = option("sign-in", "oidc", "the name `orz cloud whoami` shows for the OIDC provider "
+                            "(\"Google\", \"Keycloak\", ...)")
+    github_client_id: str = option("sign-in", "", "the GitHub OAuth app's client id (empty: no GitHub sign-in)")
+    github_client_secret: SecretStr = option("sign-in", SecretStr(""), "the GitHub OAuth app's client secret (for "
+                                             "the browser terminal's web flow)")
+    github_base_url: str = option("sign-in", "https://github.com", "GitHub, or GitHub Enterprise "
+                                  "(https://github.example.com)")
+    github_api_url: str = option("sign-in", "", "GitHub's REST API; empty: https://api.github.com, or "
+                                 "<base>/api/v3 for GitHub Enterprise", shown="from `ORZ_GITHUB_BASE_URL`")
+    signin_allowed_domains: str = option("sign-in", "", "comma-separated: sign-ins must have a verified email in "
+                                         "one of these domains (empty: any domain)")
+    signin_github_orgs: str = option("sign-in", "", "comma-separated GitHub orgs; a GitHub sign-in must belong to "
+                                     "one (empty: any account)")
+    signin_github_teams: str = option("sign-in", "", "comma-separated GitHub teams as org/team-slug; a GitHub "
+                                      "sign-in must be on one (empty: no team rule)")
+    signin_new_users: Literal["create", "pending", "refuse"] = option(
+        "sign-in", "pending", "what a first sign-in of an unknown person does: `create` the user (in "
+        "`ORZ_SIGNIN_ORG`), leave them `pending` until `orz admin approve EMAIL`, or `refuse` (only users an admin "
+        "created get in)")
+    signin_org: str = option("sign-in", "default", "the org users created by a sign-in join")
+    signin_token_ttl_s: int = option("sign-in", 3600, "lifetime of the API token a sign-in gets", ge=60,
+                                     le=30 * 24 * 3600)
+    signin_refresh_ttl_s: int = option("sign-in", 30 * 24 * 3600, "lifetime of a sign-in's refresh token", ge=300)
+    signin_device_ttl_s: int = option("sign-in", 900, "how long `orz cloud login` may wait for the person to "
+                                      "approve in the browser", ge=30, le=3600)
+    signin_metadata_ttl_s: int = option("sign-in", 3600, "how long discovery documents and JWKS are kept before "
+                                        "asking the provider again", ge=0)
+    signin_clock_skew_s: int = option("sign-in", 60, "seconds of clock skew allowed when checking an id_token's "
+                                      "exp/iat/nbf", ge=0, le=600)
+    signin_rate_limit: int = option("sign-in", 20, "sign-in attempts per client address inside "
+                                    "`ORZ_AUTH_FAIL_WINDOW_S` on the routes anyone may call (starting a device or "
+                                    "browser sign-in, the Go CLI's exchange, refused polls and refreshes); beyond it "
+                                    "they answer 429 with Retry-After; counted in the database, so every API replica "
+                                    "shares it", ge=1)
+    api_trusted_proxies: str = option("api", "", "comma-separated addresses or CIDRs of the proxies (ingress) in "
+                                      "front of the API; only from these is X-Forwarded-For believed, so the sign-in "
+                                      "limit counts the client's address, not the proxy's")
 
-    # Lifecycle
-    provider: ProviderName = "local"
-    idle_timeout_s: int | None = Field(default=None, ge=10)
-    reap_interval_s: int = Field(default=60, ge=1)
-    heartbeat_interval_s: int = Field(default=20, ge=1)
-    # The runner's needs_input detector: no pane output this long while the foreground process waits
-    # on the terminal (for programs that report nothing themselves).
-    needs_input_after_s: float = Field(default=60.0, gt=0)
-    # How often runners read the workspace's git state (dirty files, unpushed commits) for heartbeats.
-    work_scan_s: float = Field(default=15.0, gt=0)
-    # Sessions record their agent's pane (unless their org turned it off): each part of a recording at
-    # most this many bytes, the previous part kept beside it (docs/security.md#recordings).
-    recording_max_bytes: int = Field(default=8 * 1024 * 1024, ge=RECORDING_MIN_BYTES)
-    # A session silent this long (no heartbeat) is failed and its compute released; unhealthy comes first.
-    heartbeat_fail_s: int = Field(default=600, ge=10)
-    retention_s: int = Field(default=7 * 24 * 3600, ge=60)
-    start_timeout_s: int = Field(default=600, ge=5)
-    scheduler_lease_s: int = Field(default=10, ge=2)
-    # `orz scheduler` serves /metrics on api_host at this port (0: off; the embedded server shows the
-    # scheduler's metrics on the API's metrics port instead).
-    scheduler_metrics_port: int = Field(default=0, ge=0, le=65535)
-    run_scheduler: bool = True
+    # Sessions
+    provider: ProviderName = option("sessions", "local", "where sessions run: `local` processes, `kubernetes` "
+                                    "pods, or `fake` (tests)")
+    idle_timeout_s: int | None = option("sessions", None, "stop sessions idle this long (an org's own setting "
+                                        "comes first); unset: `ORZ_PLAN_IDLE_TIMEOUT_S`", ge=10)
+    heartbeat_interval_s: int = option("sessions", 20, "how often runners send a heartbeat", ge=1)
+    needs_input_after_s: float = option("sessions", 60.0, "a program that printed nothing this long while "
+                                        "waiting on its terminal is `needs_input` (for programs that report "
+                                        "nothing themselves)", gt=0)
+    work_scan_s: float = option("sessions", 15.0, "how often runners read the workspace's git state (dirty "
+                                "files, unpushed commits) for heartbeats", gt=0)
+    recording_max_bytes: int = option("sessions", 8 * 1024 * 1024, "sessions record their agent's pane (unless "
+                                      "their org turned it off, `orz admin set-recording ORG off`): each part of a "
+                                      "recording at most this many bytes, the previous part kept beside it; "
+                                      "recordings may hold secrets the agent printed (docs/security.md#recordings)",
+                                      ge=RECORDING_MIN_BYTES)
+    start_timeout_s: int = option("sessions", 600, "a session not running this long after starting fails; the "
+                                  "gateway waits as long for a waking session", ge=5)
 
-    # Plans: how many active sessions each plan allows.
-    quota_free: int = Field(default=2, ge=0)
-    quota_pro: int = Field(default=5, ge=0)
-    quota_team: int = Field(default=20, ge=0)
-    plan_idle_timeout_s: int = Field(default=30 * 60, ge=10)
-    # Plans: how many `services:` of .orz/cloud.yaml one session may run (at most SERVICES_CEILING).
-    services_free: int = Field(default=DEFAULT_MAX_SERVICES, ge=0, le=SERVICES_CEILING)
-    services_pro: int = Field(default=10, ge=0, le=SERVICES_CEILING)
-    services_team: int = Field(default=SERVICES_CEILING, ge=0, le=SERVICES_CEILING)
+    # Scheduler
+    run_scheduler: bool = option("scheduler", True, "`orz server` runs the scheduler's jobs (reaper, "
+                                 "reconciler, purge) in its own process")
+    reap_interval_s: int = option("scheduler", 60, "how often the reaper looks for idle, silent and expired "
+                                  "sessions", ge=1)
+    heartbeat_fail_s: int = option("scheduler", 600, "a session silent this long (no heartbeat) is failed and its "
+                                   "compute released; unhealthy comes first", ge=10)
+    retention_s: int = option("scheduler", 7 * 24 * 3600, "stopped and failed sessions' workspaces are deleted "
+                              "after this long (an org's own setting comes first)", ge=60)
+    scheduler_lease_s: int = option("scheduler", 10, "the leader lease: one scheduler replica leads, another "
+                                    "takes over this long after it stops renewing", ge=2)
+    scheduler_metrics_port: int = option("scheduler", 0, "`orz scheduler` serves /metrics on `ORZ_API_HOST` at this "
+                                         "port (0: off; the embedded server shows the scheduler's metrics on the "
+                                         "API's metrics port instead)", ge=0, le=65535)
 
-    # Runner (read inside a session; the provider sets these). The spec is schemas.RunnerSpec as JSON.
-    runner_spec: str = ""
-    runner_token: SecretStr = SecretStr("")
-    # Address the runner reports for its SSH endpoint when the spec names none (a pod's IP).
-    runner_advertise_host: str = ""
+    # Plans
+    quota_free: int = option("plans", 2, "active sessions on the free plan", ge=0)
+    quota_pro: int = option("plans", 5, "active sessions on the pro plan", ge=0)
+    quota_team: int = option("plans", 20, "active sessions on the team plan", ge=0)
+    plan_idle_timeout_s: int = option("plans", 30 * 60, "the plans' idle timeout (when `ORZ_IDLE_TIMEOUT_S` is unset)",
+                                      ge=10)
+    services_free: int = option("plans", DEFAULT_MAX_SERVICES, "`services:` of .orz/cloud.yaml one session of the "
+                                f"free plan may run (at most {SERVICES_CEILING}; fixed when the session is "
+                                "created)", ge=0, le=SERVICES_CEILING)
+    services_pro: int = option("plans", 10, "`services:` per session on the pro plan", ge=0, le=SERVICES_CEILING)
+    services_team: int = option("plans", SERVICES_CEILING, "`services:` per session on the team plan", ge=0,
+                                le=SERVICES_CEILING)
 
-    # Local provider sandbox (bubblewrap): "off" runs runners as plain processes, for one developer only
-    # (refused when more than one org exists).
-    sandbox: Literal["on", "off"] = "on"
-    # When the server runs as root each session gets its own uid from [base, base + count).
-    sandbox_uid_base: int = Field(default=200000, ge=1000)
-    sandbox_uid_count: int = Field(default=10000, ge=1)
-    # Comma-separated host loopback ports a session may reach (relayed into its network namespace).
-    sandbox_allow_host_ports: str = ""
-    # Processes per session (cgroup v1 pids controller; needs root).
-    sandbox_pids_max: int = Field(default=2048, ge=16)
+    # Repository URLs
+    repo_allow_hosts: str = option("repositories", "", "comma-separated hosts or CIDRs a repository URL may name "
+                                   "although they are loopback, link-local or private")
+    repo_file_dirs: str = option("repositories", "", "comma-separated directories `file://` repositories may come "
+                                 "from (never the data dir)")
 
-    # Repository URLs: hosts or CIDRs that may be loopback/link-local/private and still be cloned,
-    # and the directories file:// repositories may come from (never the data dir). Comma-separated.
-    repo_allow_hosts: str = ""
-    repo_file_dirs: str = ""
+    # Webhooks (api/webhooks, docs/webhooks.md)
+    webhook_allow_hosts: str = option("webhooks", "", "comma-separated hosts or CIDRs a webhook may reach although "
+                                      "they are loopback, link-local or private, and over plain http (every other "
+                                      "URL must be https; docs/webhooks.md)")
+    # Network errors, 5xx and 429 are retried; other answers end the delivery.
+    webhook_max_attempts: int = option("webhooks", 8, "attempts per delivery before it is given up", ge=1, le=20)
+    webhook_retry_base_s: float = option("webhooks", 5.0, "backoff between attempts: `base * 2^(n-1)` with jitter, "
+                                         "at most `ORZ_WEBHOOK_RETRY_MAX_S`", gt=0)
+    webhook_retry_max_s: float = option("webhooks", 900.0, "the longest backoff between attempts", gt=0)
+    webhook_timeout_s: float = option("webhooks", 10.0, "time-out of one delivery attempt", gt=0, le=60)
+    webhook_poll_s: float = option("webhooks", 2.0, "how often each scheduler replica looks for deliveries that "
+                                   "are due", gt=0)
 
-    # Webhooks (api/webhooks, docs/webhooks.md). Hosts or CIDRs a webhook may reach although they are
-    # loopback/link-local/private, and over plain http (every other URL must be https). Comma-separated.
-    webhook_allow_hosts: str = ""
-    # Attempts per delivery before it is given up, and the backoff between them: base * 2^(n-1) with
-    # jitter, at most max. Network errors, 5xx and 429 are retried; other answers end the delivery.
-    webhook_max_attempts: int = Field(default=8, ge=1, le=20)
-    webhook_retry_base_s: float = Field(default=5.0, gt=0)
-    webhook_retry_max_s: float = Field(default=900.0, gt=0)
-    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
-    # How often each scheduler replica looks for deliveries that are due.
-    webhook_poll_s: float = Field(default=2.0, gt=0)
+    # Local provider sandbox (bubblewrap)
+    sandbox: Literal["on", "off"] = option("sandbox", "on", "local provider: each session in a bubblewrap sandbox "
+                                           "(docs/security.md); `off` runs runners as plain processes, for one "
+                                           "developer only (refused when more than one org exists)")
+    sandbox_uid_base: int = option("sandbox", 200000, "when the server runs as root each session gets its own "
+                                   "uid from [base, base + count)", ge=1000)
+    sandbox_uid_count: int = option("sandbox", 10000, "how many per-session uids there are", ge=1)
+    sandbox_allow_host_ports: str = option("sandbox", "", "comma-separated host loopback ports a session may "
+                                           "reach (relayed into its network namespace)")
+    sandbox_pids_max: int = option("sandbox", 2048, "processes per session (cgroup v1 pids controller; needs "
+                                   "root)", ge=16)
 
     # Kubernetes provider
-    k8s_namespace: str = "orz-sessions"
-    k8s_runner_image: str = "ghcr.io/orzbob/orzbob-cloud-runner:latest"
-    k8s_storage_class: str = ""
-    k8s_workspace_size: str = "10Gi"
-    k8s_gateway_selector: str = "app.kubernetes.io/component=gateway"
-    # Labels of the control-plane namespace the gateway runs in (NetworkPolicy namespaceSelector).
-    k8s_gateway_namespace_selector: str = "kubernetes.io/metadata.name=orz-system"
+    k8s_namespace: str = option("kubernetes", "orz-sessions", "the namespace session pods run in")
+    k8s_runner_image: str = option("kubernetes", "ghcr.io/orzbob/orzbob-cloud-runner:latest", "the runner's "
+                                   "container image")
+    k8s_storage_class: str = option("kubernetes", "", "storage class of the workspace volumes (empty: the "
+                                    "cluster's default)")
+    k8s_workspace_size: str = option("kubernetes", "10Gi", "size of each session's workspace volume")
+    k8s_gateway_selector: str = option("kubernetes", "app.kubernetes.io/component=gateway", "labels of the "
+                                       "gateway's pods, the only pods a session's NetworkPolicy lets reach its runner")
+    k8s_gateway_namespace_selector: str = option("kubernetes", "kubernetes.io/metadata.name=orz-system", "labels "
+                                                 "of the control-plane namespace the gateway runs in "
+                                                 "(NetworkPolicy namespaceSelector)")
+
+    # Runner (read inside a session; the provider sets these).
+    runner_spec: str = option("runner", "", "what the runner runs: schemas.RunnerSpec as JSON")
+    runner_token: SecretStr = option("runner", SecretStr(""), "the token the runner presents to the API")
+    runner_advertise_host: str = option("runner", "", "the address the runner reports for its SSH endpoint when "
+                                        "the spec names none (a pod's IP)")
 
     # Logging
-    log_level: str = "INFO"
-    log_json: bool = True
+    log_level: str = option("logging", "INFO", "the lowest level logged (DEBUG, INFO, WARNING, ERROR)")
+    log_json: bool = option("logging", True, "log JSON lines (`false`: plain text)")
 
     @field_validator("gateway_web_trusted_proxies", "api_trusted_proxies")
     @classmethod
@@ -382,6 +464,92 @@ def ssh_algorithms() -> dict[str, list[str]]:
     }
 
 
+# ---------------------------------------------------------------- the configuration table (README.md)
+
+TABLE_START = "<!-- settings table: `python -m api.settings --write-readme` writes it from api/settings.py -->"
+TABLE_END = "<!-- end of settings table -->"
+
+
+def _shown_default(name: str, field: FieldInfo) -> str:
+    """A field's default as the table shows it (durations also in minutes, hours or days); a secret's never."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    shown = extra.get("shown_default")
+    if isinstance(shown, str):
+        return shown
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, SecretStr):
+        return "empty (secret)" if not value.get_secret_value() else "(secret)"
+    if value is None:
+        return "unset"
+    if value == "":
+        return "empty"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, int | float):
+        number = f"{value:g}" if isinstance(value, float) else str(value)  # 240.0 as 240, 2592000 in full
+        return f"`{number}`" + (_duration(value) if name.endswith("_s") else "")
+    return f"`{value}`"
+
+
+def _duration(seconds: int | float) -> str:
+    """ " (30 min)" for a whole number of minutes, hours or days beyond two minutes; "" otherwise."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= max(size, 120) and seconds % size == 0:
+            return f" ({int(seconds // size)} {unit})"
+    return ""
+
+
+def markdown_table(settings_class: type[Settings] = Settings) -> str:
+    """Every setting as README's configuration table: one table per component, in GROUPS order."""
+    prefix = settings_class.model_config.get("env_prefix", "")
+    rows: dict[str, list[str]] = {group: [] for group in GROUPS}
+    for name, field in settings_class.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        group = str(extra.get("group"))
+        if group not in rows or not field.description:
+            raise ValueError(f"setting {name} needs a help text and one of the groups {', '.join(GROUPS)}")
+        cells = [f"`{prefix}{name.upper()}`", _shown_default(name, field), field.description]
+        rows[group].append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    out: list[str] = []
+    for group, title in GROUPS.items():
+        if rows[group]:
+            out += [f"#### {title}", "", "| variable | default | meaning |", "|---|---|---|", *rows[group], ""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def readme_with_table(readme: str, table: str) -> str:
+    """README's text with the part between TABLE_START and TABLE_END replaced by ``table``."""
+    start, end = readme.find(TABLE_START), readme.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README has no {TABLE_START!r} ... {TABLE_END!r} block")
+    return f"{readme[:start + len(TABLE_START)]}\n\n{table}\n{readme[end:]}"
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read the environment, with explicit overrides (command-line flags) on top."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--markdown``: print the configuration table; ``--write-readme [PATH]``: put it into README.md."""
+    parser = argparse.ArgumentParser(prog="python -m api.settings", description=main.__doc__)
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--markdown", action="store_true", help="print the configuration table (Markdown)")
+    action.add_argument("--write-readme", nargs="?", const=Path("README.md"), metavar="PATH", type=Path,
+                        help="replace the table in README.md (or PATH)")
+    args = parser.parse_args(argv)
+    path: Path | None = args.write_readme
+    try:
+        table = markdown_table()
+        if path is None:
+            sys.stdout.write(table)
+            return 0
+        text = readme_with_table(path.read_text(encoding="utf-8"), table)
+    except (OSError, ValueError) as exc:
+        parser.error(f"{path or 'settings'}: {exc}")
+    path.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
