@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import stat
@@ -15,6 +16,9 @@ from typing import Any
 import asyncssh
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 from api.credentials import jwt as attach_jwt
 from api.credentials import ssh_ca
@@ -205,3 +209,40 @@ async def eventually(predicate: Callable[[], object], what: str, timeout: float 
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class BrowserTerminal:
+    """The web door as the browser page uses it (subprotocol orz.terminal.v1): the terminal's bytes and
+    the JSON control messages, in the order they came."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.seen = b""
+        self.control: list[dict[str, Any]] = []
+
+    async def _receive(self) -> None:
+        msg = await asyncio.wait_for(self.ws.recv(), 10)
+        if isinstance(msg, bytes):
+            self.seen += msg
+        else:
+            self.control.append(json.loads(msg))
+
+    async def until(self, marker: bytes) -> None:
+        """Read until ``marker`` is on the terminal (each message within 10 s)."""
+        while marker not in self.seen:
+            await self._receive()
+
+    async def until_closed(self) -> None:
+        """Read until the gateway closes the WebSocket (each message within 10 s)."""
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await self._receive()
+
+
+@contextlib.asynccontextmanager
+async def browser_terminal(env: Env, session: str = SESSION) -> AsyncIterator[BrowserTerminal]:
+    """A browser terminal attached to ``session`` through the gateway's web door, with a fresh token."""
+    assert env.gateway.web is not None
+    url = f"ws://127.0.0.1:{env.gateway.web.port}/v1/instances/{session}/attach?token={env.token(session)}"
+    async with connect(url, subprotocols=[Subprotocol("orz.terminal.v1")]) as ws:
+        yield BrowserTerminal(ws)

@@ -7,16 +7,12 @@ tests/cli/test_gateway_drain.py.
 from __future__ import annotations
 
 import asyncio
-import json
 
 import httpx
 import pytest
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
-from websockets.typing import Subprotocol
 
 from api.schemas import GATEWAY_RESTARTING
-from tests.gateway.conftest import Env, asyncssh_client, eventually
+from tests.gateway.conftest import Env, asyncssh_client, browser_terminal, eventually
 
 
 async def test_terminals_are_told_data_channels_are_left_alone_and_nobody_new_gets_in(env: Env) -> None:
@@ -85,31 +81,15 @@ async def test_the_deadline_ends_connections_with_the_reason(env: Env) -> None:
 
 
 async def test_a_browser_terminal_reads_the_line_then_ends_with_the_reason(env: Env) -> None:
-    assert env.gateway.web is not None
-    url = f"ws://127.0.0.1:{env.gateway.web.port}/v1/instances/demo-1/attach?token={env.token()}"
-    async with connect(url, subprotocols=[Subprotocol("orz.terminal.v1")]) as ws:
-        seen, control = b"", []
-        while b"hi" not in seen:
-            msg = await asyncio.wait_for(ws.recv(), 10)
-            if isinstance(msg, bytes):
-                seen += msg
+    async with browser_terminal(env) as term:
+        await term.until(b"hi")
         stop = asyncio.get_running_loop().create_future()
         draining = asyncio.ensure_future(env.gateway.drain(60, stop))
-        while GATEWAY_RESTARTING.encode() not in seen:  # the line, in the terminal
-            msg = await asyncio.wait_for(ws.recv(), 10)
-            if isinstance(msg, bytes):
-                seen += msg
-        await ws.send(b"ping\r")  # still working
-        while b"pong" not in seen:
-            msg = await asyncio.wait_for(ws.recv(), 10)
-            if isinstance(msg, bytes):
-                seen += msg
+        await term.until(GATEWAY_RESTARTING.encode())  # the line, in the terminal
+        await term.ws.send(b"ping\r")  # still working
+        await term.until(b"pong")
         stop.set_result(None)
-        with pytest.raises(ConnectionClosed):
-            while True:
-                msg = await asyncio.wait_for(ws.recv(), 10)
-                if isinstance(msg, str):
-                    control.append(json.loads(msg))
+        await term.until_closed()
         assert await asyncio.wait_for(draining, 5) == "signal"
-        assert ws.close_code == 4001 and GATEWAY_RESTARTING in (ws.close_reason or "")
-        assert any(GATEWAY_RESTARTING in str(c.get("message")) for c in control), control
+        assert term.ws.close_code == 4001 and GATEWAY_RESTARTING in (term.ws.close_reason or "")
+        assert any(GATEWAY_RESTARTING in str(c.get("message")) for c in term.control), term.control

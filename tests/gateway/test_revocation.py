@@ -6,15 +6,11 @@ Real OpenSSH clients through a real gateway; the API and runner are the stand-in
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
-from websockets.typing import Subprotocol
 
-from tests.gateway.conftest import SESSION, USER, Env, eventually, gateway_env
+from tests.gateway.conftest import SESSION, USER, Env, browser_terminal, eventually, gateway_env
 from tests.gateway.standins import FakeSession
 
 
@@ -82,21 +78,9 @@ async def test_live_pty_ends_with_the_reason_and_others_stay(tmp_path: Path, wit
 
 
 async def test_a_browser_terminal_ends_with_the_reason(tmp_path: Path) -> None:
-    async with gateway_env(tmp_path, gateway_access_check_s=0.2) as env:
-        assert env.gateway.web is not None
-        url = f"ws://127.0.0.1:{env.gateway.web.port}/v1/instances/{SESSION}/attach?token={env.token()}"
-        # As the page connects: with the subprotocol that asks for the JSON control messages.
-        async with connect(url, subprotocols=[Subprotocol("orz.terminal.v1")]) as ws:
-            seen, control = b"", []
-            while b"hi" not in seen:
-                msg = await asyncio.wait_for(ws.recv(), 10)
-                if isinstance(msg, bytes):
-                    seen += msg
-            env.api.disabled_users.add(USER)
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    msg = await asyncio.wait_for(ws.recv(), 10)
-                    if isinstance(msg, str):
-                        control.append(json.loads(msg))
-            assert {"type": "error", "message": "your account is disabled"} in control
-            assert ws.close_code == 4001 and ws.close_reason == "your account is disabled"
+    async with gateway_env(tmp_path, gateway_access_check_s=0.2) as env, browser_terminal(env) as term:
+        await term.until(b"hi")
+        env.api.disabled_users.add(USER)
+        await term.until_closed()
+        assert {"type": "error", "message": "your account is disabled"} in term.control
+        assert term.ws.close_code == 4001 and term.ws.close_reason == "your account is disabled"
