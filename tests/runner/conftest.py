@@ -56,6 +56,16 @@ def short_tmp() -> Iterator[Path]:
 MakeRepo = Callable[..., str]
 
 
+async def wait_for_pane(tmux: Tmux, text: str, timeout: float = 5.0) -> str:
+    """The pane's screen once ``text`` is on it; fails, showing the screen, after ``timeout`` seconds."""
+    for _ in range(int(timeout / 0.1)):
+        screen = await tmux.capture()
+        if text in screen:
+            return screen
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{text!r} not in pane: {screen!r}")
+
+
 @pytest.fixture
 def make_repo(short_tmp: Path) -> MakeRepo:
     """``make_repo({"path": "text"}, branch="main", extra_branches={...})`` → a file:// URL of a bare repo."""

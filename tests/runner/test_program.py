@@ -10,9 +10,8 @@ import pytest
 
 from runner.program import describe_exit, program_argv, task_env
 from runner.tmux import Tmux
-from tests.runner.conftest import MakeRepo, StartRunner
+from tests.runner.conftest import MakeRepo, StartRunner, wait_for_pane
 from tests.runner.fake_api import FakeApi
-from tests.runner.test_tmux import wait_for_pane
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 ENV = {"PATH": os.environ["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8", "ORZ_SESSION_ID": "demo-1",

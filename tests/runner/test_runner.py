@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runner.conftest import MakeRepo, RunningRunner, StartRunner
+from tests.runner.conftest import MakeRepo, RunningRunner, StartRunner, wait_for_pane
 from tests.runner.fake_api import FakeApi
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -61,11 +61,7 @@ async def test_secrets_reach_the_program_env_but_not_the_runner_token(
                                 secrets={"DB_PASS": "pw1", "API_KEY": "k2"},
                                 extra_env={"ORZ_RUNNER_TOKEN": "runner-token-1", "UNRELATED": "x"})
     await handle.ready()
-    for _ in range(30):
-        screen = await handle.runner.tmux.capture()
-        if "[pg" in screen:
-            break
-        await asyncio.sleep(0.1)
+    screen = await wait_for_pane(handle.runner.tmux, "[pg", timeout=3.0)
     assert "[pg://u:pw1@x][k2][none]" in screen
 
 

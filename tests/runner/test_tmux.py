@@ -10,18 +10,10 @@ import pytest
 
 from runner.program import program_argv
 from runner.tmux import Tmux
+from tests.runner.conftest import wait_for_pane
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
 ENV = {"PATH": os.environ["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8"}
-
-
-async def wait_for_pane(tmux: Tmux, text: str, timeout: float = 5.0) -> str:
-    for _ in range(int(timeout / 0.1)):
-        screen = await tmux.capture()
-        if text in screen:
-            return screen
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{text!r} not in pane: {screen!r}")
 
 
 async def test_pane_shows_program_output(tmux: Tmux, short_tmp: Path) -> None:
