@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import httpx
 import pexpect
 import pytest
 
-from tests.support import ROOT, free_port, orz_env, wait_until
+from tests.support import ROOT, free_port, orz_env, stop_process, wait_for_http, wait_until
 
 # Marks for tests that drive the whole platform with the real clients.
 FULLSTACK_MARKS = [
@@ -68,28 +67,14 @@ def running_platform(base: Path, **settings: str) -> Iterator[Platform]:
             env=env, cwd=ROOT, stdout=server_log, stderr=server_log,
         )
         try:
-            def healthy() -> bool:
-                if server.poll() is not None:
-                    raise RuntimeError(f"orz server exited; see {base / 'server.out'}")
-                try:
-                    return all(httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-                               for port in (api_port, web_port))
-                except httpx.HTTPError:
-                    return False
-
-            wait_until(healthy, timeout=60, what="orz server")
+            wait_for_http(server, *(f"http://127.0.0.1:{port}/healthz" for port in (api_port, web_port)),
+                          what="orz server", exited=lambda: f"orz server exited; see {base / 'server.out'}")
             wait_until((home / ".config" / "orzbob" / "token.json").exists, timeout=10, what="the CLI login")
             yield Platform(home=home, data=data, env=env, terminal=terminal, api_port=api_port,
                            ssh_port=ssh_port, web_port=web_port, log=data / "logs" / "server.log",
                            screen=base / "server.out")
         finally:
-            if server.poll() is None:
-                server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process(server)
 
 
 @contextlib.contextmanager
@@ -109,24 +94,11 @@ def gateway_process(platform: Platform, ssh_port: int, web_port: int, name: str 
         proc = subprocess.Popen([sys.executable, "-m", "cli", "gateway", "--ssh-port", str(ssh_port),
                                  "--web-port", str(web_port)], env=env, cwd=ROOT, stdout=log, stderr=log)
         try:
-            def healthy() -> bool:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"orz gateway exited; see {log_path}")
-                try:
-                    return httpx.get(f"http://127.0.0.1:{web_port}/healthz", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_until(healthy, timeout=30, what=f"the gateway {name}")
+            wait_for_http(proc, f"http://127.0.0.1:{web_port}/healthz", what=f"the gateway {name}", timeout=30,
+                          exited=lambda: f"orz gateway exited; see {log_path}")
             yield proc
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, signal.SIGTERM)
 
 
 DETACH = "\x02d"  # tmux prefix Ctrl-b, then d

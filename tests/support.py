@@ -1,4 +1,5 @@
-"""Helpers for tests that run real processes: free ports, waiting, an `orz` subprocess, stopping one, and
+"""Helpers for tests that run real processes: free ports, waiting (for a server to answer, too), an `orz`
+subprocess, stopping one, and
 the HTTP loop of the JSON stand-ins (fake APIs) some tests serve."""
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +37,22 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_for_http(proc: subprocess.Popen[Any], *urls: str, what: str, timeout: float = 60,
+                  interval: float = 0.05, exited: Callable[[], str] | None = None) -> None:
+    """Wait until every URL answers 200. If ``proc`` (the server behind them) exits first, fail at once
+    with ``exited()``: where to read why (by default, its exit status)."""
+
+    def answering() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(exited() if exited else f"{what} exited with status {proc.returncode}")
+        try:
+            return all(httpx.get(url, timeout=1).status_code == 200 for url in urls)
+        except httpx.HTTPError:
+            return False
+
+    wait_until(answering, timeout=timeout, interval=interval, what=what)
 
 
 def orz_env(home: Path, **extra: str) -> dict[str, str]:
@@ -58,8 +77,9 @@ def orz(*args: str, env: dict[str, str], timeout: float = 60, check: bool = Fals
                           timeout=timeout, check=check, input=input_text, cwd=ROOT)
 
 
-def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGINT, timeout: float = 30) -> tuple[str, str]:
-    """Ask a service process to stop (SIGINT, like Ctrl-C) and collect its output; kill it if it hangs."""
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGINT, timeout: float = 30) -> tuple[Any, Any]:
+    """Ask a service process to stop (SIGINT, like Ctrl-C) and collect its output (None where it was not
+    piped); kill it if it hangs."""
     if proc.poll() is None:
         proc.send_signal(sig)
     try:

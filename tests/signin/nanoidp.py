@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import free_port, stop_process, wait_until
+from tests.support import free_port, stop_process, wait_for_http
 
 CLIENT_ID = "orz-cloud"
 CLIENT_SECRET = "orz-cloud-secret"  # a throwaway client of a throwaway provider
@@ -57,16 +57,8 @@ class NanoIdp:
         proc = subprocess.Popen([sys.executable, "-m", "nanoidp", "--config", str(config), "--port", str(port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"nanoidp exited: {proc.communicate()[0][-2000:]}")
-            try:
-                return httpx.get(f"{url}/.well-known/openid-configuration", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, timeout=60, interval=0.2, what="nanoidp to answer")
+        wait_for_http(proc, f"{url}/.well-known/openid-configuration", what="nanoidp to answer", interval=0.2,
+                      exited=lambda: f"nanoidp exited: {proc.communicate()[0][-2000:]}")
         return cls(url=url, proc=proc)
 
     def approve(self, user_code: str, username: str = "ada", password: str = "ada-password") -> None:
