@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from api.cloud_yaml import DEFAULT_MAX_SERVICES
+from api.schemas import RunnerSpec
 
 ProviderState = dict[str, Any]
 # What a session's compute is doing, as the reconciler (api/jobs/reconcile.py) reads it:
@@ -55,6 +56,19 @@ class ComputeSpec:
     work_scan_s: float = 15.0
     # Record the agent's pane in parts of at most this many bytes; 0: not recorded (the org said so).
     recording_max_bytes: int = 0
+
+    def runner_spec(self, *, ssh_host: str, ssh_port: int, workspace: str, state_dir: str,
+                    **where: Any) -> RunnerSpec:
+        """What the runner is told, from this spec; ``where`` are the provider's own fields (ssh_host and
+        the rest: where the runner listens, keeps its files, finds its services)."""
+        return RunnerSpec(
+            session_id=self.session_id, api_url=self.api_url, repo_url=self.repo_url, branch=self.branch,
+            program=self.program, task=self.task, gateway_public_key=self.gateway_public_key,
+            heartbeat_interval_s=self.heartbeat_interval_s, secret_env=sorted(self.secret_env),
+            ssh_host=ssh_host, ssh_port=ssh_port, workspace=workspace, state_dir=state_dir,
+            pull=self.pull, max_services=self.max_services, needs_input_after_s=self.needs_input_after_s,
+            work_scan_s=self.work_scan_s, recording_max_bytes=self.recording_max_bytes, **where,
+        )
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from api.schemas import (
     STATE_RECORDING_PREVIOUS,
     STATE_RELEASED_FILE,
     UNIX_ROUTE_PREFIX,
-    RunnerSpec,
 )
 from api.settings import Settings
 
@@ -214,17 +213,10 @@ class LocalProvider(Provider):
     def _spawn(self, spec: ComputeSpec, base: Path) -> ProviderState:
         tools = sandbox.find_tools() if self.sandboxed else None  # before anything is made or started
         socket = self.runner_socket(spec.session_id)
-        runner_spec = RunnerSpec(
-            session_id=spec.session_id, api_url=spec.api_url, repo_url=spec.repo_url, branch=spec.branch,
-            program=spec.program, task=spec.task, gateway_public_key=spec.gateway_public_key,
-            heartbeat_interval_s=spec.heartbeat_interval_s, secret_env=sorted(spec.secret_env),
+        runner_spec = spec.runner_spec(
             ssh_host=UNIX_ROUTE_PREFIX + socket if socket else "127.0.0.1", ssh_port=0,
+            workspace=str(base / "workspace"), state_dir=str(base / "state"),
             network_ready_file=str(sandbox.SessionPaths(base).network_ready) if socket else None,
-            workspace=str(base / "workspace"),
-            state_dir=str(base / "state"),
-            max_services=spec.max_services, pull=spec.pull,
-            needs_input_after_s=spec.needs_input_after_s, work_scan_s=spec.work_scan_s,
-            recording_max_bytes=spec.recording_max_bytes,
         )
         env = {k: os.environ[k] for k in _INHERIT if k in os.environ}
         env.setdefault("LANG", "C.UTF-8")

@@ -165,16 +165,7 @@ def network_policy(spec: ComputeSpec, config: ClusterConfig, owner_uid: str | No
 
 
 def runner_spec(spec: ComputeSpec) -> RunnerSpec:
-    return RunnerSpec(
-        session_id=spec.session_id,
-        api_url=spec.api_url,
-        repo_url=spec.repo_url,
-        branch=spec.branch,
-        program=spec.program,
-        task=spec.task,
-        gateway_public_key=spec.gateway_public_key,
-        heartbeat_interval_s=spec.heartbeat_interval_s,
-        secret_env=sorted(spec.secret_env),
+    return spec.runner_spec(
         ssh_host="0.0.0.0",  # noqa: S104  # nosec B104  # the NetworkPolicy, not the bind address, limits who connects
         ssh_port=RUNNER_SSH_PORT,
         workspace=WORKSPACE,
@@ -182,11 +173,6 @@ def runner_spec(spec: ComputeSpec) -> RunnerSpec:
         # The Pod runs the services; the runner compares them with .orz/cloud.yaml and reports a difference.
         sidecars="pod",
         pod_services_digest=services_digest(sidecars.listed(spec.services)),
-        pull=spec.pull,
-        max_services=spec.max_services,
-        needs_input_after_s=spec.needs_input_after_s,
-        work_scan_s=spec.work_scan_s,
-        recording_max_bytes=spec.recording_max_bytes,
     )
 
 
