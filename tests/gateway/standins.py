@@ -6,10 +6,10 @@
   that checks the service token and answers with the contract's JSON or problem+json. It lets gateway
   tests set a session's state directly (failed, stopped, slow to start); test_api_contract.py keeps it
   honest against the real API.
-- ``FakeRunner`` stands in for the runner's internal SSH endpoint (runner/sshd.py; the real one runs in
-  the runner branch): a real asyncssh server that accepts only the gateway's client key with user
-  "rw"/"ro". A pty shell prints "hi" then echoes; exec runs ``sh -c``; sftp/scp serve a directory;
-  direct-tcpip and tcpip-forward are allowed to loopback only.
+- ``FakeRunner`` stands in for the runner's internal SSH endpoint (runner/sshd.py, which
+  test_e2e_runner.py puts behind the gateway instead): a real asyncssh server that accepts only the
+  gateway's client key with user "rw"/"ro". A pty shell prints "hi" then echoes; exec runs ``sh -c``;
+  sftp/scp serve a directory; direct-tcpip and tcpip-forward are allowed to loopback only.
 """
 
 from __future__ import annotations
