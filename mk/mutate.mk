@@ -1,14 +1,16 @@
 # Mutation testing of the trust boundary with mutmut (config: [tool.mutmut] in pyproject.toml).
 # `make mutate` mutates the credential checks (gateway/auth.py, api/auth.py, api/credentials/), the
-# authorize and quota parts of api/instances/service.py, and runs for each mutant only the fast tests
+# authorize and quota parts of InstanceService (api/instances/gateway_side.py, user_side.py and
+# service_base.py), and runs for each mutant only the fast tests
 # that reach the mutated function. It takes minutes, so it is not part of `make test` or CI.
 # Survivors and why each one may live: tests/MUTATION.md.
 
 MUTATE_TIMEOUT_S ?= 1500
 # mutmut names a method's mutants <module>.xǁ<Class>ǁ<method>__mutmut_<n>; these are fnmatch patterns.
 MUTATE_SCOPE := 'gateway.auth.*' 'api.auth.*' 'api.credentials.*' \
-	'api.instances.service.*authorize__mutmut_*' 'api.instances.service.*quota__mutmut_*' \
-	'api.instances.service.*_count_active__mutmut_*' 'api.instances.service.*_spend_jti__mutmut_*'
+	'api.instances.gateway_side.*authorize__mutmut_*' 'api.instances.user_side.*quota__mutmut_*' \
+	'api.instances.service_base.*quota__mutmut_*' 'api.instances.service_base.*_count_active__mutmut_*' \
+	'api.instances.service_base.*_spend_jti__mutmut_*'
 
 .PHONY: mutate mutate-report
 

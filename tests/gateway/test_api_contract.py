@@ -2,7 +2,7 @@
 
 The same authorize and attach-event requests, in the same order, go to the real API (create_app on
 SQLite) and to the stand-in set up with the same users, orgs and sessions; status, problem code, detail
-and reply must be equal. A rule changed in api/instances/service.py fails here until the stand-in
+and reply must be equal. A rule changed in api/instances/gateway_side.py fails here until the stand-in
 follows it.
 """
 

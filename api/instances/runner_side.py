@@ -1,0 +1,176 @@
+"""InstanceService, runner side (api/instances/service.py puts the sides together)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import update
+
+from api import schemas
+from api.db import tokens
+from api.db.models import Event, Instance
+from api.errors import (
+    ComputeUnavailable,
+    InvalidTransition,
+    OrzError,
+    Unauthorized,
+)
+from api.instances.providers.base import ProviderFailure
+from api.instances.service_base import ServiceBase
+from api.instances.states import (
+    GONE_STATES,
+    State,
+)
+from api.webhooks import outbox as webhook_outbox
+
+# The name the module had before it was split: log filters and dashboards use it.
+log = logging.getLogger("api.instances.service")
+
+
+class RunnerSide(ServiceBase):
+    """What runners report: heartbeats, services, program events."""
+
+    async def record_heartbeat(self, session_id: str, runner_token: str, hb: schemas.Heartbeat
+                               ) -> schemas.HeartbeatReply:
+        async with self.db_sessions() as db:
+            inst = await db.get(Instance, session_id)
+            if (
+                inst is None
+                or not inst.runner_token_hash
+                or not tokens.looks_like(runner_token, tokens.RUNNER_TOKEN_PREFIX)
+                or not tokens.matches(runner_token, inst.runner_token_hash)
+            ):
+                raise Unauthorized("invalid runner token")
+            now = self.now()
+            values: dict[str, Any] = {
+                "last_heartbeat_at": now,
+                "attached_clients": hb.attached_clients,
+                "init_status": hb.init_status,
+            }
+            socket = self.provider.runner_socket(session_id)
+            if hb.host_key and socket and (hb.ssh_host or "").startswith(schemas.UNIX_ROUTE_PREFIX):
+                # The path is the provider's, never the runner's: a session cannot point routes elsewhere.
+                values.update(route_host=schemas.UNIX_ROUTE_PREFIX + socket, route_port=0,
+                              runner_host_key=hb.host_key)
+            elif hb.host_key and hb.ssh_port and not socket:
+                values.update(route_host=hb.ssh_host, route_port=hb.ssh_port, runner_host_key=hb.host_key)
+            activity = [t for t in (hb.last_input_at, hb.last_output_at) if t is not None]
+            if hb.attached_clients > 0:
+                activity.append(now)
+            latest = max(activity, default=None)
+            if latest is not None:
+                latest = min(latest, now)  # a runner clock ahead of ours must not postpone reaping
+                if inst.last_activity_at is None or latest > inst.last_activity_at:
+                    values["last_activity_at"] = latest
+            if hb.work is not None:
+                values["work"] = hb.work.model_dump(mode="json")
+            changed = self._agent_change(inst, hb)
+            if changed:
+                values.update(agent_state=hb.agent_state, agent_message=hb.agent_message,
+                              agent_exit_code=hb.agent_exit_code, agent_state_at=now)
+                # from/to hold agent states here (kind "agent"), not session states.
+                event = Event(instance_id=inst.id, org_id=inst.org_id, at=now, actor="runner", kind="agent",
+                              from_state=inst.agent_state, to_state=hb.agent_state, message=changed)
+                db.add(event)
+                await webhook_outbox.enqueue(db, inst, event, agent_message=hb.agent_message,
+                                             exit_code=hb.agent_exit_code)
+            await db.execute(update(Instance).where(Instance.id == inst.id).values(**values))
+            for pe in hb.program_events or ():
+                db.add(self._event(inst, "runner", pe.kind, None, None, pe.message))
+                log.info("session %s: %s", inst.id, pe.message, extra={"event": "program", "session_id": inst.id})
+            await db.commit()
+            await db.refresh(inst)
+        state = State(inst.state)
+        if hb.fatal_error:
+            if state not in GONE_STATES and state not in (State.FAILED, State.STOPPED):
+                # The runner that reports a fatal error waits for this reply and then exits by itself;
+                # stopping its compute inline would kill the caller mid-request.
+                inst = await self._fail(inst, "runner", hb.fatal_error, release_later=True)
+        elif hb.services is not None:
+            inst = await self._take_services(inst, hb.services)
+        elif state in (State.STARTING, State.UNHEALTHY) and inst.runner_host_key and hb.init_status in (
+            "succeeded", "none"
+        ):
+            async with self.db_sessions() as db:
+                try:
+                    inst = await self._transition(
+                        db, inst, State.RUNNING, "runner", "running",
+                        "runner is up" if state == State.STARTING else "heartbeats resumed",
+                        started_at=self.now() if state == State.STARTING else inst.started_at, reason=None,
+                    )
+                except InvalidTransition:
+                    await db.rollback()
+        return schemas.HeartbeatReply(state=inst.state, heartbeat_interval_s=self.settings.heartbeat_interval_s)
+
+    @staticmethod
+    def _agent_change(inst: Instance, hb: schemas.Heartbeat) -> str | None:
+        """The event message when the heartbeat changes the agent's state (or its message), else None."""
+        if hb.agent_state is None:
+            return None
+        if (hb.agent_state, hb.agent_message, hb.agent_exit_code) == (
+                inst.agent_state, inst.agent_message, inst.agent_exit_code):
+            return None
+        if hb.agent_state == "exited":
+            return f"exited with code {hb.agent_exit_code}" if hb.agent_exit_code is not None else "exited"
+        return f"{hb.agent_state}: {hb.agent_message}" if hb.agent_message else hb.agent_state
+
+    async def _take_services(self, inst: Instance, services: Sequence[schemas.SidecarSpec]) -> Instance:
+        """A starting runner found other services in .orz/cloud.yaml than its Pod runs: restart with them.
+
+        They are kept in the instance's spec, so later starts (stop/start, wake, retries) have them from
+        the first Pod. Once per set: the same set reported again changes nothing, and the new runner
+        token silences the replaced Pod's runner. Bad services fail the session; nothing is restarted.
+        """
+        if not self.provider.runs_services or State(inst.state) != State.STARTING:
+            return inst
+        wanted = [s.model_dump(mode="json") for s in services]
+        if wanted == list((inst.spec or {}).get("services") or []):
+            return inst
+        try:
+            async with self.db_sessions() as db:
+                secret_env = await self._secret_env(db, inst.org_id, inst.user_id, (inst.spec or {}).get("secrets", []))
+            self.provider.check_services(wanted, secret_env, self._max_services(inst))
+        except (OrzError, ProviderFailure) as exc:
+            reason = exc.reason if isinstance(exc, ProviderFailure) else exc.detail
+            # The caller is the runner of the Pod being released: reply first, then release.
+            return await self._fail(inst, "runner", reason, release_later=True)
+        token = tokens.issue(tokens.RUNNER_TOKEN_PREFIX)
+        async with self.db_sessions() as db:
+            # Guarded by state and token: a stop, a delete or a concurrent report of this runner wins.
+            done = await db.execute(
+                update(Instance)
+                .where(Instance.id == inst.id, Instance.state == State.STARTING.value,
+                       Instance.runner_token_hash == inst.runner_token_hash)
+                .values(spec={**(inst.spec or {}), "services": wanted}, runner_token_prefix=token.prefix,
+                        runner_token_hash=token.digest, route_host=None, route_port=None,
+                        runner_host_key=None, updated_at=self.now())
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                await db.rollback()
+                return inst
+            names = ", ".join(s.name for s in services) or "none"
+            db.add(self._event(inst, "runner", "sidecars", None, None,
+                               f"restarting the pod with the services of {schemas.CLOUD_CONFIG_PATH}: {names}"))
+            await db.commit()
+            row = await db.get(Instance, inst.id, populate_existing=True)
+            assert row is not None
+        self._spawn(self._restart_with_services(row, token.value, secret_env))
+        return row
+
+    async def _restart_with_services(self, inst: Instance, runner_token: str, secret_env: dict[str, str]) -> None:
+        """Replace the compute (workspace kept) with compute that runs the services; still ``starting``."""
+        try:
+            await self.provider.stop(inst.id, inst.provider_state or {})
+        except ProviderFailure as exc:
+            await self._fail(inst, "system", f"could not restart with the services of "
+                                             f"{schemas.CLOUD_CONFIG_PATH}: {exc.reason}")
+            return
+        async with self.db_sessions() as db:
+            current = await db.get(Instance, inst.id)
+        if current is None or (current.state, current.runner_token_hash) != (inst.state, inst.runner_token_hash):
+            return  # stopped, deleted or failed meanwhile: that wins, nothing is started
+        with contextlib.suppress(ComputeUnavailable):  # raised after _launch failed the session with the reason
+            await self._launch(current, "system", runner_token, secret_env, fresh=False)
