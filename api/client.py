@@ -62,9 +62,11 @@ class ApiClient:
         await self._http.aclose()
 
     async def request(self, method: str, path: str, *, json: Any = None,
-                      params: dict[str, Any] | None = None) -> httpx.Response:
+                      params: dict[str, Any] | None = None, content: bytes | None = None,
+                      headers: dict[str, str] | None = None) -> httpx.Response:
         try:
-            response = await self._http.request(method, path, json=json, params=params)
+            response = await self._http.request(method, path, json=json, params=params, content=content,
+                                                headers=headers)
         except httpx.TransportError as exc:
             raise ApiUnreachable(self.base_url, exc) from exc
         if response.status_code >= 400:
@@ -167,6 +169,13 @@ class ApiClient:
         return await self._send(
             schemas.HeartbeatReply, "POST", f"/internal/v1/instances/{session_id}/heartbeat", body
         )
+
+    async def upload_recording(self, session_id: str, part: str, offset: int, data: bytes) -> schemas.RecordingAck:
+        """Append ``data`` at ``offset`` of the recording's part ``part``; a 409's body says where it ends."""
+        response = await self.request(
+            "POST", f"/internal/v1/instances/{session_id}/recording", params={"part": part, "offset": offset},
+            content=data, headers={"Content-Type": "application/octet-stream"})
+        return schemas.RecordingAck.model_validate(response.json())
 
     async def authorize(self, body: schemas.AuthorizeRequest) -> schemas.AuthorizeReply:
         return await self._send(schemas.AuthorizeReply, "POST", "/internal/v1/authorize", body)

@@ -607,7 +607,8 @@ def client_env_allowed(name: str) -> bool:
     return name in CLIENT_ENV_NAMES or name.startswith(CLIENT_ENV_PREFIX)
 
 
-# Files the runner writes in its state directory (RunnerSpec.state_dir) and the local provider reads.
+# Files the runner writes in its state directory (RunnerSpec.state_dir) and the local provider reads
+# (the recording's files are the runner's own spool: the API stores what it uploads, api/instances/recordings.py).
 STATE_INIT_LOG = "init.log"
 STATE_FATAL_FILE = "fatal_error"
 # Written once sidecars, tmux and the endpoint are gone: the provider need not wait for the runner's exit.
@@ -619,6 +620,11 @@ RECORDING_CONTENT_TYPE = "application/x-asciicast"
 # The smallest cap a recording may have: a few of the largest events the runner writes (4 KiB of output,
 # JSON-escaped) must fit in one part.
 RECORDING_MIN_BYTES = 64 * 1024
+# The runner uploads its recording to the API (POST /internal/v1/instances/{id}/recording) in requests of
+# at most this many bytes; the route refuses larger ones (413).
+RECORDING_UPLOAD_MAX_BYTES = 128 * 1024
+# The runner's name for one part of a recording (random, made when the part starts).
+RECORDING_PART_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class RunnerSpec(Request):
@@ -720,6 +726,16 @@ class Heartbeat(Request):
 class HeartbeatReply(Response):
     state: StateName
     heartbeat_interval_s: int
+
+
+class RecordingAck(Response):
+    """Where the API's copy of the session's recording ends: the current part's name and size in bytes.
+
+    The answer to an upload (200), and the body of its 409 when the upload did not start there: the runner
+    then sends again from ``offset`` of ``part``, or its own part from 0 when ``part`` is not its own."""
+
+    part: str
+    offset: int
 
 
 class Route(Response):

@@ -39,7 +39,7 @@ from runner.activity import Activity, HeartbeatLoop
 from runner.agent_watch import AgentWatch
 from runner.cloud_config import CloudConfig
 from runner.errors import InitError, RunnerError
-from runner.recording import Recorder
+from runner.recording import Recorder, Uploader
 from runner.services import ServiceManager, pod_sidecars, wait_for_ports
 from runner.sshd import Endpoint, SessionHooks
 from runner.tmux import Tmux
@@ -86,6 +86,8 @@ class Runner:
         self.tmux = Tmux(self.state_dir / "tmux.sock")
         self.recorder = (Recorder(self.tmux, self.state_dir, spec.recording_max_bytes)
                          if spec.recording_max_bytes else None)
+        self.uploader: Uploader | None = None
+        self.client: ApiClient | None = None
         self.ready = asyncio.Event()
         self.services = ServiceManager(self.state_dir, self.base_env)
         self.pod_ports: list[int] = []  # pod mode: the sidecars' ports init waits for
@@ -106,7 +108,7 @@ class Runner:
         return self.state_dir / STATE_INIT_LOG
 
     async def run(self, stop: asyncio.Event) -> int:
-        client = ApiClient(self.spec.api_url, self.token)
+        client = self.client = ApiClient(self.spec.api_url, self.token)
         heartbeats = HeartbeatLoop(client, self.spec.session_id, self.activity,
                                    self.spec.heartbeat_interval_s, refresh=self._refresh)
         heartbeats.start()
@@ -216,6 +218,10 @@ class Runner:
         except OSError as exc:
             log.warning("the session is not recorded: %s", exc)
             self.recorder = None
+            return
+        if self.client is not None:
+            self.uploader = Uploader(self.client, self.spec.session_id, self.recorder.cast)
+            self.uploader.start()
 
     def _install_agent_helpers(self) -> None:
         """``orz-session`` on the session's PATH, and Claude Code hooks that call it in the user's settings."""
@@ -369,6 +375,10 @@ class Runner:
         if self.recorder is not None:
             with contextlib.suppress(Exception):
                 await self.recorder.stop()  # after tmux: what the pane printed last is in the recording
+        if self.uploader is not None:
+            with contextlib.suppress(Exception):
+                # Before the released file: the provider waits for it, and the runner token is valid till then.
+                await self.uploader.close()
         try:
             # After the program is gone (a consistent snapshot) and before the sidecars' own stop time,
             # so the push fits in the provider's grace period.

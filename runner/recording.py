@@ -9,6 +9,13 @@ Each part is at most ``max_bytes``: the line that would go past it first moves t
 ``recording.1.cast`` (replacing the one there) and starts a new part with its own header. A runner that
 starts again (wake of a stopped session) appends to the current part, its times counted from that
 part's header, so the stop shows as one long pause (``orz cloud replay --idle-limit`` shortens it).
+
+These files are the runner's spool, not where anyone reads the recording: ``Uploader`` sends their new
+bytes to the API every few seconds and once more when the runner stops, and the API stores and serves
+them (api/instances/recordings.py has the protocol). Each part has a random name, kept beside it in
+``recording.part``, so a runner that starts again on the same files goes on with the same part upstream;
+one that starts without them (a new Pod) starts a new part, and the API keeps the one before as the
+previous part. What a runner had not uploaded when it was killed is lost.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shlex
 import stat
 import time
@@ -26,12 +34,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from api.schemas import STATE_RECORDING, STATE_RECORDING_PREVIOUS
+from api.client import ApiClient, ApiError
+from api.schemas import RECORDING_PART_RE, RECORDING_UPLOAD_MAX_BYTES, STATE_RECORDING, STATE_RECORDING_PREVIOUS
 from runner.tmux import RESIZED, Tmux
 
 log = logging.getLogger(__name__)
 
 FIFO = "recording.fifo"
+# The name of the current part (recording.cast), written before the part's first byte.
+PART_FILE = "recording.part"
+# How often the uploader sends what the pane printed since its last upload (when it printed anything).
+UPLOAD_INTERVAL_S = 2.0
+# The last upload when the runner stops: bounded, within the provider's grace period.
+FINAL_UPLOAD_S = 5.0
+# Uploads in one round (two parts at the cap, 8 MiB each by default, in 128 KiB uploads, with room to spare).
+MAX_UPLOADS_AT_ONCE = 256
 # Bytes read from the FIFO at a time: one "o" event at most, ~6x that once JSON-escaped (RECORDING_MIN_BYTES
 # leaves room for a few of those).
 READ_SIZE = 4096
@@ -45,6 +62,10 @@ class CastFile:
     def __init__(self, directory: Path, max_bytes: int, clock: Callable[[], float] = time.time) -> None:
         self.path = directory / STATE_RECORDING
         self.previous = directory / STATE_RECORDING_PREVIOUS
+        self.part_file = directory / PART_FILE
+        # The random names of the current and previous parts (what the API knows them by).
+        self.part_id = ""
+        self.previous_id = ""
         self.max_bytes = max_bytes
         self.clock = clock
         self.size = (0, 0)
@@ -90,6 +111,12 @@ class CastFile:
             return False
         if not isinstance(header, dict) or header.get("version") != 2 or not tail.endswith(b"\n"):
             return False
+        try:
+            part_id = self.part_file.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            part_id = ""
+        if not RECORDING_PART_RE.match(part_id):
+            return False  # a part without its name cannot be continued upstream: a new part then
         last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
         try:
             line: Any = json.loads(last)
@@ -99,10 +126,22 @@ class CastFile:
         self._last_t = float(line[0]) if isinstance(line, list) and line else 0.0
         self._bytes = end
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.part_id = part_id
         return True
+
+    @property
+    def written(self) -> int:
+        """Bytes of the current part written so far (whole lines only)."""
+        return self._bytes
 
     def _new_part(self) -> None:
         self.close()
+        # The name first: a crash before the new file leaves a name no part upstream has (a new part
+        # there, never bytes of another file appended to the old one).
+        self.previous_id, self.part_id = self.part_id, secrets.token_urlsafe(12)
+        tmp = self.part_file.with_suffix(".tmp")
+        tmp.write_text(self.part_id + "\n", encoding="ascii")
+        os.replace(tmp, self.part_file)
         now = self.clock()
         self._start = float(int(now))
         self._last_t = 0.0
@@ -235,3 +274,125 @@ class Recorder:
                 await asyncio.sleep(1.0)  # no tmux server right now (made again on the next attach)
                 continue
             await self._check_size()
+
+
+class Uploader:
+    """Sends the recording's new bytes to the API (``POST /internal/v1/instances/{id}/recording``).
+
+    It follows the CastFile: the part it is sending, and how much of it the API has (``acked``). After a
+    rotation it finishes the previous part before it starts the new one; a 409 says where the API's copy
+    ends, and it sends again from there (or its part from 0 when the API's current part is another)."""
+
+    def __init__(self, client: ApiClient, session_id: str, cast: CastFile,
+                 interval_s: float = UPLOAD_INTERVAL_S) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.cast = cast
+        self.interval_s = interval_s
+        self.part = ""
+        self.acked = 0
+        self.off = False  # the org turned recording off: nothing more is sent
+        self.failed = False  # the last upload did not reach the API (or it failed): tried again later
+        self._skip = ""  # a part the API will not take more of (over its cap): left until the next one
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="recording-upload")
+
+    async def close(self, timeout_s: float = FINAL_UPLOAD_S) -> None:
+        """Stop the periodic uploads and send what is left (bounded by ``timeout_s``)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                for attempt in range(3):
+                    await self.send_all()
+                    if not self.failed:
+                        return
+                    await asyncio.sleep(0.3 * (attempt + 1))  # the API restarting or briefly away
+
+    async def send_all(self) -> None:
+        """Send everything the API lacks, chunk by chunk, until done or refused."""
+        for _ in range(MAX_UPLOADS_AT_ONCE):
+            if await self.upload_once():
+                return
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.send_all()
+            except Exception:  # a bug here must not end the recording's uploads for good
+                log.exception("recording upload failed")
+
+    def _pending(self) -> tuple[Path, int] | None:
+        """The file and end of the part to send now, after following any rotation; None: nothing to send."""
+        cast = self.cast
+        if self.part not in (cast.part_id, cast.previous_id) or not self.part:
+            self.part, self.acked = cast.part_id, 0  # first upload, or two rotations since the last one
+        if self.part == cast.previous_id and self.part != cast.part_id:
+            try:
+                end = cast.previous.stat().st_size
+            except OSError:
+                end = 0
+            if self.acked < end and self.part != self._skip:
+                return cast.previous, end
+            self.part, self.acked = cast.part_id, 0  # the previous part is all there: on to the new one
+        if not self.part or self.part == self._skip or self.acked >= cast.written:
+            return None
+        return cast.path, cast.written
+
+    async def upload_once(self) -> bool:
+        """Send one chunk the API lacks; True when there is nothing more to send (or it must not be sent)."""
+        if self.off:
+            return True
+        pending = self._pending()
+        if pending is None:
+            return True
+        path, end = pending
+        part, offset = self.part, self.acked
+        try:
+            with path.open("rb") as f:
+                f.seek(offset)
+                data = f.read(min(end - offset, RECORDING_UPLOAD_MAX_BYTES))
+        except OSError as exc:
+            log.warning("recording upload: cannot read %s: %s", path.name, exc)
+            self._skip = part
+            return True
+        if not data:
+            return True
+        self.failed = False
+        try:
+            ack = await self.client.upload_recording(self.session_id, part, offset, data)
+        except ApiError as exc:
+            return self._refused(part, offset, exc)
+        if self.part == part:
+            self.acked = ack.offset
+        return False
+
+    def _refused(self, part: str, offset: int, exc: ApiError) -> bool:
+        if exc.status == 409 and self.part == part:
+            theirs, at = exc.body.get("part"), exc.body.get("offset")
+            if theirs == part and isinstance(at, int) and at != offset:
+                self.acked = at  # (an earlier try landed though its answer was lost)
+                return False
+            if theirs != part and offset != 0:
+                self.acked = 0  # the API's current part is another one: this one goes up whole, as new
+                return False
+            self._skip = part
+            log.warning("recording upload: the API will not take part %s (%s)", part, exc.detail)
+            return True
+        if exc.status == 403:
+            self.off = True
+            log.info("recording upload: %s; nothing more is sent", exc.detail)
+            return True
+        if exc.status == 413:
+            self._skip = part
+            log.warning("recording upload: %s", exc.detail)
+            return True
+        self.failed = exc.status == 0 or exc.status >= 500
+        log.warning("recording upload failed: %s", exc.detail)
+        return True  # tried again at the next interval

@@ -204,6 +204,34 @@ class Instance(Base):
     work: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
+class Recording(Base):
+    """A session's pane recording (asciicast v2) as its runner uploaded it: which part is current, its size.
+
+    The bytes are in ``recording_chunks``, one row per upload; the current part's rows have ``part_no``,
+    the previous part's (kept when the current one reached the cap) ``part_no - 1``."""
+
+    __tablename__ = "recordings"
+
+    instance_id: Mapped[str] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True)
+    # The runner's name for the current part (a new name starts a new part) and for the one before it.
+    part_id: Mapped[str] = mapped_column(String(64))
+    part_no: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
+    previous_part_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RecordingChunk(Base):
+    """One upload's bytes of a recording part, at ``byte_offset`` in that part."""
+
+    __tablename__ = "recording_chunks"
+
+    instance_id: Mapped[str] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True)
+    part_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    byte_offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Event(Base):
     """Audit trail: every transition and notable action on an instance."""
 

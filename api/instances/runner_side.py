@@ -7,17 +7,20 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import schemas
 from api.db import tokens
-from api.db.models import Event, Instance
+from api.db.models import Event, Instance, Org
 from api.errors import (
     ComputeUnavailable,
+    Forbidden,
     InvalidTransition,
     OrzError,
     Unauthorized,
 )
+from api.instances import recordings
 from api.instances.providers.base import ProviderFailure
 from api.instances.service_base import ServiceBase
 from api.instances.states import (
@@ -33,17 +36,33 @@ log = logging.getLogger("api.instances.service")
 class RunnerSide(ServiceBase):
     """What runners report: heartbeats, services, program events."""
 
+    @staticmethod
+    async def _runner_session(db: AsyncSession, session_id: str, runner_token: str) -> Instance:
+        """The session whose current runner holds ``runner_token``; Unauthorized otherwise."""
+        inst = await db.get(Instance, session_id)
+        if (
+            inst is None
+            or not inst.runner_token_hash
+            or not tokens.looks_like(runner_token, tokens.RUNNER_TOKEN_PREFIX)
+            or not tokens.matches(runner_token, inst.runner_token_hash)
+        ):
+            raise Unauthorized("invalid runner token")
+        return inst
+
+    async def upload_recording(self, session_id: str, runner_token: str, part: str, offset: int, data: bytes
+                               ) -> schemas.RecordingAck:
+        """Append a runner's upload to its session's recording (api/instances/recordings.py says how)."""
+        async with self.db_sessions() as db:
+            inst = await self._runner_session(db, session_id, runner_token)
+            # Checked at each upload, not only at start: an org that turns recording off stops it at once.
+            if not await db.scalar(select(Org.recording_enabled).where(Org.id == inst.org_id)):
+                raise Forbidden(f"recording is turned off for the org of session {session_id}")
+            return await recordings.append(db, session_id, part, offset, data, self.settings.recording_max_bytes)
+
     async def record_heartbeat(self, session_id: str, runner_token: str, hb: schemas.Heartbeat
                                ) -> schemas.HeartbeatReply:
         async with self.db_sessions() as db:
-            inst = await db.get(Instance, session_id)
-            if (
-                inst is None
-                or not inst.runner_token_hash
-                or not tokens.looks_like(runner_token, tokens.RUNNER_TOKEN_PREFIX)
-                or not tokens.matches(runner_token, inst.runner_token_hash)
-            ):
-                raise Unauthorized("invalid runner token")
+            inst = await self._runner_session(db, session_id, runner_token)
             now = self.now()
             values: dict[str, Any] = {
                 "last_heartbeat_at": now,

@@ -10,6 +10,7 @@ from api.db.models import Instance, Org
 from api.errors import (
     ComputeUnavailable,
 )
+from api.instances import recordings
 from api.instances.providers.base import ProviderFailure
 from api.instances.service_base import ServiceBase
 from api.instances.states import (
@@ -65,6 +66,7 @@ class SchedulerSide(ServiceBase):
         except ProviderFailure as exc:
             return await self._fail(inst, actor, f"could not delete: {exc.reason}")
         async with self.db_sessions() as db:
+            await recordings.delete_all(db, inst.id)  # committed with the transition, or not at all
             return await self._transition(
                 db, inst, State.DELETED, actor, "deleted", None, deleted_at=self.now(),
                 attached_clients=0, route_host=None, route_port=None, runner_host_key=None,

@@ -173,9 +173,8 @@ class ServiceBase:
 
     async def _launch(self, inst: Instance, actor: str, runner_token: str, secret_env: dict[str, str],
                       *, fresh: bool, pull: bool = False) -> Instance:
-        # Where the API cannot serve recordings, nobody could read one: the runner is not asked to record.
-        recording = (self.settings.recording_max_bytes
-                     if self.provider.serves_recordings and await self._recording_on(inst.org_id) else 0)
+        # Read at each start; the uploads check the org's setting again (it may change while the session runs).
+        recording = self.settings.recording_max_bytes if await self._recording_on(inst.org_id) else 0
         spec = self._compute_spec(inst, runner_token, secret_env, pull=pull, recording_max_bytes=recording)
         try:
             if fresh:

@@ -18,7 +18,7 @@ from api.errors import (
     NotFound,
     QuotaExceeded,
 )
-from api.instances import repo_policy
+from api.instances import recordings, repo_policy
 from api.instances.ids import new_session_id
 from api.instances.service_base import ServiceBase
 from api.instances.states import (
@@ -101,10 +101,8 @@ class UserSide(ServiceBase):
         if not await self._recording_on(inst.org_id):
             raise NotFound(f"session {inst.id} has no recording: recording is turned off for your org "
                            "(an operator turns it on with `orz admin set-recording ORG on`)")
-        if not self.provider.serves_recordings:
-            raise NotFound(f"session {inst.id} has no recording here: the {self.provider.name} provider does "
-                           "not serve recordings")
-        data = await self.provider.read_recording(inst.id, inst.provider_state or {}, previous=previous)
+        async with self.autocommit() as db:
+            data = await recordings.read(db, inst.id, previous=previous)
         if data is None:
             what = "no earlier part (it has not reached its size cap)" if previous else "no recording yet"
             raise NotFound(f"session {inst.id} has {what}")

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 from sanic import Blueprint, HTTPResponse, Request
 
 from api import failed_auth, schemas
 from api import log as orz_log
 from api.auth import bearer_token
+from api.errors import BadRequest, PayloadTooLarge
 from api.http import parse_body, respond
 from api.openapi import route
 from api.routes.deps import require_service, state
 
 bp = Blueprint("internal")
 TAG = "internal"
+OFFSET_RE = re.compile(r"^[0-9]{1,15}$")
 
 
 @route(bp, "POST", "/internal/v1/instances/{id}/heartbeat", summary="Runner heartbeat", tag=TAG,
@@ -26,6 +29,24 @@ async def heartbeat(request: Request, id: str) -> HTTPResponse:
     # Shielded: a runner that exits right after sending must not cancel a half-done state change.
     reply = await asyncio.shield(state(request).instances.record_heartbeat(id, token, body))
     return respond(reply)
+
+
+@route(bp, "POST", "/internal/v1/instances/{id}/recording",
+       summary="Runner: append the pane recording's next bytes (raw body; ?part=NAME&offset=N)", tag=TAG,
+       responses={200: schemas.RecordingAck}, errors=(400, 403, 409, 413), security="runner_token")
+async def recording_upload(request: Request, id: str) -> HTTPResponse:
+    token = bearer_token(request.headers.get("authorization"))
+    request.ctx.session_id = id
+    data = request.body or b""
+    # Below the server-wide body limit: one upload is a few seconds of output, never a whole part.
+    if len(data) > schemas.RECORDING_UPLOAD_MAX_BYTES:
+        raise PayloadTooLarge(f"an upload holds at most {schemas.RECORDING_UPLOAD_MAX_BYTES} bytes")
+    part = request.args.get("part", "")
+    offset = request.args.get("offset", "")
+    if not OFFSET_RE.match(offset):
+        raise BadRequest("offset must be a whole number of bytes")
+    ack = await asyncio.shield(state(request).instances.upload_recording(id, token, part, int(offset), data))
+    return respond(ack)
 
 
 @route(bp, "POST", "/internal/v1/authorize", summary="Gateway: may this user attach, and where", tag=TAG,

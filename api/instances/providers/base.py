@@ -136,17 +136,6 @@ class Provider(abc.ABC):
         return ""
 
     @property
-    def serves_recordings(self) -> bool:
-        """True when ``read_recording`` can reach what the runners record."""
-        return False
-
-    async def read_recording(self, session_id: str, state: ProviderState, *, previous: bool = False
-                             ) -> bytes | None:
-        """The pane's recording (asciicast v2; ``previous``: the part rotated out), None when there is none
-        or this provider cannot reach it."""
-        return None
-
-    @property
     def isolates_sessions(self) -> bool:
         """False when sessions of different orgs could reach each other (the local provider, sandbox off)."""
         return True

@@ -34,8 +34,6 @@ from api.schemas import (
     SESSION_ID_RE,
     STATE_FATAL_FILE,
     STATE_INIT_LOG,
-    STATE_RECORDING,
-    STATE_RECORDING_PREVIOUS,
     STATE_RELEASED_FILE,
     UNIX_ROUTE_PREFIX,
 )
@@ -193,20 +191,6 @@ class LocalProvider(Provider):
             if text:
                 parts.append(f"== {title} ==\n{text}")
         return "\n".join(parts)[-limit:]
-
-    @property
-    def serves_recordings(self) -> bool:
-        return True
-
-    async def read_recording(self, session_id: str, state: ProviderState, *, previous: bool = False
-                             ) -> bytes | None:
-        name = STATE_RECORDING_PREVIOUS if previous else STATE_RECORDING
-        path = self.session_dir(session_id) / "state" / name
-        try:
-            # At most the cap the runner was given (settings.recording_max_bytes): read whole.
-            return await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
-            return None
 
     # -- helpers ---------------------------------------------------------------------------------
 
