@@ -1,20 +1,26 @@
 """Recordings end to end on the local provider: a real API over HTTP, runner processes, tmux, and the CLI.
 
 The agent's pane is served as asciicast v2 to whoever may see the session (others: 404, a colleague:
-403), `orz cloud replay` plays and saves it, and an org with recording off records nothing."""
+403), `orz cloud replay` plays and saves it, and an org with recording off records nothing. The runner
+uploads what it records to the API, which serves it from the database: what was uploaded outlives the
+runner, a lost answer costs no duplicate bytes, and the API's cap and the org's setting hold whatever a
+runner sends."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func, select
 
 from api import admin, schemas
+from api.db.models import Instance, RecordingChunk
 from tests.api.test_lifecycle_local import Stack, gateway_key, short_tmp, stack  # noqa: F401
 from tests.conftest import Tenant, make_tenant
 from tests.support import orz
@@ -148,3 +154,133 @@ async def test_an_org_with_recording_off_records_nothing_and_says_so(stack: Stac
     # Turned on again: the API serves again, and the runner records from the session's next start.
     await admin.set_recording(stack.service.db_sessions, owner.org, True)
     assert "no recording yet" in (await fetch(stack, sid, owner.headers)).json()["detail"]
+
+
+async def stored_bytes(on: Stack, sid: str) -> int:
+    async with on.service.sessions() as db:
+        return int(await db.scalar(select(func.coalesce(func.sum(func.length(RecordingChunk.data)), 0))
+                                   .where(RecordingChunk.instance_id == sid)) or 0)
+
+
+def spool(on: Stack, sid: str) -> Path:
+    """The runner's own file of the current part (what it uploads from)."""
+    return on.provider.session_dir(sid) / "state" / schemas.STATE_RECORDING
+
+
+async def test_what_was_uploaded_is_served_after_the_runner_is_killed_and_its_files_are_gone(
+        stack: Stack) -> None:  # noqa: F811
+    owner = await owner_of(stack)
+    sid = await create(stack, owner)
+    await wait_recording(stack, sid, owner, "second-line")
+    async with stack.service.sessions() as db:
+        pid = (await db.get(Instance, sid)).provider_state["pid"]
+    os.killpg(int(pid), signal.SIGKILL)  # no last upload, no clean-up
+    for path in spool(stack, sid).parent.glob("recording*"):
+        path.unlink()
+    got = await fetch(stack, sid, owner.headers)
+    assert got.status_code == 200 and TEXT in got.text and "second-line" in got.text
+    assert events(got.text)[0]["version"] == 2
+
+
+class DropFirstAnswer:
+    """An HTTP/1.1 relay in front of the API that passes everything on, except that it answers the first
+    recording upload by closing the connection: the API stored the bytes, the runner never hears so."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.dropped = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> DropFirstAnswer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async with httpx.AsyncClient(base_url=self.target, timeout=10) as http:
+            try:
+                while True:
+                    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                    method, path, _ = head[0].split(" ", 2)
+                    headers = dict(line.split(":", 1) for line in head[1:] if line)
+                    headers = {k.strip().lower(): v.strip() for k, v in headers.items()}
+                    body = await reader.readexactly(int(headers.get("content-length", "0")))
+                    passed = {k: v for k, v in headers.items() if k not in ("host", "content-length", "connection")}
+                    resp = await http.request(method, path, content=body, headers=passed)
+                    if method == "POST" and path.split("?")[0].endswith("/recording") and not self.dropped:
+                        self.dropped += 1
+                        return
+                    writer.write(f"HTTP/1.1 {resp.status_code} {resp.reason_phrase}\r\n"
+                                 f"Content-Type: {resp.headers.get('content-type', 'text/plain')}\r\n"
+                                 f"Content-Length: {len(resp.content)}\r\n\r\n".encode() + resp.content)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+
+@pytest.mark.parametrize("stack", ["off"], indirect=True)  # the sandbox's network reaches only the API's port
+async def test_an_upload_whose_answer_was_lost_is_not_stored_twice(stack: Stack) -> None:  # noqa: F811
+    relay = await DropFirstAnswer(api_url(stack)).start()
+    stack.service.settings = stack.service.settings.model_copy(update={"internal_api_url": relay.url})
+    try:
+        owner = await owner_of(stack)
+        program = "bash -c 'for i in $(seq 1 12); do echo line-$i-of-12; sleep 0.4; done; sleep infinity'"
+        sid = await create(stack, owner, program)
+        got = await wait_recording(stack, sid, owner, "line-12-of-12")
+        assert relay.dropped == 1
+        text = "".join(e[2] for e in events(got.text)[1] if e[1] == "o")
+        assert [text.count(f"line-{i}-of-12") for i in range(1, 13)] == [1] * 12
+        # Byte for byte what the runner recorded: nothing twice, nothing missing.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while (got := await fetch(stack, sid, owner.headers)).content != spool(stack, sid).read_bytes():
+            assert loop.time() < deadline, "the served recording is not the runner's"
+            await asyncio.sleep(0.3)
+    finally:
+        await relay.close()
+
+
+async def test_the_apis_cap_holds_against_a_runner_told_a_larger_one(stack: Stack) -> None:  # noqa: F811
+    owner = await owner_of(stack)
+    program = ("bash -c 'echo before-the-flood; sleep 4; head -c 300000 /dev/zero | tr \"\\0\" a; "
+               "echo; echo after-the-flood; sleep infinity'")
+    sid = await create(stack, owner, program)
+    await wait_recording(stack, sid, owner, "before-the-flood")
+    # The runner was told 8 MiB at its start; the API's cap is now the smallest allowed.
+    cap = schemas.RECORDING_MIN_BYTES
+    stack.service.settings = stack.service.settings.model_copy(update={"recording_max_bytes": cap})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while "after-the-flood" not in spool(stack, sid).read_text(encoding="utf-8", errors="replace"):
+        assert loop.time() < deadline
+        await asyncio.sleep(0.3)
+    await asyncio.sleep(3 * 2.0)  # a few upload rounds
+    assert spool(stack, sid).stat().st_size > 300_000
+    assert await stored_bytes(stack, sid) <= cap
+    got = await fetch(stack, sid, owner.headers)
+    assert got.status_code == 200 and len(got.content) <= cap and "before-the-flood" in got.text
+
+
+async def test_turning_recording_off_refuses_a_running_sessions_uploads(stack: Stack) -> None:  # noqa: F811
+    owner = await owner_of(stack)
+    program = "bash -c 'while true; do echo tick-$RANDOM; sleep 0.2; done'"
+    sid = await create(stack, owner, program)
+    await wait_recording(stack, sid, owner, "tick-")
+    await admin.set_recording(stack.service.sessions, owner.org, False)
+    await asyncio.sleep(1.0)  # an upload already past the check may still land
+    before = await stored_bytes(stack, sid)
+    await asyncio.sleep(3 * 2.0)  # the pane keeps printing, the runner keeps trying
+    assert await stored_bytes(stack, sid) == before
+    assert spool(stack, sid).stat().st_size > before  # recorded on its side, never taken
+    got = await fetch(stack, sid, owner.headers)
+    assert got.status_code == 404 and "turned off for your org" in got.json()["detail"]
