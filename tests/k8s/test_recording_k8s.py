@@ -1,0 +1,92 @@
+"""Recordings on Kubernetes: InstanceService with the KubernetesProvider against the FAKE API server
+(tests/k8s/fake_apiserver.py), on SQLite and PostgreSQL.
+
+The runner in the session's Pod is told to record (its spec in the Pod carries the cap, as the local
+provider's runners are told), and what it uploads with the token from the session's Secret is what the
+API serves: no read of the Pod's files, no exec into it."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api import admin, schemas
+from api.auth import Principal
+from api.db.models import Org
+from api.errors import Forbidden, NotFound
+from api.instances.providers.kubernetes import manifests, names
+from api.instances.providers.kubernetes.provider import KubernetesProvider
+from api.instances.service import InstanceService
+from api.settings import Settings
+from tests.api.lifecycle_support import principal
+from tests.conftest import both_databases
+from tests.k8s.conftest import NS, make_spec, validate_strict
+from tests.k8s.fake_apiserver import FakeApiServer
+
+HEADER = b'{"version": 2, "width": 80, "height": 24, "timestamp": 1}\n'
+
+
+@pytest.fixture
+async def service(settings: Settings, sessions: async_sessionmaker[AsyncSession],
+                  provider: KubernetesProvider) -> AsyncIterator[InstanceService]:
+    svc = InstanceService(settings, sessions, provider,
+                          gateway_public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGateway gateway")
+    try:
+        yield svc
+    finally:
+        await svc.wait_background()
+
+
+def the_runner(server: FakeApiServer, sid: str) -> tuple[str, schemas.RunnerSpec]:
+    """What the runner container is given: its token (from the Secret) and its spec (from the Pod)."""
+    secret = server.get("secrets", NS, names.secret_name(sid))
+    pod = server.get("pods", NS, names.pod_name(sid))
+    assert secret is not None and pod is not None
+    validate_strict(pod)
+    runner = pod["spec"]["containers"][0]
+    assert runner["name"] == "runner"
+    env = {e["name"]: e.get("value") for e in runner["env"]}
+    return (base64.b64decode(secret["data"]["ORZ_RUNNER_TOKEN"]).decode(),
+            schemas.RunnerSpec.model_validate_json(env["ORZ_RUNNER_SPEC"]))
+
+
+def test_the_runner_container_is_told_the_recording_cap() -> None:
+    for cap in (0, 8 * 1024 * 1024):
+        pod = manifests.pod(dataclasses.replace(make_spec(), recording_max_bytes=cap), manifests.ClusterConfig())
+        validate_strict(pod)
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert json.loads(env["ORZ_RUNNER_SPEC"])["recording_max_bytes"] == cap
+
+
+@both_databases
+async def test_a_pods_runner_records_uploads_and_the_api_serves_it(
+        service: InstanceService, server: FakeApiServer, settings: Settings) -> None:
+    who: Principal = await principal(service.sessions, "acme")
+    inst = await service.create(who, schemas.InstanceCreate(program="claude"))
+    token, spec = the_runner(server, inst.id)
+    assert spec.recording_max_bytes == settings.recording_max_bytes > 0
+
+    data = HEADER + b'[0.5, "o", "hello from the pod"]\n'
+    ack = await service.upload_recording(inst.id, token, "part-1", 0, data)
+    assert ack == schemas.RecordingAck(part="part-1", offset=len(data))
+    assert await service.read_recording(who, inst.id) == data
+
+    # The org turns recording off: the running Pod's uploads are refused, and its next Pod is not told to record.
+    async with service.sessions() as db:
+        org = await db.get(Org, inst.org_id)
+        assert org is not None
+        org_name = org.name
+    await admin.set_recording(service.sessions, org_name, False)
+    with pytest.raises(Forbidden, match="recording is turned off"):
+        await service.upload_recording(inst.id, token, "part-1", len(data), b'[1, "o", "more"]\n')
+    with pytest.raises(NotFound, match="turned off for your org"):
+        await service.read_recording(who, inst.id)
+    await service.stop(who, inst.id)
+    await service.start(who, inst.id)
+    _token, spec = the_runner(server, inst.id)
+    assert spec.recording_max_bytes == 0
