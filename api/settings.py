@@ -229,7 +229,8 @@ class Settings(BaseSettings):
                                 "files, unpushed commits) for heartbeats", gt=0)
     recording_max_bytes: int = option("sessions", 8 * 1024 * 1024, "sessions record their agent's pane (unless "
                                       "their org turned it off, `orz admin set-recording ORG off`): each part of a "
-                                      "recording at most this many bytes, the previous part kept beside it; "
+                                      "recording at most this many bytes, the previous part kept beside it, both "
+                                      "in the database while the session exists (the API refuses uploads past it); "
                                       "recordings may hold secrets the agent printed (docs/security.md#recordings)",
                                       ge=RECORDING_MIN_BYTES)
     start_timeout_s: int = option("sessions", 600, "a session not running this long after starting fails; the "

@@ -105,7 +105,8 @@ async def set_plan(database_url: str | None, name: str, plan: str) -> None:
 async def set_recording(database_url: str | None, name: str, state: str) -> None:
     """Record the org's sessions' agent panes (on, the default) or not (off).
 
-    Applies from each session's next start; the API stops serving the org's recordings at once when off.
+    Off: the API stops serving the org's recordings and refuses its runners' uploads at once; runners are
+    not told to record from each session's next start. Stored recordings stay until their session is deleted.
     Recordings hold whatever the agent printed, secrets included (docs/security.md#recordings)."""
     org = await _with_db(_settings(database_url), lambda s: ops.set_recording(s, name, state == "on"))
     click.echo(f"recording is now {'on' if org.recording_enabled else 'off'} for org {org.name}")
