@@ -14,7 +14,7 @@ import pytest
 
 from api.schemas import RECORDING_MIN_BYTES, STATE_RECORDING, STATE_RECORDING_PREVIOUS
 from runner.program import program_argv
-from runner.recording import CastFile, Recorder
+from runner.recording import PART_FILE, CastFile, Recorder
 from runner.tmux import Tmux
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -147,6 +147,34 @@ def test_a_part_cut_off_mid_line_is_kept_aside_and_a_new_one_started(short_tmp: 
     assert read_cast(path) == ({"version": 2, "width": 80, "height": 24, "timestamp": 1000,
                                 "env": {"TERM": "xterm-256color"}}, [[0.0, "o", "fresh"]])
     assert (short_tmp / STATE_RECORDING_PREVIOUS).read_text(encoding="utf-8").endswith('"hal')
+
+
+def test_each_part_has_a_name_that_a_new_runner_keeps_and_a_part_without_it_is_not_continued(
+        short_tmp: Path) -> None:
+    """The name is what the API knows the part by (runner.recording.Uploader): the same file, the same name."""
+    def cast_file() -> CastFile:
+        cast = CastFile(short_tmp, RECORDING_MIN_BYTES, clock=lambda: 1000.0)
+        cast.open(80, 24)
+        return cast
+
+    first = cast_file()
+    first.output("one")
+    name = first.part_id
+    first.close()
+    assert (short_tmp / PART_FILE).read_text().strip() == name
+    again = cast_file()  # the runner started again on the same files (a wake on the local provider)
+    assert again.part_id == name
+    again.output("two")
+    again.close()
+    (short_tmp / PART_FILE).unlink()
+    third = cast_file()  # the name is gone: this file cannot be continued upstream, a new part starts
+    assert third.part_id not in ("", name) and third.previous_id == ""
+    assert output_of(read_cast(short_tmp / STATE_RECORDING_PREVIOUS)[1]) == "onetwo"
+    for _ in range(RECORDING_MIN_BYTES // 1000 + 1):  # past the cap: rotated, the name moves along
+        third.output("x" * 1000)
+    third.close()
+    assert third.previous_id != "" and third.part_id not in ("", third.previous_id)
+    assert (short_tmp / PART_FILE).read_text().strip() == third.part_id
 
 
 async def test_attaching_and_detaching_a_terminal_keeps_the_recording_going(tmux: Tmux, short_tmp: Path) -> None:
