@@ -44,7 +44,7 @@ FIFO = "recording.fifo"
 # The name of the current part (recording.cast), written before the part's first byte.
 PART_FILE = "recording.part"
 # How often the uploader sends what the pane printed since its last upload (when it printed anything).
-UPLOAD_INTERVAL_S = 2.0
+UPLOAD_INTERVAL_S = 3.0
 # The last upload when the runner stops: bounded, within the provider's grace period.
 FINAL_UPLOAD_S = 5.0
 # Uploads in one round (two parts at the cap, 8 MiB each by default, in 128 KiB uploads, with room to spare).

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 
 from api import admin, schemas
 from api.db.models import Instance, RecordingChunk
+from runner.recording import UPLOAD_INTERVAL_S
 from tests.api.test_lifecycle_local import Stack, gateway_key, short_tmp, stack  # noqa: F401
 from tests.conftest import Tenant, make_tenant
 from tests.support import orz
@@ -252,19 +253,21 @@ async def test_an_upload_whose_answer_was_lost_is_not_stored_twice(stack: Stack)
 
 async def test_the_apis_cap_holds_against_a_runner_told_a_larger_one(stack: Stack) -> None:  # noqa: F811
     owner = await owner_of(stack)
-    program = ("bash -c 'echo before-the-flood; sleep 4; head -c 300000 /dev/zero | tr \"\\0\" a; "
-               "echo; echo after-the-flood; sleep infinity'")
+    # The flood waits for the test's go (a file in the workspace), given once the API's cap is lowered.
+    program = ("bash -c 'echo before-the-flood; until [ -e go ]; do sleep 0.1; done; "
+               "head -c 300000 /dev/zero | tr \"\\0\" a; echo; echo after-the-flood; sleep infinity'")
     sid = await create(stack, owner, program)
     await wait_recording(stack, sid, owner, "before-the-flood")
     # The runner was told 8 MiB at its start; the API's cap is now the smallest allowed.
     cap = schemas.RECORDING_MIN_BYTES
     stack.service.settings = stack.service.settings.model_copy(update={"recording_max_bytes": cap})
+    (stack.provider.session_dir(sid) / "workspace" / "go").touch()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 20
     while "after-the-flood" not in spool(stack, sid).read_text(encoding="utf-8", errors="replace"):
         assert loop.time() < deadline
         await asyncio.sleep(0.3)
-    await asyncio.sleep(3 * 2.0)  # a few upload rounds
+    await asyncio.sleep(3 * UPLOAD_INTERVAL_S)  # a few upload rounds
     assert spool(stack, sid).stat().st_size > 300_000
     assert await stored_bytes(stack, sid) <= cap
     got = await fetch(stack, sid, owner.headers)
@@ -279,7 +282,7 @@ async def test_turning_recording_off_refuses_a_running_sessions_uploads(stack: S
     await admin.set_recording(stack.service.sessions, owner.org, False)
     await asyncio.sleep(1.0)  # an upload already past the check may still land
     before = await stored_bytes(stack, sid)
-    await asyncio.sleep(3 * 2.0)  # the pane keeps printing, the runner keeps trying
+    await asyncio.sleep(3 * UPLOAD_INTERVAL_S)  # the pane keeps printing, the runner keeps trying
     assert await stored_bytes(stack, sid) == before
     assert spool(stack, sid).stat().st_size > before  # recorded on its side, never taken
     got = await fetch(stack, sid, owner.headers)

@@ -105,7 +105,7 @@ def test_the_replay_page_plays_the_sessions_recording(platform: WebPlatform) -> 
     from playwright.sync_api import expect, sync_playwright
 
     sid = platform.new_session("bash -c 'echo replayed-in-browser-77; sleep 2.5; echo after-a-pause; sleep infinity'")
-    with platform.api() as api:  # the recording holds the later line once the runner uploaded it (every 2 s)
+    with platform.api() as api:  # the recording holds the later line once the runner uploaded it (every 3 s)
         for _ in range(200):
             got = api.get(f"/v1/instances/{sid}/recording")
             if got.status_code == 200 and "after-a-pause" in got.text:
