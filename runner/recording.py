@@ -45,8 +45,8 @@ FIFO = "recording.fifo"
 PART_FILE = "recording.part"
 # How often the uploader sends what the pane printed since its last upload (when it printed anything).
 UPLOAD_INTERVAL_S = 3.0
-# The last upload when the runner stops: bounded, within the provider's grace period.
-FINAL_UPLOAD_S = 5.0
+# The last upload when the runner stops: bounded, so it and the WIP save (runner/work.py) fit the grace period.
+FINAL_UPLOAD_S = 3.0
 # Uploads in one round (two parts at the cap, 8 MiB each by default, in 128 KiB uploads, with room to spare).
 MAX_UPLOADS_AT_ONCE = 256
 # Bytes read from the FIFO at a time: one "o" event at most, ~6x that once JSON-escaped (RECORDING_MIN_BYTES
