@@ -7,6 +7,7 @@ late or twice would make them; tests/api/test_recording_local.py runs the real r
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from sanic import Sanic
@@ -14,7 +15,9 @@ from sqlalchemy import func, select
 
 from api import admin, schemas
 from api.db.models import Recording, RecordingChunk
+from api.errors import Conflict
 from api.instances.providers.fake import FakeProvider
+from api.instances.service import InstanceService
 from api.settings import Settings
 from tests.conftest import Tenant, both_databases, make_tenant
 
@@ -149,3 +152,24 @@ async def test_the_openapi_document_describes_the_recording_as_asciicast(app: Sa
     assert list(ok["content"]) == ["application/x-asciicast"]
     upload_op = resp.json["paths"]["/internal/v1/instances/{id}/recording"]["post"]
     assert {"409", "413", "403"} <= set(upload_op["responses"])
+
+
+@both_databases
+async def test_uploads_racing_for_the_same_offset_store_one_of_them(
+        app: Sanic, sessions, provider: FakeProvider, settings: Settings) -> None:
+    t = await make_tenant(sessions, "acme")
+    sid, _runner = await new_session(app, t, provider)
+    service = InstanceService(settings, sessions, provider)  # another API replica, on the same database
+    token = provider.specs[sid].runner_token
+    await service.upload_recording(sid, token, "p1", 0, HEADER.encode())
+
+    async def one(n: int) -> object:
+        try:
+            return await service.upload_recording(sid, token, "p1", len(HEADER), line(n, f"racer {n}").encode())
+        except Conflict as exc:
+            return exc
+    results = await asyncio.gather(*(one(n) for n in range(6)))
+    won = [r for r in results if isinstance(r, schemas.RecordingAck)]
+    assert len(won) == 1 and all(isinstance(r, Conflict) for r in results if r not in won)
+    body = (await served(app, sid, t)).body.decode()
+    assert body.count("racer") == 1 and len(body) == won[0].offset
