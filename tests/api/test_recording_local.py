@@ -158,7 +158,7 @@ async def test_an_org_with_recording_off_records_nothing_and_says_so(stack: Stac
 
 
 async def stored_bytes(on: Stack, sid: str) -> int:
-    async with on.service.sessions() as db:
+    async with on.service.db_sessions() as db:
         return int(await db.scalar(select(func.coalesce(func.sum(func.length(RecordingChunk.data)), 0))
                                    .where(RecordingChunk.instance_id == sid)) or 0)
 
@@ -173,7 +173,7 @@ async def test_what_was_uploaded_is_served_after_the_runner_is_killed_and_its_fi
     owner = await owner_of(stack)
     sid = await create(stack, owner)
     await wait_recording(stack, sid, owner, "second-line")
-    async with stack.service.sessions() as db:
+    async with stack.service.db_sessions() as db:
         pid = (await db.get(Instance, sid)).provider_state["pid"]
     os.killpg(int(pid), signal.SIGKILL)  # no last upload, no clean-up
     for path in spool(stack, sid).parent.glob("recording*"):
@@ -279,7 +279,7 @@ async def test_turning_recording_off_refuses_a_running_sessions_uploads(stack: S
     program = "bash -c 'while true; do echo tick-$RANDOM; sleep 0.2; done'"
     sid = await create(stack, owner, program)
     await wait_recording(stack, sid, owner, "tick-")
-    await admin.set_recording(stack.service.sessions, owner.org, False)
+    await admin.set_recording(stack.service.db_sessions, owner.org, False)
     await asyncio.sleep(1.0)  # an upload already past the check may still land
     before = await stored_bytes(stack, sid)
     await asyncio.sleep(3 * UPLOAD_INTERVAL_S)  # the pane keeps printing, the runner keeps trying

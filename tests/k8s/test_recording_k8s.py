@@ -66,7 +66,7 @@ def test_the_runner_container_is_told_the_recording_cap() -> None:
 @both_databases
 async def test_a_pods_runner_records_uploads_and_the_api_serves_it(
         service: InstanceService, server: FakeApiServer, settings: Settings) -> None:
-    who: Principal = await principal(service.sessions, "acme")
+    who: Principal = await principal(service.db_sessions, "acme")
     inst = await service.create(who, schemas.InstanceCreate(program="claude"))
     token, spec = the_runner(server, inst.id)
     assert spec.recording_max_bytes == settings.recording_max_bytes > 0
@@ -77,11 +77,11 @@ async def test_a_pods_runner_records_uploads_and_the_api_serves_it(
     assert await service.read_recording(who, inst.id) == data
 
     # The org turns recording off: the running Pod's uploads are refused, and its next Pod is not told to record.
-    async with service.sessions() as db:
+    async with service.db_sessions() as db:
         org = await db.get(Org, inst.org_id)
         assert org is not None
         org_name = org.name
-    await admin.set_recording(service.sessions, org_name, False)
+    await admin.set_recording(service.db_sessions, org_name, False)
     with pytest.raises(Forbidden, match="recording is turned off"):
         await service.upload_recording(inst.id, token, "part-1", len(data), b'[1, "o", "more"]\n')
     with pytest.raises(NotFound, match="turned off for your org"):
