@@ -1,9 +1,11 @@
-"""The naming rules of ``.orz/cloud.yaml`` that the runner, ``orz cloud validate`` and the providers share.
+"""The rules of ``.orz/cloud.yaml`` that the runner, ``orz cloud validate`` and the providers share.
 
 One home for what a service may be called, which env keys are accepted, how many services a session may
-have, and how a service name becomes a name Kubernetes (and the local provider's directories) accept.
-The file's full schema, with line numbers, is ``runner/cloud_config.py``; the API checks the services a
-runner reports with these same rules (``api/instances/providers/kubernetes/sidecars.py``).
+have, how a service name becomes a name Kubernetes (and the local provider's directories) accept, and the
+limits and defaults of one service (image, ports, health check). Three layers read ``services:`` and all
+take these from here: the file's full schema, with line numbers (``runner/cloud_config.py``), the runner's
+report to the API (``api/schemas.SidecarSpec``), and the Kubernetes provider's sidecars
+(``api/instances/providers/kubernetes/sidecars.py``).
 
 Names follow what the earlier Go version accepted where that can run safely: service names may have
 capitals, ``_`` and ``.`` (``My_DB``), and env keys may be dotted (``discovery.type``), as Elasticsearch's
@@ -13,6 +15,9 @@ image reads its settings from such variables.
 from __future__ import annotations
 
 import re
+from typing import Annotated, Any
+
+from pydantic import Field, StringConstraints
 
 # A service name as written in the file: a letter or digit, then letters, digits, '_', '.', '-'.
 SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -26,6 +31,26 @@ ENV_KEY_RE = re.compile(r"^[-._A-Za-z][-._A-Za-z0-9]{0,127}$")
 # The most services any plan may allow: the runner reports at most this many (schemas.Heartbeat).
 SERVICES_CEILING = 16
 DEFAULT_MAX_SERVICES = 5
+
+# One service: its image reference, the ports it listens on, and its health check.
+SERVICE_IMAGE_MAX = 512
+SERVICE_PORTS_MAX = 16
+HEALTH_SECONDS_MAX = 3600  # interval and timeout
+HEALTH_RETRIES_MAX = 100
+# What a health check without these keys gets. The runner writes them into its report, so the Kubernetes
+# provider's probes and the local provider's checks run at the same pace.
+HEALTH_INTERVAL_S = 5.0
+HEALTH_TIMEOUT_S = 5.0
+HEALTH_RETRIES = 3
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+# The same limits as pydantic types, for the runner's parser and the runner -> API report.
+EnvKey = Annotated[str, StringConstraints(pattern=ENV_KEY_RE.pattern)]
+Image = Annotated[str, StringConstraints(min_length=1, max_length=SERVICE_IMAGE_MAX)]
+Ports = Annotated[list[Annotated[int, Field(ge=1, le=65535)]], Field(max_length=SERVICE_PORTS_MAX)]
+HealthSeconds = Annotated[float, Field(gt=0, le=HEALTH_SECONDS_MAX)]
+Retries = Annotated[int, Field(ge=1, le=HEALTH_RETRIES_MAX)]
 
 
 class ServiceNameError(ValueError):
@@ -59,6 +84,19 @@ def service_labels(names: list[str]) -> dict[str, str]:
         seen[label] = name
         labels[name] = label
     return labels
+
+
+def duration_seconds(value: Any) -> float:
+    """Seconds from a number or a duration such as ``5s``, ``500ms``, ``1m`` (bounds are the caller's)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5s, 500ms or 1m")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value.strip())
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError("expected a duration such as 5s, 500ms or 1m")
 
 
 def check_service_count(count: int, limit: int) -> None:

@@ -154,8 +154,6 @@ RepoUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048), After
                     Field(json_schema_extra={"pattern": REPO_URL_PATTERN})]
 SecretName = Annotated[str, StringConstraints(pattern=SECRET_NAME_RE.pattern, min_length=1, max_length=64)]
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_RE.pattern)]
-# A service's env keys may be dotted (`discovery.type`): Kubernetes' rule, api/cloud_yaml.py.
-ServiceEnvKey = Annotated[str, StringConstraints(pattern=cloud_yaml.ENV_KEY_RE.pattern)]
 
 
 def _document_controls(schema: dict[str, Any], model: type[BaseModel]) -> None:
@@ -566,9 +564,9 @@ SidecarMode = Literal["local", "pod"]
 class SidecarHealth(Request):
     command: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
     # interval and timeout in seconds (500ms in .orz/cloud.yaml is 0.5)
-    interval: float = Field(default=5.0, gt=0, le=3600)
-    timeout: float = Field(default=5.0, gt=0, le=3600)
-    retries: int = Field(default=3, ge=1, le=100)
+    interval: cloud_yaml.HealthSeconds = cloud_yaml.HEALTH_INTERVAL_S
+    timeout: cloud_yaml.HealthSeconds = cloud_yaml.HEALTH_TIMEOUT_S
+    retries: cloud_yaml.Retries = cloud_yaml.HEALTH_RETRIES
 
 
 class SidecarSpec(Request):
@@ -581,11 +579,10 @@ class SidecarSpec(Request):
     control_rules = {"env": "text"}
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=63)]
-    image: Annotated[str, StringConstraints(min_length=1, max_length=512)]
-    env: Annotated[dict[ServiceEnvKey, Annotated[str, StringConstraints(max_length=32768)]],
+    image: cloud_yaml.Image
+    env: Annotated[dict[cloud_yaml.EnvKey, Annotated[str, StringConstraints(max_length=32768)]],
                    Field(max_length=128)] = Field(default_factory=dict)
-    ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], Field(max_length=16)] = Field(
-        default_factory=list)
+    ports: cloud_yaml.Ports = Field(default_factory=list)
     health: SidecarHealth | None = None
 
 

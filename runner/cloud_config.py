@@ -44,8 +44,6 @@ _SUFFIX = {
     "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
     "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
 }
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def quantity_value(text: str) -> Decimal:
@@ -82,23 +80,10 @@ def _scalar_str(value: Any) -> Any:
     return value
 
 
-def _duration(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 5s, 500ms or 1m")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value.strip())
-        if match:
-            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    raise ValueError("expected a duration such as 5s, 500ms or 1m")
-
-
 Quantity = Annotated[str, BeforeValidator(_quantity)]
 EnvValue = Annotated[str, BeforeValidator(_scalar_str)]
-EnvName = Annotated[str, Field(pattern=cloud_yaml.ENV_KEY_RE.pattern)]
 ServiceName = Annotated[str, Field(pattern=cloud_yaml.SERVICE_NAME_RE.pattern)]
-Duration = Annotated[float, BeforeValidator(_duration), Field(gt=0, le=3600)]
+Duration = Annotated[cloud_yaml.HealthSeconds, BeforeValidator(cloud_yaml.duration_seconds)]
 
 
 class _Model(BaseModel):
@@ -113,9 +98,9 @@ class Setup(_Model):
 
 class Health(_Model):
     command: str
-    interval: Duration = 5.0
-    timeout: Duration = 5.0
-    retries: Annotated[int, Field(ge=1, le=100)] = 3
+    interval: Duration = cloud_yaml.HEALTH_INTERVAL_S
+    timeout: Duration = cloud_yaml.HEALTH_TIMEOUT_S
+    retries: cloud_yaml.Retries = cloud_yaml.HEALTH_RETRIES
 
     @field_validator("command", mode="before")
     @classmethod
@@ -127,11 +112,9 @@ class Health(_Model):
 
 
 class Service(_Model):
-    image: Annotated[str, Field(min_length=1, max_length=512)]
-    env: dict[EnvName, EnvValue] = Field(default_factory=dict)
-    ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], Field(max_length=16)] = Field(
-        default_factory=list
-    )
+    image: cloud_yaml.Image
+    env: dict[cloud_yaml.EnvKey, EnvValue] = Field(default_factory=dict)
+    ports: cloud_yaml.Ports = Field(default_factory=list)
     health: Health | None = None
 
 
@@ -145,7 +128,7 @@ class CloudConfig(_Model):
     version: Literal["1.0"] = "1.0"  # no version means "1.0", as it did in the Go version
     setup: Setup = Field(default_factory=Setup)
     services: dict[ServiceName, Service] = Field(default_factory=dict)
-    env: dict[EnvName, EnvValue] = Field(default_factory=dict)
+    env: dict[cloud_yaml.EnvKey, EnvValue] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
 
     _path: str = PrivateAttr(default=CONFIG_PATH)

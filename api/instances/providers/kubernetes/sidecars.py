@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,36 +14,34 @@ from api.schemas import SECRET_REF_RE
 
 # A value that embeds a secret in other text reads it from a helper variable of this prefix.
 SECRET_HELPER_PREFIX = "ORZ_SECRET_"  # noqa: S105  # nosec B105  # a name prefix, not a value
-_DURATION_RE = re.compile(r"^(\d+)(s|m)?$")
 
 
 class ServiceError(ValueError):
     """A service definition that cannot become a container; the message names the path."""
 
 
-def _seconds(value: object, path: str, default: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        # Seconds as the runner reports them (0.5 from "500ms"); probes count whole seconds, at least 1.
-        if value <= 0:
-            raise ServiceError(f"{path}: must be more than 0 seconds")
-        return max(1, math.ceil(value))
-    match = _DURATION_RE.match(str(value).strip())
-    if not match:
-        raise ServiceError(f"{path}: {value!r} is not a duration like 10, '10s' or '1m'")
-    seconds = int(match.group(1)) * (60 if match.group(2) == "m" else 1)
-    if seconds < 1:
-        raise ServiceError(f"{path}: must be at least 1 second")
-    return seconds
+def _seconds(value: object, path: str, default: float) -> int:
+    """Whole seconds for a probe (at least 1) from seconds or a duration such as ``10s`` or ``500ms``."""
+    try:
+        seconds = cloud_yaml.duration_seconds(default if value is None else value)
+    except ValueError as exc:
+        raise ServiceError(f"{path}: {exc}") from None
+    if seconds <= 0:
+        raise ServiceError(f"{path}: must be more than 0 seconds")
+    if seconds > cloud_yaml.HEALTH_SECONDS_MAX:
+        raise ServiceError(f"{path}: at most {cloud_yaml.HEALTH_SECONDS_MAX} seconds")
+    # The runner reports seconds (0.5 from "500ms"); probes count whole seconds.
+    return max(1, math.ceil(seconds))
 
 
 @dataclass(frozen=True)
 class Health:
+    """A service's health check as probe settings; ``parse_services`` fills in cloud_yaml's defaults."""
+
     command: tuple[str, ...]
-    interval_s: int = 10
-    timeout_s: int = 5
-    retries: int = 3
+    interval_s: int
+    timeout_s: int
+    retries: int
 
 
 @dataclass(frozen=True)
@@ -69,13 +66,14 @@ def _health(raw: Any, path: str) -> Health | None:
         argv = tuple(command)
     else:
         raise ServiceError(f"{path}.command: must be a string or a list of strings")
-    retries = raw.get("retries", 3)
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 1:
-        raise ServiceError(f"{path}.retries: must be a whole number of at least 1")
+    retries = raw.get("retries", cloud_yaml.HEALTH_RETRIES)
+    if (not isinstance(retries, int) or isinstance(retries, bool)
+            or not 1 <= retries <= cloud_yaml.HEALTH_RETRIES_MAX):
+        raise ServiceError(f"{path}.retries: must be a whole number from 1 to {cloud_yaml.HEALTH_RETRIES_MAX}")
     return Health(
         command=argv,
-        interval_s=_seconds(raw.get("interval"), f"{path}.interval", 10),
-        timeout_s=_seconds(raw.get("timeout"), f"{path}.timeout", 5),
+        interval_s=_seconds(raw.get("interval"), f"{path}.interval", cloud_yaml.HEALTH_INTERVAL_S),
+        timeout_s=_seconds(raw.get("timeout"), f"{path}.timeout", cloud_yaml.HEALTH_TIMEOUT_S),
         retries=retries,
     )
 
@@ -112,11 +110,16 @@ def parse_services(raw: RawServices, reserved_ports: Sequence[int] = (),
         image = item.get("image")
         if not isinstance(image, str) or not image or any(c.isspace() for c in image):
             raise ServiceError(f"{path}.image: required, a container image reference")
+        if len(image) > cloud_yaml.SERVICE_IMAGE_MAX:
+            raise ServiceError(f"{path}.image: at most {cloud_yaml.SERVICE_IMAGE_MAX} characters")
         env = item.get("env") or {}
         if not isinstance(env, Mapping) or not all(cloud_yaml.ENV_KEY_RE.match(str(k)) for k in env):
             raise ServiceError(f"{path}.env: must map variable names (letters, digits, '_', '.', '-') to values")
         ports: list[int] = []
-        for port in item.get("ports") or []:
+        raw_ports = item.get("ports") or []
+        if isinstance(raw_ports, Sequence) and len(raw_ports) > cloud_yaml.SERVICE_PORTS_MAX:
+            raise ServiceError(f"{path}.ports: at most {cloud_yaml.SERVICE_PORTS_MAX} ports")
+        for port in raw_ports:
             if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
                 raise ServiceError(f"{path}.ports: {port!r} is not a port number")
             if port in seen_ports:
