@@ -60,10 +60,6 @@ def load_or_create_ca(settings: Settings) -> asyncssh.SSHKey:
     return key
 
 
-def ca_public_line(ca_key: asyncssh.SSHKey) -> str:
-    return ca_key.export_public_key("openssh").decode().strip()
-
-
 def parse_user_key(public_key: str) -> asyncssh.SSHKey:
     """Parse one OpenSSH public key line, refusing certificates, private keys and weak keys."""
     line = public_key.strip()
