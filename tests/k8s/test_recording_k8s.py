@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api import admin, schemas
 from api.auth import Principal
-from api.db.models import Org
 from api.db.base import utcnow
+from api.db.models import Org
 from api.errors import Forbidden, NotFound, Unauthorized
 from api.instances.providers.kubernetes import manifests, names
 from api.instances.providers.kubernetes.provider import KubernetesProvider
