@@ -178,8 +178,8 @@ class Settings(BaseSettings):
     oidc_client_secret: SecretStr = option("sign-in", SecretStr(""), "the API's OAuth client secret at the OIDC "
                                            "issuer")
     oidc_scopes: str = option("sign-in", "openid email profile", "scopes asked of the OIDC issuer")
-    oidc_name: str = option("sign-in", "oidc", "the name `orz cloud whoami` shows for the OIDC provider "
-                            "(\"Google\", \"Keycloak\", ...)")
+    oidc_name: str = option("sign-in", "oidc", "the name `orz cloud whoami` and the browser pages' \"Sign in "
+                            "with ...\" link show for the OIDC provider (\"Google\", \"Keycloak\", ...)")
     github_client_id: str = option("sign-in", "", "the GitHub OAuth app's client id (empty: no GitHub sign-in)")
     github_client_secret: SecretStr = option("sign-in", SecretStr(""), "the GitHub OAuth app's client secret (for "
                                              "the browser terminal's web flow)")
@@ -400,6 +400,16 @@ class Settings(BaseSettings):
     def signin_callback_url(self) -> str:
         """Where the browser terminal's sign-in returns (the only redirect URI the API lets it use)."""
         return f"{self.web_base_url()}/s/callback"
+
+    def signin_providers(self) -> dict[str, str]:
+        """The configured identity providers: the name the sign-in routes take (``provider=``) -> the name
+        people see. The API (api/signin) and the gateway's pages (its "Sign in with ..." links) both go by it."""
+        found: dict[str, str] = {}
+        if self.oidc_issuer and self.oidc_client_id:
+            found["oidc"] = "OIDC" if self.oidc_name == "oidc" else self.oidc_name
+        if self.github_client_id:
+            found["github"] = "GitHub"
+        return found
 
     def signin_domains(self) -> tuple[str, ...]:
         return tuple(d.lower().lstrip("@") for d in _split_list(self.signin_allowed_domains))

@@ -63,6 +63,9 @@ class WebDoor:
         self.origins = http.configured_origins(self.settings.public_web_url)
         self.trusted_proxies = self.settings.web_trusted_proxies()
         self.signin = BrowserSignIn(gateway.api, self.settings.web_base_url())
+        # The pages' "Sign in with ..." links: from the settings the API decides by too (in the Helm chart the
+        # sign-in settings reach every component through config.extraEnv).
+        self.signin_providers = self.settings.signin_providers()
         # Weak: a handshake that fails after process_request never reaches the handler to pop its grant.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = weakref.WeakKeyDictionary()
         self._server: Server | None = None
@@ -112,11 +115,11 @@ class WebDoor:
             log.info("web %s from %s refused: origin not allowed", http.loggable_path(request.path), source)
             return http.text(403, "origin not allowed")
         if target.kind == "page":
-            return http.terminal_page(target.arg)
+            return http.terminal_page(target.arg, signin=self.signin_providers)
         if target.kind == "token":
             return await self._mint_token(request, target, source)
         if target.kind == "replay":
-            return http.terminal_page(target.arg, "replay.html")
+            return http.terminal_page(target.arg, "replay.html", signin=self.signin_providers)
         if target.kind == "recording":
             return await self._recording(request, target, source)
         if not http.is_upgrade(request):

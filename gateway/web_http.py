@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -121,8 +123,21 @@ def static_file(name: str) -> Response:
                     {"Cache-Control": "public, max-age=86400"})
 
 
-def terminal_page(session_id: str, page: str = "terminal.html") -> Response:
-    """The browser terminal page (or ``page``: the replay page) for one session."""
-    html = (STATIC_DIR / page).read_text().replace("{{SESSION}}", session_id)
-    return response(200, html.encode(), CONTENT_TYPES[".html"],
+def signin_links(providers: Mapping[str, str], next_path: str) -> str:
+    """The page's "Sign in with ..." links, one per configured provider (Settings.signin_providers), each back
+    to ``next_path``; empty when none is configured (the page then offers only its API token field)."""
+    links = [
+        f'<a class="signin" data-provider="{html.escape(key)}" href="/s/login?'
+        f'{html.escape(urlencode({"next": next_path, "provider": key}))}">Sign in with {html.escape(name)}</a>'
+        for key, name in providers.items()
+    ]
+    return f'<span id="signin">{" or ".join(links)}</span>, or\n  ' if links else ""
+
+
+def terminal_page(session_id: str, page: str = "terminal.html", signin: Mapping[str, str] | None = None) -> Response:
+    """The browser terminal page (or ``page``: the replay page) for one session, with ``signin``'s links."""
+    next_path = f"/s/{session_id}" + ("/replay" if page == "replay.html" else "")
+    # The session id is a checked name (SESSION_PART); the links are escaped where they are made.
+    body = (STATIC_DIR / page).read_text().replace("{{SIGNIN}}", signin_links(signin or {}, next_path))
+    return response(200, body.replace("{{SESSION}}", session_id).encode(), CONTENT_TYPES[".html"],
                     {"Content-Security-Policy": PAGE_CSP, "X-Frame-Options": "DENY"})

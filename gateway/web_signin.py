@@ -1,8 +1,8 @@
 """The browser terminal's sign-in with the server's identity provider (docs/sign-in.md).
 
-`/s/login?next=/s/<id>` (with `&provider=github` for GitHub's web flow when an OIDC issuer is configured
-too) asks the API to start an authorization-code + PKCE sign-in and sends the browser to the provider,
-binding the API's `state` to this browser in an HttpOnly cookie (login CSRF).
+`/s/login?next=/s/<id>&provider=oidc|github` (the pages link each configured provider; without `provider`
+the API picks OIDC when configured) asks the API to start an authorization-code + PKCE sign-in and sends
+the browser to the provider, binding the API's `state` to this browser in an HttpOnly cookie (login CSRF).
 `/s/callback` checks that cookie against the returned `state` and has the API finish (single-use state,
 PKCE verifier, nonce, id_token checks). The API token it gets is kept in an HttpOnly, SameSite=Strict
 cookie scoped to /s, never visible to scripts; `/s/<id>/token` accepts it only with the `X-Orz-CSRF`
@@ -33,8 +33,8 @@ STATE_COOKIE = "orz_signin_state"
 NEXT_COOKIE = "orz_signin_next"
 STATE_TTL_S = 600
 PROVIDERS = ("oidc", "github")
-# Where a sign-in may send the browser afterwards: a terminal page of this door, nothing else.
-NEXT_PATH = re.compile(r"^/s/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Where a sign-in may send the browser afterwards: a terminal or replay page of this door, nothing else.
+NEXT_PATH = re.compile(r"^/s/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(/replay)?$")
 
 
 def cookies(request: Request) -> dict[str, str]:
@@ -81,7 +81,7 @@ class BrowserSignIn:
     async def login(self, request: Request, query: dict[str, str], source: str) -> Response:
         target = query.get("next", "")
         if not NEXT_PATH.match(target):
-            return http.text(400, "orz: next must be a terminal page (/s/<session-id>)")
+            return http.text(400, "orz: next must be a terminal or replay page (/s/<session-id>[/replay])")
         provider = query.get("provider") or None
         if provider is not None and provider not in PROVIDERS:
             return http.text(400, f"orz: provider must be one of {', '.join(PROVIDERS)}")

@@ -185,6 +185,11 @@ class Instance(Base):
     runner_host_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     runner_token_prefix: Mapped[str | None] = mapped_column(String(16), nullable=True)
     runner_token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The runner token a stop (or failure) just took away, good for nothing but the recording's final
+    # upload until ``recording_grace_until`` (docs/security.md#recordings): the runner sends that upload
+    # as it stops, which on Kubernetes is after its token was cleared.
+    recording_grace_token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    recording_grace_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     init_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
     attached_clients: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

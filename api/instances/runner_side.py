@@ -36,24 +36,33 @@ log = logging.getLogger("api.instances.service")
 class RunnerSide(ServiceBase):
     """What runners report: heartbeats, services, program events."""
 
-    @staticmethod
-    async def _runner_session(db: AsyncSession, session_id: str, runner_token: str) -> Instance:
-        """The session whose current runner holds ``runner_token``; Unauthorized otherwise."""
+    async def _runner_session(self, db: AsyncSession, session_id: str, runner_token: str, *,
+                              recording: bool = False) -> Instance:
+        """The session whose current runner holds ``runner_token``; Unauthorized otherwise.
+
+        With ``recording`` (the upload route, nothing else), also the runner a stop or failure just
+        retired, until its grace ends (ServiceBase._retire_runner_token says why)."""
         inst = await db.get(Instance, session_id)
-        if (
-            inst is None
-            or not inst.runner_token_hash
-            or not tokens.looks_like(runner_token, tokens.RUNNER_TOKEN_PREFIX)
-            or not tokens.matches(runner_token, inst.runner_token_hash)
-        ):
+        if inst is None or not tokens.looks_like(runner_token, tokens.RUNNER_TOKEN_PREFIX):
             raise Unauthorized("invalid runner token")
-        return inst
+        if inst.runner_token_hash and tokens.matches(runner_token, inst.runner_token_hash):
+            return inst
+        if (
+            recording
+            and inst.recording_grace_token_hash
+            and inst.recording_grace_until is not None
+            and self.now() <= inst.recording_grace_until
+            and State(inst.state) not in GONE_STATES
+            and tokens.matches(runner_token, inst.recording_grace_token_hash)
+        ):
+            return inst
+        raise Unauthorized("invalid runner token")
 
     async def upload_recording(self, session_id: str, runner_token: str, part: str, offset: int, data: bytes
                                ) -> schemas.RecordingAck:
         """Append a runner's upload to its session's recording (api/instances/recordings.py says how)."""
         async with self.db_sessions() as db:
-            inst = await self._runner_session(db, session_id, runner_token)
+            inst = await self._runner_session(db, session_id, runner_token, recording=True)
             # Checked at each upload, not only at start: an org that turns recording off stops it at once.
             if not await db.scalar(select(Org.recording_enabled).where(Org.id == inst.org_id)):
                 raise Forbidden(f"recording is turned off for the org of session {session_id}")
@@ -163,9 +172,13 @@ class RunnerSide(ServiceBase):
                 update(Instance)
                 .where(Instance.id == inst.id, Instance.state == State.STARTING.value,
                        Instance.runner_token_hash == inst.runner_token_hash)
-                .values(spec={**(inst.spec or {}), "services": wanted}, runner_token_prefix=token.prefix,
-                        runner_token_hash=token.digest, route_host=None, route_port=None,
-                        runner_host_key=None, updated_at=self.now())
+                .values({
+                    # The replaced Pod's runner may still send its last recording upload.
+                    **self._retire_runner_token(inst),
+                    "spec": {**(inst.spec or {}), "services": wanted}, "runner_token_prefix": token.prefix,
+                    "runner_token_hash": token.digest, "route_host": None, "route_port": None,
+                    "runner_host_key": None, "updated_at": self.now(),
+                })
             )
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 await db.rollback()

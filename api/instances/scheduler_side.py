@@ -55,8 +55,8 @@ class SchedulerSide(ServiceBase):
             return await self._transition(
                 db, inst, State.STOPPED, actor, "stopped", reason,
                 provider_state=provider_state, stopped_at=self.now(), attached_clients=0,
-                route_host=None, route_port=None, runner_host_key=None,
-                runner_token_prefix=None, runner_token_hash=None, reason=reason,
+                route_host=None, route_port=None, runner_host_key=None, reason=reason,
+                **self._retire_runner_token(inst),
             )
 
     async def complete_delete(self, inst: Instance, actor: str) -> Instance:
@@ -71,6 +71,7 @@ class SchedulerSide(ServiceBase):
                 db, inst, State.DELETED, actor, "deleted", None, deleted_at=self.now(),
                 attached_clients=0, route_host=None, route_port=None, runner_host_key=None,
                 runner_token_prefix=None, runner_token_hash=None,
+                recording_grace_token_hash=None, recording_grace_until=None,  # the recording is gone too
             )
 
     async def delete_expired(self, inst: Instance, actor: str, reason: str) -> Instance:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
@@ -211,7 +211,7 @@ class ServiceBase:
                 row = await self._transition(
                     db, current, State.FAILED, actor, "failed", reason, reason=reason,
                     attached_clients=0, route_host=None, route_port=None, runner_host_key=None,
-                    runner_token_prefix=None, runner_token_hash=None,
+                    **self._retire_runner_token(current),
                 )
         release = self._stop_compute_quietly(row.id, dict(row.provider_state or inst.provider_state or {}))
         if release_later:
@@ -219,6 +219,20 @@ class ServiceBase:
         else:
             await release
         return row
+
+    def _retire_runner_token(self, inst: Instance) -> dict[str, Any]:
+        """Row values that take the runner's token away, keeping its hash for the final recording upload.
+
+        The runner uploads the last of its recording as it stops, which may be after its token is gone
+        (a Kubernetes stop deletes the Pod, the runner gets SIGTERM, the row is marked stopped at once).
+        The retired hash is accepted by the recording upload route alone (RunnerSide._runner_session),
+        for as long as the provider lets a stopped runner live; every other route refuses it."""
+        # Column names set to NULL, no secret in sight.
+        values: dict[str, Any] = {"runner_token_prefix": None, "runner_token_hash": None}  # nosec B105
+        if inst.runner_token_hash:  # else: a grace from an earlier retirement stays as it was
+            values.update(recording_grace_token_hash=inst.runner_token_hash,
+                          recording_grace_until=self.now() + timedelta(seconds=self.provider.runner_stop_grace_s))
+        return values
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run work after the reply; wait_background (and shutdown) sees it through."""

@@ -78,9 +78,10 @@ class SignInService:
         self.box = box
         self.http = http or new_client()
         self.providers: dict[str, DeviceProvider] = {}
-        if settings.oidc_issuer and settings.oidc_client_id:
+        configured = settings.signin_providers()
+        if "oidc" in configured:
             self.providers["oidc"] = OidcProvider(settings, self.http)
-        if settings.github_client_id:
+        if "github" in configured:
             self.providers["github"] = GitHubProvider(settings, self.http)
 
     async def aclose(self) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +288,99 @@ async def test_turning_recording_off_refuses_a_running_sessions_uploads(stack: S
     assert spool(stack, sid).stat().st_size > before  # recorded on its side, never taken
     got = await fetch(stack, sid, owner.headers)
     assert got.status_code == 404 and "turned off for your org" in got.json()["detail"]
+
+
+LAST_WORDS = "printed-right-before-the-stop"
+# Prints its last line when the test says so (a file in the workspace), then waits to be stopped.
+LAST_WORDS_PROGRAM = (f"bash -c 'echo waiting-for-go; until [ -e go ]; do sleep 0.05; done; echo {LAST_WORDS}; "
+                      "sleep infinity'")
+
+
+def runner_token(on: Stack, pid: int) -> str:
+    """The runner's token, as its process was given it (the sandbox-off runner is the provider's pid)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    token = next(e for e in environ if e.startswith(b"ORZ_RUNNER_TOKEN=")).split(b"=", 1)[1].decode()
+    assert token.startswith("orzr_"), "not a runner token"
+    return token
+
+
+async def last_words_pending(on: Stack, owner: Tenant) -> tuple[str, str]:
+    """A session whose pane printed LAST_WORDS a moment ago, before the runner's next periodic upload;
+    its id and its runner's token."""
+    sid = await create(on, owner, LAST_WORDS_PROGRAM)
+    await wait_recording(on, sid, owner, "waiting-for-go")
+    token = runner_token(on, int((await on.row(sid)).provider_state["pid"]))
+    (on.provider.session_dir(sid) / "workspace" / "go").touch()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while LAST_WORDS not in spool(on, sid).read_text(encoding="utf-8", errors="replace"):
+        assert loop.time() < deadline, "the runner did not record the last line"
+        await asyncio.sleep(0.02)
+    return sid, token
+
+
+async def runner_calls(on: Stack, sid: str, token: str) -> dict[str, int]:
+    """What each route answers the runner token: its own routes and a user's."""
+    bearer = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=api_url(on), headers=bearer, timeout=10) as http:
+        return {
+            "heartbeat": (await http.post(f"/internal/v1/instances/{sid}/heartbeat",
+                                          json={"attached_clients": 1})).status_code,
+            "status": (await http.get(f"/v1/instances/{sid}")).status_code,
+            "recording": (await http.get(f"/v1/instances/{sid}/recording")).status_code,
+            "authorize": (await http.post("/internal/v1/authorize",
+                                          json={"session_id": sid, "user_id": "u", "method": "jwt"})).status_code,
+            "start": (await http.post(f"/v1/instances/{sid}/start")).status_code,
+        }
+
+
+async def upload(on: Stack, sid: str, token: str, part: str, offset: int, data: bytes) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=api_url(on), timeout=10,
+                                 headers={"Authorization": f"Bearer {token}"}) as http:
+        return await http.post(f"/internal/v1/instances/{sid}/recording", params={"part": part, "offset": offset},
+                               content=data)
+
+
+@pytest.mark.parametrize("stack", ["off"], indirect=True)  # the test reads the runner's token from its process
+async def test_the_last_output_before_a_stop_is_kept_and_the_stopped_token_only_uploads(stack: Stack) -> None:  # noqa: F811
+    owner = await owner_of(stack)
+    sid, token = await last_words_pending(stack, owner)
+    async with httpx.AsyncClient(base_url=api_url(stack), headers=owner.headers, timeout=10) as http:
+        assert (await http.post(f"/v1/instances/{sid}/stop")).status_code == 200
+    await stack.wait_state(sid, "stopped")
+    assert LAST_WORDS in (await fetch(stack, sid, owner.headers)).text
+
+    # Within the grace the stopped runner's token takes the recording's upload, and nothing else.
+    calls = await runner_calls(stack, sid, token)
+    assert calls == {"heartbeat": 401, "status": 401, "recording": 401, "authorize": 401, "start": 401}, calls
+    probe = await upload(stack, sid, token, "no-such-part", 5, b"[1, \"o\", \"x\"]\n")
+    assert probe.status_code == 409, probe.text  # let in, and told where the recording ends
+    part, offset = probe.json()["part"], probe.json()["offset"]
+    late = b'[99.0, "o", "uploaded-in-the-grace"]\n'
+    assert (await upload(stack, sid, token, part, offset, late)).status_code == 200
+    assert "uploaded-in-the-grace" in (await fetch(stack, sid, owner.headers)).text
+    assert (await stack.row(sid)).state == "stopped"  # nothing it sent moved the session
+
+    # After the grace (the API's clock moved past it), not even that.
+    real_clock = stack.service.now
+    grace = timedelta(seconds=stack.provider.runner_stop_grace_s + 1)
+    stack.service.now = lambda: real_clock() + grace
+    try:
+        refused = await upload(stack, sid, token, part, offset + len(late), b'[100.0, "o", "too-late"]\n')
+    finally:
+        stack.service.now = real_clock
+    assert refused.status_code == 401 and refused.headers["content-type"] == "application/problem+json"
+    assert token not in refused.text
+    assert "too-late" not in (await fetch(stack, sid, owner.headers)).text
+
+
+@pytest.mark.parametrize("stack", ["off"], indirect=True)
+async def test_a_failed_sessions_runner_still_uploads_its_last_output(stack: Stack) -> None:  # noqa: F811
+    """A failure (lost heartbeats, as the reconciler decides) takes the token before the runner gets its
+    SIGTERM: the final upload it sends then is taken all the same."""
+    owner = await owner_of(stack)
+    sid, token = await last_words_pending(stack, owner)
+    failed = await stack.service.fail_instance(await stack.row(sid), "system", "heartbeats lost")
+    assert failed.state == "failed" and failed.runner_token_hash is None
+    assert LAST_WORDS in (await fetch(stack, sid, owner.headers)).text
+    assert (await runner_calls(stack, sid, token))["heartbeat"] == 401

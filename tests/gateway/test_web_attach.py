@@ -153,6 +153,10 @@ async def test_readonly_cannot_type_but_sees_the_shared_session(platform: WebPla
 def test_page_and_static_files_are_served(platform: WebPlatform, sid: str) -> None:
     page = httpx.get(f"{platform.web_url}/s/{sid}", timeout=5)
     assert page.status_code == 200 and "xterm.js" in page.text and sid in page.text
+    # No identity provider configured here: no sign-in link, the API token field only.
+    assert "/s/login" not in page.text and 'id="api-token"' in page.text
+    replay = httpx.get(f"{platform.web_url}/s/{sid}/replay", timeout=5)
+    assert replay.status_code == 200 and "/s/login" not in replay.text and 'id="api-token"' in replay.text
     assert "script-src 'self'" in page.headers["content-security-policy"]
     js = httpx.get(f"{platform.web_url}/static/vendor/xterm/xterm.js", timeout=5)
     assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")

@@ -47,3 +47,27 @@ def test_static_files_stay_inside_the_static_dir() -> None:
     page = http.terminal_page("abc-1")
     assert b'data-session="abc-1"' in page.body
     assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+
+
+def test_the_pages_link_each_configured_provider_by_name_and_escape_it() -> None:
+    """What the web door shows comes from Settings.signin_providers (the real door: tests/gateway/test_web_signin*)."""
+    assert "/s/login" not in http.terminal_page("abc-1").body.decode()
+    assert "/s/login" not in http.terminal_page("abc-1", "replay.html", signin={}).body.decode()
+    both = {"oidc": "<Keycloak & co>", "github": "GitHub"}
+    page = http.terminal_page("abc-1", signin=both).body.decode()
+    assert ('href="/s/login?next=%2Fs%2Fabc-1&amp;provider=oidc">Sign in with &lt;Keycloak &amp; co&gt;</a>'
+            in page)
+    assert 'href="/s/login?next=%2Fs%2Fabc-1&amp;provider=github">Sign in with GitHub</a>' in page
+    assert "<Keycloak" not in page
+    replay = http.terminal_page("abc-1", "replay.html", signin=both).body.decode()
+    assert "next=%2Fs%2Fabc-1%2Freplay&amp;provider=github" in replay  # back to the replay after signing in
+
+
+def test_settings_name_the_configured_providers() -> None:
+    from api.settings import Settings
+
+    assert Settings(oidc_issuer="https://idp.example", oidc_client_id="").signin_providers() == {}
+    assert Settings(oidc_issuer="https://idp.example", oidc_client_id="orz").signin_providers() == {"oidc": "OIDC"}
+    both = Settings(oidc_issuer="https://idp.example", oidc_client_id="orz", oidc_name="Keycloak",
+                    github_client_id="Iv1.abc")
+    assert both.signin_providers() == {"oidc": "Keycloak", "github": "GitHub"}

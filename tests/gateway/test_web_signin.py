@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
+import re
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import pytest
@@ -16,6 +18,8 @@ from tests.signin.standins import OidcStandIn
 from tests.web_platform import NEEDS, WebPlatform, start_platform
 
 pytestmark = [pytest.mark.integration, NEEDS]
+# A page's sign-in links: (href, text).
+LINK = re.compile(r'<a class="signin" data-provider="[a-z]+" href="([^"]+)">([^<]+)</a>')
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +124,7 @@ def test_a_real_browser_signs_in_and_the_terminal_connects(platform: WebPlatform
                 page.on("pageerror", lambda exc: errors.append(str(exc)))
                 page.goto(f"{platform.web_url}/s/{sid}")
                 expect(page.locator("#status")).to_contain_text("sign in", timeout=15000)
-                page.click("#signin")
+                page.click("a.signin[data-provider=oidc]")
                 page.wait_for_url(f"{platform.web_url}/s/{sid}", timeout=15000)
                 expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
                 assert "orz_web" not in page.evaluate("document.cookie")  # HttpOnly
@@ -131,3 +135,15 @@ def test_a_real_browser_signs_in_and_the_terminal_connects(platform: WebPlatform
     finally:
         idp.browser_email = None
         platform.kill(sid)
+
+
+def test_the_pages_link_the_one_provider_configured(platform: WebPlatform, idp: OidcStandIn):
+    sid = platform.new_session("sleep 600")
+    for path in (f"/s/{sid}", f"/s/{sid}/replay"):
+        page = httpx.get(f"{platform.web_url}{path}", timeout=10)
+        assert page.status_code == 200
+        links = LINK.findall(page.text)
+        assert links == [(f"/s/login?next={quote(path, safe='')}&amp;provider=oidc", "Sign in with OIDC")], links
+        start = httpx.get(f"{platform.web_url}{html.unescape(links[0][0])}", timeout=10)
+        assert start.status_code == 302 and start.headers["location"].startswith(f"{idp.url}/authorize?")
+    platform.kill(sid)

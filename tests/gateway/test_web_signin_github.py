@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from tests.gateway.test_web_signin import set_cookies
+from tests.gateway.test_web_signin import LINK, set_cookies
 from tests.signin.standins import GitHubAccount, GitHubStandIn
 from tests.web_platform import NEEDS, WebPlatform, start_platform
 
@@ -46,7 +46,9 @@ def test_the_browser_signs_in_with_github_and_gets_attach_tokens(platform: WebPl
     assert unknown.status_code == 400 and "oidc, github" in unknown.text
     oidc = web.get("/s/login", params={"next": f"/s/{sid}", "provider": "oidc"})  # not configured here
     assert oidc.status_code == 404 and "not configured" in oidc.text
-    # GitHub is this server's only provider: the page's plain Sign in link uses it.
+    # GitHub is this server's only provider: the page links it, by name, and so does a plain /s/login.
+    page = web.get(f"/s/{sid}")
+    assert LINK.findall(page.text) == [(f"/s/login?next=%2Fs%2F{sid}&amp;provider=github", "Sign in with GitHub")]
     start = web.get("/s/login", params={"next": f"/s/{sid}"})
     assert start.status_code == 302, start.text
     location = start.headers["location"]

@@ -11,14 +11,16 @@ import base64
 import dataclasses
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api import admin, schemas
 from api.auth import Principal
+from api.db.base import utcnow
 from api.db.models import Org
-from api.errors import Forbidden, NotFound
+from api.errors import Forbidden, NotFound, Unauthorized
 from api.instances.providers.kubernetes import manifests, names
 from api.instances.providers.kubernetes.provider import KubernetesProvider
 from api.instances.service import InstanceService
@@ -90,3 +92,63 @@ async def test_a_pods_runner_records_uploads_and_the_api_serves_it(
     await service.start(who, inst.id)
     _token, spec = the_runner(server, inst.id)
     assert spec.recording_max_bytes == 0
+
+
+@both_databases
+async def test_a_stopped_pods_runner_may_send_its_last_upload_and_nothing_else(
+        settings: Settings, sessions: async_sessionmaker[AsyncSession], provider: KubernetesProvider,
+        server: FakeApiServer) -> None:
+    """A stop deletes the Pod and takes the runner's token at once; the runner, on its SIGTERM, still sends
+    what the pane printed last: that upload is taken, for the Pod's termination grace period, and nothing else."""
+    now = [utcnow()]
+
+    def clock() -> datetime:
+        return now[0]
+
+    service = InstanceService(settings, sessions, provider, clock=clock,
+                              gateway_public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGateway gateway")
+    who: Principal = await principal(service.db_sessions, "acme")
+    inst = await service.create(who, schemas.InstanceCreate(program="claude"))
+    token, _spec = the_runner(server, inst.id)
+    data = HEADER + b'[0.5, "o", "working"]\n'
+    await service.upload_recording(inst.id, token, "part-1", 0, data)
+
+    await service.stop(who, inst.id)
+    pod = server.get("pods", NS, names.pod_name(inst.id))
+    # Deleted, its runner has its SIGTERM, and the token is gone from the row already.
+    assert pod is None or pod["metadata"].get("deletionTimestamp")
+    assert pod is None or pod["spec"]["terminationGracePeriodSeconds"] == manifests.RUNNER_TERMINATION_GRACE_S
+    last = b'[9.5, "o", "printed right before the stop"]\n'
+    now[0] += timedelta(seconds=manifests.RUNNER_TERMINATION_GRACE_S - 1)
+    ack = await service.upload_recording(inst.id, token, "part-1", len(data), last)
+    assert ack.offset == len(data + last)
+    assert await service.read_recording(who, inst.id) == data + last
+
+    # The retired token is good for that upload alone: no heartbeat (which could bring the session back).
+    with pytest.raises(Unauthorized):
+        await service.record_heartbeat(inst.id, token, schemas.Heartbeat(attached_clients=1))
+    # Once the Pod must be gone, not even an upload.
+    now[0] += timedelta(seconds=2)
+    with pytest.raises(Unauthorized):
+        await service.upload_recording(inst.id, token, "part-1", len(data + last), b'[10, "o", "late"]\n')
+    assert await service.read_recording(who, inst.id) == data + last
+
+    # Started again: the new Pod's token works everywhere, the old one nowhere.
+    await service.start(who, inst.id)
+    new_token, _spec = the_runner(server, inst.id)
+    assert new_token != token
+    await service.record_heartbeat(inst.id, new_token, schemas.Heartbeat())
+    with pytest.raises(Unauthorized):
+        await service.upload_recording(inst.id, token, "part-1", len(data + last), b'[10, "o", "late"]\n')
+    await service.wait_background()
+
+
+@both_databases
+async def test_a_deleted_sessions_runner_cannot_upload(
+        service: InstanceService, server: FakeApiServer) -> None:
+    who: Principal = await principal(service.db_sessions, "acme")
+    inst = await service.create(who, schemas.InstanceCreate(program="claude"))
+    token, _spec = the_runner(server, inst.id)
+    await service.delete(who, inst.id)
+    with pytest.raises(Unauthorized):
+        await service.upload_recording(inst.id, token, "part-1", 0, HEADER)

@@ -106,6 +106,10 @@ class Provider(abc.ABC):
     # True when the provider runs ``services:`` as containers beside the runner (ComputeSpec.services):
     # its runners report the services they find, and the API restarts compute to add them.
     runs_services: bool = False
+    # How long a runner may still run once its compute was asked to stop (SIGTERM until it is killed): the
+    # latest its final recording upload can come. Its retired token takes that upload, and only it, this
+    # long (docs/security.md#recordings). 0: stop() returns only once the runner is gone.
+    runner_stop_grace_s: float = 0.0
 
     @abc.abstractmethod
     async def create(self, spec: ComputeSpec) -> ProviderState:

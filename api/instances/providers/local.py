@@ -68,6 +68,8 @@ def process_start_time(pid: int) -> int | None:
 
 class LocalProvider(Provider):
     name = "local"
+    # stop() kills a runner that is still there STOP_GRACE_S after its SIGTERM.
+    runner_stop_grace_s = STOP_GRACE_S
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

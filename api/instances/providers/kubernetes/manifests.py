@@ -34,6 +34,9 @@ RUNNER_UID = 1000
 WORKSPACE = "/workspace"
 HOME = "/home/orzbob"
 STATE_DIR = "/run/orz"
+# The kubelet kills a stopped Pod's containers this long after their SIGTERM (the runner's WIP save and
+# its final recording upload fit well inside).
+RUNNER_TERMINATION_GRACE_S = 30
 TOKEN_ENV = "ORZ_RUNNER_TOKEN"  # noqa: S105  # nosec B105  # a variable name, not a value
 
 
@@ -252,7 +255,7 @@ def pod(spec: ComputeSpec, config: ClusterConfig, generation: int = 1,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "restartPolicy": "Always",
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": RUNNER_TERMINATION_GRACE_S,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUNNER_UID,

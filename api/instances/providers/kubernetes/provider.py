@@ -55,6 +55,8 @@ def default_api_client() -> k8s.ApiClient:
 class KubernetesProvider(Provider):
     name = "kubernetes"
     runs_services = True
+    # A deleted Pod's runner lives on until its termination grace period ends.
+    runner_stop_grace_s = float(manifests.RUNNER_TERMINATION_GRACE_S)
 
     def __init__(self, settings: Settings, api_client: k8s.ApiClient | None = None, *,
                  request_timeout_s: float = 30.0, watch_timeout_s: int = 240, sync_timeout_s: float = 10.0,
