@@ -7,6 +7,7 @@ volumes written (items and all) under a temporary directory that stands in for t
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ def rendered_secret(objs: list[dict[str, Any]]) -> dict[str, bytes]:
     return {k: base64.b64decode(v) for k, v in found[0]["data"].items()} if found else {}
 
 
-def container_env(objs: list[dict[str, Any]], component: str, root: Path,
-                  container: str | None = None) -> dict[str, str]:
-    """The env of `component`'s Deployment container, with its Secret volumes written under `root`."""
+def container_env(objs: list[dict[str, Any]], component: str, root: Path, container: str | None = None,
+                  secrets: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, str]:
+    """The env of `component`'s Deployment container, with its Secret volumes written under `root`.
+    ``secrets`` stands in for Secrets the operator made (name -> key -> value) that env entries reference."""
     (deploy,) = [o for o in objs if o["kind"] == "Deployment"
                  and o["metadata"]["labels"]["app.kubernetes.io/component"] == component]
     pod = deploy["spec"]["template"]["spec"]
@@ -45,8 +47,10 @@ def container_env(objs: list[dict[str, Any]], component: str, root: Path,
     for entry in c.get("env", []):
         if "value" in entry:
             value = entry["value"]
-        elif entry.get("valueFrom", {}).get("secretKeyRef", {}).get("key") in secret:
-            value = secret[entry["valueFrom"]["secretKeyRef"]["key"]].decode()
+        elif (ref := entry.get("valueFrom", {}).get("secretKeyRef", {})).get("name") in (secrets or {}):
+            value = (secrets or {})[ref["name"]][ref["key"]]
+        elif ref.get("key") in secret:
+            value = secret[ref["key"]].decode()
         else:
             continue
         for path, local in mounts.items():

@@ -316,19 +316,3 @@ def test_internal_traffic_uses_the_in_cluster_api_service(values: str, tmp_path:
         else:
             assert settings.public_api_url != in_cluster, name
 
-
-def test_the_gateway_has_the_sign_in_settings_its_pages_link() -> None:
-    """The browser pages' "Sign in with ..." links come from the gateway's own settings: the sign-in settings an
-    operator gives in config.extraEnv (docs/sign-in.md) reach the gateway's Pods as they reach the API's."""
-    from api.settings import Settings
-
-    given = {"ORZ_OIDC_ISSUER": "https://sso.example.com/realms/orz", "ORZ_OIDC_CLIENT_ID": "orz",
-             "ORZ_OIDC_NAME": "Keycloak", "ORZ_GITHUB_CLIENT_ID": "Iv1.0123456789abcdef"}
-    objs = render(*[arg for name, value in given.items() for arg in ("--set", f"config.extraEnv.{name}={value}")])
-    for name in ("gateway", "api"):
-        container = component(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
-        env = {e["name"]: e.get("value") for e in container["env"]}
-        assert {k: env.get(k) for k in given} == given, name
-        settings = Settings(**{k.removeprefix("ORZ_").lower(): env[k] for k in given})
-        assert settings.signin_providers() == {"oidc": "Keycloak", "github": "GitHub"}
-    assert Settings().signin_providers() == {}  # the chart's defaults configure none: no links, the token field

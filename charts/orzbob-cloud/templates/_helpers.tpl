@@ -163,6 +163,66 @@ seccompProfile:
 {{- end }}
 {{- end }}
 
+{{/* Sign-in settings (values `signin`, docs/sign-in.md) for one component:
+     orz.signinEnv (dict "root" $ "part" "api"|"gateway"). The API gets all of them, its client secrets only as
+     secretKeyRefs to Secrets the operator made; the gateway only what its pages' "Sign in with ..." links need
+     (api/settings.py signin_providers: issuer, client ids, name), never a secret; other components nothing. */}}
+{{- define "orz.signinEnv" -}}
+{{- $s := .root.Values.signin }}
+{{- $api := eq .part "api" }}
+{{- range $name, $_ := $.root.Values.config.extraEnv }}
+{{- if has $name (list "ORZ_OIDC_CLIENT_SECRET" "ORZ_GITHUB_CLIENT_SECRET") }}
+{{- fail (printf "config.extraEnv.%s would put a client secret into every component's Pod spec: put it in a Secret and name it in signin.%s.clientSecret (name, key)" $name (ternary "oidc" "github" (hasPrefix "ORZ_OIDC" $name))) }}
+{{- end }}
+{{- end }}
+{{- $plain := dict }}
+{{- with $s.oidc }}
+{{- if or .clientSecret.name .scopes }}{{ if not .issuer }}{{ fail "signin.oidc: set issuer and clientId (the client secret and scopes are for that issuer)" }}{{ end }}{{ end }}
+{{- if and .issuer (not .clientId) }}{{ fail "signin.oidc.issuer is set: set signin.oidc.clientId too" }}{{ end }}
+{{- if .issuer }}
+{{- $_ := set $plain "ORZ_OIDC_ISSUER" .issuer }}
+{{- $_ := set $plain "ORZ_OIDC_CLIENT_ID" .clientId }}
+{{- with .name }}{{ $_ := set $plain "ORZ_OIDC_NAME" . }}{{ end }}
+{{- if $api }}{{ with .scopes }}{{ $_ := set $plain "ORZ_OIDC_SCOPES" . }}{{ end }}{{ end }}
+{{- end }}
+{{- end }}
+{{- with $s.github }}
+{{- if and (not .clientId) (or .clientSecret.name .baseUrl .apiUrl) }}{{ fail "signin.github: set clientId (the client secret and URLs are for that OAuth app)" }}{{ end }}
+{{- /* GitHub's web flow (the browser's sign-in) needs the client secret: without one the gateway offers no link. */}}
+{{- if and .clientId (or $api .clientSecret.name) }}{{ $_ := set $plain "ORZ_GITHUB_CLIENT_ID" .clientId }}{{ end }}
+{{- if and $api .clientId }}
+{{- with .baseUrl }}{{ $_ := set $plain "ORZ_GITHUB_BASE_URL" . }}{{ end }}
+{{- with .apiUrl }}{{ $_ := set $plain "ORZ_GITHUB_API_URL" . }}{{ end }}
+{{- end }}
+{{- end }}
+{{- if $api }}
+{{- with $s.newUsers }}{{ $_ := set $plain "ORZ_SIGNIN_NEW_USERS" . }}{{ end }}
+{{- with $s.org }}{{ $_ := set $plain "ORZ_SIGNIN_ORG" . }}{{ end }}
+{{- with $s.allowedDomains }}{{ $_ := set $plain "ORZ_SIGNIN_ALLOWED_DOMAINS" (join "," .) }}{{ end }}
+{{- with $s.githubOrgs }}{{ $_ := set $plain "ORZ_SIGNIN_GITHUB_ORGS" (join "," .) }}{{ end }}
+{{- with $s.githubTeams }}{{ $_ := set $plain "ORZ_SIGNIN_GITHUB_TEAMS" (join "," .) }}{{ end }}
+{{- end }}
+{{- range $name, $value := $plain }}
+{{- if hasKey $.root.Values.config.extraEnv $name }}
+{{- fail (printf "%s is set both by config.extraEnv and by signin: keep it in signin only" $name) }}
+{{- end }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- if $api }}
+{{- range $provider := list "oidc" "github" }}
+{{- $ref := (index $s $provider).clientSecret }}
+{{- if $ref.name }}
+- name: {{ printf "ORZ_%s_CLIENT_SECRET" (upper $provider) }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ref.name | quote }}
+      key: {{ $ref.key | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Writable scratch space for a read-only root filesystem. */}}
 {{- define "orz.scratchVolumes" -}}
 - name: tmp
