@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sanic import HTTPResponse, Request, Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -24,7 +24,14 @@ from api.auth import PrincipalCache
 from api.credentials.secrets_box import SecretsBox
 from api.db.engine import autocommit_session_factory, create_engine, is_connection_failure, session_factory
 from api.db.migrate import ensure_at_head, wait_for_schema
-from api.errors import STATUS_TO_ERROR, DatabaseUnavailable, OrzError, SchemaNotAtHead, TooManyAttempts
+from api.errors import (
+    STATUS_TO_ERROR,
+    ClientClosedRequest,
+    DatabaseUnavailable,
+    OrzError,
+    SchemaNotAtHead,
+    TooManyAttempts,
+)
 from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
 from api.routes import attach, auth, health, instances, internal, me
@@ -89,6 +96,11 @@ class ProblemHandler(ErrorHandler):
             status = int(getattr(exception, "status_code", 500) or 500)
             cls = STATUS_TO_ERROR.get(status)
             error = cls(_sanic_detail(status, exception)) if cls else OrzError()
+        elif isinstance(exception, RequestCancelled):
+            # A heartbeat from a runner being stopped, a CLI the user interrupted: the connection is gone,
+            # nobody reads the answer, and counting it as a 500 would spend the API's error budget.
+            log.info("client went away during %s %s", request.method, request.path)
+            error = ClientClosedRequest()
         elif is_connection_failure(exception):
             error = DatabaseUnavailable("the database is unavailable; retry in a moment",
                                         internal=f"{type(exception).__name__} on {request.method} {request.path}")

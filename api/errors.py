@@ -125,6 +125,14 @@ class TooManyAttempts(OrzError):
         self.retry_after_s = max(1, retry_after_s)
 
 
+class ClientClosedRequest(OrzError):
+    """The client hung up before the answer (nginx's 499): nothing is sent, and it is not our error."""
+
+    status = 499
+    code = "client_closed_request"
+    title = "Client closed the request"
+
+
 class ComputeUnavailable(OrzError):
     """The compute provider failed (its ProviderFailure, as an HTTP answer): 503, the user may retry."""
 
