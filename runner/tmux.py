@@ -24,6 +24,11 @@ MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the final NUL
 PANE_DIED = "orz-pane-died"
 # ... and this one when the window changes size (a client attached or resized), for the recording.
 RESIZED = "orz-resized"
+# The pane's text kept across a stop (beside the socket, in the state dir a stop keeps): a woken session
+# shows what it showed before the reaper stopped it, as a laptop's terminal does after sleep.
+SCROLLBACK_FILE = "scrollback.txt"
+# Shown first in a recreated pane, then the program takes its place (same pid: exec).
+_RESTORE = 'cat -- "$0" 2>/dev/null; rm -f -- "$0"; exec "$@"'
 _CONF = ("set-option -g remain-on-exit on\nset-option -g history-limit 50000\n"
          f'set-hook -g pane-died "wait-for -S {PANE_DIED}"\n'
          f'set-hook -g window-resized "wait-for -S {RESIZED}"\n')
@@ -51,6 +56,7 @@ class Tmux:
         # A shell command the pane's output is piped into from the program's first byte (the recording):
         # given to tmux in the same call that starts the program, so nothing it prints is missed.
         self.pane_pipe: str | None = None
+        self.saved_scrollback = socket.with_name(SCROLLBACK_FILE)
 
     def _then_pipe(self) -> list[str]:
         """tmux command-sequence arguments that attach ``pane_pipe`` to the pane (none when unset)."""
@@ -103,6 +109,8 @@ class Tmux:
         # with, so even a program that exits at once keeps its pane) gives us the exit status.
         conf = self.socket.with_name("tmux.conf")
         conf.write_text(_CONF, encoding="utf-8")
+        if self.saved_scrollback.is_file():
+            argv = ["/bin/sh", "-c", _RESTORE, str(self.saved_scrollback), *argv]
         await self.run(
             "-f", str(conf), "new-session", "-d", "-s", SESSION, "-x", str(width), "-y", str(height),
             "-c", str(cwd), "--", *argv, *self._then_pipe(), env=env,
@@ -193,6 +201,14 @@ class Tmux:
     def attach_argv(self, readonly: bool) -> list[str]:
         return self.argv("attach-session", *(["-r"] if readonly else []), "-t", SESSION)
 
+    async def save_scrollback(self) -> None:
+        """Keep the pane's history and screen for the next start (see SCROLLBACK_FILE)."""
+        text = await self.run("capture-pane", "-p", "-J", "-S", "-", "-E", "-", "-t", SESSION, check=False)
+        if text.strip():
+            self.saved_scrollback.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+
     async def kill_server(self) -> None:
         if self.socket.exists():
+            with contextlib.suppress(OSError):
+                await self.save_scrollback()
             await self.run("kill-server", check=False)

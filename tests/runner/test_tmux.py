@@ -71,3 +71,22 @@ def test_program_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert program_argv("bash", "say hello", "/bin/zsh")[5:] == ["bash"]
     monkeypatch.setattr("runner.program.shutil.which", lambda name: None)
     assert program_argv(None, "t", "/bin/zsh")[5:] == ["exec /bin/zsh -l"]
+
+
+async def test_a_stopped_session_comes_back_with_its_scrollback(tmux: Tmux, short_tmp: Path) -> None:
+    """Found by the soak: a marker a user left in the pane was gone after the reaper stopped the session
+    and ssh woke it (the tmux server, and its history, went with the stop)."""
+    argv = program_argv("bash -c 'echo MARK-before-stop; seq 1 300; sleep infinity'", None, "/bin/bash")
+    await tmux.start(argv, cwd=short_tmp, env=ENV)
+    await wait_for_pane(tmux, "300")  # the marker has scrolled off the screen into the history
+    await tmux.kill_server()  # what a stop does
+    assert not (await tmux.pane_state()).exists
+    await tmux.start(program_argv("bash -c 'echo after-start; sleep infinity'", None, "/bin/bash"),
+                     cwd=short_tmp, env=ENV)
+    await wait_for_pane(tmux, "after-start")
+    history = await tmux.run("capture-pane", "-p", "-S", "-", "-t", "main")
+    assert history.index("MARK-before-stop") < history.index("after-start")
+    assert not tmux.saved_scrollback.exists()  # shown once: a second start does not repeat it
+    pane = await tmux.pane_state()
+    cmd = Path(f"/proc/{pane.pane_pid}/cmdline").read_bytes()
+    assert b"after-start" in cmd and b"cat --" not in cmd  # the program itself, not the restoring shell
