@@ -8,6 +8,7 @@ directory must be empty when the first worker starts (the supervisor wipes it).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -39,6 +40,14 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 if not os.environ.get(MULTIPROC_ENV):
     ProcessCollector(registry=REGISTRY)
 
+
+# The event loop's live tasks: a number that only grows over a soak is a task leak (hack/soak.py reads it).
+ASYNCIO_TASKS = Gauge("orz_asyncio_tasks", "asyncio tasks alive in this service's event loop", registry=REGISTRY)
+
+
+def count_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """From now on each scrape counts ``loop``'s tasks (scrapes may come from another thread)."""
+    ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
 
 def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None

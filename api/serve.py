@@ -8,6 +8,8 @@ import socket
 from sanic import Sanic
 from sanic.server.async_server import AsyncioServer
 
+from api import metrics
+
 
 class ApiServer:
     """A started API listener; ``port`` is the real one when 0 was asked for."""
@@ -33,6 +35,7 @@ class ApiServer:
         await server.startup()
         await server.before_start()
         await server.after_start()
+        metrics.count_tasks(asyncio.get_running_loop())
         return cls(app, server)
 
     async def stop(self) -> None:

@@ -11,6 +11,7 @@ one is counted once per connection, before authentication). The attach SLO count
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass
@@ -71,6 +72,14 @@ DRAINING = Gauge(
     "Client connections (SSH, and browser terminals) still open on a gateway that is shutting down",
     registry=REGISTRY, multiprocess_mode="livesum",
 )
+
+# The event loop's live tasks: a number that only grows over a soak is a task leak (hack/soak.py reads it).
+ASYNCIO_TASKS = Gauge("orz_asyncio_tasks", "asyncio tasks alive in this service's event loop", registry=REGISTRY)
+
+
+def count_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """From now on each scrape counts ``loop``'s tasks (scrapes may come from another thread)."""
+    ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
 
 # Every series a dashboard or alert divides by exists from the start, at zero, so a fresh gateway
 # shows 0 rather than "no data" and ratios are defined.

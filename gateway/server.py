@@ -599,6 +599,7 @@ async def serve(settings: Settings) -> AsyncIterator[Gateway]:
     """A started gateway (``.port`` is the bound SSH port), closed on exit."""
     gateway = Gateway(settings)
     await gateway.start()
+    metrics.count_tasks(asyncio.get_running_loop())
     try:
         yield gateway
     finally:

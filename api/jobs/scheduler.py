@@ -239,4 +239,5 @@ async def run(settings: Settings, stop: Awaitable[object], *, provider: Provider
         # Wait (bounded) for `orz admin migrate` rather than crash-looping on a schema not yet there.
         await wait_for_schema(settings.database_url, settings.schema_wait_s)
     async with _scheduler(settings, clock=None, provider=provider, secret_env=None):
+        metrics.count_tasks(asyncio.get_running_loop())
         await stop

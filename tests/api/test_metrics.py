@@ -158,3 +158,24 @@ async def test_registries_of_services_sharing_the_process_are_exposed_too(app, s
     samples = await scrape(app)
     assert value(samples, "orz_other_service_events_total") == 3
     assert ("orz_sessions", (("state", "running"),)) in samples
+
+
+async def test_the_event_loops_tasks_are_counted_on_scrape(app) -> None:
+    """orz_asyncio_tasks: what the soak's leak check reads at start and end of each service."""
+    import asyncio
+
+    from api import metrics
+    from api.serve import ApiServer
+
+    server = await ApiServer.start(app, "127.0.0.1", 0)
+    try:
+        before = metrics.REGISTRY.get_sample_value("orz_asyncio_tasks")
+        extra = [asyncio.create_task(asyncio.sleep(30)) for _ in range(5)]
+        after = metrics.REGISTRY.get_sample_value("orz_asyncio_tasks")
+        for task in extra:
+            task.cancel()
+        await asyncio.gather(*extra, return_exceptions=True)
+    finally:
+        await server.stop()
+    assert before is not None and before >= 1
+    assert after == before + 5
