@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -127,6 +128,26 @@ async def test_a_restarted_api_adopts_running_runners(
     await fresh.stop("sess-b", state)
     await wait_gone(state["pid"])
     assert (await provider.status("sess-b", state)).phase == "stopped"
+
+
+async def test_a_runner_whose_pid_was_never_recorded_is_found_not_started_twice(
+        provider: LocalProvider, short_tmp: Path, fake_api: FakeApi, gateway_key) -> None:
+    """Found by the soak: the API killed -9 between spawning a runner and recording its pid. The
+    reconciler then saw the session's compute "stopped", started a second runner on the same workspace
+    and left the first running for ever (its heartbeats refused)."""
+    spec = compute_spec("sess-p", fake_api, gateway_key, None)
+    state = await provider.create(spec)
+    await ready(fake_api, "sess-p")
+    pid_file = short_tmp / "data" / "sessions" / "sess-p" / "provider.json"
+    pid_file.write_text(json.dumps({"pid": None, "spawn": state["spawn"], "dir": state["dir"]}))  # as left then
+    fresh = LocalProvider(Settings(data_dir=short_tmp / "data", repo_file_dirs=str(short_tmp)))
+    assert (await fresh.list())["sess-p"].phase == "running"
+    assert (await fresh.status("sess-p", {})).phase == "running"
+    again = await fresh.start(spec, {})  # what the reconciler's restart asks with the row's empty state
+    assert again["pid"] == state["pid"]
+    await fresh.stop("sess-p", {})
+    await wait_gone(state["pid"])
+    assert (await fresh.status("sess-p", {})).phase == "stopped"
 
 
 async def test_bad_config_fails_with_the_reason_and_leaves_nothing(

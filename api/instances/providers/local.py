@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -50,6 +51,8 @@ FATAL_FILE = f"state/{STATE_FATAL_FILE}"
 # its last heartbeat. After a fatal error the API stops the runner while handling that very
 # heartbeat, so waiting for the exit would deadlock: there stop() takes this as "compute released".
 RELEASED_FILE = f"state/{STATE_RELEASED_FILE}"
+# The environment variable naming one spawn of a runner (see _spawn).
+SPAWN_ENV = "ORZ_RUNNER_SPAWN_ID"
 _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME")
 
 
@@ -123,6 +126,9 @@ class LocalProvider(Provider):
         base = self.session_dir(spec.session_id)
         if self._alive(state):
             return state
+        saved = self._saved_state(base)
+        if self._alive(saved):  # a runner the database does not know of yet (see _spawn): never a second one
+            return saved
         if not (base / "workspace").is_dir():
             raise ProviderFailure(f"session {spec.session_id} has no workspace to start from")
         return self._spawn(spec, base)
@@ -217,6 +223,12 @@ class LocalProvider(Provider):
         })
         (base / FATAL_FILE).unlink(missing_ok=True)
         (base / RELEASED_FILE).unlink(missing_ok=True)
+        # Recorded before the spawn and carried in the runner's environment: an API killed between the
+        # spawn and recording the pid leaves a runner that _saved_state still finds (else the reconciler
+        # would see "stopped", start a second runner on the same workspace and orphan the first).
+        spawn_id = secrets.token_hex(12)
+        env[SPAWN_ENV] = spawn_id
+        (base / PID_FILE).write_text(json.dumps({"pid": None, "spawn": spawn_id, "dir": str(base)}), encoding="utf-8")
         argv = [sys.executable, "-P", "-m", "runner"]
         extra: ProviderState = {}
         if tools is not None:
@@ -234,7 +246,7 @@ class LocalProvider(Provider):
                              ])
         self._children.add(pid)
         started = process_start_time(pid)
-        state: ProviderState = {"pid": pid, "start_time": started, "dir": str(base), **extra}
+        state: ProviderState = {"pid": pid, "start_time": started, "dir": str(base), "spawn": spawn_id, **extra}
         (base / PID_FILE).write_text(json.dumps(state), encoding="utf-8")
         log.info("started runner for %s (pid %s)", spec.session_id, pid)
         return state
@@ -303,7 +315,15 @@ class LocalProvider(Provider):
             data = json.loads((base / PID_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        if data.get("spawn") and not data.get("pid"):
+            found = _find_spawned(str(data["spawn"]))
+            if found is not None:  # spawned by an API that died before it wrote the pid down: adopt it
+                data = {**data, "pid": found, "start_time": process_start_time(found)}
+                log.warning("adopted runner pid %s of %s, whose pid was never recorded", found, base.name)
+                (base / PID_FILE).write_text(json.dumps(data), encoding="utf-8")
+        return data
 
     def _alive(self, state: ProviderState) -> bool:
         pid, started = state.get("pid"), state.get("start_time")
@@ -359,6 +379,24 @@ class LocalProvider(Provider):
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )
             await proc.wait()
+
+
+def _find_spawned(spawn_id: str) -> int | None:
+    """The process group leader started with ``SPAWN_ENV=spawn_id`` in its environment, if it runs."""
+    needle = f"{SPAWN_ENV}={spawn_id}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+        except OSError:
+            continue
+        pid = int(entry.name)
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid and process_start_time(pid) is not None:
+                return pid
+    return None
 
 
 def _killpg(pid: int, signum: int) -> None:
