@@ -3,7 +3,8 @@
 - A running session whose compute vanished is marked failed with the reason and started again on its
   workspace once (per RETRY_WINDOW); a second loss inside the window leaves it failed.
 - A session stuck in ``pending``/``starting`` past ``start_timeout_s`` is retried once, then failed;
-  one stuck in ``stopping``/``deleting`` has its stop/delete retried.
+  one stuck in ``stopping``/``deleting`` has its stop/delete retried (after STOP_SETTLE when its compute
+  is already gone, as when the actor doing it was killed half-way).
 - Compute without a live session row is released: a deleted session's compute and workspace are
   deleted; compute of a stopped or failed session, or with no row at all (an orphan), is stopped
   (pods/processes gone, workspace kept). An orphan's workspace is kept on purpose: a missing row can
@@ -36,6 +37,9 @@ ACTOR = "scheduler"
 RETRY_KIND = "retrying"
 # The reconciler restarts a session at most once in this window; a crash loop ends in `failed`.
 RETRY_WINDOW = timedelta(hours=1)
+# A provider's stop takes up to ~20 s (the local provider's grace and kill); past this a stopping or
+# deleting row whose compute is gone has no actor left to finish it.
+STOP_SETTLE = timedelta(seconds=60)
 GONE_PHASES = frozenset({"absent", "stopped", "failed"})
 LIVE_PHASES = frozenset({"pending", "running"})
 # Ids per lookup of the rows behind listed compute.
@@ -104,15 +108,18 @@ class Reconciler:
         phase = status.phase if status else "absent"
         age = listed_at - row.state_changed_at
         stuck = age > timedelta(seconds=self.settings.start_timeout_s)
+        # A stop or delete whose compute is already gone, long after any live actor would have finished
+        # it: its actor died half-way (a scheduler or API killed mid-stop). Not start_timeout_s later.
+        settled = phase in GONE_PHASES and age > STOP_SETTLE
         if state in (State.RUNNING, State.UNHEALTHY) and phase in GONE_PHASES:
             await self._restart_or_fail(row, f"compute vanished (provider reports {phase})", report)
         elif state in (State.PENDING, State.STARTING) and stuck:
             await self._restart_or_fail(
                 row, f"did not start within {self.settings.start_timeout_s} s (compute {phase})", report)
-        elif state == State.STOPPING and stuck:
+        elif state == State.STOPPING and (stuck or settled):
             await self.service.complete_stop(row, ACTOR, row.reason or "stop retried by the reconciler")
             self._note(report.finished, row.id, "stop_retried")
-        elif state == State.DELETING and stuck:
+        elif state == State.DELETING and (stuck or settled):
             await self.service.complete_delete(row, ACTOR)
             self._note(report.finished, row.id, "delete_retried")
 

@@ -160,6 +160,21 @@ async def test_stuck_stopping_and_deleting_are_finished(world: World, sched: Lif
     assert deleting.id not in world.provider.phases
 
 
+async def test_a_stop_whose_actor_died_is_finished_once_its_compute_is_gone(
+        world: World, sched: LifecycleScheduler) -> None:
+    """Found by the soak: the scheduler killed -9 while it stopped an idle session left the row in
+    `stopping` for start_timeout_s (10 minutes) although the runner had exited."""
+    gone, live = await world.new_running(), await world.new_running()
+    await force_state(world, gone.id, "stopping", 30)
+    await force_state(world, live.id, "stopping", 30)
+    world.provider.phases[gone.id] = "stopped"  # the runner exited on the SIGTERM it got
+    assert (await reconcile(sched)).finished == []  # a live actor may still be finishing it
+    world.clock.advance(31)
+    assert (await reconcile(sched)).finished == [gone.id]
+    assert (await world.row(gone.id)).state == "stopped"
+    assert (await world.row(live.id)).state == "stopping"  # compute still running: the usual timeout
+
+
 async def test_rows_that_changed_after_the_listing_wait_for_the_next_pass(
         world: World, sched: LifecycleScheduler) -> None:
     inst = await world.new_running()
