@@ -61,3 +61,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# Optional extras on top (ORZ_SETUP_EXTRAS=soak: matplotlib for the soak's chart, `make soak`).
+for extra in ${ORZ_SETUP_EXTRAS//,/ }; do
+  if [ ! -f "$stamp-$extra" ] || [ pyproject.toml -nt "$stamp-$extra" ]; then
+    .venv/bin/python -m pip install -q -e ".[dev,$extra]"
+    touch "$stamp-$extra"
+  fi
+done

@@ -1,0 +1,208 @@
+"""Faults the soak injects on a schedule, each with a probe that says when the platform works again."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from soak_platform import Platform, http_get, terminate_backends
+from soak_users import OpFailed, Recorder, SshUser
+
+RECOVERY_LIMIT_S = 120.0  # a fault not recovered by then is reported as not recovered
+RECOVERY_TARGET_S = 30.0  # the issue's target
+GRACE_S = 5.0  # after recovery, operations still count as inside the fault's window
+FAULTS = ("kill-gateway", "kill-api", "kill-scheduler", "kill-runner", "pg-terminate", "disk-full",
+          "client-vanishes")
+
+
+@dataclass
+class Fault:
+    kind: str
+    start: float
+    detail: str = ""
+    recovered_at: float | None = None
+    error: str = ""
+
+    @property
+    def recovery_s(self) -> float | None:
+        return None if self.recovered_at is None else self.recovered_at - self.start
+
+    @property
+    def window(self) -> tuple[float, float]:
+        end = self.recovered_at if self.recovered_at is not None else self.start + RECOVERY_LIMIT_S
+        return self.start, end + GRACE_S
+
+
+@dataclass
+class Injector:
+    """The operator's side: a canary session (its own user) and the faults, one after another."""
+
+    platform: Platform
+    rec: Recorder
+    stop: threading.Event
+    ops: SshUser
+    faults: list[Fault] = field(default_factory=list)
+    canary: str | None = None
+    disk_canary: str | None = None
+    mounts: list[Path] = field(default_factory=list)
+
+    def prepare(self) -> None:
+        self.canary = self._new_session()
+
+    def _new_session(self) -> str:
+        # Its program writes to the pane every few seconds: output is activity, so the reaper leaves it be.
+        made = self.ops.orz("cloud", "new", "--no-attach", "--wait", "--timeout", "150", "--repo",
+                            self.platform.fixture_url, "--branch", "main", "--secrets", "soak",
+                            "--program", "sh -c 'while sleep 3; do echo tick; done'", "canary")
+        for word in made.stdout.split():
+            if word.startswith("fixture-"):
+                return word
+        raise RuntimeError(f"the canary session did not start: {made.stderr.strip()[-300:]}")
+
+    def inject(self, kind: str) -> Fault:
+        fault = Fault(kind, time.time())
+        self.faults.append(fault)
+        print(f"soak: {time.strftime('%H:%M:%S')} fault {kind}", flush=True)
+        try:
+            probe = getattr(self, "_" + kind.replace("-", "_"))(fault)
+        except Exception as exc:  # the fault could not be set up: say so in the report
+            fault.error = f"{type(exc).__name__}: {exc}"[:300]
+            print(f"soak: fault {kind} could not be injected: {fault.error}", flush=True)
+            return fault
+        deadline = fault.start + RECOVERY_LIMIT_S
+        last = ""
+        while time.time() < deadline:
+            try:
+                if probe():
+                    fault.recovered_at = time.time()
+                    break
+            except Exception as exc:  # any failure of the probe is "not yet"
+                last = f"{type(exc).__name__}: {exc}"[:300]
+            time.sleep(0.25)
+        if fault.recovered_at is None:
+            fault.error = fault.error or f"not recovered in {RECOVERY_LIMIT_S:.0f}s (last probe: {last})"
+        print(f"soak: {time.strftime('%H:%M:%S')} fault {kind}: "
+              + (f"recovered in {fault.recovery_s:.1f}s" if fault.recovery_s is not None else fault.error),
+              flush=True)
+        return fault
+
+    # -- probes -----------------------------------------------------------------------------------
+
+    def _ssh_ok(self, sid: str | None = None) -> bool:
+        return "probe-ok" in self.ops.ssh_exec(sid or self.canary or "", "echo probe-''ok", timeout=30)
+
+    def _api_ok(self) -> bool:
+        status, body = http_get(f"{self.platform.api_url}/v1/instances", self.platform.admin_token)
+        return status == 200 and b"instances" in body
+
+    # -- the faults -------------------------------------------------------------------------------
+
+    def _restart(self, name: str) -> Callable[[], bool]:
+        service = self.platform.services[name]
+        service.kill9()
+        service.start(timeout=RECOVERY_LIMIT_S)
+        return lambda: True
+
+    def _kill_gateway(self, fault: Fault) -> Callable[[], bool]:
+        self._restart("gateway")
+        return self._ssh_ok
+
+    def _kill_api(self, fault: Fault) -> Callable[[], bool]:
+        self._restart("api")
+        return lambda: self._api_ok() and self._ssh_ok()
+
+    def _kill_scheduler(self, fault: Fault) -> Callable[[], bool]:
+        self._restart("scheduler")
+        url = self.platform.metrics_url("scheduler")
+        return lambda: b"orz_scheduler_leader 1.0" in http_get(url)[1]
+
+    def _kill_runner(self, fault: Fault) -> Callable[[], bool]:
+        """kill -9 the canary's runner (its process group): the next ssh must bring it back."""
+        state = json.loads((self.platform.data / "sessions" / str(self.canary) / "provider.json").read_text())
+        fault.detail = f"runner pid {state['pid']} of {self.canary}"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(state["pid"]), signal.SIGKILL)
+        return self._ssh_ok
+
+    def _pg_terminate(self, fault: Fault) -> Callable[[], bool]:
+        if not self.platform.pg_db:
+            raise OpFailed("only on PostgreSQL (--database postgres)")
+        pid = self.platform.services["api"].pid
+        ended = terminate_backends(self.platform.pg_db, pid or 0)
+        fault.detail = f"{ended} connection(s) of the API (pid {pid}) terminated"
+        return lambda: self._api_ok() and self._api_ok()
+
+    def _disk_full(self, fault: Fault) -> Callable[[], bool]:
+        """A workspace on a 32 MiB tmpfs, filled to ENOSPC from inside the session."""
+        sid = self.disk_canary = self._new_session()
+        if self.ops.orz("cloud", "stop", sid).returncode != 0:
+            raise OpFailed("could not stop the disk canary")
+        self.ops.wait_status(sid, {"stopped"}, 60)
+        workspace = self.platform.data / "sessions" / sid / "workspace"
+        kept = workspace.with_name("workspace.kept")
+        workspace.rename(kept)
+        workspace.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(workspace)], check=True)
+        self.mounts.append(workspace)
+        subprocess.run(["cp", "-a", f"{kept}/.", str(workspace)], check=True)
+        subprocess.run(["chown", "--reference", str(kept), str(workspace)], check=True)
+        subprocess.run(["chmod", "--reference", str(kept), str(workspace)], check=True)
+        subprocess.run(["rm", "-rf", str(kept)], check=True)
+        if self.ops.orz("cloud", "start", sid).returncode != 0:
+            raise OpFailed("could not start the disk canary on its small disk")
+        self.ops.wait_status(sid, {"running"}, 120)
+        fault.start = time.time()  # the window starts when the disk fills, not with the preparation
+        with contextlib.suppress(OpFailed):
+            self.ops.ssh_exec(sid, "dd if=/dev/zero of=fill bs=1M count=64 2>/dev/null; df -h . | tail -1")
+        fault.detail = f"{sid}'s workspace (tmpfs 32 MiB) filled"
+
+        def probe() -> bool:
+            # With the disk full, the user can still get in and free space; then the session is usable.
+            out = self.ops.ssh_exec(sid, "rm -f fill && echo freed-''ok", timeout=30)
+            return "freed-ok" in out and self._ssh_ok(sid)
+
+        return probe
+
+    def _client_vanishes(self, fault: Fault) -> Callable[[], bool]:
+        """scp of 64 MiB killed -9 mid-transfer; the gateway must let go of it and serve the next one."""
+        big = self.ops.home / "big.bin"
+        if not big.exists():
+            with big.open("wb") as out:
+                out.write(os.urandom(64 * 1024 * 1024))
+        scp = subprocess.Popen(["scp", "-q", "-F", self.ops.ssh_config, str(big), f"{self.canary}.orz:big.bin"],
+                               env=self.ops.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.5)
+        scp.send_signal(signal.SIGKILL)
+        scp.wait()
+        fault.detail = "scp killed -9 after 1.5 s"
+        url = self.platform.metrics_url("gateway")
+
+        def probe() -> bool:
+            attached = [line for line in http_get(url)[1].decode().splitlines()
+                        if line.startswith("orz_active_sessions{") and 'door="ssh"' in line]
+            # The killed client's bridge is gone when nothing else of ours is attached over SSH at the moment
+            # the probe runs; users may be attached, so accept a fresh transfer working as the criterion too.
+            return bool(attached) and self.ops.scp_probe(str(self.canary))
+
+        return probe
+
+    def cleanup(self) -> None:
+        if self.disk_canary:
+            # Its workspace is a mount point the platform cannot remove: stop it, unmount, then kill it.
+            self.ops.orz("cloud", "stop", self.disk_canary)
+            with contextlib.suppress(OpFailed):
+                self.ops.wait_status(self.disk_canary, {"stopped"}, 60)
+        for mount in self.mounts:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+        for sid in (self.canary, self.disk_canary):
+            if sid:
+                with contextlib.suppress(OpFailed):
+                    self.ops.kill(sid)

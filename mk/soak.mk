@@ -1,0 +1,18 @@
+# Soak and chaos (hack/soak.py): users on the whole platform, faults on a schedule, a report with figures.
+# The main Makefile includes this file. SOAK_ARGS passes more flags (e.g. --database postgres --users 5).
+
+SOAK_S ?= 1800
+SOAK_ARGS ?=
+
+.PHONY: soak soak-ci soak-setup
+
+soak-setup:
+	@ORZ_SETUP_EXTRAS=soak ./hack/setup.sh
+
+## soak: SOAK_S seconds (default 1800) of 20 simulated users and every fault; report under the data dir
+soak: soak-setup
+	.venv/bin/python hack/soak.py --seconds $(SOAK_S) $(SOAK_ARGS)
+
+## soak-ci: the CI profile (120 s, 3 ssh users, one REST and one browser user, every fault)
+soak-ci: soak-setup
+	.venv/bin/python hack/soak.py --profile ci $(SOAK_ARGS)

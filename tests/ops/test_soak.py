@@ -1,0 +1,58 @@
+"""The soak harness itself (hack/soak.py), run for a few seconds: its report has the promised shape, and
+a workspace file deleted behind a user's back is counted as lost (the loss detection can fail a run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(any(shutil.which(b) is None for b in ("ssh", "scp", "tmux", "git", "bwrap")),
+                       reason="needs ssh, scp, tmux, git and bwrap"),
+]
+LAST_LINE = re.compile(r"^soak: (\d+) ops, (\d+\.\d\d)% ok outside faults, (\d+) lost, (\d+) faults, (\d+) recovered$")
+
+
+def test_a_short_soak_reports_a_deliberately_lost_file(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "hack/soak.py", "--seconds", "20", "--users", "2", "--rest-users", "1", "--web-users", "0",
+         "--faults", "kill-gateway", "--sabotage", "--idle-timeout", "10", "--base", str(tmp_path / "soak")],
+        cwd=ROOT, capture_output=True, text=True, timeout=540, check=False)
+    out = done.stdout.strip().splitlines()
+    assert out, done.stderr[-2000:]
+    match = LAST_LINE.match(out[-1])
+    assert match, out[-5:]
+    ops, _, lost, faults, recovered = match.groups()
+    assert int(lost) >= 1 and int(faults) == 1 and int(recovered) == 1
+    assert done.returncode == 1  # data was lost: the run fails
+    report_line = next(line for line in out if line.startswith("soak: report "))
+    md = Path(report_line.split()[2])
+    assert md.parent == tmp_path / "soak" / "data" / "soak"
+    report = json.loads(next(md.parent.glob("*.json")).read_text())
+    assert report["totals"]["ops"] == int(ops) > 0
+    assert {"create", "attach", "scp", "exec", "kill", "rest-create"} <= set(report["operations"])
+    for row in report["operations"].values():
+        assert {"n", "ok_pct", "p50_s", "p99_s", "errors_inside_faults", "errors_outside_faults"} <= set(row)
+    assert any(x["what"] == "workspace file" and "soak-data.txt" in x["detail"] for x in report["lost"])
+    (fault,) = report["faults"]
+    assert fault["kind"] == "kill-gateway" and fault["recovered"] and fault["recovery_s"] is not None
+    assert set(report["leaks"]) == {"api", "gateway", "scheduler"}
+    assert report["leaks"]["gateway"]["restarts"] == 1
+    for leak in report["leaks"].values():
+        assert leak["rss_kib"][1] > 0 and leak["fds"][1] > 0 and leak["asyncio_tasks"][1] >= 1
+    assert report["orphans"] == [] and report["db_rows_left"] == {}
+    assert set(report["slo"]) >= {"Attach success", "p99 attach latency", "API error ratio"}
+    assert md.read_text().rstrip().splitlines()[-1] == out[-1]
+    if importlib.util.find_spec("matplotlib") is not None:  # the `soak` extra (make soak installs it)
+        assert report["png"] and Path(report["png"]).stat().st_size > 0
