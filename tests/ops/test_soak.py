@@ -9,6 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,16 @@ pytestmark = [
 LAST_LINE = re.compile(r"^soak: (\d+) ops, (\d+\.\d\d)% ok outside faults, (\d+) lost, (\d+) faults, (\d+) recovered$")
 
 
-def test_a_short_soak_reports_a_deliberately_lost_file(tmp_path: Path) -> None:
+@pytest.fixture
+def short_base() -> Iterator[Path]:
+    """A short directory: session state dirs hold unix sockets (108 bytes at most for the path)."""
+    base = Path(tempfile.mkdtemp(prefix="soak-", dir="/tmp"))  # nosec B108
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_short_soak_reports_a_deliberately_lost_file(short_base: Path) -> None:
+    tmp_path = short_base
     done = subprocess.run(
         [sys.executable, "hack/soak.py", "--seconds", "20", "--users", "2", "--rest-users", "1", "--web-users", "0",
          "--faults", "kill-gateway", "--sabotage", "--idle-timeout", "10", "--base", str(tmp_path / "soak")],
