@@ -17,12 +17,9 @@ import pytest
 
 from tests.support import ROOT
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.timeout(600),
-    pytest.mark.skipif(any(shutil.which(b) is None for b in ("ssh", "scp", "tmux", "git", "bwrap")),
-                       reason="needs ssh, scp, tmux, git and bwrap"),
-]
+NEEDS_TOOLS = pytest.mark.skipif(any(shutil.which(b) is None for b in ("ssh", "scp", "tmux", "git", "bwrap")),
+                                 reason="needs ssh, scp, tmux, git and bwrap")
+DASHBOARD = ROOT / "charts" / "orzbob-cloud" / "dashboards" / "orzbob-cloud.json"
 LAST_LINE = re.compile(r"^soak: (\d+) ops, (\d+\.\d\d)% ok outside faults, (\d+) lost, (\d+) faults, (\d+) recovered$")
 
 
@@ -34,6 +31,9 @@ def short_base() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+@NEEDS_TOOLS
 def test_a_short_soak_reports_a_deliberately_lost_file(short_base: Path) -> None:
     tmp_path = short_base
     done = subprocess.run(
@@ -67,3 +67,23 @@ def test_a_short_soak_reports_a_deliberately_lost_file(short_base: Path) -> None
     assert md.read_text().rstrip().splitlines()[-1] == out[-1]
     if importlib.util.find_spec("matplotlib") is not None:  # the `soak` extra (make soak installs it)
         assert report["png"] and Path(report["png"]).stat().st_size > 0
+
+
+def test_the_report_and_the_dashboard_show_the_same_indicators() -> None:
+    """The dashboard's headline SLO stats are the report's SLO section, and what the report checks for
+    leaks (RSS, fds, asyncio tasks per service) has a panel each."""
+    sys.path.insert(0, str(ROOT / "hack"))
+    try:
+        import soak_report
+    finally:
+        sys.path.remove(str(ROOT / "hack"))
+    dash = json.loads(DASHBOARD.read_text())
+    headline = {p["title"].removesuffix(" (1h)") for p in dash["panels"] if p["type"] == "stat"}
+    assert set(soak_report.SLO_NAMES) <= headline
+    exprs = " ".join(t["expr"] for p in dash["panels"] if p["type"] != "row" for t in p["targets"])
+    for series in ("process_resident_memory_bytes", "process_open_fds", "orz_asyncio_tasks"):
+        assert series in exprs
+    # The report computes them from the same counters the dashboard's queries read.
+    source = (ROOT / "hack" / "soak_report.py").read_text()
+    for name in ("orz_attaches_total", "orz_attach_latency_seconds_bucket", "orz_http_request_duration_seconds_count"):
+        assert name in source and name.removesuffix("_bucket").removesuffix("_count") in exprs
