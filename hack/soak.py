@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     base = args.base or Path(tempfile.mkdtemp(prefix="orz-soak-"))
     base.mkdir(parents=True, exist_ok=True)
-    os.chmod(base, 0o755)  # noqa: S103  # sandboxed sessions (their own uids) clone the fixture from under it
+    # Sandboxed sessions (their own uids) clone the fixture from under it.
+    os.chmod(base, 0o755)  # noqa: S103  # nosec B103
     platform = Platform(base, args.database, idle_timeout_s=args.idle_timeout)
     rec = Recorder(verbose=args.verbose)
     stop, fault_stop = threading.Event(), threading.Event()

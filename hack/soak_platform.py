@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+# The PostgreSQL server the soak makes its database on (as the tests find theirs).
+PG_SERVER = os.environ.get("ORZ_TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
 SERVICE_NAMES = ("api", "gateway", "scheduler")
 
 
@@ -123,7 +124,7 @@ class Platform:
         (self.data / "logs").mkdir(exist_ok=True)
         if self.database == "postgres":
             self.pg_db = f"orz_soak_{int(time.time())}_{secrets.token_hex(3)}"
-            self.db_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{self.pg_db}"
+            self.db_url = "postgresql+asyncpg://" + _with_db(PG_SERVER, self.pg_db).split("://", 1)[1]
         else:
             self.db_url = f"sqlite+aiosqlite:///{self.data / 'orz.db'}"
 
@@ -257,8 +258,15 @@ class Platform:
         return rows
 
 
-def _psql(sql: str, db: str = "postgres", tuples: bool = False) -> str:
-    argv = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-v", "ON_ERROR_STOP=1", "-c", sql]
+def _with_db(url: str, db: str) -> str:
+    """The server URL with another database name."""
+    head, _, _ = url.rpartition("/")
+    return f"{head}/{db}"
+
+
+def _psql(sql: str, db: str | None = None, tuples: bool = False) -> str:
+    target = _with_db(PG_SERVER, db) if db else PG_SERVER
+    argv = ["psql", "-d", target, "-v", "ON_ERROR_STOP=1", "-c", sql]
     if tuples:
         argv[1:1] = ["-At"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
@@ -273,7 +281,7 @@ def terminate_backends(db: str, pid: int) -> int:
     if not ports:
         return 0
     listed = ",".join(str(p) for p in sorted(ports))  # integers; db is the soak's own generated name
-    out = _psql(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}' "  # noqa: S608
+    out = _psql(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}' "  # noqa: S608  # nosec B608
                 f"AND client_port IN ({listed})", tuples=True)
     return int(out.strip() or 0)
 

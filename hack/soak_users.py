@@ -22,7 +22,7 @@ import httpx
 import pexpect
 from soak_platform import Platform, free_port
 
-SECRET_KEY = "SOAK_TOKEN"
+SECRET_KEY = "SOAK_TOKEN"  # nosec B105  # the name of the secret's key, not a value
 DATA_FILE = "soak-data.txt"
 ANSI = re.compile(r"\x1b(\[[0-9;?>=]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[()][A-Za-z0-9]|[=>78DEHMcNO])")
 
