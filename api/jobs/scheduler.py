@@ -33,6 +33,7 @@ from api.jobs.lease import Lease, LeaseLost
 from api.jobs.purge import Purger
 from api.jobs.reap_idle import IdleReaper
 from api.jobs.reconcile import Reconciler
+from api.secrets.service import SecretService
 from api.settings import Settings
 from api.webhooks.delivery import Deliverer
 
@@ -200,9 +201,14 @@ async def _scheduler(settings: Settings, *, clock: Clock | None, provider: Provi
     from api.app import gateway_public_key, make_provider
 
     engine = create_engine(settings.database_url)
+    sessions = session_factory(engine)
     own_provider = provider is None
     prov = provider if provider is not None else make_provider(settings)
-    sched = LifecycleScheduler(settings, session_factory(engine), prov, clock=clock,
+    if secret_env is None:
+        # `orz scheduler` on its own: restarting a session (the reconciler) needs its secrets like a start
+        # through the API does (the chart mounts the secrets key into the scheduler for this).
+        secret_env = SecretService(sessions, SecretsBox.from_settings(settings))
+    sched = LifecycleScheduler(settings, sessions, prov, clock=clock,
                                gateway_public_key=gateway_public_key(settings), secret_env=secret_env)
     try:
         sched.start()

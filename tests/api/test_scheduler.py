@@ -287,3 +287,31 @@ def test_the_default_lease_hands_over_a_killed_leader_within_15_s() -> None:
     """Failover after SIGKILL: the lease runs out, then the standby's next tick (every third of it)."""
     lease_s = Settings().scheduler_lease_s
     assert lease_s + max(1.0, lease_s / 3) < 15
+
+
+async def test_a_scheduler_on_its_own_restarts_a_session_with_its_secrets(
+        app, settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> None:
+    """Found by the soak: `orz scheduler` (its own process, as in the chart) could not restart a session
+    whose compute vanished when it had secrets ("unknown secret"), so the session stayed failed."""
+    from sqlalchemy import update
+
+    from api.db.models import Instance
+    from tests.conftest import make_tenant
+
+    t = await make_tenant(sessions, "acme")
+    _, resp = await app.asgi_client.post("/v1/secrets", json={"name": "soak", "data": {"SOAK_TOKEN": "v-123"}},
+                                         headers=t.headers)
+    assert resp.status == 201, resp.text
+    _, resp = await app.asgi_client.post("/v1/instances", json={"secrets": ["soak"]}, headers=t.headers)
+    assert resp.status == 201, resp.text
+    sid = resp.json["id"]
+    async with sessions() as db:  # it ran for a while, then its compute vanished (a runner killed -9)
+        await db.execute(update(Instance).where(Instance.id == sid).values(
+            state="running", state_changed_at=utcnow() - timedelta(minutes=5)))
+        await db.commit()
+    provider = FakeProvider()
+    async with scheduler_mod._scheduler(settings, clock=None, provider=provider, secret_env=None) as sched:
+        await sched.run_job("reconcile")
+        await wait_for(lambda: sid in provider.specs, 5)
+        await sched.service.wait_background()
+    assert provider.specs[sid].secret_env == {"SOAK_TOKEN": "v-123"}
