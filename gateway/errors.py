@@ -26,12 +26,22 @@ class CredentialsUnavailable(GatewayError):
     code = "credentials_unavailable"
 
 
+# Refusals that answer a guess (is there such a session, is it mine): what the failed-authentication
+# limit per source address is for. A failed session, an outage or a quota guesses nothing, and counting
+# them would lock out everyone behind the address (an office's NAT) after a few retries.
+GUESS_CODES = frozenset({"unauthorized", "forbidden", "not_found"})
+
+
 class AttachRefused(GatewayError):
     """The API refused the attach (no such session, not yours, failed, quota...)."""
 
     def __init__(self, line: str, *, code: str = "refused", internal: str | None = None) -> None:
         super().__init__(line, internal=internal)
         self.code = code
+
+    @property
+    def counts_against_source(self) -> bool:
+        return self.code in GUESS_CODES
 
 
 class UpstreamUnavailable(GatewayError):

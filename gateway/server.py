@@ -232,7 +232,7 @@ class ClientHandler(asyncssh.SSHServer):
             except AttachRefused as exc:
                 self.log.info("attach to %s refused (%s)", username, exc.code)
                 self.refusal = exc
-        if self.refusal is not None and self._count_failure():
+        if self.refusal is not None and self.refusal.counts_against_source and self._count_failure():
             self._banner("too many failed authentications; try again later")
         self.principal = principal
         return True

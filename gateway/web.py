@@ -160,7 +160,7 @@ class WebDoor:
             if target.kind != "ssh":  # a tunnel's own SSH attach is counted by the SSH door
                 metrics.attach_failed("web", exc.code)
             status = REFUSAL_STATUS.get(exc.code, 409)
-            if status in (401, 403, 404):
+            if exc.counts_against_source:
                 self.gw.limiter.record_failure(source)
             raise _Refusal(status, exc.line) from None
         return Grant(target.kind, target.arg, principal, reply, source, secrets.token_hex(6),

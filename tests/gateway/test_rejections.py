@@ -158,6 +158,20 @@ async def test_failed_authentications_rate_limited(env: Env) -> None:
     assert env.gateway.limiter.blocked("127.0.0.1")
 
 
+async def test_a_failed_session_is_not_held_against_the_address(env: Env) -> None:
+    """Found by the soak: retries against a session that had failed (its runner killed) counted as failed
+    authentications, and after ten every user behind the same address was turned away."""
+    env.api.sessions[SESSION].state = "failed"
+    env.api.sessions[SESSION].reason = "compute vanished"
+    for _ in range(env.settings.auth_fail_limit + 2):
+        result = await env.ssh(*env.cert_args(), "--", "echo in")
+        assert result.returncode == 1 and b"failed: compute vanished" in result.stderr
+    assert not env.gateway.limiter.blocked("127.0.0.1")
+    env.api.sessions[SESSION].state = "running"
+    result = await env.ssh(*env.cert_args(), "--", "echo in")
+    assert result.returncode == 0 and result.stdout == b"in\n"
+
+
 async def test_failed_authentications_count_across_gateway_replicas(env: Env) -> None:
     """One limit for all replicas: a source that used it up on one is refused by the next after one try."""
     second = Gateway(env.settings.model_copy(update={"gateway_metrics_port": free_port()}))
