@@ -86,7 +86,7 @@ class Injector:
                     break
             except Exception as exc:  # any failure of the probe is "not yet"
                 last = f"{type(exc).__name__}: {exc}"[:300]
-            time.sleep(0.25)
+            time.sleep(1.0)  # a user retrying, not a flood
         if fault.recovered_at is None:
             fault.error = fault.error or f"not recovered in {RECOVERY_LIMIT_S:.0f}s (last probe: {last})"
         print(f"soak: {time.strftime('%H:%M:%S')} fault {kind}: "
