@@ -140,7 +140,8 @@ class SshUser(Actor):
                 self.sleep(2)
             finally:
                 if sid is not None:
-                    self.kill(sid)
+                    with contextlib.suppress(OpFailed):
+                        self.kill(sid)
 
     def lifecycle(self, sid: str) -> None:
         marker = f"MARK-{secrets.token_hex(6)}"
@@ -335,12 +336,17 @@ class SshUser(Actor):
                 raise SoakEnding("soak ending")
         raise OpFailed(f"session {sid} still {status} after {timeout:.0f}s (wanted {sorted(wanted)})")
 
-    def kill(self, sid: str) -> None:
+    def kill(self, sid: str, attempts: int = 3) -> None:
+        """orz cloud kill --force, tried again a few seconds later as a user would (one op, all tries)."""
         with self.rec.op("kill", self.name):
-            done = self.orz("cloud", "kill", "--force", sid)
-            if done.returncode != 0 and "not found" not in (done.stderr + done.stdout).lower():
-                raise OpFailed(f"orz cloud kill exited {done.returncode}: {done.stderr.strip()[-200:]}")
-            self.sessions.discard(sid)
+            for attempt in range(attempts):
+                done = self.orz("cloud", "kill", "--force", sid)
+                if done.returncode == 0 or "not found" in (done.stderr + done.stdout).lower():
+                    self.sessions.discard(sid)
+                    return
+                if attempt < attempts - 1:
+                    time.sleep(5)
+            raise OpFailed(f"orz cloud kill exited {done.returncode}: {done.stderr.strip()[-200:]}")
 
 
 class RestUser(Actor):
