@@ -61,7 +61,8 @@ def test_a_short_soak_reports_a_deliberately_lost_file(short_base: Path) -> None
     assert set(report["leaks"]) == {"api", "gateway", "scheduler"}
     assert report["leaks"]["gateway"]["restarts"] == 1
     for leak in report["leaks"].values():
-        assert leak["rss_kib"][1] > 0 and leak["fds"][1] > 0 and leak["asyncio_tasks"][1] >= 1
+        assert leak["rss_kib"][-1] > 0 and leak["fds"][1] > 0 and leak["asyncio_tasks"][1] >= 1
+        assert "rss_growth_pct" in leak and "rss_growth_from_start_pct" in leak
     assert report["orphans"] == [] and report["db_rows_left"] == {}
     assert set(report["slo"]) >= {"Attach success", "p99 attach latency", "API error ratio"}
     assert md.read_text().rstrip().splitlines()[-1] == out[-1]
