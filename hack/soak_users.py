@@ -194,7 +194,8 @@ class SshUser(Actor):
             if made.returncode != 0 or not match:
                 if match:
                     self.kill(match.group(1))
-                raise OpFailed(f"orz cloud new exited {made.returncode}: {(made.stderr or made.stdout).strip()[-300:]}")
+                said = [line for line in (made.stderr or made.stdout).splitlines() if line.strip()] or [""]
+                raise OpFailed(f"orz cloud new exited {made.returncode}: {said[-1][-300:]}")
             return match.group(1)
 
     def terminal(self, sid: str) -> pexpect.spawn:
