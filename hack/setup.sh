@@ -62,7 +62,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 # Optional extras on top (ORZ_SETUP_EXTRAS=soak: matplotlib for the soak's chart, `make soak`).
-for extra in ${ORZ_SETUP_EXTRAS//,/ }; do
+extras="${ORZ_SETUP_EXTRAS:-}"
+for extra in ${extras//,/ }; do
   if [ ! -f "$stamp-$extra" ] || [ pyproject.toml -nt "$stamp-$extra" ]; then
     .venv/bin/python -m pip install -q -e ".[dev,$extra]"
     touch "$stamp-$extra"
