@@ -6,7 +6,8 @@
     .venv/bin/python hack/soak.py --seconds 300 --users 3 --database postgres
 
 The platform is the embedded default's services (`orz api`, `orz gateway`, `orz scheduler`, local
-sandboxed runners) as separate processes on one data dir, so each can be killed -9 and started again.
+sandboxed runners) as separate processes on one data dir, so each can be killed -9 and started again;
+`--topology server` runs `orz server` itself (all three in one process, killed -9 as one).
 Users are real: the orz CLI, OpenSSH ssh/scp/-L into tmux, REST clients and browser-door WebSockets.
 The report (markdown, JSON, PNG) goes to <data dir>/soak/; its path is printed, and the last line is
 `soak: <ops> ops, <pct>% ok outside faults, <lost> lost, <faults> faults, <recovered> recovered`.
@@ -27,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import httpx  # noqa: E402
-from soak_faults import FAULTS, Injector  # noqa: E402
+from soak_faults import FAULTS, SERVER_FAULTS, Injector  # noqa: E402
 from soak_platform import Platform, processes_mentioning  # noqa: E402
 from soak_report import Sampler, build, last_line, verdict, write  # noqa: E402
 from soak_users import Actor, Recorder, RestUser, SshUser, WebUser, missing_tools  # noqa: E402
@@ -48,8 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--web-users", type=int, default=None, help="browser-door users")
     parser.add_argument("--database", choices=("sqlite", "postgres"), default=os.environ.get("SOAK_DB", "sqlite"),
                         help="sqlite: the embedded default; postgres: a database made for the soak on 127.0.0.1:5432")
-    parser.add_argument("--faults", default=",".join(FAULTS),
-                        help=f"comma-separated, in order (default all: {','.join(FAULTS)}; none: '')")
+    parser.add_argument("--topology", choices=("split", "server"), default="split",
+                        help="split: orz api, gateway and scheduler as processes of their own; server: orz server")
+    parser.add_argument("--faults", default=None,
+                        help=f"comma-separated, in order (default all: {','.join(FAULTS)}; with --topology server "
+                             f"{','.join(SERVER_FAULTS)}; none: '')")
     parser.add_argument("--idle-timeout", type=int, default=20, help="the plan's idle timeout for the soak (s)")
     parser.add_argument("--base", type=Path, default=None, help="where the data dir goes (default: a temp dir)")
     parser.add_argument("--sabotage", action="store_true",
@@ -62,10 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("users", "rest_users", "web_users"):
         if getattr(args, key) is None:
             setattr(args, key, profile[key])
-    args.faults = [f for f in args.faults.split(",") if f]
-    unknown = set(args.faults) - set(FAULTS)
+    known = SERVER_FAULTS if args.topology == "server" else FAULTS
+    args.faults = [f for f in (",".join(known) if args.faults is None else args.faults).split(",") if f]
+    unknown = set(args.faults) - set(known)
     if unknown:
-        parser.error(f"unknown faults: {', '.join(sorted(unknown))} (known: {', '.join(FAULTS)})")
+        parser.error(f"unknown faults for --topology {args.topology}: {', '.join(sorted(unknown))} "
+                     f"(known: {', '.join(known)})")
     if "pg-terminate" in args.faults and args.database != "postgres":
         args.faults.remove("pg-terminate")  # there is no connection to terminate in SQLite
     if "disk-full" in args.faults and os.geteuid() != 0:
@@ -94,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     base.mkdir(parents=True, exist_ok=True)
     # Sandboxed sessions (their own uids) clone the fixture from under it.
     os.chmod(base, 0o755)  # noqa: S103  # nosec B103
-    platform = Platform(base, args.database, idle_timeout_s=args.idle_timeout)
+    platform = Platform(base, args.database, idle_timeout_s=args.idle_timeout, topology=args.topology)
     rec = Recorder(verbose=args.verbose)
     stop, fault_stop = threading.Event(), threading.Event()
     print(f"soak: {args.seconds:.0f} s, {args.users} ssh + {args.rest_users} rest + {args.web_users} web users, "
-          f"{args.database}, faults: {', '.join(args.faults) or 'none'}; data in {platform.data}", flush=True)
+          f"{args.database}, {args.topology}, faults: {', '.join(args.faults) or 'none'}; data in {platform.data}",
+          flush=True)
     actors: list[Actor] = []
     injector: Injector | None = None
     sampler = Sampler(platform)
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.system(f"umount -l '{mount}' 2>/dev/null")  # noqa: S605  # nosec B605  # our own path
     report = build(rec, injector.faults if injector else [], sampler, platform, started, ended,
                    {"users": args.users, "rest_users": args.rest_users, "web_users": args.web_users,
+                    "topology": args.topology,
                     "profile": args.profile, "data_dir": str(platform.data)})
     report["orphans"] = orphans
     # Sessions a client never heard of (its create's answer was lost to a fault): killed by the admin.

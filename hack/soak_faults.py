@@ -21,6 +21,8 @@ RECOVERY_TARGET_S = 30.0  # the issue's target
 GRACE_S = 5.0  # after recovery, operations still count as inside the fault's window
 FAULTS = ("kill-gateway", "kill-api", "kill-scheduler", "kill-runner", "pg-terminate", "disk-full",
           "client-vanishes")
+# `orz server` runs the three in one process: one kill -9 for all of them.
+SERVER_FAULTS = ("kill-server", *FAULTS[3:])
 
 
 @dataclass
@@ -106,7 +108,7 @@ class Injector:
     # -- the faults -------------------------------------------------------------------------------
 
     def _restart(self, name: str) -> Callable[[], bool]:
-        service = self.platform.services[name]
+        service = self.platform.service(name)
         service.kill9()
         service.start(timeout=RECOVERY_LIMIT_S)
         return lambda: True
@@ -117,6 +119,11 @@ class Injector:
 
     def _kill_api(self, fault: Fault) -> Callable[[], bool]:
         self._restart("api")
+        return lambda: self._api_ok() and self._ssh_ok()
+
+    def _kill_server(self, fault: Fault) -> Callable[[], bool]:
+        """`orz server` killed -9 and started again: API, gateway and scheduler at once."""
+        self._restart("server")
         return lambda: self._api_ok() and self._ssh_ok()
 
     def _kill_scheduler(self, fault: Fault) -> Callable[[], bool]:
@@ -135,7 +142,7 @@ class Injector:
     def _pg_terminate(self, fault: Fault) -> Callable[[], bool]:
         if not self.platform.pg_db:
             raise OpFailed("only on PostgreSQL (--database postgres)")
-        pid = self.platform.services["api"].pid
+        pid = self.platform.service("api").pid
         ended = terminate_backends(self.platform.pg_db, pid or 0)
         fault.detail = f"{ended} connection(s) of the API (pid {pid}) terminated"
         return lambda: self._api_ok() and self._api_ok()

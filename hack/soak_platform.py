@@ -1,5 +1,6 @@
 """The soak's platform: the embedded default's services (API, gateway, scheduler, local runners) as
-separate processes on one data dir, so each can be killed -9 and started again as a supervisor would.
+separate processes on one data dir, so each can be killed -9 and started again as a supervisor would
+(topology "split"), or `orz server` itself, all of them in one process (topology "server").
 
 The database is SQLite in the data dir (what `orz server` uses) or a PostgreSQL database the soak creates
 for itself on 127.0.0.1:5432 (so its connections can be terminated under the API).
@@ -109,6 +110,7 @@ class Platform:
     base: Path
     database: str  # "sqlite" | "postgres"
     idle_timeout_s: int = 20
+    topology: str = "split"  # "split": orz api, gateway, scheduler; "server": orz server
     data: Path = field(init=False)
     db_url: str = field(init=False)
     pg_db: str | None = field(init=False, default=None)
@@ -137,7 +139,13 @@ class Platform:
         return f"http://127.0.0.1:{self.ports['web']}"
 
     def metrics_url(self, service: str) -> str:
-        return f"http://127.0.0.1:{self.ports[service + '_metrics']}/metrics"
+        """Where a service's metrics are (`orz server` shows all of them on the API's metrics port)."""
+        port = self.ports["api_metrics"] if self.topology == "server" else self.ports[service + "_metrics"]
+        return f"http://127.0.0.1:{port}/metrics"
+
+    def service(self, name: str) -> Service:
+        """The process running ``name`` (api, gateway, scheduler): in the server topology, the server."""
+        return self.services["server" if self.topology == "server" else name]
 
     def orz(self, *args: str, env: dict[str, str] | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -180,6 +188,13 @@ class Platform:
         self.admin_token = self._token("admin@soak.test")
         py = [sys.executable, "-m", "cli"]
         logs = self.data / "logs"
+        if self.topology == "server":
+            argv = [*py, "server", "--api-port", str(self.ports["api"]), "--ssh-port", str(self.ports["ssh"]),
+                    "--web-port", str(self.ports["web"]), "--data-dir", str(self.data)]
+            self.services = {"server": Service("server", argv, self.env, logs / "server.out",
+                                               f"{self.web_url}/healthz")}
+            self.services["server"].start()
+            return
         self.services = {
             "api": Service("api", [*py, "api"], self.env, logs / "api.log", f"{self.api_url}/healthz"),
             "gateway": Service("gateway", [*py, "gateway"], self.env, logs / "gateway.log",
@@ -232,7 +247,7 @@ class Platform:
     # -- tear down --------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        for name in ("gateway", "scheduler", "api"):
+        for name in ("gateway", "scheduler", "api", "server"):
             if name in self.services:
                 self.services[name].stop()
 
