@@ -37,7 +37,7 @@ def short_base() -> Iterator[Path]:
 def test_a_short_soak_reports_a_deliberately_lost_file(short_base: Path) -> None:
     tmp_path = short_base
     done = subprocess.run(
-        [sys.executable, "hack/soak.py", "--seconds", "20", "--users", "2", "--rest-users", "1", "--web-users", "0",
+        [sys.executable, "hack/soak.py", "--seconds", "40", "--users", "2", "--rest-users", "1", "--web-users", "0",
          "--faults", "kill-gateway", "--sabotage", "--idle-timeout", "10", "--base", str(tmp_path / "soak")],
         cwd=ROOT, capture_output=True, text=True, timeout=540, check=False)
     out = done.stdout.strip().splitlines()
@@ -56,6 +56,9 @@ def test_a_short_soak_reports_a_deliberately_lost_file(short_base: Path) -> None
     for row in report["operations"].values():
         assert {"n", "ok_pct", "p50_s", "p99_s", "errors_inside_faults", "errors_outside_faults"} <= set(row)
     assert any(x["what"] == "workspace file" and "soak-data.txt" in x["detail"] for x in report["lost"])
+    # Only what was taken on purpose: one session's file, nothing else anywhere.
+    assert len({x["session"] for x in report["lost"]}) == 1
+    assert {x["what"] for x in report["lost"]} == {"workspace file"}
     (fault,) = report["faults"]
     assert fault["kind"] == "kill-gateway" and fault["recovered"] and fault["recovery_s"] is not None
     assert set(report["leaks"]) == {"api", "gateway", "scheduler"}
