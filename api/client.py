@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -13,6 +16,12 @@ from api import schemas
 M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_TIMEOUT_S = 30.0
+# Methods a second try cannot do twice (a POST is never tried again: it may have been done).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# Answers of an API (or the proxy before it) that is restarting or briefly without its database.
+UNAVAILABLE = frozenset({502, 503, 504})
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 2.0
 
 
 class ApiError(Exception):
@@ -41,8 +50,15 @@ class ApiClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: httpx.AsyncBaseTransport | None = None,
+        retry_for_s: float = 0.0,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
+        """``retry_for_s`` > 0: an idempotent request that an API answers with 502/503/504, or whose
+        connection dies under it, is tried again for that long (a rolling restart, a database failover);
+        ``on_retry`` hears why, once per request."""
         self.base_url = base_url.rstrip("/")
+        self.retry_for_s = retry_for_s
+        self.on_retry = on_retry
         headers = {"Accept": "application/json", "User-Agent": "orzbob-cloud"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -64,14 +80,35 @@ class ApiClient:
     async def request(self, method: str, path: str, *, json: Any = None,
                       params: dict[str, Any] | None = None, content: bytes | None = None,
                       headers: dict[str, str] | None = None) -> httpx.Response:
-        try:
-            response = await self._http.request(method, path, json=json, params=params, content=content,
-                                                headers=headers)
-        except httpx.TransportError as exc:
-            raise ApiUnreachable(self.base_url, exc) from exc
-        if response.status_code >= 400:
-            raise _error_from(response)
-        return response
+        deadline = time.monotonic() + self.retry_for_s
+        pause = RETRY_FIRST_S
+        told = False
+        while True:
+            try:
+                response = await self._http.request(method, path, json=json, params=params, content=content,
+                                                    headers=headers)
+            except httpx.TransportError as exc:
+                # A refused connect means no server (say so at once: it is seldom a restart, which a load
+                # balancer answers with 502/503); a connection that died under a request is tried again.
+                again = method in IDEMPOTENT and not isinstance(exc, httpx.ConnectError)
+                error: ApiError = ApiUnreachable(self.base_url, exc)
+                cause: Exception | None = exc
+                wait = pause
+            else:
+                if response.status_code < 400:
+                    return response
+                error = _error_from(response)
+                cause = None
+                again = response.status_code in UNAVAILABLE and method in IDEMPOTENT
+                wait = max(pause, _retry_after(response))
+            left = deadline - time.monotonic()
+            if not again or left <= 0:
+                raise error from cause
+            if self.on_retry is not None and not told:
+                self.on_retry(f"{error.detail}; trying again for up to {left:.0f} s")
+                told = True
+            await asyncio.sleep(min(wait, left))
+            pause = min(pause * 2, RETRY_MAX_S)
 
     async def _get(self, model: type[M], path: str, params: dict[str, Any] | None = None) -> M:
         return model.model_validate((await self.request("GET", path, params=params)).json())
@@ -199,6 +236,14 @@ class ApiClient:
 
     async def attach_event(self, body: schemas.AttachEventIn) -> None:
         await self.request("POST", "/internal/v1/attach-events", json=body.model_dump(mode="json"))
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The answer's Retry-After in seconds (0 when absent or an HTTP date, which the API never sends)."""
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "0")))
+    except ValueError:
+        return 0.0
 
 
 def _error_from(response: httpx.Response) -> ApiError:

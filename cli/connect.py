@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, ParamSpec, TypeVar
 
+import click
 import httpx
 
 from api.client import ApiClient, ApiError, ApiUnreachable
@@ -40,11 +41,20 @@ def require_credentials() -> Credentials:
     return creds
 
 
+# An API that restarts (a rolling upgrade, `orz server` started again, a database failover) is waited
+# for this long, with a line saying so, instead of failing the command on its first refusal.
+API_RETRY_S = 10.0
+
+
+def _say_retrying(why: str) -> None:
+    click.echo(f"orz: {one_line(why)} (Ctrl-C stops)", err=True)
+
+
 class CliApiClient(ApiClient):
     """The saved login's client: a sign-in token about to expire is refreshed before the next request."""
 
     def __init__(self, creds: Credentials) -> None:
-        super().__init__(creds.api_url, creds.api_token)
+        super().__init__(creds.api_url, creds.api_token, retry_for_s=API_RETRY_S, on_retry=_say_retrying)
         self.creds = creds
 
     async def request(self, method: str, path: str, *, json: Any = None,
