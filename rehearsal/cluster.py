@@ -9,12 +9,14 @@ plus two things only this machine can do: kill -9 a container's process, and rou
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 from pathlib import Path
+from typing import IO
 
 from rehearsal.apiserver import FakeApiServer
 from rehearsal.controllers import Controllers, is_ready
@@ -26,6 +28,7 @@ from rehearsal.store import Obj, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 API_PORT = 6443
+MACHINE_LOCK = Path("/run/orz-rehearsal.lock")
 
 
 class RehearsalCluster:
@@ -42,11 +45,29 @@ class RehearsalCluster:
         self.kubelet: Kubelet | None = None
         self.controllers = Controllers(self.store)
         self.proxies: ServiceProxies | None = None
+        self._machine_lock: IO[bytes] | None = None
+
+    def _take_machine(self) -> None:
+        """One rehearsal per machine: its bridge, addresses and Service CIDR are fixed, so a second one
+        (another checkout's CI, a soak on the rehearsal) waits here instead of tearing down the first's network."""
+        lock = MACHINE_LOCK.open("ab")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"rehearsal: another rehearsal holds {MACHINE_LOCK}; waiting for it to finish", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        self._machine_lock = lock
+
+    def _release_machine(self) -> None:
+        if self._machine_lock is not None:
+            self._machine_lock.close()  # closing the file drops its flock
+            self._machine_lock = None
 
     def __enter__(self) -> RehearsalCluster:
         if os.geteuid() != 0:
             raise SystemExit("rehearsal: needs root (network and mount namespaces, a bridge, setuid to pod users)")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._take_machine()
         self.network.up()
         self.api = FakeApiServer(host=GATEWAY_IP, port=API_PORT, tls=True, tls_dir=self.workdir / "pki",
                                  store=self.store, authorizer=self.authorizer, bookmark_every_s=30)
@@ -86,6 +107,7 @@ class RehearsalCluster:
         if self.api is not None:
             self.api.__exit__()
         self.network.close()
+        self._release_machine()
         # Pod root filesystems were mounted in namespaces that died with their processes; only files remain.
         shutil.rmtree(self.workdir / "pods", ignore_errors=True)
 
