@@ -109,7 +109,10 @@ class Sshd:
             f"AuthorizedKeysFile {work / 'authorized_keys'}", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
             "PidFile none", "Compression no", "MaxStartups 100:30:200", "MaxSessions 100", "LogLevel ERROR",
-            "PrintMotd no", "PrintLastLog no", f"Subsystem sftp {sftp}", *extra_config,
+            "PrintMotd no", "PrintLastLog no", f"Subsystem sftp {sftp}",
+            # Debian's bash sources ~/.bashrc when sshd starts it (SSH_CLIENT set, SHLVL unset): the user's
+            # rc files (pyenv init: ~200 ms) are no part of sshd's cost. SHLVL=1 makes bash skip them.
+            "SetEnv SHLVL=1", *extra_config,
         ]) + "\n")
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

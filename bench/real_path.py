@@ -296,41 +296,52 @@ async def hold_attaches(n: int, connect: Callable[[], Any], command: str | None,
 # ------------------------------------------------------------------------------------------------ run
 
 
-async def one_round(direct: Side, real: Side, big: Path, nbytes: int, args: argparse.Namespace,
-                    gw: Child, runner: Child) -> dict[str, float]:
+def prefix(side: Side) -> str:
+    """Figures of the real path carry no prefix; the sshd-endpoint prototype's carry "sshdep_"."""
+    return "" if side.name == "real" else "sshdep_"
+
+
+async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, args: argparse.Namespace,
+                    cpu: dict[str, Child]) -> dict[str, float]:
     r: dict[str, float] = {}
-    sides = [direct, real]
+    sides = [direct, *others]
     for tmux in (True, False):
         label = "tmux" if tmux else "pty"
-        cpu0 = gw.cpu_s(), runner.cpu_s()
+        cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
         lat = await echo_round(sides, args.samples, tmux)
-        gw_cpu, run_cpu = gw.cpu_s() - cpu0[0], runner.cpu_s() - cpu0[1]
-        per = args.samples + 20
-        r[f"{label}_gateway_cpu_us_per_echo"] = gw_cpu / per * 1e6
-        r[f"{label}_runner_cpu_us_per_echo"] = run_cpu / per * 1e6
+        for name, child in cpu.items():
+            r[f"{label}_{name}_cpu_us_per_echo"] = (child.cpu_s() - cpu0[name]) / (args.samples + 20) * 1e6
         for side in sides:
             r[f"{label}_{side.name}_echo_p50_ms"] = statistics.median(lat[side.name]) * 1000
             r[f"{label}_{side.name}_echo_p99_ms"] = pct(lat[side.name], 99) * 1000
-        for q in ("p50", "p99"):
-            r[f"{label}_ratio_echo_{q}"] = r[f"{label}_real_echo_{q}_ms"] / r[f"{label}_direct_echo_{q}_ms"]
+        for side in others:
+            for q in ("p50", "p99"):
+                r[f"{prefix(side)}{label}_ratio_echo_{q}"] = (r[f"{label}_{side.name}_echo_{q}_ms"]
+                                                              / r[f"{label}_direct_echo_{q}_ms"])
     for side in sides:
         r[f"{side.name}_pane_bulk_mib_s"] = nbytes / await pane_bulk(side, big) / (1 << 20)
+        cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
         r[f"{side.name}_pty_bulk_mib_s"] = await stream(side.ssh("-tt", command=[f"cat {big}"]), nbytes) / (1 << 20)
+        if side.name == "real":  # where the CPU goes when a pty streams
+            for name, child in cpu.items():
+                r[f"pty_bulk_{name}_cpu_s_per_100mib"] = (child.cpu_s() - cpu0[name]) / nbytes * (100 << 20)
         r[f"{side.name}_exec_bulk_mib_s"] = await stream(side.ssh(command=[f"cat {big}"]), nbytes) / (1 << 20)
         for name, value in (await copies(side, big, big.parent.parent / f"local-{side.name}.bin", nbytes)).items():
             r[f"{side.name}_{name}_mib_s"] = value
         setups = [await timed(side.ssh(command=["true"])) for _ in range(args.setup_runs)]
         r[f"{side.name}_setup_ms"] = statistics.median(setups) * 1000
-    for name in ("pane_bulk", "pty_bulk", "exec_bulk", "sftp_get", "sftp_put", "scp_get", "scp_put"):
-        r[f"ratio_{name}"] = r[f"real_{name}_mib_s"] / r[f"direct_{name}_mib_s"]
-    r["ratio_setup"] = r["real_setup_ms"] / r["direct_setup_ms"]
+    for side in others:
+        for name in ("pane_bulk", "pty_bulk", "exec_bulk", "sftp_get", "sftp_put", "scp_get", "scp_put"):
+            r[f"{prefix(side)}ratio_{name}"] = r[f"{side.name}_{name}_mib_s"] / r[f"direct_{name}_mib_s"]
+        r[f"{prefix(side)}ratio_setup"] = r[f"{side.name}_setup_ms"] / r["direct_setup_ms"]
     return r
 
 
-def verdicts(report: dict[str, Any]) -> dict[str, str]:
+def verdicts(report: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Each target of the issue met or missed ("pass"/"MISS"), for the real path or the prototype."""
     out = {}
     for key, op, target in TARGETS:
-        value = report.get(key)
+        value = report.get(prefix + key)
         if value is None:
             continue
         met = value <= target if op == "<=" else value >= target
@@ -371,19 +382,36 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         nbytes = big.stat().st_size
 
         sftp_server = SFTP_SERVER if Path(SFTP_SERVER).exists() else "internal-sftp"
-        sshd = Sshd(work, [user.export_public_key().decode().strip()], sftp=sftp_server)
-        (work / "rs").mkdir()
         gw_client_pub = gw_client.export_public_key().decode().strip()
+        # Option (a) of the issue, as a prototype: sshd as the runner's endpoint, the gateway's key forced
+        # to bench/sshd_endpoint.sh (what runner/sshd.py does per channel), on its own tmux server.
+        endpoint_script = Path(__file__).with_name("sshd_endpoint.sh")
+        forced = (f'command="sh {endpoint_script} rw {workspace} {work / "se.sock"} {work / "se.activity"}" '
+                  f"{gw_client_pub}")
+        sshd = Sshd(work, [user.export_public_key().decode().strip(), *([forced] if args.sshd_endpoint else [])],
+                    sftp=sftp_server)
+        (work / "rs").mkdir()
         runner = Child("--serve-runner-endpoint", str(work / "rs"), str(workspace), gw_client_pub)
         children.append(runner)
         gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(runner.port),
                    runner.info["host_key"], *(["--uvloop"] if args.uvloop else []))
         children.append(gw)
         sshd_pub = sshd.host_key.export_public_key().decode().strip()
+        gw_pub = gw_host.export_public_key().decode().strip()
+        cpu = {"gateway": gw, "runner": runner}
+        gw_sshd: Child | None = None
+        if args.sshd_endpoint:
+            gw_sshd = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(sshd.port), sshd_pub,
+                            "--upstream-user", getpass.getuser(), *(["--uvloop"] if args.uvloop else []))
+            children.append(gw_sshd)
+            cpu["sshdep_gateway"] = gw_sshd
         known = work / "known_hosts"
-        known.write_text(f"[127.0.0.1]:{sshd.port} {sshd_pub}\n"
-                         f"[127.0.0.1]:{gw.port} {gw_host.export_public_key().decode().strip()}\n")
-        ciphers = ["-o", "Ciphers=aes128-gcm@openssh.com"]  # what the gateway offers; sshd would pick ChaCha20
+        known.write_text(f"[127.0.0.1]:{sshd.port} {sshd_pub}\n[127.0.0.1]:{gw.port} {gw_pub}\n"
+                         + (f"[127.0.0.1]:{gw_sshd.port} {gw_pub}\n" if gw_sshd else ""))
+        # The same cipher and key exchange on every side: what the gateway offers (asyncssh has no
+        # sntrup761, which OpenSSH 9.2 would pick with sshd and which costs ~100 ms per connection, nor
+        # ChaCha20, which the gateway leaves out).
+        ciphers = ["-o", "Ciphers=aes128-gcm@openssh.com", "-o", "KexAlgorithms=curve25519-sha256"]
         # The baseline's tmux: the runner's Tmux class and config, same program, same environment.
         env = {"PATH": os.environ["PATH"], "HOME": str(workspace), "LANG": "C.UTF-8"}
         base_tmux = Tmux(work / "base.sock")
@@ -393,9 +421,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         real = Side("real", [*common_args(gw.port, known, ciphers), "-i", str(work / "id"),
                              "-o", f"CertificateFile={work / 'id-cert.pub'}"],
                     f"{SESSION}@127.0.0.1", Tmux(work / "rs" / "tmux.sock"), [])
+        others = [real]
+        if gw_sshd is not None:
+            proto_tmux = Tmux(work / "se.sock")
+            await proto_tmux.start(["sleep", "infinity"], cwd=workspace, env=env)
+            others.append(Side("sshd_endpoint", [*common_args(gw_sshd.port, known, ciphers), "-i", str(work / "id"),
+                                                 "-o", f"CertificateFile={work / 'id-cert.pub'}"],
+                               f"{SESSION}@127.0.0.1", proto_tmux, []))
         rounds = []
         for n in range(args.rounds):
-            rounds.append(await one_round(direct, real, big, nbytes, args, gw, runner))
+            rounds.append(await one_round(direct, others, big, nbytes, args, cpu))
             print(f"round {n + 1}/{args.rounds} done", file=sys.stderr)
         report: dict[str, Any] = {"bytes": nbytes, "samples": args.samples, "rounds": args.rounds,
                                   "gateway_loop": "uvloop" if args.uvloop else "asyncio",
@@ -403,7 +438,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for key in rounds[0]:
             values = [r[key] for r in rounds]
             report[key] = statistics.median(values)
-            if args.rounds > 1 and key.startswith(("ratio", "tmux_ratio", "pty_ratio")):
+            if args.rounds > 1 and "ratio" in key:
                 report[f"{key}_range"] = [min(values), max(values)]
 
         # Memory per attach on a runner: its endpoint + the `tmux attach` each attach starts, against sshd's
@@ -441,12 +476,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             report["gateway_held"] = held
             report["gateway_idle_kib_per_session"] = held["rss_per_session_kib"]
         report["targets"] = verdicts(report)
+        if args.sshd_endpoint:
+            report["sshdep_targets"] = verdicts(report, "sshdep_")
         return report
     finally:
         for child in children:
             child.stop()
         if base_tmux is not None:
             await base_tmux.kill_server()
+            await Tmux(work / "se.sock").kill_server()
         if sshd is not None:
             sshd.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -462,6 +500,8 @@ def cli() -> None:
                         help="idle sessions held on one gateway process (target 10000; 0 skips)")
     parser.add_argument("--runner-sessions", type=int, default=50,
                         help="idle attaches held on one runner, and on sshd for the baseline (0 skips)")
+    parser.add_argument("--no-sshd-endpoint", dest="sshd_endpoint", action="store_false",
+                        help="leave out the prototype: the gateway in front of sshd with bench/sshd_endpoint.sh")
     parser.add_argument("--asyncio", dest="uvloop", action="store_false",
                         help="run the gateway on asyncio's own loop (default: uvloop, as `orz gateway` does)")
     args = parser.parse_args()

@@ -30,13 +30,15 @@ def test_small_run_reports_every_figure_and_target() -> None:
                          cwd=ROOT, capture_output=True, timeout=240, check=True)
     report = json.loads(out.stdout)
     for mode in ("tmux", "pty"):
-        for side in ("direct", "real"):
+        for side in ("direct", "real", "sshd_endpoint"):  # sshd_endpoint: the prototype of option (a)
             assert report[f"{mode}_{side}_echo_p50_ms"] > 0
     for figure in ("pane_bulk", "pty_bulk", "exec_bulk", "sftp_get", "sftp_put", "scp_get", "scp_put"):
-        assert report[f"direct_{figure}_mib_s"] > 0 and report[f"real_{figure}_mib_s"] > 0
+        for side in ("direct", "real", "sshd_endpoint"):
+            assert report[f"{side}_{figure}_mib_s"] > 0
     # Every target of the issue gets a verdict, from figures measured in this run.
     assert set(report["targets"]) == {key for key, _, _ in TARGETS}
     assert all(v.endswith(("pass", "MISS")) for v in report["targets"].values())
+    assert set(report["sshdep_targets"]) == set(report["targets"]) - {"gateway_idle_kib_per_session"}
     for held in ("runner_attach", "sshd_attach"):
         assert report[held]["sessions"] == 2 and report[held]["failed"] == 0
     assert report["gateway_held"]["sessions"] == 4 and report["gateway_held"]["failed"] == 0
