@@ -145,7 +145,21 @@ async def serve_runner_endpoint(state_dir: Path, workspace: Path, gateway_public
         await tmux.kill_server()
 
 
+def raise_fd_limit(wanted: int = 65536) -> None:
+    """Room for 10,000 held sessions: the gateway holds two sockets per session (client and runner)."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in ((max(wanted, hard), max(wanted, hard)), (hard, hard)):  # raising the hard limit needs root
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+            return
+        except (ValueError, OSError):
+            continue
+
+
 def cli() -> None:
+    raise_fd_limit()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--serve-gateway", nargs=4, metavar=("DATA_DIR", "HOST", "PORT", "HOST_KEY"))
     parser.add_argument("--upstream-user")

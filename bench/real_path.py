@@ -49,7 +49,7 @@ from api.credentials import jwt as attach_jwt
 from api.credentials import ssh_ca
 from api.settings import Settings
 from bench.gateway import SESSION, USER, Child, Sshd, _drain, common_args, hold_sessions, parse_size, pct
-from bench.gateway_roles import CERT_TTL_S
+from bench.gateway_roles import CERT_TTL_S, raise_fd_limit
 from runner.tmux import Tmux
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
@@ -324,6 +324,8 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
         r[f"{side.name}_pty_bulk_mib_s"] = await stream(side.ssh("-tt", command=[f"cat {big}"]), nbytes) / (1 << 20)
         if side.name == "real":  # where the CPU goes when a pty streams
             for name, child in cpu.items():
+                if name.startswith("sshdep_"):
+                    continue
                 r[f"pty_bulk_{name}_cpu_s_per_100mib"] = (child.cpu_s() - cpu0[name]) / nbytes * (100 << 20)
         r[f"{side.name}_exec_bulk_mib_s"] = await stream(side.ssh(command=[f"cat {big}"]), nbytes) / (1 << 20)
         for name, value in (await copies(side, big, big.parent.parent / f"local-{side.name}.bin", nbytes)).items():
@@ -391,7 +393,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         sshd = Sshd(work, [user.export_public_key().decode().strip(), *([forced] if args.sshd_endpoint else [])],
                     sftp=sftp_server)
         (work / "rs").mkdir()
-        runner = Child("--serve-runner-endpoint", str(work / "rs"), str(workspace), gw_client_pub)
+        runner = Child("--serve-runner-endpoint", str(work / "rs"), str(workspace), gw_client_pub,
+                       *(["--uvloop"] if args.runner_uvloop else []))
         children.append(runner)
         gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(runner.port),
                    runner.info["host_key"], *(["--uvloop"] if args.uvloop else []))
@@ -434,6 +437,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             print(f"round {n + 1}/{args.rounds} done", file=sys.stderr)
         report: dict[str, Any] = {"bytes": nbytes, "samples": args.samples, "rounds": args.rounds,
                                   "gateway_loop": "uvloop" if args.uvloop else "asyncio",
+                                  "runner_loop": "uvloop" if args.runner_uvloop else "asyncio",
                                   "load_average": os.getloadavg(), "baseline_sftp": sftp_server}
         for key in rounds[0]:
             values = [r[key] for r in rounds]
@@ -500,11 +504,14 @@ def cli() -> None:
                         help="idle sessions held on one gateway process (target 10000; 0 skips)")
     parser.add_argument("--runner-sessions", type=int, default=50,
                         help="idle attaches held on one runner, and on sshd for the baseline (0 skips)")
+    parser.add_argument("--runner-uvloop", action="store_true",
+                        help="run the runner endpoint on uvloop (default: asyncio's loop, as runner/main.py does)")
     parser.add_argument("--no-sshd-endpoint", dest="sshd_endpoint", action="store_false",
                         help="leave out the prototype: the gateway in front of sshd with bench/sshd_endpoint.sh")
     parser.add_argument("--asyncio", dest="uvloop", action="store_false",
                         help="run the gateway on asyncio's own loop (default: uvloop, as `orz gateway` does)")
     args = parser.parse_args()
+    raise_fd_limit()
     report = asyncio.run(main(args))
     print(json.dumps(report, indent=2))
 
