@@ -16,11 +16,14 @@ until tmux draws the marker printed after it) and through a bare pty and a bare 
 (`ssh host true`), and memory: RSS per idle attached session in one gateway process (its upstream is
 bench/gateway.py's idle asyncssh stand-in, so N can reach 10,000), and per attach on a runner (the
 endpoint's RSS plus the PSS of the `tmux attach` it starts) against sshd's per-session processes.
+A third side, on by default, is the prototype of option (a) of issue 22: the gateway in front of OpenSSH
+sshd as the runner's endpoint, the gateway's key forced to bench/sshd_endpoint.sh (its figures carry
+"sshd_endpoint_", its ratios "sshdep_"). Every side uses AES-GCM and curve25519.
 Figures are medians over the rounds; every ratio is real path / baseline (for latency and set-up time
 lower is better, for throughput higher is better), and TARGETS holds the issue's target for each.
 
     python -m bench.real_path [--bytes 100M] [--samples 1000] [--rounds 3] [--sessions 1000]
-        [--runner-sessions 50]
+        [--runner-sessions 50] [--no-sshd-endpoint]
 """
 
 from __future__ import annotations
@@ -268,7 +271,7 @@ async def hold_attaches(n: int, connect: Callable[[], Any], command: str | None,
     before = measure()
     conns: list[asyncssh.SSHClientConnection] = []
     sem = asyncio.Semaphore(10)
-    tmux_nonce = b"sleep"  # the pane runs `sleep`: an attach has drawn once the status line is there
+    drawn = b"sleep"  # the pane runs `sleep`: an attach has drawn once the status line names it
 
     async def one() -> None:
         async with sem:
@@ -276,7 +279,7 @@ async def hold_attaches(n: int, connect: Callable[[], Any], command: str | None,
             conns.append(conn)
             proc = await conn.create_process(command, term_type="xterm", term_size=(80, 24), encoding=None)
             seen = b""
-            while tmux_nonce not in seen:
+            while drawn not in seen:
                 seen += await asyncio.wait_for(proc.stdout.read(4096), 30)
 
     try:
@@ -302,7 +305,7 @@ def prefix(side: Side) -> str:
 
 
 async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, args: argparse.Namespace,
-                    cpu: dict[str, Child]) -> dict[str, float]:
+                    cpu: dict[str, Child], turn: int) -> dict[str, float]:
     r: dict[str, float] = {}
     sides = [direct, *others]
     for tmux in (True, False):
@@ -318,8 +321,12 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
             for q in ("p50", "p99"):
                 r[f"{prefix(side)}{label}_ratio_echo_{q}"] = (r[f"{label}_{side.name}_echo_{q}_ms"]
                                                               / r[f"{label}_direct_echo_{q}_ms"])
-    for side in sides:
+    # Each measure runs on every side back to back, in an order that rotates with the round, so that a
+    # burst of load from other jobs does not always land on the same side.
+    order = sides[turn % len(sides):] + sides[:turn % len(sides)]
+    for side in order:
         r[f"{side.name}_pane_bulk_mib_s"] = nbytes / await pane_bulk(side, big) / (1 << 20)
+    for side in order:
         cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
         r[f"{side.name}_pty_bulk_mib_s"] = await stream(side.ssh("-tt", command=[f"cat {big}"]), nbytes) / (1 << 20)
         if side.name == "real":  # where the CPU goes when a pty streams
@@ -327,9 +334,12 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
                 if name.startswith("sshdep_"):
                     continue
                 r[f"pty_bulk_{name}_cpu_s_per_100mib"] = (child.cpu_s() - cpu0[name]) / nbytes * (100 << 20)
+    for side in order:
         r[f"{side.name}_exec_bulk_mib_s"] = await stream(side.ssh(command=[f"cat {big}"]), nbytes) / (1 << 20)
+    for side in order:
         for name, value in (await copies(side, big, big.parent.parent / f"local-{side.name}.bin", nbytes)).items():
             r[f"{side.name}_{name}_mib_s"] = value
+    for side in order:
         setups = [await timed(side.ssh(command=["true"])) for _ in range(args.setup_runs)]
         r[f"{side.name}_setup_ms"] = statistics.median(setups) * 1000
     for side in others:
@@ -433,7 +443,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                f"{SESSION}@127.0.0.1", proto_tmux, []))
         rounds = []
         for n in range(args.rounds):
-            rounds.append(await one_round(direct, others, big, nbytes, args, cpu))
+            rounds.append(await one_round(direct, others, big, nbytes, args, cpu, n))
             print(f"round {n + 1}/{args.rounds} done", file=sys.stderr)
         report: dict[str, Any] = {"bytes": nbytes, "samples": args.samples, "rounds": args.rounds,
                                   "gateway_loop": "uvloop" if args.uvloop else "asyncio",
