@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup dev test lint fmt bench bench-gateway clean
+.PHONY: setup dev test lint fmt bench bench-gateway bench-real-path clean
 
 setup:
 	@./hack/setup.sh
@@ -25,6 +25,9 @@ bench: setup  ## API load on PostgreSQL (the production database) and on SQLite 
 
 bench-gateway: setup  ## the SSH gateway against direct OpenSSH (needs sshd: apt-get install openssh-server)
 	$(VENV)/python -m bench.gateway
+
+bench-real-path: setup  ## ssh -> gateway -> runner endpoint -> tmux against ssh -> sshd -> tmux (needs sshd, tmux)
+	$(VENV)/python -m bench.real_path
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache build *.egg-info

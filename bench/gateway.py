@@ -53,7 +53,8 @@ class Child:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"child {args[0]} failed to start")
-        self.port = int(json.loads(line)["port"])
+        self.info: dict[str, Any] = json.loads(line)
+        self.port = int(self.info["port"])
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -92,7 +93,8 @@ def free_port() -> int:
 class Sshd:
     """A private sshd on a free port: its own host key, config and authorized keys."""
 
-    def __init__(self, work: Path, authorized: list[str], extra_config: tuple[str, ...] = ()) -> None:
+    def __init__(self, work: Path, authorized: list[str], extra_config: tuple[str, ...] = (),
+                 sftp: str = "internal-sftp") -> None:
         if not Path(SSHD).exists():
             raise SystemExit("sshd not found: apt-get install -y openssh-server")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -107,7 +109,10 @@ class Sshd:
             f"AuthorizedKeysFile {work / 'authorized_keys'}", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
             "PidFile none", "Compression no", "MaxStartups 100:30:200", "MaxSessions 100", "LogLevel ERROR",
-            "PrintMotd no", "PrintLastLog no", "Subsystem sftp internal-sftp", *extra_config,
+            "PrintMotd no", "PrintLastLog no", f"Subsystem sftp {sftp}",
+            # Debian's bash sources ~/.bashrc when sshd starts it (SSH_CLIENT set, SHLVL unset): the user's
+            # rc files (pyenv init: ~200 ms) are no part of sshd's cost. SHLVL=1 makes bash skip them.
+            "SetEnv SHLVL=1", *extra_config,
         ]) + "\n")
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

@@ -4,7 +4,8 @@ Each runs in its own process so its RSS and CPU are its own:
     python -m bench.gateway_roles --serve-gateway DATA_DIR HOST PORT HOST_KEY [--upstream-user U] [--uvloop]
         [--no-fast-path]
     python -m bench.gateway_roles --serve-idle-runner HOST_KEY_FILE
-Each prints {"port": N} once listening and stops on SIGTERM.
+    python -m bench.gateway_roles --serve-runner-endpoint STATE_DIR WORKSPACE GATEWAY_PUBLIC_KEY
+Each prints {"port": N} once listening (the runner endpoint adds "host_key") and stops on SIGTERM.
 """
 
 from __future__ import annotations
@@ -108,7 +109,57 @@ async def serve_idle_runner(host_key_file: Path) -> None:
     acceptor.close()
 
 
+async def serve_runner_endpoint(state_dir: Path, workspace: Path, gateway_public_key: str) -> None:
+    """The runner's own endpoint (runner/sshd.py) on a tmux session, as runner/main.py wires it.
+
+    Only the clone, the heartbeats and the agent watch are left out: the benchmark times attaching,
+    typing, copying and holding sessions, which go through this endpoint and tmux alone. The pane's
+    program is whatever the benchmark respawns it with (`tmux respawn-pane`); it starts as `sleep`.
+    """
+    import os
+
+    from runner.activity import Activity
+    from runner.main import login_shell
+    from runner.sshd import Endpoint, SessionHooks
+    from runner.tmux import Tmux
+
+    env = {"PATH": os.environ["PATH"], "HOME": str(workspace), "LANG": "C.UTF-8", "SHELL": login_shell()}
+    tmux = Tmux(state_dir / "tmux.sock")
+    program = ["sleep", "infinity"]
+    await tmux.start(program, cwd=workspace, env=env)
+    ready = asyncio.Event()
+    ready.set()
+
+    async def ensure_program() -> None:
+        await tmux.ensure(program, cwd=workspace, env=env)  # one `tmux display-message` per attach, as the runner
+
+    hooks = SessionHooks(workspace=workspace, shell=login_shell(), tmux=tmux, activity=Activity(),  # nosec B604
+                         env=lambda: dict(env), ensure_program=ensure_program, ready=ready, login="bench")
+    endpoint = Endpoint(hooks, gateway_public_key, "127.0.0.1", 0)
+    port = await endpoint.start()
+    print(json.dumps({"port": port, "host_key": endpoint.host_public_key}), flush=True)
+    try:
+        await _until_sigterm()
+    finally:
+        await endpoint.close()
+        await tmux.kill_server()
+
+
+def raise_fd_limit(wanted: int = 65536) -> None:
+    """Room for 10,000 held sessions: the gateway holds two sockets per session (client and runner)."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in ((max(wanted, hard), max(wanted, hard)), (hard, hard)):  # raising the hard limit needs root
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+            return
+        except (ValueError, OSError):
+            continue
+
+
 def cli() -> None:
+    raise_fd_limit()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--serve-gateway", nargs=4, metavar=("DATA_DIR", "HOST", "PORT", "HOST_KEY"))
     parser.add_argument("--upstream-user")
@@ -116,6 +167,7 @@ def cli() -> None:
     parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                         help="every packet through asyncssh's channels (gateway/splice.py off)")
     parser.add_argument("--serve-idle-runner", metavar="HOST_KEY_FILE")
+    parser.add_argument("--serve-runner-endpoint", nargs=3, metavar=("STATE_DIR", "WORKSPACE", "GATEWAY_KEY"))
     args = parser.parse_args()
     if args.uvloop:
         import uvloop
@@ -128,6 +180,9 @@ def cli() -> None:
                                       args.upstream_user, args.fast_path))
         elif args.serve_idle_runner:
             asyncio.run(serve_idle_runner(Path(args.serve_idle_runner)))
+        elif args.serve_runner_endpoint:
+            state_dir, workspace, gateway_key = args.serve_runner_endpoint
+            asyncio.run(serve_runner_endpoint(Path(state_dir), Path(workspace), gateway_key))
 
 
 if __name__ == "__main__":

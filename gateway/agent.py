@@ -25,16 +25,34 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 class AgentRelay:
-    """A unix socket (mode 0600, in the gateway's private runtime dir) for one client connection."""
+    """A unix socket (mode 0600, in the gateway's private runtime dir) for one client connection.
+
+    The runner's side is told the path when the gateway connects to it, but the socket listens only from
+    the first session channel whose client forwarded its agent (`start`): an idle attach without ssh -A
+    holds no listener, file descriptor or socket file (10,000 held sessions: 10,000 fewer of each).
+    Until then a runner-side agent request is refused, as it is for a client that never asked."""
 
     def __init__(self, path: str, client_agent_path: Callable[[], str | None]) -> None:
         self.path = path
         self._client_agent_path = client_agent_path
         self._server: asyncio.AbstractServer | None = None
+        self._starting: asyncio.Future[None] | None = None
+        self._closed = False
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._handle, path=self.path)
+        """Listen, once (channels of one connection may ask at the same time)."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._listen())
+        await asyncio.shield(self._starting)
+
+    async def _listen(self) -> None:
+        if self._closed:
+            return
+        server = await asyncio.start_unix_server(self._handle, path=self.path)
         os.chmod(self.path, 0o600)
+        self._server = server
+        if self._closed:  # the connection went while the socket was being made
+            self.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         target = self._client_agent_path()
@@ -54,6 +72,7 @@ class AgentRelay:
         await asyncio.gather(_pipe(reader, agent_writer), _pipe(agent_reader, writer))
 
     def close(self) -> None:
+        self._closed = True
         if self._server is not None:
             self._server.close()
         with contextlib.suppress(FileNotFoundError):

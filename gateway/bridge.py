@@ -78,7 +78,8 @@ async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey,
 class Attachment:
     """Per client connection: the upstream connection (once ready), counters and progress lines."""
 
-    def __init__(self, reauthorize: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(self, reauthorize: Callable[[], Awaitable[None]] | None = None,
+                 agent_wanted: Callable[[], Awaitable[None]] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[asyncssh.SSHClientConnection] = loop.create_future()
         self.counters = Counters()
@@ -87,6 +88,8 @@ class Attachment:
         # Asks the API again whether this user may still reach the session; raises AttachRefused if not.
         self._reauthorize = reauthorize
         self.sessions: set[BridgeSession] = set()  # open session channels, for a revocation to close
+        # Makes the runner's agent requests reachable: called before a channel of a client with ssh -A opens.
+        self.agent_wanted = agent_wanted
 
     def progress(self, line: str) -> None:
         self.progress_lines.append(line)
@@ -314,7 +317,10 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             env = allowed_env(dict(chan.get_environment()))
             # The upstream connection always offers agent forwarding (for clients that ask); the runner sets
             # SSH_AUTH_SOCK only for a client that did (ssh -A), else a session has a dead agent socket.
-            env[CLIENT_AGENT_ENV] = "yes" if await _client_agent(chan) else "no"
+            forwarded = await _client_agent(chan)
+            if forwarded and self._attachment.agent_wanted is not None:
+                await self._attachment.agent_wanted()
+            env[CLIENT_AGENT_ENV] = "yes" if forwarded else "no"
             self._up, _ = await conn.create_session(
                 lambda: _UpstreamSession(self), self._command, subsystem=self._subsystem,
                 env=env, encoding=None, **term,

@@ -275,7 +275,7 @@ class ClientHandler(asyncssh.SSHServer):
         done = getattr(self.conn, "preauth_done", None)
         if done is not None:
             done()  # authenticated: no longer counts against the pre-auth limits
-        self.attachment = Attachment(reauthorize=self._reauthorize)
+        self.attachment = Attachment(reauthorize=self._reauthorize, agent_wanted=self.agent.start)
         self.auth_done_at = time.monotonic()
         if self.refusal is not None:
             metrics.attach_failed("ssh", self.refusal.code)
@@ -353,7 +353,6 @@ class ClientHandler(asyncssh.SSHServer):
                                                        source=self.source, progress=self.attachment.progress)
             assert reply.route is not None
             self.reply = reply
-            await self.agent.start()
             upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key,
                                               agent_path=self.agent.path)
         except (AttachRefused, UpstreamUnavailable) as exc:

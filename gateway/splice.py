@@ -51,18 +51,20 @@ _GCM_STATE = ("_key", "_iv", "_update_iv")
 _KEEPALIVE_RESET_EVERY_S = 1.0
 
 
-def _has(obj: Any, names: tuple[str, ...]) -> bool:
-    return all(hasattr(obj, name) for name in names)
+def missing_state(conn: Any, *chans: Any) -> list[str]:
+    """The connection, channel and cipher attributes this module relies on that the installed asyncssh lacks."""
+    missing = [f"connection.{name}" for name in _CONN_STATE if not hasattr(conn, name)]
+    missing += sorted({f"channel.{name}" for chan in chans for name in _CHAN_STATE if not hasattr(chan, name)})
+    for enc in (getattr(conn, "_recv_encryption", None), getattr(conn, "_send_encryption", None)):
+        if type(enc) is GCMEncryption:
+            cipher = getattr(enc, "_cipher", None)
+            missing += [f"GCMCipher.{name}" for name in _GCM_STATE if not hasattr(cipher, name)]
+    return list(dict.fromkeys(missing))
 
 
 def compatible(conn: Any, *chans: Any) -> bool:
     """Whether the installed asyncssh keeps the state this module relies on."""
-    if not _has(conn, _CONN_STATE) or not all(_has(chan, _CHAN_STATE) for chan in chans):
-        return False
-    for enc in (conn._recv_encryption, conn._send_encryption):
-        if type(enc) is GCMEncryption and not _has(getattr(enc, "_cipher", None), _GCM_STATE):
-            return False
-    return True
+    return not missing_state(conn, *chans)
 
 
 class _Padding:

@@ -14,6 +14,13 @@ import termios
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+# A pty hands over at most about 4 KiB per read (its line discipline's buffer). A read that comes back
+# at least this full means a program is streaming: what else is already there is read at once, so one
+# SSH packet carries up to READ_MAX instead of one per 4 KiB (measured: 16x fewer packets, and as many
+# fewer trips through asyncssh here and in the gateway). A keystroke's echo is a few bytes: sent at once.
+STREAMING_READ = 2048
+READ_MAX = 65536
+
 
 def _set_winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", max(rows, 1), max(cols, 1), 0, 0))
@@ -58,18 +65,35 @@ class PtyChild:
 
     def _readable(self) -> None:
         try:
-            data = os.read(self.master, 65536)
+            data = os.read(self.master, READ_MAX)
         except BlockingIOError:
             return
         except OSError as exc:
             if exc.errno != errno.EIO:
                 raise
             data = b""
+        if len(data) >= STREAMING_READ:
+            data = self._read_more(data)
         if data:
             self._on_output(data)
         else:
             asyncio.get_running_loop().remove_reader(self.master)
             self._eof.set()
+
+    def _read_more(self, first: bytes) -> bytes:
+        """`first` and whatever else the pty holds now, up to READ_MAX (the end of output is left to the
+        next call, which reads EIO once the program is gone)."""
+        parts, size = [first], len(first)
+        while size < READ_MAX:
+            try:
+                more = os.read(self.master, READ_MAX - size)
+            except OSError:  # empty for now (BlockingIOError), or the program is gone (EIO)
+                break
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        return b"".join(parts) if len(parts) > 1 else first
 
     def pause_reading(self) -> None:
         if self.master >= 0 and not self._eof.is_set():

@@ -54,6 +54,23 @@ async def test_keystrokes_and_echoes_take_the_fast_path(env: Env, fast_paths: li
     assert detached and detached[0].fast_path_packets == relayed(fast_paths) >= 6
 
 
+async def test_the_installed_asyncssh_keeps_the_state_the_fast_path_needs(env: Env,
+                                                                        fast_paths: list[splice.FastPath]) -> None:
+    """The guard on pyproject's asyncssh pin: on a release that moved the internals gateway/splice.py reads,
+    this names what is missing (the gateway would run, silently, without its fast path)."""
+    async with await asyncssh_client(env) as conn:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
+        legs = [leg for path in fast_paths for leg in path.legs.values()]
+        missing = sorted({m for path in fast_paths for m in splice.missing_state(path.conn)}
+                         | {m for leg in legs for m in splice.missing_state(leg.src.get_connection(), leg.src)})
+        assert not missing, (f"asyncssh {asyncssh.__version__} lacks what gateway/splice.py relies on: "
+                             f"{', '.join(missing)}; update splice.py before raising the pin in pyproject.toml")
+        assert legs, f"asyncssh {asyncssh.__version__}: no bridge took the fast path"
+        process.stdin.write_eof()
+        await asyncio.wait_for(process.wait_closed(), 5)
+
+
 def _newkeys(stderr: bytes) -> int:
     """Key exchanges the OpenSSH client completed (the first one included), from its -v log."""
     return stderr.count(b"SSH2_MSG_NEWKEYS received")

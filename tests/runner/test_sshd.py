@@ -105,6 +105,15 @@ async def test_big_output_through_a_pty_arrives_whole(session) -> None:
         assert body.endswith(b"\nEND\n") and body.count(b"A") == 4000000
 
 
+async def test_streamed_pty_output_keeps_its_order(session) -> None:
+    """A streaming program's output is read from the pty in batches (runner/ptyproc.py): every line
+    arrives once, in order."""
+    async with await session.connect() as conn:
+        result = await conn.run("seq 1 300000", term_type="dumb", check=False)
+        assert result.exit_status == 0
+        assert result.stdout.replace(b"\r\n", b"\n") == b"".join(b"%d\n" % i for i in range(1, 300001))
+
+
 async def test_sftp_put_get_round_trip(session, short_tmp) -> None:
     local = short_tmp / "up.bin"
     payload = bytes(range(256)) * 1000

@@ -1,0 +1,44 @@
+"""bench/real_path.py runs end to end on a tiny load and reports every figure and target it names.
+
+Its figures are not checked here (speed belongs in bench/, never in a test); this keeps the benchmark of
+the path users take (OpenSSH -> gateway -> runner endpoint -> tmux) working. It needs sshd and tmux.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.gateway import SSHD
+from bench.real_path import TARGETS
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not Path(SSHD).exists(), reason="sshd not installed (openssh-server)"),
+              pytest.mark.skipif(not shutil.which("tmux"), reason="tmux not installed")]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_small_run_reports_every_figure_and_target() -> None:
+    out = subprocess.run([sys.executable, "-m", "bench.real_path", "--bytes", "1M", "--samples", "20",
+                          "--rounds", "1", "--setup-runs", "2", "--sessions", "4", "--runner-sessions", "2"],
+                         cwd=ROOT, capture_output=True, timeout=240, check=True)
+    report = json.loads(out.stdout)
+    for mode in ("tmux", "pty"):
+        for side in ("direct", "real", "sshd_endpoint"):  # sshd_endpoint: the prototype of option (a)
+            assert report[f"{mode}_{side}_echo_p50_ms"] > 0
+    for figure in ("pane_bulk", "pty_bulk", "exec_bulk", "sftp_get", "sftp_put", "scp_get", "scp_put"):
+        for side in ("direct", "real", "sshd_endpoint"):
+            assert report[f"{side}_{figure}_mib_s"] > 0
+    # Every target of the issue gets a verdict, from figures measured in this run.
+    assert set(report["targets"]) == {key for key, _, _ in TARGETS}
+    assert all(v.endswith(("pass", "MISS")) for v in report["targets"].values())
+    assert set(report["sshdep_targets"]) == set(report["targets"]) - {"gateway_idle_kib_per_session"}
+    for held in ("runner_attach", "sshd_attach"):
+        assert report[held]["sessions"] == 2 and report[held]["failed"] == 0
+    assert report["gateway_held"]["sessions"] == 4 and report["gateway_held"]["failed"] == 0
