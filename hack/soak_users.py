@@ -24,6 +24,7 @@ from soak_platform import Platform, free_port
 
 SECRET_KEY = "SOAK_TOKEN"  # nosec B105  # the name of the secret's key, not a value
 DATA_FILE = "soak-data.txt"
+SABOTAGE_BOUND_S = 300.0
 ANSI = re.compile(r"\x1b(\[[0-9;?>=]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[()][A-Za-z0-9]|[=>78DEHMcNO])")
 
 
@@ -120,6 +121,9 @@ class SshUser(Actor):
         self.ssh_config = str(self.home / ".ssh" / "config")
         self.secret_value = f"secret-{secrets.token_hex(8)}"
         self.sabotage = sabotage  # remove the data file behind the user's back once: loss detection must see it
+        # A sabotaging user goes on past the end of the run until it has done so (a fault may have failed its
+        # first tries), within this bound: a run whose loss detection was never exercised proves nothing.
+        self.sabotage_until = time.monotonic() + SABOTAGE_BOUND_S
         made = platform.orz("cloud", "secrets", "create", "soak", "--data", f"{SECRET_KEY}={self.secret_value}",
                             env=self.env)
         if made.returncode != 0:
@@ -131,7 +135,7 @@ class SshUser(Actor):
         return self.platform.orz(*args, env=self.env, timeout=timeout)
 
     def run(self) -> None:
-        while not self.stopping:
+        while not self.stopping or (self.sabotage and time.monotonic() < self.sabotage_until):
             sid = None
             try:
                 sid = self.create()
@@ -149,8 +153,11 @@ class SshUser(Actor):
         with self.rec.op("attach", self.name):
             self.attach_and_write(sid, marker, data)
         if self.sabotage:
-            self.sabotage = False
             self.ssh_exec(sid, f"rm -f {DATA_FILE}")
+            with self.rec.op("exec", self.name):
+                self.check_data(sid, data, "after the soak removed it (--sabotage)")
+            self.sabotage = False
+            return
         with self.rec.op("scp", self.name):
             self.scp_round_trip(sid)
         with self.rec.op("exec", self.name):
@@ -360,7 +367,7 @@ class RestUser(Actor):
                                 timeout=15)
 
     def run(self) -> None:
-        while not self.stopping:
+        while not self.stopping or (self.sabotage and time.monotonic() < self.sabotage_until):
             sid = None
             try:
                 with self.rec.op("rest-create", self.name):

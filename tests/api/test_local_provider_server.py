@@ -32,7 +32,7 @@ class Server:
         env = orz_env(tmp / "home", ORZ_PROVIDER="local", ORZ_HEARTBEAT_INTERVAL_S="2")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "server", "--api-port", str(self.api_port), "--ssh-port",
-             str(free_port()), "--data-dir", str(tmp / "data")],
+             str(free_port()), "--web-port", "0", "--data-dir", str(tmp / "data")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )
         token_file = tmp / "home" / ".config" / "orzbob" / "token.json"

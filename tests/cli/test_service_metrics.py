@@ -97,7 +97,7 @@ def test_embedded_server_shows_api_scheduler_and_gateway_metrics_on_one_endpoint
     env = orz_env(tmp_path / "home", ORZ_PROVIDER="fake", ORZ_API_METRICS_PORT=str(metrics_port))
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "server", "--api-port", str(api_port), "--ssh-port", str(ssh_port),
-         "--data-dir", str(tmp_path / "data")],
+         "--web-port", "0", "--data-dir", str(tmp_path / "data")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         def scraped() -> dict | None:
