@@ -1,10 +1,9 @@
 """Fewer packets and fewer socket sends per keystroke on the gateway's two SSH hops.
 
-asyncssh sends an empty SSH_MSG_IGNORE packet before every encrypted packet (a defence for CBC-mode
-ciphers), each as its own socket write. The gateway negotiates AES-GCM only, where that filler
-protects nothing, so `WithoutFiller` connections leave it out: half the packets to build, encrypt and
-send per keystroke echo on each hop. The transport below also batches what a connection writes in one
-loop turn into one send, without changing any bytes.
+`WithoutFiller` connections leave out the empty IGNORE packet asyncssh sends before every encrypted
+packet (api.settings.WithoutFiller: AES-GCM only, where it protects nothing), and send channel data that
+asyncssh queued through the fast path's sealing (gateway.splice). The transport below batches what a
+connection writes in one loop turn into one send, without changing any bytes.
 """
 
 from __future__ import annotations
@@ -13,29 +12,24 @@ import asyncio
 from typing import Any
 
 import asyncssh
-from asyncssh.constants import MSG_IGNORE
-from asyncssh.packet import String
+from asyncssh.constants import MSG_CHANNEL_DATA
 
+from api import settings
 from api.schemas import UNIX_ROUTE_PREFIX
 from gateway.splice import FastPath
 
-_FILLER = String(b"")
-AEAD_CIPHERS = frozenset({"aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"})
 
-
-class WithoutFiller:
-    """Mixin for asyncssh connections: drop the empty IGNORE packet asyncssh puts before each packet."""
+class WithoutFiller(settings.WithoutFiller):
+    """The gateway's connections: no IGNORE filler (api.settings), and channel data through the fast path."""
 
     fast_path: FastPath | None = None  # set by CorkProtocol: relays spliced channels' data (gateway.splice)
 
     def send_packet(self, pkttype: int, *args: bytes, handler: Any = None) -> None:
-        if pkttype == MSG_IGNORE and args == (_FILLER,) and self._aead():
+        # Channel data asyncssh queued (a full window, a paused channel) leaves sealed by the fast path's
+        # kept AES-GCM context, without asyncssh's per-packet copies and context set-up.
+        if pkttype == MSG_CHANNEL_DATA and self.fast_path is not None and self.fast_path.send_channel_data(args):
             return
-        super().send_packet(pkttype, *args, handler=handler)  # type: ignore[misc]
-
-    def _aead(self) -> bool:
-        # Only once an authenticated-encryption cipher is in use; before that, behave as asyncssh does.
-        return self.get_extra_info("send_cipher") in AEAD_CIPHERS  # type: ignore[attr-defined,no-any-return]
+        super().send_packet(pkttype, *args, handler=handler)
 
 
 class RunnerSideConnection(WithoutFiller, asyncssh.SSHClientConnection):
