@@ -56,6 +56,7 @@ from bench.gateway_roles import CERT_TTL_S, raise_fd_limit
 from runner.tmux import Tmux
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+MEASURES = ("echo", "bulk", "copies", "setup")  # what each round measures (--only picks some)
 RAW_CAT = "stty raw -echo && printf 'ready{n}' && exec cat"
 # (figure, comparison, target): each ratio is real path / baseline.
 TARGETS: tuple[tuple[str, str, float], ...] = (
@@ -308,7 +309,7 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
                     cpu: dict[str, Child], turn: int) -> dict[str, float]:
     r: dict[str, float] = {}
     sides = [direct, *others]
-    for tmux in (True, False):
+    for tmux in (True, False) if "echo" in args.only else ():
         label = "tmux" if tmux else "pty"
         cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
         lat = await echo_round(sides, args.samples, tmux)
@@ -324,9 +325,10 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
     # Each measure runs on every side back to back, in an order that rotates with the round, so that a
     # burst of load from other jobs does not always land on the same side.
     order = sides[turn % len(sides):] + sides[:turn % len(sides)]
-    for side in order:
+    bulk = "bulk" in args.only
+    for side in order if bulk else ():
         r[f"{side.name}_pane_bulk_mib_s"] = nbytes / await pane_bulk(side, big) / (1 << 20)
-    for side in order:
+    for side in order if bulk else ():
         cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
         r[f"{side.name}_pty_bulk_mib_s"] = await stream(side.ssh("-tt", command=[f"cat {big}"]), nbytes) / (1 << 20)
         if side.name == "real":  # where the CPU goes when a pty streams
@@ -334,18 +336,25 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
                 if name.startswith("sshdep_"):
                     continue
                 r[f"pty_bulk_{name}_cpu_s_per_100mib"] = (child.cpu_s() - cpu0[name]) / nbytes * (100 << 20)
-    for side in order:
+    for side in order if bulk else ():
         r[f"{side.name}_exec_bulk_mib_s"] = await stream(side.ssh(command=[f"cat {big}"]), nbytes) / (1 << 20)
-    for side in order:
+    for side in order if "copies" in args.only else ():
+        cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
         for name, value in (await copies(side, big, big.parent.parent / f"local-{side.name}.bin", nbytes)).items():
             r[f"{side.name}_{name}_mib_s"] = value
-    for side in order:
+        if side.name == "real":  # where the CPU goes when files are copied (four copies of the file)
+            for name, child in cpu.items():
+                if not name.startswith("sshdep_"):
+                    r[f"copies_{name}_cpu_s_per_100mib"] = (child.cpu_s() - cpu0[name]) / 4 / nbytes * (100 << 20)
+    for side in order if "setup" in args.only else ():
         setups = [await timed(side.ssh(command=["true"])) for _ in range(args.setup_runs)]
         r[f"{side.name}_setup_ms"] = statistics.median(setups) * 1000
     for side in others:
         for name in ("pane_bulk", "pty_bulk", "exec_bulk", "sftp_get", "sftp_put", "scp_get", "scp_put"):
-            r[f"{prefix(side)}ratio_{name}"] = r[f"{side.name}_{name}_mib_s"] / r[f"direct_{name}_mib_s"]
-        r[f"{prefix(side)}ratio_setup"] = r[f"{side.name}_setup_ms"] / r["direct_setup_ms"]
+            if f"direct_{name}_mib_s" in r:
+                r[f"{prefix(side)}ratio_{name}"] = r[f"{side.name}_{name}_mib_s"] / r[f"direct_{name}_mib_s"]
+        if "direct_setup_ms" in r:
+            r[f"{prefix(side)}ratio_setup"] = r[f"{side.name}_setup_ms"] / r["direct_setup_ms"]
     return r
 
 
@@ -510,6 +519,8 @@ def cli() -> None:
     parser.add_argument("--samples", type=int, default=1000, help="keystrokes timed per side and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; figures are medians over them")
     parser.add_argument("--setup-runs", type=int, default=10)
+    parser.add_argument("--only", type=lambda v: set(v.split(",")), default=set(MEASURES),
+                        help=f"comma-separated measures to run per round, of {','.join(MEASURES)} (default: all)")
     parser.add_argument("--sessions", type=int, default=1000,
                         help="idle sessions held on one gateway process (target 10000; 0 skips)")
     parser.add_argument("--runner-sessions", type=int, default=50,
@@ -521,6 +532,8 @@ def cli() -> None:
     parser.add_argument("--asyncio", dest="uvloop", action="store_false",
                         help="run the gateway on asyncio's own loop (default: uvloop, as `orz gateway` does)")
     args = parser.parse_args()
+    if args.only - set(MEASURES):
+        parser.error(f"--only: unknown measure(s) {','.join(sorted(args.only - set(MEASURES)))}")
     raise_fd_limit()
     report = asyncio.run(main(args))
     print(json.dumps(report, indent=2))

@@ -13,12 +13,17 @@ import asyncssh
 from api.schemas import CLIENT_AGENT_ENV, Route, client_env_allowed
 from api.settings import ssh_algorithms
 from gateway import splice
-from gateway.cork import CorkedTunnel
+from gateway.cork import CorkedTunnel, TurnBatcher
 from gateway.errors import AttachRefused, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 30
+# The largest packet the runner may send on a bridged channel (asyncssh's default is 32 KiB). Bulk from the
+# runner (a download's SFTP replies of up to 255 KiB, a pty read of 64 KiB) then crosses the internal hop
+# as one packet instead of eight: measured, 20-25% less runner CPU per MiB downloaded. The gateway still
+# sends the client packets no larger than the client allows.
+UPSTREAM_MAX_PACKET = 256 * 1024
 UPSTREAM_CONNECT_TIMEOUT_S = 15
 
 
@@ -141,40 +146,6 @@ class Attachment:
             self._ready.cancel()
 
 
-class _Coalescer:
-    """Batch writes made in one event-loop turn into one channel write (fewer, fuller SSH packets).
-
-    The first write of a turn goes out at once (a lone keystroke echo pays no extra loop turn); the
-    rest of that turn's writes are joined and sent when the turn ends. Measured: without batching,
-    bulk output through the gateway drops to about half.
-    """
-
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self._write = write
-        self._parts: list[bytes] = []
-        self._turn_open = False
-
-    def add(self, data: bytes) -> None:
-        if not self._turn_open:
-            self._turn_open = True
-            asyncio.get_running_loop().call_soon(self.flush)
-            self._write(data)
-        else:
-            self._parts.append(data)
-
-    def idle(self) -> bool:
-        """Nothing batched: a write now cannot overtake an earlier one."""
-        return not self._parts
-
-    def flush(self) -> None:
-        """Send what the turn batched; the next write starts a new turn."""
-        self._turn_open = False
-        if self._parts:
-            data = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
-            self._parts.clear()
-            self._write(data)
-
-
 class _UpstreamSession(asyncssh.SSHClientSession[bytes]):
     """Runner side of a bridged session: relays output, exit status and signals to the client."""
 
@@ -220,7 +191,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         self._pty = False
         self._command: str | None = None
         self._subsystem: str | None = None
-        self._out: _Coalescer | None = None
+        self._out: TurnBatcher | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop_progress: Callable[[], None] | None = None
 
@@ -228,7 +199,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         self._chan = chan
-        self._out = _Coalescer(self._write_out)
+        self._out = TurnBatcher(self._write_out, asyncio.get_running_loop())
         self._attachment.sessions.add(self)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
@@ -323,7 +294,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             env[CLIENT_AGENT_ENV] = "yes" if forwarded else "no"
             self._up, _ = await conn.create_session(
                 lambda: _UpstreamSession(self), self._command, subsystem=self._subsystem,
-                env=env, encoding=None, **term,
+                env=env, encoding=None, max_pktsize=UPSTREAM_MAX_PACKET, **term,
             )
         except (AttachRefused, UpstreamUnavailable) as exc:
             self._fail(exc.line)

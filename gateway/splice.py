@@ -243,42 +243,60 @@ class FastPath:
 
     # -- sending ----------------------------------------------------------------------------------
 
+    def _can_send(self, conn: Any) -> bool:
+        """Whether a packet may be sealed here: otherwise asyncssh's path queues, defers or starts a rekey."""
+        return (type(conn._send_encryption) is GCMEncryption and conn._compressor is None
+                and conn._transport is not None and conn._kex_complete and conn._auth_complete
+                and conn._rekey_bytes_sent < conn._rekey_bytes
+                and not (conn._rekey_seconds and time.monotonic() >= conn._rekey_time))
+
+    def send_channel_data(self, args: tuple[bytes, ...]) -> bool:
+        """Seal and send a CHANNEL_DATA packet asyncssh's channel built (recipient, data, as its send_packet
+        would, minus a new AES-GCM context per packet); False leaves it to asyncssh. Only while channels
+        are spliced here: with the fast path off, everything stays on asyncssh's path."""
+        conn = self.conn
+        if not self.legs or not self._can_send(conn):
+            return False
+        self._seal_and_send(conn, conn._send_encryption._cipher, conn._transport.write, (_DATA, *args),
+                            sum(map(len, args)) + 1)
+        return True
+
+    def _seal_and_send(self, conn: Any, cipher: Any, write: Callable[[bytes], None], parts: tuple[bytes, ...],
+                       payload_len: int) -> None:
+        """One packet of `parts` (message type first, `payload_len` bytes), padded, sealed and written."""
+        sealer = self._seal
+        aead = sealer.aead if cipher is sealer.cipher else sealer.get(cipher)
+        blocksize = conn._send_blocksize
+        padlen = -(conn._send_enchdrlen + payload_len) % blocksize
+        if padlen < _MIN_PAD:
+            padlen += blocksize
+        packet = b"".join((_PAD_LENGTHS[padlen], *parts, _padding.take(padlen)))
+        header = len(packet).to_bytes(4, "big")
+        sealed = aead.encrypt(cipher._iv, packet, header)
+        cipher._update_iv()
+        try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per packet)
+            write(header + sealed)
+        except ConnectionError:  # the connection is going; asyncssh ignores it too
+            pass
+        conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
+        conn._rekey_bytes_sent += len(packet)
+
     def send_data(self, chan: Any, data: bytes) -> bool:
         """Send `data` on `chan` as CHANNEL_DATA packets if nothing is queued ahead of it; False if not sent."""
         conn = self.conn
         enc = conn._send_encryption
         size = len(data)
-        if (chan._send_state != "open" or chan._send_buf or size > chan._send_window
-                or type(enc) is not GCMEncryption or conn._compressor is not None or conn._transport is None
-                or not (conn._kex_complete and conn._auth_complete)
-                or conn._rekey_bytes_sent >= conn._rekey_bytes
-                or (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)):
+        if chan._send_state != "open" or chan._send_buf or size > chan._send_window or not self._can_send(conn):
             return False  # asyncssh's path queues, defers during key exchange, or starts a rekey
         cipher = enc._cipher
-        sealer = self._seal
-        aead = sealer.aead if cipher is sealer.cipher else sealer.get(cipher)
         head = _DATA + chan._send_chan.to_bytes(4, "big")
         step = chan._send_pktsize
-        blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen
         transport = conn._transport
         # The batch is already whole: skip the cork's end-of-turn flush (a loop turn and a poll per send).
         write = getattr(transport, "write_now", transport.write)
         for off in range(0, size, step):
             part = data[off:off + step] if size > step else data
-            padlen = -(hdrlen + 9 + len(part)) % blocksize
-            if padlen < 4:
-                padlen += blocksize
-            packet = b"".join((_PAD_LENGTHS[padlen], head, len(part).to_bytes(4, "big"), part,
-                               _padding.take(padlen)))
-            header = len(packet).to_bytes(4, "big")
-            sealed = aead.encrypt(cipher._iv, packet, header)
-            cipher._update_iv()
-            try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per packet)
-                write(header + sealed)
-            except ConnectionError:  # the connection is going; asyncssh ignores it too
-                pass
-            conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
-            conn._rekey_bytes_sent += len(packet)
+            self._seal_and_send(conn, cipher, write, (head, len(part).to_bytes(4, "big"), part), 9 + len(part))
         chan._send_window -= size
         return True
 

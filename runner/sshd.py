@@ -22,7 +22,7 @@ from typing import Any
 import asyncssh
 
 from api.schemas import CLIENT_AGENT_ENV, UNIX_ROUTE_PREFIX, client_env_allowed
-from api.settings import ssh_algorithms
+from api.settings import WithoutFiller, ssh_algorithms
 from runner.activity import Activity
 from runner.paths import SessionSFTP, expand_login_home
 from runner.ptyproc import PtyChild, hang_up, killpg
@@ -83,6 +83,10 @@ def client_env(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+class _EndpointConnection(WithoutFiller, asyncssh.SSHServerConnection):
+    """The endpoint's connection: no IGNORE filler ahead of each packet (api.settings.WithoutFiller)."""
+
+
 class _Connection(asyncssh.SSHServer):
     """Per-connection policy: public-key auth with the gateway key, loopback-only forwarding."""
 
@@ -93,6 +97,8 @@ class _Connection(asyncssh.SSHServer):
         self.counted = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        # asyncssh.create_server has no hook for the connection class; this runs before key exchange.
+        conn.__class__ = _EndpointConnection
         self.conn = conn
         self.endpoint.connections.add(conn)
 
@@ -385,6 +391,11 @@ class _PtyBridge:
         self._drain: asyncio.Task[None] | None = None
         self._pump = asyncio.create_task(self._read_input())
         self._watch = asyncio.create_task(_when_closed(process, self._hang_up_child))
+        # Keys reach the program as the channel delivers them, not a loop turn later through the stdin
+        # stream (measured: one task wake-up less per keystroke). Resizes, signals and the end of input
+        # still come through the stream, and data waits behind anything queued there, so order holds.
+        self._stream_data = process.data_received
+        process.data_received = self._data_received  # type: ignore[method-assign]
 
     async def run(self, argv: list[str], cwd: Path, env: Mapping[str, str],
                   time_limit: float | None = None) -> int:
@@ -445,15 +456,27 @@ class _PtyBridge:
                 # the program runs on and its output and exit status still reach the client. A client
                 # that goes away closes the channel, and ``_watch`` takes the program down then.
                 return
-            if not self.input_enabled:
-                continue
-            self.activity.note_input()
-            if self.child is not None:
-                self.child.write(data)
-            elif len(self._typeahead) + len(data) <= TYPEAHEAD_MAX_BYTES:
-                self._typeahead += data
+            self._input(data)
+
+    def _data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if datatype is None and not self.process._recv_buf[None]:  # type: ignore[attr-defined]
+            self._input(data)
+        else:
+            self._stream_data(data, datatype)
+
+    def _input(self, data: bytes) -> None:
+        """Keys from the client: to the program, or kept for the next one while none runs."""
+        if not self.input_enabled:
+            return
+        self.activity.note_input()
+        if self.child is not None:
+            self.child.write(data)
+        elif len(self._typeahead) + len(data) <= TYPEAHEAD_MAX_BYTES:
+            self._typeahead += data
 
     def close(self) -> None:
+        with contextlib.suppress(AttributeError):
+            del self.process.data_received  # back to the stream
         self._pump.cancel()
         self._watch.cancel()
         self._kill_child()

@@ -1,4 +1,4 @@
-"""CorkTransport: a turn's first write leaves at once, the rest of the turn as one write; bytes unchanged.
+"""CorkTransport (its TurnBatcher): a turn's first write leaves at once, the rest of the turn as one write.
 
 And the gateway sends OpenSSH clients no SSH_MSG_IGNORE filler (it negotiates AES-GCM only)."""
 

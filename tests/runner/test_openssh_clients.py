@@ -78,3 +78,15 @@ async def test_agent_forwarding_when_the_client_asks(session: RunningRunner, sho
         assert plain.returncode != 0
     finally:
         os.kill(pid, signal.SIGTERM)
+
+
+async def test_endpoint_sends_no_ignore_filler(session: RunningRunner, short_tmp: Path) -> None:
+    """With AES-GCM the endpoint leaves out the empty IGNORE packet asyncssh puts before every packet (half
+    the packets per keystroke echo, for it and the gateway's fast path)."""
+    opts = ssh_options(session, short_tmp)
+    port = str(session.runner.activity.ssh_port)
+    result = await run("ssh", *opts, "-vvv", "-o", "Ciphers=aes128-gcm@openssh.com", "-p", port, "rw@127.0.0.1",
+                       "echo one; echo two")
+    assert (result.returncode, result.stdout) == (0, b"one\ntwo\n"), result.stderr[-500:]
+    log = result.stderr.decode()
+    assert "aes128-gcm@openssh.com" in log and "SSH2_MSG_IGNORE" not in log
