@@ -459,7 +459,10 @@ class _PtyBridge:
             self._input(data)
 
     def _data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if datatype is None and not self.process._recv_buf[None]:  # type: ignore[attr-defined]
+        # Straight to the pty only when nothing is queued ahead in asyncssh's stream (order); an asyncssh
+        # without that private buffer gets the stream path, slower but correct.
+        queued = getattr(self.process, "_recv_buf", None)
+        if datatype is None and queued is not None and not queued.get(None):
             self._input(data)
         else:
             self._stream_data(data, datatype)
