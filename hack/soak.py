@@ -3,11 +3,14 @@
 
     make soak                      # SOAK_S seconds (default 1800), 20 users, every fault, SQLite
     make soak-ci                   # the CI profile: 120 s, a few users
+    make soak-rehearsal            # the CI profile on the chart, on the Kubernetes rehearsal (root)
     .venv/bin/python hack/soak.py --seconds 300 --users 3 --database postgres
 
 The platform is the embedded default's services (`orz api`, `orz gateway`, `orz scheduler`, local
 sandboxed runners) as separate processes on one data dir, so each can be killed -9 and started again;
 `--topology server` runs `orz server` itself (all three in one process, killed -9 as one).
+`--target rehearsal` instead installs the chart with helm on the rehearsal's one-node cluster (rehearsal/;
+root) and runs the same users and the faults that exist there (hack/soak_rehearsal.py).
 Users are real: the orz CLI, OpenSSH ssh/scp/-L into tmux, REST clients and browser-door WebSockets.
 The report (markdown, JSON, PNG) goes to <data dir>/soak/; its path is printed, and the last line is
 `soak: <ops> ops, <pct>% ok outside faults, <lost> lost, <faults> faults, <recovered> recovered`.
@@ -28,8 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import httpx  # noqa: E402
-from soak_faults import FAULTS, SERVER_FAULTS, Injector  # noqa: E402
-from soak_platform import Platform, processes_mentioning  # noqa: E402
+from soak_faults import FAULTS, REHEARSAL_FAULTS, SERVER_FAULTS, Injector  # noqa: E402
+from soak_platform import Platform, SoakPlatform  # noqa: E402
 from soak_report import Sampler, build, last_line, verdict, write  # noqa: E402
 from soak_users import Actor, Recorder, RestUser, SshUser, WebUser, missing_tools  # noqa: E402
 
@@ -42,6 +45,11 @@ PROFILES = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--target", choices=("embedded", "rehearsal"), default="embedded",
+                        help="embedded: the embedded default's services as processes here; rehearsal: the chart "
+                             "installed on the Kubernetes rehearsal's one-node cluster (root)")
+    parser.add_argument("--helm", type=Path, default=HERE.parent / ".cache" / "bin" / "helm",
+                        help="helm for --target rehearsal (make helm fetches it)")
     parser.add_argument("--seconds", type=float, default=None,
                         help="how long users run (default: SOAK_S, else the profile's)")
     parser.add_argument("--users", type=int, default=None, help="simulated SSH users")
@@ -53,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="split: orz api, gateway and scheduler as processes of their own; server: orz server")
     parser.add_argument("--faults", default=None,
                         help=f"comma-separated, in order (default all: {','.join(FAULTS)}; with --topology server "
-                             f"{','.join(SERVER_FAULTS)}; none: '')")
+                             f"{','.join(SERVER_FAULTS)}; with --target rehearsal {','.join(REHEARSAL_FAULTS)}; "
+                             "none: '')")
     parser.add_argument("--idle-timeout", type=int, default=20, help="the plan's idle timeout for the soak (s)")
     parser.add_argument("--base", type=Path, default=None, help="where the data dir goes (default: a temp dir)")
     parser.add_argument("--sabotage", action="store_true",
@@ -66,13 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("users", "rest_users", "web_users"):
         if getattr(args, key) is None:
             setattr(args, key, profile[key])
-    known = SERVER_FAULTS if args.topology == "server" else FAULTS
+    if args.target == "rehearsal":
+        known, where = REHEARSAL_FAULTS, "--target rehearsal"
+    else:
+        known, where = (SERVER_FAULTS if args.topology == "server" else FAULTS), f"--topology {args.topology}"
     args.faults = [f for f in (",".join(known) if args.faults is None else args.faults).split(",") if f]
     unknown = set(args.faults) - set(known)
     if unknown:
-        parser.error(f"unknown faults for --topology {args.topology}: {', '.join(sorted(unknown))} "
-                     f"(known: {', '.join(known)})")
-    if "pg-terminate" in args.faults and args.database != "postgres":
+        parser.error(f"unknown faults for {where}: {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+    if args.target == "rehearsal" and os.geteuid() != 0:
+        parser.error("--target rehearsal needs root (the rehearsal's namespaces, bridge and mounts)")
+    if "pg-terminate" in args.faults and args.target == "embedded" and args.database != "postgres":
         args.faults.remove("pg-terminate")  # there is no connection to terminate in SQLite
     if "disk-full" in args.faults and os.geteuid() != 0:
         args.faults.remove("disk-full")  # mounting the small disk needs root
@@ -100,11 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     base.mkdir(parents=True, exist_ok=True)
     # Sandboxed sessions (their own uids) clone the fixture from under it.
     os.chmod(base, 0o755)  # noqa: S103  # nosec B103
-    platform = Platform(base, args.database, idle_timeout_s=args.idle_timeout, topology=args.topology)
+    platform: SoakPlatform
+    if args.target == "rehearsal":
+        from soak_rehearsal import RehearsalPlatform
+
+        platform = RehearsalPlatform(base, idle_timeout_s=args.idle_timeout, helm=args.helm.resolve())
+        where = "the chart on the rehearsal"
+    else:
+        platform = Platform(base, args.database, idle_timeout_s=args.idle_timeout, topology=args.topology)
+        where = f"{args.database}, {args.topology}"
     rec = Recorder(verbose=args.verbose)
     stop, fault_stop = threading.Event(), threading.Event()
     print(f"soak: {args.seconds:.0f} s, {args.users} ssh + {args.rest_users} rest + {args.web_users} web users, "
-          f"{args.database}, {args.topology}, faults: {', '.join(args.faults) or 'none'}; data in {platform.data}",
+          f"{where}, faults: {', '.join(args.faults) or 'none'}; data in {platform.data}",
           flush=True)
     actors: list[Actor] = []
     injector: Injector | None = None
@@ -154,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.system(f"umount -l '{mount}' 2>/dev/null")  # noqa: S605  # nosec B605  # our own path
     report = build(rec, injector.faults if injector else [], sampler, platform, started, ended,
                    {"users": args.users, "rest_users": args.rest_users, "web_users": args.web_users,
-                    "topology": args.topology,
+                    "topology": args.topology if args.target == "embedded" else "kubernetes",
+                    "target": args.target,
                     "profile": args.profile, "data_dir": str(platform.data)})
     report["orphans"] = orphans
     # Sessions a client never heard of (its create's answer was lost to a fault): killed by the admin.
@@ -173,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if hard else 0
 
 
-def kill_the_rest(platform: Platform) -> list[str]:
+def kill_the_rest(platform: SoakPlatform) -> list[str]:
     """As the org's admin, kill every session still there; their ids."""
     headers = {"Authorization": f"Bearer {platform.admin_token}"}
     with httpx.Client(base_url=platform.api_url, headers=headers, timeout=30) as api:
@@ -185,13 +207,12 @@ def kill_the_rest(platform: Platform) -> list[str]:
     return left
 
 
-def wait_for_orphans(platform: Platform, timeout: float = 30.0) -> list[str]:
-    """What is left of sessions once all were killed: processes, tmux servers, session directories."""
-    sessions = platform.data / "sessions"
+def wait_for_orphans(platform: SoakPlatform, timeout: float = 60.0) -> list[str]:
+    """What is left of sessions once all were killed (processes, session directories; on Kubernetes the
+    sessions' Pods, volumes, Secrets), given a while to go."""
     deadline = time.monotonic() + timeout
     while True:
-        left = [f"process {pid}: {cmd}" for pid, cmd in processes_mentioning(str(sessions))]
-        left += [f"session dir {d.name}" for d in sessions.iterdir()] if sessions.is_dir() else []
+        left = platform.leftovers()
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from soak_platform import Platform, http_get, terminate_backends
+from soak_platform import SoakPlatform, http_get
 from soak_users import OpFailed, Recorder, SshUser
 
 RECOVERY_LIMIT_S = 120.0  # a fault not recovered by then is reported as not recovered
@@ -23,6 +22,10 @@ FAULTS = ("kill-gateway", "kill-api", "kill-scheduler", "kill-runner", "pg-termi
           "client-vanishes")
 # `orz server` runs the three in one process: one kill -9 for all of them.
 SERVER_FAULTS = ("kill-server", *FAULTS[3:])
+# On the Kubernetes rehearsal: kill -9 of a gateway's, an API's and a session Pod's container (the kubelet
+# restarts it), the scheduler's Pod deleted (its Deployment replaces it), the API's connections terminated
+# in the chart's PostgreSQL (psql by exec). No disk-full: a session's volume is the cluster's to size.
+REHEARSAL_FAULTS = ("kill-gateway", "kill-api", "kill-scheduler", "kill-runner", "pg-terminate", "client-vanishes")
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Fault:
 class Injector:
     """The operator's side: a canary session (its own user) and the faults, one after another."""
 
-    platform: Platform
+    platform: SoakPlatform
     rec: Recorder
     stop: threading.Event
     ops: SshUser
@@ -107,44 +110,30 @@ class Injector:
 
     # -- the faults -------------------------------------------------------------------------------
 
-    def _restart(self, name: str) -> Callable[[], bool]:
-        service = self.platform.service(name)
-        service.kill9()
-        service.start(timeout=RECOVERY_LIMIT_S)
-        return lambda: True
-
     def _kill_gateway(self, fault: Fault) -> Callable[[], bool]:
-        self._restart("gateway")
+        fault.detail = self.platform.restart("gateway")
         return self._ssh_ok
 
     def _kill_api(self, fault: Fault) -> Callable[[], bool]:
-        self._restart("api")
+        fault.detail = self.platform.restart("api")
         return lambda: self._api_ok() and self._ssh_ok()
 
     def _kill_server(self, fault: Fault) -> Callable[[], bool]:
         """`orz server` killed -9 and started again: API, gateway and scheduler at once."""
-        self._restart("server")
+        fault.detail = self.platform.restart("server")
         return lambda: self._api_ok() and self._ssh_ok()
 
     def _kill_scheduler(self, fault: Fault) -> Callable[[], bool]:
-        self._restart("scheduler")
-        url = self.platform.metrics_url("scheduler")
-        return lambda: b"orz_scheduler_leader 1.0" in http_get(url)[1]
+        fault.detail = self.platform.restart("scheduler")
+        return self.platform.scheduler_leader
 
     def _kill_runner(self, fault: Fault) -> Callable[[], bool]:
-        """kill -9 the canary's runner (its process group): the next ssh must bring it back."""
-        state = json.loads((self.platform.data / "sessions" / str(self.canary) / "provider.json").read_text())
-        fault.detail = f"runner pid {state['pid']} of {self.canary}"
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(int(state["pid"]), signal.SIGKILL)
+        """kill -9 the canary's runner: the next ssh must bring it back."""
+        fault.detail = self.platform.kill_session(str(self.canary))
         return self._ssh_ok
 
     def _pg_terminate(self, fault: Fault) -> Callable[[], bool]:
-        if not self.platform.pg_db:
-            raise OpFailed("only on PostgreSQL (--database postgres)")
-        pid = self.platform.service("api").pid
-        ended = terminate_backends(self.platform.pg_db, pid or 0)
-        fault.detail = f"{ended} connection(s) of the API (pid {pid}) terminated"
+        fault.detail = self.platform.terminate_db()
         return lambda: self._api_ok() and self._api_ok()
 
     def _disk_full(self, fault: Fault) -> Callable[[], bool]:

@@ -1,4 +1,7 @@
-"""The soak's platform: the embedded default's services (API, gateway, scheduler, local runners) as
+"""The soak's platforms: what users and faults need of the platform under test (``SoakPlatform``), and the
+embedded one (``Platform``); hack/soak_rehearsal.py has the Kubernetes rehearsal's.
+
+The embedded default's services (API, gateway, scheduler, local runners) as
 separate processes on one data dir, so each can be killed -9 and started again as a supervisor would
 (topology "split"), or `orz server` itself, all of them in one process (topology "server").
 
@@ -8,6 +11,7 @@ for itself on 127.0.0.1:5432 (so its connections can be terminated under the API
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 # The PostgreSQL server the soak makes its database on (as the tests find theirs).
@@ -105,6 +110,41 @@ class Service:
             self.proc.wait()
 
 
+class SoakPlatform(Protocol):
+    """What the soak's users, faults and report use of a platform, whichever way it runs."""
+
+    data: Path  # where logs and the report go
+    database: str
+    idle_timeout_s: int
+    admin_token: str
+    fixture_url: str
+    env: dict[str, str]
+    # name -> something with .pid (of its main process, or None) and .starts (wall-clock times it started)
+    services: dict[str, Any]
+    fault_kinds: tuple[str, ...]
+    # True: the fixture's session runs a redis service for -L; False: -L to a server the user starts
+    session_service: bool
+
+    @property
+    def api_url(self) -> str: ...
+    @property
+    def web_url(self) -> str: ...
+    def metrics_url(self, service: str) -> str: ...
+    def orz(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]: ...
+    def setup(self) -> None: ...
+    def add_user(self, name: str) -> tuple[Path, str]: ...
+    def user_env(self, home: Path) -> dict[str, str]: ...
+    def restart(self, name: str) -> str: ...
+    def kill_session(self, sid: str) -> str: ...
+    def terminate_db(self) -> str: ...
+    def scheduler_leader(self) -> bool: ...
+    def leftovers(self) -> list[str]: ...
+    def db_rows(self) -> dict[str, int]: ...
+    def stop(self) -> None: ...
+    def drop_database(self) -> None: ...
+
+
 @dataclass
 class Platform:
     base: Path
@@ -119,6 +159,7 @@ class Platform:
     services: dict[str, Service] = field(init=False, default_factory=dict)
     admin_token: str = field(init=False, default="")
     fixture_url: str = field(init=False, default="")
+    session_service: bool = field(init=False, default=True)
 
     def __post_init__(self) -> None:
         self.data = self.base / "data"
@@ -146,6 +187,46 @@ class Platform:
     def service(self, name: str) -> Service:
         """The process running ``name`` (api, gateway, scheduler): in the server topology, the server."""
         return self.services["server" if self.topology == "server" else name]
+
+    @property
+    def fault_kinds(self) -> tuple[str, ...]:
+        from soak_faults import FAULTS, SERVER_FAULTS
+
+        return SERVER_FAULTS if self.topology == "server" else FAULTS
+
+    # -- faults, as a supervisor on this machine sees them -----------------------------------------
+
+    def restart(self, name: str) -> str:
+        """kill -9 of the service's process and start it again (a supervisor's restart)."""
+        service = self.service(name)
+        pid = service.pid
+        service.kill9()
+        service.start(timeout=120)
+        return f"pid {pid} killed -9, started again"
+
+    def kill_session(self, sid: str) -> str:
+        """kill -9 of the session's runner (its process group)."""
+        state = json.loads((self.data / "sessions" / sid / "provider.json").read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(state["pid"]), signal.SIGKILL)
+        return f"runner pid {state['pid']} of {sid}"
+
+    def terminate_db(self) -> str:
+        """pg_terminate_backend of the API's connections."""
+        if not self.pg_db:
+            raise RuntimeError("only on PostgreSQL (--database postgres)")
+        pid = self.service("api").pid
+        ended = terminate_backends(self.pg_db, pid or 0)
+        return f"{ended} connection(s) of the API (pid {pid}) terminated"
+
+    def scheduler_leader(self) -> bool:
+        return b"orz_scheduler_leader 1.0" in http_get(self.metrics_url("scheduler"))[1]
+
+    def leftovers(self) -> list[str]:
+        """What is left of sessions once all were killed: processes, tmux servers, session directories."""
+        sessions = self.data / "sessions"
+        left = [f"process {pid}: {cmd}" for pid, cmd in processes_mentioning(str(sessions))]
+        return left + ([f"session dir {d.name}" for d in sessions.iterdir()] if sessions.is_dir() else [])
 
     def orz(self, *args: str, env: dict[str, str] | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:

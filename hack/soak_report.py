@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from soak_faults import RECOVERY_TARGET_S, Fault
-from soak_platform import Platform, http_get, open_fds, rss_kib
+from soak_platform import SoakPlatform, http_get, open_fds, rss_kib
 from soak_users import Recorder
 
 # The dashboard's headline indicators (charts/orzbob-cloud/dashboards/orzbob-cloud.json, row "Now"),
@@ -37,7 +37,7 @@ class Sampler(threading.Thread):
     """Every few seconds: each service's RSS, fds and asyncio tasks, and the counters behind the SLOs
     (summed across restarts: a counter that went down was a new process)."""
 
-    platform: Platform
+    platform: SoakPlatform
     interval: float = 5.0
     samples: list[Sample] = field(default_factory=list)
     counters: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
@@ -166,7 +166,7 @@ def leaks(samples: list[Sample], services: dict[str, Any], warmup_s: float = 10.
     return out
 
 
-def build(rec: Recorder, faults: list[Fault], sampler: Sampler, platform: Platform, started: float,
+def build(rec: Recorder, faults: list[Fault], sampler: Sampler, platform: SoakPlatform, started: float,
           ended: float, extra: dict[str, Any]) -> dict[str, Any]:
     by_name: dict[str, dict[str, Any]] = {}
     outside_n = outside_ok = 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pexpect
-from soak_platform import Platform, free_port
+from soak_platform import SoakPlatform, free_port
 
 SECRET_KEY = "SOAK_TOKEN"  # nosec B105  # the name of the secret's key, not a value
 DATA_FILE = "soak-data.txt"
@@ -97,7 +97,7 @@ def screen(text: str) -> str:
 class Actor(threading.Thread):
     """A simulated user's loop, stopped by ``stop``; a failed step abandons that session (killed)."""
 
-    def __init__(self, name: str, platform: Platform, rec: Recorder, stop: threading.Event) -> None:
+    def __init__(self, name: str, platform: SoakPlatform, rec: Recorder, stop: threading.Event) -> None:
         super().__init__(name=name, daemon=True)
         self.platform, self.rec, self.stop_event = platform, rec, stop
         self.sessions: set[str] = set()
@@ -113,7 +113,7 @@ class Actor(threading.Thread):
 class SshUser(Actor):
     """A person with the orz CLI and OpenSSH: the whole life of a session from a git repository."""
 
-    def __init__(self, name: str, platform: Platform, rec: Recorder, stop: threading.Event,
+    def __init__(self, name: str, platform: SoakPlatform, rec: Recorder, stop: threading.Event,
                  sabotage: bool = False) -> None:
         super().__init__(name, platform, rec, stop)
         self.home, self.token = platform.add_user(name)
@@ -296,21 +296,29 @@ class SshUser(Actor):
         return done.returncode == 0
 
     def forward(self, sid: str) -> None:
-        """-L to the session's redis service; PING must answer PONG."""
+        """-L to the session's redis service (PING must answer PONG), or, where the fixture has no service,
+        to a web server the user starts on the session's loopback (GET must answer 200)."""
         port = free_port()
+        if self.platform.session_service:
+            remote, ask, want = 6379, b"PING\r\n", b"+PONG"
+        else:
+            remote, ask, want = 8765, b"GET / HTTP/1.0\r\n\r\n", b"HTTP/1.0 200"
+            self.ssh_exec(sid, f"nohup python3 -m http.server {remote} --bind 127.0.0.1 >/dev/null 2>&1 &")
         tunnel = subprocess.Popen(["ssh", "-F", self.ssh_config, "-N", "-o", "ExitOnForwardFailure=yes",
-                                   "-L", f"127.0.0.1:{port}:127.0.0.1:6379", f"{sid}.orz"], env=self.env,
+                                   "-L", f"127.0.0.1:{port}:127.0.0.1:{remote}", f"{sid}.orz"], env=self.env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 30
             while True:
                 try:
                     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                        sock.sendall(b"PING\r\n")
+                        sock.sendall(ask)
                         answer = sock.recv(64)
-                    if answer.startswith(b"+PONG"):
+                    if answer.startswith(want):
                         return
-                    raise OpFailed(f"redis through -L answered {answer!r}")
+                    if not answer and time.monotonic() < deadline:
+                        raise OSError("closed before answering")  # the server inside is not listening yet
+                    raise OpFailed(f"port {remote} through -L answered {answer!r}")
                 except OSError:
                     if tunnel.poll() is not None or time.monotonic() > deadline:
                         raise OpFailed("the -L tunnel did not open") from None
@@ -360,7 +368,7 @@ class SshUser(Actor):
 class RestUser(Actor):
     """Automation through the REST API: create, list, status, delete, over and over."""
 
-    def __init__(self, name: str, platform: Platform, rec: Recorder, stop: threading.Event) -> None:
+    def __init__(self, name: str, platform: SoakPlatform, rec: Recorder, stop: threading.Event) -> None:
         super().__init__(name, platform, rec, stop)
         _, token = platform.add_user(name)
         self.api = httpx.Client(base_url=platform.api_url, headers={"Authorization": f"Bearer {token}"},
@@ -419,7 +427,7 @@ class RestUser(Actor):
 class WebUser(Actor):
     """The browser terminal: a WebSocket attach to one session, typing and reading, again and again."""
 
-    def __init__(self, name: str, platform: Platform, rec: Recorder, stop: threading.Event) -> None:
+    def __init__(self, name: str, platform: SoakPlatform, rec: Recorder, stop: threading.Event) -> None:
         super().__init__(name, platform, rec, stop)
         self.rest = RestUser(name, platform, rec, stop)
 

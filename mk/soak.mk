@@ -2,9 +2,10 @@
 # The main Makefile includes this file. SOAK_ARGS passes more flags (e.g. --database postgres --users 5).
 
 SOAK_S ?= 1800
+SOAK_REHEARSAL_S ?= 150
 SOAK_ARGS ?=
 
-.PHONY: soak soak-ci soak-setup
+.PHONY: soak soak-ci soak-rehearsal soak-setup
 
 soak-setup:
 	@ORZ_SETUP_EXTRAS=soak ./hack/setup.sh
@@ -16,3 +17,8 @@ soak: soak-setup
 ## soak-ci: the CI profile (120 s, 3 ssh users, one REST and one browser user, every fault)
 soak-ci: soak-setup
 	.venv/bin/python hack/soak.py --profile ci $(SOAK_ARGS)
+
+## soak-rehearsal: the CI profile on Kubernetes: the chart helm-installed on the rehearsal's one-node
+## cluster (rehearsal/; root, one per machine), the same users, the faults Kubernetes has (SOAK_REHEARSAL_S s)
+soak-rehearsal: soak-setup $(HELM)
+	.venv/bin/python hack/soak.py --target rehearsal --profile ci --seconds $(SOAK_REHEARSAL_S) --helm $(HELM) $(SOAK_ARGS)

@@ -247,14 +247,15 @@ exec git daemon --reuseaddr --export-all --base-path=/srv/git --port=9418 /srv/g
 """
 
 
-def git_server_objects(image: str) -> list[dict[str, Any]]:
-    """A Pod serving a fixture repository (.orz/cloud.yaml with an init) by git daemon, and its Service."""
+def git_server_objects(image: str, script: str = GIT_SCRIPT) -> list[dict[str, Any]]:
+    """A Pod serving a fixture repository (.orz/cloud.yaml with an init) by git daemon, and its Service;
+    ``script`` makes the repository and serves it (the soak's has a cloud.yaml of its own)."""
     labels = {"app.kubernetes.io/name": GIT_SERVICE}
     restricted = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
                   "runAsUser": 1000, "runAsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": GIT_SERVICE, "labels": labels},
            "spec": {"containers": [{
-               "name": "git", "image": image, "command": ["sh", "-c", GIT_SCRIPT],
+               "name": "git", "image": image, "command": ["sh", "-c", script],
                "env": [{"name": "HOME", "value": "/srv"}], "ports": [{"name": "git", "containerPort": 9418}],
                "readinessProbe": {"tcpSocket": {"port": 9418}, "periodSeconds": 1},
                "securityContext": restricted, "volumeMounts": [{"name": "srv", "mountPath": "/srv"}]}],
