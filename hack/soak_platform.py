@@ -43,8 +43,8 @@ def free_port() -> int:
 def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
     """(status, body) of a GET; status 0 when nothing answered."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(url, headers=headers)  # noqa: S310
-    try:  # only the soak's own http://127.0.0.1 URLs come here
+    try:  # only the soak's own URLs come here; "" (nothing to ask) is status 0 as well
+        request = urllib.request.Request(url, headers=headers)  # noqa: S310
         with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310  # nosec B310
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
