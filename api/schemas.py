@@ -650,6 +650,9 @@ class RunnerSpec(Request):
     network_ready_file: str | None = None
     workspace: str
     state_dir: str
+    # Where the pane's text is kept across a stop when the state dir is not kept (Kubernetes: its state dir
+    # is an emptyDir that goes with the Pod): used when its directory exists, else beside the tmux socket.
+    scrollback_file: str | None = None
     # Where the `services:` of .orz/cloud.yaml run: "local" processes the runner starts, or "pod"
     # containers beside the runner (Kubernetes), which the runner reports and never starts itself.
     sidecars: SidecarMode = "local"

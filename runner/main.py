@@ -83,7 +83,8 @@ class Runner:
         self.session_env: dict[str, str] = {**self.base_env, **self.secrets}
         self.config: CloudConfig | None = None
         self.activity = Activity()
-        self.tmux = Tmux(self.state_dir / "tmux.sock")
+        self.tmux = Tmux(self.state_dir / "tmux.sock",
+                         kept_scrollback=Path(spec.scrollback_file) if spec.scrollback_file else None)
         self.recorder = (Recorder(self.tmux, self.state_dir, spec.recording_max_bytes)
                          if spec.recording_max_bytes else None)
         self.uploader: Uploader | None = None

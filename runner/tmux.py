@@ -50,13 +50,21 @@ class Tmux:
     # The window's size until a client attaches (tmux then sizes it to the client).
     WIDTH, HEIGHT = 200, 50
 
-    def __init__(self, socket: Path, binary: str = "tmux") -> None:
+    def __init__(self, socket: Path, binary: str = "tmux", kept_scrollback: Path | None = None) -> None:
         self.socket = socket
         self.binary = binary
         # A shell command the pane's output is piped into from the program's first byte (the recording):
         # given to tmux in the same call that starts the program, so nothing it prints is missed.
         self.pane_pipe: str | None = None
-        self.saved_scrollback = socket.with_name(SCROLLBACK_FILE)
+        self.kept_scrollback = kept_scrollback
+
+    @property
+    def saved_scrollback(self) -> Path:
+        """Where the pane's text waits for the next start: ``kept_scrollback`` once its directory exists
+        (on a volume a stop keeps, e.g. the workspace's .git on Kubernetes), else beside the socket."""
+        if self.kept_scrollback is not None and self.kept_scrollback.parent.is_dir():
+            return self.kept_scrollback
+        return self.socket.with_name(SCROLLBACK_FILE)
 
     def _then_pipe(self) -> list[str]:
         """tmux command-sequence arguments that attach ``pane_pipe`` to the pane (none when unset)."""

@@ -107,6 +107,10 @@ def test_runner_container_contract() -> None:
     assert runner_spec["session_id"] == spec.session_id
     assert runner_spec["secret_env"] == ["GITHUB_TOKEN"]
     assert runner_spec["ssh_port"] == 2222 and runner_spec["workspace"] == "/workspace"
+    # The pane's text is kept on the workspace volume (a stop deletes the Pod and its emptyDir state dir).
+    mounts = {m["name"]: m["mountPath"] for m in runner["volumeMounts"]}
+    assert runner_spec["scrollback_file"].startswith(mounts["workspace"] + "/.git/")
+    assert not runner_spec["scrollback_file"].startswith(mounts["state"])
     # No secret value anywhere in the Pod.
     text = json.dumps(pod)
     assert spec.runner_token not in text and "ghp_secret" not in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,38 @@ async def test_a_stopped_session_comes_back_with_its_scrollback(tmux: Tmux, shor
     pane = await tmux.pane_state()
     cmd = Path(f"/proc/{pane.pane_pid}/cmdline").read_bytes()
     assert b"after-start" in cmd and b"cat --" not in cmd  # the program itself, not the restoring shell
+
+
+async def test_the_scrollback_survives_a_stop_that_throws_the_state_dir_away(short_tmp: Path) -> None:
+    """Found by the soak on Kubernetes: after the reaper stopped a session and ssh woke it, the marker a
+    user left in the pane was gone. A stop deletes the Pod, and with it the emptyDir state dir beside
+    the tmux socket where the pane's text was kept; the text must wait on the workspace volume instead."""
+    workspace = short_tmp / "ws"
+    (workspace / ".git").mkdir(parents=True)
+    kept = workspace / ".git" / "orz-scrollback.txt"
+    before = Tmux(short_tmp / "s1" / "tmux.sock", kept_scrollback=kept)
+    before.socket.parent.mkdir()
+    try:
+        await before.start(program_argv("bash -c 'echo MARK-before-stop; sleep infinity'", None, "/bin/bash"),
+                           cwd=workspace, env=ENV)
+        await wait_for_pane(before, "MARK-before-stop")
+    finally:
+        await before.kill_server()  # what the runner does on SIGTERM when the Pod is deleted
+    shutil.rmtree(before.socket.parent)  # the emptyDir goes with the Pod
+    after = Tmux(short_tmp / "s2" / "tmux.sock", kept_scrollback=kept)  # the woken session's new Pod
+    after.socket.parent.mkdir()
+    try:
+        await after.start(program_argv("bash -c 'echo after-wake; sleep infinity'", None, "/bin/bash"),
+                          cwd=workspace, env=ENV)
+        await wait_for_pane(after, "after-wake")
+        history = await after.run("capture-pane", "-p", "-S", "-", "-t", "main")
+        assert history.index("MARK-before-stop") < history.index("after-wake")
+        assert not kept.exists()  # shown once, and no file left in the user's repository
+    finally:
+        await after.kill_server()
+
+
+async def test_without_a_kept_directory_the_scrollback_stays_beside_the_socket(tmux: Tmux, short_tmp: Path) -> None:
+    """A workspace that is not a git repository (no .git yet): the state dir keeps it, as before."""
+    tmux.kept_scrollback = short_tmp / "no-repo" / ".git" / "orz-scrollback.txt"
+    assert tmux.saved_scrollback == short_tmp / "scrollback.txt"

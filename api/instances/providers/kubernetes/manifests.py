@@ -34,6 +34,7 @@ RUNNER_UID = 1000
 WORKSPACE = "/workspace"
 HOME = "/home/orzbob"
 STATE_DIR = "/run/orz"
+SCROLLBACK_FILE = f"{WORKSPACE}/.git/orz-scrollback.txt"
 # The kubelet kills a stopped Pod's containers this long after their SIGTERM (the runner's WIP save and
 # its final recording upload fit well inside).
 RUNNER_TERMINATION_GRACE_S = 30
@@ -173,6 +174,9 @@ def runner_spec(spec: ComputeSpec) -> RunnerSpec:
         ssh_port=RUNNER_SSH_PORT,
         workspace=WORKSPACE,
         state_dir=STATE_DIR,
+        # The state dir is an emptyDir that a stop (the Pod deleted) throws away; the workspace volume stays.
+        # Inside .git the pane's text is neither a workspace file nor unsaved work, and git ignores it.
+        scrollback_file=SCROLLBACK_FILE,
         # The Pod runs the services; the runner compares them with .orz/cloud.yaml and reports a difference.
         sidecars="pod",
         pod_services_digest=services_digest(sidecars.listed(spec.services)),
