@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import json
 import os
 import re
@@ -82,7 +81,8 @@ class PodSlot:
     _seen: tuple[str, int] | None = None
 
     def pod(self) -> dict[str, Any] | None:
-        pods = sorted(self.platform.component_pods(self.component), key=lambda p: p["metadata"]["name"])
+        # Every Pod, Ready or not: a replica restarting must not hand its slot to the other one.
+        pods = sorted(self.platform.component_pods(self.component, ready=False), key=lambda p: p["metadata"]["name"])
         return pods[self.index] if len(pods) > self.index else None
 
     @property
@@ -139,8 +139,10 @@ class RehearsalPlatform:
     def web_url(self) -> str:
         return f"http://{steps.GATEWAY_LB}:443"
 
-    def component_pods(self, component: str) -> list[dict[str, Any]]:
-        return self.access.ready_pods(steps.NS, steps.SELECTOR + component) if self.access else []
+    def component_pods(self, component: str, ready: bool = True) -> list[dict[str, Any]]:
+        if self.access is None:
+            return []
+        return (self.access.ready_pods if ready else self.access.pods)(steps.NS, steps.SELECTOR + component)
 
     def _pod_of(self, name: str) -> dict[str, Any] | None:
         """The Pod behind a service name: a slot (api-1) or any Ready replica of a component (gateway)."""
@@ -286,14 +288,12 @@ class RehearsalPlatform:
         return f"{pod['metadata']['name']}'s runner killed -9"
 
     def terminate_db(self) -> str:
-        """pg_terminate_backend of every connection from the API Pods, by psql in the PostgreSQL Pod."""
-        addresses = [str(ipaddress.ip_address(p["status"]["podIP"])) for p in self.component_pods("api")]
-        if not addresses:
-            raise RuntimeError("no Ready API Pod")
-        listed = ",".join(f"'{a}'" for a in addresses)  # validated IP addresses, nothing else
-        ended = self.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "  # noqa: S608  # nosec B608
-                          f"WHERE datname = 'orz' AND client_addr IN ({listed})").strip()
-        return f"{ended} connection(s) of the API Pods ({', '.join(addresses)}) terminated"
+        """pg_terminate_backend of every client connection to the platform's database (the API's and the
+        scheduler's), by psql in the PostgreSQL Pod. They arrive through the Service's proxy, so their
+        client address does not say which Pod holds them."""
+        ended = self.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = 'orz' "
+                          "AND backend_type = 'client backend' AND pid <> pg_backend_pid()").strip()
+        return f"{ended} connection(s) to the orz database terminated"
 
     def scheduler_leader(self) -> bool:
         return b"orz_scheduler_leader 1.0" in http_get(self.metrics_url("scheduler"))[1]
