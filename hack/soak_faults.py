@@ -23,8 +23,8 @@ FAULTS = ("kill-gateway", "kill-api", "kill-scheduler", "kill-runner", "pg-termi
 # `orz server` runs the three in one process: one kill -9 for all of them.
 SERVER_FAULTS = ("kill-server", *FAULTS[3:])
 # On the Kubernetes rehearsal: kill -9 of a gateway's, an API's and a session Pod's container (the kubelet
-# restarts it), the scheduler's Pod deleted (its Deployment replaces it), the API's connections terminated
-# in the chart's PostgreSQL (psql by exec). No disk-full: a session's volume is the cluster's to size.
+# restarts it), the scheduler's Pod deleted (its Deployment replaces it), the platform's connections
+# terminated in the chart's PostgreSQL (psql by exec). No disk-full: a session's volume is the cluster's.
 REHEARSAL_FAULTS = ("kill-gateway", "kill-api", "kill-scheduler", "kill-runner", "pg-terminate", "client-vanishes")
 
 
