@@ -25,6 +25,7 @@ from api.cloud_yaml import service_label
 from api.schemas import SidecarSpec
 from runner.cloud_config import CloudConfig, Health, Service, resolve_service_env
 from runner.errors import CloudConfigError, ServiceError
+from runner.reaping import reaped
 from runner.workspace import tail
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class ServiceManager:
             "--", db, env=self._proc_env(), stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        _, err = await proc.communicate()
+        _, err = await reaped(proc, proc.communicate())
         if proc.returncode != 0 and b"already exists" not in err:
             raise ServiceError(f"service {svc.name!r}: could not create database {db!r}: "
                                f"{err.decode('utf-8', 'replace').strip()}")
@@ -226,7 +227,7 @@ class ServiceManager:
                 *argv, env=self._proc_env(), stdin=asyncio.subprocess.DEVNULL, stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
             )
-            code = await proc.wait()
+            code = await reaped(proc, proc.wait())
         if code != 0:
             detail = tail(log_path, 500).strip()
             raise ServiceError(f"service {name!r}: {label} failed: {detail}")
@@ -310,7 +311,7 @@ async def _run_health(health: Health, env: Mapping[str, str]) -> bool:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
     )
     try:
-        return await asyncio.wait_for(proc.wait(), health.timeout) == 0
+        return await reaped(proc, asyncio.wait_for(proc.wait(), health.timeout), group=True) == 0
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from runner.errors import TmuxError
+from runner.reaping import reaped
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class Tmux:
             *self.argv(*args), env=dict(env) if env is not None else None,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
-        out, err = await proc.communicate()
+        out, err = await reaped(proc, proc.communicate())
         if check and proc.returncode != 0:
             raise TmuxError(f"tmux {args[0]} failed: {err.decode('utf-8', 'replace').strip()}")
         return out.decode("utf-8", "replace")
@@ -166,7 +167,7 @@ class Tmux:
             *self.argv("display-message", "-p", "-t", SESSION, fmt),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
-        out, _ = await proc.communicate()
+        out, _ = await reaped(proc, proc.communicate())
         if proc.returncode != 0:
             return PaneState(exists=False), None
         dead, status, activity, attached, signal, pid = ([*out.decode().strip("\n").split("\t"), *[""] * 6])[:6]
@@ -194,13 +195,7 @@ class Tmux:
             *self.argv("wait-for", channel), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )
-        try:
-            return await proc.wait() == 0
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise
+        return await reaped(proc, proc.wait()) == 0
 
     async def capture(self) -> str:
         """The visible text of the program's pane."""

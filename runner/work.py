@@ -8,13 +8,13 @@ branch ``orz/<session id>`` on the origin (forced: the branch belongs to the ses
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from api.schemas import WorkState
+from runner.reaping import reaped
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,7 @@ async def _git(workspace: Path, args: Sequence[str], env: Mapping[str, str], che
         "git", "-C", str(workspace), *args, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        out, err = await proc.communicate()
-    except asyncio.CancelledError:  # the caller's time ran out: leave no git behind
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        # Reap it too: a process object dropped before its child is reaped leaves a zombie (and a warning).
-        await proc.wait()
-        raise
+    out, err = await reaped(proc, proc.communicate())  # the caller's time ran out: leave no git behind
     if check and proc.returncode != 0:
         lines = [ln.strip() for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
         # A refused push says why on the remote: lines, then only "failed to push some refs".

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from runner.errors import CloneError, InitError
+from runner.reaping import reaped
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ async def _git(args: Sequence[str], env: Mapping[str, str], *, what: str, token:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), CLONE_TIMEOUT_S)
+        out, err = await reaped(proc, asyncio.wait_for(proc.communicate(), CLONE_TIMEOUT_S))
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -230,15 +231,12 @@ async def run_init(command: str, workspace: Path, log_path: Path, *, env: Mappin
             stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
         )
         try:
-            code = await asyncio.wait_for(proc.wait(), timeout_s)
+            code = await reaped(proc, asyncio.wait_for(proc.wait(), timeout_s), group=True)
         except TimeoutError:
             _kill_group(proc.pid)
             await proc.wait()
             out.write(f"\n[orz] setup.init timed out after {timeout_s:.0f}s\n".encode())
             raise InitError(f"setup.init timed out after {timeout_s:.0f}s") from None
-        except asyncio.CancelledError:
-            _kill_group(proc.pid)
-            raise
         finally:
             # Whatever init left in the background must not outlive it.
             _kill_group(proc.pid)

@@ -204,6 +204,7 @@ class FakeRunner:
     signals: list[str] = field(default_factory=list)
     rekey_bytes: int | None = None  # start a key exchange after this many bytes sent (asyncssh: 1 GiB)
     commands_running: int = 0  # exec'd commands not yet reaped
+    _commands: set[asyncio.subprocess.Process] = field(default_factory=set)
 
     @property
     def route(self) -> dict[str, Any]:
@@ -224,6 +225,12 @@ class FakeRunner:
         if self.acceptor is not None:
             self.acceptor.close()
             await self.acceptor.wait_closed()
+        # Commands whose client went with the connection: killed and reaped now, not left to a loop that
+        # is about to close (an unreaped one fails a later test with "subprocess N is still running").
+        for proc in list(self._commands):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
 
     async def _process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         self.usernames.append(process.get_extra_info("username"))
@@ -268,6 +275,18 @@ class FakeRunner:
             "/bin/sh", "-c", cmd, cwd=self.workspace, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )
+        self._commands.add(proc)
+        try:
+            await self._serve_command(process, proc)
+        finally:
+            if proc.returncode is None:  # cancelled: leave no process behind, reaped
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+            self._commands.discard(proc)
+
+    async def _serve_command(self, process: asyncssh.SSHServerProcess[bytes],
+                             proc: asyncio.subprocess.Process) -> None:
         assert proc.stdin and proc.stdout and proc.stderr
 
         async def pump_in() -> None:
