@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -124,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{args.database}, {args.topology}"
     rec = Recorder(verbose=args.verbose)
     stop, fault_stop = threading.Event(), threading.Event()
+
+    def stop_early(signum: int, _frame: object) -> None:
+        # Ctrl-C or a CI job cancelled: wind down as at the end (users kill their sessions, the platform
+        # stops), rather than leave sessions' runners behind, which outlive the services by design.
+        print(f"soak: {signal.Signals(signum).name}: stopping early", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, stop_early)
+    signal.signal(signal.SIGINT, stop_early)
     print(f"soak: {args.seconds:.0f} s, {args.users} ssh + {args.rest_users} rest + {args.web_users} web users, "
           f"{where}, faults: {', '.join(args.faults) or 'none'}; data in {platform.data}",
           flush=True)
