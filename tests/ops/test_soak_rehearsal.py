@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.k8s.helm import helm_binary
 from tests.support import ROOT
-
-HELM = ROOT / ".cache" / "bin" / "helm"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +46,6 @@ def test_the_git_server_serves_the_soaks_fixture_without_a_service(tmp_path: Pat
     assert "SOAK_SECRET" in config.env and config.services == {}
 
 
-@pytest.mark.skipif(not HELM.is_file(), reason="needs helm (make helm)")
 def test_the_soak_values_set_its_clock_on_every_component(tmp_path: Path) -> None:
     """helm template with the rehearsal's values and the soak's: the short idle timeout, reaper and lease,
     and the larger quota reach the Pods, and the steps' git server is still allowed."""
@@ -55,7 +53,8 @@ def test_the_soak_values_set_its_clock_on_every_component(tmp_path: Path) -> Non
 
     values = tmp_path / "soak.yaml"
     values.write_text(yaml.safe_dump(soak_rehearsal.soak_values(17)))
-    done = subprocess.run([str(HELM), "template", "orz", str(ROOT / "charts" / "orzbob-cloud"), "-n", "orz-system",
+    done = subprocess.run([str(helm_binary()), "template", "orz", str(ROOT / "charts" / "orzbob-cloud"),
+                           "-n", "orz-system",
                            "-f", str(ROOT / "hack" / "rehearsal-values.yaml"), "-f", str(values)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
