@@ -133,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, stop_early)
+    # A user's thread that dies of a bug in the harness stops exercising the platform: that fails the run.
+    crashed: list[str] = []
+    default_hook = threading.excepthook
+
+    def note_crash(hook: threading.ExceptHookArgs) -> None:
+        crashed.append(f"{hook.thread.name if hook.thread else '?'}: {hook.exc_type.__name__}: {hook.exc_value}")
+        default_hook(hook)
+
+    threading.excepthook = note_crash
     signal.signal(signal.SIGINT, stop_early)
     print(f"soak: {args.seconds:.0f} s, {args.users} ssh + {args.rest_users} rest + {args.web_users} web users, "
           f"{where}, faults: {', '.join(args.faults) or 'none'}; data in {platform.data}",
@@ -202,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     hard = report["totals"]["lost"] or any(not f["recovered"] for f in report["faults"]) or orphans
     if missed:
         print("soak: targets missed: " + "; ".join(missed), file=sys.stderr)
-    return 1 if hard else 0
+    if crashed:
+        print("soak: harness threads crashed: " + "; ".join(crashed), file=sys.stderr)
+    return 1 if hard or crashed else 0
 
 
 def kill_the_rest(platform: SoakPlatform) -> list[str]:

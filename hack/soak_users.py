@@ -375,7 +375,7 @@ class RestUser(Actor):
                                 timeout=15)
 
     def run(self) -> None:
-        while not self.stopping or (self.sabotage and time.monotonic() < self.sabotage_until):
+        while not self.stopping:
             sid = None
             try:
                 with self.rec.op("rest-create", self.name):
