@@ -289,6 +289,24 @@ async def hold_sessions(work: Path, n: int, client_key: asyncssh.SSHKey, cert: a
         runner.stop()
 
 
+
+def bench_credentials(work: Path, settings: Settings) -> tuple[Any, Any, Any, Any]:
+    """The platform's CA and signing key, the gateway's client and host keys, and a user's key with a
+    session certificate written to ``work/id`` and ``work/id-cert.pub`` (what `orz cloud attach` gives)."""
+    from gateway import keys as gw_keys
+
+    ca = ssh_ca.load_or_create_ca(settings)
+    attach_jwt.load_or_create_signing_key(settings)
+    gw_client = gw_keys.load_or_create(gw_keys.client_key_path(settings), "bench-gw")
+    gw_host = gw_keys.load_or_create(gw_keys.host_key_path(settings), "bench-gw-host")
+    user = asyncssh.generate_private_key("ssh-ed25519")
+    user.write_private_key(work / "id")
+    (work / "id").chmod(0o600)
+    signed = ssh_ca.sign_user_certificate(ca, user.export_public_key().decode(), session_id=SESSION,
+                                          user_id=USER, ttl_s=CERT_TTL_S)
+    (work / "id-cert.pub").write_text(signed.text + "\n")
+    return gw_client, gw_host, user, signed
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="orz-bench-"))
     sshd: Sshd | None = None
@@ -296,18 +314,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     slow: Child | None = None
     try:
         settings = Settings(data_dir=work / "gw")
-        ca = ssh_ca.load_or_create_ca(settings)
-        attach_jwt.load_or_create_signing_key(settings)
-        from gateway import keys as gw_keys
-
-        gw_client = gw_keys.load_or_create(gw_keys.client_key_path(settings), "bench-gw")
-        gw_host = gw_keys.load_or_create(gw_keys.host_key_path(settings), "bench-gw-host")
-        user = asyncssh.generate_private_key("ssh-ed25519")
-        user.write_private_key(work / "id")
-        (work / "id").chmod(0o600)
-        signed = ssh_ca.sign_user_certificate(ca, user.export_public_key().decode(), session_id=SESSION,
-                                              user_id=USER, ttl_s=CERT_TTL_S)
-        (work / "id-cert.pub").write_text(signed.text + "\n")
+        gw_client, gw_host, user, signed = bench_credentials(work, settings)
         sshd = Sshd(work, [user.export_public_key().decode().strip(),
                            gw_client.export_public_key().decode().strip()])
         sshd_pub = sshd.host_key.export_public_key().decode().strip()

@@ -48,11 +48,19 @@ from typing import Any
 
 import asyncssh
 
-from api.credentials import jwt as attach_jwt
-from api.credentials import ssh_ca
 from api.settings import Settings
-from bench.gateway import SESSION, USER, Child, Sshd, _drain, common_args, hold_sessions, parse_size, pct
-from bench.gateway_roles import CERT_TTL_S, raise_fd_limit
+from bench.gateway import (
+    SESSION,
+    Child,
+    Sshd,
+    _drain,
+    bench_credentials,
+    common_args,
+    hold_sessions,
+    parse_size,
+    pct,
+)
+from bench.gateway_roles import raise_fd_limit
 from runner.tmux import Tmux
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
@@ -378,18 +386,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     base_tmux: Tmux | None = None
     try:
         settings = Settings(data_dir=work / "gw")
-        ca = ssh_ca.load_or_create_ca(settings)
-        attach_jwt.load_or_create_signing_key(settings)
-        from gateway import keys as gw_keys
-
-        gw_client = gw_keys.load_or_create(gw_keys.client_key_path(settings), "bench-gw")
-        gw_host = gw_keys.load_or_create(gw_keys.host_key_path(settings), "bench-gw-host")
-        user = asyncssh.generate_private_key("ssh-ed25519")
-        user.write_private_key(work / "id")
-        (work / "id").chmod(0o600)
-        signed = ssh_ca.sign_user_certificate(ca, user.export_public_key().decode(), session_id=SESSION,
-                                              user_id=USER, ttl_s=CERT_TTL_S)
-        (work / "id-cert.pub").write_text(signed.text + "\n")
+        gw_client, gw_host, user, signed = bench_credentials(work, settings)
         workspace = work / "ws"
         workspace.mkdir()
         big = workspace / "big.txt"
