@@ -90,6 +90,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_listening(port: int, what: str, timeout_s: float = 10.0) -> None:
+    """Return once something accepts connections on 127.0.0.1:`port`."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start")
+
+
 class Sshd:
     """A private sshd on a free port: its own host key, config and authorized keys."""
 
@@ -115,14 +127,7 @@ class Sshd:
             "SetEnv SHLVL=1", *extra_config,
         ]) + "\n")
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        import socket
-
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("sshd did not start")
+        wait_listening(self.port, "sshd")
 
     def stop(self) -> None:
         self.proc.terminate()

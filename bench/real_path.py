@@ -18,12 +18,15 @@ bench/gateway.py's idle asyncssh stand-in, so N can reach 10,000), and per attac
 endpoint's RSS plus the PSS of the `tmux attach` it starts) against sshd's per-session processes.
 A third side, on by default, is the prototype of option (a) of issue 22: the gateway in front of OpenSSH
 sshd as the runner's endpoint, the gateway's key forced to bench/sshd_endpoint.sh (its figures carry
-"sshd_endpoint_", its ratios "sshdep_"). Every side uses AES-GCM and curve25519.
+"sshd_endpoint_", its ratios "sshdep_"). A fourth, on by default when socat is installed, is the floor
+of any design with a process between the user and the session: ssh -> socat (a C relay of bytes, no SSH,
+no crypto) -> sshd -> `tmux attach` (its figures carry "relay_"). It answers what one more process in
+the path costs before any SSH work is done in it. Every side uses AES-GCM and curve25519.
 Figures are medians over the rounds; every ratio is real path / baseline (for latency and set-up time
 lower is better, for throughput higher is better), and TARGETS holds the issue's target for each.
 
     python -m bench.real_path [--bytes 100M] [--samples 1000] [--rounds 3] [--sessions 1000]
-        [--runner-sessions 50] [--no-sshd-endpoint]
+        [--runner-sessions 50] [--no-sshd-endpoint] [--no-relay]
 """
 
 from __future__ import annotations
@@ -56,9 +59,11 @@ from bench.gateway import (
     _drain,
     bench_credentials,
     common_args,
+    free_port,
     hold_sessions,
     parse_size,
     pct,
+    wait_listening,
 )
 from bench.gateway_roles import raise_fd_limit
 from runner.tmux import Tmux
@@ -308,9 +313,31 @@ async def hold_attaches(n: int, connect: Callable[[], Any], command: str | None,
 # ------------------------------------------------------------------------------------------------ run
 
 
+SIDE_PREFIXES = {"real": "", "sshd_endpoint": "sshdep_", "relay": "relay_"}
+
+
 def prefix(side: Side) -> str:
-    """Figures of the real path carry no prefix; the sshd-endpoint prototype's carry "sshdep_"."""
-    return "" if side.name == "real" else "sshdep_"
+    """Figures of the real path carry no prefix; the sshd-endpoint prototype's "sshdep_", the relay's "relay_"."""
+    return SIDE_PREFIXES[side.name]
+
+
+class Relay:
+    """socat relaying bytes from a free port to `port`, one forked process per connection (as sshd forks)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay",
+             f"TCP:127.0.0.1:{port},nodelay"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(self.port, "socat")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, args: argparse.Namespace,
@@ -384,6 +411,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     sshd: Sshd | None = None
     children: list[Child] = []
     base_tmux: Tmux | None = None
+    relay: Relay | None = None
     try:
         settings = Settings(data_dir=work / "gw")
         gw_client, gw_host, user, signed = bench_credentials(work, settings)
@@ -447,6 +475,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             others.append(Side("sshd_endpoint", [*common_args(gw_sshd.port, known, ciphers), "-i", str(work / "id"),
                                                  "-o", f"CertificateFile={work / 'id-cert.pub'}"],
                                f"{SESSION}@127.0.0.1", proto_tmux, []))
+        if args.relay:
+            relay = Relay(sshd.port)
+            relay_tmux = Tmux(work / "relay.sock")
+            await relay_tmux.start(["sleep", "infinity"], cwd=workspace, env=env)
+            # sshd checks the host key by name and port: the relay's port gets sshd's key.
+            with known.open("a") as f:
+                f.write(f"[127.0.0.1]:{relay.port} {sshd_pub}\n")
+            others.append(Side("relay", [*common_args(relay.port, known, ciphers), "-i", str(work / "id")],
+                               f"{getpass.getuser()}@127.0.0.1", relay_tmux, relay_tmux.attach_argv(False)))
         rounds = []
         for n in range(args.rounds):
             rounds.append(await one_round(direct, others, big, nbytes, args, cpu, n))
@@ -498,6 +535,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         report["targets"] = verdicts(report)
         if args.sshd_endpoint:
             report["sshdep_targets"] = verdicts(report, "sshdep_")
+        if args.relay:
+            report["relay_targets"] = verdicts(report, "relay_")
         return report
     finally:
         for child in children:
@@ -505,6 +544,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if base_tmux is not None:
             await base_tmux.kill_server()
             await Tmux(work / "se.sock").kill_server()
+            await Tmux(work / "relay.sock").kill_server()
+        if relay is not None:
+            relay.stop()
         if sshd is not None:
             sshd.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -526,9 +568,14 @@ def cli() -> None:
                         help="run the runner endpoint on uvloop (default: asyncio's loop, as runner/main.py does)")
     parser.add_argument("--no-sshd-endpoint", dest="sshd_endpoint", action="store_false",
                         help="leave out the prototype: the gateway in front of sshd with bench/sshd_endpoint.sh")
+    parser.add_argument("--no-relay", dest="relay", action="store_false",
+                        help="leave out the floor: socat relaying bytes between ssh and sshd (on when socat exists)")
     parser.add_argument("--asyncio", dest="uvloop", action="store_false",
                         help="run the gateway on asyncio's own loop (default: uvloop, as `orz gateway` does)")
     args = parser.parse_args()
+    if args.relay and shutil.which("socat") is None:
+        print("socat not found (apt-get install -y socat): the relay floor is left out", file=sys.stderr)
+        args.relay = False
     if args.only - set(MEASURES):
         parser.error(f"--only: unknown measure(s) {','.join(sorted(args.only - set(MEASURES)))}")
     raise_fd_limit()

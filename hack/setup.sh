@@ -18,6 +18,8 @@ declare -A wanted=(
   [ip]=iproute2 [nsenter]=util-linux [unshare]=util-linux [pg_ctlcluster]=postgresql
   # The local provider's session sandbox: bubblewrap for the namespaces, slirp4netns for its network.
   [bwrap]=bubblewrap [slirp4netns]=slirp4netns [setpriv]=util-linux
+  # bench/real_path.py's floor: a C relay of bytes between ssh and sshd.
+  [socat]=socat
 )
 missing=()
 for cmd in "${!wanted[@]}"; do

@@ -29,16 +29,20 @@ def test_small_run_reports_every_figure_and_target() -> None:
                           "--rounds", "1", "--setup-runs", "2", "--sessions", "4", "--runner-sessions", "2"],
                          cwd=ROOT, capture_output=True, timeout=240, check=True)
     report = json.loads(out.stdout)
+    # sshd_endpoint: the prototype of option (a); relay: socat between ssh and sshd, the floor of one more hop.
+    sides = ("direct", "real", "sshd_endpoint", *(("relay",) if shutil.which("socat") else ()))
     for mode in ("tmux", "pty"):
-        for side in ("direct", "real", "sshd_endpoint"):  # sshd_endpoint: the prototype of option (a)
+        for side in sides:
             assert report[f"{mode}_{side}_echo_p50_ms"] > 0
     for figure in ("pane_bulk", "pty_bulk", "exec_bulk", "sftp_get", "sftp_put", "scp_get", "scp_put"):
-        for side in ("direct", "real", "sshd_endpoint"):
+        for side in sides:
             assert report[f"{side}_{figure}_mib_s"] > 0
     # Every target of the issue gets a verdict, from figures measured in this run.
     assert set(report["targets"]) == {key for key, _, _ in TARGETS}
     assert all(v.endswith(("pass", "MISS")) for v in report["targets"].values())
     assert set(report["sshdep_targets"]) == set(report["targets"]) - {"gateway_idle_kib_per_session"}
+    if "relay" in sides:
+        assert set(report["relay_targets"]) == set(report["sshdep_targets"])
     for held in ("runner_attach", "sshd_attach"):
         assert report[held]["sessions"] == 2 and report[held]["failed"] == 0
     assert report["gateway_held"]["sessions"] == 4 and report["gateway_held"]["failed"] == 0
