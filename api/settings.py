@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     gateway_access_check_s: float = option("gateway", 1.0, "how often each gateway asks the API which live "
                                            "attachments must end (user disabled, session deleted, access "
                                            "revoked): one request per gateway per interval", ge=0.1, le=60)
+    gateway_reauth_grace_s: float = option("gateway", 300.0, "while the API cannot answer (unreachable, or a "
+                                           "5xx), a live connection may still open new channels (`ssh -L`, "
+                                           "VS Code, a ControlMaster's exec) if the API last said yes to it "
+                                           "less than this many seconds ago; a refusal never passes, nor does "
+                                           "a revocation. 0: every new channel needs the API's yes", ge=0)
     # Key exchanges cost CPU before anyone has authenticated: beyond these, new connections are refused at once.
     gateway_preauth_per_source: int = option("gateway", 10, "connections still in the handshake or "
                                              "authenticating, per source address", ge=1)
