@@ -480,29 +480,6 @@ def ssh_algorithms() -> dict[str, list[str]]:
     }
 
 
-# Every cipher above is AEAD, where the empty IGNORE packet asyncssh sends ahead of each packet (a defence for
-# CBC-mode ciphers) protects nothing: SSH_MSG_IGNORE (RFC 4253 11.2) with an empty string.
-AEAD_CIPHERS = frozenset({"aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"})
-_MSG_IGNORE = 2
-_EMPTY_STRING = b"\0\0\0\0"
-
-
-class WithoutFiller:
-    """Mixin for asyncssh connections (the gateway's two, the runner's endpoint): leave out the empty IGNORE
-    packet asyncssh puts before each packet once an AEAD cipher is in use. Measured on a keystroke echo:
-    half the packets the runner builds, seals and sends, and the gateway's fast path no longer hands one
-    packet per echo to asyncssh."""
-
-    def send_packet(self, pkttype: int, *args: bytes, handler: Any = None) -> None:
-        if pkttype == _MSG_IGNORE and args == (_EMPTY_STRING,) and self._aead():
-            return
-        super().send_packet(pkttype, *args, handler=handler)  # type: ignore[misc]
-
-    def _aead(self) -> bool:
-        # Only once an authenticated-encryption cipher is in use; before that, behave as asyncssh does.
-        return self.get_extra_info("send_cipher") in AEAD_CIPHERS  # type: ignore[attr-defined,no-any-return]
-
-
 # ---------------------------------------------------------------- the configuration table (README.md)
 
 TABLE_START = "<!-- settings table: `python -m api.settings --write-readme` writes it from api/settings.py -->"

@@ -22,7 +22,8 @@ from typing import Any
 import asyncssh
 
 from api.schemas import CLIENT_AGENT_ENV, UNIX_ROUTE_PREFIX, client_env_allowed
-from api.settings import WithoutFiller, ssh_algorithms
+from api.settings import ssh_algorithms
+from api.ssh_transport import WithoutFiller
 from runner.activity import Activity
 from runner.paths import SessionSFTP, expand_login_home
 from runner.ptyproc import PtyChild, hang_up, killpg
@@ -84,7 +85,7 @@ def client_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 class _EndpointConnection(WithoutFiller, asyncssh.SSHServerConnection):
-    """The endpoint's connection: no IGNORE filler ahead of each packet (api.settings.WithoutFiller)."""
+    """The endpoint's connection: no IGNORE filler ahead of each packet (api.ssh_transport.WithoutFiller)."""
 
 
 class _Connection(asyncssh.SSHServer):
