@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     gateway_access_check_s: float = option("gateway", 1.0, "how often each gateway asks the API which live "
                                            "attachments must end (user disabled, session deleted, access "
                                            "revoked): one request per gateway per interval", ge=0.1, le=60)
+    gateway_reauth_grace_s: float = option("gateway", 300.0, "while the API cannot answer (unreachable, or a "
+                                           "5xx), a live connection may still open new channels (`ssh -L`, "
+                                           "VS Code, a ControlMaster's exec) if the API last said yes to it "
+                                           "less than this many seconds ago; a refusal never passes, nor does "
+                                           "a revocation. 0: every new channel needs the API's yes", ge=0)
     # Key exchanges cost CPU before anyone has authenticated: beyond these, new connections are refused at once.
     gateway_preauth_per_source: int = option("gateway", 10, "connections still in the handshake or "
                                              "authenticating, per source address", ge=1)
@@ -473,29 +478,6 @@ def ssh_algorithms() -> dict[str, list[str]]:
         # Certificates are signed with these too: an ssh-rsa (SHA-1) signed certificate is refused.
         "signature_algs": usable(SSH_SIGNATURE_ALGS, asyncssh.public_key.get_public_key_algs()),
     }
-
-
-# Every cipher above is AEAD, where the empty IGNORE packet asyncssh sends ahead of each packet (a defence for
-# CBC-mode ciphers) protects nothing: SSH_MSG_IGNORE (RFC 4253 11.2) with an empty string.
-AEAD_CIPHERS = frozenset({"aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"})
-_MSG_IGNORE = 2
-_EMPTY_STRING = b"\0\0\0\0"
-
-
-class WithoutFiller:
-    """Mixin for asyncssh connections (the gateway's two, the runner's endpoint): leave out the empty IGNORE
-    packet asyncssh puts before each packet once an AEAD cipher is in use. Measured on a keystroke echo:
-    half the packets the runner builds, seals and sends, and the gateway's fast path no longer hands one
-    packet per echo to asyncssh."""
-
-    def send_packet(self, pkttype: int, *args: bytes, handler: Any = None) -> None:
-        if pkttype == _MSG_IGNORE and args == (_EMPTY_STRING,) and self._aead():
-            return
-        super().send_packet(pkttype, *args, handler=handler)  # type: ignore[misc]
-
-    def _aead(self) -> bool:
-        # Only once an authenticated-encryption cipher is in use; before that, behave as asyncssh does.
-        return self.get_extra_info("send_cipher") in AEAD_CIPHERS  # type: ignore[attr-defined,no-any-return]
 
 
 # ---------------------------------------------------------------- the configuration table (README.md)

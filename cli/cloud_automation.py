@@ -17,8 +17,11 @@ from api import schemas
 from cli import agent, keys
 from cli import attach as attaching
 from cli.connect import client, cloud_command
+from runner.reaping import reaped
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+# How long an interrupted `orz cloud agent -- COMMAND` gives its command to end after SIGTERM.
+COMMAND_GRACE_S = 5.0
 
 
 def _seconds(text: str) -> int:
@@ -82,7 +85,9 @@ async def _run_agent(session_ids: list[str], socket_path: Path, command: list[st
     try:
         if command:
             proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, "SSH_AUTH_SOCK": str(socket_path)})
-            return await proc.wait()
+            # Interrupted, the command is asked to stop (SIGTERM), killed if it has not within
+            # COMMAND_GRACE_S, and reaped: not left running without its agent.
+            return await reaped(proc, proc.wait(), grace_s=COMMAND_GRACE_S)
         click.echo(f"SSH_AUTH_SOCK={shlex.quote(str(socket_path))}; export SSH_AUTH_SOCK;")
         sys.stdout.flush()
         stop = asyncio.Event()

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from api import schemas
 from cli import output
 from cli.connect import client, cloud_command
-from cli.errors import CliError
+from cli.errors import EXIT_USAGE, CliError
 
 
 def parse_pairs(pairs: tuple[str, ...], from_env: tuple[str, ...]) -> dict[str, str]:
@@ -55,7 +55,7 @@ async def create(name: str, pairs: tuple[str, ...], from_env: tuple[str, ...], s
         err = exc.errors()[0]
         # pydantic's message may quote the input (a value); name the field and the rule only.
         where = ".".join(str(p) for p in err["loc"][:2]) or "secret"
-        raise CliError(f"invalid secret {where}: {err['type'].replace('_', ' ')}") from None
+        raise CliError(f"invalid secret {where}: {err['type'].replace('_', ' ')}", EXIT_USAGE) from None
     async with client() as api:
         secret = await api.create_secret(body)
     click.echo(f"secret {secret.name} created ({secret.scope} scope; keys: {', '.join(secret.keys)})")

@@ -74,13 +74,13 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
                                       secrets=_split_names(secret_names), task=task)
     except ValidationError as exc:
         await api.aclose()
-        raise CliError(schemas.describe_validation(exc)) from None
+        raise CliError(schemas.describe_validation(exc), EXIT_USAGE) from None
     async with api:
         try:
             inst = await api.create_instance(body)
         except ApiError as exc:
             if exc.body.get("code") == "repo_url_refused" and repo and repo.startswith("file://"):
-                raise CliError(local_repo_refused(repo)) from None
+                raise CliError(local_repo_refused(repo), EXIT_USAGE) from None
             raise
         where = f" from {inst.repo_url}" + (f" ({inst.branch})" if inst.branch else "") if inst.repo_url else ""
         click.echo(f"session {inst.id} created{where}, {inst.tier} tier, {inst.status}")

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from api import schemas
 from cli import output
 from cli.connect import client, cloud_command
-from cli.errors import CliError
+from cli.errors import EXIT_USAGE, CliError
 
 
 @click.group("webhook")
@@ -37,7 +37,8 @@ async def add(url: str, fmt: str | None, events: tuple[str, ...], description: s
                                      **({"events": list(events)} if events else {}))
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise CliError(f"invalid webhook {'.'.join(str(p) for p in err['loc'][:1])}: {err['msg']}") from None
+        raise CliError(f"invalid webhook {'.'.join(str(p) for p in err['loc'][:1])}: {err['msg']}",
+                       EXIT_USAGE) from None
     async with client() as api:
         created = await api.create_webhook(body)
     if as_json:

@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 # Exit codes (docs/cli.md): scripts tell "log in again" from "no such session" from a typo.
 EXIT_ERROR = 1  # anything else: the API refused, could not be reached, a session failed, Ctrl-C
-EXIT_USAGE = 2  # click's usage errors: unknown option, bad value
+EXIT_USAGE = 2  # click's usage errors (unknown option, bad value), and input refused as invalid (HTTP 422)
 EXIT_NOT_FOUND = 3  # no such session or secret (HTTP 404)
 EXIT_AUTH = 4  # not logged in, or the API refused the token (HTTP 401)
 EXIT_FORBIDDEN = 5  # logged in, but not allowed (HTTP 403: a colleague's session, an org-admin action)
@@ -37,8 +37,8 @@ class CliError(click.ClickException):
 
 
 def exit_code_for(status: int) -> int:
-    """The exit code for an API answer's HTTP status."""
-    return {401: EXIT_AUTH, 403: EXIT_FORBIDDEN, 404: EXIT_NOT_FOUND}.get(status, EXIT_ERROR)
+    """The exit code for an API answer's HTTP status (422: what the user typed was refused, as click's bad value)."""
+    return {401: EXIT_AUTH, 403: EXIT_FORBIDDEN, 404: EXIT_NOT_FOUND, 422: EXIT_USAGE}.get(status, EXIT_ERROR)
 
 
 class UnsavedWork(CliError):

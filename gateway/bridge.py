@@ -124,9 +124,10 @@ class Attachment:
     async def for_new_channel(self) -> asyncssh.SSHClientConnection:
         """The upstream connection for a channel the client opens, once the API says yes again.
 
-        Every channel open is re-authorized (a disabled user's live connection opens nothing new); the
-        API call runs while the upstream connection is still being set up, so a first attach waits
-        for the slower of the two, not both.
+        Every channel open is re-authorized (a disabled user's live connection opens nothing new; what an
+        API that cannot answer means is the re-authorizer's call, gateway.server); the API call runs while
+        the upstream connection is still being set up, so a first attach waits for the slower of the two,
+        not both.
         """
         if self._reauthorize is None:
             return await self.upstream()

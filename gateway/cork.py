@@ -1,7 +1,7 @@
 """Fewer packets and fewer socket sends per keystroke on the gateway's two SSH hops.
 
 `WithoutFiller` connections leave out the empty IGNORE packet asyncssh sends before every encrypted
-packet (api.settings.WithoutFiller: AES-GCM only, where it protects nothing), and send channel data that
+packet (api.ssh_transport.WithoutFiller: AES-GCM only, where it protects nothing), and send channel data that
 asyncssh queued through the fast path's sealing (gateway.splice). The transport below batches what a
 connection writes in one loop turn into one send, without changing any bytes.
 """
@@ -15,13 +15,13 @@ from typing import Any
 import asyncssh
 from asyncssh.constants import MSG_CHANNEL_DATA
 
-from api import settings
+from api import ssh_transport
 from api.schemas import UNIX_ROUTE_PREFIX
 from gateway.splice import FastPath
 
 
-class WithoutFiller(settings.WithoutFiller):
-    """The gateway's connections: no IGNORE filler (api.settings), and channel data through the fast path."""
+class WithoutFiller(ssh_transport.WithoutFiller):
+    """The gateway's connections: no IGNORE filler (api.ssh_transport), and channel data through the fast path."""
 
     fast_path: FastPath | None = None  # set by CorkProtocol: relays spliced channels' data (gateway.splice)
 

@@ -44,6 +44,10 @@ class AttachRefused(GatewayError):
         return self.code in GUESS_CODES
 
 
+class ApiUnavailable(AttachRefused):
+    """The API gave no answer (unreachable, or a 5xx): nothing was decided about this user."""
+
+
 class UpstreamUnavailable(GatewayError):
     """The session's runner could not be reached or rejected the gateway."""
 

@@ -10,7 +10,9 @@ Polling a list of revocations instead would need revocation timestamps in the da
 each connection would cost O(connections).
 
 An unreachable API leaves live attachments alone (an API outage must not drop every user) and is logged
-once per outage; new channels still need the API's yes (Attachment.for_new_channel).
+once per outage. New channels need the API's yes (Attachment.for_new_channel); while it cannot answer, a
+connection's last yes stands for `gateway_reauth_grace_s` (ClientHandler._reauthorize). A revocation
+this watch hears still ends the connection, grace or not.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from api.client import ApiClient, ApiError, ApiUnreachable
 from api.schemas import AttachEventIn, AuthFailureIn, AuthFailureReply, AuthorizeReply, AuthorizeRequest
 from gateway.auth import AttachCredential
-from gateway.errors import AttachRefused
+from gateway.errors import ApiUnavailable, AttachRefused
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ DEFAULT_LINES = {
     "session_failed": "session failed",
     "quota_exceeded": "active session quota reached",
 }
+UNAVAILABLE_LINE = "Orzbob Cloud is unavailable right now; try again shortly"
 
 
 class Router:
@@ -36,7 +37,8 @@ class Router:
 
     async def authorize(self, session_id: str, principal: AttachCredential, *, source: str | None,
                         first: bool = True, wake: bool = True) -> AuthorizeReply:
-        """One authorize call; API refusals become AttachRefused with the line to show."""
+        """One authorize call; API refusals become AttachRefused with the line to show, an API that gave
+        no answer ApiUnavailable."""
         request = AuthorizeRequest(
             session_id=session_id, user_id=principal.user_id, method=principal.method,  # type: ignore[arg-type]
             # The jti is spent by the first call; polls while the session wakes must not replay it.
@@ -48,12 +50,11 @@ class Router:
         try:
             reply = await self.api.authorize(request)
         except ApiUnreachable as exc:
-            raise AttachRefused("Orzbob Cloud is unavailable right now; try again shortly",
-                                code="unavailable", internal=str(exc)) from exc
+            raise ApiUnavailable(UNAVAILABLE_LINE, code="unavailable", internal=str(exc)) from exc
         except ApiError as exc:
-            line = exc.detail or DEFAULT_LINES.get(exc.code, "attach refused")
             if exc.status >= 500 or exc.status == 0:
-                line = "Orzbob Cloud is unavailable right now; try again shortly"
+                raise ApiUnavailable(UNAVAILABLE_LINE, code=exc.code, internal=f"{exc.status} {exc.code}") from exc
+            line = exc.detail or DEFAULT_LINES.get(exc.code, "attach refused")
             raise AttachRefused(line, code=exc.code, internal=f"{exc.status} {exc.code}") from exc
         if reply.state == "failed":
             reason = reply.message or "no reason given"

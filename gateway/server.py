@@ -24,7 +24,13 @@ from gateway import auth, drain, keys, metrics
 from gateway.agent import AgentRelay
 from gateway.bridge import Attachment, BridgeSession, connect_upstream
 from gateway.cork import WithoutFiller
-from gateway.errors import AttachRefused, CredentialRejected, CredentialsUnavailable, UpstreamUnavailable
+from gateway.errors import (
+    ApiUnavailable,
+    AttachRefused,
+    CredentialRejected,
+    CredentialsUnavailable,
+    UpstreamUnavailable,
+)
 from gateway.forwarding import Pipe, open_direct, open_remote_listener
 from gateway.preauth import AdmittedProtocol, PreauthLimiter
 from gateway.revocation import AccessWatch, Revocable
@@ -114,6 +120,7 @@ class ClientHandler(asyncssh.SSHServer):
         self.attached_at: float | None = None
         self.auth_done_at: float | None = None
         self.revoked: str | None = None  # why access was withdrawn while connected
+        self.authorized_at: float | None = None  # monotonic time of the API's last yes to this connection
         self._banners: set[str] = set()
         self._unavailable_counted = False
         # Where the runner's agent requests land; relayed to the client's agent only if it asked (ssh -A).
@@ -229,6 +236,7 @@ class ClientHandler(asyncssh.SSHServer):
         else:
             try:
                 self.reply = await self.gw.router.authorize(username, principal, source=self.source)
+                self.authorized_at = time.monotonic()
             except AttachRefused as exc:
                 self.log.info("attach to %s refused (%s)", username, exc.code)
                 self.refusal = exc
@@ -295,18 +303,35 @@ class ClientHandler(asyncssh.SSHServer):
         return self.session_id, self.principal.user_id
 
     async def _reauthorize(self) -> None:
-        """Before any new channel: the API must still say yes (the user may be disabled since)."""
+        """Before any new channel: the API must still say yes (the user may be disabled since). An API that
+        cannot answer (a restart) refuses nothing: its last yes stands for `gateway_reauth_grace_s`."""
         if self.revoked is not None:
             raise AttachRefused(self.revoked, code="revoked")
         assert self.principal is not None
         try:
             await self.gw.router.authorize(self.session_id, self.principal, source=self.source, first=False,
                                            wake=False)
+        except ApiUnavailable as exc:
+            age = self._authorization_age()
+            if age is None or age >= self.gw.settings.gateway_reauth_grace_s:
+                self.log.info("new channel to %s refused: the API did not answer (%s)", self.session_id,
+                              exc.internal or exc.code)
+                raise
+            self.log.info("new channel to %s allowed without the API (%s): its last yes was %.0f s ago",
+                          self.session_id, exc.internal or exc.code, age,
+                          extra={"event": "reauth_grace", "conn_id": self.id, "session_id": self.session_id,
+                                 "user_id": self.principal.user_id, "authorized_age_s": round(age, 3)})
+            return
         except AttachRefused as exc:
             self.log.info("new channel to %s refused (%s)", self.session_id, exc.code)
             if exc.code in WITHDRAWN_CODES:
                 self.revoke(exc.line)
             raise
+        self.authorized_at = time.monotonic()
+
+    def _authorization_age(self) -> float | None:
+        """Seconds since the API last said yes to this connection; None if it never did."""
+        return None if self.authorized_at is None else time.monotonic() - self.authorized_at
 
     def revoke(self, reason: str) -> None:
         """Access withdrawn: every open session shows the reason, then the connection closes."""

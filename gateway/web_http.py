@@ -134,10 +134,27 @@ def signin_links(providers: Mapping[str, str], next_path: str) -> str:
     return f'<span id="signin">{" or ".join(links)}</span>, or\n  ' if links else ""
 
 
+@dataclass(frozen=True)
+class Page:
+    """A page of the web door: its own part (a file in static/), placed in the shell every page shares
+    (static/page.html: the head and the sign-in form)."""
+
+    title: str  # after the session id in the browser's title
+    submit: str  # the sign-in form's button
+    back_to: str  # after /s/{id}: where signing in returns to
+
+
+SHELL = "page.html"
+PAGES = {"terminal.html": Page(title="", submit="Connect", back_to=""),
+         "replay.html": Page(title=" replay", submit="Load", back_to="/replay")}
+
+
 def terminal_page(session_id: str, page: str = "terminal.html", signin: Mapping[str, str] | None = None) -> Response:
     """The browser terminal page (or ``page``: the replay page) for one session, with ``signin``'s links."""
-    next_path = f"/s/{session_id}" + ("/replay" if page == "replay.html" else "")
+    shown = PAGES[page]
+    body = ((STATIC_DIR / SHELL).read_text().replace("{{BODY}}", (STATIC_DIR / page).read_text())
+            .replace("{{TITLE}}", "{{SESSION}}" + shown.title).replace("{{SUBMIT}}", shown.submit))
     # The session id is a checked name (SESSION_PART); the links are escaped where they are made.
-    body = (STATIC_DIR / page).read_text().replace("{{SIGNIN}}", signin_links(signin or {}, next_path))
+    body = body.replace("{{SIGNIN}}", signin_links(signin or {}, f"/s/{session_id}{shown.back_to}"))
     return response(200, body.replace("{{SESSION}}", session_id).encode(), CONTENT_TYPES[".html"],
                     {"Content-Security-Policy": PAGE_CSP, "X-Frame-Options": "DENY"})

@@ -14,6 +14,8 @@ import termios
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from runner.reaping import reaped
+
 # A pty hands over at most about 4 KiB per read (its line discipline's buffer). A read that comes back
 # at least this full means a program is streaming: what else is already there is read at once, so one
 # SSH packet carries up to READ_MAX instead of one per 4 KiB (measured: 16x fewer packets, and as many
@@ -128,7 +130,8 @@ class PtyChild:
     async def wait(self, time_limit: float | None = None) -> int:
         """Wait for exit and for the last output to be read; kill the program on timeout."""
         try:
-            code = await asyncio.wait_for(self.proc.wait(), time_limit)
+            # Cancelled (the runner stopping), the program's group is killed and reaped before we go on.
+            code = await reaped(self.proc, asyncio.wait_for(self.proc.wait(), time_limit), group=True)
         except TimeoutError:
             self.signal(signal.SIGKILL)
             code = await self.proc.wait()

@@ -22,10 +22,12 @@ from typing import Any
 import asyncssh
 
 from api.schemas import CLIENT_AGENT_ENV, UNIX_ROUTE_PREFIX, client_env_allowed
-from api.settings import WithoutFiller, ssh_algorithms
+from api.settings import ssh_algorithms
+from api.ssh_transport import WithoutFiller
 from runner.activity import Activity
 from runner.paths import SessionSFTP, expand_login_home
 from runner.ptyproc import PtyChild, hang_up, killpg
+from runner.reaping import reaped
 from runner.tmux import Tmux
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ def client_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 class _EndpointConnection(WithoutFiller, asyncssh.SSHServerConnection):
-    """The endpoint's connection: no IGNORE filler ahead of each packet (api.settings.WithoutFiller)."""
+    """The endpoint's connection: no IGNORE filler ahead of each packet (api.ssh_transport.WithoutFiller)."""
 
 
 class _Connection(asyncssh.SSHServer):
@@ -332,13 +334,16 @@ class Endpoint:
             err_pipe.close()
             hang_up(proc)
 
+        async def until_exit() -> int:
+            await asyncio.gather(_copy(out_reader, process.stdout), _copy(err_reader, process.stderr))
+            return await proc.wait()
+
         self._children.add(kill)
         watcher = asyncio.create_task(_when_closed(process, client_gone))
         feeder = asyncio.create_task(self._feed(process, proc))
         try:
-            await asyncio.gather(_copy(out_reader, process.stdout), _copy(err_reader, process.stderr))
-            code = await proc.wait()
-            _exit(process, code)
+            # Cancelled (the runner stopping), the command's group is killed and reaped before we go on.
+            _exit(process, await reaped(proc, until_exit(), group=True))
         finally:
             feeder.cancel()
             watcher.cancel()

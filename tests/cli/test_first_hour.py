@@ -107,7 +107,7 @@ def test_repo_may_be_a_local_path_and_a_refusal_says_how_to_allow_it(orz: Orz, l
     svc = live_api.app.ctx.state.instances
     svc.settings = svc.settings.model_copy(update={"repo_file_dirs": ""})
     refused = orz("cloud", "new", "--no-attach", "--repo", "src/app", cwd=tmp_path)
-    assert refused.returncode == 1
+    assert refused.returncode == 2  # bad input (docs/cli.md)
     assert refused.stderr.splitlines()[-1] == (
         f"orz: the server does not clone {repo.as_uri()}: it clones local paths only from the directories its "
         f"admin lists in ORZ_REPO_FILE_DIRS (never from its data directory). On your own orz server, start it "

@@ -55,6 +55,7 @@ class FakeApi:
     auth_failures: dict[str, int] = field(default_factory=dict)  # source -> failures reported by any gateway
     auth_fail_limit: int = 10
     auth_fail_window_s: int = 60
+    authorize_outage: int | None = None  # an HTTP status (503: a restart) every authorize call gets instead
     server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -111,6 +112,8 @@ class FakeApi:
             return 200, {"revoked": [r for r in map(self._revocation, data["attachments"]) if r]}
         if method == "POST" and path == "/internal/v1/authorize":
             self.authorize_calls.append(data)
+            if self.authorize_outage is not None:
+                return self._problem(self.authorize_outage, "unavailable", "the API is starting")
             return self._authorize(data)
         return self._problem(404, "not_found", "no route")
 

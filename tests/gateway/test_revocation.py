@@ -6,6 +6,8 @@ Real OpenSSH clients through a real gateway; the API and runner are the stand-in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,57 @@ async def test_a_new_channel_on_a_live_connection_is_reauthorized(tmp_path: Path
             if master.returncode is None:
                 master.kill()
                 await master.wait()
+
+
+@contextlib.asynccontextmanager
+async def control_master(env: Env, tmp_path: Path) -> AsyncIterator[tuple[list[str], asyncio.subprocess.Process]]:
+    """An `ssh -M -N` connection; yields the options that run more commands over it, and its process."""
+    control = tmp_path / "ctl"
+    master = await asyncio.create_subprocess_exec(
+        *env.base_args(), *env.cert_args(), "-M", "-S", str(control), "-N", f"{SESSION}@127.0.0.1",
+        stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await eventually(control.exists, "the control socket")
+        yield ["-S", str(control), "-o", "ControlMaster=no"], master
+    finally:
+        if master.returncode is None:
+            master.kill()
+            await master.wait()
+
+
+@pytest.mark.parametrize("grace_s", [300, 0])
+async def test_new_channels_while_the_api_restarts_pass_within_the_grace(tmp_path: Path, grace_s: int) -> None:
+    """The API answers 503 (restarting): a live connection's next exec runs on its last yes, for
+    ORZ_GATEWAY_REAUTH_GRACE_S; with 0 it is refused with a line saying why, and the connection stays."""
+    async with (gateway_env(tmp_path, gateway_access_check_s=60, gateway_reauth_grace_s=grace_s) as env,
+                control_master(env, tmp_path) as (mux, master)):
+        first = await env.ssh(*mux, "--", "echo first")
+        assert first.returncode == 0 and first.stdout == b"first\n", first
+        env.api.authorize_outage = 503
+        second = await env.ssh(*mux, "--", "echo second")
+        if grace_s:
+            assert second.returncode == 0 and second.stdout == b"second\n", second
+        else:
+            assert second.returncode != 0 and b"second" not in second.stdout
+            assert b"orz: Orzbob Cloud is unavailable right now; try again shortly" in second.stderr, second.stderr
+        env.api.authorize_outage = None
+        third = await env.ssh(*mux, "--", "echo third")  # not a revocation: the API's yes works again
+        assert third.returncode == 0 and third.stdout == b"third\n", third
+        assert master.returncode is None
+
+
+async def test_a_revocation_ends_the_connection_within_the_grace(tmp_path: Path) -> None:
+    """Authorize calls fail (503) but the access watch hears that the user was disabled: the grace does not
+    keep the connection."""
+    async with (gateway_env(tmp_path, gateway_access_check_s=0.2) as env,
+                control_master(env, tmp_path) as (mux, master)):
+        first = await env.ssh(*mux, "--", "echo first")
+        assert first.returncode == 0, first
+        env.api.authorize_outage = 503
+        env.api.disabled_users.add(USER)
+        await asyncio.wait_for(master.wait(), 10)
+        after = await env.ssh(*mux, "--", "echo after")
+        assert after.returncode != 0 and b"after" not in after.stdout
 
 
 async def _attach(env: Env, session: str, cert: Path, name: str) -> asyncio.subprocess.Process:

@@ -63,6 +63,19 @@ def test_the_pages_link_each_configured_provider_by_name_and_escape_it() -> None
     assert "next=%2Fs%2Fabc-1%2Freplay&amp;provider=github" in replay  # back to the replay after signing in
 
 
+def test_the_pages_share_one_head_and_sign_in_form() -> None:
+    """Both pages show the same head and sign-in form, each with its own title and button, from one copy."""
+    terminal = http.terminal_page("abc-1").body.decode()
+    replay = http.terminal_page("abc-1", "replay.html").body.decode()
+    assert "<title>abc-1 · Orzbob Cloud</title>" in terminal and '<button type="submit">Connect</button>' in terminal
+    assert "<title>abc-1 replay · Orzbob Cloud</title>" in replay and '<button type="submit">Load</button>' in replay
+    head = replay.split("<main")[0].replace("abc-1 replay ·", "abc-1 ·").replace(">Load<", ">Connect<")
+    assert head == terminal.split("<main")[0]
+    assert terminal.endswith("</body>\n</html>\n") and replay.endswith("</body>\n</html>\n")
+    holders = [f.name for f in http.STATIC_DIR.glob("*.html") if 'id="api-token"' in f.read_text()]
+    assert holders == [http.SHELL]
+
+
 def test_settings_name_the_configured_providers() -> None:
     from api.settings import Settings
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
@@ -93,6 +95,34 @@ async def test_exec_keeps_exit_status_and_stderr_apart(session) -> None:
         assert piped.stdout == b"from-stdin\ndone\n"
         in_pty = await conn.run("tty", term_type="xterm", check=False)
         assert in_pty.exit_status == 0 and b"/dev/pts/" in in_pty.stdout
+
+
+@pytest.mark.parametrize("term_type", [None, "xterm"])
+async def test_a_cancelled_exec_leaves_no_process_behind(session, term_type: str | None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner stopping cancels exec handlers: each command is killed and reaped before its handler ends
+    (no zombie, no "subprocess is still running" warning once the loop closes)."""
+    made: list[asyncio.subprocess.Process] = []
+    spawn = asyncio.create_subprocess_exec
+
+    async def spy(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        made.append(await spawn(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spy)
+    async with await session.connect() as conn:
+        command = await conn.create_process("echo $$; exec sleep 30", term_type=term_type)
+        pid = int((await command.stdout.readline()).strip())
+        [proc] = [p for p in made if p.pid == pid]
+        [handler] = [task for task in asyncio.all_tasks()
+                     if getattr(task.get_coro(), "__qualname__", "") == "Endpoint._handle"]
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        # Its exit status was collected before the cancellation went on: not running, not a zombie.
+        assert proc.returncode == -signal.SIGKILL
+        assert not Path(f"/proc/{pid}").exists()
+        command.close()
 
 
 async def test_big_output_through_a_pty_arrives_whole(session) -> None:

@@ -1,0 +1,49 @@
+"""An interrupted `orz cloud agent -- COMMAND` leaves no command running behind it: the real `orz` against a
+real API server (FakeProvider), interrupted as Ctrl-C or a CI runner's SIGINT would."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.cli.conftest import LiveApi, Orz
+from tests.cli.test_cloud_commands import create
+from tests.conftest import Tenant
+from tests.support import ROOT, wait_until
+
+
+def _running(pid: int) -> bool:
+    """A process with this pid exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_an_interrupted_agent_stops_its_command(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                tmp_path: Path) -> None:
+    sid = create(orz, cwd=tmp_path)
+    live_api.heartbeat(sid)
+    pid_file = tmp_path / "command.pid"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "cli", "cloud", "agent", "-s", sid, "--", "sh", "-c",
+         f"echo $$ > {pid_file}; exec sleep 60"],
+        cwd=ROOT, env=orz.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=20, what="the command")
+        command = int(pid_file.read_text())
+        agent.send_signal(signal.SIGINT)  # to orz alone: the command hears it only from orz
+        _, err = agent.communicate(timeout=20)  # without the reaping, orz waited for the command to end
+        assert agent.returncode == 1 and err.strip() == "Aborted!", err  # Ctrl-C (docs/cli.md)
+        assert not _running(command)  # asked to stop (SIGTERM) and reaped, not left running without its agent
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        if pid_file.exists() and pid_file.read_text().strip() and _running(int(pid_file.read_text())):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
