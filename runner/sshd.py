@@ -26,6 +26,7 @@ from api.settings import WithoutFiller, ssh_algorithms
 from runner.activity import Activity
 from runner.paths import SessionSFTP, expand_login_home
 from runner.ptyproc import PtyChild, hang_up, killpg
+from runner.reaping import spawn
 from runner.tmux import Tmux
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ class Endpoint:
             out_pipe.close()
             raise
         try:
-            proc = await asyncio.create_subprocess_exec(
+            proc = await spawn(
                 *argv, cwd=self.hooks.workspace, env=env, stdin=asyncio.subprocess.PIPE,
                 stdout=out_fd, stderr=err_fd, start_new_session=True,
             )
