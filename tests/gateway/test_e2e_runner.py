@@ -12,6 +12,7 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from gateway import splice
@@ -90,6 +91,11 @@ async def test_keys_and_echoes_take_the_runners_fast_path(e2e: Env, fast_paths: 
         seen = await read_until(proc.stdout, b"", b"hi")
         runner = runner_side(fast_paths)
         assert runner, "the runner's endpoint made no fast path"
+        # As the gateway's own guard (test_splice.py): name what a newer asyncssh dropped, if anything.
+        missing = sorted({m for p in runner
+                          for m in splice.missing_state(p.conn, *(leg.src for leg in p.legs.values()))})
+        assert not missing, f"asyncssh {asyncssh.__version__} lacks what the runner's fast path needs: {missing}"
+        assert any(p.legs for p in runner), "the attached pty is not on the runner's fast path"
         before = sum(p.relayed_packets for p in runner), sum(p.sent for p in runner)
         typed = b"alpha\rbravo\rping\r"
         for key in typed:  # one key at a time, as typed: its echo is drawn before the next key
