@@ -14,8 +14,6 @@ import termios
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from runner.reaping import spawn
-
 # A pty hands over at most about 4 KiB per read (its line discipline's buffer). A read that comes back
 # at least this full means a program is streaming: what else is already there is read at once, so one
 # SSH packet carries up to READ_MAX instead of one per 4 KiB (measured: 16x fewer packets, and as many
@@ -53,7 +51,7 @@ class PtyChild:
         try:
             _set_winsize(master, cols, rows)
             os.set_blocking(master, False)
-            proc = await spawn(
+            proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=cwd, env=dict(env), stdin=slave, stdout=slave, stderr=slave,
                 start_new_session=True, preexec_fn=_controlling_tty,
             )

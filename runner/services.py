@@ -25,7 +25,7 @@ from api.cloud_yaml import service_label
 from api.schemas import SidecarSpec
 from runner.cloud_config import CloudConfig, Health, Service, resolve_service_env
 from runner.errors import CloudConfigError, ServiceError
-from runner.reaping import reaped, spawn
+from runner.reaping import reaped
 from runner.workspace import tail
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class ServiceManager:
             return
         prefix = self._drop_root(svc.name, root)
         createdb = str(bindir / "createdb") if (bindir / "createdb").exists() else "createdb"
-        proc = await spawn(
+        proc = await asyncio.create_subprocess_exec(
             *prefix, createdb, "-h", str(root / "run"), "-p", str(svc.port), "-U", user,
             "--", db, env=self._proc_env(), stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
@@ -216,14 +216,14 @@ class ServiceManager:
 
     async def _spawn(self, argv: list[str], log_path: Path) -> asyncio.subprocess.Process:
         with log_path.open("ab") as out:
-            return await spawn(
+            return await asyncio.create_subprocess_exec(
                 *argv, env=self._proc_env(), stdin=asyncio.subprocess.DEVNULL, stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
             )
 
     async def _check(self, name: str, label: str, argv: list[str], log_path: Path) -> None:
         with log_path.open("ab") as out:
-            proc = await spawn(
+            proc = await asyncio.create_subprocess_exec(
                 *argv, env=self._proc_env(), stdin=asyncio.subprocess.DEVNULL, stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
             )
@@ -306,7 +306,7 @@ def _client_env(kind: str, port: int, env: Mapping[str, str]) -> dict[str, str]:
 
 
 async def _run_health(health: Health, env: Mapping[str, str]) -> bool:
-    proc = await spawn(
+    proc = await asyncio.create_subprocess_exec(
         "/bin/sh", "-c", health.command, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
     )

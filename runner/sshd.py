@@ -28,7 +28,6 @@ from gateway.cork import WithoutFiller
 from runner.activity import Activity
 from runner.paths import SessionSFTP, expand_login_home
 from runner.ptyproc import PtyChild, hang_up, killpg
-from runner.reaping import spawn
 from runner.tmux import Tmux
 
 log = logging.getLogger(__name__)
@@ -323,7 +322,7 @@ class Endpoint:
             out_pipe.close()
             raise
         try:
-            proc = await spawn(
+            proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=self.hooks.workspace, env=env, stdin=asyncio.subprocess.PIPE,
                 stdout=out_fd, stderr=err_fd, start_new_session=True,
             )

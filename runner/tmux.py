@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from runner.errors import TmuxError
-from runner.reaping import reaped, spawn
+from runner.reaping import reaped
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Tmux:
         return [self.binary, "-S", str(self.socket), *args]
 
     async def run(self, *args: str, env: Mapping[str, str] | None = None, check: bool = True) -> str:
-        proc = await spawn(
+        proc = await asyncio.create_subprocess_exec(
             *self.argv(*args), env=dict(env) if env is not None else None,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
@@ -163,7 +163,7 @@ class Tmux:
             return PaneState(exists=False), None
         fmt = ("#{pane_dead}\t#{pane_dead_status}\t#{window_activity}\t#{session_attached}\t#{pane_dead_signal}"
                "\t#{pane_pid}")
-        proc = await spawn(
+        proc = await asyncio.create_subprocess_exec(
             *self.argv("display-message", "-p", "-t", SESSION, fmt),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
@@ -191,7 +191,7 @@ class Tmux:
         or until the tmux server is gone (False)."""
         if not self.socket.exists():
             return False
-        proc = await spawn(
+        proc = await asyncio.create_subprocess_exec(
             *self.argv("wait-for", channel), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )

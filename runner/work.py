@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from api.schemas import WorkState
-from runner.reaping import reaped, spawn
+from runner.reaping import reaped
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def wip_branch(session_id: str) -> str:
 
 
 async def _git(workspace: Path, args: Sequence[str], env: Mapping[str, str], check: bool = True) -> str:
-    proc = await spawn(
+    proc = await asyncio.create_subprocess_exec(
         "git", "-C", str(workspace), *args, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )

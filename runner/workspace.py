@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from runner.errors import CloneError, InitError
-from runner.reaping import reaped, spawn
+from runner.reaping import reaped
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _not_updated(repo_url: str, exc: CloneError, notes: list[str]) -> Refresh:
 
 async def _git(args: Sequence[str], env: Mapping[str, str], *, what: str, token: str | None = None) -> str:
     """Run git and return its stdout; CloneError naming ``what`` with git's last line when it fails."""
-    proc = await spawn(
+    proc = await asyncio.create_subprocess_exec(
         "git", *args, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
@@ -226,7 +226,7 @@ async def run_init(command: str, workspace: Path, log_path: Path, *, env: Mappin
     with log_path.open("ab") as out:
         out.write(f"$ {command}\n".encode())
         out.flush()
-        proc = await spawn(
+        proc = await asyncio.create_subprocess_exec(
             shell, "-c", command, cwd=workspace, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
             stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
         )

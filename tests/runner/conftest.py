@@ -53,17 +53,6 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
-    """asyncio's own loop; for the tests of a module that sets ``EVERY_LOOP = True``, uvloop as well (what the
-    runner runs on when it is installed: api.settings.use_uvloop)."""
-    factories: dict[str, Callable[[], Any]] = {"asyncio": asyncio.new_event_loop}
-    if getattr(getattr(item, "module", None), "EVERY_LOOP", False):
-        import uvloop
-
-        factories["uvloop"] = uvloop.new_event_loop
-    return factories
-
-
 MakeRepo = Callable[..., str]
 
 

@@ -1,5 +1,4 @@
-"""The runner's children on either event loop: a cancelled wait (the runner stopping, a caller's deadline) kills
-and reaps them, and they get what the standard library gives a child (closed descriptors, a terminal, pipes)."""
+"""A wait on a child process that is cancelled (the runner stopping, a caller's deadline) kills and reaps it."""
 
 from __future__ import annotations
 
@@ -12,12 +11,8 @@ from typing import Any
 import pytest
 
 from runner import workspace
-from runner.ptyproc import PtyChild
-from runner.reaping import missing_internals, reaped, spawn
-from runner.tmux import Tmux
-from tests.runner.conftest import wait_for_pane
+from runner.reaping import reaped
 
-EVERY_LOOP = True  # each test on asyncio's own loop and on uvloop (tests/runner/conftest.py)
 pytestmark = [pytest.mark.timeout(20)]
 ENV = {"PATH": os.environ["PATH"], "HOME": "/nonexistent"}
 
@@ -43,14 +38,8 @@ def _dead(pid: int) -> bool:
         return True
 
 
-def test_the_installed_python_keeps_the_asyncio_internals_spawn_needs() -> None:
-    # Without them spawn falls back to the loop's own subprocesses, which on uvloop hang on a daemon
-    # (tmux new-session) and cannot give a pty its controlling terminal: name what is gone.
-    assert missing_internals() == []
-
-
 async def test_a_cancelled_wait_kills_the_process_and_reaps_it() -> None:
-    proc = await spawn("sleep", "30")
+    proc = await asyncio.create_subprocess_exec("sleep", "30")
     task = asyncio.create_task(reaped(proc, proc.wait()))
     await asyncio.sleep(0.05)
     task.cancel()
@@ -62,7 +51,7 @@ async def test_a_cancelled_wait_kills_the_process_and_reaps_it() -> None:
 
 
 async def test_a_finished_wait_returns_what_the_process_said() -> None:
-    proc = await spawn("sh", "-c", "echo out; exit 3", stdout=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec("sh", "-c", "echo out; exit 3", stdout=asyncio.subprocess.PIPE)
     out, _ = await reaped(proc, proc.communicate())
     assert out == b"out\n" and proc.returncode == 3
 
@@ -70,12 +59,13 @@ async def test_a_finished_wait_returns_what_the_process_said() -> None:
 async def test_a_cancelled_init_ends_its_command_and_children_reaped(short_tmp: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[asyncio.subprocess.Process] = []
+    spawn = asyncio.create_subprocess_exec
 
     async def spy(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
         made.append(await spawn(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(workspace, "spawn", spy)
+    monkeypatch.setattr(workspace.asyncio, "create_subprocess_exec", spy)
     ws = short_tmp / "ws"
     ws.mkdir()
     init = asyncio.create_task(workspace.run_init("sleep 30 & echo $! > child; wait", ws, short_tmp / "init.log",
@@ -91,31 +81,3 @@ async def test_a_cancelled_init_ends_its_command_and_children_reaped(short_tmp: 
         await asyncio.sleep(0.05)
     assert _dead(child)
     assert not workspace.init_done(ws)
-
-
-async def test_a_daemon_started_by_a_command_does_not_hold_its_output_open(short_tmp: Path) -> None:
-    # tmux new-session -d leaves its server running in the background with its stdio on /dev/null; on
-    # uvloop's own subprocesses the server also kept a copy of the runner's pipe and the start never returned.
-    tmux = Tmux(short_tmp / "tmux.sock")
-    try:
-        await asyncio.wait_for(tmux.start(["sh", "-c", "echo started-here; exec sleep 60"], cwd=short_tmp, env=ENV),
-                               10)
-        await wait_for_pane(tmux, "started-here")
-    finally:
-        await tmux.kill_server()
-    proc = await spawn("sh", "-c", "sleep 30 </dev/null >/dev/null 2>&1 & echo $!", stdout=asyncio.subprocess.PIPE)
-    out, _ = await asyncio.wait_for(proc.communicate(), 10)
-    os.kill(int(out), signal.SIGKILL)
-
-
-async def test_a_pty_program_has_its_terminal_and_a_piped_one_its_pipes(short_tmp: Path) -> None:
-    seen = bytearray()
-    child = await PtyChild.spawn(["sh", "-c", "exec 3</dev/tty && echo has-a-terminal"], cwd=short_tmp, env=ENV,
-                                 cols=80, rows=24, on_output=seen.extend)
-    assert await child.wait(10) == 0
-    assert b"has-a-terminal" in seen  # /dev/tty opens only for a process with a controlling terminal
-    # ``ssh host 'tool /dev/stdin'``: a socket (uvloop's pipes) cannot be opened as /dev/stdin.
-    proc = await spawn("cat", "/dev/stdin", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                       stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(b"through a pipe"), 10)
-    assert (out, err, proc.returncode) == (b"through a pipe", b"", 0)
