@@ -4,7 +4,8 @@ Each runs in its own process so its RSS and CPU are its own:
     python -m bench.gateway_roles --serve-gateway DATA_DIR HOST PORT HOST_KEY [--upstream-user U] [--uvloop]
         [--no-fast-path]
     python -m bench.gateway_roles --serve-idle-runner HOST_KEY_FILE
-    python -m bench.gateway_roles --serve-runner-endpoint STATE_DIR WORKSPACE GATEWAY_PUBLIC_KEY
+    python -m bench.gateway_roles --serve-runner-endpoint STATE_DIR WORKSPACE GATEWAY_PUBLIC_KEY [--uvloop]
+        [--no-fast-path]
 Each prints {"port": N} once listening (the runner endpoint adds "host_key") and stops on SIGTERM.
 """
 
@@ -109,7 +110,8 @@ async def serve_idle_runner(host_key_file: Path) -> None:
     acceptor.close()
 
 
-async def serve_runner_endpoint(state_dir: Path, workspace: Path, gateway_public_key: str) -> None:
+async def serve_runner_endpoint(state_dir: Path, workspace: Path, gateway_public_key: str,
+                                fast_path: bool = True) -> None:
     """The runner's own endpoint (runner/sshd.py) on a tmux session, as runner/main.py wires it.
 
     Only the clone, the heartbeats and the agent watch are left out: the benchmark times attaching,
@@ -135,7 +137,7 @@ async def serve_runner_endpoint(state_dir: Path, workspace: Path, gateway_public
 
     hooks = SessionHooks(workspace=workspace, shell=login_shell(), tmux=tmux, activity=Activity(),  # nosec B604
                          env=lambda: dict(env), ensure_program=ensure_program, ready=ready, login="bench")
-    endpoint = Endpoint(hooks, gateway_public_key, "127.0.0.1", 0)
+    endpoint = Endpoint(hooks, gateway_public_key, "127.0.0.1", 0, fast_path=fast_path)
     port = await endpoint.start()
     print(json.dumps({"port": port, "host_key": endpoint.host_public_key}), flush=True)
     try:
@@ -165,7 +167,8 @@ def cli() -> None:
     parser.add_argument("--upstream-user")
     parser.add_argument("--uvloop", action="store_true")
     parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
-                        help="every packet through asyncssh's channels (gateway/splice.py off)")
+                        help="every packet through asyncssh's channels (gateway/splice.py off; for the gateway "
+                             "or the runner endpoint)")
     parser.add_argument("--serve-idle-runner", metavar="HOST_KEY_FILE")
     parser.add_argument("--serve-runner-endpoint", nargs=3, metavar=("STATE_DIR", "WORKSPACE", "GATEWAY_KEY"))
     args = parser.parse_args()
@@ -182,7 +185,7 @@ def cli() -> None:
             asyncio.run(serve_idle_runner(Path(args.serve_idle_runner)))
         elif args.serve_runner_endpoint:
             state_dir, workspace, gateway_key = args.serve_runner_endpoint
-            asyncio.run(serve_runner_endpoint(Path(state_dir), Path(workspace), gateway_key))
+            asyncio.run(serve_runner_endpoint(Path(state_dir), Path(workspace), gateway_key, args.fast_path))
 
 
 if __name__ == "__main__":

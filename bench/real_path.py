@@ -26,7 +26,8 @@ Figures are medians over the rounds; every ratio is real path / baseline (for la
 lower is better, for throughput higher is better), and TARGETS holds the issue's target for each.
 
     python -m bench.real_path [--bytes 100M] [--samples 1000] [--rounds 3] [--sessions 1000]
-        [--runner-sessions 50] [--no-sshd-endpoint] [--no-relay]
+        [--runner-sessions 50] [--no-sshd-endpoint] [--no-relay] [--runner-uvloop]
+        [--alt-runner loop|asyncssh-path]
 """
 
 from __future__ import annotations
@@ -313,11 +314,12 @@ async def hold_attaches(n: int, connect: Callable[[], Any], command: str | None,
 # ------------------------------------------------------------------------------------------------ run
 
 
-SIDE_PREFIXES = {"real": "", "sshd_endpoint": "sshdep_", "relay": "relay_"}
+SIDE_PREFIXES = {"real": "", "sshd_endpoint": "sshdep_", "relay": "relay_", "alt": "alt_"}
 
 
 def prefix(side: Side) -> str:
-    """Figures of the real path carry no prefix; the sshd-endpoint prototype's "sshdep_", the relay's "relay_"."""
+    """Figures of the real path carry no prefix; the sshd-endpoint prototype's "sshdep_", the relay's "relay_",
+    and the real path with the other runner (--alt-runner) "alt_"."""
     return SIDE_PREFIXES[side.name]
 
 
@@ -368,7 +370,7 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
         r[f"{side.name}_pty_bulk_mib_s"] = await stream(side.ssh("-tt", command=[f"cat {big}"]), nbytes) / (1 << 20)
         if side.name == "real":  # where the CPU goes when a pty streams
             for name, child in cpu.items():
-                if name.startswith("sshdep_"):
+                if name.startswith(("sshdep_", "alt_")):
                     continue
                 r[f"pty_bulk_{name}_cpu_s_per_100mib"] = (child.cpu_s() - cpu0[name]) / nbytes * (100 << 20)
     for side in order if bulk else ():
@@ -379,7 +381,7 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
             r[f"{side.name}_{name}_mib_s"] = value
         if side.name == "real":  # where the CPU goes when files are copied (four copies of the file)
             for name, child in cpu.items():
-                if not name.startswith("sshdep_"):
+                if not name.startswith(("sshdep_", "alt_")):
                     r[f"copies_{name}_cpu_s_per_100mib"] = (child.cpu_s() - cpu0[name]) / 4 / nbytes * (100 << 20)
     for side in order if "setup" in args.only else ():
         setups = [await timed(side.ssh(command=["true"])) for _ in range(args.setup_runs)]
@@ -446,6 +448,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         sshd_pub = sshd.host_key.export_public_key().decode().strip()
         gw_pub = gw_host.export_public_key().decode().strip()
         cpu = {"gateway": gw, "runner": runner}
+        alt_gw: Child | None = None
+        if args.alt_runner:  # the same path with the other runner, interleaved with it (an A/B in one run)
+            (work / "ra").mkdir()
+            alt_loop = ["--uvloop"] if args.runner_uvloop != (args.alt_runner == "loop") else []
+            alt_runner = Child("--serve-runner-endpoint", str(work / "ra"), str(workspace), gw_client_pub,
+                               *alt_loop, *(["--no-fast-path"] if args.alt_runner == "asyncssh-path" else []))
+            children.append(alt_runner)
+            alt_gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(alt_runner.port),
+                           alt_runner.info["host_key"], *(["--uvloop"] if args.uvloop else []))
+            children.append(alt_gw)
+            cpu.update(alt_gateway=alt_gw, alt_runner=alt_runner)
         gw_sshd: Child | None = None
         if args.sshd_endpoint:
             gw_sshd = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(sshd.port), sshd_pub,
@@ -454,7 +467,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             cpu["sshdep_gateway"] = gw_sshd
         known = work / "known_hosts"
         known.write_text(f"[127.0.0.1]:{sshd.port} {sshd_pub}\n[127.0.0.1]:{gw.port} {gw_pub}\n"
-                         + (f"[127.0.0.1]:{gw_sshd.port} {gw_pub}\n" if gw_sshd else ""))
+                         + (f"[127.0.0.1]:{gw_sshd.port} {gw_pub}\n" if gw_sshd else "")
+                         + (f"[127.0.0.1]:{alt_gw.port} {gw_pub}\n" if alt_gw else ""))
         # The same cipher and key exchange on every side: what the gateway offers (asyncssh has no
         # sntrup761, which OpenSSH 9.2 would pick with sshd and which costs ~100 ms per connection, nor
         # ChaCha20, which the gateway leaves out).
@@ -469,6 +483,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                              "-o", f"CertificateFile={work / 'id-cert.pub'}"],
                     f"{SESSION}@127.0.0.1", Tmux(work / "rs" / "tmux.sock"), [])
         others = [real]
+        if alt_gw is not None:
+            others.append(Side("alt", [*common_args(alt_gw.port, known, ciphers), "-i", str(work / "id"),
+                                       "-o", f"CertificateFile={work / 'id-cert.pub'}"],
+                               f"{SESSION}@127.0.0.1", Tmux(work / "ra" / "tmux.sock"), []))
         if gw_sshd is not None:
             proto_tmux = Tmux(work / "se.sock")
             await proto_tmux.start(["sleep", "infinity"], cwd=workspace, env=env)
@@ -491,6 +509,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         report: dict[str, Any] = {"bytes": nbytes, "samples": args.samples, "rounds": args.rounds,
                                   "gateway_loop": "uvloop" if args.uvloop else "asyncio",
                                   "runner_loop": "uvloop" if args.runner_uvloop else "asyncio",
+                                  "alt_runner": args.alt_runner or "none",
                                   "load_average": os.getloadavg(), "baseline_sftp": sftp_server}
         for key in rounds[0]:
             values = [r[key] for r in rounds]
@@ -537,6 +556,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             report["sshdep_targets"] = verdicts(report, "sshdep_")
         if args.relay:
             report["relay_targets"] = verdicts(report, "relay_")
+        if args.alt_runner:
+            report["alt_targets"] = verdicts(report, "alt_")
         return report
     finally:
         for child in children:
@@ -566,6 +587,9 @@ def cli() -> None:
                         help="idle attaches held on one runner, and on sshd for the baseline (0 skips)")
     parser.add_argument("--runner-uvloop", action="store_true",
                         help="run the runner endpoint on uvloop (default: asyncio's loop, as runner/main.py does)")
+    parser.add_argument("--alt-runner", choices=("loop", "asyncssh-path"), default=None,
+                        help="a fourth side, interleaved: the real path with the runner on the other event loop "
+                             "(loop) or without its fast path (asyncssh-path); its figures carry alt_")
     parser.add_argument("--no-sshd-endpoint", dest="sshd_endpoint", action="store_false",
                         help="leave out the prototype: the gateway in front of sshd with bench/sshd_endpoint.sh")
     parser.add_argument("--no-relay", dest="relay", action="store_false",

@@ -10,6 +10,9 @@ asyncssh keeps. Everything else (other packet types, stderr, a paused or full ch
 a failed MAC, a malformed packet) is handed to asyncssh unchanged, at a packet boundary and in order,
 so the fast path never decides a protocol question of its own.
 
+The runner's endpoint uses the same machinery for its pty sessions (`deliver_locally`): there a channel's
+data goes straight to the pty, and the pty's output leaves through `FastPath.send_data`.
+
 It reads and updates asyncssh's connection and channel state, which is not public API: `compatible()`
 checks that the state it needs is there (the tests fail if the installed asyncssh lacks it), and when
 it is not, bridges run on asyncssh's own path as before.
@@ -86,13 +89,14 @@ _padding = _Padding()
 
 @dataclass(slots=True, eq=False)
 class Leg:
-    """One direction of a bridged channel pair: data arriving on `src` leaves on `dst`."""
+    """One direction of a bridged channel pair: data arriving on `src` leaves on `dst` (or goes to `sink`)."""
 
     src: Any  # asyncssh channel on the receiving connection
-    dst: Any  # asyncssh channel on the other connection
-    out: FastPath  # the other connection's fast path, which sends on dst
+    dst: Any  # asyncssh channel on the other connection (None with a sink)
+    out: FastPath | None  # the other connection's fast path, which sends on dst (None with a sink)
     counted: Callable[[int], None]  # bytes relayed here (the slow path counts in the session)
     idle: Callable[[], bool]  # the bridge holds nothing of its own for dst, so nothing can be overtaken
+    sink: Callable[[bytes], None] | None = None  # takes the data in this process instead (the runner's pty)
 
 
 class _Sealer:
@@ -113,14 +117,18 @@ class _Sealer:
 class FastPath:
     """Per asyncssh connection: relays its spliced channels' data, and sends data for the other side."""
 
-    def __init__(self, conn: Any, loop: Any) -> None:
+    def __init__(self, conn: Any, loop: Any, receive: Callable[[bytes], None] | None = None) -> None:
         self.conn = conn
         self._loop = loop
+        # asyncssh's own receive path, for what is not relayed here (the connection's data_received, unless
+        # the connection itself routes its input here: then the one it overrides).
+        self._receive = receive or conn.data_received
         self.legs: dict[int, Leg] = {}
         self._open = _Sealer()
         self._seal = _Sealer()
         self._keepalive_reset_at = 0.0
         self.relayed_packets = 0  # packets received and relayed here without asyncssh's data path
+        self.sent = 0  # data sent on channels here without asyncssh's data path (send_data calls)
 
     # -- wiring -----------------------------------------------------------------------------------
 
@@ -138,7 +146,7 @@ class FastPath:
         """Bytes from the socket: relay the steady-state data packets, hand everything else to asyncssh."""
         conn = self.conn
         if not self.legs or conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
-            conn.data_received(data)  # mid-packet, busy with an async handler or closing: asyncssh's turn
+            self._receive(data)  # mid-packet, busy with an async handler or closing: asyncssh's turn
             return
         try:
             self._relay(conn, data)
@@ -175,7 +183,7 @@ class FastPath:
                 if batch_leg is not None:  # what was relayed so far leaves before asyncssh acts on this packet
                     self._forward(batch_leg, batch)
                     batch_leg, batch = None, []
-                conn.data_received(bytes(view[pos:end]))
+                self._receive(bytes(view[pos:end]))
                 if conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
                     pos = end
                     break  # asyncssh is mid-way through something (an async handler, a close): its turn
@@ -190,7 +198,7 @@ class FastPath:
         if batch_leg is not None:
             self._forward(batch_leg, batch)
         if pos < end_of_buf:
-            conn.data_received(bytes(view[pos:]))
+            self._receive(bytes(view[pos:]))
 
     def _take_data(self, view: memoryview, start: int, end: int) -> tuple[Leg, bytes] | None:
         """The leg and data of a CHANNEL_DATA packet the fast path may relay now, having consumed it."""
@@ -236,7 +244,9 @@ class FastPath:
     @staticmethod
     def _forward(leg: Leg, parts: list[bytes]) -> None:
         data = b"".join(parts) if len(parts) > 1 else parts[0]
-        if leg.out.send_data(leg.dst, data):
+        if leg.sink is not None:
+            leg.sink(data)
+        elif leg.out is not None and leg.out.send_data(leg.dst, data):
             leg.counted(len(data))
         else:
             leg.src._session.data_received(data, None)  # exactly what asyncssh would have delivered
@@ -298,6 +308,7 @@ class FastPath:
             part = data[off:off + step] if size > step else data
             self._seal_and_send(conn, cipher, write, (head, len(part).to_bytes(4, "big"), part), 9 + len(part))
         chan._send_window -= size
+        self.sent += 1
         return True
 
 
@@ -319,6 +330,28 @@ def splice(client_chan: Any, upstream_chan: Any, *, to_upstream: Callable[[int],
     return True
 
 
+def deliver_locally(chan: Any, sink: Callable[[bytes], None], idle: Callable[[], bool]) -> FastPath | None:
+    """Hand `chan`'s incoming data to `sink` on the fast path from now on (asyncssh still takes everything
+    else, and the data whenever `idle()` is False); the connection's FastPath, to send on `chan` with, or
+    None (asyncssh's path stays) if it cannot. `forget(chan)` undoes it."""
+    conn = chan.get_connection()
+    fast = getattr(conn, "fast_path", None)
+    if not isinstance(fast, FastPath):
+        return None
+    if not compatible(conn, chan):
+        log.warning("fast path off: this asyncssh keeps its connection state differently")
+        return None
+    fast.add(Leg(chan, None, None, _uncounted, idle, sink))
+    return fast
+
+
+def forget(chan: Any) -> None:
+    """Undo `deliver_locally`; the channel may already be closed."""
+    fast = getattr(getattr(chan, "_conn", None), "fast_path", None)
+    if isinstance(fast, FastPath):
+        fast.remove(chan)
+
+
 def unsplice(client_chan: Any, upstream_chan: Any) -> None:
     """Forget the pair on both connections; either channel may already be closed (or None)."""
     for chan in (client_chan, upstream_chan):
@@ -331,3 +364,7 @@ def unsplice(client_chan: Any, upstream_chan: Any) -> None:
 
 def _always() -> bool:
     return True
+
+
+def _uncounted(size: int) -> None:
+    return None

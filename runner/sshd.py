@@ -23,7 +23,8 @@ import asyncssh
 
 from api.schemas import CLIENT_AGENT_ENV, UNIX_ROUTE_PREFIX, client_env_allowed
 from api.settings import ssh_algorithms
-from api.ssh_transport import WithoutFiller
+from gateway import splice
+from gateway.cork import WithoutFiller
 from runner.activity import Activity
 from runner.paths import SessionSFTP, expand_login_home
 from runner.ptyproc import PtyChild, hang_up, killpg
@@ -86,7 +87,16 @@ def client_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 class _EndpointConnection(WithoutFiller, asyncssh.SSHServerConnection):
-    """The endpoint's connection: no IGNORE filler ahead of each packet (api.ssh_transport.WithoutFiller)."""
+    """The endpoint's connection: no IGNORE filler ahead of each packet, and a pty session's keystrokes and
+    output on the gateway's fast path (gateway.splice) while one is attached: per packet, one kept AES-GCM
+    context and straight to or from the pty, instead of asyncssh's whole channel machinery."""
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType = None) -> None:
+        fast = self.fast_path
+        if fast is None:
+            super().data_received(data, datatype)
+        else:
+            fast.data_received(data)  # hands asyncssh (the method above this one) whatever it does not take
 
 
 class _Connection(asyncssh.SSHServer):
@@ -101,6 +111,9 @@ class _Connection(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         # asyncssh.create_server has no hook for the connection class; this runs before key exchange.
         conn.__class__ = _EndpointConnection
+        if self.endpoint.fast_path:
+            receive = super(_EndpointConnection, conn).data_received
+            conn.fast_path = splice.FastPath(conn, asyncio.get_running_loop(), receive)  # type: ignore[attr-defined]
         self.conn = conn
         self.endpoint.connections.add(conn)
 
@@ -163,8 +176,10 @@ class _Connection(asyncssh.SSHServer):
 class Endpoint:
     """The asyncssh server; ``start`` generates the host key and binds (port 0 = any free port)."""
 
-    def __init__(self, hooks: SessionHooks, gateway_public_key: str, host: str, port: int) -> None:
+    def __init__(self, hooks: SessionHooks, gateway_public_key: str, host: str, port: int,
+                 fast_path: bool = True) -> None:
         self.hooks = hooks
+        self.fast_path = fast_path  # pty sessions' data on gateway.splice's fast path (False: all through asyncssh)
         self.gateway_key = asyncssh.import_public_key(gateway_public_key)
         self.host = host
         self.port = port
@@ -401,6 +416,13 @@ class _PtyBridge:
         # still come through the stream, and data waits behind anything queued there, so order holds.
         self._stream_data = process.data_received
         process.data_received = self._data_received  # type: ignore[method-assign]
+        # Faster still when the connection has a fast path (gateway.splice): keys go from the socket to the
+        # pty and output from the pty to the socket, each sealed or opened with a kept AES-GCM context,
+        # without asyncssh's per-packet channel path; anything unusual still goes through asyncssh.
+        self._chan = process.channel
+        queued = getattr(process, "_recv_buf", None)
+        self._fast = (splice.deliver_locally(self._chan, self._input, lambda: not queued.get(None))
+                      if queued is not None else None)
 
     async def run(self, argv: list[str], cwd: Path, env: Mapping[str, str],
                   time_limit: float | None = None) -> int:
@@ -415,6 +437,9 @@ class _PtyBridge:
             self.child = None
 
     def _output(self, data: bytes) -> None:
+        fast = self._fast
+        if fast is not None and fast.send_data(self._chan, data):
+            return  # (send_data declines whenever asyncssh holds data for the channel or its window is short)
         try:
             self.process.stdout.write(data)
         except (BrokenPipeError, OSError, asyncssh.Error):
@@ -483,6 +508,9 @@ class _PtyBridge:
             self._typeahead += data
 
     def close(self) -> None:
+        if self._fast is not None:
+            splice.forget(self._chan)
+            self._fast = None
         with contextlib.suppress(AttributeError):
             del self.process.data_received  # back to the stream
         self._pump.cancel()

@@ -181,12 +181,13 @@ async def gateway_env(tmp_path: Path, client_key: asyncssh.SSHKey | None = None,
 
 @pytest.fixture
 def fast_paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[splice.FastPath]]:
-    """Every FastPath the gateway creates (one per client and per upstream connection)."""
+    """Every FastPath made in this process: the gateway's (one per client and per upstream connection), and a
+    runner endpoint's (one per connection from the gateway)."""
     made: list[splice.FastPath] = []
     original = splice.FastPath.__init__
 
-    def spy(self: splice.FastPath, *args: object) -> None:
-        original(self, *args)  # type: ignore[arg-type]
+    def spy(self: splice.FastPath, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
         made.append(self)
 
     monkeypatch.setattr(splice.FastPath, "__init__", spy)

@@ -5,13 +5,17 @@ gateway, driven by real OpenSSH clients. Only the API is a stand-in (tests/gatew
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncssh
 import pytest
 
+from gateway import splice
 from tests.gateway.conftest import SESSION, Env, gateway_env, run
 from tests.runner.conftest import (  # noqa: F401  (fixtures)
     GatewayKey,
@@ -57,7 +61,82 @@ async def test_tty_attach_shows_program_and_answers_ping(e2e: Env) -> None:
         while b"pong" not in seen:
             seen += await asyncio.wait_for(proc.stdout.read(4096), 15)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # already gone (the failure, if any, is above)
+            proc.kill()
+        await proc.wait()
+
+
+def runner_side(paths: list[splice.FastPath]) -> list[splice.FastPath]:
+    """The runner endpoint's fast paths (the others are the gateway's)."""
+    return [p for p in paths if type(p.conn).__module__ == "runner.sshd"]
+
+
+async def read_until(stream: asyncio.StreamReader, seen: bytes, needle: bytes, start: int = 0) -> bytes:
+    """`seen` and what `stream` sends until `needle` is in it past `start` (b"": anything past it)."""
+    while needle not in seen[start:] or len(seen) <= start:
+        chunk = await asyncio.wait_for(stream.read(65536), 15)
+        assert chunk, f"closed before {needle[-40:]!r}; got {seen[-300:]!r}"
+        seen += chunk
+    return seen
+
+
+async def test_keys_and_echoes_take_the_runners_fast_path(e2e: Env, fast_paths: list[splice.FastPath]) -> None:
+    # The runner endpoint opens keys and seals echoes itself (gateway.splice) while a pty is attached: what
+    # the user types and sees is the same as through asyncssh, and each key really went that way.
+    argv = [*e2e.base_args(), "-tt", "-e", "none", *e2e.cert_args(), f"{SESSION}@127.0.0.1"]
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdin and proc.stdout
+    try:
+        seen = await read_until(proc.stdout, b"", b"hi")
+        runner = runner_side(fast_paths)
+        assert runner, "the runner's endpoint made no fast path"
+        # As the gateway's own guard (test_splice.py): name what a newer asyncssh dropped, if anything.
+        missing = sorted({m for p in runner
+                          for m in splice.missing_state(p.conn, *(leg.src for leg in p.legs.values()))})
+        assert not missing, f"asyncssh {asyncssh.__version__} lacks what the runner's fast path needs: {missing}"
+        assert any(p.legs for p in runner), "the attached pty is not on the runner's fast path"
+        before = sum(p.relayed_packets for p in runner), sum(p.sent for p in runner)
+        typed = b"alpha\rbravo\rping\r"
+        for key in typed:  # one key at a time, as typed: its echo is drawn before the next key
+            mark = len(seen)
+            proc.stdin.write(bytes((key,)))
+            seen = await read_until(proc.stdout, seen, b"" if key == ord("\r") else bytes((key,)), mark)
+        await read_until(proc.stdout, seen, b"pong", mark)
+        assert sum(p.relayed_packets for p in runner) - before[0] >= len(typed)  # every key
+        assert sum(p.sent for p in runner) - before[1] >= len(typed)  # and every echo
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # already gone (the failure, if any, is above)
+            proc.kill()
+        await proc.wait()
+
+
+async def test_a_pty_carries_megabytes_exactly_both_ways_on_the_runners_fast_path(
+        e2e: Env, fast_paths: list[splice.FastPath]) -> None:
+    # More than the channel windows (2 MiB) each way: the runner's fast path keeps the window accounting
+    # (its WINDOW_ADJUSTs, the gateway's) right, and steps aside and back when asyncssh holds data.
+    sent = base64.b64encode(os.urandom(3 * 1024 * 1024 // 4 * 3))
+    script = f"stty raw -echo; printf 'go\\n'; head -c {len(sent)} > got.txt; printf 'done\\n'; cat got.txt"
+    argv = [*e2e.base_args(), "-tt", "-e", "none", *e2e.cert_args(), f"{SESSION}@127.0.0.1", script]
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdin and proc.stdout
+    try:
+        seen = await read_until(proc.stdout, b"", b"go\n")
+        proc.stdin.write(sent)
+        seen = await read_until(proc.stdout, b"", b"done\n")
+        back = seen[seen.index(b"done\n") + 5:]
+        while len(back) < len(sent):
+            chunk = await asyncio.wait_for(proc.stdout.read(1 << 20), 30)
+            assert chunk, f"{len(back)} of {len(sent)} bytes came back"
+            back += chunk
+        assert back[:len(sent)] == sent
+        assert (e2e.runner.workspace / "got.txt").read_bytes() == sent
+        runner = runner_side(fast_paths)
+        assert sum(p.relayed_packets for p in runner) > 0 and sum(p.sent for p in runner) > 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # already gone (the failure, if any, is above)
+            proc.kill()
         await proc.wait()
 
 
