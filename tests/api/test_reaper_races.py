@@ -4,6 +4,8 @@ cut off (issue #20's soak: `ssh host cmd` failed when the reaper stopped the ses
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from datetime import timedelta
 from typing import Any
 
@@ -136,3 +138,34 @@ async def test_stopping_a_session_the_reaper_is_stopping_is_not_a_conflict(world
     stale.state = "running"
     await world.service.complete_stop(await world.row(inst.id), "scheduler", "idle")
     assert (await world.service.stop_instance(stale, world.who.actor, "stopped by user")).state == "stopped"
+
+
+async def test_a_heartbeat_never_moves_activity_back(world: World, settings: Settings,
+                                                     sessions: async_sessionmaker[AsyncSession]) -> None:
+    """A heartbeat reads the row, then writes: an attach counted as activity in between must survive it
+    (else the reaper could stop a session a user just connected to)."""
+    inst = await world.new_running()
+    await quiet_for(world, inst.id, timedelta(minutes=5))
+    arrived = world.clock()
+    engine = sessions.kw["bind"]
+    database = settings.database_url.split("///", 1)[1]
+
+    done: list[bool] = []
+
+    def attach_meanwhile(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sets = statement.upper().split(" WHERE ")[0]
+        if not done and sets.startswith("UPDATE INSTANCES SET") and "LAST_HEARTBEAT_AT" in sets:
+            done.append(True)
+            with contextlib.closing(sqlite3.connect(database)) as other:  # another API process's write
+                other.execute("UPDATE instances SET last_activity_at = ? WHERE id = ?",
+                              (arrived.strftime("%Y-%m-%d %H:%M:%S.%f"), inst.id))
+                other.commit()
+
+    event.listen(engine.sync_engine, "before_cursor_execute", attach_meanwhile)
+    try:
+        # The runner saw output a minute ago: older than the attach.
+        await world.heartbeat(inst.id, last_output_at=arrived - timedelta(minutes=1))
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", attach_meanwhile)
+    assert done
+    assert (await world.row(inst.id)).last_activity_at == arrived
