@@ -1,7 +1,9 @@
 """The idle reaper: stops idle sessions, watches heartbeats, deletes stopped workspaces after retention.
 
 Activity is an attached client, input, or output in the tmux pane (the runner reports all three in its
-heartbeats, so an agent working unattended counts as active). A session is idle when none of them
+heartbeats, so an agent working unattended counts as active), and a user arriving: the gateway's authorize
+of a connection or channel restarts the idle clock (api/instances/gateway_side.py), which the heartbeat
+reporting the attached client could only do seconds later. A session is idle when none of them
 happened for longer than its effective idle timeout; idle sessions are *stopped* (compute released,
 workspace kept), never deleted. Every change goes through InstanceService, which writes the event.
 """
