@@ -19,6 +19,10 @@ from soak_users import OpFailed, Recorder, SshUser
 RECOVERY_LIMIT_S = 120.0  # a fault not recovered by then is reported as not recovered
 RECOVERY_TARGET_S = 30.0  # the issue's target
 GRACE_S = 5.0  # after recovery, operations still count as inside the fault's window
+CERT_VALID_S = 300.0  # an attach certificate's lifetime (the API's; the probes' config never refreshes it)
+UPLOAD_START_LIMIT_S = 60.0  # client-vanishes: how long its upload may take to get under way
+# The faults whose probes ssh to the canary (they need its certificate fresh).
+CANARY_PROBED = frozenset({"kill-gateway", "kill-api", "kill-server", "kill-runner", "client-vanishes"})
 # The vanishing client's upload rate (scp -l, Kbit/s): 64 MiB then takes a minute, so it is still going
 # when it is killed, however slowly the machine runs.
 VANISH_RATE_KBIT = 8192
@@ -67,11 +71,13 @@ class Injector:
     canary: str | None = None
     disk_canary: str | None = None
     probe_config: str | None = None
+    certificates: dict[str, float] = field(default_factory=dict)  # session -> when its probes' cert was fetched
     mounts: list[Path] = field(default_factory=list)
 
     def prepare(self) -> None:
         self.canary = self._new_session()
         self.probe_config = self._probe_ssh_config()
+        self._fresh_certificate(self.canary)
 
     def _probe_ssh_config(self) -> str:
         """The operator's ssh config without its `Match exec "... _refresh-cert %n"`: each `ssh <id>.orz`
@@ -90,11 +96,17 @@ class Injector:
         return Path(self.ops.env["XDG_CONFIG_HOME"]) / "orzbob"
 
     def _fresh_certificate(self, sid: str) -> None:
-        """A new certificate for ``sid`` (5 minutes: longer than a fault's recovery limit) for the probes."""
+        """A new certificate for ``sid`` for the probes, unless the last one outlasts a fault's recovery
+        limit (a fetch is a CLI start: seconds on a busy machine, which would push the later faults past
+        the end of a short run)."""
+        age = time.monotonic() - self.certificates.get(sid, -CERT_VALID_S)
+        if age < CERT_VALID_S - RECOVERY_LIMIT_S - UPLOAD_START_LIMIT_S:
+            return
         (self._orz_dir() / "hosts" / f"{sid}.conf").unlink(missing_ok=True)  # makes _refresh-cert fetch
         done = self.ops.orz("cloud", "_refresh-cert", f"{sid}.orz")
         if done.returncode != 0:
             raise OpFailed(f"no certificate for the probes: {done.stderr.strip()[-200:]}")
+        self.certificates[sid] = time.monotonic()
 
     def _new_session(self) -> str:
         # Its program writes to the pane every few seconds: output is activity, so the reaper leaves it be.
@@ -111,7 +123,7 @@ class Injector:
         self.faults.append(fault)
         print(f"soak: {time.strftime('%H:%M:%S')} fault {kind}", flush=True)
         try:
-            if self.canary:
+            if self.canary and kind in CANARY_PROBED:
                 self._fresh_certificate(self.canary)
                 fault.start = time.time()
             probe = getattr(self, "_" + kind.replace("-", "_"))(fault)
@@ -255,7 +267,7 @@ class Injector:
 
         return probe
 
-    def _wait_for_upload(self, sid: str, scp: subprocess.Popen[bytes], limit_s: float = 60) -> int:
+    def _wait_for_upload(self, sid: str, scp: subprocess.Popen[bytes], limit_s: float = UPLOAD_START_LIMIT_S) -> int:
         """Bytes of big.bin in the session once the upload is under way (a kill before that tests nothing)."""
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
