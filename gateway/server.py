@@ -308,9 +308,14 @@ class ClientHandler(asyncssh.SSHServer):
         if self.revoked is not None:
             raise AttachRefused(self.revoked, code="revoked")
         assert self.principal is not None
+        # Until this connection reached its runner, its channels wait for the attach (which waits for, and
+        # wakes, a session that is stopping or stopped), so they ask as the attach does: a session the
+        # reaper stopped meanwhile is woken, not refused. Once attached, a stopped session has closed the
+        # runner connection this one rides on, so a channel asking then is refused rather than waking it.
+        waiting = self.attached_at is None
         try:
             await self.gw.router.authorize(self.session_id, self.principal, source=self.source, first=False,
-                                           wake=False)
+                                           wake=waiting)
         except ApiUnavailable as exc:
             age = self._authorization_age()
             if age is None or age >= self.gw.settings.gateway_reauth_grace_s:

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.start()
         ops_user = SshUser("operator", platform, rec, stop)
         injector = Injector(platform, rec, fault_stop, ops_user)
-        injector.prepare()
+        injector.prepare(args.faults)
         actors += [SshUser(f"user{i}", platform, rec, stop, sabotage=args.sabotage and i == 0)
                    for i in range(args.users)]
         actors += [RestUser(f"rest{i}", platform, rec, stop) for i in range(args.rest_users)]

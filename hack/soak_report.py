@@ -4,6 +4,8 @@ the report (markdown, JSON, PNG) at the end."""
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +42,8 @@ class Sampler(threading.Thread):
     platform: SoakPlatform
     interval: float = 5.0
     samples: list[Sample] = field(default_factory=list)
+    # (time, the machine's 1-minute load average): a starved machine reads apart from a slow platform.
+    loads: list[tuple[float, float]] = field(default_factory=list)
     counters: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
     _last: dict[tuple[str, str, tuple[tuple[str, str], ...]], tuple[int, float]] = field(default_factory=dict)
     stop_event: threading.Event = field(default_factory=threading.Event)
@@ -54,6 +58,8 @@ class Sampler(threading.Thread):
             self.stop_event.wait(self.interval)
 
     def sample(self) -> None:
+        with self.lock:
+            self.loads.append((time.time(), os.getloadavg()[0]))
         for name, service in self.platform.services.items():
             pid = service.pid
             if pid is None:
@@ -166,6 +172,28 @@ def leaks(samples: list[Sample], services: dict[str, Any], warmup_s: float = 10.
     return out
 
 
+def machine(loads: list[tuple[float, float]], started: float, cpus: int | None = None) -> dict[str, Any]:
+    """CPUs and the 1-minute load average over the run (min, median, max of the samples)."""
+    values = [load for _, load in loads]
+    summary = ({"min": round(min(values), 2), "median": round(statistics.median(values), 2),
+                "max": round(max(values), 2)} if values else None)
+    return {"cpus": cpus or os.cpu_count(), "load1": summary,
+            "load1_samples": [[round(at - started, 1), round(load, 2)] for at, load in loads]}
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """One line for the report's head: how busy the machine was, against its CPU count."""
+    load = m.get("load1")
+    if not load:
+        return f"Machine: {m['cpus']} CPUs; load average not sampled"
+    line = (f"Machine: {m['cpus']} CPUs; load average (1 min) min {load['min']}, median {load['median']}, "
+            f"max {load['max']}")
+    if m["cpus"] and load["median"] > m["cpus"]:
+        line += (f" — {load['median'] / m['cpus']:.1f} runnable per CPU at the median: operations waited for "
+                 "a CPU, so their times are the machine's as much as the platform's")
+    return line
+
+
 def build(rec: Recorder, faults: list[Fault], sampler: Sampler, platform: SoakPlatform, started: float,
           ended: float, extra: dict[str, Any]) -> dict[str, Any]:
     by_name: dict[str, dict[str, Any]] = {}
@@ -203,6 +231,7 @@ def build(rec: Recorder, faults: list[Fault], sampler: Sampler, platform: SoakPl
                    "lost": len(rec.losses), "faults": len(faults),
                    "recovered": sum(1 for f in faults if f.recovered_at is not None)},
         "targets": TARGETS,
+        "machine": machine(sampler.loads, started),
         "operations": ops,
         "lost": [asdict(loss) | {"at_s": round(loss.at - started, 1)} for loss in rec.losses],
         "faults": fault_rows,
@@ -252,6 +281,8 @@ def markdown(report: dict[str, Any], png: Path | None) -> str:
              f"{report.get('users', '?')} users)", ""]
     missed = verdict(report)
     lines += ["Targets: " + ("all met" if not missed else "missed: " + "; ".join(missed)), ""]
+    if "machine" in report:
+        lines += [machine_line(report["machine"]), ""]
     lines += ["## Operations", "", "| operation | n | ok % | p50 s | p99 s | errors outside faults | inside |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in report["operations"].items():
@@ -314,6 +345,11 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     counts = [sum(1 for r in bad if e <= r["t"] < e + 10) for e in edges]
     bottom.bar(edges, counts, width=9, align="edge", color="red")
     bottom.set_ylabel("errors / 10 s")
+    loads = report.get("machine", {}).get("load1_samples") or []
+    if loads:  # beside the errors: a starved machine explains slow operations
+        load_axis = bottom.twinx()
+        load_axis.plot([t for t, _ in loads], [v for _, v in loads], color="grey", linewidth=1)
+        load_axis.set_ylabel("load (1 min)")
     bottom.set_xlabel("seconds since start")
     for f in report["faults"]:
         end = f["at_s"] + (f["recovery_s"] if f["recovery_s"] is not None else 120)

@@ -266,8 +266,8 @@ class SshUser(Actor):
         finally:
             child.close(force=True)
 
-    def ssh_exec(self, sid: str, command: str, timeout: float = 60) -> str:
-        done = subprocess.run(["ssh", "-F", self.ssh_config, f"{sid}.orz", command], env=self.env,
+    def ssh_exec(self, sid: str, command: str, timeout: float = 60, config: str | None = None) -> str:
+        done = subprocess.run(["ssh", "-F", config or self.ssh_config, f"{sid}.orz", command], env=self.env,
                               capture_output=True, text=True, timeout=timeout, check=False)
         if done.returncode != 0:
             raise OpFailed(f"ssh {command!r} exited {done.returncode}: {done.stderr.strip()[-200:]}")
@@ -287,11 +287,11 @@ class SshUser(Actor):
         if hashlib.sha256(up.read_bytes()).digest() != hashlib.sha256(down.read_bytes()).digest():
             raise OpFailed("the file scp brought back differs from the one sent")
 
-    def scp_probe(self, sid: str) -> bool:
+    def scp_probe(self, sid: str, config: str | None = None) -> bool:
         """A small scp up works (the probe after a client vanished mid-transfer)."""
         probe = self.home / "probe.txt"
         probe.write_text("probe\n")
-        done = subprocess.run(["scp", "-q", "-F", self.ssh_config, str(probe), f"{sid}.orz:probe.txt"],
+        done = subprocess.run(["scp", "-q", "-F", config or self.ssh_config, str(probe), f"{sid}.orz:probe.txt"],
                               env=self.env, capture_output=True, text=True, timeout=30, check=False)
         return done.returncode == 0
 

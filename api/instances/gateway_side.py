@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import metrics, schemas
 from api.auth import Principal
@@ -10,16 +11,20 @@ from api.db.models import Event, Instance, Org, User
 from api.errors import (
     ComputeUnavailable,
     Conflict,
+    InvalidTransition,
     NotFound,
     QuotaExceeded,
     SessionFailed,
 )
 from api.instances import access
-from api.instances.service_base import ServiceBase
+from api.instances.service_base import _REFRESH, ServiceBase
 from api.instances.states import (
+    ACTIVE_STATES,
     ATTACHABLE_STATES,
     State,
 )
+
+_ATTACHABLE = [s.value for s in ATTACHABLE_STATES]
 
 
 class GatewaySide(ServiceBase):
@@ -38,6 +43,8 @@ class GatewaySide(ServiceBase):
                 await self._spend_jti(db, req.jti, req.jti_expires_at)
             org = await db.get(Org, user.org_id)
             plan = org.plan if org else "free"
+            if State(inst.state) in ATTACHABLE_STATES:
+                inst = await self._attach_is_activity(db, inst)
             state = State(inst.state)
             if state == State.FAILED:
                 raise SessionFailed(f"session {inst.id} failed: {inst.reason or 'unknown reason'}")
@@ -56,10 +63,41 @@ class GatewaySide(ServiceBase):
             session_id=inst.id, user_id=user.id, state=state.value, mode=mode, route=route, message=message
         )
 
+    async def _attach_is_activity(self, db: AsyncSession, inst: Instance) -> Instance:
+        """A user arriving (a connection, or a channel on one) is activity: the idle clock restarts now.
+
+        The conditional UPDATE meets the reaper's guard UPDATE (api/instances/scheduler_side.py
+        stop_if_idle) on the row: whichever writes first wins. Before the reaper, the guard then finds
+        fresh activity and leaves the session running; after it, this finds the session stopping and
+        the reply says so, for the gateway to wait and wake it (gateway/routing.py until_running).
+        PostgreSQL re-evaluates the WHERE after the other's row lock is released; SQLite writes one at a
+        time, each BEGIN IMMEDIATE seeing the last commit (api/db/sqlite_writes.py).
+        """
+        row = await db.scalar(
+            update(Instance)
+            .where(Instance.id == inst.id, Instance.state.in_(_ATTACHABLE))
+            .values(last_activity_at=self.now())
+            .returning(Instance), execution_options=_REFRESH,
+        )
+        await db.commit()
+        if row is not None:
+            return row
+        fresh = await db.get(Instance, inst.id, populate_existing=True)
+        if fresh is None:
+            raise NotFound(f"no such session: {inst.id}")
+        return fresh
+
     async def _wake(self, inst: Instance, plan: str, user_id: str) -> Instance:
         """Start a stopped session because someone attaches to it (wake on connect), counted by result."""
         try:
             woken = await self._start_row(inst, plan, f"user:{user_id}", kind="woke")
+        except InvalidTransition:
+            # Another connection (or a channel of this one) woke it first: that start serves us too.
+            async with self.db_sessions() as db:
+                fresh = await db.get(Instance, inst.id)
+            if fresh is None or State(fresh.state) not in ACTIVE_STATES:
+                raise
+            return fresh
         except QuotaExceeded:
             metrics.SESSION_WAKES.labels(result="quota").inc()
             raise

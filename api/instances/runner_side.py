@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import schemas
@@ -92,7 +92,11 @@ class RunnerSide(ServiceBase):
             if latest is not None:
                 latest = min(latest, now)  # a runner clock ahead of ours must not postpone reaping
                 if inst.last_activity_at is None or latest > inst.last_activity_at:
-                    values["last_activity_at"] = latest
+                    # Never backwards, also against a write since the read above (an attach's, which
+                    # counts a user arriving as activity): a stale heartbeat must not reopen the reaper's door.
+                    values["last_activity_at"] = case(
+                        (or_(Instance.last_activity_at.is_(None), Instance.last_activity_at < latest), latest),
+                        else_=Instance.last_activity_at)
             if hb.work is not None:
                 values["work"] = hb.work.model_dump(mode="json")
             changed = self._agent_change(inst, hb)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import or_, update
+from sqlalchemy import and_, or_, update
 
 from api.db.models import Instance, Org
 from api.errors import (
@@ -34,8 +34,10 @@ class SchedulerSide(ServiceBase):
                     Instance.state == inst.state,
                     Instance.attached_clients == 0,
                     or_(Instance.last_activity_at.is_(None), Instance.last_activity_at <= idle_since),
-                    or_(Instance.started_at.is_(None), Instance.started_at <= idle_since),
-                    Instance.state_changed_at <= idle_since,
+                    # started_at changes with every start, so a session stopped and started again since
+                    # the reaper read it fails here (a return from unhealthy does not: see last_active_at).
+                    or_(Instance.started_at <= idle_since,
+                        and_(Instance.started_at.is_(None), Instance.state_changed_at <= idle_since)),
                 )
                 .values(updated_at=self.now())
             )

@@ -32,6 +32,7 @@ log = logging.getLogger("api.instances.service")
 
 ID_ATTEMPTS = 5
 _INSTANCE_BY_ID = select(Instance.__table__).where(Instance.__table__.c.id == bindparam("id"))
+_STOPPED_OR_STOPPING = frozenset({State.STOPPED.value, State.STOPPING.value})
 
 
 class UserSide(ServiceBase):
@@ -179,11 +180,21 @@ class UserSide(ServiceBase):
         return await self.delete_instance(inst, who.actor)
 
     async def stop_instance(self, inst: Instance, actor: str, reason: str) -> Instance:
-        """Release compute and keep the workspace (users, the idle reaper)."""
-        if inst.state == State.STOPPED.value:
+        """Release compute and keep the workspace (users, the idle reaper).
+
+        A session already stopping (the reaper got there first, or another stop) is what was asked for:
+        the caller gets it as it is, not a conflict."""
+        if inst.state in _STOPPED_OR_STOPPING:
             return inst
         async with self.db_sessions() as db:
-            inst = await self._transition(db, inst, State.STOPPING, actor, "stopping", reason)
+            try:
+                inst = await self._transition(db, inst, State.STOPPING, actor, "stopping", reason)
+            except InvalidTransition as exc:
+                if exc.extra.get("current_state") not in _STOPPED_OR_STOPPING:
+                    raise
+                fresh = await db.get(Instance, inst.id, populate_existing=True)
+                assert fresh is not None  # rows are never removed, only marked deleted
+                return fresh
         return await self.complete_stop(inst, actor, reason)
 
     async def delete_instance(self, inst: Instance, actor: str, reason: str | None = None) -> Instance:

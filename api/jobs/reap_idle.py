@@ -1,7 +1,9 @@
 """The idle reaper: stops idle sessions, watches heartbeats, deletes stopped workspaces after retention.
 
 Activity is an attached client, input, or output in the tmux pane (the runner reports all three in its
-heartbeats, so an agent working unattended counts as active). A session is idle when none of them
+heartbeats, so an agent working unattended counts as active), and a user arriving: the gateway's authorize
+of a connection or channel restarts the idle clock (api/instances/gateway_side.py), which the heartbeat
+reporting the attached client could only do seconds later. A session is idle when none of them
 happened for longer than its effective idle timeout; idle sessions are *stopped* (compute released,
 workspace kept), never deleted. Every change goes through InstanceService, which writes the event.
 """
@@ -46,8 +48,12 @@ def effective_retention_s(settings: Settings, org: Org | None) -> int:
 
 
 def last_active_at(inst: Instance) -> datetime:
-    """Newest sign of life; started_at and state_changed_at keep a just-started session from being reaped."""
-    return max(t for t in (inst.last_activity_at, inst.started_at, inst.state_changed_at) if t is not None)
+    """Newest sign of life: activity, or the last start (a just-started or just-woken session is not idle).
+
+    Heartbeats resuming after `unhealthy` are no sign of life (they report what happened meanwhile): on a
+    busy host a session whose heartbeats came late again and again would otherwise never be idle."""
+    seen = [t for t in (inst.last_activity_at, inst.started_at) if t is not None]
+    return max(seen) if seen else inst.state_changed_at
 
 
 def last_heartbeat_ref(inst: Instance) -> datetime:

@@ -35,6 +35,7 @@ class FakeSession:
     state: str = "running"
     route: dict[str, Any] | None = None
     wake_polls: int = 0  # authorize calls a stopped session needs before it runs
+    stopping_calls: int = 0  # authorize calls that find a stopping session still stopping; then it is stopped
     reason: str | None = None
 
 
@@ -142,6 +143,10 @@ class FakeApi:
             if req["jti"] in self.used_jti:
                 return self._problem(401, "unauthorized", "this attach token was already used; ask for a new one")
             self.used_jti.add(req["jti"])
+        if session.state == "stopping":
+            session.stopping_calls -= 1
+            if session.stopping_calls < 0:
+                session.state = "stopped"
         if session.state == "failed":
             return self._problem(409, "session_failed", f"session {sid} failed: {session.reason or 'unknown reason'}")
         if session.state == "stopped" and req.get("wake") is False:

@@ -59,3 +59,15 @@ async def test_stopped_session_wakes_with_progress(env: Env) -> None:
     assert progress and all(line.startswith(b"[orz] session ") for line in progress), result.stderr
     assert b"orz: " not in result.stderr
     assert env.api.authorize_calls[-1].get("jti") is None  # polls never replay a token
+
+
+async def test_a_session_the_reaper_is_stopping_as_the_user_arrives_is_woken(env: Env) -> None:
+    """The soak's `ssh host cmd` that failed: the first authorize finds the session stopping (idle), the
+    exec channel's re-authorization finds it stopped. The channel waits for the attach to wake it."""
+    env.api.sessions[SESSION].state = "stopping"
+    env.api.sessions[SESSION].stopping_calls = 1
+    env.api.sessions[SESSION].wake_polls = 2
+    result = await env.ssh(*env.cert_args(), "--", "echo still here")
+    assert result.returncode == 0, result
+    assert result.stdout == b"still here\n"
+    assert b"orz: " not in result.stderr

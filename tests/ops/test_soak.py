@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
@@ -68,9 +70,40 @@ def test_a_short_soak_reports_a_deliberately_lost_file(short_base: Path) -> None
         assert "rss_growth_pct" in leak and "rss_growth_from_start_pct" in leak
     assert report["orphans"] == [] and report["db_rows_left"] == {}
     assert set(report["slo"]) >= {"Attach success", "p99 attach latency", "API error ratio"}
+    machine = report["machine"]
+    assert machine["cpus"] == os.cpu_count()
+    assert 0 <= machine["load1"]["min"] <= machine["load1"]["median"] <= machine["load1"]["max"]
+    assert len(machine["load1_samples"]) >= 2
+    assert f"Machine: {os.cpu_count()} CPUs; load average (1 min) min " in md.read_text()
     assert md.read_text().rstrip().splitlines()[-1] == out[-1]
     if importlib.util.find_spec("matplotlib") is not None:  # the `soak` extra (make soak installs it)
         assert report["png"] and Path(report["png"]).stat().st_size > 0
+
+
+def _soak_module(name: str) -> ModuleType:
+    sys.path.insert(0, str(ROOT / "hack"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "hack"))
+
+
+def test_the_report_says_how_busy_the_machine_was() -> None:
+    """A reader tells a starved machine from a slow platform: CPUs and the load average over the run."""
+    soak_report = _soak_module("soak_report")
+    soak_users = _soak_module("soak_users")
+    platform = SimpleNamespace(database="sqlite", services={})
+    sampler = soak_report.Sampler(platform)
+    sampler.loads = [(100.0, 3.0), (105.0, 21.5), (110.0, 17.25), (115.0, 24.0)]
+    report = soak_report.build(soak_users.Recorder(), [], sampler, platform, 100.0, 120.0, {})
+    assert report["machine"]["cpus"] == os.cpu_count()
+    assert report["machine"]["load1"] == {"min": 3.0, "median": 19.38, "max": 24.0}
+    md = soak_report.markdown(report, None)
+    assert f"Machine: {os.cpu_count()} CPUs; load average (1 min) min 3.0, median 19.38, max 24.0" in md
+    starved = soak_report.machine_line({"cpus": 2, "load1": {"min": 3.0, "median": 19.38, "max": 24.0}})
+    assert "9.7 runnable per CPU" in starved
+    idle = soak_report.machine_line({"cpus": 2, "load1": {"min": 0.1, "median": 1.2, "max": 2.5}})
+    assert "runnable per CPU" not in idle
 
 
 def test_the_report_and_the_dashboard_show_the_same_indicators() -> None:
