@@ -12,7 +12,7 @@ import asyncssh
 
 from api.schemas import CLIENT_AGENT_ENV, Route, client_env_allowed
 from api.settings import ssh_algorithms
-from gateway import splice
+from gateway import splice, window
 from gateway.cork import CorkedTunnel, TurnBatcher
 from gateway.errors import AttachRefused, UpstreamUnavailable
 
@@ -155,6 +155,9 @@ class _UpstreamSession(asyncssh.SSHClientSession[bytes]):
         self.exit_status: int | None = None
         self.exit_signal: tuple[str, bool, str, str] | None = None
 
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:  # type: ignore[override]
+        window.hold_window(chan)  # paused while the client lags: hold one window of the runner's output
+
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self._down.from_upstream(data, datatype)
 
@@ -195,11 +198,13 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         self._out: TurnBatcher | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop_progress: Callable[[], None] | None = None
+        self._runner_full = False  # the runner's channel asked the client's to pause
 
     # -- requests from the client -----------------------------------------------------------------
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         self._chan = chan
+        window.hold_window(chan)  # paused while the runner lags: hold one window of the client's input
         self._out = TurnBatcher(self._write_out, asyncio.get_running_loop())
         self._attachment.sessions.add(self)
 
@@ -232,6 +237,10 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             self._up.write(data)
         else:
             self._pending.append(data)
+            # Nothing to relay to until the runner's channel is open: the rest waits in the client's
+            # window (else an upload piles up here for as long as the open takes).
+            if self._chan is not None:
+                self._chan.pause_reading()
 
     def eof_received(self) -> bool:
         if self._up is not None:
@@ -309,6 +318,8 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         self._pending.clear()
         if self._pending_eof:
             self._up.write_eof()
+        if not self._runner_full:
+            chan.resume_reading()  # what waited in the client's window goes to the runner now
         if self._fast_path:
             # From here on the pair's steady-state data skips asyncssh's channel machinery (gateway.splice).
             assert self._out is not None
@@ -394,9 +405,11 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             chan.close()  # mirror the runner: no status was sent, so none is invented
 
     def pause_client(self) -> None:
+        self._runner_full = True
         if self._chan is not None:
             self._chan.pause_reading()
 
     def resume_client(self) -> None:
+        self._runner_full = False
         if self._chan is not None:
             self._chan.resume_reading()

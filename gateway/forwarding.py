@@ -7,7 +7,7 @@ from typing import Literal
 
 import asyncssh
 
-from gateway import splice
+from gateway import splice, window
 from gateway.bridge import Attachment, Counters
 from gateway.errors import AttachRefused, UpstreamUnavailable
 
@@ -26,6 +26,7 @@ class Pipe(asyncssh.SSHTCPSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]
         self._chan = chan
+        window.hold_window(chan)  # paused while the other end lags: hold one window, not more
         for data in self._pending:
             chan.write(data)
         self._pending.clear()
