@@ -15,7 +15,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from gateway import splice
+from gateway import splice, window
 from tests.gateway.conftest import Env, asyncssh_client, gateway_env
 from tests.support import free_port
 
@@ -67,6 +67,11 @@ async def test_the_installed_asyncssh_keeps_the_state_the_fast_path_needs(env: E
         assert not missing, (f"asyncssh {asyncssh.__version__} lacks what gateway/splice.py relies on: "
                              f"{', '.join(missing)}; update splice.py before raising the pin in pyproject.toml")
         assert legs, f"asyncssh {asyncssh.__version__}: no bridge took the fast path"
+        # gateway/window.py's back-pressure overrides a channel method: the same guard for its state.
+        held = sorted({m for leg in legs for m in window.missing_state(leg.src)})
+        assert not held, (f"asyncssh {asyncssh.__version__} lacks what gateway/window.py relies on: "
+                          f"{', '.join(held)}; update window.py before raising the pin in pyproject.toml")
+        assert all(getattr(type(leg.src), "holds_window", False) for leg in legs), "a bridged channel lost hold_window"
         process.stdin.write_eof()
         await asyncio.wait_for(process.wait_closed(), 5)
 
