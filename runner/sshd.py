@@ -23,7 +23,7 @@ import asyncssh
 
 from api.schemas import CLIENT_AGENT_ENV, UNIX_ROUTE_PREFIX, client_env_allowed
 from api.settings import ssh_algorithms
-from gateway import splice
+from gateway import splice, window
 from gateway.cork import WithoutFiller
 from runner.activity import Activity
 from runner.paths import SessionSFTP, expand_login_home
@@ -97,6 +97,18 @@ class _EndpointConnection(WithoutFiller, asyncssh.SSHServerConnection):
             super().data_received(data, datatype)
         else:
             fast.data_received(data)  # hands asyncssh (the method above this one) whatever it does not take
+
+    # Channels count what they still buffer when they give window back (gateway.window): an upload into a
+    # program that reads slower than the gateway sends must not pile up here, one window per pause.
+    def create_server_channel(self, *args: Any, **kwargs: Any) -> asyncssh.SSHServerChannel[Any]:
+        chan = super().create_server_channel(*args, **kwargs)
+        window.hold_window(chan)
+        return chan
+
+    def create_tcp_channel(self, *args: Any, **kwargs: Any) -> asyncssh.SSHTCPChannel[Any]:
+        chan = super().create_tcp_channel(*args, **kwargs)
+        window.hold_window(chan)
+        return chan
 
 
 class _Connection(asyncssh.SSHServer):
