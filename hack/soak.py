@@ -4,13 +4,15 @@
     make soak                      # SOAK_S seconds (default 1800), 20 users, every fault, SQLite
     make soak-ci                   # the CI profile: 120 s, a few users
     make soak-rehearsal            # the CI profile on the chart, on the Kubernetes rehearsal (root)
+    make soak-rehearsal SOAK_REHEARSAL_ACCESS=api   # the same, users only through port-forwards
     .venv/bin/python hack/soak.py --seconds 300 --users 3 --database postgres
 
 The platform is the embedded default's services (`orz api`, `orz gateway`, `orz scheduler`, local
 sandboxed runners) as separate processes on one data dir, so each can be killed -9 and started again;
 `--topology server` runs `orz server` itself (all three in one process, killed -9 as one).
 `--target rehearsal` instead installs the chart with helm on the rehearsal's one-node cluster (rehearsal/;
-root) and runs the same users and the faults that exist there (hack/soak_rehearsal.py).
+root) and runs the same users and the faults that exist there (hack/soak_rehearsal.py); with `--access api`
+its users reach it only through port-forwards by the cluster's API server, as on kind.
 Users are real: the orz CLI, OpenSSH ssh/scp/-L into tmux, REST clients and browser-door WebSockets.
 The report (markdown, JSON, PNG) goes to <data dir>/soak/; its path is printed, and the last line is
 `soak: <ops> ops, <pct>% ok outside faults, <lost> lost, <faults> faults, <recovered> recovered`.
@@ -51,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "installed on the Kubernetes rehearsal's one-node cluster (root)")
     parser.add_argument("--helm", type=Path, default=HERE.parent / ".cache" / "bin" / "helm",
                         help="helm for --target rehearsal (make helm fetches it)")
+    parser.add_argument("--access", choices=("direct", "api"), default="direct",
+                        help="--target rehearsal: users reach the chart at its load balancers (direct) or only "
+                             "through port-forwards to Ready Pods by the cluster's API server (api, as on kind)")
     parser.add_argument("--seconds", type=float, default=None,
                         help="how long users run (default: SOAK_S, else the profile's)")
     parser.add_argument("--users", type=int, default=None, help="simulated SSH users")
@@ -84,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.faults) - set(known)
     if unknown:
         parser.error(f"unknown faults for {where}: {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+    if args.access != "direct" and args.target != "rehearsal":
+        parser.error("--access api needs --target rehearsal (the embedded services have no cluster API)")
     if args.target == "rehearsal" and os.geteuid() != 0:
         parser.error("--target rehearsal needs root (the rehearsal's namespaces, bridge and mounts)")
     if "pg-terminate" in args.faults and args.target == "embedded" and args.database != "postgres":
@@ -118,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "rehearsal":
         from soak_rehearsal import RehearsalPlatform
 
-        platform = RehearsalPlatform(base, idle_timeout_s=args.idle_timeout, helm=args.helm.resolve())
-        where = "the chart on the rehearsal"
+        platform = RehearsalPlatform(base, idle_timeout_s=args.idle_timeout, helm=args.helm.resolve(),
+                                     access_mode=args.access)
+        where = "the chart on the rehearsal" + (", users by port-forward" if args.access == "api" else "")
     else:
         platform = Platform(base, args.database, idle_timeout_s=args.idle_timeout, topology=args.topology)
         where = f"{args.database}, {args.topology}"
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     report = build(rec, injector.faults if injector else [], sampler, platform, started, ended,
                    {"users": args.users, "rest_users": args.rest_users, "web_users": args.web_users,
                     "topology": args.topology if args.target == "embedded" else "kubernetes",
-                    "target": args.target,
+                    "target": args.target, "access": args.access,
                     "profile": args.profile, "data_dir": str(platform.data)})
     report["orphans"] = orphans
     # Sessions a client never heard of (its create's answer was lost to a fault): killed by the admin.

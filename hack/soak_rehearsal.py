@@ -1,11 +1,16 @@
 """The soak's platform on Kubernetes: the chart installed by helm on the rehearsal's one-node cluster
 (rehearsal/: a real HTTPS API server, a kubelet running Pods as processes in namespaces).
 
-Users meet it as on a real cluster: the orz CLI against the ingress's load-balancer address, OpenSSH to the
-gateway's, the browser door on the gateway's web port. The operator works through the cluster's API
-(`kubectl exec` for `orz admin` and psql, Pod deletes) plus what only this machine can do, as the
-rehearsal's own steps do: kill -9 of a container's process (the kubelet restarts it) and reading the
-container processes' /proc for memory and fds. Needs root and the machine's rehearsal lock.
+Users meet it as on a real cluster. With `--access direct` (the default): the orz CLI against the ingress's
+load-balancer address, OpenSSH to the gateway's, the browser door on the gateway's web port. With
+`--access api`, as on kind and most clusters: only through port-forwards by the cluster's API server
+(rehearsal.kube.PodForwarder, the rehearsal's own `--access api`), each new connection to a Ready Pod of
+the component, and the chart told those local addresses are the public ones.
+Either way the operator works through the cluster's API (`kubectl exec` for `orz admin` and psql, Pod
+deletes) plus what only this machine can do, as the rehearsal's own steps do: kill -9 of a container's
+process (the kubelet restarts it) and reading the container processes' /proc and Pod IPs for memory, fds
+and metrics; so the faults are the same in both modes and only the users' path differs.
+Needs root and the machine's rehearsal lock.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from soak_platform import CLOUD_YAML, ROOT, http_get, rss_kib, wait_for
 
 from api.instances.providers.kubernetes.names import SESSION_LABEL, label_value
 from rehearsal import steps
-from rehearsal.kube import container_port
+from rehearsal.kube import KubeAccess, container_port
 
 HELM = ROOT / ".cache" / "bin" / "helm"
 # The lock `python -m rehearsal` takes besides the cluster's own (rehearsal/__main__.py).
 RUN_LOCK = Path("/run/lock/orz-rehearsal.lock")
 # The cluster has no redis image: the fixture's session has no service (users -L to a server they start).
 CLOUD_YAML_NO_SERVICES = CLOUD_YAML.split("services:", 1)[0]
+ACCESS_MODES = ("direct", "api")
 PSQL = ["psql", "-h", "/var/run/postgresql", "-U", "orz", "-d", "orz", "-At", "-v", "ON_ERROR_STOP=1", "-c"]
 
 
@@ -55,6 +61,16 @@ def soak_values(idle_timeout_s: int) -> dict[str, Any]:
                      "ORZ_HEARTBEAT_INTERVAL_S": "3", "ORZ_SCHEDULER_LEASE_S": "4",
                      "ORZ_HEARTBEAT_FAIL_S": "60", "ORZ_WORK_SCAN_S": "5"},
     }}
+
+
+def user_edge(access: KubeAccess, mode: str, values: Path) -> steps.Edge:
+    """How the soak's users reach the chart: its load balancers (direct), or port-forwards to Ready Pods
+    through the API server (api), whose local addresses the chart's values then name as the public ones."""
+    if mode == "api":
+        return steps.forwarded_edge(access, values)
+    if mode == "direct":
+        return steps.load_balancer_edge(values)
+    raise ValueError(f"unknown access mode {mode!r} (known: {', '.join(ACCESS_MODES)})")
 
 
 def process_tree(pid: int) -> list[int]:
@@ -110,6 +126,7 @@ class RehearsalPlatform:
     idle_timeout_s: int = 20
     helm: Path = HELM
     values: Path = steps.VALUES
+    access_mode: str = "direct"  # how users reach it: "direct" (load balancers) or "api" (port-forwards)
     database: str = "postgres (the chart's)"
     data: Path = field(init=False)
     env: dict[str, str] = field(init=False, default_factory=dict)
@@ -120,6 +137,7 @@ class RehearsalPlatform:
     session_service: bool = False
     cluster: Any = field(init=False, default=None)  # rehearsal.cluster.RehearsalCluster
     access: Any = field(init=False, default=None)  # rehearsal.cluster.RehearsalAccess
+    edge: steps.Edge | None = field(init=False, default=None)  # the users' way in (user_edge)
     _lock: IO[str] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -133,11 +151,11 @@ class RehearsalPlatform:
 
     @property
     def api_url(self) -> str:
-        return f"http://{steps.API_LB}"
+        return self.edge.api_url if self.edge else f"http://{steps.API_LB}"
 
     @property
     def web_url(self) -> str:
-        return f"http://{steps.GATEWAY_LB}:443"
+        return f"http://{self.edge.web_host}" if self.edge else f"http://{steps.GATEWAY_LB}:443"
 
     def component_pods(self, component: str, ready: bool = True) -> list[dict[str, Any]]:
         if self.access is None:
@@ -204,7 +222,8 @@ class RehearsalPlatform:
         self.access = RehearsalAccess(self.cluster, work, remote=False)
         values = self.base / "soak-values.yaml"
         values.write_text(yaml.safe_dump(soak_values(self.idle_timeout_s)))
-        edge = steps.load_balancer_edge(self.values)
+        # The forwarders listen before the install: their addresses are in the values as the public ones.
+        edge = self.edge = user_edge(self.access, self.access_mode, self.values)
         edge.values += ["-f", str(values)]
         ctx = steps.Context(cluster=self.access, edge=edge, workdir=work, home=self.base / "admin-home")
         ctx.home.mkdir(parents=True, exist_ok=True)
@@ -216,7 +235,9 @@ class RehearsalPlatform:
                  lambda: bool(self.access.ready_pods(steps.NS, f"app.kubernetes.io/name={steps.GIT_SERVICE}")),
                  120, ctx.pod_summary)
         self.fixture_url = f"git://{steps.GIT_HOST}/fixture.git"
-        print(f"soak: chart installed and Ready on the rehearsal in {time.time() - t0:.0f} s", flush=True)
+        print(f"soak: chart installed and Ready on the rehearsal in {time.time() - t0:.0f} s; users reach it "
+              f"{'by port-forward' if self.access_mode == 'api' else 'at its load balancers'}: API {self.api_url}, "
+              f"web {self.web_url}", flush=True)
         self.env = self.user_env(ctx.home)
         self.admin("create-org", "soak", "--plan", "team")
         self.admin("create-user", "admin@soak.test", "--org", "soak", "--role", "admin")
@@ -320,6 +341,8 @@ class RehearsalPlatform:
 
     def stop(self) -> None:
         """The whole cluster down: every process, namespace, address and mount it made; the locks freed."""
+        if self.edge is not None:
+            self.edge.close()
         if self.access is not None:
             with contextlib.suppress(Exception):
                 self.access.close()

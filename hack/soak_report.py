@@ -277,8 +277,9 @@ def verdict(report: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any], png: Path | None) -> str:
+    by = ", users by port-forward" if report.get("access") == "api" else ""
     lines = [f"# Soak {report['started']} ({report['duration_s']:.0f} s, {report['database']}, "
-             f"{report.get('users', '?')} users)", ""]
+             f"{report.get('users', '?')} users{by})", ""]
     missed = verdict(report)
     lines += ["Targets: " + ("all met" if not missed else "missed: " + "; ".join(missed)), ""]
     if "machine" in report:

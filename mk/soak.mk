@@ -3,6 +3,7 @@
 
 SOAK_S ?= 1800
 SOAK_REHEARSAL_S ?= 150
+SOAK_REHEARSAL_ACCESS ?= direct
 SOAK_ARGS ?=
 
 .PHONY: soak soak-ci soak-rehearsal soak-setup
@@ -19,6 +20,8 @@ soak-ci: soak-setup
 	.venv/bin/python hack/soak.py --profile ci $(SOAK_ARGS)
 
 ## soak-rehearsal: the CI profile on Kubernetes: the chart helm-installed on the rehearsal's one-node
-## cluster (rehearsal/; root, one per machine), the same users, the faults Kubernetes has (SOAK_REHEARSAL_S s)
+## cluster (rehearsal/; root, one per machine), the same users, the faults Kubernetes has (SOAK_REHEARSAL_S s).
+## SOAK_REHEARSAL_ACCESS=api (or SOAK_ARGS='--access api') has users reach it only by port-forward, as on kind
 soak-rehearsal: soak-setup $(HELM)
-	.venv/bin/python hack/soak.py --target rehearsal --profile ci --seconds $(SOAK_REHEARSAL_S) --helm $(HELM) $(SOAK_ARGS)
+	.venv/bin/python hack/soak.py --target rehearsal --profile ci --seconds $(SOAK_REHEARSAL_S) --helm $(HELM) \
+		--access $(SOAK_REHEARSAL_ACCESS) $(SOAK_ARGS)

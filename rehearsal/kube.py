@@ -162,11 +162,53 @@ class KubeAccess:
             forwarder.close()
         self._forwarders.clear()
 
-    def open_port(self, pod: Obj, port: int) -> Any:
+    def open_port(self, pod: Obj, port: int) -> ForwardedPort:
         """A socket-like object connected to the Pod's port through the API server."""
         forward = portforward(self._stream_core().connect_get_namespaced_pod_portforward, pod["metadata"]["name"],
                               pod["metadata"]["namespace"], ports=str(port))
-        return forward.socket(port)
+        return ForwardedPort(forward, port)
+
+
+class ForwardedPort:
+    """This machine's end of one port-forward stream. Closing it also closes the WebSocket under it: the
+    official client leaves that open when the server ended the stream first, until the garbage collector
+    finds it, which holds a socket per finished connection meanwhile (thousands in a soak)."""
+
+    def __init__(self, forward: Any, port: int) -> None:
+        self._forward = forward
+        self._socket = forward.socket(port)
+        # The client's thread carrying this stream (kubernetes.stream.ws_client.PortForward._proxy): the
+        # WebSocket is only ours to close once it is done. Not running any more: done already (a Pod that
+        # hung up at once). A client or Python whose thread cannot be told: the collector closes it, as before.
+        carry = getattr(forward, "_proxy", None)
+        self._knows_carrier = carry is not None and _THREADS_KEEP_TARGET
+        self._carrier = next((t for t in threading.enumerate() if getattr(t, "_target", None) == carry), None) \
+            if self._knows_carrier else None
+
+    def recv(self, size: int) -> bytes:
+        return bytes(self._socket.recv(size))
+
+    def sendall(self, data: bytes) -> None:
+        self._socket.sendall(data)
+
+    def shutdown(self, how: int) -> None:
+        self._socket.shutdown(how)
+
+    def close(self) -> None:
+        self._socket.close()
+        if not self._knows_carrier:
+            return
+        if self._carrier is not None:
+            self._carrier.join(timeout=10)  # it ends once both ends are closed (its close handshake: <= 3 s)
+            if self._carrier.is_alive():
+                return
+        websocket = self._forward.websocket
+        if websocket.sock is not None:
+            websocket.shutdown()
+
+
+# A running thread keeps its target as Thread._target (CPython); how ForwardedPort finds the client's carrier.
+_THREADS_KEEP_TARGET = hasattr(threading.Thread(target=int), "_target")
 
 
 def container_port(pod: Obj, port_name: str) -> int | None:

@@ -8,11 +8,13 @@ command on this machine), and the Pods' "containers" are TCP servers on 127.0.0.
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,3 +171,39 @@ def test_creating_objects_again_keeps_them_and_other_errors_still_fail(server: F
     assert server.store.get("configmaps", NS, "fixture")["data"] == {"a": "1"}
     with pytest.raises(FailToCreateError):
         access.create(NS, [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "Not_A_Name"}}])
+
+
+def test_finished_forwards_leave_no_socket_open(server: FakeApiServer, access: KubeAccess) -> None:
+    """Every connection through a forwarder ends with nothing left open in this process, whichever end
+    hung up first, without waiting for the garbage collector (a soak forwards thousands)."""
+    class HangsUp(TaggedEcho):
+        def _echo(self, conn: socket.socket) -> None:
+            with conn:
+                conn.sendall(self.tag)
+
+    first, echo = HangsUp(b"H"), TaggedEcho(b"E")
+    ready_pod(server, "hangs-up", first.port, app="hangs-up")
+    ready_pod(server, "echo", echo.port)
+    by_pod, by_us = PodForwarder(access, NS, "app=hangs-up", "echo"), PodForwarder(access, NS, "app=echo", "echo")
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.disable()
+    try:
+        exchange(by_pod.address, b"", 1)  # the first of each makes the client's pools: not counted
+        exchange(by_us.address, b"x", 2)
+        before = open_fds()
+        for _ in range(10):
+            assert exchange(by_pod.address, b"", 1) == b"H"
+            assert exchange(by_us.address, b"x", 2) == b"Ex"
+        deadline = time.monotonic() + 30
+        while open_fds() > before and time.monotonic() < deadline:
+            time.sleep(0.2)  # the last streams' close handshakes
+        assert open_fds() <= before
+    finally:
+        gc.enable()
+        by_pod.close()
+        by_us.close()
+        first.close()
+        echo.close()
