@@ -168,6 +168,8 @@ class CorkProtocol(asyncio.Protocol):
         return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._fast is not None:
+            self._fast.close()
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
