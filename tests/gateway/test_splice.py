@@ -15,7 +15,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from gateway import splice
+from gateway import idle, splice
 from tests.gateway.conftest import Env, asyncssh_client, gateway_env
 from tests.support import free_port
 
@@ -83,8 +83,9 @@ async def test_keystrokes_after_an_idle_spell_take_the_fast_path_again(env: Env,
 
 async def test_the_installed_asyncssh_keeps_the_state_the_fast_path_needs(env: Env,
                                                                         fast_paths: list[splice.FastPath]) -> None:
-    """The guard on pyproject's asyncssh pin: on a release that moved the internals gateway/splice.py reads,
-    this names what is missing (the gateway would run, silently, without its fast path)."""
+    """The guard on pyproject's asyncssh pin: on a release that moved the internals gateway/splice.py and
+    gateway/idle.py read, this names what is missing (the gateway would run, with one log line, without its
+    fast path or keeping what idle sessions need not)."""
     async with await asyncssh_client(env) as conn:
         process = await conn.create_process(term_type="xterm", encoding=None)
         await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
@@ -93,6 +94,11 @@ async def test_the_installed_asyncssh_keeps_the_state_the_fast_path_needs(env: E
                          | {m for leg in legs for m in splice.missing_state(leg.src.get_connection(), leg.src)})
         assert not missing, (f"asyncssh {asyncssh.__version__} lacks what gateway/splice.py relies on: "
                              f"{', '.join(missing)}; update splice.py before raising the pin in pyproject.toml")
+        # What gateway/idle.py lets go of once a session is set up (its memory per idle session).
+        missing = sorted({m for path in fast_paths for m in idle.missing_state(path.conn)}
+                         | {m for leg in legs for m in idle.missing_state(leg.src.get_connection(), leg.src)})
+        assert not missing, (f"asyncssh {asyncssh.__version__} lacks what gateway/idle.py relies on: "
+                             f"{', '.join(missing)}; update idle.py before raising the pin in pyproject.toml")
         assert legs, f"asyncssh {asyncssh.__version__}: no bridge took the fast path"
         process.stdin.write_eof()
         await asyncio.wait_for(process.wait_closed(), 5)
