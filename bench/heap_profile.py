@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 FRAMES = 25  # deep enough to reach asyncssh's or the gateway's frame from a dict resize or a bytes join
-TOP = 60
+TOP = 100
 _OWNERS = ("/asyncssh/", "/gateway/", "/api/", "/bench/")
 _ROOT = str(Path(__file__).resolve().parents[1]) + "/"
 
@@ -94,7 +94,7 @@ def write(base: tracemalloc.Snapshot, out: Path) -> None:
     tmp.rename(out)
 
 
-def per_session(report: dict[str, object], n: int, rows: int = 40) -> dict[str, object]:
+def per_session(report: dict[str, object], n: int, rows: int = 100) -> dict[str, object]:
     """The report's figures per held session: bytes each, and the top rows as (site, bytes, blocks) each."""
     out: dict[str, object] = {"bytes_per_session": round(int(report["bytes"]) / n),  # type: ignore[call-overload]
                               "blocks_per_session": round(int(report["blocks"]) / n, 1)}  # type: ignore[call-overload]
