@@ -38,6 +38,9 @@ from bench.gateway_roles import CERT_TTL_S
 SESSION = "bench"
 USER = "usr_bench"
 SSHD = "/usr/sbin/sshd"
+# Held sessions are measured this long after the last one attached: past two of gateway.splice's
+# IDLE_SWEEP_S, after which an idle connection keeps no AES-GCM context.
+IDLE_S = 12.0
 
 
 # ------------------------------------------------------------------------------------- orchestration
@@ -46,9 +49,10 @@ SSHD = "/usr/sbin/sshd"
 class Child:
     """A role of this script in its own process (so its RSS and CPU are its own)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, tree: Path | None = None) -> None:
+        # `tree`: another checkout whose code this role runs (an A/B against a parent commit in the same hour).
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.gateway_roles", *args], stdout=subprocess.PIPE,
-                                     cwd=Path(__file__).resolve().parent.parent)
+                                     cwd=tree or Path(__file__).resolve().parent.parent)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
@@ -251,15 +255,23 @@ def pct(values: list[float], p: float) -> float:
 
 
 async def hold_sessions(work: Path, n: int, client_key: asyncssh.SSHKey, cert: asyncssh.SSHCertificate,
-                        settings: Settings, uvloop: bool) -> dict[str, float]:
-    """Fresh gateway + idle runner; attach n pty sessions with asyncssh clients; measure gateway RSS."""
+                        settings: Settings, uvloop: bool, *, heap: bool = False,
+                        tree: Path | None = None, idle_s: float = IDLE_S) -> dict[str, Any]:
+    """Fresh gateway + idle runner; attach n pty sessions with asyncssh clients; measure gateway RSS.
+
+    `heap`: the gateway traces its heap (bench/heap_profile.py; RSS then counts tracemalloc's own
+    tables, so read the RSS of a run without it) and the result carries the top allocation sites per
+    session. `tree`: run the gateway from that checkout (its bench/gateway_roles.py must take the same
+    arguments), for an A/B against another commit in the same hour."""
     runner_key = work / "runner_host"
     if not runner_key.exists():
         asyncssh.generate_private_key("ssh-ed25519").write_private_key(runner_key)
     runner = Child("--serve-idle-runner", str(runner_key))
     runner_pub = asyncssh.read_private_key(runner_key).export_public_key().decode().strip()
+    heap_out = work / "heap.json"
+    heap_out.unlink(missing_ok=True)
     gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(runner.port), runner_pub,
-               *(["--uvloop"] if uvloop else []))
+               *(["--uvloop"] if uvloop else []), *(["--tracemalloc", str(heap_out)] if heap else []), tree=tree)
     host_key = asyncssh.read_private_key(settings.data_dir / "keys" / "gateway_host_ed25519")
     known = ([host_key.convert_to_public()], [], [])
     conns: list[asyncssh.SSHClientConnection] = []
@@ -282,17 +294,31 @@ async def hold_sessions(work: Path, n: int, client_key: asyncssh.SSHKey, cert: a
         attach_s = time.perf_counter() - start
         failures = [r for r in results if isinstance(r, BaseException)]
         await asyncio.sleep(1.0)
+        soon = gw.rss_kib()
+        # Idle means idle: what the gateway lets go of after a quiet spell (its kept AES-GCM contexts, after
+        # one or two of gateway.splice's IDLE_SWEEP_S) is not held by an idle session.
+        await asyncio.sleep(max(0.0, idle_s - 1.0))
         held = gw.rss_kib()
-        return {"sessions": len(conns), "failed": len(failures), "attach_all_s": attach_s,
-                **({"first_failure": repr(failures[0])} if failures else {}),
-                "rss_base_mib": base / 1024, "rss_held_mib": held / 1024,
-                "rss_per_session_kib": (held - base) / max(1, len(conns))}
+        report: dict[str, Any] = {
+            "sessions": len(conns), "failed": len(failures), "attach_all_s": attach_s,
+            **({"first_failure": repr(failures[0])} if failures else {}),
+            "rss_base_mib": base / 1024, "rss_held_mib": held / 1024, "idle_s": idle_s,
+            "rss_per_session_kib": (held - base) / max(1, len(conns)),
+            "rss_per_session_kib_after_1s": (soon - base) / max(1, len(conns))}
+        if heap:
+            from bench import heap_profile
+
+            gw.proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 300
+            while not heap_out.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            report["heap"] = heap_profile.per_session(json.loads(heap_out.read_text()), max(1, len(conns)))
+        return report
     finally:
         for conn in conns:
             conn.close()
         gw.stop()
         runner.stop()
-
 
 
 def bench_credentials(work: Path, settings: Settings) -> tuple[Any, Any, Any, Any]:

@@ -2,11 +2,13 @@
 
 Each runs in its own process so its RSS and CPU are its own:
     python -m bench.gateway_roles --serve-gateway DATA_DIR HOST PORT HOST_KEY [--upstream-user U] [--uvloop]
-        [--no-fast-path]
+        [--no-fast-path] [--tracemalloc OUT]
     python -m bench.gateway_roles --serve-idle-runner HOST_KEY_FILE
     python -m bench.gateway_roles --serve-runner-endpoint STATE_DIR WORKSPACE GATEWAY_PUBLIC_KEY [--uvloop]
         [--no-fast-path]
-Each prints {"port": N} once listening (the runner endpoint adds "host_key") and stops on SIGTERM.
+Each prints {"port": N} once listening (the runner endpoint adds "host_key") and stops on SIGTERM. With
+--tracemalloc the gateway traces its heap from then on and writes what grew to OUT on SIGUSR1
+(bench/heap_profile.py).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class StubApi:
         return None
 
 
-async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None, fast_path: bool = True) -> None:
+async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None, fast_path: bool = True,
+                        tracemalloc_out: Path | None = None) -> None:
     import gateway.server as gw_server
 
     if upstream_user:
@@ -68,6 +71,11 @@ async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None,
     from cli.services import freeze_startup_heap
 
     freeze_startup_heap()  # as `orz gateway` does once started
+    if tracemalloc_out is not None:
+        from bench import heap_profile
+
+        base = heap_profile.start()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, heap_profile.write, base, tracemalloc_out)
     print(json.dumps({"port": gw.port}), flush=True)
     try:
         await _until_sigterm()
@@ -169,6 +177,8 @@ def cli() -> None:
     parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                         help="every packet through asyncssh's channels (gateway/splice.py off; for the gateway "
                              "or the runner endpoint)")
+    parser.add_argument("--tracemalloc", type=Path, metavar="OUT",
+                        help="trace the gateway's heap; on SIGUSR1 write what grew to OUT (bench/heap_profile.py)")
     parser.add_argument("--serve-idle-runner", metavar="HOST_KEY_FILE")
     parser.add_argument("--serve-runner-endpoint", nargs=3, metavar=("STATE_DIR", "WORKSPACE", "GATEWAY_KEY"))
     args = parser.parse_args()
@@ -180,7 +190,7 @@ def cli() -> None:
         if args.serve_gateway:
             data_dir, host, port, host_key = args.serve_gateway
             asyncio.run(serve_gateway(Path(data_dir), Route(host=host, port=int(port), host_key=host_key),
-                                      args.upstream_user, args.fast_path))
+                                      args.upstream_user, args.fast_path, args.tracemalloc))
         elif args.serve_idle_runner:
             asyncio.run(serve_idle_runner(Path(args.serve_idle_runner)))
         elif args.serve_runner_endpoint:

@@ -27,7 +27,11 @@ lower is better, for throughput higher is better), and TARGETS holds the issue's
 
     python -m bench.real_path [--bytes 100M] [--samples 1000] [--rounds 3] [--sessions 1000]
         [--runner-sessions 50] [--no-sshd-endpoint] [--no-relay] [--runner-uvloop]
-        [--alt-runner loop|asyncssh-path]
+        [--alt-runner loop|asyncssh-path] [--only echo,bulk,copies,setup,hold]
+
+`--only hold` holds the idle sessions on one gateway and nothing else (no sshd, runner or rounds), to
+iterate on the gateway's memory per session; `--tracemalloc` adds its top allocation sites per session,
+`--gateway-tree DIR` runs that gateway from another checkout (A/B against a parent commit).
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ from bench.gateway_roles import raise_fd_limit
 from runner.tmux import Tmux
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
-MEASURES = ("echo", "bulk", "copies", "setup")  # what each round measures (--only picks some)
+ROUND_MEASURES = ("echo", "bulk", "copies", "setup")  # what each round measures (--only picks some)
+MEASURES = (*ROUND_MEASURES, "hold")  # hold: idle sessions on one gateway process, once after the rounds
 RAW_CAT = "stty raw -echo && printf 'ready{n}' && exec cat"
 # (figure, comparison, target): each ratio is real path / baseline.
 TARGETS: tuple[tuple[str, str, float], ...] = (
@@ -407,7 +412,32 @@ def verdicts(report: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+async def hold_only(args: argparse.Namespace) -> dict[str, Any]:
+    """`--only hold`: the held idle sessions on one gateway process, without the rounds' processes."""
+    work = Path(tempfile.mkdtemp(prefix="orz-rp-", dir="/tmp"))
+    try:
+        settings = Settings(data_dir=work / "gw")
+        _, _, user, signed = bench_credentials(work, settings)
+        return {"load_average": os.getloadavg(), "gateway_loop": "uvloop" if args.uvloop else "asyncio",
+                **(await held_sessions(work, user, signed, settings, args))}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def held_sessions(work: Path, user: asyncssh.SSHKey, signed: Any, settings: Settings,
+                        args: argparse.Namespace) -> dict[str, Any]:
+    """The gateway's figure for the target: RSS per idle attached session with --sessions held."""
+    cert = asyncssh.import_certificate(signed.text)
+    held = await hold_sessions(work, args.sessions, user, cert, settings, args.uvloop, heap=args.tracemalloc,
+                               tree=args.gateway_tree)
+    report = {"gateway_held": held, "gateway_idle_kib_per_session": held["rss_per_session_kib"]}
+    report["targets"] = verdicts(report)
+    return report
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.only & set(ROUND_MEASURES):
+        return await hold_only(args)
     work = Path(tempfile.mkdtemp(prefix="orz-rp-", dir="/tmp"))  # short: tmux sockets live here
     work.chmod(0o755)
     sshd: Sshd | None = None
@@ -443,7 +473,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                        *(["--uvloop"] if args.runner_uvloop else []))
         children.append(runner)
         gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(runner.port),
-                   runner.info["host_key"], *(["--uvloop"] if args.uvloop else []))
+                   runner.info["host_key"], *(["--uvloop"] if args.uvloop else []), tree=args.gateway_tree)
         children.append(gw)
         sshd_pub = sshd.host_key.export_public_key().decode().strip()
         gw_pub = gw_host.export_public_key().decode().strip()
@@ -462,7 +492,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         gw_sshd: Child | None = None
         if args.sshd_endpoint:
             gw_sshd = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(sshd.port), sshd_pub,
-                            "--upstream-user", getpass.getuser(), *(["--uvloop"] if args.uvloop else []))
+                            "--upstream-user", getpass.getuser(), *(["--uvloop"] if args.uvloop else []),
+                            tree=args.gateway_tree)
             children.append(gw_sshd)
             cpu["sshdep_gateway"] = gw_sshd
         known = work / "known_hosts"
@@ -546,11 +577,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for child in children:
             child.stop()
         children.clear()
-        if args.sessions:
-            cert = asyncssh.import_certificate(signed.text)
-            held = await hold_sessions(work, args.sessions, user, cert, settings, args.uvloop)
-            report["gateway_held"] = held
-            report["gateway_idle_kib_per_session"] = held["rss_per_session_kib"]
+        if args.sessions and "hold" in args.only:
+            report.update(await held_sessions(work, user, signed, settings, args))
         report["targets"] = verdicts(report)
         if args.sshd_endpoint:
             report["sshdep_targets"] = verdicts(report, "sshdep_")
@@ -596,6 +624,11 @@ def cli() -> None:
                         help="leave out the floor: socat relaying bytes between ssh and sshd (on when socat exists)")
     parser.add_argument("--asyncio", dest="uvloop", action="store_false",
                         help="run the gateway on asyncio's own loop (default: uvloop, as `orz gateway` does)")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="hold: also the gateway's top heap allocation sites per session (its RSS then "
+                             "includes tracemalloc's tables: take the RSS figure from a run without)")
+    parser.add_argument("--gateway-tree", type=Path, metavar="DIR",
+                        help="run the gateway processes from this checkout (an A/B against another commit)")
     args = parser.parse_args()
     if args.relay and shutil.which("socat") is None:
         print("socat not found (apt-get install -y socat): the relay floor is left out", file=sys.stderr)

@@ -12,7 +12,7 @@ import asyncssh
 
 from api.schemas import CLIENT_AGENT_ENV, Route, client_env_allowed
 from api.settings import ssh_algorithms
-from gateway import splice, window
+from gateway import idle, splice, window
 from gateway.cork import CorkedTunnel, TurnBatcher
 from gateway.errors import AttachRefused, UpstreamUnavailable
 
@@ -60,24 +60,38 @@ class Counters:
         self.bytes_out += n
 
 
+class _UpstreamOwner(asyncssh.SSHClient):
+    """The upstream connection's owner: calls `on_lost` when the connection is gone."""
+
+    def __init__(self, on_lost: Callable[[], None]) -> None:
+        self._on_lost = on_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost()
+
+
 async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey, *,
-                           agent_path: str | None = None) -> asyncssh.SSHClientConnection:
-    """Open the one internal connection, pinning the runner's host key (no other key is trusted)."""
+                           agent_path: str | None = None,
+                           on_lost: Callable[[], None] | None = None) -> asyncssh.SSHClientConnection:
+    """Open the one internal connection, pinning the runner's host key (no other key is trusted).
+    `on_lost` is called when it closes (also if it fails to open)."""
     try:
         host_key = asyncssh.import_public_key(route.host_key)
     except (asyncssh.KeyImportError, ValueError) as exc:
         raise UpstreamUnavailable("session is not reachable right now", internal="bad host key") from exc
     try:
-        return await asyncssh.connect(
+        conn = await asyncssh.connect(
             route.host, route.port, username=mode, client_keys=[client_key],
             known_hosts=([host_key], [], []), config=None, agent_path=None,
             agent_forwarding=agent_path or False, preferred_auth="publickey", password=None,
             kbdint_auth=False, **ssh_algorithms(), compression_algs=None,
             keepalive_interval=KEEPALIVE_S, connect_timeout=UPSTREAM_CONNECT_TIMEOUT_S,
-            tunnel=CorkedTunnel(),
+            tunnel=CorkedTunnel(), **({"client_factory": lambda: _UpstreamOwner(on_lost)} if on_lost else {}),
         )
     except (TimeoutError, OSError, asyncssh.Error) as exc:
         raise UpstreamUnavailable("session is not reachable right now", internal=repr(exc)) from exc
+    idle.after_client_auth(conn)  # what asyncssh keeps but needed only to connect (idle memory per session)
+    return conn
 
 
 class Attachment:
@@ -157,6 +171,7 @@ class _UpstreamSession(asyncssh.SSHClientSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:  # type: ignore[override]
         window.hold_window(chan)  # paused while the client lags: hold one window of the runner's output
+        idle.lean_close_event(chan)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self._down.from_upstream(data, datatype)
@@ -205,6 +220,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         self._chan = chan
         window.hold_window(chan)  # paused while the runner lags: hold one window of the client's input
+        idle.lean_close_event(chan)
         self._out = TurnBatcher(self._write_out, asyncio.get_running_loop())
         self._attachment.sessions.add(self)
 
@@ -284,6 +300,12 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
     # -- upstream ---------------------------------------------------------------------------------
 
     async def _open_upstream(self) -> None:
+        try:
+            await self._bridge_upstream()
+        finally:
+            self._task = None  # a finished task keeps its coroutine object: not for the session's life
+
+    async def _bridge_upstream(self) -> None:
         chan = self._chan
         assert chan is not None
         if not self._attachment.upstream_now():

@@ -17,6 +17,7 @@ from asyncssh.constants import MSG_CHANNEL_DATA
 
 from api import ssh_transport
 from api.schemas import UNIX_ROUTE_PREFIX
+from gateway import idle
 from gateway.splice import FastPath
 
 
@@ -31,6 +32,11 @@ class WithoutFiller(ssh_transport.WithoutFiller):
         if pkttype == MSG_CHANNEL_DATA and self.fast_path is not None and self.fast_path.send_channel_data(args):
             return
         super().send_packet(pkttype, *args, handler=handler)
+
+    def send_newkeys(self, k: bytes, h: bytes) -> None:
+        kexinits = idle.before_key_exchange_ends(self)
+        super().send_newkeys(k, h)  # type: ignore[misc]
+        idle.after_key_exchange(self, kexinits)  # the KEXINITs asyncssh keeps until the next key exchange
 
 
 class RunnerSideConnection(WithoutFiller, asyncssh.SSHClientConnection):
@@ -151,6 +157,7 @@ class CorkProtocol(asyncio.Protocol):
     def __init__(self, inner: asyncio.Protocol) -> None:
         self.inner = inner
         self._fast: FastPath | None = None
+        idle.lean_close_event(inner)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         loop = asyncio.get_running_loop()
@@ -168,6 +175,8 @@ class CorkProtocol(asyncio.Protocol):
         return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._fast is not None:
+            self._fast.close()
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:

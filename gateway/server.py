@@ -20,7 +20,7 @@ from api.client import ApiClient
 from api.public_keys import PublicKeyError
 from api.schemas import AttachEventIn, AuthorizeReply
 from api.settings import SSH_SIGNATURE_ALGS, Settings, ssh_algorithms
-from gateway import auth, drain, keys, metrics
+from gateway import auth, drain, idle, keys, metrics
 from gateway.agent import AgentRelay
 from gateway.bridge import Attachment, BridgeSession, connect_upstream
 from gateway.cork import WithoutFiller
@@ -121,7 +121,7 @@ class ClientHandler(asyncssh.SSHServer):
         self.auth_done_at: float | None = None
         self.revoked: str | None = None  # why access was withdrawn while connected
         self.authorized_at: float | None = None  # monotonic time of the API's last yes to this connection
-        self._banners: set[str] = set()
+        self._banners: set[str] | None = None  # lines already shown (made on the first: most show none)
         self._unavailable_counted = False
         # Where the runner's agent requests land; relayed to the client's agent only if it asked (ssh -A).
         self.agent = AgentRelay(str(gateway.runtime_dir / f"agent-{self.id}"), self._client_agent_path)
@@ -273,6 +273,8 @@ class ClientHandler(asyncssh.SSHServer):
                                  "too many failed authentications")
 
     def _banner(self, line: str) -> None:
+        if self._banners is None:
+            self._banners = set()
         if line in self._banners or self.conn is None:
             return
         self._banners.add(line)
@@ -283,6 +285,8 @@ class ClientHandler(asyncssh.SSHServer):
         done = getattr(self.conn, "preauth_done", None)
         if done is not None:
             done()  # authenticated: no longer counts against the pre-auth limits
+        if self.conn is not None and self.gw.ssh_options is not None:
+            idle.after_server_auth(self.conn, self.gw.ssh_options)  # its own copy of the options goes
         self.attachment = Attachment(reauthorize=self._reauthorize, agent_wanted=self.agent.start)
         self.auth_done_at = time.monotonic()
         if self.refusal is not None:
@@ -384,7 +388,7 @@ class ClientHandler(asyncssh.SSHServer):
             assert reply.route is not None
             self.reply = reply
             upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key,
-                                              agent_path=self.agent.path)
+                                              agent_path=self.agent.path, on_lost=self._upstream_lost)
         except (AttachRefused, UpstreamUnavailable) as exc:
             self.log.info("attach to %s failed: %s", self.session_id, exc.internal or exc.line)
             metrics.attach_failed("ssh", exc.code)
@@ -403,9 +407,11 @@ class ClientHandler(asyncssh.SSHServer):
         await self.gw.router.report(AttachEventIn(
             session_id=self.session_id, user_id=self.principal.user_id, event="attached",
             connection_id=self.id, source_address=self.source))
-        await upstream.wait_closed()
-        # The runner went away: the client has nothing left to talk to.
-        if self.conn is not None:
+
+    def _upstream_lost(self) -> None:
+        """The runner went away: the client has nothing left to talk to. (A callback rather than a task
+        waiting for it: an idle attached session keeps no task, coroutine frames or future.)"""
+        if self.attached_at is not None and self.conn is not None:
             self.conn.close()
 
     # -- channels ------------------------------------------------------------------------------------
@@ -470,6 +476,7 @@ class Gateway:
         self.tunnel_sources: dict[tuple[str, int], str] = {}
         self.web: WebDoor | None = None
         self.draining = False  # set by drain(): no new connections, /readyz answers 503
+        self.ssh_options: asyncssh.SSHServerConnectionOptions | None = None  # the listener's, set by start()
 
     @property
     def anchors(self) -> auth.TrustAnchors:
@@ -526,6 +533,7 @@ class Gateway:
             login_timeout=self.settings.gateway_login_timeout_s, keepalive_interval=60, keepalive_count_max=3,
             server_version="OrzbobCloud",
         )
+        self.ssh_options = options
         loop = asyncio.get_running_loop()
         # Our own listener so connections use ClientSideConnection (asyncssh.listen has no class hook).
         self._server = await loop.create_server(

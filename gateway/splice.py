@@ -52,6 +52,10 @@ _GCM_STATE = ("_key", "_iv", "_update_iv")
 # Received data resets asyncssh's keepalive timer; doing it at most this often costs at worst one early
 # keepalive probe, and saves a timer cancel and re-arm per packet.
 _KEEPALIVE_RESET_EVERY_S = 1.0
+# A kept AES-GCM context (OpenSSL's key schedule and GHASH tables, ~1.5 KiB outside Python's heap) is let go
+# once its connection relayed or sealed nothing for a whole sweep period (so 1-2 periods after its last
+# use): an idle attached session then holds none, and its next keystroke builds them again.
+IDLE_SWEEP_S = 5.0
 
 
 def missing_state(conn: Any, *chans: Any) -> list[str]:
@@ -102,16 +106,48 @@ class Leg:
 class _Sealer:
     """An AESGCM context kept for one asyncssh GCM cipher (asyncssh builds a new one per packet)."""
 
-    __slots__ = ("aead", "cipher")
+    __slots__ = ("aead", "cipher", "mark")
 
     def __init__(self) -> None:
         self.cipher: Any = None
         self.aead: AESGCM | None = None
+        self.mark = -1  # the packet count at the last sweep (_IdleSweep)
 
-    def get(self, cipher: Any) -> AESGCM:
-        """The context for `cipher`, made anew after a key exchange replaced the cipher."""
-        self.cipher, self.aead = cipher, AESGCM(cipher._key)
-        return self.aead
+    def drop(self) -> None:
+        self.cipher = self.aead = None
+        self.mark = -1
+
+
+class _IdleSweep:
+    """One timer for the whole process: every IDLE_SWEEP_S it lets go of the contexts of fast paths that
+    used none since the previous sweep. Only fast paths holding a context are listed, so idle sessions
+    cost it nothing, and nothing is counted per packet (the connection's sequence numbers say enough)."""
+
+    def __init__(self) -> None:
+        self._paths: set[FastPath] = set()
+        self._timer: Any = None
+        self._loop: Any = None
+
+    def add(self, path: FastPath) -> None:
+        self._paths.add(path)
+        loop = path._loop
+        if self._timer is None or self._loop is not loop or loop.is_closed():
+            self._loop = loop  # (a test's closed loop leaves a timer behind that never fires)
+            self._timer = loop.call_later(IDLE_SWEEP_S, self._sweep)
+
+    def discard(self, path: FastPath) -> None:
+        self._paths.discard(path)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        for path in list(self._paths):
+            if not path.forget_idle_contexts():
+                self._paths.discard(path)
+        if self._paths:
+            self._timer = self._loop.call_later(IDLE_SWEEP_S, self._sweep)
+
+
+_idle_sweep = _IdleSweep()
 
 
 class FastPath:
@@ -139,6 +175,35 @@ class FastPath:
         for number, leg in list(self.legs.items()):
             if leg.src is chan or leg.dst is chan:
                 del self.legs[number]
+
+    def close(self) -> None:
+        """The connection is gone: let go of the kept contexts now rather than at the next sweep."""
+        self._open.drop()
+        self._seal.drop()
+        _idle_sweep.discard(self)
+
+    # -- kept AES-GCM contexts --------------------------------------------------------------------
+
+    def _keep(self, sealer: _Sealer, cipher: Any, aead: AESGCM) -> AESGCM:
+        """Keep `aead` for `cipher` (made anew after a key exchange replaced it, or after a sweep)."""
+        sealer.cipher, sealer.aead, sealer.mark = cipher, aead, -1
+        _idle_sweep.add(self)
+        return aead
+
+    def forget_idle_contexts(self) -> bool:
+        """Drop the contexts not used since the last sweep; whether one is still kept."""
+        kept = False
+        # Packets relayed count uses of the opening context, the send sequence number uses of the sealing one
+        # (asyncssh's own packets count there too: at worst a context lives one period longer).
+        for sealer, count in ((self._open, self.relayed_packets), (self._seal, self.conn._send_seq)):
+            if sealer.aead is None:
+                continue
+            if sealer.mark == count:
+                sealer.drop()
+            else:
+                sealer.mark = count
+                kept = True
+        return kept
 
     # -- receiving --------------------------------------------------------------------------------
 
@@ -210,7 +275,9 @@ class FastPath:
             return None  # malformed (a zero-length packet too): asyncssh refuses it and disconnects
         cipher = enc._cipher
         opener = self._open
-        aead = opener.aead if cipher is opener.cipher else opener.get(cipher)
+        # Without a kept context (a new connection, a rekey, a sweep), one for this packet alone: it is kept
+        # below only if the packet is relayed, so keepalive replies to an idle connection keep nothing.
+        aead = opener.aead if cipher is opener.cipher else AESGCM(cipher._key)
         try:
             plain = aead.decrypt(cipher._iv, view[start + 4:end], view[start:start + 4])
         except InvalidTag:
@@ -231,6 +298,8 @@ class FastPath:
                 or src._send_state in ("close_pending", "closed") or src._recv_paused or src._recv_buf
                 or conn._channels.get(src._recv_chan) is not src or not leg.idle()):
             return None
+        if aead is not opener.aead:
+            self._keep(opener, cipher, aead)
         # Consumed: the same state asyncssh would leave after this packet.
         cipher._update_iv()
         conn._recv_seq = (conn._recv_seq + 1) & 0xFFFFFFFF
@@ -275,7 +344,7 @@ class FastPath:
                        payload_len: int) -> None:
         """One packet of `parts` (message type first, `payload_len` bytes), padded, sealed and written."""
         sealer = self._seal
-        aead = sealer.aead if cipher is sealer.cipher else sealer.get(cipher)
+        aead = sealer.aead if cipher is sealer.cipher else self._keep(sealer, cipher, AESGCM(cipher._key))
         blocksize = conn._send_blocksize
         padlen = -(conn._send_enchdrlen + payload_len) % blocksize
         if padlen < _MIN_PAD:

@@ -15,7 +15,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from gateway import splice, window
+from gateway import idle, splice, window
 from tests.gateway.conftest import Env, asyncssh_client, gateway_env
 from tests.support import free_port
 
@@ -54,10 +54,38 @@ async def test_keystrokes_and_echoes_take_the_fast_path(env: Env, fast_paths: li
     assert detached and detached[0].fast_path_packets == relayed(fast_paths) >= 6
 
 
+async def test_keystrokes_after_an_idle_spell_take_the_fast_path_again(env: Env,
+                                                                       fast_paths: list[splice.FastPath]) -> None:
+    """An idle session lets go of its kept AES-GCM contexts (memory per held session); the next keystrokes
+    echo as before, on the fast path, with contexts built anew."""
+    async with await asyncssh_client(env) as conn:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
+        process.stdin.write(b"one")
+        assert await asyncio.wait_for(process.stdout.readexactly(3), 5) == b"one"
+        assert any(path._open.aead is not None for path in fast_paths)
+        # Two sweeps with nothing in between (what IDLE_SWEEP_S of quiet does): the first notes the counts,
+        # the second finds them unchanged and lets go.
+        for _ in range(2):
+            for path in fast_paths:
+                path.forget_idle_contexts()
+        assert all(path._open.aead is None and path._seal.aead is None for path in fast_paths)
+        before = relayed(fast_paths)
+        for word in (b"two", b"ping"):
+            process.stdin.write(word)
+            expected = b"pong\r\n" if word == b"ping" else word
+            assert await asyncio.wait_for(process.stdout.readexactly(len(expected)), 5) == expected
+        assert relayed(fast_paths) - before >= 4  # each keystroke and echo, once per direction
+        process.stdin.write_eof()
+        await asyncio.wait_for(process.wait_closed(), 5)
+    assert process.exit_status == 0
+
+
 async def test_the_installed_asyncssh_keeps_the_state_the_fast_path_needs(env: Env,
                                                                         fast_paths: list[splice.FastPath]) -> None:
-    """The guard on pyproject's asyncssh pin: on a release that moved the internals gateway/splice.py reads,
-    this names what is missing (the gateway would run, silently, without its fast path)."""
+    """The guard on pyproject's asyncssh pin: on a release that moved the internals gateway/splice.py and
+    gateway/idle.py read, this names what is missing (the gateway would run, with one log line, without its
+    fast path or keeping what idle sessions need not)."""
     async with await asyncssh_client(env) as conn:
         process = await conn.create_process(term_type="xterm", encoding=None)
         await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
@@ -66,6 +94,11 @@ async def test_the_installed_asyncssh_keeps_the_state_the_fast_path_needs(env: E
                          | {m for leg in legs for m in splice.missing_state(leg.src.get_connection(), leg.src)})
         assert not missing, (f"asyncssh {asyncssh.__version__} lacks what gateway/splice.py relies on: "
                              f"{', '.join(missing)}; update splice.py before raising the pin in pyproject.toml")
+        # What gateway/idle.py lets go of once a session is set up (its memory per idle session).
+        missing = sorted({m for path in fast_paths for m in idle.missing_state(path.conn)}
+                         | {m for leg in legs for m in idle.missing_state(leg.src.get_connection(), leg.src)})
+        assert not missing, (f"asyncssh {asyncssh.__version__} lacks what gateway/idle.py relies on: "
+                             f"{', '.join(missing)}; update idle.py before raising the pin in pyproject.toml")
         assert legs, f"asyncssh {asyncssh.__version__}: no bridge took the fast path"
         # gateway/window.py's back-pressure overrides a channel method: the same guard for its state.
         held = sorted({m for leg in legs for m in window.missing_state(leg.src)})

@@ -1,0 +1,126 @@
+"""What an idle attached session lets go of (gateway/idle.py, and the fast path's idle sweep) is never
+missed later: key exchanges whichever side starts them, keystrokes after a quiet spell, the runner going
+away. The memory figures themselves are bench/real_path.py's (`--only hold`), not the tests'."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import asyncssh
+import pytest
+
+from gateway import idle, splice
+from tests.gateway.conftest import Env, asyncssh_client
+
+LATER = 1 << 40  # a rekey limit no test reaches
+
+
+async def test_a_held_session_rekeys_whoever_starts_it(env: Env, fast_paths: list[splice.FastPath],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the session sat idle (set-up state and AES-GCM contexts let go of), the client, the gateway
+    (on both its connections) and the runner each start a key exchange; every keystroke still echoes."""
+    await env.runner.close()
+    env.runner.rekey_bytes = 20_000  # the runner starts one once it has sent this much
+    await env.runner.start()
+    env.api.sessions["demo-1"].route = env.runner.route
+    newkeys: Counter[str] = Counter()
+    original = asyncssh.connection.SSHConnection.send_newkeys
+
+    def counted(self: Any, k: bytes, h: bytes) -> None:
+        newkeys[type(self).__name__] += 1
+        original(self, k, h)
+
+    monkeypatch.setattr(asyncssh.connection.SSHConnection, "send_newkeys", counted)
+    async with await asyncssh_client(env) as conn:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
+        gateway_side = {type(path.conn).__name__: path.conn for path in fast_paths}
+        assert set(gateway_side) == {"ClientSideConnection", "RunnerSideConnection"}
+        for path in fast_paths:  # two quiet sweeps
+            path.forget_idle_contexts()
+            path.forget_idle_contexts()
+        # What this test is about: key exchanges after these went.
+        assert all(held._client_kexinit == held._server_kexinit == b"" for held in gateway_side.values())
+        assert all(path._open.aead is None and path._seal.aead is None for path in fast_paths)
+
+        async def typed(word: bytes) -> None:
+            process.stdin.write(word)
+            assert await asyncio.wait_for(process.stdout.readexactly(len(word)), 10) == word
+
+        async def rekeyed_by(*starters: Any) -> Counter[str]:
+            """Key exchanges that one keystroke set off, each of `starters` at its rekey limit."""
+            before = newkeys.copy()
+            for starter in starters:
+                starter._rekey_bytes = starter._rekey_bytes_sent  # reached: the next packet it sends starts one
+            await typed(b"k")
+            for starter in starters:
+                starter._rekey_bytes = LATER
+            return newkeys - before
+
+        assert (await rekeyed_by(conn))["ClientSideConnection"] >= 1  # the client starts it
+        done = await rekeyed_by(*gateway_side.values())  # the gateway, on both hops
+        assert done["ClientSideConnection"] >= 1 and done["RunnerSideConnection"] >= 1
+        # The gateway at a limit every packet reaches, while an echo flows: a key exchange's end starts the
+        # next at once (asyncssh sends the packets it held back, and the second is over the limit).
+        before = newkeys.copy()
+        for held in gateway_side.values():
+            held._rekey_bytes = 1
+        await typed(b"y" * 100_000)
+        for held in gateway_side.values():
+            held._rekey_bytes = LATER
+        assert (newkeys - before)["ClientSideConnection"] >= 2
+        before = newkeys.copy()
+        await typed(b"x" * 25_000)  # the runner echoes past its limit
+        await typed(b"after the runner's")
+        assert (newkeys - before)["RunnerSideConnection"] >= 1
+        # And again after a quiet spell: the KEXINITs of those exchanges went too, rekeys still work.
+        assert all(held._client_kexinit == held._server_kexinit == b"" for held in gateway_side.values())
+        assert (await rekeyed_by(conn, *gateway_side.values()))["RunnerSideConnection"] >= 1
+        process.stdin.write(b"ping")
+        assert await asyncio.wait_for(process.stdout.readexactly(6), 5) == b"pong\r\n"
+        process.stdin.write_eof()
+        await asyncio.wait_for(process.wait_closed(), 5)
+    assert process.exit_status == 0
+
+
+async def test_more_channels_after_the_set_up_state_went(env: Env) -> None:
+    """A connection that let go of its options opens more channels with the same defaults (ssh -M style)."""
+    async with await asyncssh_client(env) as conn:
+        for n in range(3):
+            result = await conn.run(f"echo {n}", check=False, encoding=None)
+            assert result.stdout == f"{n}\n".encode() and result.exit_status == 0
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
+        process.stdin.write(b"ping")
+        assert await asyncio.wait_for(process.stdout.readexactly(6), 5) == b"pong\r\n"
+
+
+async def test_the_client_goes_when_the_runner_connection_does(env: Env, fast_paths: list[splice.FastPath]) -> None:
+    """The runner's connection drops (no task waits for it any more: a callback ends the client's)."""
+    async with await asyncssh_client(env) as conn:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
+        upstream = next(path.conn for path in fast_paths if isinstance(path.conn, asyncssh.SSHClientConnection))
+        upstream.abort()
+        await asyncio.wait_for(conn.wait_closed(), 5)
+    for _ in range(50):
+        if not env.gateway.connections:
+            break
+        await asyncio.sleep(0.1)
+    assert not env.gateway.connections
+
+
+async def test_without_the_state_it_relies_on_nothing_is_let_go_of(env: Env, fast_paths: list[splice.FastPath],
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """On an asyncssh that keeps its state differently, the gateway keeps what asyncssh keeps, says so once,
+    and sessions work as before."""
+    monkeypatch.setattr(idle, "_CONN_STATE", (*idle._CONN_STATE, "_renamed_in_a_future_asyncssh"))
+    monkeypatch.setattr(idle, "_usable_by_class", {})
+    for _ in range(2):
+        result = await env.ssh(*env.cert_args(), "--", "echo still here")
+        assert result.returncode == 0 and result.stdout == b"still here\n"
+    assert caplog.text.count("this asyncssh lacks connection._renamed_in_a_future_asyncssh") == 2  # once a class
+    assert all(path.conn._server_kexinit for path in fast_paths)
