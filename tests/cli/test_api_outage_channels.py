@@ -13,74 +13,37 @@ import asyncio
 import contextlib
 import random
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from tests.fullstack import FULLSTACK_MARKS, Platform, gateway_process, running_platform
+from tests.relay import ThreadedRelay
 from tests.support import free_port, wait_until
 
 pytestmark = [*FULLSTACK_MARKS, pytest.mark.timeout(240)]
 UNAVAILABLE = "orz: Orzbob Cloud is unavailable right now; try again shortly"
 
 
-class ApiLink:
+class ApiLink(ThreadedRelay):
     """A TCP relay to the API that can be cut: ``cut()`` stops listening and drops every open connection."""
 
     def __init__(self, upstream: str) -> None:
-        parts = urlsplit(upstream)
-        self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
+        super().__init__(upstream)
         self._writers: set[asyncio.StreamWriter] = set()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def opened(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
+        self._writers |= {client, upstream}
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Cancelled by cut(), it ends quietly: asyncio logs a connection callback's task that ends cancelled.
-        with contextlib.suppress(asyncio.CancelledError):
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-            self._writers |= {writer, up_writer}
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def _cut(self) -> None:
-        self.server.close()
+    async def close_all(self) -> None:
         for writer in self._writers:
             writer.transport.abort()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await super().close_all()
 
     def cut(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._cut(), self.loop).result(10)
-
-    def __enter__(self) -> ApiLink:
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", 0), self.loop).result(10)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cut()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        asyncio.run_coroutine_threadsafe(self.close_all(), self.loop).result(10)
 
 
 @contextlib.contextmanager

@@ -8,36 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import pytest
 
 from tests.cli.conftest import LiveApi, Orz
 from tests.conftest import Tenant
+from tests.relay import ThreadedRelay
 
 STARTING = json.dumps({"title": "Service Unavailable", "status": 503, "detail": "the API is starting"}).encode()
 
 
-class RestartingProxy:
+class RestartingProxy(ThreadedRelay):
+    """Answers the first ``refuse_first`` requests with a starting API's 503, then relays to the API."""
+
     def __init__(self, upstream: str, refuse_first: int) -> None:
-        parts = urlsplit(upstream)
-        self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
+        super().__init__(upstream)
         self.refuse_left = refuse_first
         self.refused: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         if self.refuse_left > 0:
             self.refuse_left -= 1
@@ -48,30 +38,7 @@ class RestartingProxy:
             await writer.drain()
             writer.close()
             return
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        up_writer.write(head)
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    def __enter__(self) -> RestartingProxy:
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", 0), self.loop).result(10)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        async def close() -> None:
-            self.server.close()
-            pipes = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in pipes:
-                task.cancel()
-            await asyncio.gather(*pipes, return_exceptions=True)
-            await self.server.wait_closed()
-        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        await self.relay(reader, writer, head)
 
 
 @pytest.fixture
