@@ -46,6 +46,14 @@ class Platform:
         return subprocess.run([sys.executable, "-m", "cli", *args], env=self.env, cwd=cwd or ROOT,
                               capture_output=True, text=True, timeout=60, check=False)
 
+    def bash_session(self) -> tuple[str, str]:
+        """A running session whose program is bash, and the ssh config `ssh <id>.orz` reads (written)."""
+        created = self.orz("cloud", "new", "--program", "bash", "--no-attach", "--wait", cwd=self.home)
+        assert created.returncode == 0, created.stderr
+        written = self.orz("cloud", "ssh-config", "--write")
+        assert written.returncode == 0, written.stderr
+        return created.stdout.split()[1], str(self.home / ".ssh" / "config")
+
     def spawn(self, command: str, *args: str, cwd: Path | None = None) -> pexpect.spawn:
         child = pexpect.spawn(command, list(args), env=self.env, cwd=str(cwd or ROOT), encoding="utf-8",
                               timeout=20, dimensions=(24, 80))

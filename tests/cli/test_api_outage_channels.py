@@ -80,11 +80,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
 
 def test_a_new_forward_opens_within_the_grace_and_is_refused_without_it(platform: Platform,
                                                                         tmp_path: Path) -> None:
-    created = platform.orz("cloud", "new", "--program", "bash", "--no-attach", "--wait", cwd=platform.home)
-    assert created.returncode == 0, created.stderr
-    sid = created.stdout.split()[1]
-    assert platform.orz("cloud", "ssh-config", "--write").returncode == 0
-    ssh = ["ssh", "-F", str(platform.home / ".ssh" / "config"), "-o", "BatchMode=yes", f"{sid}.orz"]
+    sid, config = platform.bash_session()
+    ssh = ["ssh", "-F", config, "-o", "BatchMode=yes", f"{sid}.orz"]
     # A web server on the session's own loopback, started through the platform's own gateway.
     port = random.randrange(20000, 30000)
     served = subprocess.run(

@@ -37,11 +37,7 @@ def second_gateway(platform: Platform) -> Iterator[int]:
 
 
 def test_disabling_a_user_cuts_their_terminals_on_every_gateway(platform: Platform, second_gateway: int) -> None:
-    created = platform.orz("cloud", "new", "--program", "bash", "--no-attach", "--wait", cwd=platform.home)
-    assert created.returncode == 0, created.stderr
-    sid = created.stdout.split()[1]
-    assert platform.orz("cloud", "ssh-config", "--write").returncode == 0
-    config = str(platform.home / ".ssh" / "config")
+    sid, config = platform.bash_session()
     control = platform.home / "ctl"
 
     first = platform.spawn("ssh", "-F", config, f"{sid}.orz")

@@ -61,11 +61,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
 
 
 def test_large_uploads_leave_the_gateways_memory_where_it_was(platform: Platform, tmp_path: Path) -> None:
-    created = platform.orz("cloud", "new", "--program", "bash", "--no-attach", "--wait", cwd=platform.home)
-    assert created.returncode == 0, created.stderr
-    sid = created.stdout.split()[1]
-    assert platform.orz("cloud", "ssh-config", "--write").returncode == 0
-    config = str(platform.home / ".ssh" / "config")
+    sid, config = platform.bash_session()
     small, big = tmp_path / "small.txt", tmp_path / "big.bin"
     small.write_text("hello\n")
     big.write_bytes(os.urandom(UPLOAD))
