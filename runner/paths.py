@@ -14,7 +14,7 @@ import contextlib
 import os
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import asyncssh
@@ -77,6 +77,19 @@ class SessionSFTP(asyncssh.SFTPServer):
 
     def reverse_map_path(self, path: bytes) -> bytes:
         return path
+
+    async def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
+        """The entries with ``.`` and ``..`` first, as sftp-server lists them. The ``..`` of the workspace or
+        the home lies outside both (asyncssh's own listing would then fail whole, so ``ls`` of either did);
+        it is listed as the directory itself, as ``..`` of a chroot's root is."""
+        full = self.map_path(path)
+        parent = posixpath.dirname(full)
+        for name, target in ((b".", full), (b"..", parent if self.allowed(parent) else full)):
+            yield asyncssh.SFTPName(name, attrs=asyncssh.SFTPAttrs.from_local(os.lstat(target)))
+        with os.scandir(full) as entries:
+            for entry in entries:
+                attrs = asyncssh.SFTPAttrs.from_local(entry.stat(follow_symlinks=False))
+                yield asyncssh.SFTPName(entry.name, attrs=attrs)
 
     def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         # The target is stored as the client wrote it, as sshd does; only where the link goes is checked.

@@ -90,3 +90,24 @@ async def test_endpoint_sends_no_ignore_filler(session: RunningRunner, short_tmp
     assert (result.returncode, result.stdout) == (0, b"one\ntwo\n"), result.stderr[-500:]
     log = result.stderr.decode()
     assert "aes128-gcm@openssh.com" in log and "SSH2_MSG_IGNORE" not in log
+
+
+async def test_sftp_lists_the_workspace_and_home_laid_out_as_providers_do(
+        make_repo: MakeRepo, start_runner: StartRunner, short_tmp: Path) -> None:
+    """The local provider and the chart put the home beside the workspace, never above it, so the `..` of
+    either is outside what SFTP may reach: `ls` of them must still list their files (it failed whole)."""
+    home = short_tmp / "s1" / "home"
+    home.mkdir(parents=True)
+    (home / ".profile").write_text("# home\n")
+    handle = await start_runner(make_repo({"README": "x\n"}), extra_env={"HOME": str(home)})
+    await handle.ready()
+    opts = ssh_options(handle, short_tmp)
+    port = str(handle.runner.activity.ssh_port)
+    batch = short_tmp / "batch"
+    batch.write_text(f"ls -la\nls -la {home}\nls /etc\n")
+    result = await run("sftp", *opts, "-P", port, "-b", str(batch), "rw@127.0.0.1")
+    out = result.stdout.decode()
+    assert "README" in out and ".profile" in out, (out, result.stderr)
+    # each listing has its `..` line (the workspace's and the home's stand for themselves); /etc stays refused
+    assert out.count(" ..\n") == 2, out
+    assert result.returncode != 0 and b"/etc" in result.stderr
