@@ -175,9 +175,12 @@ async def kill(session_id: str, force: bool) -> None:
 
 
 # Run by the session's shell in the workspace: what is uncommitted (untracked files by name), then the diff
-# against HEAD, then the commits no remote branch has.
-DIFF_COMMAND = ("git --no-pager status --short && git --no-pager diff HEAD{color} && "
-                "git --no-pager log --oneline HEAD --not --remotes --")
+# against HEAD, then the commits no remote branch has. A session made without a repository has no git
+# workspace, and a new repository no HEAD yet: each gets a line of its own instead of git's errors.
+NOT_A_REPO = "orz: the session's workspace is not a git repository (the session was made without --repo)"
+DIFF_COMMAND = ("if ! git rev-parse --git-dir >/dev/null 2>&1; then echo \"" + NOT_A_REPO + "\" >&2; exit 1; fi; "
+                "git --no-pager status --short && if git rev-parse -q --verify HEAD >/dev/null; then "
+                "git --no-pager diff HEAD{color} && git --no-pager log --oneline HEAD --not --remotes --; fi")
 
 
 @click.command("diff")

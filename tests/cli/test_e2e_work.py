@@ -68,3 +68,15 @@ def test_diff_then_kill_refuses_then_force_pushes_the_wip_branch(platform: Platf
     shown = subprocess.run(["git", "-C", str(bare), "show", f"orz/{sid}:notes.txt"], capture_output=True, text=True,
                            check=False)
     assert shown.stdout == "idea\n", shown.stderr
+
+
+def test_diff_of_a_session_without_a_repository_says_so(platform: Platform, tmp_path: Path) -> None:
+    made = platform.orz("cloud", "new", "--no-attach", "--wait", "--program", "sleep infinity", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    sid = made.stdout.split()[1]
+    diff = platform.orz("cloud", "diff", sid)
+    assert diff.returncode == 1
+    assert diff.stderr.strip().splitlines()[-1] == (
+        "orz: the session's workspace is not a git repository (the session was made without --repo)")
+    assert "fatal" not in diff.stderr
+    assert platform.orz("cloud", "kill", sid, "--force").returncode == 0
