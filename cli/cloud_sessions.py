@@ -245,6 +245,8 @@ async def logs(session_id: str, follow: bool, as_json: bool) -> None:
         while True:
             follower.update((await api.logs(session_id)).init_log)
             if not follow:
+                if not follower.shown:  # a silent exit 0 reads as a broken command
+                    click.echo(f"(no init log: {session_id} has run no setup.init, or it printed nothing)", err=True)
                 return
             inst = await api.get_instance(session_id)
             if inst.status in ("deleting", "deleted"):

@@ -70,7 +70,7 @@ def test_diff_then_kill_refuses_then_force_pushes_the_wip_branch(platform: Platf
     assert shown.stdout == "idea\n", shown.stderr
 
 
-def test_diff_of_a_session_without_a_repository_says_so(platform: Platform, tmp_path: Path) -> None:
+def test_diff_and_logs_of_a_session_without_a_repository_say_so(platform: Platform, tmp_path: Path) -> None:
     made = platform.orz("cloud", "new", "--no-attach", "--wait", "--program", "sleep infinity", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     sid = made.stdout.split()[1]
@@ -79,4 +79,7 @@ def test_diff_of_a_session_without_a_repository_says_so(platform: Platform, tmp_
     assert diff.stderr.strip().splitlines()[-1] == (
         "orz: the session's workspace is not a git repository (the session was made without --repo)")
     assert "fatal" not in diff.stderr
+    logs = platform.orz("cloud", "logs", sid)
+    assert (logs.returncode, logs.stdout) == (0, "")
+    assert logs.stderr == f"(no init log: {sid} has run no setup.init, or it printed nothing)\n"
     assert platform.orz("cloud", "kill", sid, "--force").returncode == 0
