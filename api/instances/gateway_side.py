@@ -17,7 +17,7 @@ from api.errors import (
     SessionFailed,
 )
 from api.instances import access
-from api.instances.service_base import _REFRESH, ServiceBase
+from api.instances.service_base import REFRESH_RETURNING, ServiceBase
 from api.instances.states import (
     ACTIVE_STATES,
     ATTACHABLE_STATES,
@@ -77,7 +77,7 @@ class GatewaySide(ServiceBase):
             update(Instance)
             .where(Instance.id == inst.id, Instance.state.in_(_ATTACHABLE))
             .values(last_activity_at=self.now())
-            .returning(Instance), execution_options=_REFRESH,
+            .returning(Instance), execution_options=REFRESH_RETURNING,
         )
         await db.commit()
         if row is not None:

@@ -47,7 +47,8 @@ log = logging.getLogger("api.instances.service")
 
 Clock = Callable[[], datetime]
 # An UPDATE ... RETURNING(Instance) loads the new values even into an object the session already holds.
-_REFRESH = {"populate_existing": True, "synchronize_session": False}
+# Public: the gateway-facing side (gateway_side.py) issues the same kind of UPDATE.
+REFRESH_RETURNING = {"populate_existing": True, "synchronize_session": False}
 _NOT_YOURS = "session {id} belongs to someone else in your org; only its owner and org admins may use it"
 
 
@@ -193,7 +194,7 @@ class ServiceBase:
         async with self.autocommit() as db:
             fresh_row = await db.scalar(
                 update(Instance).where(Instance.id == inst.id).values(provider_state=provider_state)
-                .returning(Instance), execution_options=_REFRESH,
+                .returning(Instance), execution_options=REFRESH_RETURNING,
             )
             await db.commit()
             if fresh_row is None:
@@ -269,7 +270,7 @@ class ServiceBase:
             update(Instance)
             .where(Instance.id == inst.id, Instance.state == current.value)
             .values(state=target.value, state_changed_at=now, updated_at=now, **values)
-            .returning(Instance), execution_options=_REFRESH,
+            .returning(Instance), execution_options=REFRESH_RETURNING,
         )
         if row is None:
             await db.rollback()
