@@ -44,9 +44,17 @@ class BadRequest(OrzError):
 
 
 class ValidationFailed(OrzError):
+    """Well-formed input with a value the API refuses (a schema rule, or one only the server knows: a
+    limit, a name that does not exist): 422, and the CLI exits 2. A body that is not JSON is a 400."""
+
     status = 422
     code = "validation_failed"
     title = "Request body is not valid"
+
+    @classmethod
+    def of(cls, field: str, detail: str, **extra: Any) -> ValidationFailed:
+        """One refused field, listed in ``errors`` as a schema failure lists it; ``detail`` reads alone."""
+        return cls(detail, errors=[{"field": field, "message": detail}], **extra)
 
 
 class Unauthorized(OrzError):

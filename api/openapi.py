@@ -17,7 +17,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ERROR_TITLES = {
     400: "Bad request", 401: "Not authenticated", 403: "Not allowed", 404: "Not found",
-    409: "Conflict with the session's state", 413: "Body too large", 422: "Body failed validation",
+    409: "Conflict with the session's state", 413: "Body too large", 422: "Request failed validation",
     429: "Quota reached or too many attempts", 502: "Identity provider failed", 503: "Provider or database unavailable",
 }
 

@@ -21,7 +21,6 @@ from api.db import tokens
 from api.db.base import utcnow
 from api.db.models import Event, Instance, Org, UsedJti
 from api.errors import (
-    BadRequest,
     ComputeUnavailable,
     Forbidden,
     InvalidTransition,
@@ -30,6 +29,7 @@ from api.errors import (
     SandboxRequired,
     SessionFailed,
     Unauthorized,
+    ValidationFailed,
 )
 from api.instances import repo_policy
 from api.instances.providers.base import ComputeSpec, Provider, ProviderFailure
@@ -314,13 +314,14 @@ class ServiceBase:
         if not names:
             return {}
         if self.secret_env is None:
-            raise BadRequest(f"unknown secret: {names[0]}")
+            raise ValidationFailed.of("secrets", f"unknown secret: {names[0]}")
         return await self.secret_env.env_for(db, org_id, user_id, names)
 
     def _bounded_idle_timeout(self, who: Principal, requested: int | None) -> int | None:
         plan_limit = self.settings.idle_timeout_s or self.settings.plan_idle_timeout_s
         if requested is not None and requested > plan_limit:
-            raise BadRequest(f"idle_timeout_s may be at most {plan_limit} on the {who.plan} plan")
+            raise ValidationFailed.of("idle_timeout_s",
+                                      f"idle_timeout_s may be at most {plan_limit} on the {who.plan} plan")
         return requested
 
     def _compute_spec(self, inst: Instance, runner_token: str, secret_env: dict[str, str],

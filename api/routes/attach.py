@@ -14,7 +14,7 @@ from api.auth import Principal
 from api.credentials import jwt as attach_jwt
 from api.credentials import ssh_ca
 from api.db.models import Instance
-from api.errors import BadRequest
+from api.errors import ValidationFailed
 from api.http import parse_body, respond
 from api.instances.views import attach_url, ssh_command
 from api.openapi import route
@@ -57,7 +57,7 @@ def _utc(ts: int) -> datetime:
 
 
 @route(bp, "POST", "/v1/instances/{id}/attach", summary="Get short-lived attach credentials", tag=TAG,
-       request=schemas.AttachRequest, responses={200: schemas.AttachGrant}, errors=(400, 403, 404),
+       request=schemas.AttachRequest, responses={200: schemas.AttachGrant}, errors=(403, 404),
        body_required=False)
 async def attach(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
@@ -71,8 +71,8 @@ async def attach(request: Request, id: str) -> HTTPResponse:
     ttl_s = settings.cert_ttl_s
     if body.ttl_s is not None:
         if body.ttl_s > settings.longest_cert_ttl_s:
-            raise BadRequest(f"a certificate may last at most {settings.longest_cert_ttl_s} s on this server, "
-                             f"not {body.ttl_s} s (an admin sets the limit: cert_max_ttl_s)")
+            raise ValidationFailed.of("ttl_s", f"a certificate may last at most {settings.longest_cert_ttl_s} s "
+                                      f"on this server, not {body.ttl_s} s (an admin sets the limit: cert_max_ttl_s)")
         ttl_s = body.ttl_s
     if body.public_key:
         try:
@@ -81,7 +81,7 @@ async def attach(request: Request, id: str) -> HTTPResponse:
                 permit_port_forwarding=settings.permit_port_forwarding, readonly=body.readonly,
             )
         except ssh_ca.CertificateError as exc:
-            raise BadRequest(str(exc)) from exc
+            raise ValidationFailed.of("public_key", str(exc)) from exc
     token = attach_jwt.issue(keys.jwt, user_id=who.user_id, session_id=row.id,
                              ttl_s=settings.attach_token_ttl_s, readonly=body.readonly)
     await st.instances.record_attach_grant(who, row, readonly=body.readonly, certificate=cert is not None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sanic import Blueprint, HTTPResponse, Request
 
 from api import metrics, schemas
-from api.errors import BadRequest, ComputeUnavailable, OrzError, QuotaExceeded
+from api.errors import ComputeUnavailable, OrzError, QuotaExceeded, ValidationFailed
 from api.http import parse_body, respond
 from api.instances.views import event_view, instance_view
 from api.openapi import route
@@ -79,7 +79,7 @@ async def stop_instance(request: Request, id: str) -> HTTPResponse:
 
 
 @route(bp, "POST", "/v1/instances/{id}/start", summary="Start a stopped session", tag=TAG,
-       request=schemas.StartRequest, responses={200: schemas.Instance}, errors=(400, 403, 404, 409, 429, 503),
+       request=schemas.StartRequest, responses={200: schemas.Instance}, errors=(403, 404, 409, 422, 429, 503),
        body_required=False)
 async def start_instance(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
@@ -115,12 +115,12 @@ RECORDING_PARTS = ("current", "previous")
 
 @route(bp, "GET", "/v1/instances/{id}/recording",
        summary="The agent pane's recording (asciicast v2; ?part=previous for the part rotated out)", tag=TAG,
-       responses={200: None}, errors=(400, 403, 404), content_type=schemas.RECORDING_CONTENT_TYPE)
+       responses={200: None}, errors=(403, 404, 422), content_type=schemas.RECORDING_CONTENT_TYPE)
 async def instance_recording(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     part = request.args.get("part", "current")
     if part not in RECORDING_PARTS:
-        raise BadRequest(f"part must be one of {', '.join(RECORDING_PARTS)}")
+        raise ValidationFailed.of("part", f"part must be one of {', '.join(RECORDING_PARTS)}")
     data = await state(request).instances.read_recording(who, id, previous=part == "previous")
     # What the agent printed may be secret: never kept by a shared cache.
     return HTTPResponse(data, content_type=schemas.RECORDING_CONTENT_TYPE,

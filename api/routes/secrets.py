@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from sanic import Blueprint, HTTPResponse, Request
 
 from api import schemas
-from api.errors import BadRequest
+from api.errors import ValidationFailed
 from api.http import parse_body, respond
 from api.openapi import route
 from api.routes.deps import principal, state
@@ -32,7 +32,7 @@ def _scope(request: Request) -> ScopeName | None:
     if value is None:
         return None
     if value not in ("user", "org"):
-        raise BadRequest("scope must be 'user' or 'org'")
+        raise ValidationFailed.of("scope", "scope must be 'user' or 'org'")
     return value  # type: ignore[return-value]
 
 
@@ -54,7 +54,7 @@ async def list_secrets(request: Request) -> HTTPResponse:
 
 
 @route(bp, "GET", "/v1/secrets/{name}", summary="Get a secret's names and keys (no values)", tag=TAG,
-       responses={200: schemas.Secret}, errors=(400, 404))
+       responses={200: schemas.Secret}, errors=(404, 422))
 async def get_secret(request: Request, name: str) -> HTTPResponse:
     who = await principal(request)
     row = await _service(request).get(who, name, _scope(request))
@@ -71,7 +71,7 @@ async def replace_secret(request: Request, name: str) -> HTTPResponse:
 
 
 @route(bp, "DELETE", "/v1/secrets/{name}", summary="Delete a secret", tag=TAG,
-       responses={204: None}, errors=(400, 403, 404))
+       responses={204: None}, errors=(403, 404, 422))
 async def delete_secret(request: Request, name: str) -> HTTPResponse:
     who = await principal(request)
     await _service(request).delete(who, name, _scope(request))

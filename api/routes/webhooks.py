@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from sanic import Blueprint, HTTPResponse, Request
 
 from api import schemas
-from api.errors import BadRequest
+from api.errors import ValidationFailed
 from api.http import parse_body, respond
 from api.openapi import route
 from api.routes.deps import principal, state
@@ -57,12 +57,12 @@ async def delete_webhook(request: Request, id: str) -> HTTPResponse:
 
 
 @route(bp, "GET", "/v1/webhooks/{id}/deliveries", summary="The webhook's deliveries, newest first, with each attempt",
-       tag=TAG, responses={200: schemas.WebhookDeliveryList}, errors=(400, 404))
+       tag=TAG, responses={200: schemas.WebhookDeliveryList}, errors=(404, 422))
 async def list_deliveries(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     raw = request.args.get("limit", "50")
     if not raw.isdigit() or not 1 <= int(raw) <= 200:
-        raise BadRequest("limit must be a number from 1 to 200")
+        raise ValidationFailed.of("limit", "limit must be a number from 1 to 200")
     rows = await _service(request).deliveries(who, id, int(raw))
     return respond(schemas.WebhookDeliveryList(deliveries=[delivery_view(r) for r in rows]))
 

@@ -15,7 +15,7 @@ from api.auth import Principal
 from api.credentials.secrets_box import RowBinding, Sealed, SecretsBox
 from api.db.base import utcnow
 from api.db.models import Secret
-from api.errors import BadRequest, Conflict, Forbidden, NotFound, ValidationFailed
+from api.errors import Conflict, Forbidden, NotFound, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,8 @@ class SecretService:
         missing = [n for n in wanted if n not in chosen]
         if missing:
             plural = "s" if len(missing) > 1 else ""
-            raise BadRequest(f"unknown secret{plural}: {', '.join(missing)}", missing_secrets=missing)
+            raise ValidationFailed.of("secrets", f"unknown secret{plural}: {', '.join(missing)}",
+                                      missing_secrets=missing)
         env: dict[str, str] = {}
         origin: dict[str, str] = {}
         for name in wanted:
@@ -158,8 +159,8 @@ class SecretService:
             values = self.box.open_values(Sealed(row.key_id, row.nonce, row.ciphertext), binding(row))
             for key, value in values.items():
                 if key in env:
-                    raise BadRequest(f"secrets {origin[key]} and {name} both set {key}; pick one of them",
-                                     key=key, secrets=[origin[key], name])
+                    raise ValidationFailed.of("secrets", f"secrets {origin[key]} and {name} both set {key}; "
+                                              "pick one of them", key=key, secrets=[origin[key], name])
                 env[key] = value
                 origin[key] = name
         return env

@@ -23,6 +23,9 @@ BAD_BODIES = [
     (b'{"secrets": ["UPPER CASE"]}', 422),
     (b'{"idle_timeout_s": -5}', 422),
     (b'{"program": ""}', 422),
+    # Values only the server can refuse (its plan's limit, the names it holds) are refused alike.
+    (b'{"idle_timeout_s": 604800}', 422),
+    (b'{"secrets": ["ghost"]}', 422),
 ]
 
 
@@ -42,6 +45,21 @@ async def test_validation_problem_names_the_field(app, sessions):
     _, resp = await app.asgi_client.post("/v1/instances", json={"tier": "huge"}, headers=t.headers)
     assert resp.json["detail"].startswith("tier:")
     assert resp.json["errors"][0]["field"] == "tier"
+
+
+@pytest.mark.parametrize(("method", "path", "body", "field"), [
+    ("post", "/v1/instances", {"idle_timeout_s": 604800}, "idle_timeout_s"),
+    ("post", "/v1/instances", {"secrets": ["ghost"]}, "secrets"),
+    ("get", "/v1/secrets/db?scope=everyone", None, "scope"),
+    ("get", "/v1/webhooks/wh_0/deliveries?limit=5000", None, "limit"),
+])
+async def test_values_the_server_refuses_are_422_naming_the_field(app, sessions, method, path, body, field):
+    """Not only a schema rule: a limit or name only the server knows is the same 422 (the CLI exits 2)."""
+    t = await make_tenant(sessions, "acme")
+    kwargs = {"json": body} if body is not None else {}
+    _, resp = await getattr(app.asgi_client, method)(path, headers=t.headers, **kwargs)
+    assert (resp.status, resp.json["code"]) == (422, "validation_failed"), resp.json
+    assert [e["field"] for e in resp.json["errors"]] == [field]
 
 
 async def test_oversize_body_is_413(app, sessions):

@@ -99,7 +99,7 @@ async def test_the_pane_is_served_as_asciicast_to_those_who_may_see_the_session(
     previous = await fetch(stack, sid, owner.headers, part="previous")
     assert previous.status_code == 404 and "no earlier part" in previous.json()["detail"]
     bad = await fetch(stack, sid, owner.headers, part="all")
-    assert bad.status_code == 400 and "current, previous" in bad.json()["detail"]
+    assert bad.status_code == 422 and "current, previous" in bad.json()["detail"]
 
 
 async def test_replay_plays_and_saves_the_recording_and_stop_start_appends(stack: Stack, short_tmp: Path) -> None:  # noqa: F811

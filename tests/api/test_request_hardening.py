@@ -234,7 +234,7 @@ def test_documented_patterns_agree_with_the_validators(branch: str, url: str) ->
 
 
 async def test_starting_a_session_whose_secret_is_gone_is_a_documented_problem(app: Sanic, sessions) -> None:
-    """Found by the stateful schemathesis run: the 400 it answers was missing from the document."""
+    """Found by the stateful schemathesis run: the refusal it answers was missing from the document."""
     t = await make_tenant(sessions, "acme")
     await app.asgi_client.post("/v1/secrets", headers=t.headers, json={"name": "db", "data": {"K": "v"}})
     _, created = await app.asgi_client.post("/v1/instances", headers=t.headers, json={"secrets": ["db"]})
@@ -242,6 +242,6 @@ async def test_starting_a_session_whose_secret_is_gone_is_a_documented_problem(a
     await app.asgi_client.post(f"/v1/instances/{sid}/stop", headers=t.headers)
     await app.asgi_client.delete("/v1/secrets/db", headers=t.headers)
     _, resp = await app.asgi_client.post(f"/v1/instances/{sid}/start", headers=t.headers)
-    assert resp.status == 400 and resp.json["detail"] == "unknown secret: db"
+    assert resp.status == 422 and resp.json["detail"] == "unknown secret: db"
     _, doc = await app.asgi_client.get("/v1/openapi.json")
-    assert "400" in doc.json["paths"]["/v1/instances/{id}/start"]["post"]["responses"]
+    assert "422" in doc.json["paths"]["/v1/instances/{id}/start"]["post"]["responses"]

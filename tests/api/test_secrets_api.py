@@ -141,7 +141,7 @@ async def test_user_and_org_scopes(app: Sanic, sessions: Sessions) -> None:
     assert (await bob.call("post", "/v1/secrets", {"name": "shared", "data": {"MINE": value}}))[0] == 201
     assert (await bob.call("get", "/v1/secrets/shared"))[1]["keys"] == ["MINE"]
     assert (await bob.call("get", "/v1/secrets/shared?scope=org"))[1]["keys"] == ["K"]
-    assert (await bob.call("get", "/v1/secrets/shared?scope=bogus"))[0] == 400
+    assert (await bob.call("get", "/v1/secrets/shared?scope=bogus"))[0] == 422
     listed = (await bob.call("get", "/v1/secrets"))[1]["secrets"]
     assert [(s["name"], s["scope"]) for s in listed] == [("shared", "org"), ("shared", "user")]
     assert (await boss.call("delete", "/v1/secrets/shared?scope=org"))[0] == 204
@@ -253,7 +253,7 @@ async def test_unknown_secret_fails_the_create_and_creates_nothing(app: Sanic, s
     user = Client(app, await make_tenant(sessions, "acme"), [value])
     await user.call("post", "/v1/secrets", {"name": "known", "data": {"K": value}})
     status, body = await user.call("post", "/v1/instances", {"secrets": ["known", "ghost", "phantom"]})
-    assert status == 400
+    assert status == 422
     assert body["detail"] == "unknown secrets: ghost, phantom"
     assert body["missing_secrets"] == ["ghost", "phantom"]
     assert await count(sessions, Instance) == 0
@@ -270,7 +270,7 @@ async def test_another_users_secret_cannot_be_injected(app: Sanic, sessions: Ses
     bob = Client(app, Tenant("acme", "bob@acme.example", await admin.create_token(sessions, "bob@acme.example"),
                              ""), [value])
     status, body = await bob.call("post", "/v1/instances", {"secrets": ["private"]})
-    assert status == 400 and body["detail"] == "unknown secret: private"
+    assert status == 422 and body["detail"] == "unknown secret: private"
     assert provider.calls == []
 
 
@@ -281,7 +281,7 @@ async def test_two_secrets_setting_one_key_fail_the_create(app: Sanic, sessions:
     await user.call("post", "/v1/secrets", {"name": "one", "data": {"TOKEN": a}})
     await user.call("post", "/v1/secrets", {"name": "two", "data": {"TOKEN": b}})
     status, body = await user.call("post", "/v1/instances", {"secrets": ["one", "two"]})
-    assert status == 400 and body["detail"] == "secrets one and two both set TOKEN; pick one of them"
+    assert status == 422 and body["detail"] == "secrets one and two both set TOKEN; pick one of them"
     assert await count(sessions, Instance) == 0
 
 
