@@ -84,10 +84,7 @@ async def _run_agent(session_ids: list[str], socket_path: Path, command: list[st
     server = await agent.listen(holder, socket_path)
     try:
         if command:
-            proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, "SSH_AUTH_SOCK": str(socket_path)})
-            # Interrupted, the command is asked to stop (SIGTERM), killed if it has not within
-            # COMMAND_GRACE_S, and reaped: not left running without its agent.
-            return await reaped(proc, proc.wait(), grace_s=COMMAND_GRACE_S)
+            return await _run_command(command, socket_path)
         click.echo(f"SSH_AUTH_SOCK={shlex.quote(str(socket_path))}; export SSH_AUTH_SOCK;")
         sys.stdout.flush()
         stop = asyncio.Event()
@@ -100,6 +97,34 @@ async def _run_agent(session_ids: list[str], socket_path: Path, command: list[st
         server.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
+
+
+async def _run_command(command: list[str], socket_path: Path) -> int:
+    """The command's exit status. Interrupted, it is asked to stop (SIGTERM), killed if it has not within
+    COMMAND_GRACE_S, and reaped: not left running without its agent. SIGINT reaches us as asyncio.run's
+    cancellation (then `Aborted!`); SIGTERM, a CI runner's or systemd's stop, would end the process at
+    once and orphan the command, so it cancels the same way and we exit as killed by it (143)."""
+    proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, "SSH_AUTH_SOCK": str(socket_path)})
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await reaped(proc, proc.wait(), grace_s=COMMAND_GRACE_S)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        task.uncancel()
+        return -signal.SIGTERM
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 COMMANDS = [cert_cmd, agent_cmd]
