@@ -318,6 +318,12 @@ class Settings(BaseSettings):
     runner_token: SecretStr = option("runner", SecretStr(""), "the token the runner presents to the API")
     runner_advertise_host: str = option("runner", "", "the address the runner reports for its SSH endpoint when "
                                         "the spec names none (a pod's IP)")
+    # Set where the API runs: its providers pass it on to each runner they start (the environment, not
+    # the RunnerSpec, whose unknown fields older runner images refuse; they ignore an unknown variable).
+    runner_fast_path: bool = option("runner", True, "a pty session's keystrokes and output skip asyncssh's "
+                                    "per-packet channel machinery in the runner (`gateway/splice.py`, as "
+                                    "`gateway_fast_path` in the gateway); `false` runs them through asyncssh, "
+                                    "as a fallback. Set on the API server: runners started after get it")
 
     # Logging
     log_level: str = option("logging", "INFO", "the lowest level logged (DEBUG, INFO, WARNING, ERROR)")

@@ -69,8 +69,9 @@ def login_shell() -> str:
 class Runner:
     """One session's runner; ``run`` returns the process exit code."""
 
-    def __init__(self, spec: RunnerSpec, token: str, environ: Mapping[str, str]) -> None:
+    def __init__(self, spec: RunnerSpec, token: str, environ: Mapping[str, str], *, fast_path: bool = True) -> None:
         self.spec = spec
+        self.fast_path = fast_path  # settings.runner_fast_path (False: the endpoint's data all through asyncssh)
         self.token = token
         self.workspace = Path(spec.workspace).resolve()
         self.state_dir = Path(spec.state_dir).resolve()
@@ -288,7 +289,10 @@ class Runner:
             on_attach=lambda: self.config.setup.onAttach if self.config else None,
             on_attach_timeout_s=cloud_config.ON_ATTACH_TIMEOUT_S, login=self.spec.session_id,
         )
-        self.endpoint = Endpoint(hooks, self.spec.gateway_public_key, self.spec.ssh_host, self.spec.ssh_port)
+        if not self.fast_path:
+            log.info("the endpoint's fast path is off (ORZ_RUNNER_FAST_PATH=false): session data goes through asyncssh")
+        self.endpoint = Endpoint(hooks, self.spec.gateway_public_key, self.spec.ssh_host, self.spec.ssh_port,
+                                 fast_path=self.fast_path)
         port = await self.endpoint.start()
         self.activity.host_key = self.endpoint.host_public_key
         self.activity.ssh_host = self.spec.advertise_host or self.spec.ssh_host
@@ -414,7 +418,7 @@ def main() -> None:
         with contextlib.suppress(OSError):  # the provider reports the session failed with this reason
             (Path(spec.state_dir) / STATE_FATAL_FILE).write_text(message + "\n", encoding="utf-8")
         sys.exit(f"orz runner: {message}")
-    sys.exit(asyncio.run(_amain(spec, settings.runner_token.get_secret_value())))
+    sys.exit(asyncio.run(_amain(spec, settings.runner_token.get_secret_value(), settings.runner_fast_path)))
 
 
 def quiet_libraries() -> None:
@@ -454,12 +458,12 @@ async def _last_heartbeat(api_url: str, token: str, session_id: str, reason: str
         log.exception("could not report the invalid spec to %s", api_url)
 
 
-async def _amain(spec: RunnerSpec, token: str) -> int:
+async def _amain(spec: RunnerSpec, token: str, fast_path: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    return await Runner(spec, token, os.environ).run(stop)
+    return await Runner(spec, token, os.environ, fast_path=fast_path).run(stop)
 
 
 def _network_ready(marker: str) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from api.instances.providers.base import ComputeSpec
-from api.instances.providers.local import LocalProvider, process_start_time
+from api.instances.providers.local import RUNNER_LOG, LocalProvider, process_start_time
 from api.settings import Settings
 from runner.tmux import Tmux
 from tests.api.lifecycle_support import local_provider
@@ -170,3 +170,19 @@ async def test_bad_config_fails_with_the_reason_and_leaves_nothing(
 def test_process_start_time_of_this_process() -> None:
     assert process_start_time(os.getpid()) is not None
     assert process_start_time(2**22 + 12345) is None
+
+
+async def test_runner_fast_path_off_reaches_the_runner(short_tmp: Path, make_repo, fake_api: FakeApi,
+                                                       gateway_key) -> None:
+    """runner_fast_path is set where the API runs; the provider passes it in the runner's environment
+    (not the RunnerSpec, which older runner images would refuse) and the runner's endpoint heeds it."""
+    settings = Settings(data_dir=short_tmp / "data", repo_file_dirs=str(short_tmp), runner_fast_path=False)
+    async with local_provider(settings) as provider:
+        state = await provider.create(compute_spec("sess-f", fake_api, gateway_key, make_repo({"README": "x\n"})))
+        await ready(fake_api, "sess-f")
+        environ = Path(f"/proc/{state['pid']}/environ").read_bytes().split(b"\0")
+        assert b"ORZ_RUNNER_FAST_PATH=false" in environ
+        # The operator's log (users' read_log shows only what concerns them).
+        assert "fast path is off" in (provider.session_dir("sess-f") / RUNNER_LOG).read_text()
+        await provider.delete("sess-f", state)
+        await wait_gone(state["pid"])

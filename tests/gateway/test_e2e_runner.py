@@ -36,10 +36,12 @@ if not shutil.which("tmux") or not shutil.which("git"):
 PROGRAM = "bash -c 'echo hi; while read line; do [ \"$line\" = ping ] && echo pong; done'"
 
 
-@pytest.fixture
-async def e2e(tmp_path: Path, make_repo: MakeRepo, start_runner: StartRunner,  # noqa: F811
-              gateway_key: GatewayKey) -> AsyncIterator[Env]:  # noqa: F811
-    handle = await start_runner(make_repo({"README": "x\n"}), program=PROGRAM, name=SESSION)
+@pytest.fixture(params=[True], ids=["runner-fast-path"])
+async def e2e(request: pytest.FixtureRequest, tmp_path: Path, make_repo: MakeRepo,  # noqa: F811
+              start_runner: StartRunner, gateway_key: GatewayKey) -> AsyncIterator[Env]:  # noqa: F811
+    """The gateway in front of a real runner; ``request.param`` is the runner's fast path (runner_fast_path)."""
+    handle = await start_runner(make_repo({"README": "x\n"}), program=PROGRAM, name=SESSION,
+                                fast_path=request.param)
     await handle.ready()
     activity = handle.runner.activity
     route = {"host": "127.0.0.1", "port": activity.ssh_port, "host_key": activity.host_key}
@@ -80,15 +82,26 @@ async def read_until(stream: asyncio.StreamReader, seen: bytes, needle: bytes, s
     return seen
 
 
-async def test_keys_and_echoes_take_the_runners_fast_path(e2e: Env, fast_paths: list[splice.FastPath]) -> None:
-    # The runner endpoint opens keys and seals echoes itself (gateway.splice) while a pty is attached: what
-    # the user types and sees is the same as through asyncssh, and each key really went that way.
+@contextlib.asynccontextmanager
+async def typing_user(e2e: Env) -> AsyncIterator[tuple[asyncio.subprocess.Process, bytes]]:
+    """OpenSSH attached with a tty (no escape key), once the program's greeting is on screen: the process
+    and what it showed so far. Killed and reaped after."""
     argv = [*e2e.base_args(), "-tt", "-e", "none", *e2e.cert_args(), f"{SESSION}@127.0.0.1"]
     proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     assert proc.stdin and proc.stdout
     try:
-        seen = await read_until(proc.stdout, b"", b"hi")
+        yield proc, await read_until(proc.stdout, b"", b"hi")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # already gone (the failure, if any, is above)
+            proc.kill()
+        await proc.wait()
+
+
+async def test_keys_and_echoes_take_the_runners_fast_path(e2e: Env, fast_paths: list[splice.FastPath]) -> None:
+    # The runner endpoint opens keys and seals echoes itself (gateway.splice) while a pty is attached: what
+    # the user types and sees is the same as through asyncssh, and each key really went that way.
+    async with typing_user(e2e) as (proc, seen):
         runner = runner_side(fast_paths)
         assert runner, "the runner's endpoint made no fast path"
         # As the gateway's own guard (test_splice.py): name what a newer asyncssh dropped, if anything.
@@ -97,18 +110,35 @@ async def test_keys_and_echoes_take_the_runners_fast_path(e2e: Env, fast_paths: 
         assert not missing, f"asyncssh {asyncssh.__version__} lacks what the runner's fast path needs: {missing}"
         assert any(p.legs for p in runner), "the attached pty is not on the runner's fast path"
         before = sum(p.relayed_packets for p in runner), sum(p.sent for p in runner)
-        typed = b"alpha\rbravo\rping\r"
-        for key in typed:  # one key at a time, as typed: its echo is drawn before the next key
-            mark = len(seen)
-            proc.stdin.write(bytes((key,)))
-            seen = await read_until(proc.stdout, seen, b"" if key == ord("\r") else bytes((key,)), mark)
-        await read_until(proc.stdout, seen, b"pong", mark)
-        assert sum(p.relayed_packets for p in runner) - before[0] >= len(typed)  # every key
-        assert sum(p.sent for p in runner) - before[1] >= len(typed)  # and every echo
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # already gone (the failure, if any, is above)
-            proc.kill()
-        await proc.wait()
+        await type_and_see(proc, seen, TYPED)
+        assert sum(p.relayed_packets for p in runner) - before[0] >= len(TYPED)  # every key
+        assert sum(p.sent for p in runner) - before[1] >= len(TYPED)  # and every echo
+
+
+TYPED = b"alpha\rbravo\rping\r"
+
+
+async def type_and_see(proc: asyncio.subprocess.Process, seen: bytes, typed: bytes) -> bytes:
+    """Type one key at a time, as a user does (each echo drawn before the next key), then see the pong."""
+    assert proc.stdin and proc.stdout
+    mark = len(seen)
+    for key in typed:
+        mark = len(seen)
+        proc.stdin.write(bytes((key,)))
+        seen = await read_until(proc.stdout, seen, b"" if key == ord("\r") else bytes((key,)), mark)
+    return await read_until(proc.stdout, seen, b"pong", mark)
+
+
+@pytest.mark.parametrize("e2e", [False], indirect=True, ids=["runner-fast-path-off"])
+async def test_with_the_runners_fast_path_off_keys_and_echoes_go_through_asyncssh(
+        e2e: Env, fast_paths: list[splice.FastPath]) -> None:
+    # runner_fast_path=false, the kill switch should a newer asyncssh break the runner's fast path: the
+    # same keys and echoes, and the runner's endpoint made no fast path, so each went through asyncssh's
+    # channel. The gateway's own fast path is its setting (gateway_fast_path) and stays on.
+    async with typing_user(e2e) as (proc, seen):
+        await type_and_see(proc, seen, TYPED)
+        assert fast_paths, "the gateway made no fast path: the spy saw nothing"
+        assert runner_side(fast_paths) == [], "the runner's endpoint made a fast path though it is off"
 
 
 async def test_a_pty_carries_megabytes_exactly_both_ways_on_the_runners_fast_path(

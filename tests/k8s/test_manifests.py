@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import json
 import re
@@ -104,6 +105,10 @@ def test_runner_container_contract() -> None:
     runner_spec = json.loads(env["ORZ_RUNNER_SPEC"])
     advertise = next(e for e in runner["env"] if e["name"] == "ORZ_RUNNER_ADVERTISE_HOST")
     assert advertise["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # runner_fast_path reaches the runner in its environment: older runner images refuse unknown spec fields.
+    assert env["ORZ_RUNNER_FAST_PATH"] == "true" and "fast_path" not in runner_spec
+    off = manifests.pod(spec, dataclasses.replace(CONFIG, runner_fast_path=False))["spec"]["containers"][0]
+    assert {"name": "ORZ_RUNNER_FAST_PATH", "value": "false"} in off["env"]
     assert runner_spec["session_id"] == spec.session_id
     assert runner_spec["secret_env"] == ["GITHUB_TOKEN"]
     assert runner_spec["ssh_port"] == 2222 and runner_spec["workspace"] == "/workspace"

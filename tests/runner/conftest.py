@@ -170,7 +170,8 @@ async def start_runner(short_tmp: Path, fake_api: FakeApi, gateway_key: GatewayK
     async def start(repo_url: str | None = None, *, branch: str | None = "main",
                     program: str | None = HI_PROGRAM, task: str | None = None,
                     secrets: dict[str, str] | None = None, name: str = "s1",
-                    extra_env: dict[str, str] | None = None, **spec_fields: Any) -> RunningRunner:
+                    extra_env: dict[str, str] | None = None, fast_path: bool = True,
+                    **spec_fields: Any) -> RunningRunner:
         base = short_tmp / name
         spec = RunnerSpec(
             session_id=name, api_url=fake_api.url, repo_url=repo_url, branch=branch, program=program,
@@ -181,7 +182,7 @@ async def start_runner(short_tmp: Path, fake_api: FakeApi, gateway_key: GatewayK
         environ = {"PATH": os.environ["PATH"], "HOME": str(short_tmp), "LANG": "C.UTF-8",
                    **(secrets or {}), **(extra_env or {})}
         fake_api.expect(name, "runner-token-1")
-        runner = Runner(spec, "runner-token-1", environ)
+        runner = Runner(spec, "runner-token-1", environ, fast_path=fast_path)
         stop = asyncio.Event()
         handle = RunningRunner(runner, stop, asyncio.create_task(runner.run(stop)), fake_api, gateway_key)
         started.append(handle)

@@ -218,6 +218,7 @@ class LocalProvider(Provider):
             "ORZ_RUNNER_SPEC": runner_spec.model_dump_json(),
             "ORZ_RUNNER_TOKEN": spec.runner_token,
             "ORZ_LOG_LEVEL": self.settings.log_level,
+            "ORZ_RUNNER_FAST_PATH": str(self.settings.runner_fast_path).lower(),
             "PYTHONPATH": _runner_import_root(),
             "PYTHONUNBUFFERED": "1",
         })

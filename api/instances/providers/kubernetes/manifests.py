@@ -60,6 +60,7 @@ class ClusterConfig:
         default_factory=lambda: {"kubernetes.io/metadata.name": "orz-system"}
     )
     image_pull_policy: str = "IfNotPresent"
+    runner_fast_path: bool = True  # settings.runner_fast_path, passed to each runner in its environment
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClusterConfig:
@@ -70,6 +71,7 @@ class ClusterConfig:
             workspace_size=settings.k8s_workspace_size,
             gateway_pod_labels=names.parse_selector(settings.k8s_gateway_selector),
             gateway_namespace_labels=names.parse_selector(settings.k8s_gateway_namespace_selector),
+            runner_fast_path=settings.runner_fast_path,
         )
 
 
@@ -229,6 +231,7 @@ def _runner_container(spec: ComputeSpec, config: ClusterConfig) -> dict[str, Any
             {"name": "HOME", "value": HOME},
             # The gateway dials the pod IP, which is only known once the Pod is scheduled.
             {"name": "ORZ_RUNNER_ADVERTISE_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "ORZ_RUNNER_FAST_PATH", "value": str(config.runner_fast_path).lower()},
         ],
         # The runner token and secret values arrive from the Secret, never inline in the Pod.
         "envFrom": [{"secretRef": {"name": names.secret_name(spec.session_id)}}],
