@@ -105,3 +105,59 @@ def test_bad_cloud_yaml_fails_the_session_with_path_and_line(server: Server, mak
     pid = json.loads((server.tmp / "data" / "sessions" / sid / "provider.json").read_text())["pid"]
     wait_until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
                .rsplit(")", 1)[1][:3], timeout=10, what="runner exit")
+
+
+def _fds(pid: int) -> dict[int, tuple[str, bool]]:
+    """Each open fd of ``pid``: what it points at, and whether a child would inherit it (no O_CLOEXEC)."""
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed while we looked
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            flags = next(line for line in Path(f"/proc/{pid}/fdinfo/{name}").read_text().splitlines()
+                         if line.startswith("flags:"))
+            out[int(name)] = (target, not int(flags.split()[1], 8) & os.O_CLOEXEC)
+    return out
+
+
+def _session_processes(session_dir: Path, leader: int) -> dict[int, str]:
+    """pid -> command line of the session's runner (or sandbox launcher), everything below it, and the
+    daemonized tmux server and its panes' programs (reparented away from the runner without the sandbox)."""
+    parent, cmdline = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                cmdline[int(entry.name)] = b" ".join(argv).decode("utf-8", "replace")
+    roots = {leader} | {pid for pid, cmd in cmdline.items() if str(session_dir) in cmd and "tmux" in cmd}
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += [child for child, ppid in parent.items() if ppid == pid]
+    return {pid: cmdline.get(pid, "?") for pid in found if pid in cmdline}
+
+
+def test_session_processes_inherit_no_descriptor_of_the_server(server: Server, make_repo) -> None:
+    """`orz server` runs on uvloop (libuv makes its own pipes and sockets) and starts runners with
+    posix_spawn, the sandbox launcher its children with pass_fds: no socket or pipe of the server may
+    reach a session's runner, tmux or program, and our own processes hold nothing inheritable beyond
+    stdio, so a later spawn cannot hand one on either."""
+    sid = server.http.post("/v1/instances", json={"repo_url": make_repo({"README": "x\n"}), "branch": "main",
+                                                  "program": runner_fixtures.HI_PROGRAM}).json()["id"]
+    assert server.wait_status(sid, "running", "failed")["status"] == "running"
+    session_dir = server.tmp / "data" / "sessions" / sid
+    leader = json.loads((session_dir / "provider.json").read_text())["pid"]
+    processes = _session_processes(session_dir, leader)
+    assert any("sleep infinity" in cmd for cmd in processes.values()), processes  # the program is among them
+
+    served = _fds(server.proc.pid)
+    assert {fd for fd, (_, inheritable) in served.items() if inheritable} <= {0, 1, 2}, served
+    # Sockets and pipes are named by inode: the same name in a session's process is the server's own.
+    ours = {target for target, _ in served.values() if target.startswith(("socket:", "pipe:"))}
+    for pid, cmd in processes.items():
+        fds = _fds(pid)
+        assert not ours & {target for target, _ in fds.values()}, (cmd, fds)
+        if Path(cmd.split(" ", 1)[0]).name not in ("tmux", "bwrap", "slirp4netns"):  # theirs, not ours
+            assert {fd for fd, (_, inheritable) in fds.items() if inheritable and fd > 2} == set(), (cmd, fds)

@@ -164,6 +164,11 @@ def listen_in_namespace(pid: int, ports: list[int], join_userns: bool) -> list[s
         os.waitpid(child, 0)
     if len(fds) != len(ports):
         raise RuntimeError("could not relay host ports into the sandbox")
+    # SCM_RIGHTS hands fds over inheritable (Python makes its own close-on-exec, not these; and 3.11's
+    # recv_fds drops its flags argument, so MSG_CMSG_CLOEXEC cannot say it): a listening socket inside
+    # the sandbox must not reach a child this launcher starts.
+    for fd in fds:
+        os.set_inheritable(fd, False)
     return [socket.socket(fileno=fd) for fd in fds]
 
 
