@@ -27,11 +27,12 @@ lower is better, for throughput higher is better), and TARGETS holds the issue's
 
     python -m bench.real_path [--bytes 100M] [--samples 1000] [--rounds 3] [--sessions 1000]
         [--runner-sessions 50] [--no-sshd-endpoint] [--no-relay] [--runner-uvloop]
-        [--alt-runner loop|asyncssh-path] [--only echo,bulk,copies,setup,hold]
+        [--alt-runner loop|asyncssh-path | --alt-tree DIR] [--only echo,bulk,copies,setup,hold]
 
 `--only hold` holds the idle sessions on one gateway and nothing else (no sshd, runner or rounds), to
 iterate on the gateway's memory per session; `--tracemalloc` adds its top allocation sites per session,
-`--gateway-tree DIR` runs that gateway from another checkout (A/B against a parent commit).
+`--gateway-tree DIR` runs that gateway from another checkout (A/B against a parent commit); `--alt-tree DIR`
+adds the real path with both its gateway and its runner from another checkout, interleaved with this one's.
 """
 
 from __future__ import annotations
@@ -479,14 +480,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         gw_pub = gw_host.export_public_key().decode().strip()
         cpu = {"gateway": gw, "runner": runner}
         alt_gw: Child | None = None
-        if args.alt_runner:  # the same path with the other runner, interleaved with it (an A/B in one run)
+        if args.alt_runner or args.alt_tree:  # the same path with another runner (and gateway), interleaved
             (work / "ra").mkdir()
             alt_loop = ["--uvloop"] if args.runner_uvloop != (args.alt_runner == "loop") else []
             alt_runner = Child("--serve-runner-endpoint", str(work / "ra"), str(workspace), gw_client_pub,
-                               *alt_loop, *(["--no-fast-path"] if args.alt_runner == "asyncssh-path" else []))
+                               *alt_loop, *(["--no-fast-path"] if args.alt_runner == "asyncssh-path" else []),
+                               tree=args.alt_tree)
             children.append(alt_runner)
             alt_gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(alt_runner.port),
-                           alt_runner.info["host_key"], *(["--uvloop"] if args.uvloop else []))
+                           alt_runner.info["host_key"], *(["--uvloop"] if args.uvloop else []), tree=args.alt_tree)
             children.append(alt_gw)
             cpu.update(alt_gateway=alt_gw, alt_runner=alt_runner)
         gw_sshd: Child | None = None
@@ -541,6 +543,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                   "gateway_loop": "uvloop" if args.uvloop else "asyncio",
                                   "runner_loop": "uvloop" if args.runner_uvloop else "asyncio",
                                   "alt_runner": args.alt_runner or "none",
+                                  "alt_tree": str(args.alt_tree or ""),
                                   "load_average": os.getloadavg(), "baseline_sftp": sftp_server}
         for key in rounds[0]:
             values = [r[key] for r in rounds]
@@ -584,7 +587,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             report["sshdep_targets"] = verdicts(report, "sshdep_")
         if args.relay:
             report["relay_targets"] = verdicts(report, "relay_")
-        if args.alt_runner:
+        if args.alt_runner or args.alt_tree:
             report["alt_targets"] = verdicts(report, "alt_")
         return report
     finally:
@@ -629,10 +632,15 @@ def cli() -> None:
                              "includes tracemalloc's tables: take the RSS figure from a run without)")
     parser.add_argument("--gateway-tree", type=Path, metavar="DIR",
                         help="run the gateway processes from this checkout (an A/B against another commit)")
+    parser.add_argument("--alt-tree", type=Path, metavar="DIR",
+                        help="a fourth side, interleaved: the real path with its gateway and runner both from this "
+                             "checkout (an A/B against another commit in one run); its figures carry alt_")
     args = parser.parse_args()
     if args.relay and shutil.which("socat") is None:
         print("socat not found (apt-get install -y socat): the relay floor is left out", file=sys.stderr)
         args.relay = False
+    if args.alt_runner and args.alt_tree:
+        parser.error("--alt-runner and --alt-tree each make the fourth side: pick one")
     if args.only - set(MEASURES):
         parser.error(f"--only: unknown measure(s) {','.join(sorted(args.only - set(MEASURES)))}")
     raise_fd_limit()
