@@ -355,9 +355,13 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
     for tmux in (True, False) if "echo" in args.only else ():
         label = "tmux" if tmux else "pty"
         cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
+        split0 = {name: child.cpu_split_s() for name, child in cpu.items()}
         lat = await echo_round(sides, args.samples, tmux)
         for name, child in cpu.items():
             r[f"{label}_{name}_cpu_us_per_echo"] = (child.cpu_s() - cpu0[name]) / (args.samples + 20) * 1e6
+            # The kernel's share (socket and pty calls, wake-ups): what no Python cut can reach.
+            user_s, system_s = (now - then for now, then in zip(child.cpu_split_s(), split0[name], strict=True))
+            r[f"{label}_{name}_cpu_system_share"] = system_s / (user_s + system_s) if user_s + system_s else 0.0
         for side in sides:
             r[f"{label}_{side.name}_echo_p50_ms"] = statistics.median(lat[side.name]) * 1000
             r[f"{label}_{side.name}_echo_p99_ms"] = pct(lat[side.name], 99) * 1000
