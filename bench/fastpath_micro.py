@@ -231,6 +231,32 @@ class Chain:
         timing["gw_out"] = (clock() - t0) / n
         return timing
 
+    def run_cold(self, packets: list[bytes], evict: bytearray) -> dict[str, float]:
+        """As `run`, one keystroke at a time, each step after `evict` is written over: the caches hold none of
+        the step's code or data, as in a real gateway, where other processes run between keystrokes."""
+        for out in (self.to_runner, self.keys_seen, self.from_runner, self.to_client):
+            out.clear()
+        timing = dict.fromkeys(STEPS, 0.0)
+        clock = time.perf_counter_ns
+        steps = ((self.client.fast_path.data_received, self.to_runner), (self.endpoint.fast_path.data_received,
+                 self.keys_seen), (None, self.from_runner), (self.upstream.fast_path.data_received, self.to_client))
+        gc.disable()
+        try:
+            for pkt in packets:
+                item = pkt
+                for name, (step, out) in zip(STEPS, steps, strict=True):
+                    evict[::64] = bytes(len(evict[::64]))  # one write per cache line
+                    t0 = clock()
+                    if step is None:
+                        self.run_fast.send_data(self.run_chan, item)
+                    else:
+                        step(item)
+                    timing[name] += clock() - t0
+                    item = out[-1]
+        finally:
+            gc.enable()
+        return {name: ns / len(packets) for name, ns in timing.items()}
+
     def check(self, packets: list[bytes], client_key_stream: Any) -> None:
         """Every keystroke reached the pty and came back to the client, in order, all on the fast path."""
         assert len(self.to_client) == len(packets), (len(self.to_client), len(packets))
@@ -254,6 +280,8 @@ def main() -> None:
                         help="repetitions, the sides alternating; each step's fastest (other jobs only add time)")
     parser.add_argument("--against", type=Path, metavar="DIR", help="another checkout to A/B against")
     parser.add_argument("--profile", action="store_true", help="cProfile this tree's steps instead")
+    parser.add_argument("--cold", action="store_true",
+                        help="evict the CPU caches (32 MiB written over) before each step of each keystroke")
     args = parser.parse_args()
     try:
         import uvloop
@@ -265,6 +293,7 @@ def main() -> None:
     if args.against:
         impls["against"] = load_tree(args.against)
     impls["this"] = (gateway.splice, gateway.cork)
+    evict = bytearray(32 << 20)
     results: dict[str, dict[str, list[float]]] = {name: {s: [] for s in STEPS} for name in impls}
     for rep in range(args.reps + 1):  # the first repetition warms up and is not counted
         for name, (splice, cork) in impls.items():
@@ -277,7 +306,7 @@ def main() -> None:
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
                 continue
-            timing = chain.run(packets)
+            timing = chain.run_cold(packets, evict) if args.cold else chain.run(packets)
             chain.check(packets, _open_all(chain.keys["client_down"], chain.to_client))
             if rep:
                 for step, ns in timing.items():

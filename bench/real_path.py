@@ -330,14 +330,21 @@ def prefix(side: Side) -> str:
 
 
 class Relay:
-    """socat relaying bytes from a free port to `port`, one forked process per connection (as sshd forks)."""
+    """socat relaying bytes from a free port to `port`, one forked process per connection (as sshd forks);
+    with `python`, bench/pyrelay.py instead: one Python process on uvloop, as the gateway runs."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, python: bool = False) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay",
-             f"TCP:127.0.0.1:{port},nodelay"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_listening(self.port, "socat")
+        argv = ([sys.executable, "-m", "bench.pyrelay", str(self.port), str(port)] if python else
+                ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay",
+                 f"TCP:127.0.0.1:{port},nodelay"])
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        wait_listening(self.port, argv[0])
+
+    # The Python relay is one process: its CPU per echo is measured as the gateway's is.
+    cpu_s = Child.cpu_s
+    cpu_split_s = Child.cpu_split_s
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -531,7 +538,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                                  "-o", f"CertificateFile={work / 'id-cert.pub'}"],
                                f"{SESSION}@127.0.0.1", proto_tmux, []))
         if args.relay:
-            relay = Relay(sshd.port)
+            relay = Relay(sshd.port, python=args.relay_python)
+            if args.relay_python:
+                cpu["relay"] = relay  # type: ignore[assignment]
             relay_tmux = Tmux(work / "relay.sock")
             await relay_tmux.start(["sleep", "infinity"], cwd=workspace, env=env)
             # sshd checks the host key by name and port: the relay's port gets sshd's key.
@@ -629,6 +638,8 @@ def cli() -> None:
                         help="leave out the prototype: the gateway in front of sshd with bench/sshd_endpoint.sh")
     parser.add_argument("--no-relay", dest="relay", action="store_false",
                         help="leave out the floor: socat relaying bytes between ssh and sshd (on when socat exists)")
+    parser.add_argument("--relay-python", action="store_true",
+                        help="the floor's relay in Python on uvloop (bench/pyrelay.py) instead of socat")
     parser.add_argument("--asyncio", dest="uvloop", action="store_false",
                         help="run the gateway on asyncio's own loop (default: uvloop, as `orz gateway` does)")
     parser.add_argument("--tracemalloc", action="store_true",
@@ -640,7 +651,7 @@ def cli() -> None:
                         help="a fourth side, interleaved: the real path with its gateway and runner both from this "
                              "checkout (an A/B against another commit in one run); its figures carry alt_")
     args = parser.parse_args()
-    if args.relay and shutil.which("socat") is None:
+    if args.relay and not args.relay_python and shutil.which("socat") is None:
         print("socat not found (apt-get install -y socat): the relay floor is left out", file=sys.stderr)
         args.relay = False
     if args.alt_runner and args.alt_tree:
