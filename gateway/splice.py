@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 _TAG = 16  # AES-GCM tag; the 4-byte packet length before it travels in the clear (associated data)
 _BLOCK = 16  # AES-GCM's block: what follows the length is a whole number of blocks (RFC 5647)
 _MIN_PAD = 4  # RFC 4253 6: at least four bytes of padding
-_DATA = bytes([MSG_CHANNEL_DATA])
-_PAD_LENGTHS = tuple(bytes((n,)) for n in range(256))
 # Per packet, one struct call where int.from_bytes/to_bytes on slices took several (bench/fastpath_micro.py).
 _U32 = struct.Struct(">I")
 _unpack_u32 = _U32.unpack_from
@@ -221,73 +219,71 @@ class FastPath:
     # -- receiving --------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        """Bytes from the socket: relay the steady-state data packets, hand everything else to asyncssh."""
+        """Bytes from the socket: relay the steady-state data packets, hand everything else to asyncssh.
+        (One function with the relay loop: see _send on what a function costs per keystroke.)"""
         conn = self.conn
         if not self.legs or conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
             self._receive(data)  # mid-packet, busy with an async handler or closing: asyncssh's turn
             return
         try:
-            self._relay(conn, data)
+            # At a packet boundary asyncssh's input buffer holds only whole-packet prefixes we left there.
+            buf = conn._inpbuf + data if conn._inpbuf else data
+            conn._inpbuf = b""
+            now = time.monotonic()
+            if now - self._keepalive_reset_at >= _KEEPALIVE_RESET_EVERY_S:
+                self._keepalive_reset_at = now
+                conn._reset_keepalive_timer()
+            # Data of consecutive packets for one leg leaves as one send (bulk: fewer, fuller packets). A lone
+            # packet (a keystroke, an echo) builds no list.
+            batch_leg: Leg | None = None
+            batch: bytes | list[bytes] = b""
+            pos, end_of_buf = 0, len(buf)
+            view = memoryview(buf)
+            take = self._take_data
+            while end_of_buf - pos >= 4:
+                pktlen = _unpack_u32(buf, pos)[0]
+                end = pos + 4 + pktlen + _TAG
+                if pktlen > conn._max_recv_pktlen:
+                    break  # asyncssh raises the protocol error
+                if end > end_of_buf:
+                    conn._inpbuf = bytes(view[pos:])  # a partial packet: wait for the rest at this boundary
+                    pos = end_of_buf
+                    break
+                relayed = take(view, pos, end)
+                if relayed is None:
+                    if batch_leg is not None:  # what was relayed so far leaves before asyncssh acts on this packet
+                        self._forward(batch_leg, batch)
+                        batch_leg, batch = None, b""
+                    self._receive(bytes(view[pos:end]))
+                    if conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
+                        pos = end
+                        break  # asyncssh is mid-way through something (an async handler, a close): its turn
+                else:
+                    leg, payload = relayed
+                    if batch_leg is None:
+                        batch_leg, batch = leg, payload
+                    elif leg is batch_leg:
+                        if type(batch) is list:
+                            batch.append(payload)
+                        else:
+                            batch = [batch, payload]  # type: ignore[list-item]
+                    else:
+                        self._forward(batch_leg, batch)
+                        batch_leg, batch = leg, payload
+                pos = end
+            else:
+                if pos < end_of_buf:  # the first bytes of a packet's length: wait for the rest, as above
+                    conn._inpbuf = bytes(view[pos:])
+                    pos = end_of_buf
+            if batch_leg is not None:
+                self._forward(batch_leg, batch)
+            if pos < end_of_buf:
+                self._receive(bytes(view[pos:]))
         except Exception:
             # A bug here must not go unseen, nor take more than this connection with it: close it the
             # way asyncssh closes a connection whose input it failed to process.
             log.exception("gateway fast path failed; closing the connection")
             conn.internal_error()
-
-    def _relay(self, conn: Any, data: bytes) -> None:
-        # At a packet boundary asyncssh's input buffer holds only whole-packet prefixes we left there.
-        buf = conn._inpbuf + data if conn._inpbuf else data
-        conn._inpbuf = b""
-        now = time.monotonic()
-        if now - self._keepalive_reset_at >= _KEEPALIVE_RESET_EVERY_S:
-            self._keepalive_reset_at = now
-            conn._reset_keepalive_timer()
-        # Data of consecutive packets for one leg leaves as one send (bulk: fewer, fuller packets). A lone
-        # packet (a keystroke, an echo) builds no list.
-        batch_leg: Leg | None = None
-        batch: bytes | list[bytes] = b""
-        pos, end_of_buf = 0, len(buf)
-        view = memoryview(buf)
-        take = self._take_data
-        while end_of_buf - pos >= 4:
-            pktlen = _unpack_u32(buf, pos)[0]
-            end = pos + 4 + pktlen + _TAG
-            if pktlen > conn._max_recv_pktlen:
-                break  # asyncssh raises the protocol error
-            if end > end_of_buf:
-                conn._inpbuf = bytes(view[pos:])  # a partial packet: wait for the rest at this boundary
-                pos = end_of_buf
-                break
-            relayed = take(view, pos, end)
-            if relayed is None:
-                if batch_leg is not None:  # what was relayed so far leaves before asyncssh acts on this packet
-                    self._forward(batch_leg, batch)
-                    batch_leg, batch = None, b""
-                self._receive(bytes(view[pos:end]))
-                if conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
-                    pos = end
-                    break  # asyncssh is mid-way through something (an async handler, a close): its turn
-            else:
-                leg, payload = relayed
-                if batch_leg is None:
-                    batch_leg, batch = leg, payload
-                elif leg is batch_leg:
-                    if type(batch) is list:
-                        batch.append(payload)
-                    else:
-                        batch = [batch, payload]  # type: ignore[list-item]
-                else:
-                    self._forward(batch_leg, batch)
-                    batch_leg, batch = leg, payload
-            pos = end
-        else:
-            if pos < end_of_buf:  # the first bytes of a packet's length: wait for the rest, as above
-                conn._inpbuf = bytes(view[pos:])
-                pos = end_of_buf
-        if batch_leg is not None:
-            self._forward(batch_leg, batch)
-        if pos < end_of_buf:
-            self._receive(bytes(view[pos:]))
 
     def _take_data(self, view: memoryview, start: int, end: int) -> tuple[Leg, bytes] | None:
         """The leg and data of a CHANNEL_DATA packet the fast path may relay now, having consumed it."""
@@ -351,73 +347,72 @@ class FastPath:
 
     # -- sending ----------------------------------------------------------------------------------
 
-    def _can_send(self, conn: Any) -> bool:
-        """Whether a packet may be sealed here: otherwise asyncssh's path queues, defers or starts a rekey."""
-        return (type(conn._send_encryption) is GCMEncryption and conn._compressor is None
-                and conn._transport is not None and conn._kex_complete and conn._auth_complete
-                and conn._rekey_bytes_sent < conn._rekey_bytes
-                and not (conn._rekey_seconds and time.monotonic() >= conn._rekey_time))
-
     def send_channel_data(self, args: tuple[bytes, ...]) -> bool:
-        """Seal and send a CHANNEL_DATA packet asyncssh's channel built (recipient, data, as its send_packet
-        would, minus a new AES-GCM context per packet); False leaves it to asyncssh. Only while channels
-        are spliced here: with the fast path off, everything stays on asyncssh's path."""
-        conn = self.conn
-        if not self.legs or not self._can_send(conn):
+        """Seal and send a CHANNEL_DATA packet asyncssh's channel built (its payload: recipient and data, as its
+        send_packet would, minus a new AES-GCM context per packet); False leaves it to asyncssh. Only while
+        channels are spliced here: with the fast path off, everything stays on asyncssh's path."""
+        if not self.legs or len(args) != 1 or len(args[0]) < 8:
             return False
-        padlen = self._padlen(conn, sum(map(len, args)) + 1)
-        self._seal_and_send(conn, conn._send_encryption._cipher, conn._transport.write,
-                            b"".join((_PAD_LENGTHS[padlen], _DATA, *args, _padding.take(padlen))))
-        return True
-
-    @staticmethod
-    def _padlen(conn: Any, payload_len: int) -> int:
-        """RFC 4253 6's padding for a payload of `payload_len` bytes (message type included)."""
-        blocksize = conn._send_blocksize
-        padlen = -(conn._send_enchdrlen + payload_len) % blocksize
-        return padlen + blocksize if padlen < _MIN_PAD else padlen
-
-    def _seal_and_send(self, conn: Any, cipher: Any, write: Callable[[bytes], None], packet: bytes) -> None:
-        """Seal `packet` (padding length, payload, padding) and write it, as asyncssh would have."""
-        sealer = self._seal
-        aead = sealer.aead if cipher is sealer.cipher else self._keep(sealer, cipher, AESGCM(cipher._key))
-        header = _pack_u32(len(packet))
-        iv = cipher._iv
-        sealed = aead.encrypt(iv, packet, header)
-        fixed, counter = _unpack_iv(iv)
-        cipher._iv = _pack_iv(fixed, (counter + 1) & _COUNTER_MASK)
-        try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per packet)
-            write(header + sealed)
-        except ConnectionError:  # the connection is going; asyncssh ignores it too
-            pass
-        conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
-        conn._rekey_bytes_sent += len(packet)
+        payload = args[0]
+        recipient, size = _unpack_chan_size(payload, 0)
+        if size != len(payload) - 8 or not size:
+            return False  # not the payload asyncssh's channels build: its own path judges it
+        transport = self.conn._transport
+        # (asyncssh counted the window itself; its writes go through the cork's turn batching.)
+        return self._send(recipient, memoryview(payload)[8:], size, size, transport and transport.write)
 
     def send_data(self, chan: Any, data: bytes) -> bool:
         """Send `data` on `chan` as CHANNEL_DATA packets if nothing is queued ahead of it; False if not sent."""
-        conn = self.conn
         size = len(data)
-        if chan._send_state != "open" or chan._send_buf or size > chan._send_window or not self._can_send(conn):
-            return False  # asyncssh's path queues, defers during key exchange, or starts a rekey
-        cipher = conn._send_encryption._cipher
-        recipient = chan._send_chan
-        step = chan._send_pktsize
-        transport = conn._transport
+        if chan._send_state != "open" or chan._send_buf or size > chan._send_window:
+            return False  # asyncssh's path queues it behind what waits, or until the window opens
+        transport = self.conn._transport
         # The batch is already whole: skip the cork's end-of-turn flush (a loop turn and a poll per send).
-        write = getattr(transport, "write_now", None) or transport.write
-        seal = self._seal_and_send
-        take = _padding.take
+        write = transport and (getattr(transport, "write_now", None) or transport.write)
+        if not self._send(chan._send_chan, data, size, chan._send_pktsize, write):
+            return False
+        chan._send_window -= size
+        self.sent += 1
+        return True
+
+    def _send(self, recipient: int, data: bytes | memoryview, size: int, step: int,
+              write: Callable[[bytes], None] | None) -> bool:
+        """`data` for `recipient` as CHANNEL_DATA packets of at most `step` bytes, each padded, sealed and
+        written as asyncssh would; False (nothing sent) if asyncssh must send it: it queues, defers during a
+        key exchange, or starts a rekey.
+
+        One function where four did the work: between keystrokes other processes run and the caches lose
+        this code, and each further function costs about a microsecond to bring back
+        (bench/fastpath_micro.py --cold)."""
+        conn = self.conn
+        enc = conn._send_encryption
+        if (write is None or type(enc) is not GCMEncryption or conn._compressor is not None
+                or not conn._kex_complete or not conn._auth_complete or conn._rekey_bytes_sent >= conn._rekey_bytes
+                or (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)):
+            return False
+        cipher = enc._cipher
+        sealer = self._seal
+        aead = sealer.aead if cipher is sealer.cipher else self._keep(sealer, cipher, AESGCM(cipher._key))
         blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen + 9  # (+ type, recipient, length)
         for off in range(0, size, step):
             part = data[off:off + step] if size > step else data
             length = len(part)
-            padlen = -(hdrlen + length) % blocksize  # as _padlen, without a call per packet
+            padlen = -(hdrlen + length) % blocksize  # RFC 4253 6: whole blocks, at least four bytes
             if padlen < _MIN_PAD:
                 padlen += blocksize
-            seal(conn, cipher, write, b"".join((_pack_data_head(padlen, MSG_CHANNEL_DATA, recipient, length),
-                                                part, take(padlen))))
-        chan._send_window -= size
-        self.sent += 1
+            packet = b"".join((_pack_data_head(padlen, MSG_CHANNEL_DATA, recipient, length), part,
+                               _padding.take(padlen)))
+            header = _pack_u32(len(packet))
+            iv = cipher._iv
+            sealed = aead.encrypt(iv, packet, header)
+            fixed, counter = _unpack_iv(iv)  # asyncssh's GCMCipher._update_iv, inline
+            cipher._iv = _pack_iv(fixed, (counter + 1) & _COUNTER_MASK)
+            try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per packet)
+                write(header + sealed)
+            except ConnectionError:  # the connection is going; asyncssh ignores it too
+                pass
+            conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
+            conn._rekey_bytes_sent += len(packet)
         return True
 
 
