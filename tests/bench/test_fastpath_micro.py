@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from asyncssh.constants import MSG_CHANNEL_DATA
 from asyncssh.encryption import GCMEncryption
+from asyncssh.packet import String, UInt32
 
 import gateway.cork
 import gateway.splice
@@ -88,3 +89,20 @@ def test_the_micro_benchmark_runs_against_another_tree() -> None:
                           "--against", str(ROOT)], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     for step in (*fastpath_micro.STEPS, "total"):
         assert step in out.stdout
+
+
+def test_data_asyncssh_queued_is_sealed_on_the_fast_path_as_its_channel_built_it(
+        chain: fastpath_micro.Chain) -> None:
+    """WithoutFiller.send_packet hands the fast path the payload asyncssh's channel built (recipient, then the
+    data as an SSH string, in one bytes); anything else stays with asyncssh."""
+    fast = chain.client.fast_path
+    assert fast.send_channel_data((UInt32(7) + String(b"queued"),))
+    assert not fast.send_channel_data((UInt32(7), String(b"two parts")))
+    assert not fast.send_channel_data((UInt32(7) + UInt32(99) + b"short",))  # a length that lies
+    assert not fast.send_channel_data((UInt32(7) + String(b""),))
+    enc = GCMEncryption.new(fastpath_micro.CIPHER, chain.keys["client_down"], chain.keys["client_down"][:12])
+    (pkt,) = chain.to_client  # (the cork's batched write: this test's loop never runs, so it went at once)
+    plain = enc.decrypt_packet(0, pkt[:4], pkt[4:-16], 4, pkt[-16:])
+    assert plain is not None and plain[1] == MSG_CHANNEL_DATA
+    assert plain[2:len(plain) - plain[0]] == UInt32(7) + String(b"queued")
+    assert chain.client._send_seq == 4
