@@ -40,7 +40,7 @@ import gateway.splice
 
 CIPHER = "aes128-gcm"  # asyncssh's cipher-module name for aes128-gcm@openssh.com
 STEPS = ("gw_in", "run_in", "run_out", "gw_out")
-WINDOW = 2 << 20
+WINDOW = 1 << 30  # (bulk runs: a stand-in channel gets no window adjust from a peer)
 PKTSIZE = 32768
 
 
@@ -118,12 +118,13 @@ class _Chan:
         self._send_window = WINDOW  # the window adjust the peer would send back
 
 
-def _client_packets(key: bytes, chan: int, n: int) -> list[bytes]:
-    """`n` sealed one-byte CHANNEL_DATA packets from an OpenSSH-like client (asyncssh's own sealing)."""
+def _client_packets(key: bytes, chan: int, n: int, size: int = 1) -> list[bytes]:
+    """`n` sealed CHANNEL_DATA packets of `size` bytes each from an OpenSSH-like client (asyncssh's sealing)."""
     enc = GCMEncryption.new(CIPHER, key, key[:12])
     out = []
     for i in range(n):
-        payload = bytes([MSG_CHANNEL_DATA]) + chan.to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes([97 + i % 26])
+        payload = (bytes([MSG_CHANNEL_DATA]) + chan.to_bytes(4, "big") + size.to_bytes(4, "big")
+                   + bytes([97 + i % 26]) * size)
         padlen = -(1 + len(payload)) % 16
         padlen += 16 if padlen < 4 else 0
         packet = bytes([padlen]) + payload + os.urandom(padlen)
@@ -280,6 +281,8 @@ def main() -> None:
                         help="repetitions, the sides alternating; each step's fastest (other jobs only add time)")
     parser.add_argument("--against", type=Path, metavar="DIR", help="another checkout to A/B against")
     parser.add_argument("--profile", action="store_true", help="cProfile this tree's steps instead")
+    parser.add_argument("--size", type=int, default=1,
+                        help="bytes per packet (1: a keystroke; 32768: a stream, as the client's packets in bulk)")
     parser.add_argument("--cold", action="store_true",
                         help="evict the CPU caches (32 MiB written over) before each step of each keystroke")
     args = parser.parse_args()
@@ -298,7 +301,7 @@ def main() -> None:
     for rep in range(args.reps + 1):  # the first repetition warms up and is not counted
         for name, (splice, cork) in impls.items():
             chain = Chain(splice, cork, gw_loop, run_loop)
-            packets = _client_packets(chain.keys["client_up"], 0, args.keys)
+            packets = _client_packets(chain.keys["client_up"], 0, args.keys, args.size)
             if args.profile and name == "this" and rep == args.reps:
                 prof = cProfile.Profile()
                 prof.enable()
@@ -311,7 +314,7 @@ def main() -> None:
             if rep:
                 for step, ns in timing.items():
                     results[name][step].append(ns)
-    print(f"µs per keystroke per step, fastest of {args.reps} x {args.keys} keys "
+    print(f"µs per {args.size}-byte packet per step, fastest of {args.reps} x {args.keys} packets "
           f"(load average {os.getloadavg()[0]:.2f}):")
     print(f"{'step':10}" + "".join(f"{name:>10}" for name in impls) + ("     ratio" if len(impls) > 1 else ""))
     totals = {name: 0.0 for name in impls}

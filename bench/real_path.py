@@ -385,9 +385,9 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
     for side in order if bulk else ():
         cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
         r[f"{side.name}_pty_bulk_mib_s"] = await stream(side.ssh("-tt", command=[f"cat {big}"]), nbytes) / (1 << 20)
-        if side.name == "real":  # where the CPU goes when a pty streams
+        if side.name in ("real", "alt"):  # where the CPU goes when a pty streams (each path's own processes)
             for name, child in cpu.items():
-                if name.startswith(("sshdep_", "alt_")):
+                if name.startswith("sshdep_") or name == "relay" or name.startswith("alt_") != (side.name == "alt"):
                     continue
                 r[f"pty_bulk_{name}_cpu_s_per_100mib"] = (child.cpu_s() - cpu0[name]) / nbytes * (100 << 20)
     for side in order if bulk else ():
