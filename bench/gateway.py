@@ -67,8 +67,14 @@ class Child:
         return 0
 
     def cpu_s(self) -> float:
-        """User + system CPU time this process has used so far."""
-        return sum(self.cpu_split_s())
+        """User + system CPU time this process has used so far: the scheduler's nanosecond count summed over
+        its threads (/proc/PID/stat counts clock ticks, 10 ms each: ~10 µs per keystroke over 1,000 of
+        them), or the tick count where schedstat is missing."""
+        try:
+            return sum(int((task / "schedstat").read_text().split()[0])
+                       for task in Path(f"/proc/{self.proc.pid}/task").iterdir()) / 1e9
+        except (OSError, ValueError, IndexError):
+            return sum(self.cpu_split_s())
 
     def cpu_split_s(self) -> tuple[float, float]:
         """(user, system) CPU time this process has used so far."""

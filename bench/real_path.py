@@ -27,11 +27,12 @@ lower is better, for throughput higher is better), and TARGETS holds the issue's
 
     python -m bench.real_path [--bytes 100M] [--samples 1000] [--rounds 3] [--sessions 1000]
         [--runner-sessions 50] [--no-sshd-endpoint] [--no-relay] [--runner-uvloop]
-        [--alt-runner loop|asyncssh-path] [--only echo,bulk,copies,setup,hold]
+        [--alt-runner loop|asyncssh-path | --alt-tree DIR] [--only echo,bulk,copies,setup,hold]
 
 `--only hold` holds the idle sessions on one gateway and nothing else (no sshd, runner or rounds), to
 iterate on the gateway's memory per session; `--tracemalloc` adds its top allocation sites per session,
-`--gateway-tree DIR` runs that gateway from another checkout (A/B against a parent commit).
+`--gateway-tree DIR` runs that gateway from another checkout (A/B against a parent commit); `--alt-tree DIR`
+adds the real path with both its gateway and its runner from another checkout, interleaved with this one's.
 """
 
 from __future__ import annotations
@@ -329,14 +330,21 @@ def prefix(side: Side) -> str:
 
 
 class Relay:
-    """socat relaying bytes from a free port to `port`, one forked process per connection (as sshd forks)."""
+    """socat relaying bytes from a free port to `port`, one forked process per connection (as sshd forks);
+    with `python`, bench/pyrelay.py instead: one Python process on uvloop, as the gateway runs."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, python: bool = False) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay",
-             f"TCP:127.0.0.1:{port},nodelay"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_listening(self.port, "socat")
+        argv = ([sys.executable, "-m", "bench.pyrelay", str(self.port), str(port)] if python else
+                ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay",
+                 f"TCP:127.0.0.1:{port},nodelay"])
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        wait_listening(self.port, argv[0])
+
+    # The Python relay is one process: its CPU per echo is measured as the gateway's is.
+    cpu_s = Child.cpu_s
+    cpu_split_s = Child.cpu_split_s
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -354,9 +362,13 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
     for tmux in (True, False) if "echo" in args.only else ():
         label = "tmux" if tmux else "pty"
         cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
+        split0 = {name: child.cpu_split_s() for name, child in cpu.items()}
         lat = await echo_round(sides, args.samples, tmux)
         for name, child in cpu.items():
             r[f"{label}_{name}_cpu_us_per_echo"] = (child.cpu_s() - cpu0[name]) / (args.samples + 20) * 1e6
+            # The kernel's share (socket and pty calls, wake-ups): what no Python cut can reach.
+            user_s, system_s = (now - then for now, then in zip(child.cpu_split_s(), split0[name], strict=True))
+            r[f"{label}_{name}_cpu_system_share"] = system_s / (user_s + system_s) if user_s + system_s else 0.0
         for side in sides:
             r[f"{label}_{side.name}_echo_p50_ms"] = statistics.median(lat[side.name]) * 1000
             r[f"{label}_{side.name}_echo_p99_ms"] = pct(lat[side.name], 99) * 1000
@@ -373,9 +385,9 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
     for side in order if bulk else ():
         cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
         r[f"{side.name}_pty_bulk_mib_s"] = await stream(side.ssh("-tt", command=[f"cat {big}"]), nbytes) / (1 << 20)
-        if side.name == "real":  # where the CPU goes when a pty streams
+        if side.name in ("real", "alt"):  # where the CPU goes when a pty streams (each path's own processes)
             for name, child in cpu.items():
-                if name.startswith(("sshdep_", "alt_")):
+                if name.startswith("sshdep_") or name == "relay" or name.startswith("alt_") != (side.name == "alt"):
                     continue
                 r[f"pty_bulk_{name}_cpu_s_per_100mib"] = (child.cpu_s() - cpu0[name]) / nbytes * (100 << 20)
     for side in order if bulk else ():
@@ -479,14 +491,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         gw_pub = gw_host.export_public_key().decode().strip()
         cpu = {"gateway": gw, "runner": runner}
         alt_gw: Child | None = None
-        if args.alt_runner:  # the same path with the other runner, interleaved with it (an A/B in one run)
+        if args.alt_runner or args.alt_tree:  # the same path with another runner (and gateway), interleaved
             (work / "ra").mkdir()
             alt_loop = ["--uvloop"] if args.runner_uvloop != (args.alt_runner == "loop") else []
             alt_runner = Child("--serve-runner-endpoint", str(work / "ra"), str(workspace), gw_client_pub,
-                               *alt_loop, *(["--no-fast-path"] if args.alt_runner == "asyncssh-path" else []))
+                               *alt_loop, *(["--no-fast-path"] if args.alt_runner == "asyncssh-path" else []),
+                               tree=args.alt_tree)
             children.append(alt_runner)
             alt_gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(alt_runner.port),
-                           alt_runner.info["host_key"], *(["--uvloop"] if args.uvloop else []))
+                           alt_runner.info["host_key"], *(["--uvloop"] if args.uvloop else []), tree=args.alt_tree)
             children.append(alt_gw)
             cpu.update(alt_gateway=alt_gw, alt_runner=alt_runner)
         gw_sshd: Child | None = None
@@ -525,7 +538,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                                  "-o", f"CertificateFile={work / 'id-cert.pub'}"],
                                f"{SESSION}@127.0.0.1", proto_tmux, []))
         if args.relay:
-            relay = Relay(sshd.port)
+            relay = Relay(sshd.port, python=args.relay_python)
+            if args.relay_python:
+                cpu["relay"] = relay  # type: ignore[assignment]
             relay_tmux = Tmux(work / "relay.sock")
             await relay_tmux.start(["sleep", "infinity"], cwd=workspace, env=env)
             # sshd checks the host key by name and port: the relay's port gets sshd's key.
@@ -541,6 +556,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                   "gateway_loop": "uvloop" if args.uvloop else "asyncio",
                                   "runner_loop": "uvloop" if args.runner_uvloop else "asyncio",
                                   "alt_runner": args.alt_runner or "none",
+                                  "alt_tree": str(args.alt_tree or ""),
                                   "load_average": os.getloadavg(), "baseline_sftp": sftp_server}
         for key in rounds[0]:
             values = [r[key] for r in rounds]
@@ -584,7 +600,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             report["sshdep_targets"] = verdicts(report, "sshdep_")
         if args.relay:
             report["relay_targets"] = verdicts(report, "relay_")
-        if args.alt_runner:
+        if args.alt_runner or args.alt_tree:
             report["alt_targets"] = verdicts(report, "alt_")
         return report
     finally:
@@ -622,6 +638,8 @@ def cli() -> None:
                         help="leave out the prototype: the gateway in front of sshd with bench/sshd_endpoint.sh")
     parser.add_argument("--no-relay", dest="relay", action="store_false",
                         help="leave out the floor: socat relaying bytes between ssh and sshd (on when socat exists)")
+    parser.add_argument("--relay-python", action="store_true",
+                        help="the floor's relay in Python on uvloop (bench/pyrelay.py) instead of socat")
     parser.add_argument("--asyncio", dest="uvloop", action="store_false",
                         help="run the gateway on asyncio's own loop (default: uvloop, as `orz gateway` does)")
     parser.add_argument("--tracemalloc", action="store_true",
@@ -629,10 +647,15 @@ def cli() -> None:
                              "includes tracemalloc's tables: take the RSS figure from a run without)")
     parser.add_argument("--gateway-tree", type=Path, metavar="DIR",
                         help="run the gateway processes from this checkout (an A/B against another commit)")
+    parser.add_argument("--alt-tree", type=Path, metavar="DIR",
+                        help="a fourth side, interleaved: the real path with its gateway and runner both from this "
+                             "checkout (an A/B against another commit in one run); its figures carry alt_")
     args = parser.parse_args()
-    if args.relay and shutil.which("socat") is None:
+    if args.relay and not args.relay_python and shutil.which("socat") is None:
         print("socat not found (apt-get install -y socat): the relay floor is left out", file=sys.stderr)
         args.relay = False
+    if args.alt_runner and args.alt_tree:
+        parser.error("--alt-runner and --alt-tree each make the fourth side: pick one")
     if args.only - set(MEASURES):
         parser.error(f"--only: unknown measure(s) {','.join(sorted(args.only - set(MEASURES)))}")
     raise_fd_limit()

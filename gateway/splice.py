@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,8 +39,16 @@ log = logging.getLogger(__name__)
 _TAG = 16  # AES-GCM tag; the 4-byte packet length before it travels in the clear (associated data)
 _BLOCK = 16  # AES-GCM's block: what follows the length is a whole number of blocks (RFC 5647)
 _MIN_PAD = 4  # RFC 4253 6: at least four bytes of padding
-_DATA = bytes([MSG_CHANNEL_DATA])
-_PAD_LENGTHS = tuple(bytes((n,)) for n in range(256))
+# Per packet, one struct call where int.from_bytes/to_bytes on slices took several (bench/fastpath_micro.py).
+_U32 = struct.Struct(">I")
+_unpack_u32 = _U32.unpack_from
+_pack_u32 = _U32.pack
+_unpack_chan_size = struct.Struct(">II").unpack_from  # CHANNEL_DATA's recipient channel and data length
+_pack_data_head = struct.Struct(">BBII").pack  # padding length, CHANNEL_DATA, recipient channel, data length
+_IV = struct.Struct(">4sQ")  # RFC 5647's nonce: a fixed field and a 64-bit invocation counter, one per packet
+_unpack_iv = _IV.unpack
+_pack_iv = _IV.pack
+_COUNTER_MASK = (1 << 64) - 1
 # Connection and channel attributes the fast path reads or keeps up to date.
 _CONN_STATE = ("_inpbuf", "_recv_handler", "_recv_pkthdr", "_recv_encryption", "_recv_seq", "_recv_macsize",
                "_max_recv_pktlen", "_decompressor", "_channels", "_reset_keepalive_timer", "_transport",
@@ -48,7 +57,7 @@ _CONN_STATE = ("_inpbuf", "_recv_handler", "_recv_pkthdr", "_recv_encryption", "
                "_rekey_time")
 _CHAN_STATE = ("_conn", "_recv_chan", "_send_chan", "_recv_state", "_send_state", "_recv_paused", "_recv_buf",
                "_recv_window", "_init_recv_window", "_send_buf", "_send_window", "_send_pktsize", "_session")
-_GCM_STATE = ("_key", "_iv", "_update_iv")
+_GCM_STATE = ("_key", "_iv")
 # Received data resets asyncssh's keepalive timer; doing it at most this often costs at worst one early
 # keepalive probe, and saves a timer cancel and re-arm per packet.
 _KEEPALIVE_RESET_EVERY_S = 1.0
@@ -78,14 +87,16 @@ class _Padding:
     """Random padding bytes, drawn from the OS generator a few kilobytes at a time."""
 
     def __init__(self) -> None:
-        self._pool = b""
+        self._pool = os.urandom(4096)
         self._pos = 0
 
     def take(self, n: int) -> bytes:
-        if self._pos + n > len(self._pool):
-            self._pool, self._pos = os.urandom(4096), 0
-        self._pos += n
-        return self._pool[self._pos - n:self._pos]
+        pos = self._pos
+        end = pos + n
+        if end > 4096:
+            self._pool, pos, end = os.urandom(4096), 0, n
+        self._pos = end
+        return self._pool[pos:end]
 
 
 _padding = _Padding()
@@ -208,62 +219,71 @@ class FastPath:
     # -- receiving --------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        """Bytes from the socket: relay the steady-state data packets, hand everything else to asyncssh."""
+        """Bytes from the socket: relay the steady-state data packets, hand everything else to asyncssh.
+        (One function with the relay loop: see _send on what a function costs per keystroke.)"""
         conn = self.conn
         if not self.legs or conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
             self._receive(data)  # mid-packet, busy with an async handler or closing: asyncssh's turn
             return
         try:
-            self._relay(conn, data)
+            # At a packet boundary asyncssh's input buffer holds only whole-packet prefixes we left there.
+            buf = conn._inpbuf + data if conn._inpbuf else data
+            conn._inpbuf = b""
+            now = time.monotonic()
+            if now - self._keepalive_reset_at >= _KEEPALIVE_RESET_EVERY_S:
+                self._keepalive_reset_at = now
+                conn._reset_keepalive_timer()
+            # Data of consecutive packets for one leg leaves as one send (bulk: fewer, fuller packets). A lone
+            # packet (a keystroke, an echo) builds no list.
+            batch_leg: Leg | None = None
+            batch: bytes | list[bytes] = b""
+            pos, end_of_buf = 0, len(buf)
+            view = memoryview(buf)
+            take = self._take_data
+            while end_of_buf - pos >= 4:
+                pktlen = _unpack_u32(buf, pos)[0]
+                end = pos + 4 + pktlen + _TAG
+                if pktlen > conn._max_recv_pktlen:
+                    break  # asyncssh raises the protocol error
+                if end > end_of_buf:
+                    conn._inpbuf = bytes(view[pos:])  # a partial packet: wait for the rest at this boundary
+                    pos = end_of_buf
+                    break
+                relayed = take(view, pos, end)
+                if relayed is None:
+                    if batch_leg is not None:  # what was relayed so far leaves before asyncssh acts on this packet
+                        self._forward(batch_leg, batch)
+                        batch_leg, batch = None, b""
+                    self._receive(bytes(view[pos:end]))
+                    if conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
+                        pos = end
+                        break  # asyncssh is mid-way through something (an async handler, a close): its turn
+                else:
+                    leg, payload = relayed
+                    if batch_leg is None:
+                        batch_leg, batch = leg, payload
+                    elif leg is batch_leg:
+                        if type(batch) is list:
+                            batch.append(payload)
+                        else:
+                            batch = [batch, payload]  # type: ignore[list-item]
+                    else:
+                        self._forward(batch_leg, batch)
+                        batch_leg, batch = leg, payload
+                pos = end
+            else:
+                if pos < end_of_buf:  # the first bytes of a packet's length: wait for the rest, as above
+                    conn._inpbuf = bytes(view[pos:])
+                    pos = end_of_buf
+            if batch_leg is not None:
+                self._forward(batch_leg, batch)
+            if pos < end_of_buf:
+                self._receive(bytes(view[pos:]))
         except Exception:
             # A bug here must not go unseen, nor take more than this connection with it: close it the
             # way asyncssh closes a connection whose input it failed to process.
             log.exception("gateway fast path failed; closing the connection")
             conn.internal_error()
-
-    def _relay(self, conn: Any, data: bytes) -> None:
-        # At a packet boundary asyncssh's input buffer holds only whole-packet prefixes we left there.
-        buf = conn._inpbuf + data if conn._inpbuf else data
-        conn._inpbuf = b""
-        now = self._loop.time()
-        if now - self._keepalive_reset_at >= _KEEPALIVE_RESET_EVERY_S:
-            self._keepalive_reset_at = now
-            conn._reset_keepalive_timer()
-        # Data of consecutive packets for one leg leaves as one send (bulk: fewer, fuller packets).
-        batch_leg: Leg | None = None
-        batch: list[bytes] = []
-        pos, end_of_buf = 0, len(buf)
-        view = memoryview(buf)
-        while end_of_buf - pos >= 4:
-            pktlen = int.from_bytes(view[pos:pos + 4], "big")
-            end = pos + 4 + pktlen + _TAG
-            if pktlen > conn._max_recv_pktlen:
-                break  # asyncssh raises the protocol error
-            if end > end_of_buf:
-                conn._inpbuf = bytes(view[pos:])  # a partial packet: wait for the rest at this boundary
-                pos = end_of_buf
-                break
-            relayed = self._take_data(view, pos, end)
-            if relayed is None:
-                if batch_leg is not None:  # what was relayed so far leaves before asyncssh acts on this packet
-                    self._forward(batch_leg, batch)
-                    batch_leg, batch = None, []
-                self._receive(bytes(view[pos:end]))
-                if conn._recv_handler != conn._recv_pkthdr or conn._transport is None:
-                    pos = end
-                    break  # asyncssh is mid-way through something (an async handler, a close): its turn
-            else:
-                leg, payload = relayed
-                if leg is not batch_leg and batch_leg is not None:
-                    self._forward(batch_leg, batch)
-                    batch = []
-                batch_leg = leg
-                batch.append(payload)
-            pos = end
-        if batch_leg is not None:
-            self._forward(batch_leg, batch)
-        if pos < end_of_buf:
-            self._receive(bytes(view[pos:]))
 
     def _take_data(self, view: memoryview, start: int, end: int) -> tuple[Leg, bytes] | None:
         """The leg and data of a CHANNEL_DATA packet the fast path may relay now, having consumed it."""
@@ -278,41 +298,46 @@ class FastPath:
         # Without a kept context (a new connection, a rekey, a sweep), one for this packet alone: it is kept
         # below only if the packet is relayed, so keepalive replies to an idle connection keep nothing.
         aead = opener.aead if cipher is opener.cipher else AESGCM(cipher._key)
+        iv = cipher._iv
         try:
-            plain = aead.decrypt(cipher._iv, view[start + 4:end], view[start:start + 4])
+            plain = aead.decrypt(iv, view[start + 4:end], view[start:start + 4])
         except InvalidTag:
             return None  # asyncssh reports the MAC failure and disconnects
-        if not plain:
-            return None  # a zero-length packet with a valid tag: not ours to judge
+        stop = len(plain)
+        if stop < 10:
+            return None  # too short for CHANNEL_DATA (a zero-length packet too): not ours to judge
         padlen = plain[0]
-        stop = len(plain) - padlen
+        stop -= padlen
         if padlen < _MIN_PAD or stop < 10 or plain[1] != MSG_CHANNEL_DATA:
             return None
-        leg = self.legs.get(int.from_bytes(plain[2:6], "big"))
+        recipient, size = _unpack_chan_size(plain, 2)
+        leg = self.legs.get(recipient)
         if leg is None:
             return None
         src = leg.src
-        size = int.from_bytes(plain[6:10], "big")
         # (asyncssh drops data on a channel it is closing: leave that to it.)
         if (10 + size != stop or not 0 < size <= src._recv_window or src._recv_state != "open"
                 or src._send_state in ("close_pending", "closed") or src._recv_paused or src._recv_buf
-                or conn._channels.get(src._recv_chan) is not src or not leg.idle()):
+                or conn._channels.get(recipient) is not src or not leg.idle()):
             return None
         if aead is not opener.aead:
             self._keep(opener, cipher, aead)
-        # Consumed: the same state asyncssh would leave after this packet.
-        cipher._update_iv()
+        # Consumed: the same state asyncssh would leave after this packet (its GCMCipher._update_iv, inline).
+        fixed, counter = _unpack_iv(iv)
+        cipher._iv = _pack_iv(fixed, (counter + 1) & _COUNTER_MASK)
         conn._recv_seq = (conn._recv_seq + 1) & 0xFFFFFFFF
-        src._recv_window -= size
-        if src._recv_window < src._init_recv_window / 2:
-            src.send_packet(MSG_CHANNEL_WINDOW_ADJUST, UInt32(src._init_recv_window - src._recv_window))
-            src._recv_window = src._init_recv_window
+        window = src._recv_window - size
+        if window < src._init_recv_window / 2:
+            src._recv_window = window
+            src.send_packet(MSG_CHANNEL_WINDOW_ADJUST, UInt32(src._init_recv_window - window))
+            window = src._init_recv_window
+        src._recv_window = window
         self.relayed_packets += 1
         return leg, plain[10:stop]
 
     @staticmethod
-    def _forward(leg: Leg, parts: list[bytes]) -> None:
-        data = b"".join(parts) if len(parts) > 1 else parts[0]
+    def _forward(leg: Leg, parts: bytes | list[bytes]) -> None:
+        data = parts if type(parts) is bytes else b"".join(parts)
         if leg.sink is not None:
             leg.sink(data)
         elif leg.out is not None and leg.out.send_data(leg.dst, data):
@@ -322,62 +347,72 @@ class FastPath:
 
     # -- sending ----------------------------------------------------------------------------------
 
-    def _can_send(self, conn: Any) -> bool:
-        """Whether a packet may be sealed here: otherwise asyncssh's path queues, defers or starts a rekey."""
-        return (type(conn._send_encryption) is GCMEncryption and conn._compressor is None
-                and conn._transport is not None and conn._kex_complete and conn._auth_complete
-                and conn._rekey_bytes_sent < conn._rekey_bytes
-                and not (conn._rekey_seconds and time.monotonic() >= conn._rekey_time))
-
     def send_channel_data(self, args: tuple[bytes, ...]) -> bool:
-        """Seal and send a CHANNEL_DATA packet asyncssh's channel built (recipient, data, as its send_packet
-        would, minus a new AES-GCM context per packet); False leaves it to asyncssh. Only while channels
-        are spliced here: with the fast path off, everything stays on asyncssh's path."""
-        conn = self.conn
-        if not self.legs or not self._can_send(conn):
+        """Seal and send a CHANNEL_DATA packet asyncssh's channel built (its payload: recipient and data, as its
+        send_packet would, minus a new AES-GCM context per packet); False leaves it to asyncssh. Only while
+        channels are spliced here: with the fast path off, everything stays on asyncssh's path."""
+        if not self.legs or len(args) != 1 or len(args[0]) < 8:
             return False
-        self._seal_and_send(conn, conn._send_encryption._cipher, conn._transport.write, (_DATA, *args),
-                            sum(map(len, args)) + 1)
-        return True
-
-    def _seal_and_send(self, conn: Any, cipher: Any, write: Callable[[bytes], None], parts: tuple[bytes, ...],
-                       payload_len: int) -> None:
-        """One packet of `parts` (message type first, `payload_len` bytes), padded, sealed and written."""
-        sealer = self._seal
-        aead = sealer.aead if cipher is sealer.cipher else self._keep(sealer, cipher, AESGCM(cipher._key))
-        blocksize = conn._send_blocksize
-        padlen = -(conn._send_enchdrlen + payload_len) % blocksize
-        if padlen < _MIN_PAD:
-            padlen += blocksize
-        packet = b"".join((_PAD_LENGTHS[padlen], *parts, _padding.take(padlen)))
-        header = len(packet).to_bytes(4, "big")
-        sealed = aead.encrypt(cipher._iv, packet, header)
-        cipher._update_iv()
-        try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per packet)
-            write(header + sealed)
-        except ConnectionError:  # the connection is going; asyncssh ignores it too
-            pass
-        conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
-        conn._rekey_bytes_sent += len(packet)
+        payload = args[0]
+        recipient, size = _unpack_chan_size(payload, 0)
+        if size != len(payload) - 8 or not size:
+            return False  # not the payload asyncssh's channels build: its own path judges it
+        transport = self.conn._transport
+        # (asyncssh counted the window itself; its writes go through the cork's turn batching.)
+        return self._send(recipient, memoryview(payload)[8:], size, size, transport and transport.write)
 
     def send_data(self, chan: Any, data: bytes) -> bool:
         """Send `data` on `chan` as CHANNEL_DATA packets if nothing is queued ahead of it; False if not sent."""
-        conn = self.conn
-        enc = conn._send_encryption
         size = len(data)
-        if chan._send_state != "open" or chan._send_buf or size > chan._send_window or not self._can_send(conn):
-            return False  # asyncssh's path queues, defers during key exchange, or starts a rekey
-        cipher = enc._cipher
-        head = _DATA + chan._send_chan.to_bytes(4, "big")
-        step = chan._send_pktsize
-        transport = conn._transport
+        if chan._send_state != "open" or chan._send_buf or size > chan._send_window:
+            return False  # asyncssh's path queues it behind what waits, or until the window opens
+        transport = self.conn._transport
         # The batch is already whole: skip the cork's end-of-turn flush (a loop turn and a poll per send).
-        write = getattr(transport, "write_now", transport.write)
-        for off in range(0, size, step):
-            part = data[off:off + step] if size > step else data
-            self._seal_and_send(conn, cipher, write, (head, len(part).to_bytes(4, "big"), part), 9 + len(part))
+        write = transport and (getattr(transport, "write_now", None) or transport.write)
+        if not self._send(chan._send_chan, data, size, chan._send_pktsize, write):
+            return False
         chan._send_window -= size
         self.sent += 1
+        return True
+
+    def _send(self, recipient: int, data: bytes | memoryview, size: int, step: int,
+              write: Callable[[bytes], None] | None) -> bool:
+        """`data` for `recipient` as CHANNEL_DATA packets of at most `step` bytes, each padded, sealed and
+        written as asyncssh would; False (nothing sent) if asyncssh must send it: it queues, defers during a
+        key exchange, or starts a rekey.
+
+        One function where four did the work: between keystrokes other processes run and the caches lose
+        this code, and each further function costs about a microsecond to bring back
+        (bench/fastpath_micro.py --cold)."""
+        conn = self.conn
+        enc = conn._send_encryption
+        if (write is None or type(enc) is not GCMEncryption or conn._compressor is not None
+                or not conn._kex_complete or not conn._auth_complete or conn._rekey_bytes_sent >= conn._rekey_bytes
+                or (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)):
+            return False
+        cipher = enc._cipher
+        sealer = self._seal
+        aead = sealer.aead if cipher is sealer.cipher else self._keep(sealer, cipher, AESGCM(cipher._key))
+        blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen + 9  # (+ type, recipient, length)
+        for off in range(0, size, step):
+            part = data[off:off + step] if size > step else data
+            length = len(part)
+            padlen = -(hdrlen + length) % blocksize  # RFC 4253 6: whole blocks, at least four bytes
+            if padlen < _MIN_PAD:
+                padlen += blocksize
+            packet = b"".join((_pack_data_head(padlen, MSG_CHANNEL_DATA, recipient, length), part,
+                               _padding.take(padlen)))
+            header = _pack_u32(len(packet))
+            iv = cipher._iv
+            sealed = aead.encrypt(iv, packet, header)
+            fixed, counter = _unpack_iv(iv)  # asyncssh's GCMCipher._update_iv, inline
+            cipher._iv = _pack_iv(fixed, (counter + 1) & _COUNTER_MASK)
+            try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per packet)
+                write(header + sealed)
+            except ConnectionError:  # the connection is going; asyncssh ignores it too
+                pass
+            conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
+            conn._rekey_bytes_sent += len(packet)
         return True
 
 

@@ -46,3 +46,21 @@ def test_small_run_reports_every_figure_and_target() -> None:
     for held in ("runner_attach", "sshd_attach"):
         assert report[held]["sessions"] == 2 and report[held]["failed"] == 0
     assert report["gateway_held"]["sessions"] == 4 and report["gateway_held"]["failed"] == 0
+
+
+def test_alt_tree_and_python_relay_sides_report_their_echo_and_cpu() -> None:
+    """--alt-tree (the real path from another checkout, here this one) and --relay-python (the floor's
+    relay as one Python process) each add a side to the echo rounds, with their CPU per echo."""
+    out = subprocess.run([sys.executable, "-m", "bench.real_path", "--only", "echo", "--samples", "20",
+                          "--rounds", "1", "--runner-sessions", "0", "--no-sshd-endpoint", "--relay-python",
+                          "--alt-tree", str(ROOT)], cwd=ROOT, capture_output=True, timeout=240, check=True)
+    report = json.loads(out.stdout)
+    for mode in ("tmux", "pty"):
+        for side in ("direct", "real", "alt", "relay"):
+            assert report[f"{mode}_{side}_echo_p50_ms"] > 0
+        for process in ("gateway", "runner", "alt_gateway", "alt_runner", "relay"):
+            assert report[f"{mode}_{process}_cpu_us_per_echo"] > 0
+            assert 0 <= report[f"{mode}_{process}_cpu_system_share"] <= 1
+    assert report["alt_tree"] == str(ROOT)
+    assert set(report["alt_targets"]) == {"tmux_ratio_echo_p50", "tmux_ratio_echo_p99", "pty_ratio_echo_p50",
+                                          "pty_ratio_echo_p99"}
