@@ -134,10 +134,12 @@ async def test_bulk_both_ways_exact_across_client_rekeys(tmp_path: Path, fast_pa
         assert proc.returncode == 0 and out.read_bytes() == data and b"\ndone\n" in down_err
         assert _newkeys(up.stderr) > 10 and _newkeys(down_err) > 3  # key exchanges mid-stream, both ways
     if fast:
-        # 32 KiB packets, 256 each way: most take the fast path, the rest wait out flow control and
-        # key exchanges on asyncssh's path.
+        # 32 KiB packets, 256 each way. Up, nearly all take the fast path (the runner's cat keeps up). Down,
+        # the client writing to disk is the slower end: whenever its window runs short, data queues on
+        # asyncssh's path and the packets after it follow there until that queue drains, so how many take
+        # the fast path depends on the machine's load (44-128 seen): some must, none may be lost.
         assert relayed(fast_paths, arriving_from="client") > 200
-        assert relayed(fast_paths, arriving_from="runner") > 64
+        assert relayed(fast_paths, arriving_from="runner") >= 16
     else:
         assert relayed(fast_paths) == 0
 
