@@ -348,6 +348,10 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             counters = self._attachment.counters
             splice.splice(chan, self._up, to_upstream=counters.add_in, to_client=counters.add_out,
                           client_idle=self._out.idle)
+        if not chan.is_closing():
+            # Settled: what these channels and connections hold alike moves to their classes (idle memory).
+            for settled in (chan, self._up, chan.get_connection(), conn):
+                idle.share_constants(settled)
 
     def _stop_progress_now(self) -> None:
         if self._stop_progress:

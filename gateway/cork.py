@@ -42,6 +42,8 @@ class WithoutFiller(ssh_transport.WithoutFiller):
 class RunnerSideConnection(WithoutFiller, asyncssh.SSHClientConnection):
     """The runner side: the gateway's SSH client connection to a session's runner (the upstream)."""
 
+    shares_constants = True  # gateway.idle.share_constants
+
 
 class TurnBatcher:
     """Writes made in one event-loop turn leave as one write: the first at once (a lone keystroke echo waits

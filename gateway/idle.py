@@ -120,6 +120,9 @@ class _Interned:
         self._values.append(value)
         return value
 
+    def holds(self, value: Any) -> bool:
+        return any(known is value for known in self._values)
+
 
 _interned = _Interned()
 
@@ -182,6 +185,57 @@ def after_client_auth(conn: Any) -> None:
     conn._server_sig_algs = _NOTHING
     _share_algorithms(conn)
     _share_empty_sets(conn)
+    share_constants(conn)
+
+
+# What `share_constants` may move from an object's own dict to its class: values that cannot change in
+# place, so that an object reading its class's copy reads what it held. (Floats are left out: 0.0 and
+# -0.0 are equal but not the same.)
+_CONSTANT_TYPES = (type(None), bool, int, str, bytes)
+
+
+def _constant(value: Any) -> bool:
+    kind = type(value)
+    if kind in _CONSTANT_TYPES:
+        return True
+    return (kind is tuple or kind is frozenset) and all(_constant(item) for item in value)
+
+
+def _same(shared: Any, value: Any) -> bool:
+    return shared is value or (type(shared) is type(value) and shared == value)
+
+
+def share_constants(obj: Any) -> None:
+    """Move the attributes `obj` holds with the same value as every other object of its class to the class.
+
+    asyncssh's connections have ~150 attributes and its channels ~40; their dicts are sized for that (a
+    connection's is 3.3 KB), and most hold the same constant for every connection (flags, limits, names
+    of negotiated algorithms). An attribute of the class with an equal constant value reads the same;
+    a write puts the instance's own value back in its dict, which is all asyncssh ever does with them
+    (it never deletes one, nor tests whether one exists). Only classes of the gateway's own take part
+    (`shares_constants`), and only names none of their classes define: the first value seen for a name
+    becomes the class's. Called once an object has settled (authenticated, bridged, after a key exchange):
+    its dict is rebuilt at the size of what is left. Objects lent by `_interned` (shared anyway, kept for
+    the process's life) move too."""
+    cls = type(obj)
+    if not cls.__dict__.get("shares_constants", False):
+        return
+    shared: dict[str, Any] = cls.__dict__.get("_shared_constants") or {}
+    if not shared:
+        cls._shared_constants = shared
+    own = obj.__dict__
+    kept: dict[str, Any] = {}
+    for name, value in own.items():
+        if name in shared:
+            if _same(shared[name], value):
+                continue
+        elif (_constant(value) or _interned.holds(value)) and not hasattr(cls, name):
+            setattr(cls, name, value)
+            shared[name] = value
+            continue
+        kept[name] = value
+    if len(kept) < len(own):
+        obj.__dict__ = kept  # a new dict, sized for what is left (the old one does not shrink)
 
 
 def after_server_auth(conn: Any, listener_options: Any) -> None:
@@ -191,4 +245,6 @@ def after_server_auth(conn: Any, listener_options: Any) -> None:
     if not _usable(conn) or not conn._auth_complete:
         return
     conn._options = listener_options
+    _share_algorithms(conn)
     _share_empty_sets(conn)
+    share_constants(conn)

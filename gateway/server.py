@@ -56,6 +56,8 @@ class ClientSideConnection(WithoutFiller, asyncssh.SSHServerConnection):
     """The client side: asyncssh's server connection with a user's SSH client, plus our certificate checks
     (key id, principals, extensions). Its owner, a ClientHandler, does the rest."""
 
+    shares_constants = True  # gateway.idle.share_constants
+
     async def validate_public_key(self, username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
         owner = self.get_owner()
         assert isinstance(owner, ClientHandler)
@@ -282,7 +284,7 @@ class ClientHandler(asyncssh.SSHServer):
             self.conn.send_auth_banner(f"orz: {line}\r\n")
 
     def auth_completed(self) -> None:
-        done = getattr(self.conn, "preauth_done", None)
+        done = vars(self.conn).pop("preauth_done", None) if self.conn is not None else None
         if done is not None:
             done()  # authenticated: no longer counts against the pre-auth limits
         if self.conn is not None and self.gw.ssh_options is not None:
