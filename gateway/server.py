@@ -116,7 +116,10 @@ class ClientHandler(asyncssh.SSHServer):
         self.log = ConnectionLog(log, self)
         self.session_id = ""
         self.principal: auth.AttachCredential | None = None
+        # The API's reply, until attached (the route to wake and reach the session); then only its mode stays
+        # ("rw" / "ro": a pydantic reply and its route are ~1 KB for the life of an idle attached session).
         self.reply: AuthorizeReply | None = None
+        self.mode: str | None = None
         self.refusal: AttachRefused | None = None
         self.attachment: Attachment | None = None
         self.attached_at: float | None = None
@@ -130,8 +133,7 @@ class ClientHandler(asyncssh.SSHServer):
 
     @property
     def readonly(self) -> bool:
-        ro_reply = self.reply is not None and self.reply.mode == "ro"
-        return bool(ro_reply or (self.principal and self.principal.readonly))
+        return self.mode == "ro" or bool(self.principal and self.principal.readonly)
 
     # -- connection lifecycle ------------------------------------------------------------------------
 
@@ -238,6 +240,7 @@ class ClientHandler(asyncssh.SSHServer):
         else:
             try:
                 self.reply = await self.gw.router.authorize(username, principal, source=self.source)
+                self.mode = self.reply.mode
                 self.authorized_at = time.monotonic()
             except AttachRefused as exc:
                 self.log.info("attach to %s refused (%s)", username, exc.code)
@@ -388,7 +391,7 @@ class ClientHandler(asyncssh.SSHServer):
             reply = await self.gw.router.until_running(self.session_id, self.principal, self.reply,
                                                        source=self.source, progress=self.attachment.progress)
             assert reply.route is not None
-            self.reply = reply
+            self.reply, self.mode = None, reply.mode  # the route is used once, just below
             upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key,
                                               agent_path=self.agent.path, on_lost=self._upstream_lost)
         except (AttachRefused, UpstreamUnavailable) as exc:

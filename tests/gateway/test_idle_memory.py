@@ -124,3 +124,28 @@ async def test_without_the_state_it_relies_on_nothing_is_let_go_of(env: Env, fas
         assert result.returncode == 0 and result.stdout == b"still here\n"
     assert caplog.text.count("this asyncssh lacks connection._renamed_in_a_future_asyncssh") == 2  # once a class
     assert all(path.conn._server_kexinit for path in fast_paths)
+
+
+async def test_an_attached_connection_keeps_the_mode_not_the_reply(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once attached, a connection keeps the API's mode and lets go of the rest of its reply (the route); the
+    mode still decides what later channels may do, and each of them is still authorized again."""
+    answer = env.api._authorize
+
+    def read_only(req: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        status, reply = answer(req)
+        if reply is not None and status == 200:
+            reply["mode"] = "ro"  # the API's say, with a read-write credential
+        return status, reply
+
+    monkeypatch.setattr(env.api, "_authorize", read_only)
+    async with await asyncssh_client(env) as conn:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        assert b"read-only" in await asyncio.wait_for(process.stdout.readuntil(b"\r\n"), 5)
+        (handler,) = env.gateway.connections
+        assert handler.reply is None and handler.mode == "ro" and handler.readonly
+        calls = len(env.api.authorize_calls)
+        with pytest.raises(asyncssh.ChannelOpenError):  # read-only: no exec
+            await conn.run("echo in", check=False, encoding=None)
+        again = await conn.create_process(term_type="xterm", encoding=None)
+        assert b"read-only" in await asyncio.wait_for(again.stdout.readuntil(b"\r\n"), 5)
+        assert len(env.api.authorize_calls) == calls + 1  # the second shell asked the API again
