@@ -98,6 +98,10 @@ class TurnBatcher:
 class CorkTransport(asyncio.Transport):
     """Wraps a stream transport, its writes batched per loop turn (TurnBatcher)."""
 
+    # Slotted like asyncio's transports (one per connection: no instance dict). write, write_now and flush
+    # are the batcher's own bound methods, set per instance.
+    __slots__ = ("_batch", "_t", "flush", "write", "write_now")
+
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self._t = transport
@@ -155,6 +159,8 @@ class CorkTransport(asyncio.Transport):
 class CorkProtocol(asyncio.Protocol):
     """Sits between asyncio and an asyncssh connection, handing it a CorkTransport; received bytes go
     through the connection's FastPath, which passes asyncssh whatever it does not relay itself."""
+
+    __slots__ = ("_fast", "inner")  # slotted like asyncio's protocols: one per connection
 
     def __init__(self, inner: asyncio.Protocol) -> None:
         self.inner = inner

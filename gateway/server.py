@@ -113,7 +113,6 @@ class ClientHandler(asyncssh.SSHServer):
         self.conn: asyncssh.SSHServerConnection | None = None
         self.source = "?"
         self.id = secrets.token_hex(6)
-        self.log = ConnectionLog(log, self)
         self.session_id = ""
         self.principal: auth.AttachCredential | None = None
         # The API's reply, until attached (the route to wake and reach the session); then only its mode stays
@@ -130,6 +129,11 @@ class ClientHandler(asyncssh.SSHServer):
         self._unavailable_counted = False
         # Where the runner's agent requests land; relayed to the client's agent only if it asked (ssh -A).
         self.agent = AgentRelay(str(gateway.runtime_dir / f"agent-{self.id}"), self._client_agent_path)
+
+    @property
+    def log(self) -> ConnectionLog:
+        """This connection's log lines (an adapter made when there is a line to write, not kept per connection)."""
+        return ConnectionLog(log, self)
 
     @property
     def readonly(self) -> bool:
