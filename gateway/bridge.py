@@ -356,7 +356,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         if not chan.is_closing():
             # Settled: what these channels and connections hold alike moves to their classes (idle memory).
             for settled in (chan, self._up, chan.get_connection(), conn):
-                idle.share_constants(settled)
+                idle.share_constants(settled, settled=True)
 
     def _stop_progress_now(self) -> None:
         if self._stop_progress:

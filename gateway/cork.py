@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncssh
-from asyncssh.constants import MSG_CHANNEL_DATA
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_NEWKEYS
+from asyncssh.packet import SSHPacket
 
 from api import ssh_transport
 from api.schemas import UNIX_ROUTE_PREFIX
@@ -37,6 +38,12 @@ class WithoutFiller(ssh_transport.WithoutFiller):
         kexinits = idle.before_key_exchange_ends(self)
         super().send_newkeys(k, h)  # type: ignore[misc]
         idle.after_key_exchange(self, kexinits)  # the KEXINITs asyncssh keeps until the next key exchange
+
+    def process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> Any:
+        result = super().process_packet(pkttype, pktid, packet)  # type: ignore[misc]
+        if pkttype == MSG_NEWKEYS:
+            idle.after_new_keys(self)  # what the key exchange wrote again alike for every connection
+        return result
 
 
 class RunnerSideConnection(WithoutFiller, asyncssh.SSHClientConnection):

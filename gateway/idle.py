@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 _CONN_STATE = ("_client_kexinit", "_server_kexinit", "_options", "_close_event", "_kex_algs", "_enc_algs",
                "_mac_algs", "_cmp_algs", "_sig_algs", "_server_sig_algs", "_auth_complete", "_can_send_ext_info",
                "_extensions_to_send", "_trusted_host_keys", "_trusted_ca_keys", "_revoked_host_keys",
-               "_x509_revoked_certs")
+               "_x509_revoked_certs", "_trusted_host_key_algs", "_x509_trusted_certs", "_x509_trusted_subjects",
+               "_x509_revoked_subjects", "process_packet")
 # Sets asyncssh fills (or not) before authentication and only reads after: empty ones become one shared
 # empty frozenset (an empty set is 216 bytes; a connection has up to five).
 _READ_ONLY_SETS = ("_trusted_host_keys", "_trusted_ca_keys", "_revoked_host_keys", "_x509_revoked_certs",
@@ -34,6 +35,10 @@ _CHAN_STATE = ("_close_event",)
 _SESSION_DEFAULTS = ("command", "subsystem", "env", "send_env", "request_pty", "term_type", "term_size",
                      "term_modes", "x11_forwarding", "x11_display", "x11_auth_path", "x11_single_connection",
                      "encoding", "errors", "window", "max_pktsize")
+# Lists asyncssh fills (or not) when it matches known hosts, before authentication, and only reads then:
+# empty ones become one shared empty tuple once authenticated (moved to the class by share_constants).
+_READ_ONLY_LISTS = ("_trusted_host_key_algs", "_x509_trusted_certs", "_x509_trusted_subjects",
+                    "_x509_revoked_subjects")
 _NOTHING: frozenset[bytes] = frozenset()
 
 
@@ -173,6 +178,10 @@ def _share_empty_sets(conn: Any) -> None:
         value = getattr(conn, name)
         if type(value) is set and not value:
             setattr(conn, name, _NOTHING)
+    for name in _READ_ONLY_LISTS:
+        value = getattr(conn, name)
+        if type(value) is list and not value:
+            setattr(conn, name, ())
 
 
 def after_client_auth(conn: Any) -> None:
@@ -205,7 +214,7 @@ def _same(shared: Any, value: Any) -> bool:
     return shared is value or (type(shared) is type(value) and shared == value)
 
 
-def share_constants(obj: Any) -> None:
+def share_constants(obj: Any, *, settled: bool = False) -> None:
     """Move the attributes `obj` holds with the same value as every other object of its class to the class.
 
     asyncssh's connections have ~150 attributes and its channels ~40; their dicts are sized for that (a
@@ -213,10 +222,11 @@ def share_constants(obj: Any) -> None:
     of negotiated algorithms). An attribute of the class with an equal constant value reads the same;
     a write puts the instance's own value back in its dict, which is all asyncssh ever does with them
     (it never deletes one, nor tests whether one exists). Only classes of the gateway's own take part
-    (`shares_constants`), and only names none of their classes define: the first value seen for a name
-    becomes the class's. Called once an object has settled (authenticated, bridged, after a key exchange):
-    its dict is rebuilt at the size of what is left. Objects lent by `_interned` (shared anyway, kept for
-    the process's life) move too."""
+    (`shares_constants`), and only names none of their classes define. A `settled` object (bridged: what
+    an idle attached session holds from then on) gives the class a value for a name it has none for;
+    other calls (after authentication, after each key exchange, which writes ~20 of them again) only let
+    go of what the class has. The dict is rebuilt at the size of what is left. Objects lent by `_interned`
+    (shared anyway, kept for the process's life) move too."""
     cls = type(obj)
     if not cls.__dict__.get("shares_constants", False):
         return
@@ -229,13 +239,18 @@ def share_constants(obj: Any) -> None:
         if name in shared:
             if _same(shared[name], value):
                 continue
-        elif (_constant(value) or _interned.holds(value)) and not hasattr(cls, name):
+        elif settled and (_constant(value) or _interned.holds(value)) and not hasattr(cls, name):
             setattr(cls, name, value)
             shared[name] = value
             continue
         kept[name] = value
     if len(kept) < len(own):
         obj.__dict__ = kept  # a new dict, sized for what is left (the old one does not shrink)
+
+
+def after_new_keys(conn: Any) -> None:
+    """A key exchange is over (the peer's NEWKEYS processed): what it wrote again that the class holds goes."""
+    share_constants(conn)
 
 
 def after_server_auth(conn: Any, listener_options: Any) -> None:
