@@ -24,7 +24,9 @@ _CONN_STATE = ("_client_kexinit", "_server_kexinit", "_options", "_close_event",
                "_mac_algs", "_cmp_algs", "_sig_algs", "_server_sig_algs", "_auth_complete", "_can_send_ext_info",
                "_extensions_to_send", "_trusted_host_keys", "_trusted_ca_keys", "_revoked_host_keys",
                "_x509_revoked_certs", "_trusted_host_key_algs", "_x509_trusted_certs", "_x509_trusted_subjects",
-               "_x509_revoked_subjects", "process_packet")
+               "_x509_revoked_subjects", "_auth_methods", "_server_host_key_algs", "process_packet")
+# Client (runner side) connection attributes read or replaced here.
+_CLIENT_STATE = ("_wait", "_waiter", "_preferred_auth", "_client_host_keys", "_client_keys")
 # Sets asyncssh fills (or not) before authentication and only reads after: empty ones become one shared
 # empty frozenset (an empty set is 216 bytes; a connection has up to five).
 _READ_ONLY_SETS = ("_trusted_host_keys", "_trusted_ca_keys", "_revoked_host_keys", "_x509_revoked_certs",
@@ -39,6 +41,10 @@ _SESSION_DEFAULTS = ("command", "subsystem", "env", "send_env", "request_pty", "
 # empty ones become one shared empty tuple once authenticated (moved to the class by share_constants).
 _READ_ONLY_LISTS = ("_trusted_host_key_algs", "_x509_trusted_certs", "_x509_trusted_subjects",
                     "_x509_revoked_subjects")
+# Lists of names asyncssh reads (never changes in place) at each key exchange, or uses only to authenticate:
+# once authenticated, tuples of the same names (constants, which share_constants moves to the class).
+_AUTH_LISTS = ("_auth_methods", "_server_host_key_algs")
+_CLIENT_AUTH_LISTS = ("_preferred_auth", "_client_host_keys", "_client_keys", "_trusted_host_key_algs")
 _NOTHING: frozenset[bytes] = frozenset()
 
 
@@ -47,6 +53,7 @@ def missing_state(conn: Any, *chans: Any) -> list[str]:
     missing = [f"connection.{name}" for name in _CONN_STATE if not hasattr(conn, name)]
     missing += sorted({f"channel.{name}" for chan in chans for name in _CHAN_STATE if not hasattr(chan, name)})
     if not conn.is_server():
+        missing += [f"connection.{name}" for name in _CLIENT_STATE if not hasattr(conn, name)]
         options = getattr(conn, "_options", None)
         missing += [f"options.{name}" for name in _SESSION_DEFAULTS if not hasattr(options, name)]
     return missing
@@ -184,6 +191,13 @@ def _share_empty_sets(conn: Any) -> None:
             setattr(conn, name, ())
 
 
+def _lists_as_tuples(conn: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(conn, name)
+        if type(value) is list:
+            setattr(conn, name, tuple(value))
+
+
 def after_client_auth(conn: Any) -> None:
     """The upstream connection is authenticated: its own options give way to the shared session defaults,
     its algorithm lists to shared ones, and the runner's signature algorithms (read only to authenticate)
@@ -194,6 +208,9 @@ def after_client_auth(conn: Any) -> None:
     conn._server_sig_algs = _NOTHING
     _share_algorithms(conn)
     _share_empty_sets(conn)
+    _lists_as_tuples(conn, _AUTH_LISTS + _CLIENT_AUTH_LISTS)
+    if conn._wait is None and conn._waiter is not None and conn._waiter.done():
+        conn._waiter = None  # connected: asyncssh sets and reads it only while it still waits (`_wait`)
     share_constants(conn)
 
 
@@ -262,4 +279,5 @@ def after_server_auth(conn: Any, listener_options: Any) -> None:
     conn._options = listener_options
     _share_algorithms(conn)
     _share_empty_sets(conn)
+    _lists_as_tuples(conn, _AUTH_LISTS)
     share_constants(conn)
