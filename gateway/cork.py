@@ -19,6 +19,7 @@ from asyncssh.packet import SSHPacket
 from api import ssh_transport
 from api.schemas import UNIX_ROUTE_PREFIX
 from gateway import idle
+from gateway.keepalive import OnOneTimer
 from gateway.splice import FastPath
 
 
@@ -46,7 +47,7 @@ class WithoutFiller(ssh_transport.WithoutFiller):
         return result
 
 
-class RunnerSideConnection(WithoutFiller, asyncssh.SSHClientConnection):
+class RunnerSideConnection(OnOneTimer, WithoutFiller, asyncssh.SSHClientConnection):
     """The runner side: the gateway's SSH client connection to a session's runner (the upstream)."""
 
     shares_constants = True  # gateway.idle.share_constants

@@ -20,7 +20,7 @@ from api.client import ApiClient
 from api.public_keys import PublicKeyError
 from api.schemas import AttachEventIn, AuthorizeReply
 from api.settings import SSH_SIGNATURE_ALGS, Settings, ssh_algorithms
-from gateway import auth, drain, idle, keys, metrics
+from gateway import auth, drain, idle, keepalive, keys, metrics
 from gateway.agent import AgentRelay
 from gateway.bridge import Attachment, BridgeSession, connect_upstream
 from gateway.cork import WithoutFiller
@@ -52,7 +52,7 @@ DRAIN_LAST_WORD_S = 0.5
 WITHDRAWN_CODES = frozenset({"forbidden", "not_found", "unauthorized"})
 
 
-class ClientSideConnection(WithoutFiller, asyncssh.SSHServerConnection):
+class ClientSideConnection(keepalive.OnOneTimer, WithoutFiller, asyncssh.SSHServerConnection):
     """The client side: asyncssh's server connection with a user's SSH client, plus our certificate checks
     (key id, principals, extensions). Its owner, a ClientHandler, does the rest."""
 
