@@ -41,9 +41,10 @@ _SESSION_DEFAULTS = ("command", "subsystem", "env", "send_env", "request_pty", "
 # empty ones become one shared empty tuple once authenticated (moved to the class by share_constants).
 _READ_ONLY_LISTS = ("_trusted_host_key_algs", "_x509_trusted_certs", "_x509_trusted_subjects",
                     "_x509_revoked_subjects")
-# Lists of names asyncssh reads (never changes in place) at each key exchange, or uses only to authenticate:
-# once authenticated, tuples of the same names (constants, which share_constants moves to the class).
-_AUTH_LISTS = ("_auth_methods", "_server_host_key_algs")
+# Lists asyncssh uses only to authenticate: once authenticated, tuples of the same names (constants, which
+# share_constants moves to the class). (Lists it reads at each key exchange stay lists, shared: its debug
+# logging formats a tuple argument as a host and port.)
+_AUTH_LISTS = ("_auth_methods",)
 _CLIENT_AUTH_LISTS = ("_preferred_auth", "_client_host_keys", "_client_keys", "_trusted_host_key_algs")
 _NOTHING: frozenset[bytes] = frozenset()
 
@@ -176,7 +177,7 @@ def after_key_exchange(conn: Any, kexinits: tuple[bytes, bytes]) -> None:
 
 
 def _share_algorithms(conn: Any) -> None:
-    for name in ("_kex_algs", "_enc_algs", "_mac_algs", "_cmp_algs", "_sig_algs"):
+    for name in ("_kex_algs", "_enc_algs", "_mac_algs", "_cmp_algs", "_sig_algs", "_server_host_key_algs"):
         setattr(conn, name, _interned.get(getattr(conn, name)))
 
 

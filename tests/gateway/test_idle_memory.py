@@ -33,6 +33,9 @@ async def test_a_held_session_rekeys_whoever_starts_it(env: Env, fast_paths: lis
         original(self, k, h)
 
     monkeypatch.setattr(asyncssh.connection.SSHConnection, "send_newkeys", counted)
+    # asyncssh's most detailed debug logging formats what a key exchange sends, whether or not a handler
+    # is listening: what the gateway shares must still read as what asyncssh made (lists stay lists).
+    monkeypatch.setattr(asyncssh.logging.SSHLogger, "_debug_level", 2)
     async with await asyncssh_client(env) as conn:
         process = await conn.create_process(term_type="xterm", encoding=None)
         await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
