@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
+
+from asyncssh.logging import SSHLogger
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +28,15 @@ _CONN_STATE = ("_client_kexinit", "_server_kexinit", "_options", "_close_event",
                "_mac_algs", "_cmp_algs", "_sig_algs", "_server_sig_algs", "_auth_complete", "_can_send_ext_info",
                "_extensions_to_send", "_trusted_host_keys", "_trusted_ca_keys", "_revoked_host_keys",
                "_x509_revoked_certs", "_trusted_host_key_algs", "_x509_trusted_certs", "_x509_trusted_subjects",
-               "_x509_revoked_subjects", "_auth_methods", "_server_host_key_algs", "process_packet")
+               "_x509_revoked_subjects", "_auth_methods", "_server_host_key_algs", "process_packet", "_tasks",
+               "_logger")
 # Client (runner side) connection attributes read or replaced here.
 _CLIENT_STATE = ("_wait", "_waiter", "_preferred_auth", "_client_host_keys", "_client_keys")
 # Sets asyncssh fills (or not) before authentication and only reads after: empty ones become one shared
 # empty frozenset (an empty set is 216 bytes; a connection has up to five).
 _READ_ONLY_SETS = ("_trusted_host_keys", "_trusted_ca_keys", "_revoked_host_keys", "_x509_revoked_certs",
                    "_server_sig_algs")
-_CHAN_STATE = ("_close_event",)
+_CHAN_STATE = ("_close_event", "_logger")
 # What SSHClientConnection.create_session reads from the connection's options (its defaults), the one use
 # asyncssh makes of a client connection's options once it is authenticated.
 _SESSION_DEFAULTS = ("command", "subsystem", "env", "send_env", "request_pty", "term_type", "term_size",
@@ -112,11 +117,54 @@ class LeanEvent:
             self._waiters.remove(waiter)
 
 
+class LeanTasks:
+    """What asyncssh keeps a connection's tasks in (it adds and discards them, to hold a reference while they
+    run), as a list made on the first: its empty set is 216 bytes per connection, almost always empty."""
+
+    __slots__ = ("_tasks",)
+
+    def __init__(self) -> None:
+        self._tasks: list[Any] | None = None
+
+    def add(self, task: Any) -> None:
+        if self._tasks is None:
+            self._tasks = []
+        if task not in self._tasks:
+            self._tasks.append(task)
+
+    def discard(self, task: Any) -> None:
+        if self._tasks is not None and task in self._tasks:
+            self._tasks.remove(task)
+            if not self._tasks:
+                self._tasks = None
+
+    def __contains__(self, task: object) -> bool:
+        return self._tasks is not None and task in self._tasks
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self._tasks or ()))
+
+    def __len__(self) -> int:
+        return len(self._tasks or ())
+
+
+# asyncssh's loggers (one per connection and per channel) each get an empty dict of extra fields, which it
+# never reads (its own process() adds the context): one read-only empty mapping serves them all.
+_NO_EXTRA: Mapping[str, object] = MappingProxyType({})
+
+
 def lean_close_event(obj: Any) -> None:
-    """Give a new connection or channel a LeanEvent for its close, if nothing has used its own yet."""
+    """Give a new connection or channel a LeanEvent for its close, if nothing has used its own yet, and lean
+    versions of its empty task set and its logger's empty extra fields."""
     event = getattr(obj, "_close_event", None)
     if type(event) is asyncio.Event and not event.is_set() and not event._waiters:
         obj._close_event = LeanEvent()
+    tasks = getattr(obj, "_tasks", None)
+    if type(tasks) is set and not tasks:
+        obj._tasks = LeanTasks()
+    logger = getattr(obj, "_logger", None)
+    if isinstance(logger, SSHLogger) and type(logger.extra) is dict and not logger.extra:
+        logger.extra = _NO_EXTRA
 
 
 class _Interned:
