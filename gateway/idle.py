@@ -9,6 +9,11 @@ deque alone is ~0.6 KiB. Measured with tracemalloc on a gateway holding idle ses
 together about a third of what one session costs. What is let go of here is either set again by asyncssh
 when it is next needed, or never read again once authenticated; `missing_state` names the asyncssh
 attributes this relies on, for the test that guards pyproject's asyncssh pin.
+
+Then the shape of what is left: asyncssh's connections have ~150 attributes and its channels ~40, most of
+them the same constant on every connection (flags, limits, negotiated algorithm names), and their dicts
+are sized for all of them. `share_constants` moves those to the gateway's own connection and channel
+classes (an attribute read falls back to the class), and each dict is rebuilt for the ~30 that differ.
 """
 
 from __future__ import annotations
