@@ -19,6 +19,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# A loop may run a timer a little before its time (asyncio: within its clock's resolution; uvloop rounds to
+# milliseconds): a second due this close counts as due, rather than arming the timer again for it.
+_EARLY_S = 0.05
+
 _CONN_STATE = ("_loop", "_keepalive_interval", "_keepalive_timer", "_keepalive_timer_callback",
                "_set_keepalive_timer", "_cancel_keepalive_timer")
 
@@ -65,7 +69,7 @@ class _Wheel:
         self._timer = None
         loop = self._loop
         assert loop is not None
-        now = loop.time()
+        now = loop.time() + _EARLY_S
         for second in sorted(s for s in self._due if s <= now):
             for conn in self._due.pop(second):
                 conn._keepalive_timer = None
