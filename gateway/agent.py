@@ -32,6 +32,8 @@ class AgentRelay:
     holds no listener, file descriptor or socket file (10,000 held sessions: 10,000 fewer of each).
     Until then a runner-side agent request is refused, as it is for a client that never asked."""
 
+    __slots__ = ("_client_agent_path", "_closed", "_server", "_starting", "path")  # one per client connection
+
     def __init__(self, path: str, client_agent_path: Callable[[], str | None]) -> None:
         self.path = path
         self._client_agent_path = client_agent_path

@@ -35,7 +35,7 @@ MAX_JWT_LEN = 4096
 CERT_BACKDATE_S = 30
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AttachCredential:
     """Who is attaching, established by a credential that passed local verification."""
 

@@ -48,7 +48,7 @@ def allowed_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if client_env_allowed(k)}
 
 
-@dataclass
+@dataclass(slots=True)
 class Counters:
     bytes_in: int = 0  # client -> session
     bytes_out: int = 0  # session -> client
@@ -97,6 +97,9 @@ async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey,
 class Attachment:
     """Per client connection: the upstream connection (once ready), counters and progress lines."""
 
+    __slots__ = ("_progress_listeners", "_ready", "_reauthorize", "agent_wanted", "counters", "progress_lines",
+                 "sessions")
+
     def __init__(self, reauthorize: Callable[[], Awaitable[None]] | None = None,
                  agent_wanted: Callable[[], Awaitable[None]] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -106,7 +109,8 @@ class Attachment:
         self._progress_listeners: list[Callable[[str], None]] = []
         # Asks the API again whether this user may still reach the session; raises AttachRefused if not.
         self._reauthorize = reauthorize
-        self.sessions: set[BridgeSession] = set()  # open session channels, for a revocation to close
+        # Open session channels, for a revocation to close (a list: one or two, where a set is 216 bytes).
+        self.sessions: list[BridgeSession] = []
         # Makes the runner's agent requests reachable: called before a channel of a client with ssh -A opens.
         self.agent_wanted = agent_wanted
 
@@ -222,7 +226,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         window.hold_window(chan)  # paused while the runner lags: hold one window of the client's input
         idle.lean_close_event(chan)
         self._out = TurnBatcher(self._write_out, asyncio.get_running_loop())
-        self._attachment.sessions.add(self)
+        self._attachment.sessions.append(self)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
                       term_modes: dict[int, int]) -> bool:
@@ -288,7 +292,8 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             self._up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._attachment.sessions.discard(self)
+        if self in self._attachment.sessions:
+            self._attachment.sessions.remove(self)
         if self._stop_progress:
             self._stop_progress()
         if self._task is not None and not self._task.done():
@@ -348,6 +353,10 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
             counters = self._attachment.counters
             splice.splice(chan, self._up, to_upstream=counters.add_in, to_client=counters.add_out,
                           client_idle=self._out.idle)
+        if not chan.is_closing():
+            # Settled: what these channels and connections hold alike moves to their classes (idle memory).
+            for settled in (chan, self._up, chan.get_connection(), conn):
+                idle.share_constants(settled, settled=True)
 
     def _stop_progress_now(self) -> None:
         if self._stop_progress:

@@ -13,11 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncssh
-from asyncssh.constants import MSG_CHANNEL_DATA
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_NEWKEYS
+from asyncssh.packet import SSHPacket
 
 from api import ssh_transport
 from api.schemas import UNIX_ROUTE_PREFIX
 from gateway import idle
+from gateway.keepalive import OnOneTimer
 from gateway.splice import FastPath
 
 
@@ -38,9 +40,17 @@ class WithoutFiller(ssh_transport.WithoutFiller):
         super().send_newkeys(k, h)  # type: ignore[misc]
         idle.after_key_exchange(self, kexinits)  # the KEXINITs asyncssh keeps until the next key exchange
 
+    def process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> Any:
+        result = super().process_packet(pkttype, pktid, packet)  # type: ignore[misc]
+        if pkttype == MSG_NEWKEYS:
+            idle.after_new_keys(self)  # what the key exchange wrote again alike for every connection
+        return result
 
-class RunnerSideConnection(WithoutFiller, asyncssh.SSHClientConnection):
+
+class RunnerSideConnection(OnOneTimer, WithoutFiller, asyncssh.SSHClientConnection):
     """The runner side: the gateway's SSH client connection to a session's runner (the upstream)."""
+
+    shares_constants = True  # gateway.idle.share_constants
 
 
 class TurnBatcher:
@@ -95,6 +105,10 @@ class TurnBatcher:
 
 class CorkTransport(asyncio.Transport):
     """Wraps a stream transport, its writes batched per loop turn (TurnBatcher)."""
+
+    # Slotted like asyncio's transports (one per connection: no instance dict). write, write_now and flush
+    # are the batcher's own bound methods, set per instance.
+    __slots__ = ("_batch", "_t", "flush", "write", "write_now")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
@@ -153,6 +167,8 @@ class CorkTransport(asyncio.Transport):
 class CorkProtocol(asyncio.Protocol):
     """Sits between asyncio and an asyncssh connection, handing it a CorkTransport; received bytes go
     through the connection's FastPath, which passes asyncssh whatever it does not relay itself."""
+
+    __slots__ = ("_fast", "inner")  # slotted like asyncio's protocols: one per connection
 
     def __init__(self, inner: asyncio.Protocol) -> None:
         self.inner = inner

@@ -59,6 +59,8 @@ class PreauthLimiter:
 class AdmittedProtocol(CorkProtocol):
     """A CorkProtocol that first asks the limiter; `inner.preauth_done()` ends the count at auth."""
 
+    __slots__ = ("_limiter", "_refused", "_source", "_source_of")
+
     def __init__(self, inner: Any, limiter: PreauthLimiter, source_of: Callable[[Any], str]) -> None:
         super().__init__(inner)
         self._limiter = limiter

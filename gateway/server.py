@@ -20,7 +20,7 @@ from api.client import ApiClient
 from api.public_keys import PublicKeyError
 from api.schemas import AttachEventIn, AuthorizeReply
 from api.settings import SSH_SIGNATURE_ALGS, Settings, ssh_algorithms
-from gateway import auth, drain, idle, keys, metrics
+from gateway import auth, drain, idle, keepalive, keys, metrics
 from gateway.agent import AgentRelay
 from gateway.bridge import Attachment, BridgeSession, connect_upstream
 from gateway.cork import WithoutFiller
@@ -52,9 +52,11 @@ DRAIN_LAST_WORD_S = 0.5
 WITHDRAWN_CODES = frozenset({"forbidden", "not_found", "unauthorized"})
 
 
-class ClientSideConnection(WithoutFiller, asyncssh.SSHServerConnection):
+class ClientSideConnection(keepalive.OnOneTimer, WithoutFiller, asyncssh.SSHServerConnection):
     """The client side: asyncssh's server connection with a user's SSH client, plus our certificate checks
     (key id, principals, extensions). Its owner, a ClientHandler, does the rest."""
+
+    shares_constants = True  # gateway.idle.share_constants
 
     async def validate_public_key(self, username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
         owner = self.get_owner()
@@ -111,10 +113,12 @@ class ClientHandler(asyncssh.SSHServer):
         self.conn: asyncssh.SSHServerConnection | None = None
         self.source = "?"
         self.id = secrets.token_hex(6)
-        self.log = ConnectionLog(log, self)
         self.session_id = ""
         self.principal: auth.AttachCredential | None = None
+        # The API's reply, until attached (the route to wake and reach the session); then only its mode stays
+        # ("rw" / "ro": a pydantic reply and its route are ~1 KB for the life of an idle attached session).
         self.reply: AuthorizeReply | None = None
+        self.mode: str | None = None
         self.refusal: AttachRefused | None = None
         self.attachment: Attachment | None = None
         self.attached_at: float | None = None
@@ -127,9 +131,13 @@ class ClientHandler(asyncssh.SSHServer):
         self.agent = AgentRelay(str(gateway.runtime_dir / f"agent-{self.id}"), self._client_agent_path)
 
     @property
+    def log(self) -> ConnectionLog:
+        """This connection's log lines (an adapter made when there is a line to write, not kept per connection)."""
+        return ConnectionLog(log, self)
+
+    @property
     def readonly(self) -> bool:
-        ro_reply = self.reply is not None and self.reply.mode == "ro"
-        return bool(ro_reply or (self.principal and self.principal.readonly))
+        return self.mode == "ro" or bool(self.principal and self.principal.readonly)
 
     # -- connection lifecycle ------------------------------------------------------------------------
 
@@ -236,6 +244,7 @@ class ClientHandler(asyncssh.SSHServer):
         else:
             try:
                 self.reply = await self.gw.router.authorize(username, principal, source=self.source)
+                self.mode = self.reply.mode
                 self.authorized_at = time.monotonic()
             except AttachRefused as exc:
                 self.log.info("attach to %s refused (%s)", username, exc.code)
@@ -282,7 +291,7 @@ class ClientHandler(asyncssh.SSHServer):
             self.conn.send_auth_banner(f"orz: {line}\r\n")
 
     def auth_completed(self) -> None:
-        done = getattr(self.conn, "preauth_done", None)
+        done = vars(self.conn).pop("preauth_done", None) if self.conn is not None else None
         if done is not None:
             done()  # authenticated: no longer counts against the pre-auth limits
         if self.conn is not None and self.gw.ssh_options is not None:
@@ -386,7 +395,7 @@ class ClientHandler(asyncssh.SSHServer):
             reply = await self.gw.router.until_running(self.session_id, self.principal, self.reply,
                                                        source=self.source, progress=self.attachment.progress)
             assert reply.route is not None
-            self.reply = reply
+            self.reply, self.mode = None, reply.mode  # the route is used once, just below
             upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key,
                                               agent_path=self.agent.path, on_lost=self._upstream_lost)
         except (AttachRefused, UpstreamUnavailable) as exc:

@@ -164,6 +164,9 @@ _idle_sweep = _IdleSweep()
 class FastPath:
     """Per asyncssh connection: relays its spliced channels' data, and sends data for the other side."""
 
+    __slots__ = ("_keepalive_reset_at", "_loop", "_open", "_receive", "_seal", "conn", "legs", "relayed_packets",
+                 "sent")
+
     def __init__(self, conn: Any, loop: Any, receive: Callable[[bytes], None] | None = None) -> None:
         self.conn = conn
         self._loop = loop

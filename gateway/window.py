@@ -43,7 +43,8 @@ def _held_class(base: type) -> type:
 
     # A subclass with no layout of its own, so that an existing channel's class can become it.
     return type(f"Held{base.__name__}", (base,), {"__slots__": (), "__module__": __name__,
-                                                  "_deliver_data": _deliver_data, "holds_window": True})
+                                                  "_deliver_data": _deliver_data, "holds_window": True,
+                                                  "shares_constants": True})
 
 
 _classes: dict[type, type] = {}

@@ -33,6 +33,9 @@ async def test_a_held_session_rekeys_whoever_starts_it(env: Env, fast_paths: lis
         original(self, k, h)
 
     monkeypatch.setattr(asyncssh.connection.SSHConnection, "send_newkeys", counted)
+    # asyncssh's most detailed debug logging formats what a key exchange sends, whether or not a handler
+    # is listening: what the gateway shares must still read as what asyncssh made (lists stay lists).
+    monkeypatch.setattr(asyncssh.logging.SSHLogger, "_debug_level", 2)
     async with await asyncssh_client(env) as conn:
         process = await conn.create_process(term_type="xterm", encoding=None)
         await asyncio.wait_for(process.stdout.readuntil(b"hi\r\n"), 5)
@@ -80,6 +83,9 @@ async def test_a_held_session_rekeys_whoever_starts_it(env: Env, fast_paths: lis
         assert (await rekeyed_by(conn, *gateway_side.values()))["RunnerSideConnection"] >= 1
         process.stdin.write(b"ping")
         assert await asyncio.wait_for(process.stdout.readexactly(6), 5) == b"pong\r\n"
+        # What those key exchanges wrote again that is the same for every connection went back to the class:
+        # of asyncssh's ~150 attributes, fewer than a third stay in each connection's own dict.
+        assert max(len(vars(held)) for held in gateway_side.values()) < 50
         process.stdin.write_eof()
         await asyncio.wait_for(process.wait_closed(), 5)
     assert process.exit_status == 0
@@ -124,3 +130,58 @@ async def test_without_the_state_it_relies_on_nothing_is_let_go_of(env: Env, fas
         assert result.returncode == 0 and result.stdout == b"still here\n"
     assert caplog.text.count("this asyncssh lacks connection._renamed_in_a_future_asyncssh") == 2  # once a class
     assert all(path.conn._server_kexinit for path in fast_paths)
+
+
+async def test_an_attached_connection_keeps_the_mode_not_the_reply(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once attached, a connection keeps the API's mode and lets go of the rest of its reply (the route); the
+    mode still decides what later channels may do, and each of them is still authorized again."""
+    answer = env.api._authorize
+
+    def read_only(req: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        status, reply = answer(req)
+        if reply is not None and status == 200:
+            reply["mode"] = "ro"  # the API's say, with a read-write credential
+        return status, reply
+
+    monkeypatch.setattr(env.api, "_authorize", read_only)
+    async with await asyncssh_client(env) as conn:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        assert b"read-only" in await asyncio.wait_for(process.stdout.readuntil(b"\r\n"), 5)
+        (handler,) = env.gateway.connections
+        assert handler.reply is None and handler.mode == "ro" and handler.readonly
+        calls = len(env.api.authorize_calls)
+        with pytest.raises(asyncssh.ChannelOpenError):  # read-only: no exec
+            await conn.run("echo in", check=False, encoding=None)
+        again = await conn.create_process(term_type="xterm", encoding=None)
+        assert b"read-only" in await asyncio.wait_for(again.stdout.readuntil(b"\r\n"), 5)
+        assert len(env.api.authorize_calls) == calls + 1  # the second shell asked the API again
+
+
+class _Shares:
+    shares_constants = True
+
+    def method(self) -> str:
+        return "the class's"
+
+
+class _SharesToo(_Shares):
+    """A subclass takes no part unless it says so itself."""
+
+
+def test_constants_move_to_the_class_and_read_the_same() -> None:
+    first, second, third, other = _Shares(), _Shares(), _Shares(), _SharesToo()
+    for obj in (first, second, third, other):
+        obj.flag, obj.limit, obj.name, obj.pair = True, 3, b"aes", (1, "x")
+        obj.items, obj.when, obj.nested = [], 1.5, (1, [])
+        obj.method = None  # type: ignore[method-assign]  # shadows the class's: never moved there
+    third.limit = 4
+    idle.share_constants(first)  # not settled: the class has nothing yet, so nothing moves
+    assert len(vars(first)) == 8
+    for obj in (first, second, third, other):
+        idle.share_constants(obj, settled=True)
+    assert set(vars(first)) == set(vars(second)) == {"items", "when", "nested", "method"}
+    assert set(vars(third)) == {"items", "when", "nested", "method", "limit"}  # its own value stays its own
+    assert len(vars(other)) == 8 and "flag" not in vars(_SharesToo)
+    assert (first.flag, first.limit, first.name, first.pair, third.limit) == (True, 3, b"aes", (1, "x"), 4)
+    first.limit = 5  # a write is the instance's alone
+    assert (first.limit, second.limit, _Shares().method()) == (5, 3, "the class's")

@@ -15,7 +15,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from gateway import idle, splice, window
+from gateway import idle, keepalive, splice, window
 from tests.gateway.conftest import Env, asyncssh_client, gateway_env
 from tests.support import free_port
 
@@ -105,6 +105,10 @@ async def test_the_installed_asyncssh_keeps_the_state_the_fast_path_needs(env: E
         assert not held, (f"asyncssh {asyncssh.__version__} lacks what gateway/window.py relies on: "
                           f"{', '.join(held)}; update window.py before raising the pin in pyproject.toml")
         assert all(getattr(type(leg.src), "holds_window", False) for leg in legs), "a bridged channel lost hold_window"
+        # gateway/keepalive.py's one timer for every connection's keepalive checks.
+        missing = sorted({m for path in fast_paths for m in keepalive.missing_state(path.conn)})
+        assert not missing, (f"asyncssh {asyncssh.__version__} lacks what gateway/keepalive.py relies on: "
+                             f"{', '.join(missing)}; update keepalive.py before raising the pin in pyproject.toml")
         process.stdin.write_eof()
         await asyncio.wait_for(process.wait_closed(), 5)
 
