@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +72,27 @@ class _UpstreamOwner(asyncssh.SSHClient):
         self._on_lost()
 
 
+# asyncssh's client options ask getpass.getuser() on every connect: a passwd lookup (a file opened per attach,
+# which fails when descriptors run out) that fails outright for a uid without a passwd entry (OpenShift's
+# arbitrary uids, a chart's own runAsUser). The name plays no part in the internal connection, whose user
+# is the mode ("rw"/"ro"), so the gateway names itself once, at start.
+_LOGIN_ENV = ("LOGNAME", "USER", "LNAME", "USERNAME")  # what getpass.getuser() reads first, in order
+FALLBACK_LOCAL_USER = "orz-gateway"
+
+
+def pin_local_username() -> str:
+    """Make sure getpass.getuser() answers from the environment from now on; the name it gives."""
+    for name in _LOGIN_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (3.11 raises KeyError, 3.13 OSError)
+        user = FALLBACK_LOCAL_USER
+    os.environ["LOGNAME"] = user
+    return user
+
+
 async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey, *,
                            agent_path: str | None = None,
                            on_lost: Callable[[], None] | None = None) -> asyncssh.SSHClientConnection:
@@ -88,7 +111,7 @@ async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey,
             keepalive_interval=KEEPALIVE_S, connect_timeout=UPSTREAM_CONNECT_TIMEOUT_S,
             tunnel=CorkedTunnel(), **({"client_factory": lambda: _UpstreamOwner(on_lost)} if on_lost else {}),
         )
-    except (TimeoutError, OSError, asyncssh.Error) as exc:
+    except (TimeoutError, OSError, ValueError, asyncssh.Error) as exc:  # ValueError: asyncssh's option checks
         raise UpstreamUnavailable("session is not reachable right now", internal=repr(exc)) from exc
     idle.after_client_auth(conn)  # what asyncssh keeps but needed only to connect (idle memory per session)
     return conn

@@ -22,7 +22,7 @@ from api.schemas import AttachEventIn, AuthorizeReply
 from api.settings import SSH_SIGNATURE_ALGS, Settings, ssh_algorithms
 from gateway import auth, drain, idle, keepalive, keys, metrics
 from gateway.agent import AgentRelay
-from gateway.bridge import Attachment, BridgeSession, connect_upstream
+from gateway.bridge import Attachment, BridgeSession, connect_upstream, pin_local_username
 from gateway.cork import WithoutFiller
 from gateway.errors import (
     ApiUnavailable,
@@ -535,6 +535,7 @@ class Gateway:
             log.error("gateway background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def start(self) -> None:
+        pin_local_username()
         options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: ClientHandler(self), server_host_keys=[self.host_key],
             **ssh_algorithms(), compression_algs=None, line_editor=False, encoding=None,

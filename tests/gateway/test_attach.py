@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
+from pathlib import Path
 
-from tests.gateway.conftest import SESSION, USER, Env
+import pytest
+
+from gateway import bridge
+from tests.gateway.conftest import SESSION, USER, Env, gateway_env
 
 
 async def test_tty_shell_shows_program_output(env: Env) -> None:
@@ -71,3 +77,21 @@ async def test_a_session_the_reaper_is_stopping_as_the_user_arrives_is_woken(env
     assert result.returncode == 0, result
     assert result.stdout == b"still here\n"
     assert b"orz: " not in result.stderr
+
+
+async def test_attach_works_for_a_uid_without_a_passwd_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenShift runs a container as an arbitrary uid that passwd does not know, and the chart lets an operator
+    pick runAsUser: the gateway's internal connection must not need a user name from passwd (asyncssh asks
+    for one on every connect, and refused each attach)."""
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.setenv(name, "x")  # recorded, so the teardown puts back what was there before
+        monkeypatch.delenv(name)
+
+    def unknown_uid(uid: int) -> pwd.struct_passwd:  # stands in for a passwd without this uid
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", unknown_uid)
+    async with gateway_env(tmp_path) as env:
+        assert os.environ["LOGNAME"] == bridge.FALLBACK_LOCAL_USER
+        result = await env.ssh(*env.cert_args(), "--", "echo awake")
+        assert (result.returncode, result.stdout) == (0, b"awake\n"), result.stderr
