@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,9 +22,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
     multiprocess,
-    start_http_server,
 )
 from prometheus_client.metrics_core import Metric
+
+from api import metrics_http
 
 log = logging.getLogger(__name__)
 
@@ -81,32 +79,14 @@ class _FirstOfEachName:
                     yield family
 
 
-@dataclass
-class MetricsServer:
-    """A /metrics listener of its own (prometheus-client's threaded HTTP server)."""
-
-    httpd: WSGIServer
-    thread: threading.Thread
-
-    @property
-    def port(self) -> int:
-        return int(self.httpd.server_port)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
-def serve(host: str, port: int, what: str) -> MetricsServer:
+def serve(host: str, port: int, what: str) -> metrics_http.MetricsServer:
     """Serve this process's metrics on host:port in a daemon thread, for processes with no HTTP server
     of their own (`orz scheduler`)."""
     registry = REGISTRY
     if multiprocess_dir():
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    httpd, thread = start_http_server(port, addr=host, registry=registry)
-    server = MetricsServer(httpd, thread)
+    server = metrics_http.start(host, port, registry)
     log.info("%s metrics on http://%s:%d/metrics", what, host, server.port)
     return server
 

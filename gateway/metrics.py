@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from dataclasses import dataclass
 from typing import Literal
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,8 +22,9 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
 )
+
+from api import metrics_http
 
 log = logging.getLogger(__name__)
 
@@ -150,27 +148,9 @@ def preauth_refused(limit: Literal["source", "total"]) -> None:
     PREAUTH_REFUSED.labels(limit=limit).inc()
 
 
-@dataclass
-class MetricsServer:
-    """The /metrics listener (prometheus-client's threaded HTTP server); ``port`` is the real one."""
-
-    httpd: WSGIServer
-    thread: threading.Thread
-
-    @property
-    def port(self) -> int:
-        return int(self.httpd.server_port)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
-def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> MetricsServer:
+def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> metrics_http.MetricsServer:
     """Start /metrics on host:port (0: any free port) in a daemon thread: a scrape never waits on the
     event loop that carries the users' bytes, and a busy loop never fails a scrape."""
-    httpd, thread = start_http_server(port, addr=host, registry=registry)
-    server = MetricsServer(httpd, thread)
+    server = metrics_http.start(host, port, registry)
     log.info("gateway metrics on http://%s:%d/metrics", host, server.port)
     return server

@@ -17,6 +17,7 @@ import asyncssh
 from pydantic import SecretStr
 
 from api.client import ApiClient
+from api.metrics_http import MetricsServer
 from api.public_keys import PublicKeyError
 from api.schemas import AttachEventIn, AuthorizeReply
 from api.settings import SSH_SIGNATURE_ALGS, Settings, ssh_algorithms
@@ -479,7 +480,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._port: int | None = None
-        self.metrics_server: metrics.MetricsServer | None = None
+        self.metrics_server: MetricsServer | None = None
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="orz-gw-"))  # 0700: agent links live here
         # (loopback address, port) of web-door SSH tunnels -> the WebSocket client's address.
         self.tunnel_sources: dict[tuple[str, int], str] = {}
