@@ -314,6 +314,8 @@ def main() -> None:
             if rep:
                 for step, ns in timing.items():
                     results[name][step].append(ns)
+    for name, (splice, _cork) in impls.items():  # a compiled splice (mypyc's .so, bench/README.md) shows here
+        print(f"{name}: {splice.__file__}")
     print(f"µs per {args.size}-byte packet per step, fastest of {args.reps} x {args.keys} packets "
           f"(load average {os.getloadavg()[0]:.2f}):")
     print(f"{'step':10}" + "".join(f"{name:>10}" for name in impls) + ("     ratio" if len(impls) > 1 else ""))
