@@ -211,3 +211,14 @@ def test_a_sign_in_that_cannot_be_renewed_asks_to_log_in_again(orz: Orz, live_ap
     # The API token in the file was still good on the server: logout revoked it all the same.
     refused = httpx.get(f"{live_api.url}/v1/me", headers={"Authorization": f"Bearer {tenant.token}"})
     assert refused.status_code == 401
+
+
+def test_cert_ttl_no_server_could_grant_is_a_usage_error(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                         tmp_path: Path) -> None:
+    """`--ttl 5s` or `--ttl 25h` is a bad value (exit 2, the range named), not an internal error."""
+    sid = create(orz, cwd=tmp_path)
+    for ttl in ("5s", "0", "25h"):
+        done = orz("cloud", "cert", sid, "--ttl", ttl)
+        assert done.returncode == 2, done.stderr
+        assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert "from 10 s to 24 h" in done.stderr, done.stderr
