@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -222,3 +224,18 @@ def test_cert_ttl_no_server_could_grant_is_a_usage_error(orz: Orz, live_api: Liv
         assert done.returncode == 2, done.stderr
         assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert "from 10 s to 24 h" in done.stderr, done.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                          tmp_path: Path) -> None:
+    """`orz cloud list | head -1`: output to a closed pipe is no error message (`ls | head` prints none)."""
+    sid = create(orz, cwd=tmp_path)
+    for args in (("list", "--json"), ("status", sid)):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # nobody will read: the first write fails with EPIPE
+        try:
+            done = subprocess.run([sys.executable, "-m", "cli", "cloud", *args], stdout=write_end,
+                                  stderr=subprocess.PIPE, text=True, env=orz.env(), timeout=30, check=False)
+        finally:
+            os.close(write_end)
+        assert done.stderr == "", done.stderr
