@@ -239,3 +239,14 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(orz: Orz, live_api: Li
         finally:
             os.close(write_end)
         assert done.stderr == "", done.stderr
+
+
+def test_new_with_a_local_path_that_does_not_exist_names_the_path(orz: Orz, live_api: LiveApi,
+                                                                  logged_in: Tenant, tmp_path: Path) -> None:
+    """A typo in `--repo ../app` says the directory is missing, not that an https:// URL is wanted."""
+    missing = tmp_path / "no-such-repo"
+    for repo in (str(missing), "./no-such-repo", "~/no-such-repo"):
+        done = orz("cloud", "new", "--no-attach", "--repo", repo, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert_one_error_line(done, f"--repo {repo}: no such directory")
+    assert json.loads(orz("cloud", "list", "--json").stdout)["instances"] == []
