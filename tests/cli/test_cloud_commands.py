@@ -250,3 +250,19 @@ def test_new_with_a_local_path_that_does_not_exist_names_the_path(orz: Orz, live
         assert done.returncode == 2, done.stderr
         assert_one_error_line(done, f"--repo {repo}: no such directory")
     assert json.loads(orz("cloud", "list", "--json").stdout)["instances"] == []
+
+
+def test_an_api_url_that_is_not_one_is_a_usage_error(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    """A URL without http:// (or with the API's /v1 on it) is a typo to fix, not a server to wait 10 s for
+    ("cannot reach ...; trying again") nor "no such endpoint"."""
+    hostport = live_api.url.removeprefix("http://")
+    login = orz("cloud", "login", "--token", logged_in.token, "--api-url", hostport)
+    assert_one_error_line(login, f"--api-url {hostport} is not an http:// or https:// URL")
+    assert login.returncode == 2
+    listed = orz("cloud", "list", ORZBOB_API_URL=hostport)
+    assert_one_error_line(listed, f"ORZBOB_API_URL {hostport} is not an http:// or https:// URL")
+    assert listed.returncode == 2
+    with_v1 = orz("cloud", "login", "--token", logged_in.token, "--api-url", f"{live_api.url}/v1")
+    assert_one_error_line(with_v1, f"--api-url {live_api.url}/v1", f"without /v1 (e.g. {live_api.url})")
+    assert with_v1.returncode == 2
+    assert orz("cloud", "list").returncode == 0  # the saved login is untouched
