@@ -266,3 +266,19 @@ def test_an_api_url_that_is_not_one_is_a_usage_error(orz: Orz, live_api: LiveApi
     assert_one_error_line(with_v1, f"--api-url {live_api.url}/v1", f"without /v1 (e.g. {live_api.url})")
     assert with_v1.returncode == 2
     assert orz("cloud", "list").returncode == 0  # the saved login is untouched
+
+
+def test_a_secret_that_exists_gets_new_data_with_replace(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    """Rotating a token: `create` of an existing name points at --replace (the CLI has no PUT), which works."""
+    assert orz("cloud", "secrets", "create", "gh", "--data", "GITHUB_TOKEN=old-value").returncode == 0
+    again = orz("cloud", "secrets", "create", "gh", "--data", "GITHUB_TOKEN=new-value")
+    assert_one_error_line(again, "a user secret named gh already exists", "--replace")
+    assert "PUT" not in again.stderr and "new-value" not in again.stderr
+    replaced = orz("cloud", "secrets", "create", "gh", "--replace", "--data", "GH_TOKEN=new-value")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "secret gh replaced (user scope; keys: GH_TOKEN)" in replaced.stdout
+    assert "new-value" not in replaced.stdout + replaced.stderr
+    listed = json.loads(orz("cloud", "secrets", "list", "--json").stdout)["secrets"]
+    assert [(s["name"], s["keys"]) for s in listed] == [("gh", ["GH_TOKEN"])]
+    assert_one_error_line(orz("cloud", "secrets", "create", "nope", "--replace", "--data", "A=b"),
+                          "no such secret: nope")
