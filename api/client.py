@@ -158,6 +158,9 @@ class ApiClient:
     async def create_secret(self, body: schemas.SecretCreate) -> schemas.Secret:
         return await self._send(schemas.Secret, "POST", "/v1/secrets", body)
 
+    async def replace_secret(self, name: str, body: schemas.SecretReplace, scope: str) -> schemas.Secret:
+        return await self._send(schemas.Secret, "PUT", f"/v1/secrets/{name}?scope={scope}", body)
+
     async def list_secrets(self) -> schemas.SecretList:
         return await self._get(schemas.SecretList, "/v1/secrets")
 

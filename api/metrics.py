@@ -108,7 +108,7 @@ SESSION_CREATIONS = Counter(
 )
 SESSION_WAKES = Counter(
     "orz_session_wakes_total", "Stopped sessions started by an attach (wake on connect) by result "
-    "(started, quota, provider_error, error)", ["result"], registry=REGISTRY
+    "(started, quota, invalid, provider_error, error)", ["result"], registry=REGISTRY
 )
 SESSION_TRANSITIONS = Counter(
     "orz_session_transitions_total", "Lifecycle transitions by target state", ["to_state"], registry=REGISTRY

@@ -290,6 +290,11 @@ class StartRequest(Request):
     pull: StrictBool = False
 
 
+# The certificate lifetimes a request may name at all (the server's cert_max_ttl_s narrows it further).
+CERT_TTL_MIN_S = 10
+CERT_TTL_MAX_S = 86400
+
+
 class AttachRequest(Request):
     # The contents of a .pub file end in a newline (and RFC 4716 keys span lines).
     control_rules = {"public_key": "text"}
@@ -299,7 +304,7 @@ class AttachRequest(Request):
     # Strict: "readonly": "no" must be an error, not a silently coerced value.
     readonly: StrictBool = False
     # A certificate lifetime other than the default, up to the server's cert_max_ttl_s (automation).
-    ttl_s: Annotated[StrictInt, Field(ge=10, le=86400)] | None = None
+    ttl_s: Annotated[StrictInt, Field(ge=CERT_TTL_MIN_S, le=CERT_TTL_MAX_S)] | None = None
 
 
 class AttachGrant(Response):

@@ -16,6 +16,8 @@ import base64
 import contextlib
 import logging
 import os
+import socket
+import stat
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cli import keys
 from cli.config import config_dir
+from cli.errors import CliError
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +141,29 @@ class CertificateAgent:
                 await writer.wait_closed()
 
 
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket nothing listens on (an agent killed before it could); refuse anything else at ``path``:
+    a file of the user's, or a live agent whose clients would lose it (ssh-agent -a refuses both too)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise CliError(f"{path} exists and is not a socket; name another --socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+    raise CliError(f"an agent already listens on {path}; use it (SSH_AUTH_SOCK={path}) or name another --socket")
+
+
 async def listen(agent: CertificateAgent, path: Path) -> asyncio.AbstractServer:
     """Serve on a unix socket only its owner can connect to (a stale socket file is replaced)."""
     os.makedirs(path.parent, mode=0o700, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    _clear_stale_socket(path)
     old = os.umask(0o177)
     try:
         return await asyncio.start_unix_server(agent.serve_client, path=str(path))

@@ -25,7 +25,7 @@ from cli import (
     ssh_config,
 )
 from cli.config import DEFAULT_API_URL, Credentials, forget_credentials, load_credentials, token_path
-from cli.connect import CliApiClient, client, cloud_command
+from cli.connect import CliApiClient, check_api_url, client, cloud_command
 from cli.errors import EXIT_USAGE, CliError
 from cli.login import DeviceLogin, TokenLogin, login
 
@@ -64,7 +64,8 @@ def login_cmd(token: str | None, with_token: bool, provider: str | None, no_brow
 
 @cloud_command
 async def _login(token: str | None, provider: str | None, no_browser: bool, api_url: str | None) -> None:
-    url = (api_url or _default_api_url()).rstrip("/")
+    where = "--api-url" if api_url else "ORZBOB_API_URL" if os.environ.get("ORZBOB_API_URL") else "the saved API URL"
+    url = check_api_url(api_url or _default_api_url(), where)
     flow: TokenLogin | DeviceLogin = TokenLogin(token) if token else DeviceLogin(provider, open_browser=not no_browser)
     creds, me = await login(flow, url)
     via = f" via {creds.source}" if creds.source and creds.source != "token" else ""

@@ -31,6 +31,16 @@ def _seconds(text: str) -> int:
     return int(match[1]) * _UNITS[match[2]]
 
 
+def _ttl_seconds(text: str) -> int:
+    """--ttl in seconds, refused here when no server could grant it (the request model would raise)."""
+    seconds = _seconds(text)
+    if not schemas.CERT_TTL_MIN_S <= seconds <= schemas.CERT_TTL_MAX_S:
+        raise click.BadParameter(f"{text!r}: a certificate lasts from {schemas.CERT_TTL_MIN_S} s to "
+                                 f"{schemas.CERT_TTL_MAX_S // 3600} h (the server's cert_max_ttl_s may allow less)",
+                                 param_hint="'--ttl'")
+    return seconds
+
+
 @click.command("cert")
 @click.argument("session_id")
 @click.option("--ttl", help="How long it lasts (e.g. 900, 30m, 2h); the server's cert_max_ttl_s is the limit.")
@@ -41,7 +51,7 @@ def cert_cmd(session_id: str, ttl: str | None, readonly: bool) -> None:
     Prints the certificate's path, the key's and when it expires. Prefer `orz cloud agent`, which never
     runs out; an admin decides how long a certificate may last (default: 5 minutes).
     """
-    ttl_s = _seconds(ttl) if ttl else None
+    ttl_s = _ttl_seconds(ttl) if ttl is not None else None
     grant, path = _fetch_cert(attaching.check_session_id(session_id), readonly, ttl_s)
     click.echo(f"certificate: {path}")
     click.echo(f"key:         {keys.key_pair().private}")

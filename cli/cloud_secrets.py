@@ -11,6 +11,7 @@ import click
 from pydantic import ValidationError
 
 from api import schemas
+from api.client import ApiError
 from cli import output
 from cli.connect import client, cloud_command
 from cli.errors import EXIT_USAGE, CliError
@@ -46,9 +47,11 @@ def secrets() -> None:
               help="Copy KEY's value from this environment (keeps it out of shell history).")
 @click.option("--scope", type=click.Choice(["user", "org"]), default="user", show_default=True,
               help="user: only you; org: everyone in your org.")
+@click.option("--replace", is_flag=True,
+              help="Replace the data of the existing secret NAME (sessions get it at their next start).")
 @cloud_command
-async def create(name: str, pairs: tuple[str, ...], from_env: tuple[str, ...], scope: str) -> None:
-    """Create a secret NAME from KEY=VALUE pairs."""
+async def create(name: str, pairs: tuple[str, ...], from_env: tuple[str, ...], scope: str, replace: bool) -> None:
+    """Create a secret NAME from KEY=VALUE pairs (or, with --replace, give an existing one new data)."""
     try:
         body = schemas.SecretCreate(name=name, data=parse_pairs(pairs, from_env), scope=scope)  # type: ignore[arg-type]
     except ValidationError as exc:
@@ -57,7 +60,18 @@ async def create(name: str, pairs: tuple[str, ...], from_env: tuple[str, ...], s
         where = ".".join(str(p) for p in err["loc"][:2]) or "secret"
         raise CliError(f"invalid secret {where}: {err['type'].replace('_', ' ')}", EXIT_USAGE) from None
     async with client() as api:
-        secret = await api.create_secret(body)
+        if replace:
+            secret = await api.replace_secret(name, schemas.SecretReplace(data=body.data), scope)
+            click.echo(f"secret {secret.name} replaced ({secret.scope} scope; keys: {', '.join(secret.keys)})")
+            return
+        try:
+            secret = await api.create_secret(body)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            # The API's answer says "use PUT"; here that is --replace.
+            raise CliError(f"a {scope} secret named {name} already exists; give it new data with: "
+                           f"orz cloud secrets create {name} --replace ...") from None
     click.echo(f"secret {secret.name} created ({secret.scope} scope; keys: {', '.join(secret.keys)})")
 
 

@@ -7,12 +7,25 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 # Minted API tokens last until revoked. The Go CLI reads this same file and treats a missing `expires_at`
 # as expired, so for those the file names a time it will not reach. A sign-in's token has a real expiry,
 # and a `refresh_token` this CLI uses to get the next one silently.
 GO_CLI_EXPIRES_AT = "9999-12-31T23:59:59Z"
+
+
+def api_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the API's address, or None. Either would otherwise fail late and unclearly: a URL
+    without a scheme as an API that "cannot be reached" (retried for 10 s), /v1 as "no such endpoint"."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"is not an http:// or https:// URL (e.g. {DEFAULT_API_URL})"
+    base = url.rstrip("/")
+    if base.endswith("/v1"):
+        return f"names the API's /v1 path; give the server's address without /v1 (e.g. {base.removesuffix('/v1')})"
+    return None
 
 
 def config_dir() -> Path:

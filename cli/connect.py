@@ -9,8 +9,8 @@ import click
 import httpx
 
 from api.client import ApiClient, ApiError, ApiUnreachable
-from cli.config import DEFAULT_API_URL, Credentials, load_credentials
-from cli.errors import EXIT_AUTH, CliError, async_command
+from cli.config import DEFAULT_API_URL, Credentials, api_url_problem, load_credentials
+from cli.errors import EXIT_AUTH, EXIT_USAGE, CliError, async_command
 from cli.login import REFRESH_MARGIN_S, refreshed
 
 P = ParamSpec("P")
@@ -25,6 +25,14 @@ def env_token() -> str | None:
     return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
+def check_api_url(url: str, where: str) -> str:
+    """``url`` without a trailing slash; a usage error naming ``where`` it came from when it is no API URL."""
+    problem = api_url_problem(url)
+    if problem:
+        raise CliError(f"{where} {url} {problem}", EXIT_USAGE)
+    return url.rstrip("/")
+
+
 def require_credentials() -> Credentials:
     token = env_token()
     try:
@@ -33,8 +41,11 @@ def require_credentials() -> Credentials:
         if token is None:
             raise CliError(f"{exc}; {LOGIN_HINT}", EXIT_AUTH) from None
         creds = None
+    env_url = os.environ.get("ORZBOB_API_URL")
+    if env_url:
+        check_api_url(env_url, "ORZBOB_API_URL")
     if token is not None:
-        url = os.environ.get("ORZBOB_API_URL") or (creds.api_url if creds else DEFAULT_API_URL)
+        url = env_url or (creds.api_url if creds else DEFAULT_API_URL)
         return Credentials(api_url=url.rstrip("/"), api_token=token)
     if creds is None:
         raise CliError(f"not logged in; {LOGIN_HINT}", EXIT_AUTH)

@@ -63,6 +63,9 @@ def async_command(describe: Callable[[ApiError], str] = lambda exc: exc.detail,
                 raise CliError(tidy(describe(exc)), exit_code_for(exc.status)) from None
             except OrzError as exc:
                 raise CliError(tidy(exc.detail)) from None
+            except BrokenPipeError:
+                # The reader went away (`orz cloud list | head -1`): click leaves quietly, as `ls | head` does.
+                raise
             except (SchemaNotAtHead, OSError) as exc:
                 raise CliError(tidy(str(exc))) from None
 

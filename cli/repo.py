@@ -40,6 +40,11 @@ def is_local_path(repo: str) -> bool:
     return Path(repo).expanduser().exists()
 
 
+def names_a_path(repo: str) -> bool:
+    """`/src/app`, `./app`, `../app`, `~/app`: written as a path, whether or not it exists."""
+    return "://" not in repo and repo.startswith(("/", "./", "../", "~"))
+
+
 def local_repo_refused(url: str) -> str:
     """Why the server refused a local repository, and how to allow it."""
     parent = Path(url.removeprefix("file://")).parent

@@ -223,6 +223,10 @@ class _UpstreamSession(asyncssh.SSHClientSession[bytes]):
         self._down.upstream_closed(self)
 
 
+READONLY_REFUSAL = ("this attach is read-only: it shows the session's terminal, and runs no commands, sftp or "
+                    "scp (get a read-write certificate: orz cloud cert ID, or orz cloud agent)")
+
+
 class BridgeSession(asyncssh.SSHServerSession[bytes]):
     """Client side of a bridged session (shell, exec, sftp/scp): opens its twin on the runner."""
 
@@ -241,6 +245,7 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
         self._task: asyncio.Task[None] | None = None
         self._stop_progress: Callable[[], None] | None = None
         self._runner_full = False  # the runner's channel asked the client's to pause
+        self._refusal: str | None = None  # why this channel's request is refused (a read-only attach's exec)
 
     # -- requests from the client -----------------------------------------------------------------
 
@@ -261,17 +266,26 @@ class BridgeSession(asyncssh.SSHServerSession[bytes]):
 
     def exec_requested(self, command: str) -> bool:
         if self._readonly:
-            return False
+            # Accepted only to say why on stderr and exit 1 (session_started); nothing reaches the runner.
+            # A refused request leaves ssh with "exec request failed on channel 0" and no reason.
+            self._refusal = READONLY_REFUSAL
+            return True
         self._command = command
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        if self._readonly or subsystem != "sftp":
+        if subsystem != "sftp":
             return False
+        if self._readonly:
+            self._refusal = READONLY_REFUSAL
+            return True
         self._subsystem = subsystem
         return True
 
     def session_started(self) -> None:
+        if self._refusal is not None:
+            self._fail(self._refusal)
+            return
         self._task = asyncio.get_running_loop().create_task(self._open_upstream())
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:

@@ -46,6 +46,38 @@ def _roots(paths: Iterable[Path]) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+EXPAND_PATH = b"expand-path@openssh.com"
+
+
+class _ExpandingHandler(asyncssh.sftp.SFTPServerHandler):
+    """asyncssh's SFTP request handler plus OpenSSH's expand-path extension.
+
+    OpenSSH's scp (in its default SFTP mode) sends a ``~user/...`` path to the server to expand and, when the
+    server lacks the extension, refuses it outright ("server expand-path extension is required"), so
+    ``scp f <id>@gateway:~<id>/x`` failed although ``~<id>`` is the session's home everywhere else.
+    """
+
+    _extensions = [*asyncssh.sftp.SFTPServerHandler._extensions, (EXPAND_PATH, b"1")]
+
+    async def _process_expand_path(self, packet: asyncssh.packet.SSHPacket) -> tuple[list[asyncssh.SFTPName], bool]:
+        path = packet.get_string()
+        packet.check_end()
+        server = self._server
+        if not isinstance(server, SessionSFTP):
+            raise asyncssh.SFTPOpUnsupported("expand-path is served for session channels only")
+        # The same expansion and the same fence as every other request (map_path): ~, ~<login>, relative.
+        return [asyncssh.SFTPName(server.map_path(path))], False
+
+    _packet_handlers = {**asyncssh.sftp.SFTPServerHandler._packet_handlers, EXPAND_PATH: _process_expand_path}
+    _return_types = {**asyncssh.sftp.SFTPServerHandler._return_types, EXPAND_PATH: asyncssh.sftp.FXP_NAME}
+
+
+def serve_expand_path() -> None:
+    """Make asyncssh's SFTP servers in this process answer expand-path (it builds its handler by this name;
+    there is no hook for extensions). Only the runner's session channels run SFTP servers here."""
+    asyncssh.sftp.SFTPServerHandler = _ExpandingHandler  # type: ignore[misc]
+
+
 class SessionSFTP(asyncssh.SFTPServer):
     """The SFTP server (and asyncssh's scp server, which runs on it) for one session channel."""
 

@@ -151,13 +151,27 @@ async def _git(args: Sequence[str], env: Mapping[str, str], *, what: str, token:
         await proc.wait()
         raise CloneError(f"{what} timed out") from None
     if proc.returncode != 0:
-        detail = err.decode("utf-8", "replace").strip().splitlines()
-        # git's "error:" line says what went wrong ("Untracked working tree file 'x' would be overwritten");
-        # the "fatal:" line after it often only that it stopped.
-        errors = [line for line in detail if line.startswith("error: ")]
-        reason = _redact((errors or detail or [f"exit status {proc.returncode}"])[-1 if not errors else 0], token)
+        reason = _redact(_git_reason(err.decode("utf-8", "replace")) or f"exit status {proc.returncode}", token)
         raise CloneError(f"{what} failed: {reason}")
     return out.decode("utf-8", "replace").strip()
+
+
+# What git prints after any failed fetch, whatever the cause: it says nothing about this failure.
+_GIT_ADVICE = frozenset({"fatal: Could not read from remote repository.",
+                         "Please make sure you have the correct access rights", "and the repository exists."})
+
+
+def _git_reason(stderr: str) -> str | None:
+    """The line of git's stderr that says what went wrong."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    # git's "error:" line says what went wrong ("Untracked working tree file 'x' would be overwritten");
+    # the "fatal:" line after it often only that it stopped.
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:
+        return errors[0]
+    # "does not appear to be a git repository", "Permission denied (publickey).": before the advice.
+    telling = [line for line in lines if line not in _GIT_ADVICE] or lines
+    return telling[-1] if telling else None
 
 
 async def trust(dest: Path, env: Mapping[str, str]) -> None:

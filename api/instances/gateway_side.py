@@ -13,6 +13,7 @@ from api.errors import (
     Conflict,
     InvalidTransition,
     NotFound,
+    OrzError,
     QuotaExceeded,
     SessionFailed,
 )
@@ -103,6 +104,10 @@ class GatewaySide(ServiceBase):
             raise
         except ComputeUnavailable:
             metrics.SESSION_WAKES.labels(result="provider_error").inc()
+            raise
+        except OrzError as exc:
+            # A refusal of the user's making (a secret it names was deleted: 422) is no outage of ours.
+            metrics.SESSION_WAKES.labels(result="invalid" if exc.status < 500 else "error").inc()
             raise
         except Exception:
             metrics.SESSION_WAKES.labels(result="error").inc()

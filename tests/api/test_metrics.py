@@ -179,3 +179,28 @@ async def test_the_event_loops_tasks_are_counted_on_scrape(app) -> None:
         await server.stop()
     assert before is not None and before >= 1
     assert after == before + 5
+
+
+async def test_a_wake_refused_for_the_users_input_is_invalid_not_our_error(app, sessions):
+    """A stopped session whose secret its owner deleted cannot wake (422): the user's doing, not an outage."""
+    t = await make_tenant(sessions, "acme")
+    _, resp = await app.asgi_client.post("/v1/secrets", json={"name": "gh", "data": {"GITHUB_TOKEN": "x"}},
+                                         headers=t.headers)
+    assert resp.status == 201
+    _, resp = await app.asgi_client.post("/v1/instances", json={"secrets": ["gh"]}, headers=t.headers)
+    sid = resp.json["id"]
+    await app.asgi_client.post(f"/v1/instances/{sid}/stop", headers=t.headers)
+    _, resp = await app.asgi_client.delete("/v1/secrets/gh", headers=t.headers)
+    assert resp.status == 204
+    before = await scrape(app)
+    _, resp = await app.asgi_client.post(
+        "/internal/v1/authorize", json={"session_id": sid, "user_id": t.user_id, "method": "certificate"},
+        headers=SERVICE)
+    assert resp.status == 422 and "unknown secret: gh" in resp.json["detail"]
+    after = await scrape(app)
+
+    def delta(result: str) -> float:
+        name = "orz_session_wakes_total"
+        return value(after, name, result=result) - value(before, name, result=result)
+
+    assert (delta("invalid"), delta("error")) == (1, 0)

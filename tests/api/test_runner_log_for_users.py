@@ -27,3 +27,16 @@ def test_routine_lines_go_and_problems_stay() -> None:
     assert "ERROR runner.main: runner failed\nTraceback (most recent call last):\n" in shown
     assert "OSError: boom\n" in shown
     assert shown.endswith("bwrap: Can't mount proc on /newroot/proc: Operation not permitted\n")
+
+
+def test_the_network_helpers_goodbye_is_routine_too() -> None:
+    """What `orz cloud logs` showed under a failed clone: the fatal line, then slirp4netns saying it exits."""
+    log = ("2026-12-06 05:15:46,637 ERROR runner.main: fatal: git clone of file:///r failed: no such repo\n"
+           "exitfd event\ndo_slirp is exiting\n")
+    assert runner_log_for_users(log) == ("2026-12-06 05:15:46,637 ERROR runner.main: fatal: git clone of "
+                                         "file:///r failed: no such repo\n")
+
+
+def test_a_line_after_the_network_helpers_goodbye_is_kept() -> None:
+    log = "exitfd event\ndo_slirp is exiting\nbwrap: Can't mount proc on /newroot/proc: Operation not permitted\n"
+    assert runner_log_for_users(log) == "bwrap: Can't mount proc on /newroot/proc: Operation not permitted\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
 import struct
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from cli import agent, keys
+from cli.errors import CliError
 
 SESSION = "demo-1"
 
@@ -132,3 +134,30 @@ def _string(data: bytes) -> tuple[bytes, bytes]:
 async def _reply(reader: asyncio.StreamReader) -> bytes:
     (size,) = struct.unpack(">I", await reader.readexactly(4))
     return await reader.readexactly(size)
+
+
+async def test_never_takes_a_path_that_is_in_use(served: tuple[Path, Minter], home: Path) -> None:
+    """`--socket` naming a file, or another live agent's socket, is refused (ssh-agent -a says 'Address already
+    in use'); only a stale socket, with nothing listening, is replaced."""
+    live, _ = served
+    holder = agent.CertificateAgent([SESSION], Minter().refresh)
+    with pytest.raises(CliError, match="already listens"):
+        await agent.listen(holder, live)
+    assert (await ssh_add(live, "-L")).returncode == 0  # the first agent still serves there
+
+    notes = home / "notes.txt"
+    notes.write_text("mine\n")
+    with pytest.raises(CliError, match="not a socket"):
+        await agent.listen(holder, notes)
+    assert notes.read_text() == "mine\n"
+
+    stale = home / "stale.sock"
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(stale))  # bound, never listening, then gone: what a killed agent leaves behind
+    left.close()
+    server = await agent.listen(holder, stale)
+    try:
+        assert (await ssh_add(stale, "-L")).returncode == 0
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -211,3 +213,72 @@ def test_a_sign_in_that_cannot_be_renewed_asks_to_log_in_again(orz: Orz, live_ap
     # The API token in the file was still good on the server: logout revoked it all the same.
     refused = httpx.get(f"{live_api.url}/v1/me", headers={"Authorization": f"Bearer {tenant.token}"})
     assert refused.status_code == 401
+
+
+def test_cert_ttl_no_server_could_grant_is_a_usage_error(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                         tmp_path: Path) -> None:
+    """`--ttl 5s` or `--ttl 25h` is a bad value (exit 2, the range named), not an internal error."""
+    sid = create(orz, cwd=tmp_path)
+    for ttl in ("5s", "0", "25h"):
+        done = orz("cloud", "cert", sid, "--ttl", ttl)
+        assert done.returncode == 2, done.stderr
+        assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert "from 10 s to 24 h" in done.stderr, done.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                          tmp_path: Path) -> None:
+    """`orz cloud list | head -1`: output to a closed pipe is no error message (`ls | head` prints none)."""
+    sid = create(orz, cwd=tmp_path)
+    for args in (("list", "--json"), ("status", sid)):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # nobody will read: the first write fails with EPIPE
+        try:
+            done = subprocess.run([sys.executable, "-m", "cli", "cloud", *args], stdout=write_end,
+                                  stderr=subprocess.PIPE, text=True, env=orz.env(), timeout=30, check=False)
+        finally:
+            os.close(write_end)
+        assert done.stderr == "", done.stderr
+
+
+def test_new_with_a_local_path_that_does_not_exist_names_the_path(orz: Orz, live_api: LiveApi,
+                                                                  logged_in: Tenant, tmp_path: Path) -> None:
+    """A typo in `--repo ../app` says the directory is missing, not that an https:// URL is wanted."""
+    missing = tmp_path / "no-such-repo"
+    for repo in (str(missing), "./no-such-repo", "~/no-such-repo"):
+        done = orz("cloud", "new", "--no-attach", "--repo", repo, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert_one_error_line(done, f"--repo {repo}: no such directory")
+    assert json.loads(orz("cloud", "list", "--json").stdout)["instances"] == []
+
+
+def test_an_api_url_that_is_not_one_is_a_usage_error(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    """A URL without http:// (or with the API's /v1 on it) is a typo to fix, not a server to wait 10 s for
+    ("cannot reach ...; trying again") nor "no such endpoint"."""
+    hostport = live_api.url.removeprefix("http://")
+    login = orz("cloud", "login", "--token", logged_in.token, "--api-url", hostport)
+    assert_one_error_line(login, f"--api-url {hostport} is not an http:// or https:// URL")
+    assert login.returncode == 2
+    listed = orz("cloud", "list", ORZBOB_API_URL=hostport)
+    assert_one_error_line(listed, f"ORZBOB_API_URL {hostport} is not an http:// or https:// URL")
+    assert listed.returncode == 2
+    with_v1 = orz("cloud", "login", "--token", logged_in.token, "--api-url", f"{live_api.url}/v1")
+    assert_one_error_line(with_v1, f"--api-url {live_api.url}/v1", f"without /v1 (e.g. {live_api.url})")
+    assert with_v1.returncode == 2
+    assert orz("cloud", "list").returncode == 0  # the saved login is untouched
+
+
+def test_a_secret_that_exists_gets_new_data_with_replace(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    """Rotating a token: `create` of an existing name points at --replace (the CLI has no PUT), which works."""
+    assert orz("cloud", "secrets", "create", "gh", "--data", "GITHUB_TOKEN=old-value").returncode == 0
+    again = orz("cloud", "secrets", "create", "gh", "--data", "GITHUB_TOKEN=new-value")
+    assert_one_error_line(again, "a user secret named gh already exists", "--replace")
+    assert "PUT" not in again.stderr and "new-value" not in again.stderr
+    replaced = orz("cloud", "secrets", "create", "gh", "--replace", "--data", "GH_TOKEN=new-value")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "secret gh replaced (user scope; keys: GH_TOKEN)" in replaced.stdout
+    assert "new-value" not in replaced.stdout + replaced.stderr
+    listed = json.loads(orz("cloud", "secrets", "list", "--json").stdout)["secrets"]
+    assert [(s["name"], s["keys"]) for s in listed] == [("gh", ["GH_TOKEN"])]
+    assert_one_error_line(orz("cloud", "secrets", "create", "nope", "--replace", "--data", "A=b"),
+                          "no such secret: nope")

@@ -150,8 +150,8 @@ async def test_an_attached_connection_keeps_the_mode_not_the_reply(env: Env, mon
         (handler,) = env.gateway.connections
         assert handler.reply is None and handler.mode == "ro" and handler.readonly
         calls = len(env.api.authorize_calls)
-        with pytest.raises(asyncssh.ChannelOpenError):  # read-only: no exec
-            await conn.run("echo in", check=False, encoding=None)
+        refused = await conn.run("echo in", check=False, encoding=None)  # read-only: no exec, and why
+        assert refused.exit_status == 1 and b"read-only" in refused.stderr and refused.stdout == b""
         again = await conn.create_process(term_type="xterm", encoding=None)
         assert b"read-only" in await asyncio.wait_for(again.stdout.readuntil(b"\r\n"), 5)
         assert len(env.api.authorize_calls) == calls + 1  # the second shell asked the API again

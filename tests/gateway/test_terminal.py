@@ -38,6 +38,12 @@ async def test_readonly_attach_cannot_type_or_run(env: Env) -> None:
     assert env.api.authorize_calls[-1]["readonly"] is True
     exec_result = await env.ssh(*env.cert_args(cert, name="ro"), "--", "echo in")
     assert exec_result.returncode != 0 and exec_result.stdout == b""
+    # Not ssh's bare "exec request failed on channel 0": the reason, as for any other refusal.
+    assert b"orz: this attach is read-only" in exec_result.stderr, exec_result.stderr
+    assert env.runner.usernames == ["ro"]  # the refused command opened nothing on the runner
+    sftp = await env.ssh(*env.cert_args(cert, name="ro"), "-s", "--", "sftp")
+    assert sftp.returncode != 0 and b"orz: this attach is read-only" in sftp.stderr, sftp.stderr
+    assert env.runner.usernames == ["ro"]
 
 
 async def _asyncssh_client(env: Env) -> asyncssh.SSHClientConnection:

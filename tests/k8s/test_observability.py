@@ -460,3 +460,13 @@ def test_no_metric_has_a_label_prometheus_sets_on_every_target() -> None:
     for text in (dash, rules):
         assert "by (job" not in text and "by (le, job" not in text and "exported_job" not in text
     assert "sum by (task, result) (rate(orz_scheduler_job_runs_total" in dash
+
+
+def test_every_exported_metric_is_in_the_observability_docs_table() -> None:
+    """docs/observability.md is where an operator looks up a series they see on /metrics: none may be missing."""
+    table = (ROOT / "docs" / "observability.md").read_text()
+    documented = set(re.findall(r"^\| `(orz_[a-z_]+)`", table, flags=re.MULTILINE))
+    exported = {family.name + ("_total" if family.type == "counter" else "")
+                for registry in (api_metrics.REGISTRY, gateway_metrics.REGISTRY)
+                for family in registry.collect() if family.name.startswith("orz_")}
+    assert exported - documented == set()

@@ -170,6 +170,32 @@ async def test_the_path_pwd_prints_works_in_scp_sftp_and_legacy_scp(host: Host, 
             path.unlink(missing_ok=True)
 
 
+async def test_scp_in_sftp_mode_takes_the_login_names_home(make_repo: MakeRepo, start_runner: StartRunner,
+                                                          short_tmp: Path) -> None:
+    """`scp f <id>@gateway:~<id>/x` (docs/automation.md): OpenSSH's scp asks the server to expand a `~user`
+    path (expand-path@openssh.com) and, without that extension, refuses it before sending anything."""
+    handle = await start_runner(make_repo({"README": "x\n"}), name="s8")
+    await handle.ready()
+    activity = handle.runner.activity
+    assert activity.ssh_port and activity.host_key
+    known = short_tmp / "known_s8"
+    known.write_text(f"[127.0.0.1]:{activity.ssh_port} {activity.host_key}\n")
+    orz = Host("orz", activity.ssh_port, "rw", write_key(handle.gateway, short_tmp), known)
+    home = await remote(orz, "echo ~")
+    local = short_tmp / "payload.txt"
+    local.write_text("payload\n")
+    up = await run(orz.scp(str(local), f"{orz.dest}:~s8/by-login.txt"))
+    assert up.returncode == 0, up.stderr
+    assert Path(home, "by-login.txt").read_text() == "payload\n"
+    down = await run(orz.scp(f"{orz.dest}:~s8/by-login.txt", str(short_tmp / "back.txt")))
+    assert down.returncode == 0, down.stderr
+    assert (short_tmp / "back.txt").read_text() == "payload\n"
+    # Expanding a path reaches no further than the rest of sftp: the home's parent stays out of reach.
+    refused = await run(orz.scp(str(local), f"{orz.dest}:~s8/../escaped.txt"))
+    assert refused.returncode != 0 and not Path(home).parent.joinpath("escaped.txt").exists()
+    assert not list(handle.runner.workspace.glob("~*"))
+
+
 async def test_sftp_and_scp_stay_inside_the_workspace_and_home(orz: Host, short_tmp: Path) -> None:
     local = short_tmp / "payload.txt"
     local.write_text("payload\n")

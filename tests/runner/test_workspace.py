@@ -35,6 +35,18 @@ async def test_clone_of_missing_branch_is_a_clone_error(make_repo: MakeRepo, sho
         await clone(url, "nope", short_tmp / "ws", env=ENV)
 
 
+async def test_clone_error_names_what_git_found_not_its_closing_advice(short_tmp: Path) -> None:
+    """git ends a failed fetch with "Please make sure you have the correct access rights / and the repository
+    exists."; the reason a user reads is the line before that advice."""
+    not_a_repo = short_tmp / "plain-dir"
+    not_a_repo.mkdir()
+    with pytest.raises(CloneError) as caught:
+        await clone(not_a_repo.as_uri(), None, short_tmp / "ws", env=ENV)
+    message = str(caught.value)
+    assert "does not appear to be a git repository" in message, message
+    assert "the repository exists" not in message
+
+
 def test_git_token_travels_as_a_scoped_header_in_env_only() -> None:
     env = git_env(ENV, "https://github.com/o/r.git", "tok-123")
     assert env["GIT_CONFIG_COUNT"] == "1"

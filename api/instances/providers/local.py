@@ -427,18 +427,23 @@ def _runner_import_root() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))).resolve().parent)
 
 
-# The runner's routine lines ("2026-12-05 10:01:02,345 INFO httpx: HTTP Request: ...") and the sandbox's
-# network helper's hand-over lines; what is left (warnings, errors, tracebacks, a tool's own failure) is
-# what a user reading `orz cloud logs` needs. The whole file stays in the session directory.
-_ROUTINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO) |(sent|received) tapfd=\d+)")
+# The runner's routine lines ("2026-12-05 10:01:02,345 INFO httpx: HTTP Request: ..."); what is left
+# (warnings, errors, tracebacks, a tool's own failure) is what a user reading `orz cloud logs` needs. The
+# whole file stays in the session directory.
+_ROUTINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO) ")
 _RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+# The sandbox's network helper (slirp4netns) on its stderr: handing over the tap device, and exiting with
+# the session. Single lines, dropped on their own: what follows them is not theirs.
+_NETWORK_HELPER = re.compile(r"^((sent|received) tapfd=\d+.*|exitfd event|do_slirp is exiting)$")
 
 
 def runner_log_for_users(text: str) -> str:
     """The runner log without its routine lines (a routine record's continuation lines go with it)."""
     kept, routine = [], False
     for line in text.splitlines(keepends=True):
-        if _RECORD.match(line) or _ROUTINE.match(line):
+        if _NETWORK_HELPER.match(line.rstrip("\r\n")):
+            continue
+        if _RECORD.match(line):
             routine = bool(_ROUTINE.match(line))
         if not routine:
             kept.append(line)
