@@ -119,6 +119,22 @@ async def test_id_tokens_that_fail_a_check_sign_nobody_in(app, oidc, sessions, t
         assert list(await db.scalars(select(ApiToken))) == []
 
 
+@pytest.mark.parametrize(("times", "fragment", "offset"), [
+    ({"iat": int(time.time()) + 600, "exp": int(time.time()) + 900}, "clock is ahead", "iat +"),
+    ({"iat": int(time.time()) - 900, "exp": int(time.time()) - 600}, "clock and this server's disagree", "exp -"),
+], ids=["provider-clock-ahead", "provider-clock-behind"])
+async def test_a_provider_with_a_skewed_clock_is_named_as_the_cause(app, oidc, caplog, times, fragment, offset):
+    """A provider whose clock is off by more than the allowed skew: the person is told it is the clocks (not
+    an anonymous 'not valid: ImmatureSignatureError'), the operator's log says by how much."""
+    caplog.set_level(logging.INFO)
+    _, done = await sign_in(app, oidc, email="ada@example.com", **times)
+    assert done.status == 401 and done.json["code"] == "invalid_id_token"
+    assert fragment in done.json["detail"] and "ORZ_SIGNIN_CLOCK_SKEW_S" in done.json["detail"]
+    assert "Error" not in done.json["detail"]
+    warning = next(r.getMessage() for r in caplog.records if "id_token times" in r.getMessage())
+    assert offset in warning and "skew allowed: 60 s" in warning
+
+
 async def test_a_discovery_document_naming_another_issuer_is_refused(settings, oidc):
     oidc.discovery_issuer = "https://accounts.example.com"
     app = make_app(signin_settings(settings, oidc))
