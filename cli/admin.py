@@ -141,9 +141,10 @@ async def set_role(database_url: str | None, email: str, role: str) -> None:
 @click.argument("email")
 @run_async
 async def disable_user(database_url: str | None, email: str) -> None:
-    """Disable a user: tokens, certificates and attach tokens stop working at once."""
+    """Disable a user: tokens, certificates and attach tokens stop working at once, and their API tokens
+    and sign-ins are revoked for good (enable-user does not bring them back)."""
     user = await _with_db(_settings(database_url), lambda s: ops.set_user_active(s, email, False))
-    click.echo(f"disabled {user.email}")
+    click.echo(f"disabled {user.email}; their API tokens and sign-ins are revoked")
 
 
 @admin.command("enable-user")
@@ -151,9 +152,10 @@ async def disable_user(database_url: str | None, email: str) -> None:
 @click.argument("email")
 @run_async
 async def enable_user(database_url: str | None, email: str) -> None:
-    """Enable a disabled user again."""
+    """Enable a disabled user again. Their tokens from before the disable stay revoked: they sign in again
+    (orz cloud login) or use a token from orz admin create-token."""
     user = await _with_db(_settings(database_url), lambda s: ops.set_user_active(s, email, True))
-    click.echo(f"enabled {user.email}")
+    click.echo(f"enabled {user.email}: they sign in again or use a token from orz admin create-token")
 
 
 @admin.command("approve")

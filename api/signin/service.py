@@ -235,6 +235,9 @@ class SignInService:
             row = await db.scalar(select(RefreshToken).where(RefreshToken.prefix == tokens.lookup_prefix(value)))
             if row is None or not tokens.matches(value, row.token_hash):
                 raise invalid
+            owner = await db.get(User, row.user_id)
+            if owner is None or not owner.is_active:  # disabling revoked it too; say why it stopped
+                raise SignInRefused("this account is disabled")
             if row.used_at is not None:
                 await self._revoke_family(db, row.family_id)
                 raise InvalidGrant("this refresh token was already used; every token of its sign-in is revoked")
@@ -245,11 +248,7 @@ class SignInService:
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 await db.rollback()
                 raise invalid
-            user = await db.get(User, row.user_id)
-            if user is None or not user.is_active:
-                await db.commit()
-                raise SignInRefused("this account is disabled")
-            return await self._issue(db, user, row.source or "refresh", family_id=row.family_id)
+            return await self._issue(db, owner, row.source or "refresh", family_id=row.family_id)
 
     async def _revoke_family(self, db: AsyncSession, family_id: str) -> None:
         now = utcnow()

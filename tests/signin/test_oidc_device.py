@@ -243,6 +243,13 @@ async def test_disabling_a_user_ends_their_sign_in_and_keeps_them_out(app, oidc,
     assert again.status == 403 and again.json["detail"] == "this account is disabled"
     async with sessions() as db:  # and no token was issued for any of it
         assert len(list(await db.scalars(select(ApiToken)))) == 1
+    # Enabled again, they sign in again: the sign-in from before stays revoked (it may be what leaked).
+    await admin.set_user_active(sessions, "ada@example.com", True)
+    app.ctx.state.principals._entries.clear()
+    assert (await app.asgi_client.get("/v1/me", headers=headers))[1].status == 401
+    assert (await refresh(app, done.json["refresh_token"])).json["code"] == "invalid_grant"
+    _, back = await sign_in(app, oidc, email="ada@example.com")
+    assert back.status == 200, back.json
 
 
 async def test_a_browser_sign_in_that_took_too_long_is_refused(settings, oidc, sessions):
