@@ -98,6 +98,8 @@ def test_device_login_waits_for_approval_then_an_admin_approves(orz: Orz, live_a
     object.__setattr__(live_api.app.ctx.state.signin.settings, "signin_new_users", "pending")
     done = device_login(orz, live_api, nanoidp, DISPLAY="")
     assert done.returncode == exit_code_for(403) and "waiting for an admin's approval" in done.stderr
+    # Nothing was saved, so a bare `orz cloud login` would go to the default server: it names the command.
+    assert f"then: orz cloud login --api-url {live_api.url}" in done.stderr
     assert not (home / ".config" / "orzbob" / "token.json").exists()
     approve = orz("admin", "approve", "ada@example.com", ORZ_DATABASE_URL=live_api.app.ctx.state.settings.database_url)
     assert approve.returncode == 0, approve.stderr
