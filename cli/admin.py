@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import click
+import sqlalchemy
+import sqlalchemy.exc
 
 from api import admin as ops
 from api import log as orz_log
@@ -26,7 +28,15 @@ def _settings(database_url: str | None) -> Settings:
 
 
 async def _with_db(settings: Settings, action):  # type: ignore[no-untyped-def]
-    await migrate.ensure_at_head(settings.database_url)
+    try:
+        await migrate.ensure_at_head(settings.database_url)
+    except (OSError, sqlalchemy.exc.DBAPIError) as exc:
+        # The first contact: a refused connection, an unknown host or database read as "[Errno 111] ..."
+        # or "internal error: DBAPIError" without saying it was the database (password left out).
+        where = sqlalchemy.make_url(settings.database_url).render_as_string(hide_password=True)
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
+        raise CliError(f"cannot use the database at {where}: {reason} "
+                       "(--database-url or ORZ_DATABASE_URL)") from None
     engine = create_engine(settings.database_url)
     try:
         return await action(session_factory(engine))
