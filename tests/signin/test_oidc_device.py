@@ -205,6 +205,22 @@ async def test_revoke_ends_the_token_and_its_refresh_token_at_once(app, oidc):
     assert (await refresh(app, done.json["refresh_token"])).status == 400
 
 
+@pytest.mark.parametrize(("given", "named"), [
+    ({"oidc_issuer": "https://idp.example", "oidc_client_secret": "s3cret-value"}, "ORZ_OIDC_CLIENT_ID not set"),
+    ({"oidc_client_id": "orz-cloud"}, "ORZ_OIDC_ISSUER not set"),
+    ({"github_client_secret": "s3cret-value"}, "ORZ_GITHUB_CLIENT_ID is not"),
+], ids=["issuer-without-client-id", "client-id-without-issuer", "github-secret-without-client-id"])
+async def test_a_half_configured_provider_is_named_at_start(settings, caplog, given, named):
+    """An operator who forgot ORZ_OIDC_CLIENT_ID got a server that started without a word, and users
+    told "this server has no identity provider configured": the start now says which setting is missing."""
+    caplog.set_level(logging.WARNING)
+    app = make_app(Settings(**{**settings.model_dump(), "github_api_url": "", **given}))
+    await app.asgi_client.get("/healthz")  # the app starts (and builds its sign-in service) on the first request
+    warnings = [r.getMessage() for r in caplog.records if "sign-in is off" in r.getMessage()]
+    assert len(warnings) == 1 and named in warnings[0], caplog.text
+    assert "s3cret-value" not in caplog.text
+
+
 async def test_no_provider_configured_says_how_to_log_in(app, settings):
     bare = make_app(settings)
     _, resp = await bare.asgi_client.post("/v1/auth/device", json={})
