@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.db import tokens
-from api.db.models import ApiToken, Org, User
+from api.db.base import utcnow
+from api.db.models import ApiToken, Org, RefreshToken, User
 from api.errors import BadRequest, Conflict, NotFound
 from api.schemas import ROLES
 
@@ -105,11 +106,19 @@ async def _update_user(sessions: async_sessionmaker[AsyncSession], email: str, *
 
 
 async def set_user_active(sessions: async_sessionmaker[AsyncSession], email: str, active: bool) -> User:
+    """Disabling also revokes every API and refresh token the user holds: a user is disabled because a
+    token leaked or they left, and enabling them again must not bring a leaked token back to life. They
+    come back through a new sign-in or a token an admin mints (before or after enabling them)."""
     async with sessions() as db:
         user = await db.scalar(select(User).where(User.email == email.strip().lower()))
         if user is None:
             raise NotFound(f"no such user: {email}")
         user.is_active = active
+        if not active:
+            now = utcnow()
+            for model in (ApiToken, RefreshToken):
+                await db.execute(update(model).where(model.user_id == user.id, model.revoked_at.is_(None))
+                                 .values(revoked_at=now))
         await db.commit()
         return user
 

@@ -111,14 +111,14 @@ async def authenticate_api_token(sessions: async_sessionmaker[AsyncSession], val
         if row is None:
             raise invalid
         now = utcnow()
-        if (
-            not tokens.matches(value, row.token_hash)
-            or row.revoked_at is not None
-            or (row.expires_at is not None and row.expires_at <= now)
-        ):
+        if not tokens.matches(value, row.token_hash):
             raise invalid
+        # Before the revocation check: disabling a user revokes their tokens, and the holder of one
+        # (it matched) should read why it stopped working.
         if not row.is_active:
             raise Unauthorized("this account is disabled")
+        if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
+            raise invalid
         if row.last_used_at is None or now - row.last_used_at > LAST_USED_GRANULARITY:
             await db.execute(update(ApiToken).where(ApiToken.id == row.token_id).values(last_used_at=now))
             await db.commit()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -547,9 +547,23 @@ def readme_with_table(readme: str, table: str) -> str:
     return f"{readme[:start + len(TABLE_START)]}\n\n{table}\n{readme[end:]}"
 
 
+class SettingsInvalid(ValueError):
+    """A setting the services cannot start with, named by its environment variable."""
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read the environment, with explicit overrides (command-line flags) on top."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Read the environment, with explicit overrides (command-line flags) on top. A bad value is a
+    SettingsInvalid naming ``ORZ_<NAME>`` and why, never the value pydantic would echo (it may be a secret)."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        prefix = Settings.model_config.get("env_prefix", "")
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            name = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{prefix}{name.upper()}: {message}" if name else message)
+        raise SettingsInvalid("; ".join(problems)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import click
+import sqlalchemy
+import sqlalchemy.exc
 
 from api import admin as ops
 from api import log as orz_log
@@ -26,7 +28,15 @@ def _settings(database_url: str | None) -> Settings:
 
 
 async def _with_db(settings: Settings, action):  # type: ignore[no-untyped-def]
-    await migrate.ensure_at_head(settings.database_url)
+    try:
+        await migrate.ensure_at_head(settings.database_url)
+    except (OSError, sqlalchemy.exc.DBAPIError) as exc:
+        # The first contact: a refused connection, an unknown host or database read as "[Errno 111] ..."
+        # or "internal error: DBAPIError" without saying it was the database (password left out).
+        where = sqlalchemy.make_url(settings.database_url).render_as_string(hide_password=True)
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
+        raise CliError(f"cannot use the database at {where}: {reason} "
+                       "(--database-url or ORZ_DATABASE_URL)") from None
     engine = create_engine(settings.database_url)
     try:
         return await action(session_factory(engine))
@@ -141,9 +151,10 @@ async def set_role(database_url: str | None, email: str, role: str) -> None:
 @click.argument("email")
 @run_async
 async def disable_user(database_url: str | None, email: str) -> None:
-    """Disable a user: tokens, certificates and attach tokens stop working at once."""
+    """Disable a user: tokens, certificates and attach tokens stop working at once, and their API tokens
+    and sign-ins are revoked for good (enable-user does not bring them back)."""
     user = await _with_db(_settings(database_url), lambda s: ops.set_user_active(s, email, False))
-    click.echo(f"disabled {user.email}")
+    click.echo(f"disabled {user.email}; their API tokens and sign-ins are revoked")
 
 
 @admin.command("enable-user")
@@ -151,9 +162,10 @@ async def disable_user(database_url: str | None, email: str) -> None:
 @click.argument("email")
 @run_async
 async def enable_user(database_url: str | None, email: str) -> None:
-    """Enable a disabled user again."""
+    """Enable a disabled user again. Their tokens from before the disable stay revoked: they sign in again
+    (orz cloud login) or use a token from orz admin create-token."""
     user = await _with_db(_settings(database_url), lambda s: ops.set_user_active(s, email, True))
-    click.echo(f"enabled {user.email}")
+    click.echo(f"enabled {user.email}: they sign in again or use a token from orz admin create-token")
 
 
 @admin.command("approve")

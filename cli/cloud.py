@@ -25,8 +25,8 @@ from cli import (
     ssh_config,
 )
 from cli.config import DEFAULT_API_URL, Credentials, forget_credentials, load_credentials, token_path
-from cli.connect import CliApiClient, check_api_url, client, cloud_command
-from cli.errors import EXIT_USAGE, CliError
+from cli.connect import CliApiClient, check_api_url, client, cloud_command, one_line
+from cli.errors import EXIT_USAGE, CliError, exit_code_for
 from cli.login import DeviceLogin, TokenLogin, login
 
 
@@ -41,6 +41,10 @@ def _default_api_url() -> str:
     except ValueError:
         saved = None
     return os.environ.get("ORZBOB_API_URL") or (saved.api_url if saved else DEFAULT_API_URL)
+
+
+# Sign-in refusals that end with "sign in again later": the person will run the login command again.
+RETRY_LATER = ("approval_pending", "expired_token")
 
 
 @cloud.command("login")
@@ -67,7 +71,15 @@ async def _login(token: str | None, provider: str | None, no_browser: bool, api_
     where = "--api-url" if api_url else "ORZBOB_API_URL" if os.environ.get("ORZBOB_API_URL") else "the saved API URL"
     url = check_api_url(api_url or _default_api_url(), where)
     flow: TokenLogin | DeviceLogin = TokenLogin(token) if token else DeviceLogin(provider, open_browser=not no_browser)
-    creds, me = await login(flow, url)
+    try:
+        creds, me = await login(flow, url)
+    except ApiError as exc:
+        if exc.code in RETRY_LATER and url != _default_api_url().rstrip("/"):
+            # Nothing was saved, so a bare `orz cloud login` next time would ask another server (the
+            # default one): say which command gets this one.
+            raise CliError(f"{one_line(exc.detail)}; then: orz cloud login --api-url {url}",
+                           exit_code_for(exc.status)) from None
+        raise
     via = f" via {creds.source}" if creds.source and creds.source != "token" else ""
     click.echo(f"logged in to {creds.api_url} as {me.user.email}{via} (org {me.org.name}, {me.org.plan} plan)")
     click.echo(f"login saved in {token_path()}", err=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import select
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -41,6 +43,17 @@ def exit_code_for(status: int) -> int:
     return {401: EXIT_AUTH, 403: EXIT_FORBIDDEN, 404: EXIT_NOT_FOUND, 422: EXIT_USAGE}.get(status, EXIT_ERROR)
 
 
+def stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe nobody reads any more (a closed pipe's writer polls as an error),
+    so a BrokenPipeError was about our output and not, say, a subprocess we feed."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here, or no real stdout
+        return False
+
+
 class UnsavedWork(CliError):
     """`orz cloud kill` of a session whose workspace holds work the origin does not."""
 
@@ -63,9 +76,12 @@ def async_command(describe: Callable[[ApiError], str] = lambda exc: exc.detail,
                 raise CliError(tidy(describe(exc)), exit_code_for(exc.status)) from None
             except OrzError as exc:
                 raise CliError(tidy(exc.detail)) from None
-            except BrokenPipeError:
-                # The reader went away (`orz cloud list | head -1`): click leaves quietly, as `ls | head` does.
-                raise
+            except BrokenPipeError as exc:
+                if stdout_reader_gone():
+                    # `orz cloud list | head -1`: the reader stopped reading. click's own handler exits 1
+                    # without a word, as other command line tools do; "[Errno 32] Broken pipe" is noise.
+                    raise
+                raise CliError(tidy(str(exc))) from None
             except (SchemaNotAtHead, OSError) as exc:
                 raise CliError(tidy(str(exc))) from None
 

@@ -23,7 +23,7 @@ import click
 from api import schemas
 from api.client import ApiClient, ApiError
 from cli.config import Credentials, save_credentials
-from cli.errors import CliError
+from cli.errors import EXIT_AUTH, CliError
 
 # Refresh this long before the token's expiry, so a command does not start with a token about to lapse.
 REFRESH_MARGIN_S = 60
@@ -120,6 +120,10 @@ class DeviceLogin:
                     continue
                 if spin:
                     click.echo("", err=True)
+                if exc.status == 401:
+                    # Not "the API refused your token; run orz cloud login": there is no token yet, and
+                    # logging in again meets the same refusal (an id_token the API did not accept).
+                    raise CliError(f"the sign-in was not accepted: {exc.detail}", EXIT_AUTH) from None
                 raise
             if spin:
                 click.echo("\r" + " " * 48 + "\r", nl=False, err=True)

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from api.settings import SettingsInvalid
 from cli import services
 from cli.cloud import cloud
 
@@ -46,6 +47,9 @@ def main() -> None:
         orz(prog_name="orz", standalone_mode=True)
     except KeyboardInterrupt:
         sys.exit(130)
+    except SettingsInvalid as exc:  # a bad ORZ_* value: the operator's to fix, not a bug to report
+        click.echo(f"orz: invalid configuration: {exc}", err=True)
+        sys.exit(1)
     except Exception as exc:
         # Last resort: a bug still ends in one line; ORZ_DEBUG=1 shows the traceback for a report.
         if os.environ.get("ORZ_DEBUG"):

@@ -35,6 +35,9 @@ ws_log = logging.getLogger("gateway.web.ws")
 ws_log.setLevel(logging.INFO)
 
 # API refusal codes as HTTP statuses before the upgrade.
+# The API's refusals a retry will not change (not yours, gone, failed, the plan's quota): 401 stays a
+# handshake status like the door's own token checks, 503 is worth the page's retry.
+FINAL_REFUSALS = (403, 404, 409, 429)
 REFUSAL_STATUS = {"unauthorized": 401, "forbidden": 403, "not_found": 404, "quota_exceeded": 429,
                   "unavailable": 503, "session_failed": 409, "not_running": 409}
 MAX_FRAME = 1 << 20
@@ -68,6 +71,7 @@ class WebDoor:
         self.signin_providers = self.settings.signin_providers()
         # Weak: a handshake that fails after process_request never reaches the handler to pop its grant.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = weakref.WeakKeyDictionary()
+        self._refusals: weakref.WeakKeyDictionary[ServerConnection, str] = weakref.WeakKeyDictionary()
         self._server: Server | None = None
 
     async def start(self) -> None:
@@ -129,6 +133,12 @@ class WebDoor:
         except _Refusal as exc:
             log.info("web %s from %s refused: %d %s", http.loggable_path(request.path), source,
                      exc.status, exc.line)
+            if exc.by_api and exc.status in FINAL_REFUSALS and target.kind == "attach" and _offers_control(request):
+                # A browser cannot read the body of a refused handshake: the page saw "connection lost"
+                # and retried forever (a plan at its quota, a session it may not open). Its token checked
+                # out, so it gets the upgrade and the API's reason as the page's error, then 4001.
+                self._refusals[conn] = exc.line
+                return None
             return http.text(exc.status, f"orz: {exc.line}")
         self._grants[conn] = grant
         return None
@@ -162,7 +172,7 @@ class WebDoor:
             status = REFUSAL_STATUS.get(exc.code, 409)
             if exc.counts_against_source:
                 self.gw.limiter.record_failure(source)
-            raise _Refusal(status, exc.line) from None
+            raise _Refusal(status, exc.line, by_api=True) from None
         return Grant(target.kind, target.arg, principal, reply, source, secrets.token_hex(6),
                      cols=_dimension(target.query.get("cols"), 80), rows=_dimension(target.query.get("rows"), 24))
 
@@ -221,6 +231,10 @@ class WebDoor:
     # -- after the upgrade ----------------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        refusal = self._refusals.pop(ws, None)
+        if refusal is not None:
+            await web_bridge.refuse(ws, refusal, control=web_bridge.wants_control(ws))
+            return
         grant = self._grants.pop(ws, None)
         if grant is None:  # process_request always sets it before an upgrade
             await ws.close(1008, "not authorized")
@@ -232,10 +246,19 @@ class WebDoor:
 
 
 class _Refusal(Exception):
-    def __init__(self, status: int, line: str) -> None:
+    """``by_api``: the API's authorize refused (the token itself was good), not the door's own checks."""
+
+    def __init__(self, status: int, line: str, *, by_api: bool = False) -> None:
         super().__init__(line)
         self.status = status
         self.line = line
+        self.by_api = by_api
+
+
+def _offers_control(request: Request) -> bool:
+    """Whether the client asks for the page's subprotocol (only the browser page does)."""
+    offered = request.headers.get_all("Sec-WebSocket-Protocol")
+    return any(web_bridge.CONTROL_PROTOCOL in (p.strip() for p in value.split(",")) for value in offered)
 
 
 def _forwarded_token(request: Request) -> str | None:

@@ -65,7 +65,7 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
     except (AttachRefused, UpstreamUnavailable) as exc:
         log.info("web %s: attach to %s failed: %s", grant.id, grant.session_id, exc.internal or exc.line)
         metrics.attach_failed("web", exc.code)
-        await _refuse(ws, exc.line, control=control)
+        await refuse(ws, exc.line, control=control)
         return
     readonly = reply.mode == "ro" or grant.principal.readonly
     attached_at: float | None = None
@@ -102,7 +102,7 @@ async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
         log.info("web %s: session on %s refused: %r", grant.id, grant.session_id, exc)
         if attached_at is None:
             metrics.attach_failed("web", "upstream_unavailable")
-        await _refuse(ws, "the session refused this request", control=control)
+        await refuse(ws, "the session refused this request", control=control)
     finally:
         if attached_at is not None:
             metrics.detached("web", counters.bytes_in, counters.bytes_out)
@@ -124,13 +124,13 @@ class LiveTerminal:
         self.gw.spawn(_send_raw(self.ws, drain.terminal_notice(self.grant.session_id).encode()))
 
     def draining_ended(self) -> None:
-        self.gw.spawn(_refuse(self.ws, drain.web_refusal().removeprefix("orz: "), control=wants_control(self.ws)))
+        self.gw.spawn(refuse(self.ws, drain.web_refusal().removeprefix("orz: "), control=wants_control(self.ws)))
 
     def revoke(self, reason: str) -> None:
         self.revoked = True
         log.info("web %s: access to %s withdrawn: %s", self.grant.id, self.grant.session_id, reason)
         metrics.revoked("web")
-        self.gw.spawn(_refuse(self.ws, reason, control=wants_control(self.ws)))  # closing it ends the bridge
+        self.gw.spawn(refuse(self.ws, reason, control=wants_control(self.ws)))  # closing it ends the bridge
 
 
 async def _report_detached(gw: Gateway, grant: Grant, counters: Counters, attached_at: float) -> None:
@@ -199,7 +199,7 @@ async def tunnel(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
         if local is not None:
             gw.tunnel_sources.pop(local, None)
         log.warning("web %s: ssh tunnel cannot reach %s:%d: %r", grant.id, host, gw.port, exc)
-        await _refuse(ws, "Orzbob Cloud is unavailable right now; try again shortly")
+        await refuse(ws, "Orzbob Cloud is unavailable right now; try again shortly")
         return
     log.info("web %s from %s: ssh tunnel for %s", grant.id, grant.source, grant.session_id)
     try:
@@ -266,7 +266,7 @@ async def _send_json(ws: ServerConnection, payload: dict[str, Any]) -> None:
         await ws.send(json.dumps(payload))
 
 
-async def _refuse(ws: ServerConnection, line: str, *, control: bool = False) -> None:
+async def refuse(ws: ServerConnection, line: str, *, control: bool = False) -> None:
     """The one-line reason, as a control message (when the client reads them), in the terminal, and as
     the close reason."""
     with contextlib.suppress(ConnectionClosed):

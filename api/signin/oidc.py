@@ -102,7 +102,14 @@ class OidcProvider:
                 options={"require": ["iss", "sub", "aud", "exp", "iat"]},
             )
         except jwt.ExpiredSignatureError:
-            raise InvalidIdToken("the id_token has expired") from None
+            raise InvalidIdToken("the id_token has expired; if the identity provider just issued it, its clock and "
+                                 "this server's disagree by more than ORZ_SIGNIN_CLOCK_SKEW_S",
+                                 internal=self._clock_note(token)) from None
+        except jwt.ImmatureSignatureError:
+            # pyjwt's name for iat/nbf in the future: the provider's clock runs ahead of this server's.
+            raise InvalidIdToken("the id_token is not valid yet: the identity provider's clock is ahead of this "
+                                 "server's by more than ORZ_SIGNIN_CLOCK_SKEW_S",
+                                 internal=self._clock_note(token)) from None
         except jwt.InvalidAudienceError:
             raise InvalidIdToken("the id_token was issued to another client (audience)") from None
         except jwt.InvalidIssuerError:
@@ -115,6 +122,14 @@ class OidcProvider:
         if nonce is not None and claims.get("nonce") != nonce:
             raise InvalidIdToken("the id_token's nonce does not match this sign-in")
         return claims
+
+    def _clock_note(self, token: str) -> str:
+        """For the operator's log: the id_token's times against this server's clock (no claim but times)."""
+        claims = jwt.decode(token, options={"verify_signature": False})
+        times = {name: claims.get(name) for name in ("iat", "nbf", "exp") if isinstance(claims.get(name), int)}
+        now = int(time.time())
+        offsets = ", ".join(f"{name} {value - now:+d} s" for name, value in times.items())
+        return f"id_token times against this server's clock: {offsets} (skew allowed: {self.skew_s} s)"
 
     async def identity(self, id_token: str, access_token: str | None, *, nonce: str | None = None) -> Identity:
         """Who signed in: the verified id_token's subject, and its email only when the issuer verified it.

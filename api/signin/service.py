@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import secrets
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -41,6 +42,8 @@ SLOW_DOWN_STEP_S = 5
 BROWSER_STATE_TTL_S = 600
 # Sign-ins in progress at once (the start routes take no credential): beyond this, new ones wait.
 MAX_PENDING = 10_000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class SignInService:
             self.providers["oidc"] = OidcProvider(settings, self.http)
         if "github" in configured:
             self.providers["github"] = GitHubProvider(settings, self.http)
+        for problem in half_configured(settings):
+            log.warning("%s", problem)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -235,6 +240,9 @@ class SignInService:
             row = await db.scalar(select(RefreshToken).where(RefreshToken.prefix == tokens.lookup_prefix(value)))
             if row is None or not tokens.matches(value, row.token_hash):
                 raise invalid
+            owner = await db.get(User, row.user_id)
+            if owner is None or not owner.is_active:  # disabling revoked it too; say why it stopped
+                raise SignInRefused("this account is disabled")
             if row.used_at is not None:
                 await self._revoke_family(db, row.family_id)
                 raise InvalidGrant("this refresh token was already used; every token of its sign-in is revoked")
@@ -245,11 +253,7 @@ class SignInService:
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 await db.rollback()
                 raise invalid
-            user = await db.get(User, row.user_id)
-            if user is None or not user.is_active:
-                await db.commit()
-                raise SignInRefused("this account is disabled")
-            return await self._issue(db, user, row.source or "refresh", family_id=row.family_id)
+            return await self._issue(db, owner, row.source or "refresh", family_id=row.family_id)
 
     async def _revoke_family(self, db: AsyncSession, family_id: str) -> None:
         now = utcnow()
@@ -343,3 +347,18 @@ class SignInService:
         if github_id is not None and identity.subject != str(github_id):
             raise InvalidGrant("the GitHub token belongs to another account than github_id")
         return await self.sign_in(identity, refresh=False, ttl_s=self.settings.signin_refresh_ttl_s)
+
+
+def half_configured(settings: Settings) -> list[str]:
+    """Sign-in settings given without the ones that turn the provider on: the provider stays off, and
+    without this the operator learns it only from a user's "no identity provider configured"."""
+    problems = []
+    oidc = {"ORZ_OIDC_ISSUER": settings.oidc_issuer, "ORZ_OIDC_CLIENT_ID": settings.oidc_client_id,
+            "ORZ_OIDC_CLIENT_SECRET": settings.oidc_client_secret.get_secret_value()}
+    if any(oidc.values()) and not (settings.oidc_issuer and settings.oidc_client_id):
+        missing = [name for name, value in list(oidc.items())[:2] if not value]
+        problems.append(f"OIDC sign-in is off: {' and '.join(missing)} not set (docs/sign-in.md)")
+    if settings.github_client_secret.get_secret_value() and not settings.github_client_id:
+        problems.append("GitHub sign-in is off: ORZ_GITHUB_CLIENT_SECRET is set but ORZ_GITHUB_CLIENT_ID is not "
+                        "(docs/sign-in.md)")
+    return problems

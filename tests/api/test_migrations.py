@@ -83,6 +83,23 @@ def test_admin_migrate_command(empty_database_url, tmp_path):
     assert out.returncode == 0 and "created org acme (free)" in out.stdout
 
 
+def test_admin_commands_name_the_database_they_cannot_reach(tmp_path):
+    """An operator with a wrong ORZ_DATABASE_URL read "orz: [Errno 111] Connect call failed (...)" (or
+    "internal error: DBAPIError" for a database that does not exist), nothing saying it was the database."""
+    from tests.support import free_port
+
+    url = f"postgresql://orz:hunter2-not-shown@127.0.0.1:{free_port()}/orz"
+    env = {"ORZ_DATABASE_URL": url, "ORZ_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for args in (["create-org", "acme"], ["pending"], ["disable-user", "ada@example.com"]):
+        out = subprocess.run([sys.executable, "-m", "cli", "admin", *args], env=env, capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert out.returncode == 1
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("orz: cannot use the database at postgresql://orz:***@127.0.0.1:"), out.stderr
+        assert "ORZ_DATABASE_URL" in last and "internal error" not in out.stderr
+        assert "hunter2" not in out.stderr + out.stdout
+
+
 async def _sql(url: str, *statements: str) -> list[tuple]:
     from datetime import UTC, datetime
 

@@ -46,3 +46,18 @@ async def test_disabled_user_is_refused(app, sessions):
     await admin.set_user_active(sessions, t.email, False)
     _, resp = await app.asgi_client.get("/v1/me", headers=t.headers)
     assert resp.status == 401 and resp.json["detail"] == "this account is disabled"
+
+
+async def test_enabling_a_user_again_does_not_bring_their_old_tokens_back(app, sessions):
+    """The credential-leak playbook (docs/launch-checklist.md): disable the user, give them a new token,
+    enable them. The leaked token must stay dead; before, enable-user made it work again."""
+    t = await make_tenant(sessions, "acme")
+    await admin.set_user_active(sessions, t.email, False)
+    fresh = await admin.create_token(sessions, t.email, name="after-the-leak")
+    _, leaked = await app.asgi_client.get("/v1/me", headers=t.headers)
+    assert leaked.status == 401 and leaked.json["detail"] == "this account is disabled"
+    await admin.set_user_active(sessions, t.email, True)
+    _, leaked = await app.asgi_client.get("/v1/me", headers=t.headers)
+    assert leaked.status == 401 and leaked.json["detail"] == "invalid or revoked API token"
+    _, me = await app.asgi_client.get("/v1/me", headers={"Authorization": f"Bearer {fresh}"})
+    assert me.status == 200 and me.json["user"]["email"] == t.email

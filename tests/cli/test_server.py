@@ -95,6 +95,20 @@ def test_a_port_in_use_is_named_with_its_flag_and_variable(tmp_path):
     assert not (tmp_path / "data" / "orz.db").exists()  # refused before anything was made
 
 
+def test_a_bad_setting_is_named_by_its_variable_not_reported_as_an_internal_error(tmp_path):
+    """ORZ_API_TRUSTED_PROXIES=bogus printed "orz: internal error: ValidationError: 1 validation error for
+    Settings api_trusted_proxies ..." (a pydantic dump that echoes values): the operator's typo, not a bug."""
+    proc = start_server(tmp_path, free_port(), free_port(), ORZ_API_TRUSTED_PROXIES="10.0.0.0/8,bogus",
+                        ORZ_SIGNIN_NEW_USERS="maybe", ORZ_OIDC_CLIENT_SECRET="s3cret-value")
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.startswith("orz: invalid configuration: "), err
+    assert "ORZ_API_TRUSTED_PROXIES: not an IP address or CIDR: 'bogus'" in err
+    assert "ORZ_SIGNIN_NEW_USERS: Input should be 'create', 'pending' or 'refuse'" in err
+    assert "internal error" not in err and "pydantic" not in err and "s3cret-value" not in err
+    assert not (tmp_path / "data" / "orz.db").exists()
+
+
 def test_the_banner_says_how_to_put_orz_on_the_path(tmp_path):
     proc = start_server(tmp_path, free_port(), free_port(), PATH="/usr/bin:/bin")
     banner: list[str] = []

@@ -28,8 +28,8 @@ from tests.signin.nanoidp import CLIENT_ID, CLIENT_SECRET, NanoIdp
 
 
 @pytest.fixture
-def nanoidp(tmp_path: Path) -> Iterator[NanoIdp]:
-    idp = NanoIdp.start(tmp_path)
+def nanoidp(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NanoIdp]:
+    idp = NanoIdp.start(tmp_path, clock_offset_s=getattr(request, "param", 0))  # indirect: a skewed clock
     try:
         yield idp
     finally:
@@ -98,6 +98,8 @@ def test_device_login_waits_for_approval_then_an_admin_approves(orz: Orz, live_a
     object.__setattr__(live_api.app.ctx.state.signin.settings, "signin_new_users", "pending")
     done = device_login(orz, live_api, nanoidp, DISPLAY="")
     assert done.returncode == exit_code_for(403) and "waiting for an admin's approval" in done.stderr
+    # Nothing was saved, so a bare `orz cloud login` would go to the default server: it names the command.
+    assert f"then: orz cloud login --api-url {live_api.url}" in done.stderr
     assert not (home / ".config" / "orzbob" / "token.json").exists()
     approve = orz("admin", "approve", "ada@example.com", ORZ_DATABASE_URL=live_api.app.ctx.state.settings.database_url)
     assert approve.returncode == 0, approve.stderr
@@ -109,6 +111,19 @@ def test_device_login_waits_for_approval_then_an_admin_approves(orz: Orz, live_a
     again = device_login(orz, live_api, nanoidp, DISPLAY="", BROWSER=str(browser))
     assert again.returncode == 0, again.stderr
     assert opened.read_text().strip().startswith(f"{nanoidp.url}/device?user_code=")
+
+
+@pytest.mark.parametrize("nanoidp", [600], indirect=True, ids=["provider-10-min-ahead"])
+def test_a_sign_in_refused_for_the_providers_clock_says_so(orz: Orz, live_api: LiveApi, nanoidp: NanoIdp,
+                                                          home: Path) -> None:
+    """The person approved, the API refused the provider's id_token: login says the sign-in was refused and
+    why, not "the API refused your token; run orz cloud login" (which they just did, and which fails again)."""
+    live_api.call(admin.create_org(live_api.app.ctx.state.sessions, "default"))
+    done = device_login(orz, live_api, nanoidp, DISPLAY="")
+    assert done.returncode == exit_code_for(401)
+    assert "the sign-in was not accepted" in done.stderr and "clock is ahead" in done.stderr, done.stderr
+    assert "refused your token" not in done.stderr and "run orz cloud login" not in done.stderr
+    assert not (home / ".config" / "orzbob" / "token.json").exists()
 
 
 def test_with_token_reads_standard_input(orz: Orz, live_api: LiveApi, home: Path) -> None:

@@ -14,7 +14,7 @@ import pexpect
 import pytest
 from cryptography.hazmat.primitives import serialization
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.typing import Subprotocol
 
 from api.credentials import jwt as attach_jwt
@@ -224,6 +224,27 @@ async def test_a_stopped_session_wakes_with_status_messages(platform: WebPlatfor
         assert statuses, screen.control
         assert screen.control[-1] == {"type": "attached", "mode": "rw"}
     platform.kill(sid)
+
+
+async def test_the_page_reads_why_the_api_refused_instead_of_retrying_forever(platform: WebPlatform) -> None:
+    """A browser cannot read the body of a refused WebSocket handshake: with the API's refusal as an HTTP
+    status the page saw "connection lost" and reconnected every 15 s, never saying why (a plan at its
+    quota, a session that is gone). The page (its subprotocol) now gets the reason and close code 4001,
+    on which it stops; other clients still get the HTTP status and its `orz:` line."""
+    gone = platform.new_session(PROGRAM)
+    page_token, other_token = str(platform.grant(gone)["token"]), str(platform.grant(gone)["token"])
+    platform.kill(gone)
+    with platform.api() as api:  # gone for good, and its quota slot free for the tests after this one
+        wait_until(lambda: api.get(f"/v1/instances/{gone}").status_code == 404, timeout=20, what="deleted")
+    messages: list[str | bytes] = []
+    async with connect(ws_url(platform, gone, page_token), open_timeout=10, subprotocols=PAGE) as ws:
+        with pytest.raises(ConnectionClosedError):
+            while True:
+                messages.append(await ws.recv())
+        assert ws.close_code == 4001 and "no such session" in str(ws.close_reason)
+    errors = [json.loads(m) for m in messages if isinstance(m, str)]
+    assert errors and errors[0]["type"] == "error" and "no such session" in errors[0]["message"]
+    assert await status_of(ws_url(platform, gone, other_token)) == 404
 
 
 def go_client_url(attach_url: str) -> str:

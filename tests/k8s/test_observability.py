@@ -186,6 +186,18 @@ def test_prometheus_rules_are_well_formed_multiwindow_burn_rate_alerts(everythin
     assert {"OrzApiDown", "OrzGatewayDown", "OrzSchedulerNoLeader", "OrzSchedulerJobFailing"} <= set(alerts)
 
 
+def test_every_alert_links_its_runbook_when_a_runbook_base_url_is_set() -> None:
+    """values.yaml promises runbookBaseUrl on each alert, and the launch checklist asks for runbooks for
+    "API down" and "gateway down" too: a page without a link leaves the on-call person searching."""
+    objs = render("-f", str(VALUES_OBS), "--set", "monitoring.prometheusRule.runbookBaseUrl=https://rb.example.com/orz/")
+    (rule_obj,) = of_kind(objs, "PrometheusRule")
+    alerts = {r["alert"]: r for g in rule_obj["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    urls = {name: rule["annotations"].get("runbook_url") for name, rule in alerts.items()}
+    assert {"OrzApiDown", "OrzGatewayDown", "OrzSchedulerNoLeader", "OrzSchedulerJobFailing"} <= set(urls)
+    assert all(url and re.fullmatch(r"https://rb\.example\.com/orz/[a-z-]+", url) for url in urls.values()), urls
+    assert urls["OrzApiDown"].endswith("/api-down") and urls["OrzGatewayDown"].endswith("/gateway-down")
+
+
 # -- the alert rules, evaluated by Prometheus's own rule engine (promtool test rules) -----------------
 #
 # Each case feeds series as the services export them (one sample a minute) to the rules exactly as helm

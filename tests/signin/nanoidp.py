@@ -41,20 +41,40 @@ oauth:
 """
 
 
+# nanoidp reads its clock for token times through datetime.now in nanoidp.services.crypto.
+SKEWED_CLOCK = """
+import datetime, runpy, sys
+class Skewed(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.datetime.now(tz) + datetime.timedelta(seconds={offset})
+import nanoidp.services.crypto
+nanoidp.services.crypto.datetime = Skewed
+sys.argv = ["nanoidp", *sys.argv[1:]]
+runpy.run_module("nanoidp", run_name="__main__")
+"""
+
+
 @dataclass
 class NanoIdp:
     url: str
     proc: subprocess.Popen[str]
 
     @classmethod
-    def start(cls, tmp: Path) -> NanoIdp:
+    def start(cls, tmp: Path, *, clock_offset_s: int = 0) -> NanoIdp:
+        """``clock_offset_s``: the provider's clock runs this far ahead (negative: behind) of the machine's,
+        as on a host whose clock drifted; it shows in the iat/nbf/exp of the tokens it signs."""
         port = free_port()
         config = tmp / "nanoidp"
         (config / "keys").mkdir(parents=True)
         (config / "users.yaml").write_text(USERS)
         (config / "settings.yaml").write_text(SETTINGS.format(port=port, client_id=CLIENT_ID,
                                                               client_secret=CLIENT_SECRET))
-        proc = subprocess.Popen([sys.executable, "-m", "nanoidp", "--config", str(config), "--port", str(port)],
+        args = ["--config", str(config), "--port", str(port)]
+        command = [sys.executable, "-m", "nanoidp", *args]
+        if clock_offset_s:
+            command = [sys.executable, "-c", SKEWED_CLOCK.format(offset=clock_offset_s), *args]
+        proc = subprocess.Popen(command,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         url = f"http://127.0.0.1:{port}"
         wait_for_http(proc, f"{url}/.well-known/openid-configuration", what="nanoidp to answer", interval=0.2,

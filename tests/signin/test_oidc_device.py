@@ -119,6 +119,22 @@ async def test_id_tokens_that_fail_a_check_sign_nobody_in(app, oidc, sessions, t
         assert list(await db.scalars(select(ApiToken))) == []
 
 
+@pytest.mark.parametrize(("times", "fragment", "offset"), [
+    ({"iat": int(time.time()) + 600, "exp": int(time.time()) + 900}, "clock is ahead", "iat +"),
+    ({"iat": int(time.time()) - 900, "exp": int(time.time()) - 600}, "clock and this server's disagree", "exp -"),
+], ids=["provider-clock-ahead", "provider-clock-behind"])
+async def test_a_provider_with_a_skewed_clock_is_named_as_the_cause(app, oidc, caplog, times, fragment, offset):
+    """A provider whose clock is off by more than the allowed skew: the person is told it is the clocks (not
+    an anonymous 'not valid: ImmatureSignatureError'), the operator's log says by how much."""
+    caplog.set_level(logging.INFO)
+    _, done = await sign_in(app, oidc, email="ada@example.com", **times)
+    assert done.status == 401 and done.json["code"] == "invalid_id_token"
+    assert fragment in done.json["detail"] and "ORZ_SIGNIN_CLOCK_SKEW_S" in done.json["detail"]
+    assert "Error" not in done.json["detail"]
+    warning = next(r.getMessage() for r in caplog.records if "id_token times" in r.getMessage())
+    assert offset in warning and "skew allowed: 60 s" in warning
+
+
 async def test_a_discovery_document_naming_another_issuer_is_refused(settings, oidc):
     oidc.discovery_issuer = "https://accounts.example.com"
     app = make_app(signin_settings(settings, oidc))
@@ -189,6 +205,22 @@ async def test_revoke_ends_the_token_and_its_refresh_token_at_once(app, oidc):
     assert (await refresh(app, done.json["refresh_token"])).status == 400
 
 
+@pytest.mark.parametrize(("given", "named"), [
+    ({"oidc_issuer": "https://idp.example", "oidc_client_secret": "s3cret-value"}, "ORZ_OIDC_CLIENT_ID not set"),
+    ({"oidc_client_id": "orz-cloud"}, "ORZ_OIDC_ISSUER not set"),
+    ({"github_client_secret": "s3cret-value"}, "ORZ_GITHUB_CLIENT_ID is not"),
+], ids=["issuer-without-client-id", "client-id-without-issuer", "github-secret-without-client-id"])
+async def test_a_half_configured_provider_is_named_at_start(settings, caplog, given, named):
+    """An operator who forgot ORZ_OIDC_CLIENT_ID got a server that started without a word, and users
+    told "this server has no identity provider configured": the start now says which setting is missing."""
+    caplog.set_level(logging.WARNING)
+    app = make_app(Settings(**{**settings.model_dump(), "github_api_url": "", **given}))
+    await app.asgi_client.get("/healthz")  # the app starts (and builds its sign-in service) on the first request
+    warnings = [r.getMessage() for r in caplog.records if "sign-in is off" in r.getMessage()]
+    assert len(warnings) == 1 and named in warnings[0], caplog.text
+    assert "s3cret-value" not in caplog.text
+
+
 async def test_no_provider_configured_says_how_to_log_in(app, settings):
     bare = make_app(settings)
     _, resp = await bare.asgi_client.post("/v1/auth/device", json={})
@@ -227,6 +259,13 @@ async def test_disabling_a_user_ends_their_sign_in_and_keeps_them_out(app, oidc,
     assert again.status == 403 and again.json["detail"] == "this account is disabled"
     async with sessions() as db:  # and no token was issued for any of it
         assert len(list(await db.scalars(select(ApiToken)))) == 1
+    # Enabled again, they sign in again: the sign-in from before stays revoked (it may be what leaked).
+    await admin.set_user_active(sessions, "ada@example.com", True)
+    app.ctx.state.principals._entries.clear()
+    assert (await app.asgi_client.get("/v1/me", headers=headers))[1].status == 401
+    assert (await refresh(app, done.json["refresh_token"])).json["code"] == "invalid_grant"
+    _, back = await sign_in(app, oidc, email="ada@example.com")
+    assert back.status == 200, back.json
 
 
 async def test_a_browser_sign_in_that_took_too_long_is_refused(settings, oidc, sessions):
