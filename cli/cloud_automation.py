@@ -113,8 +113,11 @@ async def _run_command(command: list[str], socket_path: Path) -> int:
     """The command's exit status. Interrupted, it is asked to stop (SIGTERM), killed if it has not within
     COMMAND_GRACE_S, and reaped: not left running without its agent. SIGINT reaches us as asyncio.run's
     cancellation (then `Aborted!`); SIGTERM, a CI runner's or systemd's stop, would end the process at
-    once and orphan the command, so it cancels the same way and we exit as killed by it (143)."""
-    proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, "SSH_AUTH_SOCK": str(socket_path)})
+    once and orphan the command, so it cancels the same way and we exit as killed by it (143).
+
+    The handler is in place before the command starts: a SIGTERM that came as soon as the command had
+    started (the command's first output seen) ended orz at once and left the command running. Cancelled
+    while asyncio is still starting it, asyncio kills and reaps the half-started command itself."""
     task = asyncio.current_task()
     assert task is not None
     terminated = False
@@ -127,6 +130,7 @@ async def _run_command(command: list[str], socket_path: Path) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, terminate)
     try:
+        proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, "SSH_AUTH_SOCK": str(socket_path)})
         return await reaped(proc, proc.wait(), grace_s=COMMAND_GRACE_S)
     except asyncio.CancelledError:
         if not terminated:
