@@ -9,9 +9,10 @@ The task reaches the program in one of two ways, never as shell text:
   running a script called "say hello". A program that wants it as an argument asks for it in its command:
   ``--program 'aider --message "$ORZ_TASK"'``.
 
-The program runs under a small POSIX sh wrapper that, when the program exits, prints why in the pane
-(the pane stays, tmux's remain-on-exit) and exits with the program's own status, so the runner reads the
-same exit code from tmux and reports it to the API (``orz cloud status``).
+The program runs under a small POSIX sh wrapper (run by bash where there is one: see passing_shell) that,
+when the program exits, prints why in the pane (the pane stays, tmux's remain-on-exit) and exits with the
+program's own status, so the runner reads the same exit code from tmux and reports it to the API
+(``orz cloud status``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from runner.tmux import PANE_DIED
+from runner.tmux import PANE_DIED, passing_shell
 
 TASK_ENV = "ORZ_TASK"
 TASK_FILE_ENV = "ORZ_TASK_FILE"
@@ -114,10 +115,10 @@ def runs_login_shell(program: str | None, task: str | None, shell: str) -> bool:
 def program_argv(program: str | None, task: str | None, shell: str) -> list[str]:
     """What tmux runs: the requested program, else claude when installed, else a login shell.
 
-    ``shell`` (the user's login shell) runs the command line; the wrapper around it is /bin/sh.
+    ``shell`` (the user's login shell) runs the command line; the wrapper around it is bash (else /bin/sh).
     """
     line, args = command_line(program, task, shell)
-    return ["/bin/sh", "-c", _wrapper(), ARGV0, shell, line, *args]
+    return [passing_shell(), "-c", _wrapper(), ARGV0, shell, line, *args]
 
 
 def task_env(task: str | None, state_dir: Path) -> dict[str, str]:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +31,15 @@ RESIZED = "orz-resized"
 SCROLLBACK_FILE = "scrollback.txt"
 # Shown first in a recreated pane, then the program takes its place (same pid: exec).
 _RESTORE = 'cat -- "$0" 2>/dev/null; rm -f -- "$0"; exec "$@"'
+
+
+def passing_shell() -> str:
+    """A POSIX shell for our own wrappers around the program: bash where there is one.
+
+    dash (Debian's /bin/sh) leaves every environment variable whose name is not a shell identifier out of
+    what it passes on, so `discovery.type` of .orz/cloud.yaml's env would never reach a program started
+    through it; bash passes them on as it got them."""
+    return shutil.which("bash") or "/bin/sh"
 _CONF = ("set-option -g remain-on-exit on\nset-option -g history-limit 50000\n"
          f'set-hook -g pane-died "wait-for -S {PANE_DIED}"\n'
          f'set-hook -g window-resized "wait-for -S {RESIZED}"\n')
@@ -119,7 +129,7 @@ class Tmux:
         conf = self.socket.with_name("tmux.conf")
         conf.write_text(_CONF, encoding="utf-8")
         if self.saved_scrollback.is_file():
-            argv = ["/bin/sh", "-c", _RESTORE, str(self.saved_scrollback), *argv]
+            argv = [passing_shell(), "-c", _RESTORE, str(self.saved_scrollback), *argv]
         await self.run(
             "-f", str(conf), "new-session", "-d", "-s", SESSION, "-x", str(width), "-y", str(height),
             "-c", str(cwd), "--", *argv, *self._then_pipe(), env=env,

@@ -65,6 +65,17 @@ async def test_secrets_reach_the_program_env_but_not_the_runner_token(
     assert "[pg://u:pw1@x][k2][none]" in screen
 
 
+async def test_dotted_env_keys_reach_the_program(make_repo: MakeRepo, start_runner: StartRunner) -> None:
+    # Debian's /bin/sh (dash) drops variables whose names are not shell identifiers from what it passes on;
+    # the wrapper around the program must not be the one to drop them (docs/migrating-from-go.md).
+    url = make_repo({".orz/cloud.yaml": "env:\n  discovery.type: single-node\n  xpack-enabled: 'no'\n"})
+    program = "echo \"[$(printenv discovery.type)][$(printenv xpack-enabled)]\"; sleep infinity"
+    handle = await start_runner(url, program=program)
+    await handle.ready()
+    screen = await wait_for_pane(handle.runner.tmux, "]", timeout=3.0)
+    assert "[single-node][no]" in screen
+
+
 async def test_clone_failure_is_fatal(make_repo: MakeRepo, start_runner: StartRunner,
                                      fake_api: FakeApi) -> None:
     handle = await start_runner(make_repo({"README": "x"}), branch="no-such-branch")
