@@ -93,11 +93,28 @@ def pin_local_username() -> str:
     return user
 
 
+# What the upstream connection calls itself, and at most how much of the user's client's version it adds.
+UPSTREAM_SOFTWARE = "OrzbobGateway"
+_MAX_RELAYED_VERSION = 160
+
+
+def upstream_version(client_version: str) -> str:
+    """The version string of the upstream connection: the gateway's name, then the user's client's software.
+
+    The runner's asyncssh SFTP server reads SYMLINK's two paths in the order the client's version string
+    implies (OpenSSH and paramiko send them reversed against the draft): through the gateway that client is
+    the gateway, so without the user's software named here `sftp> symlink a b` made b's link at a."""
+    software = client_version.removeprefix("SSH-2.0-")
+    relayed = "".join(c for c in software if " " <= c <= "~")[:_MAX_RELAYED_VERSION]
+    return f"{UPSTREAM_SOFTWARE} {relayed}" if relayed else UPSTREAM_SOFTWARE
+
+
 async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey, *,
-                           agent_path: str | None = None,
+                           agent_path: str | None = None, client_version: str = "",
                            on_lost: Callable[[], None] | None = None) -> asyncssh.SSHClientConnection:
     """Open the one internal connection, pinning the runner's host key (no other key is trusted).
-    `on_lost` is called when it closes (also if it fails to open)."""
+    `client_version` is the user's client's SSH version string (see upstream_version); `on_lost` is called
+    when it closes (also if it fails to open)."""
     try:
         host_key = asyncssh.import_public_key(route.host_key)
     except (asyncssh.KeyImportError, ValueError) as exc:
@@ -105,6 +122,7 @@ async def connect_upstream(route: Route, mode: str, client_key: asyncssh.SSHKey,
     try:
         conn = await asyncssh.connect(
             route.host, route.port, username=mode, client_keys=[client_key],
+            client_version=upstream_version(client_version),
             known_hosts=([host_key], [], []), config=None, agent_path=None,
             agent_forwarding=agent_path or False, preferred_auth="publickey", password=None,
             kbdint_auth=False, **ssh_algorithms(), compression_algs=None,

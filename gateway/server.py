@@ -398,7 +398,8 @@ class ClientHandler(asyncssh.SSHServer):
             assert reply.route is not None
             self.reply, self.mode = None, reply.mode  # the route is used once, just below
             upstream = await connect_upstream(reply.route, reply.mode, self.gw.client_key,
-                                              agent_path=self.agent.path, on_lost=self._upstream_lost)
+                                              agent_path=self.agent.path, on_lost=self._upstream_lost,
+                                              client_version=self._client_version())
         except (AttachRefused, UpstreamUnavailable) as exc:
             self.log.info("attach to %s failed: %s", self.session_id, exc.internal or exc.line)
             metrics.attach_failed("ssh", exc.code)
@@ -417,6 +418,10 @@ class ClientHandler(asyncssh.SSHServer):
         await self.gw.router.report(AttachEventIn(
             session_id=self.session_id, user_id=self.principal.user_id, event="attached",
             connection_id=self.id, source_address=self.source))
+
+    def _client_version(self) -> str:
+        """The user's client's SSH version string (the upstream connection names its software)."""
+        return str(self.conn.get_extra_info("client_version", "") or "") if self.conn is not None else ""
 
     def _upstream_lost(self) -> None:
         """The runner went away: the client has nothing left to talk to. (A callback rather than a task

@@ -211,6 +211,19 @@ async def test_sftp_through_real_runner(e2e: Env) -> None:
     assert (e2e.runner.workspace / "up.bin").read_bytes() == data
 
 
+async def test_sftp_symlink_through_real_runner_makes_the_link_the_client_named(e2e: Env) -> None:
+    # OpenSSH's sftp sends SYMLINK's two paths in its own (reversed) order; asyncssh's server reads them so
+    # only when its client's version says OpenSSH, and the runner's client is the gateway.
+    (e2e.runner.workspace / "target.txt").write_text("x")
+    batch = e2e.tmp / "batch"
+    batch.write_text("symlink target.txt link.txt\n")
+    opts = [a for a in e2e.base_args()[1:] if a not in ("-p", str(e2e.port))] + e2e.cert_args()
+    result = await run("sftp", "-P", str(e2e.port), "-b", str(batch), *opts, target=f"{SESSION}@127.0.0.1")
+    assert result.returncode == 0, result
+    assert os.readlink(e2e.runner.workspace / "link.txt") == "target.txt"
+    assert (e2e.runner.workspace / "target.txt").read_text() == "x"
+
+
 async def test_agent_forwarding_only_when_asked(e2e: Env) -> None:
     sock = e2e.tmp / "agent.sock"
     agent = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", str(sock),
