@@ -21,6 +21,7 @@ from api import schemas
 from cli import output
 from cli.attach import check_session_id
 from cli.connect import client, cloud_command
+from cli.errors import EXIT_NOT_FOUND, CliError
 
 NOTIFY_AGENT = frozenset({"needs_input", "idle", "exited"})
 NOTIFY_STATUS = frozenset({"failed"})
@@ -89,9 +90,13 @@ async def watch(session_ids: list[str], notify_on: bool, as_json: bool, interval
     The first lines are the sessions as they are now; then one line per change."""
     seen: dict[str, Seen] = {}
     wanted = set(session_ids)
+    first = True
     async with client() as api:
         while True:
             listing = await api.list_instances()
+            if first:
+                _check_known(wanted, listing)
+                first = False
             now = datetime.now(UTC)
             for inst in reversed(listing.instances):  # oldest first
                 if wanted and inst.id not in wanted:
@@ -113,6 +118,13 @@ async def watch(session_ids: list[str], notify_on: bool, as_json: bool, interval
                 if notify_on and worth_notifying(before, inst):
                     await asyncio.to_thread(notify, inst)
             await asyncio.sleep(interval)
+
+
+def _check_known(wanted: set[str], listing: schemas.InstanceList) -> None:
+    """An id none of the sessions has is a typo (or a session long gone): say so rather than wait for ever."""
+    unknown = sorted(wanted - {inst.id for inst in listing.instances})
+    if unknown:
+        raise CliError(f"no such session: {', '.join(unknown)}", EXIT_NOT_FOUND)
 
 
 COMMANDS = [watch]

@@ -87,3 +87,11 @@ def test_watch_rings_the_bell_without_notify_send_and_speaks_json(orz: Orz, live
     lines = [json.loads(line) for line in out.replace(b"\x07", b"").splitlines() if line.strip()]
     assert {line["id"] for line in lines} == {sid}
     assert lines[-1]["agent_state"] == "exited" and lines[-1]["agent_exit_code"] == 3
+
+
+def test_watch_of_an_id_that_is_no_session_says_so(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                   tmp_path: Path) -> None:
+    sid = create(orz, cwd=tmp_path)
+    done = orz("cloud", "watch", "--interval", "0.2", sid, "nosuch-1")  # a typo printed nothing, for ever
+    assert done.returncode == 3, done
+    assert done.stderr.strip() == "orz: no such session: nosuch-1"
