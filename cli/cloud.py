@@ -26,7 +26,7 @@ from cli import (
 )
 from cli.config import DEFAULT_API_URL, Credentials, forget_credentials, load_credentials, token_path
 from cli.connect import CliApiClient, check_api_url, client, cloud_command, one_line
-from cli.errors import EXIT_USAGE, CliError, exit_code_for
+from cli.errors import EXIT_NOT_FOUND, EXIT_USAGE, CliError, exit_code_for
 from cli.login import DeviceLogin, TokenLogin, login
 
 
@@ -275,7 +275,7 @@ async def _secret_keys(names: list[str]) -> frozenset[str]:
     by_name = {s.name: s for s in listing.secrets}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise CliError(f"no secret named {unknown[0]} (orz cloud secrets list shows yours)")
+        raise CliError(f"no secret named {unknown[0]} (orz cloud secrets list shows yours)", EXIT_NOT_FOUND)
     return frozenset(key for n in names for key in by_name[n].keys)
 
 

@@ -24,14 +24,14 @@ def parse_pairs(pairs: tuple[str, ...], from_env: tuple[str, ...]) -> dict[str, 
         key, sep, value = pair.partition("=")
         if not sep or not key:
             # Do not echo the word: it may be a value typed without its KEY=.
-            raise CliError("--data wants KEY=VALUE (one of the words has no KEY= before its value)")
+            raise CliError("--data wants KEY=VALUE (one of the words has no KEY= before its value)", EXIT_USAGE)
         data[key] = value
     for key in from_env:
         if key not in os.environ:
-            raise CliError(f"--from-env {key}: no such environment variable")
+            raise CliError(f"--from-env {key}: no such environment variable", EXIT_USAGE)
         data[key] = os.environ[key]
     if not data:
-        raise CliError("give at least one --data KEY=VALUE or --from-env KEY")
+        raise CliError("give at least one --data KEY=VALUE or --from-env KEY", EXIT_USAGE)
     return data
 
 
@@ -105,7 +105,7 @@ async def list_cmd(as_json: bool) -> None:
 async def delete(name: str, force: bool) -> None:
     """Delete a secret (sessions already running keep the values they started with)."""
     if not schemas.SECRET_NAME_RE.match(name):
-        raise CliError(f"not a secret name: {name[:64]!r}")
+        raise CliError(f"not a secret name: {name[:64]!r}", EXIT_USAGE)
     async with client() as api:
         users = [i for i in (await api.list_instances()).instances if name in i.secrets and i.status != "deleted"]
         if users and not force:

@@ -162,7 +162,7 @@ async def _attach_again(session_id: str, readonly: bool) -> list[str]:
 async def kill(session_id: str, force: bool) -> None:
     """Delete a session: its compute and its workspace.
 
-    Refused (exit 3) while the workspace holds uncommitted files or unpushed commits that are not saved
+    Refused (exit 6) while the workspace holds uncommitted files or unpushed commits that are not saved
     to the session's WIP branch; --force kills anyway."""
     async with client() as api:
         if not force:

@@ -145,4 +145,4 @@ def test_refresh_cert_failure_is_one_line(orz: Orz, live_api: LiveApi, logged_in
     done = orz("cloud", "_refresh-cert", "nosuch.orz")
     assert done.returncode == 3 and done.stderr.strip() == "orz: no such session: nosuch"  # 3: not found
     bad = orz("cloud", "_refresh-cert", "x;rm -rf.orz")
-    assert bad.returncode == 1 and "not a session id" in bad.stderr
+    assert bad.returncode == 2 and "not a session id" in bad.stderr  # 2: bad input

@@ -194,6 +194,20 @@ def test_secrets_never_print_values(orz: Orz, live_api: LiveApi, logged_in: Tena
     assert_one_error_line(orz("cloud", "secrets", "delete", "gh"), "no such secret")
 
 
+def test_bad_input_the_cli_refuses_itself_exits_2_as_documented(orz: Orz, live_api: LiveApi,
+                                                                 logged_in: Tenant) -> None:
+    # docs/cli.md: 2 is usage or bad input; these gave 1, the code of "the API refused for another reason".
+    from cli.errors import EXIT_USAGE
+
+    for args in (("status", "Bad ID"), ("attach", "ftp://h/v1/instances/abc/attach"),
+                 ("secrets", "create", "x", "--data", "NOEQUALS"), ("secrets", "create", "x", "--from-env", "NO_VAR_X"),
+                 ("secrets", "create", "x"), ("secrets", "delete", "Bad Name")):
+        done = orz("cloud", *args)
+        assert_one_error_line(done)
+        assert done.returncode == EXIT_USAGE, (args, done)
+    assert "Refused (exit 6)" in orz("cloud", "kill", "--help").stdout  # it said exit 3, the not-found code
+
+
 def test_a_sign_in_that_cannot_be_renewed_asks_to_log_in_again(orz: Orz, live_api: LiveApi, home: Path) -> None:
     """The saved sign-in expired and its refresh token is no good (revoked, used, expired): one line that
     says what to do, the auth exit code, and logout still clears the file."""

@@ -50,7 +50,7 @@ def test_validate_checks_secret_refs_against_the_secrets_given(orz: Orz, live_ap
                and "orz cloud new --secrets NAME" in line for line in lines)
 
     unknown = orz("cloud", "validate", str(repo), "--secrets", "nope")
-    assert unknown.returncode == 1 and "no secret named nope" in unknown.stderr
+    assert unknown.returncode == 3 and "no secret named nope" in unknown.stderr  # 3: not found
 
 
 def test_new_takes_t_for_tier(orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
