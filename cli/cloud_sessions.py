@@ -25,7 +25,7 @@ session_id_arg = click.argument("session_id", metavar="ID", callback=lambda _c, 
 
 
 def _note(message: str) -> None:
-    click.echo(message, err=True)
+    output.note(message)
 
 
 def _split_names(value: str | None) -> list[str]:

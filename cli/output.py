@@ -9,8 +9,10 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import click
 from pydantic import BaseModel
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 
 from api import schemas
@@ -31,15 +33,32 @@ def stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+# The status line on screen while there is one (rich's Status), for note() to print above.
+_shown: list[Status] = []
+
+
 @contextlib.contextmanager
 def status_line(first: str) -> Iterator[Callable[[str], None] | None]:
     """A spinner line on a terminal's stderr that the caller updates (None when stderr is not a terminal:
-    logs and pipes get only the lines printed above it)."""
+    logs and pipes get only the lines printed above it, by note())."""
     if not sys.stderr.isatty():
         yield None
         return
     with stderr().status(first) as live:
-        yield lambda text: live.update(text)
+        _shown.append(live)
+        try:
+            yield lambda text: live.update(text)
+        finally:
+            _shown.remove(live)
+
+
+def note(message: str) -> None:
+    """A line on stderr, above the status line while one is shown. Written past rich, it landed after the
+    spinner's text on the spinner's line, and stayed there when the spinner moved down."""
+    if _shown:
+        _shown[-1].console.print(message, markup=False, highlight=False, emoji=False)
+    else:
+        click.echo(message, err=True)
 
 
 def print_table(table: Table) -> None:

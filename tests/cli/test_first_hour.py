@@ -126,6 +126,8 @@ def test_repo_may_be_a_local_path_and_a_refusal_says_how_to_allow_it(orz: Orz, l
 
 def test_new_wait_shows_a_status_line_on_a_terminal_and_plain_lines_in_a_pipe(
         orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
+    import io
+    import re
     import sys
     import threading
     import time
@@ -135,6 +137,7 @@ def test_new_wait_shows_a_status_line_on_a_terminal_and_plain_lines_in_a_pipe(
     child = pexpect.spawn(sys.executable, ["-m", "cli", "cloud", "new", "--no-attach", "--wait"],
                           env={**orz.env(), "TERM": "xterm"}, cwd=str(tmp_path), encoding="utf-8", timeout=20,
                           dimensions=(24, 120))
+    child.logfile_read = seen = io.StringIO()
     child.expect(r"session (\S+) created")
     sid = child.match.group(1)
     child.expect(rf"session {sid} is starting \(\d+ s; Ctrl-C stops waiting\)")  # the live line
@@ -144,6 +147,10 @@ def test_new_wait_shows_a_status_line_on_a_terminal_and_plain_lines_in_a_pipe(
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+    # The state change seen under the live line starts a line of its own (it was written after the
+    # spinner's text, and that line stayed on screen: "...Ctrl-C stops waiting)12:00:01  starting -> running").
+    assert "starting -> running" in seen.getvalue()
+    assert not re.search(r"waiting\)(\x1b\[[0-9;]*m)*\d\d:\d\d:\d\d", seen.getvalue()), seen.getvalue()
     # Not a terminal: no spinner, no control sequences, the same lines.
     with live_api.runners_heartbeating():
         piped = orz("cloud", "new", "--no-attach", "--wait", cwd=tmp_path)
