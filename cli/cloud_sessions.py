@@ -246,16 +246,24 @@ async def logs(session_id: str, follow: bool, as_json: bool) -> None:
         if as_json:
             click.echo(output.to_json(await api.logs(session_id)))
             return
+        follower.update((await api.logs(session_id)).init_log)
+        if not follow:
+            if not follower.shown:  # a silent exit 0 reads as a broken command
+                click.echo(f"(no init log: {session_id} has run no setup.init, or it printed nothing)", err=True)
+            return
         while True:
-            follower.update((await api.logs(session_id)).init_log)
-            if not follow:
-                if not follower.shown:  # a silent exit 0 reads as a broken command
-                    click.echo(f"(no init log: {session_id} has run no setup.init, or it printed nothing)", err=True)
+            try:
+                inst = await api.get_instance(session_id)
+                if inst.status in ("deleting", "deleted"):
+                    return
+                await asyncio.sleep(1.0)
+                follower.update((await api.logs(session_id)).init_log)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                # Killed between two polls (deleting lasts a moment): the end -f waits for, not an error.
+                click.echo(f"(session {session_id} was killed)", err=True)
                 return
-            inst = await api.get_instance(session_id)
-            if inst.status in ("deleting", "deleted"):
-                return
-            await asyncio.sleep(1.0)
 
 
 @click.command("status")

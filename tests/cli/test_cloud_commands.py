@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.cli.conftest import LiveApi, Orz
+from tests.cli.conftest import ROOT, LiveApi, Orz
 from tests.conftest import Tenant
 
 
@@ -206,6 +206,37 @@ def test_bad_input_the_cli_refuses_itself_exits_2_as_documented(orz: Orz, live_a
         assert_one_error_line(done)
         assert done.returncode == EXIT_USAGE, (args, done)
     assert "Refused (exit 6)" in orz("cloud", "kill", "--help").stdout  # it said exit 3, the not-found code
+
+
+def test_output_into_a_pipe_its_reader_closed_ends_quietly(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                           tmp_path: Path) -> None:
+    # `orz cloud status ID | head -1` printed "orz: [Errno 32] Broken pipe" after head's line.
+    sid = create(orz, cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "cloud", "status", sid], cwd=ROOT, env=orz.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before orz writes
+    _, err = proc.communicate(timeout=30)
+    assert err == b"" and proc.returncode == 1
+
+
+def test_logs_follow_ends_when_the_session_is_killed(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                      tmp_path: Path) -> None:
+    # docs/cli.md: -f prints until the session is killed; it ended with "orz: no such session" and exit 3.
+    sid = create(orz, cwd=tmp_path)
+    live_api.provider.logs[sid] = "init-said-this\n"
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "cloud", "logs", "-f", sid], cwd=ROOT,
+                            env=orz.env(PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert "init-said-this" in proc.stdout.readline()  # it is following
+        assert orz("cloud", "kill", "--force", sid).returncode == 0
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert err.strip() == f"(session {sid} was killed)"
 
 
 def test_a_sign_in_that_cannot_be_renewed_asks_to_log_in_again(orz: Orz, live_api: LiveApi, home: Path) -> None:

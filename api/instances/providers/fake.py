@@ -24,12 +24,16 @@ class FakeProvider(Provider):
         self.specs: dict[str, ComputeSpec] = {}
         self.calls: list[tuple[str, str]] = []
         self.fail_next: str | None = None
+        self.logs: dict[str, str] = {}  # what read_log answers, per session (a test plays the runner's log)
 
     def _maybe_fail(self, op: str, session_id: str) -> None:
         self.calls.append((op, session_id))
         if self.fail_next:
             reason, self.fail_next = self.fail_next, None
             raise ProviderFailure(reason)
+
+    async def read_log(self, session_id: str, state: ProviderState, limit: int = 65536) -> str:
+        return self.logs.get(session_id, "")[-limit:]
 
     async def create(self, spec: ComputeSpec) -> ProviderState:
         self._maybe_fail("create", spec.session_id)
