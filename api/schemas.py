@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -37,6 +37,13 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 SECRET_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-_]{0,62}[a-z0-9])?$")
 # The repository file that prepares each session, and its `${NAME}` reference to a session secret.
 CLOUD_CONFIG_PATH = ".orz/cloud.yaml"
+
+
+def wire_time(at: datetime) -> str:
+    """A timestamp as the API's JSON writes every other one (`2026-12-05T18:04:40.120000Z`): for the JSON this
+    module's models do not render (webhook bodies, a delivery's attempt log)."""
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
 SECRET_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 Tier = Literal["small", "medium", "large"]

@@ -28,7 +28,7 @@ import httpx
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api import metrics
+from api import metrics, schemas
 from api.credentials.secrets_box import RowBinding, Sealed, SecretsBox
 from api.db.base import utcnow
 from api.db.dialect import is_postgres
@@ -204,7 +204,7 @@ class Deliverer:
         outcome = await self.send(c)
         n = c.attempts + 1
         now = self.now()
-        entry = {"at": now.isoformat(), "attempt": n, "status_code": outcome.status, "error": outcome.error,
+        entry = {"at": schemas.wire_time(now), "attempt": n, "status_code": outcome.status, "error": outcome.error,
                  "duration_ms": outcome.duration_ms}
         values: dict[str, Any] = {"attempts": n, "last_status": outcome.status, "last_error": outcome.error,
                                   "log": [*c.log, entry], "claimed_by": None, "claimed_until": None}

@@ -51,7 +51,7 @@ async def enqueue(db: AsyncSession, inst: Instance, event: Event, *, agent_messa
                "task": (inst.task or "")[:_TASK_CHARS] or None, "reason": inst.reason}
     for hook_id, fmt in wanted:
         delivery_id = new_id("whd")
-        fields = {"id": delivery_id, "event": name, "at": at.isoformat(), "session": session, "agent": agent,
+        fields = {"id": delivery_id, "event": name, "at": schemas.wire_time(at), "session": session, "agent": agent,
                   "message": event.message}
         db.add(WebhookDelivery(id=delivery_id, webhook_id=hook_id, event=name, instance_id=inst.id,
                                body=render(fmt, fields), state="pending", attempts=0, next_attempt_at=at,
@@ -61,7 +61,7 @@ async def enqueue(db: AsyncSession, inst: Instance, event: Event, *, agent_messa
 def test_delivery(hook: Webhook, at: datetime) -> WebhookDelivery:
     """The ping `POST /v1/webhooks/{id}/test` sends: its own event name, no session."""
     delivery_id = new_id("whd")
-    fields = {"id": delivery_id, "event": TEST_EVENT, "at": at.isoformat(), "session": None, "agent": None,
+    fields = {"id": delivery_id, "event": TEST_EVENT, "at": schemas.wire_time(at), "session": None, "agent": None,
               "message": f"test delivery for webhook {hook.id}", "webhook_id": hook.id}
     return WebhookDelivery(id=delivery_id, webhook_id=hook.id, event=TEST_EVENT, instance_id=None,
                            body=render(hook.format, fields), state="pending", attempts=0, next_attempt_at=at,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 
@@ -104,6 +105,10 @@ async def test_an_agent_needing_input_is_posted_signed_and_retried_after_a_500(
     assert entry["state"] == "delivered" and entry["event"] == "agent.needs_input" and entry["status_code"] == 200
     assert [(a["attempt"], a["status_code"]) for a in entry["log"]] == [(1, 500), (2, 200)]
     assert "500" in entry["log"][0]["error"]
+    # Times as the API writes all others (docs/webhooks.md): UTC with a Z, which strict RFC 3339 parsers need.
+    _, inst = await app.asgi_client.get(f"/v1/instances/{sid}", headers=t.headers)
+    for stamp in (payload["at"], entry["log"][0]["at"], inst.json["created_at"]):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamp), stamp
 
 
 @both_databases
