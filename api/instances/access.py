@@ -13,6 +13,14 @@ from api.errors import Forbidden, NotFound, OrzError, Unauthorized
 from api.instances.states import GONE_STATES, State
 
 
+def no_such_session(session_id: str) -> NotFound:
+    """The 404 for an id the caller gave: echoed when it could be a session id, else only said not to be one
+    (a path segment of any length and any characters would otherwise come back in the answer)."""
+    if schemas.SESSION_ID_RE.match(session_id):
+        return NotFound(f"no such session: {session_id}")
+    return NotFound("no such session: that is not a session id (lowercase letters, digits and '-', 1-32 long)")
+
+
 def refusal(user: User | None, inst: Instance | None, session_id: str) -> OrzError | None:
     """Why `user` may not reach `session_id` now, or None when they may."""
     if user is None:
@@ -20,7 +28,7 @@ def refusal(user: User | None, inst: Instance | None, session_id: str) -> OrzErr
     if not user.is_active:
         return Forbidden("your account is disabled")
     if inst is None or inst.org_id != user.org_id or State(inst.state) in GONE_STATES:
-        return NotFound(f"no such session: {session_id}")
+        return no_such_session(session_id)
     if inst.user_id != user.id and user.role != "admin":
         return Forbidden(f"session {inst.id} belongs to someone else in your org")
     return None

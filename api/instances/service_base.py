@@ -31,7 +31,7 @@ from api.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from api.instances import repo_policy
+from api.instances import access, repo_policy
 from api.instances.providers.base import ComputeSpec, Provider, ProviderFailure
 from api.instances.states import (
     ACTIVE_STATES,
@@ -113,7 +113,7 @@ class ServiceBase:
         # 403, as attach (API and gateway) has always answered: inside an org session ids are shared
         # knowledge, and "someone else's" tells the user whom to ask instead of "it does not exist".
         if inst is None or inst.org_id != who.org_id or inst.state == State.DELETED.value:
-            raise NotFound(f"no such session: {session_id}")
+            raise access.no_such_session(session_id)
         if inst.user_id != who.user_id and not who.is_admin:
             raise Forbidden(_NOT_YOURS.format(id=inst.id))
         return inst

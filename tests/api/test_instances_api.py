@@ -133,6 +133,21 @@ async def test_another_orgs_session_is_404_never_403(app, sessions):
         assert (await db.get(Instance, sid)).state == "starting"  # untouched
 
 
+async def test_an_id_that_is_no_session_id_is_not_echoed(app, sessions):
+    """An id that cannot be a session's is not repeated in the message a CLI prints (it was, whole, 5,000
+    characters or a newline of it); an id that could be one is still named, so a typo is easy to see."""
+    alice = await make_tenant(sessions, "acme")
+    long_id = "x" * 5000
+    for sid in (long_id, "Bad%20Id%0Aline"):
+        for method, path in [("get", f"/v1/instances/{sid}"), ("delete", f"/v1/instances/{sid}"),
+                             ("post", f"/v1/instances/{sid}/stop"), ("get", f"/v1/instances/{sid}/logs")]:
+            _, resp = await getattr(app.asgi_client, method)(path, headers=alice.headers)
+            assert resp.status == 404 and resp.json["detail"].startswith("no such session: that is not a session id")
+            assert len(resp.json["detail"]) < 100  # (problem+json's `instance` is the request's path, as asked)
+    _, resp = await app.asgi_client.get("/v1/instances/nope-123", headers=alice.headers)
+    assert resp.status == 404 and resp.json["detail"] == "no such session: nope-123"
+
+
 async def test_me_reports_user_org_plan_and_quota(app, sessions):
     t = await make_tenant(sessions, "acme", plan="pro")
     await create(app, t.headers)
