@@ -217,10 +217,20 @@ class InstanceCreate(Request):
     program: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
     repo_url: RepoUrl | None = None
     branch: Branch | None = None
-    secrets: Annotated[list[SecretName], Field(max_length=32)] = Field(default_factory=list)
+    secrets: Annotated[list[SecretName], Field(max_length=32, json_schema_extra={"uniqueItems": True})] = Field(
+        default_factory=list)
     task: Annotated[str, StringConstraints(max_length=32768)] | None = None
     # Stop after this many idle seconds; bounded by the plan's idle timeout.
     idle_timeout_s: Annotated[int, Field(ge=60, le=7 * 24 * 3600)] | None = None
+
+    @field_validator("secrets")
+    @classmethod
+    def _each_secret_once(cls, names: list[str]) -> list[str]:
+        # `--secrets gh,gh` is more likely a slip for another name than a wish: say so rather than store it twice.
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"named more than once: {', '.join(twice)}")
+        return names
 
 
 class Quota(Response):

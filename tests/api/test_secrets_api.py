@@ -285,6 +285,18 @@ async def test_two_secrets_setting_one_key_fail_the_create(app: Sanic, sessions:
     assert await count(sessions, Instance) == 0
 
 
+
+async def test_a_secret_named_twice_fails_the_create(app: Sanic, sessions: Sessions, provider: FakeProvider) -> None:
+    """`--secrets gh,gh` was stored and listed twice; it is refused naming the field, and nothing is made."""
+    value = marker("gh")
+    user = Client(app, await make_tenant(sessions, "acme"), [value])
+    await user.call("post", "/v1/secrets", {"name": "gh", "data": {"GH_TOKEN": value}})
+    status, body = await user.call("post", "/v1/instances", {"secrets": ["gh", "gh"]})
+    assert status == 422 and "named more than once: gh" in body["detail"] and "secrets" in body["detail"], body
+    assert await count(sessions, Instance) == 0 and provider.calls == []
+    status, body = await user.call("post", "/v1/instances", {"secrets": ["gh"]})
+    assert status == 201 and body["secrets"] == ["gh"]
+
 @both_databases
 async def test_unreadable_secret_fails_the_create_closed(app: Sanic, sessions: Sessions, provider: FakeProvider,
                                                         caplog: pytest.LogCaptureFixture) -> None:
