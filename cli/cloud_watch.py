@@ -42,8 +42,9 @@ class Seen:
 
 def describe(inst: schemas.Instance) -> str:
     agent = output.agent_label(inst)
-    text = f"{inst.status}, agent {agent}" if inst.agent_state else inst.status
-    if inst.agent_message:
+    live = inst.agent_state and agent != "-"  # a stopped session's last report is not news
+    text = f"{inst.status}, agent {agent}" if live else inst.status
+    if live and inst.agent_message:
         text += f": {inst.agent_message}"
     if inst.status == "failed" and inst.reason:
         text += f" ({inst.reason})"

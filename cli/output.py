@@ -91,12 +91,17 @@ def last_active(inst: schemas.Instance) -> datetime | None:
 
 
 AGENT_LABELS = {"working": "working", "needs_input": "needs input", "idle": "idle"}
+# Where the runner is (or may still be) up, so an agent's "working" or "needs input" is about now.
+LIVE_STATUSES = frozenset({"running", "unhealthy"})
 
 
 def agent_label(inst: schemas.Instance) -> str:
-    """The agent's state in at most 11 characters (the list's AGENT column)."""
+    """The agent's state in at most 11 characters (the list's AGENT column); `-` for a stopped session, whose
+    last report (say "needs input") is no longer true: its program starts afresh when it wakes."""
     if inst.agent_state == "exited":
         return f"exited {inst.agent_exit_code}" if inst.agent_exit_code is not None else "exited"
+    if inst.status not in LIVE_STATUSES:
+        return "-"
     return AGENT_LABELS.get(inst.agent_state or "", "-")
 
 
@@ -168,7 +173,10 @@ def describe(inst: schemas.Instance) -> list[tuple[str, Any]]:
     if inst.secrets:
         rows.append(("secrets", ", ".join(inst.secrets)))
     if inst.agent_state:
-        rows.append(("agent", agent_label(inst) + (f": {inst.agent_message}" if inst.agent_message else "")))
+        label = agent_label(inst)
+        if label == "-":  # stopped: what it last said, as history
+            label = f"{AGENT_LABELS.get(inst.agent_state, inst.agent_state)} (before the session stopped)"
+        rows.append(("agent", label + (f": {inst.agent_message}" if inst.agent_message else "")))
     if inst.work:
         rows.append(("work", work_line(inst.work)))
     return rows

@@ -47,6 +47,17 @@ def test_table_fits_80_columns_with_the_longest_ids_and_states() -> None:
     assert lines[2].split()[-1] == "-"
 
 
+
+def test_a_stopped_sessions_agent_is_not_shown_as_waiting() -> None:
+    """A stopped session's last report ("needs input") is no longer true: the list shows `-` where it showed
+    the state in bold yellow, and status keeps it as history; an exit code stays (it says how it ended)."""
+    stopped = instance("s1", "stopped", agent_state="needs_input", agent_message="which database?")
+    assert render(output.instances_table([stopped], NOW))[1].split()[:3] == ["s1", "stopped", "-"]
+    assert dict(output.describe(stopped))["agent"] == "needs input (before the session stopped): which database?"
+    running = instance("s2", agent_state="needs_input", agent_message="which database?")
+    assert dict(output.describe(running))["agent"] == "needs input: which database?"
+    assert output.agent_label(instance("s3", "stopped", agent_state="exited", agent_exit_code=3)) == "exited 3"
+
 def test_relative_times_and_quota_line() -> None:
     assert output.relative(None) == "-"
     assert output.relative(NOW - timedelta(seconds=5), NOW) == "just now"
