@@ -72,7 +72,8 @@ async def attach(request: Request, id: str) -> HTTPResponse:
     if body.ttl_s is not None:
         if body.ttl_s > settings.longest_cert_ttl_s:
             raise ValidationFailed.of("ttl_s", f"a certificate may last at most {settings.longest_cert_ttl_s} s "
-                                      f"on this server, not {body.ttl_s} s (an admin sets the limit: cert_max_ttl_s)")
+                                      f"on this server, not {body.ttl_s} s "
+                                      "(an admin sets the limit: ORZ_CERT_MAX_TTL_S)")
         ttl_s = body.ttl_s
     if body.public_key:
         try:

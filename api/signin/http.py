@@ -36,7 +36,11 @@ async def request_json(client: httpx.AsyncClient, method: str, url: str, *, what
         raise IdentityProviderError(f"cannot reach the identity provider for {what}",
                                     internal=f"{what}: {type(exc).__name__} for {url}") from None
     if response.status_code not in ok_statuses:
-        raise IdentityProviderError(f"the identity provider answered {response.status_code} to {what}",
+        # 401 is the provider refusing the server's own client credentials (RFC 6749 5.2 invalid_client):
+        # the one cause an admin can fix, so the answer names it.
+        hint = ("; it did not accept this server's client id and secret (an admin checks the sign-in settings)"
+                if response.status_code == 401 else "")
+        raise IdentityProviderError(f"the identity provider answered {response.status_code} to {what}{hint}",
                                     internal=f"{what}: HTTP {response.status_code} from {url}")
     try:
         return response.json()

@@ -221,6 +221,15 @@ async def test_a_half_configured_provider_is_named_at_start(settings, caplog, gi
     assert "s3cret-value" not in caplog.text
 
 
+async def test_a_wrong_client_secret_is_named_as_the_cause(settings, oidc, caplog):
+    """The provider refusing the server's own client (401 invalid_client) said only "answered 401 to the device
+    authorization", which reads like the user's fault: it now names the client id and secret, never the secret."""
+    caplog.set_level(logging.DEBUG)
+    wrong = make_app(signin_settings(settings, oidc, oidc_client_secret="not-the-secret-x1"))
+    _, resp = await wrong.asgi_client.post("/v1/auth/device", json={})
+    assert resp.status == 502 and "did not accept this server's client id and secret" in resp.json["detail"], resp.json
+    assert "not-the-secret-x1" not in resp.text and "not-the-secret-x1" not in caplog.text
+
 async def test_no_provider_configured_says_how_to_log_in(app, settings):
     bare = make_app(settings)
     _, resp = await bare.asgi_client.post("/v1/auth/device", json={})
