@@ -351,6 +351,10 @@ class MeOrg(Response):
     id: str
     name: str
     plan: str
+    # A running session with no activity for this long is stopped (its workspace kept); a stopped one is
+    # deleted after retention_s. The org's own values, else the deployment's; None from older servers.
+    idle_timeout_s: int | None = None
+    retention_s: int | None = None
 
 
 class Me(Response):

@@ -134,6 +134,8 @@ async def whoami(as_json: bool) -> None:
     via = "an API token" if me.source == "token" else f"sign-in with {me.source}"
     click.echo(f"{me.user.email} (org {me.org.name}{admin}) at {url}, via {via}")
     click.echo(output.quota_line(me.quota))
+    if limits := output.limits_line(me.org):
+        click.echo(limits)
 
 
 @cloud.command("ssh-config")

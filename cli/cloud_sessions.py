@@ -14,7 +14,7 @@ from api.client import ApiError
 from cli import attach as attaching
 from cli import keys, output, ssh_config
 from cli.completion import complete_session_ids
-from cli.connect import client, cloud_command
+from cli.connect import CliApiClient, client, cloud_command
 from cli.errors import EXIT_USAGE, CliError, UnsavedWork
 from cli.repo import as_clone_url, current_repo, is_local_path, local_repo_refused, names_a_path
 from cli.starting import LogFollower, wait_until_running
@@ -62,6 +62,16 @@ def new(task: str | None, repo: str | None, branch: str | None, tier: str, progr
         attaching.run_attached(session_id, argv, lambda: _attach_again(session_id, False))
 
 
+async def _note_limits(api: CliApiClient) -> None:
+    """Say once, as a session is made, when it will stop and when a stopped one goes (the idle reaper's rules)."""
+    try:
+        limits = output.limits_line((await api.me()).org)
+    except ApiError:
+        return  # the session is made; this line is a courtesy
+    if limits:
+        _note(limits)
+
+
 @cloud_command
 async def _new(task: str | None, repo: str | None, branch: str | None, tier: str, program: str | None,
                secret_names: str | None, no_attach: bool, wait: bool, wait_s: int
@@ -88,6 +98,7 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
             raise
         where = f" from {inst.repo_url}" + (f" ({inst.branch})" if inst.branch else "") if inst.repo_url else ""
         click.echo(f"session {inst.id} created{where}, {inst.tier} tier, {inst.status}")
+        await _note_limits(api)
         if task and program and not is_claude(program):
             _note(f"the task reaches {program.split()[0]} as $ORZ_TASK and the file $ORZ_TASK_FILE, not as an "
                   "argument (to pass it: --program '... \"$ORZ_TASK\"')")

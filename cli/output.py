@@ -140,6 +140,23 @@ def instances_table(instances: list[schemas.Instance], now: datetime | None = No
     return table
 
 
+def span(seconds: int) -> str:
+    """'30 min', '2 h', '7 days', '90 s': the largest unit that divides it, or that it reaches."""
+    for unit, size in ((" day", 86400), (" h", 3600), (" min", 60)):
+        if seconds >= size and (seconds % size == 0 or seconds >= 10 * size):
+            count = round(seconds / size)
+            return f"{count}{unit}{'s' if unit == ' day' and count != 1 else ''}"
+    return f"{seconds} s"
+
+
+def limits_line(org: schemas.MeOrg) -> str | None:
+    """When an idle session stops and a stopped one is deleted (None from a server that does not say)."""
+    if org.idle_timeout_s is None or org.retention_s is None:
+        return None
+    return (f"a session with no activity for {span(org.idle_timeout_s)} is stopped (its workspace kept); "
+            f"a stopped one is deleted after {span(org.retention_s)}")
+
+
 def quota_line(quota: schemas.Quota) -> str:
     noun = "session" if quota.limit == 1 else "sessions"
     return f"{quota.active} of {quota.limit} active {noun} ({quota.plan} plan)"

@@ -20,6 +20,7 @@ from api.errors import (
 )
 from api.instances import recordings, repo_policy
 from api.instances.ids import new_session_id
+from api.instances.limits import effective_idle_timeout_s, effective_retention_s
 from api.instances.service_base import ServiceBase
 from api.instances.states import (
     ACTIVE_STATES,
@@ -86,6 +87,12 @@ class UserSide(ServiceBase):
         if last is None or last.kind != "program_exited":
             return None
         return schemas.ProgramExit(at=last.at, message=last.message or "the program exited")
+
+    async def org_limits(self, org_id: str) -> tuple[int, int]:
+        """The idle timeout and the retention that apply to the org's sessions, in seconds."""
+        async with self.autocommit() as db:
+            org = await db.get(Org, org_id)
+        return effective_idle_timeout_s(self.settings, org, None), effective_retention_s(self.settings, org)
 
     async def quota(self, org_id: str, plan: str) -> schemas.Quota:
         async with self.autocommit() as db:

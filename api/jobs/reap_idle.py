@@ -20,6 +20,7 @@ from sqlalchemy import select
 from api import metrics
 from api.db.models import Instance, Org
 from api.errors import OrzError
+from api.instances.limits import effective_idle_timeout_s, effective_retention_s
 from api.instances.service import InstanceService
 from api.instances.states import State
 from api.settings import Settings
@@ -30,21 +31,6 @@ ACTOR = "scheduler"
 # A running session missing this many heartbeats in a row is marked unhealthy.
 MISSED_HEARTBEATS = 3
 REAPED_STATES = (State.RUNNING, State.UNHEALTHY, State.STOPPED, State.FAILED)
-
-
-def effective_idle_timeout_s(settings: Settings, org: Org | None, spec_value: object) -> int:
-    """The session's own timeout if it asked for one, bounded by its org's (or the deployment's) limit."""
-    if org is not None and org.idle_timeout_s:
-        limit = org.idle_timeout_s
-    else:
-        limit = settings.idle_timeout_s or settings.plan_idle_timeout_s
-    if isinstance(spec_value, int) and not isinstance(spec_value, bool) and spec_value > 0:
-        return min(spec_value, limit)
-    return limit
-
-
-def effective_retention_s(settings: Settings, org: Org | None) -> int:
-    return org.retention_s if org is not None and org.retention_s else settings.retention_s
 
 
 def last_active_at(inst: Instance) -> datetime:

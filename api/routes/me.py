@@ -16,10 +16,12 @@ bp = Blueprint("me")
 async def me(request: Request) -> HTTPResponse:
     who = await principal(request)
     quota = await state(request).instances.quota(who.org_id, who.plan)
+    idle_timeout_s, retention_s = await state(request).instances.org_limits(who.org_id)
     return respond(schemas.Me(
         user=schemas.MeUser(id=who.user_id, email=who.email, role=who.role,  # type: ignore[arg-type]
                             is_admin=who.is_admin),
-        org=schemas.MeOrg(id=who.org_id, name=who.org_name, plan=who.plan),
+        org=schemas.MeOrg(id=who.org_id, name=who.org_name, plan=who.plan, idle_timeout_s=idle_timeout_s,
+                          retention_s=retention_s),
         quota=quota,
         source=who.source,
     ))

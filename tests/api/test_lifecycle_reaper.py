@@ -9,9 +9,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api import schemas
 from api.db.models import Org
+from api.instances.limits import effective_idle_timeout_s, effective_retention_s
 from api.instances.providers.fake import FakeProvider
 from api.instances.service import InstanceService
-from api.jobs.reap_idle import IdleReaper, ReapReport, effective_idle_timeout_s, effective_retention_s
+from api.jobs.reap_idle import IdleReaper, ReapReport
 from api.jobs.scheduler import LifecycleScheduler
 from api.settings import Settings
 from tests.api.lifecycle_support import FakeClock, World, principal

@@ -9,8 +9,8 @@ from sqlalchemy import select, update
 
 from api import admin
 from api.db import tokens
-from api.db.models import ApiToken
-from tests.conftest import make_tenant
+from api.db.models import ApiToken, Org
+from tests.conftest import both_databases, make_tenant
 
 
 async def test_token_is_stored_hashed_never_in_clear(app, sessions, settings):
@@ -61,3 +61,17 @@ async def test_enabling_a_user_again_does_not_bring_their_old_tokens_back(app, s
     assert leaked.status == 401 and leaked.json["detail"] == "invalid or revoked API token"
     _, me = await app.asgi_client.get("/v1/me", headers={"Authorization": f"Bearer {fresh}"})
     assert me.status == 200 and me.json["user"]["email"] == t.email
+
+
+@both_databases
+async def test_me_says_when_sessions_stop_and_go(app, sessions):
+    """`/v1/me` names the idle timeout and the retention the reaper applies to the org (its own values where an
+    admin set them), so `orz cloud new` and `whoami` can tell users before it happens."""
+    t = await make_tenant(sessions, "acme")
+    _, resp = await app.asgi_client.get("/v1/me", headers=t.headers)
+    assert (resp.json["org"]["idle_timeout_s"], resp.json["org"]["retention_s"]) == (30 * 60, 7 * 24 * 3600)
+    async with sessions() as db:
+        await db.execute(update(Org).where(Org.name == "acme").values(idle_timeout_s=600, retention_s=86400))
+        await db.commit()
+    _, resp = await app.asgi_client.get("/v1/me", headers=t.headers)
+    assert (resp.json["org"]["idle_timeout_s"], resp.json["org"]["retention_s"]) == (600, 86400)

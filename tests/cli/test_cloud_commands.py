@@ -56,6 +56,12 @@ def test_login_whoami_logout(orz: Orz, live_api: LiveApi, home: Path) -> None:
     assert who.returncode == 0, who.stderr
     assert tenant.email in who.stdout and "org acme" in who.stdout
     assert "0 of 2 active sessions (free plan)" in who.stdout
+    # when the reaper acts, before it does (the deployment's defaults here: 30 minutes, 7 days)
+    limits = ("a session with no activity for 30 min is stopped (its workspace kept); "
+              "a stopped one is deleted after 7 days")
+    assert limits in who.stdout
+    made = orz("cloud", "new", "--no-attach")
+    assert made.returncode == 0 and limits in made.stderr, made
     assert json.loads(orz("cloud", "whoami", "--json").stdout)["user"]["email"] == tenant.email
 
     assert orz("cloud", "logout").returncode == 0
