@@ -852,7 +852,8 @@ def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
     return [
         # A control character deep in a field (a dict value, a list item) names its path below the field.
         {"field": (".".join(str(p) for p in err["loc"]) + str(err.get("ctx", {}).get("path", ""))) or "(body)",
-         "message": err["msg"]}
+         # A validator's own ValueError reads as written, without pydantic's "Value error, " before it.
+         "message": err["msg"].removeprefix("Value error, ") if err["type"] == "value_error" else err["msg"]}
         for err in exc.errors(include_url=False, include_input=False)
     ]
 

@@ -154,5 +154,6 @@ async def test_me_reports_user_org_plan_and_quota(app, sessions):
     _, resp = await app.asgi_client.get("/v1/me", headers=t.headers)
     assert resp.status == 200
     assert resp.json["user"]["email"] == t.email
-    assert resp.json["org"] == {"id": resp.json["org"]["id"], "name": "acme", "plan": "pro"}
+    assert resp.json["org"] == {"id": resp.json["org"]["id"], "name": "acme", "plan": "pro",
+                                "idle_timeout_s": 30 * 60, "retention_s": 7 * 24 * 3600}
     assert resp.json["quota"] == {"limit": 5, "active": 1, "plan": "pro"}
