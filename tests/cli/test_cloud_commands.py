@@ -60,7 +60,7 @@ def test_login_whoami_logout(orz: Orz, live_api: LiveApi, home: Path) -> None:
     limits = ("a session with no activity for 30 min is stopped (its workspace kept); "
               "a stopped one is deleted after 7 days")
     assert limits in who.stdout
-    made = orz("cloud", "new", "--no-attach")
+    made = orz("cloud", "new", "--no-attach", cwd=home)  # (not in a clone: its origin would be a local path)
     assert made.returncode == 0 and limits in made.stderr, made
     assert json.loads(orz("cloud", "whoami", "--json").stdout)["user"]["email"] == tenant.email
 
