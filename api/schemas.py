@@ -847,13 +847,17 @@ class AuthFailureReply(Response):
     retry_after_s: int
 
 
+def error_message(err: Mapping[str, Any]) -> str:
+    """One pydantic error's message; a validator's own ValueError reads as written, without "Value error, "."""
+    return str(err["msg"]).removeprefix("Value error, ") if err["type"] == "value_error" else str(err["msg"])
+
+
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
     """Field and message of each error, never the input (it may be a secret)."""
     return [
         # A control character deep in a field (a dict value, a list item) names its path below the field.
         {"field": (".".join(str(p) for p in err["loc"]) + str(err.get("ctx", {}).get("path", ""))) or "(body)",
-         # A validator's own ValueError reads as written, without pydantic's "Value error, " before it.
-         "message": err["msg"].removeprefix("Value error, ") if err["type"] == "value_error" else err["msg"]}
+         "message": error_message(err)}
         for err in exc.errors(include_url=False, include_input=False)
     ]
 

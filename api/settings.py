@@ -20,7 +20,7 @@ from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.cloud_yaml import DEFAULT_MAX_SERVICES, SERVICES_CEILING
-from api.schemas import RECORDING_MIN_BYTES
+from api.schemas import RECORDING_MIN_BYTES, error_message
 
 ProviderName = Literal["local", "kubernetes", "fake"]
 
@@ -561,7 +561,7 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for error in exc.errors(include_input=False, include_url=False):
             name = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
-            message = str(error["msg"]).removeprefix("Value error, ")
+            message = error_message(error)
             problems.append(f"{prefix}{name.upper()}: {message}" if name else message)
         raise SettingsInvalid("; ".join(problems)) from None
 
