@@ -10,7 +10,6 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sanic import HTTPResponse, Request, Sanic
@@ -19,7 +18,7 @@ from sanic.handlers import ErrorHandler
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api import log as orz_log
-from api import metrics, public_keys
+from api import metrics
 from api.auth import PrincipalCache
 from api.credentials.secrets_box import SecretsBox
 from api.db.engine import autocommit_session_factory, create_engine, is_connection_failure, session_factory
@@ -32,6 +31,7 @@ from api.errors import (
     SchemaNotAtHead,
     TooManyAttempts,
 )
+from api.gateway_keys import gateway_host_public_key, gateway_public_key
 from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
 from api.routes import attach, auth, health, instances, internal, me
@@ -74,16 +74,6 @@ def make_provider(settings: Settings) -> Provider:
     from api.instances.providers.kubernetes.provider import KubernetesProvider
 
     return KubernetesProvider(settings)
-
-
-def gateway_public_key(settings: Settings) -> str:
-    """The public half of the gateway's client key, which runners are told to trust, as the one OpenSSH
-    line a runner reads, whatever form it was configured in (the chart's is a PEM certificate)."""
-    if settings.gateway_public_key.strip():
-        return public_keys.to_openssh_line(settings.gateway_public_key, source="ORZ_GATEWAY_PUBLIC_KEY")
-    key_file = settings.gateway_client_key_file or settings.keys_dir / "gateway_client_ed25519"
-    pub = Path(f"{key_file}.pub")
-    return public_keys.to_openssh_line(pub.read_bytes(), source=str(pub)) if pub.exists() else ""
 
 
 class ProblemHandler(ErrorHandler):
@@ -226,6 +216,8 @@ def create_app(
         prov = provider or make_provider(settings)
         box = SecretsBox.from_settings(settings)
         secret_svc = SecretService(sessions, box)
+        # Read now so a misconfigured key stops the start; an unknown one is looked for again on attach.
+        app.ctx.gateway_host_key = gateway_host_public_key(settings)
         svc = InstanceService(
             settings, sessions, prov, gateway_public_key=gateway_public_key(settings),
             secret_env=secret_env or secret_svc, autocommit_sessions=autocommit,

@@ -337,6 +337,9 @@ class AttachGrant(Response):
     ssh_port: int
     attach_url: str
     readonly: bool = False
+    host_keys: list[str] = Field(default_factory=list, description=(
+        "the gateway's SSH host key as OpenSSH public key lines, for known_hosts under `[ssh_host]:ssh_port` "
+        "(the bare host on port 22): pin it before connecting. Empty when the server does not publish it"))
 
 
 class MeUser(Response):
@@ -357,10 +360,22 @@ class MeOrg(Response):
     retention_s: int | None = None
 
 
+class MeGateway(Response):
+    """Where users' ssh connects, and the host key it must find there."""
+
+    ssh_host: str
+    ssh_port: int
+    host_keys: list[str] = Field(default_factory=list, description=(
+        "OpenSSH public key lines of the gateway's host key (empty: the server does not publish it)"))
+    known_hosts: list[str] = Field(default_factory=list, description=(
+        "the same keys as ~/.ssh/known_hosts lines for ssh_host and ssh_port"))
+
+
 class Me(Response):
     user: MeUser
     org: MeOrg
     quota: Quota
+    gateway: MeGateway | None = None
     # How the presented token was obtained: "token" (minted by an admin), "github", "oidc:<name>".
     source: str = "token"
 

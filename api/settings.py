@@ -123,6 +123,11 @@ class Settings(BaseSettings):
                                                   "connections to runners; runners trust only its public half")
     gateway_public_key: str = option("gateway", "", "the public half of the gateway's client key, for the API "
                                      "to hand to runners; unset: read from the key file", shown="from the key file")
+    gateway_host_public_key: str = option("gateway", "", "the public half of the gateway's SSH host key, which "
+                                          "the API hands to the CLI to pin before its first connection (no "
+                                          "trust on first use); unset: read from the host key file's `.pub`, "
+                                          "and without one clients trust the key on first use",
+                                          shown="from the key file")
     gateway_fast_path: bool = option("gateway", True, "relay session bytes without asyncssh's per-packet channel "
                                      "machinery (`gateway/splice.py`); `false` runs every packet through asyncssh, "
                                      "as a fallback and for comparison")

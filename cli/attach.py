@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from api import schemas
 from api.client import ApiClient
-from cli import keys, reconnect, ssh_config
+from cli import keys, known_hosts, reconnect, ssh_config
 from cli.errors import EXIT_USAGE, CliError
 
 _ATTACH_PATH = re.compile(r"^(?:/.*)?/v1/instances/([^/]+)/attach/?$")
@@ -49,6 +49,7 @@ async def fetch_certificate(api: ApiClient, session_id: str, *, readonly: bool =
     if not grant.certificate:
         raise CliError(f"the API gave no SSH certificate for {session_id}; is its SSH CA configured?")
     cert = keys.save_certificate(session_id, grant.certificate, readonly)
+    known_hosts.pin(ssh_config.known_hosts_path(), grant.ssh_host, grant.ssh_port, grant.host_keys)
     if not readonly:
         ssh_config.write_host_file(session_id, grant.ssh_host, grant.ssh_port, cert)
     return grant, cert

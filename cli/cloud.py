@@ -21,6 +21,7 @@ from cli import (
     cloud_watch,
     cloud_webhooks,
     keys,
+    known_hosts,
     output,
     ssh_config,
 )
@@ -136,6 +137,20 @@ async def whoami(as_json: bool) -> None:
     click.echo(output.quota_line(me.quota))
     if limits := output.limits_line(me.org):
         click.echo(limits)
+
+
+@cloud.command("known-hosts")
+@cloud_command
+async def known_hosts_cmd() -> None:
+    """Print the gateway's host key as known_hosts lines, as the API vouches for it (for ~/.ssh/known_hosts)."""
+    async with client() as api:
+        me = await api.me()
+    if me.gateway is None or not me.gateway.host_keys:
+        raise CliError("this server does not publish its gateway's host key (an older server, or one whose "
+                       "admin has not set ORZ_GATEWAY_HOST_PUBLIC_KEY); check the key ssh shows against the "
+                       "fingerprint your admin publishes")
+    for line in known_hosts.lines_for(me.gateway.ssh_host, me.gateway.ssh_port, me.gateway.host_keys):
+        click.echo(line)
 
 
 @cloud.command("ssh-config")

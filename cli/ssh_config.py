@@ -9,8 +9,9 @@ commands as it meets them):
 
 `_refresh-cert` fetches a certificate when the session's one has < 60 s left (or is missing or
 expired) and (re)writes `hosts/<id>.conf` before ssh evaluates the Include glob, so even a session
-created after `ssh-config` ran works on the first try. The gateway's host key is pinned trust-on-first-
-use in ~/.config/orzbob/known_hosts (StrictHostKeyChecking accept-new): a changed key is refused.
+created after `ssh-config` ran works on the first try. It also pins the gateway's host key the API names
+in ~/.config/orzbob/known_hosts (cli/known_hosts.py); `StrictHostKeyChecking accept-new` then only
+applies to a server that publishes none.
 """
 
 from __future__ import annotations

@@ -198,7 +198,8 @@ def _count_transition(_row: object, _from: object, to: object) -> None:
 async def _scheduler(settings: Settings, *, clock: Clock | None, provider: Provider | None,
                      secret_env: SecretEnvSource | None) -> AsyncIterator[LifecycleScheduler]:
     # Imported here: api.app pulls in Sanic and the routes, which the jobs themselves do not need.
-    from api.app import gateway_public_key, make_provider
+    from api.app import make_provider
+    from api.gateway_keys import gateway_public_key
 
     engine = create_engine(settings.database_url)
     sessions = session_factory(engine)

@@ -18,7 +18,7 @@ from api.errors import ValidationFailed
 from api.http import parse_body, respond
 from api.instances.views import attach_url, ssh_command
 from api.openapi import route
-from api.routes.deps import principal, state
+from api.routes.deps import gateway_host_keys, principal, state
 from api.settings import Settings
 
 bp = Blueprint("attach")
@@ -93,4 +93,5 @@ async def attach(request: Request, id: str) -> HTTPResponse:
         token=token.token, token_expires_at=_utc(token.expires_at),
         ssh=ssh_command(settings, row.id), ssh_host=settings.public_ssh_host, ssh_port=settings.public_ssh_port,
         attach_url=f"{attach_url(settings, row.id)}?token={token.token}", readonly=body.readonly,
+        host_keys=gateway_host_keys(request),
     ))

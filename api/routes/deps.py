@@ -9,6 +9,7 @@ from sanic import Request
 from api import log as orz_log
 from api.auth import Principal, authenticate_api_token, bearer_token, check_service_token
 from api.errors import NotReady
+from api.gateway_keys import gateway_host_public_key
 
 if TYPE_CHECKING:
     from api.app import AppState
@@ -36,3 +37,13 @@ def require_service(request: Request) -> None:
         state(request).settings.service_token.get_secret_value(),
         bearer_token(request.headers.get("authorization")),
     )
+
+
+def gateway_host_keys(request: Request) -> list[str]:
+    """The gateway's host key as OpenSSH lines, for clients to pin; read until found (`orz server`'s gateway
+    may write it after the API started), then kept for the app's life."""
+    line: str = getattr(request.app.ctx, "gateway_host_key", "")
+    if not line:
+        line = gateway_host_public_key(state(request).settings)
+        request.app.ctx.gateway_host_key = line
+    return [line] if line else []

@@ -105,3 +105,29 @@ def lifetime(grant: dict) -> int:
     cert = serialization.load_ssh_public_identity(grant["certificate"].encode())
     assert isinstance(cert, serialization.SSHCertificate)
     return cert.valid_before - cert.valid_after
+
+
+async def test_attach_names_the_gateways_host_key_for_known_hosts(app: Sanic, sessions, settings: Settings) -> None:
+    """The CLI pins what `host_keys` says before ssh first connects (cli/known_hosts.py). Under `orz server`
+    the gateway may write its key after the API started: it is looked for again until found."""
+    t = await make_tenant(sessions, "acme")
+    sid = await _session(app, t.headers)
+
+    async def host_keys(via: Sanic = app) -> list[str]:
+        _, resp = await via.asgi_client.post(f"/v1/instances/{sid}/attach", headers=t.headers, json={})
+        assert resp.status == 200, resp.json
+        return list(resp.json["host_keys"])
+
+    assert await host_keys() == []  # no gateway key yet: the CLI falls back to trust on first use
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="gw@host")
+    settings.keys_dir.mkdir(parents=True, exist_ok=True)
+    (settings.keys_dir / "gateway_host_ed25519.pub").write_bytes(key.export_public_key())
+    line = " ".join(key.export_public_key().decode().split()[:2])
+    assert await host_keys() == [line]
+
+    # The chart hands the key over as a PEM certificate or public key; users get the OpenSSH line.
+    other = asyncssh.generate_private_key("ssh-ed25519")
+    pem = other.pyca_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    configured = create_app(settings.model_copy(update={"gateway_host_public_key": pem}), provider=FakeProvider())
+    assert await host_keys(configured) == [" ".join(other.export_public_key().decode().split()[:2])]

@@ -56,7 +56,8 @@ SECRET_VALUES = {
     "ssh-ca-key": "sshCaKey", "jwt-key": "jwtKey", "secrets-key": "secretsKey", "service-token": "serviceToken",
     "gateway-host-key": "gatewayHostKey", "gateway-client-key": "gatewayClientKey",
     "ssh-ca-public-key": "sshCaPublicKey", "jwt-public-key": "jwtPublicKey",
-    "gateway-public-key": "gatewayPublicKey", "postgres-password": "postgresPassword",
+    "gateway-public-key": "gatewayPublicKey", "gateway-host-public-key": "gatewayHostPublicKey",
+    "postgres-password": "postgresPassword",
 }
 
 

@@ -15,9 +15,9 @@ import asyncssh
 import httpx
 import pytest
 
-from api.app import gateway_public_key
 from api.credentials import jwt as attach_jwt
 from api.credentials import ssh_ca
+from api.gateway_keys import gateway_host_public_key, gateway_public_key
 from api.public_keys import to_openssh_line
 from gateway import auth
 from gateway.server import serve
@@ -40,7 +40,7 @@ def objs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def test_public_halves_are_derived_from_the_private_keys(objs: list[dict[str, Any]]) -> None:
     secret = rendered_secret(objs)
     for pub, priv in (("ssh-ca-public-key", "ssh-ca-key"), ("jwt-public-key", "jwt-key"),
-                      ("gateway-public-key", "gateway-client-key")):
+                      ("gateway-public-key", "gateway-client-key"), ("gateway-host-public-key", "gateway-host-key")):
         derived = asyncssh.import_private_key(secret[priv]).export_public_key().split()[:2]
         assert to_openssh_line(secret[pub]).encode().split() == derived, pub
 
@@ -67,6 +67,10 @@ async def test_gateway_pod_is_ready_and_trusts_the_apis_credentials(objs: list[d
         token = attach_jwt.issue(attach_jwt.load_or_create_signing_key(api_settings), user_id="usr_1",
                                  session_id=SID, ttl_s=60)
         assert auth.check_jwt(token.token, SID, gw.anchors).jti == token.jti
+        # The host key the API hands the CLI to pin is the one this gateway Pod proves itself with.
+        served = await asyncssh.get_server_host_key("127.0.0.1", gw.port)
+        assert served is not None
+        assert gateway_host_public_key(api_settings).split() == served.export_public_key().decode().split()[:2]
     assert sorted(p.name for p in (tmp_path / "api" / "keys").iterdir()) == ["jwt-key", "secrets-key",
                                                                              "ssh-ca-key"]
 

@@ -157,6 +157,13 @@ seccompProfile:
     secretKeyRef:
       name: {{ include "orz.secretName" . }}
       key: gateway-public-key
+- name: ORZ_GATEWAY_HOST_PUBLIC_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "orz.secretName" . }}
+      key: gateway-host-public-key
+      # An existingSecret made before this key existed: clients then trust the host key on first use.
+      optional: true
 {{- range $name, $value := .Values.config.extraEnv }}
 - name: {{ $name }}
   value: {{ $value | quote }}
