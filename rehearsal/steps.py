@@ -295,11 +295,19 @@ def ssh_each_gateway(ctx: Context) -> None:
     config = ctx.home / ".config" / "orzbob"
     block = (config / "hosts" / f"{ctx.session}.conf").read_text().split()
     certificate = block[block.index("CertificateFile") + 1]
+    # The refresh pinned the host key the API vouches for (the chart's gateway-host-public-key): every
+    # replica must prove itself with exactly that key, checked strictly (nothing trusted on first use).
+    pinned = sorted({tuple(line.split()[1:3]) for line in (config / "known_hosts").read_text().splitlines()
+                     if line.strip()})
+    if len(pinned) != 1:
+        raise StepFailed(f"the CLI's known_hosts holds {len(pinned)} gateway host keys, the one the API names expected")
+    replica_hosts = ctx.workdir / "replica_known_hosts"
     for pod in gateways:
         address, port = ctx.cluster.pod_endpoint(pod, "ssh")
+        replica_hosts.write_text(f"[{address}]:{port} {' '.join(pinned[0])}\n")
         argv = ["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i",
                 str(config / "id_ed25519"), "-o", f"CertificateFile={certificate}", "-o",
-                f"UserKnownHostsFile={config / 'known_hosts'}", "-o", "StrictHostKeyChecking=accept-new",
+                f"UserKnownHostsFile={replica_hosts}", "-o", "StrictHostKeyChecking=yes",
                 "-p", str(port), f"{ctx.session}@{address}", "cat .init-marker; echo secret=$REHEARSAL_SECRET"]
         done = subprocess.run(argv, env=ctx.env(), text=True, capture_output=True, timeout=60, check=False)
         if "init-ran" not in done.stdout or "secret=s3cr3t-value" not in done.stdout:
