@@ -297,7 +297,8 @@ def ssh_each_gateway(ctx: Context) -> None:
     certificate = block[block.index("CertificateFile") + 1]
     # The refresh pinned the host key the API vouches for (the chart's gateway-host-public-key): every
     # replica must prove itself with exactly that key, checked strictly (nothing trusted on first use).
-    pinned = sorted({tuple(line.split()[1:3]) for line in (config / "known_hosts").read_text().splitlines()
+    known = config / "known_hosts"
+    pinned = sorted({tuple(line.split()[1:3]) for line in (known.read_text() if known.exists() else "").splitlines()
                      if line.strip()})
     if len(pinned) != 1:
         raise StepFailed(f"the CLI's known_hosts holds {len(pinned)} gateway host keys, the one the API names expected")
