@@ -25,7 +25,14 @@ from cli import (
     output,
     ssh_config,
 )
-from cli.config import DEFAULT_API_URL, Credentials, forget_credentials, load_credentials, token_path
+from cli.config import (
+    DEFAULT_API_URL,
+    Credentials,
+    cleartext_problem,
+    forget_credentials,
+    load_credentials,
+    token_path,
+)
 from cli.connect import CliApiClient, check_api_url, client, cloud_command, one_line
 from cli.errors import EXIT_NOT_FOUND, EXIT_USAGE, CliError, exit_code_for
 from cli.login import DeviceLogin, TokenLogin, login
@@ -71,6 +78,8 @@ def login_cmd(token: str | None, with_token: bool, provider: str | None, no_brow
 async def _login(token: str | None, provider: str | None, no_browser: bool, api_url: str | None) -> None:
     where = "--api-url" if api_url else "ORZBOB_API_URL" if os.environ.get("ORZBOB_API_URL") else "the saved API URL"
     url = check_api_url(api_url or _default_api_url(), where)
+    if problem := cleartext_problem(url):
+        click.echo(f"orz: warning: {problem}", err=True)
     flow: TokenLogin | DeviceLogin = TokenLogin(token) if token else DeviceLogin(provider, open_browser=not no_browser)
     try:
         creds, me = await login(flow, url)

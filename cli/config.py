@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +27,21 @@ def api_url_problem(url: str) -> str | None:
     if base.endswith("/v1"):
         return f"names the API's /v1 path; give the server's address without /v1 (e.g. {base.removesuffix('/v1')})"
     return None
+
+
+def cleartext_problem(url: str) -> str | None:
+    """Why logging in to ``url`` would expose the login, or None: plain http to a host other than this machine."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme != "http" or host == "localhost" or host.endswith(".localhost"):
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (f"{url} is plain http: your token, and the gateway host key the CLI pins, cross the network "
+            "unencrypted and unauthenticated; use the server's https:// address")
 
 
 def config_dir() -> Path:
