@@ -60,10 +60,27 @@ def file_repo_path(url: str) -> Path | None:
     return Path(unquote(urlsplit(url).path) or "/").resolve()
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address something on the path delivers to: NAT64's
+# well-known prefix (a NAT64 gateway, as clouds' IPv6-only subnets have, forwards to that IPv4 address,
+# private ones included) and the deprecated IPv4-compatible form. Python's table calls them global; they
+# are judged by the IPv4 address they carry.
+_CARRY_IPV4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
+# Never a public host, whatever Python's table says: NAT64's local-use prefix (its own network's
+# translator, any embedding) and the deprecated site-local range, still routed inside some networks.
+_LOCAL_IPV6 = (ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv6Network("fec0::/10"))
+
+
 def _not_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _LOCAL_IPV6):
+            return True
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:  # 2002::/16: a 6to4 relay sends it to the IPv4 address inside
+            ip = ip.sixtofour
+        elif any(ip in net for net in _CARRY_IPV4):
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return not ip.is_global or ip.is_multicast
 
 

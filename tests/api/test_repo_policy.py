@@ -45,6 +45,10 @@ def settings_for(tmp_path: Path, **extra: str) -> Settings:
     "https://[::ffff:127.0.0.1]/x", "ssh://git@10.0.0.5/x.git", "git@192.168.1.10:team/x.git",
     "https://169.254.169.254/latest", "https://metadata.example/x", "https://intranet.corp/x.git",
     "https://rebind.example/x.git", "https://0.0.0.0/x", "https://100.64.1.1/x", "https://api.localhost/x",
+    # IPv6 forms carrying a private IPv4 address (NAT64, 6to4, IPv4-compatible) and local-use ranges
+    # Python's table calls global.
+    "https://[64:ff9b::a9fe:a9fe]/latest", "https://[64:ff9b::10.1.2.3]/x.git", "https://[2002:a00:1::1]/x",
+    "https://[::7f00:1]/x", "https://[::127.0.0.1]/x", "https://[64:ff9b:1::a00:1]/x", "https://[fec0::1]/x",
 ])
 async def test_non_public_hosts_are_refused(tmp_path: Path, url: str) -> None:
     with pytest.raises(RepoUrlRefused) as refused:
@@ -59,7 +63,8 @@ async def test_numeric_host_forms_are_resolved_like_git_would(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("url", ["https://git.example.com/team/x.git", "git@git.example.com:team/x.git",
-                                 "https://93.184.215.14/x.git"])
+                                 "https://93.184.215.14/x.git", "https://[64:ff9b::5db8:d70e]/x.git",
+                                 "https://[2002:5db8:d70e::1]/x.git"])
 async def test_public_hosts_pass(tmp_path: Path, url: str) -> None:
     await check_repo_url(url, settings_for(tmp_path), table_resolver)
 

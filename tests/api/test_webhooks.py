@@ -181,6 +181,7 @@ async def test_the_secret_is_shown_once_and_only_to_its_owner(
     ("https://[::1]:8443/hook", "private address"),
     ("https://127.0.0.2/hook", "private address"),  # loopback, but not the allowed 127.0.0.1
     ("https://169.254.169.254/latest", "private address"),
+    ("https://[64:ff9b::a9fe:a9fe]/latest", "private address"),  # the metadata service through NAT64
     ("http://hooks.slack.com/services/x", "must be https"),
     ("ftp://example.com/x", "https:// URL"),
     ("https://user:pw@example.com/x", "user name or password"),
