@@ -48,7 +48,7 @@ def describe(inst: schemas.Instance) -> str:
         text += f": {inst.agent_message}"
     if inst.status == "failed" and inst.reason:
         text += f" ({inst.reason})"
-    return text
+    return output.printable(text)
 
 
 def worth_notifying(before: Seen | None, inst: schemas.Instance) -> bool:
@@ -63,7 +63,7 @@ def notify(inst: schemas.Instance) -> None:
     """A desktop notification where notify-send exists, else the terminal bell."""
     binary = shutil.which("notify-send")
     title = f"orz: {inst.id} {output.agent_label(inst) if inst.agent_state else inst.status}"
-    body = inst.agent_message or inst.reason or describe(inst)
+    body = output.printable(inst.agent_message or inst.reason or describe(inst))
     if binary is not None:
         try:
             done = subprocess.run([binary, "--app-name=orz", title, body], capture_output=True, timeout=10,  # nosec B603

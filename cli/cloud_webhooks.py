@@ -122,6 +122,6 @@ async def log(webhook_id: str, limit: int, as_json: bool) -> None:
     for d in listing.deliveries:
         last = str(d.status_code) if d.status_code is not None else ""
         if d.error:
-            last = f"{last} {d.error}".strip()
+            last = f"{last} {output.printable(d.error)}".strip()
         table.add_row(output.relative(d.created_at), d.event, d.session_id or "-", d.state, str(d.attempts), last)
     output.print_table(table)

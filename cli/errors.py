@@ -13,6 +13,7 @@ import click
 
 from api.client import ApiError
 from api.errors import OrzError, SchemaNotAtHead
+from api.schemas import scrub_controls
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -35,7 +36,9 @@ class CliError(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"orz: {self.format_message()}", err=True)
+        # Messages quote what the server said (a session's failure reason, a receiver's answer), which may
+        # carry a runner's escape sequences: the terminal gets them as U+FFFD (cli/output.py, printable).
+        click.echo(f"orz: {scrub_controls(self.format_message(), 'text')}", err=True)
 
 
 def exit_code_for(status: int) -> int:

@@ -25,6 +25,14 @@ STATUS_STYLE = {
 TABLE_WIDTH = 80
 
 
+def printable(text: str) -> str:
+    """Text the server relays from elsewhere (a runner's failure reason, a program's exit message, a
+    receiver's answer) as one line a terminal cannot act on: every control character, escape sequences'
+    ESC included, shown as U+FFFD. A session's runner and agent are not trusted, and an org admin reads
+    their members' sessions: an OSC 52 or title sequence in a reason must not reach the admin's terminal."""
+    return schemas.scrub_controls(text, "line")
+
+
 def stdout() -> Console:
     return Console(highlight=False, soft_wrap=True, width=TABLE_WIDTH if not sys.stdout.isatty() else None)
 
@@ -171,12 +179,12 @@ def event_line(event: schemas.InstanceEvent) -> str:
     at = event.at.astimezone(UTC).strftime("%H:%M:%S")
     change = f"{event.from_state or '-'} -> {event.to_state}" if event.to_state else event.kind
     message = f"  {event.message}" if event.message else ""
-    return f"{at}  {change}{message}"
+    return printable(f"{at}  {change}{message}")
 
 
 def program_exit_line(program_exit: schemas.ProgramExit, session_id: str) -> str:
     at = program_exit.at.astimezone(UTC).strftime("%H:%M:%S")
-    return f"{program_exit.message} at {at}; attaching restarts it (orz cloud attach {session_id})"
+    return f"{printable(program_exit.message)} at {at}; attaching restarts it (orz cloud attach {session_id})"
 
 
 def describe(inst: schemas.Instance) -> list[tuple[str, Any]]:
@@ -196,4 +204,4 @@ def describe(inst: schemas.Instance) -> list[tuple[str, Any]]:
         rows.append(("agent", label + (f": {inst.agent_message}" if inst.agent_message else "")))
     if inst.work:
         rows.append(("work", work_line(inst.work)))
-    return rows
+    return [(name, printable(value) if isinstance(value, str) else value) for name, value in rows]

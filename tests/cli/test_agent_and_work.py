@@ -52,3 +52,24 @@ def test_kill_refuses_unsaved_work_unless_forced_or_saved(orz: Orz, live_api: Li
     assert_one_error_line(orz("cloud", "kill", other), "not saved: remote: no pushes here")
     forced = orz("cloud", "kill", other, "--force")
     assert forced.returncode == 0 and "killed" in forced.stdout, forced.stderr
+
+
+def test_status_shows_a_runners_escape_sequences_inert(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                       tmp_path: Path) -> None:
+    # The runner (and the agent, which can read its token) is not trusted: what it reports must not drive
+    # the terminal of whoever reads the session (its owner, an org admin): no OSC 52 clipboard write, no
+    # title change, no line rewritten by a carriage return.
+    sid = create(orz, cwd=tmp_path)
+    hostile = "done\x1b]52;c;cm0gLXJmIH4=\x07\x1b]0;owned\x07\rall tests pass\x1b[2K\x9b1m"
+    live_api.heartbeat(sid, program_events=[schemas.ProgramEvent(kind="program_exited", exit_code=1,
+                                                                 message=hostile)])
+    shown = orz("cloud", "status", sid)
+    assert shown.returncode == 0, shown.stderr
+    assert "program_exited  done\ufffd]52;c;cm0gLXJmIH4=\ufffd" in shown.stdout  # the event, made inert
+    assert "exited:      done\ufffd" in shown.stdout  # the program's exit line
+    live_api.heartbeat(sid, fatal_error=hostile)
+    failed = orz("cloud", "status", sid)
+    assert "status:      failed (done\ufffd]52;c;" in failed.stdout
+    for out in (shown.stdout, failed.stdout):
+        assert not any(ch in out for ch in "\x1b\x07\r\x9b"), repr(out)
+    assert json.loads(orz("cloud", "status", sid, "--json").stdout)["instance"]["reason"] == hostile  # as stored
