@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from api import log as orz_log
+from api.schemas import scrub_controls
 from api.settings import Settings
 
 # Human events for the terminal of `orz server` (and, like everything, the log file).
@@ -37,7 +38,9 @@ class _HumanFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         at = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
         level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-        return f"{at}  {level}{orz_log.redact(record.getMessage())}"
+        # Lines quote what sessions report (a runner's failure reason, a program event), from any org: their
+        # escape sequences must not drive the operator's terminal (shown as U+FFFD; the file keeps them).
+        return f"{at}  {level}{scrub_controls(orz_log.redact(record.getMessage()), 'text')}"
 
 
 def configure(settings: Settings, terminal: TextIO | None = None) -> Path:
