@@ -83,6 +83,19 @@ class GitHubProvider:
             raise IdentityProviderError(f"GitHub refused the sign-in code ({error[:64] or 'no error'})")
         return await self.identity_from_token(str(body["access_token"]))
 
+    async def issued_to_this_app(self, token: str) -> bool | None:
+        """Whether GitHub issued ``token`` to this OAuth app, by GitHub's token check (which takes the app's
+        client secret); None without the secret, when GitHub will not say. /user answers for a token of any
+        app, or a personal access token, so it alone proves only whose token it is, not that its holder
+        signed in here."""
+        if not self._secret:
+            return None
+        body = await request_json(self._http, "POST", f"{self.api_url}/applications/{self.client_id}/token",
+                                  what="the GitHub token check", ok_statuses=(200, 404, 422),
+                                  auth=(self.client_id, self._secret), json={"access_token": token})
+        app = body.get("app") if isinstance(body, dict) else None
+        return isinstance(app, dict) and str(app.get("client_id")) == self.client_id
+
     async def _get(self, token: str, path: str, what: str) -> Any:
         try:
             response = await self._http.get(f"{self.api_url}{path}", headers={

@@ -346,6 +346,11 @@ class SignInService:
         identity = await self.github.identity_from_token(github_token)
         if github_id is not None and identity.subject != str(github_id):
             raise InvalidGrant("the GitHub token belongs to another account than github_id")
+        # A token another app obtained (any site's "Sign in with GitHub", a leaked personal token) names its
+        # owner as well as ours does: only one issued to this server's app signs its owner in here.
+        if await self.github.issued_to_this_app(github_token) is False:
+            raise InvalidGrant("the GitHub token was not issued to this server's GitHub app; log in again with "
+                               "`orz login` against this server")
         return await self.sign_in(identity, refresh=False, ttl_s=self.settings.signin_refresh_ttl_s)
 
 

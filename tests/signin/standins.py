@@ -278,6 +278,7 @@ class GitHubStandIn(ThreadedJsonServer):
     interval: int = 1
     devices: dict[str, Device] = field(default_factory=dict)
     tokens: dict[str, GitHubAccount] = field(default_factory=dict)
+    foreign_tokens: dict[str, GitHubAccount] = field(default_factory=dict)  # other apps' tokens
     codes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The OAuth app's registered callback URL: GitHub sends codes nowhere else.
     callback_url: str = ""
@@ -331,10 +332,31 @@ class GitHubStandIn(ThreadedJsonServer):
         self.tokens[token] = account
         return token
 
+    def foreign_token_for(self, account: GitHubAccount) -> str:
+        """A token of the same person that another OAuth app (any site's "Sign in with GitHub") obtained:
+        GitHub's REST API answers to it, its token check for this app does not know it."""
+        token = "gho_" + secrets.token_urlsafe(24)
+        self.foreign_tokens[token] = account
+        return token
+
+    def _check_token(self, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        """GitHub's POST /applications/{client_id}/token: 200 with the app for its own tokens, else 404."""
+        if _basic(headers) != (self.client_id, self.client_secret):
+            return 401, {"message": "Bad credentials"}
+        token = str(json.loads(body or b"{}").get("access_token", ""))
+        account = self.tokens.get(token)
+        if account is None:
+            return 404, {"message": "Not Found"}
+        return 200, {"app": {"client_id": self.client_id, "name": "orz"}, "user": {"id": account.id,
+                                                                                "login": account.login}}
+
     def route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         url = urlsplit(path)
+        if url.path == f"/api/v3/applications/{self.client_id}/token" and method == "POST":
+            return self._check_token(headers, body)
         if url.path.startswith("/api/v3/"):
-            account = self.tokens.get(headers.get("authorization", "").removeprefix("Bearer "))
+            presented = headers.get("authorization", "").removeprefix("Bearer ")
+            account = self.tokens.get(presented) or self.foreign_tokens.get(presented)
             if account is None:
                 return 401, {"message": "Bad credentials"}
             if url.path == "/api/v3/user":

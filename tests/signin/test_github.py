@@ -7,9 +7,12 @@ import asyncio
 import logging
 
 import pytest
+from sqlalchemy import select
 
 from api import admin
+from api.db.models import User
 from api.settings import Settings
+from tests.conftest import both_databases
 from tests.signin.conftest import make_app, poll, signin_settings, start
 from tests.signin.standins import GitHubAccount, GitHubStandIn
 
@@ -84,6 +87,25 @@ async def test_go_cli_exchange(settings, github: GitHubStandIn, caplog: pytest.L
     assert bad.status == 401 and "GitHub does not accept the token" in bad.json["error"]
     for secret in (gh_token, resp.json["token"]):
         assert secret not in caplog.text
+
+
+@both_databases
+async def test_the_go_clis_exchange_takes_only_tokens_this_servers_app_obtained(settings, github: GitHubStandIn,
+                                                                                 sessions):
+    # Ada once signed in to some other site with GitHub: that site holds a token GitHub's REST API answers
+    # to as Ada. It must not sign its holder in here as Ada.
+    app = make_app(signin_settings(settings, github=github, github_client_secret=github.client_secret))
+    stolen = github.foreign_token_for(ADA)
+    _, refused = await app.asgi_client.post("/v1/auth/exchange", json={"github_token": stolen, "github_id": 4242})
+    assert refused.status == 400, refused.json
+    assert refused.json["code"] == "invalid_grant" and "not issued to this server's GitHub app" in refused.json["error"]
+    async with sessions() as db:  # nobody signed in: no user made for the email
+        assert await db.scalar(select(User).where(User.email == ADA.email)) is None
+    assert stolen not in refused.text
+    # The Go CLI's own login (a token of this server's app) still goes through.
+    _, ok = await app.asgi_client.post("/v1/auth/exchange", json={"github_token": github.token_for(ADA),
+                                                                  "github_id": 4242})
+    assert ok.status == 200, ok.json
 
 
 async def test_exchange_without_github_configured(settings):
