@@ -32,7 +32,7 @@ from api import metrics, schemas
 from api.credentials.secrets_box import RowBinding, Sealed, SecretsBox
 from api.db.base import utcnow
 from api.db.dialect import is_postgres
-from api.db.models import Webhook, WebhookDelivery
+from api.db.models import User, Webhook, WebhookDelivery
 from api.errors import SecretsKeyError
 from api.instances import repo_policy
 from api.jobs.lease import default_holder_id
@@ -77,6 +77,7 @@ class Claimed:
     attempts: int
     log: list[dict[str, Any]]
     sealed: Sealed
+    owner_active: bool = True
 
 
 @dataclass
@@ -193,11 +194,12 @@ class Deliverer:
                 return []
             rows = (await db.execute(
                 select(wd.id, wd.webhook_id, Webhook.org_id, Webhook.url, wd.event, wd.body, wd.attempts, wd.log,
-                       Webhook.key_id, Webhook.nonce, Webhook.ciphertext)
-                .join(Webhook, Webhook.id == wd.webhook_id).where(wd.id.in_(ids)))).all()
+                       Webhook.key_id, Webhook.nonce, Webhook.ciphertext, User.is_active)
+                .join(Webhook, Webhook.id == wd.webhook_id).join(User, User.id == Webhook.user_id)
+                .where(wd.id.in_(ids)))).all()
             await db.commit()
         return [Claimed(r.id, r.webhook_id, r.org_id, r.url, r.event, r.body, r.attempts, list(r.log or []),
-                        Sealed(r.key_id, r.nonce, r.ciphertext)) for r in rows]
+                        Sealed(r.key_id, r.nonce, r.ciphertext), bool(r.is_active)) for r in rows]
 
     async def attempt(self, c: Claimed) -> str:
         """Send once and record it; the delivery's state afterwards (pending, delivered or failed)."""
@@ -253,6 +255,9 @@ class Deliverer:
 
     async def send(self, c: Claimed) -> Outcome:
         """One signed POST to the address the rule checked just now (DNS rebinding finds no new target)."""
+        if not c.owner_active:
+            # Queued before the owner was disabled: sent now it would still tell them about the sessions.
+            return Outcome(error="not sent: the webhook's owner is disabled")
         try:
             target = await policy.check(c.url, self.settings, self.resolve)
         except policy.WebhookUrlRefused as exc:

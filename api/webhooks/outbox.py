@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import schemas
-from api.db.models import Event, Instance, Webhook, WebhookDelivery, new_id
+from api.db.models import Event, Instance, User, Webhook, WebhookDelivery, new_id
 
 TEST_EVENT = "webhook.test"
 _TASK_CHARS = 200
@@ -36,8 +36,10 @@ async def enqueue(db: AsyncSession, inst: Instance, event: Event, *, agent_messa
     name = event_name(event)
     if name is None:
         return
+    # A disabled owner (they left, or their token leaked) hears nothing more of the sessions they leave behind.
     hooks = (await db.execute(select(Webhook.id, Webhook.format, Webhook.events)
-                              .where(Webhook.user_id == inst.user_id))).all()
+                              .join(User, User.id == Webhook.user_id)
+                              .where(Webhook.user_id == inst.user_id, User.is_active.is_(True)))).all()
     wanted = [(hook_id, fmt) for hook_id, fmt, events in hooks if name in (events or ())]
     if not wanted:
         return

@@ -14,7 +14,7 @@ from sanic import Sanic
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api import metrics, schemas
+from api import admin, metrics, schemas
 from api.credentials.secrets_box import SecretsBox
 from api.db.base import utcnow
 from api.db.engine import create_engine, session_factory
@@ -130,6 +130,25 @@ async def test_a_receiver_that_keeps_failing_is_given_up_after_the_last_attempt(
     assert text.startswith(f"Session {sid}") and "failed: the runner could not clone" in text
     _, log = await app.asgi_client.get(f"/v1/webhooks/{hook['id']}/deliveries", headers=t.headers)
     assert [a["status_code"] for a in log.json["deliveries"][0]["log"]] == [503, 429, 502]
+
+
+@both_databases
+async def test_a_disabled_users_webhooks_hear_nothing_more(
+        app: Sanic, sessions: Sessions, provider: FakeProvider, receiver: Receiver, deliverer: Deliverer) -> None:
+    # Disabled because they left (or a token leaked): their sessions live on for the org, and what the
+    # agents there say must not keep reaching a URL the disabled person controls.
+    t = await make_tenant(sessions, "acme")
+    hook = await create_hook(app, t, receiver.url, format="json")
+    sid, runner = await new_session(app, t, provider)
+    assert (await beat(app, sid, runner, agent_state="needs_input", agent_message="the prod password?")).status == 200
+    await admin.set_user_active(sessions, t.email, False)  # after the first event was queued, before it is sent
+    assert (await beat(app, sid, runner, agent_state="idle")).status == 200
+
+    [row] = await drain(deliverer, sessions, done=1)
+    assert row.event == "agent.needs_input" and row.state == "failed" and row.attempts == 1
+    assert "owner is disabled" in (row.last_error or "")
+    assert receiver.got == []
+    assert hook["id"] == row.webhook_id
 
 
 async def test_a_refusing_receiver_is_not_retried(
