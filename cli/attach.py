@@ -46,6 +46,9 @@ async def fetch_certificate(api: ApiClient, session_id: str, *, readonly: bool =
     pair = keys.ensure_key_pair()
     grant = await api.attach(session_id, schemas.AttachRequest(public_key=pair.public_line(), readonly=readonly,
                                                                ttl_s=ttl_s))
+    if grant.id != session_id:  # the id goes onto ssh's command line (attach_command)
+        raise CliError(f"the API answered for session {grant.id[:40]!r}, not {session_id}; "
+                       "is the API URL the right one (orz cloud login --api-url)?")
     if not grant.certificate:
         raise CliError(f"the API gave no SSH certificate for {session_id}; is its SSH CA configured?")
     cert = keys.save_certificate(session_id, grant.certificate, readonly)

@@ -17,15 +17,21 @@ applies to a server that publishes none.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
 import cli
 from cli.config import config_dir
+from cli.errors import CliError
 from cli.keys import key_pair, write_private_file
 
 HOST_SUFFIX = ".orz"
+# What the API may name as the gateway's SSH host: a DNS name or an IP address. It is written into
+# ssh_config (HostName) and onto ssh's command line: a newline from a lying API (compromised, or an
+# impostor the user logged in to) would add a config line such as ProxyCommand, a leading '-' an option.
+_SSH_HOST_RE = re.compile(r"[A-Za-z0-9:][A-Za-z0-9._:-]{0,252}")
 BEGIN_MARK = "# >>> orzbob cloud >>>"
 END_MARK = "# <<< orzbob cloud <<<"
 
@@ -105,7 +111,16 @@ def render_main_config(command: list[str] | None = None, *, websocket: bool = Fa
     ])
 
 
+def checked_endpoint(host: str, port: int) -> tuple[str, int]:
+    """The API's SSH host and port, refused (CliError) unless a host name or address and a port."""
+    if not _SSH_HOST_RE.fullmatch(host) or not 0 < port < 65536:
+        raise CliError(f"the API named an SSH host that is not a host name and port ({host[:80]!r}, {port}); "
+                       "is the API URL the right one (orz cloud login --api-url)?")
+    return host, port
+
+
 def render_host_block(session_id: str, host: str, port: int, cert: Path) -> str:
+    host, port = checked_endpoint(host, port)
     return "\n".join([
         f"Host {session_id}{HOST_SUFFIX}",
         f"    HostName {host}",
@@ -216,6 +231,7 @@ def _existing_mode(path: Path) -> int:
 def attach_argv(session_id: str, host: str, port: int, key: Path, cert: Path, known_hosts: Path,
                 *, ssh: str = "ssh") -> list[str]:
     """The `ssh` command line for an interactive attach with a certificate (no shell involved)."""
+    host, port = checked_endpoint(host, port)
     return [
         ssh,
         "-i", str(key).replace("%", "%%"),
