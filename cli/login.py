@@ -17,6 +17,7 @@ import webbrowser
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar, Protocol
+from urllib.parse import urlsplit
 
 import click
 
@@ -69,6 +70,14 @@ def can_open_browser() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
+def is_web_page(url: str) -> bool:
+    """Whether the API's verification URL may go to the browser: http(s) only. The browser gets it as an
+    argument, so one starting with '-' would be an option (Chromium's --renderer-cmd-prefix runs a
+    command), and a file:// or other scheme opens whatever the desktop does with it."""
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and url.isprintable()
+
+
 def _grant_expiry(grant: schemas.TokenGrant) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=grant.expires_in)
 
@@ -89,7 +98,7 @@ class DeviceLogin:
             click.echo(f"To sign in, open {start.verification_uri} and enter the code: {start.user_code}", err=True)
             if start.verification_uri_complete:
                 click.echo(f"(or open {start.verification_uri_complete})", err=True)
-            if self.open_browser and can_open_browser():
+            if self.open_browser and can_open_browser() and is_web_page(url):
                 with contextlib.suppress(webbrowser.Error):
                     webbrowser.open(url)
             grant = await self._poll(api, start)

@@ -69,3 +69,33 @@ def test_a_grant_for_another_session_or_an_option_as_host_is_refused(orz: Orz) -
             done = orz("cloud", "cert", SID)
         assert done.returncode != 0, done.stdout
         assert "orz: the API" in done.stderr, done.stderr
+
+
+class HostileSignIn(ThreadedJsonServer):
+    """Starts a device sign-in whose verification URL is no web page; every poll is then refused."""
+
+    def __init__(self, verification_uri: str) -> None:
+        super().__init__()
+        self.verification_uri = verification_uri
+
+    def route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        if path == "/v1/auth/device":
+            return 200, {"device_code": "orzd_" + "x" * 40, "user_code": "ABCD-EFGH", "expires_in": 30,
+                         "verification_uri": self.verification_uri, "interval": 1, "provider": "oidc"}
+        return 400, {"type": "about:blank", "title": "Denied", "status": 400, "detail": "the person said no",
+                     "code": "access_denied"}
+
+
+@pytest.mark.parametrize("uri", ["--renderer-cmd-prefix=touch /tmp/orz-owned", "file:///etc/passwd"])
+def test_login_opens_only_web_pages_the_api_names(orz: Orz, tmp_path: Path, uri: str) -> None:
+    # The browser gets the URL as an argument: one starting with '-' is an option (Chromium's
+    # --renderer-cmd-prefix runs a command), a file:// URL opens whatever xdg-open does with a file.
+    opened = tmp_path / "opened"
+    browser = tmp_path / "browser"
+    browser.write_text(f'#!/bin/sh\necho "$@" > {opened}\n')
+    browser.chmod(0o755)
+    with HostileSignIn(uri).serving() as api:
+        done = orz("cloud", "login", "--api-url", api.url, BROWSER=str(browser), DISPLAY="")
+    assert done.returncode != 0
+    assert not opened.exists(), f"the browser was started with {opened.read_text()!r}"
+    assert "To sign in, open" in done.stderr  # the person still reads where to go
