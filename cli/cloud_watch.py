@@ -66,7 +66,8 @@ def notify(inst: schemas.Instance) -> None:
     body = output.printable(inst.agent_message or inst.reason or describe(inst))
     if binary is not None:
         try:
-            done = subprocess.run([binary, "--app-name=orz", title, body], capture_output=True, timeout=10,  # nosec B603
+            # "--": an agent's message starting with '-' is the body, not one of notify-send's options.
+            done = subprocess.run([binary, "--app-name=orz", "--", title, body], capture_output=True, timeout=10,  # nosec B603
                                   check=False)
         except (OSError, subprocess.TimeoutExpired):
             done = None

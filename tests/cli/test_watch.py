@@ -68,7 +68,14 @@ def test_watch_prints_each_change_and_notifies(orz: Orz, live_api: LiveApi, logg
     deadline = time.monotonic() + 5
     while not calls.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert calls.read_text().splitlines() == [f"--app-name=orz|orz: {sid} needs input|approve the migration?|"]
+    assert calls.read_text().splitlines() == [f"--app-name=orz|--|orz: {sid} needs input|approve the migration?|"]
+    # The agent's words are the body even when they read like an option of notify-send's.
+    live_api.heartbeat(sid, agent_state="idle", agent_message="--urgency=critical")
+    w.read_until(b"running, agent idle: --urgency=critical")
+    deadline = time.monotonic() + 5
+    while len(calls.read_text().splitlines()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert calls.read_text().splitlines()[1] == f"--app-name=orz|--|orz: {sid} idle|--urgency=critical|"
 
 
 def test_watch_rings_the_bell_without_notify_send_and_speaks_json(orz: Orz, live_api: LiveApi, logged_in: Tenant,
