@@ -84,7 +84,15 @@ class RunnerSide(ServiceBase):
                 values.update(route_host=schemas.UNIX_ROUTE_PREFIX + socket, route_port=0,
                               runner_host_key=hb.host_key)
             elif hb.host_key and hb.ssh_port and not socket:
-                values.update(route_host=hb.ssh_host, route_port=hb.ssh_port, runner_host_key=hb.host_key)
+                route = (hb.ssh_host, hb.ssh_port, hb.host_key)
+                if not hb.ssh_host or route == (inst.route_host, inst.route_port, inst.runner_host_key) or (
+                        await self.provider.runner_endpoint_ok(session_id, inst.provider_state or {},
+                                                               hb.ssh_host, hb.ssh_port)):
+                    values.update(route_host=hb.ssh_host, route_port=hb.ssh_port, runner_host_key=hb.host_key)
+                else:
+                    # The gateway would take its users (and the client key every runner trusts) there.
+                    log.warning("session %s: its runner named %s port %d as its endpoint, not its own; ignored",
+                                session_id, hb.ssh_host, hb.ssh_port)
             activity = [t for t in (hb.last_input_at, hb.last_output_at) if t is not None]
             if hb.attached_clients > 0:
                 activity.append(now)

@@ -26,7 +26,7 @@ NS = "orz-sessions"
 
 def pod_route(provider: KubernetesProvider, session_id: str, state: Mapping[str, Any]) -> tuple[str, int] | None:
     """The pod's IP and the runner's SSH port, from the provider's watch once it has seen the pod (the gateway
-    takes its route from the runner's heartbeat instead: this only shows a pod got an address)."""
+    takes its route from the runner's heartbeat, which the API takes only when it names this address)."""
     from api.instances.providers.kubernetes import manifests, names
     from api.instances.providers.kubernetes.status import pod_ip
 

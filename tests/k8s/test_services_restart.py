@@ -157,6 +157,8 @@ async def test_services_reach_the_pod_with_one_restart_and_stay_across_stop_star
     await service.wait_background()
     assert server.count("POST", "pods") == 2
 
+    # The kubelet gives the new Pod its address, which its runner reports (the API takes no other).
+    server.set_pod_phase(NS, names.pod_name(sid), "Running", ip="10.244.0.7")
     up = schemas.Heartbeat(host_key=HOST_KEY, ssh_host="10.244.0.7", ssh_port=2222, init_status="succeeded",
                            program_running=True)
     assert (await service.record_heartbeat(sid, new_token, up)).state == "running"

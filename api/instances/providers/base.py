@@ -144,6 +144,13 @@ class Provider(abc.ABC):
         """False when sessions of different orgs could reach each other (the local provider, sandbox off)."""
         return True
 
+    async def runner_endpoint_ok(self, session_id: str, state: ProviderState, host: str, port: int) -> bool:
+        """Whether a heartbeat's TCP endpoint (ssh_host, ssh_port) is where this provider put the session's
+        runner. The gateway connects there with the client key every runner trusts, so a runner (or the
+        agent holding its token) that named another session's runner would send its users there. Providers
+        that cannot tell accept it."""
+        return True
+
     def runner_socket(self, session_id: str) -> str | None:
         """The unix socket the session's runner endpoint listens on (the only route accepted), or None: TCP."""
         return None

@@ -34,7 +34,7 @@ from api.instances.providers.base import (
 )
 from api.instances.providers.kubernetes import errors, manifests, names
 from api.instances.providers.kubernetes.cache import PodCache, RootCache
-from api.instances.providers.kubernetes.status import compute_status
+from api.instances.providers.kubernetes.status import compute_status, pod_ip
 from api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,18 @@ class KubernetesProvider(Provider):
             raise ProviderFailure(self.cache.last_error or "could not watch session pods: no answer yet")
         pod = self.cache.get(str(state.get("pod") or names.pod_name(session_id)))
         return compute_status(pod, stopped=bool(state.get("stopped")))
+
+    async def runner_endpoint_ok(self, session_id: str, state: ProviderState, host: str, port: int) -> bool:
+        """Only the session's own Pod IP and the runner's port (the watch's Pod, else the API server's, which
+        the first heartbeat may reach before the watch)."""
+        if port != manifests.RUNNER_SSH_PORT:
+            return False
+        name = str(state.get("pod") or names.pod_name(session_id))
+        if pod_ip(self.cache.get(name)) == host:
+            return True
+        pod = await self._call("read the session's pod", self._core.read_namespaced_pod, name, self.ns,
+                               ok=(404,), _preload_content=False)
+        return pod is not None and pod_ip(_json(pod)) == host
 
     async def list(self) -> dict[str, ComputeStatus]:
         """Sessions with a root ConfigMap (workspace kept) or a pod, by session id, from the watch caches."""
