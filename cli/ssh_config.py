@@ -31,7 +31,7 @@ HOST_SUFFIX = ".orz"
 # What the API may name as the gateway's SSH host: a DNS name or an IP address. It is written into
 # ssh_config (HostName) and onto ssh's command line: a newline from a lying API (compromised, or an
 # impostor the user logged in to) would add a config line such as ProxyCommand, a leading '-' an option.
-_SSH_HOST_RE = re.compile(r"[A-Za-z0-9:][A-Za-z0-9._:-]{0,252}")
+_SSH_HOST_RE = re.compile(r"[A-Za-z0-9:_][A-Za-z0-9._:-]{0,252}")
 BEGIN_MARK = "# >>> orzbob cloud >>>"
 END_MARK = "# <<< orzbob cloud <<<"
 
