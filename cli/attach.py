@@ -49,6 +49,7 @@ async def fetch_certificate(api: ApiClient, session_id: str, *, readonly: bool =
     if grant.id != session_id:  # the id goes onto ssh's command line (attach_command)
         raise CliError(f"the API answered for session {grant.id[:40]!r}, not {session_id}; "
                        "is the API URL the right one (orz cloud login --api-url)?")
+    ssh_config.checked_endpoint(grant.ssh_host, grant.ssh_port)  # before it reaches any file
     if not grant.certificate:
         raise CliError(f"the API gave no SSH certificate for {session_id}; is its SSH CA configured?")
     cert = keys.save_certificate(session_id, grant.certificate, readonly)

@@ -12,12 +12,12 @@ import base64
 import hashlib
 import hmac
 import os
-import re
 from pathlib import Path
 
 from api import public_keys
 from api.gateway_keys import known_hosts_name
 from cli.errors import CliError
+from cli.ssh_config import checked_endpoint
 
 
 def _names_match(field: str, name: str) -> bool:
@@ -32,13 +32,9 @@ def _names_match(field: str, name: str) -> bool:
     return name in field.split(",")
 
 
-_HOST = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")  # a DNS name or an address: nothing known_hosts would read as more
-
-
 def lines_for(host: str, port: int, keys: list[str]) -> list[str]:
     """known_hosts lines for host:port, rebuilt from the API's answer so that nothing else can ride along."""
-    if not _HOST.match(host):
-        raise CliError(f"the API named the gateway host {host[:60]!r}, which is not a host name")
+    host, port = checked_endpoint(host, port)  # a DNS name or an address: nothing known_hosts would read as more
     name = known_hosts_name(host, port)
     try:
         return [f"{name} {public_keys.to_openssh_line(key, source='the gateway host key from the API')}"

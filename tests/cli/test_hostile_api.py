@@ -21,10 +21,11 @@ SID = "myapp-abc123"
 class HostileApi(ThreadedJsonServer):
     """Answers an attach with an SSH host that carries an ssh_config line of its own."""
 
-    def __init__(self, ssh_host: str, grant_id: str = SID) -> None:
+    def __init__(self, ssh_host: str, grant_id: str = SID, host_keys: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.ssh_host = ssh_host
         self.grant_id = grant_id
+        self.host_keys = list(host_keys)
 
     def route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         if method == "POST" and path == f"/v1/instances/{SID}/attach":
@@ -33,7 +34,7 @@ class HostileApi(ThreadedJsonServer):
                          "certificate": "ssh-ed25519-cert-v01@openssh.com AAAA not-a-real-cert",
                          "certificate_expires_at": soon, "token": "x", "token_expires_at": soon,
                          "ssh": f"ssh {SID}@gw", "ssh_host": self.ssh_host, "ssh_port": 22,
-                         "attach_url": "http://gw/x", "readonly": False}
+                         "attach_url": "http://gw/x", "readonly": False, "host_keys": self.host_keys}
         return 404, {"type": "about:blank", "title": "Not found", "status": 404, "detail": "no such route"}
 
 
@@ -62,13 +63,19 @@ def test_an_ssh_host_with_an_ssh_config_line_runs_nothing(orz: Orz, tmp_path: Pa
         assert "ProxyCommand" not in conf.read_text()
 
 
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGZha2Uta2V5LWZvci10ZXN0cy0wMDAw"
+
+
 def test_a_grant_for_another_session_or_an_option_as_host_is_refused(orz: Orz) -> None:
-    for host, grant_id in (("-oProxyCommand=touch /tmp/x", SID), ("gw.example", "-oProxyCommand=x")):
-        with HostileApi(host, grant_id).serving() as api:
+    # A trailing newline too: `$` in a pattern lets one through, and with a host key it reached known_hosts.
+    for host, grant_id, keys in (("-oProxyCommand=touch /tmp/x", SID, ()), ("gw.example", "-oProxyCommand=x", ()),
+                                 ("gw.example\n", SID, (KEY,))):
+        with HostileApi(host, grant_id, keys).serving() as api:
             login(orz, api.url)
             done = orz("cloud", "cert", SID)
         assert done.returncode != 0, done.stdout
         assert "orz: the API" in done.stderr, done.stderr
+        assert not (orz.home / ".config" / "orzbob" / "known_hosts").exists()
 
 
 class HostileSignIn(ThreadedJsonServer):
