@@ -141,9 +141,10 @@ class Settings(BaseSettings):
                                            "a revocation. 0: every new channel needs the API's yes", ge=0)
     # Key exchanges cost CPU before anyone has authenticated: beyond these, new connections are refused at once.
     gateway_preauth_per_source: int = option("gateway", 10, "connections still in the handshake or "
-                                             "authenticating, per source address", ge=1)
+                                             "authenticating, per source address (the web door keeps its own "
+                                             "count: connections whose request is not answered yet)", ge=1)
     gateway_preauth_total: int = option("gateway", 256, "connections still in the handshake or authenticating, "
-                                        "in all", ge=1)
+                                        "in all (the SSH and web doors each)", ge=1)
     gateway_login_timeout_s: int = option("gateway", 20, "a connection not authenticated within this many "
                                           "seconds is closed", ge=1, le=120)
     gateway_drain_s: float = option("gateway", 240.0, "on SIGTERM the gateway stops taking connections, tells "

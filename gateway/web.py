@@ -7,23 +7,27 @@ and the single-use ``jti`` is spent by the API's authorize call before any byte 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jwt as pyjwt
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
 
+from api.addresses import Network, within
 from api.client import ApiClient, ApiError, ApiUnreachable
 from api.schemas import RECORDING_CONTENT_TYPE, AttachRequest, AuthorizeReply
 from gateway import auth, drain, metrics, web_bridge
 from gateway import web_http as http
 from gateway.errors import AttachRefused, CredentialRejected, CredentialsUnavailable
+from gateway.preauth import PreauthLimiter
 from gateway.web_signin import BrowserSignIn, cookie_token
 
 if TYPE_CHECKING:
@@ -57,6 +61,61 @@ class Grant:
     rows: int = 24
 
 
+BUSY = {  # what a connection beyond a pre-request limit reads before the door closes it
+    "source": (429, "orz: too many unfinished requests from your address; try again shortly"),
+    "total": (503, "orz: Orzbob Cloud is busy right now; try again shortly"),
+}
+
+
+def admitted_connections(limiter: PreauthLimiter, trusted: tuple[Network, ...]) -> type[ServerConnection]:
+    """ServerConnection counted against ``limiter`` from accept until its request is answered (or it goes).
+
+    A request may take the whole open_timeout (10 s) to arrive: without a count, one address opening
+    connections that never finish a request holds as many of the door's sockets as it likes. Beyond a
+    limit a connection gets one HTTP answer and is closed, as the SSH door's (gateway/preauth.py). A
+    trusted proxy's connections count towards the total only: its clients' addresses are in headers not
+    read yet, and one address for all of them would shut everyone out together."""
+
+    class Admitted(ServerConnection):
+        _counted: str | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            peer = transport.get_extra_info("peername")
+            source = str(peer[0]) if peer else "?"
+            key = f"{source}#{id(self)}" if within(source, trusted) else source  # a proxy: the total only
+            verdict = limiter.admit(key)
+            if verdict == "ok":
+                self._counted = key
+                return
+            metrics.preauth_refused(verdict)
+            log.info("web connection from %s refused: too many unfinished requests (%s limit)", source, verdict)
+            status, line = BUSY[verdict]
+            refusal = http.text(status, line)
+            head = f"HTTP/1.1 {refusal.status_code} {refusal.reason_phrase}\r\n" + "".join(
+                f"{k}: {v}\r\n" for k, v in refusal.headers.raw_items())
+            with contextlib.suppress(OSError, RuntimeError):
+                transport.write(head.encode() + b"\r\n" + refusal.body)  # type: ignore[attr-defined]
+            transport.close()
+
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                await super().handshake(*args, **kwargs)
+            finally:
+                self._release()  # answered (or upgraded): the request is no longer unfinished
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._release()
+            super().connection_lost(exc)
+
+        def _release(self) -> None:
+            if self._counted is not None:
+                limiter.release(self._counted)
+                self._counted = None
+
+    return Admitted
+
+
 class WebDoor:
     """The HTTP/WebSocket listener of one gateway."""
 
@@ -79,7 +138,9 @@ class WebDoor:
             self._handle, self.settings.gateway_web_host, self.settings.gateway_web_port,
             process_request=self._process_request, server_header="OrzbobCloud", compression=None,
             select_subprotocol=web_bridge.select_subprotocol,
-            max_size=MAX_FRAME, logger=ws_log,
+            max_size=MAX_FRAME, logger=ws_log, create_connection=admitted_connections(
+                PreauthLimiter(self.settings.gateway_preauth_per_source, self.settings.gateway_preauth_total),
+                self.trusted_proxies),
         )
         log.info("gateway web door listening on %s:%d", self.settings.gateway_web_host, self.port)
 
