@@ -85,7 +85,11 @@ class SignInService:
         if "oidc" in configured:
             self.providers["oidc"] = OidcProvider(settings, self.http)
         if "github" in configured:
-            self.providers["github"] = GitHubProvider(settings, self.http)
+            github = self.providers["github"] = GitHubProvider(settings, self.http)
+            if not github.web_flow:
+                log.warning("GitHub sign-in has no ORZ_GITHUB_CLIENT_SECRET: the Go CLI's POST /v1/auth/exchange "
+                            "cannot ask GitHub whether a token is this app's, so a GitHub token any other app "
+                            "obtained signs its owner in here; set the secret (docs/sign-in.md)")
         for problem in half_configured(settings):
             log.warning("%s", problem)
 

@@ -108,6 +108,17 @@ async def test_the_go_clis_exchange_takes_only_tokens_this_servers_app_obtained(
     assert ok.status == 200, ok.json
 
 
+async def test_github_without_its_client_secret_is_named_at_start(settings, github: GitHubStandIn, caplog):
+    # Without the secret GitHub will not say whose app a token is: the exchange takes any app's token.
+    caplog.set_level(logging.WARNING)
+    for secret, warned in (("", True), (github.client_secret, False)):
+        caplog.clear()
+        app = make_app(signin_settings(settings, github=github, github_client_secret=secret))
+        await app.asgi_client.get("/healthz")  # the app starts (and builds its sign-in service) on the first request
+        assert ("GitHub token any other app obtained" in caplog.text) is warned, caplog.text
+        assert github.client_secret not in caplog.text
+
+
 async def test_exchange_without_github_configured(settings):
     app = make_app(settings)
     _, resp = await app.asgi_client.post("/v1/auth/exchange", json={"github_token": "gho_x", "github_id": 1})
