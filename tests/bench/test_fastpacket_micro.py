@@ -11,6 +11,7 @@ import asyncio
 import shutil
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ SOURCE = Path(fastpacket_micro.__file__).resolve().parent / "fastpacket"
 
 @pytest.fixture(scope="module")
 def fp(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    if shutil.which("gcc") is None or not Path("/usr/include/openssl/evp.h").exists():
-        pytest.skip("gcc or OpenSSL's headers (libssl-dev) not installed: the C path is not built")
+    headers = (Path(sysconfig.get_paths()["include"]) / "Python.h", Path("/usr/include/openssl/evp.h"))
+    if shutil.which("gcc") is None or shutil.which("make") is None or not all(h.exists() for h in headers):
+        pytest.skip("gcc, make, Python's or OpenSSL's headers (libssl-dev) not installed: the C path is not built")
     out = tmp_path_factory.mktemp("fastpacket")
     subprocess.run(["make", "-s", "-C", str(SOURCE), f"OUT={out}/", f"PYTHON={sys.executable}"], check=True,
                    capture_output=True, timeout=120)
