@@ -1,10 +1,12 @@
 """A byte relay in Python on uvloop, as the gateway runs: what one more Python process in the path costs
 before any SSH work is done in it (bench/real_path.py --relay-python; socat is the same floor in C).
 
-    python -m bench.pyrelay LISTEN_PORT TARGET_PORT
+    python -m bench.pyrelay LISTEN_PORT TARGET_PORT [SPIN_US]
 
 Each connection's bytes go to a connection to 127.0.0.1:TARGET_PORT and back, unchanged, written as they
 arrive (TCP_NODELAY is on: asyncio and uvloop set it on TCP transports). Prints nothing; stops on SIGTERM.
+SPIN_US (default 0) keeps the CPU busy that long per read before writing: a relay that costs that much more per
+packet, to measure what a microsecond of a hop's CPU per read adds to the echo (bench/README.md, the C path).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
+
+_spin_ns = 0
 
 
 class _Pipe(asyncio.Protocol):
@@ -26,6 +31,11 @@ class _Pipe(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if _spin_ns:
+            clock = time.perf_counter_ns
+            until = clock() + _spin_ns
+            while clock() < until:
+                pass
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.write(data)
@@ -73,6 +83,8 @@ async def serve(listen_port: int, target_port: int) -> None:
 def main() -> None:
     import uvloop
 
+    global _spin_ns
+    _spin_ns = int(float(sys.argv[3]) * 1000) if len(sys.argv) > 3 else 0
     uvloop.run(serve(int(sys.argv[1]), int(sys.argv[2])))
 
 

@@ -333,9 +333,9 @@ class Relay:
     """socat relaying bytes from a free port to `port`, one forked process per connection (as sshd forks);
     with `python`, bench/pyrelay.py instead: one Python process on uvloop, as the gateway runs."""
 
-    def __init__(self, port: int, *, python: bool = False) -> None:
+    def __init__(self, port: int, *, python: bool = False, spin_us: float = 0.0) -> None:
         self.port = free_port()
-        argv = ([sys.executable, "-m", "bench.pyrelay", str(self.port), str(port)] if python else
+        argv = ([sys.executable, "-m", "bench.pyrelay", str(self.port), str(port), str(spin_us)] if python else
                 ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay",
                  f"TCP:127.0.0.1:{port},nodelay"])
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -538,7 +538,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                                  "-o", f"CertificateFile={work / 'id-cert.pub'}"],
                                f"{SESSION}@127.0.0.1", proto_tmux, []))
         if args.relay:
-            relay = Relay(sshd.port, python=args.relay_python)
+            relay = Relay(sshd.port, python=args.relay_python, spin_us=args.relay_spin_us)
             if args.relay_python:
                 cpu["relay"] = relay  # type: ignore[assignment]
             relay_tmux = Tmux(work / "relay.sock")
@@ -556,7 +556,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                   "gateway_loop": "uvloop" if args.uvloop else "asyncio",
                                   "runner_loop": "uvloop" if args.runner_uvloop else "asyncio",
                                   "alt_runner": args.alt_runner or "none",
-                                  "alt_tree": str(args.alt_tree or ""),
+                                  "alt_tree": str(args.alt_tree or ""), "relay_spin_us": args.relay_spin_us,
                                   "load_average": os.getloadavg(), "baseline_sftp": sftp_server}
         for key in rounds[0]:
             values = [r[key] for r in rounds]
@@ -640,6 +640,8 @@ def cli() -> None:
                         help="leave out the floor: socat relaying bytes between ssh and sshd (on when socat exists)")
     parser.add_argument("--relay-python", action="store_true",
                         help="the floor's relay in Python on uvloop (bench/pyrelay.py) instead of socat")
+    parser.add_argument("--relay-spin-us", type=float, default=0.0, metavar="US",
+                        help="with --relay-python: the relay busy that many µs per read (what a hop's CPU costs)")
     parser.add_argument("--asyncio", dest="uvloop", action="store_false",
                         help="run the gateway on asyncio's own loop (default: uvloop, as `orz gateway` does)")
     parser.add_argument("--tracemalloc", action="store_true",
