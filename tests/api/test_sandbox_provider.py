@@ -237,3 +237,127 @@ async def test_a_sandbox_without_network_fails_the_session_with_the_reason(
     assert status.phase == "failed" and status.message and "slirp4netns" in status.message
     assert fake_api.bodies("sbx-e") == []  # the runner never got to talk to the API
     await provider.delete("sbx-e", state)
+
+
+def detached(script: str) -> dict[str, str]:
+    """A repository whose setup.init leaves ``script`` running in the session, detached, once init is done:
+    what any code a session runs can do with the files of its state dir (the test drives it by files)."""
+    return config(f"cat > /tmp/evil.sh <<'EOF'\n{script}\nEOF\n"
+                  "setsid bash /tmp/evil.sh </dev/null >evil.log 2>&1 &\n")
+
+
+async def step(workspace: Path, go: str, done: str) -> None:
+    """Tell the session's script to go on (a file it waits for) and wait for the file it makes when done."""
+    (workspace / go).touch()
+    for _ in range(200):
+        if (workspace / done).exists():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the session's script did not get to {done}: {(workspace / 'evil.log').read_text()}")
+
+
+RUNNER_PID = "$(pgrep -f 'P -m runner$')"
+
+
+async def test_the_server_reads_no_file_a_session_points_elsewhere(
+        provider: LocalProvider, make_repo, fake_api: FakeApi, gateway_key, short_tmp: Path) -> None:
+    """init.log and fatal_error are the session's files, read by the server (root): a symlink to a key, or a
+    FIFO that never answers, must not turn `orz cloud logs` or the failure reason into a way to read it."""
+    key = short_tmp / "data" / "keys" / "ssh_ca"
+    state_dir = provider.session_dir("sbx-f") / "state"
+    script = f"""cd {provider.session_dir('sbx-f') / 'workspace'}
+until [ -e go1 ]; do sleep 0.05; done
+ln -sfn {key} {state_dir}/init.log
+ln -sfn {key} {state_dir}/fatal_error
+touch linked
+until [ -e go2 ]; do sleep 0.05; done
+rm {state_dir}/init.log && mkfifo {state_dir}/init.log
+touch fifo
+until [ -e go3 ]; do sleep 0.05; done
+kill -KILL {RUNNER_PID}"""
+    state = await provider.create(compute_spec("sbx-f", fake_api, gateway_key, make_repo(detached(script))))
+    await started(provider, fake_api, "sbx-f")
+    workspace = provider.session_dir("sbx-f") / "workspace"
+
+    await step(workspace, "go1", "linked")
+    assert (state_dir / "init.log").is_symlink()
+    shown = await provider.read_log("sbx-f", state)
+    assert "PRIVATE-CA-KEY" not in shown
+
+    await step(workspace, "go2", "fifo")
+    shown = await asyncio.wait_for(provider.read_log("sbx-f", state), 5)  # a FIFO is no log: no hang either
+    assert "PRIVATE-CA-KEY" not in shown
+
+    (workspace / "go3").touch()  # the runner is killed: the provider reports the session's failure
+    for _ in range(200):
+        status = await provider.status("sbx-f", state)
+        if status.phase != "running":
+            break
+        await asyncio.sleep(0.05)
+    assert status.phase != "running"
+    assert "PRIVATE-CA-KEY" not in (status.message or "")
+    await provider.delete("sbx-f", state)
+
+
+LISTENER = """
+import socket, sys
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(8)
+open("listening", "w").close()
+n = 0
+while True:
+    c, _ = s.accept(); n += 1; c.settimeout(1); data = b""
+    try:
+        while chunk := c.recv(65536):
+            data += chunk
+    except OSError:
+        pass
+    open(f"heard-{n}", "wb").write(data)
+"""
+
+
+async def test_a_session_that_forges_its_release_is_still_stopped_and_learns_nothing(
+        provider: LocalProvider, make_repo, fake_api: FakeApi, gateway_key, short_tmp: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state dir's fatal_error and released files tell stop() the runner let go of everything; a session
+    can write them itself, freeze its runner and listen where the server ran tmux to end a leftover server."""
+    from api.instances.providers import local
+
+    monkeypatch.setattr(local, "STOP_GRACE_S", 2.0)
+    canary = "server-env-" + "".join(random.choices("abcdefghij", k=12))  # nosec B311
+    monkeypatch.setenv("ORZ_TEST_CANARY", canary)  # in the server's environment, as a configured secret would be
+    sleep_s = random.randrange(50000, 60000) * 3  # nosec B311
+    state_dir = provider.session_dir("sbx-g") / "state"
+    workspace = provider.session_dir("sbx-g") / "workspace"
+    script = f"""cd {workspace}
+until [ -e go ]; do sleep 0.05; done
+cat > listener.py <<'PY'
+{LISTENER}
+PY
+rm -f {state_dir}/tmux.sock
+setsid python3 listener.py {state_dir}/tmux.sock </dev/null >/dev/null 2>&1 &
+until [ -e listening ]; do sleep 0.05; done
+echo forged > {state_dir}/fatal_error
+echo forged > {state_dir}/released
+kill -STOP {RUNNER_PID}
+setsid sleep {sleep_s} </dev/null >/dev/null 2>&1 &
+touch forged"""
+    state = await provider.create(compute_spec("sbx-g", fake_api, gateway_key, make_repo(detached(script))))
+    await started(provider, fake_api, "sbx-g")
+    await step(workspace, "go", "forged")
+    for _ in range(100):
+        if leftovers(sleep_s - 1):
+            break
+        await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(provider.stop("sbx-g", state), 10)
+    await asyncio.sleep(0.5)  # what a connecting client sent has reached the listener's files by now
+    heard = b"".join(path.read_bytes() for path in workspace.glob("heard-*"))
+    assert canary.encode() not in heard  # the server never spoke to the session's socket with its environment
+
+    for _ in range(200):  # the frozen runner's grace, then the kill that ends the namespace
+        if not leftovers(sleep_s - 1):
+            break
+        await asyncio.sleep(0.05)
+    assert leftovers(sleep_s - 1) == []
+    await provider.delete("sbx-g", state)

@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -81,6 +82,8 @@ class LocalProvider(Provider):
         self._children: set[int] = set()
         # Runners stop() signalled: close() gives them a moment to finish their last heartbeat.
         self._stopping: set[int] = set()
+        # Kills due for runners that released their session by its files but had not exited (see stop).
+        self._kills: dict[asyncio.Task[None], ProviderState] = {}
         # Exit codes of reaped runners, by pid (for logs and tests).
         self.exit_codes: dict[int, int] = {}
         if self.sandboxed:
@@ -145,11 +148,18 @@ class LocalProvider(Provider):
                 self._stopping.add(int(pid))
             if not await self._wait_released(base, state, STOP_GRACE_S):
                 log.warning("runner of %s ignored SIGTERM, killing it", session_id)
-                _killpg(int(pid), signal.SIGKILL)
-                await self._wait_gone(state, 5.0)
-                if self.sandboxed:  # the killed launcher could not remove them itself
-                    await asyncio.to_thread(sandbox_launch.remove_cgroups, _cgroup_name(session_id))
-        await self._kill_tmux(base)
+                await self._kill(session_id, state)
+            elif self._alive(state):
+                # Released by its files, not gone: after a fatal error the runner is still sending the last
+                # heartbeat this stop may be handling. Those files are the session's own to write, so a
+                # runner that is not gone by the end of its grace is killed as if it had ignored SIGTERM.
+                task = asyncio.create_task(self._kill_unless_gone(session_id, state, STOP_GRACE_S))
+                self._kills[task] = state
+                task.add_done_callback(lambda done: self._kills.pop(done, None))
+        if not self.sandboxed:
+            # Sandboxed, the tmux server dies with the session's pid namespace; and a tmux client run here
+            # (as root) would connect to whatever the session put at that path and send it our environment.
+            await self._kill_tmux(base)
         self._reap()
         return {**state, "pid": None, "start_time": None}
 
@@ -164,6 +174,9 @@ class LocalProvider(Provider):
 
     async def close(self) -> None:
         """Let runners we stopped finish; running ones are left running (a restarted API adopts them)."""
+        for task, state in list(self._kills.items()):
+            task.cancel()
+            await self._wait_exit(state)
         for pid in list(self._stopping):
             await self._wait_exit({"pid": pid, "start_time": None})
         self._reap()
@@ -173,9 +186,9 @@ class LocalProvider(Provider):
         base = self.session_dir(session_id)
         if self._alive(state or self._saved_state(base)):
             return ComputeStatus("running")
-        fatal = base / FATAL_FILE
-        if fatal.exists():
-            return ComputeStatus("failed", fatal.read_text(encoding="utf-8", errors="replace").strip())
+        fatal = _read_session_file(base / FATAL_FILE, 4096)
+        if fatal is not None:
+            return ComputeStatus("failed", fatal.decode("utf-8", "replace").strip())
         if base.is_dir():
             return ComputeStatus("stopped")
         return ComputeStatus("absent")
@@ -338,11 +351,24 @@ class LocalProvider(Provider):
         """Wait until the runner has exited, or (after a fatal error) released everything."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while self._alive(state) and not ((base / FATAL_FILE).exists() and (base / RELEASED_FILE).exists()):
+        while self._alive(state) and not all(_is_session_file(base / rel) for rel in (FATAL_FILE, RELEASED_FILE)):
             if loop.time() > deadline:
                 return False
             await asyncio.sleep(0.05)
         return True
+
+    async def _kill(self, session_id: str, state: ProviderState) -> None:
+        """SIGKILL the runner's process group (sandboxed: the launcher, and with it the whole namespace)."""
+        _killpg(int(state["pid"]), signal.SIGKILL)
+        await self._wait_gone(state, 5.0)
+        if self.sandboxed:  # the killed launcher could not remove them itself
+            await asyncio.to_thread(sandbox_launch.remove_cgroups, _cgroup_name(session_id))
+
+    async def _kill_unless_gone(self, session_id: str, state: ProviderState, seconds: float) -> None:
+        if not await self._wait_gone(state, seconds):
+            log.warning("runner of %s still running %.0f s after it released the session, killing it",
+                        session_id, seconds)
+            await self._kill(session_id, state)
 
     async def _wait_exit(self, state: ProviderState) -> None:
         """Give a released runner a moment to send its last heartbeat and exit; then kill it."""
@@ -450,11 +476,42 @@ def runner_log_for_users(text: str) -> str:
     return "".join(kept)
 
 
-def _tail(path: Path, limit: int) -> str:
+def _open_session_file(path: Path) -> int | None:
+    """An fd of ``path`` if it is a regular file itself, else None.
+
+    The files under ``state/`` belong to the session's uid, which may make any of them a symlink (to a key,
+    the database), a FIFO (a read that never returns) or a device; this process is the server's user, root
+    in the sandboxed default, so it must read what the session wrote there and nothing it points at. Only
+    the last component is the session's: the session directory above it is the server's (0700).
+    """
     try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - limit * 4))
-            return fh.read().decode("utf-8", "replace")[-limit:]
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
-        return ""
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _is_session_file(path: Path) -> bool:
+    fd = _open_session_file(path)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def _read_session_file(path: Path, limit: int) -> bytes | None:
+    """The last ``limit`` bytes of a regular file the session wrote; None when it is absent or not one."""
+    fd = _open_session_file(path)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        fh.seek(max(0, os.fstat(fh.fileno()).st_size - limit))
+        return fh.read(limit)
+
+
+def _tail(path: Path, limit: int) -> str:
+    data = _read_session_file(path, limit * 4)
+    return data.decode("utf-8", "replace")[-limit:] if data else ""

@@ -37,11 +37,20 @@ def log(message: str) -> None:
     print(f"sandbox: {message}", file=sys.stderr, flush=True)
 
 
+def create_in_state(path: str, text: str = "") -> None:
+    """Write a new file into the session's state dir, which its uid owns: never through a link it put there."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
 def fail(plan: dict[str, Any], reason: str) -> None:
     """Log, and leave the reason where the provider reports a failed session from (the runner's fatal file)."""
     log(reason)
     with contextlib.suppress(OSError):
-        Path(plan["fatal_file"]).write_text(reason + "\n", encoding="utf-8")
+        create_in_state(plan["fatal_file"], reason + "\n")
 
 
 # -- cgroups (v1) ----------------------------------------------------------------------------------
@@ -280,7 +289,7 @@ async def run(plan: dict[str, Any]) -> int:
             await bwrap.wait()
             return 2
         # The runner has been importing meanwhile; it waits for this before it heartbeats or clones.
-        os.close(os.open(ready_file, os.O_WRONLY | os.O_CREAT, 0o644))
+        create_in_state(ready_file)
         return await bwrap.wait()
     finally:
         for server in servers:
