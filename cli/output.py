@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -31,6 +32,28 @@ def printable(text: str) -> str:
     ESC included, shown as U+FFFD. A session's runner and agent are not trusted, and an org admin reads
     their members' sessions: an OSC 52 or title sequence in a reason must not reach the admin's terminal."""
     return schemas.scrub_controls(text, "line")
+
+
+# An init log keeps its lines and colours (SGR), unlike `printable`'s one line; every other control a terminal
+# would act on (OSC 52 writes the clipboard, OSC 0 the title, CSI clears the screen or moves the cursor over
+# what the user read) is shown in caret notation instead.
+_SGR = r"\x1b\[[0-9;:]*m"
+_LOG_CONTROL = re.compile(f"({_SGR})|[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f]")
+
+
+def _as_shown(match: re.Match[str]) -> str:
+    if match.group(1):
+        return match.group(1)
+    code = ord(match.group())
+    if code < 0x20:
+        return "^" + chr(code + 0x40)  # as cat -v: ESC is ^[
+    return "^?" if code == 0x7F else "\ufffd"
+
+
+def printable_log(text: str) -> str:
+    """A log a session wrote (its init log) for the terminal: tab, newline, CR and colour kept, every other
+    control character shown instead of obeyed. The session's code is not the user reading it."""
+    return _LOG_CONTROL.sub(_as_shown, text)
 
 
 def stdout() -> Console:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from api import schemas
 from api.client import ApiClient, ApiError
 from cli.errors import CliError
-from cli.output import event_line
+from cli.output import event_line, printable, printable_log
 
 POLL_INTERVAL_S = 0.5
 GIVE_UP_STATES = {"stopping", "stopped", "deleting", "deleted"}
@@ -29,7 +29,7 @@ class LogFollower:
         new = text[len(self.shown):] if text.startswith(self.shown) else _after_overlap(self.shown, text)
         self.shown = text
         if new:
-            self.emit(new.rstrip("\n"))
+            self.emit(printable_log(new.rstrip("\n")))
 
 
 def _after_overlap(old: str, new: str) -> str:
@@ -68,7 +68,7 @@ async def wait_until_running(api: ApiClient, session_id: str, emit: Callable[[st
         if inst.status == "running":
             return inst
         if inst.status == "failed":
-            raise CliError(f"session {session_id} failed: {inst.reason or 'no reason given'}; "
+            raise CliError(f"session {session_id} failed: {printable(inst.reason or 'no reason given')}; "
                            f"see orz cloud logs {session_id}")
         if inst.status in GIVE_UP_STATES:
             raise CliError(f"session {session_id} is {inst.status}; it will not start on its own")

@@ -204,3 +204,27 @@ def test_forwarding_sftp_and_scp_work_inside_the_sandbox(bob: User, tmp_path: Pa
         direct = bob.ssh(sid, f"curl -s -m 3 http://127.0.0.1:{host_port}/ || echo unreachable")
     assert direct.stdout.strip() == "unreachable"
     assert bob.orz("cloud", "kill", sid).returncode == 0
+
+
+def test_orz_cloud_logs_shows_only_what_the_session_wrote_and_obeys_none_of_it(platform: Platform, bob: User) -> None:
+    """The init log is a file of the session's: the server reads it as root and the CLI prints it on the
+    user's terminal. A link in its place reads as no log, and a terminal's commands in it are shown, not sent."""
+    sid = bob.new()
+    key = platform.data / "keys" / "ssh_ca"
+    state = platform.data / "sessions" / sid / "state"
+    linked = bob.ssh(sid, f"ln -sfn {key} {state}/init.log && echo linked")
+    assert linked.stdout.strip() == "linked", linked.stderr
+    shown = bob.orz("cloud", "logs", sid)
+    assert "PRIVATE KEY" not in shown.stdout + shown.stderr
+    assert key.read_text() not in shown.stdout
+
+    # OSC 52 sets the clipboard of the terminal that prints it, OSC 0 its title; CSI 2J clears the screen
+    wrote = bob.ssh(sid, f"rm {state}/init.log; printf 'pip ok\\033]52;c;cm0gLXJmIH4=\\007\\033]0;t\\007"
+                         f"\\033[2J\\033[32mgreen\\033[0m\\n' > {state}/init.log && echo wrote")
+    assert wrote.stdout.strip() == "wrote", wrote.stderr
+    shown = bob.orz("cloud", "logs", sid)
+    assert shown.returncode == 0, shown.stderr
+    assert "pip ok" in shown.stdout and "green" in shown.stdout
+    assert "\x1b]" not in shown.stdout and "\x07" not in shown.stdout and "\x1b[2J" not in shown.stdout
+    assert "^[]52;c;cm0gLXJmIH4=^G" in shown.stdout  # shown, readable, for what it is
+    assert bob.orz("cloud", "kill", sid, "--force").returncode == 0
