@@ -228,3 +228,16 @@ def test_orz_cloud_logs_shows_only_what_the_session_wrote_and_obeys_none_of_it(p
     assert "\x1b]" not in shown.stdout and "\x07" not in shown.stdout and "\x1b[2J" not in shown.stdout
     assert "^[]52;c;cm0gLXJmIH4=^G" in shown.stdout  # shown, readable, for what it is
     assert bob.orz("cloud", "kill", sid, "--force").returncode == 0
+
+
+def test_a_session_spends_only_its_own_sign_in_attempts(platform: Platform, bob: User) -> None:
+    """The API counts sign-in attempts per client address; a session reaches the API through the launcher's
+    relay, which must not make it the host's 127.0.0.1 (it would lock everyone on this machine out)."""
+    sid = bob.new()
+    url = f"http://127.0.0.1:{platform.api_port}/v1/auth/exchange"
+    spent = bob.ssh(sid, "for i in $(seq 30); do curl -s -o /dev/null -w '%{http_code} ' -XPOST "
+                         f"-H 'content-type: application/json' -d '{{\"github_token\": \"x\"}}' {url}; done")
+    assert spent.stdout.split()[-1] == "429", spent.stdout + spent.stderr  # the limit holds for the session
+    from_host = httpx.post(url, json={"github_token": "x"}, timeout=10)
+    assert from_host.status_code != 429, from_host.text
+    assert bob.orz("cloud", "kill", sid, "--force").returncode == 0

@@ -10,6 +10,7 @@ API's among them) into the namespace's loopback, and sets cgroup limits where th
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -249,12 +250,24 @@ def cgroup_limits(settings: Settings, resources: Mapping[str, str]) -> dict[str,
     return limits
 
 
+def relay_source(session_id: str) -> str:
+    """The loopback address a session's relayed connections come from, its own in 127.128.0.0/9.
+
+    From 127.0.0.1 they would be the host's own: the API counts sign-in attempts per client address, and
+    one session's requests would use up the limit of everyone signing in on this machine (and of the others).
+    """
+    n = int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:3], "big") >> 1  # 23 bits
+    return str(ipaddress.IPv4Address((127 << 24) | (1 << 23) | n))
+
+
 def launcher_plan(*, bwrap: list[str], command: list[str], tools: Tools, relay_ports: Iterable[int],
-                  cgroup_name: str | None, limits: Mapping[str, int], paths: SessionPaths) -> dict[str, Any]:
+                  cgroup_name: str | None, limits: Mapping[str, int], paths: SessionPaths,
+                  session_id: str) -> dict[str, Any]:
     """The JSON the launcher reads from its argv (no secrets: those come in its environment)."""
     return {
         "bwrap": bwrap, "command": command, "slirp4netns": tools.slirp4netns,
-        "relay_ports": sorted(set(relay_ports)), "cgroup": cgroup_name, "limits": dict(limits),
+        "relay_ports": sorted(set(relay_ports)), "relay_source": relay_source(session_id),
+        "cgroup": cgroup_name, "limits": dict(limits),
         "socket": str(paths.socket), "network_ready_file": str(paths.network_ready),
         "fatal_file": str(paths.state / FATAL_NAME),
     }

@@ -197,10 +197,12 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.close()
 
 
-def relay_to_host(port: int):  # type: ignore[no-untyped-def]
+def relay_to_host(port: int, source: str | None = None):  # type: ignore[no-untyped-def]
+    """A connection handler relaying to the host's 127.0.0.1:port from ``source`` (the session's own address)."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+            up_reader, up_writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(source, 0) if source else None)
         except OSError:
             writer.close()
             return
@@ -267,7 +269,7 @@ async def run(plan: dict[str, Any]) -> int:
         join_userns = os.geteuid() != 0
         ports = list(plan["relay_ports"])
         for sock, port in zip(listen_in_namespace(child_pid, ports, join_userns), ports, strict=True):
-            servers.append(await asyncio.start_server(relay_to_host(port), sock=sock))
+            servers.append(await asyncio.start_server(relay_to_host(port, plan.get("relay_source")), sock=sock))
         ready_r, ready_w = os.pipe()
         args = [plan["slirp4netns"], "--configure", "--mtu=65520", "--disable-host-loopback",
                 "--enable-sandbox", "--netns-type=path", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}"]
