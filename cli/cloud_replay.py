@@ -65,13 +65,97 @@ def schedule(cast: Cast, speed: float = 1.0, idle_limit: float | None = None) ->
         yield pause / speed, data
 
 
+# What a recording may make this terminal do: draw. The pane's bytes are the program's own, recorded before
+# tmux (which the attached user sees through) filtered them, so they may hold sequences that act beyond
+# the screen: OSC 52 writes the clipboard, OSC 0/2 the title, DCS/APC reach terminal features, and
+# queries (device attributes, cursor and title reports) make the terminal type answers into the input,
+# which the shell reads as a command line after replay exits. Those are dropped, split across events or not.
+_ESC_KEPT = frozenset("78DEHMc=>")  # save/restore cursor, index, reverse index, tab set, reset, keypad
+_ESC_CHARSET = frozenset("()*+")  # charset designations take one more character
+_ESC_STRING = frozenset("]P_^X")  # OSC, DCS, APC, PM, SOS: up to BEL or ST, all dropped
+_CSI_KEPT = frozenset("@ABCDEFGHIJKLMPSTXZ`abdefgmrsu")  # drawing, erasing, scrolling, SGR (m)
+# Private modes (CSI ? n h/l) that only change how the screen looks: cursor keys (1), autowrap (7), blink
+# and show the cursor (12, 25), the alternate screen (47, 1047-1049). Mouse and focus reporting, bracketed
+# paste and the like would have the terminal send input.
+_PRIVATE_MODES_KEPT = frozenset({"1", "7", "12", "25", "47", "1047", "1048", "1049"})
+_C0_KEPT = frozenset("\b\t\n\r")
+
+
+class ScreenOnly:
+    """Filters a stream of terminal output (fed in pieces) down to what draws on the screen."""
+
+    def __init__(self) -> None:
+        self._state = "text"  # text | esc | charset | csi | string | string_esc
+        self._seq = ""
+
+    def feed(self, text: str) -> str:
+        out: list[str] = []
+        for ch in text:
+            out.append(self._step(ch))
+        return "".join(out)
+
+    def _step(self, ch: str) -> str:
+        state = self._state
+        if state == "text":
+            if ch == "\x1b":
+                self._state, self._seq = "esc", ch
+                return ""
+            code = ord(ch)
+            return "" if (code < 0x20 and ch not in _C0_KEPT) or 0x7F <= code <= 0x9F else ch
+        if state == "esc":
+            self._seq += ch
+            if ch == "[":
+                self._state = "csi"
+            elif ch in _ESC_STRING:
+                self._state = "string"
+            elif ch in _ESC_CHARSET:
+                self._state = "charset"
+            else:
+                self._state = "text"
+                return self._seq if ch in _ESC_KEPT else ""
+            return ""
+        if state == "charset":
+            self._state = "text"
+            return self._seq + ch if " " < ch < "\x7f" else ""
+        if state == "csi":
+            self._seq += ch
+            if "@" <= ch <= "~":
+                self._state = "text"
+                return self._seq if _csi_kept(self._seq) else ""
+            if not " " <= ch <= "?" or len(self._seq) > 64:  # not a CSI byte, or absurdly long: drop it all
+                self._state = "text"
+            return ""
+        if state == "string":
+            if ch == "\x07":
+                self._state = "text"
+            elif ch == "\x1b":
+                self._state = "string_esc"
+            return ""
+        # string_esc: ESC \ ends the string; any other ESC starts a sequence afresh
+        if ch == "\\":
+            self._state = "text"
+            return ""
+        self._state = "text"
+        return self._step("\x1b") + self._step(ch)
+
+
+def _csi_kept(seq: str) -> bool:
+    params, final = seq[2:-1], seq[-1]
+    if final in "hl":
+        if params.startswith("?"):
+            return all(mode in _PRIVATE_MODES_KEPT for mode in params[1:].split(";"))
+        return params == "4"  # insert mode
+    return final in _CSI_KEPT and not any(c in params for c in "<=>?!$\"' ")
+
+
 def play(cast: Cast, out: BinaryIO, speed: float, idle_limit: float | None,
          sleep: Callable[[float], None] = time.sleep) -> None:
+    screen = ScreenOnly()
     for pause, text in schedule(cast, speed, idle_limit):
         if pause > 0:
             out.flush()
             sleep(pause)
-        out.write(text.encode("utf-8", "replace"))
+        out.write(screen.feed(text).encode("utf-8", "replace"))
     out.flush()
 
 

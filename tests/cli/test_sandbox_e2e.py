@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -240,4 +241,24 @@ def test_a_session_spends_only_its_own_sign_in_attempts(platform: Platform, bob:
     assert spent.stdout.split()[-1] == "429", spent.stdout + spent.stderr  # the limit holds for the session
     from_host = httpx.post(url, json={"github_token": "x"}, timeout=10)
     assert from_host.status_code != 429, from_host.text
+    assert bob.orz("cloud", "kill", sid, "--force").returncode == 0
+
+
+def test_orz_cloud_replay_draws_the_pane_but_sends_nothing_else_to_the_terminal(platform: Platform, bob: User) -> None:
+    """The recording is the pane's bytes before tmux filtered them: a program in the session may print what
+    would set the user's clipboard (OSC 52) or make the terminal type an answer into the shell (CSI 6n)."""
+    sid = bob.new()
+    state = platform.data / "sessions" / sid / "state"
+    line = r"printf '\033]52;c;cm0gLXJmIH4=\007\033[6n\033[32mgreen-mark\033[0m\n'"
+    typed = bob.ssh(sid, f"tmux -S {state}/tmux.sock send-keys -t main {shlex.quote(line)} Enter && echo typed")
+    assert typed.stdout.strip() == "typed", typed.stderr
+
+    def recorded() -> bool:
+        saved = bob.orz("cloud", "replay", sid, "-o", "-")
+        return saved.stdout.count("green-mark") >= 2  # the command line's echo, then its output
+    wait_until(recorded, timeout=60, interval=1, what="the printf in the recording")
+    played = bob.orz("cloud", "replay", sid, "--speed", "1000", "--idle-limit", "0.01")
+    assert played.returncode == 0, played.stderr
+    assert "\x1b[32mgreen-mark\x1b[0m" in played.stdout  # drawing is kept
+    assert "\x1b]52" not in played.stdout and "\x1b[6n" not in played.stdout
     assert bob.orz("cloud", "kill", sid, "--force").returncode == 0
