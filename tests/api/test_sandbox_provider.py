@@ -24,6 +24,7 @@ from tests.api.lifecycle_support import local_provider
 from tests.api.test_local_provider import compute_spec, ready
 from tests.runner import conftest as runner_fixtures
 from tests.runner.fake_api import FakeApi
+from tests.support import ROOT
 
 pytestmark = [
     pytest.mark.integration,
@@ -79,7 +80,8 @@ def probe(data: Path, other: str, ports: tuple[int, ...], sleep_s: int) -> str:
     """The shell script a session runs: each line is one fact the test checks."""
     checks = "\n".join(
         f'[ -r "{path}" ] && echo "readable {path}" || echo "hidden {path}"'
-        for path in (data / "keys" / "ssh_ca", data / "orz.db", data / "sessions" / other / "workspace" / "README"))
+        for path in (data / "keys" / "ssh_ca", data / "orz.db", data / "sessions" / other / "workspace" / "README",
+                     ROOT / "pyproject.toml", ROOT / ".git" / "HEAD"))
     conns = "\n".join(
         f'(exec 3<>/dev/tcp/127.0.0.1/{port} && head -1 <&3) >/dev/null 2>&1 '
         f'&& echo "port {port} open" || echo "port {port} closed"' for port in ports)
@@ -173,6 +175,8 @@ async def test_two_sessions_see_nothing_of_each_other_or_the_server(
     assert not list(Path("/tmp").glob(f"marker-sbx-*-{SECRET_A}"))  # nor on the host
     for path in (data / "keys" / "ssh_ca", data / "orz.db", data / "sessions" / "sbx-a" / "workspace" / "README"):
         assert f"hidden {path}" in seen_b
+    # of the checkout the server runs from, only the packages the runner imports
+    assert f"hidden {ROOT / 'pyproject.toml'}" in seen_b and f"hidden {ROOT / '.git' / 'HEAD'}" in seen_b
     allowed, denied = host_ports
     assert f"port {allowed} open" in seen_b  # ORZ_SANDBOX_ALLOW_HOST_PORTS
     assert f"port {denied} closed" in seen_b and "port 5432 closed" in seen_b

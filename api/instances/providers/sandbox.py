@@ -131,10 +131,17 @@ def etc_files(uid: int, gid: int, home: Path, safe_repos: Iterable[Path] = (),
             "gitconfig": gitconfig}
 
 
+# The packages of this project the runner imports (the import contracts keep it to these). From a checkout
+# only they are shown: the rest of it (.git, an operator's .env or local config) is none of a session's business.
+RUNNER_PACKAGES = ("runner", "api", "gateway")
+
+
 def python_roots(import_root: str) -> list[Path]:
-    """What the runner's interpreter needs: its prefixes and the directory holding the runner package."""
-    roots = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(import_root).resolve(),
-             Path(sys.executable).resolve().parent}
+    """What the runner's interpreter needs: its prefixes and, from the directory holding the runner
+    package, the packages it imports."""
+    root = Path(import_root).resolve()
+    roots = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(sys.executable).resolve().parent}
+    roots |= {root / name for name in RUNNER_PACKAGES if (root / name).is_dir()}
     # A system Python lives under /usr already; bind each root once, outermost first.
     kept: list[Path] = []
     for root in sorted(roots, key=lambda p: len(p.parts)):
