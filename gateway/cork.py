@@ -9,6 +9,9 @@ connection writes in one loop turn into one send, without changing any bytes.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -202,6 +205,20 @@ class CorkProtocol(asyncio.Protocol):
         self.inner.resume_writing()
 
 
+def open_session_socket(path: str) -> int:
+    """An O_PATH fd of the runner's socket at ``path``, itself and not a link in its place.
+
+    The socket lies in the session's state dir, which the session's uid owns: it may put a symlink there to
+    another session's socket, which this process (root) could reach. The pinned host key refuses that runner
+    anyway; connecting through this fd keeps the gateway from knocking on any socket but the one at the path.
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.ENOTSOCK, "the session's endpoint is not a socket", path)
+    return fd
+
+
 class CorkedTunnel:
     """An asyncssh `tunnel=` connector: plain TCP to the runner, through a CorkTransport."""
 
@@ -211,8 +228,11 @@ class CorkedTunnel:
         # asyncssh.connect has no hook for the connection class; the subclass adds send_packet and fast_path.
         conn.__class__ = RunnerSideConnection
         if host.startswith(UNIX_ROUTE_PREFIX):  # a sandboxed local runner: its socket, not TCP
-            transport, _ = await loop.create_unix_connection(lambda: CorkProtocol(conn),
-                                                             host[len(UNIX_ROUTE_PREFIX):])
+            fd = open_session_socket(host[len(UNIX_ROUTE_PREFIX):])
+            try:
+                transport, _ = await loop.create_unix_connection(lambda: CorkProtocol(conn), f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
         else:
             transport, _ = await loop.create_connection(lambda: CorkProtocol(conn), host, port)
         return transport, conn

@@ -8,8 +8,10 @@ import random
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -261,4 +263,31 @@ def test_orz_cloud_replay_draws_the_pane_but_sends_nothing_else_to_the_terminal(
     assert played.returncode == 0, played.stderr
     assert "\x1b[32mgreen-mark\x1b[0m" in played.stdout  # drawing is kept
     assert "\x1b]52" not in played.stdout and "\x1b[6n" not in played.stdout
+    assert bob.orz("cloud", "kill", sid, "--force").returncode == 0
+
+
+def test_the_gateway_connects_to_the_sessions_socket_and_never_where_a_link_points(bob: User) -> None:
+    """The runner's socket is in the session's own state dir: a symlink the session puts in its place
+    (to another session's socket, or any the server can reach) is not followed by the gateway (root)."""
+    sid = bob.new()
+    elsewhere = Path(tempfile.mkdtemp(prefix="orz-link-")) / "elsewhere.sock"  # short: a socket path has 108 bytes
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(elsewhere))
+    listener.listen(4)
+    listener.settimeout(0.5)
+    try:
+        state = bob.platform.data / "sessions" / sid / "state"
+        linked = bob.ssh(sid, f"mv {state}/ssh.sock {state}/ssh.sock.real && ln -s {elsewhere} {state}/ssh.sock "
+                              "&& echo linked")
+        assert linked.stdout.strip() == "linked", linked.stderr
+        refused = subprocess.run([*bob.ssh_args(sid, "-o", "ConnectTimeout=20"), "true"], env=bob.env,
+                                 capture_output=True, text=True, timeout=90, check=False)
+        assert refused.returncode != 0
+        with contextlib.suppress(TimeoutError):
+            accepted, _ = listener.accept()
+            accepted.close()
+            raise AssertionError("the gateway connected where the session's link pointed")
+    finally:
+        listener.close()
+        shutil.rmtree(elsewhere.parent, ignore_errors=True)
     assert bob.orz("cloud", "kill", sid, "--force").returncode == 0
