@@ -291,3 +291,31 @@ def test_the_gateway_connects_to_the_sessions_socket_and_never_where_a_link_poin
         listener.close()
         shutil.rmtree(elsewhere.parent, ignore_errors=True)
     assert bob.orz("cloud", "kill", sid, "--force").returncode == 0
+
+
+FORGED_FATAL = r"""
+import json, os, sys, urllib.request
+env = dict(line.split("=", 1) for line in open("/proc/2/environ").read().split("\0") if "=" in line)
+api = json.loads(env["ORZ_RUNNER_SPEC"])["api_url"]
+body = json.dumps({"fatal_error": "boom \x1b]0;TITLE\x07\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07"}).encode()
+req = urllib.request.Request(f"{api}/internal/v1/instances/{os.environ['ORZ_SESSION_ID']}/heartbeat", data=body,
+                             headers={"Authorization": "Bearer " + env["ORZ_RUNNER_TOKEN"],
+                                      "content-type": "application/json"})
+print(urllib.request.urlopen(req).status)
+"""
+
+
+def test_a_failure_reason_the_session_wrote_reaches_no_terminal_as_commands(platform: Platform, bob: User) -> None:
+    """A session holds its own runner token (docs/security.md) and so writes its failure's reason: the
+    operator's `orz server` terminal and the user's `orz cloud status` show it without obeying it."""
+    sid = bob.new()
+    sent = bob.ssh(sid, f"python3 -c {shlex.quote(FORGED_FATAL)}")
+    assert sent.stdout.strip() == "200", sent.stdout + sent.stderr
+    wait_until(lambda: f"session {sid}: running -> failed" in platform.screen.read_text(), timeout=20,
+               what="the failure on the server's terminal")
+    screen = platform.screen.read_text()
+    assert "boom" in screen and "TITLE" in screen  # shown...
+    assert "\x1b" not in screen and "\x07" not in screen  # ...without a single escape
+    status = bob.orz("cloud", "status", sid)
+    assert "boom" in status.stdout and "\x1b" not in status.stdout
+    assert bob.orz("cloud", "kill", sid, "--force").returncode == 0
