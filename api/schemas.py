@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -147,9 +148,22 @@ REPO_URL_PATTERN = (
 _REPO_URL_RE = re.compile(REPO_URL_PATTERN)
 
 
+# What to do instead of a token in the URL, which would be stored with the session and shown wherever it is.
+_CLONE_ADVICE = ("store the token as a secret with the key GIT_TOKEN (orz cloud secrets create git --data "
+                    "GIT_TOKEN=...) and name it when creating (--secrets git, or \"secrets\": [\"git\"])")
+
+
 def _valid_repo_url(value: str) -> str:
     if not _REPO_URL_RE.fullmatch(value):
         raise ValueError("repo_url must be an https://, ssh://, git://, file:// or user@host:path URL")
+    if "://" in value:
+        parts = urlsplit(value)
+        # A password, or any user name over http(s) and git:// (GitHub and GitLab take a token as the user
+        # name), is a credential: it would be kept in the session's row and shown to its org's admins, in
+        # webhooks and in logs. ssh's user name (git@) is not.
+        if parts.password is not None or (parts.username is not None and parts.scheme != "ssh"):
+            raise ValueError(f"repo_url must not carry a user name or password ({parts.scheme}://...@): "
+                             f"{_CLONE_ADVICE}")
     return value
 
 

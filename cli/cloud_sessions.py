@@ -81,6 +81,10 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
         here = current_repo()
         if here.url:
             repo, branch = here.url, branch or here.branch
+            if here.stripped_credentials:
+                _note(f"this checkout's origin carries a user name or token; the session clones {repo} without "
+                      "it (it would be stored with the session). A private repository needs a GIT_TOKEN secret: "
+                      "orz cloud secrets create git --data GIT_TOKEN=... and --secrets git")
         else:
             _note("no git origin in this directory: the session starts with an empty workspace")
     try:

@@ -5,12 +5,23 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 
 @dataclass(frozen=True)
 class RepoInfo:
     url: str | None
     branch: str | None
+    stripped_credentials: bool = False  # origin named a user or token, left out of url
+
+
+def without_credentials(url: str) -> tuple[str, bool]:
+    """An http(s)/git:// URL without its user name and password (a token, for GitHub and GitLab), and
+    whether there was one; other URLs as they are (ssh's `git@` is no credential)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "git") or "@" not in parts.netloc:
+        return url, False
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])), True
 
 
 def _git(cwd: Path, *args: str) -> str | None:
@@ -59,4 +70,7 @@ def current_repo(cwd: Path | None = None) -> RepoInfo:
     where = cwd or Path.cwd()
     origin = _git(where, "remote", "get-url", "origin")
     branch = _git(where, "symbolic-ref", "--quiet", "--short", "HEAD")
-    return RepoInfo(url=as_clone_url(origin, where) if origin else None, branch=branch)
+    if not origin:
+        return RepoInfo(url=None, branch=branch)
+    url, stripped = without_credentials(as_clone_url(origin, where))
+    return RepoInfo(url=url, branch=branch, stripped_credentials=stripped)

@@ -97,3 +97,32 @@ async def test_unknown_route_and_method_are_problems(app):
     assert resp.status == 404 and resp.headers["content-type"] == "application/problem+json"
     _, resp = await app.asgi_client.patch("/v1/instances")
     assert resp.status == 405 and resp.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("url", [
+    "https://ghp_16C7e42F292c6912E7710c838347Ae178B4a@github.com/acme/app.git",  # GitHub: a token as the user
+    "https://x-access-token:ghs_abcdef0123456789@github.com/acme/app.git",
+    "https://oauth2:glpat-abcdef0123456789@gitlab.com/acme/app.git",
+    "http://user:hunter2@git.example.com/app.git",
+    "ssh://git:hunter2@git.example.com/app.git",
+])
+async def test_a_token_in_the_repo_url_is_refused_and_never_repeated(app, sessions, url):
+    """It would be stored with the session and shown to org admins, in webhooks and logs; the answer says
+    how to give the token as a secret instead, and holds no part of it."""
+    t = await make_tenant(sessions, "acme")
+    _, resp = await app.asgi_client.post("/v1/instances", json={"repo_url": url}, headers=t.headers)
+    assert (resp.status, resp.json["code"]) == (422, "validation_failed"), resp.json
+    assert [e["field"] for e in resp.json["errors"]] == ["repo_url"]
+    assert "GIT_TOKEN" in resp.json["detail"]
+    secret = url.split("//", 1)[1].split("@", 1)[0]
+    assert all(part not in resp.text for part in secret.split(":") if part not in ("git", "user", "oauth2"))
+    async with sessions() as db:
+        assert await db.scalar(select(func.count()).select_from(Instance)) == 0
+
+
+@pytest.mark.parametrize("url", ["ssh://git@git.example.com/app.git", "git@github.com:acme/app.git",
+                                 "https://github.com/acme/app.git"])
+async def test_an_ssh_user_name_is_no_credential(app, sessions, url):
+    t = await make_tenant(sessions, "acme")
+    _, resp = await app.asgi_client.post("/v1/instances", json={"repo_url": url}, headers=t.headers)
+    assert resp.status == 201, resp.json

@@ -333,3 +333,24 @@ def test_a_secret_that_exists_gets_new_data_with_replace(orz: Orz, live_api: Liv
     assert [(s["name"], s["keys"]) for s in listed] == [("gh", ["GH_TOKEN"])]
     assert_one_error_line(orz("cloud", "secrets", "create", "nope", "--replace", "--data", "A=b"),
                           "no such secret: nope")
+
+
+def test_new_leaves_a_token_in_this_checkouts_origin_behind(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                           tmp_path: Path) -> None:
+    """A checkout cloned with a token in its URL (CI does this): the session clones the URL without it (the
+    server refuses credentials in repo_url: they would be stored and shown), and nothing prints the token."""
+    token = "ghp_16C7e42F292c6912E7710c838347Ae178B4a"
+    work = tmp_path / "work"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
+    subprocess.run(["git", "-C", str(work), "remote", "add", "origin",
+                    f"https://x-access-token:{token}@example.com/acme/app.git"], check=True)
+    done = orz("cloud", "new", "--no-attach", cwd=work)
+    assert done.returncode == 0, done.stderr
+    sid = done.stdout.split()[1]
+    assert live_api.provider.specs[sid].repo_url == "https://example.com/acme/app.git"
+    assert "carries a user name or token" in done.stderr and "GIT_TOKEN" in done.stderr
+    assert token not in done.stdout + done.stderr
+    # Given explicitly, it is refused before anything is sent, without repeating it.
+    given = orz("cloud", "new", "--no-attach", "--repo", f"https://{token}@example.com/acme/app.git", cwd=tmp_path)
+    assert given.returncode == 2 and "must not carry a user name or password" in given.stderr
+    assert token not in given.stdout + given.stderr
