@@ -12,7 +12,6 @@ import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -141,11 +140,18 @@ BRANCH_PATTERN = (
     r"[^\x00-\x20~^:?*\[\\\x7f-\x9f]+$"
 )
 _URL_CHAR = r"[^\s\x00-\x1f\x7f-\x9f]"
+# The authority (up to the first / ? #) carries no credentials: no user at all in http(s), git and file
+# URLs (GitHub and GitLab take a token as the user name), and in ssh:// a user name but no password.
 # Enforced and documented as is: ECMA and Python read it the same way.
+_HOST_CHAR = r"[^\s\x00-\x1f\x7f-\x9f/?#@]"
+_AFTER_HOST = rf"(?:[/?#]{_URL_CHAR}*)?"
 REPO_URL_PATTERN = (
-    rf"^(?:(?:https?|ssh|git|file)://{_URL_CHAR}+|[A-Za-z0-9._][A-Za-z0-9._-]*@[A-Za-z0-9.-]+:{_URL_CHAR}+)$"
+    rf"^(?:(?:https?|git|file)://(?={_URL_CHAR}){_HOST_CHAR}*{_AFTER_HOST}"
+    rf"|ssh://(?={_URL_CHAR})(?:[^\s\x00-\x1f\x7f-\x9f/?#:]*@)?{_HOST_CHAR}*{_AFTER_HOST}"
+    rf"|[A-Za-z0-9._][A-Za-z0-9._-]*@[A-Za-z0-9.-]+:{_URL_CHAR}+)$"
 )
 _REPO_URL_RE = re.compile(REPO_URL_PATTERN)
+_LOOSE_URL_RE = re.compile(rf"^(?:https?|ssh|git|file)://{_URL_CHAR}+$")
 
 
 # What to do instead of a token in the URL, which would be stored with the session and shown wherever it is.
@@ -155,15 +161,12 @@ _CLONE_ADVICE = ("store the token as a secret with the key GIT_TOKEN (orz cloud 
 
 def _valid_repo_url(value: str) -> str:
     if not _REPO_URL_RE.fullmatch(value):
+        if _LOOSE_URL_RE.fullmatch(value):
+            # A URL but for its credentials: they would be kept in the session's row and shown to its org's
+            # admins, in webhooks and in logs.
+            raise ValueError(f"repo_url must not carry a user name or password "
+                             f"({value.split('://', 1)[0]}://...@): {_CLONE_ADVICE}")
         raise ValueError("repo_url must be an https://, ssh://, git://, file:// or user@host:path URL")
-    if "://" in value:
-        parts = urlsplit(value)
-        # A password, or any user name over http(s) and git:// (GitHub and GitLab take a token as the user
-        # name), is a credential: it would be kept in the session's row and shown to its org's admins, in
-        # webhooks and in logs. ssh's user name (git@) is not.
-        if parts.password is not None or (parts.username is not None and parts.scheme != "ssh"):
-            raise ValueError(f"repo_url must not carry a user name or password ({parts.scheme}://...@): "
-                             f"{_CLONE_ADVICE}")
     return value
 
 
