@@ -134,8 +134,11 @@ class ApiClient:
     async def instance_status(self, session_id: str) -> schemas.InstanceStatus:
         return await self._get(schemas.InstanceStatus, f"/v1/instances/{session_id}/status")
 
-    async def delete_instance(self, session_id: str) -> schemas.Instance:
-        return await self._send(schemas.Instance, "DELETE", f"/v1/instances/{session_id}")
+    async def delete_instance(self, session_id: str, *, force: bool = False) -> schemas.Instance:
+        """Refused (409 ``unsaved_work``) while the session holds unsaved work, unless ``force``."""
+        params = {"force": "true"} if force else None
+        response = await self.request("DELETE", f"/v1/instances/{session_id}", params=params)
+        return schemas.Instance.model_validate(response.json())
 
     async def stop_instance(self, session_id: str) -> schemas.Instance:
         return await self._send(schemas.Instance, "POST", f"/v1/instances/{session_id}/stop")

@@ -92,6 +92,13 @@ class InvalidTransition(Conflict):
     title = "The session cannot do that in its current state"
 
 
+class UnsavedWork(Conflict):
+    """A delete that would lose work the runner last saw unsaved; ``?force=true`` deletes anyway."""
+
+    code = "unsaved_work"
+    title = "The session has unsaved work"
+
+
 class SessionFailed(Conflict):
     code = "session_failed"
     title = "The session failed"

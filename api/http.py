@@ -48,6 +48,21 @@ def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -
         raise ValidationFailed(describe_validation(exc), errors=validation_errors(exc)) from None
 
 
+FLAG_VALUES = {"true": True, "1": True, "false": False, "0": False}
+
+
+def query_flag(request: Request, name: str) -> bool:
+    """A boolean query parameter (``?force=true``); absent is false, anything but true/false/1/0 a 422."""
+    # With its blanks: Sanic's request.args drops `?force=`, which would read as false instead of refused.
+    value = request.get_args(keep_blank_values=True).get(name)
+    if value is None:
+        return False
+    flag = FLAG_VALUES.get(value.lower())
+    if flag is None:
+        raise ValidationFailed.of(name, f"{name} must be true or false")
+    return flag
+
+
 def respond(model: BaseModel, status: int = 200) -> HTTPResponse:
     return HTTPResponse(
         model.model_dump_json(), status=status, content_type="application/json"

@@ -23,6 +23,15 @@ ERROR_TITLES = {
 
 
 @dataclass(frozen=True)
+class QueryParam:
+    """An optional query parameter of one operation, with its JSON schema."""
+
+    name: str
+    schema: dict[str, Any]
+    description: str
+
+
+@dataclass(frozen=True)
 class Operation:
     method: str
     path: str
@@ -34,6 +43,7 @@ class Operation:
     security: Security
     content_type: str = "application/json"
     body_required: bool = True
+    query: tuple[QueryParam, ...] = ()
 
 
 @dataclass
@@ -57,6 +67,7 @@ def route(
     security: Security = "api_token",
     content_type: str = "application/json",
     body_required: bool = True,
+    query: tuple[QueryParam, ...] = (),
 ) -> Callable[[F], F]:
     """Register a handler on ``bp`` and describe it in the OpenAPI document, from one declaration."""
     # Every authenticated route reads the database: when it is unreachable the answer is a retryable 503.
@@ -64,7 +75,7 @@ def route(
     body_errors = (400, 413, 422) if request else ()
     op = Operation(method.upper(), path, summary, tag, request, responses,
                    tuple(sorted(set(errors) | set(auth_errors) | set(body_errors))), security, content_type,
-                   body_required)
+                   body_required, query)
     REGISTRY.operations.append(op)
     sanic_path = path.replace("{", "<").replace("}", ">")
 
@@ -95,10 +106,12 @@ def build_document(version: str) -> dict[str, Any]:
             "responses": {},
         }
         params = [seg[1:-1] for seg in op.path.split("/") if seg.startswith("{")]
-        if params:
-            item["parameters"] = [
-                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params
-            ]
+        parameters: list[dict[str, Any]] = [
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params]
+        parameters += [{"name": q.name, "in": "query", "required": False, "schema": q.schema,
+                        "description": q.description} for q in op.query]
+        if parameters:
+            item["parameters"] = parameters
         if op.security:
             item["security"] = [{op.security: []}]
         if op.request:

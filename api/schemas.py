@@ -616,6 +616,24 @@ class WorkState(BaseModel):
     # Why the WIP commit could not be pushed (no origin, no credentials, ...).
     wip_error: Annotated[str, StringConstraints(max_length=1024)] | None = None
     scanned_at: datetime | None = None
+
+    @property
+    def at_risk(self) -> bool:
+        """Work a delete would lose: uncommitted files or unpushed commits not saved to the WIP branch."""
+        return bool((self.dirty_files or self.unpushed_commits) and not self.wip_commit)
+
+    def summary(self) -> str:
+        """One line for people: '2 uncommitted files, 1 unpushed commit; not saved: <why>'."""
+        files = f"{self.dirty_files} uncommitted file{'s' if self.dirty_files != 1 else ''}"
+        commits = f"{self.unpushed_commits} unpushed commit{'s' if self.unpushed_commits != 1 else ''}"
+        line = f"{files}, {commits}"
+        if self.wip_commit:
+            line += f"; saved to {self.wip_branch} ({self.wip_commit[:12]})"
+        elif self.wip_error:
+            line += f"; not saved: {self.wip_error}"
+        return line
+
+
 SidecarMode = Literal["local", "pod"]
 
 

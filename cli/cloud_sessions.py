@@ -180,14 +180,15 @@ async def kill(session_id: str, force: bool) -> None:
     Refused (exit 6) while the workspace holds uncommitted files or unpushed commits that are not saved
     to the session's WIP branch; --force kills anyway."""
     async with client() as api:
-        if not force:
-            current = await api.get_instance(session_id)
-            if output.at_risk(current.work):
-                assert current.work is not None
-                raise UnsavedWork(f"session {session_id} has unsaved work: {output.work_line(current.work)}; "
-                                  f"push it, or kill with --force (a running session pushes it to "
-                                  f"orz/{session_id} first where it can)")
-        inst = await api.delete_instance(session_id)
+        try:
+            inst = await api.delete_instance(session_id, force=force)
+        except ApiError as exc:
+            if exc.status != 409 or exc.body.get("code") != "unsaved_work":
+                raise
+            work = schemas.WorkState.model_validate(exc.body.get("work") or {})
+            raise UnsavedWork(f"session {session_id} has unsaved work: {work.summary()}; push it, or kill with "
+                              f"--force (a running session pushes it to orz/{session_id} first where it can)"
+                              ) from None
     keys.forget_session(session_id)
     ssh_config.forget_host(session_id)
     click.echo(f"session {inst.id} killed ({inst.status})")

@@ -137,19 +137,12 @@ def agent_label(inst: schemas.Instance) -> str:
 
 
 def at_risk(work: schemas.WorkState | None) -> bool:
-    """Work a delete would lose: uncommitted files or unpushed commits not saved to the WIP branch."""
-    return bool(work and (work.dirty_files or work.unpushed_commits) and not work.wip_commit)
+    """Work a delete would lose (the API's own rule: it refuses such a delete unless forced)."""
+    return bool(work and work.at_risk)
 
 
 def work_line(work: schemas.WorkState) -> str:
-    files = f"{work.dirty_files} uncommitted file{'s' if work.dirty_files != 1 else ''}"
-    commits = f"{work.unpushed_commits} unpushed commit{'s' if work.unpushed_commits != 1 else ''}"
-    line = f"{files}, {commits}"
-    if work.wip_commit:
-        line += f"; saved to {work.wip_branch} ({work.wip_commit[:12]})"
-    elif work.wip_error:
-        line += f"; not saved: {work.wip_error}"
-    return line
+    return work.summary()
 
 
 def instances_table(instances: list[schemas.Instance], now: datetime | None = None) -> Table:

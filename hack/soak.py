@@ -232,7 +232,7 @@ def kill_the_rest(platform: SoakPlatform) -> list[str]:
         left = [i["id"] for i in listed.json().get("instances", []) if i["status"] != "deleted"] \
             if listed.status_code == 200 else []
         for sid in left:
-            api.delete(f"/v1/instances/{sid}")
+            api.delete(f"/v1/instances/{sid}", params={"force": "true"})  # cleanup: whatever it holds
     return left
 
 

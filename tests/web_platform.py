@@ -62,7 +62,7 @@ class WebPlatform:
 
     def kill(self, sid: str) -> None:
         with self.api() as api:
-            api.delete(f"/v1/instances/{sid}")
+            api.delete(f"/v1/instances/{sid}", params={"force": "true"})  # cleanup: whatever it holds
 
 
 def start_platform(base: Path, **settings: str) -> Iterator[WebPlatform]:

@@ -17,6 +17,7 @@ from api.errors import (
     InvalidTransition,
     NotFound,
     QuotaExceeded,
+    UnsavedWork,
 )
 from api.instances import recordings, repo_policy
 from api.instances.ids import new_session_id
@@ -181,9 +182,12 @@ class UserSide(ServiceBase):
             inst = await self._owned(db, who, session_id)
         return await self.stop_instance(inst, who.actor, reason="stopped by user")
 
-    async def delete(self, who: Principal, session_id: str) -> Instance:
+    async def delete(self, who: Principal, session_id: str, *, force: bool = False) -> Instance:
+        """A user's delete; refused while the last heartbeat showed work no branch holds, unless forced."""
         async with self.db_sessions() as db:
             inst = await self._owned(db, who, session_id)
+        if not force:
+            refuse_unsaved_work(inst)
         return await self.delete_instance(inst, who.actor)
 
     async def stop_instance(self, inst: Instance, actor: str, reason: str) -> Instance:
@@ -243,3 +247,17 @@ class UserSide(ServiceBase):
             except (QuotaExceeded, InvalidTransition, ComputeUnavailable) as exc:
                 log.warning("session %s not resumed: %s", row.id, exc)
         return resumed
+
+
+def refuse_unsaved_work(inst: Instance) -> None:
+    """Raise UnsavedWork when deleting ``inst`` would lose what its runner last reported.
+
+    A session on its way out already (deleting, deleted) is left to the state machine's own answer."""
+    if not inst.work or inst.state in (State.DELETING.value, State.DELETED.value):
+        return
+    work = schemas.WorkState.model_validate(inst.work)
+    if work.at_risk:
+        raise UnsavedWork(
+            f"session {inst.id} has unsaved work: {work.summary()}; push it, or delete anyway with ?force=true "
+            f"(a running session pushes it to orz/{inst.id} first where it can)",
+            work=work.model_dump(mode="json", exclude_none=True))

@@ -6,9 +6,9 @@ from sanic import Blueprint, HTTPResponse, Request
 
 from api import metrics, schemas
 from api.errors import ComputeUnavailable, OrzError, QuotaExceeded, ValidationFailed
-from api.http import parse_body, respond
+from api.http import parse_body, query_flag, respond
 from api.instances.views import event_view, instance_view
-from api.openapi import route
+from api.openapi import QueryParam, route
 from api.routes.attach import attach_token
 from api.routes.deps import principal, state
 
@@ -62,11 +62,17 @@ async def get_instance(request: Request, id: str) -> HTTPResponse:
     return respond(instance_view(state(request).settings, row, attach_token(request, who, row)))
 
 
+FORCE = QueryParam("force", {"type": "boolean", "default": False},
+                   "delete even when the session's last heartbeat showed unsaved work (uncommitted files or "
+                   "unpushed commits not pushed to orz/<id>); without it such a delete is a 409 `unsaved_work`")
+
+
 @route(bp, "DELETE", "/v1/instances/{id}", summary="Kill a session: compute and workspace", tag=TAG,
-       responses={200: schemas.Instance}, errors=(403, 404, 409, 503))
+       responses={200: schemas.Instance}, errors=(403, 404, 409, 422, 503), query=(FORCE,))
 async def delete_instance(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
-    row = await state(request).instances.delete(who, id)
+    force = query_flag(request, "force")
+    row = await state(request).instances.delete(who, id, force=force)
     return respond(instance_view(state(request).settings, row))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
+
 from api import schemas
 from tests.cli.conftest import LiveApi, Orz
 from tests.cli.test_cloud_commands import assert_one_error_line, create
@@ -73,3 +75,37 @@ def test_status_shows_a_runners_escape_sequences_inert(orz: Orz, live_api: LiveA
     for out in (shown.stdout, failed.stdout):
         assert not any(ch in out for ch in "\x1b\x07\r\x9b"), repr(out)
     assert json.loads(orz("cloud", "status", sid, "--json").stdout)["instance"]["reason"] == hostile  # as stored
+
+
+def test_api_refuses_to_delete_unsaved_work_unless_forced(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                          tmp_path: Path) -> None:
+    """Automation calling DELETE itself gets the guard the CLI has: a 409 naming the work, ?force=true to go on."""
+    sid = create(orz, cwd=tmp_path)
+    live_api.heartbeat(sid, work=schemas.WorkState(dirty_files=3, unpushed_commits=1))
+    url = f"{live_api.url}/v1/instances/{sid}"
+    refused = httpx.delete(url, headers=logged_in.headers)
+    assert refused.status_code == 409, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    problem = refused.json()
+    assert problem["code"] == "unsaved_work"
+    assert problem["work"]["dirty_files"] == 3 and problem["work"]["unpushed_commits"] == 1
+    assert problem["detail"].startswith(f"session {sid} has unsaved work: 3 uncommitted files, 1 unpushed commit")
+    assert "?force=true" in problem["detail"]
+    assert httpx.get(url, headers=logged_in.headers).json()["status"] == "running"
+    for value in ("yes please", ""):  # a blank is not "false"
+        bad = httpx.delete(url, params={"force": value}, headers=logged_in.headers)
+        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "force", bad.text
+    forced = httpx.delete(url, params={"force": "true"}, headers=logged_in.headers)
+    assert forced.status_code == 200 and forced.json()["status"] in ("deleting", "deleted"), forced.text
+
+
+def test_kill_force_reaches_the_api(orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
+    """The work appears after the CLI could have looked: the API still refuses, and --force is what it passes."""
+    sid = create(orz, cwd=tmp_path)
+    live_api.heartbeat(sid, work=schemas.WorkState(unpushed_commits=2))
+    refused = orz("cloud", "kill", sid)
+    assert refused.returncode == 6
+    assert_one_error_line(refused, f"session {sid} has unsaved work: 0 uncommitted files, 2 unpushed commits",
+                          "kill with --force")
+    forced = orz("cloud", "kill", sid, "--force")
+    assert forced.returncode == 0 and "killed" in forced.stdout, forced.stderr
