@@ -15,6 +15,7 @@ image reads its settings from such variables.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints
@@ -104,7 +105,16 @@ def check_service_count(count: int, limit: int) -> None:
         raise ValueError(f"at most {limit} services are allowed on this plan, found {count}")
 
 
-def missing_secret(name: str) -> str:
-    """Why ``${NAME}`` cannot be resolved, and how to give the session a secret that has it."""
-    return (f"${{{name}}} is not one of this session's secrets; create one with the key {name} "
-            f"(orz cloud secrets create NAME --data {name}=...) and attach it: orz cloud new --secrets NAME")
+def missing_secret(name: str, keys: Collection[str] | None = None) -> str:
+    """Why ``${NAME}`` cannot be resolved, and how to give the session a secret that has it.
+
+    ``keys``: the keys the session's secrets do have (names only, never values), when known."""
+    if keys is None:
+        having = ""
+    elif not keys:
+        having = " (it has none: it was created without --secrets)"
+    else:
+        having = f" (its secrets have the keys {', '.join(sorted(keys))})"
+    return (f"${{{name}}} is not one of this session's secrets{having}; create one with the key {name} "
+            f"(orz cloud secrets create NAME --data {name}=...) and start the session with it: "
+            f"orz cloud new --secrets NAME")

@@ -3,7 +3,6 @@ secrets have their own modules."""
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cli import (
     output,
     ssh_config,
 )
+from cli.cloud_yaml_check import load_validator, secret_keys
 from cli.config import (
     DEFAULT_API_URL,
     Credentials,
@@ -247,13 +247,11 @@ async def _refresh(session_id: str) -> None:
 
 
 def _load_validator():  # type: ignore[no-untyped-def]
-    try:
-        return importlib.import_module("runner.cloud_config")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("runner", "runner.cloud_config"):
-            raise CliError("validate needs the runner package (runner.cloud_config), "
-                           "which this installation does not include") from None
-        raise
+    validator = load_validator()
+    if validator is None:
+        raise CliError("validate needs the runner package (runner.cloud_config), "
+                       "which this installation does not include")
+    return validator
 
 
 @cloud.command("validate")
@@ -298,11 +296,11 @@ async def _secret_keys(names: list[str]) -> frozenset[str]:
     """The keys of the named secrets, as the session would see them; an unknown name is an error."""
     async with client() as api:
         listing = await api.list_secrets()
-    by_name = {s.name: s for s in listing.secrets}
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise CliError(f"no secret named {unknown[0]} (orz cloud secrets list shows yours)", EXIT_NOT_FOUND)
-    return frozenset(key for n in names for key in by_name[n].keys)
+        known = {s.name for s in listing.secrets}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise CliError(f"no secret named {unknown[0]} (orz cloud secrets list shows yours)", EXIT_NOT_FOUND)
+        return await secret_keys(api, names)
 
 
 for _command in [*cloud_sessions.COMMANDS, *cloud_watch.COMMANDS, *cloud_proxy.COMMANDS,

@@ -13,6 +13,7 @@ from api import schemas
 from api.client import ApiError
 from cli import attach as attaching
 from cli import keys, output, ssh_config
+from cli.cloud_yaml_check import from_checkout, from_local_repo, refuse_missing_secrets
 from cli.completion import complete_session_ids
 from cli.connect import CliApiClient, client, cloud_command
 from cli.errors import EXIT_USAGE, CliError, UnsavedWork
@@ -48,15 +49,17 @@ def _split_names(value: str | None) -> list[str]:
 def new(task: str | None, repo: str | None, branch: str | None, tier: str, program: str | None,
         secret_names: str | None, no_attach: bool, wait: bool | None, timeout: int) -> None:
     """Start a new session (and attach to it once it runs)."""
+    local_repo = None
     if repo is not None and is_local_path(repo):
-        repo = as_clone_url(str(Path(repo).expanduser()), Path.cwd())
+        local_repo = Path(repo).expanduser()
+        repo = as_clone_url(str(local_repo), Path.cwd())
         _note(f"the local repository is cloned from {repo}")
     elif repo is not None and names_a_path(repo):
         # Sent on, a mistyped path would come back as "repo_url must be an https://... URL".
         raise CliError(f"--repo {repo}: no such directory (a local repository by its path, any other by its URL)",
                        EXIT_USAGE)
     attach_to = _new(task, repo, branch, tier, program, secret_names, no_attach,
-                     (not no_attach) if wait is None else wait, timeout)
+                     (not no_attach) if wait is None else wait, timeout, local_repo)
     if attach_to:
         session_id, argv = attach_to
         attaching.run_attached(session_id, argv, lambda: _attach_again(session_id, False))
@@ -74,9 +77,10 @@ async def _note_limits(api: CliApiClient) -> None:
 
 @cloud_command
 async def _new(task: str | None, repo: str | None, branch: str | None, tier: str, program: str | None,
-               secret_names: str | None, no_attach: bool, wait: bool, wait_s: int
+               secret_names: str | None, no_attach: bool, wait: bool, wait_s: int, local_repo: Path | None
                ) -> tuple[str, list[str]] | None:
     api = client()  # first, so "not logged in" comes before anything else
+    local_config = from_local_repo(local_repo, branch) if local_repo is not None else None
     if repo is None:
         here = current_repo()
         if here.url:
@@ -85,6 +89,7 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
                 _note(f"this checkout's origin carries a user name or token; the session clones {repo} without "
                       "it (it would be stored with the session). A private repository needs a GIT_TOKEN secret: "
                       "orz cloud secrets create git --data GIT_TOKEN=... and --secrets git")
+            local_config = from_checkout(Path.cwd(), here.branch, branch)
         else:
             _note("no git origin in this directory: the session starts with an empty workspace")
     try:
@@ -94,6 +99,8 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
         await api.aclose()
         raise CliError(schemas.describe_validation(exc), EXIT_USAGE) from None
     async with api:
+        if local_config is not None:
+            await refuse_missing_secrets(api, local_config, body.secrets)
         try:
             inst = await api.create_instance(body)
         except ApiError as exc:

@@ -24,14 +24,28 @@ def without_credentials(url: str) -> tuple[str, bool]:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])), True
 
 
-def _git(cwd: Path, *args: str) -> str | None:
+def _git(cwd: Path, *args: str, strip: bool = True) -> str | None:
     try:
         done = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=10,
-                              check=False)
+                              check=False, errors="replace")
     except (OSError, subprocess.TimeoutExpired):
         return None
-    out = done.stdout.strip()
+    out = done.stdout.strip() if strip else done.stdout
     return out if done.returncode == 0 and out else None
+
+
+def git_toplevel(cwd: Path) -> Path | None:
+    top = _git(cwd, "rev-parse", "--show-toplevel")
+    return Path(top) if top else None
+
+
+def has_ref(repo: Path, ref: str) -> bool:
+    return _git(repo, "rev-parse", "--verify", "--quiet", ref) is not None
+
+
+def file_at(repo: Path, ref: str, path: str) -> str | None:
+    """A file's text as committed at ``ref`` (path from the repository's root), or None."""
+    return _git(repo, "show", f"{ref}:{path}", strip=False)
 
 
 def as_clone_url(remote: str, cwd: Path) -> str:

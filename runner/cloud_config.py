@@ -278,7 +278,7 @@ def secret_refs(config: CloudConfig) -> dict[str, list[tuple[str | int, ...]]]:
 
 def missing_secrets(config: CloudConfig, keys: set[str] | frozenset[str]) -> list[str]:
     """A problem line for each ``${NAME}`` that none of the given secret keys provides."""
-    return [config.problem(loc, cloud_yaml.missing_secret(ref))
+    return [config.problem(loc, cloud_yaml.missing_secret(ref, keys))
             for ref, locs in secret_refs(config).items() if ref not in keys for loc in locs]
 
 
@@ -291,7 +291,7 @@ def _resolve(config: CloudConfig, base: tuple[str, ...], env: Mapping[str, str],
         def sub(match: re.Match[str], key: str = key) -> str:
             name = match.group(1)
             if name not in secrets:
-                problems.append(config.problem((*base, key), cloud_yaml.missing_secret(name)))
+                problems.append(config.problem((*base, key), cloud_yaml.missing_secret(name, secrets.keys())))
                 return ""
             return secrets[name]
 

@@ -4,13 +4,16 @@ shows it."""
 
 from __future__ import annotations
 
+import json
 import secrets
+import subprocess
 from collections.abc import Iterator
 
 import pytest
 
 from tests.cli.test_wake_on_connect import ssh
 from tests.fullstack import Platform, running_platform
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -47,3 +50,25 @@ def test_secret_reaches_the_attached_session_and_nothing_else(platform: Platform
     runner_log = (platform.data / "sessions" / sid / "runner.log").read_text()
     assert runner_log and value not in runner_log
     assert platform.orz("cloud", "kill", sid).returncode == 0
+
+
+def test_a_session_missing_a_secret_fails_saying_which_and_what_it_had(platform: Platform, tmp_path) -> None:
+    """Not checked by `new` (a URL, not a checkout here): the runner's failure names the ${KEY}, the keys the
+    session's secrets do have, and how to start one that works."""
+    repo = tmp_path / "needs-secret"
+    (repo / ".orz").mkdir(parents=True)
+    (repo / ".orz" / "cloud.yaml").write_text('version: "1.0"\nenv:\n  GH: ${GH_TOKEN}\n')
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    new = platform.orz("cloud", "new", "--repo", repo.as_uri(), "--branch", "main", "--program", "bash",
+                       "--no-attach", cwd=platform.home)
+    assert new.returncode == 0, new.stderr
+    sid = new.stdout.split()[1]
+    wait_until(lambda: json.loads(platform.orz("cloud", "status", sid, "--json").stdout)["instance"]["status"]
+               == "failed", timeout=60, what="the session to fail")
+    shown = platform.orz("cloud", "status", sid).stdout
+    assert (".orz/cloud.yaml:3: env.GH: ${GH_TOKEN} is not one of this session's secrets (it has none: it was "
+            "created without --secrets)") in shown, shown
+    assert "orz cloud new --secrets NAME" in shown

@@ -52,9 +52,14 @@ def test_secret_refs_resolve_only_against_session_secrets() -> None:
     assert resolve_service_env(config, "db", {"PG_PASSWORD": "pw"}) == {"POSTGRES_PASSWORD": "pw"}
     with pytest.raises(CloudConfigError) as info:
         resolve_env(config, {})
-    assert str(info.value) == (".orz/cloud.yaml:14: env.TOKEN: ${API_KEY} is not one of this session's secrets; "
+    assert str(info.value) == (".orz/cloud.yaml:14: env.TOKEN: ${API_KEY} is not one of this session's secrets "
+                               "(it has none: it was created without --secrets); "
                                "create one with the key API_KEY (orz cloud secrets create NAME --data API_KEY=...) "
-                               "and attach it: orz cloud new --secrets NAME")
+                               "and start the session with it: orz cloud new --secrets NAME")
+    with pytest.raises(CloudConfigError) as info:
+        resolve_env(config, {"GH_TOKEN": "secret-value", "PG_PASSWORD": "pw"})
+    assert "${API_KEY} is not one of this session's secrets (its secrets have the keys GH_TOKEN, PG_PASSWORD)" \
+        in str(info.value) and "secret-value" not in str(info.value)
 
 
 @pytest.mark.parametrize(
