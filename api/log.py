@@ -80,3 +80,6 @@ def configure(level: str = "INFO", json_lines: bool = True, stream: Any = None) 
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     # The runner's (and gateway's) API client: one line per request is the access log's job, not theirs.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Alembic says "Context impl ..." whenever the schema is read, and "Running upgrade" per migration,
+    # which `orz admin migrate` prints itself, as a sentence.
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import click
 import sqlalchemy
@@ -61,7 +62,9 @@ def migrate_cmd(database_url: str | None, revision: str, wait_s: float | None) -
     Waits for the database, takes a lock (PostgreSQL) so concurrent runs take turns, and does nothing
     when the schema is already at this version's head or ahead of it and compatible."""
     settings = _settings(database_url)
-    orz_log.configure(settings.log_level, settings.log_json)
+    # On a terminal our own few lines (waiting for the database, for another run's lock) read as sentences;
+    # a job's log collector gets them in the configured format. Alembic's own are replaced by the lines below.
+    orz_log.configure(settings.log_level, settings.log_json and not sys.stderr.isatty())
     try:
         result = asyncio.run(migrate.migrate(settings.database_url, revision=revision,
                                              wait_s=settings.db_wait_s if wait_s is None else wait_s))
@@ -73,7 +76,12 @@ def migrate_cmd(database_url: str | None, revision: str, wait_s: float | None) -
         head = migrate.head_revision(settings.database_url)
         click.echo(f"database at revision {result.after}, ahead of this version's {head} and compatible "
                    "with it: nothing to do")
+    elif not result.steps:
+        click.echo(f"database at revision {result.after or 'base'}: already up to date")
     else:
+        for step in result.steps:
+            verb = "rolled back" if step.rolled_back else "applied"
+            click.echo(f"{verb} {step.revision}" + (f": {step.doc}" if step.doc else ""))
         click.echo(f"database at revision {result.after or 'base'}")
 
 

@@ -21,6 +21,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
 from sqlalchemy import delete, insert, inspect, select, text
 from sqlalchemy.engine import Connection
@@ -201,10 +202,35 @@ async def wait_for_database(database_url: str, wait_s: float) -> None:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One migration a run applied (or rolled back): its revision and the first line of its docstring."""
+
+    revision: str
+    doc: str
+    rolled_back: bool = False
+
+
+@dataclass(frozen=True)
 class MigrateResult:
     before: str | None
     after: str | None
     action: Literal["migrated", "ahead"]
+    steps: tuple[Step, ...] = ()
+
+
+def _steps(scripts: ScriptDirectory, before: str | None, after: str | None) -> tuple[Step, ...]:
+    """The migrations between two revisions of one line of history, in the order they ran."""
+    if before == after:
+        return ()
+
+    def walk(upper: str, lower: str | None, rolled_back: bool) -> list[Step]:
+        return [Step(s.revision, next(iter((s.doc or "").strip().splitlines()), ""), rolled_back)
+                for s in scripts.iterate_revisions(upper, lower or "base")]
+
+    if after is not None and (before is None or not _is_downgrade(scripts, before, after)):
+        return tuple(reversed(walk(after, before, False)))
+    assert before is not None
+    return tuple(walk(before, after, True))
 
 
 def _is_downgrade(scripts: ScriptDirectory, current: str | None, target: str) -> bool:
@@ -214,7 +240,7 @@ def _is_downgrade(scripts: ScriptDirectory, current: str | None, target: str) ->
         return False
     try:
         list(scripts.iterate_revisions(current, target))  # target is an ancestor of current
-    except CommandError:
+    except (CommandError, RevisionError):  # alembic says "not an ancestor" with a RevisionError
         return False
     return True
 
@@ -249,7 +275,7 @@ async def migrate(database_url: str, *, revision: str = "head", wait_s: float = 
                 if after is not None:
                     await lock.run_sync(_record_compatible, compatible_heads(scripts, after))
                 await lock.commit()
-                return MigrateResult(state.current, after, "migrated")
+                return MigrateResult(state.current, after, "migrated", _steps(scripts, state.current, after))
             finally:
                 if locking:
                     await lock.execute(text(f"SELECT pg_advisory_unlock({LOCK_SQL})"), {"k": LOCK_KEY})

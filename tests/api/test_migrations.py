@@ -77,10 +77,39 @@ def test_admin_migrate_command(empty_database_url, tmp_path):
     out = subprocess.run([sys.executable, "-m", "cli", "admin", "migrate"], env=env, capture_output=True,
                          text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
-    assert f"database at revision {migrate.head_revision(empty_database_url)}" in out.stdout
+    head = migrate.head_revision(empty_database_url)
+    assert f"database at revision {head}" in out.stdout
     out = subprocess.run([sys.executable, "-m", "cli", "admin", "create-org", "acme"], env=env,
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0 and "created org acme (free)" in out.stdout
+
+
+@both_databases
+def test_admin_migrate_prints_one_sentence_per_migration(empty_database_url, tmp_path):
+    """No log lines of alembic's (JSON, or 'Context impl ...'): what ran, or that nothing had to."""
+    env = {"ORZ_DATABASE_URL": empty_database_url, "ORZ_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+
+    def run(*args: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-m", "cli", "admin", "migrate", *args], env=env, capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        return out.stdout.splitlines()
+
+    scripts = migrate.script_directory(empty_database_url)
+    order = [s.revision for s in reversed(list(scripts.walk_revisions()))]
+    head = order[-1]
+    lines = run()
+    assert lines[0] == "applied 0001: initial schema"
+    assert [line.split(":")[0] for line in lines[:-1]] == [f"applied {rev}" for rev in order]
+    assert lines[-1] == f"database at revision {head}"
+    assert run() == [f"database at revision {head}: already up to date"]
+    back = run("--revision", order[-3])
+    assert [line.split(":")[0] for line in back] == [f"rolled back {order[-1]}", f"rolled back {order[-2]}",
+                                                      f"database at revision {order[-3]}"]
+    # An explicit revision ahead of the database is an upgrade (alembic's "not an ancestor" is not a failure).
+    assert [line.split(":")[0] for line in run("--revision", order[-2])] == [
+        f"applied {order[-2]}", f"database at revision {order[-2]}"]
+    assert run("--revision", "head")[-1] == f"database at revision {head}"
 
 
 def test_admin_commands_name_the_database_they_cannot_reach(tmp_path):
