@@ -11,13 +11,16 @@ SFTP and scp reach only the workspace and the home: anything else is refused, ho
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import posixpath
+import pwd
 import re
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import asyncssh
+from asyncssh.packet import String
 
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+@%-]*")
 
@@ -47,17 +50,60 @@ def _roots(paths: Iterable[Path]) -> tuple[bytes, ...]:
 
 
 EXPAND_PATH = b"expand-path@openssh.com"
+USERS_GROUPS_BY_ID = b"users-groups-by-id@openssh.com"
 
 
-class _ExpandingHandler(asyncssh.sftp.SFTPServerHandler):
-    """asyncssh's SFTP request handler plus OpenSSH's expand-path extension.
+def _user_name(uid: int) -> str:
+    """The passwd name of ``uid``, or "" where there is none (sftp then shows the number)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return ""
 
-    OpenSSH's scp (in its default SFTP mode) sends a ``~user/...`` path to the server to expand and, when the
-    server lacks the extension, refuses it outright ("server expand-path extension is required"), so
-    ``scp f <id>@gateway:~<id>/x`` failed although ``~<id>`` is the session's home everywhere else.
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except (KeyError, OverflowError):
+        return ""
+
+
+class _NamesReply:
+    """The reply to users-groups-by-id: a string of names per uid, then one per gid ("" for unknown)."""
+
+    def __init__(self, users: list[str], groups: list[str]) -> None:
+        self.users, self.groups = users, groups
+
+    def encode(self, _version: int) -> bytes:
+        def names(items: list[str]) -> bytes:
+            return String(b"".join(String(item.encode()) for item in items))
+
+        return names(self.users) + names(self.groups)
+
+    def __str__(self) -> str:  # asyncssh logs what it sends
+        return f"users {self.users}, groups {self.groups}"
+
+
+def _ids(blob: bytes) -> list[int]:
+    if len(blob) % 4:
+        raise asyncssh.sftp.SFTPBadMessage("id list is not a whole number of uint32s")
+    return [int.from_bytes(blob[i:i + 4], "big") for i in range(0, len(blob), 4)]
+
+
+class _SessionHandler(asyncssh.sftp.SFTPServerHandler):
+    """asyncssh's SFTP request handler plus two of OpenSSH's sftp-server extensions.
+
+    expand-path: OpenSSH's scp (in its default SFTP mode) sends a ``~user/...`` path to the server to expand
+    and, when the server lacks the extension, refuses it outright ("server expand-path extension is
+    required"), so ``scp f <id>@gateway:~<id>/x`` failed although ``~<id>`` is the session's home everywhere
+    else.
+
+    users-groups-by-id: OpenSSH's sftp renders ``ls -l`` of single files (and, against a server with this
+    extension, of directories) itself from the attributes, which carry only numbers; it asks the server for
+    the names, and without the extension showed ``200000 200000`` where sftp-server shows ``orz orz``.
     """
 
-    _extensions = [*asyncssh.sftp.SFTPServerHandler._extensions, (EXPAND_PATH, b"1")]
+    _extensions = [*asyncssh.sftp.SFTPServerHandler._extensions, (EXPAND_PATH, b"1"), (USERS_GROUPS_BY_ID, b"1")]
 
     async def _process_expand_path(self, packet: asyncssh.packet.SSHPacket) -> tuple[list[asyncssh.SFTPName], bool]:
         path = packet.get_string()
@@ -68,14 +114,22 @@ class _ExpandingHandler(asyncssh.sftp.SFTPServerHandler):
         # The same expansion and the same fence as every other request (map_path): ~, ~<login>, relative.
         return [asyncssh.SFTPName(server.map_path(path))], False
 
-    _packet_handlers = {**asyncssh.sftp.SFTPServerHandler._packet_handlers, EXPAND_PATH: _process_expand_path}
-    _return_types = {**asyncssh.sftp.SFTPServerHandler._return_types, EXPAND_PATH: asyncssh.sftp.FXP_NAME}
+    async def _process_users_groups_by_id(self, packet: asyncssh.packet.SSHPacket) -> _NamesReply:
+        uids, gids = _ids(packet.get_string()), _ids(packet.get_string())
+        packet.check_end()
+        return _NamesReply([_user_name(uid) for uid in uids], [_group_name(gid) for gid in gids])
+
+    _packet_handlers = {**asyncssh.sftp.SFTPServerHandler._packet_handlers, EXPAND_PATH: _process_expand_path,
+                        USERS_GROUPS_BY_ID: _process_users_groups_by_id}
+    _return_types = {**asyncssh.sftp.SFTPServerHandler._return_types, EXPAND_PATH: asyncssh.sftp.FXP_NAME,
+                     USERS_GROUPS_BY_ID: asyncssh.sftp.FXP_EXTENDED_REPLY}
 
 
-def serve_expand_path() -> None:
-    """Make asyncssh's SFTP servers in this process answer expand-path (it builds its handler by this name;
-    there is no hook for extensions). Only the runner's session channels run SFTP servers here."""
-    asyncssh.sftp.SFTPServerHandler = _ExpandingHandler  # type: ignore[misc]
+def serve_openssh_extensions() -> None:
+    """Make asyncssh's SFTP servers in this process answer expand-path and users-groups-by-id (it builds its
+    handler by this name; there is no hook for extensions). Only the runner's session channels run SFTP
+    servers here."""
+    asyncssh.sftp.SFTPServerHandler = _SessionHandler  # type: ignore[misc]
 
 
 class SessionSFTP(asyncssh.SFTPServer):

@@ -26,7 +26,7 @@ from api.settings import ssh_algorithms
 from gateway import splice, window
 from gateway.cork import WithoutFiller
 from runner.activity import Activity
-from runner.paths import SessionSFTP, expand_login_home, serve_expand_path
+from runner.paths import SessionSFTP, expand_login_home, serve_openssh_extensions
 from runner.ptyproc import PtyChild, hang_up, killpg
 from runner.reaping import reaped
 from runner.tmux import Tmux
@@ -218,7 +218,7 @@ class Endpoint:
             finally:
                 os.umask(old)
             where = {"sock": sock}
-        serve_expand_path()
+        serve_openssh_extensions()
         self._server = await asyncssh.create_server(
             lambda: _Connection(self), **where,
             server_host_keys=[self.host_key], process_factory=self._handle, sftp_factory=self._sftp,

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import grp
 import os
+import pwd
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -222,6 +224,30 @@ async def test_sftp_symlink_through_real_runner_makes_the_link_the_client_named(
     assert result.returncode == 0, result
     assert os.readlink(e2e.runner.workspace / "link.txt") == "target.txt"
     assert (e2e.runner.workspace / "target.txt").read_text() == "x"
+
+
+async def test_sftp_ls_l_of_a_file_names_owner_and_group_as_sftp_server_does(e2e: Env) -> None:
+    """OpenSSH's sftp renders `ls -l FILE` from the attributes (numbers only) and asks the server for the
+    names (users-groups-by-id@openssh.com); an id with no name stays a number, as with sftp-server."""
+    (e2e.runner.workspace / "mine.txt").write_text("hello")
+    orphan = e2e.runner.workspace / "orphan.txt"
+    orphan.write_text("x")
+    unnamed = 4_000_321  # no passwd or group entry
+    if os.geteuid() == 0:
+        os.chown(orphan, unnamed, unnamed)
+    batch = e2e.tmp / "batch"
+    batch.write_text("ls -l mine.txt\nls -l orphan.txt\nls -l\n")
+    opts = [a for a in e2e.base_args()[1:] if a not in ("-p", str(e2e.port))] + e2e.cert_args()
+    result = await run("sftp", "-P", str(e2e.port), "-b", str(batch), *opts, target=f"{SESSION}@127.0.0.1")
+    assert result.returncode == 0, result
+    lines = [line.split() for line in result.stdout.decode().splitlines() if not line.startswith("sftp>")]
+    user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+    mine = next(fields for fields in lines if fields[-1] == "mine.txt")
+    assert mine[0] == "-rw-r--r--" and mine[2:5] == [user, group, "5"], result.stdout
+    if os.geteuid() == 0:
+        assert next(fields for fields in lines if fields[-1] == "orphan.txt")[2:4] == [str(unnamed)] * 2
+    listed = [fields for fields in lines if fields[-1] == "mine.txt"]
+    assert len(listed) == 2 and listed[0] == listed[1], result.stdout  # the same line alone and in the listing
 
 
 async def test_agent_forwarding_only_when_asked(e2e: Env) -> None:
