@@ -15,14 +15,14 @@ from urllib.parse import urlsplit
 from api import schemas
 from api.client import ApiClient
 from cli import keys, known_hosts, reconnect, ssh_config
-from cli.errors import EXIT_USAGE, CliError
+from cli.errors import EXIT_USAGE, CliError, shown
 
 _ATTACH_PATH = re.compile(r"^(?:/.*)?/v1/instances/([^/]+)/attach/?$")
 
 
 def check_session_id(session_id: str) -> str:
     if not schemas.SESSION_ID_RE.match(session_id):
-        raise CliError(f"not a session id: {session_id!r} (ids are a-z, 0-9 and '-', at most 32 characters)",
+        raise CliError(f"not a session id: {shown(session_id)} (ids are a-z, 0-9 and '-', at most 32 characters)",
                        EXIT_USAGE)
     return session_id
 
@@ -35,7 +35,8 @@ def session_from_id_or_url(value: str) -> str:
     parts = urlsplit(value)
     match = _ATTACH_PATH.match(parts.path)
     if parts.scheme not in ("http", "https", "ws", "wss") or not match:
-        raise CliError(f"not an attach URL: {parts.scheme}://{parts.netloc}{parts.path} "
+        where = f"{parts.scheme}://{parts.netloc}{parts.path}"  # never the query: its ?token= is a credential
+        raise CliError(f"not an attach URL: {shown(where, 96, quote=False)} "
                        "(expected .../v1/instances/<session-id>/attach)", EXIT_USAGE)
     return check_session_id(match.group(1))
 

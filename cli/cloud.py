@@ -34,7 +34,7 @@ from cli.config import (
     token_path,
 )
 from cli.connect import CliApiClient, check_api_url, client, cloud_command, one_line
-from cli.errors import EXIT_NOT_FOUND, EXIT_USAGE, CliError, exit_code_for
+from cli.errors import EXIT_NOT_FOUND, EXIT_USAGE, CliError, exit_code_for, shown
 from cli.login import DeviceLogin, TokenLogin, login
 
 
@@ -299,7 +299,8 @@ async def _secret_keys(names: list[str]) -> frozenset[str]:
         known = {s.name for s in listing.secrets}
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise CliError(f"no secret named {unknown[0]} (orz cloud secrets list shows yours)", EXIT_NOT_FOUND)
+            raise CliError(f"no secret named {shown(unknown[0], quote=False)} (orz cloud secrets list shows yours)",
+                           EXIT_NOT_FOUND)
         return await secret_keys(api, names)
 
 

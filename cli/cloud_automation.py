@@ -17,6 +17,7 @@ from api import schemas
 from cli import agent, keys
 from cli import attach as attaching
 from cli.connect import client, cloud_command
+from cli.errors import shown
 from runner.reaping import reaped
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
@@ -27,7 +28,7 @@ COMMAND_GRACE_S = 5.0
 def _seconds(text: str) -> int:
     match = re.fullmatch(r"(\d+)([smh]?)", text.strip())
     if not match:
-        raise click.BadParameter(f"{text!r}: give seconds, or a number with s, m or h (e.g. 30m)")
+        raise click.BadParameter(f"{shown(text)}: give seconds, or a number with s, m or h (e.g. 30m)")
     return int(match[1]) * _UNITS[match[2]]
 
 
@@ -35,7 +36,7 @@ def _ttl_seconds(text: str) -> int:
     """--ttl in seconds, refused here when no server could grant it (the request model would raise)."""
     seconds = _seconds(text)
     if not schemas.CERT_TTL_MIN_S <= seconds <= schemas.CERT_TTL_MAX_S:
-        raise click.BadParameter(f"{text!r}: a certificate lasts from {schemas.CERT_TTL_MIN_S} s to "
+        raise click.BadParameter(f"{shown(text)}: a certificate lasts from {schemas.CERT_TTL_MIN_S} s to "
                                  f"{schemas.CERT_TTL_MAX_S // 3600} h (the server's cert_max_ttl_s may allow less)",
                                  param_hint="'--ttl'")
     return seconds

@@ -14,7 +14,7 @@ from api import schemas
 from api.client import ApiError
 from cli import output
 from cli.connect import client, cloud_command
-from cli.errors import EXIT_USAGE, CliError
+from cli.errors import EXIT_USAGE, CliError, shown
 
 
 def parse_pairs(pairs: tuple[str, ...], from_env: tuple[str, ...]) -> dict[str, str]:
@@ -28,7 +28,7 @@ def parse_pairs(pairs: tuple[str, ...], from_env: tuple[str, ...]) -> dict[str, 
         data[key] = value
     for key in from_env:
         if key not in os.environ:
-            raise CliError(f"--from-env {key}: no such environment variable", EXIT_USAGE)
+            raise CliError(f"--from-env {shown(key, quote=False)}: no such environment variable", EXIT_USAGE)
         data[key] = os.environ[key]
     if not data:
         raise CliError("give at least one --data KEY=VALUE or --from-env KEY", EXIT_USAGE)
@@ -105,7 +105,7 @@ async def list_cmd(as_json: bool) -> None:
 async def delete(name: str, force: bool) -> None:
     """Delete a secret (sessions already running keep the values they started with)."""
     if not schemas.SECRET_NAME_RE.match(name):
-        raise CliError(f"not a secret name: {name[:64]!r}", EXIT_USAGE)
+        raise CliError(f"not a secret name: {shown(name)}", EXIT_USAGE)
     async with client() as api:
         users = [i for i in (await api.list_instances()).instances if name in i.secrets and i.status != "deleted"]
         if users and not force:

@@ -16,7 +16,7 @@ from cli import keys, output, ssh_config
 from cli.cloud_yaml_check import from_checkout, from_local_repo, refuse_missing_secrets
 from cli.completion import complete_session_ids
 from cli.connect import CliApiClient, client, cloud_command
-from cli.errors import EXIT_USAGE, CliError, UnsavedWork
+from cli.errors import EXIT_USAGE, CliError, UnsavedWork, shown
 from cli.repo import as_clone_url, current_repo, is_local_path, local_repo_refused, names_a_path
 from cli.starting import LogFollower, wait_until_running
 from runner.program import is_claude
@@ -56,8 +56,8 @@ def new(task: str | None, repo: str | None, branch: str | None, tier: str, progr
         _note(f"the local repository is cloned from {repo}")
     elif repo is not None and names_a_path(repo):
         # Sent on, a mistyped path would come back as "repo_url must be an https://... URL".
-        raise CliError(f"--repo {repo}: no such directory (a local repository by its path, any other by its URL)",
-                       EXIT_USAGE)
+        raise CliError(f"--repo {shown(repo, 96, quote=False)}: no such directory (a local repository by its "
+                       "path, any other by its URL)", EXIT_USAGE)
     attach_to = _new(task, repo, branch, tier, program, secret_names, no_attach,
                      (not no_attach) if wait is None else wait, timeout, local_repo)
     if attach_to:

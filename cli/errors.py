@@ -28,6 +28,18 @@ EXIT_FORBIDDEN = 5  # logged in, but not allowed (HTTP 403: a colleague's sessio
 EXIT_UNSAVED_WORK = 6  # `kill` refused: the workspace holds changes or commits its origin does not (--force)
 
 
+SHOWN_MAX = 48  # characters of something the user typed that an error quotes back
+
+
+def shown(value: str, limit: int = SHOWN_MAX, *, quote: bool = True) -> str:
+    """What the user typed, quoted back in an error: control and other unprintable characters escaped (a
+    pasted escape sequence cannot repaint the terminal) and at most ``limit`` characters of it. Unquoted
+    (``quote=False``) for a URL or a path that reads well as it is."""
+    clipped = value[:limit]
+    text = repr(clipped) if quote else repr(clipped)[1:-1]
+    return text if len(value) <= limit else f"{text}... ({len(value)} characters)"
+
+
 class CliError(click.ClickException):
     """A user-facing error: printed as `orz: <message>`, exit code 1 unless given another."""
 

@@ -354,3 +354,19 @@ def test_new_leaves_a_token_in_this_checkouts_origin_behind(orz: Orz, live_api: 
     given = orz("cloud", "new", "--no-attach", "--repo", f"https://{token}@example.com/acme/app.git", cwd=tmp_path)
     assert given.returncode == 2 and "must not carry a user name or password" in given.stderr
     assert token not in given.stdout + given.stderr
+
+
+def test_typed_input_quoted_back_is_escaped_and_clipped(orz: Orz, home: Path) -> None:
+    """A session id pasted with an escape sequence, or a whole log line, comes back as one short line whose
+    control characters are escaped, never sent to the terminal."""
+    pasted = "abc\x1b[2J\x1b[31mred\x07" + "x" * 5000
+    for args in (("cloud", "kill", pasted), ("cloud", "attach", pasted), ("cloud", "status", pasted)):
+        done = orz(*args)
+        assert done.returncode == 2, done.stderr  # bad input
+        assert_one_error_line(done, r"not a session id: 'abc\x1b[2J\x1b[31mred\x07xxx", "... (5016 characters)")
+        assert "\x1b" not in done.stderr and "\x07" not in done.stderr
+        assert len(done.stderr) < 200, done.stderr
+    url = "https://h/" + "\x1b]0;owned\x07" + "y" * 3000 + "/nope?token=secret-attach-token"
+    done = orz("cloud", "attach", url)
+    assert_one_error_line(done, r"not an attach URL: https://h/\x1b]0;owned\x07yyy", "(3025 characters)")
+    assert "\x1b" not in done.stderr and "secret-attach-token" not in done.stderr and len(done.stderr) < 250
