@@ -11,6 +11,12 @@ from sanic.server.async_server import AsyncioServer
 from api import metrics
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; port 0 is any free port (Sanic itself reads 0 as "use 8000")."""
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                reuse_port=False, backlog=1024)
+
+
 class ApiServer:
     """A started API listener; ``port`` is the real one when 0 was asked for."""
 
@@ -25,10 +31,10 @@ class ApiServer:
         return int(sock.getsockname()[1])
 
     @classmethod
-    async def start(cls, app: Sanic, host: str, port: int) -> ApiServer:
-        # Sanic reads port 0 as "use 8000"; bind the socket ourselves so 0 means any free port.
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                    reuse_port=False, backlog=1024)
+    async def start(cls, app: Sanic, host: str, port: int, *, sock: socket.socket | None = None) -> ApiServer:
+        """Listen on host:port, or on ``sock``, a listening socket shared with other workers (`orz api --workers`)."""
+        if sock is None:
+            sock = listen(host, port)
         sock.setblocking(False)
         server = await app.create_server(sock=sock, return_asyncio_server=True, access_log=False)
         assert server is not None

@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     api_metrics_port: int = option("api", 0, "`orz api` and `orz server` serve /metrics on `ORZ_API_HOST` at "
                                    "this port, never on `ORZ_API_PORT` (0: off; the chart sets 9101); the "
                                    "embedded server's listener shows its scheduler and gateway too", ge=0, le=65535)
+    api_workers: int = option("api", 1, "`orz api` processes sharing `ORZ_API_PORT` (and one metrics listener "
+                              "summing them all, through `PROMETHEUS_MULTIPROC_DIR`: a private directory unless "
+                              "set); more than 1 needs `ORZ_PROVIDER=kubernetes`, since local runners are children "
+                              "of the process that started them", ge=1, le=64)
     public_api_url: str = option("api", "", "how users' CLIs reach the API; empty: from `ORZ_API_HOST` and "
                                  "`ORZ_API_PORT`", shown="from host and port")
     internal_api_url: str = option("api", "", "how the gateway (authorize, attach events, the web door's token "

@@ -85,19 +85,36 @@ def freeze_startup_heap() -> None:
 @click.command("api")
 @click.option("--host", default=None, help="Listen address (ORZ_API_HOST).")
 @click.option("--port", type=int, default=None, help="Listen port (ORZ_API_PORT).")
-def api_cmd(host: str | None, port: int | None) -> None:
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Processes sharing the port (ORZ_API_WORKERS; more than 1 needs ORZ_PROVIDER=kubernetes).")
+@click.option("--worker-socket", type=int, default=None, hidden=True)  # set by the workers' supervisor
+@click.option("--worker-metrics-socket", type=int, default=None, hidden=True)
+def api_cmd(host: str | None, port: int | None, workers: int | None, worker_socket: int | None,
+            worker_metrics_socket: int | None) -> None:
     """Run the API alone (for containers; the database must be migrated)."""
-    settings = load_settings(api_host=host, api_port=port)
+    settings = load_settings(api_host=host, api_port=port, api_workers=workers)
     _configure_logging(settings)
+    if settings.api_workers > 1 and worker_socket is None:
+        from cli.api_workers import supervise
+
+        supervise(settings)
+        return
 
     async def main() -> None:
+        import socket
+
         from api.app import create_app, create_metrics_app
         from api.serve import ApiServer
 
         app = create_app(settings)
-        server = await ApiServer.start(app, settings.api_host, settings.api_port)
-        metrics = (await ApiServer.start(create_metrics_app(app), settings.api_host, settings.api_metrics_port)
-                   if settings.api_metrics_port else None)
+        shared = socket.socket(fileno=worker_socket) if worker_socket is not None else None
+        server = await ApiServer.start(app, settings.api_host, settings.api_port, sock=shared)
+        metrics = None
+        if worker_metrics_socket is not None:  # the one worker that answers for all (api/metrics.py sums them)
+            metrics = await ApiServer.start(create_metrics_app(app), settings.api_host, 0,
+                                            sock=socket.socket(fileno=worker_metrics_socket))
+        elif settings.api_metrics_port and worker_socket is None:
+            metrics = await ApiServer.start(create_metrics_app(app), settings.api_host, settings.api_metrics_port)
         freeze_startup_heap()
         signalled = asyncio.ensure_future(wait_for_signal())
         gave_up = asyncio.ensure_future(app.ctx.gave_up.wait())

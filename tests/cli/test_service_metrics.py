@@ -5,11 +5,15 @@ everything on its metrics port."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.db import migrate
@@ -121,3 +125,66 @@ def test_embedded_server_shows_api_scheduler_and_gateway_metrics_on_one_endpoint
     finally:
         _out, err = stop_process(proc)
     assert proc.returncode == 0, err
+
+
+def _per_worker_counts(shared: Path, route: str) -> dict[str, float]:
+    """Requests on ``route`` by worker pid, read from each worker's own file in the shared directory."""
+    counts = {}
+    for histogram in shared.glob("histogram_*.db"):
+        alone = shared / f"one-{histogram.stem}"
+        alone.mkdir()
+        shutil.copy(histogram, alone / histogram.name)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, str(alone))
+        counts[histogram.stem.removeprefix("histogram_")] = sum(
+            s.value for f in registry.collect() for s in f.samples
+            if s.name == "orz_http_request_duration_seconds_count" and s.labels.get("route") == route)
+        shutil.rmtree(alone)
+    return counts
+
+
+def test_api_workers_share_the_port_and_metrics_sum_them(tmp_path):
+    """`orz api --workers 2`: both processes answer on one port, and /metrics (one listener) counts the
+    requests of both."""
+    db = f"sqlite+aiosqlite:///{tmp_path / 'orz.db'}"
+    migrate.upgrade(db)
+    api_port, metrics_port = free_port(), free_port()
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    (shared / "counter_999999.db").write_bytes(b"left by an earlier run")  # wiped before the workers start
+    env = orz_env(tmp_path / "home", ORZ_PROVIDER="fake", ORZ_DATABASE_URL=db, ORZ_DATA_DIR=str(tmp_path / "data"),
+                  ORZ_API_HOST="127.0.0.1", ORZ_API_PORT=str(api_port), ORZ_API_METRICS_PORT=str(metrics_port),
+                  PROMETHEUS_MULTIPROC_DIR=str(shared))
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "api", "--workers", "2"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    healthz = ("orz_http_request_duration_seconds_count", (("method", "GET"), ("route", "/healthz"),
+                                                           ("status", "200")))
+    try:
+        wait_until(lambda: proc.poll() is not None or scrape(metrics_port), timeout=30, what="the metrics listener")
+        assert proc.poll() is None
+
+        def one() -> int:
+            with httpx.Client(timeout=10) as http:  # a connection each: the kernel hands them to either worker
+                return http.get(f"http://127.0.0.1:{api_port}/healthz").status_code
+
+        sent = 0
+        while len([c for c in _per_worker_counts(shared, "/healthz").values() if c]) < 2 and sent < 600:
+            with ThreadPoolExecutor(8) as pool:
+                assert set(pool.map(lambda _: one(), range(40))) == {200}
+            sent += 40
+        per_worker = _per_worker_counts(shared, "/healthz")
+        assert len(per_worker) == 2 and all(per_worker.values()), per_worker  # both workers answered some
+        for _ in range(4):  # the first worker answers scrapes, with every worker's counts
+            assert scrape(metrics_port)[healthz] == sent == sum(per_worker.values())
+    finally:
+        _out, err = stop_process(proc, signal.SIGTERM)
+    assert proc.returncode == 0, err
+    assert not (shared / "counter_999999.db").exists()
+
+
+def test_api_workers_are_refused_with_the_local_provider(tmp_path):
+    env = orz_env(tmp_path / "home", ORZ_PROVIDER="local", ORZ_DATA_DIR=str(tmp_path / "data"),
+                  ORZ_API_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "-m", "cli", "api", "--workers", "2"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and "needs ORZ_PROVIDER=kubernetes" in done.stderr, done.stderr
