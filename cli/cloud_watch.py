@@ -8,6 +8,7 @@ idle or exits, or a session fails; without notify-send it rings the terminal bel
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import shutil
 import subprocess  # nosec B404  # notify-send, an argv list
@@ -63,7 +64,9 @@ def notify(inst: schemas.Instance) -> None:
     """A desktop notification where notify-send exists, else the terminal bell."""
     binary = shutil.which("notify-send")
     title = f"orz: {inst.id} {output.agent_label(inst) if inst.agent_state else inst.status}"
-    body = output.printable(inst.agent_message or inst.reason or describe(inst))
+    # Notification daemons read the body as markup (GNOME, KDE, dunst, mako): an agent's `<a href>` would be
+    # a link to click and `<img src="file://...">` a local file shown, so its words go as text.
+    body = html.escape(output.printable(inst.agent_message or inst.reason or describe(inst)), quote=False)
     if binary is not None:
         try:
             # "--": an agent's message starting with '-' is the body, not one of notify-send's options.

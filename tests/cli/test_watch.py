@@ -76,6 +76,15 @@ def test_watch_prints_each_change_and_notifies(orz: Orz, live_api: LiveApi, logg
     while len(calls.read_text().splitlines()) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert calls.read_text().splitlines()[1] == f"--app-name=orz|--|orz: {sid} idle|--urgency=critical|"
+    # ... and text, not markup for the notification daemon: no link to click, no local file to show.
+    live_api.heartbeat(sid, agent_state="needs_input", agent_message='<a href="https://x.example">ok</a> & <img src="file:///etc/passwd">')
+    w.read_until(b"needs input: <a href")
+    deadline = time.monotonic() + 5
+    while len(calls.read_text().splitlines()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert calls.read_text().splitlines()[2] == (f"--app-name=orz|--|orz: {sid} needs input|&lt;a "
+                                                 'href="https://x.example"&gt;ok&lt;/a&gt; &amp; &lt;img '
+                                                 'src="file:///etc/passwd"&gt;|')
 
 
 def test_watch_rings_the_bell_without_notify_send_and_speaks_json(orz: Orz, live_api: LiveApi, logged_in: Tenant,
