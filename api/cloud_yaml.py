@@ -112,7 +112,7 @@ def missing_secret(name: str, keys: Collection[str] | None = None) -> str:
     if keys is None:
         having = ""
     elif not keys:
-        having = " (it has none: it was created without --secrets)"
+        having = " (it has none: no --secrets were named)"
     else:
         having = f" (its secrets have the keys {', '.join(sorted(keys))})"
     return (f"${{{name}}} is not one of this session's secrets{having}; create one with the key {name} "

@@ -37,7 +37,7 @@ def refused(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
     assert done.stdout == "" and "Traceback" not in done.stderr
     problem, verdict = done.stderr.strip().splitlines()[-2:]  # after any note (a local repository's URL)
     assert problem == ("orz: .orz/cloud.yaml:3: env.GH: ${GH_TOKEN} is not one of this session's secrets (it has "
-                       "none: it was created without --secrets); create one with the key GH_TOKEN (orz cloud "
+                       "none: no --secrets were named); create one with the key GH_TOKEN (orz cloud "
                        "secrets create NAME --data GH_TOKEN=...) and start the session with it: "
                        "orz cloud new --secrets NAME"), problem
     assert verdict.startswith("orz: no session created: it would fail at start (checked "), verdict

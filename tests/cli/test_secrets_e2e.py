@@ -69,6 +69,6 @@ def test_a_session_missing_a_secret_fails_saying_which_and_what_it_had(platform:
     wait_until(lambda: json.loads(platform.orz("cloud", "status", sid, "--json").stdout)["instance"]["status"]
                == "failed", timeout=60, what="the session to fail")
     shown = platform.orz("cloud", "status", sid).stdout
-    assert (".orz/cloud.yaml:3: env.GH: ${GH_TOKEN} is not one of this session's secrets (it has none: it was "
-            "created without --secrets)") in shown, shown
+    assert (".orz/cloud.yaml:3: env.GH: ${GH_TOKEN} is not one of this session's secrets (it has none: no "
+            "--secrets were named)") in shown, shown
     assert "orz cloud new --secrets NAME" in shown

@@ -53,7 +53,7 @@ def test_secret_refs_resolve_only_against_session_secrets() -> None:
     with pytest.raises(CloudConfigError) as info:
         resolve_env(config, {})
     assert str(info.value) == (".orz/cloud.yaml:14: env.TOKEN: ${API_KEY} is not one of this session's secrets "
-                               "(it has none: it was created without --secrets); "
+                               "(it has none: no --secrets were named); "
                                "create one with the key API_KEY (orz cloud secrets create NAME --data API_KEY=...) "
                                "and start the session with it: orz cloud new --secrets NAME")
     with pytest.raises(CloudConfigError) as info:
