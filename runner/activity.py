@@ -49,6 +49,9 @@ class Activity:
     agent_exit_code: int | None = None
     work: WorkState | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when a connection ends: what it changed in the workspace is read now, not at the next periodic scan,
+    # so a kill right after `ssh <id> 'edit ...'` or a detach is judged on the work as it is.
+    rescan_work: asyncio.Event = field(default_factory=asyncio.Event)
 
     def note_input(self) -> None:
         self.last_input_at = utcnow()

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 FILE_POLL_S = 0.5  # how often the state file orz-session writes is looked at (one stat)
 PANE_POLL_S = 2.0  # how often the detector looks at the pane (one tmux call, a few /proc reads)
+# A connection's end asks for a scan (Activity.rescan_work); many short ones (scp -r, a CI loop) get at most
+# one `git status` per this many seconds.
+MIN_RESCAN_S = 1.0
 
 
 class AgentWatch:
@@ -47,6 +50,7 @@ class AgentWatch:
         loop = asyncio.get_running_loop()
         last_mtime: float | None = None
         next_pane = next_scan = 0.0
+        last_scan = -MIN_RESCAN_S
         while True:
             try:
                 now = loop.time()
@@ -57,8 +61,10 @@ class AgentWatch:
                 if mtime != last_mtime or now >= next_pane:
                     last_mtime, next_pane = mtime, now + PANE_POLL_S
                     await self.observe_agent()
-                if now >= next_scan:
-                    next_scan = now + self.work_scan_s
+                rescan = self.activity.rescan_work.is_set() and now >= last_scan + MIN_RESCAN_S
+                if now >= next_scan or rescan:
+                    self.activity.rescan_work.clear()
+                    last_scan, next_scan = now, now + self.work_scan_s
                     await self.scan_work()
             except Exception:
                 log.exception("could not read the agent's or the workspace's state")

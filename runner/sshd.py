@@ -135,6 +135,7 @@ class _Connection(asyncssh.SSHServer):
         if self.counted:
             self.endpoint.hooks.activity.connections -= 1
             self.endpoint.hooks.activity.poke()  # `orz cloud list` shows who is attached now, not a beat later
+            self.endpoint.hooks.activity.rescan_work.set()
             self.counted = False
 
     def begin_auth(self, username: str) -> bool:

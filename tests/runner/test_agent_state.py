@@ -193,3 +193,18 @@ def test_hooks_of_an_unexpected_shape_are_left_as_they_are() -> None:
     merged = agent.merge_claude_hooks(mixed, "/x/orz-session")
     assert merged["hooks"]["Stop"] == {"not": "a list"}  # type: ignore[index]
     assert "orz-session" in json.dumps(merged["hooks"]["Notification"])  # type: ignore[index]
+
+
+async def test_what_a_connection_changed_is_in_the_next_heartbeat(make_repo: MakeRepo, start_runner: StartRunner,
+                                                                  fake_api: FakeApi) -> None:
+    """`ssh <id> 'echo x > new.txt'`, then `orz cloud kill`: the kill is judged on the work as the connection
+    left it, not on a periodic scan from before it (here 10 minutes apart)."""
+    url = make_repo({"app.py": "print(1)\n"})
+    handle = await start_runner(url, work_scan_s=600)
+    await fake_api.wait_for(lambda b: (b.get("work") or {}).get("dirty_files") == 0, timeout=15)
+    async with await handle.connect() as conn:
+        done = await conn.run("echo precious > new.txt")
+        assert done.exit_status == 0
+    body = await fake_api.wait_for(lambda b: (b.get("work") or {}).get("dirty_files") == 1, timeout=10)
+    assert body["work"]["unpushed_commits"] == 0
+    assert await handle.finish() == 0
