@@ -10,6 +10,7 @@ import pytest
 
 from api import schemas
 from api.credentials.secrets_box import SecretsBox
+from api.errors import UnsavedWork
 from api.webhooks.service import WebhookService
 from tests.api.test_lifecycle_local import Stack, gateway_key, make_repo, short_tmp, stack  # noqa: F401
 from tests.runner import conftest as runner_fixtures
@@ -44,7 +45,10 @@ async def test_needs_input_reaches_the_api_and_delete_pushes_the_work_first(stac
     events = [(e.kind, e.to_state, e.message) for e in await stack.events(created.id) if e.kind == "agent"]
     assert ("agent", "needs_input", "needs_input: which database?") in events
 
-    await stack.service.delete(stack.who, created.id)
+    await wait_row(stack, created.id, lambda r: bool(r.work and r.work.get("dirty_files")))
+    with pytest.raises(UnsavedWork):  # plan.md is on no branch yet
+        await stack.service.delete(stack.who, created.id)
+    await stack.service.delete(stack.who, created.id, force=True)  # and forced, it is pushed before it goes
     if stack.settings.sandbox == "on":
         return
     bare = Path(repo.removeprefix("file://"))

@@ -309,10 +309,11 @@ def test_a_failure_reason_the_session_wrote_reaches_no_terminal_as_commands(plat
     """A session holds its own runner token (docs/security.md) and so writes its failure's reason: the
     operator's `orz server` terminal and the user's `orz cloud status` show it without obeying it."""
     sid = bob.new()
+    # The API fails the session on that heartbeat and the gateway ends the connection, often before the
+    # script's "200" gets back through it: the session's failure is what shows the heartbeat was taken.
     sent = bob.ssh(sid, f"python3 -c {shlex.quote(FORGED_FATAL)}")
-    assert sent.stdout.strip() == "200", sent.stdout + sent.stderr
     wait_until(lambda: f"session {sid}: running -> failed" in platform.screen.read_text(), timeout=20,
-               what="the failure on the server's terminal")
+               what=f"the failure on the server's terminal (the script said {sent.stdout + sent.stderr!r})")
     screen = platform.screen.read_text()
     assert "boom" in screen and "TITLE" in screen  # shown...
     assert "\x1b" not in screen and "\x07" not in screen  # ...without a single escape
