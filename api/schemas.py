@@ -145,9 +145,12 @@ _URL_CHAR = r"[^\s\x00-\x1f\x7f-\x9f]"
 # Enforced and documented as is: ECMA and Python read it the same way.
 _HOST_CHAR = r"[^\s\x00-\x1f\x7f-\x9f/?#@]"
 _AFTER_HOST = rf"(?:[/?#]{_URL_CHAR}*)?"
+# No lookaheads: generators of test data from the document (schemathesis, via hypothesis) cannot build from
+# them and fall back to filtering random text, which takes minutes.
+_NOT_EMPTY_REST = rf"(?:{_HOST_CHAR}+{_AFTER_HOST}|[/?#]{_URL_CHAR}*)"  # at least one character after ://
 REPO_URL_PATTERN = (
-    rf"^(?:(?:https?|git|file)://(?={_URL_CHAR}){_HOST_CHAR}*{_AFTER_HOST}"
-    rf"|ssh://(?={_URL_CHAR})(?:[^\s\x00-\x1f\x7f-\x9f/?#:]*@)?{_HOST_CHAR}*{_AFTER_HOST}"
+    rf"^(?:(?:https?|git|file)://{_NOT_EMPTY_REST}"
+    rf"|ssh://(?:[^\s\x00-\x1f\x7f-\x9f/?#:]*@{_HOST_CHAR}*{_AFTER_HOST}|{_NOT_EMPTY_REST})"
     rf"|[A-Za-z0-9._][A-Za-z0-9._-]*@[A-Za-z0-9.-]+:{_URL_CHAR}+)$"
 )
 _REPO_URL_RE = re.compile(REPO_URL_PATTERN)
