@@ -14,7 +14,10 @@ from api.settings import Settings
 from rehearsal.kinds import K8S_VERSION
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
     from api.instances.providers.kubernetes.provider import KubernetesProvider
+    from api.instances.service import InstanceService
     from tests.k8s.fake_apiserver import FakeApiServer
 
 # Custom resources of the Prometheus Operator are not in the Kubernetes schema that kubernetes-validate
@@ -101,3 +104,17 @@ def validate_strict(obj: Mapping[str, Any]) -> None:
     except kubernetes_validate.ValidationError as exc:
         name = obj.get("metadata", {}).get("name")
         pytest.fail(f"{obj.get('kind')}/{name} does not validate: {exc.message} at {list(exc.path)}")
+
+
+@pytest.fixture
+async def service(settings: Settings, sessions: async_sessionmaker[AsyncSession],
+                  provider: KubernetesProvider) -> AsyncIterator[InstanceService]:
+    """The API's InstanceService on the KubernetesProvider (a module may override it, e.g. with secrets)."""
+    from api.instances.service import InstanceService
+
+    svc = InstanceService(settings, sessions, provider,
+                          gateway_public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGateway gateway")
+    try:
+        yield svc
+    finally:
+        await svc.wait_background()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import pytest
@@ -31,17 +30,6 @@ from tests.k8s.conftest import NS, make_spec, validate_strict
 from tests.k8s.fake_apiserver import FakeApiServer
 
 HEADER = b'{"version": 2, "width": 80, "height": 24, "timestamp": 1}\n'
-
-
-@pytest.fixture
-async def service(settings: Settings, sessions: async_sessionmaker[AsyncSession],
-                  provider: KubernetesProvider) -> AsyncIterator[InstanceService]:
-    svc = InstanceService(settings, sessions, provider,
-                          gateway_public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGateway gateway")
-    try:
-        yield svc
-    finally:
-        await svc.wait_background()
 
 
 def the_runner(server: FakeApiServer, sid: str) -> tuple[str, schemas.RunnerSpec]:

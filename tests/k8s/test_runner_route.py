@@ -3,16 +3,9 @@ the KubernetesProvider against the fake API server, on SQLite and PostgreSQL).""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from api import schemas
 from api.instances.providers.kubernetes import manifests, names
-from api.instances.providers.kubernetes.provider import KubernetesProvider
 from api.instances.service import InstanceService
-from api.settings import Settings
 from tests.api.lifecycle_support import principal
 from tests.conftest import both_databases
 from tests.k8s.conftest import NS
@@ -20,17 +13,6 @@ from tests.k8s.fake_apiserver import FakeApiServer
 from tests.k8s.test_recording_k8s import the_runner
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGZha2Uta2V5LWZvci10ZXN0cy0wMDAw"
-
-
-@pytest.fixture
-async def service(settings: Settings, sessions: async_sessionmaker[AsyncSession],
-                  provider: KubernetesProvider) -> AsyncIterator[InstanceService]:
-    svc = InstanceService(settings, sessions, provider,
-                          gateway_public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGateway gateway")
-    try:
-        yield svc
-    finally:
-        await svc.wait_background()
 
 
 @both_databases
