@@ -309,6 +309,10 @@ class Settings(BaseSettings):
                                            "reach (relayed into its network namespace)")
     sandbox_pids_max: int = option("sandbox", 2048, "processes per session (cgroup v1 pids controller; needs "
                                    "root)", ge=16)
+    sandbox_egress_allow: str = option("sandbox", "", "comma-separated hosts or CIDRs sessions may reach although "
+                                       "they are private, link-local or this machine's own addresses (the "
+                                       "repository allow-list's are included); every other such address is "
+                                       "refused inside the session")
 
     # Kubernetes provider
     k8s_namespace: str = option("kubernetes", "orz-sessions", "the namespace session pods run in")
@@ -367,7 +371,7 @@ class Settings(BaseSettings):
     def sandbox_host_ports(self) -> tuple[int, ...]:
         return tuple(int(entry) for entry in _split_list(self.sandbox_allow_host_ports))
 
-    @field_validator("repo_allow_hosts", "webhook_allow_hosts")
+    @field_validator("repo_allow_hosts", "webhook_allow_hosts", "sandbox_egress_allow")
     @classmethod
     def _hosts_are_names_or_networks(cls, value: str) -> str:
         for entry in _split_list(value):
@@ -380,6 +384,11 @@ class Settings(BaseSettings):
 
     def webhook_allowed_hosts(self) -> tuple[str, ...]:
         return tuple(entry.lower() for entry in _split_list(self.webhook_allow_hosts))
+
+    def sandbox_egress_allowed(self) -> tuple[str, ...]:
+        """What sessions may reach of the non-public addresses: this list and the repositories' allow-list."""
+        return tuple(dict.fromkeys(entry.lower() for entry in (*_split_list(self.sandbox_egress_allow),
+                                                                *_split_list(self.repo_allow_hosts))))
 
     def repo_allowed_file_dirs(self) -> tuple[Path, ...]:
         return tuple(Path(entry).resolve() for entry in _split_list(self.repo_file_dirs))

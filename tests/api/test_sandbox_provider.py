@@ -7,6 +7,7 @@ user's code could run) and writes what it saw into its workspace; the test reads
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import random
 import shutil
@@ -365,3 +366,66 @@ touch forged"""
         await asyncio.sleep(0.05)
     assert leftovers(sleep_s - 1) == []
     await provider.delete("sbx-g", state)
+
+
+def egress_probe(targets: list[str]) -> str:
+    """A session's script: for each ``host/port``, what a TCP connection to it read or the error it met."""
+    lines = "\n".join(
+        f'echo "{target} $(timeout 5 bash -c \'exec 3<>/dev/tcp/{target} && head -1 <&3\' 2>&1 | tail -1)"'
+        for target in targets)
+    return f"{lines}\necho done\n"
+
+
+@pytest.fixture
+def host_address_listener() -> Iterator[tuple[str, int]]:
+    """A TCP listener on this host's own non-loopback address (what a service bound to 0.0.0.0 offers)."""
+    from api.instances.providers.sandbox_launch import host_addresses
+    address = next((a for a in host_addresses() if not a.startswith("127.")), None)
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    server = subprocess.Popen(["python3", "-c", PY_LISTENER.replace("127.0.0.1", address)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        yield address, int(server.stdout.readline())  # type: ignore[union-attr]
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()  # type: ignore[union-attr]
+
+
+async def test_a_session_reaches_no_private_address_unless_allowed(
+        short_tmp: Path, make_repo, fake_api: FakeApi, gateway_key, host_address_listener: tuple[str, int]) -> None:
+    """slirp4netns connects from the host: without the namespace's routes a session reaches the host's own
+    services on its other addresses (past any cloud firewall), the LAN and the cloud metadata service."""
+    address, port = host_address_listener
+    targets = [f"{address}/{port}", "169.254.169.254/80", "10.20.30.40/22"]
+    repo = make_repo(config(egress_probe(targets)))
+
+    async def seen(sid: str, allow: str) -> dict[str, str]:
+        settings = Settings(data_dir=short_tmp / f"data-{sid}", repo_file_dirs=str(short_tmp),
+                            sandbox_egress_allow=allow)
+        async with local_provider(settings) as provider:
+            await provider.create(compute_spec(sid, fake_api, gateway_key, repo))
+            await started(provider, fake_api, sid)
+            lines = (provider.session_dir(sid) / "workspace" / "probe.txt").read_text().splitlines()
+        assert lines[-1] == "done", lines
+        return dict(line.split(" ", 1) for line in lines[:-1])
+
+    refused = await seen("sbx-eg1", "")
+    for target in targets:  # refused at once by the namespace's routes, not left to time out
+        assert refused[target].endswith("Permission denied"), refused
+    allowed = await seen("sbx-eg2", f"{address}/32")  # ORZ_SANDBOX_EGRESS_ALLOW
+    assert allowed[f"{address}/{port}"] == "hello-from-host", allowed
+    assert allowed["169.254.169.254/80"].endswith("Permission denied"), allowed
+
+
+def test_the_denied_networks_leave_holes_for_what_is_allowed() -> None:
+    from api.instances.providers.sandbox_launch import denied_networks
+    denied = [ipaddress.IPv4Network(net) for net in denied_networks(["192.168.7.0/24"], ["203.0.113.9", "8.8.4.4"])]
+    def refused(address: str) -> bool:
+        return any(ipaddress.IPv4Address(address) in net for net in denied)
+    assert refused("169.254.169.254") and refused("192.168.8.1") and refused("10.0.3.1")
+    assert refused("8.8.4.4")  # the host's own public address: its services, past the cloud firewall
+    assert not refused("192.168.7.20")  # allowed
+    assert not refused("10.0.2.3") and not refused("10.0.2.2")  # slirp4netns's DNS and gateway
+    assert not refused("1.1.1.1") and not refused("127.0.0.1")  # the internet; the namespace's own loopback

@@ -299,7 +299,8 @@ class LocalProvider(Provider):
         plan = sandbox.launcher_plan(
             bwrap=bwrap, command=sandbox.command_prefix(uid, gid, root) + argv, tools=tools,
             relay_ports=relay, cgroup_name=_cgroup_name(spec.session_id) if root else None,
-            limits=sandbox.cgroup_limits(self.settings, spec.resources), paths=paths, session_id=spec.session_id)
+            limits=sandbox.cgroup_limits(self.settings, spec.resources), paths=paths, session_id=spec.session_id,
+            egress_allow=self.settings.sandbox_egress_allowed())
         # -I -S: the launcher needs only the standard library; skipping site-packages saves ~0.1 s a start.
         launcher = [sys.executable, "-I", "-S", sandbox_launch.__file__, json.dumps(plan)]
         return launcher, {"uid": uid}, runner_env

@@ -4,7 +4,8 @@ Each session runs as ``sandbox_launch`` (outside, as the server's user) -> ``bwr
 uid when the server is root) -> the runner. Inside: its own pid, ipc, uts, user and network namespaces;
 the system directories and the Python that runs the runner read-only; the session's workspace, state dir
 and home read-write at their own paths; a private /tmp; nothing else of the data dir. The launcher gives
-the namespace outbound networking (slirp4netns, host loopback cut off), relays the named host ports (the
+the namespace outbound networking (slirp4netns; the host's loopback, its other addresses and the private
+and link-local ranges refused unless allowed), relays the named host ports (the
 API's among them) into the namespace's loopback, and sets cgroup limits where this machine allows.
 """
 
@@ -269,12 +270,12 @@ def relay_source(session_id: str) -> str:
 
 def launcher_plan(*, bwrap: list[str], command: list[str], tools: Tools, relay_ports: Iterable[int],
                   cgroup_name: str | None, limits: Mapping[str, int], paths: SessionPaths,
-                  session_id: str) -> dict[str, Any]:
+                  session_id: str, egress_allow: Iterable[str] = ()) -> dict[str, Any]:
     """The JSON the launcher reads from its argv (no secrets: those come in its environment)."""
     return {
         "bwrap": bwrap, "command": command, "slirp4netns": tools.slirp4netns,
         "relay_ports": sorted(set(relay_ports)), "relay_source": relay_source(session_id),
-        "cgroup": cgroup_name, "limits": dict(limits),
+        "egress_allow": list(egress_allow), "cgroup": cgroup_name, "limits": dict(limits),
         "socket": str(paths.socket), "network_ready_file": str(paths.network_ready),
         "fatal_file": str(paths.state / FATAL_NAME),
     }

@@ -1,5 +1,10 @@
 """The per-session launcher: starts bwrap, networks its namespace, relays host ports, forwards SIGTERM.
 
+The namespace reaches the internet through slirp4netns, whose connections leave from this host: without
+more, a session would reach what the host reaches and the internet does not (the cloud metadata service,
+the LAN, services on the host's own addresses, past the cloud firewall). Routes inside the namespace refuse
+those (``prohibit``: connect fails at once with EACCES) unless the operator's allow-list names them.
+
 Run by the local provider as ``python -I -S .../sandbox_launch.py PLAN_JSON`` (the plan
 from ``sandbox.launcher_plan``; the runner's environment, secrets included, is this process's own).
 Standard library only: it starts for every session. It lives as long as the sandbox and exits with the
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import ipaddress
 import json
 import os
 import signal
@@ -20,6 +26,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,18 @@ SIOCGIFFLAGS = 0x8913
 IFF_UP = 0x1
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 READY_TIMEOUT_S = 10.0
+# IPv4 networks that are not the public internet (the API's repository and webhook rules refuse the same).
+# Loopback and 0.0.0.0/8 are the namespace's own and stay open: the relays listen there.
+NON_PUBLIC_V4 = ("10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+                 "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+                 "224.0.0.0/4", "240.0.0.0/4")
+SLIRP_NETWORK = "10.0.2.0/24"  # the namespace's own link to slirp4netns: its gateway and DNS forwarder
+# rtnetlink (linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h)
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWADDR, RTM_GETADDR, RTM_NEWROUTE = 20, 22, 24
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
+RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_PROHIBIT = 254, 4, 0, 8
+RTA_DST, IFA_ADDRESS, IFA_LOCAL = 1, 1, 2
 _RELAY_CHUNK = 65536
 
 
@@ -107,8 +126,6 @@ def remove_cgroups(name: str) -> None:
                 (CGROUP_ROOT / controller / own.lstrip("/") / name).rmdir()
 
 
-# -- namespaces ------------------------------------------------------------------------------------
-
 def _setns(path: str, nstype: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY)
@@ -134,8 +151,91 @@ def _loopback_up() -> bool:
     return True
 
 
-def listen_in_namespace(pid: int, ports: list[int], join_userns: bool) -> list[socket.socket]:
-    """Listening sockets on 127.0.0.1:<port> inside the sandbox's network namespace (made by a forked child).
+# -- egress ----------------------------------------------------------------------------------------
+
+def _netlink_messages(data: bytes, header: str = "=IH", size: int = 16) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each netlink message (or, with ``"=HH", 4``, of each attribute) in ``data``."""
+    offset = 0
+    while offset + size <= len(data):
+        length, kind = struct.unpack_from(header, data, offset)[:2]
+        if length < size:
+            break
+        yield kind, data[offset + size: offset + length]
+        offset += (length + 3) & ~3
+
+
+def _netlink(kind: int, flags: int, body: bytes) -> list[tuple[int, bytes]]:
+    """One rtnetlink request in this process's network namespace: its answers, up to the ack or the dump's end."""
+    answers = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        sock.send(struct.pack("=IHHII", 16 + len(body), kind, flags, 1, 0) + body)
+        while True:
+            for answer, payload in _netlink_messages(sock.recv(65536)):
+                if answer == NLMSG_ERROR:
+                    (error,) = struct.unpack_from("=i", payload)
+                    if error:
+                        raise OSError(-error, os.strerror(-error))
+                    return answers
+                if answer == NLMSG_DONE:
+                    return answers
+                answers.append((answer, payload))
+
+
+def host_addresses() -> list[str]:
+    """This host's own IPv4 addresses, every interface's: slirp4netns would connect a session to them."""
+    found = set()
+    request = struct.pack("=BBBBI", socket.AF_INET, 0, 0, 0, 0)
+    for kind, payload in _netlink(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, request):
+        if kind == RTM_NEWADDR:
+            found |= {socket.inet_ntoa(value) for attr, value in _netlink_messages(payload[8:], "=HH", 4)
+                      if attr in (IFA_ADDRESS, IFA_LOCAL) and len(value) == 4}
+    return sorted(found)
+
+
+def allowed_networks(entries: Iterable[str]) -> list[str]:
+    """The operator's allow-list as IPv4 networks; a host name counts for the addresses it resolves to now."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(entry, None, socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as exc:
+                log(f"the egress allow-list's {entry} does not resolve ({exc}); it stays refused")
+                continue
+            networks += [ipaddress.ip_network(info[4][0]) for info in infos]
+    return sorted({str(net) for net in networks if net.version == 4})
+
+
+def denied_networks(allowed: Iterable[str], own: Iterable[str]) -> list[str]:
+    """What a session may not reach: the non-public ranges and this host's own addresses, less the allowed
+    networks and the namespace's own link."""
+    own_nets = [ipaddress.IPv4Network(address) for address in own if not ipaddress.IPv4Address(address).is_loopback]
+    denied = list(ipaddress.collapse_addresses([*map(ipaddress.IPv4Network, NON_PUBLIC_V4), *own_nets]))
+    for entry in (SLIRP_NETWORK, *allowed):
+        hole = ipaddress.IPv4Network(entry)
+        denied = [piece for net in denied for piece in (
+            [net] if not net.overlaps(hole) else [] if net.subnet_of(hole) else net.address_exclude(hole))]
+    return [str(net) for net in sorted(denied)]
+
+
+def prohibit_routes(networks: Iterable[str]) -> None:
+    """Make connections to ``networks`` from this network namespace fail at once (EACCES)."""
+    for entry in networks:
+        net = ipaddress.IPv4Network(entry)
+        body = struct.pack("=BBBBBBBBI", socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC,
+                           RT_SCOPE_UNIVERSE, RTN_PROHIBIT, 0)
+        body += struct.pack("=HH", 8, RTA_DST) + net.network_address.packed
+        _netlink(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+# -- namespaces ------------------------------------------------------------------------------------
+
+def prepare_namespace(pid: int, ports: list[int], join_userns: bool, denied: list[str]) -> list[socket.socket]:
+    """Inside the sandbox's network namespace (from a forked child): the ``denied`` networks refused, and
+    listening sockets on 127.0.0.1:<port>, returned.
 
     Returns once bwrap has brought the namespace's loopback up: slirp4netns must not configure the namespace
     while bwrap still does (their netlink requests collide).
@@ -152,6 +252,7 @@ def listen_in_namespace(pid: int, ports: list[int], join_userns: bool) -> list[s
                 if _loopback_up():
                     break
                 time.sleep(0.01)  # bwrap is still configuring it
+            prohibit_routes(denied)
             made = []
             for port in ports:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -163,16 +264,18 @@ def listen_in_namespace(pid: int, ports: list[int], join_userns: bool) -> list[s
             code = 0
         except BaseException as exc:
             with contextlib.suppress(Exception):
-                log(f"cannot listen inside the sandbox: {exc}")
+                log(f"cannot set up the sandbox's network: {exc}")
         os._exit(code)
     theirs.close()
     try:
         _, fds, _, _ = socket.recv_fds(ours, 16, max(len(ports), 1))
     finally:
         ours.close()
-        os.waitpid(child, 0)
-    if len(fds) != len(ports):
-        raise RuntimeError("could not relay host ports into the sandbox")
+        _, status = os.waitpid(child, 0)
+    if len(fds) != len(ports) or os.waitstatus_to_exitcode(status) != 0:
+        for fd in fds:
+            os.close(fd)
+        raise RuntimeError("could not restrict its network or relay host ports into it")
     # SCM_RIGHTS hands fds over inheritable (Python makes its own close-on-exec, not these; and 3.11's
     # recv_fds drops its flags argument, so MSG_CMSG_CLOEXEC cannot say it): a listening socket inside
     # the sandbox must not reach a child this launcher starts.
@@ -268,7 +371,15 @@ async def run(plan: dict[str, Any]) -> int:
             return await bwrap.wait() or 2
         join_userns = os.geteuid() != 0
         ports = list(plan["relay_ports"])
-        for sock, port in zip(listen_in_namespace(child_pid, ports, join_userns), ports, strict=True):
+        try:
+            denied = denied_networks(allowed_networks(plan.get("egress_allow", ())), host_addresses())
+            listening = prepare_namespace(child_pid, ports, join_userns, denied)
+        except (OSError, RuntimeError) as exc:
+            fail(plan, f"the session sandbox could not be set up: {exc} (see the runner log)")
+            bwrap.send_signal(signal.SIGKILL)
+            await bwrap.wait()
+            return 2
+        for sock, port in zip(listening, ports, strict=True):
             servers.append(await asyncio.start_server(relay_to_host(port, plan.get("relay_source")), sock=sock))
         ready_r, ready_w = os.pipe()
         args = [plan["slirp4netns"], "--configure", "--mtu=65520", "--disable-host-loopback",
