@@ -134,13 +134,13 @@ async def _sql(url: str, *statements: str) -> list[tuple]:
 
     from sqlalchemy import text
 
-    params = {"now": datetime(2026, 12, 5, 12, tzinfo=UTC)}
+    params = {"now": datetime(2026, 12, 5, 12, tzinfo=UTC), "nonce": b"\0" * 16}
     engine = create_engine(url)
     try:
         async with engine.begin() as conn:
             rows: list[tuple] = []
             for statement in statements:
-                result = await conn.execute(text(statement), params if ":now" in statement else {})
+                result = await conn.execute(text(statement), {k: v for k, v in params.items() if f":{k}" in statement})
                 if result.returns_rows:
                     rows = [tuple(r) for r in result]
             return rows
@@ -175,3 +175,41 @@ def test_roles_migration_keeps_admins_and_everything_hanging_off_users(empty_dat
     assert asyncio.run(_sql(url, "SELECT id FROM api_tokens")) == [("tok_1",)]
     migrate.upgrade(url)
     assert asyncio.run(_sql(url, "SELECT role FROM users WHERE id = 'usr_a'")) == [("admin",)]
+
+
+@both_databases
+def test_credentials_leave_the_repository_urls_stored_before_they_were_refused(empty_database_url):
+    """0012: a token in a session's repo_url (accepted until 2026-12-05) is taken out of the session, its
+    events and its webhook bodies; URLs without one, and ssh user names, stay as they were."""
+    url = empty_database_url
+    migrate.upgrade(url, "0011")
+    token = "ghp_" + "x" * 20
+    instance = ("INSERT INTO instances (id, org_id, user_id, state, tier, repo_url, spec, provider, provider_state,"
+                " attached_clients, created_at, updated_at, state_changed_at) VALUES "
+                "('{id}', 'org_1', 'usr_a', 'running', 'small', '{repo}', '{{}}', 'local', '{{}}', 0, :now, :now, "
+                ":now)")
+    asyncio.run(_sql(
+        url,
+        "INSERT INTO orgs (id, name, plan, quota_serial, created_at) VALUES ('org_1', 'acme', 'team', 0, :now)",
+        "INSERT INTO users (id, email, org_id, is_active, is_admin, role, created_at) VALUES "
+        "('usr_a', 'a@x', 'org_1', true, true, 'admin', :now)",
+        instance.format(id="tok", repo=f"https://{token}@github.com/acme/app.git"),
+        instance.format(id="pw", repo=f"ssh://git:{token}@forge.example/acme/app.git"),
+        instance.format(id="plain", repo="git@github.com:acme/app.git"),
+        "INSERT INTO events (instance_id, org_id, at, actor, kind, message) VALUES "
+        "('tok', 'org_1', :now, 'usr_a', 'created', 'tier small, repo https://oauth2:glpat-secret@gitlab.com/a/b')",
+        "INSERT INTO webhooks (id, org_id, user_id, url, format, events, key_id, nonce, ciphertext, created_at) "
+        "VALUES ('wh_1', 'org_1', 'usr_a', 'https://hooks.example/x', 'json', '[]', 'k', :nonce, :nonce, :now)",
+        "INSERT INTO webhook_deliveries (id, webhook_id, event, instance_id, body, state, attempts, "
+        "next_attempt_at, log, created_at) VALUES ('whd_1', 'wh_1', 'session.created', 'tok', "
+        "'{\"repo_url\": \"https://ghp_secret@github.com/acme/app.git\"}', 'pending', 0, :now, '[]', :now)",
+    ))
+    migrate.upgrade(url)
+    repos = dict(asyncio.run(_sql(url, "SELECT id, repo_url FROM instances")))
+    assert repos == {"tok": "https://github.com/acme/app.git", "pw": "ssh://git@forge.example/acme/app.git",
+                     "plain": "git@github.com:acme/app.git"}
+    stored = asyncio.run(_sql(url, "SELECT message FROM events")) + asyncio.run(_sql(
+        url, "SELECT body FROM webhook_deliveries"))
+    assert stored == [("tier small, repo https://gitlab.com/a/b",), ('{"repo_url": "https://github.com/acme/app.git"}',)]
+    migrate.downgrade(url, "0011")  # nothing to undo, and nothing breaks
+    assert asyncio.run(_sql(url, "SELECT count(*) FROM instances")) == [(3,)]
