@@ -29,6 +29,19 @@ def _split_list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+_QUANTITY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def quantity_bytes(value: str | None) -> int | None:
+    """Bytes of a Kubernetes-style quantity ("4Gi", "500M", "1048576"); None for empty or unreadable."""
+    if not value:
+        return None
+    for suffix, scale in _QUANTITY_UNITS.items():
+        if value.endswith(suffix) and value[: -len(suffix)].replace(".", "", 1).isdigit():
+            return int(float(value[: -len(suffix)]) * scale)
+    return int(value) if value.isdigit() else None
+
+
 def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "orzbob"
 
@@ -309,6 +322,10 @@ class Settings(BaseSettings):
                                            "reach (relayed into its network namespace)")
     sandbox_pids_max: int = option("sandbox", 2048, "processes per session (cgroup v1 pids controller; needs "
                                    "root)", ge=16)
+    sandbox_disk_size: str = option("sandbox", "", "each session's own filesystem, e.g. `10Gi`: a sparse ext4 image "
+                                    "mounted at its directory (needs root, mkfs.ext4 and loop devices), so that a "
+                                    "session that fills its disk gets \"No space left on device\" while the data "
+                                    "dir and other sessions go on; empty: sessions share the data dir's filesystem")
     sandbox_egress_allow: str = option("sandbox", "", "comma-separated hosts or CIDRs sessions may reach although "
                                        "they are private, link-local or this machine's own addresses (the "
                                        "repository allow-list's are included); every other such address is "
@@ -366,6 +383,13 @@ class Settings(BaseSettings):
         for entry in _split_list(value):
             if not entry.isdigit() or not 0 < int(entry) < 65536:
                 raise ValueError(f"not a TCP port: {entry!r}")
+        return value
+
+    @field_validator("sandbox_disk_size")
+    @classmethod
+    def _disk_size_is_a_quantity(cls, value: str) -> str:
+        if value and (quantity_bytes(value) or 0) < 32 * 2**20:
+            raise ValueError(f"not a size of 32Mi or more (like 10Gi): {value!r}")
         return value
 
     def sandbox_host_ports(self) -> tuple[int, ...]:

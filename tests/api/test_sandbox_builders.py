@@ -94,3 +94,11 @@ def test_etc_names_the_session_user_and_a_reachable_resolver(tmp_path: Path) -> 
 ])
 def test_the_api_port_is_relayed_only_when_it_is_on_loopback(url: str, port: int | None) -> None:
     assert loopback_port(url) == port
+
+
+def test_a_disk_size_that_is_no_size_stops_the_server_at_start() -> None:
+    from pydantic import ValidationError
+    for bad in ("lots", "10GB", "1Mi"):
+        with pytest.raises(ValidationError, match="32Mi or more"):
+            Settings(sandbox_disk_size=bad)
+    assert Settings(sandbox_disk_size="10Gi").sandbox_disk_size == "10Gi"

@@ -429,3 +429,47 @@ def test_the_denied_networks_leave_holes_for_what_is_allowed() -> None:
     assert not refused("192.168.7.20")  # allowed
     assert not refused("10.0.2.3") and not refused("10.0.2.2")  # slirp4netns's DNS and gateway
     assert not refused("1.1.1.1") and not refused("127.0.0.1")  # the internet; the namespace's own loopback
+
+
+def _mounts_under(path: Path) -> list[str]:
+    return [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+            if line.split()[1].startswith(str(path))]
+
+
+@pytest.fixture
+def unmounts_left(short_tmp: Path) -> Iterator[None]:
+    """Whatever the test ends with, no session disk of it stays mounted on the host."""
+    yield
+    for mount in reversed(_mounts_under(short_tmp)):
+        subprocess.run(["umount", "-l", mount], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mkfs.ext4") is None, reason="needs root and mkfs.ext4")
+async def test_a_session_that_fills_its_disk_fills_only_its_own(
+        short_tmp: Path, make_repo, fake_api: FakeApi, gateway_key, unmounts_left: None) -> None:
+    """ORZ_SANDBOX_DISK_SIZE: a session writing without end gets ENOSPC at its own size; the data dir's
+    filesystem takes only what it wrote; the disk outlives a stop and a reboot; delete removes it."""
+    data = short_tmp / "data"
+    settings = Settings(data_dir=data, repo_file_dirs=str(short_tmp), sandbox_disk_size="64Mi")
+    fill = ("dd if=/dev/zero of=big bs=1M count=200 2>&1 | grep -o 'No space left on device' | head -1\n"
+            "df -k --output=size . | tail -1\necho done\n")
+    repo = make_repo(config(fill))
+    async with local_provider(settings) as provider:
+        state = await provider.create(compute_spec("sbx-disk", fake_api, gateway_key, repo))
+        await started(provider, fake_api, "sbx-disk")
+        base = provider.session_dir("sbx-disk")
+        lines = (base / "workspace" / "probe.txt").read_text().splitlines()
+        assert lines[0] == "No space left on device", lines
+        assert int(lines[1]) < 64 * 1024, lines  # the session saw its own 64 MiB filesystem
+        image = data / "session-disks" / "sbx-disk.img"
+        assert image.stat().st_blocks * 512 <= 64 * 2**20 < 200 * 2**20  # the host kept the rest
+        assert os.path.ismount(base)
+
+        stopped = await provider.stop("sbx-disk", state)
+        subprocess.run(["umount", str(base)], check=True)  # what a reboot does to it
+        assert not (base / "workspace" / "probe.txt").exists()
+    async with local_provider(settings) as provider:  # the server's next start mounts it again
+        assert (base / "workspace" / "probe.txt").read_text().splitlines() == lines
+        await provider.delete("sbx-disk", stopped)
+        assert not os.path.ismount(base) and not base.exists() and not image.exists()
+    assert _mounts_under(short_tmp) == []

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from api.instances import repo_policy
-from api.instances.providers import sandbox, sandbox_launch
+from api.instances.providers import sandbox, sandbox_launch, session_disk
 from api.instances.providers.base import (
     ComputeSpec,
     ComputeStatus,
@@ -39,7 +39,7 @@ from api.schemas import (
     STATE_RELEASED_FILE,
     UNIX_ROUTE_PREFIX,
 )
-from api.settings import Settings
+from api.settings import Settings, quantity_bytes
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,19 @@ class LocalProvider(Provider):
         self._kills: dict[asyncio.Task[None], ProviderState] = {}
         # Exit codes of reaped runners, by pid (for logs and tests).
         self.exit_codes: dict[int, int] = {}
+        # Each session's own filesystem (ORZ_SANDBOX_DISK_SIZE), its images kept outside the sessions' dirs.
+        self.disk_size = quantity_bytes(settings.sandbox_disk_size) if self.sandboxed else None
+        self.disks_dir = settings.data_dir / "session-disks"
         if self.sandboxed:
             try:
                 sandbox.find_tools()
             except sandbox.SandboxUnavailable as exc:
                 log.error("%s", exc.reason)  # said at start; every create fails with the same reason
+            if self.disk_size and not sandbox.runs_as_root():
+                log.error("ORZ_SANDBOX_DISK_SIZE needs the server to run as root (it mounts each session's "
+                          "disk); every create fails until it does")
+            elif self.disk_size:
+                session_disk.mount_all(self.root, self.disks_dir)  # after a reboot: their files are there again
         else:
             log.warning("ORZ_SANDBOX=off: sessions run unsandboxed as the server's own user and can read its "
                         "data dir, keys and each other's workspaces; for one developer only (sessions are "
@@ -121,6 +129,7 @@ class LocalProvider(Provider):
             sandbox.find_tools()  # refuse before anything is made
         if self._alive(self._saved_state(base)):
             raise ProviderFailure(f"session {spec.session_id} already has a running runner")
+        self._mount_disk(spec.session_id, base)
         (base / "workspace").mkdir(parents=True, exist_ok=True)
         (base / "state").mkdir(parents=True, exist_ok=True)
         return self._spawn(spec, base)
@@ -132,6 +141,7 @@ class LocalProvider(Provider):
         saved = self._saved_state(base)
         if self._alive(saved):  # a runner the database does not know of yet (see _spawn): never a second one
             return saved
+        self._mount_disk(spec.session_id, base)
         if not (base / "workspace").is_dir():
             raise ProviderFailure(f"session {spec.session_id} has no workspace to start from")
         return self._spawn(spec, base)
@@ -170,6 +180,12 @@ class LocalProvider(Provider):
         await self._wait_exit(state)
         if self.sandboxed:
             await asyncio.to_thread(sandbox_launch.remove_cgroups, _cgroup_name(session_id))
+        if self.disk_size or session_disk.image_path(self.disks_dir, session_id).exists():
+            try:
+                await asyncio.to_thread(session_disk.release, base,
+                                        session_disk.image_path(self.disks_dir, session_id))
+            except session_disk.SessionDiskFailure as exc:
+                log.error("session %s: %s", session_id, exc.reason)
         await asyncio.to_thread(shutil.rmtree, base, True)
 
     async def close(self) -> None:
@@ -214,6 +230,18 @@ class LocalProvider(Provider):
         return "\n".join(parts)[-limit:]
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _mount_disk(self, session_id: str, base: Path) -> None:
+        """The session's own filesystem at ``base`` (ORZ_SANDBOX_DISK_SIZE), made on its first start."""
+        if not self.disk_size:
+            return
+        if not sandbox.runs_as_root():
+            raise ProviderFailure("ORZ_SANDBOX_DISK_SIZE needs the server to run as root (it mounts each "
+                                  "session's disk); unset it or run the server as root")
+        image = session_disk.image_path(self.disks_dir, session_id)
+        if not session_disk.ensure(base, image, self.disk_size):
+            log.warning("session %s was made before ORZ_SANDBOX_DISK_SIZE: it keeps the data dir's filesystem",
+                        session_id)
 
     def _spawn(self, spec: ComputeSpec, base: Path) -> ProviderState:
         tools = sandbox.find_tools() if self.sandboxed else None  # before anything is made or started

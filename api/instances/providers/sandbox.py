@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from api.instances.providers.base import ProviderFailure
-from api.settings import Settings
+from api.settings import Settings, quantity_bytes
 
 # The directories of the host a session sees read-only (when they exist); nothing under /home, /root, /var.
 SYSTEM_DIRS = ("/usr", "/etc", "/opt")
@@ -35,7 +35,6 @@ ETC_FILES = ("passwd", "group", "resolv.conf", "gitconfig")
 # slirp4netns's DNS forwarder: the host's resolver may be on its loopback, which the session cannot reach.
 SLIRP_DNS = "10.0.2.3"
 _TIERS_CPU_PERIOD_US = 100_000
-_MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
 
 
 class SandboxUnavailable(ProviderFailure):
@@ -232,19 +231,10 @@ def loopback_port(url: str) -> int | None:
     return parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def parse_memory(value: str | None) -> int | None:
-    if not value:
-        return None
-    for suffix, scale in _MEMORY_UNITS.items():
-        if value.endswith(suffix) and value[: -len(suffix)].replace(".", "", 1).isdigit():
-            return int(float(value[: -len(suffix)]) * scale)
-    return int(value) if value.isdigit() else None
-
-
 def cgroup_limits(settings: Settings, resources: Mapping[str, str]) -> dict[str, int]:
     """pids, memory and CPU limits for the launcher to set (cgroup v1 controllers pids, memory, cpu)."""
     limits = {"pids.max": settings.sandbox_pids_max}
-    memory = parse_memory(resources.get("memory"))
+    memory = quantity_bytes(resources.get("memory"))
     if memory:
         limits["memory.limit_in_bytes"] = memory
     text = resources.get("cpu", "") or "0"
