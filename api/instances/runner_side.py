@@ -109,18 +109,22 @@ class RunnerSide(ServiceBase):
                 values["work"] = hb.work.model_dump(mode="json")
             changed = self._agent_change(inst, hb)
             if changed:
+                # The row always says what the agent is doing; the timeline (and webhooks) only within budget.
                 values.update(agent_state=hb.agent_state, agent_message=hb.agent_message,
                               agent_exit_code=hb.agent_exit_code, agent_state_at=now)
-                # from/to hold agent states here (kind "agent"), not session states.
-                event = Event(instance_id=inst.id, org_id=inst.org_id, at=now, actor="runner", kind="agent",
-                              from_state=inst.agent_state, to_state=hb.agent_state, message=changed)
-                db.add(event)
-                await webhook_outbox.enqueue(db, inst, event, agent_message=hb.agent_message,
-                                             exit_code=hb.agent_exit_code)
+                if self._runner_event_allowed(db, inst):
+                    # from/to hold agent states here (kind "agent"), not session states.
+                    event = Event(instance_id=inst.id, org_id=inst.org_id, at=now, actor="runner", kind="agent",
+                                  from_state=inst.agent_state, to_state=hb.agent_state, message=changed)
+                    db.add(event)
+                    await webhook_outbox.enqueue(db, inst, event, agent_message=hb.agent_message,
+                                                 exit_code=hb.agent_exit_code)
             await db.execute(update(Instance).where(Instance.id == inst.id).values(**values))
             for pe in hb.program_events or ():
-                db.add(self._event(inst, "runner", pe.kind, None, None, pe.message))
-                log.info("session %s: %s", inst.id, pe.message, extra={"event": "program", "session_id": inst.id})
+                if self._runner_event_allowed(db, inst):
+                    db.add(self._event(inst, "runner", pe.kind, None, None, pe.message))
+                    log.info("session %s: %s", inst.id, pe.message,
+                             extra={"event": "program", "session_id": inst.id})
             await db.commit()
             await db.refresh(inst)
         state = State(inst.state)
@@ -144,6 +148,18 @@ class RunnerSide(ServiceBase):
                 except InvalidTransition:
                     await db.rollback()
         return schemas.HeartbeatReply(state=inst.state, heartbeat_interval_s=self.settings.heartbeat_interval_s)
+
+    def _runner_event_allowed(self, db: AsyncSession, inst: Instance) -> bool:
+        """Spend one of the session's runner events; past the budget, add one note per spell instead."""
+        if self.runner_events.take(inst.id):
+            return True
+        if self.runner_events.refused_first:
+            log.warning("session %s: its runner sends more than %d events a minute; leaving the rest out",
+                        inst.id, self.settings.runner_events_per_min)
+            db.add(self._event(inst, "system", "events_dropped", None, None,
+                               f"the runner sent more than {self.settings.runner_events_per_min} events a minute "
+                               "(program exits, agent-state changes); the rest are left out"))
+        return False
 
     @staticmethod
     def _agent_change(inst: Instance, hb: schemas.Heartbeat) -> str | None:

@@ -1,0 +1,47 @@
+"""A hostile runner against the real API over HTTP: its runner token (which the session's own code can
+read) lets it add events to the database every tenant shares, but only as many as its budget."""
+
+from __future__ import annotations
+
+import httpx
+from sqlalchemy import select
+
+from api.db.models import Event, Instance
+from tests.cli.conftest import LiveApi
+
+
+def test_a_runner_flooding_events_fills_no_more_than_its_budget(live_api: LiveApi) -> None:
+    """300 heartbeats of 16 program events and an agent change each wrote 5,000 rows (6 MB) in 9 s from a
+    session Pod of the rehearsal. Now the runner's budget is what it gets; the session still shows the
+    agent's latest state, and its owner reads why events are missing."""
+    t = live_api.tenant("acme")
+    budget = live_api.app.ctx.state.settings.runner_events_per_min
+    with httpx.Client(base_url=live_api.url, timeout=30) as http:
+        sid = http.post("/v1/instances", json={}, headers=t.headers).json()["id"]
+        runner = {"Authorization": f"Bearer {live_api.provider.specs[sid].runner_token}"}
+        flood = [{"kind": "program_exited", "exit_code": 1, "message": "x" * 1024}] * 16
+        for i in range(40):
+            resp = http.post(f"/internal/v1/instances/{sid}/heartbeat", headers=runner, json={
+                "program_events": flood, "agent_state": "working" if i % 2 else "idle", "agent_message": f"step {i}"})
+            assert resp.status_code == 200, resp.text
+        status = http.get(f"/v1/instances/{sid}/status", headers=t.headers).json()
+
+        async def stored() -> tuple[list[tuple[str, str]], Instance | None]:
+            async with live_api.app.ctx.state.sessions() as db:
+                rows = (await db.execute(select(Event.actor, Event.kind).where(Event.instance_id == sid))).all()
+                return [(a, k) for a, k in rows], await db.get(Instance, sid)
+
+        rows, row = live_api.call(stored())
+        by_runner = [kind for actor, kind in rows if actor == "runner"]
+        assert 0 < len(by_runner) <= budget, f"{len(by_runner)} runner events stored, budget {budget}"
+        assert [kind for _, kind in rows].count("events_dropped") == 1
+        assert row is not None and (row.agent_state, row.agent_message) == ("working", "step 39")
+        notes = [e["message"] for e in status["events"] if e["kind"] == "events_dropped"]
+        assert notes and f"more than {budget} events a minute" in notes[0]
+
+        # Another session's runner has a budget of its own.
+        other = http.post("/v1/instances", json={}, headers=t.headers).json()["id"]
+        other_runner = {"Authorization": f"Bearer {live_api.provider.specs[other].runner_token}"}
+        http.post(f"/internal/v1/instances/{other}/heartbeat", headers=other_runner, json={"agent_state": "working"})
+        events = http.get(f"/v1/instances/{other}/status", headers=t.headers).json()["events"]
+        assert [e["kind"] for e in events if e["kind"] in ("agent", "events_dropped")] == ["agent"]
