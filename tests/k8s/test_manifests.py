@@ -92,6 +92,26 @@ def test_pod_security() -> None:
     assert "emptyDir" in volumes["tmp"] and "emptyDir" in volumes["home"]
 
 
+def test_every_container_has_a_node_disk_limit() -> None:
+    """A session may not fill its node's disk (a sidecar's writable layer, output, /tmp): every container
+    has an ephemeral-storage request and limit, so the kubelet evicts that Pod and no other."""
+    pod = manifests.pod(make_spec(services=SERVICES), CONFIG)
+    validate_strict(pod)
+    total = 0
+    for container in pod["spec"]["containers"]:
+        res = container["resources"]
+        assert "ephemeral-storage" in res["requests"], container["name"]
+        limit = res["limits"]["ephemeral-storage"]
+        assert limit.endswith("Gi"), limit
+        total += int(limit[:-2])
+    # The runner's emptyDirs fit in its own limit; the Pod as a whole stays far below a node's disk.
+    runner_limit = int(pod["spec"]["containers"][0]["resources"]["limits"]["ephemeral-storage"][:-2])
+    empty_dirs = sum(int(v["emptyDir"]["sizeLimit"][:-2]) for v in pod["spec"]["volumes"]
+                     if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory")
+    assert empty_dirs < runner_limit
+    assert total <= 6 + 3 * 4
+
+
 def test_runner_container_contract() -> None:
     spec = make_spec(secret_env={"GITHUB_TOKEN": "ghp_secret"})
     pod = manifests.pod(spec, CONFIG)
@@ -216,8 +236,8 @@ def test_the_runner_spec_says_the_pod_runs_the_services() -> None:
 
 def test_resources_from_tier_and_override() -> None:
     runner = manifests.pod(make_spec(tier="medium"), CONFIG)["spec"]["containers"][0]
-    assert runner["resources"] == {"requests": {"cpu": "1000m", "memory": "8Gi"},
-                                   "limits": {"cpu": "4", "memory": "8Gi"}}
+    assert runner["resources"] == {"requests": {"cpu": "1000m", "memory": "8Gi", "ephemeral-storage": "1Gi"},
+                                   "limits": {"cpu": "4", "memory": "8Gi", "ephemeral-storage": "6Gi"}}
     gpu = manifests.pod(make_spec(resources={"gpu": "2"}), CONFIG)
     res = gpu["spec"]["containers"][0]["resources"]
     assert res["limits"]["nvidia.com/gpu"] == "2" == res["requests"]["nvidia.com/gpu"]

@@ -16,6 +16,12 @@ _GPU_RE = re.compile(r"^\d+$")
 # but request all the memory so a busy node never OOM-kills a session it promised room to.
 CPU_REQUEST_SHARE = Decimal("0.25")
 MIN_CPU_REQUEST_M = 100
+# Node disk a container may fill (its writable layer, its logs; the runner also its emptyDirs /tmp and
+# /home, 2Gi each): past the limit the kubelet evicts the Pod. Without one, a session (a sidecar image that
+# writes without end, a flood of output) filled the node's disk and every other session on it was evicted.
+EPHEMERAL_STORAGE = "ephemeral-storage"
+RUNNER_EPHEMERAL = {"requests": "1Gi", "limits": "6Gi"}
+SIDECAR_EPHEMERAL = {"requests": "256Mi", "limits": "4Gi"}
 
 
 class ResourceError(ValueError):
@@ -62,8 +68,8 @@ def requirements(tier: str, override: Mapping[str, str] | None = None) -> dict[s
         raise ResourceError("resources.cpu: must be more than 0")
     request_m = min(limit_m, max(MIN_CPU_REQUEST_M, int(limit_m * CPU_REQUEST_SHARE)))
     memory = _check_memory(wanted["memory"])
-    limits = {"cpu": wanted["cpu"], "memory": memory}
-    requests = {"cpu": f"{request_m}m", "memory": memory}
+    limits = {"cpu": wanted["cpu"], "memory": memory, EPHEMERAL_STORAGE: RUNNER_EPHEMERAL["limits"]}
+    requests = {"cpu": f"{request_m}m", "memory": memory, EPHEMERAL_STORAGE: RUNNER_EPHEMERAL["requests"]}
     gpu = wanted.get("gpu")
     if gpu is not None and _check_gpu(gpu) != "0":
         # Extended resources cannot be overcommitted: requests must equal limits.
@@ -73,6 +79,6 @@ def requirements(tier: str, override: Mapping[str, str] | None = None) -> dict[s
 
 
 SIDECAR_RESOURCES: dict[str, dict[str, str]] = {
-    "requests": {"cpu": "50m", "memory": "64Mi"},
-    "limits": {"cpu": "1", "memory": "1Gi"},
+    "requests": {"cpu": "50m", "memory": "64Mi", EPHEMERAL_STORAGE: SIDECAR_EPHEMERAL["requests"]},
+    "limits": {"cpu": "1", "memory": "1Gi", EPHEMERAL_STORAGE: SIDECAR_EPHEMERAL["limits"]},
 }
