@@ -418,7 +418,7 @@ def test_fluent_bit_ships_our_namespaces_logs_with_their_pod_metadata(everything
     (cm,) = [o for o in of_kind(everything, "ConfigMap") if o["metadata"]["name"] == volume["configMap"]["name"]]
     sections = fluent_bit_sections(cm["data"], config_path.name)
     (tail,) = [o for kind, o in sections if kind == "INPUT" and o["name"] == "tail"]
-    (k8s,) = [o for kind, o in sections if kind == "FILTER" and o["name"] == "kubernetes"]
+    filters = [o for kind, o in sections if kind == "FILTER" and o["name"] == "kubernetes"]
     outputs = [o for kind, o in sections if kind == "OUTPUT"]
 
     # Which of a node's container logs are tailed: kubelet names them <pod>_<namespace>_<container>-<id>.log.
@@ -430,13 +430,26 @@ def test_fluent_bit_ships_our_namespaces_logs_with_their_pod_metadata(everything
     assert not any(tailed(ns) for ns in ("kube-system", "default", f"{RELEASE_NS}-other", "x" + RELEASE_NS))
     # A tailed line's tag (the input's Tag with * = the file's path, slashes as dots) passes the
     # kubernetes filter, which finds the pod from what follows Kube_Tag_Prefix, and reaches an output.
-    file_path = f"/var/log/containers/web-1_{RELEASE_NS}_app-0123abcd.log"
-    tag = tail["tag"].replace("*", file_path.lstrip("/").replace("/", "."))
-    assert fnmatch.fnmatchcase(tag, k8s["match"])
-    assert tag.startswith(k8s["kube_tag_prefix"]) and tag.removeprefix(k8s["kube_tag_prefix"]).startswith("web-1_")
-    assert any(fnmatch.fnmatchcase(tag, o["match"]) for o in outputs) and outputs[0]["name"] == "loki"
-    # Our services log one JSON object a line: its keys become record fields.
-    assert k8s["merge_log"].lower() == "on"
+    def tag_of(namespace: str) -> str:
+        file_path = f"/var/log/containers/web-1_{namespace}_app-0123abcd.log"
+        return tail["tag"].replace("*", file_path.lstrip("/").replace("/", "."))
+
+    def filter_of(tag: str) -> dict[str, str]:
+        """The one kubernetes filter a tag passes (Match is a glob, Match_Regex a regex searched from the start)."""
+        (k8s,) = [f for f in filters if (fnmatch.fnmatchcase(tag, f["match"]) if "match" in f
+                                         else re.match(f["match_regex"], tag))]
+        return k8s
+
+    for namespace in (RELEASE_NS, "orz-sessions"):
+        tag, k8s = tag_of(namespace), filter_of(tag_of(namespace))
+        assert tag.startswith(k8s["kube_tag_prefix"]) and tag.removeprefix(k8s["kube_tag_prefix"]).startswith("web-1_")
+        assert any(fnmatch.fnmatchcase(tag, o["match"]) for o in outputs) and outputs[0]["name"] == "loki"
+        # Every line's JSON keys become record fields.
+        assert k8s["merge_log"].lower() == "on"
+    # Our services' keys at the top; a session Pod's (its own code writes there) under session_log, so a
+    # line it prints cannot pose as the gateway's `attached` event of another session.
+    assert "merge_log_key" not in filter_of(tag_of(RELEASE_NS))
+    assert filter_of(tag_of("orz-sessions"))["merge_log_key"] == "session_log"
 
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
