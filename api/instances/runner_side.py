@@ -106,7 +106,10 @@ class RunnerSide(ServiceBase):
                         (or_(Instance.last_activity_at.is_(None), Instance.last_activity_at < latest), latest),
                         else_=Instance.last_activity_at)
             if hb.work is not None:
-                values["work"] = hb.work.model_dump(mode="json")
+                # Its texts (a git error, a branch name) are the session's: stored as one line with every
+                # control character shown as U+FFFD, as org admins and the delete refusal read them.
+                values["work"] = {k: schemas.scrub_controls(v, "line") if isinstance(v, str) else v
+                                  for k, v in hb.work.model_dump(mode="json").items()}
             changed = self._agent_change(inst, hb)
             if changed:
                 # The row always says what the agent is doing; the timeline (and webhooks) only within budget.

@@ -45,3 +45,21 @@ def test_a_runner_flooding_events_fills_no_more_than_its_budget(live_api: LiveAp
         http.post(f"/internal/v1/instances/{other}/heartbeat", headers=other_runner, json={"agent_state": "working"})
         events = http.get(f"/v1/instances/{other}/status", headers=t.headers).json()["events"]
         assert [e["kind"] for e in events if e["kind"] in ("agent", "events_dropped")] == ["agent"]
+
+
+def test_a_runners_work_report_carries_no_terminal_controls(live_api: LiveApi) -> None:
+    """The workspace report is the session's text too: an OSC 52 (clipboard) or a screen clear in its git
+    error reaches whoever reads the session (an org admin's client, the delete refusal) as U+FFFD."""
+    t = live_api.tenant("acme")
+    with httpx.Client(base_url=live_api.url, timeout=30) as http:
+        sid = http.post("/v1/instances", json={}, headers=t.headers).json()["id"]
+        runner = {"Authorization": f"Bearer {live_api.provider.specs[sid].runner_token}"}
+        resp = http.post(f"/internal/v1/instances/{sid}/heartbeat", headers=runner, json={"work": {
+            "dirty_files": 2, "wip_error": "push refused\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J",
+            "wip_branch": "orz/x\x1b[31m"}})
+        assert resp.status_code == 200, resp.text
+        work = http.get(f"/v1/instances/{sid}", headers=t.headers).json()["work"]
+        assert work["wip_error"] == "push refused\ufffd]52;c;cm0gLXJmIH4=\ufffd\ufffd[2J"
+        assert work["wip_branch"] == "orz/x\ufffd[31m" and work["dirty_files"] == 2
+        refusal = http.delete(f"/v1/instances/{sid}", headers=t.headers)
+        assert refusal.status_code == 409 and "\x1b" not in refusal.text and "\\u001b" not in refusal.text
