@@ -36,6 +36,7 @@ from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
 from api.routes import attach, auth, health, instances, internal, me
 from api.routes import secrets as secrets_routes
+from api.routes import tokens as tokens_routes
 from api.routes import webhooks as webhooks_routes
 from api.secrets.service import SecretService
 from api.settings import Settings
@@ -177,7 +178,7 @@ def create_app(
     app.ctx.extra_metrics = []  # registries of services sharing this process (orz server adds the gateway's)
     app.ctx.state = None
     app.blueprint([health.bp, me.bp, instances.bp, internal.bp, auth.bp, attach.bp, secrets_routes.bp,
-                   webhooks_routes.bp])
+                   webhooks_routes.bp, tokens_routes.bp])
 
     app.ctx.schema_problem = None  # why the API is not ready yet, while it waits for the schema
     app.ctx.gave_up = asyncio.Event()  # set when the wait for the schema ran out (`orz api` exits)

@@ -186,6 +186,15 @@ class ApiClient:
         return await self._get(schemas.WebhookDeliveryList, f"/v1/webhooks/{webhook_id}/deliveries",
                                params={"limit": limit})
 
+    async def create_api_token(self, body: schemas.ApiTokenCreate) -> schemas.ApiTokenCreated:
+        return await self._send(schemas.ApiTokenCreated, "POST", "/v1/tokens", body)
+
+    async def list_api_tokens(self) -> schemas.ApiTokenList:
+        return await self._get(schemas.ApiTokenList, "/v1/tokens")
+
+    async def revoke_api_token(self, token_id: str) -> None:
+        await self.request("DELETE", f"/v1/tokens/{token_id}")
+
     # -- sign-in ---------------------------------------------------------------------------------
 
     async def sign_in_providers(self) -> schemas.SignInProviders:

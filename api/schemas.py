@@ -396,7 +396,8 @@ class Me(Response):
     org: MeOrg
     quota: Quota
     gateway: MeGateway | None = None
-    # How the presented token was obtained: "token" (minted by an admin), "github", "oidc:<name>".
+    # How the presented token was obtained: "token" (minted by an admin), "api" (POST /v1/tokens), "github",
+    # "oidc:<name>".
     source: str = "token"
 
 
@@ -552,6 +553,36 @@ class WebhookCreated(Webhook):
 
 class WebhookList(Response):
     webhooks: list[Webhook]
+
+
+class ApiTokenCreate(Request):
+    # A label for the token's owner to know it by (the laptop, the pipeline).
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    # Days until it stops working; null: until revoked.
+    expires_in_days: Annotated[int, Field(ge=1, le=366)] | None = 90
+
+
+class ApiTokenInfo(Response):
+    id: str
+    name: str
+    # The token's first characters: enough to tell it apart (and to revoke it by), never enough to use.
+    prefix: str
+    # How it was made: null (an admin minted it), "api" (POST /v1/tokens), "github", "oidc:<name>", ...
+    source: str | None = None
+    created_at: datetime
+    last_used_at: datetime | None = None
+    expires_at: datetime | None = None
+    # Whether this is the token the request came with.
+    current: bool = False
+
+
+class ApiTokenCreated(ApiTokenInfo):
+    # The token: in this answer only, never again.
+    token: str
+
+
+class ApiTokenList(Response):
+    tokens: list[ApiTokenInfo]
 
 
 class WebhookAttempt(Response):

@@ -10,6 +10,7 @@ import sqlalchemy
 import sqlalchemy.exc
 
 from api import admin as ops
+from api import api_tokens
 from api import log as orz_log
 from api.credentials.secrets_box import SecretsBox
 from api.credentials.secrets_keys import key_file_path, prepend_new_key
@@ -19,6 +20,7 @@ from api.schemas import ROLES
 from api.secrets.rotate import key_usage, rotate_all
 from api.settings import Settings, load_settings
 from cli.errors import CliError, run_async
+from cli.output import printable
 
 database_option = click.option("--database-url", envvar="ORZ_DATABASE_URL", default=None,
                                help="Database URL (default: SQLite in the data dir).")
@@ -242,3 +244,29 @@ async def rotate_secrets_key(database_url: str | None, generate: bool) -> None:
         for secret_id, why in report.failed:
             click.echo(f"  {secret_id}: {why}", err=True)
         raise CliError(f"{len(report.failed)} secrets could not be re-encrypted; they keep their old key")
+
+
+@admin.command("list-tokens")
+@database_option
+@click.argument("email")
+@run_async
+async def list_tokens(database_url: str | None, email: str) -> None:
+    """A user's API tokens that still work: id, prefix, name, where from, created, last used, expiry."""
+    rows = await _with_db(_settings(database_url), lambda s: api_tokens.tokens_of(s, email))
+    for row in rows:
+        used = f"{row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "never used"
+        expires = f"expires {row.expires_at:%Y-%m-%d}" if row.expires_at else "no expiry"
+        click.echo(f"{row.id}\t{row.prefix}\t{printable(row.name)}\t{row.source or 'admin'}\t"
+                   f"{row.created_at:%Y-%m-%d %H:%M}\t{used}\t{expires}")
+    if not rows:
+        click.echo(f"{email} has no working API tokens", err=True)
+
+
+@admin.command("revoke-token")
+@database_option
+@click.argument("token_id", metavar="ID_OR_PREFIX")
+@run_async
+async def revoke_token(database_url: str | None, token_id: str) -> None:
+    """Revoke one API token of any user (and its sign-in); the API stops taking it within ORZ_AUTH_CACHE_TTL_S."""
+    row, email = await _with_db(_settings(database_url), lambda s: api_tokens.revoke_any(s, token_id))
+    click.echo(f"revoked {row.prefix}... ({row.id}, {printable(row.name)}) of {email}")

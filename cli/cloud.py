@@ -11,6 +11,7 @@ import click
 from api.client import ApiClient, ApiError
 from cli import attach as attaching
 from cli import (
+    cloud_api_tokens,
     cloud_automation,
     cloud_proxy,
     cloud_replay,
@@ -309,3 +310,4 @@ for _command in [*cloud_sessions.COMMANDS, *cloud_watch.COMMANDS, *cloud_proxy.C
     cloud.add_command(_command)
 cloud.add_command(cloud_secrets.secrets)
 cloud.add_command(cloud_webhooks.webhook)
+cloud.add_command(cloud_api_tokens.api_token)

@@ -14,6 +14,7 @@ import httpx
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api import api_tokens
 from api.credentials.secrets_box import RowBinding, Sealed, SecretsBox
 from api.db import tokens
 from api.db.base import utcnow
@@ -248,7 +249,7 @@ class SignInService:
             if owner is None or not owner.is_active:  # disabling revoked it too; say why it stopped
                 raise SignInRefused("this account is disabled")
             if row.used_at is not None:
-                await self._revoke_family(db, row.family_id)
+                await api_tokens.revoke_family(db, row.family_id)
                 raise InvalidGrant("this refresh token was already used; every token of its sign-in is revoked")
             if row.revoked_at is not None or row.expires_at <= now:
                 raise invalid
@@ -259,28 +260,13 @@ class SignInService:
                 raise invalid
             return await self._issue(db, owner, row.source or "refresh", family_id=row.family_id)
 
-    async def _revoke_family(self, db: AsyncSession, family_id: str) -> None:
-        now = utcnow()
-        token_ids = list(await db.scalars(select(RefreshToken.api_token_id).where(RefreshToken.family_id == family_id)))
-        await db.execute(update(RefreshToken).where(RefreshToken.family_id == family_id,
-                                                    RefreshToken.revoked_at.is_(None)).values(revoked_at=now))
-        ids = [t for t in token_ids if t]
-        if ids:
-            await db.execute(update(ApiToken).where(ApiToken.id.in_(ids), ApiToken.revoked_at.is_(None))
-                             .values(revoked_at=now))
-        await db.commit()
-
     async def revoke(self, api_token: str) -> None:
         """Logout: the presented API token and every token of its sign-in (its refresh token family)."""
         async with self.sessions() as db:
             row = await db.scalar(select(ApiToken).where(ApiToken.prefix == tokens.lookup_prefix(api_token)))
             if row is None or not tokens.matches(api_token, row.token_hash):
                 return
-            family = await db.scalar(select(RefreshToken.family_id).where(RefreshToken.api_token_id == row.id))
-            row.revoked_at = row.revoked_at or utcnow()
-            await db.commit()
-            if family is not None:
-                await self._revoke_family(db, family)
+            await api_tokens.revoke_row(db, row)
 
     # -- the browser: authorization code + PKCE -------------------------------------------------------
 

@@ -55,7 +55,7 @@ CONTROL_BINDINGS = "\n".join(f'"body.{f}" = {{ dictionary = "controls", probabil
 
 
 def _schemathesis_config(path: Path, user_token: str, session_id: str, runner_token: str,
-                         revoke_token: str) -> None:
+                         revoke_token: str, stranger_token: str) -> None:
     """Every operation gets the credential it needs, so none is only ever answered with a 401."""
     path.write_text(f"""
 headers = {{ Authorization = "Bearer {user_token}" }}
@@ -83,6 +83,12 @@ headers = {{ Authorization = "Bearer {SERVICE_TOKEN}" }}
 include-path = "/v1/auth/revoke"
 headers = {{ Authorization = "Bearer {revoke_token}" }}
 
+# Revoking a token by id: as another user of the org, whose revocations find none of the run's tokens
+# (the run's own token among them, which a link from GET /v1/tokens could otherwise name).
+[[operations]]
+include-path = "/v1/tokens/{{id}}"
+headers = {{ Authorization = "Bearer {stranger_token}" }}
+
 [[operations]]
 include-path = "/internal/v1/instances/{{id}}/heartbeat"
 headers = {{ Authorization = "Bearer {runner_token}" }}
@@ -105,7 +111,10 @@ async def test_property_based_run_finds_no_server_errors_or_schema_violations(ap
             sid = (await http.post("/v1/instances", json={})).json()["id"]
         config = tmp_path / "schemathesis.toml"
         revoke_token = await admin.create_token(sessions, team.email, "fuzz-revoke")
-        _schemathesis_config(config, team.token, sid, provider.specs[sid].runner_token, revoke_token)
+        stranger = await admin.create_user(sessions, "stranger@fuzz.example", "fuzz")
+        stranger_token = await admin.create_token(sessions, stranger.email, "fuzz-stranger")
+        _schemathesis_config(config, team.token, sid, provider.specs[sid].runner_token, revoke_token,
+                             stranger_token)
         report = tmp_path / "report.json"
         cmd = [
             str(SCHEMATHESIS), "--config-file", str(config), "run",

@@ -1,0 +1,54 @@
+"""`orz cloud api-token` end to end: mint a token for CI, log a second machine in with it, revoke it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.cli.conftest import LiveApi, Orz
+from tests.cli.test_cloud_commands import assert_one_error_line
+from tests.conftest import Tenant
+
+
+def test_mint_use_list_and_revoke(orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
+    made = orz("cloud", "api-token", "create", "ci", "--expires-in-days", "7")
+    assert made.returncode == 0, made.stderr
+    minted = made.stdout.strip()  # stdout holds the token alone: `TOKEN=$(orz cloud api-token create ci)`
+    assert minted.startswith("orz_") and "\n" not in minted
+    assert "shown only now" in made.stderr and "orz cloud login --token" in made.stderr
+
+    ci = Orz(tmp_path / "ci-home")  # another machine, logged in with the minted token
+    ci.home.mkdir()
+    assert ci("cloud", "login", "--token", minted, "--api-url", live_api.url).returncode == 0
+    assert ci("cloud", "list").returncode == 0
+
+    listed = orz("cloud", "api-token", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert minted not in listed.stdout and logged_in.token not in listed.stdout
+    rows = json.loads(orz("cloud", "api-token", "list", "--json").stdout)["tokens"]
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["default"]["current"] and not by_name["ci"]["current"]
+    own_line = next(line for line in listed.stdout.splitlines() if line.startswith(by_name["default"]["id"]))
+    assert "default *" in own_line and "* this CLI's login" in listed.stdout  # the CLI's own login is marked
+
+    gone = orz("cloud", "api-token", "revoke", by_name["ci"]["prefix"])
+    assert gone.returncode == 0 and "revoked" in gone.stdout and "this CLI's login" not in gone.stderr
+    refused = ci("cloud", "list")
+    assert refused.returncode != 0 and "revoked" in refused.stderr  # the CI machine is out
+    again = orz("cloud", "api-token", "revoke", by_name["ci"]["id"])
+    assert_one_error_line(again, f"no API token {by_name['ci']['id']}")
+    assert again.returncode == 3
+
+
+def test_revoking_the_clis_own_token_says_to_log_in_again(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    own = json.loads(orz("cloud", "api-token", "list", "--json").stdout)["tokens"][0]
+    done = orz("cloud", "api-token", "revoke", own["id"])
+    assert done.returncode == 0 and "orz cloud login" in done.stderr
+    assert orz("cloud", "list").returncode != 0
+
+
+def test_a_bad_name_is_one_readable_error(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    bad = orz("cloud", "api-token", "create", "x" * 65)
+    assert_one_error_line(bad, "invalid token name")
+    assert bad.returncode == 2
+    assert len(json.loads(orz("cloud", "api-token", "list", "--json").stdout)["tokens"]) == 1
