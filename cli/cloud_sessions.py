@@ -17,7 +17,7 @@ from cli.cloud_yaml_check import from_checkout, from_local_repo, refuse_missing_
 from cli.completion import complete_session_ids
 from cli.connect import CliApiClient, client, cloud_command
 from cli.errors import EXIT_USAGE, CliError, UnsavedWork, shown
-from cli.repo import as_clone_url, current_repo, is_local_path, local_repo_refused, names_a_path
+from cli.repo import as_clone_url, current_repo, is_local_path, local_clone_problem, local_repo_refused, names_a_path
 from cli.starting import LogFollower, wait_until_running
 from runner.program import is_claude
 
@@ -53,7 +53,6 @@ def new(task: str | None, repo: str | None, branch: str | None, tier: str, progr
     if repo is not None and is_local_path(repo):
         local_repo = Path(repo).expanduser()
         repo = as_clone_url(str(local_repo), Path.cwd())
-        _note(f"the local repository is cloned from {repo}")
     elif repo is not None and names_a_path(repo):
         # Sent on, a mistyped path would come back as "repo_url must be an https://... URL".
         raise CliError(f"--repo {shown(repo, 96, quote=False)}: no such directory (a local repository by its "
@@ -80,6 +79,11 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
                secret_names: str | None, no_attach: bool, wait: bool, wait_s: int, local_repo: Path | None
                ) -> tuple[str, list[str]] | None:
     api = client()  # first, so "not logged in" comes before anything else
+    if local_repo is not None and (problem := local_clone_problem(local_repo, branch)):
+        await api.aclose()
+        raise CliError(problem, EXIT_USAGE)
+    if local_repo is not None:
+        _note(f"the local repository is cloned from {repo}")
     local_config = from_local_repo(local_repo, branch) if local_repo is not None else None
     if repo is None:
         here = current_repo()

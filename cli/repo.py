@@ -70,6 +70,32 @@ def names_a_path(repo: str) -> bool:
     return "://" not in repo and repo.startswith(("/", "./", "../", "~"))
 
 
+def _branches(repo: Path) -> list[str]:
+    listed = _git(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads")
+    return listed.splitlines() if listed else []
+
+
+def local_clone_problem(path: Path, branch: str | None) -> str | None:
+    """Why a session cloning the local repository ``path`` (at ``branch``, else its HEAD) would fail or
+    start empty, or None; said before the session is made, since the server's clone only fails at start."""
+    resolved = path.resolve()
+    git_dir = _git(resolved, "rev-parse", "--absolute-git-dir")
+    if git_dir is None or not ((resolved / ".git").exists() or Path(git_dir) == resolved):
+        top = git_toplevel(resolved) if git_dir else None
+        hint = f"; did you mean --repo {top}?" if top else " (a clone's top directory, or a bare repository)"
+        return f"--repo {path}: not a git repository{hint}"
+    branches = _branches(resolved)
+    listed = ", ".join(branches[:10]) + (", ..." if len(branches) > 10 else "") if branches else "none"
+    if branch:
+        if not (has_ref(resolved, f"refs/heads/{branch}") or has_ref(resolved, f"refs/tags/{branch}")):
+            return f"--repo {path} has no branch {branch} (its branches: {listed})"
+    elif branches and not has_ref(resolved, "HEAD^{commit}"):
+        head = _git(resolved, "symbolic-ref", "--quiet", "--short", "HEAD") or "HEAD"
+        return (f"--repo {path}: its HEAD names {head}, which has no commits, so the session would start with an "
+                f"empty workspace; name a branch with --branch (its branches: {listed})")
+    return None
+
+
 def local_repo_refused(url: str) -> str:
     """Why the server refused a local repository, and how to allow it."""
     parent = Path(url.removeprefix("file://")).parent

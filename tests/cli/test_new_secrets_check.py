@@ -89,3 +89,32 @@ def test_new_with_a_local_repo_path_reads_the_branch_it_clones(orz: Orz, live_ap
     # A repository only the server can read is not checked here: the session reports it when it starts.
     other = create(orz, "--repo", "https://example.com/r.git", "--branch", "main", cwd=work)
     assert live_api.provider.specs[other].repo_url == "https://example.com/r.git"
+
+
+def test_new_with_a_local_repo_path_refuses_what_the_clone_would_fail_on(orz: Orz, live_api: LiveApi,
+                                                                         logged_in: Tenant, tmp_path: Path) -> None:
+    work, origin = checkout(tmp_path, NO_SECRET)
+
+    def refused_usage(*args: str) -> str:
+        done = orz("cloud", "new", "--no-attach", *args, cwd=tmp_path)
+        assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("orz: "), done.stderr
+        return done.stderr.strip()
+
+    # A branch the repository lacks: the server's clone would fail at start.
+    assert refused_usage("--repo", str(work), "--branch", "nosuch") == (
+        f"orz: --repo {work} has no branch nosuch (its branches: main)")
+    # A bare repository whose HEAD names a branch nobody pushed (git init --bare makes master, main was pushed):
+    # the clone would check out nothing and the session would run in an empty workspace.
+    git(work, "push", "-q", "origin", "main")
+    subprocess.run(["git", "-C", str(origin), "symbolic-ref", "HEAD", "refs/heads/master"], check=True)
+    assert refused_usage("--repo", str(origin)) == (
+        f"orz: --repo {origin}: its HEAD names master, which has no commits, so the session would start with an "
+        "empty workspace; name a branch with --branch (its branches: main)")
+    # A directory inside a clone is no repository to clone: its top is named.
+    assert refused_usage("--repo", str(work / ".orz")) == (
+        f"orz: --repo {work / '.orz'}: not a git repository; did you mean --repo {work}?")
+    assert live_api.provider.specs == {}  # nothing half-made
+
+    sid = create(orz, "--repo", str(origin), "--branch", "main", cwd=tmp_path)
+    assert live_api.provider.specs[sid].branch == "main"
