@@ -26,6 +26,8 @@ SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # kept short enough that Kubernetes can derive names from it.
 SERVICE_LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?$")
 RESERVED_SERVICE_LABELS = frozenset({"runner"})
+# The runner's own SSH port in a session's Pod, which a service's ports may not take.
+RUNNER_SSH_PORT = 2222
 # Env keys: Kubernetes' own rule for variable names (letters, digits, '_', '.', '-'; not a digit first).
 # Shell-style names are a subset; dotted ones reach the program's environment as written.
 ENV_KEY_RE = re.compile(r"^[-._A-Za-z][-._A-Za-z0-9]{0,127}$")

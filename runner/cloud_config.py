@@ -201,9 +201,25 @@ def load(text: str, path: str = CONFIG_PATH, *, max_services: int | None = None)
     if max_services is not None and len(config.services) > max_services:
         raise CloudConfigError([config.problem(("services",), f"at most {max_services} services are allowed "
                                                f"on this plan, found {len(config.services)}")])
+    if problems := _port_clashes(config):
+        raise CloudConfigError(problems)
     unknown = sorted(_unknown_keys(config, ()), key=lambda found: config.line_of(*found[0]))
     config._warnings = [config.problem(loc, message) for loc, message in unknown]
     return config
+
+
+def _port_clashes(config: CloudConfig) -> list[str]:
+    """A port two services listen on, or the runner's own: the second one could never start (nor its Pod)."""
+    taken: dict[int, str] = {cloud_yaml.RUNNER_SSH_PORT: "the session's runner"}
+    problems = []
+    for name, service in config.services.items():
+        for index, port in enumerate(service.ports):
+            if port in taken:
+                problems.append(config.problem(("services", name, "ports", index),
+                                               f"port {port} is taken by {taken[port]}; pick another"))
+            else:
+                taken[port] = f"service {name}"
+    return problems
 
 
 def _unknown_keys(model: BaseModel, loc: tuple[str | int, ...]) -> list[tuple[tuple[str | int, ...], str]]:

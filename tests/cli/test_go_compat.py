@@ -70,3 +70,17 @@ def test_attach_names_what_is_wrong_with_an_attach_url_without_showing_its_token
     # A good URL gets as far as the login, like an id would.
     good = orz("cloud", "attach", "https://h/v1/instances/abc-123/attach?token=SECRETTOKEN")
     assert good.returncode != 0 and "not logged in" in good.stderr
+
+
+def test_validate_refuses_a_port_two_services_take_or_the_runners(orz: Orz, home: Path, tmp_path: Path) -> None:
+    # The Go version accepted these; the second service (or the Pod) could never start.
+    file = tmp_path / "cloud.yaml"
+    file.write_text("services:\n  My_DB:\n    image: postgres:16\n    ports: [5432]\n"
+                    "  cache:\n    image: redis:7\n    ports:\n      - 6379\n      - 5432\n"
+                    "  web:\n    image: nginx\n    ports: [2222]\n")
+    done = orz("cloud", "validate", str(file))
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    assert done.stderr.splitlines() == [
+        f"orz: {file}:9: services.cache.ports[1]: port 5432 is taken by service My_DB; pick another",
+        f"orz: {file}:12: services.web.ports[0]: port 2222 is taken by the session's runner; pick another",
+    ], done.stderr

@@ -81,6 +81,10 @@ def test_secret_refs_resolve_only_against_session_secrets() -> None:
         ("version: '1.0'\nenv:\n  1BAD: x\n",
          ".orz/cloud.yaml:3: env.1BAD: invalid name: String should match pattern"),
         ("- just\n- a list\n", ".orz/cloud.yaml:1: (top level): expected a mapping"),
+        ("services:\n  a:\n    image: x\n    ports: [5432]\n  b:\n    image: y\n    ports: [5432]\n",
+         ".orz/cloud.yaml:7: services.b.ports[0]: port 5432 is taken by service a"),
+        ("services:\n  a:\n    image: x\n    ports: [2222]\n",
+         ".orz/cloud.yaml:4: services.a.ports[0]: port 2222 is taken by the session's runner"),
     ],
 )
 def test_bad_files_name_line_and_key_path(text: str, expected: str) -> None:

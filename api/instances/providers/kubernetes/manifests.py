@@ -23,13 +23,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.cloud_yaml import DEFAULT_MAX_SERVICES
+from api.cloud_yaml import DEFAULT_MAX_SERVICES, RUNNER_SSH_PORT
 from api.instances.providers.base import ComputeSpec
 from api.instances.providers.kubernetes import names, resources, sidecars
 from api.schemas import CLOUD_CONFIG_PATH, ENV_NAME_RE, RunnerSpec, services_digest
 from api.settings import Settings
 
-RUNNER_SSH_PORT = 2222
 RUNNER_UID = 1000
 WORKSPACE = "/workspace"
 HOME = "/home/orzbob"
