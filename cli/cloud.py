@@ -90,6 +90,10 @@ async def _login(token: str | None, provider: str | None, no_browser: bool, api_
             # default one): say which command gets this one.
             raise CliError(f"{one_line(exc.detail)}; then: orz cloud login --api-url {url}",
                            exit_code_for(exc.status)) from None
+        if exc.status == 401 and token:
+            # Not "the API refused your token; run orz cloud login": this is that login, with this token.
+            raise CliError(f"the API at {url} refused this token ({one_line(exc.detail)}); nothing was saved",
+                           exit_code_for(exc.status)) from None
         raise
     via = f" via {creds.source}" if creds.source and creds.source != "token" else ""
     click.echo(f"logged in to {creds.api_url} as {me.user.email}{via} (org {me.org.name}, {me.org.plan} plan)")
