@@ -6,6 +6,8 @@ Values go to the API and nowhere else: never printed, never logged, and not echo
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import click
 from pydantic import ValidationError
@@ -40,6 +42,31 @@ def secrets() -> None:
     """Secrets: environment variables for your sessions (values are never shown)."""
 
 
+# What each rule of schemas.SecretCreate asks for, in words (pydantic's own message names a regex).
+_RULES = {
+    "name": "a name is lowercase letters, digits, '-' and '_', starts and ends with a letter or digit, "
+            "at most 64 characters",
+    "key": "a key is a variable name: letters, digits and '_', not starting with a digit, at most 128 characters",
+    "value": "a value is at most 65536 characters, without control characters other than tab and newline",
+    "data": "give 1 to 64 variables (--data KEY=VALUE or --from-env KEY)",
+}
+
+
+def _invalid(err: Mapping[str, Any]) -> str:
+    """One pydantic error of SecretCreate as the user reads it: the field and its rule, never a value."""
+    loc = tuple(str(p) for p in err["loc"])
+    if err["type"] == "control_character":  # a model-wide check: the key's path is in ctx
+        where = str(err.get("ctx", {}).get("path", "")).strip(".[]'\"")
+        return f"invalid secret data{' ' + shown(where, 64, quote=False) if where else ''}: {_RULES['value']}"
+    if loc[:1] == ("name",):
+        return f"invalid secret name: {_RULES['name']}"
+    if loc[:1] == ("data",) and len(loc) >= 2:
+        # pydantic marks a dict key's own error with "[key]" after the key (a value's error has none).
+        rule = _RULES["key"] if loc[-1] == "[key]" else _RULES["value"]
+        return f"invalid secret data {shown(loc[1], 64, quote=False)}: {rule}"
+    return f"invalid secret {'.'.join(loc) or 'data'}: {_RULES['data']}"
+
+
 @secrets.command("create")
 @click.argument("name")
 @click.option("--data", "pairs", multiple=True, metavar="KEY=VALUE", help="A variable (repeat for more).")
@@ -55,10 +82,7 @@ async def create(name: str, pairs: tuple[str, ...], from_env: tuple[str, ...], s
     try:
         body = schemas.SecretCreate(name=name, data=parse_pairs(pairs, from_env), scope=scope)  # type: ignore[arg-type]
     except ValidationError as exc:
-        err = exc.errors()[0]
-        # pydantic's message may quote the input (a value); name the field and the rule only.
-        where = ".".join(str(p) for p in err["loc"][:2]) or "secret"
-        raise CliError(f"invalid secret {where}: {err['type'].replace('_', ' ')}", EXIT_USAGE) from None
+        raise CliError(_invalid(exc.errors()[0]), EXIT_USAGE) from None
     async with client() as api:
         if replace:
             secret = await api.replace_secret(name, schemas.SecretReplace(data=body.data), scope)

@@ -371,3 +371,19 @@ def test_typed_input_quoted_back_is_escaped_and_clipped(orz: Orz, home: Path) ->
     done = orz("cloud", "attach", url)
     assert_one_error_line(done, r"not an attach URL: https://h/\x1b]0;owned\x07yyy", "(3025 characters)")
     assert "\x1b" not in done.stderr and "secret-attach-token" not in done.stderr and len(done.stderr) < 250
+
+
+def test_a_bad_secret_name_or_key_says_what_is_allowed(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    """Not pydantic's rule name ("string pattern mismatch"): what a name, a key and a value may be."""
+    name = orz("cloud", "secrets", "create", "My/Token", "--data", "GITHUB_TOKEN=s3cr3t-value")
+    assert name.returncode == 2
+    assert_one_error_line(name, "invalid secret name: a name is lowercase letters, digits, '-' and '_'")
+    key = orz("cloud", "secrets", "create", "gh", "--data", "1TOKEN=s3cr3t-value")
+    assert key.returncode == 2
+    assert_one_error_line(key, "invalid secret data 1TOKEN: a key is a variable name: letters, digits and '_', "
+                               "not starting with a digit")
+    value = orz("cloud", "secrets", "create", "gh", "--data", "TOKEN=s3cr3t\x07value")
+    assert value.returncode == 2
+    assert_one_error_line(value, "invalid secret data TOKEN: a value is at most 65536 characters, without control")
+    assert all("s3cr3t" not in done.stderr for done in (name, key, value))
+    assert orz("cloud", "secrets", "list", "--json").stdout.count('"name"') == 0  # nothing was made
