@@ -38,6 +38,10 @@ STOP_TIMEOUT_S = 10.0
 UNPRIVILEGED_USER = "nobody"
 
 
+# The images the local provider runs, from the installed binaries (by image_kind).
+LOCAL_KINDS = frozenset({"postgres", "redis"})
+
+
 def image_kind(image: str) -> str:
     """``docker.io/library/postgres:16-alpine`` → ``postgres``."""
     name = image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
@@ -79,6 +83,14 @@ class ServiceManager:
     running: list[_Running] = field(default_factory=list)
 
     async def start_all(self, config: CloudConfig, secrets: Mapping[str, str]) -> None:
+        # Every image is checked first: one that cannot run here fails the session before any other
+        # service starts, with the file, line and key to fix (as the Kubernetes provider's refusals do).
+        for name, service in config.services.items():
+            if image_kind(service.image) not in LOCAL_KINDS:
+                raise ServiceError(config.problem(
+                    ("services", name, "image"),
+                    f"{service.image} cannot run on the local provider: only postgres and redis images run "
+                    "here, from their installed binaries"))
         for name, service in config.services.items():
             env = resolve_service_env(config, name, secrets)
             await self.start(name, service, env, label=config.service_label(name))

@@ -95,7 +95,9 @@ async def test_clone_failure_is_fatal(make_repo: MakeRepo, start_runner: StartRu
         ("version: '1.0'\nresources:\n  memory: lots\n", ".orz/cloud.yaml:3: resources.memory:"),
         ("version: '1.0'\nenv:\n  X: ${NOT_A_SECRET}\n", ".orz/cloud.yaml:3: env.X: ${NOT_A_SECRET}"),
         ("version: '1.0'\nsetup:\n  init: exit 9\n", "setup.init failed with exit status 9"),
-        ("version: '1.0'\nservices:\n  q:\n    image: rabbitmq:3\n", "cannot run on the local provider"),
+        # Refused before the redis before it starts, naming the file, line and key.
+        ("version: '1.0'\nservices:\n  cache:\n    image: redis:7\n  q:\n    image: rabbitmq:3\n",
+         ".orz/cloud.yaml:6: services.q.image: rabbitmq:3 cannot run on the local provider"),
     ],
 )
 async def test_bad_config_is_fatal_reported_and_leaves_nothing(
@@ -108,6 +110,7 @@ async def test_bad_config_is_fatal_reported_and_leaves_nothing(
     assert fatal["fatal_error"].startswith(expected) or expected in fatal["fatal_error"], fatal
     assert fatal["program_running"] is False
     assert expected in (handle.runner.state_dir / "fatal_error").read_text()
+    assert not (handle.runner.state_dir / "services" / "cache").exists()  # no service started before the refusal
     # nothing left running: no tmux server, nothing listening on the endpoint's port
     assert not (await handle.runner.tmux.pane_state()).exists
     if fatal.get("ssh_port"):
