@@ -146,7 +146,8 @@ async def whoami(as_json: bool) -> None:
         click.echo(output.to_json(me))
         return
     admin = ", org admin" if me.user.is_admin else ""
-    via = "an API token" if me.source == "token" else f"sign-in with {me.source}"
+    # "token": an admin minted it; "api": its owner did (orz cloud api-token create); else a sign-in's
+    via = {"token": "an API token", "api": "an API token of your own"}.get(me.source, f"sign-in with {me.source}")
     click.echo(f"{me.user.email} (org {me.org.name}{admin}) at {url}, via {via}")
     click.echo(output.quota_line(me.quota))
     if limits := output.limits_line(me.org):

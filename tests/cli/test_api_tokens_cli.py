@@ -21,6 +21,7 @@ def test_mint_use_list_and_revoke(orz: Orz, live_api: LiveApi, logged_in: Tenant
     ci.home.mkdir()
     assert ci("cloud", "login", "--token", minted, "--api-url", live_api.url).returncode == 0
     assert ci("cloud", "list").returncode == 0
+    assert "via an API token of your own" in ci("cloud", "whoami").stdout
 
     listed = orz("cloud", "api-token", "list")
     assert listed.returncode == 0, listed.stderr
