@@ -791,13 +791,18 @@ class RunnerSpec(Request):
 PROGRAM_EVENT_KINDS = ("program_exited", "program_restarted")
 
 
+# What an INTEGER column holds (PostgreSQL's is 32-bit): a runner's number outside it would be a 500 there.
+ExitCode = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+ClientCount = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
 class ProgramEvent(Request):
     """Runner → API: the session's program exited or was restarted (recorded as a session event)."""
 
     control_rules = {"message": "log"}
 
     kind: Literal["program_exited", "program_restarted"]
-    exit_code: int | None = None
+    exit_code: ExitCode | None = None
     message: Annotated[str, StringConstraints(max_length=1024)]
 
 
@@ -811,12 +816,12 @@ class Heartbeat(Request):
     # Where the gateway reaches the runner's endpoint (RunnerSpec.ssh_host/advertise_host, the bound port).
     ssh_host: str | None = None
     ssh_port: int | None = Field(default=None, ge=1, le=65535)
-    attached_clients: int = Field(default=0, ge=0)
+    attached_clients: ClientCount = 0
     last_input_at: datetime | None = None
     last_output_at: datetime | None = None
     init_status: InitStatus = "none"
     program_running: bool = False
-    program_exit_code: int | None = None
+    program_exit_code: ExitCode | None = None
     # Set when the runner cannot go on (bad .orz/cloud.yaml, clone failed): the session fails with it.
     fatal_error: Annotated[str, StringConstraints(max_length=4096)] | None = None
     init_log_tail: Annotated[str, StringConstraints(max_length=65536)] | None = None
@@ -829,7 +834,7 @@ class Heartbeat(Request):
     # The agent's state (None: not known yet); a change is recorded as an `agent` event.
     agent_state: AgentState | None = None
     agent_message: Annotated[str, StringConstraints(max_length=AGENT_MESSAGE_MAX)] | None = None
-    agent_exit_code: int | None = None
+    agent_exit_code: ExitCode | None = None
     work: WorkState | None = None
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from api import admin
 from api.db.models import Event, Instance, UsedJti
 from api.instances.providers.fake import FakeProvider
-from tests.conftest import Tenant, make_tenant
+from tests.conftest import Tenant, both_databases, make_tenant
 
 SERVICE = {"Authorization": "Bearer svc-test-token-0123456789"}
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLEEXAMPLEEXAMPLEEXAMPLEEXAMPLEEXAMPLE runner"
@@ -211,3 +211,18 @@ async def test_waking_uses_the_orgs_plan_and_names_who_woke_it(app, sessions, pr
     async with sessions() as db:
         woke = (await db.scalars(select(Event).where(Event.instance_id == sids[0], Event.kind == "woke"))).one()
     assert woke.actor == f"user:{t.user_id}"
+
+
+@both_databases
+async def test_a_runners_number_too_large_for_the_database_is_refused_not_a_500(app, sessions, provider):
+    """PostgreSQL's INTEGER is 32-bit: an exit code or client count beyond it (a hostile runner's) was a 500
+    there, after the request was taken as valid."""
+    t = await make_tenant(sessions, "acme")
+    sid, runner = await new_session(app, t, provider)
+    for body in ({"attached_clients": 2**40}, {"program_exit_code": 2**31}, {"agent_state": "exited",
+                 "agent_exit_code": -(2**40)},
+                 {"program_events": [{"kind": "program_exited", "exit_code": 2**40, "message": "x"}]}):
+        resp = await beat(app, sid, runner, **body)
+        assert resp.status == 422 and resp.headers["content-type"] == "application/problem+json", (body, resp.text)
+    ok = await beat(app, sid, runner, agent_state="exited", agent_exit_code=-(2**31), attached_clients=2**31 - 1)
+    assert ok.status == 200
