@@ -17,7 +17,8 @@ declare -A wanted=(
   # for the chart's bundled database (the rehearsal runs images that are not ours from local binaries).
   [ip]=iproute2 [nsenter]=util-linux [unshare]=util-linux [pg_ctlcluster]=postgresql
   # The local provider's session sandbox: bubblewrap for the namespaces, slirp4netns for its network.
-  [bwrap]=bubblewrap [slirp4netns]=slirp4netns [setpriv]=util-linux
+  # ORZ_SANDBOX_DISK_SIZE: each session's own ext4 image (mkfs.ext4; mount and umount come with util-linux).
+  [bwrap]=bubblewrap [slirp4netns]=slirp4netns [setpriv]=util-linux [mkfs.ext4]=e2fsprogs
   # bench/real_path.py's floor: a C relay of bytes between ssh and sshd.
   [socat]=socat
 )
