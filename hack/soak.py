@@ -209,11 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     # Sessions a client never heard of (its create's answer was lost to a fault): killed by the admin.
     report["unclaimed_sessions"] = unknown
     report["db_rows_left"] = db_rows
+    artifacts = getattr(platform, "artifacts", None)  # the rehearsal's Pods: logs, status history, events
+    report["artifacts"] = str(artifacts) if artifacts else None
     md_path, json_path = write(report, platform.data / "soak")
     for line in (md_path.read_text().splitlines()[:-1]):
         print(line)
     png = Path(report["png"]).name if report["png"] else "none"
     print(f"soak: report {md_path} (JSON {json_path.name}, PNG {png})")
+    if artifacts:
+        print(f"soak: Pod evidence (logs, readiness and probe history, events) in {artifacts}")
     print(last_line(report), flush=True)
     missed = verdict(report)
     hard = report["totals"]["lost"] or any(not f["recovered"] for f in report["faults"]) or orphans

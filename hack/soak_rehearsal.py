@@ -32,7 +32,7 @@ from soak_faults import REHEARSAL_FAULTS
 from soak_platform import CLOUD_YAML, ROOT, http_get, rss_kib, wait_for
 
 from api.instances.providers.kubernetes.names import SESSION_LABEL, label_value
-from rehearsal import steps
+from rehearsal import evidence, steps
 from rehearsal.kube import KubeAccess, container_port
 
 HELM = ROOT / ".cache" / "bin" / "helm"
@@ -138,6 +138,7 @@ class RehearsalPlatform:
     cluster: Any = field(init=False, default=None)  # rehearsal.cluster.RehearsalCluster
     access: Any = field(init=False, default=None)  # rehearsal.cluster.RehearsalAccess
     edge: steps.Edge | None = field(init=False, default=None)  # the users' way in (user_edge)
+    artifacts: Path | None = field(init=False, default=None)  # the Pods' logs and history, saved at stop
     _lock: IO[str] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -347,6 +348,8 @@ class RehearsalPlatform:
             with contextlib.suppress(Exception):
                 self.access.close()
         if self.cluster is not None:
+            # Before the cluster goes: its Pods' logs and history live only as long as it does.
+            self.artifacts = evidence.save_quietly(self.cluster, f"soak-{self.access_mode}")
             self.cluster.close()
             self.cluster = None
         if self._lock is not None:

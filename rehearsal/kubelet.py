@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ log = logging.getLogger("rehearsal.kubelet")
 NODE = "rehearsal-node"
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # noqa: S105  # nosec B105  # a path, not a secret
 MAX_BACKOFF_S = 10.0  # a real kubelet caps CrashLoopBackOff at 300 s; a rehearsal cannot wait that long
+HISTORY_PER_POD = 400  # what each Pod's worker remembers for the evidence (rehearsal.evidence): bounded
 
 
 class ContainerConfigError(Exception):
@@ -79,6 +81,11 @@ def _expand(value: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) references to variables defined before; $$ escapes."""
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
+
+
+def _iso(epoch: float) -> str:
+    """A wall-clock time with milliseconds, UTC (the history's: readiness flips are sub-second apart)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
 def _field(pod: Obj, path: str) -> str:
@@ -153,8 +160,37 @@ class PodWorker:
         self.phase = "Pending"
         self.backoff_until: dict[str, float] = {}
         self.skipped: str | None = None
+        # What happened to this Pod, with times (starts, exits, probe failures, readiness changes): a soak or a
+        # step that failed saves it with the logs (rehearsal.evidence), where status alone shows only the end.
+        self.history: deque[Obj] = deque(maxlen=HISTORY_PER_POD)
+        self.transitions: dict[str, str] = {}  # condition type -> lastTransitionTime
+        self._events: dict[tuple[str, str], Obj] = {}  # (reason, container) -> the Event object, counted
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"pod-{self.name}", daemon=True)
+
+    def note(self, reason: str, message: str, container: str = "", warning: bool = False, **extra: Any) -> None:
+        """Remember what happened (history) and tell the API as a kubelet does: an Event on the Pod, one per
+        reason and container, its count and last time bumped when it repeats (as the kubelet aggregates)."""
+        now = time.time()
+        self.history.append({"time": _iso(now), "t": round(now, 3), "reason": reason, "container": container,
+                             "message": message, **extra})
+        key = (reason, container)
+        event = self._events.get(key)
+        stamp = now_rfc3339()
+        with contextlib.suppress(ApiError):
+            if event is None:
+                event = self.c.store.create("events", self.ns, {
+                    "apiVersion": "v1", "kind": "Event",
+                    "metadata": {"generateName": f"{self.name}.", "namespace": self.ns},
+                    "involvedObject": {"kind": "Pod", "namespace": self.ns, "name": self.name, "uid": self.uid,
+                                       **({"fieldPath": f"spec.containers{{{container}}}"} if container else {})},
+                    "reason": reason, "message": message, "type": "Warning" if warning else "Normal",
+                    "source": {"component": "kubelet", "host": NODE}, "count": 1,
+                    "firstTimestamp": stamp, "lastTimestamp": stamp})
+            else:
+                event = self.c.store.replace("events", self.ns, event["metadata"]["name"], {
+                    **event, "message": message, "count": int(event.get("count", 1)) + 1, "lastTimestamp": stamp})
+            self._events[key] = event
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -279,6 +315,7 @@ class PodWorker:
                  "startedAt": running.started_at, "finishedAt": now_rfc3339()}
         self.terminated[name] = state
         self.last_state[name] = {"terminated": state}
+        self.note("Exited", f"container {name} exited {code}", name, warning=code != 0, exitCode=code)
         if name in self._init_names():
             restart = code != 0 and self.pod["spec"].get("restartPolicy", "Always") != "Never"
         else:
@@ -290,6 +327,7 @@ class PodWorker:
             self.waiting[name] = {"reason": "CrashLoopBackOff",
                                   "message": f"back-off {delay:.0f}s restarting failed container={name}"}
             log.info("pod %s/%s container %s exited %s; restarting", self.ns, self.name, name, code)
+            self.note("BackOff", self.waiting[name]["message"], name, warning=True)
 
     def _init_names(self) -> set[str]:
         return {c["name"] for c in self.pod["spec"].get("initContainers") or []}
@@ -493,6 +531,7 @@ class PodWorker:
                 env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(images.ROOT)}, start_new_session=True)
         self.c.logs[(self.ns, self.name, name)] = log_path
         log.info("pod %s/%s: started %s (%s)", self.ns, self.name, name, " ".join(argv))
+        self.note("Started", f"Started container {name}", name)
         return Container(container, process, log_path, env, uid, gid)
 
     # ----------------------------------------------------------------------------------- probes
@@ -514,43 +553,67 @@ class PodWorker:
             if now < due:
                 continue
             running.probe_due[kind] = now + int(probe.get("periodSeconds", 10))
-            ok = self._run_probe(running, probe)
+            began = time.monotonic()
+            ok, why = self._run_probe(running, probe)
+            took = time.monotonic() - began
             failures = 0 if ok else running.failures.get(kind, 0) + 1
             running.failures[kind] = failures
             threshold = int(probe.get("failureThreshold", 3))
+            name = kind.removesuffix("Probe").capitalize()
+            if not ok:
+                self.note("Unhealthy", f"{name} probe failed: {why}", spec["name"], warning=True,
+                          probe=kind, failures=failures, threshold=threshold, seconds=round(took, 3))
             if kind == "readinessProbe":
+                was = running.ready
                 running.ready = ok if ok else (running.ready and failures < threshold)
+                if running.ready != was:
+                    self.note("Ready" if running.ready else "NotReady",
+                              f"container {spec['name']} {'ready' if running.ready else 'not ready'}"
+                              + ("" if ok else f" after {failures} failed readiness probes: {why}"),
+                              spec["name"], warning=not running.ready, seconds=round(took, 3))
             elif kind == "startupProbe" and ok:
                 running.started = True
             elif not ok and failures >= threshold:
                 log.info("pod %s/%s: %s of %s failed %s times: restarting", self.ns, self.name, kind,
                          spec["name"], failures)
+                self.note("Killing", f"Container {spec['name']} failed {kind} {failures} times, will be restarted",
+                          spec["name"], warning=True)
                 running.signal(signal.SIGKILL)
 
-    def _run_probe(self, running: Container, probe: Obj) -> bool:
+    def _run_probe(self, running: Container, probe: Obj) -> tuple[bool, str]:
+        """Whether the probe passed and, when not, why, in the kubelet's words."""
         timeout = float(probe.get("timeoutSeconds", 1))
         if "exec" in probe:
             done = running.exec(list(probe["exec"]["command"]), timeout)
-            return done is not None and done.returncode == 0
+            if done is None:
+                return False, "the container has no process"
+            output = (done.stdout + done.stderr).decode(errors="replace").strip()[-300:]
+            return done.returncode == 0, f"command exited {done.returncode}: {output}"
         if "httpGet" in probe:
             get = probe["httpGet"]
             port = self._port(running.spec, get["port"])
+            url = f"http://{self.ip}:{port}{get.get('path', '/')}"
             try:
                 conn = http.client.HTTPConnection(self.ip, port, timeout=timeout)
                 conn.request("GET", get.get("path", "/"))
-                status = conn.getresponse().status
+                reply = conn.getresponse()
+                body = reply.read(300).decode(errors="replace")
                 conn.close()
-                return 200 <= status < 400
-            except (OSError, http.client.HTTPException):
-                return False
+            except TimeoutError:
+                return False, f'Get "{url}": timed out after {timeout:g} s (timeoutSeconds)'
+            except (OSError, http.client.HTTPException) as exc:
+                return False, f'Get "{url}": {type(exc).__name__}: {exc}'
+            if 200 <= reply.status < 400:
+                return True, ""
+            return False, f"HTTP probe failed with statuscode: {reply.status}: {body}"
         if "tcpSocket" in probe:
+            port = self._port(running.spec, probe["tcpSocket"]["port"])
             try:
-                with socket.create_connection((self.ip, self._port(running.spec, probe["tcpSocket"]["port"])),
-                                              timeout=timeout):
-                    return True
-            except OSError:
-                return False
-        return False
+                with socket.create_connection((self.ip, port), timeout=timeout):
+                    return True, ""
+            except OSError as exc:
+                return False, f"dial tcp {self.ip}:{port}: {type(exc).__name__}: {exc}"
+        return False, "a probe of no kind the rehearsal knows"
 
     @staticmethod
     def _port(container: Obj, port: int | str) -> int:
@@ -583,12 +646,8 @@ class PodWorker:
                              "restartCount": self.restarts.get(name, 0), "state": state,
                              **({"lastState": self.last_state[name]} if name in self.last_state else {})})
         ready = all(s["ready"] for s in statuses) and self.phase == "Running"
-        conditions = [
-            {"type": "PodScheduled", "status": "True"},
-            {"type": "Initialized", "status": "True" if self.initialized else "False"},
-            {"type": "ContainersReady", "status": "True" if ready else "False"},
-            {"type": "Ready", "status": "True" if ready else "False"},
-        ]
+        conditions = [self._condition(kind, value) for kind, value in (
+            ("PodScheduled", True), ("Initialized", self.initialized), ("ContainersReady", ready), ("Ready", ready))]
         status: Obj = {"phase": self.phase, "conditions": conditions, "containerStatuses": statuses,
                        "podIP": self.ip, "podIPs": [{"ip": self.ip}] if self.ip else [], "hostIP": "10.244.0.1",
                        "startTime": (self.pod.get("status") or {}).get("startTime") or now_rfc3339(),
@@ -601,9 +660,19 @@ class PodWorker:
         with contextlib.suppress(ApiError):
             self.pod = self.c.store.replace("pods", self.ns, self.name, {**self.pod, "status": status}, "status")
 
+    def _condition(self, kind: str, value: bool) -> Obj:
+        """One Pod condition with the time it last changed (kept while it holds, as the API keeps it)."""
+        status = "True" if value else "False"
+        if self.transitions.get(kind, "").split("|")[0] != status:
+            self.transitions[kind] = f"{status}|{now_rfc3339()}"
+            if kind == "Ready":
+                self.note("PodReady" if value else "PodNotReady", f"Pod condition Ready={status}", warning=not value)
+        return {"type": kind, "status": status, "lastTransitionTime": self.transitions[kind].split("|")[1]}
+
     # ------------------------------------------------------------------------------ termination
 
     def _terminate(self, grace_s: int) -> None:
+        self.note("Killing", f"Stopping the Pod's containers (grace period {grace_s} s)")
         self._kill_all(grace_s)
         self.c.store.finish_pod_deletion(self.ns, self.name)
 

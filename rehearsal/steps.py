@@ -32,7 +32,7 @@ import httpx
 import yaml
 from kubernetes.client.rest import ApiException
 
-from rehearsal import images, versions
+from rehearsal import evidence, images, versions
 from rehearsal.kube import KubeAccess, PodForwarder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -641,6 +641,9 @@ def run(workdir: Path, helm: Path, profile: str = "full", out: Callable[[str], N
         stack.callback(edge.close)
         ctx = Context(cluster=cluster, edge=edge, workdir=workdir, home=home)
         results = _run_steps(ctx, profile, out)
+        if kubeconfig is None and any(r[1] is False for r in results):
+            # A step failed: keep the Pods' logs and history, which go with the cluster at the end of this block.
+            evidence.save_quietly(rehearsal, f"rehearsal-{access}", out)
         if cluster.denials:
             out("RBAC denials seen: " + "; ".join(sorted(set(cluster.denials))[:5]))
     ran = [r for r in results if r[1] is not None]
