@@ -593,16 +593,17 @@ class PodWorker:
             get = probe["httpGet"]
             port = self._port(running.spec, get["port"])
             url = f"http://{self.ip}:{port}{get.get('path', '/')}"
+            conn = http.client.HTTPConnection(self.ip, port, timeout=timeout)
             try:
-                conn = http.client.HTTPConnection(self.ip, port, timeout=timeout)
                 conn.request("GET", get.get("path", "/"))
                 reply = conn.getresponse()
                 body = reply.read(300).decode(errors="replace")
-                conn.close()
             except TimeoutError:
                 return False, f'Get "{url}": timed out after {timeout:g} s (timeoutSeconds)'
             except (OSError, http.client.HTTPException) as exc:
                 return False, f'Get "{url}": {type(exc).__name__}: {exc}'
+            finally:
+                conn.close()  # a probe that timed out or failed too: one socket per probe otherwise lingers
             if 200 <= reply.status < 400:
                 return True, ""
             return False, f"HTTP probe failed with statuscode: {reply.status}: {body}"
