@@ -594,12 +594,18 @@ class PodWorker:
             port = self._port(running.spec, get["port"])
             url = f"http://{self.ip}:{port}{get.get('path', '/')}"
             conn = http.client.HTTPConnection(self.ip, port, timeout=timeout)
+            began = time.monotonic()
+            connected = None
             try:
+                conn.connect()
+                connected = time.monotonic() - began
                 conn.request("GET", get.get("path", "/"))
                 reply = conn.getresponse()
                 body = reply.read(300).decode(errors="replace")
             except TimeoutError:
-                return False, f'Get "{url}": timed out after {timeout:g} s (timeoutSeconds)'
+                # Whether the connection or the answer was late tells a busy network path from a slow handler.
+                stage = "connecting" if connected is None else f"awaiting the answer (connected in {connected:.3f} s)"
+                return False, f'Get "{url}": timed out after {timeout:g} s (timeoutSeconds) {stage}'
             except (OSError, http.client.HTTPException) as exc:
                 return False, f'Get "{url}": {type(exc).__name__}: {exc}'
             finally:
