@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -20,6 +21,9 @@ bp = Blueprint("health")
 # Only on the metrics listener (create_metrics_app), never on the public port.
 metrics_bp = Blueprint("metrics")
 TAG = "health"
+# How long /readyz waits for the database's answer. Shorter than the chart's readiness probe timeout
+# (3 s), so a slow database gets a 503 naming it rather than a probe that gave up without a reason.
+READY_DB_TIMEOUT_S = 2.0
 
 
 def package_version() -> str:
@@ -42,11 +46,18 @@ async def readyz(request: Request) -> HTTPResponse:
         problem = getattr(request.app.ctx, "schema_problem", None) or "starting"
         return respond(schemas.Health(status="unavailable", checks={"schema": problem[:300]}), 503)
     try:
-        async with state(request).sessions() as db:
-            await db.execute(text("SELECT 1"))
+        await asyncio.wait_for(_database_answers(request), READY_DB_TIMEOUT_S)
+    except TimeoutError:
+        return respond(schemas.Health(status="unavailable",
+                                      checks={"database": f"no answer within {READY_DB_TIMEOUT_S:g} s"}), 503)
     except Exception as exc:
         return respond(schemas.Health(status="unavailable", checks={"database": type(exc).__name__}), 503)
     return respond(schemas.Health(status="ok", checks={"database": "ok"}))
+
+
+async def _database_answers(request: Request) -> None:
+    async with state(request).sessions() as db:
+        await db.execute(text("SELECT 1"))
 
 
 @metrics_bp.get("/metrics")

@@ -53,12 +53,15 @@ def backend() -> Iterator[Backend]:
     b.server.server_close()
 
 
-def worker_for(tmp_path: Path, port: int, **probe: Any) -> tuple[PodWorker, Container]:
-    """A Pod worker whose one running container has an HTTP readiness probe on 127.0.0.1:port."""
+def worker_for(tmp_path: Path, port: int, readiness: dict[str, Any] | None = None, **probe: Any
+               ) -> tuple[PodWorker, Container]:
+    """A Pod worker whose one running container has an HTTP readiness probe on 127.0.0.1:port (`readiness`,
+    else /readyz on the port named http with `probe`'s fields)."""
     store = Store(require_namespaces=True)
     store.create("namespaces", "", {"metadata": {"name": NS}})
     spec = {"name": "api", "image": "orz", "ports": [{"name": "http", "containerPort": port}],
-            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 1, **probe}}
+            "readinessProbe": readiness or {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 1,
+                                            **probe}}
     pod = store.create("pods", NS, {"metadata": {"name": "api-0"}, "spec": {"containers": [spec]}})
     cluster = Cluster(store=store, network=None, workdir=tmp_path, api_host="127.0.0.1",  # type: ignore[arg-type]
                       api_port=0, ca_file=tmp_path / "ca", tokens=ServiceAccountTokens(), logs={})
