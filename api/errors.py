@@ -99,6 +99,14 @@ class UnsavedWork(Conflict):
     title = "The session has unsaved work"
 
 
+class WorkUnknown(Conflict):
+    """A delete without force whose session's runner did not report the workspace's final state: deleting
+    could lose work nobody has seen, so it is refused like unsaved work; ``?force=true`` deletes anyway."""
+
+    code = "work_unknown"
+    title = "The session's unsaved work could not be checked"
+
+
 class SessionFailed(Conflict):
     code = "session_failed"
     title = "The session failed"

@@ -637,6 +637,10 @@ AgentState = Literal["working", "needs_input", "idle", "exited"]
 AGENT_MESSAGE_MAX = 1024
 
 
+WORK_FILES_MAX = 100  # uncommitted paths a work report lists (it counts them all)
+WORK_FILES_SHOWN = 10  # of which a one-line summary names
+
+
 class WorkState(BaseModel):
     """The workspace's git state as the runner last saw it: what a delete without a push would lose."""
 
@@ -644,6 +648,13 @@ class WorkState(BaseModel):
 
     dirty_files: int = Field(default=0, ge=0)
     unpushed_commits: int = Field(default=0, ge=0)
+    # The uncommitted paths as `git status --porcelain` names them (quoted where unusual), the first
+    # WORK_FILES_MAX: so a refused delete can say which files it would lose.
+    files: Annotated[list[Annotated[str, StringConstraints(max_length=1024)]],
+                     Field(max_length=WORK_FILES_MAX)] = Field(default_factory=list)
+    # The runner's last report, made after the program was stopped and the work pushed where it could be:
+    # what a delete of the stopped session would lose (a later report could only come from a new start).
+    final: bool = False
     # Set once the runner pushed a WIP commit of everything to orz/<session id> on the origin.
     wip_branch: Annotated[str, StringConstraints(max_length=255)] | None = None
     wip_commit: Annotated[str, StringConstraints(max_length=64)] | None = None
@@ -657,8 +668,12 @@ class WorkState(BaseModel):
         return bool((self.dirty_files or self.unpushed_commits) and not self.wip_commit)
 
     def summary(self) -> str:
-        """One line for people: '2 uncommitted files, 1 unpushed commit; not saved: <why>'."""
+        """One line for people: '2 uncommitted files (a.py, b.md), 1 unpushed commit; not saved: <why>'."""
         files = f"{self.dirty_files} uncommitted file{'s' if self.dirty_files != 1 else ''}"
+        if self.files:
+            shown = self.files[:WORK_FILES_SHOWN]
+            more = self.dirty_files - len(shown)
+            files += f" ({', '.join(shown)}{f', and {more} more' if more > 0 else ''})"
         commits = f"{self.unpushed_commits} unpushed commit{'s' if self.unpushed_commits != 1 else ''}"
         line = f"{files}, {commits}"
         if self.wip_commit:

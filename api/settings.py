@@ -258,6 +258,10 @@ class Settings(BaseSettings):
                                         "nothing themselves)", gt=0)
     work_scan_s: float = option("sessions", 15.0, "how often runners read the workspace's git state (dirty "
                                 "files, unpushed commits) for heartbeats", gt=0)
+    delete_work_wait_s: float = option("sessions", 20.0, "a delete without force stops a live session first "
+                                       "and waits this long after the stop for its runner's final report of "
+                                       "the workspace; none in time refuses the delete (409 `work_unknown`)",
+                                       gt=0, le=120)
     recording_max_bytes: int = option("sessions", 8 * 1024 * 1024, "sessions record their agent's pane (unless "
                                       "their org turned it off, `orz admin set-recording ORG off`): each part of a "
                                       "recording at most this many bytes, the previous part kept beside it, both "

@@ -189,17 +189,25 @@ async def kill(session_id: str, force: bool) -> None:
     """Delete a session: its compute and its workspace.
 
     Refused (exit 6) while the workspace holds uncommitted files or unpushed commits that are not saved
-    to the session's WIP branch; --force kills anyway."""
+    to the session's WIP branch, or when the session's runner could not say (a running session is stopped
+    first to read its final state); --force kills anyway."""
     async with client() as api:
         try:
             inst = await api.delete_instance(session_id, force=force)
         except ApiError as exc:
-            if exc.status != 409 or exc.body.get("code") != "unsaved_work":
+            code = exc.body.get("code") if exc.status == 409 else None
+            if code == "work_unknown":
+                raise UnsavedWork(f"{exc.detail.replace('?force=true', '--force')}") from None
+            if code != "unsaved_work":
                 raise
             work = schemas.WorkState.model_validate(exc.body.get("work") or {})
-            raise UnsavedWork(f"session {session_id} has unsaved work: {work.summary()}; push it, or kill with "
-                              f"--force (a running session pushes it to orz/{session_id} first where it can)"
-                              ) from None
+            if exc.body.get("current_state") == "stopped":
+                then = (f"it is stopped with its workspace kept: `orz cloud start {session_id}` and push the work, "
+                        f"or kill with --force")
+            else:
+                then = (f"push it, or kill with --force (a running session pushes it to orz/{session_id} first "
+                        f"where it can)")
+            raise UnsavedWork(f"session {session_id} has unsaved work: {work.summary()}; {then}") from None
     keys.forget_session(session_id)
     ssh_config.forget_host(session_id)
     click.echo(f"session {inst.id} killed ({inst.status})")

@@ -100,4 +100,5 @@ class AgentWatch:
 
 
 def _work_changed(old: WorkState | None, new: WorkState) -> bool:
-    return old is None or (old.dirty_files, old.unpushed_commits) != (new.dirty_files, new.unpushed_commits)
+    return old is None or (old.dirty_files, old.unpushed_commits, old.files) != (
+        new.dirty_files, new.unpushed_commits, new.files)

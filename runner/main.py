@@ -30,6 +30,7 @@ from api.schemas import (
     STATE_INIT_LOG,
     STATE_RELEASED_FILE,
     RunnerSpec,
+    WorkState,
     describe_validation,
     services_digest,
 )
@@ -139,15 +140,20 @@ class Runner:
             await heartbeats.stop()
             self.activity.program_running = False
             await self._last_word(heartbeats)
+            # After the last word: a provider's stop that waits for this file finds the final work report
+            # recorded, while this runner's token is still valid (a two-phase delete decides on it).
+            with contextlib.suppress(OSError):
+                (self.state_dir / STATE_RELEASED_FILE).write_text("ok\n", encoding="utf-8")
             await client.aclose()
         return code
 
     async def _last_word(self, heartbeats: HeartbeatLoop) -> None:
-        """Send the final state (fatal error, program stopped), best effort, within a few seconds.
+        """Send the final state (fatal error, program stopped, the workspace's final work), best effort,
+        within a few seconds.
 
-        Everything is released by now (and STATE_RELEASED_FILE says so, so the provider does not wait for
-        this process): the API may stop us while handling this very request, and we keep the
-        connection open for its reply rather than cut the request short by exiting on SIGTERM.
+        Everything is released by now (STATE_RELEASED_FILE follows at once): the API may stop us while
+        handling this very request (it does so in the background), and we keep the connection open for its
+        reply rather than cut the request short by exiting on SIGTERM.
         """
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(3.0):
@@ -239,8 +245,12 @@ class Runner:
         token = self.secrets.get(workspace.GIT_TOKEN_ENV)
         env = workspace.git_env(self.base_env, self.spec.repo_url or "", token)
         saved = await work.save_bounded(self.workspace, self.spec.session_id, env)
+        if saved is None and not (self.workspace / ".git").exists():
+            saved = WorkState()  # no git checkout: nothing a delete could lose by git's account
         if saved is not None:
-            self.activity.work = saved
+            # Marked final: the program is gone, so this is what a delete would lose. A save that failed
+            # or timed out leaves the last scan unmarked, and a delete without force refuses on it.
+            self.activity.work = saved.model_copy(update={"final": True})
 
     def _warn(self, warnings: list[str]) -> None:
         """Keys this version ignores: in the runner's log and the init log, where `orz cloud logs` shows them."""
@@ -392,8 +402,6 @@ class Runner:
             log.exception("could not save the session's work")
         with contextlib.suppress(Exception):
             await self.services.stop_all()
-        with contextlib.suppress(OSError):
-            (self.state_dir / STATE_RELEASED_FILE).write_text("ok\n", encoding="utf-8")
 
 
 def main() -> None:

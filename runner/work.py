@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from api.schemas import WorkState
+from api.schemas import WORK_FILES_MAX, WorkState
 from runner.reaping import reaped
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,10 @@ async def scan(workspace: Path, env: Mapping[str, str]) -> WorkState | None:
     except (GitFailed, ValueError) as exc:
         log.warning("could not read the workspace's git state: %s", exc)
         return None
-    return WorkState(dirty_files=len([ln for ln in status.splitlines() if ln.strip()]),
-                     unpushed_commits=unpushed, scanned_at=datetime.now(UTC))
+    lines = [ln for ln in status.splitlines() if ln.strip()]
+    # "XY path" (or "XY old -> new"); git quotes a path with unusual characters, so each is one printable line.
+    files = [ln[3:][:1024] for ln in lines[:WORK_FILES_MAX]]
+    return WorkState(dirty_files=len(lines), files=files, unpushed_commits=unpushed, scanned_at=datetime.now(UTC))
 
 
 async def save(workspace: Path, session_id: str, env: Mapping[str, str]) -> WorkState | None:

@@ -40,8 +40,8 @@ class RunnerSide(ServiceBase):
                               recording: bool = False) -> Instance:
         """The session whose current runner holds ``runner_token``; Unauthorized otherwise.
 
-        With ``recording`` (the upload route, nothing else), also the runner a stop or failure just
-        retired, until its grace ends (ServiceBase._retire_runner_token says why)."""
+        With ``recording`` (the upload route, and a heartbeat carrying the final work report), also the
+        runner a stop or failure just retired, until its grace ends (ServiceBase._retire_runner_token says why)."""
         inst = await db.get(Instance, session_id)
         if inst is None or not tokens.looks_like(runner_token, tokens.RUNNER_TOKEN_PREFIX):
             raise Unauthorized("invalid runner token")
@@ -71,7 +71,17 @@ class RunnerSide(ServiceBase):
     async def record_heartbeat(self, session_id: str, runner_token: str, hb: schemas.Heartbeat
                                ) -> schemas.HeartbeatReply:
         async with self.db_sessions() as db:
-            inst = await self._runner_session(db, session_id, runner_token)
+            inst = await self._runner_session(db, session_id, runner_token, recording=hb.work is not None
+                                              and hb.work.final)
+            if not (inst.runner_token_hash and tokens.matches(runner_token, inst.runner_token_hash)):
+                # A runner a stop retired (a Kubernetes stop marks the row stopped as the Pod is deleted): its
+                # final work report is still what a delete of the stopped session must decide on; nothing else.
+                if State(inst.state) not in (State.STOPPING, State.STOPPED, State.FAILED) or hb.work is None:
+                    raise Unauthorized("invalid runner token")
+                await db.execute(update(Instance).where(Instance.id == inst.id)
+                                 .values(work=hb.work.model_dump(mode="json")))
+                await db.commit()
+                return schemas.HeartbeatReply(state=inst.state, heartbeat_interval_s=self.settings.heartbeat_interval_s)
             now = self.now()
             values: dict[str, Any] = {
                 "last_heartbeat_at": now,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
-from sqlalchemy import bindparam, or_, select
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from api import schemas
@@ -18,10 +20,12 @@ from api.errors import (
     NotFound,
     QuotaExceeded,
     UnsavedWork,
+    WorkUnknown,
 )
 from api.instances import recordings, repo_policy
 from api.instances.ids import new_session_id
 from api.instances.limits import effective_idle_timeout_s, effective_retention_s
+from api.instances.providers.base import ProviderFailure
 from api.instances.service_base import ServiceBase
 from api.instances.states import (
     ACTIVE_STATES,
@@ -35,6 +39,11 @@ log = logging.getLogger("api.instances.service")
 ID_ATTEMPTS = 5
 _INSTANCE_BY_ID = select(Instance.__table__).where(Instance.__table__.c.id == bindparam("id"))
 _STOPPED_OR_STOPPING = frozenset({State.STOPPED.value, State.STOPPING.value})
+# Where the program may have written since the runner's last scan: a delete without force waits for the
+# runner's final report (pending: no runner has started yet).
+_PROGRAM_MAY_RUN = frozenset({State.STARTING, State.RUNNING, State.UNHEALTHY, State.STOPPING})
+_FINAL_WORK_POLL_S = 0.2
+_STOPPED_TO_CHECK = "stopped to check the workspace for unsaved work before a delete"
 
 
 class UserSide(ServiceBase):
@@ -183,12 +192,82 @@ class UserSide(ServiceBase):
         return await self.stop_instance(inst, who.actor, reason="stopped by user")
 
     async def delete(self, who: Principal, session_id: str, *, force: bool = False) -> Instance:
-        """A user's delete; refused while the last heartbeat showed work no branch holds, unless forced."""
+        """A user's delete; refused while the workspace holds work no branch holds, unless forced.
+
+        Two phases for a session whose program may still be writing: the last periodic scan can miss what
+        it wrote a moment ago, so the session is stopped first (its runner pushes the work to orz/<id>
+        where it can, and reports the workspace's final state), and the delete goes on only if that final
+        state holds nothing unsaved. Refused, the session stays stopped with its workspace kept."""
         async with self.db_sessions() as db:
             inst = await self._owned(db, who, session_id)
         if not force:
+            # What the last report already shows is refused at once, with the session left as it is.
             refuse_unsaved_work(inst)
+            if self._program_may_have_run(inst):
+                inst = await self._final_work(inst, who.actor)
+                refuse_unsaved_work(inst, stopped=True)
         return await self.delete_instance(inst, who.actor)
+
+    def _program_may_have_run(self, inst: Instance) -> bool:
+        """Whether the session's program (or setup.init) may have written since the runner's last report.
+
+        A starting session without a route has no endpoint up yet, so neither init nor the program started
+        in this run: the last report (the previous run's final one) still holds."""
+        if not self.provider.reports_final_work or State(inst.state) not in _PROGRAM_MAY_RUN:
+            return False
+        return inst.state != State.STARTING.value or bool(inst.route_host)
+
+    async def _final_work(self, inst: Instance, actor: str) -> Instance:
+        """Stop the session (unless it is stopping already) and wait, bounded, for its runner's final work
+        report; the row then, or WorkUnknown (the session left stopped) when no such report came."""
+        ours = inst.state != State.STOPPING.value  # else another stop is under way: it ends it, we wait
+        if ours:
+            async with self.db_sessions() as db:
+                # The stored report is from before this stop: only a report the stopping runner sends is final.
+                inst = await self._transition(
+                    db, inst, State.STOPPING, actor, "stopping",
+                    _STOPPED_TO_CHECK,
+                    work={**inst.work, "final": False} if inst.work else None)
+            try:
+                provider_state = await self.provider.stop(inst.id, inst.provider_state or {})
+            except ProviderFailure as exc:
+                await self._fail(inst, actor, f"could not stop: {exc.reason}")
+                raise WorkUnknown(f"session {inst.id} could not be stopped to read its workspace's final state "
+                                  f"({exc.reason}); delete anyway with ?force=true") from None
+            async with self.db_sessions() as db:
+                await db.execute(update(Instance).where(Instance.id == inst.id, Instance.state == State.STOPPING.value)
+                                 .values(provider_state=provider_state))
+                await db.commit()
+        row = await self._wait_final_work(inst.id, self.settings.delete_work_wait_s)
+        if ours and row.state == State.STOPPING.value:
+            # Settled as a stop: the workspace is kept whatever is decided next.
+            async with self.db_sessions() as db:
+                with contextlib.suppress(InvalidTransition):  # another request moved it on: that stands
+                    row = await self._transition(
+                        db, row, State.STOPPED, actor, "stopped", _STOPPED_TO_CHECK,
+                        stopped_at=self.now(), attached_clients=0, route_host=None, route_port=None,
+                        runner_host_key=None, reason=_STOPPED_TO_CHECK, **self._retire_runner_token(row))
+        if not (row.work or {}).get("final"):
+            raise WorkUnknown(
+                f"session {row.id} did not report its workspace's final state within "
+                f"{self.settings.delete_work_wait_s:g} s of being stopped, so it may hold unsaved work; it is "
+                f"{row.state} with its workspace kept: start it and check, or delete anyway with ?force=true",
+                current_state=row.state)
+        return row
+
+    async def _wait_final_work(self, session_id: str, timeout_s: float) -> Instance:
+        """The row once its work report is final or it left ``stopping`` (failed, say), else at the deadline.
+
+        Polls the database: the runner's report may reach any replica of the API."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            async with self.autocommit() as db:
+                row = await db.get(Instance, session_id, populate_existing=True)
+            assert row is not None  # rows are never removed, only marked deleted
+            if (row.work or {}).get("final") or row.state != State.STOPPING.value or loop.time() >= deadline:
+                return row
+            await asyncio.sleep(_FINAL_WORK_POLL_S)
 
     async def stop_instance(self, inst: Instance, actor: str, reason: str) -> Instance:
         """Release compute and keep the workspace (users, the idle reaper).
@@ -249,15 +328,18 @@ class UserSide(ServiceBase):
         return resumed
 
 
-def refuse_unsaved_work(inst: Instance) -> None:
-    """Raise UnsavedWork when deleting ``inst`` would lose what its runner last reported.
+def refuse_unsaved_work(inst: Instance, *, stopped: bool = False) -> None:
+    """Raise UnsavedWork when deleting ``inst`` would lose what its runner last reported; ``stopped``:
+    the delete stopped the session to read that report.
 
     A session on its way out already (deleting, deleted) is left to the state machine's own answer."""
     if not inst.work or inst.state in (State.DELETING.value, State.DELETED.value):
         return
     work = schemas.WorkState.model_validate(inst.work)
     if work.at_risk:
-        raise UnsavedWork(
-            f"session {inst.id} has unsaved work: {work.summary()}; push it, or delete anyway with ?force=true "
-            f"(a running session pushes it to orz/{inst.id} first where it can)",
-            work=work.model_dump(mode="json", exclude_none=True))
+        then = ("it was stopped to read this and its workspace is kept: start it and push the work, or delete "
+                "anyway with ?force=true" if stopped else
+                f"push it, or delete anyway with ?force=true (a running session pushes it to orz/{inst.id} "
+                f"first where it can)")
+        raise UnsavedWork(f"session {inst.id} has unsaved work: {work.summary()}; {then}",
+                          work=work.model_dump(mode="json", exclude_none=True), current_state=inst.state)

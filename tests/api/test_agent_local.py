@@ -109,3 +109,45 @@ async def test_a_program_asking_for_input_reaches_the_users_webhook_signed(stack
     assert got.verified and got.headers["x-orz-event"] == "agent.needs_input"
     assert got.json == {"text": f"Session {session.id} ({Path(repo).name.removesuffix('.git')}@main) needs your "
                                 f"input: hi\norz cloud attach {session.id}"}
+
+
+# The agent writes only when told (the trigger and its answer live in .git, which git status ignores), so the
+# write lands well inside the 15 s between the runner's periodic scans.
+LATE_WRITER = ("bash -c 'until [ -e .git/orz-test-go ]; do sleep 0.05; done; echo late > late.txt; "
+               "touch .git/orz-test-written; sleep infinity'")
+
+
+@pytest.mark.parametrize("stack", ["on", "off"], indirect=True)
+async def test_a_delete_right_after_the_agent_wrote_sees_the_file(stack: Stack, make_repo) -> None:  # noqa: F811
+    repo = make_repo({"README": "hello\n"})
+    created = await stack.service.create(stack.who, schemas.InstanceCreate(repo_url=repo, branch="main",
+                                                                           program=LATE_WRITER))
+    await stack.wait_state(created.id, "running")
+    await wait_row(stack, created.id, lambda r: r.work is not None and r.work["dirty_files"] == 0)
+    git_dir = stack.provider.session_dir(created.id) / "workspace" / ".git"
+    (git_dir / "orz-test-go").touch()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not (git_dir / "orz-test-written").exists():
+        assert loop.time() < deadline, "the program did not write"
+        await asyncio.sleep(0.02)
+    assert (await stack.row(created.id)).work["dirty_files"] == 0  # the runner has not seen it yet
+
+    if stack.settings.sandbox == "off":
+        # The runner pushes what it finds as it stops: nothing is lost, and the delete goes through.
+        deleted = await stack.service.delete(stack.who, created.id)
+        assert deleted.state == "deleted"
+        bare = Path(repo.removeprefix("file://"))
+        assert subprocess.run(["git", "show", f"orz/{created.id}:late.txt"], cwd=bare, capture_output=True,
+                              text=True, check=True).stdout == "late\n"
+        return
+    # Sandboxed, the file:// origin is read-only: the push fails, so the delete is refused and names the file.
+    with pytest.raises(UnsavedWork) as refused:
+        await stack.service.delete(stack.who, created.id)
+    assert refused.value.extra["work"]["files"] == ["late.txt"], refused.value.extra
+    assert "1 uncommitted file (late.txt)" in refused.value.detail
+    assert "it was stopped to read this and its workspace is kept" in refused.value.detail
+    row = await stack.row(created.id)
+    assert row.state == "stopped" and (git_dir.parent / "late.txt").read_text() == "late\n"
+    await stack.service.delete(stack.who, created.id, force=True)
+    assert not stack.provider.session_dir(created.id).exists()

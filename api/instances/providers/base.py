@@ -110,6 +110,10 @@ class Provider(abc.ABC):
     # latest its final recording upload can come. Its retired token takes that upload, and only it, this
     # long (docs/security.md#recordings). 0: stop() returns only once the runner is gone.
     runner_stop_grace_s: float = 0.0
+    # True when a stopped runner reports the workspace's final state (a heartbeat whose work is ``final``):
+    # a delete without force stops a live session and decides on that report. False (the fake provider,
+    # which runs no runner): the delete decides on the last report it has.
+    reports_final_work: bool = True
 
     @abc.abstractmethod
     async def create(self, spec: ComputeSpec) -> ProviderState:
