@@ -197,7 +197,7 @@ async def kill(session_id: str, force: bool) -> None:
         except ApiError as exc:
             code = exc.body.get("code") if exc.status == 409 else None
             if code == "work_unknown":
-                raise UnsavedWork(f"{exc.detail.replace('?force=true', '--force')}") from None
+                raise UnsavedWork(exc.detail.replace("delete anyway with ?force=true", "kill with --force")) from None
             if code != "unsaved_work":
                 raise
             work = schemas.WorkState.model_validate(exc.body.get("work") or {})

@@ -63,8 +63,10 @@ async def get_instance(request: Request, id: str) -> HTTPResponse:
 
 
 FORCE = QueryParam("force", {"type": "boolean", "default": False},
-                   "delete even when the session's last heartbeat showed unsaved work (uncommitted files or "
-                   "unpushed commits not pushed to orz/<id>); without it such a delete is a 409 `unsaved_work`")
+                   "delete even when the workspace may hold unsaved work (uncommitted files or unpushed commits "
+                   "not pushed to orz/<id>). Without it a live session is stopped first and its runner's final "
+                   "report decides: unsaved work is a 409 `unsaved_work` listing it, no report in time a 409 "
+                   "`work_unknown`; either way the session stays stopped with its workspace kept")
 
 
 @route(bp, "DELETE", "/v1/instances/{id}", summary="Kill a session: compute and workspace", tag=TAG,

@@ -109,3 +109,26 @@ def test_kill_force_reaches_the_api(orz: Orz, live_api: LiveApi, logged_in: Tena
                           "kill with --force")
     forced = orz("cloud", "kill", sid, "--force")
     assert forced.returncode == 0 and "killed" in forced.stdout, forced.stderr
+
+
+def test_kill_names_the_files_and_says_when_the_work_could_not_be_checked(orz: Orz, live_api: LiveApi,
+                                                                          logged_in: Tenant, tmp_path: Path) -> None:
+    sid = create(orz, cwd=tmp_path)
+    live_api.heartbeat(sid, work=schemas.WorkState(dirty_files=2, files=["notes.md", '"odd\\tname.txt"']))
+    refused = orz("cloud", "kill", sid)
+    assert refused.returncode == 6
+    assert_one_error_line(refused, f"session {sid} has unsaved work: 2 uncommitted files (notes.md, "
+                                   '"odd\\tname.txt"), 0 unpushed commits; push it, or kill with --force')
+
+    # A provider whose runners report on stop: the session is stopped first, and no report comes here.
+    other = create(orz, cwd=tmp_path)
+    live_api.heartbeat(other, work=schemas.WorkState())
+    service = live_api.app.ctx.state.instances
+    live_api.provider.reports_final_work = True
+    service.settings = service.settings.model_copy(update={"delete_work_wait_s": 0.5})
+    unknown = orz("cloud", "kill", other)
+    assert unknown.returncode == 6
+    assert_one_error_line(unknown, f"session {other} did not report its workspace's final state within 0.5 s",
+                          "it is stopped with its workspace kept", "or kill with --force")
+    assert json.loads(orz("cloud", "status", other, "--json").stdout)["instance"]["status"] == "stopped"
+    assert orz("cloud", "kill", other, "--force").returncode == 0
