@@ -24,11 +24,14 @@ ERROR_TITLES = {
 
 @dataclass(frozen=True)
 class QueryParam:
-    """An optional query parameter of one operation, with its JSON schema."""
+    """A query parameter of one operation (optional unless ``required``), with its JSON schema.
+
+    Keep patterns plain (no lookarounds): schemathesis cannot generate from those and filters instead."""
 
     name: str
     schema: dict[str, Any]
     description: str
+    required: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class Operation:
 @dataclass
 class Registry:
     operations: list[Operation] = field(default_factory=list)
+    # (method, path) -> the handler serving it: tests read what each handler takes from the query string.
+    handlers: dict[tuple[str, str], Callable[..., Any]] = field(default_factory=dict)
 
 
 REGISTRY = Registry()
@@ -81,6 +86,7 @@ def route(
 
     def decorate(handler: F) -> F:
         bp.add_route(handler, sanic_path, methods=[op.method], name=handler.__name__)
+        REGISTRY.handlers[(op.method, op.path)] = handler
         return handler
 
     return decorate
@@ -108,7 +114,7 @@ def build_document(version: str) -> dict[str, Any]:
         params = [seg[1:-1] for seg in op.path.split("/") if seg.startswith("{")]
         parameters: list[dict[str, Any]] = [
             {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params]
-        parameters += [{"name": q.name, "in": "query", "required": False, "schema": q.schema,
+        parameters += [{"name": q.name, "in": "query", "required": q.required, "schema": q.schema,
                         "description": q.description} for q in op.query]
         if parameters:
             item["parameters"] = parameters

@@ -121,9 +121,15 @@ async def instance_logs(request: Request, id: str) -> HTTPResponse:
 RECORDING_PARTS = ("current", "previous")
 
 
+RECORDING_PART = QueryParam("part", {"type": "string", "enum": list(RECORDING_PARTS), "default": "current"},
+                            "which part of the recording: the one being written, or the previous one its size "
+                            "cap rotated out")
+
+
 @route(bp, "GET", "/v1/instances/{id}/recording",
        summary="The agent pane's recording (asciicast v2; ?part=previous for the part rotated out)", tag=TAG,
-       responses={200: None}, errors=(403, 404, 422), content_type=schemas.RECORDING_CONTENT_TYPE)
+       responses={200: None}, errors=(403, 404, 422), content_type=schemas.RECORDING_CONTENT_TYPE,
+       query=(RECORDING_PART,))
 async def instance_recording(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     part = request.args.get("part", "current")

@@ -12,7 +12,7 @@ from api import log as orz_log
 from api.auth import bearer_token
 from api.errors import BadRequest, PayloadTooLarge
 from api.http import parse_body, respond
-from api.openapi import route
+from api.openapi import QueryParam, route
 from api.routes.deps import require_service, state
 
 bp = Blueprint("internal")
@@ -31,9 +31,22 @@ async def heartbeat(request: Request, id: str) -> HTTPResponse:
     return respond(reply)
 
 
+UPLOAD_QUERY = (
+    # No pattern (letters, digits, '-', '_'; the route says so with a 400): generating from one costs the
+    # property-based run more than it finds on a route only a runner's token reaches.
+    QueryParam("part", {"type": "string", "minLength": 1, "maxLength": 64},
+               "the recording part the bytes belong to, named by the runner: 1 to 64 letters, digits, '-' or '_'",
+               required=True),
+    QueryParam("offset", {"type": "integer", "minimum": 0, "maximum": 10**15 - 1},
+               "where in the part the bytes go (the API answers 409 with its own offset when they do not fit)",
+               required=True),
+)
+
+
 @route(bp, "POST", "/internal/v1/instances/{id}/recording",
        summary="Runner: append the pane recording's next bytes (raw body; ?part=NAME&offset=N)", tag=TAG,
-       responses={200: schemas.RecordingAck}, errors=(400, 403, 409, 413), security="runner_token")
+       responses={200: schemas.RecordingAck}, errors=(400, 403, 409, 413), security="runner_token",
+       query=UPLOAD_QUERY)
 async def recording_upload(request: Request, id: str) -> HTTPResponse:
     token = bearer_token(request.headers.get("authorization"))
     request.ctx.session_id = id

@@ -9,7 +9,7 @@ from sanic import Blueprint, HTTPResponse, Request
 from api import schemas
 from api.errors import ValidationFailed
 from api.http import parse_body, respond
-from api.openapi import route
+from api.openapi import QueryParam, route
 from api.routes.deps import principal, state
 from api.secrets.service import ScopeName, secret_view
 
@@ -24,6 +24,10 @@ def _service(request: Request) -> SecretService:
     svc = state(request).secrets
     assert svc is not None
     return svc
+
+
+SCOPE = QueryParam("scope", {"type": "string", "enum": ["user", "org"]},
+                   "which of two secrets of this name: yours (`user`) or your org's (`org`); without it yours wins")
 
 
 def _scope(request: Request) -> ScopeName | None:
@@ -54,7 +58,7 @@ async def list_secrets(request: Request) -> HTTPResponse:
 
 
 @route(bp, "GET", "/v1/secrets/{name}", summary="Get a secret's names and keys (no values)", tag=TAG,
-       responses={200: schemas.Secret}, errors=(404, 422))
+       responses={200: schemas.Secret}, errors=(404, 422), query=(SCOPE,))
 async def get_secret(request: Request, name: str) -> HTTPResponse:
     who = await principal(request)
     row = await _service(request).get(who, name, _scope(request))
@@ -62,7 +66,7 @@ async def get_secret(request: Request, name: str) -> HTTPResponse:
 
 
 @route(bp, "PUT", "/v1/secrets/{name}", summary="Replace a secret's data", tag=TAG,
-       request=schemas.SecretReplace, responses={200: schemas.Secret}, errors=(403, 404))
+       request=schemas.SecretReplace, responses={200: schemas.Secret}, errors=(403, 404), query=(SCOPE,))
 async def replace_secret(request: Request, name: str) -> HTTPResponse:
     who = await principal(request)
     body = parse_body(request, schemas.SecretReplace)
@@ -71,7 +75,7 @@ async def replace_secret(request: Request, name: str) -> HTTPResponse:
 
 
 @route(bp, "DELETE", "/v1/secrets/{name}", summary="Delete a secret", tag=TAG,
-       responses={204: None}, errors=(403, 404, 422))
+       responses={204: None}, errors=(403, 404, 422), query=(SCOPE,))
 async def delete_secret(request: Request, name: str) -> HTTPResponse:
     who = await principal(request)
     await _service(request).delete(who, name, _scope(request))

@@ -9,7 +9,7 @@ from sanic import Blueprint, HTTPResponse, Request
 from api import schemas
 from api.errors import ValidationFailed
 from api.http import parse_body, respond
-from api.openapi import route
+from api.openapi import QueryParam, route
 from api.routes.deps import principal, state
 from api.webhooks.service import delivery_view, webhook_view
 
@@ -56,8 +56,12 @@ async def delete_webhook(request: Request, id: str) -> HTTPResponse:
     return HTTPResponse(status=204)
 
 
+LIMIT = QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+                   "how many deliveries, newest first")
+
+
 @route(bp, "GET", "/v1/webhooks/{id}/deliveries", summary="The webhook's deliveries, newest first, with each attempt",
-       tag=TAG, responses={200: schemas.WebhookDeliveryList}, errors=(404, 422))
+       tag=TAG, responses={200: schemas.WebhookDeliveryList}, errors=(404, 422), query=(LIMIT,))
 async def list_deliveries(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     raw = request.args.get("limit", "50")
