@@ -1,4 +1,4 @@
-"""Which URLs a webhook may POST to: https, and the repo URLs' private-address rule.
+"""Which URLs a webhook may POST to: https, the repo URLs' private-address rule, and never this server itself.
 
 Checked when the webhook is created and again before every attempt, whose connection then goes to the
 addresses that were checked (a name that resolves elsewhere by the time of sending is not followed).
@@ -18,6 +18,10 @@ HOST_REFUSED = ("the webhook URL points to a loopback, link-local or private add
                 "the host with ORZ_WEBHOOK_ALLOW_HOSTS")
 HTTPS_REQUIRED = ("the webhook URL must be https:// (plain http only to hosts an admin allows with "
                   "ORZ_WEBHOOK_ALLOW_HOSTS)")
+
+
+SELF_REFUSED = ("the webhook URL points to this server itself ({setting} is {url}): a webhook must not make "
+                "the server POST to its own API or web door")
 
 
 class WebhookUrlRefused(ValidationFailed):
@@ -75,8 +79,44 @@ async def check(url: str, settings: Settings, resolve: repo_policy.Resolver = re
     and is retried)."""
     scheme, host, port = parse(url, settings)
     addresses, ok = await repo_policy.checked_addresses(host, settings.webhook_allowed_hosts(), resolve)
+    await _refuse_self(host, port, addresses, settings, resolve)
     if not ok:
         raise WebhookUrlRefused(HOST_REFUSED)
     if not addresses:
         raise WebhookUrlRefused(f"the webhook URL's host {host} does not resolve")
     return Target(scheme, host, port, addresses)
+
+
+def own_urls(settings: Settings) -> list[tuple[str, str]]:
+    """This server's HTTP doors as (setting, URL): what a webhook must never point at."""
+    return [("ORZ_PUBLIC_API_URL", settings.public_api_url), ("ORZ_INTERNAL_API_URL", settings.internal_api_url),
+            ("ORZ_PUBLIC_WEB_URL", settings.web_base_url())]
+
+
+def _same_address(address: str) -> str:
+    """One spelling per address (no zone; an IPv4-mapped IPv6 address as the IPv4 one)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+async def _refuse_self(host: str, port: int, addresses: list[str], settings: Settings,
+                       resolve: repo_policy.Resolver) -> None:
+    """WebhookUrlRefused when host:port is one of this server's doors: the same name, or a name for the same
+    address (resolved the same way), on the same port. Checked whatever ORZ_WEBHOOK_ALLOW_HOSTS allows."""
+    mine = {_same_address(a) for a in addresses}
+    for setting, url in own_urls(settings):
+        try:
+            own = urlsplit(url)
+            own_port = own.port or {"https": 443, "wss": 443}.get(own.scheme, 80)
+        except ValueError:
+            continue
+        own_host = (own.hostname or "").lower()
+        if not own_host or own_port != port:
+            continue
+        if own_host != host:
+            own_addresses, _ = await repo_policy.checked_addresses(own_host, (), resolve)
+            if not mine & {_same_address(a) for a in own_addresses}:
+                continue
+        raise WebhookUrlRefused(SELF_REFUSED.format(setting=setting, url=url))

@@ -22,6 +22,7 @@ from api.db.models import Webhook, WebhookDelivery
 from api.instances.providers.fake import FakeProvider
 from api.jobs.scheduler import LifecycleScheduler
 from api.settings import Settings
+from api.webhooks import policy
 from api.webhooks.delivery import Deliverer
 from api.webhooks.service import WebhookService
 from tests.api.lifecycle_support import principal
@@ -233,6 +234,81 @@ async def test_a_name_that_rebinds_to_a_private_address_is_refused_at_delivery(
     finally:
         await d.stop()
     assert row.state == "failed" and row.attempts == 1 and "private address" in (row.last_error or "")
+    assert receiver.got == []
+
+
+async def test_a_webhook_to_the_servers_own_api_is_refused(app: Sanic, sessions: Sessions,
+                                                           settings: Settings) -> None:
+    """127.0.0.1 is allowed for receivers here; the API's own port on it is still refused, naming the rule."""
+    t = await make_tenant(sessions, "acme")
+    own = settings.public_api_url  # http://127.0.0.1:<ORZ_API_PORT>, the embedded default
+    _, resp = await app.asgi_client.post("/v1/webhooks", json={"url": f"{own}/v1/instances"}, headers=t.headers)
+    assert resp.status == 422, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    assert resp.json["code"] == "webhook_url_refused"
+    assert resp.json["detail"].startswith(f"the webhook URL points to this server itself (ORZ_PUBLIC_API_URL is {own})")
+    # Another port on the same address is someone else: allowed.
+    other = f"http://127.0.0.1:{settings.api_port + 1}/x"
+    _, resp = await app.asgi_client.post("/v1/webhooks", json={"url": other}, headers=t.headers)
+    assert resp.status == 201, resp.text
+
+
+PUBLIC = {"orz.example.com": ["93.184.216.34"], "alias.example.net": ["::ffff:93.184.216.34"],
+          "hooks.example.com": ["93.184.216.35"]}
+
+
+@pytest.mark.parametrize(("url", "setting"), [
+    ("https://orz.example.com/v1/instances", "ORZ_PUBLIC_API_URL"),
+    ("https://ORZ.example.com:443/x", "ORZ_PUBLIC_API_URL"),
+    ("https://alias.example.net/x", "ORZ_PUBLIC_API_URL"),  # another name for the same address
+    ("https://93.184.216.34/x", "ORZ_PUBLIC_API_URL"),
+    ("https://orz.example.com:8443/s/x", "ORZ_PUBLIC_WEB_URL"),
+    (None, None),  # hooks.example.com: someone else
+])
+async def test_the_servers_public_names_and_addresses_are_refused(settings: Settings, sessions: Sessions,
+                                                                  url: str | None, setting: str | None) -> None:
+    own = settings.model_copy(update={"public_api_url": "https://orz.example.com",
+                                      "public_web_url": "wss://orz.example.com:8443"})
+
+    async def resolve(host: str) -> list[str]:
+        return PUBLIC.get(host, [])
+
+    box = SecretsBox.from_settings(own)
+    d = Deliverer(own, sessions, box, resolve=resolve)
+    svc = WebhookService(own, sessions, box, d, resolve=resolve)
+    who = await principal(sessions, "acme")
+    try:
+        if url is None:
+            assert (await svc.create(who, schemas.WebhookCreate(url="https://hooks.example.com/x"))).id
+            return
+        with pytest.raises(policy.WebhookUrlRefused) as refused:
+            await svc.create(who, schemas.WebhookCreate(url=url))
+    finally:
+        await d.stop()
+    assert f"points to this server itself ({setting} is " in refused.value.detail
+
+
+async def test_a_name_that_rebinds_to_the_server_itself_is_refused_at_delivery(
+        settings: Settings, sessions: Sessions, receiver: Receiver) -> None:
+    """DNS answered someone else's address at creation and the server's own public address later."""
+    answers = dict(PUBLIC)
+    own = settings.model_copy(update={"public_api_url": f"https://orz.example.com:{receiver.port}"})
+
+    async def resolve(host: str) -> list[str]:
+        return answers.get(host, [])
+
+    who = await principal(sessions, "acme")
+    box = SecretsBox.from_settings(own)
+    d = Deliverer(own, sessions, box, resolve=resolve)
+    svc = WebhookService(own, sessions, box, d, resolve=resolve)
+    try:
+        created = await svc.create(who, schemas.WebhookCreate(url=f"https://hooks.example.com:{receiver.port}/x"))
+        answers["hooks.example.com"] = answers["orz.example.com"]
+        row = await svc.test(who, created.id)
+    finally:
+        await d.stop()
+    assert row.state == "failed" and row.attempts == 1, (row.state, row.attempts, row.last_error)
+    assert "points to this server itself (ORZ_PUBLIC_API_URL" in (row.last_error or "")
     assert receiver.got == []
 
 
