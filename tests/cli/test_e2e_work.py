@@ -62,7 +62,7 @@ def test_diff_then_kill_refuses_then_force_pushes_the_wip_branch(platform: Platf
 
     refused = platform.orz("cloud", "kill", sid)
     assert refused.returncode == 6  # EXIT_UNSAVED_WORK (docs/cli.md)
-    assert "has unsaved work: 2 uncommitted files, 0 unpushed commits" in refused.stderr
+    assert "has unsaved work: 2 uncommitted files (README, notes.txt), 0 unpushed commits" in refused.stderr
     forced = platform.orz("cloud", "kill", sid, "--force")
     assert forced.returncode == 0, forced.stderr
     shown = subprocess.run(["git", "-C", str(bare), "show", f"orz/{sid}:notes.txt"], capture_output=True, text=True,
