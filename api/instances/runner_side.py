@@ -78,8 +78,7 @@ class RunnerSide(ServiceBase):
                 # final work report is still what a delete of the stopped session must decide on; nothing else.
                 if State(inst.state) not in (State.STOPPING, State.STOPPED, State.FAILED) or hb.work is None:
                     raise Unauthorized("invalid runner token")
-                await db.execute(update(Instance).where(Instance.id == inst.id)
-                                 .values(work=hb.work.model_dump(mode="json")))
+                await db.execute(update(Instance).where(Instance.id == inst.id).values(work=stored_work(hb.work)))
                 await db.commit()
                 return schemas.HeartbeatReply(state=inst.state, heartbeat_interval_s=self.settings.heartbeat_interval_s)
             now = self.now()
@@ -118,8 +117,7 @@ class RunnerSide(ServiceBase):
             if hb.work is not None:
                 # Its texts (a git error, a branch name) are the session's: stored as one line with every
                 # control character shown as U+FFFD, as org admins and the delete refusal read them.
-                values["work"] = {k: schemas.scrub_controls(v, "line") if isinstance(v, str) else v
-                                  for k, v in hb.work.model_dump(mode="json").items()}
+                values["work"] = stored_work(hb.work)
             changed = self._agent_change(inst, hb)
             if changed:
                 # The row always says what the agent is doing; the timeline (and webhooks) only within budget.
@@ -247,3 +245,18 @@ class RunnerSide(ServiceBase):
             return  # stopped, deleted or failed meanwhile: that wins, nothing is started
         with contextlib.suppress(ComputeUnavailable):  # raised after _launch failed the session with the reason
             await self._launch(current, "system", runner_token, secret_env, fresh=False)
+
+
+def stored_work(work: schemas.WorkState) -> dict[str, Any]:
+    """A work report as the row keeps it. Its texts (a git error, a branch name, file names) are the
+    session's: stored as one line each with every control character shown as U+FFFD, as org admins and the
+    delete refusal read them."""
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            return schemas.scrub_controls(value, "line")
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
+    return {k: scrub(v) for k, v in work.model_dump(mode="json").items()}

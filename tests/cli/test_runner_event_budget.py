@@ -56,10 +56,11 @@ def test_a_runners_work_report_carries_no_terminal_controls(live_api: LiveApi) -
         runner = {"Authorization": f"Bearer {live_api.provider.specs[sid].runner_token}"}
         resp = http.post(f"/internal/v1/instances/{sid}/heartbeat", headers=runner, json={"work": {
             "dirty_files": 2, "wip_error": "push refused\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J",
-            "wip_branch": "orz/x\x1b[31m"}})
+            "wip_branch": "orz/x\x1b[31m", "files": ["a\x1b]0;owned\x07.txt", "b.md"]}})
         assert resp.status_code == 200, resp.text
         work = http.get(f"/v1/instances/{sid}", headers=t.headers).json()["work"]
         assert work["wip_error"] == "push refused\ufffd]52;c;cm0gLXJmIH4=\ufffd\ufffd[2J"
         assert work["wip_branch"] == "orz/x\ufffd[31m" and work["dirty_files"] == 2
+        assert work["files"] == ["a\ufffd]0;owned\ufffd.txt", "b.md"]
         refusal = http.delete(f"/v1/instances/{sid}", headers=t.headers)
         assert refusal.status_code == 409 and "\x1b" not in refusal.text and "\\u001b" not in refusal.text
