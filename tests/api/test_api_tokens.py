@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
 from sqlalchemy import select
 
 from api import admin, api_tokens
+from api.auth import authenticate_api_token
 from api.db.models import ApiToken, RefreshToken
+from api.errors import Conflict
 from tests.conftest import both_databases, make_tenant
 
 
@@ -92,6 +95,19 @@ async def test_one_person_holds_at_most_the_limit(app, sessions, monkeypatch: py
     assert refused.status == 409 and "revoke one first" in refused.json["detail"]
     never = (await _call(app, "post", "/v1/tokens", t.token, {"name": "x", "expires_in_days": None}))
     assert never.status == 409
+
+
+@both_databases
+async def test_concurrent_mints_stop_at_the_limit(app, sessions, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A script minting in parallel does not get past the cap: each mint counts what the others made."""
+    monkeypatch.setattr(api_tokens, "MAX_ACTIVE_TOKENS", 3)
+    t = await make_tenant(sessions, "acme")
+    who = await authenticate_api_token(sessions, t.token)
+    results = await asyncio.gather(*(api_tokens.create_token(sessions, who, f"t{i}", None) for i in range(8)),
+                                   return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 2, results  # "default" is the third
+    assert all(isinstance(r, Conflict) for r in results if isinstance(r, BaseException)), results
+    assert len(await api_tokens.list_tokens(sessions, who.user_id)) == 3
 
 
 async def test_revoking_a_sign_in_token_ends_its_sign_in(app, sessions, settings) -> None:
