@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.auth import Principal
 from api.db import tokens
 from api.db.base import utcnow
 from api.db.models import ApiToken, RefreshToken, User
-from api.errors import Conflict, NotFound
+from api.errors import Conflict, NotFound, Unauthorized
 
 # Enough for every laptop and pipeline a person has; a script minting in a loop is stopped here.
 MAX_ACTIVE_TOKENS = 50
@@ -70,6 +70,15 @@ async def create_token(sessions: async_sessionmaker[AsyncSession], who: Principa
         # A write first, on the user's row: it holds PostgreSQL's row lock and SQLite's write lock until
         # the commit, so concurrent mints count one after another instead of all seeing room for one more.
         await db.execute(update(User).where(User.id == who.user_id).values(id=User.id))
+        # Asked again under that lock, not taken from the principal (which a replica's cache trusts for a
+        # while): a token revoked, or its owner disabled, a moment ago mints nothing that would outlive it.
+        caller = (await db.execute(select(User.is_active, and_(*_active()).label("works"))
+                                   .join(ApiToken, ApiToken.user_id == User.id)
+                                   .where(User.id == who.user_id, ApiToken.id == who.token_id))).first()
+        if caller is not None and not caller.is_active:
+            raise Unauthorized("this account is disabled")
+        if caller is None or not caller.works:
+            raise Unauthorized("invalid or revoked API token")
         active = await db.scalar(select(func.count()).select_from(ApiToken).where(
             ApiToken.user_id == who.user_id, *_active())) or 0
         if active >= MAX_ACTIVE_TOKENS:

@@ -43,6 +43,8 @@ class Principal:
     plan: str
     # How the token was obtained: "token" (minted by an admin), "github", "oidc:<name>".
     source: str = "token"
+    # The API token the caller presented (its row id): what mints a new one must still work when it does.
+    token_id: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -125,6 +127,7 @@ async def authenticate_api_token(sessions: async_sessionmaker[AsyncSession], val
         who = Principal(
             user_id=row.user_id, email=row.email, role=row.role,
             org_id=row.org_id, org_name=row.org_name, plan=row.plan, source=row.source or "token",
+            token_id=row.token_id,
         )
     if cache is not None:
         cache.put(token_digest, who)

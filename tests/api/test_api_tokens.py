@@ -11,7 +11,7 @@ from sqlalchemy import select
 from api import admin, api_tokens
 from api.auth import authenticate_api_token
 from api.db.models import ApiToken, RefreshToken
-from api.errors import Conflict
+from api.errors import Conflict, Unauthorized
 from tests.conftest import both_databases, make_tenant
 
 
@@ -108,6 +108,27 @@ async def test_concurrent_mints_stop_at_the_limit(app, sessions, monkeypatch: py
     assert sum(not isinstance(r, BaseException) for r in results) == 2, results  # "default" is the third
     assert all(isinstance(r, Conflict) for r in results if isinstance(r, BaseException)), results
     assert len(await api_tokens.list_tokens(sessions, who.user_id)) == 3
+
+
+@both_databases
+async def test_a_token_that_stopped_working_mints_nothing(app, sessions) -> None:
+    """A replica trusts a verified token for auth_cache_ttl_s, and a request checked it a moment ago: the
+    holder of a leaked token must not use that while to mint one that outlives its revocation or the
+    owner's disabling (and works again when the owner is enabled again)."""
+    t = await make_tenant(sessions, "acme")
+    leaked = (await _call(app, "post", "/v1/tokens", t.token, {"name": "leaked"})).json
+    stale = await authenticate_api_token(sessions, leaked["token"])  # what the cache holds
+    assert (await _call(app, "delete", f"/v1/tokens/{leaked['id']}", t.token)).status == 204
+    with pytest.raises(Unauthorized, match="revoked"):
+        await api_tokens.create_token(sessions, stale, "persist", None)
+
+    stale = await authenticate_api_token(sessions, t.token)
+    await admin.set_user_active(sessions, t.email, False)
+    with pytest.raises(Unauthorized, match="disabled"):
+        await api_tokens.create_token(sessions, stale, "persist", None)
+    await admin.set_user_active(sessions, t.email, True)
+    async with sessions() as db:
+        assert list(await db.scalars(select(ApiToken.name).where(ApiToken.revoked_at.is_(None)))) == []
 
 
 async def test_revoking_a_sign_in_token_ends_its_sign_in(app, sessions, settings) -> None:
