@@ -452,7 +452,10 @@ async def test_a_session_that_fills_its_disk_fills_only_its_own(
     data = short_tmp / "data"
     settings = Settings(data_dir=data, repo_file_dirs=str(short_tmp), sandbox_disk_size="64Mi")
     fill = ("dd if=/dev/zero of=big bs=1M count=200 2>&1 | grep -o 'No space left on device' | head -1\n"
-            "df -k --output=size . | tail -1\necho done\n")
+            "df -k --output=size . | tail -1\nrm big\n"
+            # /tmp and /var/tmp count too: as tmpfs they would hold half the host's RAM each
+            "for d in /tmp /var/tmp; do dd if=/dev/zero of=$d/big bs=1M count=200 2>&1 | "
+            "grep -o 'No space left on device' | head -1 | sed \"s#^#$d #\"; rm -f $d/big; done\necho done\n")
     repo = make_repo(config(fill))
     async with local_provider(settings) as provider:
         state = await provider.create(compute_spec("sbx-disk", fake_api, gateway_key, repo))
@@ -461,6 +464,7 @@ async def test_a_session_that_fills_its_disk_fills_only_its_own(
         lines = (base / "workspace" / "probe.txt").read_text().splitlines()
         assert lines[0] == "No space left on device", lines
         assert int(lines[1]) < 64 * 1024, lines  # the session saw its own 64 MiB filesystem
+        assert lines[2:4] == ["/tmp No space left on device", "/var/tmp No space left on device"], lines
         image = data / "session-disks" / "sbx-disk.img"
         assert image.stat().st_blocks * 512 <= 64 * 2**20 < 200 * 2**20  # the host kept the rest
         assert os.path.ismount(base)

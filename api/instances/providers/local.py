@@ -305,6 +305,10 @@ class LocalProvider(Provider):
             uid, gid = os.getuid(), os.getgid()
         paths.home.mkdir(exist_ok=True)
         paths.etc.mkdir(mode=0o700, exist_ok=True)
+        if self.disk_size:  # /tmp on the session's own disk, as empty as a fresh tmpfs at each start
+            shutil.rmtree(paths.tmp, ignore_errors=True)
+            paths.tmp.mkdir()
+            paths.tmp.chmod(0o1777)
         repo = self._file_repo(spec.repo_url)
         for name, text in sandbox.etc_files(uid, gid, paths.home, [repo] if repo else []).items():
             (paths.etc / name).write_text(text, encoding="utf-8")
@@ -323,7 +327,7 @@ class LocalProvider(Provider):
         bwrap = sandbox.bwrap_argv(
             tools, paths, session_id=spec.session_id, uid=uid, gid=gid, as_root=root,
             extra_ro=sandbox.python_roots(_runner_import_root()) + ([repo] if repo else []),
-            hidden=[self.settings.data_dir])
+            hidden=[self.settings.data_dir], tmp_on_disk=bool(self.disk_size))
         plan = sandbox.launcher_plan(
             bwrap=bwrap, command=sandbox.command_prefix(uid, gid, root) + argv, tools=tools,
             relay_ports=relay, cgroup_name=_cgroup_name(spec.session_id) if root else None,

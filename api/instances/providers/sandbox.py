@@ -77,6 +77,11 @@ class SessionPaths:
         return self.base / "home"
 
     @property
+    def tmp(self) -> Path:
+        """The sandbox's /tmp and /var/tmp when the session has its own disk (emptied at each start)."""
+        return self.base / "tmp"
+
+    @property
     def etc(self) -> Path:
         """Files the provider writes for the sandbox's /etc (passwd, group, resolv.conf); root-owned."""
         return self.base / "sandbox-etc"
@@ -163,8 +168,11 @@ def _parents(path: Path, made: set[Path], bound: list[Path]) -> list[str]:
 
 
 def bwrap_argv(tools: Tools, paths: SessionPaths, *, session_id: str, uid: int, gid: int, as_root: bool,
-               extra_ro: list[Path], hidden: Iterable[Path]) -> list[str]:
+               extra_ro: list[Path], hidden: Iterable[Path], tmp_on_disk: bool = False) -> list[str]:
     """bwrap's options (the launcher adds --info-fd and the command from ``command_prefix``).
+
+    With ``tmp_on_disk`` (the session has its own disk) /tmp and /var/tmp are ``paths.tmp`` on that disk:
+    as tmpfs (bwrap 0.8 cannot size one) they would take up to half the host's RAM each, past the disk's size.
 
     As root, bwrap makes the namespaces without a user namespace (one would map the session to host
     root) and the command starts through setpriv as the session's uid with no capabilities left.
@@ -192,8 +200,12 @@ def bwrap_argv(tools: Tools, paths: SessionPaths, *, session_id: str, uid: int, 
         argv += ["--ro-bind", str(paths.etc / name), f"/etc/{name}"]
     # The sandbox's own /tmp: a fresh tmpfs per start, not the host's.
     private_tmp = "/tmp"  # noqa: S108  # nosec B108  # a mount point inside the sandbox, not the host's
-    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", private_tmp,
-             "--tmpfs", "/run", "--perms", "1777", "--dir", "/var" + private_tmp]
+    if tmp_on_disk:
+        argv += ["--proc", "/proc", "--dev", "/dev", "--bind", str(paths.tmp), private_tmp, "--tmpfs", "/run",
+                 "--dir", "/var", "--bind", str(paths.tmp), "/var" + private_tmp]
+    else:
+        argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", private_tmp,
+                 "--tmpfs", "/run", "--perms", "1777", "--dir", "/var" + private_tmp]
     made: set[Path] = {Path(private_tmp), Path("/run")}
     for root in extra_ro:
         argv += [*_parents(root, made, bound), "--ro-bind", str(root), str(root)]
