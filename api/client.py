@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
@@ -38,6 +39,12 @@ class ApiError(Exception):
 class ApiUnreachable(ApiError):
     def __init__(self, url: str, cause: Exception) -> None:
         super().__init__(0, "unreachable", f"cannot reach the Orzbob Cloud API at {url}: {cause}")
+
+
+
+def _segment(value: str) -> str:
+    """One path segment: a `/` or `?` in an id the user typed must not reach another route."""
+    return quote(value, safe="")
 
 
 class ApiClient:
@@ -129,46 +136,46 @@ class ApiClient:
         return await self._get(schemas.InstanceList, "/v1/instances")
 
     async def get_instance(self, session_id: str) -> schemas.Instance:
-        return await self._get(schemas.Instance, f"/v1/instances/{session_id}")
+        return await self._get(schemas.Instance, f"/v1/instances/{_segment(session_id)}")
 
     async def instance_status(self, session_id: str) -> schemas.InstanceStatus:
-        return await self._get(schemas.InstanceStatus, f"/v1/instances/{session_id}/status")
+        return await self._get(schemas.InstanceStatus, f"/v1/instances/{_segment(session_id)}/status")
 
     async def delete_instance(self, session_id: str, *, force: bool = False) -> schemas.Instance:
         """Refused (409 ``unsaved_work``) while the session holds unsaved work, unless ``force``."""
         params = {"force": "true"} if force else None
-        response = await self.request("DELETE", f"/v1/instances/{session_id}", params=params)
+        response = await self.request("DELETE", f"/v1/instances/{_segment(session_id)}", params=params)
         return schemas.Instance.model_validate(response.json())
 
     async def stop_instance(self, session_id: str) -> schemas.Instance:
-        return await self._send(schemas.Instance, "POST", f"/v1/instances/{session_id}/stop")
+        return await self._send(schemas.Instance, "POST", f"/v1/instances/{_segment(session_id)}/stop")
 
     async def start_instance(self, session_id: str, *, pull: bool = False) -> schemas.Instance:
         body = schemas.StartRequest(pull=True) if pull else None
-        return await self._send(schemas.Instance, "POST", f"/v1/instances/{session_id}/start", body)
+        return await self._send(schemas.Instance, "POST", f"/v1/instances/{_segment(session_id)}/start", body)
 
     async def attach(self, session_id: str, body: schemas.AttachRequest) -> schemas.AttachGrant:
-        return await self._send(schemas.AttachGrant, "POST", f"/v1/instances/{session_id}/attach", body)
+        return await self._send(schemas.AttachGrant, "POST", f"/v1/instances/{_segment(session_id)}/attach", body)
 
     async def logs(self, session_id: str) -> schemas.InstanceLogs:
-        return await self._get(schemas.InstanceLogs, f"/v1/instances/{session_id}/logs")
+        return await self._get(schemas.InstanceLogs, f"/v1/instances/{_segment(session_id)}/logs")
 
     async def recording(self, session_id: str, *, previous: bool = False) -> bytes:
         """The session's pane recording as asciicast v2 bytes (``previous``: the part rotated out)."""
         params = {"part": "previous"} if previous else None
-        return (await self.request("GET", f"/v1/instances/{session_id}/recording", params=params)).content
+        return (await self.request("GET", f"/v1/instances/{_segment(session_id)}/recording", params=params)).content
 
     async def create_secret(self, body: schemas.SecretCreate) -> schemas.Secret:
         return await self._send(schemas.Secret, "POST", "/v1/secrets", body)
 
     async def replace_secret(self, name: str, body: schemas.SecretReplace, scope: str) -> schemas.Secret:
-        return await self._send(schemas.Secret, "PUT", f"/v1/secrets/{name}?scope={scope}", body)
+        return await self._send(schemas.Secret, "PUT", f"/v1/secrets/{_segment(name)}?scope={scope}", body)
 
     async def list_secrets(self) -> schemas.SecretList:
         return await self._get(schemas.SecretList, "/v1/secrets")
 
     async def delete_secret(self, name: str) -> None:
-        await self.request("DELETE", f"/v1/secrets/{name}")
+        await self.request("DELETE", f"/v1/secrets/{_segment(name)}")
 
     async def create_webhook(self, body: schemas.WebhookCreate) -> schemas.WebhookCreated:
         return await self._send(schemas.WebhookCreated, "POST", "/v1/webhooks", body)
@@ -177,13 +184,13 @@ class ApiClient:
         return await self._get(schemas.WebhookList, "/v1/webhooks")
 
     async def delete_webhook(self, webhook_id: str) -> None:
-        await self.request("DELETE", f"/v1/webhooks/{webhook_id}")
+        await self.request("DELETE", f"/v1/webhooks/{_segment(webhook_id)}")
 
     async def test_webhook(self, webhook_id: str) -> schemas.WebhookDelivery:
-        return await self._send(schemas.WebhookDelivery, "POST", f"/v1/webhooks/{webhook_id}/test")
+        return await self._send(schemas.WebhookDelivery, "POST", f"/v1/webhooks/{_segment(webhook_id)}/test")
 
     async def webhook_deliveries(self, webhook_id: str, limit: int = 20) -> schemas.WebhookDeliveryList:
-        return await self._get(schemas.WebhookDeliveryList, f"/v1/webhooks/{webhook_id}/deliveries",
+        return await self._get(schemas.WebhookDeliveryList, f"/v1/webhooks/{_segment(webhook_id)}/deliveries",
                                params={"limit": limit})
 
     async def create_api_token(self, body: schemas.ApiTokenCreate) -> schemas.ApiTokenCreated:
@@ -193,7 +200,7 @@ class ApiClient:
         return await self._get(schemas.ApiTokenList, "/v1/tokens")
 
     async def revoke_api_token(self, token_id: str) -> None:
-        await self.request("DELETE", f"/v1/tokens/{token_id}")
+        await self.request("DELETE", f"/v1/tokens/{_segment(token_id)}")
 
     # -- sign-in ---------------------------------------------------------------------------------
 
@@ -219,13 +226,13 @@ class ApiClient:
 
     async def heartbeat(self, session_id: str, body: schemas.Heartbeat) -> schemas.HeartbeatReply:
         return await self._send(
-            schemas.HeartbeatReply, "POST", f"/internal/v1/instances/{session_id}/heartbeat", body
+            schemas.HeartbeatReply, "POST", f"/internal/v1/instances/{_segment(session_id)}/heartbeat", body
         )
 
     async def upload_recording(self, session_id: str, part: str, offset: int, data: bytes) -> schemas.RecordingAck:
         """Append ``data`` at ``offset`` of the recording's part ``part``; a 409's body says where it ends."""
         response = await self.request(
-            "POST", f"/internal/v1/instances/{session_id}/recording", params={"part": part, "offset": offset},
+            "POST", f"/internal/v1/instances/{_segment(session_id)}/recording", params={"part": part, "offset": offset},
             content=data, headers={"Content-Type": "application/octet-stream"})
         return schemas.RecordingAck.model_validate(response.json())
 

@@ -53,3 +53,16 @@ def test_a_bad_name_is_one_readable_error(orz: Orz, live_api: LiveApi, logged_in
     assert_one_error_line(bad, "invalid token name")
     assert bad.returncode == 2
     assert len(json.loads(orz("cloud", "api-token", "list", "--json").stdout)["tokens"]) == 1
+
+
+def test_an_id_with_a_slash_reaches_no_other_route(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    """`revoke ../instances/ID` went out as DELETE /v1/instances/ID: ids typed by users are one path segment."""
+    import httpx
+
+    made = httpx.post(f"{live_api.url}/v1/instances", json={}, headers=logged_in.headers, timeout=10)
+    assert made.status_code == 201, made.text
+    sid = made.json()["id"]
+    refused = orz("cloud", "api-token", "revoke", f"../instances/{sid}")
+    assert refused.returncode == 3 and "no API token" in refused.stderr, refused.stderr
+    after = httpx.get(f"{live_api.url}/v1/instances/{sid}", headers=logged_in.headers, timeout=10).json()
+    assert after["status"] not in ("deleting", "deleted")
