@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable
 
@@ -17,19 +18,49 @@ GIVE_UP_STATES = {"stopping", "stopped", "deleting", "deleted"}
 
 
 class LogFollower:
-    """Prints only the new part of a log the API returns whole (or as a moving tail)."""
+    """Prints only the new part of a log the API returns whole (or as a moving tail).
+
+    The local provider's log is titled parts ("== init log ==", then "== runner log =="), each of which
+    grows on its own: a part is followed by itself, and its title is printed again when the output
+    moves back to it, so a line that grew in the first part does not reprint everything after it."""
 
     def __init__(self, emit: Callable[[str], None]) -> None:
         self.emit = emit
         self.shown = ""
+        self._parts: dict[str | None, str] = {}
+        self._last_title: str | None = None
 
     def update(self, text: str) -> None:
         if not text or text == self.shown:
             return
-        new = text[len(self.shown):] if text.startswith(self.shown) else _after_overlap(self.shown, text)
         self.shown = text
-        if new:
+        for title, body in _titled_parts(text):
+            old = self._parts.get(title, "")
+            if body == old:
+                continue
+            new = body[len(old):] if body.startswith(old) else _after_overlap(old, body)
+            self._parts[title] = body
+            if not new.strip("\n"):
+                continue
+            if title is not None and title != self._last_title:
+                self.emit(printable_log(title))
+            self._last_title = title
             self.emit(printable_log(new.rstrip("\n")))
+
+
+_TITLE = re.compile(r"^== [^=\n]+ ==$")
+
+
+def _titled_parts(text: str) -> list[tuple[str | None, str]]:
+    """(title, body) for each "== title ==" part of text, in order; text before any title has None."""
+    parts: list[tuple[str | None, list[str]]] = [(None, [])]
+    for line in text.splitlines(keepends=True):
+        if _TITLE.match(line.rstrip("\n")):
+            parts.append((line.rstrip("\n"), []))
+        else:
+            parts[-1][1].append(line)
+    # The API joins parts with a blank line; a body that grows must still start with what it was.
+    return [(title, "".join(lines).rstrip("\n") + "\n") for title, lines in parts if "".join(lines).strip()]
 
 
 def _after_overlap(old: str, new: str) -> str:

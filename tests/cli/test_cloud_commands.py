@@ -246,6 +246,33 @@ def test_logs_follow_ends_when_the_session_is_killed(orz: Orz, live_api: LiveApi
     assert err.strip() == f"(session {sid} was killed)"
 
 
+def test_logs_follow_prints_each_line_once_when_the_init_log_grows_after_the_runner_log(
+        orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
+    # The local provider's log is "== init log ==" then "== runner log ==" (read_log): a line added to the
+    # init log made the follower (also behind new --wait) print the whole log, warning block and all, again.
+    sid = create(orz, cwd=tmp_path)
+    warning = "2026-12-06 12:00:00,000 WARNING runner.main: unknown key 'foo' in .orz/cloud.yaml"
+    live_api.provider.logs[sid] = ("== init log ==\n[orz] warning: unknown key 'foo'\n\n"
+                                   f"== runner log ==\n{warning}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "cloud", "logs", "-f", sid], cwd=ROOT,
+                            env=orz.env(PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        while proc.stdout.readline().strip() != warning:  # the whole log once; then it is following
+            pass
+        live_api.provider.logs[sid] = ("== init log ==\n[orz] warning: unknown key 'foo'\n$ make\nbuilt\n\n"
+                                       f"== runner log ==\n{warning}\n")
+        assert proc.stdout.readline().strip() == "== init log =="
+        assert proc.stdout.readline().strip() == "$ make"
+        assert proc.stdout.readline().strip() == "built"
+        assert orz("cloud", "kill", "--force", sid).returncode == 0
+        rest, _ = proc.communicate(timeout=20)  # to the end: nothing was printed a second time
+    finally:
+        proc.kill()
+    assert rest == ""
+
+
 def test_a_sign_in_that_cannot_be_renewed_asks_to_log_in_again(orz: Orz, live_api: LiveApi, home: Path) -> None:
     """The saved sign-in expired and its refresh token is no good (revoked, used, expired): one line that
     says what to do, the auth exit code, and logout still clears the file."""
