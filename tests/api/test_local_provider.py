@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from collections.abc import AsyncIterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from api.instances.providers.base import ComputeSpec
-from api.instances.providers.local import RUNNER_LOG, LocalProvider, process_start_time
+from api.instances.providers.local import PREVIOUS_RUNNER_LOG, RUNNER_LOG, LocalProvider, process_start_time
 from api.settings import Settings
 from runner.tmux import Tmux
 from tests.api.lifecycle_support import local_provider
@@ -165,6 +166,34 @@ async def test_bad_config_fails_with_the_reason_and_leaves_nothing(
     assert process_start_time(state["pid"]) is None
     assert not (provider.session_dir("sess-c") / "state" / "tmux.sock").exists()
     assert "resources.memory" in await provider.read_log("sess-c", state)
+
+
+async def test_after_a_fixed_config_starts_the_log_shows_this_run_not_the_earlier_failure(
+        provider: LocalProvider, make_repo, fake_api: FakeApi, gateway_key, short_tmp: Path) -> None:
+    """A broken .orz/cloud.yaml, fixed and pushed, then start --pull: `orz cloud logs` still showed the
+    first run's fatal error under "== runner log ==", read as what is wrong now."""
+    repo = make_repo({".orz/cloud.yaml": "version: '1.0'\nresources:\n  cpu: 2\n  memory: 4Gb\n"})
+    spec = compute_spec("sess-r", fake_api, gateway_key, repo)
+    state = await provider.create(spec)
+    await fake_api.wait_for(lambda b: b.get("fatal_error"), timeout=15, session_id="sess-r")
+    for _ in range(100):
+        if (await provider.status("sess-r", state)).phase == "failed":
+            break
+        await asyncio.sleep(0.05)
+    assert "resources.memory" in await provider.read_log("sess-r", state)
+
+    src = short_tmp / Path(repo.removeprefix("file://")).name.replace("repo", "src").removesuffix(".git")
+    (src / ".orz" / "cloud.yaml").write_text(CONFIG)
+    runner_fixtures.git("commit", "--quiet", "-am", "fix", cwd=src)
+    runner_fixtures.git("push", "--quiet", repo.removeprefix("file://"), "main", cwd=src)
+    seen = len(fake_api.bodies("sess-r"))
+    state2 = await provider.start(dataclasses.replace(spec, pull=True), state)
+    await ready(fake_api, "sess-r", after=seen)
+    shown = await provider.read_log("sess-r", state2)
+    assert "resources.memory" not in shown and "fatal" not in shown
+    assert "resources.memory" in (provider.session_dir("sess-r") / PREVIOUS_RUNNER_LOG).read_text()
+    await provider.delete("sess-r", state2)
+    await wait_gone(state2["pid"])
 
 
 def test_process_start_time_of_this_process() -> None:

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 15.0
 PID_FILE = "provider.json"
 RUNNER_LOG = "runner.log"
+PREVIOUS_RUNNER_LOG = "runner.previous.log"  # the run before this one's, kept for an operator, not shown
 INIT_LOG = f"state/{STATE_INIT_LOG}"
 FATAL_FILE = f"state/{STATE_FATAL_FILE}"
 # The runner writes this once its sidecars, tmux server and endpoint are gone; it then only sends
@@ -265,6 +266,10 @@ class LocalProvider(Provider):
         })
         (base / FATAL_FILE).unlink(missing_ok=True)
         (base / RELEASED_FILE).unlink(missing_ok=True)
+        # Each run its own runner log: `orz cloud logs` showed an earlier run's fatal error after a later
+        # start succeeded, as if it were the session's state now.
+        with contextlib.suppress(FileNotFoundError):
+            (base / RUNNER_LOG).replace(base / PREVIOUS_RUNNER_LOG)
         # Recorded before the spawn and carried in the runner's environment: an API killed between the
         # spawn and recording the pid leaves a runner that _saved_state still finds (else the reconciler
         # would see "stopped", start a second runner on the same workspace and orphan the first).
