@@ -14,7 +14,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from api import schemas
 from cli import attach as attaching
-from cli import ssh_config
+from cli import known_hosts, ssh_config
 from cli.completion import complete_session_ids
 from cli.connect import client, cloud_command
 from cli.errors import CliError
@@ -81,12 +81,25 @@ def relay(ws: ClientConnection) -> None:
     ws.close()
 
 
+def pin_gateway_key(target: str, grant: schemas.AttachGrant) -> None:
+    """Pin the API's gateway key before ssh checks it: under the gateway's own name, and for `%r@%h` also
+    under the host ssh was given (port 22), which is the name ssh looks up for a one-off
+    `ssh -o ProxyCommand='orz cloud proxy %r@%h' <id>@host`. Whatever that host is, these bytes go to the
+    API's gateway, so the API's key is the one to expect there."""
+    path = ssh_config.known_hosts_path()
+    known_hosts.pin(path, grant.ssh_host, grant.ssh_port, grant.host_keys)
+    typed = target.split("@", 1)[1] if "@" in target else ""
+    if typed and ssh_config.is_ssh_host(typed):
+        known_hosts.pin(path, typed, 22, grant.host_keys)
+
+
 @click.command("proxy", hidden=True)
 @click.argument("host")
 def proxy(host: str) -> None:
     """For ssh's ProxyCommand (`orz cloud proxy %n`): SSH to a session over wss when port 22 is blocked."""
     session_id = session_from_target(host)
     grant = _grant(session_id)
+    pin_gateway_key(host, grant)
     ws = _open(tunnel_url(grant.attach_url))
     relay(ws)
 

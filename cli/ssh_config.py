@@ -111,6 +111,11 @@ def render_main_config(command: list[str] | None = None, *, websocket: bool = Fa
     ])
 
 
+def is_ssh_host(host: str) -> bool:
+    """Whether host is a host name or address (nothing ssh_config or known_hosts would read as more)."""
+    return bool(_SSH_HOST_RE.fullmatch(host))
+
+
 def checked_endpoint(host: str, port: int) -> tuple[str, int]:
     """The API's SSH host and port, refused (CliError) unless a host name or address and a port."""
     if not _SSH_HOST_RE.fullmatch(host) or not 0 < port < 65536:

@@ -59,6 +59,30 @@ def test_proxycommand_with_no_tcp_path_to_the_ssh_port(platform: WebPlatform) ->
     platform.kill(sid)
 
 
+def test_the_documented_one_off_asks_for_a_token_not_to_trust_the_host_key(platform: WebPlatform) -> None:
+    # docs/web.md's one-off: ssh looks the key up as the host it was given (port 22); the CLI had pinned it
+    # only as [gateway host]:ssh port, so ssh asked "authenticity of host ... can't be established".
+    sid = platform.new_session("bash --norc --noprofile")
+    known_hosts = platform.home / ".config" / "orzbob" / "known_hosts"
+    known_hosts.unlink(missing_ok=True)  # as on a machine that never attached
+    token = orz("cloud", "token", sid, env=platform.env)
+    assert token.returncode == 0, token.stderr
+    child = pexpect.spawn("ssh", ["-F", "/dev/null", "-o", f"ProxyCommand={ORZ} cloud proxy %r@%h",
+                                  "-o", f"UserKnownHostsFile={known_hosts}", f"{sid}@gateway.example",
+                                  "echo", "one-off-over-wss"],
+                          env=platform.env, encoding="utf-8", timeout=30)
+    try:
+        assert child.expect(["Token:", "authenticity of host", pexpect.EOF]) == 0, child.before
+        child.sendline(token.stdout.strip())
+        child.expect("one-off-over-wss")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert "gateway.example " in known_hosts.read_text()
+    platform.kill(sid)
+
+
 def test_ssh_config_websocket_attaches_to_tmux(platform: WebPlatform) -> None:
     sid = platform.new_session("bash --norc --noprofile")
     written = orz("cloud", "ssh-config", "--websocket", "--write", env=platform.env)
