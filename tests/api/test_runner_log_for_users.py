@@ -40,3 +40,14 @@ def test_the_network_helpers_goodbye_is_routine_too() -> None:
 def test_a_line_after_the_network_helpers_goodbye_is_kept() -> None:
     log = "exitfd event\ndo_slirp is exiting\nbwrap: Can't mount proc on /newroot/proc: Operation not permitted\n"
     assert runner_log_for_users(log) == "bwrap: Can't mount proc on /newroot/proc: Operation not permitted\n"
+
+
+def test_a_config_warning_the_init_log_shows_is_not_repeated() -> None:
+    """`orz cloud new --wait` showed `.orz/cloud.yaml`'s warning under "== init log ==" and again under
+    "== runner log ==" (runner.main's _warn writes both); other warnings stay."""
+    init_log = "[orz] warning: .orz/cloud.yaml:2: foo: unknown key, ignored\n$ make\n"
+    log = ("2026-12-06 12:12:59,545 WARNING runner.main: .orz/cloud.yaml:2: foo: unknown key, ignored\n"
+           "2026-12-06 12:13:01,000 WARNING runner.main: sidecar ports [5432] still closed; going on without them\n")
+    assert runner_log_for_users(log, init_log) == ("2026-12-06 12:13:01,000 WARNING runner.main: sidecar ports "
+                                                   "[5432] still closed; going on without them\n")
+    assert runner_log_for_users(log) == log  # without an init log saying it, the runner log says it

@@ -222,10 +222,13 @@ class LocalProvider(Provider):
     async def read_log(self, session_id: str, state: ProviderState, limit: int = 65536) -> str:
         base = self.session_dir(session_id)
         parts = []
+        init_log = ""
         for title, rel in (("init log", INIT_LOG), ("runner log", RUNNER_LOG)):
             text = _tail(base / rel, limit)
-            if rel == RUNNER_LOG:
-                text = runner_log_for_users(text)
+            if rel == INIT_LOG:
+                init_log = text
+            else:
+                text = runner_log_for_users(text, init_log)
             if text:
                 parts.append(f"== {title} ==\n{text}")
         return "\n".join(parts)[-limit:]
@@ -496,19 +499,24 @@ def _runner_import_root() -> str:
 # whole file stays in the session directory.
 _ROUTINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO) ")
 _RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+_WARNING = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ WARNING [\w.]+: (.*)$")
+_INIT_WARNING = "[orz] warning: "  # how runner.main's _warn writes a warning into the init log
 # The sandbox's network helper (slirp4netns) on its stderr: handing over the tap device, and exiting with
 # the session. Single lines, dropped on their own: what follows them is not theirs.
 _NETWORK_HELPER = re.compile(r"^((sent|received) tapfd=\d+.*|exitfd event|do_slirp is exiting)$")
 
 
-def runner_log_for_users(text: str) -> str:
-    """The runner log without its routine lines (a routine record's continuation lines go with it)."""
+def runner_log_for_users(text: str, init_log: str = "") -> str:
+    """The runner log without its routine lines (a routine record's continuation lines go with it), nor the
+    warnings the init log above it already shows (the runner writes `.orz/cloud.yaml`'s to both)."""
+    said = {line.removeprefix(_INIT_WARNING) for line in init_log.splitlines() if line.startswith(_INIT_WARNING)}
     kept, routine = [], False
     for line in text.splitlines(keepends=True):
         if _NETWORK_HELPER.match(line.rstrip("\r\n")):
             continue
         if _RECORD.match(line):
-            routine = bool(_ROUTINE.match(line))
+            warning = _WARNING.match(line.rstrip("\r\n"))
+            routine = bool(_ROUTINE.match(line)) or bool(warning and warning.group(1) in said)
         if not routine:
             kept.append(line)
     return "".join(kept)
