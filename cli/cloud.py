@@ -57,13 +57,14 @@ RETRY_LATER = ("approval_pending", "expired_token")
 
 
 @cloud.command("login")
-@click.option("--token", envvar="ORZBOB_TOKEN", help="An API token (orz_...), e.g. from orz admin create-token.")
+@click.option("--token", metavar="T", envvar="ORZBOB_TOKEN",
+              help="An API token (orz_...), e.g. from orz cloud api-token create or an admin's orz admin create-token.")
 @click.option("--with-token", is_flag=True,
               help="Read the token from standard input (keeps it out of shell history and ps; for CI).")
 @click.option("--provider", type=click.Choice(["oidc", "github"]), default=None,
               help="The identity provider to sign in with (default: the server's first).")
 @click.option("--no-browser", is_flag=True, help="Only print the sign-in URL and code; do not open a browser.")
-@click.option("--api-url", help="The API's URL (default: ORZBOB_API_URL, the saved one, or http://127.0.0.1:8080).")
+@click.option("--api-url", metavar="U", help="The API's URL (default: ORZBOB_API_URL, the saved one, or http://127.0.0.1:8080).")
 def login_cmd(token: str | None, with_token: bool, provider: str | None, no_browser: bool,
               api_url: str | None) -> None:
     """Sign in: with no token, through the server's identity provider (a code to approve in the browser);

@@ -21,7 +21,7 @@ def api_token() -> None:
 
 @api_token.command("create")
 @click.argument("name")
-@click.option("--expires-in-days", type=click.IntRange(1, 366), default=90, show_default=True,
+@click.option("--expires-in-days", metavar="N", type=click.IntRange(1, 366), default=90, show_default=True,
               help="Days until it stops working.")
 @click.option("--no-expiry", is_flag=True, help="Good until revoked.")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's answer, token included.")
@@ -69,7 +69,7 @@ async def list_cmd(as_json: bool) -> None:
 
 
 @api_token.command("revoke")
-@click.argument("token_id", metavar="ID")
+@click.argument("token_id", metavar="ID|PREFIX")
 @cloud_command
 async def revoke(token_id: str) -> None:
     """Revoke one of your API tokens by its ID or PREFIX (from list); a sign-in's token ends its sign-in."""

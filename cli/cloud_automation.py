@@ -43,11 +43,12 @@ def _ttl_seconds(text: str) -> int:
 
 
 @click.command("cert")
-@click.argument("session_id")
-@click.option("--ttl", help="How long it lasts (e.g. 900, 30m, 2h); the server's cert_max_ttl_s is the limit.")
+@click.argument("session_id", metavar="ID")
+@click.option("--ttl", metavar="DURATION",
+              help="How long it lasts (e.g. 900, 30m, 2h); the server's cert_max_ttl_s is the limit.")
 @click.option("--readonly", is_flag=True, help="A read-only certificate (watch, do not type).")
 def cert_cmd(session_id: str, ttl: str | None, readonly: bool) -> None:
-    """Fetch a certificate for SESSION_ID into a file, for a tool that can only read one.
+    """Fetch a certificate for session ID into a file, for a tool that can only read one.
 
     Prints the certificate's path, the key's and when it expires. Prefer `orz cloud agent`, which never
     runs out; an admin decides how long a certificate may last (default: 5 minutes).

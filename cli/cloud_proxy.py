@@ -96,7 +96,9 @@ def pin_gateway_key(target: str, grant: schemas.AttachGrant) -> None:
 @click.command("proxy", hidden=True)
 @click.argument("host")
 def proxy(host: str) -> None:
-    """For ssh's ProxyCommand (`orz cloud proxy %n`): SSH to a session over wss when port 22 is blocked."""
+    """For ssh's ProxyCommand (`orz cloud proxy %n`): SSH to a session over wss when the SSH port is blocked.
+
+    HOST is <id>.orz (%n), <id> or <id>@host (%r@%h); the gateway's host key is pinned first."""
     session_id = session_from_target(host)
     grant = _grant(session_id)
     pin_gateway_key(host, grant)

@@ -179,9 +179,9 @@ def _positive(_ctx: click.Context, param: click.Parameter, value: float | None) 
 @click.command("replay")
 @click.argument("session_id", metavar="ID", callback=lambda _c, _p, v: check_session_id(v),
                 shell_complete=complete_session_ids)
-@click.option("--speed", type=float, default=1.0, show_default=True, callback=_positive,
+@click.option("--speed", metavar="N", type=float, default=1.0, show_default=True, callback=_positive,
               help="Play this many times faster.")
-@click.option("--idle-limit", type=float, default=None, callback=_positive,
+@click.option("--idle-limit", metavar="S", type=float, default=None, callback=_positive,
               help="Cap every pause at this many seconds (default: the recorded pauses, as long as they were).")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, allow_dash=True),
               help="Save the recording (.cast) to this file ('-': stdout) instead of playing it.")

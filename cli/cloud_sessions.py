@@ -35,17 +35,21 @@ def _split_names(value: str | None) -> list[str]:
 
 @click.command("new")
 @click.argument("task", required=False)
-@click.option("--repo", help="Git URL to clone (default: this directory's origin).")
-@click.option("--branch", help="Branch to check out (default: this directory's branch when --repo is not given).")
+@click.option("--repo", metavar="URL|PATH",
+              help="Git URL or local repository directory to clone (default: this directory's origin).")
+@click.option("--branch", metavar="B",
+              help="Branch to check out (default: this directory's branch when --repo is not given).")
 @click.option("-t", "--tier", type=click.Choice(["small", "medium", "large"]), default="small", show_default=True,
               help="small 2 CPU/4Gi, medium 4/8Gi, large 8/16Gi.")
-@click.option("--program", help="The command run in the tmux session (default: the platform's agent, claude). "
+@click.option("--program", metavar="CMD",
+              help="The command run in the tmux session (default: the platform's agent, claude). "
               "It gets TASK in $ORZ_TASK and the file $ORZ_TASK_FILE; claude gets it as its prompt.")
 @click.option("--secrets", "secret_names", metavar="NAME,...", help="Secrets to expose as environment variables.")
 @click.option("--no-attach", is_flag=True, help="Create the session and return without attaching.")
 @click.option("--wait/--no-wait", default=None,
               help="Wait until the session runs (default: wait unless --no-attach).")
-@click.option("--timeout", type=click.IntRange(1), default=600, show_default=True, help="Seconds to wait for it.")
+@click.option("--timeout", metavar="S", type=click.IntRange(1), default=600, show_default=True,
+              help="Seconds to wait for it.")
 def new(task: str | None, repo: str | None, branch: str | None, tier: str, program: str | None,
         secret_names: str | None, no_attach: bool, wait: bool | None, timeout: int) -> None:
     """Start a new session (and attach to it once it runs)."""
@@ -269,11 +273,12 @@ async def start(session_id: str, pull: bool) -> None:
 
 @click.command("logs")
 @session_id_arg
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the session goes away.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the session is killed (or Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's InstanceLogs (init log and events) as JSON.")
 @cloud_command
 async def logs(session_id: str, follow: bool, as_json: bool) -> None:
-    """The session's init log (setup.init output)."""
+    """The session's init log (setup.init output, workspace updates); on orz server also the runner's
+    warnings and errors of its current run."""
     if as_json and follow:
         raise CliError("--json prints the log once; it does not go with --follow", EXIT_USAGE)
     follower = LogFollower(click.echo)

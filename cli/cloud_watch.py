@@ -86,7 +86,7 @@ def notify(inst: schemas.Instance) -> None:
               help="Desktop notification (notify-send, else the terminal bell) when an agent needs input, "
                    "goes idle or exits, or a session fails.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per change (see docs/cli.md).")
-@click.option("--interval", type=click.FloatRange(MIN_INTERVAL_S), default=3.0, show_default=True,
+@click.option("--interval", metavar="S", type=click.FloatRange(MIN_INTERVAL_S), default=3.0, show_default=True,
               help="Seconds between polls of the API.")
 @cloud_command
 async def watch(session_ids: list[str], notify_on: bool, as_json: bool, interval: float) -> None:

@@ -101,7 +101,7 @@ async def test(webhook_id: str, as_json: bool) -> None:
 
 @webhook.command("log")
 @click.argument("webhook_id", metavar="ID")
-@click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True)
+@click.option("--limit", metavar="N", type=click.IntRange(1, 200), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the API's WebhookDeliveryList.")
 @cloud_command
 async def log(webhook_id: str, limit: int, as_json: bool) -> None:

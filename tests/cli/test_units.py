@@ -202,3 +202,38 @@ def test_top_level_handler_prints_one_line(monkeypatch: pytest.MonkeyPatch, caps
         main.main()
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == "orz: internal error: RuntimeError: boom second line (ORZ_DEBUG=1 shows more)\n"
+
+
+def _documented_forms() -> list[tuple[list[str], list[str]]]:
+    """(command words, argument words) of each `orz cloud ...` form in a docs/cli.md heading."""
+    import re
+
+    forms = []
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    for heading in re.findall(r"^#+ (.*)$", text, re.M):
+        for form in re.findall(r"`orz cloud ([^`]*)`", heading):
+            words = form.split()
+            command = [w for w in words if re.fullmatch(r"[a-z][a-z-]*", w)]
+            forms.append((command, words[len(command):]))
+    return forms
+
+
+def test_help_names_arguments_and_values_as_docs_cli_md_does() -> None:
+    # `orz cloud cert --help` said SESSION_ID and --ttl TEXT where docs/cli.md says ID and --ttl DURATION.
+    wrong = []
+    for command, args in _documented_forms():
+        help_text = CliRunner().invoke(main.orz, ["cloud", *command, "--help"]).output
+        usage = help_text.splitlines()[0] if help_text else ""
+        usage_words = {w.strip("[]").removesuffix("...").strip("[]") for w in usage.split()}
+        for i, word in enumerate(args):
+            bare = word.strip("[]").removesuffix("...").strip()
+            after_option = i > 0 and args[i - 1].lstrip("[").startswith("-")
+            if bare.isupper() and not after_option and bare not in usage_words:
+                wrong.append(f"{' '.join(command)}: {bare} not in {usage!r}")
+            option = word.lstrip("[")
+            if option.startswith("--") and option != "--" and i + 1 < len(args):
+                value = args[i + 1].strip("[]")
+                shown = (f"{option} {value}", f"{option} [")  # a choice lists its values instead
+                if value.isupper() and value.isalpha() and not any(form in help_text for form in shown):
+                    wrong.append(f"{' '.join(command)}: {option} {value} not in its --help")
+    assert not wrong, "\n".join(wrong)
