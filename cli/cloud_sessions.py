@@ -260,7 +260,8 @@ async def stop(session_id: str) -> None:
 @click.command("start")
 @session_id_arg
 @click.option("--pull", is_flag=True,
-              help="First move the workspace to the branch's current head (uncommitted changes are stashed).")
+              help="First move the workspace to the branch's current head (uncommitted changes are stashed); "
+              "a session whose setup never finished gets this without --pull.")
 @cloud_command
 async def start(session_id: str, pull: bool) -> None:
     """Start a stopped (or failed) session on its kept workspace."""

@@ -237,3 +237,9 @@ def test_help_names_arguments_and_values_as_docs_cli_md_does() -> None:
                 if value.isupper() and value.isalpha() and not any(form in help_text for form in shown):
                     wrong.append(f"{' '.join(command)}: {option} {value} not in its --help")
     assert not wrong, "\n".join(wrong)
+
+
+def test_start_help_says_a_failed_setup_picks_up_the_fix_without_pull() -> None:
+    # docs/cli.md "Picking up a fix": --help read as if only --pull moved the workspace to the new head.
+    help_text = " ".join(CliRunner().invoke(main.orz, ["cloud", "start", "--help"]).output.split())
+    assert "setup never finished gets this without --pull" in help_text
