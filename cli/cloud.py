@@ -147,8 +147,11 @@ async def whoami(as_json: bool) -> None:
         click.echo(output.to_json(me))
         return
     admin = ", org admin" if me.user.is_admin else ""
-    # "token": an admin minted it; "api": its owner did (orz cloud api-token create); else a sign-in's
-    via = {"token": "an API token", "api": "an API token of your own"}.get(me.source, f"sign-in with {me.source}")
+    via = f"sign-in with {me.source}"
+    if me.source == "token":  # an admin minted it
+        via = "an API token"
+    elif me.source == "api":  # its owner did (orz cloud api-token create)
+        via = "an API token of your own"
     click.echo(f"{me.user.email} (org {me.org.name}{admin}) at {url}, via {via}")
     click.echo(output.quota_line(me.quota))
     if limits := output.limits_line(me.org):
