@@ -17,6 +17,9 @@ from api import schemas
 M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_TIMEOUT_S = 30.0
+# A delete without force stops a live session and waits for its runner's final work report (the server's
+# stop grace, then ORZ_DELETE_WORK_WAIT_S): longer than other requests, and not to be cut and retried.
+DELETE_TIMEOUT_S = 120.0
 # Methods a second try cannot do twice (a POST is never tried again: it may have been done).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # Answers of an API (or the proxy before it) that is restarting or briefly without its database.
@@ -86,14 +89,15 @@ class ApiClient:
 
     async def request(self, method: str, path: str, *, json: Any = None,
                       params: dict[str, Any] | None = None, content: bytes | None = None,
-                      headers: dict[str, str] | None = None) -> httpx.Response:
+                      headers: dict[str, str] | None = None, wait_s: float | None = None) -> httpx.Response:
         deadline = time.monotonic() + self.retry_for_s
         pause = RETRY_FIRST_S
         told = False
         while True:
             try:
-                response = await self._http.request(method, path, json=json, params=params, content=content,
-                                                    headers=headers)
+                response = await self._http.request(
+                    method, path, json=json, params=params, content=content, headers=headers,
+                    timeout=httpx.USE_CLIENT_DEFAULT if wait_s is None else wait_s)
             except httpx.TransportError as exc:
                 # A refused connect means no server (say so at once: it is seldom a restart, which a load
                 # balancer answers with 502/503); a connection that died under a request is tried again.
@@ -144,7 +148,8 @@ class ApiClient:
     async def delete_instance(self, session_id: str, *, force: bool = False) -> schemas.Instance:
         """Refused (409 ``unsaved_work``) while the session holds unsaved work, unless ``force``."""
         params = {"force": "true"} if force else None
-        response = await self.request("DELETE", f"/v1/instances/{_segment(session_id)}", params=params)
+        response = await self.request("DELETE", f"/v1/instances/{_segment(session_id)}", params=params,
+                                      wait_s=max(DELETE_TIMEOUT_S, self._http.timeout.read or 0))
         return schemas.Instance.model_validate(response.json())
 
     async def stop_instance(self, session_id: str) -> schemas.Instance:

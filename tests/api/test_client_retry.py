@@ -138,3 +138,28 @@ async def test_nothing_listening_fails_at_once() -> None:
         with pytest.raises(ApiUnreachable):
             await api.request("GET", "/v1/me")
     assert not told  # no "trying again": a refused connect is said at once, not waited on for 30 s
+
+
+async def test_a_delete_waits_longer_than_other_requests() -> None:
+    """A delete without force stops the session and waits for its runner's final report: seconds past the
+    client's usual timeout. Cut there, the CLI would say the API is unreachable and send the DELETE again."""
+    instance = {"id": "s1", "status": "deleting", "tier": "small", "attach_url": "http://x/v1/instances/s1/attach",
+                "ssh": "ssh s1@x", "created_at": "2026-12-06T12:00:00Z", "updated_at": "2026-12-06T12:00:00Z"}
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(1.0)  # the server's stop and wait, shortened
+        writer.write(answer(200, instance))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with ApiClient(f"http://127.0.0.1:{port}", "t", timeout=0.3) as api:
+            with pytest.raises(ApiUnreachable):
+                await api.request("GET", "/v1/instances/s1")  # the usual timeout is what cuts this one
+            assert (await api.delete_instance("s1")).status == "deleting"
+    finally:
+        server.close()
+        await server.wait_closed()
