@@ -355,6 +355,14 @@ class Relay:
             self.proc.wait()
 
 
+_STARTED = time.monotonic()
+
+
+def phase(name: str) -> None:
+    """Say on stderr what the run is doing now: a run that hangs then shows where."""
+    print(f"[{time.monotonic() - _STARTED:7.1f} s] {name}", file=sys.stderr, flush=True)
+
+
 async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, args: argparse.Namespace,
                     cpu: dict[str, Child], turn: int) -> dict[str, float]:
     r: dict[str, float] = {}
@@ -363,6 +371,7 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
         label = "tmux" if tmux else "pty"
         cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
         split0 = {name: child.cpu_split_s() for name, child in cpu.items()}
+        phase(f"echo ({label})")
         lat = await echo_round(sides, args.samples, tmux)
         for name, child in cpu.items():
             r[f"{label}_{name}_cpu_us_per_echo"] = (child.cpu_s() - cpu0[name]) / (args.samples + 20) * 1e6
@@ -381,8 +390,10 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
     order = sides[turn % len(sides):] + sides[:turn % len(sides)]
     bulk = "bulk" in args.only
     for side in order if bulk else ():
+        phase(f"pane bulk: {side.name}")
         r[f"{side.name}_pane_bulk_mib_s"] = nbytes / await pane_bulk(side, big) / (1 << 20)
     for side in order if bulk else ():
+        phase(f"pty bulk: {side.name}")
         cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
         r[f"{side.name}_pty_bulk_mib_s"] = await stream(side.ssh("-tt", command=[f"cat {big}"]), nbytes) / (1 << 20)
         if side.name in ("real", "alt"):  # where the CPU goes when a pty streams (each path's own processes)
@@ -391,8 +402,10 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
                     continue
                 r[f"pty_bulk_{name}_cpu_s_per_100mib"] = (child.cpu_s() - cpu0[name]) / nbytes * (100 << 20)
     for side in order if bulk else ():
+        phase(f"exec bulk: {side.name}")
         r[f"{side.name}_exec_bulk_mib_s"] = await stream(side.ssh(command=[f"cat {big}"]), nbytes) / (1 << 20)
     for side in order if "copies" in args.only else ():
+        phase(f"copies: {side.name}")
         cpu0 = {name: child.cpu_s() for name, child in cpu.items()}
         for name, value in (await copies(side, big, big.parent.parent / f"local-{side.name}.bin", nbytes)).items():
             r[f"{side.name}_{name}_mib_s"] = value
@@ -401,6 +414,7 @@ async def one_round(direct: Side, others: list[Side], big: Path, nbytes: int, ar
                 if not name.startswith(("sshdep_", "alt_")):
                     r[f"copies_{name}_cpu_s_per_100mib"] = (child.cpu_s() - cpu0[name]) / 4 / nbytes * (100 << 20)
     for side in order if "setup" in args.only else ():
+        phase(f"set-up: {side.name}")
         setups = [await timed(side.ssh(command=["true"])) for _ in range(args.setup_runs)]
         r[f"{side.name}_setup_ms"] = statistics.median(setups) * 1000
     for side in others:
@@ -580,6 +594,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                               client_keys=[user], known_hosts=([sshd.host_key.convert_to_public()],
                                                                                [], []), config=None, agent_path=None)
 
+            phase("attaches held on the runner and on sshd")
             pid_r = runner.proc.pid
             assert sshd is not None
             pid_s = sshd.proc.pid
@@ -594,6 +609,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             child.stop()
         children.clear()
         if args.sessions and "hold" in args.only:
+            phase("idle sessions held on one gateway")
             report.update(await held_sessions(work, user, signed, settings, args))
         report["targets"] = verdicts(report)
         if args.sshd_endpoint:

@@ -25,9 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_small_run_reports_every_figure_and_target() -> None:
-    out = subprocess.run([sys.executable, "-m", "bench.real_path", "--bytes", "1M", "--samples", "20",
-                          "--rounds", "1", "--setup-runs", "2", "--sessions", "4", "--runner-sessions", "2"],
-                         cwd=ROOT, capture_output=True, timeout=240, check=True)
+    try:
+        # Within the test's own timeout (120 s; about 30 s alone), so that a hang shows its last phase.
+        out = subprocess.run([sys.executable, "-m", "bench.real_path", "--bytes", "1M", "--samples", "20",
+                              "--rounds", "1", "--setup-runs", "2", "--sessions", "4", "--runner-sessions", "2"],
+                             cwd=ROOT, capture_output=True, timeout=105, check=True)
+    except subprocess.TimeoutExpired as exc:
+        said = (exc.stderr or b"").decode(errors="replace")[-3000:]
+        pytest.fail(f"bench.real_path did not finish in 105 s; what it last said:\n{said}")
     report = json.loads(out.stdout)
     # sshd_endpoint: the prototype of option (a); relay: socat between ssh and sshd, the floor of one more hop.
     sides = ("direct", "real", "sshd_endpoint", *(("relay",) if shutil.which("socat") else ()))
