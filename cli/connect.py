@@ -69,7 +69,8 @@ class CliApiClient(ApiClient):
         self.creds = creds
 
     async def request(self, method: str, path: str, *, json: Any = None,
-                      params: dict[str, Any] | None = None) -> httpx.Response:
+                      params: dict[str, Any] | None = None, content: bytes | None = None,
+                      headers: dict[str, str] | None = None, wait_s: float | None = None) -> httpx.Response:
         if self.creds.refresh_token and self.creds.expires_within(REFRESH_MARGIN_S):
             try:
                 self.creds = await refreshed(self.creds)
@@ -79,7 +80,8 @@ class CliApiClient(ApiClient):
                 raise CliError(f"your sign-in has expired and could not be renewed ({exc.detail}); "
                                "run orz cloud login", EXIT_AUTH) from None
             self._http.headers["Authorization"] = f"Bearer {self.creds.api_token}"
-        return await super().request(method, path, json=json, params=params)
+        return await super().request(method, path, json=json, params=params, content=content, headers=headers,
+                                     wait_s=wait_s)
 
 
 def client() -> ApiClient:
