@@ -215,11 +215,10 @@ async def test_webhook_urls_follow_the_private_address_rule(app: Sanic, sessions
     assert resp.json["code"] == "webhook_url_refused" and says in resp.json["detail"]
 
 
-async def test_a_name_that_rebinds_to_a_private_address_is_refused_at_delivery(
-        settings: Settings, sessions: Sessions, receiver: Receiver) -> None:
-    """The table stands in for DNS that answered a public address at creation and a private one later."""
-    answers = {"hooks.example.com": ["93.184.216.34"]}
-
+async def _deliver_after_rebinding(settings: Settings, sessions: Sessions, receiver: Receiver,
+                                   answers: dict[str, list[str]], later: list[str]) -> WebhookDelivery:
+    """A webhook to hooks.example.com made while DNS (the ``answers`` table) says one thing, then a test
+    delivery once it answers ``later``: the delivery's row."""
     async def resolve(host: str) -> list[str]:
         return answers.get(host, [])
 
@@ -229,10 +228,17 @@ async def test_a_name_that_rebinds_to_a_private_address_is_refused_at_delivery(
     svc = WebhookService(settings, sessions, box, d, resolve=resolve)
     try:
         created = await svc.create(who, schemas.WebhookCreate(url=f"https://hooks.example.com:{receiver.port}/x"))
-        answers["hooks.example.com"] = ["10.0.0.7"]
-        row = await svc.test(who, created.id)
+        answers["hooks.example.com"] = later
+        return await svc.test(who, created.id)
     finally:
         await d.stop()
+
+
+async def test_a_name_that_rebinds_to_a_private_address_is_refused_at_delivery(
+        settings: Settings, sessions: Sessions, receiver: Receiver) -> None:
+    """The table stands in for DNS that answered a public address at creation and a private one later."""
+    row = await _deliver_after_rebinding(settings, sessions, receiver, {"hooks.example.com": ["93.184.216.34"]},
+                                         ["10.0.0.7"])
     assert row.state == "failed" and row.attempts == 1 and "private address" in (row.last_error or "")
     assert receiver.got == []
 
@@ -291,22 +297,8 @@ async def test_the_servers_public_names_and_addresses_are_refused(settings: Sett
 async def test_a_name_that_rebinds_to_the_server_itself_is_refused_at_delivery(
         settings: Settings, sessions: Sessions, receiver: Receiver) -> None:
     """DNS answered someone else's address at creation and the server's own public address later."""
-    answers = dict(PUBLIC)
     own = settings.model_copy(update={"public_api_url": f"https://orz.example.com:{receiver.port}"})
-
-    async def resolve(host: str) -> list[str]:
-        return answers.get(host, [])
-
-    who = await principal(sessions, "acme")
-    box = SecretsBox.from_settings(own)
-    d = Deliverer(own, sessions, box, resolve=resolve)
-    svc = WebhookService(own, sessions, box, d, resolve=resolve)
-    try:
-        created = await svc.create(who, schemas.WebhookCreate(url=f"https://hooks.example.com:{receiver.port}/x"))
-        answers["hooks.example.com"] = answers["orz.example.com"]
-        row = await svc.test(who, created.id)
-    finally:
-        await d.stop()
+    row = await _deliver_after_rebinding(own, sessions, receiver, dict(PUBLIC), PUBLIC["orz.example.com"])
     assert row.state == "failed" and row.attempts == 1, (row.state, row.attempts, row.last_error)
     assert "points to this server itself (ORZ_PUBLIC_API_URL" in (row.last_error or "")
     assert receiver.got == []
