@@ -35,6 +35,12 @@ def _active() -> tuple[ColumnElement[bool], ...]:
     return ApiToken.revoked_at.is_(None), or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > utcnow())
 
 
+def _shown(token_id: str) -> str:
+    """An id or prefix as typed, for an error; clipped, since a caller may have pasted a token's value."""
+    return token_id if len(token_id) <= len(tokens.API_TOKEN_PREFIX) + tokens.LOOKUP_CHARS + 16 else (
+        token_id[:len(tokens.API_TOKEN_PREFIX) + tokens.LOOKUP_CHARS] + "...")
+
+
 async def revoke_family(db: AsyncSession, family_id: str) -> None:
     """Revoke every refresh token of one sign-in and the API tokens they issued."""
     now = utcnow()
@@ -101,7 +107,7 @@ async def revoke_token(sessions: async_sessionmaker[AsyncSession], who: Principa
         row = await db.scalar(select(ApiToken).where(
             ApiToken.user_id == who.user_id, or_(ApiToken.id == token_id, ApiToken.prefix == token_id), *_active()))
         if row is None:
-            raise NotFound(f"you have no API token {token_id} (orz cloud api-token list shows yours)")
+            raise NotFound(f"you have no API token {_shown(token_id)} (orz cloud api-token list shows yours)")
         await revoke_row(db, row)
         return row
 
@@ -113,7 +119,7 @@ async def revoke_any(sessions: async_sessionmaker[AsyncSession], token_id: str) 
         found = (await db.execute(select(ApiToken, User.email).join(User, User.id == ApiToken.user_id).where(
             or_(ApiToken.id == token_id, ApiToken.prefix == token_id), ApiToken.revoked_at.is_(None)))).first()
         if found is None:
-            raise NotFound(f"no API token {token_id} that is not revoked already")
+            raise NotFound(f"no API token {_shown(token_id)} that is not revoked already")
         row, email = found
         await revoke_row(db, row)
         return row, email

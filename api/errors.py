@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
+
+# A path segment that is a token's value (an API or runner token, a JWT) pasted where an id belongs: the
+# problem's `instance` repeats the path, and must not repeat the token.
+_TOKEN_SEGMENT = re.compile(r"(?<=/)(orzr?_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]{9,}|(?<=/)eyJ[A-Za-z0-9_.-]{10,}")
+
+
+def without_credentials(path: str) -> str:
+    return _TOKEN_SEGMENT.sub(lambda m: (m.group(1) or "eyJ") + "...", path)
 
 
 class OrzError(Exception):
@@ -32,7 +41,7 @@ class OrzError(Exception):
             "error": self.detail,
         }
         if instance:
-            body["instance"] = instance
+            body["instance"] = without_credentials(instance)
         body.update(self.extra)
         return body
 

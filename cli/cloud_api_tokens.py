@@ -9,6 +9,7 @@ import click
 from pydantic import ValidationError
 
 from api import schemas
+from api.db import tokens
 from cli import output
 from cli.connect import client, cloud_command
 from cli.errors import EXIT_USAGE, CliError
@@ -73,6 +74,10 @@ async def list_cmd(as_json: bool) -> None:
 @cloud_command
 async def revoke(token_id: str) -> None:
     """Revoke one of your API tokens by its ID or PREFIX (from list); a sign-in's token ends its sign-in."""
+    if tokens.looks_like(token_id, tokens.API_TOKEN_PREFIX) and len(token_id) > 24:
+        # A token's value would go into the request's path, and so into the API's access log.
+        raise CliError("that looks like a token's value: revoke it by its ID or PREFIX (orz cloud api-token list "
+                       "shows them)", EXIT_USAGE)
     async with client() as api:
         own = next((t for t in (await api.list_api_tokens()).tokens if token_id in (t.id, t.prefix)), None)
         await api.revoke_api_token(token_id)

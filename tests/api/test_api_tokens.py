@@ -179,3 +179,10 @@ async def test_an_operator_lists_and_revokes_one_token_of_anyone(app, sessions, 
     assert (await _call(app, "get", "/v1/me", t.token)).status == 200
     again = await asyncio.to_thread(orz_admin, "revoke-token", leaked["prefix"])
     assert again.returncode != 0 and "not revoked already" in again.stderr and "Traceback" not in again.stderr
+
+
+async def test_a_token_value_in_the_path_is_not_repeated_in_the_answer(app, sessions) -> None:
+    t = await make_tenant(sessions, "acme")
+    other = await make_tenant(sessions, "other")
+    refused = await _call(app, "delete", f"/v1/tokens/{other.token}", t.token)
+    assert refused.status == 404 and other.token not in refused.text and other.token[:12] in refused.text

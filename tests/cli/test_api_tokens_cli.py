@@ -66,3 +66,11 @@ def test_an_id_with_a_slash_reaches_no_other_route(orz: Orz, live_api: LiveApi, 
     assert refused.returncode == 3 and "no API token" in refused.stderr, refused.stderr
     after = httpx.get(f"{live_api.url}/v1/instances/{sid}", headers=logged_in.headers, timeout=10).json()
     assert after["status"] not in ("deleting", "deleted")
+
+
+def test_a_pasted_token_value_is_refused_and_never_repeated(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    """Revoking by value would put the token in the request's path (the API's access log): refused locally."""
+    refused = orz("cloud", "api-token", "revoke", logged_in.token)
+    assert_one_error_line(refused, "looks like a token's value")
+    assert refused.returncode == 2 and logged_in.token not in refused.stdout + refused.stderr
+    assert orz("cloud", "list").returncode == 0  # and nothing was revoked
