@@ -30,6 +30,7 @@ from api.errors import (
     OrzError,
     SchemaNotAtHead,
     TooManyAttempts,
+    without_credentials,
 )
 from api.gateway_keys import gateway_host_public_key, gateway_public_key
 from api.instances.providers.base import Provider
@@ -90,13 +91,15 @@ class ProblemHandler(ErrorHandler):
         elif isinstance(exception, RequestCancelled):
             # A heartbeat from a runner being stopped, a CLI the user interrupted: the connection is gone,
             # nobody reads the answer, and counting it as a 500 would spend the API's error budget.
-            log.info("client went away during %s %s", request.method, request.path)
+            log.info("client went away during %s %s", request.method, without_credentials(request.path))
             error = ClientClosedRequest()
         elif is_connection_failure(exception):
+            where = f"{request.method} {without_credentials(request.path)}"
             error = DatabaseUnavailable("the database is unavailable; retry in a moment",
-                                        internal=f"{type(exception).__name__} on {request.method} {request.path}")
+                                        internal=f"{type(exception).__name__} on {where}")
         else:
-            log.error("unhandled error on %s %s", request.method, request.path, exc_info=exception)
+            log.error("unhandled error on %s %s", request.method, without_credentials(request.path),
+                      exc_info=exception)
             error = OrzError("internal error; it has been logged")
         if error.internal:
             log.warning("%s: %s", error.code, error.internal)
@@ -254,7 +257,8 @@ def create_app(
         incoming = request.headers.get("x-request-id", "")
         request.ctx.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
         session_id = request.match_info.get("id") if "/instances/" in request.path else None
-        orz_log.new_context(request_id=request.ctx.request_id, session_id=session_id)
+        orz_log.new_context(request_id=request.ctx.request_id,
+                            session_id=without_credentials(session_id) if session_id else None)
 
     @app.on_response
     async def finish_request(request: Request, response: HTTPResponse) -> None:
@@ -264,10 +268,12 @@ def create_app(
         response.headers["X-Request-Id"] = getattr(request.ctx, "request_id", "")
         if not log.isEnabledFor(logging.INFO):
             return  # the access line is built only when it will be written
+        session_id = getattr(request.ctx, "session_id", None)
         orz_log.bind(user_id=getattr(request.ctx, "user_id", None),
-                     session_id=getattr(request.ctx, "session_id", None))
+                     session_id=without_credentials(session_id) if session_id else None)
         log.info(
-            "%s %s %s", request.method, request.path, response.status,
+            # The path as sent, but a token's value pasted where an id belongs is cut to its prefix.
+            "%s %s %s", request.method, without_credentials(request.path), response.status,
             extra={"event": "access", "method": request.method, "route": route,
                    "status": response.status, "duration_ms": round(elapsed * 1000, 2),
                    "remote": request.remote_addr or request.ip},

@@ -27,11 +27,12 @@ HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLEEXAMPLEEXAMPLEEXAMPLEEXA
 
 
 @contextmanager
-def captured_logs(level: int) -> Iterator[io.StringIO]:
-    """Everything any logger emits, through the production JSON formatter, on the root handler."""
+def captured_logs(level: int, formatter: logging.Formatter | None = None) -> Iterator[io.StringIO]:
+    """Everything any logger emits, through the production JSON formatter (or `formatter`), on the root
+    handler."""
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
-    handler.setFormatter(orz_log.JsonFormatter())
+    handler.setFormatter(formatter or orz_log.JsonFormatter())
     root = logging.getLogger()
     old_level = root.level
     root.addHandler(handler)
@@ -158,6 +159,26 @@ async def test_no_credential_appears_in_any_log_line(server, sessions, provider)
         assert value[-16:] not in text, f"the end of the {what} appears in the logs"
         if value.startswith(("orz_", "orzr_")):
             assert value[:16] not in text, f"more than the prefix of the {what} appears in the logs"
+
+
+@pytest.mark.parametrize("json_lines", [True, False], ids=["json", "text"])
+async def test_a_token_value_pasted_into_the_path_is_not_in_any_log_line(server, sessions, json_lines):
+    """`orz cloud api-token revoke <the token itself>` or `orz cloud attach <a token>` by mistake: the access
+    line (in either log format, ORZ_LOG_JSON), the log context's session id and every error line keep the
+    token's kind and lookup prefix only."""
+    t = await make_tenant(sessions, "acme")
+    other = await make_tenant(sessions, "other")
+    user = {"Authorization": f"Bearer {t.token}"}
+    plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with captured_logs(logging.INFO, None if json_lines else plain) as buf:
+        async with httpx.AsyncClient(base_url=server, timeout=10) as http:
+            assert (await http.delete(f"/v1/tokens/{other.token}", headers=user)).status_code == 404
+            assert (await http.get(f"/v1/instances/{other.token}", headers=user)).status_code == 404
+            assert (await http.post(f"/v1/instances/{other.token}/stop", headers=user)).status_code == 404
+    text = "\n".join(line for line in buf.getvalue().splitlines() if not any(c in line for c in CLIENT_LOGGERS))
+    assert "/v1/tokens/" in text and "/v1/instances/" in text  # the access lines were written
+    assert other.token not in text and other.token[-16:] not in text, text
+    assert other.token[:12] + "..." in text  # the kind and lookup prefix say which token it was
 
 
 def test_formatter_redacts_credential_shaped_text():
