@@ -1,47 +1,64 @@
-"""How many events a session's runner may add to the shared database: a token bucket per session.
+"""How many events a session's runner may add to the shared database: at most ``per_minute`` in any minute.
 
 Program exits and agent-state changes arrive in heartbeats, and each one was an ``events`` row (an agent
 change also a webhook delivery per hook). A runner is the session's own code: unchecked, one session
-wrote 5,000 rows (6 MB) in 9 s, without end, into the database every tenant shares. The buckets live
-in each API replica, so the bound is per replica: a session adds at most ``per_minute`` events a minute
-through each (plus one note per dry spell saying some were left out).
+wrote 5,000 rows (6 MB) in 9 s, without end, into the database every tenant shares.
+
+The count is the database's: the session's runner events of the last minute, which every API replica
+sees, so N replicas do not let a runner write N times its budget. The caller has written the session's
+row first in the same transaction (the heartbeat's UPDATE), which makes heartbeats of one session take
+turns (a row lock on PostgreSQL, the write lock on SQLite): two at once on two replicas do not both count
+the same room.
 """
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
-from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.db.models import Event
+
+# The events a runner adds on its own say-so (actor "runner"): agent-state changes and program exits.
+RUNNER_EVENT_KINDS = ("agent", "program_exited", "program_restarted")
+# The note that some were left out: one per dry spell.
+DROPPED_KIND = "events_dropped"
+WINDOW = timedelta(minutes=1)
 
 
+@dataclass
 class EventBudget:
-    """``take(session_id)``: may this session's runner record one more event now?
+    """One heartbeat's view of its session's budget: ``take()`` for each event it would add."""
 
-    Each bucket also remembers whether it refused one since it last said yes (``refused_first``), so the
-    caller notes a dry spell once, not per refusal."""
+    left: int | None  # None: no limit
+    dry: bool  # the note for the current dry spell is written already
 
-    def __init__(self, per_minute: int, max_sessions: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.per_minute = per_minute
-        self.max_sessions = max_sessions
-        self.clock = clock
-        # session id -> (tokens left, when counted, refused since the last yes); least recently used first,
-        # so memory stays bounded.
-        self._buckets: OrderedDict[str, tuple[float, float, bool]] = OrderedDict()
-        self.refused_first = False
+    @classmethod
+    async def load(cls, db: AsyncSession, instance_id: str, per_minute: int, now: datetime) -> EventBudget:
+        if per_minute <= 0:
+            return cls(left=None, dry=False)  # 0 turns the limit off
+        mine = (Event.instance_id == instance_id, Event.actor == "runner", Event.kind.in_(RUNNER_EVENT_KINDS))
+        recent = await db.scalar(select(func.count()).select_from(
+            select(Event.id).where(*mine, Event.at > now - WINDOW).limit(per_minute).subquery())) or 0
+        last_kept = await db.scalar(select(func.max(Event.at)).where(*mine))
+        last_note = await db.scalar(select(func.max(Event.at)).where(
+            Event.instance_id == instance_id, Event.kind == DROPPED_KIND))
+        # A note at or after the last event kept: this spell has said so already.
+        dry = last_note is not None and (last_kept is None or last_note >= last_kept)
+        return cls(left=per_minute - recent, dry=dry)
 
-    def take(self, session_id: str) -> bool:
-        """Spend one event of the session's allowance; False when it is used up (nothing spent), and then
-        ``refused_first`` says whether this is the first refusal since the last event allowed."""
-        self.refused_first = False
-        if self.per_minute <= 0:
-            return True  # 0 turns the limit off
-        now = self.clock()
-        tokens, then, dry = self._buckets.pop(session_id, (float(self.per_minute), now, False))
-        tokens = min(float(self.per_minute), tokens + (now - then) * self.per_minute / 60.0)
-        allowed = tokens >= 1.0
-        self.refused_first = not allowed and not dry
-        self._buckets[session_id] = (tokens - 1.0 if allowed else tokens, now, not allowed)
-        while len(self._buckets) > self.max_sessions:
-            self._buckets.popitem(last=False)
-        return allowed
+    def take(self) -> bool | None:
+        """True: add the event. False: leave it out, and add the spell's note (this is its first refusal).
+        None: leave it out, the note is there."""
+        if self.left is None:
+            return True
+        if self.left > 0:
+            self.left -= 1
+            self.dry = False
+            return True
+        if self.dry:
+            return None
+        self.dry = True
+        return False

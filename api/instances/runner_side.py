@@ -21,6 +21,7 @@ from api.errors import (
     Unauthorized,
 )
 from api.instances import recordings
+from api.instances.event_budget import DROPPED_KIND, EventBudget
 from api.instances.providers.base import ProviderFailure
 from api.instances.service_base import ServiceBase
 from api.instances.states import (
@@ -123,19 +124,23 @@ class RunnerSide(ServiceBase):
                 # The row always says what the agent is doing; the timeline (and webhooks) only within budget.
                 values.update(agent_state=hb.agent_state, agent_message=hb.agent_message,
                               agent_exit_code=hb.agent_exit_code, agent_state_at=now)
-                if self._runner_event_allowed(db, inst):
+            agent_before = inst.agent_state  # the UPDATE below also sets the loaded row's attributes
+            # The row first: it makes this session's heartbeats take turns for the budget (event_budget.py).
+            await db.execute(update(Instance).where(Instance.id == inst.id).values(**values))
+            if changed or hb.program_events:
+                budget = await EventBudget.load(db, inst.id, self.settings.runner_events_per_min, now)
+                if changed and self._runner_event_allowed(db, inst, budget):
                     # from/to hold agent states here (kind "agent"), not session states.
                     event = Event(instance_id=inst.id, org_id=inst.org_id, at=now, actor="runner", kind="agent",
-                                  from_state=inst.agent_state, to_state=hb.agent_state, message=changed)
+                                  from_state=agent_before, to_state=hb.agent_state, message=changed)
                     db.add(event)
                     await webhook_outbox.enqueue(db, inst, event, agent_message=hb.agent_message,
                                                  exit_code=hb.agent_exit_code)
-            await db.execute(update(Instance).where(Instance.id == inst.id).values(**values))
-            for pe in hb.program_events or ():
-                if self._runner_event_allowed(db, inst):
-                    db.add(self._event(inst, "runner", pe.kind, None, None, pe.message))
-                    log.info("session %s: %s", inst.id, pe.message,
-                             extra={"event": "program", "session_id": inst.id})
+                for pe in hb.program_events or ():
+                    if self._runner_event_allowed(db, inst, budget):
+                        db.add(self._event(inst, "runner", pe.kind, None, None, pe.message))
+                        log.info("session %s: %s", inst.id, pe.message,
+                                 extra={"event": "program", "session_id": inst.id})
             await db.commit()
             await db.refresh(inst)
         state = State(inst.state)
@@ -160,14 +165,15 @@ class RunnerSide(ServiceBase):
                     await db.rollback()
         return schemas.HeartbeatReply(state=inst.state, heartbeat_interval_s=self.settings.heartbeat_interval_s)
 
-    def _runner_event_allowed(self, db: AsyncSession, inst: Instance) -> bool:
+    def _runner_event_allowed(self, db: AsyncSession, inst: Instance, budget: EventBudget) -> bool:
         """Spend one of the session's runner events; past the budget, add one note per spell instead."""
-        if self.runner_events.take(inst.id):
+        taken = budget.take()
+        if taken:
             return True
-        if self.runner_events.refused_first:
+        if taken is False:
             log.warning("session %s: its runner sends more than %d events a minute; leaving the rest out",
                         inst.id, self.settings.runner_events_per_min)
-            db.add(self._event(inst, "system", "events_dropped", None, None,
+            db.add(self._event(inst, "system", DROPPED_KIND, None, None,
                                f"the runner sent more than {self.settings.runner_events_per_min} events a minute "
                                "(program exits, agent-state changes); the rest are left out"))
         return False

@@ -32,7 +32,6 @@ from api.errors import (
     ValidationFailed,
 )
 from api.instances import access, repo_policy
-from api.instances.event_budget import EventBudget
 from api.instances.providers.base import ComputeSpec, Provider, ProviderFailure
 from api.instances.states import (
     ACTIVE_STATES,
@@ -93,8 +92,6 @@ class ServiceBase:
         self.secret_env = secret_env
         self.now = clock
         self._background: set[asyncio.Task[None]] = set()
-        # What each session's runner may still add to the events table (api/instances/event_budget.py).
-        self.runner_events = EventBudget(settings.runner_events_per_min)
         # Listeners notified after every committed transition (metrics, tests).
         self.on_transition: list[Callable[[Instance, State, State], Awaitable[None] | None]] = []
         # The scheduler's leader check, run in each write's transaction before it writes (api/jobs/lease.py).
