@@ -34,3 +34,22 @@ def _slow_but_ready(tmp_path: Path, api: dict[str, Any], backend: Backend) -> No
     backend.status = 503
     backend.delay_s = 0
     assert not all(probe_once(worker, running) for _ in range(api["readinessProbe"].get("failureThreshold", 3)))
+
+
+def test_a_gateway_replica_slow_to_answer_on_a_busy_node_stays_ready_and_alive(tmp_path: Path) -> None:
+    """The gateway's /readyz and /healthz ask neither the API nor the database (its listener, its drain and
+    its trust anchors), but they answer on the event loop that carries every user's terminal: on a busy node
+    it answers late too. Late must not take both replicas out of the Service, nor restart one (a liveness
+    restart cuts every terminal through it); a 503 still takes it out."""
+    (gateway,) = component(render(), "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    backend = Backend()  # the replica's web door
+    try:
+        for kind in ("readinessProbe", "livenessProbe"):
+            # The rehearsal's worker probes a port named http; the gateway's is named web.
+            probe = {**gateway[kind], "httpGet": {**gateway[kind]["httpGet"], "port": "http"}}
+            backend.status, backend.delay_s = 200, 0.0
+            (tmp_path / kind).mkdir()
+            _slow_but_ready(tmp_path / kind, {"readinessProbe": probe}, backend)
+    finally:
+        backend.server.shutdown()
+        backend.server.server_close()
