@@ -732,6 +732,9 @@ def client_env_allowed(name: str) -> bool:
 # Files the runner writes in its state directory (RunnerSpec.state_dir) and the local provider reads
 # (the recording's files are the runner's own spool: the API stores what it uploads, api/instances/recordings.py).
 STATE_INIT_LOG = "init.log"
+# Each run of the runner begins its part of the init log with this line and "N, <UTC time>": the init log
+# keeps every run's output, and a user reading it after a restart tells which lines are this start's.
+INIT_LOG_START = "[orz] start "
 STATE_FATAL_FILE = "fatal_error"
 # Written once sidecars, tmux and the endpoint are gone: the provider need not wait for the runner's exit.
 STATE_RELEASED_FILE = "released"

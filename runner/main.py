@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -171,6 +172,8 @@ class Runner:
         self.workspace.mkdir(parents=True, exist_ok=True)
         (self.state_dir / STATE_FATAL_FILE).unlink(missing_ok=True)
         (self.state_dir / STATE_RELEASED_FILE).unlink(missing_ok=True)
+        start = workspace.mark_start(self.init_log, datetime.now(UTC))
+        log.info("start %d of session %s", start, self.spec.session_id)
         if len(str(self.tmux.socket)) > _MAX_UNIX_PATH:
             raise RunnerError(f"state dir path too long for a unix socket: {self.state_dir}")
         tmux_tmpdir = self.tmux.default_socket_dir()

@@ -8,11 +8,14 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from api.schemas import INIT_LOG_START
 from runner.errors import CloneError, InitError
 from runner.reaping import reaped
 
@@ -276,6 +279,32 @@ def tail(path: Path, limit: int = 65536) -> str:
     except OSError:
         return ""
     return data[-limit:]
+
+
+def mark_start(log_path: Path, now: datetime) -> int:
+    """Begin this run's part of the init log with ``[orz] start N, <UTC time>``; returns N (the starts this
+    log has seen, this one included), or 0 when the log is not a regular file this run may write (the
+    session's own code can replace it with a link or a FIFO: that must not stop, nor hang, its next start)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(log_path, flags, 0o644)
+    except OSError as exc:
+        log.warning("the init log cannot be labelled with this start: %s", exc)
+        return 0
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        log.warning("the init log is not a regular file; this start is not labelled in it")
+        return 0
+    with os.fdopen(fd, "r+b") as out:
+        prefix = INIT_LOG_START.encode()
+        number = 1 + sum(1 for line in out if line.startswith(prefix))
+        # After a run that stopped mid-line (a killed init), the header still starts a line of its own.
+        size = out.seek(0, os.SEEK_END)
+        ended = size == 0 or (out.seek(size - 1), out.read(1))[1] == b"\n"
+        stamp = now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        out.write(("" if ended else "\n").encode() + f"{INIT_LOG_START}{number}, {stamp}\n".encode())
+    return number
 
 
 def note(log_path: Path, lines: Sequence[str]) -> None:

@@ -108,7 +108,13 @@ async def test_create_stop_start_runs_init_once_and_shows_the_program(
     assert again["init_status"] == "succeeded"
     assert (ws / "init-runs.txt").read_text() == "ran\n"  # init ran exactly once across stop/start
     assert (ws / ".orz-init-done").exists()
-    assert "init log" in await provider.read_log("sess-a", state2)
+    # Each start labels its part of the init log; what users read shows this start's part as the init log,
+    # and the first start's setup output under a title of its own.
+    shown = await provider.read_log("sess-a", state2)
+    earlier, _, current = shown.partition("== init log ==\n")
+    assert earlier.startswith("== init log, earlier starts ==\n[orz] start 1, ")
+    assert "$ echo ran >> init-runs.txt" in earlier
+    assert current.startswith("[orz] start 2, ") and "echo ran" not in current.split("== runner log ==")[0]
     assert set(await provider.list()) == {"sess-a"}
 
     await provider.delete("sess-a", state2)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from runner import workspace
 from runner.errors import CloneError, InitError
 from runner.workspace import INIT_MARKER, clone, git_env, init_done, run_init
 from tests.runner.conftest import MakeRepo, git
@@ -112,3 +114,28 @@ async def test_pull_never_overwrites_an_untracked_file_the_new_head_adds(make_re
     assert any("could not update the workspace" in n and "notes.md" in n for n in done.notes), done.notes
     assert "[orz] the stashed changes are back in place" in done.notes
     assert git("stash", "list", cwd=dest).strip() == ""
+
+
+def test_each_start_labels_its_part_of_the_init_log(tmp_path: Path) -> None:
+    """After a restart, a user reading the init log tells the current start's lines from earlier ones."""
+    log_path = tmp_path / "state" / "init.log"
+    at = datetime(2026, 12, 6, 15, 20, 1, tzinfo=UTC)
+    assert workspace.mark_start(log_path, at) == 1
+    workspace.note(log_path, ["[orz] updated the workspace"])
+    with log_path.open("a") as out:
+        out.write("npm install: killed mid-li")  # the first run was stopped before its output ended a line
+    assert workspace.mark_start(log_path, at + timedelta(hours=1)) == 2
+    assert log_path.read_text().splitlines() == [
+        "[orz] start 1, 2026-12-06 15:20:01 UTC", "[orz] updated the workspace", "npm install: killed mid-li",
+        "[orz] start 2, 2026-12-06 16:20:01 UTC"]
+
+
+def test_an_init_log_the_session_made_a_fifo_does_not_stop_its_next_start(tmp_path: Path) -> None:
+    log_path = tmp_path / "init.log"
+    os.mkfifo(log_path)
+    assert workspace.mark_start(log_path, datetime.now(UTC)) == 0  # neither hangs nor raises
+    target = tmp_path / "key"
+    target.write_text("KEY\n")
+    log_path.unlink()
+    log_path.symlink_to(target)
+    assert workspace.mark_start(log_path, datetime.now(UTC)) == 0 and target.read_text() == "KEY\n"

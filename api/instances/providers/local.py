@@ -33,6 +33,7 @@ from api.instances.providers.base import (
     ProviderState,
 )
 from api.schemas import (
+    INIT_LOG_START,
     SESSION_ID_RE,
     STATE_FATAL_FILE,
     STATE_INIT_LOG,
@@ -227,6 +228,9 @@ class LocalProvider(Provider):
             text = _tail(base / rel, limit)
             if rel == INIT_LOG:
                 init_log = text
+                earlier, text = split_init_log(text)
+                if earlier:
+                    parts.append(f"== init log, earlier starts ==\n{earlier}")
             else:
                 text = runner_log_for_users(text, init_log)
             if text:
@@ -504,6 +508,15 @@ _INIT_WARNING = "[orz] warning: "  # how runner.main's _warn writes a warning in
 # The sandbox's network helper (slirp4netns) on its stderr: handing over the tap device, and exiting with
 # the session. Single lines, dropped on their own: what follows them is not theirs.
 _NETWORK_HELPER = re.compile(r"^((sent|received) tapfd=\d+.*|exitfd event|do_slirp is exiting)$")
+
+
+def split_init_log(text: str) -> tuple[str, str]:
+    """(earlier starts, this start) of an init log: this start's part begins at the last start line the
+    runner wrote (INIT_LOG_START); a log without one is all this start's."""
+    at = text.rfind("\n" + INIT_LOG_START)
+    if at < 0:
+        return "", text
+    return text[:at + 1], text[at + 1:]
 
 
 def runner_log_for_users(text: str, init_log: str = "") -> str:
