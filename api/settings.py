@@ -326,6 +326,10 @@ class Settings(BaseSettings):
     sandbox_uid_base: int = option("sandbox", 200000, "when the server runs as root each session gets its own "
                                    "uid from [base, base + count)", ge=1000)
     sandbox_uid_count: int = option("sandbox", 10000, "how many per-session uids there are", ge=1)
+    sandbox_uid_claims_dir: Path = option("sandbox", Path("/var/lib/orz/sandbox-uids"), "where every `orz "
+                                          "server` on this machine claims its sessions' uids (one file a uid, "
+                                          "under a lock): two servers with their own data dirs never hand out "
+                                          "the same uid")
     sandbox_allow_host_ports: str = option("sandbox", "", "comma-separated host loopback ports a session may "
                                            "reach (relayed into its network namespace)")
     sandbox_pids_max: int = option("sandbox", 2048, "processes per session (cgroup v1 pids controller; needs "

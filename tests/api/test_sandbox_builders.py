@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,12 @@ from api.instances.providers.base import ProviderFailure
 from api.instances.providers.sandbox import (
     SessionPaths,
     Tools,
+    UidClaims,
     bwrap_argv,
     cgroup_limits,
     command_prefix,
     etc_files,
     loopback_port,
-    pick_uid,
 )
 from api.settings import Settings
 
@@ -70,12 +71,29 @@ def test_limits_follow_the_tier() -> None:
     assert cgroup_limits(Settings(), {"cpu": "500m?"}) == {"pids.max": 2048}  # unreadable: not guessed
 
 
-def test_uids_are_unique_and_the_range_can_run_out() -> None:
-    settings = Settings(sandbox_uid_base=300000, sandbox_uid_count=3)
-    assert pick_uid(settings, []) == 300000
-    assert pick_uid(settings, [300000, 300002]) == 300001
+def test_uids_are_unique_host_wide_and_the_range_can_run_out(tmp_path: Path) -> None:
+    """Two servers (their own data dirs, one claims directory): neither hands out a uid the other holds."""
+    claims = tmp_path / "uid-claims"
+    one, two = (UidClaims(claims, 300000, 3) for _ in range(2))
+    a, b, c = (tmp_path / f"data-{n}" / "sessions" / sid for n, sid in (("1", "a"), ("2", "b"), ("1", "c")))
+    for d in (a, b, c):
+        d.mkdir(parents=True)
+    assert one.claim(a) == 300000
+    assert two.claim(b) == 300001  # the other server's session holds 300000
+    assert one.claim(a, wanted=300000) == 300000  # a restart keeps the session's uid
+    assert two.claim(b, wanted=300000) == 300001  # ... but never another's: this one keeps its own claim
+    assert one.claim(c) == 300002
     with pytest.raises(ProviderFailure, match="ORZ_SANDBOX_UID_COUNT"):
-        pick_uid(settings, [300000, 300001, 300002])
+        two.claim(tmp_path)
+    # Deleting a session releases its uid; a server that died with its data dir leaves claims the next
+    # pick recovers; a claim whose session is still there stays (its server may come back).
+    one.release(c)
+    shutil.rmtree(tmp_path / "data-2")
+    d = tmp_path / "data-3" / "sessions" / "d"
+    d.mkdir(parents=True)
+    assert two.claim(d) == 300001
+    assert sorted(int(p.name) for p in claims.iterdir() if p.name.isdigit()) == [300000, 300001]
+    assert (claims / "300000").read_text().strip() == str(a.resolve())
 
 
 def test_etc_names_the_session_user_and_a_reachable_resolver(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ user's code could run) and writes what it saw into its workspace; the test reads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import random
@@ -214,6 +215,28 @@ async def test_a_session_owns_only_its_directories(
     stopped = await provider.stop("sbx-c", state)
     again = await provider.start(compute_spec("sbx-c", fake_api, gateway_key, None), stopped)
     assert again["uid"] == uid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-session uids need root")
+async def test_two_servers_on_one_machine_give_their_sessions_different_uids(
+        fake_api: FakeApi, gateway_key, short_tmp: Path) -> None:
+    """Two `orz server`s with their own data dirs each gave their first session the range's first uid: one
+    user's session could signal the other's processes and write its files."""
+    claims = short_tmp / "uid-claims"
+    states = {}
+    async with contextlib.AsyncExitStack() as stack:
+        providers = [await stack.enter_async_context(local_provider(Settings(
+            data_dir=short_tmp / f"data-{n}", sandbox_uid_base=260000, sandbox_uid_count=50,
+            sandbox_uid_claims_dir=claims))) for n in (1, 2)]
+        for n, provider in enumerate(providers):
+            states[n] = await provider.create(compute_spec(f"sbx-u{n}", fake_api, gateway_key, None))
+            await ready(fake_api, f"sbx-u{n}")
+        uids = [states[n]["uid"] for n in range(2)]
+        assert uids[0] != uids[1]
+        for n, provider in enumerate(providers):
+            assert (provider.session_dir(f"sbx-u{n}") / "workspace").stat().st_uid == uids[n]
+            await provider.delete(f"sbx-u{n}", states[n])
+    assert not [p for p in claims.iterdir() if p.name.isdigit()]  # a deleted session's uid is free again
 
 
 async def test_without_bwrap_sessions_do_not_start(

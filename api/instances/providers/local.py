@@ -91,6 +91,8 @@ class LocalProvider(Provider):
         # Each session's own filesystem (ORZ_SANDBOX_DISK_SIZE), its images kept outside the sessions' dirs.
         self.disk_size = quantity_bytes(settings.sandbox_disk_size) if self.sandboxed else None
         self.disks_dir = settings.data_dir / "session-disks"
+        self.uid_claims = sandbox.UidClaims(settings.sandbox_uid_claims_dir, settings.sandbox_uid_base,
+                                            settings.sandbox_uid_count)
         if self.sandboxed:
             try:
                 sandbox.find_tools()
@@ -189,6 +191,9 @@ class LocalProvider(Provider):
             except session_disk.SessionDiskFailure as exc:
                 log.error("session %s: %s", session_id, exc.reason)
         await asyncio.to_thread(shutil.rmtree, base, True)
+        if self.sandboxed and sandbox.runs_as_root():
+            uid = state.get("uid")
+            await asyncio.to_thread(self.uid_claims.release, base, uid if isinstance(uid, int) else None)
 
     async def close(self) -> None:
         """Let runners we stopped finish; running ones are left running (a restarted API adopts them)."""
@@ -311,7 +316,9 @@ class LocalProvider(Provider):
         paths = sandbox.SessionPaths(base)
         saved = self._saved_state(base)
         if sandbox.runs_as_root():
-            uid = saved.get("uid") or sandbox.pick_uid(self.settings, self._taken_uids(base))
+            # Host-wide: other servers' sessions hold uids too. Its own uid again when nobody else took it
+            # (else another, and the session's files are handed to it below).
+            uid = self.uid_claims.claim(base, saved.get("uid"), self._taken_uids(base))
             gid = uid
         else:
             uid, gid = os.getuid(), os.getgid()

@@ -11,12 +11,14 @@ API's among them) into the namespace's loopback, and sets cgroup limits where th
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,14 +104,89 @@ def runs_as_root() -> bool:
     return os.geteuid() == 0
 
 
-def pick_uid(settings: Settings, taken: Iterable[int]) -> int:
-    """The lowest uid of the configured range no other session holds."""
-    used = set(taken)
-    for uid in range(settings.sandbox_uid_base, settings.sandbox_uid_base + settings.sandbox_uid_count):
-        if uid not in used:
-            return uid
-    raise ProviderFailure(f"no free sandbox uid left in the range of {settings.sandbox_uid_count} "
-                          "(ORZ_SANDBOX_UID_BASE / ORZ_SANDBOX_UID_COUNT)")
+class UidClaims:
+    """Which sandbox uid belongs to which session, for every ``orz server`` on this machine.
+
+    A uid owns files (a session's workspace, state and home) and processes, so two servers that both hand
+    out the lowest free uid of the same range give two users' sessions one uid: each could signal the
+    other's processes and read its files. Each server's own sessions are not enough to know what is free.
+
+    ``directory`` (ORZ_SANDBOX_UID_CLAIMS_DIR, root's, 0700) holds one file per uid in use, named by the uid
+    and naming the session directory that holds it. Servers pick under one ``flock`` of ``.lock`` there, and
+    create a claim with O_EXCL. A claim whose session directory is gone (a session deleted by a server that
+    crashed before releasing it, a data dir removed with its server) is stale: the next pick takes it over.
+    A claim whose directory is there is kept, whether its server runs or not: a stopped server's sessions
+    start again with their uid.
+    """
+
+    LOCK = ".lock"
+
+    def __init__(self, directory: Path, base: int, count: int) -> None:
+        self.directory, self.base, self.count = directory, base, count
+
+    def claim(self, session_dir: Path, wanted: int | None = None, taken: Iterable[int] = ()) -> int:
+        """The uid of the session at ``session_dir``: ``wanted`` (the one it had) when nobody else holds it,
+        else the lowest free one of the range; claimed before it is returned."""
+        owner = str(session_dir.resolve())
+        used = set(taken)
+        with self._locked():
+            claims = self._claims()
+            held = sorted(uid for uid, by in claims.items() if by == owner and uid not in used)
+            if wanted is not None and wanted not in used and claims.get(wanted, owner) == owner:
+                chosen = wanted
+            elif held:
+                chosen = held[0]  # claimed for this session already (a start that failed, tried again)
+            else:
+                chosen = next((uid for uid in range(self.base, self.base + self.count)
+                               if uid not in used and uid not in claims), None)
+            if chosen is not None:
+                for uid in held:
+                    if uid != chosen:  # one uid a session: the one it no longer uses is free again
+                        (self.directory / str(uid)).unlink(missing_ok=True)
+                if chosen not in claims:
+                    self._write(chosen, owner)
+                return chosen
+        raise ProviderFailure(f"no free sandbox uid left in the range of {self.count} "
+                              "(ORZ_SANDBOX_UID_BASE / ORZ_SANDBOX_UID_COUNT)")
+
+    def release(self, session_dir: Path, uid: int | None = None) -> None:
+        """Give up the session's claim (its uid, or every claim naming its directory)."""
+        owner = str(session_dir.resolve())
+        with self._locked():
+            for held, by in self._claims(recover=False).items():
+                if by == owner and uid in (None, held):
+                    (self.directory / str(held)).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.directory / self.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # and with it the lock
+
+    def _claims(self, *, recover: bool = True) -> dict[int, str]:
+        """uid -> session directory, of every claim in the range; stale ones removed when ``recover``."""
+        found: dict[int, str] = {}
+        for entry in self.directory.iterdir():
+            if not entry.name.isdigit() or not self.base <= int(entry.name) < self.base + self.count:
+                continue
+            try:
+                owner = entry.read_text(encoding="utf-8").strip()
+            except OSError:
+                continue
+            if recover and not (owner and Path(owner).is_dir()):
+                entry.unlink(missing_ok=True)
+                continue
+            found[int(entry.name)] = owner
+        return found
+
+    def _write(self, uid: int, owner: str) -> None:
+        fd = os.open(self.directory / str(uid), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(owner + "\n")
 
 
 def etc_files(uid: int, gid: int, home: Path, safe_repos: Iterable[Path] = (),
