@@ -16,6 +16,8 @@ declare -A wanted=(
   # make rehearse: pod network and mount namespaces (iproute2, util-linux) and PostgreSQL's own binaries
   # for the chart's bundled database (the rehearsal runs images that are not ours from local binaries).
   [ip]=iproute2 [nsenter]=util-linux [unshare]=util-linux [pg_ctlcluster]=postgresql
+  # ... and its NetworkPolicy enforcement: nftables rules in each Pod's network namespace (rehearsal/policy.py).
+  [nft]=nftables
   # The local provider's session sandbox: bubblewrap for the namespaces, slirp4netns for its network.
   # ORZ_SANDBOX_DISK_SIZE: each session's own ext4 image (mkfs.ext4; mount and umount come with util-linux).
   [bwrap]=bubblewrap [slirp4netns]=slirp4netns [setpriv]=util-linux [mkfs.ext4]=e2fsprogs

@@ -23,6 +23,7 @@ from rehearsal.controllers import Controllers, is_ready
 from rehearsal.kube import KubeAccess, container_port
 from rehearsal.kubelet import Cluster, Kubelet, PodWorker, ServiceAccountTokens
 from rehearsal.network import GATEWAY_IP, Network, ServiceProxies
+from rehearsal.policy import Enforcer
 from rehearsal.rbac import Authorizer
 from rehearsal.store import Obj, Store
 
@@ -45,6 +46,7 @@ class RehearsalCluster:
         self.kubelet: Kubelet | None = None
         self.controllers = Controllers(self.store)
         self.proxies: ServiceProxies | None = None
+        self.policy: Enforcer | None = None
         self._machine_lock: IO[bytes] | None = None
 
     def _take_machine(self) -> None:
@@ -75,12 +77,17 @@ class RehearsalCluster:
         for ns in ("default", "kube-system"):
             self.store.create("namespaces", "", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         assert self.api.ca_file is not None
+        self.proxies = ServiceProxies(self.store, self.network, self.lb_addresses)
+        pods = self.network.pods
+        self.policy = Enforcer(self.store, lambda: {uid: p.namespace for uid, p in list(pods.items())},
+                               self.proxies.endpoints, lambda: {uid: p.address for uid, p in list(pods.items())})
         cluster = Cluster(store=self.store, network=self.network, workdir=self.workdir, api_host=GATEWAY_IP,
-                          api_port=API_PORT, ca_file=self.api.ca_file, tokens=self.tokens, logs=self.api.logs)
+                          api_port=API_PORT, ca_file=self.api.ca_file, tokens=self.tokens, logs=self.api.logs,
+                          policy=self.policy)
         self.kubelet = Kubelet(cluster)
         self.api.exec_handler = self._exec
-        self.proxies = ServiceProxies(self.store, self.network, self.lb_addresses)
         self.controllers.start()
+        self.policy.start()
         self.kubelet.start()
         self.proxies.start()
         self.kubeconfig = self.workdir / "kubeconfig"
@@ -103,6 +110,8 @@ class RehearsalCluster:
             self.proxies.stop()
         if self.kubelet is not None:
             self.kubelet.stop()
+        if self.policy is not None:
+            self.policy.stop()
         self.controllers.stop()
         if self.api is not None:
             self.api.__exit__()

@@ -37,6 +37,7 @@ from typing import Any
 
 from rehearsal import images
 from rehearsal.network import Network
+from rehearsal.policy import Enforcer
 from rehearsal.store import ApiError, Obj, Store, now_rfc3339
 
 log = logging.getLogger("rehearsal.kubelet")
@@ -75,6 +76,7 @@ class Cluster:
     tokens: ServiceAccountTokens
     logs: dict[tuple[str, str, str], Path]
     cluster_domain: str = "cluster.local"
+    policy: Enforcer | None = None  # NetworkPolicy (rehearsal.policy); None: every Pod open, as without a CNI's
 
 
 def _expand(value: str, env: dict[str, str]) -> str:
@@ -232,6 +234,9 @@ class PodWorker:
         with contextlib.suppress(ApiError):
             self.pod = self.c.store.replace("pods", self.ns, self.name, spec_with_node)
         self.ip = self.c.network.attach(self.uid).address
+        if self.c.policy is not None:
+            # The Pod's NetworkPolicy holds before its first process runs, as a CNI plugin's does.
+            self.c.policy.sync(only=self.uid)
         self.hosts = self.dir / "hosts"
         self.write_hosts()
         # Cluster DNS is /etc/hosts here; the nameserver is the bridge, where nothing answers on port 53,

@@ -22,8 +22,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,109 @@ def ssh_each_gateway(ctx: Context) -> None:
                          f"{done.stderr.strip()[-300:]!r}")
 
 
+# What a Pod's connect() gives, printed by a one-line program run in the Pod (kubectl exec).
+_DIAL = ("import socket, sys\n"
+         "try:\n"
+         "    socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).close()\n"
+         "    print('open')\n"
+         "except OSError as exc:\n"
+         "    print('closed', exc.errno, exc.strerror)\n")
+
+
+def _dial(ctx: Context, pod: dict, container: str, host: str, port: int) -> str:
+    """'open' when a TCP connection from the Pod's container to host:port opens, else 'closed <why>'."""
+    python = sys.executable if hasattr(ctx.cluster, "rehearsal") else "python3"
+    done = ctx.cluster.exec_in(pod, container, [python, "-c", _DIAL, host, str(port)], timeout_s=30)
+    return done.stdout.decode(errors="replace").strip() or f"no answer: {done.stderr.decode()[-200:]}"
+
+
+@contextlib.contextmanager
+def _metadata_stand_in(ctx: Context) -> Iterator[str | None]:
+    """A listener at the cloud metadata address on the rehearsal's node (as a cloud's would answer there),
+    so that a session's denied connection shows the policy at work and not a missing server; None on a
+    cluster whose nodes the steps cannot touch."""
+    if getattr(ctx.cluster, "remote", True) or not hasattr(ctx.cluster, "rehearsal"):
+        yield None
+        return
+    from rehearsal.network import BRIDGE, ip
+
+    address = "169.254.169.254"
+    ip("addr", "add", f"{address}/32", "dev", BRIDGE, check=False)
+    server = socket.create_server((address, 80))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield address
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+        ip("addr", "del", f"{address}/32", "dev", BRIDGE, check=False)
+
+
+def session_network_confined(ctx: Context) -> None:
+    """The chart's and the API's NetworkPolicies, as enforced on the Pods' own traffic: from inside a real
+    session Pod, the API's HTTP port opens, and the API's metrics port, PostgreSQL, another session's
+    runner and the metadata address do not; the gateway still reaches the runner, and a control-plane Pod
+    that is not a gateway does not. Each denied target is first shown open from a Pod allowed to reach it,
+    so a refusal is the policy's and not a missing server's."""
+    ctx.orz("cloud", "new", "--repo", ctx.facts["repo"], "--branch", "main", "--program", "bash",
+            "--no-attach", "--no-wait")
+    def runners() -> list[dict]:
+        return [p for p in ctx.cluster.ready_pods(SESSIONS_NS, "app.kubernetes.io/component=runner")
+                if p["metadata"].get("labels", {}).get("orz.cloud/session")]
+    ctx.wait("a second session's runner Ready", lambda: len(runners()) >= 2, 180, ctx.pod_summary)
+    mine = next(p for p in runners() if p["metadata"]["labels"]["orz.cloud/session"] == ctx.session)
+    other = next(p for p in runners() if p["metadata"]["labels"]["orz.cloud/session"] != ctx.session)
+    ctx.facts["other_session"] = other["metadata"]["labels"]["orz.cloud/session"]
+    api, gateway = ctx.component_pods("api")[0], ctx.component_pods("gateway")[0]
+    services = {s["metadata"]["name"]: s for s in ctx.cluster.objects("services", NS)}
+    api_service = services[f"{RELEASE}-orzbob-cloud-api"]
+    api_host = f"{RELEASE}-orzbob-cloud-api.{NS}.svc.cluster.local"
+    api_port = int(api_service["spec"]["ports"][0]["port"])
+    postgres = f"{RELEASE}-orzbob-cloud-postgresql.{NS}.svc.cluster.local"
+    metrics = int(_env(api, "api", "ORZ_API_METRICS_PORT") or 0)
+    runner_port = int(next(p["containerPort"] for c in mine["spec"]["containers"] for p in c.get("ports") or []
+                           if p.get("name") == "ssh"))
+    ip_of = {"api": api["status"]["podIP"], "other": other["status"]["podIP"], "mine": mine["status"]["podIP"]}
+    with _metadata_stand_in(ctx) as metadata:
+        # (what, from pod, container, host, port, expected)
+        checks = [
+            ("gateway -> this session's runner ssh", gateway, "gateway", ip_of["mine"], runner_port, True),
+            ("gateway -> the other session's runner ssh", gateway, "gateway", ip_of["other"], runner_port, True),
+            ("api -> postgresql", api, "api", postgres, 5432, True),
+            ("api -> this session's runner ssh (only gateways may)", api, "api", ip_of["mine"], runner_port, False),
+            ("session -> the API Service's HTTP port", mine, "runner", api_host, api_port, True),
+            ("session -> postgresql", mine, "runner", postgres, 5432, False),
+            ("session -> the API Pod's HTTP port directly", mine, "runner", ip_of["api"],
+             int(_env(api, "api", "ORZ_API_PORT") or 8080), True),
+            ("session -> the other session's runner ssh", mine, "runner", ip_of["other"], runner_port, False),
+        ]
+        if metrics:
+            checks[3:3] = [("gateway -> the API's metrics port", gateway, "gateway", ip_of["api"], metrics, True)]
+            checks.append(("session -> the API's metrics port", mine, "runner", ip_of["api"], metrics, False))
+        if metadata:
+            checks[3:3] = [("api -> the metadata address", api, "api", metadata, 80, True)]
+            checks.append(("session -> the metadata address", mine, "runner", metadata, 80, False))
+        wrong = []
+        for what, pod, container, host, port, expected in checks:
+            seen = _dial(ctx, pod, container, host, port)
+            if (seen == "open") != expected:
+                wrong.append(f"{what} ({host}:{port}): {seen}, expected {'open' if expected else 'closed'}")
+    ctx.orz("cloud", "kill", "--force", ctx.facts["other_session"])
+    if wrong:
+        raise StepFailed("; ".join(wrong))
+
+
 def scp_round_trip(ctx: Context) -> None:
     local = ctx.workdir / "payload.bin"
     local.write_bytes(os.urandom(2 * 1024 * 1024))
@@ -599,6 +703,8 @@ STEPS: list[Step] = [
     ("git fixture served", make_repo),
     ("orz cloud new -> running", create_session),
     ("ssh through each gateway replica and the load balancer; git works", ssh_each_gateway),
+    ("a session Pod reaches the API's HTTP port only; the gateway still reaches runners (NetworkPolicy)",
+     session_network_confined),
     ("scp up and down, same checksum", scp_round_trip),
     ("ssh -L to the session's loopback", local_forward),
     ("web terminal attach", web_attach),
