@@ -9,8 +9,18 @@ readiness and liveness probes (HTTP, TCP, exec) as declared; restarts by restart
 CrashLoopBackOff; status, conditions and podIP written back. Deleting a Pod sends SIGTERM to each
 container's PID 1, waits for the grace period, then SIGKILL, and only then removes the Pod.
 
-What it does not do: pull images (``rehearsal.images`` maps ours to this checkout), enforce resource
-limits or NetworkPolicies, or schedule across nodes (one node).
+NetworkPolicy holds for every Pod from before its first container starts (``rehearsal.policy``: nftables in
+the Pod's network namespace, Services DNATed there as kube-proxy would). Each container runs in cgroups
+(v1) of its own made with the local provider's helper (``sandbox_launch.make_cgroups``), and so does every
+exec into it: its ``resources.limits.memory`` and a per-Pod pids limit (``POD_PIDS_LIMIT``, the kubelet's
+``--pod-max-pids``). When the OOM killer ends a process of a container, the whole container is killed, as
+with cgroup v2's ``memory.oom.group`` that the kubelet sets since Kubernetes 1.28, and it is reported as
+Kubernetes does: ``lastState.terminated`` with reason ``OOMKilled`` and exit code 137, ``restartCount`` up,
+an ``OOMKilling`` Event, then the restart its restartPolicy asks for.
+
+What it does not do: pull images (``rehearsal.images`` maps ours to this checkout), enforce CPU limits
+(no CFS quota: a shared CI machine would only get slower), ephemeral-storage limits or requests (nothing
+evicts), or schedule across nodes (one node).
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from api.instances.providers import sandbox_launch
+from api.settings import quantity_bytes
 from rehearsal import images
 from rehearsal.network import Network
 from rehearsal.policy import Enforcer
@@ -44,7 +56,14 @@ log = logging.getLogger("rehearsal.kubelet")
 NODE = "rehearsal-node"
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # noqa: S105  # nosec B105  # a path, not a secret
 MAX_BACKOFF_S = 10.0  # a real kubelet caps CrashLoopBackOff at 300 s; a rehearsal cannot wait that long
+# Each container's own pids cgroup gets this many tasks: the kubelet's --pod-max-pids, which a real node
+# sets for the same reason (a fork bomb in one Pod must not take the node); Kubernetes' default is unlimited.
+POD_PIDS_LIMIT = 4096
+OOM_EXIT_CODE = 137  # 128 + SIGKILL, what the runtime reports for a container the OOM killer ended
 HISTORY_PER_POD = 400  # what each Pod's worker remembers for the evidence (rehearsal.evidence): bounded
+# Runs before a container's (or an exec's) first process: the shell joins the container's cgroups ("0": the
+# writer itself), then becomes the command; the cgroups' limits hold for everything it starts.
+JOIN_CGROUPS = 'for g in $ORZ_CGROUP_PROCS; do echo 0 > "$g" || exit 125; done; unset ORZ_CGROUP_PROCS; exec "$@"'
 
 
 class ContainerConfigError(Exception):
@@ -103,8 +122,10 @@ class Container:
     """One running container: its process (the `unshare` that holds the namespaces) and its PID 1."""
 
     def __init__(self, spec: Obj, process: subprocess.Popen[bytes], log_path: Path, env: dict[str, str],
-                 uid: int, gid: int) -> None:
+                 uid: int, gid: int, cgroups: list[Path] | None = None) -> None:
         self.spec = spec
+        self.cgroups = cgroups or []
+        self.oom_killed = False
         self.process = process
         self.log_path = log_path
         self.env = env
@@ -115,6 +136,16 @@ class Container:
         self.started = not spec.get("startupProbe")
         self.probe_due: dict[str, float] = {}
         self.failures: dict[str, int] = {}
+
+    def oom_kills(self) -> int:
+        """How many times the kernel's OOM killer ended a process of this container (its memory cgroup's count)."""
+        for group in self.cgroups:
+            if "/memory/" in str(group):
+                with contextlib.suppress(OSError):
+                    for line in (group / "memory.oom_control").read_text().splitlines():
+                        if line.startswith("oom_kill "):
+                            return int(line.split()[1])
+        return 0
 
     def init_pid(self) -> int | None:
         """The host pid of the container's PID 1 (the child `unshare --fork` made)."""
@@ -136,8 +167,12 @@ class Container:
             return None
         cmd = ["nsenter", "-t", str(pid), "-m", "-n", "-p", "-r", "-w", "-S", str(self.uid), "-G", str(self.gid),
                "--", "env", "-i", *(f"{k}={v}" for k, v in self.env.items()), *argv]
+        # In the container's cgroups, as a runtime's exec is: what it allocates counts against the limit.
+        env = {"PATH": os.environ.get("PATH", ""), "ORZ_CGROUP_PROCS": " ".join(str(g / "cgroup.procs")
+                                                                                for g in self.cgroups)}
         try:
-            return subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+            return subprocess.run(["sh", "-c", JOIN_CGROUPS, "sh", *cmd], capture_output=True, timeout=timeout_s,
+                                  check=False, env=env)
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(cmd, 124, b"", b"timed out")
 
@@ -299,6 +334,16 @@ class PodWorker:
             if code is not None:
                 self._exited(container, code)
                 continue
+            if not running.oom_killed and running.oom_kills() > 0:
+                # The OOM killer ended one process; the whole container goes, as with cgroup v2's
+                # memory.oom.group, which the kubelet sets on every container since Kubernetes 1.28.
+                running.oom_killed = True
+                log.info("pod %s/%s: container %s out of memory: killed", self.ns, self.name, name)
+                self.note("OOMKilling", f"Memory cgroup out of memory: container {name} killed (limit "
+                          f"{((container.get('resources') or {}).get('limits') or {}).get('memory')})", name,
+                          warning=True)
+                running.signal(signal.SIGKILL)
+                continue
             self._probe(running)
         if self.skipped:
             self.phase = "Pending"
@@ -316,7 +361,11 @@ class PodWorker:
     def _exited(self, container: Obj, code: int) -> None:
         name = container["name"]
         running = self.containers.pop(name)
-        state = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+        oom = running.oom_killed or running.oom_kills() > 0
+        sandbox_launch.leave_cgroups(running.cgroups)
+        if oom:
+            code = OOM_EXIT_CODE
+        state = {"exitCode": code, "reason": "OOMKilled" if oom else "Completed" if code == 0 else "Error",
                  "startedAt": running.started_at, "finishedAt": now_rfc3339()}
         self.terminated[name] = state
         self.last_state[name] = {"terminated": state}
@@ -528,16 +577,31 @@ class PodWorker:
         log_path = self.dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         netns = self.c.network.pods[self.uid].namespace
+        cgroups = self._cgroups(container)
         with log_path.open("ab") as out:
             process = subprocess.Popen(
-                ["nsenter", f"--net={netns}", "unshare", "--mount", "--pid", "--fork", "--kill-child",
-                 sys.executable, "-m", "rehearsal.container_init", str(config_path)],
+                ["sh", "-c", JOIN_CGROUPS, "sh", "nsenter", f"--net={netns}", "unshare", "--mount", "--pid", "--fork",
+                 "--kill-child", sys.executable, "-m", "rehearsal.container_init", str(config_path)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(images.ROOT)}, start_new_session=True)
+                env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(images.ROOT),
+                     "ORZ_CGROUP_PROCS": " ".join(str(g / "cgroup.procs") for g in cgroups)},
+                start_new_session=True)
         self.c.logs[(self.ns, self.name, name)] = log_path
         log.info("pod %s/%s: started %s (%s)", self.ns, self.name, name, " ".join(argv))
         self.note("Started", f"Started container {name}", name)
-        return Container(container, process, log_path, env, uid, gid)
+        return Container(container, process, log_path, env, uid, gid, cgroups)
+
+    def _cgroups(self, container: Obj) -> list[Path]:
+        """The container's own cgroups (v1: memory, pids) with its limits, as the runtime makes them: its
+        memory limit, and the node's per-Pod pids limit."""
+        limits = {"pids.max": POD_PIDS_LIMIT}
+        memory = quantity_bytes(str(((container.get("resources") or {}).get("limits") or {}).get("memory") or ""))
+        if memory:
+            limits["memory.limit_in_bytes"] = memory
+        attempt = self.restarts.get(container["name"], 0)
+        name = f"orz-rehearsal-{self.uid[:18]}-{container['name']}-{attempt}"
+        sandbox_launch.remove_cgroups(name)  # a leftover of an interrupted run
+        return sandbox_launch.make_cgroups(name, limits)
 
     # ----------------------------------------------------------------------------------- probes
 
@@ -704,6 +768,8 @@ class PodWorker:
                     os.killpg(container.process.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     container.process.wait(5)
+        for container in running:
+            sandbox_launch.leave_cgroups(container.cgroups)
         self.containers.clear()
 
     def _pre_stop(self, deadline: float) -> None:

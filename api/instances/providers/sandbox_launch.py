@@ -84,6 +84,13 @@ def _own_cgroup(controller: str) -> str | None:
 
 def enter_cgroups(name: str, limits: dict[str, int]) -> list[Path]:
     """Make one cgroup per controller under ours, set the limits and move this process in (children follow)."""
+    return make_cgroups(name, limits, os.getpid())
+
+
+def make_cgroups(name: str, limits: dict[str, int], pid: int | None = None) -> list[Path]:
+    """One cgroup per controller of ``limits`` under this process's own, with the limits set; ``pid``, when
+    given, is moved in (its children follow). A controller this machine lacks or refuses is logged and left
+    out: its limits are not enforced. (The rehearsal's kubelet makes its containers' cgroups with this.)"""
     made: list[Path] = []
     for controller in sorted({key.split(".")[0] for key in limits}):
         own = _own_cgroup(controller)
@@ -97,7 +104,8 @@ def enter_cgroups(name: str, limits: dict[str, int]) -> list[Path]:
             for key, value in limits.items():
                 if key.startswith(controller + "."):
                     (group / key).write_text(str(value))
-            (group / "cgroup.procs").write_text(str(os.getpid()))
+            if pid is not None:
+                (group / "cgroup.procs").write_text(str(pid))
         except OSError as exc:
             log(f"cgroup {controller} limits not enforced: {exc.strerror}")
             continue
