@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 ACTOR = "scheduler"
 RETRY_KIND = "retrying"
+OUT_OF_MEMORY_KIND = "out_of_memory"
 # The reconciler restarts a session at most once in this window; a crash loop ends in `failed`.
 RETRY_WINDOW = timedelta(hours=1)
 # A provider's stop takes up to ~20 s (the local provider's grace and kill); past this a stopping or
@@ -42,6 +43,8 @@ RETRY_WINDOW = timedelta(hours=1)
 STOP_SETTLE = timedelta(seconds=60)
 GONE_PHASES = frozenset({"absent", "stopped", "failed"})
 LIVE_PHASES = frozenset({"pending", "running"})
+# Sessions whose compute should be up: an OOM kill of theirs is news to the user.
+LIVE_STATES = (State.STARTING, State.RUNNING, State.UNHEALTHY)
 # Ids per lookup of the rows behind listed compute.
 ID_CHUNK = 1000
 WATCHED_STATES = (State.PENDING, State.STARTING, State.RUNNING, State.UNHEALTHY, State.STOPPING, State.DELETING)
@@ -106,6 +109,8 @@ class Reconciler:
         if row.state_changed_at >= listed_at:
             return
         phase = status.phase if status else "absent"
+        if status is not None and status.out_of_memory and state in LIVE_STATES:
+            await self._record_out_of_memory(row, status.out_of_memory)
         age = listed_at - row.state_changed_at
         stuck = age > timedelta(seconds=self.settings.start_timeout_s)
         # A stop or delete whose compute is already gone, long after any live actor would have finished
@@ -141,6 +146,20 @@ class Reconciler:
             reason = f"compute still {status.phase} for a {state.value} session"
             if await self.service.release_compute(session_id, ACTOR, reason, delete=False):
                 self._note(report.orphans_stopped, session_id, "orphan_stopped")
+
+    async def _record_out_of_memory(self, row: Instance, message: str) -> None:
+        """An event the user sees (`orz cloud status`): the session's compute was OOM-killed and restarted.
+        Once per kill: the message names the kill's time, and an event with that message is not written again."""
+        async with self.service.db_sessions() as db:
+            seen = await db.scalar(select(func.count()).select_from(Event).where(
+                Event.instance_id == row.id, Event.kind == OUT_OF_MEMORY_KIND, Event.message == message))
+            if seen:
+                return
+            db.add(Event(instance_id=row.id, org_id=row.org_id, at=self.service.now(), actor=ACTOR,
+                         kind=OUT_OF_MEMORY_KIND, message=message))
+            await db.commit()
+        metrics.RECONCILE_ACTIONS.labels(action="out_of_memory").inc()
+        log.warning("reconcile: session %s: %s", row.id, message)
 
     async def _restart_or_fail(self, row: Instance, reason: str, report: ReconcileReport) -> None:
         if await self._retries_in_window(row.id) == 0:

@@ -192,3 +192,22 @@ async def test_provider_errors_leave_the_rest_of_the_pass_running(world: World, 
     report = await reconcile(sched)
     assert report.errors == ["ghost-aaaaaa"] and report.orphans_stopped == ["ghost-bbbbbb"]
     assert (await reconcile(sched)).orphans_stopped == ["ghost-aaaaaa"]
+
+
+@both_databases
+async def test_an_oom_killed_session_is_told_once_per_kill(world: World, sched: LifecycleScheduler) -> None:
+    """The provider restarted a session's compute after the OOM killer ended it: the user reads it in the
+    session's events, once per kill, and the session stays running."""
+    inst = await world.new_running()
+    world.clock.advance(5)
+    kill = "the session's runner used more than its memory limit of 4Gi and was killed (OOMKilled) at 15:20"
+    world.provider.out_of_memory[inst.id] = kill
+    await reconcile(sched)
+    await reconcile(sched)
+    told = [e for e in await world.events(inst.id) if e.kind == "out_of_memory"]
+    assert [e.message for e in told] == [kill]
+    assert (await world.row(inst.id)).state == "running"
+    world.provider.out_of_memory[inst.id] = kill.replace("15:20", "15:25")
+    await reconcile(sched)
+    told = [e for e in await world.events(inst.id) if e.kind == "out_of_memory"]
+    assert [e.message for e in told] == [kill, kill.replace("15:20", "15:25")]

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from api.instances.providers.kubernetes.cache import slim_pod
 from api.instances.providers.kubernetes.status import compute_status, pod_ip
 
 
@@ -44,3 +45,35 @@ def test_pod_ip() -> None:
     assert pod_ip(pod("Running", podIP="10.0.0.5")) == "10.0.0.5"
     assert pod_ip(pod("Pending")) is None
     assert pod_ip(None) is None
+
+
+def oom_killed(at: str = "2026-12-06T15:20:00Z") -> dict[str, Any]:
+    """A session Pod whose runner the OOM killer ended and Kubernetes restarted, as the kubelet reports it."""
+    return {"metadata": {"name": "orz-a"},
+            "spec": {"containers": [{"name": "runner", "resources": {"limits": {"memory": "4Gi"}}}]},
+            "status": {"phase": "Running", "containerStatuses": [{
+                "name": "runner", "restartCount": 1, "state": {"running": {"startedAt": at}},
+                "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137, "finishedAt": at}}}]}}
+
+
+def test_an_oom_killed_runner_is_news_for_the_user_once_per_kill() -> None:
+    status = compute_status(oom_killed(), False)
+    assert status.phase == "running"
+    assert status.out_of_memory is not None
+    assert "memory limit of 4Gi" in status.out_of_memory and "OOMKilled" in status.out_of_memory
+    # The same kill reads the same (the reconciler records it once); the next kill reads differently.
+    assert compute_status(oom_killed(), False).out_of_memory == status.out_of_memory
+    assert compute_status(oom_killed("2026-12-06T15:25:00Z"), False).out_of_memory != status.out_of_memory
+    crashed = oom_killed()
+    crashed["status"]["containerStatuses"][0]["lastState"]["terminated"]["reason"] = "Error"
+    assert compute_status(crashed, False).out_of_memory is None
+    assert compute_status(pod("Running"), False).out_of_memory is None
+
+
+def test_the_watch_cache_keeps_what_tells_of_an_oom_kill() -> None:
+    """The provider reads Pods from its slim watch cache: the kill and the limit survive the slimming."""
+    assert compute_status(slim_pod(oom_killed()), False).out_of_memory == \
+        compute_status(oom_killed(), False).out_of_memory
+    crashed = oom_killed()
+    crashed["status"]["containerStatuses"][0]["lastState"]["terminated"]["reason"] = "Error"
+    assert "lastState" not in slim_pod(crashed)["status"]["containerStatuses"][0]

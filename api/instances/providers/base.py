@@ -75,6 +75,9 @@ class ComputeSpec:
 class ComputeStatus:
     phase: ComputePhase
     message: str | None = None
+    # The compute's last restart was the kernel's OOM killer's doing (its memory limit reached): what to tell
+    # the user, one text per kill (it names when), so the reconciler records each kill once as an event.
+    out_of_memory: str | None = None
 
 
 class ProviderFailure(Exception):

@@ -22,6 +22,8 @@ class FakeProvider(Provider):
 
     def __init__(self) -> None:
         self.phases: dict[str, str] = {}
+        # Session id -> what the provider says about its compute's last OOM kill (ComputeStatus.out_of_memory).
+        self.out_of_memory: dict[str, str] = {}
         self.specs: dict[str, ComputeSpec] = {}
         self.calls: list[tuple[str, str]] = []
         self.fail_next: str | None = None
@@ -63,4 +65,5 @@ class FakeProvider(Provider):
         return ComputeStatus(phase=self.phases.get(session_id, "absent"))  # type: ignore[arg-type]
 
     async def list(self) -> dict[str, ComputeStatus]:
-        return {sid: ComputeStatus(phase=p) for sid, p in self.phases.items()}  # type: ignore[arg-type]
+        return {sid: ComputeStatus(phase=p, out_of_memory=self.out_of_memory.get(sid))  # type: ignore[arg-type]
+                for sid, p in self.phases.items()}

@@ -48,10 +48,22 @@ def slim_pod(pod: Pod) -> Pod:
         slim_status["containerStatuses"] = [
             {"name": cs.get("name"), "ready": cs.get("ready"),
              "state": {"waiting": {"reason": ((cs.get("state") or {}).get("waiting") or {}).get("reason")}}
-             if (cs.get("state") or {}).get("waiting") else {}}
+             if (cs.get("state") or {}).get("waiting") else {},
+             **_slim_oom(cs)}
             for cs in status.get("containerStatuses") or []]
-    containers = [{"name": c.get("name")} for c in (pod.get("spec") or {}).get("containers") or []]
+    containers = []
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        memory = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+        containers.append({"name": c.get("name"), **({"resources": {"limits": {"memory": memory}}} if memory else {})})
     return {"metadata": slim_meta, "spec": {"containers": containers}, "status": slim_status}
+
+
+def _slim_oom(container_status: Pod) -> Pod:
+    """A container's last termination, only when the OOM killer ended it (the user is told, once per kill)."""
+    last = ((container_status.get("lastState") or {}).get("terminated")) or {}
+    if last.get("reason") != "OOMKilled":
+        return {}
+    return {"lastState": {"terminated": {"reason": "OOMKilled", "finishedAt": last.get("finishedAt")}}}
 
 
 def slim_root(config_map: Pod) -> Pod:

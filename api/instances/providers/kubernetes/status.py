@@ -27,6 +27,21 @@ def _container_problem(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _out_of_memory(pod: Mapping[str, Any]) -> str | None:
+    """What to tell the user when a container's last run ended in the OOM killer (Kubernetes restarts it)."""
+    limits = {c.get("name"): ((c.get("resources") or {}).get("limits") or {}).get("memory")
+              for c in (pod.get("spec") or {}).get("containers") or []}
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        last = ((cs.get("lastState") or {}).get("terminated")) or {}
+        if last.get("reason") == "OOMKilled":
+            name = cs.get("name", "container")
+            limit = f" of {limits[name]}" if limits.get(name) else ""
+            return (f"the session's {name} used more than its memory limit{limit} and was killed (OOMKilled) "
+                    f"at {last.get('finishedAt') or 'an unknown time'}; it was restarted, and what ran in it "
+                    "(the program, shells, tmux) started again")
+    return None
+
+
 def _unschedulable(pod: Mapping[str, Any]) -> str | None:
     for cond in pod.get("status", {}).get("conditions") or []:
         if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False",
@@ -46,14 +61,15 @@ def compute_status(pod: Mapping[str, Any] | None, stopped: bool) -> ComputeStatu
     if pod.get("metadata", {}).get("deletionTimestamp"):
         return ComputeStatus("stopped", "stopping")
     phase = pod.get("status", {}).get("phase") or "Pending"
+    oom = _out_of_memory(pod)
     if phase == "Running":
         problem = _container_problem(pod)
-        return ComputeStatus("failed", problem) if problem else ComputeStatus("running")
+        return ComputeStatus("failed", problem, oom) if problem else ComputeStatus("running", None, oom)
     if phase == "Pending":
         problem = _container_problem(pod)
         if problem:
-            return ComputeStatus("failed", problem)
-        return ComputeStatus("pending", _unschedulable(pod) or "starting")
+            return ComputeStatus("failed", problem, oom)
+        return ComputeStatus("pending", _unschedulable(pod) or "starting", oom)
     if phase == "Succeeded":
         return ComputeStatus("stopped", "the runner exited")
     if phase == "Failed":
