@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -423,9 +424,52 @@ def session_network_confined(ctx: Context) -> None:
             seen = _dial(ctx, pod, container, host, port)
             if (seen == "open") != expected:
                 wrong.append(f"{what} ({host}:{port}): {seen}, expected {'open' if expected else 'closed'}")
-    ctx.orz("cloud", "kill", "--force", ctx.facts["other_session"])
     if wrong:
         raise StepFailed("; ".join(wrong))
+
+
+# Grows by 64 MiB of touched pages at a time until the kernel stops it (a program's runaway allocation).
+_HOG = ("import time\nheld = []\nwhile True:\n    held.append(b'x' * (64 << 20))\n"
+        "    print(len(held) * 64, 'MiB', flush=True)\n    time.sleep(0.01)\n")
+
+
+def session_out_of_memory(ctx: Context) -> None:
+    """A program in a session allocates past the session's memory limit: the kernel kills the session's
+    container, Kubernetes reports it (lastState.terminated OOMKilled, restartCount) and restarts it, and the
+    user reads what happened in `orz cloud status`; then the session is usable again."""
+    session = ctx.facts["other_session"]
+    selector = f"orz.cloud/session={session},app.kubernetes.io/component=runner"
+
+    def runner_status() -> dict:
+        pods = ctx.cluster.pods(SESSIONS_NS, selector)
+        statuses = (pods[0].get("status") or {}).get("containerStatuses") or [] if pods else []
+        return next((s for s in statuses if s["name"] == "runner"), {})
+
+    before = int(runner_status().get("restartCount", 0))
+    done = ctx.ssh(f"{session}.orz", f"python3 -c {shlex.quote(_HOG)}", check=False, timeout_s=180)
+    if done.returncode == 0:
+        raise StepFailed(f"the allocation finished without the memory limit stopping it: {done.stdout[-200:]!r}")
+
+    def oom_reported() -> bool:
+        status = runner_status()
+        last = (status.get("lastState") or {}).get("terminated") or {}
+        return last.get("reason") == "OOMKilled" and int(status.get("restartCount", 0)) > before
+    ctx.wait("the runner container reported OOMKilled and restarted", oom_reported, 60,
+             lambda: f"(runner status {runner_status()}){ctx.pod_summary()}")
+
+    def told() -> str:
+        shown = ctx.orz("cloud", "status", session, check=False)
+        return shown.stdout if "out_of_memory" in shown.stdout and "memory limit" in shown.stdout else ""
+    ctx.wait("`orz cloud status` telling the user the session ran out of memory", lambda: bool(told()), 90,
+             lambda: ctx.orz("cloud", "status", session, check=False).stdout[-600:])
+    def state() -> str:
+        reply = ctx.api("GET", f"/v1/instances/{session}")
+        return str(reply.json().get("status")) if reply.status_code == 200 else f"HTTP {reply.status_code}"
+    ctx.wait("the session running again", lambda: state() == "running", 120, lambda: f"(status {state()})")
+    again = ctx.ssh(f"{session}.orz", "echo back-after-oom", check=False)
+    if "back-after-oom" not in again.stdout:
+        raise StepFailed(f"ssh after the OOM kill: exit {again.returncode} {again.stderr.strip()[-300:]}")
+    ctx.orz("cloud", "kill", "--force", session)
 
 
 def scp_round_trip(ctx: Context) -> None:
@@ -705,6 +749,8 @@ STEPS: list[Step] = [
     ("ssh through each gateway replica and the load balancer; git works", ssh_each_gateway),
     ("a session Pod reaches the API's HTTP port only; the gateway still reaches runners (NetworkPolicy)",
      session_network_confined),
+    ("a program past the session's memory limit: OOMKilled, restarted, and the user is told",
+     session_out_of_memory),
     ("scp up and down, same checksum", scp_round_trip),
     ("ssh -L to the session's loopback", local_forward),
     ("web terminal attach", web_attach),
