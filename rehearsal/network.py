@@ -4,7 +4,9 @@ Pods get their own network namespace, held by a pause process as in Kubernetes (
 /run/netns that another program's ``ip -all netns delete`` could take away), with a veth on the bridge
 ``orzr0`` and an address from the pod range, so every container binds its ports as in a cluster (two API
 replicas both listen on 0.0.0.0:8080). Service cluster IPs are extra addresses on the bridge where a
-round-robin TCP forwarder sends each connection to a Ready endpoint; LoadBalancer Services also get an
+round-robin TCP forwarder sends each connection to a Ready endpoint (a Pod's own connections to a cluster
+IP never reach it: rehearsal.policy translates them in the Pod's namespace, as kube-proxy would, and the
+forwarder serves the node, and Services with no Ready endpoint); LoadBalancer Services also get an
 address of their own from the load-balancer range, listening on the Service's port, which is what users
 connect to. Names resolve through an /etc/hosts per Pod (the kubelet writes it) instead of cluster DNS.
 Nothing here is routed off the machine: the bridge has no uplink and forwarding stays off.

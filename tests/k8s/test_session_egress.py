@@ -1,5 +1,9 @@
 """Where agent code in a session Pod can connect: the chart's policies and the API's per-session one,
-evaluated for a table of destinations (tests/k8s/netpol.py stands in for the CNI plugin)."""
+evaluated for a table of destinations (tests/k8s/netpol.py stands in for the CNI plugin).
+
+These evaluate the policies' text for many values files at once; what a Pod's traffic actually meets is
+the rehearsal's step "a session Pod reaches the API's HTTP port only" (rehearsal/steps.py), where the
+policies are enforced (rehearsal/policy.py) and connections are made from inside a real session Pod."""
 
 from __future__ import annotations
 
