@@ -29,13 +29,11 @@ Where the specification leaves room, the rehearsal chooses, and says so here:
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -311,5 +309,4 @@ class Enforcer:
                 self.sync()
             except (PolicyError, OSError, subprocess.SubprocessError, KeyError, ValueError):
                 log.exception("enforcing NetworkPolicy")
-            with contextlib.suppress(Exception):
-                time.sleep(0.05)  # changes come in bursts (status, events): one rewrite per burst
+            self._stop.wait(0.05)  # changes come in bursts (status, events): one rewrite per burst
