@@ -51,6 +51,7 @@ CLAIM_BATCH = 20
 # Finished deliveries stay in the log this long (the hourly purge removes older ones).
 KEEP_FINISHED = timedelta(days=14)
 _ERROR_CHARS = 300
+_REASON_CHARS = 100
 
 Clock = Callable[[], datetime]
 
@@ -281,25 +282,33 @@ class Deliverer:
         # TLS still names (SNI) and verifies the URL's host while the socket goes to the checked address.
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         started = time.perf_counter()
+        limit_s = self.settings.webhook_timeout_s
         try:
             if self._client is None:
                 # No proxy from the environment: the connection must go to the address just checked.
-                self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_s, follow_redirects=False,
+                self._client = httpx.AsyncClient(timeout=limit_s, follow_redirects=False,
                                                  transport=self._transport, trust_env=False)
-            response = await self._client.post(
-                urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")),
-                content=body, headers=headers, extensions=extensions)
+            # The receiver is whoever the webhook's owner named: its answer's body is never read (an endless
+            # one went into this process's memory), and the whole attempt, not each read, has the time-out
+            # (a receiver dripping header bytes held it, and the batch it was in, for ever).
+            async with asyncio.timeout(limit_s), self._client.stream(
+                    "POST", urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")),
+                    content=body, headers=headers, extensions=extensions) as response:
+                status = response.status_code
+                reason = response.reason_phrase[:_REASON_CHARS]
+                retry_after = _retry_after(response.headers.get("retry-after"))
         except httpx.TransportError as exc:
             return Outcome(error=_describe(exc), retry=True, duration_ms=_ms(started))
-        status = response.status_code
+        except TimeoutError:
+            return Outcome(error=f"TimeoutError: no answer within {limit_s:g} s", retry=True, duration_ms=_ms(started))
         outcome = Outcome(status=status, duration_ms=_ms(started))
         if 200 <= status < 300:
             return outcome
         outcome.retry = status == 429 or status >= 500
-        outcome.error = f"the receiver answered {status} {response.reason_phrase}".rstrip()
+        outcome.error = f"the receiver answered {status} {reason}".rstrip()
         if 300 <= status < 400:
             outcome.error += " (redirects are not followed: register the final URL)"
-        outcome.retry_after_s = _retry_after(response.headers.get("retry-after"))
+        outcome.retry_after_s = retry_after
         return outcome
 
 

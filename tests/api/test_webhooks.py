@@ -431,3 +431,67 @@ async def test_the_scheduler_sends_deliveries(settings: Settings, sessions: Sess
     assert receiver.got[0].verified
     assert receiver.got[0].json["agent"] == {"state": "exited", "message": None, "exit_code": 3}
     assert receiver.got[0].json["text"].endswith("the agent exited with code 3")
+
+
+class HostileReceiver:
+    """A receiver on a free port that answers 200 and then never finishes: ``flood`` sends body bytes as fast
+    as the client takes them (up to ``cap``), ``drip`` sends a header line one byte at a time, forever."""
+
+    def __init__(self, mode: str, cap: int = 64 << 20) -> None:
+        self.mode, self.cap = mode, cap
+        self.sent = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> HostileReceiver:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hook"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if self.mode == "flood":
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % self.cap)
+                chunk = b"x" * (1 << 20)
+                while self.sent < self.cap:
+                    writer.write(chunk)
+                    await writer.drain()
+                    self.sent += len(chunk)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nx-slow: ")
+                while True:
+                    writer.write(b"a")
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_receiver_streaming_an_endless_answer_is_not_read(
+        app: Sanic, sessions: Sessions, caplog: pytest.LogCaptureFixture) -> None:
+    # Any user's webhook points where they like: an answer of gigabytes was read into the API's memory
+    # (the test ping runs in the API process), and a receiver dripping bytes held the attempt (and the
+    # scheduler's whole batch) forever, since httpx's time-out is per read. The status is all we need.
+    t = await make_tenant(sessions, "acme")
+    async with HostileReceiver("flood") as flood, HostileReceiver("drip") as drip:
+        hook = await create_hook(app, t, flood.url)
+        _, resp = await asyncio.wait_for(app.asgi_client.post(f"/v1/webhooks/{hook['id']}/test", headers=t.headers),
+                                         60)
+        assert resp.status == 200 and resp.json["state"] == "delivered", resp.json
+        assert flood.sent < flood.cap // 2  # the body was never read (what the sockets buffer at most)
+
+        slow = await create_hook(app, t, drip.url)
+        _, resp = await asyncio.wait_for(app.asgi_client.post(f"/v1/webhooks/{slow['id']}/test", headers=t.headers),
+                                         60)
+        assert resp.status == 200 and resp.json["state"] == "pending", resp.json
+        assert "within 2 s" in resp.json["error"], resp.json
