@@ -31,3 +31,22 @@ def within(address: str, networks: tuple[Network, ...]) -> bool:
     except ValueError:
         return False
     return any(ip in net for net in networks)
+
+
+# One IPv6 client holds a whole /64 (SLAAC, privacy addresses, any host's routed prefix): counted per
+# address, it could spend every per-address limit 2^64 times over.
+IPV6_LIMIT_PREFIX = 64
+
+
+def limit_key(source: str) -> str:
+    """What per-address limits count ``source`` under: an IPv4 address as itself (also when written as an
+    IPv4-mapped IPv6 address), an IPv6 address as its /64; anything that is not an address unchanged."""
+    try:
+        ip = ipaddress.ip_address(source)
+    except ValueError:
+        return source
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/{IPV6_LIMIT_PREFIX}", strict=False))
+    return str(ip)

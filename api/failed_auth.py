@@ -19,6 +19,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api import schemas
+from api.addresses import limit_key
 from api.db.dialect import insert_for
 from api.db.models import AuthFailure
 from api.settings import Settings
@@ -35,13 +36,14 @@ SIGNIN_PREFIX = "signin:"
 
 def signin_source(address: str) -> str:
     """The key sign-in attempts from `address` are counted under (apart from failed attach credentials)."""
-    return f"{SIGNIN_PREFIX}{address}"[:64]
+    return f"{SIGNIN_PREFIX}{limit_key(address)}"[:64]
 
 
 async def record(sessions: async_sessionmaker[AsyncSession], source: str, settings: Settings,
                  now: float | None = None, *, limit: int | None = None) -> schemas.AuthFailureReply:
     """Count one failure from `source`; the failures inside the window and how long the source must wait.
     ``limit`` replaces ``auth_fail_limit`` (the sign-in routes' own limit)."""
+    source = limit_key(source)  # a gateway reports the address it saw: an IPv6 one counts as its /64
     t = time.time() if now is None else now
     current = int(t // bucket_s(settings))
     async with sessions() as db:
@@ -56,6 +58,7 @@ async def record(sessions: async_sessionmaker[AsyncSession], source: str, settin
 async def check(sessions: async_sessionmaker[AsyncSession], source: str, settings: Settings,
                 now: float | None = None, *, limit: int | None = None) -> schemas.AuthFailureReply:
     """What `record` would say without counting anything: is `source` at its limit, and for how long."""
+    source = limit_key(source)
     t = time.time() if now is None else now
     async with sessions() as db:
         buckets = await _window(db, source, settings, t)

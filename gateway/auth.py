@@ -18,6 +18,7 @@ from asyncssh.public_key import decode_ssh_certificate
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from api import public_keys
+from api.addresses import limit_key
 from api.schemas import SESSION_ID_RE
 from api.settings import Settings
 from gateway.errors import CredentialRejected
@@ -208,7 +209,7 @@ def check_jwt(token: str, username: str, anchors: TrustAnchors) -> AttachCredent
 
 
 class FailureLimiter:
-    """Counts failed authentications per source address in a sliding window."""
+    """Counts failed authentications per source address (an IPv6 one by its /64) in a sliding window."""
 
     MAX_TRACKED = 100_000
 
@@ -219,6 +220,7 @@ class FailureLimiter:
         self._blocked_until: dict[str, float] = {}  # source -> time.monotonic() (from the shared count)
 
     def _recent(self, source: str, now: float) -> deque[float] | None:
+        source = limit_key(source)
         q = self._failures.get(source)
         if q is None:
             return None
@@ -248,9 +250,11 @@ class FailureLimiter:
         t = time.monotonic() if now is None else now
         if len(self._blocked_until) >= self.MAX_TRACKED:
             self._blocked_until = {k: v for k, v in self._blocked_until.items() if v > t}
+        source = limit_key(source)
         self._blocked_until[source] = max(self._blocked_until.get(source, 0.0), t + seconds)
 
     def _shared_block(self, source: str, now: float) -> float:
+        source = limit_key(source)
         until = self._blocked_until.get(source)
         if until is None:
             return 0.0
@@ -266,6 +270,6 @@ class FailureLimiter:
             # Bounded memory under a spray of addresses: forget the stalest entries.
             for key in list(self._failures)[: self.MAX_TRACKED // 10]:
                 del self._failures[key]
-        q = self._recent(source, t) or self._failures.setdefault(source, deque())
+        q = self._recent(source, t) or self._failures.setdefault(limit_key(source), deque())
         q.append(t)
         return len(q) >= self.limit

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal
 
+from api.addresses import limit_key
 from gateway import metrics
 from gateway.cork import CorkProtocol
 
@@ -29,7 +30,7 @@ REFUSAL = {
 
 
 class PreauthLimiter:
-    """Counts unauthenticated connections by source address."""
+    """Counts unauthenticated connections by source address (an IPv6 one by its /64: api/addresses.py)."""
 
     def __init__(self, per_source: int, total: int) -> None:
         self.per_source = per_source
@@ -38,6 +39,7 @@ class PreauthLimiter:
         self._count = 0
 
     def admit(self, source: str) -> Verdict:
+        source = limit_key(source)
         if self._by_source[source] >= self.per_source:
             return "source"
         if self._count >= self.total:
@@ -47,13 +49,14 @@ class PreauthLimiter:
         return "ok"
 
     def release(self, source: str) -> None:
+        source = limit_key(source)
         self._count -= 1
         self._by_source[source] -= 1
         if self._by_source[source] <= 0:
             del self._by_source[source]
 
     def pending(self, source: str | None = None) -> int:
-        return self._count if source is None else self._by_source[source]
+        return self._count if source is None else self._by_source[limit_key(source)]
 
 
 class AdmittedProtocol(CorkProtocol):

@@ -12,6 +12,7 @@ from websockets.exceptions import InvalidStatus
 
 from api.settings import Settings
 from gateway import web_http as http
+from gateway.preauth import PreauthLimiter
 from tests.gateway.conftest import SESSION, gateway_env
 
 PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32"))
@@ -66,3 +67,27 @@ async def test_without_trusted_proxies_the_header_is_ignored(tmp_path: Path) -> 
         for n in range(limit):
             assert await _refused_status(port, f"203.0.113.{n}") == 401  # a forged header changes nothing
         assert await _refused_status(port, "203.0.113.99") == 429
+
+
+async def test_addresses_of_one_ipv6_prefix_share_one_limit(tmp_path: Path) -> None:
+    # Any IPv6 host has a /64 to pick source addresses from: counted per address, a guesser rotating
+    # through it was never limited. One /64 counts as one address; an IPv4 address written as IPv4-mapped
+    # IPv6 counts as itself.
+    async with gateway_env(tmp_path, gateway_web_trusted_proxies="127.0.0.1") as env:
+        assert env.gateway.web is not None
+        port = env.gateway.web.port
+        limit = env.settings.auth_fail_limit
+        assert [await _refused_status(port, f"2001:db8:1:2::{n + 1:x}") for n in range(limit)] == [401] * limit
+        assert await _refused_status(port, "2001:db8:1:2:ffff:ffff:ffff:fffe") == 429
+        assert await _refused_status(port, "2001:db8:1:3::1") == 401  # the next /64: someone else
+        assert [await _refused_status(port, "198.51.100.4") for _ in range(limit)] == [401] * limit
+        assert await _refused_status(port, "::ffff:198.51.100.4") == 429
+
+
+def test_unauthenticated_connections_of_one_ipv6_prefix_share_one_limit() -> None:
+    limiter = PreauthLimiter(per_source=2, total=100)
+    assert [limiter.admit(f"2001:db8:5:6::{n}") for n in (1, 2, 3)] == ["ok", "ok", "source"]
+    assert limiter.admit("2001:db8:5:7::1") == "ok"
+    limiter.release("2001:db8:5:6::2")  # either address of the prefix frees the prefix's slot
+    assert limiter.admit("2001:db8:5:6::abcd") == "ok"
+    assert [limiter.admit(a) for a in ("192.0.2.1", "::ffff:192.0.2.1", "192.0.2.1")] == ["ok", "ok", "source"]

@@ -120,3 +120,19 @@ async def test_browser_sign_ins_count_per_browser_address(settings, oidc):
     _, cli = await app.asgi_client.post("/v1/auth/token", json={"grant_type": DEVICE_GRANT,
                                                                 "device_code": "orzd_guess"})
     assert cli.status == 400
+
+
+@both_databases
+async def test_sign_ins_from_one_ipv6_prefix_share_the_limit(settings, oidc):
+    """A browser rotating through the addresses of its IPv6 /64 (any IPv6 host has one) is one browser."""
+    app = make_app(limited(settings, oidc))
+
+    async def start_browser(address: str):  # type: ignore[no-untyped-def]
+        _, resp = await app.asgi_client.post("/internal/v1/signin/start", headers=SERVICE, json={
+            "redirect_uri": CALLBACK, "source_address": address})
+        return resp
+
+    for n in range(LIMIT):
+        assert (await start_browser(f"2001:db8:7:8::{n + 1}")).status == 200
+    assert_too_many(await start_browser("2001:db8:7:8:abcd::9"))
+    assert (await start_browser("2001:db8:7:9::1")).status == 200  # the next /64: someone else
