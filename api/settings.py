@@ -162,6 +162,10 @@ class Settings(BaseSettings):
                                              "count: connections whose request is not answered yet)", ge=1)
     gateway_preauth_total: int = option("gateway", 256, "connections still in the handshake or authenticating, "
                                         "in all (the SSH and web doors each)", ge=1)
+    gateway_attachments_per_user: int = option("gateway", 64, "attached connections (SSH, SSH over the web "
+                                               "door, browser terminals) one user may hold open through one "
+                                               "gateway replica; beyond it a new one is refused with a line "
+                                               "saying so (0: no limit)", ge=0)
     gateway_login_timeout_s: int = option("gateway", 20, "a connection not authenticated within this many "
                                           "seconds is closed", ge=1, le=120)
     gateway_drain_s: float = option("gateway", 240.0, "on SIGTERM the gateway stops taking connections, tells "

@@ -59,6 +59,34 @@ class PreauthLimiter:
         return self._count if source is None else self._by_source[limit_key(source)]
 
 
+class AttachSlots:
+    """Attached connections per user on this replica: one user's certificate (good for minutes) or stream of
+    attach tokens opened as many as they liked, each a runner connection and file descriptors of the
+    gateway every other user shares. ``limit`` 0: no limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._by_user: Counter[str] = Counter()
+
+    def refusal(self) -> str:
+        return (f"you have {self.limit} connections open through this gateway, the most one user may; "
+                "close some (a ControlMaster shares one) and try again")
+
+    def take(self, user_id: str) -> bool:
+        if self.limit and self._by_user[user_id] >= self.limit:
+            return False
+        self._by_user[user_id] += 1
+        return True
+
+    def give(self, user_id: str) -> None:
+        self._by_user[user_id] -= 1
+        if self._by_user[user_id] <= 0:
+            del self._by_user[user_id]
+
+    def held(self, user_id: str) -> int:
+        return self._by_user[user_id]
+
+
 class AdmittedProtocol(CorkProtocol):
     """A CorkProtocol that first asks the limiter; `inner.preauth_done()` ends the count at auth."""
 

@@ -33,7 +33,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.forwarding import Pipe, open_direct, open_remote_listener
-from gateway.preauth import AdmittedProtocol, PreauthLimiter
+from gateway.preauth import AdmittedProtocol, AttachSlots, PreauthLimiter
 from gateway.revocation import AccessWatch, Revocable
 from gateway.routing import Router
 from gateway.web import WebDoor
@@ -126,6 +126,7 @@ class ClientHandler(asyncssh.SSHServer):
         self.auth_done_at: float | None = None
         self.revoked: str | None = None  # why access was withdrawn while connected
         self.authorized_at: float | None = None  # monotonic time of the API's last yes to this connection
+        self.slot_of: str | None = None  # the user whose attach slot (gateway.attach_slots) this connection holds
         self._banners: set[str] | None = None  # lines already shown (made on the first: most show none)
         self._unavailable_counted = False
         # Where the runner's agent requests land; relayed to the client's agent only if it asked (ssh -A).
@@ -149,6 +150,9 @@ class ClientHandler(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gw.connections.discard(self)
+        if self.slot_of is not None:
+            self.gw.attach_slots.give(self.slot_of)
+            self.slot_of = None
         self.agent.close()
         if self.attachment is not None:
             self.attachment.close()
@@ -250,6 +254,13 @@ class ClientHandler(asyncssh.SSHServer):
             except AttachRefused as exc:
                 self.log.info("attach to %s refused (%s)", username, exc.code)
                 self.refusal = exc
+        if self.refusal is None and self.slot_of is None:
+            if self.gw.attach_slots.take(principal.user_id):
+                self.slot_of = principal.user_id
+            else:
+                self.log.info("attach to %s refused: the user has %d connections open here", username,
+                              self.gw.attach_slots.limit)
+                self.refusal = AttachRefused(self.gw.attach_slots.refusal(), code="too_many_connections")
         if self.refusal is not None and self.refusal.counts_against_source and self._count_failure():
             self._banner("too many failed authentications; try again later")
         self.principal = principal
@@ -475,6 +486,7 @@ class Gateway:
         self.router = Router(self.api, start_timeout_s=settings.start_timeout_s)
         self.limiter = auth.FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window_s)
         self.preauth = PreauthLimiter(settings.gateway_preauth_per_source, settings.gateway_preauth_total)
+        self.attach_slots = AttachSlots(settings.gateway_attachments_per_user)
         self._anchors: auth.TrustAnchors | None = None
         self._anchor_problem: str | None = None
         self.host_key = keys.load_or_create(keys.host_key_path(settings), "orz-gateway-host")

@@ -46,6 +46,21 @@ LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104 
 
 
 async def terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
+    """The browser terminal, holding one of its user's attach slots (gateway/preauth.py) while it lasts."""
+    user_id = grant.principal.user_id
+    if not gw.attach_slots.take(user_id):
+        log.info("web %s: attach to %s refused: the user has %d connections open here", grant.id, grant.session_id,
+                 gw.attach_slots.limit)
+        metrics.attach_failed("web", "too_many_connections")
+        await refuse(ws, gw.attach_slots.refusal(), control=wants_control(ws))
+        return
+    try:
+        await _terminal(gw, ws, grant)
+    finally:
+        gw.attach_slots.give(user_id)
+
+
+async def _terminal(gw: Gateway, ws: ServerConnection, grant: Grant) -> None:
     """The browser terminal: one upstream SSH session with a pty, i.e. onAttach, then tmux attach."""
     counters = Counters()
     authorized_at = time.monotonic()  # the credential was checked just before the upgrade
