@@ -196,8 +196,10 @@ class Settings(BaseSettings):
                                  "`ORZ_CERT_TTL_S`; raising it makes a leaked certificate worth longer (the gateway "
                                  "still checks access on every connection)", ge=10, le=86400)
     attach_token_ttl_s: int = option("credentials", 120, "lifetime of one-time attach tokens (JWT)", ge=5, le=600)
-    permit_port_forwarding: bool = option("credentials", True, "certificates allow port forwarding into the "
-                                          "session")
+    permit_port_forwarding: bool = option("credentials", True, "port forwarding (-L, -D, -R) into sessions: "
+                                          "certificates carry it and the gateway allows it, for logins with "
+                                          "certificates and attach tokens alike (set it the same for the API and "
+                                          "the gateway)")
     secrets_key: SecretStr = option("credentials", SecretStr(""), "key(s) encrypting stored secrets: "
                                     "`kid:base64` (or bare base64) entries separated by commas, the first one "
                                     "current (api/credentials/secrets_keys.py; not with `ORZ_SECRETS_KEY_FILE`)")

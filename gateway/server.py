@@ -450,9 +450,14 @@ class ClientHandler(asyncssh.SSHServer):
     def _client_agent_path(self) -> str | None:
         return self.conn.get_agent_path() if self.conn is not None else None
 
+    def _may_forward(self) -> bool:
+        """ORZ_PERMIT_PORT_FORWARDING for every login: a certificate without it is refused by asyncssh, and an
+        attach token (a password, the web door's tunnel) carries no certificate to leave it out of."""
+        return self.gw.settings.permit_port_forwarding
+
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Awaitable[Pipe]:
-        if self.attachment is None or self.readonly or self.refusal is not None:
+        if self.attachment is None or self.readonly or self.refusal is not None or not self._may_forward():
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "orz: port forwarding is not permitted on this attach")
         return open_direct(self.attachment, dest_host, dest_port, orig_host, orig_port,
@@ -460,7 +465,8 @@ class ClientHandler(asyncssh.SSHServer):
 
     def server_requested(self, listen_host: str,
                          listen_port: int) -> Literal[False] | Awaitable[asyncssh.SSHListener]:
-        if self.attachment is None or self.readonly or self.refusal is not None or self.conn is None:
+        if self.attachment is None or self.readonly or self.refusal is not None or self.conn is None \
+                or not self._may_forward():
             return False
         return open_remote_listener(self.attachment, self.conn, listen_host, listen_port,
                                     fast_path=self.gw.settings.gateway_fast_path)

@@ -7,10 +7,12 @@ import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import asyncssh
 import pytest
 
-from tests.gateway.conftest import SESSION, Env
+from tests.gateway.conftest import SESSION, Env, gateway_env
 
 
 def _free_port() -> int:
@@ -103,3 +105,19 @@ async def test_remote_forward(env: Env, echo_port: int) -> None:
         # The runner listens "inside the session" (here: this machine's loopback).
         reader, writer = await _connect(remote)
         assert await _roundtrip(reader, writer, b"back") == b"echo:back\n"
+
+
+async def test_forwarding_turned_off_holds_for_attach_tokens_too(tmp_path: Path, echo_port: int) -> None:
+    """ORZ_PERMIT_PORT_FORWARDING=false left it out of certificates (which asyncssh enforces); a login with an
+    attach token (ssh's password prompt, the web door's tunnel) carries no certificate and forwarded anyway."""
+    async with (
+        gateway_env(tmp_path, permit_port_forwarding=False) as env,
+        asyncssh.connect("127.0.0.1", env.port, username=SESSION, password=env.token(), client_keys=None,
+                         known_hosts=str(env.known_hosts), config=None, agent_path=None) as conn,
+    ):
+        with pytest.raises(asyncssh.ChannelOpenError, match="not permitted"):
+            await conn.open_connection("127.0.0.1", echo_port)
+        with pytest.raises(asyncssh.ChannelListenError):
+            await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", echo_port)
+        done = await conn.run("echo in", check=True)  # the session itself still works
+        assert done.stdout == "in\n"
