@@ -204,3 +204,16 @@ async def test_a_wake_refused_for_the_users_input_is_invalid_not_our_error(app, 
         return value(after, name, result=result) - value(before, name, result=result)
 
     assert (delta("invalid"), delta("error")) == (1, 0)
+
+
+async def test_made_up_methods_do_not_add_series(app, sessions):
+    # HTTP lets a client name any method: each one a caller made up was a new series of the duration histogram
+    # (14 samples each), so anyone could grow the API's memory and every scrape without bound.
+    for n in range(20):
+        await app.asgi_client.request(f"XMETHOD{n}", "/healthz")
+    await app.asgi_client.request("GET", "/healthz")
+    samples = await scrape(app)
+    methods = {dict(labels)["method"] for (name, labels), v in samples.items()
+               if name == "orz_http_request_duration_seconds_count" and v > 0}
+    assert "GET" in methods and "other" in methods, methods
+    assert not any(m.startswith("XMETHOD") for m in methods), methods
