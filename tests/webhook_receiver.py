@@ -49,6 +49,8 @@ class Receiver:
     _port: int = 0
     # Serve https with this context (a certificate for the name the test resolves to 127.0.0.1).
     tls: ssl.SSLContext | None = None
+    # HTTP/1.1 with empty answers: the connection may be kept for the client's next request.
+    keep_alive: bool = False
 
     @property
     def port(self) -> int:
@@ -63,15 +65,18 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if receiver.keep_alive else "HTTP/1.0"
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 receiver.got.append(Received(headers, body, verify(receiver.secret, headers, body)))
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
-                self.send_header("content-length", "2")
+                self.send_header("content-length", "0" if receiver.keep_alive else "2")
                 self.end_headers()
-                self.wfile.write(b"ok")
+                if not receiver.keep_alive:
+                    self.wfile.write(b"ok")
 
             def log_message(self, *_args: object) -> None:
                 pass

@@ -275,6 +275,10 @@ class Deliverer:
         address = target.addresses[0]
         netloc = f"[{address}]:{target.port}" if ":" in address else f"{address}:{target.port}"
         headers = {
+            # One connection per attempt, never kept: the pool knows a connection by the address it went to, so
+            # a kept one, opened and verified for one webhook's name (another tenant's, on an address that routes
+            # TLS by name), carried the next delivery to that address there, its own name never checked.
+            "Connection": "close",
             "Host": parts.netloc, "Content-Type": "application/json", "User-Agent": USER_AGENT,
             TIMESTAMP_HEADER: str(timestamp), SIGNATURE_HEADER: signature(secret, timestamp, body),
             DELIVERY_HEADER: c.id, EVENT_HEADER: c.event, WEBHOOK_HEADER: c.webhook_id,

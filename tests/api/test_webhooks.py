@@ -495,3 +495,31 @@ async def test_a_receiver_streaming_an_endless_answer_is_not_read(
                                          60)
         assert resp.status == 200 and resp.json["state"] == "pending", resp.json
         assert "within 2 s" in resp.json["error"], resp.json
+
+
+async def test_a_connection_is_never_reused_for_another_webhooks_name(
+        settings: Settings, sessions: Sessions, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two names for one address, as on a host that routes TLS by name to different customers' servers: a kept
+    connection, opened and verified for one tenant's webhook, carried another tenant's delivery (its events,
+    signed) to the first tenant's server, its own name never checked."""
+    server_tls, client_tls = self_signed(tmp_path, "attacker.example.com")
+    receiver = Receiver(tls=server_tls, keep_alive=True).start()
+
+    async def resolve(host: str) -> list[str]:
+        return ["127.0.0.1"] if host in ("attacker.example.com", "victim.example.com") else []
+
+    attacker, victim = await principal(sessions, "evil"), await principal(sessions, "acme")
+    box = SecretsBox.from_settings(settings)
+    d = Deliverer(settings, sessions, box, resolve=resolve, transport=httpx.AsyncHTTPTransport(verify=client_tls))
+    svc = WebhookService(settings, sessions, box, d, resolve=resolve)
+    try:
+        theirs = await svc.create(attacker, schemas.WebhookCreate(url=f"https://attacker.example.com:{receiver.port}/"))
+        first = await svc.test(attacker, theirs.id)
+        mine = await svc.create(victim, schemas.WebhookCreate(url=f"https://victim.example.com:{receiver.port}/"))
+        second = await svc.test(victim, mine.id)
+    finally:
+        await d.stop()
+        receiver.stop()
+    assert first.state == "delivered", first.last_error
+    assert second.state == "pending" and "certificate" in (second.last_error or "").lower(), second.last_error
+    assert [r.headers["host"] for r in receiver.got] == [f"attacker.example.com:{receiver.port}"]
