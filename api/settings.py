@@ -356,6 +356,12 @@ class Settings(BaseSettings):
     k8s_storage_class: str = option("kubernetes", "", "storage class of the workspace volumes (empty: the "
                                     "cluster's default)")
     k8s_workspace_size: str = option("kubernetes", "10Gi", "size of each session's workspace volume")
+    k8s_service_image_registries: str = option(
+        "kubernetes", "docker.io,ghcr.io,quay.io,public.ecr.aws,registry.k8s.io,mcr.microsoft.com",
+        "comma-separated registries (host, or host:port) the images of `services:` in .orz/cloud.yaml may come "
+        "from; `*` any. The kubelet pulls them with the node's credentials, which on a managed cluster read the "
+        "operator's private registries (ECR, Artifact Registry, ACR), and from the node's network, where an "
+        "internal registry answers: list such a registry only if every user may run its images")
     k8s_gateway_selector: str = option("kubernetes", "app.kubernetes.io/component=gateway", "labels of the "
                                        "gateway's pods, the only pods a session's NetworkPolicy lets reach its runner")
     k8s_gateway_namespace_selector: str = option("kubernetes", "kubernetes.io/metadata.name=orz-system", "labels "
@@ -391,6 +397,9 @@ class Settings(BaseSettings):
     def web_trusted_proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         entries = _split_list(self.gateway_web_trusted_proxies)
         return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+    def service_image_registries(self) -> tuple[str, ...]:
+        return tuple(entry.lower() for entry in _split_list(self.k8s_service_image_registries))
 
     def api_proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(entry, strict=False) for entry in _split_list(self.api_trusted_proxies))

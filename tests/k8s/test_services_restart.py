@@ -19,7 +19,7 @@ from api import schemas
 from api.auth import Principal
 from api.db.models import Instance
 from api.errors import Unauthorized
-from api.instances.providers.kubernetes import names
+from api.instances.providers.kubernetes import names, sidecars
 from api.instances.providers.kubernetes.provider import KubernetesProvider
 from api.instances.service import InstanceService
 from api.settings import Settings
@@ -194,6 +194,14 @@ def sidecar(name: str, **fields: Any) -> schemas.SidecarSpec:
                                             "session's secrets"),
     ([sidecar("db", env={"X": "${ORZ_RUNNER_TOKEN}"})], ".orz/cloud.yaml: services.db.env.X: "
                                                         "${ORZ_RUNNER_TOKEN} is not one of this session's secrets"),
+    # The node pulls sidecar images with its own credentials (a managed cluster's read the operator's private
+    # registries) and from its own network (an internal registry): neither is any user's to run.
+    ([sidecar("db", image="123456789012.dkr.ecr.us-east-1.amazonaws.com/internal/billing:1")],
+     ".orz/cloud.yaml: services.db.image: 123456789012.dkr.ecr.us-east-1.amazonaws.com/internal/billing:1 is from "
+     "123456789012.dkr.ecr.us-east-1.amazonaws.com, which sessions may not pull from here"),
+    ([sidecar("db", image="10.0.0.5:5000/secret-tool")],
+     ".orz/cloud.yaml: services.db.image: 10.0.0.5:5000/secret-tool is from 10.0.0.5:5000, which sessions"),
+    ([sidecar("db", image="localhost/cached-private")], ".orz/cloud.yaml: services.db.image: localhost/cached"),
 ])
 async def test_bad_services_fail_the_session_with_the_key_and_make_nothing(
         service: InstanceService, server: FakeApiServer, who: Principal,
@@ -237,3 +245,21 @@ async def test_the_service_limit_is_the_plans_and_go_style_names_run_as_dns_labe
     sidecars = pod["spec"]["containers"][1:]
     assert [c["name"] for c in sidecars] == [f"svc-{i}" for i in range(6)]
     assert sidecars[0]["env"] == [{"name": "discovery.type", "value": "single-node"}]
+
+
+@pytest.mark.parametrize(("image", "registry"), [
+    ("postgres:16", "docker.io"), ("bitnami/redis:7", "docker.io"), ("docker.io/library/redis", "docker.io"),
+    ("index.docker.io/library/redis", "docker.io"), ("ghcr.io/acme/tool@sha256:" + "0" * 64, "ghcr.io"),
+    ("Quay.io/x/y", "quay.io"), ("registry.example.com:5000/x", "registry.example.com:5000"),
+    ("localhost:5000/x", "localhost:5000"),
+])
+def test_the_registry_is_read_as_the_container_runtime_reads_it(image: str, registry: str) -> None:
+    assert sidecars.image_registry(image) == registry
+    allowed = registry in sidecars.DEFAULT_REGISTRIES
+    try:
+        sidecars.parse_services([{"name": "db", "image": image}])
+    except sidecars.ServiceError as exc:
+        assert not allowed and "may not pull from here" in str(exc)
+    else:
+        assert allowed
+    sidecars.parse_services([{"name": "db", "image": image}], registries=("*",))  # an operator's "any"

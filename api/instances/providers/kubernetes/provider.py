@@ -191,7 +191,8 @@ class KubernetesProvider(Provider):
                        max_services: int = DEFAULT_MAX_SERVICES) -> None:
         try:
             # The session id only names the Secret the references point at; it changes nothing checked.
-            manifests.sidecar_containers(services, "check", secret_keys, max_services)
+            manifests.sidecar_containers(services, "check", secret_keys, max_services,
+                                         self.config.service_image_registries)
         except manifests.ManifestError as exc:
             raise ProviderFailure(str(exc)) from None
 

@@ -81,13 +81,30 @@ def _health(raw: Any, path: str) -> Health | None:
 RawServices = Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]]
 
 
+# Registries whose images any user may run (settings.k8s_service_image_registries): public ones, where what a node
+# can pull without credentials is what anyone can.
+DEFAULT_REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "public.ecr.aws", "registry.k8s.io", "mcr.microsoft.com")
+_DOCKER_HUB_NAMES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+
+
+def image_registry(image: str) -> str:
+    """The registry an image reference is pulled from, as the container runtime reads it: the first path part
+    when it has a '.' or ':' or is 'localhost', else Docker Hub."""
+    first, slash, _rest = image.partition("/")
+    if not slash or not ("." in first or ":" in first or first == "localhost"):
+        return "docker.io"
+    host = first.lower()
+    return "docker.io" if host in _DOCKER_HUB_NAMES else host
+
+
 def listed(raw: RawServices) -> list[Mapping[str, Any]]:
     """``{name: {image, ...}}`` (as in cloud.yaml) or a list of ``{name, image, ...}``, as the list."""
     return [{"name": k, **v} for k, v in raw.items()] if isinstance(raw, Mapping) else list(raw)
 
 
 def parse_services(raw: RawServices, reserved_ports: Sequence[int] = (),
-                   max_services: int = cloud_yaml.DEFAULT_MAX_SERVICES) -> list[Service]:
+                   max_services: int = cloud_yaml.DEFAULT_MAX_SERVICES,
+                   registries: Collection[str] = DEFAULT_REGISTRIES) -> list[Service]:
     """Accepts ``{name: {image, ...}}`` (as in cloud.yaml) or a list of ``{name, image, ...}``."""
     items = listed(raw)
     if len(items) > max_services:
@@ -112,6 +129,12 @@ def parse_services(raw: RawServices, reserved_ports: Sequence[int] = (),
             raise ServiceError(f"{path}.image: required, a container image reference")
         if len(image) > cloud_yaml.SERVICE_IMAGE_MAX:
             raise ServiceError(f"{path}.image: at most {cloud_yaml.SERVICE_IMAGE_MAX} characters")
+        registry = image_registry(image)
+        if "*" not in registries and registry not in registries:
+            # The node pulls it, with the node's registry credentials and from the node's network.
+            raise ServiceError(f"{path}.image: {image} is from {registry}, which sessions may not pull from here "
+                               f"(allowed: {', '.join(registries) or 'none'}; an admin sets "
+                               "ORZ_K8S_SERVICE_IMAGE_REGISTRIES)")
         env = item.get("env") or {}
         if not isinstance(env, Mapping) or not all(cloud_yaml.ENV_KEY_RE.match(str(k)) for k in env):
             raise ServiceError(f"{path}.env: must map variable names (letters, digits, '_', '.', '-') to values")
