@@ -35,6 +35,9 @@ def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -
     except json.JSONDecodeError as exc:
         # Only the reason and position: exc.doc (the input) is never echoed.
         raise BadRequest(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError:
+        # An integer past Python's digit limit (4300): a ValueError, not a JSON error, and no 500 for anyone.
+        raise BadRequest("body is not valid JSON: a number has more digits than the API reads") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     try:

@@ -125,6 +125,20 @@ async def test_deeply_nested_json_is_a_400_on_every_json_route(app: Sanic, sessi
         assert "nested too deeply" in resp.json["detail"] or "recursion" in resp.json["detail"]
 
 
+@pytest.mark.parametrize("number", [b"1" * 5000, b"-" + b"9" * 4301], ids=["positive", "negative"])
+async def test_a_number_too_long_to_read_is_a_400_on_every_json_route(app: Sanic, sessions, number: bytes) -> None:
+    """Python reads integers of at most 4300 digits and says so with a ValueError, not a JSON error: anyone (the
+    sign-in routes take no token) had a 500 and an error with its traceback in the log for each request."""
+    t, sid, runner = await _route_context(app, sessions)
+    headers = {"api_token": t.headers, "service_token": SERVICE, "runner_token": runner}
+    for op in [op for op in REGISTRY.operations if op.request is not None]:
+        path = op.path.replace("{id}", sid).replace("{name}", "db")
+        _, resp = await app.asgi_client.request(op.method.lower(), path, content=b'{"a": ' + number + b"}",
+                                                headers=headers[op.security or "api_token"])
+        assert resp.status == 400, (op.method, op.path, resp.status, resp.text[:300])
+        assert resp.json["detail"] == "body is not valid JSON: a number has more digits than the API reads"
+
+
 async def test_moderately_deep_json_is_a_400_too(app: Sanic, sessions) -> None:
     """Nesting the first parser takes but the validating one refuses is bad JSON too, not a 422."""
     t = await make_tenant(sessions, "acme")
