@@ -327,8 +327,8 @@ def _forwarded_token(request: Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if not header and (signed_in := cookie_token(request)) is not None:
         header = f"Bearer {signed_in}"
-    if not header.startswith("Bearer ") or len(header) > 512:
-        return None
+    if not header.startswith("Bearer ") or len(header) > 512 or not header.isascii() or not header.isprintable():
+        return None  # not a token of ours (bytes that are not text could not even be sent on to the API)
     return header.removeprefix("Bearer ").strip()
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import pytest
 from sqlalchemy import func, select
 
 from api.db.models import Instance
+from api.serve import ApiServer
 from tests.conftest import make_tenant
 
 BAD_BODIES = [
@@ -126,3 +130,26 @@ async def test_an_ssh_user_name_is_no_credential(app, sessions, url):
     t = await make_tenant(sessions, "acme")
     _, resp = await app.asgi_client.post("/v1/instances", json={"repo_url": url}, headers=t.headers)
     assert resp.status == 201, resp.json
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/me"),  # an API token
+    ("POST", "/internal/v1/authorize"),  # the service token
+    ("POST", "/internal/v1/instances/demo-1/heartbeat"),  # a runner token
+])
+async def test_a_token_that_is_not_text_is_a_401(app, sessions, method, path, caplog):
+    """Bytes that are not UTF-8 in the header reached the token's hashing as surrogates: anyone had a 500, and an
+    ERROR line with its traceback, per request. Only a real HTTP server passes such bytes on (not the test client)."""
+    server = await ApiServer.start(app, "127.0.0.1", 0)
+    try:
+        with caplog.at_level(logging.INFO):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n".encode()
+                         + b"Authorization: Bearer orz_\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\r\n\r\n{}")
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+    finally:
+        await server.stop()
+    assert status_line.split()[1] == b"401", status_line
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

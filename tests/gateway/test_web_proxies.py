@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from pathlib import Path
 
@@ -91,3 +92,18 @@ def test_unauthenticated_connections_of_one_ipv6_prefix_share_one_limit() -> Non
     limiter.release("2001:db8:5:6::2")  # either address of the prefix frees the prefix's slot
     assert limiter.admit("2001:db8:5:6::abcd") == "ok"
     assert [limiter.admit(a) for a in ("192.0.2.1", "::ffff:192.0.2.1", "192.0.2.1")] == ["ok", "ok", "source"]
+
+
+async def test_a_token_that_is_not_text_is_a_401_not_a_500(tmp_path: Path) -> None:
+    """Header bytes that are not UTF-8 reached the API client as surrogates, which it cannot send: anyone had a 500
+    and an ERROR line with its traceback per request on the public web door."""
+    async with gateway_env(tmp_path) as env:
+        assert env.gateway.web is not None
+        for route in (f"/s/{SESSION}/token", f"/s/{SESSION}/recording"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", env.gateway.web.port)
+            writer.write(f"GET {route} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+                         + b"Authorization: Bearer orz_\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\r\n\r\n")
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            assert status_line.split()[1] == b"401", (route, status_line)
