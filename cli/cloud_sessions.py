@@ -50,9 +50,11 @@ def _split_names(value: str | None) -> list[str]:
               help="Wait until the session runs (default: wait unless --no-attach).")
 @click.option("--timeout", metavar="S", type=click.IntRange(1), default=600, show_default=True,
               help="Seconds to wait for it.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the API's Instance as JSON, alone on stdout, instead of attaching (for scripts).")
 def new(task: str | None, repo: str | None, branch: str | None, tier: str, program: str | None,
-        secret_names: str | None, no_attach: bool, wait: bool | None, timeout: int) -> None:
-    """Start a new session (and attach to it once it runs)."""
+        secret_names: str | None, no_attach: bool, wait: bool | None, timeout: int, as_json: bool) -> None:
+    """Start a new session (and attach to it once it runs, from a terminal)."""
     local_repo = None
     if repo is not None and is_local_path(repo):
         local_repo = Path(repo).expanduser()
@@ -61,8 +63,11 @@ def new(task: str | None, repo: str | None, branch: str | None, tier: str, progr
         # Sent on, a mistyped path would come back as "repo_url must be an https://... URL".
         raise CliError(f"--repo {shown(repo, 96, quote=False)}: no such directory (a local repository by its "
                        "path, any other by its URL)", EXIT_USAGE)
-    attach_to = _new(task, repo, branch, tier, program, secret_names, no_attach,
-                     (not no_attach) if wait is None else wait, timeout, local_repo)
+    # A script, CI or a pipe (no terminal on stdin): ssh would get none ("Pseudo-terminal will not be
+    # allocated") and read the script's own input as shell commands. It waits as usual and says how to attach.
+    no_terminal = not no_attach and not as_json and not sys.stdin.isatty()
+    attach_to = _new(task, repo, branch, tier, program, secret_names, no_attach or as_json or no_terminal,
+                     (not no_attach) if wait is None else wait, timeout, local_repo, as_json, no_terminal)
     if attach_to:
         session_id, argv = attach_to
         attaching.run_attached(session_id, argv, lambda: _attach_again(session_id, False))
@@ -80,8 +85,10 @@ async def _note_limits(api: CliApiClient) -> None:
 
 @cloud_command
 async def _new(task: str | None, repo: str | None, branch: str | None, tier: str, program: str | None,
-               secret_names: str | None, no_attach: bool, wait: bool, wait_s: int, local_repo: Path | None
-               ) -> tuple[str, list[str]] | None:
+               secret_names: str | None, no_attach: bool, wait: bool, wait_s: int, local_repo: Path | None,
+               as_json: bool = False, no_terminal: bool = False) -> tuple[str, list[str]] | None:
+    # With --json, stdout holds the JSON alone: the lines a person reads go to stderr.
+    say = _note if as_json else click.echo
     api = client()  # first, so "not logged in" comes before anything else
     if local_repo is not None and (problem := local_clone_problem(local_repo, branch)):
         await api.aclose()
@@ -116,7 +123,7 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
                 raise CliError(local_repo_refused(repo), EXIT_USAGE) from None
             raise
         where = f" from {inst.repo_url}" + (f" ({inst.branch})" if inst.branch else "") if inst.repo_url else ""
-        click.echo(f"session {inst.id} created{where}, {inst.tier} tier, {inst.status}")
+        say(f"session {inst.id} created{where}, {inst.tier} tier, {inst.status}")
         await _note_limits(api)
         if task and program and not is_claude(program):
             _note(f"the task reaches {program.split()[0]} as $ORZ_TASK and the file $ORZ_TASK_FILE, not as an "
@@ -129,10 +136,16 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
                 _note(f"stopped waiting; session {inst.id} is still there: orz cloud attach {inst.id} "
                       f"(or orz cloud kill {inst.id})")
                 raise
-            click.echo(f"session {inst.id} is running")
+            say(f"session {inst.id} is running")
         if no_attach:
-            click.echo(f"attach with: orz cloud attach {inst.id}   (or ssh {inst.id}{ssh_config.HOST_SUFFIX} "
-                       "after orz cloud ssh-config --write)")
+            if no_terminal:
+                _note("not attaching: standard input is not a terminal (--no-attach or --json says that is meant)")
+            say(f"attach with: orz cloud attach {inst.id}   (or ssh {inst.id}{ssh_config.HOST_SUFFIX} "
+                "after orz cloud ssh-config --write)")
+            if as_json:
+                # The attach token in the create answer's attach_url is a credential: not for a CI log.
+                click.echo(output.to_json(inst.model_copy(
+                    update={"attach_url": inst.attach_url and inst.attach_url.split("?", 1)[0]})))
             return None
         grant, cert = await attaching.fetch_certificate(api, inst.id)
         _note(f"attaching to {inst.id}; detach with Ctrl-b d, come back with: orz cloud attach {inst.id}")

@@ -75,14 +75,58 @@ def test_attach_execs_ssh_with_a_fresh_certificate(orz: Orz, live_api: LiveApi, 
 
 def test_new_waits_then_attaches(orz: Orz, live_api: LiveApi, logged_in: Tenant, home: Path,
                                  fake_ssh: tuple[Path, Path]) -> None:
+    import sys
+
+    import pexpect
+
+    bin_dir, out = fake_ssh
+    with live_api.runners_heartbeating():  # from a terminal, as a person types it
+        child = pexpect.spawn(sys.executable, ["-m", "cli", "cloud", "new", "--repo", "https://example.com/r.git",
+                                               "do it"],
+                              env=orz.env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"), encoding="utf-8",
+                              timeout=20, dimensions=(24, 200))
+        child.expect(r"session (\S+) created")
+        sid = child.match.group(1)
+        child.expect("-> running")
+        child.expect(f"attaching to {sid}")
+        child.expect(pexpect.EOF)
+        child.close()
+    assert child.exitstatus == 0
+    assert json.loads(out.read_text())[-1] == f"{sid}@127.0.0.1"
+
+
+def test_new_in_a_script_waits_and_says_how_to_attach_instead_of_attaching(
+        orz: Orz, live_api: LiveApi, logged_in: Tenant, fake_ssh: tuple[Path, Path]) -> None:
+    """No terminal on stdin (CI, a pipe, `while read` loops): ssh would get none and read the script's input."""
     bin_dir, out = fake_ssh
     with live_api.runners_heartbeating():
-        done = orz("cloud", "new", "--repo", "https://example.com/r.git", "do it",
+        done = orz("cloud", "new", "--repo", "https://example.com/r.git", "do it", input="echo not for ssh\n",
                    PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     assert done.returncode == 0, done.stderr
     sid = done.stdout.split()[1]
-    assert "-> running" in done.stderr and f"attaching to {sid}" in done.stderr
-    assert json.loads(out.read_text())[-1] == f"{sid}@127.0.0.1"
+    assert "-> running" in done.stderr and f"session {sid} is running" in done.stdout
+    assert "not attaching: standard input is not a terminal" in done.stderr
+    assert f"attach with: orz cloud attach {sid}" in done.stdout
+    assert not out.exists()  # ssh never ran
+
+
+def test_new_json_prints_the_running_session_alone_on_stdout(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                             fake_ssh: tuple[Path, Path]) -> None:
+    bin_dir, out = fake_ssh
+    with live_api.runners_heartbeating():
+        done = orz("cloud", "new", "--json", "--repo", "https://example.com/r.git", "--branch", "dev", input="",
+                   PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert done.returncode == 0, done.stderr
+    inst = json.loads(done.stdout)  # nothing else on stdout
+    assert inst["status"] == "running" and inst["branch"] == "dev"
+    assert f"session {inst['id']} created" in done.stderr and "not attaching" not in done.stderr
+    assert "token=" not in done.stdout  # the create answer's one-time attach token stays out of CI logs
+    assert inst["attach_url"].endswith(f"/v1/instances/{inst['id']}/attach")
+    assert not out.exists()
+    # --no-attach: the session as created, without waiting.
+    made = orz("cloud", "new", "--json", "--no-attach", "--repo", "https://example.com/r.git", input="")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["status"] == "starting"
 
 
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the OpenSSH client")

@@ -233,3 +233,11 @@ def test_cert_file_lasts_as_long_as_asked_up_to_the_admins_limit(automation: Aut
     too_long = automation.run("orz", "cloud", "cert", automation.session_id, "--ttl", "2h")
     assert too_long.returncode == 2  # input the API refused (422), as a bad --ttl value is
     assert "orz: a certificate may last at most 900 s on this server, not 7200 s" in too_long.stderr, too_long.stderr
+
+
+def test_script_example_creates_reads_and_kills_a_session_without_a_terminal(automation: Automation) -> None:
+    done = automation.example("script")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "running"
+    assert "killed" in done.stdout and "status exit code: 3" in done.stdout
+    assert "no such session" in done.stderr
