@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import click
@@ -77,7 +80,8 @@ class CliApiClient(ApiClient):
             except ApiError as exc:
                 if isinstance(exc, ApiUnreachable) or exc.status >= 500:
                     raise
-                raise CliError(f"your sign-in has expired and could not be renewed ({exc.detail}); "
+                why = exc.detail.split("; run orz cloud login")[0]  # said once, at the end
+                raise CliError(f"your sign-in has expired and could not be renewed ({why}); "
                                "run orz cloud login", EXIT_AUTH) from None
             self._http.headers["Authorization"] = f"Bearer {self.creds.api_token}"
         return await super().request(method, path, json=json, params=params, content=content, headers=headers,
@@ -108,5 +112,37 @@ def api_message(exc: ApiError) -> str:
     return exc.detail
 
 
-# `orz cloud`: an API failure as the user should read it, on one line.
-cloud_command = async_command(api_message, one_line)
+NO_SUCH_SESSION = "no such session: "
+
+
+async def _session_hint(session_id: str) -> str:
+    """The next step after a mistyped session id: the closest of the user's sessions, else where to look."""
+    import difflib
+
+    with contextlib.suppress(ApiError, CliError, OSError):
+        async with client() as api:
+            ids = [inst.id for inst in (await api.list_instances()).instances]
+        if not ids:
+            return "you have no sessions; start one with: orz cloud new"
+        close = difflib.get_close_matches(session_id, ids, n=1, cutoff=0.6)
+        if close:
+            return f"did you mean {close[0]}? (orz cloud list shows your sessions)"
+    return "orz cloud list shows your sessions"
+
+
+def _with_next_steps(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except ApiError as exc:
+            if exc.status == 404 and exc.detail.startswith(NO_SUCH_SESSION):
+                exc.detail = f"{exc.detail}; {await _session_hint(exc.detail.removeprefix(NO_SUCH_SESSION))}"
+            raise
+
+    return wrapper
+
+
+def cloud_command(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
+    """`orz cloud`: an API failure as the user should read it, on one line, with a next step where one is known."""
+    return async_command(api_message, one_line)(_with_next_steps(fn))

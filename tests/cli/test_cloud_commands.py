@@ -165,6 +165,25 @@ def test_stop_start_kill_and_no_such_session(orz: Orz, live_api: LiveApi, logged
     assert_one_error_line(orz("cloud", "stop", "Bad_ID"), "not a session id")
 
 
+def test_a_mistyped_session_id_names_the_closest_session(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                         tmp_path: Path) -> None:
+    """A typo is a next step away: the closest of your sessions, else where to look (exit 3 either way)."""
+    none_yet = orz("cloud", "status", "myapp-7fq2kd")
+    assert none_yet.returncode == 3
+    assert_one_error_line(none_yet, "no such session: myapp-7fq2kd; you have no sessions; start one with: "
+                                    "orz cloud new")
+    sid = create(orz, cwd=tmp_path)
+    typo = sid[:-1] + ("x" if sid[-1] != "x" else "y")
+    for command in (("status", typo), ("attach", typo), ("kill", typo), ("logs", typo)):
+        done = orz("cloud", *command)
+        assert done.returncode == 3, done.stderr
+        assert_one_error_line(done, f"no such session: {typo}; did you mean {sid}? (orz cloud list shows your "
+                                    "sessions)")
+    far = orz("cloud", "stop", "zzzzzzzzzzzz")
+    assert far.returncode == 3
+    assert_one_error_line(far, "no such session: zzzzzzzzzzzz; orz cloud list shows your sessions")
+
+
 def test_new_waits_and_shows_progress(orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
     """`--wait` polls until running, printing state changes; the 'runner' heartbeats from a thread."""
     with live_api.runners_heartbeating():
@@ -287,6 +306,7 @@ def test_a_sign_in_that_cannot_be_renewed_asks_to_log_in_again(orz: Orz, live_ap
     who = orz("cloud", "whoami")
     assert who.returncode == EXIT_AUTH
     assert_one_error_line(who, "your sign-in has expired and could not be renewed", "run orz cloud login")
+    assert who.stderr.count("orz cloud login") == 1, who.stderr  # the next step, said once
     logout = orz("cloud", "logout")
     assert logout.returncode == 0 and "warning" not in logout.stderr and not token_file.exists()
     # The API token in the file was still good on the server: logout revoked it all the same.
