@@ -104,12 +104,23 @@ def command_line(program: str | None, task: str | None, shell: str) -> tuple[str
         return program, []
     if shutil.which(CLAUDE):
         return (f'{CLAUDE} "$@"', [task]) if task else (CLAUDE, [])
-    return f"exec {shlex.quote(shell)} -l", []
+    # No agent here (a `make dev` machine without claude): a shell, and the pane says why before its prompt.
+    return f"printf '%s\\n' {shlex.quote(_no_claude_note(task))}; {_login_shell(shell)}", []
+
+
+def _login_shell(shell: str) -> str:
+    return f"exec {shlex.quote(shell)} -l"
+
+
+def _no_claude_note(task: str | None) -> str:
+    where = " (the task is in $ORZ_TASK)" if task else ""
+    return (f"[orz] claude is not installed on this server, so this session runs a shell{where}; "
+            "start a session with --program CMD to run another agent")
 
 
 def runs_login_shell(program: str | None, task: str | None, shell: str) -> bool:
     """The session's program is the user's login shell (its prompt means idle, not a question)."""
-    return command_line(program, task, shell)[0] == f"exec {shlex.quote(shell)} -l"
+    return command_line(program, task, shell)[0].endswith(f"; {_login_shell(shell)}")
 
 
 def program_argv(program: str | None, task: str | None, shell: str) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from runner import agent
+from runner.program import runs_login_shell
 from tests.runner.conftest import MakeRepo, StartRunner, git
 from tests.runner.fake_api import FakeApi
 
@@ -167,7 +168,7 @@ async def test_an_api_of_the_previous_release_still_gets_heartbeats(start_runner
 async def test_a_login_shell_at_its_prompt_is_idle_and_a_program_it_runs_can_need_input(
         start_runner: StartRunner, fake_api: FakeApi) -> None:
     handle = await start_runner(None, program=None, needs_input_after_s=1)
-    if handle.runner.program[1:] != ["-l"]:
+    if not runs_login_shell(None, None, handle.runner.shell):
         pytest.skip("claude is installed: the session runs it, not a login shell")
     await fake_api.wait_for(lambda b: b.get("agent_state") == "idle", timeout=15)
     before = len(fake_api.bodies())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.program import describe_exit, program_argv, task_env
+from runner.program import describe_exit, program_argv, runs_login_shell, task_env
 from runner.tmux import Tmux
 from tests.runner.conftest import MakeRepo, StartRunner, wait_for_pane
 from tests.runner.fake_api import FakeApi
@@ -42,6 +42,20 @@ async def test_bash_with_a_task_is_an_interactive_shell_holding_the_task(tmux: T
     assert await dead_state(tmux) == 3  # the program's own status, through the wrapper
     screen = await wait_for_pane(tmux, "[orz] the program exited with code 3")
     assert "[orz] attaching again restarts it (Ctrl-b d, then orz cloud attach demo-1)" in screen
+
+
+async def test_without_claude_the_pane_says_it_runs_a_shell_and_where_the_task_is(
+        tmux: Tmux, short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `make dev` on a machine without claude, `orz cloud new "fix the flaky test"`: the user lands at a shell
+    # prompt, and the pane says why instead of leaving them to guess what became of their task.
+    monkeypatch.setattr("runner.program.shutil.which", lambda name: None)
+    env = {**ENV, **task_env("fix the flaky test", short_tmp / "state")}
+    await tmux.start(program_argv(None, "fix the flaky test", "/bin/bash"), cwd=short_tmp, env=env, width=250)
+    await wait_for_pane(tmux, "[orz] claude is not installed on this server, so this session runs a shell (the task "
+                              "is in $ORZ_TASK); start a session with --program CMD to run another agent")
+    await tmux.run("send-keys", "-t", "main", 'echo "task=[$ORZ_TASK]"', "Enter")
+    await wait_for_pane(tmux, "task=[fix the flaky test]")
+    assert runs_login_shell(None, "fix the flaky test", "/bin/bash")  # its prompt is idle, not a question
 
 
 async def test_a_program_that_does_not_exist_says_so_in_the_pane(tmux: Tmux, short_tmp: Path) -> None:
