@@ -53,6 +53,12 @@ DRAIN_LAST_WORD_S = 0.5
 WITHDRAWN_CODES = frozenset({"forbidden", "not_found", "unauthorized"})
 
 
+def _runner_gone_reason(session_id: str) -> str:
+    """The SSH disconnect message when the session's runner went away under a connection."""
+    return (f"orz: session {session_id} ended this connection (stopped, killed or its runner restarted: "
+            f"orz cloud status {session_id} says which); connecting again wakes a stopped session")
+
+
 class ClientSideConnection(keepalive.OnOneTimer, WithoutFiller, asyncssh.SSHServerConnection):
     """The client side: asyncssh's server connection with a user's SSH client, plus our certificate checks
     (key id, principals, extensions). Its owner, a ClientHandler, does the rest."""
@@ -437,8 +443,9 @@ class ClientHandler(asyncssh.SSHServer):
     def _upstream_lost(self) -> None:
         """The runner went away: the client has nothing left to talk to. (A callback rather than a task
         waiting for it: an idle attached session keeps no task, coroutine frames or future.)"""
-        if self.attached_at is not None and self.conn is not None:
-            self.conn.close()
+        if self.attached_at is not None and self.conn is not None and not self.conn.is_closed():
+            # ssh prints this as its last line (a bare close reads "Disconnected by application").
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, _runner_gone_reason(self.session_id))
 
     # -- channels ------------------------------------------------------------------------------------
 

@@ -177,6 +177,9 @@ class _RunnerServer(asyncssh.SSHServer):
     def __init__(self, runner: FakeRunner) -> None:
         self.runner = runner
 
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.runner.connections.append(conn)
+
     def begin_auth(self, username: str) -> bool:
         return True
 
@@ -213,6 +216,7 @@ class FakeRunner:
     rekey_bytes: int | None = None  # start a key exchange after this many bytes sent (asyncssh: 1 GiB)
     commands_running: int = 0  # exec'd commands not yet reaped
     _commands: set[asyncio.subprocess.Process] = field(default_factory=set)
+    connections: list[asyncssh.SSHServerConnection] = field(default_factory=list)  # from the gateway
 
     @property
     def route(self) -> dict[str, Any]:
@@ -228,6 +232,11 @@ class FakeRunner:
             allow_scp=True, agent_forwarding=False,
             **({"rekey_bytes": self.rekey_bytes} if self.rekey_bytes else {}),
         )
+
+    def drop_connections(self) -> None:
+        """The runner's process is gone (a stop, a crash): its connections end without a word."""
+        for conn in self.connections:
+            conn.abort()
 
     async def close(self) -> None:
         if self.acceptor is not None:

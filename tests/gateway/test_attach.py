@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway import bridge
-from tests.gateway.conftest import SESSION, USER, Env, gateway_env
+from tests.gateway.conftest import SESSION, USER, Env, eventually, gateway_env
 
 
 async def test_tty_shell_shows_program_output(env: Env) -> None:
@@ -95,3 +95,19 @@ async def test_attach_works_for_a_uid_without_a_passwd_entry(tmp_path: Path, mon
         assert os.environ["LOGNAME"] == bridge.FALLBACK_LOCAL_USER
         result = await env.ssh(*env.cert_args(), "--", "echo awake")
         assert (result.returncode, result.stdout) == (0, b"awake\n"), result.stderr
+
+
+
+async def test_a_connection_whose_session_stops_is_told_why_and_how_to_come_back(env: Env) -> None:
+    """`orz cloud stop` (or the idle reaper) under a tunnel (`ssh -N -L`, `ssh -D`, VS Code's forwarding):
+    ssh's last line names the session and how to come back, not a bare "Disconnected by application"."""
+    tunnel = await asyncio.create_subprocess_exec(
+        *env.base_args(), "-N", *env.cert_args(), f"{SESSION}@127.0.0.1",
+        stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    await eventually(lambda: any(c.attached_at is not None for c in env.gateway.connections), "the tunnel to attach")
+    env.runner.drop_connections()  # the session's runner goes away, as on a stop
+    _, err = await asyncio.wait_for(tunnel.communicate(), 10)
+    assert tunnel.returncode == 255
+    assert b"Disconnected by application" not in err
+    assert (f"orz: session {SESSION} ended this connection (stopped, killed or its runner restarted: orz cloud "
+            f"status {SESSION} says which); connecting again wakes a stopped session").encode() in err, err
