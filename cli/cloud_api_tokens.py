@@ -49,7 +49,7 @@ async def create(name: str, expires_in_days: int, no_expiry: bool, as_json: bool
 @click.option("--json", "as_json", is_flag=True, help="Print the API's ApiTokenList (no token values).")
 @cloud_command
 async def list_cmd(as_json: bool) -> None:
-    """Your API tokens that still work; * marks the one this CLI uses."""
+    """Your API tokens that still work, and which one this CLI uses."""
     async with client() as api:
         listing = await api.list_api_tokens()
     if as_json:
@@ -61,12 +61,15 @@ async def list_cmd(as_json: bool) -> None:
     for column in ("ID", "NAME", "PREFIX", "CREATED", "LAST USED", "EXPIRES"):
         table.add_column(column, no_wrap=column != "NAME", overflow="ellipsis")
     for t in listing.tokens:
-        table.add_row(t.id, output.printable(t.name) + (" *" if t.current else ""), t.prefix,
+        table.add_row(t.id, output.printable(t.name), t.prefix,
                       output.relative(t.created_at), output.relative(t.last_used_at) if t.last_used_at else "never",
                       f"{t.expires_at:%Y-%m-%d}" if t.expires_at else "never")
     output.print_table(table)
-    if any(t.current for t in listing.tokens):
-        click.echo("* this CLI's login (where each came from: --json, source)")
+    # Named below rather than marked in the table: a marker after the name wrapped onto a line of its own
+    # in 80 columns for the names logins get ("orz-server", "sign-in (oidc:Google)").
+    current = next((t for t in listing.tokens if t.current), None)
+    if current is not None:
+        click.echo(f"this CLI's login: {current.id} (where each came from: --json, source)")
 
 
 @api_token.command("revoke")

@@ -29,8 +29,16 @@ def test_mint_use_list_and_revoke(orz: Orz, live_api: LiveApi, logged_in: Tenant
     rows = json.loads(orz("cloud", "api-token", "list", "--json").stdout)["tokens"]
     by_name = {row["name"]: row for row in rows}
     assert by_name["default"]["current"] and not by_name["ci"]["current"]
-    own_line = next(line for line in listed.stdout.splitlines() if line.startswith(by_name["default"]["id"]))
-    assert "default *" in own_line and "* this CLI's login" in listed.stdout  # the CLI's own login is marked
+    # The CLI's own login is named, and every token is one line in 80 columns, whatever its name.
+    assert f"this CLI's login: {by_name['default']['id']}" in listed.stdout
+    server = orz("cloud", "api-token", "create", "orz-server")  # the name `orz server`'s login has
+    laptop = Orz(tmp_path / "laptop-home")
+    laptop.home.mkdir()
+    assert laptop("cloud", "login", "--token", server.stdout.strip(), "--api-url", live_api.url).returncode == 0
+    table = laptop("cloud", "api-token", "list").stdout.splitlines()
+    assert len(table) == 1 + 3 + 1, table  # the header, default, ci and orz-server, and the login's line
+    assert [line.split()[1] for line in table[1:4]].count("orz-server") == 1
+    assert table[-1].startswith("this CLI's login: tok_")
 
     gone = orz("cloud", "api-token", "revoke", by_name["ci"]["prefix"])
     assert gone.returncode == 0 and "revoked" in gone.stdout and "this CLI's login" not in gone.stderr
