@@ -105,6 +105,9 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
                       "it (it would be stored with the session). A private repository needs a GIT_TOKEN secret: "
                       "orz cloud secrets create git --data GIT_TOKEN=... and --secrets git")
             local_config = from_checkout(Path.cwd(), here.branch, branch)
+        elif here.branch:  # a repository of its own (git init), never pushed anywhere
+            _note("this repository has no origin remote, so the session starts with an empty workspace; to "
+                  "start it from this repository: orz cloud new --repo .")
         else:
             _note("no git origin in this directory: the session starts with an empty workspace")
     try:

@@ -124,6 +124,24 @@ def test_repo_may_be_a_local_path_and_a_refusal_says_how_to_allow_it(orz: Orz, l
     assert orz("cloud", "new", "--no-attach", "--repo", "https://example.com/a.git", cwd=tmp_path).returncode == 0
 
 
+def test_new_in_a_repository_without_origin_says_how_to_start_from_it(orz: Orz, live_api: LiveApi,
+                                                                      logged_in: Tenant, tmp_path: Path) -> None:
+    """`git init` and a commit, then `orz cloud new`: the empty workspace is no surprise, and --repo . is named."""
+    import subprocess
+
+    repo = tmp_path / "app"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q",
+                    "--allow-empty", "-m", "init"], check=True)
+    done = orz("cloud", "new", "--no-attach", cwd=repo)
+    assert done.returncode == 0, done.stderr
+    assert ("this repository has no origin remote, so the session starts with an empty workspace; to start it "
+            "from this repository: orz cloud new --repo .") in done.stderr
+    assert live_api.provider.specs[done.stdout.split()[1]].repo_url is None
+    outside = orz("cloud", "new", "--no-attach", cwd=tmp_path)  # not a repository at all: as before
+    assert "no git origin in this directory: the session starts with an empty workspace" in outside.stderr
+
+
 def test_new_wait_shows_a_status_line_on_a_terminal_and_plain_lines_in_a_pipe(
         orz: Orz, live_api: LiveApi, logged_in: Tenant, tmp_path: Path) -> None:
     import io
