@@ -237,9 +237,13 @@ async def kill(session_id: str, force: bool) -> None:
 # against HEAD, then the commits no remote branch has. A session made without a repository has no git
 # workspace, and a new repository no HEAD yet: each gets a line of its own instead of git's errors.
 NOT_A_REPO = "orz: the session's workspace is not a git repository (the session was made without --repo)"
+# Nothing at all to show says so (on stderr), rather than print nothing; unpushed commits get a heading.
+NO_CHANGES = "no changes: nothing uncommitted, and every commit is on a remote branch"
 DIFF_COMMAND = ("if ! git rev-parse --git-dir >/dev/null 2>&1; then echo \"" + NOT_A_REPO + "\" >&2; exit 1; fi; "
                 "git --no-pager status --short && if git rev-parse -q --verify HEAD >/dev/null; then "
-                "git --no-pager diff HEAD{color} && git --no-pager log --oneline HEAD --not --remotes --; fi")
+                "git --no-pager diff HEAD{color} && c=$(git --no-pager log --oneline HEAD --not --remotes --) && "
+                "if [ -n \"$c\" ]; then echo 'commits on no remote branch:'; echo \"$c\"; fi; fi && "
+                "if [ -z \"$(git status --porcelain)$c\" ]; then echo '" + NO_CHANGES + "' >&2; fi")
 
 
 @click.command("diff")

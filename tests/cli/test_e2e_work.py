@@ -59,6 +59,7 @@ def test_diff_then_kill_refuses_then_force_pushes_the_wip_branch(platform: Platf
     assert diff.returncode == 0, diff.stderr
     assert " M README" in diff.stdout and "?? notes.txt" in diff.stdout
     assert "-hello" in diff.stdout and "+changed" in diff.stdout
+    assert "no changes" not in diff.stderr
 
     refused = platform.orz("cloud", "kill", sid)
     assert refused.returncode == 6  # EXIT_UNSAVED_WORK (docs/cli.md)
@@ -82,4 +83,29 @@ def test_diff_and_logs_of_a_session_without_a_repository_say_so(platform: Platfo
     logs = platform.orz("cloud", "logs", sid)
     assert (logs.returncode, logs.stdout) == (0, "")
     assert logs.stderr == f"(no init log: {sid} has run no setup.init, or it printed nothing)\n"
+    assert platform.orz("cloud", "kill", sid, "--force").returncode == 0
+
+
+def test_diff_of_a_clean_workspace_says_there_is_nothing_and_heads_unpushed_commits(platform: Platform,
+                                                                                   tmp_path: Path) -> None:
+    """Not a blank screen (is it broken? still starting?): one line says the workspace holds nothing of its own."""
+    bare = bare_repo(tmp_path)
+    made = platform.orz("cloud", "new", "--no-attach", "--wait", "--repo", bare.as_uri(), "--branch", "main",
+                        "--program", "sleep infinity", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    sid = made.stdout.split()[1]
+    clean = platform.orz("cloud", "diff", sid)
+    assert (clean.returncode, clean.stdout) == (0, "")
+    assert clean.stderr.strip().splitlines()[-1] == "no changes: nothing uncommitted, and every commit is on a " \
+        "remote branch"
+    config = platform.home / ".ssh" / "config"
+    assert platform.orz("cloud", "ssh-config", "--write").returncode == 0
+    committed = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", f"{sid}.orz",
+                                "git -c user.name=t -c user.email=t@e commit -q --allow-empty -m 'local only'"],
+                               env=platform.env, capture_output=True, text=True, timeout=60, check=False)
+    assert committed.returncode == 0, committed.stderr
+    ahead = platform.orz("cloud", "diff", sid)
+    assert ahead.returncode == 0, ahead.stderr
+    assert ahead.stdout.splitlines()[0] == "commits on no remote branch:" and "local only" in ahead.stdout
+    assert "no changes" not in ahead.stderr
     assert platform.orz("cloud", "kill", sid, "--force").returncode == 0
