@@ -100,7 +100,9 @@ class SignInService:
     def provider(self, name: str | None) -> DeviceProvider:
         if not self.providers:
             raise SignInNotConfigured("this server has no identity provider configured; log in with a token "
-                                      "(orz cloud login --with-token) or see docs/sign-in.md")
+                                      "(orz cloud login --with-token) that an admin mints with `orz admin "
+                                      "create-token EMAIL` (on your own orz server: it saved your login at its "
+                                      "first start), or see docs/sign-in.md")
         if name is None:
             return next(iter(self.providers.values()))
         found = self.providers.get(name)

@@ -69,6 +69,15 @@ def test_login_whoami_logout(orz: Orz, live_api: LiveApi, home: Path) -> None:
     assert_one_error_line(orz("cloud", "whoami"), "not logged in; run orz cloud login")
 
 
+def test_login_without_an_identity_provider_says_where_a_token_comes_from(orz: Orz, live_api: LiveApi,
+                                                                           home: Path) -> None:
+    done = orz("cloud", "login", "--no-browser", "--api-url", live_api.url, input="")
+    assert done.returncode != 0
+    assert_one_error_line(done, "this server has no identity provider configured",
+                          "orz cloud login --with-token", "orz admin create-token EMAIL")
+    assert not (home / ".config" / "orzbob" / "token.json").exists()
+
+
 def test_login_with_a_wrong_token_saves_nothing(orz: Orz, live_api: LiveApi, home: Path) -> None:
     done = orz("cloud", "login", "--token", "orz_not-a-real-token", "--api-url", live_api.url)
     assert_one_error_line(done, f"the API at {live_api.url} refused this token (")
