@@ -342,6 +342,10 @@ async def status(session_id: str, as_json: bool) -> None:
         click.echo(f"{name + ':':<13}{value}")
     if st.program_exit is not None:
         click.echo(f"{'exited:':<13}{output.program_exit_line(st.program_exit, st.instance.id)}")
+    if st.instance.status == "failed":  # what the reason leaves open: what to do about it
+        sid = st.instance.id
+        click.echo(f"{'next:':<13}fix what the reason names (details: orz cloud logs {sid}), then orz cloud start "
+                   f"{sid} tries again on the same workspace; or orz cloud kill {sid}")
     if st.events:
         click.echo("events:")
         for event in st.events[-10:]:

@@ -56,6 +56,22 @@ def test_status_says_why_the_program_exited_until_it_restarts(orz: Orz, live_api
     assert json.loads(orz("cloud", "status", sid, "--json").stdout)["program_exit"] is None
 
 
+def test_status_of_a_failed_session_says_what_to_do_next(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                         tmp_path: Path) -> None:
+    sid = create(orz, "--repo", "https://example.com/r.git", "--branch", "nope", cwd=tmp_path)
+    live_api.heartbeat(sid, fatal_error="git clone of https://example.com/r.git failed: fatal: Remote branch nope "
+                                        "not found in upstream origin")
+    shown = orz("cloud", "status", sid)
+    assert shown.returncode == 0, shown.stderr
+    assert "status:      failed (git clone of https://example.com/r.git failed" in shown.stdout
+    [line] = [x for x in shown.stdout.splitlines() if x.startswith("next:")]
+    assert line == (f"next:        fix what the reason names (details: orz cloud logs {sid}), then orz cloud start "
+                    f"{sid} tries again on the same workspace; or orz cloud kill {sid}")
+    running = create(orz, cwd=tmp_path)
+    live_api.heartbeat(running)
+    assert "next:" not in orz("cloud", "status", running).stdout
+
+
 def test_start_pull_reaches_the_runner_and_is_refused_while_running(orz: Orz, live_api: LiveApi,
                                                                     logged_in: Tenant, tmp_path: Path) -> None:
     sid = create(orz, "--repo", "https://example.com/acme/app.git", cwd=tmp_path)
