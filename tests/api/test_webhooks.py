@@ -523,3 +523,25 @@ async def test_a_connection_is_never_reused_for_another_webhooks_name(
     assert first.state == "delivered", first.last_error
     assert second.state == "pending" and "certificate" in (second.last_error or "").lower(), second.last_error
     assert [r.headers["host"] for r in receiver.got] == [f"attacker.example.com:{receiver.port}"]
+
+
+def test_the_docs_verify_accepts_a_delivery_however_its_framework_cases_the_headers() -> None:
+    """docs/webhooks.md's verify(), as written: an ASGI app hands it lowercase names (Starlette's
+    dict(request.headers)), others the names as sent; a wrong secret or an old timestamp is refused."""
+    import time
+    from pathlib import Path
+
+    from api.webhooks.delivery import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "webhooks.md").read_text(encoding="utf-8")
+    [code] = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "def verify(" in block]
+    scope: dict[str, object] = {}
+    exec(compile(code, "docs/webhooks.md", "exec"), scope)  # noqa: S102  # nosec B102  # our own doc's example
+    verify = scope["verify"]
+    body, now = b'{"event": "agent.needs_input"}', int(time.time())
+    sent = {TIMESTAMP_HEADER: str(now), SIGNATURE_HEADER: signature("whsec_x", now, body)}
+    assert verify("whsec_x", sent, body)  # type: ignore[operator]
+    assert verify("whsec_x", {k.lower(): v for k, v in sent.items()}, body)  # type: ignore[operator]
+    assert not verify("whsec_other", sent, body)  # type: ignore[operator]
+    old = {TIMESTAMP_HEADER: str(now - 3600), SIGNATURE_HEADER: signature("whsec_x", now - 3600, body)}
+    assert not verify("whsec_x", old, body)  # type: ignore[operator]
