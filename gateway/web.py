@@ -245,7 +245,7 @@ class WebDoor:
         """
         if self.gw.limiter.blocked(source):
             return http.json_response(429, {"detail": "too many failed attempts from your address"})
-        token = _forwarded_token(request)
+        token = _forwarded_token(request, target.key)
         if token is None:
             return http.json_response(401, {"detail": "an API token is required", "signin": "/s/login"})
         readonly = target.query.get("readonly", "") in ("1", "true")
@@ -271,7 +271,7 @@ class WebDoor:
         forwarded exactly as for ``/s/<id>/token`` (the gateway keeps nothing)."""
         if self.gw.limiter.blocked(source):
             return http.json_response(429, {"detail": "too many failed attempts from your address"})
-        token = _forwarded_token(request)
+        token = _forwarded_token(request, target.key)
         if token is None:
             return http.json_response(401, {"detail": "an API token is required", "signin": "/s/login"})
         previous = target.query.get("part", "") == "previous"
@@ -322,10 +322,10 @@ def _offers_control(request: Request) -> bool:
     return any(web_bridge.CONTROL_PROTOCOL in (p.strip() for p in value.split(",")) for value in offered)
 
 
-def _forwarded_token(request: Request) -> str | None:
-    """The API token the page sends (Authorization header, or the sign-in's cookie with its CSRF header)."""
+def _forwarded_token(request: Request, key: str) -> str | None:
+    """The API token the page sends (Authorization header, or the sign-in's cookie on its keyed path)."""
     header = request.headers.get("Authorization", "")
-    if not header and (signed_in := cookie_token(request)) is not None:
+    if not header and key and (signed_in := cookie_token(request, key)) is not None:
         header = f"Bearer {signed_in}"
     if not header.startswith("Bearer ") or len(header) > 512 or not header.isascii() or not header.isprintable():
         return None  # not a token of ours (bytes that are not text could not even be sent on to the API)

@@ -18,6 +18,7 @@ from api.addresses import client_address as client_address  # the door's callers
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SESSION_PART = r"(?P<sid>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
+SIGNIN_KEY = r"(?P<key>[A-Za-z0-9_-]{32})"
 ROUTES = {
     # Before "page": these two are the browser sign-in's, not session ids.
     "login": re.compile(r"^/s/login$"),
@@ -25,9 +26,10 @@ ROUTES = {
     "attach": re.compile(rf"^/v1/instances/{SESSION_PART}/attach$"),
     "ssh": re.compile(rf"^/v1/instances/{SESSION_PART}/ssh$"),
     "page": re.compile(rf"^/s/{SESSION_PART}$"),
-    "token": re.compile(rf"^/s/{SESSION_PART}/token$"),
+    # The signed-in browser's keyed paths first (gateway/web_signin.py): /s/k/<key>/<id>/token|recording.
+    "token": re.compile(rf"^/s/(?:k/{SIGNIN_KEY}/)?{SESSION_PART}/token$"),
     "replay": re.compile(rf"^/s/{SESSION_PART}/replay$"),
-    "recording": re.compile(rf"^/s/{SESSION_PART}/recording$"),
+    "recording": re.compile(rf"^/s/(?:k/{SIGNIN_KEY}/)?{SESSION_PART}/recording$"),
     "static": re.compile(r"^/static/(?P<file>[A-Za-z0-9_./-]{1,200})$"),
     "health": re.compile(r"^/healthz$"),
     "ready": re.compile(r"^/readyz$"),
@@ -41,11 +43,13 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inl
 
 @dataclass(frozen=True)
 class Target:
-    """What a request asks for: a route name, the session id (or static file), and the query."""
+    """What a request asks for: a route name, the session id (or static file), the query, and the browser
+    sign-in's key when the path carries one."""
 
     kind: str
     arg: str
     query: dict[str, str]
+    key: str = ""
 
 
 def parse_target(raw_path: str) -> Target | None:
@@ -54,13 +58,14 @@ def parse_target(raw_path: str) -> Target | None:
     for kind, pattern in ROUTES.items():
         m = pattern.match(parts.path)
         if m:
-            return Target(kind, m.groupdict().get("sid") or m.groupdict().get("file") or "", query)
+            groups = m.groupdict()
+            return Target(kind, groups.get("sid") or groups.get("file") or "", query, groups.get("key") or "")
     return None
 
 
 def loggable_path(raw_path: str) -> str:
-    """The path without its query string: attach tokens ride in the query and never reach a log."""
-    return urlsplit(raw_path).path[:200]
+    """The path without its query string (attach tokens ride in it) or a sign-in's key: neither reaches a log."""
+    return re.sub(r"^/s/k/[^/]+/", "/s/k/.../", urlsplit(raw_path).path)[:200]
 
 
 def response(status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8",

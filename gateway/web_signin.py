@@ -4,10 +4,18 @@
 the API picks OIDC when configured) asks the API to start an authorization-code + PKCE sign-in and sends
 the browser to the provider, binding the API's `state` to this browser in an HttpOnly cookie (login CSRF).
 `/s/callback` checks that cookie against the returned `state` and has the API finish (single-use state,
-PKCE verifier, nonce, id_token checks). The API token it gets is kept in an HttpOnly, SameSite=Strict
-cookie scoped to /s, never visible to scripts; `/s/<id>/token` accepts it only with the `X-Orz-CSRF`
-header equal to the `orz_csrf` cookie (double submit), on top of the door's Origin check. Both routes
-pass the browser's address on, so the API's per-address sign-in limit counts them (429, Retry-After).
+PKCE verifier, nonce, id_token checks). Both routes pass the browser's address on, so the API's
+per-address sign-in limit counts them (429, Retry-After).
+
+Where the API token goes: cookies ignore ports, and in local mode a session's own dev server listens on the
+door's host (127.0.0.1:<port>), so any cookie the door sets on a path a session can name (`/s`) reaches
+code inside the session. So the token sits in an HttpOnly, SameSite=Strict cookie whose Path is
+`/s/k/<key>`, a fresh random key per sign-in that only the door's page learns: the callback sends the
+browser back with `#signin=<key>` (a fragment never reaches a server), the page keeps the key in its
+origin's localStorage (origins, unlike cookies, include the port) and asks for attach tokens at
+`/s/k/<key>/<id>/token`. The browser sends the cookie nowhere else; the key is also the proof that the
+request comes from the page (no other site or port knows it), and the cookie's value starts with it, so a
+cookie some other port planted on a wider path is not taken for it.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from gateway import web_http as http
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "orz_web"
-CSRF_COOKIE = "orz_csrf"
-CSRF_HEADER = "X-Orz-CSRF"
+LEGACY_CSRF_COOKIE = "orz_csrf"  # the double-submit cookie of sign-ins before the keyed path; cleared
+KEY_BYTES = 24
+KEY = re.compile(r"^[A-Za-z0-9_-]{32}$")
 STATE_COOKIE = "orz_signin_state"
 NEXT_COOKIE = "orz_signin_next"
 STATE_TTL_S = 600
@@ -117,26 +126,36 @@ class BrowserSignIn:
             return _refused(exc)
         clear = [_cookie(name, "", path="/s/callback", max_age=0, secure=self.secure, same_site="Lax")
                  for name in (STATE_COOKIE, NEXT_COOKIE)]
+        key = secrets.token_urlsafe(KEY_BYTES)
+        # Earlier sign-ins' cookies on the wide /s path (which every port of this host received): removed.
+        clear += [_cookie(name, "", path="/s", max_age=0, secure=self.secure, http_only=name == SESSION_COOKIE)
+                  for name in (SESSION_COOKIE, LEGACY_CSRF_COOKIE)]
         set_cookies = [
-            _cookie(SESSION_COOKIE, grant.access_token, path="/s", max_age=grant.expires_in, secure=self.secure),
-            _cookie(CSRF_COOKIE, secrets.token_urlsafe(24), path="/s", max_age=grant.expires_in,
-                    secure=self.secure, http_only=False),
+            _cookie(SESSION_COOKIE, f"{key}.{grant.access_token}", path=f"/s/k/{key}", max_age=grant.expires_in,
+                    secure=self.secure),
             *clear,
         ]
         target = jar.get(NEXT_COOKIE, "")
         if NEXT_PATH.match(target):
-            return _redirect(target, set_cookies)
+            return _redirect(f"{target}#signin={key}", set_cookies)
         response = http.text(200, "orz: signed in; open your session's page (/s/<session-id>)")
         for value in set_cookies:
             response.headers["Set-Cookie"] = value
         return response
 
 
-def cookie_token(request: Request) -> str | None:
-    """The signed-in browser's API token, when the request proves it comes from the page (CSRF header)."""
-    jar = cookies(request)
-    token, csrf = jar.get(SESSION_COOKIE), jar.get(CSRF_COOKIE)
-    sent = request.headers.get(CSRF_HEADER, "")
-    if not token or not csrf or not sent or not hmac.compare_digest(sent.encode(), csrf.encode()):
+def cookie_token(request: Request, key: str) -> str | None:
+    """The signed-in browser's API token, for a request to its keyed path (``/s/k/<key>/...``): only the page
+    that signed in knows the key, and only there does the browser send the cookie."""
+    if not KEY.match(key):
         return None
-    return token
+    # Every orz_web value the browser sent (a cookie planted on a wider path by another port may sit beside
+    # ours): only the one that starts with this path's key is ours.
+    for part in request.headers.get("Cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name != SESSION_COOKIE:
+            continue
+        prefix, _, token = value.partition(".")
+        if token and hmac.compare_digest(prefix.encode(), key.encode()):
+            return token
+    return None

@@ -1,12 +1,17 @@
 // The replay page: a session's pane recording (asciicast v2) played in xterm.js with its timing.
 // The recording comes from the same-origin GET /s/<id>/recording, with the API token from this browser's
-// localStorage (as the terminal page keeps it) or the browser sign-in's cookie plus its CSRF header.
+// localStorage (as the terminal page keeps it) or the browser sign-in's cookie, sent only to its keyed path
+// /s/k/<key>/... (the key arrives in the fragment, #signin=..., and is kept in this origin's localStorage).
 // ?speed=N plays faster, ?idle=S caps each pause (default 2 s), ?part=previous plays the part rotated out.
 "use strict";
 (function () {
   const sessionId = document.body.dataset.session;
   const params = new URLSearchParams(location.search);
   const STORE_KEY = "orz.apiToken";
+  const SIGNIN_KEY = "orz.signinKey";
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  if (fragment.get("signin")) localStorage.setItem(SIGNIN_KEY, fragment.get("signin"));
+  if (location.hash) history.replaceState(null, "", location.pathname + location.search);
   const idleLimit = Math.max(0.01, Number(params.get("idle")) || 2);
   const statusEl = document.getElementById("status");
   const speedEl = document.getElementById("speed");
@@ -25,15 +30,19 @@
 
   async function load() {
     const apiToken = localStorage.getItem(STORE_KEY);
-    const csrf = (document.cookie.match(/(?:^|;\s*)orz_csrf=([^;]+)/) || [])[1];
-    if (!apiToken && !csrf) { form.hidden = false; return status("sign in, or paste an API token", "warn"); }
-    const headers = apiToken ? { Authorization: `Bearer ${apiToken}` } : { "X-Orz-CSRF": csrf };
+    const signinKey = localStorage.getItem(SIGNIN_KEY);
+    if (!apiToken && !signinKey) { form.hidden = false; return status("sign in, or paste an API token", "warn"); }
+    const headers = apiToken ? { Authorization: `Bearer ${apiToken}` } : {};
+    const base = apiToken ? "/s/" : `/s/k/${encodeURIComponent(signinKey)}/`;
     const part = params.get("part") === "previous" ? "?part=previous" : "";
-    const resp = await fetch(`/s/${encodeURIComponent(sessionId)}/recording${part}`,
+    const resp = await fetch(`${base}${encodeURIComponent(sessionId)}/recording${part}`,
       { headers, cache: "no-store", credentials: apiToken ? "omit" : "same-origin" });
     if (!resp.ok) {
       const body = await resp.json().catch(() => ({}));
-      if (resp.status === 401) { form.hidden = false; if (apiToken) localStorage.removeItem(STORE_KEY); }
+      if (resp.status === 401) {
+        form.hidden = false;
+        localStorage.removeItem(apiToken ? STORE_KEY : SIGNIN_KEY);
+      }
       return status(body.detail || `HTTP ${resp.status}`, "bad");
     }
     const lines = (await resp.text()).split("\n");

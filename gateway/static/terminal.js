@@ -3,13 +3,15 @@
 // token kept in this browser's localStorage, exchanged for a fresh attach token on every (re)connect via
 // the same-origin GET /s/<id>/token. A fragment never reaches a server, and it is wiped from the address bar.
 // Or the browser sign-in (/s/login, docs/sign-in.md): its API token sits in an HttpOnly cookie this script
-// cannot read; the token request proves it comes from this page with the orz_csrf cookie's value in a header.
+// cannot read, which the browser sends only to /s/k/<key>/...; the key arrives once in the fragment
+// (#signin=...) and is kept in this origin's localStorage, which no other port of this host can read.
 "use strict";
 (function () {
   const sessionId = document.body.dataset.session;
   const params = new URLSearchParams(location.search);
   const readonly = params.get("ro") === "1";
   const STORE_KEY = "orz.apiToken";
+  const SIGNIN_KEY = "orz.signinKey";
   const statusEl = document.getElementById("status");
   const reconnectBtn = document.getElementById("reconnect");
   const form = document.getElementById("login");
@@ -17,6 +19,7 @@
 
   const fragment = new URLSearchParams(location.hash.slice(1));
   let oneTimeToken = fragment.get("token");
+  if (fragment.get("signin")) localStorage.setItem(SIGNIN_KEY, fragment.get("signin"));
   if (location.hash) history.replaceState(null, "", location.pathname + location.search);
 
   const term = new Terminal({ cursorBlink: true, scrollback: 5000, convertEol: false,
@@ -52,15 +55,16 @@
       return t;
     }
     const apiToken = localStorage.getItem(STORE_KEY);
-    const csrf = (document.cookie.match(/(?:^|;\s*)orz_csrf=([^;]+)/) || [])[1];
-    if (!apiToken && !csrf) return null;
-    const headers = apiToken ? { Authorization: `Bearer ${apiToken}` } : { "X-Orz-CSRF": csrf };
-    const resp = await fetch(`/s/${encodeURIComponent(sessionId)}/token${readonly ? "?readonly=1" : ""}`,
+    const signinKey = localStorage.getItem(SIGNIN_KEY);
+    if (!apiToken && !signinKey) return null;
+    const headers = apiToken ? { Authorization: `Bearer ${apiToken}` } : {};
+    const base = apiToken ? "/s/" : `/s/k/${encodeURIComponent(signinKey)}/`;
+    const resp = await fetch(`${base}${encodeURIComponent(sessionId)}/token${readonly ? "?readonly=1" : ""}`,
       { headers, cache: "no-store", credentials: apiToken ? "omit" : "same-origin" });
     const body = await resp.json().catch(() => ({}));
     if (resp.status === 401) {
       if (apiToken) localStorage.removeItem(STORE_KEY);
-      else document.cookie = "orz_csrf=; Path=/s; Max-Age=0"; // the sign-in expired: offer it again
+      else localStorage.removeItem(SIGNIN_KEY); // the sign-in expired: offer it again
       throw Object.assign(new Error(body.detail || "API token refused"), { login: true });
     }
     if (!resp.ok) throw Object.assign(new Error(body.detail || `HTTP ${resp.status}`), { fatal: resp.status < 500 });
@@ -150,6 +154,7 @@
   reconnectBtn.addEventListener("click", () => { attempt = 0; connect(); });
   document.getElementById("forget").addEventListener("click", () => {
     localStorage.removeItem(STORE_KEY);
+    localStorage.removeItem(SIGNIN_KEY);
     status("API token removed from this browser", "warn");
   });
   form.addEventListener("submit", (ev) => {

@@ -40,7 +40,8 @@ def set_cookies(resp: httpx.Response) -> dict[str, str]:
     return {line.split("=", 1)[0]: line for line in resp.headers.get_list("set-cookie")}
 
 
-def sign_in(platform: WebPlatform, idp: OidcStandIn, sid: str, email: str) -> httpx.Client:
+def sign_in(platform: WebPlatform, idp: OidcStandIn, sid: str, email: str) -> tuple[httpx.Client, str]:
+    """A browser's sign-in: its cookies, and the key its page learns from the fragment."""
     web = httpx.Client(base_url=platform.web_url, timeout=10)
     start = web.get("/s/login", params={"next": f"/s/{sid}"})
     assert start.status_code == 302, start.text
@@ -52,27 +53,32 @@ def sign_in(platform: WebPlatform, idp: OidcStandIn, sid: str, email: str) -> ht
     state = parse_qs(urlsplit(location).query)["state"][0]
     back = web.get("/s/callback", params={"code": code, "state": state})
     assert back.status_code == 302, back.text
-    assert back.headers["location"] == f"/s/{sid}"
-    session_line = set_cookies(back)["orz_web"]
-    assert "HttpOnly" in session_line and "SameSite=Strict" in session_line and "Path=/s" in session_line
-    assert "HttpOnly" not in set_cookies(back)["orz_csrf"]  # the page reads it to prove where it runs
-    return web
+    assert back.headers["location"].startswith(f"/s/{sid}#signin=")
+    key = back.headers["location"].split("#signin=", 1)[1]
+    session_line = next(line for line in back.headers.get_list("set-cookie") if "Max-Age=0" not in line
+                    and line.startswith("orz_web="))
+    assert "HttpOnly" in session_line and "SameSite=Strict" in session_line and f"Path=/s/k/{key};" in session_line
+    return web, key
 
 
 def test_the_browser_signs_in_and_gets_attach_tokens_with_its_cookie(platform: WebPlatform, idp: OidcStandIn):
     sid = platform.new_session("sleep 600")
-    web = sign_in(platform, idp, sid, "admin@localhost")  # the server's admin, linked by verified email
-    csrf = web.cookies.get("orz_csrf")
-    assert csrf and web.cookies.get("orz_web", path="/s")
-    minted = web.get(f"/s/{sid}/token", headers={"X-Orz-CSRF": csrf})
+    web, key = sign_in(platform, idp, sid, "admin@localhost")  # the server's admin, linked by verified email
+    assert web.cookies.get("orz_web", path=f"/s/k/{key}")
+    minted = web.get(f"/s/k/{key}/{sid}/token")
     assert minted.status_code == 200, minted.text
     assert minted.json()["token"].count(".") == 2  # an attach JWT
-    # Without the CSRF header (what a form or image on another site could send): no token.
-    assert web.get(f"/s/{sid}/token").status_code == 401
-    assert web.get(f"/s/{sid}/token", headers={"X-Orz-CSRF": "guess"}).status_code == 401
+    # Without the key (what a form or image on another site, or another port of this host, could send): the
+    # browser sends no cookie there, and even a cookie sent along is not taken.
+    cookie = {"Cookie": f"orz_web={web.cookies.get('orz_web', path=f'/s/k/{key}')}"}
+    assert web.get(f"/s/{sid}/token", headers=cookie).status_code == 401
+    guess = "A" * 32
+    assert web.get(f"/s/k/{guess}/{sid}/token", headers=cookie).status_code == 401
+    # A cookie planted on the wide /s path beside the real one does not replace it.
+    planted = {"Cookie": f"orz_web={guess}.orz_planted; {cookie['Cookie'].removeprefix('Cookie: ')}"}
+    assert web.get(f"/s/k/{key}/{sid}/token", headers=planted).status_code == 200
     # Another site's script: the door's Origin check refuses it first.
-    assert web.get(f"/s/{sid}/token", headers={"X-Orz-CSRF": csrf,
-                                               "Origin": "https://evil.example"}).status_code == 403
+    assert web.get(f"/s/k/{key}/{sid}/token", headers={"Origin": "https://evil.example"}).status_code == 403
     platform.kill(sid)
 
 
@@ -125,9 +131,10 @@ def test_a_real_browser_signs_in_and_the_terminal_connects(platform: WebPlatform
                 page.goto(f"{platform.web_url}/s/{sid}")
                 expect(page.locator("#status")).to_contain_text("sign in", timeout=15000)
                 page.click("a.signin[data-provider=oidc]")
-                page.wait_for_url(f"{platform.web_url}/s/{sid}", timeout=15000)
+                page.wait_for_url(f"{platform.web_url}/s/{sid}*", timeout=15000)
                 expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
                 assert "orz_web" not in page.evaluate("document.cookie")  # HttpOnly
+                assert page.url == f"{platform.web_url}/s/{sid}"  # the key left the address bar
                 assert page.evaluate("localStorage.getItem('orz.apiToken')") is None
                 assert not errors, errors
             finally:
@@ -147,3 +154,76 @@ def test_the_pages_link_the_one_provider_configured(platform: WebPlatform, idp: 
         start = httpx.get(f"{platform.web_url}{html.unescape(links[0][0])}", timeout=10)
         assert start.status_code == 302 and start.headers["location"].startswith(f"{idp.url}/authorize?")
     platform.kill(sid)
+
+
+class _SessionServer:
+    """A session's dev server in local mode: any port of 127.0.0.1, recording the Cookie header of each request."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        seen: list[tuple[str, str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append((self.path, self.headers.get("Cookie", "")))
+                body = b"<html><body>dev server</body></html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.seen = seen
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _SessionServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_session_dev_server_on_another_port_never_receives_the_sign_in(platform: WebPlatform, idp: OidcStandIn):
+    """Cookies ignore ports: in local mode a session's dev server is on the door's host (127.0.0.1). After a
+    real browser signs in, visiting every path the session could link it to sends that server no credential."""
+    chromium = Path(CHROMIUM)
+    if not chromium.exists() or importlib.util.find_spec("playwright") is None:
+        pytest.skip("needs chromium and playwright (hack/setup.sh)")
+    from playwright.sync_api import expect, sync_playwright
+
+    assert urlsplit(platform.web_url).hostname == "127.0.0.1"
+    sid = platform.new_session("exec bash --norc --noprofile")
+    idp.browser_email = "admin@localhost"
+    try:
+        with _SessionServer() as dev, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(f"{platform.web_url}/s/{sid}")
+                expect(page.locator("#status")).to_contain_text("sign in", timeout=15000)
+                page.click("a.signin[data-provider=oidc]")
+                page.wait_for_url(f"{platform.web_url}/s/{sid}*", timeout=15000)
+                expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
+                for path in ("/", "/s", f"/s/{sid}", f"/s/{sid}/token", f"/s/{sid}/recording", "/s/callback",
+                             "/s/k/x/y/token"):
+                    page.goto(f"{dev.url}{path}")
+                # And the session's own page, once open, fetching its own /s paths with credentials.
+                page.evaluate(f"fetch('/s/{sid}/token', {{credentials: 'include'}})")
+                page.goto(f"{dev.url}/s/done")
+            finally:
+                browser.close()
+        assert len(dev.seen) >= 9, dev.seen
+        leaked = [(path, cookie) for path, cookie in dev.seen if "orz_web" in cookie or "orz_csrf" in cookie]
+        assert not leaked, leaked
+    finally:
+        idp.browser_email = None
+        platform.kill(sid)

@@ -59,9 +59,9 @@ def test_the_browser_signs_in_with_github_and_gets_attach_tokens(platform: WebPl
     forged = httpx.get(f"{platform.web_url}/s/callback", params={"code": code, "state": state}, timeout=10)
     assert forged.status_code == 400 and "orz_web" not in set_cookies(forged)
     back = web.get("/s/callback", params={"code": code, "state": state})
-    assert back.status_code == 302 and back.headers["location"] == f"/s/{sid}", back.text
-    csrf = web.cookies.get("orz_csrf")
-    minted = web.get(f"/s/{sid}/token", headers={"X-Orz-CSRF": csrf})
+    assert back.status_code == 302 and back.headers["location"].startswith(f"/s/{sid}#signin="), back.text
+    key = back.headers["location"].split("#signin=", 1)[1]
+    minted = web.get(f"/s/k/{key}/{sid}/token")
     assert minted.status_code == 200 and minted.json()["token"].count(".") == 2, minted.text
     # The code again (a replayed callback URL with a fresh sign-in's state): GitHub spent it.
     again = web.get("/s/login", params={"next": f"/s/{sid}"})
