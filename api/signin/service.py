@@ -41,7 +41,7 @@ REFRESH_TOKEN_PREFIX = "orzrt_"  # noqa: S105  # nosec B105  # a public marker, 
 SLOW_DOWN_STEP_S = 5
 # How long a person may take at the provider's sign-in page.
 BROWSER_STATE_TTL_S = 600
-# Sign-ins in progress at once (the start routes take no credential): beyond this, new ones wait.
+# Sign-ins in progress at once (the start routes take no credential): beyond this, the oldest unfinished go.
 MAX_PENDING = 10_000
 
 log = logging.getLogger(__name__)
@@ -146,14 +146,36 @@ class SignInService:
 
     async def _purge(self, db: AsyncSession) -> None:
         """Sign-ins nobody finished, and redeemed device codes, once they have expired (each start
-        sweeps, so the tables hold at most the sign-ins of the last few minutes); refuses a new one
-        while MAX_PENDING are in progress (the start routes are open to anyone)."""
+        sweeps, so the tables hold at most the sign-ins of the last few minutes). At MAX_PENDING in progress
+        (the start routes are open to anyone), the oldest sign-ins nobody finished make room for the new one:
+        refusing instead let a flood from a few dozen addresses, each within its rate limit, keep everyone
+        out for as long as it went on; this way it only ends its own oldest attempts."""
         now = utcnow()
         await db.execute(delete(DeviceGrant).where(DeviceGrant.expires_at < now))
         await db.execute(delete(SigninState).where(SigninState.expires_at < now))
         pending = (await db.scalar(select(func.count()).select_from(DeviceGrant)) or 0) + \
             (await db.scalar(select(func.count()).select_from(SigninState)) or 0)
-        if pending >= MAX_PENDING:
+        excess = pending - MAX_PENDING + 1
+        if excess <= 0:
+            return
+        # The oldest `excess` of both tables together (a redeemed device code is kept till it expires, to
+        # recognise its reuse, and is not dropped early).
+        devices = (await db.execute(select(DeviceGrant.created_at, DeviceGrant.id)
+                                    .where(DeviceGrant.redeemed_at.is_(None))
+                                    .order_by(DeviceGrant.created_at, DeviceGrant.id).limit(excess))).all()
+        states = (await db.execute(select(SigninState.created_at, SigninState.id)
+                                   .order_by(SigninState.created_at, SigninState.id).limit(excess))).all()
+        oldest = sorted([(at, "device", row_id) for at, row_id in devices]
+                        + [(at, "state", row_id) for at, row_id in states])[:excess]
+        device_ids = [row_id for _, kind, row_id in oldest if kind == "device"]
+        state_ids = [row_id for _, kind, row_id in oldest if kind == "state"]
+        if device_ids:
+            await db.execute(delete(DeviceGrant).where(DeviceGrant.id.in_(device_ids)))
+        if state_ids:
+            await db.execute(delete(SigninState).where(SigninState.id.in_(state_ids)))
+        log.warning("sign-ins in progress at the limit (%d): dropped the %d oldest nobody finished",
+                    MAX_PENDING, len(oldest))
+        if len(oldest) < excess:  # only redeemed device codes left to drop: nothing to make room with
             await db.commit()
             raise NotReady("too many sign-ins in progress; try again in a minute",
                            internal=f"{pending} sign-ins in progress (limit {MAX_PENDING})")
