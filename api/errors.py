@@ -148,8 +148,8 @@ class QuotaExceeded(OrzError):
 
 
 class TooManyAttempts(OrzError):
-    """Too many sign-in attempts from one address (api/failed_auth.py); ``retry_after_s`` becomes the
-    Retry-After header and a field of the problem."""
+    """Too many attempts: sign-ins from one address (api/failed_auth.py), a user's webhook tests
+    (api/webhooks/service.py); ``retry_after_s`` becomes the Retry-After header and a field of the problem."""
 
     status = 429
     code = "rate_limited"

@@ -324,6 +324,9 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = option("webhooks", 10.0, "time-out of one delivery attempt", gt=0, le=60)
     webhook_poll_s: float = option("webhooks", 2.0, "how often each scheduler replica looks for deliveries that "
                                    "are due", gt=0)
+    webhook_test_limit: int = option("webhooks", 10, "`POST /v1/webhooks/{id}/test` requests (each one outbound POST "
+                                     "made at once) a user may make per `ORZ_AUTH_FAIL_WINDOW_S` (60 s), all their "
+                                     "webhooks together; beyond it 429 with Retry-After", ge=1, le=1000)
 
     # Local provider sandbox (bubblewrap)
     sandbox: Literal["on", "off"] = option("sandbox", "on", "local provider: each session in a bubblewrap sandbox "

@@ -72,7 +72,7 @@ async def list_deliveries(request: Request, id: str) -> HTTPResponse:
 
 
 @route(bp, "POST", "/v1/webhooks/{id}/test", summary="Send a test delivery now and answer how it went", tag=TAG,
-       responses={200: schemas.WebhookDelivery}, errors=(404,))
+       responses={200: schemas.WebhookDelivery}, errors=(404, 429))
 async def test_webhook(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     return respond(delivery_view(await _service(request).test(who, id)))

@@ -8,12 +8,12 @@ import secrets
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api import schemas
+from api import failed_auth, schemas
 from api.auth import Principal
 from api.credentials.secrets_box import SecretsBox
 from api.db.base import utcnow
 from api.db.models import Webhook, WebhookDelivery, new_id
-from api.errors import Conflict, NotFound
+from api.errors import Conflict, NotFound, TooManyAttempts
 from api.instances import repo_policy
 from api.settings import Settings
 from api.webhooks import outbox, policy
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 MAX_WEBHOOKS_PER_USER = 20
 SECRET_PREFIX = "whsec_"  # noqa: S105  # nosec B105  # a public marker, not a secret
 DELIVERY_LOG_LIMIT = 200
+TEST_SOURCE_PREFIX = "webhook-test:"  # its key in auth_failures (api/failed_auth.py)
 
 
 def webhook_view(row: Webhook) -> schemas.Webhook:
@@ -100,6 +101,9 @@ class WebhookService:
     async def test(self, who: Principal, hook_id: str) -> WebhookDelivery:
         """Queue a ping and make its first attempt now; retries (if it needs them) follow as for any event."""
         async with self.sessions() as db:
+            await self._owned(db, who, hook_id)
+        await self._count_test(who)  # after the ownership check: a stranger's id stays a 404
+        async with self.sessions() as db:
             hook = await self._owned(db, who, hook_id)
             row = outbox.test_delivery(hook, utcnow())
             db.add(row)
@@ -110,6 +114,16 @@ class WebhookService:
             found = await db.get(WebhookDelivery, delivery_id)
             assert found is not None
             return found
+
+    async def _count_test(self, who: Principal) -> None:
+        """Each test is an outbound POST made at once, on the user's word: a few per window per user, all their
+        webhooks together, counted in the database like sign-in attempts (every API replica shares the count,
+        and deleting a webhook does not reset it)."""
+        reply = await failed_auth.record(self.sessions, f"{TEST_SOURCE_PREFIX}{who.user_id}"[:64], self.settings,
+                                         limit=self.settings.webhook_test_limit)
+        if reply.failures > reply.limit:
+            raise TooManyAttempts(f"too many test deliveries ({reply.limit} per {self.settings.auth_fail_window_s} s); "
+                                  f"try again in {reply.retry_after_s} s", retry_after_s=reply.retry_after_s)
 
     @staticmethod
     async def _owned(db: AsyncSession, who: Principal, hook_id: str) -> Webhook:

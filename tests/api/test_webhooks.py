@@ -166,6 +166,37 @@ async def test_a_refusing_receiver_is_not_retried(
 
 
 @both_databases
+async def test_test_deliveries_are_limited_per_user_with_retry_after(
+        app: Sanic, sessions: Sessions, receiver: Receiver, deliverer: Deliverer) -> None:
+    """Each test is one outbound POST made at once: a user gets a few a minute (ORZ_WEBHOOK_TEST_LIMIT),
+    across all their webhooks, then a 429 problem saying when to try again; the receiver hears no more."""
+    t = await make_tenant(sessions, "acme")
+    other = await make_tenant(sessions, "globex")
+    hook = await create_hook(app, t, receiver.url)
+    second = await create_hook(app, t, receiver.url)
+    limit = 10  # ORZ_WEBHOOK_TESTS_PER_MINUTE, the default
+    for n in range(limit):
+        _, resp = await app.asgi_client.post(f"/v1/webhooks/{(hook, second)[n % 2]['id']}/test", headers=t.headers)
+        assert resp.status == 200, resp.text
+    for target in (hook, second):  # another of the same user's webhooks is no way around it
+        _, refused = await app.asgi_client.post(f"/v1/webhooks/{target['id']}/test", headers=t.headers)
+        assert refused.status == 429, refused.text
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert refused.json["code"] == "rate_limited" and "test deliveries" in refused.json["detail"]
+        assert 1 <= int(refused.headers["retry-after"]) <= 60 and refused.json["retry_after_s"] >= 1
+    # Nor is a webhook made afresh (deleting one does not forget its tests).
+    assert (await app.asgi_client.delete(f"/v1/webhooks/{second['id']}", headers=t.headers))[1].status == 204
+    fresh = await create_hook(app, t, receiver.url)
+    _, refused = await app.asgi_client.post(f"/v1/webhooks/{fresh['id']}/test", headers=t.headers)
+    assert refused.status == 429, refused.text
+    assert len(receiver.got) == limit
+    # Someone else is not held back by it.
+    theirs = await create_hook(app, other, receiver.url)
+    _, resp = await app.asgi_client.post(f"/v1/webhooks/{theirs['id']}/test", headers=other.headers)
+    assert resp.status == 200, resp.text
+
+
+@both_databases
 async def test_the_secret_is_shown_once_and_only_to_its_owner(
         app: Sanic, sessions: Sessions, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
