@@ -166,6 +166,11 @@ class Settings(BaseSettings):
                                                "door, browser terminals) one user may hold open through one "
                                                "gateway replica; beyond it a new one is refused with a line "
                                                "saying so (0: no limit)", ge=0)
+    gateway_channels_per_connection: int = option("gateway", 256, "channels (shells, commands, sftp, each -L/-D "
+                                                  "connection, agent and -R connections) one SSH connection may have "
+                                                  "open at once; beyond it the client's next session or -L/-D "
+                                                  "channel is refused with the reason "
+                                                  "(VS Code Remote-SSH opens a few dozen)", ge=1)
     gateway_login_timeout_s: int = option("gateway", 20, "a connection not authenticated within this many "
                                           "seconds is closed", ge=1, le=120)
     gateway_drain_s: float = option("gateway", 240.0, "on SIGTERM the gateway stops taking connections, tells "

@@ -449,8 +449,24 @@ class ClientHandler(asyncssh.SSHServer):
 
     # -- channels ------------------------------------------------------------------------------------
 
+    def _channel_room(self) -> None:
+        """Refuse a new channel when the connection already has its cap open (both directions: the client's
+        shells and -L connections, the gateway's agent and -R ones). Each channel costs a channel to the
+        runner and the gateway's memory, so one authenticated connection must not open them without end."""
+        cap = self.gw.settings.gateway_channels_per_connection
+        # asyncssh keeps every open channel of the connection there (gateway/splice.py reads it too); a
+        # channel being opened is not in it yet.
+        open_now = len(getattr(self.conn, "_channels", ()))
+        if open_now >= cap:
+            log.info("%s: channel refused: %d channels open (limit %d)", self.id, open_now, cap)
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE,
+                f"orz: this connection has {open_now} channels open, the most one may "
+                f"(ORZ_GATEWAY_CHANNELS_PER_CONNECTION); close some or open another connection")
+
     def session_requested(self) -> BridgeSession:
         assert self.attachment is not None
+        self._channel_room()
         return BridgeSession(self.attachment, readonly=self.readonly,
                              fast_path=self.gw.settings.gateway_fast_path)
 
@@ -467,6 +483,7 @@ class ClientHandler(asyncssh.SSHServer):
         if self.attachment is None or self.readonly or self.refusal is not None or not self._may_forward():
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "orz: port forwarding is not permitted on this attach")
+        self._channel_room()
         return open_direct(self.attachment, dest_host, dest_port, orig_host, orig_port,
                            fast_path=self.gw.settings.gateway_fast_path)
 

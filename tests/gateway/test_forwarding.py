@@ -121,3 +121,73 @@ async def test_forwarding_turned_off_holds_for_attach_tokens_too(tmp_path: Path,
             await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", echo_port)
         done = await conn.run("echo in", check=True)  # the session itself still works
         assert done.stdout == "in\n"
+
+
+async def test_channels_beyond_the_per_connection_cap_are_refused_with_why(tmp_path: Path, echo_port: int) -> None:
+    """One SSH connection holds at most ORZ_GATEWAY_CHANNELS_PER_CONNECTION channels (each one costs the
+    gateway and the runner a channel and an API-checked attach's resources): OpenSSH's next -L connection is
+    refused with the reason, and one closed makes room again."""
+    async with gateway_env(tmp_path, gateway_channels_per_connection=3) as env:
+        local = _free_port()
+        async with ssh_forwarding(env, "-L", f"{local}:127.0.0.1:{echo_port}") as proc:
+            held = []
+            for n in range(3):
+                reader, writer = await _connect(local)
+                writer.write(b"hi%d\n" % n)
+                await writer.drain()
+                assert await asyncio.wait_for(reader.readline(), 5) == b"echo:hi%d\n" % n
+                held.append((reader, writer))
+            reader, writer = await _connect(local)
+            writer.write(b"more\n")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.readline(), 5) == b""  # ssh closed it: the channel was refused
+            writer.close()
+            # One closed: the next one gets through (once the gateway has seen that channel close).
+            held.pop()[1].close()
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 10
+            while True:
+                reader, writer = await _connect(local)
+                line = await _roundtrip(reader, writer, b"again")
+                if line or loop.time() > end:
+                    break
+                await asyncio.sleep(0.2)
+            assert line == b"echo:again\n"
+            for _, w in held:
+                w.close()
+            proc.terminate()
+            stderr = (await proc.stderr.read()).decode() if proc.stderr else ""
+        assert "open failed" in stderr and "orz: this connection has 3 channels open" in stderr, stderr
+
+
+async def test_controlmaster_sessions_beyond_the_cap_are_refused(tmp_path: Path) -> None:
+    """OpenSSH's ControlMaster multiplexes sessions as channels of one connection: the cap holds for them too."""
+    async with gateway_env(tmp_path, gateway_channels_per_connection=2) as env:
+        sock = str(tmp_path / "mux.sock")
+        mux = ["-S", sock, "-o", "ControlMaster=no"]
+        pipe = asyncio.subprocess.PIPE
+        master = await asyncio.create_subprocess_exec(
+            *env.base_args(), *env.cert_args(), "-N", "-M", "-S", sock, "-o", "ControlPersist=no",
+            f"{SESSION}@127.0.0.1", stdin=asyncio.subprocess.DEVNULL, stdout=pipe, stderr=pipe)
+        sleepers: list[asyncio.subprocess.Process] = []
+        try:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 10
+            while not Path(sock).exists() and loop.time() < end:
+                await asyncio.sleep(0.1)
+            for _ in range(2):
+                sleepers.append(await asyncio.create_subprocess_exec(
+                    *env.base_args(), *mux, f"{SESSION}@127.0.0.1", "--", "sleep 30",
+                    stdin=asyncio.subprocess.DEVNULL, stdout=pipe, stderr=pipe))
+            while env.runner.commands_running < 2 and loop.time() < end:
+                await asyncio.sleep(0.1)
+            assert env.runner.commands_running == 2
+            third = await env.ssh(*mux, "--", "echo in")
+            assert third.returncode != 0 and b"in" not in third.stdout, third
+        finally:
+            for proc in [*sleepers, master]:
+                if proc.returncode is None:
+                    proc.terminate()
+                await proc.wait()
+        stderr = (await master.stderr.read()).decode() if master.stderr else ""
+        assert "orz: this connection has 2 channels open" in stderr, stderr
