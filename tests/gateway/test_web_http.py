@@ -21,6 +21,11 @@ def test_routes() -> None:
     assert http.parse_target("/v1/instances/abc/ssh?token=t").kind == "ssh"  # type: ignore[union-attr]
     assert http.parse_target("/s/abc").kind == "page"  # type: ignore[union-attr]
     assert http.parse_target("/s/abc/token").kind == "token"  # type: ignore[union-attr]
+    key = "K" * 32  # the browser sign-in's keyed paths (gateway/web_signin.py)
+    keyed = http.parse_target(f"/s/k/{key}/abc/recording?part=previous")
+    assert keyed is not None and (keyed.kind, keyed.arg, keyed.key) == ("recording", "abc", key)
+    assert http.parse_target("/s/abc/token").key == ""  # type: ignore[union-attr]
+    assert http.parse_target("/s/k/short/abc/token") is None
     assert http.parse_target("/v1/instances/../attach") is None
     assert http.parse_target("/s/<script>") is None
     assert http.parse_target("/elsewhere") is None
@@ -28,6 +33,7 @@ def test_routes() -> None:
 
 def test_loggable_path_drops_the_query() -> None:
     assert http.loggable_path("/v1/instances/a/attach?token=secret") == "/v1/instances/a/attach"
+    assert http.loggable_path(f"/s/k/{'K' * 32}/a/token") == "/s/k/.../a/token"  # nor the sign-in's key
 
 
 def test_origin_check() -> None:
