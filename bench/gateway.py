@@ -47,18 +47,42 @@ IDLE_S = 12.0
 
 
 class Child:
-    """A role of this script in its own process (so its RSS and CPU are its own)."""
+    """A role of this script in its own process (so its RSS and CPU are its own).
 
-    def __init__(self, *args: str, tree: Path | None = None) -> None:
+    The process starts at once; `ready()` waits until it says it is listening (its port, and the runner
+    endpoint's host key). Roles started with `wait=False` start side by side: each is a Python process
+    that imports asyncssh and the gateway or runner, seconds apiece on a busy machine."""
+
+    def __init__(self, *args: str, tree: Path | None = None, wait: bool = True) -> None:
         # `tree`: another checkout whose code this role runs (an A/B against a parent commit in the same hour).
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.gateway_roles", *args], stdout=subprocess.PIPE,
-                                     cwd=tree or Path(__file__).resolve().parent.parent)
-        assert self.proc.stdout is not None
+        self.name = args[0]
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.gateway_roles", *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, cwd=tree or Path(__file__).resolve().parent.parent)
+        self.info: dict[str, Any] = {}
+        self.port = 0
+        # A gateway told its upstream once that has started (see gateway_to): (the upstream, its host key).
+        self.upstream: tuple[Child, str | None] | None = None
+        if wait:
+            self.ready()
+
+    def ready(self) -> Child:
+        if self.info:
+            return self
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        if self.upstream is not None:
+            upstream, host_key = self.upstream
+            upstream.ready()
+            self.upstream = None
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.write(json.dumps({"port": upstream.port,
+                                                  "host_key": host_key or upstream.info["host_key"]}).encode() + b"\n")
+                self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"child {args[0]} failed to start")
-        self.info: dict[str, Any] = json.loads(line)
+            raise RuntimeError(f"child {self.name} failed to start")
+        self.info = json.loads(line)
         self.port = int(self.info["port"])
+        return self
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -82,14 +106,44 @@ class Child:
         tick = os.sysconf("SC_CLK_TCK")
         return int(fields[11]) / tick, int(fields[12]) / tick
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def stop(self) -> None:
+        self.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+def stop_all(children: list[Child]) -> None:
+    """Stop every child, side by side (each gateway closes its connections on SIGTERM)."""
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.stop()
+
+
+def gateway_to(upstream: Child, host_key: str | None, data_dir: Path, *extra: str,
+               tree: Path | None = None) -> Child:
+    """A gateway role routed to `upstream` (a runner role; `host_key` if that role does not say its own),
+    started at once, while the upstream still starts: `ready()` tells it the upstream's port and host key
+    on its stdin. A gateway from another checkout (`tree`) may not read them there: it starts, with them
+    as arguments, once the upstream has."""
+    if tree is not None:
+        upstream.ready()
+        return Child("--serve-gateway", str(data_dir), "127.0.0.1", str(upstream.port),
+                     host_key or upstream.info["host_key"], *extra, tree=tree, wait=False)
+    gw = Child("--serve-gateway", str(data_dir), "127.0.0.1", "-", "-", *extra, wait=False)
+    gw.upstream = (upstream, host_key)
+    return gw
 
 
 def free_port() -> int:
@@ -272,16 +326,19 @@ async def hold_sessions(work: Path, n: int, client_key: asyncssh.SSHKey, cert: a
     runner_key = work / "runner_host"
     if not runner_key.exists():
         asyncssh.generate_private_key("ssh-ed25519").write_private_key(runner_key)
-    runner = Child("--serve-idle-runner", str(runner_key))
     runner_pub = asyncssh.read_private_key(runner_key).export_public_key().decode().strip()
     heap_out = work / "heap.json"
     heap_out.unlink(missing_ok=True)
-    gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(runner.port), runner_pub,
-               *(["--uvloop"] if uvloop else []), *(["--tracemalloc", str(heap_out)] if heap else []), tree=tree)
     host_key = asyncssh.read_private_key(settings.data_dir / "keys" / "gateway_host_ed25519")
     known = ([host_key.convert_to_public()], [], [])
     conns: list[asyncssh.SSHClientConnection] = []
+    children = [Child("--serve-idle-runner", str(runner_key), wait=False)]
     try:
+        gw = gateway_to(children[0], runner_pub, settings.data_dir, *(["--uvloop"] if uvloop else []),
+                        *(["--tracemalloc", str(heap_out)] if heap else []), tree=tree)
+        children.append(gw)
+        for child in children:
+            child.ready()
         await asyncio.sleep(0.5)
         base = gw.rss_kib()
         sem = asyncio.Semaphore(50)
@@ -323,8 +380,7 @@ async def hold_sessions(work: Path, n: int, client_key: asyncssh.SSHKey, cert: a
     finally:
         for conn in conns:
             conn.close()
-        gw.stop()
-        runner.stop()
+        stop_all(children)
 
 
 def bench_credentials(work: Path, settings: Settings) -> tuple[Any, Any, Any, Any]:

@@ -3,6 +3,7 @@
 Each runs in its own process so its RSS and CPU are its own:
     python -m bench.gateway_roles --serve-gateway DATA_DIR HOST PORT HOST_KEY [--upstream-user U] [--uvloop]
         [--no-fast-path] [--tracemalloc OUT]
+        (PORT and HOST_KEY "-": read as {"port": N, "host_key": KEY} from stdin once the gateway started)
     python -m bench.gateway_roles --serve-idle-runner HOST_KEY_FILE
     python -m bench.gateway_roles --serve-runner-endpoint STATE_DIR WORKSPACE GATEWAY_PUBLIC_KEY [--uvloop]
         [--no-fast-path]
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +68,12 @@ async def serve_gateway(data_dir: Path, route: Route, upstream_user: str | None,
     # (10 per source, 256 in all, like sshd's MaxStartups) would refuse: lift them for the benchmark.
     settings = Settings(data_dir=data_dir, ssh_port=0, gateway_web_port=0, gateway_fast_path=fast_path,
                         cert_ttl_s=CERT_TTL_S, gateway_preauth_per_source=100_000, gateway_preauth_total=100_000)
-    gw = gw_server.Gateway(settings, api=StubApi(route))  # type: ignore[arg-type]
+    stub = StubApi(route)
+    gw = gw_server.Gateway(settings, api=stub)  # type: ignore[arg-type]
     await gw.start()
+    if route.port == 0:  # started beside its upstream (bench.gateway.gateway_to): told it on stdin
+        told = json.loads(await asyncio.to_thread(sys.stdin.readline))
+        stub.route = Route(host=route.host, port=int(told["port"]), host_key=told["host_key"])
     from cli.services import freeze_startup_heap
 
     freeze_startup_heap()  # as `orz gateway` does once started
@@ -189,7 +195,10 @@ def cli() -> None:
     with contextlib.suppress(KeyboardInterrupt):
         if args.serve_gateway:
             data_dir, host, port, host_key = args.serve_gateway
-            asyncio.run(serve_gateway(Path(data_dir), Route(host=host, port=int(port), host_key=host_key),
+            # PORT and HOST_KEY "-": one JSON line on stdin gives them ({"port", "host_key"}) once started.
+            upstream = Route(host=host, port=0, host_key="-") if port == "-" else Route(host=host, port=int(port),
+                                                                                        host_key=host_key)
+            asyncio.run(serve_gateway(Path(data_dir), upstream,
                                       args.upstream_user, args.fast_path, args.tracemalloc))
         elif args.serve_idle_runner:
             asyncio.run(serve_idle_runner(Path(args.serve_idle_runner)))

@@ -26,7 +26,7 @@ Figures are medians over the rounds; every ratio is real path / baseline (for la
 lower is better, for throughput higher is better), and TARGETS holds the issue's target for each.
 
     python -m bench.real_path [--bytes 100M] [--samples 1000] [--rounds 3] [--sessions 1000]
-        [--runner-sessions 50] [--no-sshd-endpoint] [--no-relay] [--runner-uvloop]
+        [--runner-sessions 50] [--idle-s 12] [--no-sshd-endpoint] [--no-relay] [--runner-uvloop]
         [--alt-runner loop|asyncssh-path | --alt-tree DIR] [--only echo,bulk,copies,setup,hold]
 
 `--only hold` holds the idle sessions on one gateway and nothing else (no sshd, runner or rounds), to
@@ -59,6 +59,7 @@ import asyncssh
 
 from api.settings import Settings
 from bench.gateway import (
+    IDLE_S,
     SESSION,
     Child,
     Sshd,
@@ -66,9 +67,11 @@ from bench.gateway import (
     bench_credentials,
     common_args,
     free_port,
+    gateway_to,
     hold_sessions,
     parse_size,
     pct,
+    stop_all,
     wait_listening,
 )
 from bench.gateway_roles import raise_fd_limit
@@ -455,7 +458,7 @@ async def held_sessions(work: Path, user: asyncssh.SSHKey, signed: Any, settings
     """The gateway's figure for the target: RSS per idle attached session with --sessions held."""
     cert = asyncssh.import_certificate(signed.text)
     held = await hold_sessions(work, args.sessions, user, cert, settings, args.uvloop, heap=args.tracemalloc,
-                               tree=args.gateway_tree)
+                               tree=args.gateway_tree, idle_s=args.idle_s)
     report = {"gateway_held": held, "gateway_idle_kib_per_session": held["rss_per_session_kib"]}
     report["targets"] = verdicts(report)
     return report
@@ -494,12 +497,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                   f"{gw_client_pub}")
         sshd = Sshd(work, [user.export_public_key().decode().strip(), *([forced] if args.sshd_endpoint else [])],
                     sftp=sftp_server)
+        phase("starting sshd, the runner endpoint and the gateways")
+        # Every role starts at once, side by side (each a Python process that imports asyncssh and the
+        # gateway or runner: seconds apiece on a busy machine); a gateway is told its runner when that is up.
         (work / "rs").mkdir()
         runner = Child("--serve-runner-endpoint", str(work / "rs"), str(workspace), gw_client_pub,
-                       *(["--uvloop"] if args.runner_uvloop else []))
+                       *(["--uvloop"] if args.runner_uvloop else []), wait=False)
         children.append(runner)
-        gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(runner.port),
-                   runner.info["host_key"], *(["--uvloop"] if args.uvloop else []), tree=args.gateway_tree)
+        gw = gateway_to(runner, None, settings.data_dir, *(["--uvloop"] if args.uvloop else []),
+                        tree=args.gateway_tree)
         children.append(gw)
         sshd_pub = sshd.host_key.export_public_key().decode().strip()
         gw_pub = gw_host.export_public_key().decode().strip()
@@ -510,19 +516,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             alt_loop = ["--uvloop"] if args.runner_uvloop != (args.alt_runner == "loop") else []
             alt_runner = Child("--serve-runner-endpoint", str(work / "ra"), str(workspace), gw_client_pub,
                                *alt_loop, *(["--no-fast-path"] if args.alt_runner == "asyncssh-path" else []),
-                               tree=args.alt_tree)
+                               tree=args.alt_tree, wait=False)
             children.append(alt_runner)
-            alt_gw = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(alt_runner.port),
-                           alt_runner.info["host_key"], *(["--uvloop"] if args.uvloop else []), tree=args.alt_tree)
+            alt_gw = gateway_to(alt_runner, None, settings.data_dir, *(["--uvloop"] if args.uvloop else []),
+                                tree=args.alt_tree)
             children.append(alt_gw)
             cpu.update(alt_gateway=alt_gw, alt_runner=alt_runner)
         gw_sshd: Child | None = None
         if args.sshd_endpoint:
             gw_sshd = Child("--serve-gateway", str(settings.data_dir), "127.0.0.1", str(sshd.port), sshd_pub,
                             "--upstream-user", getpass.getuser(), *(["--uvloop"] if args.uvloop else []),
-                            tree=args.gateway_tree)
+                            tree=args.gateway_tree, wait=False)
             children.append(gw_sshd)
             cpu["sshdep_gateway"] = gw_sshd
+        for child in children:
+            child.ready()
         known = work / "known_hosts"
         known.write_text(f"[127.0.0.1]:{sshd.port} {sshd_pub}\n[127.0.0.1]:{gw.port} {gw_pub}\n"
                          + (f"[127.0.0.1]:{gw_sshd.port} {gw_pub}\n" if gw_sshd else "")
@@ -605,8 +613,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                                         lambda: tree_pss_kib(pid_s))
             report["ratio_runner_attach_memory"] = (report["runner_attach"]["kib_per_session"]
                                                    / report["sshd_attach"]["kib_per_session"])
-        for child in children:
-            child.stop()
+        stop_all(children)
         children.clear()
         if args.sessions and "hold" in args.only:
             phase("idle sessions held on one gateway")
@@ -620,8 +627,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             report["alt_targets"] = verdicts(report, "alt_")
         return report
     finally:
-        for child in children:
-            child.stop()
+        stop_all(children)
         if base_tmux is not None:
             await base_tmux.kill_server()
             await Tmux(work / "se.sock").kill_server()
@@ -643,6 +649,10 @@ def cli() -> None:
                         help=f"comma-separated measures to run per round, of {','.join(MEASURES)} (default: all)")
     parser.add_argument("--sessions", type=int, default=1000,
                         help="idle sessions held on one gateway process (target 10000; 0 skips)")
+    parser.add_argument("--idle-s", type=float, default=IDLE_S, metavar="S",
+                        help=f"how long the held sessions sit idle before the gateway's RSS is read ({IDLE_S:g} s: "
+                             "past two of gateway.splice's idle sweeps; shorter counts the AES-GCM contexts it "
+                             "lets go of then, for a quick run)")
     parser.add_argument("--runner-sessions", type=int, default=50,
                         help="idle attaches held on one runner, and on sshd for the baseline (0 skips)")
     parser.add_argument("--runner-uvloop", action="store_true",

@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_small_run_reports_every_figure_and_target() -> None:
     try:
-        # Within the test's own timeout (120 s; about 30 s alone), so that a hang shows its last phase.
+        # Within the test's own timeout (120 s; about 20 s alone), so that a hang shows its last phase. The
+        # held sessions sit idle 1 s, not the 12 s past the gateway's idle sweeps that the figure waits for.
         out = subprocess.run([sys.executable, "-m", "bench.real_path", "--bytes", "1M", "--samples", "20",
-                              "--rounds", "1", "--setup-runs", "2", "--sessions", "4", "--runner-sessions", "2"],
-                             cwd=ROOT, capture_output=True, timeout=105, check=True)
+                              "--rounds", "1", "--setup-runs", "2", "--sessions", "4", "--runner-sessions", "2",
+                              "--idle-s", "1"], cwd=ROOT, capture_output=True, timeout=105, check=True)
     except subprocess.TimeoutExpired as exc:
         said = (exc.stderr or b"").decode(errors="replace")[-3000:]
         pytest.fail(f"bench.real_path did not finish in 105 s; what it last said:\n{said}")
@@ -51,6 +52,7 @@ def test_small_run_reports_every_figure_and_target() -> None:
     for held in ("runner_attach", "sshd_attach"):
         assert report[held]["sessions"] == 2 and report[held]["failed"] == 0
     assert report["gateway_held"]["sessions"] == 4 and report["gateway_held"]["failed"] == 0
+    assert report["gateway_held"]["idle_s"] == 1
 
 
 def test_alt_tree_and_python_relay_sides_report_their_echo_and_cpu() -> None:
