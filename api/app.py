@@ -30,11 +30,11 @@ from api.errors import (
     OrzError,
     SchemaNotAtHead,
     TooManyAttempts,
-    without_credentials,
 )
 from api.gateway_keys import gateway_host_public_key, gateway_public_key
 from api.instances.providers.base import Provider
 from api.instances.service import InstanceService, SecretEnvSource
+from api.log import without_credentials
 from api.routes import attach, auth, health, instances, internal, me
 from api.routes import secrets as secrets_routes
 from api.routes import tokens as tokens_routes

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar
 
-# A token's value (an API or runner token, a JWT) pasted where an id belongs: a path, or a path segment on
-# its own (a session id). The problem's `instance`, the access log line and the log context repeat the path
-# or the id, and must not repeat the token.
-_TOKEN_SEGMENT = re.compile(
-    r"(?<![A-Za-z0-9_-])(orzr?_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]{9,}|(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_.-]{10,}")
-
-
-def without_credentials(path: str) -> str:
-    """`path` (or one segment of it) with any token's value cut to its kind and lookup prefix."""
-    return _TOKEN_SEGMENT.sub(lambda m: (m.group(1) or "eyJ") + "...", path)
+from api.log import without_credentials
 
 
 class OrzError(Exception):

@@ -23,6 +23,7 @@ from websockets.http11 import Request, Response
 
 from api.addresses import Network, within
 from api.client import ApiClient, ApiError, ApiUnreachable
+from api.log import without_credentials
 from api.schemas import RECORDING_CONTENT_TYPE, AttachRequest, AuthorizeReply
 from gateway import auth, drain, metrics, web_bridge
 from gateway import web_http as http
@@ -255,7 +256,8 @@ class WebDoor:
         except ApiUnreachable:
             return http.json_response(503, {"detail": "Orzbob Cloud is unavailable right now"})
         except ApiError as exc:
-            log.info("web token for %s from %s refused: %d %s", target.arg, source, exc.status, exc.code)
+            log.info("web token for %s from %s refused: %d %s", without_credentials(target.arg), source, exc.status,
+                     exc.code)
             if exc.status == 401:  # guessing API tokens through the door counts like a bad attach token
                 self.gw.limiter.record_failure(source)
             status = exc.status if 400 <= exc.status < 500 else 502
@@ -281,7 +283,8 @@ class WebDoor:
         except ApiUnreachable:
             return http.json_response(503, {"detail": "Orzbob Cloud is unavailable right now"})
         except ApiError as exc:
-            log.info("web recording of %s from %s refused: %d %s", target.arg, source, exc.status, exc.code)
+            log.info("web recording of %s from %s refused: %d %s", without_credentials(target.arg), source, exc.status,
+                     exc.code)
             if exc.status == 401:
                 self.gw.limiter.record_failure(source)
             return http.json_response(exc.status if 400 <= exc.status < 500 else 502, {"detail": exc.detail})

@@ -15,6 +15,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from api.addresses import client_address as client_address  # the door's callers read it here
+from api.log import without_credentials
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SESSION_PART = r"(?P<sid>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
@@ -64,8 +65,10 @@ def parse_target(raw_path: str) -> Target | None:
 
 
 def loggable_path(raw_path: str) -> str:
-    """The path without its query string (attach tokens ride in it) or a sign-in's key: neither reaches a log."""
-    return re.sub(r"^/s/k/[^/]+/", "/s/k/.../", urlsplit(raw_path).path)[:200]
+    """The path without its query string (attach tokens ride in the query), a sign-in's key, and a token's
+    value pasted into the path cut to its kind and lookup prefix (as the API's access log cuts it): none of
+    them reaches a log."""
+    return without_credentials(re.sub(r"^/s/k/[^/]+/", "/s/k/.../", urlsplit(raw_path).path))[:200]
 
 
 def response(status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8",

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
 from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus
 from websockets.http11 import Request
 
 from gateway import web_http as http
+from tests.gateway.conftest import gateway_env
 
 
 def request(path: str = "/", **headers: str) -> Request:
@@ -34,6 +43,35 @@ def test_routes() -> None:
 def test_loggable_path_drops_the_query() -> None:
     assert http.loggable_path("/v1/instances/a/attach?token=secret") == "/v1/instances/a/attach"
     assert http.loggable_path(f"/s/k/{'K' * 32}/a/token") == "/s/k/.../a/token"  # nor the sign-in's key
+
+
+@pytest.mark.integration
+async def test_a_token_pasted_into_a_web_door_path_does_not_reach_the_gateways_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A user who pastes their API token (or an attach token's first part) where the session id goes: each
+    refusal the door logs names the path or the id, cut to the token's kind and lookup prefix."""
+    caplog.set_level(logging.INFO)
+    api_token = "orz_" + secrets.token_urlsafe(30)  # the shape `orz cloud login` saves
+    jwt_head = "eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCJ9"  # an attach token's first part, pasted alone
+    async with gateway_env(tmp_path) as env, httpx.AsyncClient(timeout=10) as client:
+        assert env.gateway.web is not None
+        door = f"127.0.0.1:{env.gateway.web.port}"
+        for value in (api_token, jwt_head):
+            with pytest.raises(InvalidStatus) as refused:  # an attach whose token the door refuses
+                async with connect(f"ws://{door}/v1/instances/{value}/attach?token=not.a.jwt", open_timeout=5):
+                    pass
+            assert refused.value.response.status_code == 401
+            evil = await client.get(f"http://{door}/s/{value}/token", headers={"Origin": "https://evil.example"})
+            assert evil.status_code == 403
+            for endpoint in ("token", "recording"):  # the page's endpoints: the API refuses the session
+                answer = await client.get(f"http://{door}/s/{value}/{endpoint}",
+                                          headers={"Authorization": f"Bearer {env.api.service_token}"})
+                assert answer.status_code >= 400
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("gateway"))
+    assert "refused: origin not allowed" in logged and "web token for" in logged, logged
+    assert f"/v1/instances/{api_token[:12]}.../attach" in logged  # which token it was, not its value
+    assert api_token not in logged and api_token[12:] not in logged
+    assert jwt_head not in logged and jwt_head[3:] not in logged
 
 
 def test_origin_check() -> None:
