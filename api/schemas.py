@@ -735,6 +735,10 @@ STATE_INIT_LOG = "init.log"
 # Each run of the runner begins its part of the init log with this line and "N, <UTC time>": the init log
 # keeps every run's output, and a user reading it after a restart tells which lines are this start's.
 INIT_LOG_START = "[orz] start "
+# The local provider's log (read_log) shows this start's part of the init log under INIT_LOG_TITLE and earlier
+# starts' under INIT_LOG_EARLIER_TITLE; `orz cloud logs -f` follows the two as the one log they were.
+INIT_LOG_TITLE = "== init log =="
+INIT_LOG_EARLIER_TITLE = "== init log, earlier starts =="
 STATE_FATAL_FILE = "fatal_error"
 # Written once sidecars, tmux and the endpoint are gone: the provider need not wait for the runner's exit.
 STATE_RELEASED_FILE = "released"

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from api import schemas
 from api.client import ApiClient, ApiError
+from api.schemas import INIT_LOG_EARLIER_TITLE, INIT_LOG_TITLE
 from cli.errors import CliError
 from cli.output import event_line, printable, printable_log
 
@@ -22,7 +23,9 @@ class LogFollower:
 
     The local provider's log is titled parts ("== init log ==", then "== runner log =="), each of which
     grows on its own: a part is followed by itself, and its title is printed again when the output
-    moves back to it, so a line that grew in the first part does not reprint everything after it."""
+    moves back to it, so a line that grew in the first part does not reprint everything after it.
+    After a restart the init log's lines of earlier starts move under a title of their own, before "== init
+    log ==": the two are followed as the one init log they are, so lines already printed are not again."""
 
     def __init__(self, emit: Callable[[str], None]) -> None:
         self.emit = emit
@@ -34,18 +37,43 @@ class LogFollower:
         if not text or text == self.shown:
             return
         self.shown = text
-        for title, body in _titled_parts(text):
+        for title, body, earlier in _followed_parts(text):
             old = self._parts.get(title, "")
             if body == old:
                 continue
             new = body[len(old):] if body.startswith(old) else _after_overlap(old, body)
             self._parts[title] = body
-            if not new.strip("\n"):
-                continue
-            if title is not None and title != self._last_title:
-                self.emit(printable_log(title))
-            self._last_title = title
-            self.emit(printable_log(new.rstrip("\n")))
+            at = len(body) - len(new)  # new is what ends body
+            if at < earlier:  # it begins in the earlier starts' lines: those first, under their title
+                self._print(INIT_LOG_EARLIER_TITLE, body[at:earlier])
+                new = body[earlier:]
+            self._print(title, new)
+
+    def _print(self, title: str | None, new: str) -> None:
+        if not new.strip("\n"):
+            return
+        if title is not None and title != self._last_title:
+            self.emit(printable_log(title))
+        self._last_title = title
+        self.emit(printable_log(new.rstrip("\n")))
+
+
+def _followed_parts(text: str) -> list[tuple[str | None, str, int]]:
+    """(title, body, n) for each part of text to follow, the init log's earlier starts and this start's as one
+    part under INIT_LOG_TITLE whose first n characters are the earlier starts' (n is 0 for other parts)."""
+    out: list[tuple[str | None, str, int]] = []
+    earlier = ""
+    for title, body in _titled_parts(text):
+        if title == INIT_LOG_EARLIER_TITLE:
+            earlier = body
+        elif title == INIT_LOG_TITLE:
+            out.append((title, earlier + body, len(earlier)))
+            earlier = ""
+        else:
+            out.append((title, body, 0))
+    if earlier:  # earlier starts' lines without this start's part (a tail that cut it off): shown as they are
+        out.append((INIT_LOG_EARLIER_TITLE, earlier, 0))
+    return out
 
 
 _TITLE = re.compile(r"^== [^=\n]+ ==$")

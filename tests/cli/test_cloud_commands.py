@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import stat
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -296,6 +298,46 @@ def test_logs_follow_prints_each_line_once_when_the_init_log_grows_after_the_run
         assert proc.stdout.readline().strip() == "built"
         assert orz("cloud", "kill", "--force", sid).returncode == 0
         rest, _ = proc.communicate(timeout=20)  # to the end: nothing was printed a second time
+    finally:
+        proc.kill()
+    assert rest == ""
+
+
+def test_logs_follow_prints_each_init_log_line_once_across_restarts(orz: Orz, live_api: LiveApi, logged_in: Tenant,
+                                                                     tmp_path: Path) -> None:
+    # Each start begins its part of init.log with "[orz] start N, <time>", and after a restart orz server shows
+    # the earlier starts' lines under "== init log, earlier starts ==": -f printed them all a second time there.
+    from api.instances.providers.local import INIT_LOG, LocalProvider
+    from api.settings import Settings
+    from runner.workspace import mark_start
+
+    sid = create(orz, cwd=tmp_path)
+    server = LocalProvider(Settings(data_dir=tmp_path / "data", sandbox="off"))  # shows logs as orz server does
+    init_log = server.session_dir("sess-a") / INIT_LOG
+
+    def start(n: int, *lines: str) -> str:
+        """The runner's start n: its header and what it printed; the API then shows what orz server shows."""
+        mark_start(init_log, datetime(2026, 12, 6, 12, n, tzinfo=UTC))
+        with init_log.open("a") as f:
+            f.writelines(f"{line}\n" for line in lines)
+        live_api.provider.logs[sid] = asyncio.run(server.read_log("sess-a", None))  # type: ignore[arg-type]
+        return f"[orz] start {n}, 2026-12-06 12:{n:02d}:00 UTC"
+
+    first = start(1, "$ make", "built")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "cloud", "logs", "-f", sid], cwd=ROOT,
+                            env=orz.env(PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert [proc.stdout.readline().rstrip("\n") for _ in range(4)] == ["== init log ==", first, "$ make", "built"]
+        second = start(2, "[orz] the workspace is kept")
+        assert "== init log, earlier starts ==" in live_api.provider.logs[sid]
+        assert proc.stdout.readline().rstrip("\n") == second  # following on: start 1's lines are not printed again
+        assert proc.stdout.readline().rstrip("\n") == "[orz] the workspace is kept"
+        third = start(3)
+        assert proc.stdout.readline().rstrip("\n") == third
+        assert orz("cloud", "kill", "--force", sid).returncode == 0
+        rest, _ = proc.communicate(timeout=20)
     finally:
         proc.kill()
     assert rest == ""

@@ -161,6 +161,17 @@ def test_log_follower_prints_only_new_text() -> None:
     assert seen == ["a", "b", "c", "zzz"]
 
 
+def test_log_follower_shows_earlier_starts_under_their_title_and_then_follows_on() -> None:
+    # What `orz cloud logs` prints after a restart (its first look), and what -f adds at the next restart.
+    seen: list[str] = []
+    follower = LogFollower(seen.append)
+    follower.update("== init log, earlier starts ==\n[orz] start 1, t1\nbuilt\n\n== init log ==\n[orz] start 2, t2\n")
+    assert seen == ["== init log, earlier starts ==", "[orz] start 1, t1\nbuilt", "== init log ==", "[orz] start 2, t2"]
+    follower.update("== init log, earlier starts ==\n[orz] start 1, t1\nbuilt\n[orz] start 2, t2\n\n"
+                    "== init log ==\n[orz] start 3, t3\n")
+    assert seen[4:] == ["[orz] start 3, t3"]
+
+
 def test_validate_needs_the_runner_package(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cli.main import orz
 

@@ -33,6 +33,7 @@ from api.instances.providers.base import (
     ProviderState,
 )
 from api.schemas import (
+    INIT_LOG_EARLIER_TITLE,
     INIT_LOG_START,
     SESSION_ID_RE,
     STATE_FATAL_FILE,
@@ -235,7 +236,7 @@ class LocalProvider(Provider):
                 init_log = text
                 earlier, text = split_init_log(text)
                 if earlier:
-                    parts.append(f"== init log, earlier starts ==\n{earlier}")
+                    parts.append(f"{INIT_LOG_EARLIER_TITLE}\n{earlier}")
             else:
                 text = runner_log_for_users(text, init_log)
             if text:
