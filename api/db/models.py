@@ -241,6 +241,8 @@ class Event(Base):
     """Audit trail: every transition and notable action on an instance."""
 
     __tablename__ = "events"
+    # The per-session questions on hot paths (the runner event budget, a recorded OOM kill) by kind and time.
+    __table_args__ = (Index("ix_events_instance_kind_at", "instance_id", "kind", "at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     instance_id: Mapped[str] = mapped_column(String(32), index=True)

@@ -39,12 +39,21 @@ class EventBudget:
     async def load(cls, db: AsyncSession, instance_id: str, per_minute: int, now: datetime) -> EventBudget:
         if per_minute <= 0:
             return cls(left=None, dry=False)  # 0 turns the limit off
-        mine = (Event.instance_id == instance_id, Event.actor == "runner", Event.kind.in_(RUNNER_EVENT_KINDS))
+        since = now - WINDOW
+        mine = (Event.instance_id == instance_id, Event.kind.in_(RUNNER_EVENT_KINDS), Event.at > since,
+                Event.actor == "runner")
         recent = await db.scalar(select(func.count()).select_from(
-            select(Event.id).where(*mine, Event.at > now - WINDOW).limit(per_minute).subquery())) or 0
+            select(Event.id).where(*mine).limit(per_minute).subquery())) or 0
+        if recent < per_minute:
+            # Room left: whether this spell's note is written matters only once the room is gone, and a
+            # first refusal then writes it. Every query here stays inside the last minute (the
+            # (instance_id, kind, at) index): a runner decides how often it is asked.
+            return cls(left=per_minute - recent, dry=False)
+        # No room: the last event kept is in the window (the minute holds per_minute of them), so a note
+        # at or after it is too.
         last_kept = await db.scalar(select(func.max(Event.at)).where(*mine))
         last_note = await db.scalar(select(func.max(Event.at)).where(
-            Event.instance_id == instance_id, Event.kind == DROPPED_KIND))
+            Event.instance_id == instance_id, Event.kind == DROPPED_KIND, Event.at > since))
         # A note at or after the last event kept: this spell has said so already.
         dry = last_note is not None and (last_kept is None or last_note >= last_kept)
         return cls(left=per_minute - recent, dry=dry)
