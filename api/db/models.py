@@ -245,7 +245,7 @@ class Event(Base):
     __table_args__ = (Index("ix_events_instance_kind_at", "instance_id", "kind", "at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    instance_id: Mapped[str] = mapped_column(String(32), index=True)
+    instance_id: Mapped[str] = mapped_column(String(32))  # indexed first in ix_events_instance_kind_at
     org_id: Mapped[str] = mapped_column(String(32), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     actor: Mapped[str] = mapped_column(String(64))

@@ -56,3 +56,41 @@ async def test_a_runner_flooding_two_replicas_gets_one_budget(replicas, settings
     assert [kind for _, kind in rows].count("events_dropped") == 1
     notes = [e["message"] for e in status["events"] if e["kind"] == "events_dropped"]
     assert notes and f"more than {budget} events a minute" in notes[0]
+
+
+async def test_the_budget_reads_only_the_sessions_last_minute(settings: Settings, sessions) -> None:
+    """Each heartbeat that carries an event asks the budget, as often as the runner (the session's own code)
+    likes. Every query it makes must be a search of the session's last minute by (instance_id, kind, at):
+    one that reads the session's whole history costs the shared database more with every event kept."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import event
+
+    from api.instances.event_budget import EventBudget
+
+    now = datetime.now(UTC)
+    async with sessions() as db:
+        # A full minute, so the budget also asks about this spell's note.
+        db.add_all(Event(instance_id="s1", org_id="o", at=now - timedelta(seconds=i), actor="runner",
+                         kind="program_exited") for i in range(3))
+        await db.commit()
+    statements: list[tuple[str, object]] = []
+    async with sessions() as db:
+        engine = db.bind.sync_engine  # type: ignore[union-attr]
+
+        def keep(_conn, _cursor, statement, parameters, _context, _many) -> None:  # type: ignore[no-untyped-def]
+            if statement.lstrip().upper().startswith("SELECT"):
+                statements.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", keep)
+        try:
+            budget = await EventBudget.load(db, "s1", 3, now)
+        finally:
+            event.remove(engine, "before_cursor_execute", keep)
+        assert budget.left == 0 and budget.take() is False  # the spell's first refusal writes the note
+        assert len(statements) == 3, statements
+        conn = await db.connection()
+        for statement, parameters in statements:
+            plan = " ".join(str(row[-1]) for row in await conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + statement, parameters))  # type: ignore[arg-type]
+            assert "INDEX ix_events_instance_kind_at (instance_id=? AND kind=? AND at>?)" in plan, (statement, plan)
