@@ -70,6 +70,23 @@ def test_an_oom_killed_runner_is_news_for_the_user_once_per_kill() -> None:
     assert compute_status(pod("Running"), False).out_of_memory is None
 
 
+def test_a_services_oom_kill_is_told_as_the_services_and_the_newest_kill_wins() -> None:
+    """A sidecar's kill leaves the program and shells running: the user is not told they started again.
+    With kills of two containers in the Pod's status, the newer one is the news."""
+    obj = oom_killed("2026-12-06T15:20:00Z")
+    obj["spec"]["containers"].append({"name": "postgres", "resources": {"limits": {"memory": "1Gi"}}})
+    obj["status"]["containerStatuses"].append({
+        "name": "postgres", "restartCount": 1, "state": {"running": {}},
+        "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137, "finishedAt": "2026-12-06T15:30:00Z"}}})
+    told = compute_status(obj, False).out_of_memory
+    assert told is not None
+    assert "service 'postgres'" in told and "of 1Gi" in told and "15:30:00" in told
+    assert "kept running" in told and "started again" not in told
+    obj["status"]["containerStatuses"][0]["lastState"]["terminated"]["finishedAt"] = "2026-12-06T15:40:00Z"
+    told = compute_status(obj, False).out_of_memory
+    assert told is not None and "runner" in told and "of 4Gi" in told and "started again" in told
+
+
 def test_the_watch_cache_keeps_what_tells_of_an_oom_kill() -> None:
     """The provider reads Pods from its slim watch cache: the kill and the limit survive the slimming."""
     assert compute_status(slim_pod(oom_killed()), False).out_of_memory == \

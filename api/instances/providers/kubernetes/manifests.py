@@ -224,7 +224,7 @@ def _runner_container(spec: ComputeSpec, config: ClusterConfig) -> dict[str, Any
         fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
         raise ManifestError(f"the runner spec is not valid ({fields})") from None
     return {
-        "name": "runner",
+        "name": names.RUNNER_CONTAINER,
         "image": config.runner_image,
         "imagePullPolicy": config.image_pull_policy,
         "command": ["orz", "runner"],

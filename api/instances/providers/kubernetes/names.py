@@ -21,6 +21,7 @@ APP_NAME = "orzbob-session"
 SESSION_LABEL = "orz.cloud/session"
 ORG_LABEL = "orz.cloud/org"
 GENERATION_ANNOTATION = "orz.cloud/generation"
+RUNNER_CONTAINER = "runner"  # the session Pod's own container (sidecars are named by their service)
 
 # RFC 1123 label: what Pods, Secrets, PVCs, ConfigMaps and NetworkPolicies all accept as a name.
 DNS1123_LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")

@@ -269,7 +269,7 @@ class KubernetesProvider(Provider):
     async def read_log(self, session_id: str, state: ProviderState, limit: int = 65536) -> str:
         text = await self._call("read the runner's log", self._core.read_namespaced_pod_log,
                                 str(state.get("pod") or names.pod_name(session_id)), self.ns,
-                                container="runner", limit_bytes=limit, ok=(400, 404))
+                                container=names.RUNNER_CONTAINER, limit_bytes=limit, ok=(400, 404))
         return (text or "")[-limit:]
 
     async def close(self) -> None:

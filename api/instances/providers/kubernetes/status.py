@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from api.instances.providers.base import ComputeStatus
+from api.instances.providers.kubernetes.names import RUNNER_CONTAINER
 
 # Waiting reasons that will not fix themselves without a change from the user or an operator.
 _FATAL_WAITING = {
@@ -28,18 +29,25 @@ def _container_problem(pod: Mapping[str, Any]) -> str | None:
 
 
 def _out_of_memory(pod: Mapping[str, Any]) -> str | None:
-    """What to tell the user when a container's last run ended in the OOM killer (Kubernetes restarts it)."""
+    """What to tell the user when a container's last run ended in the OOM killer (Kubernetes restarts it).
+
+    The newest kill of any container: the runner's takes the session's tmux, shells and program with it, a
+    service's (``services:`` in cloud.yaml) only that service."""
     limits = {c.get("name"): ((c.get("resources") or {}).get("limits") or {}).get("memory")
               for c in (pod.get("spec") or {}).get("containers") or []}
-    for cs in pod.get("status", {}).get("containerStatuses") or []:
-        last = ((cs.get("lastState") or {}).get("terminated")) or {}
-        if last.get("reason") == "OOMKilled":
-            name = cs.get("name", "container")
-            limit = f" of {limits[name]}" if limits.get(name) else ""
-            return (f"the session's {name} used more than its memory limit{limit} and was killed (OOMKilled) "
-                    f"at {last.get('finishedAt') or 'an unknown time'}; it was restarted, and what ran in it "
-                    "(the program, shells, tmux) started again")
-    return None
+    kills = [(str(last.get("finishedAt") or ""), cs.get("name") or "container", last)
+             for cs in pod.get("status", {}).get("containerStatuses") or []
+             for last in [((cs.get("lastState") or {}).get("terminated")) or {}]
+             if last.get("reason") == "OOMKilled"]
+    if not kills:
+        return None
+    _, name, last = max(kills, key=lambda kill: kill[0])  # RFC 3339 in UTC: the strings sort by time
+    limit = f" of {limits[name]}" if limits.get(name) else ""
+    lost = ("what ran in it (the program, shells, tmux) started again" if name == RUNNER_CONTAINER
+            else "the session's program and shells kept running")
+    what = "session's runner" if name == RUNNER_CONTAINER else f"service {name!r}"
+    return (f"the {what} used more than its memory limit{limit} and was killed (OOMKilled) "
+            f"at {last.get('finishedAt') or 'an unknown time'}; it was restarted, and {lost}")
 
 
 def _unschedulable(pod: Mapping[str, Any]) -> str | None:
