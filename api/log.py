@@ -18,7 +18,8 @@ _STD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "as
 # Last line of defence, not the policy (the policy is: never log a credential). Anything shaped like
 # one of our credentials is cut to what is safe to show: a token's kind and lookup prefix, nothing of
 # a JWT or a bearer header's value.
-_TOKEN = re.compile(r"\b(orzr?_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]{8,}")
+# Every credential the platform mints: API (orz_), runner (orzr_), refresh (orzrt_) tokens and device codes (orzd_).
+_TOKEN = re.compile(r"\b(orz(?:r|rt|d)?_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]{8,}")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
 
@@ -36,7 +37,7 @@ def redact(text: str) -> str:
 # its own (a session id). The API's problem `instance`, its access log line and log context, and the
 # gateway's web door's log lines repeat the path or the id, and must not repeat the token.
 _TOKEN_SEGMENT = re.compile(
-    r"(?<![A-Za-z0-9_-])(orzr?_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]{9,}|(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_.-]{10,}")
+    r"(?<![A-Za-z0-9_-])(orz(?:r|rt|d)?_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]{9,}|(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_.-]{10,}")
 
 
 def without_credentials(path: str) -> str:

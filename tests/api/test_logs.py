@@ -188,6 +188,12 @@ def test_formatter_redacts_credential_shaped_text():
     entry = json.loads(orz_log.JsonFormatter().format(record))
     assert entry["msg"] == "got orz_ABCDEFGH... and <jwt> then Bearer <redacted>"
     assert entry["token"] == "orzr_ABCDEFGH..."
+    # A refresh token and a device code are credentials too, in a message and pasted into a path.
+    later = logging.makeLogRecord({"msg": "refresh orzrt_ABCDEFGHijklmnopqrstu device orzd_ABCDEFGHijklmnopqrstu",
+                                   "levelname": "INFO"})
+    told = json.loads(orz_log.JsonFormatter().format(later))["msg"]
+    assert told == "refresh orzrt_ABCDEFGH... device orzd_ABCDEFGH..."
+    assert orz_log.without_credentials("/v1/tokens/orzrt_ABCDEFGHijklmnopqrstu") == "/v1/tokens/orzrt_ABCDEFGH..."
     # Ordinary words with underscores are left alone.
     plain = logging.makeLogRecord({"msg": "session_id orz_short and snake_case_words", "levelname": "INFO"})
     assert json.loads(orz_log.JsonFormatter().format(plain))["msg"] == "session_id orz_short and snake_case_words"
