@@ -181,11 +181,12 @@ class WebDoor:
             log.info("web %s from %s refused: origin not allowed", http.loggable_path(request.path), source)
             return http.text(403, "origin not allowed")
         if target.kind == "page":
-            return http.terminal_page(target.arg, signin=self.signin_providers)
+            return self.signin.forget_legacy(request, http.terminal_page(target.arg, signin=self.signin_providers))
         if target.kind == "token":
             return await self._mint_token(request, target, source)
         if target.kind == "replay":
-            return http.terminal_page(target.arg, "replay.html", signin=self.signin_providers)
+            return self.signin.forget_legacy(
+                request, http.terminal_page(target.arg, "replay.html", signin=self.signin_providers))
         if target.kind == "recording":
             return await self._recording(request, target, source)
         if not http.is_upgrade(request):

@@ -38,6 +38,7 @@ SESSION_COOKIE = "orz_web"
 LEGACY_CSRF_COOKIE = "orz_csrf"  # the double-submit cookie of sign-ins before the keyed path; cleared
 KEY_BYTES = 24
 KEY = re.compile(r"^[A-Za-z0-9_-]{32}$")
+KEYED_VALUE = re.compile(r"^[A-Za-z0-9_-]{32}\.")  # an orz_web value of the keyed path: "<key>.<token>"
 STATE_COOKIE = "orz_signin_state"
 NEXT_COOKIE = "orz_signin_next"
 STATE_TTL_S = 600
@@ -87,6 +88,20 @@ class BrowserSignIn:
         self.callback_url = f"{web_base_url.rstrip('/')}/s/callback"
         self.secure = web_base_url.startswith("https://")
 
+    def legacy_cleared(self) -> list[str]:
+        """Set-Cookie values that remove earlier sign-ins' cookies from the wide ``/s`` path."""
+        return [_cookie(name, "", path="/s", max_age=0, secure=self.secure, http_only=name == SESSION_COOKIE)
+                for name in (SESSION_COOKIE, LEGACY_CSRF_COOKIE)]
+
+    def forget_legacy(self, request: Request, response: Response) -> Response:
+        """``response``, removing a pre-keyed-path sign-in's cookies the browser sent with ``request``: they
+        hold an API token every port of this host receives, so they go at the first page the user opens,
+        not only at the next sign-in."""
+        if legacy_cookies(request):
+            for value in self.legacy_cleared():
+                response.headers["Set-Cookie"] = value
+        return response
+
     async def login(self, request: Request, query: dict[str, str], source: str) -> Response:
         target = query.get("next", "")
         if not NEXT_PATH.match(target):
@@ -128,8 +143,7 @@ class BrowserSignIn:
                  for name in (STATE_COOKIE, NEXT_COOKIE)]
         key = secrets.token_urlsafe(KEY_BYTES)
         # Earlier sign-ins' cookies on the wide /s path (which every port of this host received): removed.
-        clear += [_cookie(name, "", path="/s", max_age=0, secure=self.secure, http_only=name == SESSION_COOKIE)
-                  for name in (SESSION_COOKIE, LEGACY_CSRF_COOKIE)]
+        clear += self.legacy_cleared()
         set_cookies = [
             _cookie(SESSION_COOKIE, f"{key}.{grant.access_token}", path=f"/s/k/{key}", max_age=grant.expires_in,
                     secure=self.secure),
@@ -142,6 +156,16 @@ class BrowserSignIn:
         for value in set_cookies:
             response.headers["Set-Cookie"] = value
         return response
+
+
+def legacy_cookies(request: Request) -> bool:
+    """Whether the browser still holds a cookie of a sign-in from before the keyed path: its API token on the
+    wide ``/s`` path, which the browser also sends to every other port of this host (a session's dev server)."""
+    for part in request.headers.get("Cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == LEGACY_CSRF_COOKIE or (name == SESSION_COOKIE and not KEYED_VALUE.match(value)):
+            return True
+    return False
 
 
 def cookie_token(request: Request, key: str) -> str | None:

@@ -10,7 +10,8 @@
   const STORE_KEY = "orz.apiToken";
   const SIGNIN_KEY = "orz.signinKey";
   const fragment = new URLSearchParams(location.hash.slice(1));
-  if (fragment.get("signin")) localStorage.setItem(SIGNIN_KEY, fragment.get("signin"));
+  // Only a key of the shape the door makes (a link of another site's cannot store just anything).
+  if (/^[A-Za-z0-9_-]{32}$/.test(fragment.get("signin") || "")) localStorage.setItem(SIGNIN_KEY, fragment.get("signin"));
   if (location.hash) history.replaceState(null, "", location.pathname + location.search);
   const idleLimit = Math.max(0.01, Number(params.get("idle")) || 2);
   const statusEl = document.getElementById("status");

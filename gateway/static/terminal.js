@@ -19,7 +19,8 @@
 
   const fragment = new URLSearchParams(location.hash.slice(1));
   let oneTimeToken = fragment.get("token");
-  if (fragment.get("signin")) localStorage.setItem(SIGNIN_KEY, fragment.get("signin"));
+  // Only a key of the shape the door makes (a link of another site's cannot store just anything).
+  if (/^[A-Za-z0-9_-]{32}$/.test(fragment.get("signin") || "")) localStorage.setItem(SIGNIN_KEY, fragment.get("signin"));
   if (location.hash) history.replaceState(null, "", location.pathname + location.search);
 
   const term = new Terminal({ cursorBlink: true, scrollback: 5000, convertEol: false,

@@ -82,6 +82,23 @@ def test_the_browser_signs_in_and_gets_attach_tokens_with_its_cookie(platform: W
     platform.kill(sid)
 
 
+def test_a_sign_in_cookie_from_before_the_keyed_path_goes_at_the_first_page(platform: WebPlatform):
+    """A browser signed in before the keyed path holds its API token in orz_web on /s, which every port of
+    this host receives (a session's dev server too). The first terminal or replay page it opens removes it,
+    not only its next sign-in; a keyed cookie (which the browser sends only to /s/k/<key>/) is left alone."""
+    web = httpx.Client(base_url=platform.web_url, timeout=10)
+    legacy = {"Cookie": "orz_web=orz_ABCDEFGHijklmnopqrstuvwxyz; orz_csrf=abc"}
+    for path in ("/s/some-session", "/s/some-session/replay"):
+        page = web.get(path, headers=legacy)
+        assert page.status_code == 200
+        removed = set_cookies(page)
+        for name in ("orz_web", "orz_csrf"):
+            assert "Max-Age=0" in removed[name] and "Path=/s;" in removed[name], removed
+    keyed = {"Cookie": f"orz_web={'A' * 32}.orz_ABCDEFGHijklmnopqrstuvwxyz"}
+    assert not set_cookies(web.get("/s/some-session", headers=keyed))
+    assert not set_cookies(web.get("/s/some-session"))
+
+
 def test_a_callback_this_browser_did_not_start_is_refused(platform: WebPlatform, idp: OidcStandIn):
     victim = httpx.Client(base_url=platform.web_url, timeout=10)
     attacker = httpx.Client(base_url=platform.web_url, timeout=10)
