@@ -13,10 +13,11 @@ NetworkPolicy holds for every Pod from before its first container starts (``rehe
 the Pod's network namespace, Services DNATed there as kube-proxy would). Each container runs in cgroups
 (v1) of its own made with the local provider's helper (``sandbox_launch.make_cgroups``), and so does every
 exec into it: its ``resources.limits.memory`` and a pids limit (``POD_PIDS_LIMIT``, standing in for the
-kubelet's ``--pod-max-pids``, which holds per Pod; here it holds per container). When the OOM killer ends a process of a container, the whole container is killed, as
-with cgroup v2's ``memory.oom.group`` that the kubelet sets since Kubernetes 1.28, and it is reported as
-Kubernetes does: ``lastState.terminated`` with reason ``OOMKilled`` and exit code 137, ``restartCount`` up,
-an ``OOMKilling`` Event, then the restart its restartPolicy asks for.
+kubelet's ``--pod-max-pids``, which holds per Pod; here it holds per container). When the OOM killer ends a
+process of a container, the whole container is killed, as with cgroup v2's ``memory.oom.group`` that the
+kubelet sets since Kubernetes 1.28, and it is reported as Kubernetes does: ``lastState.terminated`` with
+reason ``OOMKilled`` and exit code 137, ``restartCount`` up, an ``OOMKilling`` Event, then the restart its
+restartPolicy asks for.
 
 What it does not do: pull images (``rehearsal.images`` maps ours to this checkout), enforce CPU limits
 (no CFS quota: a shared CI machine would only get slower), ephemeral-storage limits or requests (nothing

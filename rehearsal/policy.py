@@ -68,10 +68,12 @@ class World:
 
 
 def policy_types(policy: Obj) -> list[str]:
+    """The directions a policy isolates, defaulted as the API server does: an empty or missing policyTypes
+    means Ingress, plus Egress only when the policy has egress rules (``egress: []`` alone is not one)."""
     spec = policy.get("spec") or {}
-    if "policyTypes" in spec:
+    if spec.get("policyTypes"):
         return list(spec["policyTypes"])
-    return ["Ingress", *(["Egress"] if "egress" in spec else [])]
+    return ["Ingress", *(["Egress"] if spec.get("egress") else [])]
 
 
 def _named_ports(pod: Obj) -> dict[tuple[str, str], int]:

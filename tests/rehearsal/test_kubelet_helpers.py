@@ -44,3 +44,15 @@ def test_field(path: str, expected: str) -> None:
 
 def test_field_reads_resource_quantities_as_text() -> None:
     assert _field({"limits": {"cpu": 2, "memory": "1Gi"}}, "limits.cpu") == "2"
+
+
+def test_a_policys_directions_default_as_the_api_server_defaults_them() -> None:
+    """An empty or missing policyTypes means Ingress, plus Egress only when there are egress rules: a policy
+    with `egress: []` and no policyTypes leaves the Pod's egress open on a real cluster."""
+    from rehearsal.policy import policy_types
+
+    assert policy_types({"spec": {}}) == ["Ingress"]
+    assert policy_types({"spec": {"egress": []}}) == ["Ingress"]
+    assert policy_types({"spec": {"policyTypes": [], "egress": [{"to": []}]}}) == ["Ingress", "Egress"]
+    assert policy_types({"spec": {"egress": [{"ports": [{"port": 53}]}]}}) == ["Ingress", "Egress"]
+    assert policy_types({"spec": {"policyTypes": ["Egress"]}}) == ["Egress"]
