@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,12 @@ POSTGRES_ADMIN_URL = os.environ.get("ORZ_TEST_POSTGRES_URL", "postgresql://root@
 POSTGRES_REQUIRED = "ORZ_TEST_POSTGRES_URL" in os.environ
 
 Sanic.test_mode = True
+# A suite started in the background of a shell without job control (`make test &` in a script, a CI
+# runner's step) inherits SIGINT ignored, and every program it starts keeps that (Python, rightly, does not
+# turn an ignored SIGINT into KeyboardInterrupt): the tests that press Ctrl-C on `orz` or stop a server
+# with SIGINT would wait out their time-outs. The suite's children start as a terminal would start them.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # The tests' git repositories are bare repos under /tmp (tests/runner/conftest.py make_repo): the admin
 # setting that lets sessions clone file:// repositories from there, for every server a test starts.
 os.environ.setdefault("ORZ_REPO_FILE_DIRS", "/tmp")  # nosec B108
