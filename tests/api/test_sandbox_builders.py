@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -71,13 +75,28 @@ def test_limits_follow_the_tier() -> None:
     assert cgroup_limits(Settings(), {"cpu": "500m?"}) == {"pids.max": 2048}  # unreadable: not guessed
 
 
+def gone(claims: UidClaims) -> UidClaims:
+    """``claims`` as a server that has exited since: its pid is another process's now (another start time)."""
+    claims.server = dataclasses.replace(claims.server, start=-1)
+    return claims
+
+
+def session(root: Path, name: str) -> Path:
+    path = root / "sessions" / name
+    path.mkdir(parents=True)
+    return path
+
+
+def claimed(claims: Path) -> dict[int, str]:
+    """uid -> the session directory its claim names."""
+    return {int(p.name): json.loads(p.read_text())["dir"] for p in claims.iterdir() if p.name.isdigit()}
+
+
 def test_uids_are_unique_host_wide_and_the_range_can_run_out(tmp_path: Path) -> None:
     """Two servers (their own data dirs, one claims directory): neither hands out a uid the other holds."""
     claims = tmp_path / "uid-claims"
-    one, two = (UidClaims(claims, 300000, 3) for _ in range(2))
-    a, b, c = (tmp_path / f"data-{n}" / "sessions" / sid for n, sid in (("1", "a"), ("2", "b"), ("1", "c")))
-    for d in (a, b, c):
-        d.mkdir(parents=True)
+    one, two = UidClaims(claims, 300000, 3), gone(UidClaims(claims, 300000, 3))
+    a, b, c = session(tmp_path / "data-1", "a"), session(tmp_path / "data-2", "b"), session(tmp_path / "data-1", "c")
     assert one.claim(a) == 300000
     assert two.claim(b) == 300001  # the other server's session holds 300000
     assert one.claim(a, wanted=300000) == 300000  # a restart keeps the session's uid
@@ -85,15 +104,106 @@ def test_uids_are_unique_host_wide_and_the_range_can_run_out(tmp_path: Path) -> 
     assert one.claim(c) == 300002
     with pytest.raises(ProviderFailure, match="ORZ_SANDBOX_UID_COUNT"):
         two.claim(tmp_path)
-    # Deleting a session releases its uid; a server that died with its data dir leaves claims the next
-    # pick recovers; a claim whose session is still there stays (its server may come back).
+    # Deleting a session releases its uid; a server that is gone with its data dir (and no process of the
+    # uid left) leaves claims the next pick recovers; a claim whose session is still there stays.
     one.release(c)
     shutil.rmtree(tmp_path / "data-2")
-    d = tmp_path / "data-3" / "sessions" / "d"
-    d.mkdir(parents=True)
-    assert two.claim(d) == 300001
-    assert sorted(int(p.name) for p in claims.iterdir() if p.name.isdigit()) == [300000, 300001]
-    assert (claims / "300000").read_text().strip() == str(a.resolve())
+    d = session(tmp_path / "data-3", "d")
+    assert UidClaims(claims, 300000, 3).claim(d) == 300001
+    assert claimed(claims) == {300000: str(a.resolve()), 300001: str(d.resolve())}
+
+
+def test_a_claim_is_kept_unless_it_is_dead_from_every_servers_view(tmp_path: Path) -> None:
+    """A server that cannot see another server's session directory (systemd ProtectHome=/PrivateTmp=, a
+    container sharing only the claims dir) took over the claim of a running session, giving a second
+    user's session its uid."""
+    claims = tmp_path / "uid-claims"
+    me = UidClaims(claims, 300000, 10)
+    hidden = UidClaims(claims, 300000, 10)
+    hidden.server = dataclasses.replace(hidden.server, mnt="mnt:[1]")  # its own mount namespace
+    running = session(tmp_path / "data-hidden", "a")
+    assert hidden.claim(running) == 300000
+    deleting = UidClaims(claims, 300000, 10)  # this view, alive: a delete between rmtree and release
+    mid_delete = session(tmp_path / "data-live", "b")
+    assert deleting.claim(mid_delete) == 300001
+    shutil.rmtree(tmp_path / "data-hidden")  # not to be seen from here
+    shutil.rmtree(tmp_path / "data-live")
+    assert me.claim(session(tmp_path / "data-me", "x")) == 300002
+    # Its server gone too, a session's runners may still run (they outlive their server by design).
+    gone(hidden)
+    hidden.claim(session(tmp_path / "data-hidden2", "c"))  # a claim recorded by the exited server
+    shutil.rmtree(tmp_path / "data-hidden2")
+    assert me.claim(session(tmp_path / "data-me", "y")) == 300004
+    assert set(claimed(claims)) == {300000, 300001, 300002, 300003, 300004}
+
+
+def test_a_dead_servers_claim_with_its_session_gone_is_taken_over(tmp_path: Path) -> None:
+    claims = tmp_path / "uid-claims"
+    earlier_boot = UidClaims(claims, 300000, 10)
+    earlier_boot.server = dataclasses.replace(earlier_boot.server, boot="an-earlier-boot", mnt="mnt:[1]")
+    assert earlier_boot.claim(session(tmp_path / "data-old", "a")) == 300000
+    assert earlier_boot.claim(session(tmp_path / "data-kept", "b")) == 300001
+    here = gone(UidClaims(claims, 300000, 10))  # this mount and pid namespace, exited
+    assert here.claim(session(tmp_path / "data-here", "c")) == 300002
+    shutil.rmtree(tmp_path / "data-old")
+    shutil.rmtree(tmp_path / "data-here")
+    me = UidClaims(claims, 300000, 10)
+    assert me.claim(session(tmp_path / "data-me", "x")) == 300000  # every process of that boot is gone
+    assert me.claim(session(tmp_path / "data-me", "y")) == 300002  # its server and any process of the uid
+    # ... while a session of an earlier boot that is still there is its server's to start again.
+    assert me.claim(session(tmp_path / "data-me", "z")) == 300003
+
+
+def test_a_restarted_server_claims_its_sessions_again_first(tmp_path: Path) -> None:
+    """A server that restarts (here also with its data dir moved) keeps its sessions' uids, its own
+    deleted sessions' claims are freed, and a session from before the claims gets its own uid back."""
+    claims = tmp_path / "uid-claims"
+    before = gone(UidClaims(claims, 300000, 10))
+    a, b = session(tmp_path / "data", "a"), session(tmp_path / "data", "b")
+    assert (before.claim(a), before.claim(b)) == (300000, 300001)
+    (tmp_path / "data").rename(tmp_path / "data-moved")
+    a, b = tmp_path / "data-moved" / "sessions" / "a", tmp_path / "data-moved" / "sessions" / "b"
+    shutil.rmtree(b)  # deleted, its claim not released (the server died in between)
+    old = session(tmp_path / "data-moved", "old")  # from before the claims: its uid only in its own state
+    after = UidClaims(claims, 300000, 10)
+    assert after.adopt({a: 300000, old: 300005}) == []
+    assert claimed(claims) == {300000: str(a.resolve()), 300005: str(old.resolve())}
+    other = UidClaims(claims, 300000, 10)
+    assert other.claim(session(tmp_path / "data-other", "x")) == 300001
+    assert after.claim(a) == 300000
+    assert other.adopt({session(tmp_path / "data-other", "y"): 300000}) == [tmp_path / "data-other" / "sessions" / "y"]
+
+
+def test_claiming_waits_for_another_servers_lock_only_so_long(tmp_path: Path) -> None:
+    """A server holding the claims lock stalled every other server's API (the claim blocked its event loop)."""
+    claims = UidClaims(tmp_path / "uid-claims", 300000, 10)
+    claims.LOCK_WAIT_S = 0.2
+    claims.claim(session(tmp_path / "data", "a"))
+    fd = os.open(tmp_path / "uid-claims" / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another server, busy
+        with pytest.raises(ProviderFailure, match="stayed locked"):
+            claims.claim(session(tmp_path / "data", "b"))
+    finally:
+        os.close(fd)
+
+
+def test_a_claims_directory_others_control_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(OSError):
+        UidClaims(tmp_path / "link", 300000, 10).claim(session(tmp_path / "data", "a"))
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    with pytest.raises(ProviderFailure, match="ORZ_SANDBOX_UID_CLAIMS_DIR"):
+        UidClaims(loose, 300000, 10).claim(tmp_path / "data" / "sessions" / "a")
+    safe = tmp_path / "safe"
+    (safe / "300000").parent.mkdir(mode=0o700)
+    (safe / "300000").symlink_to(tmp_path / "data" / "sessions" / "a")  # not a claim: the uid stays taken
+    assert UidClaims(safe, 300000, 10).claim(tmp_path / "data" / "sessions" / "a") == 300001
+    assert not list(target.iterdir())
 
 
 def test_etc_names_the_session_user_and_a_reachable_resolver(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from api.instances.providers.base import (
     ProviderFailure,
     ProviderState,
 )
+from api.instances.providers.sandbox import process_start_time  # re-exported: the provider's tests use it
 from api.schemas import (
     INIT_LOG_EARLIER_TITLE,
     INIT_LOG_START,
@@ -58,19 +59,6 @@ RELEASED_FILE = f"state/{STATE_RELEASED_FILE}"
 # The environment variable naming one spawn of a runner (see _spawn).
 SPAWN_ENV = "ORZ_RUNNER_SPAWN_ID"
 _INHERIT = ("PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME")
-
-
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat); None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    # The command name (field 2) may hold spaces or parentheses: split after its closing paren.
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] in ("Z", "X"):  # a zombie has exited already
-        return None
-    return int(fields[19])
 
 
 class LocalProvider(Provider):
@@ -104,6 +92,8 @@ class LocalProvider(Provider):
                           "disk); every create fails until it does")
             elif self.disk_size:
                 session_disk.mount_all(self.root, self.disks_dir)  # after a reboot: their files are there again
+            if sandbox.runs_as_root():
+                self._adopt_uids()
         else:
             log.warning("ORZ_SANDBOX=off: sessions run unsandboxed as the server's own user and can read its "
                         "data dir, keys and each other's workspaces; for one developer only (sessions are "
@@ -137,7 +127,7 @@ class LocalProvider(Provider):
         self._mount_disk(spec.session_id, base)
         (base / "workspace").mkdir(parents=True, exist_ok=True)
         (base / "state").mkdir(parents=True, exist_ok=True)
-        return self._spawn(spec, base)
+        return self._spawn(spec, base, await self._claim_uid(base))
 
     async def start(self, spec: ComputeSpec, state: ProviderState) -> ProviderState:
         base = self.session_dir(spec.session_id)
@@ -149,7 +139,7 @@ class LocalProvider(Provider):
         self._mount_disk(spec.session_id, base)
         if not (base / "workspace").is_dir():
             raise ProviderFailure(f"session {spec.session_id} has no workspace to start from")
-        return self._spawn(spec, base)
+        return self._spawn(spec, base, await self._claim_uid(base))
 
     async def stop(self, session_id: str, state: ProviderState) -> ProviderState:
         base = self.session_dir(session_id)
@@ -257,7 +247,7 @@ class LocalProvider(Provider):
             log.warning("session %s was made before ORZ_SANDBOX_DISK_SIZE: it keeps the data dir's filesystem",
                         session_id)
 
-    def _spawn(self, spec: ComputeSpec, base: Path) -> ProviderState:
+    def _spawn(self, spec: ComputeSpec, base: Path, uid: int | None) -> ProviderState:
         tools = sandbox.find_tools() if self.sandboxed else None  # before anything is made or started
         socket = self.runner_socket(spec.session_id)
         runner_spec = spec.runner_spec(
@@ -288,11 +278,14 @@ class LocalProvider(Provider):
         # would see "stopped", start a second runner on the same workspace and orphan the first).
         spawn_id = secrets.token_hex(12)
         env[SPAWN_ENV] = spawn_id
-        (base / PID_FILE).write_text(json.dumps({"pid": None, "spawn": spawn_id, "dir": str(base)}), encoding="utf-8")
+        # The session's uid stays in the record: a start that fails from here on must not lose it.
+        kept = {"uid": uid} if uid is not None else {}
+        (base / PID_FILE).write_text(json.dumps({"pid": None, "spawn": spawn_id, "dir": str(base), **kept}),
+                                     encoding="utf-8")
         argv = [sys.executable, "-P", "-m", "runner"]
         extra: ProviderState = {}
         if tools is not None:
-            argv, extra, env = self._sandboxed(spec, base, tools, argv, env)
+            argv, extra, env = self._sandboxed(spec, base, tools, argv, env, uid)
         # posix_spawn rather than Popen: a runner outlives this API process by design, and a Popen
         # object dropped while its child runs warns; we reap our children ourselves (see _reap).
         # Python's own fds are close-on-exec, so the runner inherits only stdin/stdout/stderr.
@@ -312,15 +305,13 @@ class LocalProvider(Provider):
         return state
 
     def _sandboxed(self, spec: ComputeSpec, base: Path, tools: sandbox.Tools, argv: list[str],
-                   env: dict[str, str]) -> tuple[list[str], ProviderState, dict[str, str]]:
+                   env: dict[str, str], claimed: int | None) -> tuple[list[str], ProviderState, dict[str, str]]:
         """The launcher's argv, the state to keep (the session's uid) and the runner's environment."""
         paths = sandbox.SessionPaths(base)
-        saved = self._saved_state(base)
         if sandbox.runs_as_root():
-            # Host-wide: other servers' sessions hold uids too. Its own uid again when nobody else took it
-            # (else another, and the session's files are handed to it below).
-            uid = self.uid_claims.claim(base, saved.get("uid"), self._taken_uids(base))
-            gid = uid
+            if claimed is None:
+                raise ProviderFailure(f"session {spec.session_id} has no sandbox uid claimed")
+            uid = gid = claimed
         else:
             uid, gid = os.getuid(), os.getgid()
         paths.home.mkdir(exist_ok=True)
@@ -356,6 +347,40 @@ class LocalProvider(Provider):
         # -I -S: the launcher needs only the standard library; skipping site-packages saves ~0.1 s a start.
         launcher = [sys.executable, "-I", "-S", sandbox_launch.__file__, json.dumps(plan)]
         return launcher, {"uid": uid}, runner_env
+
+    async def _claim_uid(self, base: Path) -> int | None:
+        """The sandbox uid of the session's next run (root and sandboxed only), claimed host-wide: other
+        servers' sessions hold uids too. Its own uid again when nobody else took it, else another (and the
+        session's files are handed to it in _sandboxed). Read before _spawn rewrites the record; claimed in
+        a thread, as it may wait for another server's lock, which must not stall the API."""
+        if not (self.sandboxed and sandbox.runs_as_root()):
+            return None
+        wanted = self._saved_state(base).get("uid")
+        wanted = wanted if isinstance(wanted, int) else None
+        return await asyncio.to_thread(lambda: self.uid_claims.claim(base, wanted, self._taken_uids(base)))
+
+    def _adopt_uids(self) -> None:
+        """Claim again the uids of this data dir's sessions (a restart, a moved data dir, sessions from
+        before the claims), before another server could take them over."""
+        if not self.root.is_dir():
+            return
+        sessions = {}
+        for entry in self.root.iterdir():
+            uid = self._saved_state(entry).get("uid") if entry.is_dir() and SESSION_ID_RE.match(entry.name) else None
+            if isinstance(uid, int):
+                sessions[entry] = uid
+        if not sessions:
+            return
+        try:
+            refused = self.uid_claims.adopt(sessions)
+        except (ProviderFailure, OSError) as exc:
+            log.error("cannot claim the sessions' sandbox uids again: %s", getattr(exc, "reason", exc))
+            return
+        for entry in refused:
+            running = self._alive(self._saved_state(entry))
+            log.error("session %s: its sandbox uid %s is another server's session's now; it gets a free uid at "
+                      "its next start%s", entry.name, sessions[entry],
+                      " (its runner still runs with the old one: stop it)" if running else "")
 
     def _file_repo(self, repo_url: str | None) -> Path | None:
         """An allowed file:// repository's directory (shown read-only in the sandbox); None otherwise."""

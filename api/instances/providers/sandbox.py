@@ -12,12 +12,18 @@ API's among them) into the namespace's loopback, and sets cgroup limits where th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import ipaddress
+import json
+import logging
 import os
+import secrets
 import shutil
+import stat
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +32,8 @@ from urllib.parse import urlsplit
 
 from api.instances.providers.base import ProviderFailure
 from api.settings import Settings, quantity_bytes
+
+log = logging.getLogger(__name__)
 
 # The directories of the host a session sees read-only (when they exist); nothing under /home, /root, /var.
 SYSTEM_DIRS = ("/usr", "/etc", "/opt")
@@ -104,6 +112,112 @@ def runs_as_root() -> bool:
     return os.geteuid() == 0
 
 
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat); None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    # The command name (field 2) may hold spaces or parentheses: split after its closing paren.
+    fields = text[text.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):  # a zombie has exited already
+        return None
+    return int(fields[19])
+
+
+def _read_proc(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
+def _namespace(kind: str) -> str:
+    """This process's namespace of ``kind`` ("mnt:[4026531841]"), "" when unreadable."""
+    try:
+        return os.readlink(f"/proc/self/ns/{kind}")
+    except OSError:
+        return ""
+
+
+def _process_uids() -> set[int]:
+    """Every uid (real, effective, saved, fs) of a process this process's pid namespace shows."""
+    uids: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        for line in _read_proc(f"/proc/{entry.name}/status").splitlines():
+            if line.startswith("Uid:"):
+                uids.update(int(field) for field in line.split()[1:])
+                break
+    return uids
+
+
+@dataclass(frozen=True)
+class Server:
+    """Who claims: enough for any other server to tell whether this one, or what it started, may still run."""
+
+    boot: str  # /proc/sys/kernel/random/boot_id: every process of an earlier boot is gone
+    pid: int
+    start: int | None  # the pid's start time: a reused pid is not this server
+    mnt: str  # its mount and pid namespaces: another server in both sees what it sees
+    pidns: str
+
+    @classmethod
+    def this(cls) -> Server:
+        return cls(boot=_read_proc("/proc/sys/kernel/random/boot_id"), pid=os.getpid(),
+                   start=process_start_time(os.getpid()), mnt=_namespace("mnt"), pidns=_namespace("pid"))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim file: the session directory holding the uid, its server, and the identity of its sessions
+    directory (``root``: device and inode, the same whatever path or mount namespace it is seen from)."""
+
+    dir: str
+    root: str
+    server: Server | None  # None: a claim from before servers were recorded (kept until its session drops it)
+
+    def to_json(self) -> str:
+        return json.dumps({"dir": self.dir, "root": self.root,
+                           "server": dataclasses.asdict(self.server) if self.server else None})
+
+    @classmethod
+    def parse(cls, text: str) -> Claim | None:
+        text = text.strip()
+        if not text.startswith("{"):
+            return cls(dir=text, root="", server=None) if text.startswith("/") else None
+        try:
+            data = json.loads(text)
+            server = data.get("server")
+            return cls(dir=str(data["dir"]), root=str(data.get("root") or ""),
+                       server=Server(**server) if isinstance(server, dict) else None)
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+ROOT_MARK = ".uid-claims-root"
+
+
+def _root_id(sessions_dir: Path) -> str:
+    """A sessions directory's identity, whatever path or mount namespace it is seen from: its device and
+    inode (kept by a rename) and a random mark written in it once (a new directory that reuses a deleted
+    one's inode is not it); "" when it is not there."""
+    mark_path = sessions_dir / ROOT_MARK
+    try:
+        st = os.stat(sessions_dir)
+        with contextlib.suppress(FileExistsError):  # written by another server meanwhile: read below
+            fd = os.open(mark_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as out:
+                out.write(secrets.token_hex(16) + "\n")
+        fd = os.open(mark_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            mark = fh.read(64).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return f"{st.st_dev}:{st.st_ino}:{mark}"
+
+
 class UidClaims:
     """Which sandbox uid belongs to which session, for every ``orz server`` on this machine.
 
@@ -111,28 +225,44 @@ class UidClaims:
     out the lowest free uid of the same range give two users' sessions one uid: each could signal the
     other's processes and read its files. Each server's own sessions are not enough to know what is free.
 
-    ``directory`` (ORZ_SANDBOX_UID_CLAIMS_DIR, root's, 0700) holds one file per uid in use, named by the uid
-    and naming the session directory that holds it. Servers pick under one ``flock`` of ``.lock`` there, and
-    create a claim with O_EXCL. A claim whose session directory is gone (a session deleted by a server that
-    crashed before releasing it, a data dir removed with its server) is stale: the next pick takes it over.
-    A claim whose directory is there is kept, whether its server runs or not: a stopped server's sessions
-    start again with their uid.
+    ``directory`` (ORZ_SANDBOX_UID_CLAIMS_DIR, root's, 0700; refused when another user owns it or others may
+    write it) holds one file per uid in use, named by the uid, naming the session directory that holds it,
+    the identity of that session's sessions directory and the claiming server (boot id, pid and its start
+    time, mount and pid namespaces). Servers pick under one ``flock`` of ``.lock`` there (waited for
+    ``LOCK_WAIT_S`` at most), and create a claim with O_EXCL; nothing there is followed through a symlink.
+
+    Another server's view of the filesystem and processes may not be this one's (systemd's ProtectHome= or
+    PrivateTmp=, a container sharing only this directory): a session directory it cannot see proves
+    nothing. So a claim is taken over only when it is provably dead:
+    - it names a session of this server's own sessions directory that is gone (a delete that crashed
+      before releasing it); or
+    - it was made in an earlier boot (every process of the uid ended with it) and its directory is not
+      to be seen (a session still there is its server's to start again); or
+    - its server saw what this one sees (same boot, mount and pid namespaces), is gone, and neither its
+      session directory nor any process of the uid is left.
+    Anything else is kept: a stopped server's sessions start again with their uid, and a server that
+    restarts claims its sessions' uids again before anything else (``adopt``).
     """
 
     LOCK = ".lock"
+    LOCK_WAIT_S = 10.0
 
     def __init__(self, directory: Path, base: int, count: int) -> None:
         self.directory, self.base, self.count = directory, base, count
+        self.server = Server.this()
 
     def claim(self, session_dir: Path, wanted: int | None = None, taken: Iterable[int] = ()) -> int:
         """The uid of the session at ``session_dir``: ``wanted`` (the one it had) when nobody else holds it,
-        else the lowest free one of the range; claimed before it is returned."""
-        owner = str(session_dir.resolve())
+        else the lowest free one of the range; claimed before it is returned. Blocks (see ``LOCK_WAIT_S``):
+        call it off the event loop."""
+        session_dir = session_dir.resolve()
         used = set(taken)
-        with self._locked():
-            claims = self._claims()
-            held = sorted(uid for uid, by in claims.items() if by == owner and uid not in used)
-            if wanted is not None and wanted not in used and claims.get(wanted, owner) == owner:
+        with self._locked() as fd:
+            mine = Claim(dir=str(session_dir), root=_root_id(session_dir.parent), server=self.server)
+            claims = self._claims(fd, session_dir)
+            held = sorted(uid for uid, by in claims.items() if self._same(by, mine) and uid not in used)
+            if wanted is not None and wanted not in used and self.base <= wanted < self.base + self.count \
+                    and (wanted not in claims or self._same(claims[wanted], mine)):
                 chosen = wanted
             elif held:
                 chosen = held[0]  # claimed for this session already (a start that failed, tried again)
@@ -142,51 +272,153 @@ class UidClaims:
             if chosen is not None:
                 for uid in held:
                     if uid != chosen:  # one uid a session: the one it no longer uses is free again
-                        (self.directory / str(uid)).unlink(missing_ok=True)
-                if chosen not in claims:
-                    self._write(chosen, owner)
+                        self._unlink(fd, uid)
+                self._write(fd, chosen, mine)  # new, or this server's now (a restart, a renamed data dir)
                 return chosen
         raise ProviderFailure(f"no free sandbox uid left in the range of {self.count} "
                               "(ORZ_SANDBOX_UID_BASE / ORZ_SANDBOX_UID_COUNT)")
 
+    def adopt(self, sessions: Mapping[Path, int]) -> list[Path]:
+        """At a server's start: claim again each of its sessions' uids (recording this server as their
+        holder), before any other server could take them over. Returns the sessions whose uid another
+        session holds now (they get a free uid at their next start)."""
+        refused = []
+        with self._locked() as fd:
+            cache: dict[Path, dict[int, Claim]] = {}
+            for given, uid in sessions.items():
+                session_dir = given.resolve()
+                if not self.base <= uid < self.base + self.count:
+                    refused.append(given)
+                    continue
+                if session_dir.parent not in cache:
+                    cache[session_dir.parent] = self._claims(fd, session_dir)
+                claims = cache[session_dir.parent]
+                mine = Claim(dir=str(session_dir), root=_root_id(session_dir.parent), server=self.server)
+                if uid in claims and not self._same(claims[uid], mine):
+                    refused.append(given)
+                    continue
+                self._write(fd, uid, mine)
+                claims[uid] = mine
+        return refused
+
     def release(self, session_dir: Path, uid: int | None = None) -> None:
         """Give up the session's claim (its uid, or every claim naming its directory)."""
-        owner = str(session_dir.resolve())
-        with self._locked():
-            for held, by in self._claims(recover=False).items():
-                if by == owner and uid in (None, held):
-                    (self.directory / str(held)).unlink(missing_ok=True)
+        session_dir = session_dir.resolve()
+        with self._locked() as fd:
+            mine = Claim(dir=str(session_dir), root=_root_id(session_dir.parent), server=self.server)
+            for held, by in self._claims(fd, session_dir, recover=False).items():
+                if self._same(by, mine) and uid in (None, held):
+                    self._unlink(fd, held)
+
+    @staticmethod
+    def _same(claim: Claim, mine: Claim) -> bool:
+        """Whether ``claim`` is the session's of ``mine``: the same sessions directory (by identity: a
+        renamed data dir, another mount namespace) and name; a claim without one by its path."""
+        if claim.root and mine.root:
+            return claim.root == mine.root and Path(claim.dir).name == Path(mine.dir).name
+        return claim.dir == mine.dir
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> Iterator[int]:
+        """The claims directory's fd, under its lock."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.directory / self.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # and with it the lock
-
-    def _claims(self, *, recover: bool = True) -> dict[int, str]:
-        """uid -> session directory, of every claim in the range; stale ones removed when ``recover``."""
-        found: dict[int, str] = {}
-        for entry in self.directory.iterdir():
-            if not entry.name.isdigit() or not self.base <= int(entry.name) < self.base + self.count:
-                continue
+            st = os.fstat(dir_fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise ProviderFailure(
+                    f"ORZ_SANDBOX_UID_CLAIMS_DIR {self.directory} must be owned by the server's user ({os.geteuid()}) "
+                    "and writable by it alone (0700): fix its owner and mode")
+            fd = os.open(self.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
             try:
-                owner = entry.read_text(encoding="utf-8").strip()
-            except OSError:
+                deadline = time.monotonic() + self.LOCK_WAIT_S
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise ProviderFailure(
+                                f"sandbox uids cannot be claimed: {self.directory / self.LOCK} stayed locked "
+                                f"{self.LOCK_WAIT_S:g} s (another orz server holds it); try again") from None
+                        time.sleep(0.05)
+                yield dir_fd
+            finally:
+                os.close(fd)  # and with it the lock
+        finally:
+            os.close(dir_fd)
+
+    def _claims(self, fd: int, session_dir: Path, *, recover: bool = True) -> dict[int, Claim]:
+        """uid -> claim, of every claim in the range; stale ones (seen from the server of ``session_dir``)
+        removed when ``recover``."""
+        found: dict[int, Claim] = {}
+        process_uids: set[int] | None = None
+        for name in os.listdir(fd):
+            if not name.isdigit() or not self.base <= int(name) < self.base + self.count:
                 continue
-            if recover and not (owner and Path(owner).is_dir()):
-                entry.unlink(missing_ok=True)
+            claim = self._read(fd, name)
+            if claim is None:  # unreadable (not a regular file, not a claim): the uid stays taken
+                found[int(name)] = Claim(dir="", root="", server=None)
                 continue
-            found[int(entry.name)] = owner
+            if recover:
+                if process_uids is None and self._needs_processes(claim):
+                    process_uids = _process_uids()
+                if self._stale(claim, int(name), session_dir, process_uids or set()):
+                    log.warning("sandbox uid %s: taking over the claim of %s, whose session is gone", name, claim.dir)
+                    self._unlink(fd, int(name))
+                    continue
+            found[int(name)] = claim
         return found
 
-    def _write(self, uid: int, owner: str) -> None:
-        fd = os.open(self.directory / str(uid), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(owner + "\n")
+    def _needs_processes(self, claim: Claim) -> bool:
+        return claim.server is not None and claim.server.pidns == self.server.pidns
+
+    def _stale(self, claim: Claim, uid: int, session_dir: Path, process_uids: set[int]) -> bool:
+        server, me = claim.server, self.server
+        if server is None:
+            return False  # who made it is unknown: its session drops it (delete), nobody else
+        same_pids = server.boot == me.boot and server.pidns == me.pidns
+        if same_pids and uid in process_uids:
+            return False
+        own_root = session_dir.parent
+        if claim.root and claim.root == _root_id(own_root):
+            return not (own_root / Path(claim.dir).name).exists()  # this server's own session: it knows
+        if server.boot != me.boot:
+            return not os.path.lexists(claim.dir)
+        if same_pids and server.mnt == me.mnt:
+            alive = (server.pid == me.pid and server.start == me.start) or (
+                process_start_time(server.pid) is not None and process_start_time(server.pid) == server.start)
+            return not alive and not os.path.lexists(claim.dir)
+        return False
+
+    def _read(self, fd: int, name: str) -> Claim | None:
+        try:
+            file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+        except OSError:
+            return None
+        with os.fdopen(file_fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            return Claim.parse(fh.read(65536).decode("utf-8", "replace"))
+
+    def _unlink(self, fd: int, uid: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(uid), dir_fd=fd)
+
+    def _write(self, fd: int, uid: int, claim: Claim) -> None:
+        """Write ``uid``'s claim: a new file, or (this session's) replaced in one rename."""
+        temp = f".{uid}.new"
+        self._unlink_name(fd, temp)
+        file_fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                          dir_fd=fd)
+        with os.fdopen(file_fd, "w", encoding="utf-8") as out:
+            out.write(claim.to_json() + "\n")
+        os.rename(temp, str(uid), src_dir_fd=fd, dst_dir_fd=fd)
+
+    @staticmethod
+    def _unlink_name(fd: int, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=fd)
 
 
 def etc_files(uid: int, gid: int, home: Path, safe_repos: Iterable[Path] = (),
