@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import os
 import random
 import shutil
@@ -237,6 +238,41 @@ async def test_two_servers_on_one_machine_give_their_sessions_different_uids(
             assert (provider.session_dir(f"sbx-u{n}") / "workspace").stat().st_uid == uids[n]
             await provider.delete(f"sbx-u{n}", states[n])
     assert not [p for p in claims.iterdir() if p.name.isdigit()]  # a deleted session's uid is free again
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-session uids need root")
+async def test_a_session_keeps_its_uid_without_a_claim_and_across_a_server_restart(
+        fake_api: FakeApi, gateway_key, short_tmp: Path) -> None:
+    """A session from before the claims (its uid only in its own state) was given the range's lowest free
+    uid at its next start, and its files handed over to it; and a restarted server did not claim its
+    sessions' uids again, so another server could take them."""
+    claims = short_tmp / "uid-claims"
+    settings = Settings(data_dir=short_tmp / "data", sandbox_uid_base=261000, sandbox_uid_count=50,
+                        sandbox_uid_claims_dir=claims)
+    async with local_provider(settings) as provider:
+        state = await provider.create(compute_spec("sbx-k", fake_api, gateway_key, None))
+        await ready(fake_api, "sbx-k")
+        stopped = await provider.stop("sbx-k", state)
+        base = provider.session_dir("sbx-k")
+        # As the upgrade found it: its own uid, 261007, and no claim.
+        (claims / str(state["uid"])).unlink()
+        saved = json.loads((base / "provider.json").read_text())
+        (base / "provider.json").write_text(json.dumps({**saved, "uid": 261007}))
+        for top in ("workspace", "state", "home"):
+            for path in [base / top, *(base / top).rglob("*")]:
+                os.chown(path, 261007, 261007, follow_symlinks=False)
+        again = await provider.start(compute_spec("sbx-k", fake_api, gateway_key, None),
+                                     {**stopped, "uid": 261007})
+        await ready(fake_api, "sbx-k")
+        assert again["uid"] == 261007
+        assert (base / "workspace").stat().st_uid == 261007
+        assert json.loads((claims / "261007").read_text())["dir"] == str(base.resolve())
+        stopped = await provider.stop("sbx-k", again)
+    (claims / "261007").unlink()  # lost (a server that crashed mid-way, a claims dir wiped)
+    async with local_provider(settings) as provider:  # the restart claims it again before anything else
+        assert json.loads((claims / "261007").read_text())["dir"] == str(base.resolve())
+        await provider.delete("sbx-k", stopped)
+    assert not [p for p in claims.iterdir() if p.name.isdigit()]
 
 
 async def test_without_bwrap_sessions_do_not_start(
