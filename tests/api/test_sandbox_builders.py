@@ -154,6 +154,17 @@ def test_a_dead_servers_claim_with_its_session_gone_is_taken_over(tmp_path: Path
     assert me.claim(session(tmp_path / "data-me", "z")) == 300003
 
 
+def test_a_claim_whose_uid_still_runs_a_process_is_kept(tmp_path: Path) -> None:
+    """Runners outlive their server by design: its server gone and its directory too, a uid that still
+    runs a process (here this test's own) is not free."""
+    uid = os.getuid()
+    claims = tmp_path / "uid-claims"
+    gone(UidClaims(claims, uid, 1)).claim(session(tmp_path / "data-gone", "a"))
+    shutil.rmtree(tmp_path / "data-gone")
+    with pytest.raises(ProviderFailure, match="ORZ_SANDBOX_UID_COUNT"):
+        UidClaims(claims, uid, 1).claim(session(tmp_path / "data-me", "x"))
+
+
 def test_a_restarted_server_claims_its_sessions_again_first(tmp_path: Path) -> None:
     """A server that restarts (here also with its data dir moved) keeps its sessions' uids, its own
     deleted sessions' claims are freed, and a session from before the claims gets its own uid back."""

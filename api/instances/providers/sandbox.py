@@ -24,7 +24,7 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,7 +352,18 @@ class UidClaims:
         """uid -> claim, of every claim in the range; stale ones (seen from the server of ``session_dir``)
         removed when ``recover``."""
         found: dict[int, Claim] = {}
-        process_uids: set[int] | None = None
+        own_root = session_dir.parent
+        own_root_id = _root_id(own_root) if recover else ""
+        process_uids: set[int] = set()
+        scanned = False
+
+        def uid_runs(uid: int) -> bool:
+            nonlocal scanned
+            if not scanned:  # one look at /proc per pick, and only when a claim may be stale
+                process_uids.update(_process_uids())
+                scanned = True
+            return uid in process_uids
+
         for name in os.listdir(fd):
             if not name.isdigit() or not self.base <= int(name) < self.base + self.count:
                 continue
@@ -360,36 +371,35 @@ class UidClaims:
             if claim is None:  # unreadable (not a regular file, not a claim): the uid stays taken
                 found[int(name)] = Claim(dir="", root="", server=None)
                 continue
-            if recover:
-                if process_uids is None and self._needs_processes(claim):
-                    process_uids = _process_uids()
-                if self._stale(claim, int(name), session_dir, process_uids or set()):
-                    log.warning("sandbox uid %s: taking over the claim of %s, whose session is gone", name, claim.dir)
-                    self._unlink(fd, int(name))
-                    continue
+            if recover and self._stale(claim, int(name), own_root, own_root_id, uid_runs):
+                log.warning("sandbox uid %s: taking over the claim of %s, whose session is gone", name, claim.dir)
+                self._unlink(fd, int(name))
+                continue
             found[int(name)] = claim
         return found
 
-    def _needs_processes(self, claim: Claim) -> bool:
-        return claim.server is not None and claim.server.pidns == self.server.pidns
-
-    def _stale(self, claim: Claim, uid: int, session_dir: Path, process_uids: set[int]) -> bool:
+    def _stale(self, claim: Claim, uid: int, own_root: Path, own_root_id: str,
+               uid_runs: Callable[[int], bool]) -> bool:
+        """Whether ``claim`` is provably dead, seen from this server (whose sessions directory is ``own_root``)."""
         server, me = claim.server, self.server
         if server is None:
-            return False  # who made it is unknown: its session drops it (delete), nobody else
+            return False  # who made it is unknown: its session drops it (delete, start), nobody else
         same_pids = server.boot == me.boot and server.pidns == me.pidns
-        if same_pids and uid in process_uids:
-            return False
-        own_root = session_dir.parent
-        if claim.root and claim.root == _root_id(own_root):
-            return not (own_root / Path(claim.dir).name).exists()  # this server's own session: it knows
-        if server.boot != me.boot:
-            return not os.path.lexists(claim.dir)
-        if same_pids and server.mnt == me.mnt:
-            alive = (server.pid == me.pid and server.start == me.start) or (
-                process_start_time(server.pid) is not None and process_start_time(server.pid) == server.start)
-            return not alive and not os.path.lexists(claim.dir)
-        return False
+        if claim.root and claim.root == own_root_id:
+            gone = not (own_root / Path(claim.dir).name).exists()  # this server's own session: it knows
+        elif server.boot != me.boot:
+            return not os.path.lexists(claim.dir)  # every process of that boot is gone
+        elif same_pids and server.mnt == me.mnt:
+            gone = not self._runs(server) and not os.path.lexists(claim.dir)
+        else:
+            return False  # another view: its server may run, or runners it left
+        return gone and not (same_pids and uid_runs(uid))
+
+    def _runs(self, server: Server) -> bool:
+        if (server.pid, server.start) == (self.server.pid, self.server.start):
+            return True
+        started = process_start_time(server.pid)
+        return started is not None and started == server.start
 
     def _read(self, fd: int, name: str) -> Claim | None:
         try:
