@@ -203,7 +203,7 @@ def test_a_claims_directory_others_control_is_refused(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere"
     target.mkdir(mode=0o700)
     (tmp_path / "link").symlink_to(target)
-    with pytest.raises(OSError):
+    with pytest.raises(ProviderFailure, match="not a symlink"):
         UidClaims(tmp_path / "link", 300000, 10).claim(session(tmp_path / "data", "a"))
     loose = tmp_path / "loose"
     loose.mkdir()

@@ -321,8 +321,12 @@ class UidClaims:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[int]:
         """The claims directory's fd, under its lock."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:  # a symlink, a file
+            raise ProviderFailure(f"ORZ_SANDBOX_UID_CLAIMS_DIR {self.directory} cannot be used: it must be a "
+                                  f"directory, not a symlink ({exc.strerror})") from None
         try:
             st = os.fstat(dir_fd)
             if st.st_uid != os.geteuid() or st.st_mode & 0o022:
