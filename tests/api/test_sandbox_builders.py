@@ -185,6 +185,20 @@ def test_a_restarted_server_claims_its_sessions_again_first(tmp_path: Path) -> N
     assert other.adopt({session(tmp_path / "data-other", "y"): 300000}) == [tmp_path / "data-other" / "sessions" / "y"]
 
 
+def test_claims_from_before_servers_were_recorded_stay_until_their_session_drops_them(tmp_path: Path) -> None:
+    """A claim file that names only a session directory (written before this change) says nothing about
+    its server: it is kept even when its directory is not to be seen, and its own session takes it back."""
+    claims = tmp_path / "uid-claims"
+    claims.mkdir(mode=0o700)
+    a = session(tmp_path / "data", "a")
+    (claims / "300000").write_text(f"{a.resolve()}\n")
+    (claims / "300001").write_text(f"{tmp_path / 'elsewhere' / 'sessions' / 'b'}\n")
+    me = UidClaims(claims, 300000, 10)
+    assert me.claim(session(tmp_path / "data-me", "x")) == 300002
+    assert me.claim(a, wanted=300000) == 300000
+    assert json.loads((claims / "300000").read_text())["server"]["pid"] == os.getpid()
+
+
 def test_claiming_waits_for_another_servers_lock_only_so_long(tmp_path: Path) -> None:
     """A server holding the claims lock stalled every other server's API (the claim blocked its event loop)."""
     claims = UidClaims(tmp_path / "uid-claims", 300000, 10)
