@@ -224,7 +224,8 @@ class LocalProvider(Provider):
             text = _tail(base / rel, limit)
             if rel == INIT_LOG:
                 init_log = text
-                earlier, text = split_init_log(text)
+                # Only start lines (no start ran setup.init or printed anything): no init log to show.
+                earlier, text = split_init_log(text) if _said_something(text) else ("", "")
                 if earlier:
                     parts.append(f"{INIT_LOG_EARLIER_TITLE}\n{earlier}")
             else:
@@ -550,6 +551,12 @@ def split_init_log(text: str) -> tuple[str, str]:
     if at < 0:
         return "", text
     return text[:at + 1], text[at + 1:]
+
+
+def _said_something(part: str) -> bool:
+    """Whether an init log holds more than the runner's start lines: starts that ran no setup.init and
+    printed nothing are not news (`orz cloud logs` then says there is no init log)."""
+    return any(not line.startswith(INIT_LOG_START) for line in part.splitlines() if line.strip())
 
 
 def runner_log_for_users(text: str, init_log: str = "") -> str:
