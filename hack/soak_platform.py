@@ -226,7 +226,10 @@ class Platform:
         """What is left of sessions once all were killed: processes, tmux servers, session directories."""
         sessions = self.data / "sessions"
         left = [f"process {pid}: {cmd}" for pid, cmd in processes_mentioning(str(sessions))]
-        return left + ([f"session dir {d.name}" for d in sessions.iterdir()] if sessions.is_dir() else [])
+        # Dot-names are the provider's own bookkeeping (the uid claims' mark of this sessions directory), never a
+        # session's (session ids start with a letter or digit).
+        return left + ([f"session dir {d.name}" for d in sessions.iterdir() if not d.name.startswith(".")]
+                       if sessions.is_dir() else [])
 
     def orz(self, *args: str, env: dict[str, str] | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
