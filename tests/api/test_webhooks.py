@@ -7,6 +7,8 @@ import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -403,29 +405,41 @@ async def test_two_senders_send_each_delivery_once(
     assert len(ids) == 8 and len(set(ids)) == 8
 
 
-async def test_https_goes_to_the_checked_address_and_verifies_the_urls_name(
-        settings: Settings, sessions: Sessions, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The table stands in for DNS; the certificate names hooks.example.com, the socket is 127.0.0.1."""
-    server_tls, client_tls = self_signed(tmp_path, "hooks.example.com")
-    receiver = Receiver(tls=server_tls).start()
+async def tls_test_pings(settings: Settings, sessions: Sessions, tmp_path: Path, certificate_name: str,
+                         hooks: list[tuple[Any, str]], *, keep_alive: bool = False) -> tuple[Receiver, list[Any]]:
+    """For each (principal, host) in turn, a webhook at https://<host>:<port>/x and its test ping, through a
+    deliverer that trusts only a certificate naming ``certificate_name``; a table stands in for DNS and sends every
+    host to the receiver on 127.0.0.1, which checks signatures with the first webhook's secret. Returns the
+    (stopped) receiver and each ping's delivery row."""
+    server_tls, client_tls = self_signed(tmp_path, certificate_name)
+    receiver = Receiver(tls=server_tls, keep_alive=keep_alive).start()
+    hosts = {host for _, host in hooks}
 
     async def resolve(host: str) -> list[str]:
-        return ["127.0.0.1"] if host in ("hooks.example.com", "other.example.com") else []
+        return ["127.0.0.1"] if host in hosts else []
 
-    who = await principal(sessions, "acme")
     box = SecretsBox.from_settings(settings)
     d = Deliverer(settings, sessions, box, resolve=resolve, transport=httpx.AsyncHTTPTransport(verify=client_tls))
     svc = WebhookService(settings, sessions, box, d, resolve=resolve)
+    rows = []
     try:
-        created = await svc.create(who, schemas.WebhookCreate(url=f"https://hooks.example.com:{receiver.port}/x"))
-        receiver.secret = created.secret
-        row = await svc.test(who, created.id)
-        # The same address under a name the certificate does not carry: TLS refuses it.
-        other = await svc.create(who, schemas.WebhookCreate(url=f"https://other.example.com:{receiver.port}/x"))
-        wrong = await svc.test(who, other.id)
+        for who, host in hooks:
+            created = await svc.create(who, schemas.WebhookCreate(url=f"https://{host}:{receiver.port}/x"))
+            receiver.secret = receiver.secret or created.secret
+            rows.append(await svc.test(who, created.id))
     finally:
         await d.stop()
         receiver.stop()
+    return receiver, rows
+
+
+async def test_https_goes_to_the_checked_address_and_verifies_the_urls_name(
+        settings: Settings, sessions: Sessions, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The certificate names hooks.example.com, the socket is 127.0.0.1; the same address under a name the
+    certificate does not carry is refused by TLS."""
+    who = await principal(sessions, "acme")
+    receiver, (row, wrong) = await tls_test_pings(settings, sessions, tmp_path, "hooks.example.com",
+                                                  [(who, "hooks.example.com"), (who, "other.example.com")])
     assert row.state == "delivered", row.last_error
     assert wrong.state == "pending" and "certificate" in (wrong.last_error or "").lower(), wrong.last_error
     [got] = receiver.got
@@ -533,24 +547,10 @@ async def test_a_connection_is_never_reused_for_another_webhooks_name(
     """Two names for one address, as on a host that routes TLS by name to different customers' servers: a kept
     connection, opened and verified for one tenant's webhook, carried another tenant's delivery (its events,
     signed) to the first tenant's server, its own name never checked."""
-    server_tls, client_tls = self_signed(tmp_path, "attacker.example.com")
-    receiver = Receiver(tls=server_tls, keep_alive=True).start()
-
-    async def resolve(host: str) -> list[str]:
-        return ["127.0.0.1"] if host in ("attacker.example.com", "victim.example.com") else []
-
     attacker, victim = await principal(sessions, "evil"), await principal(sessions, "acme")
-    box = SecretsBox.from_settings(settings)
-    d = Deliverer(settings, sessions, box, resolve=resolve, transport=httpx.AsyncHTTPTransport(verify=client_tls))
-    svc = WebhookService(settings, sessions, box, d, resolve=resolve)
-    try:
-        theirs = await svc.create(attacker, schemas.WebhookCreate(url=f"https://attacker.example.com:{receiver.port}/"))
-        first = await svc.test(attacker, theirs.id)
-        mine = await svc.create(victim, schemas.WebhookCreate(url=f"https://victim.example.com:{receiver.port}/"))
-        second = await svc.test(victim, mine.id)
-    finally:
-        await d.stop()
-        receiver.stop()
+    receiver, (first, second) = await tls_test_pings(
+        settings, sessions, tmp_path, "attacker.example.com",
+        [(attacker, "attacker.example.com"), (victim, "victim.example.com")], keep_alive=True)
     assert first.state == "delivered", first.last_error
     assert second.state == "pending" and "certificate" in (second.last_error or "").lower(), second.last_error
     assert [r.headers["host"] for r in receiver.got] == [f"attacker.example.com:{receiver.port}"]
