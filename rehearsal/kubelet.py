@@ -19,9 +19,16 @@ kubelet sets since Kubernetes 1.28, and it is reported as Kubernetes does: ``las
 reason ``OOMKilled`` and exit code 137, ``restartCount`` up, an ``OOMKilling`` Event, then the restart its
 restartPolicy asks for.
 
+Local storage limits are enforced as the kubelet's eviction manager does, checked every
+``STORAGE_CHECK_S``: an emptyDir (not in memory) past its ``sizeLimit``, a Pod past the sum of its
+containers' ``ephemeral-storage`` limits (its disk emptyDirs and its containers' logs; a writable root is
+a tmpfs here, held by the memory limit), or one container past its own. The Pod is evicted at once
+(grace period 0) and kept, as Kubernetes keeps it: phase ``Failed``, reason ``Evicted``, the kubelet's
+message, a ``DisruptionTarget`` condition and an ``Evicted`` Event.
+
 What it does not do: pull images (``rehearsal.images`` maps ours to this checkout), enforce CPU limits
-(no CFS quota: a shared CI machine would only get slower), ephemeral-storage limits or requests (nothing
-evicts), or schedule across nodes (one node).
+(no CFS quota: a shared CI machine would only get slower), evict for node pressure or by requests (the
+node never runs low), or schedule across nodes (one node).
 """
 
 from __future__ import annotations
@@ -60,7 +67,9 @@ MAX_BACKOFF_S = 10.0  # a real kubelet caps CrashLoopBackOff at 300 s; a rehears
 # Each container's own pids cgroup gets this many tasks: the kubelet's --pod-max-pids, which a real node
 # sets for the same reason (a fork bomb in one Pod must not take the node); Kubernetes' default is unlimited.
 POD_PIDS_LIMIT = 4096
-OOM_EXIT_CODE = 137  # 128 + SIGKILL, what the runtime reports for a container the OOM killer ended
+KILLED_EXIT_CODE = 128 + signal.SIGKILL  # what the runtime reports for a container ended by SIGKILL
+OOM_EXIT_CODE = KILLED_EXIT_CODE  # the OOM killer's too
+STORAGE_CHECK_S = 2.0  # how often a Pod's disk use is measured; the kubelet's eviction manager checks every 10 s
 HISTORY_PER_POD = 400  # what each Pod's worker remembers for the evidence (rehearsal.evidence): bounded
 # Runs before a container's (or an exec's) first process: the shell joins the container's cgroups ("0": the
 # writer itself), then becomes the command; the cgroups' limits hold for everything it starts.
@@ -108,6 +117,35 @@ def _expand(value: str, env: dict[str, str]) -> str:
 def _iso(epoch: float) -> str:
     """A wall-clock time with milliseconds, UTC (the history's: readiness flips are sub-second apart)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+def _disk_usage(path: Path) -> int:
+    """Bytes of disk ``path`` takes (allocated blocks, as du counts; a sparse file's holes are free), not
+    following symbolic links or crossing into other file systems."""
+    try:
+        top = path.lstat()
+    except OSError:
+        return 0
+    total, pending = top.st_blocks * 512, [path] if path.is_dir() and not path.is_symlink() else []
+    while pending:
+        with contextlib.suppress(OSError), os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    info = entry.stat(follow_symlinks=False)
+                    if info.st_dev != top.st_dev:
+                        continue
+                    total += info.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(Path(entry.path))
+    return total
+
+
+def _quantity(size: int) -> str:
+    """A byte count as Kubernetes prints a quantity: the largest binary unit that divides it."""
+    for suffix, scale in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if size % scale == 0:
+            return f"{size // scale}{suffix}"
+    return str(size)
 
 
 def _field(pod: Obj, path: str) -> str:
@@ -198,6 +236,8 @@ class PodWorker:
         self.phase = "Pending"
         self.backoff_until: dict[str, float] = {}
         self.skipped: str | None = None
+        self.evicted: str | None = None  # the eviction's message, once the Pod is evicted
+        self.storage_due = 0.0
         # What happened to this Pod, with times (starts, exits, probe failures, readiness changes): a soak or a
         # step that failed saves it with the logs (rehearsal.evidence), where status alone shows only the end.
         self.history: deque[Obj] = deque(maxlen=HISTORY_PER_POD)
@@ -346,6 +386,12 @@ class PodWorker:
                 running.signal(signal.SIGKILL)
                 continue
             self._probe(running)
+        if self.initialized and time.monotonic() >= self.storage_due:
+            self.storage_due = time.monotonic() + STORAGE_CHECK_S
+            over = self._storage_over_limit()
+            if over:
+                self._evict(over)
+                return
         if self.skipped:
             self.phase = "Pending"
         elif all(c["name"] in self.terminated and c["name"] not in self.containers and
@@ -729,7 +775,11 @@ class PodWorker:
                        "podIP": self.ip, "podIPs": [{"ip": self.ip}] if self.ip else [], "hostIP": "10.244.0.1",
                        "startTime": (self.pod.get("status") or {}).get("startTime") or now_rfc3339(),
                        "qosClass": "Burstable"}
-        if reason or self.skipped:
+        if self.evicted:
+            status["reason"], status["message"] = "Evicted", self.evicted
+            conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+                               "message": self.evicted, "lastTransitionTime": self.transitions["Evicted"]})
+        elif reason or self.skipped:
             status["reason"] = reason or "ImageNotRunnable"
             status["message"] = self.skipped or reason
         if (self.pod.get("status") or {}) == status:
@@ -745,6 +795,54 @@ class PodWorker:
             if kind == "Ready":
                 self.note("PodReady" if value else "PodNotReady", f"Pod condition Ready={status}", warning=not value)
         return {"type": kind, "status": status, "lastTransitionTime": self.transitions[kind].split("|")[1]}
+
+    # ------------------------------------------------------------------------------ local storage
+
+    def _storage_over_limit(self) -> str | None:
+        """The kubelet's message for the first local storage limit this Pod is past (its checks' order:
+        emptyDir sizeLimit, the Pod's total, each container's own), or None."""
+        spec = self.pod["spec"]
+        volumes = self.dir / "volumes"
+        disk_dirs = {}
+        for volume in spec.get("volumes") or []:
+            empty = volume.get("emptyDir")
+            if empty is None or empty.get("medium") == "Memory":
+                continue  # a memory emptyDir counts against the memory limit, as tmpfs does
+            used = _disk_usage(volumes / volume["name"])
+            disk_dirs[volume["name"]] = used
+            limit = empty.get("sizeLimit")
+            if limit and used > (quantity_bytes(str(limit)) or used):
+                return f'Usage of EmptyDir volume "{volume["name"]}" exceeds the limit "{limit}". '
+        # A container's writable root is a tmpfs here (rehearsal.container_init), which its memory limit
+        # holds; on disk it has its log.
+        own = {c["name"]: _disk_usage(self.dir / "logs" / f"{c['name']}.log") for c in spec["containers"]}
+        limits = {c["name"]: str(((c.get("resources") or {}).get("limits") or {}).get("ephemeral-storage") or "")
+                  for c in spec["containers"]}
+        total_limit = sum(quantity_bytes(limit) or 0 for limit in limits.values())
+        if total_limit and sum(disk_dirs.values()) + sum(own.values()) > total_limit:
+            return f"Pod ephemeral local storage usage exceeds the total limit of containers {_quantity(total_limit)}. "
+        for name, limit in limits.items():
+            if limit and own[name] > (quantity_bytes(limit) or own[name]):
+                return f'Container {name} exceeded its local ephemeral storage limit "{limit}". '
+        return None
+
+    def _evict(self, message: str) -> None:
+        """Evict the Pod as the kubelet does for a local storage limit: every container killed at once, the Pod
+        kept as Failed/Evicted for its owner to see and delete."""
+        log.info("pod %s/%s evicted: %s", self.ns, self.name, message)
+        self.note("Evicted", message, warning=True)
+        running = dict(self.containers)
+        self._kill_all(grace_s=0)
+        for name, container in running.items():
+            state = {"exitCode": KILLED_EXIT_CODE, "reason": "Error", "startedAt": container.started_at,
+                     "finishedAt": now_rfc3339()}
+            self.terminated[name] = state
+            self.last_state[name] = {"terminated": state}
+        self.waiting.clear()
+        self.evicted = message
+        self.transitions["Evicted"] = now_rfc3339()
+        self.phase = "Failed"
+        self._report()
 
     # ------------------------------------------------------------------------------ termination
 
@@ -789,6 +887,8 @@ class PodWorker:
     def _cleanup(self) -> None:
         self.c.network.detach(self.uid)
         shutil.rmtree(self.dir / "rootfs", ignore_errors=True)
+        # A Pod's emptyDirs, Secret and ConfigMap files go with it (its PVCs live elsewhere and stay).
+        shutil.rmtree(self.dir / "volumes", ignore_errors=True)
 
 
 class Kubelet:

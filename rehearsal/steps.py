@@ -146,8 +146,8 @@ class Context:
                           headers={"Authorization": f"Bearer {self.token}"}) as client:
             return client.request(method, path, **kwargs)
 
-    def session_state(self) -> str:
-        reply = self.api("GET", f"/v1/instances/{self.session}")
+    def session_state(self, session: str | None = None) -> str:
+        reply = self.api("GET", f"/v1/instances/{session or self.session}")
         return str(reply.json().get("status")) if reply.status_code == 200 else f"HTTP {reply.status_code}"
 
     def wait(self, what: str, check: Callable[[], bool], timeout_s: float, detail: Callable[[], str] = lambda: ""
@@ -462,13 +462,38 @@ def session_out_of_memory(ctx: Context) -> None:
         return shown.stdout if "out_of_memory" in shown.stdout and "memory limit" in shown.stdout else ""
     ctx.wait("`orz cloud status` telling the user the session ran out of memory", lambda: bool(told()), 90,
              lambda: ctx.orz("cloud", "status", session, check=False).stdout[-600:])
-    def state() -> str:
-        reply = ctx.api("GET", f"/v1/instances/{session}")
-        return str(reply.json().get("status")) if reply.status_code == 200 else f"HTTP {reply.status_code}"
-    ctx.wait("the session running again", lambda: state() == "running", 120, lambda: f"(status {state()})")
+    ctx.wait("the session running again", lambda: ctx.session_state(session) == "running", 120,
+             lambda: f"(status {ctx.session_state(session)})")
     again = ctx.ssh(f"{session}.orz", "echo back-after-oom", check=False)
     if "back-after-oom" not in again.stdout:
         raise StepFailed(f"ssh after the OOM kill: exit {again.returncode} {again.stderr.strip()[-300:]}")
+
+
+# Past the chart's 2Gi sizeLimit of a session's /tmp; fallocate takes the blocks at once (dd where it cannot).
+_FILL_TMP = ("echo kept-through-eviction > kept.txt && sync && "
+             "{ fallocate -l 2200M /tmp/fill || dd if=/dev/zero of=/tmp/fill bs=1M count=2200; } 2>&1; sleep 60")
+
+
+def session_evicted_for_disk(ctx: Context) -> None:
+    """A program in a session fills its /tmp past the Pod's sizeLimit: the kubelet evicts the Pod, the user
+    reads in `orz cloud status` what filled up and that the workspace is kept, and `orz cloud start` brings
+    the session back with its workspace and an empty /tmp."""
+    session = ctx.facts["other_session"]
+    ctx.ssh(f"{session}.orz", _FILL_TMP, check=False, timeout_s=120)
+
+    def told() -> str:
+        shown = ctx.orz("cloud", "status", session, check=False)
+        return shown.stdout if "Evicted" in shown.stdout and "to /tmp" in shown.stdout else ""
+    ctx.wait("`orz cloud status` telling the user the session was evicted for filling /tmp", lambda: bool(told()),
+             120, lambda: ctx.orz("cloud", "status", session, check=False).stdout[-600:] + ctx.pod_summary())
+    if "workspace is kept" not in told():
+        raise StepFailed(f"the status does not say the workspace is kept: {told()[-400:]}")
+    ctx.orz("cloud", "start", session)
+    ctx.wait("the session running again", lambda: ctx.session_state(session) == "running", 180, ctx.pod_summary)
+    again = ctx.ssh(f"{session}.orz", "cat kept.txt; ls /tmp/fill 2>&1", check=False)
+    if "kept-through-eviction" not in again.stdout or "No such file" not in again.stdout:
+        raise StepFailed(f"after the eviction: exit {again.returncode} {again.stdout[-300:]!r} "
+                         f"{again.stderr.strip()[-300:]!r}")
     ctx.orz("cloud", "kill", "--force", session)
 
 
@@ -751,6 +776,8 @@ STEPS: list[Step] = [
      session_network_confined),
     ("a program past the session's memory limit: OOMKilled, restarted, and the user is told",
      session_out_of_memory),
+    ("a session that fills its /tmp past the limit: evicted, the user is told, started again with its workspace",
+     session_evicted_for_disk),
     ("scp up and down, same checksum", scp_round_trip),
     ("ssh -L to the session's loopback", local_forward),
     ("web terminal attach", web_attach),

@@ -30,7 +30,7 @@ def waiting(reason: str) -> list[dict[str, Any]]:
     (pod("Running"), False, "running", None),
     (pod("Running", containerStatuses=waiting("CrashLoopBackOff")), False, "failed",
      "runner: a container keeps crashing (CrashLoopBackOff)"),
-    (pod("Failed", reason="Evicted"), False, "failed", "Evicted"),
+    (pod("Failed", reason="BackoffLimitExceeded"), False, "failed", "BackoffLimitExceeded"),
     (pod("Succeeded"), False, "stopped", "the runner exited"),
     (pod("Unknown"), False, "pending", "the node is not reporting"),
     ({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}, "status": {"phase": "Running"}}, False,
@@ -94,3 +94,32 @@ def test_the_watch_cache_keeps_what_tells_of_an_oom_kill() -> None:
     crashed = oom_killed()
     crashed["status"]["containerStatuses"][0]["lastState"]["terminated"]["reason"] = "Error"
     assert "lastState" not in slim_pod(crashed)["status"]["containerStatuses"][0]
+
+
+def evicted(message: str) -> dict[str, Any]:
+    """A session Pod the kubelet evicted, as it leaves it: Failed, reason Evicted, its message."""
+    return {"metadata": {"name": "orz-a"},
+            "spec": {"containers": [{"name": "runner", "volumeMounts": [
+                {"name": "workspace", "mountPath": "/workspace"}, {"name": "tmp", "mountPath": "/tmp"}]}]},
+            "status": {"phase": "Failed", "reason": "Evicted", "message": message,
+                       "conditions": [{"type": "DisruptionTarget", "status": "True",
+                                       "reason": "TerminationByKubelet"}]}}
+
+
+@pytest.mark.parametrize(("message", "told"), [
+    ('Usage of EmptyDir volume "tmp" exceeds the limit "2Gi". ', "wrote more than 2Gi to /tmp"),
+    ("Pod ephemeral local storage usage exceeds the total limit of containers 10Gi. ",
+     "more of its node's disk than its limit"),
+    ("The node was low on resource: ephemeral-storage. ", "node ran short of a resource"),
+])
+def test_an_evicted_session_says_what_filled_up_and_that_the_workspace_is_kept(message: str, told: str) -> None:
+    """The kubelet's words alone ("Evicted") left the user guessing; the status names the directory, the
+    limit, and that starting again keeps the workspace. It survives the provider's slim watch cache."""
+    for obj in (evicted(message), slim_pod(evicted(message))):
+        status = compute_status(obj, False)
+        assert status.phase == "failed"
+        assert status.message is not None
+        assert told in status.message and message.strip() in status.message
+        assert "workspace is kept" in status.message and "start the session again" in status.message
+    running = slim_pod({**evicted(message), "status": {"phase": "Running"}})
+    assert "volumeMounts" not in running["spec"]["containers"][0]  # only evicted Pods keep their mounts

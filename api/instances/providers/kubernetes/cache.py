@@ -51,10 +51,17 @@ def slim_pod(pod: Pod) -> Pod:
              if (cs.get("state") or {}).get("waiting") else {},
              **_slim_oom(cs)}
             for cs in status.get("containerStatuses") or []]
+    # An evicted Pod's message says what filled up, and the mounts say where that is in the session; only
+    # evicted Pods (which the provider deletes at once) keep them.
+    evicted = status.get("reason") == "Evicted"
+    if evicted and status.get("message"):
+        slim_status["message"] = str(status["message"])[:500]
     containers = []
     for c in (pod.get("spec") or {}).get("containers") or []:
         memory = ((c.get("resources") or {}).get("limits") or {}).get("memory")
-        containers.append({"name": c.get("name"), **({"resources": {"limits": {"memory": memory}}} if memory else {})})
+        containers.append({"name": c.get("name"), **({"resources": {"limits": {"memory": memory}}} if memory else {}),
+                           **({"volumeMounts": [{"name": m.get("name"), "mountPath": m.get("mountPath")}
+                                                for m in c.get("volumeMounts") or []]} if evicted else {})})
     return {"metadata": slim_meta, "spec": {"containers": containers}, "status": slim_status}
 
 

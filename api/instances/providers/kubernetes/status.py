@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +51,31 @@ def _out_of_memory(pod: Mapping[str, Any]) -> str | None:
             f"at {last.get('finishedAt') or 'an unknown time'}; it was restarted, and {lost}")
 
 
+_EMPTY_DIR_OVER = re.compile(r'EmptyDir volume "(?P<volume>[^"]+)" exceeds the limit "(?P<limit>[^"]+)"')
+
+
+def _evicted(pod: Mapping[str, Any]) -> str | None:
+    """What to tell the user when the kubelet evicted the session's Pod: what filled up, in the session's
+    terms (a directory rather than a volume's name), and that the workspace (its own volume) is kept."""
+    status = pod.get("status") or {}
+    if status.get("reason") != "Evicted":
+        return None
+    message = str(status.get("message") or "").strip()
+    over = _EMPTY_DIR_OVER.search(message)
+    if over:
+        paths = [mount.get("mountPath") for container in (pod.get("spec") or {}).get("containers") or []
+                 if container.get("name") == RUNNER_CONTAINER
+                 for mount in container.get("volumeMounts") or [] if mount.get("name") == over["volume"]]
+        where = paths[0] if paths else f"its {over['volume']!r} volume"
+        what = f"the session wrote more than {over['limit']} to {where}"
+    elif "ephemeral local storage" in message:
+        what = "the session used more of its node's disk than its limit"
+    else:
+        what = "the session's node ran short of a resource"
+    return (f"{what}, and Kubernetes stopped it (Evicted: {message or 'no message'}); "
+            "the workspace is kept: start the session again to go on")[:400]
+
+
 def _unschedulable(pod: Mapping[str, Any]) -> str | None:
     for cond in pod.get("status", {}).get("conditions") or []:
         if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False",
@@ -81,6 +107,6 @@ def compute_status(pod: Mapping[str, Any] | None, stopped: bool) -> ComputeStatu
     if phase == "Succeeded":
         return ComputeStatus("stopped", "the runner exited")
     if phase == "Failed":
-        reason = pod.get("status", {}).get("reason") or "the pod failed"
-        return ComputeStatus("failed", str(reason)[:200])
+        reason = _evicted(pod) or str(pod.get("status", {}).get("reason") or "the pod failed")[:200]
+        return ComputeStatus("failed", reason)
     return ComputeStatus("pending", "the node is not reporting")
