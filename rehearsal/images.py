@@ -99,6 +99,9 @@ def from_dockerfile(path: Path) -> ImageConfig:
             config.entrypoint = _words(argument)
         elif instruction == "CMD":
             config.cmd = _words(argument)
+    # This checkout's code, whichever checkout the virtualenv was installed from (a worktree may share
+    # another's virtualenv, whose editable install would otherwise run that checkout's code in the Pods).
+    env["PYTHONPATH"] = str(ROOT)
     config.env = env
     users, dirs = _IMAGE_FILES[path.name]
     config.users, config.dirs = list(users), list(dirs)

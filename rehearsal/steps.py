@@ -476,8 +476,9 @@ _FILL_TMP = ("echo kept-through-eviction > kept.txt && sync && "
 
 def session_evicted_for_disk(ctx: Context) -> None:
     """A program in a session fills its /tmp past the Pod's sizeLimit: the kubelet evicts the Pod, the user
-    reads in `orz cloud status` what filled up and that the workspace is kept, and `orz cloud start` brings
-    the session back with its workspace and an empty /tmp."""
+    reads in `orz cloud status` what filled up and that the workspace is kept, and the session comes back
+    (the reconciler starts it again once; `orz cloud start` when it has already) with its workspace and an
+    empty /tmp."""
     session = ctx.facts["other_session"]
     ctx.ssh(f"{session}.orz", _FILL_TMP, check=False, timeout_s=120)
 
@@ -488,8 +489,11 @@ def session_evicted_for_disk(ctx: Context) -> None:
              120, lambda: ctx.orz("cloud", "status", session, check=False).stdout[-600:] + ctx.pod_summary())
     if "workspace is kept" not in told():
         raise StepFailed(f"the status does not say the workspace is kept: {told()[-400:]}")
-    ctx.orz("cloud", "start", session)
-    ctx.wait("the session running again", lambda: ctx.session_state(session) == "running", 180, ctx.pod_summary)
+    ctx.wait("the session running again or failed", lambda: ctx.session_state(session) in ("running", "failed"), 180,
+             ctx.pod_summary)
+    if ctx.session_state(session) == "failed":
+        ctx.orz("cloud", "start", session)
+        ctx.wait("the session running again", lambda: ctx.session_state(session) == "running", 180, ctx.pod_summary)
     again = ctx.ssh(f"{session}.orz", "cat kept.txt; ls /tmp/fill 2>&1", check=False)
     if "kept-through-eviction" not in again.stdout or "No such file" not in again.stdout:
         raise StepFailed(f"after the eviction: exit {again.returncode} {again.stdout[-300:]!r} "

@@ -117,7 +117,10 @@ class Reconciler:
         # it: its actor died half-way (a scheduler or API killed mid-stop). Not start_timeout_s later.
         settled = phase in GONE_PHASES and age > STOP_SETTLE
         if state in (State.RUNNING, State.UNHEALTHY) and phase in GONE_PHASES:
-            await self._restart_or_fail(row, f"compute vanished (provider reports {phase})", report)
+            # The provider's word on why (e.g. Kubernetes evicted the Pod for filling its disk) is what the
+            # user needs to keep it from happening again.
+            why = f": {status.message}" if status is not None and status.message and phase == "failed" else ""
+            await self._restart_or_fail(row, f"compute vanished (provider reports {phase}{why})", report)
         elif state in (State.PENDING, State.STARTING) and stuck:
             await self._restart_or_fail(
                 row, f"did not start within {self.settings.start_timeout_s} s (compute {phase})", report)

@@ -75,6 +75,21 @@ async def test_vanished_compute_is_marked_and_restarted_once_then_failed(
 
 
 @both_databases
+async def test_the_providers_word_on_why_compute_failed_reaches_the_user(
+        world: World, sched: LifecycleScheduler) -> None:
+    """Kubernetes evicting a Pod for filling its disk says so; the session's failure (and the restart that
+    follows) carries that, not only "compute vanished"."""
+    inst = await world.new_running()
+    world.clock.advance(5)
+    why = "the session wrote more than 2Gi to /tmp, and Kubernetes stopped it (Evicted)"
+    world.provider.phases[inst.id], world.provider.messages[inst.id] = "failed", why
+    report = await reconcile(sched)
+    assert report.restarted == [inst.id]
+    failed = [e for e in await world.events(inst.id) if e.to_state == "failed"]
+    assert failed and why in (failed[-1].message or "")
+
+
+@both_databases
 async def test_orphan_compute_is_removed_and_its_workspace_kept(world: World, sched: LifecycleScheduler) -> None:
     kept = await world.new_running()
     world.provider.phases["ghost-abc123"] = "running"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -94,3 +95,14 @@ def test_resolve_picks_the_image_by_repository_name(image: str, dockerfile: str)
 def test_an_image_not_ours_is_not_runnable() -> None:
     with pytest.raises(images.ImageNotRunnable, match="not one of ours"):
         images.resolve("docker.io/library/redis:7")
+
+
+@pytest.mark.parametrize("dockerfile", ["api.Dockerfile", "runner.Dockerfile"])
+def test_our_images_run_this_checkouts_code_whatever_the_virtualenv_was_installed_from(
+        dockerfile: str, tmp_path: Path) -> None:
+    """A worktree sharing another checkout's virtualenv must not rehearse that checkout's code: the image's
+    interpreter, with the image's environment, imports `api` from this checkout."""
+    config = images.from_dockerfile(DOCKER / dockerfile)
+    shown = subprocess.run([sys.executable, "-c", "import api; print(api.__file__)"], env=config.env, cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(shown).resolve().is_relative_to(images.ROOT), shown

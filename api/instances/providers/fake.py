@@ -24,6 +24,8 @@ class FakeProvider(Provider):
         self.phases: dict[str, str] = {}
         # Session id -> what the provider says about its compute's last OOM kill (ComputeStatus.out_of_memory).
         self.out_of_memory: dict[str, str] = {}
+        # Session id -> what the provider says about its compute's phase (ComputeStatus.message: why it failed).
+        self.messages: dict[str, str] = {}
         self.specs: dict[str, ComputeSpec] = {}
         self.calls: list[tuple[str, str]] = []
         self.fail_next: str | None = None
@@ -62,8 +64,10 @@ class FakeProvider(Provider):
         self.specs.pop(session_id, None)
 
     async def status(self, session_id: str, state: ProviderState) -> ComputeStatus:
-        return ComputeStatus(phase=self.phases.get(session_id, "absent"))  # type: ignore[arg-type]
+        return ComputeStatus(phase=self.phases.get(session_id, "absent"),  # type: ignore[arg-type]
+                             message=self.messages.get(session_id))
 
     async def list(self) -> dict[str, ComputeStatus]:
-        return {sid: ComputeStatus(phase=p, out_of_memory=self.out_of_memory.get(sid))  # type: ignore[arg-type]
+        return {sid: ComputeStatus(phase=p, message=self.messages.get(sid),  # type: ignore[arg-type]
+                                   out_of_memory=self.out_of_memory.get(sid))
                 for sid, p in self.phases.items()}

@@ -56,7 +56,8 @@ _EMPTY_DIR_OVER = re.compile(r'EmptyDir volume "(?P<volume>[^"]+)" exceeds the l
 
 def _evicted(pod: Mapping[str, Any]) -> str | None:
     """What to tell the user when the kubelet evicted the session's Pod: what filled up, in the session's
-    terms (a directory rather than a volume's name), and that the workspace (its own volume) is kept."""
+    terms (a directory rather than a volume's name), and that the workspace (its own volume) is kept (the
+    reconciler starts it again once; `orz cloud start` does after that)."""
     status = pod.get("status") or {}
     if status.get("reason") != "Evicted":
         return None
@@ -72,8 +73,7 @@ def _evicted(pod: Mapping[str, Any]) -> str | None:
         what = "the session used more of its node's disk than its limit"
     else:
         what = "the session's node ran short of a resource"
-    return (f"{what}, and Kubernetes stopped it (Evicted: {message or 'no message'}); "
-            "the workspace is kept: start the session again to go on")[:400]
+    return f"{what}, and Kubernetes stopped it (Evicted: {message or 'no message'}); its workspace is kept"[:400]
 
 
 def _unschedulable(pod: Mapping[str, Any]) -> str | None:
