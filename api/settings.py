@@ -346,6 +346,11 @@ class Settings(BaseSettings):
                                           "the same uid")
     sandbox_allow_host_ports: str = option("sandbox", "", "comma-separated host loopback ports a session may "
                                            "reach (relayed into its network namespace)")
+    sandbox_relay_max_connections: int = option("sandbox", 64, "connections one session may hold at once "
+                                                "through the ports relayed into it (the API's and "
+                                                "ORZ_SANDBOX_ALLOW_HOST_PORTS, together); more are closed at once, "
+                                                "so that one session cannot use up the server's file descriptors",
+                                                ge=1)
     sandbox_pids_max: int = option("sandbox", 2048, "processes per session (cgroup v1 pids controller; needs "
                                    "root)", ge=16)
     sandbox_disk_size: str = option("sandbox", "", "each session's own filesystem, e.g. `10Gi`: a sparse ext4 image "

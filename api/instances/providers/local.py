@@ -344,7 +344,8 @@ class LocalProvider(Provider):
             bwrap=bwrap, command=sandbox.command_prefix(uid, gid, root) + argv, tools=tools,
             relay_ports=relay, cgroup_name=_cgroup_name(spec.session_id) if root else None,
             limits=sandbox.cgroup_limits(self.settings, spec.resources), paths=paths, session_id=spec.session_id,
-            egress_allow=self.settings.sandbox_egress_allowed())
+            egress_allow=self.settings.sandbox_egress_allowed(),
+            relay_max_connections=self.settings.sandbox_relay_max_connections)
         # -I -S: the launcher needs only the standard library; skipping site-packages saves ~0.1 s a start.
         launcher = [sys.executable, "-I", "-S", sandbox_launch.__file__, json.dumps(plan)]
         return launcher, {"uid": uid}, runner_env

@@ -595,11 +595,13 @@ def relay_source(session_id: str) -> str:
 
 def launcher_plan(*, bwrap: list[str], command: list[str], tools: Tools, relay_ports: Iterable[int],
                   cgroup_name: str | None, limits: Mapping[str, int], paths: SessionPaths,
-                  session_id: str, egress_allow: Iterable[str] = ()) -> dict[str, Any]:
+                  session_id: str, egress_allow: Iterable[str] = (),
+                  relay_max_connections: int | None = None) -> dict[str, Any]:
     """The JSON the launcher reads from its argv (no secrets: those come in its environment)."""
     return {
         "bwrap": bwrap, "command": command, "slirp4netns": tools.slirp4netns,
         "relay_ports": sorted(set(relay_ports)), "relay_source": relay_source(session_id),
+        "relay_max_connections": relay_max_connections,
         "egress_allow": list(egress_allow), "cgroup": cgroup_name, "limits": dict(limits),
         "socket": str(paths.socket), "network_ready_file": str(paths.network_ready),
         "fatal_file": str(paths.state / FATAL_NAME),

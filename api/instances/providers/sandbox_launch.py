@@ -49,6 +49,7 @@ NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200
 RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_PROHIBIT = 254, 4, 0, 8
 RTA_DST, IFA_ADDRESS, IFA_LOCAL = 1, 1, 2
 _RELAY_CHUNK = 65536
+DEFAULT_RELAY_MAX_CONNECTIONS = 64  # ORZ_SANDBOX_RELAY_MAX_CONNECTIONS's default, for a plan without it
 
 
 def log(message: str) -> None:
@@ -308,16 +309,30 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.close()
 
 
-def relay_to_host(port: int, source: str | None = None):  # type: ignore[no-untyped-def]
-    """A connection handler relaying to the host's 127.0.0.1:port from ``source`` (the session's own address)."""
+def relay_to_host(port: int, source: str | None = None,  # type: ignore[no-untyped-def]
+                  slots: asyncio.Semaphore | None = None):
+    """A connection handler relaying to the host's 127.0.0.1:port from ``source`` (the session's own address).
+
+    ``slots`` (one for all of a session's relayed ports) bounds the connections it holds at once: the host
+    service is the server every session shares (the API), whose file descriptors one session's connections
+    would otherwise use up. One more is closed at once, before anything is opened on the host."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(
-                "127.0.0.1", port, local_addr=(source, 0) if source else None)
-        except OSError:
+        if slots is not None and slots.locked():
             writer.close()
             return
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        if slots is not None:
+            await slots.acquire()  # free (checked above): returns at once
+        try:
+            try:
+                up_reader, up_writer = await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=(source, 0) if source else None)
+            except OSError:
+                writer.close()
+                return
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            if slots is not None:
+                slots.release()
     return handle
 
 
@@ -387,8 +402,10 @@ async def run(plan: dict[str, Any]) -> int:
             bwrap.send_signal(signal.SIGKILL)
             await bwrap.wait()
             return 2
+        slots = asyncio.Semaphore(int(plan.get("relay_max_connections") or DEFAULT_RELAY_MAX_CONNECTIONS))
         for sock, port in zip(listening, ports, strict=True):
-            servers.append(await asyncio.start_server(relay_to_host(port, plan.get("relay_source")), sock=sock))
+            servers.append(await asyncio.start_server(relay_to_host(port, plan.get("relay_source"), slots),
+                                                      sock=sock))
         ready_r, ready_w = os.pipe()
         args = [plan["slirp4netns"], "--configure", "--mtu=65520", "--disable-host-loopback",
                 "--enable-sandbox", "--netns-type=path", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}"]
