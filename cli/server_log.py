@@ -46,6 +46,9 @@ class _HumanFormatter(logging.Formatter):
 def configure(settings: Settings, terminal: TextIO | None = None) -> Path:
     """JSON lines at the configured level to <data dir>/logs/server.log; events and warnings to the terminal."""
     path = log_path(settings)
+    # The data dir first, 0700: `mkdir -p` of the log's directory would make it 0755 (umask), its database
+    # and sessions' directory listable by every account on the machine.
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     orz_log.configure(settings.log_level, json_lines=True, stream=_open_log(path))
     screen = logging.StreamHandler(terminal or sys.stderr)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,7 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            _private_database_file(Path(database))
         # Few connections: each is a thread (aiosqlite) contending for the GIL; measured (when writers
         # still met in SQLite's busy handler), 2-4 beat 32 on both throughput and tail latency.
         # The overflow is for code that holds one session while opening another.
@@ -74,6 +77,20 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     event.listen(engine.sync_engine, "checkout", _discard_closed_connection)
     event.listen(engine.sync_engine, "handle_error", _connect_failure_is_disconnect)
     return engine
+
+
+def _private_database_file(database: Path) -> None:
+    """Make the SQLite file (every org's users, sessions and recordings) readable by this user alone,
+    whatever the umask: created 0600 before SQLite makes it, which gives its WAL and index the same mode;
+    one an earlier version left readable by others is made so too."""
+    database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        with contextlib.suppress(OSError):  # absent, or not ours to change
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            if mode & 0o077:
+                os.chmod(path, mode & 0o700)
 
 
 def _connect_failure_is_disconnect(context: Any) -> None:
