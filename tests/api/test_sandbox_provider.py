@@ -536,3 +536,32 @@ async def test_a_session_that_fills_its_disk_fills_only_its_own(
         await provider.delete("sbx-disk", stopped)
         assert not os.path.ismount(base) and not base.exists() and not image.exists()
     assert _mounts_under(short_tmp) == []
+
+
+KERNEL_PROBE = r"""set -u
+# The kernel's keyrings are not namespaced: a key in the uid's user keyring outlives the session and is there
+# for the next session (another org's) given the uid. A user namespace is kernel attack surface to no end.
+python3 - <<'PY'
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+nr = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
+r = libc.syscall(nr[0], b"user", b"orz-probe", b"left-for-the-next-uid", 21, -4)  # add_key to @u
+print("add_key", "denied" if r < 0 else "allowed")
+r = libc.syscall(nr[1], 0, -4, 0)  # keyctl(KEYCTL_GET_KEYRING_ID, @u)
+print("keyctl", "denied" if r < 0 else "allowed")
+libc.syscall(nr[1], 7, -4)  # KEYCTL_CLEAR: where it was allowed, leave nothing behind
+print("unshare", "denied" if libc.unshare(0x10000000) < 0 else "allowed")  # CLONE_NEWUSER
+PY
+unshare -Ur true 2>/dev/null && echo "userns allowed" || echo "userns denied"
+python3 -c 'import threading; t = threading.Thread(target=print, args=("threads work",)); t.start(); t.join()'
+echo done
+"""
+
+
+async def test_a_session_leaves_nothing_in_the_kernel_for_the_next_owner_of_its_uid(
+        provider: LocalProvider, make_repo, fake_api: FakeApi, gateway_key) -> None:
+    await provider.create(compute_spec("sbx-k", fake_api, gateway_key, make_repo(config(KERNEL_PROBE))))
+    await started(provider, fake_api, "sbx-k")
+    seen = (provider.session_dir("sbx-k") / "workspace" / "probe.txt").read_text().splitlines()
+    assert seen == ["add_key denied", "keyctl denied", "unshare denied", "userns denied",
+                    "threads work", "done"], seen

@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import stat
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -544,6 +545,52 @@ def bwrap_argv(tools: Tools, paths: SessionPaths, *, session_id: str, uid: int, 
     return argv
 
 
+# -- the system-call filter (bwrap --seccomp) ------------------------------------------------------------
+# What the kernel shares between sessions in spite of their namespaces, refused with EPERM:
+# - its keyrings (add_key, keyctl, request_key): a key in a uid's user keyring outlives every process of the
+#   uid, so the next session given the uid (another org's) found what the last one left there;
+# - new user namespaces (unshare or clone with CLONE_NEWUSER): no use to a session, and in one it has every
+#   capability over a fresh namespace, the kernel's attack surface that container runtimes close too.
+# clone3 answers ENOSYS (its flags are in memory a filter cannot read): the C library then uses clone.
+# System calls of an ABI without a table below (x32, an unknown one) are refused the same way.
+_BPF_LD_W_ABS, _BPF_JEQ, _BPF_JGE, _BPF_JSET, _BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
+_SECCOMP_ALLOW, _SECCOMP_ERRNO = 0x7FFF0000, 0x00050000
+_EPERM, _ENOSYS = 1, 38
+_CLONE_NEWUSER = 0x10000000
+_X32_SYSCALL_BIT = 0x40000000
+# AUDIT_ARCH_*: (refused outright, refused with CLONE_NEWUSER in their first argument, clone3)
+SECCOMP_TABLES = {
+    0xC000003E: ((248, 249, 250), (272, 56), 435),  # x86_64: add_key, request_key, keyctl; unshare, clone
+    0x40000003: ((286, 287, 288), (310, 120), 435),  # i386 (int 0x80 on an x86_64 kernel)
+    0xC00000B7: ((217, 218, 219), (97, 220), 435),  # aarch64
+    0x40000028: ((309, 310, 311), (337, 120), 435),  # arm (compat on aarch64)
+}
+
+
+def seccomp_program() -> bytes:
+    """The classic BPF program bwrap's --seccomp loads (struct sock_filter[]), for every ABI in SECCOMP_TABLES."""
+    def op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("=HBBI", code, jt, jf, k)
+
+    nr, arch, arg0 = 0, 4, 16  # offsets in struct seccomp_data (arg0's low half, little endian)
+    denied = op(_BPF_RET, _SECCOMP_ERRNO | _EPERM)
+    program = [op(_BPF_LD_W_ABS, arch)]
+    for audit_arch, (refused, no_newuser, clone3) in SECCOMP_TABLES.items():
+        block = [op(_BPF_LD_W_ABS, nr)]
+        if audit_arch == 0xC000003E:
+            block += [op(_BPF_JGE, _X32_SYSCALL_BIT, 0, 1), op(_BPF_RET, _SECCOMP_ERRNO | _ENOSYS)]
+        for number in refused:
+            block += [op(_BPF_JEQ, number, 0, 1), denied]
+        block += [op(_BPF_JEQ, clone3, 0, 1), op(_BPF_RET, _SECCOMP_ERRNO | _ENOSYS)]
+        for number in no_newuser:
+            block += [op(_BPF_LD_W_ABS, nr), op(_BPF_JEQ, number, 0, 3), op(_BPF_LD_W_ABS, arg0),
+                      op(_BPF_JSET, _CLONE_NEWUSER, 0, 1), denied]
+        block.append(op(_BPF_RET, _SECCOMP_ALLOW))
+        program += [op(_BPF_JEQ, audit_arch, 0, len(block)), *block]
+    program.append(op(_BPF_RET, _SECCOMP_ERRNO | _ENOSYS))
+    return b"".join(program)
+
+
 def command_prefix(uid: int, gid: int, as_root: bool) -> list[str]:
     """What runs the runner as the session's uid, with every capability gone for good (root only)."""
     if not as_root:
@@ -601,7 +648,7 @@ def launcher_plan(*, bwrap: list[str], command: list[str], tools: Tools, relay_p
     return {
         "bwrap": bwrap, "command": command, "slirp4netns": tools.slirp4netns,
         "relay_ports": sorted(set(relay_ports)), "relay_source": relay_source(session_id),
-        "relay_max_connections": relay_max_connections,
+        "relay_max_connections": relay_max_connections, "seccomp": seccomp_program().hex(),
         "egress_allow": list(egress_allow), "cgroup": cgroup_name, "limits": dict(limits),
         "socket": str(paths.socket), "network_ready_file": str(paths.network_ready),
         "fatal_file": str(paths.state / FATAL_NAME),

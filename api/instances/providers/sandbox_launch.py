@@ -381,10 +381,18 @@ async def run(plan: dict[str, Any]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, forward, signum)
+    seccomp = []
+    if plan.get("seccomp"):  # the system calls the session may not make (sandbox.seccomp_program)
+        filter_fd = os.memfd_create("orz-seccomp")
+        os.write(filter_fd, bytes.fromhex(plan["seccomp"]))
+        os.lseek(filter_fd, 0, os.SEEK_SET)
+        seccomp = ["--seccomp", str(filter_fd)]
     bwrap = await asyncio.create_subprocess_exec(
-        *plan["bwrap"], "--info-fd", str(info_w), "--", *plan["command"],
-        pass_fds=(info_w,), start_new_session=True, stdin=asyncio.subprocess.DEVNULL)
+        *plan["bwrap"], "--info-fd", str(info_w), *seccomp, "--", *plan["command"],
+        pass_fds=(info_w, *map(int, seccomp[1:])), start_new_session=True, stdin=asyncio.subprocess.DEVNULL)
     os.close(info_w)
+    for fd in seccomp[1:]:
+        os.close(int(fd))
     servers: list[asyncio.Server] = []
     try:
         info = json.loads(await loop.run_in_executor(None, _read_all, info_r) or b"{}")
