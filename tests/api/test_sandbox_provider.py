@@ -560,8 +560,16 @@ echo done
 
 async def test_a_session_leaves_nothing_in_the_kernel_for_the_next_owner_of_its_uid(
         provider: LocalProvider, make_repo, fake_api: FakeApi, gateway_key) -> None:
-    await provider.create(compute_spec("sbx-k", fake_api, gateway_key, make_repo(config(KERNEL_PROBE))))
+    state = await provider.create(compute_spec("sbx-k", fake_api, gateway_key, make_repo(config(KERNEL_PROBE))))
     await started(provider, fake_api, "sbx-k")
     seen = (provider.session_dir("sbx-k") / "workspace" / "probe.txt").read_text().splitlines()
     assert seen == ["add_key denied", "keyctl denied", "unshare denied", "userns denied",
                     "threads work", "done"], seen
+    # slirp4netns parses every packet the session sends, as root in the host's network namespace (where
+    # the host's loopback services are): it runs under its own system-call filter too.
+    launcher = state["pid"]
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    slirp = [pid for pid in children if Path(f"/proc/{pid}/comm").read_text().strip() == "slirp4netns"]
+    assert len(slirp) == 1, children
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{slirp[0]}/status").read_text().splitlines())
+    assert status["Seccomp"].strip() == "2", status["Seccomp"]

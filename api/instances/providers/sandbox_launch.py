@@ -415,8 +415,11 @@ async def run(plan: dict[str, Any]) -> int:
             servers.append(await asyncio.start_server(relay_to_host(port, plan.get("relay_source"), slots),
                                                       sock=sock))
         ready_r, ready_w = os.pipe()
+        # It parses every packet the session sends, as root in the host's network namespace: in a mount
+        # namespace of its own with one capability left (--enable-sandbox), under a system-call filter.
         args = [plan["slirp4netns"], "--configure", "--mtu=65520", "--disable-host-loopback",
-                "--enable-sandbox", "--netns-type=path", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}"]
+                "--enable-sandbox", "--enable-seccomp", "--netns-type=path", f"--ready-fd={ready_w}",
+                f"--exit-fd={exit_r}"]
         if join_userns:
             args.append(f"--userns-path=/proc/{child_pid}/ns/user")
         args += [f"/proc/{child_pid}/ns/net", "tap0"]
