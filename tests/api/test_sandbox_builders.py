@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,24 @@ def test_a_data_dir_inside_a_bound_tree_is_covered(tmp_path: Path) -> None:
                       as_root=True, extra_ro=[checkout], hidden=[checkout / "data"])
     assert argv.index(str(checkout / "data")) > argv.index(str(checkout))
     assert argv[argv.index(str(checkout / "data")) - 1] == "--tmpfs"
+
+
+def test_a_data_dir_under_a_system_directory_is_covered_too() -> None:
+    """/opt, /etc and /usr are shown read-only whole: a data dir an operator keeps there (/opt/orzbob) was
+    shown with them, its database readable by every session unless its mode said otherwise."""
+    try:
+        opt = Path(tempfile.mkdtemp(prefix="orz-test-", dir="/opt"))
+    except OSError:
+        pytest.skip("cannot make a directory under /opt here")
+    try:
+        data = opt / "data"
+        data.mkdir()
+        argv = bwrap_argv(TOOLS, SessionPaths(data / "sessions" / "s"), session_id="s", uid=1, gid=1,
+                          as_root=True, extra_ro=[], hidden=[data])
+        assert str(data) in argv and argv[argv.index(str(data)) - 1] == "--tmpfs"
+        assert argv.index(str(data)) > argv.index("/opt")  # over the system directory's bind, not under it
+    finally:
+        shutil.rmtree(opt)
 
 
 def test_limits_follow_the_tier() -> None:

@@ -535,8 +535,8 @@ def bwrap_argv(tools: Tools, paths: SessionPaths, *, session_id: str, uid: int, 
         argv += [*_parents(root, made, bound), "--ro-bind", str(root), str(root)]
         bound.append(root)
     for path in hidden:
-        # A data dir inside a bound tree (a checkout holding its own data dir) shows up empty.
-        if any(Path(path).is_relative_to(root) for root in extra_ro) and Path(path).is_dir():
+        # A data dir inside a bound tree (a checkout holding its own data dir, /opt/orzbob) shows up empty.
+        if any(Path(path).is_relative_to(root) for root in bound) and Path(path).is_dir():
             argv += ["--tmpfs", str(path)]
     for path in paths.writable():
         argv += [*_parents(path, made, []), "--bind", str(path), str(path)]
