@@ -7,6 +7,7 @@ import base64
 import contextlib
 import logging
 import os
+import re
 import signal
 import stat
 from collections.abc import Mapping, Sequence
@@ -155,8 +156,28 @@ async def _git(args: Sequence[str], env: Mapping[str, str], *, what: str, token:
         raise CloneError(f"{what} timed out") from None
     if proc.returncode != 0:
         reason = _redact(_git_reason(err.decode("utf-8", "replace")) or f"exit status {proc.returncode}", token)
+        if _unreachable(reason):
+            # The session's events show the user one sentence for every way of not reaching the host: git's
+            # own (no such name, refused, timed out, a TLS name mismatch) told apart names and ports of the
+            # operator's network. The runner's log keeps git's line.
+            log.warning("%s failed: %s", what, reason)
+            reason = UNREACHABLE
         raise CloneError(f"{what} failed: {reason}")
     return out.decode("utf-8", "replace").strip()
+
+
+UNREACHABLE = "could not reach the repository's host (check repo_url: it must be a public git server)"
+# git's (curl's, ssh's) words for failing before any git server answered: name look-up, connection, TLS.
+_NETWORK_FAILURE = re.compile(
+    r"resolve host|resolve hostname|look ?up|unable to connect|failed to connect|couldn't connect|connection "
+    r"(refused|reset|timed out|closed)|timed out|no route to host|unreachable|\bssl\b|\btls\b|certificate|"
+    r"gnutls|handshake|empty reply|recv failure|send failure|kex_exchange|host key verification|proxy",
+    re.IGNORECASE)
+
+
+def _unreachable(reason: str) -> bool:
+    """Whether git's line says the host was not reached (quoted URLs left out: a path may say anything)."""
+    return bool(_NETWORK_FAILURE.search(re.sub(r"'[^']*'", "''", reason)))
 
 
 # What git prints after any failed fetch, whatever the cause: it says nothing about this failure.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import re
 import socket
 from collections.abc import Awaitable, Callable
@@ -19,12 +20,16 @@ from urllib.parse import unquote, urlsplit
 from api.errors import ValidationFailed
 from api.settings import Settings
 
+log = logging.getLogger(__name__)
+
 Resolver = Callable[[str], Awaitable[list[str]]]
 RESOLVE_TIMEOUT_S = 3.0
 _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@(?P<host>[A-Za-z0-9.-]+):")
 
-HOST_REFUSED = ("repo_url points to a loopback, link-local or private address; "
-                "an admin can allow the host with ORZ_REPO_ALLOW_HOSTS")
+# One sentence whatever the host resolved to (the server's log says): it tells no one what the operator's
+# DNS knows.
+HOST_REFUSED = ("repo_url must point to a public git server (an admin can allow other hosts with "
+                "ORZ_REPO_ALLOW_HOSTS)")
 FILE_REFUSED = ("file:// repositories are allowed only from the directories an admin names in "
                 "ORZ_REPO_FILE_DIRS, and never from the server's data directory")
 
@@ -110,8 +115,11 @@ async def check_repo_url(url: str, settings: Settings, resolve: Resolver = syste
     if path is not None:
         check_file_url(path, settings)
         return
-    _addresses, ok = await checked_addresses(repo_host(url) or "", settings.repo_allowed_hosts(), resolve)
+    host = repo_host(url) or ""
+    addresses, ok = await checked_addresses(host, settings.repo_allowed_hosts(), resolve)
     if not ok:
+        log.info("repo_url host %s refused: it resolves to %s, not all public", host, ", ".join(addresses),
+                 extra={"event": "repo_url_refused"})
         raise RepoUrlRefused(HOST_REFUSED)
 
 

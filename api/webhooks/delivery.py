@@ -262,8 +262,10 @@ class Deliverer:
         try:
             target = await policy.check(c.url, self.settings, self.resolve)
         except policy.WebhookUrlRefused as exc:
-            # An unresolvable name may resolve later; a refused address stays refused.
-            return Outcome(error=exc.detail, retry="does not resolve" in exc.detail)
+            # Retried whatever the reason (an unresolvable name may resolve later): a private address that
+            # failed at once while an unknown name was retried told the owner which names the server's DNS
+            # knows. Nothing is connected to; the next attempt checks again.
+            return Outcome(error=exc.detail, retry=True)
         try:
             secret = self.box.open(c.sealed, binding(c.org_id, c.webhook_id)).decode()
         except SecretsKeyError as exc:

@@ -2,11 +2,17 @@
 
 Checked when the webhook is created and again before every attempt, whose connection then goes to the
 addresses that were checked (a name that resolves elsewhere by the time of sending is not followed).
+
+Every refusal that depends on the network or the operator's settings (a private address, a name that does
+not resolve, plain http to a host not allowed, this server's own doors) reads the same, REFUSED: the
+answer must not tell a caller which names the operator's DNS knows or where they point. The reason is
+logged (host and port, never the URL, whose path may be a secret).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -14,18 +20,26 @@ from api.errors import ValidationFailed
 from api.instances import repo_policy
 from api.settings import Settings
 
-HOST_REFUSED = ("the webhook URL points to a loopback, link-local or private address; an admin can allow "
-                "the host with ORZ_WEBHOOK_ALLOW_HOSTS")
-HTTPS_REQUIRED = ("the webhook URL must be https:// (plain http only to hosts an admin allows with "
-                  "ORZ_WEBHOOK_ALLOW_HOSTS)")
+log = logging.getLogger(__name__)
 
+REFUSED = ("cannot deliver to this URL: it must be a public https:// address (an admin can allow other hosts "
+           "with ORZ_WEBHOOK_ALLOW_HOSTS)")
 
-SELF_REFUSED = ("the webhook URL points to this server itself ({setting} is {url}): a webhook must not make "
-                "the server POST to its own API or web door")
+# Why a URL was refused, for the server's log only.
+PLAIN_HTTP = "plain http to a host not allowed"
+NOT_PUBLIC = "a loopback, link-local or private address"
+UNRESOLVED = "the host does not resolve"
+SELF = "this server itself ({setting} is {url})"
 
 
 class WebhookUrlRefused(ValidationFailed):
     code = "webhook_url_refused"
+
+
+def _refused(host: str, port: int, reason: str) -> WebhookUrlRefused:
+    log.info("webhook URL to %s port %d refused: %s", host, port, reason,
+             extra={"event": "webhook_url_refused", "reason": reason})
+    return WebhookUrlRefused(REFUSED)
 
 
 @dataclass(frozen=True)
@@ -66,9 +80,10 @@ def parse(url: str, settings: Settings) -> tuple[str, str, int]:
         raise WebhookUrlRefused("the webhook URL must be an https:// URL with a host")
     if parts.username is not None or parts.password is not None:
         raise WebhookUrlRefused("the webhook URL must not carry a user name or password")
+    port = port or (443 if parts.scheme == "https" else 80)
     if parts.scheme == "http" and not _allowed_host(host, settings.webhook_allowed_hosts()):
-        raise WebhookUrlRefused(HTTPS_REQUIRED)
-    return parts.scheme, host, port or (443 if parts.scheme == "https" else 80)
+        raise _refused(host, port, PLAIN_HTTP)
+    return parts.scheme, host, port
 
 
 async def check(url: str, settings: Settings, resolve: repo_policy.Resolver = repo_policy.system_resolver
@@ -76,14 +91,14 @@ async def check(url: str, settings: Settings, resolve: repo_policy.Resolver = re
     """The URL's target with the addresses it may connect to; WebhookUrlRefused when the rule says no.
 
     A host that does not resolve is refused too (at creation a typo; at delivery time the attempt fails
-    and is retried)."""
+    and is retried, like every refused attempt). Each refusal reads the same (REFUSED)."""
     scheme, host, port = parse(url, settings)
     addresses, ok = await repo_policy.checked_addresses(host, settings.webhook_allowed_hosts(), resolve)
     await _refuse_self(host, port, addresses, settings, resolve)
     if not ok:
-        raise WebhookUrlRefused(HOST_REFUSED)
+        raise _refused(host, port, NOT_PUBLIC)
     if not addresses:
-        raise WebhookUrlRefused(f"the webhook URL's host {host} does not resolve")
+        raise _refused(host, port, UNRESOLVED)
     return Target(scheme, host, port, addresses)
 
 
@@ -119,4 +134,4 @@ async def _refuse_self(host: str, port: int, addresses: list[str], settings: Set
             own_addresses, _ = await repo_policy.checked_addresses(own_host, (), resolve)
             if not mine & {_same_address(a) for a in own_addresses}:
                 continue
-        raise WebhookUrlRefused(SELF_REFUSED.format(setting=setting, url=url))
+        raise _refused(host, port, SELF.format(setting=setting, url=url))

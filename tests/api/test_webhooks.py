@@ -230,12 +230,12 @@ async def test_the_secret_is_shown_once_and_only_to_its_owner(
 
 
 @pytest.mark.parametrize(("url", "says"), [
-    ("https://10.1.2.3/hook", "private address"),
-    ("https://[::1]:8443/hook", "private address"),
-    ("https://127.0.0.2/hook", "private address"),  # loopback, but not the allowed 127.0.0.1
-    ("https://169.254.169.254/latest", "private address"),
-    ("https://[64:ff9b::a9fe:a9fe]/latest", "private address"),  # the metadata service through NAT64
-    ("http://hooks.slack.com/services/x", "must be https"),
+    ("https://10.1.2.3/hook", policy.REFUSED),
+    ("https://[::1]:8443/hook", policy.REFUSED),
+    ("https://127.0.0.2/hook", policy.REFUSED),  # loopback, but not the allowed 127.0.0.1
+    ("https://169.254.169.254/latest", policy.REFUSED),
+    ("https://[64:ff9b::a9fe:a9fe]/latest", policy.REFUSED),  # the metadata service through NAT64
+    ("http://hooks.slack.com/services/x", policy.REFUSED),
     ("ftp://example.com/x", "https:// URL"),
     ("https://user:pw@example.com/x", "user name or password"),
 ])
@@ -249,13 +249,14 @@ async def test_webhook_urls_follow_the_private_address_rule(app: Sanic, sessions
 
 
 async def _deliver_after_rebinding(settings: Settings, sessions: Sessions, receiver: Receiver,
-                                   answers: dict[str, list[str]], later: list[str]) -> WebhookDelivery:
+                                   answers: dict[str, list[str]], later: list[str], org: str = "acme"
+                                   ) -> WebhookDelivery:
     """A webhook to hooks.example.com made while DNS (the ``answers`` table) says one thing, then a test
     delivery once it answers ``later``: the delivery's row."""
     async def resolve(host: str) -> list[str]:
         return answers.get(host, [])
 
-    who = await principal(sessions, "acme")
+    who = await principal(sessions, org)
     box = SecretsBox.from_settings(settings)
     d = Deliverer(settings, sessions, box, resolve=resolve)
     svc = WebhookService(settings, sessions, box, d, resolve=resolve)
@@ -272,7 +273,47 @@ async def test_a_name_that_rebinds_to_a_private_address_is_refused_at_delivery(
     """The table stands in for DNS that answered a public address at creation and a private one later."""
     row = await _deliver_after_rebinding(settings, sessions, receiver, {"hooks.example.com": ["93.184.216.34"]},
                                          ["10.0.0.7"])
-    assert row.state == "failed" and row.attempts == 1 and "private address" in (row.last_error or "")
+    assert (row.state, row.attempts, row.last_error) == ("pending", 1, policy.REFUSED)  # checked again next time
+    assert receiver.got == []
+
+
+async def test_refusals_do_not_tell_internal_names_from_unknown_ones(
+        settings: Settings, sessions: Sessions, caplog: pytest.LogCaptureFixture) -> None:
+    """An oracle for the operator's network, closed: a name the server's DNS maps to a private address, a name
+    it does not know, a private address, plain http and the server's own (internal) door answer alike; the
+    server's log keeps which it was."""
+    async def resolve(host: str) -> list[str]:
+        return {"db.corp.internal": ["10.9.8.7"], "hooks.example.com": ["93.184.216.35"]}.get(host, [])
+
+    caplog.set_level(logging.INFO, logger="api.webhooks.policy")
+    settings = settings.model_copy(update={"internal_api_url": "http://127.0.0.1:9"})  # loopback http is allowed
+    box = SecretsBox.from_settings(settings)
+    d = Deliverer(settings, sessions, box, resolve=resolve)
+    svc = WebhookService(settings, sessions, box, d, resolve=resolve)
+    who = await principal(sessions, "acme")
+    answers = []
+    for url in ("https://db.corp.internal/x", "https://no-such-name.corp.internal/x", "https://10.20.30.40/x",
+                "http://hooks.example.com/x", f"{settings.internal_api_url}/v1/x"):
+        with pytest.raises(policy.WebhookUrlRefused) as refused:
+            await svc.create(who, schemas.WebhookCreate(url=url))
+        answers.append(refused.value.to_problem())
+    await d.stop()
+    assert answers == [answers[0]] * 5 and answers[0]["detail"] == policy.REFUSED
+    reasons = [r.__dict__.get("reason") for r in caplog.records if r.__dict__.get("event") == "webhook_url_refused"]
+    assert reasons[:4] == [policy.NOT_PUBLIC, policy.UNRESOLVED, policy.NOT_PUBLIC, policy.PLAIN_HTTP], reasons
+    assert reasons[4].startswith("this server itself (ORZ_INTERNAL_API_URL"), reasons
+
+
+async def test_at_delivery_an_unknown_name_and_an_internal_one_fail_alike(
+        settings: Settings, sessions: Sessions, receiver: Receiver) -> None:
+    """A name rebound (a CNAME, say) to an internal name and one to nothing: the owner's delivery log reads the
+    same, retried alike."""
+    rows = []
+    for org, later in (("acme", ["10.0.0.7"]), ("globex", [])):
+        row = await _deliver_after_rebinding(settings, sessions, receiver,
+                                             {"hooks.example.com": ["93.184.216.34"]}, later, org)
+        rows.append((row.state, row.attempts, row.last_error, row.next_attempt_at is not None))
+    assert rows[0] == rows[1], rows
     assert receiver.got == []
 
 
@@ -284,8 +325,7 @@ async def test_a_webhook_to_the_servers_own_api_is_refused(app: Sanic, sessions:
     _, resp = await app.asgi_client.post("/v1/webhooks", json={"url": f"{own}/v1/instances"}, headers=t.headers)
     assert resp.status == 422, resp.text
     assert resp.headers["content-type"].startswith("application/problem+json")
-    assert resp.json["code"] == "webhook_url_refused"
-    assert resp.json["detail"].startswith(f"the webhook URL points to this server itself (ORZ_PUBLIC_API_URL is {own})")
+    assert resp.json["code"] == "webhook_url_refused" and resp.json["detail"] == policy.REFUSED
     # Another port on the same address is someone else: allowed.
     other = f"http://127.0.0.1:{settings.api_port + 1}/x"
     _, resp = await app.asgi_client.post("/v1/webhooks", json={"url": other}, headers=t.headers)
@@ -304,8 +344,10 @@ PUBLIC = {"orz.example.com": ["93.184.216.34"], "alias.example.net": ["::ffff:93
     ("https://orz.example.com:8443/s/x", "ORZ_PUBLIC_WEB_URL"),
     (None, None),  # hooks.example.com: someone else
 ])
-async def test_the_servers_public_names_and_addresses_are_refused(settings: Settings, sessions: Sessions,
-                                                                  url: str | None, setting: str | None) -> None:
+async def test_the_servers_public_names_and_addresses_are_refused(
+        settings: Settings, sessions: Sessions, url: str | None, setting: str | None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="api.webhooks.policy")
     own = settings.model_copy(update={"public_api_url": "https://orz.example.com",
                                       "public_web_url": "wss://orz.example.com:8443"})
 
@@ -324,7 +366,8 @@ async def test_the_servers_public_names_and_addresses_are_refused(settings: Sett
             await svc.create(who, schemas.WebhookCreate(url=url))
     finally:
         await d.stop()
-    assert f"points to this server itself ({setting} is " in refused.value.detail
+    assert refused.value.detail == policy.REFUSED
+    assert f"this server itself ({setting} is " in caplog.text  # the server's log says which door
 
 
 async def test_a_name_that_rebinds_to_the_server_itself_is_refused_at_delivery(
@@ -332,8 +375,7 @@ async def test_a_name_that_rebinds_to_the_server_itself_is_refused_at_delivery(
     """DNS answered someone else's address at creation and the server's own public address later."""
     own = settings.model_copy(update={"public_api_url": f"https://orz.example.com:{receiver.port}"})
     row = await _deliver_after_rebinding(own, sessions, receiver, dict(PUBLIC), PUBLIC["orz.example.com"])
-    assert row.state == "failed" and row.attempts == 1, (row.state, row.attempts, row.last_error)
-    assert "points to this server itself (ORZ_PUBLIC_API_URL" in (row.last_error or "")
+    assert (row.state, row.attempts, row.last_error) == ("pending", 1, policy.REFUSED)
     assert receiver.got == []
 
 

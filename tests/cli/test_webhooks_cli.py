@@ -58,13 +58,13 @@ def test_add_test_log_list_rm(orz: Orz, live_api: LiveApi, logged_in: Tenant, re
 
 def test_a_private_or_plain_http_url_is_one_readable_error(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
     refused = orz("cloud", "webhook", "add", "https://192.168.1.10/hook")
-    assert_one_error_line(refused, "private address", "ORZ_WEBHOOK_ALLOW_HOSTS")
+    assert_one_error_line(refused, "public https:// address", "ORZ_WEBHOOK_ALLOW_HOSTS")
     plain = orz("cloud", "webhook", "add", "http://example.com/hook")
-    assert_one_error_line(plain, "must be https")
+    assert_one_error_line(plain, "public https:// address")
     too_long = orz("cloud", "webhook", "add", "https://example.com/" + "x" * 2100)  # refused before the API
     assert_one_error_line(too_long, "invalid webhook url")
     # Bad input, as a --repo the API refuses: exit 2 (docs/cli.md), not 1 (a failure worth retrying).
     bad_repo = orz("cloud", "new", "--no-attach", "--repo", "https://192.168.1.10/app.git")
-    assert_one_error_line(bad_repo, "private address")
+    assert_one_error_line(bad_repo, "public git server", "ORZ_REPO_ALLOW_HOSTS")
     assert (refused.returncode, plain.returncode, too_long.returncode, bad_repo.returncode) == (2, 2, 2, 2)
     assert "no webhooks" in orz("cloud", "webhook", "list").stdout

@@ -139,3 +139,49 @@ def test_an_init_log_the_session_made_a_fifo_does_not_stop_its_next_start(tmp_pa
     log_path.unlink()
     log_path.symlink_to(target)
     assert workspace.mark_start(log_path, datetime.now(UTC)) == 0 and target.read_text() == "KEY\n"
+
+
+async def test_clone_errors_do_not_tell_the_hosts_network_apart(
+        make_repo: MakeRepo, short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No such name, nothing listening, something listening that is no git server (TLS fails), over https, ssh
+    and git://: the session's error reads the same for each, not as a probe of the operator's network; the
+    runner's log keeps git's line. A git server's own answer (no such branch) is still told."""
+    import socket
+    import threading
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+
+    def answer_garbage() -> None:
+        while True:
+            try:
+                conn, _ = listening.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nnot tls\r\n")
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    open_port = listening.getsockname()[1]
+    urls = ["https://no-such-host.invalid/a.git", f"https://127.0.0.1:{closed}/a.git",
+            f"https://127.0.0.1:{open_port}/a.git", f"ssh://git@127.0.0.1:{closed}/a.git",
+            "git@no-such-host.invalid:a/b.git", f"git://127.0.0.1:{closed}/a"]
+    env = {**ENV, "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes"}
+    reasons = []
+    try:
+        for i, url in enumerate(urls):
+            with pytest.raises(CloneError) as caught:
+                await clone(url, None, short_tmp / f"ws{i}", env=env)
+            reasons.append(str(caught.value).split(" failed: ", 1)[1])
+    finally:
+        listening.close()
+    assert reasons == [workspace.UNREACHABLE] * len(urls), reasons
+    logged = caplog.text
+    assert "Could not resolve host" in logged and "Connection refused" in logged
+    with pytest.raises(CloneError) as caught:
+        await clone(make_repo({"README": "x"}), "nope", short_tmp / "ws", env=ENV)
+    assert workspace.UNREACHABLE not in str(caught.value) and "nope" in str(caught.value)
