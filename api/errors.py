@@ -150,6 +150,15 @@ class TooManyAttempts(OrzError):
         self.retry_after_s = max(1, retry_after_s)
 
 
+class TooManyConnections(OrzError):
+    """One client address has its cap's worth of connections open (ORZ_API_CONNECTIONS_PER_ADDRESS); answered
+    by the listener itself (api/serve.py), before any request is read."""
+
+    status = 429
+    code = "too_many_connections"
+    title = "Too Many Connections"
+
+
 class ClientClosedRequest(OrzError):
     """The client hung up before the answer (nginx's 499): nothing is sent, and it is not our error."""
 

@@ -133,6 +133,10 @@ SESSION_REAPS = Counter(
     "orz_session_reaps_total", "Lifecycle actions of the idle reaper (idle_stop, unhealthy, heartbeat_fail, "
     "retention_delete)", ["action"], registry=REGISTRY,
 )
+API_CONNECTIONS_REFUSED = Counter(
+    "orz_api_connections_refused_total", "API connections refused at once: their address had "
+    "ORZ_API_CONNECTIONS_PER_ADDRESS open already", registry=REGISTRY,
+)
 WEBHOOK_ATTEMPTS = Counter(
     "orz_webhook_attempts_total", "Webhook delivery attempts by outcome (delivered, retry, failed)", ["result"],
     registry=REGISTRY,

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import socket
+from collections import Counter
+from typing import Any
 
 from sanic import Sanic
 from sanic.server.async_server import AsyncioServer
+from sanic.server.protocols.http_protocol import HttpProtocol
+from sanic.server.protocols.websocket_protocol import WebSocketProtocol
 
 from api import metrics
+from api.addresses import Network, limit_key, within
+from api.errors import TooManyConnections
+from api.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A refused connection is answered, then given this long to read it and hang up before it is cut.
+REFUSED_LINGER_S = 5.0
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -17,11 +31,109 @@ def listen(host: str, port: int) -> socket.socket:
                                 reuse_port=False, backlog=1024)
 
 
+class ConnectionCap:
+    """Open connections per client address (an IPv6 one by its /64: api/addresses.py) on one listener.
+
+    One address holding thousands of idle keep-alive connections spends the file descriptors and memory
+    every other client of this process shares. ``per_address`` 0: no cap. Peers in ``exempt`` (the
+    trusted proxies: an ingress carries everyone's requests) are never capped."""
+
+    def __init__(self, per_address: int, exempt: tuple[Network, ...] = ()) -> None:
+        self.per_address = per_address
+        self.exempt = exempt
+        self._open: Counter[str] = Counter()
+
+    def take(self, peer: str) -> str | None:
+        """The key the connection counts under, or None when ``peer`` has its cap's worth open already."""
+        key = limit_key(peer)
+        if self.per_address and not within(peer, self.exempt) and self._open[key] >= self.per_address:
+            return None
+        self._open[key] += 1
+        return key
+
+    def give_back(self, key: str) -> None:
+        self._open[key] -= 1
+        if self._open[key] <= 0:
+            del self._open[key]
+
+    def open(self, peer: str) -> int:
+        return self._open[limit_key(peer)]
+
+    def refusal(self) -> bytes:
+        """A complete HTTP/1.1 429 problem+json answer that closes the connection."""
+        problem = TooManyConnections(
+            f"too many connections from your address ({self.per_address} open at once, the most one address "
+            "may have); close some and try again").to_problem()
+        body = json.dumps(problem).encode()
+        return (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/problem+json\r\n"
+                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode() +
+                b"\r\n\r\n" + body)
+
+
+def capped_protocol(base: type[HttpProtocol], cap: ConnectionCap) -> type[HttpProtocol]:
+    """``base`` (Sanic's protocol) counting each connection under ``cap``; one over it is answered 429 at once,
+    before any request is read, and closed."""
+
+    class Capped(base):  # type: ignore[valid-type,misc]
+        __slots__ = ("_cap_key", "_refused")  # Sanic's protocols have slots
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._cap_key: str | None = None
+            self._refused: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            key = cap.take(address) if address else ""
+            if key is None:
+                metrics.API_CONNECTIONS_REFUSED.inc()
+                log.warning("connection from %s refused: %d open already", address, cap.per_address,
+                            extra={"event": "api_connection_refused"})
+                self.transport = transport
+                transport.write(cap.refusal())
+                # Read what the client sends (and drop it) until it hangs up: closing with its request unread
+                # would reset the connection, and the client might never see the answer.
+                if transport.can_write_eof():
+                    transport.write_eof()
+                self._refused = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.abort)
+                return
+            self._cap_key = key or None
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused is None:
+                super().data_received(data)
+
+        def eof_received(self) -> bool | None:
+            if self._refused is not None:
+                return False  # close
+            return super().eof_received()  # type: ignore[no-any-return]
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._refused is not None:
+                self._refused.cancel()
+                return
+            if self._cap_key is not None:
+                cap.give_back(self._cap_key)
+                self._cap_key = None
+            super().connection_lost(exc)
+
+    Capped.__name__ = Capped.__qualname__ = f"Capped{base.__name__}"
+    return Capped
+
+
+def api_connection_cap(settings: Settings) -> ConnectionCap:
+    """The API listener's cap, from ORZ_API_CONNECTIONS_PER_ADDRESS; the trusted proxies are exempt."""
+    return ConnectionCap(settings.api_connections_per_address, settings.api_proxies())
+
+
 class ApiServer:
     """A started API listener; ``port`` is the real one when 0 was asked for."""
 
-    def __init__(self, app: Sanic, server: AsyncioServer) -> None:
+    def __init__(self, app: Sanic, server: AsyncioServer, cap: ConnectionCap | None = None) -> None:
         self.app = app
+        self.cap = cap
         self._server = server
         self._task: asyncio.Task[None] | None = None
 
@@ -31,18 +143,23 @@ class ApiServer:
         return int(sock.getsockname()[1])
 
     @classmethod
-    async def start(cls, app: Sanic, host: str, port: int, *, sock: socket.socket | None = None) -> ApiServer:
-        """Listen on host:port, or on ``sock``, a listening socket shared with other workers (`orz api --workers`)."""
+    async def start(cls, app: Sanic, host: str, port: int, *, sock: socket.socket | None = None,
+                    cap: ConnectionCap | None = None) -> ApiServer:
+        """Listen on host:port, or on ``sock``, a listening socket shared with other workers (`orz api --workers`).
+        ``cap``: open connections per client address (ORZ_API_CONNECTIONS_PER_ADDRESS)."""
         if sock is None:
             sock = listen(host, port)
         sock.setblocking(False)
-        server = await app.create_server(sock=sock, return_asyncio_server=True, access_log=False)
+        protocol = None
+        if cap is not None and cap.per_address:
+            protocol = capped_protocol(WebSocketProtocol if app.websocket_enabled else HttpProtocol, cap)
+        server = await app.create_server(sock=sock, return_asyncio_server=True, access_log=False, protocol=protocol)
         assert server is not None
         await server.startup()
         await server.before_start()
         await server.after_start()
         metrics.count_tasks(asyncio.get_running_loop())
-        return cls(app, server)
+        return cls(app, server, cap)
 
     async def stop(self) -> None:
         await self._server.before_stop()

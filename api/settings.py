@@ -254,6 +254,11 @@ class Settings(BaseSettings):
     api_trusted_proxies: str = option("api", "", "comma-separated addresses or CIDRs of the proxies (ingress) in "
                                       "front of the API; only from these is X-Forwarded-For believed, so the sign-in "
                                       "limit counts the client's address, not the proxy's")
+    api_connections_per_address: int = option("api", 256, "connections one client address (an IPv6 one by its "
+                                              "/64) may hold open to the API's port at once, per API process; one "
+                                              "more is answered 429 `too_many_connections` and closed. The "
+                                              "addresses of `ORZ_API_TRUSTED_PROXIES` are not capped (list the "
+                                              "ingress there). 0: no cap", ge=0)
 
     # Sessions
     provider: ProviderName = option("sessions", "local", "where sessions run: `local` processes, `kubernetes` "

@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from api import admin
 from api.app import create_app, create_metrics_app
 from api.db import migrate
-from api.serve import ApiServer
+from api.serve import ApiServer, api_connection_cap
 from api.settings import Settings
 from cli.config import Credentials, load_credentials, save_credentials, token_path
 from cli.errors import CliError
@@ -162,7 +162,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     await migrate.migrate(settings.database_url, wait_s=settings.db_wait_s)
 
     app = create_app(settings)
-    api = await ApiServer.start(app, settings.api_host, settings.api_port)
+    api = await ApiServer.start(app, settings.api_host, settings.api_port, cap=api_connection_cap(settings))
     if settings.api_port == 0:
         url = f"http://{_client_host(settings.api_host)}:{api.port}"
         bound_url: dict[str, Any] = {"api_port": api.port, "public_api_url": url}

@@ -104,11 +104,12 @@ def api_cmd(host: str | None, port: int | None, workers: int | None, worker_sock
         import socket
 
         from api.app import create_app, create_metrics_app
-        from api.serve import ApiServer
+        from api.serve import ApiServer, api_connection_cap
 
         app = create_app(settings)
         shared = socket.socket(fileno=worker_socket) if worker_socket is not None else None
-        server = await ApiServer.start(app, settings.api_host, settings.api_port, sock=shared)
+        server = await ApiServer.start(app, settings.api_host, settings.api_port, sock=shared,
+                                       cap=api_connection_cap(settings))
         metrics = None
         if worker_metrics_socket is not None:  # the one worker that answers for all (api/metrics.py sums them)
             metrics = await ApiServer.start(create_metrics_app(app), settings.api_host, 0,

@@ -1,0 +1,110 @@
+"""The API's own port caps open connections per client address (ORZ_API_CONNECTIONS_PER_ADDRESS): real
+sockets to a real listener; one over the cap is answered 429 problem+json and closed, the others go on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from sanic import Sanic
+
+from api import metrics
+from api.addresses import Network
+from api.serve import ApiServer, ConnectionCap, api_connection_cap
+from api.settings import Settings
+
+pytestmark = pytest.mark.timeout(60)
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+async def kept_alive(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that has had one answer and stays open (keep-alive), as a browser's or CLI's does."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(HEALTH)
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 10)
+    assert status.split()[1] == b"200", status
+    while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b""):
+        pass
+    return reader, writer
+
+
+async def refused_answer(port: int) -> bytes:
+    """Everything the server sends a new connection that asks nothing, up to its close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def until(check, what: str) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(what)
+
+
+async def serve(app: Sanic, per_address: int, exempt: tuple[Network, ...] = ()) -> ApiServer:
+    return await ApiServer.start(app, "127.0.0.1", 0, cap=ConnectionCap(per_address, exempt))
+
+
+async def test_one_address_beyond_the_cap_is_answered_429_and_closed(app: Sanic) -> None:
+    server = await serve(app, 3)
+    assert server.cap is not None
+    held = []
+    refused_before = metrics.REGISTRY.get_sample_value("orz_api_connections_refused_total") or 0.0
+    try:
+        held = [await kept_alive(server.port) for _ in range(3)]
+        answer = await refused_answer(server.port)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 429 "), answer
+        assert b"content-type: application/problem+json" in head.lower()
+        problem = json.loads(body)
+        assert problem["code"] == "too_many_connections" and problem["status"] == 429
+        assert "too many connections from your address" in problem["detail"]
+        # An ordinary client sending its request at once reads the same answer, not a reset connection.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+            resp = await http.get("/healthz")
+        assert resp.status_code == 429 and resp.json()["code"] == "too_many_connections"
+        assert (metrics.REGISTRY.get_sample_value("orz_api_connections_refused_total") or 0) == refused_before + 2
+        # The connections already open keep being served.
+        reader, writer = held[0]
+        writer.write(HEALTH)
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 10)).split()[1] == b"200"
+        # One closes: its place is free again.
+        held[1][1].close()
+        await until(lambda: server.cap.open("127.0.0.1") == 2, "the closed connection still counts")
+        held[1] = await kept_alive(server.port)
+    finally:
+        for _, writer in held:
+            writer.close()
+        await server.stop()
+
+
+async def test_the_trusted_proxies_are_not_capped(app: Sanic, settings: Settings) -> None:
+    """An ingress carries everyone's requests from its own address."""
+    cap = api_connection_cap(settings.model_copy(update={"api_connections_per_address": 2,
+                                                         "api_trusted_proxies": "127.0.0.0/8"}))
+    assert cap.per_address == 2
+    server = await ApiServer.start(app, "127.0.0.1", 0, cap=cap)
+    held = []
+    try:
+        held = [await kept_alive(server.port) for _ in range(4)]
+    finally:
+        for _, writer in held:
+            writer.close()
+        await server.stop()
+
+
+def test_an_ipv6_client_counts_by_its_64() -> None:
+    cap = ConnectionCap(2)
+    assert cap.take("2001:db8:1:2::1") and cap.take("2001:db8:1:2:ffff::9")
+    assert cap.take("2001:db8:1:2::77") is None  # the same /64: one client
+    assert cap.take("2001:db8:1:3::1")  # the next /64: someone else
+    assert cap.take("10.0.0.1") and cap.take("::ffff:10.0.0.1") and cap.take("10.0.0.1") is None
