@@ -313,3 +313,18 @@ def test_pvc_size_and_storage_class() -> None:
 def test_builders_are_pure_and_deterministic() -> None:
     spec = make_spec(services=SERVICES, secret_env={"A": "b"})
     assert manifests.build(spec, CONFIG, owner_uid=OWNER) == manifests.build(spec, CONFIG, owner_uid=OWNER)
+
+
+def test_service_images_are_pulled_always_so_the_node_cache_is_no_way_around_credentials() -> None:
+    """A node's image cache is shared: with IfNotPresent a session ran a private image another tenant pulled onto
+    the node with credentials this session lacks. Always makes the kubelet ask the registry each time."""
+    pod = manifests.pod(make_spec(services=SERVICES), ClusterConfig.from_settings(Settings()))
+    validate_strict(pod)
+    runner, *services = pod["spec"]["containers"]
+    assert [c["imagePullPolicy"] for c in services] == ["Always"] * len(SERVICES)
+    assert runner["imagePullPolicy"] == "IfNotPresent"  # the operator's own image
+    # The operator may choose otherwise (an air-gapped mirror, say): a setting, still a valid Pod.
+    relaxed = ClusterConfig.from_settings(Settings(k8s_service_image_pull_policy="IfNotPresent"))
+    pod = manifests.pod(make_spec(services=SERVICES), relaxed)
+    validate_strict(pod)
+    assert {c["imagePullPolicy"] for c in pod["spec"]["containers"][1:]} == {"IfNotPresent"}

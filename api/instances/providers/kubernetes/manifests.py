@@ -61,6 +61,7 @@ class ClusterConfig:
     image_pull_policy: str = "IfNotPresent"
     runner_fast_path: bool = True  # settings.runner_fast_path, passed to each runner in its environment
     service_image_registries: tuple[str, ...] = sidecars.DEFAULT_REGISTRIES  # settings.k8s_service_image_registries
+    service_image_pull_policy: str = "Always"  # settings.k8s_service_image_pull_policy
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClusterConfig:
@@ -73,6 +74,7 @@ class ClusterConfig:
             gateway_namespace_labels=names.parse_selector(settings.k8s_gateway_namespace_selector),
             runner_fast_path=settings.runner_fast_path,
             service_image_registries=settings.service_image_registries(),
+            service_image_pull_policy=settings.k8s_service_image_pull_policy,
         )
 
 
@@ -188,14 +190,15 @@ def runner_spec(spec: ComputeSpec) -> RunnerSpec:
 
 def sidecar_containers(services: sidecars.RawServices, session_id: str, secret_keys: Collection[str],
                        max_services: int = DEFAULT_MAX_SERVICES,
-                       registries: Collection[str] = sidecars.DEFAULT_REGISTRIES) -> list[dict[str, Any]]:
+                       registries: Collection[str] = sidecars.DEFAULT_REGISTRIES,
+                       pull_policy: str = "Always") -> list[dict[str, Any]]:
     """The services as containers beside the runner; ManifestError names .orz/cloud.yaml and the key."""
     source = sidecars.SecretSource(names.secret_name(session_id), frozenset(secret_keys))
     try:
         parsed = sidecars.parse_services(services, reserved_ports=(RUNNER_SSH_PORT,), max_services=max_services,
                                          registries=registries)
         # Sidecar images are the user's choice and may write anywhere in their own filesystem.
-        return [sidecars.container(s, container_security(False), source) for s in parsed]
+        return [sidecars.container(s, container_security(False), source, pull_policy) for s in parsed]
     except sidecars.ServiceError as exc:
         raise ManifestError(f"{CLOUD_CONFIG_PATH}: {exc}") from None
 
@@ -257,7 +260,7 @@ def _runner_container(spec: ComputeSpec, config: ClusterConfig) -> dict[str, Any
 def pod(spec: ComputeSpec, config: ClusterConfig, generation: int = 1,
         owner_uid: str | None = None) -> dict[str, Any]:
     side = sidecar_containers(spec.services, spec.session_id, spec.secret_env, spec.max_services,
-                              config.service_image_registries)
+                              config.service_image_registries, config.service_image_pull_policy)
     runner = _runner_container(spec, config)
     containers = [runner, *side]
     meta = _meta(spec, config, names.pod_name(spec.session_id), "runner", owner_uid)

@@ -198,12 +198,17 @@ def env(service: Service, secret: SecretSource) -> list[dict[str, Any]]:
     return [*(helpers[name] for name in sorted(helpers)), *out]
 
 
-def container(service: Service, security_context: Mapping[str, Any], secret: SecretSource) -> dict[str, Any]:
-    """One sidecar container; the runner reaches it on localhost at its ports."""
+def container(service: Service, security_context: Mapping[str, Any], secret: SecretSource,
+              pull_policy: str = "Always") -> dict[str, Any]:
+    """One sidecar container; the runner reaches it on localhost at its ports.
+
+    ``pull_policy`` Always (ORZ_K8S_SERVICE_IMAGE_PULL_POLICY): a node's image cache is shared by every
+    session on it, and with IfNotPresent a private image pulled there with someone's credentials ran for
+    any session that named it."""
     body: dict[str, Any] = {
         "name": service.label,
         "image": service.image,
-        "imagePullPolicy": "IfNotPresent",
+        "imagePullPolicy": pull_policy,
         "env": env(service, secret),
         "ports": [{"name": f"p{p}", "containerPort": p, "protocol": "TCP"} for p in service.ports],
         "resources": copy.deepcopy(SIDECAR_RESOURCES),
