@@ -26,6 +26,10 @@ a tmpfs here, held by the memory limit), or one container past its own. The Pod 
 (grace period 0) and kept, as Kubernetes keeps it: phase ``Failed``, reason ``Evicted``, the kubelet's
 message, a ``DisruptionTarget`` condition and an ``Evicted`` Event.
 
+No value of a container's environment (the runner token, the session's secrets) is ever on a command line,
+which every local user reads in /proc/<pid>/cmdline: a container gets it from its config file (mode 0600),
+an exec (probes, ``kubectl exec``) through its process environment (``Container.exec``).
+
 What it does not do: pull images (``rehearsal.images`` maps ours to this checkout), enforce CPU limits
 (no CFS quota: a shared CI machine would only get slower), evict for node pressure or by requests (the
 node never runs low), or schedule across nodes (one node).
@@ -74,6 +78,12 @@ HISTORY_PER_POD = 400  # what each Pod's worker remembers for the evidence (rehe
 # Runs before a container's (or an exec's) first process: the shell joins the container's cgroups ("0": the
 # writer itself), then becomes the command; the cgroups' limits hold for everything it starts.
 JOIN_CGROUPS = 'for g in $ORZ_CGROUP_PROCS; do echo 0 > "$g" || exit 125; done; unset ORZ_CGROUP_PROCS; exec "$@"'
+# For an exec into a container: the container's environment comes in this process's own (a command line is
+# world-readable in /proc/<pid>/cmdline, and the environment holds the runner token and the user's secrets);
+# what the shell itself would add (PWD) or the container does not define (ORZ_EXEC_UNSET) goes before nsenter.
+JOIN_CGROUPS_EXEC = ('for g in $ORZ_CGROUP_PROCS; do echo 0 > "$g" || exit 125; done; unset ORZ_CGROUP_PROCS; '
+                     'for v in $ORZ_EXEC_UNSET; do unset "$v"; done; unset ORZ_EXEC_UNSET; exec "$@"')
+NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"
 
 
 class ContainerConfigError(Exception):
@@ -204,14 +214,18 @@ class Container:
         pid = self.init_pid()
         if pid is None:
             return None
-        cmd = ["nsenter", "-t", str(pid), "-m", "-n", "-p", "-r", "-w", "-S", str(self.uid), "-G", str(self.gid),
-               "--", "env", "-i", *(f"{k}={v}" for k, v in self.env.items()), *argv]
-        # In the container's cgroups, as a runtime's exec is: what it allocates counts against the limit.
-        env = {"PATH": os.environ.get("PATH", ""), "ORZ_CGROUP_PROCS": " ".join(str(g / "cgroup.procs")
-                                                                                for g in self.cgroups)}
+        cmd = [NSENTER, "-t", str(pid), "-m", "-n", "-p", "-r", "-w", "-S", str(self.uid), "-G", str(self.gid),
+               "--", *argv]
+        # The container's environment, exactly, by the environment and never on a command line (`env -i K=V
+        # ...` showed the runner token to every local user); in the container's cgroups, as a runtime's exec
+        # is: what it allocates counts against the limit.
+        env = dict(self.env)
+        env["ORZ_CGROUP_PROCS"] = " ".join(str(g / "cgroup.procs") for g in self.cgroups)
+        env["ORZ_EXEC_UNSET"] = " ".join(v for v in ("PATH", "PWD") if v not in self.env)
+        env.setdefault("PATH", os.environ.get("PATH", ""))
         try:
-            return subprocess.run(["sh", "-c", JOIN_CGROUPS, "sh", *cmd], capture_output=True, timeout=timeout_s,
-                                  check=False, env=env)
+            return subprocess.run(["/bin/sh", "-c", JOIN_CGROUPS_EXEC, "sh", *cmd], capture_output=True,
+                                  timeout=timeout_s, check=False, env=env)
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(cmd, 124, b"", b"timed out")
 
