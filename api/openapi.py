@@ -92,9 +92,16 @@ def route(
     return decorate
 
 
-def build_document(version: str) -> dict[str, Any]:
+INTERNAL_PREFIX = "/internal/"
+
+
+def build_document(version: str, *, internal: bool = False) -> dict[str, Any]:
+    """The OpenAPI document. The one served at /v1/openapi.json (``internal`` False) is for users: the
+    gateway's and runners' /internal/ routes, and the schemas and credentials only they use, are left out.
+    ``internal``: every route, for the contract tests."""
+    operations = [op for op in REGISTRY.operations if internal or not op.path.startswith(INTERNAL_PREFIX)]
     models: set[type[BaseModel]] = {schemas.Problem}
-    for op in REGISTRY.operations:
+    for op in operations:
         if op.request:
             models.add(op.request)
         models.update(m for m in op.responses.values() if m)
@@ -104,7 +111,7 @@ def build_document(version: str) -> dict[str, Any]:
     components = defs.get("$defs", {})
 
     paths: dict[str, dict[str, Any]] = {}
-    for op in sorted(REGISTRY.operations, key=lambda o: (o.path, o.method)):
+    for op in sorted(operations, key=lambda o: (o.path, o.method)):
         item: dict[str, Any] = {
             "summary": op.summary,
             "operationId": _operation_id(op),
@@ -149,13 +156,17 @@ def build_document(version: str) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": components,
-            "securitySchemes": {
-                "api_token": {"type": "http", "scheme": "bearer", "description": "API token (orz_...)"},
-                "service_token": {"type": "http", "scheme": "bearer", "description": "Gateway service token"},
-                "runner_token": {"type": "http", "scheme": "bearer", "description": "Per-session runner token"},
-            },
+            "securitySchemes": {name: scheme for name, scheme in SECURITY_SCHEMES.items()
+                                if any(op.security == name for op in operations) or name == "api_token"},
         },
     }
+
+
+SECURITY_SCHEMES: dict[str, dict[str, str]] = {
+    "api_token": {"type": "http", "scheme": "bearer", "description": "API token (orz_...)"},
+    "service_token": {"type": "http", "scheme": "bearer", "description": "Gateway service token"},
+    "runner_token": {"type": "http", "scheme": "bearer", "description": "Per-session runner token"},
+}
 
 
 def _ref(model: type[BaseModel]) -> str:

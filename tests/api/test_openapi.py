@@ -36,10 +36,26 @@ async def test_document_lists_every_route_with_its_schemas(app):
     schema = doc["components"]["schemas"]["InstanceCreate"]
     assert schema["additionalProperties"] is False
     assert set(schema["properties"]) >= {"tier", "program", "repo_url", "branch", "secrets", "task"}
-    # Every route the app serves under /v1 or /internal is documented (metrics and the document itself aside).
+    # Every route the app serves under /v1 or /internal is documented (metrics and the document itself aside):
+    # the /v1 ones in the public document, /internal ones (the gateway's and runners') in the full one only.
     served = {r.path.replace(":str>", ">") for r in app.router.routes if r.path.startswith(("v1/", "internal/"))}
     documented = {p.strip("/").replace("{", "<").replace("}", ">") for p in paths}
-    assert served - {"v1/openapi.json"} <= documented
+    assert {p for p in served if p.startswith("v1/")} - {"v1/openapi.json"} <= documented
+    full = build_document("test", internal=True)
+    assert served - {"v1/openapi.json"} <= {p.strip("/").replace("{", "<").replace("}", ">") for p in full["paths"]}
+
+
+async def test_the_public_document_leaves_the_internal_routes_out(app):
+    """/internal/ is the gateway's and runners' (the ingress never routes it): a user's document neither lists
+    those routes nor the schemas and credentials only they use."""
+    _, resp = await app.asgi_client.get("/v1/openapi.json")
+    doc = resp.json
+    assert [p for p in doc["paths"] if p.startswith("/internal")] == []
+    assert set(doc["components"]["securitySchemes"]) == {"api_token"}
+    full = build_document("test", internal=True)
+    internal_only = set(full["components"]["schemas"]) - set(doc["components"]["schemas"])
+    assert {"Heartbeat", "HeartbeatReply"} <= internal_only, internal_only
+    assert "\"/internal/" not in resp.text
 
 
 def _server_errors() -> float:
@@ -117,9 +133,12 @@ async def test_property_based_run_finds_no_server_errors_or_schema_violations(ap
         _schemathesis_config(config, team.token, sid, provider.specs[sid].runner_token, revoke_token,
                              stranger_token)
         report = tmp_path / "report.json"
+        # The full document (the public one leaves out /internal/, whose routes are fuzzed too).
+        document = tmp_path / "openapi.json"
+        document.write_text(json.dumps(build_document("test", internal=True)))
         cmd = [
-            str(SCHEMATHESIS), "--config-file", str(config), "run",
-            f"http://127.0.0.1:{server.port}/v1/openapi.json", "--mode", "all",
+            str(SCHEMATHESIS), "--config-file", str(config), "run", str(document),
+            "--url", f"http://127.0.0.1:{server.port}", "--mode", "all",
             "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                         "response_schema_conformance,negative_data_rejection",
             "--max-examples", "15", "--workers", "2", "--seed", "20261205", "--generation-database", "none",
@@ -145,7 +164,7 @@ async def test_property_based_run_finds_no_server_errors_or_schema_violations(ap
     assert run["complete"] is True and run["exit_code"] == 0 and proc.returncode == 0, text[-4000:]
     # Every documented operation was exercised, through every phase, with credentials it accepts and
     # with every pattern of the document usable for generation.
-    documented = sum(len(item) for item in build_document("test")["paths"].values())
+    documented = sum(len(item) for item in build_document("test", internal=True)["paths"].values())
     assert run["operations"]["tested"] == run["operations"]["selected"] == documented, run["operations"]
     assert {name: p["status"] for name, p in run["phases"].items() if name != "examples"} == {
         "coverage": "success", "fuzzing": "success", "stateful": "success"}, run["phases"]
