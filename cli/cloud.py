@@ -284,6 +284,9 @@ def validate(path: Path, secret_names: str | None) -> None:
         raise click.exceptions.Exit(1) from None
     for warning in config.warnings:
         click.echo(f"orz: warning: {warning}", err=True)
+    # Where sessions run is the server's business, not the file's: say what a local-provider server refuses.
+    for problem in validator.local_provider_problems(config):
+        click.echo(f"orz: note: {problem}", err=True)
     refs = sorted(validator.secret_refs(config))
     names = [n.strip() for n in (secret_names or "").split(",") if n.strip()]
     if names:

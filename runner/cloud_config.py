@@ -271,6 +271,27 @@ def _read(file: Path) -> str:
 # -------------------------------------------------------------------------------------------- secrets
 
 
+# The images the local provider runs, from the installed binaries (by image_kind); on Kubernetes any image
+# (from the registries the operator allows) runs as a container.
+LOCAL_KINDS = frozenset({"postgres", "redis"})
+
+
+def image_kind(image: str) -> str:
+    """``docker.io/library/postgres:16-alpine`` → ``postgres``."""
+    name = image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
+    return {"postgresql": "postgres", "valkey": "redis"}.get(name, name)
+
+
+def local_provider_problems(config: CloudConfig) -> list[str]:
+    """One line (file, line, key) per service the local provider cannot run: the runner refuses the session
+    with them, and `orz cloud validate` says so (it cannot know where the server runs sessions)."""
+    return [config.problem(("services", name, "image"),
+                           f"{service.image} cannot run on the local provider (`orz server`, `make dev`): only "
+                           "postgres and redis images run there, from their installed binaries; on Kubernetes "
+                           "any allowed image runs")
+            for name, service in config.services.items() if image_kind(service.image) not in LOCAL_KINDS]
+
+
 def resolve_env(config: CloudConfig, secrets: Mapping[str, str]) -> dict[str, str]:
     """The top-level ``env`` with ``${NAME}`` replaced from the session's secret env only."""
     return _resolve(config, ("env",), config.env, secrets)

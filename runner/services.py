@@ -23,7 +23,14 @@ from pydantic import ValidationError
 
 from api.cloud_yaml import service_label
 from api.schemas import SidecarSpec
-from runner.cloud_config import CloudConfig, Health, Service, resolve_service_env
+from runner.cloud_config import (
+    CloudConfig,
+    Health,
+    Service,
+    image_kind,
+    local_provider_problems,
+    resolve_service_env,
+)
 from runner.errors import CloudConfigError, ServiceError
 from runner.reaping import reaped
 from runner.workspace import tail
@@ -38,14 +45,6 @@ STOP_TIMEOUT_S = 10.0
 UNPRIVILEGED_USER = "nobody"
 
 
-# The images the local provider runs, from the installed binaries (by image_kind).
-LOCAL_KINDS = frozenset({"postgres", "redis"})
-
-
-def image_kind(image: str) -> str:
-    """``docker.io/library/postgres:16-alpine`` → ``postgres``."""
-    name = image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
-    return {"postgresql": "postgres", "valkey": "redis"}.get(name, name)
 
 
 def _postgres_bin() -> Path | None:
@@ -85,12 +84,9 @@ class ServiceManager:
     async def start_all(self, config: CloudConfig, secrets: Mapping[str, str]) -> None:
         # Every image is checked first: one that cannot run here fails the session before any other
         # service starts, with the file, line and key to fix (as the Kubernetes provider's refusals do).
-        for name, service in config.services.items():
-            if image_kind(service.image) not in LOCAL_KINDS:
-                raise ServiceError(config.problem(
-                    ("services", name, "image"),
-                    f"{service.image} cannot run on the local provider: only postgres and redis images run "
-                    "here, from their installed binaries"))
+        problems = local_provider_problems(config)
+        if problems:
+            raise ServiceError(problems[0])
         for name, service in config.services.items():
             env = resolve_service_env(config, name, secrets)
             await self.start(name, service, env, label=config.service_label(name))

@@ -84,3 +84,18 @@ def test_validate_refuses_a_port_two_services_take_or_the_runners(orz: Orz, home
         f"orz: {file}:9: services.cache.ports[1]: port 5432 is taken by service My_DB; pick another",
         f"orz: {file}:12: services.web.ports[0]: port 2222 is taken by the session's runner; pick another",
     ], done.stderr
+
+
+def test_validate_says_which_service_images_a_local_provider_server_refuses(orz: Orz, home: Path,
+                                                                           tmp_path: Path) -> None:
+    """validate cannot know where the server runs sessions: a mysql:8 that Kubernetes runs but a local-provider
+    server refuses at start gets a note (exit 0) in the very words the runner's refusal uses."""
+    from runner import cloud_config
+
+    file = tmp_path / "cloud.yaml"
+    file.write_text("services:\n  db:\n    image: postgres:16\n  mysql:\n    image: mysql:8\n    ports: [3306]\n")
+    done = orz("cloud", "validate", str(file))
+    assert done.returncode == 0 and done.stdout == f"{file}: ok (2 services)\n", (done.stdout, done.stderr)
+    (refusal,) = cloud_config.local_provider_problems(cloud_config.validate_file(file))
+    assert done.stderr.splitlines() == [f"orz: note: {refusal}"]
+    assert refusal.startswith(f"{file}:5: services.mysql.image: mysql:8 cannot run on the local provider")
