@@ -157,3 +157,24 @@ async def test_me_reports_user_org_plan_and_quota(app, sessions):
     assert resp.json["org"] == {"id": resp.json["org"]["id"], "name": "acme", "plan": "pro",
                                 "idle_timeout_s": 30 * 60, "retention_s": 7 * 24 * 3600}
     assert resp.json["quota"] == {"limit": 5, "active": 1, "plan": "pro"}
+
+
+async def test_a_forced_delete_answers_what_the_docs_say(app, sessions, provider: FakeProvider):
+    """The answer comes once compute and workspace are gone: `deleted`, forced or not, as the docs say (they
+    said `deleting`, which scripts then polled for)."""
+    import re
+
+    from tests.support import ROOT
+
+    t = await make_tenant(sessions, "acme")
+    answers = []
+    for force in ("", "?force=true"):
+        _, sid = await create(app, t.headers)
+        _, resp = await app.asgi_client.delete(f"/v1/instances/{sid['id']}{force}", headers=t.headers)
+        assert resp.status == 200, resp.text
+        answers.append(resp.json["status"])
+    assert answers == ["deleted", "deleted"]
+    documented = {row: re.findall(r"`status: (\w+)`", row) for row in
+                  (ROOT / "docs" / "migrating-from-go.md").read_text().splitlines()
+                  if row.startswith("| `DELETE /v1/instances/{id}`")}
+    assert [found for found in documented.values()] == [["deleted"]], documented
