@@ -159,7 +159,7 @@ async def _new(task: str | None, repo: str | None, branch: str | None, tier: str
 @click.option("--json", "as_json", is_flag=True, help="Print the API's InstanceList as JSON (see docs/cli.md).")
 @cloud_command
 async def list_cmd(as_json: bool) -> None:
-    """Your org's sessions and your plan's quota."""
+    """Your sessions (an org admin: every session of the org) and the org's quota."""
     async with client() as api:
         listing = await api.list_instances()
     if as_json:

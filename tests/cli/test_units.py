@@ -254,3 +254,13 @@ def test_start_help_says_a_failed_setup_picks_up_the_fix_without_pull() -> None:
     # docs/cli.md "Picking up a fix": --help read as if only --pull moved the workspace to the new head.
     help_text = " ".join(CliRunner().invoke(main.orz, ["cloud", "start", "--help"]).output.split())
     assert "setup never finished gets this without --pull" in help_text
+
+
+def test_list_help_says_what_a_member_sees() -> None:
+    """`list` shows a member their own sessions and an admin the org's (tests/api/test_roles.py); its help said
+    "your org's sessions" to everyone. The help and docs/cli.md now say the same."""
+    help_text = " ".join(CliRunner().invoke(main.orz, ["cloud", "list", "--help"]).output.split())
+    assert "Your sessions (an org admin: every session of the org) and the org's quota." in help_text, help_text
+    assert "Your org's sessions" not in help_text
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    assert "Your sessions (an org admin sees every session of the org) and the org's quota." in docs
