@@ -89,6 +89,11 @@ def _not_public(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
+def all_public(addresses: list[str]) -> bool:
+    """Whether every address is public by this module's rule (none only an admin's allow-list let through)."""
+    return bool(addresses) and not any(_not_public(a) for a in addresses)
+
+
 def _allowed(host: str, addresses: list[str], allowed: tuple[str, ...]) -> bool:
     if host in allowed:
         return True

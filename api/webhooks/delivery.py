@@ -254,6 +254,18 @@ class Deliverer:
 
     # ------------------------------------------------------------------------------------ send
 
+    @staticmethod
+    def _unreached(c: Claimed, target: policy.Target, detail: str) -> str:
+        """What the owner's log says of a connection that failed: httpx's words to a public receiver (its owner
+        debugs it with them); one sentence to an address only ORZ_WEBHOOK_ALLOW_HOSTS let through, where
+        refused, timed out and TLS failed told which ports of the operator's network answer. The server's
+        log keeps the detail."""
+        if repo_policy.all_public(target.addresses):
+            return detail
+        log.info("webhook %s delivery %s: %s port %d not reached: %s", c.webhook_id, c.id, target.host, target.port,
+                 detail, extra={"event": "webhook_unreached"})
+        return UNREACHED
+
     async def send(self, c: Claimed) -> Outcome:
         """One signed POST to the address the rule checked just now (DNS rebinding finds no new target)."""
         if not c.owner_active:
@@ -304,9 +316,10 @@ class Deliverer:
                 reason = response.reason_phrase[:_REASON_CHARS]
                 retry_after = _retry_after(response.headers.get("retry-after"))
         except httpx.TransportError as exc:
-            return Outcome(error=_describe(exc), retry=True, duration_ms=_ms(started))
+            return Outcome(error=self._unreached(c, target, _describe(exc)), retry=True, duration_ms=_ms(started))
         except TimeoutError:
-            return Outcome(error=f"TimeoutError: no answer within {limit_s:g} s", retry=True, duration_ms=_ms(started))
+            return Outcome(error=self._unreached(c, target, f"TimeoutError: no answer within {limit_s:g} s"),
+                           retry=True, duration_ms=_ms(started))
         outcome = Outcome(status=status, duration_ms=_ms(started))
         if 200 <= status < 300:
             return outcome
@@ -316,6 +329,9 @@ class Deliverer:
             outcome.error += " (redirects are not followed: register the final URL)"
         outcome.retry_after_s = retry_after
         return outcome
+
+
+UNREACHED = "the receiver could not be reached (no connection, no TLS, or no answer in time)"
 
 
 def _ms(started: float) -> float:

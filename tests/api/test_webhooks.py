@@ -25,7 +25,7 @@ from api.instances.providers.fake import FakeProvider
 from api.jobs.scheduler import LifecycleScheduler
 from api.settings import Settings
 from api.webhooks import policy
-from api.webhooks.delivery import Deliverer
+from api.webhooks.delivery import UNREACHED, Deliverer
 from api.webhooks.service import WebhookService
 from tests.api.lifecycle_support import principal
 from tests.api.test_internal import beat, new_session
@@ -381,8 +381,10 @@ async def test_a_name_that_rebinds_to_the_server_itself_is_refused_at_delivery(
 
 @both_databases
 async def test_pending_deliveries_survive_a_restart_and_a_crashed_sender(
-        app: Sanic, settings: Settings, sessions: Sessions, provider: FakeProvider, receiver: Receiver) -> None:
+        app: Sanic, settings: Settings, sessions: Sessions, provider: FakeProvider, receiver: Receiver,
+        caplog: pytest.LogCaptureFixture) -> None:
     """The receiver is down at first; the first sender 'dies' holding a claim; a new process delivers."""
+    caplog.set_level(logging.INFO, logger="api.webhooks.delivery")
     t = await make_tenant(sessions, "acme")
     hook = await create_hook(app, t, receiver.url, events=["agent.needs_input", "agent.idle"])
     receiver.secret = hook["secret"]
@@ -397,7 +399,9 @@ async def test_pending_deliveries_survive_a_restart_and_a_crashed_sender(
     async with sessions() as db:
         rows = list(await db.scalars(select(WebhookDelivery)))
     assert {(r.state, r.attempts) for r in rows} == {("pending", 1)}
-    assert all("Connect" in (r.last_error or "") for r in rows)
+    # The receiver is on an address only ORZ_WEBHOOK_ALLOW_HOSTS lets through: the owner reads one sentence,
+    # the server's log says what happened.
+    assert all(r.last_error == UNREACHED for r in rows) and "ConnectError" in caplog.text
     # It claims them again when due, then its process dies before sending: the claim stays behind.
     await asyncio.sleep(0.3)
     assert len(await first.claim(10)) == 2
@@ -476,14 +480,16 @@ async def tls_test_pings(settings: Settings, sessions: Sessions, tmp_path: Path,
 
 
 async def test_https_goes_to_the_checked_address_and_verifies_the_urls_name(
-        settings: Settings, sessions: Sessions, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        settings: Settings, sessions: Sessions, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     """The certificate names hooks.example.com, the socket is 127.0.0.1; the same address under a name the
     certificate does not carry is refused by TLS."""
+    caplog.set_level(logging.INFO, logger="api.webhooks.delivery")
     who = await principal(sessions, "acme")
     receiver, (row, wrong) = await tls_test_pings(settings, sessions, tmp_path, "hooks.example.com",
                                                   [(who, "hooks.example.com"), (who, "other.example.com")])
     assert row.state == "delivered", row.last_error
-    assert wrong.state == "pending" and "certificate" in (wrong.last_error or "").lower(), wrong.last_error
+    assert wrong.state == "pending" and wrong.last_error == UNREACHED, wrong.last_error
+    assert "certificate" in caplog.text.lower()  # an allowed (loopback) address: the detail is in the log
     [got] = receiver.got
     assert got.verified and got.headers["host"] == f"hooks.example.com:{receiver.port}"
 
@@ -569,6 +575,7 @@ async def test_a_receiver_streaming_an_endless_answer_is_not_read(
     # Any user's webhook points where they like: an answer of gigabytes was read into the API's memory
     # (the test ping runs in the API process), and a receiver dripping bytes held the attempt (and the
     # scheduler's whole batch) forever, since httpx's time-out is per read. The status is all we need.
+    caplog.set_level(logging.INFO, logger="api.webhooks.delivery")
     t = await make_tenant(sessions, "acme")
     async with HostileReceiver("flood") as flood, HostileReceiver("drip") as drip:
         hook = await create_hook(app, t, flood.url)
@@ -581,20 +588,22 @@ async def test_a_receiver_streaming_an_endless_answer_is_not_read(
         _, resp = await asyncio.wait_for(app.asgi_client.post(f"/v1/webhooks/{slow['id']}/test", headers=t.headers),
                                          60)
         assert resp.status == 200 and resp.json["state"] == "pending", resp.json
-        assert "within 2 s" in resp.json["error"], resp.json
+        assert resp.json["error"] == UNREACHED and "within 2 s" in caplog.text, resp.json
 
 
 async def test_a_connection_is_never_reused_for_another_webhooks_name(
-        settings: Settings, sessions: Sessions, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        settings: Settings, sessions: Sessions, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     """Two names for one address, as on a host that routes TLS by name to different customers' servers: a kept
     connection, opened and verified for one tenant's webhook, carried another tenant's delivery (its events,
     signed) to the first tenant's server, its own name never checked."""
+    caplog.set_level(logging.INFO, logger="api.webhooks.delivery")
     attacker, victim = await principal(sessions, "evil"), await principal(sessions, "acme")
     receiver, (first, second) = await tls_test_pings(
         settings, sessions, tmp_path, "attacker.example.com",
         [(attacker, "attacker.example.com"), (victim, "victim.example.com")], keep_alive=True)
     assert first.state == "delivered", first.last_error
-    assert second.state == "pending" and "certificate" in (second.last_error or "").lower(), second.last_error
+    assert second.state == "pending" and second.last_error == UNREACHED, second.last_error
+    assert "certificate" in caplog.text.lower()
     assert [r.headers["host"] for r in receiver.got] == [f"attacker.example.com:{receiver.port}"]
 
 
@@ -618,3 +627,43 @@ def test_the_docs_verify_accepts_a_delivery_however_its_framework_cases_the_head
     assert not verify("whsec_other", sent, body)  # type: ignore[operator]
     old = {TIMESTAMP_HEADER: str(now - 3600), SIGNATURE_HEADER: signature("whsec_x", now - 3600, body)}
     assert not verify("whsec_x", old, body)  # type: ignore[operator]
+
+
+async def test_an_allowed_internal_receiver_that_fails_reads_the_same_whatever_failed(
+        settings: Settings, sessions: Sessions, caplog: pytest.LogCaptureFixture) -> None:
+    """ORZ_WEBHOOK_ALLOW_HOSTS lets an in-cluster receiver through (here 127.0.0.1): refused, closed at once and
+    not TLS each told the owner which ports of that network answer. One sentence for the owner, the detail
+    in the server's log; a public receiver's owner keeps httpx's words."""
+    import socket
+
+    caplog.set_level(logging.INFO, logger="api.webhooks.delivery")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    open_port = server.sockets[0].getsockname()[1]
+    box = SecretsBox.from_settings(settings)
+    d = Deliverer(settings, sessions, box)
+    svc = WebhookService(settings, sessions, box, d)
+    errors = []
+    try:
+        for org, url in (("acme", f"http://127.0.0.1:{closed}/x"), ("globex", f"http://127.0.0.1:{open_port}/x"),
+                         ("initech", f"https://127.0.0.1:{open_port}/x")):
+            who = await principal(sessions, org)
+            created = await svc.create(who, schemas.WebhookCreate(url=url))
+            row = await svc.test(who, created.id)
+            errors.append((row.state, row.last_error))
+    finally:
+        await d.stop()
+        server.close()
+        await server.wait_closed()
+    assert errors == [("pending", UNREACHED)] * 3, errors
+    details = [r.getMessage() for r in caplog.records if r.__dict__.get("event") == "webhook_unreached"]
+    assert len(details) == 3 and "ConnectError" in details[0], details
+    public = policy.Target("https", "hooks.example.com", 443, ["93.184.216.35"])
+    claimed = type("C", (), {"webhook_id": "wh_x", "id": "whd_x"})()
+    assert Deliverer._unreached(claimed, public, "ConnectError: refused") == "ConnectError: refused"  # type: ignore[arg-type]
