@@ -496,10 +496,19 @@ class ClientHandler(asyncssh.SSHServer):
                                     fast_path=self.gw.settings.gateway_fast_path)
 
 
-def _anchor_problem(exc: OSError | PublicKeyError) -> str:
+def _anchor_problem(exc: OSError | PublicKeyError, settings: Settings) -> tuple[str, str]:
+    """What is wrong with the trust anchors: (the line ``/readyz`` may tell anyone, which names the anchor but
+    not its file, and the line for the log, with the file's path)."""
+    names = {str(auth.ca_public_path(settings)): "the SSH CA public key",
+             str(auth.jwt_public_path(settings)): "the JWT public key"}
     if isinstance(exc, OSError):
-        return f"{exc.filename or 'a trust anchor file'}: {exc.strerror or type(exc).__name__}"
-    return str(exc)
+        what = names.get(str(exc.filename or ""), "a trust anchor")
+        public = f"{what} {'is missing' if isinstance(exc, FileNotFoundError) else 'cannot be read'}"
+        return public, f"{exc.filename or 'a trust anchor file'}: {exc.strerror or type(exc).__name__}"
+    public = str(exc)
+    for path, what in names.items():  # the key's problem (empty, a private key, not P-256), not where it lives
+        public = public.replace(path, what)
+    return public, str(exc)
 
 
 def _secret(value: SecretStr | str) -> str:
@@ -519,6 +528,7 @@ class Gateway:
         self.attach_slots = AttachSlots(settings.gateway_attachments_per_user)
         self._anchors: auth.TrustAnchors | None = None
         self._anchor_problem: str | None = None
+        self._anchor_public: str = ""  # the problem as /readyz tells it (no file paths)
         self.host_key = keys.load_or_create(keys.host_key_path(settings), "orz-gateway-host")
         self.client_key = keys.load_or_create(keys.client_key_path(settings), "orz-gateway-client")
         self.connections: set[ClientHandler] = set()
@@ -542,7 +552,7 @@ class Gateway:
             try:
                 self._anchors = auth.load_trust_anchors(self.settings)
             except (OSError, PublicKeyError) as exc:
-                problem = _anchor_problem(exc)
+                self._anchor_public, problem = _anchor_problem(exc, self.settings)
                 if problem != self._anchor_problem:  # once per distinct problem, not once per probe
                     log.error("gateway cannot verify credentials: %s", problem)
                     self._anchor_problem = problem
@@ -561,8 +571,9 @@ class Gateway:
             return "SSH listener is not up"
         try:
             self.anchors  # noqa: B018  # loads them, or says why it cannot
-        except CredentialsUnavailable as exc:
-            return f"trust anchors not loaded: {exc.internal}"
+        except CredentialsUnavailable:
+            # Unauthenticated callers read this: which anchor and what is wrong, never its path (logged above).
+            return f"trust anchors not loaded: {self._anchor_public}"
         return None
 
     async def share_failure(self, source: str) -> None:

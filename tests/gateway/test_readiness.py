@@ -54,7 +54,9 @@ def invalid_credentials() -> float:
 
 
 @pytest.mark.parametrize("form", ["openssh", "pem", "certificate"])
-async def test_readyz_is_503_until_the_trust_anchors_load(tmp_path: Path, form: str) -> None:
+async def test_readyz_is_503_until_the_trust_anchors_load(tmp_path: Path, form: str, caplog) -> None:
+    """/readyz answers anyone: it names the anchor that is missing, not where the gateway looks for it (the
+    log does)."""
     ca_pub, jwt_pub = tmp_path / "anchors" / "ca", tmp_path / "anchors" / "jwt"
     settings = Settings(data_dir=tmp_path / "data", ssh_port=0, gateway_web_port=0,
                         ssh_ca_public_key_file=ca_pub, jwt_public_key_file=jwt_pub)
@@ -64,12 +66,14 @@ async def test_readyz_is_503_until_the_trust_anchors_load(tmp_path: Path, form: 
         assert (await http.get(f"{base}/healthz")).status_code == 200  # alive all along
         resp = await http.get(f"{base}/readyz")
         assert resp.status_code == 503
-        assert resp.text.startswith("not ready: trust anchors not loaded") and str(ca_pub) in resp.text
+        assert resp.text == "not ready: trust anchors not loaded: the SSH CA public key is missing\n", resp.text
+        assert str(tmp_path) not in resp.text and str(ca_pub) in caplog.text
         ca_pub.parent.mkdir()
         ca, signer = ed25519.Ed25519PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())
         ca_pub.write_bytes(public_form(ca, form))
         resp = await http.get(f"{base}/readyz")
-        assert resp.status_code == 503 and str(jwt_pub) in resp.text
+        assert resp.status_code == 503 and "the JWT public key is missing" in resp.text
+        assert str(tmp_path) not in resp.text and str(jwt_pub) in caplog.text
         jwt_pub.write_bytes(public_form(signer, form))
         resp = await http.get(f"{base}/readyz")
         assert (resp.status_code, resp.text) == (200, "ok\n")
@@ -88,8 +92,9 @@ async def test_a_wrong_key_is_a_readable_reason(tmp_path: Path) -> None:
     async with serve(settings) as gw, httpx.AsyncClient() as http:
         assert gw.web is not None
         resp = await http.get(f"http://127.0.0.1:{gw.web.port}/readyz")
-        assert resp.status_code == 503 and "is not a P-256 EC public key" in resp.text
+        assert resp.status_code == 503 and "the JWT public key is not a P-256 EC public key" in resp.text
         assert "BEGIN" not in resp.text and len(resp.text.splitlines()) == 1
+        assert str(tmp_path) not in resp.text
 
 
 async def test_attach_without_anchors_is_our_failure_not_the_users(tmp_path: Path) -> None:
