@@ -141,6 +141,9 @@ class DeviceGrant(Base):
     next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     redeemed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Who started it, as per-address limits count it (an IPv6 address as its /64): each address gets a
+    # bounded share of the sign-ins in progress (api/signin/service.py). NULL: started before it was recorded.
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class SigninState(Base):
@@ -157,6 +160,7 @@ class SigninState(Base):
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # as DeviceGrant.source
 
 
 class Instance(Base):

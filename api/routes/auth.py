@@ -94,8 +94,9 @@ async def providers(request: Request) -> HTTPResponse:
        errors=(404, 429, 502, 503), security=None, body_required=False)
 async def start_device(request: Request) -> HTTPResponse:
     body = parse_body(request, schemas.DeviceAuthorizationRequest, allow_empty=True)
-    await _count_attempt(request, _address(request))
-    started = await _service(request).start_device(body.provider)
+    address = _address(request)
+    await _count_attempt(request, address)
+    started = await _service(request).start_device(body.provider, source=address)
     response = respond(schemas.DeviceAuthorization(**started.__dict__))
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -150,8 +151,9 @@ async def exchange(request: Request) -> HTTPResponse:
 async def browser_start(request: Request) -> HTTPResponse:
     require_service(request)
     body = parse_body(request, schemas.BrowserSignInStart)
-    await _count_attempt(request, _address(request, body.source_address))
-    url, signin_state = await _service(request).start_browser(body.redirect_uri, body.provider)
+    address = _address(request, body.source_address)
+    await _count_attempt(request, address)
+    url, signin_state = await _service(request).start_browser(body.redirect_uri, body.provider, source=address)
     return respond(schemas.BrowserSignInRedirect(authorization_url=url, state=signin_state))
 
 

@@ -7,14 +7,17 @@ import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
 import httpx
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, CompoundSelect, delete, func, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api import api_tokens
+from api.addresses import limit_key
 from api.credentials.secrets_box import RowBinding, Sealed, SecretsBox
 from api.db import tokens
 from api.db.base import utcnow
@@ -41,8 +44,12 @@ REFRESH_TOKEN_PREFIX = "orzrt_"  # noqa: S105  # nosec B105  # a public marker, 
 SLOW_DOWN_STEP_S = 5
 # How long a person may take at the provider's sign-in page.
 BROWSER_STATE_TTL_S = 600
-# Sign-ins in progress at once (the start routes take no credential): beyond this, the oldest unfinished go.
+# Sign-ins in progress at once (the start routes take no credential): beyond this, the oldest unfinished of
+# the address holding the most go.
 MAX_PENDING = 10_000
+# Sign-ins in progress from one address (an IPv6 client as its /64): beyond this, its own oldest go. A whole
+# office behind one NAT rarely has this many people at the provider's page within its 10 minutes.
+MAX_PENDING_PER_SOURCE = 50
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +127,11 @@ class SignInService:
 
     # -- the device grant --------------------------------------------------------------------------
 
-    async def start_device(self, provider_name: str | None) -> DeviceStart:
+    async def start_device(self, provider_name: str | None, source: str | None = None) -> DeviceStart:
+        """A device sign-in; ``source``: the caller's address (its share of the sign-ins in progress)."""
         provider = self.provider(provider_name)
-        await self._make_room()  # before the provider is asked for anything
+        key = _source_key(source)
+        await self._make_room(key)  # before the provider is asked for anything
         upstream = await provider.start_device()
         issued = tokens.issue(DEVICE_CODE_PREFIX)
         expires_in = max(1, min(upstream.expires_in, self.settings.signin_device_ttl_s))
@@ -131,7 +140,7 @@ class SignInService:
         async with self.sessions() as db:
             db.add(DeviceGrant(id=grant_id, prefix=issued.prefix, token_hash=issued.digest, provider=provider.name,
                                key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext,
-                               interval_s=max(1, upstream.interval),
+                               interval_s=max(1, upstream.interval), source=key,
                                expires_at=utcnow() + timedelta(seconds=expires_in)))
             await db.commit()
         return DeviceStart(device_code=issued.value, user_code=upstream.user_code,
@@ -139,46 +148,60 @@ class SignInService:
                            verification_uri_complete=upstream.verification_uri_complete,
                            expires_in=expires_in, interval=max(1, upstream.interval), provider=provider.name)
 
-    async def _make_room(self) -> None:
+    async def _make_room(self, source: str | None) -> None:
         async with self.sessions() as db:
-            await self._purge(db)
+            await self._purge(db, source)
             await db.commit()
 
-    async def _purge(self, db: AsyncSession) -> None:
+    async def _purge(self, db: AsyncSession, source: str | None) -> None:
         """Sign-ins nobody finished, and redeemed device codes, once they have expired (each start
-        sweeps, so the tables hold at most the sign-ins of the last few minutes). At MAX_PENDING in progress
-        (the start routes are open to anyone), the oldest sign-ins nobody finished make room for the new one:
-        refusing instead let a flood from a few dozen addresses, each within its rate limit, keep everyone
-        out for as long as it went on; this way it only ends its own oldest attempts."""
+        sweeps, so the tables hold at most the sign-ins of the last few minutes). The start routes are open to
+        anyone, so what is in progress is bounded twice: ``source`` (the address starting one more) keeps at
+        most MAX_PENDING_PER_SOURCE, its own oldest going first; and at MAX_PENDING in all, the oldest sign-ins
+        of the address holding the most make room for the new one. Refusing instead let a flood keep everyone
+        out for as long as it went on, and dropping everyone's oldest let one address end everyone else's
+        sign-ins; this way a flood only ends its own attempts."""
         now = utcnow()
         await db.execute(delete(DeviceGrant).where(DeviceGrant.expires_at < now))
         await db.execute(delete(SigninState).where(SigninState.expires_at < now))
+        if source is not None:
+            mine = await self._count_from(db, source)
+            if mine >= MAX_PENDING_PER_SOURCE:
+                dropped = await _drop_oldest(db, mine - MAX_PENDING_PER_SOURCE + 1,
+                                             lambda column: func.coalesce(column, "") == source)
+                log.info("sign-ins in progress from %s at its share (%d): dropped its %d oldest", source,
+                         MAX_PENDING_PER_SOURCE, dropped)
         pending = (await db.scalar(select(func.count()).select_from(DeviceGrant)) or 0) + \
             (await db.scalar(select(func.count()).select_from(SigninState)) or 0)
         excess = pending - MAX_PENDING + 1
-        if excess <= 0:
-            return
-        # The oldest `excess` of both tables together (a redeemed device code is kept till it expires, to
-        # recognise its reuse, and is not dropped early).
-        devices = (await db.execute(select(DeviceGrant.created_at, DeviceGrant.id)
-                                    .where(DeviceGrant.redeemed_at.is_(None))
-                                    .order_by(DeviceGrant.created_at, DeviceGrant.id).limit(excess))).all()
-        states = (await db.execute(select(SigninState.created_at, SigninState.id)
-                                   .order_by(SigninState.created_at, SigninState.id).limit(excess))).all()
-        oldest = sorted([(at, "device", row_id) for at, row_id in devices]
-                        + [(at, "state", row_id) for at, row_id in states])[:excess]
-        device_ids = [row_id for _, kind, row_id in oldest if kind == "device"]
-        state_ids = [row_id for _, kind, row_id in oldest if kind == "state"]
-        if device_ids:
-            await db.execute(delete(DeviceGrant).where(DeviceGrant.id.in_(device_ids)))
-        if state_ids:
-            await db.execute(delete(SigninState).where(SigninState.id.in_(state_ids)))
-        log.warning("sign-ins in progress at the limit (%d): dropped the %d oldest nobody finished",
-                    MAX_PENDING, len(oldest))
-        if len(oldest) < excess:  # only redeemed device codes left to drop: nothing to make room with
+        dropped = 0
+        while dropped < excess:
+            # The addresses holding the most unfinished sign-ins (a redeemed device code is kept till it expires,
+            # to recognise its reuse, and is not dropped early), then their oldest.
+            unfinished = _unfinished().subquery()
+            top = await db.scalar(select(func.count()).select_from(unfinished).group_by(unfinished.c.source)
+                                  .order_by(func.count().desc()).limit(1))
+            if not top:
+                break
+            heaviest = select(unfinished.c.source).group_by(unfinished.c.source).having(func.count() == top)
+            step = await _drop_oldest(db, excess - dropped,
+                                      lambda column, heaviest=heaviest: func.coalesce(column, "").in_(heaviest))
+            if not step:
+                break
+            dropped += step
+        if excess > 0:
+            log.warning("sign-ins in progress at the limit (%d): dropped %d of the address holding the most",
+                        MAX_PENDING, dropped)
+        if dropped < excess:  # only redeemed device codes left to drop: nothing to make room with
             await db.commit()
             raise NotReady("too many sign-ins in progress; try again in a minute",
                            internal=f"{pending} sign-ins in progress (limit {MAX_PENDING})")
+
+    @staticmethod
+    async def _count_from(db: AsyncSession, source: str) -> int:
+        unfinished = _unfinished().subquery()
+        return int(await db.scalar(select(func.count()).select_from(unfinished)
+                                   .where(unfinished.c.source == source)) or 0)
 
     async def poll_device(self, device_code: str) -> TokenPair:
         if not tokens.looks_like(device_code, DEVICE_CODE_PREFIX):
@@ -312,8 +335,10 @@ class SignInService:
         assert isinstance(found, OidcProvider | GitHubProvider)
         return found
 
-    async def start_browser(self, redirect_uri: str, provider_name: str | None = None) -> tuple[str, str]:
-        """The provider's authorization URL and the state to bind to the browser (a cookie)."""
+    async def start_browser(self, redirect_uri: str, provider_name: str | None = None, *,
+                            source: str | None = None) -> tuple[str, str]:
+        """The provider's authorization URL and the state to bind to the browser (a cookie); ``source``: the
+        browser's address (its share of the sign-ins in progress)."""
         provider = self._browser_provider(provider_name)
         if redirect_uri not in self.allowed_redirect_uris():
             raise BadRequest("redirect_uri is not this server's sign-in callback")
@@ -323,9 +348,10 @@ class SignInService:
         # Which provider started it is sealed with the verifier: the callback redeems the code there only.
         secret = {"nonce": nonce, "verifier": verifier, "provider": provider.name}
         sealed = self.box.seal(json.dumps(secret).encode(), _binding(row_id))
-        await self._make_room()
+        key = _source_key(source)
+        await self._make_room(key)
         async with self.sessions() as db:
-            db.add(SigninState(id=row_id, state_hash=tokens.digest(state), redirect_uri=redirect_uri,
+            db.add(SigninState(id=row_id, state_hash=tokens.digest(state), redirect_uri=redirect_uri, source=key,
                                key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext,
                                expires_at=utcnow() + timedelta(seconds=BROWSER_STATE_TTL_S)))
             await db.commit()
@@ -366,6 +392,40 @@ class SignInService:
             raise InvalidGrant("the GitHub token was not issued to this server's GitHub app; log in again with "
                                "`orz login` against this server")
         return await self.sign_in(identity, refresh=False, ttl_s=self.settings.signin_refresh_ttl_s)
+
+
+def _source_key(address: str | None) -> str | None:
+    """What a sign-in in progress is counted under: its address as per-address limits count it (an IPv6 one as
+    its /64)."""
+    return limit_key(address)[:64] if address else None
+
+
+def _unfinished() -> CompoundSelect:
+    """The source of every sign-in in progress nobody finished, in both tables ('' for those recorded before
+    the source was)."""
+    return union_all(
+        select(func.coalesce(DeviceGrant.source, "").label("source")).where(DeviceGrant.redeemed_at.is_(None)),
+        select(func.coalesce(SigninState.source, "").label("source")))
+
+
+async def _drop_oldest(db: AsyncSession, count: int,
+                       where: Callable[[Any], ColumnElement[bool]]) -> int:
+    """Delete the ``count`` oldest unfinished sign-ins (of both tables together) whose source ``where`` picks;
+    how many went."""
+    devices = (await db.execute(select(DeviceGrant.created_at, DeviceGrant.id)
+                                .where(DeviceGrant.redeemed_at.is_(None), where(DeviceGrant.source))
+                                .order_by(DeviceGrant.created_at, DeviceGrant.id).limit(count))).all()
+    states = (await db.execute(select(SigninState.created_at, SigninState.id).where(where(SigninState.source))
+                               .order_by(SigninState.created_at, SigninState.id).limit(count))).all()
+    oldest = sorted([(at, "device", row_id) for at, row_id in devices]
+                    + [(at, "state", row_id) for at, row_id in states])[:count]
+    device_ids = [row_id for _, kind, row_id in oldest if kind == "device"]
+    state_ids = [row_id for _, kind, row_id in oldest if kind == "state"]
+    if device_ids:
+        await db.execute(delete(DeviceGrant).where(DeviceGrant.id.in_(device_ids)))
+    if state_ids:
+        await db.execute(delete(SigninState).where(SigninState.id.in_(state_ids)))
+    return len(oldest)
 
 
 def half_configured(settings: Settings) -> list[str]:
