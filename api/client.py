@@ -251,15 +251,17 @@ class ApiClient:
         return await self._send(schemas.AuthFailureReply, "POST", "/internal/v1/auth-failures", body)
 
     async def browser_signin_start(self, redirect_uri: str, *, provider: schemas.SignInProviderName | None = None,
-                                   source_address: str | None = None) -> schemas.BrowserSignInRedirect:
-        body = schemas.BrowserSignInStart(redirect_uri=redirect_uri, provider=provider, source_address=source_address)
+                                   source_address: str | None = None,
+                                   page_nonce: str | None = None) -> schemas.BrowserSignInRedirect:
+        body = schemas.BrowserSignInStart(redirect_uri=redirect_uri, provider=provider, source_address=source_address,
+                                          page_nonce=page_nonce)
         return await self._send(schemas.BrowserSignInRedirect, "POST", "/internal/v1/signin/start", body)
 
     async def browser_signin_finish(self, state: str, code: str, redirect_uri: str, *,
-                                    source_address: str | None = None) -> schemas.TokenGrant:
+                                    source_address: str | None = None) -> schemas.BrowserSignInGrant:
         body = schemas.BrowserSignInFinish(state=state, code=code, redirect_uri=redirect_uri,
                                            source_address=source_address)
-        return await self._send(schemas.TokenGrant, "POST", "/internal/v1/signin/finish", body)
+        return await self._send(schemas.BrowserSignInGrant, "POST", "/internal/v1/signin/finish", body)
 
     async def attach_event(self, body: schemas.AttachEventIn) -> None:
         await self.request("POST", "/internal/v1/attach-events", json=body.model_dump(mode="json"))

@@ -452,6 +452,9 @@ class BrowserSignInStart(Request):
     provider: SignInProviderName | None = None
     # The browser's address as the web door saw it: the sign-in limit counts attempts per address.
     source_address: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    # A random value the door's page made and kept before it sent the browser away: kept sealed with the
+    # sign-in and handed back when it finishes, so the page takes only a key of a sign-in it started.
+    page_nonce: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{32}$")] | None = None
 
 
 class BrowserSignInRedirect(Response):
@@ -466,6 +469,12 @@ class BrowserSignInFinish(Request):
     code: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
     redirect_uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
     source_address: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+
+
+class BrowserSignInGrant(TokenGrant):
+    """A finished browser sign-in: the API token, and the page's nonce it was started with."""
+
+    page_nonce: str | None = None
 
 
 class GoExchangeRequest(Request):

@@ -125,7 +125,7 @@ class WebDoor:
         self.settings = gateway.settings
         self.origins = http.configured_origins(self.settings.public_web_url)
         self.trusted_proxies = self.settings.web_trusted_proxies()
-        self.signin = BrowserSignIn(gateway.api, self.settings.web_base_url())
+        self.signin = BrowserSignIn(gateway.api, self.settings.web_base_url(), self.settings.internal_api_url)
         # The pages' "Sign in with ..." links: from the settings the API decides by too (in the Helm chart the
         # sign-in settings reach every component through config.extraEnv).
         self.signin_providers = self.settings.signin_providers()
@@ -189,6 +189,8 @@ class WebDoor:
                 request, http.terminal_page(target.arg, "replay.html", signin=self.signin_providers))
         if target.kind == "recording":
             return await self._recording(request, target, source)
+        if target.kind == "forget":
+            return await self.signin.forget(request, target.key, source)
         if not http.is_upgrade(request):
             return http.text(426, "this URL takes a WebSocket")
         try:

@@ -31,6 +31,7 @@ ROUTES = {
     "token": re.compile(rf"^/s/(?:k/{SIGNIN_KEY}/)?{SESSION_PART}/token$"),
     "replay": re.compile(rf"^/s/{SESSION_PART}/replay$"),
     "recording": re.compile(rf"^/s/(?:k/{SIGNIN_KEY}/)?{SESSION_PART}/recording$"),
+    "forget": re.compile(rf"^/s/k/{SIGNIN_KEY}/forget$"),  # the page's Forget: revoke, clear the cookie
     "static": re.compile(r"^/static/(?P<file>[A-Za-z0-9_./-]{1,200})$"),
     "health": re.compile(r"^/healthz$"),
     "ready": re.compile(r"^/readyz$"),

@@ -16,6 +16,17 @@ origin's localStorage (origins, unlike cookies, include the port) and asks for a
 `/s/k/<key>/<id>/token`. The browser sends the cookie nowhere else; the key is also the proof that the
 request comes from the page (no other site or port knows it), and the cookie's value starts with it, so a
 cookie some other port planted on a wider path is not taken for it.
+
+Whose sign-in the page takes (login CSRF): another port can plant cookies too (a key's cookie holding its
+owner's token, or a state cookie for its owner's callback), so a link to `/s/<id>#signin=<its key>` must not
+sign the page in. The page's "Sign in with ..." link makes a random nonce, keeps it in the origin's
+localStorage and sends it with `/s/login?...&nonce=`; the API keeps it sealed with the sign-in and hands it
+back when it finishes, and the callback's redirect carries it beside the key (`#signin=<key>&nonce=<nonce>`).
+The page takes a key only with the nonce it kept: no other port or site can read that, and it never sits in a
+cookie (which every port would receive).
+
+`/s/k/<key>/forget` (the page's Forget): the cookie's API token is revoked at the API and the answer clears
+the cookie, which script cannot do (HttpOnly).
 """
 
 from __future__ import annotations
@@ -45,6 +56,9 @@ STATE_TTL_S = 600
 PROVIDERS = ("oidc", "github")
 # Where a sign-in may send the browser afterwards: a terminal or replay page of this door, nothing else.
 NEXT_PATH = re.compile(r"^/s/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(/replay)?$")
+PAGE_NONCE = re.compile(r"^[A-Za-z0-9_-]{32}$")  # made by the page (gateway/static/door.js)
+START_AGAIN = ("orz: this sign-in was not started from a session's page in this browser (or took too long); "
+               "open the session's page (/s/<session-id>) and sign in again")
 
 
 def cookies(request: Request) -> dict[str, str]:
@@ -83,10 +97,16 @@ def _refused(exc: ApiError) -> Response:
 
 
 class BrowserSignIn:
-    def __init__(self, api: ApiClient, web_base_url: str) -> None:
+    def __init__(self, api: ApiClient, web_base_url: str, internal_api_url: str) -> None:
         self.api = api
+        self.internal_api_url = internal_api_url
         self.callback_url = f"{web_base_url.rstrip('/')}/s/callback"
         self.secure = web_base_url.startswith("https://")
+
+    def _started_cleared(self) -> list[str]:
+        """Set-Cookie values that remove a sign-in's state and next cookies."""
+        return [_cookie(name, "", path="/s/callback", max_age=0, secure=self.secure, same_site="Lax")
+                for name in (STATE_COOKIE, NEXT_COOKIE)]
 
     def legacy_cleared(self) -> list[str]:
         """Set-Cookie values that remove earlier sign-ins' cookies from the wide ``/s`` path."""
@@ -109,9 +129,13 @@ class BrowserSignIn:
         provider = query.get("provider") or None
         if provider is not None and provider not in PROVIDERS:
             return http.text(400, f"orz: provider must be one of {', '.join(PROVIDERS)}")
+        nonce = query.get("nonce", "")
+        if not PAGE_NONCE.match(nonce):  # the page's link adds it: a sign-in it did not start is never taken
+            return http.text(400, "orz: start signing in from the session's page (/s/<session-id>): its "
+                                  "\"Sign in\" link says which browser the sign-in is for")
         try:
             started = await self.api.browser_signin_start(self.callback_url, provider=provider,
-                                                          source_address=source)
+                                                          source_address=source, page_nonce=nonce)
         except ApiUnreachable:
             return http.text(503, "orz: Orzbob Cloud is unavailable right now")
         except ApiError as exc:
@@ -132,6 +156,11 @@ class BrowserSignIn:
             return http.text(403, "orz: the identity provider did not sign you in")
         if not state or not code or not expected or not hmac.compare_digest(state.encode(), expected.encode()):
             return http.text(400, "orz: this sign-in was not started in this browser; start again")
+        target = jar.get(NEXT_COOKIE, "")
+        if not NEXT_PATH.match(target):
+            # Without the page to go back to, no page would learn the key: a cookie nobody could use. Nothing
+            # is redeemed; the state expires at the API.
+            return _with_cookies(http.text(400, START_AGAIN), self._started_cleared())
         try:
             grant = await self.api.browser_signin_finish(state, code, self.callback_url, source_address=source)
         except ApiUnreachable:
@@ -139,8 +168,9 @@ class BrowserSignIn:
         except ApiError as exc:
             log.info("web sign-in from %s refused: %d %s", source, exc.status, exc.code)
             return _refused(exc)
-        clear = [_cookie(name, "", path="/s/callback", max_age=0, secure=self.secure, same_site="Lax")
-                 for name in (STATE_COOKIE, NEXT_COOKIE)]
+        clear = self._started_cleared()
+        if not grant.page_nonce or not PAGE_NONCE.match(grant.page_nonce):  # started by a door before the nonce
+            return _with_cookies(http.text(400, START_AGAIN), clear)
         key = secrets.token_urlsafe(KEY_BYTES)
         # Earlier sign-ins' cookies on the wide /s path (which every port of this host received): removed.
         clear += self.legacy_cleared()
@@ -149,13 +179,35 @@ class BrowserSignIn:
                     secure=self.secure),
             *clear,
         ]
-        target = jar.get(NEXT_COOKIE, "")
-        if NEXT_PATH.match(target):
-            return _redirect(f"{target}#signin={key}", set_cookies)
-        response = http.text(200, "orz: signed in; open your session's page (/s/<session-id>)")
-        for value in set_cookies:
-            response.headers["Set-Cookie"] = value
-        return response
+        return _redirect(f"{target}#signin={key}&nonce={grant.page_nonce}", set_cookies)
+
+    async def forget(self, request: Request, key: str, source: str) -> Response:
+        """The page's Forget: the API token in this key's cookie is revoked (it stops working everywhere, also
+        where the cookie was copied to), and the answer removes the cookie, which the page's script cannot."""
+        revoked = False
+        token = cookie_token(request, key)
+        if token is not None:
+            api = ApiClient(self.internal_api_url, token)
+            try:
+                await api.revoke()
+                revoked = True
+            except ApiUnreachable:
+                log.warning("web sign-out from %s: the API is unreachable; the token stays valid until it "
+                            "expires", source)
+            except ApiError as exc:  # 401: expired or revoked already
+                revoked = exc.status == 401
+            finally:
+                await api.aclose()
+        cleared = [_cookie(SESSION_COOKIE, "", path=f"/s/k/{key}", max_age=0, secure=self.secure)]
+        if legacy_cookies(request):
+            cleared += self.legacy_cleared()
+        return _with_cookies(http.json_response(200, {"cleared": True, "revoked": revoked}), cleared)
+
+
+def _with_cookies(response: Response, set_cookies: list[str]) -> Response:
+    for value in set_cookies:
+        response.headers["Set-Cookie"] = value  # websockets' Headers keeps every value of a repeated name
+    return response
 
 
 def legacy_cookies(request: Request) -> bool:

@@ -72,3 +72,43 @@ def start_platform(base: Path, **settings: str) -> Iterator[WebPlatform]:
         token = json.loads(token_file.read_text())["api_token"]
         yield WebPlatform(platform.home, platform.data, platform.env, f"http://127.0.0.1:{platform.api_port}",
                           f"http://127.0.0.1:{platform.web_port}", platform.ssh_port, token, platform.log)
+
+
+class RecordingServer:
+    """An HTTP server on a port of 127.0.0.1 (in local mode a session's dev server is one), recording the path
+    and Cookie header of each request (``seen``) and its headers (``headers``)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        seen: list[tuple[str, str]] = []
+        headers: list[dict[str, str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append((self.path, self.headers.get("Cookie", "")))
+                headers.append(dict(self.headers.items()))
+                body = b"<html><body>dev server</body></html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.seen = seen
+        self.headers = headers
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> RecordingServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -153,16 +153,21 @@ async def browser_start(request: Request) -> HTTPResponse:
     body = parse_body(request, schemas.BrowserSignInStart)
     address = _address(request, body.source_address)
     await _count_attempt(request, address)
-    url, signin_state = await _service(request).start_browser(body.redirect_uri, body.provider, source=address)
+    url, signin_state = await _service(request).start_browser(body.redirect_uri, body.provider, source=address,
+                                                              page_nonce=body.page_nonce)
     return respond(schemas.BrowserSignInRedirect(authorization_url=url, state=signin_state))
 
 
 @route(bp, "POST", "/internal/v1/signin/finish", summary="Gateway: finish a browser sign-in: an API token",
-       tag="internal", request=schemas.BrowserSignInFinish, responses={200: schemas.TokenGrant},
+       tag="internal", request=schemas.BrowserSignInFinish, responses={200: schemas.BrowserSignInGrant},
        errors=(403, 404, 429, 502), security="service_token")
 async def browser_finish(request: Request) -> HTTPResponse:
     require_service(request)
     body = parse_body(request, schemas.BrowserSignInFinish)
     svc = _service(request)
-    return _grant(await _count_refusals(request, _address(request, body.source_address),
-                                        lambda: svc.finish_browser(body.state, body.code, body.redirect_uri)))
+    pair = await _count_refusals(request, _address(request, body.source_address),
+                                 lambda: svc.finish_browser(body.state, body.code, body.redirect_uri))
+    response = respond(schemas.BrowserSignInGrant(access_token=pair.access_token, expires_in=pair.expires_in,
+                                                  source=pair.source, page_nonce=pair.page_nonce))
+    response.headers["Cache-Control"] = "no-store"
+    return response

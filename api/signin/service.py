@@ -73,6 +73,7 @@ class TokenPair:
     source: str
     user: User
     login: str | None = None
+    page_nonce: str | None = None  # a browser sign-in's: what the door's page started it with
 
 
 def _binding(row_id: str) -> RowBinding:
@@ -336,9 +337,10 @@ class SignInService:
         return found
 
     async def start_browser(self, redirect_uri: str, provider_name: str | None = None, *,
-                            source: str | None = None) -> tuple[str, str]:
+                            source: str | None = None, page_nonce: str | None = None) -> tuple[str, str]:
         """The provider's authorization URL and the state to bind to the browser (a cookie); ``source``: the
-        browser's address (its share of the sign-ins in progress)."""
+        browser's address (its share of the sign-ins in progress); ``page_nonce``: the door's page's, handed
+        back by finish_browser."""
         provider = self._browser_provider(provider_name)
         if redirect_uri not in self.allowed_redirect_uris():
             raise BadRequest("redirect_uri is not this server's sign-in callback")
@@ -346,7 +348,7 @@ class SignInService:
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
         row_id = new_id("sst")
         # Which provider started it is sealed with the verifier: the callback redeems the code there only.
-        secret = {"nonce": nonce, "verifier": verifier, "provider": provider.name}
+        secret = {"nonce": nonce, "verifier": verifier, "provider": provider.name, "page": page_nonce}
         sealed = self.box.seal(json.dumps(secret).encode(), _binding(row_id))
         key = _source_key(source)
         await self._make_room(key)
@@ -378,7 +380,7 @@ class SignInService:
         provider = self._browser_provider(secret.get("provider", "oidc"))  # sign-ins started before: OIDC
         identity = await provider.redeem_code(code=code, code_verifier=secret["verifier"],
                                               redirect_uri=redirect_uri, nonce=secret["nonce"])
-        return await self.sign_in(identity, refresh=False)
+        return replace(await self.sign_in(identity, refresh=False), page_nonce=secret.get("page"))
 
     async def exchange_github(self, github_token: str, github_id: int | None) -> TokenPair:
         """The Go CLI's login: a GitHub token (checked against GitHub's /user) for an API token. It has no

@@ -1,18 +1,16 @@
 // The replay page: a session's pane recording (asciicast v2) played in xterm.js with its timing.
 // The recording comes from the same-origin GET /s/<id>/recording, with the API token from this browser's
 // localStorage (as the terminal page keeps it) or the browser sign-in's cookie, sent only to its keyed path
-// /s/k/<key>/... (the key arrives in the fragment, #signin=..., and is kept in this origin's localStorage).
+// /s/k/<key>/... (the key arrives in the fragment, #signin=..., and door.js keeps it in this origin's
+// localStorage when it belongs to a sign-in this browser started).
 // ?speed=N plays faster, ?idle=S caps each pause (default 2 s), ?part=previous plays the part rotated out.
 "use strict";
 (function () {
   const sessionId = document.body.dataset.session;
   const params = new URLSearchParams(location.search);
-  const STORE_KEY = "orz.apiToken";
-  const SIGNIN_KEY = "orz.signinKey";
-  const fragment = new URLSearchParams(location.hash.slice(1));
-  // Only a key of the shape the door makes (a link of another site's cannot store just anything).
-  if (/^[A-Za-z0-9_-]{32}$/.test(fragment.get("signin") || "")) localStorage.setItem(SIGNIN_KEY, fragment.get("signin"));
-  if (location.hash) history.replaceState(null, "", location.pathname + location.search);
+  const STORE_KEY = orzDoor.STORE_KEY;
+  const SIGNIN_KEY = orzDoor.SIGNIN_KEY;
+  const notice = orzDoor.takeFragment().ignored ? "a sign-in link this browser did not start was ignored; " : "";
   const idleLimit = Math.max(0.01, Number(params.get("idle")) || 2);
   const statusEl = document.getElementById("status");
   const speedEl = document.getElementById("speed");
@@ -32,7 +30,7 @@
   async function load() {
     const apiToken = localStorage.getItem(STORE_KEY);
     const signinKey = localStorage.getItem(SIGNIN_KEY);
-    if (!apiToken && !signinKey) { form.hidden = false; return status("sign in, or paste an API token", "warn"); }
+    if (!apiToken && !signinKey) { form.hidden = false; return status(`${notice}sign in, or paste an API token`, "warn"); }
     const headers = apiToken ? { Authorization: `Bearer ${apiToken}` } : {};
     const base = apiToken ? "/s/" : `/s/k/${encodeURIComponent(signinKey)}/`;
     const part = params.get("part") === "previous" ? "?part=previous" : "";
@@ -56,7 +54,8 @@
     }
     if (term) term.dispose();
     term = new Terminal({ cols: header.width, rows: header.height, scrollback: 5000, disableStdin: true,
-      fontFamily: "DejaVu Sans Mono, Menlo, Consolas, monospace", fontSize: 14 });
+      fontFamily: "DejaVu Sans Mono, Menlo, Consolas, monospace", fontSize: 14,
+      linkHandler: orzDoor.linkHandler((text) => status(text, "warn")) });
     term.open(document.getElementById("terminal"));
     window.orzTerminal = term; // for tests and the console
     play();

@@ -4,27 +4,27 @@
 // the same-origin GET /s/<id>/token. A fragment never reaches a server, and it is wiped from the address bar.
 // Or the browser sign-in (/s/login, docs/sign-in.md): its API token sits in an HttpOnly cookie this script
 // cannot read, which the browser sends only to /s/k/<key>/...; the key arrives once in the fragment
-// (#signin=...) and is kept in this origin's localStorage, which no other port of this host can read.
+// (#signin=...), and door.js keeps it only when it belongs to a sign-in this browser started.
 "use strict";
 (function () {
   const sessionId = document.body.dataset.session;
   const params = new URLSearchParams(location.search);
   const readonly = params.get("ro") === "1";
-  const STORE_KEY = "orz.apiToken";
-  const SIGNIN_KEY = "orz.signinKey";
+  const STORE_KEY = orzDoor.STORE_KEY;
+  const SIGNIN_KEY = orzDoor.SIGNIN_KEY;
   const statusEl = document.getElementById("status");
   const reconnectBtn = document.getElementById("reconnect");
   const form = document.getElementById("login");
   const encoder = new TextEncoder();
 
-  const fragment = new URLSearchParams(location.hash.slice(1));
-  let oneTimeToken = fragment.get("token");
-  // Only a key of the shape the door makes (a link of another site's cannot store just anything).
-  if (/^[A-Za-z0-9_-]{32}$/.test(fragment.get("signin") || "")) localStorage.setItem(SIGNIN_KEY, fragment.get("signin"));
-  if (location.hash) history.replaceState(null, "", location.pathname + location.search);
+  const taken = orzDoor.takeFragment();
+  let oneTimeToken = taken.token;
+  // Set on the page's first connect: a sign-in link this browser did not start, which was not taken.
+  let notice = taken.ignored ? "a sign-in link this browser did not start was ignored; " : "";
 
   const term = new Terminal({ cursorBlink: true, scrollback: 5000, convertEol: false,
-    fontFamily: "DejaVu Sans Mono, Menlo, Consolas, monospace", fontSize: 14 });
+    fontFamily: "DejaVu Sans Mono, Menlo, Consolas, monospace", fontSize: 14,
+    linkHandler: orzDoor.linkHandler((text) => status(text, "warn")) });
   const fit = new FitAddon.FitAddon();
   term.loadAddon(fit);
   term.open(document.getElementById("terminal"));
@@ -44,7 +44,8 @@
   }
 
   function askForApiToken(reason) {
-    status(reason, "warn");
+    status(notice + reason, "warn");
+    notice = "";
     form.hidden = false;
     document.getElementById("api-token").focus();
   }
@@ -105,7 +106,11 @@
       let msg;
       try { msg = JSON.parse(ev.data); } catch (e) { return; }
       if (msg.type === "status") status(msg.message, "warn");
-      else if (msg.type === "attached") { attempt = 0; status(`connected${msg.mode === "ro" ? " (read-only)" : ""}`, "ok"); }
+      else if (msg.type === "attached") {
+        attempt = 0;
+        status(`${notice}connected${msg.mode === "ro" ? " (read-only)" : ""}`, notice ? "warn" : "ok");
+        notice = "";
+      }
       else if (msg.type === "error") status(msg.message, "bad");
       else if (msg.type === "exit") ended = true;
     };
@@ -153,10 +158,8 @@
   });
   window.addEventListener("online", () => { if (!ws && !stopped) { attempt = 0; connect(); } });
   reconnectBtn.addEventListener("click", () => { attempt = 0; connect(); });
-  document.getElementById("forget").addEventListener("click", () => {
-    localStorage.removeItem(STORE_KEY);
-    localStorage.removeItem(SIGNIN_KEY);
-    status("API token removed from this browser", "warn");
+  document.getElementById("forget").addEventListener("click", async () => {
+    status(await orzDoor.forget(), "warn");
   });
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();

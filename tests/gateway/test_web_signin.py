@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib.util
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
@@ -15,11 +17,13 @@ import pytest
 
 from tests.gateway.test_web_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.signin.standins import OidcStandIn
-from tests.web_platform import NEEDS, WebPlatform, start_platform
+from tests.web_platform import NEEDS, RecordingServer, WebPlatform, start_platform
 
 pytestmark = [pytest.mark.integration, NEEDS]
 # A page's sign-in links: (href, text).
 LINK = re.compile(r'<a class="signin" data-provider="[a-z]+" href="([^"]+)">([^<]+)</a>')
+# What the page's script adds to its sign-in link (gateway/static/door.js) and keeps in its localStorage.
+NONCE = "pAgEnOnCe-made-by-the-door-page_"
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +44,17 @@ def set_cookies(resp: httpx.Response) -> dict[str, str]:
     return {line.split("=", 1)[0]: line for line in resp.headers.get_list("set-cookie")}
 
 
+def fragment_key(back: httpx.Response, nonce: str) -> str:
+    """The sign-in key in the callback's redirect, which carries the page's nonce beside it."""
+    fragment = parse_qs(urlsplit(back.headers["location"]).fragment)
+    assert fragment["nonce"] == [nonce], fragment
+    return fragment["signin"][0]
+
+
 def sign_in(platform: WebPlatform, idp: OidcStandIn, sid: str, email: str) -> tuple[httpx.Client, str]:
     """A browser's sign-in: its cookies, and the key its page learns from the fragment."""
     web = httpx.Client(base_url=platform.web_url, timeout=10)
-    start = web.get("/s/login", params={"next": f"/s/{sid}"})
+    start = web.get("/s/login", params={"next": f"/s/{sid}", "nonce": NONCE})
     assert start.status_code == 302, start.text
     location = start.headers["location"]
     assert location.startswith(f"{idp.url}/authorize?")
@@ -54,7 +65,7 @@ def sign_in(platform: WebPlatform, idp: OidcStandIn, sid: str, email: str) -> tu
     back = web.get("/s/callback", params={"code": code, "state": state})
     assert back.status_code == 302, back.text
     assert back.headers["location"].startswith(f"/s/{sid}#signin=")
-    key = back.headers["location"].split("#signin=", 1)[1]
+    key = fragment_key(back, NONCE)
     session_line = next(line for line in back.headers.get_list("set-cookie") if "Max-Age=0" not in line
                     and line.startswith("orz_web="))
     assert "HttpOnly" in session_line and "SameSite=Strict" in session_line and f"Path=/s/k/{key};" in session_line
@@ -102,7 +113,7 @@ def test_a_sign_in_cookie_from_before_the_keyed_path_goes_at_the_first_page(plat
 def test_a_callback_this_browser_did_not_start_is_refused(platform: WebPlatform, idp: OidcStandIn):
     victim = httpx.Client(base_url=platform.web_url, timeout=10)
     attacker = httpx.Client(base_url=platform.web_url, timeout=10)
-    start = attacker.get("/s/login", params={"next": "/s/anything"})
+    start = attacker.get("/s/login", params={"next": "/s/anything", "nonce": NONCE})
     location = start.headers["location"]
     code = idp.authorize(location, email="admin@localhost")
     state = parse_qs(urlsplit(location).query)["state"][0]
@@ -112,14 +123,17 @@ def test_a_callback_this_browser_did_not_start_is_refused(platform: WebPlatform,
     # And the state the attacker's own browser holds is single use at the API.
     assert attacker.get("/s/callback", params={"code": code, "state": state}).status_code == 302
     replay = attacker.get("/s/callback", params={"code": code, "state": state},
-                          headers={"Cookie": f"orz_signin_state={state}"})
+                          headers={"Cookie": f"orz_signin_state={state}; orz_signin_next=/s/anything"})
     assert replay.status_code == 400 and "already used" in replay.text
 
 
 def test_sign_in_rules_apply_and_next_stays_on_this_door(platform: WebPlatform, idp: OidcStandIn):
     web = httpx.Client(base_url=platform.web_url, timeout=10)
-    assert web.get("/s/login", params={"next": "https://evil.example/"}).status_code == 400
-    start = web.get("/s/login", params={"next": "/s/x"})
+    assert web.get("/s/login", params={"next": "https://evil.example/", "nonce": NONCE}).status_code == 400
+    # A start without the page's nonce (a link of its own, not the page's): no key of it would be taken.
+    bare = web.get("/s/login", params={"next": "/s/x"})
+    assert bare.status_code == 400 and "from the session's page" in bare.text and not set_cookies(bare)
+    start = web.get("/s/login", params={"next": "/s/x", "nonce": NONCE})
     location = start.headers["location"]
     code = idp.authorize(location, email="stranger@example.com")  # ORZ_SIGNIN_NEW_USERS=refuse
     state = parse_qs(urlsplit(location).query)["state"][0]
@@ -168,45 +182,9 @@ def test_the_pages_link_the_one_provider_configured(platform: WebPlatform, idp: 
         assert page.status_code == 200
         links = LINK.findall(page.text)
         assert links == [(f"/s/login?next={quote(path, safe='')}&amp;provider=oidc", "Sign in with OIDC")], links
-        start = httpx.get(f"{platform.web_url}{html.unescape(links[0][0])}", timeout=10)
+        start = httpx.get(f"{platform.web_url}{html.unescape(links[0][0])}&nonce={NONCE}", timeout=10)
         assert start.status_code == 302 and start.headers["location"].startswith(f"{idp.url}/authorize?")
     platform.kill(sid)
-
-
-class _SessionServer:
-    """A session's dev server in local mode: any port of 127.0.0.1, recording the Cookie header of each request."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        seen: list[tuple[str, str]] = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                seen.append((self.path, self.headers.get("Cookie", "")))
-                body = b"<html><body>dev server</body></html>"
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.seen = seen
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> _SessionServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_a_session_dev_server_on_another_port_never_receives_the_sign_in(platform: WebPlatform, idp: OidcStandIn):
@@ -221,7 +199,7 @@ def test_a_session_dev_server_on_another_port_never_receives_the_sign_in(platfor
     sid = platform.new_session("exec bash --norc --noprofile")
     idp.browser_email = "admin@localhost"
     try:
-        with _SessionServer() as dev, sync_playwright() as pw:
+        with RecordingServer() as dev, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
                 page = browser.new_page()
@@ -244,3 +222,111 @@ def test_a_session_dev_server_on_another_port_never_receives_the_sign_in(platfor
     finally:
         idp.browser_email = None
         platform.kill(sid)
+
+
+def test_a_callback_that_lost_its_way_back_says_start_again(platform: WebPlatform, idp: OidcStandIn):
+    """Without the cookie naming the page to go back to, no page would learn the sign-in's key: the callback
+    redeems nothing, sets no cookie, and says to start again from the session's page."""
+    web = httpx.Client(base_url=platform.web_url, timeout=10)
+    start = web.get("/s/login", params={"next": "/s/x", "nonce": NONCE})
+    location = start.headers["location"]
+    code = idp.authorize(location, email="admin@localhost")
+    state = parse_qs(urlsplit(location).query)["state"][0]
+    web.cookies.delete("orz_signin_next")
+    back = web.get("/s/callback", params={"code": code, "state": state})
+    assert back.status_code == 400 and "sign in again" in back.text, back.text
+    cleared = set_cookies(back)
+    assert "orz_web" not in cleared and "Max-Age=0" in cleared["orz_signin_state"], cleared
+    assert not idp.codes[code]["used"]  # the provider was not asked to redeem it
+
+
+@contextlib.contextmanager
+def signed_in_page(platform: WebPlatform, idp: OidcStandIn, sid: str) -> Iterator[tuple[Any, Any]]:
+    """Headless chromium signed in through the page's own link, its terminal connected: (context, page)."""
+    if not Path(CHROMIUM).exists() or importlib.util.find_spec("playwright") is None:
+        pytest.skip("needs chromium and playwright (hack/setup.sh)")
+    from playwright.sync_api import expect, sync_playwright
+
+    idp.browser_email = "admin@localhost"
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                context = browser.new_context()
+                page = context.new_page()
+                page.goto(f"{platform.web_url}/s/{sid}")
+                expect(page.locator("#status")).to_contain_text("sign in", timeout=15000)
+                page.click("a.signin[data-provider=oidc]")
+                page.wait_for_url(f"{platform.web_url}/s/{sid}*", timeout=15000)
+                expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
+                yield context, page
+            finally:
+                browser.close()
+    finally:
+        idp.browser_email = None
+
+
+def test_a_sign_in_link_this_browser_did_not_start_is_ignored(platform: WebPlatform, idp: OidcStandIn):
+    """Login CSRF in local mode: another port of this host (a session's dev server) can plant cookies in the
+    browser, which ignore ports: a key's cookie holding the attacker's API token, or the state and next cookies
+    of the attacker's own sign-in. Then a link to the page with the attacker's key in the fragment, or to the
+    callback of the attacker's sign-in, must not sign the page in as the attacker: the page takes a key only
+    with the nonce it kept when it started its own sign-in, which no other port can read."""
+    from playwright.sync_api import expect
+
+    sid = platform.new_session("exec bash --norc --noprofile")
+    attacker, attacker_key = sign_in(platform, idp, sid, "admin@localhost")
+    attacker_cookie = attacker.cookies.get("orz_web", path=f"/s/k/{attacker_key}")
+    # The attacker's second sign-in, started but not finished: its callback URL and cookies.
+    other = httpx.Client(base_url=platform.web_url, timeout=10)
+    start = other.get("/s/login", params={"next": f"/s/{sid}", "nonce": NONCE})
+    code = idp.authorize(start.headers["location"], email="admin@localhost")
+    state = parse_qs(urlsplit(start.headers["location"]).query)["state"][0]
+    try:
+        with signed_in_page(platform, idp, sid) as (context, page):
+            mine = page.evaluate("localStorage.getItem('orz.signinKey')")
+            assert mine and mine != attacker_key
+            planted = [{"name": "orz_web", "value": attacker_cookie, "domain": "127.0.0.1",
+                        "path": f"/s/k/{attacker_key}"}]
+            planted += [{"name": name, "value": other.cookies.get(name, path="/s/callback") or "",
+                         "domain": "127.0.0.1", "path": "/s/callback"}
+                        for name in ("orz_signin_state", "orz_signin_next")]
+            context.add_cookies(planted)
+            for link in (f"/s/{sid}#signin={attacker_key}", f"/s/{sid}#signin={attacker_key}&nonce={NONCE}",
+                         f"/s/callback?code={code}&state={state}"):
+                page.goto("about:blank")
+                page.goto(f"{platform.web_url}{link}")
+                page.wait_for_url(f"{platform.web_url}/s/{sid}", timeout=15000)
+                assert page.evaluate("localStorage.getItem('orz.signinKey')") == mine, link
+                expect(page.locator("#status")).to_contain_text("did not start was ignored", timeout=15000)
+            # The callback did run the attacker's sign-in (its cookies were there), and the page still ignored it.
+            assert idp.codes[code]["used"]
+            expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
+    finally:
+        platform.kill(sid)
+
+
+def test_forget_revokes_the_sign_in_and_clears_its_cookie(platform: WebPlatform, idp: OidcStandIn):
+    """The page's Forget removes what script can (localStorage) and asks the door for the rest: the HttpOnly
+    cookie goes (the door's answer clears it) and its API token is revoked at the API."""
+    from playwright.sync_api import expect
+
+    sid = platform.new_session("exec bash --norc --noprofile")
+    try:
+        with signed_in_page(platform, idp, sid) as (context, page):
+            key = page.evaluate("localStorage.getItem('orz.signinKey')")
+            cookie = next(c["value"] for c in context.cookies() if c["name"] == "orz_web")
+            assert web_token(platform, key, sid, cookie).status_code == 200
+            page.click("#forget")
+            expect(page.locator("#status")).to_contain_text("signed out: the sign-in is revoked", timeout=15000)
+            assert [c for c in context.cookies() if c["name"] == "orz_web"] == []
+            assert page.evaluate("localStorage.getItem('orz.signinKey')") is None
+        # A copy of the cookie taken before (what another port could have kept) no longer works either.
+        assert web_token(platform, key, sid, cookie).status_code == 401
+    finally:
+        platform.kill(sid)
+
+
+def web_token(platform: WebPlatform, key: str, sid: str, cookie: str) -> httpx.Response:
+    return httpx.get(f"{platform.web_url}/s/k/{key}/{sid}/token", headers={"Cookie": f"orz_web={cookie}"},
+                     timeout=10)

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from tests.gateway.test_web_signin import LINK
+from tests.gateway.test_web_signin import LINK, NONCE, fragment_key
 from tests.gateway.test_web_signin_github import ADMIN
 from tests.signin.standins import GitHubStandIn, OidcStandIn
 from tests.web_platform import NEEDS, WebPlatform, start_platform
@@ -58,13 +58,13 @@ def test_each_provider_has_its_link_and_each_signs_in_with_its_own(
     assert list(offered) == ["Sign in with Keycloak", "Sign in with GitHub"]
 
     # GitHub's link goes to GitHub (a plain /s/login would go to the OIDC issuer), and back to the page.
-    start = web.get(offered["Sign in with GitHub"])
+    start = web.get(f"{offered['Sign in with GitHub']}&nonce={NONCE}")  # as the page's script adds it
     assert start.status_code == 302 and start.headers["location"].startswith(f"{github.url}/login/oauth/authorize?")
     code = github.authorize(start.headers["location"], ADMIN)
     state = parse_qs(urlsplit(start.headers["location"]).query)["state"][0]
     back = web.get("/s/callback", params={"code": code, "state": state})
     assert back.status_code == 302 and back.headers["location"].startswith(f"/s/{sid}#signin="), back.text
-    key = back.headers["location"].split("#signin=", 1)[1]
+    key = fragment_key(back, NONCE)
     minted = web.get(f"/s/k/{key}/{sid}/token")
     assert minted.status_code == 200 and minted.json()["token"].count(".") == 2, minted.text
 
@@ -72,12 +72,12 @@ def test_each_provider_has_its_link_and_each_signs_in_with_its_own(
     other = httpx.Client(base_url=platform.web_url, timeout=10)
     replay_links = links(other, f"/s/{sid}/replay")
     assert list(replay_links) == ["Sign in with Keycloak", "Sign in with GitHub"]
-    start = other.get(replay_links["Sign in with Keycloak"])
+    start = other.get(f"{replay_links['Sign in with Keycloak']}&nonce={NONCE}")
     assert start.status_code == 302 and start.headers["location"].startswith(f"{idp.url}/authorize?")
     code = idp.authorize(start.headers["location"], email="admin@localhost")
     state = parse_qs(urlsplit(start.headers["location"]).query)["state"][0]
     back = other.get("/s/callback", params={"code": code, "state": state})
     assert back.status_code == 302 and back.headers["location"].startswith(f"/s/{sid}/replay#signin="), back.text
     # Anywhere else is still refused as a place to come back to.
-    assert other.get("/s/login", params={"next": f"/s/{sid}/token"}).status_code == 400
+    assert other.get("/s/login", params={"next": f"/s/{sid}/token", "nonce": NONCE}).status_code == 400
     platform.kill(sid)

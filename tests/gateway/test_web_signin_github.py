@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from tests.gateway.test_web_signin import LINK, set_cookies
+from tests.gateway.test_web_signin import LINK, NONCE, fragment_key, set_cookies
 from tests.signin.standins import GitHubAccount, GitHubStandIn
 from tests.web_platform import NEEDS, WebPlatform, start_platform
 
@@ -42,14 +42,14 @@ def platform(tmp_path_factory: pytest.TempPathFactory, github: GitHubStandIn) ->
 def test_the_browser_signs_in_with_github_and_gets_attach_tokens(platform: WebPlatform, github: GitHubStandIn):
     sid = platform.new_session("sleep 600")
     web = httpx.Client(base_url=platform.web_url, timeout=10)
-    unknown = web.get("/s/login", params={"next": f"/s/{sid}", "provider": "gitlab"})
+    unknown = web.get("/s/login", params={"next": f"/s/{sid}", "provider": "gitlab", "nonce": NONCE})
     assert unknown.status_code == 400 and "oidc, github" in unknown.text
-    oidc = web.get("/s/login", params={"next": f"/s/{sid}", "provider": "oidc"})  # not configured here
+    oidc = web.get("/s/login", params={"next": f"/s/{sid}", "provider": "oidc", "nonce": NONCE})  # not configured here
     assert oidc.status_code == 404 and "not configured" in oidc.text
     # GitHub is this server's only provider: the page links it, by name, and so does a plain /s/login.
     page = web.get(f"/s/{sid}")
     assert LINK.findall(page.text) == [(f"/s/login?next=%2Fs%2F{sid}&amp;provider=github", "Sign in with GitHub")]
-    start = web.get("/s/login", params={"next": f"/s/{sid}"})
+    start = web.get("/s/login", params={"next": f"/s/{sid}", "nonce": NONCE})
     assert start.status_code == 302, start.text
     location = start.headers["location"]
     assert location.startswith(f"{github.url}/login/oauth/authorize?")
@@ -60,11 +60,11 @@ def test_the_browser_signs_in_with_github_and_gets_attach_tokens(platform: WebPl
     assert forged.status_code == 400 and "orz_web" not in set_cookies(forged)
     back = web.get("/s/callback", params={"code": code, "state": state})
     assert back.status_code == 302 and back.headers["location"].startswith(f"/s/{sid}#signin="), back.text
-    key = back.headers["location"].split("#signin=", 1)[1]
+    key = fragment_key(back, NONCE)
     minted = web.get(f"/s/k/{key}/{sid}/token")
     assert minted.status_code == 200 and minted.json()["token"].count(".") == 2, minted.text
     # The code again (a replayed callback URL with a fresh sign-in's state): GitHub spent it.
-    again = web.get("/s/login", params={"next": f"/s/{sid}"})
+    again = web.get("/s/login", params={"next": f"/s/{sid}", "nonce": NONCE})
     fresh = parse_qs(urlsplit(again.headers["location"]).query)["state"][0]
     replay = web.get("/s/callback", params={"code": code, "state": fresh})
     assert replay.status_code == 400 and "GitHub did not accept" in replay.text
@@ -74,7 +74,7 @@ def test_the_browser_signs_in_with_github_and_gets_attach_tokens(platform: WebPl
 def test_sign_ins_beyond_the_limit_get_429_with_retry_after(platform: WebPlatform):
     behind_proxy = {"X-Forwarded-For": "203.0.113.5"}  # a browser behind the door's TLS proxy
     web = httpx.Client(base_url=platform.web_url, timeout=10, headers=behind_proxy)
-    answers = [web.get("/s/login", params={"next": "/s/x"}) for _ in range(LIMIT + 1)]
+    answers = [web.get("/s/login", params={"next": "/s/x", "nonce": NONCE}) for _ in range(LIMIT + 1)]
     refused = answers[-1]
     assert [a.status_code for a in answers] == [302] * LIMIT + [429]
     assert 1 <= int(refused.headers["retry-after"]) <= 60
@@ -85,4 +85,5 @@ def test_sign_ins_beyond_the_limit_get_429_with_retry_after(platform: WebPlatfor
         device = api.post("/v1/auth/device", json={"provider": "github"}, headers=behind_proxy)
         assert device.status_code == 429 and device.headers["retry-after"]
         assert api.post("/v1/auth/device", json={"provider": "github"}).status_code == 200
-    assert httpx.get(f"{platform.web_url}/s/login", params={"next": "/s/x"}, timeout=10).status_code == 302
+    other = httpx.get(f"{platform.web_url}/s/login", params={"next": "/s/x", "nonce": NONCE}, timeout=10)
+    assert other.status_code == 302
