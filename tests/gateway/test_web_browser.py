@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT, orz
-from tests.web_platform import NEEDS, WebPlatform, start_platform
+from tests.web_platform import NEEDS, RecordingServer, WebPlatform, start_platform
 
 CHROMIUM = os.environ.get("ORZ_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -134,6 +134,72 @@ def test_the_replay_page_plays_the_sessions_recording(platform: WebPlatform) -> 
             page.reload()
             expect(page.locator("#status")).to_contain_text("replay:", timeout=15000)
             expect(page.locator("#login")).to_be_visible(timeout=15000)
+        finally:
+            browser.close()
+    platform.kill(sid)
+
+
+def test_links_in_the_pane_open_only_http_in_a_tab_that_cannot_reach_the_page(platform: WebPlatform) -> None:
+    """A program in the pane can print links (OSC 8) that show other text than where they go: a click opens
+    only http(s), in a new tab without the opener (it cannot script the page, which holds the API token) and
+    without a Referer; javascript:, data: and file: links open nothing."""
+    from playwright.sync_api import expect, sync_playwright
+
+    sid = platform.new_session("exec bash --norc --noprofile")
+    with RecordingServer() as landing, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context()
+            page = context.new_page()
+            dialogs: list[str] = []
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            opened: list[str] = []
+            context.on("page", lambda tab: opened.append(tab.url))
+            page.goto(f"{platform.web_url}/s/{sid}")
+            page.fill("#api-token", platform.api_token)
+            page.click("#login button[type=submit]")
+            expect(page.locator("#status")).to_contain_text("connected", timeout=15000)
+            # A quiet screen first (tmux redraws what it owns on a resize), then the links below its last line.
+            page.click(".xterm")
+            page.keyboard.type("clear; echo quiet-from-here; sleep 600\n", delay=10)
+            quiet = page.locator(".xterm-rows div", has_text=re.compile(r"^\s*quiet-from-here\s*$"))
+            quiet.first.wait_for(timeout=15000)
+            # The bytes a program's OSC 8 links arrive as (tmux 3.4 and later pass them on; 3.3 drops them),
+            # written where the socket's bytes go.
+            links = {"JSLINK": "javascript:document.title='owned'", "DATALINK": "data:text/html,<b>hi</b>",
+                     "FILELINK": "file:///etc/passwd", "HTTPLINK": f"{landing.url}/landing?from=pane"}
+            text = "".join(f"\x1b]8;;{uri}\x1b\\{name}\x1b]8;;\x1b\\\r\n" for name, uri in links.items())
+            page.evaluate("(text) => window.orzTerminal.write(text)", text)
+
+            def click(name: str) -> None:
+                """A person's click on the link's text (xterm.js's screen layer takes the mouse, not the text)."""
+                span = page.locator(".xterm-rows span", has_text=re.compile(rf"^{name}$")).first
+                box = None
+                for _ in range(100):  # the renderer replaces a row's elements as it redraws it (cursor blink)
+                    span.wait_for(timeout=15000)
+                    box = span.bounding_box()
+                    if box is not None:
+                        break
+                assert box is not None
+                x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+                page.mouse.move(x, y)
+                page.mouse.click(x, y)
+
+            for name in ("JSLINK", "DATALINK", "FILELINK"):
+                click(name)
+            with context.expect_page(timeout=15000) as new_tab:
+                click("HTTPLINK")
+            tab = new_tab.value
+            tab.wait_for_load_state()
+            assert tab.url == f"{landing.url}/landing?from=pane"
+            assert tab.evaluate("window.opener") is None
+            # Only the http link opened anything (a window.open of the others would have come first), no prompt.
+            assert len(opened) == 1 and not dialogs, (opened, dialogs)
+            pages = [(path, headers) for (path, _), headers in zip(landing.seen, landing.headers, strict=True)
+                     if path != "/favicon.ico"]
+            assert [path for path, _ in pages] == ["/landing?from=pane"], pages
+            assert not {"referer", "Referer"} & set(pages[0][1]), pages
+            assert page.title() != "owned" and tab.title() != "owned"
         finally:
             browser.close()
     platform.kill(sid)
