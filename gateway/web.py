@@ -190,7 +190,12 @@ class WebDoor:
         if target.kind == "recording":
             return await self._recording(request, target, source)
         if target.kind == "forget":
-            return await self.signin.forget(request, target.key, source)
+            if self.gw.limiter.blocked(source):
+                return http.json_response(429, {"detail": "too many failed attempts from your address"})
+            response, refused = await self.signin.forget(request, target.key, source)
+            if refused:  # guessing API tokens through the door counts like a bad attach token
+                self.gw.limiter.record_failure(source)
+            return response
         if not http.is_upgrade(request):
             return http.text(426, "this URL takes a WebSocket")
         try:

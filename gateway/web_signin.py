@@ -181,10 +181,11 @@ class BrowserSignIn:
         ]
         return _redirect(f"{target}#signin={key}&nonce={grant.page_nonce}", set_cookies)
 
-    async def forget(self, request: Request, key: str, source: str) -> Response:
+    async def forget(self, request: Request, key: str, source: str) -> tuple[Response, bool]:
         """The page's Forget: the API token in this key's cookie is revoked (it stops working everywhere, also
-        where the cookie was copied to), and the answer removes the cookie, which the page's script cannot."""
-        revoked = False
+        where the cookie was copied to), and the answer removes the cookie, which the page's script cannot.
+        Also returns whether the API refused the cookie's token (a guess counts like one at the token route)."""
+        revoked = refused = False
         token = cookie_token(request, key)
         if token is not None:
             api = ApiClient(self.internal_api_url, token)
@@ -195,13 +196,13 @@ class BrowserSignIn:
                 log.warning("web sign-out from %s: the API is unreachable; the token stays valid until it "
                             "expires", source)
             except ApiError as exc:  # 401: expired or revoked already
-                revoked = exc.status == 401
+                refused = exc.status == 401
             finally:
                 await api.aclose()
         cleared = [_cookie(SESSION_COOKIE, "", path=f"/s/k/{key}", max_age=0, secure=self.secure)]
         if legacy_cookies(request):
             cleared += self.legacy_cleared()
-        return _with_cookies(http.json_response(200, {"cleared": True, "revoked": revoked}), cleared)
+        return _with_cookies(http.json_response(200, {"cleared": True, "revoked": revoked}), cleared), refused
 
 
 def _with_cookies(response: Response, set_cookies: list[str]) -> Response:
