@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -358,6 +358,24 @@ class Settings(BaseSettings):
                                                 ge=1)
     sandbox_pids_max: int = option("sandbox", 2048, "processes per session (cgroup v1 pids controller; needs "
                                    "root)", ge=16)
+    sandbox_pids_total: int = option("sandbox", 0, "processes (threads count) of all sessions together: a cgroup "
+                                     "v1 pids parent of every session's own (needs root), so that sessions that fork "
+                                     "without end leave the server, PostgreSQL and the host some; 0: the host's "
+                                     "limit (the lowest of `kernel.pid_max`, `kernel.threads-max` and the server's "
+                                     "own cgroup's `pids.max`) less an eighth, at least 4096, at most half",
+                                     shown="host's limit less a reserve", ge=0)
+    sandbox_memory_total: str = option("sandbox", "", "memory of all sessions together, e.g. `20Gi`: a cgroup v1 "
+                                       "memory parent of every session's own (needs root), so that when sessions "
+                                       "together use it up the OOM killer picks a session's process, not the "
+                                       "server or PostgreSQL; empty: the host's RAM (or the server's own cgroup's "
+                                       "limit, if lower) less an eighth, at least 2Gi, at most half",
+                                       shown="host's RAM less a reserve")
+    sandbox_cgroup_parent: str = option("sandbox", "orz-sessions", "the name of the cgroup (one per controller, "
+                                        "in the server's own cgroup, which stays outside it) holding every session's; "
+                                        "`orz server`s in the same cgroup with the same name share it and its "
+                                        "totals, servers in different cgroups have one each: set their totals so "
+                                        "that together they leave the host its reserve",
+                                        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
     sandbox_disk_size: str = option("sandbox", "", "each session's own filesystem, e.g. `10Gi`: a sparse ext4 image "
                                     "mounted at its directory (needs root, mkfs.ext4 and loop devices), so that a "
                                     "session that fills its disk gets \"No space left on device\" while the data "
@@ -435,11 +453,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a TCP port: {entry!r}")
         return value
 
-    @field_validator("sandbox_disk_size")
+    @field_validator("sandbox_disk_size", "sandbox_memory_total")
     @classmethod
-    def _disk_size_is_a_quantity(cls, value: str) -> str:
-        if value and (quantity_bytes(value) or 0) < 32 * 2**20:
-            raise ValueError(f"not a size of 32Mi or more (like 10Gi): {value!r}")
+    def _size_is_a_quantity(cls, value: str, info: ValidationInfo) -> str:
+        least = 32 if info.field_name == "sandbox_disk_size" else 64  # MiB
+        if value and (quantity_bytes(value) or 0) < least * 2**20:
+            raise ValueError(f"not a size of {least}Mi or more (like 10Gi): {value!r}")
         return value
 
     def sandbox_host_ports(self) -> tuple[int, ...]:

@@ -146,3 +146,12 @@ def provider() -> FakeProvider:
 @pytest.fixture
 def app(settings: Settings, provider: FakeProvider) -> Sanic:
     return create_app(settings, provider=provider)
+# The local provider's sessions' cgroups are made in one parent (ORZ_SANDBOX_CGROUP_PARENT), whose limits
+# hold for all of them: each test process (an xdist worker) has its own, not a developer's server's.
+os.environ.setdefault("ORZ_SANDBOX_CGROUP_PARENT", f"orz-test-{os.getpid()}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from api.instances.providers import sandbox_launch
+
+    sandbox_launch.remove_cgroups(os.environ["ORZ_SANDBOX_CGROUP_PARENT"])  # once empty; a leak stays visible

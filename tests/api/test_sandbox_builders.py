@@ -94,6 +94,22 @@ def test_limits_follow_the_tier() -> None:
     assert cgroup_limits(Settings(), {"cpu": "500m?"}) == {"pids.max": 2048}  # unreadable: not guessed
 
 
+def test_all_sessions_together_leave_the_host_a_reserve() -> None:
+    from api.instances.providers import sandbox
+
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    derived = sandbox.cgroup_parent_limits(Settings())
+    # an eighth of what the host can run (at least 4096, at most half) is left to the server and the host
+    assert pid_max // 2 <= derived["pids.max"] <= pid_max - min(4096, pid_max // 2)
+    assert 0 < derived["memory.limit_in_bytes"] < sandbox.host_memory_bytes()
+    assert sandbox.cgroup_parent_limits(Settings(sandbox_pids_total=300, sandbox_memory_total="1Gi")) == {
+        "pids.max": 300, "memory.limit_in_bytes": 2**30}
+    with pytest.raises(ValueError, match="64Mi"):
+        Settings(sandbox_memory_total="12")
+    with pytest.raises(ValueError):
+        Settings(sandbox_cgroup_parent="../escape")
+
+
 def gone(claims: UidClaims) -> UidClaims:
     """``claims`` as a server that has exited since: its pid is another process's now (another start time)."""
     claims.server = dataclasses.replace(claims.server, start=-1)

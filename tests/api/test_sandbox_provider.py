@@ -573,3 +573,93 @@ async def test_a_session_leaves_nothing_in_the_kernel_for_the_next_owner_of_its_
     assert len(slirp) == 1, children
     status = dict(line.split(":", 1) for line in Path(f"/proc/{slirp[0]}/status").read_text().splitlines())
     assert status["Seccomp"].strip() == "2", status["Seccomp"]
+
+
+FORK_HOLD = """import errno, os, signal, time
+def wait(name):
+    while not os.path.exists(name):
+        time.sleep(0.02)
+wait("go")
+children, error = [], "none"
+try:
+    while True:  # bounded by the session's pids.max (and the sessions' total): forks until refused
+        pid = os.fork()
+        if pid == 0:
+            signal.pause()
+            os._exit(0)
+        children.append(pid)
+except OSError as exc:
+    error = errno.errorcode.get(exc.errno, str(exc.errno))
+with open("forked.tmp", "w") as out:
+    out.write(f"{len(children)} {error}\\n")
+os.rename("forked.tmp", "forked")
+wait("release")
+for pid in children:
+    os.kill(pid, signal.SIGKILL)
+for pid in children:
+    os.waitpid(pid, 0)
+open("released", "w").close()
+"""
+
+
+def session_cgroup(launcher: int, controller: str) -> Path:
+    """The launcher's (and so the session's) cgroup of ``controller`` (v1)."""
+    line = next(line for line in Path(f"/proc/{launcher}/cgroup").read_text().splitlines()
+                if controller in line.split(":")[1].split(","))
+    return Path(f"/sys/fs/cgroup/{controller}{line.split(':', 2)[2]}")
+
+
+def pids_current(group: Path) -> int:
+    return int((group / "pids.current").read_text())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="cgroup limits need root")
+@pytest.mark.skipif(not Path("/sys/fs/cgroup/pids").is_dir(), reason="needs the cgroup v1 pids controller")
+async def test_sessions_forking_without_end_leave_the_server_processes(
+        make_repo, fake_api: FakeApi, gateway_key, short_tmp: Path) -> None:
+    """Each session had its own pids.max and nothing bounded them together: sixteen sessions forking
+    without end took every pid of the host (kernel.pid_max 32768), and the server could start nothing.
+    All sessions are now in one parent whose total is below the host's (ORZ_SANDBOX_PIDS_TOTAL); memory too."""
+    parent = f"orz-t{os.getpid()}-total"
+    settings = Settings(data_dir=short_tmp / "data", sandbox_pids_max=200, sandbox_pids_total=300,
+                        sandbox_memory_total="1Gi", sandbox_cgroup_parent=parent)
+    repo = make_repo({**detached("exec python3 .orz/fork_hold.py"), ".orz/fork_hold.py": FORK_HOLD})
+    async with local_provider(settings) as provider:
+        states = {}
+        for sid in ("sbx-fa", "sbx-fb"):
+            states[sid] = await provider.create(compute_spec(sid, fake_api, gateway_key, repo))
+            await started(provider, fake_api, sid)
+        groups = {sid: session_cgroup(state["pid"], "pids") for sid, state in states.items()}
+        workspace = {sid: provider.session_dir(sid) / "workspace" for sid in states}
+        for sid, group in groups.items():  # never fork without a limit in place
+            assert group.name == f"orz-{sid}" and (group / "pids.max").read_text().strip() == "200"
+        try:
+            # A forks until refused: its own limit (200) stops it.
+            await step(workspace["sbx-fa"], "go", "forked")
+            forked_a, error_a = (workspace["sbx-fa"] / "forked").read_text().split()
+            assert error_a == "EAGAIN" and int(forked_a) > 100
+            # B still starts processes, until all sessions together have the total (300): the parent's
+            # limit, not its own (200), stops it.
+            await step(workspace["sbx-fb"], "go", "forked")
+            forked_b, error_b = (workspace["sbx-fb"] / "forked").read_text().split()
+            assert error_b == "EAGAIN" and int(forked_b) > 0
+            assert pids_current(groups["sbx-fb"]) < 200, "only the session's own limit stopped it"
+            assert pids_current(groups["sbx-fa"]) + pids_current(groups["sbx-fb"]) <= 300
+            # ... while the server, outside the parent, still starts a process.
+            assert subprocess.run(["true"], check=False).returncode == 0
+        finally:
+            for sid in states:
+                with contextlib.suppress(AssertionError):
+                    await step(workspace[sid], "release", "released")
+
+        # One parent per controller, in the server's own cgroup: the server is not in it.
+        assert groups["sbx-fa"].parent == groups["sbx-fb"].parent and groups["sbx-fa"].parent.name == parent
+        assert (groups["sbx-fa"].parent / "pids.max").read_text().strip() == "300"
+        memory = session_cgroup(states["sbx-fa"]["pid"], "memory")
+        assert memory.parent.name == parent
+        assert int((memory.parent / "memory.limit_in_bytes").read_text()) == 2**30
+        assert f"/{parent}" not in Path("/proc/self/cgroup").read_text()
+        for sid, state in states.items():
+            await provider.delete(sid, state)
+        assert not groups["sbx-fa"].exists() and not memory.exists()
+    assert not groups["sbx-fa"].parent.exists() and not memory.parent.exists()  # removed once empty

@@ -80,6 +80,7 @@ class LocalProvider(Provider):
         # Each session's own filesystem (ORZ_SANDBOX_DISK_SIZE), its images kept outside the sessions' dirs.
         self.disk_size = quantity_bytes(settings.sandbox_disk_size) if self.sandboxed else None
         self.disks_dir = settings.data_dir / "session-disks"
+        self.cgroup_parent_limits = sandbox.cgroup_parent_limits(settings) if self.sandboxed else {}
         self.uid_claims = sandbox.UidClaims(settings.sandbox_uid_claims_dir, settings.sandbox_uid_base,
                                             settings.sandbox_uid_count)
         if self.sandboxed:
@@ -94,10 +95,27 @@ class LocalProvider(Provider):
                 session_disk.mount_all(self.root, self.disks_dir)  # after a reboot: their files are there again
             if sandbox.runs_as_root():
                 self._adopt_uids()
+                self._make_cgroup_parent()
         else:
             log.warning("ORZ_SANDBOX=off: sessions run unsandboxed as the server's own user and can read its "
                         "data dir, keys and each other's workspaces; for one developer only (sessions are "
                         "refused while more than one org exists)")
+
+    def _make_cgroup_parent(self) -> None:
+        """The cgroups (one per controller, in the server's own) every session's are made in: their limits
+        hold for all sessions together, so that sessions forking or allocating without end leave the server,
+        PostgreSQL and the host what they need (the server stays outside). Left in place for the sessions a
+        restarted server adopts; close() removes it when it is empty."""
+        limits = self.cgroup_parent_limits
+        made = {group.relative_to(sandbox_launch.CGROUP_ROOT).parts[0]
+                for group in sandbox_launch.make_cgroups(self.settings.sandbox_cgroup_parent, limits)}
+        for key, value in limits.items():
+            if key.split(".")[0] not in made:
+                log.error("sandbox: the sessions' total %s (%s) cannot be set: it is not enforced", key, value)
+        log.info("sandbox: all sessions together may have %s", ", ".join(f"{k}={v}" for k, v in limits.items()))
+        if self.settings.sandbox_pids_max >= limits["pids.max"]:
+            log.warning("ORZ_SANDBOX_PIDS_MAX (%s) is not below the sessions' total (%s): one session can take "
+                        "every process the others may have", self.settings.sandbox_pids_max, limits["pids.max"])
 
     @property
     def sandboxed(self) -> bool:
@@ -174,7 +192,7 @@ class LocalProvider(Provider):
         await self.stop(session_id, state)
         await self._wait_exit(state)
         if self.sandboxed:
-            await asyncio.to_thread(sandbox_launch.remove_cgroups, _cgroup_name(session_id))
+            await asyncio.to_thread(self._remove_cgroups, session_id)
         if self.disk_size or session_disk.image_path(self.disks_dir, session_id).exists():
             try:
                 await asyncio.to_thread(session_disk.release, base,
@@ -194,6 +212,13 @@ class LocalProvider(Provider):
         for pid in list(self._stopping):
             await self._wait_exit({"pid": pid, "start_time": None})
         self._reap()
+        if self.sandboxed and sandbox.runs_as_root():  # the sessions' parent, when none is left in it
+            await asyncio.to_thread(sandbox_launch.remove_cgroups, self.settings.sandbox_cgroup_parent)
+
+    def _remove_cgroups(self, session_id: str) -> None:
+        """A session's cgroups its killed launcher left (and, from before they had a parent, its old ones)."""
+        sandbox_launch.remove_cgroups(f"{self.settings.sandbox_cgroup_parent}/{_cgroup_name(session_id)}")
+        sandbox_launch.remove_cgroups(_cgroup_name(session_id))
 
     async def status(self, session_id: str, state: ProviderState) -> ComputeStatus:
         self._reap()
@@ -344,6 +369,7 @@ class LocalProvider(Provider):
             bwrap=bwrap, command=sandbox.command_prefix(uid, gid, root) + argv, tools=tools,
             relay_ports=relay, cgroup_name=_cgroup_name(spec.session_id) if root else None,
             limits=sandbox.cgroup_limits(self.settings, spec.resources), paths=paths, session_id=spec.session_id,
+            cgroup_parent=self.settings.sandbox_cgroup_parent, cgroup_parent_limits=self.cgroup_parent_limits,
             egress_allow=self.settings.sandbox_egress_allowed(),
             relay_max_connections=self.settings.sandbox_relay_max_connections)
         # -I -S: the launcher needs only the standard library; skipping site-packages saves ~0.1 s a start.
@@ -442,7 +468,7 @@ class LocalProvider(Provider):
         _killpg(int(state["pid"]), signal.SIGKILL)
         await self._wait_gone(state, 5.0)
         if self.sandboxed:  # the killed launcher could not remove them itself
-            await asyncio.to_thread(sandbox_launch.remove_cgroups, _cgroup_name(session_id))
+            await asyncio.to_thread(self._remove_cgroups, session_id)
 
     async def _kill_unless_gone(self, session_id: str, state: ProviderState, seconds: float) -> None:
         if not await self._wait_gone(state, seconds):

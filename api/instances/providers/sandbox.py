@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from api.instances.providers import sandbox_launch
 from api.instances.providers.base import ProviderFailure
 from api.settings import Settings, quantity_bytes
 
@@ -630,6 +631,46 @@ def cgroup_limits(settings: Settings, resources: Mapping[str, str]) -> dict[str,
     return limits
 
 
+def _less_reserve(total: int, minimum: int) -> int:
+    """``total`` less a reserve for the server and the host: an eighth, at least ``minimum``, at most half."""
+    return total - min(max(minimum, total // 8), total // 2)
+
+
+def _number(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_file(controller: str, name: str) -> int | None:
+    """A number in this process's own cgroup (v1) of ``controller``: its limit there ("max": None)."""
+    own = sandbox_launch.own_cgroup_dir(controller)
+    return _number(_read_proc(str(own / name))) if own is not None else None
+
+
+def host_pids_limit() -> int:
+    """How many processes (threads) this machine can run, as this server sees it."""
+    found = [_number(_read_proc("/proc/sys/kernel/pid_max")), _number(_read_proc("/proc/sys/kernel/threads-max")),
+             _cgroup_file("pids", "pids.max")]
+    return min([n for n in found if n] or [32768])
+
+
+def host_memory_bytes() -> int:
+    """This machine's RAM, or the server's own memory cgroup's limit when that is lower."""
+    ram = next((int(line.split()[1]) * 1024 for line in _read_proc("/proc/meminfo").splitlines()
+                if line.startswith("MemTotal:")), 0)
+    found = [ram, _cgroup_file("memory", "memory.limit_in_bytes")]
+    return min([n for n in found if n] or [0])
+
+
+def cgroup_parent_limits(settings: Settings) -> dict[str, int]:
+    """The limits of every session together (the cgroup parent of theirs): ORZ_SANDBOX_PIDS_TOTAL and
+    ORZ_SANDBOX_MEMORY_TOTAL, or what the host can spare once the server and the host have a reserve."""
+    limits = {"pids.max": settings.sandbox_pids_total or _less_reserve(host_pids_limit(), 4096)}
+    memory = quantity_bytes(settings.sandbox_memory_total) or _less_reserve(host_memory_bytes(), 2 * 2**30)
+    if memory > 0:
+        limits["memory.limit_in_bytes"] = memory
+    return limits
+
+
 def relay_source(session_id: str) -> str:
     """The loopback address a session's relayed connections come from, its own in 127.128.0.0/9.
 
@@ -642,7 +683,8 @@ def relay_source(session_id: str) -> str:
 
 def launcher_plan(*, bwrap: list[str], command: list[str], tools: Tools, relay_ports: Iterable[int],
                   cgroup_name: str | None, limits: Mapping[str, int], paths: SessionPaths,
-                  session_id: str, egress_allow: Iterable[str] = (),
+                  session_id: str, egress_allow: Iterable[str] = (), cgroup_parent: str | None = None,
+                  cgroup_parent_limits: Mapping[str, int] | None = None,
                   relay_max_connections: int | None = None) -> dict[str, Any]:
     """The JSON the launcher reads from its argv (no secrets: those come in its environment)."""
     return {
@@ -650,6 +692,7 @@ def launcher_plan(*, bwrap: list[str], command: list[str], tools: Tools, relay_p
         "relay_ports": sorted(set(relay_ports)), "relay_source": relay_source(session_id),
         "relay_max_connections": relay_max_connections, "seccomp": seccomp_program().hex(),
         "egress_allow": list(egress_allow), "cgroup": cgroup_name, "limits": dict(limits),
+        "cgroup_parent": cgroup_parent, "cgroup_parent_limits": dict(cgroup_parent_limits or {}),
         "socket": str(paths.socket), "network_ready_file": str(paths.network_ready),
         "fatal_file": str(paths.state / FATAL_NAME),
     }

@@ -83,28 +83,45 @@ def _own_cgroup(controller: str) -> str | None:
     return None
 
 
-def enter_cgroups(name: str, limits: dict[str, int]) -> list[Path]:
-    """Make one cgroup per controller under ours, set the limits and move this process in (children follow)."""
-    return make_cgroups(name, limits, os.getpid())
+def own_cgroup_dir(controller: str) -> Path | None:
+    """This process's own cgroup of ``controller`` (v1), None when the machine has no such hierarchy."""
+    own = _own_cgroup(controller)
+    base = CGROUP_ROOT / controller
+    if own is None or not base.is_dir():
+        return None
+    return base / own.lstrip("/")
 
 
-def make_cgroups(name: str, limits: dict[str, int], pid: int | None = None) -> list[Path]:
-    """One cgroup per controller of ``limits`` under this process's own, with the limits set; ``pid``, when
-    given, is moved in (its children follow). A controller this machine lacks or refuses is logged and left
-    out: its limits are not enforced. (The rehearsal's kubelet makes its containers' cgroups with this.)"""
+def enter_cgroups(name: str, limits: dict[str, int], parent: str | None = None,
+                  parent_limits: dict[str, int] | None = None) -> list[Path]:
+    """Make one cgroup per controller under ours (under ``parent`` there, see make_cgroups), set the limits
+    and move this process in (children follow)."""
+    return make_cgroups(name, limits, os.getpid(), parent=parent, parent_limits=parent_limits)
+
+
+def make_cgroups(name: str, limits: dict[str, int], pid: int | None = None, *, parent: str | None = None,
+                 parent_limits: dict[str, int] | None = None) -> list[Path]:
+    """One cgroup per controller of ``limits`` (and of ``parent_limits``) under this process's own, with the
+    limits set; ``pid``, when given, is moved in (its children follow). With ``parent`` the cgroup is made
+    in that one (every session's, whose limits hold for all of them together); a parent that is not there
+    (removed when it was empty) is made with ``parent_limits``. A controller this machine lacks or refuses
+    is logged and left out: its limits are not enforced. (The rehearsal's kubelet makes its containers'
+    cgroups with this.)"""
     made: list[Path] = []
-    for controller in sorted({key.split(".")[0] for key in limits}):
-        own = _own_cgroup(controller)
-        base = CGROUP_ROOT / controller
-        if own is None or not base.is_dir():
+    every = {**(parent_limits or {}), **limits}
+    for controller in sorted({key.split(".")[0] for key in every}):
+        own = own_cgroup_dir(controller)
+        if own is None:
             log(f"cgroup controller {controller} not available: its limits are not enforced")
             continue
-        group = base / own.lstrip("/") / name
+        group = own / parent / name if parent else own / name
         try:
+            if parent:
+                with contextlib.suppress(FileExistsError):
+                    group.parent.mkdir()
+                    _write_limits(group.parent, controller, parent_limits or {})
             group.mkdir(exist_ok=True)
-            for key, value in limits.items():
-                if key.startswith(controller + "."):
-                    (group / key).write_text(str(value))
+            _write_limits(group, controller, limits)
             if pid is not None:
                 (group / "cgroup.procs").write_text(str(pid))
         except OSError as exc:
@@ -114,10 +131,17 @@ def make_cgroups(name: str, limits: dict[str, int], pid: int | None = None) -> l
     return made
 
 
-def leave_cgroups(groups: list[Path]) -> None:
+def _write_limits(group: Path, controller: str, limits: dict[str, int]) -> None:
+    for key, value in limits.items():
+        if key.startswith(controller + "."):
+            (group / key).write_text(str(value))
+
+
+def leave_cgroups(groups: list[Path], up: int = 1) -> None:
+    """Move this process ``up`` levels (out of a session's parent too: 2) and remove ``groups``."""
     for group in groups:
         with contextlib.suppress(OSError):
-            (group.parent / "cgroup.procs").write_text(str(os.getpid()))
+            (group.parents[up - 1] / "cgroup.procs").write_text(str(os.getpid()))
         for _ in range(50):
             try:
                 group.rmdir()
@@ -127,12 +151,13 @@ def leave_cgroups(groups: list[Path]) -> None:
 
 
 def remove_cgroups(name: str) -> None:
-    """Remove a session's cgroups left by a launcher that was killed (the server calls this; best effort)."""
+    """Remove a session's cgroups left by a launcher that was killed, or (``name`` a parent) the sessions'
+    parent once it is empty (the server calls this; best effort: a cgroup in use stays)."""
     for controller in ("pids", "memory", "cpu"):
-        own = _own_cgroup(controller)
+        own = own_cgroup_dir(controller)
         if own is not None:
             with contextlib.suppress(OSError):
-                (CGROUP_ROOT / controller / own.lstrip("/") / name).rmdir()
+                (own / name).rmdir()
 
 
 def _setns(path: str, nstype: int) -> None:
@@ -356,7 +381,8 @@ def _first_child(pid: int) -> int | None:
 
 async def run(plan: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
-    groups = enter_cgroups(plan["cgroup"], plan["limits"]) if plan.get("cgroup") else []
+    groups = enter_cgroups(plan["cgroup"], plan["limits"], plan.get("cgroup_parent"),
+                           plan.get("cgroup_parent_limits")) if plan.get("cgroup") else []
     with contextlib.suppress(FileNotFoundError):
         os.unlink(plan["socket"])  # a stale endpoint socket from the last run
     ready_file = plan["network_ready_file"]
@@ -450,7 +476,7 @@ async def run(plan: dict[str, Any]) -> int:
             except TimeoutError:
                 slirp.kill()
                 await slirp.wait()
-        leave_cgroups(groups)
+        leave_cgroups(groups, 2 if plan.get("cgroup_parent") else 1)
 
 
 def main() -> None:
