@@ -512,8 +512,8 @@ async def test_a_session_that_fills_its_disk_fills_only_its_own(
     settings = Settings(data_dir=data, repo_file_dirs=str(short_tmp), sandbox_disk_size="64Mi")
     fill = ("dd if=/dev/zero of=big bs=1M count=200 2>&1 | grep -o 'No space left on device' | head -1\n"
             "df -k --output=size . | tail -1\nrm big\n"
-            # /tmp and /var/tmp count too: as tmpfs they would hold half the host's RAM each
-            "for d in /tmp /var/tmp; do dd if=/dev/zero of=$d/big bs=1M count=200 2>&1 | "
+            # /tmp, /var/tmp and /dev/shm count too: as tmpfs they would hold half the host's RAM each
+            "for d in /tmp /var/tmp /dev/shm; do dd if=/dev/zero of=$d/big bs=1M count=200 2>&1 | "
             "grep -o 'No space left on device' | head -1 | sed \"s#^#$d #\"; rm -f $d/big; done\necho done\n")
     repo = make_repo(config(fill))
     async with local_provider(settings) as provider:
@@ -523,7 +523,8 @@ async def test_a_session_that_fills_its_disk_fills_only_its_own(
         lines = (base / "workspace" / "probe.txt").read_text().splitlines()
         assert lines[0] == "No space left on device", lines
         assert int(lines[1]) < 64 * 1024, lines  # the session saw its own 64 MiB filesystem
-        assert lines[2:4] == ["/tmp No space left on device", "/var/tmp No space left on device"], lines
+        assert lines[2:5] == ["/tmp No space left on device", "/var/tmp No space left on device",
+                              "/dev/shm No space left on device"], lines
         image = data / "session-disks" / "sbx-disk.img"
         assert image.stat().st_blocks * 512 <= 64 * 2**20 < 200 * 2**20  # the host kept the rest
         assert os.path.ismount(base)
@@ -554,6 +555,8 @@ print("unshare", "denied" if libc.unshare(0x10000000) < 0 else "allowed")  # CLO
 PY
 unshare -Ur true 2>/dev/null && echo "userns allowed" || echo "userns denied"
 python3 -c 'import threading; t = threading.Thread(target=print, args=("threads work",)); t.start(); t.join()'
+# multiprocessing's locks are POSIX semaphores in /dev/shm: ThreadPool failed with PermissionError there
+python3 -c 'from multiprocessing.pool import ThreadPool; print("thread pools work", sum(ThreadPool(2).map(abs, [3])))'
 echo done
 """
 
@@ -564,7 +567,7 @@ async def test_a_session_leaves_nothing_in_the_kernel_for_the_next_owner_of_its_
     await started(provider, fake_api, "sbx-k")
     seen = (provider.session_dir("sbx-k") / "workspace" / "probe.txt").read_text().splitlines()
     assert seen == ["add_key denied", "keyctl denied", "unshare denied", "userns denied",
-                    "threads work", "done"], seen
+                    "threads work", "thread pools work 3", "done"], seen
     # slirp4netns parses every packet the session sends, as root in the host's network namespace (where
     # the host's loopback services are): it runs under its own system-call filter too.
     launcher = state["pid"]

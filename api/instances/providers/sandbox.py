@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # The directories of the host a session sees read-only (when they exist); nothing under /home, /root, /var.
 SYSTEM_DIRS = ("/usr", "/etc", "/opt")
 TOP_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SHM = "/dev/shm"  # noqa: S108  # nosec B108  # a mount point inside the sandbox, not the host's
 SOCKET_NAME = "ssh.sock"
 NETWORK_READY_NAME = "network-ready"
 FATAL_NAME = "fatal_error"  # the runner's own (runner/main.py FATAL_FILE): the provider reads it
@@ -496,8 +497,10 @@ def bwrap_argv(tools: Tools, paths: SessionPaths, *, session_id: str, uid: int, 
                extra_ro: list[Path], hidden: Iterable[Path], tmp_on_disk: bool = False) -> list[str]:
     """bwrap's options (the launcher adds --info-fd and the command from ``command_prefix``).
 
-    With ``tmp_on_disk`` (the session has its own disk) /tmp and /var/tmp are ``paths.tmp`` on that disk:
-    as tmpfs (bwrap 0.8 cannot size one) they would take up to half the host's RAM each, past the disk's size.
+    With ``tmp_on_disk`` (the session has its own disk) /tmp, /var/tmp and /dev/shm are ``paths.tmp`` on that
+    disk: as tmpfs (bwrap 0.8 cannot size one) they would take up to half the host's RAM each, past the disk's
+    size. /dev/shm must be writable by the session: bwrap's --dev leaves it root's, and POSIX semaphores live
+    there (Python's multiprocessing, ThreadPool included, failed with PermissionError).
 
     As root, bwrap makes the namespaces without a user namespace (one would map the session to host
     root) and the command starts through setpriv as the session's uid with no capabilities left.
@@ -527,10 +530,10 @@ def bwrap_argv(tools: Tools, paths: SessionPaths, *, session_id: str, uid: int, 
     private_tmp = "/tmp"  # noqa: S108  # nosec B108  # a mount point inside the sandbox, not the host's
     if tmp_on_disk:
         argv += ["--proc", "/proc", "--dev", "/dev", "--bind", str(paths.tmp), private_tmp, "--tmpfs", "/run",
-                 "--dir", "/var", "--bind", str(paths.tmp), "/var" + private_tmp]
+                 "--dir", "/var", "--bind", str(paths.tmp), "/var" + private_tmp, "--bind", str(paths.tmp), SHM]
     else:
         argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", private_tmp,
-                 "--tmpfs", "/run", "--perms", "1777", "--dir", "/var" + private_tmp]
+                 "--tmpfs", "/run", "--perms", "1777", "--dir", "/var" + private_tmp, "--perms", "1777", "--tmpfs", SHM]
     made: set[Path] = {Path(private_tmp), Path("/run")}
     for root in extra_ro:
         argv += [*_parents(root, made, bound), "--ro-bind", str(root), str(root)]
