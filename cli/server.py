@@ -90,17 +90,28 @@ PORTS = (("api_port", "API", "--api-port", "ORZ_API_PORT"),
 def check_ports(settings: Settings) -> None:
     """Before anything starts: a port already taken is named with the flag and variable that change it."""
     taken = []
+    ours = {getattr(settings, field_name) for field_name, *_ in PORTS}
     for field_name, what, flag, env in PORTS:
         port = getattr(settings, field_name)
         host = settings.ssh_host if field_name == "ssh_port" else (
             settings.gateway_web_host if field_name == "gateway_web_port" else settings.api_host)
         if port and not _can_listen(host, port):
             how = f"{flag} PORT or {env}=PORT" if flag else f"{env}=PORT"
-            example = f"make dev ARGS='{flag} {port + 1}'" if flag else f"{env}={port + 1} make dev"
+            free = _free_port_after(host, port, ours)
+            example = f"make dev ARGS='{flag} {free}'" if flag else f"{env}={free} make dev"
             taken.append(f"port {port} ({what}) on {host} is already in use; choose another with {how} "
                          f"(e.g. {example})")
     if taken:
         raise CliError("; ".join(taken))
+
+
+def _free_port_after(host: str, port: int, ours: set[int]) -> int:
+    """The first port after ``port`` that is free now and not another of this server's (suggesting port + 1
+    named the server's own SSH port when its API port was taken: `--api-port 18731 --ssh-port 18732`)."""
+    for candidate in range(port + 1, min(port + 100, 65535) + 1):
+        if candidate not in ours and _can_listen(host, candidate):
+            return candidate
+    return 0  # none near it: 0 is any free port, which `orz server` then prints
 
 
 def _can_listen(host: str, port: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -95,6 +96,34 @@ def test_a_port_in_use_is_named_with_its_flag_and_variable(tmp_path):
     assert not (tmp_path / "data" / "orz.db").exists()  # refused before anything was made
 
 
+def test_the_port_suggested_for_one_in_use_is_free_and_not_another_of_the_servers(tmp_path):
+    """`make dev ARGS='--api-port 18731 --ssh-port 18732'` with 18731 taken said "e.g. make dev ARGS='--api-port
+    18732'": the server's own SSH port, so following the advice failed again."""
+    with contextlib.ExitStack() as held:
+        for _ in range(50):
+            held.close()
+            api_port = free_port()
+            taken = [held.enter_context(socket.socket()) for _ in range(2)]
+            try:
+                for offset, sock in enumerate(taken):  # the API port and the next one are in use
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(("127.0.0.1", api_port + offset))
+                    sock.listen()
+            except OSError:
+                continue
+            break
+        ssh_port = api_port + 2  # free, but this server's own
+        proc = start_server(tmp_path, api_port, ssh_port)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    suggested = re.search(r"e\.g\. make dev ARGS='--api-port (\d+)'", err)
+    assert suggested, err
+    port = int(suggested.group(1))
+    assert port > ssh_port, err
+    with socket.socket() as sock:  # free
+        sock.bind(("127.0.0.1", port))
+
+
 def test_a_bad_setting_is_named_by_its_variable_not_reported_as_an_internal_error(tmp_path):
     """ORZ_API_TRUSTED_PROXIES=bogus printed "orz: internal error: ValidationError: 1 validation error for
     Settings api_trusted_proxies ..." (a pydantic dump that echoes values): the operator's typo, not a bug."""
@@ -151,3 +180,4 @@ def test_the_terminal_gets_events_and_problems_not_chatter():
     assert shown(record("gateway.server", logging.INFO, event="attached"))
     assert shown(record("api.instances.service", logging.INFO, event="program"))
     assert shown(record("api.jobs.scheduler", logging.WARNING))
+
