@@ -76,6 +76,14 @@ def new_context(**ids: str | None) -> None:
     log_context.set({k: v for k, v in ids.items() if v})
 
 
+class _NoFrameworkAdvice(logging.Filter):
+    """Sanic's warning on a terminal, "Sanic is running in PRODUCTION mode. Consider using '--debug' or '--dev'
+    ...": flags no orz command has, about a library its users never chose (`make dev` printed it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "running in PRODUCTION mode" not in record.getMessage()
+
+
 def configure(level: str = "INFO", json_lines: bool = True, stream: Any = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
@@ -90,6 +98,8 @@ def configure(level: str = "INFO", json_lines: bool = True, stream: Any = None) 
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
+        if not any(isinstance(f, _NoFrameworkAdvice) for f in lg.filters):
+            lg.addFilter(_NoFrameworkAdvice())
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     # The runner's (and gateway's) API client: one line per request is the access log's job, not theirs.
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import pty
 import re
+import select
 import socket
 import stat
 import subprocess
@@ -181,3 +184,28 @@ def test_the_terminal_gets_events_and_problems_not_chatter():
     assert shown(record("api.instances.service", logging.INFO, event="program"))
     assert shown(record("api.jobs.scheduler", logging.WARNING))
 
+
+def test_on_a_terminal_the_server_gives_no_advice_of_its_web_framework(tmp_path):
+    """`make dev` in a terminal printed "warning: Sanic is running in PRODUCTION mode. Consider using '--debug'
+    or '--dev' while actively developing your application." (its colour codes shown as U+FFFD): flags no
+    orz command has, about a library the user never chose."""
+    controller, terminal = pty.openpty()
+    env = orz_env(tmp_path / "home", ORZ_PROVIDER="fake")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "server", "--api-port", str(free_port()), "--ssh-port", str(free_port()),
+         "--web-port", "0", "--data-dir", str(tmp_path / "data")],
+        env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, cwd=ROOT)
+    os.close(terminal)
+    shown = b""
+    try:
+        with contextlib.suppress(OSError):  # EIO once the server is gone
+            while b"Press Ctrl-C" not in shown and proc.poll() is None:
+                ready, _, _ = select.select([controller], [], [], 60)
+                assert ready, shown
+                shown += os.read(controller, 4096)
+    finally:
+        stop_process(proc)
+        os.close(controller)
+    text = shown.decode(errors="replace")
+    assert "Orzbob Cloud is running" in text, text
+    assert "Sanic" not in text and "PRODUCTION" not in text and "--dev" not in text, text
