@@ -205,6 +205,7 @@ class Runner:
         await self._start_endpoint()
         await self._start_services()
         await self._run_init()
+        workspace.mark_setup_done(self.workspace)
         await self._start_recording()
         started = await self.tmux.ensure(self.program, cwd=self.workspace, env=self.session_env)
         if self.recorder is not None:

@@ -23,6 +23,7 @@ from runner.reaping import reaped
 log = logging.getLogger(__name__)
 
 INIT_MARKER = ".orz-init-done"
+SETUP_MARKER = "orz-setup-done"  # in .git (never a file of the checkout): setup finished, with no init to run
 GIT_TOKEN_ENV = "GIT_TOKEN"  # noqa: S105  # nosec B105  # a variable name, not a secret
 CLONE_TIMEOUT_S = 600.0
 
@@ -88,7 +89,7 @@ async def refresh(repo_url: str, dest: Path, *, env: Mapping[str, str], token: s
     --keep refuses), and a checkout with commits of its own is kept as it is. Each step is a line in the
     init log (``notes``).
     """
-    if not (dest / ".git").exists() or (init_done(dest) and not pull):
+    if not (dest / ".git").exists() or (setup_done(dest) and not pull):
         return Refresh()
     genv = git_env(env, repo_url, token)
     notes: list[str] = []
@@ -110,7 +111,7 @@ async def refresh(repo_url: str, dest: Path, *, env: Mapping[str, str], token: s
         return Refresh(notes=(
             f"[orz] not updating the workspace to {upstream}'s head {head[:12]}: it has commits of its own; "
             "kept as it is (merge them yourself, e.g. git pull --rebase)",))
-    untracked = not init_done(dest)
+    untracked = not setup_done(dest)
     stashed = False
     try:
         if await git("status", "--porcelain", f"--untracked-files={'all' if untracked else 'no'}"):
@@ -250,6 +251,18 @@ class InitResult:
 
 def init_done(workspace: Path) -> bool:
     return (workspace / INIT_MARKER).exists()
+
+
+def setup_done(workspace: Path) -> bool:
+    """The session's setup finished once on this workspace: its init succeeded, or it had none to run."""
+    return init_done(workspace) or (workspace / ".git" / SETUP_MARKER).exists()
+
+
+def mark_setup_done(workspace: Path) -> None:
+    """Called once a start got past setup. Without it a workspace with no ``setup.init`` (most repositories)
+    counted as never set up, and every start moved it to the branch's new head, stashing the agent's work."""
+    if (workspace / ".git").is_dir() and not setup_done(workspace):
+        (workspace / ".git" / SETUP_MARKER).write_text("ok\n", encoding="utf-8")
 
 
 async def run_init(command: str, workspace: Path, log_path: Path, *, env: Mapping[str, str],

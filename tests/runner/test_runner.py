@@ -215,6 +215,30 @@ async def test_a_workspace_with_its_own_commits_is_kept_and_says_why(
     assert "it has commits of its own; kept as it is" in fatal["init_log_tail"]
 
 
+async def test_a_plain_start_keeps_the_work_of_a_session_with_no_setup_init(
+        make_repo: MakeRepo, start_runner: StartRunner) -> None:
+    """A repository without .orz/cloud.yaml (most of them) never wrote the init marker, so every start
+    (`orz server` restarting, wake on connect) moved the workspace to origin's new head and stashed the
+    agent's uncommitted edits and untracked files, which the docs promise only before setup ever finished."""
+    from tests.runner.conftest import git
+
+    url = make_repo({"app.txt": "v1\n"})
+    first = await start_runner(url)
+    await running(first)
+    assert await first.finish() == 0
+    workspace = Path(first.runner.workspace)
+    (workspace / "app.txt").write_text("v1 and my edit\n")
+    (workspace / "new.txt").write_text("a file the agent made\n")
+    _push_fix(url, {"app.txt": "v2\n"})
+
+    again = await start_runner(url)
+    await running(again)
+    assert (workspace / "app.txt").read_text() == "v1 and my edit\n"
+    assert (workspace / "new.txt").read_text() == "a file the agent made\n"
+    assert git("-C", str(workspace), "stash", "list") == ""
+    assert await again.finish() == 0
+
+
 async def test_start_with_pull_updates_a_workspace_whose_setup_succeeded(
         make_repo: MakeRepo, start_runner: StartRunner) -> None:
     url = make_repo({".orz/cloud.yaml": GOOD_INIT, "app.txt": "v1\n"})
