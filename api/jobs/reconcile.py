@@ -17,6 +17,7 @@ compute seen in the listing always has its row visible to the later read (no fal
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -48,6 +49,18 @@ LIVE_STATES = (State.STARTING, State.RUNNING, State.UNHEALTHY)
 # Ids per lookup of the rows behind listed compute.
 ID_CHUNK = 1000
 WATCHED_STATES = (State.PENDING, State.STARTING, State.RUNNING, State.UNHEALTHY, State.STOPPING, State.DELETING)
+# How much of the provider's word on why compute failed goes into a session's reason (and the log's line).
+PROVIDER_WORD_MAX = 300
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def provider_word(message: str) -> str:
+    """The provider's message, fit for a reason and a log line: the local provider's is the session's own
+    state/fatal_error, which code in the session writes (up to 4 KB, any bytes). One line without control
+    characters (an escape sequence would drive the operator's terminal, a newline forge a log line),
+    clipped to PROVIDER_WORD_MAX characters as the Kubernetes provider clips a Pod's reason."""
+    line = _CONTROLS.sub(" ", message).strip()
+    return line if len(line) <= PROVIDER_WORD_MAX else line[:PROVIDER_WORD_MAX - 1] + "\u2026"
 
 
 @dataclass
@@ -119,7 +132,8 @@ class Reconciler:
         if state in (State.RUNNING, State.UNHEALTHY) and phase in GONE_PHASES:
             # The provider's word on why (e.g. Kubernetes evicted the Pod for filling its disk) is what the
             # user needs to keep it from happening again.
-            why = f": {status.message}" if status is not None and status.message and phase == "failed" else ""
+            said = status.message if status is not None and phase == "failed" else None
+            why = f": {provider_word(said)}" if said else ""
             await self._restart_or_fail(row, f"compute vanished (provider reports {phase}{why})", report)
         elif state in (State.PENDING, State.STARTING) and stuck:
             await self._restart_or_fail(

@@ -90,6 +90,26 @@ async def test_the_providers_word_on_why_compute_failed_reaches_the_user(
 
 
 @both_databases
+async def test_the_providers_word_is_one_short_line(world: World, sched: LifecycleScheduler,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The local provider's word is the session's own fatal_error file, which code in the session writes:
+    up to 4 KB of any bytes. The reason (and the server log's reconcile line) gets a clipped line of it,
+    without the escape sequences that would drive the operator's terminal or forge log lines."""
+    inst = await world.new_running()
+    world.clock.advance(5)
+    why = "disk full\x1b[2J\r\nreconcile: session s-other restarted\x00" + "x" * 4000
+    world.provider.phases[inst.id], world.provider.messages[inst.id] = "failed", why
+    caplog.set_level("INFO", logger="api.jobs.reconcile")
+    await reconcile(sched)
+    failed = [e for e in await world.events(inst.id) if e.to_state == "failed"]
+    told = failed[-1].message or ""
+    assert "disk full" in told and "reconcile: session s-other restarted" in told
+    assert len(told) < 500 and not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in told), told
+    logged = [r.getMessage() for r in caplog.records if "disk full" in r.getMessage()]
+    assert logged and all(len(line) < 600 and "\x1b" not in line and "\n" not in line for line in logged)
+
+
+@both_databases
 async def test_orphan_compute_is_removed_and_its_workspace_kept(world: World, sched: LifecycleScheduler) -> None:
     kept = await world.new_running()
     world.provider.phases["ghost-abc123"] = "running"
