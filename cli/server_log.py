@@ -4,6 +4,8 @@ human line per event (a session changing state, a warning or an error), so the b
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -56,7 +58,23 @@ def configure(settings: Settings, terminal: TextIO | None = None) -> Path:
     screen.addFilter(TerminalFilter())
     logging.getLogger().addHandler(screen)
     EVENTS.setLevel(logging.INFO)  # shown whatever ORZ_LOG_LEVEL says
+    private_data_dir(settings.data_dir)
     return path
+
+
+def private_data_dir(data_dir: Path) -> None:
+    """An existing data dir (an earlier version's, or one made by hand) is made 0700 too when this user
+    owns it; one someone else owns is not ours to change: a warning says it stays as it is."""
+    info = data_dir.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o077:
+        return
+    if info.st_uid != os.geteuid():
+        logging.getLogger(__name__).warning(
+            "the data dir %s is mode %04o and owned by uid %d, not this server's user: it is left as it is, "
+            "and other accounts on this machine may list it; make it 0700", data_dir, mode, info.st_uid)
+        return
+    data_dir.chmod(mode & 0o700)
 
 
 def _open_log(path: Path) -> TextIO:
