@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import os
+import platform
 import secrets
 import shutil
 import stat
@@ -61,7 +62,9 @@ class Tools:
 
 
 def find_tools() -> Tools:
-    """The sandbox's programs, or SandboxUnavailable naming the Debian package to install."""
+    """The sandbox's programs, or SandboxUnavailable naming the Debian package to install (or the CPU the
+    system-call filter has no table for)."""
+    check_architecture()
     found = {}
     for cmd, package in (("bwrap", "bubblewrap"), ("slirp4netns", "slirp4netns")):
         path = shutil.which(cmd)
@@ -569,6 +572,26 @@ SECCOMP_TABLES = {
     0xC00000B7: ((217, 218, 219), (97, 220), 435),  # aarch64
     0x40000028: ((309, 310, 311), (337, 120), 435),  # arm (compat on aarch64)
 }
+
+
+# platform.machine() of the CPUs whose system calls SECCOMP_TABLES knows, and their AUDIT_ARCH_*.
+SECCOMP_MACHINES = {"x86_64": 0xC000003E, "amd64": 0xC000003E, "aarch64": 0xC00000B7, "arm64": 0xC00000B7,
+                    **dict.fromkeys(("i386", "i486", "i586", "i686"), 0x40000003),
+                    **dict.fromkeys(("armv6l", "armv7l", "armv8l"), 0x40000028)}
+
+
+def check_architecture() -> None:
+    """SandboxUnavailable on a CPU without a table in SECCOMP_TABLES (riscv64, ppc64le, s390x, loongarch64):
+    the filter refuses every system call of an ABI it does not know, execve included, so no session could
+    start there, and each would fail with "Function not implemented". Refused rather than run without the
+    filter: without it sessions of different orgs share the kernel's keyrings and may make user namespaces,
+    and a multi-tenant host must not lose that silently."""
+    machine = platform.machine()
+    if SECCOMP_MACHINES.get(machine) not in SECCOMP_TABLES:
+        raise SandboxUnavailable(
+            f"cannot start sessions: the session sandbox's system-call filter has no table for this CPU "
+            f"architecture ({machine or 'unknown'}; it knows x86_64, aarch64, i386 and arm); a single "
+            f"developer may set ORZ_SANDBOX=off instead")
 
 
 def seccomp_program() -> bytes:

@@ -407,18 +407,25 @@ async def run(plan: dict[str, Any]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, forward, signum)
-    seccomp = []
-    if plan.get("seccomp"):  # the system calls the session may not make (sandbox.seccomp_program)
-        filter_fd = os.memfd_create("orz-seccomp")
-        os.write(filter_fd, bytes.fromhex(plan["seccomp"]))
-        os.lseek(filter_fd, 0, os.SEEK_SET)
-        seccomp = ["--seccomp", str(filter_fd)]
-    bwrap = await asyncio.create_subprocess_exec(
-        *plan["bwrap"], "--info-fd", str(info_w), *seccomp, "--", *plan["command"],
-        pass_fds=(info_w, *map(int, seccomp[1:])), start_new_session=True, stdin=asyncio.subprocess.DEVNULL)
-    os.close(info_w)
-    for fd in seccomp[1:]:
-        os.close(int(fd))
+    # The system calls the session may not make (sandbox.seccomp_program), for bwrap to read at its start.
+    filter_fd = os.memfd_create("orz-seccomp") if plan.get("seccomp") else None
+    try:
+        seccomp = []
+        if filter_fd is not None:
+            os.write(filter_fd, bytes.fromhex(plan["seccomp"]))
+            os.lseek(filter_fd, 0, os.SEEK_SET)
+            seccomp = ["--seccomp", str(filter_fd)]
+        bwrap = await asyncio.create_subprocess_exec(
+            *plan["bwrap"], "--info-fd", str(info_w), *seccomp, "--", *plan["command"],
+            pass_fds=(info_w, *map(int, seccomp[1:])), start_new_session=True, stdin=asyncio.subprocess.DEVNULL)
+    except BaseException:
+        for fd in (info_r, exit_r, exit_w):
+            os.close(fd)
+        raise
+    finally:  # bwrap has its own copies; ours go whether it started or not
+        os.close(info_w)
+        if filter_fd is not None:
+            os.close(filter_fd)
     servers: list[asyncio.Server] = []
     try:
         info = json.loads(await loop.run_in_executor(None, _read_all, info_r) or b"{}")
