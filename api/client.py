@@ -62,10 +62,13 @@ class ApiClient:
         transport: httpx.AsyncBaseTransport | None = None,
         retry_for_s: float = 0.0,
         on_retry: Callable[[str], None] | None = None,
+        local_address: str | None = None,
     ) -> None:
         """``retry_for_s`` > 0: an idempotent request that an API answers with 502/503/504, or whose
         connection dies under it, is tried again for that long (a rolling restart, a database failover);
-        ``on_retry`` hears why, once per request."""
+        ``on_retry`` hears why, once per request. ``local_address``: the address connections come from."""
+        if local_address is not None and transport is None:
+            transport = httpx.AsyncHTTPTransport(local_address=local_address)
         self.base_url = base_url.rstrip("/")
         self.retry_for_s = retry_for_s
         self.on_retry = on_retry

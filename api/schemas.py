@@ -789,6 +789,9 @@ class RunnerSpec(Request):
     # Sandboxed local runners start while their network is still being set up (their start-up overlaps
     # it); the sandbox's launcher creates this file once the network and the API relay are up.
     network_ready_file: str | None = None
+    # Sandboxed local runners connect to the API from this loopback address in their namespace: the
+    # launcher's relay keeps connections for it that the session's own programs cannot use up.
+    api_source_address: str | None = None
     workspace: str
     state_dir: str
     # Where the pane's text is kept across a stop when the state dir is not kept (Kubernetes: its state dir

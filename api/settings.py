@@ -354,7 +354,8 @@ class Settings(BaseSettings):
     sandbox_relay_max_connections: int = option("sandbox", 64, "connections one session may hold at once "
                                                 "through the ports relayed into it (the API's and "
                                                 "ORZ_SANDBOX_ALLOW_HOST_PORTS, together); more are closed at once, "
-                                                "so that one session cannot use up the server's file descriptors",
+                                                "so that one session cannot use up the server's file descriptors "
+                                                "(the runner's heartbeats have 4 more of their own)",
                                                 ge=1)
     sandbox_pids_max: int = option("sandbox", 2048, "processes per session (cgroup v1 pids controller; needs "
                                    "root)", ge=16)

@@ -112,7 +112,7 @@ class Runner:
         return self.state_dir / STATE_INIT_LOG
 
     async def run(self, stop: asyncio.Event) -> int:
-        client = self.client = ApiClient(self.spec.api_url, self.token)
+        client = self.client = ApiClient(self.spec.api_url, self.token, local_address=self.spec.api_source_address)
         heartbeats = HeartbeatLoop(client, self.spec.session_id, self.activity,
                                    self.spec.heartbeat_interval_s, refresh=self._refresh)
         heartbeats.start()

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -666,3 +667,25 @@ async def test_sessions_forking_without_end_leave_the_server_processes(
             await provider.delete(sid, state)
         assert not groups["sbx-fa"].exists() and not memory.exists()
     assert not groups["sbx-fa"].parent.exists() and not memory.parent.exists()  # removed once empty
+
+
+async def test_a_session_holding_all_its_relayed_connections_still_heartbeats(
+        short_tmp: Path, make_repo, fake_api: FakeApi, gateway_key) -> None:
+    """Programs of the session take every relayed connection it may hold, again as soon as one ends (a
+    connection pool): the runner's heartbeats still reach the API, through the relay's connections kept for
+    the runner (the API answers that heartbeats come every 7 s, longer than the runner's client keeps an
+    idle connection: most need a new one). Before, the session never got past its first heartbeats."""
+    fake_api.interval_s = 7
+    port = urlsplit(fake_api.url).port
+    hold = f"while :; do (exec 3<>/dev/tcp/127.0.0.1/{port} && cat <&3) >/dev/null 2>&1; sleep 0.05; done"
+    script = f"""for i in 1 2 3 4; do setsid bash -c '{hold}' </dev/null >/dev/null 2>&1 & done
+sleep 1
+echo done
+"""
+    repo = make_repo(config(script))
+    settings = Settings(data_dir=short_tmp / "data", repo_file_dirs=str(short_tmp), sandbox_relay_max_connections=2)
+    async with local_provider(settings) as provider:
+        await provider.create(compute_spec("sbx-hold", fake_api, gateway_key, repo))
+        await started(provider, fake_api, "sbx-hold")
+        two_more = len(fake_api.bodies("sbx-hold")) + 2  # 7 s apart: each on a connection of its own
+        await fake_api.wait_for(lambda _body: len(fake_api.bodies("sbx-hold")) >= two_more, 40, "sbx-hold")

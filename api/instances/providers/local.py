@@ -280,6 +280,9 @@ class LocalProvider(Provider):
             ssh_host=UNIX_ROUTE_PREFIX + socket if socket else "127.0.0.1", ssh_port=0,
             workspace=str(base / "workspace"), state_dir=str(base / "state"),
             network_ready_file=str(sandbox.SessionPaths(base).network_ready) if socket else None,
+            # Its connections to the API through the relay come from here: the relay keeps some for them.
+            api_source_address=(sandbox_launch.RUNNER_SOURCE
+                                if socket and sandbox.loopback_port(spec.api_url) is not None else None),
         )
         env = {k: os.environ[k] for k in _INHERIT if k in os.environ}
         env.setdefault("LANG", "C.UTF-8")
@@ -371,7 +374,7 @@ class LocalProvider(Provider):
             limits=sandbox.cgroup_limits(self.settings, spec.resources), paths=paths, session_id=spec.session_id,
             cgroup_parent=self.settings.sandbox_cgroup_parent, cgroup_parent_limits=self.cgroup_parent_limits,
             egress_allow=self.settings.sandbox_egress_allowed(),
-            relay_max_connections=self.settings.sandbox_relay_max_connections)
+            relay_max_connections=self.settings.sandbox_relay_max_connections, api_port=api_port)
         # -I -S: the launcher needs only the standard library; skipping site-packages saves ~0.1 s a start.
         launcher = [sys.executable, "-I", "-S", sandbox_launch.__file__, json.dumps(plan)]
         return launcher, {"uid": uid}, runner_env

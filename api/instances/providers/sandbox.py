@@ -711,11 +711,12 @@ def launcher_plan(*, bwrap: list[str], command: list[str], tools: Tools, relay_p
                   cgroup_name: str | None, limits: Mapping[str, int], paths: SessionPaths,
                   session_id: str, egress_allow: Iterable[str] = (), cgroup_parent: str | None = None,
                   cgroup_parent_limits: Mapping[str, int] | None = None,
-                  relay_max_connections: int | None = None) -> dict[str, Any]:
-    """The JSON the launcher reads from its argv (no secrets: those come in its environment)."""
+                  relay_max_connections: int | None = None, api_port: int | None = None) -> dict[str, Any]:
+    """The JSON the launcher reads from its argv (no secrets: those come in its environment). ``api_port``
+    (one of ``relay_ports``) keeps connections for the runner's heartbeats (sandbox_launch.RUNNER_SOURCE)."""
     return {
         "bwrap": bwrap, "command": command, "slirp4netns": tools.slirp4netns,
-        "relay_ports": sorted(set(relay_ports)), "relay_source": relay_source(session_id),
+        "relay_ports": sorted(set(relay_ports)), "relay_source": relay_source(session_id), "api_port": api_port,
         "relay_max_connections": relay_max_connections, "seccomp": seccomp_program().hex(),
         "egress_allow": list(egress_allow), "cgroup": cgroup_name, "limits": dict(limits),
         "cgroup_parent": cgroup_parent, "cgroup_parent_limits": dict(cgroup_parent_limits or {}),

@@ -50,6 +50,14 @@ RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_PROHIBIT = 254, 4, 0, 8
 RTA_DST, IFA_ADDRESS, IFA_LOCAL = 1, 1, 2
 _RELAY_CHUNK = 65536
 DEFAULT_RELAY_MAX_CONNECTIONS = 64  # ORZ_SANDBOX_RELAY_MAX_CONNECTIONS's default, for a plan without it
+# Inside the namespace the runner connects to the API from this loopback address (RunnerSpec.api_source_address),
+# and the API port's relay keeps RUNNER_CONNECTIONS connections for it beyond the session's shared bound:
+# the session's own programs holding every relayed connection (a pool to a host database, a test suite's
+# connections to the API) must not leave the runner's heartbeats without one (the session would be
+# marked unhealthy, then failed). Code in the session can bind the address too, and so hold at most
+# RUNNER_CONNECTIONS more: the bound per session stays (it can end its own runner anyway).
+RUNNER_SOURCE = "127.0.0.2"
+RUNNER_CONNECTIONS = 4
 
 
 def log(message: str) -> None:
@@ -335,18 +343,24 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 def relay_to_host(port: int, source: str | None = None,  # type: ignore[no-untyped-def]
-                  slots: asyncio.Semaphore | None = None):
+                  slots: asyncio.Semaphore | None = None, runner_slots: asyncio.Semaphore | None = None):
     """A connection handler relaying to the host's 127.0.0.1:port from ``source`` (the session's own address).
 
     ``slots`` (one for all of a session's relayed ports) bounds the connections it holds at once: the host
     service is the server every session shares (the API), whose file descriptors one session's connections
-    would otherwise use up. One more is closed at once, before anything is opened on the host."""
+    would otherwise use up. One more is closed at once, before anything is opened on the host.
+    ``runner_slots`` (the API port's only) are for connections from RUNNER_SOURCE, the runner's own, first:
+    the session's other connections cannot take them."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if slots is not None and slots.locked():
+        peer = writer.get_extra_info("peername")
+        mine = runner_slots is not None and isinstance(peer, tuple) and peer[0] == RUNNER_SOURCE
+        pools = [p for p in ((runner_slots if mine else None), slots) if p is not None]
+        taken = next((p for p in pools if not p.locked()), None)
+        if pools and taken is None:
             writer.close()
             return
-        if slots is not None:
-            await slots.acquire()  # free (checked above): returns at once
+        if taken is not None:
+            await taken.acquire()  # free (checked above): returns at once
         try:
             try:
                 up_reader, up_writer = await asyncio.open_connection(
@@ -356,8 +370,8 @@ def relay_to_host(port: int, source: str | None = None,  # type: ignore[no-untyp
                 return
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         finally:
-            if slots is not None:
-                slots.release()
+            if taken is not None:
+                taken.release()
     return handle
 
 
@@ -444,9 +458,11 @@ async def run(plan: dict[str, Any]) -> int:
             await bwrap.wait()
             return 2
         slots = asyncio.Semaphore(int(plan.get("relay_max_connections") or DEFAULT_RELAY_MAX_CONNECTIONS))
+        runner_slots = asyncio.Semaphore(RUNNER_CONNECTIONS)
         for sock, port in zip(listening, ports, strict=True):
-            servers.append(await asyncio.start_server(relay_to_host(port, plan.get("relay_source"), slots),
-                                                      sock=sock))
+            handler = relay_to_host(port, plan.get("relay_source"), slots,
+                                    runner_slots if port == plan.get("api_port") else None)
+            servers.append(await asyncio.start_server(handler, sock=sock))
         ready_r, ready_w = os.pipe()
         # It parses every packet the session sends, as root in the host's network namespace: in a mount
         # namespace of its own with one capability left (--enable-sandbox), under a system-call filter.
