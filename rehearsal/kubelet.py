@@ -78,11 +78,20 @@ HISTORY_PER_POD = 400  # what each Pod's worker remembers for the evidence (rehe
 # Runs before a container's (or an exec's) first process: the shell joins the container's cgroups ("0": the
 # writer itself), then becomes the command; the cgroups' limits hold for everything it starts.
 JOIN_CGROUPS = 'for g in $ORZ_CGROUP_PROCS; do echo 0 > "$g" || exit 125; done; unset ORZ_CGROUP_PROCS; exec "$@"'
-# For an exec into a container: the container's environment comes in this process's own (a command line is
-# world-readable in /proc/<pid>/cmdline, and the environment holds the runner token and the user's secrets);
-# what the shell itself would add (PWD) or the container does not define (ORZ_EXEC_UNSET) goes before nsenter.
-JOIN_CGROUPS_EXEC = ('for g in $ORZ_CGROUP_PROCS; do echo 0 > "$g" || exit 125; done; unset ORZ_CGROUP_PROCS; '
-                     'for v in $ORZ_EXEC_UNSET; do unset "$v"; done; unset ORZ_EXEC_UNSET; exec "$@"')
+# For an exec into a container, the step nsenter runs inside it: reads the container's environment from an
+# inherited file (argv[1], a memfd) and becomes the command with exactly that. The environment never passes
+# through a command line (world-readable in /proc/<pid>/cmdline; it holds the runner token and the user's
+# secrets), nor through the environment of the host's root shell and nsenter: a service's env may name
+# LD_PRELOAD or GCONV_PATH, which they would load from the session's own files before entering the container.
+EXEC_WITH_ENV = """import json, os, sys
+with os.fdopen(int(sys.argv[1]), "rb") as given:
+    env = json.load(given)
+try:
+    os.execvpe(sys.argv[2], sys.argv[2:], env)
+except OSError as exc:
+    print(f"exec: {sys.argv[2]}: {exc.strerror}", file=sys.stderr, flush=True)
+    sys.exit(126 if isinstance(exc, PermissionError) else 127)
+"""
 NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"
 
 
@@ -214,20 +223,26 @@ class Container:
         pid = self.init_pid()
         if pid is None:
             return None
-        cmd = [NSENTER, "-t", str(pid), "-m", "-n", "-p", "-r", "-w", "-S", str(self.uid), "-G", str(self.gid),
-               "--", *argv]
-        # The container's environment, exactly, by the environment and never on a command line (`env -i K=V
-        # ...` showed the runner token to every local user); in the container's cgroups, as a runtime's exec
-        # is: what it allocates counts against the limit.
-        env = dict(self.env)
-        env["ORZ_CGROUP_PROCS"] = " ".join(str(g / "cgroup.procs") for g in self.cgroups)
-        env["ORZ_EXEC_UNSET"] = " ".join(v for v in ("PATH", "PWD") if v not in self.env)
-        env.setdefault("PATH", os.environ.get("PATH", ""))
+        # The container's environment, exactly, given to the step inside it (EXEC_WITH_ENV) in a memfd: the
+        # host side (a shell joining the container's cgroups, as a runtime's exec is: what it allocates counts
+        # against the limit; then nsenter) runs with the kubelet's PATH and nothing of the container's.
+        env_fd = os.memfd_create("orz-exec-env")
         try:
-            return subprocess.run(["/bin/sh", "-c", JOIN_CGROUPS_EXEC, "sh", *cmd], capture_output=True,
-                                  timeout=timeout_s, check=False, env=env)
-        except subprocess.TimeoutExpired:
-            return subprocess.CompletedProcess(cmd, 124, b"", b"timed out")
+            data = memoryview(json.dumps(self.env).encode())
+            while data:
+                data = data[os.write(env_fd, data):]
+            os.lseek(env_fd, 0, os.SEEK_SET)
+            cmd = [NSENTER, "-t", str(pid), "-m", "-n", "-p", "-r", "-w", "-S", str(self.uid), "-G", str(self.gid),
+                   "--", sys.executable, "-I", "-S", "-c", EXEC_WITH_ENV, str(env_fd), *argv]
+            host_env = {"PATH": os.environ.get("PATH", ""),
+                        "ORZ_CGROUP_PROCS": " ".join(str(g / "cgroup.procs") for g in self.cgroups)}
+            try:
+                return subprocess.run(["/bin/sh", "-c", JOIN_CGROUPS, "sh", *cmd], capture_output=True,
+                                      timeout=timeout_s, check=False, env=host_env, pass_fds=(env_fd,))
+            except subprocess.TimeoutExpired:
+                return subprocess.CompletedProcess(cmd, 124, b"", b"timed out")
+        finally:
+            os.close(env_fd)
 
 
 class PodWorker:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rehearsal.kubelet import Container
+from rehearsal.kubelet import NSENTER, Container
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(os.geteuid() != 0, reason="nsenter into a process's namespaces needs root")]
@@ -87,3 +87,50 @@ def test_an_exec_sees_exactly_the_containers_environment(container: Container) -
                           {**container.env, "PATH": "/usr/bin:/bin"}, container.uid, container.gid)
     done = with_path.exec(["env"], 30)
     assert done is not None and "PATH=/usr/bin:/bin" in done.stdout.decode().splitlines()
+
+
+def environs() -> dict[int, tuple[bytes, bytes]]:
+    """(cmdline, environ) of every process this test may read."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found[int(entry.name)] = ((entry / "cmdline").read_bytes(), (entry / "environ").read_bytes())
+            except OSError:
+                continue
+    return found
+
+
+def test_the_host_side_of_an_exec_runs_without_the_containers_environment(container: Container,
+                                                                          tmp_path: Path) -> None:
+    """A container's env may name LD_PRELOAD (a service's env passes the API's checks): the host's root
+    shell and nsenter, before they enter the container, must not load a library the session wrote."""
+    planted = tmp_path / "emptydir" / "evil.so"
+    planted.parent.mkdir()
+    planted.write_bytes(b"not really a library")
+    poisoned = Container(container.spec, container.process, container.log_path,
+                         {**container.env, "LD_PRELOAD": str(planted), "GCONV_PATH": str(planted.parent)},
+                         container.uid, container.gid)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    done: list[subprocess.CompletedProcess[bytes] | None] = []
+    execing = threading.Thread(target=lambda: done.append(poisoned.exec(
+        ["/bin/sh", "-c", f'read go < {gate}; printf "%s" "$LD_PRELOAD"'], 30)))
+    execing.start()
+    try:
+        for _ in range(3000):
+            if any(cmd.startswith(b"/bin/sh\0-c\0read go") for cmd, _ in environs().values()):
+                break  # the command itself runs (it waits on the gate)
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the exec never started")
+        seen = environs()
+    finally:
+        with gate.open("w") as opened:
+            opened.write("go\n")
+        execing.join(30)
+    with_it = {pid: cmd for pid, (cmd, env) in seen.items() if str(planted).encode() in env}
+    # The command's own environment only: not nsenter's, nor a shell's before it.
+    assert with_it and all(cmd.startswith(b"/bin/sh\0-c\0read go") for cmd in with_it.values()), with_it
+    assert any(cmd.startswith(NSENTER.encode()) for cmd, _ in seen.values())  # seen while nsenter was there
+    assert done and done[0] is not None and done[0].stdout.decode() == str(planted), done
