@@ -402,8 +402,10 @@ class Settings(BaseSettings):
     k8s_service_image_pull_policy: Literal["Always", "IfNotPresent"] = option(
         "kubernetes", "Always", "imagePullPolicy of the `services:` containers. `Always` makes the kubelet ask the "
         "registry, with this session's (no) credentials, every time: with `IfNotPresent` a session could run a "
-        "private image another tenant (or the operator) pulled onto the node with credentials it lacks. "
-        "Enable the AlwaysPullImages admission plugin too where you can (docs/security.md)")
+        "private image another tenant (or the operator) pulled onto the node with credentials it lacks; the "
+        "price: while a registry is down, sessions with `services:` do not start, cached image or not (mirror "
+        "the images into a registry you run). Enable the AlwaysPullImages admission plugin too where you can "
+        "(docs/security.md)")
     k8s_gateway_selector: str = option("kubernetes", "app.kubernetes.io/component=gateway", "labels of the "
                                        "gateway's pods, the only pods a session's NetworkPolicy lets reach its runner")
     k8s_gateway_namespace_selector: str = option("kubernetes", "kubernetes.io/metadata.name=orz-system", "labels "

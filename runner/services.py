@@ -45,8 +45,6 @@ STOP_TIMEOUT_S = 10.0
 UNPRIVILEGED_USER = "nobody"
 
 
-
-
 def _postgres_bin() -> Path | None:
     found = shutil.which("postgres")
     if found:
