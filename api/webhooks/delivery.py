@@ -266,6 +266,13 @@ class Deliverer:
                  detail, extra={"event": "webhook_unreached"})
         return UNREACHED
 
+    @staticmethod
+    def _not_reached(c: Claimed, target: policy.Target, detail: str, started: float) -> Outcome:
+        """A failed connection's outcome. Where the owner reads the one sentence, no duration either: about
+        1 ms (refused), a TLS handshake's time, or the time-out told those apart all the same."""
+        error = Deliverer._unreached(c, target, detail)
+        return Outcome(error=error, retry=True, duration_ms=None if error == UNREACHED else _ms(started))
+
     async def send(self, c: Claimed) -> Outcome:
         """One signed POST to the address the rule checked just now (DNS rebinding finds no new target)."""
         if not c.owner_active:
@@ -316,10 +323,9 @@ class Deliverer:
                 reason = response.reason_phrase[:_REASON_CHARS]
                 retry_after = _retry_after(response.headers.get("retry-after"))
         except httpx.TransportError as exc:
-            return Outcome(error=self._unreached(c, target, _describe(exc)), retry=True, duration_ms=_ms(started))
+            return self._not_reached(c, target, _describe(exc), started)
         except TimeoutError:
-            return Outcome(error=self._unreached(c, target, f"TimeoutError: no answer within {limit_s:g} s"),
-                           retry=True, duration_ms=_ms(started))
+            return self._not_reached(c, target, f"TimeoutError: no answer within {limit_s:g} s", started)
         outcome = Outcome(status=status, duration_ms=_ms(started))
         if 200 <= status < 300:
             return outcome

@@ -402,6 +402,8 @@ async def test_pending_deliveries_survive_a_restart_and_a_crashed_sender(
     # The receiver is on an address only ORZ_WEBHOOK_ALLOW_HOSTS lets through: the owner reads one sentence,
     # the server's log says what happened.
     assert all(r.last_error == UNREACHED for r in rows) and "ConnectError" in caplog.text
+    # Nor does its log's duration tell refused (a millisecond) from a TLS failure or a time-out.
+    assert [r.log[-1]["duration_ms"] for r in rows] == [None, None], [r.log for r in rows]
     # It claims them again when due, then its process dies before sending: the claim stays behind.
     await asyncio.sleep(0.3)
     assert len(await first.claim(10)) == 2
