@@ -744,6 +744,9 @@ STATE_INIT_LOG = "init.log"
 # Each run of the runner begins its part of the init log with this line and "N, <UTC time>": the init log
 # keeps every run's output, and a user reading it after a restart tells which lines are this start's.
 INIT_LOG_START = "[orz] start "
+# The runner's logger for lines only operators read: in its log (the session directory's runner log, the runner
+# container's log on Kubernetes) but never in `orz cloud logs` (providers' read_log leave its records out).
+RUNNER_OPERATOR_LOGGER = "runner.operator"
 # The local provider's log (read_log) shows this start's part of the init log under INIT_LOG_TITLE and earlier
 # starts' under INIT_LOG_EARLIER_TITLE; `orz cloud logs -f` follows the two as the one log they were.
 INIT_LOG_TITLE = "== init log =="

@@ -47,6 +47,9 @@ from runner.sshd import Endpoint, SessionHooks
 from runner.tmux import Tmux
 
 log = logging.getLogger(__name__)
+# The runner's log records ("2026-12-05 10:01:02,345 WARNING runner.main: ..."): the providers' read_log
+# reads them by this shape (api/instances/providers/base.py, local.py).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Pod mode: a runner of this Pod got past the services check (the state dir lives as long as the Pod).
 POD_STARTED_FILE = "pod-started"
@@ -411,8 +414,7 @@ class Runner:
 def main() -> None:
     """Entry point: read ORZ_RUNNER_SPEC / ORZ_RUNNER_TOKEN, run until SIGTERM, exit 0 (2 on fatal)."""
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     quiet_libraries()
     if not settings.runner_spec:
         sys.exit("orz runner: ORZ_RUNNER_SPEC is not set (the provider passes the runner spec as JSON)")

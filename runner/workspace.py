@@ -16,11 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from api.schemas import INIT_LOG_START
+from api.schemas import INIT_LOG_START, RUNNER_OPERATOR_LOGGER
 from runner.errors import CloneError, InitError
 from runner.reaping import reaped
 
 log = logging.getLogger(__name__)
+# What users must not read (`orz cloud logs` leaves it out): git's own words for a host it could not reach.
+operator_log = logging.getLogger(RUNNER_OPERATOR_LOGGER)
 
 INIT_MARKER = ".orz-init-done"
 SETUP_MARKER = "orz-setup-done"  # in .git (never a file of the checkout): setup finished, with no init to run
@@ -160,8 +162,9 @@ async def _git(args: Sequence[str], env: Mapping[str, str], *, what: str, token:
         if _unreachable(reason):
             # The session's events show the user one sentence for every way of not reaching the host: git's
             # own (no such name, refused, timed out, a TLS name mismatch) told apart names and ports of the
-            # operator's network. The runner's log keeps git's line.
-            log.warning("%s failed: %s", what, reason)
+            # operator's network. The runner's log keeps git's line for operators only: `orz cloud logs` (which
+            # shows the session's owner the runner's warnings) leaves the operator logger's records out.
+            operator_log.warning("%s failed: %s", what, reason)
             reason = UNREACHABLE
         raise CloneError(f"{what} failed: {reason}")
     return out.decode("utf-8", "replace").strip()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s
@@ -17,6 +18,7 @@ from kubernetes import client as k8s
 from api.instances.providers.base import ComputeStatus, ProviderFailure
 from api.instances.providers.kubernetes import names
 from api.instances.providers.kubernetes.provider import KubernetesProvider
+from api.schemas import RUNNER_OPERATOR_LOGGER
 from api.settings import Settings
 from tests.k8s.conftest import NS, make_spec, pod_route
 from tests.k8s.fake_apiserver import FakeApiServer
@@ -309,3 +311,22 @@ async def test_a_conflict_replacing_the_secret_fails_clearly_and_leaves_no_pod(p
     with pytest.raises(ProviderFailure, match="could not store the session's secrets: it conflicts"):
         await provider.start(make_spec(SID), state)
     assert server.get("pods", NS, state["pod"]) is None  # nothing started on a half-written Secret
+
+
+async def test_the_runner_log_users_read_leaves_out_what_only_operators_may(
+        provider: KubernetesProvider, server: FakeApiServer, tmp_path: Path) -> None:
+    """`orz cloud logs` on Kubernetes is the runner container's log: git's words for a repository host it
+    could not reach (the runner's operator logger) would tell the session's owner which names and ports of the
+    operator's network answer, where the session's error says one sentence for all. kubectl logs keeps them."""
+    state = await provider.create(make_spec(SID))
+    container_log = tmp_path / "runner.log"
+    container_log.write_text(
+        "2026-12-06 18:00:00,001 INFO runner.workspace: cloning https://10.0.0.7:8443/a.git (branch default)\n"
+        f"2026-12-06 18:00:00,120 WARNING {RUNNER_OPERATOR_LOGGER}: git clone failed: fatal: unable to access "
+        "'https://10.0.0.7:8443/a.git/': Failed to connect to 10.0.0.7 port 8443: Connection refused\n"
+        "2026-12-06 18:00:00,121 ERROR runner.main: fatal: git clone failed: could not reach the host\n")
+    server.logs[(NS, state["pod"], names.RUNNER_CONTAINER)] = container_log
+    shown = await provider.read_log(SID, state)
+    assert "Connection refused" not in shown and "10.0.0.7 port" not in shown, shown
+    assert shown.endswith("ERROR runner.main: fatal: git clone failed: could not reach the host\n"), shown
+    assert "cloning https://10.0.0.7:8443/a.git" in shown  # the rest of the log as it was

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from api.instances.providers.base import without_operator_records
+from api.instances.providers.local import runner_log_for_users
 from runner import workspace
 from runner.errors import CloneError, InitError
+from runner.main import LOG_FORMAT
 from runner.workspace import INIT_MARKER, clone, git_env, init_done, run_init
 from tests.runner.conftest import MakeRepo, git
 
@@ -145,7 +149,7 @@ async def test_clone_errors_do_not_tell_the_hosts_network_apart(
         make_repo: MakeRepo, short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
     """No such name, nothing listening, something listening that is no git server (TLS fails), over https, ssh
     and git://: the session's error reads the same for each, not as a probe of the operator's network; the
-    runner's log keeps git's line. A git server's own answer (no such branch) is still told."""
+    runner's log keeps git's line for operators. A git server's own answer (no such branch) is still told."""
     import socket
     import threading
 
@@ -182,6 +186,11 @@ async def test_clone_errors_do_not_tell_the_hosts_network_apart(
     assert reasons == [workspace.UNREACHABLE] * len(urls), reasons
     logged = caplog.text
     assert "Could not resolve host" in logged and "Connection refused" in logged
+    # ... for operators: `orz cloud logs` shows the session's owner the runner's warnings, but not these.
+    runner_log = "".join(logging.Formatter(LOG_FORMAT).format(r) + "\n" for r in caplog.records)
+    assert "Connection refused" in runner_log
+    for shown in (runner_log_for_users(runner_log), without_operator_records(runner_log)):
+        assert "Could not resolve" not in shown and "Connection refused" not in shown, shown
     with pytest.raises(CloneError) as caught:
         await clone(make_repo({"README": "x"}), "nope", short_tmp / "ws", env=ENV)
     assert workspace.UNREACHABLE not in str(caught.value) and "nope" in str(caught.value)

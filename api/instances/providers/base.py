@@ -9,14 +9,33 @@ or a provider whose templates changed, can therefore always clean up what an ear
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from api.cloud_yaml import DEFAULT_MAX_SERVICES
-from api.schemas import RunnerSpec
+from api.schemas import RUNNER_OPERATOR_LOGGER, RunnerSpec
 
 ProviderState = dict[str, Any]
+
+# A record of the runner's log (runner/main.py LOG_FORMAT: "2026-12-05 10:01:02,345 INFO httpx: ..."); the lines
+# after one up to the next are its continuation (a traceback).
+RUNNER_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+OPERATOR_RECORD = re.compile(RUNNER_RECORD.pattern + re.escape(RUNNER_OPERATOR_LOGGER) + ": ")
+
+
+def without_operator_records(text: str) -> str:
+    """The runner's log without the records only operators may read (RUNNER_OPERATOR_LOGGER: git's words for
+    a host it could not reach would map the operator's network), continuation lines and all: what every
+    provider's read_log leaves out."""
+    kept, dropping = [], False
+    for line in text.splitlines(keepends=True):
+        if RUNNER_RECORD.match(line):
+            dropping = bool(OPERATOR_RECORD.match(line))
+        if not dropping:
+            kept.append(line)
+    return "".join(kept)
 # What a session's compute is doing, as the reconciler (api/jobs/reconcile.py) reads it:
 # - "absent": nothing of the session's compute exists (no process or Pod; the workspace may or may not);
 # - "pending": asked for and coming up (image pull, scheduling, a process starting), not yet serving;

@@ -26,6 +26,7 @@ from pathlib import Path
 from api.instances import repo_policy
 from api.instances.providers import sandbox, sandbox_launch, session_disk
 from api.instances.providers.base import (
+    OPERATOR_RECORD,
     ComputeSpec,
     ComputeStatus,
     Provider,
@@ -591,7 +592,8 @@ def _said_something(part: str) -> bool:
 
 def runner_log_for_users(text: str, init_log: str = "") -> str:
     """The runner log without its routine lines (a routine record's continuation lines go with it), nor the
-    warnings the init log above it already shows (the runner writes `.orz/cloud.yaml`'s to both)."""
+    warnings the init log above it already shows (the runner writes `.orz/cloud.yaml`'s to both), nor the
+    records only operators read (base.without_operator_records)."""
     said = {line.removeprefix(_INIT_WARNING) for line in init_log.splitlines() if line.startswith(_INIT_WARNING)}
     kept, routine = [], False
     for line in text.splitlines(keepends=True):
@@ -599,7 +601,8 @@ def runner_log_for_users(text: str, init_log: str = "") -> str:
             continue
         if _RECORD.match(line):
             warning = _WARNING.match(line.rstrip("\r\n"))
-            routine = bool(_ROUTINE.match(line)) or bool(warning and warning.group(1) in said)
+            routine = (bool(_ROUTINE.match(line)) or bool(warning and warning.group(1) in said)
+                       or bool(OPERATOR_RECORD.match(line)))
         if not routine:
             kept.append(line)
     return "".join(kept)

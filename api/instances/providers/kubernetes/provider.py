@@ -31,6 +31,7 @@ from api.instances.providers.base import (
     Provider,
     ProviderFailure,
     ProviderState,
+    without_operator_records,
 )
 from api.instances.providers.kubernetes import errors, manifests, names
 from api.instances.providers.kubernetes.cache import PodCache, RootCache
@@ -270,7 +271,7 @@ class KubernetesProvider(Provider):
         text = await self._call("read the runner's log", self._core.read_namespaced_pod_log,
                                 str(state.get("pod") or names.pod_name(session_id)), self.ns,
                                 container=names.RUNNER_CONTAINER, limit_bytes=limit, ok=(400, 404))
-        return (text or "")[-limit:]
+        return without_operator_records(text or "")[-limit:]
 
     async def close(self) -> None:
         await asyncio.to_thread(self.cache.close)
