@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import time
 from collections import Counter
 from typing import Any
 
@@ -23,6 +24,13 @@ log = logging.getLogger(__name__)
 
 # A refused connection is answered, then given this long to read it and hang up before it is cut.
 REFUSED_LINGER_S = 5.0
+# Refused connections one address may have lingering so at once; beyond them a refused connection is cut at
+# once, unanswered: a client opening hundreds a second held as many of this process's descriptors for 5 s.
+LINGERING_REFUSALS_PER_ADDRESS = 8
+# One log line per address per this long says it was refused; orz_api_connections_refused_total counts all.
+REFUSAL_LOG_INTERVAL_S = 60.0
+# Addresses whose last logged refusal is remembered before the stale ones are forgotten.
+_REFUSAL_LOG_KEYS = 4096
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -38,10 +46,16 @@ class ConnectionCap:
     every other client of this process shares. ``per_address`` 0: no cap. Peers in ``exempt`` (the
     trusted proxies: an ingress carries everyone's requests) are never capped."""
 
-    def __init__(self, per_address: int, exempt: tuple[Network, ...] = ()) -> None:
+    def __init__(self, per_address: int, exempt: tuple[Network, ...] = (), *,
+                 lingering_per_address: int = LINGERING_REFUSALS_PER_ADDRESS,
+                 log_every_s: float = REFUSAL_LOG_INTERVAL_S) -> None:
         self.per_address = per_address
         self.exempt = exempt
+        self.lingering_per_address = lingering_per_address
+        self.log_every_s = log_every_s
         self._open: Counter[str] = Counter()
+        self._lingering: Counter[str] = Counter()
+        self._logged: dict[str, float] = {}
 
     def take(self, peer: str) -> str | None:
         """The key the connection counts under, or None when ``peer`` has its cap's worth open already."""
@@ -59,6 +73,35 @@ class ConnectionCap:
     def open(self, peer: str) -> int:
         return self._open[limit_key(peer)]
 
+    def linger(self, peer: str) -> str | None:
+        """The key a refused connection from ``peer`` lingers under (answered, waiting for its client to hang
+        up), or None when that address has ``lingering_per_address`` lingering already: cut it at once."""
+        key = limit_key(peer)
+        if self._lingering[key] >= self.lingering_per_address:
+            return None
+        self._lingering[key] += 1
+        return key
+
+    def lingered(self, key: str) -> None:
+        self._lingering[key] -= 1
+        if self._lingering[key] <= 0:
+            del self._lingering[key]
+
+    def lingering(self) -> int:
+        """Refused connections still open, every address's."""
+        return sum(self._lingering.values())
+
+    def should_log(self, peer: str) -> bool:
+        """Whether a refusal of ``peer`` gets a log line: the first in ``log_every_s`` of its address."""
+        key, now = limit_key(peer), time.monotonic()
+        last = self._logged.get(key)
+        if last is not None and now - last < self.log_every_s:
+            return False
+        if len(self._logged) >= _REFUSAL_LOG_KEYS:
+            self._logged = {k: at for k, at in self._logged.items() if now - at < self.log_every_s}
+        self._logged[key] = now
+        return True
+
     def refusal(self) -> bytes:
         """A complete HTTP/1.1 429 problem+json answer that closes the connection."""
         problem = TooManyConnections(
@@ -72,47 +115,64 @@ class ConnectionCap:
 
 def capped_protocol(base: type[HttpProtocol], cap: ConnectionCap) -> type[HttpProtocol]:
     """``base`` (Sanic's protocol) counting each connection under ``cap``; one over it is answered 429 at once,
-    before any request is read, and closed."""
+    before any request is read, and closed (cut unanswered when its address has more refusals lingering
+    than ``cap.lingering_per_address``)."""
 
     class Capped(base):  # type: ignore[valid-type,misc]
-        __slots__ = ("_cap_key", "_refused")  # Sanic's protocols have slots
+        __slots__ = ("_cap_key", "_linger", "_linger_key", "_refused")  # Sanic's protocols have slots
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._cap_key: str | None = None
-            self._refused: asyncio.TimerHandle | None = None
+            self._refused = False
+            self._linger: asyncio.TimerHandle | None = None
+            self._linger_key: str | None = None
 
         def connection_made(self, transport: Any) -> None:
             peer = transport.get_extra_info("peername")
             address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
             key = cap.take(address) if address else ""
             if key is None:
-                metrics.API_CONNECTIONS_REFUSED.inc()
-                log.warning("connection from %s refused: %d open already", address, cap.per_address,
-                            extra={"event": "api_connection_refused"})
-                self.transport = transport
-                transport.write(cap.refusal())
-                # Read what the client sends (and drop it) until it hangs up: closing with its request unread
-                # would reset the connection, and the client might never see the answer.
-                if transport.can_write_eof():
-                    transport.write_eof()
-                self._refused = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.abort)
+                self._refuse(transport, address)
                 return
             self._cap_key = key or None
             super().connection_made(transport)
 
+        def _refuse(self, transport: Any, address: str) -> None:
+            metrics.API_CONNECTIONS_REFUSED.inc()
+            if cap.should_log(address):
+                log.warning("connection from %s refused: %d open already (more from it in the next %g s are "
+                            "only counted in orz_api_connections_refused_total)", address, cap.per_address,
+                            cap.log_every_s, extra={"event": "api_connection_refused"})
+            self._refused = True
+            self.transport = transport
+            self._linger_key = cap.linger(address)
+            if self._linger_key is None:
+                transport.abort()  # its address has enough refusals waiting already
+                return
+            transport.write(cap.refusal())
+            # Read what the client sends (and drop it) until it hangs up: closing with its request unread
+            # would reset the connection, and the client might never see the answer.
+            if transport.can_write_eof():
+                transport.write_eof()
+            self._linger = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.abort)
+
         def data_received(self, data: bytes) -> None:
-            if self._refused is None:
+            if not self._refused:
                 super().data_received(data)
 
         def eof_received(self) -> bool | None:
-            if self._refused is not None:
+            if self._refused:
                 return False  # close
             return super().eof_received()  # type: ignore[no-any-return]
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._refused is not None:
-                self._refused.cancel()
+            if self._refused:
+                if self._linger is not None:
+                    self._linger.cancel()
+                if self._linger_key is not None:
+                    cap.lingered(self._linger_key)
+                    self._linger_key = None
                 return
             if self._cap_key is not None:
                 cap.give_back(self._cap_key)

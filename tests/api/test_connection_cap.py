@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import socket
 
 import httpx
 import pytest
 from sanic import Sanic
 
+import api.serve as serving
 from api import metrics
 from api.addresses import Network
 from api.serve import ApiServer, ConnectionCap, api_connection_cap
@@ -108,3 +112,43 @@ def test_an_ipv6_client_counts_by_its_64() -> None:
     assert cap.take("2001:db8:1:2::77") is None  # the same /64: one client
     assert cap.take("2001:db8:1:3::1")  # the next /64: someone else
     assert cap.take("10.0.0.1") and cap.take("::ffff:10.0.0.1") and cap.take("10.0.0.1") is None
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_flood_of_refused_connections_holds_few_descriptors_and_logs_once(
+        app: Sanic, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """400 quick connections from one address over a cap of 2: each refused one stayed open up to 5 s (400 of the
+    server's descriptors) and logged a WARNING. Now a few linger, the rest are cut at once; one log line."""
+    caplog.set_level(logging.INFO, logger="api.serve")
+    monkeypatch.setattr(serving, "REFUSED_LINGER_S", 3600.0)  # none is cut by its timer while the test looks
+    cap = ConnectionCap(2, lingering_per_address=4, log_every_s=3600)
+    server = await ApiServer.start(app, "127.0.0.1", 0, cap=cap)
+    refused_before = metrics.REGISTRY.get_sample_value("orz_api_connections_refused_total") or 0.0
+    clients: list[socket.socket] = []
+    try:
+        held = [await kept_alive(server.port) for _ in range(2)]
+        before = _open_fds()
+        loop = asyncio.get_running_loop()
+        for _ in range(400):
+            client = socket.socket()
+            client.setblocking(False)
+            clients.append(client)
+            await loop.sock_connect(client, ("127.0.0.1", server.port))
+        await until(lambda: (metrics.REGISTRY.get_sample_value("orz_api_connections_refused_total") or 0)
+                    == refused_before + 400, "not every connection was refused yet")
+        # None of the clients has hung up: the server's side of each is open until the server closes it.
+        await until(lambda: _open_fds() - before <= 400 + cap.lingering_per_address,
+                    f"the server holds {_open_fds() - before - 400} refused connections")
+        assert cap.lingering() == cap.lingering_per_address
+        refusals = [r for r in caplog.records if getattr(r, "event", "") == "api_connection_refused"]
+        assert len(refusals) == 1, [r.getMessage() for r in refusals]
+        for _, writer in held:
+            writer.close()
+    finally:
+        for client in clients:
+            client.close()
+        await server.stop()
+    await until(lambda: cap.lingering() == 0, "a refusal still lingers after its client hung up")
