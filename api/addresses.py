@@ -25,11 +25,14 @@ def client_address(peer: str, forwarded_for: str | None, trusted: tuple[Network,
 
 
 def within(address: str, networks: tuple[Network, ...]) -> bool:
-    """Whether ``address`` is in one of ``networks`` (False for anything that is not an address)."""
+    """Whether ``address`` is in one of ``networks`` (False for anything that is not an address). An
+    IPv4-mapped IPv6 address (``::ffff:10.0.0.1``: an IPv4 peer of a listener on ``::``) is its IPv4 address."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
     return any(ip in net for net in networks)
 
 

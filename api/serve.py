@@ -31,6 +31,9 @@ LINGERING_REFUSALS_PER_ADDRESS = 8
 REFUSAL_LOG_INTERVAL_S = 60.0
 # Addresses whose last logged refusal is remembered before the stale ones are forgotten.
 _REFUSAL_LOG_KEYS = 4096
+# An address that presented the service token (a gateway Pod: every user's attach and web-door requests
+# come from it, through the in-cluster Service to this same port) is not capped for this long after.
+SERVICE_CALLER_S = 600.0
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -44,7 +47,9 @@ class ConnectionCap:
 
     One address holding thousands of idle keep-alive connections spends the file descriptors and memory
     every other client of this process shares. ``per_address`` 0: no cap. Peers in ``exempt`` (the
-    trusted proxies: an ingress carries everyone's requests) are never capped."""
+    trusted proxies: an ingress carries everyone's requests) are never capped, nor, for SERVICE_CALLER_S
+    after, an address that presented the service token (``service_caller``), and its connections that
+    did are no longer counted."""
 
     def __init__(self, per_address: int, exempt: tuple[Network, ...] = (), *,
                  lingering_per_address: int = LINGERING_REFUSALS_PER_ADDRESS,
@@ -56,11 +61,13 @@ class ConnectionCap:
         self._open: Counter[str] = Counter()
         self._lingering: Counter[str] = Counter()
         self._logged: dict[str, float] = {}
+        self._service_callers: dict[str, float] = {}  # exact address -> until (time.monotonic)
 
     def take(self, peer: str) -> str | None:
         """The key the connection counts under, or None when ``peer`` has its cap's worth open already."""
         key = limit_key(peer)
-        if self.per_address and not within(peer, self.exempt) and self._open[key] >= self.per_address:
+        if (self.per_address and self._open[key] >= self.per_address and not within(peer, self.exempt)
+                and not self._is_service_caller(peer)):
             return None
         self._open[key] += 1
         return key
@@ -72,6 +79,16 @@ class ConnectionCap:
 
     def open(self, peer: str) -> int:
         return self._open[limit_key(peer)]
+
+    def service_caller(self, peer: str) -> None:
+        """``peer`` presented the service token: not capped for SERVICE_CALLER_S (exactly this address, not
+        its /64: a node's Pods may share one)."""
+        now = time.monotonic()
+        self._service_callers = {a: until for a, until in self._service_callers.items() if until > now}
+        self._service_callers[_exact(peer)] = now + SERVICE_CALLER_S
+
+    def _is_service_caller(self, peer: str) -> bool:
+        return self._service_callers.get(_exact(peer), 0.0) > time.monotonic()
 
     def linger(self, peer: str) -> str | None:
         """The key a refused connection from ``peer`` lingers under (answered, waiting for its client to hang
@@ -113,6 +130,12 @@ class ConnectionCap:
                 b"\r\n\r\n" + body)
 
 
+def _exact(peer: str) -> str:
+    """``peer`` as one address (an IPv4-mapped IPv6 one as its IPv4 address)."""
+    key = limit_key(peer)
+    return peer if "/" in key else key
+
+
 def capped_protocol(base: type[HttpProtocol], cap: ConnectionCap) -> type[HttpProtocol]:
     """``base`` (Sanic's protocol) counting each connection under ``cap``; one over it is answered 429 at once,
     before any request is read, and closed (cut unanswered when its address has more refusals lingering
@@ -137,6 +160,16 @@ def capped_protocol(base: type[HttpProtocol], cap: ConnectionCap) -> type[HttpPr
                 return
             self._cap_key = key or None
             super().connection_made(transport)
+
+        def service_caller(self) -> None:
+            """This connection carried a request with the service token: it no longer counts, and its address
+            is not capped for a while (api/routes/deps.py require_service)."""
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            if isinstance(peer, tuple) and peer:
+                cap.service_caller(str(peer[0]))
+            if self._cap_key is not None:
+                cap.give_back(self._cap_key)
+                self._cap_key = None
 
         def _refuse(self, transport: Any, address: str) -> None:
             metrics.API_CONNECTIONS_REFUSED.inc()

@@ -37,6 +37,11 @@ def require_service(request: Request) -> None:
         state(request).settings.service_token.get_secret_value(),
         bearer_token(request.headers.get("authorization")),
     )
+    # The gateway: the API's per-address connection cap (api/serve.py) must not take it for one client.
+    get_protocol = getattr(request.transport, "get_protocol", None)
+    release = getattr(get_protocol(), "service_caller", None) if get_protocol else None
+    if release is not None:
+        release()
 
 
 def gateway_host_keys(request: Request) -> list[str]:

@@ -4,6 +4,7 @@ sockets to a real listener; one over the cap is answered 429 problem+json and cl
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from sanic import Sanic
 
 import api.serve as serving
 from api import metrics
-from api.addresses import Network
+from api.addresses import Network, client_address, within
 from api.serve import ApiServer, ConnectionCap, api_connection_cap
 from api.settings import Settings
 
@@ -152,3 +153,51 @@ async def test_a_flood_of_refused_connections_holds_few_descriptors_and_logs_onc
             client.close()
         await server.stop()
     await until(lambda: cap.lingering() == 0, "a refusal still lingers after its client hung up")
+
+
+async def _access_check(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], token: str) -> bytes:
+    """The gateway's cheapest service-token request, on a kept-alive connection; its status code."""
+    reader, writer = conn
+    body = b'{"attachments": []}'
+    writer.write(b"POST /internal/v1/access-check HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
+                 b"\r\n\r\n" + body)
+    await writer.drain()
+    status = (await asyncio.wait_for(reader.readline(), 10)).split()[1]
+    length = 0
+    while (line := await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return bytes(status)
+
+
+async def test_the_gateway_is_not_capped_once_it_showed_the_service_token(app: Sanic, settings: Settings) -> None:
+    """A gateway Pod reaches the API through the in-cluster Service, every user's attach and web-door requests
+    from its one address: capped like one client, its users were refused 429 under load."""
+    server = await serve(app, 2)
+    assert server.cap is not None
+    held = []
+    try:
+        held = [await kept_alive(server.port) for _ in range(2)]
+        assert await _access_check(held[1], "not-the-service-token") in (b"401", b"403")
+        assert (await refused_answer(server.port)).startswith(b"HTTP/1.1 429 ")  # a wrong token proves nothing
+        assert await _access_check(held[0], settings.service_token.get_secret_value()) == b"200"
+        # That connection no longer counts, and its address is not capped for a while.
+        assert server.cap.open("127.0.0.1") == 1
+        held += [await kept_alive(server.port) for _ in range(3)]
+        assert server.cap.open("127.0.0.1") == 4
+    finally:
+        for _, writer in held:
+            writer.close()
+        await server.stop()
+
+
+def test_an_ipv4_proxy_is_exempt_when_the_api_listens_on_both_families() -> None:
+    """Listening on `::`, an IPv4 peer's address is `::ffff:a.b.c.d`: a listed IPv4 ingress was capped anyway."""
+    proxies = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert within("::ffff:10.1.2.3", proxies) and within("10.1.2.3", proxies)
+    assert not within("::ffff:192.0.2.1", proxies) and not within("::ffff:a01:203", ()) and not within("x", proxies)
+    cap = ConnectionCap(1, proxies)
+    assert cap.take("::ffff:10.1.2.3") and cap.take("::ffff:10.1.2.3")
+    assert client_address("::ffff:10.1.2.3", "198.51.100.7", proxies) == "198.51.100.7"
