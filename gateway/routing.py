@@ -52,7 +52,8 @@ class Router:
         except ApiUnreachable as exc:
             raise ApiUnavailable(UNAVAILABLE_LINE, code="unavailable", internal=str(exc)) from exc
         except ApiError as exc:
-            if exc.status >= 500 or exc.status == 0:
+            # The API's cap on the gateway's own connections (api/serve.py) is no refusal of this user.
+            if exc.status >= 500 or exc.status == 0 or exc.code == "too_many_connections":
                 raise ApiUnavailable(UNAVAILABLE_LINE, code=exc.code, internal=f"{exc.status} {exc.code}") from exc
             line = exc.detail or DEFAULT_LINES.get(exc.code, "attach refused")
             raise AttachRefused(line, code=exc.code, internal=f"{exc.status} {exc.code}") from exc

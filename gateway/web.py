@@ -268,8 +268,8 @@ class WebDoor:
                      exc.code)
             if exc.status == 401:  # guessing API tokens through the door counts like a bad attach token
                 self.gw.limiter.record_failure(source)
-            status = exc.status if 400 <= exc.status < 500 else 502
-            return http.json_response(status, {"detail": exc.detail})
+            status, detail = http.api_refusal(exc.status, exc.code, exc.detail)
+            return http.json_response(status, {"detail": detail})
         finally:
             await api.aclose()
         return http.json_response(200, {"token": grant.token, "status": grant.status,
@@ -295,7 +295,8 @@ class WebDoor:
                      exc.code)
             if exc.status == 401:
                 self.gw.limiter.record_failure(source)
-            return http.json_response(exc.status if 400 <= exc.status < 500 else 502, {"detail": exc.detail})
+            status, detail = http.api_refusal(exc.status, exc.code, exc.detail)
+            return http.json_response(status, {"detail": detail})
         finally:
             await api.aclose()
         return http.response(200, data, RECORDING_CONTENT_TYPE, {"Cache-Control": "private, no-store"})

@@ -90,6 +90,19 @@ def text(status: int, line: str) -> Response:
     return response(status, (line + "\n").encode())
 
 
+# The API's connection cap refused the gateway's own connection (api/serve.py): its "too many connections from
+# your address" is about the gateway's address, not the browser's.
+API_BUSY = "Orzbob Cloud is busy right now; try again in a moment"
+
+
+def api_refusal(status: int, code: str, detail: str) -> tuple[int, str]:
+    """What the browser is told of an API refusal: its status and sentence (5xx as 502), except the API's cap
+    on the gateway's connections, which is 503 and API_BUSY."""
+    if code == "too_many_connections":
+        return 503, API_BUSY
+    return (status if 400 <= status < 500 else 502), detail
+
+
 def json_response(status: int, payload: dict[str, object]) -> Response:
     return response(status, json.dumps(payload).encode(), "application/json")
 

@@ -89,9 +89,10 @@ def _redirect(location: str, set_cookies: list[str]) -> Response:
 
 def _refused(exc: ApiError) -> Response:
     """The API's refusal for the browser: its sentence, and Retry-After when it says how long to wait."""
-    response = http.text(exc.status if 400 <= exc.status < 500 else 502, f"orz: {exc.detail}")
+    status, detail = http.api_refusal(exc.status, exc.code, exc.detail)
+    response = http.text(status, f"orz: {detail}")
     retry_after = exc.body.get("retry_after_s")
-    if exc.status == 429 and isinstance(retry_after, int):
+    if status == 429 and isinstance(retry_after, int):
         response.headers["Retry-After"] = str(retry_after)
     return response
 

@@ -6,11 +6,13 @@ import asyncio
 import ipaddress
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import ValidationError
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from api.serve import ConnectionCap
 from api.settings import Settings
 from gateway import web_http as http
 from gateway.preauth import PreauthLimiter
@@ -107,3 +109,28 @@ async def test_a_token_that_is_not_text_is_a_401_not_a_500(tmp_path: Path) -> No
             status_line = await asyncio.wait_for(reader.readline(), 10)
             writer.close()
             assert status_line.split()[1] == b"401", (route, status_line)
+
+
+async def test_the_apis_cap_on_the_gateways_connections_is_not_blamed_on_the_browser(tmp_path: Path) -> None:
+    """The API's per-address connection cap refusing the gateway answered 429 "too many connections from your
+    address": the browser was shown it as if it were its own address's doing."""
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(ConnectionCap(1).refusal())  # what a capped API sends, then reads until the client hangs up
+        writer.write_eof()
+        await reader.read()
+        writer.close()
+
+    api = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    try:
+        async with gateway_env(tmp_path) as env:
+            assert env.gateway.web is not None
+            port = api.sockets[0].getsockname()[1]
+            env.gateway.web.settings = env.settings.model_copy(update={"internal_api_url": f"http://127.0.0.1:{port}"})
+            async with httpx.AsyncClient() as client:
+                resp = await client.get(f"http://127.0.0.1:{env.gateway.web.port}/s/{SESSION}/token",
+                                        headers={"Authorization": "Bearer orz_some_token"}, timeout=10)
+            assert resp.status_code == 503 and resp.json() == {"detail": http.API_BUSY}, resp.text
+    finally:
+        api.close()
+        await api.wait_closed()
