@@ -217,8 +217,17 @@ def capped_protocol(base: type[HttpProtocol], cap: ConnectionCap) -> type[HttpPr
 
 
 def api_connection_cap(settings: Settings) -> ConnectionCap:
-    """The API listener's cap, from ORZ_API_CONNECTIONS_PER_ADDRESS; the trusted proxies are exempt."""
-    return ConnectionCap(settings.api_connections_per_address, settings.api_proxies())
+    """The API listener's cap, from ORZ_API_CONNECTIONS_PER_ADDRESS; the trusted proxies are exempt. On
+    Kubernetes with none listed it warns: there users come through an Ingress, an HTTPRoute or a load
+    balancer's SNAT, a few addresses that the cap would take for one client each."""
+    proxies = settings.api_proxies()
+    if settings.api_connections_per_address and not proxies and settings.provider == "kubernetes":
+        log.warning("ORZ_API_TRUSTED_PROXIES is empty: if users reach this API through an ingress controller, a "
+                    "Gateway or a load balancer that hides their addresses, list its addresses there, or it is "
+                    "capped at ORZ_API_CONNECTIONS_PER_ADDRESS (%d) open connections like one client and users "
+                    "get 429 too_many_connections under load", settings.api_connections_per_address,
+                    extra={"event": "api_trusted_proxies_unset"})
+    return ConnectionCap(settings.api_connections_per_address, proxies)
 
 
 class ApiServer:

@@ -258,7 +258,8 @@ class Settings(BaseSettings):
                                               "/64) may hold open to the API's port at once, per API process; one "
                                               "more is answered 429 `too_many_connections` and closed. The "
                                               "addresses of `ORZ_API_TRUSTED_PROXIES` are not capped (list the "
-                                              "ingress there). 0: no cap", ge=0)
+                                              "ingress there), nor for 10 min an address that presented the "
+                                              "service token (a gateway). 0: no cap", ge=0)
 
     # Sessions
     provider: ProviderName = option("sessions", "local", "where sessions run: `local` processes, `kubernetes` "

@@ -201,3 +201,16 @@ def test_an_ipv4_proxy_is_exempt_when_the_api_listens_on_both_families() -> None
     cap = ConnectionCap(1, proxies)
     assert cap.take("::ffff:10.1.2.3") and cap.take("::ffff:10.1.2.3")
     assert client_address("::ffff:10.1.2.3", "198.51.100.7", proxies) == "198.51.100.7"
+
+
+def test_on_kubernetes_an_empty_trusted_proxies_list_is_warned_about(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="api.serve")
+    on_k8s = settings.model_copy(update={"provider": "kubernetes"})
+    api_connection_cap(on_k8s)
+    assert [r.event for r in caplog.records] == ["api_trusted_proxies_unset"]  # type: ignore[attr-defined]
+    caplog.clear()
+    api_connection_cap(on_k8s.model_copy(update={"api_trusted_proxies": "10.0.0.0/8"}))
+    api_connection_cap(on_k8s.model_copy(update={"api_connections_per_address": 0}))
+    api_connection_cap(settings)  # local: users come straight to it
+    assert caplog.records == []

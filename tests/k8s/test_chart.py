@@ -316,3 +316,20 @@ def test_internal_traffic_uses_the_in_cluster_api_service(values: str, tmp_path:
         else:
             assert settings.public_api_url != in_cluster, name
 
+
+
+def _install_notes(*values: str) -> str:
+    done = helm("install", "orz", str(CHART), "--namespace", RELEASE_NS, "--dry-run=client", "-f",
+                str(VALUES_MINIMAL), *values)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_warn_when_the_api_is_behind_the_charts_proxy_with_no_trusted_proxies() -> None:
+    """Behind the Ingress, unlisted, the controller is capped as one client: random users get 429."""
+    warning = "ORZ_API_TRUSTED_PROXIES is not\nset"
+    assert warning not in _install_notes()
+    notes = _install_notes("--set", "ingress.enabled=true")
+    assert warning in notes and "ORZ_API_CONNECTIONS_PER_ADDRESS, 256 per API process" in notes
+    assert warning not in _install_notes("--set", "ingress.enabled=true",
+                                         "--set-string", "config.extraEnv.ORZ_API_TRUSTED_PROXIES=10.0.0.0/8")
