@@ -175,7 +175,8 @@ def capped_protocol(base: type[HttpProtocol], cap: ConnectionCap) -> type[HttpPr
             metrics.API_CONNECTIONS_REFUSED.inc()
             if cap.should_log(address):
                 log.warning("connection from %s refused: %d open already (more from it in the next %g s are "
-                            "only counted in orz_api_connections_refused_total)", address, cap.per_address,
+                            "only counted in orz_api_connections_refused_total; a proxy carrying many clients "
+                            "belongs in ORZ_API_TRUSTED_PROXIES)", address, cap.per_address,
                             cap.log_every_s, extra={"event": "api_connection_refused"})
             self._refused = True
             self.transport = transport
