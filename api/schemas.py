@@ -816,6 +816,10 @@ class RunnerSpec(Request):
     # Record the agent's pane as asciicast v2, each part at most this many bytes (the previous part is
     # kept beside it); 0: do not record (the org turned recording off).
     recording_max_bytes: int = Field(default=0, ge=0)
+    # The session's owner as git's default author and committer (user.name / user.email at the lowest
+    # priority: a repo's or the user's own git config wins); None: git's own defaults.
+    owner_name: str | None = Field(default=None, max_length=255)
+    owner_email: str | None = Field(default=None, max_length=254)
 
     @field_validator("recording_max_bytes")
     @classmethod

@@ -86,6 +86,8 @@ class Runner:
         self.base_env.setdefault("PATH", os.defpath)
         self.base_env["SHELL"] = self.shell
         self.base_env["ORZ_SESSION_ID"] = spec.session_id
+        if spec.owner_email:  # the owner's git identity, the lowest-priority config (workspace.write_identity)
+            self.base_env["GIT_CONFIG_SYSTEM"] = str(self.state_dir / workspace.IDENTITY_CONFIG)
         self.session_env: dict[str, str] = {**self.base_env, **self.secrets}
         self.config: CloudConfig | None = None
         self.activity = Activity()
@@ -185,6 +187,8 @@ class Runner:
         else:
             log.warning("state dir path too long for tmux's default socket: a plain `tmux ls` in the session "
                         "will not find its server")
+        await workspace.write_identity(self.state_dir / workspace.IDENTITY_CONFIG, self.spec.owner_name,
+                                       self.spec.owner_email, {"PATH": self.base_env["PATH"]})
         await workspace.trust(self.workspace, self.base_env)
         self.session_env.update(program.task_env(self.spec.task, self.state_dir))
         if self.spec.repo_url:

@@ -49,6 +49,33 @@ def git_env(base: Mapping[str, str], repo_url: str, token: str | None) -> dict[s
     return env
 
 
+IDENTITY_CONFIG = "gitconfig"  # in the state dir: the session owner's git identity (write_identity)
+_SYSTEM_GITCONFIG = Path("/etc/gitconfig")
+
+
+async def write_identity(path: Path, name: str | None, email: str | None, env: Mapping[str, str]) -> bool:
+    """Make the session's owner git's default author and committer, below every config the user controls.
+
+    The file becomes git's *system* config (GIT_CONFIG_SYSTEM, which the caller sets): the lowest
+    priority, so ``user.name``/``user.email`` in ~/.gitconfig (dotfiles, a setup.init's
+    ``git config --global``) or in the repository's own config win over it. It includes the image's
+    /etc/gitconfig, which it stands in for. False when there is no identity to write (git's defaults).
+    """
+    if not email:
+        return False
+    config = ["--file", str(path)]
+    try:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        if await asyncio.to_thread(_SYSTEM_GITCONFIG.is_file):
+            await _git(["config", *config, "include.path", str(_SYSTEM_GITCONFIG)], env, what="git config")
+        await _git(["config", *config, "user.name", name or email.split("@", 1)[0]], env, what="git config")
+        await _git(["config", *config, "user.email", email], env, what="git config")
+    except (CloneError, OSError) as exc:  # commits then need an identity of the user's own, as before
+        log.warning("could not set the session owner's git identity: %s", exc)
+        return False
+    return True
+
+
 async def clone(repo_url: str, branch: str | None, dest: Path, *, env: Mapping[str, str],
                 token: str | None = None, shallow: bool = True) -> bool:
     """Clone into ``dest`` unless it already holds a checkout; True when a clone happened."""

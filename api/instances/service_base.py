@@ -5,10 +5,13 @@ ServiceBase; api/instances/service.py puts them together."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 from sqlalchemy import func, select, update
@@ -19,7 +22,7 @@ from api import schemas
 from api.auth import Principal
 from api.db import tokens
 from api.db.base import utcnow
-from api.db.models import Event, Instance, Org, UsedJti
+from api.db.models import Event, Instance, Org, UsedJti, User, UserIdentity
 from api.errors import (
     ComputeUnavailable,
     Forbidden,
@@ -177,6 +180,8 @@ class ServiceBase:
         # Read at each start; the uploads check the org's setting again (it may change while the session runs).
         recording = self.settings.recording_max_bytes if await self._recording_on(inst.org_id) else 0
         spec = self._compute_spec(inst, runner_token, secret_env, pull=pull, recording_max_bytes=recording)
+        owner_name, owner_email = await self._owner_identity(inst.user_id)
+        spec = dataclasses.replace(spec, owner_name=owner_name, owner_email=owner_email)
         try:
             if fresh:
                 provider_state = await self.provider.create(spec)
@@ -338,10 +343,37 @@ class ServiceBase:
             max_services=self._max_services(inst), recording_max_bytes=recording_max_bytes,
         )
 
+    async def _owner_identity(self, user_id: str) -> tuple[str, str]:
+        """The session owner's name and email for git commits made in the session (docs/cli.md)."""
+        async with self.autocommit() as db:
+            email = await db.scalar(select(User.email).where(User.id == user_id))
+            login = await db.scalar(
+                select(UserIdentity.login).where(UserIdentity.user_id == user_id, UserIdentity.login.is_not(None))
+                .order_by(UserIdentity.last_signin_at.desc().nulls_last()).limit(1))
+        return owner_identity(user_id, email, login, self.settings.public_api_url)
+
     def _max_services(self, inst: Instance) -> int:
         """The plan's limit when the session was created (older rows: the free plan's)."""
         value = (inst.spec or {}).get("max_services")
         return value if isinstance(value, int) else self.settings.services_free
+
+
+def _one_line(text: str | None, limit: int) -> str:
+    return " ".join("".join(c if c.isprintable() else " " for c in (text or "")).split())[:limit]
+
+
+def owner_identity(user_id: str, email: str | None, login: str | None, public_url: str) -> tuple[str, str]:
+    """(name, email) for git: the platform's email for the user, else ``<user id>@users.noreply.<API host>``;
+    the sign-in login as the name, else the email's local part, else the user id."""
+    address = _one_line(email, 254)
+    if not _EMAIL_RE.fullmatch(address):
+        host = urlsplit(public_url).hostname or "localhost"
+        address = f"{user_id}@users.noreply.{host}"
+    name = _one_line(login, 255) or address.split("@", 1)[0] or user_id
+    return name, address
+
+
+_EMAIL_RE = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 
 
 def _start_message(kind: str, pull: bool) -> str | None:

@@ -194,3 +194,20 @@ async def test_a_stored_spec_no_runner_accepts_fails_the_start_with_its_reason(s
     assert failed.state == "failed"
     assert (failed.reason or "").startswith("the session's stored spec is not valid: task: contains U+0000")
     assert (await stack.service.quota(stack.who.org_id, stack.who.plan)).active == 0
+
+
+async def test_a_commit_in_a_session_is_by_its_owner(stack: Stack, make_repo) -> None:
+    # The sandboxed session's HOME has no git identity: without the owner's, git refuses to commit
+    # ("Author identity unknown ... unable to auto-detect email address").
+    program = ("bash -c 'echo x > by-agent.txt && git add by-agent.txt && git commit -qm by-agent 2>&1; "
+               "git log -1 --format=\"%an <%ae> / %cn <%ce>\" > .git/who.txt; sleep infinity'")
+    created = await stack.service.create(stack.who, schemas.InstanceCreate(
+        repo_url=make_repo({"README": "hello\n"}), branch="main", program=program))
+    await stack.wait_state(created.id, "running")
+    who = stack.provider.session_dir(created.id) / "workspace" / ".git" / "who.txt"
+    for _ in range(100):
+        if who.exists() and who.read_text().strip():
+            break
+        await asyncio.sleep(0.1)
+    name = stack.who.email.split("@", 1)[0]  # no sign-in login: the email's local part
+    assert who.read_text().strip() == f"{name} <{stack.who.email}> / {name} <{stack.who.email}>"

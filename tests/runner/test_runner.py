@@ -263,3 +263,30 @@ async def test_start_with_pull_updates_a_workspace_whose_setup_succeeded(
     log = (Path(pulled.runner.state_dir) / "init.log").read_text()
     assert "[orz] uncommitted changes were stashed" in log and "[orz] workspace updated to origin/main's head" in log
     assert await pulled.finish() == 0
+
+
+_COMMIT_AND_SHOW = ("bash -c 'echo x > by-agent.txt && git add by-agent.txt && git commit -qm by-agent "
+                    "&& git log -1 --format=\"[%an <%ae>][%cn <%ce>]\"; sleep infinity'")
+
+
+async def test_a_commit_in_the_session_is_by_the_sessions_owner(make_repo: MakeRepo,
+                                                                start_runner: StartRunner) -> None:
+    # No identity anywhere (HOME has no .gitconfig): git's own guess fails ("Author identity unknown").
+    handle = await start_runner(make_repo({"README": "x\n"}), program=_COMMIT_AND_SHOW,
+                                owner_name="Ada Lovelace", owner_email="ada@example.com")
+    await handle.ready()
+    screen = await wait_for_pane(handle.runner.tmux, "][", timeout=5.0)
+    assert "[Ada Lovelace <ada@example.com>][Ada Lovelace <ada@example.com>]" in screen
+    # Nothing was written to the repository's own config: the user's choices stay theirs.
+    config = (Path(handle.spec.workspace) / ".git" / "config").read_text()
+    assert "ada@example.com" not in config
+
+
+async def test_an_identity_the_user_configured_wins_over_the_owners(make_repo: MakeRepo,
+                                                                    start_runner: StartRunner) -> None:
+    init = "git config --global user.name Dot && git config --global user.email dot@files.example"
+    url = make_repo({".orz/cloud.yaml": f'version: "1.0"\nsetup:\n  init: "{init}"\n'})
+    handle = await start_runner(url, program=_COMMIT_AND_SHOW, owner_name="Ada", owner_email="ada@example.com")
+    await handle.ready()
+    screen = await wait_for_pane(handle.runner.tmux, "][", timeout=5.0)
+    assert "[Dot <dot@files.example>][Dot <dot@files.example>]" in screen

@@ -75,6 +75,10 @@ class ComputeSpec:
     work_scan_s: float = 15.0
     # Record the agent's pane in parts of at most this many bytes; 0: not recorded (the org said so).
     recording_max_bytes: int = 0
+    # Who git commits in the session are by (the session's owner, service_base.owner_identity): the runner
+    # makes them git's lowest-priority default, under any identity the repo or the user's dotfiles set.
+    owner_name: str = ""
+    owner_email: str = ""
 
     def runner_spec(self, *, ssh_host: str, ssh_port: int, workspace: str, state_dir: str,
                     **where: Any) -> RunnerSpec:
@@ -86,7 +90,8 @@ class ComputeSpec:
             heartbeat_interval_s=self.heartbeat_interval_s, secret_env=sorted(self.secret_env),
             ssh_host=ssh_host, ssh_port=ssh_port, workspace=workspace, state_dir=state_dir,
             pull=self.pull, max_services=self.max_services, needs_input_after_s=self.needs_input_after_s,
-            work_scan_s=self.work_scan_s, recording_max_bytes=self.recording_max_bytes, **where,
+            work_scan_s=self.work_scan_s, recording_max_bytes=self.recording_max_bytes,
+            owner_name=self.owner_name or None, owner_email=self.owner_email or None, **where,
         )
 
 
