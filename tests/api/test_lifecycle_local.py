@@ -23,6 +23,7 @@ from api.auth import Principal
 from api.db.models import Event, Instance
 from api.errors import SessionFailed
 from api.instances.providers.local import LocalProvider, process_start_time
+from api.instances.providers.sandbox import HOME_NOTE
 from api.instances.service import InstanceService
 from api.jobs.reap_idle import ReapReport
 from api.jobs.reconcile import ReconcileReport
@@ -211,3 +212,10 @@ async def test_a_commit_in_a_session_is_by_its_owner(stack: Stack, make_repo) ->
         await asyncio.sleep(0.1)
     name = stack.who.email.split("@", 1)[0]  # no sign-in login: the email's local part
     assert who.read_text().strip() == f"{name} <{stack.who.email}> / {name} <{stack.who.email}>"
+
+
+async def test_a_sandboxed_sessions_home_says_what_the_sandbox_refuses(stack: Stack) -> None:
+    created = await stack.service.create(stack.who, schemas.InstanceCreate(program=runner_fixtures.HI_PROGRAM))
+    await stack.wait_state(created.id, "running")
+    note = stack.provider.session_dir(created.id) / "home" / HOME_NOTE
+    assert "ORZ_SANDBOX_EGRESS_ALLOW" in note.read_text()

@@ -290,3 +290,19 @@ def test_a_disk_size_that_is_no_size_stops_the_server_at_start() -> None:
         with pytest.raises(ValidationError, match="32Mi or more"):
             Settings(sandbox_disk_size=bad)
     assert Settings(sandbox_disk_size="10Gi").sandbox_disk_size == "10Gi"
+
+
+def test_the_home_note_says_what_the_sandbox_refuses_and_never_writes_through_a_link(tmp_path: Path) -> None:
+    from api.instances.providers.sandbox import HOME_NOTE, write_home_note
+
+    write_home_note(tmp_path)
+    text = (tmp_path / HOME_NOTE).read_text()
+    assert "ORZ_SANDBOX_EGRESS_ALLOW" in text and "Permission denied" in text and "Operation not permitted" in text
+    (tmp_path / HOME_NOTE).write_text("mine\n")
+    write_home_note(tmp_path)
+    assert (tmp_path / HOME_NOTE).read_text() == "mine\n"  # the user's edit stays
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / HOME_NOTE).unlink()
+    (tmp_path / HOME_NOTE).symlink_to(elsewhere)
+    write_home_note(tmp_path)
+    assert not elsewhere.exists()

@@ -345,6 +345,7 @@ class LocalProvider(Provider):
         else:
             uid, gid = os.getuid(), os.getgid()
         paths.home.mkdir(exist_ok=True)
+        sandbox.write_home_note(paths.home)  # what the sandbox refuses, for whoever wonders why
         paths.etc.mkdir(mode=0o700, exist_ok=True)
         if self.disk_size:  # /tmp on the session's own disk, as empty as a fresh tmpfs at each start
             shutil.rmtree(paths.tmp, ignore_errors=True)

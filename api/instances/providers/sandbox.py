@@ -441,6 +441,28 @@ class UidClaims:
             os.unlink(name, dir_fd=fd)
 
 
+HOME_NOTE = "README.orz-sandbox"
+HOME_NOTE_TEXT = """\
+This Orzbob Cloud session runs in a sandbox (docs/security.md, docs/cli.md#troubleshooting):
+- Connections to private, loopback, link-local or the server's own addresses fail at once with
+  "Permission denied" (pip: "[Errno 13] Permission denied" from a package mirror on an intranet address).
+  The public internet works. The server's operator can let hosts through: ORZ_SANDBOX_EGRESS_ALLOW.
+- New user namespaces (unshare -U, rootless containers) and kernel keyrings (keyctl) are refused:
+  "Operation not permitted". Nothing in the session can change either.
+"""
+
+
+def write_home_note(home: Path) -> None:
+    """Put HOME_NOTE in a session's home unless something of that name is there already (the user's edit, or
+    a link: never followed, never overwritten, since the home is the session's). A removed one comes back."""
+    try:
+        fd = os.open(home / HOME_NOTE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(HOME_NOTE_TEXT)
+
+
 def etc_files(uid: int, gid: int, home: Path, safe_repos: Iterable[Path] = (),
               host_etc: Path = Path("/etc")) -> dict[str, str]:
     """passwd and group naming the session's user (ssh, git and shells ask), a resolver it can reach, and
