@@ -197,7 +197,9 @@ async def _git(args: Sequence[str], env: Mapping[str, str], *, what: str, token:
     return out.decode("utf-8", "replace").strip()
 
 
-UNREACHABLE = "could not reach the repository's host (check repo_url: it must be a public git server)"
+# True whichever way it failed, the URL's fault or the server's (its DNS or network down): it blames neither.
+UNREACHABLE = ("could not reach the repository's host from the server (it must be a public git server that the "
+               "server can resolve and reach)")
 # git's (curl's, ssh's) words for failing before any git server answered: name look-up, connection, TLS.
 _NETWORK_FAILURE = re.compile(
     r"resolve host|resolve hostname|look ?up|unable to connect|failed to connect|couldn't connect|connection "

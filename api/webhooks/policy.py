@@ -22,8 +22,9 @@ from api.settings import Settings
 
 log = logging.getLogger(__name__)
 
-REFUSED = ("cannot deliver to this URL: it must be a public https:// address (an admin can allow other hosts "
-           "with ORZ_WEBHOOK_ALLOW_HOSTS)")
+# True for a public name the server's DNS fails on, too: it says the server must resolve it.
+REFUSED = ("cannot deliver to this URL: it must be a public https:// address this server can resolve (an admin "
+           "can allow other hosts with ORZ_WEBHOOK_ALLOW_HOSTS)")
 
 # Why a URL was refused, for the server's log only.
 PLAIN_HTTP = "plain http to a host not allowed"

@@ -236,6 +236,9 @@ async def test_the_secret_is_shown_once_and_only_to_its_owner(
     ("https://169.254.169.254/latest", policy.REFUSED),
     ("https://[64:ff9b::a9fe:a9fe]/latest", policy.REFUSED),  # the metadata service through NAT64
     ("http://hooks.slack.com/services/x", policy.REFUSED),
+    # A name the server's DNS does not resolve (hooks.slack.com during an outage): the same answer, which
+    # says the server must resolve it rather than calling the URL not public.
+    ("https://hooks.no-such-name.invalid/services/x", "public https:// address this server can resolve"),
     ("ftp://example.com/x", "https:// URL"),
     ("https://user:pw@example.com/x", "user name or password"),
 ])

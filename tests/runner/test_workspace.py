@@ -184,6 +184,8 @@ async def test_clone_errors_do_not_tell_the_hosts_network_apart(
     finally:
         listening.close()
     assert reasons == [workspace.UNREACHABLE] * len(urls), reasons
+    # True for a host the server's DNS failed on too: it does not tell the user their URL is wrong.
+    assert "from the server" in workspace.UNREACHABLE and "check repo_url" not in workspace.UNREACHABLE
     logged = caplog.text
     assert "Could not resolve host" in logged and "Connection refused" in logged
     # ... for operators: `orz cloud logs` shows the session's owner the runner's warnings, but not these.
