@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -306,3 +307,20 @@ def test_the_home_note_says_what_the_sandbox_refuses_and_never_writes_through_a_
     (tmp_path / HOME_NOTE).symlink_to(elsewhere)
     write_home_note(tmp_path)
     assert not elsewhere.exists()
+
+
+def test_taking_over_a_dead_claim_is_routine_for_the_log_file_not_the_terminal(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`orz server` printed "warning: sandbox uid ...: taking over the claim of <another run's dir>" on the
+    operator's terminal at every start: cleanup nobody has to act on belongs in server.log only."""
+    from cli.server_log import TerminalFilter
+
+    claims = tmp_path / "uid-claims"
+    old = gone(UidClaims(claims, 300000, 10))
+    old.claim(session(tmp_path / "data-old", "a"))
+    shutil.rmtree(tmp_path / "data-old")
+    caplog.set_level(logging.INFO, logger="api.instances.providers.sandbox")
+    assert UidClaims(claims, 300000, 10).claim(session(tmp_path / "data-me", "x")) == 300000
+    took = [r for r in caplog.records if "taking over the claim" in r.getMessage()]
+    assert len(took) == 1 and took[0].levelno == logging.INFO  # in the log file at the default level
+    assert not TerminalFilter().filter(took[0])

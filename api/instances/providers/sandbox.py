@@ -382,7 +382,8 @@ class UidClaims:
                 found[int(name)] = Claim(dir="", root="", server=None)
                 continue
             if recover and self._stale(claim, int(name), own_root, own_root_id, uid_runs):
-                log.warning("sandbox uid %s: taking over the claim of %s, whose session is gone", name, claim.dir)
+                # Routine cleanup (another run's leftovers), nothing to act on: server.log, not the terminal.
+                log.info("sandbox uid %s: taking over the claim of %s, whose session is gone", name, claim.dir)
                 self._unlink(fd, int(name))
                 continue
             found[int(name)] = claim
