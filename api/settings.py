@@ -268,9 +268,9 @@ class Settings(BaseSettings):
                                         "comes first); unset: `ORZ_PLAN_IDLE_TIMEOUT_S`", ge=10)
     heartbeat_interval_s: int = option("sessions", 20, "how often runners send a heartbeat", ge=1)
     runner_events_per_min: int = option("sessions", 20, "session events a runner may add a minute (program "
-                                        "exits, agent-state changes; counted in the database, so across API "
-                                        "replicas): the rest are left out, with one note saying so; 0: no "
-                                        "limit", ge=0)
+                                        "exits, agent-state changes, a failed push of its work; counted in the "
+                                        "database, so across API replicas): the rest are left out, with one note "
+                                        "saying so; 0: no limit", ge=0)
     needs_input_after_s: float = option("sessions", 60.0, "a program that printed nothing this long while "
                                         "waiting on its terminal is `needs_input` (for programs that report "
                                         "nothing themselves)", gt=0)

@@ -21,8 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.db.models import Event
 
-# The events a runner adds on its own say-so (actor "runner"): agent-state changes and program exits.
-RUNNER_EVENT_KINDS = ("agent", "program_exited", "program_restarted")
+# A stop's (or delete's) push of the workspace's work to orz/<id> failed: the runner's final report said so.
+WORK_NOT_PUSHED_KIND = "work_not_pushed"
+# The events a runner adds on its own say-so (actor "runner"): agent-state changes, program exits, and
+# a failed push of its work.
+RUNNER_EVENT_KINDS = ("agent", "program_exited", "program_restarted", WORK_NOT_PUSHED_KIND)
 # The note that some were left out: one per dry spell.
 DROPPED_KIND = "events_dropped"
 WINDOW = timedelta(minutes=1)

@@ -21,7 +21,7 @@ from api.errors import (
     Unauthorized,
 )
 from api.instances import recordings
-from api.instances.event_budget import DROPPED_KIND, EventBudget
+from api.instances.event_budget import DROPPED_KIND, WORK_NOT_PUSHED_KIND, EventBudget
 from api.instances.providers.base import ProviderFailure
 from api.instances.service_base import ServiceBase
 from api.instances.states import (
@@ -32,6 +32,7 @@ from api.webhooks import outbox as webhook_outbox
 
 # The name the module had before it was split: log filters and dashboards use it.
 log = logging.getLogger("api.instances.service")
+_WORK_REASON_MAX = 300  # of git's reason, in the event (the work: line and `status --json` keep all of it)
 
 
 class RunnerSide(ServiceBase):
@@ -79,7 +80,9 @@ class RunnerSide(ServiceBase):
                 # final work report is still what a delete of the stopped session must decide on; nothing else.
                 if State(inst.state) not in (State.STOPPING, State.STOPPED, State.FAILED) or hb.work is None:
                     raise Unauthorized("invalid runner token")
+                before = inst.work
                 await db.execute(update(Instance).where(Instance.id == inst.id).values(work=stored_work(hb.work)))
+                await self._work_not_pushed(db, inst, before, hb.work)
                 await db.commit()
                 return schemas.HeartbeatReply(state=inst.state, heartbeat_interval_s=self.settings.heartbeat_interval_s)
             now = self.now()
@@ -124,7 +127,7 @@ class RunnerSide(ServiceBase):
                 # The row always says what the agent is doing; the timeline (and webhooks) only within budget.
                 values.update(agent_state=hb.agent_state, agent_message=hb.agent_message,
                               agent_exit_code=hb.agent_exit_code, agent_state_at=now)
-            agent_before = inst.agent_state  # the UPDATE below also sets the loaded row's attributes
+            agent_before, work_before = inst.agent_state, inst.work  # the UPDATE below sets the loaded row's
             # The row first: it makes this session's heartbeats take turns for the budget (event_budget.py).
             await db.execute(update(Instance).where(Instance.id == inst.id).values(**values))
             if changed or hb.program_events:
@@ -141,6 +144,8 @@ class RunnerSide(ServiceBase):
                         db.add(self._event(inst, "runner", pe.kind, None, None, pe.message))
                         log.info("session %s: %s", inst.id, pe.message,
                                  extra={"event": "program", "session_id": inst.id})
+            if hb.work is not None:
+                await self._work_not_pushed(db, inst, work_before, hb.work)
             await db.commit()
             await db.refresh(inst)
         state = State(inst.state)
@@ -164,6 +169,25 @@ class RunnerSide(ServiceBase):
                 except InvalidTransition:
                     await db.rollback()
         return schemas.HeartbeatReply(state=inst.state, heartbeat_interval_s=self.settings.heartbeat_interval_s)
+
+    async def _work_not_pushed(self, db: AsyncSession, inst: Instance, before: dict[str, Any] | None,
+                               work: schemas.WorkState) -> None:
+        """An event when a final work report says the push to orz/<id> failed (once per report, within the
+        runner's event budget): the reason is in `orz cloud status`, not only in the runner's log."""
+        if not (work.final and work.wip_error):
+            return
+        stored = stored_work(work)
+        if before and before.get("final") and before.get("wip_error") == stored["wip_error"] and (
+                before.get("scanned_at") == stored["scanned_at"]):
+            return  # the same report again (a retried last word)
+        budget = await EventBudget.load(db, inst.id, self.settings.runner_events_per_min, self.now())
+        if not self._runner_event_allowed(db, inst, budget):
+            return
+        reason = " ".join(stored["wip_error"].split())
+        if len(reason) > _WORK_REASON_MAX:
+            reason = reason[:_WORK_REASON_MAX - 3] + "..."
+        db.add(self._event(inst, "runner", WORK_NOT_PUSHED_KIND, None, None,
+                           f"could not push the session's work to orz/{inst.id}: {reason}"))
 
     def _runner_event_allowed(self, db: AsyncSession, inst: Instance, budget: EventBudget) -> bool:
         """Spend one of the session's runner events; past the budget, add one note per spell instead."""

@@ -11,6 +11,7 @@ import pytest
 from api import schemas
 from api.credentials.secrets_box import SecretsBox
 from api.errors import UnsavedWork
+from api.instances.event_budget import WORK_NOT_PUSHED_KIND
 from api.webhooks.service import WebhookService
 from tests.api.test_lifecycle_local import Stack, gateway_key, make_repo, short_tmp, stack  # noqa: F401
 from tests.runner import conftest as runner_fixtures
@@ -73,8 +74,14 @@ async def test_the_reaper_stop_pushes_the_work_and_reports_it(stack: Stack, make
     assert row.work and row.work["dirty_files"] == 1, row.work
     if stack.settings.sandbox == "on":  # the origin is read-only in the sandbox: said, and kill will refuse
         assert "Read-only file system" in row.work["wip_error"] and row.work["wip_branch"] is None
+        # ... and `orz cloud status` shows it among the events, once, in one line (not only in runner.log).
+        failed = [e for e in await stack.events(created.id) if e.kind == WORK_NOT_PUSHED_KIND]
+        assert len(failed) == 1 and failed[0].actor == "runner", failed
+        assert failed[0].message.startswith(f"could not push the session's work to orz/{created.id}: ")
+        assert "Read-only file system" in failed[0].message and "\n" not in failed[0].message
         return
     assert row.work.get("wip_error") is None and row.work["wip_branch"] == f"orz/{created.id}", row.work
+    assert not [e for e in await stack.events(created.id) if e.kind == WORK_NOT_PUSHED_KIND]
     bare = Path(repo.removeprefix("file://"))
     assert subprocess.run(["git", "show", f"orz/{created.id}:README"], cwd=bare, capture_output=True, text=True,
                           check=True).stdout == "edited\n"

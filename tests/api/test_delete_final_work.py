@@ -4,6 +4,7 @@ and decides on the runner's final work report (the local-provider test runs a re
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
 from sanic import Sanic
@@ -106,3 +107,19 @@ async def test_a_stopped_runners_final_report_is_taken_and_nothing_else(app, ses
     assert got.json.get("ssh_port") is None or got.json["ssh_port"] != 40022  # no route taken from it
     _, resp = await app.asgi_client.delete(f"/v1/instances/{sid}", headers=t.headers)
     assert resp.status == 409 and resp.json["code"] == "unsaved_work"
+
+
+async def test_a_failed_push_is_one_event_in_the_sessions_status(app, sessions, provider):
+    """The push to orz/<id> failing on a stop was only in the runner's log: `orz cloud status` shows it."""
+    t, sid, runner = await running(app, sessions, provider)
+    token = runner["Authorization"].removeprefix("Bearer ")
+    final = schemas.WorkState(dirty_files=1, files=["a.txt"], final=True, scanned_at=datetime.now(UTC),
+                              wip_error="remote: Permission to acme/app.git denied; fatal: unable to access")
+    for _ in range(2):  # the same last word, sent again, is one event
+        await app.ctx.state.instances.record_heartbeat(sid, token, schemas.Heartbeat(init_status="succeeded",
+                                                                                     work=final))
+    _, resp = await app.asgi_client.get(f"/v1/instances/{sid}/status", headers=t.headers)
+    failed = [e for e in resp.json["events"] if e["kind"] == "work_not_pushed"]
+    assert [e["message"] for e in failed] == [
+        f"could not push the session's work to orz/{sid}: remote: Permission to acme/app.git denied; "
+        "fatal: unable to access"]
