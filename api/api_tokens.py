@@ -101,11 +101,20 @@ async def create_token(sessions: async_sessionmaker[AsyncSession], who: Principa
 
 
 async def revoke_token(sessions: async_sessionmaker[AsyncSession], who: Principal, token_id: str) -> ApiToken:
-    """Revoke one of the caller's own tokens, by id or prefix; another user's is not found (not forbidden:
-    its existence is not the caller's to learn)."""
+    """Revoke one of the caller's own tokens, by id or prefix, or by its name when no other of theirs has it;
+    another user's is not found (not forbidden: its existence is not the caller's to learn)."""
     async with sessions() as db:
+        mine = (ApiToken.user_id == who.user_id, *_active())
         row = await db.scalar(select(ApiToken).where(
-            ApiToken.user_id == who.user_id, or_(ApiToken.id == token_id, ApiToken.prefix == token_id), *_active()))
+            *mine, or_(ApiToken.id == token_id, ApiToken.prefix == token_id)))
+        if row is None:
+            named = list(await db.scalars(select(ApiToken).where(*mine, ApiToken.name == token_id)
+                                          .order_by(ApiToken.created_at, ApiToken.id).limit(MAX_ACTIVE_TOKENS)))
+            if len(named) > 1:
+                raise Conflict(f"you have {len(named)} API tokens named {_shown(token_id)} "
+                               f"({', '.join(r.id for r in named)}); revoke takes an ID or PREFIX to say which: "
+                               f"orz cloud api-token revoke {named[0].id}")
+            row = named[0] if named else None
         if row is None:
             raise NotFound(f"you have no API token {_shown(token_id)} (orz cloud api-token list shows yours)")
         await revoke_row(db, row)

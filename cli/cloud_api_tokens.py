@@ -73,17 +73,21 @@ async def list_cmd(as_json: bool) -> None:
 
 
 @api_token.command("revoke")
-@click.argument("token_id", metavar="ID|PREFIX")
+@click.argument("token_id", metavar="ID|PREFIX|NAME")
 @cloud_command
 async def revoke(token_id: str) -> None:
-    """Revoke one of your API tokens by its ID or PREFIX (from list); a sign-in's token ends its sign-in."""
+    """Revoke one of your API tokens by its ID or PREFIX (from list), or its NAME when no other of yours has
+    it; a sign-in's token ends its sign-in."""
     if tokens.looks_like(token_id, tokens.API_TOKEN_PREFIX) and len(token_id) > 24:
         # A token's value would go into the request's path, and so into the API's access log.
         raise CliError("that looks like a token's value: revoke it by its ID or PREFIX (orz cloud api-token list "
                        "shows them)", EXIT_USAGE)
     async with client() as api:
-        own = next((t for t in (await api.list_api_tokens()).tokens if token_id in (t.id, t.prefix)), None)
+        listed = (await api.list_api_tokens()).tokens
+        named = [t for t in listed if t.name == token_id]
+        own = next((t for t in listed if token_id in (t.id, t.prefix)), named[0] if len(named) == 1 else None)
         await api.revoke_api_token(token_id)
-    click.echo(f"API token {token_id} revoked")
+    click.echo(f"API token {token_id} revoked" if own is None or token_id in (own.id, own.prefix)
+               else f"API token {own.id} ({own.name}) revoked")
     if own is not None and own.current:
         click.echo("that was this CLI's login: orz cloud login to sign in again", err=True)

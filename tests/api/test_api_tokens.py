@@ -61,6 +61,23 @@ async def test_revoking_by_prefix_takes_effect_at_once_on_this_replica(app, sess
     assert (await _call(app, "get", "/v1/me", minted["token"])).status == 401
 
 
+async def test_a_token_is_revoked_by_its_name_when_no_other_of_yours_has_it(app, sessions) -> None:
+    """`orz cloud api-token revoke ci` said "you have no API token ci" although the token named ci was there."""
+    t = await make_tenant(sessions, "acme")
+    ci = (await _call(app, "post", "/v1/tokens", t.token, {"name": "ci"})).json
+    assert (await _call(app, "delete", "/v1/tokens/ci", t.token)).status == 204
+    assert (await _call(app, "get", "/v1/me", ci["token"])).status == 401
+    # Two of that name: which one is not guessed; the answer lists their ids.
+    one, two = [(await _call(app, "post", "/v1/tokens", t.token, {"name": "laptop"})).json for _ in range(2)]
+    both = await _call(app, "delete", "/v1/tokens/laptop", t.token)
+    assert both.status == 409 and one["id"] in both.json["detail"] and two["id"] in both.json["detail"]
+    assert "ID or PREFIX" in both.json["detail"]
+    assert (await _call(app, "get", "/v1/me", one["token"])).status == 200
+    # Another user's token of that name is not theirs to revoke (nor to learn of).
+    other = await make_tenant(sessions, "other")
+    assert (await _call(app, "delete", "/v1/tokens/laptop", other.token)).status == 404
+
+
 async def test_nobody_lists_or_revokes_another_users_token(app, sessions) -> None:
     mine = await make_tenant(sessions, "acme")
     theirs = await make_tenant(sessions, "other")

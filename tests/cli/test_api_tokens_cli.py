@@ -49,6 +49,15 @@ def test_mint_use_list_and_revoke(orz: Orz, live_api: LiveApi, logged_in: Tenant
     assert again.returncode == 3
 
 
+def test_a_token_is_revoked_by_its_name(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
+    made = orz("cloud", "api-token", "create", "deploy-bot")
+    assert made.returncode == 0, made.stderr
+    gone = orz("cloud", "api-token", "revoke", "deploy-bot")
+    assert gone.returncode == 0, gone.stderr
+    assert gone.stdout.startswith("API token tok_") and "(deploy-bot) revoked" in gone.stdout
+    assert "deploy-bot" not in orz("cloud", "api-token", "list").stdout
+
+
 def test_revoking_the_clis_own_token_says_to_log_in_again(orz: Orz, live_api: LiveApi, logged_in: Tenant) -> None:
     own = json.loads(orz("cloud", "api-token", "list", "--json").stdout)["tokens"][0]
     done = orz("cloud", "api-token", "revoke", own["id"])
