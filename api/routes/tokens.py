@@ -51,8 +51,9 @@ async def list_tokens(request: Request) -> HTTPResponse:
     return respond(schemas.ApiTokenList(tokens=[token_view(r, current) for r in rows]))
 
 
-@route(bp, "DELETE", "/v1/tokens/{id}", summary="Revoke one of your API tokens (by id or prefix), and its sign-in",
-       tag=TAG, responses={204: None}, errors=(404,))
+@route(bp, "DELETE", "/v1/tokens/{id}",
+       summary="Revoke one of your API tokens (by id, prefix, or a name only it has), and its sign-in",
+       tag=TAG, responses={204: None}, errors=(404, 409))
 async def revoke_token(request: Request, id: str) -> HTTPResponse:
     who = await principal(request)
     row = await api_tokens.revoke_token(state(request).sessions, who, id)
