@@ -155,3 +155,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from api.instances.providers import sandbox_launch
 
     sandbox_launch.remove_cgroups(os.environ["ORZ_SANDBOX_CGROUP_PARENT"])  # once empty; a leak stays visible
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs `-n 4 --dist loadgroup`): the tests of a module that share a
+    module-scoped fixture (a server, a browser, a rendered chart) run on one worker, so the fixture starts
+    once as in a serial run rather than once on every worker that gets one of them. Tests that name their
+    own ``xdist_group`` keep it."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        defs = getattr(info, "name2fixturedefs", {}) if info else {}
+        if any(d.scope == "module" for chain in defs.values() for d in chain):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))

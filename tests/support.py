@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,10 +22,61 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
+# free_port() hands out ports below the kernel's ephemeral range (where port-0 binds and outgoing
+# connections take theirs), each pytest-xdist worker from its own slice, never the same one twice in a
+# process: workers running at once cannot be handed one port, and no server's port-0 bind can take it.
+_PORTS_LOW, _PORTS_HIGH = 10000, 32000
+_handed: set[int] = set()
+_cursor: dict[str, int] = {}
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _worker_slice() -> range:
+    """This process's ports: its xdist worker's share of [10000, min(32000, ephemeral start))."""
+    high = min(_PORTS_HIGH, _ephemeral_low())
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1), index + 1)
+    size = (high - _PORTS_LOW) // count
+    if size < 64:  # an ephemeral range starting below ~10000 leaves no room: the kernel's own choice
+        return range(0)
+    start = _PORTS_LOW + index * size
+    return range(start, start + size)
+
+
+def _bindable(port: int) -> bool:
+    """Nothing bound to it on any IPv4 address (a listener, a connection, one in TIME_WAIT)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("0.0.0.0", port))  # nosec B104: a probe, closed at once; never listens
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port nothing uses now, and that no other test (in any xdist worker) is handed."""
+    ports = _worker_slice()
+    if not ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    # Start at a random place in the slice: a process that inherited the worker's environment (a test that
+    # runs pytest, say) does not walk the same ports in the same order.
+    at = _cursor.setdefault("next", random.randrange(len(ports)))  # nosec B311: not a secret
+    for step in range(len(ports)):
+        port = ports[(at + step) % len(ports)]
+        if port not in _handed and _bindable(port):
+            _handed.add(port)
+            _cursor["next"] = (at + step + 1) % len(ports)
+            return port
+    raise RuntimeError(f"no free port left in {ports} (handed out {len(_handed)})")
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from api.client import ApiClient, ApiError, ApiUnreachable
+from tests.support import free_port
 
 ME = {"id": "u1", "email": "a@example.com"}
 Script = Callable[[int, str], bytes | None]  # (request number, method) -> raw answer, or None to hang up
@@ -130,9 +130,7 @@ async def test_the_budget_ends_the_waiting(serve: Serve) -> None:
 
 
 async def test_nothing_listening_fails_at_once() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     told: list[str] = []
     async with ApiClient(f"http://127.0.0.1:{port}", "t", retry_for_s=30, on_retry=told.append) as api:
         with pytest.raises(ApiUnreachable):

@@ -4,7 +4,6 @@ admin's directories (never the data dir), the same on the local and the Kubernet
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from api.instances.service import InstanceService
 from api.settings import Settings
 from tests.api.lifecycle_support import principal
 from tests.conftest import make_tenant
+from tests.support import free_port
 
 # DNS stand-in: names a test resolves, so no test depends on the network's resolver.
 TABLE = {
@@ -87,9 +87,7 @@ async def test_the_answer_is_the_same_for_an_open_and_a_closed_port(tmp_path: Pa
 
     server = await asyncio.start_server(count, "127.0.0.1", 0)
     open_port = server.sockets[0].getsockname()[1]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
+    closed_port = free_port()
     answers = []
     try:
         for port in (open_port, closed_port):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import httpx
 
 from tests.cli.conftest import ROOT, LiveApi, Orz
 from tests.conftest import Tenant
+from tests.support import free_port
 
 
 def assert_one_error_line(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -28,10 +28,6 @@ def assert_one_error_line(done: subprocess.CompletedProcess[str], *fragments: st
         assert fragment in lines[0], lines[0]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def create(orz: Orz, *args: str, cwd: Path | None = None) -> str:

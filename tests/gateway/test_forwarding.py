@@ -13,12 +13,7 @@ import asyncssh
 import pytest
 
 from tests.gateway.conftest import SESSION, Env, gateway_env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support import free_port
 
 
 @pytest.fixture
@@ -86,14 +81,14 @@ async def _roundtrip_or_closed(reader: asyncio.StreamReader, writer: asyncio.Str
 
 
 async def test_local_forward(env: Env, echo_port: int) -> None:
-    local = _free_port()
+    local = free_port()
     async with ssh_forwarding(env, "-L", f"{local}:127.0.0.1:{echo_port}"):
         reader, writer = await _connect(local)
         assert await _roundtrip(reader, writer, b"hello") == b"echo:hello\n"
 
 
 async def test_dynamic_forward_socks(env: Env, echo_port: int) -> None:
-    local = _free_port()
+    local = free_port()
     async with ssh_forwarding(env, "-D", f"127.0.0.1:{local}"):
         reader, writer = await _connect(local)
         writer.write(b"\x05\x01\x00")
@@ -105,7 +100,7 @@ async def test_dynamic_forward_socks(env: Env, echo_port: int) -> None:
 
 
 async def test_forward_outside_loopback_refused(env: Env) -> None:
-    local = _free_port()
+    local = free_port()
     async with ssh_forwarding(env, "-L", f"{local}:192.0.2.1:80"):
         reader, writer = await _connect(local)
         assert await asyncio.wait_for(reader.read(), 5) == b""  # the runner refuses: closed at once
@@ -113,7 +108,7 @@ async def test_forward_outside_loopback_refused(env: Env) -> None:
 
 
 async def test_remote_forward(env: Env, echo_port: int) -> None:
-    remote = _free_port()
+    remote = free_port()
     async with ssh_forwarding(env, "-R", f"127.0.0.1:{remote}:127.0.0.1:{echo_port}"):
         # The runner listens "inside the session" (here: this machine's loopback).
         reader, writer = await _connect(remote)
@@ -141,7 +136,7 @@ async def test_channels_beyond_the_per_connection_cap_are_refused_with_why(tmp_p
     gateway and the runner a channel and an API-checked attach's resources): OpenSSH's next -L connection is
     refused with the reason, and one closed makes room again."""
     async with gateway_env(tmp_path, gateway_channels_per_connection=3) as env:
-        local = _free_port()
+        local = free_port()
         async with ssh_forwarding(env, "-L", f"{local}:127.0.0.1:{echo_port}") as proc:
             held = []
             for n in range(3):

@@ -208,11 +208,7 @@ async def wait_for(check: Callable[[], bool], timeout_s: float = 10) -> None:
 
 
 async def test_unreachable_runner_says_so(env: Env) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
+    closed_port = free_port()
     env.api.sessions[SESSION].route = {**env.runner.route, "port": closed_port}
     result = await env.ssh(*env.cert_args(), "--", "echo in")
     assert result.returncode == 1 and result.stdout == b""

@@ -23,6 +23,7 @@ import pytest
 from rehearsal.apiserver import FakeApiServer
 from rehearsal.kube import KubeAccess, PodForwarder
 from rehearsal.store import Store
+from tests.support import free_port
 
 NS = "team"
 TOKEN = "test-admin-token"
@@ -149,9 +150,7 @@ def test_a_forwarder_carries_bytes_both_ways_and_spreads_connections(server: Fak
 
 
 def test_a_forward_to_a_closed_port_ends_the_connection(server: FakeApiServer, access: KubeAccess) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
+    closed = free_port()
     ready_pod(server, "pod-a", closed)
     forwarder = PodForwarder(access, NS, "app=echo", "echo")
     try:

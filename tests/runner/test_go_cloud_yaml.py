@@ -8,7 +8,6 @@ env keys (Elasticsearch) and more than five services. What cannot run is still r
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from runner.cloud_config import load, missing_secrets, secret_refs, validate_fil
 from runner.errors import CloudConfigError
 from runner.services import pod_sidecars
 from tests.runner.conftest import MakeRepo, StartRunner
+from tests.support import free_port
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "go_cloud_yaml"
 GO_FILES = sorted(FIXTURES.glob("*.yaml"))
@@ -93,10 +93,6 @@ def test_secret_refs_checked_against_given_keys_say_how_to_attach() -> None:
     assert all("orz cloud new --secrets NAME" in p and "--data DB_PASSWORD=" in p for p in problems)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.integration

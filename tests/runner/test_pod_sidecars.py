@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,13 @@ from runner.main import POD_STARTED_FILE
 from runner.workspace import INIT_MARKER
 from tests.runner.conftest import MakeRepo, StartRunner
 from tests.runner.fake_api import FakeApi
+from tests.support import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
 SECRET_VALUE = "s3cret-pw-value"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(port: int) -> str:

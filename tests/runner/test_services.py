@@ -9,14 +9,11 @@ import socket
 import pytest
 
 from tests.runner.conftest import MakeRepo, StartRunner
+from tests.support import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(40)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not glob.glob("/usr/lib/postgresql/*/bin/postgres") or not shutil.which("psql"),
