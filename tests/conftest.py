@@ -157,6 +157,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     sandbox_launch.remove_cgroups(os.environ["ORZ_SANDBOX_CGROUP_PARENT"])  # once empty; a leak stays visible
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the groups into node id suffixes
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test` runs `-n 4 --dist loadgroup`): the tests of a module that share a
     module-scoped fixture (a server, a browser, a rendered chart) run on one worker, so the fixture starts
