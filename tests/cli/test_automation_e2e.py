@@ -68,6 +68,10 @@ def automation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Automation]
         vouched = platform.orz("cloud", "known-hosts")  # as docs/automation.md says, not ssh-keyscan
         assert vouched.returncode == 0, vouched.stderr
         known.write_text(vouched.stdout)
+        # The user's key and the session's certificate, as the first `orz cloud agent` makes them: every test
+        # starts from them, whichever runs first (expire_certificate replaces the certificate).
+        minted = platform.orz("cloud", "agent", "-s", session_id, "--", "true")
+        assert minted.returncode == 0, minted.stderr
         # OpenSSH reads the passwd entry's home, not $HOME: point it at this user's known_hosts.
         bin_dir = platform.home / "bin"
         bin_dir.mkdir()
