@@ -128,7 +128,7 @@ async def any_provider(request: pytest.FixtureRequest, settings: Settings) -> As
 
     with FakeApiServer() as server:
         api = k8s.ApiClient(k8s.Configuration(host=server.url))
-        prov = KubernetesProvider(Settings(k8s_namespace="orz-sessions"), api, request_timeout_s=2.0,
+        prov = KubernetesProvider(Settings(k8s_namespace="orz-sessions"), api, request_timeout_s=10.0,
                                   watch_timeout_s=1, sync_timeout_s=3.0, terminate_wait_s=1.0)
         prov.fake_server = server  # type: ignore[attr-defined]
         try:

@@ -52,7 +52,9 @@ async def provider(server: FakeApiServer) -> AsyncIterator[KubernetesProvider]:
     from api.instances.providers.kubernetes.provider import KubernetesProvider
 
     api = k8s.ApiClient(k8s.Configuration(host=server.url))
-    prov = KubernetesProvider(Settings(k8s_namespace=NS), api, request_timeout_s=2.0, watch_timeout_s=1,
+    # 10 s for a request: the fake server is a thread of this process, which on a loaded machine (the suite's
+    # other workers) can take seconds to answer; test_timeouts_become_clear_reasons has its own short one.
+    prov = KubernetesProvider(Settings(k8s_namespace=NS), api, request_timeout_s=10.0, watch_timeout_s=1,
                               sync_timeout_s=3.0, terminate_wait_s=1.0)
     try:
         yield prov

@@ -171,7 +171,7 @@ async def test_caches_list_in_pages_and_keep_only_what_they_read(server: FakeApi
     from api.instances.providers.kubernetes.cache import PodCache
 
     prov = KubernetesProvider(Settings(k8s_namespace=NS), k8s.ApiClient(k8s.Configuration(host=server.url)),
-                              request_timeout_s=2.0, watch_timeout_s=1, sync_timeout_s=3.0)
+                              request_timeout_s=10.0, watch_timeout_s=1, sync_timeout_s=3.0)
     try:
         states = [await prov.create(make_spec(f"s{i}")) for i in range(5)]
     finally:
@@ -236,10 +236,16 @@ async def test_rejected_object_reason_hides_secret_values(provider: KubernetesPr
     assert "sk-very-secret" not in info.value.reason and spec.runner_token not in info.value.reason
 
 
-async def test_timeouts_become_clear_reasons(provider: KubernetesProvider, server: FakeApiServer) -> None:
+async def test_timeouts_become_clear_reasons(server: FakeApiServer) -> None:
     server.fail("POST", "configmaps", 500, "slow", delay_s=3.0)
-    with pytest.raises(ProviderFailure, match="did not answer in time"):
-        await provider.create(make_spec(SID))
+    api = k8s.ApiClient(k8s.Configuration(host=server.url))
+    prov = KubernetesProvider(Settings(k8s_namespace=NS), api, request_timeout_s=1.0, sync_timeout_s=3.0)
+    try:
+        with pytest.raises(ProviderFailure, match="did not answer in time"):
+            await prov.create(make_spec(SID))
+    finally:
+        await prov.close()
+        api.close()
 
 
 async def test_unreachable_api_fails_clearly() -> None:
