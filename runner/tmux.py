@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ SESSION = "main"
 # How long pane_state waits for tmux to reap a dead program and publish its exit status.
 REAP_POLLS = 20
 REAP_POLL_S = 0.05
+KILL_WAIT_POLLS = 500  # kill_server waits up to 5 s (500 x 10 ms) for the server to have gone
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the final NUL
 # tmux signals this channel when the program exits, so the runner reports the exit at once.
 PANE_DIED = "orz-pane-died"
@@ -225,3 +227,18 @@ class Tmux:
             with contextlib.suppress(OSError):
                 await self.save_scrollback()
             await self.run("kill-server", check=False)
+            # The client returns before the server has exited: a start now would reach the dying server
+            # ("server exited unexpectedly"). Wait (briefly) until nothing answers on the socket.
+            for _ in range(KILL_WAIT_POLLS):
+                if not self._answers():
+                    break
+                await asyncio.sleep(0.01)
+
+    def _answers(self) -> bool:
+        """Whether a tmux server accepts connections on the socket."""
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True

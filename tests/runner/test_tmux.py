@@ -127,3 +127,24 @@ async def test_without_a_kept_directory_the_scrollback_stays_beside_the_socket(t
     """A workspace that is not a git repository (no .git yet): the state dir keeps it, as before."""
     tmux.kept_scrollback = short_tmp / "no-repo" / ".git" / "orz-scrollback.txt"
     assert tmux.saved_scrollback == short_tmp / "scrollback.txt"
+
+
+def _server_answers(path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+async def test_kill_server_returns_when_the_server_is_gone(tmux: Tmux, short_tmp: Path) -> None:
+    """A start right after a stop (ssh waking a session the reaper just stopped) failed with "server exited
+    unexpectedly": `tmux kill-server` returns before the server has exited, and the new session's client
+    reached the dying server. After kill_server() nothing answers on the socket any more."""
+    for _ in range(20):
+        await tmux.start(["sleep", "infinity"], cwd=short_tmp, env=ENV)
+        await tmux.kill_server()
+        assert not _server_answers(tmux.socket)
