@@ -29,6 +29,10 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _pid(pid_file: Path) -> str:
+    return pid_file.read_text().strip() if pid_file.exists() else ""
+
+
 @pytest.mark.parametrize(("signum", "stubborn", "code", "said"), [
     (signal.SIGINT, False, 1, "Aborted!"),  # Ctrl-C (docs/cli.md)
     (signal.SIGTERM, False, 128 + signal.SIGTERM, ""),  # as a shell reports a process SIGTERM ended
@@ -44,7 +48,13 @@ def test_an_interrupted_agent_stops_its_command(orz: Orz, live_api: LiveApi, log
          ("trap '' TERM; " if stubborn else "") + f"echo $$ > {pid_file}; exec sleep 60"],
         cwd=ROOT, env=orz.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=20, what="the command")
+        # 60 s bounds one `orz` start and certificate fetch beside the suite's other workers; not a speed.
+        try:
+            wait_until(lambda: agent.poll() is not None or _pid(pid_file), timeout=60, what="the command")
+        except TimeoutError:
+            agent.kill()
+            raise AssertionError(f"orz cloud agent started no command: {agent.communicate()[1]!r}") from None
+        assert _pid(pid_file), f"orz cloud agent exited {agent.returncode}: {agent.communicate()[1]!r}"
         command = int(pid_file.read_text())
         assert _running(command)
         started = time.monotonic()
@@ -58,7 +68,7 @@ def test_an_interrupted_agent_stops_its_command(orz: Orz, live_api: LiveApi, log
     finally:
         if agent.poll() is None:
             agent.kill()
-            agent.wait()
+        agent.communicate()  # reaped, its pipes closed (left open, a later test's garbage collection found them)
         if pid_file.exists() and pid_file.read_text().strip() and _running(int(pid_file.read_text())):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
