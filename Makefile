@@ -2,7 +2,9 @@
 SHELL := /bin/bash
 VENV := .venv/bin
 # The suite runs on PYTEST_WORKERS pytest-xdist workers (most tests wait on ssh, tmux, git and servers, so
-# 4 beat the 2 cores' `-n auto`); `make test PYTEST_WORKERS=0` runs it in one process, in order.
+# 4 beat the 2 cores' `-n auto`); `make test PYTEST_WORKERS=0` runs it in one process, in order. Each test
+# file runs on one worker (--dist loadfile): a module-scoped fixture (a platform, a browser, a rendered chart)
+# starts once, as in a serial run. (--dist loadgroup's xdist_group marks do nothing with pytest 9.)
 PYTEST_WORKERS ?= 4
 PYTEST_ARGS ?=
 
@@ -15,7 +17,7 @@ dev: setup  ## run the whole platform on the embedded default (SQLite + local se
 	$(VENV)/orz server $(ARGS)
 
 test: setup  ## the whole test suite (SQLite and, when reachable, PostgreSQL)
-	$(VENV)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(VENV)/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup  ## ruff, import contracts, then actionlint, bandit and pip-audit (hack/lint.sh)
 	$(VENV)/ruff check .

@@ -146,6 +146,8 @@ def provider() -> FakeProvider:
 @pytest.fixture
 def app(settings: Settings, provider: FakeProvider) -> Sanic:
     return create_app(settings, provider=provider)
+
+
 # The local provider's sessions' cgroups are made in one parent (ORZ_SANDBOX_CGROUP_PARENT), whose limits
 # hold for all of them: each test process (an xdist worker) has its own, not a developer's server's.
 os.environ.setdefault("ORZ_SANDBOX_CGROUP_PARENT", f"orz-test-{os.getpid()}")
@@ -156,19 +158,3 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     sandbox_launch.remove_cgroups(os.environ["ORZ_SANDBOX_CGROUP_PARENT"])  # once empty; a leak stays visible
 
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the groups into node id suffixes
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test` runs `-n 4 --dist loadgroup`): the tests of a module that share a
-    module-scoped fixture (a server, a browser, a rendered chart) run on one worker, so the fixture starts
-    once as in a serial run rather than once on every worker that gets one of them. Tests that name their
-    own ``xdist_group`` keep it."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        info = getattr(item, "_fixtureinfo", None)
-        defs = getattr(info, "name2fixturedefs", {}) if info else {}
-        if any(d.scope == "module" for chain in defs.values() for d in chain):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
