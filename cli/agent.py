@@ -19,6 +19,7 @@ import os
 import socket
 import stat
 import struct
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -171,5 +172,23 @@ async def listen(agent: CertificateAgent, path: Path) -> asyncio.AbstractServer:
         os.umask(old)
 
 
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the final NUL
+SHORT_DIR_PREFIX = "orz-agent-"
+
+
 def default_socket() -> Path:
-    return config_dir() / f"agent.{os.getpid()}.sock"
+    """agent.<pid>.sock in the config dir; where that path is too long for a unix socket (a deep HOME or
+    XDG_CONFIG_HOME: "AF_UNIX path too long"), in a private directory of its own in the temp dir."""
+    path = config_dir() / f"agent.{os.getpid()}.sock"
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    return Path(tempfile.mkdtemp(prefix=SHORT_DIR_PREFIX)) / path.name
+
+
+def remove_socket(path: Path) -> None:
+    """The agent's socket, and the private directory default_socket made for it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    if path.parent.name.startswith(SHORT_DIR_PREFIX) and path.parent.parent == Path(tempfile.gettempdir()):
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()

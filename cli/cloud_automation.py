@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import shlex
@@ -107,8 +106,7 @@ async def _run_agent(session_ids: list[str], socket_path: Path, command: list[st
         return 0
     finally:
         server.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)
+        agent.remove_socket(socket_path)
 
 
 async def _run_command(command: list[str], socket_path: Path) -> int:

@@ -161,3 +161,16 @@ async def test_never_takes_a_path_that_is_in_use(served: tuple[Path, Minter], ho
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_the_default_socket_is_short_enough_under_a_deep_config_dir(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`orz cloud agent` under a deep HOME failed with "orz: AF_UNIX path too long" (its socket in the config
+    dir): there the socket goes to a private directory of its own in the temp dir, removed with it."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / ("d" * 60) / ("e" * 60)))
+    path = agent.default_socket()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))  # where the agent listens
+    assert path.parent.stat().st_mode & 0o077 == 0  # the user's own
+    agent.remove_socket(path)
+    assert not path.parent.exists()

@@ -48,9 +48,8 @@ def test_an_interrupted_agent_stops_its_command(orz: Orz, live_api: LiveApi, log
          ("trap '' TERM; " if stubborn else "") + f"echo $$ > {pid_file}; exec sleep 60"],
         cwd=ROOT, env=orz.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # 60 s bounds one `orz` start and certificate fetch beside the suite's other workers; not a speed.
         try:
-            wait_until(lambda: agent.poll() is not None or _pid(pid_file), timeout=60, what="the command")
+            wait_until(lambda: agent.poll() is not None or _pid(pid_file), timeout=20, what="the command")
         except TimeoutError:
             agent.kill()
             raise AssertionError(f"orz cloud agent started no command: {agent.communicate()[1]!r}") from None
