@@ -18,7 +18,7 @@ from typing import TextIO
 import pexpect
 import pytest
 
-from tests.support import ROOT, free_port, orz_env, stop_process, wait_for_http, wait_until
+from tests.support import ROOT, free_port, kill_processes_under, orz_env, stop_process, wait_for_http, wait_until
 
 # Marks for tests that drive the whole platform with the real clients.
 FULLSTACK_MARKS = [
@@ -82,7 +82,11 @@ def running_platform(base: Path, **settings: str) -> Iterator[Platform]:
                            ssh_port=ssh_port, web_port=web_port, log=data / "logs" / "server.log",
                            screen=base / "server.out")
         finally:
-            stop_process(server)
+            # A loaded machine may take a while to stop every session; past the time out the server is
+            # killed, and what it had started must not outlive the test.
+            stop_process(server, timeout=60)
+            if server.returncode == -signal.SIGKILL and kill_processes_under(base):
+                print(f"orz server under {base} did not stop within 60 s; its sessions were killed", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -141,6 +141,25 @@ def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGINT, timeout:
         return proc.communicate()
 
 
+def kill_processes_under(path: Path) -> list[int]:
+    """SIGKILL every process whose command line names ``path`` (or a path under it), but never this test
+    process; the pids killed. What a service killed without its own clean-up (a server past its stop time
+    out) leaves behind: its sessions' launchers, bwrap, slirp4netns, runners and tmux, each in a session of
+    its own, outside the service's process group."""
+    marker = str(path).encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile, or not ours to read
+    return killed
+
+
 JsonRoute = Callable[[str, str, dict[str, str], bytes], tuple[int, Any]]
 
 
