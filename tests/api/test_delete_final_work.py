@@ -112,12 +112,13 @@ async def test_a_stopped_runners_final_report_is_taken_and_nothing_else(app, ses
 async def test_a_failed_push_is_one_event_in_the_sessions_status(app, sessions, provider):
     """The push to orz/<id> failing on a stop was only in the runner's log: `orz cloud status` shows it."""
     t, sid, runner = await running(app, sessions, provider)
-    token = runner["Authorization"].removeprefix("Bearer ")
-    final = schemas.WorkState(dirty_files=1, files=["a.txt"], final=True, scanned_at=datetime.now(UTC),
-                              wip_error="remote: Permission to acme/app.git denied; fatal: unable to access")
+    # Through the heartbeat route, as the runner sends it (a call straight to the service between test-client
+    # requests left a database connection open past the app's shutdown).
+    final = {"dirty_files": 1, "files": ["a.txt"], "final": True, "scanned_at": datetime.now(UTC).isoformat(),
+             "wip_error": "remote: Permission to acme/app.git denied; fatal: unable to access"}
     for _ in range(2):  # the same last word, sent again, is one event
-        await app.ctx.state.instances.record_heartbeat(sid, token, schemas.Heartbeat(init_status="succeeded",
-                                                                                     work=final))
+        resp = await beat(app, sid, runner, init_status="succeeded", work=final)
+        assert resp.status == 200, resp.json
     _, resp = await app.asgi_client.get(f"/v1/instances/{sid}/status", headers=t.headers)
     failed = [e for e in resp.json["events"] if e["kind"] == "work_not_pushed"]
     assert [e["message"] for e in failed] == [
