@@ -39,12 +39,13 @@ def container(tmp_path: Path) -> Iterator[Container]:
         holder.wait()
 
 
-def cmdlines() -> dict[int, bytes]:
+def processes() -> dict[int, tuple[bytes, bytes]]:
+    """(cmdline, environ) of every process this test may read."""
     found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                found[int(entry.name)] = (entry / "cmdline").read_bytes()
+                found[int(entry.name)] = ((entry / "cmdline").read_bytes(), (entry / "environ").read_bytes())
             except OSError:
                 continue
     return found
@@ -61,12 +62,12 @@ def test_no_secret_of_the_container_is_on_any_command_line_during_an_exec(contai
     execing.start()
     try:
         for _ in range(3000):
-            if any(str(gate).encode() in line for line in cmdlines().values()):
+            if any(str(gate).encode() in line for line, _ in processes().values()):
                 break
             time.sleep(0.01)
         else:
             raise AssertionError("the exec never started")
-        seen = cmdlines()
+        seen = {pid: cmdline for pid, (cmdline, _) in processes().items()}
     finally:
         with gate.open("w") as opened:
             opened.write("go\n")
@@ -89,18 +90,6 @@ def test_an_exec_sees_exactly_the_containers_environment(container: Container) -
     assert done is not None and "PATH=/usr/bin:/bin" in done.stdout.decode().splitlines()
 
 
-def environs() -> dict[int, tuple[bytes, bytes]]:
-    """(cmdline, environ) of every process this test may read."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                found[int(entry.name)] = ((entry / "cmdline").read_bytes(), (entry / "environ").read_bytes())
-            except OSError:
-                continue
-    return found
-
-
 def test_the_host_side_of_an_exec_runs_without_the_containers_environment(container: Container,
                                                                           tmp_path: Path) -> None:
     """A container's env may name LD_PRELOAD (a service's env passes the API's checks): the host's root
@@ -119,12 +108,12 @@ def test_the_host_side_of_an_exec_runs_without_the_containers_environment(contai
     execing.start()
     try:
         for _ in range(3000):
-            if any(cmd.startswith(b"/bin/sh\0-c\0read go") for cmd, _ in environs().values()):
+            if any(cmd.startswith(b"/bin/sh\0-c\0read go") for cmd, _ in processes().values()):
                 break  # the command itself runs (it waits on the gate)
             time.sleep(0.01)
         else:
             raise AssertionError("the exec never started")
-        seen = environs()
+        seen = processes()
     finally:
         with gate.open("w") as opened:
             opened.write("go\n")
