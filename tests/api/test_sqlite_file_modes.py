@@ -56,10 +56,5 @@ async def test_a_database_others_could_read_is_made_the_servers_alone(tmp_path: 
     url = f"sqlite+aiosqlite:///{db}"
     await migrate.migrate(url, wait_s=5)
     db.chmod(0o644)  # made by an earlier version
-    engine = create_engine(url)
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-    finally:
-        await engine.dispose()
+    await migrate.wait_for_database(url, wait_s=5)  # the server's first connection at start
     assert modes(db)["orz.db"] == "0o600"
