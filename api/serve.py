@@ -73,9 +73,7 @@ class ConnectionCap:
         return key
 
     def give_back(self, key: str) -> None:
-        self._open[key] -= 1
-        if self._open[key] <= 0:
-            del self._open[key]
+        _release(self._open, key)
 
     def open(self, peer: str) -> int:
         return self._open[limit_key(peer)]
@@ -100,9 +98,7 @@ class ConnectionCap:
         return key
 
     def lingered(self, key: str) -> None:
-        self._lingering[key] -= 1
-        if self._lingering[key] <= 0:
-            del self._lingering[key]
+        _release(self._lingering, key)
 
     def lingering(self) -> int:
         """Refused connections still open, every address's."""
@@ -128,6 +124,13 @@ class ConnectionCap:
         return (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/problem+json\r\n"
                 b"Retry-After: 1\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode() +
                 b"\r\n\r\n" + body)
+
+
+def _release(counts: Counter[str], key: str) -> None:
+    """One fewer under ``key``; a key at zero goes, so the counts hold only addresses with something open."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
 
 
 def _exact(peer: str) -> str:
